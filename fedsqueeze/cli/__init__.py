@@ -1,0 +1,78 @@
+"""The ``fedsqueeze`` command: a thin layer over the programmatic API.
+
+Each subcommand lives in its own module exposing ``add_arguments(parser)`` and
+``main(args) -> int``. User errors (a :class:`~fedsqueeze.errors.FedsqueezeError`, a
+missing file) end with a one-line message and exit status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Callable, Sequence
+
+from fedsqueeze import __version__
+from fedsqueeze.errors import FedsqueezeError
+
+# name → (module, one-line help); modules are imported lazily so `--help` stays fast.
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "codec": ("fedsqueeze.cli.codec_cmd", "encode, decode and inspect model files"),
+    "bench": ("fedsqueeze.cli.bench_cmd", "benchmarks: codec, transport"),
+    "demo": ("fedsqueeze.cli.demo_cmd", "the default experiment behind `make demo`"),
+}
+
+EXIT_USER_ERROR = 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The top-level parser with every subcommand registered."""
+    parser = argparse.ArgumentParser(
+        prog="fedsqueeze",
+        description=(
+            "fedsqueeze makes federated learning cheap on the wire: it prunes, quantizes, "
+            "delta- and entropy-codes models and updates, and streams them over a "
+            "resumable, verified gRPC data plane beside Flower."
+        ),
+    )
+    parser.add_argument("--version", action="version", version=f"fedsqueeze {__version__}")
+    parser.add_argument(
+        "-v", "--verbose", action="count", default=0, help="more logging (-v INFO, -vv DEBUG)"
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module_name, help_text) in SUBCOMMANDS.items():
+        module = importlib.import_module(module_name)
+        p = sub.add_parser(name, help=help_text, description=module.__doc__)
+        module.add_arguments(p)
+        p.set_defaults(_handler=module.main)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=[logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)],
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    handler: Callable[[argparse.Namespace], int] | None = getattr(args, "_handler", None)
+    if handler is None:
+        parser.print_help()
+        return EXIT_USER_ERROR
+    try:
+        return handler(args)
+    except FedsqueezeError as exc:
+        print(f"fedsqueeze {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except (FileNotFoundError, IsADirectoryError, PermissionError) as exc:
+        print(f"fedsqueeze {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print(f"fedsqueeze {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,46 @@
+"""The compression codec: pure functions from tensors to bytes and back.
+
+Public entry points: :class:`CodecSpec` (with :class:`PruneSpec`, :class:`QuantSpec`),
+:func:`encode_state`, :func:`decode_state`, :class:`EncodedModel`, :func:`state_digest`,
+:func:`split_segments` / :func:`join_segments`. Errors are ``fedsqueeze.errors.CodecError``
+subclasses.
+"""
+
+from fedsqueeze.codec.container import DecodeLimits, TensorRecord
+from fedsqueeze.codec.digest import state_digest
+from fedsqueeze.codec.model import EncodedModel, decode_state, encode_state
+from fedsqueeze.codec.segments import Segment, join_segments, split_segments
+from fedsqueeze.codec.spec import (
+    PRESETS,
+    CodecSpec,
+    FloatFormat,
+    Granularity,
+    PruneMethod,
+    PruneSpec,
+    QuantScheme,
+    QuantSpec,
+    Rounding,
+    preset,
+)
+
+__all__ = [
+    "PRESETS",
+    "CodecSpec",
+    "DecodeLimits",
+    "EncodedModel",
+    "FloatFormat",
+    "Granularity",
+    "PruneMethod",
+    "PruneSpec",
+    "QuantScheme",
+    "QuantSpec",
+    "Rounding",
+    "Segment",
+    "TensorRecord",
+    "decode_state",
+    "encode_state",
+    "join_segments",
+    "preset",
+    "split_segments",
+    "state_digest",
+]

@@ -1,0 +1,383 @@
+"""The encoded-model byte format, version 1: one compact header, then tensor records.
+
+Layout (integers are LEB128 varints unless noted)::
+
+    model   = magic "FSQ" · version u8 · flags u8 · [base digest 32 B] · spec · count
+              · record* · crc32 u32 (little endian, over everything before it)
+    record  = flags u8 · (name · dtype u8 · ndim u8 · dim* | index) · [level]
+              · value-format · [positions header] · [raw length] · body length · body
+    body    = positions payload · values payload     (zstd-compressed when ENTROPY)
+
+A record is *named* (self-describing) unless the model is a delta and the tensor exists
+in the base with the same dtype and shape: then it is the tensor's index in the base's
+sorted names, which saves ~15 bytes a tensor on kilobyte-sized updates. Decoding such a
+record needs the base, which a delta needs anyway.
+
+Everything here is structure only: the numerical stages live in ``fedsqueeze.codec.model``.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+from enum import IntFlag
+
+import torch
+
+from fedsqueeze.codec.bytesio import ByteReader, write_varint
+from fedsqueeze.codec.spec import CodecSpec, FloatFormat, Granularity, QuantScheme
+from fedsqueeze.errors import FormatError, LimitExceededError, UnsupportedVersionError
+
+MAGIC = b"FSQ"
+FORMAT_VERSION = 1
+_HAS_BASE = 0x01
+
+# Stable wire codes of dtypes; never renumber (golden vectors pin them).
+DTYPE_CODES: dict[torch.dtype, int] = {
+    torch.float32: 1,
+    torch.float16: 2,
+    torch.bfloat16: 3,
+    torch.float64: 4,
+    torch.int64: 5,
+    torch.int32: 6,
+    torch.int16: 7,
+    torch.int8: 8,
+    torch.uint8: 9,
+    torch.bool: 10,
+}
+CODE_DTYPES = {code: dtype for dtype, code in DTYPE_CODES.items()}
+
+
+class RecordFlags(IntFlag):
+    """Bits of a record's first byte."""
+
+    NAMED = 0x01  # name, dtype and shape follow (else an index into the base)
+    SPARSE = 0x02  # a positions header and payload are present
+    QUANT = 0x04  # values are quantization codes
+    ENTROPY = 0x08  # the body is zstd-compressed
+    DELTA = 0x10  # values are a difference to the base tensor
+    LEVEL = 0x20  # a refinement level follows (progressive transmission)
+
+
+class ValueKind(IntFlag):
+    """How unquantized values are stored (the value-format byte when not QUANT)."""
+
+    RAW = 0  # the tensor's own dtype, bit-exact
+    XOR = 1  # bit-exact: the bits XOR the base tensor's bits (lossless delta)
+    FP32 = 2
+    FP16 = 3
+    BF16 = 4
+
+
+FLOAT_KINDS = {
+    FloatFormat.FP32: ValueKind.FP32,
+    FloatFormat.FP16: ValueKind.FP16,
+    FloatFormat.BF16: ValueKind.BF16,
+}
+
+
+@dataclass(frozen=True)
+class DecodeLimits:
+    """Bounds that hostile input cannot make the decoder exceed (checked before allocating)."""
+
+    max_tensors: int = 100_000
+    max_elements: int = 1 << 28  # per tensor: 1 GiB of fp32
+    max_total_elements: int = 1 << 30
+    max_name_bytes: int = 1024
+    max_ndim: int = 8
+
+
+@dataclass(frozen=True)
+class QuantHeader:
+    """The quantization part of a record header."""
+
+    bits: int
+    scheme: QuantScheme
+    granularity: Granularity
+    params: bytes  # the serialized QuantParams (see fedsqueeze.codec.quantization)
+
+
+@dataclass(frozen=True)
+class PositionsHeader:
+    """The sparse-positions part of a record header."""
+
+    coding: int  # fedsqueeze.codec.positions.PositionCoding value
+    rice_k: int
+    count: int  # number of kept values
+    payload_bytes: int
+
+
+@dataclass(frozen=True)
+class TensorRecord:
+    """One encoded tensor: its header fields and its (possibly compressed) body."""
+
+    name: str | None  # None until an index-coded record is resolved against its base
+    index: int | None  # index in the base's sorted names, when not named
+    dtype: torch.dtype | None
+    shape: tuple[int, ...] | None
+    delta: bool
+    level: int
+    quant: QuantHeader | None
+    value_kind: ValueKind  # meaningful when quant is None
+    positions: PositionsHeader | None
+    raw_length: int | None  # body length before entropy coding, when compressed
+    body: bytes
+
+    @property
+    def numel(self) -> int:
+        """Number of elements of the decoded tensor (shape must be known)."""
+        if self.shape is None:
+            raise FormatError("record is not resolved against its base")
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+    def to_bytes(self) -> bytes:
+        """The record's bytes in the container."""
+        out = bytearray()
+        flags = RecordFlags(0)
+        if self.index is None:
+            flags |= RecordFlags.NAMED
+        if self.positions is not None:
+            flags |= RecordFlags.SPARSE
+        if self.quant is not None:
+            flags |= RecordFlags.QUANT
+        if self.raw_length is not None:
+            flags |= RecordFlags.ENTROPY
+        if self.delta:
+            flags |= RecordFlags.DELTA
+        if self.level:
+            flags |= RecordFlags.LEVEL
+        out.append(int(flags))
+        if self.index is None:
+            if self.name is None or self.dtype is None or self.shape is None:
+                raise ValueError("a named record needs name, dtype and shape")
+            raw_name = self.name.encode()
+            write_varint(out, len(raw_name))
+            out += raw_name
+            out.append(DTYPE_CODES[self.dtype])
+            out.append(len(self.shape))
+            for dim in self.shape:
+                write_varint(out, dim)
+        else:
+            write_varint(out, self.index)
+        if self.level:
+            write_varint(out, self.level)
+        if self.quant is not None:
+            q = self.quant
+            per_channel = 0x80 if q.granularity is Granularity.PER_CHANNEL else 0
+            out.append(q.bits | (q.scheme.value << 4) | per_channel)
+            out += q.params
+        else:
+            out.append(int(self.value_kind))
+        if self.positions is not None:
+            p = self.positions
+            out.append(p.coding)
+            out.append(p.rice_k)
+            write_varint(out, p.count)
+            write_varint(out, p.payload_bytes)
+        if self.raw_length is not None:
+            write_varint(out, self.raw_length)
+        write_varint(out, len(self.body))
+        out += self.body
+        return bytes(out)
+
+
+def parse_record(
+    reader: ByteReader, limits: DecodeLimits, qparams_size: QParamsSizer
+) -> TensorRecord:
+    """Read one record at the reader's position."""
+    raw_flags = reader.u8("record flags")
+    if raw_flags & ~0x3F:
+        raise FormatError(f"unknown record flags 0x{raw_flags:02x}")
+    flags = RecordFlags(raw_flags)
+    name: str | None = None
+    index: int | None = None
+    dtype: torch.dtype | None = None
+    shape: tuple[int, ...] | None = None
+    if flags & RecordFlags.NAMED:
+        name_len = reader.varint("name length", limits.max_name_bytes)
+        try:
+            name = bytes(reader.take(name_len, "tensor name")).decode()
+        except UnicodeDecodeError as exc:
+            raise FormatError("tensor name is not UTF-8") from exc
+        code = reader.u8("dtype")
+        if code not in CODE_DTYPES:
+            raise FormatError(f"unknown dtype code {code}")
+        dtype = CODE_DTYPES[code]
+        ndim = reader.u8("ndim")
+        if ndim > limits.max_ndim:
+            raise LimitExceededError(f"tensor {name!r} has {ndim} dims (max {limits.max_ndim})")
+        dims = tuple(reader.varint("dimension", limits.max_elements) for _ in range(ndim))
+        numel = 1
+        for d in dims:
+            numel *= d
+        if numel > limits.max_elements:
+            raise LimitExceededError(
+                f"tensor {name!r} claims {numel} elements (max {limits.max_elements})"
+            )
+        shape = dims
+    else:
+        index = reader.varint("tensor index", limits.max_tensors)
+    level = reader.varint("level", 255) if flags & RecordFlags.LEVEL else 0
+    quant: QuantHeader | None = None
+    value_kind = ValueKind.RAW
+    if flags & RecordFlags.QUANT:
+        desc = reader.u8("quantization descriptor")
+        bits = desc & 0x0F
+        try:
+            scheme = QuantScheme((desc >> 4) & 0x07)
+        except ValueError as exc:
+            raise FormatError(f"unknown quantization scheme in 0x{desc:02x}") from exc
+        if bits not in (2, 3, 4, 8):
+            raise FormatError(f"unsupported quantization bit width {bits}")
+        granularity = Granularity.PER_CHANNEL if desc & 0x80 else Granularity.PER_TENSOR
+        if granularity is Granularity.PER_CHANNEL and (shape is None and index is None):
+            raise FormatError("per-channel record without a shape")
+        size = qparams_size(bits, scheme, granularity, shape, index)
+        params = bytes(reader.take(size, "quantization parameters")) if size >= 0 else b""
+        if size < 0:
+            # Shape unknown until resolved: the sizer cannot know the channel count.
+            raise FormatError("per-channel index-coded record cannot be parsed without base")
+        quant = QuantHeader(bits, scheme, granularity, params)
+    else:
+        kind = reader.u8("value kind")
+        if kind > int(ValueKind.BF16):
+            raise FormatError(f"unknown value kind {kind}")
+        value_kind = ValueKind(kind)
+    positions: PositionsHeader | None = None
+    if flags & RecordFlags.SPARSE:
+        coding = reader.u8("position coding")
+        rice_k = reader.u8("rice parameter")
+        count = reader.varint("kept count", limits.max_elements)
+        pos_bytes = reader.varint("positions length", reader.remaining)
+        positions = PositionsHeader(coding, rice_k, count, pos_bytes)
+    raw_length: int | None = None
+    if flags & RecordFlags.ENTROPY:
+        # A compressed body may expand at most by zstd's limit; bound it by the elements.
+        raw_length = reader.varint("raw body length", 9 * limits.max_elements + (1 << 20))
+    body_len = reader.varint("body length", reader.remaining)
+    body = bytes(reader.take(body_len, "record body"))
+    return TensorRecord(
+        name=name,
+        index=index,
+        dtype=dtype,
+        shape=shape,
+        delta=bool(flags & RecordFlags.DELTA),
+        level=level,
+        quant=quant,
+        value_kind=value_kind,
+        positions=positions,
+        raw_length=raw_length,
+        body=body,
+    )
+
+
+class QParamsSizer:
+    """Tells the parser how many bytes a record's quantization parameters take.
+
+    Per-channel parameters depend on the channel count, so index-coded records need the
+    base's shapes: ``base_shapes`` gives them in the base's sorted-name order.
+    """
+
+    def __init__(self, base_shapes: list[tuple[int, ...]] | None = None) -> None:
+        self._base_shapes = base_shapes
+
+    def __call__(
+        self,
+        bits: int,
+        scheme: QuantScheme,
+        granularity: Granularity,
+        shape: tuple[int, ...] | None,
+        index: int | None,
+    ) -> int:
+        channels = 1
+        if granularity is Granularity.PER_CHANNEL:
+            if shape is None:
+                if self._base_shapes is None or index is None:
+                    return -1
+                if index >= len(self._base_shapes):
+                    raise FormatError(f"tensor index {index} beyond the base's tensors")
+                shape = self._base_shapes[index]
+            if not shape:
+                raise FormatError("per-channel quantization of a scalar")
+            channels = shape[0]
+        return qparams_nbytes(bits, scheme, channels)
+
+
+def qparams_nbytes(bits: int, scheme: QuantScheme, channels: int) -> int:
+    """Serialized size of quantization parameters (see ``qparams_to_bytes``)."""
+    per_param = {
+        QuantScheme.AFFINE: 5,  # float32 scale + u8 zero point
+        QuantScheme.SYMMETRIC: 4,  # float32 scale
+        QuantScheme.POW2: 1,  # int8 shift
+        QuantScheme.KMEANS: 2 << bits,  # float16 codebook of 2^bits entries
+    }[scheme]
+    return per_param * channels
+
+
+@dataclass(frozen=True)
+class ContainerHeader:
+    """The model-level header."""
+
+    version: int
+    base_digest: bytes | None
+    spec: CodecSpec
+    record_count: int
+
+    def to_bytes(self) -> bytes:
+        """Header bytes: magic, version, flags, [base digest], spec, record count."""
+        out = bytearray(MAGIC)
+        out.append(self.version)
+        out.append(_HAS_BASE if self.base_digest is not None else 0)
+        if self.base_digest is not None:
+            out += self.base_digest
+        out += self.spec.to_bytes()
+        write_varint(out, self.record_count)
+        return bytes(out)
+
+
+def parse_header(reader: ByteReader, limits: DecodeLimits) -> ContainerHeader:
+    """Read the model-level header."""
+    if bytes(reader.take(3, "magic")) != MAGIC:
+        raise FormatError("not a fedsqueeze encoded model (bad magic)")
+    version = reader.u8("format version")
+    if version != FORMAT_VERSION:
+        raise UnsupportedVersionError(
+            f"format version {version}; this build reads version {FORMAT_VERSION}"
+        )
+    flags = reader.u8("model flags")
+    if flags & ~_HAS_BASE:
+        raise FormatError(f"unknown model flags 0x{flags:02x}")
+    base = bytes(reader.take(32, "base digest")) if flags & _HAS_BASE else None
+    data = bytes(reader.take(min(reader.remaining, 1 << 16), "spec"))
+    spec, used = CodecSpec.parse(data, 0)
+    reader.pos -= len(data) - used
+    count = reader.varint("record count", limits.max_tensors)
+    return ContainerHeader(FORMAT_VERSION, base, spec, count)
+
+
+def crc32(data: bytes | memoryview) -> int:
+    """The trailer checksum."""
+    return zlib.crc32(data) & 0xFFFFFFFF
+
+
+__all__ = [
+    "CODE_DTYPES",
+    "DTYPE_CODES",
+    "FLOAT_KINDS",
+    "FORMAT_VERSION",
+    "ContainerHeader",
+    "DecodeLimits",
+    "PositionsHeader",
+    "QParamsSizer",
+    "QuantHeader",
+    "RecordFlags",
+    "TensorRecord",
+    "ValueKind",
+    "crc32",
+    "parse_header",
+    "parse_record",
+    "qparams_nbytes",
+]

@@ -1,0 +1,76 @@
+"""A per-tensor description of an encoded model: what each stage did and what it cost."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+
+from fedsqueeze.codec.container import TensorRecord, ValueKind
+from fedsqueeze.codec.model import EncodedModel
+from fedsqueeze.codec.positions import PositionCoding
+from fedsqueeze.codec.spec import Granularity
+from fedsqueeze.codec.tensor_decode import TensorDecoder
+
+
+@dataclass(frozen=True)
+class RecordInfo:
+    """One row of ``fedsqueeze codec inspect``."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    stages: str
+    raw_bytes: int  # numel × the original dtype's size
+    encoded_bytes: int  # the whole record: header and body
+    payload_bytes: int  # the body alone
+
+
+def stages_of(record: TensorRecord) -> str:
+    """Human-readable stages, in pipeline order."""
+    parts = []
+    if record.delta:
+        parts.append("xor-delta" if record.value_kind is ValueKind.XOR else "delta")
+    if record.positions is not None:
+        coding = PositionCoding(record.positions.coding).name.lower()
+        parts.append(f"sparse {record.positions.count} kept ({coding})")
+    if record.quant is not None:
+        q = record.quant
+        gran = "per-channel" if q.granularity is Granularity.PER_CHANNEL else "per-tensor"
+        parts.append(f"{q.scheme.name.lower()} {q.bits}-bit {gran}")
+    elif record.value_kind not in (ValueKind.RAW, ValueKind.XOR):
+        parts.append(record.value_kind.name.lower())
+    if record.raw_length is not None:
+        parts.append("zstd")
+    return ", ".join(parts) or "raw"
+
+
+def describe(
+    encoded: EncodedModel, base: Mapping[str, torch.Tensor] | None = None
+) -> list[RecordInfo]:
+    """One :class:`RecordInfo` per record (index-coded records need ``base`` for names)."""
+    decoder = TensorDecoder(base, None)
+    rows = []
+    for record in encoded.records:
+        if record.index is not None and not base:
+            name, dtype, shape = f"#{record.index} (pass --base)", torch.float32, ()
+            numel = 0
+        else:
+            name, dtype, shape = decoder.resolve(record)
+            numel = 1
+            for d in shape:
+                numel *= d
+        width = torch.empty((), dtype=dtype).element_size()
+        rows.append(
+            RecordInfo(
+                name=name,
+                shape=shape,
+                dtype=dtype,
+                stages=stages_of(record),
+                raw_bytes=numel * width,
+                encoded_bytes=len(record.to_bytes()),
+                payload_bytes=len(record.body),
+            )
+        )
+    return rows

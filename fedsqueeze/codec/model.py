@@ -1,0 +1,270 @@
+"""Whole-model encoding: :func:`encode_state`, :func:`decode_state` and :class:`EncodedModel`.
+
+The pipeline per tensor (see ``ARCHITECTURE.md``)::
+
+    delta vs base → (+ residual) → prune or top-k → quantize → pack bits → positions → zstd
+
+Every numerical step runs on the tensor's own device; only the finished payloads are
+copied to the host as bytes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import torch
+
+from fedsqueeze.codec.bytesio import ByteReader
+from fedsqueeze.codec.container import (
+    FORMAT_VERSION,
+    ContainerHeader,
+    DecodeLimits,
+    QParamsSizer,
+    TensorRecord,
+    crc32,
+    parse_header,
+    parse_record,
+)
+from fedsqueeze.codec.digest import state_digest
+from fedsqueeze.codec.pruning import global_magnitude_masks
+from fedsqueeze.codec.spec import CodecSpec, PruneMethod
+from fedsqueeze.codec.tensor_decode import TensorDecoder
+from fedsqueeze.codec.tensor_encode import TensorEncoder
+from fedsqueeze.errors import BaseMismatchError, FormatError, LimitExceededError
+
+State = Mapping[str, torch.Tensor]
+
+@dataclass(frozen=True)
+class EncodedModel:
+    """An encoded state dict: a header and one record per tensor.
+
+    Attributes
+    ----------
+    spec
+        The spec it was encoded with.
+    base_digest
+        sha256 digest of the base model when this is a delta, else ``None``.
+    records
+        One record per tensor, in the state's order.
+    residual
+        The new error-feedback residual (top-k specs only), on the tensors' devices, for
+        the caller to keep and pass to the next :func:`encode_state`. Never serialized.
+    """
+
+    spec: CodecSpec
+    base_digest: bytes | None
+    records: tuple[TensorRecord, ...]
+    residual: dict[str, torch.Tensor] | None = field(default=None, compare=False, repr=False)
+
+    @property
+    def header(self) -> ContainerHeader:
+        """The model-level header."""
+        return ContainerHeader(FORMAT_VERSION, self.base_digest, self.spec, len(self.records))
+
+    def to_bytes(self) -> bytes:
+        """The complete encoded model, checksummed."""
+        parts = [self.header.to_bytes(), *(r.to_bytes() for r in self.records)]
+        body = b"".join(parts)
+        return body + crc32(body).to_bytes(4, "little")
+
+    @property
+    def nbytes(self) -> int:
+        """Length of :meth:`to_bytes`."""
+        return len(self.to_bytes())
+
+    @classmethod
+    def from_bytes(cls, data: bytes, limits: DecodeLimits | None = None) -> EncodedModel:
+        """Parse bytes from :meth:`to_bytes`, treating them as hostile.
+
+        Raises
+        ------
+        fedsqueeze.errors.CodecError
+            A subclass for any truncation, corruption or limit violation.
+        """
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise TypeError(f"expected bytes, got {type(data).__name__}")
+        limits = limits or DecodeLimits()
+        view = memoryview(data)
+        if len(view) < 8:
+            raise FormatError(f"truncated input: {len(view)} bytes is too short for a model")
+        stored = int.from_bytes(view[-4:], "little")
+        if crc32(view[:-4]) != stored:
+            if bytes(view[:3]) != b"FSQ":
+                raise FormatError("not a fedsqueeze encoded model (bad magic)")
+            raise FormatError("checksum mismatch: the encoded model is corrupted or truncated")
+        reader = ByteReader(view, 0, len(view) - 4)
+        header = parse_header(reader, limits)
+        sizer = QParamsSizer()
+        records = tuple(parse_record(reader, limits, sizer) for _ in range(header.record_count))
+        if reader.remaining:
+            raise FormatError(f"{reader.remaining} unexpected bytes after the last record")
+        return cls(header.spec, header.base_digest, records)
+
+
+def encode_state(
+    state: State,
+    spec: CodecSpec,
+    base: State | None = None,
+    *,
+    residual: State | None = None,
+    seed: int | None = None,
+    base_digest: bytes | None = None,
+) -> EncodedModel:
+    """Encode a state dict, as a delta against ``base`` when one is given.
+
+    Parameters
+    ----------
+    state
+        Name → tensor (any dtype, any device). Not modified.
+    spec
+        What to do; see :class:`CodecSpec`.
+    base
+        The model the receiver already holds. Tensors present in both with the same
+        shape and dtype are sent as differences to it.
+    residual
+        Error-feedback residual from the previous call (top-k specs), added to the delta
+        before selection. Missing entries count as zero.
+    seed
+        Seed of the stochastic-rounding generator (``None``: nondeterministic).
+    base_digest
+        ``state_digest(base)`` when the caller already has it (saves hashing the base).
+
+    Returns
+    -------
+    EncodedModel
+        With ``residual`` set to the new error-feedback residual for top-k specs.
+    """
+    if not isinstance(spec, CodecSpec):
+        raise TypeError(f"spec must be a CodecSpec, got {type(spec).__name__}")
+    _check_state(state, "state")
+    if base is not None:
+        _check_state(base, "base")
+        if base_digest is None:
+            base_digest = state_digest(base)
+    encoder = TensorEncoder(spec, base, residual, seed)
+    masks = _global_masks(state, spec, encoder) if spec.prune.method is PruneMethod.L1_GLOBAL else {}
+    records = []
+    new_residual: dict[str, torch.Tensor] = {}
+    for name, tensor in state.items():
+        record, res = encoder.encode(name, tensor.detach(), masks.get(name))
+        records.append(record)
+        if res is not None:
+            new_residual[name] = res
+    return EncodedModel(
+        spec=spec,
+        base_digest=base_digest if base is not None else None,
+        records=tuple(records),
+        residual=new_residual if spec.topk is not None else None,
+    )
+
+
+def decode_state(
+    encoded: EncodedModel,
+    base: State | None = None,
+    *,
+    base_digest: bytes | None = None,
+    device: torch.device | str | None = None,
+    limits: DecodeLimits | None = None,
+) -> dict[str, torch.Tensor]:
+    """Decode a model; a delta needs the base it was made against.
+
+    Parameters
+    ----------
+    encoded
+        From :func:`encode_state` or :meth:`EncodedModel.from_bytes`.
+    base
+        The model the delta applies to (ignored for a full model).
+    base_digest
+        The caller's known ``state_digest(base)``; hashed here when omitted.
+    device
+        Where the decoded tensors go (default: the base's device, else the CPU).
+    limits
+        Bounds on what the records may claim.
+
+    Returns
+    -------
+    dict[str, torch.Tensor]
+        The full model (base + delta for a delta), in record order, original dtypes.
+
+    Raises
+    ------
+    BaseMismatchError
+        A delta without its base, or against another base.
+    FormatError, LimitExceededError
+        Malformed records.
+    """
+    limits = limits or DecodeLimits()
+    if encoded.base_digest is not None:
+        if base is None:
+            raise BaseMismatchError(
+                f"this is a delta against {encoded.base_digest.hex()[:16]}…; pass its base"
+            )
+        _check_state(base, "base")
+        digest = base_digest if base_digest is not None else state_digest(base)
+        if digest != encoded.base_digest:
+            raise BaseMismatchError(
+                f"delta made against {encoded.base_digest.hex()[:16]}…, "
+                f"base given is {digest.hex()[:16]}…"
+            )
+    else:
+        base = None
+    decoder = TensorDecoder(base, torch.device(device) if device is not None else None)
+    total = 0
+    out: dict[str, torch.Tensor] = {}
+    for record in encoded.records:
+        name, _dtype, shape = decoder.resolve(record)
+        numel = 1
+        for d in shape:
+            numel *= d
+        total += numel
+        if numel > limits.max_elements or total > limits.max_total_elements:
+            raise LimitExceededError(
+                f"tensor {name!r} brings the model to {total} elements (limits: "
+                f"{limits.max_elements} per tensor, {limits.max_total_elements} in all)"
+            )
+        if name in out:
+            raise FormatError(f"tensor {name!r} appears twice")
+        out[name] = decoder.decode(record)[1]
+    return out
+
+
+def _global_masks(
+    state: State, spec: CodecSpec, encoder: TensorEncoder
+) -> dict[str, torch.Tensor]:
+    work = {
+        name: encoder.lossy_input(name, t.detach())
+        for name, t in state.items()
+        if encoder.is_lossy(name, t)
+    }
+    if not work:
+        return {}
+    return global_magnitude_masks(work, spec.prune.sparsity)
+
+
+def _check_state(state: State, what: str) -> None:
+    if not isinstance(state, Mapping):
+        raise TypeError(f"{what} must be a mapping of names to tensors")
+    for name, t in state.items():
+        if not isinstance(name, str) or not name:
+            raise TypeError(f"{what} has a non-string or empty key {name!r}")
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{what}[{name!r}] is {type(t).__name__}, not a tensor")
+        if t.is_sparse or t.dtype not in _SUPPORTED:
+            raise TypeError(f"{what}[{name!r}] has unsupported dtype/layout {t.dtype}")
+
+
+_SUPPORTED = {
+    torch.float32,
+    torch.float16,
+    torch.bfloat16,
+    torch.float64,
+    torch.int64,
+    torch.int32,
+    torch.int16,
+    torch.int8,
+    torch.uint8,
+    torch.bool,
+}
+
+__all__ = ["EncodedModel", "decode_state", "encode_state"]

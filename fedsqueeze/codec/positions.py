@@ -1,0 +1,309 @@
+"""Sparse position coding: which flat indices of a tensor were kept.
+
+Two codings, and :func:`encode_positions` picks whichever is smaller per tensor:
+
+* :attr:`PositionCoding.BITMAP`: one bit per element, ``ceil(numel/8)`` bytes.
+* :attr:`PositionCoding.RICE`: Golomb-Rice coding of the gaps between consecutive kept
+  indices, ``g_0 = i_0`` and ``g_j = i_j − i_{j−1} − 1`` (so ``g >= 0``, and a run of
+  consecutive indices costs gaps of 0). With parameter ``k`` each gap splits into a
+  remainder ``g & (2^k − 1)`` and a quotient ``g >> k``. The payload is two streams, so
+  that decoding is vectorised rather than a bit-serial loop:
+
+  1. the ``count`` remainders, ``k`` bits each, bit-packed (LSB first, as
+     :mod:`fedsqueeze.codec.bitpack`), ``ceil(count·k/8)`` bytes;
+  2. the quotients in unary: ``q`` one-bits then one zero-bit per gap, bit-packed
+     LSB first, the last byte padded with one-bits. Its length is implied by the total
+     payload length; decoding finds the zero bits and differences their positions.
+
+  ``k`` (0..30) is chosen to minimise the exact byte size. For geometric gaps this is
+  within a few percent of their entropy: about 6 bits per kept value at 95% sparsity.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+import torch
+from torch import Tensor
+
+from fedsqueeze.codec.bitpack import pack_bits, packed_size, unpack_bits
+from fedsqueeze.errors import FormatError
+
+__all__ = [
+    "MAX_RICE_K",
+    "EncodedPositions",
+    "PositionCoding",
+    "decode_positions",
+    "encode_positions",
+    "indices_to_mask",
+    "mask_to_indices",
+]
+
+#: Largest Rice parameter; gaps need at most ~log2(numel) bits.
+MAX_RICE_K = 30
+
+
+class PositionCoding(Enum):
+    """How kept positions are stored."""
+
+    BITMAP = 1
+    RICE = 2
+
+
+@dataclass(frozen=True, eq=False)
+class EncodedPositions:
+    """Kept positions of one tensor, encoded.
+
+    Attributes
+    ----------
+    coding
+        Which coding ``payload`` uses.
+    count
+        Number of kept positions.
+    rice_k
+        The Rice parameter (0 for :attr:`PositionCoding.BITMAP`).
+    payload
+        uint8 ``[m]`` on the indices' device.
+    """
+
+    coding: PositionCoding
+    count: int
+    rice_k: int
+    payload: Tensor
+
+
+def mask_to_indices(mask: Tensor) -> Tensor:
+    """Flat indices of the ``True`` entries of a bool mask: int64 ``[k]``, increasing."""
+    if mask.dtype != torch.bool:
+        raise ValueError(f"mask must be bool, got {mask.dtype}")
+    return torch.nonzero(mask.reshape(-1)).view(-1)
+
+
+def indices_to_mask(indices: Tensor, numel: int) -> Tensor:
+    """Bool ``[numel]`` mask with ``True`` at ``indices`` (int64 ``[k]``, in range)."""
+    if indices.dim() != 1 or indices.dtype != torch.int64:
+        raise ValueError("indices must be 1-D int64")
+    if numel < 0:
+        raise ValueError(f"numel must be >= 0, got {numel}")
+    if indices.numel() and not (
+        bool(indices.min() >= 0) and bool(indices.max() < numel)
+    ):
+        raise ValueError(f"indices out of range [0, {numel})")
+    mask = torch.zeros(numel, dtype=torch.bool, device=indices.device)
+    mask[indices] = True
+    return mask
+
+
+def encode_positions(indices: Tensor, numel: int) -> EncodedPositions:
+    """Encode kept positions as a bitmap or Rice-coded gaps, whichever is smaller.
+
+    Parameters
+    ----------
+    indices
+        int64 ``[count]``, strictly increasing, in ``[0, numel)``.
+    numel
+        Number of elements of the tensor.
+
+    Returns
+    -------
+    EncodedPositions
+        Ties go to the bitmap.
+
+    Raises
+    ------
+    ValueError
+        ``indices`` is not 1-D int64, not strictly increasing or out of range.
+    """
+    if indices.dim() != 1 or indices.dtype != torch.int64:
+        raise ValueError("indices must be 1-D int64")
+    if numel < 0:
+        raise ValueError(f"numel must be >= 0, got {numel}")
+    count = indices.numel()
+    if count:
+        gaps = torch.diff(indices, prepend=indices.new_full((1,), -1)) - 1
+        # Two scalar syncs validate the whole array: min gap >= 0 means strictly
+        # increasing (and first >= 0), and the last index bounds them all.
+        if bool(gaps.min() < 0) or int(indices[-1]) >= numel:
+            raise ValueError(f"indices must be strictly increasing in [0, {numel})")
+    else:
+        gaps = indices
+    bitmap_size = packed_size(numel, 1)
+    k, rice_size = _best_rice_k(gaps)
+    if bitmap_size <= rice_size:
+        return EncodedPositions(PositionCoding.BITMAP, count, 0, _encode_bitmap(indices, numel))
+    return EncodedPositions(PositionCoding.RICE, count, k, _encode_rice(gaps, k))
+
+
+def decode_positions(
+    coding: PositionCoding, count: int, rice_k: int, payload: Tensor, numel: int
+) -> Tensor:
+    """Inverse of :func:`encode_positions`; treats every argument but ``numel`` as hostile.
+
+    Parameters
+    ----------
+    coding, count, rice_k
+        As in :class:`EncodedPositions`.
+    payload
+        uint8 ``[m]``; decoding happens on its device.
+    numel
+        Number of elements of the tensor (trusted: the caller has bounded it).
+
+    Returns
+    -------
+    Tensor
+        int64 ``[count]``, strictly increasing, in ``[0, numel)``.
+
+    Raises
+    ------
+    FormatError
+        Any inconsistency. Memory use is O(numel + m) whatever ``count`` claims.
+    """
+    if payload.dtype != torch.uint8 or payload.dim() != 1:
+        raise ValueError("payload must be 1-D uint8")
+    if numel < 0:
+        raise ValueError(f"numel must be >= 0, got {numel}")
+    if not isinstance(coding, PositionCoding):
+        raise FormatError(f"unknown position coding {coding!r}")
+    if not 0 <= count <= numel:
+        raise FormatError(f"position count {count} out of range for {numel} elements")
+    if coding is PositionCoding.BITMAP:
+        if rice_k != 0:
+            raise FormatError("bitmap positions with a non-zero Rice parameter")
+        return _decode_bitmap(payload, count, numel)
+    return _decode_rice(payload, count, rice_k, numel)
+
+
+# ------------------------------------------------------------------ bitmap
+def _encode_bitmap(indices: Tensor, numel: int) -> Tensor:
+    bits = torch.zeros(numel, dtype=torch.uint8, device=indices.device)
+    bits[indices] = 1
+    return pack_bits(bits, 1)
+
+
+def _decode_bitmap(payload: Tensor, count: int, numel: int) -> Tensor:
+    if payload.numel() != packed_size(numel, 1):
+        raise FormatError(f"bitmap of {numel} elements needs {packed_size(numel, 1)} bytes")
+    bits = unpack_bits(payload, 1, numel)  # rejects set padding bits
+    if int(bits.sum(dtype=torch.int64)) != count:
+        raise FormatError(f"bitmap holds a different number of positions than {count}")
+    return torch.nonzero(bits).view(-1)
+
+
+# ------------------------------------------------------------------ Rice
+def _rice_bits(gaps: Tensor, k: int) -> int:
+    """Exact bits of both streams for parameter ``k``: ``sum(g >> k) + n·(1 + k)``."""
+    return int((gaps >> k).sum()) + gaps.numel() * (1 + k)
+
+
+def _rice_bytes(n: int, k: int, total_bits: int) -> int:
+    return packed_size(n, k) + packed_size(total_bits - n * k, 1)
+
+
+def _best_rice_k(gaps: Tensor) -> tuple[int, int]:
+    """The ``k`` in 0..30 minimising the Rice payload's bytes, and that size.
+
+    The bit count ``f(k)`` is convex in ``k`` (``f(k+1) − f(k) = n − Σ ceil((g>>k)/2)``
+    grows with ``k``), so a walk from ``log2`` of the mean gap finds its minimum in a few
+    passes over ``gaps`` instead of 31. Byte rounding adds under 2 bytes, so the byte
+    optimum lies where ``f(k) < f_min + 16``, which the walk then scans.
+    """
+    n = gaps.numel()
+    if n == 0:
+        return 0, 0
+    mean = int(gaps.sum()) / n
+    start = min(MAX_RICE_K, max(0, int(mean).bit_length() - 1))
+    cache: dict[int, int] = {}
+
+    def f(k: int) -> int:
+        if k not in cache:
+            cache[k] = _rice_bits(gaps, k)
+        return cache[k]
+
+    k = start
+    while k > 0 and f(k - 1) <= f(k):
+        k -= 1
+    while k < MAX_RICE_K and f(k + 1) < f(k):
+        k += 1
+    best_k, best = k, _rice_bytes(n, k, f(k))
+    for step in (-1, 1):
+        j = k + step
+        while 0 <= j <= MAX_RICE_K and f(j) < f(k) + 16:
+            size = _rice_bytes(n, j, f(j))
+            if size < best or (size == best and j < best_k):
+                best_k, best = j, size
+            j += step
+    return best_k, best
+
+
+def _encode_rice(gaps: Tensor, k: int) -> Tensor:
+    remainders = _pack_fixed(gaps & ((1 << k) - 1), k)
+    quotients = gaps >> k
+    # Zero bit j (the terminator of gap j) sits after all earlier gaps' bits.
+    zero_at = torch.cumsum(quotients + 1, 0) - 1
+    unary_bits = int(zero_at[-1]) + 1
+    stream = torch.ones(unary_bits + (-unary_bits) % 8, dtype=torch.uint8, device=gaps.device)
+    stream[zero_at] = 0
+    return torch.cat([remainders, pack_bits(stream, 1)])
+
+
+def _decode_rice(payload: Tensor, count: int, k: int, numel: int) -> Tensor:
+    if not 0 <= k <= MAX_RICE_K:
+        raise FormatError(f"Rice parameter {k} out of range 0..{MAX_RICE_K}")
+    if count == 0:
+        if payload.numel():
+            raise FormatError("positions payload for zero positions")
+        return torch.empty(0, dtype=torch.int64, device=payload.device)
+    rem_size = packed_size(count, k)
+    unary = payload[rem_size:]
+    # Each gap needs one terminating zero bit: bounds count by the payload before any
+    # count-sized allocation.
+    if payload.numel() < rem_size or count > 8 * unary.numel():
+        raise FormatError(f"positions payload too short for {count} positions")
+    bits = unpack_bits(unary, 1, 8 * unary.numel())
+    zeros = bits == 0
+    if int(zeros.sum(dtype=torch.int64)) != count:
+        raise FormatError("unary stream does not hold one terminator per position")
+    zero_at = torch.nonzero(zeros).view(-1)
+    if int(zero_at[-1]) < 8 * unary.numel() - 8:
+        raise FormatError("trailing bytes after the unary stream")
+    quotients = torch.diff(zero_at, prepend=zero_at.new_full((1,), -1)) - 1
+    remainders = _unpack_fixed(payload[:rem_size], k, count)
+    # Bound the last index with Python ints before any int64 arithmetic can overflow.
+    last = (int(quotients.sum()) << k) + int(remainders.sum()) + count - 1
+    if last >= numel:
+        raise FormatError(f"position {last} out of range for {numel} elements")
+    gaps = (quotients << k) | remainders
+    return torch.cumsum(gaps + 1, 0) - 1
+
+
+# ------------------------------------------------------------------ fixed width
+_CHUNK = 1 << 20
+
+
+def _pack_fixed(values: Tensor, width: int) -> Tensor:
+    """int64 ``[n]``, each ``< 2**width`` → uint8 ``[ceil(n·width/8)]`` (LSB first)."""
+    if width == 0:
+        return values.new_empty(0, dtype=torch.uint8)
+    if width in (1, 2, 3, 4, 8):
+        return pack_bits(values.to(torch.uint8), width)
+    # Other widths: spell every value out bit by bit (n·width bytes, O(numel) since
+    # the optimal k is about log2(numel/n)), then pack the bit string.
+    n = values.numel()
+    bits = torch.empty((n, width), dtype=torch.uint8, device=values.device)
+    for j in range(width):
+        bits[:, j] = (values >> j) & 1
+    return pack_bits(bits.view(-1), 1)
+
+
+def _unpack_fixed(packed: Tensor, width: int, count: int) -> Tensor:
+    """Inverse of :func:`_pack_fixed`: int64 ``[count]``."""
+    if width == 0:
+        return torch.zeros(count, dtype=torch.int64, device=packed.device)
+    if width in (1, 2, 3, 4, 8):
+        return unpack_bits(packed, width, count).to(torch.int64)
+    bits = unpack_bits(packed, 1, count * width).view(count, width)
+    values = torch.zeros(count, dtype=torch.int64, device=packed.device)
+    for j in range(width):
+        values |= bits[:, j].to(torch.int64) << j
+    return values

@@ -1,0 +1,115 @@
+"""Splitting an encoded model into transport segments of about 1 MiB, and joining them.
+
+The model's byte stream (header, then records, without the trailing checksum: each
+segment carries its own sha256 on the wire) is cut into segments that hold whole
+records where they fit, so small tensors travel together and a large tensor spans
+several segments. ``priority`` orders the stream (lower first) and ``level`` is the
+refinement level of the records inside, so progressive transmission can send base
+layers before refinements without changing the wire format.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from fedsqueeze.codec.container import crc32
+from fedsqueeze.codec.model import EncodedModel
+from fedsqueeze.errors import FormatError
+
+DEFAULT_SEGMENT_BYTES = 1 << 20
+MAX_SEGMENTS = 1 << 20
+
+
+@dataclass(frozen=True)
+class Segment:
+    """One piece of an encoded model's byte stream.
+
+    Attributes
+    ----------
+    index
+        Position in the stream (0-based); joining concatenates payloads by index.
+    tensor_names
+        Names of the tensors whose records this segment holds, wholly or in part.
+    priority
+        Lower is sent first.
+    level
+        Refinement level of its records (0: the base layer).
+    payload
+        The bytes.
+    """
+
+    index: int
+    tensor_names: tuple[str, ...]
+    priority: int
+    level: int
+    payload: bytes
+
+    @property
+    def sha256(self) -> bytes:
+        """sha256 digest of the payload."""
+        return hashlib.sha256(self.payload).digest()
+
+
+def split_segments(
+    encoded: EncodedModel, max_bytes: int = DEFAULT_SEGMENT_BYTES
+) -> list[Segment]:
+    """Cut ``encoded`` into segments of at most ``max_bytes``, in priority order."""
+    if max_bytes < 64:
+        raise ValueError(f"max_bytes must be at least 64, got {max_bytes}")
+    pieces: list[tuple[str | None, int, bytes]] = [(None, 0, encoded.header.to_bytes())]
+    for record in encoded.records:
+        pieces.append((record.name, record.level, record.to_bytes()))
+    segments: list[Segment] = []
+    buf = bytearray()
+    names: list[str] = []
+    level = 0
+
+    def flush() -> None:
+        nonlocal buf, names
+        if buf:
+            idx = len(segments)
+            segments.append(Segment(idx, tuple(names), idx, level, bytes(buf)))
+            buf, names = bytearray(), []
+
+    for name, piece_level, data in pieces:
+        if piece_level != level:
+            flush()
+            level = piece_level
+        if len(buf) + len(data) > max_bytes:
+            flush()
+        offset = 0
+        while offset < len(data):
+            room = max_bytes - len(buf)
+            chunk = data[offset : offset + room]
+            buf += chunk
+            offset += len(chunk)
+            if name is not None and (not names or names[-1] != name):
+                names.append(name)
+            if len(buf) >= max_bytes:
+                flush()
+    flush()
+    return segments
+
+
+def join_segments(segments: Sequence[Segment]) -> EncodedModel:
+    """Reassemble segments (any order) into the encoded model.
+
+    Raises
+    ------
+    FormatError
+        Missing, duplicate or garbled segments.
+    """
+    if not segments:
+        raise FormatError("no segments to join")
+    if len(segments) > MAX_SEGMENTS:
+        raise FormatError(f"{len(segments)} segments is more than the {MAX_SEGMENTS} allowed")
+    ordered = sorted(segments, key=lambda s: s.index)
+    for expected, seg in enumerate(ordered):
+        if seg.index != expected:
+            raise FormatError(
+                f"segment {expected} is missing or duplicated (got index {seg.index})"
+            )
+    stream = b"".join(s.payload for s in ordered)
+    return EncodedModel.from_bytes(stream + crc32(stream).to_bytes(4, "little"))

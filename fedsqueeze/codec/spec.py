@@ -1,0 +1,325 @@
+"""What the codec does to a model: :class:`CodecSpec` and its parts, all frozen.
+
+A spec is chosen once (from a preset name, a TOML table or CLI flags) and passed down.
+Its compact byte form (:meth:`CodecSpec.to_bytes`) travels in every encoded model's
+header, so a decoder can report how the model was made; decoding itself never needs it,
+since every tensor record describes its own stages.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+import struct
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from enum import Enum
+
+from fedsqueeze.errors import ConfigError, FormatError
+
+
+class PruneMethod(Enum):
+    """How magnitude pruning chooses what to drop."""
+
+    NONE = 0
+    #: per tensor, smallest ``|w|`` first (``torch.nn.utils.prune.l1_unstructured``).
+    L1_UNSTRUCTURED = 1
+    #: across all target tensors together (``global_unstructured`` with ``L1Unstructured``).
+    L1_GLOBAL = 2
+    #: whole output channels (dim 0) by their L2 norm (``ln_structured(n=2, dim=0)``).
+    LN_STRUCTURED = 3
+    #: every ``|w|`` at or below :attr:`PruneSpec.threshold`, per tensor.
+    THRESHOLD = 4
+
+
+class QuantScheme(Enum):
+    """How quantized values map back to floats."""
+
+    #: ``w ≈ scale · (q − zero_point)``, integer zero point.
+    AFFINE = 1
+    #: ``w ≈ scale · (q − 2^(b−1))``, zero point fixed at the middle.
+    SYMMETRIC = 2
+    #: symmetric with ``scale = 2^−p``: dequantization is a shift (fixed point).
+    POW2 = 3
+    #: k-means weight sharing: ``w ≈ codebook[q]``, ``2^b`` centroids per tensor.
+    KMEANS = 4
+
+
+class Granularity(Enum):
+    """Whether quantization parameters are per tensor or per output channel (dim 0)."""
+
+    PER_TENSOR = 1
+    PER_CHANNEL = 2
+
+
+class Rounding(Enum):
+    """Nearest rounding (error ≤ scale/2) or unbiased stochastic rounding (for updates)."""
+
+    NEAREST = 1
+    STOCHASTIC = 2
+
+
+class FloatFormat(Enum):
+    """How values that are not quantized are stored."""
+
+    FP32 = 1
+    FP16 = 2
+    BF16 = 3
+
+
+QUANT_BITS = (2, 3, 4, 8)
+DEFAULT_TARGETS = ("*weight",)
+
+
+@dataclass(frozen=True)
+class PruneSpec:
+    """Magnitude pruning of the target tensors.
+
+    Parameters
+    ----------
+    method
+        Which criterion; :attr:`PruneMethod.NONE` keeps every value.
+    sparsity
+        Fraction of values (or channels) dropped, in ``[0, 1)``; ``round(sparsity · n)``
+        are dropped, as PyTorch's pruning functions do.
+    threshold
+        For :attr:`PruneMethod.THRESHOLD`: values with ``|w| <= threshold`` are dropped.
+    """
+
+    method: PruneMethod = PruneMethod.NONE
+    sparsity: float = 0.0
+    threshold: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.sparsity < 1.0 or math.isnan(self.sparsity):
+            raise ValueError(f"sparsity must be in [0, 1), got {self.sparsity}")
+        if not self.threshold >= 0.0:
+            raise ValueError(f"threshold must be >= 0, got {self.threshold}")
+
+    @property
+    def active(self) -> bool:
+        """Whether this spec drops anything at all."""
+        if self.method is PruneMethod.NONE:
+            return False
+        if self.method is PruneMethod.THRESHOLD:
+            return True
+        return self.sparsity > 0.0
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """Quantization of the target tensors' (kept) values.
+
+    Parameters
+    ----------
+    bits
+        2, 3, 4 or 8; sub-byte codes are bit-packed.
+    scheme, granularity, rounding
+        See the enums.
+    """
+
+    bits: int = 8
+    scheme: QuantScheme = QuantScheme.AFFINE
+    granularity: Granularity = Granularity.PER_TENSOR
+    rounding: Rounding = Rounding.NEAREST
+
+    def __post_init__(self) -> None:
+        if self.bits not in QUANT_BITS:
+            raise ValueError(f"bits must be one of {QUANT_BITS}, got {self.bits}")
+        if self.scheme is QuantScheme.KMEANS and self.granularity is Granularity.PER_CHANNEL:
+            raise ValueError("k-means weight sharing uses one codebook per tensor (per-tensor)")
+
+
+@dataclass(frozen=True)
+class CodecSpec:
+    """Everything the encoder does to a state dict, in pipeline order.
+
+    ``delta (when a base is given) → prune or top-k (+ residual) → quantize → pack bits →
+    positions → entropy``.
+
+    Parameters
+    ----------
+    prune
+        Magnitude pruning of target tensors (for models sent down).
+    topk
+        Fraction of values kept by top-k sparsification of every target tensor, in
+        ``(0, 1]``, or ``None`` for none. Meant for updates: what it drops is returned as an
+        error-feedback residual by :func:`fedsqueeze.codec.encode_state`.
+    quant
+        Quantization of the target tensors' values, or ``None`` to keep them as floats.
+    float_format
+        Storage of float values that are not quantized (non-targets always use it).
+    entropy_level
+        zstandard level 1..22 applied to each record where it shrinks it; 0 turns it off.
+    targets
+        Glob patterns of tensor names that the lossy stages apply to, among floating
+        tensors with at least ``min_ndim`` dimensions (by default the weights of conv and
+        linear layers, not biases or norms).
+    min_ndim
+        See ``targets``.
+    """
+
+    prune: PruneSpec = field(default_factory=PruneSpec)
+    topk: float | None = None
+    quant: QuantSpec | None = None
+    float_format: FloatFormat = FloatFormat.FP32
+    entropy_level: int = 3
+    targets: tuple[str, ...] = DEFAULT_TARGETS
+    min_ndim: int = 2
+
+    def __post_init__(self) -> None:
+        if self.topk is not None and not 0.0 < self.topk <= 1.0:
+            raise ValueError(f"topk must be in (0, 1], got {self.topk}")
+        if self.topk is not None and self.prune.active:
+            raise ValueError("use either pruning (models) or top-k (updates), not both")
+        if not 0 <= self.entropy_level <= 22:
+            raise ValueError(f"entropy_level must be in 0..22, got {self.entropy_level}")
+        if not 0 <= self.min_ndim <= 8:
+            raise ValueError(f"min_ndim must be in 0..8, got {self.min_ndim}")
+        if not self.targets or any(not p or len(p) > 200 for p in self.targets):
+            raise ValueError("targets must be non-empty glob patterns of at most 200 chars")
+        if len(self.targets) > 32:
+            raise ValueError("at most 32 target patterns")
+
+    @property
+    def lossless(self) -> bool:
+        """True when decoding returns exactly what was encoded."""
+        return (
+            not self.prune.active
+            and self.topk is None
+            and self.quant is None
+            and self.float_format is FloatFormat.FP32
+        )
+
+    def is_target(self, name: str, ndim: int, is_floating: bool) -> bool:
+        """Whether the lossy stages apply to the tensor ``name``."""
+        if not is_floating or ndim < self.min_ndim:
+            return False
+        return any(fnmatch.fnmatchcase(name, pattern) for pattern in self.targets)
+
+    def with_changes(self, **changes: object) -> CodecSpec:
+        """A copy with some fields replaced (validated again)."""
+        return replace(self, **changes)  # type: ignore[arg-type]
+
+    # ------------------------------------------------------------------ bytes
+    def to_bytes(self) -> bytes:
+        """Compact, canonical byte form (a few bytes for the common specs)."""
+        out = bytearray()
+        out += struct.pack("<B", self.prune.method.value)
+        if self.prune.method is PruneMethod.THRESHOLD:
+            out += struct.pack("<f", self.prune.threshold)
+        elif self.prune.method is not PruneMethod.NONE:
+            out += struct.pack("<f", self.prune.sparsity)
+        out += struct.pack("<f", -1.0 if self.topk is None else self.topk)
+        if self.quant is None:
+            out += b"\x00"
+        else:
+            q = self.quant
+            out += struct.pack(
+                "<BBBB", q.bits, q.scheme.value, q.granularity.value, q.rounding.value
+            )
+        out += struct.pack("<BBB", self.float_format.value, self.entropy_level, self.min_ndim)
+        if self.targets == DEFAULT_TARGETS:
+            out += b"\x00"
+        else:
+            out += struct.pack("<B", len(self.targets))
+            for pattern in self.targets:
+                raw = pattern.encode()
+                out += struct.pack("<B", len(raw)) + raw
+        return bytes(out)
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> CodecSpec:
+        """Inverse of :meth:`to_bytes`; raises :class:`FormatError` on malformed input."""
+        spec, used = cls.parse(data, 0)
+        if used != len(data):
+            raise FormatError("trailing bytes after codec spec")
+        return spec
+
+    @classmethod
+    def parse(cls, data: bytes, offset: int) -> tuple[CodecSpec, int]:
+        """Parse a spec at ``offset``; returns it and the offset just past it."""
+        try:
+            return _parse_spec(data, offset)
+        except (struct.error, IndexError, UnicodeDecodeError) as exc:
+            raise FormatError("truncated or malformed codec spec") from exc
+        except ValueError as exc:  # enum values or spec validation
+            raise FormatError(f"invalid codec spec: {exc}") from exc
+
+
+def _parse_spec(data: bytes, pos: int) -> tuple[CodecSpec, int]:
+    method = PruneMethod(data[pos])
+    pos += 1
+    sparsity = threshold = 0.0
+    if method is PruneMethod.THRESHOLD:
+        (threshold,) = struct.unpack_from("<f", data, pos)
+        pos += 4
+    elif method is not PruneMethod.NONE:
+        (sparsity,) = struct.unpack_from("<f", data, pos)
+        pos += 4
+    (topk_raw,) = struct.unpack_from("<f", data, pos)
+    pos += 4
+    quant: QuantSpec | None = None
+    if data[pos] == 0:
+        pos += 1
+    else:
+        bits, scheme, gran, rnd = struct.unpack_from("<BBBB", data, pos)
+        pos += 4
+        quant = QuantSpec(bits, QuantScheme(scheme), Granularity(gran), Rounding(rnd))
+    fmt, level, min_ndim = struct.unpack_from("<BBB", data, pos)
+    pos += 3
+    count = data[pos]
+    pos += 1
+    targets = DEFAULT_TARGETS
+    if count:
+        patterns = []
+        for _ in range(count):
+            length = data[pos]
+            raw = data[pos + 1 : pos + 1 + length]
+            if len(raw) != length:
+                raise IndexError("pattern truncated")
+            patterns.append(raw.decode())
+            pos += 1 + length
+        targets = tuple(patterns)
+    spec = CodecSpec(
+        prune=PruneSpec(method, sparsity, threshold),
+        topk=None if topk_raw < 0 else topk_raw,
+        quant=quant,
+        float_format=FloatFormat(fmt),
+        entropy_level=level,
+        targets=targets,
+        min_ndim=min_ndim,
+    )
+    return spec, pos
+
+
+# ---------------------------------------------------------------------- presets
+PRESETS: Mapping[str, CodecSpec] = {
+    "lossless": CodecSpec(),
+    "fp16": CodecSpec(float_format=FloatFormat.FP16, targets=("*",), min_ndim=0),
+    "int8": CodecSpec(quant=QuantSpec(8), targets=("*",), min_ndim=1),
+    "int4": CodecSpec(quant=QuantSpec(4)),
+    "prune90-int4": CodecSpec(
+        prune=PruneSpec(PruneMethod.L1_UNSTRUCTURED, 0.9), quant=QuantSpec(4)
+    ),
+    "prune95-kmeans3": CodecSpec(
+        prune=PruneSpec(PruneMethod.L1_GLOBAL, 0.95),
+        quant=QuantSpec(3, QuantScheme.KMEANS),
+    ),
+    "topk10-int4": CodecSpec(
+        topk=0.1,
+        quant=QuantSpec(4, rounding=Rounding.STOCHASTIC),
+        targets=("*",),
+        min_ndim=1,
+    ),
+}
+
+
+def preset(name: str) -> CodecSpec:
+    """The named preset spec; raises :class:`ConfigError` for an unknown name."""
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise ConfigError(
+            f"unknown codec preset {name!r}; choose one of {', '.join(PRESETS)}"
+        ) from None

@@ -1,0 +1,143 @@
+"""The text form of a :class:`CodecSpec`, as typed on a command line or in a TOML file.
+
+Grammar: a preset name, key=value pairs, or a preset followed by overrides, separated by
+commas::
+
+    int4
+    prune=global:0.95,quant=3:kmeans,entropy=19
+    prune95-kmeans3,entropy=22
+
+Keys: ``prune`` (``none``, ``l1:S``, ``global:S``, ``channel:S``, ``threshold:T``),
+``topk`` (fraction kept), ``quant`` (``none`` or ``BITS[:SCHEME][:GRANULARITY][:ROUNDING]``
+with schemes ``affine symmetric pow2 kmeans``, granularities ``tensor channel``,
+roundings ``nearest stochastic``), ``float`` (``fp32 fp16 bf16``), ``entropy`` (zstd
+level, 0 = off), ``targets`` (glob patterns joined by ``|``), ``min-ndim``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from fedsqueeze.codec.spec import (
+    PRESETS,
+    CodecSpec,
+    FloatFormat,
+    Granularity,
+    PruneMethod,
+    PruneSpec,
+    QuantScheme,
+    QuantSpec,
+    Rounding,
+)
+from fedsqueeze.errors import ConfigError
+
+_PRUNE_NAMES = {
+    "l1": PruneMethod.L1_UNSTRUCTURED,
+    "global": PruneMethod.L1_GLOBAL,
+    "channel": PruneMethod.LN_STRUCTURED,
+    "threshold": PruneMethod.THRESHOLD,
+}
+_SCHEMES = {s.name.lower(): s for s in QuantScheme}
+_GRANULARITIES = {"tensor": Granularity.PER_TENSOR, "channel": Granularity.PER_CHANNEL}
+_ROUNDINGS = {r.name.lower(): r for r in Rounding}
+_FLOATS = {f.name.lower(): f for f in FloatFormat}
+
+
+def parse_spec(text: str) -> CodecSpec:
+    """Parse the text form; raises :class:`ConfigError` with the offending part."""
+    spec = CodecSpec()
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    if not parts:
+        raise ConfigError("empty codec spec")
+    if "=" not in parts[0]:
+        name = parts.pop(0)
+        if name not in PRESETS:
+            raise ConfigError(f"unknown codec preset {name!r}; presets: {', '.join(PRESETS)}")
+        spec = PRESETS[name]
+    for part in parts:
+        key, sep, value = part.partition("=")
+        if not sep:
+            raise ConfigError(f"expected key=value in codec spec, got {part!r}")
+        try:
+            spec = _apply(spec, key.strip(), value.strip())
+        except ValueError as exc:
+            raise ConfigError(f"codec spec {part!r}: {exc}") from None
+    return spec
+
+
+def _apply(spec: CodecSpec, key: str, value: str) -> CodecSpec:
+    if key == "prune":
+        return replace(spec, prune=_prune(value))
+    if key == "topk":
+        return replace(spec, topk=None if value == "none" else float(value))
+    if key == "quant":
+        return replace(spec, quant=_quant(value))
+    if key == "float":
+        if value not in _FLOATS:
+            raise ValueError(f"float must be one of {', '.join(_FLOATS)}")
+        return replace(spec, float_format=_FLOATS[value])
+    if key == "entropy":
+        return replace(spec, entropy_level=int(value))
+    if key == "targets":
+        return replace(spec, targets=tuple(p for p in value.split("|") if p))
+    if key == "min-ndim":
+        return replace(spec, min_ndim=int(value))
+    raise ValueError(
+        f"unknown key {key!r}; keys: prune, topk, quant, float, entropy, targets, min-ndim"
+    )
+
+
+def _prune(value: str) -> PruneSpec:
+    if value == "none":
+        return PruneSpec()
+    method, _, amount = value.partition(":")
+    if method not in _PRUNE_NAMES or not amount:
+        raise ValueError(f"prune must be none or one of {', '.join(_PRUNE_NAMES)} with :AMOUNT")
+    if method == "threshold":
+        return PruneSpec(PruneMethod.THRESHOLD, threshold=float(amount))
+    return PruneSpec(_PRUNE_NAMES[method], sparsity=float(amount))
+
+
+def _quant(value: str) -> QuantSpec | None:
+    if value == "none":
+        return None
+    bits, *rest = value.split(":")
+    scheme, granularity, rounding = (
+        QuantScheme.AFFINE,
+        Granularity.PER_TENSOR,
+        Rounding.NEAREST,
+    )
+    for word in rest:
+        if word in _SCHEMES:
+            scheme = _SCHEMES[word]
+        elif word in _GRANULARITIES:
+            granularity = _GRANULARITIES[word]
+        elif word in _ROUNDINGS:
+            rounding = _ROUNDINGS[word]
+        else:
+            raise ValueError(f"unknown quantization option {word!r}")
+    return QuantSpec(int(bits), scheme, granularity, rounding)
+
+
+def format_spec(spec: CodecSpec) -> str:
+    """The canonical text form (``parse_spec(format_spec(s)) == s``)."""
+    parts = []
+    p = spec.prune
+    if p.method is PruneMethod.THRESHOLD:
+        parts.append(f"prune=threshold:{p.threshold!r}")
+    elif p.method is not PruneMethod.NONE:
+        name = next(k for k, v in _PRUNE_NAMES.items() if v is p.method)
+        parts.append(f"prune={name}:{p.sparsity!r}")
+    if spec.topk is not None:
+        parts.append(f"topk={spec.topk!r}")
+    if spec.quant is not None:
+        q = spec.quant
+        gran = "channel" if q.granularity is Granularity.PER_CHANNEL else "tensor"
+        parts.append(
+            f"quant={q.bits}:{q.scheme.name.lower()}:{gran}:{q.rounding.name.lower()}"
+        )
+    parts.append(f"float={spec.float_format.name.lower()}")
+    parts.append(f"entropy={spec.entropy_level}")
+    parts.append(f"targets={'|'.join(spec.targets)}")
+    parts.append(f"min-ndim={spec.min_ndim}")
+    return ",".join(parts)

@@ -1,0 +1,167 @@
+"""Decoding of one :class:`~fedsqueeze.codec.container.TensorRecord` back into a tensor.
+
+Every size is checked against the record's header before anything is allocated: a
+record can only produce a tensor whose element count it declared and the limits allow,
+and its body must be exactly as long as its header implies.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+
+from fedsqueeze.codec import entropy
+from fedsqueeze.codec.bitpack import unpack_bits
+from fedsqueeze.codec.container import CODE_DTYPES, DTYPE_CODES, TensorRecord, ValueKind
+from fedsqueeze.codec.positions import PositionCoding, decode_positions
+from fedsqueeze.codec.quantization import dequantize, qparams_from_bytes
+from fedsqueeze.codec.spec import Granularity
+from fedsqueeze.errors import BaseMismatchError, FormatError
+
+_VALUE_DTYPES = {
+    ValueKind.FP32: torch.float32,
+    ValueKind.FP16: torch.float16,
+    ValueKind.BF16: torch.bfloat16,
+}
+
+
+def _bytes_to_tensor(data: bytes, dtype: torch.dtype, count: int, device: torch.device) -> torch.Tensor:
+    """``count`` elements of ``dtype`` from exactly matching bytes."""
+    width = torch.empty((), dtype=dtype).element_size()
+    if len(data) != count * width:
+        raise FormatError(
+            f"value payload is {len(data)} bytes, expected {count} × {width} for {dtype}"
+        )
+    raw = torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8)
+    view_dtype = torch.uint8 if dtype == torch.bool else dtype
+    out = raw.view(view_dtype)
+    if dtype == torch.bool:
+        if bool((out > 1).any()):
+            raise FormatError("boolean tensor holds values other than 0 and 1")
+        out = out.to(torch.bool)
+    return out.to(device)
+
+
+class TensorDecoder:
+    """Decodes the records of one model against an optional base."""
+
+    def __init__(self, base: Mapping[str, torch.Tensor] | None, device: torch.device | None) -> None:
+        self._base = base or {}
+        self._names = sorted(self._base)
+        self._device = device
+
+    def resolve(self, record: TensorRecord) -> tuple[str, torch.dtype, tuple[int, ...]]:
+        """Name, dtype and shape of a record (index-coded ones from the base)."""
+        if record.index is None:
+            if record.name is None or record.dtype is None or record.shape is None:
+                raise FormatError("named record without name, dtype or shape")
+            return record.name, record.dtype, record.shape
+        if record.index >= len(self._names):
+            raise BaseMismatchError(
+                f"record refers to base tensor #{record.index}, the base has {len(self._names)}"
+            )
+        name = self._names[record.index]
+        b = self._base[name]
+        return name, b.dtype, tuple(b.shape)
+
+    def decode(self, record: TensorRecord) -> tuple[str, torch.Tensor]:
+        """Decode one record into (name, tensor)."""
+        name, dtype, shape = self.resolve(record)
+        if dtype not in DTYPE_CODES:
+            raise FormatError(f"unsupported dtype {dtype}")
+        numel = 1
+        for d in shape:
+            numel *= d
+        base = self._base.get(name) if record.delta else None
+        if record.delta:
+            if base is None:
+                raise BaseMismatchError(f"delta record {name!r} but the base has no such tensor")
+            if tuple(base.shape) != shape or base.dtype != dtype:
+                raise BaseMismatchError(f"base tensor {name!r} does not match the record")
+        device = self._device or (base.device if base is not None else torch.device("cpu"))
+        body = record.body
+        if record.raw_length is not None:
+            body = entropy.decompress(body, record.raw_length)
+        kept = numel
+        indices: torch.Tensor | None = None
+        if record.positions is not None:
+            p = record.positions
+            if p.count > numel or p.payload_bytes > len(body):
+                raise FormatError(f"record {name!r}: positions header out of range")
+            try:
+                coding = PositionCoding(p.coding)
+            except ValueError as exc:
+                raise FormatError(f"record {name!r}: unknown position coding {p.coding}") from exc
+            pos_payload = torch.frombuffer(bytearray(body[: p.payload_bytes]), dtype=torch.uint8) if p.payload_bytes else torch.empty(0, dtype=torch.uint8)
+            indices = decode_positions(coding, p.count, p.rice_k, pos_payload.to(device), numel)
+            kept = p.count
+            body = body[p.payload_bytes :]
+        values = self._values(record, name, body, kept, shape, indices, dtype, device)
+        if record.quant is None and record.value_kind in (ValueKind.RAW, ValueKind.XOR):
+            if indices is not None:
+                raise FormatError(f"record {name!r}: raw values cannot be sparse")
+            out = values.reshape(shape)
+            if record.value_kind is ValueKind.XOR:
+                if base is None:
+                    raise FormatError(f"record {name!r}: XOR values without a delta flag")
+                out = _xor(out, base.to(device))
+            return name, out
+        if indices is not None:
+            dense = torch.zeros(numel, dtype=torch.float32, device=device)
+            dense[indices] = values
+            values = dense
+        x = values.reshape(shape)
+        if base is not None:
+            x = base.to(device=device, dtype=torch.float32) + x
+        if not dtype.is_floating_point:
+            raise FormatError(f"record {name!r}: lossy values for a {dtype} tensor")
+        return name, x.to(dtype)
+
+    def _values(
+        self,
+        record: TensorRecord,
+        name: str,
+        body: bytes,
+        kept: int,
+        shape: tuple[int, ...],
+        indices: torch.Tensor | None,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> torch.Tensor:
+        if record.quant is None:
+            kind = record.value_kind
+            stored = dtype if kind in (ValueKind.RAW, ValueKind.XOR) else _VALUE_DTYPES[kind]
+            return _bytes_to_tensor(body, stored, kept, device).to(
+                stored if kind in (ValueKind.RAW, ValueKind.XOR) else torch.float32
+            )
+        q = record.quant
+        channels = shape[0] if q.granularity is Granularity.PER_CHANNEL else 1
+        if q.granularity is Granularity.PER_CHANNEL and not shape:
+            raise FormatError(f"record {name!r}: per-channel quantization of a scalar")
+        qp, end = qparams_from_bytes(q.params, 0, q.bits, q.scheme, channels)
+        if end != len(q.params):
+            raise FormatError(f"record {name!r}: quantization parameters have trailing bytes")
+        packed = torch.frombuffer(bytearray(body), dtype=torch.uint8) if body else torch.empty(0, dtype=torch.uint8)
+        codes = unpack_bits(packed.to(device), q.bits, kept)
+        channels_of: torch.Tensor | None = None
+        if q.granularity is Granularity.PER_CHANNEL:
+            numel = 1
+            for d in shape:
+                numel *= d
+            stride = max(1, numel // max(1, channels))
+            source = indices if indices is not None else torch.arange(numel, device=device)
+            channels_of = torch.div(source, stride, rounding_mode="floor")
+        return dequantize(codes, qp, channels_of)
+
+
+def _xor(bits: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+    if base.dtype == torch.bool:
+        return (bits.to(torch.uint8) ^ base.to(torch.uint8)).to(torch.bool)
+    if not base.is_floating_point():
+        return bits ^ base
+    width = {2: torch.int16, 4: torch.int32, 8: torch.int64}[base.element_size()]
+    return (bits.view(width) ^ base.contiguous().view(width)).view(base.dtype)
+
+
+__all__ = ["CODE_DTYPES", "TensorDecoder"]

@@ -1,0 +1,244 @@
+"""Encoding of one tensor into a :class:`~fedsqueeze.codec.container.TensorRecord`.
+
+Three paths, chosen per tensor:
+
+* **lossless** (non-floating tensors, and floats outside the lossy targets when the float
+  format is the tensor's own): the raw bits, or the bits XOR the base's bits for a delta;
+  both round-trip bit-exactly, and XOR leaves mostly-zero high bytes that zstd shrinks.
+* **cast** (floats outside the targets with a narrower float format): values, or their
+  difference to the base, stored as fp16/bf16.
+* **lossy** (targets): difference to the base (+ residual) → mask → quantize or cast.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+
+from fedsqueeze.codec import entropy
+from fedsqueeze.codec.bitpack import pack_bits
+from fedsqueeze.codec.container import (
+    FLOAT_KINDS,
+    PositionsHeader,
+    QuantHeader,
+    TensorRecord,
+    ValueKind,
+)
+from fedsqueeze.codec.digest import tensor_bytes
+from fedsqueeze.codec.positions import encode_positions, mask_to_indices
+from fedsqueeze.codec.pruning import channel_mask, magnitude_mask, threshold_mask
+from fedsqueeze.codec.quantization import (
+    choose_qparams,
+    dequantize,
+    qparams_to_bytes,
+    quantize,
+)
+from fedsqueeze.codec.spec import CodecSpec, FloatFormat, Granularity, PruneMethod
+
+_CAST_DTYPES = {
+    FloatFormat.FP32: torch.float32,
+    FloatFormat.FP16: torch.float16,
+    FloatFormat.BF16: torch.bfloat16,
+}
+
+
+class TensorEncoder:
+    """Encodes the tensors of one state with one spec, base and residual."""
+
+    def __init__(
+        self,
+        spec: CodecSpec,
+        base: Mapping[str, torch.Tensor] | None,
+        residual: Mapping[str, torch.Tensor] | None,
+        seed: int | None,
+    ) -> None:
+        self._spec = spec
+        self._base = base or {}
+        self._residual = residual or {}
+        self._index = {name: i for i, name in enumerate(sorted(self._base))}
+        self._seed = seed
+        self._generators: dict[torch.device, torch.Generator] = {}
+
+    # ------------------------------------------------------------ classification
+    def _base_of(self, name: str, t: torch.Tensor) -> torch.Tensor | None:
+        b = self._base.get(name)
+        if b is None or b.shape != t.shape or b.dtype != t.dtype:
+            return None
+        return b.detach().to(t.device)
+
+    def is_lossy(self, name: str, t: torch.Tensor) -> bool:
+        """Whether the lossy stages (mask, quantization) apply to this tensor."""
+        spec = self._spec
+        if not spec.is_target(name, t.ndim, t.is_floating_point()):
+            return False
+        return spec.prune.active or spec.topk is not None or spec.quant is not None
+
+    def lossy_input(self, name: str, t: torch.Tensor) -> torch.Tensor:
+        """What the lossy stages see: ``t − base + residual`` in float32."""
+        x = t.to(torch.float32)
+        b = self._base_of(name, t)
+        if b is not None:
+            x = x - b.to(torch.float32)
+        r = self._residual.get(name)
+        if r is not None and self._spec.topk is not None:
+            if r.shape != t.shape:
+                raise ValueError(f"residual[{name!r}] has shape {tuple(r.shape)}, not {tuple(t.shape)}")
+            x = x + r.to(device=t.device, dtype=torch.float32)
+        return x
+
+    def _generator(self, device: torch.device) -> torch.Generator | None:
+        if self._seed is None:
+            return None
+        gen = self._generators.get(device)
+        if gen is None:
+            gen = torch.Generator(device=device)
+            gen.manual_seed(self._seed)
+            self._generators[device] = gen
+        return gen
+
+    # ------------------------------------------------------------------ encode
+    def encode(
+        self, name: str, t: torch.Tensor, global_mask: torch.Tensor | None
+    ) -> tuple[TensorRecord, torch.Tensor | None]:
+        """Encode one tensor; returns the record and its new residual (top-k only)."""
+        if self.is_lossy(name, t):
+            return self._lossy(name, t, global_mask)
+        fmt = self._spec.float_format
+        if t.is_floating_point() and _CAST_DTYPES[fmt] != t.dtype and fmt is not FloatFormat.FP32:
+            return self._cast(name, t), None
+        return self._lossless(name, t), None
+
+    def _record(
+        self,
+        name: str,
+        t: torch.Tensor,
+        *,
+        delta: bool,
+        body: bytes,
+        value_kind: ValueKind = ValueKind.RAW,
+        quant: QuantHeader | None = None,
+        positions: PositionsHeader | None = None,
+    ) -> TensorRecord:
+        index = self._index.get(name) if delta else None
+        if quant is not None and quant.granularity is Granularity.PER_CHANNEL:
+            index = None  # keep per-channel records parseable without the base
+        compressed = entropy.compress(body, self._spec.entropy_level)
+        return TensorRecord(
+            name=name,
+            index=index,
+            dtype=t.dtype,
+            shape=tuple(t.shape),
+            delta=delta,
+            level=0,
+            quant=quant,
+            value_kind=value_kind,
+            positions=positions,
+            raw_length=len(body) if compressed is not None else None,
+            body=compressed if compressed is not None else body,
+        )
+
+    def _lossless(self, name: str, t: torch.Tensor) -> TensorRecord:
+        b = self._base_of(name, t)
+        if b is None:
+            return self._record(name, t, delta=False, body=bytes(tensor_bytes(t)))
+        bits = _as_bits(t) ^ _as_bits(b)
+        return self._record(
+            name, t, delta=True, body=bytes(tensor_bytes(bits)), value_kind=ValueKind.XOR
+        )
+
+    def _cast(self, name: str, t: torch.Tensor) -> TensorRecord:
+        b = self._base_of(name, t)
+        x = t.to(torch.float32) if b is None else t.to(torch.float32) - b.to(torch.float32)
+        fmt = self._spec.float_format
+        values = x.reshape(-1).to(_CAST_DTYPES[fmt])
+        return self._record(
+            name,
+            t,
+            delta=b is not None,
+            body=bytes(tensor_bytes(values)),
+            value_kind=FLOAT_KINDS[fmt],
+        )
+
+    def _mask(self, name: str, x: torch.Tensor, global_mask: torch.Tensor | None) -> torch.Tensor | None:
+        spec = self._spec
+        if spec.topk is not None:
+            return None if spec.topk >= 1.0 else magnitude_mask(x, 1.0 - spec.topk)
+        method = spec.prune.method
+        if method is PruneMethod.L1_GLOBAL:
+            return global_mask
+        if method is PruneMethod.L1_UNSTRUCTURED and spec.prune.sparsity > 0:
+            return magnitude_mask(x, spec.prune.sparsity)
+        if method is PruneMethod.LN_STRUCTURED and spec.prune.sparsity > 0:
+            return channel_mask(x, spec.prune.sparsity)
+        if method is PruneMethod.THRESHOLD:
+            return threshold_mask(x, spec.prune.threshold)
+        return None
+
+    def _lossy(
+        self, name: str, t: torch.Tensor, global_mask: torch.Tensor | None
+    ) -> tuple[TensorRecord, torch.Tensor | None]:
+        spec = self._spec
+        delta = self._base_of(name, t) is not None
+        x = self.lossy_input(name, t)
+        flat = x.reshape(-1)
+        mask = self._mask(name, x, global_mask)
+        indices = None if mask is None else mask_to_indices(mask.reshape(-1))
+        values = flat if indices is None else flat[indices]
+        numel = flat.numel()
+        channels_of: torch.Tensor | None = None
+        num_channels = t.shape[0] if t.ndim else 1
+        quant: QuantHeader | None = None
+        value_kind = ValueKind.RAW
+        if spec.quant is not None:
+            q = spec.quant
+            if q.granularity is Granularity.PER_CHANNEL:
+                stride = max(1, numel // max(1, num_channels))
+                source = indices if indices is not None else torch.arange(numel, device=t.device)
+                channels_of = torch.div(source, stride, rounding_mode="floor")
+            qp = choose_qparams(values, q.bits, q.scheme, q.granularity, channels_of, num_channels)
+            codes = quantize(values, qp, q.rounding, channels_of, self._generator(t.device))
+            decoded = dequantize(codes, qp, channels_of)
+            payload = bytes(tensor_bytes(pack_bits(codes, q.bits)))
+            quant = QuantHeader(q.bits, q.scheme, q.granularity, qparams_to_bytes(qp))
+        else:
+            stored = values.to(_CAST_DTYPES[spec.float_format])
+            decoded = stored.to(torch.float32)
+            payload = bytes(tensor_bytes(stored))
+            value_kind = FLOAT_KINDS[spec.float_format]
+        positions: PositionsHeader | None = None
+        pos_payload = b""
+        if indices is not None:
+            enc = encode_positions(indices, numel)
+            pos_payload = bytes(tensor_bytes(enc.payload))
+            positions = PositionsHeader(
+                int(enc.coding.value), enc.rice_k, enc.count, len(pos_payload)
+            )
+        record = self._record(
+            name,
+            t,
+            delta=delta,
+            body=pos_payload + payload,
+            value_kind=value_kind,
+            quant=quant,
+            positions=positions,
+        )
+        residual = None
+        if spec.topk is not None:
+            if indices is None:
+                residual = (flat - decoded).reshape(t.shape)
+            else:
+                residual = flat.clone()
+                residual[indices] -= decoded
+                residual = residual.reshape(t.shape)
+        return record, residual
+
+
+def _as_bits(t: torch.Tensor) -> torch.Tensor:
+    """The tensor's bits as an integer tensor of the same width (for XOR deltas)."""
+    if t.dtype == torch.bool:
+        return t.to(torch.uint8)
+    if not t.is_floating_point():
+        return t
+    width = {2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()]
+    return t.contiguous().view(width)

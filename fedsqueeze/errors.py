@@ -1,0 +1,91 @@
+"""The one error tree of fedsqueeze.
+
+Caller mistakes (a bad argument to a function) are plain ``ValueError`` / ``TypeError``.
+Everything that comes from data, peers or configuration is a ``FedsqueezeError``::
+
+    FedsqueezeError
+    ├── CodecError                  bytes that do not decode, or a spec that cannot encode
+    │   ├── FormatError             truncated, corrupted or malformed input
+    │   ├── UnsupportedVersionError a format version this build does not read
+    │   ├── BaseMismatchError       a delta applied to the wrong base model
+    │   └── LimitExceededError      a header claims more than the configured maximum
+    ├── IntegrityError              a digest or checksum does not match (DATA_LOSS)
+    ├── ConfigError                 a configuration file or flag that cannot be used
+    └── TransportError              the data plane failed
+        ├── NotFoundError           unknown model, manifest or update (NOT_FOUND)
+        ├── AuthError               missing or wrong credentials (UNAUTHENTICATED)
+        ├── PermissionDeniedError   valid credentials, wrong edge (PERMISSION_DENIED)
+        ├── PreconditionError       the request does not fit the server's state (FAILED_PRECONDITION)
+        ├── ResourceExhaustedError  too large, or over a budget (RESOURCE_EXHAUSTED)
+        ├── InvalidRequestError     a malformed request (INVALID_ARGUMENT)
+        └── UnavailableError        the peer could not be reached after retries (UNAVAILABLE)
+
+Lower-library errors (zstandard, protobuf, grpc) are translated at the boundary with
+``raise Ours(...) from exc``.
+"""
+
+from __future__ import annotations
+
+
+class FedsqueezeError(Exception):
+    """Base class of every error fedsqueeze raises on purpose."""
+
+
+class CodecError(FedsqueezeError):
+    """Encoded bytes that cannot be decoded, or a state that cannot be encoded."""
+
+
+class FormatError(CodecError):
+    """Truncated, corrupted or otherwise malformed encoded data."""
+
+
+class UnsupportedVersionError(CodecError):
+    """Encoded data of a format version this build cannot read."""
+
+
+class BaseMismatchError(CodecError):
+    """A delta was decoded against a base model other than the one it was made from."""
+
+
+class LimitExceededError(CodecError):
+    """Encoded data claims sizes beyond the configured decoding limits."""
+
+
+class IntegrityError(FedsqueezeError):
+    """A digest or checksum did not match the data it describes."""
+
+
+class ConfigError(FedsqueezeError):
+    """A configuration value, file or flag that cannot be used."""
+
+
+class TransportError(FedsqueezeError):
+    """The data plane failed."""
+
+
+class NotFoundError(TransportError):
+    """The named model, manifest or update does not exist."""
+
+
+class AuthError(TransportError):
+    """Credentials are missing or wrong."""
+
+
+class PermissionDeniedError(TransportError):
+    """Credentials are valid but do not allow this request."""
+
+
+class PreconditionError(TransportError):
+    """The request does not fit the server's current state."""
+
+
+class ResourceExhaustedError(TransportError):
+    """The request is too large or over its budget."""
+
+
+class InvalidRequestError(TransportError):
+    """The request is malformed."""
+
+
+class UnavailableError(TransportError):
+    """The peer could not be reached, even after retries."""
