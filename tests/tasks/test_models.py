@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 import torch
 
@@ -41,13 +43,13 @@ def test_mlp_is_lenet_300_100() -> None:
 
 
 @pytest.mark.parametrize("build", [build_digits_cnn, build_digits_mlp])
-def test_models_map_digit_batches_to_ten_logits(build) -> None:
+def test_models_map_digit_batches_to_ten_logits(build: Callable[[int], torch.nn.Module]) -> None:
     x = load_digits_data().x_test[:5]
     assert build(0)(x).shape == (5, 10)
 
 
 @pytest.mark.parametrize("build", [build_digits_cnn, build_digits_mlp])
-def test_same_seed_gives_bit_identical_weights(build) -> None:
+def test_same_seed_gives_bit_identical_weights(build: Callable[[int], torch.nn.Module]) -> None:
     a, b, c = build(7).state_dict(), build(7).state_dict(), build(8).state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not all(torch.equal(a[k], c[k]) for k in a)

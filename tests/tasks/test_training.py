@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from fedsqueeze.tasks import (
+    DigitsCNN,
     Optimizer,
     TaskData,
     build_digits_cnn,
@@ -155,6 +156,7 @@ def test_train_and_evaluate_restore_the_model_mode(data: TaskData, mode: str) ->
 def test_mixed_submodule_modes_are_restored(data: TaskData) -> None:
     x, y = _small(data, 32)
     model = build_digits_cnn(0)
+    assert isinstance(model, DigitsCNN)
     model.fc1.eval()
     evaluate(model, x, y)
     train(model, x, y, epochs=1, lr=0.01, seed=0)

@@ -1,0 +1,127 @@
+"""Hostile bytes: from_bytes / decode_state may only ever raise CodecError."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from fedsqueeze.codec import (
+    CodecSpec,
+    DecodeLimits,
+    EncodedModel,
+    PruneMethod,
+    PruneSpec,
+    QuantScheme,
+    QuantSpec,
+    Rounding,
+    decode_state,
+    encode_state,
+)
+from fedsqueeze.codec.container import crc32
+from fedsqueeze.errors import CodecError, LimitExceededError
+from tests.codec.conftest import make_state
+
+BASE = make_state(1)
+SPECS = [
+    CodecSpec(),
+    CodecSpec(prune=PruneSpec(PruneMethod.L1_GLOBAL, 0.8), quant=QuantSpec(3, QuantScheme.KMEANS)),
+    CodecSpec(topk=0.1, quant=QuantSpec(4, rounding=Rounding.STOCHASTIC), targets=("*",), min_ndim=1),
+    CodecSpec(quant=QuantSpec(2, QuantScheme.POW2, granularity=__import__("fedsqueeze.codec", fromlist=["Granularity"]).Granularity.PER_CHANNEL)),
+]
+
+
+def _samples() -> list[tuple[bytes, bool]]:
+    state = make_state(0)
+    out = []
+    for spec in SPECS:
+        out.append((encode_state(state, spec, seed=0).to_bytes(), False))
+        out.append((encode_state(state, spec, BASE, seed=0).to_bytes(), True))
+    return out
+
+
+SAMPLES = _samples()
+
+
+def _try_decode(data: bytes, with_base: bool) -> None:
+    try:
+        encoded = EncodedModel.from_bytes(data, DecodeLimits(max_elements=1 << 20, max_total_elements=1 << 22))
+        decode_state(encoded, BASE if with_base else None, limits=DecodeLimits(max_elements=1 << 20, max_total_elements=1 << 22))
+    except CodecError:
+        pass
+
+
+def _refresh_crc(data: bytes) -> bytes:
+    """Recompute the trailer so mutations reach the parser instead of the checksum."""
+    body = data[:-4]
+    return body + crc32(body).to_bytes(4, "little")
+
+
+def test_thousands_of_mutations_raise_only_codec_errors() -> None:
+    rng = random.Random(1234)
+    count = 0
+    for data, with_base in SAMPLES:
+        for _ in range(400):
+            buf = bytearray(data)
+            for _ in range(rng.randint(1, 4)):
+                op = rng.random()
+                pos = rng.randrange(len(buf))
+                if op < 0.6:
+                    buf[pos] = rng.randrange(256)
+                elif op < 0.8:
+                    del buf[pos : pos + rng.randint(1, 8)]
+                else:
+                    buf[pos:pos] = bytes(rng.randrange(256) for _ in range(rng.randint(1, 8)))
+            mutated = bytes(buf)
+            _try_decode(mutated, with_base)  # caught by the checksum, mostly
+            if len(mutated) > 4:
+                _try_decode(_refresh_crc(mutated), with_base)  # reaches the parser
+            count += 2
+    for data, with_base in SAMPLES:
+        for cut in range(0, len(data), max(1, len(data) // 200)):
+            _try_decode(data[:cut], with_base)
+            if cut > 4:
+                _try_decode(_refresh_crc(data[:cut]), with_base)
+            count += 2
+    assert count > 5000
+
+
+@given(st.binary(max_size=512))
+@settings(max_examples=2000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+def test_random_bytes_raise_only_codec_errors(data: bytes) -> None:
+    _try_decode(data, False)
+    _try_decode(b"FSQ\x01" + data, False)
+    if len(data) > 4:
+        _try_decode(_refresh_crc(b"FSQ\x01\x00" + data), True)
+
+
+def test_absurd_sizes_are_rejected_before_allocating() -> None:
+    # a named record claiming 2^40 elements in a few bytes
+    from fedsqueeze.codec.bytesio import write_varint
+    from fedsqueeze.codec.container import ContainerHeader
+
+    header = ContainerHeader(1, None, CodecSpec(), 1).to_bytes()
+    rec = bytearray([0x01])  # NAMED, dense raw
+    write_varint(rec, 1)
+    rec += b"w"
+    rec += bytes([1, 2])  # float32, ndim 2
+    write_varint(rec, 1 << 20)
+    write_varint(rec, 1 << 20)
+    rec += bytes([0])  # raw
+    write_varint(rec, 0)  # body length
+    body = header + bytes(rec)
+    data = body + crc32(body).to_bytes(4, "little")
+    with pytest.raises(LimitExceededError):
+        EncodedModel.from_bytes(data)
+
+
+def test_sparse_record_cannot_claim_a_huge_tensor() -> None:
+    state = {"w": torch.zeros(1000)}
+    state["w"][3] = 1.0
+    spec = CodecSpec(prune=PruneSpec(PruneMethod.L1_UNSTRUCTURED, 0.99), targets=("*",), min_ndim=1)
+    encoded = encode_state(state, spec)
+    with pytest.raises(LimitExceededError):
+        decode_state(encoded, limits=DecodeLimits(max_elements=999))

@@ -1,0 +1,81 @@
+"""Golden wire vectors: format v1's bytes may change only with a format version bump.
+
+Regenerate (only together with a FORMAT_VERSION change) with:
+    python -m tests.codec.test_golden
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from fedsqueeze.codec import (
+    CodecSpec,
+    EncodedModel,
+    Granularity,
+    PruneMethod,
+    PruneSpec,
+    QuantScheme,
+    QuantSpec,
+    Rounding,
+    decode_state,
+    encode_state,
+)
+
+GOLDEN = Path(__file__).parent.parent / "golden" / "v1"
+
+
+def _state(seed: int) -> dict[str, torch.Tensor]:
+    # Values built from integers and exact binary fractions: identical on every platform.
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randint(-64, 64, (6, 2, 3, 3), generator=g).float() / 32
+    return {
+        "conv.weight": w,
+        "conv.bias": torch.arange(6, dtype=torch.float32) / 8,
+        "fc.weight": torch.randint(-128, 128, (4, 24), generator=g).float() / 64,
+        "steps": torch.tensor(42, dtype=torch.int64),
+    }
+
+
+CASES: dict[str, tuple[CodecSpec, bool]] = {
+    "lossless": (CodecSpec(), False),
+    "lossless-delta": (CodecSpec(), True),
+    "int8-affine": (CodecSpec(quant=QuantSpec(8)), False),
+    "int4-symmetric-channel": (CodecSpec(quant=QuantSpec(4, QuantScheme.SYMMETRIC, Granularity.PER_CHANNEL)), False),
+    "pow2-2bit": (CodecSpec(quant=QuantSpec(2, QuantScheme.POW2)), False),
+    "prune-l1-3bit": (CodecSpec(prune=PruneSpec(PruneMethod.L1_UNSTRUCTURED, 0.7), quant=QuantSpec(3)), False),
+    "prune-channel": (CodecSpec(prune=PruneSpec(PruneMethod.LN_STRUCTURED, 0.5)), False),
+    "topk-delta": (CodecSpec(topk=0.25, quant=QuantSpec(4, rounding=Rounding.NEAREST), targets=("*",), min_ndim=1), True),
+    "fp16-entropy-off": (CodecSpec(float_format=__import__("fedsqueeze.codec", fromlist=["FloatFormat"]).FloatFormat.FP16, entropy_level=0, targets=("*",), min_ndim=0), False),
+}
+
+
+def _encode(name: str) -> bytes:
+    spec, delta = CASES[name]
+    return encode_state(_state(0), spec, _state(1) if delta else None, seed=0).to_bytes()
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_golden_bytes_unchanged(name: str) -> None:
+    path = GOLDEN / f"{name}.fsq"
+    assert path.exists(), f"missing golden vector {path}; see this module's docstring"
+    expected = path.read_bytes()
+    assert _encode(name) == expected, f"format v1 bytes changed for {name}"
+    # and the stored bytes still decode
+    spec, delta = CASES[name]
+    decoded = decode_state(EncodedModel.from_bytes(expected), _state(1) if delta else None)
+    assert set(decoded) == set(_state(0))
+
+
+def _regenerate() -> None:
+    GOLDEN.mkdir(parents=True, exist_ok=True)
+    for name in CASES:
+        (GOLDEN / f"{name}.fsq").write_bytes(_encode(name))
+
+
+if __name__ == "__main__":
+    _regenerate()
+    sys.exit(0)
