@@ -24,7 +24,7 @@ def tensor_bytes(t: torch.Tensor) -> memoryview:
     t
         Any dense tensor, on any device.
     """
-    host = t.detach().to("cpu").contiguous()
+    host = t.detach().to("cpu").contiguous().reshape(-1)
     if host.dtype == torch.bool:
         host = host.to(torch.uint8)
     return memoryview(host.view(torch.uint8).numpy()).cast("B")

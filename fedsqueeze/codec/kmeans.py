@@ -69,9 +69,7 @@ def kmeans_codebook(
     if x.numel() > MAX_FIT_VALUES:
         if generator is None:
             generator = torch.Generator(device=device).manual_seed(_SAMPLE_SEED)
-        picks = torch.randint(
-            x.numel(), (MAX_FIT_VALUES,), generator=generator, device=device
-        )
+        picks = torch.randint(x.numel(), (MAX_FIT_VALUES,), generator=generator, device=device)
         x = x[picks]
     # float64 prefix sums keep cluster means exact enough over a million values.
     x = torch.sort(x.to(torch.float64)).values

@@ -86,9 +86,7 @@ def indices_to_mask(indices: Tensor, numel: int) -> Tensor:
         raise ValueError("indices must be 1-D int64")
     if numel < 0:
         raise ValueError(f"numel must be >= 0, got {numel}")
-    if indices.numel() and not (
-        bool(indices.min() >= 0) and bool(indices.max() < numel)
-    ):
+    if indices.numel() and not (bool(indices.min() >= 0) and bool(indices.max() < numel)):
         raise ValueError(f"indices out of range [0, {numel})")
     mask = torch.zeros(numel, dtype=torch.bool, device=indices.device)
     mask[indices] = True

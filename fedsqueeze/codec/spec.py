@@ -93,8 +93,14 @@ class PruneSpec:
     def __post_init__(self) -> None:
         if not 0.0 <= self.sparsity < 1.0 or math.isnan(self.sparsity):
             raise ValueError(f"sparsity must be in [0, 1), got {self.sparsity}")
-        if not self.threshold >= 0.0:
-            raise ValueError(f"threshold must be >= 0, got {self.threshold}")
+        if not self.threshold >= 0.0 or math.isinf(self.threshold):
+            raise ValueError(f"threshold must be finite and >= 0, got {self.threshold}")
+        # Canonical form: fields the method does not use are zero, so equal specs
+        # compare, hash and serialize alike.
+        if self.method is not PruneMethod.THRESHOLD:
+            object.__setattr__(self, "threshold", 0.0)
+        if self.method in (PruneMethod.NONE, PruneMethod.THRESHOLD):
+            object.__setattr__(self, "sparsity", 0.0)
 
     @property
     def active(self) -> bool:
@@ -203,26 +209,32 @@ class CodecSpec:
 
     # ------------------------------------------------------------------ bytes
     def to_bytes(self) -> bytes:
-        """Compact, canonical byte form (a few bytes for the common specs)."""
-        out = bytearray()
-        out += struct.pack("<B", self.prune.method.value)
+        """Compact, canonical byte form (3 bytes for the default spec).
+
+        Layout: flags u8 (prune method in bits 0-2, top-k bit 3, quant bit 4, custom
+        targets bit 5) · [amount f64] · [topk f64] · [quant 2 B] · float format and
+        min_ndim u8 · entropy level u8 · [targets]. Amounts are float64 so the spec
+        survives the round trip exactly.
+        """
+        flags = self.prune.method.value
+        flags |= 0x08 if self.topk is not None else 0
+        flags |= 0x10 if self.quant is not None else 0
+        flags |= 0x20 if self.targets != DEFAULT_TARGETS else 0
+        out = bytearray([flags])
         if self.prune.method is PruneMethod.THRESHOLD:
-            out += struct.pack("<f", self.prune.threshold)
+            out += struct.pack("<d", self.prune.threshold)
         elif self.prune.method is not PruneMethod.NONE:
-            out += struct.pack("<f", self.prune.sparsity)
-        out += struct.pack("<f", -1.0 if self.topk is None else self.topk)
-        if self.quant is None:
-            out += b"\x00"
-        else:
+            out += struct.pack("<d", self.prune.sparsity)
+        if self.topk is not None:
+            out += struct.pack("<d", self.topk)
+        if self.quant is not None:
             q = self.quant
-            out += struct.pack(
-                "<BBBB", q.bits, q.scheme.value, q.granularity.value, q.rounding.value
-            )
-        out += struct.pack("<BBB", self.float_format.value, self.entropy_level, self.min_ndim)
-        if self.targets == DEFAULT_TARGETS:
-            out += b"\x00"
-        else:
-            out += struct.pack("<B", len(self.targets))
+            out.append(q.bits | (q.scheme.value << 4))
+            out.append(q.granularity.value | (q.rounding.value << 2))
+        out.append(self.float_format.value | (self.min_ndim << 2))
+        out.append(self.entropy_level)
+        if self.targets != DEFAULT_TARGETS:
+            out.append(len(self.targets))
             for pattern in self.targets:
                 raw = pattern.encode()
                 out += struct.pack("<B", len(raw)) + raw
@@ -248,30 +260,35 @@ class CodecSpec:
 
 
 def _parse_spec(data: bytes, pos: int) -> tuple[CodecSpec, int]:
-    method = PruneMethod(data[pos])
+    flags = data[pos]
     pos += 1
+    if flags & ~0x3F:
+        raise ValueError(f"unknown spec flags 0x{flags:02x}")
+    method = PruneMethod(flags & 0x07)
     sparsity = threshold = 0.0
     if method is PruneMethod.THRESHOLD:
-        (threshold,) = struct.unpack_from("<f", data, pos)
-        pos += 4
+        (threshold,) = struct.unpack_from("<d", data, pos)
+        pos += 8
     elif method is not PruneMethod.NONE:
-        (sparsity,) = struct.unpack_from("<f", data, pos)
-        pos += 4
-    (topk_raw,) = struct.unpack_from("<f", data, pos)
-    pos += 4
+        (sparsity,) = struct.unpack_from("<d", data, pos)
+        pos += 8
+    topk: float | None = None
+    if flags & 0x08:
+        (topk,) = struct.unpack_from("<d", data, pos)
+        pos += 8
     quant: QuantSpec | None = None
-    if data[pos] == 0:
-        pos += 1
-    else:
-        bits, scheme, gran, rnd = struct.unpack_from("<BBBB", data, pos)
-        pos += 4
-        quant = QuantSpec(bits, QuantScheme(scheme), Granularity(gran), Rounding(rnd))
-    fmt, level, min_ndim = struct.unpack_from("<BBB", data, pos)
-    pos += 3
-    count = data[pos]
-    pos += 1
+    if flags & 0x10:
+        desc, opts = data[pos], data[pos + 1]
+        pos += 2
+        quant = QuantSpec(
+            desc & 0x0F, QuantScheme(desc >> 4), Granularity(opts & 0x03), Rounding(opts >> 2)
+        )
+    fmt_ndim, level = data[pos], data[pos + 1]
+    pos += 2
     targets = DEFAULT_TARGETS
-    if count:
+    if flags & 0x20:
+        count = data[pos]
+        pos += 1
         patterns = []
         for _ in range(count):
             length = data[pos]
@@ -283,12 +300,12 @@ def _parse_spec(data: bytes, pos: int) -> tuple[CodecSpec, int]:
         targets = tuple(patterns)
     spec = CodecSpec(
         prune=PruneSpec(method, sparsity, threshold),
-        topk=None if topk_raw < 0 else topk_raw,
+        topk=topk,
         quant=quant,
-        float_format=FloatFormat(fmt),
+        float_format=FloatFormat(fmt_ndim & 0x03),
         entropy_level=level,
         targets=targets,
-        min_ndim=min_ndim,
+        min_ndim=fmt_ndim >> 2,
     )
     return spec, pos
 

@@ -1,0 +1,226 @@
+"""The coordinator's durable state: model versions, what each edge holds, round progress.
+
+Layout of the state directory (default ``./fedsqueeze-state/``)::
+
+    versions/<digest>.fsq   each version, lossless-encoded (bit-exact, checksummed)
+    state.json              tracks, version order, edge holdings, rounds and metrics
+
+Every write goes to a temporary file in the same directory, is fsynced, then renamed
+over the old file, so a crash leaves either the old or the new state, never a torn one.
+A version file is written before ``state.json`` refers to it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections import OrderedDict
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fedsqueeze.codec import CodecSpec, EncodedModel, decode_state, encode_state, state_digest
+from fedsqueeze.errors import CodecError, ConfigError
+from fedsqueeze.statefile import write_atomic
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "state.json"
+STATE_VERSION = 1
+_LOSSLESS = CodecSpec(entropy_level=1)
+
+
+@dataclass
+class _Persisted:
+    tracks: dict[str, str] = field(default_factory=dict)
+    versions: list[str] = field(default_factory=list)  # oldest first
+    edges: dict[str, str] = field(default_factory=dict)  # edge id → digest it holds
+    completed_round: int = 0
+    round_metrics: dict[str, dict[str, float]] = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+class VersionStore:
+    """Content-addressed model versions on disk, the last ``keep`` of them.
+
+    Parameters
+    ----------
+    root
+        The state directory (created if missing).
+    keep
+        How many versions to keep besides those a track points at or an edge holds;
+        older ones are deleted.
+    cache_size
+        Decoded versions kept in memory.
+    """
+
+    def __init__(self, root: str | Path, keep: int = 4, cache_size: int = 4) -> None:
+        if keep < 1:
+            raise ValueError(f"keep must be >= 1, got {keep}")
+        self.root = Path(root)
+        self.keep = keep
+        self._lock = threading.RLock()
+        self._cache: OrderedDict[str, dict[str, torch.Tensor]] = OrderedDict()
+        self._cache_size = max(1, cache_size)
+        (self.root / "versions").mkdir(parents=True, exist_ok=True)
+        self._state = self._load()
+
+    # ------------------------------------------------------------------ persistence
+    def _load(self) -> _Persisted:
+        path = self.root / STATE_FILE
+        if not path.exists():
+            return _Persisted()
+        try:
+            raw = json.loads(path.read_text())
+            if raw.get("format") != STATE_VERSION:
+                raise ConfigError(f"{path}: unknown state format {raw.get('format')!r}")
+            return _Persisted(
+                tracks=dict(raw["tracks"]),
+                versions=list(raw["versions"]),
+                edges=dict(raw["edges"]),
+                completed_round=int(raw["completed_round"]),
+                round_metrics={k: dict(v) for k, v in raw["round_metrics"].items()},
+                meta=dict(raw.get("meta", {})),
+            )
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise ConfigError(f"{path}: unreadable coordinator state ({exc})") from exc
+
+    def _save(self) -> None:
+        s = self._state
+        doc = {
+            "format": STATE_VERSION,
+            "tracks": s.tracks,
+            "versions": s.versions,
+            "edges": s.edges,
+            "completed_round": s.completed_round,
+            "round_metrics": s.round_metrics,
+            "meta": s.meta,
+        }
+        write_atomic(self.root / STATE_FILE, json.dumps(doc, indent=1, sort_keys=True).encode())
+
+    def _path(self, digest: str) -> Path:
+        if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+            raise ValueError(f"not a hex sha256 digest: {digest!r}")
+        return self.root / "versions" / f"{digest}.fsq"
+
+    # ------------------------------------------------------------------ versions
+    def publish(self, state: Mapping[str, torch.Tensor], track: str = "global") -> str:
+        """Store ``state`` as a version, point ``track`` at it; returns its hex digest."""
+        digest = state_digest(state).hex()
+        with self._lock:
+            path = self._path(digest)
+            if not path.exists():
+                data = encode_state(dict(state), _LOSSLESS).to_bytes()
+                write_atomic(path, data)
+            if digest in self._state.versions:
+                self._state.versions.remove(digest)
+            self._state.versions.append(digest)
+            self._state.tracks[track] = digest
+            self._remember(digest, {k: v.detach().to("cpu") for k, v in state.items()})
+            self._evict()
+            self._save()
+        log.debug("published %s on track %s", digest[:12], track)
+        return digest
+
+    def _evict(self) -> None:
+        # Versions an edge holds stay while it holds them: its next delta is made from one.
+        pinned = set(self._state.tracks.values()) | set(self._state.edges.values())
+        while len(self._state.versions) > self.keep + len(pinned):
+            victim = next((d for d in self._state.versions if d not in pinned), None)
+            if victim is None:
+                break
+            self._state.versions.remove(victim)
+            self._cache.pop(victim, None)
+            self._path(victim).unlink(missing_ok=True)
+            log.debug("evicted version %s", victim[:12])
+
+    def _remember(self, digest: str, state: dict[str, torch.Tensor]) -> None:
+        self._cache[digest] = state
+        self._cache.move_to_end(digest)
+        while len(self._cache) > self._cache_size:
+            self._cache.popitem(last=False)
+
+    def has(self, digest: str) -> bool:
+        """Whether the version is still kept."""
+        with self._lock:
+            return digest in self._state.versions
+
+    def get(self, digest: str) -> dict[str, torch.Tensor] | None:
+        """The version's tensors (CPU), or ``None`` if it is not kept."""
+        with self._lock:
+            if digest not in self._state.versions:
+                return None
+            cached = self._cache.get(digest)
+            if cached is not None:
+                self._cache.move_to_end(digest)
+                return cached
+            try:
+                data = self._path(digest).read_bytes()
+                state = decode_state(EncodedModel.from_bytes(data))
+            except (OSError, CodecError) as exc:
+                raise ConfigError(f"version {digest[:12]} is unreadable: {exc}") from exc
+            if state_digest(state).hex() != digest:
+                raise ConfigError(f"version {digest[:12]} on disk does not match its digest")
+            self._remember(digest, state)
+            return state
+
+    def head(self, track: str = "global") -> str | None:
+        """The digest the track points at."""
+        with self._lock:
+            return self._state.tracks.get(track)
+
+    @property
+    def versions(self) -> list[str]:
+        """Kept versions, oldest first."""
+        with self._lock:
+            return list(self._state.versions)
+
+    # ------------------------------------------------------------------ edges and rounds
+    def record_edge(self, edge_id: str, digest: str) -> None:
+        """Remember which version an edge now holds (what it decoded, not the global)."""
+        with self._lock:
+            if digest not in self._state.versions:
+                raise ValueError(f"version {digest[:12]} is not in the store")
+            self._state.edges[edge_id] = digest
+            self._evict()
+            self._save()
+
+    def edge_version(self, edge_id: str) -> str | None:
+        """The version the edge holds, if still kept."""
+        with self._lock:
+            digest = self._state.edges.get(edge_id)
+            return digest if digest in self._state.versions else None
+
+    def complete_round(self, server_round: int, metrics: Mapping[str, float]) -> None:
+        """Mark a round complete with its metrics (the resume point)."""
+        with self._lock:
+            self._state.completed_round = server_round
+            self._state.round_metrics[str(server_round)] = {k: float(v) for k, v in metrics.items()}
+            self._save()
+
+    @property
+    def completed_round(self) -> int:
+        """The last completed round (0 before the first)."""
+        with self._lock:
+            return self._state.completed_round
+
+    @property
+    def round_metrics(self) -> dict[int, dict[str, float]]:
+        """Metrics of every completed round."""
+        with self._lock:
+            return {int(k): dict(v) for k, v in self._state.round_metrics.items()}
+
+    def set_meta(self, key: str, value: Any) -> None:
+        """Store a small JSON-able value (run configuration, for example)."""
+        with self._lock:
+            self._state.meta[key] = value
+            self._save()
+
+    def meta(self, key: str, default: Any = None) -> Any:
+        """A value stored with :meth:`set_meta`."""
+        with self._lock:
+            return self._state.meta.get(key, default)

@@ -1,0 +1,486 @@
+"""Linear and k-means quantization of 1-D value vectors: choose params → quantize → dequantize.
+
+Schemes (:class:`~fedsqueeze.codec.spec.QuantScheme`), with ``qmax = 2^bits − 1``:
+
+* AFFINE: ``w ≈ scale · (q − zp)``, ``q ∈ [0, qmax]``; the range always includes 0 and
+  ``zp`` is an integer, so 0 is exact.
+* SYMMETRIC: ``zp = 2^(bits−1)``, ``q ∈ [1, qmax]``, ``scale = max|w| / (2^(bits−1) − 1)``.
+* POW2: SYMMETRIC with the scale rounded up to ``2^−p`` (``p`` an integer in
+  ``[−126, 126]``), so dequantization is a shift.
+* KMEANS: ``w ≈ codebook[q]`` (see :mod:`fedsqueeze.codec.kmeans`).
+
+Large inputs are processed in chunks of about a million values with in-place operations,
+so temporaries stay in cache: on a 2-core CPU, quantizing and dequantizing 25M values
+runs faster than ``clone()`` of the fp32 tensor.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import torch
+from torch import Tensor
+
+from fedsqueeze.codec.kmeans import assign, kmeans_codebook
+from fedsqueeze.codec.spec import Granularity, QuantScheme, Rounding
+from fedsqueeze.errors import FormatError
+
+__all__ = [
+    "QuantParams",
+    "choose_qparams",
+    "dequantize",
+    "qparams_from_bytes",
+    "qparams_to_bytes",
+    "quantize",
+]
+
+MIN_BITS, MAX_BITS = 2, 8
+#: Smallest scale (float32's smallest normal, 2^−126): its reciprocal is finite.
+MIN_SCALE = 2.0**-126
+MAX_SHIFT = 126
+_CPU_CHUNK = 1 << 20
+_GPU_CHUNK = 1 << 24
+
+
+@dataclass(frozen=True, eq=False)
+class QuantParams:
+    """Quantization parameters of one tensor (``eq=False``: they hold tensors).
+
+    Attributes
+    ----------
+    bits
+        Code width, 2..8.
+    scheme
+        The :class:`QuantScheme`.
+    scale
+        float32, ``[]`` (per tensor) or ``[C]`` (per channel), finite and > 0. For KMEANS
+        the largest gap between adjacent centroids (nearest-centroid error ≤ scale/2
+        between the first and last centroid), derived from the codebook.
+    zero_point
+        float32 holding integers in ``[0, 2^bits − 1]``, shaped like ``scale``;
+        ``2^(bits−1)`` for SYMMETRIC and POW2, 0 for KMEANS.
+    shift
+        POW2 only: int32 ``p`` with ``scale = 2^−p``, shaped like ``scale``.
+    codebook
+        KMEANS only: float32 ``[2^bits]``, ascending, fp16-representable.
+    """
+
+    bits: int
+    scheme: QuantScheme
+    scale: Tensor
+    zero_point: Tensor
+    shift: Tensor | None = None
+    codebook: Tensor | None = None
+
+    def __post_init__(self) -> None:
+        _check_bits(self.bits, ValueError)
+        if self.scale.dtype != torch.float32 or self.scale.dim() > 1:
+            raise ValueError("scale must be a float32 tensor of shape [] or [C]")
+        if self.zero_point.shape != self.scale.shape:
+            raise ValueError("zero_point must have the shape of scale")
+        if (self.shift is not None) != (self.scheme is QuantScheme.POW2):
+            raise ValueError("shift is given exactly for the POW2 scheme")
+        if self.shift is not None and self.shift.shape != self.scale.shape:
+            raise ValueError("shift must have the shape of scale")
+        if (self.codebook is not None) != (self.scheme is QuantScheme.KMEANS):
+            raise ValueError("codebook is given exactly for the KMEANS scheme")
+        if self.codebook is not None and self.codebook.shape != (1 << self.bits,):
+            raise ValueError(f"codebook must have shape [{1 << self.bits}]")
+
+    @property
+    def num_params(self) -> int:
+        """Number of channels the params describe (1 per tensor)."""
+        return self.scale.numel()
+
+
+# ---------------------------------------------------------------------- choose
+def choose_qparams(
+    values: Tensor,
+    bits: int,
+    scheme: QuantScheme,
+    granularity: Granularity,
+    channels: Tensor | None = None,
+    num_channels: int = 1,
+) -> QuantParams:
+    """Quantization parameters covering ``values``.
+
+    Parameters
+    ----------
+    values
+        Floating ``[n]``, finite (the kept values of a tensor).
+    bits
+        Code width, 2..8.
+    scheme, granularity
+        See the enums; KMEANS is per tensor only.
+    channels
+        PER_CHANNEL only: int64 ``[n]``, each value's output channel in
+        ``[0, num_channels)``.
+    num_channels
+        PER_CHANNEL only: ``C``. Channels without values get scale 1 and the middle
+        zero point.
+
+    Returns
+    -------
+    QuantParams
+        On ``values``' device; ``scale`` of shape ``[]`` or ``[C]``. Degenerate inputs
+        (empty, all zero, one value) get a valid scale.
+
+    Raises
+    ------
+    ValueError
+        Bad arguments, or non-finite values.
+    """
+    _check_values(values)
+    _check_bits(bits, ValueError)
+    x = values.detach()
+    if x.numel():
+        lo_all, hi_all = torch.aminmax(x.to(torch.float32))
+        if not bool(torch.isfinite(lo_all) & torch.isfinite(hi_all)):
+            raise ValueError("values must be finite (in float32)")
+    if granularity is Granularity.PER_TENSOR:
+        if x.numel():
+            lo, hi = lo_all, hi_all
+        else:
+            lo = hi = torch.zeros((), dtype=torch.float32, device=x.device)
+        empty = torch.tensor(x.numel() == 0, device=x.device)
+    elif granularity is Granularity.PER_CHANNEL:
+        if scheme is QuantScheme.KMEANS:
+            raise ValueError("k-means quantization is per tensor only")
+        ch_all = _checked_channels(channels, x.numel(), num_channels)
+        lo, hi, empty = _channel_range(x, ch_all, num_channels)
+    else:
+        raise ValueError(f"unknown granularity {granularity!r}")
+
+    mid = float(1 << (bits - 1))
+    qmax = float((1 << bits) - 1)
+    if scheme is QuantScheme.AFFINE:
+        lo = torch.clamp(lo, max=0.0)
+        hi = torch.clamp(hi, min=0.0)
+        # Divide before subtracting: hi − lo overflows near float32's maximum.
+        scale = _valid_scale(hi / qmax - lo / qmax)
+        zp = torch.round(-lo / scale).clamp_(0.0, qmax)
+        zp = torch.where(empty, torch.full_like(zp, mid), zp)
+        return QuantParams(bits, scheme, scale, zp)
+    if scheme in (QuantScheme.SYMMETRIC, QuantScheme.POW2):
+        amax = torch.maximum(-lo, hi)
+        raw = amax / (mid - 1.0)
+        zp = torch.full_like(raw, mid)
+        if scheme is QuantScheme.SYMMETRIC:
+            return QuantParams(bits, scheme, _valid_scale(raw), zp)
+        shift = _pow2_shift(raw)
+        return QuantParams(bits, scheme, _shift_scale(shift), zp, shift=shift)
+    if scheme is QuantScheme.KMEANS:
+        codebook = kmeans_codebook(x, bits)
+        return _kmeans_params(bits, codebook)
+    raise ValueError(f"unknown scheme {scheme!r}")
+
+
+# ---------------------------------------------------------------------- quantize
+def quantize(
+    values: Tensor,
+    qp: QuantParams,
+    rounding: Rounding,
+    channels: Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Integer codes of ``values``.
+
+    Parameters
+    ----------
+    values
+        Floating ``[n]``, finite.
+    qp
+        From :func:`choose_qparams` (moved to ``values``' device if needed).
+    rounding
+        NEAREST: ``|dequantize(q) − x| ≤ scale/2`` (plus float rounding) inside the
+        range. STOCHASTIC: ``floor(x/scale + zp + u)``, ``u ~ U[0, 1)`` from
+        ``generator`` (on ``values``' device; the global RNG when ``None``), so
+        ``E[dequantize(q)] = x`` inside the range. For KMEANS, stochastic rounding
+        picks one of the two centroids around ``x`` with probabilities that make it
+        unbiased between the first and last centroid.
+    channels
+        int64 ``[n]`` when ``qp`` is per channel; ignored for per-tensor params.
+    generator
+        See ``rounding``.
+
+    Returns
+    -------
+    Tensor
+        uint8 ``[n]``, codes in ``[0, 2^bits − 1]`` (``[1, …]`` for SYMMETRIC/POW2).
+    """
+    _check_values(values)
+    if not isinstance(rounding, Rounding):
+        raise ValueError(f"unknown rounding {rounding!r}")
+    device = values.device
+    x = values.detach()
+    if qp.codebook is not None:  # KMEANS
+        codebook = qp.codebook.to(device)
+        if rounding is Rounding.NEAREST:
+            return assign(x, codebook)
+        return _stochastic_codebook(x, codebook, generator)
+    qmin = 0.0 if qp.scheme is QuantScheme.AFFINE else 1.0
+    qmax = float((1 << qp.bits) - 1)
+    stochastic = rounding is Rounding.STOCHASTIC
+    n = x.numel()
+    out = torch.empty(n, dtype=torch.uint8, device=device)
+    chunk = _chunk_size(device)
+    buf = torch.empty(min(n, chunk), dtype=torch.float32, device=device)
+    noise = torch.empty_like(buf) if stochastic else None
+    per_channel = qp.scale.dim() == 1
+    if per_channel:
+        ch_all = _checked_channels(channels, n, qp.num_params)
+        inv_c = 1.0 / qp.scale.to(device)
+        zp_c = qp.zero_point.to(device)
+    else:
+        inv = float(1.0 / qp.scale)
+        zp = float(qp.zero_point)
+    for start in range(0, n, chunk):
+        stop = min(start + chunk, n)
+        b = buf[: stop - start]
+        # Round x/scale first and add the integer zero point after: adding it before
+        # would round once more at the code's magnitude (up to 1e-5 of a step).
+        if per_channel:
+            ch = ch_all[start:stop]
+            torch.mul(x[start:stop], inv_c[ch], out=b)
+        else:
+            torch.mul(x[start:stop], inv, out=b)
+        if noise is not None:
+            b.add_(noise[: stop - start].uniform_(0.0, 1.0, generator=generator)).floor_()
+        else:
+            b.round_()
+        if per_channel:
+            b.add_(zp_c[ch])
+        else:
+            b.add_(zp)
+        out[start:stop] = b.clamp_(qmin, qmax)
+    return out
+
+
+def dequantize(codes: Tensor, qp: QuantParams, channels: Tensor | None = None) -> Tensor:
+    """Float values of ``codes``.
+
+    Parameters
+    ----------
+    codes
+        uint8 ``[n]``, each ``< 2^bits``.
+    qp
+        The params (moved to ``codes``' device if needed).
+    channels
+        int64 ``[n]`` when ``qp`` is per channel; ignored for per-tensor params.
+
+    Returns
+    -------
+    Tensor
+        float32 ``[n]`` on ``codes``' device: ``scale · (q − zp)`` or ``codebook[q]``.
+    """
+    if codes.dtype != torch.uint8 or codes.dim() != 1:
+        raise ValueError(f"codes must be 1-D uint8, got {codes.dtype} {tuple(codes.shape)}")
+    device = codes.device
+    n = codes.numel()
+    out = torch.empty(n, dtype=torch.float32, device=device)
+    chunk = _chunk_size(device)
+    if qp.codebook is not None:  # KMEANS
+        if qp.bits < 8 and n and bool((codes >> qp.bits).any()):
+            raise FormatError(f"code out of range for a {1 << qp.bits}-entry codebook")
+        codebook = qp.codebook.to(device=device, dtype=torch.float32)
+        for start in range(0, n, chunk):
+            stop = min(start + chunk, n)
+            idx = codes[start:stop].to(torch.int32)
+            torch.index_select(codebook, 0, idx, out=out[start:stop])
+        return out
+    if qp.scale.dim() == 1:
+        ch_all = _checked_channels(channels, n, qp.num_params)
+        scale_c = qp.scale.to(device)
+        zp_c = qp.zero_point.to(device)
+        for start in range(0, n, chunk):
+            stop = min(start + chunk, n)
+            ch = ch_all[start:stop]
+            o = out[start:stop]
+            torch.sub(codes[start:stop], zp_c[ch], out=o)
+            o.mul_(scale_c[ch])
+        return out
+    scale = float(qp.scale)
+    zp = float(qp.zero_point)
+    for start in range(0, n, chunk):
+        stop = min(start + chunk, n)
+        o = out[start:stop]
+        # (q − zp) is exact in float32, so one rounding: the same as a lookup table.
+        torch.sub(codes[start:stop], zp, out=o)
+        o.mul_(scale)
+    return out
+
+
+# ---------------------------------------------------------------------- bytes
+def qparams_to_bytes(qp: QuantParams) -> bytes:
+    """Compact little-endian form of ``qp``, per parameter set (``C`` of them).
+
+    AFFINE: ``C`` float32 scales then ``C`` uint8 zero points; SYMMETRIC: ``C`` float32
+    scales; POW2: ``C`` int8 shifts; KMEANS: ``2^bits`` float16 centroids.
+    """
+    if qp.codebook is not None:  # KMEANS
+        return _np(qp.codebook).astype("<f2").tobytes()
+    if qp.shift is not None:  # POW2
+        return _np(qp.shift).astype(np.int8).tobytes()
+    scales = _np(qp.scale).astype("<f4").tobytes()
+    if qp.scheme is QuantScheme.SYMMETRIC:
+        return scales
+    return scales + _np(qp.zero_point).astype(np.uint8).tobytes()
+
+
+def qparams_from_bytes(
+    data: bytes | memoryview, offset: int, bits: int, scheme: QuantScheme, num_params: int
+) -> tuple[QuantParams, int]:
+    """Parse :func:`qparams_to_bytes`' form at ``offset``; treats ``data`` as hostile.
+
+    Parameters
+    ----------
+    data, offset
+        The buffer and where the params start.
+    bits, scheme, num_params
+        From the record header (also checked): ``num_params`` is ``C`` per channel, 1
+        per tensor (giving ``scale`` of shape ``[]``), and 1 for KMEANS.
+
+    Returns
+    -------
+    tuple[QuantParams, int]
+        The params (on the CPU) and the offset just past them.
+
+    Raises
+    ------
+    FormatError
+        Truncated data, bad header values, non-finite or non-positive scales, zero points
+        out of range, shifts out of ``[−126, 126]``, a non-finite or unsorted codebook.
+    """
+    _check_bits(bits, FormatError)
+    if not isinstance(scheme, QuantScheme):
+        raise FormatError(f"unknown quantization scheme {scheme!r}")
+    if num_params < 1 or (scheme is QuantScheme.KMEANS and num_params != 1):
+        raise FormatError(f"invalid number of quantization parameter sets {num_params}")
+    sizes = {
+        QuantScheme.AFFINE: 5 * num_params,
+        QuantScheme.SYMMETRIC: 4 * num_params,
+        QuantScheme.POW2: num_params,
+        QuantScheme.KMEANS: 2 << bits,
+    }
+    end = offset + sizes[scheme]
+    if offset < 0 or end > len(data):
+        raise FormatError("quantization parameters truncated")
+    shape = () if num_params == 1 else (num_params,)
+    mid = float(1 << (bits - 1))
+
+    def read(dtype: str, count: int, at: int) -> npt.NDArray[Any]:
+        return np.frombuffer(data, dtype=dtype, count=count, offset=at)
+
+    if scheme is QuantScheme.KMEANS:
+        cb = read("<f2", 1 << bits, offset).astype(np.float32)
+        if not np.isfinite(cb).all() or (np.diff(cb) < 0).any():
+            raise FormatError("k-means codebook is not finite and sorted")
+        return _kmeans_params(bits, torch.from_numpy(cb)), end
+    if scheme is QuantScheme.POW2:
+        p = read("i1", num_params, offset).astype(np.int32)
+        if (np.abs(p) > MAX_SHIFT).any():
+            raise FormatError(f"power-of-two shift outside [-{MAX_SHIFT}, {MAX_SHIFT}]")
+        shift = torch.from_numpy(p).reshape(shape)
+        zp = torch.full(shape, mid, dtype=torch.float32)
+        return QuantParams(bits, scheme, _shift_scale(shift), zp, shift=shift), end
+    scale_np = read("<f4", num_params, offset).astype(np.float32)
+    if not (np.isfinite(scale_np) & (scale_np > 0)).all():
+        raise FormatError("quantization scale is not finite and positive")
+    scale = torch.from_numpy(scale_np).reshape(shape)
+    if scheme is QuantScheme.SYMMETRIC:
+        return QuantParams(bits, scheme, scale, torch.full(shape, mid, dtype=torch.float32)), end
+    zp_np = read("u1", num_params, offset + 4 * num_params)
+    if (zp_np > (1 << bits) - 1).any():
+        raise FormatError(f"zero point out of range for {bits} bits")
+    zp = torch.from_numpy(zp_np.astype(np.float32)).reshape(shape)
+    return QuantParams(bits, scheme, scale, zp), end
+
+
+# ---------------------------------------------------------------------- helpers
+def _check_bits(bits: int, error: type[Exception]) -> None:
+    if not (isinstance(bits, int) and MIN_BITS <= bits <= MAX_BITS):
+        raise error(f"bits must be in {MIN_BITS}..{MAX_BITS}, got {bits}")
+
+
+def _check_values(values: Tensor) -> None:
+    if values.dim() != 1 or not values.is_floating_point():
+        raise ValueError(f"values must be 1-D floating, got {values.dtype} {tuple(values.shape)}")
+
+
+def _checked_channels(channels: Tensor | None, n: int, num_channels: int) -> Tensor:
+    if num_channels < 1:
+        raise ValueError(f"num_channels must be >= 1, got {num_channels}")
+    if channels is None:
+        raise ValueError("per-channel quantization needs channels")
+    if channels.dtype != torch.int64 or channels.shape != (n,):
+        raise ValueError(f"channels must be int64 [{n}], got {channels.dtype} {channels.shape}")
+    if n:
+        lo, hi = torch.aminmax(channels)
+        if not bool((lo >= 0) & (hi < num_channels)):
+            raise ValueError(f"channels must be in [0, {num_channels})")
+    return channels
+
+
+def _channel_range(x: Tensor, channels: Tensor, c: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-channel min and max (0 for empty channels) and the empty flags, float32 ``[C]``."""
+    x32 = x.to(torch.float32)
+    inf = float("inf")
+    lo = torch.full((c,), inf, device=x.device).scatter_reduce(0, channels, x32, "amin")
+    hi = torch.full((c,), -inf, device=x.device).scatter_reduce(0, channels, x32, "amax")
+    empty = lo > hi
+    zero = torch.zeros_like(lo)
+    return torch.where(empty, zero, lo), torch.where(empty, zero, hi), empty
+
+
+def _valid_scale(raw: Tensor) -> Tensor:
+    """``raw`` with zeros (degenerate ranges) replaced by 1, and at least 2^−126."""
+    scale = torch.where(raw > 0, raw, torch.ones_like(raw))
+    return scale.clamp(min=MIN_SCALE).to(torch.float32)
+
+
+def _pow2_shift(raw: Tensor) -> Tensor:
+    """int32 ``p`` with ``2^−p`` the smallest power of two ``>= raw`` (0 for ``raw == 0``)."""
+    mantissa, exponent = torch.frexp(raw)  # raw = m · 2^e, m in [0.5, 1)
+    ceil_log2 = exponent - (mantissa == 0.5).to(exponent.dtype)
+    shift = (-ceil_log2).clamp(-MAX_SHIFT, MAX_SHIFT)
+    return torch.where(raw > 0, shift, torch.zeros_like(shift)).to(torch.int32)
+
+
+def _shift_scale(shift: Tensor) -> Tensor:
+    return torch.ldexp(torch.ones(shift.shape, device=shift.device), -shift).to(torch.float32)
+
+
+def _kmeans_params(bits: int, codebook: Tensor) -> QuantParams:
+    gap = (codebook[1:] - codebook[:-1]).max()
+    scale = _valid_scale(gap.to(torch.float32))
+    return QuantParams(bits, QuantScheme.KMEANS, scale, torch.zeros_like(scale), codebook=codebook)
+
+
+def _stochastic_codebook(x: Tensor, codebook: Tensor, generator: torch.Generator | None) -> Tensor:
+    """Unbiased rounding between the two centroids around each value (uint8 ``[n]``)."""
+    n = x.numel()
+    k = codebook.numel()
+    out = torch.empty(n, dtype=torch.uint8, device=x.device)
+    chunk = _chunk_size(x.device)
+    for start in range(0, n, chunk):
+        v = x[start : start + chunk].to(torch.float32)
+        # lower centroid index j with codebook[j] <= v < codebook[j+1], kept in 0..k-2
+        j = (torch.bucketize(v, codebook, right=True) - 1).clamp_(0, k - 2)
+        left = codebook[j]
+        gap = codebook[j + 1] - left
+        up_prob = torch.where(gap > 0, (v - left) / gap, (v > left).to(v.dtype))
+        u = torch.rand(v.shape, generator=generator, device=x.device)
+        out[start : start + v.numel()] = j + (u < up_prob)
+    return out
+
+
+def _chunk_size(device: torch.device) -> int:
+    # CPU: a few MB of float32 temporaries stay in cache; GPU: fewer, larger launches.
+    return _CPU_CHUNK if device.type == "cpu" else _GPU_CHUNK
+
+
+def _np(t: Tensor) -> npt.NDArray[Any]:
+    return t.detach().cpu().reshape(-1).numpy()
