@@ -62,15 +62,9 @@ def pack_bits(codes: Tensor, bits: int) -> Tensor:
         raise ValueError(f"codes do not fit in {bits} bits")
     if bits == 1 and codes.device.type == "cpu":
         return _pack1_numpy(codes.contiguous())
-    per_group = 8 if bits == 3 else 8 // bits
-    padded = _pad_to_multiple(codes.contiguous(), per_group)
     if bits == 3:
-        return _pack3(padded)[: packed_size(n, bits)]
-    groups = padded.view(-1, per_group)
-    out = groups[:, 0].clone()
-    for j in range(1, per_group):
-        out |= groups[:, j] << (j * bits)
-    return out
+        return _pack3(_pad_to_multiple(codes.contiguous(), 8))[: packed_size(n, bits)]
+    return _pack_divisor(codes, bits)
 
 
 def unpack_bits(packed: Tensor, bits: int, count: int) -> Tensor:
@@ -119,9 +113,7 @@ def unpack_bits(packed: Tensor, bits: int, count: int) -> Tensor:
         return _unpack3(packed)[:count]
     if bits == 1 and packed.device.type == "cpu":
         return _unpack1_numpy(packed.contiguous(), count)
-    shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=packed.device)
-    codes = (packed.unsqueeze(1) >> shifts) & ((1 << bits) - 1)
-    return codes.view(-1)[:count]
+    return _unpack_divisor(packed, bits, count)
 
 
 def _check_bits(bits: int, error: type[Exception]) -> None:
@@ -134,6 +126,22 @@ def _pad_to_multiple(x: Tensor, multiple: int) -> Tensor:
     if not extra:
         return x
     return torch.cat([x, x.new_zeros(extra)])
+
+
+def _pack_divisor(codes: Tensor, bits: int) -> Tensor:
+    """Pack widths that divide 8 (1, 2, 4): OR shifted strided views together."""
+    per_byte = 8 // bits
+    groups = _pad_to_multiple(codes.contiguous(), per_byte).view(-1, per_byte)
+    out = groups[:, 0].clone()
+    for j in range(1, per_byte):
+        out |= groups[:, j] << (j * bits)
+    return out
+
+
+def _unpack_divisor(packed: Tensor, bits: int, count: int) -> Tensor:
+    shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=packed.device)
+    codes = (packed.unsqueeze(1) >> shifts) & ((1 << bits) - 1)
+    return codes.view(-1)[:count]
 
 
 def _pack3(padded: Tensor) -> Tensor:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["MAX_FIT_VALUES", "assign", "kmeans_codebook"]
+__all__ = ["MAX_FIT_VALUES", "assign", "assign_stochastic", "kmeans_codebook"]
 
 #: Inputs longer than this are fitted on a random sample of this many values.
 MAX_FIT_VALUES = 1 << 20
@@ -126,4 +126,43 @@ def assign(values: Tensor, codebook: Tensor) -> Tensor:
         # bucketize's int32 output halves the temporary; chunks keep it in cache.
         idx = torch.bucketize(chunk, mids, out_int32=True)
         out[start : start + idx.numel()] = idx
+    return out
+
+
+def assign_stochastic(
+    values: Tensor, codebook: Tensor, generator: torch.Generator | None = None
+) -> Tensor:
+    """Unbiased stochastic rounding to one of the two centroids around each value.
+
+    A value ``v`` between adjacent centroids ``a < b`` gets ``b`` with probability
+    ``(v − a)/(b − a)``, so ``E[codebook[q]] = v`` between the first and last centroid;
+    values outside that span go to the nearer end.
+
+    Parameters
+    ----------
+    values
+        Floating ``[n]``.
+    codebook
+        float32 ``[K]``, sorted ascending, ``2 <= K <= 256``, on ``values``' device.
+    generator
+        Source of the uniform draws (on ``values``' device); the global RNG when ``None``.
+
+    Returns
+    -------
+    Tensor
+        uint8 ``[n]``.
+    """
+    if values.dim() != 1 or codebook.dim() != 1 or not 2 <= codebook.numel() <= 256:
+        raise ValueError("values must be 1-D and codebook 1-D with 2..256 entries")
+    k = codebook.numel()
+    out = torch.empty(values.numel(), dtype=torch.uint8, device=values.device)
+    for start in range(0, values.numel(), _ASSIGN_CHUNK):
+        v = values[start : start + _ASSIGN_CHUNK].to(torch.float32)
+        # j: the lower centroid, codebook[j] <= v < codebook[j + 1], kept in 0..k-2.
+        j = (torch.bucketize(v, codebook, right=True) - 1).clamp_(0, k - 2)
+        left = codebook[j]
+        gap = codebook[j + 1] - left
+        up = torch.where(gap > 0, (v - left) / gap, (v > left).to(v.dtype))
+        u = torch.rand(v.shape, generator=generator, device=values.device)
+        out[start : start + v.numel()] = j + (u < up)
     return out

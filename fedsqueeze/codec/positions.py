@@ -183,7 +183,7 @@ def _decode_bitmap(payload: Tensor, count: int, numel: int) -> Tensor:
     if payload.numel() != packed_size(numel, 1):
         raise FormatError(f"bitmap of {numel} elements needs {packed_size(numel, 1)} bytes")
     bits = unpack_bits(payload, 1, numel)  # rejects set padding bits
-    if int(bits.sum(dtype=torch.int64)) != count:
+    if int(torch.count_nonzero(bits)) != count:
         raise FormatError(f"bitmap holds a different number of positions than {count}")
     return torch.nonzero(bits).view(-1)
 
@@ -235,6 +235,8 @@ def _best_rice_k(gaps: Tensor) -> tuple[int, int]:
 
 
 def _encode_rice(gaps: Tensor, k: int) -> Tensor:
+    if gaps.numel() == 0:
+        return gaps.new_empty(0, dtype=torch.uint8)
     remainders = _pack_fixed(gaps & ((1 << k) - 1), k)
     quotients = gaps >> k
     # Zero bit j (the terminator of gap j) sits after all earlier gaps' bits.
@@ -260,7 +262,7 @@ def _decode_rice(payload: Tensor, count: int, k: int, numel: int) -> Tensor:
         raise FormatError(f"positions payload too short for {count} positions")
     bits = unpack_bits(unary, 1, 8 * unary.numel())
     zeros = bits == 0
-    if int(zeros.sum(dtype=torch.int64)) != count:
+    if int(torch.count_nonzero(zeros)) != count:
         raise FormatError("unary stream does not hold one terminator per position")
     zero_at = torch.nonzero(zeros).view(-1)
     if int(zero_at[-1]) < 8 * unary.numel() - 8:

@@ -195,8 +195,8 @@ def _drop_smallest_sampled(mags: Tensor, prune: int) -> Tensor | None:
         if hi_rank < _SAMPLE_SIZE - 1
         else torch.zeros_like(mags, dtype=torch.bool)
     )
-    n_below = int(below.sum())
-    n_above = int(above.sum())
+    n_below = int(torch.count_nonzero(below))  # far faster than a bool sum()
+    n_above = int(torch.count_nonzero(above))
     if n_below > prune or n_above > n - prune:
         return None
     band = torch.nonzero(~(below | above)).view(-1)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 
 import torch
@@ -136,6 +136,7 @@ def finetune_centroids(
     batch_size: int,
     seed: int,
     train_others: bool = True,
+    on_epoch: Callable[[], None] | None = None,
 ) -> dict[str, SharedTensor]:
     """Train the codebooks (and optionally the other parameters) with fixed assignments.
 
@@ -160,6 +161,8 @@ def finetune_centroids(
         Seeds the shuffling.
     train_others : bool, optional
         Whether the parameters that are not shared (biases) train too.
+    on_epoch : Callable[[], None] or None, optional
+        Called after every epoch (for progress bars).
 
     Returns
     -------
@@ -168,7 +171,9 @@ def finetune_centroids(
         values (never exactly zero).
     """
     if epochs < 0 or batch_size < 1 or not lr > 0:
-        raise ValueError(f"need epochs >= 0, batch_size >= 1, lr > 0; got {epochs}, {batch_size}, {lr}")
+        raise ValueError(
+            f"need epochs >= 0, batch_size >= 1, lr > 0; got {epochs}, {batch_size}, {lr}"
+        )
     started = time.perf_counter()
     books = {name: nn.Parameter(st.codebook.clone()) for name, st in shared.items()}
     others = {
@@ -194,6 +199,8 @@ def finetune_centroids(
                 torch.autograd.backward(loss)
                 opt.step()
                 loss_value = float(loss.detach())
+            if on_epoch is not None:
+                on_epoch()
     finally:
         for module, training in modes:
             module.training = training

@@ -37,6 +37,9 @@ _HEADER = (
     "# fedsqueeze: generated from proto/{source} by `python -m fedsqueeze.wire.generate`;\n"
     "# module path rewritten from fedsqueeze.v1 to fedsqueeze.wire. Do not edit.\n"
 )
+# mypy-protobuf's stubs trip a few of mypy --strict's own checks (unused ignores,
+# overlapping overloads); their types are still used by importers.
+_STUB_HEADER = "# mypy: ignore-errors\n"
 
 
 def proto_files(proto_root: Path = PROTO_ROOT) -> list[Path]:
@@ -130,6 +133,8 @@ def generate(out_dir: Path = WIRE_DIR, proto_root: Path = PROTO_ROOT) -> list[Pa
                 text = source.read_text(encoding="utf-8")
                 target = out_dir / source.name
                 header = _HEADER.format(source=proto.as_posix())
+                if target.suffix == ".pyi":
+                    header += _STUB_HEADER
                 target.write_text(header + _rewrite(text, stem), encoding="utf-8")
                 written.append(target)
     return sorted(written)

@@ -1,0 +1,95 @@
+"""The edge ClientApp: plain Flower training code for the built-in tasks, plus the mod.
+
+The ``train`` and ``evaluate`` functions below are written the usual Flower way (read an
+``ArrayRecord``, return one with metrics). The fedsqueeze mod in front of them fetches
+the model from the data plane and pushes the compressed update, so this is also the
+example of adding compression to an existing Flower app.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+
+import torch
+from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from edge.mod import fedsqueeze_mod
+from fedsqueeze.runconfig import Partitioning, RunSettings
+from fedsqueeze.tasks import Optimizer, Task, get_task, partition_dirichlet, partition_iid
+
+app = ClientApp(mods=[fedsqueeze_mod])
+
+
+@functools.lru_cache(maxsize=64)
+def _partition(
+    task_name: str, partitioning: Partitioning, alpha: float, seed: int, pid: int, parts: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """This node's share of the train and test sets (same seed → same split everywhere)."""
+    data = get_task(task_name).load_data()
+    if partitioning is Partitioning.IID:
+        train_parts = partition_iid(len(data.y_train), parts, seed)
+    else:
+        train_parts = partition_dirichlet(data.y_train, parts, alpha, seed)
+    test_parts = partition_iid(len(data.y_test), min(parts, len(data.y_test)), seed)
+    tr, te = train_parts[pid], test_parts[pid % len(test_parts)]
+    return data.x_train[tr], data.y_train[tr], data.x_test[te], data.y_test[te]
+
+
+def _setup(msg: Message, context: Context) -> tuple[RunSettings, Task, torch.nn.Module]:
+    settings = RunSettings.from_run_config(context.run_config)
+    task = get_task(settings.task)
+    model = task.build_model(settings.seed)
+    model.load_state_dict(msg.content.array_records["arrays"].to_torch_state_dict())
+    return settings, task, model
+
+
+def _data(
+    settings: RunSettings, context: Context
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    pid = int(context.node_config.get("partition-id", 0))
+    parts = int(context.node_config.get("num-partitions", 1))
+    return _partition(settings.task, settings.partitioning, settings.alpha, settings.seed, pid, parts)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """Train the received model on this node's partition."""
+    settings, task, model = _setup(msg, context)
+    x, y, _, _ = _data(settings, context)
+    server_round = int(msg.content.config_records["config"].get("server-round", 0))
+    start = time.perf_counter()
+    result = task.train(
+        model,
+        x,
+        y,
+        epochs=settings.epochs,
+        lr=settings.lr,
+        batch_size=settings.batch_size,
+        optimizer=Optimizer.SGD,
+        l1_lambda=settings.l1_lambda,
+        proximal_mu=settings.proximal_mu,
+        seed=settings.seed * 1_000_003 + server_round * 1009 + int(context.node_id % 1000),
+    )
+    metrics = MetricRecord(
+        {
+            "num-examples": result.num_examples,
+            "train-loss": result.loss,
+            "compute-seconds": time.perf_counter() - start,
+        }
+    )
+    content = RecordDict({"arrays": ArrayRecord(model.state_dict()), "metrics": metrics})
+    return Message(content=content, reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """Evaluate the received model on this node's test share."""
+    settings, task, model = _setup(msg, context)
+    _, _, x, y = _data(settings, context)
+    result = task.evaluate(model, x, y)
+    metrics = MetricRecord(
+        {"num-examples": result.num_examples, "eval-loss": result.loss, "eval-acc": result.accuracy}
+    )
+    return Message(content=RecordDict({"metrics": metrics}), reply_to=msg)

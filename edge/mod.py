@@ -1,0 +1,139 @@
+"""The fedsqueeze Flower mod: compression for any ClientApp, no change to its training code.
+
+In front of a ClientApp whose ``train`` reads and returns an ``ArrayRecord`` under
+``"arrays"`` (the usual Flower way), the mod
+
+1. reads the coordinator's :class:`~fedsqueeze.control.RoundInstruction` (no model inside);
+2. fetches the model from the data plane as a delta against the model this edge holds
+   (or rebuilds the initial model from the task and a shared seed: no download at all),
+   verifies and decodes it, and puts it into the message as ``"arrays"``;
+3. calls the app; takes the trained ``"arrays"`` from its reply;
+4. encodes the update (delta against what it started from, top-k with an error-feedback
+   residual kept across rounds, stochastic quantization) and pushes it with PushUpdate;
+5. replies with a :class:`~fedsqueeze.control.TrainReceipt` and the app's metrics.
+
+Messages without an instruction pass through untouched, so the mod is harmless in a
+plain Flower run.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Callable
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp.typing import ClientAppCallable
+
+from edge.cache import ContextCache, EdgeCache, EdgeMemory
+from edge.dataplane import DataPlaneConnector, GrpcConnector
+from fedsqueeze.codec import encode_state, state_digest
+from fedsqueeze.codec.spec_text import parse_spec
+from fedsqueeze.control import CONTROL_KEY, RECEIPT_KEY, RoundInstruction, TrainReceipt
+from fedsqueeze.tasks import get_task
+
+log = logging.getLogger(__name__)
+
+State = dict[str, torch.Tensor]
+ModelFactory = Callable[[str, int], State]
+
+
+def _task_model(task: str, seed: int) -> State:
+    return dict(get_task(task).build_model(seed).state_dict())
+
+
+def make_mod(
+    *,
+    cache: Callable[[Context], EdgeCache] = lambda ctx: ContextCache(ctx.state),
+    connector: DataPlaneConnector | None = None,
+    initial_model: ModelFactory | None = _task_model,
+) -> Callable[[Message, Context, ClientAppCallable], Message]:
+    """Build a fedsqueeze mod.
+
+    Parameters
+    ----------
+    cache
+        Where the held model and residual live (``Context.state`` by default; use
+        :class:`edge.cache.DirectoryCache` for deployed edges).
+    connector
+        How to reach the data plane (gRPC by default).
+    initial_model
+        ``(task, seed) -> state`` that rebuilds the initial model locally, or ``None``
+        to always download it.
+    """
+    plane = connector or GrpcConnector()
+
+    def fedsqueeze(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+        if CONTROL_KEY not in msg.content.config_records:
+            return call_next(msg, context)
+        instruction = RoundInstruction.from_record(msg.content.config_records[CONTROL_KEY])
+        store = cache(context)
+        memory = store.load()
+        held, held_digest = memory.held, memory.held_digest
+        if held is None and initial_model is not None and instruction.init_digest:
+            candidate = initial_model(instruction.task, instruction.init_seed)
+            if state_digest(candidate).hex() == instruction.init_digest:
+                held, held_digest = candidate, instruction.init_digest
+            else:
+                log.warning("rebuilt initial model does not match; downloading instead")
+        edge_id = str(msg.metadata.dst_node_id)
+        fetch_start = time.perf_counter()
+        fetched = plane.fetch(instruction, edge_id, held_digest, held)
+        fetch_seconds = time.perf_counter() - fetch_start
+        content = RecordDict(
+            {k: v for k, v in msg.content.items() if k != CONTROL_KEY}
+        )
+        content["arrays"] = ArrayRecord(fetched.state)
+        msg.content = content
+        store.save(EdgeMemory(fetched.digest, fetched.state, memory.residual))
+        reply = call_next(msg, context)
+        if reply.has_error() or "arrays" not in reply.content.array_records:
+            return reply  # evaluate replies, or errors: nothing to upload
+        trained = reply.content.array_records["arrays"].to_torch_state_dict()
+        encoded = encode_state(
+            trained,
+            parse_spec(instruction.up_spec),
+            fetched.state,
+            residual=memory.residual,
+            seed=int(uuid.uuid4().int % (1 << 31)),
+            base_digest=bytes.fromhex(fetched.digest),
+        )
+        update_id = f"{edge_id}-r{instruction.server_round}-{uuid.uuid4().hex[:12]}"
+        push_start = time.perf_counter()
+        bytes_up = plane.push(instruction, edge_id, update_id, fetched.digest, encoded)
+        push_seconds = time.perf_counter() - push_start
+        store.save(EdgeMemory(fetched.digest, fetched.state, encoded.residual))
+        app_metrics = reply.content.metric_records.get("metrics", MetricRecord())
+        receipt = TrainReceipt(
+            update_id=update_id,
+            held=fetched.digest,
+            num_examples=int(app_metrics.get("num-examples", 0)),
+            loss=float(app_metrics.get("train-loss", app_metrics.get("loss", 0.0))),
+            bytes_down=fetched.bytes_down,
+            bytes_up=bytes_up,
+            train_seconds=float(app_metrics.get("compute-seconds", 0.0)),
+            fetch_seconds=fetch_seconds,
+            push_seconds=push_seconds,
+        )
+        ids, numbers = receipt.to_records()
+        merged = MetricRecord({**dict(app_metrics), **dict(numbers)})
+        reply.content = RecordDict({RECEIPT_KEY: ids, "metrics": merged})
+        log.info(
+            "edge %s round %d: %d bytes down, %d up, update %s",
+            edge_id,
+            instruction.server_round,
+            fetched.bytes_down,
+            bytes_up,
+            update_id,
+        )
+        return reply
+
+    return fedsqueeze
+
+
+fedsqueeze_mod = make_mod()
+"""The default mod: ``Context.state`` cache, gRPC data plane, initial model from the task."""
+
+__all__ = ["ConfigRecord", "fedsqueeze_mod", "make_mod"]

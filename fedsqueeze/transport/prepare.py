@@ -1,0 +1,106 @@
+"""Turning a (target, base, spec) request into a :class:`PreparedModel`: encode, segment,
+describe.
+
+This is the one expensive step of serving a model; the server runs it through its
+:class:`~fedsqueeze.transport.cache.EncodeCache`, so each distinct request runs it once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+
+from fedsqueeze.codec import decode_state, split_segments, state_digest
+from fedsqueeze.errors import NotFoundError, ResourceExhaustedError
+from fedsqueeze.transport.cache import CacheKey, PreparedModel
+from fedsqueeze.transport.source import ModelSource
+from fedsqueeze.wire.types import Manifest, SegmentInfo
+
+logger = logging.getLogger(__name__)
+
+
+def manifest_id_for(
+    model_digest: bytes, base_digest: bytes | None, spec_bytes: bytes, encoded_sha256: bytes
+) -> str:
+    """The manifest id: a digest of what was encoded and of the result.
+
+    The same request encoded to the same bytes gets the same id, on any server process,
+    so a client that held segments before a server restart keeps them.
+    """
+    h = hashlib.sha256(b"fedsqueeze.v1.manifest\x00")
+    for part in (model_digest, base_digest or b"", spec_bytes, encoded_sha256):
+        h.update(len(part).to_bytes(4, "little"))
+        h.update(part)
+    return h.hexdigest()
+
+
+def prepare_model(source: ModelSource, key: CacheKey, segment_bytes: int) -> PreparedModel:
+    """Encode ``key`` with ``source``, cut it into segments and build its manifest.
+
+    The decoded model's digest is computed here by decoding once (skipped for a lossless
+    full model, whose decoded digest is the model's own), so every client can check the
+    model it rebuilds.
+
+    Raises
+    ------
+    NotFoundError
+        The target (or base) is no longer held.
+    ResourceExhaustedError
+        The encoded model is larger than ``key.byte_budget``.
+    """
+    started = time.perf_counter()
+    target_state = source.get(key.target)
+    if target_state is None:
+        raise NotFoundError(f"model {key.target[:16]}… is no longer held")
+    base_state = source.get(key.base) if key.base is not None else None
+    if key.base is not None and base_state is None:
+        raise NotFoundError(f"base {key.base[:16]}… is no longer held")
+    encoded = source.encode(key.target, key.base, key.spec, key.byte_budget)
+    segments = split_segments(encoded, segment_bytes)
+    encoded_bytes = sum(len(s.payload) for s in segments)
+    if key.byte_budget is not None and encoded_bytes > key.byte_budget:
+        raise ResourceExhaustedError(
+            f"the encoded model has {encoded_bytes} bytes, over the budget of "
+            f"{key.byte_budget}; ask for a stronger codec spec"
+        )
+    whole = hashlib.sha256()
+    for seg in sorted(segments, key=lambda s: s.index):
+        whole.update(seg.payload)
+    model_digest = bytes.fromhex(key.target)
+    base_digest = bytes.fromhex(key.base) if key.base is not None else None
+    if key.spec.lossless and base_state is None:
+        decoded_digest = model_digest
+    else:
+        decoded_digest = state_digest(
+            decode_state(encoded, base_state, base_digest=base_digest)
+        )
+    raw_bytes = sum(t.numel() * t.element_size() for t in target_state.values())
+    infos = tuple(
+        SegmentInfo(s.index, s.tensor_names, s.priority, s.level, len(s.payload), s.sha256)
+        for s in segments
+    )
+    payloads = tuple(s.payload for s in sorted(segments, key=lambda s: s.index))
+    manifest = Manifest(
+        manifest_id=manifest_id_for(
+            model_digest, base_digest, key.spec.to_bytes(), whole.digest()
+        ),
+        model_digest=model_digest,
+        base_digest=base_digest,
+        spec=key.spec,
+        raw_bytes=raw_bytes,
+        encoded_sha256=whole.digest(),
+        decoded_digest=decoded_digest,
+        segments=infos,
+    )
+    logger.info(
+        "encoded %s… (%s): raw %d B, encoded %d B in %d segments, ratio %.2f, %.3f s",
+        key.target[:12],
+        "delta from " + key.base[:12] + "…" if key.base else "full",
+        raw_bytes,
+        encoded_bytes,
+        len(infos),
+        raw_bytes / max(encoded_bytes, 1),
+        time.perf_counter() - started,
+    )
+    return PreparedModel(manifest, payloads)

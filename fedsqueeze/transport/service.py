@@ -1,0 +1,233 @@
+"""The handlers of ``fedsqueeze.v1.ModelTransfer``: authentication, validation, status codes.
+
+Each handler authenticates the call first, converts the request with
+:mod:`fedsqueeze.wire.convert`, and reports any :class:`~fedsqueeze.errors.FedsqueezeError`
+with its status code (:mod:`fedsqueeze.transport.errors_map`). Nothing is stored until an
+upload has been received in full and verified, so a rejected call leaves the server's
+state as it was.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import NoReturn
+
+import grpc
+
+from fedsqueeze.codec import EncodedModel, decode_state
+from fedsqueeze.errors import (
+    FedsqueezeError,
+    IntegrityError,
+    InvalidRequestError,
+    NotFoundError,
+    PreconditionError,
+    ResourceExhaustedError,
+    UnavailableError,
+)
+from fedsqueeze.transport.auth import TokenTable, require_edge
+from fedsqueeze.transport.cache import CacheKey, EncodeCache, PreparedModel
+from fedsqueeze.transport.errors_map import status_for
+from fedsqueeze.transport.faults import FaultInjector, StreamAction
+from fedsqueeze.transport.prepare import prepare_model
+from fedsqueeze.transport.source import ModelSource
+from fedsqueeze.transport.updates import AddResult, ReceivedUpdate, UpdateSink, now
+from fedsqueeze.wire import convert
+from fedsqueeze.wire import transfer_pb2 as pb
+from fedsqueeze.wire.types import SegmentData, UpdateMetadata, UpdateReceipt
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ServiceLimits:
+    """Sizes the service enforces.
+
+    Parameters
+    ----------
+    segment_bytes
+        Largest segment payload, in bytes.
+    max_update_bytes
+        Largest upload, in bytes.
+    verify_updates
+        Decode every upload in full before storing it (not only parse its headers).
+    """
+
+    segment_bytes: int = 1 << 20
+    max_update_bytes: int = 512 << 20
+    verify_updates: bool = True
+
+
+class TransferService:
+    """The three RPC handlers, over a model source, an update sink and a token table."""
+
+    def __init__(
+        self,
+        source: ModelSource,
+        updates: UpdateSink,
+        tokens: TokenTable,
+        cache: EncodeCache,
+        limits: ServiceLimits,
+        faults: FaultInjector | None = None,
+    ) -> None:
+        self.source = source
+        self.updates = updates
+        self.tokens = tokens
+        self.cache = cache
+        self.limits = limits
+        self.faults = faults
+
+    # ------------------------------------------------------------------ helpers
+    def _authenticate(self, context: grpc.ServicerContext) -> str:
+        return self.tokens.authenticate(context.invocation_metadata())
+
+    @staticmethod
+    def _abort(context: grpc.ServicerContext, rpc: str, exc: Exception) -> NoReturn:
+        if isinstance(exc, FedsqueezeError):
+            code = status_for(exc)
+            denied = code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED)
+            level = logging.WARNING if denied else logging.INFO
+            logger.log(level, "%s refused: %s: %s", rpc, code.name, exc)
+            context.abort(code, str(exc))
+        logger.exception("%s failed on an unexpected error", rpc)
+        context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}")
+
+    # ------------------------------------------------------------------ GetManifest
+    def get_manifest(
+        self, request: pb.GetManifestRequest, context: grpc.ServicerContext
+    ) -> pb.GetManifestResponse:
+        """Handler of ``GetManifest``."""
+        try:
+            edge = self._authenticate(context)
+            req = convert.manifest_request_from_proto(request)
+            require_edge(edge, req.edge_id)
+            target = self.source.resolve(req.model)
+            base = req.base_digest.hex() if req.base_digest is not None else None
+            if base is not None and self.source.get(base) is None:
+                logger.info("edge %s holds unknown or old base %s…: full model", edge, base[:12])
+                base = None
+            key = CacheKey(target, base, req.spec, req.byte_budget)
+            prepared = self.cache.get_or_build(
+                key, lambda: prepare_model(self.source, key, self.limits.segment_bytes)
+            )
+            return convert.manifest_response_to_proto(prepared.manifest)
+        except Exception as exc:
+            self._abort(context, "GetManifest", exc)
+
+    # ------------------------------------------------------------------ StreamSegments
+    def stream_segments(
+        self, request: pb.StreamSegmentsRequest, context: grpc.ServicerContext
+    ) -> Iterator[pb.StreamSegmentsResponse]:
+        """Handler of ``StreamSegments``."""
+        try:
+            edge = self._authenticate(context)
+            req = convert.segment_request_from_proto(request)
+            require_edge(edge, req.edge_id)
+            prepared = self.cache.by_manifest_id(req.manifest_id)
+            if prepared is None:
+                raise NotFoundError(
+                    f"manifest {req.manifest_id[:16]}… is not cached; call GetManifest again"
+                )
+            unknown = [i for i in req.held if not prepared.manifest.has_segment(i)]
+            if unknown:
+                raise InvalidRequestError(f"held segment ids not in the manifest: {unknown[:5]}")
+            yield from self._segments(prepared, req.held, context)
+        except Exception as exc:
+            self._abort(context, "StreamSegments", exc)
+
+    def _segments(
+        self, prepared: PreparedModel, held: frozenset[int], context: grpc.ServicerContext
+    ) -> Iterator[pb.StreamSegmentsResponse]:
+        manifest_id = prepared.manifest.manifest_id
+        sent = 0
+        for info in prepared.manifest.segments:
+            if info.segment_id in held:
+                continue
+            if not context.is_active():
+                return
+            payload = prepared.payloads[info.segment_id]
+            if self.faults is not None:
+                payload = self.faults.payload(info.segment_id, payload)
+            yield convert.segment_to_proto(SegmentData(manifest_id, info.segment_id, payload))
+            sent += 1
+            if self.faults is not None and self.faults.after_segment(sent) is StreamAction.CUT:
+                raise UnavailableError(f"injected fault: stream cut after {sent} segments")
+
+    # ------------------------------------------------------------------ PushUpdate
+    def push_update(
+        self, request_iterator: Iterator[pb.PushUpdateRequest], context: grpc.ServicerContext
+    ) -> pb.PushUpdateResponse:
+        """Handler of ``PushUpdate``."""
+        try:
+            edge = self._authenticate(context)
+            first = next(request_iterator, None)
+            if first is None:
+                raise InvalidRequestError("empty PushUpdate stream")
+            meta = convert.update_metadata_from_proto(first)
+            require_edge(edge, meta.edge_id)
+            return convert.receipt_to_proto(self._receive(meta, request_iterator))
+        except Exception as exc:
+            self._abort(context, "PushUpdate", exc)
+
+    def _receive(
+        self, meta: UpdateMetadata, chunks: Iterator[pb.PushUpdateRequest]
+    ) -> UpdateReceipt:
+        seen = self.updates.lookup(meta.update_id)
+        if seen is not None:
+            if seen.sha256 != meta.sha256 or seen.edge_id != meta.edge_id:
+                raise PreconditionError(f"update id {meta.update_id!r} was used for other content")
+            logger.info("update %s from %s repeated: counted once", meta.update_id, meta.edge_id)
+            return UpdateReceipt(meta.update_id, seen.nbytes, seen.sha256, duplicate=True)
+        if meta.total_bytes > self.limits.max_update_bytes:
+            raise ResourceExhaustedError(
+                f"update of {meta.total_bytes} bytes is over the limit of "
+                f"{self.limits.max_update_bytes}"
+            )
+        base = self.source.get(meta.base_digest.hex())
+        if base is None:
+            raise PreconditionError(
+                f"base {meta.base_digest.hex()[:16]}… is unknown or no longer held"
+            )
+        buf = bytearray()
+        for msg in chunks:
+            chunk = convert.update_chunk_from_proto(msg)
+            if len(buf) + len(chunk) > meta.total_bytes:
+                raise InvalidRequestError("upload is longer than its declared total_bytes")
+            buf += chunk
+        if len(buf) != meta.total_bytes:
+            raise InvalidRequestError(
+                f"upload ended after {len(buf)} of {meta.total_bytes} declared bytes"
+            )
+        payload = bytes(buf)
+        digest = hashlib.sha256(payload).digest()
+        if digest != meta.sha256:
+            raise IntegrityError("upload does not match its declared sha256")
+        encoded = EncodedModel.from_bytes(payload)
+        if encoded.spec.to_bytes() != meta.spec.to_bytes():
+            raise InvalidRequestError("payload was encoded with another codec spec than declared")
+        if encoded.base_digest is not None and encoded.base_digest != meta.base_digest:
+            raise InvalidRequestError("payload is a delta from another base than declared")
+        if self.limits.verify_updates:
+            decode_state(encoded, base, base_digest=meta.base_digest)
+        update = ReceivedUpdate(
+            update_id=meta.update_id,
+            edge_id=meta.edge_id,
+            base_digest=meta.base_digest,
+            sha256=digest,
+            nbytes=len(payload),
+            encoded=encoded,
+            received_at=now(),
+        )
+        result = self.updates.add(update)
+        logger.info(
+            "update %s from %s: %d B, %s",
+            meta.update_id,
+            meta.edge_id,
+            len(payload),
+            "stored" if result is AddResult.STORED else "duplicate",
+        )
+        return UpdateReceipt(
+            meta.update_id, len(payload), digest, duplicate=result is AddResult.DUPLICATE
+        )

@@ -1,0 +1,146 @@
+"""Where the server gets models from: the :class:`ModelSource` protocol.
+
+The coordinator implements it over its on-disk version store; :class:`InMemoryModelSource`
+serves tests, benchmarks and simulations. Digests cross this interface as 64-character
+lowercase hex strings.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import threading
+from collections import OrderedDict
+from collections.abc import Mapping
+from typing import Protocol
+
+import torch
+
+from fedsqueeze.codec import CodecSpec, EncodedModel, encode_state, state_digest
+from fedsqueeze.errors import NotFoundError
+
+_HEX_DIGEST = re.compile(r"[0-9a-f]{64}")
+
+
+def is_hex_digest(model: str) -> bool:
+    """Whether ``model`` names a digest (64 lowercase hex characters) rather than a track."""
+    return _HEX_DIGEST.fullmatch(model) is not None
+
+
+def encode_seed(target: str, base: str | None, spec: CodecSpec) -> int:
+    """A seed derived from what is encoded, so stochastic rounding repeats exactly.
+
+    Encoding the same (target, base, spec) again, for instance after a server restart,
+    then yields the same bytes and the same manifest, and clients resume.
+    """
+    h = hashlib.sha256(f"{target}:{base or ''}:".encode() + spec.to_bytes())
+    return int.from_bytes(h.digest()[:8], "little") & ((1 << 63) - 1)
+
+
+class ModelSource(Protocol):
+    """The models a transfer server can send."""
+
+    def resolve(self, model: str) -> str:
+        """The hex digest of a track's current version, or of a digest the source holds.
+
+        Raises
+        ------
+        NotFoundError
+            Unknown track or digest.
+        """
+        ...
+
+    def get(self, digest: str) -> Mapping[str, torch.Tensor] | None:
+        """The model with this hex digest, or ``None`` when not (or no longer) held."""
+        ...
+
+    def encode(
+        self, target: str, base: str | None, spec: CodecSpec, byte_budget: int | None
+    ) -> EncodedModel:
+        """Encode ``target`` as a delta from ``base`` (or in full when ``base`` is None).
+
+        Parameters
+        ----------
+        target, base
+            Hex digests; the server only passes a ``base`` that :meth:`get` returned.
+        spec
+            The codec spec the client asked for.
+        byte_budget
+            The client's limit on encoded bytes, or ``None``; a source may choose a
+            stronger encoding to fit it. The server rejects results over budget.
+        """
+        ...
+
+
+class InMemoryModelSource:
+    """Models held in memory: the last ``keep`` published versions; thread-safe.
+
+    Parameters
+    ----------
+    keep
+        How many versions to hold; older ones are dropped (a client holding one gets the
+        full model), except the current version of each track.
+    """
+
+    def __init__(self, keep: int = 3) -> None:
+        if keep < 1:
+            raise ValueError("keep must be >= 1")
+        self.keep = keep
+        self._lock = threading.Lock()
+        self._versions: OrderedDict[str, dict[str, torch.Tensor]] = OrderedDict()
+        self._tracks: dict[str, str] = {}
+
+    def publish(self, state: Mapping[str, torch.Tensor], track: str = "global") -> str:
+        """Make ``state`` (copied) the current version of ``track``; returns its hex digest."""
+        if is_hex_digest(track):
+            raise ValueError("a track name cannot look like a digest")
+        copy = {name: t.detach().to("cpu").clone() for name, t in state.items()}
+        digest = state_digest(copy).hex()
+        with self._lock:
+            self._versions[digest] = copy
+            self._versions.move_to_end(digest)
+            self._tracks[track] = digest
+            heads = set(self._tracks.values())
+            for old in list(self._versions):
+                if len(self._versions) <= self.keep:
+                    break
+                if old not in heads:
+                    del self._versions[old]
+        return digest
+
+    def versions(self) -> list[str]:
+        """Hex digests held, oldest first."""
+        with self._lock:
+            return list(self._versions)
+
+    def resolve(self, model: str) -> str:
+        """See :meth:`ModelSource.resolve`."""
+        with self._lock:
+            if model in self._tracks:
+                return self._tracks[model]
+            if is_hex_digest(model) and model in self._versions:
+                return model
+        raise NotFoundError(f"no model {model!r}")
+
+    def get(self, digest: str) -> Mapping[str, torch.Tensor] | None:
+        """See :meth:`ModelSource.get`."""
+        with self._lock:
+            return self._versions.get(digest)
+
+    def encode(
+        self, target: str, base: str | None, spec: CodecSpec, byte_budget: int | None
+    ) -> EncodedModel:
+        """See :meth:`ModelSource.encode`; ``byte_budget`` is not used to pick a spec."""
+        state = self.get(target)
+        if state is None:
+            raise NotFoundError(f"model {target[:16]}… is no longer held")
+        base_state = self.get(base) if base is not None else None
+        if base is not None and base_state is None:
+            raise NotFoundError(f"base {base[:16]}… is no longer held")
+        return encode_state(
+            state,
+            spec,
+            base_state,
+            seed=encode_seed(target, base, spec),
+            base_digest=bytes.fromhex(base) if base is not None else None,
+        )

@@ -1,0 +1,245 @@
+"""Python values of the ``fedsqueeze.v1`` wire messages (frozen, validated on creation).
+
+:mod:`fedsqueeze.wire.convert` turns them into protobuf messages and back; everything
+above the wire (server, client, coordinator, edge) works with these values only. Digests
+are raw 32-byte SHA-256 values; ``bytes.hex()`` them for display.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from fedsqueeze.codec.spec import CodecSpec
+
+#: Length of every digest on the wire (SHA-256), in bytes.
+DIGEST_BYTES = 32
+#: Longest manifest id, update id, edge id or model name, in characters.
+MAX_ID_CHARS = 128
+#: Most segments one manifest may list.
+MAX_SEGMENTS = 1 << 16
+
+_ID_RE = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
+
+
+def check_digest(value: bytes, what: str) -> bytes:
+    """``value`` if it is a 32-byte digest; ``ValueError`` otherwise."""
+    if not isinstance(value, bytes) or len(value) != DIGEST_BYTES:
+        raise ValueError(f"{what} must be {DIGEST_BYTES} bytes")
+    return value
+
+
+def check_id(value: str, what: str) -> str:
+    """``value`` if it is 1..128 characters of ``[A-Za-z0-9._:-]``; ``ValueError`` otherwise."""
+    if not isinstance(value, str) or _ID_RE.fullmatch(value) is None:
+        raise ValueError(f"{what} must be 1..{MAX_ID_CHARS} characters of [A-Za-z0-9._:-]")
+    return value
+
+
+def _check_optional_digest(value: bytes | None, what: str) -> None:
+    if value is not None:
+        check_digest(value, what)
+
+
+@dataclass(frozen=True)
+class SegmentInfo:
+    """One segment as a manifest lists it.
+
+    Parameters
+    ----------
+    segment_id
+        Position of the segment in the encoded payload (0, 1, ... without gaps).
+    tensor_names
+        State-dict keys whose records the segment carries.
+    priority
+        Sending priority (the manifest's order is the sending order).
+    level
+        Refinement level: 0 for the base layer.
+    byte_length
+        Payload size, in bytes.
+    sha256
+        SHA-256 of the payload (32 bytes).
+    """
+
+    segment_id: int
+    tensor_names: tuple[str, ...]
+    priority: int
+    level: int
+    byte_length: int
+    sha256: bytes
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.segment_id < MAX_SEGMENTS:
+            raise ValueError(f"segment_id out of range: {self.segment_id}")
+        if self.level < 0 or self.byte_length < 0:
+            raise ValueError("level and byte_length must be >= 0")
+        check_digest(self.sha256, "segment sha256")
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """Everything a client needs to fetch, verify and reassemble one encoded model.
+
+    Parameters
+    ----------
+    manifest_id
+        Identifier of this encoding (names it in segment requests).
+    model_digest
+        Digest of the target model version.
+    base_digest
+        Digest of the base the payload is a delta from; ``None`` for a full model.
+    spec
+        How the payload was encoded.
+    raw_bytes
+        Size of the target model's tensors in their own dtypes, in bytes.
+    encoded_sha256
+        SHA-256 of all segment payloads concatenated in ascending ``segment_id`` order.
+    decoded_digest
+        Digest of the model a client obtains by decoding (``model_digest`` when lossless).
+    segments
+        The segments in sending (priority) order; ids are exactly ``0..n-1``.
+    """
+
+    manifest_id: str
+    model_digest: bytes
+    base_digest: bytes | None
+    spec: CodecSpec
+    raw_bytes: int
+    encoded_sha256: bytes
+    decoded_digest: bytes
+    segments: tuple[SegmentInfo, ...]
+    _by_id: dict[int, SegmentInfo] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        check_id(self.manifest_id, "manifest_id")
+        check_digest(self.model_digest, "model_digest")
+        _check_optional_digest(self.base_digest, "base_digest")
+        check_digest(self.encoded_sha256, "encoded_sha256")
+        check_digest(self.decoded_digest, "decoded_digest")
+        if self.raw_bytes < 0:
+            raise ValueError("raw_bytes must be >= 0")
+        if not self.segments or len(self.segments) > MAX_SEGMENTS:
+            raise ValueError(f"a manifest lists 1..{MAX_SEGMENTS} segments")
+        by_id = {info.segment_id: info for info in self.segments}
+        if sorted(by_id) != list(range(len(self.segments))):
+            raise ValueError("segment ids must be 0..n-1, each once")
+        object.__setattr__(self, "_by_id", by_id)
+
+    @property
+    def encoded_bytes(self) -> int:
+        """Sum of all segments' sizes, in bytes."""
+        return sum(info.byte_length for info in self.segments)
+
+    def segment(self, segment_id: int) -> SegmentInfo:
+        """The descriptor of ``segment_id``; ``KeyError`` if the manifest has none."""
+        return self._by_id[segment_id]
+
+    def has_segment(self, segment_id: int) -> bool:
+        """Whether the manifest lists ``segment_id``."""
+        return segment_id in self._by_id
+
+
+@dataclass(frozen=True)
+class ManifestRequest:
+    """What a client asks ``GetManifest`` for.
+
+    Parameters
+    ----------
+    model
+        A track name such as ``"global"``, or a model digest as 64 lowercase hex chars.
+    base_digest
+        Digest of the model the client holds, or ``None``.
+    edge_id
+        The calling edge.
+    spec
+        How the client wants the model encoded.
+    byte_budget
+        Most encoded bytes the client accepts, or ``None`` for no limit.
+    """
+
+    model: str
+    base_digest: bytes | None
+    edge_id: str
+    spec: CodecSpec
+    byte_budget: int | None = None
+
+    def __post_init__(self) -> None:
+        check_id(self.model, "model")
+        check_id(self.edge_id, "edge_id")
+        _check_optional_digest(self.base_digest, "base_digest")
+        if self.byte_budget is not None and self.byte_budget <= 0:
+            raise ValueError("byte_budget must be > 0")
+
+
+@dataclass(frozen=True)
+class SegmentRequest:
+    """What a client asks ``StreamSegments`` for: a manifest, less what it holds."""
+
+    manifest_id: str
+    held: frozenset[int]
+    edge_id: str
+
+    def __post_init__(self) -> None:
+        check_id(self.manifest_id, "manifest_id")
+        check_id(self.edge_id, "edge_id")
+        if len(self.held) > MAX_SEGMENTS or any(not 0 <= i < MAX_SEGMENTS for i in self.held):
+            raise ValueError("held segment ids out of range")
+
+
+@dataclass(frozen=True)
+class SegmentData:
+    """One segment's bytes as streamed."""
+
+    manifest_id: str
+    segment_id: int
+    payload: bytes
+
+
+@dataclass(frozen=True)
+class UpdateMetadata:
+    """First message of an upload: what follows.
+
+    Parameters
+    ----------
+    update_id
+        Client-chosen id; an upload is stored once per id.
+    edge_id
+        The uploading edge.
+    base_digest
+        Digest of the model version the update was trained from.
+    total_bytes
+        Size of the whole encoded payload, in bytes (> 0).
+    sha256
+        SHA-256 of the whole encoded payload.
+    spec
+        How the payload was encoded.
+    """
+
+    update_id: str
+    edge_id: str
+    base_digest: bytes
+    total_bytes: int
+    sha256: bytes
+    spec: CodecSpec
+
+    def __post_init__(self) -> None:
+        check_id(self.update_id, "update_id")
+        check_id(self.edge_id, "edge_id")
+        check_digest(self.base_digest, "base_digest")
+        check_digest(self.sha256, "sha256")
+        if self.total_bytes <= 0:
+            raise ValueError("total_bytes must be > 0")
+
+
+@dataclass(frozen=True)
+class UpdateReceipt:
+    """The server's acknowledgement of a stored update."""
+
+    update_id: str
+    stored_bytes: int
+    sha256: bytes
+    duplicate: bool
+
+    def __post_init__(self) -> None:
+        check_id(self.update_id, "update_id")
+        check_digest(self.sha256, "sha256")
