@@ -163,10 +163,16 @@ class CompressedStrategy(Strategy):
             stats.bytes_up += receipt.bytes_up
             arrays, rejection = self._decode_reply(edge, receipt, target, global_state)
             if rejection is not None:
-                log.warning("round %d: rejected update from edge %s: %s", server_round, edge, rejection.reason)
+                log.warning(
+                    "round %d: rejected update from edge %s: %s",
+                    server_round,
+                    edge,
+                    rejection.reason,
+                )
                 stats.rejected.append(rejection)  # type: ignore[union-attr]
                 continue
             self.store.record_edge(edge, receipt.held)
+            assert arrays is not None  # no rejection means arrays were built
             content = RecordDict(
                 {
                     self._arrays_key: arrays,

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from fedsqueeze.codec import CodecSpec, EncodedModel, decode_state, encode_state, state_digest
-from fedsqueeze.errors import CodecError, ConfigError
+from fedsqueeze.errors import CodecError, ConfigError, NotFoundError
 from fedsqueeze.statefile import write_atomic
 
 log = logging.getLogger(__name__)
@@ -108,8 +108,11 @@ class VersionStore:
         return self.root / "versions" / f"{digest}.fsq"
 
     # ------------------------------------------------------------------ versions
-    def publish(self, state: Mapping[str, torch.Tensor], track: str = "global") -> str:
-        """Store ``state`` as a version, point ``track`` at it; returns its hex digest."""
+    def publish(self, state: Mapping[str, torch.Tensor], track: str | None = "global") -> str:
+        """Store ``state`` as a version, point ``track`` at it; returns its hex digest.
+
+        ``track=None`` stores a version no track points at (what an edge decoded).
+        """
         digest = state_digest(state).hex()
         with self._lock:
             path = self._path(digest)
@@ -119,7 +122,8 @@ class VersionStore:
             if digest in self._state.versions:
                 self._state.versions.remove(digest)
             self._state.versions.append(digest)
-            self._state.tracks[track] = digest
+            if track is not None:
+                self._state.tracks[track] = digest
             self._remember(digest, {k: v.detach().to("cpu") for k, v in state.items()})
             self._evict()
             self._save()
@@ -143,6 +147,15 @@ class VersionStore:
         self._cache.move_to_end(digest)
         while len(self._cache) > self._cache_size:
             self._cache.popitem(last=False)
+
+    def resolve(self, model: str) -> str:
+        """A track's head, or a kept digest; raises ``NotFoundError`` otherwise."""
+        with self._lock:
+            if model in self._state.tracks:
+                return self._state.tracks[model]
+            if model in self._state.versions:
+                return model
+        raise NotFoundError(f"no model {model!r} in the version store")
 
     def has(self, digest: str) -> bool:
         """Whether the version is still kept."""

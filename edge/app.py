@@ -50,7 +50,9 @@ def _data(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     pid = int(context.node_config.get("partition-id", 0))
     parts = int(context.node_config.get("num-partitions", 1))
-    return _partition(settings.task, settings.partitioning, settings.alpha, settings.seed, pid, parts)
+    return _partition(
+        settings.task, settings.partitioning, settings.alpha, settings.seed, pid, parts
+    )
 
 
 @app.train()

@@ -82,9 +82,7 @@ def make_mod(
         fetch_start = time.perf_counter()
         fetched = plane.fetch(instruction, edge_id, held_digest, held)
         fetch_seconds = time.perf_counter() - fetch_start
-        content = RecordDict(
-            {k: v for k, v in msg.content.items() if k != CONTROL_KEY}
-        )
+        content = RecordDict({k: v for k, v in msg.content.items() if k != CONTROL_KEY})
         content["arrays"] = ArrayRecord(fetched.state)
         msg.content = content
         store.save(EdgeMemory(fetched.digest, fetched.state, memory.residual))

@@ -40,6 +40,8 @@ class RoundInstruction:
     init_seed, init_digest
         The initial model can be rebuilt from ``task`` and this seed instead of
         downloaded; the digest proves it is the same model.
+    token
+        This edge's bearer token for the data plane.
     tls
         Whether the data plane uses TLS.
     """
@@ -54,6 +56,7 @@ class RoundInstruction:
     init_digest: str
     down_budget: int = 0
     up_budget: int = 0
+    token: str = ""
     tls: bool = False
 
     def to_record(self) -> ConfigRecord:
@@ -63,7 +66,8 @@ class RoundInstruction:
     @classmethod
     def from_record(cls, record: ConfigRecord) -> RoundInstruction:
         """From a ``ConfigRecord``; raises :class:`ConfigError` if fields are missing."""
-        return _from_mapping(cls, dict(record))
+        instruction: RoundInstruction = _from_mapping(cls, dict(record))
+        return instruction
 
 
 @dataclass(frozen=True)
@@ -115,7 +119,8 @@ class TrainReceipt:
         """Inverse of :meth:`to_records`."""
         merged: dict[str, Any] = {k.replace("-", "_"): v for k, v in dict(metrics).items()}
         merged.update(dict(ids))
-        return _from_mapping(cls, merged)
+        receipt: TrainReceipt = _from_mapping(cls, merged)
+        return receipt
 
 
 def _from_mapping(cls: type[Any], values: dict[str, Any]) -> Any:

@@ -65,7 +65,10 @@ class RunSettings:
     clip_norm: float = 0.0
     init_from_seed: bool = True
     state_dir: str = "fedsqueeze-state"
-    keep_versions: int = 4
+    keep_versions: int = 32
+    resume: bool = False
+    tls_cert: str = ""
+    tls_key: str = ""
     data_plane_host: str = "127.0.0.1"
     data_plane_port: int = 0
     round_timeout: float = 600.0

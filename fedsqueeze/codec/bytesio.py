@@ -46,9 +46,7 @@ class ByteReader:
     def take(self, count: int, what: str = "data") -> memoryview:
         """The next ``count`` bytes, without copying."""
         if count < 0 or count > self.remaining:
-            raise FormatError(
-                f"truncated input: {what} needs {count} bytes, {self.remaining} left"
-            )
+            raise FormatError(f"truncated input: {what} needs {count} bytes, {self.remaining} left")
         view = self._data[self.pos : self.pos + count]
         self.pos += count
         return view

@@ -57,6 +57,7 @@ class RecordFlags(IntFlag):
     ENTROPY = 0x08  # the body is zstd-compressed
     DELTA = 0x10  # values are a difference to the base tensor
     LEVEL = 0x20  # a refinement level follows (progressive transmission)
+    ZERO = 0x40  # no values: the tensor equals its base (delta) or is all zeros
 
 
 class ValueKind(IntFlag):
@@ -101,8 +102,8 @@ class QuantHeader:
 class PositionsHeader:
     """The sparse-positions part of a record header."""
 
-    coding: int  # fedsqueeze.codec.positions.PositionCoding value
-    rice_k: int
+    coding: int  # fedsqueeze.codec.positions.PositionCoding value (< 8)
+    rice_k: int  # Golomb-Rice parameter (< 32); shares one byte with ``coding``
     count: int  # number of kept values
     payload_bytes: int
 
@@ -122,6 +123,7 @@ class TensorRecord:
     positions: PositionsHeader | None
     raw_length: int | None  # body length before entropy coding, when compressed
     body: bytes
+    zero: bool = False  # no values at all: base unchanged (delta) or zeros
 
     @property
     def numel(self) -> int:
@@ -149,6 +151,8 @@ class TensorRecord:
             flags |= RecordFlags.DELTA
         if self.level:
             flags |= RecordFlags.LEVEL
+        if self.zero:
+            flags |= RecordFlags.ZERO
         out.append(int(flags))
         if self.index is None:
             if self.name is None or self.dtype is None or self.shape is None:
@@ -164,6 +168,8 @@ class TensorRecord:
             write_varint(out, self.index)
         if self.level:
             write_varint(out, self.level)
+        if self.zero:
+            return bytes(out)
         if self.quant is not None:
             q = self.quant
             per_channel = 0x80 if q.granularity is Granularity.PER_CHANNEL else 0
@@ -173,8 +179,7 @@ class TensorRecord:
             out.append(int(self.value_kind))
         if self.positions is not None:
             p = self.positions
-            out.append(p.coding)
-            out.append(p.rice_k)
+            out.append((p.coding << 5) | p.rice_k)
             write_varint(out, p.count)
             write_varint(out, p.payload_bytes)
         if self.raw_length is not None:
@@ -189,7 +194,7 @@ def parse_record(
 ) -> TensorRecord:
     """Read one record at the reader's position."""
     raw_flags = reader.u8("record flags")
-    if raw_flags & ~0x3F:
+    if raw_flags & ~0x7F:
         raise FormatError(f"unknown record flags 0x{raw_flags:02x}")
     flags = RecordFlags(raw_flags)
     name: str | None = None
@@ -221,6 +226,23 @@ def parse_record(
     else:
         index = reader.varint("tensor index", limits.max_tensors)
     level = reader.varint("level", 255) if flags & RecordFlags.LEVEL else 0
+    if flags & RecordFlags.ZERO:
+        if flags & (RecordFlags.SPARSE | RecordFlags.QUANT | RecordFlags.ENTROPY):
+            raise FormatError("a zero record carries no values")
+        return TensorRecord(
+            name,
+            index,
+            dtype,
+            shape,
+            bool(flags & RecordFlags.DELTA),
+            level,
+            None,
+            ValueKind.RAW,
+            None,
+            None,
+            b"",
+            zero=True,
+        )
     quant: QuantHeader | None = None
     value_kind = ValueKind.RAW
     if flags & RecordFlags.QUANT:
@@ -248,8 +270,8 @@ def parse_record(
         value_kind = ValueKind(kind)
     positions: PositionsHeader | None = None
     if flags & RecordFlags.SPARSE:
-        coding = reader.u8("position coding")
-        rice_k = reader.u8("rice parameter")
+        packed = reader.u8("position coding")
+        coding, rice_k = packed >> 5, packed & 0x1F
         count = reader.varint("kept count", limits.max_elements)
         pos_bytes = reader.varint("positions length", reader.remaining)
         positions = PositionsHeader(coding, rice_k, count, pos_bytes)

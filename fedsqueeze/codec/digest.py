@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import struct
+from typing import Any
 from collections.abc import Mapping
 
 import torch
@@ -27,7 +28,8 @@ def tensor_bytes(t: torch.Tensor) -> memoryview:
     host = t.detach().to("cpu").contiguous().reshape(-1)
     if host.dtype == torch.bool:
         host = host.to(torch.uint8)
-    return memoryview(host.view(torch.uint8).numpy()).cast("B")
+    array: Any = host.view(torch.uint8).numpy()
+    return memoryview(array).cast("B")
 
 
 def state_digest(state: Mapping[str, torch.Tensor]) -> bytes:

@@ -33,7 +33,7 @@ def stages_of(record: TensorRecord) -> str:
     if record.delta:
         parts.append("xor-delta" if record.value_kind is ValueKind.XOR else "delta")
     if record.positions is not None:
-        coding = PositionCoding(record.positions.coding).name.lower()
+        coding = str(PositionCoding(record.positions.coding).name or "?").lower()
         parts.append(f"sparse {record.positions.count} kept ({coding})")
     if record.quant is not None:
         q = record.quant
@@ -53,6 +53,7 @@ def describe(
     decoder = TensorDecoder(base, None)
     rows = []
     for record in encoded.records:
+        shape: tuple[int, ...]
         if record.index is not None and not base:
             name, dtype, shape = f"#{record.index} (pass --base)", torch.float32, ()
             numel = 0

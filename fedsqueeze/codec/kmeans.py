@@ -25,6 +25,21 @@ _FP16_MAX = 65504.0
 _ASSIGN_CHUNK = 1 << 20
 
 
+def _existing_codebook(x: Tensor, k: int) -> Tensor | None:
+    """The values themselves when they already take at most ``k`` fp16-exact values.
+
+    Weights produced by trained quantization (k-means, then centroid fine-tuning,
+    rounded to fp16) are already shared; refitting would move the fine-tuned centroids.
+    """
+    distinct = torch.unique(x.to(torch.float32))
+    if distinct.numel() > k or not bool(torch.isfinite(distinct).all()):
+        return None
+    if not torch.equal(distinct.to(torch.float16).to(torch.float32), distinct):
+        return None
+    pad = distinct[-1:].expand(k - distinct.numel())
+    return torch.cat([distinct, pad])
+
+
 def kmeans_codebook(
     values: Tensor, bits: int, iters: int = 25, generator: torch.Generator | None = None
 ) -> Tensor:
@@ -66,6 +81,10 @@ def kmeans_codebook(
     if values.numel() == 0:
         return torch.zeros(k, dtype=torch.float32, device=device)
     x = values.detach()
+    if x.numel() <= MAX_FIT_VALUES:
+        shared = _existing_codebook(x, k)
+        if shared is not None:
+            return shared
     if x.numel() > MAX_FIT_VALUES:
         if generator is None:
             generator = torch.Generator(device=device).manual_seed(_SAMPLE_SEED)

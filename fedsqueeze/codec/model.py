@@ -35,6 +35,7 @@ from fedsqueeze.errors import BaseMismatchError, FormatError, LimitExceededError
 
 State = Mapping[str, torch.Tensor]
 
+
 @dataclass(frozen=True)
 class EncodedModel:
     """An encoded state dict: a header and one record per tensor.
@@ -143,7 +144,9 @@ def encode_state(
         if base_digest is None:
             base_digest = state_digest(base)
     encoder = TensorEncoder(spec, base, residual, seed)
-    masks = _global_masks(state, spec, encoder) if spec.prune.method is PruneMethod.L1_GLOBAL else {}
+    masks = (
+        _global_masks(state, spec, encoder) if spec.prune.method is PruneMethod.L1_GLOBAL else {}
+    )
     records = []
     new_residual: dict[str, torch.Tensor] = {}
     for name, tensor in state.items():
@@ -229,9 +232,7 @@ def decode_state(
     return out
 
 
-def _global_masks(
-    state: State, spec: CodecSpec, encoder: TensorEncoder
-) -> dict[str, torch.Tensor]:
+def _global_masks(state: State, spec: CodecSpec, encoder: TensorEncoder) -> dict[str, torch.Tensor]:
     work = {
         name: encoder.lossy_input(name, t.detach())
         for name, t in state.items()

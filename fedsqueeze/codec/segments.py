@@ -52,9 +52,7 @@ class Segment:
         return hashlib.sha256(self.payload).digest()
 
 
-def split_segments(
-    encoded: EncodedModel, max_bytes: int = DEFAULT_SEGMENT_BYTES
-) -> list[Segment]:
+def split_segments(encoded: EncodedModel, max_bytes: int = DEFAULT_SEGMENT_BYTES) -> list[Segment]:
     """Cut ``encoded`` into segments of at most ``max_bytes``, in priority order."""
     if max_bytes < 64:
         raise ValueError(f"max_bytes must be at least 64, got {max_bytes}")

@@ -214,7 +214,8 @@ class CodecSpec:
         Layout: flags u8 (prune method in bits 0-2, top-k bit 3, quant bit 4, custom
         targets bit 5) · [amount f64] · [topk f64] · [quant 2 B] · float format and
         min_ndim u8 · entropy level u8 · [targets]. Amounts are float64 so the spec
-        survives the round trip exactly.
+        survives the round trip exactly; an amount with at most six decimals (0.95,
+        0.025) is a varint of millionths instead, 1 to 3 bytes.
         """
         flags = self.prune.method.value
         flags |= 0x08 if self.topk is not None else 0
@@ -222,11 +223,11 @@ class CodecSpec:
         flags |= 0x20 if self.targets != DEFAULT_TARGETS else 0
         out = bytearray([flags])
         if self.prune.method is PruneMethod.THRESHOLD:
-            out += struct.pack("<d", self.prune.threshold)
+            _write_amount(out, self.prune.threshold)
         elif self.prune.method is not PruneMethod.NONE:
-            out += struct.pack("<d", self.prune.sparsity)
+            _write_amount(out, self.prune.sparsity)
         if self.topk is not None:
-            out += struct.pack("<d", self.topk)
+            _write_amount(out, self.topk)
         if self.quant is not None:
             q = self.quant
             out.append(q.bits | (q.scheme.value << 4))
@@ -259,6 +260,41 @@ class CodecSpec:
             raise FormatError(f"invalid codec spec: {exc}") from exc
 
 
+_MICRO = 1_000_000
+_EXACT_F64 = 0xFF  # marker byte: a float64 follows
+
+
+def _write_amount(out: bytearray, value: float) -> None:
+    micros = round(value * _MICRO)
+    if micros < (1 << 21) and micros / _MICRO == value:
+        # varint of millionths; its first byte is never 0xFF (continuation bytes < 0x100
+        # but the marker is reserved: values needing it fall back to float64)
+        raw = bytearray()
+        while micros >= 0x80:
+            raw.append((micros & 0x7F) | 0x80)
+            micros >>= 7
+        raw.append(micros)
+        if raw[0] != _EXACT_F64:
+            out += raw
+            return
+    out.append(_EXACT_F64)
+    out += struct.pack("<d", value)
+
+
+def _read_amount(data: bytes, pos: int) -> tuple[float, int]:
+    if data[pos] == _EXACT_F64:
+        (value,) = struct.unpack_from("<d", data, pos + 1)
+        return float(value), pos + 9
+    micros = 0
+    for shift in (0, 7, 14):
+        byte = data[pos]
+        pos += 1
+        micros |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return micros / _MICRO, pos
+    raise ValueError("amount varint too long")
+
+
 def _parse_spec(data: bytes, pos: int) -> tuple[CodecSpec, int]:
     flags = data[pos]
     pos += 1
@@ -267,15 +303,12 @@ def _parse_spec(data: bytes, pos: int) -> tuple[CodecSpec, int]:
     method = PruneMethod(flags & 0x07)
     sparsity = threshold = 0.0
     if method is PruneMethod.THRESHOLD:
-        (threshold,) = struct.unpack_from("<d", data, pos)
-        pos += 8
+        threshold, pos = _read_amount(data, pos)
     elif method is not PruneMethod.NONE:
-        (sparsity,) = struct.unpack_from("<d", data, pos)
-        pos += 8
+        sparsity, pos = _read_amount(data, pos)
     topk: float | None = None
     if flags & 0x08:
-        (topk,) = struct.unpack_from("<d", data, pos)
-        pos += 8
+        topk, pos = _read_amount(data, pos)
     quant: QuantSpec | None = None
     if flags & 0x10:
         desc, opts = data[pos], data[pos + 1]
@@ -285,7 +318,7 @@ def _parse_spec(data: bytes, pos: int) -> tuple[CodecSpec, int]:
         )
     fmt_ndim, level = data[pos], data[pos + 1]
     pos += 2
-    targets = DEFAULT_TARGETS
+    targets: tuple[str, ...] = DEFAULT_TARGETS
     if flags & 0x20:
         count = data[pos]
         pos += 1

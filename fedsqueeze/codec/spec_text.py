@@ -133,9 +133,7 @@ def format_spec(spec: CodecSpec) -> str:
     if spec.quant is not None:
         q = spec.quant
         gran = "channel" if q.granularity is Granularity.PER_CHANNEL else "tensor"
-        parts.append(
-            f"quant={q.bits}:{q.scheme.name.lower()}:{gran}:{q.rounding.name.lower()}"
-        )
+        parts.append(f"quant={q.bits}:{q.scheme.name.lower()}:{gran}:{q.rounding.name.lower()}")
     parts.append(f"float={spec.float_format.name.lower()}")
     parts.append(f"entropy={spec.entropy_level}")
     parts.append(f"targets={'|'.join(spec.targets)}")

@@ -26,14 +26,20 @@ _VALUE_DTYPES = {
 }
 
 
-def _bytes_to_tensor(data: bytes, dtype: torch.dtype, count: int, device: torch.device) -> torch.Tensor:
+def _bytes_to_tensor(
+    data: bytes, dtype: torch.dtype, count: int, device: torch.device
+) -> torch.Tensor:
     """``count`` elements of ``dtype`` from exactly matching bytes."""
     width = torch.empty((), dtype=dtype).element_size()
     if len(data) != count * width:
         raise FormatError(
             f"value payload is {len(data)} bytes, expected {count} × {width} for {dtype}"
         )
-    raw = torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8)
+    raw = (
+        torch.frombuffer(bytearray(data), dtype=torch.uint8)
+        if data
+        else torch.empty(0, dtype=torch.uint8)
+    )
     view_dtype = torch.uint8 if dtype == torch.bool else dtype
     out = raw.view(view_dtype)
     if dtype == torch.bool:
@@ -46,7 +52,9 @@ def _bytes_to_tensor(data: bytes, dtype: torch.dtype, count: int, device: torch.
 class TensorDecoder:
     """Decodes the records of one model against an optional base."""
 
-    def __init__(self, base: Mapping[str, torch.Tensor] | None, device: torch.device | None) -> None:
+    def __init__(
+        self, base: Mapping[str, torch.Tensor] | None, device: torch.device | None
+    ) -> None:
         self._base = base or {}
         self._names = sorted(self._base)
         self._device = device
@@ -80,6 +88,10 @@ class TensorDecoder:
             if tuple(base.shape) != shape or base.dtype != dtype:
                 raise BaseMismatchError(f"base tensor {name!r} does not match the record")
         device = self._device or (base.device if base is not None else torch.device("cpu"))
+        if record.zero:
+            if base is not None:
+                return name, base.to(device).clone()
+            return name, torch.zeros(shape, dtype=dtype, device=device)
         body = record.body
         if record.raw_length is not None:
             body = entropy.decompress(body, record.raw_length)
@@ -93,7 +105,11 @@ class TensorDecoder:
                 coding = PositionCoding(p.coding)
             except ValueError as exc:
                 raise FormatError(f"record {name!r}: unknown position coding {p.coding}") from exc
-            pos_payload = torch.frombuffer(bytearray(body[: p.payload_bytes]), dtype=torch.uint8) if p.payload_bytes else torch.empty(0, dtype=torch.uint8)
+            pos_payload = (
+                torch.frombuffer(bytearray(body[: p.payload_bytes]), dtype=torch.uint8)
+                if p.payload_bytes
+                else torch.empty(0, dtype=torch.uint8)
+            )
             indices = decode_positions(coding, p.count, p.rice_k, pos_payload.to(device), numel)
             kept = p.count
             body = body[p.payload_bytes :]
@@ -142,7 +158,11 @@ class TensorDecoder:
         qp, end = qparams_from_bytes(q.params, 0, q.bits, q.scheme, channels)
         if end != len(q.params):
             raise FormatError(f"record {name!r}: quantization parameters have trailing bytes")
-        packed = torch.frombuffer(bytearray(body), dtype=torch.uint8) if body else torch.empty(0, dtype=torch.uint8)
+        packed = (
+            torch.frombuffer(bytearray(body), dtype=torch.uint8)
+            if body
+            else torch.empty(0, dtype=torch.uint8)
+        )
         codes = unpack_bits(packed.to(device), q.bits, kept)
         channels_of: torch.Tensor | None = None
         if q.granularity is Granularity.PER_CHANNEL:

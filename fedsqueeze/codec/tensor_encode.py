@@ -83,7 +83,9 @@ class TensorEncoder:
         r = self._residual.get(name)
         if r is not None and self._spec.topk is not None:
             if r.shape != t.shape:
-                raise ValueError(f"residual[{name!r}] has shape {tuple(r.shape)}, not {tuple(t.shape)}")
+                raise ValueError(
+                    f"residual[{name!r}] has shape {tuple(r.shape)}, not {tuple(t.shape)}"
+                )
             x = x + r.to(device=t.device, dtype=torch.float32)
         return x
 
@@ -138,6 +140,24 @@ class TensorEncoder:
             body=compressed if compressed is not None else body,
         )
 
+    def _zero(self, name: str, t: torch.Tensor, delta: bool) -> TensorRecord:
+        """Nothing kept: the receiver keeps its base tensor (or gets zeros)."""
+        index = self._index.get(name) if delta else None
+        return TensorRecord(
+            name,
+            index,
+            t.dtype,
+            tuple(t.shape),
+            delta,
+            0,
+            None,
+            ValueKind.RAW,
+            None,
+            None,
+            b"",
+            zero=True,
+        )
+
     def _lossless(self, name: str, t: torch.Tensor) -> TensorRecord:
         b = self._base_of(name, t)
         if b is None:
@@ -160,7 +180,9 @@ class TensorEncoder:
             value_kind=FLOAT_KINDS[fmt],
         )
 
-    def _mask(self, name: str, x: torch.Tensor, global_mask: torch.Tensor | None) -> torch.Tensor | None:
+    def _mask(
+        self, name: str, x: torch.Tensor, global_mask: torch.Tensor | None
+    ) -> torch.Tensor | None:
         spec = self._spec
         if spec.topk is not None:
             return None if spec.topk >= 1.0 else magnitude_mask(x, 1.0 - spec.topk)
@@ -184,6 +206,8 @@ class TensorEncoder:
         flat = x.reshape(-1)
         mask = self._mask(name, x, global_mask)
         indices = None if mask is None else mask_to_indices(mask.reshape(-1))
+        if indices is not None and indices.numel() == 0:
+            return self._zero(name, t, delta), (x if spec.topk is not None else None)
         values = flat if indices is None else flat[indices]
         numel = flat.numel()
         channels_of: torch.Tensor | None = None

@@ -35,7 +35,7 @@ class FaultInjector:
         self.corruptions = 0
 
     def cut_streams_after(self, segments: int, times: int = 1) -> None:
-        """Cut the next ``times`` streams after they have sent ``segments`` segments."""
+        """Cut the next ``times`` streams once they have sent ``segments`` segments."""
         with self._lock:
             self._cut_after = segments
             self._cuts_left = times
@@ -65,8 +65,8 @@ class FaultInjector:
             return b"\x00"
         return payload[:-1] + bytes([payload[-1] ^ 0xFF])
 
-    def after_segment(self, sent_in_call: int) -> StreamAction:
-        """Called after each segment a stream sends (``sent_in_call`` so far in it)."""
+    def before_segment(self, sent_in_call: int) -> StreamAction:
+        """Called before each segment a stream sends (``sent_in_call`` sent so far in it)."""
         with self._lock:
             pause = self._pause_after is not None and sent_in_call == self._pause_after
             if pause:

@@ -72,9 +72,7 @@ def prepare_model(source: ModelSource, key: CacheKey, segment_bytes: int) -> Pre
     if key.spec.lossless and base_state is None:
         decoded_digest = model_digest
     else:
-        decoded_digest = state_digest(
-            decode_state(encoded, base_state, base_digest=base_digest)
-        )
+        decoded_digest = state_digest(decode_state(encoded, base_state, base_digest=base_digest))
     raw_bytes = sum(t.numel() * t.element_size() for t in target_state.values())
     infos = tuple(
         SegmentInfo(s.index, s.tensor_names, s.priority, s.level, len(s.payload), s.sha256)
@@ -82,9 +80,7 @@ def prepare_model(source: ModelSource, key: CacheKey, segment_bytes: int) -> Pre
     )
     payloads = tuple(s.payload for s in sorted(segments, key=lambda s: s.index))
     manifest = Manifest(
-        manifest_id=manifest_id_for(
-            model_digest, base_digest, key.spec.to_bytes(), whole.digest()
-        ),
+        manifest_id=manifest_id_for(model_digest, base_digest, key.spec.to_bytes(), whole.digest()),
         model_digest=model_digest,
         base_digest=base_digest,
         spec=key.spec,

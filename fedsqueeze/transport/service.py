@@ -93,6 +93,7 @@ class TransferService:
             context.abort(code, str(exc))
         logger.exception("%s failed on an unexpected error", rpc)
         context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}")
+        raise RuntimeError("grpc's context.abort() returned") from exc
 
     # ------------------------------------------------------------------ GetManifest
     def get_manifest(
@@ -145,15 +146,15 @@ class TransferService:
         for info in prepared.manifest.segments:
             if info.segment_id in held:
                 continue
-            if not context.is_active():
-                return
             payload = prepared.payloads[info.segment_id]
             if self.faults is not None:
+                if self.faults.before_segment(sent) is StreamAction.CUT:
+                    raise UnavailableError(f"injected fault: stream cut after {sent} segments")
                 payload = self.faults.payload(info.segment_id, payload)
+            if not context.is_active():
+                return
             yield convert.segment_to_proto(SegmentData(manifest_id, info.segment_id, payload))
             sent += 1
-            if self.faults is not None and self.faults.after_segment(sent) is StreamAction.CUT:
-                raise UnavailableError(f"injected fault: stream cut after {sent} segments")
 
     # ------------------------------------------------------------------ PushUpdate
     def push_update(

@@ -29,8 +29,18 @@ BASE = make_state(1)
 SPECS = [
     CodecSpec(),
     CodecSpec(prune=PruneSpec(PruneMethod.L1_GLOBAL, 0.8), quant=QuantSpec(3, QuantScheme.KMEANS)),
-    CodecSpec(topk=0.1, quant=QuantSpec(4, rounding=Rounding.STOCHASTIC), targets=("*",), min_ndim=1),
-    CodecSpec(quant=QuantSpec(2, QuantScheme.POW2, granularity=__import__("fedsqueeze.codec", fromlist=["Granularity"]).Granularity.PER_CHANNEL)),
+    CodecSpec(
+        topk=0.1, quant=QuantSpec(4, rounding=Rounding.STOCHASTIC), targets=("*",), min_ndim=1
+    ),
+    CodecSpec(
+        quant=QuantSpec(
+            2,
+            QuantScheme.POW2,
+            granularity=__import__(
+                "fedsqueeze.codec", fromlist=["Granularity"]
+            ).Granularity.PER_CHANNEL,
+        )
+    ),
 ]
 
 
@@ -48,8 +58,14 @@ SAMPLES = _samples()
 
 def _try_decode(data: bytes, with_base: bool) -> None:
     try:
-        encoded = EncodedModel.from_bytes(data, DecodeLimits(max_elements=1 << 20, max_total_elements=1 << 22))
-        decode_state(encoded, BASE if with_base else None, limits=DecodeLimits(max_elements=1 << 20, max_total_elements=1 << 22))
+        encoded = EncodedModel.from_bytes(
+            data, DecodeLimits(max_elements=1 << 20, max_total_elements=1 << 22)
+        )
+        decode_state(
+            encoded,
+            BASE if with_base else None,
+            limits=DecodeLimits(max_elements=1 << 20, max_total_elements=1 << 22),
+        )
     except CodecError:
         pass
 

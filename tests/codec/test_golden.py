@@ -44,12 +44,31 @@ CASES: dict[str, tuple[CodecSpec, bool]] = {
     "lossless": (CodecSpec(), False),
     "lossless-delta": (CodecSpec(), True),
     "int8-affine": (CodecSpec(quant=QuantSpec(8)), False),
-    "int4-symmetric-channel": (CodecSpec(quant=QuantSpec(4, QuantScheme.SYMMETRIC, Granularity.PER_CHANNEL)), False),
+    "int4-symmetric-channel": (
+        CodecSpec(quant=QuantSpec(4, QuantScheme.SYMMETRIC, Granularity.PER_CHANNEL)),
+        False,
+    ),
     "pow2-2bit": (CodecSpec(quant=QuantSpec(2, QuantScheme.POW2)), False),
-    "prune-l1-3bit": (CodecSpec(prune=PruneSpec(PruneMethod.L1_UNSTRUCTURED, 0.7), quant=QuantSpec(3)), False),
+    "prune-l1-3bit": (
+        CodecSpec(prune=PruneSpec(PruneMethod.L1_UNSTRUCTURED, 0.7), quant=QuantSpec(3)),
+        False,
+    ),
     "prune-channel": (CodecSpec(prune=PruneSpec(PruneMethod.LN_STRUCTURED, 0.5)), False),
-    "topk-delta": (CodecSpec(topk=0.25, quant=QuantSpec(4, rounding=Rounding.NEAREST), targets=("*",), min_ndim=1), True),
-    "fp16-entropy-off": (CodecSpec(float_format=__import__("fedsqueeze.codec", fromlist=["FloatFormat"]).FloatFormat.FP16, entropy_level=0, targets=("*",), min_ndim=0), False),
+    "topk-delta": (
+        CodecSpec(
+            topk=0.25, quant=QuantSpec(4, rounding=Rounding.NEAREST), targets=("*",), min_ndim=1
+        ),
+        True,
+    ),
+    "fp16-entropy-off": (
+        CodecSpec(
+            float_format=__import__("fedsqueeze.codec", fromlist=["FloatFormat"]).FloatFormat.FP16,
+            entropy_level=0,
+            targets=("*",),
+            min_ndim=0,
+        ),
+        False,
+    ),
 }
 
 

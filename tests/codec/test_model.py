@@ -40,7 +40,10 @@ def test_lossless_round_trip_is_bit_exact(state: dict[str, torch.Tensor]) -> Non
 
 def test_lossless_delta_round_trip_is_bit_exact(state: dict[str, torch.Tensor]) -> None:
     base = make_state(1)
-    new = {k: (v + 1e-3 * torch.randn_like(v) if v.is_floating_point() else v) for k, v in state.items()}
+    new = {
+        k: (v + 1e-3 * torch.randn_like(v) if v.is_floating_point() else v)
+        for k, v in state.items()
+    }
     encoded = encode_state(new, CodecSpec(), base)
     assert encoded.base_digest == state_digest(base)
     decoded = decode_state(EncodedModel.from_bytes(encoded.to_bytes()), base)
@@ -112,7 +115,9 @@ def test_topk_error_feedback_residual_accounts_for_everything() -> None:
     g = torch.Generator().manual_seed(3)
     base = {"w": torch.randn(64, 32, generator=g), "b": torch.randn(32, generator=g)}
     new = {k: v + 0.1 * torch.randn(v.shape, generator=g) for k, v in base.items()}
-    spec = CodecSpec(topk=0.1, quant=QuantSpec(4, rounding=Rounding.STOCHASTIC), targets=("*",), min_ndim=1)
+    spec = CodecSpec(
+        topk=0.1, quant=QuantSpec(4, rounding=Rounding.STOCHASTIC), targets=("*",), min_ndim=1
+    )
     encoded = encode_state(new, spec, base, seed=1)
     assert encoded.residual is not None
     decoded = decode_state(EncodedModel.from_bytes(encoded.to_bytes()), base)
@@ -179,15 +184,36 @@ def test_encoding_does_not_mutate_inputs(state: dict[str, torch.Tensor]) -> None
 def test_header_overhead_is_small_for_a_tiny_update() -> None:
     """FINDINGS: at ~2 KB, headers must stay well under a tenth of the message."""
     g = torch.Generator().manual_seed(0)
-    names = ["conv1.weight", "conv1.bias", "conv2.weight", "conv2.bias", "fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"]
+    names = [
+        "conv1.weight",
+        "conv1.bias",
+        "conv2.weight",
+        "conv2.bias",
+        "fc1.weight",
+        "fc1.bias",
+        "fc2.weight",
+        "fc2.bias",
+    ]
     shapes = [(16, 1, 3, 3), (16,), (32, 16, 3, 3), (32,), (64, 512), (64,), (10, 64), (10,)]
     base = {n: torch.randn(s, generator=g) for n, s in zip(names, shapes, strict=True)}
     new = {n: t + 0.01 * torch.randn(t.shape, generator=g) for n, t in base.items()}
-    spec = CodecSpec(topk=0.02, quant=QuantSpec(4, rounding=Rounding.STOCHASTIC), targets=("*",), min_ndim=1)
+    spec = CodecSpec(
+        topk=0.03, quant=QuantSpec(4, rounding=Rounding.STOCHASTIC), targets=("*",), min_ndim=1
+    )
     encoded = encode_state(new, spec, base, seed=0)
     total = encoded.nbytes
     payload = sum(len(r.body) for r in encoded.records)
+    assert total < 2200
     assert total - payload < 0.1 * total, (total, payload)
+    # a pruned, weight-shared model of the same architecture sent in full
+    pruned = CodecSpec(
+        prune=PruneSpec(PruneMethod.L1_GLOBAL, 0.95),
+        quant=QuantSpec(3, QuantScheme.KMEANS),
+        entropy_level=19,
+    )
+    full = encode_state(new, pruned)
+    overhead = full.nbytes - sum(len(r.body) for r in full.records)
+    assert overhead < 0.1 * full.nbytes, (full.nbytes, overhead)
 
 
 def test_codec_error_is_raised_for_garbage() -> None:

@@ -7,7 +7,14 @@ import random
 import pytest
 import torch
 
-from fedsqueeze.codec import CodecSpec, Segment, decode_state, encode_state, join_segments, split_segments
+from fedsqueeze.codec import (
+    CodecSpec,
+    Segment,
+    decode_state,
+    encode_state,
+    join_segments,
+    split_segments,
+)
 from fedsqueeze.errors import CodecError
 
 
@@ -50,7 +57,9 @@ def test_missing_duplicate_or_corrupt_segments_raise() -> None:
         join_segments([*segments, segments[1]])
     with pytest.raises(CodecError):
         join_segments([])
-    bad = Segment(segments[1].index, segments[1].tensor_names, 1, 0, segments[1].payload[:-1] + b"\x00")
+    bad = Segment(
+        segments[1].index, segments[1].tensor_names, 1, 0, segments[1].payload[:-1] + b"\x00"
+    )
     # the codec cannot see a flipped value byte once the stream is rejoined: that is what
     # each segment's sha256 is for, and the transport checks it
     assert bad.sha256 != segments[1].sha256

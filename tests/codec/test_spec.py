@@ -31,8 +31,14 @@ def specs(draw: st.DrawFn) -> CodecSpec:
     quant = None
     if draw(st.booleans()):
         scheme = draw(st.sampled_from(list(QuantScheme)))
-        gran = Granularity.PER_TENSOR if scheme is QuantScheme.KMEANS else draw(st.sampled_from(list(Granularity)))
-        quant = QuantSpec(draw(st.sampled_from([2, 3, 4, 8])), scheme, gran, draw(st.sampled_from(list(Rounding))))
+        gran = (
+            Granularity.PER_TENSOR
+            if scheme is QuantScheme.KMEANS
+            else draw(st.sampled_from(list(Granularity)))
+        )
+        quant = QuantSpec(
+            draw(st.sampled_from([2, 3, 4, 8])), scheme, gran, draw(st.sampled_from(list(Rounding)))
+        )
     targets = draw(st.sampled_from([("*weight",), ("*",), ("fc*", "conv*.weight")]))
     return CodecSpec(
         prune=prune,

@@ -48,11 +48,18 @@ def _replies(messages: list[Message], receipts: dict[int, TrainReceipt]) -> list
     return out
 
 
-def _plain_replies(messages: list[Message], models: dict[int, dict[str, torch.Tensor]]) -> list[Message]:
+def _plain_replies(
+    messages: list[Message], models: dict[int, dict[str, torch.Tensor]]
+) -> list[Message]:
     out = []
     for msg in messages:
         node = msg.metadata.dst_node_id
-        content = RecordDict({"arrays": ArrayRecord(models[node]), "metrics": MetricRecord({"num-examples": 10 * node})})
+        content = RecordDict(
+            {
+                "arrays": ArrayRecord(models[node]),
+                "metrics": MetricRecord({"num-examples": 10 * node}),
+            }
+        )
         out.append(Message(content, reply_to=msg))
     return out
 

@@ -1,0 +1,220 @@
+"""The coordinator ServerApp: the global model's home, the data plane's server.
+
+Per run it opens the version store, starts the data-plane server, builds the wrapped
+strategy and runs it. Each round's global model is published as a version; edges get
+only a control message; their updates come back over the data plane. After each round
+the centralized evaluation is logged and the round is recorded as complete, so a
+restarted coordinator (``resume = true``) continues from the last completed round.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
+from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import (
+    FedAdam,
+    FedAvg,
+    FedMedian,
+    FedProx,
+    FedTrimmedAvg,
+    FedYogi,
+    Strategy,
+)
+
+from coordinator.source import StoreModelSource
+from coordinator.strategy import CompressedStrategy, PulledUpdate
+from coordinator.tokens import DerivedTokens
+from coordinator.version_store import VersionStore
+from fedsqueeze.codec import state_digest
+from fedsqueeze.control import RoundInstruction
+from fedsqueeze.errors import ConfigError
+from fedsqueeze.runconfig import RunSettings, StrategyName
+from fedsqueeze.tasks import get_task
+from fedsqueeze.transport.server import ServerConfig, TransferServer
+from fedsqueeze.transport.tls import ServerTls
+from fedsqueeze.transport.updates import UpdateStore
+
+log = logging.getLogger(__name__)
+
+app = ServerApp()
+
+
+def build_strategy(settings: RunSettings) -> Strategy:
+    """The Flower strategy named in the settings."""
+    factories: dict[StrategyName, Callable[..., Strategy]] = {
+        StrategyName.FEDAVG: FedAvg,
+        StrategyName.FEDPROX: functools.partial(FedProx, proximal_mu=settings.proximal_mu),
+        StrategyName.FEDADAM: FedAdam,
+        StrategyName.FEDYOGI: FedYogi,
+        StrategyName.FEDMEDIAN: FedMedian,
+        StrategyName.FEDTRIMMEDAVG: FedTrimmedAvg,
+    }
+    return factories[settings.strategy](
+        fraction_train=settings.fraction_train,
+        fraction_evaluate=settings.fraction_evaluate,
+        min_train_nodes=settings.min_train_nodes,
+        min_evaluate_nodes=max(1, min(settings.min_train_nodes, 2)),
+        min_available_nodes=settings.min_available_nodes,
+    )
+
+
+@dataclass
+class Coordinator:
+    """One run's coordinator: store, data plane and strategy, wired together."""
+
+    settings: RunSettings
+    store: VersionStore
+    server: TransferServer
+    updates: UpdateStore
+    tokens: DerivedTokens
+    strategy: CompressedStrategy
+    init_digest: str
+    advertised: str
+    offset: int
+
+    @classmethod
+    def open(cls, settings: RunSettings) -> Coordinator:
+        """Open the state directory, start the data plane, build the strategy."""
+        root = Path(settings.state_dir)
+        store = VersionStore(root, keep=settings.keep_versions)
+        if store.completed_round and not settings.resume:
+            raise ConfigError(
+                f"{root} already holds a run at round {store.completed_round}: set "
+                "resume = true to continue it, or choose another state directory"
+            )
+        task = get_task(settings.task)
+        initial = dict(task.build_model(settings.seed).state_dict())
+        init_digest = state_digest(initial).hex()
+        if not store.has(init_digest):
+            store.publish(initial, track="init")
+        updates = UpdateStore()
+        tokens = DerivedTokens()
+        tls = None
+        if settings.tls_cert:
+            tls = ServerTls.from_files(Path(settings.tls_cert), Path(settings.tls_key))
+        server = TransferServer(
+            StoreModelSource(store),
+            updates,
+            tokens,
+            config=ServerConfig(host=settings.data_plane_host, port=settings.data_plane_port),
+            tls=tls,
+            plaintext=tls is None,
+        )
+        server.start()
+        advertised = f"{settings.data_plane_host}:{server.port}"
+        log.info("data plane listening on %s (%s)", advertised, "TLS" if tls else "plaintext")
+        down, up = settings.down_spec, settings.up_spec
+        offset = store.completed_round  # rounds already done when resuming
+
+        def instruction(server_round: int, node_id: int, target: str) -> RoundInstruction:
+            return RoundInstruction(
+                server_round=server_round + offset,
+                address=advertised,
+                target=target,
+                down_spec=down,
+                up_spec=up,
+                task=settings.task,
+                init_seed=settings.seed if settings.init_from_seed else -1,
+                init_digest=init_digest if settings.init_from_seed else "",
+                down_budget=settings.down_budget,
+                up_budget=settings.up_budget,
+                token=tokens.token_for(str(node_id)),
+                tls=tls is not None,
+            )
+
+        def pull(update_id: str) -> PulledUpdate | None:
+            received = updates.pop(update_id)
+            if received is None:
+                return None
+            return PulledUpdate(received.encoded, received.base_digest.hex(), received.edge_id)
+
+        strategy = CompressedStrategy(
+            build_strategy(settings),
+            store,
+            instruction,
+            pull,
+            clip_norm=settings.clip_norm or None,
+        )
+        return cls(
+            settings, store, server, updates, tokens, strategy, init_digest, advertised, offset
+        )
+
+    def initial_arrays(self) -> ArrayRecord:
+        """Where this run starts: the last completed global model, or the seeded one."""
+        head = self.store.head("global") if self.settings.resume else None
+        state = self.store.get(head) if head else None
+        if state is None:
+            state = self.store.get(self.init_digest)
+        if state is None:
+            raise ConfigError("the initial model is missing from the version store")
+        return ArrayRecord(state)
+
+    def evaluate(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        """Centralized evaluation on the task's test split; records the round."""
+        task = get_task(self.settings.task)
+        model = task.build_model(self.settings.seed)
+        model.load_state_dict(arrays.to_torch_state_dict())
+        data = task.load_data()
+        result = task.evaluate(model, data.x_test, data.y_test)
+        absolute = server_round + self.offset
+        stats = self.strategy.stats.get(server_round)
+        metrics: dict[str, float] = {
+            "accuracy": result.accuracy,
+            "loss": result.loss,
+            "bytes-down": float(stats.bytes_down if stats else 0),
+            "bytes-up": float(stats.bytes_up if stats else 0),
+            "updates-accepted": float(stats.accepted if stats else 0),
+            "updates-rejected": float(len(stats.rejected or []) if stats else 0),
+        }
+        if server_round > 0:
+            self.store.publish(arrays.to_torch_state_dict(), track="global")
+            self.store.complete_round(absolute, metrics)
+        log.info(
+            "round %d: accuracy %.4f loss %.4f, %d B down, %d B up",
+            absolute,
+            result.accuracy,
+            result.loss,
+            int(metrics["bytes-down"]),
+            int(metrics["bytes-up"]),
+        )
+        return MetricRecord(dict(metrics.items()))
+
+    def run(self, grid: Grid) -> None:
+        """Run the remaining rounds."""
+        remaining = self.settings.num_rounds - self.offset
+        if remaining <= 0:
+            log.info("all %d rounds already complete", self.settings.num_rounds)
+            return
+        self.strategy.start(
+            grid,
+            self.initial_arrays(),
+            num_rounds=remaining,
+            timeout=self.settings.round_timeout,
+            train_config=ConfigRecord({"epochs": self.settings.epochs, "lr": self.settings.lr}),
+            evaluate_fn=self.evaluate,
+        )
+
+    def close(self) -> None:
+        """Stop the data plane."""
+        self.server.stop()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """The ServerApp entry point."""
+    settings = RunSettings.from_run_config(context.run_config)
+    random.seed(settings.seed)
+    torch.manual_seed(settings.seed)
+    coordinator = Coordinator.open(settings)
+    try:
+        coordinator.run(grid)
+    finally:
+        coordinator.close()

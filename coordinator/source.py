@@ -1,0 +1,64 @@
+"""The data plane's model source over the coordinator's version store.
+
+Besides encoding, it adopts what each encoding decodes to as a version of its own: an
+edge that received a lossy delta holds *that* model, not the global one, and names it
+as the base of its next request and of its update. Keeping it lets the next delta
+correct what this one dropped, so no error accumulates on the edge.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+
+import torch
+
+from coordinator.version_store import VersionStore
+from fedsqueeze.codec import CodecSpec, EncodedModel, decode_state, encode_state
+from fedsqueeze.errors import NotFoundError
+from fedsqueeze.transport.source import encode_seed
+
+log = logging.getLogger(__name__)
+
+
+class StoreModelSource:
+    """A :class:`fedsqueeze.transport.source.ModelSource` backed by a :class:`VersionStore`."""
+
+    def __init__(self, store: VersionStore) -> None:
+        self.store = store
+
+    def resolve(self, model: str) -> str:
+        """A track's head or a kept digest (``NotFoundError`` otherwise)."""
+        return self.store.resolve(model)
+
+    def get(self, digest: str) -> Mapping[str, torch.Tensor] | None:
+        """A kept version, or ``None``."""
+        try:
+            return self.store.get(digest)
+        except ValueError:
+            return None  # not a digest at all
+
+    def encode(
+        self, target: str, base: str | None, spec: CodecSpec, byte_budget: int | None
+    ) -> EncodedModel:
+        """Encode ``target`` from ``base`` and keep the model the edge will decode."""
+        state = self.get(target)
+        if state is None:
+            raise NotFoundError(f"model {target[:16]}… is no longer kept")
+        base_state = self.get(base) if base is not None else None
+        if base is not None and base_state is None:
+            raise NotFoundError(f"base {base[:16]}… is no longer kept")
+        encoded = encode_state(
+            state,
+            spec,
+            base_state,
+            seed=encode_seed(target, base, spec),
+            base_digest=bytes.fromhex(base) if base is not None else None,
+        )
+        if not spec.lossless:
+            decoded = decode_state(
+                encoded, base_state, base_digest=bytes.fromhex(base) if base else None
+            )
+            held = self.store.publish(decoded, track=None)
+            log.debug("edge-side version %s adopted for %s…", held[:12], target[:12])
+        return encoded

