@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import zlib
 from dataclasses import dataclass
-from enum import IntFlag
+from enum import IntEnum, IntFlag
 
 import torch
 
@@ -60,7 +60,7 @@ class RecordFlags(IntFlag):
     ZERO = 0x40  # no values: the tensor equals its base (delta) or is all zeros
 
 
-class ValueKind(IntFlag):
+class ValueKind(IntEnum):
     """How unquantized values are stored (the value-format byte when not QUANT)."""
 
     RAW = 0  # the tensor's own dtype, bit-exact
