@@ -44,8 +44,6 @@ from fedsqueeze.transport.updates import UpdateStore
 
 log = logging.getLogger(__name__)
 
-app = ServerApp()
-
 
 def build_strategy(settings: RunSettings) -> Strategy:
     """The Flower strategy named in the settings."""
@@ -207,10 +205,19 @@ class Coordinator:
         self.server.stop()
 
 
-@app.main()
-def main(grid: Grid, context: Context) -> None:
-    """The ServerApp entry point."""
-    settings = RunSettings.from_run_config(context.run_config)
+def make_server_app(settings: RunSettings | None = None) -> ServerApp:
+    """The coordinator ServerApp (``settings=None``: read from the run config)."""
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        run(grid, settings or RunSettings.from_run_config(context.run_config))
+
+    return app
+
+
+def run(grid: Grid, settings: RunSettings) -> Coordinator:
+    """Run a whole coordinator on ``grid``; returns it (stopped) for inspection."""
     random.seed(settings.seed)
     torch.manual_seed(settings.seed)
     coordinator = Coordinator.open(settings)
@@ -218,3 +225,8 @@ def main(grid: Grid, context: Context) -> None:
         coordinator.run(grid)
     finally:
         coordinator.close()
+    return coordinator
+
+
+app = make_server_app()
+"""The ServerApp Flower's Deployment Engine loads (``coordinator.app:app``)."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import time
+from typing import Any
 
 import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
@@ -18,8 +19,6 @@ from flwr.clientapp import ClientApp
 from edge.mod import fedsqueeze_mod
 from fedsqueeze.runconfig import Partitioning, RunSettings
 from fedsqueeze.tasks import Optimizer, Task, get_task, partition_dirichlet, partition_iid
-
-app = ClientApp(mods=[fedsqueeze_mod])
 
 
 @functools.lru_cache(maxsize=64)
@@ -37,12 +36,41 @@ def _partition(
     return data.x_train[tr], data.y_train[tr], data.x_test[te], data.y_test[te]
 
 
-def _setup(msg: Message, context: Context) -> tuple[RunSettings, Task, torch.nn.Module]:
-    settings = RunSettings.from_run_config(context.run_config)
+def make_client_app(
+    settings: RunSettings | None = None, mods: list[Any] | None = None
+) -> ClientApp:
+    """The edge ClientApp.
+
+    Parameters
+    ----------
+    settings
+        The run's settings; ``None`` reads them from each message's run config (a
+        deployed run). Simulations pass them directly, since Flower's simulation entry
+        point carries no run config.
+    mods
+        Flower mods in front of the training code (default: the fedsqueeze mod).
+    """
+    app = ClientApp(mods=[fedsqueeze_mod] if mods is None else mods)
+
+    def settings_of(context: Context) -> RunSettings:
+        return settings or RunSettings.from_run_config(context.run_config)
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        return train_on_partition(msg, context, settings_of(context))
+
+    @app.evaluate()
+    def evaluate(msg: Message, context: Context) -> Message:
+        return evaluate_on_partition(msg, context, settings_of(context))
+
+    return app
+
+
+def _setup(msg: Message, settings: RunSettings) -> tuple[Task, torch.nn.Module]:
     task = get_task(settings.task)
     model = task.build_model(settings.seed)
     model.load_state_dict(msg.content.array_records["arrays"].to_torch_state_dict())
-    return settings, task, model
+    return task, model
 
 
 def _data(
@@ -55,10 +83,9 @@ def _data(
     )
 
 
-@app.train()
-def train(msg: Message, context: Context) -> Message:
-    """Train the received model on this node's partition."""
-    settings, task, model = _setup(msg, context)
+def train_on_partition(msg: Message, context: Context, settings: RunSettings) -> Message:
+    """Train the received model on this node's partition (plain Flower code)."""
+    task, model = _setup(msg, settings)
     x, y, _, _ = _data(settings, context)
     server_round = int(msg.content.config_records["config"].get("server-round", 0))
     start = time.perf_counter()
@@ -85,13 +112,16 @@ def train(msg: Message, context: Context) -> Message:
     return Message(content=content, reply_to=msg)
 
 
-@app.evaluate()
-def evaluate(msg: Message, context: Context) -> Message:
+def evaluate_on_partition(msg: Message, context: Context, settings: RunSettings) -> Message:
     """Evaluate the received model on this node's test share."""
-    settings, task, model = _setup(msg, context)
+    task, model = _setup(msg, settings)
     _, _, x, y = _data(settings, context)
     result = task.evaluate(model, x, y)
     metrics = MetricRecord(
         {"num-examples": result.num_examples, "eval-loss": result.loss, "eval-acc": result.accuracy}
     )
     return Message(content=RecordDict({"metrics": metrics}), reply_to=msg)
+
+
+app = make_client_app()
+"""The ClientApp Flower's Deployment Engine loads (``edge.app:app``)."""

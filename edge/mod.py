@@ -24,7 +24,7 @@ import uuid
 from collections.abc import Callable
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp.typing import ClientAppCallable
 
 from edge.cache import ContextCache, EdgeCache, EdgeMemory
@@ -100,7 +100,7 @@ def make_mod(
         )
         update_id = f"{edge_id}-r{instruction.server_round}-{uuid.uuid4().hex[:12]}"
         push_start = time.perf_counter()
-        bytes_up = plane.push(instruction, edge_id, update_id, fetched.digest, encoded)
+        pushed = plane.push(instruction, edge_id, update_id, fetched.digest, encoded)
         push_seconds = time.perf_counter() - push_start
         store.save(EdgeMemory(fetched.digest, fetched.state, encoded.residual))
         app_metrics = reply.content.metric_records.get("metrics", MetricRecord())
@@ -109,8 +109,8 @@ def make_mod(
             held=fetched.digest,
             num_examples=int(app_metrics.get("num-examples", 0)),
             loss=float(app_metrics.get("train-loss", app_metrics.get("loss", 0.0))),
-            bytes_down=fetched.bytes_down,
-            bytes_up=bytes_up,
+            bytes_down=fetched.bytes_down + pushed.bytes_down,
+            bytes_up=fetched.bytes_up + pushed.bytes_up,
             train_seconds=float(app_metrics.get("compute-seconds", 0.0)),
             fetch_seconds=fetch_seconds,
             push_seconds=push_seconds,
@@ -122,8 +122,8 @@ def make_mod(
             "edge %s round %d: %d bytes down, %d up, update %s",
             edge_id,
             instruction.server_round,
-            fetched.bytes_down,
-            bytes_up,
+            receipt.bytes_down,
+            receipt.bytes_up,
             update_id,
         )
         return reply
@@ -134,4 +134,4 @@ def make_mod(
 fedsqueeze_mod = make_mod()
 """The default mod: ``Context.state`` cache, gRPC data plane, initial model from the task."""
 
-__all__ = ["ConfigRecord", "fedsqueeze_mod", "make_mod"]
+__all__ = ["fedsqueeze_mod", "make_mod"]

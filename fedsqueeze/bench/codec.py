@@ -128,13 +128,17 @@ def run_codec_bench(options: CodecBenchOptions, console: Console | None = None) 
     """
     out = console or Console(quiet=True)
     report: Json = {"machine": _machine()}
+    machine = report["machine"]
     out.print(
-        f"[bold]fedsqueeze bench codec[/bold]: {report['machine']['cpus']} CPUs, "
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads"
+        f"[bold]fedsqueeze bench codec[/bold]: {machine['cpus']} CPUs, torch {machine['torch']}, "
+        f"{machine['threads']} threads, load average {machine['load_average_start']:.2f}"
     )
     report["digits"] = _digits(options, out)
     report["minilm"] = _minilm(options, out)
     report["tensor"] = _tensor(options, out)
+    # Shared machines: a busy neighbour slows every row, so say how busy it was.
+    machine["load_average_end"] = os.getloadavg()[0]
+    out.print(f"load average (1 min) at the end: {machine['load_average_end']:.2f}")
     return report
 
 
@@ -391,4 +395,5 @@ def _machine() -> Json:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
+        "load_average_start": os.getloadavg()[0],
     }

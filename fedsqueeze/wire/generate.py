@@ -35,7 +35,7 @@ PINNED_GRPCIO_TOOLS = "1.81.1"
 _GENERATED_SUFFIXES = ("_pb2.py", "_pb2.pyi", "_pb2_grpc.py", "_pb2_grpc.pyi")
 _HEADER = (
     "# fedsqueeze: generated from proto/{source} by `python -m fedsqueeze.wire.generate`;\n"
-    "# module path rewritten from fedsqueeze.v1 to fedsqueeze.wire. Do not edit.\n"
+    "# module path fedsqueeze.v1.* rewritten to fedsqueeze.wire.*. Do not edit.\n"
 )
 # mypy-protobuf's stubs trip a few of mypy --strict's own checks (unused ignores,
 # overlapping overloads); their types are still used by importers.

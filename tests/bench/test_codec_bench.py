@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 import pytest
 
@@ -11,7 +12,9 @@ from fedsqueeze.bench import codec as codec_bench
 
 
 @pytest.mark.slow
-def test_quick_bench_writes_the_expected_keys(tmp_path, capsys) -> None:
+def test_quick_bench_writes_the_expected_keys(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     parser = argparse.ArgumentParser()
     codec_bench.add_arguments(parser)
     out = tmp_path / "bench.json"
@@ -37,7 +40,9 @@ def test_quick_bench_writes_the_expected_keys(tmp_path, capsys) -> None:
     assert "Deep Compression" in printed and "clone()" in printed
 
 
-def test_minilm_is_skipped_with_a_clear_line_when_not_installed(monkeypatch, capsys) -> None:
+def test_minilm_is_skipped_with_a_clear_line_when_not_installed(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     monkeypatch.setattr(codec_bench, "minilm_weights_path", lambda: None)
     from rich.console import Console
 

@@ -26,6 +26,8 @@ from fedsqueeze.recipes import (
 )
 from fedsqueeze.tasks import get_task
 
+Run = tuple[CompressionResult, list[tuple[Stage, int, int]]]
+
 TINY = DeepCompressionConfig(
     dense_epochs=5, schedule=(0.7, 0.9), finetune_epochs=2, centroid_epochs=2, bits=3
 )
@@ -33,7 +35,7 @@ TARGETS = ("conv1.weight", "conv2.weight", "fc1.weight", "fc2.weight")
 
 
 @pytest.fixture(scope="module")
-def run() -> tuple[CompressionResult, list[tuple[Stage, int, int]]]:
+def run() -> Run:
     calls: list[tuple[Stage, int, int]] = []
     result = compress_task(
         get_task("digits-cnn"), TINY, seed=0, progress=lambda s, d, t: calls.append((s, d, t))
@@ -41,7 +43,7 @@ def run() -> tuple[CompressionResult, list[tuple[Stage, int, int]]]:
     return result, calls
 
 
-def test_decoded_model_is_sparse_shared_and_small(run) -> None:
+def test_decoded_model_is_sparse_shared_and_small(run: Run) -> None:
     result, _ = run
     decoded = decode_state(EncodedModel.from_bytes(result.encoded.to_bytes()))
     total = sum(decoded[name].numel() for name in TARGETS)
@@ -57,14 +59,14 @@ def test_decoded_model_is_sparse_shared_and_small(run) -> None:
     assert result.fp32_bytes == 4 * 38_282
 
 
-def test_accuracy_is_far_above_chance(run) -> None:
+def test_accuracy_is_far_above_chance(run: Run) -> None:
     result, _ = run
     assert result.dense_accuracy > 0.8
     assert result.final_accuracy > 0.8  # chance is 0.1
     assert result.accuracy_loss == pytest.approx(result.dense_accuracy - result.final_accuracy)
 
 
-def test_history_and_progress(run) -> None:
+def test_history_and_progress(run: Run) -> None:
     result, calls = run
     assert [h.stage for h in result.history] == [
         Stage.DENSE, Stage.PRUNE, Stage.PRUNE, Stage.SHARE, Stage.ENCODE,
@@ -108,14 +110,14 @@ def test_recipe_spec() -> None:
         {"entropy_level": 0},
     ],
 )
-def test_config_rejects_bad_values(change) -> None:
+def test_config_rejects_bad_values(change: dict[str, object]) -> None:
     with pytest.raises(ValueError):
-        dataclasses.replace(TINY, **change)
+        dataclasses.replace(TINY, **change)  # type: ignore[arg-type]
 
 
 def test_config_rejects_string_format() -> None:
     with pytest.raises(TypeError):
-        dataclasses.replace(TINY, bias_format="fp16")
+        dataclasses.replace(TINY, bias_format="fp16")  # type: ignore[arg-type]
 
 
 @pytest.mark.xfail(

@@ -10,7 +10,7 @@ from fedsqueeze.cli import demo_cmd
 
 
 @pytest.mark.slow
-def test_demo_main_prints_the_tables(capsys) -> None:
+def test_demo_main_prints_the_tables(capsys: pytest.CaptureFixture[str]) -> None:
     parser = argparse.ArgumentParser()
     demo_cmd.add_arguments(parser)
     assert demo_cmd.main(parser.parse_args(["--seed", "1"])) == 0

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from fedsqueeze.codec.pruning import magnitude_mask
-from fedsqueeze.recipes import finetune_centroids, share_weights, shared_state
+from fedsqueeze.recipes import SharedTensor, finetune_centroids, share_weights, shared_state
 
 
 def _model() -> nn.Module:
@@ -15,7 +15,9 @@ def _model() -> nn.Module:
     return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
 
 
-def _shared(model: nn.Module, bits: int = 2):
+def _shared(
+    model: nn.Module, bits: int = 2
+) -> tuple[dict[str, torch.Tensor], dict[str, SharedTensor]]:
     state = model.state_dict()
     masks = {n: magnitude_mask(state[n], 0.5) for n in ("0.weight", "2.weight")}
     return masks, share_weights(state, masks, bits)
@@ -43,7 +45,7 @@ def test_centroid_gradient_is_the_sum_of_assigned_weight_gradients() -> None:
     dense = st.dense(book)
     dense.retain_grad()
     x = torch.randn(5, 16)
-    (x @ dense.T).square().sum().backward()
+    torch.autograd.backward((x @ dense.T).square().sum())
     assert book.grad is not None and dense.grad is not None
     expected = torch.zeros_like(book).index_add_(0, st.codes, dense.grad.reshape(-1)[st.positions])
     assert torch.allclose(book.grad, expected)
@@ -54,7 +56,7 @@ def test_finetune_centroids_trains_codebooks_and_writes_the_model() -> None:
     _, shared = _shared(model)
     x = torch.randn(64, 8, generator=torch.Generator().manual_seed(1))
     y = torch.randint(0, 3, (64,), generator=torch.Generator().manual_seed(2))
-    epochs = []
+    epochs: list[int] = []
     out = finetune_centroids(
         model, shared, x, y, epochs=3, lr=1e-2, batch_size=16, seed=0,
         on_epoch=lambda: epochs.append(1),

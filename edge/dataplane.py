@@ -1,0 +1,123 @@
+"""How the edge reaches the data plane: fetch a model, push an update.
+
+:class:`GrpcConnector` is the real one (a :class:`~fedsqueeze.transport.client.TransferClient`
+per call). Bytes are reported per direction as counted on the wire: requests count as
+upload traffic, responses as download traffic, whichever operation they belong to.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import torch
+
+from fedsqueeze.codec import EncodedModel
+from fedsqueeze.codec.spec_text import parse_spec
+from fedsqueeze.control import RoundInstruction
+from fedsqueeze.errors import IntegrityError
+from fedsqueeze.transport.client import TransferClient
+from fedsqueeze.transport.tls import ClientTls
+
+State = dict[str, torch.Tensor]
+
+#: Environment variable naming the PEM CA file that signs the data plane's certificate.
+CA_ENV = "FEDSQUEEZE_DATA_PLANE_CA"
+
+
+@dataclass(frozen=True)
+class Fetched:
+    """A model fetched and verified, and what it cost on the wire."""
+
+    state: State
+    digest: str
+    bytes_down: int
+    bytes_up: int
+
+
+@dataclass(frozen=True)
+class Pushed:
+    """An acknowledged update upload and what it cost on the wire."""
+
+    bytes_down: int
+    bytes_up: int
+
+
+class DataPlaneConnector(Protocol):
+    """Fetches models and pushes updates for an edge."""
+
+    def fetch(
+        self,
+        instruction: RoundInstruction,
+        edge_id: str,
+        held_digest: str | None,
+        held: State | None,
+    ) -> Fetched:
+        """The instruction's target model, as a delta from ``held`` when possible."""
+        ...
+
+    def push(
+        self,
+        instruction: RoundInstruction,
+        edge_id: str,
+        update_id: str,
+        base_digest: str,
+        encoded: EncodedModel,
+    ) -> Pushed:
+        """Upload an encoded update (idempotent by ``update_id``)."""
+        ...
+
+
+class GrpcConnector:
+    """The gRPC data plane (TLS when the instruction says so)."""
+
+    def __init__(self, root_ca: Path | None = None) -> None:
+        env = os.environ.get(CA_ENV)
+        self.root_ca = root_ca or (Path(env) if env else None)
+
+    def _client(self, instruction: RoundInstruction, edge_id: str) -> TransferClient:
+        if instruction.tls:
+            tls = ClientTls.from_files(self.root_ca) if self.root_ca else ClientTls()
+            return TransferClient(
+                instruction.address, edge_id=edge_id, token=instruction.token, tls=tls
+            )
+        return TransferClient(
+            instruction.address, edge_id=edge_id, token=instruction.token, plaintext=True
+        )
+
+    def fetch(
+        self,
+        instruction: RoundInstruction,
+        edge_id: str,
+        held_digest: str | None,
+        held: State | None,
+    ) -> Fetched:
+        with self._client(instruction, edge_id) as client:
+            result = client.fetch(
+                instruction.target,
+                spec=parse_spec(instruction.down_spec),
+                base=held,
+                base_digest=bytes.fromhex(held_digest) if held_digest else None,
+                byte_budget=instruction.down_budget or None,
+            )
+        if result.state is None:
+            raise IntegrityError("the fetch returned no model")
+        wire = result.stats.wire
+        return Fetched(result.state, result.digest.hex(), wire.received, wire.sent)
+
+    def push(
+        self,
+        instruction: RoundInstruction,
+        edge_id: str,
+        update_id: str,
+        base_digest: str,
+        encoded: EncodedModel,
+    ) -> Pushed:
+        with self._client(instruction, edge_id) as client:
+            result = client.push_update(
+                encoded, update_id=update_id, base_digest=bytes.fromhex(base_digest)
+            )
+        wire = result.stats.wire
+        return Pushed(wire.received, wire.sent)

@@ -1,0 +1,194 @@
+"""x_to_proto / x_from_proto pairs round-trip, and hostile messages are refused."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import assume, given
+from hypothesis import strategies as st
+
+from fedsqueeze.codec import PRESETS
+from fedsqueeze.codec.spec import (
+    CodecSpec,
+    FloatFormat,
+    Granularity,
+    PruneMethod,
+    PruneSpec,
+    QuantScheme,
+    QuantSpec,
+    Rounding,
+)
+from fedsqueeze.errors import InvalidRequestError
+from fedsqueeze.wire import convert
+from fedsqueeze.wire import transfer_pb2 as pb
+from fedsqueeze.wire.types import (
+    Manifest,
+    ManifestRequest,
+    SegmentData,
+    SegmentInfo,
+    SegmentRequest,
+    UpdateMetadata,
+    UpdateReceipt,
+)
+
+D1, D2, D3 = b"\x01" * 32, b"\x02" * 32, b"\x03" * 32
+
+
+@st.composite
+def codec_specs(draw) -> CodecSpec:
+    prune = PruneSpec(
+        draw(st.sampled_from(PruneMethod)),
+        draw(st.floats(0.0, 0.999, allow_nan=False)),
+        draw(st.floats(0.0, 10.0, allow_nan=False)),
+    )
+    try:
+        quant = (
+            QuantSpec(
+                draw(st.sampled_from((2, 3, 4, 8))),
+                draw(st.sampled_from(QuantScheme)),
+                draw(st.sampled_from(Granularity)),
+                draw(st.sampled_from(Rounding)),
+            )
+            if draw(st.booleans())
+            else None
+        )
+        return CodecSpec(
+            prune=prune,
+            topk=draw(st.none() | st.floats(0.001, 1.0, allow_nan=False)),
+            quant=quant,
+            float_format=draw(st.sampled_from(FloatFormat)),
+            entropy_level=draw(st.integers(0, 22)),
+            targets=tuple(draw(st.lists(st.text(min_size=1, max_size=20), min_size=1, max_size=4))),
+            min_ndim=draw(st.integers(0, 8)),
+        )
+    except ValueError:
+        assume(False)
+        raise
+
+
+@given(codec_specs())
+def test_codec_spec_round_trips_exactly(spec):
+    msg = convert.codec_spec_to_proto(spec)
+    again = pb.CodecSpec.FromString(msg.SerializeToString())
+    assert convert.codec_spec_from_proto(again) == spec
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_presets_round_trip(name):
+    spec = PRESETS[name]
+    assert convert.codec_spec_from_proto(convert.codec_spec_to_proto(spec)) == spec
+
+
+def _manifest() -> Manifest:
+    segments = (
+        SegmentInfo(1, ("b",), 0, 0, 10, D2),
+        SegmentInfo(0, ("a", "b"), 1, 1, 20, D3),
+    )
+    return Manifest("m-1", D1, D2, PRESETS["int8"], 1000, D3, D1, segments)
+
+
+def test_messages_round_trip():
+    manifest = _manifest()
+    assert manifest.encoded_bytes == 30
+    assert convert.manifest_response_from_proto(convert.manifest_response_to_proto(manifest)) == (
+        manifest
+    )
+    full = Manifest("m-2", D1, None, CodecSpec(), 1, D3, D1, manifest.segments)
+    assert convert.manifest_from_proto(convert.manifest_to_proto(full)) == full
+    for request in (
+        ManifestRequest("global", None, "edge-0", CodecSpec()),
+        ManifestRequest("ab" * 32, D1, "edge-0", PRESETS["int4"], byte_budget=1234),
+    ):
+        msg = convert.manifest_request_to_proto(request)
+        assert convert.manifest_request_from_proto(msg) == request
+    seg_req = SegmentRequest("m-1", frozenset({3, 1}), "edge-0")
+    msg = convert.segment_request_to_proto(seg_req)
+    assert list(msg.held_segment_ids) == [1, 3]
+    assert convert.segment_request_from_proto(msg) == seg_req
+    data = SegmentData("m-1", 7, b"payload")
+    assert convert.segment_from_proto(convert.segment_to_proto(data)) == data
+    meta = UpdateMetadata("u-1", "edge-0", D1, 10, D2, PRESETS["topk10-int4"])
+    assert convert.update_metadata_from_proto(convert.update_metadata_to_proto(meta)) == meta
+    assert convert.update_chunk_from_proto(convert.update_chunk_to_proto(b"abc")) == b"abc"
+    receipt = UpdateReceipt("u-1", 10, D2, duplicate=True)
+    assert convert.receipt_from_proto(convert.receipt_to_proto(receipt)) == receipt
+
+
+def _bad_manifests():
+    good = convert.manifest_to_proto(_manifest())
+
+    def edit(fn):
+        msg = pb.Manifest()
+        msg.CopyFrom(good)
+        fn(msg)
+        return msg
+
+    yield edit(lambda m: setattr(m, "model_digest", b"short"))
+    yield edit(lambda m: setattr(m, "encoded_bytes", 31))
+    yield edit(lambda m: setattr(m, "manifest_id", ""))
+    yield edit(lambda m: setattr(m, "manifest_id", "x" * 129))
+    yield edit(lambda m: m.segments[0].__setattr__("segment_id", 0))
+    yield edit(lambda m: m.ClearField("segments"))
+    yield edit(lambda m: m.codec_spec.__setattr__("float_format", 0))
+    yield edit(lambda m: m.codec_spec.quant.__setattr__("bits", 5))
+    yield edit(lambda m: m.codec_spec.quant.__setattr__("scheme", 0))
+    yield edit(lambda m: m.codec_spec.__setattr__("entropy_level", 99))
+    yield edit(lambda m: m.codec_spec.ClearField("targets"))
+    yield edit(lambda m: m.codec_spec.prune.__setattr__("method", 0))
+    yield edit(lambda m: m.codec_spec.prune.__setattr__("method", 77))
+    yield edit(lambda m: m.codec_spec.__setattr__("topk", 0.0))
+
+
+@pytest.mark.parametrize("msg", list(_bad_manifests()))
+def test_hostile_manifests_are_invalid_requests(msg):
+    with pytest.raises(InvalidRequestError):
+        convert.manifest_from_proto(msg)
+
+
+def test_hostile_requests_are_invalid_requests():
+    spec = convert.codec_spec_to_proto(CodecSpec())
+    bad = [
+        lambda: convert.manifest_request_from_proto(pb.GetManifestRequest(model="global")),
+        lambda: convert.manifest_request_from_proto(
+            pb.GetManifestRequest(model="", edge_id="e", codec_spec=spec)
+        ),
+        lambda: convert.manifest_request_from_proto(
+            pb.GetManifestRequest(model="g", edge_id="e", codec_spec=spec, base_digest=b"x")
+        ),
+        lambda: convert.manifest_request_from_proto(
+            pb.GetManifestRequest(model="g", edge_id="e", codec_spec=spec, byte_budget=0)
+        ),
+        lambda: convert.segment_request_from_proto(
+            pb.StreamSegmentsRequest(manifest_id="m", edge_id="e", held_segment_ids=[1 << 20])
+        ),
+        lambda: convert.update_metadata_from_proto(pb.PushUpdateRequest(chunk=b"x")),
+        lambda: convert.update_metadata_from_proto(
+            pb.PushUpdateRequest(metadata=pb.UpdateMetadata(update_id="u", edge_id="e"))
+        ),
+        lambda: convert.update_metadata_from_proto(
+            pb.PushUpdateRequest(
+                metadata=pb.UpdateMetadata(
+                    update_id="bad id", edge_id="e", base_digest=D1, total_bytes=1, sha256=D1,
+                    codec_spec=spec,
+                )
+            )
+        ),
+        lambda: convert.update_chunk_from_proto(pb.PushUpdateRequest()),
+        lambda: convert.segment_from_proto(pb.StreamSegmentsResponse()),
+        lambda: convert.receipt_from_proto(pb.PushUpdateResponse()),
+        lambda: convert.manifest_response_from_proto(pb.GetManifestResponse()),
+    ]
+    for call in bad:
+        with pytest.raises(InvalidRequestError):
+            call()
+
+
+def test_value_types_validate_on_creation():
+    with pytest.raises(ValueError):
+        SegmentInfo(-1, (), 0, 0, 1, D1)
+    with pytest.raises(ValueError):
+        UpdateMetadata("u", "e", D1, 0, D1, CodecSpec())
+    with pytest.raises(ValueError):
+        UpdateReceipt("u", 1, b"", duplicate=False)
+    manifest = _manifest()
+    assert manifest.segment(1).byte_length == 10 and manifest.has_segment(0)
+    assert not manifest.has_segment(2)
