@@ -87,7 +87,9 @@ def train_on_partition(msg: Message, context: Context, settings: RunSettings) ->
     """Train the received model on this node's partition (plain Flower code)."""
     task, model = _setup(msg, settings)
     x, y, _, _ = _data(settings, context)
-    server_round = int(msg.content.config_records["config"].get("server-round", 0))
+    server_round = msg.content.config_records["config"].get("server-round", 0)
+    if not isinstance(server_round, int):
+        raise ValueError(f"server-round must be an int, got {server_round!r}")
     start = time.perf_counter()
     result = task.train(
         model,

@@ -107,11 +107,11 @@ def make_mod(
         receipt = TrainReceipt(
             update_id=update_id,
             held=fetched.digest,
-            num_examples=int(app_metrics.get("num-examples", 0)),
-            loss=float(app_metrics.get("train-loss", app_metrics.get("loss", 0.0))),
+            num_examples=int(_number(app_metrics.get("num-examples", 0))),
+            loss=_number(app_metrics.get("train-loss", app_metrics.get("loss", 0.0))),
             bytes_down=fetched.bytes_down + pushed.bytes_down,
             bytes_up=fetched.bytes_up + pushed.bytes_up,
-            train_seconds=float(app_metrics.get("compute-seconds", 0.0)),
+            train_seconds=_number(app_metrics.get("compute-seconds", 0.0)),
             fetch_seconds=fetch_seconds,
             push_seconds=push_seconds,
         )
@@ -129,6 +129,13 @@ def make_mod(
         return reply
 
     return fedsqueeze
+
+
+def _number(value: object) -> float:
+    """A metric that must be a single number."""
+    if isinstance(value, (int, float)):
+        return float(value)
+    raise ValueError(f"expected a number in the app's metrics, got {value!r}")
 
 
 fedsqueeze_mod = make_mod()

@@ -19,6 +19,11 @@ from fedsqueeze.errors import FedsqueezeError
 # name → (module, one-line help); modules are imported lazily so `--help` stays fast.
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "codec": ("fedsqueeze.cli.codec_cmd", "encode, decode and inspect model files"),
+    "coordinator": (
+        "fedsqueeze.cli.coordinator_cmd",
+        "run the coordinator on Flower's Deployment Engine (SuperLink + run)",
+    ),
+    "edge": ("fedsqueeze.cli.edge_cmd", "run an edge: a Flower SuperNode with the edge ClientApp"),
     "bench": ("fedsqueeze.cli.bench_cmd", "benchmarks: codec, transport"),
     "demo": ("fedsqueeze.cli.demo_cmd", "the default experiment behind `make demo`"),
 }

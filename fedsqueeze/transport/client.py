@@ -78,6 +78,8 @@ class TransferStats:
         Segments that failed verification and were fetched again.
     elapsed_s
         Wall-clock seconds.
+    stream_s
+        Wall-clock seconds inside ``StreamSegments`` calls (receiving and verifying).
     simulated_s
         Seconds on the emulated link (0 without a link shaper).
     """
@@ -88,6 +90,7 @@ class TransferStats:
     resumed_segments: int
     refetched_segments: int
     elapsed_s: float
+    stream_s: float
     simulated_s: float
 
 
@@ -137,6 +140,7 @@ class _Operation:
         self.started = time.perf_counter()
         self.link_start = link.clock.elapsed_s if link is not None else 0.0
         self.calls = self.retries = self.resumed = 0
+        self.stream_s = 0.0
         self.failures_in_a_row = 0
 
     def callable(self, kind: str, method: str, response: Any) -> Any:
@@ -184,6 +188,7 @@ class _Operation:
             resumed_segments=self.resumed,
             refetched_segments=refetched,
             elapsed_s=time.perf_counter() - self.started,
+            stream_s=self.stream_s,
             simulated_s=(link.clock.elapsed_s - self.link_start) if link is not None else 0.0,
         )
 
@@ -323,20 +328,15 @@ class TransferClient:
             holding = held.held_ids()
             if op.calls > 1:
                 op.resumed += len(holding)
-            new = 0
+            started = time.perf_counter()
             try:
-                message = convert.segment_request_to_proto(
-                    SegmentRequest(manifest.manifest_id, holding, self.edge_id)
-                )
-                for response in stream(message, **op.begin_call()):
-                    if held.accept(convert.segment_from_proto(response)):
-                        new += 1
-                        if progress is not None:
-                            progress(held.held_bytes, manifest.encoded_bytes)
+                self._stream(op, stream, held, holding, progress)
             except grpc.RpcError as exc:
+                op.stream_s += time.perf_counter() - started
+                progressed = len(held.held_ids()) > len(holding)
                 code = status_of(exc)
                 if code is grpc.StatusCode.UNAVAILABLE:
-                    op.unavailable(exc, "StreamSegments", progressed=new > 0)
+                    op.unavailable(exc, "StreamSegments", progressed=progressed)
                     continue
                 if (
                     code is grpc.StatusCode.NOT_FOUND
@@ -346,13 +346,33 @@ class TransferClient:
                     held.adopt(self._get_manifest(op, request))
                     continue
                 raise error_from_rpc(exc, "StreamSegments") from exc
-            if new == 0 and not held.complete:
+            op.stream_s += time.perf_counter() - started
+            if len(held.held_ids()) == len(holding) and not held.complete:
                 # The stream ended without anything usable (every segment failed its
                 # check): ask again; accept() gives up after too many failures.
                 op.failures_in_a_row += 1
                 if op.failures_in_a_row > self.retry.max_segment_refetches + 1:
                     raise IntegrityError("the server keeps sending segments that do not verify")
         return self._finish(op, held, base, base_digest, decode)
+
+    def _stream(
+        self,
+        op: _Operation,
+        stream: Any,
+        held: FetchState,
+        holding: frozenset[int],
+        progress: Progress | None,
+    ) -> None:
+        """One ``StreamSegments`` call: receive and verify what the server sends."""
+        manifest = held.manifest
+        if manifest is None:
+            raise RuntimeError("fetch state lost its manifest")
+        message = convert.segment_request_to_proto(
+            SegmentRequest(manifest.manifest_id, holding, self.edge_id)
+        )
+        for response in stream(message, **op.begin_call()):
+            if held.accept(convert.segment_from_proto(response)) and progress is not None:
+                progress(held.held_bytes, manifest.encoded_bytes)
 
     def _finish(
         self,

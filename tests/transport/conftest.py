@@ -11,11 +11,13 @@ import torch
 from fedsqueeze.transport import (
     ClientTls,
     InMemoryModelSource,
+    ModelSource,
     RetryPolicy,
     ServerTls,
     TokenTable,
     TransferClient,
     TransferServer,
+    UpdateSink,
     UpdateStore,
 )
 from tests.transport.certs import Pki, make_pki
@@ -37,7 +39,9 @@ def make_state(seed: int = 0, scale: int = 1) -> dict[str, torch.Tensor]:
     }
 
 
-def perturb(state: dict[str, torch.Tensor], seed: int, amount: float = 0.01):
+def perturb(
+    state: dict[str, torch.Tensor], seed: int, amount: float = 0.01
+) -> dict[str, torch.Tensor]:
     """``state`` plus small noise on its floating tensors (a "next round" model)."""
     g = torch.Generator().manual_seed(seed)
     return {
@@ -73,7 +77,7 @@ def start_server(
     """Start servers (TLS by default); every one is stopped at the end of the test."""
     started: list[TransferServer] = []
 
-    def start(source, store, **kwargs: Any) -> TransferServer:
+    def start(source: ModelSource, store: UpdateSink, **kwargs: Any) -> TransferServer:
         kwargs.setdefault("tokens", tokens[0])
         if not kwargs.get("plaintext"):
             kwargs.setdefault("tls", ServerTls(pki.server.cert, pki.server.key))

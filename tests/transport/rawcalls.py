@@ -7,15 +7,18 @@ from collections.abc import Iterable, Iterator
 
 import grpc
 
+from fedsqueeze.codec import CodecSpec
+from fedsqueeze.transport import TransferServer
 from fedsqueeze.transport.auth import call_metadata
 from fedsqueeze.transport.server import message_size_options
 from fedsqueeze.wire import convert
 from fedsqueeze.wire import transfer_pb2 as pb
 from fedsqueeze.wire import transfer_pb2_grpc as pb_grpc
 from fedsqueeze.wire.types import UpdateMetadata
+from tests.transport.certs import Pki
 
 
-def raw_stub(server, pki) -> tuple[grpc.Channel, pb_grpc.ModelTransferStub]:
+def raw_stub(server: TransferServer, pki: Pki) -> tuple[grpc.Channel, pb_grpc.ModelTransferStub]:
     """A TLS channel to ``server`` and the generated stub on it (close the channel)."""
     credentials = grpc.ssl_channel_credentials(root_certificates=pki.ca)
     channel = grpc.secure_channel(
@@ -43,7 +46,11 @@ def upload_messages(
 
 
 def meta_for(
-    payload: bytes, spec, base_digest: bytes, update_id: str = "u-1", edge_id: str = "edge-0"
+    payload: bytes,
+    spec: CodecSpec,
+    base_digest: bytes,
+    update_id: str = "u-1",
+    edge_id: str = "edge-0",
 ) -> UpdateMetadata:
     """Truthful metadata for ``payload``."""
     return UpdateMetadata(
@@ -56,6 +63,11 @@ def meta_for(
     )
 
 
-def push_raw(stub, messages: Iterable[pb.PushUpdateRequest], md) -> pb.PushUpdateResponse:
+def push_raw(
+    stub: pb_grpc.ModelTransferStub,
+    messages: Iterable[pb.PushUpdateRequest],
+    md: tuple[tuple[str, str], ...],
+) -> pb.PushUpdateResponse:
     """One PushUpdate call with hand-made messages."""
-    return stub.PushUpdate(iter(list(messages)), metadata=md, timeout=10)
+    response: pb.PushUpdateResponse = stub.PushUpdate(iter(list(messages)), metadata=md, timeout=10)
+    return response

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -45,8 +46,9 @@ def _prepared(manifest_id: str, nbytes: int) -> PreparedModel:
     from fedsqueeze.wire.types import Manifest, SegmentInfo
 
     info = SegmentInfo(0, ("w",), 0, 0, nbytes, b"\x00" * 32)
-    manifest = Manifest(manifest_id, b"\x01" * 32, None, SPEC, nbytes, b"\x02" * 32,
-                        b"\x01" * 32, (info,))
+    manifest = Manifest(
+        manifest_id, b"\x01" * 32, None, SPEC, nbytes, b"\x02" * 32, b"\x01" * 32, (info,)
+    )
     return PreparedModel(manifest, (bytes(nbytes),))
 
 
@@ -92,7 +94,7 @@ def test_single_flight_builds_once_and_shares_failures():
 def test_lru_bounds_entries_and_bytes():
     cache = EncodeCache(max_entries=3, max_bytes=100)
     for n in range(3):
-        cache.get_or_build(_key(n), lambda n=n: _prepared(f"m{n}", 10))
+        cache.get_or_build(_key(n), functools.partial(_prepared, f"m{n}", 10))
     cache.get_or_build(_key(0), lambda: _prepared("never", 1))  # hit: 0 is now recent
     cache.get_or_build(_key(3), lambda: _prepared("m3", 10))
     assert cache.by_manifest_id("m1") is None  # least recently used went first

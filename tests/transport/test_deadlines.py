@@ -96,7 +96,7 @@ def test_deadline_object():
         deadline.remaining()
 
 
-class _FakeRpcError(grpc.RpcError):
+class _FakeRpcError(grpc.RpcError):  # type: ignore[misc]
     def __init__(self, code: grpc.StatusCode) -> None:
         self._code = code
 
@@ -136,5 +136,6 @@ def test_errors_map_to_status_codes_and_back(error, code):
 def test_unmapped_status_is_a_plain_transport_error():
     back = error_from_rpc(_FakeRpcError(grpc.StatusCode.CANCELLED), "Call")
     assert type(back) is TransportError
-    assert isinstance(error_from_rpc(_FakeRpcError(grpc.StatusCode.DEADLINE_EXCEEDED), "C"),
-                      UnavailableError)
+    assert isinstance(
+        error_from_rpc(_FakeRpcError(grpc.StatusCode.DEADLINE_EXCEEDED), "C"), UnavailableError
+    )

@@ -12,7 +12,7 @@ import pytest
 
 from fedsqueeze.codec import CodecSpec, encode_state, preset
 from fedsqueeze.errors import PreconditionError, ResourceExhaustedError
-from fedsqueeze.transport import ServerConfig
+from fedsqueeze.transport import ServerConfig, UpdateStore
 from fedsqueeze.wire import convert
 from tests.transport.conftest import make_state, perturb
 from tests.transport.rawcalls import meta_for, metadata, push_raw, raw_stub, upload_messages
@@ -29,12 +29,12 @@ def setup(source, store, start_server, connect):
     return server, connect(server), update, digest, base
 
 
-def _unchanged(store, before):
+def _unchanged(store: UpdateStore, before: list[str]) -> None:
     assert [u.update_id for u in store.list()] == before
 
 
 def test_upload_is_stored_and_decodes(setup, store):
-    server, client, update, digest, _ = setup
+    _, client, update, digest, _ = setup
     result = client.push_update(update, update_id="r1-edge-0", base_digest=digest)
     assert not result.receipt.duplicate
     assert result.receipt.stored_bytes == len(update.to_bytes())
@@ -46,7 +46,7 @@ def test_upload_is_stored_and_decodes(setup, store):
 
 
 def test_retried_upload_is_counted_once(setup, store):
-    server, client, update, digest, _ = setup
+    _, client, update, digest, _ = setup
     first = client.push_update(update, update_id="r1-edge-0", base_digest=digest)
     again = client.push_update(update, update_id="r1-edge-0", base_digest=digest)
     assert again.receipt.duplicate and again.receipt.sha256 == first.receipt.sha256
@@ -79,7 +79,7 @@ def test_concurrent_repeats_store_one(setup, store, connect):
 
 
 def test_reused_id_with_other_content_is_refused(setup, store):
-    server, client, update, digest, base = setup
+    _, client, update, digest, base = setup
     client.push_update(update, update_id="r1", base_digest=digest)
     other = encode_state(perturb(base, 2), CodecSpec(), base, base_digest=digest)
     with pytest.raises(PreconditionError):
@@ -88,14 +88,14 @@ def test_reused_id_with_other_content_is_refused(setup, store):
 
 
 def test_unknown_base_is_refused(setup, store):
-    server, client, update, digest, _ = setup
+    _, client, update, _, _ = setup
     with pytest.raises(PreconditionError, match="base"):
         client.push_update(update, update_id="r1", base_digest=b"\x01" * 32)
     _unchanged(store, [])
 
 
 def test_oversized_upload_is_refused(setup, store):
-    server, client, _, digest, base = setup
+    _, client, _, digest, _ = setup
     big = encode_state(make_state(5, scale=8), CodecSpec(entropy_level=0))
     with pytest.raises(ResourceExhaustedError):
         client.push_update(big, update_id="big", base_digest=digest)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from typing import Any
 
 import pytest
 
@@ -16,18 +17,13 @@ pytestmark = pytest.mark.timeout(60)
 SMALL_SEGMENTS = ServerConfig(segment_bytes=128 * 1024)
 
 
-def _full_stream_bytes(source, store, start_server, connect) -> tuple[int, int]:
-    """Bytes received by an undisturbed fetch, and the largest segment message."""
-    server = start_server(source, store, config=SMALL_SEGMENTS)
-    result = connect(server).fetch(spec=CodecSpec(), decode=False)
-    largest = max(s.byte_length for s in result.manifest.segments) + 200
-    server.stop(grace=0)
-    return result.stats.wire.received, largest
-
-
 def test_cut_stream_resumes_with_only_missing_segments(source, store, start_server, connect):
     digest = source.publish(make_state(0, scale=2))
-    full, one_segment = _full_stream_bytes(source, store, start_server, connect)
+    undisturbed = start_server(source, store, config=SMALL_SEGMENTS)
+    reference = connect(undisturbed).fetch(spec=CodecSpec(), decode=False)
+    undisturbed.stop(grace=0)
+    full = reference.stats.wire.received
+    one_segment = max(s.byte_length for s in reference.manifest.segments) + 200
     faults = FaultInjector()
     faults.cut_streams_after(3, times=2)
     server = start_server(source, store, config=SMALL_SEGMENTS, faults=faults)
@@ -91,7 +87,7 @@ def test_server_restart_in_the_middle_of_a_fetch(source, store, start_server, co
     first = start_server(source, store, config=SMALL_SEGMENTS, faults=faults)
     port = first.port
     client = connect(first)
-    outcome: dict[str, object] = {}
+    outcome: dict[str, Any] = {}
 
     def fetch() -> None:
         try:

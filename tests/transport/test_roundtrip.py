@@ -7,7 +7,7 @@ import torch
 
 from fedsqueeze.codec import CodecSpec, preset, state_digest
 from fedsqueeze.errors import AuthError, NotFoundError, ResourceExhaustedError, TransportError
-from fedsqueeze.transport import GRPC_PREFIX_BYTES, ClientTls, ServerConfig
+from fedsqueeze.transport import GRPC_PREFIX_BYTES, ClientTls, ServerConfig, TokenTable
 from fedsqueeze.wire.convert import manifest_response_to_proto, segment_to_proto
 from fedsqueeze.wire.types import SegmentData
 from tests.transport.conftest import make_state, perturb
@@ -155,7 +155,5 @@ def test_plaintext_only_on_loopback_and_only_when_asked(source, store, start_ser
     assert connect(server, plaintext=True).fetch(spec=CodecSpec()).state is not None
 
 
-def _table():
-    from fedsqueeze.transport import TokenTable
-
+def _table() -> TokenTable:
     return TokenTable({"edge-0": "t" * 20})

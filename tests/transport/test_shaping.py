@@ -72,7 +72,9 @@ def test_token_bucket_holds_the_rate():
 def test_simulated_shaper_never_sleeps():
     fake = FakeTime()
     shaper = LinkShaper(
-        LinkProfile(8e6, 8e6, 0.2), ShapingMode.SIMULATED, monotonic=fake.monotonic,
+        LinkProfile(8e6, 8e6, 0.2),
+        ShapingMode.SIMULATED,
+        monotonic=fake.monotonic,
         sleep=fake.sleep,
     )
     counter = WireCounter(shaper.on_message)
@@ -86,7 +88,10 @@ def test_simulated_shaper_never_sleeps():
 def test_real_shaper_sleeps_for_bandwidth_and_rtt():
     fake = FakeTime()
     shaper = LinkShaper(
-        LinkProfile(8e6, 8e6, 0.2), ShapingMode.REAL, burst_s=0.01, monotonic=fake.monotonic,
+        LinkProfile(8e6, 8e6, 0.2),
+        ShapingMode.REAL,
+        burst_s=0.01,
+        monotonic=fake.monotonic,
         sleep=fake.sleep,
     )
     shaper.on_call()

@@ -61,8 +61,13 @@ def _update(update_id: str, edge: str = "edge-0", seed: int = 1) -> ReceivedUpda
     encoded = encode_state(perturb(base, seed), CodecSpec(), base)
     payload = encoded.to_bytes()
     return ReceivedUpdate(
-        update_id, edge, state_digest(base), hashlib.sha256(payload).digest(), len(payload),
-        encoded, 0.0,
+        update_id,
+        edge,
+        state_digest(base),
+        hashlib.sha256(payload).digest(),
+        len(payload),
+        encoded,
+        0.0,
     )
 
 
@@ -91,7 +96,9 @@ def test_update_store_under_contention():
     store = UpdateStore()
     update = _update("same")
     results: list[AddResult] = []
-    threads = [threading.Thread(target=lambda: results.append(store.add(update))) for _ in range(16)]
+    threads = [
+        threading.Thread(target=lambda: results.append(store.add(update))) for _ in range(16)
+    ]
     for t in threads:
         t.start()
     for t in threads:

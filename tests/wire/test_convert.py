@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+
 import pytest
 from hypothesis import assume, given
 from hypothesis import strategies as st
@@ -34,7 +36,7 @@ D1, D2, D3 = b"\x01" * 32, b"\x02" * 32, b"\x03" * 32
 
 
 @st.composite
-def codec_specs(draw) -> CodecSpec:
+def codec_specs(draw: st.DrawFn) -> CodecSpec:
     prune = PruneSpec(
         draw(st.sampled_from(PruneMethod)),
         draw(st.floats(0.0, 0.999, allow_nan=False)),
@@ -101,9 +103,9 @@ def test_messages_round_trip():
         msg = convert.manifest_request_to_proto(request)
         assert convert.manifest_request_from_proto(msg) == request
     seg_req = SegmentRequest("m-1", frozenset({3, 1}), "edge-0")
-    msg = convert.segment_request_to_proto(seg_req)
-    assert list(msg.held_segment_ids) == [1, 3]
-    assert convert.segment_request_from_proto(msg) == seg_req
+    seg_msg = convert.segment_request_to_proto(seg_req)
+    assert list(seg_msg.held_segment_ids) == [1, 3]
+    assert convert.segment_request_from_proto(seg_msg) == seg_req
     data = SegmentData("m-1", 7, b"payload")
     assert convert.segment_from_proto(convert.segment_to_proto(data)) == data
     meta = UpdateMetadata("u-1", "edge-0", D1, 10, D2, PRESETS["topk10-int4"])
@@ -113,10 +115,10 @@ def test_messages_round_trip():
     assert convert.receipt_from_proto(convert.receipt_to_proto(receipt)) == receipt
 
 
-def _bad_manifests():
+def _bad_manifests() -> Iterator[pb.Manifest]:
     good = convert.manifest_to_proto(_manifest())
 
-    def edit(fn):
+    def edit(fn: Callable[[pb.Manifest], object]) -> pb.Manifest:
         msg = pb.Manifest()
         msg.CopyFrom(good)
         fn(msg)
@@ -146,7 +148,7 @@ def test_hostile_manifests_are_invalid_requests(msg):
 
 def test_hostile_requests_are_invalid_requests():
     spec = convert.codec_spec_to_proto(CodecSpec())
-    bad = [
+    bad: list[Callable[[], object]] = [
         lambda: convert.manifest_request_from_proto(pb.GetManifestRequest(model="global")),
         lambda: convert.manifest_request_from_proto(
             pb.GetManifestRequest(model="", edge_id="e", codec_spec=spec)
@@ -167,7 +169,11 @@ def test_hostile_requests_are_invalid_requests():
         lambda: convert.update_metadata_from_proto(
             pb.PushUpdateRequest(
                 metadata=pb.UpdateMetadata(
-                    update_id="bad id", edge_id="e", base_digest=D1, total_bytes=1, sha256=D1,
+                    update_id="bad id",
+                    edge_id="e",
+                    base_digest=D1,
+                    total_bytes=1,
+                    sha256=D1,
                     codec_spec=spec,
                 )
             )

@@ -7,6 +7,7 @@ the service by its path, and verifies the segments with the manifest's digests.
 from __future__ import annotations
 
 import hashlib
+from typing import Any
 
 import grpc
 import pytest
@@ -26,7 +27,7 @@ def test_foreign_client_fetches_and_verifies(tmp_path):
     for file in descriptor_set(tmp_path).file:
         pool.Add(file)
 
-    def cls(name: str):
+    def cls(name: str) -> Any:
         return message_factory.GetMessageClass(pool.FindMessageTypeByName(f"fedsqueeze.v1.{name}"))
 
     GetManifestRequest, GetManifestResponse = cls("GetManifestRequest"), cls("GetManifestResponse")

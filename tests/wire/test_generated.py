@@ -14,7 +14,7 @@ pytestmark = pytest.mark.timeout(120)
 WIRE = Path(generate.__file__).parent
 
 
-def test_committed_code_matches_a_fresh_generation(tmp_path: Path):
+def test_committed_code_matches_a_fresh_generation(tmp_path: Path) -> None:
     written = generate.generate(out_dir=tmp_path)
     names = sorted(p.name for p in written)
     assert names == [
@@ -51,6 +51,6 @@ def test_rewrite_refuses_unknown_module_references():
         generate._rewrite("import fedsqueeze.v1.other_pb2\n", "transfer")
 
 
-def test_main_writes_files(tmp_path: Path):
+def test_main_writes_files(tmp_path: Path) -> None:
     assert generate.main(["--out", str(tmp_path)]) == 0
     assert (tmp_path / "transfer_pb2.py").exists()

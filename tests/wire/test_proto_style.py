@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 
 import pytest
+from google.protobuf import descriptor_pb2
 
 from tests.wire.protoc import descriptor_set
 
@@ -27,11 +28,8 @@ def proto(tmp_path_factory):
     return file
 
 
-def _comments(file) -> dict[tuple[int, ...], str]:
-    return {
-        tuple(loc.path): loc.leading_comments.strip()
-        for loc in file.source_code_info.location
-    }
+def _comments(file: descriptor_pb2.FileDescriptorProto) -> dict[tuple[int, ...], str]:
+    return {tuple(loc.path): loc.leading_comments.strip() for loc in file.source_code_info.location}
 
 
 def test_package_is_versioned_and_matches_the_directory(proto):
@@ -108,11 +106,11 @@ def test_fields_are_only_added_or_reserved(proto):
     assert problems == []
 
 
-def current_snapshot(proto) -> dict[str, dict[str, list[int]]]:
+def current_snapshot(
+    proto: descriptor_pb2.FileDescriptorProto,
+) -> dict[str, dict[str, list[int]]]:
     """The snapshot format (to extend the JSON file after adding fields)."""
-    return {
-        m.name: {f.name: [f.number, f.type] for f in m.field} for m in proto.message_type
-    }
+    return {m.name: {f.name: [f.number, f.type] for f in m.field} for m in proto.message_type}
 
 
 def test_snapshot_covers_every_message(proto):

@@ -1,0 +1,70 @@
+"""Federated rounds end to end on Flower's simulation engine, over the real data plane.
+
+Each run is a subprocess with a hard timeout: a misconfigured Flower simulation logs an
+error and then hangs instead of failing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _run(tmp_path: Path, *flags: str) -> dict:  # type: ignore[type-arg]
+    out = tmp_path / "state-out.json"
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tests.integration.faulty_run",
+            str(tmp_path / "state"),
+            str(out),
+            *flags,
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(out.read_text())  # type: ignore[no-any-return]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_three_rounds_raise_accuracy_and_count_bytes(tmp_path: Path) -> None:
+    state = _run(tmp_path)
+    metrics = state["round_metrics"]
+    assert state["completed_round"] == 3
+    assert metrics["3"]["accuracy"] > metrics["1"]["accuracy"]
+    for r in ("1", "2", "3"):
+        assert metrics[r]["updates-accepted"] == 4
+        assert metrics[r]["bytes-up"] > 0
+    # round 1 rebuilds the initial model from the shared seed: only a manifest comes down
+    assert metrics["1"]["bytes-down"] < 4 * 2000
+    assert metrics["2"]["bytes-down"] > metrics["1"]["bytes-down"]
+    assert len(list((tmp_path / "state" / "versions").glob("*.fsq"))) >= 3
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_dead_edge_and_lost_upload_are_dropped_and_they_rejoin(tmp_path: Path) -> None:
+    state = _run(tmp_path, "--faults")
+    metrics = state["round_metrics"]
+    assert state["completed_round"] == 3
+    # round 2: one edge crashed (an error reply), one upload never arrived (rejected)
+    assert metrics["2"]["updates-accepted"] == 2
+    assert metrics["2"]["updates-rejected"] == 1
+    # round 3: both are back, each fetching a delta from whatever version it holds
+    assert metrics["3"]["updates-accepted"] == 4
+    assert metrics["3"]["accuracy"] > metrics["1"]["accuracy"]
