@@ -1,6 +1,6 @@
 """A simulation with injected edge faults, run as a subprocess by the tests.
 
-Usage: python -m tests.integration.faulty_run STATE_DIR OUT_JSON [--faults]
+Usage: python -m tests.integration.faulty_run STATE_DIR OUT_JSON [--faults] [--rounds N] [--resume]
 
 With ``--faults``: in round 2 the edge of partition 0 dies after fetching the model
 (its ClientApp raises), and the edge of partition 1 trains but its upload never
@@ -74,8 +74,10 @@ def main() -> int:
 
     state_dir, out = Path(sys.argv[1]), Path(sys.argv[2])
     faults = "--faults" in sys.argv
+    rounds = int(sys.argv[sys.argv.index("--rounds") + 1]) if "--rounds" in sys.argv else 3
     settings = RunSettings(
-        num_rounds=3,
+        num_rounds=rounds,
+        resume="--resume" in sys.argv,
         state_dir=str(state_dir),
         min_train_nodes=4,
         min_available_nodes=4,

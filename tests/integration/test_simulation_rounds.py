@@ -42,9 +42,14 @@ def _run(tmp_path: Path, *flags: str) -> dict:  # type: ignore[type-arg]
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-def test_three_rounds_raise_accuracy_and_count_bytes(tmp_path: Path) -> None:
-    state = _run(tmp_path)
+def test_rounds_raise_accuracy_count_bytes_and_resume_after_a_stop(tmp_path: Path) -> None:
+    first = _run(tmp_path, "--rounds", "2")
+    assert first["completed_round"] == 2
+    state = _run(tmp_path, "--rounds", "3", "--resume")
     metrics = state["round_metrics"]
+    assert (
+        metrics["1"] == first["round_metrics"]["1"] and metrics["2"] == first["round_metrics"]["2"]
+    )
     assert state["completed_round"] == 3
     assert metrics["3"]["accuracy"] > metrics["1"]["accuracy"]
     for r in ("1", "2", "3"):
