@@ -29,18 +29,13 @@ from flwr.serverapp.strategy import (
     Strategy,
 )
 
-from coordinator.source import StoreModelSource
-from coordinator.strategy import CompressedStrategy, PulledUpdate
-from coordinator.tokens import DerivedTokens
+from coordinator.dataplane import CoordinatorDataPlane, InstructionTemplate
+from coordinator.strategy import CompressedStrategy
 from coordinator.version_store import VersionStore
 from fedsqueeze.codec import state_digest
-from fedsqueeze.control import RoundInstruction
 from fedsqueeze.errors import ConfigError
 from fedsqueeze.runconfig import RunSettings, StrategyName
 from fedsqueeze.tasks import get_task
-from fedsqueeze.transport.server import ServerConfig, TransferServer
-from fedsqueeze.transport.tls import ServerTls
-from fedsqueeze.transport.updates import UpdateStore
 
 log = logging.getLogger(__name__)
 
@@ -70,12 +65,9 @@ class Coordinator:
 
     settings: RunSettings
     store: VersionStore
-    server: TransferServer
-    updates: UpdateStore
-    tokens: DerivedTokens
+    plane: CoordinatorDataPlane
     strategy: CompressedStrategy
     init_digest: str
-    advertised: str
     offset: int
 
     @classmethod
@@ -93,57 +85,32 @@ class Coordinator:
         init_digest = state_digest(initial).hex()
         if not store.has(init_digest):
             store.publish(initial, track="init")
-        updates = UpdateStore()
-        tokens = DerivedTokens()
-        tls = None
-        if settings.tls_cert:
-            tls = ServerTls.from_files(Path(settings.tls_cert), Path(settings.tls_key))
-        server = TransferServer(
-            StoreModelSource(store),
-            updates,
-            tokens,
-            config=ServerConfig(host=settings.data_plane_host, port=settings.data_plane_port),
-            tls=tls,
-            plaintext=tls is None,
+        plane = CoordinatorDataPlane(
+            store,
+            host=settings.data_plane_host,
+            port=settings.data_plane_port,
+            tls_cert=Path(settings.tls_cert) if settings.tls_cert else None,
+            tls_key=Path(settings.tls_key) if settings.tls_key else None,
         )
-        server.start()
-        advertised = f"{settings.data_plane_host}:{server.port}"
-        log.info("data plane listening on %s (%s)", advertised, "TLS" if tls else "plaintext")
-        down, up = settings.down_spec, settings.up_spec
         offset = store.completed_round  # rounds already done when resuming
-
-        def instruction(server_round: int, node_id: int, target: str) -> RoundInstruction:
-            return RoundInstruction(
-                server_round=server_round + offset,
-                address=advertised,
-                target=target,
-                down_spec=down,
-                up_spec=up,
-                task=settings.task,
-                init_seed=settings.seed if settings.init_from_seed else -1,
-                init_digest=init_digest if settings.init_from_seed else "",
-                down_budget=settings.down_budget,
-                up_budget=settings.up_budget,
-                token=tokens.token_for(str(node_id)),
-                tls=tls is not None,
-            )
-
-        def pull(update_id: str) -> PulledUpdate | None:
-            received = updates.pop(update_id)
-            if received is None:
-                return None
-            return PulledUpdate(received.encoded, received.base_digest.hex(), received.edge_id)
-
+        template = InstructionTemplate(
+            down_spec=settings.down_spec,
+            up_spec=settings.up_spec,
+            task=settings.task,
+            init_seed=settings.seed if settings.init_from_seed else -1,
+            init_digest=init_digest if settings.init_from_seed else "",
+            down_budget=settings.down_budget,
+            up_budget=settings.up_budget,
+            round_offset=offset,
+        )
         strategy = CompressedStrategy(
             build_strategy(settings),
             store,
-            instruction,
-            pull,
+            functools.partial(plane.instruction, template),
+            plane.pull,
             clip_norm=settings.clip_norm or None,
         )
-        return cls(
-            settings, store, server, updates, tokens, strategy, init_digest, advertised, offset
-        )
+        return cls(settings, store, plane, strategy, init_digest, offset)
 
     def initial_arrays(self) -> ArrayRecord:
         """Where this run starts: the last completed global model, or the seeded one."""
@@ -202,7 +169,7 @@ class Coordinator:
 
     def close(self) -> None:
         """Stop the data plane."""
-        self.server.stop()
+        self.plane.close()
 
 
 def make_server_app(settings: RunSettings | None = None) -> ServerApp:

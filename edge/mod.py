@@ -32,7 +32,6 @@ from edge.dataplane import DataPlaneConnector, GrpcConnector
 from fedsqueeze.codec import encode_state, state_digest
 from fedsqueeze.codec.spec_text import parse_spec
 from fedsqueeze.control import CONTROL_KEY, RECEIPT_KEY, RoundInstruction, TrainReceipt
-from fedsqueeze.tasks import get_task
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +40,8 @@ ModelFactory = Callable[[str, int], State]
 
 
 def _task_model(task: str, seed: int) -> State:
+    from fedsqueeze.tasks import get_task  # deferred: pulls in scikit-learn
+
     return dict(get_task(task).build_model(seed).state_dict())
 
 

@@ -32,7 +32,7 @@ from fedsqueeze.codec import CodecSpec, EncodedModel, decode_state, state_digest
 from fedsqueeze.errors import IntegrityError, UnavailableError
 from fedsqueeze.transport.accounting import WireBytes, WireCounter, serialize_message
 from fedsqueeze.transport.auth import call_metadata
-from fedsqueeze.transport.errors_map import error_from_rpc, status_of
+from fedsqueeze.transport.errors_map import details_of, error_from_rpc, status_of
 from fedsqueeze.transport.fetch import FetchState
 from fedsqueeze.transport.retry import Deadline, RetryPolicy
 from fedsqueeze.transport.server import (
@@ -167,7 +167,9 @@ class _Operation:
             ) from exc
         self.retries += 1
         wait = self.client.retry.backoff_s(max(self.failures_in_a_row, 1), self.client.rng)
-        logger.info("%s: server unavailable, retrying in %.3f s", what, wait)
+        logger.info(
+            "%s: server unavailable (%s), retrying in %.3f s", what, details_of(exc), wait
+        )
         self.deadline.sleep(wait)
 
     def with_retry(self, what: str, attempt: Callable[[dict[str, Any]], _R]) -> _R:
@@ -235,8 +237,9 @@ class TransferClient:
             raise ValueError("give either TLS settings or plaintext=True, not both")
         options: list[tuple[str, Any]] = [
             *message_size_options(max_message_bytes),
+            # Reconnect soon after a server restart. (Not grpc.min_reconnect_backoff_ms:
+            # it is also the connect timeout, and TLS handshakes under load need more.)
             ("grpc.initial_reconnect_backoff_ms", 100),
-            ("grpc.min_reconnect_backoff_ms", 100),
             ("grpc.max_reconnect_backoff_ms", 2000),
         ]
         if plaintext:

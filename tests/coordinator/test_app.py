@@ -17,8 +17,8 @@ from fedsqueeze.runconfig import RunSettings, StrategyName
 def test_open_starts_the_data_plane_and_publishes_the_seeded_model(tmp_path: Path) -> None:
     coordinator = Coordinator.open(RunSettings(state_dir=str(tmp_path)))
     try:
-        assert coordinator.advertised.startswith("127.0.0.1:")
-        assert coordinator.server.port > 0
+        assert coordinator.plane.address.startswith("127.0.0.1:")
+        assert coordinator.plane.server.port > 0
         assert coordinator.store.head("init") == coordinator.init_digest
         arrays = coordinator.initial_arrays().to_torch_state_dict()
         assert set(arrays) == {

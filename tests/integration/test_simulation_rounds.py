@@ -73,3 +73,27 @@ def test_dead_edge_and_lost_upload_are_dropped_and_they_rejoin(tmp_path: Path) -
     # round 3: both are back, each fetching a delta from whatever version it holds
     assert metrics["3"]["updates-accepted"] == 4
     assert metrics["3"]["accuracy"] > metrics["1"]["accuracy"]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_an_existing_flower_app_gains_compression_with_the_mod_and_wrapper(tmp_path: Path) -> None:
+    out = tmp_path / "dropin.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "tests.integration.dropin_app", str(out)],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    result = json.loads(out.read_text())
+    mse = {int(k): v for k, v in result["mse"].items()}
+    assert mse[3] < mse[0] / 2  # it learned
+    fp32_bytes = (8 * 16 + 16 + 16 + 1) * 4
+    for down, up, accepted in result["bytes"].values():
+        assert accepted == 2
+        assert 0 < up < 2 * fp32_bytes  # compressed updates, counted on the wire
+        assert 0 < down

@@ -1,0 +1,102 @@
+"""The coordinator's side of the data plane: server, update inbox, tokens, instructions."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from coordinator.source import StoreModelSource
+from coordinator.strategy import PulledUpdate
+from coordinator.tokens import DerivedTokens
+from coordinator.version_store import VersionStore
+from fedsqueeze.control import RoundInstruction
+from fedsqueeze.transport.server import ServerConfig, TransferServer
+from fedsqueeze.transport.tls import ServerTls
+from fedsqueeze.transport.updates import UpdateStore
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class InstructionTemplate:
+    """What every edge is told, apart from round, target and its token."""
+
+    down_spec: str
+    up_spec: str
+    task: str = ""
+    init_seed: int = -1
+    init_digest: str = ""
+    down_budget: int = 0
+    up_budget: int = 0
+    round_offset: int = 0
+
+
+class CoordinatorDataPlane:
+    """A running transfer server over a version store, with its update inbox.
+
+    Parameters
+    ----------
+    store
+        Versions to serve.
+    host, port
+        Where to listen (port 0: any free port); ``host`` is also what edges dial.
+    tls_cert, tls_key
+        PEM files for TLS; without them the server is plaintext, which is allowed on
+        loopback only.
+    """
+
+    def __init__(
+        self,
+        store: VersionStore,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        tls_cert: Path | None = None,
+        tls_key: Path | None = None,
+    ) -> None:
+        self.updates = UpdateStore()
+        self.tokens = DerivedTokens()
+        tls = ServerTls.from_files(tls_cert, tls_key) if tls_cert and tls_key else None
+        self.tls = tls is not None
+        self.server = TransferServer(
+            StoreModelSource(store),
+            self.updates,
+            self.tokens,
+            config=ServerConfig(host=host, port=port),
+            tls=tls,
+            plaintext=tls is None,
+        )
+        self.server.start()
+        self.address = f"{host}:{self.server.port}"
+        log.info("data plane listening on %s (%s)", self.address, "TLS" if tls else "plaintext")
+
+    def pull(self, update_id: str) -> PulledUpdate | None:
+        """Take an accepted update out of the inbox."""
+        received = self.updates.pop(update_id)
+        if received is None:
+            return None
+        return PulledUpdate(received.encoded, received.base_digest.hex(), received.edge_id)
+
+    def instruction(
+        self, template: InstructionTemplate, server_round: int, node_id: int, target: str
+    ) -> RoundInstruction:
+        """The control message for one edge."""
+        return RoundInstruction(
+            server_round=server_round + template.round_offset,
+            address=self.address,
+            target=target,
+            down_spec=template.down_spec,
+            up_spec=template.up_spec,
+            task=template.task,
+            init_seed=template.init_seed,
+            init_digest=template.init_digest,
+            down_budget=template.down_budget,
+            up_budget=template.up_budget,
+            token=self.tokens.token_for(str(node_id)),
+            tls=self.tls,
+        )
+
+    def close(self) -> None:
+        """Stop the server."""
+        self.server.stop()

@@ -1,0 +1,386 @@
+"""Transport benchmark: the data plane against a bare gRPC stream, resume, fan-out.
+
+Three parts, measured in one run against one server process (plaintext on 127.0.0.1,
+like the bare stream it is compared with), printed as a table (and JSON with --json):
+
+  throughput  a model of --payload-mb MB fetched through ``StreamSegments`` (every
+              segment's sha256 verified) next to a bare gRPC server stream of the same
+              bytes in the same chunks, from a server in another process; the median of
+              --runs runs, alternating the two. ``fetch`` adds GetManifest and the
+              reassembly (the whole payload's sha256 and parsing) to the segment stream.
+  resume      the same fetch with its stream cut after half the segments: the extra
+              bytes a resumed fetch receives, against one segment's size.
+  fan-out     --clients clients, each on its own connection, fetch the same int8 delta at
+              once: wall time, errors, and how many encodes the server performed.
+
+GB/s is 10^9 bytes per second. Nothing here asserts a time: machines are shared.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import statistics
+import sys
+import threading
+import time
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+import grpc
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from fedsqueeze.codec import CodecSpec, QuantSpec
+from fedsqueeze.transport import (
+    FaultInjector,
+    FetchState,
+    InMemoryModelSource,
+    RetryPolicy,
+    ServerConfig,
+    TokenTable,
+    TransferClient,
+    TransferServer,
+    UpdateStore,
+)
+from fedsqueeze.transport.cache import CacheKey
+from fedsqueeze.transport.prepare import prepare_model
+from fedsqueeze.transport.server import message_size_options
+
+__all__ = ["TransportBenchOptions", "add_arguments", "main", "register", "run_transport_bench"]
+
+Json = dict[str, Any]
+State = dict[str, torch.Tensor]
+#: What streaming segments should reach, as a fraction of the bare stream.
+TARGET_RATIO = 0.8
+#: The throughput model is sent as is (random floats do not compress).
+STREAM_SPEC = CodecSpec(entropy_level=0)
+#: The fan-out delta: int8 everywhere, no entropy stage.
+FANOUT_SPEC = CodecSpec(quant=QuantSpec(8), targets=("*",), min_ndim=1, entropy_level=0)
+_BARE_METHOD = "/fedsqueeze.bench.BareStream/Stream"
+_GB = 1e9
+
+
+@dataclass(frozen=True)
+class TransportBenchOptions:
+    """What :func:`run_transport_bench` measures.
+
+    Attributes
+    ----------
+    payload_mb : float
+        Size of the streamed model, MB (10^6 bytes).
+    chunk_bytes : int
+        Segment size, and the bare stream's chunk size, in bytes.
+    runs : int
+        Timed runs of each stream (the median is reported), after one warm-up each.
+    clients : int
+        Concurrent clients of the fan-out part.
+    fanout_mb : float
+        Size of the fan-out model, MB.
+    """
+
+    payload_mb: float = 64.0
+    chunk_bytes: int = 1 << 20
+    runs: int = 5
+    clients: int = 100
+    fanout_mb: float = 2.0
+
+    def __post_init__(self) -> None:
+        if not (self.payload_mb > 0 and self.fanout_mb > 0):
+            raise ValueError("payload_mb and fanout_mb must be > 0")
+        if self.runs < 1 or self.clients < 1 or self.chunk_bytes < 1024:
+            raise ValueError("runs and clients must be >= 1, chunk_bytes >= 1024")
+
+
+def random_state(megabytes: float, seed: int, tensors: int = 8) -> State:
+    """``tensors`` random float32 matrices of ``megabytes`` MB in all."""
+    g = torch.Generator().manual_seed(seed)
+    cols = 1024
+    rows = max(1, round(megabytes * 1e6 / 4 / cols / tensors))
+    return {f"layer{i}.weight": torch.randn(rows, cols, generator=g) for i in range(tensors)}
+
+
+# --------------------------------------------------------------------------- server process
+def _serve(
+    conn: Connection,
+    payload_mb: float,
+    chunk_bytes: int,
+    fanout: tuple[State, State],
+    tokens: Mapping[str, str],
+    max_workers: int,
+) -> None:
+    """The server process: the transfer service and a bare stream of the same bytes."""
+    source = InMemoryModelSource(keep=4)
+    target = source.publish(random_state(payload_mb, seed=1), track="bench")
+    source.publish(fanout[0], track="fanout-base")
+    source.publish(fanout[1], track="fanout")
+    faults = FaultInjector()
+    config = ServerConfig(segment_bytes=chunk_bytes, max_workers=max_workers)
+    server = TransferServer(
+        source, UpdateStore(), TokenTable(tokens), config=config, plaintext=True, faults=faults
+    )
+    key = CacheKey(target, None, STREAM_SPEC, None)
+    prepared = server.cache.get_or_build(key, lambda: prepare_model(source, key, chunk_bytes))
+    payloads = prepared.payloads
+
+    def bare(request: bytes, context: grpc.ServicerContext) -> Any:
+        yield from payloads
+
+    bare_server = grpc.server(
+        ThreadPoolExecutor(max_workers=4), options=message_size_options(4 << 20)
+    )
+    bare_server.add_generic_rpc_handlers(
+        (
+            grpc.method_handlers_generic_handler(
+                "fedsqueeze.bench.BareStream",
+                {"Stream": grpc.unary_stream_rpc_method_handler(bare)},
+            ),
+        )
+    )
+    bare_port = bare_server.add_insecure_port("127.0.0.1:0")
+    bare_server.start()
+    server.start()
+    conn.send((server.port, bare_port, sum(len(p) for p in payloads), len(payloads)))
+    try:
+        while True:
+            command, arg = conn.recv()
+            if command == "stats":
+                conn.send(asdict(server.stats()))
+            elif command == "cut":
+                faults.cut_streams_after(arg, times=1)
+                conn.send(None)
+            else:
+                break
+    finally:
+        bare_server.stop(0).wait()
+        server.stop(grace=0)
+
+
+# --------------------------------------------------------------------------- measurements
+def _throughput(
+    options: TransportBenchOptions, client: TransferClient, bare_port: int, payload_bytes: int
+) -> Json:
+    channel = grpc.insecure_channel(f"127.0.0.1:{bare_port}", options=message_size_options(4 << 20))
+    bare_call = channel.unary_stream(_BARE_METHOD)
+
+    def run_bare() -> float:
+        started = time.perf_counter()
+        received = sum(len(chunk) for chunk in bare_call(b"", timeout=120))
+        return received / (time.perf_counter() - started) / _GB
+
+    bare_runs: list[float] = []
+    segment_runs: list[float] = []
+    fetch_runs: list[float] = []
+    wire_down = 0
+    try:
+        for run in range(options.runs + 1):  # run 0 warms both up
+            bare = run_bare()
+            result = client.fetch("bench", spec=STREAM_SPEC, decode=False)
+            if run == 0:
+                continue
+            bare_runs.append(bare)
+            segment_runs.append(payload_bytes / result.stats.stream_s / _GB)
+            fetch_runs.append(payload_bytes / result.stats.elapsed_s / _GB)
+            wire_down = result.stats.wire.received
+    finally:
+        channel.close()
+    bare_gb_s = statistics.median(bare_runs)
+    segments_gb_s = statistics.median(segment_runs)
+    return {
+        "payload_bytes": payload_bytes,
+        "chunk_bytes": options.chunk_bytes,
+        "runs": options.runs,
+        "bare_gb_s": bare_gb_s,
+        "segments_gb_s": segments_gb_s,
+        "fetch_gb_s": statistics.median(fetch_runs),
+        "ratio": segments_gb_s / bare_gb_s,
+        "target_ratio": TARGET_RATIO,
+        "bytes_down": wire_down,
+        "bare_runs_gb_s": bare_runs,
+        "segment_runs_gb_s": segment_runs,
+    }
+
+
+def _resume(client: TransferClient, command: Callable[[str, Any], Any], segments: int) -> Json:
+    full = client.fetch("bench", spec=STREAM_SPEC, decode=False).stats
+    cut_after = max(1, segments // 2)
+    command("cut", cut_after)
+    resumed = client.fetch("bench", spec=STREAM_SPEC, decode=False, state=FetchState()).stats
+    overhead = resumed.wire.total - full.wire.total
+    return {
+        "cut_after_segments": cut_after,
+        "full_bytes": full.wire.total,
+        "resumed_bytes": resumed.wire.total,
+        "overhead_bytes": overhead,
+        "calls": resumed.calls,
+        "resumed_segments": resumed.resumed_segments,
+    }
+
+
+def _fanout(
+    options: TransportBenchOptions,
+    port: int,
+    tokens: Mapping[str, str],
+    base: State,
+    command: Callable[[str, Any], Any],
+) -> Json:
+    encodes_before = command("stats", None)["cache"]["encodes"]
+    retry = RetryPolicy(deadline_s=300.0)
+    clients = [
+        TransferClient(f"127.0.0.1:{port}", edge_id=e, token=t, plaintext=True, retry=retry)
+        for e, t in tokens.items()
+    ]
+    barrier = threading.Barrier(len(clients) + 1)
+
+    def fetch(client: TransferClient) -> int:
+        barrier.wait(60)
+        result = client.fetch("fanout", spec=FANOUT_SPEC, base=base)
+        return result.stats.wire.received
+
+    try:
+        with ThreadPoolExecutor(len(clients)) as pool:
+            futures = [pool.submit(fetch, c) for c in clients]
+            barrier.wait(60)
+            started = time.perf_counter()
+            outcomes = [f.exception() or f.result() for f in futures]
+            seconds = time.perf_counter() - started
+    finally:
+        for client in clients:
+            client.close()
+    received = [o for o in outcomes if isinstance(o, int)]
+    errors = [repr(o) for o in outcomes if not isinstance(o, int)]
+    return {
+        "clients": len(clients),
+        "seconds": seconds,
+        "errors": len(errors),
+        "first_error": errors[0] if errors else None,
+        "encodes": command("stats", None)["cache"]["encodes"] - encodes_before,
+        "bytes_down_per_client": statistics.median(received) if received else 0,
+        "aggregate_gb_s": sum(received) / seconds / _GB,
+    }
+
+
+def run_transport_bench(
+    options: TransportBenchOptions | None = None, console: Console | None = None
+) -> Json:
+    """Measure everything; print a table to ``console`` when given.
+
+    Returns
+    -------
+    dict
+        JSON-ready: ``{"machine", "throughput", "resume", "fanout"}``.
+    """
+    options = options or TransportBenchOptions()
+    out = console or Console(quiet=True)
+    report: Json = {"machine": {"cpus": os.cpu_count(), "load_average_start": os.getloadavg()[0]}}
+    fan_base = random_state(options.fanout_mb, seed=2, tensors=4)
+    fan_target = {k: v + 0.01 * torch.randn_like(v) for k, v in fan_base.items()}
+    tokens = {f"bench-{i}": f"bench-token-{i:04d}-0123456789" for i in range(options.clients)}
+    tokens["bench"] = "bench-token-main-0123456789"
+    fan_tokens = {e: t for e, t in tokens.items() if e != "bench"}
+    ctx = mp.get_context("spawn")
+    parent, child = ctx.Pipe()
+    max_workers = min(options.clients + 8, 128)
+    process = ctx.Process(
+        target=_serve,
+        args=(child, options.payload_mb, options.chunk_bytes, (fan_base, fan_target), tokens,
+              max_workers),
+        daemon=True,
+    )  # fmt: skip
+    process.start()
+
+    def command(name: str, arg: Any) -> Any:
+        parent.send((name, arg))
+        return parent.recv()
+
+    try:
+        if not parent.poll(120):
+            raise RuntimeError("the benchmark server did not start")
+        port, bare_port, payload_bytes, segments = parent.recv()
+        out.print(
+            f"[bold]fedsqueeze bench transport[/bold]: {payload_bytes / 1e6:.1f} MB in "
+            f"{segments} segments of {options.chunk_bytes} B, {os.cpu_count()} CPUs"
+        )
+        with TransferClient(
+            f"127.0.0.1:{port}", edge_id="bench", token=tokens["bench"], plaintext=True
+        ) as client:
+            report["throughput"] = _throughput(options, client, bare_port, payload_bytes)
+            report["resume"] = _resume(client, command, segments)
+            report["resume"]["segment_bytes"] = payload_bytes // segments
+        report["fanout"] = _fanout(options, port, fan_tokens, fan_base, command)
+    finally:
+        parent.send(("stop", None))
+        process.join(30)
+        if process.is_alive():
+            process.terminate()
+    report["machine"]["load_average_end"] = os.getloadavg()[0]
+    out.print(_table(report))
+    return report
+
+
+def _table(report: Json) -> Table:
+    t, r, f = report["throughput"], report["resume"], report["fanout"]
+    table = Table(title="data plane (loopback, two processes, plaintext)")
+    table.add_column("measure")
+    table.add_column("value", justify="right")
+    table.add_column("note")
+    table.add_row("bare gRPC stream", f"{t['bare_gb_s']:.3f} GB/s", "median, same bytes/chunks")
+    table.add_row("StreamSegments + sha256", f"{t['segments_gb_s']:.3f} GB/s",
+                  f"{t['ratio']:.0%} of bare (target {TARGET_RATIO:.0%})")  # fmt: skip
+    table.add_row("whole fetch", f"{t['fetch_gb_s']:.3f} GB/s", "+ manifest, reassembly")
+    table.add_row("resume overhead", f"{r['overhead_bytes']} B",
+                  f"cut after {r['cut_after_segments']} segments; "
+                  f"one segment is {r['segment_bytes']} B")  # fmt: skip
+    table.add_row(f"fan-out to {f['clients']} clients", f"{f['seconds']:.2f} s",
+                  f"{f['errors']} errors, {f['encodes']} encode(s), "
+                  f"{f['bytes_down_per_client']} B each")  # fmt: skip
+    return table
+
+
+# --------------------------------------------------------------------------- CLI
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Register the benchmark's flags."""
+    parser.add_argument("--payload-mb", type=float, default=64.0,
+                        help="size of the streamed model in MB (default 64)")  # fmt: skip
+    parser.add_argument("--chunk-kib", type=int, default=1024,
+                        help="segment and bare chunk size in KiB (default 1024)")  # fmt: skip
+    parser.add_argument("--runs", type=int, default=5, help="timed runs per stream (default 5)")
+    parser.add_argument("--clients", type=int, default=100,
+                        help="concurrent clients of the fan-out (default 100)")  # fmt: skip
+    parser.add_argument("--fanout-mb", type=float, default=2.0,
+                        help="size of the fan-out model in MB (default 2)")  # fmt: skip
+    parser.add_argument("--json", type=Path, metavar="FILE", help="also write results as JSON")
+
+
+def main(args: argparse.Namespace) -> int:
+    """Run the benchmark from parsed flags, print the table, write JSON if asked."""
+    options = TransportBenchOptions(
+        payload_mb=args.payload_mb,
+        chunk_bytes=args.chunk_kib * 1024,
+        runs=args.runs,
+        clients=args.clients,
+        fanout_mb=args.fanout_mb,
+    )
+    report = run_transport_bench(options, Console(width=None if sys.stdout.isatty() else 120))
+    if args.json is not None:
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+    return 0
+
+
+def register(subparsers: Any) -> None:
+    """Add ``transport`` to a ``fedsqueeze bench`` sub-command parser set."""
+    parser = subparsers.add_parser(
+        "transport",
+        help="data-plane throughput, resume and fan-out",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_arguments(parser)
+    parser.set_defaults(_bench_main=main)

@@ -1,0 +1,444 @@
+"""A small supervisor for the Flower processes fedsqueeze starts.
+
+Flower's Deployment Engine is a tree of processes: ``flower-superlink`` starts a
+``flower-superexec`` in a *new session* (so it survives a signal to the SuperLink's
+process group), which starts one ``flwr-serverapp`` per run; ``flower-supernode`` starts
+its own ``flower-superexec``, which starts one ``flwr-clientapp`` per message. None of
+them stops when the terminal that started them closes.
+
+:class:`Supervisor` keeps that tree in hand:
+
+* every process starts in its own session and process group, and (on Linux) receives
+  ``SIGTERM`` if the supervisor dies, even by ``SIGKILL``;
+* on Linux the supervisor can make itself a *child subreaper*, so processes orphaned
+  below it (a SuperExec whose SuperLink crashed) are re-parented to it rather than to
+  ``init``, and it can still find and stop them;
+* :meth:`Supervisor.stop_all` signals every process group and every descendant found in
+  ``/proc``, waits a grace period, then kills what is left and reaps it.
+
+:func:`interrupt_on_signals` turns ``SIGTERM`` and ``SIGHUP`` into
+``KeyboardInterrupt``, so a ``finally`` clause stops everything however the command is
+asked to end.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import enum
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import IO
+
+from fedsqueeze.errors import FedsqueezeError
+
+log = logging.getLogger(__name__)
+
+_PR_SET_PDEATHSIG = 1
+_PR_SET_CHILD_SUBREAPER = 36
+_POLL_SECONDS = 0.1
+
+
+class ProcessError(FedsqueezeError):
+    """A Flower process could not be started, or ended before it was ready."""
+
+
+class Output(enum.Enum):
+    """Where a process's stdout and stderr go."""
+
+    INHERIT = "inherit"
+    """Share the supervisor's terminal."""
+    FILE = "file"
+    """Append to :attr:`ProcessSpec.log_file`."""
+    PIPE = "pipe"
+    """A pipe the caller reads from :attr:`ManagedProcess.stdout`."""
+
+
+@dataclass(frozen=True)
+class ProcessSpec:
+    """How to start one process.
+
+    Attributes
+    ----------
+    name
+        Short name for messages (``"superlink"``).
+    argv
+        The command and its arguments.
+    env
+        The complete environment of the process.
+    output
+        Where its output goes.
+    log_file
+        The file for :attr:`Output.FILE`.
+    cwd
+        Working directory (default: the supervisor's).
+    """
+
+    name: str
+    argv: tuple[str, ...]
+    env: Mapping[str, str] = field(default_factory=dict)
+    output: Output = Output.INHERIT
+    log_file: Path | None = None
+    cwd: Path | None = None
+
+    def __post_init__(self) -> None:
+        if not self.argv:
+            raise ValueError("argv must name a command")
+        if self.output is Output.FILE and self.log_file is None:
+            raise ValueError("Output.FILE needs a log_file")
+
+
+class ManagedProcess:
+    """A process started by a :class:`Supervisor`."""
+
+    def __init__(self, spec: ProcessSpec, popen: subprocess.Popen[str]) -> None:
+        self.spec = spec
+        self.popen = popen
+
+    @property
+    def name(self) -> str:
+        """The spec's name."""
+        return self.spec.name
+
+    @property
+    def pid(self) -> int:
+        """Its process id (also its process group and session id)."""
+        return self.popen.pid
+
+    @property
+    def stdout(self) -> IO[str]:
+        """Its output, for :attr:`Output.PIPE`."""
+        if self.popen.stdout is None:
+            raise ValueError(f"{self.name} was not started with Output.PIPE")
+        return self.popen.stdout
+
+    def poll(self) -> int | None:
+        """Its exit status, or ``None`` while it runs."""
+        return self.popen.poll()
+
+    def wait(self, timeout: float | None = None) -> int:
+        """Wait for it to exit; returns the exit status."""
+        return self.popen.wait(timeout)
+
+    def describe_exit(self) -> str:
+        """``"superlink exited with status 1 (see LOG)"`` for messages."""
+        where = f" (see {self.spec.log_file})" if self.spec.output is Output.FILE else ""
+        return f"{self.name} exited with status {self.poll()}{where}"
+
+
+class Supervisor:
+    """Starts processes and stops all of them, and everything they started.
+
+    Parameters
+    ----------
+    adopt_orphans
+        Make this process a child subreaper (Linux), so descendants whose parent dies
+        stay below it. Meant for a command-line process that does nothing else.
+    grace
+        Seconds between ``SIGTERM`` and ``SIGKILL`` in :meth:`stop_all`.
+    """
+
+    def __init__(self, *, adopt_orphans: bool = False, grace: float = 10.0) -> None:
+        if grace < 0:
+            raise ValueError("grace must be >= 0")
+        self.grace = grace
+        self.processes: list[ManagedProcess] = []
+        self._lock = threading.Lock()
+        self._adopts = adopt_orphans and _prctl(_PR_SET_CHILD_SUBREAPER, 1)
+        if adopt_orphans and not self._adopts:
+            log.debug("not a child subreaper here: orphans go to init")
+
+    def start(self, spec: ProcessSpec) -> ManagedProcess:
+        """Start ``spec`` in a new session.
+
+        Call it from a thread that lives as long as the process should: on Linux the
+        child receives ``SIGTERM`` when the thread that started it ends.
+        """
+        stdout: int | IO[str] | None = None
+        log_handle: IO[str] | None = None
+        if spec.output is Output.FILE and spec.log_file is not None:
+            spec.log_file.parent.mkdir(parents=True, exist_ok=True)
+            log_handle = spec.log_file.open("a", encoding="utf-8")
+            stdout = log_handle
+        elif spec.output is Output.PIPE:
+            stdout = subprocess.PIPE
+        log.info("starting %s: %s", spec.name, " ".join(spec.argv))
+        try:
+            popen = subprocess.Popen(
+                list(spec.argv),
+                env=dict(spec.env),
+                cwd=spec.cwd,
+                stdin=subprocess.DEVNULL,
+                stdout=stdout,
+                stderr=subprocess.STDOUT if stdout is not None else None,
+                text=True,
+                errors="replace",
+                bufsize=1 if spec.output is Output.PIPE else -1,
+                start_new_session=True,
+                preexec_fn=_die_with_parent if _PRCTL is not None else None,
+            )
+        except OSError as exc:
+            raise ProcessError(f"cannot start {spec.name} ({spec.argv[0]}): {exc}") from exc
+        finally:
+            if log_handle is not None:
+                log_handle.close()  # the child holds its own descriptor
+        process = ManagedProcess(spec, popen)
+        with self._lock:
+            self.processes.append(process)
+        return process
+
+    def stop_all(self) -> None:
+        """Stop every process started here and all their descendants.
+
+        ``SIGTERM`` to each process group and each descendant, up to :attr:`grace`
+        seconds to exit, then ``SIGKILL``. Signals that would interrupt the shutdown
+        (a second Ctrl-C) are ignored until it is done.
+        """
+        with _signals_ignored(), self._lock:
+            self._stop_locked()
+
+    def _roots(self) -> set[int]:
+        # A process not yet reaped cannot have given its pid to another one.
+        roots = {p.pid for p in self.processes if p.poll() is None}
+        return roots | self._orphans()
+
+    def _orphans(self) -> set[int]:
+        """Children of this process it did not start itself (adopted as a subreaper)."""
+        if not self._adopts:
+            return set()
+        me, own = os.getpid(), {p.pid for p in self.processes}
+        return {s.pid for s in _all_stats() if s.ppid == me and s.pid not in own}
+
+    def _stop_locked(self) -> None:
+        tracked: set[int] = set()
+        signalled: set[int] = set()
+        deadline = time.monotonic() + self.grace
+        while True:
+            self._reap()
+            tracked = {pid for pid in tracked if _alive(pid)} | _tree(self._roots())
+            if not tracked:
+                return
+            fresh = tracked - signalled
+            if fresh:
+                log.info("stopping %s", ", ".join(_command_name(p) for p in sorted(fresh)))
+                self._signal(fresh, signal.SIGTERM)
+                signalled |= fresh
+            if time.monotonic() > deadline:
+                break
+            time.sleep(_POLL_SECONDS)
+        names = ", ".join(_command_name(pid) for pid in sorted(tracked))
+        log.warning("killing what did not stop within %.0f s: %s", self.grace, names)
+        self._signal(tracked, signal.SIGKILL)
+        for process in self.processes:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                process.wait(timeout=5)
+        self._reap()
+
+    def _signal(self, pids: set[int], signum: int) -> None:
+        for process in self.processes:
+            if process.poll() is None:  # its group: also members that left its tree
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(process.pid, signum)
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signum)
+
+    def _reap(self) -> None:
+        for process in self.processes:
+            process.poll()
+        for pid in self._orphans():
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, os.WNOHANG)
+
+    def __enter__(self) -> Supervisor:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop_all()
+
+
+def wait_for_port(
+    host: str, port: int, *, timeout: float, process: ManagedProcess | None = None
+) -> None:
+    """Block until something accepts TCP connections on ``host:port``.
+
+    Raises
+    ------
+    ProcessError
+        If ``process`` exits first, or nothing listens within ``timeout`` seconds.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        if process is not None and process.poll() is not None:
+            raise ProcessError(f"{process.describe_exit()} before listening on {host}:{port}")
+        with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=0.5):
+            return
+        if time.monotonic() > deadline:
+            who = process.name if process is not None else "nothing"
+            raise ProcessError(f"{who} is not listening on {host}:{port} after {timeout:.0f} s")
+        time.sleep(_POLL_SECONDS * 2)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that is free on ``host`` right now (bind to port 0, then release)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@contextlib.contextmanager
+def interrupt_on_signals(
+    signals: Sequence[signal.Signals] = (signal.SIGTERM, signal.SIGHUP),
+) -> Iterator[None]:
+    """Inside the block, ``signals`` raise ``KeyboardInterrupt`` like Ctrl-C does.
+
+    Outside the main thread (where Python cannot install handlers) it does nothing.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
+
+    previous = {s: signal.signal(s, handler) for s in signals}
+    try:
+        yield
+    finally:
+        for s, old in previous.items():
+            signal.signal(s, old)
+
+
+def descendants(pid: int) -> set[int]:
+    """Every live process below ``pid`` (Linux ``/proc``; empty elsewhere)."""
+    return _tree({pid}) - {pid}
+
+
+# ------------------------------------------------------------------------------ helpers
+
+
+@contextlib.contextmanager
+def _signals_ignored() -> Iterator[None]:
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    names = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    previous = {s: signal.signal(s, signal.SIG_IGN) for s in names}
+    try:
+        yield
+    finally:
+        for s, old in previous.items():
+            signal.signal(s, old)
+
+
+def _libc_prctl() -> Callable[..., int] | None:
+    if sys.platform != "linux":
+        return None
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+    except OSError:
+        return None
+    fn: Callable[..., int] = libc.prctl
+    return fn
+
+
+_PRCTL = _libc_prctl()
+
+
+def _prctl(option: int, value: int) -> bool:
+    if _PRCTL is None:
+        return False
+    return _PRCTL(option, value, 0, 0, 0) == 0
+
+
+def _die_with_parent() -> None:
+    # Runs in the child between fork and exec: only the already-loaded prctl is called.
+    _prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+@dataclass(frozen=True)
+class _Stat:
+    pid: int
+    ppid: int
+    state: str
+
+
+def _read_stat(pid: int) -> _Stat | None:
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return None
+    # The command name (field 2) may hold spaces and ')': split after the last ')'.
+    rest = raw.rsplit(")", 1)[-1].split()
+    if len(rest) < 2:
+        return None
+    return _Stat(pid, int(rest[1]), rest[0])
+
+
+def _all_stats() -> list[_Stat]:
+    proc = Path("/proc")
+    if not proc.is_dir():
+        return []
+    stats = []
+    for entry in proc.iterdir():
+        if entry.name.isdigit():
+            stat = _read_stat(int(entry.name))
+            if stat is not None:
+                stats.append(stat)
+    return stats
+
+
+def _alive(pid: int) -> bool:
+    stat = _read_stat(pid)
+    if stat is None:
+        if Path("/proc").is_dir():
+            return False
+        try:
+            os.kill(pid, 0)
+        except OSError:
+            return False
+        return True
+    return stat.state not in ("Z", "X")
+
+
+def _tree(roots: set[int]) -> set[int]:
+    """``roots`` that are alive, and all their live descendants."""
+    children: dict[int, list[int]] = {}
+    live = set()
+    for stat in _all_stats():
+        children.setdefault(stat.ppid, []).append(stat.pid)
+        if stat.state not in ("Z", "X"):
+            live.add(stat.pid)
+    found: set[int] = set()
+    stack = list(roots)
+    while stack:
+        pid = stack.pop()
+        if pid in found:
+            continue
+        found.add(pid)
+        stack.extend(children.get(pid, ()))
+    if not live:  # no /proc: trust the roots
+        return {pid for pid in roots if _alive(pid)}
+    return found & live
+
+
+def _command_name(pid: int) -> str:
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return str(pid)
+    parts = [p.decode(errors="replace") for p in raw.split(b"\0") if p]
+    words = [Path(p).name for p in parts[:2]]
+    return f"{pid} ({' '.join(words)})" if words else str(pid)

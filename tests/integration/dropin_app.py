@@ -1,0 +1,99 @@
+"""An ordinary Flower app (its own model and training code) that gains compression by
+adding the fedsqueeze mod and wrapping its strategy: nothing else changes.
+
+Usage: python -m tests.integration.dropin_app OUT_JSON
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import FedAvg
+
+from coordinator.dropin import compressed
+from edge.mod import fedsqueeze_mod
+
+warnings.simplefilter("ignore")
+
+
+def make_model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 1))
+
+
+def local_data(pid: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(pid)
+    x = torch.randn(256, 8, generator=g)
+    return x, x.sum(dim=1, keepdim=True)
+
+
+# ---- the client: written the usual Flower way ------------------------------------
+client = ClientApp(mods=[fedsqueeze_mod])  # <- the only fedsqueeze line on this side
+
+
+@client.train()
+def train(msg: Message, context: Context) -> Message:
+    model = make_model()
+    model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+    x, y = local_data(int(context.node_config["partition-id"]))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    for _ in range(20):
+        opt.zero_grad()
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        opt.step()
+    metrics = MetricRecord({"num-examples": len(x), "train-loss": float(loss)})
+    return Message(
+        RecordDict({"arrays": ArrayRecord(model.state_dict()), "metrics": metrics}), reply_to=msg
+    )
+
+
+# ---- the server ------------------------------------------------------------------
+server = ServerApp()
+RESULT: dict[str, object] = {}
+
+
+@server.main()
+def main(grid: Grid, context: Context) -> None:
+    x, y = local_data(99)
+
+    def evaluate(rnd: int, arrays: ArrayRecord) -> MetricRecord:
+        model = make_model()
+        model.load_state_dict(arrays.to_torch_state_dict())
+        with torch.no_grad():
+            return MetricRecord({"mse": float(torch.nn.functional.mse_loss(model(x), y))})
+
+    with compressed(
+        FedAvg(fraction_evaluate=0.0), down_spec="int8", up_spec="topk10-int4"
+    ) as strategy:
+        result = strategy.start(
+            grid, ArrayRecord(make_model().state_dict()), num_rounds=3, evaluate_fn=evaluate
+        )
+        RESULT["mse"] = {
+            int(k): float(v["mse"]) for k, v in result.evaluate_metrics_serverapp.items()
+        }
+        RESULT["bytes"] = {
+            k: [s.bytes_down, s.bytes_up, s.accepted] for k, s in strategy.stats.items()
+        }
+
+
+if __name__ == "__main__":
+    from flwr.simulation import run_simulation
+
+    run_simulation(
+        server,
+        client,
+        num_supernodes=2,
+        backend_config={
+            "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+            "init_args": {"num_cpus": 2},
+        },
+    )
+    Path(sys.argv[1]).write_text(json.dumps(RESULT))
