@@ -9,6 +9,7 @@ atomically so a crash leaves the previous round's state intact.
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -16,10 +17,12 @@ from typing import Protocol
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
+from fedsqueeze.codec import state_digest
 from fedsqueeze.errors import ConfigError
 from fedsqueeze.statefile import load_state, save_state, write_atomic
 
 State = dict[str, torch.Tensor]
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -86,9 +89,15 @@ class DirectoryCache:
         except (OSError, ValueError) as exc:
             raise ConfigError(f"{meta_path}: unreadable edge cache ({exc})") from exc
         held_path, res_path = self.root / "held.pt", self.root / "residual.pt"
+        held = load_state(held_path) if held_path.exists() else None
+        digest = meta.get("held") if held is not None else None
+        if held is not None and state_digest(held).hex() != digest:
+            # Torn write or tampering: fetch a full model rather than trust it.
+            log.warning("%s does not match its recorded digest; ignoring it", held_path)
+            held, digest = None, None
         return EdgeMemory(
-            held_digest=meta.get("held") if held_path.exists() else None,
-            held=load_state(held_path) if held_path.exists() else None,
+            held_digest=digest,
+            held=held,
             residual=load_state(res_path) if res_path.exists() else None,
         )
 

@@ -414,10 +414,13 @@ def _alive(pid: int) -> bool:
 
 
 def _tree(roots: set[int]) -> set[int]:
-    """``roots`` that are alive, and all their live descendants."""
+    """The live processes among ``roots`` and below them."""
+    stats = _all_stats()
+    if not stats:  # no /proc: only the roots are known
+        return {pid for pid in roots if _alive(pid)}
     children: dict[int, list[int]] = {}
     live = set()
-    for stat in _all_stats():
+    for stat in stats:
         children.setdefault(stat.ppid, []).append(stat.pid)
         if stat.state not in ("Z", "X"):
             live.add(stat.pid)
@@ -425,12 +428,9 @@ def _tree(roots: set[int]) -> set[int]:
     stack = list(roots)
     while stack:
         pid = stack.pop()
-        if pid in found:
-            continue
-        found.add(pid)
-        stack.extend(children.get(pid, ()))
-    if not live:  # no /proc: trust the roots
-        return {pid for pid in roots if _alive(pid)}
+        if pid not in found:
+            found.add(pid)
+            stack.extend(children.get(pid, ()))
     return found & live
 
 
