@@ -27,7 +27,7 @@ import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp.typing import ClientAppCallable
 
-from edge.cache import ContextCache, EdgeCache, EdgeMemory
+from edge.cache import ContextCache, DirectoryCache, EdgeCache, EdgeMemory
 from edge.dataplane import DataPlaneConnector, GrpcConnector
 from fedsqueeze.codec import encode_state, state_digest
 from fedsqueeze.codec.spec_text import parse_spec
@@ -45,9 +45,21 @@ def _task_model(task: str, seed: int) -> State:
     return dict(get_task(task).build_model(seed).state_dict())
 
 
+#: Node-config key naming a local directory for the edge's held model and residual.
+CACHE_DIR_KEY = "fedsqueeze-cache-dir"
+
+
+def default_cache(context: Context) -> EdgeCache:
+    """A directory when the node config names one (deployed edges), else ``Context.state``."""
+    directory = context.node_config.get(CACHE_DIR_KEY)
+    if isinstance(directory, str) and directory:
+        return DirectoryCache(directory)
+    return ContextCache(context.state)
+
+
 def make_mod(
     *,
-    cache: Callable[[Context], EdgeCache] = lambda ctx: ContextCache(ctx.state),
+    cache: Callable[[Context], EdgeCache] = default_cache,
     connector: DataPlaneConnector | None = None,
     initial_model: ModelFactory | None = _task_model,
 ) -> Callable[[Message, Context, ClientAppCallable], Message]:
@@ -56,8 +68,8 @@ def make_mod(
     Parameters
     ----------
     cache
-        Where the held model and residual live (``Context.state`` by default; use
-        :class:`edge.cache.DirectoryCache` for deployed edges).
+        Where the held model and residual live: by default a directory when the node
+        config sets ``fedsqueeze-cache-dir`` (deployed edges), else ``Context.state``.
     connector
         How to reach the data plane (gRPC by default).
     initial_model

@@ -301,8 +301,10 @@ def run_transport_bench(
         return parent.recv()
 
     try:
-        if not parent.poll(120):
-            raise RuntimeError("the benchmark server did not start")
+        deadline = time.monotonic() + 300
+        while not parent.poll(0.5):
+            if not process.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the benchmark server process did not start")
         port, bare_port, payload_bytes, segments = parent.recv()
         out.print(
             f"[bold]fedsqueeze bench transport[/bold]: {payload_bytes / 1e6:.1f} MB in "
