@@ -68,11 +68,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USER_ERROR
     try:
         return handler(args)
-    except FedsqueezeError as exc:
-        print(f"fedsqueeze {args.command}: error: {exc}", file=sys.stderr)
-        return EXIT_USER_ERROR
-    except (FileNotFoundError, IsADirectoryError, PermissionError) as exc:
-        print(f"fedsqueeze {args.command}: error: {exc}", file=sys.stderr)
+    except (FedsqueezeError, FileNotFoundError, IsADirectoryError, PermissionError) as exc:
+        message = " ".join(str(exc).split())  # one line, whatever the library said
+        print(f"fedsqueeze {args.command}: error: {message}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print(f"fedsqueeze {args.command}: interrupted", file=sys.stderr)

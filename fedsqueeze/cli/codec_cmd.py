@@ -22,6 +22,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from fedsqueeze.cli.console import make_console
 from fedsqueeze.codec import PRESETS, EncodedModel, decode_state, encode_state
 from fedsqueeze.codec.inspect import describe
 from fedsqueeze.codec.spec_text import format_spec, parse_spec
@@ -53,7 +54,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     """Run one codec action."""
-    console = Console()
+    console = make_console()
     if args.codec_command == "encode":
         if args.list_presets:
             for name, spec in PRESETS.items():
