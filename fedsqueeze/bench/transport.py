@@ -53,6 +53,7 @@ from fedsqueeze.transport import (
 from fedsqueeze.transport.cache import CacheKey
 from fedsqueeze.transport.prepare import prepare_model
 from fedsqueeze.transport.server import message_size_options
+from fedsqueeze.wire.convert import segment_from_message
 
 __all__ = ["TransportBenchOptions", "add_arguments", "main", "register", "run_transport_bench"]
 
@@ -128,7 +129,7 @@ def _serve(
     )
     key = CacheKey(target, None, STREAM_SPEC, None)
     prepared = server.cache.get_or_build(key, lambda: prepare_model(source, key, chunk_bytes))
-    payloads = prepared.payloads
+    payloads = [segment_from_message(m).payload for m in prepared.messages]
 
     def bare(request: bytes, context: grpc.ServicerContext) -> Any:
         yield from payloads

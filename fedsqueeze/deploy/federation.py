@@ -149,9 +149,7 @@ def toml_value(value: RunConfigValue) -> str:
     raise TypeError(f"not a run-config value: {value!r}")
 
 
-def flower_env(
-    home: Path, base: Mapping[str, str] | None = None, **extra: str
-) -> dict[str, str]:
+def flower_env(home: Path, base: Mapping[str, str] | None = None, **extra: str) -> dict[str, str]:
     """The environment of a Flower process.
 
     ``base`` (default: this process's environment) with ``FLWR_HOME=home``, runtime
@@ -171,7 +169,7 @@ def flower_env(
         FLWR_DISABLE_UPDATE_CHECK="1",
         PYTHONUNBUFFERED="1",
     )
-    env.update(extra)
+    env.update(extra or {})
     return env
 
 

@@ -39,17 +39,18 @@ class PreparedModel:
     ----------
     manifest
         Its manifest.
-    payloads
-        Segment payloads indexed by segment id.
+    messages
+        Indexed by segment id: the serialized ``StreamSegments`` response message that
+        carries the segment (built once, sent as is to every client).
     """
 
     manifest: Manifest
-    payloads: tuple[bytes, ...]
+    messages: tuple[bytes, ...]
 
     @property
     def nbytes(self) -> int:
-        """Bytes held by the payloads."""
-        return sum(len(p) for p in self.payloads)
+        """Bytes held by the messages."""
+        return sum(len(m) for m in self.messages)
 
 
 @dataclass(frozen=True)

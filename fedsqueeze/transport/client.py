@@ -20,7 +20,9 @@ import hashlib
 import logging
 import random
 import time
+from collections import deque
 from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, TypeVar
@@ -56,6 +58,8 @@ from fedsqueeze.wire.types import (
 logger = logging.getLogger(__name__)
 
 _R = TypeVar("_R")
+#: Segments received but not yet verified, at most (bounds the memory in flight).
+_VERIFY_AHEAD = 2
 #: Progress callback: (payload bytes held, payload bytes in all).
 Progress = Callable[[int, int], None]
 
@@ -143,12 +147,12 @@ class _Operation:
         self.stream_s = 0.0
         self.failures_in_a_row = 0
 
-    def callable(self, kind: str, method: str, response: Any) -> Any:
+    def callable(self, kind: str, method: str, parse: Callable[[bytes], Any]) -> Any:
         factory = getattr(self.client.channel, kind)
         return factory(
             f"/{SERVICE_NAME}/{method}",
             request_serializer=self.counter.serializer(serialize_message),
-            response_deserializer=self.counter.deserializer(response.FromString),
+            response_deserializer=self.counter.deserializer(parse),
             _registered_method=True,
         )
 
@@ -167,9 +171,7 @@ class _Operation:
             ) from exc
         self.retries += 1
         wait = self.client.retry.backoff_s(max(self.failures_in_a_row, 1), self.client.rng)
-        logger.info(
-            "%s: server unavailable (%s), retrying in %.3f s", what, details_of(exc), wait
-        )
+        logger.info("%s: server unavailable (%s), retrying in %.3f s", what, details_of(exc), wait)
         self.deadline.sleep(wait)
 
     def with_retry(self, what: str, attempt: Callable[[dict[str, Any]], _R]) -> _R:
@@ -263,7 +265,7 @@ class TransferClient:
         return self._get_manifest(_Operation(self), request)
 
     def _get_manifest(self, op: _Operation, request: ManifestRequest) -> Manifest:
-        call = op.callable("unary_unary", "GetManifest", pb.GetManifestResponse)
+        call = op.callable("unary_unary", "GetManifest", pb.GetManifestResponse.FromString)
         message = convert.manifest_request_to_proto(request)
         response = op.with_retry("GetManifest", lambda kw: call(message, **kw))
         manifest = convert.manifest_response_from_proto(response)
@@ -322,7 +324,7 @@ class TransferClient:
         held = state if state is not None else FetchState(self.retry.max_segment_refetches)
         request = ManifestRequest(model, base_digest, self.edge_id, spec, byte_budget)
         held.adopt(self._get_manifest(op, request))
-        stream = op.callable("unary_stream", "StreamSegments", pb.StreamSegmentsResponse)
+        stream = op.callable("unary_stream", "StreamSegments", convert.segment_from_message)
         refreshes = 0
         while not held.complete:
             manifest = held.manifest
@@ -366,16 +368,32 @@ class TransferClient:
         holding: frozenset[int],
         progress: Progress | None,
     ) -> None:
-        """One ``StreamSegments`` call: receive and verify what the server sends."""
+        """One ``StreamSegments`` call: receive and verify what the server sends.
+
+        Hashing a segment takes about as long as receiving it, so a worker thread verifies
+        (hashlib releases the GIL) while this one receives the next segment.
+        """
         manifest = held.manifest
         if manifest is None:
             raise RuntimeError("fetch state lost its manifest")
         message = convert.segment_request_to_proto(
             SegmentRequest(manifest.manifest_id, holding, self.edge_id)
         )
-        for response in stream(message, **op.begin_call()):
-            if held.accept(convert.segment_from_proto(response)) and progress is not None:
+
+        def settle(check: Future[bool]) -> None:
+            if check.result() and progress is not None:
                 progress(held.held_bytes, manifest.encoded_bytes)
+
+        pending: deque[Future[bool]] = deque()
+        with ThreadPoolExecutor(1, thread_name_prefix="fedsqueeze-verify") as verifier:
+            try:
+                for data in stream(message, **op.begin_call()):
+                    pending.append(verifier.submit(held.accept, data))
+                    while pending and (len(pending) > _VERIFY_AHEAD or pending[0].done()):
+                        settle(pending.popleft())
+            finally:  # keep what verified, even when the stream broke
+                while pending:
+                    settle(pending.popleft())
 
     def _finish(
         self,
@@ -445,7 +463,7 @@ class TransferClient:
             spec=encoded.spec,
         )
         op = _Operation(self)
-        call = op.callable("stream_unary", "PushUpdate", pb.PushUpdateResponse)
+        call = op.callable("stream_unary", "PushUpdate", pb.PushUpdateResponse.FromString)
 
         def messages() -> Iterator[pb.PushUpdateRequest]:
             yield convert.update_metadata_to_proto(meta)

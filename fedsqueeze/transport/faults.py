@@ -53,14 +53,19 @@ class FaultInjector:
         with self._lock:
             self._pause_after = segments
 
-    def payload(self, segment_id: int, payload: bytes) -> bytes:
-        """The payload to send for ``segment_id``: corrupted if a fault says so."""
+    def take_corruption(self, segment_id: int) -> bool:
+        """Whether to corrupt ``segment_id`` this time (counts the fault as used)."""
         with self._lock:
             left = self._corrupt.get(segment_id, 0)
             if left <= 0:
-                return payload
+                return False
             self._corrupt[segment_id] = left - 1
             self.corruptions += 1
+            return True
+
+    @staticmethod
+    def corrupted(payload: bytes) -> bytes:
+        """``payload`` with its last byte flipped."""
         if not payload:
             return b"\x00"
         return payload[:-1] + bytes([payload[-1] ^ 0xFF])

@@ -15,7 +15,8 @@ from fedsqueeze.codec import decode_state, split_segments, state_digest
 from fedsqueeze.errors import NotFoundError, ResourceExhaustedError
 from fedsqueeze.transport.cache import CacheKey, PreparedModel
 from fedsqueeze.transport.source import ModelSource
-from fedsqueeze.wire.types import Manifest, SegmentInfo
+from fedsqueeze.wire.convert import segment_message
+from fedsqueeze.wire.types import Manifest, SegmentData, SegmentInfo
 
 logger = logging.getLogger(__name__)
 
@@ -78,9 +79,13 @@ def prepare_model(source: ModelSource, key: CacheKey, segment_bytes: int) -> Pre
         SegmentInfo(s.index, s.tensor_names, s.priority, s.level, len(s.payload), s.sha256)
         for s in segments
     )
-    payloads = tuple(s.payload for s in sorted(segments, key=lambda s: s.index))
+    manifest_id = manifest_id_for(model_digest, base_digest, key.spec.to_bytes(), whole.digest())
+    messages = tuple(
+        segment_message(SegmentData(manifest_id, s.index, s.payload))
+        for s in sorted(segments, key=lambda s: s.index)
+    )
     manifest = Manifest(
-        manifest_id=manifest_id_for(model_digest, base_digest, key.spec.to_bytes(), whole.digest()),
+        manifest_id=manifest_id,
         model_digest=model_digest,
         base_digest=base_digest,
         spec=key.spec,
@@ -99,4 +104,4 @@ def prepare_model(source: ModelSource, key: CacheKey, segment_bytes: int) -> Pre
         raw_bytes / max(encoded_bytes, 1),
         time.perf_counter() - started,
     )
-    return PreparedModel(manifest, payloads)
+    return PreparedModel(manifest, messages)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import NoReturn
 
 import grpc
@@ -36,7 +36,7 @@ from fedsqueeze.transport.source import ModelSource
 from fedsqueeze.transport.updates import AddResult, ReceivedUpdate, UpdateSink, now
 from fedsqueeze.wire import convert
 from fedsqueeze.wire import transfer_pb2 as pb
-from fedsqueeze.wire.types import SegmentData, UpdateMetadata, UpdateReceipt
+from fedsqueeze.wire.types import UpdateMetadata, UpdateReceipt
 
 logger = logging.getLogger(__name__)
 
@@ -120,8 +120,8 @@ class TransferService:
     # ------------------------------------------------------------------ StreamSegments
     def stream_segments(
         self, request: pb.StreamSegmentsRequest, context: grpc.ServicerContext
-    ) -> Iterator[pb.StreamSegmentsResponse]:
-        """Handler of ``StreamSegments``."""
+    ) -> Iterator[bytes]:
+        """Handler of ``StreamSegments``: yields serialized response messages."""
         try:
             edge = self._authenticate(context)
             req = convert.segment_request_from_proto(request)
@@ -140,20 +140,22 @@ class TransferService:
 
     def _segments(
         self, prepared: PreparedModel, held: frozenset[int], context: grpc.ServicerContext
-    ) -> Iterator[pb.StreamSegmentsResponse]:
-        manifest_id = prepared.manifest.manifest_id
+    ) -> Iterator[bytes]:
         sent = 0
         for info in prepared.manifest.segments:
             if info.segment_id in held:
                 continue
-            payload = prepared.payloads[info.segment_id]
+            message = prepared.messages[info.segment_id]
             if self.faults is not None:
                 if self.faults.before_segment(sent) is StreamAction.CUT:
                     raise UnavailableError(f"injected fault: stream cut after {sent} segments")
-                payload = self.faults.payload(info.segment_id, payload)
+                if self.faults.take_corruption(info.segment_id):
+                    data = convert.segment_from_message(message)
+                    bad = replace(data, payload=self.faults.corrupted(data.payload))
+                    message = convert.segment_message(bad)
             if not context.is_active():
                 return
-            yield convert.segment_to_proto(SegmentData(manifest_id, info.segment_id, payload))
+            yield message
             sent += 1
 
     # ------------------------------------------------------------------ PushUpdate

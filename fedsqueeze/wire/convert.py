@@ -8,8 +8,10 @@ their input as hostile: any message that does not describe a valid value raises
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TypeVar
+
+from google.protobuf.message import DecodeError
 
 from fedsqueeze.codec.spec import (
     CodecSpec,
@@ -295,6 +297,102 @@ def segment_to_proto(data: SegmentData) -> pb.StreamSegmentsResponse:
             manifest_id=data.manifest_id, segment_id=data.segment_id, payload=data.payload
         )
     )
+
+
+def segment_message(data: SegmentData) -> bytes:
+    """The serialized ``StreamSegments`` response message carrying ``data``.
+
+    Servers build it once per segment and stream the same bytes to every client.
+    """
+    return segment_to_proto(data).SerializeToString()
+
+
+def segment_from_message(message: bytes) -> SegmentData:
+    """Inverse of :func:`segment_message`, reading the payload with one copy.
+
+    A segment message is tiny apart from its payload, so this reads the protobuf wire
+    format directly (skipping unknown fields, as protobuf does) instead of parsing into a
+    message and copying the payload out of it again. Anything it does not expect (a
+    field repeated, groups, a field of another wire type) goes to the protobuf parser.
+
+    Raises
+    ------
+    InvalidRequestError
+        The bytes are not a ``StreamSegmentsResponse`` carrying a segment.
+    """
+    try:
+        fast = _read_segment_response(message)
+    except (_WireFormatError, IndexError, UnicodeDecodeError):
+        fast = None
+    if fast is not None:
+        return fast
+    try:
+        parsed = pb.StreamSegmentsResponse.FromString(message)
+    except DecodeError as exc:
+        raise InvalidRequestError("malformed StreamSegments response") from exc
+    return segment_from_proto(parsed)
+
+
+class _WireFormatError(Exception):
+    """Input the fast reader leaves to the protobuf parser."""
+
+
+_VARINT, _I64, _LEN, _I32 = 0, 1, 2, 5
+
+
+def _varint(buf: bytes, pos: int) -> tuple[int, int]:
+    value = shift = 0
+    while shift < 64:
+        byte = buf[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, pos
+        shift += 7
+    raise _WireFormatError("varint too long")
+
+
+def _fields(buf: bytes, pos: int, end: int) -> Iterator[tuple[int, int, int, int]]:
+    """(field number, wire type, start, end) of each field; varints as (value, -1)."""
+    while pos < end:
+        key, pos = _varint(buf, pos)
+        number, wire_type = key >> 3, key & 7
+        if wire_type == _VARINT:
+            value, pos = _varint(buf, pos)
+            yield number, wire_type, value, -1
+        elif wire_type == _LEN:
+            length, pos = _varint(buf, pos)
+            if pos + length > end:
+                raise _WireFormatError("field runs past the message")
+            yield number, wire_type, pos, pos + length
+            pos += length
+        elif wire_type in (_I64, _I32):
+            pos += 8 if wire_type == _I64 else 4
+        else:
+            raise _WireFormatError(f"wire type {wire_type}")
+    if pos != end:
+        raise _WireFormatError("truncated field")
+
+
+def _read_segment_response(buf: bytes) -> SegmentData | None:
+    outer = [(s, e) for n, t, s, e in _fields(buf, 0, len(buf)) if n == 1 and t == _LEN]
+    if len(outer) != 1:
+        return None
+    manifest_id, segment_id, payload = "", 0, b""
+    seen: set[int] = set()
+    for number, wire_type, start, end in _fields(buf, *outer[0]):
+        if number in seen and number in (1, 2, 3):
+            return None
+        seen.add(number)
+        if number == 1 and wire_type == _LEN:
+            manifest_id = buf[start:end].decode("utf-8")
+        elif number == 2 and wire_type == _VARINT:
+            segment_id = start & 0xFFFFFFFF
+        elif number == 3 and wire_type == _LEN:
+            payload = buf[start:end]
+        elif number in (1, 2, 3):
+            return None
+    return SegmentData(manifest_id=manifest_id, segment_id=segment_id, payload=payload)
 
 
 def segment_from_proto(msg: pb.StreamSegmentsResponse) -> SegmentData:

@@ -198,3 +198,56 @@ def test_value_types_validate_on_creation():
     manifest = _manifest()
     assert manifest.segment(1).byte_length == 10 and manifest.has_segment(0)
     assert not manifest.has_segment(2)
+
+
+def _with_unknown_fields(message: bytes) -> bytes:
+    """``message`` (a StreamSegmentsResponse) with unknown fields inside its segment."""
+    parsed = pb.StreamSegmentsResponse.FromString(message)
+    extra = (
+        bytes([(9 << 3) | 0, 0x96, 0x01])  # field 9, varint 150
+        + bytes([(10 << 3) | 2, 3]) + b"abc"  # field 10, 3 bytes
+        + bytes([(11 << 3) | 5]) + b"\x00" * 4  # field 11, fixed32
+        + bytes([(12 << 3) | 1]) + b"\x00" * 8  # field 12, fixed64
+    )  # fmt: skip
+    inner = parsed.segment.SerializeToString() + extra
+    return bytes([(1 << 3) | 2]) + _encode_varint(len(inner)) + inner
+
+
+def _encode_varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte = value & 0x7F
+        value >>= 7
+        if value:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
+@given(
+    st.text(max_size=130),
+    st.integers(0, (1 << 32) - 1),
+    st.binary(max_size=3000),
+)
+def test_fast_segment_reader_agrees_with_protobuf(manifest_id, segment_id, payload):
+    data = SegmentData(manifest_id, segment_id, payload)
+    message = convert.segment_message(data)
+    assert convert.segment_from_message(message) == data
+    assert convert.segment_from_proto(pb.StreamSegmentsResponse.FromString(message)) == data
+    assert convert.segment_from_message(_with_unknown_fields(message)) == data
+
+
+def test_fast_segment_reader_falls_back_or_refuses():
+    data = SegmentData("m-1", 3, b"payload")
+    message = convert.segment_message(data)
+    # A field repeated: protobuf semantics (the last one wins) via the protobuf parser.
+    inner = pb.StreamSegmentsResponse.FromString(message).segment.SerializeToString()
+    inner += b"\x1a\x01x"  # field 3 (payload) again
+    twice = b"\x0a" + _encode_varint(len(inner)) + inner
+    assert convert.segment_from_message(twice) == SegmentData("m-1", 3, b"x")
+    for bad in (message[:-1], b"\x0a\xff", b"\x0f"):
+        with pytest.raises(InvalidRequestError):
+            convert.segment_from_message(bad)
+    with pytest.raises(InvalidRequestError):
+        convert.segment_from_message(b"")  # no segment at all
