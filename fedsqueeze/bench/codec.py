@@ -323,7 +323,7 @@ def _tensor(options: CodecBenchOptions, out: Console) -> Json:
     for what, target in TARGETS.items():
         got = int8[f"{what}_vs_clone"]
         verdict = "met" if got >= target else "MISSED"
-        out.print(f"int8 {what}: {got:.0%} of clone() (target ≥ {target:.0%}): {verdict}")
+        out.print(f"int8 {what}: {got:.1%} of clone() (target ≥ {target:.0%}): {verdict}")
     return {"size_mb": size_mb, "clone_mb_s": clone_mbs, "references": refs, "specs": results}
 
 

@@ -50,10 +50,12 @@ from fedsqueeze.transport import (
     TransferServer,
     UpdateStore,
 )
+from fedsqueeze.transport.accounting import serialize_message
 from fedsqueeze.transport.cache import CacheKey
 from fedsqueeze.transport.prepare import prepare_model
-from fedsqueeze.transport.server import message_size_options
-from fedsqueeze.wire.convert import segment_from_message
+from fedsqueeze.transport.server import SERVICE_NAME, message_size_options
+from fedsqueeze.wire.convert import segment_from_message, segment_request_to_proto
+from fedsqueeze.wire.types import ManifestRequest, SegmentRequest
 
 __all__ = ["TransportBenchOptions", "add_arguments", "main", "register", "run_transport_bench"]
 
@@ -71,20 +73,16 @@ _GB = 1e9
 
 @dataclass(frozen=True)
 class TransportBenchOptions:
-    """What :func:`run_transport_bench` measures.
+    """What :func:`run_transport_bench` measures (sizes in MB of 10^6 bytes).
 
     Attributes
     ----------
-    payload_mb : float
-        Size of the streamed model, MB (10^6 bytes).
-    chunk_bytes : int
-        Segment size, and the bare stream's chunk size, in bytes.
+    payload_mb, chunk_bytes : float, int
+        Size of the streamed model; segment (and bare chunk) size in bytes.
     runs : int
         Timed runs of each stream (the median is reported), after one warm-up each.
-    clients : int
-        Concurrent clients of the fan-out part.
-    fanout_mb : float
-        Size of the fan-out model, MB.
+    clients, fanout_mb : int, float
+        Concurrent clients of the fan-out part, and the size of its model.
     """
 
     payload_mb: float = 64.0
@@ -134,16 +132,10 @@ def _serve(
     def bare(request: bytes, context: grpc.ServicerContext) -> Any:
         yield from payloads
 
-    bare_server = grpc.server(
-        ThreadPoolExecutor(max_workers=4), options=message_size_options(4 << 20)
-    )
+    bare_server = grpc.server(ThreadPoolExecutor(4), options=message_size_options(4 << 20))
+    handler = {"Stream": grpc.unary_stream_rpc_method_handler(bare)}
     bare_server.add_generic_rpc_handlers(
-        (
-            grpc.method_handlers_generic_handler(
-                "fedsqueeze.bench.BareStream",
-                {"Stream": grpc.unary_stream_rpc_method_handler(bare)},
-            ),
-        )
+        (grpc.method_handlers_generic_handler("fedsqueeze.bench.BareStream", handler),)
     )
     bare_port = bare_server.add_insecure_port("127.0.0.1:0")
     bare_server.start()
@@ -168,30 +160,48 @@ def _serve(
 def _throughput(
     options: TransportBenchOptions, client: TransferClient, bare_port: int, payload_bytes: int
 ) -> Json:
-    channel = grpc.insecure_channel(f"127.0.0.1:{bare_port}", options=message_size_options(4 << 20))
-    bare_call = channel.unary_stream(_BARE_METHOD)
+    size_limits = message_size_options(4 << 20)
+    bare_channel = grpc.insecure_channel(f"127.0.0.1:{bare_port}", options=size_limits)
+    bare_call = bare_channel.unary_stream(_BARE_METHOD)
+    # The same StreamSegments call with nothing verified or kept: the protocol's own cost.
+    manifest = client.get_manifest(ManifestRequest("bench", None, client.edge_id, STREAM_SPEC))
+    request = segment_request_to_proto(SegmentRequest(manifest.manifest_id, frozenset(), "bench"))
+    raw_call = client.channel.unary_stream(
+        f"/{SERVICE_NAME}/StreamSegments",
+        request_serializer=serialize_message,
+        response_deserializer=segment_from_message,
+    )
 
     def run_bare() -> float:
         started = time.perf_counter()
         received = sum(len(chunk) for chunk in bare_call(b"", timeout=120))
         return received / (time.perf_counter() - started) / _GB
 
+    def run_unverified() -> float:
+        started = time.perf_counter()
+        segments = raw_call(request, timeout=120, metadata=client.metadata)
+        received = sum(len(segment.payload) for segment in segments)
+        return received / (time.perf_counter() - started) / _GB
+
     bare_runs: list[float] = []
+    unverified_runs: list[float] = []
     segment_runs: list[float] = []
     fetch_runs: list[float] = []
     wire_down = 0
     try:
-        for run in range(options.runs + 1):  # run 0 warms both up
+        for run in range(options.runs + 1):  # run 0 warms everything up
             bare = run_bare()
+            unverified = run_unverified()
             result = client.fetch("bench", spec=STREAM_SPEC, decode=False)
             if run == 0:
                 continue
             bare_runs.append(bare)
+            unverified_runs.append(unverified)
             segment_runs.append(payload_bytes / result.stats.stream_s / _GB)
             fetch_runs.append(payload_bytes / result.stats.elapsed_s / _GB)
             wire_down = result.stats.wire.received
     finally:
-        channel.close()
+        bare_channel.close()
     bare_gb_s = statistics.median(bare_runs)
     segments_gb_s = statistics.median(segment_runs)
     return {
@@ -199,12 +209,14 @@ def _throughput(
         "chunk_bytes": options.chunk_bytes,
         "runs": options.runs,
         "bare_gb_s": bare_gb_s,
+        "unverified_gb_s": statistics.median(unverified_runs),
         "segments_gb_s": segments_gb_s,
         "fetch_gb_s": statistics.median(fetch_runs),
         "ratio": segments_gb_s / bare_gb_s,
         "target_ratio": TARGET_RATIO,
         "bytes_down": wire_down,
         "bare_runs_gb_s": bare_runs,
+        "unverified_runs_gb_s": unverified_runs,
         "segment_runs_gb_s": segment_runs,
     }
 
@@ -283,8 +295,7 @@ def run_transport_bench(
     report: Json = {"machine": {"cpus": os.cpu_count(), "load_average_start": os.getloadavg()[0]}}
     fan_base = random_state(options.fanout_mb, seed=2, tensors=4)
     fan_target = {k: v + 0.01 * torch.randn_like(v) for k, v in fan_base.items()}
-    tokens = {f"bench-{i}": f"bench-token-{i:04d}-0123456789" for i in range(options.clients)}
-    tokens["bench"] = "bench-token-main-0123456789"
+    _, tokens = TokenTable.generate(["bench", *(f"bench-{i}" for i in range(options.clients))])
     fan_tokens = {e: t for e, t in tokens.items() if e != "bench"}
     ctx = mp.get_context("spawn")
     parent, child = ctx.Pipe()
@@ -330,11 +341,11 @@ def run_transport_bench(
 
 def _table(report: Json) -> Table:
     t, r, f = report["throughput"], report["resume"], report["fanout"]
-    table = Table(title="data plane (loopback, two processes, plaintext)")
-    table.add_column("measure")
-    table.add_column("value", justify="right")
-    table.add_column("note")
+    table = Table("measure", "value", "note", title="data plane (loopback, 2 processes)")
+    table.columns[1].justify = "right"
     table.add_row("bare gRPC stream", f"{t['bare_gb_s']:.3f} GB/s", "median, same bytes/chunks")
+    table.add_row("StreamSegments, unverified", f"{t['unverified_gb_s']:.3f} GB/s",
+                  "received and dropped, like the bare stream")  # fmt: skip
     table.add_row("StreamSegments + sha256", f"{t['segments_gb_s']:.3f} GB/s",
                   f"{t['ratio']:.0%} of bare (target {TARGET_RATIO:.0%})")  # fmt: skip
     table.add_row("whole fetch", f"{t['fetch_gb_s']:.3f} GB/s", "+ manifest, reassembly")

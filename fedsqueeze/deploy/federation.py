@@ -149,7 +149,9 @@ def toml_value(value: RunConfigValue) -> str:
     raise TypeError(f"not a run-config value: {value!r}")
 
 
-def flower_env(home: Path, base: Mapping[str, str] | None = None, **extra: str) -> dict[str, str]:
+def flower_env(
+    home: Path, extra: Mapping[str, str] | None = None, *, base: Mapping[str, str] | None = None
+) -> dict[str, str]:
     """The environment of a Flower process.
 
     ``base`` (default: this process's environment) with ``FLWR_HOME=home``, runtime

@@ -40,6 +40,7 @@ from pathlib import Path
 from types import FrameType
 from typing import IO
 
+from fedsqueeze.deploy.proctree import all_stats, command_name, is_alive, live_tree
 from fedsqueeze.errors import FedsqueezeError
 
 log = logging.getLogger(__name__)
@@ -205,7 +206,12 @@ class Supervisor:
         (a second Ctrl-C) are ignored until it is done.
         """
         with _signals_ignored(), self._lock:
-            self._stop_locked()
+            try:
+                self._stop_locked()
+            finally:
+                for process in self.processes:
+                    if process.popen.stdout is not None and process.poll() is not None:
+                        process.popen.stdout.close()
 
     def _roots(self) -> set[int]:
         # A process not yet reaped cannot have given its pid to another one.
@@ -217,7 +223,7 @@ class Supervisor:
         if not self._adopts:
             return set()
         me, own = os.getpid(), {p.pid for p in self.processes}
-        return {s.pid for s in _all_stats() if s.ppid == me and s.pid not in own}
+        return {s.pid for s in all_stats() if s.ppid == me and s.pid not in own}
 
     def _stop_locked(self) -> None:
         tracked: set[int] = set()
@@ -225,18 +231,18 @@ class Supervisor:
         deadline = time.monotonic() + self.grace
         while True:
             self._reap()
-            tracked = {pid for pid in tracked if _alive(pid)} | _tree(self._roots())
+            tracked = {pid for pid in tracked if is_alive(pid)} | live_tree(self._roots())
             if not tracked:
                 return
             fresh = tracked - signalled
             if fresh:
-                log.info("stopping %s", ", ".join(_command_name(p) for p in sorted(fresh)))
+                log.info("stopping %s", ", ".join(command_name(p) for p in sorted(fresh)))
                 self._signal(fresh, signal.SIGTERM)
                 signalled |= fresh
             if time.monotonic() > deadline:
                 break
             time.sleep(_POLL_SECONDS)
-        names = ", ".join(_command_name(pid) for pid in sorted(tracked))
+        names = ", ".join(command_name(pid) for pid in sorted(tracked))
         log.warning("killing what did not stop within %.0f s: %s", self.grace, names)
         self._signal(tracked, signal.SIGKILL)
         for process in self.processes:
@@ -246,7 +252,8 @@ class Supervisor:
 
     def _signal(self, pids: set[int], signum: int) -> None:
         for process in self.processes:
-            if process.poll() is None:  # its group: also members that left its tree
+            if process.pid in pids and process.poll() is None:
+                # Its whole group: also members that left its tree (their parent died).
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.killpg(process.pid, signum)
         for pid in pids:
@@ -321,11 +328,6 @@ def interrupt_on_signals(
             signal.signal(s, old)
 
 
-def descendants(pid: int) -> set[int]:
-    """Every live process below ``pid`` (Linux ``/proc``; empty elsewhere)."""
-    return _tree({pid}) - {pid}
-
-
 # ------------------------------------------------------------------------------ helpers
 
 
@@ -366,79 +368,3 @@ def _prctl(option: int, value: int) -> bool:
 def _die_with_parent() -> None:
     # Runs in the child between fork and exec: only the already-loaded prctl is called.
     _prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-
-
-@dataclass(frozen=True)
-class _Stat:
-    pid: int
-    ppid: int
-    state: str
-
-
-def _read_stat(pid: int) -> _Stat | None:
-    try:
-        raw = Path(f"/proc/{pid}/stat").read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        return None
-    # The command name (field 2) may hold spaces and ')': split after the last ')'.
-    rest = raw.rsplit(")", 1)[-1].split()
-    if len(rest) < 2:
-        return None
-    return _Stat(pid, int(rest[1]), rest[0])
-
-
-def _all_stats() -> list[_Stat]:
-    proc = Path("/proc")
-    if not proc.is_dir():
-        return []
-    stats = []
-    for entry in proc.iterdir():
-        if entry.name.isdigit():
-            stat = _read_stat(int(entry.name))
-            if stat is not None:
-                stats.append(stat)
-    return stats
-
-
-def _alive(pid: int) -> bool:
-    stat = _read_stat(pid)
-    if stat is None:
-        if Path("/proc").is_dir():
-            return False
-        try:
-            os.kill(pid, 0)
-        except OSError:
-            return False
-        return True
-    return stat.state not in ("Z", "X")
-
-
-def _tree(roots: set[int]) -> set[int]:
-    """The live processes among ``roots`` and below them."""
-    stats = _all_stats()
-    if not stats:  # no /proc: only the roots are known
-        return {pid for pid in roots if _alive(pid)}
-    children: dict[int, list[int]] = {}
-    live = set()
-    for stat in stats:
-        children.setdefault(stat.ppid, []).append(stat.pid)
-        if stat.state not in ("Z", "X"):
-            live.add(stat.pid)
-    found: set[int] = set()
-    stack = list(roots)
-    while stack:
-        pid = stack.pop()
-        if pid not in found:
-            found.add(pid)
-            stack.extend(children.get(pid, ()))
-    return found & live
-
-
-def _command_name(pid: int) -> str:
-    try:
-        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return str(pid)
-    parts = [p.decode(errors="replace") for p in raw.split(b"\0") if p]
-    words = [Path(p).name for p in parts[:2]]
-    return f"{pid} ({' '.join(words)})" if words else str(pid)

@@ -23,24 +23,22 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any
 
 import grpc
 import torch
 
 from fedsqueeze.codec import CodecSpec, EncodedModel, decode_state, state_digest
-from fedsqueeze.errors import IntegrityError, UnavailableError
-from fedsqueeze.transport.accounting import WireBytes, WireCounter, serialize_message
+from fedsqueeze.errors import IntegrityError
 from fedsqueeze.transport.auth import call_metadata
-from fedsqueeze.transport.errors_map import details_of, error_from_rpc, status_of
+from fedsqueeze.transport.errors_map import error_from_rpc, status_of
 from fedsqueeze.transport.fetch import FetchState
-from fedsqueeze.transport.retry import Deadline, RetryPolicy
+from fedsqueeze.transport.operation import FetchResult, Operation, PushResult, TransferStats
+from fedsqueeze.transport.retry import RetryPolicy
 from fedsqueeze.transport.server import (
     MAX_MESSAGE_BYTES,
     SEGMENT_BYTES,
-    SERVICE_NAME,
     message_size_options,
 )
 from fedsqueeze.transport.shaping import LinkShaper
@@ -52,149 +50,16 @@ from fedsqueeze.wire.types import (
     ManifestRequest,
     SegmentRequest,
     UpdateMetadata,
-    UpdateReceipt,
 )
 
 logger = logging.getLogger(__name__)
 
-_R = TypeVar("_R")
+__all__ = ["FetchResult", "Progress", "PushResult", "TransferClient", "TransferStats"]
+
 #: Segments received but not yet verified, at most (bounds the memory in flight).
 _VERIFY_AHEAD = 2
 #: Progress callback: (payload bytes held, payload bytes in all).
 Progress = Callable[[int, int], None]
-
-
-@dataclass(frozen=True)
-class TransferStats:
-    """What one fetch or upload cost.
-
-    Attributes
-    ----------
-    wire
-        Bytes and messages per direction, counted on the wire (all attempts).
-    calls
-        RPCs started.
-    retries
-        Attempts repeated after ``UNAVAILABLE``.
-    resumed_segments
-        Segments already held when a later ``StreamSegments`` call started.
-    refetched_segments
-        Segments that failed verification and were fetched again.
-    elapsed_s
-        Wall-clock seconds.
-    stream_s
-        Wall-clock seconds inside ``StreamSegments`` calls (receiving and verifying).
-    simulated_s
-        Seconds on the emulated link (0 without a link shaper).
-    """
-
-    wire: WireBytes
-    calls: int
-    retries: int
-    resumed_segments: int
-    refetched_segments: int
-    elapsed_s: float
-    stream_s: float
-    simulated_s: float
-
-
-@dataclass(frozen=True)
-class FetchResult:
-    """A fetched model.
-
-    Attributes
-    ----------
-    manifest
-        What was fetched.
-    encoded
-        The verified encoded model.
-    state
-        The decoded model (``None`` when fetched with ``decode=False``).
-    stats
-        What it cost.
-    """
-
-    manifest: Manifest
-    encoded: EncodedModel
-    state: dict[str, torch.Tensor] | None
-    stats: TransferStats
-
-    @property
-    def digest(self) -> bytes:
-        """Digest of the decoded model: what the client holds now."""
-        return self.manifest.decoded_digest
-
-
-@dataclass(frozen=True)
-class PushResult:
-    """An acknowledged upload."""
-
-    receipt: UpdateReceipt
-    stats: TransferStats
-
-
-class _Operation:
-    """Counters and call helpers of one fetch or upload."""
-
-    def __init__(self, client: TransferClient) -> None:
-        self.client = client
-        self.deadline = Deadline(client.retry.deadline_s)
-        link = client.link
-        self.counter = WireCounter(link.on_message if link is not None else None)
-        self.started = time.perf_counter()
-        self.link_start = link.clock.elapsed_s if link is not None else 0.0
-        self.calls = self.retries = self.resumed = 0
-        self.stream_s = 0.0
-        self.failures_in_a_row = 0
-
-    def callable(self, kind: str, method: str, parse: Callable[[bytes], Any]) -> Any:
-        factory = getattr(self.client.channel, kind)
-        return factory(
-            f"/{SERVICE_NAME}/{method}",
-            request_serializer=self.counter.serializer(serialize_message),
-            response_deserializer=self.counter.deserializer(parse),
-            _registered_method=True,
-        )
-
-    def begin_call(self) -> dict[str, Any]:
-        self.calls += 1
-        if self.client.link is not None:
-            self.client.link.on_call()
-        return {"timeout": self.deadline.remaining(), "metadata": self.client.metadata}
-
-    def unavailable(self, exc: grpc.RpcError, what: str, progressed: bool) -> None:
-        """Back off before retrying, or raise when out of attempts."""
-        self.failures_in_a_row = 0 if progressed else self.failures_in_a_row + 1
-        if self.failures_in_a_row >= self.client.retry.max_attempts:
-            raise UnavailableError(
-                f"{what}: server unavailable after {self.failures_in_a_row} attempts"
-            ) from exc
-        self.retries += 1
-        wait = self.client.retry.backoff_s(max(self.failures_in_a_row, 1), self.client.rng)
-        logger.info("%s: server unavailable (%s), retrying in %.3f s", what, details_of(exc), wait)
-        self.deadline.sleep(wait)
-
-    def with_retry(self, what: str, attempt: Callable[[dict[str, Any]], _R]) -> _R:
-        while True:
-            try:
-                return attempt(self.begin_call())
-            except grpc.RpcError as exc:
-                if status_of(exc) is not grpc.StatusCode.UNAVAILABLE:
-                    raise error_from_rpc(exc, what) from exc
-                self.unavailable(exc, what, progressed=False)
-
-    def stats(self, refetched: int) -> TransferStats:
-        link = self.client.link
-        return TransferStats(
-            wire=self.counter.snapshot(),
-            calls=self.calls,
-            retries=self.retries,
-            resumed_segments=self.resumed,
-            refetched_segments=refetched,
-            elapsed_s=time.perf_counter() - self.started,
-            stream_s=self.stream_s,
-            simulated_s=(link.clock.elapsed_s - self.link_start) if link is not None else 0.0,
-        )
 
 
 class TransferClient:
@@ -259,12 +124,15 @@ class TransferClient:
         self.link = link
         self.rng = random.Random(seed)
 
+    def _operation(self) -> Operation:
+        return Operation(self.channel, self.metadata, self.retry, self.link, self.rng)
+
     # ------------------------------------------------------------------ fetch
     def get_manifest(self, request: ManifestRequest) -> Manifest:
         """One ``GetManifest`` call (with retries)."""
-        return self._get_manifest(_Operation(self), request)
+        return self._get_manifest(self._operation(), request)
 
-    def _get_manifest(self, op: _Operation, request: ManifestRequest) -> Manifest:
+    def _get_manifest(self, op: Operation, request: ManifestRequest) -> Manifest:
         call = op.callable("unary_unary", "GetManifest", pb.GetManifestResponse.FromString)
         message = convert.manifest_request_to_proto(request)
         response = op.with_retry("GetManifest", lambda kw: call(message, **kw))
@@ -320,11 +188,11 @@ class TransferClient:
             base_digest = state_digest(base)
         if decode and base_digest is not None and base is None:
             raise ValueError("decoding a delta needs the base tensors, not only its digest")
-        op = _Operation(self)
+        op = self._operation()
         held = state if state is not None else FetchState(self.retry.max_segment_refetches)
         request = ManifestRequest(model, base_digest, self.edge_id, spec, byte_budget)
         held.adopt(self._get_manifest(op, request))
-        stream = op.callable("unary_stream", "StreamSegments", convert.segment_from_message)
+        stream = op.callable("unary_stream", "StreamSegments", convert.segment_view_from_message)
         refreshes = 0
         while not held.complete:
             manifest = held.manifest
@@ -362,7 +230,7 @@ class TransferClient:
 
     def _stream(
         self,
-        op: _Operation,
+        op: Operation,
         stream: Any,
         held: FetchState,
         holding: frozenset[int],
@@ -397,7 +265,7 @@ class TransferClient:
 
     def _finish(
         self,
-        op: _Operation,
+        op: Operation,
         held: FetchState,
         base: Mapping[str, torch.Tensor] | None,
         base_digest: bytes | None,
@@ -462,7 +330,7 @@ class TransferClient:
             sha256=hashlib.sha256(payload).digest(),
             spec=encoded.spec,
         )
-        op = _Operation(self)
+        op = self._operation()
         call = op.callable("stream_unary", "PushUpdate", pb.PushUpdateResponse.FromString)
 
         def messages() -> Iterator[pb.PushUpdateRequest]:

@@ -64,11 +64,11 @@ class FaultInjector:
             return True
 
     @staticmethod
-    def corrupted(payload: bytes) -> bytes:
+    def corrupted(payload: bytes | memoryview) -> bytes:
         """``payload`` with its last byte flipped."""
         if not payload:
             return b"\x00"
-        return payload[:-1] + bytes([payload[-1] ^ 0xFF])
+        return bytes(payload[:-1]) + bytes([payload[-1] ^ 0xFF])
 
     def before_segment(self, sent_in_call: int) -> StreamAction:
         """Called before each segment a stream sends (``sent_in_call`` sent so far in it)."""

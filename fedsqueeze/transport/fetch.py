@@ -6,12 +6,19 @@ retries. Pass the same state to :meth:`TransferClient.fetch
 resumes with only the missing segments. Every segment is checked against the sha256 the
 manifest lists before it is kept; the reassembled payload is checked against the
 manifest's ``encoded_sha256`` before it is parsed.
+
+Verified segments are copied into one buffer laid out in segment-id order (the encoded
+payload itself), allocated when the manifest is adopted. Keeping each segment as its own
+fresh 1 MiB object costs a page fault per 4 KiB on first touch, as much time as receiving
+the bytes; the buffer asks for transparent huge pages where Linux offers them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
+import mmap
 import threading
 
 from fedsqueeze.codec import EncodedModel, Segment, join_segments
@@ -19,6 +26,19 @@ from fedsqueeze.errors import IntegrityError
 from fedsqueeze.wire.types import Manifest, SegmentData
 
 logger = logging.getLogger(__name__)
+
+_HUGE_PAGE_BYTES = 2 << 20
+
+
+def _allocate(nbytes: int) -> mmap.mmap | bytearray:
+    """A zeroed writable buffer of ``nbytes``, on huge pages where available."""
+    advice = getattr(mmap, "MADV_HUGEPAGE", None)
+    if nbytes < _HUGE_PAGE_BYTES or advice is None:
+        return bytearray(nbytes)
+    buffer = mmap.mmap(-1, nbytes)
+    with contextlib.suppress(OSError):  # huge pages switched off: ordinary pages then
+        buffer.madvise(advice)
+    return buffer
 
 
 class FetchState:
@@ -34,8 +54,9 @@ class FetchState:
         self.max_segment_refetches = max_segment_refetches
         self._lock = threading.Lock()
         self._manifest: Manifest | None = None
-        self._held: dict[int, bytes] = {}
-        self._digests: dict[int, bytes] = {}
+        self._buffer: mmap.mmap | bytearray = bytearray()
+        self._offsets: dict[int, int] = {}
+        self._held: set[int] = set()
         self._failures: dict[int, int] = {}
         self.refetched = 0
 
@@ -52,24 +73,39 @@ class FetchState:
         gives the same bytes); the rest are dropped.
         """
         with self._lock:
-            kept: dict[int, bytes] = {}
-            for segment_id, payload in self._held.items():
-                if not manifest.has_segment(segment_id):
-                    continue
-                info = manifest.segment(segment_id)
-                digest = self._digests[segment_id]
-                if info.byte_length == len(payload) and info.sha256 == digest:
-                    kept[segment_id] = payload
-            if self._manifest is not None and self._manifest != manifest:
+            old, old_manifest = self._buffer, self._manifest
+            if old_manifest == manifest:
+                return len(self._held)
+            offsets: dict[int, int] = {}
+            position = 0
+            for info in sorted(manifest.segments, key=lambda s: s.segment_id):
+                offsets[info.segment_id] = position
+                position += info.byte_length
+            buffer = _allocate(position)
+            kept: set[int] = set()
+            if old_manifest is not None:
+                for segment_id in self._held:
+                    before = old_manifest.segment(segment_id)
+                    if not manifest.has_segment(segment_id):
+                        continue
+                    now = manifest.segment(segment_id)
+                    if (now.byte_length, now.sha256) == (before.byte_length, before.sha256):
+                        start, end = offsets[segment_id], offsets[segment_id] + now.byte_length
+                        source = self._offsets[segment_id]
+                        buffer[start:end] = old[source : source + now.byte_length]
+                        kept.add(segment_id)
                 logger.info(
                     "manifest changed to %s…: kept %d of %d held segments",
                     manifest.manifest_id[:12],
                     len(kept),
                     len(self._held),
                 )
-            self._manifest = manifest
-            self._held = kept
-            self._digests = {i: self._digests[i] for i in kept}
+            self._manifest, self._buffer, self._offsets, self._held = (
+                manifest,
+                buffer,
+                offsets,
+                kept,
+            )
             return len(kept)
 
     def _current(self) -> Manifest:
@@ -85,9 +121,8 @@ class FetchState:
     def missing_ids(self) -> list[int]:
         """Ids still to fetch, in the manifest's (priority) order."""
         with self._lock:
-            return [
-                s.segment_id for s in self._current().segments if s.segment_id not in self._held
-            ]
+            manifest = self._current()
+            return [s.segment_id for s in manifest.segments if s.segment_id not in self._held]
 
     @property
     def complete(self) -> bool:
@@ -99,7 +134,10 @@ class FetchState:
     def held_bytes(self) -> int:
         """Payload bytes held."""
         with self._lock:
-            return sum(len(p) for p in self._held.values())
+            manifest = self._manifest
+            if manifest is None:
+                return 0
+            return sum(manifest.segment(i).byte_length for i in self._held)
 
     def accept(self, data: SegmentData) -> bool:
         """Keep ``data`` if it verifies; returns whether it was new and kept.
@@ -110,7 +148,7 @@ class FetchState:
             The segment failed verification more than ``max_segment_refetches`` times,
             or the server sent a segment of another manifest or one the manifest lacks.
         """
-        digest = _sha256(data.payload)  # outside the lock: the slow part
+        digest = hashlib.sha256(data.payload).digest()  # outside the lock: the slow part
         with self._lock:
             manifest = self._current()
             if data.manifest_id != manifest.manifest_id or not manifest.has_segment(
@@ -124,8 +162,9 @@ class FetchState:
                 return False
             info = manifest.segment(data.segment_id)
             if info.byte_length == len(data.payload) and info.sha256 == digest:
-                self._held[data.segment_id] = data.payload
-                self._digests[data.segment_id] = digest
+                start = self._offsets[data.segment_id]
+                self._buffer[start : start + info.byte_length] = data.payload
+                self._held.add(data.segment_id)
                 return True
             failures = self._failures.get(data.segment_id, 0) + 1
             self._failures[data.segment_id] = failures
@@ -156,18 +195,9 @@ class FetchState:
             manifest = self._current()
             if len(self._held) != len(manifest.segments):
                 raise IntegrityError("cannot assemble: segments are missing")
-            ordered = [self._held[i] for i in range(len(manifest.segments))]
-        whole = hashlib.sha256()
-        for payload in ordered:
-            whole.update(payload)
-        if whole.digest() != manifest.encoded_sha256:
+            payload = bytes(self._buffer)
+        if hashlib.sha256(payload).digest() != manifest.encoded_sha256:
             raise IntegrityError("the reassembled payload does not match the manifest's sha256")
-        segments = [
-            Segment(info.segment_id, info.tensor_names, info.priority, info.level, ordered[i])
-            for i, info in enumerate(sorted(manifest.segments, key=lambda s: s.segment_id))
-        ]
-        return join_segments(segments)
-
-
-def _sha256(data: bytes) -> bytes:
-    return hashlib.sha256(data).digest()
+        # The buffer is the whole stream in segment-id order: join it as one piece.
+        names = tuple(name for info in manifest.segments for name in info.tensor_names)
+        return join_segments([Segment(0, names, 0, 0, payload)])

@@ -91,6 +91,9 @@ class TransferService:
             level = logging.WARNING if denied else logging.INFO
             logger.log(level, "%s refused: %s: %s", rpc, code.name, exc)
             context.abort(code, str(exc))
+        if isinstance(exc, grpc.RpcError) or not context.is_active():
+            logger.info("%s ended: the client cancelled or went away", rpc)
+            context.abort(grpc.StatusCode.CANCELLED, "cancelled")
         logger.exception("%s failed on an unexpected error", rpc)
         context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}")
         raise RuntimeError("grpc's context.abort() returned") from exc

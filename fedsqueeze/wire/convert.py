@@ -8,23 +8,15 @@ their input as hostile: any message that does not describe a valid value raises
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import TypeVar
 
 from google.protobuf.message import DecodeError
 
-from fedsqueeze.codec.spec import (
-    CodecSpec,
-    FloatFormat,
-    Granularity,
-    PruneMethod,
-    PruneSpec,
-    QuantScheme,
-    QuantSpec,
-    Rounding,
-)
 from fedsqueeze.errors import InvalidRequestError
 from fedsqueeze.wire import transfer_pb2 as pb
+from fedsqueeze.wire.segment_reader import read_segment_response
+from fedsqueeze.wire.spec_convert import codec_spec_from_proto, codec_spec_to_proto
 from fedsqueeze.wire.types import (
     Manifest,
     ManifestRequest,
@@ -35,55 +27,33 @@ from fedsqueeze.wire.types import (
     UpdateReceipt,
 )
 
+__all__ = [
+    "codec_spec_from_proto",
+    "codec_spec_to_proto",
+    "manifest_from_proto",
+    "manifest_request_from_proto",
+    "manifest_request_to_proto",
+    "manifest_response_from_proto",
+    "manifest_response_to_proto",
+    "manifest_to_proto",
+    "receipt_from_proto",
+    "receipt_to_proto",
+    "segment_from_message",
+    "segment_from_proto",
+    "segment_info_from_proto",
+    "segment_info_to_proto",
+    "segment_message",
+    "segment_request_from_proto",
+    "segment_request_to_proto",
+    "segment_to_proto",
+    "segment_view_from_message",
+    "update_chunk_from_proto",
+    "update_chunk_to_proto",
+    "update_metadata_from_proto",
+    "update_metadata_to_proto",
+]
+
 _T = TypeVar("_T")
-_E = TypeVar("_E")
-_V = TypeVar("_V", bound=int)
-
-_PRUNE_METHODS: dict[PruneMethod, pb.PruneMethod.ValueType] = {
-    PruneMethod.NONE: pb.PRUNE_METHOD_NONE,
-    PruneMethod.L1_UNSTRUCTURED: pb.PRUNE_METHOD_L1_UNSTRUCTURED,
-    PruneMethod.L1_GLOBAL: pb.PRUNE_METHOD_L1_GLOBAL,
-    PruneMethod.LN_STRUCTURED: pb.PRUNE_METHOD_LN_STRUCTURED,
-    PruneMethod.THRESHOLD: pb.PRUNE_METHOD_THRESHOLD,
-}
-_QUANT_SCHEMES: dict[QuantScheme, pb.QuantScheme.ValueType] = {
-    QuantScheme.AFFINE: pb.QUANT_SCHEME_AFFINE,
-    QuantScheme.SYMMETRIC: pb.QUANT_SCHEME_SYMMETRIC,
-    QuantScheme.POW2: pb.QUANT_SCHEME_POW2,
-    QuantScheme.KMEANS: pb.QUANT_SCHEME_KMEANS,
-}
-_GRANULARITIES: dict[Granularity, pb.Granularity.ValueType] = {
-    Granularity.PER_TENSOR: pb.GRANULARITY_PER_TENSOR,
-    Granularity.PER_CHANNEL: pb.GRANULARITY_PER_CHANNEL,
-}
-_ROUNDINGS: dict[Rounding, pb.Rounding.ValueType] = {
-    Rounding.NEAREST: pb.ROUNDING_NEAREST,
-    Rounding.STOCHASTIC: pb.ROUNDING_STOCHASTIC,
-}
-_FLOAT_FORMATS: dict[FloatFormat, pb.FloatFormat.ValueType] = {
-    FloatFormat.FP32: pb.FLOAT_FORMAT_FP32,
-    FloatFormat.FP16: pb.FLOAT_FORMAT_FP16,
-    FloatFormat.BF16: pb.FLOAT_FORMAT_BF16,
-}
-
-
-def _inverse(table: dict[_E, _V], what: str) -> Callable[[int], _E]:
-    back: dict[int, _E] = {int(value): key for key, value in table.items()}
-
-    def lookup(value: int) -> _E:
-        try:
-            return back[value]
-        except KeyError:
-            raise InvalidRequestError(f"{what}: unknown or unspecified value {value}") from None
-
-    return lookup
-
-
-_prune_method_from_proto = _inverse(_PRUNE_METHODS, "prune method")
-_quant_scheme_from_proto = _inverse(_QUANT_SCHEMES, "quant scheme")
-_granularity_from_proto = _inverse(_GRANULARITIES, "granularity")
-_rounding_from_proto = _inverse(_ROUNDINGS, "rounding")
-_float_format_from_proto = _inverse(_FLOAT_FORMATS, "float format")
 
 
 def _valid(what: str, build: Callable[[], _T]) -> _T:
@@ -96,67 +66,6 @@ def _valid(what: str, build: Callable[[], _T]) -> _T:
 
 def _optional_digest(value: bytes) -> bytes | None:
     return value if value else None
-
-
-# --------------------------------------------------------------------------- codec spec
-def codec_spec_to_proto(spec: CodecSpec) -> pb.CodecSpec:
-    """The wire form of a :class:`CodecSpec` (every field set explicitly)."""
-    msg = pb.CodecSpec(
-        prune=pb.PruneSpec(
-            method=_PRUNE_METHODS[spec.prune.method],
-            sparsity=spec.prune.sparsity,
-            threshold=spec.prune.threshold,
-        ),
-        float_format=_FLOAT_FORMATS[spec.float_format],
-        entropy_level=spec.entropy_level,
-        targets=list(spec.targets),
-        min_ndim=spec.min_ndim,
-    )
-    if spec.topk is not None:
-        msg.topk = spec.topk
-    if spec.quant is not None:
-        q = spec.quant
-        msg.quant.CopyFrom(
-            pb.QuantSpec(
-                bits=q.bits,
-                scheme=_QUANT_SCHEMES[q.scheme],
-                granularity=_GRANULARITIES[q.granularity],
-                rounding=_ROUNDINGS[q.rounding],
-            )
-        )
-    return msg
-
-
-def codec_spec_from_proto(msg: pb.CodecSpec) -> CodecSpec:
-    """Inverse of :func:`codec_spec_to_proto`; an absent ``prune`` means no pruning."""
-    prune = PruneSpec()
-    if msg.HasField("prune"):
-        method = _prune_method_from_proto(msg.prune.method)
-        prune = _valid(
-            "prune spec", lambda: PruneSpec(method, msg.prune.sparsity, msg.prune.threshold)
-        )
-    quant: QuantSpec | None = None
-    if msg.HasField("quant"):
-        scheme = _quant_scheme_from_proto(msg.quant.scheme)
-        granularity = _granularity_from_proto(msg.quant.granularity)
-        rounding = _rounding_from_proto(msg.quant.rounding)
-        quant = _valid(
-            "quant spec", lambda: QuantSpec(msg.quant.bits, scheme, granularity, rounding)
-        )
-    float_format = _float_format_from_proto(msg.float_format)
-    topk = msg.topk if msg.HasField("topk") else None
-    return _valid(
-        "codec spec",
-        lambda: CodecSpec(
-            prune=prune,
-            topk=topk,
-            quant=quant,
-            float_format=float_format,
-            entropy_level=msg.entropy_level,
-            targets=tuple(msg.targets),
-            min_ndim=msg.min_ndim,
-        ),
-    )
 
 
 # --------------------------------------------------------------------------- manifest
@@ -292,9 +201,10 @@ def segment_request_from_proto(msg: pb.StreamSegmentsRequest) -> SegmentRequest:
 # --------------------------------------------------------------------------- segments
 def segment_to_proto(data: SegmentData) -> pb.StreamSegmentsResponse:
     """One ``StreamSegments`` response message."""
+    payload = data.payload if isinstance(data.payload, bytes) else bytes(data.payload)
     return pb.StreamSegmentsResponse(
         segment=pb.Segment(
-            manifest_id=data.manifest_id, segment_id=data.segment_id, payload=data.payload
+            manifest_id=data.manifest_id, segment_id=data.segment_id, payload=payload
         )
     )
 
@@ -320,79 +230,30 @@ def segment_from_message(message: bytes) -> SegmentData:
     InvalidRequestError
         The bytes are not a ``StreamSegmentsResponse`` carrying a segment.
     """
-    try:
-        fast = _read_segment_response(message)
-    except (_WireFormatError, IndexError, UnicodeDecodeError):
-        fast = None
+    fast = read_segment_response(message, copy=True)
     if fast is not None:
         return fast
+    return _parse_segment_response(message)
+
+
+def segment_view_from_message(message: bytes) -> SegmentData:
+    """Like :func:`segment_from_message`, with the payload as a view into ``message``.
+
+    The client's receive path: the payload is hashed and copied once, into the buffer
+    that holds the model, straight from the received message.
+    """
+    fast = read_segment_response(message, copy=False)
+    if fast is not None:
+        return fast
+    return _parse_segment_response(message)
+
+
+def _parse_segment_response(message: bytes) -> SegmentData:
     try:
         parsed = pb.StreamSegmentsResponse.FromString(message)
     except DecodeError as exc:
         raise InvalidRequestError("malformed StreamSegments response") from exc
     return segment_from_proto(parsed)
-
-
-class _WireFormatError(Exception):
-    """Input the fast reader leaves to the protobuf parser."""
-
-
-_VARINT, _I64, _LEN, _I32 = 0, 1, 2, 5
-
-
-def _varint(buf: bytes, pos: int) -> tuple[int, int]:
-    value = shift = 0
-    while shift < 64:
-        byte = buf[pos]
-        pos += 1
-        value |= (byte & 0x7F) << shift
-        if byte < 0x80:
-            return value, pos
-        shift += 7
-    raise _WireFormatError("varint too long")
-
-
-def _fields(buf: bytes, pos: int, end: int) -> Iterator[tuple[int, int, int, int]]:
-    """(field number, wire type, start, end) of each field; varints as (value, -1)."""
-    while pos < end:
-        key, pos = _varint(buf, pos)
-        number, wire_type = key >> 3, key & 7
-        if wire_type == _VARINT:
-            value, pos = _varint(buf, pos)
-            yield number, wire_type, value, -1
-        elif wire_type == _LEN:
-            length, pos = _varint(buf, pos)
-            if pos + length > end:
-                raise _WireFormatError("field runs past the message")
-            yield number, wire_type, pos, pos + length
-            pos += length
-        elif wire_type in (_I64, _I32):
-            pos += 8 if wire_type == _I64 else 4
-        else:
-            raise _WireFormatError(f"wire type {wire_type}")
-    if pos != end:
-        raise _WireFormatError("truncated field")
-
-
-def _read_segment_response(buf: bytes) -> SegmentData | None:
-    outer = [(s, e) for n, t, s, e in _fields(buf, 0, len(buf)) if n == 1 and t == _LEN]
-    if len(outer) != 1:
-        return None
-    manifest_id, segment_id, payload = "", 0, b""
-    seen: set[int] = set()
-    for number, wire_type, start, end in _fields(buf, *outer[0]):
-        if number in seen and number in (1, 2, 3):
-            return None
-        seen.add(number)
-        if number == 1 and wire_type == _LEN:
-            manifest_id = buf[start:end].decode("utf-8")
-        elif number == 2 and wire_type == _VARINT:
-            segment_id = start & 0xFFFFFFFF
-        elif number == 3 and wire_type == _LEN:
-            payload = buf[start:end]
-        elif number in (1, 2, 3):
-            return None
-    return SegmentData(manifest_id=manifest_id, segment_id=segment_id, payload=payload)
 
 
 def segment_from_proto(msg: pb.StreamSegmentsResponse) -> SegmentData:

@@ -188,11 +188,15 @@ class SegmentRequest:
 
 @dataclass(frozen=True)
 class SegmentData:
-    """One segment's bytes as streamed."""
+    """One segment's bytes as streamed.
+
+    ``payload`` is a read-only ``memoryview`` into the received message when read
+    without copying (:func:`fedsqueeze.wire.convert.segment_view_from_message`).
+    """
 
     manifest_id: str
     segment_id: int
-    payload: bytes
+    payload: bytes | memoryview
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import os
 import threading
+import time
+from collections.abc import Iterator
 from dataclasses import replace
 
 import grpc
@@ -14,6 +16,7 @@ from fedsqueeze.codec import CodecSpec, encode_state, preset
 from fedsqueeze.errors import PreconditionError, ResourceExhaustedError
 from fedsqueeze.transport import ServerConfig, UpdateStore
 from fedsqueeze.wire import convert
+from fedsqueeze.wire import transfer_pb2 as pb
 from tests.transport.conftest import make_state, perturb
 from tests.transport.rawcalls import meta_for, metadata, push_raw, raw_stub, upload_messages
 
@@ -161,4 +164,29 @@ def test_bad_uploads_are_rejected_and_change_nothing(setup, store, pki, tokens, 
         push_raw(stub, messages, metadata("edge-0", tokens[1]["edge-0"]))
     assert info.value.code() is code
     _unchanged(store, ["kept"])
+    assert store.lookup("u-1") is None
+
+
+def test_upload_cancelled_midway_changes_nothing(setup, store, pki, tokens):
+    server, _, update, digest, _ = setup
+    payload = update.to_bytes()
+    meta = meta_for(payload, update.spec, digest)
+    sent = threading.Event()
+
+    def slow() -> Iterator[pb.PushUpdateRequest]:
+        for i, message in enumerate(upload_messages(meta, payload, chunk=1000)):
+            if i == 5:
+                sent.set()
+                time.sleep(0.5)
+            yield message
+
+    channel, stub = raw_stub(server, pki)
+    with channel:
+        call = stub.PushUpdate.future(slow(), metadata=metadata("edge-0", tokens[1]["edge-0"]))
+        assert sent.wait(10)
+        call.cancel()
+        with pytest.raises(grpc.FutureCancelledError):
+            call.result()
+    time.sleep(0.6)  # let the handler see the cancellation
+    _unchanged(store, [])
     assert store.lookup("u-1") is None

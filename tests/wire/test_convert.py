@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 from hypothesis import assume, given
@@ -251,3 +252,24 @@ def test_fast_segment_reader_falls_back_or_refuses():
             convert.segment_from_message(bad)
     with pytest.raises(InvalidRequestError):
         convert.segment_from_message(b"")  # no segment at all
+
+
+def test_enum_tables_cover_both_sides():
+    from dataclasses import fields
+
+    from fedsqueeze.wire import spec_convert
+
+    tables: list[tuple[Any, Any, Any]] = [
+        (spec_convert._PRUNE_METHODS, PruneMethod, pb.PruneMethod),
+        (spec_convert._QUANT_SCHEMES, QuantScheme, pb.QuantScheme),
+        (spec_convert._GRANULARITIES, Granularity, pb.Granularity),
+        (spec_convert._ROUNDINGS, Rounding, pb.Rounding),
+        (spec_convert._FLOAT_FORMATS, FloatFormat, pb.FloatFormat),
+    ]
+    for table, python_enum, wire_enum in tables:
+        assert set(table) == set(python_enum)
+        assert sorted(table.values()) == sorted(v for v in wire_enum.values() if v != 0)
+    # A new CodecSpec field needs a new field in the wire message (and here).
+    assert [f.name for f in fields(CodecSpec)] == [f.name for f in pb.CodecSpec.DESCRIPTOR.fields]
+    assert [f.name for f in fields(QuantSpec)] == [f.name for f in pb.QuantSpec.DESCRIPTOR.fields]
+    assert [f.name for f in fields(PruneSpec)] == [f.name for f in pb.PruneSpec.DESCRIPTOR.fields]

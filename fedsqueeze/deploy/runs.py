@@ -1,0 +1,215 @@
+"""Starting a run on a SuperLink with ``flwr run``, following it, and reading its outcome.
+
+``flwr run APP CONNECTION --stream`` builds the app into a FAB, submits it, prints
+``Successfully started run ID`` and then the ServerApp's log until the run ends; it
+exits 0 whether the run completed or failed. The outcome comes from
+``flwr ls CONNECTION --run-id ID --format json`` (``status``: ``finished:completed``,
+``finished:failed``, ``finished:stopped``, or ``pending``/``starting``/``running``).
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import logging
+import re
+import subprocess
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TextIO
+
+from fedsqueeze.deploy.federation import CONNECTION_NAME, flower_tool
+from fedsqueeze.deploy.processes import ManagedProcess, Output, ProcessSpec
+
+log = logging.getLogger(__name__)
+
+_RUN_ID = re.compile(r"Successfully started run (\d+)")
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+#: The coordinator's record of finished rounds (``coordinator/version_store.py``).
+STATE_FILE = "state.json"
+
+
+class RunStatus(enum.Enum):
+    """A run's status as the SuperLink reports it."""
+
+    PENDING = "pending"
+    STARTING = "starting"
+    RUNNING = "running"
+    COMPLETED = "finished:completed"
+    FAILED = "finished:failed"
+    STOPPED = "finished:stopped"
+    UNKNOWN = "unknown"
+
+    @property
+    def finished(self) -> bool:
+        """Whether the run has ended (any way)."""
+        return self.value.startswith("finished")
+
+
+@dataclass(frozen=True)
+class RunOutcome:
+    """What became of a run.
+
+    Attributes
+    ----------
+    run_id
+        Flower's run id.
+    status
+        Its status.
+    details
+        Flower's explanation (for a failed run, the ServerApp's exception).
+    """
+
+    run_id: int
+    status: RunStatus
+    details: str = ""
+
+
+@dataclass(frozen=True)
+class RoundSummary:
+    """One finished round, as the coordinator recorded it."""
+
+    server_round: int
+    accuracy: float
+    loss: float
+    bytes_down: int
+    bytes_up: int
+
+
+def flwr_run_spec(app_dir: Path, run_config: Path, env: Mapping[str, str]) -> ProcessSpec:
+    """``flwr run APP fedsqueeze --run-config FILE --stream``, its output piped."""
+    argv = (
+        flower_tool("flwr"),
+        "run",
+        str(app_dir),
+        CONNECTION_NAME,
+        "--run-config",
+        str(run_config),
+        "--stream",
+    )
+    return ProcessSpec("flwr run", argv, env, Output.PIPE)
+
+
+class RunLog:
+    """Copies the output of ``flwr run --stream`` and remembers the run id it announces.
+
+    Parameters
+    ----------
+    sink
+        Where the lines go (the terminal).
+    color
+        Keep Flower's ANSI colors (for a terminal); strip them otherwise.
+    """
+
+    def __init__(self, sink: TextIO, *, color: bool = True) -> None:
+        self.sink = sink
+        self.color = color
+        self.run_id: int | None = None
+
+    def follow(self, process: ManagedProcess) -> int | None:
+        """Copy lines until the stream ends and the process exits; returns the run id."""
+        for line in process.stdout:
+            plain = _ANSI.sub("", line)
+            if self.run_id is None and (match := _RUN_ID.search(plain)):
+                self.run_id = int(match.group(1))
+            self.sink.write(line if self.color else plain)
+            self.sink.flush()
+        process.wait()
+        return self.run_id
+
+
+def query_run(run_id: int, env: Mapping[str, str], *, timeout: float = 60.0) -> RunOutcome:
+    """The run's status from ``flwr ls`` (``UNKNOWN`` if the SuperLink cannot say)."""
+    argv = [flower_tool("flwr"), "ls", CONNECTION_NAME, "--run-id", str(run_id)]
+    try:
+        done = subprocess.run(
+            [*argv, "--format", "json"],
+            env=dict(env),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return RunOutcome(run_id, RunStatus.UNKNOWN, f"flwr ls failed: {exc}")
+    return parse_run_listing(run_id, done.stdout)
+
+
+def parse_run_listing(run_id: int, text: str) -> RunOutcome:
+    """A :class:`RunOutcome` from the JSON ``flwr ls --format json`` prints."""
+    start = text.find("{")
+    try:
+        payload = json.loads(text[start:]) if start >= 0 else {}
+    except json.JSONDecodeError:
+        payload = {}
+    for run in payload.get("runs", []):
+        if str(run.get("run-id")) == str(run_id):
+            try:
+                status = RunStatus(str(run.get("status", "")))
+            except ValueError:
+                status = RunStatus.UNKNOWN
+            return RunOutcome(run_id, status, str(run.get("status-details", "")))
+    detail = payload.get("error-message") or text.strip()[-300:] or "no answer"
+    return RunOutcome(run_id, RunStatus.UNKNOWN, str(detail))
+
+
+def wait_for_outcome(run_id: int, env: Mapping[str, str], *, patience: float = 20.0) -> RunOutcome:
+    """Poll :func:`query_run` until the run has finished, for up to ``patience`` seconds.
+
+    The log stream can end a moment before the SuperLink records the final status.
+    """
+    deadline = time.monotonic() + patience
+    while True:
+        outcome = query_run(run_id, env)
+        if outcome.status.finished or time.monotonic() > deadline:
+            return outcome
+        time.sleep(1.0)
+
+
+def stop_run(run_id: int, env: Mapping[str, str], *, timeout: float = 30.0) -> bool:
+    """Ask the SuperLink to stop a run (``flwr stop``); whether it agreed."""
+    argv = [flower_tool("flwr"), "stop", str(run_id), CONNECTION_NAME]
+    try:
+        done = subprocess.run(
+            argv, env=dict(env), capture_output=True, text=True, timeout=timeout, check=False
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        log.warning("could not stop run %d: %s", run_id, exc)
+        return False
+    return done.returncode == 0
+
+
+def read_round_summaries(state_dir: Path) -> list[RoundSummary]:
+    """The rounds recorded in the coordinator's state directory (empty if none)."""
+    try:
+        raw = json.loads((state_dir / STATE_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return []
+    rows = []
+    metrics = raw.get("round_metrics", {}) if isinstance(raw, dict) else {}
+    for key, values in sorted(metrics.items(), key=lambda kv: int(kv[0])):
+        rows.append(
+            RoundSummary(
+                int(key),
+                float(values.get("accuracy", float("nan"))),
+                float(values.get("loss", float("nan"))),
+                int(values.get("bytes-down", 0)),
+                int(values.get("bytes-up", 0)),
+            )
+        )
+    return rows
+
+
+def format_summaries(rows: list[RoundSummary]) -> str:
+    """A plain-text table of rounds, with totals."""
+    lines = [f"{'round':>5}  {'accuracy':>8}  {'loss':>7}  {'bytes down':>12}  {'bytes up':>12}"]
+    for r in rows:
+        lines.append(
+            f"{r.server_round:>5}  {r.accuracy:>8.4f}  {r.loss:>7.4f}  "
+            f"{r.bytes_down:>12,}  {r.bytes_up:>12,}"
+        )
+    down, up = sum(r.bytes_down for r in rows), sum(r.bytes_up for r in rows)
+    lines.append(f"{'total':>5}  {'':>8}  {'':>7}  {down:>12,}  {up:>12,}")
+    return "\n".join(lines)

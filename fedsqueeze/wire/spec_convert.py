@@ -1,0 +1,142 @@
+"""Conversions of :class:`~fedsqueeze.codec.spec.CodecSpec` to and from its wire message.
+
+Part of :mod:`fedsqueeze.wire.convert` (which re-exports both functions). Enum values are
+mapped by explicit tables, never by arithmetic on values: the wire enums have
+``*_UNSPECIFIED`` zero values that the Python enums do not, and each side may grow.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TypeVar
+
+from fedsqueeze.codec.spec import (
+    CodecSpec,
+    FloatFormat,
+    Granularity,
+    PruneMethod,
+    PruneSpec,
+    QuantScheme,
+    QuantSpec,
+    Rounding,
+)
+from fedsqueeze.errors import InvalidRequestError
+from fedsqueeze.wire import transfer_pb2 as pb
+
+_T = TypeVar("_T")
+_E = TypeVar("_E")
+_V = TypeVar("_V", bound=int)
+
+_PRUNE_METHODS: dict[PruneMethod, pb.PruneMethod.ValueType] = {
+    PruneMethod.NONE: pb.PRUNE_METHOD_NONE,
+    PruneMethod.L1_UNSTRUCTURED: pb.PRUNE_METHOD_L1_UNSTRUCTURED,
+    PruneMethod.L1_GLOBAL: pb.PRUNE_METHOD_L1_GLOBAL,
+    PruneMethod.LN_STRUCTURED: pb.PRUNE_METHOD_LN_STRUCTURED,
+    PruneMethod.THRESHOLD: pb.PRUNE_METHOD_THRESHOLD,
+}
+_QUANT_SCHEMES: dict[QuantScheme, pb.QuantScheme.ValueType] = {
+    QuantScheme.AFFINE: pb.QUANT_SCHEME_AFFINE,
+    QuantScheme.SYMMETRIC: pb.QUANT_SCHEME_SYMMETRIC,
+    QuantScheme.POW2: pb.QUANT_SCHEME_POW2,
+    QuantScheme.KMEANS: pb.QUANT_SCHEME_KMEANS,
+}
+_GRANULARITIES: dict[Granularity, pb.Granularity.ValueType] = {
+    Granularity.PER_TENSOR: pb.GRANULARITY_PER_TENSOR,
+    Granularity.PER_CHANNEL: pb.GRANULARITY_PER_CHANNEL,
+}
+_ROUNDINGS: dict[Rounding, pb.Rounding.ValueType] = {
+    Rounding.NEAREST: pb.ROUNDING_NEAREST,
+    Rounding.STOCHASTIC: pb.ROUNDING_STOCHASTIC,
+}
+_FLOAT_FORMATS: dict[FloatFormat, pb.FloatFormat.ValueType] = {
+    FloatFormat.FP32: pb.FLOAT_FORMAT_FP32,
+    FloatFormat.FP16: pb.FLOAT_FORMAT_FP16,
+    FloatFormat.BF16: pb.FLOAT_FORMAT_BF16,
+}
+
+
+def _inverse(table: dict[_E, _V], what: str) -> Callable[[int], _E]:
+    back: dict[int, _E] = {int(value): key for key, value in table.items()}
+
+    def lookup(value: int) -> _E:
+        try:
+            return back[value]
+        except KeyError:
+            raise InvalidRequestError(f"{what}: unknown or unspecified value {value}") from None
+
+    return lookup
+
+
+_prune_method_from_proto = _inverse(_PRUNE_METHODS, "prune method")
+_quant_scheme_from_proto = _inverse(_QUANT_SCHEMES, "quant scheme")
+_granularity_from_proto = _inverse(_GRANULARITIES, "granularity")
+_rounding_from_proto = _inverse(_ROUNDINGS, "rounding")
+_float_format_from_proto = _inverse(_FLOAT_FORMATS, "float format")
+
+
+def _valid(what: str, build: Callable[[], _T]) -> _T:
+    """Run a value constructor, turning its ``ValueError`` into ``InvalidRequestError``."""
+    try:
+        return build()
+    except (ValueError, TypeError) as exc:
+        raise InvalidRequestError(f"invalid {what}: {exc}") from exc
+
+
+def codec_spec_to_proto(spec: CodecSpec) -> pb.CodecSpec:
+    """The wire form of a :class:`CodecSpec` (every field set explicitly)."""
+    msg = pb.CodecSpec(
+        prune=pb.PruneSpec(
+            method=_PRUNE_METHODS[spec.prune.method],
+            sparsity=spec.prune.sparsity,
+            threshold=spec.prune.threshold,
+        ),
+        float_format=_FLOAT_FORMATS[spec.float_format],
+        entropy_level=spec.entropy_level,
+        targets=list(spec.targets),
+        min_ndim=spec.min_ndim,
+    )
+    if spec.topk is not None:
+        msg.topk = spec.topk
+    if spec.quant is not None:
+        q = spec.quant
+        msg.quant.CopyFrom(
+            pb.QuantSpec(
+                bits=q.bits,
+                scheme=_QUANT_SCHEMES[q.scheme],
+                granularity=_GRANULARITIES[q.granularity],
+                rounding=_ROUNDINGS[q.rounding],
+            )
+        )
+    return msg
+
+
+def codec_spec_from_proto(msg: pb.CodecSpec) -> CodecSpec:
+    """Inverse of :func:`codec_spec_to_proto`; an absent ``prune`` means no pruning."""
+    prune = PruneSpec()
+    if msg.HasField("prune"):
+        method = _prune_method_from_proto(msg.prune.method)
+        prune = _valid(
+            "prune spec", lambda: PruneSpec(method, msg.prune.sparsity, msg.prune.threshold)
+        )
+    quant: QuantSpec | None = None
+    if msg.HasField("quant"):
+        scheme = _quant_scheme_from_proto(msg.quant.scheme)
+        granularity = _granularity_from_proto(msg.quant.granularity)
+        rounding = _rounding_from_proto(msg.quant.rounding)
+        quant = _valid(
+            "quant spec", lambda: QuantSpec(msg.quant.bits, scheme, granularity, rounding)
+        )
+    float_format = _float_format_from_proto(msg.float_format)
+    topk = msg.topk if msg.HasField("topk") else None
+    return _valid(
+        "codec spec",
+        lambda: CodecSpec(
+            prune=prune,
+            topk=topk,
+            quant=quant,
+            float_format=float_format,
+            entropy_level=msg.entropy_level,
+            targets=tuple(msg.targets),
+            min_ndim=msg.min_ndim,
+        ),
+    )

@@ -1,0 +1,184 @@
+"""``fedsqueeze coordinator`` and ``fedsqueeze edge``: flags, user errors, Flower commands."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import pytest
+
+from fedsqueeze.cli import coordinator_cmd, edge_cmd
+from fedsqueeze.deploy.processes import Output
+from fedsqueeze.deploy.superlink import FlowerTls, SuperLinkOptions, superlink_spec
+from fedsqueeze.deploy.supernode import SuperNodeOptions, supernode_spec
+from fedsqueeze.errors import ConfigError
+from fedsqueeze.runconfig import RunSettings
+
+
+def _parse(module: object, argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=getattr(module, "__doc__", ""))
+    getattr(module, "add_arguments")(parser)  # noqa: B009
+    return parser.parse_args(argv)
+
+
+def _coordinator(*argv: str) -> argparse.Namespace:
+    return _parse(coordinator_cmd, list(argv))
+
+
+def _edge(*argv: str) -> argparse.Namespace:
+    return _parse(edge_cmd, list(argv))
+
+
+def test_flags_become_run_config_keys() -> None:
+    args = _coordinator(
+        "--rounds=5",
+        "--task=digits-mlp",
+        "--down-spec=int8",
+        "--up-spec=topk10-int4",
+        "--min-nodes=3",
+        "--state-dir=/srv/fsq",
+        "--data-plane-port=7443",
+        "--resume",
+        "--set",
+        "epochs=2",
+        "--set",
+        "lr = 0.1",
+    )
+    settings = coordinator_cmd.settings_from_args(args)
+    assert settings == RunSettings(
+        task="digits-mlp",
+        num_rounds=5,
+        min_train_nodes=3,
+        min_available_nodes=3,
+        state_dir="/srv/fsq",
+        data_plane_port=7443,
+        resume=True,
+        epochs=2,
+        lr=0.1,
+    )
+
+
+def test_dedicated_flags_win_over_set() -> None:
+    args = _coordinator("--set", "num-rounds=9", "--rounds", "4")
+    assert coordinator_cmd.settings_from_args(args).num_rounds == 4
+    assert coordinator_cmd.settings_from_args(_coordinator()) == RunSettings()
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--set", "epochs"], "KEY=VALUE"),
+        (["--set", "=3"], "KEY=VALUE"),
+        (["--set", "epoch=3"], "unknown run-config key 'epoch'"),
+        (["--set", "epochs=many"], "expected int"),
+        (["--rounds", "0"], "num-rounds"),
+        (["--down-spec", "quant=9"], "bits must be"),
+        (["--tls-cert", "a.pem"], "go together"),
+        (["--data-plane-host", "192.0.2.7"], "--tls-cert"),
+    ],
+)
+def test_bad_run_settings_are_config_errors(argv: list[str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        coordinator_cmd.settings_from_args(_coordinator(*argv))
+
+
+def test_a_used_state_dir_needs_resume(tmp_path: Path) -> None:
+    (tmp_path / "state.json").write_text(
+        json.dumps({"completed_round": 1, "round_metrics": {"1": {"accuracy": 0.5}}})
+    )
+    with pytest.raises(ConfigError, match="--resume"):
+        coordinator_cmd.main(_coordinator("--state-dir", str(tmp_path)))
+
+
+@pytest.mark.parametrize(
+    ("argv", "error"),
+    [
+        (["--flower-cert", "c.pem"], ConfigError),
+        (["--flower-cert", "c.pem", "--flower-key", "k.pem", "--flower-ca", "x.pem"], OSError),
+        (["--tls-cert", "no-such.pem", "--tls-key", "no-such.key"], OSError),
+        (["--superlink", "10.0.0.1:8000", "--flower-key", "k.pem"], ConfigError),
+        (["--superlink-port", "70000"], ConfigError),
+    ],
+)
+def test_coordinator_user_errors_end_before_anything_starts(
+    tmp_path: Path, argv: list[str], error: type[Exception]
+) -> None:
+    with pytest.raises(error):
+        coordinator_cmd.main(_coordinator("--state-dir", str(tmp_path / "s"), *argv))
+    assert not (tmp_path / "s" / "flower" / "superlink.log").exists()
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--partition-id", "2", "--num-partitions", "2"], "partition-id must be in 0..1"),
+        (["--partition-id", "0", "--num-partitions", "0"], "num-partitions must be >= 1"),
+        (["--partition-id", "0", "--num-partitions", "1", "--threads", "0"], "--threads"),
+    ],
+)
+def test_edge_user_errors(argv: list[str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        edge_cmd.main(_edge("--superlink", "127.0.0.1:8000", *argv))
+
+
+def test_edge_needs_existing_ca_files() -> None:
+    args = _edge(
+        *("--superlink", "127.0.0.1:8000", "--partition-id", "0", "--num-partitions", "1"),
+        *("--data-plane-ca", "/nonexistent/ca.pem"),
+    )
+    with pytest.raises(FileNotFoundError):
+        edge_cmd.main(args)
+
+
+def test_edge_and_dataplane_agree_on_the_ca_variable() -> None:
+    from edge.dataplane import CA_ENV
+
+    assert edge_cmd.CA_ENV == CA_ENV
+
+
+def test_superlink_command(tmp_path: Path) -> None:
+    plain = superlink_spec(SuperLinkOptions("0.0.0.0", 9000), {}, tmp_path / "l.log")
+    assert plain.output is Output.FILE and plain.log_file == tmp_path / "l.log"
+    assert "--insecure" in plain.argv and "--disable-runtime-dependency-installation" in plain.argv
+    assert plain.argv[plain.argv.index("--port") + 1] == "9000"
+    assert SuperLinkOptions("0.0.0.0", 9000).local_address == "127.0.0.1:9000"
+    assert SuperLinkOptions("::", 9000).local_address == "[::1]:9000"
+    tls = FlowerTls(tmp_path / "c.pem", tmp_path / "k.pem", tmp_path / "ca.pem")
+    secure = superlink_spec(SuperLinkOptions(tls=tls), {}, tmp_path / "l.log")
+    assert "--insecure" not in secure.argv
+    assert secure.argv[secure.argv.index("--ssl-ca-certfile") + 1] == str(tmp_path / "ca.pem")
+    assert tls.missing() == [tmp_path / "c.pem", tmp_path / "k.pem", tmp_path / "ca.pem"]
+    with pytest.raises(ValueError):
+        SuperLinkOptions(port=0)
+
+
+def test_supernode_command(tmp_path: Path) -> None:
+    options = SuperNodeOptions("10.1.2.3:8000", 1, 4, runtime_port=9111)
+    argv = supernode_spec(options, {}).argv
+    assert argv[argv.index("--superlink") + 1] == "10.1.2.3:8000"
+    assert argv[argv.index("--node-config") + 1] == "partition-id=1 num-partitions=4"
+    assert argv[argv.index("--port") + 1] == "9111"
+    assert argv[argv.index("--host") + 1] == "127.0.0.1"
+    assert "--insecure" in argv
+    secure = SuperNodeOptions("10.1.2.3:8000", 0, 1, root_certificates=tmp_path / "ca.pem")
+    argv = supernode_spec(secure, {}).argv
+    assert "--insecure" not in argv
+    assert argv[argv.index("--root-certificates") + 1] == str(tmp_path / "ca.pem")
+    with pytest.raises(ValueError, match="HOST:PORT"):
+        SuperNodeOptions("no-port", 0, 1)
+
+
+def test_help_texts_explain_the_commands() -> None:
+    coordinator = argparse.ArgumentParser(description=coordinator_cmd.__doc__)
+    coordinator_cmd.add_arguments(coordinator)
+    text = coordinator.format_help()
+    for flag in ("--rounds", "--min-nodes", "--set", "--superlink", "--tls-cert", "--resume"):
+        assert flag in text
+    assert "SuperLink" in text and "Ctrl-C" in text
+    edge = argparse.ArgumentParser(description=edge_cmd.__doc__)
+    edge_cmd.add_arguments(edge)
+    text = edge.format_help()
+    for flag in ("--superlink", "--partition-id", "--num-partitions", "--data-plane-ca"):
+        assert flag in text
+    assert "SuperNode" in text

@@ -1,0 +1,44 @@
+"""``fedsqueeze bench transport`` on tiny sizes (a smoke test: no timing assertions)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import pytest
+
+from fedsqueeze.bench import transport as transport_bench
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_quick_bench_reports_every_part(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    parser = argparse.ArgumentParser()
+    transport_bench.add_arguments(parser)
+    out = tmp_path / "bench.json"
+    args = parser.parse_args(
+        ["--payload-mb", "2", "--chunk-kib", "256", "--runs", "1", "--clients", "4",
+         "--fanout-mb", "0.2", "--json", str(out)]
+    )  # fmt: skip
+    assert transport_bench.main(args) == 0
+    report = json.loads(out.read_text())
+    assert set(report) == {"machine", "throughput", "resume", "fanout"}
+    throughput = report["throughput"]
+    assert throughput["bare_gb_s"] > 0 and throughput["segments_gb_s"] > 0
+    assert throughput["chunk_bytes"] == 256 * 1024
+    resume = report["resume"]
+    assert 0 <= resume["overhead_bytes"] <= resume["segment_bytes"]
+    assert resume["resumed_segments"] == resume["cut_after_segments"]
+    fanout = report["fanout"]
+    assert fanout["clients"] == 4 and fanout["errors"] == 0 and fanout["encodes"] == 1
+    assert "StreamSegments" in capsys.readouterr().out
+
+
+def test_register_adds_the_subcommand() -> None:
+    parser = argparse.ArgumentParser()
+    transport_bench.register(parser.add_subparsers())
+    args = parser.parse_args(["transport", "--runs", "2"])
+    assert args.runs == 2 and args._bench_main is transport_bench.main
+    with pytest.raises(ValueError):
+        transport_bench.TransportBenchOptions(runs=0)
