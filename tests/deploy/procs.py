@@ -70,7 +70,14 @@ class Fleet:
     def __init__(self, logs: Path) -> None:
         self.marker = uuid.uuid4().hex
         self.logs = logs
-        self.env = {**os.environ, MARKER_KEY: self.marker, "PYTHONUNBUFFERED": "1"}
+        # One thread per process: on a small machine the ServerApp and the ClientApps
+        # would otherwise fight over every core.
+        self.env = {
+            **os.environ,
+            MARKER_KEY: self.marker,
+            "PYTHONUNBUFFERED": "1",
+            "OMP_NUM_THREADS": "1",
+        }
         self.env.pop("FLWR_HOME", None)
         self.popens: list[subprocess.Popen[bytes]] = []
 

@@ -43,7 +43,7 @@ def _wait_for(
         time.sleep(0.5)
 
 
-@pytest.mark.timeout(240)
+@pytest.mark.timeout(300)
 def test_a_coordinator_and_two_edges_run_two_rounds(tmp_path: Path) -> None:
     state = tmp_path / "state"
     link = free_port()
@@ -82,7 +82,7 @@ def test_a_coordinator_and_two_edges_run_two_rounds(tmp_path: Path) -> None:
             )
             for i in range(2)
         ]
-        status = _wait(coordinator, 200, f, "coordinator")
+        status = _wait(coordinator, 240, f, "coordinator")
         assert status == 0, f.tail("coordinator")
         ran = time.monotonic() - started
         out = f.log("coordinator")

@@ -237,6 +237,8 @@ def test_fast_segment_reader_agrees_with_protobuf(manifest_id, segment_id, paylo
     assert convert.segment_from_message(message) == data
     assert convert.segment_from_proto(pb.StreamSegmentsResponse.FromString(message)) == data
     assert convert.segment_from_message(_with_unknown_fields(message)) == data
+    view = convert.segment_view_from_message(message)
+    assert view == data and isinstance(view.payload, memoryview)
 
 
 def test_fast_segment_reader_falls_back_or_refuses():
