@@ -13,7 +13,7 @@ import functools
 import logging
 import random
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -29,15 +29,20 @@ from flwr.serverapp.strategy import (
     Strategy,
 )
 
+from coordinator.budget import BudgetPolicy, EdgeRequest, Skip
 from coordinator.dataplane import CoordinatorDataPlane, InstructionTemplate
-from coordinator.strategy import CompressedStrategy
+from coordinator.strategy import CompressedStrategy, InstructionFactory
 from coordinator.version_store import VersionStore
 from fedsqueeze.codec import state_digest
+from fedsqueeze.control import RoundInstruction
 from fedsqueeze.errors import ConfigError
 from fedsqueeze.runconfig import RunSettings, StrategyName
 from fedsqueeze.tasks import get_task
 
 log = logging.getLogger(__name__)
+
+#: Builds a run's budget policy once its version store is open.
+PolicyFactory = Callable[[VersionStore], BudgetPolicy]
 
 
 def build_strategy(settings: RunSettings) -> Strategy:
@@ -69,10 +74,16 @@ class Coordinator:
     strategy: CompressedStrategy
     init_digest: str
     offset: int
+    policy: BudgetPolicy | None = None
 
     @classmethod
-    def open(cls, settings: RunSettings) -> Coordinator:
-        """Open the state directory, start the data plane, build the strategy."""
+    def open(cls, settings: RunSettings, *, policy: PolicyFactory | None = None) -> Coordinator:
+        """Open the state directory, start the data plane, build the strategy.
+
+        ``policy(store)`` builds the budget policy that chooses each edge's specs per
+        round (or leaves it out); without one every edge gets the settings' specs and
+        budgets.
+        """
         root = Path(settings.state_dir)
         store = VersionStore(root, keep=settings.keep_versions)
         if store.completed_round and not settings.resume:
@@ -103,14 +114,20 @@ class Coordinator:
             up_budget=settings.up_budget,
             round_offset=offset,
         )
+        instruct: InstructionFactory = functools.partial(plane.instruction, template)
+        budget = policy(store) if policy is not None else None
+        if budget is not None:
+            instruct = functools.partial(
+                _budgeted, instruct, budget, store, init_digest if settings.init_from_seed else None
+            )
         strategy = CompressedStrategy(
             build_strategy(settings),
             store,
-            functools.partial(plane.instruction, template),
+            instruct,
             plane.pull,
             clip_norm=settings.clip_norm or None,
         )
-        return cls(settings, store, plane, strategy, init_digest, offset)
+        return cls(settings, store, plane, strategy, init_digest, offset, budget)
 
     def initial_arrays(self) -> ArrayRecord:
         """Where this run starts: the last completed global model, or the seeded one."""
@@ -138,7 +155,10 @@ class Coordinator:
             "bytes-up": float(stats.bytes_up if stats else 0),
             "updates-accepted": float(stats.accepted if stats else 0),
             "updates-rejected": float(len(stats.rejected or []) if stats else 0),
+            "updates-skipped": float(len(stats.skipped or []) if stats else 0),
         }
+        if stats is not None and self.policy is not None:
+            self.policy.observe(stats.bytes_down, stats.bytes_up)
         if server_round > 0:
             self.store.publish(arrays.to_torch_state_dict(), track="global")
             self.store.complete_round(absolute, metrics)
@@ -172,6 +192,34 @@ class Coordinator:
         self.plane.close()
 
 
+def _budgeted(
+    instruct: InstructionFactory,
+    policy: BudgetPolicy,
+    store: VersionStore,
+    init_digest: str | None,
+    server_round: int,
+    node_id: int,
+    target: str,
+) -> RoundInstruction | None:
+    """The edge's instruction with the specs the policy chose, or ``None`` (skipped)."""
+    # An edge never seen before holds the seeded initial model when it can rebuild it.
+    held = store.edge_version(str(node_id)) or init_digest
+    choice = policy.choose(EdgeRequest(server_round, node_id, target, held))
+    if isinstance(choice, Skip):
+        log.warning("round %d: edge %s skipped: %s", server_round, node_id, choice.reason)
+        return None
+    base = instruct(server_round, node_id, target)
+    if base is None:
+        return None
+    return replace(
+        base,
+        down_spec=choice.down_spec,
+        up_spec=choice.up_spec,
+        down_budget=choice.down_payload,
+        up_budget=choice.up_bytes,
+    )
+
+
 def make_server_app(settings: RunSettings | None = None) -> ServerApp:
     """The coordinator ServerApp (``settings=None``: read from the run config)."""
     app = ServerApp()
@@ -183,11 +231,11 @@ def make_server_app(settings: RunSettings | None = None) -> ServerApp:
     return app
 
 
-def run(grid: Grid, settings: RunSettings) -> Coordinator:
+def run(grid: Grid, settings: RunSettings, *, policy: PolicyFactory | None = None) -> Coordinator:
     """Run a whole coordinator on ``grid``; returns it (stopped) for inspection."""
     random.seed(settings.seed)
     torch.manual_seed(settings.seed)
-    coordinator = Coordinator.open(settings)
+    coordinator = Coordinator.open(settings, policy=policy)
     try:
         coordinator.run(grid)
     finally:

@@ -43,7 +43,9 @@ class PulledUpdate:
 
 
 UpdatePuller = Callable[[str], PulledUpdate | None]
-InstructionFactory = Callable[[int, int, str], RoundInstruction]
+#: ``(server_round, node_id, target_digest)`` → the edge's instruction, or ``None`` when
+#: the edge sits the round out (a budget it cannot fit).
+InstructionFactory = Callable[[int, int, str], RoundInstruction | None]
 
 
 @dataclass
@@ -54,6 +56,7 @@ class RoundStats:
     bytes_up: int = 0
     accepted: int = 0
     rejected: list[Rejection] | None = None
+    skipped: list[str] | None = None
 
 
 class CompressedStrategy(Strategy):
@@ -95,6 +98,7 @@ class CompressedStrategy(Strategy):
         self._arrays_key = getattr(inner, "arrayrecord_key", arrayrecord_key)
         self._config_key = getattr(inner, "configrecord_key", configrecord_key)
         self._global: dict[int, tuple[str, State]] = {}
+        self._skipped: dict[int, list[str]] = {}
         self.stats: dict[int, RoundStats] = {}
 
     def summary(self) -> None:
@@ -118,7 +122,12 @@ class CompressedStrategy(Strategy):
                 if isinstance(record, ArrayRecord):
                     continue  # model bytes go on the data plane, never in Flower
                 content[key] = record
-            content[CONTROL_KEY] = self._instruction(server_round, node, target).to_record()
+            instruction = self._instruction(server_round, node, target)
+            if instruction is None:
+                log.info("round %d: edge %s sits this round out (budget)", server_round, node)
+                self._skipped.setdefault(server_round, []).append(str(node))
+                continue
+            content[CONTROL_KEY] = instruction.to_record()
             out.append(
                 Message(content=content, dst_node_id=node, message_type=msg.metadata.message_type)
             )
@@ -140,7 +149,9 @@ class CompressedStrategy(Strategy):
             {k: v.detach().clone() for k, v in arrays.to_torch_state_dict().items()}
         )
         messages = self.inner.configure_evaluate(server_round, arrays, config, grid)
-        return self._strip(server_round, messages, target)
+        out = self._strip(server_round, messages, target)
+        self._skipped.pop(server_round, None)  # skips are reported for training rounds
+        return out
 
     # ---------------------------------------------------------------- aggregate
     def aggregate_train(
@@ -148,7 +159,7 @@ class CompressedStrategy(Strategy):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Decode every edge's update, check and clip it, then aggregate as usual."""
         target, global_state = self._global.pop(server_round)
-        stats = RoundStats(rejected=[])
+        stats = RoundStats(rejected=[], skipped=self._skipped.pop(server_round, []))
         rebuilt: list[Message] = []
         for reply in replies:
             if reply.has_error() or RECEIPT_KEY not in reply.content:

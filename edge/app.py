@@ -83,6 +83,13 @@ def _data(
     )
 
 
+def _client_seed(context: Context) -> int:
+    # The partition id, where there is one, so a rerun of a simulation (whose node ids
+    # are random) trains every client exactly as before.
+    pid = context.node_config.get("partition-id")
+    return int(pid) if isinstance(pid, int) else int(context.node_id % 1000)
+
+
 def train_on_partition(msg: Message, context: Context, settings: RunSettings) -> Message:
     """Train the received model on this node's partition (plain Flower code)."""
     task, model = _setup(msg, settings)
@@ -101,7 +108,7 @@ def train_on_partition(msg: Message, context: Context, settings: RunSettings) ->
         optimizer=Optimizer.SGD,
         l1_lambda=settings.l1_lambda,
         proximal_mu=settings.proximal_mu,
-        seed=settings.seed * 1_000_003 + server_round * 1009 + int(context.node_id % 1000),
+        seed=settings.seed * 1_000_003 + server_round * 1009 + _client_seed(context),
     )
     metrics = MetricRecord(
         {

@@ -35,6 +35,7 @@ from rich.console import Console
 from rich.table import Table
 
 from fedsqueeze.codec import PRESETS, CodecSpec, EncodedModel, decode_state, encode_state
+from fedsqueeze.errors import ConfigError
 from fedsqueeze.recipes import CompressionResult, DeepCompressionConfig, compress_task
 from fedsqueeze.tasks import get_task
 
@@ -104,13 +105,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     """Run the benchmark from parsed flags, print tables, write JSON if asked."""
-    options = CodecBenchOptions(
-        seeds=1 if args.quick else args.seeds,
-        quick=args.quick,
-        skip_minilm=args.skip_minilm,
-        tensor_mb=args.tensor_mb,
-        runs=2 if args.quick else args.runs,
-    )
+    try:
+        options = CodecBenchOptions(
+            seeds=1 if args.quick else args.seeds,
+            quick=args.quick,
+            skip_minilm=args.skip_minilm,
+            tensor_mb=args.tensor_mb,
+            runs=2 if args.quick else args.runs,
+        )
+    except ValueError as exc:
+        raise ConfigError(f"bad flag: {exc}") from exc
     # Tables go to logs and BENCHMARKS.md as often as to terminals: don't wrap them at 80.
     report = run_codec_bench(options, Console(width=None if sys.stdout.isatty() else 120))
     if args.json is not None:
@@ -265,13 +269,11 @@ def _print_spec_table(out: Console, title: str, rows: list[Json]) -> None:
     for col in cols:
         table.add_column(col, justify="right" if col != "spec" else "left")
     for r in rows:
-        cells = [
+        table.add_row(
             r["spec"], f"{r['bytes']:,}", f"{r['ratio']:.1f}×", f"{r['rel_rmse']:.2e}",
             f"{r['encode_s']:.3f}", f"{r['decode_s']:.3f}",
-        ]  # fmt: skip
-        if "accuracy" in r:
-            cells.append(f"{r['accuracy']:.2%}")
-        table.add_row(*cells)
+            *([f"{r['accuracy']:.2%}"] if "accuracy" in r else []),
+        )  # fmt: skip
     out.print(table)
 
 

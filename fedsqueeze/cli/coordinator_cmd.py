@@ -176,6 +176,10 @@ def settings_from_args(args: argparse.Namespace) -> RunSettings:
     settings = RunSettings.from_run_config(config)
     if bool(settings.tls_cert) != bool(settings.tls_key):
         raise ConfigError("--tls-cert and --tls-key go together")
+    if ":" not in settings.task:  # a built-in name; a user task loads where the ServerApp runs
+        from fedsqueeze.tasks import get_task  # deferred: pulls in scikit-learn
+
+        get_task(settings.task)
     if not settings.tls_cert and not is_loopback(settings.data_plane_host):
         raise ConfigError(
             f"the data plane carries model bytes in plaintext only on loopback, not on "
@@ -195,7 +199,9 @@ def main(args: argparse.Namespace) -> int:
         _check_resume(settings)
     link = SuperLinkOptions(args.superlink_host, _port(args.superlink_port), tls)
     address = args.superlink or link.local_address
-    ca = Path(args.flower_ca).resolve() if args.flower_ca else None
+    ca = Path(args.flower_ca).expanduser().resolve() if args.flower_ca else None
+    if ca is not None and not ca.is_file():
+        raise FileNotFoundError(f"no such file: {args.flower_ca}")
     home = flower_dir / "home"
     write_flower_config(home, LinkConnection(address, ca))
     app_dir = write_app(flower_dir / "app", RunSettings().to_run_config())

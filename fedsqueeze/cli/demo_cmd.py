@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from dataclasses import replace
 
 import torch
@@ -44,7 +45,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Register the demo's flags."""
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.add_argument(
-        "--seed", type=int, default=0, help="seed of the model and the training (default 0)"
+        "--seed",
+        type=_count(0),
+        default=0,
+        help="seed of the model and the training (default 0)",
     )
     parser.add_argument(
         "--full",
@@ -53,10 +57,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--threads",
-        type=int,
+        type=_count(1),
         default=1,
         help="torch threads while training (default 1: results depend on it)",
     )
+
+
+def _count(minimum: int) -> Callable[[str], int]:
+    """An argparse type: an integer ``>= minimum`` (a usage error otherwise, no traceback)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
+
+    return parse
 
 
 def main(args: argparse.Namespace) -> int:

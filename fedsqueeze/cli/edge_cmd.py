@@ -89,23 +89,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--work-dir",
         metavar="DIR",
-        help="where Flower unpacks the app (default: a temporary directory, removed on exit)",
+        help="where Flower unpacks the app and the edge keeps its model between rounds "
+        "(default: a temporary directory, removed on exit)",
+    )
+    parser.add_argument(
+        "--cache-dir",
+        metavar="DIR",
+        help="where the edge keeps the model it holds and its error-feedback residual, "
+        "so that a restarted edge downloads only a delta (default: WORK-DIR/cache)",
     )
 
 
 def main(args: argparse.Namespace) -> int:
     """Run the edge until Ctrl-C or until its SuperNode exits; returns the exit status."""
-    port = args.runtime_port or free_port(RUNTIME_HOST)
-    try:
-        options = SuperNodeOptions(
-            superlink=args.superlink,
-            partition_id=args.partition_id,
-            num_partitions=args.num_partitions,
-            runtime_port=port,
-            root_certificates=_existing(args.flower_ca),
-        )
-    except ValueError as exc:
-        raise ConfigError(str(exc).replace("_", "-")) from exc
     extra: dict[str, str] = {}
     data_plane_ca = _existing(args.data_plane_ca)
     if data_plane_ca is not None:
@@ -114,12 +110,26 @@ def main(args: argparse.Namespace) -> int:
         if args.threads < 1:
             raise ConfigError(f"--threads must be >= 1, got {args.threads}")
         extra.update(OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
+    flower_ca = _existing(args.flower_ca)
     with contextlib.ExitStack() as stack:
         if args.work_dir:
             work = Path(args.work_dir).expanduser().resolve()
             work.mkdir(parents=True, exist_ok=True)
         else:
             work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="fsq-edge-")))
+        cache = Path(args.cache_dir).expanduser().resolve() if args.cache_dir else work / "cache"
+        try:
+            options = SuperNodeOptions(
+                superlink=args.superlink,
+                partition_id=args.partition_id,
+                num_partitions=args.num_partitions,
+                runtime_port=args.runtime_port or free_port(RUNTIME_HOST),
+                root_certificates=flower_ca,
+                cache_dir=cache,
+            )
+        except ValueError as exc:
+            raise ConfigError(str(exc).replace("_", "-")) from exc
+        cache.mkdir(parents=True, exist_ok=True)
         env = flower_env(work / "flwr-home", extra)
         stack.enter_context(interrupt_on_signals())
         supervisor = stack.enter_context(Supervisor(adopt_orphans=True))

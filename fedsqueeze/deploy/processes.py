@@ -296,6 +296,22 @@ def wait_for_port(
         time.sleep(_POLL_SECONDS * 2)
 
 
+def check_port_free(host: str, port: int, what: str) -> None:
+    """Raise :class:`ProcessError` if ``host:port`` cannot be bound.
+
+    Call it before starting a server that waits with :func:`wait_for_port`: that would
+    otherwise take another program listening there for the new server.
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        # As servers do: a connection of an earlier server in TIME_WAIT does not count.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            raise ProcessError(f"cannot use {host}:{port} for {what}: {exc.strerror}") from exc
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port that is free on ``host`` right now (bind to port 0, then release)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET

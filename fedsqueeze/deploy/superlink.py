@@ -21,6 +21,7 @@ from fedsqueeze.deploy.processes import (
     Output,
     ProcessSpec,
     Supervisor,
+    check_port_free,
     wait_for_port,
 )
 
@@ -121,8 +122,11 @@ def start_superlink(
     Raises
     ------
     ProcessError
-        If it exits first (a port in use, a bad certificate) or is not up in ``timeout``.
+        If its port is taken, or it exits first (a bad certificate), or it is not up in
+        ``timeout``.
     """
+    bind = {"": "0.0.0.0"}.get(options.host, options.host)
+    check_port_free(bind, options.port, "the SuperLink (is another one running?)")
     process = supervisor.start(superlink_spec(options, env, log_file))
     wait_for_port(options.local_host, options.port, timeout=timeout, process=process)
     log.info("SuperLink listening on %s:%d", options.host, options.port)

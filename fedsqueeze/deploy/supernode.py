@@ -20,9 +20,13 @@ from fedsqueeze.deploy.processes import (
     Output,
     ProcessSpec,
     Supervisor,
+    check_port_free,
     wait_for_port,
 )
 
+#: Node-config key of the directory where an edge keeps its held model and residual
+#: (``CACHE_DIR_KEY`` in edge/mod.py).
+CACHE_DIR_KEY = "fedsqueeze-cache-dir"
 #: Flower 1.42's default Runtime API port of a SuperNode.
 DEFAULT_RUNTIME_PORT = 9094
 RUNTIME_HOST = "127.0.0.1"
@@ -43,6 +47,9 @@ class SuperNodeOptions:
         Local port of the SuperNode's Runtime API (on ``127.0.0.1``).
     root_certificates
         PEM CA certificate of a TLS SuperLink; ``None`` for a plaintext one.
+    cache_dir
+        Where the edge keeps the model it holds and its error-feedback residual between
+        rounds; ``None``: in Flower's per-run context (lost when the SuperNode stops).
     """
 
     superlink: str
@@ -50,6 +57,7 @@ class SuperNodeOptions:
     num_partitions: int
     runtime_port: int = DEFAULT_RUNTIME_PORT
     root_certificates: Path | None = None
+    cache_dir: Path | None = None
 
     def __post_init__(self) -> None:
         if self.num_partitions < 1:
@@ -63,11 +71,16 @@ class SuperNodeOptions:
         host, sep, port = self.superlink.rpartition(":")
         if not sep or not host or not port.isdigit():
             raise ValueError(f"superlink must be HOST:PORT, got {self.superlink!r}")
+        if self.cache_dir is not None and '"' in str(self.cache_dir):
+            raise ValueError(f"cache_dir must not contain '\"': {self.cache_dir}")
 
     @property
     def node_config(self) -> str:
-        """The ``--node-config`` value."""
-        return f"partition-id={self.partition_id} num-partitions={self.num_partitions}"
+        """The ``--node-config`` value (TOML values separated by spaces)."""
+        config = f"partition-id={self.partition_id} num-partitions={self.num_partitions}"
+        if self.cache_dir is not None:
+            config += f' {CACHE_DIR_KEY}="{self.cache_dir}"'
+        return config
 
 
 def supernode_spec(
@@ -114,8 +127,10 @@ def start_supernode(
     Raises
     ------
     ProcessError
-        If it exits first (a port in use, a bad flag) or is not up in ``timeout``.
+        If its port is taken, or it exits first (a bad flag), or it is not up in
+        ``timeout``.
     """
+    check_port_free(RUNTIME_HOST, options.runtime_port, "the SuperNode's Runtime API")
     process = supervisor.start(supernode_spec(options, env, output=output, log_file=log_file))
     wait_for_port(RUNTIME_HOST, options.runtime_port, timeout=timeout, process=process)
     return process

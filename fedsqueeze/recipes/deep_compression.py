@@ -198,6 +198,8 @@ def _run(
         progress(stage, done, total)
 
     t0 = time.perf_counter()
+    # One train() call per epoch so progress moves; SGD's momentum restarts every epoch,
+    # a small departure from one long call, accepted for the progress bar.
     for epoch in range(cfg.dense_epochs):
         task.train(
             model, data.x_train, data.y_train, epochs=1, lr=cfg.lr,

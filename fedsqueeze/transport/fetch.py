@@ -35,7 +35,8 @@ def _allocate(nbytes: int) -> mmap.mmap | bytearray:
     advice = getattr(mmap, "MADV_HUGEPAGE", None)
     if nbytes < _HUGE_PAGE_BYTES or advice is None:
         return bytearray(nbytes)
-    buffer = mmap.mmap(-1, nbytes)
+    # Private, not the default shared mapping: shared memory rarely gets huge pages.
+    buffer = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     with contextlib.suppress(OSError):  # huge pages switched off: ordinary pages then
         buffer.madvise(advice)
     return buffer

@@ -80,7 +80,7 @@ def _read(buf: bytes, copy: bool) -> SegmentData | None:
     if len(outer) != 1:
         return None
     manifest_id, segment_id = "", 0
-    payload: bytes | memoryview = b""
+    payload: bytes | memoryview = b"" if copy else memoryview(b"")
     seen: set[int] = set()
     for number, wire_type, start, end in _fields(buf, *outer[0]):
         if number in seen and number in (1, 2, 3):

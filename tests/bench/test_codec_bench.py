@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from fedsqueeze.bench import codec as codec_bench
+from fedsqueeze.errors import ConfigError
 
 
 @pytest.mark.slow
@@ -63,3 +64,10 @@ def test_options_are_validated() -> None:
         codec_bench.CodecBenchOptions(seeds=0)
     with pytest.raises(ValueError):
         codec_bench.CodecBenchOptions(tensor_mb=0)
+
+
+def test_bad_flags_are_a_config_error() -> None:
+    parser = argparse.ArgumentParser()
+    codec_bench.add_arguments(parser)
+    with pytest.raises(ConfigError):
+        codec_bench.main(parser.parse_args(["--seeds", "0"]))

@@ -17,15 +17,12 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-import fedsqueeze.cli
-
 MARKER_KEY = "FEDSQUEEZE_DEPLOY_TEST"
 
 
 def fedsqueeze_argv() -> list[str]:
-    """``python -m fedsqueeze`` (or the shim while the subcommands are unregistered)."""
-    registered = {"coordinator", "edge"} <= set(fedsqueeze.cli.SUBCOMMANDS)
-    return [sys.executable, "-m", "fedsqueeze" if registered else "tests.deploy.cli_shim"]
+    """``python -m fedsqueeze`` with this Python."""
+    return [sys.executable, "-m", "fedsqueeze"]
 
 
 def marked(marker: str) -> list[tuple[int, str]]:

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import socket
 from pathlib import Path
 
 import pytest
+from flwr.common.config import parse_config_args
 
 from fedsqueeze.cli import coordinator_cmd, edge_cmd
-from fedsqueeze.deploy.processes import Output
+from fedsqueeze.deploy.processes import Output, ProcessError
 from fedsqueeze.deploy.superlink import FlowerTls, SuperLinkOptions, superlink_spec
 from fedsqueeze.deploy.supernode import SuperNodeOptions, supernode_spec
 from fedsqueeze.errors import ConfigError
@@ -72,6 +74,7 @@ def test_dedicated_flags_win_over_set() -> None:
         (["--set", "=3"], "KEY=VALUE"),
         (["--set", "epoch=3"], "unknown run-config key 'epoch'"),
         (["--set", "epochs=many"], "expected int"),
+        (["--task", "digits-rnn"], "unknown task 'digits-rnn'"),
         (["--rounds", "0"], "num-rounds"),
         (["--down-spec", "quant=9"], "bits must be"),
         (["--tls-cert", "a.pem"], "go together"),
@@ -109,6 +112,17 @@ def test_coordinator_user_errors_end_before_anything_starts(
     assert not (tmp_path / "s" / "flower" / "superlink.log").exists()
 
 
+def test_a_taken_superlink_port_is_refused(tmp_path: Path) -> None:
+    with socket.socket() as other:
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        port = str(other.getsockname()[1])
+        args = _coordinator("--state-dir", str(tmp_path), "--superlink-port", port)
+        with pytest.raises(ProcessError, match="another one running"):
+            coordinator_cmd.main(args)
+    assert not (tmp_path / "flower" / "superlink.log").exists()
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
@@ -135,6 +149,17 @@ def test_edge_and_dataplane_agree_on_the_ca_variable() -> None:
     from edge.dataplane import CA_ENV
 
     assert edge_cmd.CA_ENV == CA_ENV
+
+
+def test_the_node_config_is_what_the_edge_app_reads(tmp_path: Path) -> None:
+    from edge.mod import CACHE_DIR_KEY
+
+    cache = tmp_path / "edge cache ü"
+    options = SuperNodeOptions("127.0.0.1:8000", 3, 8, cache_dir=cache)
+    parsed = parse_config_args([options.node_config])  # what flower-supernode does
+    assert parsed == {"partition-id": 3, "num-partitions": 8, CACHE_DIR_KEY: str(cache)}
+    with pytest.raises(ValueError, match="cache_dir"):
+        SuperNodeOptions("127.0.0.1:8000", 0, 1, cache_dir=Path('a"b'))
 
 
 def test_superlink_command(tmp_path: Path) -> None:

@@ -79,6 +79,8 @@ def test_a_coordinator_and_two_edges_run_two_rounds(tmp_path: Path) -> None:
                 "2",
                 "--threads",
                 "1",
+                "--cache-dir",
+                str(tmp_path / f"edge{i}"),
             )
             for i in range(2)
         ]
@@ -102,6 +104,12 @@ def test_a_coordinator_and_two_edges_run_two_rounds(tmp_path: Path) -> None:
         stored = {p.stem for p in (state / "versions").glob("*.fsq")}
         assert record["tracks"]["global"] in stored and record["tracks"]["init"] in stored
         assert len(stored) >= 3
+
+        # Each edge kept the model it holds in its cache directory (the node config's
+        # fedsqueeze-cache-dir reached its ClientApp).
+        for i in range(2):
+            held = json.loads((tmp_path / f"edge{i}" / "edge.json").read_text())["held"]
+            assert held in stored and held in record["edges"].values()
 
         # The coordinator stopped its SuperLink, SuperExec and ServerApp on its way out.
         link_side = ("flower-superlink", "flwr-serverapp", f"runtime-api-address 127.0.0.1:{link}")

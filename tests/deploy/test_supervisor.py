@@ -17,6 +17,7 @@ from fedsqueeze.deploy.processes import (
     ProcessError,
     ProcessSpec,
     Supervisor,
+    check_port_free,
     free_port,
     interrupt_on_signals,
     wait_for_port,
@@ -139,6 +140,16 @@ def test_wait_for_port_fails_fast_when_the_process_exits() -> None:
 def test_wait_for_port_times_out() -> None:
     with pytest.raises(ProcessError, match="not listening"):
         wait_for_port("127.0.0.1", free_port(), timeout=0.3)
+
+
+def test_a_port_in_use_is_refused_before_anything_starts() -> None:
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        port = server.getsockname()[1]
+        with pytest.raises(ProcessError, match=f"cannot use 127.0.0.1:{port} for the test"):
+            check_port_free("127.0.0.1", port, "the test")
+    check_port_free("127.0.0.1", port, "the test")  # released
 
 
 def test_free_port_can_be_bound() -> None:

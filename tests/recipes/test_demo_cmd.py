@@ -24,3 +24,11 @@ def test_demo_help_explains_itself() -> None:
     demo_cmd.add_arguments(parser)
     text = parser.format_help()
     assert "--full" in text and "Deep Compression" in text
+
+
+@pytest.mark.parametrize("argv", [["--threads", "0"], ["--seed", "-1"], ["--seed", "x"]])
+def test_demo_rejects_bad_flags(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser()
+    demo_cmd.add_arguments(parser)
+    with pytest.raises(SystemExit):
+        parser.parse_args(argv)

@@ -1,0 +1,401 @@
+"""Bandwidth budgets: which codec specs each edge gets in a round, or whether it sits out.
+
+A budget is counted in **data-plane wire bytes** (what the transport counts: encoded
+payload, manifests, requests, acknowledgements and gRPC prefixes) per edge and round,
+in each direction. It comes from a fixed per-edge :class:`Budget`, from a
+:class:`RunBudget` for the whole run (the bytes left, shared evenly over the rounds and
+edges still to come), from the edge's link and a round deadline (what the link can move
+in the time left after round trips and compute), or from all of them (the tightest wins).
+
+A :class:`LadderPolicy` tries its download specs in order of expected error (denser and
+more bits first) and takes the first that fits, then does the same for the upload:
+
+* the download's size is **exact**: the policy encodes the global model against the
+  version the edge holds, with the seed the data plane will use, so it knows the payload
+  to the byte before sending anything;
+* the upload's size is a **bound**: the update is not known yet, so the policy encodes a
+  random update of the model's shapes with entropy coding off (zstandard is only kept
+  where it shrinks a record) and adds the worst case of the position coding beyond a
+  random one (two bits per kept value).
+
+``LadderPolicy.fixed`` is a ladder of one: the run's specs, and a skip when they do not
+fit. An edge that cannot fit even the last rung is skipped for the round and reported,
+never dropped silently. Flower's own control messages are not part of these budgets.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import math
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+
+from coordinator.version_store import VersionStore
+from fedsqueeze.codec import CodecSpec, encode_state
+from fedsqueeze.codec.spec_text import parse_spec
+from fedsqueeze.transport.shaping import LinkDirection, LinkProfile
+from fedsqueeze.transport.source import encode_seed
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "ADAPTIVE_DOWN_LADDER",
+    "ADAPTIVE_UP_LADDER",
+    "DOWN_OVERHEAD_BYTES",
+    "UP_OVERHEAD_BYTES",
+    "Budget",
+    "BudgetPolicy",
+    "Choice",
+    "EdgeRequest",
+    "LadderPolicy",
+    "PolicyKind",
+    "RunBudget",
+    "Skip",
+]
+
+#: Download wire bytes besides the payload: manifest, segment framing, the push's ack.
+DOWN_OVERHEAD_BYTES = 640
+#: Upload wire bytes besides the update: manifest and segment requests, push metadata.
+UP_OVERHEAD_BYTES = 640
+#: Extra framing per MiB segment of payload (its descriptor in the manifest).
+PER_SEGMENT_BYTES = 96
+_SEGMENT = 1 << 20
+
+#: What an edge that already holds the target is sent: a delta of zeros (a few bytes per
+#: tensor). Lossless, so no pruning stage runs on an all-zero delta.
+ZERO_DELTA_SPEC = "lossless"
+
+ADAPTIVE_DOWN_LADDER: tuple[str, ...] = (
+    "int8",
+    "quant=4,targets=*,min-ndim=1",
+    "prune=l1:0.7,quant=4,targets=*,min-ndim=1",
+    "prune=l1:0.9,quant=4,targets=*,min-ndim=1",
+    "prune=l1:0.95,quant=4,targets=*,min-ndim=1",
+    "prune=l1:0.97,quant=3,targets=*,min-ndim=1",
+    "prune=l1:0.99,quant=2,targets=*,min-ndim=1",
+)
+"""Download specs of the adaptive policy, least expected error first."""
+
+ADAPTIVE_UP_LADDER: tuple[str, ...] = (
+    "topk=0.3,quant=8,targets=*,min-ndim=1",
+    "topk=0.1,quant=4,targets=*,min-ndim=1",
+    "topk=0.05,quant=4,targets=*,min-ndim=1",
+    "topk=0.03,quant=4,targets=*,min-ndim=1",
+    "topk=0.01,quant=4,targets=*,min-ndim=1",
+    "topk=0.003,quant=2,targets=*,min-ndim=1",
+)
+"""Upload specs of the adaptive policy (top-k with error feedback), least error first."""
+
+
+class PolicyKind(enum.Enum):
+    """How specs are chosen per edge and round."""
+
+    FIXED = "fixed"
+    ADAPTIVE = "adaptive"
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Per edge and round, in data-plane wire bytes; 0 means no limit."""
+
+    down_bytes: int = 0
+    up_bytes: int = 0
+
+    def __post_init__(self) -> None:
+        if self.down_bytes < 0 or self.up_bytes < 0:
+            raise ValueError("budgets must be >= 0 bytes (0: no limit)")
+
+
+@dataclass(frozen=True)
+class RunBudget:
+    """A budget for the whole run, in data-plane wire bytes.
+
+    Parameters
+    ----------
+    total_bytes
+        Down and up together.
+    down_share
+        The part of it reserved for downloads, in ``(0, 1)``.
+    """
+
+    total_bytes: int
+    down_share: float = 0.5
+
+    def __post_init__(self) -> None:
+        if self.total_bytes <= 0:
+            raise ValueError("total_bytes must be > 0")
+        if not 0.0 < self.down_share < 1.0:
+            raise ValueError("down_share must be in (0, 1)")
+
+
+@dataclass(frozen=True)
+class EdgeRequest:
+    """One edge about to be sent its instruction.
+
+    Attributes
+    ----------
+    server_round
+        The round, from 1.
+    node_id
+        The edge's Flower node id.
+    target
+        Hex digest of the global model it is to fetch.
+    held
+        Hex digest of the version it holds (``None``: it holds nothing).
+    """
+
+    server_round: int
+    node_id: int
+    target: str
+    held: str | None
+
+
+@dataclass(frozen=True)
+class Choice:
+    """The specs an edge gets and what they cost.
+
+    Attributes
+    ----------
+    down_spec, up_spec
+        Codec specs, text form.
+    down_payload
+        The download's exact encoded size in bytes.
+    down_bytes
+        Its wire bytes, bounded (payload + overheads).
+    up_bytes
+        A bound on the upload's wire bytes.
+    """
+
+    down_spec: str
+    up_spec: str
+    down_payload: int
+    down_bytes: int
+    up_bytes: int
+
+
+@dataclass(frozen=True)
+class Skip:
+    """An edge that sits this round out, and why."""
+
+    reason: str
+
+
+class BudgetPolicy(Protocol):
+    """Chooses specs per edge and round."""
+
+    def choose(self, request: EdgeRequest) -> Choice | Skip:
+        """The edge's specs, or a skip."""
+        ...
+
+    def observe(self, bytes_down: int, bytes_up: int, *, compute_s: float | None = None) -> None:
+        """Data-plane bytes spent (and, optionally, the slowest compute seen) so far."""
+        ...
+
+
+@dataclass(frozen=True)
+class _Limits:
+    down: float
+    up: float
+    seconds: float
+    link: LinkProfile | None
+
+
+class LadderPolicy:
+    """Tries download and upload specs in order and takes the first that fit.
+
+    Parameters
+    ----------
+    store
+        The version store (the target and held versions are read from it).
+    down_ladder, up_ladder
+        Spec texts, least expected error first.
+    budget
+        Per-edge, per-round budget.
+    run_budget
+        Budget for the whole run (needs ``num_rounds`` and ``clients_per_round``).
+    link_of
+        ``node_id -> LinkProfile`` (or ``None`` when unknown).
+    deadline_s
+        Round deadline in seconds (needs ``link_of``).
+    round_trips, control_bytes
+        Per edge and round: round trips, and Flower control bytes in each direction,
+        both counted against the deadline.
+    """
+
+    def __init__(
+        self,
+        store: VersionStore,
+        down_ladder: Sequence[str],
+        up_ladder: Sequence[str],
+        *,
+        budget: Budget | None = None,
+        run_budget: RunBudget | None = None,
+        num_rounds: int = 1,
+        clients_per_round: int = 1,
+        link_of: Callable[[int], LinkProfile | None] | None = None,
+        deadline_s: float | None = None,
+        round_trips: int = 5,
+        control_bytes: int = 1024,
+    ) -> None:
+        if not down_ladder or not up_ladder:
+            raise ValueError("ladders need at least one spec each")
+        if num_rounds < 1 or clients_per_round < 1:
+            raise ValueError("num_rounds and clients_per_round must be >= 1")
+        if deadline_s is not None and not deadline_s > 0:
+            raise ValueError("deadline_s must be > 0")
+        self.store = store
+        self.down_ladder = tuple((text, parse_spec(text)) for text in down_ladder)
+        self.up_ladder = tuple((text, parse_spec(text)) for text in up_ladder)
+        self.budget = budget or Budget()
+        self.run_budget = run_budget
+        self.num_rounds = num_rounds
+        self.clients_per_round = clients_per_round
+        self.link_of = link_of
+        self.deadline_s = deadline_s
+        self.round_trips = round_trips
+        self.control_bytes = control_bytes
+        self.spent_down = 0
+        self.spent_up = 0
+        self.compute_s = 0.0
+        self._lock = threading.Lock()
+        self._up_bounds: dict[str, int] = {}
+        self._round = 0
+        self._allowance = (math.inf, math.inf)
+
+    @classmethod
+    def fixed(
+        cls, store: VersionStore, down_spec: str, up_spec: str, **kwargs: Any
+    ) -> LadderPolicy:
+        """The run's specs for everyone; edges they do not fit are skipped."""
+        return cls(store, (down_spec,), (up_spec,), **kwargs)
+
+    # ------------------------------------------------------------------ accounting
+    def observe(self, bytes_down: int, bytes_up: int, *, compute_s: float | None = None) -> None:
+        """Add spent data-plane bytes; remember the slowest local compute seen."""
+        with self._lock:
+            self.spent_down += bytes_down
+            self.spent_up += bytes_up
+            if compute_s is not None:
+                self.compute_s = max(self.compute_s, compute_s)
+
+    def _round_allowance(self, server_round: int) -> tuple[float, float]:
+        if self.run_budget is None:
+            return math.inf, math.inf
+        if server_round != self._round:
+            self._round = server_round
+            rb = self.run_budget
+            left = max(1, self.num_rounds - server_round + 1) * self.clients_per_round
+            down = rb.total_bytes * rb.down_share - self.spent_down
+            up = rb.total_bytes * (1.0 - rb.down_share) - self.spent_up
+            self._allowance = (max(0.0, down) / left, max(0.0, up) / left)
+        return self._allowance
+
+    def _limits(self, request: EdgeRequest) -> _Limits:
+        down, up = self._round_allowance(request.server_round)
+        if self.budget.down_bytes:
+            down = min(down, self.budget.down_bytes)
+        if self.budget.up_bytes:
+            up = min(up, self.budget.up_bytes)
+        link = self.link_of(request.node_id) if self.link_of is not None else None
+        seconds = math.inf
+        if link is not None and self.deadline_s is not None:
+            seconds = (
+                self.deadline_s
+                - self.compute_s
+                - self.round_trips * link.rtt_s
+                - link.transfer_s(self.control_bytes, LinkDirection.DOWN)
+                - link.transfer_s(self.control_bytes, LinkDirection.UP)
+            )
+        return _Limits(down, up, seconds, link)
+
+    # ------------------------------------------------------------------ sizes
+    def _down_payload(self, request: EdgeRequest, spec: CodecSpec) -> int:
+        target = self.store.get(request.target)
+        if target is None:
+            raise ValueError(f"target {request.target[:12]} is not in the store")
+        base = self.store.get(request.held) if request.held is not None else None
+        held = request.held if base is not None else None
+        encoded = encode_state(
+            target,
+            spec,
+            base,
+            seed=encode_seed(request.target, held, spec),
+            base_digest=bytes.fromhex(held) if held is not None else None,
+        )
+        return encoded.nbytes
+
+    def _up_bound(self, text: str, spec: CodecSpec, template: dict[str, torch.Tensor]) -> int:
+        with self._lock:
+            cached = self._up_bounds.get(text)
+        if cached is not None:
+            return cached
+        gen = torch.Generator().manual_seed(0)
+        update = {
+            k: torch.randn(v.shape, generator=gen).to(v.dtype) if v.is_floating_point() else v
+            for k, v in template.items()
+        }
+        zeros = {k: torch.zeros_like(v) for k, v in update.items()}
+        plain = spec.with_changes(entropy_level=0)
+        encoded = encode_state(update, plain, zeros, seed=0)
+        kept = sum(
+            math.ceil((spec.topk or 1.0) * v.numel())
+            for k, v in template.items()
+            if spec.is_target(k, v.dim(), v.is_floating_point())
+        )
+        bound = encoded.nbytes + math.ceil(kept / 4) + 8 * len(template) + 16
+        with self._lock:
+            self._up_bounds[text] = bound
+        return bound
+
+    # ------------------------------------------------------------------ choosing
+    def choose(self, request: EdgeRequest) -> Choice | Skip:
+        """The first download and upload specs that fit this edge's limits."""
+        with self._lock:
+            limits = self._limits(request)
+        template = self.store.get(request.target)
+        if template is None:
+            raise ValueError(f"target {request.target[:12]} is not in the store")
+        ups = [
+            (text, self._up_bound(text, spec, template) + UP_OVERHEAD_BYTES)
+            for text, spec in self.up_ladder
+        ]
+        link = limits.link
+        smallest_up = ups[-1][1]
+        up_s = link.transfer_s(smallest_up, LinkDirection.UP) if link else 0.0
+        downs = self.down_ladder
+        if request.held is not None and request.held == request.target:
+            downs = ((ZERO_DELTA_SPEC, parse_spec(ZERO_DELTA_SPEC)),)
+        picked: tuple[str, int, int, float] | None = None
+        tried = 0
+        for text, spec in downs:
+            payload = self._down_payload(request, spec)
+            wire = payload + DOWN_OVERHEAD_BYTES + PER_SEGMENT_BYTES * (payload // _SEGMENT)
+            tried = wire
+            down_s = link.transfer_s(wire, LinkDirection.DOWN) if link else 0.0
+            if wire <= limits.down and down_s + up_s <= limits.seconds:
+                picked = (text, payload, wire, down_s)
+                break
+        if picked is None:
+            return Skip(
+                f"smallest download ({tried} B, then >= {smallest_up} B up) does not fit "
+                f"{_fmt(limits.down)} B down / {_fmt(limits.up)} B up / "
+                f"{_fmt(limits.seconds)} s of link time"
+            )
+        down_text, payload, down_wire, down_s = picked
+        for text, up_wire in ups:
+            up_s = link.transfer_s(up_wire, LinkDirection.UP) if link else 0.0
+            if up_wire <= limits.up and down_s + up_s <= limits.seconds:
+                return Choice(down_text, text, payload, down_wire, up_wire)
+        return Skip(
+            f"smallest upload bound ({smallest_up} B) does not fit {_fmt(limits.up)} B up "
+            f"/ {_fmt(limits.seconds - down_s)} s of link time"
+        )
+
+
+def _fmt(value: float) -> str:
+    return "unlimited" if math.isinf(value) else f"{value:.0f}" if value >= 10 else f"{value:.2f}"

@@ -1,0 +1,133 @@
+"""The strategies a sweep can compare ("arms"), and the ones the default sweep runs.
+
+=================  ==========================================================================
+arm                what travels
+=================  ==========================================================================
+``fedavg-fp32``    plain Flower FedAvg: fp32 weights in Flower's own messages, no fedsqueeze
+                   code in the loop (the reference every ratio is measured against)
+``fp16``           fedsqueeze data plane, models and updates as fp16 deltas
+``int8``           fedsqueeze data plane, models and updates as 8-bit deltas
+``topk-ef``        fedsqueeze data plane, exact fp32 model deltas down; updates top-k 10%
+                   with error feedback, fp32 values (the classic uplink-only compression)
+``adaptive``       fedsqueeze with the adaptive budget policy: per client and round, the
+                   least-error download (sparse, low-bit delta against what the client holds)
+                   and upload (top-k with error feedback, low-bit) that fit a total budget of
+                   1/60 of what fp32 FedAvg moves in the run
+=================  ==========================================================================
+
+Every fedsqueeze arm rebuilds the initial model on the client from the shared seed, and
+asks for deltas against the version it holds.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from coordinator.budget import ADAPTIVE_DOWN_LADDER, ADAPTIVE_UP_LADDER, PolicyKind
+from fedsqueeze.codec.spec_text import parse_spec
+from fedsqueeze.errors import ConfigError
+
+__all__ = ["ARM_PRESETS", "DEFAULT_ARMS", "ArmConfig", "ArmKind"]
+
+
+class ArmKind(enum.Enum):
+    """Whether an arm is plain Flower or runs through fedsqueeze."""
+
+    FLOWER = "flower"
+    FEDSQUEEZE = "fedsqueeze"
+
+
+@dataclass(frozen=True)
+class ArmConfig:
+    """One strategy of a sweep.
+
+    Attributes
+    ----------
+    name
+        Its name in tables, files and ``--set arm.NAME.key=value`` flags.
+    kind
+        Plain Flower or fedsqueeze.
+    down_spec, up_spec
+        Codec specs (text form) of the fixed policy.
+    policy
+        Fixed specs, or adaptive ladders.
+    down_ladder, up_ladder
+        The adaptive policy's specs, least expected error first.
+    down_budget, up_budget
+        Per client and round, data-plane wire bytes (0: no limit).
+    total_budget
+        For the whole run, data-plane wire bytes (0: none).
+    budget_fraction
+        For the whole run, as a fraction of what fp32 FedAvg would move with the same
+        sampling (model bytes × 2 × clients per round × rounds); 0: none.
+    down_share
+        The part of a run budget reserved for downloads.
+    """
+
+    name: str
+    kind: ArmKind = ArmKind.FEDSQUEEZE
+    down_spec: str = "int8"
+    up_spec: str = "topk10-int4"
+    policy: PolicyKind = PolicyKind.FIXED
+    down_ladder: tuple[str, ...] = ADAPTIVE_DOWN_LADDER
+    up_ladder: tuple[str, ...] = ADAPTIVE_UP_LADDER
+    down_budget: int = 0
+    up_budget: int = 0
+    total_budget: int = 0
+    budget_fraction: float = 0.0
+    down_share: float = 0.5
+    description: str = field(default="", compare=False)
+
+    def __post_init__(self) -> None:
+        if not self.name or any(c in self.name for c in " ,./\\") or self.name != self.name.lower():
+            raise ConfigError(f"arm name {self.name!r}: lower case, no spaces, commas or slashes")
+        for text in (self.down_spec, self.up_spec, *self.down_ladder, *self.up_ladder):
+            parse_spec(text)
+        if not self.down_ladder or not self.up_ladder:
+            raise ConfigError(f"arm {self.name}: ladders need at least one spec")
+        if min(self.down_budget, self.up_budget, self.total_budget) < 0:
+            raise ConfigError(f"arm {self.name}: budgets must be >= 0")
+        if not 0.0 <= self.budget_fraction < 1.0:
+            raise ConfigError(f"arm {self.name}: budget-fraction must be in [0, 1)")
+        if not 0.0 < self.down_share < 1.0:
+            raise ConfigError(f"arm {self.name}: down-share must be in (0, 1)")
+        if self.total_budget and self.budget_fraction:
+            raise ConfigError(f"arm {self.name}: give total-budget or budget-fraction, not both")
+
+    @property
+    def budgeted(self) -> bool:
+        """Whether a budget policy decides this arm's specs."""
+        return self.kind is ArmKind.FEDSQUEEZE and (
+            self.policy is PolicyKind.ADAPTIVE
+            or bool(self.down_budget or self.up_budget or self.total_budget)
+            or self.budget_fraction > 0
+        )
+
+
+ARM_PRESETS: Mapping[str, ArmConfig] = {
+    "fedavg-fp32": ArmConfig(
+        "fedavg-fp32",
+        kind=ArmKind.FLOWER,
+        description="plain Flower FedAvg, fp32 weights in Flower messages",
+    ),
+    "fp16": ArmConfig("fp16", down_spec="fp16", up_spec="fp16", description="fp16 deltas"),
+    "int8": ArmConfig("int8", down_spec="int8", up_spec="int8", description="8-bit deltas"),
+    "topk-ef": ArmConfig(
+        "topk-ef",
+        down_spec="lossless",
+        up_spec="topk=0.1,targets=*,min-ndim=1",
+        description="fp32 deltas down, top-k 10% + error feedback up",
+    ),
+    "adaptive": ArmConfig(
+        "adaptive",
+        policy=PolicyKind.ADAPTIVE,
+        budget_fraction=1 / 60,
+        description="adaptive specs within 1/60 of fp32 FedAvg's bytes",
+    ),
+}
+"""Named arms a config can list without defining them."""
+
+DEFAULT_ARMS: tuple[str, ...] = ("fedavg-fp32", "fp16", "int8", "topk-ef", "adaptive")
+"""The default sweep's arms."""

@@ -1,0 +1,102 @@
+"""The simulated clients: the edge ClientApp's code, for every arm of a sweep.
+
+A sweep runs its arms one after the other in one simulation (Ray starts once). Each
+training message says which arm it belongs to (:data:`~simulations.grid.ARM_KEY`):
+
+* a fedsqueeze arm's message carries an instruction: it goes through the edge's
+  fedsqueeze mod (:func:`edge.mod.make_mod`) in front of the edge's plain training code
+  (:func:`edge.app.train_on_partition`), with the held model and residual kept in the
+  node's ``Context.state`` under the arm's name;
+* a plain Flower arm's message carries the model: it goes straight to the training code,
+  no fedsqueeze code at all.
+
+Clients also answer one ``query``: their partition id, so that the coordinator can sample
+and give links by partition.
+"""
+
+from __future__ import annotations
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from edge.app import train_on_partition
+from edge.cache import EdgeMemory
+from edge.mod import make_mod
+from fedsqueeze.control import CONTROL_KEY
+from fedsqueeze.runconfig import RunSettings
+from simulations.grid import ARM_KEY
+
+__all__ = ["ArmCache", "make_sim_client_app"]
+
+_PREFIX = "fedsqueeze-sim/"
+
+
+class ArmCache:
+    """An :class:`edge.cache.EdgeCache` in ``Context.state``, one namespace per arm.
+
+    Arms run one after the other, so loading one arm's memory drops the others'.
+    """
+
+    def __init__(self, state: RecordDict, arm: str) -> None:
+        self._state = state
+        self._ns = f"{_PREFIX}{arm}/"
+        for key in [k for k in state if k.startswith(_PREFIX) and not k.startswith(self._ns)]:
+            del state[key]
+
+    def load(self) -> EdgeMemory:
+        """The arm's held model and residual (empty on first contact)."""
+        meta = self._state.config_records.get(self._ns + "meta")
+        held = self._state.array_records.get(self._ns + "held")
+        residual = self._state.array_records.get(self._ns + "residual")
+        digest = str(meta["held"]) if meta is not None and "held" in meta else None
+        return EdgeMemory(
+            held_digest=digest if held is not None else None,
+            held=held.to_torch_state_dict() if held is not None else None,
+            residual=residual.to_torch_state_dict() if residual is not None else None,
+        )
+
+    def save(self, memory: EdgeMemory) -> None:
+        """Keep the held model (with its digest) and the residual."""
+        if memory.held is not None and memory.held_digest is not None:
+            self._state[self._ns + "held"] = ArrayRecord(memory.held)
+            self._state[self._ns + "meta"] = ConfigRecord({"held": memory.held_digest})
+        if memory.residual is not None:
+            self._state[self._ns + "residual"] = ArrayRecord(memory.residual)
+
+
+def make_sim_client_app(settings: RunSettings, threads: int = 1) -> ClientApp:
+    """The ClientApp of every simulated client.
+
+    Parameters
+    ----------
+    settings
+        Task, partitioning, seed and local training (shared by all arms; the codec specs
+        come from each round's instruction).
+    threads
+        torch threads per client (results depend on it).
+    """
+    app = ClientApp()
+
+    def train_fn(msg: Message, context: Context) -> Message:
+        return train_on_partition(msg, context, settings)
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        torch.set_num_threads(threads)
+        tag = msg.content.config_records.get(ARM_KEY)
+        arm = str(tag["arm"]) if tag is not None and "arm" in tag else "default"
+        msg.content = RecordDict({k: v for k, v in msg.content.items() if k != ARM_KEY})
+        if CONTROL_KEY not in msg.content.config_records:
+            return train_fn(msg, context)  # plain Flower: no fedsqueeze code runs
+        mod = make_mod(cache=lambda ctx: ArmCache(ctx.state, arm))
+        return mod(msg, context, train_fn)
+
+    @app.query()
+    def query(msg: Message, context: Context) -> Message:
+        pid = context.node_config.get("partition-id")
+        if not isinstance(pid, int):
+            raise ValueError("this node has no partition id (not a simulation?)")
+        return Message(RecordDict({"metrics": MetricRecord({"partition-id": pid})}), reply_to=msg)
+
+    return app
