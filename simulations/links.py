@@ -42,6 +42,16 @@ LINK_PROFILES: Mapping[str, LinkProfile] = {
 """The built-in profiles by name (see the module docstring for what they stand for)."""
 
 
+def link_profile(name: str) -> LinkProfile:
+    """The built-in profile ``name``; :class:`ConfigError` lists the known ones."""
+    try:
+        return LINK_PROFILES[name]
+    except KeyError:
+        raise ConfigError(
+            f"unknown link profile {name!r}; profiles: {', '.join(LINK_PROFILES)}"
+        ) from None
+
+
 @dataclass(frozen=True)
 class LinkMix:
     """Shares of clients per named profile.
@@ -86,16 +96,6 @@ MIXES: Mapping[str, LinkMix] = {
     **{name: LinkMix(((name, 1.0),)) for name in LINK_PROFILES},
 }
 """Named mixes: ``mixed`` (the default sweep's), ``mobile``, and every profile alone."""
-
-
-def link_profile(name: str) -> LinkProfile:
-    """The built-in profile ``name``; :class:`ConfigError` lists the known ones."""
-    try:
-        return LINK_PROFILES[name]
-    except KeyError:
-        raise ConfigError(
-            f"unknown link profile {name!r}; profiles: {', '.join(LINK_PROFILES)}"
-        ) from None
 
 
 def parse_mix(text: str) -> LinkMix:

@@ -14,9 +14,9 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only, no display
 
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
-from simulations.results import RoundRecord  # noqa: E402
+from simulations.results import RoundRecord
 
 __all__ = ["ACCURACY_VS_MB", "ACCURACY_VS_TIME", "write_plots"]
 

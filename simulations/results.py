@@ -150,9 +150,9 @@ def summarize(
                 rounds_to_target=reached.round if reached else None,
                 bytes_to_target=reached.cumulative_bytes if reached else None,
                 time_to_target_s=reached.sim_time_s if reached else None,
-                ratio_bytes_to_target=_ratio(base and base.cumulative_bytes, reached and reached.cumulative_bytes),
+                ratio_bytes_to_target=_ratio(_bytes(base), _bytes(reached)),
                 ratio_total_bytes=_ratio(base_total, total),
-                ratio_time_to_target=_ratio(base and base.sim_time_s, reached and reached.sim_time_s),
+                ratio_time_to_target=_ratio(_time(base), _time(reached)),
                 clients_dropped=sum(r.clients_dropped for r in arm_rows),
                 clients_skipped=sum(r.clients_skipped for r in arm_rows),
             )
@@ -165,6 +165,14 @@ def _reach(rows: Sequence[RoundRecord], target: float | None) -> RoundRecord | N
         return None
     # Round 0 is the untrained model: reaching the target there would mean nothing.
     return next((r for r in rows if r.round > 0 and r.accuracy >= target - 1e-12), None)
+
+
+def _bytes(row: RoundRecord | None) -> float | None:
+    return float(row.cumulative_bytes) if row is not None else None
+
+
+def _time(row: RoundRecord | None) -> float | None:
+    return row.sim_time_s if row is not None else None
 
 
 def _total(rows: Sequence[RoundRecord]) -> int:

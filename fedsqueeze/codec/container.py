@@ -137,6 +137,10 @@ class TensorRecord:
 
     def to_bytes(self) -> bytes:
         """The record's bytes in the container."""
+        return self.header_bytes() + self.body
+
+    def header_bytes(self) -> bytes:
+        """The record's bytes before its body (the body follows unchanged)."""
         out = bytearray()
         flags = RecordFlags(0)
         if self.index is None:
@@ -185,7 +189,6 @@ class TensorRecord:
         if self.raw_length is not None:
             write_varint(out, self.raw_length)
         write_varint(out, len(self.body))
-        out += self.body
         return bytes(out)
 
 

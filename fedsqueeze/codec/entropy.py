@@ -13,6 +13,9 @@ from fedsqueeze.errors import FormatError
 
 _FORMAT = zstandard.FORMAT_ZSTD1_MAGICLESS
 _decompressor = zstandard.ZstdDecompressor(format=_FORMAT)
+_SAMPLE_ABOVE = 4 << 20  # payloads larger than this are sampled first
+_SAMPLE_BYTES = 256 << 10
+_MIN_GAIN = 0.03
 
 
 def compress(data: bytes | memoryview, level: int) -> bytes | None:
@@ -27,6 +30,8 @@ def compress(data: bytes | memoryview, level: int) -> bytes | None:
     """
     if level <= 0 or len(data) < 16:
         return None
+    if len(data) > _SAMPLE_ABOVE and not _worth_it(data, level):
+        return None
     compressor = zstandard.ZstdCompressor(
         level=level,
         write_checksum=False,
@@ -34,10 +39,21 @@ def compress(data: bytes | memoryview, level: int) -> bytes | None:
         write_dict_id=False,
         threads=-1 if len(data) >= (8 << 20) else 0,
     )
-    compressor_params = compressor.compress(data)
-    # ZstdCompressor has no format= on older releases: strip the 4-byte magic by hand.
-    packed = compressor_params[4:]
+    framed = compressor.compress(data)
+    # The frame's 4-byte magic number is implied by the magicless decoder: drop it.
+    packed = framed[4:]
     return packed if len(packed) < len(data) else None
+
+
+def _worth_it(data: bytes | memoryview, level: int) -> bool:
+    """Whether a sample from the middle shrinks by at least :data:`_MIN_GAIN`.
+
+    Spares the full compression of large payloads that barely compress (raw fp32).
+    """
+    mid = len(data) // 2
+    sample = bytes(memoryview(data)[mid : mid + _SAMPLE_BYTES])
+    size = len(zstandard.ZstdCompressor(level=level).compress(sample))
+    return size < (1.0 - _MIN_GAIN) * len(sample)
 
 
 def decompress(data: bytes | memoryview, size: int) -> bytes:

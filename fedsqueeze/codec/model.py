@@ -10,6 +10,7 @@ copied to the host as bytes.
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -63,16 +64,26 @@ class EncodedModel:
         """The model-level header."""
         return ContainerHeader(FORMAT_VERSION, self.base_digest, self.spec, len(self.records))
 
+    def _parts(self) -> list[bytes]:
+        parts = [self.header.to_bytes()]
+        for record in self.records:
+            parts.append(record.header_bytes())
+            parts.append(record.body)
+        return parts
+
     def to_bytes(self) -> bytes:
         """The complete encoded model, checksummed."""
-        parts = [self.header.to_bytes(), *(r.to_bytes() for r in self.records)]
-        body = b"".join(parts)
-        return body + crc32(body).to_bytes(4, "little")
+        parts = self._parts()
+        crc = 0
+        for part in parts:  # incremental: the payloads are copied once, by the join
+            crc = zlib.crc32(part, crc)
+        parts.append((crc & 0xFFFFFFFF).to_bytes(4, "little"))
+        return b"".join(parts)
 
     @property
     def nbytes(self) -> int:
-        """Length of :meth:`to_bytes`."""
-        return len(self.to_bytes())
+        """Length of :meth:`to_bytes` (computed without serializing the payloads)."""
+        return sum(len(p) for p in self._parts()) + 4
 
     @classmethod
     def from_bytes(cls, data: bytes, limits: DecodeLimits | None = None) -> EncodedModel:

@@ -214,6 +214,7 @@ class TensorEncoder:
         num_channels = t.shape[0] if t.ndim else 1
         quant: QuantHeader | None = None
         value_kind = ValueKind.RAW
+        decoded = values
         if spec.quant is not None:
             q = spec.quant
             if q.granularity is Granularity.PER_CHANNEL:
@@ -222,12 +223,14 @@ class TensorEncoder:
                 channels_of = torch.div(source, stride, rounding_mode="floor")
             qp = choose_qparams(values, q.bits, q.scheme, q.granularity, channels_of, num_channels)
             codes = quantize(values, qp, q.rounding, channels_of, self._generator(t.device))
-            decoded = dequantize(codes, qp, channels_of)
+            if spec.topk is not None:  # only error feedback needs what the receiver gets
+                decoded = dequantize(codes, qp, channels_of)
             payload = bytes(tensor_bytes(pack_bits(codes, q.bits)))
             quant = QuantHeader(q.bits, q.scheme, q.granularity, qparams_to_bytes(qp))
         else:
             stored = values.to(_CAST_DTYPES[spec.float_format])
-            decoded = stored.to(torch.float32)
+            if spec.topk is not None:
+                decoded = stored.to(torch.float32)
             payload = bytes(tensor_bytes(stored))
             value_kind = FLOAT_KINDS[spec.float_format]
         positions: PositionsHeader | None = None
@@ -242,7 +245,7 @@ class TensorEncoder:
             name,
             t,
             delta=delta,
-            body=pos_payload + payload,
+            body=pos_payload + payload if pos_payload else payload,
             value_kind=value_kind,
             quant=quant,
             positions=positions,
