@@ -100,6 +100,7 @@ class Coordinator:
             store,
             host=settings.data_plane_host,
             port=settings.data_plane_port,
+            advertise=settings.data_plane_advertise,
             tls_cert=Path(settings.tls_cert) if settings.tls_cert else None,
             tls_key=Path(settings.tls_key) if settings.tls_key else None,
         )
@@ -220,12 +221,30 @@ def _budgeted(
     )
 
 
+def _show_our_logs() -> None:
+    """Flower's app processes configure only Flower's logger: give ours a handler too.
+
+    Without it, the one INFO line per round (accuracy, bytes, ratio) never reaches a
+    deployed run's log.
+    """
+    if logging.getLogger().handlers:
+        return
+    for name in ("coordinator", "fedsqueeze", "edge"):
+        logger = logging.getLogger(name)
+        if not logger.handlers:
+            handler = logging.StreamHandler()
+            handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+            logger.addHandler(handler)
+            logger.setLevel(logging.INFO)
+
+
 def make_server_app(settings: RunSettings | None = None) -> ServerApp:
     """The coordinator ServerApp (``settings=None``: read from the run config)."""
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
+        _show_our_logs()
         run(grid, settings or RunSettings.from_run_config(context.run_config))
 
     return app

@@ -40,7 +40,10 @@ class CoordinatorDataPlane:
     store
         Versions to serve.
     host, port
-        Where to listen (port 0: any free port); ``host`` is also what edges dial.
+        Where to listen (port 0: any free port).
+    advertise
+        The ``host`` (or ``host:port``) edges dial, when it differs from where the server
+        listens (listening on ``0.0.0.0``, behind NAT or a port forward). Default: ``host``.
     tls_cert, tls_key
         PEM files for TLS; without them the server is plaintext, which is allowed on
         loopback only.
@@ -52,6 +55,7 @@ class CoordinatorDataPlane:
         *,
         host: str = "127.0.0.1",
         port: int = 0,
+        advertise: str = "",
         tls_cert: Path | None = None,
         tls_key: Path | None = None,
     ) -> None:
@@ -68,7 +72,9 @@ class CoordinatorDataPlane:
             plaintext=tls is None,
         )
         self.server.start()
-        self.address = f"{host}:{self.server.port}"
+        if not advertise:
+            advertise = host
+        self.address = advertise if ":" in advertise else f"{advertise}:{self.server.port}"
         log.info("data plane listening on %s (%s)", self.address, "TLS" if tls else "plaintext")
 
     def pull(self, update_id: str) -> PulledUpdate | None:

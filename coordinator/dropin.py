@@ -39,6 +39,7 @@ def compressed(
     state_dir: str | Path | None = None,
     host: str = "127.0.0.1",
     port: int = 0,
+    advertise: str = "",
     tls_cert: Path | None = None,
     tls_key: Path | None = None,
     clip_norm: float | None = None,
@@ -53,8 +54,8 @@ def compressed(
         Codec specs (text form) for models sent down and updates sent up.
     state_dir
         Where versions are kept (a temporary directory by default).
-    host, port
-        Where the data plane listens (and what edges dial).
+    host, port, advertise
+        Where the data plane listens, and the address edges dial if different.
     tls_cert, tls_key
         PEM files; without them the data plane is plaintext, on loopback only.
     clip_norm
@@ -65,7 +66,7 @@ def compressed(
     with tempfile.TemporaryDirectory(prefix="fedsqueeze-") as tmp:
         store = VersionStore(Path(state_dir) if state_dir is not None else Path(tmp))
         plane = CoordinatorDataPlane(
-            store, host=host, port=port, tls_cert=tls_cert, tls_key=tls_key
+            store, host=host, port=port, advertise=advertise, tls_cert=tls_cert, tls_key=tls_key
         )
         try:
             template = InstructionTemplate(down_spec=down_spec, up_spec=up_spec)

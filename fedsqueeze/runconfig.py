@@ -71,6 +71,7 @@ class RunSettings:
     tls_key: str = ""
     data_plane_host: str = "127.0.0.1"
     data_plane_port: int = 0
+    data_plane_advertise: str = ""
     round_timeout: float = 600.0
 
     def __post_init__(self) -> None:

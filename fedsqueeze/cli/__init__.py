@@ -31,8 +31,13 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
 EXIT_USER_ERROR = 2
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The top-level parser with every subcommand registered."""
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The top-level parser.
+
+    Only ``command``'s module is imported and asked for its arguments: the others are
+    listed by name and help line, so ``fedsqueeze edge`` does not pay for importing
+    torch-heavy modules it never uses.
+    """
     parser = argparse.ArgumentParser(
         prog="fedsqueeze",
         description=(
@@ -47,17 +52,27 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module_name, help_text) in SUBCOMMANDS.items():
+        if name != command:
+            sub.add_parser(name, help=help_text)
+            continue
         module = importlib.import_module(module_name)
         p = sub.add_parser(name, help=help_text, description=module.__doc__)
+        p.formatter_class = argparse.RawDescriptionHelpFormatter
         module.add_arguments(p)
         p.set_defaults(_handler=module.main)
     return parser
 
 
+def _command_of(argv: Sequence[str]) -> str | None:
+    """The subcommand named in ``argv`` (the first word that is one)."""
+    return next((a for a in argv if a in SUBCOMMANDS), None)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(_command_of(args_list))
+    args = parser.parse_args(args_list)
     logging.basicConfig(
         level=[logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)],
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import struct
-from typing import Any
 from collections.abc import Mapping
+from typing import Any
 
 import torch
 

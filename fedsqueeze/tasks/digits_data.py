@@ -9,8 +9,6 @@ import functools
 
 import numpy as np
 import torch
-from sklearn.datasets import load_digits
-from sklearn.model_selection import train_test_split
 
 from fedsqueeze.tasks.base import TaskData
 
@@ -37,6 +35,11 @@ def load_digits_data() -> TaskData:
         pixel values scaled to ``[0, 1]``; ``y_train`` ``int64 [1437]`` and ``y_test``
         ``int64 [360]`` in ``[0, 10)``; ``num_classes`` 10.
     """
+    # Imported here: scikit-learn costs seconds to import, and most processes that
+    # import the tasks (every Flower ClientApp process) never load the data.
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
     bunch = load_digits()
     images = np.asarray(bunch.data, dtype=np.float32).reshape(-1, 1, 8, 8) / _MAX_PIXEL
     labels = np.asarray(bunch.target, dtype=np.int64)
