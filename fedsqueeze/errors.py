@@ -15,7 +15,7 @@ Everything that comes from data, peers or configuration is a ``FedsqueezeError``
         ├── NotFoundError           unknown model, manifest or update (NOT_FOUND)
         ├── AuthError               missing or wrong credentials (UNAUTHENTICATED)
         ├── PermissionDeniedError   valid credentials, wrong edge (PERMISSION_DENIED)
-        ├── PreconditionError       the request does not fit the server's state (FAILED_PRECONDITION)
+        ├── PreconditionError       request does not fit the server state (FAILED_PRECONDITION)
         ├── ResourceExhaustedError  too large, or over a budget (RESOURCE_EXHAUSTED)
         ├── InvalidRequestError     a malformed request (INVALID_ARGUMENT)
         └── UnavailableError        the peer could not be reached after retries (UNAVAILABLE)

@@ -49,6 +49,8 @@ class ClientTraffic:
     compute_s
         Measured local work, in seconds (training, and for fedsqueeze clients also
         decoding and encoding).
+    data_down, data_up
+        The data plane's part of ``bytes_down`` and ``bytes_up``.
     """
 
     partition: int
@@ -56,6 +58,8 @@ class ClientTraffic:
     bytes_up: int
     round_trips: int
     compute_s: float
+    data_down: int = 0
+    data_up: int = 0
 
     def __post_init__(self) -> None:
         if min(self.bytes_down, self.bytes_up, self.round_trips) < 0 or self.compute_s < 0:

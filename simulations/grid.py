@@ -36,7 +36,7 @@ from flwr.common.serde import message_to_proto
 from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 
-from fedsqueeze.control import RECEIPT_KEY
+from fedsqueeze.control import CONTROL_KEY, RECEIPT_KEY
 from fedsqueeze.errors import FedsqueezeError
 from fedsqueeze.transport.accounting import GRPC_PREFIX_BYTES
 from fedsqueeze.transport.shaping import LinkProfile
@@ -78,6 +78,10 @@ class RoundTraffic:
         Wire bytes of Flower messages and of the data plane, all clients together.
     time
         The round on the simulated clock.
+    per_client
+        Each replying client's traffic, by partition id.
+    specs
+        The (download, upload) codec specs each fedsqueeze client was told to use.
     """
 
     server_round: int
@@ -91,6 +95,7 @@ class RoundTraffic:
     data_up: int
     time: RoundTime
     per_client: Mapping[int, ClientTraffic] = field(default_factory=dict)
+    specs: Mapping[int, tuple[str, str]] = field(default_factory=dict)
 
     @property
     def bytes_down(self) -> int:
@@ -249,16 +254,25 @@ class SimGrid(Grid):
             self.seed, self._round, self.num_clients, self.clients_per_round
         )
         sent: dict[int, int] = {}
+        specs: dict[int, tuple[str, str]] = {}
         for msg in out:
-            sent[self.partition_of[msg.metadata.dst_node_id]] = message_wire_bytes(msg)
+            pid = self.partition_of[msg.metadata.dst_node_id]
+            sent[pid] = message_wire_bytes(msg)
+            control = msg.content.config_records.get(CONTROL_KEY)
+            if control is not None:
+                specs[pid] = (str(control.get("down_spec", "")), str(control.get("up_spec", "")))
             msg.content[ARM_KEY] = ConfigRecord({"arm": self._arm})
         wait = min(timeout or self.round_timeout_s, self.round_timeout_s)
         replies = self._exchange(out, wait, f"{self._arm} round {self._round}")
         replies.sort(key=lambda r: self.partition_of[r.metadata.src_node_id])
-        return self._account(sampled, sent, replies)
+        return self._account(sampled, sent, replies, specs)
 
     def _account(
-        self, sampled: tuple[int, ...], sent: dict[int, int], replies: list[Message]
+        self,
+        sampled: tuple[int, ...],
+        sent: dict[int, int],
+        replies: list[Message],
+        specs: dict[int, tuple[str, str]],
     ) -> list[Message]:
         traffic: dict[int, ClientTraffic] = {}
         failed: list[int] = []
@@ -281,6 +295,8 @@ class SimGrid(Grid):
                 bytes_up=message_wire_bytes(reply) + up,
                 round_trips=CONTROL_ROUND_TRIPS + (DATA_PLANE_ROUND_TRIPS if fedsqueeze else 0),
                 compute_s=compute if self.compute_s is None else self.compute_s,
+                data_down=down,
+                data_up=up,
             )
         clock = round_time([(self.links[p], t) for p, t in traffic.items()], self.deadline_s)
         kept = []
@@ -301,6 +317,7 @@ class SimGrid(Grid):
             data_up=data_up,
             time=clock,
             per_client=traffic,
+            specs=specs,
         )
         if clock.dropped:
             log.info("%s round %d: dropped stragglers %s", self._arm, self._round, clock.dropped)

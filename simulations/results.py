@@ -197,6 +197,51 @@ def write_csv(path: Path, rows: Sequence[RoundRecord]) -> None:
             )
 
 
+CLIENT_COLUMNS = (
+    "arm",
+    "round",
+    "partition",
+    "link",
+    "bytes_down",
+    "bytes_up",
+    "data_bytes_down",
+    "data_bytes_up",
+    "compute_s",
+    "time_s",
+    "dropped",
+    "down_spec",
+    "up_spec",
+)
+
+
+def write_clients_csv(path: Path, runs: Sequence[ArmRun], links: Sequence[str]) -> None:
+    """``clients.csv``: one row per arm, round and replying client."""
+    with path.open("w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(CLIENT_COLUMNS)
+        for run in runs:
+            for r, traffic in sorted(run.traffic.items()):
+                for pid, t in sorted(traffic.per_client.items()):
+                    down_spec, up_spec = traffic.specs.get(pid, ("", ""))
+                    writer.writerow(
+                        [
+                            run.arm.name,
+                            r,
+                            pid,
+                            links[pid],
+                            t.bytes_down,
+                            t.bytes_up,
+                            t.data_down,
+                            t.data_up,
+                            f"{t.compute_s:.4f}",
+                            f"{traffic.time.client_seconds.get(pid, 0.0):.4f}",
+                            int(pid in traffic.dropped),
+                            down_spec,
+                            up_spec,
+                        ]
+                    )
+
+
 def write_summary(out: Path, summary: SweepSummary) -> None:
     """``summary.json`` and ``summary.md``."""
     (out / "summary.json").write_text(json.dumps(asdict(summary), indent=2) + "\n")

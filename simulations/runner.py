@@ -31,7 +31,14 @@ from simulations.grid import SimulationError
 from simulations.links import assign_links, link_profile
 from simulations.memory import PeakMemory
 from simulations.plots import write_plots
-from simulations.results import RoundRecord, SweepSummary, round_records, summarize, write_all
+from simulations.results import (
+    RoundRecord,
+    SweepSummary,
+    round_records,
+    summarize,
+    write_all,
+    write_clients_csv,
+)
 from simulations.server import ProgressFn, SweepServer
 
 log = logging.getLogger(__name__)
@@ -101,8 +108,8 @@ def run_sweep(
 
     out = out_dir or config.out_dir()
     out.mkdir(parents=True, exist_ok=True)
-    mix = config.link_mix()
-    links = tuple(link_profile(n) for n in assign_links(mix, config.num_clients, config.seed))
+    link_names = assign_links(config.link_mix(), config.num_clients, config.seed)
+    links = tuple(link_profile(n) for n in link_names)
     abort = threading.Event()
     server = SweepServer(config, out / "state", links, abort, progress)
     server_app = ServerApp()
@@ -152,6 +159,7 @@ def run_sweep(
         descriptions={a.name: a.description for a in config.arms},
     )
     write_all(out, rows, summary)
+    write_clients_csv(out / "clients.csv", server.runs, link_names)
     if plots:
         write_plots(out, rows, summary.target_accuracy, f"{config.name}, seed {config.seed}")
     return SweepOutcome(out, tuple(rows), summary, wall, memory.peak_total, memory.peak_process)

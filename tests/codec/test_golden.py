@@ -84,7 +84,7 @@ def test_golden_bytes_unchanged(name: str) -> None:
     expected = path.read_bytes()
     assert _encode(name) == expected, f"format v1 bytes changed for {name}"
     # and the stored bytes still decode
-    spec, delta = CASES[name]
+    _spec, delta = CASES[name]
     decoded = decode_state(EncodedModel.from_bytes(expected), _state(1) if delta else None)
     assert set(decoded) == set(_state(0))
 
