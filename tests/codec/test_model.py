@@ -152,6 +152,7 @@ def test_error_feedback_converges_on_repeated_updates() -> None:
         enc = encode_state({"w": delta}, spec, base, residual=residual, seed=r)
         residual = enc.residual
         sent_total += decode_state(enc, base)["w"]
+    assert residual is not None
     assert torch.allclose(sent_total + residual["w"], delta * rounds, atol=1e-3)
     assert (sent_total / rounds - delta).abs().max() < delta.abs().max() / 4
 

@@ -99,7 +99,7 @@ def test_lossless_aggregate_equals_plain_flower(tmp_path: Path, make) -> None:  
         receipts[n] = TrainReceipt(uid, target, 10 * n, 0.1, 100, 50, 0.0, 0.0, 0.0)
     arrays, _ = wrapper.aggregate_train(1, _replies(sent, receipts))
     random.seed(0)
-    plain_sent = list(plain.configure_train(1, ArrayRecord(g), ConfigRecord(), grid))  # type: ignore[arg-type]
+    plain_sent = list(plain.configure_train(1, ArrayRecord(g), ConfigRecord(), grid))
     expected, _ = plain.aggregate_train(1, _plain_replies(plain_sent, models))
     assert arrays is not None and expected is not None
     got, want = arrays.to_torch_state_dict(), expected.to_torch_state_dict()

@@ -25,11 +25,11 @@ class FakePlane:
         self.fetches: list[str | None] = []
         self.pushed: list[tuple[str, EncodedModel]] = []
 
-    def fetch(self, instruction, edge_id, held_digest, held):  # type: ignore[no-untyped-def]
+    def fetch(self, instruction, edge_id, held_digest, held):
         self.fetches.append(held_digest)
         return Fetched({k: v.clone() for k, v in GLOBAL.items()}, DIGEST, 1000, 100)
 
-    def push(self, instruction, edge_id, update_id, base_digest, encoded):  # type: ignore[no-untyped-def]
+    def push(self, instruction, edge_id, update_id, base_digest, encoded):
         self.pushed.append((base_digest, encoded))
         return Pushed(50, 500)
 

@@ -41,13 +41,13 @@ client = ClientApp(mods=[fedsqueeze_mod])  # <- the only fedsqueeze line on this
 @client.train()
 def train(msg: Message, context: Context) -> Message:
     model = make_model()
-    model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+    model.load_state_dict(msg.content.array_records["arrays"].to_torch_state_dict())
     x, y = local_data(int(context.node_config["partition-id"]))
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     for _ in range(20):
         opt.zero_grad()
         loss = torch.nn.functional.mse_loss(model(x), y)
-        loss.backward()
+        loss.backward()  # type: ignore[no-untyped-call]
         opt.step()
     metrics = MetricRecord({"num-examples": len(x), "train-loss": float(loss)})
     return Message(
@@ -76,9 +76,7 @@ def main(grid: Grid, context: Context) -> None:
         result = strategy.start(
             grid, ArrayRecord(make_model().state_dict()), num_rounds=3, evaluate_fn=evaluate
         )
-        RESULT["mse"] = {
-            int(k): float(v["mse"]) for k, v in result.evaluate_metrics_serverapp.items()
-        }
+        RESULT["mse"] = {int(k): v["mse"] for k, v in result.evaluate_metrics_serverapp.items()}
         RESULT["bytes"] = {
             k: [s.bytes_down, s.bytes_up, s.accepted] for k, s in strategy.stats.items()
         }
