@@ -18,7 +18,7 @@ from flwr.clientapp import ClientApp
 
 from edge.mod import fedsqueeze_mod
 from fedsqueeze.runconfig import Partitioning, RunSettings
-from fedsqueeze.tasks import Optimizer, Task, get_task, partition_dirichlet, partition_iid
+from fedsqueeze.tasks import Task, get_task, partition_dirichlet, partition_iid
 
 
 @functools.lru_cache(maxsize=64)
@@ -105,7 +105,7 @@ def train_on_partition(msg: Message, context: Context, settings: RunSettings) ->
         epochs=settings.epochs,
         lr=settings.lr,
         batch_size=settings.batch_size,
-        optimizer=Optimizer.SGD,
+        optimizer=settings.optimizer,
         l1_lambda=settings.l1_lambda,
         proximal_mu=settings.proximal_mu,
         seed=settings.seed * 1_000_003 + server_round * 1009 + _client_seed(context),

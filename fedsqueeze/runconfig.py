@@ -16,6 +16,7 @@ from typing import Any
 from fedsqueeze.codec.spec import CodecSpec
 from fedsqueeze.codec.spec_text import parse_spec
 from fedsqueeze.errors import ConfigError
+from fedsqueeze.tasks.base import Optimizer
 
 
 class Partitioning(enum.Enum):
@@ -55,6 +56,7 @@ class RunSettings:
     fraction_evaluate: float = 0.0
     epochs: int = 1
     lr: float = 0.05
+    optimizer: Optimizer = Optimizer.SGD
     batch_size: int = 32
     l1_lambda: float = 0.0
     proximal_mu: float = 0.0
@@ -131,6 +133,8 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
             return Partitioning(str(value).lower())
         if kind == "StrategyName":
             return StrategyName(str(value).lower())
+        if kind == "Optimizer":
+            return Optimizer(str(value).lower())
         if kind == "bool":
             if isinstance(value, str):
                 if value.lower() not in ("true", "false", "1", "0"):

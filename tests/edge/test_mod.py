@@ -135,3 +135,19 @@ def test_directory_cache_round_trip_and_tampering(tmp_path: Path) -> None:
     # a held model whose bytes no longer match its digest is not trusted
     DirectoryCache(tmp_path).save(EdgeMemory(DIGEST, {k: v + 1 for k, v in GLOBAL.items()}, None))
     assert DirectoryCache(tmp_path).load().held_digest is None
+
+
+def test_evaluate_messages_fetch_the_model_and_return_the_apps_metrics() -> None:
+    plane = FakePlane()
+    mod = make_mod(connector=plane, initial_model=None)
+    seen: dict[str, torch.Tensor] = {}
+
+    def evaluate_app(msg: Message, context: Context) -> Message:
+        seen.update(msg.content.array_records["arrays"].to_torch_state_dict())
+        return Message(RecordDict({"metrics": MetricRecord({"eval-acc": 0.9})}), reply_to=msg)
+
+    content = RecordDict({CONTROL_KEY: _instruction().to_record()})
+    reply = mod(Message(content, dst_node_id=7, message_type="evaluate"), _context(), evaluate_app)
+    assert torch.equal(seen["w"], GLOBAL["w"])
+    assert reply.content.metric_records["metrics"]["eval-acc"] == 0.9
+    assert plane.pushed == []  # nothing to upload after an evaluation
