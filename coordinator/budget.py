@@ -7,8 +7,9 @@ in each direction. It comes from a fixed per-edge :class:`Budget`, from a
 edges still to come), from the edge's link and a round deadline (what the link can move
 in the time left after round trips and compute), or from all of them (the tightest wins).
 
-A :class:`LadderPolicy` tries its download specs in order of expected error (denser and
-more bits first) and takes the first that fits, then does the same for the upload:
+A :class:`LadderPolicy` takes the first download spec that fits from a ladder ordered by
+expected error (denser and more bits first; sizes fall along it, so a binary search
+finds it), then does the same for the upload:
 
 * the download's size is **exact**: the policy encodes the global model against the
   version the edge holds, with the seed the data plane will use, so it knows the payload
@@ -372,14 +373,20 @@ class LadderPolicy:
             downs = ((ZERO_DELTA_SPEC, parse_spec(ZERO_DELTA_SPEC)),)
         picked: tuple[str, int, int, float] | None = None
         tried = 0
-        for text, spec in downs:
+        # Sizes fall along the ladder, so a binary search finds the first rung that fits
+        # in log2(len) encodings; only rungs that were encoded and fit are ever returned.
+        lo, hi = 0, len(downs) - 1
+        while lo <= hi:
+            mid = (lo + hi) // 2
+            text, spec = downs[mid]
             payload = self._down_payload(request, spec)
             wire = payload + DOWN_OVERHEAD_BYTES + PER_SEGMENT_BYTES * (payload // _SEGMENT)
             tried = wire
             down_s = link.transfer_s(wire, LinkDirection.DOWN) if link else 0.0
             if wire <= limits.down and down_s + up_s <= limits.seconds:
-                picked = (text, payload, wire, down_s)
-                break
+                picked, hi = (text, payload, wire, down_s), mid - 1
+            else:
+                lo = mid + 1
         if picked is None:
             return Skip(
                 f"smallest download ({tried} B, then >= {smallest_up} B up) does not fit "

@@ -17,7 +17,8 @@ import warnings
 
 def main(argv: list[str]) -> int:
     warnings.simplefilter("ignore")
-    logging.basicConfig(level=logging.WARNING)
+    level = logging.INFO if "-v" in argv else logging.WARNING
+    logging.basicConfig(level=level, format="%(relativeCreated)7.0f %(name)s: %(message)s")
     name, rest = argv[0], argv[1:]
     module = importlib.import_module(f"fedsqueeze.cli.{name}_cmd")
     parser = argparse.ArgumentParser(prog=f"fedsqueeze {name}")

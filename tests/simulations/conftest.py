@@ -1,0 +1,3 @@
+from tests.flower_identity import flower_identity
+
+__all__ = ["flower_identity"]
