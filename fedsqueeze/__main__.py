@@ -4,4 +4,5 @@ import sys
 
 from fedsqueeze.cli import main
 
-sys.exit(main())
+if __name__ == "__main__":  # guarded: benches start worker processes with spawn
+    sys.exit(main())

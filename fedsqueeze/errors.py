@@ -19,6 +19,7 @@ Everything that comes from data, peers or configuration is a ``FedsqueezeError``
         ├── ResourceExhaustedError  too large, or over a budget (RESOURCE_EXHAUSTED)
         ├── InvalidRequestError     a malformed request (INVALID_ARGUMENT)
         └── UnavailableError        the peer could not be reached after retries (UNAVAILABLE)
+            └── DeadlineExceededError  the operation ran past its deadline (DEADLINE_EXCEEDED)
 
 Lower-library errors (zstandard, protobuf, grpc) are translated at the boundary with
 ``raise Ours(...) from exc``.
@@ -89,3 +90,7 @@ class InvalidRequestError(TransportError):
 
 class UnavailableError(TransportError):
     """The peer could not be reached, even after retries."""
+
+
+class DeadlineExceededError(UnavailableError):
+    """The operation ran past its deadline."""

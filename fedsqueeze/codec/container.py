@@ -276,7 +276,9 @@ def parse_record(
         packed = reader.u8("position coding")
         coding, rice_k = packed >> 5, packed & 0x1F
         count = reader.varint("kept count", limits.max_elements)
-        pos_bytes = reader.varint("positions length", reader.remaining)
+        # Measured in the body *before* entropy coding, so it may exceed what is left of
+        # a compressed body; the decoder checks it against the decompressed length.
+        pos_bytes = reader.varint("positions length", limits.max_elements // 8 + (1 << 20))
         positions = PositionsHeader(coding, rice_k, count, pos_bytes)
     raw_length: int | None = None
     if flags & RecordFlags.ENTROPY:

@@ -7,12 +7,15 @@ counts when a whole update is about a kilobyte.
 
 from __future__ import annotations
 
+import threading
+
 import zstandard
 
 from fedsqueeze.errors import FormatError
 
 _FORMAT = zstandard.FORMAT_ZSTD1_MAGICLESS
-_decompressor = zstandard.ZstdDecompressor(format=_FORMAT)
+# zstandard's (de)compressor objects are not thread-safe: one per thread.
+_local = threading.local()
 _SAMPLE_ABOVE = 4 << 20  # payloads larger than this are sampled first
 _SAMPLE_BYTES = 256 << 10
 _MIN_GAIN = 0.03
@@ -64,8 +67,11 @@ def decompress(data: bytes | memoryview, size: int) -> bytes:
     FormatError
         If ``data`` is not a valid frame or does not decode to exactly ``size`` bytes.
     """
+    decompressor = getattr(_local, "decompressor", None)
+    if decompressor is None:
+        decompressor = _local.decompressor = zstandard.ZstdDecompressor(format=_FORMAT)
     try:
-        out = _decompressor.decompressobj().decompress(bytes(data))
+        out = decompressor.decompressobj().decompress(bytes(data))
     except zstandard.ZstdError as exc:
         raise FormatError(f"corrupt zstd stream: {exc}") from exc
     if len(out) != size:

@@ -20,8 +20,8 @@ ResourceExhaustedError            RESOURCE_EXHAUSTED
 UnavailableError                  UNAVAILABLE
 ================================  ======================
 
-The client maps ``DEADLINE_EXCEEDED`` to :class:`~fedsqueeze.errors.UnavailableError` (the
-peer did not answer in time) and any other code to a plain
+The client maps ``DEADLINE_EXCEEDED`` to :class:`~fedsqueeze.errors.DeadlineExceededError`
+(a kind of ``UnavailableError``: the peer did not answer in time) and any other code to a plain
 :class:`~fedsqueeze.errors.TransportError`.
 """
 
@@ -33,6 +33,7 @@ from fedsqueeze.errors import (
     AuthError,
     BaseMismatchError,
     CodecError,
+    DeadlineExceededError,
     FedsqueezeError,
     IntegrityError,
     InvalidRequestError,
@@ -69,7 +70,7 @@ _FROM_STATUS: dict[grpc.StatusCode, type[FedsqueezeError]] = {
     grpc.StatusCode.DATA_LOSS: IntegrityError,
     grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhaustedError,
     grpc.StatusCode.UNAVAILABLE: UnavailableError,
-    grpc.StatusCode.DEADLINE_EXCEEDED: UnavailableError,
+    grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceededError,
 }
 
 

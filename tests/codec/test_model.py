@@ -225,3 +225,40 @@ def test_header_overhead_is_small_for_a_tiny_update() -> None:
 def test_codec_error_is_raised_for_garbage() -> None:
     with pytest.raises(CodecError):
         EncodedModel.from_bytes(b"\x00" * 64)
+
+
+def test_compressed_sparse_record_with_large_positions_parses() -> None:
+    """Positions are measured before entropy coding: they may exceed the compressed body."""
+    g = torch.Generator().manual_seed(1)
+    base = {"w": torch.randn(1024, 1024, generator=g)}
+    spec = CodecSpec(
+        topk=0.1, quant=QuantSpec(4, rounding=Rounding.STOCHASTIC), targets=("*",), min_ndim=1
+    )
+    encoded = encode_state({"w": base["w"] + 0.001}, spec, base, seed=1)
+    again = EncodedModel.from_bytes(encoded.to_bytes())
+    assert torch.equal(decode_state(again, base)["w"], decode_state(encoded, base)["w"])
+
+
+def test_concurrent_decoding_is_thread_safe() -> None:
+    import threading
+
+    g = torch.Generator().manual_seed(2)
+    state = {"w": torch.randn(256, 256, generator=g), "v": torch.randn(100, 100, generator=g)}
+    data = encode_state(state, CodecSpec(entropy_level=3)).to_bytes()
+    errors: list[Exception] = []
+
+    def work() -> None:
+        for _ in range(6):
+            try:
+                out = decode_state(EncodedModel.from_bytes(data))
+                if not torch.equal(out["w"], state["w"]):
+                    errors.append(AssertionError("wrong values"))
+            except Exception as exc:
+                errors.append(exc)
+
+    threads = [threading.Thread(target=work) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []

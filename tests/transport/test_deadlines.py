@@ -13,6 +13,7 @@ from fedsqueeze.codec import CodecSpec
 from fedsqueeze.errors import (
     AuthError,
     BaseMismatchError,
+    DeadlineExceededError,
     FormatError,
     IntegrityError,
     InvalidRequestError,
@@ -39,7 +40,7 @@ def test_expired_deadline_on_a_stalled_stream(source, store, start_server, conne
     server = start_server(source, store, faults=faults)
     client = connect(server, retry=RetryPolicy(deadline_s=0.5))
     started = time.monotonic()
-    with pytest.raises(UnavailableError, match="DEADLINE_EXCEEDED") as info:
+    with pytest.raises(DeadlineExceededError, match="DEADLINE_EXCEEDED") as info:
         client.fetch(spec=CodecSpec())
     assert 0.4 < time.monotonic() - started < 5
     assert isinstance(info.value.__cause__, grpc.RpcError)
