@@ -7,6 +7,7 @@ and its body must be exactly as long as its header implies.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 
 import torch
@@ -26,8 +27,21 @@ _VALUE_DTYPES = {
 }
 
 
+def _read_only_uint8(data: bytes | memoryview) -> torch.Tensor:
+    """A uint8 tensor over ``data`` without copying it.
+
+    Only for inputs that are consumed into new tensors (codes, positions): the result
+    aliases immutable memory and must never be written to or returned to a caller.
+    """
+    if not len(data):
+        return torch.empty(0, dtype=torch.uint8)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "The given buffer is not writable", UserWarning)
+        return torch.frombuffer(data, dtype=torch.uint8)
+
+
 def _bytes_to_tensor(
-    data: bytes, dtype: torch.dtype, count: int, device: torch.device
+    data: bytes | memoryview, dtype: torch.dtype, count: int, device: torch.device
 ) -> torch.Tensor:
     """``count`` elements of ``dtype`` from exactly matching bytes."""
     width = torch.empty((), dtype=dtype).element_size()
@@ -92,7 +106,7 @@ class TensorDecoder:
             if base is not None:
                 return name, base.to(device).clone()
             return name, torch.zeros(shape, dtype=dtype, device=device)
-        body = record.body
+        body: bytes | memoryview = record.body
         if record.raw_length is not None:
             body = entropy.decompress(body, record.raw_length)
         kept = numel
@@ -105,14 +119,11 @@ class TensorDecoder:
                 coding = PositionCoding(p.coding)
             except ValueError as exc:
                 raise FormatError(f"record {name!r}: unknown position coding {p.coding}") from exc
-            pos_payload = (
-                torch.frombuffer(bytearray(body[: p.payload_bytes]), dtype=torch.uint8)
-                if p.payload_bytes
-                else torch.empty(0, dtype=torch.uint8)
-            )
+            view = memoryview(body)
+            pos_payload = _read_only_uint8(view[: p.payload_bytes])
             indices = decode_positions(coding, p.count, p.rice_k, pos_payload.to(device), numel)
             kept = p.count
-            body = body[p.payload_bytes :]
+            body = view[p.payload_bytes :]
         values = self._values(record, name, body, kept, shape, indices, dtype, device)
         if record.quant is None and record.value_kind in (ValueKind.RAW, ValueKind.XOR):
             if indices is not None:
@@ -138,7 +149,7 @@ class TensorDecoder:
         self,
         record: TensorRecord,
         name: str,
-        body: bytes,
+        body: bytes | memoryview,
         kept: int,
         shape: tuple[int, ...],
         indices: torch.Tensor | None,
@@ -158,11 +169,7 @@ class TensorDecoder:
         qp, end = qparams_from_bytes(q.params, 0, q.bits, q.scheme, channels)
         if end != len(q.params):
             raise FormatError(f"record {name!r}: quantization parameters have trailing bytes")
-        packed = (
-            torch.frombuffer(bytearray(body), dtype=torch.uint8)
-            if body
-            else torch.empty(0, dtype=torch.uint8)
-        )
+        packed = _read_only_uint8(body)
         codes = unpack_bits(packed.to(device), q.bits, kept)
         channels_of: torch.Tensor | None = None
         if q.granularity is Granularity.PER_CHANNEL:
