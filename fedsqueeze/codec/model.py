@@ -105,7 +105,17 @@ class EncodedModel:
             if bytes(view[:3]) != b"FSQ":
                 raise FormatError("not a fedsqueeze encoded model (bad magic)")
             raise FormatError("checksum mismatch: the encoded model is corrupted or truncated")
-        reader = ByteReader(view, 0, len(view) - 4)
+        return cls.parse_stream(view[:-4], limits)
+
+    @classmethod
+    def parse_stream(
+        cls, stream: bytes | memoryview, limits: DecodeLimits | None = None
+    ) -> EncodedModel:
+        """Parse the stream without its checksum (what segments carry: each segment has
+        its own sha256, so joining them needs no second integrity pass)."""
+        limits = limits or DecodeLimits()
+        view = memoryview(stream)
+        reader = ByteReader(view, 0, len(view))
         header = parse_header(reader, limits)
         sizer = QParamsSizer()
         records = tuple(parse_record(reader, limits, sizer) for _ in range(header.record_count))

@@ -14,7 +14,6 @@ import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from fedsqueeze.codec.container import crc32
 from fedsqueeze.codec.model import EncodedModel
 from fedsqueeze.errors import FormatError
 
@@ -109,5 +108,4 @@ def join_segments(segments: Sequence[Segment]) -> EncodedModel:
             raise FormatError(
                 f"segment {expected} is missing or duplicated (got index {seg.index})"
             )
-    stream = b"".join(s.payload for s in ordered)
-    return EncodedModel.from_bytes(stream + crc32(stream).to_bytes(4, "little"))
+    return EncodedModel.parse_stream(b"".join(s.payload for s in ordered))
