@@ -1,0 +1,237 @@
+"""The budget policies never exceed a client's budget: checked on the wire, not estimated.
+
+Each case fetches the model the policy sized, over the real data plane on loopback, and
+pushes an update encoded with the upload spec it chose; the bytes the transport counted
+must be within the budget in both directions.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from coordinator.budget import (
+    ADAPTIVE_DOWN_LADDER,
+    ADAPTIVE_UP_LADDER,
+    Budget,
+    Choice,
+    EdgeRequest,
+    LadderPolicy,
+    RunBudget,
+    Skip,
+)
+from coordinator.dataplane import CoordinatorDataPlane, InstructionTemplate
+from coordinator.version_store import VersionStore
+from edge.dataplane import GrpcConnector
+from fedsqueeze.codec import encode_state
+from fedsqueeze.codec.spec_text import parse_spec
+from fedsqueeze.tasks import get_task
+from fedsqueeze.transport.shaping import LinkProfile
+
+State = dict[str, torch.Tensor]
+NODE = 4242
+
+
+def _perturbed(state: State, scale: float, seed: int) -> State:
+    g = torch.Generator().manual_seed(seed)
+    return {k: v + scale * torch.randn(v.shape, generator=g) for k, v in state.items()}
+
+
+def _spread(state: State, every: int) -> State:
+    """An update whose largest entries are evenly spaced: the costliest positions."""
+    out = {}
+    for k, v in state.items():
+        flat = torch.full((v.numel(),), 1e-4)
+        flat[::every] = 1.0
+        out[k] = v + flat.view(v.shape)
+    return out
+
+
+class Plane:
+    def __init__(self, root: Path) -> None:
+        self.store = VersionStore(root, keep=64)
+        self.init = dict(get_task("digits-cnn").build_model(0).state_dict())
+        self.init_digest = self.store.publish(self.init, track="init")
+        self.plane = CoordinatorDataPlane(self.store)
+        self.connector = GrpcConnector()
+        self.template = InstructionTemplate("int8", "int8", "digits-cnn", 0, self.init_digest)
+
+    def transfer(
+        self, choice: Choice, target: str, update: State, residual: State | None
+    ) -> tuple[int, int]:
+        """Fetch ``target`` as the policy said, push ``update``: wire bytes both ways."""
+        from dataclasses import replace
+
+        instruction = replace(
+            self.plane.instruction(self.template, 1, NODE, target),
+            down_spec=choice.down_spec,
+            up_spec=choice.up_spec,
+            down_budget=choice.down_payload,
+        )
+        fetched = self.connector.fetch(instruction, str(NODE), self.init_digest, self.init)
+        encoded = encode_state(
+            update,
+            parse_spec(choice.up_spec),
+            fetched.state,
+            residual=residual,
+            base_digest=bytes.fromhex(fetched.digest),
+        )
+        update_id = f"{NODE}-r1-{next(_ids):012x}"
+        pushed = self.connector.push(instruction, str(NODE), update_id, fetched.digest, encoded)
+        return fetched.bytes_down + pushed.bytes_down, fetched.bytes_up + pushed.bytes_up
+
+
+_ids = itertools.count(1)
+
+
+@pytest.fixture
+def plane(tmp_path: Path) -> Iterator[Plane]:
+    p = Plane(tmp_path)
+    try:
+        yield p
+    finally:
+        p.plane.close()
+
+
+BUDGETS = [(0, 0), (40_000, 20_000), (6_000, 3_000), (3_000, 2_000), (2_000, 1_200), (1_400, 900)]
+
+
+@pytest.mark.parametrize(("down", "up"), BUDGETS)
+@pytest.mark.parametrize("drift", [0.003, 0.05])
+def test_adaptive_never_exceeds_the_budget_on_the_wire(
+    plane: Plane, down: int, up: int, drift: float
+) -> None:
+    target_state = _perturbed(plane.init, drift, seed=1)
+    target = plane.store.publish(target_state)
+    policy = LadderPolicy(
+        plane.store, ADAPTIVE_DOWN_LADDER, ADAPTIVE_UP_LADDER, budget=Budget(down, up)
+    )
+    choice = policy.choose(EdgeRequest(1, NODE, target, plane.init_digest))
+    if isinstance(choice, Skip):
+        assert down and down < 2_000  # only the tightest budgets may skip
+        return
+    assert (down == 0 or choice.down_bytes <= down) and (up == 0 or choice.up_bytes <= up)
+    for update, residual in (
+        (_perturbed(target_state, 0.02, seed=2), None),
+        (
+            _spread(target_state, every=33),
+            _perturbed({k: 0 * v for k, v in plane.init.items()}, 0.01, 3),
+        ),
+    ):
+        wire_down, wire_up = plane.transfer(choice, target, update, residual)
+        assert wire_down <= choice.down_bytes, (choice, wire_down)
+        assert wire_up <= choice.up_bytes, (choice, wire_up)
+
+
+def test_adaptive_takes_the_first_rung_that_fits(plane: Plane) -> None:
+    target = plane.store.publish(_perturbed(plane.init, 0.05, seed=1))
+    generous = LadderPolicy(plane.store, ADAPTIVE_DOWN_LADDER, ADAPTIVE_UP_LADDER)
+    best = generous.choose(EdgeRequest(1, NODE, target, plane.init_digest))
+    assert isinstance(best, Choice)
+    assert (best.down_spec, best.up_spec) == (ADAPTIVE_DOWN_LADDER[0], ADAPTIVE_UP_LADDER[0])
+    tight = LadderPolicy(
+        plane.store, ADAPTIVE_DOWN_LADDER, ADAPTIVE_UP_LADDER, budget=Budget(5_000, 2_500)
+    )
+    choice = tight.choose(EdgeRequest(1, NODE, target, plane.init_digest))
+    assert isinstance(choice, Choice)
+    i = ADAPTIVE_DOWN_LADDER.index(choice.down_spec)
+    assert i > 0 and choice.down_bytes <= 5_000
+    # the rung before it (less error) would not have fitted
+    above = LadderPolicy(
+        plane.store, ADAPTIVE_DOWN_LADDER[i - 1 : i], ADAPTIVE_UP_LADDER, budget=Budget(5_000, 0)
+    )
+    assert isinstance(above.choose(EdgeRequest(1, NODE, target, plane.init_digest)), Skip)
+
+
+def test_a_budget_too_small_for_the_last_rung_skips_with_a_reason(plane: Plane) -> None:
+    target = plane.store.publish(_perturbed(plane.init, 0.05, seed=1))
+    for budget in (Budget(300, 0), Budget(0, 300)):
+        skip = LadderPolicy(
+            plane.store, ADAPTIVE_DOWN_LADDER, ADAPTIVE_UP_LADDER, budget=budget
+        ).choose(EdgeRequest(1, NODE, target, plane.init_digest))
+        assert isinstance(skip, Skip) and "does not fit" in skip.reason
+
+
+def test_fixed_policy_skips_when_its_specs_do_not_fit(plane: Plane) -> None:
+    target = plane.store.publish(_perturbed(plane.init, 0.05, seed=1))
+    request = EdgeRequest(1, NODE, target, plane.init_digest)
+    fits = LadderPolicy.fixed(plane.store, "int8", "topk10-int4", budget=Budget(50_000, 10_000))
+    assert isinstance(fits.choose(request), Choice)
+    too_big = LadderPolicy.fixed(plane.store, "int8", "topk10-int4", budget=Budget(20_000, 0))
+    assert isinstance(too_big.choose(request), Skip)
+
+
+def test_an_edge_holding_the_target_gets_a_zero_delta(plane: Plane) -> None:
+    policy = LadderPolicy(plane.store, ADAPTIVE_DOWN_LADDER[-1:], ADAPTIVE_UP_LADDER)
+    choice = policy.choose(EdgeRequest(1, NODE, plane.init_digest, plane.init_digest))
+    assert isinstance(choice, Choice) and choice.down_spec == "lossless"
+    wire_down, _ = plane.transfer(choice, plane.init_digest, plane.init, None)
+    assert wire_down <= choice.down_bytes < 1_500
+
+
+def test_run_budget_shares_what_is_left_over_rounds_and_clients(plane: Plane) -> None:
+    target = plane.store.publish(_perturbed(plane.init, 0.05, seed=1))
+    policy = LadderPolicy(
+        plane.store,
+        ADAPTIVE_DOWN_LADDER,
+        ADAPTIVE_UP_LADDER,
+        run_budget=RunBudget(200_000, down_share=0.6),
+        num_rounds=4,
+        clients_per_round=5,
+    )
+    first = policy.choose(EdgeRequest(1, NODE, target, plane.init_digest))
+    assert isinstance(first, Choice)
+    assert first.down_bytes <= 120_000 / 20 and first.up_bytes <= 80_000 / 20
+    policy.observe(60_000, 40_000)  # round 1 spent half: 15 client-rounds share the rest
+    second = policy.choose(EdgeRequest(2, NODE, target, plane.init_digest))
+    assert isinstance(second, Choice)
+    assert second.down_bytes <= 60_000 / 15 and second.up_bytes <= 40_000 / 15
+    assert second.down_bytes < first.down_bytes
+
+
+def test_run_budget_spent_means_skip(plane: Plane) -> None:
+    target = plane.store.publish(_perturbed(plane.init, 0.05, seed=1))
+    policy = LadderPolicy(
+        plane.store,
+        ADAPTIVE_DOWN_LADDER,
+        ADAPTIVE_UP_LADDER,
+        run_budget=RunBudget(100_000),
+        num_rounds=2,
+        clients_per_round=2,
+    )
+    policy.observe(60_000, 60_000)
+    assert isinstance(policy.choose(EdgeRequest(2, NODE, target, plane.init_digest)), Skip)
+
+
+def test_link_and_deadline_limit_what_fits(plane: Plane) -> None:
+    target = plane.store.publish(_perturbed(plane.init, 0.05, seed=1))
+    request = EdgeRequest(1, NODE, target, plane.init_digest)
+    slow = LinkProfile.from_mbit(0.05, 0.02, 100)  # 6.25 kB/s down, 2.5 kB/s up
+    for deadline in (10.0, 4.0):
+        policy = LadderPolicy(
+            plane.store,
+            ADAPTIVE_DOWN_LADDER,
+            ADAPTIVE_UP_LADDER,
+            link_of=lambda node: slow,
+            deadline_s=deadline,
+        )
+        choice = policy.choose(request)
+        assert isinstance(choice, Choice)
+        seconds = (
+            choice.down_bytes / 6250 + choice.up_bytes / 2500 + 5 * 0.1 + 1024 / 6250 + 1024 / 2500
+        )
+        assert seconds <= deadline
+    hopeless = LadderPolicy(
+        plane.store,
+        ADAPTIVE_DOWN_LADDER,
+        ADAPTIVE_UP_LADDER,
+        link_of=lambda node: slow,
+        deadline_s=0.5,
+    )
+    assert isinstance(hopeless.choose(request), Skip)
+    assert math.isfinite(slow.rtt_s)

@@ -1,0 +1,93 @@
+"""Experiment configs: defaults < TOML < --set, validation before anything starts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from coordinator.budget import PolicyKind
+from fedsqueeze.errors import ConfigError
+from fedsqueeze.runconfig import Partitioning
+from simulations.baselines import DEFAULT_ARMS, ArmKind
+from simulations.config import SimulationConfig, load_config
+
+CONFIGS = Path(__file__).resolve().parents[2] / "simulations" / "configs"
+
+
+def test_defaults_are_the_default_sweep() -> None:
+    c = load_config(None)
+    assert [a.name for a in c.arms] == list(DEFAULT_ARMS)
+    assert c.arm("fedavg-fp32").kind is ArmKind.FLOWER
+    assert c.arm("adaptive").policy is PolicyKind.ADAPTIVE and c.arm("adaptive").budgeted
+    assert not c.arm("int8").budgeted
+    assert c.partitioning is Partitioning.DIRICHLET and c.num_clients == 20
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.toml")), ids=lambda p: p.stem)
+def test_shipped_configs_load(path: Path) -> None:
+    config = load_config(path)
+    assert config.name == path.stem
+
+
+def test_set_overrides_the_file(tmp_path: Path) -> None:
+    f = tmp_path / "x.toml"
+    f.write_text(
+        'name = "x"\nnum-rounds = 4\narms = ["fedavg-fp32", "adaptive"]\n'
+        "[arm.adaptive]\ndown-budget = 5000\n"
+    )
+    c = load_config(
+        f,
+        [
+            "num-rounds=2",
+            "links=4g:1,2g:1",
+            "partitioning=IID",
+            "arm.adaptive.up-budget=700",
+            "arm.adaptive.up-ladder=topk=0.1,quant=4;topk=0.01,quant=2",
+        ],
+    )
+    assert c.num_rounds == 2 and c.partitioning is Partitioning.IID
+    assert c.link_mix().shares == (("4g", 1.0), ("2g", 1.0))
+    adaptive = c.arm("adaptive")
+    assert (adaptive.down_budget, adaptive.up_budget) == (5000, 700)
+    assert adaptive.up_ladder == ("topk=0.1,quant=4", "topk=0.01,quant=2")
+    assert load_config(f, ["arms=adaptive"]).arms == (load_config(f).arm("adaptive"),)
+
+
+def test_new_arms_can_be_defined(tmp_path: Path) -> None:
+    c = load_config(None, ["arms=fedavg-fp32,sparse", "arm.sparse.down-spec=int4"])
+    assert c.arm("sparse").down_spec == "int4" and c.arm("sparse").kind is ArmKind.FEDSQUEEZE
+
+
+@pytest.mark.parametrize(
+    ("sets", "message"),
+    [
+        (["num-round=3"], "unknown key 'num-round'"),
+        (["clients-per-round=30"], "clients-per-round"),
+        (["num-rounds=2.5"], "expected int"),
+        (["client-cpus=64"], "no client could ever run"),
+        (["arm.adaptive.down-spec=prune=l1:2"], "codec spec"),
+        (["arm.nosuch.down-budget=1"], "not in arms"),
+        (["arms=a,a"], "unique"),
+        (["links=5g"], "unknown link profile"),
+        (["set-without-equals"], "key=value"),
+        (["arm.adaptive.total-budget=10", "arm.adaptive.budget-fraction=0.1"], "not both"),
+    ],
+)
+def test_mistakes_are_config_errors(sets: list[str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, sets)
+
+
+def test_bad_toml_is_a_config_error(tmp_path: Path) -> None:
+    f = tmp_path / "bad.toml"
+    f.write_text("num-rounds = = 3\n")
+    with pytest.raises(ConfigError, match=r"bad\.toml"):
+        load_config(f)
+
+
+def test_run_settings_let_the_grid_sample() -> None:
+    c = SimulationConfig()
+    s = c.run_settings(c.arm("int8"), "/tmp/x")
+    assert (s.fraction_train, s.min_train_nodes, s.min_available_nodes) == (1.0, 1, 1)
+    assert s.init_from_seed and s.down_spec == "int8" and s.up_spec == "int8"
