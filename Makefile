@@ -19,7 +19,7 @@ $(STAMP): $(BIN)/python pyproject.toml
 install: $(STAMP)
 
 demo: install
-	$(BIN)/fedsqueeze demo
+	$(BIN)/fedsqueeze sweep
 
 lint: install
 	$(BIN)/ruff check .

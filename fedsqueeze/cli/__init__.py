@@ -18,6 +18,14 @@ from fedsqueeze.errors import FedsqueezeError
 
 # name → (module, one-line help); modules are imported lazily so `--help` stays fast.
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "simulate": (
+        "fedsqueeze.cli.simulate_cmd",
+        "run one federated configuration on Flower's simulation engine",
+    ),
+    "sweep": (
+        "fedsqueeze.cli.sweep_cmd",
+        "run several strategies side by side: results.csv, summary, plots",
+    ),
     "codec": ("fedsqueeze.cli.codec_cmd", "encode, decode and inspect model files"),
     "coordinator": (
         "fedsqueeze.cli.coordinator_cmd",
