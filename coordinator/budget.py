@@ -17,7 +17,8 @@ finds it), then does the same for the upload:
 * the upload's size is a **bound**: the update is not known yet, so the policy encodes a
   random update of the model's shapes with entropy coding off (zstandard is only kept
   where it shrinks a record) and adds the worst case of the position coding beyond a
-  random one (two bits per kept value).
+  random one (one bit per kept value: with the best Rice parameter, any gaps cost at most
+  that much more than random ones).
 
 ``LadderPolicy.fixed`` is a ladder of one: the run's specs, and a skip when they do not
 fit. An edge that cannot fit even the last rung is skipped for the round and reported,
@@ -27,7 +28,6 @@ never dropped silently. Flower's own control messages are not part of these budg
 from __future__ import annotations
 
 import enum
-import logging
 import math
 import threading
 from collections.abc import Callable, Sequence
@@ -42,11 +42,7 @@ from fedsqueeze.codec.spec_text import parse_spec
 from fedsqueeze.transport.shaping import LinkDirection, LinkProfile
 from fedsqueeze.transport.source import encode_seed
 
-log = logging.getLogger(__name__)
-
 __all__ = [
-    "ADAPTIVE_DOWN_LADDER",
-    "ADAPTIVE_UP_LADDER",
     "DOWN_OVERHEAD_BYTES",
     "UP_OVERHEAD_BYTES",
     "Budget",
@@ -70,27 +66,6 @@ _SEGMENT = 1 << 20
 #: What an edge that already holds the target is sent: a delta of zeros (a few bytes per
 #: tensor). Lossless, so no pruning stage runs on an all-zero delta.
 ZERO_DELTA_SPEC = "lossless"
-
-ADAPTIVE_DOWN_LADDER: tuple[str, ...] = (
-    "int8",
-    "quant=4,targets=*,min-ndim=1",
-    "prune=l1:0.7,quant=4,targets=*,min-ndim=1",
-    "prune=l1:0.9,quant=4,targets=*,min-ndim=1",
-    "prune=l1:0.95,quant=4,targets=*,min-ndim=1",
-    "prune=l1:0.97,quant=3,targets=*,min-ndim=1",
-    "prune=l1:0.99,quant=2,targets=*,min-ndim=1",
-)
-"""Download specs of the adaptive policy, least expected error first."""
-
-ADAPTIVE_UP_LADDER: tuple[str, ...] = (
-    "topk=0.3,quant=8,targets=*,min-ndim=1",
-    "topk=0.1,quant=4,targets=*,min-ndim=1",
-    "topk=0.05,quant=4,targets=*,min-ndim=1",
-    "topk=0.03,quant=4,targets=*,min-ndim=1",
-    "topk=0.01,quant=4,targets=*,min-ndim=1",
-    "topk=0.003,quant=2,targets=*,min-ndim=1",
-)
-"""Upload specs of the adaptive policy (top-k with error feedback), least error first."""
 
 
 class PolicyKind(enum.Enum):
@@ -165,11 +140,11 @@ class Choice:
     down_spec, up_spec
         Codec specs, text form.
     down_payload
-        The download's exact encoded size in bytes.
+        The download's exact encoded size in bytes (0: not sized, no limit).
     down_bytes
-        Its wire bytes, bounded (payload + overheads).
+        Its wire bytes, bounded (payload + overheads; 0: not sized).
     up_bytes
-        A bound on the upload's wire bytes.
+        A bound on the upload's wire bytes (0: not sized).
     """
 
     down_spec: str
@@ -265,6 +240,7 @@ class LadderPolicy:
         self.compute_s = 0.0
         self._lock = threading.Lock()
         self._up_bounds: dict[str, int] = {}
+        self._last: dict[int, int] = {}
         self._round = 0
         self._allowance = (math.inf, math.inf)
 
@@ -348,7 +324,7 @@ class LadderPolicy:
             for k, v in template.items()
             if spec.is_target(k, v.dim(), v.is_floating_point())
         )
-        bound = encoded.nbytes + math.ceil(kept / 4) + 8 * len(template) + 16
+        bound = encoded.nbytes + math.ceil(kept / 8) + 8 * len(template) + 16
         with self._lock:
             self._up_bounds[text] = bound
         return bound
@@ -358,6 +334,12 @@ class LadderPolicy:
         """The first download and upload specs that fit this edge's limits."""
         with self._lock:
             limits = self._limits(request)
+        zero = request.held is not None and request.held == request.target
+        unlimited = math.isinf(limits.down) and math.isinf(limits.up) and math.isinf(limits.seconds)
+        if unlimited and len(self.down_ladder) == 1 and len(self.up_ladder) == 1:
+            # Nothing to fit: no sizing (0: unknown, no byte limit for the data plane).
+            down = ZERO_DELTA_SPEC if zero else self.down_ladder[0][0]
+            return Choice(down, self.up_ladder[0][0], 0, 0, 0)
         template = self.store.get(request.target)
         if template is None:
             raise ValueError(f"target {request.target[:12]} is not in the store")
@@ -369,31 +351,38 @@ class LadderPolicy:
         smallest_up = ups[-1][1]
         up_s = link.transfer_s(smallest_up, LinkDirection.UP) if link else 0.0
         downs = self.down_ladder
-        if request.held is not None and request.held == request.target:
+        if zero:
             downs = ((ZERO_DELTA_SPEC, parse_spec(ZERO_DELTA_SPEC)),)
-        picked: tuple[str, int, int, float] | None = None
+        picked: tuple[str, int, int, float, int] | None = None
         tried = 0
-        # Sizes fall along the ladder, so a binary search finds the first rung that fits
-        # in log2(len) encodings; only rungs that were encoded and fit are ever returned.
+        # Sizes fall along the ladder, so a binary search finds the first rung that fits;
+        # it probes the edge's last rung and its neighbour first, which settles most
+        # rounds in two encodings. Only rungs that were encoded and fit are returned.
+        hint = min(self._last.get(request.node_id, 0), len(downs) - 1)
+        probe: int | None = hint
         lo, hi = 0, len(downs) - 1
         while lo <= hi:
-            mid = (lo + hi) // 2
+            mid = probe if probe is not None and lo <= probe <= hi else (lo + hi) // 2
             text, spec = downs[mid]
             payload = self._down_payload(request, spec)
             wire = payload + DOWN_OVERHEAD_BYTES + PER_SEGMENT_BYTES * (payload // _SEGMENT)
             tried = wire
             down_s = link.transfer_s(wire, LinkDirection.DOWN) if link else 0.0
-            if wire <= limits.down and down_s + up_s <= limits.seconds:
-                picked, hi = (text, payload, wire, down_s), mid - 1
+            fits = wire <= limits.down and down_s + up_s <= limits.seconds
+            if fits:
+                picked, hi = (text, payload, wire, down_s, mid), mid - 1
             else:
                 lo = mid + 1
+            probe = (mid - 1 if fits else mid + 1) if mid == hint else None
+        if picked is not None and not zero:
+            self._last[request.node_id] = picked[4]
         if picked is None:
             return Skip(
                 f"smallest download ({tried} B, then >= {smallest_up} B up) does not fit "
                 f"{_fmt(limits.down)} B down / {_fmt(limits.up)} B up / "
                 f"{_fmt(limits.seconds)} s of link time"
             )
-        down_text, payload, down_wire, down_s = picked
+        down_text, payload, down_wire, down_s, _ = picked
         for text, up_wire in ups:
             up_s = link.transfer_s(up_wire, LinkDirection.UP) if link else 0.0
             if up_wire <= limits.up and down_s + up_s <= limits.seconds:

@@ -67,6 +67,7 @@ class ArmSummary:
     ratio_time_to_target: float | None
     clients_dropped: int
     clients_skipped: int
+    wall_s: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -124,6 +125,7 @@ def summarize(
     baseline: str,
     target_drop: float,
     descriptions: Mapping[str, str] | None = None,
+    wall_s: Mapping[str, float] | None = None,
 ) -> SweepSummary:
     """The per-arm summary; ratios need the baseline arm among the rows."""
     by_arm: dict[str, list[RoundRecord]] = {}
@@ -155,6 +157,7 @@ def summarize(
                 ratio_time_to_target=_ratio(_time(base), _time(reached)),
                 clients_dropped=sum(r.clients_dropped for r in arm_rows),
                 clients_skipped=sum(r.clients_skipped for r in arm_rows),
+                wall_s=(wall_s or {}).get(name, 0.0),
             )
         )
     return SweepSummary(config, seed, baseline, target, tuple(arms))

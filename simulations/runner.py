@@ -157,6 +157,7 @@ def run_sweep(
         baseline=config.baseline,
         target_drop=config.target_drop,
         descriptions={a.name: a.description for a in config.arms},
+        wall_s={r.arm.name: r.wall_s for r in server.runs},
     )
     write_all(out, rows, summary)
     write_clients_csv(out / "clients.csv", server.runs, link_names)
