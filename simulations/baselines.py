@@ -10,9 +10,12 @@ arm                what travels
 ``topk-ef``        fedsqueeze data plane, exact fp32 model deltas down; updates top-k 10%
                    with error feedback, fp32 values (the classic uplink-only compression)
 ``adaptive``       fedsqueeze with the adaptive budget policy: per client and round, the
-                   least-error download (sparse, low-bit delta against what the client holds)
-                   and upload (top-k with error feedback, low-bit) that fit a total budget of
-                   1/70 of what fp32 FedAvg moves in the run (data plane)
+                   least-error download (a sparse, low-bit delta against what the client
+                   holds) and upload (top-k with error feedback, low-bit) that fit 3.2 kB
+                   down and 2.4 kB up on the data plane (together 1/55 of an fp32 model
+                   down and up) and the client's link within the round deadline, if any
+``sparse``         (not in the default sweep) fixed specs: 95%-sparse 2-bit model deltas
+                   down, top-k 5% 2-bit updates with error feedback up
 =================  ==========================================================================
 
 Every fedsqueeze arm rebuilds the initial model on the client from the shared seed, and
@@ -169,8 +172,15 @@ ARM_PRESETS: Mapping[str, ArmConfig] = {
     "adaptive": ArmConfig(
         "adaptive",
         policy=PolicyKind.ADAPTIVE,
-        budget_fraction=1 / 70,
-        description="adaptive specs within 1/70 of fp32 FedAvg's bytes",
+        down_budget=3200,
+        up_budget=2400,
+        description="adaptive specs within 3.2 kB down / 2.4 kB up per client and round",
+    ),
+    "sparse": ArmConfig(
+        "sparse",
+        down_spec="prune=l1:0.95,quant=2,targets=*,min-ndim=1",
+        up_spec="topk=0.05,quant=2,targets=*,min-ndim=1",
+        description="95% sparse 2-bit deltas down, top-k 5% 2-bit + error feedback up",
     ),
 }
 """Named arms a config can list without defining them."""

@@ -163,7 +163,26 @@ def run_sweep(
     write_clients_csv(out / "clients.csv", server.runs, link_names)
     if plots:
         write_plots(out, rows, summary.target_accuracy, f"{config.name}, seed {config.seed}")
-    return SweepOutcome(out, tuple(rows), summary, wall, memory.peak_total, memory.peak_process)
+    outcome = SweepOutcome(out, tuple(rows), summary, wall, memory.peak_total, memory.peak_process)
+    write_run_info(out, config, outcome)
+    return outcome
+
+
+def write_run_info(out: Path, config: SimulationConfig, outcome: SweepOutcome) -> None:
+    """``run.json``: the resolved config, wall time and peak memory of this run."""
+    import json
+    from dataclasses import asdict
+
+    doc = {
+        "config": json.loads(
+            json.dumps(asdict(config), default=lambda v: getattr(v, "value", str(v)))
+        ),
+        "wall_s": outcome.wall_s,
+        "peak_memory_bytes": outcome.peak_memory,
+        "peak_process_memory_bytes": outcome.peak_process_memory,
+        "cpus": config.total_cpus,
+    }
+    (out / "run.json").write_text(json.dumps(doc, indent=2) + "\n")
 
 
 def run_seeds(

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from coordinator.app import Coordinator, PolicyFactory
@@ -88,12 +89,12 @@ class SweepServer:
         self.progress = progress
         self.runs: list[ArmRun] = []
 
-    def main(self, grid: object) -> None:
+    def main(self, grid: Grid) -> None:
         """The ServerApp's body."""
         cfg = self.config
         torch.set_num_threads(cfg.threads)
         sim = SimGrid(
-            grid,  # type: ignore[arg-type]
+            grid,
             num_clients=cfg.num_clients,
             clients_per_round=cfg.clients_per_round,
             seed=cfg.seed,

@@ -30,8 +30,16 @@ from fedsqueeze.errors import ConfigError
 
 if TYPE_CHECKING:
     from simulations.config import SimulationConfig
+    from simulations.runner import SweepOutcome
 
-__all__ = ["add_arguments", "add_config_arguments", "load_from_args", "main", "quiet_engines"]
+__all__ = [
+    "add_arguments",
+    "add_config_arguments",
+    "load_from_args",
+    "main",
+    "quiet_engines",
+    "run_line",
+]
 
 _MIN_WIDTH = 150  # tables stay readable in logs and pipes
 
@@ -129,12 +137,16 @@ def main(args: argparse.Namespace) -> int:
         tracker = SweepProgress(progress, config)
         outcome = run_sweep(config, progress=tracker.update, plots=not args.no_plots)
     out.print(summary_table(outcome.summary, outcome.out_dir))
-    out.print(
-        f"{outcome.wall_s:.0f} s wall time"
-        + (
-            f", peak memory {outcome.peak_memory / 2**30:.2f} GiB (all processes)"
-            if outcome.peak_memory
-            else ""
-        )
-    )
+    out.print(run_line(outcome))
     return 0
+
+
+def run_line(outcome: SweepOutcome) -> str:
+    """Wall time and peak memory of a run, in one line."""
+    line = f"{outcome.wall_s:.0f} s wall time"
+    if outcome.peak_memory and outcome.peak_process_memory:
+        line += (
+            f", peak memory {outcome.peak_memory / 2**30:.2f} GiB in all processes "
+            f"(largest {outcome.peak_process_memory / 2**30:.2f} GiB)"
+        )
+    return line

@@ -22,7 +22,13 @@ from __future__ import annotations
 import argparse
 from dataclasses import replace
 
-from fedsqueeze.cli.simulate_cmd import add_config_arguments, console, load_from_args, quiet_engines
+from fedsqueeze.cli.simulate_cmd import (
+    add_config_arguments,
+    console,
+    load_from_args,
+    quiet_engines,
+    run_line,
+)
 from fedsqueeze.errors import ConfigError
 
 __all__ = ["add_arguments", "main"]
@@ -65,7 +71,7 @@ def main(args: argparse.Namespace) -> int:
             tracker = SweepProgress(progress, config)
             outcome = run_sweep(config, progress=tracker.update, plots=not args.no_plots)
         out.print(summary_table(outcome.summary, outcome.out_dir))
-        out.print(f"{outcome.wall_s:.0f} s wall time")
+        out.print(run_line(outcome))
         return 0
     with make_progress(out) as progress:
 

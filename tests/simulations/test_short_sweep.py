@@ -20,10 +20,15 @@ from simulations.config import load_config
 from simulations.server import model_bytes
 
 ROOT = Path(__file__).resolve().parents[2]
-DOWN_BUDGET, UP_BUDGET = 6_000, 3_000
+DOWN_BUDGET, UP_BUDGET, FRACTION = 6_000, 3_000, 1 / 60
 #: Flower frames each fp32 tensor as a .npy file (128-byte header) inside its protobuf
 #: message: 1.06 % on the 8 tensors of the digits CNN. Anything more would be a bug.
 BASELINE_FRAMING = 0.015
+BUDGET_FLAGS = (
+    f"arm.adaptive.down-budget={DOWN_BUDGET}",
+    f"arm.adaptive.up-budget={UP_BUDGET}",
+    f"arm.adaptive.budget-fraction={FRACTION}",
+)
 
 
 def _sweep(out: Path, *sets: str) -> Path:
@@ -48,11 +53,7 @@ def _rows(path: Path) -> list[dict[str, str]]:
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("sweep")
-    return _sweep(
-        out,
-        f"arm.adaptive.down-budget={DOWN_BUDGET}",
-        f"arm.adaptive.up-budget={UP_BUDGET}",
-    )
+    return _sweep(out, *BUDGET_FLAGS)
 
 
 @pytest.mark.slow
@@ -130,8 +131,7 @@ def test_the_budget_policy_never_exceeds_a_clients_budget(sweep: Path) -> None:
         assert int(r["data_bytes_up"]) <= UP_BUDGET, r
         assert r["down_spec"] and r["up_spec"]
     # and the run's total budget (a fraction of what fp32 FedAvg would move)
-    arm = config.arm("adaptive")
-    total = arm.budget_fraction * model_bytes(config.task, config.seed) * 2
+    total = FRACTION * model_bytes(config.task, config.seed) * 2
     total *= config.clients_per_round * config.num_rounds
     spent = sum(int(r["data_bytes_down"]) + int(r["data_bytes_up"]) for r in clients)
     assert spent <= total
@@ -140,11 +140,7 @@ def test_the_budget_policy_never_exceeds_a_clients_budget(sweep: Path) -> None:
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_same_config_same_partitions_sampling_and_metrics(sweep: Path, tmp_path: Path) -> None:
-    again = _sweep(
-        tmp_path / "again",
-        f"arm.adaptive.down-budget={DOWN_BUDGET}",
-        f"arm.adaptive.up-budget={UP_BUDGET}",
-    )
+    again = _sweep(tmp_path / "again", *BUDGET_FLAGS)
     first = {(r["arm"], r["round"]): r for r in _rows(sweep / "results.csv")}
     for row in _rows(again / "results.csv"):
         before = first[(row["arm"], row["round"])]
