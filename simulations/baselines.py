@@ -11,8 +11,8 @@ arm                what travels
                    with error feedback, fp32 values (the classic uplink-only compression)
 ``adaptive``       fedsqueeze with the adaptive budget policy: per client and round, the
                    least-error download (a sparse, low-bit delta against what the client
-                   holds) and upload (top-k with error feedback, low-bit) that fit 3.2 kB
-                   down and 2.4 kB up on the data plane (together 1/55 of an fp32 model
+                   holds) and upload (top-k with error feedback, low-bit) that fit 4.2 kB
+                   down and 3 kB up on the data plane (together 1/42 of an fp32 model
                    down and up) and the client's link within the round deadline, if any
 ``sparse``         (not in the default sweep) fixed specs: 95%-sparse 2-bit model deltas
                    down, top-k 5% 2-bit updates with error feedback up
@@ -172,9 +172,9 @@ ARM_PRESETS: Mapping[str, ArmConfig] = {
     "adaptive": ArmConfig(
         "adaptive",
         policy=PolicyKind.ADAPTIVE,
-        down_budget=3200,
-        up_budget=2400,
-        description="adaptive specs within 3.2 kB down / 2.4 kB up per client and round",
+        down_budget=4200,
+        up_budget=3000,
+        description="adaptive specs within 4.2 kB down / 3 kB up per client and round",
     ),
     "sparse": ArmConfig(
         "sparse",

@@ -217,8 +217,10 @@ class SweepServer:
                 run_budget=RunBudget(total, arm.down_share) if total else None,
                 num_rounds=cfg.num_rounds,
                 clients_per_round=cfg.clients_per_round,
-                link_of=sim.link_of_node,
-                deadline_s=cfg.deadline_s or None,
+                # Fixed specs without a budget are sent to everyone, stragglers included
+                # (they are then dropped at the deadline, as a deployment's would be).
+                link_of=sim.link_of_node if arm.budgeted else None,
+                deadline_s=(cfg.deadline_s or None) if arm.budgeted else None,
             )
             out.append(policy)
             return policy

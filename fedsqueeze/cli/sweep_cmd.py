@@ -6,8 +6,9 @@ with error feedback, and fedsqueeze's adaptive budget policy, on 20 digits clien
 Dirichlet(0.5) partitions and mixed link profiles. Every ratio is against the FedAvg fp32
 baseline; the target accuracy is its final accuracy minus one point.
 
-Writes results.csv (per round and arm), summary.json, summary.md, accuracy_vs_mb.png and
-accuracy_vs_time.png into the output folder, and prints the summary table. With several
+Writes results.csv (per round and arm), clients.csv (per client and round), summary.json,
+summary.md, run.json, accuracy_vs_mb.png and accuracy_vs_time.png into the output folder,
+and prints the summary table. With several
 --seeds, each seed gets its own folder and medians.json / medians.md sum them up.
 
 examples:
