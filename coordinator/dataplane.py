@@ -59,6 +59,7 @@ class CoordinatorDataPlane:
         tls_cert: Path | None = None,
         tls_key: Path | None = None,
     ) -> None:
+        self.store = store
         self.updates = UpdateStore()
         self.tokens = DerivedTokens()
         tls = ServerTls.from_files(tls_cert, tls_key) if tls_cert and tls_key else None
@@ -87,16 +88,22 @@ class CoordinatorDataPlane:
     def instruction(
         self, template: InstructionTemplate, server_round: int, node_id: int, target: str
     ) -> RoundInstruction:
-        """The control message for one edge."""
+        """The control message for one edge.
+
+        The initial model's task, seed and digest go only to an edge not known to hold
+        a version: the others fetch a delta from what they hold, and the bytes are saved.
+        An edge that lost its cache downloads the full model instead.
+        """
+        known = self.store.edge_version(str(node_id)) is not None
         return RoundInstruction(
             server_round=server_round + template.round_offset,
             address=self.address,
             target=target,
             down_spec=template.down_spec,
             up_spec=template.up_spec,
-            task=template.task,
-            init_seed=template.init_seed,
-            init_digest=template.init_digest,
+            task="" if known else template.task,
+            init_seed=-1 if known else template.init_seed,
+            init_digest="" if known else template.init_digest,
             down_budget=template.down_budget,
             up_budget=template.up_budget,
             token=self.tokens.token_for(str(node_id)),

@@ -18,9 +18,10 @@ plain Flower run.
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import math
 import time
-import uuid
 from collections.abc import Callable
 
 import torch
@@ -108,10 +109,10 @@ def make_mod(
             parse_spec(instruction.up_spec),
             fetched.state,
             residual=memory.residual,
-            seed=int(uuid.uuid4().int % (1 << 31)),
+            seed=_rounding_seed(edge_id, instruction.server_round, fetched.digest),
             base_digest=bytes.fromhex(fetched.digest),
         )
-        update_id = f"{edge_id}-r{instruction.server_round}-{uuid.uuid4().hex[:12]}"
+        update_id = _update_id(edge_id, instruction.server_round, encoded.to_bytes())
         push_start = time.perf_counter()
         pushed = plane.push(instruction, edge_id, update_id, fetched.digest, encoded)
         push_seconds = time.perf_counter() - push_start
@@ -121,16 +122,15 @@ def make_mod(
             update_id=update_id,
             held=fetched.digest,
             num_examples=int(_number(app_metrics.get("num-examples", 0))),
-            loss=_number(app_metrics.get("train-loss", app_metrics.get("loss", 0.0))),
+            loss=_number(app_metrics.get("train-loss", app_metrics.get("loss", math.nan))),
             bytes_down=fetched.bytes_down + pushed.bytes_down,
             bytes_up=fetched.bytes_up + pushed.bytes_up,
             train_seconds=_number(app_metrics.get("compute-seconds", 0.0)),
             fetch_seconds=fetch_seconds,
             push_seconds=push_seconds,
         )
-        ids, numbers = receipt.to_records()
-        merged = MetricRecord({**dict(app_metrics), **dict(numbers)})
-        reply.content = RecordDict({RECEIPT_KEY: ids, "metrics": merged})
+        ids, metrics = receipt.to_records(app_metrics)
+        reply.content = RecordDict({RECEIPT_KEY: ids, "metrics": metrics})
         log.info(
             "edge %s round %d: %d bytes down, %d up, update %s",
             edge_id,
@@ -142,6 +142,21 @@ def make_mod(
         return reply
 
     return fedsqueeze
+
+
+def _rounding_seed(edge_id: str, server_round: int, base_digest: str) -> int:
+    """Seed of the update's stochastic rounding: fixed by edge, round and base.
+
+    A rerun of the same experiment rounds the same way (reproducible runs), while
+    different edges and rounds draw independent noise, which unbiasedness needs.
+    """
+    material = f"{edge_id}/{server_round}/{base_digest}".encode()
+    return int.from_bytes(hashlib.sha256(material).digest()[:4], "big") >> 1
+
+
+def _update_id(edge_id: str, server_round: int, payload: bytes) -> str:
+    """An id that names this update's content: a retry of the same bytes is the same id."""
+    return f"{edge_id}-{server_round}-{hashlib.sha256(payload).hexdigest()[:8]}"
 
 
 def _number(value: object) -> float:

@@ -19,8 +19,12 @@ from flwr.serverapp.strategy import FedAvg
 
 from coordinator.dropin import compressed
 from edge.mod import fedsqueeze_mod
+from tests.subproc import arm_watchdog
 
 warnings.simplefilter("ignore")
+
+
+arm_watchdog()
 
 
 def make_model() -> torch.nn.Module:

@@ -21,8 +21,12 @@ from edge.dataplane import GrpcConnector, Pushed
 from edge.mod import make_mod
 from fedsqueeze.codec import EncodedModel
 from fedsqueeze.control import CONTROL_KEY, RoundInstruction
+from tests.subproc import arm_watchdog
 
 warnings.simplefilter("ignore")
+
+
+arm_watchdog()
 
 
 def _round(msg: Message) -> int:

@@ -7,41 +7,24 @@ error and then hangs instead of failing.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.subproc import run_module
 
 
 def _run(tmp_path: Path, *flags: str) -> dict:  # type: ignore[type-arg]
     out = tmp_path / "state-out.json"
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "tests.integration.faulty_run",
-            str(tmp_path / "state"),
-            str(out),
-            *flags,
-        ],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=240,
-        check=False,
+    proc = run_module(
+        "tests.integration.faulty_run", str(tmp_path / "state"), str(out), *flags, timeout=420
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(out.read_text())  # type: ignore[no-any-return]
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(900)
 def test_rounds_raise_accuracy_count_bytes_and_resume_after_a_stop(tmp_path: Path) -> None:
     first = _run(tmp_path, "--rounds", "2")
     assert first["completed_round"] == 2
@@ -62,7 +45,7 @@ def test_rounds_raise_accuracy_count_bytes_and_resume_after_a_stop(tmp_path: Pat
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(480)
 def test_dead_edge_and_lost_upload_are_dropped_and_they_rejoin(tmp_path: Path) -> None:
     state = _run(tmp_path, "--faults")
     metrics = state["round_metrics"]
@@ -76,18 +59,10 @@ def test_dead_edge_and_lost_upload_are_dropped_and_they_rejoin(tmp_path: Path) -
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(480)
 def test_an_existing_flower_app_gains_compression_with_the_mod_and_wrapper(tmp_path: Path) -> None:
     out = tmp_path / "dropin.json"
-    proc = subprocess.run(
-        [sys.executable, "-m", "tests.integration.dropin_app", str(out)],
-        cwd=ROOT,
-        env={**os.environ, "PYTHONWARNINGS": "ignore"},
-        capture_output=True,
-        text=True,
-        timeout=240,
-        check=False,
-    )
+    proc = run_module("tests.integration.dropin_app", str(out), timeout=420)
     assert proc.returncode == 0, proc.stderr[-4000:]
     result = json.loads(out.read_text())
     mse = {int(k): v for k, v in result["mse"].items()}

@@ -14,6 +14,10 @@ import logging
 import sys
 import warnings
 
+from tests.subproc import arm_watchdog
+
+arm_watchdog()
+
 
 def main(argv: list[str]) -> int:
     warnings.simplefilter("ignore")

@@ -9,15 +9,13 @@ from __future__ import annotations
 
 import csv
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from simulations.config import load_config
 from simulations.server import model_bytes
+from tests.subproc import run_module
 
 ROOT = Path(__file__).resolve().parents[2]
 DOWN_BUDGET, UP_BUDGET, FRACTION = 6_000, 3_000, 1 / 60
@@ -32,14 +30,10 @@ BUDGET_FLAGS = (
 
 
 def _sweep(out: Path, *sets: str) -> Path:
-    args = [sys.executable, "-m", "tests.simulations.cli_run", "sweep", "--config", "smoke"]
-    args += ["--out", str(out)]
+    args = ["sweep", "--config", "smoke", "--out", str(out)]
     for s in sets:
         args += ["--set", s]
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.run(
-        args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400, check=False
-    )
+    proc = run_module("tests.simulations.cli_run", *args, timeout=400)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "target accuracy" in proc.stdout  # the summary table was printed
     return out

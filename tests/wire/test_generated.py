@@ -18,6 +18,10 @@ def test_committed_code_matches_a_fresh_generation(tmp_path: Path) -> None:
     written = generate.generate(out_dir=tmp_path)
     names = sorted(p.name for p in written)
     assert names == [
+        "control_pb2.py",
+        "control_pb2.pyi",
+        "control_pb2_grpc.py",
+        "control_pb2_grpc.pyi",
         "transfer_pb2.py",
         "transfer_pb2.pyi",
         "transfer_pb2_grpc.py",

@@ -1,4 +1,4 @@
-"""transfer.proto follows the protobuf style guide, and only ever grows compatibly."""
+"""Every .proto follows the protobuf style guide, and only ever grows compatibly."""
 
 from __future__ import annotations
 
@@ -15,7 +15,8 @@ pytestmark = pytest.mark.timeout(60)
 
 SNAKE = re.compile(r"[a-z][a-z0-9]*(_[a-z0-9]+)*")
 PASCAL = re.compile(r"[A-Z][A-Za-z0-9]*")
-FIELDS_SNAPSHOT = Path(__file__).parent / "transfer_v1_fields.json"
+#: The .proto files of fedsqueeze.v1; each has a field snapshot ``<name>_v1_fields.json``.
+PROTO_NAMES = ("transfer", "control")
 
 # Paths into FileDescriptorProto (descriptor.proto field numbers).
 MESSAGE, ENUM, SERVICE = 4, 5, 6
@@ -23,9 +24,22 @@ FIELD, ONEOF, VALUE, METHOD = 2, 8, 2, 2
 
 
 @pytest.fixture(scope="module")
-def proto(tmp_path_factory):
-    [file] = descriptor_set(tmp_path_factory.mktemp("desc"), source_info=True).file
-    return file
+def compiled(tmp_path_factory):
+    files = descriptor_set(tmp_path_factory.mktemp("desc"), source_info=True).file
+    return {f.name: f for f in files}
+
+
+@pytest.fixture(params=PROTO_NAMES)
+def proto(request, compiled):
+    return compiled[f"fedsqueeze/v1/{request.param}.proto"]
+
+
+def _snapshot_path(proto: descriptor_pb2.FileDescriptorProto) -> Path:
+    return Path(__file__).parent / f"{Path(proto.name).stem}_v1_fields.json"
+
+
+def test_every_proto_file_is_checked(compiled):
+    assert sorted(compiled) == sorted(f"fedsqueeze/v1/{n}.proto" for n in PROTO_NAMES)
 
 
 def _comments(file: descriptor_pb2.FileDescriptorProto) -> dict[tuple[int, ...], str]:
@@ -34,7 +48,7 @@ def _comments(file: descriptor_pb2.FileDescriptorProto) -> dict[tuple[int, ...],
 
 def test_package_is_versioned_and_matches_the_directory(proto):
     assert proto.package == "fedsqueeze.v1"
-    assert proto.name == "fedsqueeze/v1/transfer.proto"
+    assert proto.name.startswith("fedsqueeze/v1/") and proto.name.endswith(".proto")
     assert proto.syntax == "proto3"
     assert list(proto.dependency) == []  # loadable on its own
 
@@ -84,7 +98,7 @@ def test_names_follow_the_style_guide(proto):
 
 def test_fields_are_only_added_or_reserved(proto):
     """Every field of the v1 snapshot still exists with its number and type, or is reserved."""
-    snapshot = json.loads(FIELDS_SNAPSHOT.read_text())
+    snapshot = json.loads(_snapshot_path(proto).read_text())
     messages = {m.name: m for m in proto.message_type}
     problems = []
     for message_name, fields in snapshot.items():
@@ -114,8 +128,8 @@ def current_snapshot(
 
 
 def test_snapshot_covers_every_message(proto):
-    snapshot = json.loads(FIELDS_SNAPSHOT.read_text())
+    snapshot = json.loads(_snapshot_path(proto).read_text())
     current = current_snapshot(proto)
     for name, fields in current.items():
-        assert name in snapshot, f"add {name} to {FIELDS_SNAPSHOT.name}"
+        assert name in snapshot, f"add {name} to {_snapshot_path(proto).name}"
         assert set(fields) <= set(snapshot[name]), f"add new fields of {name} to the snapshot"

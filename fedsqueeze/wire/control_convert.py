@@ -1,0 +1,143 @@
+"""Conversions between the control messages (``control.proto``) and their Python types.
+
+The control plane rides inside Flower messages as one ``bytes`` value each way (see
+``proto/fedsqueeze/v1/control.proto``); this module serializes and parses those bytes.
+Parsing treats its input as hostile: anything that does not describe a valid message
+raises :class:`~fedsqueeze.errors.ConfigError`.
+"""
+
+from __future__ import annotations
+
+import math
+
+from google.protobuf.message import DecodeError
+
+from fedsqueeze.control import RoundInstruction, TrainReceipt
+from fedsqueeze.errors import ConfigError
+from fedsqueeze.wire import control_pb2 as pb
+
+__all__ = [
+    "instruction_from_bytes",
+    "instruction_to_bytes",
+    "receipt_from_bytes",
+    "receipt_to_bytes",
+]
+
+_DIGEST_BYTES = 32
+
+
+def _digest_to_wire(hex_digest: str, what: str, *, optional: bool = False) -> bytes:
+    if not hex_digest and optional:
+        return b""
+    try:
+        raw = bytes.fromhex(hex_digest)
+    except ValueError as exc:
+        raise ConfigError(f"{what} is not a hex digest: {hex_digest[:70]!r}") from exc
+    if len(raw) != _DIGEST_BYTES:
+        raise ConfigError(f"{what} must be a {_DIGEST_BYTES}-byte digest, got {len(raw)} bytes")
+    return raw
+
+
+def _digest_from_wire(raw: bytes, what: str, *, optional: bool = False) -> str:
+    if not raw and optional:
+        return ""
+    if len(raw) != _DIGEST_BYTES:
+        raise ConfigError(f"{what} must be a {_DIGEST_BYTES}-byte digest, got {len(raw)} bytes")
+    return raw.hex()
+
+
+def _parse(message: pb.RoundInstruction | pb.TrainReceipt, data: bytes, what: str) -> None:
+    if not isinstance(data, bytes):
+        raise ConfigError(f"{what} must be bytes, got {type(data).__name__}")
+    try:
+        message.ParseFromString(data)
+    except DecodeError as exc:
+        raise ConfigError(f"malformed {what}: {exc}") from exc
+
+
+def instruction_to_bytes(instruction: RoundInstruction) -> bytes:
+    """Serialize an instruction; fields at their defaults cost nothing."""
+    if instruction.server_round < 0 or instruction.init_seed < -1:
+        raise ConfigError("server_round and init_seed must not be negative")
+    if instruction.down_budget < 0 or instruction.up_budget < 0:
+        raise ConfigError("budgets must not be negative")
+    has_init = bool(instruction.init_digest) and instruction.init_seed >= 0
+    message = pb.RoundInstruction(
+        server_round=instruction.server_round,
+        address=instruction.address,
+        target_digest=_digest_to_wire(instruction.target, "target"),
+        down_spec=instruction.down_spec,
+        up_spec=instruction.up_spec,
+        down_budget_bytes=instruction.down_budget,
+        up_budget_bytes=instruction.up_budget,
+        task=instruction.task if has_init else "",
+        init_seed=instruction.init_seed if has_init else 0,
+        init_digest=(_digest_to_wire(instruction.init_digest, "init_digest") if has_init else b""),
+        token=instruction.token,
+        tls=instruction.tls,
+    )
+    return message.SerializeToString()
+
+
+def instruction_from_bytes(data: bytes) -> RoundInstruction:
+    """Inverse of :func:`instruction_to_bytes`; :class:`ConfigError` on bad input."""
+    message = pb.RoundInstruction()
+    _parse(message, data, "round instruction")
+    if not message.address:
+        raise ConfigError("round instruction without a data-plane address")
+    init_digest = _digest_from_wire(message.init_digest, "init_digest", optional=True)
+    return RoundInstruction(
+        server_round=message.server_round,
+        address=message.address,
+        target=_digest_from_wire(message.target_digest, "target"),
+        down_spec=message.down_spec,
+        up_spec=message.up_spec,
+        task=message.task,
+        init_seed=message.init_seed if init_digest else -1,
+        init_digest=init_digest,
+        down_budget=message.down_budget_bytes,
+        up_budget=message.up_budget_bytes,
+        token=message.token,
+        tls=message.tls,
+    )
+
+
+def _seconds(value: float, what: str) -> float:
+    if not math.isfinite(value) or value < 0:
+        raise ConfigError(f"{what} must be a finite, non-negative number of seconds")
+    return value
+
+
+def receipt_to_bytes(receipt: TrainReceipt) -> bytes:
+    """Serialize the receipt's ids, byte counts and timings (not examples or loss)."""
+    if receipt.bytes_down < 0 or receipt.bytes_up < 0:
+        raise ConfigError("byte counts must not be negative")
+    message = pb.TrainReceipt(
+        update_id=receipt.update_id,
+        held_digest=_digest_to_wire(receipt.held, "held"),
+        bytes_down=receipt.bytes_down,
+        bytes_up=receipt.bytes_up,
+        train_seconds=_seconds(receipt.train_seconds, "train_seconds"),
+        fetch_seconds=_seconds(receipt.fetch_seconds, "fetch_seconds"),
+        push_seconds=_seconds(receipt.push_seconds, "push_seconds"),
+    )
+    return message.SerializeToString()
+
+
+def receipt_from_bytes(data: bytes, num_examples: int, loss: float) -> TrainReceipt:
+    """Inverse of :func:`receipt_to_bytes`, with examples and loss from the app's metrics."""
+    message = pb.TrainReceipt()
+    _parse(message, data, "train receipt")
+    if not message.update_id:
+        raise ConfigError("train receipt without an update id")
+    return TrainReceipt(
+        update_id=message.update_id,
+        held=_digest_from_wire(message.held_digest, "held"),
+        num_examples=num_examples,
+        loss=loss,
+        bytes_down=message.bytes_down,
+        bytes_up=message.bytes_up,
+        train_seconds=_seconds(message.train_seconds, "train_seconds"),
+        fetch_seconds=_seconds(message.fetch_seconds, "fetch_seconds"),
+        push_seconds=_seconds(message.push_seconds, "push_seconds"),
+    )

@@ -1,0 +1,151 @@
+"""The control messages inside Flower messages: round trips, hostile input, and their size."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import replace
+
+import pytest
+from flwr.app import ConfigRecord, MetricRecord, RecordDict
+from flwr.common.serde import recorddict_to_proto
+
+from coordinator.tokens import DerivedTokens
+from fedsqueeze.control import CONTROL_KEY, RECEIPT_KEY, WIRE_KEY, RoundInstruction, TrainReceipt
+from fedsqueeze.errors import ConfigError
+
+DIGEST = hashlib.sha256(b"model").hexdigest()
+INIT = hashlib.sha256(b"init").hexdigest()
+TOKEN = DerivedTokens(b"s" * 32).token_for("123456789012345678")
+
+
+def _instruction(**changes: object) -> RoundInstruction:
+    base = RoundInstruction(
+        server_round=17,
+        address="10.0.0.5:50061",
+        target=DIGEST,
+        down_spec="p95g-k3",
+        up_spec="t0.05-q2s",
+        task="digits-cnn",
+        init_seed=0,
+        init_digest=INIT,
+        down_budget=4200,
+        up_budget=3000,
+        token=TOKEN,
+        tls=True,
+    )
+    return replace(base, **changes)  # type: ignore[arg-type]
+
+
+def _receipt(**changes: object) -> TrainReceipt:
+    base = TrainReceipt(
+        update_id="123456789012345678-17-0a1b2c3d",
+        held=DIGEST,
+        num_examples=90,
+        loss=0.25,
+        bytes_down=3455,
+        bytes_up=2235,
+        train_seconds=0.5,
+        fetch_seconds=0.125,
+        push_seconds=0.0625,
+    )
+    return replace(base, **changes)  # type: ignore[arg-type]
+
+
+def _record_bytes(key: str, record: ConfigRecord) -> int:
+    return int(recorddict_to_proto(RecordDict({key: record})).ByteSize())
+
+
+def test_instruction_round_trips() -> None:
+    instruction = _instruction()
+    assert RoundInstruction.from_record(instruction.to_record()) == instruction
+    no_init = _instruction(task="", init_seed=-1, init_digest="", tls=False, down_budget=0)
+    assert RoundInstruction.from_record(no_init.to_record()) == no_init
+
+
+def test_instruction_without_init_digest_drops_task_and_seed() -> None:
+    # A task or seed without the digest to check them against is of no use to the edge.
+    back = RoundInstruction.from_record(_instruction(init_digest="").to_record())
+    assert (back.task, back.init_seed, back.init_digest) == ("", -1, "")
+
+
+def test_receipt_round_trips_with_examples_and_loss_in_the_apps_metrics() -> None:
+    receipt = _receipt()
+    app = MetricRecord({"num-examples": 90, "train-loss": 0.25, "compute-seconds": 0.5})
+    ids, metrics = receipt.to_records(app)
+    assert dict(metrics) == dict(app)  # nothing added to what the app reported
+    assert TrainReceipt.from_records(ids, metrics) == receipt
+    ids, metrics = receipt.to_records()  # an app that reported nothing
+    assert dict(metrics) == {"num-examples": 90, "loss": 0.25}
+    assert TrainReceipt.from_records(ids, metrics) == receipt
+
+
+def test_control_messages_are_small() -> None:
+    """Every client pays these in every round: keep them from growing back.
+
+    The ConfigRecord of named fields with hex digests this replaced cost 442 bytes for
+    the instruction and 379 (with the app's metrics) for the receipt, as RecordDicts.
+    """
+    first_contact = _record_bytes(CONTROL_KEY, _instruction().to_record())
+    later = _record_bytes(CONTROL_KEY, _instruction(task="", init_digest="").to_record())
+    ids, _ = _receipt().to_records()
+    receipt = _record_bytes(RECEIPT_KEY, ids)
+    assert first_contact <= 190, first_contact  # 181 when written
+    assert later <= 140, later  # 131
+    assert receipt <= 130, receipt  # 121
+
+
+@pytest.mark.parametrize(
+    "record",
+    [
+        ConfigRecord({}),
+        ConfigRecord({WIRE_KEY: "not bytes"}),
+        ConfigRecord({WIRE_KEY: b"\xff\xff\xff"}),
+        ConfigRecord({"server_round": 1, "address": "x"}),  # the old named-field form
+    ],
+)
+def test_a_bad_instruction_is_a_config_error(record: ConfigRecord) -> None:
+    with pytest.raises(ConfigError):
+        RoundInstruction.from_record(record)
+
+
+def test_an_instruction_needs_an_address_and_a_full_digest() -> None:
+    from fedsqueeze.wire import control_pb2 as pb
+
+    good = pb.RoundInstruction()
+    good.ParseFromString(_instruction().to_record()[WIRE_KEY])  # type: ignore[arg-type]
+    for field, value in (("address", ""), ("target_digest", b"\x01" * 31)):
+        bad = pb.RoundInstruction()
+        bad.CopyFrom(good)
+        setattr(bad, field, value)
+        with pytest.raises(ConfigError):
+            RoundInstruction.from_record(ConfigRecord({WIRE_KEY: bad.SerializeToString()}))
+
+
+@pytest.mark.parametrize(
+    "instruction",
+    [
+        _instruction(target="zz"),
+        _instruction(target=DIGEST[:-2]),
+        _instruction(init_digest="abc"),
+        _instruction(down_budget=-1),
+    ],
+)
+def test_an_invalid_instruction_is_refused_before_it_is_sent(instruction: RoundInstruction) -> None:
+    with pytest.raises(ConfigError):
+        instruction.to_record()
+
+
+def test_a_bad_receipt_is_a_config_error() -> None:
+    ids, metrics = _receipt().to_records()
+    with pytest.raises(ConfigError):
+        TrainReceipt.from_records(ConfigRecord({WIRE_KEY: b"\x0a\xff"}), metrics)
+    with pytest.raises(ConfigError):
+        TrainReceipt.from_records(ids, MetricRecord({"num-examples": -3}))
+    with pytest.raises(ConfigError):
+        _receipt(held="beef").to_records()
+    with pytest.raises(ConfigError):
+        _receipt(train_seconds=math.inf).to_records()
+    empty_ids, _ = _receipt(update_id="").to_records()
+    with pytest.raises(ConfigError):
+        TrainReceipt.from_records(empty_ids, metrics)
