@@ -104,7 +104,7 @@ def run_sweep(
     plots
         Whether to write the PNGs.
     """
-    from flwr.simulation import run_simulation  # deferred: imports Ray
+    from simulations.engine import run_simulation  # deferred: imports Ray
 
     out = out_dir or config.out_dir()
     out.mkdir(parents=True, exist_ok=True)

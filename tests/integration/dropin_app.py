@@ -78,7 +78,11 @@ def main(grid: Grid, context: Context) -> None:
         FedAvg(fraction_evaluate=0.0), down_spec="int8", up_spec="topk10-int4"
     ) as strategy:
         result = strategy.start(
-            grid, ArrayRecord(make_model().state_dict()), num_rounds=3, evaluate_fn=evaluate
+            grid,
+            ArrayRecord(make_model().state_dict()),
+            num_rounds=3,
+            timeout=120,
+            evaluate_fn=evaluate,
         )
         RESULT["mse"] = {int(k): v["mse"] for k, v in result.evaluate_metrics_serverapp.items()}
         RESULT["bytes"] = {
@@ -87,7 +91,7 @@ def main(grid: Grid, context: Context) -> None:
 
 
 if __name__ == "__main__":
-    from flwr.simulation import run_simulation
+    from simulations.engine import run_simulation
 
     run_simulation(
         server,

@@ -70,11 +70,10 @@ def remember_partition_one(msg: Message, context: Context, call_next: ClientAppC
 
 
 def main() -> int:
-    from flwr.simulation import run_simulation
-
     from coordinator.app import make_server_app
     from edge.app import make_client_app
     from fedsqueeze.runconfig import RunSettings
+    from simulations.engine import run_simulation
 
     state_dir, out = Path(sys.argv[1]), Path(sys.argv[2])
     faults = "--faults" in sys.argv
