@@ -25,6 +25,7 @@ from enum import IntEnum, IntFlag
 import torch
 
 from fedsqueeze.codec.bytesio import ByteReader, write_varint
+from fedsqueeze.codec.positions import max_payload_bytes
 from fedsqueeze.codec.spec import CodecSpec, FloatFormat, Granularity, QuantScheme
 from fedsqueeze.errors import FormatError, LimitExceededError, UnsupportedVersionError
 
@@ -75,6 +76,19 @@ FLOAT_KINDS = {
     FloatFormat.FP16: ValueKind.FP16,
     FloatFormat.BF16: ValueKind.BF16,
 }
+
+
+#: Widest element a body stores (float64, int64).
+_MAX_ITEMSIZE = 8
+
+
+def max_body_bytes(numel: int) -> int:
+    """The longest body (before entropy coding) any record of ``numel`` elements has.
+
+    Dense values take at most ``8·numel`` bytes; sparse ones at most ``4·numel`` (float32)
+    plus the positions, which never exceed :func:`max_payload_bytes`.
+    """
+    return _MAX_ITEMSIZE * numel + max_payload_bytes(numel)
 
 
 @dataclass(frozen=True)
@@ -277,13 +291,13 @@ def parse_record(
         coding, rice_k = packed >> 5, packed & 0x1F
         count = reader.varint("kept count", limits.max_elements)
         # Measured in the body *before* entropy coding, so it may exceed what is left of
-        # a compressed body; the decoder checks it against the decompressed length.
-        pos_bytes = reader.varint("positions length", limits.max_elements // 8 + (1 << 20))
+        # a compressed body (an all-zero bitmap shrinks to a few bytes); the decoder checks
+        # it against the record's own element count before decompressing.
+        pos_bytes = reader.varint("positions length", max_payload_bytes(limits.max_elements))
         positions = PositionsHeader(coding, rice_k, count, pos_bytes)
     raw_length: int | None = None
     if flags & RecordFlags.ENTROPY:
-        # A compressed body may expand at most by zstd's limit; bound it by the elements.
-        raw_length = reader.varint("raw body length", 9 * limits.max_elements + (1 << 20))
+        raw_length = reader.varint("raw body length", max_body_bytes(limits.max_elements))
     body_len = reader.varint("body length", reader.remaining)
     body = bytes(reader.take(body_len, "record body"))
     return TensorRecord(
@@ -404,6 +418,7 @@ __all__ = [
     "TensorRecord",
     "ValueKind",
     "crc32",
+    "max_body_bytes",
     "parse_header",
     "parse_record",
     "qparams_nbytes",

@@ -65,13 +65,23 @@ def decompress(data: bytes | memoryview, size: int) -> bytes:
     Raises
     ------
     FormatError
-        If ``data`` is not a valid frame or does not decode to exactly ``size`` bytes.
+        If ``data`` is not exactly one valid frame or does not decode to exactly ``size``
+        bytes. Never allocates more than ``size`` bytes, whatever the frame claims (a
+        few kilobytes of zstd can expand to gigabytes).
     """
+    if size <= 0:
+        raise FormatError("entropy-coded body of 0 bytes")  # compress() never makes one
     decompressor = getattr(_local, "decompressor", None)
     if decompressor is None:
         decompressor = _local.decompressor = zstandard.ZstdDecompressor(format=_FORMAT)
+    raw = bytes(data)
     try:
-        out = decompressor.decompressobj().decompress(bytes(data))
+        # A frame that states its content size gets a buffer of that size, whatever
+        # max_output_size says: reject a wrong one before decompressing.
+        declared = zstandard.get_frame_parameters(raw, format=_FORMAT).content_size
+        if declared not in (zstandard.CONTENTSIZE_UNKNOWN, size):
+            raise FormatError(f"zstd frame declares {declared} bytes, header says {size}")
+        out = decompressor.decompress(raw, max_output_size=size, allow_extra_data=False)
     except zstandard.ZstdError as exc:
         raise FormatError(f"corrupt zstd stream: {exc}") from exc
     if len(out) != size:

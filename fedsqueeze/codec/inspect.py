@@ -29,6 +29,8 @@ class RecordInfo:
 
 def stages_of(record: TensorRecord) -> str:
     """Human-readable stages, in pipeline order."""
+    if record.zero:
+        return "unchanged" if record.delta else "zeros"
     parts = []
     if record.delta:
         parts.append("xor-delta" if record.value_kind is ValueKind.XOR else "delta")

@@ -38,6 +38,7 @@ __all__ = [
     "encode_positions",
     "indices_to_mask",
     "mask_to_indices",
+    "max_payload_bytes",
 ]
 
 #: Largest Rice parameter; gaps need at most ~log2(numel) bits.
@@ -73,6 +74,17 @@ class EncodedPositions:
     payload: Tensor
 
 
+def max_payload_bytes(numel: int) -> int:
+    """The most bytes :func:`encode_positions` writes for a tensor of ``numel`` elements.
+
+    It never writes more than the bitmap, ``ceil(numel/8)``, since it picks the smaller
+    coding; decoders bound hostile payload lengths by this before allocating anything.
+    """
+    if numel < 0:
+        raise ValueError(f"numel must be >= 0, got {numel}")
+    return packed_size(numel, 1)
+
+
 def mask_to_indices(mask: Tensor) -> Tensor:
     """Flat indices of the ``True`` entries of a bool mask: int64 ``[k]``, increasing."""
     if mask.dtype != torch.bool:
@@ -106,7 +118,7 @@ def encode_positions(indices: Tensor, numel: int) -> EncodedPositions:
     Returns
     -------
     EncodedPositions
-        Ties go to the bitmap.
+        Ties go to the bitmap, so the payload never exceeds :func:`max_payload_bytes`.
 
     Raises
     ------

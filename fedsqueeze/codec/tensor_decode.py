@@ -13,9 +13,9 @@ from collections.abc import Mapping
 import torch
 
 from fedsqueeze.codec import entropy
-from fedsqueeze.codec.bitpack import unpack_bits
+from fedsqueeze.codec.bitpack import packed_size, unpack_bits
 from fedsqueeze.codec.container import CODE_DTYPES, DTYPE_CODES, TensorRecord, ValueKind
-from fedsqueeze.codec.positions import PositionCoding, decode_positions
+from fedsqueeze.codec.positions import PositionCoding, decode_positions, max_payload_bytes
 from fedsqueeze.codec.quantization import dequantize, qparams_from_bytes
 from fedsqueeze.codec.spec import Granularity
 from fedsqueeze.errors import BaseMismatchError, FormatError
@@ -106,6 +106,14 @@ class TensorDecoder:
             if base is not None:
                 return name, base.to(device).clone()
             return name, torch.zeros(shape, dtype=dtype, device=device)
+        # The header fixes the body's exact length: check it before decompressing, so a
+        # hostile length never drives an allocation.
+        expected = _body_length(record, name, dtype, numel)
+        actual = len(record.body) if record.raw_length is None else record.raw_length
+        if actual != expected:
+            raise FormatError(
+                f"record {name!r}: body is {actual} bytes, its header implies {expected}"
+            )
         body: bytes | memoryview = record.body
         if record.raw_length is not None:
             body = entropy.decompress(body, record.raw_length)
@@ -113,8 +121,6 @@ class TensorDecoder:
         indices: torch.Tensor | None = None
         if record.positions is not None:
             p = record.positions
-            if p.count > numel or p.payload_bytes > len(body):
-                raise FormatError(f"record {name!r}: positions header out of range")
             try:
                 coding = PositionCoding(p.coding)
             except ValueError as exc:
@@ -180,6 +186,22 @@ class TensorDecoder:
             source = indices if indices is not None else torch.arange(numel, device=device)
             channels_of = torch.div(source, stride, rounding_mode="floor")
         return dequantize(codes, qp, channels_of)
+
+
+def _body_length(record: TensorRecord, name: str, dtype: torch.dtype, numel: int) -> int:
+    """Bytes the record's body must have before entropy coding, from its header alone."""
+    kept, positions_bytes = numel, 0
+    if record.positions is not None:
+        p = record.positions
+        if p.count > numel or p.payload_bytes > max_payload_bytes(numel):
+            raise FormatError(f"record {name!r}: positions header out of range")
+        kept, positions_bytes = p.count, p.payload_bytes
+    if record.quant is not None:
+        return positions_bytes + packed_size(kept, record.quant.bits)
+    kind = record.value_kind
+    stored = dtype if kind in (ValueKind.RAW, ValueKind.XOR) else _VALUE_DTYPES[kind]
+    width = torch.empty((), dtype=stored).element_size()
+    return positions_bytes + kept * width
 
 
 def _xor(bits: torch.Tensor, base: torch.Tensor) -> torch.Tensor:

@@ -8,6 +8,9 @@ Three paths, chosen per tensor:
 * **cast** (floats outside the targets with a narrower float format): values, or their
   difference to the base, stored as fp16/bf16.
 * **lossy** (targets): difference to the base (+ residual) → mask → quantize or cast.
+
+On every path a tensor with nothing to send (bit-identical to its base or all zero bits;
+for the lossy paths, nothing nonzero left after masking) is a ZERO record, about 2 bytes.
 """
 
 from __future__ import annotations
@@ -161,8 +164,13 @@ class TensorEncoder:
     def _lossless(self, name: str, t: torch.Tensor) -> TensorRecord:
         b = self._base_of(name, t)
         if b is None:
+            # All bits zero (not merely == 0: -0.0 must survive) decodes bit-exactly.
+            if _all_zero(_as_bits(t)):
+                return self._zero(name, t, delta=False)
             return self._record(name, t, delta=False, body=bytes(tensor_bytes(t)))
         bits = _as_bits(t) ^ _as_bits(b)
+        if _all_zero(bits):
+            return self._zero(name, t, delta=True)
         return self._record(
             name, t, delta=True, body=bytes(tensor_bytes(bits)), value_kind=ValueKind.XOR
         )
@@ -170,6 +178,8 @@ class TensorEncoder:
     def _cast(self, name: str, t: torch.Tensor) -> TensorRecord:
         b = self._base_of(name, t)
         x = t.to(torch.float32) if b is None else t.to(torch.float32) - b.to(torch.float32)
+        if _all_zero(x):
+            return self._zero(name, t, delta=b is not None)
         fmt = self._spec.float_format
         values = x.reshape(-1).to(_CAST_DTYPES[fmt])
         return self._record(
@@ -206,9 +216,21 @@ class TensorEncoder:
         flat = x.reshape(-1)
         mask = self._mask(name, x, global_mask)
         indices = None if mask is None else mask_to_indices(mask.reshape(-1))
-        if indices is not None and indices.numel() == 0:
-            return self._zero(name, t, delta), (x if spec.topk is not None else None)
         values = flat if indices is None else flat[indices]
+        # Magnitude selection keeps exact zeros when fewer than k values are nonzero (an
+        # unchanged tensor, a sparse update): they decode to 0 without positions. Channel
+        # pruning keeps its whole channels.
+        unstructured = spec.prune.method is not PruneMethod.LN_STRUCTURED
+        if (
+            indices is not None
+            and unstructured
+            and int(torch.count_nonzero(values)) < values.numel()
+        ):
+            nonzero = values != 0
+            indices, values = indices[nonzero], values[nonzero]
+        if _all_zero(values):
+            # Nothing nonzero kept: the receiver keeps its base (or gets zeros), ~2 bytes.
+            return self._zero(name, t, delta), (x if spec.topk is not None else None)
         numel = flat.numel()
         channels_of: torch.Tensor | None = None
         num_channels = t.shape[0] if t.ndim else 1
@@ -259,6 +281,16 @@ class TensorEncoder:
                 residual[indices] -= decoded
                 residual = residual.reshape(t.shape)
         return record, residual
+
+
+def _all_zero(x: torch.Tensor) -> bool:
+    """Whether every element of ``x`` equals 0 (``-0.0`` too; compare bits to tell them apart).
+
+    ``torch.equal`` against an expanded zero stops at the first difference on the CPU,
+    so the usual tensor with something to send costs microseconds, not a pass
+    (``x.any()`` costs about as much as ``clone()``).
+    """
+    return torch.equal(x, torch.zeros((), dtype=x.dtype, device=x.device).expand(x.shape))
 
 
 def _as_bits(t: torch.Tensor) -> torch.Tensor:
