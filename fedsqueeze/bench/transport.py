@@ -1,18 +1,24 @@
-"""Transport benchmark: the data plane against a bare gRPC stream, resume, fan-out.
+"""Transport benchmark: the data plane against a bare gRPC stream, resume, fan-out, framing.
 
-Three parts, measured in one run against one server process (plaintext on 127.0.0.1,
+Four parts, measured in one run against one server process (plaintext on 127.0.0.1,
 like the bare stream it is compared with), printed as a table (and JSON with --json):
 
   throughput  a model of --payload-mb MB streamed in --chunk-kib chunks from a server in
               another process, the median of --runs runs, alternating: a bare gRPC stream
-              of the same bytes (received and dropped); the same StreamSegments call
-              received and dropped (the protocol's own cost); a fetch's StreamSegments
-              calls, where every segment is also sha256-verified and kept; and the whole
-              fetch (+ GetManifest and reassembly: whole-payload sha256 and parsing).
+              of the same bytes (received and dropped); the same segments through
+              StreamSegments, received and dropped (the protocol's own cost); a fetch,
+              whose every segment is also sha256-verified and kept; and the whole fetch
+              (+ parsing the payload). For each stream, the CPU time per MiB of the client
+              process and of the server process (getrusage), and what that allows: a
+              stream that needs C ms of CPU per MiB in all cannot beat C / cores ms per
+              MiB of wall time.
   resume      the same fetch with its stream cut after half the segments: the extra
               bytes a resumed fetch costs, against one segment's size.
   fan-out     --clients clients, each on its own connection, fetch the same int8 delta at
               once: wall time, errors, and how many encodes the server performed.
+  framing     the bytes besides the payload of one fetch and one push of the digits CNN
+              as a sparse delta, as an edge sends them in a round
+              (fedsqueeze.bench.framing).
 
 GB/s is 10^9 bytes per second. Nothing here asserts a time: machines are shared.
 """
@@ -23,6 +29,7 @@ import argparse
 import json
 import multiprocessing as mp
 import os
+import resource
 import statistics
 import sys
 import threading
@@ -39,6 +46,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from fedsqueeze.bench.framing import measure_framing
 from fedsqueeze.codec import CodecSpec, QuantSpec
 from fedsqueeze.transport import (
     FaultInjector,
@@ -55,7 +63,11 @@ from fedsqueeze.transport.accounting import serialize_message
 from fedsqueeze.transport.cache import CacheKey
 from fedsqueeze.transport.prepare import prepare_model
 from fedsqueeze.transport.server import SERVICE_NAME, message_size_options
-from fedsqueeze.wire.convert import segment_from_message, segment_request_to_proto
+from fedsqueeze.wire.convert import (
+    segment_from_message,
+    segment_request_to_proto,
+    segment_view_from_message,
+)
 from fedsqueeze.wire.types import ManifestRequest, SegmentRequest
 
 __all__ = ["TransportBenchOptions", "add_arguments", "main", "register", "run_transport_bench"]
@@ -70,6 +82,13 @@ STREAM_SPEC = CodecSpec(entropy_level=0)
 FANOUT_SPEC = CodecSpec(quant=QuantSpec(8), targets=("*",), min_ndim=1, entropy_level=0)
 _BARE_METHOD = "/fedsqueeze.bench.BareStream/Stream"
 _GB = 1e9
+_MIB = 1 << 20
+
+
+def _cpu_s() -> float:
+    """CPU seconds (user + system, all threads) this process has used."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 @dataclass(frozen=True)
@@ -147,6 +166,8 @@ def _serve(
             command, arg = conn.recv()
             if command == "stats":
                 conn.send(asdict(server.stats()))
+            elif command == "cpu":
+                conn.send(_cpu_s())
             elif command == "cut":
                 faults.cut_streams_after(arg, times=1)
                 conn.send(None)
@@ -158,67 +179,123 @@ def _serve(
 
 
 # --------------------------------------------------------------------------- measurements
+@dataclass(frozen=True)
+class _Sample:
+    """One timed stream: throughput, and CPU per MiB of each process."""
+
+    gb_s: float
+    client_ms: float
+    server_ms: float
+
+
+def _medians(samples: list[_Sample]) -> Json:
+    return {
+        "gb_s": statistics.median(s.gb_s for s in samples),
+        "client_cpu_ms_per_mib": statistics.median(s.client_ms for s in samples),
+        "server_cpu_ms_per_mib": statistics.median(s.server_ms for s in samples),
+    }
+
+
 def _throughput(
-    options: TransportBenchOptions, client: TransferClient, bare_port: int, payload_bytes: int
+    options: TransportBenchOptions,
+    client: TransferClient,
+    bare_port: int,
+    payload_bytes: int,
+    command: Callable[[str, Any], Any],
 ) -> Json:
     size_limits = message_size_options(4 << 20)
     bare_channel = grpc.insecure_channel(f"127.0.0.1:{bare_port}", options=size_limits)
     bare_call = bare_channel.unary_stream(_BARE_METHOD)
-    # The same StreamSegments call with nothing verified or kept: the protocol's own cost.
-    manifest = client.get_manifest(ManifestRequest("bench", None, client.edge_id, STREAM_SPEC))
-    request = segment_request_to_proto(SegmentRequest(manifest.manifest_id, frozenset(), "bench"))
+    # The same segments with nothing verified or kept: the protocol's own cost.
+    manifest = client.get_manifest(ManifestRequest("bench", None, STREAM_SPEC))
+    request = segment_request_to_proto(SegmentRequest(manifest.manifest_key, frozenset()))
     raw_call = client.channel.unary_stream(
         f"/{SERVICE_NAME}/StreamSegments",
         request_serializer=serialize_message,
-        response_deserializer=segment_from_message,
+        response_deserializer=segment_view_from_message,
     )
+    mib = payload_bytes / _MIB
 
-    def run_bare() -> float:
+    def timed(run: Callable[[], Any]) -> tuple[float, float, float, Any]:
+        server_before, client_before = command("cpu", None), _cpu_s()
         started = time.perf_counter()
-        received = sum(len(chunk) for chunk in bare_call(b"", timeout=120))
-        return received / (time.perf_counter() - started) / _GB
+        outcome = run()
+        seconds = time.perf_counter() - started
+        return seconds, _cpu_s() - client_before, command("cpu", None) - server_before, outcome
 
-    def run_unverified() -> float:
-        started = time.perf_counter()
-        segments = raw_call(request, timeout=120, metadata=client.metadata)
-        received = sum(len(segment.payload) for segment in segments)
-        return received / (time.perf_counter() - started) / _GB
+    def sample(seconds: float, client_s: float, server_s: float) -> _Sample:
+        return _Sample(payload_bytes / seconds / _GB, client_s / mib * 1e3, server_s / mib * 1e3)
 
-    bare_runs: list[float] = []
-    unverified_runs: list[float] = []
-    segment_runs: list[float] = []
-    fetch_runs: list[float] = []
+    def run_bare() -> _Sample:
+        seconds, client_s, server_s, _ = timed(
+            lambda: sum(len(chunk) for chunk in bare_call(b"", timeout=120))
+        )
+        return sample(seconds, client_s, server_s)
+
+    def run_unverified() -> _Sample:
+        seconds, client_s, server_s, _ = timed(
+            lambda: sum(
+                len(s.payload) for s in raw_call(request, timeout=120, metadata=client.metadata)
+            )
+        )
+        return sample(seconds, client_s, server_s)
+
+    def run_fetch() -> tuple[_Sample, _Sample, int]:
+        stream_end: list[float] = []
+
+        def at_the_end(held: int, total: int) -> None:
+            if held == total:  # the last segment is verified: the stream's work is done
+                stream_end.append(_cpu_s())
+
+        client_before = _cpu_s()
+        seconds, client_s, server_s, result = timed(
+            lambda: client.fetch("bench", spec=STREAM_SPEC, decode=False, progress=at_the_end)
+        )
+        stream_client_s = stream_end[0] - client_before if stream_end else client_s
+        verified = sample(result.stats.stream_s, stream_client_s, server_s)
+        return verified, sample(seconds, client_s, server_s), result.stats.wire.received
+
+    runs: dict[str, list[_Sample]] = {"bare": [], "unverified": [], "verified": [], "fetch": []}
     wire_down = 0
     try:
         for run in range(options.runs + 1):  # run 0 warms everything up
-            bare = run_bare()
-            unverified = run_unverified()
-            result = client.fetch("bench", spec=STREAM_SPEC, decode=False)
-            if run == 0:
-                continue
-            bare_runs.append(bare)
-            unverified_runs.append(unverified)
-            segment_runs.append(payload_bytes / result.stats.stream_s / _GB)
-            fetch_runs.append(payload_bytes / result.stats.elapsed_s / _GB)
-            wire_down = result.stats.wire.received
+            bare, unverified = run_bare(), run_unverified()
+            verified, fetch, wire_down = run_fetch()
+            if run > 0:
+                for name, value in zip(runs, (bare, unverified, verified, fetch), strict=True):
+                    runs[name].append(value)
     finally:
         bare_channel.close()
-    bare_gb_s = statistics.median(bare_runs)
-    segments_gb_s = statistics.median(segment_runs)
+    medians = {name: _medians(samples) for name, samples in runs.items()}
+    bare_gb_s, segments_gb_s = medians["bare"]["gb_s"], medians["verified"]["gb_s"]
+    cpus = os.cpu_count() or 1
+
+    def cpu_total(name: str) -> float:
+        return float(
+            medians[name]["client_cpu_ms_per_mib"] + medians[name]["server_cpu_ms_per_mib"]
+        )
+
+    # Wall time per MiB cannot be below the CPU time per MiB spread over every core.
+    verified_ceiling_gb_s = _MIB / _GB / (cpu_total("verified") / cpus / 1e3)
     return {
         "payload_bytes": payload_bytes,
         "chunk_bytes": options.chunk_bytes,
         "runs": options.runs,
+        "cpus": cpus,
         "bare_gb_s": bare_gb_s,
-        "unverified_gb_s": statistics.median(unverified_runs),
+        "unverified_gb_s": medians["unverified"]["gb_s"],
         "segments_gb_s": segments_gb_s,
-        "fetch_gb_s": statistics.median(fetch_runs),
+        "fetch_gb_s": medians["fetch"]["gb_s"],
         "ratio": segments_gb_s / bare_gb_s,
         "target_ratio": TARGET_RATIO,
         "bytes_down": wire_down,
-        "bare_runs_gb_s": bare_runs,
-        "unverified_runs_gb_s": unverified_runs,
-        "segment_runs_gb_s": segment_runs,
+        "cpu_ms_per_mib": {
+            name: {k: v for k, v in m.items() if k != "gb_s"} for name, m in medians.items()
+        },
+        "bare_cores_busy": cpu_total("bare") / (_MIB / _GB / bare_gb_s * 1e3),
+        "verified_ceiling_gb_s": verified_ceiling_gb_s,
+        "ceiling_ratio": min(1.0, verified_ceiling_gb_s / bare_gb_s),
+        **{f"{name}_runs_gb_s": [s.gb_s for s in samples] for name, samples in runs.items()},
     }
 
 
@@ -289,7 +366,7 @@ def run_transport_bench(
     Returns
     -------
     dict
-        JSON-ready: ``{"machine", "throughput", "resume", "fanout"}``.
+        JSON-ready: ``{"machine", "throughput", "resume", "fanout", "framing"}``.
     """
     options = options or TransportBenchOptions()
     out = console or Console(quiet=True)
@@ -326,10 +403,16 @@ def run_transport_bench(
         with TransferClient(
             f"127.0.0.1:{port}", edge_id="bench", token=tokens["bench"], plaintext=True
         ) as client:
-            report["throughput"] = _throughput(options, client, bare_port, payload_bytes)
+            report["throughput"] = _throughput(options, client, bare_port, payload_bytes, command)
             report["resume"] = _resume(client, command, segments)
             report["resume"]["segment_bytes"] = payload_bytes // segments
         report["fanout"] = _fanout(options, port, fan_tokens, fan_base, command)
+        framing = measure_framing()
+        report["framing"] = {
+            **asdict(framing),
+            "fetch_framing_bytes": framing.fetch_framing_bytes,
+            "push_framing_bytes": framing.push_framing_bytes,
+        }
     finally:
         parent.send(("stop", None))
         process.join(30)
@@ -341,20 +424,41 @@ def run_transport_bench(
 
 
 def _table(report: Json) -> Table:
-    t, r, f = report["throughput"], report["resume"], report["fanout"]
+    t, r, f, w = report["throughput"], report["resume"], report["fanout"], report["framing"]
+    cpu = t["cpu_ms_per_mib"]
+
+    def cpu_note(name: str) -> str:
+        c = cpu[name]
+        return (
+            f"CPU ms/MiB: client {c['client_cpu_ms_per_mib']:.2f}, "
+            f"server {c['server_cpu_ms_per_mib']:.2f}"
+        )
+
     table = Table("measure", "value", "note", title="data plane (loopback, 2 processes)")
     table.columns[1].justify = "right"
-    table.add_row("bare gRPC stream", f"{t['bare_gb_s']:.3f} GB/s", "median, same bytes/chunks")
-    table.add_row("StreamSegments, dropped", f"{t['unverified_gb_s']:.3f} GB/s", "like bare")
-    table.add_row("StreamSegments, verified", f"{t['segments_gb_s']:.3f} GB/s",
-                  f"sha256, kept: {t['ratio']:.0%} of bare (goal {TARGET_RATIO:.0%})")  # fmt: skip
-    table.add_row("whole fetch", f"{t['fetch_gb_s']:.3f} GB/s", "+ manifest, reassembly")
+    table.add_row("bare gRPC stream", f"{t['bare_gb_s']:.3f} GB/s",
+                  f"median; {cpu_note('bare')}; {t['bare_cores_busy']:.1f} cores busy")  # fmt: skip
+    table.add_row("StreamSegments, dropped", f"{t['unverified_gb_s']:.3f} GB/s",
+                  cpu_note("unverified"))  # fmt: skip
+    goal = f"{t['ratio']:.0%} of bare (goal {TARGET_RATIO:.0%})"
+    table.add_row("Fetch, verified and kept", f"{t['segments_gb_s']:.3f} GB/s",
+                  f"{goal}; {cpu_note('verified')}")  # fmt: skip
+    ceiling = f"{t['ceiling_ratio']:.0%} of bare: its CPU/MiB over {t['cpus']} cores"
+    table.add_row("  CPU-bound ceiling", f"{t['verified_ceiling_gb_s']:.3f} GB/s", ceiling)
+    table.add_row("whole fetch", f"{t['fetch_gb_s']:.3f} GB/s",
+                  f"+ parsing the payload; {cpu_note('fetch')}")  # fmt: skip
     table.add_row("resume overhead", f"{r['overhead_bytes']} B",
                   f"cut after {r['cut_after_segments']} segments; "
                   f"one segment is {r['segment_bytes']} B")  # fmt: skip
     table.add_row(f"fan-out to {f['clients']} clients", f"{f['seconds']:.2f} s",
                   f"{f['errors']} errors, {f['encodes']} encode(s), "
                   f"{f['bytes_down_per_client']} B each")  # fmt: skip
+    table.add_row("framing per fetch", f"{w['fetch_framing_bytes']} B",
+                  f"{w['fetch_framing_down']} down, {w['fetch_framing_up']} up, "
+                  f"{w['fetch_calls']} call; payload {w['fetch_payload_bytes']} B")  # fmt: skip
+    table.add_row("framing per push", f"{w['push_framing_bytes']} B",
+                  f"{w['push_framing_up']} up, {w['push_framing_down']} down; "
+                  f"payload {w['push_payload_bytes']} B")  # fmt: skip
     return table
 
 

@@ -6,10 +6,11 @@ Every call carries two metadata entries::
     x-fedsqueeze-edge-id:  <edge id the token was issued to>
 
 The server looks up the token issued to that edge and compares it with
-:func:`hmac.compare_digest`: a missing or wrong token is ``UNAUTHENTICATED``. A caller
-authenticated as one edge that names another edge in a request (to read its data or
-push an update in its name) is ``PERMISSION_DENIED``. Tokens are secrets: they are never
-logged, and they only travel over TLS outside loopback experiments.
+:func:`hmac.compare_digest`: a missing or wrong token is ``UNAUTHENTICATED``. The edge
+these credentials prove is the caller for everything the call does (an upload is stored
+as that edge's); request bodies do not name an edge, so no call can act in another's
+name. Tokens are secrets: they are never logged, and they only travel over TLS outside
+loopback experiments.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import hmac
 import secrets
 from collections.abc import Iterable, Mapping
 
-from fedsqueeze.errors import AuthError, PermissionDeniedError
+from fedsqueeze.errors import AuthError
 from fedsqueeze.wire.types import check_id
 
 #: Metadata key of the bearer token (lowercase, as gRPC requires).
@@ -101,11 +102,3 @@ class TokenTable:
         if expected is None or not ok:
             raise AuthError("wrong credentials for this edge")
         return edge_id
-
-
-def require_edge(authenticated: str, claimed: str) -> None:
-    """Raise :class:`PermissionDeniedError` if a request names an edge other than the caller."""
-    if not hmac.compare_digest(authenticated.encode(), claimed.encode()):
-        raise PermissionDeniedError(
-            f"credentials of edge {authenticated!r} do not allow acting as {claimed!r}"
-        )

@@ -3,7 +3,7 @@
 Each (target, base, spec, byte budget) is encoded once: concurrent identical requests
 wait for the one encode in flight instead of starting their own, and later ones are
 served from the cache until the entry is evicted (least recently used first, by entry
-count and by bytes). Entries are also found by manifest id, for ``StreamSegments``.
+count and by bytes). Entries are also found by manifest key, for ``StreamSegments``.
 """
 
 from __future__ import annotations
@@ -40,8 +40,8 @@ class PreparedModel:
     manifest
         Its manifest.
     messages
-        Indexed by segment id: the serialized ``StreamSegments`` response message that
-        carries the segment (built once, sent as is to every client).
+        Indexed by segment id: the serialized message that carries the segment (built
+        once, sent as is to every client, by ``Fetch`` and ``StreamSegments`` alike).
     """
 
     manifest: Manifest
@@ -97,7 +97,7 @@ class EncodeCache:
         self.max_bytes = max_bytes
         self._lock = threading.Lock()
         self._done: OrderedDict[CacheKey, PreparedModel] = OrderedDict()
-        self._by_manifest: dict[str, PreparedModel] = {}
+        self._by_manifest: dict[bytes, PreparedModel] = {}
         self._inflight: dict[CacheKey, Future[PreparedModel]] = {}
         self._bytes = 0
         self._encodes = self._hits = self._joined = self._evictions = 0
@@ -140,7 +140,7 @@ class EncodeCache:
 
     def _insert(self, key: CacheKey, entry: PreparedModel) -> None:
         self._done[key] = entry
-        self._by_manifest[entry.manifest.manifest_id] = entry
+        self._by_manifest[entry.manifest.manifest_key] = entry
         self._bytes += entry.nbytes
         while len(self._done) > 1 and (
             len(self._done) > self.max_entries or self._bytes > self.max_bytes
@@ -149,13 +149,13 @@ class EncodeCache:
             self._bytes -= old.nbytes
             self._evictions += 1
             if not any(e is old for e in self._done.values()):
-                self._by_manifest.pop(old.manifest.manifest_id, None)
+                self._by_manifest.pop(old.manifest.manifest_key, None)
             logger.debug("evicted encoding of %s… from the cache", old_key.target[:12])
 
-    def by_manifest_id(self, manifest_id: str) -> PreparedModel | None:
-        """The cached entry with this manifest id, or ``None``."""
+    def by_manifest_key(self, manifest_key: bytes) -> PreparedModel | None:
+        """The cached entry with this manifest key, or ``None``."""
         with self._lock:
-            return self._by_manifest.get(manifest_id)
+            return self._by_manifest.get(manifest_key)
 
     def stats(self) -> CacheStats:
         """Current counters."""

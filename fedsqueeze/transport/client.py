@@ -8,20 +8,22 @@
         receipt = c.push_update(encoded_update, update_id="r3-edge-0", base_digest=digest)
 
 Every call has a deadline (the operation's :class:`RetryPolicy` deadline); ``UNAVAILABLE``
-is retried with exponential backoff and jitter; a fetch resumes from the segments it
-holds, verifies every segment's sha256, the whole payload's sha256 and the decoded
-model's digest. Bytes are counted per direction on the wire as serialized messages plus
-gRPC's 5-byte prefix (see :mod:`fedsqueeze.transport.accounting`).
+is retried with exponential backoff and jitter. A fetch is one ``Fetch`` round trip
+(manifest and segments in one stream); it resumes from the segments it holds, verifies
+every segment's sha256 (together they cover every payload byte) and the decoded model's
+digest. Bytes are counted per direction on the wire as serialized messages plus gRPC's
+5-byte prefix (see :mod:`fedsqueeze.transport.accounting`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import random
 import time
 from collections import deque
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from types import TracebackType
 from typing import Any
@@ -48,6 +50,7 @@ from fedsqueeze.wire import transfer_pb2 as pb
 from fedsqueeze.wire.types import (
     Manifest,
     ManifestRequest,
+    SegmentData,
     SegmentRequest,
     UpdateMetadata,
 )
@@ -56,8 +59,10 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["FetchResult", "Progress", "PushResult", "TransferClient", "TransferStats"]
 
-#: Segments received but not yet verified, at most (bounds the memory in flight).
-_VERIFY_AHEAD = 2
+#: Threads that verify segments: one per core beyond the receive loop and gRPC's poller
+#: (1 to 4). A 1 MiB segment takes about as long to hash as to receive, so with cores to
+#: spare the hashing no longer paces the stream.
+VERIFIERS = max(1, min(4, (os.cpu_count() or 1) - 2))
 #: Progress callback: (payload bytes held, payload bytes in all).
 Progress = Callable[[int, int], None]
 
@@ -129,17 +134,12 @@ class TransferClient:
 
     # ------------------------------------------------------------------ fetch
     def get_manifest(self, request: ManifestRequest) -> Manifest:
-        """One ``GetManifest`` call (with retries)."""
-        return self._get_manifest(self._operation(), request)
-
-    def _get_manifest(self, op: Operation, request: ManifestRequest) -> Manifest:
+        """One ``GetManifest`` call (with retries): the manifest a fetch would start with."""
+        op = self._operation()
         call = op.callable("unary_unary", "GetManifest", pb.GetManifestResponse.FromString)
         message = convert.manifest_request_to_proto(request)
         response = op.with_retry("GetManifest", lambda kw: call(message, **kw))
-        manifest = convert.manifest_response_from_proto(response)
-        if manifest.base_digest is not None and manifest.base_digest != request.base_digest:
-            raise IntegrityError("the server sent a delta from a base the client does not hold")
-        return manifest
+        return convert.manifest_response_from_proto(response, request)
 
     def fetch(
         self,
@@ -154,6 +154,11 @@ class TransferClient:
         progress: Progress | None = None,
     ) -> FetchResult:
         """Fetch ``model`` encoded with ``spec``, as a delta from ``base`` when possible.
+
+        One ``Fetch`` call (one round trip) brings the manifest and the segments. A stream
+        that breaks is resumed with ``StreamSegments`` (only the missing segments); if the
+        server lost the manifest meanwhile (a restart), ``Fetch`` again names the segments
+        held.
 
         Parameters
         ----------
@@ -190,35 +195,43 @@ class TransferClient:
             raise ValueError("decoding a delta needs the base tensors, not only its digest")
         op = self._operation()
         held = state if state is not None else FetchState(self.retry.max_segment_refetches)
-        request = ManifestRequest(model, base_digest, self.edge_id, spec, byte_budget)
-        held.adopt(self._get_manifest(op, request))
-        stream = op.callable("unary_stream", "StreamSegments", convert.segment_view_from_message)
+        request = ManifestRequest(model, base_digest, spec, byte_budget)
+        fetch_call = op.callable("unary_stream", "Fetch", convert.fetch_part_from_message)
+        resume_call = op.callable(
+            "unary_stream", "StreamSegments", convert.segment_view_from_message
+        )
         refreshes = 0
-        while not held.complete:
-            manifest = held.manifest
-            if manifest is None:
-                raise RuntimeError("fetch state lost its manifest")
-            holding = held.held_ids()
-            if op.calls > 1:
+        need_manifest = True  # the next call is Fetch (no usable manifest yet)
+        while need_manifest or not held.complete:
+            holding = held.held_ids() if held.manifest is not None else frozenset()
+            if op.calls > 0:
                 op.resumed += len(holding)
+            what = "Fetch" if need_manifest else "StreamSegments"
             started = time.perf_counter()
             try:
-                self._stream(op, stream, held, holding, progress)
+                if need_manifest:
+                    segments = self._start_fetch(op, fetch_call, request, held)
+                    # From here on a broken stream resumes with StreamSegments.
+                    need_manifest = False
+                    self._receive(held, segments, progress)
+                else:
+                    self._resume(op, resume_call, held, holding, progress)
             except grpc.RpcError as exc:
                 op.stream_s += time.perf_counter() - started
                 progressed = len(held.held_ids()) > len(holding)
                 code = status_of(exc)
                 if code is grpc.StatusCode.UNAVAILABLE:
-                    op.unavailable(exc, "StreamSegments", progressed=progressed)
+                    op.unavailable(exc, what, progressed=progressed)
                     continue
                 if (
                     code is grpc.StatusCode.NOT_FOUND
+                    and not need_manifest
                     and refreshes < self.retry.max_manifest_refreshes
                 ):
                     refreshes += 1
-                    held.adopt(self._get_manifest(op, request))
+                    need_manifest = True
                     continue
-                raise error_from_rpc(exc, "StreamSegments") from exc
+                raise error_from_rpc(exc, what) from exc
             op.stream_s += time.perf_counter() - started
             if len(held.held_ids()) == len(holding) and not held.complete:
                 # The stream ended without anything usable (every segment failed its
@@ -226,38 +239,65 @@ class TransferClient:
                 op.failures_in_a_row += 1
                 if op.failures_in_a_row > self.retry.max_segment_refetches + 1:
                     raise IntegrityError("the server keeps sending segments that do not verify")
-        return self._finish(op, held, base, base_digest, decode)
+        return self._finish(op, held, request, base, decode)
 
-    def _stream(
+    @staticmethod
+    def _start_fetch(
+        op: Operation, call: Any, request: ManifestRequest, held: FetchState
+    ) -> Iterator[SegmentData]:
+        """Start a ``Fetch`` call and adopt the manifest it begins with; its segments follow.
+
+        The request names the segments ``held`` holds, so a server that answers with the
+        same manifest leaves them out.
+        """
+        message = convert.fetch_request_to_proto(request, held.held_request())
+        stream = iter(call(message, **op.begin_call()))
+        first = next(stream, None)
+        if not isinstance(first, pb.Manifest):
+            raise IntegrityError("the Fetch stream did not start with a manifest")
+        held.adopt(convert.manifest_from_proto(first, request))
+        return (_segment_of(part) for part in stream)
+
+    def _resume(
         self,
         op: Operation,
-        stream: Any,
+        call: Any,
         held: FetchState,
         holding: frozenset[int],
         progress: Progress | None,
     ) -> None:
-        """One ``StreamSegments`` call: receive and verify what the server sends.
+        """One ``StreamSegments`` call: the segments of the adopted manifest not held."""
+        manifest = held.manifest
+        if manifest is None:
+            raise RuntimeError("fetch state lost its manifest")
+        message = convert.segment_request_to_proto(SegmentRequest(manifest.manifest_key, holding))
+        self._receive(held, call(message, **op.begin_call()), progress)
 
-        Hashing a segment takes about as long as receiving it, so a worker thread verifies
-        (hashlib releases the GIL) while this one receives the next segment.
+    @staticmethod
+    def _receive(
+        held: FetchState, segments: Iterable[SegmentData], progress: Progress | None
+    ) -> None:
+        """Verify and keep what a stream sends.
+
+        Hashing a segment takes about as long as receiving it, so worker threads verify
+        (hashlib releases the GIL) while this one receives the next segments; at most one
+        more segment than there are workers waits, which bounds the memory in flight.
         """
         manifest = held.manifest
         if manifest is None:
             raise RuntimeError("fetch state lost its manifest")
-        message = convert.segment_request_to_proto(
-            SegmentRequest(manifest.manifest_id, holding, self.edge_id)
-        )
 
         def settle(check: Future[bool]) -> None:
             if check.result() and progress is not None:
                 progress(held.held_bytes, manifest.encoded_bytes)
 
         pending: deque[Future[bool]] = deque()
-        with ThreadPoolExecutor(1, thread_name_prefix="fedsqueeze-verify") as verifier:
+        workers = VERIFIERS
+        with ThreadPoolExecutor(workers, thread_name_prefix="fedsqueeze-verify") as verifier:
             try:
-                for data in stream(message, **op.begin_call()):
+                for data in segments:
                     pending.append(verifier.submit(held.accept, data))
-                    while pending and (len(pending) > _VERIFY_AHEAD or pending[0].done()):
+                    while pending and (len(pending) > workers + 1 or pending[0].done()):
                         settle(pending.popleft())
             finally:  # keep what verified, even when the stream broke
                 while pending:
@@ -267,8 +307,8 @@ class TransferClient:
         self,
         op: Operation,
         held: FetchState,
+        request: ManifestRequest,
         base: Mapping[str, torch.Tensor] | None,
-        base_digest: bytes | None,
         decode: bool,
     ) -> FetchResult:
         manifest = held.manifest
@@ -280,7 +320,9 @@ class TransferClient:
         decoded: dict[str, torch.Tensor] | None = None
         if decode:
             decoded = decode_state(
-                encoded, base if manifest.base_digest is not None else None, base_digest=base_digest
+                encoded,
+                base if manifest.base_digest is not None else None,
+                base_digest=request.base_digest,
             )
             if state_digest(decoded) != manifest.decoded_digest:
                 raise IntegrityError("the decoded model does not match the manifest's digest")
@@ -315,7 +357,9 @@ class TransferClient:
         update_id
             Unique per update; a repeat is counted once by the server.
         base_digest
-            Digest of the model version the update was trained from.
+            Digest of the model version the update was trained from (sent only when the
+            payload does not name it: a full-model update, or a mismatch for the server
+            to refuse).
         chunk_bytes
             Payload bytes per message.
         """
@@ -324,11 +368,9 @@ class TransferClient:
         payload = encoded.to_bytes()
         meta = UpdateMetadata(
             update_id=update_id,
-            edge_id=self.edge_id,
-            base_digest=base_digest,
+            base_digest=None if encoded.base_digest == base_digest else base_digest,
             total_bytes=len(payload),
             sha256=hashlib.sha256(payload).digest(),
-            spec=encoded.spec,
         )
         op = self._operation()
         call = op.callable("stream_unary", "PushUpdate", pb.PushUpdateResponse.FromString)
@@ -341,8 +383,8 @@ class TransferClient:
 
         response = op.with_retry("PushUpdate", lambda kw: call(messages(), **kw))
         receipt = convert.receipt_from_proto(response)
-        if receipt.sha256 != meta.sha256 or receipt.update_id != update_id:
-            raise IntegrityError("the server's receipt does not match the upload")
+        if receipt.stored_bytes != len(payload):
+            raise IntegrityError("the server's receipt does not match the upload's size")
         return PushResult(receipt, op.stats(0))
 
     # ------------------------------------------------------------------ lifecycle
@@ -360,3 +402,9 @@ class TransferClient:
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+
+def _segment_of(part: SegmentData | pb.Manifest) -> SegmentData:
+    if not isinstance(part, SegmentData):
+        raise IntegrityError("the Fetch stream sent a second manifest")
+    return part

@@ -1,10 +1,10 @@
 """Server-side fault injection for tests and experiments.
 
-A :class:`FaultInjector` handed to the transfer server can cut ``StreamSegments`` calls
-after a number of segments (the client sees ``UNAVAILABLE``, as on a dropped
-connection), corrupt chosen segments' payloads on the wire, and hold a stream still
-until released (to stop the server in the middle of a fetch). Each fault fires a given
-number of times; the injector is thread-safe.
+A :class:`FaultInjector` handed to the transfer server can cut segment streams (``Fetch``
+and ``StreamSegments`` calls) after a number of segments (the client sees
+``UNAVAILABLE``, as on a dropped connection), corrupt chosen segments' payloads on the
+wire, and hold a stream still until released (to stop the server in the middle of a
+fetch). Each fault fires a given number of times; the injector is thread-safe.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ class StreamAction(Enum):
 
 
 class FaultInjector:
-    """Faults to inject into ``StreamSegments`` calls."""
+    """Faults to inject into segment streams (``Fetch`` and ``StreamSegments``)."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()

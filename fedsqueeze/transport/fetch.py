@@ -4,13 +4,14 @@ A :class:`FetchState` keeps the verified segments of one manifest across calls a
 retries. Pass the same state to :meth:`TransferClient.fetch
 <fedsqueeze.transport.client.TransferClient.fetch>` again after a failure and the fetch
 resumes with only the missing segments. Every segment is checked against the sha256 the
-manifest lists before it is kept; the reassembled payload is checked against the
-manifest's ``encoded_sha256`` before it is parsed.
+manifest lists before it is kept; together they cover every byte of the payload, so the
+reassembled payload needs no second hash before it is parsed.
 
 Verified segments are copied into one buffer laid out in segment-id order (the encoded
-payload itself), allocated when the manifest is adopted. Keeping each segment as its own
-fresh 1 MiB object costs a page fault per 4 KiB on first touch, as much time as receiving
-the bytes; the buffer asks for transparent huge pages where Linux offers them.
+payload itself), allocated when the manifest is adopted, and parsed in place at the end
+(no copy of the whole payload). Keeping each segment as its own fresh 1 MiB object costs
+a page fault per 4 KiB on first touch, as much time as receiving the bytes; the buffer
+asks for transparent huge pages where Linux offers them.
 """
 
 from __future__ import annotations
@@ -21,9 +22,9 @@ import logging
 import mmap
 import threading
 
-from fedsqueeze.codec import EncodedModel, Segment, join_segments
+from fedsqueeze.codec import EncodedModel
 from fedsqueeze.errors import IntegrityError
-from fedsqueeze.wire.types import Manifest, SegmentData
+from fedsqueeze.wire.types import Manifest, SegmentData, SegmentRequest
 
 logger = logging.getLogger(__name__)
 
@@ -97,7 +98,7 @@ class FetchState:
                         kept.add(segment_id)
                 logger.info(
                     "manifest changed to %s…: kept %d of %d held segments",
-                    manifest.manifest_id[:12],
+                    manifest.manifest_key.hex()[:12],
                     len(kept),
                     len(self._held),
                 )
@@ -113,6 +114,13 @@ class FetchState:
         if self._manifest is None:
             raise RuntimeError("no manifest adopted yet")
         return self._manifest
+
+    def held_request(self) -> SegmentRequest | None:
+        """The manifest key and the ids of the verified segments held, or ``None``."""
+        with self._lock:
+            if self._manifest is None or not self._held:
+                return None
+            return SegmentRequest(self._manifest.manifest_key, frozenset(self._held))
 
     def held_ids(self) -> frozenset[int]:
         """Ids of the verified segments held."""
@@ -147,17 +155,15 @@ class FetchState:
         ------
         IntegrityError
             The segment failed verification more than ``max_segment_refetches`` times,
-            or the server sent a segment of another manifest or one the manifest lacks.
+            or the server sent a segment the manifest lacks.
         """
         digest = hashlib.sha256(data.payload).digest()  # outside the lock: the slow part
         with self._lock:
             manifest = self._current()
-            if data.manifest_id != manifest.manifest_id or not manifest.has_segment(
-                data.segment_id
-            ):
+            if not manifest.has_segment(data.segment_id):
                 raise IntegrityError(
-                    f"server sent segment {data.segment_id} of manifest "
-                    f"{data.manifest_id[:12]}…, not one of {manifest.manifest_id[:12]}…"
+                    f"server sent segment {data.segment_id}, which manifest "
+                    f"{manifest.manifest_key.hex()[:12]}… does not list"
                 )
             if data.segment_id in self._held:
                 return False
@@ -173,7 +179,7 @@ class FetchState:
         logger.warning(
             "segment %d of %s… failed its sha256 check (%d time(s))",
             data.segment_id,
-            manifest.manifest_id[:12],
+            manifest.manifest_key.hex()[:12],
             failures,
         )
         if failures > self.max_segment_refetches:
@@ -183,12 +189,12 @@ class FetchState:
         return False
 
     def assemble(self) -> EncodedModel:
-        """The encoded model, from all segments, after checking the whole payload's sha256.
+        """The encoded model, parsed from the verified segments in place.
 
         Raises
         ------
         IntegrityError
-            Segments are missing, or the whole payload does not match the manifest.
+            Segments are missing.
         fedsqueeze.errors.CodecError
             The verified bytes do not parse (the server encoded garbage).
         """
@@ -196,9 +202,8 @@ class FetchState:
             manifest = self._current()
             if len(self._held) != len(manifest.segments):
                 raise IntegrityError("cannot assemble: segments are missing")
-            payload = bytes(self._buffer)
-        if hashlib.sha256(payload).digest() != manifest.encoded_sha256:
-            raise IntegrityError("the reassembled payload does not match the manifest's sha256")
-        # The buffer is the whole stream in segment-id order: join it as one piece.
-        names = tuple(name for info in manifest.segments for name in info.tensor_names)
-        return join_segments([Segment(0, names, 0, 0, payload)])
+            buffer = self._buffer
+        # Every byte was sha256-verified with its segment; parsing copies what it keeps,
+        # so the view is released before anything could write to the buffer again.
+        with memoryview(buffer) as view:
+            return EncodedModel.parse_stream(view)

@@ -45,13 +45,14 @@ class TransferStats:
     retries
         Attempts repeated after ``UNAVAILABLE``.
     resumed_segments
-        Segments already held when a later ``StreamSegments`` call started.
+        Segments already held when a later call of the same fetch started.
     refetched_segments
         Segments that failed verification and were fetched again.
     elapsed_s
         Wall-clock seconds.
     stream_s
-        Wall-clock seconds inside ``StreamSegments`` calls (receiving and verifying).
+        Wall-clock seconds inside ``Fetch`` and ``StreamSegments`` calls (receiving and
+        verifying).
     simulated_s
         Seconds on the emulated link (0 without a link shaper).
     """

@@ -21,19 +21,27 @@ from fedsqueeze.wire.types import Manifest, SegmentData, SegmentInfo
 logger = logging.getLogger(__name__)
 
 
-def manifest_id_for(
-    model_digest: bytes, base_digest: bytes | None, spec_bytes: bytes, encoded_sha256: bytes
-) -> str:
-    """The manifest id: a digest of what was encoded and of the result.
+#: Length of the manifest keys this server makes, in bytes (128 bits: a cache key, not a
+#: security boundary; every segment is verified by its own SHA-256).
+MANIFEST_KEY_BYTES = 16
 
-    The same request encoded to the same bytes gets the same id, on any server process,
+
+def manifest_key_for(
+    model_digest: bytes, base_digest: bytes | None, spec_bytes: bytes, segments: list[SegmentInfo]
+) -> bytes:
+    """The manifest key: a digest of what was encoded and of the result (the segments'
+    sizes and sha256 digests, which cover every payload byte).
+
+    The same request encoded to the same bytes gets the same key, on any server process,
     so a client that held segments before a server restart keeps them.
     """
     h = hashlib.sha256(b"fedsqueeze.v1.manifest\x00")
-    for part in (model_digest, base_digest or b"", spec_bytes, encoded_sha256):
+    parts = [model_digest, base_digest or b"", spec_bytes]
+    parts += [info.byte_length.to_bytes(8, "little") + info.sha256 for info in segments]
+    for part in parts:
         h.update(len(part).to_bytes(4, "little"))
         h.update(part)
-    return h.hexdigest()
+    return h.digest()[:MANIFEST_KEY_BYTES]
 
 
 def prepare_model(source: ModelSource, key: CacheKey, segment_bytes: int) -> PreparedModel:
@@ -65,34 +73,39 @@ def prepare_model(source: ModelSource, key: CacheKey, segment_bytes: int) -> Pre
             f"the encoded model has {encoded_bytes} bytes, over the budget of "
             f"{key.byte_budget}; ask for a stronger codec spec"
         )
-    whole = hashlib.sha256()
-    for seg in sorted(segments, key=lambda s: s.index):
-        whole.update(seg.payload)
     model_digest = bytes.fromhex(key.target)
     base_digest = bytes.fromhex(key.base) if key.base is not None else None
-    if key.spec.lossless and base_state is None:
+    if encoded.spec.lossless and base_state is None:
         decoded_digest = model_digest
     else:
         decoded_digest = state_digest(decode_state(encoded, base_state, base_digest=base_digest))
     raw_bytes = sum(t.numel() * t.element_size() for t in target_state.values())
-    infos = tuple(
-        SegmentInfo(s.index, s.tensor_names, s.priority, s.level, len(s.payload), s.sha256)
+    every_tensor = {record.name for record in encoded.records}
+    infos = [
+        SegmentInfo(
+            s.index,
+            # Empty for "every tensor" (a one-segment model): the payload names them.
+            () if set(s.tensor_names) == every_tensor else s.tensor_names,
+            s.priority,
+            s.level,
+            len(s.payload),
+            s.sha256,
+        )
         for s in segments
-    )
-    manifest_id = manifest_id_for(model_digest, base_digest, key.spec.to_bytes(), whole.digest())
+    ]
+    manifest_key = manifest_key_for(model_digest, base_digest, encoded.spec.to_bytes(), infos)
     messages = tuple(
-        segment_message(SegmentData(manifest_id, s.index, s.payload))
+        segment_message(SegmentData(s.index, s.payload))
         for s in sorted(segments, key=lambda s: s.index)
     )
     manifest = Manifest(
-        manifest_id=manifest_id,
+        manifest_key=manifest_key,
         model_digest=model_digest,
         base_digest=base_digest,
-        spec=key.spec,
+        spec=encoded.spec,
         raw_bytes=raw_bytes,
-        encoded_sha256=whole.digest(),
         decoded_digest=decoded_digest,
-        segments=infos,
+        segments=tuple(infos),
     )
     logger.info(
         "encoded %s… (%s): raw %d B, encoded %d B in %d segments, ratio %.2f, %.3f s",

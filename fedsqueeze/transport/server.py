@@ -173,6 +173,11 @@ class TransferServer:
     def _handlers(self) -> dict[str, Any]:
         count = self.wire
         return {
+            "Fetch": grpc.unary_stream_rpc_method_handler(
+                self.service.fetch,
+                request_deserializer=count.deserializer(pb.FetchRequest.FromString),
+                response_serializer=count.serializer(_already_serialized),
+            ),
             "GetManifest": grpc.unary_unary_rpc_method_handler(
                 self.service.get_manifest,
                 request_deserializer=count.deserializer(pb.GetManifestRequest.FromString),

@@ -27,7 +27,7 @@ from fedsqueeze.errors import (
     ResourceExhaustedError,
     UnavailableError,
 )
-from fedsqueeze.transport.auth import TokenTable, require_edge
+from fedsqueeze.transport.auth import TokenTable
 from fedsqueeze.transport.cache import CacheKey, EncodeCache, PreparedModel
 from fedsqueeze.transport.errors_map import status_for
 from fedsqueeze.transport.faults import FaultInjector, StreamAction
@@ -36,7 +36,7 @@ from fedsqueeze.transport.source import ModelSource
 from fedsqueeze.transport.updates import AddResult, ReceivedUpdate, UpdateSink, now
 from fedsqueeze.wire import convert
 from fedsqueeze.wire import transfer_pb2 as pb
-from fedsqueeze.wire.types import UpdateMetadata, UpdateReceipt
+from fedsqueeze.wire.types import ManifestRequest, UpdateMetadata, UpdateReceipt
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +61,7 @@ class ServiceLimits:
 
 
 class TransferService:
-    """The three RPC handlers, over a model source, an update sink and a token table."""
+    """The four RPC handlers, over a model source, an update sink and a token table."""
 
     def __init__(
         self,
@@ -98,6 +98,35 @@ class TransferService:
         context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}")
         raise RuntimeError("grpc's context.abort() returned") from exc
 
+    def _prepare(self, edge: str, req: ManifestRequest) -> PreparedModel:
+        """The encoding ``req`` asks for, from the cache or encoded now."""
+        target = self.source.resolve(req.model)
+        base = req.base_digest.hex() if req.base_digest is not None else None
+        if base is not None and self.source.get(base) is None:
+            logger.info("edge %s holds unknown or old base %s…: full model", edge, base[:12])
+            base = None
+        key = CacheKey(target, base, req.spec, req.byte_budget)
+        return self.cache.get_or_build(
+            key, lambda: prepare_model(self.source, key, self.limits.segment_bytes)
+        )
+
+    # ------------------------------------------------------------------ Fetch
+    def fetch(self, request: pb.FetchRequest, context: grpc.ServicerContext) -> Iterator[bytes]:
+        """Handler of ``Fetch``: yields serialized response messages (manifest, segments)."""
+        try:
+            edge = self._authenticate(context)
+            req, held = convert.fetch_request_from_proto(request)
+            prepared = self._prepare(edge, req)
+            manifest = prepared.manifest
+            skip: frozenset[int] = frozenset()
+            if held is not None and held.manifest_key == manifest.manifest_key:
+                self._check_held(prepared, held.held)
+                skip = held.held
+            yield convert.fetch_manifest_message(manifest, req)
+            yield from self._segments(prepared, skip, context)
+        except Exception as exc:
+            self._abort(context, "Fetch", exc)
+
     # ------------------------------------------------------------------ GetManifest
     def get_manifest(
         self, request: pb.GetManifestRequest, context: grpc.ServicerContext
@@ -106,17 +135,8 @@ class TransferService:
         try:
             edge = self._authenticate(context)
             req = convert.manifest_request_from_proto(request)
-            require_edge(edge, req.edge_id)
-            target = self.source.resolve(req.model)
-            base = req.base_digest.hex() if req.base_digest is not None else None
-            if base is not None and self.source.get(base) is None:
-                logger.info("edge %s holds unknown or old base %s…: full model", edge, base[:12])
-                base = None
-            key = CacheKey(target, base, req.spec, req.byte_budget)
-            prepared = self.cache.get_or_build(
-                key, lambda: prepare_model(self.source, key, self.limits.segment_bytes)
-            )
-            return convert.manifest_response_to_proto(prepared.manifest)
+            prepared = self._prepare(edge, req)
+            return convert.manifest_response_to_proto(prepared.manifest, req)
         except Exception as exc:
             self._abort(context, "GetManifest", exc)
 
@@ -126,20 +146,23 @@ class TransferService:
     ) -> Iterator[bytes]:
         """Handler of ``StreamSegments``: yields serialized response messages."""
         try:
-            edge = self._authenticate(context)
+            self._authenticate(context)
             req = convert.segment_request_from_proto(request)
-            require_edge(edge, req.edge_id)
-            prepared = self.cache.by_manifest_id(req.manifest_id)
+            prepared = self.cache.by_manifest_key(req.manifest_key)
             if prepared is None:
                 raise NotFoundError(
-                    f"manifest {req.manifest_id[:16]}… is not cached; call GetManifest again"
+                    f"manifest {req.manifest_key.hex()[:16]}… is not cached; Fetch again"
                 )
-            unknown = [i for i in req.held if not prepared.manifest.has_segment(i)]
-            if unknown:
-                raise InvalidRequestError(f"held segment ids not in the manifest: {unknown[:5]}")
+            self._check_held(prepared, req.held)
             yield from self._segments(prepared, req.held, context)
         except Exception as exc:
             self._abort(context, "StreamSegments", exc)
+
+    @staticmethod
+    def _check_held(prepared: PreparedModel, held: frozenset[int]) -> None:
+        unknown = sorted(i for i in held if not prepared.manifest.has_segment(i))
+        if unknown:
+            raise InvalidRequestError(f"held segment ids not in the manifest: {unknown[:5]}")
 
     def _segments(
         self, prepared: PreparedModel, held: frozenset[int], context: grpc.ServicerContext
@@ -172,56 +195,67 @@ class TransferService:
             if first is None:
                 raise InvalidRequestError("empty PushUpdate stream")
             meta = convert.update_metadata_from_proto(first)
-            require_edge(edge, meta.edge_id)
-            return convert.receipt_to_proto(self._receive(meta, request_iterator))
+            return convert.receipt_to_proto(self._receive(edge, meta, request_iterator))
         except Exception as exc:
             self._abort(context, "PushUpdate", exc)
 
+    def _known_base(self, digest: bytes) -> bytes:
+        if self.source.get(digest.hex()) is None:
+            raise PreconditionError(f"base {digest.hex()[:16]}… is unknown or no longer held")
+        return digest
+
     def _receive(
-        self, meta: UpdateMetadata, chunks: Iterator[pb.PushUpdateRequest]
+        self, edge: str, meta: UpdateMetadata, chunks: Iterator[pb.PushUpdateRequest]
     ) -> UpdateReceipt:
         seen = self.updates.lookup(meta.update_id)
         if seen is not None:
-            if seen.sha256 != meta.sha256 or seen.edge_id != meta.edge_id:
+            if seen.sha256 != meta.sha256 or seen.edge_id != edge:
                 raise PreconditionError(f"update id {meta.update_id!r} was used for other content")
-            logger.info("update %s from %s repeated: counted once", meta.update_id, meta.edge_id)
-            return UpdateReceipt(meta.update_id, seen.nbytes, seen.sha256, duplicate=True)
+            logger.info("update %s from %s repeated: counted once", meta.update_id, edge)
+            return UpdateReceipt(seen.nbytes, duplicate=True)
         if meta.total_bytes > self.limits.max_update_bytes:
             raise ResourceExhaustedError(
                 f"update of {meta.total_bytes} bytes is over the limit of "
                 f"{self.limits.max_update_bytes}"
             )
-        base = self.source.get(meta.base_digest.hex())
-        if base is None:
-            raise PreconditionError(
-                f"base {meta.base_digest.hex()[:16]}… is unknown or no longer held"
-            )
-        buf = bytearray()
+        if meta.base_digest is not None:  # refuse before receiving, where the base is named
+            self._known_base(meta.base_digest)
+        parts: list[bytes] = []
+        received = 0
+        digest = hashlib.sha256()
         for msg in chunks:
             chunk = convert.update_chunk_from_proto(msg)
-            if len(buf) + len(chunk) > meta.total_bytes:
+            received += len(chunk)
+            if received > meta.total_bytes:
                 raise InvalidRequestError("upload is longer than its declared total_bytes")
-            buf += chunk
-        if len(buf) != meta.total_bytes:
+            parts.append(chunk)
+            digest.update(chunk)
+        if received != meta.total_bytes:
             raise InvalidRequestError(
-                f"upload ended after {len(buf)} of {meta.total_bytes} declared bytes"
+                f"upload ended after {received} of {meta.total_bytes} declared bytes"
             )
-        payload = bytes(buf)
-        digest = hashlib.sha256(payload).digest()
-        if digest != meta.sha256:
+        if digest.digest() != meta.sha256:
             raise IntegrityError("upload does not match its declared sha256")
+        payload = b"".join(parts)
         encoded = EncodedModel.from_bytes(payload)
-        if encoded.spec.to_bytes() != meta.spec.to_bytes():
-            raise InvalidRequestError("payload was encoded with another codec spec than declared")
-        if encoded.base_digest is not None and encoded.base_digest != meta.base_digest:
+        if meta.base_digest is None:
+            if encoded.base_digest is None:
+                raise InvalidRequestError("a full-model update must name its base_digest")
+            base_digest = self._known_base(encoded.base_digest)
+        elif encoded.base_digest not in (None, meta.base_digest):
             raise InvalidRequestError("payload is a delta from another base than declared")
+        else:
+            base_digest = meta.base_digest
         if self.limits.verify_updates:
-            decode_state(encoded, base, base_digest=meta.base_digest)
+            base = self.source.get(base_digest.hex())
+            if base is None:  # dropped since the check above
+                raise PreconditionError(f"base {base_digest.hex()[:16]}… is no longer held")
+            decode_state(encoded, base, base_digest=base_digest)
         update = ReceivedUpdate(
             update_id=meta.update_id,
-            edge_id=meta.edge_id,
-            base_digest=meta.base_digest,
-            sha256=digest,
+            edge_id=edge,
+            base_digest=base_digest,
+            sha256=meta.sha256,
             nbytes=len(payload),
             encoded=encoded,
             received_at=now(),
@@ -230,10 +264,8 @@ class TransferService:
         logger.info(
             "update %s from %s: %d B, %s",
             meta.update_id,
-            meta.edge_id,
+            edge,
             len(payload),
             "stored" if result is AddResult.STORED else "duplicate",
         )
-        return UpdateReceipt(
-            meta.update_id, len(payload), digest, duplicate=result is AddResult.DUPLICATE
-        )
+        return UpdateReceipt(len(payload), duplicate=result is AddResult.DUPLICATE)

@@ -8,7 +8,6 @@ lowercase hex strings.
 from __future__ import annotations
 
 import hashlib
-import re
 import threading
 from collections import OrderedDict
 from collections.abc import Mapping
@@ -18,13 +17,7 @@ import torch
 
 from fedsqueeze.codec import CodecSpec, EncodedModel, encode_state, state_digest
 from fedsqueeze.errors import NotFoundError
-
-_HEX_DIGEST = re.compile(r"[0-9a-f]{64}")
-
-
-def is_hex_digest(model: str) -> bool:
-    """Whether ``model`` names a digest (64 lowercase hex characters) rather than a track."""
-    return _HEX_DIGEST.fullmatch(model) is not None
+from fedsqueeze.wire.types import is_hex_digest
 
 
 def encode_seed(target: str, base: str | None, spec: CodecSpec) -> int:

@@ -4,6 +4,10 @@ Every ``x_to_proto`` has an ``x_from_proto`` inverse. The ``_from_proto`` functi
 their input as hostile: any message that does not describe a valid value raises
 :class:`~fedsqueeze.errors.InvalidRequestError` (which the server reports as
 ``INVALID_ARGUMENT``), never a bare ``ValueError``.
+
+A manifest is converted relative to the request it answers: its wire form leaves out
+what that request already says (the model's digest when it was asked for by digest, the
+base, the codec spec when it is the one asked for), so both directions take the request.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from fedsqueeze.wire import transfer_pb2 as pb
 from fedsqueeze.wire.segment_reader import read_segment_response
 from fedsqueeze.wire.spec_convert import codec_spec_from_proto, codec_spec_to_proto
 from fedsqueeze.wire.types import (
+    DIGEST_BYTES,
     Manifest,
     ManifestRequest,
     SegmentData,
@@ -25,11 +30,16 @@ from fedsqueeze.wire.types import (
     SegmentRequest,
     UpdateMetadata,
     UpdateReceipt,
+    is_hex_digest,
 )
 
 __all__ = [
     "codec_spec_from_proto",
     "codec_spec_to_proto",
+    "fetch_manifest_message",
+    "fetch_part_from_message",
+    "fetch_request_from_proto",
+    "fetch_request_to_proto",
     "manifest_from_proto",
     "manifest_request_from_proto",
     "manifest_request_to_proto",
@@ -96,93 +106,161 @@ def segment_info_from_proto(msg: pb.SegmentDescriptor) -> SegmentInfo:
     )
 
 
-def manifest_to_proto(manifest: Manifest) -> pb.Manifest:
-    """The wire form of a :class:`Manifest`."""
-    return pb.Manifest(
-        manifest_id=manifest.manifest_id,
-        model_digest=manifest.model_digest,
-        base_digest=manifest.base_digest or b"",
-        codec_spec=codec_spec_to_proto(manifest.spec),
-        encoded_bytes=manifest.encoded_bytes,
+def manifest_to_proto(manifest: Manifest, request: ManifestRequest) -> pb.Manifest:
+    """The wire form of ``manifest`` as the answer to ``request``.
+
+    Raises
+    ------
+    ValueError
+        ``manifest`` is a delta from another base than the request's (a server bug).
+    """
+    if manifest.base_digest is not None and manifest.base_digest != request.base_digest:
+        raise ValueError("a manifest can only be a delta from the base the request named")
+    asked_by_digest = request.model == manifest.model_digest.hex()
+    msg = pb.Manifest(
+        manifest_key=manifest.manifest_key,
+        model_digest=b"" if asked_by_digest else manifest.model_digest,
+        delta=manifest.base_digest is not None,
         raw_bytes=manifest.raw_bytes,
-        encoded_sha256=manifest.encoded_sha256,
-        decoded_digest=manifest.decoded_digest,
+        decoded_digest=(
+            b"" if manifest.decoded_digest == manifest.model_digest else manifest.decoded_digest
+        ),
         segments=[segment_info_to_proto(info) for info in manifest.segments],
     )
-
-
-def manifest_from_proto(msg: pb.Manifest) -> Manifest:
-    """Inverse of :func:`manifest_to_proto`; checks that the sizes add up."""
-    segments = tuple(segment_info_from_proto(s) for s in msg.segments)
-    spec = codec_spec_from_proto(msg.codec_spec)
-    manifest = _valid(
-        "manifest",
-        lambda: Manifest(
-            manifest_id=msg.manifest_id,
-            model_digest=msg.model_digest,
-            base_digest=_optional_digest(msg.base_digest),
-            spec=spec,
-            raw_bytes=msg.raw_bytes,
-            encoded_sha256=msg.encoded_sha256,
-            decoded_digest=msg.decoded_digest,
-            segments=segments,
-        ),
-    )
-    if manifest.encoded_bytes != msg.encoded_bytes:
-        raise InvalidRequestError("manifest: encoded_bytes is not the sum of segment sizes")
-    return manifest
-
-
-def manifest_response_to_proto(manifest: Manifest) -> pb.GetManifestResponse:
-    """The ``GetManifest`` response carrying ``manifest``."""
-    return pb.GetManifestResponse(manifest=manifest_to_proto(manifest))
-
-
-def manifest_response_from_proto(msg: pb.GetManifestResponse) -> Manifest:
-    """Inverse of :func:`manifest_response_to_proto`."""
-    if not msg.HasField("manifest"):
-        raise InvalidRequestError("GetManifest response without a manifest")
-    return manifest_from_proto(msg.manifest)
-
-
-# --------------------------------------------------------------------------- requests
-def manifest_request_to_proto(request: ManifestRequest) -> pb.GetManifestRequest:
-    """The wire form of a :class:`ManifestRequest`."""
-    msg = pb.GetManifestRequest(
-        model=request.model,
-        base_digest=request.base_digest or b"",
-        edge_id=request.edge_id,
-        codec_spec=codec_spec_to_proto(request.spec),
-    )
-    if request.byte_budget is not None:
-        msg.byte_budget = request.byte_budget
+    if manifest.spec != request.spec:
+        msg.codec_spec.CopyFrom(codec_spec_to_proto(manifest.spec))
     return msg
 
 
-def manifest_request_from_proto(msg: pb.GetManifestRequest) -> ManifestRequest:
-    """Inverse of :func:`manifest_request_to_proto`; the codec spec is required."""
+def manifest_from_proto(msg: pb.Manifest, request: ManifestRequest) -> Manifest:
+    """Inverse of :func:`manifest_to_proto`: what was left out is taken from ``request``."""
+    segments = tuple(segment_info_from_proto(s) for s in msg.segments)
+    spec = codec_spec_from_proto(msg.codec_spec) if msg.HasField("codec_spec") else request.spec
+    model_digest = msg.model_digest
+    if not model_digest:
+        if not is_hex_digest(request.model):
+            raise InvalidRequestError("manifest without the digest of the track's model")
+        model_digest = bytes.fromhex(request.model)
+    if msg.delta and request.base_digest is None:
+        raise InvalidRequestError("manifest of a delta, but the request named no base")
+    base_digest = request.base_digest if msg.delta else None
+    return _valid(
+        "manifest",
+        lambda: Manifest(
+            manifest_key=msg.manifest_key,
+            model_digest=model_digest,
+            base_digest=base_digest,
+            spec=spec,
+            raw_bytes=msg.raw_bytes,
+            decoded_digest=msg.decoded_digest or model_digest,
+            segments=segments,
+        ),
+    )
+
+
+def manifest_response_to_proto(
+    manifest: Manifest, request: ManifestRequest
+) -> pb.GetManifestResponse:
+    """The ``GetManifest`` response carrying ``manifest``."""
+    return pb.GetManifestResponse(manifest=manifest_to_proto(manifest, request))
+
+
+def manifest_response_from_proto(msg: pb.GetManifestResponse, request: ManifestRequest) -> Manifest:
+    """Inverse of :func:`manifest_response_to_proto`."""
+    if not msg.HasField("manifest"):
+        raise InvalidRequestError("GetManifest response without a manifest")
+    return manifest_from_proto(msg.manifest, request)
+
+
+def fetch_manifest_message(manifest: Manifest, request: ManifestRequest) -> bytes:
+    """The serialized first ``Fetch`` response message: ``manifest``, answering ``request``."""
+    message: bytes = pb.FetchResponse(
+        manifest=manifest_to_proto(manifest, request)
+    ).SerializeToString()
+    return message
+
+
+# --------------------------------------------------------------------------- requests
+def _set_model(msg: pb.FetchRequest | pb.GetManifestRequest, request: ManifestRequest) -> None:
+    if is_hex_digest(request.model):
+        msg.model_digest = bytes.fromhex(request.model)  # 32 bytes instead of 64
+    else:
+        msg.model = request.model
+    if request.base_digest is not None:
+        msg.base_digest = request.base_digest
+    msg.codec_spec.CopyFrom(codec_spec_to_proto(request.spec))
+    if request.byte_budget is not None:
+        msg.byte_budget = request.byte_budget
+
+
+def _request_from(msg: pb.FetchRequest | pb.GetManifestRequest, what: str) -> ManifestRequest:
     if not msg.HasField("codec_spec"):
-        raise InvalidRequestError("GetManifest request without a codec spec")
+        raise InvalidRequestError(f"{what} without a codec spec")
+    if msg.model and msg.model_digest:
+        raise InvalidRequestError(f"{what} names the model twice: give model or model_digest")
+    model = msg.model
+    if msg.model_digest:
+        if len(msg.model_digest) != DIGEST_BYTES:
+            raise InvalidRequestError(f"{what}: model_digest must be {DIGEST_BYTES} bytes")
+        model = msg.model_digest.hex()
     spec = codec_spec_from_proto(msg.codec_spec)
     budget = msg.byte_budget if msg.HasField("byte_budget") else None
     return _valid(
-        "manifest request",
+        what,
         lambda: ManifestRequest(
-            model=msg.model,
+            model=model,
             base_digest=_optional_digest(msg.base_digest),
-            edge_id=msg.edge_id,
             spec=spec,
             byte_budget=budget,
         ),
     )
 
 
+def manifest_request_to_proto(request: ManifestRequest) -> pb.GetManifestRequest:
+    """The ``GetManifest`` request for ``request``."""
+    msg = pb.GetManifestRequest()
+    _set_model(msg, request)
+    return msg
+
+
+def manifest_request_from_proto(msg: pb.GetManifestRequest) -> ManifestRequest:
+    """Inverse of :func:`manifest_request_to_proto`; the codec spec is required."""
+    return _request_from(msg, "GetManifest request")
+
+
+def fetch_request_to_proto(
+    request: ManifestRequest, held: SegmentRequest | None = None
+) -> pb.FetchRequest:
+    """The ``Fetch`` request for ``request``, naming the segments ``held`` (held ids sorted,
+    so the message is canonical)."""
+    msg = pb.FetchRequest()
+    _set_model(msg, request)
+    if held is not None and held.held:
+        msg.held_manifest_key = held.manifest_key
+        msg.held_segment_ids.extend(sorted(held.held))
+    return msg
+
+
+def fetch_request_from_proto(
+    msg: pb.FetchRequest,
+) -> tuple[ManifestRequest, SegmentRequest | None]:
+    """Inverse of :func:`fetch_request_to_proto`."""
+    request = _request_from(msg, "Fetch request")
+    if not msg.held_segment_ids:
+        return request, None
+    if not msg.held_manifest_key:
+        raise InvalidRequestError("Fetch request names held segments but not their manifest")
+    held = _valid(
+        "held segments",
+        lambda: SegmentRequest(msg.held_manifest_key, frozenset(msg.held_segment_ids)),
+    )
+    return request, held
+
+
 def segment_request_to_proto(request: SegmentRequest) -> pb.StreamSegmentsRequest:
     """The wire form of a :class:`SegmentRequest` (held ids sorted, so it is canonical)."""
     return pb.StreamSegmentsRequest(
-        manifest_id=request.manifest_id,
-        held_segment_ids=sorted(request.held),
-        edge_id=request.edge_id,
+        manifest_key=request.manifest_key, held_segment_ids=sorted(request.held)
     )
 
 
@@ -190,11 +268,7 @@ def segment_request_from_proto(msg: pb.StreamSegmentsRequest) -> SegmentRequest:
     """Inverse of :func:`segment_request_to_proto`."""
     return _valid(
         "segment request",
-        lambda: SegmentRequest(
-            manifest_id=msg.manifest_id,
-            held=frozenset(msg.held_segment_ids),
-            edge_id=msg.edge_id,
-        ),
+        lambda: SegmentRequest(manifest_key=msg.manifest_key, held=frozenset(msg.held_segment_ids)),
     )
 
 
@@ -203,18 +277,18 @@ def segment_to_proto(data: SegmentData) -> pb.StreamSegmentsResponse:
     """One ``StreamSegments`` response message."""
     payload = data.payload if isinstance(data.payload, bytes) else bytes(data.payload)
     return pb.StreamSegmentsResponse(
-        segment=pb.Segment(
-            manifest_id=data.manifest_id, segment_id=data.segment_id, payload=payload
-        )
+        segment=pb.Segment(segment_id=data.segment_id, payload=payload)
     )
 
 
 def segment_message(data: SegmentData) -> bytes:
-    """The serialized ``StreamSegments`` response message carrying ``data``.
+    """The serialized segment message carrying ``data``: a ``StreamSegments`` response, and
+    byte for byte a ``Fetch`` response (both carry the segment in field 1).
 
     Servers build it once per segment and stream the same bytes to every client.
     """
-    return segment_to_proto(data).SerializeToString()
+    message: bytes = segment_to_proto(data).SerializeToString()
+    return message
 
 
 def segment_from_message(message: bytes) -> SegmentData:
@@ -248,6 +322,31 @@ def segment_view_from_message(message: bytes) -> SegmentData:
     return _parse_segment_response(message)
 
 
+def fetch_part_from_message(message: bytes) -> SegmentData | pb.Manifest:
+    """One ``Fetch`` response message: a segment (payload as a view, like
+    :func:`segment_view_from_message`) or the manifest, still in its wire form (convert
+    it with :func:`manifest_from_proto` and the request).
+
+    Raises
+    ------
+    InvalidRequestError
+        The bytes are not a ``FetchResponse`` carrying a segment or a manifest.
+    """
+    fast = read_segment_response(message, copy=False)
+    if fast is not None:
+        return fast
+    try:
+        parsed = pb.FetchResponse.FromString(message)
+    except DecodeError as exc:
+        raise InvalidRequestError("malformed Fetch response") from exc
+    part = parsed.WhichOneof("part")
+    if part == "manifest":
+        return parsed.manifest
+    if part == "segment":
+        return SegmentData(parsed.segment.segment_id, parsed.segment.payload)
+    raise InvalidRequestError("Fetch response without a segment or a manifest")
+
+
 def _parse_segment_response(message: bytes) -> SegmentData:
     try:
         parsed = pb.StreamSegmentsResponse.FromString(message)
@@ -261,7 +360,7 @@ def segment_from_proto(msg: pb.StreamSegmentsResponse) -> SegmentData:
     if not msg.HasField("segment"):
         raise InvalidRequestError("StreamSegments response without a segment")
     seg = msg.segment
-    return SegmentData(manifest_id=seg.manifest_id, segment_id=seg.segment_id, payload=seg.payload)
+    return SegmentData(segment_id=seg.segment_id, payload=seg.payload)
 
 
 # --------------------------------------------------------------------------- updates
@@ -270,11 +369,9 @@ def update_metadata_to_proto(meta: UpdateMetadata) -> pb.PushUpdateRequest:
     return pb.PushUpdateRequest(
         metadata=pb.UpdateMetadata(
             update_id=meta.update_id,
-            edge_id=meta.edge_id,
-            base_digest=meta.base_digest,
+            base_digest=meta.base_digest or b"",
             total_bytes=meta.total_bytes,
             sha256=meta.sha256,
-            codec_spec=codec_spec_to_proto(meta.spec),
         )
     )
 
@@ -284,18 +381,13 @@ def update_metadata_from_proto(msg: pb.PushUpdateRequest) -> UpdateMetadata:
     if msg.WhichOneof("part") != "metadata":
         raise InvalidRequestError("the first PushUpdate message must carry metadata")
     meta = msg.metadata
-    if not meta.HasField("codec_spec"):
-        raise InvalidRequestError("update metadata without a codec spec")
-    spec = codec_spec_from_proto(meta.codec_spec)
     return _valid(
         "update metadata",
         lambda: UpdateMetadata(
             update_id=meta.update_id,
-            edge_id=meta.edge_id,
-            base_digest=meta.base_digest,
+            base_digest=_optional_digest(meta.base_digest),
             total_bytes=meta.total_bytes,
             sha256=meta.sha256,
-            spec=spec,
         ),
     )
 
@@ -315,12 +407,7 @@ def update_chunk_from_proto(msg: pb.PushUpdateRequest) -> bytes:
 def receipt_to_proto(receipt: UpdateReceipt) -> pb.PushUpdateResponse:
     """The ``PushUpdate`` response carrying ``receipt``."""
     return pb.PushUpdateResponse(
-        receipt=pb.UpdateReceipt(
-            update_id=receipt.update_id,
-            stored_bytes=receipt.stored_bytes,
-            sha256=receipt.sha256,
-            duplicate=receipt.duplicate,
-        )
+        receipt=pb.UpdateReceipt(stored_bytes=receipt.stored_bytes, duplicate=receipt.duplicate)
     )
 
 
@@ -331,10 +418,5 @@ def receipt_from_proto(msg: pb.PushUpdateResponse) -> UpdateReceipt:
     r = msg.receipt
     return _valid(
         "update receipt",
-        lambda: UpdateReceipt(
-            update_id=r.update_id,
-            stored_bytes=r.stored_bytes,
-            sha256=r.sha256,
-            duplicate=r.duplicate,
-        ),
+        lambda: UpdateReceipt(stored_bytes=r.stored_bytes, duplicate=r.duplicate),
     )

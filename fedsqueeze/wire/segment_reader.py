@@ -1,4 +1,5 @@
-"""A direct reader of serialized ``StreamSegmentsResponse`` messages.
+"""A direct reader of serialized segment messages (``StreamSegmentsResponse``, and
+``FetchResponse`` carrying a segment: the same bytes).
 
 The one message that is almost all payload: parsing it into a protobuf message and
 copying the payload out again costs two copies of every segment, where slicing the
@@ -16,7 +17,7 @@ from fedsqueeze.wire.types import SegmentData
 
 
 def read_segment_response(message: bytes, copy: bool = True) -> SegmentData | None:
-    """The segment in a serialized ``StreamSegmentsResponse``, or ``None`` (use protobuf).
+    """The segment in a serialized segment message, or ``None`` (use protobuf).
 
     Parameters
     ----------
@@ -76,22 +77,23 @@ def _fields(buf: bytes, pos: int, end: int) -> Iterator[tuple[int, int, int, int
 
 
 def _read(buf: bytes, copy: bool) -> SegmentData | None:
-    outer = [(s, e) for n, t, s, e in _fields(buf, 0, len(buf)) if n == 1 and t == _LEN]
-    if len(outer) != 1:
+    outer = list(_fields(buf, 0, len(buf)))
+    # Exactly one top-level field, the segment: anything else (a FetchResponse carrying a
+    # manifest, unknown fields) goes to the protobuf parser.
+    if len(outer) != 1 or outer[0][:2] != (1, _LEN):
         return None
-    manifest_id, segment_id = "", 0
+    segment_id = 0
     payload: bytes | memoryview = b"" if copy else memoryview(b"")
     seen: set[int] = set()
-    for number, wire_type, start, end in _fields(buf, *outer[0]):
-        if number in seen and number in (1, 2, 3):
-            return None
-        seen.add(number)
-        if number == 1 and wire_type == _LEN:
-            manifest_id = buf[start:end].decode("utf-8")
-        elif number == 2 and wire_type == _VARINT:
+    for number, wire_type, start, end in _fields(buf, outer[0][2], outer[0][3]):
+        if number in (2, 3):
+            if number in seen:
+                return None
+            seen.add(number)
+        if number == 2 and wire_type == _VARINT:
             segment_id = start & 0xFFFFFFFF
         elif number == 3 and wire_type == _LEN:
             payload = buf[start:end] if copy else memoryview(buf)[start:end]
-        elif number in (1, 2, 3):
+        elif number in (2, 3):
             return None
-    return SegmentData(manifest_id=manifest_id, segment_id=segment_id, payload=payload)
+    return SegmentData(segment_id=segment_id, payload=payload)

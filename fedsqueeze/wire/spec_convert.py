@@ -11,6 +11,7 @@ from collections.abc import Callable
 from typing import TypeVar
 
 from fedsqueeze.codec.spec import (
+    DEFAULT_TARGETS,
     CodecSpec,
     FloatFormat,
     Granularity,
@@ -83,18 +84,25 @@ def _valid(what: str, build: Callable[[], _T]) -> _T:
 
 
 def codec_spec_to_proto(spec: CodecSpec) -> pb.CodecSpec:
-    """The wire form of a :class:`CodecSpec` (every field set explicitly)."""
+    """The wire form of a :class:`CodecSpec`.
+
+    What the message's documentation gives a default is left out: no ``prune`` for no
+    pruning, no ``targets`` for :data:`~fedsqueeze.codec.spec.DEFAULT_TARGETS`.
+    """
     msg = pb.CodecSpec(
-        prune=pb.PruneSpec(
-            method=_PRUNE_METHODS[spec.prune.method],
-            sparsity=spec.prune.sparsity,
-            threshold=spec.prune.threshold,
-        ),
         float_format=_FLOAT_FORMATS[spec.float_format],
         entropy_level=spec.entropy_level,
-        targets=list(spec.targets),
+        targets=list(spec.targets) if spec.targets != DEFAULT_TARGETS else [],
         min_ndim=spec.min_ndim,
     )
+    if spec.prune != PruneSpec():
+        msg.prune.CopyFrom(
+            pb.PruneSpec(
+                method=_PRUNE_METHODS[spec.prune.method],
+                sparsity=spec.prune.sparsity,
+                threshold=spec.prune.threshold,
+            )
+        )
     if spec.topk is not None:
         msg.topk = spec.topk
     if spec.quant is not None:
@@ -111,7 +119,8 @@ def codec_spec_to_proto(spec: CodecSpec) -> pb.CodecSpec:
 
 
 def codec_spec_from_proto(msg: pb.CodecSpec) -> CodecSpec:
-    """Inverse of :func:`codec_spec_to_proto`; an absent ``prune`` means no pruning."""
+    """Inverse of :func:`codec_spec_to_proto`; an absent ``prune`` means no pruning, empty
+    ``targets`` the default ones."""
     prune = PruneSpec()
     if msg.HasField("prune"):
         method = _prune_method_from_proto(msg.prune.method)
@@ -136,7 +145,7 @@ def codec_spec_from_proto(msg: pb.CodecSpec) -> CodecSpec:
             quant=quant,
             float_format=float_format,
             entropy_level=msg.entropy_level,
-            targets=tuple(msg.targets),
+            targets=tuple(msg.targets) or DEFAULT_TARGETS,
             min_ndim=msg.min_ndim,
         ),
     )

@@ -6,23 +6,27 @@
 isort:skip_file
 fedsqueeze data plane, version 1.
 
-Model bytes travel here, never through Flower's control plane. A client asks
-for a manifest (GetManifest), then streams the segments it does not hold yet
-(StreamSegments); a broken stream is resumed by asking again with the held
-segment ids. Edges upload their encoded updates with PushUpdate, which is
-idempotent by update id.
+Model bytes travel here, never through Flower's control plane. A client fetches
+a model with one call, Fetch: the request says what the client wants and what it
+holds, and the response stream starts with the manifest and goes on with the
+segments. A broken stream is resumed with StreamSegments, which names the
+manifest and the segments already held. Edges upload their encoded updates with
+PushUpdate, which is idempotent by update id.
 
 Conventions used throughout:
 * Digests are raw SHA-256 values: exactly 32 bytes, never hex.
 * Sizes are in bytes, unless a field says otherwise.
 * Every call carries the metadata keys "authorization" ("Bearer <token>") and
-  "x-fedsqueeze-edge-id" (the edge the token was issued to).
+  "x-fedsqueeze-edge-id" (the edge the token was issued to). They name the
+  calling edge; request bodies never repeat it.
+* Edges on slow links pay for every byte, so a message leaves out what its
+  reader already knows: a field at its documented default, and in a manifest
+  what would only repeat the request it answers.
 * Segment payloads are the parts of a model encoded in the fedsqueeze codec
   format, version 1 (documented with fedsqueeze.codec); the only bytes
   fields with inner structure. A client that only moves bytes needs nothing
-  else: the manifest's digests verify every segment and the whole encoded
-  payload, which is the concatenation of all segment payloads in ascending
-  segment_id order.
+  else: the manifest's digests verify every segment, and the encoded payload
+  is the concatenation of all segment payloads in ascending segment_id order.
 """
 
 from collections import abc as _abc
@@ -289,7 +293,8 @@ class CodecSpec(_message.Message):
     @_builtins.property
     def targets(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Glob patterns (fnmatch, case-sensitive) of tensor names the lossy stages
-        apply to; 1 to 32 patterns of 1 to 200 characters.
+        apply to; 0 to 32 patterns of 1 to 200 characters. Empty means the default,
+        the one pattern "*weight".
         """
 
     def __init__(
@@ -337,7 +342,10 @@ class SegmentDescriptor(_message.Message):
     """SHA-256 of the payload (32 bytes)."""
     @_builtins.property
     def tensor_names(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Names of the tensors (state-dict keys) whose records the segment carries."""
+        """Names of the tensors (state-dict keys) whose records the segment carries;
+        empty when it carries every tensor of the model (a one-segment model). The
+        codec payload names its tensors itself: this is for choosing what to fetch.
+        """
 
     def __init__(
         self,
@@ -359,65 +367,67 @@ Global___SegmentDescriptor: _TypeAlias = SegmentDescriptor  # noqa: Y015
 
 @_typing.final
 class Manifest(_message.Message):
-    """Everything a client needs to fetch, verify and reassemble an encoded model."""
+    """Everything a client needs to fetch, verify and reassemble an encoded model,
+    as an answer to one request (FetchRequest or GetManifestRequest): fields that
+    would repeat that request are left empty.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
-    MANIFEST_ID_FIELD_NUMBER: _builtins.int
+    MANIFEST_KEY_FIELD_NUMBER: _builtins.int
     MODEL_DIGEST_FIELD_NUMBER: _builtins.int
-    BASE_DIGEST_FIELD_NUMBER: _builtins.int
+    DELTA_FIELD_NUMBER: _builtins.int
     CODEC_SPEC_FIELD_NUMBER: _builtins.int
-    ENCODED_BYTES_FIELD_NUMBER: _builtins.int
     RAW_BYTES_FIELD_NUMBER: _builtins.int
-    ENCODED_SHA256_FIELD_NUMBER: _builtins.int
     DECODED_DIGEST_FIELD_NUMBER: _builtins.int
     SEGMENTS_FIELD_NUMBER: _builtins.int
-    manifest_id: _builtins.str
-    """Opaque identifier of this encoding, at most 128 ASCII characters; names
-    the manifest in StreamSegments.
+    manifest_key: _builtins.bytes
+    """Opaque key of this encoding, 1 to 32 bytes (16 from fedsqueeze servers);
+    names the manifest in StreamSegments and FetchRequest.held_manifest_key.
+    The same model, base and codec spec encoded to the same bytes get the same
+    key on any server process.
     """
     model_digest: _builtins.bytes
-    """Digest (32 bytes) of the target model version, as the server holds it."""
-    base_digest: _builtins.bytes
-    """Digest (32 bytes) of the base the payload is a delta from; empty when the
-    payload is the full model.
+    """Digest (32 bytes) of the target model version, as the server holds it;
+    empty when the request named the model by this very digest.
     """
-    encoded_bytes: _builtins.int
-    """Sum of all segments' byte_length, in bytes."""
+    delta: _builtins.bool
+    """True: the payload is a delta from the request's base_digest. False: it is
+    the full model (the client holds no base, or one the server does not hold).
+    """
     raw_bytes: _builtins.int
     """Size of the target model's tensors in their own dtypes, in bytes."""
-    encoded_sha256: _builtins.bytes
-    """SHA-256 (32 bytes) of the whole encoded payload: all segment payloads
-    concatenated in ascending segment_id order.
-    """
     decoded_digest: _builtins.bytes
     """Digest (32 bytes) of the model the client obtains by decoding the payload
-    (applied to its base); equals model_digest when the codec is lossless.
+    (applied to its base); empty when that is the target model itself
+    (model_digest), as with a lossless codec spec.
     """
     @_builtins.property
     def codec_spec(self) -> Global___CodecSpec:
-        """How the payload was encoded."""
+        """How the payload was encoded; absent when encoded exactly as the request's
+        codec_spec asked (always, from fedsqueeze servers).
+        """
 
     @_builtins.property
     def segments(self) -> _containers.RepeatedCompositeFieldContainer[Global___SegmentDescriptor]:
-        """The segments, in the order StreamSegments sends them (priority order)."""
+        """The segments, in sending (priority) order; the encoded payload has the sum
+        of their byte_length bytes.
+        """
 
     def __init__(
         self,
         *,
-        manifest_id: _builtins.str = ...,
+        manifest_key: _builtins.bytes = ...,
         model_digest: _builtins.bytes = ...,
-        base_digest: _builtins.bytes = ...,
+        delta: _builtins.bool = ...,
         codec_spec: Global___CodecSpec | None = ...,
-        encoded_bytes: _builtins.int = ...,
         raw_bytes: _builtins.int = ...,
-        encoded_sha256: _builtins.bytes = ...,
         decoded_digest: _builtins.bytes = ...,
         segments: _abc.Iterable[Global___SegmentDescriptor] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["codec_spec", b"codec_spec"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_digest", b"base_digest", "codec_spec", b"codec_spec", "decoded_digest", b"decoded_digest", "encoded_bytes", b"encoded_bytes", "encoded_sha256", b"encoded_sha256", "manifest_id", b"manifest_id", "model_digest", b"model_digest", "raw_bytes", b"raw_bytes", "segments", b"segments"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["codec_spec", b"codec_spec", "decoded_digest", b"decoded_digest", "delta", b"delta", "manifest_key", b"manifest_key", "model_digest", b"model_digest", "raw_bytes", b"raw_bytes", "segments", b"segments"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -429,29 +439,119 @@ class Segment(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
-    MANIFEST_ID_FIELD_NUMBER: _builtins.int
     SEGMENT_ID_FIELD_NUMBER: _builtins.int
     PAYLOAD_FIELD_NUMBER: _builtins.int
-    manifest_id: _builtins.str
-    """The manifest this segment belongs to."""
     segment_id: _builtins.int
-    """The segment's id in that manifest."""
+    """The segment's id in the manifest."""
     payload: _builtins.bytes
     """The segment's bytes (about 1 MiB); SHA-256 listed in the manifest."""
     def __init__(
         self,
         *,
-        manifest_id: _builtins.str = ...,
         segment_id: _builtins.int = ...,
         payload: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["manifest_id", b"manifest_id", "payload", b"payload", "segment_id", b"segment_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["payload", b"payload", "segment_id", b"segment_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Segment: _TypeAlias = Segment  # noqa: Y015
+
+@_typing.final
+class FetchRequest(_message.Message):
+    """Request of Fetch."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    MODEL_DIGEST_FIELD_NUMBER: _builtins.int
+    BASE_DIGEST_FIELD_NUMBER: _builtins.int
+    CODEC_SPEC_FIELD_NUMBER: _builtins.int
+    BYTE_BUDGET_FIELD_NUMBER: _builtins.int
+    HELD_MANIFEST_KEY_FIELD_NUMBER: _builtins.int
+    HELD_SEGMENT_IDS_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    """The model wanted: a track name such as "global", or a model digest as 64
+    lowercase hex characters (model_digest says the same in 32 bytes). Set
+    this or model_digest, not both.
+    """
+    model_digest: _builtins.bytes
+    """The model wanted, by its digest (32 bytes). Set this or model, not both."""
+    base_digest: _builtins.bytes
+    """Digest (32 bytes) of the model the client already holds; empty for none."""
+    byte_budget: _builtins.int
+    """Most encoded bytes the client accepts; absent means no limit."""
+    held_manifest_key: _builtins.bytes
+    """Key of a manifest the client holds verified segments of, from a fetch that
+    broke and could not be resumed (the server lost the manifest); empty for
+    none.
+    """
+    @_builtins.property
+    def codec_spec(self) -> Global___CodecSpec:
+        """How the client wants the model encoded."""
+
+    @_builtins.property
+    def held_segment_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Those segments' ids. The server leaves them out of the stream if it
+        answers with the same manifest_key, and ignores them otherwise.
+        """
+
+    def __init__(
+        self,
+        *,
+        model: _builtins.str = ...,
+        model_digest: _builtins.bytes = ...,
+        base_digest: _builtins.bytes = ...,
+        codec_spec: Global___CodecSpec | None = ...,
+        byte_budget: _builtins.int | None = ...,
+        held_manifest_key: _builtins.bytes = ...,
+        held_segment_ids: _abc.Iterable[_builtins.int] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_byte_budget", b"_byte_budget", "byte_budget", b"byte_budget", "codec_spec", b"codec_spec"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_byte_budget", b"_byte_budget", "base_digest", b"base_digest", "byte_budget", b"byte_budget", "codec_spec", b"codec_spec", "held_manifest_key", b"held_manifest_key", "held_segment_ids", b"held_segment_ids", "model", b"model", "model_digest", b"model_digest"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__byte_budget: _TypeAlias = _typing.Literal["byte_budget"]  # noqa: Y015
+    _WhichOneofArgType__byte_budget: _TypeAlias = _typing.Literal["_byte_budget", b"_byte_budget"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__byte_budget) -> _WhichOneofReturnType__byte_budget | None: ...
+
+Global___FetchRequest: _TypeAlias = FetchRequest  # noqa: Y015
+
+@_typing.final
+class FetchResponse(_message.Message):
+    """One message of the Fetch response stream."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SEGMENT_FIELD_NUMBER: _builtins.int
+    MANIFEST_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def segment(self) -> Global___Segment:
+        """The next missing segment (every message after the first). Field 1, as in
+        StreamSegmentsResponse: one serialized message serves both calls.
+        """
+
+    @_builtins.property
+    def manifest(self) -> Global___Manifest:
+        """The manifest (the first message only)."""
+
+    def __init__(
+        self,
+        *,
+        segment: Global___Segment | None = ...,
+        manifest: Global___Manifest | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["manifest", b"manifest", "part", b"part", "segment", b"segment"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["manifest", b"manifest", "part", b"part", "segment", b"segment"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_part: _TypeAlias = _typing.Literal["segment", "manifest"]  # noqa: Y015
+    _WhichOneofArgType_part: _TypeAlias = _typing.Literal["part", b"part"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_part) -> _WhichOneofReturnType_part | None: ...
+
+Global___FetchResponse: _TypeAlias = FetchResponse  # noqa: Y015
 
 @_typing.final
 class GetManifestRequest(_message.Message):
@@ -460,18 +560,18 @@ class GetManifestRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     MODEL_FIELD_NUMBER: _builtins.int
+    MODEL_DIGEST_FIELD_NUMBER: _builtins.int
     BASE_DIGEST_FIELD_NUMBER: _builtins.int
-    EDGE_ID_FIELD_NUMBER: _builtins.int
     CODEC_SPEC_FIELD_NUMBER: _builtins.int
     BYTE_BUDGET_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """The model wanted: a track name such as "global", or a model digest as 64
-    lowercase hex characters.
+    lowercase hex characters. Set this or model_digest, not both.
     """
+    model_digest: _builtins.bytes
+    """The model wanted, by its digest (32 bytes). Set this or model, not both."""
     base_digest: _builtins.bytes
     """Digest (32 bytes) of the model the client already holds; empty for none."""
-    edge_id: _builtins.str
-    """The calling edge; must match the edge of the call's credentials."""
     byte_budget: _builtins.int
     """Most encoded bytes the client accepts; absent means no limit."""
     @_builtins.property
@@ -482,14 +582,14 @@ class GetManifestRequest(_message.Message):
         self,
         *,
         model: _builtins.str = ...,
+        model_digest: _builtins.bytes = ...,
         base_digest: _builtins.bytes = ...,
-        edge_id: _builtins.str = ...,
         codec_spec: Global___CodecSpec | None = ...,
         byte_budget: _builtins.int | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_byte_budget", b"_byte_budget", "byte_budget", b"byte_budget", "codec_spec", b"codec_spec"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_byte_budget", b"_byte_budget", "base_digest", b"base_digest", "byte_budget", b"byte_budget", "codec_spec", b"codec_spec", "edge_id", b"edge_id", "model", b"model"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_byte_budget", b"_byte_budget", "base_digest", b"base_digest", "byte_budget", b"byte_budget", "codec_spec", b"codec_spec", "model", b"model", "model_digest", b"model_digest"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__byte_budget: _TypeAlias = _typing.Literal["byte_budget"]  # noqa: Y015
     _WhichOneofArgType__byte_budget: _TypeAlias = _typing.Literal["_byte_budget", b"_byte_budget"]  # noqa: Y015
@@ -506,7 +606,7 @@ class GetManifestResponse(_message.Message):
     MANIFEST_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def manifest(self) -> Global___Manifest:
-        """The manifest to fetch."""
+        """The manifest Fetch would send."""
 
     def __init__(
         self,
@@ -527,13 +627,10 @@ class StreamSegmentsRequest(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
-    MANIFEST_ID_FIELD_NUMBER: _builtins.int
+    MANIFEST_KEY_FIELD_NUMBER: _builtins.int
     HELD_SEGMENT_IDS_FIELD_NUMBER: _builtins.int
-    EDGE_ID_FIELD_NUMBER: _builtins.int
-    manifest_id: _builtins.str
-    """Manifest whose segments are wanted."""
-    edge_id: _builtins.str
-    """The calling edge; must match the edge of the call's credentials."""
+    manifest_key: _builtins.bytes
+    """Key of the manifest whose segments are wanted (Manifest.manifest_key)."""
     @_builtins.property
     def held_segment_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """Segments the client already holds (and verified); they are not sent."""
@@ -541,13 +638,12 @@ class StreamSegmentsRequest(_message.Message):
     def __init__(
         self,
         *,
-        manifest_id: _builtins.str = ...,
+        manifest_key: _builtins.bytes = ...,
         held_segment_ids: _abc.Iterable[_builtins.int] | None = ...,
-        edge_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["edge_id", b"edge_id", "held_segment_ids", b"held_segment_ids", "manifest_id", b"manifest_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["held_segment_ids", b"held_segment_ids", "manifest_key", b"manifest_key"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -584,40 +680,34 @@ class UpdateMetadata(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     UPDATE_ID_FIELD_NUMBER: _builtins.int
-    EDGE_ID_FIELD_NUMBER: _builtins.int
     BASE_DIGEST_FIELD_NUMBER: _builtins.int
     TOTAL_BYTES_FIELD_NUMBER: _builtins.int
     SHA256_FIELD_NUMBER: _builtins.int
-    CODEC_SPEC_FIELD_NUMBER: _builtins.int
     update_id: _builtins.str
     """Client-chosen identifier, 1 to 128 characters of [A-Za-z0-9._:-]; an
     upload is stored once per update_id.
     """
-    edge_id: _builtins.str
-    """The uploading edge; must match the edge of the call's credentials."""
     base_digest: _builtins.bytes
-    """Digest (32 bytes) of the model version the update was trained from."""
+    """Digest (32 bytes) of the model version the update was trained from; empty
+    when the payload is a delta, whose header names that base.
+    """
     total_bytes: _builtins.int
     """Size of the whole encoded payload, in bytes (> 0)."""
     sha256: _builtins.bytes
-    """SHA-256 (32 bytes) of the whole encoded payload."""
-    @_builtins.property
-    def codec_spec(self) -> Global___CodecSpec:
-        """How the payload was encoded."""
-
+    """SHA-256 (32 bytes) of the whole encoded payload; the server stores nothing
+    that does not match it.
+    """
     def __init__(
         self,
         *,
         update_id: _builtins.str = ...,
-        edge_id: _builtins.str = ...,
         base_digest: _builtins.bytes = ...,
         total_bytes: _builtins.int = ...,
         sha256: _builtins.bytes = ...,
-        codec_spec: Global___CodecSpec | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["codec_spec", b"codec_spec"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_digest", b"base_digest", "codec_spec", b"codec_spec", "edge_id", b"edge_id", "sha256", b"sha256", "total_bytes", b"total_bytes", "update_id", b"update_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_digest", b"base_digest", "sha256", b"sha256", "total_bytes", b"total_bytes", "update_id", b"update_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -655,20 +745,16 @@ Global___PushUpdateRequest: _TypeAlias = PushUpdateRequest  # noqa: Y015
 
 @_typing.final
 class UpdateReceipt(_message.Message):
-    """Acknowledges a stored update."""
+    """Acknowledges a stored update: the one the call's metadata described (its
+    update_id, and a payload that matched its sha256).
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
-    UPDATE_ID_FIELD_NUMBER: _builtins.int
     STORED_BYTES_FIELD_NUMBER: _builtins.int
-    SHA256_FIELD_NUMBER: _builtins.int
     DUPLICATE_FIELD_NUMBER: _builtins.int
-    update_id: _builtins.str
-    """The update's identifier."""
     stored_bytes: _builtins.int
     """Payload size stored, in bytes."""
-    sha256: _builtins.bytes
-    """SHA-256 (32 bytes) of the stored payload."""
     duplicate: _builtins.bool
     """True when this upload repeated an update already stored; it was counted
     once.
@@ -676,14 +762,12 @@ class UpdateReceipt(_message.Message):
     def __init__(
         self,
         *,
-        update_id: _builtins.str = ...,
         stored_bytes: _builtins.int = ...,
-        sha256: _builtins.bytes = ...,
         duplicate: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["duplicate", b"duplicate", "sha256", b"sha256", "stored_bytes", b"stored_bytes", "update_id", b"update_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["duplicate", b"duplicate", "stored_bytes", b"stored_bytes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

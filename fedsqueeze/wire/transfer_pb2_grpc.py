@@ -37,6 +37,11 @@ class ModelTransferStub:
         Args:
             channel: A grpc.Channel.
         """
+        self.Fetch = channel.unary_stream(
+                '/fedsqueeze.v1.ModelTransfer/Fetch',
+                request_serializer=fedsqueeze_dot_v1_dot_transfer__pb2.FetchRequest.SerializeToString,
+                response_deserializer=fedsqueeze_dot_v1_dot_transfer__pb2.FetchResponse.FromString,
+                _registered_method=True)
         self.GetManifest = channel.unary_unary(
                 '/fedsqueeze.v1.ModelTransfer/GetManifest',
                 request_serializer=fedsqueeze_dot_v1_dot_transfer__pb2.GetManifestRequest.SerializeToString,
@@ -58,23 +63,33 @@ class ModelTransferServicer:
     """Moves models from the coordinator to edges and updates from edges back.
     """
 
+    def Fetch(self, request, context):
+        """Fetches a model in one round trip. The first response message carries the
+        manifest, every later one a segment the client does not hold yet, in the
+        manifest's (priority) order. The model is encoded as a delta from the base
+        the client holds, or in full when the server does not hold that base
+        (unknown or too old). Identical requests are encoded once and served from a
+        cache. Errors: NOT_FOUND (unknown model), INVALID_ARGUMENT (malformed
+        request or codec spec), RESOURCE_EXHAUSTED (the encoded model exceeds
+        byte_budget), UNAUTHENTICATED.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetManifest(self, request, context):
-        """Describes the encoded model a client should fetch: a delta from the base it
-        holds, or the full model when the server does not hold that base (unknown
-        or too old). Identical requests are encoded once and served from a cache.
-        Errors: NOT_FOUND (unknown model), INVALID_ARGUMENT (malformed request or
-        codec spec), RESOURCE_EXHAUSTED (the encoded model exceeds byte_budget),
-        UNAUTHENTICATED, PERMISSION_DENIED.
+        """The manifest Fetch would start with, without the segments (to inspect an
+        encoding, or decide before downloading). Errors as for Fetch.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def StreamSegments(self, request, context):
-        """Streams the segments of a manifest that the client does not hold yet, in
-        the manifest's order (priority order). Errors: NOT_FOUND (the manifest is
-        no longer cached: call GetManifest again), INVALID_ARGUMENT,
-        UNAUTHENTICATED, PERMISSION_DENIED.
+        """Resumes a fetch whose stream broke: streams the segments of a manifest that
+        the client does not hold yet, in the manifest's order. Errors: NOT_FOUND
+        (the manifest is no longer cached, e.g. after a server restart: Fetch
+        again, naming the segments held), INVALID_ARGUMENT, UNAUTHENTICATED.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -87,8 +102,8 @@ class ModelTransferServicer:
         counted once. A rejected upload changes nothing on the server. Errors:
         INVALID_ARGUMENT (malformed metadata, payload or codec bytes),
         FAILED_PRECONDITION (unknown or expired base, update_id reused for other
-        content), DATA_LOSS (payload does not match sha256), RESOURCE_EXHAUSTED
-        (total_bytes over the server's limit), UNAUTHENTICATED, PERMISSION_DENIED.
+        content or by another edge), DATA_LOSS (payload does not match sha256),
+        RESOURCE_EXHAUSTED (total_bytes over the server's limit), UNAUTHENTICATED.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -97,6 +112,11 @@ class ModelTransferServicer:
 
 def add_ModelTransferServicer_to_server(servicer, server):
     rpc_method_handlers = {
+            'Fetch': grpc.unary_stream_rpc_method_handler(
+                    servicer.Fetch,
+                    request_deserializer=fedsqueeze_dot_v1_dot_transfer__pb2.FetchRequest.FromString,
+                    response_serializer=fedsqueeze_dot_v1_dot_transfer__pb2.FetchResponse.SerializeToString,
+            ),
             'GetManifest': grpc.unary_unary_rpc_method_handler(
                     servicer.GetManifest,
                     request_deserializer=fedsqueeze_dot_v1_dot_transfer__pb2.GetManifestRequest.FromString,
@@ -123,6 +143,33 @@ def add_ModelTransferServicer_to_server(servicer, server):
 class ModelTransfer:
     """Moves models from the coordinator to edges and updates from edges back.
     """
+
+    @staticmethod
+    def Fetch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/fedsqueeze.v1.ModelTransfer/Fetch',
+            fedsqueeze_dot_v1_dot_transfer__pb2.FetchRequest.SerializeToString,
+            fedsqueeze_dot_v1_dot_transfer__pb2.FetchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
 
     @staticmethod
     def GetManifest(request,

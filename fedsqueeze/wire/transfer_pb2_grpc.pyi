@@ -6,23 +6,27 @@
 isort:skip_file
 fedsqueeze data plane, version 1.
 
-Model bytes travel here, never through Flower's control plane. A client asks
-for a manifest (GetManifest), then streams the segments it does not hold yet
-(StreamSegments); a broken stream is resumed by asking again with the held
-segment ids. Edges upload their encoded updates with PushUpdate, which is
-idempotent by update id.
+Model bytes travel here, never through Flower's control plane. A client fetches
+a model with one call, Fetch: the request says what the client wants and what it
+holds, and the response stream starts with the manifest and goes on with the
+segments. A broken stream is resumed with StreamSegments, which names the
+manifest and the segments already held. Edges upload their encoded updates with
+PushUpdate, which is idempotent by update id.
 
 Conventions used throughout:
 * Digests are raw SHA-256 values: exactly 32 bytes, never hex.
 * Sizes are in bytes, unless a field says otherwise.
 * Every call carries the metadata keys "authorization" ("Bearer <token>") and
-  "x-fedsqueeze-edge-id" (the edge the token was issued to).
+  "x-fedsqueeze-edge-id" (the edge the token was issued to). They name the
+  calling edge; request bodies never repeat it.
+* Edges on slow links pay for every byte, so a message leaves out what its
+  reader already knows: a field at its documented default, and in a manifest
+  what would only repeat the request it answers.
 * Segment payloads are the parts of a model encoded in the fedsqueeze codec
   format, version 1 (documented with fedsqueeze.codec); the only bytes
   fields with inner structure. A client that only moves bytes needs nothing
-  else: the manifest's digests verify every segment and the whole encoded
-  payload, which is the concatenation of all segment payloads in ascending
-  segment_id order.
+  else: the manifest's digests verify every segment, and the encoded payload
+  is the concatenation of all segment payloads in ascending segment_id order.
 """
 
 from collections import abc as _abc
@@ -55,19 +59,25 @@ class ModelTransferStub:
     def __new__(cls, channel: _grpc.Channel) -> _Self: ...
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> ModelTransferAsyncStub: ...
+    Fetch: _grpc.UnaryStreamMultiCallable[_transfer_pb2.FetchRequest, _transfer_pb2.FetchResponse]
+    """Fetches a model in one round trip. The first response message carries the
+    manifest, every later one a segment the client does not hold yet, in the
+    manifest's (priority) order. The model is encoded as a delta from the base
+    the client holds, or in full when the server does not hold that base
+    (unknown or too old). Identical requests are encoded once and served from a
+    cache. Errors: NOT_FOUND (unknown model), INVALID_ARGUMENT (malformed
+    request or codec spec), RESOURCE_EXHAUSTED (the encoded model exceeds
+    byte_budget), UNAUTHENTICATED.
+    """
     GetManifest: _grpc.UnaryUnaryMultiCallable[_transfer_pb2.GetManifestRequest, _transfer_pb2.GetManifestResponse]
-    """Describes the encoded model a client should fetch: a delta from the base it
-    holds, or the full model when the server does not hold that base (unknown
-    or too old). Identical requests are encoded once and served from a cache.
-    Errors: NOT_FOUND (unknown model), INVALID_ARGUMENT (malformed request or
-    codec spec), RESOURCE_EXHAUSTED (the encoded model exceeds byte_budget),
-    UNAUTHENTICATED, PERMISSION_DENIED.
+    """The manifest Fetch would start with, without the segments (to inspect an
+    encoding, or decide before downloading). Errors as for Fetch.
     """
     StreamSegments: _grpc.UnaryStreamMultiCallable[_transfer_pb2.StreamSegmentsRequest, _transfer_pb2.StreamSegmentsResponse]
-    """Streams the segments of a manifest that the client does not hold yet, in
-    the manifest's order (priority order). Errors: NOT_FOUND (the manifest is
-    no longer cached: call GetManifest again), INVALID_ARGUMENT,
-    UNAUTHENTICATED, PERMISSION_DENIED.
+    """Resumes a fetch whose stream broke: streams the segments of a manifest that
+    the client does not hold yet, in the manifest's order. Errors: NOT_FOUND
+    (the manifest is no longer cached, e.g. after a server restart: Fetch
+    again, naming the segments held), INVALID_ARGUMENT, UNAUTHENTICATED.
     """
     PushUpdate: _grpc.StreamUnaryMultiCallable[_transfer_pb2.PushUpdateRequest, _transfer_pb2.PushUpdateResponse]
     """Uploads one encoded update: the first message carries UpdateMetadata, every
@@ -76,8 +86,8 @@ class ModelTransferStub:
     counted once. A rejected upload changes nothing on the server. Errors:
     INVALID_ARGUMENT (malformed metadata, payload or codec bytes),
     FAILED_PRECONDITION (unknown or expired base, update_id reused for other
-    content), DATA_LOSS (payload does not match sha256), RESOURCE_EXHAUSTED
-    (total_bytes over the server's limit), UNAUTHENTICATED, PERMISSION_DENIED.
+    content or by another edge), DATA_LOSS (payload does not match sha256),
+    RESOURCE_EXHAUSTED (total_bytes over the server's limit), UNAUTHENTICATED.
     """
 
 @_typing.type_check_only
@@ -85,19 +95,25 @@ class ModelTransferAsyncStub(ModelTransferStub):
     """Moves models from the coordinator to edges and updates from edges back."""
 
     def __init__(self, channel: _aio.Channel) -> None: ...
+    Fetch: _aio.UnaryStreamMultiCallable[_transfer_pb2.FetchRequest, _transfer_pb2.FetchResponse]  # type: ignore[assignment]
+    """Fetches a model in one round trip. The first response message carries the
+    manifest, every later one a segment the client does not hold yet, in the
+    manifest's (priority) order. The model is encoded as a delta from the base
+    the client holds, or in full when the server does not hold that base
+    (unknown or too old). Identical requests are encoded once and served from a
+    cache. Errors: NOT_FOUND (unknown model), INVALID_ARGUMENT (malformed
+    request or codec spec), RESOURCE_EXHAUSTED (the encoded model exceeds
+    byte_budget), UNAUTHENTICATED.
+    """
     GetManifest: _aio.UnaryUnaryMultiCallable[_transfer_pb2.GetManifestRequest, _transfer_pb2.GetManifestResponse]  # type: ignore[assignment]
-    """Describes the encoded model a client should fetch: a delta from the base it
-    holds, or the full model when the server does not hold that base (unknown
-    or too old). Identical requests are encoded once and served from a cache.
-    Errors: NOT_FOUND (unknown model), INVALID_ARGUMENT (malformed request or
-    codec spec), RESOURCE_EXHAUSTED (the encoded model exceeds byte_budget),
-    UNAUTHENTICATED, PERMISSION_DENIED.
+    """The manifest Fetch would start with, without the segments (to inspect an
+    encoding, or decide before downloading). Errors as for Fetch.
     """
     StreamSegments: _aio.UnaryStreamMultiCallable[_transfer_pb2.StreamSegmentsRequest, _transfer_pb2.StreamSegmentsResponse]  # type: ignore[assignment]
-    """Streams the segments of a manifest that the client does not hold yet, in
-    the manifest's order (priority order). Errors: NOT_FOUND (the manifest is
-    no longer cached: call GetManifest again), INVALID_ARGUMENT,
-    UNAUTHENTICATED, PERMISSION_DENIED.
+    """Resumes a fetch whose stream broke: streams the segments of a manifest that
+    the client does not hold yet, in the manifest's order. Errors: NOT_FOUND
+    (the manifest is no longer cached, e.g. after a server restart: Fetch
+    again, naming the segments held), INVALID_ARGUMENT, UNAUTHENTICATED.
     """
     PushUpdate: _aio.StreamUnaryMultiCallable[_transfer_pb2.PushUpdateRequest, _transfer_pb2.PushUpdateResponse]  # type: ignore[assignment]
     """Uploads one encoded update: the first message carries UpdateMetadata, every
@@ -106,12 +122,28 @@ class ModelTransferAsyncStub(ModelTransferStub):
     counted once. A rejected upload changes nothing on the server. Errors:
     INVALID_ARGUMENT (malformed metadata, payload or codec bytes),
     FAILED_PRECONDITION (unknown or expired base, update_id reused for other
-    content), DATA_LOSS (payload does not match sha256), RESOURCE_EXHAUSTED
-    (total_bytes over the server's limit), UNAUTHENTICATED, PERMISSION_DENIED.
+    content or by another edge), DATA_LOSS (payload does not match sha256),
+    RESOURCE_EXHAUSTED (total_bytes over the server's limit), UNAUTHENTICATED.
     """
 
 class ModelTransferServicer(metaclass=_abc_1.ABCMeta):
     """Moves models from the coordinator to edges and updates from edges back."""
+
+    @_abc_1.abstractmethod
+    def Fetch(
+        self,
+        request: _transfer_pb2.FetchRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_transfer_pb2.FetchResponse], _abc.AsyncIterator[_transfer_pb2.FetchResponse]]:
+        """Fetches a model in one round trip. The first response message carries the
+        manifest, every later one a segment the client does not hold yet, in the
+        manifest's (priority) order. The model is encoded as a delta from the base
+        the client holds, or in full when the server does not hold that base
+        (unknown or too old). Identical requests are encoded once and served from a
+        cache. Errors: NOT_FOUND (unknown model), INVALID_ARGUMENT (malformed
+        request or codec spec), RESOURCE_EXHAUSTED (the encoded model exceeds
+        byte_budget), UNAUTHENTICATED.
+        """
 
     @_abc_1.abstractmethod
     def GetManifest(
@@ -119,12 +151,8 @@ class ModelTransferServicer(metaclass=_abc_1.ABCMeta):
         request: _transfer_pb2.GetManifestRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_transfer_pb2.GetManifestResponse, _abc.Awaitable[_transfer_pb2.GetManifestResponse]]:
-        """Describes the encoded model a client should fetch: a delta from the base it
-        holds, or the full model when the server does not hold that base (unknown
-        or too old). Identical requests are encoded once and served from a cache.
-        Errors: NOT_FOUND (unknown model), INVALID_ARGUMENT (malformed request or
-        codec spec), RESOURCE_EXHAUSTED (the encoded model exceeds byte_budget),
-        UNAUTHENTICATED, PERMISSION_DENIED.
+        """The manifest Fetch would start with, without the segments (to inspect an
+        encoding, or decide before downloading). Errors as for Fetch.
         """
 
     @_abc_1.abstractmethod
@@ -133,10 +161,10 @@ class ModelTransferServicer(metaclass=_abc_1.ABCMeta):
         request: _transfer_pb2.StreamSegmentsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_transfer_pb2.StreamSegmentsResponse], _abc.AsyncIterator[_transfer_pb2.StreamSegmentsResponse]]:
-        """Streams the segments of a manifest that the client does not hold yet, in
-        the manifest's order (priority order). Errors: NOT_FOUND (the manifest is
-        no longer cached: call GetManifest again), INVALID_ARGUMENT,
-        UNAUTHENTICATED, PERMISSION_DENIED.
+        """Resumes a fetch whose stream broke: streams the segments of a manifest that
+        the client does not hold yet, in the manifest's order. Errors: NOT_FOUND
+        (the manifest is no longer cached, e.g. after a server restart: Fetch
+        again, naming the segments held), INVALID_ARGUMENT, UNAUTHENTICATED.
         """
 
     @_abc_1.abstractmethod
@@ -151,8 +179,8 @@ class ModelTransferServicer(metaclass=_abc_1.ABCMeta):
         counted once. A rejected upload changes nothing on the server. Errors:
         INVALID_ARGUMENT (malformed metadata, payload or codec bytes),
         FAILED_PRECONDITION (unknown or expired base, update_id reused for other
-        content), DATA_LOSS (payload does not match sha256), RESOURCE_EXHAUSTED
-        (total_bytes over the server's limit), UNAUTHENTICATED, PERMISSION_DENIED.
+        content or by another edge), DATA_LOSS (payload does not match sha256),
+        RESOURCE_EXHAUSTED (total_bytes over the server's limit), UNAUTHENTICATED.
         """
 
 def add_ModelTransferServicer_to_server(servicer: ModelTransferServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -14,12 +14,15 @@ from fedsqueeze.codec.spec import CodecSpec
 
 #: Length of every digest on the wire (SHA-256), in bytes.
 DIGEST_BYTES = 32
-#: Longest manifest id, update id, edge id or model name, in characters.
+#: Longest update id, edge id or model name, in characters.
 MAX_ID_CHARS = 128
+#: Longest manifest key, in bytes (fedsqueeze servers make 16-byte keys).
+MAX_MANIFEST_KEY_BYTES = 32
 #: Most segments one manifest may list.
 MAX_SEGMENTS = 1 << 16
 
 _ID_RE = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
+_HEX_DIGEST_RE = re.compile(r"[0-9a-f]{64}")
 
 
 def check_digest(value: bytes, what: str) -> bytes:
@@ -33,6 +36,18 @@ def check_id(value: str, what: str) -> str:
     """``value`` if it is 1..128 characters of ``[A-Za-z0-9._:-]``; ``ValueError`` otherwise."""
     if not isinstance(value, str) or _ID_RE.fullmatch(value) is None:
         raise ValueError(f"{what} must be 1..{MAX_ID_CHARS} characters of [A-Za-z0-9._:-]")
+    return value
+
+
+def is_hex_digest(model: str) -> bool:
+    """Whether ``model`` names a digest (64 lowercase hex characters) rather than a track."""
+    return _HEX_DIGEST_RE.fullmatch(model) is not None
+
+
+def check_manifest_key(value: bytes) -> bytes:
+    """``value`` if it is a manifest key (1..32 bytes); ``ValueError`` otherwise."""
+    if not isinstance(value, bytes) or not 1 <= len(value) <= MAX_MANIFEST_KEY_BYTES:
+        raise ValueError(f"manifest key must be 1..{MAX_MANIFEST_KEY_BYTES} bytes")
     return value
 
 
@@ -50,7 +65,8 @@ class SegmentInfo:
     segment_id
         Position of the segment in the encoded payload (0, 1, ... without gaps).
     tensor_names
-        State-dict keys whose records the segment carries.
+        State-dict keys whose records the segment carries; empty when it carries every
+        tensor of the model.
     priority
         Sending priority (the manifest's order is the sending order).
     level
@@ -80,10 +96,13 @@ class SegmentInfo:
 class Manifest:
     """Everything a client needs to fetch, verify and reassemble one encoded model.
 
+    The wire form leaves out what the request it answers already says
+    (:func:`fedsqueeze.wire.convert.manifest_to_proto`); this value holds everything.
+
     Parameters
     ----------
-    manifest_id
-        Identifier of this encoding (names it in segment requests).
+    manifest_key
+        Opaque key of this encoding (1..32 bytes; names it in segment requests).
     model_digest
         Digest of the target model version.
     base_digest
@@ -92,29 +111,26 @@ class Manifest:
         How the payload was encoded.
     raw_bytes
         Size of the target model's tensors in their own dtypes, in bytes.
-    encoded_sha256
-        SHA-256 of all segment payloads concatenated in ascending ``segment_id`` order.
     decoded_digest
         Digest of the model a client obtains by decoding (``model_digest`` when lossless).
     segments
-        The segments in sending (priority) order; ids are exactly ``0..n-1``.
+        The segments in sending (priority) order; ids are exactly ``0..n-1``. Their
+        sha256 digests cover every byte of the encoded payload.
     """
 
-    manifest_id: str
+    manifest_key: bytes
     model_digest: bytes
     base_digest: bytes | None
     spec: CodecSpec
     raw_bytes: int
-    encoded_sha256: bytes
     decoded_digest: bytes
     segments: tuple[SegmentInfo, ...]
     _by_id: dict[int, SegmentInfo] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        check_id(self.manifest_id, "manifest_id")
+        check_manifest_key(self.manifest_key)
         check_digest(self.model_digest, "model_digest")
         _check_optional_digest(self.base_digest, "base_digest")
-        check_digest(self.encoded_sha256, "encoded_sha256")
         check_digest(self.decoded_digest, "decoded_digest")
         if self.raw_bytes < 0:
             raise ValueError("raw_bytes must be >= 0")
@@ -141,16 +157,16 @@ class Manifest:
 
 @dataclass(frozen=True)
 class ManifestRequest:
-    """What a client asks ``GetManifest`` for.
+    """What a client asks for (``Fetch``, ``GetManifest``); the calling edge is the one
+    its credentials name.
 
     Parameters
     ----------
     model
-        A track name such as ``"global"``, or a model digest as 64 lowercase hex chars.
+        A track name such as ``"global"``, or a model digest as 64 lowercase hex chars
+        (sent as 32 raw bytes).
     base_digest
         Digest of the model the client holds, or ``None``.
-    edge_id
-        The calling edge.
     spec
         How the client wants the model encoded.
     byte_budget
@@ -159,13 +175,11 @@ class ManifestRequest:
 
     model: str
     base_digest: bytes | None
-    edge_id: str
     spec: CodecSpec
     byte_budget: int | None = None
 
     def __post_init__(self) -> None:
         check_id(self.model, "model")
-        check_id(self.edge_id, "edge_id")
         _check_optional_digest(self.base_digest, "base_digest")
         if self.byte_budget is not None and self.byte_budget <= 0:
             raise ValueError("byte_budget must be > 0")
@@ -173,63 +187,55 @@ class ManifestRequest:
 
 @dataclass(frozen=True)
 class SegmentRequest:
-    """What a client asks ``StreamSegments`` for: a manifest, less what it holds."""
+    """Segments of one manifest a client holds (verified): what ``StreamSegments`` leaves
+    out, or what a ``Fetch`` after a lost manifest names."""
 
-    manifest_id: str
+    manifest_key: bytes
     held: frozenset[int]
-    edge_id: str
 
     def __post_init__(self) -> None:
-        check_id(self.manifest_id, "manifest_id")
-        check_id(self.edge_id, "edge_id")
+        check_manifest_key(self.manifest_key)
         if len(self.held) > MAX_SEGMENTS or any(not 0 <= i < MAX_SEGMENTS for i in self.held):
             raise ValueError("held segment ids out of range")
 
 
 @dataclass(frozen=True)
 class SegmentData:
-    """One segment's bytes as streamed.
+    """One segment's bytes as streamed (the stream is bound to one manifest).
 
     ``payload`` is a read-only ``memoryview`` into the received message when read
     without copying (:func:`fedsqueeze.wire.convert.segment_view_from_message`).
     """
 
-    manifest_id: str
     segment_id: int
     payload: bytes | memoryview
 
 
 @dataclass(frozen=True)
 class UpdateMetadata:
-    """First message of an upload: what follows.
+    """First message of an upload: what follows (the uploading edge is the caller).
 
     Parameters
     ----------
     update_id
         Client-chosen id; an upload is stored once per id.
-    edge_id
-        The uploading edge.
     base_digest
-        Digest of the model version the update was trained from.
+        Digest of the model version the update was trained from; ``None`` when the
+        payload is a delta (its header names the base).
     total_bytes
         Size of the whole encoded payload, in bytes (> 0).
     sha256
         SHA-256 of the whole encoded payload.
-    spec
-        How the payload was encoded.
     """
 
     update_id: str
-    edge_id: str
-    base_digest: bytes
+    base_digest: bytes | None
     total_bytes: int
     sha256: bytes
-    spec: CodecSpec
 
     def __post_init__(self) -> None:
         check_id(self.update_id, "update_id")
-        check_id(self.edge_id, "edge_id")
-        check_digest(self.base_digest, "base_digest")
+        _check_optional_digest(self.base_digest, "base_digest")
         check_digest(self.sha256, "sha256")
         if self.total_bytes <= 0:
             raise ValueError("total_bytes must be > 0")
@@ -237,13 +243,15 @@ class UpdateMetadata:
 
 @dataclass(frozen=True)
 class UpdateReceipt:
-    """The server's acknowledgement of a stored update."""
+    """The server's acknowledgement of the update a ``PushUpdate`` call described.
 
-    update_id: str
+    The server answers only after the payload matched the metadata's sha256, so the
+    receipt needs no echo of the id or the digest.
+    """
+
     stored_bytes: int
-    sha256: bytes
     duplicate: bool
 
     def __post_init__(self) -> None:
-        check_id(self.update_id, "update_id")
-        check_digest(self.sha256, "sha256")
+        if self.stored_bytes <= 0:
+            raise ValueError("stored_bytes must be > 0")

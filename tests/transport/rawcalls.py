@@ -7,7 +7,6 @@ from collections.abc import Iterable, Iterator
 
 import grpc
 
-from fedsqueeze.codec import CodecSpec
 from fedsqueeze.transport import TransferServer
 from fedsqueeze.transport.auth import call_metadata
 from fedsqueeze.transport.server import message_size_options
@@ -45,21 +44,13 @@ def upload_messages(
         yield convert.update_chunk_to_proto(payload[offset : offset + chunk])
 
 
-def meta_for(
-    payload: bytes,
-    spec: CodecSpec,
-    base_digest: bytes,
-    update_id: str = "u-1",
-    edge_id: str = "edge-0",
-) -> UpdateMetadata:
-    """Truthful metadata for ``payload``."""
+def meta_for(payload: bytes, base_digest: bytes | None, update_id: str = "u-1") -> UpdateMetadata:
+    """Truthful metadata for ``payload`` (``base_digest`` None: the payload's own base)."""
     return UpdateMetadata(
         update_id=update_id,
-        edge_id=edge_id,
         base_digest=base_digest,
         total_bytes=len(payload),
         sha256=hashlib.sha256(payload).digest(),
-        spec=spec,
     )
 
 

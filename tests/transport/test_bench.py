@@ -23,16 +23,21 @@ def test_quick_bench_reports_every_part(tmp_path: Path, capsys: pytest.CaptureFi
     )  # fmt: skip
     assert transport_bench.main(args) == 0
     report = json.loads(out.read_text())
-    assert set(report) == {"machine", "throughput", "resume", "fanout"}
+    assert set(report) == {"machine", "throughput", "resume", "fanout", "framing"}
     throughput = report["throughput"]
     assert throughput["bare_gb_s"] > 0 and throughput["segments_gb_s"] > 0
     assert throughput["chunk_bytes"] == 256 * 1024
+    cpu = throughput["cpu_ms_per_mib"]
+    assert set(cpu) == {"bare", "unverified", "verified", "fetch"}
+    assert all(v["client_cpu_ms_per_mib"] > 0 for v in cpu.values())
+    assert 0 < throughput["ceiling_ratio"] <= 1
+    assert report["framing"]["fetch_calls"] == 1
     resume = report["resume"]
     assert 0 <= resume["overhead_bytes"] <= resume["segment_bytes"]
     assert resume["resumed_segments"] == resume["cut_after_segments"]
     fanout = report["fanout"]
     assert fanout["clients"] == 4 and fanout["errors"] == 0 and fanout["encodes"] == 1
-    assert "StreamSegments, verified" in capsys.readouterr().out
+    assert "Fetch, verified and kept" in capsys.readouterr().out
 
 
 def test_register_adds_the_subcommand() -> None:

@@ -42,13 +42,11 @@ def test_fifty_concurrent_clients_cost_one_encode(source, store, start_server, c
     assert stats.hits + stats.joined == 49
 
 
-def _prepared(manifest_id: str, nbytes: int) -> PreparedModel:
+def _prepared(name: str, nbytes: int) -> PreparedModel:
     from fedsqueeze.wire.types import Manifest, SegmentInfo
 
     info = SegmentInfo(0, ("w",), 0, 0, nbytes, b"\x00" * 32)
-    manifest = Manifest(
-        manifest_id, b"\x01" * 32, None, SPEC, nbytes, b"\x02" * 32, b"\x01" * 32, (info,)
-    )
+    manifest = Manifest(name.encode(), b"\x01" * 32, None, SPEC, nbytes, b"\x01" * 32, (info,))
     return PreparedModel(manifest, (bytes(nbytes),))
 
 
@@ -72,7 +70,7 @@ def test_single_flight_builds_once_and_shares_failures():
         gate.set()
         entries = {id(f.result()) for f in futures}
     assert len(calls) == 1 and len(entries) == 1
-    assert cache.by_manifest_id("m1") is not None
+    assert cache.by_manifest_key(b"m1") is not None
 
     failing_gate = threading.Event()
 
@@ -88,7 +86,7 @@ def test_single_flight_builds_once_and_shares_failures():
         errors = [f.exception() for f in futures]
     assert all(isinstance(e, RuntimeError) for e in errors)
     assert len(calls) == 2  # one failed build, shared
-    assert cache.get_or_build(_key(2), lambda: _prepared("m2", 1)).manifest.manifest_id == "m2"
+    assert cache.get_or_build(_key(2), lambda: _prepared("m2", 1)).manifest.manifest_key == b"m2"
 
 
 def test_lru_bounds_entries_and_bytes():
@@ -97,8 +95,8 @@ def test_lru_bounds_entries_and_bytes():
         cache.get_or_build(_key(n), functools.partial(_prepared, f"m{n}", 10))
     cache.get_or_build(_key(0), lambda: _prepared("never", 1))  # hit: 0 is now recent
     cache.get_or_build(_key(3), lambda: _prepared("m3", 10))
-    assert cache.by_manifest_id("m1") is None  # least recently used went first
-    assert cache.by_manifest_id("m0") is not None
+    assert cache.by_manifest_key(b"m1") is None  # least recently used went first
+    assert cache.by_manifest_key(b"m0") is not None
     cache.get_or_build(_key(4), lambda: _prepared("m4", 95))
     stats = cache.stats()
     assert stats.entries == 1 and stats.nbytes == 95 and stats.evictions == 4

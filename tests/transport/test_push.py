@@ -12,7 +12,7 @@ from dataclasses import replace
 import grpc
 import pytest
 
-from fedsqueeze.codec import CodecSpec, encode_state, preset
+from fedsqueeze.codec import CodecSpec, encode_state
 from fedsqueeze.errors import PreconditionError, ResourceExhaustedError
 from fedsqueeze.transport import ServerConfig, UpdateStore
 from fedsqueeze.wire import convert
@@ -52,7 +52,8 @@ def test_retried_upload_is_counted_once(setup, store):
     _, client, update, digest, _ = setup
     first = client.push_update(update, update_id="r1-edge-0", base_digest=digest)
     again = client.push_update(update, update_id="r1-edge-0", base_digest=digest)
-    assert again.receipt.duplicate and again.receipt.sha256 == first.receipt.sha256
+    assert not first.receipt.duplicate and again.receipt.duplicate
+    assert again.receipt.stored_bytes == first.receipt.stored_bytes
     assert len(store) == 1
     store.pop("r1-edge-0")
     third = client.push_update(update, update_id="r1-edge-0", base_digest=digest)
@@ -106,16 +107,31 @@ def test_oversized_upload_is_refused(setup, store):
     assert store.lookup("big") is None
 
 
-def test_other_edges_name_is_refused(setup, store, pki, tokens):
-    server, _, update, digest, _ = setup
-    # Our client always sends its own id: forge the metadata through the raw stub.
-    payload = update.to_bytes()
-    meta = meta_for(payload, update.spec, digest, edge_id="edge-0")
-    channel, stub = raw_stub(server, pki)
-    with channel, pytest.raises(grpc.RpcError) as info:
-        push_raw(stub, upload_messages(meta, payload), metadata("edge-1", tokens[1]["edge-1"]))
-    assert info.value.code() is grpc.StatusCode.PERMISSION_DENIED
-    _unchanged(store, [])
+def test_the_uploader_is_the_edge_of_the_credentials(setup, store, connect):
+    server, client, update, digest, _ = setup
+    client.push_update(update, update_id="r1", base_digest=digest)
+    assert store.list()[0].edge_id == "edge-0"
+    # Another edge cannot take over (or repeat) an update id that edge-0 used.
+    other = connect(server, edge_id="edge-1")
+    with pytest.raises(PreconditionError):
+        other.push_update(update, update_id="r1", base_digest=digest)
+    other.push_update(update, update_id="r1-edge-1", base_digest=digest)
+    assert [(u.update_id, u.edge_id) for u in store.list()] == [
+        ("r1", "edge-0"),
+        ("r1-edge-1", "edge-1"),
+    ]
+
+
+def test_metadata_is_small_and_a_delta_names_its_own_base(setup, store):
+    _, client, update, digest, base = setup
+    result = client.push_update(update, update_id="r1-edge-0", base_digest=digest)
+    # Metadata (id, size, sha256) and chunk prefixes up; the receipt down.
+    assert result.stats.wire.sent - result.receipt.stored_bytes < 80
+    assert result.stats.wire.received <= 12
+    assert store.list()[0].base_digest == digest
+    full = encode_state(perturb(base, 3), CodecSpec())  # names no base: the metadata must
+    client.push_update(full, update_id="full", base_digest=digest)
+    assert store.list()[1].base_digest == digest
 
 
 @pytest.mark.parametrize(
@@ -125,8 +141,9 @@ def test_other_edges_name_is_refused(setup, store, pki, tokens):
         ("malformed_codec_bytes", grpc.StatusCode.INVALID_ARGUMENT),
         ("longer_than_declared", grpc.StatusCode.INVALID_ARGUMENT),
         ("shorter_than_declared", grpc.StatusCode.INVALID_ARGUMENT),
-        ("other_spec_than_declared", grpc.StatusCode.INVALID_ARGUMENT),
+        ("full_model_without_base", grpc.StatusCode.INVALID_ARGUMENT),
         ("delta_from_other_base", grpc.StatusCode.INVALID_ARGUMENT),
+        ("delta_from_unknown_base", grpc.StatusCode.FAILED_PRECONDITION),
         ("no_metadata", grpc.StatusCode.INVALID_ARGUMENT),
         ("metadata_twice", grpc.StatusCode.INVALID_ARGUMENT),
         ("oversized_message", grpc.StatusCode.RESOURCE_EXHAUSTED),
@@ -136,23 +153,28 @@ def test_bad_uploads_are_rejected_and_change_nothing(setup, store, pki, tokens, 
     server, client, update, digest, base = setup
     client.push_update(update, update_id="kept", base_digest=digest)
     payload = update.to_bytes()
-    meta = meta_for(payload, update.spec, digest)
+    meta = meta_for(payload, None)
     messages = list(upload_messages(meta, payload))
     if case == "wrong_sha256":
         wrong = replace(meta, sha256=hashlib.sha256(b"something else").digest())
         messages = list(upload_messages(wrong, payload))
     elif case == "malformed_codec_bytes":
         junk = os.urandom(len(payload))
-        messages = list(upload_messages(meta_for(junk, update.spec, digest), junk))
+        messages = list(upload_messages(meta_for(junk, digest), junk))
     elif case == "longer_than_declared":
         messages.append(convert.update_chunk_to_proto(b"extra"))
     elif case == "shorter_than_declared":
         messages = messages[:-1]
-    elif case == "other_spec_than_declared":
-        messages = list(upload_messages(meta_for(payload, preset("int8"), digest), payload))
+    elif case == "full_model_without_base":
+        full = encode_state(perturb(base, 3), CodecSpec()).to_bytes()
+        messages = list(upload_messages(meta_for(full, None), full))
     elif case == "delta_from_other_base":
         other_digest = bytes.fromhex(server.service.source.publish(perturb(base, 9)))
-        messages = list(upload_messages(meta_for(payload, update.spec, other_digest), payload))
+        messages = list(upload_messages(meta_for(payload, other_digest), payload))
+    elif case == "delta_from_unknown_base":
+        stranger = encode_state(perturb(base, 3), CodecSpec(), base, base_digest=b"\x05" * 32)
+        data = stranger.to_bytes()
+        messages = list(upload_messages(meta_for(data, None), data))
     elif case == "no_metadata":
         messages = messages[1:]
     elif case == "metadata_twice":
@@ -168,9 +190,9 @@ def test_bad_uploads_are_rejected_and_change_nothing(setup, store, pki, tokens, 
 
 
 def test_upload_cancelled_midway_changes_nothing(setup, store, pki, tokens):
-    server, _, update, digest, _ = setup
+    server, _, update, _, _ = setup
     payload = update.to_bytes()
-    meta = meta_for(payload, update.spec, digest)
+    meta = meta_for(payload, None)
     sent = threading.Event()
 
     def slow() -> Iterator[pb.PushUpdateRequest]:

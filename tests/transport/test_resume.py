@@ -107,3 +107,19 @@ def test_server_restart_in_the_middle_of_a_fetch(source, store, start_server, co
     assert state_digest(result.state).hex() == digest
     assert result.stats.resumed_segments >= 3
     assert second.stats().cache.encodes == 1
+
+
+def test_parallel_verifiers_keep_every_guarantee(source, store, start_server, connect, monkeypatch):
+    from fedsqueeze.transport import client as client_module
+
+    monkeypatch.setattr(client_module, "VERIFIERS", 3)  # as on a machine with 5+ cores
+    digest = source.publish(make_state(0, scale=2))
+    faults = FaultInjector()
+    faults.corrupt_segment(2, times=1)
+    faults.cut_streams_after(5, times=1)
+    server = start_server(source, store, config=SMALL_SEGMENTS, faults=faults)
+    seen: list[int] = []
+    result = connect(server).fetch(spec=CodecSpec(), progress=lambda held, _: seen.append(held))
+    assert (faults.corruptions, faults.cuts, result.stats.refetched_segments) == (1, 1, 1)
+    assert seen == sorted(seen) and seen[-1] == result.manifest.encoded_bytes
+    assert result.state is not None and state_digest(result.state).hex() == digest

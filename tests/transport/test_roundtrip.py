@@ -8,8 +8,12 @@ import torch
 from fedsqueeze.codec import CodecSpec, preset, state_digest
 from fedsqueeze.errors import AuthError, NotFoundError, ResourceExhaustedError, TransportError
 from fedsqueeze.transport import GRPC_PREFIX_BYTES, ClientTls, ServerConfig, TokenTable
-from fedsqueeze.wire.convert import manifest_response_to_proto, segment_to_proto
-from fedsqueeze.wire.types import SegmentData
+from fedsqueeze.wire.convert import (
+    fetch_manifest_message,
+    fetch_request_to_proto,
+    segment_to_proto,
+)
+from fedsqueeze.wire.types import ManifestRequest, SegmentData
 from tests.transport.conftest import make_state, perturb
 
 pytestmark = pytest.mark.timeout(60)
@@ -92,19 +96,28 @@ def test_bytes_are_counted_as_messages_plus_prefix(source, store, start_server, 
     server = start_server(source, store, config=ServerConfig(segment_bytes=256 * 1024))
     result = connect(server).fetch(spec=CodecSpec(), decode=False)
     manifest = result.manifest
-    expected = manifest_response_to_proto(manifest).ByteSize() + GRPC_PREFIX_BYTES
+    request = ManifestRequest("global", None, CodecSpec())
+    expected = len(fetch_manifest_message(manifest, request)) + GRPC_PREFIX_BYTES
     for info in manifest.segments:
-        message = segment_to_proto(
-            SegmentData(manifest.manifest_id, info.segment_id, bytes(info.byte_length))
-        )
+        message = segment_to_proto(SegmentData(info.segment_id, bytes(info.byte_length)))
         expected += message.ByteSize() + GRPC_PREFIX_BYTES
     wire = result.stats.wire
     assert wire.received == expected
     assert wire.messages_received == 1 + len(manifest.segments)
-    assert wire.messages_sent == 2
+    assert wire.messages_sent == 1 and result.stats.calls == 1  # one round trip
+    assert wire.sent == fetch_request_to_proto(request).ByteSize() + GRPC_PREFIX_BYTES
     # The server counted the same bytes the other way round.
     server_wire = server.stats().wire
     assert (server_wire.sent, server_wire.received) == (wire.received, wire.sent)
+
+
+def test_get_manifest_describes_what_fetch_sends(source, store, start_server, connect):
+    source.publish(make_state(0))
+    server = start_server(source, store)
+    client = connect(server)
+    manifest = client.get_manifest(ManifestRequest("global", None, preset("int8")))
+    assert client.fetch(spec=preset("int8"), decode=False).manifest == manifest
+    assert server.stats().cache.encodes == 1
 
 
 def test_byte_budget_is_enforced(source, store, start_server, connect):

@@ -10,8 +10,9 @@ import pytest
 from fedsqueeze.codec import CodecSpec, encode_state, preset, state_digest
 from fedsqueeze.errors import NotFoundError, PreconditionError
 from fedsqueeze.transport import InMemoryModelSource, UpdateStore
-from fedsqueeze.transport.source import encode_seed, is_hex_digest
+from fedsqueeze.transport.source import encode_seed
 from fedsqueeze.transport.updates import AddResult, ReceivedUpdate, UpdateRecord
+from fedsqueeze.wire.types import is_hex_digest
 from tests.transport.conftest import make_state, perturb
 
 

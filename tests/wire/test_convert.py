@@ -23,6 +23,7 @@ from fedsqueeze.codec.spec import (
 from fedsqueeze.errors import InvalidRequestError
 from fedsqueeze.wire import convert
 from fedsqueeze.wire import transfer_pb2 as pb
+from fedsqueeze.wire.segment_reader import read_segment_response
 from fedsqueeze.wire.types import (
     Manifest,
     ManifestRequest,
@@ -81,43 +82,79 @@ def test_presets_round_trip(name):
     assert convert.codec_spec_from_proto(convert.codec_spec_to_proto(spec)) == spec
 
 
+KEY = b"k" * 16
+REQUEST = ManifestRequest("global", D2, PRESETS["int8"])
+
+
 def _manifest() -> Manifest:
     segments = (
         SegmentInfo(1, ("b",), 0, 0, 10, D2),
         SegmentInfo(0, ("a", "b"), 1, 1, 20, D3),
     )
-    return Manifest("m-1", D1, D2, PRESETS["int8"], 1000, D3, D1, segments)
+    return Manifest(KEY, D1, D2, PRESETS["int8"], 1000, D3, segments)
 
 
 def test_messages_round_trip():
     manifest = _manifest()
     assert manifest.encoded_bytes == 30
-    assert convert.manifest_response_from_proto(convert.manifest_response_to_proto(manifest)) == (
-        manifest
-    )
-    full = Manifest("m-2", D1, None, CodecSpec(), 1, D3, D1, manifest.segments)
-    assert convert.manifest_from_proto(convert.manifest_to_proto(full)) == full
+    response = convert.manifest_response_to_proto(manifest, REQUEST)
+    assert convert.manifest_response_from_proto(response, REQUEST) == manifest
+    full = Manifest(KEY, D1, None, CodecSpec(), 1, D1, (SegmentInfo(0, (), 0, 0, 5, D3),))
+    assert convert.manifest_from_proto(convert.manifest_to_proto(full, REQUEST), REQUEST) == full
     for request in (
-        ManifestRequest("global", None, "edge-0", CodecSpec()),
-        ManifestRequest("ab" * 32, D1, "edge-0", PRESETS["int4"], byte_budget=1234),
+        ManifestRequest("global", None, CodecSpec()),
+        ManifestRequest("ab" * 32, D1, PRESETS["int4"], byte_budget=1234),
     ):
         msg = convert.manifest_request_to_proto(request)
         assert convert.manifest_request_from_proto(msg) == request
-    seg_req = SegmentRequest("m-1", frozenset({3, 1}), "edge-0")
+        fetch = convert.fetch_request_to_proto(request)
+        assert convert.fetch_request_from_proto(fetch) == (request, None)
+        held = SegmentRequest(KEY, frozenset({4, 2}))
+        fetch = convert.fetch_request_to_proto(request, held)
+        assert list(fetch.held_segment_ids) == [2, 4]
+        assert convert.fetch_request_from_proto(fetch) == (request, held)
+    seg_req = SegmentRequest(KEY, frozenset({3, 1}))
     seg_msg = convert.segment_request_to_proto(seg_req)
     assert list(seg_msg.held_segment_ids) == [1, 3]
     assert convert.segment_request_from_proto(seg_msg) == seg_req
-    data = SegmentData("m-1", 7, b"payload")
+    data = SegmentData(7, b"payload")
     assert convert.segment_from_proto(convert.segment_to_proto(data)) == data
-    meta = UpdateMetadata("u-1", "edge-0", D1, 10, D2, PRESETS["topk10-int4"])
-    assert convert.update_metadata_from_proto(convert.update_metadata_to_proto(meta)) == meta
+    for meta in (UpdateMetadata("u-1", D1, 10, D2), UpdateMetadata("u-1", None, 10, D2)):
+        assert convert.update_metadata_from_proto(convert.update_metadata_to_proto(meta)) == meta
     assert convert.update_chunk_from_proto(convert.update_chunk_to_proto(b"abc")) == b"abc"
-    receipt = UpdateReceipt("u-1", 10, D2, duplicate=True)
+    receipt = UpdateReceipt(10, duplicate=True)
     assert convert.receipt_from_proto(convert.receipt_to_proto(receipt)) == receipt
 
 
+def test_manifest_leaves_out_what_the_request_says():
+    by_digest = ManifestRequest(D1.hex(), D2, PRESETS["int8"])
+    lossless = Manifest(KEY, D1, D2, PRESETS["int8"], 1000, D1, _manifest().segments)
+    msg = convert.manifest_to_proto(lossless, by_digest)
+    assert msg.model_digest == b"" and msg.decoded_digest == b"" and msg.delta
+    assert not msg.HasField("codec_spec")
+    assert convert.manifest_from_proto(msg, by_digest) == lossless
+    # Asked by track: the digest is news to the client; another spec is named.
+    other = Manifest(KEY, D1, None, PRESETS["int4"], 1000, D3, _manifest().segments)
+    msg = convert.manifest_to_proto(other, ManifestRequest("global", D2, PRESETS["int8"]))
+    assert msg.model_digest == D1 and msg.decoded_digest == D3 and not msg.delta
+    assert convert.codec_spec_from_proto(msg.codec_spec) == PRESETS["int4"]
+    with pytest.raises(ValueError):  # a delta from a base the request did not name
+        convert.manifest_to_proto(_manifest(), ManifestRequest("global", D3, CodecSpec()))
+    # A request by digest travels as 32 raw bytes, not 64 hex characters.
+    fetch = convert.fetch_request_to_proto(by_digest)
+    assert fetch.model == "" and fetch.model_digest == D1
+
+
+def test_manifest_from_proto_needs_what_it_left_out():
+    msg = convert.manifest_to_proto(_manifest(), ManifestRequest(D1.hex(), D2, CodecSpec()))
+    with pytest.raises(InvalidRequestError, match="digest"):  # asked by track now
+        convert.manifest_from_proto(msg, ManifestRequest("global", D2, CodecSpec()))
+    with pytest.raises(InvalidRequestError, match="base"):  # a delta, but no base asked
+        convert.manifest_from_proto(msg, ManifestRequest(D1.hex(), None, CodecSpec()))
+
+
 def _bad_manifests() -> Iterator[pb.Manifest]:
-    good = convert.manifest_to_proto(_manifest())
+    good = convert.manifest_to_proto(_manifest(), ManifestRequest("global", D2, CodecSpec()))
 
     def edit(fn: Callable[[pb.Manifest], object]) -> pb.Manifest:
         msg = pb.Manifest()
@@ -126,16 +163,17 @@ def _bad_manifests() -> Iterator[pb.Manifest]:
         return msg
 
     yield edit(lambda m: setattr(m, "model_digest", b"short"))
-    yield edit(lambda m: setattr(m, "encoded_bytes", 31))
-    yield edit(lambda m: setattr(m, "manifest_id", ""))
-    yield edit(lambda m: setattr(m, "manifest_id", "x" * 129))
+    yield edit(lambda m: setattr(m, "decoded_digest", b"short"))
+    yield edit(lambda m: setattr(m, "manifest_key", b""))
+    yield edit(lambda m: setattr(m, "manifest_key", b"x" * 33))
     yield edit(lambda m: m.segments[0].__setattr__("segment_id", 0))
+    yield edit(lambda m: m.segments[0].__setattr__("sha256", b"short"))
     yield edit(lambda m: m.ClearField("segments"))
     yield edit(lambda m: m.codec_spec.__setattr__("float_format", 0))
     yield edit(lambda m: m.codec_spec.quant.__setattr__("bits", 5))
     yield edit(lambda m: m.codec_spec.quant.__setattr__("scheme", 0))
     yield edit(lambda m: m.codec_spec.__setattr__("entropy_level", 99))
-    yield edit(lambda m: m.codec_spec.ClearField("targets"))
+    yield edit(lambda m: m.codec_spec.targets.append(""))
     yield edit(lambda m: m.codec_spec.prune.__setattr__("method", 0))
     yield edit(lambda m: m.codec_spec.prune.__setattr__("method", 77))
     yield edit(lambda m: m.codec_spec.__setattr__("topk", 0.0))
@@ -144,45 +182,63 @@ def _bad_manifests() -> Iterator[pb.Manifest]:
 @pytest.mark.parametrize("msg", list(_bad_manifests()))
 def test_hostile_manifests_are_invalid_requests(msg):
     with pytest.raises(InvalidRequestError):
-        convert.manifest_from_proto(msg)
+        convert.manifest_from_proto(msg, ManifestRequest("global", D2, CodecSpec()))
+
+
+def test_codec_spec_leaves_defaults_out():
+    msg = convert.codec_spec_to_proto(PRESETS["prune95-kmeans3"])
+    assert list(msg.targets) == []  # the default, "*weight"
+    assert not convert.codec_spec_to_proto(CodecSpec()).HasField("prune")
+    assert convert.codec_spec_from_proto(msg) == PRESETS["prune95-kmeans3"]
 
 
 def test_hostile_requests_are_invalid_requests():
     spec = convert.codec_spec_to_proto(CodecSpec())
     bad: list[Callable[[], object]] = [
         lambda: convert.manifest_request_from_proto(pb.GetManifestRequest(model="global")),
+        lambda: convert.manifest_request_from_proto(pb.GetManifestRequest(codec_spec=spec)),
         lambda: convert.manifest_request_from_proto(
-            pb.GetManifestRequest(model="", edge_id="e", codec_spec=spec)
+            pb.GetManifestRequest(model="g", codec_spec=spec, base_digest=b"x")
         ),
         lambda: convert.manifest_request_from_proto(
-            pb.GetManifestRequest(model="g", edge_id="e", codec_spec=spec, base_digest=b"x")
+            pb.GetManifestRequest(model="g", codec_spec=spec, byte_budget=0)
         ),
         lambda: convert.manifest_request_from_proto(
-            pb.GetManifestRequest(model="g", edge_id="e", codec_spec=spec, byte_budget=0)
+            pb.GetManifestRequest(model="g", model_digest=D1, codec_spec=spec)
+        ),
+        lambda: convert.fetch_request_from_proto(
+            pb.FetchRequest(model_digest=b"short", codec_spec=spec)
+        ),
+        lambda: convert.fetch_request_from_proto(
+            pb.FetchRequest(model="g", codec_spec=spec, held_segment_ids=[1])
+        ),
+        lambda: convert.fetch_request_from_proto(
+            pb.FetchRequest(
+                model="g", codec_spec=spec, held_manifest_key=KEY, held_segment_ids=[1 << 20]
+            )
         ),
         lambda: convert.segment_request_from_proto(
-            pb.StreamSegmentsRequest(manifest_id="m", edge_id="e", held_segment_ids=[1 << 20])
+            pb.StreamSegmentsRequest(manifest_key=KEY, held_segment_ids=[1 << 20])
         ),
+        lambda: convert.segment_request_from_proto(pb.StreamSegmentsRequest()),
         lambda: convert.update_metadata_from_proto(pb.PushUpdateRequest(chunk=b"x")),
         lambda: convert.update_metadata_from_proto(
-            pb.PushUpdateRequest(metadata=pb.UpdateMetadata(update_id="u", edge_id="e"))
+            pb.PushUpdateRequest(metadata=pb.UpdateMetadata(update_id="u"))
         ),
         lambda: convert.update_metadata_from_proto(
             pb.PushUpdateRequest(
                 metadata=pb.UpdateMetadata(
-                    update_id="bad id",
-                    edge_id="e",
-                    base_digest=D1,
-                    total_bytes=1,
-                    sha256=D1,
-                    codec_spec=spec,
+                    update_id="bad id", base_digest=D1, total_bytes=1, sha256=D1
                 )
             )
         ),
         lambda: convert.update_chunk_from_proto(pb.PushUpdateRequest()),
         lambda: convert.segment_from_proto(pb.StreamSegmentsResponse()),
         lambda: convert.receipt_from_proto(pb.PushUpdateResponse()),
-        lambda: convert.manifest_response_from_proto(pb.GetManifestResponse()),
+        lambda: convert.receipt_from_proto(pb.PushUpdateResponse(receipt=pb.UpdateReceipt())),
+        lambda: convert.manifest_response_from_proto(pb.GetManifestResponse(), REQUEST),
+        lambda: convert.fetch_part_from_message(pb.FetchResponse().SerializeToString()),
+        lambda: convert.fetch_part_from_message(b"\x0f"),
     ]
     for call in bad:
         with pytest.raises(InvalidRequestError):
@@ -193,9 +249,11 @@ def test_value_types_validate_on_creation():
     with pytest.raises(ValueError):
         SegmentInfo(-1, (), 0, 0, 1, D1)
     with pytest.raises(ValueError):
-        UpdateMetadata("u", "e", D1, 0, D1, CodecSpec())
+        UpdateMetadata("u", None, 0, D1)
     with pytest.raises(ValueError):
-        UpdateReceipt("u", 1, b"", duplicate=False)
+        UpdateReceipt(0, duplicate=False)
+    with pytest.raises(ValueError):
+        SegmentRequest(b"", frozenset())
     manifest = _manifest()
     assert manifest.segment(1).byte_length == 10 and manifest.has_segment(0)
     assert not manifest.has_segment(2)
@@ -226,29 +284,42 @@ def _encode_varint(value: int) -> bytes:
             return bytes(out)
 
 
-@given(
-    st.text(max_size=130),
-    st.integers(0, (1 << 32) - 1),
-    st.binary(max_size=3000),
-)
-def test_fast_segment_reader_agrees_with_protobuf(manifest_id, segment_id, payload):
-    data = SegmentData(manifest_id, segment_id, payload)
+@given(st.integers(0, (1 << 32) - 1), st.binary(max_size=3000))
+def test_fast_segment_reader_agrees_with_protobuf(segment_id, payload):
+    data = SegmentData(segment_id, payload)
     message = convert.segment_message(data)
     assert convert.segment_from_message(message) == data
     assert convert.segment_from_proto(pb.StreamSegmentsResponse.FromString(message)) == data
     assert convert.segment_from_message(_with_unknown_fields(message)) == data
     view = convert.segment_view_from_message(message)
     assert view == data and isinstance(view.payload, memoryview)
+    # The same bytes are a Fetch response carrying the segment.
+    assert pb.FetchResponse.FromString(message).segment.payload == payload
+    assert convert.fetch_part_from_message(message) == data
+
+
+def test_fetch_part_is_a_manifest_or_a_segment():
+    manifest = convert.manifest_to_proto(_manifest(), REQUEST)
+    message = pb.FetchResponse(manifest=manifest).SerializeToString()
+    assert convert.fetch_part_from_message(message) == manifest
+    assert convert.fetch_manifest_message(_manifest(), REQUEST) == message
+    # A segment field followed by a manifest: the oneof's last member wins.
+    both = convert.segment_message(SegmentData(1, b"x")) + message
+    assert convert.fetch_part_from_message(both) == manifest
 
 
 def test_fast_segment_reader_falls_back_or_refuses():
-    data = SegmentData("m-1", 3, b"payload")
+    data = SegmentData(3, b"payload")
     message = convert.segment_message(data)
     # A field repeated: protobuf semantics (the last one wins) via the protobuf parser.
     inner = pb.StreamSegmentsResponse.FromString(message).segment.SerializeToString()
-    inner += b"\x1a\x01x"  # field 3 (payload) again
-    twice = b"\x0a" + _encode_varint(len(inner)) + inner
-    assert convert.segment_from_message(twice) == SegmentData("m-1", 3, b"x")
+    twice = inner + b"\x1a\x01x"  # field 3 (payload) again
+    twice = b"\x0a" + _encode_varint(len(twice)) + twice
+    assert convert.segment_from_message(twice) == SegmentData(3, b"x")
+    # The retired manifest_id (field 1) is skipped like any unknown field.
+    old = b"\x0a\x02m1" + inner
+    old = b"\x0a" + _encode_varint(len(old)) + old
+    assert read_segment_response(old) == data
     for bad in (message[:-1], b"\x0a\xff", b"\x0f"):
         with pytest.raises(InvalidRequestError):
             convert.segment_from_message(bad)

@@ -44,7 +44,12 @@ def test_generated_modules_import_from_the_package():
     assert pb_grpc.fedsqueeze_dot_v1_dot_transfer__pb2 is pb
     service = pb.DESCRIPTOR.services_by_name["ModelTransfer"]
     assert service.full_name == "fedsqueeze.v1.ModelTransfer"
-    assert [m.name for m in service.methods] == ["GetManifest", "StreamSegments", "PushUpdate"]
+    assert [m.name for m in service.methods] == [
+        "Fetch",
+        "GetManifest",
+        "StreamSegments",
+        "PushUpdate",
+    ]
     for path in WIRE.glob("*_pb2*"):
         text = path.read_text()
         assert "from fedsqueeze.v1" not in text and "import fedsqueeze.v1" not in text
