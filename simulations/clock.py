@@ -30,8 +30,8 @@ __all__ = [
 
 #: Flower's control plane per round: the edge pulls its instruction, then pushes its reply.
 CONTROL_ROUND_TRIPS = 2
-#: The data plane per round: GetManifest, StreamSegments, PushUpdate.
-DATA_PLANE_ROUND_TRIPS = 3
+#: The data plane per round: Fetch (manifest and segments in one call), PushUpdate.
+DATA_PLANE_ROUND_TRIPS = 2
 
 
 @dataclass(frozen=True)

@@ -36,7 +36,7 @@ from flwr.common.serde import message_to_proto
 from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 
-from fedsqueeze.control import CONTROL_KEY, RECEIPT_KEY
+from fedsqueeze.control import CONTROL_KEY, RECEIPT_KEY, RoundInstruction, TrainReceipt
 from fedsqueeze.errors import FedsqueezeError
 from fedsqueeze.transport.accounting import GRPC_PREFIX_BYTES
 from fedsqueeze.transport.shaping import LinkProfile
@@ -260,7 +260,8 @@ class SimGrid(Grid):
             sent[pid] = message_wire_bytes(msg)
             control = msg.content.config_records.get(CONTROL_KEY)
             if control is not None:
-                specs[pid] = (str(control.get("down_spec", "")), str(control.get("up_spec", "")))
+                instruction = RoundInstruction.from_record(control)
+                specs[pid] = (instruction.down_spec, instruction.up_spec)
             msg.content[ARM_KEY] = ConfigRecord({"arm": self._arm})
         wait = min(timeout or self.round_timeout_s, self.round_timeout_s)
         replies = self._exchange(out, wait, f"{self._arm} round {self._round}")
@@ -284,10 +285,14 @@ class SimGrid(Grid):
                 continue
             metrics = reply.content.metric_records.get("metrics", MetricRecord())
             fedsqueeze = RECEIPT_KEY in reply.content.config_records
-            compute = _number(metrics, "train-seconds" if fedsqueeze else "compute-seconds")
             if fedsqueeze:
-                compute += _number(metrics, "fetch-seconds") + _number(metrics, "push-seconds")
-            down, up = int(_number(metrics, "bytes-down")), int(_number(metrics, "bytes-up"))
+                receipt = TrainReceipt.from_records(
+                    reply.content.config_records[RECEIPT_KEY], metrics
+                )
+                compute = receipt.train_seconds + receipt.fetch_seconds + receipt.push_seconds
+                down, up = receipt.bytes_down, receipt.bytes_up
+            else:
+                compute, down, up = _number(metrics, "compute-seconds"), 0, 0
             data_down, data_up = data_down + down, data_up + up
             traffic[pid] = ClientTraffic(
                 partition=pid,

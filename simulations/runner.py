@@ -137,7 +137,7 @@ def run_sweep(
                 server_app=server_app,
                 client_app=client_app,
                 num_supernodes=config.num_clients,
-                backend_config=backend_config(config),  # type: ignore[arg-type]
+                backend_config=backend_config(config),
             )
         except FedsqueezeError:
             abort.set()

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
+
 import pytest
 
 from simulations import engine
+
+Install = Callable[[int], "FakeRay"]
 
 
 class FakeRay:
@@ -28,42 +33,43 @@ class FakeRay:
 
 
 @pytest.fixture
-def fake_ray(monkeypatch: pytest.MonkeyPatch):
+def fake_ray(monkeypatch: pytest.MonkeyPatch) -> Install:
     import ray
 
     def install(failures: int) -> FakeRay:
         fake = FakeRay(failures)
         for name in ("is_initialized", "init", "shutdown"):
             monkeypatch.setattr(ray, name, getattr(fake, name))
-        monkeypatch.setattr(engine.time, "sleep", lambda s: None)
+        monkeypatch.setattr(time, "sleep", lambda s: None)
         return fake
 
     return install
 
 
-def test_a_start_that_times_out_is_retried(fake_ray) -> None:
-    fake = fake_ray(failures=2)
+def test_a_start_that_times_out_is_retried(fake_ray: Install) -> None:
+    fake = fake_ray(2)
     engine.start_ray({"num_cpus": 2})
     assert fake.running and len(fake.inits) == 3 and fake.shutdowns == 2
     assert fake.inits[-1]["num_cpus"] == 2 and fake.inits[-1]["include_dashboard"] is False
-    assert "PYTHONPATH" in fake.inits[-1]["runtime_env"]["env_vars"]  # type: ignore[index]
+    runtime_env = fake.inits[-1]["runtime_env"]
+    assert isinstance(runtime_env, dict) and "PYTHONPATH" in runtime_env["env_vars"]
 
 
-def test_a_start_that_keeps_failing_is_a_clear_error(fake_ray) -> None:
-    fake = fake_ray(failures=10)
+def test_a_start_that_keeps_failing_is_a_clear_error(fake_ray: Install) -> None:
+    fake = fake_ray(10)
     with pytest.raises(engine.EngineStartError, match="did not start in 3 attempts"):
         engine.start_ray({"num_cpus": 2})
     assert len(fake.inits) == 3 and not fake.running
 
 
-def test_a_running_ray_is_reused(fake_ray) -> None:
-    fake = fake_ray(failures=0)
+def test_a_running_ray_is_reused(fake_ray: Install) -> None:
+    fake = fake_ray(0)
     fake.running = True
     engine.start_ray({"num_cpus": 2})
     assert fake.inits == []
 
 
-def test_attempts_must_be_positive(fake_ray) -> None:
-    fake_ray(failures=0)
+def test_attempts_must_be_positive(fake_ray: Install) -> None:
+    fake_ray(0)
     with pytest.raises(ValueError):
         engine.start_ray({}, attempts=0)

@@ -10,7 +10,7 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 
-from fedsqueeze.control import RECEIPT_KEY
+from fedsqueeze.control import RECEIPT_KEY, TrainReceipt
 from fedsqueeze.transport.shaping import LinkProfile
 from simulations.grid import (
     ARM_KEY,
@@ -138,17 +138,9 @@ def test_bytes_are_counted_both_ways_and_replies_come_sorted(flower_identity: No
 
 def test_fedsqueeze_receipts_add_data_plane_bytes(flower_identity: None) -> None:
     def reply(message: Message, pid: int) -> Message:
-        return Message(
-            RecordDict(
-                {
-                    RECEIPT_KEY: ConfigRecord({"update_id": "u", "held": "h"}),
-                    "metrics": MetricRecord(
-                        {"bytes-down": 1000 + pid, "bytes-up": 500, "train-seconds": 0.1}
-                    ),
-                }
-            ),
-            reply_to=message,
-        )
+        receipt = TrainReceipt("u", "ab" * 32, 10, 0.5, 1000 + pid, 500, 0.125, 0.0, 0.0)
+        ids, metrics = receipt.to_records(MetricRecord({"num-examples": 10}))
+        return Message(RecordDict({RECEIPT_KEY: ids, "metrics": metrics}), reply_to=message)
 
     inner = FakeInner(list(range(4)), reply)
     grid = _grid(inner, 4, 4)
