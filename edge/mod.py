@@ -155,8 +155,12 @@ def _rounding_seed(edge_id: str, server_round: int, base_digest: str) -> int:
 
 
 def _update_id(edge_id: str, server_round: int, payload: bytes) -> str:
-    """An id that names this update's content: a retry of the same bytes is the same id."""
-    return f"{edge_id}-{server_round}-{hashlib.sha256(payload).hexdigest()[:8]}"
+    """An id that names this edge's update by content: a retry of the same bytes is the
+    same id, and two edges never share one (the edge id is hashed in, not spelled out:
+    it travels twice per round, in the push and in the receipt).
+    """
+    digest = hashlib.sha256(edge_id.encode() + b"\0" + payload).hexdigest()
+    return f"{server_round}-{digest[:16]}"
 
 
 def _number(value: object) -> float:

@@ -4,7 +4,7 @@ Model bytes never travel here: a :class:`RoundInstruction` tells an edge where t
 plane is and what to fetch; a :class:`TrainReceipt` tells the coordinator which update
 the edge pushed and what it cost. On the wire each is one serialized protobuf message
 (``proto/fedsqueeze/v1/control.proto``) stored as the bytes value ``"v1"`` of a Flower
-``ConfigRecord``: about 150 bytes for an instruction and 80 for a receipt, where a
+``ConfigRecord``: about 140 bytes for an instruction and 120 for a receipt, where a
 ``ConfigRecord`` of named fields with hex digests cost about 440 and 380. Every client
 pays them every round, so they matter on a budget of a few kilobytes.
 """

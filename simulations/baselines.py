@@ -11,9 +11,10 @@ arm                what travels
                    with error feedback, fp32 values (the classic uplink-only compression)
 ``adaptive``       fedsqueeze with the adaptive budget policy: per client and round, the
                    least-error download (a sparse, low-bit delta against what the client
-                   holds) and upload (top-k with error feedback, low-bit) that fit 4.2 kB
-                   down and 3 kB up on the data plane (together 1/42 of an fp32 model
-                   down and up) and the client's link within the round deadline, if any
+                   holds) and upload (top-k with error feedback, 2-bit k-means values)
+                   that fit 3.7 kB down and 2.6 kB up on the data plane (together 1/49
+                   of an fp32 model down and up) and the client's link within the round
+                   deadline, if any
 ``sparse``         (not in the default sweep) fixed specs: 95%-sparse 2-bit model deltas
                    down, top-k 5% 2-bit updates with error feedback up
 =================  ==========================================================================
@@ -48,14 +49,14 @@ ADAPTIVE_DOWN_LADDER: tuple[str, ...] = tuple(
     for spec in (
         "quant=8",
         "quant=4",
-        "prune=l1:0.8,quant=4",
-        "prune=l1:0.9,quant=2",
-        "prune=l1:0.93,quant=2",
-        "prune=l1:0.95,quant=2",
-        "prune=l1:0.96,quant=2",
-        "prune=l1:0.97,quant=2",
-        "prune=l1:0.98,quant=2",
-        "prune=l1:0.99,quant=2",
+        "prune=l1:0.8,quant=4:kmeans",
+        "prune=l1:0.9,quant=2:kmeans",
+        "prune=l1:0.93,quant=2:kmeans",
+        "prune=l1:0.95,quant=2:kmeans",
+        "prune=l1:0.96,quant=2:kmeans",
+        "prune=l1:0.97,quant=2:kmeans",
+        "prune=l1:0.98,quant=2:kmeans",
+        "prune=l1:0.99,quant=2:kmeans",
     )
 )
 """Download specs of the adaptive policy, least expected error first. Past 80% sparsity
@@ -67,15 +68,15 @@ ADAPTIVE_UP_LADDER: tuple[str, ...] = tuple(
     spec + _ALL
     for spec in (
         "topk=0.3,quant=8",
-        "topk=0.1,quant=4",
-        "topk=0.1,quant=2",
-        "topk=0.07,quant=2",
-        "topk=0.05,quant=2",
-        "topk=0.04,quant=2",
-        "topk=0.03,quant=2",
-        "topk=0.02,quant=2",
-        "topk=0.01,quant=2",
-        "topk=0.005,quant=2",
+        "topk=0.1,quant=4:kmeans",
+        "topk=0.1,quant=2:kmeans",
+        "topk=0.07,quant=2:kmeans",
+        "topk=0.05,quant=2:kmeans",
+        "topk=0.04,quant=2:kmeans",
+        "topk=0.03,quant=2:kmeans",
+        "topk=0.02,quant=2:kmeans",
+        "topk=0.01,quant=2:kmeans",
+        "topk=0.005,quant=2:kmeans",
     )
 )
 """Upload specs of the adaptive policy (top-k with error feedback), least error first."""
@@ -172,9 +173,9 @@ ARM_PRESETS: Mapping[str, ArmConfig] = {
     "adaptive": ArmConfig(
         "adaptive",
         policy=PolicyKind.ADAPTIVE,
-        down_budget=4200,
-        up_budget=3000,
-        description="adaptive specs within 4.2 kB down / 3 kB up per client and round",
+        down_budget=3700,
+        up_budget=2600,
+        description="adaptive specs within 3.7 kB down / 2.6 kB up per client and round",
     ),
     "sparse": ArmConfig(
         "sparse",

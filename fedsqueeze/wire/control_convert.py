@@ -12,8 +12,10 @@ import math
 
 from google.protobuf.message import DecodeError
 
+from fedsqueeze.codec import CodecSpec
+from fedsqueeze.codec.spec_text import format_spec, parse_spec
 from fedsqueeze.control import RoundInstruction, TrainReceipt
-from fedsqueeze.errors import ConfigError
+from fedsqueeze.errors import CodecError, ConfigError
 from fedsqueeze.wire import control_pb2 as pb
 
 __all__ = [
@@ -46,6 +48,20 @@ def _digest_from_wire(raw: bytes, what: str, *, optional: bool = False) -> str:
     return raw.hex()
 
 
+def _spec_to_wire(text: str, what: str) -> bytes:
+    try:
+        return parse_spec(text).to_bytes()
+    except (ValueError, CodecError) as exc:
+        raise ConfigError(f"{what}: not a codec spec: {text[:80]!r} ({exc})") from exc
+
+
+def _spec_from_wire(raw: bytes, what: str) -> str:
+    try:
+        return format_spec(CodecSpec.from_bytes(raw))
+    except (ValueError, CodecError) as exc:
+        raise ConfigError(f"{what}: malformed codec spec ({exc})") from exc
+
+
 def _parse(message: pb.RoundInstruction | pb.TrainReceipt, data: bytes, what: str) -> None:
     if not isinstance(data, bytes):
         raise ConfigError(f"{what} must be bytes, got {type(data).__name__}")
@@ -66,8 +82,8 @@ def instruction_to_bytes(instruction: RoundInstruction) -> bytes:
         server_round=instruction.server_round,
         address=instruction.address,
         target_digest=_digest_to_wire(instruction.target, "target"),
-        down_spec=instruction.down_spec,
-        up_spec=instruction.up_spec,
+        down_spec=_spec_to_wire(instruction.down_spec, "down_spec"),
+        up_spec=_spec_to_wire(instruction.up_spec, "up_spec"),
         down_budget_bytes=instruction.down_budget,
         up_budget_bytes=instruction.up_budget,
         task=instruction.task if has_init else "",
@@ -80,7 +96,11 @@ def instruction_to_bytes(instruction: RoundInstruction) -> bytes:
 
 
 def instruction_from_bytes(data: bytes) -> RoundInstruction:
-    """Inverse of :func:`instruction_to_bytes`; :class:`ConfigError` on bad input."""
+    """Inverse of :func:`instruction_to_bytes`; :class:`ConfigError` on bad input.
+
+    The specs come back in their canonical text form (``format_spec``), which parses to
+    the same :class:`CodecSpec` as the text that was sent.
+    """
     message = pb.RoundInstruction()
     _parse(message, data, "round instruction")
     if not message.address:
@@ -90,8 +110,8 @@ def instruction_from_bytes(data: bytes) -> RoundInstruction:
         server_round=message.server_round,
         address=message.address,
         target=_digest_from_wire(message.target_digest, "target"),
-        down_spec=message.down_spec,
-        up_spec=message.up_spec,
+        down_spec=_spec_from_wire(message.down_spec, "down_spec"),
+        up_spec=_spec_from_wire(message.up_spec, "up_spec"),
         task=message.task,
         init_seed=message.init_seed if init_digest else -1,
         init_digest=init_digest,

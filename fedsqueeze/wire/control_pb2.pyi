@@ -51,12 +51,14 @@ class RoundInstruction(_message.Message):
     """host:port of the data plane (the ModelTransfer service)."""
     target_digest: _builtins.bytes
     """SHA-256 digest (32 bytes) of the global model to fetch."""
-    down_spec: _builtins.str
-    """Codec spec of the download, in the text form of fedsqueeze's spec parser
-    (for example "p95g-k3"); the encoded payload also carries it.
+    down_spec: _builtins.bytes
+    """Codec spec of the download, in the codec's compact binary form (3 to 13
+    bytes for the usual specs; the same bytes every encoded payload's header
+    starts with, documented with fedsqueeze.codec, format version 1). The text
+    form ("prune=l1:0.9,quant=2:kmeans,...") would cost 30 to 50 bytes.
     """
-    up_spec: _builtins.str
-    """Codec spec of the update the edge returns, in the same text form."""
+    up_spec: _builtins.bytes
+    """Codec spec of the update the edge returns, in the same compact form."""
     down_budget_bytes: _builtins.int
     """Most encoded bytes of the download the coordinator will serve; 0 means no limit."""
     up_budget_bytes: _builtins.int
@@ -81,8 +83,8 @@ class RoundInstruction(_message.Message):
         server_round: _builtins.int = ...,
         address: _builtins.str = ...,
         target_digest: _builtins.bytes = ...,
-        down_spec: _builtins.str = ...,
-        up_spec: _builtins.str = ...,
+        down_spec: _builtins.bytes = ...,
+        up_spec: _builtins.bytes = ...,
         down_budget_bytes: _builtins.int = ...,
         up_budget_bytes: _builtins.int = ...,
         task: _builtins.str = ...,
