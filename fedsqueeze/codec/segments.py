@@ -74,7 +74,9 @@ def split_segments(encoded: EncodedModel, max_bytes: int = DEFAULT_SEGMENT_BYTES
         if piece_level != level:
             flush()
             level = piece_level
-        if len(buf) + len(data) > max_bytes:
+        if len(buf) + len(data) > max_bytes and names:
+            # Start a large record on a fresh segment, unless the buffer holds only the
+            # stream header: a header-only segment would cost a descriptor for 9 bytes.
             flush()
         offset = 0
         while offset < len(data):

@@ -49,6 +49,16 @@ def test_small_model_is_one_segment() -> None:
     assert len(split_segments(encoded)) == 1
 
 
+@pytest.mark.parametrize("max_bytes", [1000, 50_000])
+def test_no_segment_holds_only_the_stream_header(max_bytes: int) -> None:
+    # The first record (240 KB) is larger than a segment: it starts right after the
+    # header instead of leaving a 9-byte segment (and its descriptor) on its own.
+    encoded = encode_state(_model(), CodecSpec(entropy_level=0))
+    segments = split_segments(encoded, max_bytes)
+    assert segments[0].tensor_names and len(segments[0].payload) == max_bytes
+    assert all(s.tensor_names for s in segments)
+
+
 def test_missing_duplicate_or_corrupt_segments_raise() -> None:
     segments = split_segments(encode_state(_model(), CodecSpec(entropy_level=0)), 50_000)
     with pytest.raises(CodecError):
