@@ -17,6 +17,7 @@ from fedsqueeze.codec.spec_text import format_spec, parse_spec
 from fedsqueeze.control import RoundInstruction, TrainReceipt
 from fedsqueeze.errors import CodecError, ConfigError
 from fedsqueeze.wire import control_pb2 as pb
+from fedsqueeze.wire.types import DIGEST_BYTES, check_digest
 
 __all__ = [
     "instruction_from_bytes",
@@ -25,27 +26,21 @@ __all__ = [
     "receipt_to_bytes",
 ]
 
-_DIGEST_BYTES = 32
 
-
-def _digest_to_wire(hex_digest: str, what: str, *, optional: bool = False) -> bytes:
-    if not hex_digest and optional:
-        return b""
+def _digest_to_wire(hex_digest: str, what: str) -> bytes:
     try:
-        raw = bytes.fromhex(hex_digest)
+        return check_digest(bytes.fromhex(hex_digest), what)
     except ValueError as exc:
-        raise ConfigError(f"{what} is not a hex digest: {hex_digest[:70]!r}") from exc
-    if len(raw) != _DIGEST_BYTES:
-        raise ConfigError(f"{what} must be a {_DIGEST_BYTES}-byte digest, got {len(raw)} bytes")
-    return raw
+        raise ConfigError(f"{what} is not a {DIGEST_BYTES}-byte hex digest: {exc}") from exc
 
 
 def _digest_from_wire(raw: bytes, what: str, *, optional: bool = False) -> str:
     if not raw and optional:
         return ""
-    if len(raw) != _DIGEST_BYTES:
-        raise ConfigError(f"{what} must be a {_DIGEST_BYTES}-byte digest, got {len(raw)} bytes")
-    return raw.hex()
+    try:
+        return check_digest(raw, what).hex()
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
 
 
 def _spec_to_wire(text: str, what: str) -> bytes:
