@@ -3,11 +3,16 @@
 :class:`GrpcConnector` is the real one (a :class:`~fedsqueeze.transport.client.TransferClient`
 per call). Bytes are reported per direction as counted on the wire: requests count as
 upload traffic, responses as download traffic, whichever operation they belong to.
+
+For experiments, a connector can put an emulated link on each of its connections (a
+:class:`~fedsqueeze.transport.shaping.LinkShaper`); the seconds the link really made the
+transfer wait are reported, so that a caller timing its local work can leave them out.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -19,6 +24,7 @@ from fedsqueeze.codec.spec_text import parse_spec
 from fedsqueeze.control import RoundInstruction
 from fedsqueeze.errors import IntegrityError
 from fedsqueeze.transport.client import TransferClient
+from fedsqueeze.transport.shaping import LinkShaper
 from fedsqueeze.transport.tls import ClientTls
 
 State = dict[str, torch.Tensor]
@@ -27,22 +33,33 @@ State = dict[str, torch.Tensor]
 CA_ENV = "FEDSQUEEZE_DATA_PLANE_CA"
 
 
+#: Makes the emulated link of one data-plane connection.
+LinkFactory = Callable[[], LinkShaper]
+
+
 @dataclass(frozen=True)
 class Fetched:
-    """A model fetched and verified, and what it cost on the wire."""
+    """A model fetched and verified, and what it cost on the wire.
+
+    ``link_wait_s`` is the time an emulated link really made the fetch wait (0 without
+    one, or with one that only simulates).
+    """
 
     state: State
     digest: str
     bytes_down: int
     bytes_up: int
+    link_wait_s: float = 0.0
 
 
 @dataclass(frozen=True)
 class Pushed:
-    """An acknowledged update upload and what it cost on the wire."""
+    """An acknowledged update upload and what it cost on the wire (``link_wait_s``: as
+    in :class:`Fetched`)."""
 
     bytes_down: int
     bytes_up: int
+    link_wait_s: float = 0.0
 
 
 class DataPlaneConnector(Protocol):
@@ -71,20 +88,37 @@ class DataPlaneConnector(Protocol):
 
 
 class GrpcConnector:
-    """The gRPC data plane (TLS when the instruction says so)."""
+    """The gRPC data plane (TLS when the instruction says so).
 
-    def __init__(self, root_ca: Path | None = None) -> None:
+    Parameters
+    ----------
+    root_ca
+        PEM CA file of the data plane's certificate (default: ``$FEDSQUEEZE_DATA_PLANE_CA``,
+        else the system's roots).
+    link
+        Makes an emulated link for each connection (one per fetch and per push), for
+        experiments; ``None``: none.
+    """
+
+    def __init__(self, root_ca: Path | None = None, *, link: LinkFactory | None = None) -> None:
         env = os.environ.get(CA_ENV)
         self.root_ca = root_ca or (Path(env) if env else None)
+        self.link = link
 
-    def _client(self, instruction: RoundInstruction, edge_id: str) -> TransferClient:
+    def _client(
+        self, instruction: RoundInstruction, edge_id: str, link: LinkShaper | None
+    ) -> TransferClient:
         if instruction.tls:
             tls = ClientTls.from_files(self.root_ca) if self.root_ca else ClientTls()
             return TransferClient(
-                instruction.address, edge_id=edge_id, token=instruction.token, tls=tls
+                instruction.address, edge_id=edge_id, token=instruction.token, tls=tls, link=link
             )
         return TransferClient(
-            instruction.address, edge_id=edge_id, token=instruction.token, plaintext=True
+            instruction.address,
+            edge_id=edge_id,
+            token=instruction.token,
+            plaintext=True,
+            link=link,
         )
 
     def fetch(
@@ -94,7 +128,8 @@ class GrpcConnector:
         held_digest: str | None,
         held: State | None,
     ) -> Fetched:
-        with self._client(instruction, edge_id) as client:
+        link = self.link() if self.link is not None else None
+        with self._client(instruction, edge_id, link) as client:
             result = client.fetch(
                 instruction.target,
                 spec=parse_spec(instruction.down_spec),
@@ -105,7 +140,8 @@ class GrpcConnector:
         if result.state is None:
             raise IntegrityError("the fetch returned no model")
         wire = result.stats.wire
-        return Fetched(result.state, result.digest.hex(), wire.received, wire.sent)
+        waited = link.waited_s if link is not None else 0.0
+        return Fetched(result.state, result.digest.hex(), wire.received, wire.sent, waited)
 
     def push(
         self,
@@ -115,9 +151,10 @@ class GrpcConnector:
         base_digest: str,
         encoded: EncodedModel,
     ) -> Pushed:
-        with self._client(instruction, edge_id) as client:
+        link = self.link() if self.link is not None else None
+        with self._client(instruction, edge_id, link) as client:
             result = client.push_update(
                 encoded, update_id=update_id, base_digest=bytes.fromhex(base_digest)
             )
         wire = result.stats.wire
-        return Pushed(wire.received, wire.sent)
+        return Pushed(wire.received, wire.sent, link.waited_s if link is not None else 0.0)

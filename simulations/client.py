@@ -12,9 +12,18 @@ training message says which arm it belongs to (:data:`~simulations.grid.ARM_KEY`
 
 Clients also answer one ``query``: their partition id, so that the coordinator can sample
 and give links by partition.
+
+Given the clients' links, a fedsqueeze client puts its link on each data-plane connection
+(:func:`sim_link_shaper`): accounting only, unless the config's ``realtime`` is on, when
+the fetch and the push really wait for the link's round trips and bandwidth. Plain Flower
+arms never touch the data plane, so ``realtime`` does not slow them.
 """
 
 from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from functools import partial
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -22,12 +31,14 @@ from flwr.clientapp import ClientApp
 
 from edge.app import train_on_partition
 from edge.cache import EdgeMemory
+from edge.dataplane import GrpcConnector
 from edge.mod import make_mod
 from fedsqueeze.control import CONTROL_KEY
 from fedsqueeze.runconfig import RunSettings
+from fedsqueeze.transport.shaping import LinkProfile, LinkShaper, ShapingMode
 from simulations.grid import ARM_KEY
 
-__all__ = ["ArmCache", "make_sim_client_app"]
+__all__ = ["ArmCache", "make_sim_client_app", "sim_connector", "sim_link_shaper"]
 
 _PREFIX = "fedsqueeze-sim/"
 
@@ -65,7 +76,45 @@ class ArmCache:
             self._state[self._ns + "residual"] = ArrayRecord(memory.residual)
 
 
-def make_sim_client_app(settings: RunSettings, threads: int = 1) -> ClientApp:
+def sim_link_shaper(
+    profile: LinkProfile,
+    realtime: bool,
+    *,
+    monotonic: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], None] = time.sleep,
+) -> LinkShaper:
+    """The link of one simulated client's data-plane connection.
+
+    :attr:`ShapingMode.REAL` (every call waits one RTT, a token bucket holds each
+    direction to its bandwidth) when ``realtime``, else :attr:`ShapingMode.SIMULATED`
+    (accounting only, no waiting). ``monotonic`` and ``sleep`` are for tests.
+    """
+    mode = ShapingMode.REAL if realtime else ShapingMode.SIMULATED
+    return LinkShaper(profile, mode, monotonic=monotonic, sleep=sleep)
+
+
+def sim_connector(
+    links: Sequence[LinkProfile], realtime: bool, partition: object
+) -> GrpcConnector | None:
+    """The data-plane connector of the client with partition id ``partition``.
+
+    ``None`` (the mod's default connector, no link) when no links are given; otherwise
+    a gRPC connector that puts the partition's link on each connection.
+    """
+    if not links:
+        return None
+    if not isinstance(partition, int) or not 0 <= partition < len(links):
+        raise ValueError(f"this node's partition id {partition!r} has no link")
+    return GrpcConnector(link=partial(sim_link_shaper, links[partition], realtime))
+
+
+def make_sim_client_app(
+    settings: RunSettings,
+    threads: int = 1,
+    *,
+    links: Sequence[LinkProfile] = (),
+    realtime: bool = False,
+) -> ClientApp:
     """The ClientApp of every simulated client.
 
     Parameters
@@ -75,8 +124,13 @@ def make_sim_client_app(settings: RunSettings, threads: int = 1) -> ClientApp:
         come from each round's instruction).
     threads
         torch threads per client (results depend on it).
+    links
+        Each partition's link (empty: no link on the data plane).
+    realtime
+        Whether the links really wait (:func:`sim_link_shaper`).
     """
     app = ClientApp()
+    profiles = tuple(links)
 
     def train_fn(msg: Message, context: Context) -> Message:
         return train_on_partition(msg, context, settings)
@@ -89,7 +143,8 @@ def make_sim_client_app(settings: RunSettings, threads: int = 1) -> ClientApp:
         msg.content = RecordDict({k: v for k, v in msg.content.items() if k != ARM_KEY})
         if CONTROL_KEY not in msg.content.config_records:
             return train_fn(msg, context)  # plain Flower: no fedsqueeze code runs
-        mod = make_mod(cache=lambda ctx: ArmCache(ctx.state, arm))
+        connector = sim_connector(profiles, realtime, context.node_config.get("partition-id"))
+        mod = make_mod(cache=lambda ctx: ArmCache(ctx.state, arm), connector=connector)
         return mod(msg, context, train_fn)
 
     @app.query()

@@ -71,6 +71,18 @@ class SimulationConfig:
     compute_s
         Local compute per client and round on the simulated clock, in seconds (0: what
         each client measured, which varies between runs; set it for repeatable times).
+    realtime
+        Make the fedsqueeze arms' data-plane transfers (fetch and push over gRPC) take
+        real time on each client's link: every call waits one RTT and a token bucket
+        holds the bytes to the link's bandwidth (:attr:`ShapingMode.REAL
+        <fedsqueeze.transport.shaping.ShapingMode.REAL>`). Runs get as slow as the links
+        say, or slower: clients share Ray's actors, so with fewer actors than sampled
+        clients their waits add up (raise ``round-timeout-s`` for slow links, lower
+        ``client-cpus`` for more actors); the simulated clock, the bytes
+        and every reported figure stay the same, and ``results.csv``'s ``round_wall_s``
+        shows the real time. Flower's own messages (plain Flower arms such as
+        ``fedavg-fp32``, and every arm's control plane) are never slowed. Default: off,
+        nothing sleeps.
     target_drop
         The target accuracy is the baseline arm's final accuracy minus this (0.01: one
         point).
@@ -104,6 +116,7 @@ class SimulationConfig:
     links: str = "mixed"
     deadline_s: float = 0.0
     compute_s: float = 0.0
+    realtime: bool = False
     target_drop: float = 0.01
     baseline: str = "fedavg-fp32"
     arms: tuple[ArmConfig, ...] = field(
@@ -288,4 +301,5 @@ def _coerce(key: str, value: Any, kind: str) -> Any:
             raise ValueError(value)
         return str(value)
     except ValueError:
-        raise ConfigError(f"{key} = {value!r}: expected {kind}") from None
+        expected = "true or false" if kind == "bool" else kind
+        raise ConfigError(f"{key} = {value!r}: expected {expected}") from None

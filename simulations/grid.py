@@ -82,6 +82,9 @@ class RoundTraffic:
         Each replying client's traffic, by partition id.
     specs
         The (download, upload) codec specs each fedsqueeze client was told to use.
+    wall_s
+        Measured wall-clock seconds from sending the round's messages to the last reply
+        (not the simulated clock: with ``realtime`` on, it includes the links' real waits).
     """
 
     server_round: int
@@ -96,6 +99,7 @@ class RoundTraffic:
     time: RoundTime
     per_client: Mapping[int, ClientTraffic] = field(default_factory=dict)
     specs: Mapping[int, tuple[str, str]] = field(default_factory=dict)
+    wall_s: float = 0.0
 
     @property
     def bytes_down(self) -> int:
@@ -264,9 +268,11 @@ class SimGrid(Grid):
                 specs[pid] = (instruction.down_spec, instruction.up_spec)
             msg.content[ARM_KEY] = ConfigRecord({"arm": self._arm})
         wait = min(timeout or self.round_timeout_s, self.round_timeout_s)
+        started = time.perf_counter()
         replies = self._exchange(out, wait, f"{self._arm} round {self._round}")
+        wall_s = time.perf_counter() - started
         replies.sort(key=lambda r: self.partition_of[r.metadata.src_node_id])
-        return self._account(sampled, sent, replies, specs)
+        return self._account(sampled, sent, replies, specs, wall_s)
 
     def _account(
         self,
@@ -274,6 +280,7 @@ class SimGrid(Grid):
         sent: dict[int, int],
         replies: list[Message],
         specs: dict[int, tuple[str, str]],
+        wall_s: float = 0.0,
     ) -> list[Message]:
         traffic: dict[int, ClientTraffic] = {}
         failed: list[int] = []
@@ -323,6 +330,7 @@ class SimGrid(Grid):
             time=clock,
             per_client=traffic,
             specs=specs,
+            wall_s=wall_s,
         )
         if clock.dropped:
             log.info("%s round %d: dropped stragglers %s", self._arm, self._round, clock.dropped)

@@ -1,7 +1,9 @@
 """Per-round records and per-arm summaries of a sweep, and the files they are written to.
 
 ``results.csv`` has one row per arm and round (round 0 is the initial model: no bytes,
-no time). ``summary.json`` and ``summary.md`` have one entry per arm:
+no time); its times are on the simulated clock, except ``round_wall_s``: the wall-clock
+seconds the round really took here (with ``realtime`` on, as slow as the links say for
+the fedsqueeze arms). ``summary.json`` and ``summary.md`` have one entry per arm:
 
 * final and best accuracy, total bytes (down + up, all planes), total simulated time;
 * the **target**: the baseline arm's final accuracy minus ``target_drop``; the bytes,
@@ -45,6 +47,7 @@ class RoundRecord:
     clients_skipped: int
     clients_dropped: int
     clients_failed: int
+    round_wall_s: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -112,6 +115,7 @@ def round_records(runs: Sequence[ArmRun]) -> list[RoundRecord]:
                     clients_skipped=len(t.skipped) if t else 0,
                     clients_dropped=len(t.dropped) if t else 0,
                     clients_failed=len(t.failed) if t else 0,
+                    round_wall_s=t.wall_s if t else 0.0,
                 )
             )
     return rows

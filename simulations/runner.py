@@ -119,7 +119,10 @@ def run_sweep(
         server.main(grid)
 
     client_app = make_sim_client_app(
-        config.run_settings(config.arms[0], ""), threads=max(1, int(config.client_cpus))
+        config.run_settings(config.arms[0], ""),
+        threads=max(1, int(config.client_cpus)),
+        links=links,
+        realtime=config.realtime,
     )
     # Ray's workers read the thread count at start-up; results depend on it.
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, int(config.client_cpus))))
@@ -130,6 +133,11 @@ def run_sweep(
         config.total_cpus,
         ", ".join(a.name for a in config.arms),
     )
+    if config.realtime:
+        log.info(
+            "realtime is on: the fedsqueeze arms' data-plane transfers really wait for their "
+            "links (plain Flower arms and control messages are not slowed)"
+        )
     started = time.perf_counter()
     with PeakMemory() as memory:
         try:

@@ -11,11 +11,17 @@ summary.md, run.json, accuracy_vs_mb.png and accuracy_vs_time.png into the outpu
 and prints the summary table. With several
 --seeds, each seed gets its own folder and medians.json / medians.md sum them up.
 
+Nothing sleeps by default: times are on a simulated clock. --set realtime=true makes the
+fedsqueeze arms' data-plane transfers really wait for each client's link (results.csv's
+round_wall_s shows it); Flower's own messages, and so the fedavg-fp32 baseline, are
+never slowed, and the simulated figures stay the same.
+
 examples:
   fedsqueeze sweep                                  # the default sweep (make demo)
   fedsqueeze sweep --seeds 0,1,2                    # medians over three seeds
   fedsqueeze sweep --config smoke --set arms=fedavg-fp32,int8
   fedsqueeze sweep --set deadline-s=20 --set links=mobile
+  fedsqueeze sweep --config smoke --set links=wifi --set realtime=true
 """
 
 from __future__ import annotations
@@ -72,7 +78,7 @@ def main(args: argparse.Namespace) -> int:
             tracker = SweepProgress(progress, config)
             outcome = run_sweep(config, progress=tracker.update, plots=not args.no_plots)
         out.print(summary_table(outcome.summary, outcome.out_dir))
-        out.print(run_line(outcome))
+        out.print(run_line(outcome, config.realtime))
         return 0
     with make_progress(out) as progress:
 

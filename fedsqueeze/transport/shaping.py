@@ -204,16 +204,36 @@ class LinkShaper:
         self.profile = profile
         self.mode = mode
         self.clock = LinkClock(profile)
+        self._monotonic = monotonic
         self._sleep = sleep
+        self._lock = threading.Lock()
+        self._waited = 0.0
         self._buckets = {
             d: TokenBucket(
                 profile.bytes_per_s(d),
                 max(profile.bytes_per_s(d) * burst_s, 1.0),
                 monotonic=monotonic,
-                sleep=sleep,
+                sleep=self._wait,
             )
             for d in LinkDirection
         }
+
+    def _wait(self, seconds: float) -> None:
+        started = self._monotonic()
+        self._sleep(seconds)
+        waited = self._monotonic() - started
+        with self._lock:
+            self._waited += waited
+
+    @property
+    def waited_s(self) -> float:
+        """Seconds really spent waiting so far, as the clock measured them (0 unless REAL).
+
+        Lets a caller that times an operation take the emulated link's waits out of it
+        (the simulated clock accounts the link from the bytes and round trips instead).
+        """
+        with self._lock:
+            return self._waited
 
     def on_message(self, direction: Direction, wire_bytes: int) -> None:
         """A client-side message: sent ones go up the link, received ones come down."""
@@ -226,4 +246,4 @@ class LinkShaper:
         """A call starts: one round trip."""
         seconds = self.clock.add_round_trips(1)
         if self.mode is ShapingMode.REAL and seconds > 0:
-            self._sleep(seconds)
+            self._wait(seconds)
