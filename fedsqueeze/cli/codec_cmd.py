@@ -8,7 +8,8 @@ Examples::
     fedsqueeze codec inspect model.fsq --original model.pt
 
 Specs are a preset name (see --list-presets) or comma-separated key=value pairs:
-prune=none|l1:S|global:S|channel:S|threshold:T, topk=F, quant=none|BITS[:affine|
+prune=none|l1:S|global:S|channel:S|threshold:T, topk=F, rank=R (low-rank factors of
+matrices, for updates), quant=none|BITS[:affine|
 symmetric|pow2|kmeans][:tensor|channel][:nearest|stochastic], float=fp32|fp16|bf16,
 entropy=LEVEL (0 off), targets=PATTERN|PATTERN, min-ndim=N.
 """

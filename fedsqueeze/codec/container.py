@@ -4,9 +4,15 @@ Layout (integers are LEB128 varints unless noted)::
 
     model   = magic "FSQ" · version u8 · flags u8 · [base digest 32 B] · spec · count
               · record* · crc32 u32 (little endian, over everything before it)
-    record  = flags u8 · (name · dtype u8 · ndim u8 · dim* | index) · [level]
+    record  = flags u8 · (name · dtype u8 · ndim u8 · dim* | index) · [level] · [rank]
               · value-format · [positions header] · [raw length] · body length · body
     body    = positions payload · values payload     (zstd-compressed when ENTROPY)
+
+A LOWRANK record (rank r) of an ``[m, ...]`` tensor seen as ``m × n`` carries the
+``r·(m + n)`` values of two factors, ``A`` (``m × r``, row-major) then ``B`` (``r × n``),
+with one value format for both; the tensor is ``A @ B``. It never has positions, and
+``r·(m + n) < m·n`` always (the parser's bound on the decoder's work). Records without
+the flag are byte-for-byte what they were before it existed.
 
 A record is *named* (self-describing) unless the model is a delta and the tensor exists
 in the base with the same dtype and shape: then it is the tensor's index in the base's
@@ -26,7 +32,7 @@ import torch
 
 from fedsqueeze.codec.bytesio import ByteReader, write_varint
 from fedsqueeze.codec.positions import max_payload_bytes
-from fedsqueeze.codec.spec import CodecSpec, FloatFormat, Granularity, QuantScheme
+from fedsqueeze.codec.spec import MAX_RANK, CodecSpec, FloatFormat, Granularity, QuantScheme
 from fedsqueeze.errors import FormatError, LimitExceededError, UnsupportedVersionError
 
 MAGIC = b"FSQ"
@@ -59,6 +65,7 @@ class RecordFlags(IntFlag):
     DELTA = 0x10  # values are a difference to the base tensor
     LEVEL = 0x20  # a refinement level follows (progressive transmission)
     ZERO = 0x40  # no values: the tensor equals its base (delta) or is all zeros
+    LOWRANK = 0x80  # a rank follows; the values are two factors whose product is the tensor
 
 
 class ValueKind(IntEnum):
@@ -100,6 +107,7 @@ class DecodeLimits:
     max_total_elements: int = 1 << 30
     max_name_bytes: int = 1024
     max_ndim: int = 8
+    max_rank: int = MAX_RANK
 
 
 @dataclass(frozen=True)
@@ -138,6 +146,7 @@ class TensorRecord:
     raw_length: int | None  # body length before entropy coding, when compressed
     body: bytes
     zero: bool = False  # no values at all: base unchanged (delta) or zeros
+    rank: int = 0  # > 0: the values are low-rank factors (LOWRANK)
 
     @property
     def numel(self) -> int:
@@ -171,6 +180,8 @@ class TensorRecord:
             flags |= RecordFlags.LEVEL
         if self.zero:
             flags |= RecordFlags.ZERO
+        if self.rank:
+            flags |= RecordFlags.LOWRANK
         out.append(int(flags))
         if self.index is None:
             if self.name is None or self.dtype is None or self.shape is None:
@@ -188,6 +199,8 @@ class TensorRecord:
             write_varint(out, self.level)
         if self.zero:
             return bytes(out)
+        if self.rank:
+            write_varint(out, self.rank)
         if self.quant is not None:
             q = self.quant
             per_channel = 0x80 if q.granularity is Granularity.PER_CHANNEL else 0
@@ -210,10 +223,7 @@ def parse_record(
     reader: ByteReader, limits: DecodeLimits, qparams_size: QParamsSizer
 ) -> TensorRecord:
     """Read one record at the reader's position."""
-    raw_flags = reader.u8("record flags")
-    if raw_flags & ~0x7F:
-        raise FormatError(f"unknown record flags 0x{raw_flags:02x}")
-    flags = RecordFlags(raw_flags)
+    flags = RecordFlags(reader.u8("record flags"))
     name: str | None = None
     index: int | None = None
     dtype: torch.dtype | None = None
@@ -244,7 +254,9 @@ def parse_record(
         index = reader.varint("tensor index", limits.max_tensors)
     level = reader.varint("level", 255) if flags & RecordFlags.LEVEL else 0
     if flags & RecordFlags.ZERO:
-        if flags & (RecordFlags.SPARSE | RecordFlags.QUANT | RecordFlags.ENTROPY):
+        if flags & (
+            RecordFlags.SPARSE | RecordFlags.QUANT | RecordFlags.ENTROPY | RecordFlags.LOWRANK
+        ):
             raise FormatError("a zero record carries no values")
         return TensorRecord(
             name,
@@ -260,6 +272,13 @@ def parse_record(
             b"",
             zero=True,
         )
+    rank = 0
+    if flags & RecordFlags.LOWRANK:
+        if flags & RecordFlags.SPARSE:
+            raise FormatError("a low-rank record has no positions")
+        rank = reader.varint("rank", limits.max_rank)
+        if rank < 1:
+            raise FormatError("a low-rank record of rank 0")
     quant: QuantHeader | None = None
     value_kind = ValueKind.RAW
     if flags & RecordFlags.QUANT:
@@ -272,6 +291,8 @@ def parse_record(
         if bits not in (2, 3, 4, 8):
             raise FormatError(f"unsupported quantization bit width {bits}")
         granularity = Granularity.PER_CHANNEL if desc & 0x80 else Granularity.PER_TENSOR
+        if granularity is Granularity.PER_CHANNEL and rank:
+            raise FormatError("low-rank factors are quantized per tensor")
         if granularity is Granularity.PER_CHANNEL and (shape is None and index is None):
             raise FormatError("per-channel record without a shape")
         size = qparams_size(bits, scheme, granularity, shape, index)
@@ -285,6 +306,8 @@ def parse_record(
         if kind > int(ValueKind.BF16):
             raise FormatError(f"unknown value kind {kind}")
         value_kind = ValueKind(kind)
+        if rank and value_kind in (ValueKind.RAW, ValueKind.XOR):
+            raise FormatError("low-rank factors are floats or quantization codes")
     positions: PositionsHeader | None = None
     if flags & RecordFlags.SPARSE:
         packed = reader.u8("position coding")
@@ -312,6 +335,7 @@ def parse_record(
         positions=positions,
         raw_length=raw_length,
         body=body,
+        rank=rank,
     )
 
 

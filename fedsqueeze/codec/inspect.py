@@ -37,6 +37,8 @@ def stages_of(record: TensorRecord) -> str:
     if record.positions is not None:
         coding = str(PositionCoding(record.positions.coding).name or "?").lower()
         parts.append(f"sparse {record.positions.count} kept ({coding})")
+    if record.rank:
+        parts.append(f"rank {record.rank}")
     if record.quant is not None:
         q = record.quant
         gran = "per-channel" if q.granularity is Granularity.PER_CHANNEL else "per-tensor"

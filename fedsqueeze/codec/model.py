@@ -2,7 +2,8 @@
 
 The pipeline per tensor (see ``ARCHITECTURE.md``)::
 
-    delta vs base → (+ residual) → prune or top-k → quantize → pack bits → positions → zstd
+    delta vs base → (+ residual) → prune, top-k or low-rank → quantize → pack bits
+        → positions → zstd
 
 Every numerical step runs on the tensor's own device; only the finished payloads are
 copied to the host as bytes.
@@ -50,8 +51,9 @@ class EncodedModel:
     records
         One record per tensor, in the state's order.
     residual
-        The new error-feedback residual (top-k specs only), on the tensors' devices, for
-        the caller to keep and pass to the next :func:`encode_state`. Never serialized.
+        The new error-feedback residual (top-k and low-rank specs only), on the tensors'
+        devices, for the caller to keep and pass to the next :func:`encode_state`. Never
+        serialized.
     """
 
     spec: CodecSpec
@@ -145,8 +147,8 @@ def encode_state(
         The model the receiver already holds. Tensors present in both with the same
         shape and dtype are sent as differences to it.
     residual
-        Error-feedback residual from the previous call (top-k specs), added to the delta
-        before selection. Missing entries count as zero.
+        Error-feedback residual from the previous call (top-k and low-rank specs), added to
+        the delta before selection. Missing entries count as zero.
     seed
         Seed of the stochastic-rounding generator (``None``: nondeterministic).
     base_digest
@@ -155,7 +157,8 @@ def encode_state(
     Returns
     -------
     EncodedModel
-        With ``residual`` set to the new error-feedback residual for top-k specs.
+        With ``residual`` set to the new error-feedback residual for top-k and low-rank
+        specs.
     """
     if not isinstance(spec, CodecSpec):
         raise TypeError(f"spec must be a CodecSpec, got {type(spec).__name__}")
@@ -179,7 +182,7 @@ def encode_state(
         spec=spec,
         base_digest=base_digest if base is not None else None,
         records=tuple(records),
-        residual=new_residual if spec.topk is not None else None,
+        residual=new_residual if spec.feedback else None,
     )
 
 

@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from enum import Enum
 
+from fedsqueeze.codec.bytesio import write_varint
 from fedsqueeze.errors import ConfigError, FormatError
 
 
@@ -69,6 +70,8 @@ class FloatFormat(Enum):
 
 QUANT_BITS = (2, 3, 4, 8)
 DEFAULT_TARGETS = ("*weight",)
+#: Largest factorization rank a spec may ask for (and a decoder accepts).
+MAX_RANK = 1024
 
 
 @dataclass(frozen=True)
@@ -140,8 +143,8 @@ class QuantSpec:
 class CodecSpec:
     """Everything the encoder does to a state dict, in pipeline order.
 
-    ``delta (when a base is given) → prune or top-k (+ residual) → quantize → pack bits →
-    positions → entropy``.
+    ``delta (when a base is given) → prune, top-k or low-rank (+ residual) → quantize →
+    pack bits → positions → entropy``.
 
     Parameters
     ----------
@@ -163,6 +166,13 @@ class CodecSpec:
         linear layers, not biases or norms).
     min_ndim
         See ``targets``.
+    rank
+        Low-rank factorization of every target tensor with two or more dimensions, seen
+        as a ``shape[0] × rest`` matrix: two factors whose product is its best rank-``rank``
+        approximation (truncated SVD), where they are smaller than the tensor; other
+        targets (biases, small matrices) are sent dense. ``None`` for none. Like top-k it
+        is meant for updates (PowerSGD-style) and returns an error-feedback residual; it
+        is not combined with pruning or top-k, nor with per-channel quantization.
     """
 
     prune: PruneSpec = field(default_factory=PruneSpec)
@@ -172,12 +182,22 @@ class CodecSpec:
     entropy_level: int = 3
     targets: tuple[str, ...] = DEFAULT_TARGETS
     min_ndim: int = 2
+    rank: int | None = None
 
     def __post_init__(self) -> None:
         if self.topk is not None and not 0.0 < self.topk <= 1.0:
             raise ValueError(f"topk must be in (0, 1], got {self.topk}")
         if self.topk is not None and self.prune.active:
             raise ValueError("use either pruning (models) or top-k (updates), not both")
+        if self.rank is not None:
+            if isinstance(self.rank, bool) or not isinstance(self.rank, int):
+                raise ValueError(f"rank must be an integer, got {self.rank!r}")
+            if not 1 <= self.rank <= MAX_RANK:
+                raise ValueError(f"rank must be in 1..{MAX_RANK}, got {self.rank}")
+            if self.topk is not None or self.prune.active:
+                raise ValueError("low-rank factorization replaces pruning and top-k: use one")
+            if self.quant is not None and self.quant.granularity is Granularity.PER_CHANNEL:
+                raise ValueError("low-rank factors use per-tensor quantization, not per-channel")
         if not 0 <= self.entropy_level <= 22:
             raise ValueError(f"entropy_level must be in 0..22, got {self.entropy_level}")
         if not 0 <= self.min_ndim <= 8:
@@ -193,9 +213,15 @@ class CodecSpec:
         return (
             not self.prune.active
             and self.topk is None
+            and self.rank is None
             and self.quant is None
             and self.float_format is FloatFormat.FP32
         )
+
+    @property
+    def feedback(self) -> bool:
+        """Whether encoding returns an error-feedback residual (top-k and low-rank)."""
+        return self.topk is not None or self.rank is not None
 
     def is_target(self, name: str, ndim: int, is_floating: bool) -> bool:
         """Whether the lossy stages apply to the tensor ``name``."""
@@ -212,15 +238,16 @@ class CodecSpec:
         """Compact, canonical byte form (3 bytes for the default spec).
 
         Layout: flags u8 (prune method in bits 0-2, top-k bit 3, quant bit 4, custom
-        targets bit 5) · [amount f64] · [topk f64] · [quant 2 B] · float format and
-        min_ndim u8 · entropy level u8 · [targets]. Amounts are float64 so the spec
-        survives the round trip exactly; an amount with at most six decimals (0.95,
-        0.025) is a varint of millionths instead, 1 to 3 bytes.
+        targets bit 5, rank bit 6) · [amount f64] · [topk f64] · [rank varint] · [quant
+        2 B] · float format and min_ndim u8 · entropy level u8 · [targets]. Amounts are
+        float64 so the spec survives the round trip exactly; an amount with at most six
+        decimals (0.95, 0.025) is a varint of millionths instead, 1 to 3 bytes.
         """
         flags = self.prune.method.value
         flags |= 0x08 if self.topk is not None else 0
         flags |= 0x10 if self.quant is not None else 0
         flags |= 0x20 if self.targets != DEFAULT_TARGETS else 0
+        flags |= 0x40 if self.rank is not None else 0
         out = bytearray([flags])
         if self.prune.method is PruneMethod.THRESHOLD:
             _write_amount(out, self.prune.threshold)
@@ -228,6 +255,8 @@ class CodecSpec:
             _write_amount(out, self.prune.sparsity)
         if self.topk is not None:
             _write_amount(out, self.topk)
+        if self.rank is not None:
+            write_varint(out, self.rank)
         if self.quant is not None:
             q = self.quant
             out.append(q.bits | (q.scheme.value << 4))
@@ -295,10 +324,21 @@ def _read_amount(data: bytes, pos: int) -> tuple[float, int]:
     raise ValueError("amount varint too long")
 
 
+def _read_rank(data: bytes, pos: int) -> tuple[int, int]:
+    value = 0
+    for shift in (0, 7):
+        byte = data[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return value, pos
+    raise ValueError("rank varint too long")
+
+
 def _parse_spec(data: bytes, pos: int) -> tuple[CodecSpec, int]:
     flags = data[pos]
     pos += 1
-    if flags & ~0x3F:
+    if flags & ~0x7F:
         raise ValueError(f"unknown spec flags 0x{flags:02x}")
     method = PruneMethod(flags & 0x07)
     sparsity = threshold = 0.0
@@ -309,6 +349,9 @@ def _parse_spec(data: bytes, pos: int) -> tuple[CodecSpec, int]:
     topk: float | None = None
     if flags & 0x08:
         topk, pos = _read_amount(data, pos)
+    rank: int | None = None
+    if flags & 0x40:
+        rank, pos = _read_rank(data, pos)
     quant: QuantSpec | None = None
     if flags & 0x10:
         desc, opts = data[pos], data[pos + 1]
@@ -335,6 +378,7 @@ def _parse_spec(data: bytes, pos: int) -> tuple[CodecSpec, int]:
         prune=PruneSpec(method, sparsity, threshold),
         topk=topk,
         quant=quant,
+        rank=rank,
         float_format=FloatFormat(fmt_ndim & 0x03),
         entropy_level=level,
         targets=targets,

@@ -8,7 +8,8 @@ commas::
     prune95-kmeans3,entropy=22
 
 Keys: ``prune`` (``none``, ``l1:S``, ``global:S``, ``channel:S``, ``threshold:T``),
-``topk`` (fraction kept), ``quant`` (``none`` or ``BITS[:SCHEME][:GRANULARITY][:ROUNDING]``
+``topk`` (fraction kept), ``rank`` (low-rank factorization of matrices, ``none`` or
+the rank), ``quant`` (``none`` or ``BITS[:SCHEME][:GRANULARITY][:ROUNDING]``
 with schemes ``affine symmetric pow2 kmeans``, granularities ``tensor channel``,
 roundings ``nearest stochastic``), ``float`` (``fp32 fp16 bf16``), ``entropy`` (zstd
 level, 0 = off), ``targets`` (glob patterns joined by ``|``), ``min-ndim``.
@@ -70,6 +71,8 @@ def _apply(spec: CodecSpec, key: str, value: str) -> CodecSpec:
         return replace(spec, prune=_prune(value))
     if key == "topk":
         return replace(spec, topk=None if value == "none" else float(value))
+    if key == "rank":
+        return replace(spec, rank=None if value == "none" else int(value))
     if key == "quant":
         return replace(spec, quant=_quant(value))
     if key == "float":
@@ -83,7 +86,7 @@ def _apply(spec: CodecSpec, key: str, value: str) -> CodecSpec:
     if key == "min-ndim":
         return replace(spec, min_ndim=int(value))
     raise ValueError(
-        f"unknown key {key!r}; keys: prune, topk, quant, float, entropy, targets, min-ndim"
+        f"unknown key {key!r}; keys: prune, topk, rank, quant, float, entropy, targets, min-ndim"
     )
 
 
@@ -130,6 +133,8 @@ def format_spec(spec: CodecSpec) -> str:
         parts.append(f"prune={name}:{p.sparsity!r}")
     if spec.topk is not None:
         parts.append(f"topk={spec.topk!r}")
+    if spec.rank is not None:
+        parts.append(f"rank={spec.rank}")
     if spec.quant is not None:
         q = spec.quant
         gran = "channel" if q.granularity is Granularity.PER_CHANNEL else "tensor"

@@ -15,6 +15,7 @@ import torch
 from fedsqueeze.codec import entropy
 from fedsqueeze.codec.bitpack import packed_size, unpack_bits
 from fedsqueeze.codec.container import CODE_DTYPES, DTYPE_CODES, TensorRecord, ValueKind
+from fedsqueeze.codec.lowrank import factor_count, matrix_shape, pays_off
 from fedsqueeze.codec.positions import PositionCoding, decode_positions, max_payload_bytes
 from fedsqueeze.codec.quantization import dequantize, qparams_from_bytes
 from fedsqueeze.codec.spec import Granularity
@@ -108,7 +109,7 @@ class TensorDecoder:
             return name, torch.zeros(shape, dtype=dtype, device=device)
         # The header fixes the body's exact length: check it before decompressing, so a
         # hostile length never drives an allocation.
-        expected = _body_length(record, name, dtype, numel)
+        expected = _body_length(record, name, dtype, shape, numel)
         actual = len(record.body) if record.raw_length is None else record.raw_length
         if actual != expected:
             raise FormatError(
@@ -117,6 +118,8 @@ class TensorDecoder:
         body: bytes | memoryview = record.body
         if record.raw_length is not None:
             body = entropy.decompress(body, record.raw_length)
+        if record.rank:
+            return name, self._lowrank(record, name, body, shape, dtype, base, device)
         kept = numel
         indices: torch.Tensor | None = None
         if record.positions is not None:
@@ -150,6 +153,29 @@ class TensorDecoder:
         if not dtype.is_floating_point:
             raise FormatError(f"record {name!r}: lossy values for a {dtype} tensor")
         return name, x.to(dtype)
+
+    def _lowrank(
+        self,
+        record: TensorRecord,
+        name: str,
+        body: bytes | memoryview,
+        shape: tuple[int, ...],
+        dtype: torch.dtype,
+        base: torch.Tensor | None,
+        device: torch.device,
+    ) -> torch.Tensor:
+        m, n = matrix_shape(shape)  # _body_length has checked the shape and the rank
+        rank = record.rank
+        values = self._values(
+            record, name, body, factor_count(m, n, rank), shape, None, dtype, device
+        )
+        split = m * rank
+        x = (values[:split].reshape(m, rank) @ values[split:].reshape(rank, n)).reshape(shape)
+        if base is not None:
+            x = base.to(device=device, dtype=torch.float32) + x
+        if not dtype.is_floating_point:
+            raise FormatError(f"record {name!r}: low-rank values for a {dtype} tensor")
+        return x.to(dtype)
 
     def _values(
         self,
@@ -188,9 +214,21 @@ class TensorDecoder:
         return dequantize(codes, qp, channels_of)
 
 
-def _body_length(record: TensorRecord, name: str, dtype: torch.dtype, numel: int) -> int:
+def _body_length(
+    record: TensorRecord, name: str, dtype: torch.dtype, shape: tuple[int, ...], numel: int
+) -> int:
     """Bytes the record's body must have before entropy coding, from its header alone."""
     kept, positions_bytes = numel, 0
+    if record.rank:
+        if len(shape) < 2:
+            raise FormatError(f"record {name!r}: low-rank record of a {len(shape)}-D tensor")
+        m, n = matrix_shape(shape)
+        if not pays_off(m, n, record.rank):
+            raise FormatError(
+                f"record {name!r}: rank {record.rank} factors of a {m}×{n} matrix are not "
+                "smaller than it"
+            )
+        kept = factor_count(m, n, record.rank)
     if record.positions is not None:
         p = record.positions
         if p.count > numel or p.payload_bytes > max_payload_bytes(numel):

@@ -7,7 +7,9 @@ Three paths, chosen per tensor:
   both round-trip bit-exactly, and XOR leaves mostly-zero high bytes that zstd shrinks.
 * **cast** (floats outside the targets with a narrower float format): values, or their
   difference to the base, stored as fp16/bf16.
-* **lossy** (targets): difference to the base (+ residual) → mask → quantize or cast.
+* **lossy** (targets): difference to the base (+ residual) → mask → quantize or cast;
+  with a ``rank`` spec, matrices whose factors are smaller than them become a
+  **low-rank** record instead (two factors, quantized or cast together).
 
 On every path a tensor with nothing to send (bit-identical to its base or all zero bits;
 for the lossy paths, nothing nonzero left after masking) is a ZERO record, about 2 bytes.
@@ -29,6 +31,7 @@ from fedsqueeze.codec.container import (
     ValueKind,
 )
 from fedsqueeze.codec.digest import tensor_bytes
+from fedsqueeze.codec.lowrank import factorize, matrix_shape, pays_off
 from fedsqueeze.codec.positions import encode_positions, mask_to_indices
 from fedsqueeze.codec.pruning import channel_mask, magnitude_mask, threshold_mask
 from fedsqueeze.codec.quantization import (
@@ -75,7 +78,12 @@ class TensorEncoder:
         spec = self._spec
         if not spec.is_target(name, t.ndim, t.is_floating_point()):
             return False
-        return spec.prune.active or spec.topk is not None or spec.quant is not None
+        return (
+            spec.prune.active
+            or spec.topk is not None
+            or spec.rank is not None
+            or spec.quant is not None
+        )
 
     def lossy_input(self, name: str, t: torch.Tensor) -> torch.Tensor:
         """What the lossy stages see: ``t − base + residual`` in float32."""
@@ -84,7 +92,7 @@ class TensorEncoder:
         if b is not None:
             x = x - b.to(torch.float32)
         r = self._residual.get(name)
-        if r is not None and self._spec.topk is not None:
+        if r is not None and self._spec.feedback:
             if r.shape != t.shape:
                 raise ValueError(
                     f"residual[{name!r}] has shape {tuple(r.shape)}, not {tuple(t.shape)}"
@@ -124,6 +132,7 @@ class TensorEncoder:
         value_kind: ValueKind = ValueKind.RAW,
         quant: QuantHeader | None = None,
         positions: PositionsHeader | None = None,
+        rank: int = 0,
     ) -> TensorRecord:
         index = self._index.get(name) if delta else None
         if quant is not None and quant.granularity is Granularity.PER_CHANNEL:
@@ -141,6 +150,7 @@ class TensorEncoder:
             positions=positions,
             raw_length=len(body) if compressed is not None else None,
             body=compressed if compressed is not None else body,
+            rank=rank,
         )
 
     def _zero(self, name: str, t: torch.Tensor, delta: bool) -> TensorRecord:
@@ -213,6 +223,8 @@ class TensorEncoder:
         spec = self._spec
         delta = self._base_of(name, t) is not None
         x = self.lossy_input(name, t)
+        if spec.rank is not None and t.ndim >= 2 and pays_off(*matrix_shape(t.shape), spec.rank):
+            return self._lowrank(name, t, x, delta)
         flat = x.reshape(-1)
         mask = self._mask(name, x, global_mask)
         indices = None if mask is None else mask_to_indices(mask.reshape(-1))
@@ -230,7 +242,7 @@ class TensorEncoder:
             indices, values = indices[nonzero], values[nonzero]
         if _all_zero(values):
             # Nothing nonzero kept: the receiver keeps its base (or gets zeros), ~2 bytes.
-            return self._zero(name, t, delta), (x if spec.topk is not None else None)
+            return self._zero(name, t, delta), (x if spec.feedback else None)
         numel = flat.numel()
         channels_of: torch.Tensor | None = None
         num_channels = t.shape[0] if t.ndim else 1
@@ -245,13 +257,13 @@ class TensorEncoder:
                 channels_of = torch.div(source, stride, rounding_mode="floor")
             qp = choose_qparams(values, q.bits, q.scheme, q.granularity, channels_of, num_channels)
             codes = quantize(values, qp, q.rounding, channels_of, self._generator(t.device))
-            if spec.topk is not None:  # only error feedback needs what the receiver gets
+            if spec.feedback:  # only error feedback needs what the receiver gets
                 decoded = dequantize(codes, qp, channels_of)
             payload = bytes(tensor_bytes(pack_bits(codes, q.bits)))
             quant = QuantHeader(q.bits, q.scheme, q.granularity, qparams_to_bytes(qp))
         else:
             stored = values.to(_CAST_DTYPES[spec.float_format])
-            if spec.topk is not None:
+            if spec.feedback:
                 decoded = stored.to(torch.float32)
             payload = bytes(tensor_bytes(stored))
             value_kind = FLOAT_KINDS[spec.float_format]
@@ -273,7 +285,7 @@ class TensorEncoder:
             positions=positions,
         )
         residual = None
-        if spec.topk is not None:
+        if spec.feedback:
             if indices is None:
                 residual = (flat - decoded).reshape(t.shape)
             else:
@@ -281,6 +293,39 @@ class TensorEncoder:
                 residual[indices] -= decoded
                 residual = residual.reshape(t.shape)
         return record, residual
+
+    def _lowrank(
+        self, name: str, t: torch.Tensor, x: torch.Tensor, delta: bool
+    ) -> tuple[TensorRecord, torch.Tensor]:
+        """Two factors ``A @ B ≈ x``; the residual is ``x`` minus what the receiver gets."""
+        spec = self._spec
+        rank = spec.rank
+        assert rank is not None
+        if _all_zero(x):
+            return self._zero(name, t, delta), x
+        m, n = matrix_shape(tuple(t.shape))
+        a, b = factorize(x.reshape(m, n), rank)
+        values = torch.cat((a.reshape(-1), b.reshape(-1)))
+        quant: QuantHeader | None = None
+        value_kind = ValueKind.RAW
+        if spec.quant is not None:
+            q = spec.quant
+            qp = choose_qparams(values, q.bits, q.scheme, q.granularity, None, 1)
+            codes = quantize(values, qp, q.rounding, None, self._generator(t.device))
+            decoded = dequantize(codes, qp, None)
+            payload = bytes(tensor_bytes(pack_bits(codes, q.bits)))
+            quant = QuantHeader(q.bits, q.scheme, q.granularity, qparams_to_bytes(qp))
+        else:
+            stored = values.to(_CAST_DTYPES[spec.float_format])
+            decoded = stored.to(torch.float32)
+            payload = bytes(tensor_bytes(stored))
+            value_kind = FLOAT_KINDS[spec.float_format]
+        split = m * rank
+        approx = decoded[:split].reshape(m, rank) @ decoded[split:].reshape(rank, n)
+        record = self._record(
+            name, t, delta=delta, body=payload, value_kind=value_kind, quant=quant, rank=rank
+        )
+        return record, x - approx.reshape(t.shape)
 
 
 def _all_zero(x: torch.Tensor) -> bool:

@@ -270,6 +270,7 @@ class CodecSpec(_message.Message):
     ENTROPY_LEVEL_FIELD_NUMBER: _builtins.int
     TARGETS_FIELD_NUMBER: _builtins.int
     MIN_NDIM_FIELD_NUMBER: _builtins.int
+    RANK_FIELD_NUMBER: _builtins.int
     topk: _builtins.float
     """Fraction of values kept by top-k sparsification, in (0, 1]; absent means
     no top-k. Not combined with pruning.
@@ -281,6 +282,10 @@ class CodecSpec(_message.Message):
     min_ndim: _builtins.int
     """Lossy stages apply only to floating tensors with at least this many
     dimensions; 0..8.
+    """
+    rank: _builtins.int
+    """Low-rank factorization of target matrices (updates), rank 1..1024; absent
+    means none. Not combined with pruning or top-k.
     """
     @_builtins.property
     def prune(self) -> Global___PruneSpec:
@@ -307,13 +312,19 @@ class CodecSpec(_message.Message):
         entropy_level: _builtins.int = ...,
         targets: _abc.Iterable[_builtins.str] | None = ...,
         min_ndim: _builtins.int = ...,
+        rank: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_topk", b"_topk", "prune", b"prune", "quant", b"quant", "topk", b"topk"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_rank", b"_rank", "_topk", b"_topk", "prune", b"prune", "quant", b"quant", "rank", b"rank", "topk", b"topk"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_topk", b"_topk", "entropy_level", b"entropy_level", "float_format", b"float_format", "min_ndim", b"min_ndim", "prune", b"prune", "quant", b"quant", "targets", b"targets", "topk", b"topk"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_rank", b"_rank", "_topk", b"_topk", "entropy_level", b"entropy_level", "float_format", b"float_format", "min_ndim", b"min_ndim", "prune", b"prune", "quant", b"quant", "rank", b"rank", "targets", b"targets", "topk", b"topk"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__rank: _TypeAlias = _typing.Literal["rank"]  # noqa: Y015
+    _WhichOneofArgType__rank: _TypeAlias = _typing.Literal["_rank", b"_rank"]  # noqa: Y015
     _WhichOneofReturnType__topk: _TypeAlias = _typing.Literal["topk"]  # noqa: Y015
     _WhichOneofArgType__topk: _TypeAlias = _typing.Literal["_topk", b"_topk"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__rank) -> _WhichOneofReturnType__rank | None: ...
+    @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__topk) -> _WhichOneofReturnType__topk | None: ...
 
 Global___CodecSpec: _TypeAlias = CodecSpec  # noqa: Y015

@@ -41,6 +41,13 @@ def specs(draw: st.DrawFn) -> CodecSpec:
         quant = QuantSpec(
             draw(st.sampled_from([2, 3, 4, 8])), scheme, gran, draw(st.sampled_from(list(Rounding)))
         )
+    rank = None
+    if (
+        topk is None
+        and not prune.active
+        and (quant is None or quant.granularity is not Granularity.PER_CHANNEL)
+    ):
+        rank = draw(st.none() | st.integers(1, 1024))
     targets = draw(st.sampled_from([("*weight",), ("*",), ("fc*", "conv*.weight")]))
     return CodecSpec(
         prune=prune,
@@ -50,6 +57,7 @@ def specs(draw: st.DrawFn) -> CodecSpec:
         entropy_level=draw(st.integers(0, 22)),
         targets=targets,
         min_ndim=draw(st.integers(0, 4)),
+        rank=rank,
     )
 
 
