@@ -16,9 +16,11 @@ finds it), then does the same for the upload:
   to the byte before sending anything;
 * the upload's size is a **bound**: the update is not known yet, so the policy encodes a
   random update of the model's shapes with entropy coding off (zstandard is only kept
-  where it shrinks a record) and adds the worst case of the position coding beyond a
-  random one (one bit per kept value: with the best Rice parameter, any gaps cost at most
-  that much more than random ones).
+  where it shrinks a record) and, for top-k and pruning specs, adds the worst case of the
+  position coding beyond a random one (one bit per kept value: with the best Rice
+  parameter, any gaps cost at most that much more than random ones). Low-rank and dense
+  records have a size fixed by the shapes and the spec, so theirs is exact up to a few
+  varint bytes.
 
 ``LadderPolicy.fixed`` is a ladder of one: the run's specs, and a skip when they do not
 fit. An edge that cannot fit even the last rung is skipped for the round and reported,
@@ -322,11 +324,14 @@ class LadderPolicy:
         zeros = {k: torch.zeros_like(v) for k, v in update.items()}
         plain = spec.with_changes(entropy_level=0)
         encoded = encode_state(update, plain, zeros, seed=0)
-        kept = sum(
-            math.ceil((spec.topk or 1.0) * v.numel())
-            for k, v in template.items()
-            if spec.is_target(k, v.dim(), v.is_floating_point())
-        )
+        kept = 0
+        if spec.topk is not None or spec.prune.active:
+            # Only masked specs send positions; low-rank and dense records have fixed sizes.
+            kept = sum(
+                math.ceil((spec.topk or 1.0) * v.numel())
+                for k, v in template.items()
+                if spec.is_target(k, v.dim(), v.is_floating_point())
+            )
         bound = encoded.nbytes + math.ceil(kept / 8) + 8 * len(template) + 16
         with self._lock:
             self._up_bounds[text] = bound

@@ -67,19 +67,24 @@ stays in the delta the edge still lacks, to be sent later."""
 ADAPTIVE_UP_LADDER: tuple[str, ...] = tuple(
     spec + _ALL
     for spec in (
-        "topk=0.3,quant=8",
-        "topk=0.1,quant=4:kmeans",
-        "topk=0.1,quant=2:kmeans",
-        "topk=0.07,quant=2:kmeans",
-        "topk=0.05,quant=2:kmeans",
-        "topk=0.04,quant=2:kmeans",
-        "topk=0.03,quant=2:kmeans",
-        "topk=0.02,quant=2:kmeans",
-        "topk=0.01,quant=2:kmeans",
-        "topk=0.005,quant=2:kmeans",
+        "rank=16,quant=8",
+        "rank=8,quant=4",
+        "rank=6,quant=4",
+        "rank=4,quant=4",
+        "rank=3,quant=4",
+        "rank=2,quant=4",
+        "rank=1,quant=4",
+        "rank=1,quant=2:kmeans",
     )
 )
-"""Upload specs of the adaptive policy (top-k with error feedback), least error first."""
+"""Upload specs of the adaptive policy (low-rank with error feedback), least error first.
+
+A client's update after a few local steps lies mostly in a few directions, so its
+truncated SVD beats top-k at every size: on the digits CNN rank 3 with 4-bit values
+(about 1.1 kB) misses 2-3 % of an update's squared norm where top-5 % with 2-bit
+k-means values (about 1.5 kB) misses about half (``tests/codec/test_lowrank.py``).
+4-bit affine codes of the factors are near-Gaussian and zstandard squeezes them below
+3-bit k-means codes at lower error."""
 
 
 class ArmKind(enum.Enum):
