@@ -20,7 +20,13 @@ finds it), then does the same for the upload:
   position coding beyond a random one (one bit per kept value: with the best Rice
   parameter, any gaps cost at most that much more than random ones). Low-rank and dense
   records have a size fixed by the shapes and the spec, so theirs is exact up to a few
-  varint bytes.
+  varint bytes;
+* a **low-rank** upload rung is chosen by its *expected* size instead (the same random
+  update, entropy coding on: zstandard squeezes 4-bit factor codes by about a quarter),
+  as long as the bound of its rank-1 version fits too. The instruction carries the
+  payload limit, and the edge lowers the rank until its update fits it
+  (:func:`edge.mod.fit_update`), so the budget holds on the wire without paying for the
+  worst case.
 
 ``LadderPolicy.fixed`` is a ladder of one: the run's specs, and a skip when they do not
 fit. An edge that cannot fit even the last rung is skipped for the round and reported,
@@ -149,7 +155,9 @@ class Choice:
     down_bytes
         Its wire bytes, bounded (payload + overheads; 0: not sized).
     up_bytes
-        A bound on the upload's wire bytes (0: not sized).
+        The most wire bytes the upload may take (0: not sized): the spec's bound, or for a
+        low-rank spec chosen by its expected size the edge's limit, which the edge meets
+        by lowering the rank.
     """
 
     down_spec: str
@@ -157,6 +165,15 @@ class Choice:
     down_payload: int
     down_bytes: int
     up_bytes: int
+
+
+@dataclass(frozen=True)
+class _UpSizes:
+    """Wire bytes of an upload spec: expected, a bound, and the bound after shrinking."""
+
+    expected: int
+    bound: int
+    floor: int
 
 
 @dataclass(frozen=True)
@@ -311,9 +328,27 @@ class LadderPolicy:
         )
         return encoded.nbytes
 
-    def _up_bound(self, text: str, spec: CodecSpec, template: dict[str, torch.Tensor]) -> int:
+    def _up_sizes(self, text: str, spec: CodecSpec, template: dict[str, torch.Tensor]) -> _UpSizes:
+        """Wire bytes of an upload with ``spec``: expected, bound, and the shrink floor."""
+        bound = self._up_bound(text, spec, template) + UP_OVERHEAD_BYTES
+        if spec.rank is None or spec.rank == 1:
+            return _UpSizes(bound, bound, bound)
+        expected = self._up_bound(text, spec, template, expected=True) + UP_OVERHEAD_BYTES
+        one = spec.with_changes(rank=1)
+        floor = self._up_bound(f"{text} rank=1", one, template) + UP_OVERHEAD_BYTES
+        return _UpSizes(min(expected, bound), bound, min(floor, bound))
+
+    def _up_bound(
+        self,
+        text: str,
+        spec: CodecSpec,
+        template: dict[str, torch.Tensor],
+        *,
+        expected: bool = False,
+    ) -> int:
+        key = f"{text} expected" if expected else text
         with self._lock:
-            cached = self._up_bounds.get(text)
+            cached = self._up_bounds.get(key)
         if cached is not None:
             return cached
         gen = torch.Generator().manual_seed(0)
@@ -322,6 +357,11 @@ class LadderPolicy:
             for k, v in template.items()
         }
         zeros = {k: torch.zeros_like(v) for k, v in update.items()}
+        if expected:
+            size = encode_state(update, spec, zeros, seed=0).nbytes
+            with self._lock:
+                self._up_bounds[key] = size
+            return size
         plain = spec.with_changes(entropy_level=0)
         encoded = encode_state(update, plain, zeros, seed=0)
         kept = 0
@@ -334,7 +374,7 @@ class LadderPolicy:
             )
         bound = encoded.nbytes + math.ceil(kept / 8) + 8 * len(template) + 16
         with self._lock:
-            self._up_bounds[text] = bound
+            self._up_bounds[key] = bound
         return bound
 
     # ------------------------------------------------------------------ choosing
@@ -351,12 +391,9 @@ class LadderPolicy:
         template = self.store.get(request.target)
         if template is None:
             raise ValueError(f"target {request.target[:12]} is not in the store")
-        ups = [
-            (text, self._up_bound(text, spec, template) + UP_OVERHEAD_BYTES)
-            for text, spec in self.up_ladder
-        ]
+        ups = [(text, self._up_sizes(text, spec, template)) for text, spec in self.up_ladder]
         link = limits.link
-        smallest_up = ups[-1][1]
+        smallest_up = min(sizes.floor for _, sizes in ups)
         up_s = link.transfer_s(smallest_up, LinkDirection.UP) if link else 0.0
         downs = self.down_ladder
         if zero:
@@ -391,9 +428,16 @@ class LadderPolicy:
                 f"{_fmt(limits.seconds)} s of link time"
             )
         down_text, payload, down_wire, down_s, _ = picked
-        for text, up_wire in ups:
-            up_s = link.transfer_s(up_wire, LinkDirection.UP) if link else 0.0
-            if up_wire <= limits.up and down_s + up_s <= limits.seconds:
+        # The most wire bytes the upload may take: the byte limit, and what the link
+        # moves in the time the download leaves.
+        allowed = limits.up
+        if link is not None and not math.isinf(limits.seconds):
+            allowed = min(allowed, (limits.seconds - down_s) * link.bytes_per_s(LinkDirection.UP))
+        for text, sizes in ups:
+            if sizes.expected <= allowed and sizes.floor <= allowed:
+                # A bound that fits needs no shrinking; otherwise the edge lowers the rank
+                # until the update fits what is allowed.
+                up_wire = sizes.bound if sizes.bound <= allowed else math.floor(allowed)
                 return Choice(down_text, text, payload, down_wire, up_wire)
         return Skip(
             f"smallest upload bound ({smallest_up} B) does not fit {_fmt(limits.up)} B up "

@@ -8,8 +8,10 @@ In front of a ClientApp whose ``train`` reads and returns an ``ArrayRecord`` und
    (or rebuilds the initial model from the task and a shared seed: no download at all),
    verifies and decodes it, and puts it into the message as ``"arrays"``;
 3. calls the app; takes the trained ``"arrays"`` from its reply;
-4. encodes the update (delta against what it started from, top-k with an error-feedback
-   residual kept across rounds, stochastic quantization) and pushes it with PushUpdate;
+4. encodes the update (delta against what it started from, low-rank factors or top-k
+   with an error-feedback residual kept across rounds, quantization), lowering a
+   low-rank spec's rank until it fits the instruction's byte limit
+   (:func:`fit_update`), and pushes it with PushUpdate;
 5. replies with a :class:`~fedsqueeze.control.TrainReceipt` and the app's metrics.
 
 Messages without an instruction pass through untouched, so the mod is harmless in a
@@ -30,7 +32,7 @@ from flwr.clientapp.typing import ClientAppCallable
 
 from edge.cache import ContextCache, DirectoryCache, EdgeCache, EdgeMemory
 from edge.dataplane import DataPlaneConnector, GrpcConnector
-from fedsqueeze.codec import encode_state, state_digest
+from fedsqueeze.codec import CodecSpec, EncodedModel, encode_state, state_digest
 from fedsqueeze.codec.spec_text import parse_spec
 from fedsqueeze.control import CONTROL_KEY, RECEIPT_KEY, RoundInstruction, TrainReceipt
 
@@ -106,13 +108,14 @@ def make_mod(
         if reply.has_error() or "arrays" not in reply.content.array_records:
             return reply  # evaluate replies, or errors: nothing to upload
         trained = reply.content.array_records["arrays"].to_torch_state_dict()
-        encoded = encode_state(
+        encoded = fit_update(
             trained,
             parse_spec(instruction.up_spec),
             fetched.state,
             residual=memory.residual,
             seed=_rounding_seed(edge_id, instruction.server_round, fetched.digest),
             base_digest=bytes.fromhex(fetched.digest),
+            budget=instruction.up_budget,
         )
         update_id = _update_id(edge_id, instruction.server_round, encoded.to_bytes())
         push_start = time.perf_counter()
@@ -146,6 +149,67 @@ def make_mod(
     return fedsqueeze
 
 
+def fit_update(
+    trained: State,
+    spec: CodecSpec,
+    base: State,
+    *,
+    residual: State | None,
+    seed: int,
+    base_digest: bytes,
+    budget: int = 0,
+) -> EncodedModel:
+    """Encode the update; lower a low-rank spec's rank until it fits ``budget`` bytes.
+
+    The coordinator picks a low-rank upload by its expected size; an update that comes out
+    larger (its factors compress worse than expected) is re-encoded at the highest rank
+    that fits, from the start (the residual stays right: it is what *this* encoding left
+    out). Rank 1 always fits: the coordinator checked its bound. Other specs are sized by
+    a bound, so they fit as they are; one that does not is sent anyway and logged.
+
+    Parameters
+    ----------
+    budget
+        The most encoded bytes of the update (the instruction's ``up_budget``); 0: no limit.
+    """
+
+    def encode(rank: int | None) -> EncodedModel:
+        return encode_state(
+            trained,
+            spec.with_changes(rank=rank),
+            base,
+            residual=residual,
+            seed=seed,
+            base_digest=base_digest,
+        )
+
+    encoded = encode(spec.rank)
+    if not budget or encoded.nbytes <= budget or spec.rank is None or spec.rank == 1:
+        if budget and encoded.nbytes > budget:
+            log.warning("update of %d bytes is over its budget of %d", encoded.nbytes, budget)
+        return encoded
+    # The highest rank that fits: bytes grow about linearly with the rank, so guess from
+    # the last size, then step up while the next rank still fits.
+    too_big, fits = spec.rank, None
+    while fits is None:
+        guess = max(1, min(too_big - 1, math.floor(too_big * budget / encoded.nbytes)))
+        encoded = encode(guess)
+        if encoded.nbytes <= budget or guess == 1:
+            fits = encoded
+        else:
+            too_big = guess
+    rank = guess
+    while rank + 1 < too_big:
+        bigger = encode(rank + 1)
+        if bigger.nbytes > budget:
+            break
+        fits, rank = bigger, rank + 1
+    encoded = fits
+    if budget and encoded.nbytes > budget:
+        log.warning("update of %d bytes is over its budget of %d", encoded.nbytes, budget)
+    return encoded
+
+
 def _rounding_seed(edge_id: str, server_round: int, base_digest: str) -> int:
     """Seed of the update's stochastic rounding: fixed by edge, round and base.
 
@@ -175,4 +239,4 @@ def _number(value: object) -> float:
 fedsqueeze_mod = make_mod()
 """The default mod: ``Context.state`` cache, gRPC data plane, initial model from the task."""
 
-__all__ = ["fedsqueeze_mod", "make_mod"]
+__all__ = ["fedsqueeze_mod", "fit_update", "make_mod"]

@@ -67,9 +67,12 @@ stays in the delta the edge still lacks, to be sent later."""
 ADAPTIVE_UP_LADDER: tuple[str, ...] = tuple(
     spec + _ALL
     for spec in (
-        "rank=16,quant=8",
+        "rank=16,quant=4",
+        "rank=12,quant=4",
+        "rank=10,quant=4",
         "rank=8,quant=4",
         "rank=6,quant=4",
+        "rank=5,quant=4",
         "rank=4,quant=4",
         "rank=3,quant=4",
         "rank=2,quant=4",

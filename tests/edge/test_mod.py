@@ -10,8 +10,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 
 from edge.cache import ContextCache, DirectoryCache, EdgeMemory
 from edge.dataplane import Fetched, Pushed
-from edge.mod import make_mod
-from fedsqueeze.codec import EncodedModel, decode_state, state_digest
+from edge.mod import fit_update, make_mod
+from fedsqueeze.codec import CodecSpec, EncodedModel, QuantSpec, decode_state, state_digest
 from fedsqueeze.control import CONTROL_KEY, RECEIPT_KEY, RoundInstruction, TrainReceipt
 
 pytestmark = pytest.mark.usefixtures("flower_identity")
@@ -151,3 +151,56 @@ def test_evaluate_messages_fetch_the_model_and_return_the_apps_metrics() -> None
     assert torch.equal(seen["w"], GLOBAL["w"])
     assert reply.content.metric_records["metrics"]["eval-acc"] == 0.9
     assert plane.pushed == []  # nothing to upload after an evaluation
+
+
+# --- fitting the update to its byte limit ------------------------------------------------
+
+
+def _fit_case() -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(4)
+    base = {"fc.weight": torch.randn(64, 200, generator=g), "fc.bias": torch.randn(64, generator=g)}
+    trained = {k: v + 0.1 * torch.randn(v.shape, generator=g) for k, v in base.items()}
+    return base, trained
+
+
+def test_fit_update_lowers_the_rank_until_the_update_fits() -> None:
+    base, trained = _fit_case()
+    spec = CodecSpec(rank=16, quant=QuantSpec(4), targets=("*",), min_ndim=1)
+    kwargs = {"residual": None, "seed": 1, "base_digest": b"\x01" * 32}
+    full = fit_update(trained, spec, base, **kwargs)  # type: ignore[arg-type]
+    assert full.spec.rank == 16
+    budget = full.nbytes // 3
+    fitted = fit_update(trained, spec, base, budget=budget, **kwargs)  # type: ignore[arg-type]
+    assert fitted.nbytes <= budget
+    assert fitted.spec.rank is not None and 1 <= fitted.spec.rank < 16
+    # the highest rank that fits: one more would not
+    higher = fit_update(
+        trained,
+        spec.with_changes(rank=fitted.spec.rank + 1),
+        base,
+        **kwargs,  # type: ignore[arg-type]
+    )
+    assert higher.nbytes > budget or fitted.spec.rank + 1 > 16
+    # the residual is what this encoding left out
+    out = decode_state(fitted, base, base_digest=b"\x01" * 32)
+    assert fitted.residual is not None
+    for k in trained:
+        assert torch.allclose(
+            fitted.residual[k], (trained[k] - base[k]) - (out[k] - base[k]), atol=1e-5
+        )
+    # no limit, or a limit that fits: encoded as asked
+    assert fit_update(trained, spec, base, budget=0, **kwargs).spec.rank == 16  # type: ignore[arg-type]
+    assert fit_update(trained, spec, base, budget=full.nbytes, **kwargs).spec.rank == 16  # type: ignore[arg-type]
+
+
+def test_fit_update_sends_a_spec_it_cannot_shrink_and_says_so(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    base, trained = _fit_case()
+    spec = CodecSpec(topk=0.5, quant=QuantSpec(8), targets=("*",), min_ndim=1)
+    with caplog.at_level("WARNING", logger="edge.mod"):
+        encoded = fit_update(
+            trained, spec, base, residual=None, seed=1, base_digest=b"\x01" * 32, budget=100
+        )
+    assert encoded.spec == spec and encoded.nbytes > 100
+    assert "over its budget" in caplog.text

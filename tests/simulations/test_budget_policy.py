@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from coordinator.budget import (
+    UP_OVERHEAD_BYTES,
     Budget,
     Choice,
     EdgeRequest,
@@ -26,7 +27,7 @@ from coordinator.budget import (
 from coordinator.dataplane import CoordinatorDataPlane, InstructionTemplate
 from coordinator.version_store import VersionStore
 from edge.dataplane import GrpcConnector
-from fedsqueeze.codec import encode_state
+from edge.mod import fit_update
 from fedsqueeze.codec.spec_text import parse_spec
 from fedsqueeze.tasks import get_task
 from fedsqueeze.transport.shaping import LinkProfile
@@ -73,12 +74,15 @@ class Plane:
             down_budget=choice.down_payload,
         )
         fetched = self.connector.fetch(instruction, str(NODE), self.init_digest, self.init)
-        encoded = encode_state(
+        # As the edge does: the instruction's payload limit, the rank lowered to fit it.
+        encoded = fit_update(
             update,
             parse_spec(choice.up_spec),
             fetched.state,
             residual=residual,
+            seed=0,
             base_digest=bytes.fromhex(fetched.digest),
+            budget=max(1, choice.up_bytes - UP_OVERHEAD_BYTES) if choice.up_bytes else 0,
         )
         update_id = f"{NODE}-r1-{next(_ids):012x}"
         pushed = self.connector.push(instruction, str(NODE), update_id, fetched.digest, encoded)
@@ -234,3 +238,49 @@ def test_link_and_deadline_limit_what_fits(plane: Plane) -> None:
     )
     assert isinstance(hopeless.choose(request), Skip)
     assert math.isfinite(slow.rtt_s)
+
+
+def _low_rank_update(state: State, rank: int, seed: int) -> State:
+    """A dense, exactly low-rank change of every matrix: what factors fit best."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for k, v in state.items():
+        if v.dim() >= 2:
+            m = v.shape[0]
+            n = v.numel() // m
+            a, b = torch.randn(m, rank, generator=g), torch.randn(rank, n, generator=g)
+            out[k] = v + 0.01 * (a @ b).view(v.shape)
+        else:
+            out[k] = v.clone()
+    return out
+
+
+def test_low_rank_uploads_are_picked_by_expected_size_and_fit_on_the_wire(
+    plane: Plane,
+) -> None:
+    """A rung whose bound does not fit is still taken when its expected size does; the
+    edge lowers the rank of an update that comes out larger, and the wire stays in budget.
+    """
+    target_state = _perturbed(plane.init, 0.01, seed=1)
+    target = plane.store.publish(target_state)
+    ladder = ("rank=8,quant=4,targets=*,min-ndim=1", "rank=1,quant=4,targets=*,min-ndim=1")
+    template = plane.store.get(target)
+    assert template is not None
+    probe = LadderPolicy(plane.store, ADAPTIVE_DOWN_LADDER, ladder)
+    sizes = probe._up_sizes(ladder[0], parse_spec(ladder[0]), template)
+    assert sizes.floor < sizes.expected < sizes.bound
+    up = (sizes.expected + sizes.bound) // 2  # the bound does not fit, the expectation does
+    policy = LadderPolicy(plane.store, ADAPTIVE_DOWN_LADDER, ladder, budget=Budget(0, up))
+    choice = policy.choose(EdgeRequest(1, NODE, target, plane.init_digest))
+    assert isinstance(choice, Choice) and choice.up_spec == ladder[0]
+    assert choice.up_bytes == up
+    # A full-rank update's factors barely compress: the edge lowers the rank to fit.
+    for update in (_perturbed(target_state, 0.02, seed=2), _low_rank_update(target_state, 8, 3)):
+        _, wire_up = plane.transfer(choice, target, update, None)
+        assert wire_up <= up, (wire_up, up)
+    # Below rank 1's bound the edge could not fit anything: skipped, with the reason.
+    tight = LadderPolicy(
+        plane.store, ADAPTIVE_DOWN_LADDER, ladder, budget=Budget(0, sizes.floor - 1)
+    )
+    skip = tight.choose(EdgeRequest(1, NODE, target, plane.init_digest))
+    assert isinstance(skip, Skip) and "upload" in skip.reason
