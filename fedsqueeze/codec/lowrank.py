@@ -25,7 +25,14 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["EXACT_SVD_MAX_ELEMENTS", "factor_count", "factorize", "matrix_shape", "pays_off"]
+__all__ = [
+    "EXACT_SVD_MAX_ELEMENTS",
+    "factor_count",
+    "factorize",
+    "matrix_shape",
+    "pays_off",
+    "worth_factoring",
+]
 
 #: Matrices up to this many elements get an exact SVD; larger ones a randomized one.
 EXACT_SVD_MAX_ELEMENTS = 1 << 22
@@ -51,8 +58,21 @@ def factor_count(m: int, n: int, rank: int) -> int:
 
 
 def pays_off(m: int, n: int, rank: int) -> bool:
-    """Whether rank-``rank`` factors of an ``m × n`` matrix hold fewer values than it."""
+    """Whether rank-``rank`` factors of an ``m × n`` matrix hold fewer values than it.
+
+    The decoder's rule: a record that breaks it is malformed.
+    """
     return rank >= 1 and factor_count(m, n, rank) < m * n
+
+
+def worth_factoring(m: int, n: int, rank: int) -> bool:
+    """Whether the encoder factors an ``m × n`` matrix: the factors at most half its size.
+
+    PyTorch's PowerSGD hook has the same rule (``min_compression_rate=2``). Below it the
+    bytes saved are few and the error is not: a 10-class classifier's ``10 × 64`` update
+    at rank 5 would save 135 bytes at 4 bits and lose the directions of half the classes.
+    """
+    return rank >= 1 and 2 * factor_count(m, n, rank) <= m * n
 
 
 def factorize(

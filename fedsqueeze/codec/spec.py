@@ -169,7 +169,7 @@ class CodecSpec:
     rank
         Low-rank factorization of every target tensor with two or more dimensions, seen
         as a ``shape[0] × rest`` matrix: two factors whose product is its best rank-``rank``
-        approximation (truncated SVD), where they are smaller than the tensor; other
+        approximation (truncated SVD), where they are at most half its size; other
         targets (biases, small matrices) are sent dense. ``None`` for none. Like top-k it
         is meant for updates (PowerSGD-style) and returns an error-feedback residual; it
         is not combined with pruning or top-k, nor with per-channel quantization.

@@ -8,7 +8,7 @@ Three paths, chosen per tensor:
 * **cast** (floats outside the targets with a narrower float format): values, or their
   difference to the base, stored as fp16/bf16.
 * **lossy** (targets): difference to the base (+ residual) → mask → quantize or cast;
-  with a ``rank`` spec, matrices whose factors are smaller than them become a
+  with a ``rank`` spec, matrices whose factors are at most half their size become a
   **low-rank** record instead (two factors, quantized or cast together).
 
 On every path a tensor with nothing to send (bit-identical to its base or all zero bits;
@@ -31,7 +31,7 @@ from fedsqueeze.codec.container import (
     ValueKind,
 )
 from fedsqueeze.codec.digest import tensor_bytes
-from fedsqueeze.codec.lowrank import factorize, matrix_shape, pays_off
+from fedsqueeze.codec.lowrank import factorize, matrix_shape, worth_factoring
 from fedsqueeze.codec.positions import encode_positions, mask_to_indices
 from fedsqueeze.codec.pruning import channel_mask, magnitude_mask, threshold_mask
 from fedsqueeze.codec.quantization import (
@@ -223,7 +223,11 @@ class TensorEncoder:
         spec = self._spec
         delta = self._base_of(name, t) is not None
         x = self.lossy_input(name, t)
-        if spec.rank is not None and t.ndim >= 2 and pays_off(*matrix_shape(t.shape), spec.rank):
+        if (
+            spec.rank is not None
+            and t.ndim >= 2
+            and worth_factoring(*matrix_shape(t.shape), spec.rank)
+        ):
             return self._lowrank(name, t, x, delta)
         flat = x.reshape(-1)
         mask = self._mask(name, x, global_mask)

@@ -11,7 +11,13 @@ import torch
 from fedsqueeze.codec import CodecSpec, EncodedModel, QuantSpec, decode_state, encode_state
 from fedsqueeze.codec.container import DecodeLimits, RecordFlags
 from fedsqueeze.codec.inspect import describe
-from fedsqueeze.codec.lowrank import factor_count, factorize, matrix_shape, pays_off
+from fedsqueeze.codec.lowrank import (
+    factor_count,
+    factorize,
+    matrix_shape,
+    pays_off,
+    worth_factoring,
+)
 from fedsqueeze.codec.spec import (
     MAX_RANK,
     FloatFormat,
@@ -61,6 +67,15 @@ def test_matrix_shape_and_size_rule() -> None:
     assert not pays_off(16, 72, 0)
     assert not pays_off(16, 72, 14)  # 14·88 = 1232 values > 16·72 = 1152
     assert pays_off(16, 72, 13)
+    # The encoder factors only where the factors are at most half the tensor.
+    assert worth_factoring(16, 72, 6) and not worth_factoring(16, 72, 7)
+    assert pays_off(10, 64, 5) and not worth_factoring(10, 64, 5)
+
+
+def test_a_small_classifier_layer_stays_dense() -> None:
+    state = {"fc.weight": torch.randn(10, 64), "body.weight": torch.randn(64, 200)}
+    records = {r.name: r for r in encode_state(state, CodecSpec(rank=5)).records}
+    assert records["fc.weight"].rank == 0 and records["body.weight"].rank == 5
 
 
 @pytest.mark.parametrize("shape", [(40, 30), (30, 40), (64, 512)])
