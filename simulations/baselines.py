@@ -11,10 +11,10 @@ arm                what travels
                    with error feedback, fp32 values (the classic uplink-only compression)
 ``adaptive``       fedsqueeze with the adaptive budget policy: per client and round, the
                    least-error download (a sparse, low-bit delta against what the client
-                   holds) and upload (top-k with error feedback, 2-bit k-means values)
-                   that fit 3.7 kB down and 2.6 kB up on the data plane (together 1/49
-                   of an fp32 model down and up) and the client's link within the round
-                   deadline, if any
+                   holds) and upload (low-rank factors with error feedback, 4-bit
+                   values) that fit 3.7 kB down and 2.4 kB up on the data plane
+                   (together 1/50 of an fp32 model down and up) and the client's link
+                   within the round deadline, if any
 ``sparse``         (not in the default sweep) fixed specs: 95%-sparse 2-bit model deltas
                    down, top-k 5% 2-bit updates with error feedback up
 =================  ==========================================================================
@@ -182,8 +182,8 @@ ARM_PRESETS: Mapping[str, ArmConfig] = {
         "adaptive",
         policy=PolicyKind.ADAPTIVE,
         down_budget=3700,
-        up_budget=2600,
-        description="adaptive specs within 3.7 kB down / 2.6 kB up per client and round",
+        up_budget=2400,
+        description="adaptive specs within 3.7 kB down / 2.4 kB up per client and round",
     ),
     "sparse": ArmConfig(
         "sparse",
