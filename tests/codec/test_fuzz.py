@@ -13,6 +13,7 @@ from fedsqueeze.codec import (
     CodecSpec,
     DecodeLimits,
     EncodedModel,
+    FloatFormat,
     PruneMethod,
     PruneSpec,
     QuantScheme,
@@ -32,6 +33,8 @@ SPECS = [
     CodecSpec(
         topk=0.1, quant=QuantSpec(4, rounding=Rounding.STOCHASTIC), targets=("*",), min_ndim=1
     ),
+    CodecSpec(rank=2, quant=QuantSpec(4), targets=("*",), min_ndim=1),
+    CodecSpec(rank=1, float_format=FloatFormat.FP16),
     CodecSpec(
         quant=QuantSpec(
             2,
