@@ -34,6 +34,7 @@ from simulations.client import make_sim_client_app, sim_connector, sim_link_shap
 from simulations.config import SimulationConfig, load_config
 from simulations.grid import SimulationError
 from simulations.links import assign_links, link_profile
+from tests.transport.conftest import FakeTime
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -41,21 +42,6 @@ pytestmark = pytest.mark.timeout(120)
 LINK = LinkProfile(8e6, 8e5, 0.05)
 #: LinkShaper's default token bucket: 10 ms of bandwidth may go at once.
 BURST_S = 0.01
-
-
-class FakeTime:
-    """A clock that only moves when slept on."""
-
-    def __init__(self) -> None:
-        self.now = 0.0
-        self.slept: list[float] = []
-
-    def monotonic(self) -> float:
-        return self.now
-
-    def sleep(self, seconds: float) -> None:
-        self.slept.append(seconds)
-        self.now += seconds
 
 
 def _expected_wait(link: LinkProfile, calls: int, down: int, up: int) -> float:

@@ -17,22 +17,9 @@ from fedsqueeze.transport import (
     TokenBucket,
     WireCounter,
 )
-from tests.transport.conftest import make_state
+from tests.transport.conftest import FakeTime, make_state
 
 pytestmark = pytest.mark.timeout(60)
-
-
-class FakeTime:
-    def __init__(self) -> None:
-        self.now = 0.0
-        self.slept: list[float] = []
-
-    def monotonic(self) -> float:
-        return self.now
-
-    def sleep(self, seconds: float) -> None:
-        self.slept.append(seconds)
-        self.now += seconds
 
 
 def test_link_profile_units():
