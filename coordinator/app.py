@@ -29,7 +29,7 @@ from flwr.serverapp.strategy import (
     Strategy,
 )
 
-from coordinator.budget import UP_OVERHEAD_BYTES, BudgetPolicy, EdgeRequest, Skip
+from coordinator.budget import BudgetPolicy, EdgeRequest, Skip
 from coordinator.dataplane import CoordinatorDataPlane, InstructionTemplate
 from coordinator.strategy import CompressedStrategy, InstructionFactory
 from coordinator.version_store import VersionStore
@@ -217,9 +217,7 @@ def _budgeted(
         down_spec=choice.down_spec,
         up_spec=choice.up_spec,
         down_budget=choice.down_payload,
-        # The instruction carries the update's payload limit (the edge fits it); the
-        # policy's figure is in wire bytes, framing included.
-        up_budget=max(1, choice.up_bytes - UP_OVERHEAD_BYTES) if choice.up_bytes else 0,
+        up_budget=choice.up_payload,
     )
 
 

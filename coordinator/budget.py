@@ -45,7 +45,7 @@ from typing import Any, Protocol
 import torch
 
 from coordinator.version_store import VersionStore
-from fedsqueeze.codec import CodecSpec, encode_state
+from fedsqueeze.codec import CodecSpec, EncodedModel, encode_state
 from fedsqueeze.codec.spec_text import parse_spec
 from fedsqueeze.transport.shaping import LinkDirection, LinkProfile
 from fedsqueeze.transport.source import encode_seed
@@ -165,6 +165,12 @@ class Choice:
     down_payload: int
     down_bytes: int
     up_bytes: int
+
+    @property
+    def up_payload(self) -> int:
+        """The most encoded bytes of the update (``up_bytes`` less framing; 0: no limit):
+        what the instruction tells the edge to fit."""
+        return max(1, self.up_bytes - UP_OVERHEAD_BYTES) if self.up_bytes else 0
 
 
 @dataclass(frozen=True)
@@ -330,52 +336,24 @@ class LadderPolicy:
 
     def _up_sizes(self, text: str, spec: CodecSpec, template: dict[str, torch.Tensor]) -> _UpSizes:
         """Wire bytes of an upload with ``spec``: expected, bound, and the shrink floor."""
-        bound = self._up_bound(text, spec, template) + UP_OVERHEAD_BYTES
+        bound = self._cached(text, lambda: _upload_bound(spec, template)) + UP_OVERHEAD_BYTES
         if spec.rank is None or spec.rank == 1:
             return _UpSizes(bound, bound, bound)
-        expected = self._up_bound(text, spec, template, expected=True) + UP_OVERHEAD_BYTES
+        expected = self._cached(f"{text} expected", lambda: _random_upload(spec, template).nbytes)
         one = spec.with_changes(rank=1)
-        floor = self._up_bound(f"{text} rank=1", one, template) + UP_OVERHEAD_BYTES
-        return _UpSizes(min(expected, bound), bound, min(floor, bound))
+        floor = self._cached(f"{text} rank=1", lambda: _upload_bound(one, template))
+        return _UpSizes(
+            min(expected + UP_OVERHEAD_BYTES, bound), bound, min(floor + UP_OVERHEAD_BYTES, bound)
+        )
 
-    def _up_bound(
-        self,
-        text: str,
-        spec: CodecSpec,
-        template: dict[str, torch.Tensor],
-        *,
-        expected: bool = False,
-    ) -> int:
-        key = f"{text} expected" if expected else text
+    def _cached(self, key: str, compute: Callable[[], int]) -> int:
         with self._lock:
             cached = self._up_bounds.get(key)
-        if cached is not None:
-            return cached
-        gen = torch.Generator().manual_seed(0)
-        update = {
-            k: torch.randn(v.shape, generator=gen).to(v.dtype) if v.is_floating_point() else v
-            for k, v in template.items()
-        }
-        zeros = {k: torch.zeros_like(v) for k, v in update.items()}
-        if expected:
-            size = encode_state(update, spec, zeros, seed=0).nbytes
+        if cached is None:
+            cached = compute()
             with self._lock:
-                self._up_bounds[key] = size
-            return size
-        plain = spec.with_changes(entropy_level=0)
-        encoded = encode_state(update, plain, zeros, seed=0)
-        kept = 0
-        if spec.topk is not None or spec.prune.active:
-            # Only masked specs send positions; low-rank and dense records have fixed sizes.
-            kept = sum(
-                math.ceil((spec.topk or 1.0) * v.numel())
-                for k, v in template.items()
-                if spec.is_target(k, v.dim(), v.is_floating_point())
-            )
-        bound = encoded.nbytes + math.ceil(kept / 8) + 8 * len(template) + 16
-        with self._lock:
-            self._up_bounds[key] = bound
-        return bound
+                self._up_bounds[key] = cached
+        return cached
 
     # ------------------------------------------------------------------ choosing
     def choose(self, request: EdgeRequest) -> Choice | Skip:
@@ -443,6 +421,34 @@ class LadderPolicy:
             f"smallest upload bound ({smallest_up} B) does not fit {_fmt(limits.up)} B up "
             f"/ {_fmt(limits.seconds - down_s)} s of link time"
         )
+
+
+def _random_upload(
+    spec: CodecSpec, template: dict[str, torch.Tensor], *, entropy: bool = True
+) -> EncodedModel:
+    """A seeded random update of the model's shapes, encoded with ``spec``."""
+    gen = torch.Generator().manual_seed(0)
+    update = {
+        k: torch.randn(v.shape, generator=gen).to(v.dtype) if v.is_floating_point() else v
+        for k, v in template.items()
+    }
+    zeros = {k: torch.zeros_like(v) for k, v in update.items()}
+    plain = spec if entropy else spec.with_changes(entropy_level=0)
+    return encode_state(update, plain, zeros, seed=0)
+
+
+def _upload_bound(spec: CodecSpec, template: dict[str, torch.Tensor]) -> int:
+    """Most encoded bytes of any update with ``spec`` (see the module's docstring)."""
+    kept = 0
+    if spec.topk is not None or spec.prune.active:
+        # Only masked specs send positions; low-rank and dense records have fixed sizes.
+        kept = sum(
+            math.ceil((spec.topk or 1.0) * v.numel())
+            for k, v in template.items()
+            if spec.is_target(k, v.dim(), v.is_floating_point())
+        )
+    encoded = _random_upload(spec, template, entropy=False)
+    return encoded.nbytes + math.ceil(kept / 8) + 8 * len(template) + 16
 
 
 def _fmt(value: float) -> str:

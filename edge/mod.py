@@ -184,29 +184,33 @@ def fit_update(
         )
 
     encoded = encode(spec.rank)
-    if not budget or encoded.nbytes <= budget or spec.rank is None or spec.rank == 1:
-        if budget and encoded.nbytes > budget:
-            log.warning("update of %d bytes is over its budget of %d", encoded.nbytes, budget)
-        return encoded
-    # The highest rank that fits: bytes grow about linearly with the rank, so guess from
-    # the last size, then step up while the next rank still fits.
-    too_big, fits = spec.rank, None
-    while fits is None:
-        guess = max(1, min(too_big - 1, math.floor(too_big * budget / encoded.nbytes)))
-        encoded = encode(guess)
-        if encoded.nbytes <= budget or guess == 1:
-            fits = encoded
-        else:
-            too_big = guess
-    rank = guess
+    if budget and encoded.nbytes > budget and spec.rank is not None and spec.rank > 1:
+        encoded = _highest_rank_that_fits(encode, spec.rank, encoded, budget)
+    if budget and encoded.nbytes > budget:
+        log.warning("update of %d bytes is over its budget of %d", encoded.nbytes, budget)
+    return encoded
+
+
+def _highest_rank_that_fits(
+    encode: Callable[[int], EncodedModel], too_big: int, encoded: EncodedModel, budget: int
+) -> EncodedModel:
+    """Below rank ``too_big`` (whose encoding ``encoded`` is over ``budget``), the encoding
+    at the highest rank that fits, or at rank 1.
+
+    Bytes grow about linearly with the rank: guess from the last size, then step up while
+    the next rank still fits.
+    """
+    while True:
+        rank = max(1, min(too_big - 1, math.floor(too_big * budget / encoded.nbytes)))
+        encoded = encode(rank)
+        if encoded.nbytes <= budget or rank == 1:
+            break
+        too_big = rank
     while rank + 1 < too_big:
         bigger = encode(rank + 1)
         if bigger.nbytes > budget:
             break
-        fits, rank = bigger, rank + 1
-    encoded = fits
-    if budget and encoded.nbytes > budget:
-        log.warning("update of %d bytes is over its budget of %d", encoded.nbytes, budget)
+        encoded, rank = bigger, rank + 1
     return encoded
 
 

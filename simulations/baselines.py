@@ -83,9 +83,10 @@ ADAPTIVE_UP_LADDER: tuple[str, ...] = tuple(
 """Upload specs of the adaptive policy (low-rank with error feedback), least error first.
 
 A client's update after a few local steps lies mostly in a few directions, so its
-truncated SVD beats top-k at every size: on the digits CNN rank 3 with 4-bit values
-(about 1.1 kB) misses 2-3 % of an update's squared norm where top-5 % with 2-bit
-k-means values (about 1.5 kB) misses about half (``tests/codec/test_lowrank.py``).
+truncated SVD beats top-k at every size: on the default sweep's kind of update rank 3
+with 4-bit values (about 1.2 kB) misses 9 % of its squared norm and rank 5 (about
+1.7 kB) 5 %, where top-5 % with 2-bit k-means values (about 1.7 kB) misses 43 %
+(``python -m tests.codec.test_lowrank``).
 4-bit affine codes of the factors are near-Gaussian and zstandard squeezes them below
 3-bit k-means codes at lower error."""
 

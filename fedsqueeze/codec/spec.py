@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from enum import Enum
 
-from fedsqueeze.codec.bytesio import write_varint
+from fedsqueeze.codec.bytesio import ByteReader, write_varint
 from fedsqueeze.errors import ConfigError, FormatError
 
 
@@ -324,17 +324,6 @@ def _read_amount(data: bytes, pos: int) -> tuple[float, int]:
     raise ValueError("amount varint too long")
 
 
-def _read_rank(data: bytes, pos: int) -> tuple[int, int]:
-    value = 0
-    for shift in (0, 7):
-        byte = data[pos]
-        pos += 1
-        value |= (byte & 0x7F) << shift
-        if not byte & 0x80:
-            return value, pos
-    raise ValueError("rank varint too long")
-
-
 def _parse_spec(data: bytes, pos: int) -> tuple[CodecSpec, int]:
     flags = data[pos]
     pos += 1
@@ -351,7 +340,9 @@ def _parse_spec(data: bytes, pos: int) -> tuple[CodecSpec, int]:
         topk, pos = _read_amount(data, pos)
     rank: int | None = None
     if flags & 0x40:
-        rank, pos = _read_rank(data, pos)
+        reader = ByteReader(data, pos)
+        rank = reader.varint("rank", MAX_RANK)
+        pos = reader.pos
     quant: QuantSpec | None = None
     if flags & 0x10:
         desc, opts = data[pos], data[pos + 1]

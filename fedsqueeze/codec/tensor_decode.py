@@ -164,6 +164,8 @@ class TensorDecoder:
         base: torch.Tensor | None,
         device: torch.device,
     ) -> torch.Tensor:
+        if not dtype.is_floating_point:
+            raise FormatError(f"record {name!r}: low-rank values for a {dtype} tensor")
         m, n = matrix_shape(shape)  # _body_length has checked the shape and the rank
         rank = record.rank
         values = self._values(
@@ -173,8 +175,6 @@ class TensorDecoder:
         x = (values[:split].reshape(m, rank) @ values[split:].reshape(rank, n)).reshape(shape)
         if base is not None:
             x = base.to(device=device, dtype=torch.float32) + x
-        if not dtype.is_floating_point:
-            raise FormatError(f"record {name!r}: low-rank values for a {dtype} tensor")
         return x.to(dtype)
 
     def _values(

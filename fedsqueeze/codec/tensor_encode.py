@@ -228,7 +228,7 @@ class TensorEncoder:
             and t.ndim >= 2
             and worth_factoring(*matrix_shape(t.shape), spec.rank)
         ):
-            return self._lowrank(name, t, x, delta)
+            return self._lowrank(name, t, x, delta, spec.rank)
         flat = x.reshape(-1)
         mask = self._mask(name, x, global_mask)
         indices = None if mask is None else mask_to_indices(mask.reshape(-1))
@@ -250,27 +250,14 @@ class TensorEncoder:
         numel = flat.numel()
         channels_of: torch.Tensor | None = None
         num_channels = t.shape[0] if t.ndim else 1
-        quant: QuantHeader | None = None
-        value_kind = ValueKind.RAW
-        decoded = values
-        if spec.quant is not None:
-            q = spec.quant
-            if q.granularity is Granularity.PER_CHANNEL:
-                stride = max(1, numel // max(1, num_channels))
-                source = indices if indices is not None else torch.arange(numel, device=t.device)
-                channels_of = torch.div(source, stride, rounding_mode="floor")
-            qp = choose_qparams(values, q.bits, q.scheme, q.granularity, channels_of, num_channels)
-            codes = quantize(values, qp, q.rounding, channels_of, self._generator(t.device))
-            if spec.feedback:  # only error feedback needs what the receiver gets
-                decoded = dequantize(codes, qp, channels_of)
-            payload = bytes(tensor_bytes(pack_bits(codes, q.bits)))
-            quant = QuantHeader(q.bits, q.scheme, q.granularity, qparams_to_bytes(qp))
-        else:
-            stored = values.to(_CAST_DTYPES[spec.float_format])
-            if spec.feedback:
-                decoded = stored.to(torch.float32)
-            payload = bytes(tensor_bytes(stored))
-            value_kind = FLOAT_KINDS[spec.float_format]
+        if spec.quant is not None and spec.quant.granularity is Granularity.PER_CHANNEL:
+            stride = max(1, numel // max(1, num_channels))
+            source = indices if indices is not None else torch.arange(numel, device=t.device)
+            channels_of = torch.div(source, stride, rounding_mode="floor")
+        # only error feedback needs what the receiver gets
+        payload, quant, value_kind, decoded = self._store(
+            values, channels_of, num_channels, t.device, spec.feedback
+        )
         positions: PositionsHeader | None = None
         pos_payload = b""
         if indices is not None:
@@ -298,32 +285,43 @@ class TensorEncoder:
                 residual = residual.reshape(t.shape)
         return record, residual
 
+    def _store(
+        self,
+        values: torch.Tensor,
+        channels_of: torch.Tensor | None,
+        num_channels: int,
+        device: torch.device,
+        need_decoded: bool,
+    ) -> tuple[bytes, QuantHeader | None, ValueKind, torch.Tensor]:
+        """Quantize ``values`` (or cast them to the spec's float format).
+
+        Returns the payload, its quantization header (``None`` when cast), the value kind
+        and what the receiver decodes (``values`` itself unless ``need_decoded``).
+        """
+        spec = self._spec
+        if spec.quant is not None:
+            q = spec.quant
+            qp = choose_qparams(values, q.bits, q.scheme, q.granularity, channels_of, num_channels)
+            codes = quantize(values, qp, q.rounding, channels_of, self._generator(device))
+            decoded = dequantize(codes, qp, channels_of) if need_decoded else values
+            payload = bytes(tensor_bytes(pack_bits(codes, q.bits)))
+            quant = QuantHeader(q.bits, q.scheme, q.granularity, qparams_to_bytes(qp))
+            return payload, quant, ValueKind.RAW, decoded
+        stored = values.to(_CAST_DTYPES[spec.float_format])
+        decoded = stored.to(torch.float32) if need_decoded else values
+        return bytes(tensor_bytes(stored)), None, FLOAT_KINDS[spec.float_format], decoded
+
     def _lowrank(
-        self, name: str, t: torch.Tensor, x: torch.Tensor, delta: bool
+        self, name: str, t: torch.Tensor, x: torch.Tensor, delta: bool, rank: int
     ) -> tuple[TensorRecord, torch.Tensor]:
         """Two factors ``A @ B ≈ x``; the residual is ``x`` minus what the receiver gets."""
-        spec = self._spec
-        rank = spec.rank
-        assert rank is not None
         if _all_zero(x):
             return self._zero(name, t, delta), x
         m, n = matrix_shape(tuple(t.shape))
         a, b = factorize(x.reshape(m, n), rank)
         values = torch.cat((a.reshape(-1), b.reshape(-1)))
-        quant: QuantHeader | None = None
-        value_kind = ValueKind.RAW
-        if spec.quant is not None:
-            q = spec.quant
-            qp = choose_qparams(values, q.bits, q.scheme, q.granularity, None, 1)
-            codes = quantize(values, qp, q.rounding, None, self._generator(t.device))
-            decoded = dequantize(codes, qp, None)
-            payload = bytes(tensor_bytes(pack_bits(codes, q.bits)))
-            quant = QuantHeader(q.bits, q.scheme, q.granularity, qparams_to_bytes(qp))
-        else:
-            stored = values.to(_CAST_DTYPES[spec.float_format])
-            decoded = stored.to(torch.float32)
-            payload = bytes(tensor_bytes(stored))
-            value_kind = FLOAT_KINDS[spec.float_format]
+        # Per-tensor quantization only (the spec forbids per-channel with a rank).
+        payload, quant, value_kind, decoded = self._store(values, None, 1, t.device, True)
         split = m * rank
         approx = decoded[:split].reshape(m, rank) @ decoded[split:].reshape(rank, n)
         record = self._record(

@@ -16,7 +16,6 @@ import pytest
 import torch
 
 from coordinator.budget import (
-    UP_OVERHEAD_BYTES,
     Budget,
     Choice,
     EdgeRequest,
@@ -82,7 +81,7 @@ class Plane:
             residual=residual,
             seed=0,
             base_digest=bytes.fromhex(fetched.digest),
-            budget=max(1, choice.up_bytes - UP_OVERHEAD_BYTES) if choice.up_bytes else 0,
+            budget=choice.up_payload,
         )
         update_id = f"{NODE}-r1-{next(_ids):012x}"
         pushed = self.connector.push(instruction, str(NODE), update_id, fetched.digest, encoded)
