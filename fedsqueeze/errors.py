@@ -6,6 +6,7 @@ Everything that comes from data, peers or configuration is a ``FedsqueezeError``
     FedsqueezeError
     ├── CodecError                  bytes that do not decode, or a spec that cannot encode
     │   ├── FormatError             truncated, corrupted or malformed input
+    │   │   └── TruncatedError      input that ends early (a stream's prefix)
     │   ├── UnsupportedVersionError a format version this build does not read
     │   ├── BaseMismatchError       a delta applied to the wrong base model
     │   └── LimitExceededError      a header claims more than the configured maximum
@@ -38,6 +39,10 @@ class CodecError(FedsqueezeError):
 
 class FormatError(CodecError):
     """Truncated, corrupted or otherwise malformed encoded data."""
+
+
+class TruncatedError(FormatError):
+    """Encoded data that ends early: a prefix of a stream, or a cut file."""
 
 
 class UnsupportedVersionError(CodecError):

@@ -8,8 +8,15 @@ subclasses.
 
 from fedsqueeze.codec.container import DecodeLimits, TensorRecord
 from fedsqueeze.codec.digest import state_digest
-from fedsqueeze.codec.model import EncodedModel, decode_state, encode_state
-from fedsqueeze.codec.segments import Segment, join_segments, split_segments
+from fedsqueeze.codec.model import (
+    EncodedModel,
+    PrefixDecoded,
+    decode_prefix,
+    decode_state,
+    encode_state,
+    smallest_prefix,
+)
+from fedsqueeze.codec.segments import Segment, join_prefix, join_segments, split_segments
 from fedsqueeze.codec.spec import (
     PRESETS,
     CodecSpec,
@@ -30,6 +37,7 @@ __all__ = [
     "EncodedModel",
     "FloatFormat",
     "Granularity",
+    "PrefixDecoded",
     "PruneMethod",
     "PruneSpec",
     "QuantScheme",
@@ -37,10 +45,13 @@ __all__ = [
     "Rounding",
     "Segment",
     "TensorRecord",
+    "decode_prefix",
     "decode_state",
     "encode_state",
+    "join_prefix",
     "join_segments",
     "preset",
+    "smallest_prefix",
     "split_segments",
     "state_digest",
 ]

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import struct
 
-from fedsqueeze.errors import FormatError
+from fedsqueeze.errors import FormatError, TruncatedError
 
 _MAX_VARINT_BYTES = 10
 
@@ -46,7 +46,11 @@ class ByteReader:
     def take(self, count: int, what: str = "data") -> memoryview:
         """The next ``count`` bytes, without copying."""
         if count < 0 or count > self.remaining:
-            raise FormatError(f"truncated input: {what} needs {count} bytes, {self.remaining} left")
+            if count < 0:
+                raise FormatError(f"negative length for {what}")
+            raise TruncatedError(
+                f"truncated input: {what} needs {count} bytes, {self.remaining} left"
+            )
         view = self._data[self.pos : self.pos + count]
         self.pos += count
         return view

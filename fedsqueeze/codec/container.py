@@ -1,4 +1,4 @@
-"""The encoded-model byte format, version 1: one compact header, then tensor records.
+"""The encoded-model byte format, versions 1 and 2: one compact header, then tensor records.
 
 Layout (integers are LEB128 varints unless noted)::
 
@@ -19,6 +19,23 @@ in the base with the same dtype and shape: then it is the tensor's index in the 
 sorted names, which saves ~15 bytes a tensor on kilobyte-sized updates. Decoding such a
 record needs the base, which a delta needs anyway.
 
+Version 2 adds progressive (level) records, written only for a spec with ``levels``;
+every other model is still written as version 1, byte for byte. In version 2 a record
+with the LEVEL flag carries its level after the tensor's reference:
+
+* **level 0** (the base level of a progressive tensor): ``level 0 · count u8 · bits u8
+  ·count`` (the plan, e.g. 2, 2, 4), then an ordinary quantized record whose quantization
+  header describes the full ``sum(plan)``-bit quantizer and whose body holds the
+  positions (if sparse), the first plane (``plan[0]`` bits per kept value) and the
+  bucket table (``2^plan[0]`` float16 entries);
+* **level k ≥ 1** (a refinement): the reference is always an *index into this stream's
+  level-0 records* (in their order), then ``level k · [raw length] · body length ·
+  body``, the body holding plane ``k`` and, unless it is the last level, the table for
+  ``plan[0] + … + plan[k]`` bits. Everything else comes from the level-0 record.
+
+Version 1 decoders refuse version 2 streams by their version byte. See
+:mod:`fedsqueeze.codec.progressive` for the numbers.
+
 Everything here is structure only: the numerical stages live in ``fedsqueeze.codec.model``.
 """
 
@@ -32,11 +49,22 @@ import torch
 
 from fedsqueeze.codec.bytesio import ByteReader, write_varint
 from fedsqueeze.codec.positions import max_payload_bytes
-from fedsqueeze.codec.spec import MAX_RANK, CodecSpec, FloatFormat, Granularity, QuantScheme
+from fedsqueeze.codec.spec import (
+    MAX_LEVELS,
+    MAX_RANK,
+    CodecSpec,
+    FloatFormat,
+    Granularity,
+    QuantScheme,
+)
 from fedsqueeze.errors import FormatError, LimitExceededError, UnsupportedVersionError
 
 MAGIC = b"FSQ"
+#: The version written for a model without progressive levels.
 FORMAT_VERSION = 1
+#: The version written when any record has levels.
+PROGRESSIVE_VERSION = 2
+SUPPORTED_VERSIONS = (FORMAT_VERSION, PROGRESSIVE_VERSION)
 _HAS_BASE = 0x01
 
 # Stable wire codes of dtypes; never renumber (golden vectors pin them).
@@ -147,6 +175,12 @@ class TensorRecord:
     body: bytes
     zero: bool = False  # no values at all: base unchanged (delta) or zeros
     rank: int = 0  # > 0: the values are low-rank factors (LOWRANK)
+    levels: tuple[int, ...] = ()  # level 0 of a progressive tensor: bits per level
+
+    @property
+    def progressive(self) -> bool:
+        """Whether this record is a level of a progressive tensor (needs version 2)."""
+        return bool(self.levels) or self.level > 0
 
     @property
     def numel(self) -> int:
@@ -176,7 +210,7 @@ class TensorRecord:
             flags |= RecordFlags.ENTROPY
         if self.delta:
             flags |= RecordFlags.DELTA
-        if self.level:
+        if self.progressive:
             flags |= RecordFlags.LEVEL
         if self.zero:
             flags |= RecordFlags.ZERO
@@ -195,9 +229,17 @@ class TensorRecord:
                 write_varint(out, dim)
         else:
             write_varint(out, self.index)
-        if self.level:
+        if self.progressive:
             write_varint(out, self.level)
+            if self.level == 0:
+                out.append(len(self.levels))
+                out += bytes(self.levels)
         if self.zero:
+            return bytes(out)
+        if self.level > 0:  # a refinement: everything else is in its level-0 record
+            if self.raw_length is not None:
+                write_varint(out, self.raw_length)
+            write_varint(out, len(self.body))
             return bytes(out)
         if self.rank:
             write_varint(out, self.rank)
@@ -220,9 +262,12 @@ class TensorRecord:
 
 
 def parse_record(
-    reader: ByteReader, limits: DecodeLimits, qparams_size: QParamsSizer
+    reader: ByteReader,
+    limits: DecodeLimits,
+    qparams_size: QParamsSizer,
+    version: int = FORMAT_VERSION,
 ) -> TensorRecord:
-    """Read one record at the reader's position."""
+    """Read one record at the reader's position (``version`` from the model's header)."""
     flags = RecordFlags(reader.u8("record flags"))
     name: str | None = None
     index: int | None = None
@@ -252,7 +297,21 @@ def parse_record(
         shape = dims
     else:
         index = reader.varint("tensor index", limits.max_tensors)
-    level = reader.varint("level", 255) if flags & RecordFlags.LEVEL else 0
+    level = 0
+    plan: tuple[int, ...] = ()
+    if flags & RecordFlags.LEVEL:
+        if version < PROGRESSIVE_VERSION:
+            raise FormatError(f"a level record in a version {version} stream")
+        level = reader.varint("level", MAX_LEVELS - 1)
+        if level == 0:
+            count = reader.u8("level count")
+            if not 2 <= count <= MAX_LEVELS:
+                raise FormatError(f"a progressive tensor of {count} levels")
+            plan = tuple(bytes(reader.take(count, "level bits")))
+            if any(not 1 <= b <= 4 for b in plan) or sum(plan) not in (2, 3, 4, 8):
+                raise FormatError(f"invalid levels {'+'.join(map(str, plan))}")
+        else:
+            return _parse_refinement(reader, flags, index, level, limits)
     if flags & RecordFlags.ZERO:
         if flags & (
             RecordFlags.SPARSE | RecordFlags.QUANT | RecordFlags.ENTROPY | RecordFlags.LOWRANK
@@ -272,6 +331,10 @@ def parse_record(
             b"",
             zero=True,
         )
+    if plan and flags & (RecordFlags.ZERO | RecordFlags.LOWRANK):
+        raise FormatError("a progressive tensor's base level is neither zero nor low-rank")
+    if plan and not flags & RecordFlags.QUANT:
+        raise FormatError("levels refine quantization codes: the base level must be QUANT")
     rank = 0
     if flags & RecordFlags.LOWRANK:
         if flags & RecordFlags.SPARSE:
@@ -290,6 +353,8 @@ def parse_record(
             raise FormatError(f"unknown quantization scheme in 0x{desc:02x}") from exc
         if bits not in (2, 3, 4, 8):
             raise FormatError(f"unsupported quantization bit width {bits}")
+        if plan and sum(plan) != bits:
+            raise FormatError(f"levels {'+'.join(map(str, plan))} do not add up to {bits} bits")
         granularity = Granularity.PER_CHANNEL if desc & 0x80 else Granularity.PER_TENSOR
         if granularity is Granularity.PER_CHANNEL and rank:
             raise FormatError("low-rank factors are quantized per tensor")
@@ -321,7 +386,8 @@ def parse_record(
     raw_length: int | None = None
     if flags & RecordFlags.ENTROPY:
         raw_length = reader.varint("raw body length", max_body_bytes(limits.max_elements))
-    body_len = reader.varint("body length", reader.remaining)
+    # Bounded by what is left: take() refuses more (a prefix ends in TruncatedError).
+    body_len = reader.varint("body length")
     body = bytes(reader.take(body_len, "record body"))
     return TensorRecord(
         name=name,
@@ -336,6 +402,28 @@ def parse_record(
         raw_length=raw_length,
         body=body,
         rank=rank,
+        levels=plan,
+    )
+
+
+def _parse_refinement(
+    reader: ByteReader, flags: RecordFlags, index: int | None, level: int, limits: DecodeLimits
+) -> TensorRecord:
+    """The rest of a refinement record (level ≥ 1), after its level."""
+    allowed = RecordFlags.LEVEL | RecordFlags.ENTROPY
+    if index is None or flags & ~allowed:
+        raise FormatError(
+            f"a level-{level} record refers to its base level by index and has no "
+            f"flags but ENTROPY (got 0x{int(flags):02x})"
+        )
+    raw_length: int | None = None
+    if flags & RecordFlags.ENTROPY:
+        raw_length = reader.varint("raw body length", max_body_bytes(limits.max_elements))
+    # Bounded by what is left: take() refuses more (a prefix ends in TruncatedError).
+    body_len = reader.varint("body length")
+    body = bytes(reader.take(body_len, "record body"))
+    return TensorRecord(
+        None, index, None, None, False, level, None, ValueKind.RAW, None, raw_length, body
     )
 
 
@@ -390,9 +478,12 @@ class ContainerHeader:
     base_digest: bytes | None
     spec: CodecSpec
     record_count: int
+    #: Version 2: how many of the records are base-level (level 0) ones; they come first.
+    base_records: int = 0
 
     def to_bytes(self) -> bytes:
-        """Header bytes: magic, version, flags, [base digest], spec, record count."""
+        """Header bytes: magic, version, flags, [base digest], spec, record count and, in
+        version 2, the count of base-level records."""
         out = bytearray(MAGIC)
         out.append(self.version)
         out.append(_HAS_BASE if self.base_digest is not None else 0)
@@ -400,6 +491,8 @@ class ContainerHeader:
             out += self.base_digest
         out += self.spec.to_bytes()
         write_varint(out, self.record_count)
+        if self.version >= PROGRESSIVE_VERSION:
+            write_varint(out, self.base_records)
         return bytes(out)
 
 
@@ -408,9 +501,10 @@ def parse_header(reader: ByteReader, limits: DecodeLimits) -> ContainerHeader:
     if bytes(reader.take(3, "magic")) != MAGIC:
         raise FormatError("not a fedsqueeze encoded model (bad magic)")
     version = reader.u8("format version")
-    if version != FORMAT_VERSION:
+    if version not in SUPPORTED_VERSIONS:
         raise UnsupportedVersionError(
-            f"format version {version}; this build reads version {FORMAT_VERSION}"
+            f"format version {version}; this build reads versions "
+            f"{', '.join(map(str, SUPPORTED_VERSIONS))}"
         )
     flags = reader.u8("model flags")
     if flags & ~_HAS_BASE:
@@ -419,8 +513,13 @@ def parse_header(reader: ByteReader, limits: DecodeLimits) -> ContainerHeader:
     data = bytes(reader.take(min(reader.remaining, 1 << 16), "spec"))
     spec, used = CodecSpec.parse(data, 0)
     reader.pos -= len(data) - used
-    count = reader.varint("record count", limits.max_tensors)
-    return ContainerHeader(FORMAT_VERSION, base, spec, count)
+    count = reader.varint("record count", limits.max_tensors * (MAX_LEVELS + 1))
+    base_records = count
+    if version >= PROGRESSIVE_VERSION:
+        base_records = reader.varint("base-level record count", min(count, limits.max_tensors))
+    elif count > limits.max_tensors:
+        raise FormatError(f"record count {count} exceeds the limit {limits.max_tensors}")
+    return ContainerHeader(version, base, spec, count, base_records)
 
 
 def crc32(data: bytes | memoryview) -> int:
@@ -433,6 +532,8 @@ __all__ = [
     "DTYPE_CODES",
     "FLOAT_KINDS",
     "FORMAT_VERSION",
+    "PROGRESSIVE_VERSION",
+    "SUPPORTED_VERSIONS",
     "ContainerHeader",
     "DecodeLimits",
     "PositionsHeader",

@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import zlib
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
 from fedsqueeze.codec.bytesio import ByteReader
 from fedsqueeze.codec.container import (
     FORMAT_VERSION,
+    PROGRESSIVE_VERSION,
     ContainerHeader,
     DecodeLimits,
     QParamsSizer,
@@ -31,9 +32,9 @@ from fedsqueeze.codec.container import (
 from fedsqueeze.codec.digest import state_digest
 from fedsqueeze.codec.pruning import global_magnitude_masks
 from fedsqueeze.codec.spec import CodecSpec, PruneMethod
-from fedsqueeze.codec.tensor_decode import TensorDecoder
-from fedsqueeze.codec.tensor_encode import TensorEncoder
-from fedsqueeze.errors import BaseMismatchError, FormatError, LimitExceededError
+from fedsqueeze.codec.tensor_decode import ProgressiveTensor, TensorDecoder
+from fedsqueeze.codec.tensor_encode import ScoredLevel, TensorEncoder
+from fedsqueeze.errors import BaseMismatchError, FormatError, LimitExceededError, TruncatedError
 
 State = Mapping[str, torch.Tensor]
 
@@ -62,8 +63,26 @@ class EncodedModel:
     residual: dict[str, torch.Tensor] | None = field(default=None, compare=False, repr=False)
 
     @property
+    def progressive(self) -> bool:
+        """Whether any tensor is sent in levels (format version 2)."""
+        return any(r.progressive for r in self.records)
+
+    @property
+    def base_records(self) -> int:
+        """How many records are base-level ones (they come first)."""
+        return sum(1 for r in self.records if r.level == 0)
+
+    @property
     def header(self) -> ContainerHeader:
         """The model-level header."""
+        if self.progressive:
+            return ContainerHeader(
+                PROGRESSIVE_VERSION,
+                self.base_digest,
+                self.spec,
+                len(self.records),
+                self.base_records,
+            )
         return ContainerHeader(FORMAT_VERSION, self.base_digest, self.spec, len(self.records))
 
     def _parts(self) -> list[bytes]:
@@ -120,10 +139,51 @@ class EncodedModel:
         reader = ByteReader(view, 0, len(view))
         header = parse_header(reader, limits)
         sizer = QParamsSizer()
-        records = tuple(parse_record(reader, limits, sizer) for _ in range(header.record_count))
+        records = tuple(
+            parse_record(reader, limits, sizer, header.version) for _ in range(header.record_count)
+        )
         if reader.remaining:
             raise FormatError(f"{reader.remaining} unexpected bytes after the last record")
-        return cls(header.spec, header.base_digest, records)
+        model = cls(header.spec, header.base_digest, records)
+        _check_level_order(model.records, header.base_records)
+        return model
+
+    @classmethod
+    def parse_prefix(
+        cls, stream: bytes | memoryview, limits: DecodeLimits | None = None
+    ) -> tuple[EncodedModel, int]:
+        """Parse the complete records at the start of a stream (without checksum).
+
+        A record cut at the end of ``stream`` is left out. Returns the model those
+        records make (possibly with fewer records than its header announced) and the
+        number of bytes they take, header included.
+
+        Raises
+        ------
+        fedsqueeze.errors.TruncatedError
+            ``stream`` ends inside the model header.
+        fedsqueeze.errors.FormatError
+            Malformed records, or records that are not a prefix of one stream (a
+            refinement before its base level, base levels after refinements).
+        """
+        limits = limits or DecodeLimits()
+        view = memoryview(stream)
+        reader = ByteReader(view, 0, len(view))
+        header = parse_header(reader, limits)
+        sizer = QParamsSizer()
+        records: list[TensorRecord] = []
+        used = reader.pos
+        for _ in range(header.record_count):
+            try:
+                records.append(parse_record(reader, limits, sizer, header.version))
+            except TruncatedError:
+                break
+            used = reader.pos
+        else:
+            if reader.remaining:
+                raise FormatError(f"{reader.remaining} unexpected bytes after the last record")
+        _check_level_order(records, header.base_records)
+        return cls(header.spec, header.base_digest, tuple(records)), used
 
 
 def encode_state(
@@ -178,6 +238,8 @@ def encode_state(
         records.append(record)
         if res is not None:
             new_residual[name] = res
+    if encoder.levels:
+        records = _progressive_order(records, encoder.levels)
     return EncodedModel(
         spec=spec,
         base_digest=base_digest if base is not None else None,
@@ -239,7 +301,18 @@ def decode_state(
     decoder = TensorDecoder(base, torch.device(device) if device is not None else None)
     total = 0
     out: dict[str, torch.Tensor] = {}
+    base_level: list[str] = []  # names of the base-level records, in order
+    pending: dict[int, ProgressiveTensor] = {}
     for record in encoded.records:
+        if record.level > 0:
+            index = record.index if record.index is not None else -1
+            if index not in pending:
+                raise FormatError(
+                    f"a level-{record.level} record refines base-level record #{index}, "
+                    "which is not a progressive tensor held before it"
+                )
+            pending[index].refine(record)
+            continue
         name, _dtype, shape = decoder.resolve(record)
         numel = 1
         for d in shape:
@@ -252,8 +325,154 @@ def decode_state(
             )
         if name in out:
             raise FormatError(f"tensor {name!r} appears twice")
-        out[name] = decoder.decode(record)[1]
+        decoded = decoder.decode(record)[1]
+        if isinstance(decoded, ProgressiveTensor):
+            pending[len(base_level)] = decoded
+            out[name] = torch.empty(0)  # placeholder, keeps the record order
+        else:
+            out[name] = decoded
+        base_level.append(name)
+    for index, state in pending.items():
+        out[base_level[index]] = state.tensor()
     return out
+
+
+@dataclass(frozen=True)
+class PrefixDecoded:
+    """What :func:`decode_prefix` made of a stream's prefix.
+
+    Attributes
+    ----------
+    state
+        The best model the prefix holds (for a delta: base tensors with no record yet keep
+        the base's value).
+    used_bytes
+        Bytes of the prefix that went into ``state`` (complete records and the header).
+    levels
+        For each progressive tensor in ``state``, the highest level it holds (0-based).
+    complete
+        Whether every record of the stream was there.
+    """
+
+    state: dict[str, torch.Tensor]
+    used_bytes: int
+    levels: dict[str, int]
+    complete: bool
+
+
+def decode_prefix(
+    stream: bytes | memoryview,
+    base: State | None = None,
+    *,
+    base_digest: bytes | None = None,
+    device: torch.device | str | None = None,
+    limits: DecodeLimits | None = None,
+) -> PrefixDecoded:
+    """Decode the best model the first bytes of an encoded stream hold (anytime decoding).
+
+    ``stream`` is a prefix of the segments' joined payloads (the model's bytes without
+    its checksum). Missing refinements decode at the coarser level held; a full model
+    needs every tensor's base level (:func:`smallest_prefix` bytes), a delta decodes from
+    its header on (tensors not reached yet keep the base's value).
+
+    Raises
+    ------
+    fedsqueeze.errors.TruncatedError
+        The prefix is shorter than the smallest decodable one.
+    fedsqueeze.errors.FormatError, BaseMismatchError
+        Bytes that are not a prefix of a valid stream, or the wrong base.
+    """
+    encoded, used = EncodedModel.parse_prefix(stream, limits)
+    total = _expected_records(stream, limits)
+    complete = len(encoded.records) == total[0]
+    present = encoded.base_records
+    if not complete and encoded.base_digest is None and present < total[1]:
+        raise TruncatedError(
+            f"a prefix of {len(memoryview(stream))} bytes holds the base level of "
+            f"{present} of {total[1]} tensors; a full model needs all of them"
+        )
+    state = decode_state(encoded, base, base_digest=base_digest, device=device, limits=limits)
+    if not complete and base is not None and encoded.base_digest is not None:
+        dev = torch.device(device) if device is not None else None
+        for name, tensor in base.items():
+            if name not in state:
+                state[name] = tensor.detach().to(dev or tensor.device).clone()
+    return PrefixDecoded(state, used, _held_levels(encoded, base), complete)
+
+
+def smallest_prefix(encoded: EncodedModel) -> int:
+    """Bytes (from the stream's start, without checksum) of the smallest decodable prefix:
+    the header and, for a full model, every base-level record."""
+    size = len(encoded.header.to_bytes())
+    if encoded.base_digest is not None:
+        return size
+    for record in encoded.records:
+        if record.level > 0:
+            break
+        size += len(record.header_bytes()) + len(record.body)
+    return size
+
+
+def _expected_records(stream: bytes | memoryview, limits: DecodeLimits | None) -> tuple[int, int]:
+    header = parse_header(ByteReader(memoryview(stream)), limits or DecodeLimits())
+    return header.record_count, header.base_records
+
+
+def _held_levels(encoded: EncodedModel, base: State | None) -> dict[str, int]:
+    """The highest level each progressive tensor of ``encoded`` holds."""
+    base_names = sorted(base) if base is not None and encoded.base_digest is not None else []
+    names: list[str] = []
+    held: dict[str, int] = {}
+    for record in encoded.records:
+        if record.level == 0:
+            if record.name is not None:
+                names.append(record.name)
+            elif record.index is not None and record.index < len(base_names):
+                names.append(base_names[record.index])
+            else:
+                names.append(f"#{record.index}")
+            if record.levels:
+                held[names[-1]] = 0
+        elif record.index is not None and record.index < len(names):
+            held[names[record.index]] = record.level
+    return held
+
+
+def _check_level_order(records: tuple[TensorRecord, ...] | list[TensorRecord], bases: int) -> None:
+    """Base-level records first (``bases`` of them), then refinements in level order."""
+    seen_refinement = False
+    last_level = 0
+    for position, record in enumerate(records):
+        if record.level == 0:
+            if seen_refinement or position >= bases:
+                raise FormatError("a base-level record after a refinement: not one stream")
+            continue
+        seen_refinement = True
+        if record.level < last_level:
+            raise FormatError("refinement levels out of order: not one stream")
+        last_level = record.level
+
+
+def _progressive_order(
+    records: list[TensorRecord], levels: dict[str, list[ScoredLevel]]
+) -> list[TensorRecord]:
+    """Base levels first, then level by level; within a level by falling score.
+
+    Plain records (biases, non-targets) lead the base level in state order; they are
+    small and every decodable prefix needs them.
+    """
+    plain = [r for r in records if not r.levels]
+    progressive = [r for r in records if r.levels]
+    name_of = {id(r): name for name, lv in levels.items() for r in (lv[0].record,)}
+    progressive.sort(key=lambda r: -levels[name_of[id(r)]][0].score)
+    ordered = plain + progressive
+    position = {name_of[id(r)]: i for i, r in enumerate(ordered) if id(r) in name_of}
+    depth = max(len(lv) for lv in levels.values())
+    for level in range(1, depth):
+        batch = [(lv[level], position[name]) for name, lv in levels.items() if level < len(lv)]
+        batch.sort(key=lambda item: -item[0].score)
+        ordered.extend(replace(scored.record, index=index) for scored, index in batch)
+    return ordered
 
 
 def _global_masks(state: State, spec: CodecSpec, encoder: TensorEncoder) -> dict[str, torch.Tensor]:
@@ -292,4 +511,11 @@ _SUPPORTED = {
     torch.bool,
 }
 
-__all__ = ["EncodedModel", "decode_state", "encode_state"]
+__all__ = [
+    "EncodedModel",
+    "PrefixDecoded",
+    "decode_prefix",
+    "decode_state",
+    "encode_state",
+    "smallest_prefix",
+]

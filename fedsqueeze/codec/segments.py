@@ -92,6 +92,28 @@ def split_segments(encoded: EncodedModel, max_bytes: int = DEFAULT_SEGMENT_BYTES
     return segments
 
 
+def join_prefix(segments: Sequence[Segment]) -> bytes:
+    """The stream bytes of the first segments of a model (for anytime decoding).
+
+    ``segments`` must be segments ``0..k−1`` of one split, in any order; decode the
+    result with :func:`fedsqueeze.codec.model.decode_prefix`.
+
+    Raises
+    ------
+    FormatError
+        A gap (a refinement without what precedes it), a duplicate, or no segment 0.
+    """
+    if len(segments) > MAX_SEGMENTS:
+        raise FormatError(f"{len(segments)} segments is more than the {MAX_SEGMENTS} allowed")
+    ordered = sorted(segments, key=lambda s: s.index)
+    for expected, seg in enumerate(ordered):
+        if seg.index != expected:
+            raise FormatError(
+                f"not a prefix: segment {expected} is missing or duplicated (got index {seg.index})"
+            )
+    return b"".join(s.payload for s in ordered)
+
+
 def join_segments(segments: Sequence[Segment]) -> EncodedModel:
     """Reassemble segments (any order) into the encoded model.
 

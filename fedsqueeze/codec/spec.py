@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, replace
 from enum import Enum
 
 from fedsqueeze.codec.bytesio import ByteReader, write_varint
-from fedsqueeze.errors import ConfigError, FormatError
+from fedsqueeze.errors import ConfigError, FormatError, TruncatedError
 
 
 class PruneMethod(Enum):
@@ -72,6 +72,8 @@ QUANT_BITS = (2, 3, 4, 8)
 DEFAULT_TARGETS = ("*weight",)
 #: Largest factorization rank a spec may ask for (and a decoder accepts).
 MAX_RANK = 1024
+#: Most refinement levels a progressive spec may have (every level adds at least a bit).
+MAX_LEVELS = 8
 
 
 @dataclass(frozen=True)
@@ -173,6 +175,12 @@ class CodecSpec:
         targets (biases, small matrices) are sent dense. ``None`` for none. Like top-k it
         is meant for updates (PowerSGD-style) and returns an error-feedback residual; it
         is not combined with pruning or top-k, nor with per-channel quantization.
+    levels
+        Progressive (hierarchical) transmission: the bits each level adds to the
+        quantization codes of the target tensors, e.g. ``(2, 2, 4)``; they must add up to
+        ``quant.bits``. The first level is a usable coarse model, every further level
+        refines it (see :mod:`fedsqueeze.codec.progressive`). ``None``: one level.
+        Needs ``quant``; not combined with ``rank``.
     """
 
     prune: PruneSpec = field(default_factory=PruneSpec)
@@ -183,6 +191,7 @@ class CodecSpec:
     targets: tuple[str, ...] = DEFAULT_TARGETS
     min_ndim: int = 2
     rank: int | None = None
+    levels: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.topk is not None and not 0.0 < self.topk <= 1.0:
@@ -198,6 +207,8 @@ class CodecSpec:
                 raise ValueError("low-rank factorization replaces pruning and top-k: use one")
             if self.quant is not None and self.quant.granularity is Granularity.PER_CHANNEL:
                 raise ValueError("low-rank factors use per-tensor quantization, not per-channel")
+        if self.levels is not None:
+            _check_levels(self.levels, self.quant, self.rank)
         if not 0 <= self.entropy_level <= 22:
             raise ValueError(f"entropy_level must be in 0..22, got {self.entropy_level}")
         if not 0 <= self.min_ndim <= 8:
@@ -238,8 +249,9 @@ class CodecSpec:
         """Compact, canonical byte form (3 bytes for the default spec).
 
         Layout: flags u8 (prune method in bits 0-2, top-k bit 3, quant bit 4, custom
-        targets bit 5, rank bit 6) · [amount f64] · [topk f64] · [rank varint] · [quant
-        2 B] · float format and min_ndim u8 · entropy level u8 · [targets]. Amounts are
+        targets bit 5, rank bit 6, levels bit 7) · [amount f64] · [topk f64] · [rank
+        varint] · [quant 2 B] · [levels: count u8 · bits u8 each] · float format and
+        min_ndim u8 · entropy level u8 · [targets]. Amounts are
         float64 so the spec survives the round trip exactly; an amount with at most six
         decimals (0.95, 0.025) is a varint of millionths instead, 1 to 3 bytes.
         """
@@ -248,6 +260,7 @@ class CodecSpec:
         flags |= 0x10 if self.quant is not None else 0
         flags |= 0x20 if self.targets != DEFAULT_TARGETS else 0
         flags |= 0x40 if self.rank is not None else 0
+        flags |= 0x80 if self.levels is not None else 0
         out = bytearray([flags])
         if self.prune.method is PruneMethod.THRESHOLD:
             _write_amount(out, self.prune.threshold)
@@ -261,6 +274,9 @@ class CodecSpec:
             q = self.quant
             out.append(q.bits | (q.scheme.value << 4))
             out.append(q.granularity.value | (q.rounding.value << 2))
+        if self.levels is not None:
+            out.append(len(self.levels))
+            out += bytes(self.levels)
         out.append(self.float_format.value | (self.min_ndim << 2))
         out.append(self.entropy_level)
         if self.targets != DEFAULT_TARGETS:
@@ -283,8 +299,10 @@ class CodecSpec:
         """Parse a spec at ``offset``; returns it and the offset just past it."""
         try:
             return _parse_spec(data, offset)
-        except (struct.error, IndexError, UnicodeDecodeError) as exc:
-            raise FormatError("truncated or malformed codec spec") from exc
+        except (struct.error, IndexError) as exc:
+            raise TruncatedError("truncated codec spec") from exc
+        except UnicodeDecodeError as exc:
+            raise FormatError("malformed codec spec: a target pattern is not UTF-8") from exc
         except ValueError as exc:  # enum values or spec validation
             raise FormatError(f"invalid codec spec: {exc}") from exc
 
@@ -327,8 +345,6 @@ def _read_amount(data: bytes, pos: int) -> tuple[float, int]:
 def _parse_spec(data: bytes, pos: int) -> tuple[CodecSpec, int]:
     flags = data[pos]
     pos += 1
-    if flags & ~0x7F:
-        raise ValueError(f"unknown spec flags 0x{flags:02x}")
     method = PruneMethod(flags & 0x07)
     sparsity = threshold = 0.0
     if method is PruneMethod.THRESHOLD:
@@ -350,6 +366,15 @@ def _parse_spec(data: bytes, pos: int) -> tuple[CodecSpec, int]:
         quant = QuantSpec(
             desc & 0x0F, QuantScheme(desc >> 4), Granularity(opts & 0x03), Rounding(opts >> 2)
         )
+    levels: tuple[int, ...] | None = None
+    if flags & 0x80:
+        count = data[pos]
+        if count > MAX_LEVELS:
+            raise ValueError(f"{count} levels (at most {MAX_LEVELS})")
+        levels = tuple(data[pos + 1 : pos + 1 + count])
+        if len(levels) != count:
+            raise IndexError("levels truncated")
+        pos += 1 + count
     fmt_ndim, level = data[pos], data[pos + 1]
     pos += 2
     targets: tuple[str, ...] = DEFAULT_TARGETS
@@ -370,12 +395,33 @@ def _parse_spec(data: bytes, pos: int) -> tuple[CodecSpec, int]:
         topk=topk,
         quant=quant,
         rank=rank,
+        levels=levels,
         float_format=FloatFormat(fmt_ndim & 0x03),
         entropy_level=level,
         targets=targets,
         min_ndim=fmt_ndim >> 2,
     )
     return spec, pos
+
+
+def _check_levels(levels: tuple[int, ...], quant: QuantSpec | None, rank: int | None) -> None:
+    if not isinstance(levels, tuple) or any(
+        isinstance(b, bool) or not isinstance(b, int) for b in levels
+    ):
+        raise ValueError(f"levels must be a tuple of bit counts, got {levels!r}")
+    if not 2 <= len(levels) <= MAX_LEVELS:
+        raise ValueError(f"levels needs 2..{MAX_LEVELS} levels, got {len(levels)}")
+    if any(not 1 <= b <= 4 for b in levels):
+        raise ValueError(f"each level adds 1..4 bits, got {'+'.join(map(str, levels))}")
+    if quant is None:
+        raise ValueError("levels refine quantization codes: add quant=BITS (their sum)")
+    if sum(levels) != quant.bits:
+        raise ValueError(
+            f"levels {'+'.join(map(str, levels))} add up to {sum(levels)} bits, "
+            f"but quant has {quant.bits}"
+        )
+    if rank is not None:
+        raise ValueError("progressive levels are for models sent down, not low-rank updates")
 
 
 # ---------------------------------------------------------------------- presets

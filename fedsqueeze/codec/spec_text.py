@@ -12,7 +12,9 @@ Keys: ``prune`` (``none``, ``l1:S``, ``global:S``, ``channel:S``, ``threshold:T`
 the rank), ``quant`` (``none`` or ``BITS[:SCHEME][:GRANULARITY][:ROUNDING]``
 with schemes ``affine symmetric pow2 kmeans``, granularities ``tensor channel``,
 roundings ``nearest stochastic``), ``float`` (``fp32 fp16 bf16``), ``entropy`` (zstd
-level, 0 = off), ``targets`` (glob patterns joined by ``|``), ``min-ndim``.
+level, 0 = off), ``targets`` (glob patterns joined by ``|``), ``min-ndim``, ``levels``
+(progressive transmission: bits added per level joined by ``+``, e.g. ``2+2+4`` with
+``quant=8``, or ``none``).
 """
 
 from __future__ import annotations
@@ -85,9 +87,21 @@ def _apply(spec: CodecSpec, key: str, value: str) -> CodecSpec:
         return replace(spec, targets=tuple(p for p in value.split("|") if p))
     if key == "min-ndim":
         return replace(spec, min_ndim=int(value))
+    if key == "levels":
+        return replace(spec, levels=_levels(value))
     raise ValueError(
-        f"unknown key {key!r}; keys: prune, topk, rank, quant, float, entropy, targets, min-ndim"
+        f"unknown key {key!r}; keys: prune, topk, rank, quant, float, entropy, targets, "
+        "min-ndim, levels"
     )
+
+
+def _levels(value: str) -> tuple[int, ...] | None:
+    if value == "none":
+        return None
+    try:
+        return tuple(int(b) for b in value.split("+"))
+    except ValueError:
+        raise ValueError(f"levels must be bits joined by '+', e.g. 2+2+4, got {value!r}") from None
 
 
 def _prune(value: str) -> PruneSpec:
@@ -139,6 +153,8 @@ def format_spec(spec: CodecSpec) -> str:
         q = spec.quant
         gran = "channel" if q.granularity is Granularity.PER_CHANNEL else "tensor"
         parts.append(f"quant={q.bits}:{q.scheme.name.lower()}:{gran}:{q.rounding.name.lower()}")
+    if spec.levels is not None:
+        parts.append(f"levels={'+'.join(map(str, spec.levels))}")
     parts.append(f"float={spec.float_format.name.lower()}")
     parts.append(f"entropy={spec.entropy_level}")
     parts.append(f"targets={'|'.join(spec.targets)}")

@@ -17,7 +17,13 @@ from fedsqueeze.codec.bitpack import packed_size, unpack_bits
 from fedsqueeze.codec.container import CODE_DTYPES, DTYPE_CODES, TensorRecord, ValueKind
 from fedsqueeze.codec.lowrank import factor_count, matrix_shape, pays_off
 from fedsqueeze.codec.positions import PositionCoding, decode_positions, max_payload_bytes
-from fedsqueeze.codec.quantization import dequantize, qparams_from_bytes
+from fedsqueeze.codec.progressive import (
+    cumulative_bits,
+    reconstruct,
+    table_entries,
+    table_from_bytes,
+)
+from fedsqueeze.codec.quantization import QuantParams, dequantize, qparams_from_bytes
 from fedsqueeze.codec.spec import Granularity
 from fedsqueeze.errors import BaseMismatchError, FormatError
 
@@ -88,8 +94,9 @@ class TensorDecoder:
         b = self._base[name]
         return name, b.dtype, tuple(b.shape)
 
-    def decode(self, record: TensorRecord) -> tuple[str, torch.Tensor]:
-        """Decode one record into (name, tensor)."""
+    def decode(self, record: TensorRecord) -> tuple[str, torch.Tensor | ProgressiveTensor]:
+        """Decode one record into (name, tensor); a progressive tensor's base level gives a
+        :class:`ProgressiveTensor` for its refinements to complete."""
         name, dtype, shape = self.resolve(record)
         if dtype not in DTYPE_CODES:
             raise FormatError(f"unsupported dtype {dtype}")
@@ -120,19 +127,9 @@ class TensorDecoder:
             body = entropy.decompress(body, record.raw_length)
         if record.rank:
             return name, self._lowrank(record, name, body, shape, dtype, base, device)
-        kept = numel
-        indices: torch.Tensor | None = None
-        if record.positions is not None:
-            p = record.positions
-            try:
-                coding = PositionCoding(p.coding)
-            except ValueError as exc:
-                raise FormatError(f"record {name!r}: unknown position coding {p.coding}") from exc
-            view = memoryview(body)
-            pos_payload = _read_only_uint8(view[: p.payload_bytes])
-            indices = decode_positions(coding, p.count, p.rice_k, pos_payload.to(device), numel)
-            kept = p.count
-            body = view[p.payload_bytes :]
+        indices, kept, body = _positions(record, name, body, numel, device)
+        if record.levels:
+            return name, self._progressive(record, name, body, kept, shape, indices, dtype, device)
         values = self._values(record, name, body, kept, shape, indices, dtype, device)
         if record.quant is None and record.value_kind in (ValueKind.RAW, ValueKind.XOR):
             if indices is not None:
@@ -153,6 +150,42 @@ class TensorDecoder:
         if not dtype.is_floating_point:
             raise FormatError(f"record {name!r}: lossy values for a {dtype} tensor")
         return name, x.to(dtype)
+
+    def _progressive(
+        self,
+        record: TensorRecord,
+        name: str,
+        body: bytes | memoryview,
+        kept: int,
+        shape: tuple[int, ...],
+        indices: torch.Tensor | None,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> ProgressiveTensor:
+        if record.quant is None or not dtype.is_floating_point:
+            raise FormatError(f"record {name!r}: levels of a tensor that is not quantized")
+        q = record.quant
+        channels = shape[0] if q.granularity is Granularity.PER_CHANNEL else 1
+        if q.granularity is Granularity.PER_CHANNEL and not shape:
+            raise FormatError(f"record {name!r}: per-channel quantization of a scalar")
+        qp, end = qparams_from_bytes(q.params, 0, q.bits, q.scheme, channels)
+        if end != len(q.params):
+            raise FormatError(f"record {name!r}: quantization parameters have trailing bytes")
+        channels_of: torch.Tensor | None = None
+        if q.granularity is Granularity.PER_CHANNEL:
+            numel = 1
+            for d in shape:
+                numel *= d
+            stride = max(1, numel // max(1, channels))
+            source = indices if indices is not None else torch.arange(numel, device=device)
+            channels_of = torch.div(source, stride, rounding_mode="floor")
+        base = self._base.get(name) if record.delta else None
+        state = ProgressiveTensor(
+            name, record.levels, qp, shape, dtype, kept, indices, channels_of,
+            None if base is None else base.to(device), device,
+        )  # fmt: skip
+        state.add_plane(0, body)
+        return state
 
     def _lowrank(
         self,
@@ -214,6 +247,111 @@ class TensorDecoder:
         return dequantize(codes, qp, channels_of)
 
 
+class ProgressiveTensor:
+    """A progressive tensor being received: the code bits held so far and their table.
+
+    Built from the base-level record by :meth:`TensorDecoder.decode`; each refinement
+    record adds the next level (:meth:`refine`); :meth:`tensor` decodes what is held.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        levels: tuple[int, ...],
+        qp: QuantParams,
+        shape: tuple[int, ...],
+        dtype: torch.dtype,
+        kept: int,
+        indices: torch.Tensor | None,
+        channels_of: torch.Tensor | None,
+        base: torch.Tensor | None,
+        device: torch.device,
+    ) -> None:
+        self.name = name
+        self.levels = levels
+        self._qp = qp
+        self._shape = shape
+        self._dtype = dtype
+        self._kept = kept
+        self._indices = indices
+        self._channels_of = channels_of
+        self._base = base
+        self._device = device
+        self._top = torch.zeros(kept, dtype=torch.int64, device=device)
+        self._table: torch.Tensor | None = None
+        #: The highest level held (−1 before the base level).
+        self.level = -1
+
+    def refine(self, record: TensorRecord) -> None:
+        """Add a refinement record; it must be the next level of this tensor."""
+        if record.level != self.level + 1 or record.level >= len(self.levels):
+            raise FormatError(
+                f"tensor {self.name!r}: level {record.level} after level {self.level} of "
+                f"{len(self.levels)}"
+            )
+        bits = self.levels[record.level]
+        expected = packed_size(self._kept, bits) + 2 * table_entries(self.levels, record.level)
+        actual = len(record.body) if record.raw_length is None else record.raw_length
+        if actual != expected:
+            raise FormatError(
+                f"tensor {self.name!r} level {record.level}: body is {actual} bytes, "
+                f"expected {expected}"
+            )
+        body: bytes | memoryview = record.body
+        if record.raw_length is not None:
+            body = entropy.decompress(body, record.raw_length)
+        self.add_plane(record.level, body)
+
+    def add_plane(self, level: int, body: bytes | memoryview) -> None:
+        """Unpack level ``level``'s plane (and table) from its decompressed body."""
+        bits = self.levels[level]
+        view = memoryview(body)
+        plane_bytes = packed_size(self._kept, bits)
+        plane = unpack_bits(_read_only_uint8(view[:plane_bytes]).to(self._device), bits, self._kept)
+        self._top = (self._top << bits) | plane.to(torch.int64)
+        entries = table_entries(self.levels, level)
+        self._table = None
+        if entries:
+            shift = self._qp.bits - cumulative_bits(self.levels, level)
+            self._table = table_from_bytes(view[plane_bytes:], entries, self._qp.scheme, shift).to(
+                self._device
+            )
+        self.level = level
+
+    def tensor(self) -> torch.Tensor:
+        """The best tensor the levels held so far give."""
+        held = cumulative_bits(self.levels, self.level)
+        values = reconstruct(self._top, self._qp, held, self._table, self._channels_of)
+        numel = 1
+        for d in self._shape:
+            numel *= d
+        if self._indices is not None:
+            dense = torch.zeros(numel, dtype=torch.float32, device=self._device)
+            dense[self._indices] = values
+            values = dense
+        x = values.reshape(self._shape)
+        if self._base is not None:
+            x = self._base.to(torch.float32) + x
+        return x.to(self._dtype)
+
+
+def _positions(
+    record: TensorRecord, name: str, body: bytes | memoryview, numel: int, device: torch.device
+) -> tuple[torch.Tensor | None, int, bytes | memoryview]:
+    """The kept positions (``None``: dense), how many values follow, and the rest of the body."""
+    if record.positions is None:
+        return None, numel, body
+    p = record.positions
+    try:
+        coding = PositionCoding(p.coding)
+    except ValueError as exc:
+        raise FormatError(f"record {name!r}: unknown position coding {p.coding}") from exc
+    view = memoryview(body)
+    pos_payload = _read_only_uint8(view[: p.payload_bytes])
+    indices = decode_positions(coding, p.count, p.rice_k, pos_payload.to(device), numel)
+    return indices, p.count, view[p.payload_bytes :]
+
+
 def _body_length(
     record: TensorRecord, name: str, dtype: torch.dtype, shape: tuple[int, ...], numel: int
 ) -> int:
@@ -234,6 +372,12 @@ def _body_length(
         if p.count > numel or p.payload_bytes > max_payload_bytes(numel):
             raise FormatError(f"record {name!r}: positions header out of range")
         kept, positions_bytes = p.count, p.payload_bytes
+    if record.quant is not None and record.levels:
+        return (
+            positions_bytes
+            + packed_size(kept, record.levels[0])
+            + 2 * table_entries(record.levels, 0)
+        )
     if record.quant is not None:
         return positions_bytes + packed_size(kept, record.quant.bits)
     kind = record.value_kind
@@ -251,4 +395,4 @@ def _xor(bits: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
     return (bits.view(width) ^ base.contiguous().view(width)).view(base.dtype)
 
 
-__all__ = ["CODE_DTYPES", "TensorDecoder"]
+__all__ = ["CODE_DTYPES", "ProgressiveTensor", "TensorDecoder"]

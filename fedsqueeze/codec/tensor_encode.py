@@ -11,6 +11,10 @@ Three paths, chosen per tensor:
   with a ``rank`` spec, matrices whose factors are at most half their size become a
   **low-rank** record instead (two factors, quantized or cast together).
 
+With ``levels`` (progressive transmission) a lossy target becomes a base-level record
+and one refinement record per further level (:mod:`fedsqueeze.codec.progressive`); the
+encoder keeps the refinements and each level's gain for :func:`encode_state` to order.
+
 On every path a tensor with nothing to send (bit-identical to its base or all zero bits;
 for the lossy paths, nothing nonzero left after masking) is a ZERO record, about 2 bytes.
 """
@@ -18,6 +22,7 @@ for the lossy paths, nothing nonzero left after masking) is a ZERO record, about
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import torch
 
@@ -33,6 +38,15 @@ from fedsqueeze.codec.container import (
 from fedsqueeze.codec.digest import tensor_bytes
 from fedsqueeze.codec.lowrank import factorize, matrix_shape, worth_factoring
 from fedsqueeze.codec.positions import encode_positions, mask_to_indices
+from fedsqueeze.codec.progressive import (
+    bucket_table,
+    cumulative_bits,
+    level_gain,
+    plane,
+    reconstruct,
+    table_to_bytes,
+    top_codes,
+)
 from fedsqueeze.codec.pruning import channel_mask, magnitude_mask, threshold_mask
 from fedsqueeze.codec.quantization import (
     choose_qparams,
@@ -40,7 +54,7 @@ from fedsqueeze.codec.quantization import (
     qparams_to_bytes,
     quantize,
 )
-from fedsqueeze.codec.spec import CodecSpec, FloatFormat, Granularity, PruneMethod
+from fedsqueeze.codec.spec import CodecSpec, FloatFormat, Granularity, PruneMethod, QuantSpec
 
 _CAST_DTYPES = {
     FloatFormat.FP32: torch.float32,
@@ -49,8 +63,25 @@ _CAST_DTYPES = {
 }
 
 
+@dataclass(frozen=True)
+class ScoredLevel:
+    """One level of a progressive tensor and the squared error it removes."""
+
+    record: TensorRecord
+    gain: float
+
+    @property
+    def score(self) -> float:
+        """Error removed per byte of the record (the stream's order within a level)."""
+        return self.gain / max(1, len(self.record.header_bytes()) + len(self.record.body))
+
+
 class TensorEncoder:
-    """Encodes the tensors of one state with one spec, base and residual."""
+    """Encodes the tensors of one state with one spec, base and residual.
+
+    After :meth:`encode` of a progressive tensor, :attr:`levels` holds all its levels
+    (the base level first) with their gains.
+    """
 
     def __init__(
         self,
@@ -65,6 +96,7 @@ class TensorEncoder:
         self._index = {name: i for i, name in enumerate(sorted(self._base))}
         self._seed = seed
         self._generators: dict[torch.device, torch.Generator] = {}
+        self.levels: dict[str, list[ScoredLevel]] = {}
 
     # ------------------------------------------------------------ classification
     def _base_of(self, name: str, t: torch.Tensor) -> torch.Tensor | None:
@@ -133,6 +165,7 @@ class TensorEncoder:
         quant: QuantHeader | None = None,
         positions: PositionsHeader | None = None,
         rank: int = 0,
+        levels: tuple[int, ...] = (),
     ) -> TensorRecord:
         index = self._index.get(name) if delta else None
         if quant is not None and quant.granularity is Granularity.PER_CHANNEL:
@@ -151,6 +184,7 @@ class TensorEncoder:
             raw_length=len(body) if compressed is not None else None,
             body=compressed if compressed is not None else body,
             rank=rank,
+            levels=levels,
         )
 
     def _zero(self, name: str, t: torch.Tensor, delta: bool) -> TensorRecord:
@@ -254,10 +288,6 @@ class TensorEncoder:
             stride = max(1, numel // max(1, num_channels))
             source = indices if indices is not None else torch.arange(numel, device=t.device)
             channels_of = torch.div(source, stride, rounding_mode="floor")
-        # only error feedback needs what the receiver gets
-        payload, quant, value_kind, decoded = self._store(
-            values, channels_of, num_channels, t.device, spec.feedback
-        )
         positions: PositionsHeader | None = None
         pos_payload = b""
         if indices is not None:
@@ -266,6 +296,16 @@ class TensorEncoder:
             positions = PositionsHeader(
                 int(enc.coding.value), enc.rice_k, enc.count, len(pos_payload)
             )
+        if spec.levels is not None and spec.quant is not None:
+            record, decoded = self._progressive(
+                name, t, values, channels_of, num_channels, delta, spec.quant, spec.levels,
+                positions, pos_payload,
+            )  # fmt: skip
+            return record, _residual(flat, indices, decoded, t.shape) if spec.feedback else None
+        # only error feedback needs what the receiver gets
+        payload, quant, value_kind, decoded = self._store(
+            values, channels_of, num_channels, t.device, spec.feedback
+        )
         record = self._record(
             name,
             t,
@@ -275,15 +315,55 @@ class TensorEncoder:
             quant=quant,
             positions=positions,
         )
-        residual = None
-        if spec.feedback:
-            if indices is None:
-                residual = (flat - decoded).reshape(t.shape)
+        return record, _residual(flat, indices, decoded, t.shape) if spec.feedback else None
+
+    def _progressive(
+        self,
+        name: str,
+        t: torch.Tensor,
+        values: torch.Tensor,
+        channels_of: torch.Tensor | None,
+        num_channels: int,
+        delta: bool,
+        q: QuantSpec,
+        levels: tuple[int, ...],
+        positions: PositionsHeader | None,
+        pos_payload: bytes,
+    ) -> tuple[TensorRecord, torch.Tensor]:
+        """Quantize once at ``q.bits`` and cut the codes into levels.
+
+        Returns the base-level record and the values the last level decodes to; all the
+        levels, with their gains, go to :attr:`levels`.
+        """
+        qp = choose_qparams(values, q.bits, q.scheme, q.granularity, channels_of, num_channels)
+        codes = quantize(values, qp, q.rounding, channels_of, self._generator(t.device))
+        quant = QuantHeader(q.bits, q.scheme, q.granularity, qparams_to_bytes(qp))
+        before = torch.zeros_like(values, dtype=torch.float64)
+        scored: list[ScoredLevel] = []
+        for level, bits in enumerate(levels):
+            held = cumulative_bits(levels, level)
+            table = bucket_table(codes, qp, held, channels_of) if level < len(levels) - 1 else None
+            body = bytes(tensor_bytes(pack_bits(plane(codes, levels, level), bits)))
+            if table is not None:
+                body += table_to_bytes(table)
+            after = reconstruct(top_codes(codes, q.bits, held), qp, held, table, channels_of)
+            if level == 0:
+                record = self._record(
+                    name, t, delta=delta, body=pos_payload + body, quant=quant,
+                    positions=positions, levels=levels,
+                )  # fmt: skip
             else:
-                residual = flat.clone()
-                residual[indices] -= decoded
-                residual = residual.reshape(t.shape)
-        return record, residual
+                compressed = entropy.compress(body, self._spec.entropy_level)
+                record = TensorRecord(
+                    None, 0, None, None, False, level, None, ValueKind.RAW, None,
+                    len(body) if compressed is not None else None,
+                    compressed if compressed is not None else body,
+                )  # fmt: skip
+            after64 = after.to(torch.float64)
+            scored.append(ScoredLevel(record, level_gain(values, before, after64)))
+            before = after64
+        self.levels[name] = scored
+        return scored[0].record, before.to(torch.float32)
 
     def _store(
         self,
@@ -328,6 +408,20 @@ class TensorEncoder:
             name, t, delta=delta, body=payload, value_kind=value_kind, quant=quant, rank=rank
         )
         return record, x - approx.reshape(t.shape)
+
+
+def _residual(
+    flat: torch.Tensor,
+    indices: torch.Tensor | None,
+    decoded: torch.Tensor,
+    shape: torch.Size,
+) -> torch.Tensor:
+    """Error feedback: what the receiver does not get of ``flat``."""
+    if indices is None:
+        return (flat - decoded).reshape(shape)
+    residual = flat.clone()
+    residual[indices] -= decoded
+    return residual.reshape(shape)
 
 
 def _all_zero(x: torch.Tensor) -> bool:

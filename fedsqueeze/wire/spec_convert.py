@@ -107,6 +107,8 @@ def codec_spec_to_proto(spec: CodecSpec) -> pb.CodecSpec:
         msg.topk = spec.topk
     if spec.rank is not None:
         msg.rank = spec.rank
+    if spec.levels is not None:
+        msg.levels.extend(spec.levels)
     if spec.quant is not None:
         q = spec.quant
         msg.quant.CopyFrom(
@@ -140,12 +142,14 @@ def codec_spec_from_proto(msg: pb.CodecSpec) -> CodecSpec:
     float_format = _float_format_from_proto(msg.float_format)
     topk = msg.topk if msg.HasField("topk") else None
     rank = msg.rank if msg.HasField("rank") else None
+    levels = tuple(msg.levels) or None
     return _valid(
         "codec spec",
         lambda: CodecSpec(
             prune=prune,
             topk=topk,
             rank=rank,
+            levels=levels,
             quant=quant,
             float_format=float_format,
             entropy_level=msg.entropy_level,

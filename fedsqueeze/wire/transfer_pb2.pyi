@@ -271,6 +271,7 @@ class CodecSpec(_message.Message):
     TARGETS_FIELD_NUMBER: _builtins.int
     MIN_NDIM_FIELD_NUMBER: _builtins.int
     RANK_FIELD_NUMBER: _builtins.int
+    LEVELS_FIELD_NUMBER: _builtins.int
     topk: _builtins.float
     """Fraction of values kept by top-k sparsification, in (0, 1]; absent means
     no top-k. Not combined with pruning.
@@ -302,6 +303,13 @@ class CodecSpec(_message.Message):
         the one pattern "*weight".
         """
 
+    @_builtins.property
+    def levels(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Progressive transmission: bits each refinement level adds to the
+        quantization codes, 2..8 levels of 1..4 bits adding up to quant.bits;
+        empty means one level.
+        """
+
     def __init__(
         self,
         *,
@@ -313,10 +321,11 @@ class CodecSpec(_message.Message):
         targets: _abc.Iterable[_builtins.str] | None = ...,
         min_ndim: _builtins.int = ...,
         rank: _builtins.int | None = ...,
+        levels: _abc.Iterable[_builtins.int] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_rank", b"_rank", "_topk", b"_topk", "prune", b"prune", "quant", b"quant", "rank", b"rank", "topk", b"topk"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_rank", b"_rank", "_topk", b"_topk", "entropy_level", b"entropy_level", "float_format", b"float_format", "min_ndim", b"min_ndim", "prune", b"prune", "quant", b"quant", "rank", b"rank", "targets", b"targets", "topk", b"topk"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_rank", b"_rank", "_topk", b"_topk", "entropy_level", b"entropy_level", "float_format", b"float_format", "levels", b"levels", "min_ndim", b"min_ndim", "prune", b"prune", "quant", b"quant", "rank", b"rank", "targets", b"targets", "topk", b"topk"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__rank: _TypeAlias = _typing.Literal["rank"]  # noqa: Y015
     _WhichOneofArgType__rank: _TypeAlias = _typing.Literal["_rank", b"_rank"]  # noqa: Y015

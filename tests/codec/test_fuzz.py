@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import random
 
 import pytest
@@ -19,6 +20,7 @@ from fedsqueeze.codec import (
     QuantScheme,
     QuantSpec,
     Rounding,
+    decode_prefix,
     decode_state,
     encode_state,
 )
@@ -35,6 +37,13 @@ SPECS = [
     ),
     CodecSpec(rank=2, quant=QuantSpec(4), targets=("*",), min_ndim=1),
     CodecSpec(rank=1, float_format=FloatFormat.FP16),
+    # progressive levels (format version 2): hostile prefixes and records too
+    CodecSpec(quant=QuantSpec(8), levels=(2, 2, 4)),
+    CodecSpec(
+        prune=PruneSpec(PruneMethod.L1_UNSTRUCTURED, 0.6),
+        quant=QuantSpec(4, QuantScheme.KMEANS),
+        levels=(2, 2),
+    ),
     CodecSpec(
         quant=QuantSpec(
             2,
@@ -60,6 +69,9 @@ SAMPLES = _samples()
 
 
 def _try_decode(data: bytes, with_base: bool) -> None:
+    limits = DecodeLimits(max_elements=1 << 20, max_total_elements=1 << 22)
+    with contextlib.suppress(CodecError):  # anytime decoding of the stream, no checksum
+        decode_prefix(data[:-4], BASE if with_base else None, limits=limits)
     try:
         encoded = EncodedModel.from_bytes(
             data, DecodeLimits(max_elements=1 << 20, max_total_elements=1 << 22)
