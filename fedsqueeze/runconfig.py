@@ -81,6 +81,11 @@ class RunSettings:
             raise ConfigError(f"num-rounds must be >= 1, got {self.num_rounds}")
         if not 0.0 < self.fraction_train <= 1.0:
             raise ConfigError(f"fraction-train must be in (0, 1], got {self.fraction_train}")
+        if self.min_train_nodes < 1 or self.min_available_nodes < 1:
+            raise ConfigError(
+                "min-train-nodes and min-available-nodes must be >= 1, got "
+                f"{self.min_train_nodes} and {self.min_available_nodes}"
+            )
         if not 0.0 <= self.fraction_evaluate <= 1.0:
             raise ConfigError(f"fraction-evaluate must be in [0, 1], got {self.fraction_evaluate}")
         if self.alpha <= 0:

@@ -161,6 +161,7 @@ def settings_from_args(args: argparse.Namespace) -> RunSettings:
     ConfigError
         For a malformed ``--set``, an unknown key or a value that does not fit.
     """
+    _check_min_nodes(args.min_nodes)
     config: dict[str, object] = {}
     for item in args.set:
         key, sep, value = item.partition("=")
@@ -291,6 +292,12 @@ def _check_resume(settings: RunSettings) -> None:
             f"{state.parent} already holds a run: pass --resume to continue it, or choose "
             "another --state-dir"
         )
+
+
+def _check_min_nodes(value: int | None) -> None:
+    """A run that waits for no edge would "complete" having trained nothing."""
+    if value is not None and value < 1:
+        raise ConfigError(f"--min-nodes must be >= 1, got {value}")
 
 
 def _port(value: int) -> int:
