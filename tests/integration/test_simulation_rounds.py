@@ -72,3 +72,30 @@ def test_an_existing_flower_app_gains_compression_with_the_mod_and_wrapper(tmp_p
         assert accepted == 2
         assert 0 < up < 2 * fp32_bytes  # compressed updates, counted on the wire
         assert down > 0
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(480)
+def test_a_run_where_every_fetch_fails_is_logged_counted_and_fails(tmp_path: Path) -> None:
+    out = tmp_path / "state-out.json"
+    proc = run_module(
+        "tests.integration.faulty_run",
+        str(tmp_path / "state"),
+        str(out),
+        "--no-fetch",
+        "--rounds",
+        "3",
+        timeout=420,
+    )
+    assert proc.returncode == 3, proc.stderr[-4000:]
+    state = json.loads(out.read_text())
+    # max-failed-rounds = 0: the run stops after the first round that trained nothing
+    assert state["completed_round"] == 1
+    metrics = state["round_metrics"]["1"]
+    assert metrics["round-failed"] == 1.0 and metrics["updates-accepted"] == 0.0
+    assert metrics["edges-failed"] == 4.0
+    assert "round 1 FAILED, it aggregated nothing: 0 updates accepted; 4 edges failed" in (
+        proc.stderr
+    )
+    assert "unreachable" in proc.stderr
+    assert "run failed: round 1 aggregated nothing (4 edges failed" in proc.stderr
