@@ -13,7 +13,7 @@ import functools
 import logging
 import random
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -31,11 +31,11 @@ from flwr.serverapp.strategy import (
 
 from coordinator.budget import BudgetPolicy, EdgeRequest, Skip
 from coordinator.dataplane import CoordinatorDataPlane, InstructionTemplate
-from coordinator.strategy import CompressedStrategy, InstructionFactory
+from coordinator.strategy import CompressedStrategy, InstructionFactory, RoundStats
 from coordinator.version_store import VersionStore
 from fedsqueeze.codec import state_digest
 from fedsqueeze.control import RoundInstruction
-from fedsqueeze.errors import ConfigError
+from fedsqueeze.errors import ConfigError, FedsqueezeError, RunFailedError
 from fedsqueeze.runconfig import RunSettings, StrategyName
 from fedsqueeze.tasks import get_task
 
@@ -75,6 +75,7 @@ class Coordinator:
     init_digest: str
     offset: int
     policy: BudgetPolicy | None = None
+    failed_rounds: list[int] = field(default_factory=list)
 
     @classmethod
     def open(cls, settings: RunSettings, *, policy: PolicyFactory | None = None) -> Coordinator:
@@ -88,8 +89,10 @@ class Coordinator:
         store = VersionStore(root, keep=settings.keep_versions)
         if store.completed_round and not settings.resume:
             raise ConfigError(
-                f"{root} already holds a run at round {store.completed_round}: set "
-                "resume = true to continue it, or choose another state directory"
+                f"{root} already holds a run at round {store.completed_round}: continue it "
+                "with resume=true (flwr run . --run-config 'resume=true', or fedsqueeze "
+                "coordinator --resume), or start afresh in another state-dir "
+                "(--run-config 'state-dir=\"run2\"')"
             )
         task = get_task(settings.task)
         initial = dict(task.build_model(settings.seed).state_dict())
@@ -127,6 +130,7 @@ class Coordinator:
             instruct,
             plane.pull,
             clip_norm=settings.clip_norm or None,
+            round_offset=offset,
         )
         return cls(settings, store, plane, strategy, init_digest, offset, budget)
 
@@ -154,9 +158,7 @@ class Coordinator:
             "loss": result.loss,
             "bytes-down": float(stats.bytes_down if stats else 0),
             "bytes-up": float(stats.bytes_up if stats else 0),
-            "updates-accepted": float(stats.accepted if stats else 0),
-            "updates-rejected": float(len(stats.rejected or []) if stats else 0),
-            "updates-skipped": float(len(stats.skipped or []) if stats else 0),
+            **_loss_metrics(stats),
         }
         if stats is not None and self.policy is not None:
             self.policy.observe(stats.bytes_down, stats.bytes_up)
@@ -171,7 +173,34 @@ class Coordinator:
             int(metrics["bytes-down"]),
             int(metrics["bytes-up"]),
         )
+        if server_round > 0 and stats is not None and not stats.aggregated:
+            self._count_failed_round(absolute, stats)
         return MetricRecord(dict(metrics.items()))
+
+    def _count_failed_round(self, absolute: int, stats: RoundStats) -> None:
+        """Stop the run once more rounds aggregated nothing than ``max-failed-rounds``.
+
+        Raises
+        ------
+        RunFailedError
+            The tolerance is used up; the round is recorded (state.json) before.
+        """
+        self.failed_rounds.append(absolute)
+        allowed = self.settings.max_failed_rounds
+        if len(self.failed_rounds) <= allowed:
+            log.warning(
+                "round %d aggregated nothing: %d of max-failed-rounds = %d used",
+                absolute,
+                len(self.failed_rounds),
+                allowed,
+            )
+            return
+        rounds = ", ".join(map(str, self.failed_rounds))
+        raise RunFailedError(
+            f"round {absolute} aggregated nothing ({stats.losses()}); "
+            f"{len(self.failed_rounds)} round(s) without an update ({rounds}) is more than "
+            f"max-failed-rounds = {allowed}: the run stops"
+        )
 
     def run(self, grid: Grid) -> None:
         """Run the remaining rounds."""
@@ -191,6 +220,20 @@ class Coordinator:
     def close(self) -> None:
         """Stop the data plane."""
         self.plane.close()
+
+
+def _loss_metrics(stats: RoundStats | None) -> dict[str, float]:
+    """Who took part in a round and who did not, as the round's recorded metrics."""
+    if stats is None:  # round 0: the initial model, no training
+        return {}
+    return {
+        "updates-accepted": float(stats.accepted),
+        "updates-rejected": float(len(stats.rejected)),
+        "updates-skipped": float(len(stats.skipped)),
+        "edges-failed": float(len(stats.failed)),
+        "edges-dropped": float(len(stats.dropped)),
+        "round-failed": float(not stats.aggregated),
+    }
 
 
 def _budgeted(
@@ -238,6 +281,38 @@ def _show_our_logs() -> None:
             logger.setLevel(logging.INFO)
 
 
+class OneLineErrors(logging.Filter):
+    """Flower logs a failed ServerApp with its traceback: for our own errors (a state
+    directory already used, a run that trained nothing) one line says it all.
+
+    Installed on Flower's logger; other exceptions (bugs) keep their tracebacks.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = _ours(record.exc_info[1] if record.exc_info else None)
+        if error is not None:
+            message = " ".join(f"{record.getMessage()}: {error}".split())
+            record.msg, record.args = "%s", (message,)
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+def _ours(exc: BaseException | None) -> FedsqueezeError | None:
+    """``exc`` or the error it wraps (Flower re-raises some as RuntimeError), if ours."""
+    seen = 0
+    while exc is not None and seen < 8:
+        if isinstance(exc, FedsqueezeError):
+            return exc
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return None
+
+
+def _one_line_errors() -> None:
+    flower = logging.getLogger("flwr")
+    if not any(isinstance(f, OneLineErrors) for f in flower.filters):
+        flower.addFilter(OneLineErrors())
+
+
 def make_server_app(settings: RunSettings | None = None) -> ServerApp:
     """The coordinator ServerApp (``settings=None``: read from the run config)."""
     app = ServerApp()
@@ -245,6 +320,7 @@ def make_server_app(settings: RunSettings | None = None) -> ServerApp:
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         _show_our_logs()
+        _one_line_errors()
         run(grid, settings or RunSettings.from_run_config(context.run_config))
 
     return app

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
@@ -50,13 +50,63 @@ InstructionFactory = Callable[[int, int, str], RoundInstruction | None]
 
 @dataclass
 class RoundStats:
-    """What one round cost and who was left out."""
+    """What one training round cost and who was left out.
+
+    Attributes
+    ----------
+    accepted
+        Updates decoded, checked and handed to the wrapped strategy.
+    rejected
+        Updates that arrived and were refused (or never arrived on the data plane).
+    failed
+        ``(edge, reason)`` of edges whose reply was an error: their fetch or their
+        training raised.
+    dropped
+        Edges that were instructed but did not reply within the round timeout.
+    skipped
+        Edges that sat the round out (a budget they cannot fit).
+    aggregated
+        Whether the wrapped strategy produced a new global model this round.
+    """
 
     bytes_down: int = 0
     bytes_up: int = 0
     accepted: int = 0
-    rejected: list[Rejection] | None = None
-    skipped: list[str] | None = None
+    rejected: list[Rejection] = field(default_factory=list)
+    failed: list[tuple[str, str]] = field(default_factory=list)
+    dropped: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    aggregated: bool = False
+
+    def losses(self) -> str:
+        """Why edges are missing from the aggregate, in one line."""
+        parts = [
+            _counted(len(self.failed), "edge failed", "edges failed", _first(self.failed)),
+            _counted(
+                len(self.rejected),
+                "update rejected",
+                "updates rejected",
+                _first([(r.edge, r.reason) for r in self.rejected]),
+            ),
+            _counted(len(self.dropped), "edge dropped", "edges dropped", "no reply in time"),
+            _counted(len(self.skipped), "edge skipped", "edges skipped", "budget"),
+        ]
+        return ", ".join(parts)
+
+
+def _counted(n: int, one: str, many: str, why: str) -> str:
+    text = f"{n} {one if n == 1 else many}"
+    return f"{text} ({why})" if n and why else text
+
+
+def _first(reasons: list[tuple[str, str]]) -> str:
+    """The first edge's reason, shortened to one line (the rest are logged per edge)."""
+    if not reasons:
+        return ""
+    edge, reason = reasons[0]
+    reason = " ".join(reason.split())
+    reason = reason if len(reason) <= 200 else reason[:197] + "..."
+    return f"edge {edge}: {reason}" + (f"; {len(reasons) - 1} more" if len(reasons) > 1 else "")
 
 
 class CompressedStrategy(Strategy):
@@ -77,6 +127,9 @@ class CompressedStrategy(Strategy):
         Optional L2 bound on each update before aggregation.
     arrayrecord_key, configrecord_key
         The keys the wrapped strategy uses (FedAvg's defaults).
+    round_offset
+        Rounds completed before this run started (a resumed run): the log names rounds
+        by ``server_round + round_offset``, as the coordinator records them.
     """
 
     def __init__(
@@ -89,6 +142,7 @@ class CompressedStrategy(Strategy):
         clip_norm: float | None = None,
         arrayrecord_key: str = "arrays",
         configrecord_key: str = "config",
+        round_offset: int = 0,
     ) -> None:
         self.inner = inner
         self.store = store
@@ -99,6 +153,8 @@ class CompressedStrategy(Strategy):
         self._config_key = getattr(inner, "configrecord_key", configrecord_key)
         self._global: dict[int, tuple[str, State]] = {}
         self._skipped: dict[int, list[str]] = {}
+        self._sent: dict[int, list[str]] = {}
+        self.round_offset = round_offset
         self.stats: dict[int, RoundStats] = {}
 
     def summary(self) -> None:
@@ -139,7 +195,9 @@ class CompressedStrategy(Strategy):
         """Publish the global model, let the wrapped strategy sample, strip the arrays."""
         target = self._publish(server_round, arrays)
         messages = self.inner.configure_train(server_round, arrays, config, grid)
-        return self._strip(server_round, messages, target)
+        out = self._strip(server_round, messages, target)
+        self._sent[server_round] = [str(m.metadata.dst_node_id) for m in out]
+        return out
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -159,13 +217,22 @@ class CompressedStrategy(Strategy):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Decode every edge's update, check and clip it, then aggregate as usual."""
         target, global_state = self._global.pop(server_round)
-        stats = RoundStats(rejected=[], skipped=self._skipped.pop(server_round, []))
+        replies = list(replies)
+        stats = RoundStats(skipped=self._skipped.pop(server_round, []))
+        replied = {str(reply.metadata.src_node_id) for reply in replies}
+        stats.dropped = [n for n in self._sent.pop(server_round, []) if n not in replied]
+        shown = server_round + self.round_offset
         rebuilt: list[Message] = []
         for reply in replies:
-            if reply.has_error() or RECEIPT_KEY not in reply.content:
-                rebuilt.append(reply)  # the wrapped strategy logs and skips errors
-                continue
             edge = str(reply.metadata.src_node_id)
+            if reply.has_error():
+                reason = reply.error.reason or f"error code {reply.error.code}"
+                log.warning("round %d: edge %s failed: %s", shown, edge, " ".join(reason.split()))
+                stats.failed.append((edge, reason))
+                continue
+            if RECEIPT_KEY not in reply.content:
+                rebuilt.append(reply)  # not a fedsqueeze reply: the wrapped strategy judges
+                continue
             receipt = TrainReceipt.from_records(
                 reply.content.config_records[RECEIPT_KEY],
                 reply.content.metric_records.get("metrics", MetricRecord()),
@@ -175,12 +242,9 @@ class CompressedStrategy(Strategy):
             arrays, rejection = self._decode_reply(edge, receipt, target, global_state)
             if rejection is not None:
                 log.warning(
-                    "round %d: rejected update from edge %s: %s",
-                    server_round,
-                    edge,
-                    rejection.reason,
+                    "round %d: rejected update from edge %s: %s", shown, edge, rejection.reason
                 )
-                stats.rejected.append(rejection)  # type: ignore[union-attr]
+                stats.rejected.append(rejection)
                 continue
             self.store.record_edge(edge, receipt.held)
             assert arrays is not None  # no rejection means arrays were built
@@ -195,17 +259,29 @@ class CompressedStrategy(Strategy):
             stats.accepted += 1
         self.stats[server_round] = stats
         log.info(
-            "round %d: %d updates accepted, %d rejected; %d bytes down, %d up (target %s)",
-            server_round,
+            "round %d: %d updates accepted, %d rejected, %d edges failed, %d dropped; "
+            "%d bytes down, %d up (target %s)",
+            shown,
             stats.accepted,
-            len(stats.rejected or []),
+            len(stats.rejected),
+            len(stats.failed),
+            len(stats.dropped),
             stats.bytes_down,
             stats.bytes_up,
             target[:12],
         )
-        if not stats.accepted:
-            return None, None
-        return self.inner.aggregate_train(server_round, rebuilt)
+        result: tuple[ArrayRecord | None, MetricRecord | None] = (None, None)
+        if stats.accepted:
+            result = self.inner.aggregate_train(server_round, rebuilt)
+        stats.aggregated = result[0] is not None
+        if not stats.aggregated:
+            log.error(
+                "round %d FAILED, it aggregated nothing: %d updates accepted; %s",
+                shown,
+                stats.accepted,
+                stats.losses(),
+            )
+        return result
 
     def _decode_reply(
         self, edge: str, receipt: TrainReceipt, target: str, global_state: State

@@ -12,6 +12,7 @@ Everything that comes from data, peers or configuration is a ``FedsqueezeError``
     │   └── LimitExceededError      a header claims more than the configured maximum
     ├── IntegrityError              a digest or checksum does not match (DATA_LOSS)
     ├── ConfigError                 a configuration file or flag that cannot be used
+    ├── RunFailedError              a run whose rounds aggregated nothing, too often
     └── TransportError              the data plane failed
         ├── NotFoundError           unknown model, manifest or update (NOT_FOUND)
         ├── AuthError               missing or wrong credentials (UNAUTHENTICATED)
@@ -63,6 +64,11 @@ class IntegrityError(FedsqueezeError):
 
 class ConfigError(FedsqueezeError):
     """A configuration value, file or flag that cannot be used."""
+
+
+class RunFailedError(FedsqueezeError):
+    """More rounds of a run aggregated nothing (every edge failed, was rejected or was
+    dropped) than its ``max-failed-rounds`` allows."""
 
 
 class TransportError(FedsqueezeError):

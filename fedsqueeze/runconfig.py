@@ -42,6 +42,8 @@ class RunSettings:
     """Everything both sides of a run agree on.
 
     Run-config keys are the field names with ``-`` for ``_`` (``num-rounds``).
+    ``max-failed-rounds`` is how many rounds may aggregate nothing (every edge failed,
+    was rejected or was dropped) before the coordinator stops the run as failed.
     """
 
     task: str = "digits-cnn"
@@ -75,12 +77,18 @@ class RunSettings:
     data_plane_port: int = 0
     data_plane_advertise: str = ""
     round_timeout: float = 600.0
+    max_failed_rounds: int = 0
 
     def __post_init__(self) -> None:
         if self.num_rounds < 1:
             raise ConfigError(f"num-rounds must be >= 1, got {self.num_rounds}")
         if not 0.0 < self.fraction_train <= 1.0:
             raise ConfigError(f"fraction-train must be in (0, 1], got {self.fraction_train}")
+        if self.min_train_nodes < 1 or self.min_available_nodes < 1:
+            raise ConfigError(
+                "min-train-nodes and min-available-nodes must be >= 1, got "
+                f"{self.min_train_nodes} and {self.min_available_nodes}"
+            )
         if not 0.0 <= self.fraction_evaluate <= 1.0:
             raise ConfigError(f"fraction-evaluate must be in [0, 1], got {self.fraction_evaluate}")
         if self.alpha <= 0:
@@ -91,6 +99,8 @@ class RunSettings:
             raise ConfigError(f"data-plane-port must be a port number, got {self.data_plane_port}")
         if self.round_timeout <= 0:
             raise ConfigError("round-timeout must be > 0")
+        if self.max_failed_rounds < 0:
+            raise ConfigError(f"max-failed-rounds must be >= 0, got {self.max_failed_rounds}")
         # Fail at start-up, not in round 7, on a spec typo.
         self.down_codec()
         self.up_codec()

@@ -236,12 +236,24 @@ def load_config(path: str | Path | None, sets: Sequence[str] = ()) -> Simulation
         arm_names = list(DEFAULT_ARMS)
     if not isinstance(arm_names, list) or not all(isinstance(n, str) for n in arm_names):
         raise ConfigError("arms must be a list of arm names")
+    _check_arm_names(arm_names, arm_tables)
     arms = tuple(_arm(name, arm_tables.get(name, {})) for name in arm_names)
     unused = set(arm_tables) - set(arm_names)
     if unused:
         raise ConfigError(f"[arm.{sorted(unused)[0]}] is not in arms = {arm_names}")
     kwargs = _kwargs(SimulationConfig, top, "config")
     return SimulationConfig(**kwargs, arms=arms)
+
+
+def _check_arm_names(names: Sequence[str], tables: Mapping[str, Any]) -> None:
+    """Every listed arm is a preset or defined by an ``[arm.NAME]`` table: a typo in
+    ``arms`` must not run an arm built from defaults."""
+    for name in names:
+        if name not in ARM_PRESETS and name not in tables:
+            raise ConfigError(
+                f"unknown arm {name!r}; known arms: {', '.join(ARM_PRESETS)} "
+                f"(or define it in an [arm.{name}] table)"
+            )
 
 
 def _arm(name: str, table: Mapping[str, Any]) -> ArmConfig:

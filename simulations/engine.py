@@ -18,6 +18,7 @@ import logging
 import os
 import sys
 import time
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -29,6 +30,8 @@ __all__ = ["EngineStartError", "run_simulation", "start_ray"]
 
 #: Attempts at starting Ray before giving up.
 START_ATTEMPTS = 3
+#: The start of the FutureWarning ``ray.init`` gives about accelerator variables.
+RAY_ACCELERATOR_TIP = r"Tip: In future versions of Ray, Ray will no longer override accelerator"
 
 
 class EngineStartError(FedsqueezeError):
@@ -59,7 +62,14 @@ def start_ray(init_args: Mapping[str, Any], attempts: int = START_ATTEMPTS) -> N
     last: Exception | None = None
     for attempt in range(1, attempts + 1):
         try:
-            ray.init(runtime_env={"env_vars": {"PYTHONPATH": pythonpath}}, **args)
+            with warnings.catch_warnings():
+                # Ray 2.5x tells every driver that a future Ray will stop hiding GPUs
+                # from actors that ask for none; we keep today's behaviour (clients ask
+                # for num_gpus=0 and must not grab a GPU), so the tip is only noise.
+                warnings.filterwarnings(
+                    "ignore", message=RAY_ACCELERATOR_TIP, category=FutureWarning
+                )
+                ray.init(runtime_env={"env_vars": {"PYTHONPATH": pythonpath}}, **args)
             return
         except Exception as exc:  # Ray raises a bare Exception on a start timeout
             last = exc

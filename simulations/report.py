@@ -80,7 +80,13 @@ def _mb(value: float | None) -> str:
 
 
 def summary_table(summary: SweepSummary, out_dir: Path | None = None) -> Table:
-    """The per-arm summary of one run."""
+    """The per-arm summary of one run.
+
+    Without the baseline arm (``simulate`` of one fedsqueeze arm) there is no target and
+    no ratio: the table then shows what the arms measured on their own.
+    """
+    if summary.target_accuracy is None:
+        return _standalone_table(summary, out_dir)
     target = f"{summary.target_accuracy:.4f}" if summary.target_accuracy is not None else "n/a"
     table = Table(
         title=f"{summary.config}, seed {summary.seed}: target accuracy {target} "
@@ -112,6 +118,42 @@ def summary_table(summary: SweepSummary, out_dir: Path | None = None) -> Table:
             _x(a.ratio_bytes_to_target),
             _x(a.ratio_total_bytes),
             _x(a.ratio_time_to_target),
+            str(a.clients_dropped),
+            str(a.clients_skipped),
+        )
+    return table
+
+
+def _standalone_table(summary: SweepSummary, out_dir: Path | None) -> Table:
+    """Accuracy, bytes and time of arms run without the baseline."""
+    table = Table(
+        title=f"{summary.config}, seed {summary.seed}: without {summary.baseline}, so no "
+        "target or ratios (`fedsqueeze sweep` compares)",
+        caption=f"written to {out_dir}" if out_dir else None,
+    )
+    for name in (
+        "arm",
+        "final acc",
+        "best acc",
+        "MB down",
+        "MB up",
+        "total MB",
+        "sim. s",
+        "wall s",
+        "dropped",
+        "skipped",
+    ):
+        table.add_column(name, justify="left" if name == "arm" else "right")
+    for a in summary.arms:
+        table.add_row(
+            a.arm,
+            f"{a.final_accuracy:.4f}",
+            f"{a.best_accuracy:.4f}",
+            f"{a.total_bytes_down / 1e6:.3f}",
+            f"{a.total_bytes_up / 1e6:.3f}",
+            f"{a.total_bytes / 1e6:.3f}",
+            f"{a.sim_time_s:.1f}",
+            f"{a.wall_s:.1f}",
             str(a.clients_dropped),
             str(a.clients_skipped),
         )

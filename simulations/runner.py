@@ -2,8 +2,9 @@
 
 :func:`run_sweep` starts one Flower simulation (Ray once) with ``num_clients`` virtual
 clients, runs every arm of the config on it one after the other, and writes
-``results.csv``, ``summary.json``, ``summary.md`` and the PNG plots into the output
-folder. :func:`run_seeds` repeats that for several seeds and adds ``medians.json`` /
+``results.csv``, ``clients.csv``, ``summary.json``, ``summary.md``, ``run.json``, the PNG
+plots and ``state/`` (each fedsqueeze arm's coordinator state) into the output folder.
+:func:`run_seeds` repeats that for several seeds and adds ``medians.json`` /
 ``medians.md``. Resources follow the machine: one CPU per client actor, as many actors
 as CPUs, unless the config says otherwise; a misconfiguration is a :class:`ConfigError`
 before anything starts, and an engine failure or a silent client is a

@@ -34,6 +34,7 @@ import zstandard
 from rich.console import Console
 from rich.table import Table
 
+from fedsqueeze.bench.flags import add_codec_arguments as add_arguments
 from fedsqueeze.codec import PRESETS, CodecSpec, EncodedModel, decode_state, encode_state
 from fedsqueeze.errors import ConfigError
 from fedsqueeze.recipes import CompressionResult, DeepCompressionConfig, compress_task
@@ -87,20 +88,6 @@ class CodecBenchOptions:
     def __post_init__(self) -> None:
         if self.seeds < 1 or self.runs < 1 or not self.tensor_mb > 0:
             raise ValueError("seeds and runs must be >= 1 and tensor_mb > 0")
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Register the benchmark's flags."""
-    parser.add_argument("--seeds", type=int, default=3, help="recipe seeds (default 3)")
-    parser.add_argument(
-        "--quick", action="store_true", help="short schedule, 1 seed, 2 runs (smoke test)"
-    )
-    parser.add_argument("--json", type=Path, metavar="FILE", help="also write results as JSON")
-    parser.add_argument("--skip-minilm", action="store_true", help="leave out the MiniLM part")
-    parser.add_argument(
-        "--tensor-mb", type=float, default=100.0, help="size of the timed tensor (default 100)"
-    )
-    parser.add_argument("--runs", type=int, default=5, help="timing runs per figure (default 5)")
 
 
 def main(args: argparse.Namespace) -> int:

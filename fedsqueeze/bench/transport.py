@@ -38,7 +38,6 @@ from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from multiprocessing.connection import Connection
-from pathlib import Path
 from typing import Any
 
 import grpc
@@ -46,6 +45,8 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from fedsqueeze.bench.flags import add_transport_arguments as add_arguments
+from fedsqueeze.bench.flags import check_transport_flags
 from fedsqueeze.bench.framing import measure_framing
 from fedsqueeze.codec import CodecSpec, QuantSpec
 from fedsqueeze.transport import (
@@ -463,22 +464,9 @@ def _table(report: Json) -> Table:
 
 
 # --------------------------------------------------------------------------- CLI
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Register the benchmark's flags."""
-    parser.add_argument("--payload-mb", type=float, default=64.0,
-                        help="size of the streamed model in MB (default 64)")  # fmt: skip
-    parser.add_argument("--chunk-kib", type=int, default=1024,
-                        help="segment and bare chunk size in KiB (default 1024)")  # fmt: skip
-    parser.add_argument("--runs", type=int, default=5, help="timed runs per stream (default 5)")
-    parser.add_argument("--clients", type=int, default=100,
-                        help="concurrent clients of the fan-out (default 100)")  # fmt: skip
-    parser.add_argument("--fanout-mb", type=float, default=2.0,
-                        help="size of the fan-out model in MB (default 2)")  # fmt: skip
-    parser.add_argument("--json", type=Path, metavar="FILE", help="also write results as JSON")
-
-
 def main(args: argparse.Namespace) -> int:
     """Run the benchmark from parsed flags, print the table, write JSON if asked."""
+    check_transport_flags(args)
     options = TransportBenchOptions(
         payload_mb=args.payload_mb,
         chunk_bytes=args.chunk_kib * 1024,

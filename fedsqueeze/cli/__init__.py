@@ -24,7 +24,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     ),
     "sweep": (
         "fedsqueeze.cli.sweep_cmd",
-        "run several strategies side by side: results.csv, summary, plots",
+        "run several strategies side by side: results.csv, summary, plots (`make demo` runs this)",
     ),
     "codec": ("fedsqueeze.cli.codec_cmd", "encode, decode and inspect model files"),
     "coordinator": (
@@ -33,7 +33,10 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     ),
     "edge": ("fedsqueeze.cli.edge_cmd", "run an edge: a Flower SuperNode with the edge ClientApp"),
     "bench": ("fedsqueeze.cli.bench_cmd", "benchmarks: codec, transport"),
-    "demo": ("fedsqueeze.cli.demo_cmd", "the default experiment behind `make demo`"),
+    "demo": (
+        "fedsqueeze.cli.demo_cmd",
+        "compress the digits CNN with Deep Compression and show where the bytes went",
+    ),
 }
 
 EXIT_USER_ERROR = 2

@@ -11,26 +11,35 @@ from __future__ import annotations
 
 import argparse
 import importlib
+from collections.abc import Callable
 
-BENCHES = {
-    "codec": ("fedsqueeze.bench.codec", "codec ratios, errors and throughput"),
-    "transport": ("fedsqueeze.bench.transport", "data-plane throughput, resume and fan-out"),
+from fedsqueeze.bench.flags import add_codec_arguments, add_transport_arguments, module_docstring
+
+# name → (module, help line, its flags). The module (torch, grpc) is imported only to run
+# the benchmark: `fedsqueeze bench transport --help` reads its flags and docstring alone.
+BENCHES: dict[str, tuple[str, str, Callable[[argparse.ArgumentParser], None]]] = {
+    "codec": ("fedsqueeze.bench.codec", "codec ratios, errors and throughput", add_codec_arguments),
+    "transport": (
+        "fedsqueeze.bench.transport",
+        "data-plane throughput, resume and fan-out",
+        add_transport_arguments,
+    ),
 }
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Register one sub-parser per benchmark (imported when run)."""
+    """Register one sub-parser per benchmark."""
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     sub = parser.add_subparsers(dest="bench_name", metavar="BENCH", required=True)
-    for name, (module_name, help_text) in BENCHES.items():
-        module = importlib.import_module(module_name)
-        p = sub.add_parser(name, help=help_text, description=module.__doc__)
+    for name, (module_name, help_text, add_flags) in BENCHES.items():
+        p = sub.add_parser(name, help=help_text, description=module_docstring(module_name))
         p.formatter_class = argparse.RawDescriptionHelpFormatter
-        module.add_arguments(p)
-        p.set_defaults(_bench_main=module.main)
+        add_flags(p)
+        p.set_defaults(_bench_module=module_name)
 
 
 def main(args: argparse.Namespace) -> int:
     """Run the chosen benchmark."""
-    result: int = args._bench_main(args)
+    module = importlib.import_module(args._bench_module)
+    result: int = module.main(args)
     return result

@@ -9,7 +9,10 @@ model bytes to edges on its own gRPC data plane (--data-plane-host/--data-plane-
 Start it first, then one `fedsqueeze edge` per data partition (on this machine or
 others); the run begins once --min-nodes edges are connected. Ctrl-C stops everything
 this command started. Exit status: 0 when the run completed, 1 when it failed, 2 for a
-usage error.
+usage error. A round that aggregated nothing (every edge failed, was rejected or was
+dropped) fails the run, unless --set max-failed-rounds=N allows N such rounds; the
+summary counts, per round, the accepted updates, failed edges, rejected updates and
+dropped edges.
 
 Examples::
 
@@ -37,8 +40,10 @@ from fedsqueeze.deploy.federation import (
 from fedsqueeze.deploy.processes import Supervisor, interrupt_on_signals
 from fedsqueeze.deploy.runs import (
     STATE_FILE,
+    RoundSummary,
     RunLog,
     RunStatus,
+    failed_rounds,
     flwr_run_spec,
     format_summaries,
     read_round_summaries,
@@ -161,6 +166,7 @@ def settings_from_args(args: argparse.Namespace) -> RunSettings:
     ConfigError
         For a malformed ``--set``, an unknown key or a value that does not fit.
     """
+    _check_min_nodes(args.min_nodes)
     config: dict[str, object] = {}
     for item in args.set:
         key, sep, value = item.partition("=")
@@ -241,12 +247,24 @@ def main(args: argparse.Namespace) -> int:
     if rows:
         print(f"\nRun {run_id}: {len(rows)} round(s) recorded in {settings.state_dir}")
         print(format_summaries(rows))
-    if outcome.status is RunStatus.COMPLETED:
+    if outcome.status is RunStatus.COMPLETED and _failed_rounds_tolerated(rows, settings):
         print(f"Run {run_id} completed.")
         return 0
     details = f": {outcome.details}" if outcome.details else ""
     print(f"fedsqueeze coordinator: run {run_id} {outcome.status.value}{details}", file=sys.stderr)
     return 1
+
+
+def _failed_rounds_tolerated(rows: list[RoundSummary], settings: RunSettings) -> bool:
+    """Say which rounds aggregated nothing; whether max-failed-rounds allows that many."""
+    failed = failed_rounds(rows)
+    if failed:
+        print(
+            f"fedsqueeze coordinator: {len(failed)} round(s) aggregated nothing "
+            f"({', '.join(map(str, failed))}); max-failed-rounds = {settings.max_failed_rounds}",
+            file=sys.stderr,
+        )
+    return len(failed) <= settings.max_failed_rounds
 
 
 def _flower_tls(args: argparse.Namespace) -> FlowerTls | None:
@@ -291,6 +309,12 @@ def _check_resume(settings: RunSettings) -> None:
             f"{state.parent} already holds a run: pass --resume to continue it, or choose "
             "another --state-dir"
         )
+
+
+def _check_min_nodes(value: int | None) -> None:
+    """A run that waits for no edge would "complete" having trained nothing."""
+    if value is not None and value < 1:
+        raise ConfigError(f"--min-nodes must be >= 1, got {value}")
 
 
 def _port(value: int) -> int:

@@ -19,22 +19,13 @@ import argparse
 import sys
 from collections.abc import Callable
 from dataclasses import replace
+from typing import TYPE_CHECKING
 
-import torch
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
+if TYPE_CHECKING:  # the heavy modules load only when the demo runs, not for --help
+    import torch
+    from rich.table import Table
 
-from fedsqueeze.codec import decode_state
-from fedsqueeze.codec.inspect import describe
-from fedsqueeze.recipes import (
-    QUICK_CONFIG,
-    CompressionResult,
-    DeepCompressionConfig,
-    Stage,
-    compress_task,
-)
-from fedsqueeze.tasks import get_task
+    from fedsqueeze.recipes import CompressionResult
 
 __all__ = ["add_arguments", "main"]
 
@@ -80,6 +71,18 @@ def _count(minimum: int) -> Callable[[str], int]:
 
 def main(args: argparse.Namespace) -> int:
     """Run the demo; returns 0."""
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+    )
+
+    from fedsqueeze.recipes import QUICK_CONFIG, DeepCompressionConfig, Stage, compress_task
+    from fedsqueeze.tasks import get_task
+
     base = DeepCompressionConfig() if args.full else QUICK_CONFIG
     config = replace(base, num_threads=args.threads)
     console = Console(width=None if sys.stdout.isatty() else _MIN_WIDTH)
@@ -120,6 +123,8 @@ def main(args: argparse.Namespace) -> int:
 
 
 def _history_table(result: CompressionResult) -> Table:
+    from rich.table import Table
+
     table = Table(title="What each step did")
     for col in ("step", "zeros in weights", "test accuracy", "seconds"):
         table.add_column(col, justify="left" if col == "step" else "right")
@@ -131,6 +136,11 @@ def _history_table(result: CompressionResult) -> Table:
 
 
 def _tensor_table(result: CompressionResult) -> Table:
+    from rich.table import Table
+
+    from fedsqueeze.codec import decode_state
+    from fedsqueeze.codec.inspect import describe
+
     decoded = decode_state(result.encoded)
     table = Table(title="Where the bytes went (one row per tensor)")
     for col in ("tensor", "shape", "stages", "fp32 B", "encoded B", "ratio", "max |Δ| vs dense"):

@@ -10,8 +10,10 @@ held by a token bucket), so the run gets as slow as the links say; the simulated
 and the figures stay the same. Flower's own messages, and so plain Flower arms such as
 fedavg-fp32, are never slowed.
 
-Writes results.csv, summary.json, summary.md and two PNG plots into the output folder
-and prints the summary. To compare several strategies, use `fedsqueeze sweep`.
+Writes results.csv, clients.csv, summary.json, summary.md, run.json, two PNG plots and
+state/ (the coordinator's state) into the output folder and prints the arm's accuracy,
+bytes and time. Ratios and the time to a target accuracy need the baseline arm beside
+it: to compare strategies, use `fedsqueeze sweep`.
 
 examples:
   fedsqueeze simulate --arm adaptive

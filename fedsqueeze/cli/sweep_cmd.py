@@ -7,8 +7,9 @@ Dirichlet(0.5) partitions and mixed link profiles. Every ratio is against the Fe
 baseline; the target accuracy is its final accuracy minus one point.
 
 Writes results.csv (per round and arm), clients.csv (per client and round), summary.json,
-summary.md, run.json, accuracy_vs_mb.png and accuracy_vs_time.png into the output folder,
-and prints the summary table. With several
+summary.md, run.json, accuracy_vs_mb.png, accuracy_vs_time.png and state/ (each
+fedsqueeze arm's coordinator state) into the output folder, and prints the summary
+table. With several
 --seeds, each seed gets its own folder and medians.json / medians.md sum them up.
 
 Nothing sleeps by default: times are on a simulated clock. --set realtime=true makes the

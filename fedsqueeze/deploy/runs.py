@@ -69,13 +69,23 @@ class RunOutcome:
 
 @dataclass(frozen=True)
 class RoundSummary:
-    """One finished round, as the coordinator recorded it."""
+    """One finished round, as the coordinator recorded it.
+
+    ``accepted`` updates went into the aggregate; ``failed`` edges replied with an error
+    (their fetch or training raised), ``rejected`` updates were refused, ``dropped``
+    edges never replied; ``aggregated`` is false for a round that trained nothing.
+    """
 
     server_round: int
     accuracy: float
     loss: float
     bytes_down: int
     bytes_up: int
+    accepted: int = 0
+    failed: int = 0
+    rejected: int = 0
+    dropped: int = 0
+    aggregated: bool = True
 
 
 def flwr_run_spec(app_dir: Path, run_config: Path, env: Mapping[str, str]) -> ProcessSpec:
@@ -190,26 +200,47 @@ def read_round_summaries(state_dir: Path) -> list[RoundSummary]:
     rows = []
     metrics = raw.get("round_metrics", {}) if isinstance(raw, dict) else {}
     for key, values in sorted(metrics.items(), key=lambda kv: int(kv[0])):
-        rows.append(
-            RoundSummary(
-                int(key),
-                float(values.get("accuracy", float("nan"))),
-                float(values.get("loss", float("nan"))),
-                int(values.get("bytes-down", 0)),
-                int(values.get("bytes-up", 0)),
-            )
-        )
+        rows.append(_round_summary(int(key), values))
     return rows
 
 
+def _round_summary(server_round: int, values: Mapping[str, float]) -> RoundSummary:
+    return RoundSummary(
+        server_round,
+        float(values.get("accuracy", float("nan"))),
+        float(values.get("loss", float("nan"))),
+        int(values.get("bytes-down", 0)),
+        int(values.get("bytes-up", 0)),
+        accepted=int(values.get("updates-accepted", 0)),
+        failed=int(values.get("edges-failed", 0)),
+        rejected=int(values.get("updates-rejected", 0)),
+        dropped=int(values.get("edges-dropped", 0)),
+        aggregated=not values.get("round-failed", 0.0),
+    )
+
+
 def format_summaries(rows: list[RoundSummary]) -> str:
-    """A plain-text table of rounds, with totals."""
-    lines = [f"{'round':>5}  {'accuracy':>8}  {'loss':>7}  {'bytes down':>12}  {'bytes up':>12}"]
+    """A plain-text table of rounds, with totals; a round that trained nothing says so."""
+    lines = [
+        f"{'round':>5}  {'accuracy':>8}  {'loss':>7}  {'bytes down':>12}  {'bytes up':>12}  "
+        f"{'accepted':>8}  {'failed':>6}  {'rejected':>8}  {'dropped':>7}"
+    ]
     for r in rows:
+        note = "" if r.aggregated else "  FAILED: nothing aggregated"
         lines.append(
             f"{r.server_round:>5}  {r.accuracy:>8.4f}  {r.loss:>7.4f}  "
-            f"{r.bytes_down:>12,}  {r.bytes_up:>12,}"
+            f"{r.bytes_down:>12,}  {r.bytes_up:>12,}  {r.accepted:>8}  {r.failed:>6}  "
+            f"{r.rejected:>8}  {r.dropped:>7}{note}"
         )
     down, up = sum(r.bytes_down for r in rows), sum(r.bytes_up for r in rows)
-    lines.append(f"{'total':>5}  {'':>8}  {'':>7}  {down:>12,}  {up:>12,}")
+    lines.append(
+        f"{'total':>5}  {'':>8}  {'':>7}  {down:>12,}  {up:>12,}  "
+        f"{sum(r.accepted for r in rows):>8}  {sum(r.failed for r in rows):>6}  "
+        f"{sum(r.rejected for r in rows):>8}  {sum(r.dropped for r in rows):>7}"
+    )
     return "\n".join(lines)
+
+
+def failed_rounds(rows: list[RoundSummary]) -> list[int]:
+    """The rounds that aggregated nothing."""
+    return [r.server_round for r in rows if not r.aggregated]

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pytest
 import torch
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedProx, FedTrimmedAvg, FedYogi
 
-from coordinator.app import Coordinator, build_strategy
+from coordinator.app import Coordinator, OneLineErrors, build_strategy
+from coordinator.strategy import RoundStats
 from coordinator.version_store import VersionStore
-from fedsqueeze.errors import ConfigError
+from fedsqueeze.errors import ConfigError, RunFailedError
 from fedsqueeze.runconfig import RunSettings, StrategyName
 
 
@@ -80,3 +82,73 @@ def test_bad_run_config_is_a_config_error() -> None:
     )
     assert settings.num_rounds == 7 and settings.resume
     assert RunSettings.from_run_config(settings.to_run_config()) == settings
+
+
+def test_min_nodes_and_max_failed_rounds_are_checked() -> None:
+    for bad in ({"min-train-nodes": 0}, {"min-available-nodes": 0}, {"max-failed-rounds": -1}):
+        with pytest.raises(ConfigError, match=">= "):
+            RunSettings.from_run_config(bad)
+
+
+def _failed_round(coordinator: Coordinator, server_round: int) -> None:
+    coordinator.strategy.stats[server_round] = RoundStats(
+        failed=[("7", "<class 'UnavailableError'>:<'no route to the data plane'>")],
+        dropped=["8"],
+    )
+    coordinator.evaluate(server_round, coordinator.initial_arrays())
+
+
+def test_a_round_that_trained_nothing_fails_the_run_and_is_recorded(tmp_path: Path) -> None:
+    coordinator = Coordinator.open(RunSettings(state_dir=str(tmp_path)))
+    try:
+        with pytest.raises(RunFailedError) as caught:
+            _failed_round(coordinator, 1)
+    finally:
+        coordinator.close()
+    message = str(caught.value)
+    assert message.startswith("round 1 aggregated nothing (1 edge failed (edge 7: ")
+    assert "1 edge dropped" in message and "max-failed-rounds = 0" in message
+    metrics = VersionStore(tmp_path).round_metrics[1]
+    assert metrics["round-failed"] == 1.0 and metrics["updates-accepted"] == 0.0
+    assert metrics["edges-failed"] == 1.0 and metrics["edges-dropped"] == 1.0
+
+
+def test_max_failed_rounds_tolerates_that_many(tmp_path: Path) -> None:
+    coordinator = Coordinator.open(RunSettings(state_dir=str(tmp_path), max_failed_rounds=1))
+    try:
+        _failed_round(coordinator, 1)  # tolerated
+        with pytest.raises(RunFailedError, match=r"2 round\(s\) without an update \(1, 2\)"):
+            _failed_round(coordinator, 2)
+    finally:
+        coordinator.close()
+
+
+def test_our_errors_reach_flowers_log_as_one_line(caplog: pytest.LogCaptureFixture) -> None:
+    from flwr.common.logger import log
+
+    flower = logging.getLogger("flwr")
+    flower.addFilter(OneLineErrors())
+    try:
+        with caplog.at_level(logging.ERROR, logger="flwr"):
+            try:
+                raise RunFailedError("round 1 aggregated nothing (2 edges failed)")
+            except RunFailedError as exc:
+                log(logging.ERROR, "%s raised an exception", "ServerApp", exc_info=exc)
+            try:
+                raise RuntimeError("Ending simulation.") from ConfigError("state-dir used")
+            except RuntimeError as exc:
+                log(logging.ERROR, "%s raised an exception", "Simulation", exc_info=exc)
+            try:
+                raise KeyError("a bug")
+            except KeyError as exc:
+                log(logging.ERROR, "%s raised an exception", "ServerApp", exc_info=exc)
+    finally:
+        for f in [f for f in flower.filters if isinstance(f, OneLineErrors)]:
+            flower.removeFilter(f)
+    ours, wrapped, bug = [r for r in caplog.records if r.name == "flwr"]
+    assert ours.getMessage() == (
+        "ServerApp raised an exception: round 1 aggregated nothing (2 edges failed)"
+    )
+    assert wrapped.getMessage() == "Simulation raised an exception: state-dir used"
+    assert ours.exc_info is None and wrapped.exc_info is None
+    assert bug.exc_info is not None  # a bug keeps its traceback

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
 from pathlib import Path
 
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedProx, FedTrimmedAvg, FedYogi
 
 from coordinator.strategy import CompressedStrategy, PulledUpdate
@@ -135,3 +136,64 @@ def test_bad_and_missing_updates_are_dropped_and_the_round_continues(tmp_path: P
     out = arrays.to_torch_state_dict()
     delta = torch.cat([(out[k] - g[k]).flatten() for k in g])
     assert delta.norm() <= 0.5 + 1e-4  # clipped
+
+
+def _error_reply(msg: Message, reason: str) -> Message:
+    return Message(Error(code=2, reason=reason), reply_to=msg)
+
+
+@pytest.mark.usefixtures("flower_identity")
+def test_a_round_that_aggregates_nothing_is_logged_as_failed_and_counted(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    nodes = [1, 2, 3, 4]
+    pushed: dict[str, PulledUpdate] = {}
+    wrapper = CompressedStrategy(
+        FedAvg(), VersionStore(tmp_path), _instruction, pushed.get, round_offset=5
+    )
+    g = _global()
+    sent = list(wrapper.configure_train(1, ArrayRecord(g), ConfigRecord(), FakeGrid(nodes)))  # type: ignore[arg-type]
+    target = RoundInstruction.from_record(sent[0].content.config_records[CONTROL_KEY]).target
+    by_node = {m.metadata.dst_node_id: m for m in sent}
+    replies = [
+        _error_reply(by_node[1], "<class 'UnavailableError'>:<'data plane unreachable'>"),
+        _error_reply(by_node[2], "<class 'RuntimeError'>:<'out of memory'>"),
+        *_replies([by_node[3]], {3: TrainReceipt("lost", target, 5, 0.1, 1, 1, 0, 0, 0)}),
+    ]  # node 4 never replies
+    with caplog.at_level(logging.INFO, logger="coordinator.strategy"):
+        arrays, metrics = wrapper.aggregate_train(1, replies)
+    assert arrays is None and metrics is None
+    stats = wrapper.stats[1]
+    assert stats.accepted == 0 and not stats.aggregated
+    assert [edge for edge, _ in stats.failed] == ["1", "2"]
+    assert [r.edge for r in stats.rejected] == ["3"]
+    assert stats.dropped == ["4"]
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1
+    line = errors[0].getMessage()
+    assert line.startswith("round 6 FAILED, it aggregated nothing")  # 1 + offset 5
+    assert "2 edges failed (edge 1: <class 'UnavailableError'>:<'data plane unreachable'>" in line
+    assert "1 update rejected (edge 3: update lost never arrived)" in line
+    assert "1 edge dropped (no reply in time)" in line
+
+
+@pytest.mark.usefixtures("flower_identity")
+def test_a_round_with_an_accepted_update_counts_the_rest_and_is_not_failed(
+    tmp_path: Path,
+) -> None:
+    nodes = [1, 2]
+    pushed: dict[str, PulledUpdate] = {}
+    wrapper = CompressedStrategy(FedAvg(), VersionStore(tmp_path), _instruction, pushed.get)
+    g = _global()
+    sent = list(wrapper.configure_train(1, ArrayRecord(g), ConfigRecord(), FakeGrid(nodes)))  # type: ignore[arg-type]
+    target = RoundInstruction.from_record(sent[0].content.config_records[CONTROL_KEY]).target
+    pushed["u"] = PulledUpdate(encode_state(_edge_model(1), CodecSpec(), g), target, "1")
+    by_node = {m.metadata.dst_node_id: m for m in sent}
+    replies = [
+        *_replies([by_node[1]], {1: TrainReceipt("u", target, 5, 0.1, 1, 1, 0, 0, 0)}),
+        _error_reply(by_node[2], "fetch failed"),
+    ]
+    arrays, _ = wrapper.aggregate_train(1, replies)
+    stats = wrapper.stats[1]
+    assert arrays is not None and stats.aggregated
+    assert (stats.accepted, len(stats.failed), stats.dropped) == (1, 1, [])

@@ -13,6 +13,7 @@ from fedsqueeze.deploy.processes import Output, ProcessSpec, Supervisor
 from fedsqueeze.deploy.runs import (
     RunLog,
     RunStatus,
+    failed_rounds,
     flwr_run_spec,
     format_summaries,
     parse_run_listing,
@@ -103,3 +104,36 @@ def test_round_summaries_come_from_state_json(tmp_path: Path) -> None:
     assert "1,005" in table.splitlines()[-1] and "26" in table.splitlines()[-1]
     (tmp_path / "state.json").write_text("{broken")
     assert read_round_summaries(tmp_path) == []
+
+
+def test_the_summary_counts_who_missed_each_round_and_marks_rounds_that_trained_nothing(
+    tmp_path: Path,
+) -> None:
+    ok = {"accuracy": 0.5, "loss": 1.0, "bytes-down": 10.0, "bytes-up": 5.0}
+    (tmp_path / "state.json").write_text(
+        json.dumps(
+            {
+                "completed_round": 2,
+                "round_metrics": {
+                    "1": {**ok, "updates-accepted": 2.0, "edges-dropped": 1.0, "round-failed": 0.0},
+                    "2": {
+                        **ok,
+                        "updates-accepted": 0.0,
+                        "edges-failed": 2.0,
+                        "updates-rejected": 1.0,
+                        "round-failed": 1.0,
+                    },
+                },
+            }
+        )
+    )
+    rows = read_round_summaries(tmp_path)
+    assert (rows[0].accepted, rows[0].dropped, rows[0].aggregated) == (2, 1, True)
+    assert (rows[1].failed, rows[1].rejected, rows[1].aggregated) == (2, 1, False)
+    assert failed_rounds(rows) == [2]
+    header, first, second, total = format_summaries(rows).splitlines()
+    assert header.split()[-4:] == ["accepted", "failed", "rejected", "dropped"]
+    assert first.split()[-4:] == ["2", "0", "0", "1"] and "FAILED" not in first
+    assert second.split()[5:9] == ["0", "2", "1", "0"]
+    assert second.endswith("FAILED: nothing aggregated")
+    assert total.split()[-4:] == ["2", "2", "1", "1"]

@@ -1,15 +1,12 @@
 """An ordinary Flower app (its own model and training code) that gains compression by
 adding the fedsqueeze mod and wrapping its strategy: nothing else changes.
 
-Usage: python -m tests.integration.dropin_app OUT_JSON
+README.md shows this file's code down to the line "end of the example" verbatim
+(tests/integration/test_readme_example.py checks it); what follows that line only runs
+it in a Flower simulation for the test suite.
+
+Usage: python -m tests.integration.dropin_app   (prints one line per round)
 """
-
-from __future__ import annotations
-
-import json
-import sys
-import warnings
-from pathlib import Path
 
 import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
@@ -19,12 +16,6 @@ from flwr.serverapp.strategy import FedAvg
 
 from coordinator.dropin import compressed
 from edge.mod import fedsqueeze_mod
-from tests.subproc import arm_watchdog
-
-warnings.simplefilter("ignore")
-
-
-arm_watchdog()
 
 
 def make_model() -> torch.nn.Module:
@@ -61,7 +52,6 @@ def train(msg: Message, context: Context) -> Message:
 
 # ---- the server ------------------------------------------------------------------
 server = ServerApp()
-RESULT: dict[str, object] = {}
 
 
 @server.main()
@@ -74,7 +64,7 @@ def main(grid: Grid, context: Context) -> None:
         with torch.no_grad():
             return MetricRecord({"mse": float(torch.nn.functional.mse_loss(model(x), y))})
 
-    with compressed(
+    with compressed(  # <- wraps any Flower strategy: model bytes go on the data plane
         FedAvg(fraction_evaluate=0.0), down_spec="int8", up_spec="topk10-int4"
     ) as strategy:
         result = strategy.start(
@@ -84,15 +74,22 @@ def main(grid: Grid, context: Context) -> None:
             timeout=120,
             evaluate_fn=evaluate,
         )
-        RESULT["mse"] = {int(k): v["mse"] for k, v in result.evaluate_metrics_serverapp.items()}
-        RESULT["bytes"] = {
-            k: [s.bytes_down, s.bytes_up, s.accepted] for k, s in strategy.stats.items()
-        }
+    for rnd, metrics in sorted(result.evaluate_metrics_serverapp.items()):
+        stats = strategy.stats.get(rnd)
+        moved = f", {stats.bytes_down} B down, {stats.bytes_up} B up" if stats else ""
+        accepted = f", {stats.accepted} updates" if stats else ""
+        print(f"round {rnd}: mse {metrics['mse']:.6f}{moved}{accepted}", flush=True)
 
 
-if __name__ == "__main__":
+# ---- end of the example: the test suite runs it in a Flower simulation ------------
+def _simulate() -> None:
+    import warnings
+
     from simulations.engine import run_simulation
+    from tests.subproc import arm_watchdog
 
+    warnings.simplefilter("ignore")
+    arm_watchdog()
     run_simulation(
         server,
         client,
@@ -102,4 +99,7 @@ if __name__ == "__main__":
             "init_args": {"num_cpus": 2},
         },
     )
-    Path(sys.argv[1]).write_text(json.dumps(RESULT))
+
+
+if __name__ == "__main__":
+    _simulate()

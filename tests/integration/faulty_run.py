@@ -1,10 +1,15 @@
 """A simulation with injected edge faults, run as a subprocess by the tests.
 
-Usage: python -m tests.integration.faulty_run STATE_DIR OUT_JSON [--faults] [--rounds N] [--resume]
+Usage: python -m tests.integration.faulty_run STATE_DIR OUT_JSON
+           [--faults | --no-fetch] [--rounds N] [--resume]
 
 With ``--faults``: in round 2 the edge of partition 0 dies after fetching the model
 (its ClientApp raises), and the edge of partition 1 trains but its upload never
 arrives. Both are back in round 3.
+
+With ``--no-fetch``: every edge's fetch fails, every round (a data plane nobody can
+reach). The coordinator must fail the run: the state is written to OUT_JSON all the
+same, the error goes to stderr as one line, and the exit status is 3.
 """
 
 from __future__ import annotations
@@ -17,10 +22,11 @@ from pathlib import Path
 from flwr.app import Context, Message
 from flwr.clientapp.typing import ClientAppCallable
 
-from edge.dataplane import GrpcConnector, Pushed
+from edge.dataplane import Fetched, GrpcConnector, Pushed, State
 from edge.mod import make_mod
 from fedsqueeze.codec import EncodedModel
 from fedsqueeze.control import CONTROL_KEY, RoundInstruction
+from fedsqueeze.errors import RunFailedError, UnavailableError
 from tests.subproc import arm_watchdog
 
 warnings.simplefilter("ignore")
@@ -62,6 +68,19 @@ class LosingConnector(GrpcConnector):
 LOSE_FOR: set[str] = set()
 
 
+class UnreachableConnector(GrpcConnector):
+    """A data plane no edge can reach."""
+
+    def fetch(
+        self,
+        instruction: RoundInstruction,
+        edge_id: str,
+        held_digest: str | None,
+        held: State | None,
+    ) -> Fetched:
+        raise UnavailableError(f"injected: {instruction.address} unreachable")
+
+
 def remember_partition_one(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
     """Outer mod: notes partition 1's node id so the connector knows whom to fail."""
     if context.node_config.get("partition-id") == 1 and CONTROL_KEY in msg.content.config_records:
@@ -93,18 +112,25 @@ def main() -> int:
         if faults
         else None
     )
-    run_simulation(
-        make_server_app(settings),
-        make_client_app(settings, mods=mods),
-        num_supernodes=4,
-        backend_config={
-            "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-            "init_args": {"num_cpus": 2},
-        },
-    )
+    if "--no-fetch" in sys.argv:
+        mods = [make_mod(connector=UnreachableConnector())]
+    status = 0
+    try:
+        run_simulation(
+            make_server_app(settings),
+            make_client_app(settings, mods=mods),
+            num_supernodes=4,
+            backend_config={
+                "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+                "init_args": {"num_cpus": 2},
+            },
+        )
+    except RunFailedError as exc:
+        print(f"run failed: {exc}", file=sys.stderr)
+        status = 3
     state = json.loads((state_dir / "state.json").read_text())
     out.write_text(json.dumps(state))
-    return 0
+    return status
 
 
 if __name__ == "__main__":

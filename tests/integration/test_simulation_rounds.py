@@ -7,6 +7,7 @@ error and then hangs instead of failing.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -60,15 +61,48 @@ def test_dead_edge_and_lost_upload_are_dropped_and_they_rejoin(tmp_path: Path) -
 
 @pytest.mark.slow
 @pytest.mark.timeout(480)
-def test_an_existing_flower_app_gains_compression_with_the_mod_and_wrapper(tmp_path: Path) -> None:
-    out = tmp_path / "dropin.json"
-    proc = run_module("tests.integration.dropin_app", str(out), timeout=420)
+def test_an_existing_flower_app_gains_compression_with_the_mod_and_wrapper() -> None:
+    proc = run_module("tests.integration.dropin_app", timeout=420)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    result = json.loads(out.read_text())
-    mse = {int(k): v for k, v in result["mse"].items()}
+    # "round R: mse M[, D B down, U B up, A updates]", one line per round (README's example)
+    pattern = r"^round (\d+): mse ([0-9.]+)(?:, (\d+) B down, (\d+) B up, (\d+) updates)?$"
+    mse: dict[int, float] = {}
+    moved: dict[int, tuple[int, int, int]] = {}
+    for m in re.finditer(pattern, proc.stdout, re.MULTILINE):
+        mse[int(m[1])] = float(m[2])
+        if m[3]:
+            moved[int(m[1])] = (int(m[3]), int(m[4]), int(m[5]))
+    assert sorted(mse) == [0, 1, 2, 3] and sorted(moved) == [1, 2, 3], proc.stdout[-2000:]
     assert mse[3] < mse[0] / 2  # it learned
     fp32_bytes = (8 * 16 + 16 + 16 + 1) * 4
-    for down, up, accepted in result["bytes"].values():
+    for down, up, accepted in moved.values():
         assert accepted == 2
         assert 0 < up < 2 * fp32_bytes  # compressed updates, counted on the wire
         assert down > 0
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(480)
+def test_a_run_where_every_fetch_fails_is_logged_counted_and_fails(tmp_path: Path) -> None:
+    out = tmp_path / "state-out.json"
+    proc = run_module(
+        "tests.integration.faulty_run",
+        str(tmp_path / "state"),
+        str(out),
+        "--no-fetch",
+        "--rounds",
+        "3",
+        timeout=420,
+    )
+    assert proc.returncode == 3, proc.stderr[-4000:]
+    state = json.loads(out.read_text())
+    # max-failed-rounds = 0: the run stops after the first round that trained nothing
+    assert state["completed_round"] == 1
+    metrics = state["round_metrics"]["1"]
+    assert metrics["round-failed"] == 1.0 and metrics["updates-accepted"] == 0.0
+    assert metrics["edges-failed"] == 4.0
+    assert "round 1 FAILED, it aggregated nothing: 0 updates accepted; 4 edges failed" in (
+        proc.stderr
+    )
+    assert "unreachable" in proc.stderr
+    assert "run failed: round 1 aggregated nothing (4 edges failed" in proc.stderr

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Callable
 
 import pytest
@@ -24,6 +25,15 @@ class FakeRay:
 
     def init(self, **kwargs: object) -> None:
         self.inits.append(kwargs)
+        # What Ray 2.55's ray.init says on every start (make demo printed it).
+        warnings.warn(
+            "Tip: In future versions of Ray, Ray will no longer override accelerator "
+            "visible devices env var if num_gpus=0 or num_gpus=None (default). To enable "
+            "this behavior and turn off this error message, set "
+            "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO=0",
+            FutureWarning,
+            stacklevel=2,
+        )
         if len(self.inits) <= self.failures:
             raise Exception("The current node timed out during startup.")
         self.running = True
@@ -73,3 +83,11 @@ def test_attempts_must_be_positive(fake_ray: Install) -> None:
     fake_ray(0)
     with pytest.raises(ValueError):
         engine.start_ray({}, attempts=0)
+
+
+def test_rays_accelerator_tip_is_not_shown(fake_ray: Install) -> None:
+    fake_ray(0)
+    with warnings.catch_warnings(record=True) as shown:
+        warnings.simplefilter("always")
+        engine.start_ray({"num_cpus": 2})
+    assert [str(w.message) for w in shown] == []

@@ -1,0 +1,90 @@
+"""The flags of each ``fedsqueeze bench`` benchmark, kept apart from the benchmarks.
+
+``fedsqueeze bench transport --help`` needs the flags and the benchmark's docstring, not
+torch or grpc: both come from here (the docstring read from the module's source without
+importing it), and the benchmark module itself is imported only to run it. Each
+benchmark module re-exports its ``add_arguments`` from here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import importlib.util
+from pathlib import Path
+
+from fedsqueeze.errors import ConfigError
+
+__all__ = [
+    "add_codec_arguments",
+    "add_transport_arguments",
+    "check_transport_flags",
+    "module_docstring",
+]
+
+
+def add_codec_arguments(parser: argparse.ArgumentParser) -> None:
+    """Register ``bench codec``'s flags."""
+    parser.add_argument("--seeds", type=int, default=3, help="recipe seeds (default 3)")
+    parser.add_argument(
+        "--quick", action="store_true", help="short schedule, 1 seed, 2 runs (smoke test)"
+    )
+    parser.add_argument("--json", type=Path, metavar="FILE", help="also write results as JSON")
+    parser.add_argument("--skip-minilm", action="store_true", help="leave out the MiniLM part")
+    parser.add_argument(
+        "--tensor-mb", type=float, default=100.0, help="size of the timed tensor (default 100)"
+    )
+    parser.add_argument("--runs", type=int, default=5, help="timing runs per figure (default 5)")
+
+
+def add_transport_arguments(parser: argparse.ArgumentParser) -> None:
+    """Register ``bench transport``'s flags."""
+    parser.add_argument(
+        "--payload-mb",
+        type=float,
+        default=64.0,
+        help="size of the streamed model in MB (default 64)",
+    )
+    parser.add_argument(
+        "--chunk-kib",
+        type=int,
+        default=1024,
+        help="segment and bare chunk size in KiB (default 1024)",
+    )
+    parser.add_argument("--runs", type=int, default=5, help="timed runs per stream (default 5)")
+    parser.add_argument(
+        "--clients", type=int, default=100, help="concurrent clients of the fan-out (default 100)"
+    )
+    parser.add_argument(
+        "--fanout-mb", type=float, default=2.0, help="size of the fan-out model in MB (default 2)"
+    )
+    parser.add_argument("--json", type=Path, metavar="FILE", help="also write results as JSON")
+
+
+def check_transport_flags(args: argparse.Namespace) -> None:
+    """Refuse values the transport benchmark cannot use, naming the flag.
+
+    Raises
+    ------
+    ConfigError
+        A size that is not positive, fewer than one run or client, chunks under 1 KiB.
+    """
+    for flag, value in (("--payload-mb", args.payload_mb), ("--fanout-mb", args.fanout_mb)):
+        if not value > 0:  # also refuses nan
+            raise ConfigError(f"{flag} must be > 0, got {value}")
+    for flag, value, least in (
+        ("--runs", args.runs, 1),
+        ("--clients", args.clients, 1),
+        ("--chunk-kib", args.chunk_kib, 1),
+    ):
+        if value < least:
+            raise ConfigError(f"{flag} must be >= {least}, got {value}")
+
+
+def module_docstring(module_name: str) -> str | None:
+    """A module's docstring, read from its source file without importing the module."""
+    spec = importlib.util.find_spec(module_name)
+    if spec is None or spec.origin is None:
+        return None
+    source = Path(spec.origin).read_text(encoding="utf-8")
+    return ast.get_docstring(ast.parse(source), clean=False)
