@@ -202,6 +202,9 @@ class SimulationConfig:
             state_dir=state_dir,
             keep_versions=max(32, 4 * self.clients_per_round),
             round_timeout=self.round_timeout_s,
+            # An experiment records rounds that aggregate nothing (every sampled client
+            # dropped at a deadline, skipped by a budget) as results, not as a failure.
+            max_failed_rounds=self.num_rounds,
         )
 
 
