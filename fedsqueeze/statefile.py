@@ -130,9 +130,11 @@ def _load_failure(exc: Exception) -> str:
     """One line for why ``torch.load(weights_only=True)`` failed, without its advice to
     retry with ``weights_only=False`` (which would run whatever the file holds)."""
     text = str(exc)
-    found = re.search(r"WeightsUnpickler error:\s*(.+?)\s*(?:\n\s*\n|Check the doc|$)", text, re.S)
-    if found:
-        detail = " ".join(found.group(1).split())
+    if text.startswith("Weights only load failed"):
+        # torch's message: advice, then the detail, then a pointer to its documentation
+        paragraphs = [" ".join(p.split()) for p in re.split(r"\n\s*\n", text)[1:]]
+        details = [p for p in paragraphs if p and not p.startswith("Check the documentation")]
+        detail = details[0] if details else "unsupported content"
         return (
             f"refused: not a plain state_dict of tensors; it holds other objects, "
             f"which are never loaded ({detail})"

@@ -40,7 +40,8 @@ _FLOAT_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "f
 
 
 def count_nonfinite(x: torch.Tensor) -> str | None:
-    """``"2 NaN and 1 Inf values"`` (``"1 NaN value"``) for a floating tensor that has some, else ``None``."""
+    """``"2 NaN and 1 Inf values"`` (or ``"1 NaN value"``) for a floating tensor that
+    has some, else ``None``."""
     if not x.is_floating_point() or bool(torch.isfinite(x).all()):
         return None
     nan = int(torch.isnan(x).sum())
