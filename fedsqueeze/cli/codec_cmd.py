@@ -54,10 +54,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     sub = parser.add_subparsers(dest="codec_command", metavar="ACTION", required=True)
     enc = sub.add_parser("encode", help="compress a state_dict (.pt) or .safetensors file")
+    # optional only so that the older `encode --list-presets` needs no dummy arguments
     enc.add_argument(
-        "input", nargs="?", help="PyTorch state_dict file or .safetensors file (the model)"
+        "input", nargs="?", help="PyTorch state_dict file or .safetensors file (required)"
     )
-    enc.add_argument("output", nargs="?", help="where to write the encoded model (.fsq)")
+    enc.add_argument("output", nargs="?", help="where to write the encoded model (required)")
     enc.add_argument(
         "--spec", default="lossless", help="preset name or key=value list (default: lossless)"
     )
