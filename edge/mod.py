@@ -16,6 +16,12 @@ In front of a ClientApp whose ``train`` reads and returns an ``ArrayRecord`` und
 
 Messages without an instruction pass through untouched, so the mod is harmless in a
 plain Flower run.
+
+An update with NaN or Inf (training diverged) is not sent: encoding raises
+:class:`~fedsqueeze.errors.NonFiniteError` naming the tensor, the ClientApp replies with
+that error and the coordinator counts the edge as failed for the round. ``make_mod(
+nonfinite=NonFinite.CARRY)`` sends such tensors losslessly instead (the coordinator's
+update checks then reject the update).
 """
 
 from __future__ import annotations
@@ -32,7 +38,7 @@ from flwr.clientapp.typing import ClientAppCallable
 
 from edge.cache import ContextCache, DirectoryCache, EdgeCache, EdgeMemory
 from edge.dataplane import DataPlaneConnector, GrpcConnector
-from fedsqueeze.codec import CodecSpec, EncodedModel, encode_state, state_digest
+from fedsqueeze.codec import CodecSpec, EncodedModel, NonFinite, encode_state, state_digest
 from fedsqueeze.codec.spec_text import parse_spec
 from fedsqueeze.control import CONTROL_KEY, RECEIPT_KEY, RoundInstruction, TrainReceipt
 
@@ -65,6 +71,7 @@ def make_mod(
     cache: Callable[[Context], EdgeCache] = default_cache,
     connector: DataPlaneConnector | None = None,
     initial_model: ModelFactory | None = _task_model,
+    nonfinite: NonFinite = NonFinite.REFUSE,
 ) -> Callable[[Message, Context, ClientAppCallable], Message]:
     """Build a fedsqueeze mod.
 
@@ -78,6 +85,8 @@ def make_mod(
     initial_model
         ``(task, seed) -> state`` that rebuilds the initial model locally, or ``None``
         to always download it.
+    nonfinite
+        What to do with an update tensor holding NaN/Inf (see :func:`fit_update`).
     """
     plane = connector or GrpcConnector()
 
@@ -116,6 +125,7 @@ def make_mod(
             seed=_rounding_seed(edge_id, instruction.server_round, fetched.digest),
             base_digest=bytes.fromhex(fetched.digest),
             budget=instruction.up_budget,
+            nonfinite=nonfinite,
         )
         update_id = _update_id(edge_id, instruction.server_round, encoded.to_bytes())
         push_start = time.perf_counter()
@@ -158,6 +168,7 @@ def fit_update(
     seed: int,
     base_digest: bytes,
     budget: int = 0,
+    nonfinite: NonFinite = NonFinite.REFUSE,
 ) -> EncodedModel:
     """Encode the update; lower a low-rank spec's rank until it fits ``budget`` bytes.
 
@@ -171,6 +182,14 @@ def fit_update(
     ----------
     budget
         The most encoded bytes of the update (the instruction's ``up_budget``); 0: no limit.
+    nonfinite
+        :attr:`NonFinite.REFUSE` (default) raises for a tensor with NaN/Inf or values the
+        spec cannot hold; :attr:`NonFinite.CARRY` sends it losslessly.
+
+    Raises
+    ------
+    fedsqueeze.errors.NonFiniteError
+        Under ``REFUSE``, naming the first such tensor.
     """
 
     def encode(rank: int | None) -> EncodedModel:
@@ -181,6 +200,7 @@ def fit_update(
             residual=residual,
             seed=seed,
             base_digest=base_digest,
+            nonfinite=nonfinite,
         )
 
     encoded = encode(spec.rank)

@@ -8,8 +8,14 @@ Everything that comes from data, peers or configuration is a ``FedsqueezeError``
     │   ├── FormatError             truncated, corrupted or malformed input
     │   │   └── TruncatedError      input that ends early (a stream's prefix)
     │   ├── UnsupportedVersionError a format version this build does not read
-    │   ├── BaseMismatchError       a delta applied to the wrong base model
-    │   └── LimitExceededError      a header claims more than the configured maximum
+    │   ├── BaseMismatchError       a delta applied to the wrong base model, or a base
+    │   │                           that shares no tensor with the model
+    │   ├── LimitExceededError      a header claims more than the configured maximum
+    │   ├── NonFiniteError          a tensor with NaN/Inf (or values beyond what the spec's
+    │   │                           number format holds) refused by the encoder; also a
+    │   │                           ValueError
+    │   └── UnsupportedTensorError  a tensor dtype or layout the codec cannot encode
+    │                               (complex, sparse); also a TypeError
     ├── IntegrityError              a digest or checksum does not match (DATA_LOSS)
     ├── ConfigError                 a configuration file or flag that cannot be used
     ├── RunFailedError              a run whose rounds aggregated nothing, too often
@@ -25,6 +31,10 @@ Everything that comes from data, peers or configuration is a ``FedsqueezeError``
 
 Lower-library errors (zstandard, protobuf, grpc) are translated at the boundary with
 ``raise Ours(...) from exc``.
+
+Warnings about input that is probably a mistake but may be intended (a spec reused
+across models whose ``targets`` match nothing here) are :class:`CodecWarning`, issued with
+:func:`warnings.warn`.
 """
 
 from __future__ import annotations
@@ -56,6 +66,37 @@ class BaseMismatchError(CodecError):
 
 class LimitExceededError(CodecError):
     """Encoded data claims sizes beyond the configured decoding limits."""
+
+
+class NonFiniteError(CodecError, ValueError):
+    """A tensor holds NaN or ±Inf (or values its spec's number format cannot hold), and
+    the encoder was told to refuse such tensors.
+
+    Attributes
+    ----------
+    tensor
+        The name of the tensor.
+    reason
+        What is wrong with it, without advice (callers add the option that allows it).
+    """
+
+    def __init__(self, tensor: str, reason: str, advice: str = "") -> None:
+        super().__init__(f"{reason}; not encoded{f' ({advice})' if advice else ''}")
+        self.tensor = tensor
+        self.reason = reason
+        self.advice = advice
+
+    def __reduce__(self) -> tuple[type[NonFiniteError], tuple[str, str, str]]:
+        # picklable (Ray and multiprocessing carry exceptions between processes)
+        return (type(self), (self.tensor, self.reason, self.advice))
+
+
+class UnsupportedTensorError(CodecError, TypeError):
+    """A tensor of a dtype or layout the codec does not encode (complex, sparse, ...)."""
+
+
+class CodecWarning(UserWarning):
+    """Input the codec accepts but that is probably not what was meant."""
 
 
 class IntegrityError(FedsqueezeError):

@@ -6,84 +6,263 @@ Examples::
     fedsqueeze codec encode new.pt delta.fsq --base old.pt --spec int8
     fedsqueeze codec decode model.fsq restored.pt
     fedsqueeze codec inspect model.fsq --original model.pt
+    fedsqueeze codec presets
 
-Specs are a preset name (see --list-presets) or comma-separated key=value pairs:
-prune=none|l1:S|global:S|channel:S|threshold:T, topk=F, rank=R (low-rank factors of
-matrices, for updates), quant=none|BITS[:affine|
+Specs are a preset name (see `fedsqueeze codec presets`) or comma-separated key=value
+pairs, each key at most once: prune=none|l1:S|global:S|channel:S|threshold:T, topk=F,
+rank=R (low-rank factors of matrices, for updates), quant=none|BITS[:affine|
 symmetric|pow2|kmeans][:tensor|channel][:nearest|stochastic], float=fp32|fp16|bf16,
-entropy=LEVEL (0 off), targets=PATTERN|PATTERN, min-ndim=N.
+entropy=LEVEL (zstd 0..22, 0 off), targets=PATTERN|PATTERN, min-ndim=N (0..8).
+
+Files: an output that is one of the inputs is refused; an existing output is refused
+unless --force. Outputs are written atomically, with the usual permissions (a new file
+gets 0666 minus the umask, a replaced one keeps its mode). decode writes by extension:
+.pt, .pth, .bin (PyTorch) or .safetensors; other extensions are refused.
+
+Non-finite values: a tensor with NaN or Inf (or values its spec cannot hold, such as
+beyond fp16's range) is refused, naming it; --allow-nonfinite sends such tensors
+losslessly instead, whatever the spec.
+
+Refused with exit status 2: a --base that shares no tensor (name, shape, dtype) with the
+model, --base for a file that is not a delta, a key given twice in --spec. A targets=
+pattern that matches no tensor is a warning (specs are reused across models).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import sys
+import warnings
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, TypeVar
 
-import torch
-from rich.console import Console
-from rich.table import Table
+from fedsqueeze.errors import ConfigError
 
-from fedsqueeze.cli.console import make_console
-from fedsqueeze.codec import PRESETS, EncodedModel, decode_state, encode_state
-from fedsqueeze.codec.inspect import describe
-from fedsqueeze.codec.spec_text import format_spec, parse_spec
-from fedsqueeze.statefile import load_state, save_state, write_atomic
+if TYPE_CHECKING:  # the heavy modules are imported by the actions, so --help stays fast
+    import torch
+    from rich.console import Console
+
+    from fedsqueeze.codec import EncodedModel
+
+T = TypeVar("T")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Register ``encode``, ``decode`` and ``inspect``."""
+    """Register ``encode``, ``decode``, ``inspect`` and ``presets``."""
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     sub = parser.add_subparsers(dest="codec_command", metavar="ACTION", required=True)
     enc = sub.add_parser("encode", help="compress a state_dict (.pt) or .safetensors file")
-    enc.add_argument("input", type=Path, help="PyTorch state_dict file or .safetensors file")
-    enc.add_argument("output", type=Path, help="where to write the encoded model (.fsq)")
+    # optional only so that the older `encode --list-presets` needs no dummy arguments
+    enc.add_argument(
+        "input", nargs="?", help="PyTorch state_dict file or .safetensors file (required)"
+    )
+    enc.add_argument("output", nargs="?", help="where to write the encoded model (required)")
     enc.add_argument(
         "--spec", default="lossless", help="preset name or key=value list (default: lossless)"
     )
-    enc.add_argument("--base", type=Path, help="encode as a delta against this model file")
+    enc.add_argument("--base", help="encode as a delta against this model file")
     enc.add_argument("--seed", type=int, default=0, help="seed for stochastic rounding")
-    enc.add_argument("--list-presets", action="store_true", help="print the presets and exit")
+    enc.add_argument("--force", action="store_true", help="replace OUTPUT if it exists")
+    enc.add_argument(
+        "--allow-nonfinite",
+        action="store_true",
+        help="send tensors with NaN/Inf (or values the spec cannot hold) losslessly "
+        "instead of refusing them",
+    )
+    enc.add_argument(
+        "--list-presets",
+        action="store_true",
+        help="print the presets and exit (same as `fedsqueeze codec presets`)",
+    )
     dec = sub.add_parser("decode", help="decompress an .fsq file into a state_dict file")
-    dec.add_argument("input", type=Path, help="encoded model (.fsq)")
-    dec.add_argument("output", type=Path, help=".pt or .safetensors file to write")
-    dec.add_argument("--base", type=Path, help="the base model, for a delta")
+    dec.add_argument("input", help="encoded model (.fsq)")
+    dec.add_argument("output", help="file to write: .pt, .pth, .bin (PyTorch) or .safetensors")
+    dec.add_argument("--base", help="the base model, for a delta")
+    dec.add_argument("--force", action="store_true", help="replace OUTPUT if it exists")
     ins = sub.add_parser("inspect", help="per-tensor table of stages, sizes and errors")
-    ins.add_argument("input", type=Path, help="encoded model (.fsq)")
-    ins.add_argument("--original", type=Path, help="the uncompressed model, for max error")
-    ins.add_argument("--base", type=Path, help="the base model, for a delta")
+    ins.add_argument("input", help="encoded model (.fsq)")
+    ins.add_argument("--original", help="the uncompressed model, for max error")
+    ins.add_argument("--base", help="the base model, for a delta")
+    sub.add_parser("presets", help="list the spec presets and what they stand for")
 
 
 def main(args: argparse.Namespace) -> int:
     """Run one codec action."""
-    console = make_console()
+    if args.codec_command == "presets" or getattr(args, "list_presets", False):
+        return _presets()
     if args.codec_command == "encode":
-        if args.list_presets:
-            for name, spec in PRESETS.items():
-                console.print(f"[bold]{name}[/bold]: {format_spec(spec)}")
-            return 0
-        spec = parse_spec(args.spec)
-        state = load_state(args.input)
-        base = load_state(args.base) if args.base else None
-        encoded = encode_state(state, spec, base, seed=args.seed)
-        data = encoded.to_bytes()
-        write_atomic(args.output, data)
-        raw = sum(t.numel() * t.element_size() for t in state.values())
-        console.print(
-            f"{args.input} → {args.output}: {raw:,} → {len(data):,} bytes "
-            f"({raw / max(1, len(data)):.1f}× smaller), spec {format_spec(spec)}"
-        )
-        return 0
-    encoded = EncodedModel.from_bytes(Path(args.input).read_bytes())
-    base = load_state(args.base) if args.base else None
+        return _encode(args)
     if args.codec_command == "decode":
-        state = decode_state(encoded, base)
-        save_state(state, args.output)
-        console.print(f"{args.input} → {args.output}: {len(state)} tensors")
-        return 0
+        return _decode(args)
+    return _inspect(args)
+
+
+def _presets() -> int:
+    from fedsqueeze.cli.console import make_console
+    from fedsqueeze.codec import PRESETS
+    from fedsqueeze.codec.spec_text import format_spec
+
+    console = make_console()
+    for name, spec in PRESETS.items():
+        console.print(f"[bold]{name}[/bold]: {format_spec(spec)}")
+    return 0
+
+
+def _encode(args: argparse.Namespace) -> int:
+    if args.input is None or args.output is None:
+        raise ConfigError("encode needs INPUT and OUTPUT (see fedsqueeze codec encode --help)")
+    source, base_path = Path(args.input), _optional(args.base)
+    output = _check_output(args.output, [source, base_path], args.force)
+    from fedsqueeze.codec import NonFinite, encode_state
+    from fedsqueeze.codec.spec_text import format_spec, parse_spec
+    from fedsqueeze.errors import NonFiniteError
+    from fedsqueeze.statefile import load_state
+
+    spec = parse_spec(args.spec)
+    state = load_state(source)
+    base = load_state(base_path) if base_path is not None else None
+    policy = NonFinite.CARRY if args.allow_nonfinite else NonFinite.REFUSE
+    try:
+        encoded = _warning_lines(
+            lambda: encode_state(state, spec, base, seed=args.seed, nonfinite=policy)
+        )
+    except NonFiniteError as exc:
+        advice = "pass --allow-nonfinite to send such tensors losslessly"
+        raise NonFiniteError(exc.tensor, exc.reason, advice) from exc
+    data = encoded.to_bytes()
+    _write(output, args.force, lambda overwrite: _write_bytes(output, data, overwrite))
+    raw = sum(t.numel() * t.element_size() for t in state.values())
+    _console().print(
+        f"{source} → {output}: {raw:,} → {len(data):,} bytes "
+        f"({raw / max(1, len(data)):.1f}× smaller), spec {format_spec(spec)}"
+    )
+    return 0
+
+
+def _decode(args: argparse.Namespace) -> int:
+    from fedsqueeze.statefile import state_format
+
+    source, base_path = Path(args.input), _optional(args.base)
+    output = _check_output(args.output, [source, base_path], args.force)
+    fmt = state_format(output)  # an extension we cannot write: before any work
+    from fedsqueeze.codec import decode_state
+    from fedsqueeze.statefile import load_state, save_state
+
+    encoded = _read_encoded(source)
+    _check_base_for(encoded, source, base_path)
+    base = load_state(base_path) if base_path is not None else None
+    state = decode_state(encoded, base)
+    _write(output, args.force, lambda overwrite: save_state(state, output, overwrite=overwrite))
+    _console().print(f"{source} → {output}: {len(state)} tensors ({fmt.value})")
+    return 0
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from fedsqueeze.codec import decode_state
+    from fedsqueeze.statefile import load_state
+
+    source, base_path = Path(args.input), _optional(args.base)
+    encoded = _read_encoded(source)
+    _check_base_for(encoded, source, base_path)
+    base = load_state(base_path) if base_path is not None else None
     original = load_state(args.original) if args.original else None
     decoded = decode_state(encoded, base) if (original is not None) else None
-    _print_inspect(console, encoded, base, original, decoded)
+    _print_inspect(_console(), encoded, base, original, decoded)
     return 0
+
+
+# ---------------------------------------------------------------------- checks
+def _optional(path: str | None) -> Path | None:
+    return Path(path) if path is not None else None
+
+
+def _check_output(given: str, inputs: list[Path | None], force: bool) -> Path:
+    """The output path, checked before any work: not empty, not an input, not an existing
+    file (unless ``force``), in a folder that exists."""
+    if not given.strip():
+        raise ConfigError("the output path is empty; give a file name")
+    output = Path(given)
+    for path in inputs:
+        if path is not None and _same_file(path, output):
+            raise ConfigError(f"{given} is also an input; write the output to another file")
+    if output.is_dir():
+        raise ConfigError(f"{given} is a directory; give a file name")
+    if output.exists() and not force:
+        raise ConfigError(f"{given} exists; pass --force to replace it")
+    parent = output.parent
+    if not parent.is_dir():
+        raise ConfigError(f"cannot write {given}: no such directory {parent}")
+    return output
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    """Whether ``a`` and ``b`` name one file (same path, a link, or a hard link)."""
+    try:
+        if os.path.samefile(a, b):
+            return True
+    except OSError:
+        pass  # one does not exist (yet): compare the paths
+    return a.resolve() == b.resolve()
+
+
+def _read_encoded(path: Path) -> EncodedModel:
+    """An encoded model from ``path``; a missing file is worded as for any input."""
+    from fedsqueeze.codec import EncodedModel
+    from fedsqueeze.statefile import check_readable
+
+    check_readable(path)
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror or exc}") from exc
+    return EncodedModel.from_bytes(data)
+
+
+def _check_base_for(encoded: EncodedModel, source: Path, base: Path | None) -> None:
+    if base is not None and encoded.base_digest is None:
+        raise ConfigError(
+            f"{source} is a full model, not a delta: it has no base, drop --base {base}"
+        )
+
+
+def _write(output: Path, force: bool, write: Callable[[bool], None]) -> None:
+    """Run ``write(overwrite)``; errors name ``output`` in one line."""
+    try:
+        write(force)
+    except FileExistsError as exc:  # created while we worked
+        raise ConfigError(f"{output} exists; pass --force to replace it") from exc
+    except OSError as exc:
+        raise ConfigError(f"cannot write {output}: {exc.strerror or exc}") from exc
+
+
+def _write_bytes(output: Path, data: bytes, overwrite: bool) -> None:
+    from fedsqueeze.statefile import write_atomic
+
+    write_atomic(output, data, overwrite=overwrite)
+
+
+def _warning_lines(work: Callable[[], T]) -> T:
+    """Run ``work``; print each :class:`~fedsqueeze.errors.CodecWarning` as one line."""
+    from fedsqueeze.errors import CodecWarning
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", CodecWarning)
+        result = work()
+    for w in caught:
+        if issubclass(w.category, CodecWarning):
+            print(f"fedsqueeze codec: warning: {w.message}", file=sys.stderr)
+        else:
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+    return result
+
+
+# ---------------------------------------------------------------------- output
+def _console() -> Console:
+    from fedsqueeze.cli.console import make_console
+
+    return make_console()
 
 
 def _print_inspect(
@@ -93,6 +272,11 @@ def _print_inspect(
     original: dict[str, torch.Tensor] | None,
     decoded: dict[str, torch.Tensor] | None,
 ) -> None:
+    from rich.table import Table
+
+    from fedsqueeze.codec.inspect import describe
+    from fedsqueeze.codec.spec_text import format_spec
+
     rows = describe(encoded, base)
     table = Table(title=f"{len(rows)} tensors · spec {format_spec(encoded.spec)}")
     for col in ("tensor", "shape", "stages", "bytes before", "bytes after", "ratio", "max error"):

@@ -2,12 +2,13 @@
 
 Public entry points: :class:`CodecSpec` (with :class:`PruneSpec`, :class:`QuantSpec`),
 :func:`encode_state`, :func:`decode_state`, :class:`EncodedModel`, :func:`state_digest`,
-:func:`split_segments` / :func:`join_segments`. Errors are ``fedsqueeze.errors.CodecError``
-subclasses.
+:func:`split_segments` / :func:`join_segments`, :class:`NonFinite` (what ``encode_state``
+does with NaN/Inf). Errors are ``fedsqueeze.errors.CodecError`` subclasses.
 """
 
 from fedsqueeze.codec.container import DecodeLimits, TensorRecord
 from fedsqueeze.codec.digest import state_digest
+from fedsqueeze.codec.finite import NonFinite
 from fedsqueeze.codec.model import (
     EncodedModel,
     PrefixDecoded,
@@ -37,6 +38,7 @@ __all__ = [
     "EncodedModel",
     "FloatFormat",
     "Granularity",
+    "NonFinite",
     "PrefixDecoded",
     "PruneMethod",
     "PruneSpec",

@@ -11,6 +11,8 @@ copied to the host as bytes.
 
 from __future__ import annotations
 
+import fnmatch
+import warnings
 import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -30,11 +32,20 @@ from fedsqueeze.codec.container import (
     parse_record,
 )
 from fedsqueeze.codec.digest import state_digest
+from fedsqueeze.codec.finite import NonFinite
 from fedsqueeze.codec.pruning import global_magnitude_masks
-from fedsqueeze.codec.spec import CodecSpec, PruneMethod
+from fedsqueeze.codec.spec import DEFAULT_TARGETS, CodecSpec, PruneMethod
 from fedsqueeze.codec.tensor_decode import ProgressiveTensor, TensorDecoder
 from fedsqueeze.codec.tensor_encode import ScoredLevel, TensorEncoder
-from fedsqueeze.errors import BaseMismatchError, FormatError, LimitExceededError, TruncatedError
+from fedsqueeze.errors import (
+    BaseMismatchError,
+    CodecWarning,
+    FormatError,
+    LimitExceededError,
+    NonFiniteError,
+    TruncatedError,
+    UnsupportedTensorError,
+)
 
 State = Mapping[str, torch.Tensor]
 
@@ -194,6 +205,7 @@ def encode_state(
     residual: State | None = None,
     seed: int | None = None,
     base_digest: bytes | None = None,
+    nonfinite: NonFinite = NonFinite.REFUSE,
 ) -> EncodedModel:
     """Encode a state dict, as a delta against ``base`` when one is given.
 
@@ -213,28 +225,60 @@ def encode_state(
         Seed of the stochastic-rounding generator (``None``: nondeterministic).
     base_digest
         ``state_digest(base)`` when the caller already has it (saves hashing the base).
+    nonfinite
+        What to do with a floating tensor its path cannot encode: NaN or ±Inf in it (or in
+        its difference to the base), values beyond ``±2^126`` when quantized, or beyond
+        fp16/bf16's range when cast. :attr:`NonFinite.REFUSE` raises; :attr:`NonFinite.CARRY`
+        sends such tensors losslessly (bit-exact), whatever the spec.
 
     Returns
     -------
     EncodedModel
         With ``residual`` set to the new error-feedback residual for top-k and low-rank
         specs.
+
+    Raises
+    ------
+    NonFiniteError
+        A tensor its path cannot encode, with ``nonfinite=NonFinite.REFUSE`` (the
+        default); the message names it.
+    UnsupportedTensorError
+        A complex, sparse or otherwise unsupported tensor (also a ``TypeError``).
+    BaseMismatchError
+        A ``base`` that shares no tensor (same name, shape and dtype) with ``state``:
+        nothing would be sent as a difference, so it is not this model's base.
+
+    Warns
+    -----
+    CodecWarning
+        A ``targets`` pattern other than the default that matches no tensor name (specs
+        are reused across models, so this is not an error).
     """
     if not isinstance(spec, CodecSpec):
         raise TypeError(f"spec must be a CodecSpec, got {type(spec).__name__}")
+    if not isinstance(nonfinite, NonFinite):
+        raise TypeError(f"nonfinite must be a NonFinite, got {type(nonfinite).__name__}")
     _check_state(state, "state")
     if base is not None:
         _check_state(base, "base")
+        _check_shares_tensors(state, base)
         if base_digest is None:
             base_digest = state_digest(base)
+    _warn_unmatched_targets(spec, state)
     encoder = TensorEncoder(spec, base, residual, seed)
+    carried = _unencodable(state, encoder, nonfinite)
     masks = (
-        _global_masks(state, spec, encoder) if spec.prune.method is PruneMethod.L1_GLOBAL else {}
+        _global_masks(state, spec, encoder, carried)
+        if spec.prune.method is PruneMethod.L1_GLOBAL
+        else {}
     )
     records = []
     new_residual: dict[str, torch.Tensor] = {}
     for name, tensor in state.items():
-        record, res = encoder.encode(name, tensor.detach(), masks.get(name))
+        if name in carried:
+            record, res = encoder.carry(name, tensor.detach())
+        else:
+            record, res = encoder.encode(name, tensor.detach(), masks.get(name))
         records.append(record)
         if res is not None:
             new_residual[name] = res
@@ -475,11 +519,53 @@ def _progressive_order(
     return ordered
 
 
-def _global_masks(state: State, spec: CodecSpec, encoder: TensorEncoder) -> dict[str, torch.Tensor]:
+def _unencodable(state: State, encoder: TensorEncoder, nonfinite: NonFinite) -> frozenset[str]:
+    """The tensors to carry losslessly; raises for the first one under ``REFUSE``."""
+    carried = []
+    for name, t in state.items():
+        problem = encoder.problem(name, t.detach())
+        if problem is None:
+            continue
+        if nonfinite is NonFinite.REFUSE:
+            raise NonFiniteError(name, problem)
+        carried.append(name)
+    return frozenset(carried)
+
+
+def _check_shares_tensors(state: State, base: State) -> None:
+    """A base must share at least one tensor (name, shape, dtype) with a non-empty state."""
+    if not state:
+        return
+    for name, t in state.items():
+        b = base.get(name)
+        if b is not None and b.shape == t.shape and b.dtype == t.dtype:
+            return
+    raise BaseMismatchError(
+        f"the base shares no tensor (same name, shape and dtype) with the model "
+        f"({len(base)} tensors in the base, {len(state)} in the model): it is not its base"
+    )
+
+
+def _warn_unmatched_targets(spec: CodecSpec, state: State) -> None:
+    """Warn about each chosen ``targets`` pattern that matches no tensor name."""
+    if spec.targets == DEFAULT_TARGETS or not state:
+        return
+    for pattern in spec.targets:
+        if not any(fnmatch.fnmatchcase(name, pattern) for name in state):
+            warnings.warn(
+                f"codec spec targets pattern {pattern!r} matches no tensor of the model",
+                CodecWarning,
+                stacklevel=3,
+            )
+
+
+def _global_masks(
+    state: State, spec: CodecSpec, encoder: TensorEncoder, carried: frozenset[str]
+) -> dict[str, torch.Tensor]:
     work = {
         name: encoder.lossy_input(name, t.detach())
         for name, t in state.items()
-        if encoder.is_lossy(name, t)
+        if name not in carried and encoder.is_lossy(name, t)
     }
     if not work:
         return {}
@@ -494,8 +580,15 @@ def _check_state(state: State, what: str) -> None:
             raise TypeError(f"{what} has a non-string or empty key {name!r}")
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{what}[{name!r}] is {type(t).__name__}, not a tensor")
+        if t.is_complex():
+            raise UnsupportedTensorError(
+                f"{what} tensor {name!r} is complex ({t.dtype}): the codec encodes real "
+                f"tensors only (store real and imaginary parts as two tensors)"
+            )
         if t.is_sparse or t.dtype not in _SUPPORTED:
-            raise TypeError(f"{what}[{name!r}] has unsupported dtype/layout {t.dtype}")
+            raise UnsupportedTensorError(
+                f"{what} tensor {name!r} has unsupported dtype/layout {t.dtype}/{t.layout}"
+            )
 
 
 _SUPPORTED = {

@@ -15,6 +15,10 @@ roundings ``nearest stochastic``), ``float`` (``fp32 fp16 bf16``), ``entropy`` (
 level, 0 = off), ``targets`` (glob patterns joined by ``|``), ``min-ndim``, ``levels``
 (progressive transmission: bits added per level joined by ``+``, e.g. ``2+2+4`` with
 ``quant=8``, or ``none``).
+
+Each key may appear once (after a preset, to override it): ``quant=8,quant=4`` is
+refused rather than silently taking the last. Range errors name the key as typed
+(``entropy must be in 0..22``), never a field of :class:`CodecSpec`.
 """
 
 from __future__ import annotations
@@ -57,10 +61,14 @@ def parse_spec(text: str) -> CodecSpec:
         if name not in PRESETS:
             raise ConfigError(f"unknown codec preset {name!r}; presets: {', '.join(PRESETS)}")
         spec = PRESETS[name]
+    seen: set[str] = set()
     for part in parts:
         key, sep, value = part.partition("=")
         if not sep:
             raise ConfigError(f"expected key=value in codec spec, got {part!r}")
+        if key.strip() in seen:
+            raise ConfigError(f"codec spec gives {key.strip()!r} twice; give each key once")
+        seen.add(key.strip())
         try:
             spec = _apply(spec, key.strip(), value.strip())
         except ValueError as exc:
@@ -82,11 +90,17 @@ def _apply(spec: CodecSpec, key: str, value: str) -> CodecSpec:
             raise ValueError(f"float must be one of {', '.join(_FLOATS)}")
         return replace(spec, float_format=_FLOATS[value])
     if key == "entropy":
-        return replace(spec, entropy_level=int(value))
+        level = int(value)
+        if not 0 <= level <= 22:
+            raise ValueError(f"entropy must be a zstd level in 0..22 (0 = off), got {level}")
+        return replace(spec, entropy_level=level)
     if key == "targets":
         return replace(spec, targets=tuple(p for p in value.split("|") if p))
     if key == "min-ndim":
-        return replace(spec, min_ndim=int(value))
+        ndim = int(value)
+        if not 0 <= ndim <= 8:
+            raise ValueError(f"min-ndim must be in 0..8, got {ndim}")
+        return replace(spec, min_ndim=ndim)
     if key == "levels":
         return replace(spec, levels=_levels(value))
     raise ValueError(

@@ -17,6 +17,10 @@ encoder keeps the refinements and each level's gain for :func:`encode_state` to 
 
 On every path a tensor with nothing to send (bit-identical to its base or all zero bits;
 for the lossy paths, nothing nonzero left after masking) is a ZERO record, about 2 bytes.
+
+A floating tensor its path cannot encode (NaN, Inf, values beyond the format: see
+:mod:`fedsqueeze.codec.finite`) is reported by :meth:`TensorEncoder.problem` before any
+stage runs; the caller refuses it or sends it with :meth:`TensorEncoder.carry`.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from fedsqueeze.codec.container import (
     ValueKind,
 )
 from fedsqueeze.codec.digest import tensor_bytes
+from fedsqueeze.codec.finite import unrepresentable
 from fedsqueeze.codec.lowrank import factorize, matrix_shape, worth_factoring
 from fedsqueeze.codec.positions import encode_positions, mask_to_indices
 from fedsqueeze.codec.progressive import (
@@ -141,6 +146,37 @@ class TensorEncoder:
             gen.manual_seed(self._seed)
             self._generators[device] = gen
         return gen
+
+    def problem(self, name: str, t: torch.Tensor) -> str | None:
+        """Why this tensor's path cannot encode it (NaN, Inf, out of range), else ``None``."""
+        if not t.is_floating_point():
+            return None
+        spec = self._spec
+        fmt = _CAST_DTYPES[spec.float_format]
+        if self.is_lossy(name, t):
+            quantized = spec.quant is not None
+            return unrepresentable(
+                name,
+                t,
+                self.lossy_input(name, t),
+                quantized=quantized,
+                cast=None if quantized else fmt,
+            )
+        if fmt != t.dtype and spec.float_format is not FloatFormat.FP32:
+            b = self._base_of(name, t)
+            x = t.to(torch.float32) if b is None else t.to(torch.float32) - b.to(torch.float32)
+            return unrepresentable(name, t, x, quantized=False, cast=fmt)
+        return unrepresentable(name, t, t, quantized=False, cast=None)
+
+    def carry(self, name: str, t: torch.Tensor) -> tuple[TensorRecord, torch.Tensor | None]:
+        """Encode a tensor bit-exactly, whatever the spec (for values it cannot hold).
+
+        The residual passed in for it (if any) stays unsent and is returned as is.
+        """
+        r = self._residual.get(name) if self._spec.feedback else None
+        if r is not None:
+            r = r.detach().to(device=t.device, dtype=torch.float32)
+        return self._lossless(name, t), r
 
     # ------------------------------------------------------------------ encode
     def encode(

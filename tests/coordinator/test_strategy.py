@@ -13,7 +13,7 @@ from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedProx, FedTrim
 
 from coordinator.strategy import CompressedStrategy, PulledUpdate
 from coordinator.version_store import VersionStore
-from fedsqueeze.codec import CodecSpec, QuantSpec, encode_state
+from fedsqueeze.codec import CodecSpec, NonFinite, QuantSpec, encode_state
 from fedsqueeze.control import CONTROL_KEY, RECEIPT_KEY, RoundInstruction, TrainReceipt
 
 
@@ -121,7 +121,9 @@ def test_bad_and_missing_updates_are_dropped_and_the_round_continues(tmp_path: P
     nan_model = {k: v.clone() for k, v in g.items()}
     nan_model["w"][0, 0] = float("nan")
     far = {k: v + 10.0 for k, v in g.items()}
-    pushed["nan"] = PulledUpdate(encode_state(nan_model, CodecSpec(), g), target, "2")
+    # an edge that carries NaN on purpose (the default refuses to encode it)
+    nan_update = encode_state(nan_model, CodecSpec(), g, nonfinite=NonFinite.CARRY)
+    pushed["nan"] = PulledUpdate(nan_update, target, "2")
     pushed["far"] = PulledUpdate(encode_state(far, CodecSpec(quant=QuantSpec(8)), g), target, "3")
     receipts = {
         1: TrainReceipt("never-arrived", target, 5, 0.1, 1, 1, 0, 0, 0),
