@@ -164,8 +164,9 @@ class Coordinator:
             self.store.publish(arrays.to_torch_state_dict(), track="global")
             self.store.complete_round(absolute, metrics)
         log.info(
-            "round %d: accuracy %.4f loss %.4f, %d B down, %d B up",
+            "round %d%s: accuracy %.4f loss %.4f, %d B down, %d B up",
             absolute,
+            _flower_round_note(server_round, self.offset),
             result.accuracy,
             result.loss,
             int(metrics["bytes-down"]),
@@ -191,6 +192,11 @@ class Coordinator:
     def close(self) -> None:
         """Stop the data plane."""
         self.plane.close()
+
+
+def _flower_round_note(server_round: int, offset: int) -> str:
+    """After a resume Flower counts this run's rounds from 1: say so beside ours."""
+    return f" (Flower's round {server_round} of this run)" if offset else ""
 
 
 def _budgeted(
