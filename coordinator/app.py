@@ -196,7 +196,11 @@ class Coordinator:
 
 def _flower_round_note(server_round: int, offset: int) -> str:
     """After a resume Flower counts this run's rounds from 1: say so beside ours."""
-    return f" (Flower's round {server_round} of this run)" if offset else ""
+    if not offset:
+        return ""
+    if server_round == 0:
+        return " (the model resumed from: Flower's initial evaluation of this run)"
+    return f" (Flower's round {server_round} of this run)"
 
 
 def _budgeted(

@@ -171,9 +171,10 @@ class RunLog:
             if count == last_count and now - when < self.waiting_every_s:
                 self._held_back += 1
                 return None
+        changed = self._waiting is not None and self._waiting[0] != count
         self._waiting = (count, now)
         held, self._held_back = self._held_back, 0
-        if held:
+        if held and not changed:
             note = f"  ({held} more such line(s) left out; one every {self.waiting_every_s:.0f} s)"
             line = line.rstrip("\n") + note + "\n"
         return line
