@@ -52,7 +52,7 @@ def test_backoff_doubles_up_to_the_cap_and_jitter_only_shortens() -> None:
     assert len({jittered.delay(3, rng) for _ in range(20)}) > 1  # edges do not stampede
     for bad in ({"factor": 0.5}, {"initial_s": 5, "cap_s": 1}, {"jitter": 2}):
         with pytest.raises(ValueError):
-            Backoff(**bad)  # type: ignore[arg-type]
+            Backoff(**bad)
     with pytest.raises(ValueError):
         plain.delay(0, rng)
 
