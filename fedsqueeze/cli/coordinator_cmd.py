@@ -70,6 +70,7 @@ _FLAG_KEYS: dict[str, tuple[str, ...]] = {
     "state_dir": ("state-dir",),
     "data_plane_host": ("data-plane-host",),
     "data_plane_port": ("data-plane-port",),
+    "data_plane_advertise": ("data-plane-advertise",),
     "min_nodes": ("min-train-nodes", "min-available-nodes"),
     "tls_cert": ("tls-cert",),
     "tls_key": ("tls-key",),
@@ -121,6 +122,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         metavar="PORT",
         help="its port (default 0: any free port; fix one to open it in a firewall)",
+    )
+    plane.add_argument(
+        "--data-plane-advertise",
+        metavar="HOST[:PORT]",
+        help="the address edges are told to dial, when it is not --data-plane-host "
+        "(listening on 0.0.0.0, behind NAT or a port forward)",
     )
     plane.add_argument("--tls-cert", metavar="FILE", help="PEM certificate: serve it over TLS")
     plane.add_argument("--tls-key", metavar="FILE", help="PEM private key of --tls-cert")
