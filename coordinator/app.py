@@ -166,8 +166,9 @@ class Coordinator:
             self.store.publish(arrays.to_torch_state_dict(), track="global")
             self.store.complete_round(absolute, metrics)
         log.info(
-            "round %d: accuracy %.4f loss %.4f, %d B down, %d B up",
+            "round %d%s: accuracy %.4f loss %.4f, %d B down, %d B up",
             absolute,
+            _flower_round_note(server_round, self.offset),
             result.accuracy,
             result.loss,
             int(metrics["bytes-down"]),
@@ -234,6 +235,15 @@ def _loss_metrics(stats: RoundStats | None) -> dict[str, float]:
         "edges-dropped": float(len(stats.dropped)),
         "round-failed": float(not stats.aggregated),
     }
+
+
+def _flower_round_note(server_round: int, offset: int) -> str:
+    """After a resume Flower counts this run's rounds from 1: say so beside ours."""
+    if not offset:
+        return ""
+    if server_round == 0:
+        return " (the model resumed from: Flower's initial evaluation of this run)"
+    return f" (Flower's round {server_round} of this run)"
 
 
 def _budgeted(

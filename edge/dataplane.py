@@ -11,8 +11,9 @@ transfer wait are reported, so that a caller timing its local work can leave the
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -22,7 +23,7 @@ import torch
 from fedsqueeze.codec import EncodedModel
 from fedsqueeze.codec.spec_text import parse_spec
 from fedsqueeze.control import RoundInstruction
-from fedsqueeze.errors import IntegrityError
+from fedsqueeze.errors import FedsqueezeError, IntegrityError, TransportError
 from fedsqueeze.transport.client import TransferClient
 from fedsqueeze.transport.shaping import LinkShaper
 from fedsqueeze.transport.tls import ClientTls
@@ -129,7 +130,10 @@ class GrpcConnector:
         held: State | None,
     ) -> Fetched:
         link = self.link() if self.link is not None else None
-        with self._client(instruction, edge_id, link) as client:
+        with (
+            self._failure_named("fetching the model", instruction),
+            self._client(instruction, edge_id, link) as client,
+        ):
             result = client.fetch(
                 instruction.target,
                 spec=parse_spec(instruction.down_spec),
@@ -152,9 +156,59 @@ class GrpcConnector:
         encoded: EncodedModel,
     ) -> Pushed:
         link = self.link() if self.link is not None else None
-        with self._client(instruction, edge_id, link) as client:
+        with (
+            self._failure_named("pushing the update", instruction),
+            self._client(instruction, edge_id, link) as client,
+        ):
             result = client.push_update(
                 encoded, update_id=update_id, base_digest=bytes.fromhex(base_digest)
             )
         wire = result.stats.wire
         return Pushed(wire.received, wire.sent, link.waited_s if link is not None else 0.0)
+
+    @contextlib.contextmanager
+    def _failure_named(self, what: str, instruction: RoundInstruction) -> Iterator[None]:
+        """Re-raise a transport failure with its cause and the address in one line.
+
+        The message travels in the ClientApp's error reply to the coordinator, whose log
+        then says *why* (``CERTIFICATE_VERIFY_FAILED``, ``Connection refused``), not only
+        that the server was unavailable.
+        """
+        try:
+            yield
+        except TransportError as exc:
+            raise _same_kind(exc, self._describe(what, instruction, exc)) from exc
+
+    def _describe(self, what: str, instruction: RoundInstruction, exc: Exception) -> str:
+        scheme = "TLS" if instruction.tls else "plaintext"
+        message = f"{what} from the data plane at {instruction.address} ({scheme}) failed: {exc}"
+        cause = failure_cause(exc)
+        if cause and cause not in message:
+            message += f"; cause: {cause}"
+        if instruction.tls and self.root_ca is None and "CERTIFICATE_VERIFY" in message.upper():
+            message += " (this edge trusts only the system's CAs: start it with --data-plane-ca)"
+        return " ".join(message.split())
+
+
+def failure_cause(exc: BaseException) -> str:
+    """The lowest-level reason in ``exc``'s chain: a gRPC status message, or ``""``."""
+    seen: set[int] = set()
+    cause: BaseException | None = exc
+    found = ""
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        details = getattr(cause, "details", None)
+        if callable(details):
+            with contextlib.suppress(Exception):
+                value = details()
+                if isinstance(value, str) and value:
+                    found = value
+        cause = cause.__cause__ or cause.__context__
+    return found
+
+
+def _same_kind(exc: FedsqueezeError, message: str) -> FedsqueezeError:
+    try:
+        return type(exc)(message)
+    except TypeError:  # a subclass with another constructor
+        return TransportError(message)

@@ -29,6 +29,7 @@ import argparse
 import sys
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fedsqueeze.deploy.federation import (
     LinkConnection,
@@ -37,7 +38,9 @@ from fedsqueeze.deploy.federation import (
     write_flower_config,
     write_run_config,
 )
-from fedsqueeze.deploy.processes import Supervisor, interrupt_on_signals
+from fedsqueeze.deploy.invite import edge_command
+from fedsqueeze.deploy.preflight import parse_address
+from fedsqueeze.deploy.processes import Supervisor, check_port_free, interrupt_on_signals
 from fedsqueeze.deploy.runs import (
     STATE_FILE,
     RoundSummary,
@@ -57,8 +60,9 @@ from fedsqueeze.deploy.superlink import (
     start_superlink,
 )
 from fedsqueeze.errors import ConfigError
-from fedsqueeze.runconfig import RunSettings
-from fedsqueeze.transport.tls import is_loopback
+
+if TYPE_CHECKING:  # imported where used: they pull in PyTorch, and --help must be quick
+    from fedsqueeze.runconfig import RunSettings
 
 __all__ = ["add_arguments", "main", "settings_from_args"]
 
@@ -71,6 +75,7 @@ _FLAG_KEYS: dict[str, tuple[str, ...]] = {
     "state_dir": ("state-dir",),
     "data_plane_host": ("data-plane-host",),
     "data_plane_port": ("data-plane-port",),
+    "data_plane_advertise": ("data-plane-advertise",),
     "min_nodes": ("min-train-nodes", "min-available-nodes"),
     "tls_cert": ("tls-cert",),
     "tls_key": ("tls-key",),
@@ -123,6 +128,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="PORT",
         help="its port (default 0: any free port; fix one to open it in a firewall)",
     )
+    plane.add_argument(
+        "--data-plane-advertise",
+        metavar="HOST[:PORT]",
+        help="the address edges are told to dial, when it is not --data-plane-host "
+        "(listening on 0.0.0.0, behind NAT or a port forward)",
+    )
     plane.add_argument("--tls-cert", metavar="FILE", help="PEM certificate: serve it over TLS")
     plane.add_argument("--tls-key", metavar="FILE", help="PEM private key of --tls-cert")
     link = parser.add_argument_group("Flower's SuperLink (control messages)")
@@ -166,6 +177,9 @@ def settings_from_args(args: argparse.Namespace) -> RunSettings:
     ConfigError
         For a malformed ``--set``, an unknown key or a value that does not fit.
     """
+    from fedsqueeze.runconfig import RunSettings
+    from fedsqueeze.transport.tls import is_loopback
+
     _check_min_nodes(args.min_nodes)
     config: dict[str, object] = {}
     for item in args.set:
@@ -196,13 +210,19 @@ def settings_from_args(args: argparse.Namespace) -> RunSettings:
 
 def main(args: argparse.Namespace) -> int:
     """Run the coordinator; returns the exit status."""
+    from fedsqueeze.runconfig import RunSettings
+
     settings = settings_from_args(args)
     tls = _flower_tls(args)
     local = args.superlink is None
+    if args.superlink is not None:
+        parse_address(args.superlink, "--superlink")
+    _check_state_dir(settings.state_dir)
     flower_dir = Path(settings.state_dir).expanduser().resolve() / "flower"
     if local:
         settings = _localize(settings)
         _check_resume(settings)
+        _check_data_plane_port(settings)
     link = SuperLinkOptions(args.superlink_host, _port(args.superlink_port), tls)
     address = args.superlink or link.local_address
     ca = Path(args.flower_ca).expanduser().resolve() if args.flower_ca else None
@@ -219,15 +239,10 @@ def main(args: argparse.Namespace) -> int:
             log_file = flower_dir / "superlink.log"
             print(f"Starting a Flower SuperLink on {link.host}:{link.port} (log: {log_file})")
             start_superlink(supervisor, link, env, log_file)
-            edge_host = "THIS-MACHINE" if link.host in ("0.0.0.0", "::") else link.host
-            print(
-                "SuperLink ready. Start each edge with:\n"
-                f"  fedsqueeze edge --superlink {edge_host}:{link.port} "
-                f"--partition-id I --num-partitions N" + (" --flower-ca CA.pem" if tls else ""),
-                flush=True,
-            )
+            print(_edge_instructions(link, settings), flush=True)
+        offset = _resume_banner(settings) if local else 0
         runner = supervisor.start(flwr_run_spec(app_dir, run_config, env))
-        run_log = RunLog(out, color=out.isatty())
+        run_log = RunLog(out, color=out.isatty(), round_offset=offset)
         try:
             run_id = run_log.follow(runner)
         except KeyboardInterrupt:
@@ -321,3 +336,52 @@ def _port(value: int) -> int:
     if not 1 <= value <= 65535:
         raise ConfigError(f"--superlink-port must be in 1..65535, got {value}")
     return value
+
+
+def _check_state_dir(name: str) -> None:
+    """A --state-dir that exists must be a directory."""
+    path = Path(name).expanduser()
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"--state-dir {name} is not a directory")
+
+
+def _check_data_plane_port(settings: RunSettings) -> None:
+    """A fixed data-plane port must be free now, before the SuperLink starts.
+
+    The ServerApp binds it only once the run starts; found busy then, the run fails
+    after edges have connected.
+    """
+    if settings.data_plane_port:
+        host = {"": "0.0.0.0"}.get(settings.data_plane_host, settings.data_plane_host)
+        check_port_free(host, settings.data_plane_port, "the data plane (--data-plane-port)")
+
+
+def _edge_instructions(link: SuperLinkOptions, settings: RunSettings) -> str:
+    """The complete command edges start with, TLS flags included."""
+    host = "THIS-MACHINE" if link.host in ("0.0.0.0", "::", "") else link.host
+    address = f"[{host}]:{link.port}" if ":" in host else f"{host}:{link.port}"
+    command = edge_command(
+        address,
+        flower_ca=link.tls.ca_certfile if link.tls else None,
+        data_plane_cert=Path(settings.tls_cert) if settings.tls_cert else None,
+    )
+    lines = ["SuperLink ready. Start each edge with:", f"  {command}"]
+    if link.tls or settings.tls_cert:
+        lines.append("  (copy the CA file(s) named there to each edge machine)")
+    return "\n".join(lines)
+
+
+def _resume_banner(settings: RunSettings) -> int:
+    """Say where a resumed run picks up; returns the rounds already completed."""
+    if not settings.resume:
+        return 0
+    done = max((r.server_round for r in read_round_summaries(Path(settings.state_dir))), default=0)
+    if done:
+        left = max(0, settings.num_rounds - done)
+        print(
+            f"Resuming the run in {settings.state_dir} after round {done} of "
+            f"{settings.num_rounds}: {left} round(s) to go. Flower counts the rounds of "
+            f"this run from 1, so its [ROUND 1/{left}] is fedsqueeze round {done + 1}.",
+            flush=True,
+        )
+    return done

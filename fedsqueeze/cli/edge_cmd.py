@@ -22,19 +22,25 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import sys
 import tempfile
+import threading
+from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from fedsqueeze.deploy.federation import flower_env
-from fedsqueeze.deploy.processes import Supervisor, free_port, interrupt_on_signals
-from fedsqueeze.deploy.supernode import RUNTIME_HOST, SuperNodeOptions, start_supernode
-from fedsqueeze.errors import ConfigError
+if TYPE_CHECKING:
+    from fedsqueeze.deploy.processes import ManagedProcess, Supervisor
+    from fedsqueeze.deploy.supernode import SuperNodeOptions
 
 __all__ = ["CA_ENV", "add_arguments", "main"]
 
 #: The variable edge/dataplane.py reads for the data plane's CA (its ``CA_ENV``).
 CA_ENV = "FEDSQUEEZE_DATA_PLANE_CA"
+#: The SuperNode's Runtime API host (``supernode.RUNTIME_HOST``; not imported, so that
+#: ``--help`` stays fast).
+RUNTIME_HOST = "127.0.0.1"
+#: The SuperNode's log, under the work directory.
+LOG_NAME = "supernode.log"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -101,48 +107,138 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    """Run the edge until Ctrl-C or until its SuperNode exits; returns the exit status."""
+    """Run the edge until Ctrl-C or SIGTERM, restarting its SuperNode whenever it exits.
+
+    Everything that can be checked is checked before anything starts (flags, CA files,
+    whether the SuperLink speaks TLS).
+    """
+    from fedsqueeze.deploy.federation import flower_env
+    from fedsqueeze.deploy.preflight import check_link_security, check_pem_ca, parse_address
+    from fedsqueeze.deploy.processes import Supervisor, free_port, interrupt_on_signals
+    from fedsqueeze.deploy.supernode import SuperNodeOptions
+    from fedsqueeze.errors import ConfigError
+
+    host, port = parse_address(args.superlink, "--superlink")
     extra: dict[str, str] = {}
     data_plane_ca = _existing(args.data_plane_ca)
     if data_plane_ca is not None:
+        check_pem_ca(data_plane_ca, "--data-plane-ca")
         extra[CA_ENV] = str(data_plane_ca)
     if args.threads is not None:
         if args.threads < 1:
             raise ConfigError(f"--threads must be >= 1, got {args.threads}")
         extra.update(OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
     flower_ca = _existing(args.flower_ca)
+    if flower_ca is not None:
+        check_pem_ca(flower_ca, "--flower-ca")
+    try:
+        options = SuperNodeOptions(
+            superlink=args.superlink,
+            partition_id=args.partition_id,
+            num_partitions=args.num_partitions,
+            runtime_port=args.runtime_port or free_port(RUNTIME_HOST),
+            root_certificates=flower_ca,
+        )
+    except ValueError as exc:
+        raise ConfigError(str(exc).replace("_", "-")) from exc
+    check_link_security(args.superlink, host, port, flower_ca)
     with contextlib.ExitStack() as stack:
-        if args.work_dir:
-            work = Path(args.work_dir).expanduser().resolve()
-            work.mkdir(parents=True, exist_ok=True)
-        else:
-            work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="fsq-edge-")))
+        work_dir = _work_dir(args.work_dir)
+        work = work_dir or Path(
+            stack.enter_context(tempfile.TemporaryDirectory(prefix="fsq-edge-"))
+        )
         cache = Path(args.cache_dir).expanduser().resolve() if args.cache_dir else work / "cache"
         try:
-            options = SuperNodeOptions(
-                superlink=args.superlink,
-                partition_id=args.partition_id,
-                num_partitions=args.num_partitions,
-                runtime_port=args.runtime_port or free_port(RUNTIME_HOST),
-                root_certificates=flower_ca,
-                cache_dir=cache,
-            )
+            options = replace(options, cache_dir=cache)
         except ValueError as exc:
             raise ConfigError(str(exc).replace("_", "-")) from exc
         cache.mkdir(parents=True, exist_ok=True)
+        # Flower colours its console log unconditionally; these ask it (and rich, and
+        # anything else that listens) not to. The SuperNode's output is piped to a log
+        # file with colour codes stripped either way.
+        extra.update(NO_COLOR="1", TERM="dumb")
         env = flower_env(work / "flwr-home", extra)
+        log_file = work / LOG_NAME
         stack.enter_context(interrupt_on_signals())
         supervisor = stack.enter_context(Supervisor(adopt_orphans=True))
-        label = f"edge {options.partition_id}/{options.num_partitions}"
-        node = start_supernode(supervisor, options, env)
-        print(
-            f"{label}: SuperNode running; it connects to the SuperLink at {options.superlink} "
-            "and trains when the coordinator asks. Ctrl-C stops it.",
-            flush=True,
+        _EdgeRun(supervisor, options, env, log_file, kept=work_dir is not None).run()
+    return 0  # not reached: the edge ends by KeyboardInterrupt (exit status 130)
+
+
+class _EdgeRun:
+    """One edge: a SuperNode kept running, its output in a log, status lines printed."""
+
+    def __init__(
+        self,
+        supervisor: Supervisor,
+        options: SuperNodeOptions,
+        env: dict[str, str],
+        log_file: Path,
+        *,
+        kept: bool,
+    ) -> None:
+        from fedsqueeze.deploy.nodelog import NodeLog
+
+        self.supervisor = supervisor
+        self.options = options
+        self.env = env
+        self.log = NodeLog(log_file, self.say)
+        self.kept = kept
+        self.label = f"edge {options.partition_id}/{options.num_partitions}"
+        self._copier: threading.Thread | None = None
+
+    def say(self, line: str) -> None:
+        """One status line on the edge's terminal."""
+        print(f"{self.label}: {line}", flush=True)
+
+    def run(self) -> None:
+        """Start the SuperNode and keep it running; returns only by an exception."""
+        from fedsqueeze.deploy.keeper import SuperNodeKeeper
+
+        first = self._start()
+        where = "" if self.kept else " (a temporary directory: keep it with --work-dir)"
+        self.say(
+            f"SuperNode running; it connects to the SuperLink at {self.options.superlink} "
+            "and trains when the coordinator asks, and is started again whenever it exits "
+            f"(a run ended, the coordinator restarted). Ctrl-C stops it. Flower's log: "
+            f"{self.log.path}{where}"
         )
-        status = node.wait()
-    print(f"{label}: SuperNode exited with status {status}", file=sys.stderr)
-    return 0 if status == 0 else 1
+        keeper = SuperNodeKeeper(self._restart, describe=self._describe, report=self.say)
+        keeper.run(first)
+
+    def _start(self) -> ManagedProcess:
+        """Stop what the last SuperNode left (its SuperExec, ClientApps), start anew."""
+        from fedsqueeze.deploy.processes import Output
+        from fedsqueeze.deploy.supernode import start_supernode
+
+        self.supervisor.stop_all()
+        process = start_supernode(self.supervisor, self.options, self.env, output=Output.PIPE)
+        self._copier = self.log.follow(process.stdout)
+        return process
+
+    def _restart(self) -> ManagedProcess:
+        process = self._start()
+        self.say(f"SuperNode started again: it registers with {self.options.superlink}")
+        return process
+
+    def _describe(self, status: int) -> str:
+        from fedsqueeze.deploy.keeper import explain_exit
+
+        if self._copier is not None:
+            self._copier.join(timeout=5)  # its last lines, where Flower says why it quit
+        return explain_exit(status, self.log.path)
+
+
+def _work_dir(name: str | None) -> Path | None:
+    if not name:
+        return None
+    path = Path(name).expanduser().resolve()
+    if path.exists() and not path.is_dir():
+        from fedsqueeze.errors import ConfigError
+
+        raise ConfigError(f"--work-dir {name} is not a directory")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
 
 
 def _existing(name: str | None) -> Path | None:

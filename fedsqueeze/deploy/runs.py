@@ -15,7 +15,7 @@ import logging
 import re
 import subprocess
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
@@ -27,6 +27,10 @@ log = logging.getLogger(__name__)
 
 _RUN_ID = re.compile(r"Successfully started run (\d+)")
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+_WAITING = re.compile(r"Waiting for nodes to connect: (\d+) connected")
+_FLOWER_ROUND = re.compile(r"\[ROUND (\d+)/(\d+)\]")
+#: At most one "Waiting for nodes" line this often (Flower prints one a second).
+WAITING_EVERY_S = 30.0
 #: The coordinator's record of finished rounds (``coordinator/version_store.py``).
 STATE_FILE = "state.json"
 
@@ -105,29 +109,96 @@ def flwr_run_spec(app_dir: Path, run_config: Path, env: Mapping[str, str]) -> Pr
 class RunLog:
     """Copies the output of ``flwr run --stream`` and remembers the run id it announces.
 
+    Two of Flower's lines are edited on the way:
+
+    * ``Waiting for nodes to connect: N connected`` comes every second while a round
+      waits for edges; it is shown when the count changes, else once per
+      ``waiting_every_s``, with how many were left out;
+    * ``[ROUND i/k]`` counts the rounds of this Flower run, which after ``--resume``
+      are not the run's rounds: ``round_offset`` (the rounds completed before) is
+      added next to it (``[ROUND 1/3]  = fedsqueeze round 6 of 8``).
+
     Parameters
     ----------
     sink
         Where the lines go (the terminal).
     color
         Keep Flower's ANSI colors (for a terminal); strip them otherwise.
+    round_offset
+        Rounds completed before this Flower run (``--resume``).
+    waiting_every_s
+        Least seconds between two "Waiting for nodes" lines with the same count.
+    clock
+        Injected for tests.
     """
 
-    def __init__(self, sink: TextIO, *, color: bool = True) -> None:
+    def __init__(
+        self,
+        sink: TextIO,
+        *,
+        color: bool = True,
+        round_offset: int = 0,
+        waiting_every_s: float = WAITING_EVERY_S,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.sink = sink
         self.color = color
+        self.round_offset = round_offset
+        self.waiting_every_s = waiting_every_s
+        self.clock = clock
         self.run_id: int | None = None
+        self._waiting: tuple[int, float] | None = None  # (count shown, when)
+        self._held_back = 0
 
     def follow(self, process: ManagedProcess) -> int | None:
         """Copy lines until the stream ends and the process exits; returns the run id."""
         for line in process.stdout:
-            plain = _ANSI.sub("", line)
-            if self.run_id is None and (match := _RUN_ID.search(plain)):
-                self.run_id = int(match.group(1))
-            self.sink.write(line if self.color else plain)
-            self.sink.flush()
+            self.feed(line)
         process.wait()
         return self.run_id
+
+    def feed(self, line: str) -> None:
+        """Handle one line of ``flwr run``'s output."""
+        plain = _ANSI.sub("", line)
+        if self.run_id is None and (match := _RUN_ID.search(plain)):
+            self.run_id = int(match.group(1))
+        out = line if self.color else plain
+        if (waiting := _WAITING.search(plain)) is not None:
+            shown = self._waiting_line(int(waiting.group(1)), out)
+            if shown is None:
+                return
+            out = shown
+        else:
+            self._waiting = None
+            out = self._round_line(out)
+        self.sink.write(out)
+        self.sink.flush()
+
+    def _waiting_line(self, count: int, line: str) -> str | None:
+        now = self.clock()
+        if self._waiting is not None:
+            last_count, when = self._waiting
+            if count == last_count and now - when < self.waiting_every_s:
+                self._held_back += 1
+                return None
+        changed = self._waiting is not None and self._waiting[0] != count
+        self._waiting = (count, now)
+        held, self._held_back = self._held_back, 0
+        if held and not changed:
+            note = f"  ({held} more such line(s) left out; one every {self.waiting_every_s:.0f} s)"
+            line = line.rstrip("\n") + note + "\n"
+        return line
+
+    def _round_line(self, line: str) -> str:
+        if not self.round_offset:
+            return line
+        match = _FLOWER_ROUND.search(_ANSI.sub("", line))
+        if match is None:
+            return line
+        ours = int(match.group(1)) + self.round_offset
+        total = int(match.group(2)) + self.round_offset
+        note = f"  = fedsqueeze round {ours} of {total} (resumed after round {self.round_offset})"
+        return line.rstrip("\n") + note + "\n"
 
 
 def query_run(run_id: int, env: Mapping[str, str], *, timeout: float = 60.0) -> RunOutcome:

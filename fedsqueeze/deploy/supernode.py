@@ -69,8 +69,8 @@ class SuperNodeOptions:
         if not 1 <= self.runtime_port <= 65535:
             raise ValueError(f"runtime_port must be in 1..65535, got {self.runtime_port}")
         host, sep, port = self.superlink.rpartition(":")
-        if not sep or not host or not port.isdigit():
-            raise ValueError(f"superlink must be HOST:PORT, got {self.superlink!r}")
+        if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+            raise ValueError(f"superlink must be HOST:PORT (port 1..65535), got {self.superlink!r}")
         if self.cache_dir is not None and '"' in str(self.cache_dir):
             raise ValueError(f"cache_dir must not contain '\"': {self.cache_dir}")
 

@@ -207,3 +207,8 @@ def test_help_texts_explain_the_commands() -> None:
     for flag in ("--superlink", "--partition-id", "--num-partitions", "--data-plane-ca"):
         assert flag in text
     assert "SuperNode" in text
+
+
+def test_the_advertised_data_plane_address_is_a_flag() -> None:
+    args = _coordinator("--data-plane-advertise", "203.0.113.5:7443")
+    assert coordinator_cmd.settings_from_args(args).data_plane_advertise == "203.0.113.5:7443"

@@ -137,3 +137,37 @@ def test_the_summary_counts_who_missed_each_round_and_marks_rounds_that_trained_
     assert second.split()[5:9] == ["0", "2", "1", "0"]
     assert second.endswith("FAILED: nothing aggregated")
     assert total.split()[-4:] == ["2", "2", "1", "1"]
+
+
+def _waiting(count: int) -> str:
+    return f"INFO :      Waiting for nodes to connect: {count} connected (minimum required: 2).\n"
+
+
+def test_waiting_lines_are_shown_when_the_count_changes_or_once_per_interval() -> None:
+    now = [0.0]
+    sink = io.StringIO()
+    run_log = RunLog(sink, color=False, waiting_every_s=30, clock=lambda: now[0])
+    for second in range(300):  # five minutes of Flower's one line a second
+        now[0] = float(second)
+        run_log.feed(_waiting(0 if second < 200 else 1))
+    run_log.feed("INFO :      configure_train: Sampled 2 nodes (out of 2)\n")
+    lines = sink.getvalue().splitlines()
+    waiting = [line for line in lines if "Waiting for nodes" in line]
+    # 0 s, 30 s, …, 180 s for "0 connected"; 200 s (changed), 230 s, 260 s, 290 s
+    assert len(waiting) == 11
+    assert "1 connected" in waiting[7] and "left out" not in waiting[7]
+    assert "(29 more such line(s) left out; one every 30 s)" in waiting[1]
+    assert lines[-1].endswith("Sampled 2 nodes (out of 2)")
+
+
+def test_after_a_resume_flowers_rounds_are_labelled_with_ours() -> None:
+    sink = io.StringIO()
+    run_log = RunLog(sink, color=False, round_offset=5)
+    run_log.feed("\x1b[92mINFO \x1b[0m:      [ROUND 1/3]\n")
+    run_log.feed("INFO :      [ROUND 3/3]\n")
+    first, last = sink.getvalue().splitlines()
+    assert first == "INFO :      [ROUND 1/3]  = fedsqueeze round 6 of 8 (resumed after round 5)"
+    assert last.endswith("= fedsqueeze round 8 of 8 (resumed after round 5)")
+    fresh = io.StringIO()
+    RunLog(fresh, color=False).feed("INFO :      [ROUND 1/3]\n")
+    assert fresh.getvalue() == "INFO :      [ROUND 1/3]\n"

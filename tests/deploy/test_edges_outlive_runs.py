@@ -1,0 +1,141 @@
+"""Edges outlive a coordinator's ``kill -9`` and its ``--resume``, TLS on both planes.
+
+Two ``fedsqueeze edge`` processes stay up through: a coordinator run, a ``kill -9`` of
+that coordinator after its first round, and ``fedsqueeze coordinator --resume``, which
+finishes the run. The resumed rounds must train on both edges (2 updates accepted
+each) without the edge processes restarting (same PIDs); each edge says in one line
+that its SuperNode was started again, with Flower's tracebacks kept in its log file.
+Certificates are made here; the SuperLink and the data plane both run TLS.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from fedsqueeze.deploy import free_port
+from tests.deploy.procs import Fleet, fleet, marked, wait_until_none
+from tests.transport.certs import make_pki
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc"),
+]
+
+ROUNDS = 3
+
+
+def _wait_for(
+    predicate: Callable[[], bool], timeout: float, what: str, f: Fleet, name: str
+) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            pytest.fail(f"no {what} after {timeout:.0f} s; end of {name}'s log:\n{f.tail(name)}")
+        time.sleep(0.5)
+
+
+def _wait(popen: subprocess.Popen[bytes], timeout: float, f: Fleet, name: str) -> int:
+    try:
+        return popen.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"{name} still running after {timeout:.0f} s:\n{f.tail(name)}")
+
+
+def _completed(state: Path) -> int:
+    try:
+        return int(json.loads((state / "state.json").read_text())["completed_round"])
+    except (OSError, ValueError, KeyError):
+        return 0
+
+
+@pytest.mark.timeout(600)
+def test_edges_stay_up_through_kill_9_and_resume_with_tls(tmp_path: Path) -> None:
+    pki = make_pki()
+    ca, cert, key = tmp_path / "ca.pem", tmp_path / "server.pem", tmp_path / "server.key"
+    ca.write_bytes(pki.ca)
+    cert.write_bytes(pki.server.cert)
+    key.write_bytes(pki.server.key)
+    state = tmp_path / "state"
+    link, plane = free_port(), free_port()
+    coordinator_args = (
+        "coordinator",
+        *("--superlink-port", str(link), "--rounds", str(ROUNDS), "--min-nodes", "2"),
+        *("--state-dir", str(state), "--data-plane-port", str(plane)),
+        *("--tls-cert", str(cert), "--tls-key", str(key)),
+        *("--flower-cert", str(cert), "--flower-key", str(key), "--flower-ca", str(ca)),
+        *("--task", "digits-cnn", "--set", "epochs=1"),
+    )
+    started = time.monotonic()
+    with fleet(tmp_path / "logs") as f:
+        first = f.start("coordinator1", *coordinator_args)
+        _wait_for(
+            lambda: "SuperLink ready" in f.log("coordinator1"), 120, "SuperLink", f, "coordinator1"
+        )
+        printed = f.log("coordinator1")
+        assert f"--flower-ca {ca}" in printed and f"--data-plane-ca {ca}" in printed
+
+        edges = [
+            f.start(
+                f"edge{i}",
+                "edge",
+                *("--superlink", f"127.0.0.1:{link}", "--partition-id", str(i)),
+                *("--num-partitions", "2", "--threads", "1"),
+                *("--flower-ca", str(ca), "--data-plane-ca", str(ca)),
+                *("--work-dir", str(tmp_path / f"edge{i}")),
+            )
+            for i in range(2)
+        ]
+        pids = [e.pid for e in edges]
+
+        # The first coordinator trains a round, then dies without a word.
+        _wait_for(lambda: _completed(state) >= 1, 240, "completed round 1", f, "coordinator1")
+        first.kill()
+        first.wait(timeout=10)
+        killed_after = _completed(state)
+        assert killed_after < ROUNDS, "the run finished before it could be killed"
+        link_side = ("flower-superlink", "flwr-serverapp", f"runtime-api-address 127.0.0.1:{link}")
+        _wait_for(
+            lambda: not [c for _, c in marked(f.marker) if any(n in c for n in link_side)],
+            60,
+            "end of the killed coordinator's Flower processes",
+            f,
+            "coordinator1",
+        )
+
+        resumed = f.start("coordinator2", *coordinator_args, "--resume")
+        assert _wait(resumed, 300, f, "coordinator2") == 0, f.tail("coordinator2")
+        out = f.log("coordinator2")
+        assert f"after round {killed_after} of {ROUNDS}" in out
+        assert f"= fedsqueeze round {killed_after + 1} of {ROUNDS}" in out
+
+        record = json.loads((state / "state.json").read_text())
+        assert record["completed_round"] == ROUNDS
+        rounds = {int(k): v for k, v in record["round_metrics"].items()}
+        assert sorted(rounds) == list(range(1, ROUNDS + 1))
+        for r in range(killed_after + 1, ROUNDS + 1):
+            assert rounds[r]["updates-accepted"] == 2, (r, rounds[r], f.tail("coordinator2"))
+            assert rounds[r]["bytes-down"] > 0 and rounds[r]["bytes-up"] > 0
+
+        # The same edge processes, still up, ready for the next run.
+        assert [e.pid for e in edges] == pids and all(e.poll() is None for e in edges)
+        for i in range(2):
+            said = f.log(f"edge{i}")
+            assert "starting a new SuperNode in" in said, said
+            assert "Traceback" not in said and "\x1b[" not in said, said
+            flower_log = (tmp_path / f"edge{i}" / "supernode.log").read_text()
+            assert "\x1b[" not in flower_log
+
+        for edge in edges:
+            edge.send_signal(signal.SIGTERM)
+        for i, edge in enumerate(edges):
+            assert _wait(edge, 60, f, f"edge{i}") == 130, f.tail(f"edge{i}")
+        assert wait_until_none(f.marker, 20) == []
+    print(f"kill -9 and --resume with TLS, two edges: {time.monotonic() - started:.1f} s")
