@@ -9,21 +9,21 @@ code; it reconstructs each coarse bucket at the **mean of the fine codes that fe
 it** (a table of ``2^c_k`` float16 entries per tensor and level, in code units, so one
 table serves every channel of a per-channel quantizer), which the last level makes exact.
 
-Why this design (measured by ``python -m fedsqueeze.bench.progressive``, BENCHMARKS.md):
+Why this design (``python -m fedsqueeze.bench.progressive``, figures in BENCHMARKS.md):
 the other known design, residual quantization (P2U: each level quantizes what the
-earlier ones left, with its own scale), was measured beside it on the trained digits CNN
-and on the all-MiniLM-L6-v2 weights. With per-channel scales nested planes give less
-error per byte at every level (MiniLM 2+2+4: relative L2 error 0.54 / 0.13 / 0.0083 at
-2.0 / 4.0 / 8.0 bits per value against 0.62 / 0.19 / 0.011 for residual levels at about
-the same bits). Residual levels pay their own scales and, with nearest rounding, lose a
-step to the grid's end points at every level. Plain nested planes reconstructed at the
-bucket midpoint are poor at the coarse levels of a per-tensor quantizer whose range is
-stretched by a few outliers (MiniLM per tensor: error 2.5 at level 1, worse than
-sending nothing, because the bucket holding the bulk of the weights is reconstructed far
-from zero); the bucket-mean table fixes exactly that (0.73 there) for 2·2^c bytes. The
-one place residual quantization was ahead is a per-tensor first level at a third of a bit
-per value (its codes are nearly all the zero point and entropy-code to almost nothing),
-at an error near 0.8-0.9 of the signal, too coarse to use: it is not kept.
+earlier ones left, with its own scales), was measured beside it at ``2+2+4`` bits on the
+trained digits CNN and on the all-MiniLM-L6-v2 weights. With per-channel scales nested
+planes give less error at every level for the same bytes (MiniLM: relative L2 error
+0.44 / 0.117 / 0.0076 at 2.1 / 4.1 / 8.1 bits per value, residual levels 0.60 / 0.21 /
+0.014 at 1.9 / 4.0 / 8.1): residual levels pay their own scales and, with nearest
+rounding, lose a step to the grid's end points at every level. Nested planes decoded at
+the bucket *midpoint* are poor at the coarse levels of a per-tensor quantizer whose
+range a few outliers stretch (MiniLM per tensor: error 2.14 after level 1, worse than
+sending nothing, because the bucket holding the bulk of the weights is decoded far
+from zero); the bucket-mean table fixes that (0.84) for ``2·2^c`` bytes. The one place
+residual quantization is ahead is a per-tensor first level of a fraction of a bit per
+value (its codes are nearly all the zero point and entropy-code to almost nothing), at
+an error of 0.76-0.97 of the signal, too coarse to use: it is not kept.
 
 How the other stages combine with levels:
 
