@@ -37,6 +37,14 @@ def add_codec_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--runs", type=int, default=5, help="timing runs per figure (default 5)")
 
 
+def add_progressive_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags of ``fedsqueeze bench progressive``."""
+    parser.add_argument(
+        "--skip-minilm", action="store_true", help="leave out the all-MiniLM-L6-v2 part"
+    )
+    parser.add_argument("--json", type=Path, help="also write the figures to this file")
+
+
 def add_transport_arguments(parser: argparse.ArgumentParser) -> None:
     """Register ``bench transport``'s flags."""
     parser.add_argument(

@@ -1,6 +1,6 @@
 """Progressive transmission benchmark: the two level designs, and prefix curves.
 
-Run ``python -m fedsqueeze.bench.progressive`` (``--skip-minilm`` leaves out the
+Run ``fedsqueeze bench progressive`` (``--skip-minilm`` leaves out the
 pretrained model; ``--json FILE`` keeps the figures). Three parts, each measured in the
 same run:
 
@@ -31,7 +31,6 @@ import math
 import sys
 import warnings
 from collections.abc import Callable, Mapping
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -69,17 +68,17 @@ def stdlib_sentences(limit: int = 256) -> list[str]:
     Deterministic for one Python version; lines of 30 to 200 characters only.
     """
     found: set[str] = set()
-    for name in SENTENCE_MODULES:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+    with warnings.catch_warnings():  # deprecated aliases (typing.io) warn when touched
+        warnings.simplefilter("ignore")
+        for name in SENTENCE_MODULES:
             module = importlib.import_module(name)
-        for attr, obj in sorted(vars(module).items()):
-            if attr.startswith("_") or not (inspect.isfunction(obj) or inspect.isclass(obj)):
-                continue
-            doc = inspect.getdoc(obj) or ""
-            first = doc.strip().split("\n", 1)[0].strip()
-            if 30 <= len(first) <= 200:
-                found.add(first)
+            for attr, obj in sorted(vars(module).items()):
+                if attr.startswith("_") or not (inspect.isfunction(obj) or inspect.isclass(obj)):
+                    continue
+                doc = inspect.getdoc(obj) or ""
+                first = doc.strip().split("\n", 1)[0].strip()
+                if 30 <= len(first) <= 200:
+                    found.add(first)
     return sorted(found)[:limit]
 
 
@@ -319,12 +318,8 @@ def _print_curve(
         out(f"  {row['bytes']:>12,} B  (1/{fp32 / row['bytes']:6.1f} of fp32)  {q}")
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Command line: ``python -m fedsqueeze.bench.progressive``."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0] if __doc__ else None)
-    parser.add_argument("--skip-minilm", action="store_true", help="leave out all-MiniLM-L6-v2")
-    parser.add_argument("--json", type=Path, help="also write the figures here")
-    args = parser.parse_args(argv)
+def main(args: argparse.Namespace) -> int:
+    """Run from ``fedsqueeze bench progressive`` (flags in :mod:`fedsqueeze.bench.flags`)."""
     torch.set_num_threads(1)
     report = run(skip_minilm=args.skip_minilm)
     if args.json:
@@ -333,4 +328,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from fedsqueeze.bench.flags import add_progressive_arguments
+
+    _parser = argparse.ArgumentParser(description="progressive levels benchmark")
+    add_progressive_arguments(_parser)
+    sys.exit(main(_parser.parse_args()))

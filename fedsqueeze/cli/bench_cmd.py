@@ -2,6 +2,7 @@
 
     fedsqueeze bench codec        compression ratios, errors and throughput vs clone()/zstd
     fedsqueeze bench transport    segment streaming vs a bare gRPC stream, resume, fan-out
+    fedsqueeze bench progressive  progressive level designs and prefix curves
 
 Results go to stdout as tables (and as JSON with --json). No benchmark asserts a time:
 the machines are shared, so the numbers are for BENCHMARKS.md, not for pass/fail.
@@ -13,7 +14,12 @@ import argparse
 import importlib
 from collections.abc import Callable
 
-from fedsqueeze.bench.flags import add_codec_arguments, add_transport_arguments, module_docstring
+from fedsqueeze.bench.flags import (
+    add_codec_arguments,
+    add_progressive_arguments,
+    add_transport_arguments,
+    module_docstring,
+)
 
 # name → (module, help line, its flags). The module (torch, grpc) is imported only to run
 # the benchmark: `fedsqueeze bench transport --help` reads its flags and docstring alone.
@@ -23,6 +29,11 @@ BENCHES: dict[str, tuple[str, str, Callable[[argparse.ArgumentParser], None]]] =
         "fedsqueeze.bench.transport",
         "data-plane throughput, resume and fan-out",
         add_transport_arguments,
+    ),
+    "progressive": (
+        "fedsqueeze.bench.progressive",
+        "progressive levels: designs side by side, prefix curves",
+        add_progressive_arguments,
     ),
 }
 

@@ -9,7 +9,7 @@ code; it reconstructs each coarse bucket at the **mean of the fine codes that fe
 it** (a table of ``2^c_k`` float16 entries per tensor and level, in code units, so one
 table serves every channel of a per-channel quantizer), which the last level makes exact.
 
-Why this design (``python -m fedsqueeze.bench.progressive``, figures in BENCHMARKS.md):
+Why this design (``fedsqueeze bench progressive``, figures in BENCHMARKS.md):
 the other known design, residual quantization (P2U: each level quantizes what the
 earlier ones left, with its own scales), was measured beside it at ``2+2+4`` bits on the
 trained digits CNN and on the all-MiniLM-L6-v2 weights. With per-channel scales nested

@@ -1,0 +1,52 @@
+"""The progressive benchmark's parts on small inputs (figures are for BENCHMARKS.md)."""
+
+from __future__ import annotations
+
+import torch
+
+from fedsqueeze.bench.progressive import compare_designs, prefix_curve, stdlib_sentences
+from fedsqueeze.codec.spec_text import parse_spec
+
+
+def _state() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return {"a.weight": torch.randn(16, 48, generator=g), "a.bias": torch.randn(16, generator=g)}
+
+
+def test_designs_report_every_level_and_errors_fall() -> None:
+    designs = compare_designs(_state())
+    assert set(designs) == {
+        f"{d}/{g}"
+        for d in ("nested-means", "nested-midpoint", "residual")
+        for g in ("tensor", "channel")
+    }
+    for levels in designs.values():
+        assert len(levels) == 3
+        errors = [row["rel_l2"] for row in levels]
+        assert errors == sorted(errors, reverse=True)
+    # the kept design is never worse than plain midpoints at the same bytes
+    for g in ("tensor", "channel"):
+        means, mids = designs[f"nested-means/{g}"], designs[f"nested-midpoint/{g}"]
+        assert all(a["rel_l2"] <= b["rel_l2"] + 1e-9 for a, b in zip(means, mids, strict=True))
+
+
+def test_prefix_curve_grows_to_the_whole_stream() -> None:
+    state = _state()
+    target = state["a.weight"]
+
+    def closeness(s: dict[str, torch.Tensor]) -> float:
+        return -float((s["a.weight"] - target).norm())
+
+    curve = prefix_curve(state, parse_spec("quant=8:channel,levels=2+2+4"), closeness)  # type: ignore[arg-type]
+    sizes = [row["bytes"] for row in curve["curve"]]
+    assert sizes == sorted(sizes) and sizes[0] == curve["smallest_prefix"]
+    assert sizes[-1] == curve["stream_bytes"] - 4
+    assert curve["curve"][-1]["quality"] >= curve["curve"][0]["quality"]
+    assert 1.0 <= curve["overhead"] < 1.3
+
+
+def test_sentences_are_real_stdlib_text_and_enough() -> None:
+    sentences = stdlib_sentences()
+    assert len(sentences) >= 200
+    assert sentences == sorted(set(sentences))
+    assert all(30 <= len(s) <= 200 for s in sentences)
