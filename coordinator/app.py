@@ -12,12 +12,13 @@ from __future__ import annotations
 import functools
 import logging
 import random
-from collections.abc import Callable
+import re
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import (
     FedAdam,
@@ -62,6 +63,43 @@ def build_strategy(settings: RunSettings) -> Strategy:
         min_evaluate_nodes=max(1, min(settings.min_train_nodes, 2)),
         min_available_nodes=settings.min_available_nodes,
     )
+
+
+class FailureReportingStrategy(CompressedStrategy):
+    """Logs why each edge failed a round, in one line, before the usual aggregation.
+
+    Flower's own report of error replies comes only from the wrapped strategy, which is
+    not called when no update was accepted: a round where every edge failed to fetch
+    would say nothing of why. The reason is the edge's exception message (for a failed
+    fetch it names the cause, e.g. ``CERTIFICATE_VERIFY_FAILED``).
+    """
+
+    round_offset = 0
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        replies = list(replies)
+        for reply in replies:
+            if reply.has_error():
+                log.warning(
+                    "round %d: edge %s failed: %s",
+                    server_round + self.round_offset,
+                    reply.metadata.src_node_id,
+                    edge_failure(reply.error.reason or "no reason given"),
+                )
+        return super().aggregate_train(server_round, replies)
+
+
+# Flower's reason for a ClientApp exception: "<class 'module.Error'>:<'message'>".
+_FLOWER_REASON = re.compile(r"^<class '(?:[\w.]+\.)?(\w+)'>:<'(.*)'>$", re.S)
+
+
+def edge_failure(reason: str) -> str:
+    """``"UnavailableError: fetching the model ... failed: ..."``, on one line."""
+    match = _FLOWER_REASON.match(reason.strip())
+    text = f"{match.group(1)}: {match.group(2)}" if match else reason
+    return " ".join(text.split())
 
 
 @dataclass
@@ -121,13 +159,14 @@ class Coordinator:
             instruct = functools.partial(
                 _budgeted, instruct, budget, store, init_digest if settings.init_from_seed else None
             )
-        strategy = CompressedStrategy(
+        strategy = FailureReportingStrategy(
             build_strategy(settings),
             store,
             instruct,
             plane.pull,
             clip_norm=settings.clip_norm or None,
         )
+        strategy.round_offset = offset
         return cls(settings, store, plane, strategy, init_digest, offset, budget)
 
     def initial_arrays(self) -> ArrayRecord:

@@ -80,3 +80,20 @@ def test_bad_run_config_is_a_config_error() -> None:
     )
     assert settings.num_rounds == 7 and settings.resume
     assert RunSettings.from_run_config(settings.to_run_config()) == settings
+
+
+def test_an_edge_failure_is_one_line_naming_the_error_and_its_cause() -> None:
+    from coordinator.app import edge_failure
+
+    reason = (
+        "<class 'fedsqueeze.errors.UnavailableError'>:<'fetching the model from the data "
+        "plane at 127.0.0.1:7443 (TLS) failed: Fetch: server unavailable after 6 attempts;\n"
+        " cause: ... CERTIFICATE_VERIFY_FAILED'>"
+    )
+    assert edge_failure(reason) == (
+        "UnavailableError: fetching the model from the data plane at 127.0.0.1:7443 (TLS) "
+        "failed: Fetch: server unavailable after 6 attempts; cause: ... CERTIFICATE_VERIFY_FAILED"
+    )
+    assert edge_failure("An exception was raised when attempting to load `ClientApp`") == (
+        "An exception was raised when attempting to load `ClientApp`"
+    )
