@@ -137,7 +137,8 @@ def test_edges_stay_up_through_kill_9_and_resume_with_tls(tmp_path: Path) -> Non
             edge.send_signal(signal.SIGTERM)
         for i, edge in enumerate(edges):
             assert _wait(edge, 60, f, f"edge{i}") == 130, f.tail(f"edge{i}")
-        assert wait_until_none(f.marker, 20) == []
+        left = wait_until_none(f.marker, 45)  # a loaded machine: SIGTERM, 10 s grace, SIGKILL
+        assert left == [], left
     print(f"kill -9 and --resume with TLS, two edges: {time.monotonic() - started:.1f} s")
 
 
