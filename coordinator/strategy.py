@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
@@ -227,7 +228,7 @@ class CompressedStrategy(Strategy):
             edge = str(reply.metadata.src_node_id)
             if reply.has_error():
                 reason = reply.error.reason or f"error code {reply.error.code}"
-                log.warning("round %d: edge %s failed: %s", shown, edge, " ".join(reason.split()))
+                log.warning("round %d: edge %s failed: %s", shown, edge, edge_failure(reason))
                 stats.failed.append((edge, reason))
                 continue
             if RECEIPT_KEY not in reply.content:
@@ -324,3 +325,18 @@ class CompressedStrategy(Strategy):
     ) -> MetricRecord | None:
         """Metrics only: delegated unchanged."""
         return self.inner.aggregate_evaluate(server_round, replies)
+
+
+# Flower's reason for a ClientApp exception: "<class 'module.Error'>:<'message'>".
+_FLOWER_REASON = re.compile(r"^<class '(?:[\w.]+\.)?(\w+)'>:<'(.*)'>$", re.S)
+
+
+def edge_failure(reason: str) -> str:
+    """``"UnavailableError: fetching the model ... failed: ..."``, on one line.
+
+    The reason is the edge's exception message as Flower reports it; for a failed fetch
+    it names the cause (e.g. ``CERTIFICATE_VERIFY_FAILED``).
+    """
+    match = _FLOWER_REASON.match(reason.strip())
+    text = f"{match.group(1)}: {match.group(2)}" if match else reason
+    return " ".join(text.split())

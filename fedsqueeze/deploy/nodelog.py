@@ -22,8 +22,9 @@ __all__ = ["ANSI", "NodeLog", "headline"]
 #: ANSI escape sequences (colours, cursor movement).
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
-# The last line of a traceback raised by fedsqueeze inside a ClientApp.
-_OUR_ERROR = re.compile(r"^(?:fedsqueeze\.errors\.)(\w+): (.+)$")
+# The last line of the traceback of a data-plane failure inside a ClientApp (the
+# chained lower-level errors printed above it are left out).
+_OUR_ERROR = re.compile(r"^fedsqueeze\.errors\.(\w+): ((?:fetching|pushing) .+ failed: .+)$")
 
 
 def headline(line: str) -> str | None:

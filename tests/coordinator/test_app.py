@@ -152,3 +152,20 @@ def test_our_errors_reach_flowers_log_as_one_line(caplog: pytest.LogCaptureFixtu
     assert wrapped.getMessage() == "Simulation raised an exception: state-dir used"
     assert ours.exc_info is None and wrapped.exc_info is None
     assert bug.exc_info is not None  # a bug keeps its traceback
+
+
+def test_an_edge_failure_is_one_line_naming_the_error_and_its_cause() -> None:
+    from coordinator.strategy import edge_failure
+
+    reason = (
+        "<class 'fedsqueeze.errors.UnavailableError'>:<'fetching the model from the data "
+        "plane at 127.0.0.1:7443 (TLS) failed: Fetch: server unavailable after 6 attempts;\n"
+        " cause: ... CERTIFICATE_VERIFY_FAILED'>"
+    )
+    assert edge_failure(reason) == (
+        "UnavailableError: fetching the model from the data plane at 127.0.0.1:7443 (TLS) "
+        "failed: Fetch: server unavailable after 6 attempts; cause: ... CERTIFICATE_VERIFY_FAILED"
+    )
+    assert edge_failure("An exception was raised when attempting to load `ClientApp`") == (
+        "An exception was raised when attempting to load `ClientApp`"
+    )

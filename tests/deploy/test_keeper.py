@@ -202,3 +202,18 @@ def test_the_exit_is_explained_from_this_start_of_the_log(tmp_path: Path) -> Non
     with log.open("a") as handle:
         handle.write(f"{START_MARK}\nClient error '401 Unauthorized' for url 'http://x'\n")
     assert "no longer knows this node" in explain_exit(0, log)
+
+
+def test_only_data_plane_failures_reach_the_edge_terminal() -> None:
+    from fedsqueeze.deploy.nodelog import headline
+
+    assert headline("fedsqueeze.errors.UnavailableError: Fetch: server unavailable") is None
+    assert headline("INFO :      Received: train message") is None
+    line = (
+        "fedsqueeze.errors.UnavailableError: fetching the model from the data plane at "
+        "h:1 (TLS) failed: Fetch: server unavailable after 6 attempts; cause: refused\n"
+    )
+    assert headline(line) == (
+        "a round failed on this edge: fetching the model from the data plane at h:1 (TLS) "
+        "failed: Fetch: server unavailable after 6 attempts; cause: refused"
+    )
