@@ -55,6 +55,10 @@ class ByteReader:
         self.pos += count
         return view
 
+    def body(self, count: int) -> memoryview:
+        """A record's body of ``count`` bytes (a streaming reader may defer it)."""
+        return self.take(count, "record body")
+
     def u8(self, what: str = "byte") -> int:
         """One unsigned byte."""
         return int(self.take(1, what)[0])

@@ -388,7 +388,7 @@ def parse_record(
         raw_length = reader.varint("raw body length", max_body_bytes(limits.max_elements))
     # Bounded by what is left: take() refuses more (a prefix ends in TruncatedError).
     body_len = reader.varint("body length")
-    body = bytes(reader.take(body_len, "record body"))
+    body = bytes(reader.body(body_len))
     return TensorRecord(
         name=name,
         index=index,
@@ -421,7 +421,7 @@ def _parse_refinement(
         raw_length = reader.varint("raw body length", max_body_bytes(limits.max_elements))
     # Bounded by what is left: take() refuses more (a prefix ends in TruncatedError).
     body_len = reader.varint("body length")
-    body = bytes(reader.take(body_len, "record body"))
+    body = bytes(reader.body(body_len))
     return TensorRecord(
         None, index, None, None, False, level, None, ValueKind.RAW, None, raw_length, body
     )

@@ -1,0 +1,419 @@
+"""Part-by-part decoding into existing parameters, for edges short of memory.
+
+:func:`decode_state` builds a new state dict beside the one an edge holds, and needs the
+whole encoded stream in memory: about three copies of the model at the peak. An edge
+whose spare memory is smaller than one copy uses :func:`decode_into` instead. It pulls
+the stream (the segments' payloads, in order) chunk by chunk and writes every tensor
+straight into the caller's tensors, in place:
+
+* a dense record (raw or XOR bits, fp32/fp16/bf16 values, quantization codes per tensor
+  or per channel, zstd-coded or not) is decoded ``chunk_values`` values at a time: its
+  body is never held whole, so the extra memory is a few chunks (the default chunk of
+  256 Ki values is at most 2 MiB of fp64 input and 1 MiB of float32 output, about two
+  1 MiB segments);
+* any other record (sparse positions, low-rank factors) is held whole while it is
+  decoded, so its size bounds the extra memory there; a stream of progressive levels is
+  refused (decode those with :func:`~fedsqueeze.codec.model.decode_prefix`).
+
+For a delta the tensors must hold the base (``base_digest`` is its digest, checked
+against the stream's before anything is written), and they end up holding the new model.
+The input should come from verified segments (every segment's sha256 checked): a
+malformed stream raises a :class:`~fedsqueeze.errors.CodecError`, but the tensors it had
+reached are then already changed, so the caller must treat its model as lost and fetch
+it in full.
+"""
+
+from __future__ import annotations
+
+import io
+import typing
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, replace
+from typing import TypeVar
+
+import torch
+import zstandard
+
+from fedsqueeze.codec.bitpack import packed_size, unpack_bits
+from fedsqueeze.codec.bytesio import ByteReader
+from fedsqueeze.codec.container import (
+    DecodeLimits,
+    QParamsSizer,
+    TensorRecord,
+    ValueKind,
+    parse_header,
+    parse_record,
+)
+from fedsqueeze.codec.quantization import dequantize, qparams_from_bytes
+from fedsqueeze.codec.spec import Granularity
+from fedsqueeze.codec.tensor_decode import TensorDecoder
+from fedsqueeze.codec.tensor_decode import _body_length as body_length
+from fedsqueeze.errors import BaseMismatchError, FormatError, TruncatedError
+
+__all__ = ["StreamDecodeStats", "decode_into"]
+
+#: Values decoded at a time (a multiple of 8, so every chunk of codes ends on a byte).
+DEFAULT_CHUNK_VALUES = 1 << 18
+
+_FLOAT_KINDS = {
+    ValueKind.FP32: torch.float32,
+    ValueKind.FP16: torch.float16,
+    ValueKind.BF16: torch.bfloat16,
+}
+_INT_VIEWS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class StreamDecodeStats:
+    """What :func:`decode_into` did.
+
+    Attributes
+    ----------
+    tensors
+        Tensors written.
+    streamed
+        Of those, the ones decoded chunk by chunk (the others were held whole).
+    stream_bytes
+        Encoded bytes read.
+    largest_held
+        The largest record body held whole, in bytes (0 if every record streamed).
+    """
+
+    tensors: int
+    streamed: int
+    stream_bytes: int
+    largest_held: int
+
+
+class _Input:
+    """The stream, pulled from an iterator of chunks, with a small look-ahead buffer."""
+
+    def __init__(self, chunks: Iterable[bytes | bytearray | memoryview]) -> None:
+        self._chunks: Iterator[bytes | bytearray | memoryview] = iter(chunks)
+        self._buf = bytearray()
+        self.consumed = 0
+
+    def more(self) -> bool:
+        """Pull one more chunk into the buffer; ``False`` at the end of the stream."""
+        for chunk in self._chunks:
+            if len(chunk):
+                self._buf += chunk
+                return True
+        return False
+
+    def window(self, size: int) -> tuple[memoryview, bool]:
+        """A copy of the first ``size`` buffered bytes, and whether that is all of them.
+
+        A copy, so that the buffer can shrink while a parsed record still refers to it.
+        """
+        return memoryview(bytes(self._buf[:size])), size >= len(self._buf)
+
+    def drop(self, count: int) -> None:
+        del self._buf[:count]
+        self.consumed += count
+
+    def read(self, count: int) -> bytes:
+        """Up to ``count`` bytes (fewer only at the end of the stream)."""
+        while len(self._buf) < count and self.more():
+            pass
+        out = bytes(self._buf[:count])
+        self.drop(len(out))
+        return out
+
+    def exact(self, count: int, what: str) -> bytes:
+        out = self.read(count)
+        if len(out) != count:
+            raise TruncatedError(f"the stream ends inside {what}")
+        return out
+
+    @property
+    def empty(self) -> bool:
+        return not self._buf and not self.more()
+
+
+class _Body(io.RawIOBase):
+    """A record's body as a file, for zstd's streaming reader."""
+
+    def __init__(self, source: _Input, length: int) -> None:
+        self._source = source
+        self.left = length
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: memoryview) -> int:  # type: ignore[override]
+        count = min(len(buffer), self.left)
+        if not count:
+            return 0
+        data = self._source.read(min(count, 1 << 20))
+        if not data:
+            raise TruncatedError("the stream ends inside a record body")
+        buffer[: len(data)] = data
+        self.left -= len(data)
+        return len(data)
+
+
+class _HeadReader(ByteReader):
+    """Parses a record's head and leaves its body in the stream (notes its length)."""
+
+    __slots__ = ("body_length",)
+
+    def __init__(self, data: memoryview) -> None:
+        super().__init__(data)
+        self.body_length = -1
+
+    def body(self, count: int) -> memoryview:
+        self.body_length = count
+        return memoryview(b"")
+
+
+def decode_into(
+    chunks: Iterable[bytes | bytearray | memoryview],
+    target: Mapping[str, torch.Tensor],
+    *,
+    base_digest: bytes | None = None,
+    limits: DecodeLimits | None = None,
+    chunk_values: int = DEFAULT_CHUNK_VALUES,
+) -> StreamDecodeStats:
+    """Decode an encoded stream into ``target``'s tensors, in place, part by part.
+
+    Parameters
+    ----------
+    chunks
+        The stream without its checksum (the segments' payloads in order), in pieces of
+        any size.
+    target
+        The tensors to write (contiguous, on any device); every tensor of the stream must
+        be there with its shape and dtype. For a delta they hold the base.
+    base_digest
+        ``state_digest`` of ``target`` as it is now, for a delta.
+    limits
+        Bounds on what the records may claim.
+    chunk_values
+        Values decoded at a time (rounded up to a multiple of 8).
+
+    Raises
+    ------
+    BaseMismatchError
+        A delta against another base, or a tensor ``target`` lacks.
+    FormatError, TruncatedError, LimitExceededError
+        Malformed or short input, or a progressive stream.
+    """
+    limits = limits or DecodeLimits()
+    step = max(8, (chunk_values + 7) // 8 * 8)
+    source = _Input(chunks)
+    header = _parse(source, ByteReader, lambda r: parse_header(r, limits))
+    if header.version > 1:
+        raise FormatError(
+            "part-by-part decoding reads whole-model streams; decode progressive levels "
+            "with decode_prefix"
+        )
+    if header.base_digest is not None and header.base_digest != base_digest:
+        raise BaseMismatchError(
+            f"this is a delta against {header.base_digest.hex()[:16]}…; the tensors given "
+            "hold another model (or base_digest was not passed)"
+        )
+    for name, tensor in target.items():
+        if not tensor.is_contiguous():
+            raise ValueError(f"target[{name!r}] is not contiguous")
+    decoder = TensorDecoder(target if header.base_digest is not None else None, None)
+    sizer = QParamsSizer()
+    seen: set[str] = set()
+    streamed = held = 0
+    total = 0
+    heads: list[_HeadReader] = []
+
+    def head_reader(view: memoryview) -> _HeadReader:
+        heads.append(_HeadReader(view))
+        return heads[-1]
+
+    for _ in range(header.record_count):
+        record = _parse(
+            source, head_reader, lambda r: parse_record(r, limits, sizer, header.version)
+        )
+        length = heads[-1].body_length
+        heads.clear()
+        name, dtype, shape = decoder.resolve(record)
+        out = target.get(name)
+        if out is None or tuple(out.shape) != shape or out.dtype != dtype:
+            raise BaseMismatchError(
+                f"the stream's tensor {name!r} {shape} {dtype} is not in target"
+            )
+        if name in seen:
+            raise FormatError(f"tensor {name!r} appears twice")
+        seen.add(name)
+        total += out.numel()
+        if record.zero:  # unchanged (a delta keeps the base the tensor holds) or zeros
+            if not record.delta:
+                out.zero_()
+            continue
+        if out.numel() > limits.max_elements or total > limits.max_total_elements:
+            raise FormatError(f"tensor {name!r} takes the model past the decoding limits")
+        if _streamable(record):
+            _stream_record(source, record, length, out, name, step)
+            streamed += 1
+            continue
+        body = source.exact(length, f"the body of {name!r}")
+        held = max(held, len(body))
+        value = decoder.decode(replace(record, body=body))[1]
+        if not isinstance(value, torch.Tensor):
+            raise FormatError("a progressive record in a whole-model stream")
+        out.copy_(value)
+    if not source.empty:
+        raise FormatError("unexpected bytes after the last record")
+    return StreamDecodeStats(len(seen), streamed, source.consumed, held)
+
+
+def _parse(
+    source: _Input,
+    make_reader: Callable[[memoryview], ByteReader],
+    parse: Callable[[ByteReader], T],
+) -> T:
+    """Run ``parse`` on the buffered bytes, pulling more until it does not run short.
+
+    Heads are small: parsing looks at a window of the buffer that doubles while it is
+    too short, so a head is never parsed over a copy of a whole segment.
+    """
+    size = 1 << 12
+    while True:
+        view, whole = source.window(size)
+        reader = make_reader(view)
+        try:
+            result = parse(reader)
+        except TruncatedError:
+            if not whole:
+                size *= 2
+            elif not source.more():
+                raise
+            continue
+        source.drop(reader.pos)
+        return result
+
+
+def _streamable(record: TensorRecord) -> bool:
+    """Dense records decode chunk by chunk; sparse and low-rank ones are held whole."""
+    return not record.rank and record.positions is None and not record.levels
+
+
+def _stream_record(
+    source: _Input,
+    record: TensorRecord,
+    length: int,
+    out: torch.Tensor,
+    name: str,
+    step: int,
+) -> None:
+    numel = out.numel()
+    expected = body_length(record, name, out.dtype, tuple(out.shape), numel)
+    if record.raw_length is not None:
+        if record.raw_length != expected:
+            raise FormatError(
+                f"record {name!r}: body is {record.raw_length} bytes, expected {expected}"
+            )
+        body = _Body(source, length)
+        decompressor = zstandard.ZstdDecompressor(format=zstandard.FORMAT_ZSTD1_MAGICLESS)
+        reader = decompressor.stream_reader(
+            typing.cast("typing.IO[bytes]", body), read_across_frames=False, closefd=False
+        )
+
+        def take(count: int) -> bytes:
+            data = bytearray()
+            while len(data) < count:
+                try:
+                    piece = reader.read(count - len(data))
+                except zstandard.ZstdError as exc:
+                    raise FormatError(f"record {name!r}: corrupt zstd stream: {exc}") from exc
+                if not piece:
+                    raise FormatError(f"record {name!r}: zstd stream shorter than its header says")
+                data += piece
+            return bytes(data)
+
+    else:
+        if length != expected:
+            raise FormatError(f"record {name!r}: body is {length} bytes, expected {expected}")
+        body = None
+
+        def take(count: int) -> bytes:
+            return source.exact(count, f"the body of {name!r}")
+
+    flat = out.view(-1)
+    q = record.quant
+    qp = None
+    stride = 1
+    if q is not None:
+        per_channel = q.granularity is Granularity.PER_CHANNEL
+        channels = int(out.shape[0]) if per_channel and out.dim() else 1
+        qp, end = qparams_from_bytes(q.params, 0, q.bits, q.scheme, channels)
+        if end != len(q.params):
+            raise FormatError(f"record {name!r}: quantization parameters have trailing bytes")
+        stride = max(1, numel // max(1, channels))
+        if not out.dtype.is_floating_point:
+            raise FormatError(f"record {name!r}: lossy values for a {out.dtype} tensor")
+    for start in range(0, numel, step):
+        stop = min(numel, start + step)
+        count = stop - start
+        part = flat[start:stop]
+        if q is not None and qp is not None:
+            data = take(packed_size(count, q.bits))
+            codes = unpack_bits(_uint8(data, part.device), q.bits, count)
+            channels_of = None
+            if qp.scale.dim() == 1:
+                channels_of = torch.div(
+                    torch.arange(start, stop, device=part.device), stride, rounding_mode="floor"
+                )
+            _write_float(part, dequantize(codes, qp, channels_of), record.delta)
+            continue
+        kind = record.value_kind
+        if kind in _FLOAT_KINDS:
+            stored = _FLOAT_KINDS[kind]
+            width = torch.empty((), dtype=stored).element_size()
+            values = _uint8(take(count * width), part.device).view(stored).to(torch.float32)
+            if not out.dtype.is_floating_point:
+                raise FormatError(f"record {name!r}: float values for a {out.dtype} tensor")
+            _write_float(part, values, record.delta)
+            continue
+        width = out.element_size()
+        raw = _uint8(take(count * width), part.device)
+        if kind is ValueKind.XOR:
+            if not record.delta:
+                raise FormatError(f"record {name!r}: XOR values without a delta flag")
+            view = _INT_VIEWS[width]
+            bits = part.view(torch.uint8) if out.dtype == torch.bool else part.view(view)
+            bits ^= raw.view(bits.dtype)
+            if out.dtype == torch.bool and bool((part.view(torch.uint8) > 1).any()):
+                raise FormatError(
+                    f"record {name!r}: boolean tensor holds values other than 0 and 1"
+                )
+            continue
+        if kind is not ValueKind.RAW:
+            raise FormatError(f"record {name!r}: value kind {kind} cannot be streamed")
+        if out.dtype == torch.bool:
+            if bool((raw > 1).any()):
+                raise FormatError(
+                    f"record {name!r}: boolean tensor holds values other than 0 and 1"
+                )
+            part.copy_(raw.to(torch.bool))
+        else:
+            part.copy_(raw.view(out.dtype))
+    if body is not None:
+        try:
+            extra = reader.read(1)
+        except zstandard.ZstdError as exc:
+            raise FormatError(f"record {name!r}: corrupt zstd stream: {exc}") from exc
+        if extra or body.left:
+            raise FormatError(f"record {name!r}: zstd stream longer than its header says")
+
+
+def _uint8(data: bytes, device: torch.device) -> torch.Tensor:
+    if not data:
+        return torch.empty(0, dtype=torch.uint8, device=device)
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8).to(device)
+
+
+def _write_float(part: torch.Tensor, values: torch.Tensor, delta: bool) -> None:
+    """``part = base + values`` (delta) or ``values``, computed as decode_state does."""
+    if delta:
+        part.copy_((part.to(torch.float32) + values).to(part.dtype))
+    else:
+        part.copy_(values.to(part.dtype))
