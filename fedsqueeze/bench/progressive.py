@@ -18,7 +18,10 @@ minilm    the same curve for all-MiniLM-L6-v2, as the mean cosine similarity bet
           of Python standard-library docstrings (real text written by CPython's authors,
           extracted deterministically, at least 200);
 overhead  the whole progressive stream against a one-shot encoding at the same final
-          precision.
+          precision;
+partwise  peak memory beyond the loaded MiniLM of decoding a stream whole
+          (``decode_state``) against part by part into the loaded tensors
+          (``decode_into``), each in a fresh process (:mod:`fedsqueeze.bench.partwise`).
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ DIGITS_SPECS = (
     "prune=global:0.95,quant=4:channel,levels=2+2",
 )
 MINILM_SPECS = ("quant=8:channel,levels=2+2+4", "quant=8:channel,levels=4+4")
+PARTWISE_SPECS = ("quant=8:channel", "lossless", "prune=l1:0.9,quant=4")
 
 #: Standard-library modules whose docstrings give the MiniLM sentences (sorted, fixed).
 SENTENCE_MODULES = (
@@ -295,6 +299,21 @@ def run(skip_minilm: bool = False, out: Callable[[str], None] = print) -> Json:
         curves.append(curve)
         _print_curve(out, f"MiniLM embedding cosine ({len(sentences)} sentences)", curve, fp32)
     report["minilm"] = curves
+    from fedsqueeze.bench.partwise import measure
+
+    out("\nPart-by-part decoding of MiniLM: peak memory beyond the loaded model")
+    rows = []
+    for text in PARTWISE_SPECS:
+        row = measure(state, text)
+        rows.append(row)
+        size = float(row["model_bytes"])
+        whole, part = float(row["whole_extra_peak_bytes"]), float(row["partwise_extra_peak_bytes"])
+        out(
+            f"  {text:<24} stream {float(row['stream_bytes']) / 1e6:6.1f} MB  decode_state "
+            f"+{whole / 1e6:6.1f} MB ({whole / size:.2f}× the model)  decode_into "
+            f"+{part / 1e6:6.1f} MB ({part / size:.3f}×)"
+        )
+    report["partwise"] = rows
     return report
 
 
