@@ -50,3 +50,14 @@ def test_sentences_are_real_stdlib_text_and_enough() -> None:
     assert len(sentences) >= 200
     assert sentences == sorted(set(sentences))
     assert all(30 <= len(s) <= 200 for s in sentences)
+
+
+def test_partwise_memory_runs_both_ways_in_fresh_processes() -> None:
+    from fedsqueeze.bench.partwise import measure
+
+    row = measure({"w.weight": torch.randn(256, 256)}, "quant=8:channel")
+    assert row["model_bytes"] == 256 * 256 * 4
+    assert float(row["stream_bytes"]) > 0
+    assert (
+        float(row["whole_extra_peak_bytes"]) >= 0 and float(row["partwise_extra_peak_bytes"]) >= 0
+    )
