@@ -6,14 +6,15 @@ whose spare memory is smaller than one copy uses :func:`decode_into` instead. It
 the stream (the segments' payloads, in order) chunk by chunk and writes every tensor
 straight into the caller's tensors, in place:
 
-* a dense record (raw or XOR bits, fp32/fp16/bf16 values, quantization codes per tensor
+* a record of raw or XOR bits, fp32/fp16/bf16 values or quantization codes (per tensor
   or per channel, zstd-coded or not) is decoded ``chunk_values`` values at a time: its
   body is never held whole, so the extra memory is a few chunks (the default chunk of
   256 Ki values is at most 2 MiB of fp64 input and 1 MiB of float32 output, about two
-  1 MiB segments);
-* any other record (sparse positions, low-rank factors) is held whole while it is
-  decoded, so its size bounds the extra memory there; a stream of progressive levels is
-  refused (decode those with :func:`~fedsqueeze.codec.model.decode_prefix`).
+  1 MiB segments). A sparse (pruned, top-k) record first decodes its positions, 8 bytes
+  per kept value, then its values chunk by chunk;
+* a low-rank record is held whole while it is decoded (its factors are small); a stream
+  of progressive levels is refused (decode those with
+  :func:`~fedsqueeze.codec.model.decode_prefix`).
 
 For a delta the tensors must hold the base (``base_digest`` is its digest, checked
 against the stream's before anything is written), and they end up holding the new model.
@@ -44,6 +45,7 @@ from fedsqueeze.codec.container import (
     parse_header,
     parse_record,
 )
+from fedsqueeze.codec.positions import PositionCoding, decode_positions
 from fedsqueeze.codec.quantization import dequantize, qparams_from_bytes
 from fedsqueeze.codec.spec import Granularity
 from fedsqueeze.codec.tensor_decode import TensorDecoder
@@ -292,8 +294,9 @@ def _parse(
 
 
 def _streamable(record: TensorRecord) -> bool:
-    """Dense records decode chunk by chunk; sparse and low-rank ones are held whole."""
-    return not record.rank and record.positions is None and not record.levels
+    """Dense and sparse records decode chunk by chunk (a sparse one holds its positions);
+    low-rank factors are held whole."""
+    return not record.rank and not record.levels
 
 
 def _stream_record(
@@ -350,19 +353,36 @@ def _stream_record(
         stride = max(1, numel // max(1, channels))
         if not out.dtype.is_floating_point:
             raise FormatError(f"record {name!r}: lossy values for a {out.dtype} tensor")
-    for start in range(0, numel, step):
-        stop = min(numel, start + step)
+    indices: torch.Tensor | None = None
+    kept = numel
+    if record.positions is not None:
+        p = record.positions
+        try:
+            coding = PositionCoding(p.coding)
+        except ValueError as exc:
+            raise FormatError(f"record {name!r}: unknown position coding {p.coding}") from exc
+        if q is None and record.value_kind not in _FLOAT_KINDS:
+            raise FormatError(f"record {name!r}: raw values cannot be sparse")
+        payload = _uint8(take(p.payload_bytes), flat.device)
+        indices = decode_positions(coding, p.count, p.rice_k, payload, numel)
+        kept = p.count
+        if not record.delta:
+            flat.zero_()
+    for start in range(0, kept, step):
+        stop = min(kept, start + step)
         count = stop - start
         part = flat[start:stop]
+        where = indices[start:stop] if indices is not None else None
         if q is not None and qp is not None:
             data = take(packed_size(count, q.bits))
             codes = unpack_bits(_uint8(data, part.device), q.bits, count)
             channels_of = None
             if qp.scale.dim() == 1:
-                channels_of = torch.div(
-                    torch.arange(start, stop, device=part.device), stride, rounding_mode="floor"
+                source_index = (
+                    where if where is not None else torch.arange(start, stop, device=part.device)
                 )
-            _write_float(part, dequantize(codes, qp, channels_of), record.delta)
+                channels_of = torch.div(source_index, stride, rounding_mode="floor")
+            _write_float(flat, start, stop, where, dequantize(codes, qp, channels_of), record.delta)
             continue
         kind = record.value_kind
         if kind in _FLOAT_KINDS:
@@ -371,7 +391,7 @@ def _stream_record(
             values = _uint8(take(count * width), part.device).view(stored).to(torch.float32)
             if not out.dtype.is_floating_point:
                 raise FormatError(f"record {name!r}: float values for a {out.dtype} tensor")
-            _write_float(part, values, record.delta)
+            _write_float(flat, start, stop, where, values, record.delta)
             continue
         width = out.element_size()
         raw = _uint8(take(count * width), part.device)
@@ -411,9 +431,21 @@ def _uint8(data: bytes, device: torch.device) -> torch.Tensor:
     return torch.frombuffer(bytearray(data), dtype=torch.uint8).to(device)
 
 
-def _write_float(part: torch.Tensor, values: torch.Tensor, delta: bool) -> None:
-    """``part = base + values`` (delta) or ``values``, computed as decode_state does."""
+def _write_float(
+    flat: torch.Tensor,
+    start: int,
+    stop: int,
+    where: torch.Tensor | None,
+    values: torch.Tensor,
+    delta: bool,
+) -> None:
+    """Values ``start:stop`` of a record into ``flat`` (at ``where`` when sparse): the
+    base plus them for a delta, else them, computed as decode_state does."""
+    if where is None:
+        part = flat[start:stop]
+        part.copy_((part.to(torch.float32) + values).to(part.dtype) if delta else values)
+        return
     if delta:
-        part.copy_((part.to(torch.float32) + values).to(part.dtype))
+        flat[where] = (flat[where].to(torch.float32) + values).to(flat.dtype)
     else:
-        part.copy_(values.to(part.dtype))
+        flat[where] = values.to(flat.dtype)

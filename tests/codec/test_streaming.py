@@ -24,6 +24,8 @@ SPECS = [
     "float=bf16,targets=*,min-ndim=0",
     "entropy=0,quant=3",
     "prune=l1:0.5,quant=4",
+    "prune=channel:0.5",
+    "topk=0.2,quant=4:channel,targets=*,min-ndim=1",
     "rank=4,quant=8",
 ]
 
@@ -67,11 +69,12 @@ def test_writes_exactly_what_decode_state_returns(text: str, delta: bool) -> Non
             assert torch.equal(target[name], tensor), (text, name)
 
 
-def test_dense_records_stream_and_large_ones_are_never_held_whole() -> None:
+@pytest.mark.parametrize("text", ["quant=8:channel", "prune=l1:0.9,quant=4", "lossless"])
+def test_large_records_stream_and_are_never_held_whole(text: str) -> None:
     state = {"big.weight": torch.randn(512, 1024)}
-    encoded = encode_state(state, parse_spec("quant=8:channel"))
+    encoded = encode_state(state, parse_spec(text))
     stream = encoded.to_bytes()[:-4]
-    target = {"big.weight": torch.zeros(512, 1024)}
+    target = {"big.weight": torch.full((512, 1024), 7.0)}
     stats = decode_into([stream[i : i + 65536] for i in range(0, len(stream), 65536)], target)
     assert stats.streamed == 1 and stats.largest_held == 0
     assert torch.equal(target["big.weight"], decode_state(encoded)["big.weight"])
