@@ -28,6 +28,12 @@ finds it), then does the same for the upload:
   (:func:`edge.mod.fit_update`), so the budget holds on the wire without paying for the
   worst case.
 
+A **progressive** policy (``progressive=True``, one download spec with ``levels``) never
+skips an edge for its download: the instruction's download budget is what the edge's
+byte limit and link time allow, and the data plane truncates the stream to the longest
+prefix that fits (:mod:`fedsqueeze.transport.truncate`); the upload is chosen from the
+ladder as above.
+
 ``LadderPolicy.fixed`` is a ladder of one: the run's specs, and a skip when they do not
 fit. An edge that cannot fit even the last rung is skipped for the round and reported,
 never dropped silently. Flower's own control messages are not part of these budgets.
@@ -73,6 +79,9 @@ UP_OVERHEAD_BYTES = 220
 #: Extra framing per MiB segment of payload (its descriptor in the manifest, its prefix).
 PER_SEGMENT_BYTES = 60
 _SEGMENT = 1 << 20
+#: Manifest bytes of a progressive stream's segment list (every segment is listed, sent
+#: or not): about 70 B a descriptor, and streams are cut into at most about 12.
+PROGRESSIVE_MANIFEST_BYTES = 12 * 70
 
 #: What an edge that already holds the target is sent: a delta of zeros (a few bytes per
 #: tensor). Lossless, so no pruning stage runs on an all-zero delta.
@@ -84,6 +93,7 @@ class PolicyKind(enum.Enum):
 
     FIXED = "fixed"
     ADAPTIVE = "adaptive"
+    PROGRESSIVE = "progressive"
 
 
 @dataclass(frozen=True)
@@ -245,9 +255,12 @@ class LadderPolicy:
         deadline_s: float | None = None,
         round_trips: int = 5,
         control_bytes: int = 1024,
+        progressive: bool = False,
     ) -> None:
         if not down_ladder or not up_ladder:
             raise ValueError("ladders need at least one spec each")
+        if progressive and (len(down_ladder) != 1 or not parse_spec(down_ladder[0]).levels):
+            raise ValueError("a progressive policy takes one download spec with levels")
         if num_rounds < 1 or clients_per_round < 1:
             raise ValueError("num_rounds and clients_per_round must be >= 1")
         if deadline_s is not None and not deadline_s > 0:
@@ -263,6 +276,7 @@ class LadderPolicy:
         self.deadline_s = deadline_s
         self.round_trips = round_trips
         self.control_bytes = control_bytes
+        self.progressive = progressive
         self.spent_down = 0
         self.spent_up = 0
         self.compute_s = 0.0
@@ -373,6 +387,8 @@ class LadderPolicy:
         link = limits.link
         smallest_up = min(sizes.floor for _, sizes in ups)
         up_s = link.transfer_s(smallest_up, LinkDirection.UP) if link else 0.0
+        if self.progressive and not zero:
+            return self._progressive(limits, ups, up_s)
         downs = self.down_ladder
         if zero:
             downs = ((ZERO_DELTA_SPEC, parse_spec(ZERO_DELTA_SPEC)),)
@@ -421,6 +437,30 @@ class LadderPolicy:
             f"smallest upload bound ({smallest_up} B) does not fit {_fmt(limits.up)} B up "
             f"/ {_fmt(limits.seconds - down_s)} s of link time"
         )
+
+    def _progressive(
+        self, limits: _Limits, ups: list[tuple[str, _UpSizes]], up_s: float
+    ) -> Choice | Skip:
+        """The progressive download truncated to what the limits leave after the smallest
+        upload, then the best upload that fits beside it."""
+        link = limits.link
+        wire = limits.down
+        if link is not None and not math.isinf(limits.seconds):
+            wire = min(wire, (limits.seconds - up_s) * link.bytes_per_s(LinkDirection.DOWN))
+        payload = 0 if math.isinf(wire) else math.floor(wire) - DOWN_OVERHEAD_BYTES
+        payload -= 0 if math.isinf(wire) else PROGRESSIVE_MANIFEST_BYTES
+        if not math.isinf(wire) and payload <= 0:
+            return Skip(f"no download bytes left ({_fmt(wire)} B of wire and link time)")
+        down_wire = 0 if math.isinf(wire) else math.floor(wire)
+        down_s = link.transfer_s(down_wire, LinkDirection.DOWN) if link and down_wire else 0.0
+        allowed = limits.up
+        if link is not None and not math.isinf(limits.seconds):
+            allowed = min(allowed, (limits.seconds - down_s) * link.bytes_per_s(LinkDirection.UP))
+        for text, sizes in ups:
+            if sizes.expected <= allowed and sizes.floor <= allowed:
+                up_wire = sizes.bound if sizes.bound <= allowed else math.floor(allowed)
+                return Choice(self.down_ladder[0][0], text, payload, down_wire, up_wire)
+        return Skip(f"smallest upload does not fit {_fmt(allowed)} B up")
 
 
 def _random_upload(

@@ -38,6 +38,10 @@ class StoreModelSource:
         except ValueError:
             return None  # not a digest at all
 
+    def adopt(self, state: Mapping[str, torch.Tensor]) -> str:
+        """Keep a model an edge decoded from a truncated fetch (a version without track)."""
+        return self.store.publish(state, track=None)
+
     def encode(
         self, target: str, base: str | None, spec: CodecSpec, byte_budget: int | None
     ) -> EncodedModel:

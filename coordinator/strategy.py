@@ -247,7 +247,12 @@ class CompressedStrategy(Strategy):
                 )
                 stats.rejected.append(rejection)
                 continue
-            self.store.record_edge(edge, receipt.held)
+            self.store.record_edge(
+                edge,
+                receipt.held,
+                decoded_bytes=receipt.decoded_bytes,
+                levels=receipt.decoded_levels,
+            )
             assert arrays is not None  # no rejection means arrays were built
             content = RecordDict(
                 {

@@ -39,6 +39,8 @@ class _Persisted:
     tracks: dict[str, str] = field(default_factory=dict)
     versions: list[str] = field(default_factory=list)  # oldest first
     edges: dict[str, str] = field(default_factory=dict)  # edge id → digest it holds
+    # edge id → what it decoded of a truncated progressive fetch: {"bytes": n, "levels": [...]}
+    edge_prefixes: dict[str, dict[str, Any]] = field(default_factory=dict)
     completed_round: int = 0
     round_metrics: dict[str, dict[str, float]] = field(default_factory=dict)
     meta: dict[str, Any] = field(default_factory=dict)
@@ -82,6 +84,7 @@ class VersionStore:
                 tracks=dict(raw["tracks"]),
                 versions=list(raw["versions"]),
                 edges=dict(raw["edges"]),
+                edge_prefixes=dict(raw.get("edge_prefixes", {})),
                 completed_round=int(raw["completed_round"]),
                 round_metrics={k: dict(v) for k, v in raw["round_metrics"].items()},
                 meta=dict(raw.get("meta", {})),
@@ -96,6 +99,7 @@ class VersionStore:
             "tracks": s.tracks,
             "versions": s.versions,
             "edges": s.edges,
+            "edge_prefixes": s.edge_prefixes,
             "completed_round": s.completed_round,
             "round_metrics": s.round_metrics,
             "meta": s.meta,
@@ -193,14 +197,35 @@ class VersionStore:
             return list(self._state.versions)
 
     # ------------------------------------------------------------------ edges and rounds
-    def record_edge(self, edge_id: str, digest: str) -> None:
-        """Remember which version an edge now holds (what it decoded, not the global)."""
+    def record_edge(
+        self, edge_id: str, digest: str, *, decoded_bytes: int = 0, levels: tuple[int, ...] = ()
+    ) -> None:
+        """Remember which version an edge now holds (what it decoded, not the global).
+
+        ``decoded_bytes`` and ``levels``: what it decoded of a truncated progressive
+        fetch (the digest is then that coarse model's, which the data plane kept).
+        """
         with self._lock:
             if digest not in self._state.versions:
                 raise ValueError(f"version {digest[:12]} is not in the store")
             self._state.edges[edge_id] = digest
+            if decoded_bytes:
+                self._state.edge_prefixes[edge_id] = {
+                    "bytes": decoded_bytes,
+                    "levels": list(levels),
+                }
+            else:
+                self._state.edge_prefixes.pop(edge_id, None)
             self._evict()
             self._save()
+
+    def edge_prefix(self, edge_id: str) -> tuple[int, tuple[int, ...]] | None:
+        """Bytes and levels the edge decoded of a truncated fetch, or ``None`` (whole)."""
+        with self._lock:
+            entry = self._state.edge_prefixes.get(edge_id)
+            if entry is None:
+                return None
+            return int(entry["bytes"]), tuple(int(v) for v in entry["levels"])
 
     def edge_version(self, edge_id: str) -> str | None:
         """The version the edge holds, if still kept."""

@@ -25,6 +25,7 @@ from fedsqueeze.codec.spec_text import parse_spec
 from fedsqueeze.control import RoundInstruction
 from fedsqueeze.errors import FedsqueezeError, IntegrityError, TransportError
 from fedsqueeze.transport.client import TransferClient
+from fedsqueeze.transport.fetch import FetchState
 from fedsqueeze.transport.shaping import LinkShaper
 from fedsqueeze.transport.tls import ClientTls
 
@@ -43,7 +44,8 @@ class Fetched:
     """A model fetched and verified, and what it cost on the wire.
 
     ``link_wait_s`` is the time an emulated link really made the fetch wait (0 without
-    one, or with one that only simulates).
+    one, or with one that only simulates). ``decoded_bytes`` and ``decoded_levels`` say
+    what a truncated progressive fetch gave (0 and empty: the whole model).
     """
 
     state: State
@@ -51,6 +53,19 @@ class Fetched:
     bytes_down: int
     bytes_up: int
     link_wait_s: float = 0.0
+    decoded_bytes: int = 0
+    decoded_levels: tuple[int, ...] = ()
+
+
+@dataclass
+class _Stream:
+    """The last stream an edge fetched: for the same target again, the fetch names the
+    segments it holds and gets only what is missing (the manifest alone if nothing is)."""
+
+    target: str
+    base_digest: str | None
+    base: State | None
+    held: FetchState
 
 
 @dataclass(frozen=True)
@@ -105,6 +120,7 @@ class GrpcConnector:
         env = os.environ.get(CA_ENV)
         self.root_ca = root_ca or (Path(env) if env else None)
         self.link = link
+        self._streams: dict[str, _Stream] = {}
 
     def _client(
         self, instruction: RoundInstruction, edge_id: str, link: LinkShaper | None
@@ -130,6 +146,13 @@ class GrpcConnector:
         held: State | None,
     ) -> Fetched:
         link = self.link() if self.link is not None else None
+        last = self._streams.get(edge_id)
+        if last is not None and last.target == instruction.target:
+            # Still the same target: continue its stream, from the base it was made from.
+            held_digest, held = last.base_digest, last.base
+            state = last.held
+        else:
+            state = FetchState()
         with (
             self._failure_named("fetching the model", instruction),
             self._client(instruction, edge_id, link) as client,
@@ -140,12 +163,23 @@ class GrpcConnector:
                 base=held,
                 base_digest=bytes.fromhex(held_digest) if held_digest else None,
                 byte_budget=instruction.down_budget or None,
+                state=state,
             )
         if result.state is None:
             raise IntegrityError("the fetch returned no model")
+        self._streams[edge_id] = _Stream(instruction.target, held_digest, held, state)
         wire = result.stats.wire
         waited = link.waited_s if link is not None else 0.0
-        return Fetched(result.state, result.digest.hex(), wire.received, wire.sent, waited)
+        prefix = result.prefix
+        return Fetched(
+            result.state,
+            result.digest.hex(),
+            wire.received,
+            wire.sent,
+            waited,
+            prefix.used_bytes if prefix is not None else 0,
+            prefix.levels if prefix is not None else (),
+        )
 
     def push(
         self,

@@ -143,6 +143,8 @@ def make_mod(
             train_seconds=_number(app_metrics.get("compute-seconds", 0.0)),
             fetch_seconds=fetch_seconds,
             push_seconds=push_seconds,
+            decoded_bytes=fetched.decoded_bytes,
+            decoded_levels=fetched.decoded_levels,
         )
         ids, metrics = receipt.to_records(app_metrics)
         reply.content = RecordDict({RECEIPT_KEY: ids, "metrics": metrics})

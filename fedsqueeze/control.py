@@ -94,6 +94,10 @@ class TrainReceipt:
         Data-plane bytes counted on the wire this round.
     train_seconds, fetch_seconds, push_seconds
         Wall time spent.
+    decoded_bytes
+        Stream bytes decoded from a truncated progressive fetch (0: the whole stream).
+    decoded_levels
+        With ``decoded_bytes``: the highest level each progressive tensor holds.
     """
 
     update_id: str
@@ -105,6 +109,8 @@ class TrainReceipt:
     train_seconds: float
     fetch_seconds: float
     push_seconds: float
+    decoded_bytes: int = 0
+    decoded_levels: tuple[int, ...] = ()
 
     def to_records(
         self, app_metrics: MetricRecord | None = None

@@ -15,6 +15,10 @@ arm                what travels
                    values) that fit 3.7 kB down and 2.4 kB up on the data plane
                    (together 1/50 of an fp32 model down and up) and the client's link
                    within the round deadline, if any
+``progressive``    (not in the default sweep) a progressive download (95%-sparse 4-bit
+                   delta in levels of 2+2 bits against what the client holds) truncated
+                   to the client's budget and deadline instead of a skip or a drop;
+                   uploads as ``adaptive``, within the same 3.7 kB / 2.4 kB
 ``sparse``         (not in the default sweep) fixed specs: 95%-sparse 2-bit model deltas
                    down, top-k 5% 2-bit updates with error feedback up
 =================  ==========================================================================
@@ -91,6 +95,12 @@ with 4-bit values (about 1.2 kB) misses 9 % of its squared norm and rank 5 (abou
 3-bit k-means codes at lower error."""
 
 
+PROGRESSIVE_DOWN_SPEC = "prune=l1:0.95,quant=4,levels=2+2" + _ALL
+"""Download spec of the ``progressive`` arm: a 95%-sparse delta whose base level (2 bits
+and the positions, about 1.9 kB for the digits CNN) fits a 3.7 kB budget with room for
+part of the refinement; what a client's budget cuts off stays in its next delta."""
+
+
 class ArmKind(enum.Enum):
     """Whether an arm is plain Flower or runs through fedsqueeze."""
 
@@ -159,7 +169,7 @@ class ArmConfig:
     def budgeted(self) -> bool:
         """Whether a budget limits this arm's specs (adaptive, or fixed with a budget)."""
         return self.kind is ArmKind.FEDSQUEEZE and (
-            self.policy is PolicyKind.ADAPTIVE
+            self.policy in (PolicyKind.ADAPTIVE, PolicyKind.PROGRESSIVE)
             or bool(self.down_budget or self.up_budget or self.total_budget)
             or self.budget_fraction > 0
         )
@@ -185,6 +195,15 @@ ARM_PRESETS: Mapping[str, ArmConfig] = {
         down_budget=3700,
         up_budget=2400,
         description="adaptive specs within 3.7 kB down / 2.4 kB up per client and round",
+    ),
+    "progressive": ArmConfig(
+        "progressive",
+        policy=PolicyKind.PROGRESSIVE,
+        down_spec=PROGRESSIVE_DOWN_SPEC,
+        down_budget=3700,
+        up_budget=2400,
+        description="progressive downloads truncated to 3.7 kB and the deadline, "
+        "adaptive uploads within 2.4 kB",
     ),
     "sparse": ArmConfig(
         "sparse",

@@ -3,7 +3,8 @@
 :func:`run_sweep` starts one Flower simulation (Ray once) with ``num_clients`` virtual
 clients, runs every arm of the config on it one after the other, and writes
 ``results.csv``, ``clients.csv``, ``summary.json``, ``summary.md``, ``run.json``, the PNG
-plots and ``state/`` (each fedsqueeze arm's coordinator state) into the output folder.
+plots, the prefix curve (``prefix_curve.csv`` / ``.png``, :mod:`simulations.prefix_curve`)
+and ``state/`` (each fedsqueeze arm's coordinator state) into the output folder.
 :func:`run_seeds` repeats that for several seeds and adds ``medians.json`` /
 ``medians.md``. Resources follow the machine: one CPU per client actor, as many actors
 as CPUs, unless the config says otherwise; a misconfiguration is a :class:`ConfigError`
@@ -32,6 +33,7 @@ from simulations.grid import SimulationError
 from simulations.links import assign_links, link_profile
 from simulations.memory import PeakMemory
 from simulations.plots import write_plots
+from simulations.prefix_curve import prefix_curve, write_prefix_curve
 from simulations.results import (
     RoundRecord,
     SweepSummary,
@@ -172,6 +174,13 @@ def run_sweep(
     write_clients_csv(out / "clients.csv", server.runs, link_names)
     if plots:
         write_plots(out, rows, summary.target_accuracy, f"{config.name}, seed {config.seed}")
+    curve = [
+        point
+        for run in server.runs
+        if run.final_state is not None
+        for point in prefix_curve(run.arm.name, config.task, config.seed, run.final_state)
+    ]
+    write_prefix_curve(out, curve, f"{config.name}, seed {config.seed}: prefix curve", plots)
     outcome = SweepOutcome(out, tuple(rows), summary, wall, memory.peak_total, memory.peak_process)
     write_run_info(out, config, outcome)
     return outcome

@@ -51,6 +51,7 @@ class ArmRun:
     accuracy: dict[int, float] = field(default_factory=dict)
     loss: dict[int, float] = field(default_factory=dict)
     wall_s: float = 0.0
+    final_state: dict[str, torch.Tensor] | None = None
 
 
 def model_bytes(task: str, seed: int) -> int:
@@ -120,7 +121,8 @@ class SweepServer:
     def _evaluate(self, run: ArmRun, server_round: int, arrays: ArrayRecord) -> MetricRecord:
         task = get_task(self.config.task)
         model = task.build_model(self.config.seed)
-        model.load_state_dict(arrays.to_torch_state_dict())
+        run.final_state = arrays.to_torch_state_dict()
+        model.load_state_dict(run.final_state)
         data = task.load_data()
         result = task.evaluate(model, data.x_test, data.y_test)
         self._record(run, server_round, result.accuracy, result.loss)
@@ -165,6 +167,7 @@ class SweepServer:
 
         class _Coordinator(Coordinator):
             def evaluate(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
+                run.final_state = arrays.to_torch_state_dict()
                 metrics = super().evaluate(server_round, arrays)
                 acc, loss = metrics.get("accuracy", 0.0), metrics.get("loss", 0.0)
                 server._record(run, server_round, float(acc), float(loss))  # type: ignore[arg-type]
@@ -205,9 +208,12 @@ class SweepServer:
             * cfg.num_rounds
         )
         adaptive = arm.policy is PolicyKind.ADAPTIVE
+        progressive = arm.policy is PolicyKind.PROGRESSIVE
         ladders = (
             (arm.down_ladder, arm.up_ladder) if adaptive else ((arm.down_spec,), (arm.up_spec,))
         )
+        if progressive:
+            ladders = ((arm.down_spec,), arm.up_ladder)
 
         def factory(store: VersionStore) -> BudgetPolicy:
             policy = LadderPolicy(
@@ -221,6 +227,7 @@ class SweepServer:
                 # (they are then dropped at the deadline, as a deployment's would be).
                 link_of=sim.link_of_node if arm.budgeted else None,
                 deadline_s=(cfg.deadline_s or None) if arm.budgeted else None,
+                progressive=progressive,
             )
             out.append(policy)
             return policy
@@ -237,6 +244,11 @@ def _adopt_straggler(store: VersionStore, reply: Message, policy: BudgetPolicy |
         reply.content.metric_records.get("metrics", MetricRecord()),
     )
     if store.has(receipt.held):
-        store.record_edge(str(reply.metadata.src_node_id), receipt.held)
+        store.record_edge(
+            str(reply.metadata.src_node_id),
+            receipt.held,
+            decoded_bytes=receipt.decoded_bytes,
+            levels=receipt.decoded_levels,
+        )
     if policy is not None:
         policy.observe(receipt.bytes_down, receipt.bytes_up)

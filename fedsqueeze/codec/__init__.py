@@ -17,7 +17,13 @@ from fedsqueeze.codec.model import (
     encode_state,
     smallest_prefix,
 )
-from fedsqueeze.codec.segments import Segment, join_prefix, join_segments, split_segments
+from fedsqueeze.codec.segments import (
+    Segment,
+    join_prefix,
+    join_segments,
+    split_progressive,
+    split_segments,
+)
 from fedsqueeze.codec.spec import (
     PRESETS,
     CodecSpec,
@@ -54,6 +60,7 @@ __all__ = [
     "join_segments",
     "preset",
     "smallest_prefix",
+    "split_progressive",
     "split_segments",
     "state_digest",
 ]

@@ -92,6 +92,50 @@ def split_segments(encoded: EncodedModel, max_bytes: int = DEFAULT_SEGMENT_BYTES
     return segments
 
 
+def split_progressive(
+    encoded: EncodedModel, target_bytes: int, max_bytes: int = DEFAULT_SEGMENT_BYTES
+) -> list[Segment]:
+    """Cut a progressive model into segments of whole records, for truncation by budget.
+
+    A segment ends at each level change and once it holds ``target_bytes`` or more, so a
+    byte budget buys whole records (a record cut by the budget would be bytes paid for and
+    thrown away). Only a record longer than ``max_bytes`` spans several segments.
+    """
+    if not 64 <= target_bytes <= max_bytes:
+        raise ValueError("target_bytes must be in [64, max_bytes]")
+    pieces: list[tuple[str | None, int, bytes]] = [(None, 0, encoded.header.to_bytes())]
+    for record in encoded.records:
+        pieces.append((record.name, record.level, record.to_bytes()))
+    segments: list[Segment] = []
+    buf = bytearray()
+    names: list[str] = []
+    level = 0
+
+    def flush() -> None:
+        nonlocal buf, names
+        if buf:
+            idx = len(segments)
+            segments.append(Segment(idx, tuple(names), idx, level, bytes(buf)))
+            buf, names = bytearray(), []
+
+    for name, piece_level, data in pieces:
+        if piece_level != level or (len(buf) + len(data) > max_bytes and names):
+            flush()
+            level = piece_level
+        if name is not None and (not names or names[-1] != name):
+            names.append(name)
+        for offset in range(0, len(data), max_bytes):
+            buf += data[offset : offset + max_bytes]
+            if len(buf) >= max_bytes:
+                flush()
+                if name is not None and offset + max_bytes < len(data):
+                    names.append(name)
+        if len(buf) >= target_bytes:
+            flush()
+    flush()
+    return segments
+
+
 def join_prefix(segments: Sequence[Segment]) -> bytes:
     """The stream bytes of the first segments of a model (for anytime decoding).
 

@@ -31,12 +31,18 @@ from typing import Any
 import grpc
 import torch
 
-from fedsqueeze.codec import CodecSpec, EncodedModel, decode_state, state_digest
+from fedsqueeze.codec import CodecSpec, EncodedModel, decode_prefix, decode_state, state_digest
 from fedsqueeze.errors import IntegrityError
 from fedsqueeze.transport.auth import call_metadata
 from fedsqueeze.transport.errors_map import error_from_rpc, status_of
 from fedsqueeze.transport.fetch import FetchState
-from fedsqueeze.transport.operation import FetchResult, Operation, PushResult, TransferStats
+from fedsqueeze.transport.operation import (
+    FetchResult,
+    Operation,
+    PrefixUsed,
+    PushResult,
+    TransferStats,
+)
 from fedsqueeze.transport.retry import RetryPolicy
 from fedsqueeze.transport.server import (
     MAX_MESSAGE_BYTES,
@@ -57,7 +63,15 @@ from fedsqueeze.wire.types import (
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["FetchResult", "Progress", "PushResult", "TransferClient", "TransferStats"]
+__all__ = [
+    "FetchResult",
+    "PrefixUsed",
+    "Progress",
+    "PushResult",
+    "TransferClient",
+    "TransferStats",
+    "decode_fetched_prefix",
+]
 
 #: Threads that verify segments: one per core beyond the receive loop and gRPC's poller
 #: (1 to 4). A 1 MiB segment takes about as long to hash as to receive, so with cores to
@@ -171,7 +185,11 @@ class TransferClient:
         base_digest
             ``state_digest(base)`` if already known (saves hashing ``base``).
         byte_budget
-            Most encoded bytes accepted (the server refuses a larger encoding).
+            Most encoded bytes sent (segments held are free). The server refuses a larger
+            encoding, except a progressive one (``levels``), which it truncates to the
+            longest prefix of segments that fits; the prefix is decoded
+            (:func:`decode_fetched_prefix`) and :attr:`FetchResult.prefix` says what it
+            gave. Passing the same ``state`` again fetches the missing refinements.
         state
             Segments held from an earlier, failed fetch; the fetch resumes from them and
             keeps adding to them.
@@ -270,7 +288,10 @@ class TransferClient:
         manifest = held.manifest
         if manifest is None:
             raise RuntimeError("fetch state lost its manifest")
-        message = convert.segment_request_to_proto(SegmentRequest(manifest.manifest_key, holding))
+        prefix = manifest.prefix_segments if manifest.truncated else 0
+        message = convert.segment_request_to_proto(
+            SegmentRequest(manifest.manifest_key, holding, prefix)
+        )
         self._receive(held, call(message, **op.begin_call()), progress)
 
     @staticmethod
@@ -314,6 +335,8 @@ class TransferClient:
         manifest = held.manifest
         if manifest is None:
             raise RuntimeError("fetch state lost its manifest")
+        if manifest.truncated:
+            return self._finish_prefix(op, held, manifest, base, decode)
         encoded = held.assemble()
         if encoded.base_digest != manifest.base_digest:
             raise IntegrityError("the payload's base digest differs from the manifest's")
@@ -338,6 +361,34 @@ class TransferClient:
             stats.elapsed_s,
         )
         return FetchResult(manifest, encoded, decoded, stats)
+
+    @staticmethod
+    def _finish_prefix(
+        op: Operation,
+        held: FetchState,
+        manifest: Manifest,
+        base: Mapping[str, torch.Tensor] | None,
+        decode: bool,
+    ) -> FetchResult:
+        stream = held.prefix()
+        encoded, _used = EncodedModel.parse_prefix(stream)
+        if encoded.base_digest != manifest.base_digest:
+            raise IntegrityError("the payload's base digest differs from the manifest's")
+        state: dict[str, torch.Tensor] | None = None
+        prefix: PrefixUsed | None = None
+        if decode:
+            state, prefix = decode_fetched_prefix(stream, manifest, base)
+        stats = op.stats(held.refetched)
+        logger.info(
+            "fetched a prefix of %s… (%s): %d of %d B encoded, levels %s, %d B down",
+            manifest.model_digest.hex()[:12],
+            "delta" if manifest.base_digest is not None else "full",
+            len(stream),
+            manifest.encoded_bytes,
+            list(prefix.levels) if prefix is not None else "?",
+            stats.wire.received,
+        )
+        return FetchResult(manifest, encoded, state, stats, prefix)
 
     # ------------------------------------------------------------------ push
     def push_update(
@@ -402,6 +453,30 @@ class TransferClient:
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+
+def decode_fetched_prefix(
+    stream: bytes | memoryview, manifest: Manifest, base: Mapping[str, torch.Tensor] | None
+) -> tuple[dict[str, torch.Tensor], PrefixUsed]:
+    """Decode the verified prefix of a truncated fetch: the best model it holds.
+
+    Every byte of ``stream`` passed its segment's sha256, but a server can still send a
+    stream that is not a valid prefix; that raises, never crashes.
+
+    Raises
+    ------
+    fedsqueeze.errors.CodecError
+        ``stream`` is not a decodable prefix of a model (records out of order, a
+        refinement without its base level, a full model without every base level), or
+        the base is not the manifest's.
+    """
+    decoded = decode_prefix(
+        stream,
+        dict(base) if base is not None and manifest.base_digest is not None else None,
+        base_digest=manifest.base_digest,
+    )
+    levels = tuple(decoded.levels.values())
+    return decoded.state, PrefixUsed(decoded.used_bytes, levels, state_digest(decoded.state))
 
 
 def _segment_of(part: SegmentData | pb.Manifest) -> SegmentData:

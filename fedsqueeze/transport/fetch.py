@@ -76,7 +76,11 @@ class FetchState:
         """
         with self._lock:
             old, old_manifest = self._buffer, self._manifest
-            if old_manifest == manifest:
+            if old_manifest is not None and (old_manifest.manifest_key, old_manifest.segments) == (
+                manifest.manifest_key,
+                manifest.segments,
+            ):
+                self._manifest = manifest  # the same stream; perhaps another prefix of it
                 return len(self._held)
             offsets: dict[int, int] = {}
             position = 0
@@ -128,16 +132,17 @@ class FetchState:
             return frozenset(self._held)
 
     def missing_ids(self) -> list[int]:
-        """Ids still to fetch, in the manifest's (priority) order."""
+        """Ids still to fetch (of the prefix, for a truncated manifest), in order."""
         with self._lock:
             manifest = self._current()
-            return [s.segment_id for s in manifest.segments if s.segment_id not in self._held]
+            return [s.segment_id for s in manifest.wanted if s.segment_id not in self._held]
 
     @property
     def complete(self) -> bool:
-        """Whether every segment is held."""
+        """Whether every segment wanted is held (the prefix's, for a truncated manifest)."""
         with self._lock:
-            return self._manifest is not None and len(self._held) == len(self._manifest.segments)
+            manifest = self._manifest
+            return manifest is not None and all(s.segment_id in self._held for s in manifest.wanted)
 
     @property
     def held_bytes(self) -> int:
@@ -187,6 +192,22 @@ class FetchState:
                 f"segment {data.segment_id} failed verification {failures} times; giving up"
             )
         return False
+
+    def prefix(self) -> bytes:
+        """The stream bytes of the wanted prefix (a truncated manifest's first segments).
+
+        Raises
+        ------
+        IntegrityError
+            Segments of the prefix are missing.
+        """
+        with self._lock:
+            manifest = self._current()
+            wanted = manifest.wanted
+            if any(s.segment_id not in self._held for s in wanted):
+                raise IntegrityError("cannot decode the prefix: segments are missing")
+            end = max(self._offsets[s.segment_id] + s.byte_length for s in wanted)
+            return bytes(self._buffer[:end])
 
     def assemble(self) -> EncodedModel:
         """The encoded model, parsed from the verified segments in place.

@@ -68,6 +68,26 @@ class TransferStats:
 
 
 @dataclass(frozen=True)
+class PrefixUsed:
+    """What a client decoded of a truncated progressive fetch.
+
+    Attributes
+    ----------
+    used_bytes
+        Stream bytes that went into the model (header and whole records).
+    levels
+        The highest level (0: base level) each progressive tensor holds, in the order
+        of their base-level records.
+    digest
+        Digest of the decoded model: what the client holds now.
+    """
+
+    used_bytes: int
+    levels: tuple[int, ...]
+    digest: bytes
+
+
+@dataclass(frozen=True)
 class FetchResult:
     """A fetched model.
 
@@ -81,17 +101,21 @@ class FetchResult:
         The decoded model (``None`` when fetched with ``decode=False``).
     stats
         What it cost.
+    prefix
+        For a truncated progressive fetch decoded here, what the prefix gave; else
+        ``None``.
     """
 
     manifest: Manifest
     encoded: EncodedModel
     state: dict[str, torch.Tensor] | None
     stats: TransferStats
+    prefix: PrefixUsed | None = None
 
     @property
     def digest(self) -> bytes:
         """Digest of the decoded model: what the client holds now."""
-        return self.manifest.decoded_digest
+        return self.prefix.digest if self.prefix is not None else self.manifest.decoded_digest
 
 
 @dataclass(frozen=True)

@@ -33,10 +33,11 @@ from fedsqueeze.transport.errors_map import status_for
 from fedsqueeze.transport.faults import FaultInjector, StreamAction
 from fedsqueeze.transport.prepare import prepare_model
 from fedsqueeze.transport.source import ModelSource
+from fedsqueeze.transport.truncate import PrefixModels, plan_prefix
 from fedsqueeze.transport.updates import AddResult, ReceivedUpdate, UpdateSink, now
 from fedsqueeze.wire import convert
 from fedsqueeze.wire import transfer_pb2 as pb
-from fedsqueeze.wire.types import ManifestRequest, UpdateMetadata, UpdateReceipt
+from fedsqueeze.wire.types import Manifest, ManifestRequest, UpdateMetadata, UpdateReceipt
 
 logger = logging.getLogger(__name__)
 
@@ -78,6 +79,7 @@ class TransferService:
         self.cache = cache
         self.limits = limits
         self.faults = faults
+        self.prefixes = PrefixModels(source)
 
     # ------------------------------------------------------------------ helpers
     def _authenticate(self, context: grpc.ServicerContext) -> str:
@@ -105,7 +107,9 @@ class TransferService:
         if base is not None and self.source.get(base) is None:
             logger.info("edge %s holds unknown or old base %s…: full model", edge, base[:12])
             base = None
-        key = CacheKey(target, base, req.spec, req.byte_budget)
+        # A progressive encoding is truncated per answer, not re-encoded per budget.
+        budget = None if req.spec.levels else req.byte_budget
+        key = CacheKey(target, base, req.spec, budget)
         return self.cache.get_or_build(
             key, lambda: prepare_model(self.source, key, self.limits.segment_bytes)
         )
@@ -122,8 +126,9 @@ class TransferService:
             if held is not None and held.manifest_key == manifest.manifest_key:
                 self._check_held(prepared, held.held)
                 skip = held.held
+            manifest = self._truncated(prepared, skip, req.byte_budget)
             yield convert.fetch_manifest_message(manifest, req)
-            yield from self._segments(prepared, skip, context)
+            yield from self._segments(prepared, skip, context, manifest.prefix_segments)
         except Exception as exc:
             self._abort(context, "Fetch", exc)
 
@@ -136,7 +141,8 @@ class TransferService:
             edge = self._authenticate(context)
             req = convert.manifest_request_from_proto(request)
             prepared = self._prepare(edge, req)
-            return convert.manifest_response_to_proto(prepared.manifest, req)
+            manifest = self._truncated(prepared, frozenset(), req.byte_budget)
+            return convert.manifest_response_to_proto(manifest, req)
         except Exception as exc:
             self._abort(context, "GetManifest", exc)
 
@@ -154,7 +160,7 @@ class TransferService:
                     f"manifest {req.manifest_key.hex()[:16]}… is not cached; Fetch again"
                 )
             self._check_held(prepared, req.held)
-            yield from self._segments(prepared, req.held, context)
+            yield from self._segments(prepared, req.held, context, req.prefix_segments)
         except Exception as exc:
             self._abort(context, "StreamSegments", exc)
 
@@ -164,13 +170,30 @@ class TransferService:
         if unknown:
             raise InvalidRequestError(f"held segment ids not in the manifest: {unknown[:5]}")
 
+    def _truncated(
+        self, prepared: PreparedModel, held: frozenset[int], byte_budget: int | None
+    ) -> Manifest:
+        """The manifest of the answer: for a progressive encoding over ``byte_budget``, the
+        longest prefix that fits, whose decoded model is kept as a possible base."""
+        prefix = plan_prefix(prepared.manifest, held, byte_budget)
+        if not prefix:
+            return prepared.manifest
+        self.prefixes.ensure(prepared, prefix)
+        return replace(prepared.manifest, prefix_segments=prefix)
+
     def _segments(
-        self, prepared: PreparedModel, held: frozenset[int], context: grpc.ServicerContext
+        self,
+        prepared: PreparedModel,
+        held: frozenset[int],
+        context: grpc.ServicerContext,
+        prefix_segments: int = 0,
     ) -> Iterator[bytes]:
         sent = 0
         for info in prepared.manifest.segments:
             if info.segment_id in held:
                 continue
+            if prefix_segments and info.segment_id >= prefix_segments:
+                break
             message = prepared.messages[info.segment_id]
             if self.faults is not None:
                 if self.faults.before_segment(sent) is StreamAction.CUT:

@@ -47,6 +47,12 @@ class ModelSource(Protocol):
         """The model with this hex digest, or ``None`` when not (or no longer) held."""
         ...
 
+    def adopt(self, state: Mapping[str, torch.Tensor]) -> str:
+        """Hold ``state`` (a model an edge decoded from a truncated fetch) under its
+        digest, so it can be the base of later deltas and updates; returns the hex digest.
+        """
+        ...
+
     def encode(
         self, target: str, base: str | None, spec: CodecSpec, byte_budget: int | None
     ) -> EncodedModel:
@@ -98,6 +104,21 @@ class InMemoryModelSource:
                 if len(self._versions) <= self.keep:
                     break
                 if old not in heads:
+                    del self._versions[old]
+        return digest
+
+    def adopt(self, state: Mapping[str, torch.Tensor]) -> str:
+        """See :meth:`ModelSource.adopt` (held like a version, dropped by age like one)."""
+        copy = {name: t.detach().to("cpu").clone() for name, t in state.items()}
+        digest = state_digest(copy).hex()
+        with self._lock:
+            self._versions[digest] = copy
+            self._versions.move_to_end(digest)
+            heads = set(self._tracks.values())
+            for old in list(self._versions):
+                if len(self._versions) <= self.keep:
+                    break
+                if old not in heads and old != digest:
                     del self._versions[old]
         return digest
 

@@ -9,6 +9,7 @@ raises :class:`~fedsqueeze.errors.ConfigError`.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 from google.protobuf.message import DecodeError
 
@@ -125,8 +126,10 @@ def _seconds(value: float, what: str) -> float:
 
 def receipt_to_bytes(receipt: TrainReceipt) -> bytes:
     """Serialize the receipt's ids, byte counts and timings (not examples or loss)."""
-    if receipt.bytes_down < 0 or receipt.bytes_up < 0:
+    if receipt.bytes_down < 0 or receipt.bytes_up < 0 or receipt.decoded_bytes < 0:
         raise ConfigError("byte counts must not be negative")
+    if any(not 0 <= level < 256 for level in receipt.decoded_levels):
+        raise ConfigError("decoded levels must be in 0..255")
     message = pb.TrainReceipt(
         update_id=receipt.update_id,
         held_digest=_digest_to_wire(receipt.held, "held"),
@@ -135,6 +138,8 @@ def receipt_to_bytes(receipt: TrainReceipt) -> bytes:
         train_seconds=_seconds(receipt.train_seconds, "train_seconds"),
         fetch_seconds=_seconds(receipt.fetch_seconds, "fetch_seconds"),
         push_seconds=_seconds(receipt.push_seconds, "push_seconds"),
+        decoded_bytes=receipt.decoded_bytes,
+        decoded_levels=receipt.decoded_levels if receipt.decoded_bytes else (),
     )
     return message.SerializeToString()
 
@@ -155,4 +160,12 @@ def receipt_from_bytes(data: bytes, num_examples: int, loss: float) -> TrainRece
         train_seconds=_seconds(message.train_seconds, "train_seconds"),
         fetch_seconds=_seconds(message.fetch_seconds, "fetch_seconds"),
         push_seconds=_seconds(message.push_seconds, "push_seconds"),
+        decoded_bytes=message.decoded_bytes,
+        decoded_levels=_levels(message.decoded_levels),
     )
+
+
+def _levels(levels: Sequence[int]) -> tuple[int, ...]:
+    if len(levels) > 100_000 or any(level > 255 for level in levels):
+        raise ConfigError("train receipt with implausible decoded levels")
+    return tuple(levels)

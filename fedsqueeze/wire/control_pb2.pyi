@@ -14,8 +14,10 @@ MetricRecord "metrics". Both are kept small on purpose: on a 2 kB-per-round budg
 every field of these messages is paid for by every client in every round.
 """
 
+from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
+from google.protobuf.internal import containers as _containers
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -117,6 +119,8 @@ class TrainReceipt(_message.Message):
     TRAIN_SECONDS_FIELD_NUMBER: _builtins.int
     FETCH_SECONDS_FIELD_NUMBER: _builtins.int
     PUSH_SECONDS_FIELD_NUMBER: _builtins.int
+    DECODED_BYTES_FIELD_NUMBER: _builtins.int
+    DECODED_LEVELS_FIELD_NUMBER: _builtins.int
     update_id: _builtins.str
     """The id of the update pushed on the data plane (PushUpdate)."""
     held_digest: _builtins.bytes
@@ -133,6 +137,16 @@ class TrainReceipt(_message.Message):
     """Seconds spent fetching and verifying the model."""
     push_seconds: _builtins.float
     """Seconds spent pushing the update."""
+    decoded_bytes: _builtins.int
+    """Bytes of the model's encoded stream the edge decoded, when it decoded a
+    prefix of a progressive stream (a truncated fetch); 0: the whole stream.
+    """
+    @_builtins.property
+    def decoded_levels(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """With decoded_bytes: the highest level (0 = base level) each progressive
+        tensor was decoded at, in the order of their base-level records.
+        """
+
     def __init__(
         self,
         *,
@@ -143,10 +157,12 @@ class TrainReceipt(_message.Message):
         train_seconds: _builtins.float = ...,
         fetch_seconds: _builtins.float = ...,
         push_seconds: _builtins.float = ...,
+        decoded_bytes: _builtins.int = ...,
+        decoded_levels: _abc.Iterable[_builtins.int] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes_down", b"bytes_down", "bytes_up", b"bytes_up", "fetch_seconds", b"fetch_seconds", "held_digest", b"held_digest", "push_seconds", b"push_seconds", "train_seconds", b"train_seconds", "update_id", b"update_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes_down", b"bytes_down", "bytes_up", b"bytes_up", "decoded_bytes", b"decoded_bytes", "decoded_levels", b"decoded_levels", "fetch_seconds", b"fetch_seconds", "held_digest", b"held_digest", "push_seconds", b"push_seconds", "train_seconds", b"train_seconds", "update_id", b"update_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -126,6 +126,8 @@ def manifest_to_proto(manifest: Manifest, request: ManifestRequest) -> pb.Manife
             b"" if manifest.decoded_digest == manifest.model_digest else manifest.decoded_digest
         ),
         segments=[segment_info_to_proto(info) for info in manifest.segments],
+        prefix_segments=manifest.prefix_segments if manifest.truncated else 0,
+        smallest_prefix_bytes=manifest.smallest_prefix_bytes,
     )
     if manifest.spec != request.spec:
         msg.codec_spec.CopyFrom(codec_spec_to_proto(manifest.spec))
@@ -154,6 +156,8 @@ def manifest_from_proto(msg: pb.Manifest, request: ManifestRequest) -> Manifest:
             raw_bytes=msg.raw_bytes,
             decoded_digest=msg.decoded_digest or model_digest,
             segments=segments,
+            prefix_segments=msg.prefix_segments,
+            smallest_prefix_bytes=msg.smallest_prefix_bytes,
         ),
     )
 
@@ -260,7 +264,9 @@ def fetch_request_from_proto(
 def segment_request_to_proto(request: SegmentRequest) -> pb.StreamSegmentsRequest:
     """The wire form of a :class:`SegmentRequest` (held ids sorted, so it is canonical)."""
     return pb.StreamSegmentsRequest(
-        manifest_key=request.manifest_key, held_segment_ids=sorted(request.held)
+        manifest_key=request.manifest_key,
+        held_segment_ids=sorted(request.held),
+        prefix_segments=request.prefix_segments,
     )
 
 
@@ -268,7 +274,11 @@ def segment_request_from_proto(msg: pb.StreamSegmentsRequest) -> SegmentRequest:
     """Inverse of :func:`segment_request_to_proto`."""
     return _valid(
         "segment request",
-        lambda: SegmentRequest(manifest_key=msg.manifest_key, held=frozenset(msg.held_segment_ids)),
+        lambda: SegmentRequest(
+            manifest_key=msg.manifest_key,
+            held=frozenset(msg.held_segment_ids),
+            prefix_segments=msg.prefix_segments,
+        ),
     )
 
 

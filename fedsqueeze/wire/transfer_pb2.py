@@ -26,23 +26,23 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x66\x65\x64squeeze/v1/transfer.proto\x12\rfedsqueeze.v1\"\\\n\tPruneSpec\x12*\n\x06method\x18\x01 \x01(\x0e\x32\x1a.fedsqueeze.v1.PruneMethod\x12\x10\n\x08sparsity\x18\x02 \x01(\x01\x12\x11\n\tthreshold\x18\x03 \x01(\x01\"\xa1\x01\n\tQuantSpec\x12\x0c\n\x04\x62its\x18\x01 \x01(\r\x12*\n\x06scheme\x18\x02 \x01(\x0e\x32\x1a.fedsqueeze.v1.QuantScheme\x12/\n\x0bgranularity\x18\x03 \x01(\x0e\x32\x1a.fedsqueeze.v1.Granularity\x12)\n\x08rounding\x18\x04 \x01(\x0e\x32\x17.fedsqueeze.v1.Rounding\"\x91\x02\n\tCodecSpec\x12\'\n\x05prune\x18\x01 \x01(\x0b\x32\x18.fedsqueeze.v1.PruneSpec\x12\x11\n\x04topk\x18\x02 \x01(\x01H\x00\x88\x01\x01\x12\'\n\x05quant\x18\x03 \x01(\x0b\x32\x18.fedsqueeze.v1.QuantSpec\x12\x30\n\x0c\x66loat_format\x18\x04 \x01(\x0e\x32\x1a.fedsqueeze.v1.FloatFormat\x12\x15\n\rentropy_level\x18\x05 \x01(\r\x12\x0f\n\x07targets\x18\x06 \x03(\t\x12\x10\n\x08min_ndim\x18\x07 \x01(\r\x12\x11\n\x04rank\x18\x08 \x01(\rH\x01\x88\x01\x01\x12\x0e\n\x06levels\x18\t \x03(\rB\x07\n\x05_topkB\x07\n\x05_rank\"\x83\x01\n\x11SegmentDescriptor\x12\x12\n\nsegment_id\x18\x01 \x01(\r\x12\x14\n\x0ctensor_names\x18\x02 \x03(\t\x12\x10\n\x08priority\x18\x03 \x01(\x05\x12\r\n\x05level\x18\x04 \x01(\r\x12\x13\n\x0b\x62yte_length\x18\x05 \x01(\x04\x12\x0e\n\x06sha256\x18\x06 \x01(\x0c\"\xa3\x02\n\x08Manifest\x12\x14\n\x0cmanifest_key\x18\n \x01(\x0c\x12\x14\n\x0cmodel_digest\x18\x02 \x01(\x0c\x12\r\n\x05\x64\x65lta\x18\x0b \x01(\x08\x12,\n\ncodec_spec\x18\x04 \x01(\x0b\x32\x18.fedsqueeze.v1.CodecSpec\x12\x11\n\traw_bytes\x18\x06 \x01(\x04\x12\x16\n\x0e\x64\x65\x63oded_digest\x18\x08 \x01(\x0c\x12\x32\n\x08segments\x18\t \x03(\x0b\x32 .fedsqueeze.v1.SegmentDescriptorJ\x04\x08\x01\x10\x02J\x04\x08\x03\x10\x04J\x04\x08\x05\x10\x06J\x04\x08\x07\x10\x08R\x0bmanifest_idR\x0b\x62\x61se_digestR\rencoded_bytesR\x0e\x65ncoded_sha256\"A\n\x07Segment\x12\x12\n\nsegment_id\x18\x02 \x01(\r\x12\x0f\n\x07payload\x18\x03 \x01(\x0cJ\x04\x08\x01\x10\x02R\x0bmanifest_id\"\xd5\x01\n\x0c\x46\x65tchRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x14\n\x0cmodel_digest\x18\x02 \x01(\x0c\x12\x13\n\x0b\x62\x61se_digest\x18\x03 \x01(\x0c\x12,\n\ncodec_spec\x18\x04 \x01(\x0b\x32\x18.fedsqueeze.v1.CodecSpec\x12\x18\n\x0b\x62yte_budget\x18\x05 \x01(\x04H\x00\x88\x01\x01\x12\x19\n\x11held_manifest_key\x18\x06 \x01(\x0c\x12\x18\n\x10held_segment_ids\x18\x07 \x03(\rB\x0e\n\x0c_byte_budget\"o\n\rFetchResponse\x12)\n\x07segment\x18\x01 \x01(\x0b\x32\x16.fedsqueeze.v1.SegmentH\x00\x12+\n\x08manifest\x18\x02 \x01(\x0b\x32\x17.fedsqueeze.v1.ManifestH\x00\x42\x06\n\x04part\"\xb5\x01\n\x12GetManifestRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x14\n\x0cmodel_digest\x18\x06 \x01(\x0c\x12\x13\n\x0b\x62\x61se_digest\x18\x02 \x01(\x0c\x12,\n\ncodec_spec\x18\x04 \x01(\x0b\x32\x18.fedsqueeze.v1.CodecSpec\x12\x18\n\x0b\x62yte_budget\x18\x05 \x01(\x04H\x00\x88\x01\x01\x42\x0e\n\x0c_byte_budgetJ\x04\x08\x03\x10\x04R\x07\x65\x64ge_id\"@\n\x13GetManifestResponse\x12)\n\x08manifest\x18\x01 \x01(\x0b\x32\x17.fedsqueeze.v1.Manifest\"i\n\x15StreamSegmentsRequest\x12\x14\n\x0cmanifest_key\x18\x04 \x01(\x0c\x12\x18\n\x10held_segment_ids\x18\x02 \x03(\rJ\x04\x08\x01\x10\x02J\x04\x08\x03\x10\x04R\x0bmanifest_idR\x07\x65\x64ge_id\"A\n\x16StreamSegmentsResponse\x12\'\n\x07segment\x18\x01 \x01(\x0b\x32\x16.fedsqueeze.v1.Segment\"~\n\x0eUpdateMetadata\x12\x11\n\tupdate_id\x18\x01 \x01(\t\x12\x13\n\x0b\x62\x61se_digest\x18\x03 \x01(\x0c\x12\x13\n\x0btotal_bytes\x18\x04 \x01(\x04\x12\x0e\n\x06sha256\x18\x05 \x01(\x0cJ\x04\x08\x02\x10\x03J\x04\x08\x06\x10\x07R\x07\x65\x64ge_idR\ncodec_spec\"_\n\x11PushUpdateRequest\x12\x31\n\x08metadata\x18\x01 \x01(\x0b\x32\x1d.fedsqueeze.v1.UpdateMetadataH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"W\n\rUpdateReceipt\x12\x14\n\x0cstored_bytes\x18\x02 \x01(\x04\x12\x11\n\tduplicate\x18\x04 \x01(\x08J\x04\x08\x01\x10\x02J\x04\x08\x03\x10\x04R\tupdate_idR\x06sha256\"C\n\x12PushUpdateResponse\x12-\n\x07receipt\x18\x01 \x01(\x0b\x32\x1c.fedsqueeze.v1.UpdateReceipt*\xbc\x01\n\x0bPruneMethod\x12\x1c\n\x18PRUNE_METHOD_UNSPECIFIED\x10\x00\x12\x15\n\x11PRUNE_METHOD_NONE\x10\x01\x12 \n\x1cPRUNE_METHOD_L1_UNSTRUCTURED\x10\x02\x12\x1a\n\x16PRUNE_METHOD_L1_GLOBAL\x10\x03\x12\x1e\n\x1aPRUNE_METHOD_LN_STRUCTURED\x10\x04\x12\x1a\n\x16PRUNE_METHOD_THRESHOLD\x10\x05*\x90\x01\n\x0bQuantScheme\x12\x1c\n\x18QUANT_SCHEME_UNSPECIFIED\x10\x00\x12\x17\n\x13QUANT_SCHEME_AFFINE\x10\x01\x12\x1a\n\x16QUANT_SCHEME_SYMMETRIC\x10\x02\x12\x15\n\x11QUANT_SCHEME_POW2\x10\x03\x12\x17\n\x13QUANT_SCHEME_KMEANS\x10\x04*c\n\x0bGranularity\x12\x1b\n\x17GRANULARITY_UNSPECIFIED\x10\x00\x12\x1a\n\x16GRANULARITY_PER_TENSOR\x10\x01\x12\x1b\n\x17GRANULARITY_PER_CHANNEL\x10\x02*S\n\x08Rounding\x12\x18\n\x14ROUNDING_UNSPECIFIED\x10\x00\x12\x14\n\x10ROUNDING_NEAREST\x10\x01\x12\x17\n\x13ROUNDING_STOCHASTIC\x10\x02*p\n\x0b\x46loatFormat\x12\x1c\n\x18\x46LOAT_FORMAT_UNSPECIFIED\x10\x00\x12\x15\n\x11\x46LOAT_FORMAT_FP32\x10\x01\x12\x15\n\x11\x46LOAT_FORMAT_FP16\x10\x02\x12\x15\n\x11\x46LOAT_FORMAT_BF16\x10\x03\x32\xe1\x02\n\rModelTransfer\x12\x44\n\x05\x46\x65tch\x12\x1b.fedsqueeze.v1.FetchRequest\x1a\x1c.fedsqueeze.v1.FetchResponse0\x01\x12T\n\x0bGetManifest\x12!.fedsqueeze.v1.GetManifestRequest\x1a\".fedsqueeze.v1.GetManifestResponse\x12_\n\x0eStreamSegments\x12$.fedsqueeze.v1.StreamSegmentsRequest\x1a%.fedsqueeze.v1.StreamSegmentsResponse0\x01\x12S\n\nPushUpdate\x12 .fedsqueeze.v1.PushUpdateRequest\x1a!.fedsqueeze.v1.PushUpdateResponse(\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x66\x65\x64squeeze/v1/transfer.proto\x12\rfedsqueeze.v1\"\\\n\tPruneSpec\x12*\n\x06method\x18\x01 \x01(\x0e\x32\x1a.fedsqueeze.v1.PruneMethod\x12\x10\n\x08sparsity\x18\x02 \x01(\x01\x12\x11\n\tthreshold\x18\x03 \x01(\x01\"\xa1\x01\n\tQuantSpec\x12\x0c\n\x04\x62its\x18\x01 \x01(\r\x12*\n\x06scheme\x18\x02 \x01(\x0e\x32\x1a.fedsqueeze.v1.QuantScheme\x12/\n\x0bgranularity\x18\x03 \x01(\x0e\x32\x1a.fedsqueeze.v1.Granularity\x12)\n\x08rounding\x18\x04 \x01(\x0e\x32\x17.fedsqueeze.v1.Rounding\"\x91\x02\n\tCodecSpec\x12\'\n\x05prune\x18\x01 \x01(\x0b\x32\x18.fedsqueeze.v1.PruneSpec\x12\x11\n\x04topk\x18\x02 \x01(\x01H\x00\x88\x01\x01\x12\'\n\x05quant\x18\x03 \x01(\x0b\x32\x18.fedsqueeze.v1.QuantSpec\x12\x30\n\x0c\x66loat_format\x18\x04 \x01(\x0e\x32\x1a.fedsqueeze.v1.FloatFormat\x12\x15\n\rentropy_level\x18\x05 \x01(\r\x12\x0f\n\x07targets\x18\x06 \x03(\t\x12\x10\n\x08min_ndim\x18\x07 \x01(\r\x12\x11\n\x04rank\x18\x08 \x01(\rH\x01\x88\x01\x01\x12\x0e\n\x06levels\x18\t \x03(\rB\x07\n\x05_topkB\x07\n\x05_rank\"\x83\x01\n\x11SegmentDescriptor\x12\x12\n\nsegment_id\x18\x01 \x01(\r\x12\x14\n\x0ctensor_names\x18\x02 \x03(\t\x12\x10\n\x08priority\x18\x03 \x01(\x05\x12\r\n\x05level\x18\x04 \x01(\r\x12\x13\n\x0b\x62yte_length\x18\x05 \x01(\x04\x12\x0e\n\x06sha256\x18\x06 \x01(\x0c\"\xdb\x02\n\x08Manifest\x12\x14\n\x0cmanifest_key\x18\n \x01(\x0c\x12\x14\n\x0cmodel_digest\x18\x02 \x01(\x0c\x12\r\n\x05\x64\x65lta\x18\x0b \x01(\x08\x12,\n\ncodec_spec\x18\x04 \x01(\x0b\x32\x18.fedsqueeze.v1.CodecSpec\x12\x11\n\traw_bytes\x18\x06 \x01(\x04\x12\x16\n\x0e\x64\x65\x63oded_digest\x18\x08 \x01(\x0c\x12\x32\n\x08segments\x18\t \x03(\x0b\x32 .fedsqueeze.v1.SegmentDescriptor\x12\x17\n\x0fprefix_segments\x18\x0c \x01(\r\x12\x1d\n\x15smallest_prefix_bytes\x18\r \x01(\x04J\x04\x08\x01\x10\x02J\x04\x08\x03\x10\x04J\x04\x08\x05\x10\x06J\x04\x08\x07\x10\x08R\x0bmanifest_idR\x0b\x62\x61se_digestR\rencoded_bytesR\x0e\x65ncoded_sha256\"A\n\x07Segment\x12\x12\n\nsegment_id\x18\x02 \x01(\r\x12\x0f\n\x07payload\x18\x03 \x01(\x0cJ\x04\x08\x01\x10\x02R\x0bmanifest_id\"\xd5\x01\n\x0c\x46\x65tchRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x14\n\x0cmodel_digest\x18\x02 \x01(\x0c\x12\x13\n\x0b\x62\x61se_digest\x18\x03 \x01(\x0c\x12,\n\ncodec_spec\x18\x04 \x01(\x0b\x32\x18.fedsqueeze.v1.CodecSpec\x12\x18\n\x0b\x62yte_budget\x18\x05 \x01(\x04H\x00\x88\x01\x01\x12\x19\n\x11held_manifest_key\x18\x06 \x01(\x0c\x12\x18\n\x10held_segment_ids\x18\x07 \x03(\rB\x0e\n\x0c_byte_budget\"o\n\rFetchResponse\x12)\n\x07segment\x18\x01 \x01(\x0b\x32\x16.fedsqueeze.v1.SegmentH\x00\x12+\n\x08manifest\x18\x02 \x01(\x0b\x32\x17.fedsqueeze.v1.ManifestH\x00\x42\x06\n\x04part\"\xb5\x01\n\x12GetManifestRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x14\n\x0cmodel_digest\x18\x06 \x01(\x0c\x12\x13\n\x0b\x62\x61se_digest\x18\x02 \x01(\x0c\x12,\n\ncodec_spec\x18\x04 \x01(\x0b\x32\x18.fedsqueeze.v1.CodecSpec\x12\x18\n\x0b\x62yte_budget\x18\x05 \x01(\x04H\x00\x88\x01\x01\x42\x0e\n\x0c_byte_budgetJ\x04\x08\x03\x10\x04R\x07\x65\x64ge_id\"@\n\x13GetManifestResponse\x12)\n\x08manifest\x18\x01 \x01(\x0b\x32\x17.fedsqueeze.v1.Manifest\"\x82\x01\n\x15StreamSegmentsRequest\x12\x14\n\x0cmanifest_key\x18\x04 \x01(\x0c\x12\x18\n\x10held_segment_ids\x18\x02 \x03(\r\x12\x17\n\x0fprefix_segments\x18\x05 \x01(\rJ\x04\x08\x01\x10\x02J\x04\x08\x03\x10\x04R\x0bmanifest_idR\x07\x65\x64ge_id\"A\n\x16StreamSegmentsResponse\x12\'\n\x07segment\x18\x01 \x01(\x0b\x32\x16.fedsqueeze.v1.Segment\"~\n\x0eUpdateMetadata\x12\x11\n\tupdate_id\x18\x01 \x01(\t\x12\x13\n\x0b\x62\x61se_digest\x18\x03 \x01(\x0c\x12\x13\n\x0btotal_bytes\x18\x04 \x01(\x04\x12\x0e\n\x06sha256\x18\x05 \x01(\x0cJ\x04\x08\x02\x10\x03J\x04\x08\x06\x10\x07R\x07\x65\x64ge_idR\ncodec_spec\"_\n\x11PushUpdateRequest\x12\x31\n\x08metadata\x18\x01 \x01(\x0b\x32\x1d.fedsqueeze.v1.UpdateMetadataH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"W\n\rUpdateReceipt\x12\x14\n\x0cstored_bytes\x18\x02 \x01(\x04\x12\x11\n\tduplicate\x18\x04 \x01(\x08J\x04\x08\x01\x10\x02J\x04\x08\x03\x10\x04R\tupdate_idR\x06sha256\"C\n\x12PushUpdateResponse\x12-\n\x07receipt\x18\x01 \x01(\x0b\x32\x1c.fedsqueeze.v1.UpdateReceipt*\xbc\x01\n\x0bPruneMethod\x12\x1c\n\x18PRUNE_METHOD_UNSPECIFIED\x10\x00\x12\x15\n\x11PRUNE_METHOD_NONE\x10\x01\x12 \n\x1cPRUNE_METHOD_L1_UNSTRUCTURED\x10\x02\x12\x1a\n\x16PRUNE_METHOD_L1_GLOBAL\x10\x03\x12\x1e\n\x1aPRUNE_METHOD_LN_STRUCTURED\x10\x04\x12\x1a\n\x16PRUNE_METHOD_THRESHOLD\x10\x05*\x90\x01\n\x0bQuantScheme\x12\x1c\n\x18QUANT_SCHEME_UNSPECIFIED\x10\x00\x12\x17\n\x13QUANT_SCHEME_AFFINE\x10\x01\x12\x1a\n\x16QUANT_SCHEME_SYMMETRIC\x10\x02\x12\x15\n\x11QUANT_SCHEME_POW2\x10\x03\x12\x17\n\x13QUANT_SCHEME_KMEANS\x10\x04*c\n\x0bGranularity\x12\x1b\n\x17GRANULARITY_UNSPECIFIED\x10\x00\x12\x1a\n\x16GRANULARITY_PER_TENSOR\x10\x01\x12\x1b\n\x17GRANULARITY_PER_CHANNEL\x10\x02*S\n\x08Rounding\x12\x18\n\x14ROUNDING_UNSPECIFIED\x10\x00\x12\x14\n\x10ROUNDING_NEAREST\x10\x01\x12\x17\n\x13ROUNDING_STOCHASTIC\x10\x02*p\n\x0b\x46loatFormat\x12\x1c\n\x18\x46LOAT_FORMAT_UNSPECIFIED\x10\x00\x12\x15\n\x11\x46LOAT_FORMAT_FP32\x10\x01\x12\x15\n\x11\x46LOAT_FORMAT_FP16\x10\x02\x12\x15\n\x11\x46LOAT_FORMAT_BF16\x10\x03\x32\xe1\x02\n\rModelTransfer\x12\x44\n\x05\x46\x65tch\x12\x1b.fedsqueeze.v1.FetchRequest\x1a\x1c.fedsqueeze.v1.FetchResponse0\x01\x12T\n\x0bGetManifest\x12!.fedsqueeze.v1.GetManifestRequest\x1a\".fedsqueeze.v1.GetManifestResponse\x12_\n\x0eStreamSegments\x12$.fedsqueeze.v1.StreamSegmentsRequest\x1a%.fedsqueeze.v1.StreamSegmentsResponse0\x01\x12S\n\nPushUpdate\x12 .fedsqueeze.v1.PushUpdateRequest\x1a!.fedsqueeze.v1.PushUpdateResponse(\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'fedsqueeze.wire.transfer_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_PRUNEMETHOD']._serialized_start=2213
-  _globals['_PRUNEMETHOD']._serialized_end=2401
-  _globals['_QUANTSCHEME']._serialized_start=2404
-  _globals['_QUANTSCHEME']._serialized_end=2548
-  _globals['_GRANULARITY']._serialized_start=2550
-  _globals['_GRANULARITY']._serialized_end=2649
-  _globals['_ROUNDING']._serialized_start=2651
-  _globals['_ROUNDING']._serialized_end=2734
-  _globals['_FLOATFORMAT']._serialized_start=2736
-  _globals['_FLOATFORMAT']._serialized_end=2848
+  _globals['_PRUNEMETHOD']._serialized_start=2295
+  _globals['_PRUNEMETHOD']._serialized_end=2483
+  _globals['_QUANTSCHEME']._serialized_start=2486
+  _globals['_QUANTSCHEME']._serialized_end=2630
+  _globals['_GRANULARITY']._serialized_start=2632
+  _globals['_GRANULARITY']._serialized_end=2731
+  _globals['_ROUNDING']._serialized_start=2733
+  _globals['_ROUNDING']._serialized_end=2816
+  _globals['_FLOATFORMAT']._serialized_start=2818
+  _globals['_FLOATFORMAT']._serialized_end=2930
   _globals['_PRUNESPEC']._serialized_start=47
   _globals['_PRUNESPEC']._serialized_end=139
   _globals['_QUANTSPEC']._serialized_start=142
@@ -52,29 +52,29 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SEGMENTDESCRIPTOR']._serialized_start=582
   _globals['_SEGMENTDESCRIPTOR']._serialized_end=713
   _globals['_MANIFEST']._serialized_start=716
-  _globals['_MANIFEST']._serialized_end=1007
-  _globals['_SEGMENT']._serialized_start=1009
-  _globals['_SEGMENT']._serialized_end=1074
-  _globals['_FETCHREQUEST']._serialized_start=1077
-  _globals['_FETCHREQUEST']._serialized_end=1290
-  _globals['_FETCHRESPONSE']._serialized_start=1292
-  _globals['_FETCHRESPONSE']._serialized_end=1403
-  _globals['_GETMANIFESTREQUEST']._serialized_start=1406
-  _globals['_GETMANIFESTREQUEST']._serialized_end=1587
-  _globals['_GETMANIFESTRESPONSE']._serialized_start=1589
-  _globals['_GETMANIFESTRESPONSE']._serialized_end=1653
-  _globals['_STREAMSEGMENTSREQUEST']._serialized_start=1655
-  _globals['_STREAMSEGMENTSREQUEST']._serialized_end=1760
-  _globals['_STREAMSEGMENTSRESPONSE']._serialized_start=1762
-  _globals['_STREAMSEGMENTSRESPONSE']._serialized_end=1827
-  _globals['_UPDATEMETADATA']._serialized_start=1829
-  _globals['_UPDATEMETADATA']._serialized_end=1955
-  _globals['_PUSHUPDATEREQUEST']._serialized_start=1957
-  _globals['_PUSHUPDATEREQUEST']._serialized_end=2052
-  _globals['_UPDATERECEIPT']._serialized_start=2054
-  _globals['_UPDATERECEIPT']._serialized_end=2141
-  _globals['_PUSHUPDATERESPONSE']._serialized_start=2143
-  _globals['_PUSHUPDATERESPONSE']._serialized_end=2210
-  _globals['_MODELTRANSFER']._serialized_start=2851
-  _globals['_MODELTRANSFER']._serialized_end=3204
+  _globals['_MANIFEST']._serialized_end=1063
+  _globals['_SEGMENT']._serialized_start=1065
+  _globals['_SEGMENT']._serialized_end=1130
+  _globals['_FETCHREQUEST']._serialized_start=1133
+  _globals['_FETCHREQUEST']._serialized_end=1346
+  _globals['_FETCHRESPONSE']._serialized_start=1348
+  _globals['_FETCHRESPONSE']._serialized_end=1459
+  _globals['_GETMANIFESTREQUEST']._serialized_start=1462
+  _globals['_GETMANIFESTREQUEST']._serialized_end=1643
+  _globals['_GETMANIFESTRESPONSE']._serialized_start=1645
+  _globals['_GETMANIFESTRESPONSE']._serialized_end=1709
+  _globals['_STREAMSEGMENTSREQUEST']._serialized_start=1712
+  _globals['_STREAMSEGMENTSREQUEST']._serialized_end=1842
+  _globals['_STREAMSEGMENTSRESPONSE']._serialized_start=1844
+  _globals['_STREAMSEGMENTSRESPONSE']._serialized_end=1909
+  _globals['_UPDATEMETADATA']._serialized_start=1911
+  _globals['_UPDATEMETADATA']._serialized_end=2037
+  _globals['_PUSHUPDATEREQUEST']._serialized_start=2039
+  _globals['_PUSHUPDATEREQUEST']._serialized_end=2134
+  _globals['_UPDATERECEIPT']._serialized_start=2136
+  _globals['_UPDATERECEIPT']._serialized_end=2223
+  _globals['_PUSHUPDATERESPONSE']._serialized_start=2225
+  _globals['_PUSHUPDATERESPONSE']._serialized_end=2292
+  _globals['_MODELTRANSFER']._serialized_start=2933
+  _globals['_MODELTRANSFER']._serialized_end=3286
 # @@protoc_insertion_point(module_scope)

@@ -401,6 +401,8 @@ class Manifest(_message.Message):
     RAW_BYTES_FIELD_NUMBER: _builtins.int
     DECODED_DIGEST_FIELD_NUMBER: _builtins.int
     SEGMENTS_FIELD_NUMBER: _builtins.int
+    PREFIX_SEGMENTS_FIELD_NUMBER: _builtins.int
+    SMALLEST_PREFIX_BYTES_FIELD_NUMBER: _builtins.int
     manifest_key: _builtins.bytes
     """Opaque key of this encoding, 1 to 32 bytes (16 from fedsqueeze servers);
     names the manifest in StreamSegments and FetchRequest.held_manifest_key.
@@ -421,6 +423,18 @@ class Manifest(_message.Message):
     """Digest (32 bytes) of the model the client obtains by decoding the payload
     (applied to its base); empty when that is the target model itself
     (model_digest), as with a lossless codec spec.
+    """
+    prefix_segments: _builtins.int
+    """Progressive encodings under a byte budget: the answer carries (or, with the
+    segments the client holds, completes) only segments 0..prefix_segments-1,
+    the longest prefix within the budget, and the client decodes that prefix
+    (decoded_digest then describes the whole stream, not the prefix). 0: every
+    segment.
+    """
+    smallest_prefix_bytes: _builtins.int
+    """Progressive encodings: bytes (from the payload's start) of the smallest
+    prefix that decodes, the header and every tensor's base level of a full
+    model, the header alone for a delta; 0 for other encodings.
     """
     @_builtins.property
     def codec_spec(self) -> Global___CodecSpec:
@@ -444,10 +458,12 @@ class Manifest(_message.Message):
         raw_bytes: _builtins.int = ...,
         decoded_digest: _builtins.bytes = ...,
         segments: _abc.Iterable[Global___SegmentDescriptor] | None = ...,
+        prefix_segments: _builtins.int = ...,
+        smallest_prefix_bytes: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["codec_spec", b"codec_spec"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["codec_spec", b"codec_spec", "decoded_digest", b"decoded_digest", "delta", b"delta", "manifest_key", b"manifest_key", "model_digest", b"model_digest", "raw_bytes", b"raw_bytes", "segments", b"segments"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["codec_spec", b"codec_spec", "decoded_digest", b"decoded_digest", "delta", b"delta", "manifest_key", b"manifest_key", "model_digest", b"model_digest", "prefix_segments", b"prefix_segments", "raw_bytes", b"raw_bytes", "segments", b"segments", "smallest_prefix_bytes", b"smallest_prefix_bytes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -649,8 +665,13 @@ class StreamSegmentsRequest(_message.Message):
 
     MANIFEST_KEY_FIELD_NUMBER: _builtins.int
     HELD_SEGMENT_IDS_FIELD_NUMBER: _builtins.int
+    PREFIX_SEGMENTS_FIELD_NUMBER: _builtins.int
     manifest_key: _builtins.bytes
     """Key of the manifest whose segments are wanted (Manifest.manifest_key)."""
+    prefix_segments: _builtins.int
+    """Send only segments with an id below this (the manifest's prefix_segments
+    of a truncated fetch being resumed); 0: every segment.
+    """
     @_builtins.property
     def held_segment_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """Segments the client already holds (and verified); they are not sent."""
@@ -660,10 +681,11 @@ class StreamSegmentsRequest(_message.Message):
         *,
         manifest_key: _builtins.bytes = ...,
         held_segment_ids: _abc.Iterable[_builtins.int] | None = ...,
+        prefix_segments: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["held_segment_ids", b"held_segment_ids", "manifest_key", b"manifest_key"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["held_segment_ids", b"held_segment_ids", "manifest_key", b"manifest_key", "prefix_segments", b"prefix_segments"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -69,9 +69,12 @@ class ModelTransferServicer:
         manifest's (priority) order. The model is encoded as a delta from the base
         the client holds, or in full when the server does not hold that base
         (unknown or too old). Identical requests are encoded once and served from a
-        cache. Errors: NOT_FOUND (unknown model), INVALID_ARGUMENT (malformed
-        request or codec spec), RESOURCE_EXHAUSTED (the encoded model exceeds
-        byte_budget), UNAUTHENTICATED.
+        cache. With a byte_budget, a progressive encoding (codec spec levels) is
+        truncated to the longest prefix of segments that fits: the manifest's
+        prefix_segments says how many the client may decode. Errors: NOT_FOUND
+        (unknown model), INVALID_ARGUMENT (malformed request or codec spec),
+        RESOURCE_EXHAUSTED (a non-progressive encoding exceeds byte_budget, or the
+        smallest decodable prefix of a progressive one does), UNAUTHENTICATED.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

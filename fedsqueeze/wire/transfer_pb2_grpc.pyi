@@ -65,9 +65,12 @@ class ModelTransferStub:
     manifest's (priority) order. The model is encoded as a delta from the base
     the client holds, or in full when the server does not hold that base
     (unknown or too old). Identical requests are encoded once and served from a
-    cache. Errors: NOT_FOUND (unknown model), INVALID_ARGUMENT (malformed
-    request or codec spec), RESOURCE_EXHAUSTED (the encoded model exceeds
-    byte_budget), UNAUTHENTICATED.
+    cache. With a byte_budget, a progressive encoding (codec spec levels) is
+    truncated to the longest prefix of segments that fits: the manifest's
+    prefix_segments says how many the client may decode. Errors: NOT_FOUND
+    (unknown model), INVALID_ARGUMENT (malformed request or codec spec),
+    RESOURCE_EXHAUSTED (a non-progressive encoding exceeds byte_budget, or the
+    smallest decodable prefix of a progressive one does), UNAUTHENTICATED.
     """
     GetManifest: _grpc.UnaryUnaryMultiCallable[_transfer_pb2.GetManifestRequest, _transfer_pb2.GetManifestResponse]
     """The manifest Fetch would start with, without the segments (to inspect an
@@ -101,9 +104,12 @@ class ModelTransferAsyncStub(ModelTransferStub):
     manifest's (priority) order. The model is encoded as a delta from the base
     the client holds, or in full when the server does not hold that base
     (unknown or too old). Identical requests are encoded once and served from a
-    cache. Errors: NOT_FOUND (unknown model), INVALID_ARGUMENT (malformed
-    request or codec spec), RESOURCE_EXHAUSTED (the encoded model exceeds
-    byte_budget), UNAUTHENTICATED.
+    cache. With a byte_budget, a progressive encoding (codec spec levels) is
+    truncated to the longest prefix of segments that fits: the manifest's
+    prefix_segments says how many the client may decode. Errors: NOT_FOUND
+    (unknown model), INVALID_ARGUMENT (malformed request or codec spec),
+    RESOURCE_EXHAUSTED (a non-progressive encoding exceeds byte_budget, or the
+    smallest decodable prefix of a progressive one does), UNAUTHENTICATED.
     """
     GetManifest: _aio.UnaryUnaryMultiCallable[_transfer_pb2.GetManifestRequest, _transfer_pb2.GetManifestResponse]  # type: ignore[assignment]
     """The manifest Fetch would start with, without the segments (to inspect an
@@ -140,9 +146,12 @@ class ModelTransferServicer(metaclass=_abc_1.ABCMeta):
         manifest's (priority) order. The model is encoded as a delta from the base
         the client holds, or in full when the server does not hold that base
         (unknown or too old). Identical requests are encoded once and served from a
-        cache. Errors: NOT_FOUND (unknown model), INVALID_ARGUMENT (malformed
-        request or codec spec), RESOURCE_EXHAUSTED (the encoded model exceeds
-        byte_budget), UNAUTHENTICATED.
+        cache. With a byte_budget, a progressive encoding (codec spec levels) is
+        truncated to the longest prefix of segments that fits: the manifest's
+        prefix_segments says how many the client may decode. Errors: NOT_FOUND
+        (unknown model), INVALID_ARGUMENT (malformed request or codec spec),
+        RESOURCE_EXHAUSTED (a non-progressive encoding exceeds byte_budget, or the
+        smallest decodable prefix of a progressive one does), UNAUTHENTICATED.
         """
 
     @_abc_1.abstractmethod

@@ -116,6 +116,12 @@ class Manifest:
     segments
         The segments in sending (priority) order; ids are exactly ``0..n-1``. Their
         sha256 digests cover every byte of the encoded payload.
+    prefix_segments
+        A progressive encoding truncated to a byte budget: the client gets (and decodes)
+        only segments ``0..prefix_segments-1``; 0 means every segment.
+    smallest_prefix_bytes
+        Progressive encodings: payload bytes of the smallest decodable prefix (0: not
+        progressive).
     """
 
     manifest_key: bytes
@@ -125,6 +131,8 @@ class Manifest:
     raw_bytes: int
     decoded_digest: bytes
     segments: tuple[SegmentInfo, ...]
+    prefix_segments: int = 0
+    smallest_prefix_bytes: int = 0
     _by_id: dict[int, SegmentInfo] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -139,7 +147,28 @@ class Manifest:
         by_id = {info.segment_id: info for info in self.segments}
         if sorted(by_id) != list(range(len(self.segments))):
             raise ValueError("segment ids must be 0..n-1, each once")
+        if not 0 <= self.prefix_segments <= len(self.segments):
+            raise ValueError("prefix_segments must be in 0..number of segments")
+        if self.prefix_segments and [s.segment_id for s in self.segments] != sorted(by_id):
+            raise ValueError("a truncated manifest sends its segments in id order")
+        if self.smallest_prefix_bytes < 0:
+            raise ValueError("smallest_prefix_bytes must be >= 0")
         object.__setattr__(self, "_by_id", by_id)
+
+    @property
+    def truncated(self) -> bool:
+        """Whether the client gets only a prefix of the segments."""
+        return 0 < self.prefix_segments < len(self.segments)
+
+    @property
+    def wanted(self) -> tuple[SegmentInfo, ...]:
+        """The segments the client is to hold at the end (all, or the prefix)."""
+        return self.segments[: self.prefix_segments] if self.truncated else self.segments
+
+    @property
+    def wanted_bytes(self) -> int:
+        """Payload bytes of :attr:`wanted`."""
+        return sum(info.byte_length for info in self.wanted)
 
     @property
     def encoded_bytes(self) -> int:
@@ -192,11 +221,14 @@ class SegmentRequest:
 
     manifest_key: bytes
     held: frozenset[int]
+    prefix_segments: int = 0
 
     def __post_init__(self) -> None:
         check_manifest_key(self.manifest_key)
         if len(self.held) > MAX_SEGMENTS or any(not 0 <= i < MAX_SEGMENTS for i in self.held):
             raise ValueError("held segment ids out of range")
+        if not 0 <= self.prefix_segments <= MAX_SEGMENTS:
+            raise ValueError("prefix_segments out of range")
 
 
 @dataclass(frozen=True)
