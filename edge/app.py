@@ -17,8 +17,15 @@ from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from edge.mod import fedsqueeze_mod
+from fedsqueeze.errors import ConfigError
 from fedsqueeze.runconfig import Partitioning, RunSettings
-from fedsqueeze.tasks import Task, get_task, partition_dirichlet, partition_iid
+from fedsqueeze.tasks import (
+    Task,
+    get_task,
+    partition_by_group,
+    partition_dirichlet,
+    partition_iid,
+)
 
 
 @functools.lru_cache(maxsize=64)
@@ -29,6 +36,10 @@ def _partition(
     data = get_task(task_name).load_data()
     if partitioning is Partitioning.IID:
         train_parts = partition_iid(len(data.y_train), parts, seed)
+    elif partitioning is Partitioning.NATURAL:
+        if data.groups_train is None:
+            raise ConfigError(f"task {task_name!r} has no natural groups; use iid or dirichlet")
+        train_parts = partition_by_group(data.groups_train, parts, seed)
     else:
         train_parts = partition_dirichlet(data.y_train, parts, alpha, seed)
     test_parts = partition_iid(len(data.y_test), min(parts, len(data.y_test)), seed)

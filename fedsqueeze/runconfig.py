@@ -24,6 +24,8 @@ class Partitioning(enum.Enum):
 
     IID = "iid"
     DIRICHLET = "dirichlet"
+    NATURAL = "natural"
+    """Along the task's natural groups (``minilm-text``: each client holds a few modules)."""
 
 
 class StrategyName(enum.Enum):

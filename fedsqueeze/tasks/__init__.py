@@ -1,9 +1,12 @@
 """The built-in learning tasks, selectable by name, and data partitioning.
 
 A :class:`Task` bundles a seeded model factory, a data loader and ``train`` / ``evaluate``.
-``get_task("digits-cnn")`` and ``get_task("digits-mlp")`` return the built-in ones;
+``get_task("digits-cnn")``, ``get_task("digits-mlp")`` and ``get_task("minilm-text")`` (a
+pretrained transformer; Hugging Face libraries are imported only when its model or data is
+built) return the built-in ones;
 ``get_task("mypkg.tasks:my_task")`` loads a user task. :func:`partition_iid` and
-:func:`partition_dirichlet` split a training set among federated clients.
+:func:`partition_dirichlet` and :func:`partition_by_group` (natural groups) split a training
+set among federated clients.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from fedsqueeze.tasks.models import (
     build_digits_mlp,
     build_seeded,
 )
-from fedsqueeze.tasks.partition import partition_dirichlet, partition_iid
+from fedsqueeze.tasks.partition import partition_by_group, partition_dirichlet, partition_iid
 from fedsqueeze.tasks.registry import DIGITS_CNN, DIGITS_MLP, get_task, list_tasks
 from fedsqueeze.tasks.training import evaluate, train
 
@@ -48,6 +51,7 @@ __all__ = [
     "get_task",
     "list_tasks",
     "load_digits_data",
+    "partition_by_group",
     "partition_dirichlet",
     "partition_iid",
     "train",

@@ -50,7 +50,7 @@ class TaskData:
     ----------
     x_train : Tensor
         Training inputs, ``[N_train, ...]``; for the digits tasks ``float32 [N_train, 1, 8, 8]``
-        with values in ``[0, 1]``.
+        with values in ``[0, 1]``, for ``minilm-text`` ``int64 [N_train, L]`` token ids.
     y_train : Tensor
         Training labels, ``int64 [N_train]``, in ``[0, num_classes)``.
     x_test : Tensor
@@ -59,6 +59,10 @@ class TaskData:
         Test labels, ``int64 [N_test]``.
     num_classes : int
         Number of classes.
+    groups_train : Tensor or None
+        The natural group of each training example, ``int64 [N_train]`` (for ``minilm-text``
+        its source module), used by the ``natural`` partitioning; ``None`` when the data set
+        has none.
     """
 
     x_train: Tensor
@@ -66,6 +70,7 @@ class TaskData:
     x_test: Tensor
     y_test: Tensor
     num_classes: int
+    groups_train: Tensor | None = None
 
 
 @dataclass(frozen=True)

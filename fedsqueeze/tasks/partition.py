@@ -1,6 +1,6 @@
 """Splitting a training set among federated clients.
 
-Both partitioners return one ``int64`` index tensor per partition; together the partitions
+All partitioners return one ``int64`` index tensor per partition; together the partitions
 hold every index exactly once. The same arguments (seed included) always give the same
 partitions, on any machine: the draws come from a local ``numpy.random.Generator``.
 """
@@ -16,7 +16,12 @@ from torch import Tensor
 
 from fedsqueeze.errors import ConfigError
 
-__all__ = ["DEFAULT_MAX_RETRIES", "partition_dirichlet", "partition_iid"]
+__all__ = [
+    "DEFAULT_MAX_RETRIES",
+    "partition_by_group",
+    "partition_dirichlet",
+    "partition_iid",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -156,6 +161,56 @@ def partition_dirichlet(
         np.concatenate([seeded_owner, rest_owner]),
         num_partitions,
     )
+
+
+def partition_by_group(groups: Tensor, num_partitions: int, seed: int) -> list[Tensor]:
+    """Split a data set along its natural groups: every group goes whole to one partition.
+
+    For ``minilm-text`` a group is a source module, so each client holds a few modules of the
+    standard library (natural non-IID: topics and labels both skewed). The groups are shuffled
+    with ``seed``, then, largest first (ties in shuffled order), each goes to the partition
+    holding the fewest examples so far (the lowest index on ties), which keeps sizes close.
+
+    Parameters
+    ----------
+    groups : Tensor
+        Integer group ids, ``int64 [N]``, ``N >= 1``.
+    num_partitions : int
+        Number of partitions, ``1 <= num_partitions <=`` the number of distinct groups.
+    seed : int
+        Seed of the shuffle, ``>= 0``.
+
+    Returns
+    -------
+    list[Tensor]
+        ``num_partitions`` sorted, non-empty ``int64 [n_i]`` index tensors into ``groups``,
+        holding every index exactly once; no group is split between partitions.
+
+    Raises
+    ------
+    ValueError
+        If an argument is out of range or there are fewer groups than partitions.
+    """
+    if groups.ndim != 1 or groups.is_floating_point() or groups.is_complex():
+        raise ValueError(f"groups must be a 1-D integer tensor, got {groups.dtype} {groups.shape}")
+    _check_counts(int(groups.shape[0]), num_partitions)
+    _check_seed(seed)
+    group_array = groups.detach().cpu().numpy().astype(np.int64)
+    ids, counts = np.unique(group_array, return_counts=True)
+    if len(ids) < num_partitions:
+        raise ValueError(
+            f"{len(ids)} groups cannot fill {num_partitions} partitions; use fewer partitions"
+        )
+    order = np.random.default_rng(seed).permutation(len(ids))
+    order = order[np.argsort(-counts[order], kind="stable")]
+    sizes = np.zeros(num_partitions, dtype=np.int64)
+    owner_of_group = np.empty(len(ids), dtype=np.int64)
+    for g in order:
+        target = int(np.argmin(sizes))
+        owner_of_group[g] = target
+        sizes[target] += counts[g]
+    owner = owner_of_group[np.searchsorted(ids, group_array)]
+    return _group(np.arange(len(group_array), dtype=np.int64), owner, num_partitions)
 
 
 def _dirichlet_owners(

@@ -8,9 +8,10 @@ from fedsqueeze.errors import ConfigError
 from fedsqueeze.tasks.base import Task
 from fedsqueeze.tasks.digits_data import load_digits_data
 from fedsqueeze.tasks.models import build_digits_cnn, build_digits_mlp
+from fedsqueeze.tasks.text_task import MINILM_TEXT, TextTaskOptions, make_text_task, parse_text_task
 from fedsqueeze.tasks.training import evaluate, train
 
-__all__ = ["DIGITS_CNN", "DIGITS_MLP", "get_task", "list_tasks"]
+__all__ = ["DIGITS_CNN", "DIGITS_MLP", "MINILM_TEXT_TASK", "get_task", "list_tasks"]
 
 DIGITS_CNN = Task(
     name="digits-cnn",
@@ -30,6 +31,10 @@ DIGITS_MLP = Task(
 )
 """LeNet-300-100 on the 64 pixels of the scikit-learn digits."""
 
+MINILM_TEXT_TASK = make_text_task(TextTaskOptions())
+"""all-MiniLM-L6-v2 (LoRA rank 4 + head) on the standard library's docstrings, 10 classes;
+needs the ``text`` extra when a model or data set is built."""
+
 _BUILTIN: dict[str, Task] = {task.name: task for task in (DIGITS_CNN, DIGITS_MLP)}
 
 
@@ -39,9 +44,9 @@ def list_tasks() -> list[str]:
     Returns
     -------
     list[str]
-        E.g. ``["digits-cnn", "digits-mlp"]``.
+        ``["digits-cnn", "digits-mlp", "minilm-text"]``.
     """
-    return sorted(_BUILTIN)
+    return sorted([*_BUILTIN, MINILM_TEXT])
 
 
 def get_task(name: str) -> Task:
@@ -50,7 +55,8 @@ def get_task(name: str) -> Task:
     Parameters
     ----------
     name : str
-        A built-in name (see :func:`list_tasks`), or ``"package.module:attribute"`` naming a
+        A built-in name (see :func:`list_tasks`; ``minilm-text`` takes options after an ``@``,
+        see :mod:`fedsqueeze.tasks.text_task`), or ``"package.module:attribute"`` naming a
         :class:`Task` or a zero-argument callable returning one (the attribute may be dotted,
         ``module:obj.attr``).
 
@@ -68,6 +74,9 @@ def get_task(name: str) -> Task:
     task = _BUILTIN.get(name)
     if task is not None:
         return task
+    text_options = parse_text_task(name)
+    if text_options is not None:
+        return make_text_task(text_options)
     if ":" not in name:
         raise ConfigError(
             f"unknown task {name!r}; built-in tasks: {', '.join(list_tasks())} "

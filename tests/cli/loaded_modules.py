@@ -12,7 +12,18 @@ import sys
 
 from fedsqueeze.cli import main
 
-HEAVY = ("torch", "flwr", "ray", "grpc", "sklearn", "matplotlib", "numpy", "zstandard")
+HEAVY = (
+    "torch",
+    "flwr",
+    "ray",
+    "grpc",
+    "sklearn",
+    "matplotlib",
+    "numpy",
+    "zstandard",
+    "transformers",
+    "peft",
+)
 
 
 def run(argv: list[str]) -> int:

@@ -9,7 +9,12 @@ from hypothesis import strategies as st
 from torch import Tensor
 
 from fedsqueeze.errors import ConfigError
-from fedsqueeze.tasks import load_digits_data, partition_dirichlet, partition_iid
+from fedsqueeze.tasks import (
+    load_digits_data,
+    partition_by_group,
+    partition_dirichlet,
+    partition_iid,
+)
 
 
 def _labels() -> Tensor:
@@ -138,3 +143,19 @@ def test_bad_dirichlet_arguments_are_value_errors(
 ) -> None:
     with pytest.raises(ValueError):
         partition_dirichlet(labels, num_partitions, alpha, 0, min_size)
+
+
+def test_by_group_keeps_groups_whole_and_covers_everything() -> None:
+    groups = torch.tensor([3, 3, 1, 7, 7, 7, 1, 2, 9, 9], dtype=torch.int64)
+    parts = partition_by_group(groups, 3, seed=0)
+    _assert_exact_cover(parts, len(groups))
+    owners = {int(g): i for i, part in enumerate(parts) for g in groups[part]}
+    for i, part in enumerate(parts):
+        assert len(part) > 0
+        assert all(owners[int(g)] == i for g in groups[part])
+    assert _same(parts, partition_by_group(groups, 3, seed=0))
+
+
+def test_by_group_needs_as_many_groups_as_partitions() -> None:
+    with pytest.raises(ValueError, match="groups cannot fill"):
+        partition_by_group(torch.tensor([0, 0, 1]), 3, seed=0)

@@ -53,7 +53,7 @@ def needs_an_argument(size: int) -> Task:
 
 
 def test_list_tasks_names_the_builtins() -> None:
-    assert list_tasks() == ["digits-cnn", "digits-mlp"]
+    assert list_tasks() == ["digits-cnn", "digits-mlp", "minilm-text"]
 
 
 @pytest.mark.parametrize("name", ["digits-cnn", "digits-mlp"])
