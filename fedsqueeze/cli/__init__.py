@@ -33,6 +33,10 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     ),
     "edge": ("fedsqueeze.cli.edge_cmd", "run an edge: a Flower SuperNode with the edge ClientApp"),
     "bench": ("fedsqueeze.cli.bench_cmd", "benchmarks: codec, transport"),
+    "distill": (
+        "fedsqueeze.cli.distill_cmd",
+        "distil a saved model into the task's smaller student (optionally compressed)",
+    ),
     "demo": (
         "fedsqueeze.cli.demo_cmd",
         "compress the digits CNN with Deep Compression and show where the bytes went",

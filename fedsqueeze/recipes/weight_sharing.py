@@ -137,6 +137,7 @@ def finetune_centroids(
     seed: int,
     train_others: bool = True,
     on_epoch: Callable[[], None] | None = None,
+    loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
 ) -> dict[str, SharedTensor]:
     """Train the codebooks (and optionally the other parameters) with fixed assignments.
 
@@ -150,7 +151,8 @@ def finetune_centroids(
     x : Tensor
         ``float32 [N, ...]`` training inputs.
     y : Tensor
-        ``int64 [N]`` labels.
+        ``int64 [N]`` labels, or whatever ``loss_fn`` takes as targets (``[N, ...]``, e.g. a
+        teacher's logits).
     epochs : int
         Passes over the data, ``>= 0`` (0 only rounds the codebooks to float16).
     lr : float
@@ -163,6 +165,9 @@ def finetune_centroids(
         Whether the parameters that are not shared (biases) train too.
     on_epoch : Callable[[], None] or None, optional
         Called after every epoch (for progress bars).
+    loss_fn : Callable[[Tensor, Tensor], Tensor] or None, optional
+        ``loss_fn(logits, y[batch])`` → scalar; cross-entropy when ``None`` (a distillation
+        loss against a teacher's logits trains a student this way).
 
     Returns
     -------
@@ -194,7 +199,7 @@ def finetune_centroids(
                 params: dict[str, Tensor] = dict(others)
                 params.update({name: st.dense(books[name]) for name, st in shared.items()})
                 logits = functional_call(model, params, (x[batch],))
-                loss = F.cross_entropy(logits, y[batch])
+                loss = (loss_fn or F.cross_entropy)(logits, y[batch])
                 opt.zero_grad(set_to_none=True)
                 torch.autograd.backward(loss)
                 opt.step()

@@ -164,6 +164,11 @@ class Task:
         Trains a model in place on ``(x, y)``.
     evaluate : EvalFn
         Evaluates a model on ``(x, y)`` without changing it.
+    build_student : Callable[[int], nn.Module] or None
+        Builds a fresh, smaller model of the same inputs and outputs from a seed (the student
+        that knowledge distillation trains from :attr:`build_model`'s model, see
+        :mod:`coordinator.distill`); ``None`` when the task has none. Same seeding contract
+        as :attr:`build_model`.
     """
 
     name: str
@@ -171,3 +176,4 @@ class Task:
     load_data: Callable[[], TaskData]
     train: TrainFn
     evaluate: EvalFn
+    build_student: Callable[[int], nn.Module] | None = None

@@ -8,25 +8,46 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["DigitsCNN", "DigitsMLP", "build_digits_cnn", "build_digits_mlp", "build_seeded"]
+__all__ = [
+    "DigitsCNN",
+    "DigitsMLP",
+    "build_digits_cnn",
+    "build_digits_cnn_student",
+    "build_digits_mlp",
+    "build_digits_mlp_student",
+    "build_seeded",
+]
+
+#: The digits-cnn student: conv 1→4, conv 4→8, linear 128→32→10 (4,794 parameters, 12.5% of
+#: the teacher's 38,282).
+CNN_STUDENT_CHANNELS = (4, 8)
+CNN_STUDENT_HIDDEN = 32
+#: The digits-mlp student: 64→64→32→10 (6,570 parameters, 13.0% of the teacher's 50,610).
+MLP_STUDENT_HIDDEN = (64, 32)
 
 
 class DigitsCNN(nn.Module):
-    """A small CNN for 8×8 digits: 38,282 parameters.
+    """A small CNN for 8×8 digits: 38,282 parameters with the default widths.
 
     conv 1→16 (3×3, padding 1), ReLU, conv 16→32 (3×3, padding 1), ReLU, max-pool 2,
-    linear 512→64, ReLU, linear 64→10.
+    linear 512→64, ReLU, linear 64→10. ``channels`` and ``hidden`` narrow it (the task's
+    student uses ``(4, 8)`` and 32).
 
     The ``state_dict`` keys are ``conv1.weight, conv1.bias, conv2.weight, conv2.bias,
     fc1.weight, fc1.bias, fc2.weight, fc2.bias``.
     """
 
-    def __init__(self, num_classes: int = 10) -> None:
+    def __init__(
+        self, num_classes: int = 10, channels: tuple[int, int] = (16, 32), hidden: int = 64
+    ) -> None:
         super().__init__()
-        self.conv1 = nn.Conv2d(1, 16, kernel_size=3, padding=1)
-        self.conv2 = nn.Conv2d(16, 32, kernel_size=3, padding=1)
-        self.fc1 = nn.Linear(32 * 4 * 4, 64)
-        self.fc2 = nn.Linear(64, num_classes)
+        if min(*channels, hidden, num_classes) < 1:
+            raise ValueError(f"widths must be >= 1, got {channels}, {hidden}, {num_classes}")
+        c1, c2 = channels
+        self.conv1 = nn.Conv2d(1, c1, kernel_size=3, padding=1)
+        self.conv2 = nn.Conv2d(c1, c2, kernel_size=3, padding=1)
+        self.fc1 = nn.Linear(c2 * 4 * 4, hidden)
+        self.fc2 = nn.Linear(hidden, num_classes)
 
     def forward(self, x: Tensor) -> Tensor:
         """Compute logits.
@@ -52,14 +73,21 @@ class DigitsCNN(nn.Module):
 class DigitsMLP(nn.Module):
     """LeNet-300-100 on the 64 pixels of an 8×8 digit: 64→300→100→10 with ReLU.
 
+    ``hidden`` narrows it (the task's student uses ``(64, 32)``).
+
     The ``state_dict`` keys are ``fc1.*, fc2.*, fc3.*`` (weight and bias each).
     """
 
-    def __init__(self, num_inputs: int = 64, num_classes: int = 10) -> None:
+    def __init__(
+        self, num_inputs: int = 64, num_classes: int = 10, hidden: tuple[int, int] = (300, 100)
+    ) -> None:
         super().__init__()
-        self.fc1 = nn.Linear(num_inputs, 300)
-        self.fc2 = nn.Linear(300, 100)
-        self.fc3 = nn.Linear(100, num_classes)
+        if min(num_inputs, num_classes, *hidden) < 1:
+            raise ValueError(f"widths must be >= 1, got {num_inputs}, {hidden}, {num_classes}")
+        h1, h2 = hidden
+        self.fc1 = nn.Linear(num_inputs, h1)
+        self.fc2 = nn.Linear(h1, h2)
+        self.fc3 = nn.Linear(h2, num_classes)
 
     def forward(self, x: Tensor) -> Tensor:
         """Compute logits.
@@ -114,3 +142,15 @@ def build_digits_cnn(seed: int) -> nn.Module:
 def build_digits_mlp(seed: int) -> nn.Module:
     """Build a :class:`DigitsMLP` with weights drawn from ``seed``."""
     return build_seeded(DigitsMLP, seed)
+
+
+def build_digits_cnn_student(seed: int) -> nn.Module:
+    """Build the digits-cnn student (:data:`CNN_STUDENT_CHANNELS`, :data:`CNN_STUDENT_HIDDEN`)."""
+    return build_seeded(
+        lambda: DigitsCNN(channels=CNN_STUDENT_CHANNELS, hidden=CNN_STUDENT_HIDDEN), seed
+    )
+
+
+def build_digits_mlp_student(seed: int) -> nn.Module:
+    """Build the digits-mlp student (:data:`MLP_STUDENT_HIDDEN`)."""
+    return build_seeded(lambda: DigitsMLP(hidden=MLP_STUDENT_HIDDEN), seed)

@@ -1,0 +1,206 @@
+"""A compact student from a teacher: distillation, then Deep Compression with distillation.
+
+The Deep Compression recipe (:mod:`fedsqueeze.recipes.deep_compression`) applied to a
+student that never sees a label: every training step is a distillation step on the
+coordinator's proxy set (:func:`coordinator.distill.distill`):
+
+``distil the dense student → iterative global magnitude pruning, distilling with the masks
+fixed → k-means weight sharing, centroids fine-tuned against the teacher's logits → encode
+with the recipe's spec``; the reported accuracy is that of the student **decoded** from the
+bytes, on the task's test split.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+
+import torch
+from torch import Tensor, nn
+
+from coordinator.distill import DistillConfig, distill, distillation_loss, logits_of
+from fedsqueeze.codec import EncodedModel, FloatFormat, decode_state, encode_state
+from fedsqueeze.codec.pruning import global_magnitude_masks
+from fedsqueeze.recipes import DeepCompressionConfig, recipe_spec
+from fedsqueeze.recipes.weight_sharing import finetune_centroids, share_weights, shared_state
+
+__all__ = ["STUDENT_RECIPE", "StudentCompression", "StudentStep", "compress_student"]
+
+logger = logging.getLogger(__name__)
+
+StudentProgressFn = Callable[[str, int, int], None]
+"""Called as ``progress(step_name, done, total)`` after every epoch."""
+
+STUDENT_RECIPE = DeepCompressionConfig(
+    schedule=(0.5, 0.7, 0.8, 0.86, 0.91),
+    finetune_epochs=50,
+    centroid_lr=3e-3,
+)
+"""The schedule BENCHMARKS.md measures for the digits-cnn student: global sparsity 0.91 in
+five steps (a 4,794-parameter student has less to spare than the teacher's 0.95), 50
+distillation epochs after each, 3-bit sharing with centroids tuned at Adam lr 3e-3 (the proxy
+set is small: few steps per epoch), fp16 biases."""
+
+_FP16 = {FloatFormat.FP16: torch.float16, FloatFormat.BF16: torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class StudentStep:
+    """One row of :attr:`StudentCompression.history`: a step, its sparsity and accuracy."""
+
+    step: str
+    sparsity: float
+    accuracy: float
+
+
+@dataclass(frozen=True, eq=False)
+class StudentCompression:
+    """What :func:`compress_student` returns (``eq=False``: it holds tensors).
+
+    Attributes
+    ----------
+    dense_accuracy : float
+        Test accuracy of the distilled dense student.
+    final_accuracy : float
+        Test accuracy of the student decoded from :attr:`encoded`.
+    encoded : EncodedModel
+        The encoded student.
+    encoded_bytes : int
+        ``len(encoded.to_bytes())``.
+    fp32_bytes : int
+        The student's floating tensors at 4 bytes per value.
+    dense_state, final_state : Mapping[str, Tensor]
+        The distilled dense student, and the decoded compressed one.
+    history : tuple[StudentStep, ...]
+        Accuracy after every step.
+    seconds : float
+        Wall-clock time.
+    """
+
+    dense_accuracy: float
+    final_accuracy: float
+    encoded: EncodedModel = field(repr=False)
+    encoded_bytes: int
+    fp32_bytes: int
+    dense_state: Mapping[str, Tensor] = field(repr=False)
+    final_state: Mapping[str, Tensor] = field(repr=False)
+    history: tuple[StudentStep, ...] = field(repr=False)
+    seconds: float
+
+
+def compress_student(
+    teacher: nn.Module,
+    student: nn.Module,
+    x_proxy: Tensor,
+    evaluate: Callable[[nn.Module], float],
+    *,
+    distill_config: DistillConfig,
+    recipe: DeepCompressionConfig,
+    progress: StudentProgressFn | None = None,
+) -> StudentCompression:
+    """Distil ``teacher`` into ``student`` on ``x_proxy`` and compress it the Deep Compression way.
+
+    Parameters
+    ----------
+    teacher : nn.Module
+        The trained model; not modified.
+    student : nn.Module
+        The student's initial weights (e.g. ``task.build_student(seed)``); not modified.
+    x_proxy : Tensor
+        The proxy inputs ``[N, ...]`` (no labels are used).
+    evaluate : Callable[[nn.Module], float]
+        Test accuracy of a model (the task's ``evaluate`` on its test split).
+    distill_config : DistillConfig
+        The dense distillation; the fine-tuning after each pruning step uses it with
+        ``recipe.finetune_epochs`` epochs.
+    recipe : DeepCompressionConfig
+        Pruning schedule, code width, centroid epochs and learning rate, bias format, zstd
+        level (its dense and label-based settings are not used).
+    progress : StudentProgressFn or None, optional
+        Called after every epoch.
+    """
+    started = time.perf_counter()
+    spec = recipe_spec(recipe)
+    teach = logits_of(teacher)
+    total = (
+        distill_config.epochs + len(recipe.schedule) * recipe.finetune_epochs
+        + recipe.centroid_epochs
+    )  # fmt: skip
+    done = 0
+
+    def tick(step: str) -> Callable[..., None]:
+        def report(*_: object) -> None:
+            nonlocal done
+            done += 1
+            if progress is not None:
+                progress(step, done, total)
+
+        return report
+
+    history: list[StudentStep] = []
+    model = distill(student, teach, x_proxy, distill_config, progress=tick("distil")).student
+    dense_accuracy = evaluate(model)
+    dense_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    history.append(StudentStep("distil", 0.0, dense_accuracy))
+    targets = [
+        name
+        for name, p in model.named_parameters()
+        if spec.is_target(name, p.ndim, p.is_floating_point())
+    ]
+    masks: dict[str, Tensor] = {}
+    finetune = replace(distill_config, epochs=recipe.finetune_epochs)
+    for step, sparsity in enumerate(recipe.schedule):
+        params = dict(model.named_parameters())
+        masks = global_magnitude_masks({n: params[n].detach() for n in targets}, sparsity)
+        model = distill(
+            model, teach, x_proxy, replace(finetune, seed=finetune.seed + step + 1),
+            masks=masks, progress=tick(f"prune {sparsity:g}"),
+        ).student  # fmt: skip
+        history.append(StudentStep(f"prune {sparsity:g}", sparsity, evaluate(model)))
+
+    targets_logits = teach(x_proxy)
+    temperature = distill_config.temperature
+    shared = share_weights(model.state_dict(), masks, recipe.bits)
+    shared = finetune_centroids(
+        model, shared, x_proxy, targets_logits, epochs=recipe.centroid_epochs,
+        lr=recipe.centroid_lr, batch_size=recipe.centroid_batch_size,
+        seed=distill_config.seed + 999, on_epoch=tick("share"),
+        loss_fn=lambda s, t: distillation_loss(s, t, temperature),
+    )  # fmt: skip
+    compressed = shared_state(model, shared)
+    dtype = _FP16.get(recipe.bias_format)
+    if dtype is not None:  # the codec stores the other tensors this way: round them now
+        compressed = {
+            n: t if n in shared or not t.is_floating_point() else t.to(dtype).to(t.dtype)
+            for n, t in compressed.items()
+        }
+    encoded = encode_state(compressed, spec)
+    blob = encoded.to_bytes()
+    decoded = decode_state(EncodedModel.from_bytes(blob))
+    model.load_state_dict(decoded)
+    final_accuracy = evaluate(model)
+    history.append(StudentStep("share + encode", _sparsity(decoded, targets), final_accuracy))
+    fp32_bytes = sum(4 * t.numel() for t in compressed.values() if t.is_floating_point())
+    logger.info(
+        "student: %d → %d bytes, accuracy %.4f (dense) → %.4f (decoded)",
+        fp32_bytes, len(blob), dense_accuracy, final_accuracy,
+    )  # fmt: skip
+    return StudentCompression(
+        dense_accuracy=dense_accuracy,
+        final_accuracy=final_accuracy,
+        encoded=encoded,
+        encoded_bytes=len(blob),
+        fp32_bytes=fp32_bytes,
+        dense_state=dense_state,
+        final_state=decoded,
+        history=tuple(history),
+        seconds=time.perf_counter() - started,
+    )
+
+
+def _sparsity(state: Mapping[str, Tensor], names: list[str]) -> float:
+    total = sum(state[n].numel() for n in names)
+    zeros = sum(int((state[n] == 0).sum()) for n in names)
+    return zeros / total if total else 0.0
