@@ -30,6 +30,7 @@ def _loaded(*argv: str) -> tuple[int, list[str]]:
         ("bench", "--help"),
         ("bench", "codec", "--help"),
         ("bench", "transport", "--help"),
+        ("bench", "simulate", "--help"),
     ],
 )
 def test_help_imports_no_heavy_library(argv: tuple[str, ...]) -> None:
