@@ -10,8 +10,10 @@ training message says which arm it belongs to (:data:`~simulations.grid.ARM_KEY`
 * a plain Flower arm's message carries the model: it goes straight to the training code,
   no fedsqueeze code at all.
 
-Clients also answer one ``query``: their partition id, so that the coordinator can sample
-and give links by partition.
+Every reply carries the client's partition id in the :data:`~simulations.grid.ARM_KEY`
+record (the grid checks it against Flower's registration order and removes it before
+counting bytes). Clients also answer a ``query`` with their partition id, which the grid
+sends only where Flower's registration order cannot be read.
 
 Given the clients' links, a fedsqueeze client puts its link on each data-plane connection
 (:func:`sim_link_shaper`): accounting only, unless the config's ``realtime`` is on, when
@@ -36,7 +38,7 @@ from edge.mod import make_mod
 from fedsqueeze.control import CONTROL_KEY
 from fedsqueeze.runconfig import RunSettings
 from fedsqueeze.transport.shaping import LinkProfile, LinkShaper, ShapingMode
-from simulations.grid import ARM_KEY
+from simulations.grid import ARM_KEY, PARTITION_KEY
 
 __all__ = ["ArmCache", "make_sim_client_app", "sim_connector", "sim_link_shaper"]
 
@@ -135,9 +137,7 @@ def make_sim_client_app(
     def train_fn(msg: Message, context: Context) -> Message:
         return train_on_partition(msg, context, settings)
 
-    @app.train()
-    def train(msg: Message, context: Context) -> Message:
-        torch.set_num_threads(threads)
+    def run(msg: Message, context: Context) -> Message:
         tag = msg.content.config_records.get(ARM_KEY)
         arm = str(tag["arm"]) if tag is not None and "arm" in tag else "default"
         msg.content = RecordDict({k: v for k, v in msg.content.items() if k != ARM_KEY})
@@ -146,6 +146,15 @@ def make_sim_client_app(
         connector = sim_connector(profiles, realtime, context.node_config.get("partition-id"))
         mod = make_mod(cache=lambda ctx: ArmCache(ctx.state, arm), connector=connector)
         return mod(msg, context, train_fn)
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        torch.set_num_threads(threads)
+        reply = run(msg, context)
+        pid = context.node_config.get("partition-id")
+        if not reply.has_error() and isinstance(pid, int):
+            reply.content[ARM_KEY] = ConfigRecord({PARTITION_KEY: pid})
+        return reply
 
     @app.query()
     def query(msg: Message, context: Context) -> Message:

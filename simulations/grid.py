@@ -3,9 +3,15 @@
 :class:`SimGrid` wraps the Grid Flower's simulation engine hands the ServerApp and sits
 between every strategy of a sweep and the virtual clients:
 
-* **Who is who.** Simulated node ids are random per run, so before the first arm it asks
-  every node for its partition id (a Flower ``query`` message: simulation bookkeeping,
-  not counted).
+* **Who is who.** Simulated node ids are random per run. Flower's simulation engine
+  registers node ``i`` for partition ``i``, one after the other, in its in-memory link
+  state, so the grid reads the nodes in registration order from there: no message to any
+  client, nothing that grows with idle clients. Every reply carries its partition id in a
+  record of its own (:data:`ARM_KEY`, removed before anything is counted) and a reply from
+  the wrong partition is a :class:`SimulationError`, so a Flower that registers in
+  another order fails loudly instead of mixing up data or links. Only a Grid without that
+  state (not Flower's simulation engine) makes the grid fall back to asking every node
+  (a Flower ``query`` message: simulation bookkeeping, not counted).
 * **Sampling.** ``get_node_ids()`` returns exactly the clients sampled for the round,
   drawn from a generator seeded by (seed, round) over partition ids: every arm sees the
   same clients in the same round, and a rerun sees them again. The wrapped strategies
@@ -50,10 +56,21 @@ from simulations.clock import (
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ARM_KEY", "RoundTraffic", "SimGrid", "SimulationError", "sample_partitions"]
+__all__ = [
+    "ARM_KEY",
+    "PARTITION_KEY",
+    "RoundTraffic",
+    "SimGrid",
+    "SimulationError",
+    "registration_order",
+    "sample_partitions",
+]
 
-#: ConfigRecord telling a simulated client which arm a message belongs to (not counted).
+#: ConfigRecord telling a simulated client which arm a message belongs to, and in a
+#: reply, the client's partition id (simulation bookkeeping both ways, not counted).
 ARM_KEY = "fedsqueeze-sim"
+#: The key of the partition id in a reply's :data:`ARM_KEY` record.
+PARTITION_KEY = "partition-id"
 #: A message id as Flower assigns it at push time: protobuf tag, length, 36-char UUID.
 _MESSAGE_ID_BYTES = 38
 _POLL_S = 0.05
@@ -210,13 +227,27 @@ class SimGrid(Grid):
 
     # ------------------------------------------------------------------ set-up
     def discover(self) -> None:
-        """Learn every node's partition id (once)."""
+        """Learn every node's partition id (once): from Flower's registration order."""
         if self.partition_of:
             return
         deadline = time.monotonic() + self.round_timeout_s
         while len(nodes := list(self.inner.get_node_ids())) < self.num_clients:
             self._check(deadline, f"only {len(nodes)} of {self.num_clients} clients registered")
             time.sleep(_POLL_S)
+        order = registration_order(self.inner, nodes)
+        if order is not None and len(order) == self.num_clients:
+            self.node_of = dict(enumerate(order))
+            self.partition_of = {n: p for p, n in self.node_of.items()}
+            return
+        log.warning(
+            "this Grid does not show Flower's registration order: asking all %d nodes "
+            "for their partition ids",
+            len(nodes),
+        )
+        self._query_partitions(nodes)
+
+    def _query_partitions(self, nodes: list[int]) -> None:
+        """The fallback: one ``query`` message to every node (grows with the clients)."""
         queries = [
             Message(RecordDict({"config": ConfigRecord()}), node, MessageType.QUERY)
             for node in nodes
@@ -271,8 +302,26 @@ class SimGrid(Grid):
         started = time.perf_counter()
         replies = self._exchange(out, wait, f"{self._arm} round {self._round}")
         wall_s = time.perf_counter() - started
+        for reply in replies:
+            self._check_partition(reply)
         replies.sort(key=lambda r: self.partition_of[r.metadata.src_node_id])
         return self._account(sampled, sent, replies, specs, wall_s)
+
+    def _check_partition(self, reply: Message) -> None:
+        """Take the reply's partition id out of it (before counting) and check it."""
+        if reply.has_error():
+            return
+        node = reply.metadata.src_node_id
+        tag = reply.content.config_records.get(ARM_KEY)
+        if tag is None:
+            raise SimulationError(f"node {node}'s reply carries no partition id")
+        del reply.content[ARM_KEY]
+        expected = self.partition_of[node]
+        if tag.get(PARTITION_KEY) != expected:
+            raise SimulationError(
+                f"node {node} holds partition {tag.get(PARTITION_KEY)!r}, but Flower's "
+                f"registration order gave it {expected}: the simulation engine changed"
+            )
 
     def _account(
         self,
@@ -358,6 +407,23 @@ class SimGrid(Grid):
             raise SimulationError("the simulation engine stopped")
         if time.monotonic() > deadline:
             raise SimulationError(f"{what} within {self.round_timeout_s:.0f} s")
+
+
+def registration_order(inner: Grid, nodes: Iterable[int]) -> list[int] | None:
+    """The nodes in the order Flower's simulation engine registered them, if it shows it.
+
+    Flower 1.42's ``run_simulation`` registers node ``i`` for partition ``i``
+    (``vce_api._register_nodes``) in an in-memory link state whose node table keeps
+    insertion order, and hands the ServerApp an ``InMemoryGrid`` holding that state.
+    ``None`` when ``inner`` is another Grid or its state lists other nodes than ``nodes``.
+    """
+    state = getattr(inner, "state", None)
+    node_info = getattr(state, "get_node_info", None)
+    if node_info is None:
+        return None
+    online = set(nodes)
+    order = [int(info.node_id) for info in node_info() if info.node_id in online]
+    return order if len(order) == len(online) else None
 
 
 def _number(metrics: MetricRecord, key: str) -> float:

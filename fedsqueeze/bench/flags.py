@@ -17,6 +17,7 @@ from fedsqueeze.errors import ConfigError
 
 __all__ = [
     "add_codec_arguments",
+    "add_simulate_arguments",
     "add_transport_arguments",
     "check_transport_flags",
     "module_docstring",
@@ -43,6 +44,51 @@ def add_progressive_arguments(parser: argparse.ArgumentParser) -> None:
         "--skip-minilm", action="store_true", help="leave out the all-MiniLM-L6-v2 part"
     )
     parser.add_argument("--json", type=Path, help="also write the figures to this file")
+
+
+def _client_counts(text: str) -> list[int]:
+    try:
+        return [int(v.replace("_", "")) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected numbers like 100,1000, got {text!r}") from None
+
+
+def add_simulate_arguments(parser: argparse.ArgumentParser) -> None:
+    """Register ``bench simulate``'s flags."""
+    parser.add_argument(
+        "--clients",
+        type=_client_counts,
+        default=[100, 1000, 10000],
+        metavar="N,N,...",
+        help="numbers of virtual clients (default 100,1000,10000)",
+    )
+    parser.add_argument(
+        "--arms",
+        default="flower,fedavg-fp32,adaptive",
+        help="what to run: flower (plain Flower app), fedavg-fp32, adaptive (default: all)",
+    )
+    parser.add_argument("--repeats", type=int, default=2, help="runs of each (default 2)")
+    parser.add_argument(
+        "--config",
+        default="scale",
+        metavar="FILE|NAME",
+        help="experiment TOML, or a name in simulations/configs/ (default: scale)",
+    )
+    parser.add_argument(
+        "--set",
+        dest="sets",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key for every run (repeatable)",
+    )
+    parser.add_argument(
+        "--timeout-s", type=float, default=900.0, help="limit per simulation (default 900)"
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="20 clients, 2 rounds of 2, 1 epoch, once (smoke test)"
+    )
+    parser.add_argument("--json", type=Path, metavar="FILE", help="also write results as JSON")
 
 
 def add_transport_arguments(parser: argparse.ArgumentParser) -> None:

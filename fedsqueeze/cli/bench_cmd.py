@@ -3,6 +3,7 @@
     fedsqueeze bench codec        compression ratios, errors and throughput vs clone()/zstd
     fedsqueeze bench transport    segment streaming vs a bare gRPC stream, resume, fan-out
     fedsqueeze bench progressive  progressive level designs and prefix curves
+    fedsqueeze bench simulate     a plain Flower app beside the sweep's arms, 100 to 10,000 clients
 
 Results go to stdout as tables (and as JSON with --json). No benchmark asserts a time:
 the machines are shared, so the numbers are for BENCHMARKS.md, not for pass/fail.
@@ -17,6 +18,7 @@ from collections.abc import Callable
 from fedsqueeze.bench.flags import (
     add_codec_arguments,
     add_progressive_arguments,
+    add_simulate_arguments,
     add_transport_arguments,
     module_docstring,
 )
@@ -34,6 +36,11 @@ BENCHES: dict[str, tuple[str, str, Callable[[argparse.ArgumentParser], None]]] =
         "fedsqueeze.bench.progressive",
         "progressive levels: designs side by side, prefix curves",
         add_progressive_arguments,
+    ),
+    "simulate": (
+        "fedsqueeze.bench.simulate",
+        "simulation cost: a plain Flower app beside the sweep's arms",
+        add_simulate_arguments,
     ),
 }
 

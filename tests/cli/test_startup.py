@@ -31,6 +31,7 @@ def _loaded(*argv: str) -> tuple[int, list[str]]:
         ("bench", "codec", "--help"),
         ("bench", "transport", "--help"),
         ("distill", "--help"),
+        ("bench", "simulate", "--help"),
     ],
 )
 def test_help_imports_no_heavy_library(argv: tuple[str, ...]) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 import uuid
 from collections.abc import Callable, Iterable
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -14,9 +15,11 @@ from fedsqueeze.control import RECEIPT_KEY, TrainReceipt
 from fedsqueeze.transport.shaping import LinkProfile
 from simulations.grid import (
     ARM_KEY,
+    PARTITION_KEY,
     RoundTraffic,
     SimGrid,
     SimulationError,
+    message_wire_bytes,
     sample_partitions,
 )
 
@@ -29,12 +32,18 @@ Handler = Callable[[Message, int], Message | None]
 class FakeInner:
     """A Grid whose nodes answer at once through ``handler(message, partition)``."""
 
-    def __init__(self, partitions: list[int], handler: Handler) -> None:
+    def __init__(
+        self, partitions: list[int], handler: Handler, *, registered: bool = False
+    ) -> None:
         self.node_of = {p: 1000 + 7 * p for p in partitions}
         self.partition = {n: p for p, n in self.node_of.items()}
         self.handler = handler
         self.pending: dict[str, Message] = {}
         self.seen: list[Message] = []
+        if registered:
+            # As Flower's in-memory link state: nodes listed in registration order.
+            infos = [SimpleNamespace(node_id=self.node_of[p]) for p in sorted(partitions)]
+            self.state = SimpleNamespace(get_node_info=lambda: infos)
 
     def get_node_ids(self) -> Iterable[int]:
         return set(self.node_of.values())
@@ -57,6 +66,10 @@ class FakeInner:
                 )
             else:
                 reply = self.handler(m, self.partition[m.metadata.dst_node_id])
+                if reply is not None and not reply.has_error():
+                    # What the simulated client adds: its partition id, not counted.
+                    pid = self.partition[m.metadata.dst_node_id]
+                    reply.content[ARM_KEY] = ConfigRecord({PARTITION_KEY: pid})
             if reply is not None:
                 reply.metadata.__dict__["_src_node_id"] = m.metadata.dst_node_id
                 self.pending[m.metadata.message_id] = reply
@@ -187,3 +200,82 @@ def test_missing_clients_are_an_error(flower_identity: None) -> None:
     grid = _grid(inner, 5, 2, round_timeout_s=0.2)
     with pytest.raises(SimulationError, match="registered"):
         grid.discover()
+
+
+def test_partitions_come_from_flower_registration_order_without_a_message(
+    flower_identity: None,
+) -> None:
+    inner = FakeInner(list(range(1000)), _plain_reply, registered=True)
+    grid = _grid(inner, 1000, 3)
+    grid.discover()
+    assert inner.seen == []  # no query to anyone
+    assert all(grid.partition_of[inner.node_of[p]] == p for p in range(1000))
+
+
+def test_a_client_that_is_not_sampled_gets_nothing(flower_identity: None) -> None:
+    inner = FakeInner(list(range(1000)), _plain_reply, registered=True)
+    grid = _grid(inner, 1000, 3)
+    grid.begin_arm("plain")
+    for server_round in range(1, 6):
+        before = len(inner.seen)
+        grid.send_and_receive(_train_messages(grid, {"w": torch.zeros(3)}))
+        sent = inner.seen[before:]
+        assert all(m.metadata.message_type == MessageType.TRAIN for m in sent)
+        to = sorted(inner.partition[m.metadata.dst_node_id] for m in sent)
+        assert to == list(sample_partitions(7, server_round, 1000, 3))
+    contacted = {inner.partition[m.metadata.dst_node_id] for m in inner.seen}
+    assert len(contacted) <= 15  # of 1,000 clients, only the sampled ones heard anything
+
+
+def test_the_partition_tag_of_a_reply_is_not_counted(flower_identity: None) -> None:
+    inner = FakeInner(list(range(4)), _plain_reply, registered=True)
+    grid = _grid(inner, 4, 2)
+    rounds: list[RoundTraffic] = []
+    grid.begin_arm("plain", on_round=rounds.append)
+    replies = list(grid.send_and_receive(_train_messages(grid, {"w": torch.randn(50)})))
+    assert all(ARM_KEY not in r.content.config_records for r in replies)
+    (traffic,) = rounds
+    assert traffic.control_up == sum(message_wire_bytes(r) for r in replies)
+
+
+def test_a_reply_from_the_wrong_partition_is_an_error(flower_identity: None) -> None:
+    inner = FakeInner(list(range(4)), _plain_reply, registered=True)
+    inner.state = SimpleNamespace(  # registration order no longer partition order
+        get_node_info=lambda: [SimpleNamespace(node_id=inner.node_of[p]) for p in (1, 0, 2, 3)]
+    )
+    grid = _grid(inner, 4, 4)
+    grid.begin_arm("plain")
+    with pytest.raises(SimulationError, match="registration order"):
+        grid.send_and_receive(_train_messages(grid, {"w": torch.zeros(3)}))
+
+
+def test_the_simulated_client_tags_its_reply_with_its_partition(flower_identity: None) -> None:
+    from flwr.app import Context
+
+    from fedsqueeze.tasks import get_task
+    from simulations.client import make_sim_client_app
+    from simulations.config import SimulationConfig
+
+    config = SimulationConfig(epochs=1)
+    app = make_sim_client_app(config.run_settings(config.arms[0], ""))
+    model = get_task(config.task).build_model(0).state_dict()
+    msg = Message(
+        RecordDict(
+            {
+                "arrays": ArrayRecord(model),
+                "config": ConfigRecord({"server-round": 1}),
+                ARM_KEY: ConfigRecord({"arm": "fedavg-fp32"}),
+            }
+        ),
+        42,
+        MessageType.TRAIN,
+    )
+    context = Context(
+        run_id=1,
+        node_id=42,
+        node_config={"partition-id": 3, "num-partitions": 20},
+        state=RecordDict(),
+        run_config={},
+    )
+    reply = app(msg, context)
+    assert reply.content.config_records[ARM_KEY] == ConfigRecord({PARTITION_KEY: 3})
