@@ -261,8 +261,10 @@ class CodecSpec:
                 raise ValueError(f"rank must be in 1..{MAX_RANK}, got {self.rank}")
             if self.topk is not None or self.prune.active:
                 raise ValueError("low-rank factorization replaces pruning and top-k: use one")
-            if self.quant is not None and self.quant.granularity is Granularity.PER_CHANNEL:
-                raise ValueError("low-rank factors use per-tensor quantization, not per-channel")
+            if self.quant is not None and self.quant.granularity is not Granularity.PER_TENSOR:
+                raise ValueError(
+                    "low-rank factors use per-tensor quantization, not per-channel or blocks"
+                )
         if self.levels is not None:
             _check_levels(self.levels, self.quant, self.rank)
         if not 0 <= self.entropy_level <= 22:
