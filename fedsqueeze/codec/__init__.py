@@ -28,6 +28,7 @@ from fedsqueeze.codec.spec import (
     QuantScheme,
     QuantSpec,
     Rounding,
+    ScaleFormat,
     preset,
 )
 
@@ -45,6 +46,7 @@ __all__ = [
     "QuantScheme",
     "QuantSpec",
     "Rounding",
+    "ScaleFormat",
     "Segment",
     "TensorRecord",
     "decode_prefix",
