@@ -106,9 +106,7 @@ class DoubleQuant:
 
 def block_index(count: int, block_size: int, device: torch.device | None = None) -> Tensor:
     """int64 ``[count]``: the block of each kept value, ``position // block_size``."""
-    return torch.div(
-        torch.arange(count, device=device), block_size, rounding_mode="floor"
-    )
+    return torch.div(torch.arange(count, device=device), block_size, rounding_mode="floor")
 
 
 def num_blocks(count: int, block_size: int) -> int:

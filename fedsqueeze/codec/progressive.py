@@ -199,9 +199,7 @@ def table_from_bytes(
     if scheme is QuantScheme.NF4:
         if bool((raw.abs() > 1).any()):
             raise FormatError("NF4 bucket table entry outside [-1, 1]")
-    elif scheme is not QuantScheme.KMEANS and bool(
-        ((raw < 0) | (raw > (1 << shift) - 1)).any()
-    ):
+    elif scheme is not QuantScheme.KMEANS and bool(((raw < 0) | (raw > (1 << shift) - 1)).any()):
         raise FormatError("bucket table offset outside its bucket")
     return raw
 

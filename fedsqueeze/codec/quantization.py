@@ -221,9 +221,7 @@ def choose_qparams(
         zp = torch.full_like(raw, mid)
         if scheme is QuantScheme.SYMMETRIC:
             scale, dq = stored(raw)
-            return QuantParams(
-                bits, scheme, scale, zp, scale_format=scale_format, double_quant=dq
-            )
+            return QuantParams(bits, scheme, scale, zp, scale_format=scale_format, double_quant=dq)
         shift = _pow2_shift(raw)
         return QuantParams(bits, scheme, _shift_scale(shift), zp, shift=shift)
     if scheme is QuantScheme.KMEANS:

@@ -309,8 +309,8 @@ class CodecSpec:
         Layout: flags u8 (prune method in bits 0-2, top-k bit 3, quant bit 4, custom
         targets bit 5, rank bit 6, levels bit 7) · [amount f64] · [topk f64] · [rank
         varint] · [quant: bits | scheme << 4, granularity | rounding << 2 | (scale
-        format − 1) << 4, block size varint for block-wise] · [levels: count u8 · bits u8 each] · float format and
-        min_ndim u8 · entropy level u8 · [targets]. Amounts are
+        format − 1) << 4, block size varint for block-wise] · [levels: count u8 · bits
+        u8 each] · float format and min_ndim u8 · entropy level u8 · [targets]. Amounts are
         float64 so the spec survives the round trip exactly; an amount with at most six
         decimals (0.95, 0.025) is a varint of millionths instead, 1 to 3 bytes.
         """

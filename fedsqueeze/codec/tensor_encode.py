@@ -179,9 +179,7 @@ class TensorEncoder:
                     f"tensor {name!r} has values beyond ±65504, too large for fp16 block "
                     "scales (use bf16 or dq scales)"
                 )
-            return unrepresentable(
-                name, t, x, quantized=quantized, cast=None if quantized else fmt
-            )
+            return unrepresentable(name, t, x, quantized=quantized, cast=None if quantized else fmt)
         if fmt != t.dtype and spec.float_format is not FloatFormat.FP32:
             b = self._base_of(name, t)
             x = t.to(torch.float32) if b is None else t.to(torch.float32) - b.to(torch.float32)
