@@ -320,3 +320,11 @@ def test_block_records_in_older_versions_are_refused() -> None:
     old = stream[:3] + bytes([PROGRESSIVE_VERSION]) + stream[4:]
     with pytest.raises(FormatError, match="version 2"):
         EncodedModel.from_bytes(_with_crc(old))
+
+
+def test_inspect_names_the_blocks() -> None:
+    from fedsqueeze.codec.inspect import describe
+
+    encoded = encode_state({"a.weight": torch.randn(10, 100)}, parse_spec("quant=4:nf4:dq"))
+    (info,) = describe(encoded)
+    assert info.stages.startswith("nf4 4-bit 16 blocks of 64, dq8 scales")
