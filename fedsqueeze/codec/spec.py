@@ -64,7 +64,8 @@ class ScaleFormat(Enum):
     DQ8 is double quantization (QLoRA): each scale is an 8-bit code on a logarithmic grid
     of 1/16 octave, ``scale = 2^e · 2^(code/16)``, with one int16 exponent ``e`` per group
     of 256 blocks; every stored scale is rounded *up*, so values stay inside their block's
-    range and the error bound uses the stored scale.
+    range and the error bound uses the stored scale. POW2 blocks store their int8 shifts
+    whatever the format.
     """
 
     FP32 = 1

@@ -328,3 +328,27 @@ def test_inspect_names_the_blocks() -> None:
     encoded = encode_state({"a.weight": torch.randn(10, 100)}, parse_spec("quant=4:nf4:dq"))
     (info,) = describe(encoded)
     assert info.stages.startswith("nf4 4-bit 16 blocks of 64, dq8 scales")
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"granularity": "GRANULARITY_PER_BLOCK"},  # no block size
+        {"granularity": "GRANULARITY_PER_BLOCK", "block_size": 16},
+        {"granularity": "GRANULARITY_PER_TENSOR", "block_size": 64},
+        {"granularity": "GRANULARITY_PER_TENSOR", "scale_format": "SCALE_FORMAT_DQ8"},
+        {"granularity": "GRANULARITY_PER_BLOCK", "block_size": 64, "scale_format": 9},
+        {"granularity": "GRANULARITY_PER_BLOCK", "block_size": 64, "bits": 8, "scheme": 5},
+    ],
+)
+def test_proto_block_specs_out_of_range_are_refused(fields: dict[str, object]) -> None:
+    from fedsqueeze.errors import InvalidRequestError
+    from fedsqueeze.wire import transfer_pb2 as pb
+
+    msg = codec_spec_to_proto(parse_spec("quant=4:block64"))
+    msg.quant.ClearField("block_size")
+    msg.quant.scale_format = pb.SCALE_FORMAT_UNSPECIFIED
+    for key, value in fields.items():
+        setattr(msg.quant, key, value)
+    with pytest.raises(InvalidRequestError):
+        codec_spec_from_proto(msg)
