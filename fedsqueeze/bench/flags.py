@@ -36,6 +36,11 @@ def add_codec_arguments(parser: argparse.ArgumentParser) -> None:
         "--tensor-mb", type=float, default=100.0, help="size of the timed tensor (default 100)"
     )
     parser.add_argument("--runs", type=int, default=5, help="timing runs per figure (default 5)")
+    parser.add_argument(
+        "--blockwise-only",
+        action="store_true",
+        help="only the block-wise/NF4 section on MiniLM (per-tensor errors, bytes/param)",
+    )
 
 
 def add_progressive_arguments(parser: argparse.ArgumentParser) -> None:

@@ -49,7 +49,14 @@ DIGITS_SPECS = (
     "prune=global:0.9,quant=4:channel,levels=2+2",
     "prune=global:0.95,quant=4:channel,levels=2+2",
 )
-MINILM_SPECS = ("quant=8:channel,levels=2+2+4", "quant=8:channel,levels=4+4")
+MINILM_SPECS = (
+    "quant=8:channel,levels=2+2+4",
+    "quant=8:channel,levels=4+4",
+    # block-wise scales (format version 3): the levels nest over blocks as over channels
+    "quant=8:block64,levels=2+2+4",
+    "quant=8:block64,levels=4+4",
+    "quant=4:nf4:block64,levels=2+2",
+)
 PARTWISE_SPECS = ("quant=8:channel", "lossless", "prune=l1:0.9,quant=4")
 
 #: Standard-library modules whose docstrings give the MiniLM sentences (sorted, fixed).

@@ -34,6 +34,7 @@ from fedsqueeze.codec.spec import (
     QuantScheme,
     QuantSpec,
     Rounding,
+    ScaleFormat,
     preset,
 )
 
@@ -51,6 +52,7 @@ __all__ = [
     "QuantScheme",
     "QuantSpec",
     "Rounding",
+    "ScaleFormat",
     "Segment",
     "TensorRecord",
     "decode_prefix",

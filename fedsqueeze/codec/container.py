@@ -1,4 +1,4 @@
-"""The encoded-model byte format, versions 1 and 2: one compact header, then tensor records.
+"""The encoded-model byte format, versions 1 to 3: one compact header, then tensor records.
 
 Layout (integers are LEB128 varints unless noted)::
 
@@ -36,6 +36,20 @@ with the LEVEL flag carries its level after the tensor's reference:
 Version 1 decoders refuse version 2 streams by their version byte. See
 :mod:`fedsqueeze.codec.progressive` for the numbers.
 
+Version 3 is version 2 plus block-wise and NF4 quantization, written only when some
+record uses one of them (every other model keeps its version-1 or -2 bytes). An NF4
+record is an ordinary quantized record with scheme 5 in its descriptor. A block-wise
+record has an *extended* descriptor: the descriptor byte holds the bits and 0x80 with a
+scheme field of 0 (no scheme has that value, so every earlier parser refuses it), then::
+
+    scheme u8 · block size varint (32..4096) · scale format u8 · block count varint
+    · params (scales in the scale format, then AFFINE's zero points)
+
+The block count is ``ceil(kept / block size)``, checked by the decoder against the kept
+count; the parser bounds it by the element limit before reading the params, whose size
+it fixes (:func:`qparams_nbytes`). Per-tensor and per-channel records are the same in
+every version. Version 1 and 2 decoders refuse version 3 streams by their version byte.
+
 Everything here is structure only: the numerical stages live in ``fedsqueeze.codec.model``.
 """
 
@@ -47,15 +61,19 @@ from enum import IntEnum, IntFlag
 
 import torch
 
+from fedsqueeze.codec.blockwise import num_blocks, scale_bytes
 from fedsqueeze.codec.bytesio import ByteReader, write_varint
 from fedsqueeze.codec.positions import max_payload_bytes
 from fedsqueeze.codec.spec import (
+    MAX_BLOCK,
     MAX_LEVELS,
     MAX_RANK,
+    MIN_BLOCK,
     CodecSpec,
     FloatFormat,
     Granularity,
     QuantScheme,
+    ScaleFormat,
 )
 from fedsqueeze.errors import FormatError, LimitExceededError, UnsupportedVersionError
 
@@ -64,7 +82,10 @@ MAGIC = b"FSQ"
 FORMAT_VERSION = 1
 #: The version written when any record has levels.
 PROGRESSIVE_VERSION = 2
-SUPPORTED_VERSIONS = (FORMAT_VERSION, PROGRESSIVE_VERSION)
+#: The version written when any record is block-wise or NF4.
+BLOCKWISE_VERSION = 3
+SUPPORTED_VERSIONS = (FORMAT_VERSION, PROGRESSIVE_VERSION, BLOCKWISE_VERSION)
+_EXTENDED_QUANT = 0x80  # a descriptor with scheme field 0: the extended form follows
 _HAS_BASE = 0x01
 
 # Stable wire codes of dtypes; never renumber (golden vectors pin them).
@@ -146,6 +167,14 @@ class QuantHeader:
     scheme: QuantScheme
     granularity: Granularity
     params: bytes  # the serialized QuantParams (see fedsqueeze.codec.quantization)
+    block_size: int = 0  # PER_BLOCK: values per block
+    scale_format: ScaleFormat = ScaleFormat.FP32  # PER_BLOCK: how the scales are stored
+    blocks: int = 0  # PER_BLOCK: number of blocks (parameter sets)
+
+    @property
+    def needs_v3(self) -> bool:
+        """Whether this header exists only in format version 3 (block-wise or NF4)."""
+        return self.granularity is Granularity.PER_BLOCK or self.scheme is QuantScheme.NF4
 
 
 @dataclass(frozen=True)
@@ -181,6 +210,11 @@ class TensorRecord:
     def progressive(self) -> bool:
         """Whether this record is a level of a progressive tensor (needs version 2)."""
         return bool(self.levels) or self.level > 0
+
+    @property
+    def needs_v3(self) -> bool:
+        """Whether this record needs format version 3 (block-wise or NF4 quantization)."""
+        return self.quant is not None and self.quant.needs_v3
 
     @property
     def numel(self) -> int:
@@ -245,8 +279,15 @@ class TensorRecord:
             write_varint(out, self.rank)
         if self.quant is not None:
             q = self.quant
-            per_channel = 0x80 if q.granularity is Granularity.PER_CHANNEL else 0
-            out.append(q.bits | (q.scheme.value << 4) | per_channel)
+            if q.granularity is Granularity.PER_BLOCK:
+                out.append(q.bits | _EXTENDED_QUANT)
+                out.append(q.scheme.value)
+                write_varint(out, q.block_size)
+                out.append(q.scale_format.value)
+                write_varint(out, q.blocks)
+            else:
+                per_channel = 0x80 if q.granularity is Granularity.PER_CHANNEL else 0
+                out.append(q.bits | (q.scheme.value << 4) | per_channel)
             out += q.params
         else:
             out.append(int(self.value_kind))
@@ -347,25 +388,34 @@ def parse_record(
     if flags & RecordFlags.QUANT:
         desc = reader.u8("quantization descriptor")
         bits = desc & 0x0F
-        try:
-            scheme = QuantScheme((desc >> 4) & 0x07)
-        except ValueError as exc:
-            raise FormatError(f"unknown quantization scheme in 0x{desc:02x}") from exc
         if bits not in (2, 3, 4, 8):
             raise FormatError(f"unsupported quantization bit width {bits}")
         if plan and sum(plan) != bits:
             raise FormatError(f"levels {'+'.join(map(str, plan))} do not add up to {bits} bits")
-        granularity = Granularity.PER_CHANNEL if desc & 0x80 else Granularity.PER_TENSOR
-        if granularity is Granularity.PER_CHANNEL and rank:
-            raise FormatError("low-rank factors are quantized per tensor")
-        if granularity is Granularity.PER_CHANNEL and (shape is None and index is None):
-            raise FormatError("per-channel record without a shape")
-        size = qparams_size(bits, scheme, granularity, shape, index)
-        params = bytes(reader.take(size, "quantization parameters")) if size >= 0 else b""
-        if size < 0:
-            # Shape unknown until resolved: the sizer cannot know the channel count.
-            raise FormatError("per-channel index-coded record cannot be parsed without base")
-        quant = QuantHeader(bits, scheme, granularity, params)
+        if desc & 0xF0 == _EXTENDED_QUANT:
+            if version < BLOCKWISE_VERSION:
+                raise FormatError(f"a block-wise record in a version {version} stream")
+            if rank:
+                raise FormatError("low-rank factors are quantized per tensor")
+            quant = _parse_blocks(reader, bits, limits)
+        else:
+            try:
+                scheme = QuantScheme((desc >> 4) & 0x07)
+            except ValueError as exc:
+                raise FormatError(f"unknown quantization scheme in 0x{desc:02x}") from exc
+            if scheme is QuantScheme.NF4 and (version < BLOCKWISE_VERSION or bits != 4):
+                raise FormatError(f"an NF4 record of {bits} bits in a version {version} stream")
+            granularity = Granularity.PER_CHANNEL if desc & 0x80 else Granularity.PER_TENSOR
+            if granularity is Granularity.PER_CHANNEL and rank:
+                raise FormatError("low-rank factors are quantized per tensor")
+            if granularity is Granularity.PER_CHANNEL and (shape is None and index is None):
+                raise FormatError("per-channel record without a shape")
+            size = qparams_size(bits, scheme, granularity, shape, index)
+            params = bytes(reader.take(size, "quantization parameters")) if size >= 0 else b""
+            if size < 0:
+                # Shape unknown until resolved: the sizer cannot know the channel count.
+                raise FormatError("per-channel index-coded record cannot be parsed without base")
+            quant = QuantHeader(bits, scheme, granularity, params)
     else:
         kind = reader.u8("value kind")
         if kind > int(ValueKind.BF16):
@@ -403,6 +453,34 @@ def parse_record(
         body=body,
         rank=rank,
         levels=plan,
+    )
+
+
+def _parse_blocks(reader: ByteReader, bits: int, limits: DecodeLimits) -> QuantHeader:
+    """The rest of an extended (block-wise) quantization header, after its descriptor."""
+    code = reader.u8("quantization scheme")
+    try:
+        scheme = QuantScheme(code)
+    except ValueError as exc:
+        raise FormatError(f"unknown quantization scheme {code}") from exc
+    if scheme is QuantScheme.KMEANS or (scheme is QuantScheme.NF4 and bits != 4):
+        raise FormatError(f"{scheme.name} with {bits} bits is not block-wise")
+    block_size = reader.varint("block size", MAX_BLOCK)
+    if block_size < MIN_BLOCK:
+        raise FormatError(f"block size {block_size} (at least {MIN_BLOCK})")
+    fmt_code = reader.u8("scale format")
+    try:
+        scale_format = ScaleFormat(fmt_code)
+    except ValueError as exc:
+        raise FormatError(f"unknown scale format {fmt_code}") from exc
+    # Bounded before the params are sized: the element limit caps the block count.
+    blocks = reader.varint("block count", num_blocks(limits.max_elements, block_size))
+    if blocks < 1:
+        raise FormatError("a block-wise record of no blocks")
+    size = qparams_nbytes(bits, scheme, blocks, scale_format)
+    params = bytes(reader.take(size, "block quantization parameters"))
+    return QuantHeader(
+        bits, scheme, Granularity.PER_BLOCK, params, block_size, scale_format, blocks
     )
 
 
@@ -459,15 +537,17 @@ class QParamsSizer:
         return qparams_nbytes(bits, scheme, channels)
 
 
-def qparams_nbytes(bits: int, scheme: QuantScheme, channels: int) -> int:
+def qparams_nbytes(
+    bits: int, scheme: QuantScheme, channels: int, scale_format: ScaleFormat = ScaleFormat.FP32
+) -> int:
     """Serialized size of quantization parameters (see ``qparams_to_bytes``)."""
-    per_param = {
-        QuantScheme.AFFINE: 5,  # float32 scale + u8 zero point
-        QuantScheme.SYMMETRIC: 4,  # float32 scale
-        QuantScheme.POW2: 1,  # int8 shift
-        QuantScheme.KMEANS: 2 << bits,  # float16 codebook of 2^bits entries
-    }[scheme]
-    return per_param * channels
+    if scheme is QuantScheme.KMEANS:
+        return 2 << bits  # float16 codebook of 2^bits entries
+    if scheme is QuantScheme.POW2:
+        return channels  # int8 shifts
+    scales = scale_bytes(scale_format, channels)
+    # AFFINE adds a u8 zero point per parameter set
+    return scales + channels if scheme is QuantScheme.AFFINE else scales
 
 
 @dataclass(frozen=True)
@@ -528,6 +608,7 @@ def crc32(data: bytes | memoryview) -> int:
 
 
 __all__ = [
+    "BLOCKWISE_VERSION",
     "CODE_DTYPES",
     "DTYPE_CODES",
     "FLOAT_KINDS",

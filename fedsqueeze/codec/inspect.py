@@ -42,6 +42,8 @@ def stages_of(record: TensorRecord) -> str:
     if record.quant is not None:
         q = record.quant
         gran = "per-channel" if q.granularity is Granularity.PER_CHANNEL else "per-tensor"
+        if q.granularity is Granularity.PER_BLOCK:
+            gran = f"{q.blocks} blocks of {q.block_size}, {q.scale_format.name.lower()} scales"
         parts.append(f"{q.scheme.name.lower()} {q.bits}-bit {gran}")
     elif record.value_kind not in (ValueKind.RAW, ValueKind.XOR):
         parts.append(record.value_kind.name.lower())

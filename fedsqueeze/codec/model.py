@@ -21,6 +21,7 @@ import torch
 
 from fedsqueeze.codec.bytesio import ByteReader
 from fedsqueeze.codec.container import (
+    BLOCKWISE_VERSION,
     FORMAT_VERSION,
     PROGRESSIVE_VERSION,
     ContainerHeader,
@@ -85,7 +86,16 @@ class EncodedModel:
 
     @property
     def header(self) -> ContainerHeader:
-        """The model-level header."""
+        """The model-level header: version 3 when a record is block-wise or NF4, else 2
+        when a tensor is sent in levels, else 1."""
+        if any(r.needs_v3 for r in self.records):
+            return ContainerHeader(
+                BLOCKWISE_VERSION,
+                self.base_digest,
+                self.spec,
+                len(self.records),
+                self.base_records,
+            )
         if self.progressive:
             return ContainerHeader(
                 PROGRESSIVE_VERSION,

@@ -35,6 +35,13 @@ How the other stages combine with levels:
 * **k-means** codebooks nest by index: the codebook is sorted, so the top bits of an
   index name a run of adjacent centroids (a coarser, tree-structured codebook), and the
   coarse table holds each run's count-weighted mean value (in value units).
+* **block-wise scales** are channels by another name (the block of each kept value is
+  ``position // B``): the scales travel with level 0, the table is in code units
+  weighted by ``scale²``.
+* **NF4** nests as k-means does (its codebook is sorted, so the top bits name runs of
+  adjacent entries), but its values are ``scale · NF4[q]`` with a scale per block or
+  channel: the table holds each run's mean in *codebook* units (``[−1, 1]``), weighted
+  by ``scale²``, and the receiver multiplies by the value's scale.
 
 Rate-distortion order: :func:`level_gain` is the squared error a level removes
 (``‖x − x̂_{k−1}‖² − ‖x − x̂_k‖²``, with ``x̂_{−1}`` = what the receiver holds without the
@@ -47,6 +54,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from fedsqueeze.codec.blockwise import NF4_CODEBOOK
 from fedsqueeze.codec.quantization import QuantParams
 from fedsqueeze.codec.spec import QuantScheme
 from fedsqueeze.errors import FormatError
@@ -107,14 +115,18 @@ def bucket_table(
     codes64 = codes.to(torch.int64)
     top = codes64 >> shift
     weight = torch.ones(top.shape, dtype=torch.float64, device=device)
-    if qp.codebook is not None:
+    if qp.scale.dim() == 1 and channels_of is not None:
+        weight = qp.scale.to(device=device, dtype=torch.float64)[channels_of].square()
+    if qp.scheme is QuantScheme.NF4:
+        table = NF4_CODEBOOK.to(device=device, dtype=torch.float64)
+        fine = table[codes64]
+        fallback = table.reshape(n, -1).mean(dim=1)
+    elif qp.codebook is not None:
         fine = qp.codebook.to(device=device, dtype=torch.float64)[codes64]
         fallback = qp.codebook.to(device=device, dtype=torch.float64).reshape(n, -1).mean(dim=1)
     else:
         fine = (codes64 - (top << shift)).to(torch.float64)
         fallback = torch.full((n,), ((1 << shift) - 1) / 2, dtype=torch.float64, device=device)
-        if qp.scale.dim() == 1 and channels_of is not None:
-            weight = qp.scale.to(device=device, dtype=torch.float64)[channels_of].square()
     counts = torch.zeros(n, dtype=torch.float64, device=device).index_add_(0, top, weight)
     sums = torch.zeros(n, dtype=torch.float64, device=device).index_add_(0, top, fine * weight)
     means = torch.where(counts > 0, sums / counts.clamp_min(1e-300), fallback)
@@ -134,6 +146,18 @@ def reconstruct(
     """
     total = qp.bits
     shift = total - held_bits
+    if qp.scheme is QuantScheme.NF4:
+        if shift == 0:
+            unit = NF4_CODEBOOK.to(top.device)[top]
+        elif table is None:
+            raise FormatError("a coarse NF4 level needs its bucket table")
+        else:
+            unit = table.to(top.device)[top]
+        if qp.scale.dim() == 1:
+            if channels_of is None:
+                raise ValueError("per-block parameters need the block of every value")
+            return unit * qp.scale.to(top.device)[channels_of]
+        return unit * float(qp.scale)
     if qp.codebook is not None:
         if shift == 0:
             return qp.codebook.to(device=top.device, dtype=torch.float32)[top]
@@ -165,14 +189,17 @@ def table_from_bytes(
     """Inverse of :func:`table_to_bytes`, checking every entry (hostile input).
 
     Linear schemes' entries are offsets inside a bucket, ``[0, 2^shift − 1]``; k-means
-    entries are finite values.
+    entries are finite values; NF4 entries lie in ``[−1, 1]``.
     """
     if len(data) != 2 * entries:
         raise FormatError(f"bucket table is {len(data)} bytes, expected {2 * entries}")
     raw = torch.frombuffer(bytearray(data), dtype=torch.float16).to(torch.float32)
     if not bool(torch.isfinite(raw).all()):
         raise FormatError("bucket table holds a non-finite entry")
-    if scheme is not QuantScheme.KMEANS and bool(((raw < 0) | (raw > (1 << shift) - 1)).any()):
+    if scheme is QuantScheme.NF4:
+        if bool((raw.abs() > 1).any()):
+            raise FormatError("NF4 bucket table entry outside [-1, 1]")
+    elif scheme is not QuantScheme.KMEANS and bool(((raw < 0) | (raw > (1 << shift) - 1)).any()):
         raise FormatError("bucket table offset outside its bucket")
     return raw
 

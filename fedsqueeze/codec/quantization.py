@@ -8,6 +8,12 @@ Schemes (:class:`~fedsqueeze.codec.spec.QuantScheme`), with ``qmax = 2^bits − 
 * POW2: SYMMETRIC with the scale rounded up to ``2^−p`` (``p`` an integer in
   ``[−126, 126]``), so dequantization is a shift.
 * KMEANS: ``w ≈ codebook[q]`` (see :mod:`fedsqueeze.codec.kmeans`).
+* NF4: ``w ≈ scale · NF4[q]`` with ``scale`` the absolute maximum (QLoRA; the codebook
+  is fixed, see :mod:`fedsqueeze.codec.blockwise`).
+
+Granularity PER_BLOCK works exactly as PER_CHANNEL with ``channels`` the block of each
+value; its scales are stored in the spec's :class:`~fedsqueeze.codec.spec.ScaleFormat`
+(rounded up, so the error bound holds with the stored scale).
 
 Values must be finite with ``|w| <= 2^126``, which keeps every code of every scheme
 finite after dequantization; decoders reject parameters under which some code is not.
@@ -28,8 +34,16 @@ import numpy.typing as npt
 import torch
 from torch import Tensor
 
+from fedsqueeze.codec.blockwise import (
+    NF4_CODEBOOK,
+    DoubleQuant,
+    scale_bytes,
+    scales_from_bytes,
+    scales_to_bytes,
+    store_scales,
+)
 from fedsqueeze.codec.kmeans import assign, assign_stochastic, kmeans_codebook
-from fedsqueeze.codec.spec import Granularity, QuantScheme, Rounding
+from fedsqueeze.codec.spec import Granularity, QuantScheme, Rounding, ScaleFormat
 from fedsqueeze.errors import FormatError
 
 __all__ = [
@@ -73,6 +87,10 @@ class QuantParams:
         POW2 only: int32 ``p`` with ``scale = 2^−p``, shaped like ``scale``.
     codebook
         KMEANS only: float32 ``[2^bits]``, ascending, fp16-representable.
+    scale_format
+        How ``scale`` is stored (FP32 unless block-wise); ``scale`` holds the stored values.
+    double_quant
+        DQ8 scales only: their codes.
     """
 
     bits: int
@@ -81,6 +99,8 @@ class QuantParams:
     zero_point: Tensor
     shift: Tensor | None = None
     codebook: Tensor | None = None
+    scale_format: ScaleFormat = ScaleFormat.FP32
+    double_quant: DoubleQuant | None = None
 
     def __post_init__(self) -> None:
         _check_bits(self.bits, ValueError)
@@ -96,6 +116,10 @@ class QuantParams:
             raise ValueError("codebook is given exactly for the KMEANS scheme")
         if self.codebook is not None and self.codebook.shape != (1 << self.bits,):
             raise ValueError(f"codebook must have shape [{1 << self.bits}]")
+        if self.scheme is QuantScheme.NF4 and self.bits != 4:
+            raise ValueError("NF4 is 4 bits")
+        if (self.double_quant is not None) != (self.scale_format is ScaleFormat.DQ8):
+            raise ValueError("double_quant is given exactly for DQ8 scales")
 
     @property
     def num_params(self) -> int:
@@ -111,6 +135,7 @@ def choose_qparams(
     granularity: Granularity,
     channels: Tensor | None = None,
     num_channels: int = 1,
+    scale_format: ScaleFormat = ScaleFormat.FP32,
 ) -> QuantParams:
     """Quantization parameters covering ``values``.
 
@@ -127,7 +152,10 @@ def choose_qparams(
         ``[0, num_channels)``.
     num_channels
         PER_CHANNEL only: ``C``. Channels without values get scale 1 and the middle
-        zero point.
+        zero point. PER_BLOCK: the same, with blocks for channels.
+    scale_format
+        How the scales will be stored; they are rounded up to it (PER_BLOCK only: per
+        tensor and per channel, scales are FP32).
 
     Returns
     -------
@@ -154,13 +182,22 @@ def choose_qparams(
         else:
             lo = hi = torch.zeros((), dtype=torch.float32, device=x.device)
         empty = torch.tensor(x.numel() == 0, device=x.device)
-    elif granularity is Granularity.PER_CHANNEL:
+    elif granularity in (Granularity.PER_CHANNEL, Granularity.PER_BLOCK):
         if scheme is QuantScheme.KMEANS:
             raise ValueError("k-means quantization is per tensor only")
         ch_all = _checked_channels(channels, x.numel(), num_channels)
         lo, hi, empty = _channel_range(x, ch_all, num_channels)
     else:
         raise ValueError(f"unknown granularity {granularity!r}")
+    if granularity is not Granularity.PER_BLOCK:
+        scale_format = ScaleFormat.FP32
+
+    def stored(raw: Tensor) -> tuple[Tensor, DoubleQuant | None]:
+        valid = _valid_scale(raw)
+        if scale_format is ScaleFormat.FP32:
+            return valid, None
+        scale, dq = store_scales(valid.reshape(-1), scale_format)
+        return scale.to(valid.device).reshape(valid.shape), dq
 
     mid = float(1 << (bits - 1))
     qmax = float((1 << bits) - 1)
@@ -168,16 +205,23 @@ def choose_qparams(
         lo = torch.clamp(lo, max=0.0)
         hi = torch.clamp(hi, min=0.0)
         # Divide before subtracting: hi − lo overflows near float32's maximum.
-        scale = _valid_scale(hi / qmax - lo / qmax)
+        scale, dq = stored(hi / qmax - lo / qmax)
         zp = torch.round(-lo / scale).clamp_(0.0, qmax)
         zp = torch.where(empty, torch.full_like(zp, mid), zp)
-        return QuantParams(bits, scheme, scale, zp)
+        return QuantParams(bits, scheme, scale, zp, scale_format=scale_format, double_quant=dq)
+    if scheme is QuantScheme.NF4:
+        if bits != 4:
+            raise ValueError("NF4 is 4 bits")
+        scale, dq = stored(torch.maximum(-lo, hi))
+        zp = torch.zeros_like(scale)
+        return QuantParams(bits, scheme, scale, zp, scale_format=scale_format, double_quant=dq)
     if scheme in (QuantScheme.SYMMETRIC, QuantScheme.POW2):
         amax = torch.maximum(-lo, hi)
         raw = amax / (mid - 1.0)
         zp = torch.full_like(raw, mid)
         if scheme is QuantScheme.SYMMETRIC:
-            return QuantParams(bits, scheme, _valid_scale(raw), zp)
+            scale, dq = stored(raw)
+            return QuantParams(bits, scheme, scale, zp, scale_format=scale_format, double_quant=dq)
         shift = _pow2_shift(raw)
         return QuantParams(bits, scheme, _shift_scale(shift), zp, shift=shift)
     if scheme is QuantScheme.KMEANS:
@@ -229,6 +273,16 @@ def quantize(
         if rounding is Rounding.NEAREST:
             return assign(x, codebook)
         return assign_stochastic(x, codebook, generator)
+    if qp.scheme is QuantScheme.NF4:
+        if qp.scale.dim() == 1:
+            ch = _checked_channels(channels, x.numel(), qp.num_params)
+            unit = x.to(torch.float32) / qp.scale.to(device)[ch]
+        else:
+            unit = x.to(torch.float32) / float(qp.scale)
+        table = NF4_CODEBOOK.to(device)
+        if rounding is Rounding.NEAREST:
+            return assign(unit, table)
+        return assign_stochastic(unit, table, generator)
     qmin = 0.0 if qp.scheme is QuantScheme.AFFINE else 1.0
     qmax = float((1 << qp.bits) - 1)
     stochastic = rounding is Rounding.STOCHASTIC
@@ -301,6 +355,19 @@ def dequantize(codes: Tensor, qp: QuantParams, channels: Tensor | None = None) -
             idx = codes[start:stop].to(torch.int32)
             torch.index_select(codebook, 0, idx, out=out[start:stop])
         return out
+    if qp.scheme is QuantScheme.NF4:
+        if qp.bits < 8 and n and bool((codes >> qp.bits).any()):
+            raise FormatError("code out of range for the 16-entry NF4 codebook")
+        table = NF4_CODEBOOK.to(device)
+        per_set = qp.scale.dim() == 1
+        ch_nf4 = _checked_channels(channels, n, qp.num_params) if per_set else None
+        scale_nf4 = qp.scale.to(device)
+        for start in range(0, n, chunk):
+            stop = min(start + chunk, n)
+            o = out[start:stop]
+            torch.index_select(table, 0, codes[start:stop].to(torch.int32), out=o)
+            o.mul_(scale_nf4[ch_nf4[start:stop]] if ch_nf4 is not None else scale_nf4)
+        return out
     if qp.scale.dim() == 1:
         ch_all = _checked_channels(channels, n, qp.num_params)
         scale_c = qp.scale.to(device)
@@ -327,8 +394,10 @@ def dequantize(codes: Tensor, qp: QuantParams, channels: Tensor | None = None) -
 def qparams_to_bytes(qp: QuantParams) -> bytes:
     """Compact little-endian form of ``qp``, per parameter set (``C`` of them).
 
-    AFFINE: ``C`` float32 scales then ``C`` uint8 zero points; SYMMETRIC: ``C`` float32
-    scales; POW2: ``C`` int8 shifts; KMEANS: ``2^bits`` float16 centroids.
+    AFFINE: ``C`` scales then ``C`` uint8 zero points; SYMMETRIC and NF4: ``C`` scales;
+    POW2: ``C`` int8 shifts; KMEANS: ``2^bits`` float16 centroids. Scales are float32
+    unless block-wise (then in ``qp.scale_format``, see
+    :func:`~fedsqueeze.codec.blockwise.scales_to_bytes`).
 
     Raises
     ------
@@ -347,19 +416,22 @@ def qparams_to_bytes(qp: QuantParams) -> bytes:
         if (np.abs(shift) > MAX_SHIFT).any():
             raise ValueError(f"shift outside [-{MAX_SHIFT}, {MAX_SHIFT}]")
         return shift.astype(np.int8).tobytes()
-    scale = _np(qp.scale).astype("<f4")
-    if not (np.isfinite(scale) & (scale > 0)).all():
-        raise ValueError("scale must be finite and positive")
-    if qp.scheme is QuantScheme.SYMMETRIC:
-        return scale.tobytes()
+    scale_part = scales_to_bytes(qp.scale, qp.scale_format, qp.double_quant)
+    if qp.scheme in (QuantScheme.SYMMETRIC, QuantScheme.NF4):
+        return scale_part
     zp = _np(qp.zero_point)
     if ((zp != np.round(zp)) | (zp < 0) | (zp > (1 << qp.bits) - 1)).any():
         raise ValueError(f"zero point must be an integer in [0, {(1 << qp.bits) - 1}]")
-    return scale.tobytes() + zp.astype(np.uint8).tobytes()
+    return scale_part + zp.astype(np.uint8).tobytes()
 
 
 def qparams_from_bytes(
-    data: bytes | memoryview, offset: int, bits: int, scheme: QuantScheme, num_params: int
+    data: bytes | memoryview,
+    offset: int,
+    bits: int,
+    scheme: QuantScheme,
+    num_params: int,
+    scale_format: ScaleFormat = ScaleFormat.FP32,
 ) -> tuple[QuantParams, int]:
     """Parse :func:`qparams_to_bytes`' form at ``offset``; treats ``data`` as hostile.
 
@@ -369,7 +441,10 @@ def qparams_from_bytes(
         The buffer and where the params start.
     bits, scheme, num_params
         From the record header (also checked): ``num_params`` is ``C`` per channel, 1
-        per tensor (giving ``scale`` of shape ``[]``), and 1 for KMEANS.
+        per tensor (giving ``scale`` of shape ``[]``), and 1 for KMEANS; the block
+        count for block-wise params.
+    scale_format
+        How the scales are stored (block-wise records; FP32 otherwise).
 
     Returns
     -------
@@ -387,9 +462,15 @@ def qparams_from_bytes(
         raise FormatError(f"unknown quantization scheme {scheme!r}")
     if num_params < 1 or (scheme is QuantScheme.KMEANS and num_params != 1):
         raise FormatError(f"invalid number of quantization parameter sets {num_params}")
+    if scheme is QuantScheme.NF4 and bits != 4:
+        raise FormatError(f"NF4 with {bits} bits")
+    if scheme in (QuantScheme.POW2, QuantScheme.KMEANS):
+        scale_format = ScaleFormat.FP32  # shifts and codebooks have their own forms
+    scales_size = scale_bytes(scale_format, num_params)
     sizes = {
-        QuantScheme.AFFINE: 5 * num_params,
-        QuantScheme.SYMMETRIC: 4 * num_params,
+        QuantScheme.AFFINE: scales_size + num_params,
+        QuantScheme.SYMMETRIC: scales_size,
+        QuantScheme.NF4: scales_size,
         QuantScheme.POW2: num_params,
         QuantScheme.KMEANS: 2 << bits,
     }
@@ -415,18 +496,22 @@ def qparams_from_bytes(
         shift = torch.from_numpy(p).reshape(shape)
         zp = torch.full(shape, mid, dtype=torch.float32)
         return QuantParams(bits, scheme, _shift_scale(shift), zp, shift=shift), end
-    scale_np = read("<f4", num_params, offset).astype(np.float32)
-    if not (np.isfinite(scale_np) & (scale_np > 0)).all():
-        raise FormatError("quantization scale is not finite and positive")
-    scale = torch.from_numpy(scale_np).reshape(shape)
+    scale_t, dq = scales_from_bytes(data, offset, scale_format, num_params)
+    scale_np = scale_t.numpy()
+    scale = scale_t.reshape(shape)
+    extra: dict[str, Any] = {"scale_format": scale_format, "double_quant": dq}
+    if scheme is QuantScheme.NF4:  # codes reach ±scale: finite
+        return QuantParams(bits, scheme, scale, torch.zeros(shape), **extra), end
     if scheme is QuantScheme.SYMMETRIC:
         _check_codes_finite(scale_np, mid, bits)
-        return QuantParams(bits, scheme, scale, torch.full(shape, mid, dtype=torch.float32)), end
-    zp_np = read("u1", num_params, offset + 4 * num_params).astype(np.float32)
+        zp_mid = torch.full(shape, mid, dtype=torch.float32)
+        return QuantParams(bits, scheme, scale, zp_mid, **extra), end
+    zp_np = read("u1", num_params, offset + scales_size).astype(np.float32)
     if (zp_np > (1 << bits) - 1).any():
         raise FormatError(f"zero point out of range for {bits} bits")
     _check_codes_finite(scale_np, zp_np, bits)
-    return QuantParams(bits, scheme, scale, torch.from_numpy(zp_np).reshape(shape)), end
+    zp_t = torch.from_numpy(zp_np).reshape(shape)
+    return QuantParams(bits, scheme, scale, zp_t, **extra), end
 
 
 # ---------------------------------------------------------------------- helpers

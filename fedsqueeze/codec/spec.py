@@ -44,13 +44,34 @@ class QuantScheme(Enum):
     POW2 = 3
     #: k-means weight sharing: ``w ≈ codebook[q]``, ``2^b`` centroids per tensor.
     KMEANS = 4
+    #: QLoRA's 4-bit NormalFloat: ``w ≈ absmax · NF4[q]``, a fixed 16-entry codebook of
+    #: normal quantiles in ``[−1, 1]`` with an exact 0; 4 bits only (format version 3).
+    NF4 = 5
 
 
 class Granularity(Enum):
-    """Whether quantization parameters are per tensor or per output channel (dim 0)."""
+    """Whether quantization parameters are per tensor, per output channel (dim 0) or per
+    block of :attr:`QuantSpec.block_size` consecutive kept values (format version 3)."""
 
     PER_TENSOR = 1
     PER_CHANNEL = 2
+    PER_BLOCK = 3
+
+
+class ScaleFormat(Enum):
+    """How block-wise scales are stored (per-tensor and per-channel ones are float32).
+
+    DQ8 is double quantization (QLoRA): each scale is an 8-bit code on a logarithmic grid
+    of 1/16 octave, ``scale = 2^e · 2^(code/16)``, with one int16 exponent ``e`` per group
+    of 256 blocks; every stored scale is rounded *up*, so values stay inside their block's
+    range and the error bound uses the stored scale. POW2 blocks store their int8 shifts
+    whatever the format.
+    """
+
+    FP32 = 1
+    FP16 = 2
+    BF16 = 3
+    DQ8 = 4
 
 
 class Rounding(Enum):
@@ -69,6 +90,8 @@ class FloatFormat(Enum):
 
 
 QUANT_BITS = (2, 3, 4, 8)
+#: Smallest and largest block of a block-wise quantizer (values per scale).
+MIN_BLOCK, MAX_BLOCK = 32, 4096
 DEFAULT_TARGETS = ("*weight",)
 #: Largest factorization rank a spec may ask for (and a decoder accepts).
 MAX_RANK = 1024
@@ -124,21 +147,55 @@ class QuantSpec:
     Parameters
     ----------
     bits
-        2, 3, 4 or 8; sub-byte codes are bit-packed.
+        2, 3, 4 or 8; sub-byte codes are bit-packed. NF4 is 4 bits.
     scheme, granularity, rounding
         See the enums.
+    block_size
+        :attr:`Granularity.PER_BLOCK` only (and then required): values per block,
+        ``32..4096``. Block ``j`` holds the kept values ``j·B .. (j+1)·B − 1`` in the
+        tensor's flat (row-major) order; the last block may be shorter.
+    scale_format
+        :attr:`Granularity.PER_BLOCK` only: how the block scales are stored; ``None``
+        picks FP16 for blocks and FP32 (the only choice) otherwise.
     """
 
     bits: int = 8
     scheme: QuantScheme = QuantScheme.AFFINE
     granularity: Granularity = Granularity.PER_TENSOR
     rounding: Rounding = Rounding.NEAREST
+    block_size: int | None = None
+    scale_format: ScaleFormat | None = None
 
     def __post_init__(self) -> None:
         if self.bits not in QUANT_BITS:
             raise ValueError(f"bits must be one of {QUANT_BITS}, got {self.bits}")
-        if self.scheme is QuantScheme.KMEANS and self.granularity is Granularity.PER_CHANNEL:
+        if self.scheme is QuantScheme.KMEANS and self.granularity is not Granularity.PER_TENSOR:
             raise ValueError("k-means weight sharing uses one codebook per tensor (per-tensor)")
+        if self.scheme is QuantScheme.NF4 and self.bits != 4:
+            raise ValueError(f"nf4 is a 4-bit codebook, got {self.bits} bits")
+        blocked = self.granularity is Granularity.PER_BLOCK
+        if blocked:
+            size = self.block_size
+            if isinstance(size, bool) or not isinstance(size, int):
+                raise ValueError(f"block-wise quantization needs a block size, got {size!r}")
+            if not MIN_BLOCK <= size <= MAX_BLOCK:
+                raise ValueError(f"block size must be in {MIN_BLOCK}..{MAX_BLOCK}, got {size}")
+        elif self.block_size is not None:
+            raise ValueError("a block size needs block-wise granularity")
+        fmt = self.scale_format
+        if fmt is None:
+            object.__setattr__(self, "scale_format", self.scales)
+        elif not isinstance(fmt, ScaleFormat):
+            raise ValueError(f"unknown scale format {fmt!r}")
+        elif not blocked and fmt is not ScaleFormat.FP32:
+            raise ValueError("fp16, bf16 and dq scales are for block-wise quantization")
+
+    @property
+    def scales(self) -> ScaleFormat:
+        """The scale format, as :attr:`scale_format` (set by the constructor) says."""
+        if self.scale_format is not None:
+            return self.scale_format
+        return ScaleFormat.FP16 if self.granularity is Granularity.PER_BLOCK else ScaleFormat.FP32
 
 
 @dataclass(frozen=True)
@@ -205,8 +262,10 @@ class CodecSpec:
                 raise ValueError(f"rank must be in 1..{MAX_RANK}, got {self.rank}")
             if self.topk is not None or self.prune.active:
                 raise ValueError("low-rank factorization replaces pruning and top-k: use one")
-            if self.quant is not None and self.quant.granularity is Granularity.PER_CHANNEL:
-                raise ValueError("low-rank factors use per-tensor quantization, not per-channel")
+            if self.quant is not None and self.quant.granularity is not Granularity.PER_TENSOR:
+                raise ValueError(
+                    "low-rank factors use per-tensor quantization, not per-channel or blocks"
+                )
         if self.levels is not None:
             _check_levels(self.levels, self.quant, self.rank)
         if not 0 <= self.entropy_level <= 22:
@@ -250,8 +309,9 @@ class CodecSpec:
 
         Layout: flags u8 (prune method in bits 0-2, top-k bit 3, quant bit 4, custom
         targets bit 5, rank bit 6, levels bit 7) · [amount f64] · [topk f64] · [rank
-        varint] · [quant 2 B] · [levels: count u8 · bits u8 each] · float format and
-        min_ndim u8 · entropy level u8 · [targets]. Amounts are
+        varint] · [quant: bits | scheme << 4, granularity | rounding << 2 | (scale
+        format − 1) << 4, block size varint for block-wise] · [levels: count u8 · bits
+        u8 each] · float format and min_ndim u8 · entropy level u8 · [targets]. Amounts are
         float64 so the spec survives the round trip exactly; an amount with at most six
         decimals (0.95, 0.025) is a varint of millionths instead, 1 to 3 bytes.
         """
@@ -273,7 +333,9 @@ class CodecSpec:
         if self.quant is not None:
             q = self.quant
             out.append(q.bits | (q.scheme.value << 4))
-            out.append(q.granularity.value | (q.rounding.value << 2))
+            out.append(q.granularity.value | (q.rounding.value << 2) | ((q.scales.value - 1) << 4))
+            if q.block_size is not None:
+                write_varint(out, q.block_size)
         if self.levels is not None:
             out.append(len(self.levels))
             out += bytes(self.levels)
@@ -363,8 +425,21 @@ def _parse_spec(data: bytes, pos: int) -> tuple[CodecSpec, int]:
     if flags & 0x10:
         desc, opts = data[pos], data[pos + 1]
         pos += 2
+        if opts & 0xC0:
+            raise ValueError(f"unknown quantization options 0x{opts:02x}")
+        granularity = Granularity(opts & 0x03)
+        block_size: int | None = None
+        if granularity is Granularity.PER_BLOCK:
+            reader = ByteReader(data, pos)
+            block_size = reader.varint("block size", MAX_BLOCK)
+            pos = reader.pos
         quant = QuantSpec(
-            desc & 0x0F, QuantScheme(desc >> 4), Granularity(opts & 0x03), Rounding(opts >> 2)
+            desc & 0x0F,
+            QuantScheme(desc >> 4),
+            granularity,
+            Rounding((opts >> 2) & 0x03),
+            block_size,
+            ScaleFormat(((opts >> 4) & 0x03) + 1),
         )
     levels: tuple[int, ...] | None = None
     if flags & 0x80:

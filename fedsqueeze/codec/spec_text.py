@@ -9,9 +9,13 @@ commas::
 
 Keys: ``prune`` (``none``, ``l1:S``, ``global:S``, ``channel:S``, ``threshold:T``),
 ``topk`` (fraction kept), ``rank`` (low-rank factorization of matrices, ``none`` or
-the rank), ``quant`` (``none`` or ``BITS[:SCHEME][:GRANULARITY][:ROUNDING]``
-with schemes ``affine symmetric pow2 kmeans``, granularities ``tensor channel``,
-roundings ``nearest stochastic``), ``float`` (``fp32 fp16 bf16``), ``entropy`` (zstd
+the rank), ``quant`` (``none`` or ``BITS[:SCHEME][:GRANULARITY][:SCALES][:ROUNDING]``
+with schemes ``affine symmetric pow2 kmeans nf4``, granularities ``tensor channel
+blockB`` (``B`` kept values per block, 32..4096), block scales ``fp16`` (the default)
+``bf16 fp32 dq`` (8-bit double-quantized), roundings ``nearest stochastic``; the words
+after ``BITS`` may come in any order, and ``nf4`` without a granularity means QLoRA's
+``block64``: ``quant=8:block64``, ``quant=4:nf4:block64:dq``, ``quant=4:symmetric:block32:bf16``),
+``float`` (``fp32 fp16 bf16``), ``entropy`` (zstd
 level, 0 = off), ``targets`` (glob patterns joined by ``|``), ``min-ndim``, ``levels``
 (progressive transmission: bits added per level joined by ``+``, e.g. ``2+2+4`` with
 ``quant=8``, or ``none``).
@@ -35,6 +39,7 @@ from fedsqueeze.codec.spec import (
     QuantScheme,
     QuantSpec,
     Rounding,
+    ScaleFormat,
 )
 from fedsqueeze.errors import ConfigError
 
@@ -47,6 +52,10 @@ _PRUNE_NAMES = {
 _SCHEMES = {s.name.lower(): s for s in QuantScheme}
 _GRANULARITIES = {"tensor": Granularity.PER_TENSOR, "channel": Granularity.PER_CHANNEL}
 _ROUNDINGS = {r.name.lower(): r for r in Rounding}
+_SCALES = {"fp32": ScaleFormat.FP32, "fp16": ScaleFormat.FP16, "bf16": ScaleFormat.BF16}
+_SCALES["dq"] = ScaleFormat.DQ8
+#: QLoRA's block size, what ``nf4`` means without a granularity.
+NF4_DEFAULT_BLOCK = 64
 _FLOATS = {f.name.lower(): f for f in FloatFormat}
 
 
@@ -133,21 +142,47 @@ def _quant(value: str) -> QuantSpec | None:
     if value == "none":
         return None
     bits, *rest = value.split(":")
-    scheme, granularity, rounding = (
-        QuantScheme.AFFINE,
-        Granularity.PER_TENSOR,
-        Rounding.NEAREST,
-    )
+    scheme: QuantScheme | None = None
+    granularity: Granularity | None = None
+    rounding: Rounding | None = None
+    scales: ScaleFormat | None = None
+    block: int | None = None
     for word in rest:
-        if word in _SCHEMES:
+        if word in _SCHEMES and scheme is None:
             scheme = _SCHEMES[word]
-        elif word in _GRANULARITIES:
+        elif word in _GRANULARITIES and granularity is None:
             granularity = _GRANULARITIES[word]
-        elif word in _ROUNDINGS:
+        elif word.startswith("block") and granularity is None:
+            granularity, block = Granularity.PER_BLOCK, _block_size(word)
+        elif word in _SCALES and scales is None:
+            scales = _SCALES[word]
+        elif word in _ROUNDINGS and rounding is None:
             rounding = _ROUNDINGS[word]
+        elif word in {*_SCHEMES, *_GRANULARITIES, *_SCALES, *_ROUNDINGS} or word.startswith(
+            "block"
+        ):
+            raise ValueError(f"quantization option {word!r} conflicts with an earlier one")
         else:
             raise ValueError(f"unknown quantization option {word!r}")
-    return QuantSpec(int(bits), scheme, granularity, rounding)
+    if scheme is QuantScheme.NF4 and granularity is None:
+        granularity, block = Granularity.PER_BLOCK, NF4_DEFAULT_BLOCK
+    if scales is not None and granularity is not Granularity.PER_BLOCK:
+        raise ValueError("scale formats (fp16, bf16, fp32, dq) need blocks, e.g. block64")
+    return QuantSpec(
+        int(bits),
+        scheme or QuantScheme.AFFINE,
+        granularity or Granularity.PER_TENSOR,
+        rounding or Rounding.NEAREST,
+        block,
+        scales,
+    )
+
+
+def _block_size(word: str) -> int:
+    digits = word.removeprefix("block")
+    if not digits.isdigit():
+        raise ValueError(f"block size must be blockB with B a number, e.g. block64, got {word!r}")
+    return int(digits)
 
 
 def format_spec(spec: CodecSpec) -> str:
@@ -165,7 +200,11 @@ def format_spec(spec: CodecSpec) -> str:
         parts.append(f"rank={spec.rank}")
     if spec.quant is not None:
         q = spec.quant
-        gran = "channel" if q.granularity is Granularity.PER_CHANNEL else "tensor"
+        gran = {Granularity.PER_TENSOR: "tensor", Granularity.PER_CHANNEL: "channel"}.get(
+            q.granularity, f"block{q.block_size}"
+        )
+        if q.granularity is Granularity.PER_BLOCK:
+            gran += ":" + next(k for k, v in _SCALES.items() if v is q.scales)
         parts.append(f"quant={q.bits}:{q.scheme.name.lower()}:{gran}:{q.rounding.name.lower()}")
     if spec.levels is not None:
         parts.append(f"levels={'+'.join(map(str, spec.levels))}")

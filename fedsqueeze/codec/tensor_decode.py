@@ -14,6 +14,7 @@ import torch
 
 from fedsqueeze.codec import entropy
 from fedsqueeze.codec.bitpack import packed_size, unpack_bits
+from fedsqueeze.codec.blockwise import block_index, num_blocks
 from fedsqueeze.codec.container import CODE_DTYPES, DTYPE_CODES, TensorRecord, ValueKind
 from fedsqueeze.codec.lowrank import factor_count, matrix_shape, pays_off
 from fedsqueeze.codec.positions import PositionCoding, decode_positions, max_payload_bytes
@@ -164,21 +165,7 @@ class TensorDecoder:
     ) -> ProgressiveTensor:
         if record.quant is None or not dtype.is_floating_point:
             raise FormatError(f"record {name!r}: levels of a tensor that is not quantized")
-        q = record.quant
-        channels = shape[0] if q.granularity is Granularity.PER_CHANNEL else 1
-        if q.granularity is Granularity.PER_CHANNEL and not shape:
-            raise FormatError(f"record {name!r}: per-channel quantization of a scalar")
-        qp, end = qparams_from_bytes(q.params, 0, q.bits, q.scheme, channels)
-        if end != len(q.params):
-            raise FormatError(f"record {name!r}: quantization parameters have trailing bytes")
-        channels_of: torch.Tensor | None = None
-        if q.granularity is Granularity.PER_CHANNEL:
-            numel = 1
-            for d in shape:
-                numel *= d
-            stride = max(1, numel // max(1, channels))
-            source = indices if indices is not None else torch.arange(numel, device=device)
-            channels_of = torch.div(source, stride, rounding_mode="floor")
+        qp, channels_of = _qparams(record, name, shape, kept, indices, device)
         base = self._base.get(name) if record.delta else None
         state = ProgressiveTensor(
             name, record.levels, qp, shape, dtype, kept, indices, channels_of,
@@ -227,23 +214,9 @@ class TensorDecoder:
             return _bytes_to_tensor(body, stored, kept, device).to(
                 stored if kind in (ValueKind.RAW, ValueKind.XOR) else torch.float32
             )
-        q = record.quant
-        channels = shape[0] if q.granularity is Granularity.PER_CHANNEL else 1
-        if q.granularity is Granularity.PER_CHANNEL and not shape:
-            raise FormatError(f"record {name!r}: per-channel quantization of a scalar")
-        qp, end = qparams_from_bytes(q.params, 0, q.bits, q.scheme, channels)
-        if end != len(q.params):
-            raise FormatError(f"record {name!r}: quantization parameters have trailing bytes")
+        qp, channels_of = _qparams(record, name, shape, kept, indices, device)
         packed = _read_only_uint8(body)
-        codes = unpack_bits(packed.to(device), q.bits, kept)
-        channels_of: torch.Tensor | None = None
-        if q.granularity is Granularity.PER_CHANNEL:
-            numel = 1
-            for d in shape:
-                numel *= d
-            stride = max(1, numel // max(1, channels))
-            source = indices if indices is not None else torch.arange(numel, device=device)
-            channels_of = torch.div(source, stride, rounding_mode="floor")
+        codes = unpack_bits(packed.to(device), record.quant.bits, kept)
         return dequantize(codes, qp, channels_of)
 
 
@@ -333,6 +306,46 @@ class ProgressiveTensor:
         if self._base is not None:
             x = self._base.to(torch.float32) + x
         return x.to(self._dtype)
+
+
+def _qparams(
+    record: TensorRecord,
+    name: str,
+    shape: tuple[int, ...],
+    kept: int,
+    indices: torch.Tensor | None,
+    device: torch.device,
+) -> tuple[QuantParams, torch.Tensor | None]:
+    """A quantized record's params and the parameter set of each kept value (``None``
+    per tensor)."""
+    q = record.quant
+    if q is None:
+        raise FormatError(f"record {name!r} is not quantized")
+    channels = 1
+    if q.granularity is Granularity.PER_CHANNEL:
+        if not shape:
+            raise FormatError(f"record {name!r}: per-channel quantization of a scalar")
+        channels = shape[0]
+    elif q.granularity is Granularity.PER_BLOCK:
+        # The parser bounded the block count; here it must match the values it covers.
+        if q.blocks != num_blocks(kept, q.block_size):
+            raise FormatError(
+                f"record {name!r}: {q.blocks} blocks of {q.block_size} for {kept} values"
+            )
+        channels = q.blocks
+    qp, end = qparams_from_bytes(q.params, 0, q.bits, q.scheme, channels, q.scale_format)
+    if end != len(q.params):
+        raise FormatError(f"record {name!r}: quantization parameters have trailing bytes")
+    if q.granularity is Granularity.PER_BLOCK:
+        return qp, block_index(kept, q.block_size, device)
+    if q.granularity is not Granularity.PER_CHANNEL:
+        return qp, None
+    numel = 1
+    for d in shape:
+        numel *= d
+    stride = max(1, numel // max(1, channels))
+    source = indices if indices is not None else torch.arange(numel, device=device)
+    return qp, torch.div(source, stride, rounding_mode="floor")
 
 
 def _positions(

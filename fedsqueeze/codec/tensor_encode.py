@@ -32,6 +32,7 @@ import torch
 
 from fedsqueeze.codec import entropy
 from fedsqueeze.codec.bitpack import pack_bits
+from fedsqueeze.codec.blockwise import block_index, num_blocks
 from fedsqueeze.codec.container import (
     FLOAT_KINDS,
     PositionsHeader,
@@ -54,12 +55,24 @@ from fedsqueeze.codec.progressive import (
 )
 from fedsqueeze.codec.pruning import channel_mask, magnitude_mask, threshold_mask
 from fedsqueeze.codec.quantization import (
+    QuantParams,
     choose_qparams,
     dequantize,
     qparams_to_bytes,
     quantize,
 )
-from fedsqueeze.codec.spec import CodecSpec, FloatFormat, Granularity, PruneMethod, QuantSpec
+from fedsqueeze.codec.spec import (
+    CodecSpec,
+    FloatFormat,
+    Granularity,
+    PruneMethod,
+    QuantSpec,
+    ScaleFormat,
+)
+
+#: Largest magnitude fp16 block scales can cover (beyond it a tensor is refused or
+#: carried, as for an fp16 cast).
+FP16_SCALE_LIMIT = 65504.0
 
 _CAST_DTYPES = {
     FloatFormat.FP32: torch.float32,
@@ -155,13 +168,18 @@ class TensorEncoder:
         fmt = _CAST_DTYPES[spec.float_format]
         if self.is_lossy(name, t):
             quantized = spec.quant is not None
-            return unrepresentable(
-                name,
-                t,
-                self.lossy_input(name, t),
-                quantized=quantized,
-                cast=None if quantized else fmt,
+            x = self.lossy_input(name, t)
+            fp16_scales = (
+                spec.quant is not None
+                and spec.quant.granularity is Granularity.PER_BLOCK
+                and spec.quant.scales is ScaleFormat.FP16
             )
+            if fp16_scales and bool((x.abs() > FP16_SCALE_LIMIT).any()):
+                return (
+                    f"tensor {name!r} has values beyond ±65504, too large for fp16 block "
+                    "scales (use bf16 or dq scales)"
+                )
+            return unrepresentable(name, t, x, quantized=quantized, cast=None if quantized else fmt)
         if fmt != t.dtype and spec.float_format is not FloatFormat.FP32:
             b = self._base_of(name, t)
             x = t.to(torch.float32) if b is None else t.to(torch.float32) - b.to(torch.float32)
@@ -324,6 +342,10 @@ class TensorEncoder:
             stride = max(1, numel // max(1, num_channels))
             source = indices if indices is not None else torch.arange(numel, device=t.device)
             channels_of = torch.div(source, stride, rounding_mode="floor")
+        elif spec.quant is not None and spec.quant.block_size is not None:
+            # Blocks of consecutive *kept* values: the same index as channels.
+            channels_of = block_index(values.numel(), spec.quant.block_size, t.device)
+            num_channels = num_blocks(values.numel(), spec.quant.block_size)
         positions: PositionsHeader | None = None
         pos_payload = b""
         if indices is not None:
@@ -371,9 +393,11 @@ class TensorEncoder:
         Returns the base-level record and the values the last level decodes to; all the
         levels, with their gains, go to :attr:`levels`.
         """
-        qp = choose_qparams(values, q.bits, q.scheme, q.granularity, channels_of, num_channels)
+        qp = choose_qparams(
+            values, q.bits, q.scheme, q.granularity, channels_of, num_channels, q.scales
+        )
         codes = quantize(values, qp, q.rounding, channels_of, self._generator(t.device))
-        quant = QuantHeader(q.bits, q.scheme, q.granularity, qparams_to_bytes(qp))
+        quant = _quant_header(q, qp, num_channels)
         before = torch.zeros_like(values, dtype=torch.float64)
         scored: list[ScoredLevel] = []
         for level, bits in enumerate(levels):
@@ -417,11 +441,13 @@ class TensorEncoder:
         spec = self._spec
         if spec.quant is not None:
             q = spec.quant
-            qp = choose_qparams(values, q.bits, q.scheme, q.granularity, channels_of, num_channels)
+            qp = choose_qparams(
+                values, q.bits, q.scheme, q.granularity, channels_of, num_channels, q.scales
+            )
             codes = quantize(values, qp, q.rounding, channels_of, self._generator(device))
             decoded = dequantize(codes, qp, channels_of) if need_decoded else values
             payload = bytes(tensor_bytes(pack_bits(codes, q.bits)))
-            quant = QuantHeader(q.bits, q.scheme, q.granularity, qparams_to_bytes(qp))
+            quant = _quant_header(q, qp, num_channels)
             return payload, quant, ValueKind.RAW, decoded
         stored = values.to(_CAST_DTYPES[spec.float_format])
         decoded = stored.to(torch.float32) if need_decoded else values
@@ -444,6 +470,16 @@ class TensorEncoder:
             name, t, delta=delta, body=payload, value_kind=value_kind, quant=quant, rank=rank
         )
         return record, x - approx.reshape(t.shape)
+
+
+def _quant_header(q: QuantSpec, qp: QuantParams, num_sets: int) -> QuantHeader:
+    """The record's quantization header for params ``qp`` of spec ``q``."""
+    params = qparams_to_bytes(qp)
+    if q.block_size is None:
+        return QuantHeader(q.bits, q.scheme, q.granularity, params)
+    return QuantHeader(
+        q.bits, q.scheme, q.granularity, params, q.block_size, qp.scale_format, num_sets
+    )
 
 
 def _residual(

@@ -20,6 +20,7 @@ from fedsqueeze.codec.spec import (
     QuantScheme,
     QuantSpec,
     Rounding,
+    ScaleFormat,
 )
 from fedsqueeze.errors import InvalidRequestError
 from fedsqueeze.wire import transfer_pb2 as pb
@@ -40,10 +41,18 @@ _QUANT_SCHEMES: dict[QuantScheme, pb.QuantScheme.ValueType] = {
     QuantScheme.SYMMETRIC: pb.QUANT_SCHEME_SYMMETRIC,
     QuantScheme.POW2: pb.QUANT_SCHEME_POW2,
     QuantScheme.KMEANS: pb.QUANT_SCHEME_KMEANS,
+    QuantScheme.NF4: pb.QUANT_SCHEME_NF4,
 }
 _GRANULARITIES: dict[Granularity, pb.Granularity.ValueType] = {
     Granularity.PER_TENSOR: pb.GRANULARITY_PER_TENSOR,
     Granularity.PER_CHANNEL: pb.GRANULARITY_PER_CHANNEL,
+    Granularity.PER_BLOCK: pb.GRANULARITY_PER_BLOCK,
+}
+_SCALE_FORMATS: dict[ScaleFormat, pb.ScaleFormat.ValueType] = {
+    ScaleFormat.FP32: pb.SCALE_FORMAT_FP32,
+    ScaleFormat.FP16: pb.SCALE_FORMAT_FP16,
+    ScaleFormat.BF16: pb.SCALE_FORMAT_BF16,
+    ScaleFormat.DQ8: pb.SCALE_FORMAT_DQ8,
 }
 _ROUNDINGS: dict[Rounding, pb.Rounding.ValueType] = {
     Rounding.NEAREST: pb.ROUNDING_NEAREST,
@@ -73,6 +82,7 @@ _quant_scheme_from_proto = _inverse(_QUANT_SCHEMES, "quant scheme")
 _granularity_from_proto = _inverse(_GRANULARITIES, "granularity")
 _rounding_from_proto = _inverse(_ROUNDINGS, "rounding")
 _float_format_from_proto = _inverse(_FLOAT_FORMATS, "float format")
+_scale_format_from_proto = _inverse(_SCALE_FORMATS, "scale format")
 
 
 def _valid(what: str, build: Callable[[], _T]) -> _T:
@@ -119,6 +129,10 @@ def codec_spec_to_proto(spec: CodecSpec) -> pb.CodecSpec:
                 rounding=_ROUNDINGS[q.rounding],
             )
         )
+        if q.block_size is not None:
+            # Only block-wise specs carry these, so older peers see the same message.
+            msg.quant.block_size = q.block_size
+            msg.quant.scale_format = _SCALE_FORMATS[q.scales]
     return msg
 
 
@@ -136,8 +150,15 @@ def codec_spec_from_proto(msg: pb.CodecSpec) -> CodecSpec:
         scheme = _quant_scheme_from_proto(msg.quant.scheme)
         granularity = _granularity_from_proto(msg.quant.granularity)
         rounding = _rounding_from_proto(msg.quant.rounding)
+        block = msg.quant.block_size if msg.quant.HasField("block_size") else None
+        scales = (
+            _scale_format_from_proto(msg.quant.scale_format)
+            if msg.quant.scale_format != pb.SCALE_FORMAT_UNSPECIFIED
+            else None
+        )
         quant = _valid(
-            "quant spec", lambda: QuantSpec(msg.quant.bits, scheme, granularity, rounding)
+            "quant spec",
+            lambda: QuantSpec(msg.quant.bits, scheme, granularity, rounding, block, scales),
         )
     float_format = _float_format_from_proto(msg.float_format)
     topk = msg.topk if msg.HasField("topk") else None

@@ -97,6 +97,8 @@ class _QuantSchemeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_QuantSche
     """Symmetric with scale = 2^-p (fixed point)."""
     QUANT_SCHEME_KMEANS: _QuantScheme.ValueType  # 4
     """w = codebook[q], 2^bits k-means centroids per tensor."""
+    QUANT_SCHEME_NF4: _QuantScheme.ValueType  # 5
+    """w = absmax * NF4[q], QLoRA's 4-bit NormalFloat codebook; bits must be 4."""
 
 class QuantScheme(_QuantScheme, metaclass=_QuantSchemeEnumTypeWrapper):
     """How quantized values map back to floats."""
@@ -111,6 +113,8 @@ QUANT_SCHEME_POW2: QuantScheme.ValueType  # 3
 """Symmetric with scale = 2^-p (fixed point)."""
 QUANT_SCHEME_KMEANS: QuantScheme.ValueType  # 4
 """w = codebook[q], 2^bits k-means centroids per tensor."""
+QUANT_SCHEME_NF4: QuantScheme.ValueType  # 5
+"""w = absmax * NF4[q], QLoRA's 4-bit NormalFloat codebook; bits must be 4."""
 Global___QuantScheme: _TypeAlias = QuantScheme  # noqa: Y015
 
 class _Granularity:
@@ -125,6 +129,10 @@ class _GranularityEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Granulari
     """One set of parameters per tensor."""
     GRANULARITY_PER_CHANNEL: _Granularity.ValueType  # 2
     """One set of parameters per output channel (dim 0)."""
+    GRANULARITY_PER_BLOCK: _Granularity.ValueType  # 3
+    """One set of parameters per block of QuantSpec.block_size consecutive kept
+    values.
+    """
 
 class Granularity(_Granularity, metaclass=_GranularityEnumTypeWrapper):
     """Whether quantization parameters are per tensor or per output channel (dim 0)."""
@@ -135,7 +143,47 @@ GRANULARITY_PER_TENSOR: Granularity.ValueType  # 1
 """One set of parameters per tensor."""
 GRANULARITY_PER_CHANNEL: Granularity.ValueType  # 2
 """One set of parameters per output channel (dim 0)."""
+GRANULARITY_PER_BLOCK: Granularity.ValueType  # 3
+"""One set of parameters per block of QuantSpec.block_size consecutive kept
+values.
+"""
 Global___Granularity: _TypeAlias = Granularity  # noqa: Y015
+
+class _ScaleFormat:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ScaleFormatEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ScaleFormat.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    SCALE_FORMAT_UNSPECIFIED: _ScaleFormat.ValueType  # 0
+    """Not set: fp16 for blocks, fp32 (the only choice) otherwise."""
+    SCALE_FORMAT_FP32: _ScaleFormat.ValueType  # 1
+    """IEEE 754 binary32."""
+    SCALE_FORMAT_FP16: _ScaleFormat.ValueType  # 2
+    """IEEE 754 binary16, rounded up."""
+    SCALE_FORMAT_BF16: _ScaleFormat.ValueType  # 3
+    """bfloat16, rounded up."""
+    SCALE_FORMAT_DQ8: _ScaleFormat.ValueType  # 4
+    """Double quantization: an 8-bit code per block on a 1/16-octave log grid,
+    one exponent per 256 blocks; rounded up.
+    """
+
+class ScaleFormat(_ScaleFormat, metaclass=_ScaleFormatEnumTypeWrapper):
+    """How block-wise scales are stored."""
+
+SCALE_FORMAT_UNSPECIFIED: ScaleFormat.ValueType  # 0
+"""Not set: fp16 for blocks, fp32 (the only choice) otherwise."""
+SCALE_FORMAT_FP32: ScaleFormat.ValueType  # 1
+"""IEEE 754 binary32."""
+SCALE_FORMAT_FP16: ScaleFormat.ValueType  # 2
+"""IEEE 754 binary16, rounded up."""
+SCALE_FORMAT_BF16: ScaleFormat.ValueType  # 3
+"""bfloat16, rounded up."""
+SCALE_FORMAT_DQ8: ScaleFormat.ValueType  # 4
+"""Double quantization: an 8-bit code per block on a 1/16-octave log grid,
+one exponent per 256 blocks; rounded up.
+"""
+Global___ScaleFormat: _TypeAlias = ScaleFormat  # noqa: Y015
 
 class _Rounding:
     ValueType = _typing.NewType("ValueType", _builtins.int)
@@ -231,6 +279,8 @@ class QuantSpec(_message.Message):
     SCHEME_FIELD_NUMBER: _builtins.int
     GRANULARITY_FIELD_NUMBER: _builtins.int
     ROUNDING_FIELD_NUMBER: _builtins.int
+    BLOCK_SIZE_FIELD_NUMBER: _builtins.int
+    SCALE_FORMAT_FIELD_NUMBER: _builtins.int
     bits: _builtins.int
     """Bits per value: 2, 3, 4 or 8."""
     scheme: Global___QuantScheme.ValueType
@@ -239,6 +289,10 @@ class QuantSpec(_message.Message):
     """Per tensor or per output channel."""
     rounding: Global___Rounding.ValueType
     """Rounding mode."""
+    block_size: _builtins.int
+    """GRANULARITY_PER_BLOCK only (and then required): values per block, 32..4096."""
+    scale_format: Global___ScaleFormat.ValueType
+    """GRANULARITY_PER_BLOCK only: storage of the block scales."""
     def __init__(
         self,
         *,
@@ -246,12 +300,16 @@ class QuantSpec(_message.Message):
         scheme: Global___QuantScheme.ValueType = ...,
         granularity: Global___Granularity.ValueType = ...,
         rounding: Global___Rounding.ValueType = ...,
+        block_size: _builtins.int | None = ...,
+        scale_format: Global___ScaleFormat.ValueType = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_block_size", b"_block_size", "block_size", b"block_size"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bits", b"bits", "granularity", b"granularity", "rounding", b"rounding", "scheme", b"scheme"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_block_size", b"_block_size", "bits", b"bits", "block_size", b"block_size", "granularity", b"granularity", "rounding", b"rounding", "scale_format", b"scale_format", "scheme", b"scheme"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__block_size: _TypeAlias = _typing.Literal["block_size"]  # noqa: Y015
+    _WhichOneofArgType__block_size: _TypeAlias = _typing.Literal["_block_size", b"_block_size"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__block_size) -> _WhichOneofReturnType__block_size | None: ...
 
 Global___QuantSpec: _TypeAlias = QuantSpec  # noqa: Y015
 

@@ -22,8 +22,9 @@ def test_quick_bench_writes_the_expected_keys(
     args = parser.parse_args(["--quick", "--skip-minilm", "--tensor-mb", "0.2", "--json", str(out)])
     assert codec_bench.main(args) == 0
     report = json.loads(out.read_text())
-    assert set(report) == {"machine", "digits", "minilm", "tensor"}
+    assert set(report) == {"machine", "digits", "minilm", "blockwise", "tensor"}
     assert report["minilm"] == {"skipped": "--skip-minilm"}
+    assert "skipped" in report["blockwise"]
     digits = report["digits"]
     assert len(digits["recipe"]) == 1
     assert {"ratio", "accuracy_loss_points", "encoded_bytes", "seconds"} <= set(digits["median"])
@@ -71,3 +72,30 @@ def test_bad_flags_are_a_config_error() -> None:
     codec_bench.add_arguments(parser)
     with pytest.raises(ConfigError):
         codec_bench.main(parser.parse_args(["--seeds", "0"]))
+
+
+def test_blockwise_section_on_a_small_state(capsys: pytest.CaptureFixture[str]) -> None:
+    import torch
+    from rich.console import Console
+
+    from fedsqueeze.bench.blockwise import BLOCKWISE_SPECS, run_blockwise_section
+
+    g = torch.Generator().manual_seed(0)
+    state = {
+        "a.weight": torch.randn(16, 96, generator=g) * 0.02,
+        "a.bias": torch.randn(16, generator=g),
+        "steps": torch.tensor(3),
+    }
+    state["a.weight"][0, 0] = 3.0  # an outlier
+    report = run_blockwise_section(state, Console(width=200))
+    rows = {r["spec"]: r for r in report["specs"]}
+    assert set(BLOCKWISE_SPECS) <= set(rows)
+    assert report["values"] == 16 * 96 + 16
+    for row in rows.values():
+        assert set(row["errors"]) == {"a.weight", "a.bias"}
+        assert row["bytes_per_param"] > 0 and row["max_rel_err"] >= row["median_rel_err"]
+    # outliers: blocks beat one scale per tensor
+    assert rows["quant=8:block64"]["max_rel_err"] < rows["quant=8"]["max_rel_err"]
+    if "nf4_vs_bitsandbytes" in report:
+        assert report["nf4_vs_bitsandbytes"]["tensors"] == 2
+    assert "block-wise quantization" in capsys.readouterr().out

@@ -15,11 +15,13 @@ from fedsqueeze.codec import (
     DecodeLimits,
     EncodedModel,
     FloatFormat,
+    Granularity,
     PruneMethod,
     PruneSpec,
     QuantScheme,
     QuantSpec,
     Rounding,
+    ScaleFormat,
     decode_prefix,
     decode_state,
     encode_state,
@@ -43,6 +45,24 @@ SPECS = [
         prune=PruneSpec(PruneMethod.L1_UNSTRUCTURED, 0.6),
         quant=QuantSpec(4, QuantScheme.KMEANS),
         levels=(2, 2),
+    ),
+    # block-wise and NF4 (format version 3): hostile block headers too
+    CodecSpec(quant=QuantSpec(8, granularity=Granularity.PER_BLOCK, block_size=32)),
+    CodecSpec(
+        prune=PruneSpec(PruneMethod.L1_UNSTRUCTURED, 0.5),
+        quant=QuantSpec(
+            4, QuantScheme.NF4, Granularity.PER_BLOCK, block_size=64, scale_format=ScaleFormat.DQ8
+        ),
+        levels=(2, 2),
+    ),
+    CodecSpec(
+        quant=QuantSpec(
+            3,
+            QuantScheme.SYMMETRIC,
+            Granularity.PER_BLOCK,
+            block_size=48,
+            scale_format=ScaleFormat.BF16,
+        )
     ),
     CodecSpec(
         quant=QuantSpec(

@@ -24,10 +24,10 @@ from fedsqueeze.codec import (
     smallest_prefix,
     split_segments,
 )
-from fedsqueeze.codec.container import PROGRESSIVE_VERSION
+from fedsqueeze.codec.container import BLOCKWISE_VERSION, PROGRESSIVE_VERSION
 from fedsqueeze.codec.progressive import bucket_table, plane, reconstruct, top_codes
 from fedsqueeze.codec.quantization import choose_qparams, dequantize, quantize
-from fedsqueeze.codec.spec import Rounding
+from fedsqueeze.codec.spec import Rounding, ScaleFormat
 from fedsqueeze.codec.spec_text import format_spec, parse_spec
 from fedsqueeze.errors import ConfigError, FormatError, TruncatedError
 from fedsqueeze.wire.spec_convert import codec_spec_from_proto, codec_spec_to_proto
@@ -74,6 +74,22 @@ SPECS = [
     _spec((2, 2), scheme=QuantScheme.KMEANS),
     CodecSpec(prune=PruneSpec(PruneMethod.L1_UNSTRUCTURED, 0.7), quant=QuantSpec(4), levels=(2, 2)),
     CodecSpec(topk=0.3, quant=QuantSpec(8, rounding=Rounding.STOCHASTIC), levels=(4, 4)),
+    # block-wise scales and NF4 (format version 3)
+    _spec((2, 2, 4), granularity=Granularity.PER_BLOCK, block_size=64),
+    _spec(
+        (4, 4),
+        scheme=QuantScheme.SYMMETRIC,
+        granularity=Granularity.PER_BLOCK,
+        block_size=32,
+        scale_format=ScaleFormat.DQ8,
+    ),
+    _spec((2, 2), scheme=QuantScheme.NF4, granularity=Granularity.PER_BLOCK, block_size=64),
+    _spec((1, 1, 2), scheme=QuantScheme.NF4, granularity=Granularity.PER_CHANNEL),
+    CodecSpec(
+        prune=PruneSpec(PruneMethod.L1_UNSTRUCTURED, 0.7),
+        quant=QuantSpec(4, QuantScheme.NF4, Granularity.PER_BLOCK, block_size=32),
+        levels=(2, 2),
+    ),
 ]
 
 
@@ -84,7 +100,7 @@ def test_every_prefix_decodes_and_approaches_the_full_decode(spec: CodecSpec, de
     encoded = encode_state(state, spec, base, seed=0)
     full = decode_state(EncodedModel.from_bytes(encoded.to_bytes()), base)
     stream = _stream(encoded)
-    assert stream[3] == PROGRESSIVE_VERSION
+    assert stream[3] == (BLOCKWISE_VERSION if encoded.header.version == 3 else PROGRESSIVE_VERSION)
     start = smallest_prefix(encoded)
     distances = []
     for end in [e for e in _record_ends(encoded) if e >= start]:
@@ -116,7 +132,7 @@ def test_final_level_equals_a_one_shot_encoding(spec: CodecSpec) -> None:
     rows=st.integers(1, 12),
     cols=st.integers(1, 40),
     levels=st.sampled_from([(2, 2, 4), (4, 4), (1, 1), (2, 1), (1, 1, 1, 1, 4), (3, 1), (1, 3, 4)]),
-    per_channel=st.booleans(),
+    granularity=st.sampled_from(list(Granularity)),
     delta=st.booleans(),
 )
 def test_distance_to_the_full_decode_never_rises(
@@ -124,14 +140,15 @@ def test_distance_to_the_full_decode_never_rises(
     rows: int,
     cols: int,
     levels: tuple[int, ...],
-    per_channel: bool,
+    granularity: Granularity,
     delta: bool,
 ) -> None:
     g = torch.Generator().manual_seed(seed)
     state = {"w.weight": torch.randn(rows, cols, generator=g) * torch.rand(rows, 1, generator=g)}
     base = {"w.weight": state["w.weight"] + torch.randn(rows, cols, generator=g)} if delta else None
-    granularity = Granularity.PER_CHANNEL if per_channel else Granularity.PER_TENSOR
-    spec = CodecSpec(quant=QuantSpec(sum(levels), granularity=granularity), levels=levels)
+    block = 32 if granularity is Granularity.PER_BLOCK else None
+    quant = QuantSpec(sum(levels), granularity=granularity, block_size=block)
+    spec = CodecSpec(quant=quant, levels=levels)
     encoded = encode_state(state, spec, base)
     stream = _stream(encoded)
     full = decode_state(encoded, base)

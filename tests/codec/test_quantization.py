@@ -20,6 +20,8 @@ from fedsqueeze.codec.quantization import (
 from fedsqueeze.codec.spec import Granularity, QuantScheme, Rounding
 from fedsqueeze.errors import FormatError
 
+# Block-wise granularity has its own tests (test_blockwise.py).
+CHANNEL_GRANULARITIES = [Granularity.PER_TENSOR, Granularity.PER_CHANNEL]
 LINEAR = [QuantScheme.AFFINE, QuantScheme.SYMMETRIC, QuantScheme.POW2]
 BITS = [2, 3, 4, 8]
 PARAM_BYTES = {QuantScheme.AFFINE: 5, QuantScheme.SYMMETRIC: 4, QuantScheme.POW2: 1}
@@ -43,7 +45,7 @@ def per_value(t: torch.Tensor, ch: torch.Tensor) -> torch.Tensor:
 @settings(max_examples=120, deadline=None)
 @given(
     st.sampled_from(LINEAR),
-    st.sampled_from(list(Granularity)),
+    st.sampled_from(CHANNEL_GRANULARITIES),
     st.sampled_from(BITS),
     st.integers(0, 2000),
     st.integers(0, 2**31),
@@ -127,7 +129,7 @@ def test_stochastic_rounding_per_channel_and_kmeans_is_unbiased() -> None:
 @pytest.mark.parametrize("bits", BITS)
 def test_pow2_scale_is_a_power_of_two_not_below_symmetric(bits: int) -> None:
     x, ch = sample(500, bits, 0.37, 4)
-    for gran in Granularity:
+    for gran in CHANNEL_GRANULARITIES:
         args = (ch, 4) if gran is Granularity.PER_CHANNEL else (None, 1)
         pow2 = choose_qparams(x, bits, QuantScheme.POW2, gran, *args)
         sym = choose_qparams(x, bits, QuantScheme.SYMMETRIC, gran, *args)
@@ -212,7 +214,7 @@ def test_caller_mistakes_raise_value_error() -> None:
 
 @pytest.mark.parametrize("scheme", [*LINEAR, QuantScheme.KMEANS])
 @pytest.mark.parametrize("bits", BITS)
-@pytest.mark.parametrize("gran", list(Granularity))
+@pytest.mark.parametrize("gran", CHANNEL_GRANULARITIES)
 def test_params_bytes_round_trip(scheme: QuantScheme, bits: int, gran: Granularity) -> None:
     if scheme is QuantScheme.KMEANS and gran is Granularity.PER_CHANNEL:
         return

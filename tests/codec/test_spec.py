@@ -18,6 +18,7 @@ from fedsqueeze.codec import (
     QuantScheme,
     QuantSpec,
     Rounding,
+    ScaleFormat,
     preset,
 )
 from fedsqueeze.codec.spec_text import format_spec, parse_spec
@@ -38,14 +39,20 @@ def specs(draw: st.DrawFn) -> CodecSpec:
             if scheme is QuantScheme.KMEANS
             else draw(st.sampled_from(list(Granularity)))
         )
+        blocked = gran is Granularity.PER_BLOCK
         quant = QuantSpec(
-            draw(st.sampled_from([2, 3, 4, 8])), scheme, gran, draw(st.sampled_from(list(Rounding)))
+            4 if scheme is QuantScheme.NF4 else draw(st.sampled_from([2, 3, 4, 8])),
+            scheme,
+            gran,
+            draw(st.sampled_from(list(Rounding))),
+            draw(st.integers(32, 4096)) if blocked else None,
+            draw(st.sampled_from(list(ScaleFormat))) if blocked else None,
         )
     rank = None
     if (
         topk is None
         and not prune.active
-        and (quant is None or quant.granularity is not Granularity.PER_CHANNEL)
+        and (quant is None or quant.granularity is Granularity.PER_TENSOR)
     ):
         rank = draw(st.none() | st.integers(1, 1024))
     targets = draw(st.sampled_from([("*weight",), ("*",), ("fc*", "conv*.weight")]))
