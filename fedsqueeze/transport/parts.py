@@ -30,10 +30,11 @@ record. The stream's records cover only what travels, so the codec's format is u
 (no new record kind, no version bump, golden vectors untouched). The manifest grows one
 field, ``repeated PartRef held_parts = 14`` with ``PartRef {string tensor_name = 1;
 bytes part_digest = 2;}``: the tensors the edge reassembles from its cache, by name and
-digest (shape and dtype come with the cached tensor and are checked by the digest). The manifest key covers them
-(they are part of what was encoded), so a resumed fetch keeps them; the encode cache key
-gains the held set (sorted digests). A second fetch of an unchanged model still costs the
-manifest alone (built: held segments of the same manifest key).
+digest (shape and dtype come with the cached tensor and are checked by the digest). The
+manifest key covers them (they are part of what was encoded), so a resumed fetch keeps
+them; the encode cache key gains the held set (sorted digests). A second fetch of an
+unchanged model still costs the manifest alone (built: held segments of the same
+manifest key).
 
 **What the edge does.** Its cache (:mod:`edge.cache`) gains a content-addressed part
 store: ``part_digest → tensor`` over the versions it holds (no copies: views of the held
