@@ -156,6 +156,7 @@ class CompressedStrategy(Strategy):
     ) -> None:
         self.inner = inner
         self.frozen = FrozenParts(frozen)
+        self._frozen_checked = False
         self.store = store
         self._instruction = instruction
         self._pull = pull_update
@@ -176,8 +177,9 @@ class CompressedStrategy(Strategy):
     # ---------------------------------------------------------------- configure
     def _publish(self, server_round: int, arrays: ArrayRecord) -> str:
         state = {k: v.detach().clone() for k, v in arrays.to_torch_state_dict().items()}
-        if self.frozen and not self._global:
+        if self.frozen and not self._frozen_checked:
             self.frozen.check(state, "the global model")  # once: the names never change
+            self._frozen_checked = True
         digest = self.store.publish(state)
         self._global[server_round] = (digest, state)
         return digest
