@@ -31,9 +31,11 @@ from flwr.serverapp.strategy import (
 
 from coordinator.budget import BudgetPolicy, EdgeRequest, Skip
 from coordinator.dataplane import CoordinatorDataPlane, InstructionTemplate
+from coordinator.frozen import FrozenParts
 from coordinator.strategy import CompressedStrategy, InstructionFactory, RoundStats
 from coordinator.version_store import VersionStore
 from fedsqueeze.codec import state_digest
+from fedsqueeze.codec.spec_text import with_freeze
 from fedsqueeze.control import RoundInstruction
 from fedsqueeze.errors import ConfigError, FedsqueezeError, RunFailedError
 from fedsqueeze.runconfig import RunSettings, StrategyName
@@ -96,6 +98,10 @@ class Coordinator:
             )
         task = get_task(settings.task)
         initial = dict(task.build_model(settings.seed).state_dict())
+        frozen = settings.frozen(task.frozen)
+        FrozenParts(frozen).check(initial, f"task {settings.task!r}")
+        if frozen:
+            log.info("frozen tensors (sent at most once, never aggregated): %s", "|".join(frozen))
         init_digest = state_digest(initial).hex()
         if not store.has(init_digest):
             store.publish(initial, track="init")
@@ -109,8 +115,8 @@ class Coordinator:
         )
         offset = store.completed_round  # rounds already done when resuming
         template = InstructionTemplate(
-            down_spec=settings.down_spec,
-            up_spec=settings.up_spec,
+            down_spec=with_freeze(settings.down_spec, frozen),
+            up_spec=with_freeze(settings.up_spec, frozen),
             task=settings.task,
             init_seed=settings.seed if settings.init_from_seed else -1,
             init_digest=init_digest if settings.init_from_seed else "",
@@ -122,7 +128,12 @@ class Coordinator:
         budget = policy(store) if policy is not None else None
         if budget is not None:
             instruct = functools.partial(
-                _budgeted, instruct, budget, store, init_digest if settings.init_from_seed else None
+                _budgeted,
+                instruct,
+                budget,
+                store,
+                init_digest if settings.init_from_seed else None,
+                frozen,
             )
         strategy = CompressedStrategy(
             build_strategy(settings),
@@ -131,6 +142,7 @@ class Coordinator:
             plane.pull,
             clip_norm=settings.clip_norm or None,
             round_offset=offset,
+            frozen=frozen,
         )
         return cls(settings, store, plane, strategy, init_digest, offset, budget)
 
@@ -251,11 +263,13 @@ def _budgeted(
     policy: BudgetPolicy,
     store: VersionStore,
     init_digest: str | None,
+    frozen: tuple[str, ...],
     server_round: int,
     node_id: int,
     target: str,
 ) -> RoundInstruction | None:
-    """The edge's instruction with the specs the policy chose, or ``None`` (skipped)."""
+    """The edge's instruction with the specs the policy chose (and the run's frozen
+    patterns), or ``None`` (skipped)."""
     # An edge never seen before holds the seeded initial model when it can rebuild it.
     held = store.edge_version(str(node_id)) or init_digest
     choice = policy.choose(EdgeRequest(server_round, node_id, target, held))
@@ -267,8 +281,8 @@ def _budgeted(
         return None
     return replace(
         base,
-        down_spec=choice.down_spec,
-        up_spec=choice.up_spec,
+        down_spec=with_freeze(choice.down_spec, frozen),
+        up_spec=with_freeze(choice.up_spec, frozen),
         down_budget=choice.down_payload,
         up_budget=choice.up_payload,
     )

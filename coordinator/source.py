@@ -14,7 +14,7 @@ from collections.abc import Mapping
 import torch
 
 from coordinator.version_store import VersionStore
-from fedsqueeze.codec import CodecSpec, EncodedModel, decode_state, encode_state
+from fedsqueeze.codec import CodecSpec, EncodedModel, decode_state, encode_state, state_digest
 from fedsqueeze.errors import NotFoundError
 from fedsqueeze.transport.source import encode_seed
 
@@ -59,10 +59,14 @@ class StoreModelSource:
             seed=encode_seed(target, base, spec),
             base_digest=bytes.fromhex(base) if base is not None else None,
         )
-        if not spec.lossless:
+        frozen_delta = bool(spec.freeze) and base_state is not None
+        if not spec.lossless or frozen_delta:
+            # A lossless delta with frozen parts decodes to the target only where the
+            # base's frozen tensors are the target's (not after a lossy first download).
             decoded = decode_state(
                 encoded, base_state, base_digest=bytes.fromhex(base) if base else None
             )
-            held = self.store.publish(decoded, track=None)
-            log.debug("edge-side version %s adopted for %s…", held[:12], target[:12])
+            if not spec.lossless or state_digest(decoded).hex() != target:
+                held = self.store.publish(decoded, track=None)
+                log.debug("edge-side version %s adopted for %s…", held[:12], target[:12])
         return encoded

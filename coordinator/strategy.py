@@ -9,6 +9,10 @@
   strategy ordinary arrays: ``global + (edge model − edge base)``. With a lossless spec
   the edge base *is* the global, so this is exactly what the wrapped strategy would see
   without fedsqueeze.
+
+With frozen parts (``frozen=...``, see :mod:`coordinator.frozen`) the wrapped strategy
+only ever sees the trainable arrays, in ``configure_*`` and in ``aggregate_train``; the
+new global model takes its frozen tensors unchanged from the current one.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
+from coordinator.frozen import FrozenParts
 from coordinator.hygiene import Rejection, check_update, clip_update
 from coordinator.version_store import VersionStore
 from fedsqueeze.codec import EncodedModel, decode_state
@@ -131,6 +136,9 @@ class CompressedStrategy(Strategy):
     round_offset
         Rounds completed before this run started (a resumed run): the log names rounds
         by ``server_round + round_offset``, as the coordinator records them.
+    frozen
+        Glob patterns of the frozen tensors (the specs' ``freeze``): the wrapped strategy
+        never sees them, and every new global model keeps the current one's.
     """
 
     def __init__(
@@ -144,8 +152,11 @@ class CompressedStrategy(Strategy):
         arrayrecord_key: str = "arrays",
         configrecord_key: str = "config",
         round_offset: int = 0,
+        frozen: tuple[str, ...] = (),
     ) -> None:
         self.inner = inner
+        self.frozen = FrozenParts(frozen)
+        self._frozen_checked = False
         self.store = store
         self._instruction = instruction
         self._pull = pull_update
@@ -166,9 +177,18 @@ class CompressedStrategy(Strategy):
     # ---------------------------------------------------------------- configure
     def _publish(self, server_round: int, arrays: ArrayRecord) -> str:
         state = {k: v.detach().clone() for k, v in arrays.to_torch_state_dict().items()}
+        if self.frozen and not self._frozen_checked:
+            self.frozen.check(state, "the global model")  # once: the names never change
+            self._frozen_checked = True
         digest = self.store.publish(state)
         self._global[server_round] = (digest, state)
         return digest
+
+    def _visible(self, arrays: ArrayRecord) -> ArrayRecord:
+        """What the wrapped strategy sees of a whole model: its trainable arrays."""
+        if not self.frozen:
+            return arrays
+        return ArrayRecord(self.frozen.trainable(arrays.to_torch_state_dict()))
 
     def _strip(self, server_round: int, messages: Iterable[Message], target: str) -> list[Message]:
         out = []
@@ -195,7 +215,7 @@ class CompressedStrategy(Strategy):
     ) -> Iterable[Message]:
         """Publish the global model, let the wrapped strategy sample, strip the arrays."""
         target = self._publish(server_round, arrays)
-        messages = self.inner.configure_train(server_round, arrays, config, grid)
+        messages = self.inner.configure_train(server_round, self._visible(arrays), config, grid)
         out = self._strip(server_round, messages, target)
         self._sent[server_round] = [str(m.metadata.dst_node_id) for m in out]
         return out
@@ -207,7 +227,7 @@ class CompressedStrategy(Strategy):
         target = self.store.publish(
             {k: v.detach().clone() for k, v in arrays.to_torch_state_dict().items()}
         )
-        messages = self.inner.configure_evaluate(server_round, arrays, config, grid)
+        messages = self.inner.configure_evaluate(server_round, self._visible(arrays), config, grid)
         out = self._strip(server_round, messages, target)
         self._skipped.pop(server_round, None)  # skips are reported for training rounds
         return out
@@ -279,6 +299,9 @@ class CompressedStrategy(Strategy):
         result: tuple[ArrayRecord | None, MetricRecord | None] = (None, None)
         if stats.accepted:
             result = self.inner.aggregate_train(server_round, rebuilt)
+            if result[0] is not None and self.frozen:
+                merged = self.frozen.merge(result[0].to_torch_state_dict(), global_state)
+                result = (ArrayRecord(merged), result[1])
         stats.aggregated = result[0] is not None
         if not stats.aggregated:
             log.error(
@@ -305,13 +328,15 @@ class CompressedStrategy(Strategy):
         rejection = check_update(edge, model, global_state)
         if rejection is not None:
             return None, rejection
+        if self.frozen:
+            model = self.frozen.trainable(model)
         if pulled.base_digest == target and self.clip_norm is None:
             # Trained from the exact global: the edge's model is what plain Flower sees.
             return ArrayRecord(model), None
         update = {
             k: model[k].float() - base[k].float()
             for k in global_state
-            if model[k].is_floating_point()
+            if k in model and model[k].is_floating_point()
         }
         if self.clip_norm is not None:
             update, norm = clip_update(update, self.clip_norm)
@@ -319,6 +344,8 @@ class CompressedStrategy(Strategy):
                 log.info("edge %s: update norm %.3g clipped to %.3g", edge, norm, self.clip_norm)
         merged: State = {}
         for name, g in global_state.items():
+            if name not in model:
+                continue  # frozen: the wrapped strategy never sees it
             if name in update:
                 merged[name] = (g.float() + update[name]).to(g.dtype)
             else:

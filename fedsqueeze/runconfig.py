@@ -14,9 +14,12 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from fedsqueeze.codec.spec import CodecSpec
-from fedsqueeze.codec.spec_text import parse_spec
+from fedsqueeze.codec.spec_text import parse_freeze, parse_spec
 from fedsqueeze.errors import ConfigError
 from fedsqueeze.tasks.base import Optimizer
+
+#: ``freeze`` value that takes the task's frozen patterns.
+AUTO_FREEZE = "auto"
 
 
 class Partitioning(enum.Enum):
@@ -46,6 +49,11 @@ class RunSettings:
     Run-config keys are the field names with ``-`` for ``_`` (``num-rounds``).
     ``max-failed-rounds`` is how many rounds may aggregate nothing (every edge failed,
     was rejected or was dropped) before the coordinator stops the run as failed.
+    ``freeze`` names the frozen tensors, which travel at most once and are never
+    aggregated: ``auto`` (the default) takes the task's own (``frozen.*`` for
+    ``minilm-text``, none for the digits tasks), ``none`` freezes nothing, anything else
+    is glob patterns joined by ``|``. Patterns given by the codec specs' ``freeze`` key
+    count as well.
     """
 
     task: str = "digits-cnn"
@@ -80,6 +88,7 @@ class RunSettings:
     data_plane_advertise: str = ""
     round_timeout: float = 600.0
     max_failed_rounds: int = 0
+    freeze: str = "auto"
 
     def __post_init__(self) -> None:
         if self.num_rounds < 1:
@@ -106,6 +115,18 @@ class RunSettings:
         # Fail at start-up, not in round 7, on a spec typo.
         self.down_codec()
         self.up_codec()
+        if self.freeze.strip() != AUTO_FREEZE:
+            try:
+                parse_freeze(self.freeze)
+            except ValueError as exc:
+                raise ConfigError(f"run-config freeze={self.freeze!r}: {exc}") from None
+
+    def frozen(self, task_frozen: tuple[str, ...]) -> tuple[str, ...]:
+        """The run's frozen patterns, sorted: ``freeze`` (``auto``: ``task_frozen``, the
+        task's own) with those of both codec specs."""
+        text = self.freeze.strip()
+        chosen = task_frozen if text == AUTO_FREEZE else parse_freeze(text)
+        return tuple(sorted({*chosen, *self.down_codec().freeze, *self.up_codec().freeze}))
 
     def down_codec(self) -> CodecSpec:
         """The download spec."""

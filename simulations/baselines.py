@@ -34,8 +34,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from coordinator.budget import PolicyKind
-from fedsqueeze.codec.spec_text import parse_spec
+from fedsqueeze.codec.spec_text import parse_freeze, parse_spec
 from fedsqueeze.errors import ConfigError
+from fedsqueeze.runconfig import AUTO_FREEZE
 
 __all__ = [
     "ADAPTIVE_DOWN_LADDER",
@@ -133,6 +134,9 @@ class ArmConfig:
         sampling (model bytes × 2 × clients per round × rounds); 0: none.
     down_share
         The part of a run budget reserved for downloads.
+    freeze
+        The run's frozen tensors (run config ``freeze``): ``auto`` (the task's own,
+        ``frozen.*`` for ``minilm-text``), ``none``, or glob patterns joined by ``|``.
     """
 
     name: str
@@ -147,6 +151,7 @@ class ArmConfig:
     total_budget: int = 0
     budget_fraction: float = 0.0
     down_share: float = 0.5
+    freeze: str = AUTO_FREEZE
     description: str = field(default="", compare=False)
 
     def __post_init__(self) -> None:
@@ -164,6 +169,11 @@ class ArmConfig:
             raise ConfigError(f"arm {self.name}: down-share must be in (0, 1)")
         if self.total_budget and self.budget_fraction:
             raise ConfigError(f"arm {self.name}: give total-budget or budget-fraction, not both")
+        if self.freeze.strip() != AUTO_FREEZE:
+            try:
+                parse_freeze(self.freeze)
+            except ValueError as exc:
+                raise ConfigError(f"arm {self.name}: freeze={self.freeze!r}: {exc}") from None
 
     @property
     def budgeted(self) -> bool:

@@ -205,6 +205,7 @@ class SimulationConfig:
             # An experiment records rounds that aggregate nothing (every sampled client
             # dropped at a deadline, skipped by a budget) as results, not as a failure.
             max_failed_rounds=self.num_rounds,
+            freeze=arm.freeze,
         )
 
 

@@ -72,6 +72,7 @@ _FLAG_KEYS: dict[str, tuple[str, ...]] = {
     "task": ("task",),
     "down_spec": ("down-spec",),
     "up_spec": ("up-spec",),
+    "freeze": ("freeze",),
     "state_dir": ("state-dir",),
     "data_plane_host": ("data-plane-host",),
     "data_plane_port": ("data-plane-port",),
@@ -90,6 +91,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--task", help="learning task: digits-cnn, digits-mlp or module:attribute")
     run.add_argument("--down-spec", metavar="SPEC", help="codec spec of the model sent down")
     run.add_argument("--up-spec", metavar="SPEC", help="codec spec of the updates sent up")
+    run.add_argument(
+        "--freeze",
+        metavar="PATTERNS",
+        help="frozen tensors, sent at most once and never aggregated: glob patterns joined "
+        "by '|', 'none', or 'auto' (default: the task's own, frozen.* for minilm-text)",
+    )
     run.add_argument(
         "--min-nodes",
         type=int,

@@ -227,7 +227,8 @@ def encode_state(
         What to do; see :class:`CodecSpec`.
     base
         The model the receiver already holds. Tensors present in both with the same
-        shape and dtype are sent as differences to it.
+        shape and dtype are sent as differences to it, except frozen ones
+        (``spec.freeze``), which are not sent at all: the receiver keeps the base's.
     residual
         Error-feedback residual from the previous call (top-k and low-rank specs), added to
         the delta before selection. Missing entries count as zero.
@@ -256,7 +257,8 @@ def encode_state(
         A complex, sparse or otherwise unsupported tensor (also a ``TypeError``).
     BaseMismatchError
         A ``base`` that shares no tensor (same name, shape and dtype) with ``state``:
-        nothing would be sent as a difference, so it is not this model's base.
+        nothing would be sent as a difference, so it is not this model's base. Or a
+        frozen tensor of ``base`` that ``state`` lacks (decoding would bring it back).
 
     Warns
     -----
@@ -275,6 +277,7 @@ def encode_state(
         if base_digest is None:
             base_digest = state_digest(base)
     _warn_unmatched_targets(spec, state)
+    state = _without_held_frozen(state, spec, base)
     encoder = TensorEncoder(spec, base, residual, seed)
     carried = _unencodable(state, encoder, nonfinite)
     masks = (
@@ -300,6 +303,32 @@ def encode_state(
         records=tuple(records),
         residual=new_residual if spec.feedback else None,
     )
+
+
+def _without_held_frozen(state: State, spec: CodecSpec, base: State | None) -> State:
+    """``state`` less the frozen tensors ``base`` holds (same name, shape and dtype).
+
+    Raises
+    ------
+    BaseMismatchError
+        ``base`` has a frozen tensor that ``state`` lacks: a decoder fills frozen tensors
+        in from the base, so the model would come back with a tensor it never had.
+    """
+    if base is None or not spec.freeze:
+        return state
+    for name in base:
+        if name not in state and spec.is_frozen(name):
+            raise BaseMismatchError(
+                f"frozen tensor {name!r} of the base is not in the model: a delta leaves "
+                "frozen tensors out and the receiver keeps the base's"
+            )
+    kept = {}
+    for name, t in state.items():
+        b = base.get(name)
+        if b is not None and b.shape == t.shape and b.dtype == t.dtype and spec.is_frozen(name):
+            continue
+        kept[name] = t
+    return kept
 
 
 def decode_state(
@@ -388,7 +417,17 @@ def decode_state(
         base_level.append(name)
     for index, state in pending.items():
         out[base_level[index]] = state.tensor()
+    if base is not None and encoded.spec.freeze:
+        # A delta carries no frozen tensor the base holds: the receiver keeps its own.
+        for name, tensor in base.items():
+            if name not in out and encoded.spec.is_frozen(name):
+                out[name] = tensor.detach().to(_device_for(device, tensor)).clone()
     return out
+
+
+def _device_for(device: torch.device | str | None, tensor: torch.Tensor) -> torch.device:
+    """Where a tensor taken from the base goes: ``device`` if given, else its own."""
+    return torch.device(device) if device is not None else tensor.device
 
 
 @dataclass(frozen=True)

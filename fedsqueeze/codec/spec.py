@@ -238,6 +238,12 @@ class CodecSpec:
         ``quant.bits``. The first level is a usable coarse model, every further level
         refines it (see :mod:`fedsqueeze.codec.progressive`). ``None``: one level.
         Needs ``quant``; not combined with ``rank``.
+    freeze
+        Glob patterns of tensor names that are frozen (a pretrained backbone): they
+        travel once, in a full model, and never in a delta. :func:`~fedsqueeze.codec.
+        encode_state` leaves a frozen tensor the base holds out of a delta altogether
+        (not even a ZERO record), whatever its value, and :func:`~fedsqueeze.codec.
+        decode_state` takes it unchanged from the base. Empty: nothing frozen.
     """
 
     prune: PruneSpec = field(default_factory=PruneSpec)
@@ -249,6 +255,7 @@ class CodecSpec:
     min_ndim: int = 2
     rank: int | None = None
     levels: tuple[int, ...] | None = None
+    freeze: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.topk is not None and not 0.0 < self.topk <= 1.0:
@@ -276,6 +283,10 @@ class CodecSpec:
             raise ValueError("targets must be non-empty glob patterns of at most 200 chars")
         if len(self.targets) > 32:
             raise ValueError("at most 32 target patterns")
+        check_freeze_patterns(self.freeze)
+        # Canonical form: the order of patterns means nothing, so equal specs serialize
+        # alike (the spec's bytes are part of every encode-cache key).
+        object.__setattr__(self, "freeze", tuple(sorted(self.freeze)))
 
     @property
     def lossless(self) -> bool:
@@ -299,6 +310,10 @@ class CodecSpec:
             return False
         return any(fnmatch.fnmatchcase(name, pattern) for pattern in self.targets)
 
+    def is_frozen(self, name: str) -> bool:
+        """Whether the tensor ``name`` is frozen (matches a :attr:`freeze` pattern)."""
+        return any(fnmatch.fnmatchcase(name, pattern) for pattern in self.freeze)
+
     def with_changes(self, **changes: object) -> CodecSpec:
         """A copy with some fields replaced (validated again)."""
         return replace(self, **changes)  # type: ignore[arg-type]
@@ -311,9 +326,16 @@ class CodecSpec:
         targets bit 5, rank bit 6, levels bit 7) · [amount f64] · [topk f64] · [rank
         varint] · [quant: bits | scheme << 4, granularity | rounding << 2 | (scale
         format − 1) << 4, block size varint for block-wise] · [levels: count u8 · bits
-        u8 each] · float format and min_ndim u8 · entropy level u8 · [targets]. Amounts are
-        float64 so the spec survives the round trip exactly; an amount with at most six
-        decimals (0.95, 0.025) is a varint of millionths instead, 1 to 3 bytes.
+        u8 each] · float format and min_ndim u8 (bit 7: an extension follows the
+        targets) · entropy level u8 · [targets] · [extension: freeze patterns, count u8 ·
+        length u8 and UTF-8 bytes each]. Amounts are float64 so the spec survives the round
+        trip exactly; an amount with at most six decimals (0.95, 0.025) is a varint of
+        millionths instead, 1 to 3 bytes.
+
+        The flags byte is full, so frozen patterns set the top bit of the float-format
+        byte instead: a spec without them has exactly the bytes it always had, and a
+        reader from before frozen parts refuses one with them (a ``min_ndim`` over 8),
+        rather than decoding a delta that leaves tensors out as if it were whole.
         """
         flags = self.prune.method.value
         flags |= 0x08 if self.topk is not None else 0
@@ -339,13 +361,14 @@ class CodecSpec:
         if self.levels is not None:
             out.append(len(self.levels))
             out += bytes(self.levels)
-        out.append(self.float_format.value | (self.min_ndim << 2))
+        out.append(
+            self.float_format.value | (self.min_ndim << 2) | (_EXTENSION if self.freeze else 0)
+        )
         out.append(self.entropy_level)
         if self.targets != DEFAULT_TARGETS:
-            out.append(len(self.targets))
-            for pattern in self.targets:
-                raw = pattern.encode()
-                out += struct.pack("<B", len(raw)) + raw
+            _write_patterns(out, self.targets)
+        if self.freeze:
+            _write_patterns(out, self.freeze)
         return bytes(out)
 
     @classmethod
@@ -370,6 +393,61 @@ class CodecSpec:
 
 
 _MICRO = 1_000_000
+#: Bit 7 of the float-format byte: frozen patterns follow the targets.
+_EXTENSION = 0x80
+#: Most patterns in ``targets`` or ``freeze``, and most characters in one.
+MAX_PATTERNS, MAX_PATTERN_CHARS = 32, 200
+
+
+def check_freeze_patterns(patterns: tuple[str, ...]) -> None:
+    """Refuse frozen patterns that cannot be meant, with a one-line ``ValueError``."""
+    if not isinstance(patterns, tuple) or any(not isinstance(p, str) for p in patterns):
+        raise ValueError(f"freeze must be a tuple of glob patterns, got {patterns!r}")
+    if len(patterns) > MAX_PATTERNS:
+        raise ValueError(f"at most {MAX_PATTERNS} freeze patterns, got {len(patterns)}")
+    for pattern in patterns:
+        if not pattern or len(pattern.encode()) > MAX_PATTERN_CHARS:
+            raise ValueError(
+                f"freeze patterns must have 1 to {MAX_PATTERN_CHARS} characters, "
+                f"got {pattern[:40]!r}"
+            )
+        if not pattern.isprintable() or any(c in pattern for c in ",=| "):
+            raise ValueError(
+                f"freeze pattern {pattern[:40]!r} holds a space, a control character or one "
+                "of , = |"
+            )
+        if pattern.count("[") != pattern.count("]"):
+            # fnmatch would match an unclosed '[' literally: almost surely a typo.
+            raise ValueError(f"freeze pattern {pattern!r} has an unbalanced [ ]")
+        if pattern.strip("*") == "":
+            raise ValueError(
+                f"freeze pattern {pattern!r} freezes every tensor: nothing would train"
+            )
+    if len(set(patterns)) != len(patterns):
+        raise ValueError("a freeze pattern is given twice")
+
+
+def _write_patterns(out: bytearray, patterns: tuple[str, ...]) -> None:
+    out.append(len(patterns))
+    for pattern in patterns:
+        raw = pattern.encode()
+        out += struct.pack("<B", len(raw)) + raw
+
+
+def _read_patterns(data: bytes, pos: int) -> tuple[tuple[str, ...], int]:
+    count = data[pos]
+    pos += 1
+    patterns = []
+    for _ in range(count):
+        length = data[pos]
+        raw = data[pos + 1 : pos + 1 + length]
+        if len(raw) != length:
+            raise IndexError("pattern truncated")
+        patterns.append(raw.decode())
+        pos += 1 + length
+    return tuple(patterns), pos
+
+
 _EXACT_F64 = 0xFF  # marker byte: a float64 follows
 
 
@@ -454,17 +532,12 @@ def _parse_spec(data: bytes, pos: int) -> tuple[CodecSpec, int]:
     pos += 2
     targets: tuple[str, ...] = DEFAULT_TARGETS
     if flags & 0x20:
-        count = data[pos]
-        pos += 1
-        patterns = []
-        for _ in range(count):
-            length = data[pos]
-            raw = data[pos + 1 : pos + 1 + length]
-            if len(raw) != length:
-                raise IndexError("pattern truncated")
-            patterns.append(raw.decode())
-            pos += 1 + length
-        targets = tuple(patterns)
+        targets, pos = _read_patterns(data, pos)
+    freeze: tuple[str, ...] = ()
+    if fmt_ndim & _EXTENSION:
+        freeze, pos = _read_patterns(data, pos)
+        if not freeze:
+            raise ValueError("an extension flag without frozen patterns")
     spec = CodecSpec(
         prune=PruneSpec(method, sparsity, threshold),
         topk=topk,
@@ -474,7 +547,8 @@ def _parse_spec(data: bytes, pos: int) -> tuple[CodecSpec, int]:
         float_format=FloatFormat(fmt_ndim & 0x03),
         entropy_level=level,
         targets=targets,
-        min_ndim=fmt_ndim >> 2,
+        min_ndim=(fmt_ndim & ~_EXTENSION) >> 2,
+        freeze=freeze,
     )
     return spec, pos
 

@@ -18,7 +18,8 @@ after ``BITS`` may come in any order, and ``nf4`` without a granularity means QL
 ``float`` (``fp32 fp16 bf16``), ``entropy`` (zstd
 level, 0 = off), ``targets`` (glob patterns joined by ``|``), ``min-ndim``, ``levels``
 (progressive transmission: bits added per level joined by ``+``, e.g. ``2+2+4`` with
-``quant=8``, or ``none``).
+``quant=8``, or ``none``), ``freeze`` (frozen tensors, which travel once and never in
+a delta: glob patterns joined by ``|``, e.g. ``freeze=frozen.*``, or ``none``).
 
 Each key may appear once (after a preset, to override it): ``quant=8,quant=4`` is
 refused rather than silently taking the last. Range errors name the key as typed
@@ -40,6 +41,7 @@ from fedsqueeze.codec.spec import (
     QuantSpec,
     Rounding,
     ScaleFormat,
+    check_freeze_patterns,
 )
 from fedsqueeze.errors import ConfigError
 
@@ -112,10 +114,45 @@ def _apply(spec: CodecSpec, key: str, value: str) -> CodecSpec:
         return replace(spec, min_ndim=ndim)
     if key == "levels":
         return replace(spec, levels=_levels(value))
+    if key == "freeze":
+        return replace(spec, freeze=parse_freeze(value))
     raise ValueError(
         f"unknown key {key!r}; keys: prune, topk, rank, quant, float, entropy, targets, "
-        "min-ndim, levels"
+        "min-ndim, levels, freeze"
     )
+
+
+def parse_freeze(value: str) -> tuple[str, ...]:
+    """Frozen patterns from their text form (``a.*|b.*``, or ``none`` / empty for none).
+
+    Raises
+    ------
+    ValueError
+        A pattern that cannot be meant (see :func:`~fedsqueeze.codec.spec.check_freeze_patterns`),
+        in one line.
+    """
+    value = value.strip()
+    if value in ("", "none"):
+        return ()
+    patterns = tuple(p.strip() for p in value.split("|"))
+    check_freeze_patterns(patterns)
+    return patterns
+
+
+def with_freeze(text: str, patterns: tuple[str, ...]) -> str:
+    """The spec ``text`` with ``patterns`` added to its frozen ones, in canonical form.
+
+    ``text`` itself when there is nothing to add, so specs without frozen parts travel as
+    they were written.
+    """
+    spec = parse_spec(text)
+    merged = tuple(sorted({*spec.freeze, *patterns}))
+    if merged == spec.freeze:
+        return text
+    try:
+        return format_spec(replace(spec, freeze=merged))
+    except ValueError as exc:
+        raise ConfigError(f"freeze {'|'.join(patterns)!r}: {exc}") from None
 
 
 def _levels(value: str) -> tuple[int, ...] | None:
@@ -212,4 +249,6 @@ def format_spec(spec: CodecSpec) -> str:
     parts.append(f"entropy={spec.entropy_level}")
     parts.append(f"targets={'|'.join(spec.targets)}")
     parts.append(f"min-ndim={spec.min_ndim}")
+    if spec.freeze:
+        parts.append(f"freeze={'|'.join(spec.freeze)}")
     return ",".join(parts)

@@ -169,6 +169,10 @@ class Task:
         that knowledge distillation trains from :attr:`build_model`'s model, see
         :mod:`coordinator.distill`); ``None`` when the task has none. Same seeding contract
         as :attr:`build_model`.
+    frozen : tuple[str, ...]
+        Glob patterns of the tensor names that training never changes (a pretrained
+        backbone): a run freezes them by default (the codec spec key ``freeze``), so they
+        travel at most once. Empty for a model trained in full.
     """
 
     name: str
@@ -177,3 +181,4 @@ class Task:
     train: TrainFn
     evaluate: EvalFn
     build_student: Callable[[int], nn.Module] | None = None
+    frozen: tuple[str, ...] = ()

@@ -25,6 +25,10 @@ A subset is the first examples of a fixed order (by the SHA-256 of the text), so
 same on every machine. Tokenization runs once per process and option set (cached), not per
 round. Training and evaluation are :func:`fedsqueeze.tasks.training.train` / ``evaluate``
 (Adam or SGD on the parameters with ``requires_grad``, i.e. the ``trainable.*`` ones).
+
+The task names ``frozen.*`` as its frozen tensors (:attr:`~fedsqueeze.tasks.base.Task.frozen`):
+a run freezes them by default (run config ``freeze = "auto"``), so the pretrained encoder
+travels at most once and only the adapters and the head go down and up each round.
 """
 
 from __future__ import annotations
@@ -123,6 +127,7 @@ def make_text_task(options: TextTaskOptions) -> Task:
         load_data=functools.partial(load_text_data, options),
         train=train,
         evaluate=evaluate,
+        frozen=("frozen.*",),
     )
 
 

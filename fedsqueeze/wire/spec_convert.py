@@ -119,6 +119,8 @@ def codec_spec_to_proto(spec: CodecSpec) -> pb.CodecSpec:
         msg.rank = spec.rank
     if spec.levels is not None:
         msg.levels.extend(spec.levels)
+    if spec.freeze:
+        msg.freeze.extend(spec.freeze)
     if spec.quant is not None:
         q = spec.quant
         msg.quant.CopyFrom(
@@ -176,5 +178,6 @@ def codec_spec_from_proto(msg: pb.CodecSpec) -> CodecSpec:
             entropy_level=msg.entropy_level,
             targets=tuple(msg.targets) or DEFAULT_TARGETS,
             min_ndim=msg.min_ndim,
+            freeze=tuple(msg.freeze),
         ),
     )

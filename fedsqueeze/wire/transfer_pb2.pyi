@@ -330,6 +330,7 @@ class CodecSpec(_message.Message):
     MIN_NDIM_FIELD_NUMBER: _builtins.int
     RANK_FIELD_NUMBER: _builtins.int
     LEVELS_FIELD_NUMBER: _builtins.int
+    FREEZE_FIELD_NUMBER: _builtins.int
     topk: _builtins.float
     """Fraction of values kept by top-k sparsification, in (0, 1]; absent means
     no top-k. Not combined with pruning.
@@ -368,6 +369,14 @@ class CodecSpec(_message.Message):
         empty means one level.
         """
 
+    @_builtins.property
+    def freeze(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Glob patterns (fnmatch, case-sensitive) of frozen tensor names: they travel
+        in a full model and never in a delta (the receiver keeps its base's); 0 to
+        32 patterns of 1 to 200 characters, none matching every name. Empty means
+        nothing is frozen.
+        """
+
     def __init__(
         self,
         *,
@@ -380,10 +389,11 @@ class CodecSpec(_message.Message):
         min_ndim: _builtins.int = ...,
         rank: _builtins.int | None = ...,
         levels: _abc.Iterable[_builtins.int] | None = ...,
+        freeze: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_rank", b"_rank", "_topk", b"_topk", "prune", b"prune", "quant", b"quant", "rank", b"rank", "topk", b"topk"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_rank", b"_rank", "_topk", b"_topk", "entropy_level", b"entropy_level", "float_format", b"float_format", "levels", b"levels", "min_ndim", b"min_ndim", "prune", b"prune", "quant", b"quant", "rank", b"rank", "targets", b"targets", "topk", b"topk"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_rank", b"_rank", "_topk", b"_topk", "entropy_level", b"entropy_level", "float_format", b"float_format", "freeze", b"freeze", "levels", b"levels", "min_ndim", b"min_ndim", "prune", b"prune", "quant", b"quant", "rank", b"rank", "targets", b"targets", "topk", b"topk"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__rank: _TypeAlias = _typing.Literal["rank"]  # noqa: Y015
     _WhichOneofArgType__rank: _TypeAlias = _typing.Literal["_rank", b"_rank"]  # noqa: Y015

@@ -1,4 +1,5 @@
-"""With a lossless spec, minilm-text's head and adapter updates aggregate like plain FedAvg."""
+"""With a lossless spec, minilm-text's head and adapter updates aggregate like plain FedAvg,
+and with its frozen parts the frozen tensors stay bit for bit the global's."""
 
 from __future__ import annotations
 
@@ -48,17 +49,27 @@ def test_lossless_adapter_updates_aggregate_like_plain_fedavg(tmp_path: Path) ->
         task.train(model, data.x_train[part], data.y_train[part], epochs=1, lr=1e-2, seed=n)
         models[n] = {k: v.detach().clone() for k, v in model.state_dict().items()}
 
-    pushed: dict[str, PulledUpdate] = {}
-    wrapper = CompressedStrategy(FedAvg(), VersionStore(tmp_path), _instruction, pushed.get)
-    sent = list(wrapper.configure_train(1, ArrayRecord(start), ConfigRecord(), _Grid(nodes)))  # type: ignore[arg-type]
-    target = RoundInstruction.from_record(sent[0].content.config_records[CONTROL_KEY]).target
-    replies = []
-    for msg in sent:
-        n = msg.metadata.dst_node_id
-        pushed[f"u{n}"] = PulledUpdate(encode_state(models[n], CodecSpec(), start), target, str(n))
-        ids, metrics = TrainReceipt(f"u{n}", target, 8 * n, 0.1, 1, 1, 0.0, 0.0, 0.0).to_records()
-        replies.append(Message(RecordDict({RECEIPT_KEY: ids, "metrics": metrics}), reply_to=msg))
-    arrays, _ = wrapper.aggregate_train(1, replies)
+    def wrapped(frozen: tuple[str, ...], store: Path) -> ArrayRecord | None:
+        pushed: dict[str, PulledUpdate] = {}
+        wrapper = CompressedStrategy(
+            FedAvg(), VersionStore(store), _instruction, pushed.get, frozen=frozen
+        )
+        sent = list(wrapper.configure_train(1, ArrayRecord(start), ConfigRecord(), _Grid(nodes)))  # type: ignore[arg-type]
+        target = RoundInstruction.from_record(sent[0].content.config_records[CONTROL_KEY]).target
+        replies = []
+        for msg in sent:
+            n = msg.metadata.dst_node_id
+            encoded = encode_state(models[n], CodecSpec(freeze=frozen), start)
+            pushed[f"u{n}"] = PulledUpdate(encoded, target, str(n))
+            receipt = TrainReceipt(f"u{n}", target, 8 * n, 0.1, 1, 1, 0.0, 0.0, 0.0)
+            ids, metrics = receipt.to_records()
+            replies.append(
+                Message(RecordDict({RECEIPT_KEY: ids, "metrics": metrics}), reply_to=msg)
+            )
+        return wrapper.aggregate_train(1, replies)[0]
+
+    arrays = wrapped((), tmp_path / "plain")
+    frozen_arrays = wrapped(task.frozen, tmp_path / "frozen")
 
     plain = FedAvg()
     plain_sent = list(plain.configure_train(1, ArrayRecord(start), ConfigRecord(), _Grid(nodes)))  # type: ignore[arg-type]
@@ -77,6 +88,13 @@ def test_lossless_adapter_updates_aggregate_like_plain_fedavg(tmp_path: Path) ->
         assert torch.equal(got[name], want[name]), name
         if name.startswith("frozen."):
             # FedAvg's weighted mean of equal tensors is equal only up to float rounding
-            # (a few ulps): one more reason for frozen parts to skip aggregation later.
+            # (a few ulps): frozen parts skip aggregation (below).
             assert torch.allclose(got[name], start[name], rtol=1e-6, atol=0.0), name
     assert any(not torch.equal(got[k], start[k]) for k in got if k.startswith("trainable."))
+    # With the task's frozen parts: the trainable ones as plain FedAvg, the frozen exact.
+    assert frozen_arrays is not None
+    frozen_got = frozen_arrays.to_torch_state_dict()
+    assert frozen_got.keys() == start.keys()
+    for name in want:
+        expected_value = start[name] if name.startswith("frozen.") else want[name]
+        assert torch.equal(frozen_got[name], expected_value), name

@@ -76,3 +76,21 @@ def test_no_temp_files_left(tmp_path: Path) -> None:
         store.complete_round(i + 1, {})
     leftovers = [p for p in tmp_path.rglob(".*") if p.is_file()]
     assert leftovers == []
+
+
+def test_per_edge_prefix_records_survive_a_reopen_and_clear_on_a_whole_model(
+    tmp_path: Path,
+) -> None:
+    store = VersionStore(tmp_path)
+    coarse = store.publish(_state(1.0), track=None)
+    whole = store.publish(_state(2.0))
+    store.record_edge("e1", coarse, decoded_bytes=1234, levels=(0, 1, 1))
+    store.record_edge("e2", whole)
+    assert store.edge_prefix("e1") == (1234, (0, 1, 1))
+    assert store.edge_prefix("e2") is None
+    reopened = VersionStore(tmp_path)
+    assert reopened.edge_prefix("e1") == (1234, (0, 1, 1))
+    assert reopened.edge_version("e1") == coarse
+    reopened.record_edge("e1", whole)  # it completed the stream: no prefix any more
+    assert reopened.edge_prefix("e1") is None
+    assert VersionStore(tmp_path).edge_prefix("e1") is None

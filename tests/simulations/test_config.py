@@ -93,3 +93,12 @@ def test_run_settings_let_the_grid_sample() -> None:
     s = c.run_settings(c.arm("int8"), "/tmp/x")
     assert (s.fraction_train, s.min_train_nodes, s.min_available_nodes) == (1.0, 1, 1)
     assert s.init_from_seed and s.down_spec == "int8" and s.up_spec == "int8"
+
+
+def test_an_arm_sets_the_runs_frozen_parts() -> None:
+    config = load_config(None, ["arms=int8", "arm.int8.freeze=none"])
+    assert config.run_settings(config.arm("int8"), "s").freeze == "none"
+    assert load_config(None, ["arms=int8"]).arms[0].freeze == "auto"
+    with pytest.raises(ConfigError, match="freeze") as err:
+        load_config(None, ["arms=int8", "arm.int8.freeze=*"])
+    assert "\n" not in str(err.value)

@@ -162,3 +162,17 @@ def test_a_bad_receipt_is_a_config_error() -> None:
     empty_ids, _ = _receipt(update_id="").to_records()
     with pytest.raises(ConfigError):
         TrainReceipt.from_records(empty_ids, metrics)
+
+
+def test_a_receipt_carries_what_the_edge_decoded_of_a_prefix() -> None:
+    receipt = _receipt(decoded_bytes=2048, decoded_levels=(0, 2, 1))
+    ids, metrics = receipt.to_records()
+    assert TrainReceipt.from_records(ids, metrics) == receipt
+    # levels mean nothing without a prefix: a whole model's receipt drops them
+    whole = _receipt(decoded_bytes=0, decoded_levels=(1, 1))
+    ids, metrics = whole.to_records()
+    assert TrainReceipt.from_records(ids, metrics).decoded_levels == ()
+    with pytest.raises(ConfigError, match="levels"):
+        _receipt(decoded_bytes=1, decoded_levels=(256,)).to_records()
+    with pytest.raises(ConfigError, match="negative"):
+        _receipt(decoded_bytes=-1).to_records()
