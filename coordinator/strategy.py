@@ -9,14 +9,20 @@
   strategy ordinary arrays: ``global + (edge model − edge base)``. With a lossless spec
   the edge base *is* the global, so this is exactly what the wrapped strategy would see
   without fedsqueeze.
+
+With a student track (:mod:`coordinator.student_track`) the edges it assigns train the
+student instead: their instructions name the student's version, their updates are decoded
+against it and averaged into the student, never handed to the wrapped strategy. With a
+fusion (``aggregation = feddf``, :mod:`coordinator.fusion`) the teacher's new model is the
+fusion of the round's client models instead of the wrapped strategy's average.
 """
 
 from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
@@ -24,9 +30,16 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from coordinator.hygiene import Rejection, check_update, clip_update
+from coordinator.student_track import StudentTrack
 from coordinator.version_store import VersionStore
 from fedsqueeze.codec import EncodedModel, decode_state
-from fedsqueeze.control import CONTROL_KEY, RECEIPT_KEY, RoundInstruction, TrainReceipt
+from fedsqueeze.control import (
+    CONTROL_KEY,
+    RECEIPT_KEY,
+    ModelTrack,
+    RoundInstruction,
+    TrainReceipt,
+)
 from fedsqueeze.errors import FedsqueezeError
 
 log = logging.getLogger(__name__)
@@ -47,6 +60,9 @@ UpdatePuller = Callable[[str], PulledUpdate | None]
 #: ``(server_round, node_id, target_digest)`` → the edge's instruction, or ``None`` when
 #: the edge sits the round out (a budget it cannot fit).
 InstructionFactory = Callable[[int, int, str], RoundInstruction | None]
+#: ``(client states, weights) -> state``: the teacher's aggregation replacing the wrapped
+#: strategy's average (FedDF fusion); its metrics still come from the wrapped strategy.
+GlobalAggregator = Callable[[Sequence[Mapping[str, torch.Tensor]], Sequence[float]], State]
 
 
 @dataclass
@@ -67,7 +83,10 @@ class RoundStats:
     skipped
         Edges that sat the round out (a budget they cannot fit).
     aggregated
-        Whether the wrapped strategy produced a new global model this round.
+        Whether the wrapped strategy produced a new global model this round (or, with a
+        student track, the student took updates).
+    student_accepted
+        Of ``accepted``, the updates that went into the student.
     """
 
     bytes_down: int = 0
@@ -78,6 +97,7 @@ class RoundStats:
     dropped: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     aggregated: bool = False
+    student_accepted: int = 0
 
     def losses(self) -> str:
         """Why edges are missing from the aggregate, in one line."""
@@ -131,6 +151,10 @@ class CompressedStrategy(Strategy):
     round_offset
         Rounds completed before this run started (a resumed run): the log names rounds
         by ``server_round + round_offset``, as the coordinator records them.
+    students, student_instruction
+        The student track and the instructions of its edges (both or neither).
+    aggregate_global
+        Replaces the wrapped strategy's average for the teacher (FedDF fusion).
     """
 
     def __init__(
@@ -144,7 +168,17 @@ class CompressedStrategy(Strategy):
         arrayrecord_key: str = "arrays",
         configrecord_key: str = "config",
         round_offset: int = 0,
+        students: StudentTrack | None = None,
+        student_instruction: InstructionFactory | None = None,
+        aggregate_global: GlobalAggregator | None = None,
     ) -> None:
+        if (students is None) != (student_instruction is None):
+            raise ValueError("a student track needs its instruction factory, and vice versa")
+        self.students = students
+        self._student_instruction = student_instruction
+        self._aggregate_global = aggregate_global
+        self._student: dict[int, tuple[str, State]] = {}
+        self._student_nodes: dict[int, set[str]] = {}
         self.inner = inner
         self.store = store
         self._instruction = instruction
@@ -170,7 +204,13 @@ class CompressedStrategy(Strategy):
         self._global[server_round] = (digest, state)
         return digest
 
-    def _strip(self, server_round: int, messages: Iterable[Message], target: str) -> list[Message]:
+    def _strip(
+        self,
+        server_round: int,
+        messages: Iterable[Message],
+        target: str,
+        student_target: str | None = None,
+    ) -> list[Message]:
         out = []
         for msg in messages:
             node = msg.metadata.dst_node_id
@@ -179,7 +219,19 @@ class CompressedStrategy(Strategy):
                 if isinstance(record, ArrayRecord):
                     continue  # model bytes go on the data plane, never in Flower
                 content[key] = record
-            instruction = self._instruction(server_round, node, target)
+            student = (
+                student_target is not None
+                and self.students is not None
+                and self._student_instruction is not None
+                and self.students.track_of(node) is ModelTrack.STUDENT
+            )
+            if student and self._student_instruction is not None and student_target is not None:
+                instruction = self._student_instruction(server_round, node, student_target)
+                if instruction is not None:
+                    instruction = replace(instruction, track=ModelTrack.STUDENT)
+                    self._student_nodes.setdefault(server_round, set()).add(str(node))
+            else:
+                instruction = self._instruction(server_round, node, target)
             if instruction is None:
                 log.info("round %d: edge %s sits this round out (budget)", server_round, node)
                 self._skipped.setdefault(server_round, []).append(str(node))
@@ -195,8 +247,12 @@ class CompressedStrategy(Strategy):
     ) -> Iterable[Message]:
         """Publish the global model, let the wrapped strategy sample, strip the arrays."""
         target = self._publish(server_round, arrays)
+        student_target = None
+        if self.students is not None:
+            student_target = self.students.publish()
+            self._student[server_round] = (student_target, dict(self.students.state))
         messages = self.inner.configure_train(server_round, arrays, config, grid)
-        out = self._strip(server_round, messages, target)
+        out = self._strip(server_round, messages, target, student_target)
         self._sent[server_round] = [str(m.metadata.dst_node_id) for m in out]
         return out
 
@@ -218,6 +274,9 @@ class CompressedStrategy(Strategy):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Decode every edge's update, check and clip it, then aggregate as usual."""
         target, global_state = self._global.pop(server_round)
+        student_round = self._student.pop(server_round, None)
+        student_nodes = self._student_nodes.pop(server_round, set())
+        student_models: list[tuple[State, float]] = []
         replies = list(replies)
         stats = RoundStats(skipped=self._skipped.pop(server_round, []))
         replied = {str(reply.metadata.src_node_id) for reply in replies}
@@ -240,7 +299,11 @@ class CompressedStrategy(Strategy):
             )
             stats.bytes_down += receipt.bytes_down
             stats.bytes_up += receipt.bytes_up
-            arrays, rejection = self._decode_reply(edge, receipt, target, global_state)
+            is_student = edge in student_nodes and student_round is not None
+            track_target, track_state = (
+                student_round if is_student and student_round else (target, global_state)
+            )
+            arrays, rejection = self._decode_reply(edge, receipt, track_target, track_state)
             if rejection is not None:
                 log.warning(
                     "round %d: rejected update from edge %s: %s", shown, edge, rejection.reason
@@ -254,6 +317,11 @@ class CompressedStrategy(Strategy):
                 levels=receipt.decoded_levels,
             )
             assert arrays is not None  # no rejection means arrays were built
+            stats.accepted += 1
+            if is_student:
+                stats.student_accepted += 1
+                student_models.append((arrays.to_torch_state_dict(), float(receipt.num_examples)))
+                continue
             content = RecordDict(
                 {
                     self._arrays_key: arrays,
@@ -262,7 +330,6 @@ class CompressedStrategy(Strategy):
             )
             reply.content = content
             rebuilt.append(reply)
-            stats.accepted += 1
         self.stats[server_round] = stats
         log.info(
             "round %d: %d updates accepted, %d rejected, %d edges failed, %d dropped; "
@@ -277,9 +344,16 @@ class CompressedStrategy(Strategy):
             target[:12],
         )
         result: tuple[ArrayRecord | None, MetricRecord | None] = (None, None)
-        if stats.accepted:
+        if stats.accepted > stats.student_accepted:
             result = self.inner.aggregate_train(server_round, rebuilt)
+            if result[0] is not None and self._aggregate_global is not None:
+                result = (self._fused(rebuilt), result[1])
         stats.aggregated = result[0] is not None
+        if self.students is not None:
+            stats.aggregated |= self.students.aggregate(student_models)
+            if self.students.due(shown):
+                teacher = result[0].to_torch_state_dict() if result[0] is not None else global_state
+                self.students.refresh(teacher)
         if not stats.aggregated:
             log.error(
                 "round %d FAILED, it aggregated nothing: %d updates accepted; %s",
@@ -288,6 +362,20 @@ class CompressedStrategy(Strategy):
                 stats.losses(),
             )
         return result
+
+    def _fused(self, rebuilt: list[Message]) -> ArrayRecord:
+        """The teacher's aggregate by :attr:`_aggregate_global` over the round's models."""
+        assert self._aggregate_global is not None
+        states, weights = [], []
+        for reply in rebuilt:
+            if reply.has_error() or self._arrays_key not in reply.content.array_records:
+                continue
+            states.append(reply.content.array_records[self._arrays_key].to_torch_state_dict())
+            examples = reply.content.metric_records.get("metrics", MetricRecord()).get(
+                "num-examples", 1
+            )
+            weights.append(float(examples) if isinstance(examples, (int, float)) else 1.0)
+        return ArrayRecord(self._aggregate_global(states, weights))
 
     def _decode_reply(
         self, edge: str, receipt: TrainReceipt, target: str, global_state: State
