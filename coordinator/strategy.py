@@ -332,10 +332,11 @@ class CompressedStrategy(Strategy):
             rebuilt.append(reply)
         self.stats[server_round] = stats
         log.info(
-            "round %d: %d updates accepted, %d rejected, %d edges failed, %d dropped; "
+            "round %d: %d updates accepted%s, %d rejected, %d edges failed, %d dropped; "
             "%d bytes down, %d up (target %s)",
             shown,
             stats.accepted,
+            f" ({stats.student_accepted} to the student)" if self.students is not None else "",
             len(stats.rejected),
             len(stats.failed),
             len(stats.dropped),
