@@ -12,7 +12,7 @@ from __future__ import annotations
 import functools
 import logging
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -31,15 +31,24 @@ from flwr.serverapp.strategy import (
 
 from coordinator.budget import BudgetPolicy, EdgeRequest, Skip
 from coordinator.dataplane import CoordinatorDataPlane, InstructionTemplate
+from coordinator.distill import DistillConfig
 from coordinator.frozen import FrozenParts
-from coordinator.strategy import CompressedStrategy, InstructionFactory, RoundStats
+from coordinator.fusion import FeddfFusion
+from coordinator.proxy import split_proxy
+from coordinator.strategy import (
+    CompressedStrategy,
+    GlobalAggregator,
+    InstructionFactory,
+    RoundStats,
+)
+from coordinator.student_track import StudentAssignment, StudentTrack
 from coordinator.version_store import VersionStore
 from fedsqueeze.codec import state_digest
 from fedsqueeze.codec.spec_text import with_freeze
 from fedsqueeze.control import RoundInstruction
 from fedsqueeze.errors import ConfigError, FedsqueezeError, RunFailedError
-from fedsqueeze.runconfig import RunSettings, StrategyName
-from fedsqueeze.tasks import get_task
+from fedsqueeze.runconfig import Aggregation, RunSettings, StrategyName
+from fedsqueeze.tasks import Task, get_task
 
 log = logging.getLogger(__name__)
 
@@ -78,14 +87,23 @@ class Coordinator:
     offset: int
     policy: BudgetPolicy | None = None
     failed_rounds: list[int] = field(default_factory=list)
+    students: StudentTrack | None = None
 
     @classmethod
-    def open(cls, settings: RunSettings, *, policy: PolicyFactory | None = None) -> Coordinator:
+    def open(
+        cls,
+        settings: RunSettings,
+        *,
+        policy: PolicyFactory | None = None,
+        assignment: StudentAssignment | None = None,
+    ) -> Coordinator:
         """Open the state directory, start the data plane, build the strategy.
 
         ``policy(store)`` builds the budget policy that chooses each edge's specs per
         round (or leaves it out); without one every edge gets the settings' specs and
-        budgets.
+        budgets. ``assignment`` says which edges train the student (with
+        ``student-refresh-every``); without one, edges whose download budget is at most
+        ``student-budget`` do.
         """
         root = Path(settings.state_dir)
         store = VersionStore(root, keep=settings.keep_versions)
@@ -100,6 +118,11 @@ class Coordinator:
         initial = dict(task.build_model(settings.seed).state_dict())
         frozen = settings.frozen(task.frozen)
         FrozenParts(frozen).check(initial, f"task {settings.task!r}")
+        if frozen and settings.aggregation is not Aggregation.AVERAGE:
+            raise ConfigError(
+                "aggregation=feddf distils whole client models: it does not combine with "
+                "frozen tensors (set freeze=none, or aggregation=average)"
+            )
         if frozen:
             log.info("frozen tensors (sent at most once, never aggregated): %s", "|".join(frozen))
         init_digest = state_digest(initial).hex()
@@ -135,6 +158,20 @@ class Coordinator:
                 init_digest if settings.init_from_seed else None,
                 frozen,
             )
+        students, fusion = _distillation(settings, task, store, assignment)
+        student_instruct: InstructionFactory | None = None
+        if students is not None:
+            student_init = students.init_digest if settings.init_from_seed else ""
+            student_instruct = functools.partial(
+                plane.instruction, replace(template, init_digest=student_init)
+            )
+            if budget is not None:
+                student_instruct = functools.partial(
+                    _budgeted, student_instruct, budget, store, student_init or None
+                )
+        aggregate_global: GlobalAggregator | None = None
+        if fusion is not None:
+            aggregate_global = functools.partial(_fuse_teacher, fusion, task, settings.seed)
         strategy = CompressedStrategy(
             build_strategy(settings),
             store,
@@ -143,8 +180,11 @@ class Coordinator:
             clip_norm=settings.clip_norm or None,
             round_offset=offset,
             frozen=frozen,
+            students=students,
+            student_instruction=student_instruct,
+            aggregate_global=aggregate_global,
         )
-        return cls(settings, store, plane, strategy, init_digest, offset, budget)
+        return cls(settings, store, plane, strategy, init_digest, offset, budget, students=students)
 
     def initial_arrays(self) -> ArrayRecord:
         """Where this run starts: the last completed global model, or the seeded one."""
@@ -172,6 +212,10 @@ class Coordinator:
             "bytes-up": float(stats.bytes_up if stats else 0),
             **_loss_metrics(stats),
         }
+        if self.students is not None:
+            student = task.evaluate(self.students.model(), data.x_test, data.y_test)
+            metrics["student-accuracy"] = student.accuracy
+            metrics["student-updates"] = float(stats.student_accepted if stats else 0)
         if stats is not None and self.policy is not None:
             self.policy.observe(stats.bytes_down, stats.bytes_up)
         if server_round > 0:
@@ -233,6 +277,55 @@ class Coordinator:
     def close(self) -> None:
         """Stop the data plane."""
         self.plane.close()
+
+
+def _distillation(
+    settings: RunSettings,
+    task: Task,
+    store: VersionStore,
+    assignment: StudentAssignment | None,
+) -> tuple[StudentTrack | None, FeddfFusion | None]:
+    """The student track and the FedDF fusion the settings ask for (each or neither)."""
+    feddf = settings.aggregation is Aggregation.FEDDF
+    if not settings.student_refresh_every and not feddf:
+        return None, None
+    if settings.student_refresh_every and task.build_student is None:
+        raise ConfigError(f"task {settings.task!r} has no student architecture")
+    proxy, _ = split_proxy(task.load_data(), settings.proxy_size)
+    config = DistillConfig(
+        temperature=settings.distill_temperature,
+        epochs=settings.distill_epochs,
+        proxy_size=settings.proxy_size,
+        seed=settings.seed,
+    )
+    fusion = FeddfFusion(proxy.x, config) if feddf else None
+    students = None
+    if settings.student_refresh_every:
+        assign = assignment or StudentAssignment(
+            budget_of=lambda node: settings.down_budget, student_budget=settings.student_budget
+        )
+        students = StudentTrack(
+            store,
+            task,
+            settings.seed,
+            proxy.x,
+            config,
+            settings.student_refresh_every,
+            assign,
+            resume=settings.resume,
+            **({"aggregate": fusion} if fusion is not None else {}),
+        )
+    return students, fusion
+
+
+def _fuse_teacher(
+    fusion: FeddfFusion,
+    task: Task,
+    seed: int,
+    states: Sequence[Mapping[str, torch.Tensor]],
+    weights: Sequence[float],
+) -> dict[str, torch.Tensor]:
+    return fusion(states, weights, lambda: task.build_model(seed))
 
 
 def _loss_metrics(stats: RoundStats | None) -> dict[str, float]:

@@ -350,12 +350,15 @@ class LadderPolicy:
 
     def _up_sizes(self, text: str, spec: CodecSpec, template: dict[str, torch.Tensor]) -> _UpSizes:
         """Wire bytes of an upload with ``spec``: expected, bound, and the shrink floor."""
-        bound = self._cached(text, lambda: _upload_bound(spec, template)) + UP_OVERHEAD_BYTES
+        # Keyed by the model's shapes too: a student track's edges upload a smaller model.
+        shapes = ";".join(f"{k}:{tuple(v.shape)}" for k, v in template.items())
+        key = f"{text}@{hash(shapes)}"
+        bound = self._cached(key, lambda: _upload_bound(spec, template)) + UP_OVERHEAD_BYTES
         if spec.rank is None or spec.rank == 1:
             return _UpSizes(bound, bound, bound)
-        expected = self._cached(f"{text} expected", lambda: _random_upload(spec, template).nbytes)
+        expected = self._cached(f"{key} expected", lambda: _random_upload(spec, template).nbytes)
         one = spec.with_changes(rank=1)
-        floor = self._cached(f"{text} rank=1", lambda: _upload_bound(one, template))
+        floor = self._cached(f"{key} rank=1", lambda: _upload_bound(one, template))
         return _UpSizes(
             min(expected + UP_OVERHEAD_BYTES, bound), bound, min(floor + UP_OVERHEAD_BYTES, bound)
         )

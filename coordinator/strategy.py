@@ -13,14 +13,19 @@
 With frozen parts (``frozen=...``, see :mod:`coordinator.frozen`) the wrapped strategy
 only ever sees the trainable arrays, in ``configure_*`` and in ``aggregate_train``; the
 new global model takes its frozen tensors unchanged from the current one.
+With a student track (:mod:`coordinator.student_track`) the edges it assigns train the
+student instead: their instructions name the student's version, their updates are decoded
+against it and averaged into the student, never handed to the wrapped strategy. With a
+fusion (``aggregation = feddf``, :mod:`coordinator.fusion`) the teacher's new model is the
+fusion of the round's client models instead of the wrapped strategy's average.
 """
 
 from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
@@ -29,9 +34,16 @@ from flwr.serverapp.strategy import Strategy
 
 from coordinator.frozen import FrozenParts
 from coordinator.hygiene import Rejection, check_update, clip_update
+from coordinator.student_track import StudentTrack
 from coordinator.version_store import VersionStore
 from fedsqueeze.codec import EncodedModel, decode_state
-from fedsqueeze.control import CONTROL_KEY, RECEIPT_KEY, RoundInstruction, TrainReceipt
+from fedsqueeze.control import (
+    CONTROL_KEY,
+    RECEIPT_KEY,
+    ModelTrack,
+    RoundInstruction,
+    TrainReceipt,
+)
 from fedsqueeze.errors import FedsqueezeError
 
 log = logging.getLogger(__name__)
@@ -52,6 +64,9 @@ UpdatePuller = Callable[[str], PulledUpdate | None]
 #: ``(server_round, node_id, target_digest)`` → the edge's instruction, or ``None`` when
 #: the edge sits the round out (a budget it cannot fit).
 InstructionFactory = Callable[[int, int, str], RoundInstruction | None]
+#: ``(client states, weights) -> state``: the teacher's aggregation replacing the wrapped
+#: strategy's average (FedDF fusion); its metrics still come from the wrapped strategy.
+GlobalAggregator = Callable[[Sequence[Mapping[str, torch.Tensor]], Sequence[float]], State]
 
 
 @dataclass
@@ -72,7 +87,10 @@ class RoundStats:
     skipped
         Edges that sat the round out (a budget they cannot fit).
     aggregated
-        Whether the wrapped strategy produced a new global model this round.
+        Whether the wrapped strategy produced a new global model this round (or, with a
+        student track, the student took updates).
+    student_accepted
+        Of ``accepted``, the updates that went into the student.
     """
 
     bytes_down: int = 0
@@ -83,6 +101,7 @@ class RoundStats:
     dropped: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     aggregated: bool = False
+    student_accepted: int = 0
 
     def losses(self) -> str:
         """Why edges are missing from the aggregate, in one line."""
@@ -139,6 +158,10 @@ class CompressedStrategy(Strategy):
     frozen
         Glob patterns of the frozen tensors (the specs' ``freeze``): the wrapped strategy
         never sees them, and every new global model keeps the current one's.
+    students, student_instruction
+        The student track and the instructions of its edges (both or neither).
+    aggregate_global
+        Replaces the wrapped strategy's average for the teacher (FedDF fusion).
     """
 
     def __init__(
@@ -153,7 +176,17 @@ class CompressedStrategy(Strategy):
         configrecord_key: str = "config",
         round_offset: int = 0,
         frozen: tuple[str, ...] = (),
+        students: StudentTrack | None = None,
+        student_instruction: InstructionFactory | None = None,
+        aggregate_global: GlobalAggregator | None = None,
     ) -> None:
+        if (students is None) != (student_instruction is None):
+            raise ValueError("a student track needs its instruction factory, and vice versa")
+        self.students = students
+        self._student_instruction = student_instruction
+        self._aggregate_global = aggregate_global
+        self._student: dict[int, tuple[str, State]] = {}
+        self._student_nodes: dict[int, set[str]] = {}
         self.inner = inner
         self.frozen = FrozenParts(frozen)
         self._frozen_checked = False
@@ -190,7 +223,13 @@ class CompressedStrategy(Strategy):
             return arrays
         return ArrayRecord(self.frozen.trainable(arrays.to_torch_state_dict()))
 
-    def _strip(self, server_round: int, messages: Iterable[Message], target: str) -> list[Message]:
+    def _strip(
+        self,
+        server_round: int,
+        messages: Iterable[Message],
+        target: str,
+        student_target: str | None = None,
+    ) -> list[Message]:
         out = []
         for msg in messages:
             node = msg.metadata.dst_node_id
@@ -199,7 +238,19 @@ class CompressedStrategy(Strategy):
                 if isinstance(record, ArrayRecord):
                     continue  # model bytes go on the data plane, never in Flower
                 content[key] = record
-            instruction = self._instruction(server_round, node, target)
+            student = (
+                student_target is not None
+                and self.students is not None
+                and self._student_instruction is not None
+                and self.students.track_of(node) is ModelTrack.STUDENT
+            )
+            if student and self._student_instruction is not None and student_target is not None:
+                instruction = self._student_instruction(server_round, node, student_target)
+                if instruction is not None:
+                    instruction = replace(instruction, track=ModelTrack.STUDENT)
+                    self._student_nodes.setdefault(server_round, set()).add(str(node))
+            else:
+                instruction = self._instruction(server_round, node, target)
             if instruction is None:
                 log.info("round %d: edge %s sits this round out (budget)", server_round, node)
                 self._skipped.setdefault(server_round, []).append(str(node))
@@ -215,8 +266,12 @@ class CompressedStrategy(Strategy):
     ) -> Iterable[Message]:
         """Publish the global model, let the wrapped strategy sample, strip the arrays."""
         target = self._publish(server_round, arrays)
+        student_target = None
+        if self.students is not None:
+            student_target = self.students.publish()
+            self._student[server_round] = (student_target, dict(self.students.state))
         messages = self.inner.configure_train(server_round, self._visible(arrays), config, grid)
-        out = self._strip(server_round, messages, target)
+        out = self._strip(server_round, messages, target, student_target)
         self._sent[server_round] = [str(m.metadata.dst_node_id) for m in out]
         return out
 
@@ -238,6 +293,9 @@ class CompressedStrategy(Strategy):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Decode every edge's update, check and clip it, then aggregate as usual."""
         target, global_state = self._global.pop(server_round)
+        student_round = self._student.pop(server_round, None)
+        student_nodes = self._student_nodes.pop(server_round, set())
+        student_models: list[tuple[State, float]] = []
         replies = list(replies)
         stats = RoundStats(skipped=self._skipped.pop(server_round, []))
         replied = {str(reply.metadata.src_node_id) for reply in replies}
@@ -260,7 +318,11 @@ class CompressedStrategy(Strategy):
             )
             stats.bytes_down += receipt.bytes_down
             stats.bytes_up += receipt.bytes_up
-            arrays, rejection = self._decode_reply(edge, receipt, target, global_state)
+            is_student = edge in student_nodes and student_round is not None
+            track_target, track_state = (
+                student_round if is_student and student_round else (target, global_state)
+            )
+            arrays, rejection = self._decode_reply(edge, receipt, track_target, track_state)
             if rejection is not None:
                 log.warning(
                     "round %d: rejected update from edge %s: %s", shown, edge, rejection.reason
@@ -274,6 +336,11 @@ class CompressedStrategy(Strategy):
                 levels=receipt.decoded_levels,
             )
             assert arrays is not None  # no rejection means arrays were built
+            stats.accepted += 1
+            if is_student:
+                stats.student_accepted += 1
+                student_models.append((arrays.to_torch_state_dict(), float(receipt.num_examples)))
+                continue
             content = RecordDict(
                 {
                     self._arrays_key: arrays,
@@ -282,13 +349,13 @@ class CompressedStrategy(Strategy):
             )
             reply.content = content
             rebuilt.append(reply)
-            stats.accepted += 1
         self.stats[server_round] = stats
         log.info(
-            "round %d: %d updates accepted, %d rejected, %d edges failed, %d dropped; "
+            "round %d: %d updates accepted%s, %d rejected, %d edges failed, %d dropped; "
             "%d bytes down, %d up (target %s)",
             shown,
             stats.accepted,
+            f" ({stats.student_accepted} to the student)" if self.students is not None else "",
             len(stats.rejected),
             len(stats.failed),
             len(stats.dropped),
@@ -297,12 +364,19 @@ class CompressedStrategy(Strategy):
             target[:12],
         )
         result: tuple[ArrayRecord | None, MetricRecord | None] = (None, None)
-        if stats.accepted:
+        if stats.accepted > stats.student_accepted:
             result = self.inner.aggregate_train(server_round, rebuilt)
+            if result[0] is not None and self._aggregate_global is not None:
+                result = (self._fused(rebuilt), result[1])
             if result[0] is not None and self.frozen:
                 merged = self.frozen.merge(result[0].to_torch_state_dict(), global_state)
                 result = (ArrayRecord(merged), result[1])
         stats.aggregated = result[0] is not None
+        if self.students is not None:
+            stats.aggregated |= self.students.aggregate(student_models)
+            if self.students.due(shown):
+                teacher = result[0].to_torch_state_dict() if result[0] is not None else global_state
+                self.students.refresh(teacher)
         if not stats.aggregated:
             log.error(
                 "round %d FAILED, it aggregated nothing: %d updates accepted; %s",
@@ -311,6 +385,21 @@ class CompressedStrategy(Strategy):
                 stats.losses(),
             )
         return result
+
+    def _fused(self, rebuilt: list[Message]) -> ArrayRecord:
+        """The teacher's aggregate by :attr:`_aggregate_global` over the round's models."""
+        if self._aggregate_global is None:
+            raise RuntimeError("no fusion configured")
+        states, weights = [], []
+        for reply in rebuilt:
+            if reply.has_error() or self._arrays_key not in reply.content.array_records:
+                continue
+            states.append(reply.content.array_records[self._arrays_key].to_torch_state_dict())
+            examples = reply.content.metric_records.get("metrics", MetricRecord()).get(
+                "num-examples", 1
+            )
+            weights.append(float(examples) if isinstance(examples, (int, float)) else 1.0)
+        return ArrayRecord(self._aggregate_global(states, weights))
 
     def _decode_reply(
         self, edge: str, receipt: TrainReceipt, target: str, global_state: State

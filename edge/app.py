@@ -17,6 +17,7 @@ from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from edge.mod import fedsqueeze_mod
+from fedsqueeze.control import TRACK_CONFIG_KEY, ModelTrack
 from fedsqueeze.errors import ConfigError
 from fedsqueeze.runconfig import Partitioning, RunSettings
 from fedsqueeze.tasks import (
@@ -103,7 +104,15 @@ def make_client_app(
 
 def _setup(msg: Message, settings: RunSettings) -> tuple[Task, torch.nn.Module]:
     task = get_task(settings.task)
-    model = task.build_model(settings.seed)
+    config = msg.content.config_records.get("config")
+    track = config.get(TRACK_CONFIG_KEY) if config is not None else None
+    if track == ModelTrack.STUDENT.value:
+        # The fedsqueeze mod says these arrays are the student (the student track).
+        if task.build_student is None:
+            raise ConfigError(f"task {settings.task!r} has no student architecture")
+        model = task.build_student(settings.seed)
+    else:
+        model = task.build_model(settings.seed)
     model.load_state_dict(msg.content.array_records["arrays"].to_torch_state_dict())
     return task, model
 

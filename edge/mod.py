@@ -33,14 +33,21 @@ import time
 from collections.abc import Callable
 
 import torch
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp.typing import ClientAppCallable
 
 from edge.cache import ContextCache, DirectoryCache, EdgeCache, EdgeMemory
 from edge.dataplane import DataPlaneConnector, GrpcConnector
 from fedsqueeze.codec import CodecSpec, EncodedModel, NonFinite, encode_state, state_digest
 from fedsqueeze.codec.spec_text import parse_spec
-from fedsqueeze.control import CONTROL_KEY, RECEIPT_KEY, RoundInstruction, TrainReceipt
+from fedsqueeze.control import (
+    CONTROL_KEY,
+    RECEIPT_KEY,
+    TRACK_CONFIG_KEY,
+    ModelTrack,
+    RoundInstruction,
+    TrainReceipt,
+)
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +59,15 @@ def _task_model(task: str, seed: int) -> State:
     from fedsqueeze.tasks import get_task  # deferred: pulls in scikit-learn
 
     return dict(get_task(task).build_model(seed).state_dict())
+
+
+def _task_student(task: str, seed: int) -> State:
+    from fedsqueeze.tasks import get_task  # deferred: pulls in scikit-learn
+
+    build = get_task(task).build_student
+    if build is None:
+        raise ValueError(f"task {task!r} has no student architecture")
+    return dict(build(seed).state_dict())
 
 
 #: Node-config key naming a local directory for the edge's held model and residual.
@@ -71,6 +87,7 @@ def make_mod(
     cache: Callable[[Context], EdgeCache] = default_cache,
     connector: DataPlaneConnector | None = None,
     initial_model: ModelFactory | None = _task_model,
+    initial_student: ModelFactory | None = _task_student,
     nonfinite: NonFinite = NonFinite.REFUSE,
 ) -> Callable[[Message, Context, ClientAppCallable], Message]:
     """Build a fedsqueeze mod.
@@ -85,6 +102,8 @@ def make_mod(
     initial_model
         ``(task, seed) -> state`` that rebuilds the initial model locally, or ``None``
         to always download it.
+    initial_student
+        The same for the student track (the task's student architecture).
     nonfinite
         What to do with an update tensor holding NaN/Inf (see :func:`fit_update`).
     """
@@ -97,8 +116,10 @@ def make_mod(
         store = cache(context)
         memory = store.load()
         held, held_digest = memory.held, memory.held_digest
-        if held is None and initial_model is not None and instruction.init_digest:
-            candidate = initial_model(instruction.task, instruction.init_seed)
+        student = instruction.track is ModelTrack.STUDENT
+        rebuild = initial_student if student else initial_model
+        if held is None and rebuild is not None and instruction.init_digest:
+            candidate = rebuild(instruction.task, instruction.init_seed)
             if state_digest(candidate).hex() == instruction.init_digest:
                 held, held_digest = candidate, instruction.init_digest
             else:
@@ -111,8 +132,16 @@ def make_mod(
         fetch_seconds = max(0.0, time.perf_counter() - fetch_start - fetched.link_wait_s)
         content = RecordDict({k: v for k, v in msg.content.items() if k != CONTROL_KEY})
         content["arrays"] = ArrayRecord(fetched.state)
+        if student:
+            # The training code builds the student's architecture for these arrays.
+            config = ConfigRecord(dict(content.config_records.get("config", ConfigRecord())))
+            config[TRACK_CONFIG_KEY] = ModelTrack.STUDENT.value
+            content["config"] = config
         msg.content = content
-        store.save(EdgeMemory(fetched.digest, fetched.state, memory.residual))
+        residual = memory.residual
+        if residual is not None and not _same_shapes(residual, fetched.state):
+            residual = None  # made for the other track's architecture
+        store.save(EdgeMemory(fetched.digest, fetched.state, residual))
         reply = call_next(msg, context)
         if reply.has_error() or "arrays" not in reply.content.array_records:
             return reply  # evaluate replies, or errors: nothing to upload
@@ -121,7 +150,7 @@ def make_mod(
             trained,
             parse_spec(instruction.up_spec),
             fetched.state,
-            residual=memory.residual,
+            residual=residual,
             seed=_rounding_seed(edge_id, instruction.server_round, fetched.digest),
             base_digest=bytes.fromhex(fetched.digest),
             budget=instruction.up_budget,
@@ -234,6 +263,10 @@ def _highest_rank_that_fits(
             break
         encoded, rank = bigger, rank + 1
     return encoded
+
+
+def _same_shapes(a: State, b: State) -> bool:
+    return a.keys() <= b.keys() and all(a[k].shape == b[k].shape for k in a)
 
 
 def _rounding_seed(edge_id: str, server_round: int, base_digest: str) -> int:

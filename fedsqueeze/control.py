@@ -11,6 +11,7 @@ pays them every round, so they matter on a budget of a few kilobytes.
 
 from __future__ import annotations
 
+import enum
 import math
 from dataclasses import dataclass
 
@@ -22,6 +23,18 @@ CONTROL_KEY = "fedsqueeze"
 RECEIPT_KEY = "fedsqueeze-receipt"
 #: The key of the serialized message inside the ``ConfigRecord``.
 WIRE_KEY = "v1"
+#: The key in the app's ``"config"`` record that tells the training code which model
+#: architecture the arrays are (set by the edge mod for the student track only).
+TRACK_CONFIG_KEY = "fedsqueeze-track"
+
+
+class ModelTrack(enum.Enum):
+    """Which model an edge trains (the version store's track of the same name)."""
+
+    GLOBAL = "global"
+    """The global (teacher) model."""
+    STUDENT = "student"
+    """The compact student distilled from the global model (the task's student builder)."""
 
 
 @dataclass(frozen=True)
@@ -49,6 +62,8 @@ class RoundInstruction:
         This edge's bearer token for the data plane.
     tls
         Whether the data plane uses TLS.
+    track
+        Which model the edge trains; ``target`` and ``init_digest`` are that track's.
     """
 
     server_round: int
@@ -63,6 +78,7 @@ class RoundInstruction:
     up_budget: int = 0
     token: str = ""
     tls: bool = False
+    track: ModelTrack = ModelTrack.GLOBAL
 
     def to_record(self) -> ConfigRecord:
         """As a Flower ``ConfigRecord`` holding the serialized message."""

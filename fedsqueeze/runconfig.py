@@ -42,6 +42,16 @@ class StrategyName(enum.Enum):
     FEDTRIMMEDAVG = "fedtrimmedavg"
 
 
+class Aggregation(enum.Enum):
+    """How the coordinator combines a round's client models into the global one."""
+
+    AVERAGE = "average"
+    """The wrapped Flower strategy's aggregate (FedAvg's weighted average by default)."""
+    FEDDF = "feddf"
+    """FedDF fusion: the average, then distilled towards the ensemble's averaged logits on
+    the coordinator's proxy set (needs ``strategy = fedavg``)."""
+
+
 @dataclass(frozen=True)
 class RunSettings:
     """Everything both sides of a run agree on.
@@ -54,6 +64,14 @@ class RunSettings:
     ``minilm-text``, none for the digits tasks), ``none`` freezes nothing, anything else
     is glob patterns joined by ``|``. Patterns given by the codec specs' ``freeze`` key
     count as well.
+
+    Students and fusion: ``student-refresh-every = N`` (0: off) runs a student track
+    beside the global model (:mod:`coordinator.student_track`), refreshed by distilling
+    the global model into it every N rounds; edges with a per-round download budget of
+    at most ``student-budget`` bytes (or, in simulations, on weak links) train it.
+    ``aggregation = "feddf"`` fuses each round's client models by ensemble distillation
+    (:mod:`coordinator.fusion`). Both distil on ``proxy-size`` training examples the
+    coordinator holds, for ``distill-epochs`` epochs at ``distill-temperature``.
     """
 
     task: str = "digits-cnn"
@@ -89,6 +107,12 @@ class RunSettings:
     round_timeout: float = 600.0
     max_failed_rounds: int = 0
     freeze: str = "auto"
+    aggregation: Aggregation = Aggregation.AVERAGE
+    student_refresh_every: int = 0
+    student_budget: int = 0
+    proxy_size: int = 360
+    distill_epochs: int = 40
+    distill_temperature: float = 4.0
 
     def __post_init__(self) -> None:
         if self.num_rounds < 1:
@@ -112,6 +136,12 @@ class RunSettings:
             raise ConfigError("round-timeout must be > 0")
         if self.max_failed_rounds < 0:
             raise ConfigError(f"max-failed-rounds must be >= 0, got {self.max_failed_rounds}")
+        if self.aggregation is Aggregation.FEDDF and self.strategy is not StrategyName.FEDAVG:
+            raise ConfigError("aggregation = feddf fuses FedAvg's clients: needs strategy = fedavg")
+        if min(self.student_refresh_every, self.student_budget, self.distill_epochs) < 0:
+            raise ConfigError("student-refresh-every, student-budget, distill-epochs must be >= 0")
+        if self.proxy_size < 1 or not self.distill_temperature > 0:
+            raise ConfigError("proxy-size must be >= 1 and distill-temperature > 0")
         # Fail at start-up, not in round 7, on a spec typo.
         self.down_codec()
         self.up_codec()
@@ -166,6 +196,8 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
             return Partitioning(str(value).lower())
         if kind == "StrategyName":
             return StrategyName(str(value).lower())
+        if kind == "Aggregation":
+            return Aggregation(str(value).lower())
         if kind == "Optimizer":
             return Optimizer(str(value).lower())
         if kind == "bool":

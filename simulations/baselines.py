@@ -19,6 +19,14 @@ arm                what travels
                    delta in levels of 2+2 bits against what the client holds) truncated
                    to the client's budget and deadline instead of a skip or a drop;
                    uploads as ``adaptive``, within the same 3.7 kB / 2.4 kB
+``distill``        (not in the default sweep) ``adaptive``, and a student track: clients
+                   on 2g, iot-lpwan and satellite links train the task's compact student
+                   (its own versions and aggregation, refreshed by distilling the global
+                   model on the coordinator's proxy set every 5 rounds), the rest the
+                   global model
+``adaptive-feddf`` (not in the default sweep) ``adaptive`` with FedDF fusion as the
+                   aggregation: the same bytes, the average distilled towards the clients'
+                   ensemble on the proxy set
 ``sparse``         (not in the default sweep) fixed specs: 95%-sparse 2-bit model deltas
                    down, top-k 5% 2-bit updates with error feedback up
 =================  ==========================================================================
@@ -36,7 +44,7 @@ from dataclasses import dataclass, field
 from coordinator.budget import PolicyKind
 from fedsqueeze.codec.spec_text import parse_freeze, parse_spec
 from fedsqueeze.errors import ConfigError
-from fedsqueeze.runconfig import AUTO_FREEZE
+from fedsqueeze.runconfig import AUTO_FREEZE, Aggregation
 
 __all__ = [
     "ADAPTIVE_DOWN_LADDER",
@@ -137,6 +145,12 @@ class ArmConfig:
     freeze
         The run's frozen tensors (run config ``freeze``): ``auto`` (the task's own,
         ``frozen.*`` for ``minilm-text``), ``none``, or glob patterns joined by ``|``.
+    student_links
+        Link profile names whose clients train the student (empty: no student track).
+    student_refresh_every
+        With ``student_links``: distil the global model into the student every N rounds.
+    aggregation
+        Averaging, or FedDF fusion on the coordinator's proxy set.
     """
 
     name: str
@@ -152,6 +166,9 @@ class ArmConfig:
     budget_fraction: float = 0.0
     down_share: float = 0.5
     freeze: str = AUTO_FREEZE
+    student_links: tuple[str, ...] = ()
+    student_refresh_every: int = 5
+    aggregation: Aggregation = Aggregation.AVERAGE
     description: str = field(default="", compare=False)
 
     def __post_init__(self) -> None:
@@ -167,6 +184,12 @@ class ArmConfig:
             raise ConfigError(f"arm {self.name}: budget-fraction must be in [0, 1)")
         if not 0.0 < self.down_share < 1.0:
             raise ConfigError(f"arm {self.name}: down-share must be in (0, 1)")
+        if self.student_refresh_every < 1:
+            raise ConfigError(f"arm {self.name}: student-refresh-every must be >= 1")
+        if (self.student_links or self.aggregation is not Aggregation.AVERAGE) and (
+            self.kind is ArmKind.FLOWER
+        ):
+            raise ConfigError(f"arm {self.name}: students and fusion need a fedsqueeze arm")
         if self.total_budget and self.budget_fraction:
             raise ConfigError(f"arm {self.name}: give total-budget or budget-fraction, not both")
         if self.freeze.strip() != AUTO_FREEZE:
@@ -214,6 +237,22 @@ ARM_PRESETS: Mapping[str, ArmConfig] = {
         up_budget=2400,
         description="progressive downloads truncated to 3.7 kB and the deadline, "
         "adaptive uploads within 2.4 kB",
+    ),
+    "distill": ArmConfig(
+        "distill",
+        policy=PolicyKind.ADAPTIVE,
+        down_budget=3700,
+        up_budget=2400,
+        student_links=("2g", "iot-lpwan", "satellite"),
+        description="adaptive; clients on 2g, iot-lpwan and satellite train the student",
+    ),
+    "adaptive-feddf": ArmConfig(
+        "adaptive-feddf",
+        policy=PolicyKind.ADAPTIVE,
+        down_budget=3700,
+        up_budget=2400,
+        aggregation=Aggregation.FEDDF,
+        description="adaptive, FedDF fusion instead of averaging",
     ),
     "sparse": ArmConfig(
         "sparse",

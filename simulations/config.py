@@ -31,9 +31,9 @@ from typing import Any
 
 from coordinator.budget import PolicyKind
 from fedsqueeze.errors import ConfigError
-from fedsqueeze.runconfig import Partitioning, RunSettings
+from fedsqueeze.runconfig import Aggregation, Partitioning, RunSettings
 from simulations.baselines import ARM_PRESETS, DEFAULT_ARMS, ArmConfig, ArmKind
-from simulations.links import LinkMix, parse_mix
+from simulations.links import LinkMix, link_profile, parse_mix
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -154,6 +154,9 @@ class SimulationConfig:
         if self.round_timeout_s <= 0:
             raise ConfigError("round-timeout-s must be > 0")
         self.link_mix()
+        for arm in self.arms:
+            for name in arm.student_links:
+                link_profile(name)
         self.run_settings(self.arms[0], "state")
 
     @property
@@ -206,6 +209,8 @@ class SimulationConfig:
             # dropped at a deadline, skipped by a budget) as results, not as a failure.
             max_failed_rounds=self.num_rounds,
             freeze=arm.freeze,
+            student_refresh_every=arm.student_refresh_every if arm.student_links else 0,
+            aggregation=arm.aggregation,
         )
 
 
@@ -291,6 +296,7 @@ _ENUMS: dict[str, type[enum.Enum]] = {
     "Partitioning": Partitioning,
     "PolicyKind": PolicyKind,
     "ArmKind": ArmKind,
+    "Aggregation": Aggregation,
 }
 
 

@@ -26,6 +26,7 @@ from flwr.serverapp.strategy import FedAvg
 
 from coordinator.app import Coordinator, PolicyFactory
 from coordinator.budget import Budget, BudgetPolicy, LadderPolicy, PolicyKind, RunBudget
+from coordinator.student_track import StudentAssignment
 from coordinator.version_store import VersionStore
 from fedsqueeze.control import RECEIPT_KEY, TrainReceipt
 from fedsqueeze.tasks import get_task
@@ -33,6 +34,7 @@ from fedsqueeze.transport.shaping import LinkProfile
 from simulations.baselines import ArmConfig, ArmKind
 from simulations.config import SimulationConfig
 from simulations.grid import RoundTraffic, SimGrid
+from simulations.links import link_profile
 
 log = logging.getLogger(__name__)
 
@@ -173,7 +175,11 @@ class SweepServer:
                 server._record(run, server_round, float(acc), float(loss))  # type: ignore[arg-type]
                 return metrics
 
-        coordinator = _Coordinator.open(settings, policy=factory)
+        assignment = None
+        if arm.student_links:
+            weak = {link_profile(name) for name in arm.student_links}
+            assignment = StudentAssignment(link_of=sim.link_of_node, weak_link=weak.__contains__)
+        coordinator = _Coordinator.open(settings, policy=factory, assignment=assignment)
         store = coordinator.store
 
         def on_round(traffic: RoundTraffic) -> None:

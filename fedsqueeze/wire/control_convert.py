@@ -15,7 +15,7 @@ from google.protobuf.message import DecodeError
 
 from fedsqueeze.codec import CodecSpec
 from fedsqueeze.codec.spec_text import format_spec, parse_spec
-from fedsqueeze.control import RoundInstruction, TrainReceipt
+from fedsqueeze.control import ModelTrack, RoundInstruction, TrainReceipt
 from fedsqueeze.errors import CodecError, ConfigError
 from fedsqueeze.wire import control_pb2 as pb
 from fedsqueeze.wire.types import DIGEST_BYTES, check_digest
@@ -87,6 +87,7 @@ def instruction_to_bytes(instruction: RoundInstruction) -> bytes:
         init_digest=(_digest_to_wire(instruction.init_digest, "init_digest") if has_init else b""),
         token=instruction.token,
         tls=instruction.tls,
+        track=_TRACK_TO_WIRE[instruction.track],
     )
     return message.SerializeToString()
 
@@ -115,7 +116,21 @@ def instruction_from_bytes(data: bytes) -> RoundInstruction:
         up_budget=message.up_budget_bytes,
         token=message.token,
         tls=message.tls,
+        track=_track_from_wire(message.track),
     )
+
+
+_TRACK_TO_WIRE = {
+    ModelTrack.GLOBAL: pb.MODEL_TRACK_UNSPECIFIED,
+    ModelTrack.STUDENT: pb.MODEL_TRACK_STUDENT,
+}
+
+
+def _track_from_wire(value: int) -> ModelTrack:
+    for track, wire in _TRACK_TO_WIRE.items():
+        if wire == value:
+            return track
+    raise ConfigError(f"round instruction with an unknown model track {value}")
 
 
 def _seconds(value: float, what: str) -> float:

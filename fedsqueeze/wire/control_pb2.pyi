@@ -18,6 +18,7 @@ from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -28,6 +29,26 @@ else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class _ModelTrack:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ModelTrackEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ModelTrack.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    MODEL_TRACK_UNSPECIFIED: _ModelTrack.ValueType  # 0
+    """The global model (the default; costs no bytes on the wire)."""
+    MODEL_TRACK_STUDENT: _ModelTrack.ValueType  # 1
+    """The compact student distilled from the global model."""
+
+class ModelTrack(_ModelTrack, metaclass=_ModelTrackEnumTypeWrapper):
+    """The model tracks an edge can be asked to train."""
+
+MODEL_TRACK_UNSPECIFIED: ModelTrack.ValueType  # 0
+"""The global model (the default; costs no bytes on the wire)."""
+MODEL_TRACK_STUDENT: ModelTrack.ValueType  # 1
+"""The compact student distilled from the global model."""
+Global___ModelTrack: _TypeAlias = ModelTrack  # noqa: Y015
 
 @_typing.final
 class RoundInstruction(_message.Message):
@@ -47,6 +68,7 @@ class RoundInstruction(_message.Message):
     INIT_DIGEST_FIELD_NUMBER: _builtins.int
     TOKEN_FIELD_NUMBER: _builtins.int
     TLS_FIELD_NUMBER: _builtins.int
+    TRACK_FIELD_NUMBER: _builtins.int
     server_round: _builtins.int
     """The server round, from 1."""
     address: _builtins.str
@@ -79,6 +101,11 @@ class RoundInstruction(_message.Message):
     """The edge's bearer token for the data plane (sent as "authorization: Bearer ...")."""
     tls: _builtins.bool
     """Whether the data plane speaks TLS (false only for loopback experiments)."""
+    track: Global___ModelTrack.ValueType
+    """Which model the edge trains: the global (teacher) model, or the compact student
+    (the task's student architecture, built by the edge for training). The target
+    and init_digest are that track's.
+    """
     def __init__(
         self,
         *,
@@ -94,10 +121,11 @@ class RoundInstruction(_message.Message):
         init_digest: _builtins.bytes = ...,
         token: _builtins.str = ...,
         tls: _builtins.bool = ...,
+        track: Global___ModelTrack.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "down_budget_bytes", b"down_budget_bytes", "down_spec", b"down_spec", "init_digest", b"init_digest", "init_seed", b"init_seed", "server_round", b"server_round", "target_digest", b"target_digest", "task", b"task", "tls", b"tls", "token", b"token", "up_budget_bytes", b"up_budget_bytes", "up_spec", b"up_spec"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "down_budget_bytes", b"down_budget_bytes", "down_spec", b"down_spec", "init_digest", b"init_digest", "init_seed", b"init_seed", "server_round", b"server_round", "target_digest", b"target_digest", "task", b"task", "tls", b"tls", "token", b"token", "track", b"track", "up_budget_bytes", b"up_budget_bytes", "up_spec", b"up_spec"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -12,7 +12,14 @@ from flwr.common.serde import recorddict_to_proto
 
 from coordinator.tokens import DerivedTokens
 from fedsqueeze.codec.spec_text import format_spec, parse_spec
-from fedsqueeze.control import CONTROL_KEY, RECEIPT_KEY, WIRE_KEY, RoundInstruction, TrainReceipt
+from fedsqueeze.control import (
+    CONTROL_KEY,
+    RECEIPT_KEY,
+    WIRE_KEY,
+    ModelTrack,
+    RoundInstruction,
+    TrainReceipt,
+)
 from fedsqueeze.errors import ConfigError
 
 DIGEST = hashlib.sha256(b"model").hexdigest()
@@ -64,6 +71,16 @@ def test_instruction_round_trips() -> None:
     assert RoundInstruction.from_record(instruction.to_record()) == instruction
     no_init = _instruction(task="", init_seed=-1, init_digest="", tls=False, down_budget=0)
     assert RoundInstruction.from_record(no_init.to_record()) == no_init
+
+
+def test_the_track_round_trips_and_the_global_track_costs_nothing() -> None:
+    student = _instruction(track=ModelTrack.STUDENT)
+    assert RoundInstruction.from_record(student.to_record()).track is ModelTrack.STUDENT
+    teacher = _instruction()
+    assert teacher.track is ModelTrack.GLOBAL
+    assert _record_bytes(CONTROL_KEY, student.to_record()) == 2 + _record_bytes(
+        CONTROL_KEY, teacher.to_record()
+    )
 
 
 def test_specs_travel_in_compact_form_and_come_back_canonical() -> None:

@@ -1,0 +1,41 @@
+"""The ``distill`` sweep arm end to end: 2 rounds, 6 clients, half of them on 2g.
+
+The 2g clients train the student (its own track, refreshed from the teacher after every
+round here), the others the teacher. A subprocess with a hard timeout.
+"""
+
+from __future__ import annotations
+
+import csv
+import re
+from pathlib import Path
+
+import pytest
+
+from tests.subproc import run_module
+
+
+@pytest.mark.timeout(400)
+def test_distill_arm_trains_the_student_on_weak_links(tmp_path: Path) -> None:
+    args = ["sweep", "-v", "--config", "smoke", "--out", str(tmp_path)]
+    sets = (
+        "arms=distill",
+        "num-rounds=2",
+        "links=2g:0.5,4g:0.5",
+        "arm.distill.student-refresh-every=1",
+    )
+    for s in sets:
+        args += ["--set", s]
+    proc = run_module("tests.simulations.cli_run", *args, timeout=380)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, output[-3000:]
+    with (tmp_path / "results.csv").open() as fh:
+        rows = [r for r in csv.DictReader(fh) if r["round"] != "0"]
+    assert len(rows) == 2
+    for row in rows:
+        assert row["clients_failed"] == "0"
+    with (tmp_path / "clients.csv").open() as fh:
+        clients = list(csv.DictReader(fh))
+    assert clients and all(r["bytes_down"] for r in clients)
+    assert output.count("student refreshed from the teacher") == 2
+    assert re.search(r"updates accepted \([1-9]\d* to the student\)", output), output[-3000:]
