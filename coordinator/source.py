@@ -16,7 +16,7 @@ import torch
 from coordinator.version_store import VersionStore
 from fedsqueeze.codec import CodecSpec, EncodedModel, decode_state, encode_state, state_digest
 from fedsqueeze.errors import NotFoundError
-from fedsqueeze.transport.source import encode_seed
+from fedsqueeze.transport.source import encode_seed, without
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,13 @@ class StoreModelSource:
         return self.store.publish(state, track=None)
 
     def encode(
-        self, target: str, base: str | None, spec: CodecSpec, byte_budget: int | None
+        self,
+        target: str,
+        base: str | None,
+        spec: CodecSpec,
+        byte_budget: int | None,
+        *,
+        leave_out: frozenset[str] = frozenset(),
     ) -> EncodedModel:
         """Encode ``target`` from ``base`` and keep the model the edge will decode."""
         state = self.get(target)
@@ -53,7 +59,7 @@ class StoreModelSource:
         if base is not None and base_state is None:
             raise NotFoundError(f"base {base[:16]}… is no longer kept")
         encoded = encode_state(
-            state,
+            without(state, leave_out),
             spec,
             base_state,
             seed=encode_seed(target, base, spec),
@@ -66,6 +72,8 @@ class StoreModelSource:
             decoded = decode_state(
                 encoded, base_state, base_digest=bytes.fromhex(base) if base else None
             )
+            # The edge adds the held parts (exact copies of the target's) to what it decodes.
+            decoded.update({name: state[name] for name in leave_out})
             if not spec.lossless or state_digest(decoded).hex() != target:
                 held = self.store.publish(decoded, track=None)
                 log.debug("edge-side version %s adopted for %s…", held[:12], target[:12])

@@ -17,6 +17,8 @@ Everything that comes from data, peers or configuration is a ``FedsqueezeError``
     │   └── UnsupportedTensorError  a tensor dtype or layout the codec cannot encode
     │                               (complex, sparse); also a TypeError
     ├── IntegrityError              a digest or checksum does not match (DATA_LOSS)
+    │   └── HeldPartError           a manifest's held part the edge cannot supply, or a
+    │                               reassembly that fails the decoded digest (refetch)
     ├── ConfigError                 a configuration file or flag that cannot be used
     ├── RunFailedError              a run whose rounds aggregated nothing, too often
     └── TransportError              the data plane failed
@@ -101,6 +103,12 @@ class CodecWarning(UserWarning):
 
 class IntegrityError(FedsqueezeError):
     """A digest or checksum did not match the data it describes."""
+
+
+class HeldPartError(IntegrityError):
+    """A manifest names a held part the edge's cache lacks, or the model reassembled
+    from the stream and the cached parts does not match its decoded digest; the client
+    fetches again without naming held versions."""
 
 
 class ConfigError(FedsqueezeError):

@@ -16,19 +16,21 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 
 from fedsqueeze.codec import CodecSpec
-from fedsqueeze.wire.types import Manifest
+from fedsqueeze.wire.types import Manifest, PartRef
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class CacheKey:
-    """What identifies one encoding (digests in hex)."""
+    """What identifies one encoding (digests in hex); ``held_parts``: the target's tensors
+    left out because the client holds them (:mod:`fedsqueeze.transport.parts`)."""
 
     target: str
     base: str | None
     spec: CodecSpec
     byte_budget: int | None
+    held_parts: tuple[PartRef, ...] = ()
 
 
 @dataclass(frozen=True)

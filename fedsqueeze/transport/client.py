@@ -25,6 +25,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import replace
 from types import TracebackType
 from typing import Any
 
@@ -32,7 +33,7 @@ import grpc
 import torch
 
 from fedsqueeze.codec import CodecSpec, EncodedModel, decode_prefix, decode_state, state_digest
-from fedsqueeze.errors import IntegrityError
+from fedsqueeze.errors import HeldPartError, IntegrityError
 from fedsqueeze.transport.auth import call_metadata
 from fedsqueeze.transport.errors_map import error_from_rpc, status_of
 from fedsqueeze.transport.fetch import FetchState
@@ -43,6 +44,7 @@ from fedsqueeze.transport.operation import (
     PushResult,
     TransferStats,
 )
+from fedsqueeze.transport.parts import HeldVersions, reassemble, resolve_held_parts
 from fedsqueeze.transport.retry import RetryPolicy
 from fedsqueeze.transport.server import (
     MAX_MESSAGE_BYTES,
@@ -166,6 +168,7 @@ class TransferClient:
         state: FetchState | None = None,
         decode: bool = True,
         progress: Progress | None = None,
+        held: HeldVersions | None = None,
     ) -> FetchResult:
         """Fetch ``model`` encoded with ``spec``, as a delta from ``base`` when possible.
 
@@ -197,6 +200,11 @@ class TransferClient:
             Decode the model (with ``base``) and verify its digest.
         progress
             Called after every verified segment.
+        held
+            Other versions the edge holds (and their tensors): the server leaves out
+            tensors whose exact content they hold (``Manifest.held_parts``), and they are
+            taken from here. If one is missing or the reassembled model fails its
+            digest, the fetch is made again without them (counted in the same stats).
 
         Raises
         ------
@@ -212,8 +220,28 @@ class TransferClient:
         if decode and base_digest is not None and base is None:
             raise ValueError("decoding a delta needs the base tensors, not only its digest")
         op = self._operation()
-        held = state if state is not None else FetchState(self.retry.max_segment_refetches)
-        request = ManifestRequest(model, base_digest, spec, byte_budget)
+        fetched = state if state is not None else FetchState(self.retry.max_segment_refetches)
+        digests = held.request_digests(base_digest) if held is not None else ()
+        request = ManifestRequest(model, base_digest, spec, byte_budget, digests)
+        if digests:
+            try:
+                return self._fetch(op, request, fetched, base, decode, progress, held)
+            except HeldPartError as exc:
+                logger.warning("held parts unusable (%s): fetching again without them", exc)
+                request = replace(request, held_digests=())
+        return self._fetch(op, request, fetched, base, decode, progress, None)
+
+    def _fetch(
+        self,
+        op: Operation,
+        request: ManifestRequest,
+        held: FetchState,
+        base: Mapping[str, torch.Tensor] | None,
+        decode: bool,
+        progress: Progress | None,
+        parts: HeldVersions | None,
+    ) -> FetchResult:
+        """The calls of one fetch of ``request`` (see :meth:`fetch`)."""
         fetch_call = op.callable("unary_stream", "Fetch", convert.fetch_part_from_message)
         resume_call = op.callable(
             "unary_stream", "StreamSegments", convert.segment_view_from_message
@@ -228,7 +256,7 @@ class TransferClient:
             started = time.perf_counter()
             try:
                 if need_manifest:
-                    segments = self._start_fetch(op, fetch_call, request, held)
+                    segments = self._start_fetch(op, fetch_call, request, held, parts)
                     # From here on a broken stream resumes with StreamSegments.
                     need_manifest = False
                     self._receive(held, segments, progress)
@@ -257,23 +285,30 @@ class TransferClient:
                 op.failures_in_a_row += 1
                 if op.failures_in_a_row > self.retry.max_segment_refetches + 1:
                     raise IntegrityError("the server keeps sending segments that do not verify")
-        return self._finish(op, held, request, base, decode)
+        return self._finish(op, held, request, base, decode, parts)
 
     @staticmethod
     def _start_fetch(
-        op: Operation, call: Any, request: ManifestRequest, held: FetchState
+        op: Operation,
+        call: Any,
+        request: ManifestRequest,
+        held: FetchState,
+        parts: HeldVersions | None,
     ) -> Iterator[SegmentData]:
         """Start a ``Fetch`` call and adopt the manifest it begins with; its segments follow.
 
         The request names the segments ``held`` holds, so a server that answers with the
-        same manifest leaves them out.
+        same manifest leaves them out. The held parts the manifest names are looked up
+        before it is adopted (``HeldPartError`` if one is missing).
         """
         message = convert.fetch_request_to_proto(request, held.held_request())
         stream = iter(call(message, **op.begin_call()))
         first = next(stream, None)
         if not isinstance(first, pb.Manifest):
             raise IntegrityError("the Fetch stream did not start with a manifest")
-        held.adopt(convert.manifest_from_proto(first, request))
+        manifest = convert.manifest_from_proto(first, request)
+        resolve_held_parts(manifest, parts)
+        held.adopt(manifest)
         return (_segment_of(part) for part in stream)
 
     def _resume(
@@ -331,10 +366,13 @@ class TransferClient:
         request: ManifestRequest,
         base: Mapping[str, torch.Tensor] | None,
         decode: bool,
+        parts: HeldVersions | None,
     ) -> FetchResult:
         manifest = held.manifest
         if manifest is None:
             raise RuntimeError("fetch state lost its manifest")
+        if manifest.held_parts and manifest.truncated:
+            raise IntegrityError("a truncated manifest with held parts (never served)")
         if manifest.truncated:
             return self._finish_prefix(op, held, manifest, base, decode)
         encoded = held.assemble()
@@ -347,14 +385,22 @@ class TransferClient:
                 base if manifest.base_digest is not None else None,
                 base_digest=request.base_digest,
             )
+            if manifest.held_parts:
+                decoded = reassemble(decoded, resolve_held_parts(manifest, parts))
             if state_digest(decoded) != manifest.decoded_digest:
+                if manifest.held_parts:  # the stream verified: a held part is wrong
+                    raise HeldPartError(
+                        "the model reassembled with held parts does not match its digest"
+                    )
                 raise IntegrityError("the decoded model does not match the manifest's digest")
         stats = op.stats(held.refetched)
         logger.info(
-            "fetched %s… (%s): %d B encoded, %d B down, %d B up, %d call(s), %.3f s",
+            "fetched %s… (%s): %d B encoded, %d held part(s), %d B down, %d B up, "
+            "%d call(s), %.3f s",
             manifest.model_digest.hex()[:12],
             "delta" if manifest.base_digest is not None else "full",
             manifest.encoded_bytes,
+            len(manifest.held_parts),
             stats.wire.received,
             stats.wire.sent,
             stats.calls,

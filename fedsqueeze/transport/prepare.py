@@ -22,7 +22,7 @@ from fedsqueeze.errors import NotFoundError, ResourceExhaustedError
 from fedsqueeze.transport.cache import CacheKey, PreparedModel
 from fedsqueeze.transport.source import ModelSource
 from fedsqueeze.wire.convert import segment_message
-from fedsqueeze.wire.types import Manifest, SegmentData, SegmentInfo
+from fedsqueeze.wire.types import Manifest, PartRef, SegmentData, SegmentInfo
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +43,11 @@ MANIFEST_KEY_BYTES = 16
 
 
 def manifest_key_for(
-    model_digest: bytes, base_digest: bytes | None, spec_bytes: bytes, segments: list[SegmentInfo]
+    model_digest: bytes,
+    base_digest: bytes | None,
+    spec_bytes: bytes,
+    segments: list[SegmentInfo],
+    held_parts: tuple[PartRef, ...] = (),
 ) -> bytes:
     """The manifest key: a digest of what was encoded and of the result (the segments'
     sizes and sha256 digests, which cover every payload byte).
@@ -54,6 +58,9 @@ def manifest_key_for(
     h = hashlib.sha256(b"fedsqueeze.v1.manifest\x00")
     parts = [model_digest, base_digest or b"", spec_bytes]
     parts += [info.byte_length.to_bytes(8, "little") + info.sha256 for info in segments]
+    # Held parts are part of what was encoded (an encoding without them differs anyway:
+    # it carries their records); without any, the key is what it always was.
+    parts += [ref.tensor_name.encode() + b"\x00" + ref.part_digest for ref in held_parts]
     for part in parts:
         h.update(len(part).to_bytes(4, "little"))
         h.update(part)
@@ -82,7 +89,8 @@ def prepare_model(source: ModelSource, key: CacheKey, segment_bytes: int) -> Pre
     base_state = source.get(key.base) if key.base is not None else None
     if key.base is not None and base_state is None:
         raise NotFoundError(f"base {key.base[:16]}… is no longer held")
-    encoded = source.encode(key.target, key.base, key.spec, key.byte_budget)
+    leave_out = frozenset(ref.tensor_name for ref in key.held_parts)
+    encoded = source.encode(key.target, key.base, key.spec, key.byte_budget, leave_out=leave_out)
     progressive = encoded.progressive
     if progressive:
         target = max(MIN_PROGRESSIVE_SEGMENT_BYTES, encoded.nbytes // PROGRESSIVE_SEGMENTS)
@@ -100,7 +108,9 @@ def prepare_model(source: ModelSource, key: CacheKey, segment_bytes: int) -> Pre
     if encoded.spec.lossless and base_state is None:
         decoded_digest = model_digest
     else:
-        decoded_digest = state_digest(decode_state(encoded, base_state, base_digest=base_digest))
+        decoded = decode_state(encoded, base_state, base_digest=base_digest)
+        decoded.update({name: target_state[name] for name in leave_out})
+        decoded_digest = state_digest(decoded)
     raw_bytes = sum(t.numel() * t.element_size() for t in target_state.values())
     every_tensor = {record.name for record in encoded.records}
     infos = [
@@ -115,7 +125,9 @@ def prepare_model(source: ModelSource, key: CacheKey, segment_bytes: int) -> Pre
         )
         for s in segments
     ]
-    manifest_key = manifest_key_for(model_digest, base_digest, encoded.spec.to_bytes(), infos)
+    manifest_key = manifest_key_for(
+        model_digest, base_digest, encoded.spec.to_bytes(), infos, key.held_parts
+    )
     messages = tuple(
         segment_message(SegmentData(s.index, s.payload))
         for s in sorted(segments, key=lambda s: s.index)
@@ -129,14 +141,17 @@ def prepare_model(source: ModelSource, key: CacheKey, segment_bytes: int) -> Pre
         decoded_digest=decoded_digest,
         segments=tuple(infos),
         smallest_prefix_bytes=smallest_prefix(encoded) if progressive else 0,
+        held_parts=key.held_parts,
     )
     logger.info(
-        "encoded %s… (%s): raw %d B, encoded %d B in %d segments, ratio %.2f, %.3f s",
+        "encoded %s… (%s): raw %d B, encoded %d B in %d segments, %d held part(s), "
+        "ratio %.2f, %.3f s",
         key.target[:12],
         "delta from " + key.base[:12] + "…" if key.base else "full",
         raw_bytes,
         encoded_bytes,
         len(infos),
+        len(key.held_parts),
         raw_bytes / max(encoded_bytes, 1),
         time.perf_counter() - started,
     )

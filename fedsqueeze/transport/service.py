@@ -31,13 +31,20 @@ from fedsqueeze.transport.auth import TokenTable
 from fedsqueeze.transport.cache import CacheKey, EncodeCache, PreparedModel
 from fedsqueeze.transport.errors_map import status_for
 from fedsqueeze.transport.faults import FaultInjector, StreamAction
+from fedsqueeze.transport.parts import PartDigests, plan_held_parts
 from fedsqueeze.transport.prepare import prepare_model
 from fedsqueeze.transport.source import ModelSource
 from fedsqueeze.transport.truncate import PrefixModels, plan_prefix
 from fedsqueeze.transport.updates import AddResult, ReceivedUpdate, UpdateSink, now
 from fedsqueeze.wire import convert
 from fedsqueeze.wire import transfer_pb2 as pb
-from fedsqueeze.wire.types import Manifest, ManifestRequest, UpdateMetadata, UpdateReceipt
+from fedsqueeze.wire.types import (
+    Manifest,
+    ManifestRequest,
+    PartRef,
+    UpdateMetadata,
+    UpdateReceipt,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -80,6 +87,7 @@ class TransferService:
         self.limits = limits
         self.faults = faults
         self.prefixes = PrefixModels(source)
+        self.part_digests = PartDigests()
 
     # ------------------------------------------------------------------ helpers
     def _authenticate(self, context: grpc.ServicerContext) -> str:
@@ -109,10 +117,48 @@ class TransferService:
             base = None
         # A progressive encoding is truncated per answer, not re-encoded per budget.
         budget = None if req.spec.levels else req.byte_budget
-        key = CacheKey(target, base, req.spec, budget)
+        key = CacheKey(target, base, req.spec, budget, self._held_parts(edge, target, base, req))
         return self.cache.get_or_build(
             key, lambda: prepare_model(self.source, key, self.limits.segment_bytes)
         )
+
+    def _held_parts(
+        self, edge: str, target: str, base: str | None, req: ManifestRequest
+    ) -> tuple[PartRef, ...]:
+        """The target's tensors the edge holds exactly (only for requests naming
+        ``held_digests``; versions this server does not hold count for nothing)."""
+        if not req.held_digests or req.spec.levels:
+            return ()
+        target_state = self.source.get(target)
+        if target_state is None:
+            return ()  # dropped meanwhile: prepare_model reports it
+        base_state = self.source.get(base) if base is not None else None
+        base_parts = self.part_digests.of(base, base_state) if base and base_state else {}
+        held = set(base_parts.values())
+        known = 0
+        for digest in req.held_digests:
+            version = digest.hex()
+            state = self.source.get(version)
+            if state is not None:
+                held.update(self.part_digests.of(version, state).values())
+                known += 1
+        refs = plan_held_parts(
+            target_state,
+            self.part_digests.of(target, target_state),
+            base_state,
+            base_parts,
+            frozenset(held),
+            req.spec,
+        )
+        logger.info(
+            "edge %s holds %d of %d named version(s): %d part(s) of %s… need not travel",
+            edge,
+            known,
+            len(req.held_digests),
+            len(refs),
+            target[:12],
+        )
+        return refs
 
     # ------------------------------------------------------------------ Fetch
     def fetch(self, request: pb.FetchRequest, context: grpc.ServicerContext) -> Iterator[bytes]:

@@ -30,6 +30,11 @@ def encode_seed(target: str, base: str | None, spec: CodecSpec) -> int:
     return int.from_bytes(h.digest()[:8], "little") & ((1 << 63) - 1)
 
 
+def without(state: Mapping[str, torch.Tensor], names: frozenset[str]) -> dict[str, torch.Tensor]:
+    """``state`` less the tensors ``names`` (a new dict; the tensors are shared)."""
+    return {name: t for name, t in state.items() if name not in names}
+
+
 class ModelSource(Protocol):
     """The models a transfer server can send."""
 
@@ -54,7 +59,13 @@ class ModelSource(Protocol):
         ...
 
     def encode(
-        self, target: str, base: str | None, spec: CodecSpec, byte_budget: int | None
+        self,
+        target: str,
+        base: str | None,
+        spec: CodecSpec,
+        byte_budget: int | None,
+        *,
+        leave_out: frozenset[str] = frozenset(),
     ) -> EncodedModel:
         """Encode ``target`` as a delta from ``base`` (or in full when ``base`` is None).
 
@@ -67,6 +78,9 @@ class ModelSource(Protocol):
         byte_budget
             The client's limit on encoded bytes, or ``None``; a source may choose a
             stronger encoding to fit it. The server rejects results over budget.
+        leave_out
+            Names of tensors not to encode: the client holds their exact content
+            (:mod:`fedsqueeze.transport.parts`) and adds them to what it decodes.
         """
         ...
 
@@ -142,7 +156,13 @@ class InMemoryModelSource:
             return self._versions.get(digest)
 
     def encode(
-        self, target: str, base: str | None, spec: CodecSpec, byte_budget: int | None
+        self,
+        target: str,
+        base: str | None,
+        spec: CodecSpec,
+        byte_budget: int | None,
+        *,
+        leave_out: frozenset[str] = frozenset(),
     ) -> EncodedModel:
         """See :meth:`ModelSource.encode`; ``byte_budget`` is not used to pick a spec."""
         state = self.get(target)
@@ -152,7 +172,7 @@ class InMemoryModelSource:
         if base is not None and base_state is None:
             raise NotFoundError(f"base {base[:16]}… is no longer held")
         return encode_state(
-            state,
+            without(state, leave_out),
             spec,
             base_state,
             seed=encode_seed(target, base, spec),

@@ -25,6 +25,7 @@ from fedsqueeze.wire.types import (
     DIGEST_BYTES,
     Manifest,
     ManifestRequest,
+    PartRef,
     SegmentData,
     SegmentInfo,
     SegmentRequest,
@@ -46,6 +47,8 @@ __all__ = [
     "manifest_response_from_proto",
     "manifest_response_to_proto",
     "manifest_to_proto",
+    "part_ref_from_proto",
+    "part_ref_to_proto",
     "receipt_from_proto",
     "receipt_to_proto",
     "segment_from_message",
@@ -106,6 +109,16 @@ def segment_info_from_proto(msg: pb.SegmentDescriptor) -> SegmentInfo:
     )
 
 
+def part_ref_to_proto(ref: PartRef) -> pb.PartRef:
+    """The wire form of one held part."""
+    return pb.PartRef(tensor_name=ref.tensor_name, part_digest=ref.part_digest)
+
+
+def part_ref_from_proto(msg: pb.PartRef) -> PartRef:
+    """Inverse of :func:`part_ref_to_proto`."""
+    return _valid("held part", lambda: PartRef(msg.tensor_name, msg.part_digest))
+
+
 def manifest_to_proto(manifest: Manifest, request: ManifestRequest) -> pb.Manifest:
     """The wire form of ``manifest`` as the answer to ``request``.
 
@@ -128,6 +141,7 @@ def manifest_to_proto(manifest: Manifest, request: ManifestRequest) -> pb.Manife
         segments=[segment_info_to_proto(info) for info in manifest.segments],
         prefix_segments=manifest.prefix_segments if manifest.truncated else 0,
         smallest_prefix_bytes=manifest.smallest_prefix_bytes,
+        held_parts=[part_ref_to_proto(ref) for ref in manifest.held_parts],
     )
     if manifest.spec != request.spec:
         msg.codec_spec.CopyFrom(codec_spec_to_proto(manifest.spec))
@@ -146,6 +160,11 @@ def manifest_from_proto(msg: pb.Manifest, request: ManifestRequest) -> Manifest:
     if msg.delta and request.base_digest is None:
         raise InvalidRequestError("manifest of a delta, but the request named no base")
     base_digest = request.base_digest if msg.delta else None
+    if msg.held_parts and not request.held_digests:
+        raise InvalidRequestError(
+            "manifest names held parts, but the request named no held versions"
+        )
+    held_parts = tuple(part_ref_from_proto(ref) for ref in msg.held_parts)
     return _valid(
         "manifest",
         lambda: Manifest(
@@ -158,6 +177,7 @@ def manifest_from_proto(msg: pb.Manifest, request: ManifestRequest) -> Manifest:
             segments=segments,
             prefix_segments=msg.prefix_segments,
             smallest_prefix_bytes=msg.smallest_prefix_bytes,
+            held_parts=held_parts,
         ),
     )
 
@@ -195,6 +215,7 @@ def _set_model(msg: pb.FetchRequest | pb.GetManifestRequest, request: ManifestRe
     msg.codec_spec.CopyFrom(codec_spec_to_proto(request.spec))
     if request.byte_budget is not None:
         msg.byte_budget = request.byte_budget
+    msg.held_digests.extend(request.held_digests)
 
 
 def _request_from(msg: pb.FetchRequest | pb.GetManifestRequest, what: str) -> ManifestRequest:
@@ -216,6 +237,7 @@ def _request_from(msg: pb.FetchRequest | pb.GetManifestRequest, what: str) -> Ma
             base_digest=_optional_digest(msg.base_digest),
             spec=spec,
             byte_budget=budget,
+            held_digests=tuple(msg.held_digests),
         ),
     )
 

@@ -26,25 +26,25 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x66\x65\x64squeeze/v1/transfer.proto\x12\rfedsqueeze.v1\"\\\n\tPruneSpec\x12*\n\x06method\x18\x01 \x01(\x0e\x32\x1a.fedsqueeze.v1.PruneMethod\x12\x10\n\x08sparsity\x18\x02 \x01(\x01\x12\x11\n\tthreshold\x18\x03 \x01(\x01\"\xfb\x01\n\tQuantSpec\x12\x0c\n\x04\x62its\x18\x01 \x01(\r\x12*\n\x06scheme\x18\x02 \x01(\x0e\x32\x1a.fedsqueeze.v1.QuantScheme\x12/\n\x0bgranularity\x18\x03 \x01(\x0e\x32\x1a.fedsqueeze.v1.Granularity\x12)\n\x08rounding\x18\x04 \x01(\x0e\x32\x17.fedsqueeze.v1.Rounding\x12\x17\n\nblock_size\x18\x05 \x01(\rH\x00\x88\x01\x01\x12\x30\n\x0cscale_format\x18\x06 \x01(\x0e\x32\x1a.fedsqueeze.v1.ScaleFormatB\r\n\x0b_block_size\"\xa1\x02\n\tCodecSpec\x12\'\n\x05prune\x18\x01 \x01(\x0b\x32\x18.fedsqueeze.v1.PruneSpec\x12\x11\n\x04topk\x18\x02 \x01(\x01H\x00\x88\x01\x01\x12\'\n\x05quant\x18\x03 \x01(\x0b\x32\x18.fedsqueeze.v1.QuantSpec\x12\x30\n\x0c\x66loat_format\x18\x04 \x01(\x0e\x32\x1a.fedsqueeze.v1.FloatFormat\x12\x15\n\rentropy_level\x18\x05 \x01(\r\x12\x0f\n\x07targets\x18\x06 \x03(\t\x12\x10\n\x08min_ndim\x18\x07 \x01(\r\x12\x11\n\x04rank\x18\x08 \x01(\rH\x01\x88\x01\x01\x12\x0e\n\x06levels\x18\t \x03(\r\x12\x0e\n\x06\x66reeze\x18\n \x03(\tB\x07\n\x05_topkB\x07\n\x05_rank\"\x83\x01\n\x11SegmentDescriptor\x12\x12\n\nsegment_id\x18\x01 \x01(\r\x12\x14\n\x0ctensor_names\x18\x02 \x03(\t\x12\x10\n\x08priority\x18\x03 \x01(\x05\x12\r\n\x05level\x18\x04 \x01(\r\x12\x13\n\x0b\x62yte_length\x18\x05 \x01(\x04\x12\x0e\n\x06sha256\x18\x06 \x01(\x0c\"\xdb\x02\n\x08Manifest\x12\x14\n\x0cmanifest_key\x18\n \x01(\x0c\x12\x14\n\x0cmodel_digest\x18\x02 \x01(\x0c\x12\r\n\x05\x64\x65lta\x18\x0b \x01(\x08\x12,\n\ncodec_spec\x18\x04 \x01(\x0b\x32\x18.fedsqueeze.v1.CodecSpec\x12\x11\n\traw_bytes\x18\x06 \x01(\x04\x12\x16\n\x0e\x64\x65\x63oded_digest\x18\x08 \x01(\x0c\x12\x32\n\x08segments\x18\t \x03(\x0b\x32 .fedsqueeze.v1.SegmentDescriptor\x12\x17\n\x0fprefix_segments\x18\x0c \x01(\r\x12\x1d\n\x15smallest_prefix_bytes\x18\r \x01(\x04J\x04\x08\x01\x10\x02J\x04\x08\x03\x10\x04J\x04\x08\x05\x10\x06J\x04\x08\x07\x10\x08R\x0bmanifest_idR\x0b\x62\x61se_digestR\rencoded_bytesR\x0e\x65ncoded_sha256\"A\n\x07Segment\x12\x12\n\nsegment_id\x18\x02 \x01(\r\x12\x0f\n\x07payload\x18\x03 \x01(\x0cJ\x04\x08\x01\x10\x02R\x0bmanifest_id\"\xd5\x01\n\x0c\x46\x65tchRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x14\n\x0cmodel_digest\x18\x02 \x01(\x0c\x12\x13\n\x0b\x62\x61se_digest\x18\x03 \x01(\x0c\x12,\n\ncodec_spec\x18\x04 \x01(\x0b\x32\x18.fedsqueeze.v1.CodecSpec\x12\x18\n\x0b\x62yte_budget\x18\x05 \x01(\x04H\x00\x88\x01\x01\x12\x19\n\x11held_manifest_key\x18\x06 \x01(\x0c\x12\x18\n\x10held_segment_ids\x18\x07 \x03(\rB\x0e\n\x0c_byte_budget\"o\n\rFetchResponse\x12)\n\x07segment\x18\x01 \x01(\x0b\x32\x16.fedsqueeze.v1.SegmentH\x00\x12+\n\x08manifest\x18\x02 \x01(\x0b\x32\x17.fedsqueeze.v1.ManifestH\x00\x42\x06\n\x04part\"\xb5\x01\n\x12GetManifestRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x14\n\x0cmodel_digest\x18\x06 \x01(\x0c\x12\x13\n\x0b\x62\x61se_digest\x18\x02 \x01(\x0c\x12,\n\ncodec_spec\x18\x04 \x01(\x0b\x32\x18.fedsqueeze.v1.CodecSpec\x12\x18\n\x0b\x62yte_budget\x18\x05 \x01(\x04H\x00\x88\x01\x01\x42\x0e\n\x0c_byte_budgetJ\x04\x08\x03\x10\x04R\x07\x65\x64ge_id\"@\n\x13GetManifestResponse\x12)\n\x08manifest\x18\x01 \x01(\x0b\x32\x17.fedsqueeze.v1.Manifest\"\x82\x01\n\x15StreamSegmentsRequest\x12\x14\n\x0cmanifest_key\x18\x04 \x01(\x0c\x12\x18\n\x10held_segment_ids\x18\x02 \x03(\r\x12\x17\n\x0fprefix_segments\x18\x05 \x01(\rJ\x04\x08\x01\x10\x02J\x04\x08\x03\x10\x04R\x0bmanifest_idR\x07\x65\x64ge_id\"A\n\x16StreamSegmentsResponse\x12\'\n\x07segment\x18\x01 \x01(\x0b\x32\x16.fedsqueeze.v1.Segment\"~\n\x0eUpdateMetadata\x12\x11\n\tupdate_id\x18\x01 \x01(\t\x12\x13\n\x0b\x62\x61se_digest\x18\x03 \x01(\x0c\x12\x13\n\x0btotal_bytes\x18\x04 \x01(\x04\x12\x0e\n\x06sha256\x18\x05 \x01(\x0cJ\x04\x08\x02\x10\x03J\x04\x08\x06\x10\x07R\x07\x65\x64ge_idR\ncodec_spec\"_\n\x11PushUpdateRequest\x12\x31\n\x08metadata\x18\x01 \x01(\x0b\x32\x1d.fedsqueeze.v1.UpdateMetadataH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"W\n\rUpdateReceipt\x12\x14\n\x0cstored_bytes\x18\x02 \x01(\x04\x12\x11\n\tduplicate\x18\x04 \x01(\x08J\x04\x08\x01\x10\x02J\x04\x08\x03\x10\x04R\tupdate_idR\x06sha256\"C\n\x12PushUpdateResponse\x12-\n\x07receipt\x18\x01 \x01(\x0b\x32\x1c.fedsqueeze.v1.UpdateReceipt*\xbc\x01\n\x0bPruneMethod\x12\x1c\n\x18PRUNE_METHOD_UNSPECIFIED\x10\x00\x12\x15\n\x11PRUNE_METHOD_NONE\x10\x01\x12 \n\x1cPRUNE_METHOD_L1_UNSTRUCTURED\x10\x02\x12\x1a\n\x16PRUNE_METHOD_L1_GLOBAL\x10\x03\x12\x1e\n\x1aPRUNE_METHOD_LN_STRUCTURED\x10\x04\x12\x1a\n\x16PRUNE_METHOD_THRESHOLD\x10\x05*\xa6\x01\n\x0bQuantScheme\x12\x1c\n\x18QUANT_SCHEME_UNSPECIFIED\x10\x00\x12\x17\n\x13QUANT_SCHEME_AFFINE\x10\x01\x12\x1a\n\x16QUANT_SCHEME_SYMMETRIC\x10\x02\x12\x15\n\x11QUANT_SCHEME_POW2\x10\x03\x12\x17\n\x13QUANT_SCHEME_KMEANS\x10\x04\x12\x14\n\x10QUANT_SCHEME_NF4\x10\x05*~\n\x0bGranularity\x12\x1b\n\x17GRANULARITY_UNSPECIFIED\x10\x00\x12\x1a\n\x16GRANULARITY_PER_TENSOR\x10\x01\x12\x1b\n\x17GRANULARITY_PER_CHANNEL\x10\x02\x12\x19\n\x15GRANULARITY_PER_BLOCK\x10\x03*\x86\x01\n\x0bScaleFormat\x12\x1c\n\x18SCALE_FORMAT_UNSPECIFIED\x10\x00\x12\x15\n\x11SCALE_FORMAT_FP32\x10\x01\x12\x15\n\x11SCALE_FORMAT_FP16\x10\x02\x12\x15\n\x11SCALE_FORMAT_BF16\x10\x03\x12\x14\n\x10SCALE_FORMAT_DQ8\x10\x04*S\n\x08Rounding\x12\x18\n\x14ROUNDING_UNSPECIFIED\x10\x00\x12\x14\n\x10ROUNDING_NEAREST\x10\x01\x12\x17\n\x13ROUNDING_STOCHASTIC\x10\x02*p\n\x0b\x46loatFormat\x12\x1c\n\x18\x46LOAT_FORMAT_UNSPECIFIED\x10\x00\x12\x15\n\x11\x46LOAT_FORMAT_FP32\x10\x01\x12\x15\n\x11\x46LOAT_FORMAT_FP16\x10\x02\x12\x15\n\x11\x46LOAT_FORMAT_BF16\x10\x03\x32\xe1\x02\n\rModelTransfer\x12\x44\n\x05\x46\x65tch\x12\x1b.fedsqueeze.v1.FetchRequest\x1a\x1c.fedsqueeze.v1.FetchResponse0\x01\x12T\n\x0bGetManifest\x12!.fedsqueeze.v1.GetManifestRequest\x1a\".fedsqueeze.v1.GetManifestResponse\x12_\n\x0eStreamSegments\x12$.fedsqueeze.v1.StreamSegmentsRequest\x1a%.fedsqueeze.v1.StreamSegmentsResponse0\x01\x12S\n\nPushUpdate\x12 .fedsqueeze.v1.PushUpdateRequest\x1a!.fedsqueeze.v1.PushUpdateResponse(\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x66\x65\x64squeeze/v1/transfer.proto\x12\rfedsqueeze.v1\"\\\n\tPruneSpec\x12*\n\x06method\x18\x01 \x01(\x0e\x32\x1a.fedsqueeze.v1.PruneMethod\x12\x10\n\x08sparsity\x18\x02 \x01(\x01\x12\x11\n\tthreshold\x18\x03 \x01(\x01\"\xfb\x01\n\tQuantSpec\x12\x0c\n\x04\x62its\x18\x01 \x01(\r\x12*\n\x06scheme\x18\x02 \x01(\x0e\x32\x1a.fedsqueeze.v1.QuantScheme\x12/\n\x0bgranularity\x18\x03 \x01(\x0e\x32\x1a.fedsqueeze.v1.Granularity\x12)\n\x08rounding\x18\x04 \x01(\x0e\x32\x17.fedsqueeze.v1.Rounding\x12\x17\n\nblock_size\x18\x05 \x01(\rH\x00\x88\x01\x01\x12\x30\n\x0cscale_format\x18\x06 \x01(\x0e\x32\x1a.fedsqueeze.v1.ScaleFormatB\r\n\x0b_block_size\"\xa1\x02\n\tCodecSpec\x12\'\n\x05prune\x18\x01 \x01(\x0b\x32\x18.fedsqueeze.v1.PruneSpec\x12\x11\n\x04topk\x18\x02 \x01(\x01H\x00\x88\x01\x01\x12\'\n\x05quant\x18\x03 \x01(\x0b\x32\x18.fedsqueeze.v1.QuantSpec\x12\x30\n\x0c\x66loat_format\x18\x04 \x01(\x0e\x32\x1a.fedsqueeze.v1.FloatFormat\x12\x15\n\rentropy_level\x18\x05 \x01(\r\x12\x0f\n\x07targets\x18\x06 \x03(\t\x12\x10\n\x08min_ndim\x18\x07 \x01(\r\x12\x11\n\x04rank\x18\x08 \x01(\rH\x01\x88\x01\x01\x12\x0e\n\x06levels\x18\t \x03(\r\x12\x0e\n\x06\x66reeze\x18\n \x03(\tB\x07\n\x05_topkB\x07\n\x05_rank\"\x83\x01\n\x11SegmentDescriptor\x12\x12\n\nsegment_id\x18\x01 \x01(\r\x12\x14\n\x0ctensor_names\x18\x02 \x03(\t\x12\x10\n\x08priority\x18\x03 \x01(\x05\x12\r\n\x05level\x18\x04 \x01(\r\x12\x13\n\x0b\x62yte_length\x18\x05 \x01(\x04\x12\x0e\n\x06sha256\x18\x06 \x01(\x0c\"\x87\x03\n\x08Manifest\x12\x14\n\x0cmanifest_key\x18\n \x01(\x0c\x12\x14\n\x0cmodel_digest\x18\x02 \x01(\x0c\x12\r\n\x05\x64\x65lta\x18\x0b \x01(\x08\x12,\n\ncodec_spec\x18\x04 \x01(\x0b\x32\x18.fedsqueeze.v1.CodecSpec\x12\x11\n\traw_bytes\x18\x06 \x01(\x04\x12\x16\n\x0e\x64\x65\x63oded_digest\x18\x08 \x01(\x0c\x12\x32\n\x08segments\x18\t \x03(\x0b\x32 .fedsqueeze.v1.SegmentDescriptor\x12\x17\n\x0fprefix_segments\x18\x0c \x01(\r\x12\x1d\n\x15smallest_prefix_bytes\x18\r \x01(\x04\x12*\n\nheld_parts\x18\x0e \x03(\x0b\x32\x16.fedsqueeze.v1.PartRefJ\x04\x08\x01\x10\x02J\x04\x08\x03\x10\x04J\x04\x08\x05\x10\x06J\x04\x08\x07\x10\x08R\x0bmanifest_idR\x0b\x62\x61se_digestR\rencoded_bytesR\x0e\x65ncoded_sha256\"3\n\x07PartRef\x12\x13\n\x0btensor_name\x18\x01 \x01(\t\x12\x13\n\x0bpart_digest\x18\x02 \x01(\x0c\"A\n\x07Segment\x12\x12\n\nsegment_id\x18\x02 \x01(\r\x12\x0f\n\x07payload\x18\x03 \x01(\x0cJ\x04\x08\x01\x10\x02R\x0bmanifest_id\"\xeb\x01\n\x0c\x46\x65tchRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x14\n\x0cmodel_digest\x18\x02 \x01(\x0c\x12\x13\n\x0b\x62\x61se_digest\x18\x03 \x01(\x0c\x12,\n\ncodec_spec\x18\x04 \x01(\x0b\x32\x18.fedsqueeze.v1.CodecSpec\x12\x18\n\x0b\x62yte_budget\x18\x05 \x01(\x04H\x00\x88\x01\x01\x12\x19\n\x11held_manifest_key\x18\x06 \x01(\x0c\x12\x18\n\x10held_segment_ids\x18\x07 \x03(\r\x12\x14\n\x0cheld_digests\x18\x08 \x03(\x0c\x42\x0e\n\x0c_byte_budget\"o\n\rFetchResponse\x12)\n\x07segment\x18\x01 \x01(\x0b\x32\x16.fedsqueeze.v1.SegmentH\x00\x12+\n\x08manifest\x18\x02 \x01(\x0b\x32\x17.fedsqueeze.v1.ManifestH\x00\x42\x06\n\x04part\"\xcb\x01\n\x12GetManifestRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x14\n\x0cmodel_digest\x18\x06 \x01(\x0c\x12\x13\n\x0b\x62\x61se_digest\x18\x02 \x01(\x0c\x12,\n\ncodec_spec\x18\x04 \x01(\x0b\x32\x18.fedsqueeze.v1.CodecSpec\x12\x18\n\x0b\x62yte_budget\x18\x05 \x01(\x04H\x00\x88\x01\x01\x12\x14\n\x0cheld_digests\x18\x07 \x03(\x0c\x42\x0e\n\x0c_byte_budgetJ\x04\x08\x03\x10\x04R\x07\x65\x64ge_id\"@\n\x13GetManifestResponse\x12)\n\x08manifest\x18\x01 \x01(\x0b\x32\x17.fedsqueeze.v1.Manifest\"\x82\x01\n\x15StreamSegmentsRequest\x12\x14\n\x0cmanifest_key\x18\x04 \x01(\x0c\x12\x18\n\x10held_segment_ids\x18\x02 \x03(\r\x12\x17\n\x0fprefix_segments\x18\x05 \x01(\rJ\x04\x08\x01\x10\x02J\x04\x08\x03\x10\x04R\x0bmanifest_idR\x07\x65\x64ge_id\"A\n\x16StreamSegmentsResponse\x12\'\n\x07segment\x18\x01 \x01(\x0b\x32\x16.fedsqueeze.v1.Segment\"~\n\x0eUpdateMetadata\x12\x11\n\tupdate_id\x18\x01 \x01(\t\x12\x13\n\x0b\x62\x61se_digest\x18\x03 \x01(\x0c\x12\x13\n\x0btotal_bytes\x18\x04 \x01(\x04\x12\x0e\n\x06sha256\x18\x05 \x01(\x0cJ\x04\x08\x02\x10\x03J\x04\x08\x06\x10\x07R\x07\x65\x64ge_idR\ncodec_spec\"_\n\x11PushUpdateRequest\x12\x31\n\x08metadata\x18\x01 \x01(\x0b\x32\x1d.fedsqueeze.v1.UpdateMetadataH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"W\n\rUpdateReceipt\x12\x14\n\x0cstored_bytes\x18\x02 \x01(\x04\x12\x11\n\tduplicate\x18\x04 \x01(\x08J\x04\x08\x01\x10\x02J\x04\x08\x03\x10\x04R\tupdate_idR\x06sha256\"C\n\x12PushUpdateResponse\x12-\n\x07receipt\x18\x01 \x01(\x0b\x32\x1c.fedsqueeze.v1.UpdateReceipt*\xbc\x01\n\x0bPruneMethod\x12\x1c\n\x18PRUNE_METHOD_UNSPECIFIED\x10\x00\x12\x15\n\x11PRUNE_METHOD_NONE\x10\x01\x12 \n\x1cPRUNE_METHOD_L1_UNSTRUCTURED\x10\x02\x12\x1a\n\x16PRUNE_METHOD_L1_GLOBAL\x10\x03\x12\x1e\n\x1aPRUNE_METHOD_LN_STRUCTURED\x10\x04\x12\x1a\n\x16PRUNE_METHOD_THRESHOLD\x10\x05*\xa6\x01\n\x0bQuantScheme\x12\x1c\n\x18QUANT_SCHEME_UNSPECIFIED\x10\x00\x12\x17\n\x13QUANT_SCHEME_AFFINE\x10\x01\x12\x1a\n\x16QUANT_SCHEME_SYMMETRIC\x10\x02\x12\x15\n\x11QUANT_SCHEME_POW2\x10\x03\x12\x17\n\x13QUANT_SCHEME_KMEANS\x10\x04\x12\x14\n\x10QUANT_SCHEME_NF4\x10\x05*~\n\x0bGranularity\x12\x1b\n\x17GRANULARITY_UNSPECIFIED\x10\x00\x12\x1a\n\x16GRANULARITY_PER_TENSOR\x10\x01\x12\x1b\n\x17GRANULARITY_PER_CHANNEL\x10\x02\x12\x19\n\x15GRANULARITY_PER_BLOCK\x10\x03*\x86\x01\n\x0bScaleFormat\x12\x1c\n\x18SCALE_FORMAT_UNSPECIFIED\x10\x00\x12\x15\n\x11SCALE_FORMAT_FP32\x10\x01\x12\x15\n\x11SCALE_FORMAT_FP16\x10\x02\x12\x15\n\x11SCALE_FORMAT_BF16\x10\x03\x12\x14\n\x10SCALE_FORMAT_DQ8\x10\x04*S\n\x08Rounding\x12\x18\n\x14ROUNDING_UNSPECIFIED\x10\x00\x12\x14\n\x10ROUNDING_NEAREST\x10\x01\x12\x17\n\x13ROUNDING_STOCHASTIC\x10\x02*p\n\x0b\x46loatFormat\x12\x1c\n\x18\x46LOAT_FORMAT_UNSPECIFIED\x10\x00\x12\x15\n\x11\x46LOAT_FORMAT_FP32\x10\x01\x12\x15\n\x11\x46LOAT_FORMAT_FP16\x10\x02\x12\x15\n\x11\x46LOAT_FORMAT_BF16\x10\x03\x32\xe1\x02\n\rModelTransfer\x12\x44\n\x05\x46\x65tch\x12\x1b.fedsqueeze.v1.FetchRequest\x1a\x1c.fedsqueeze.v1.FetchResponse0\x01\x12T\n\x0bGetManifest\x12!.fedsqueeze.v1.GetManifestRequest\x1a\".fedsqueeze.v1.GetManifestResponse\x12_\n\x0eStreamSegments\x12$.fedsqueeze.v1.StreamSegmentsRequest\x1a%.fedsqueeze.v1.StreamSegmentsResponse0\x01\x12S\n\nPushUpdate\x12 .fedsqueeze.v1.PushUpdateRequest\x1a!.fedsqueeze.v1.PushUpdateResponse(\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'fedsqueeze.wire.transfer_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_PRUNEMETHOD']._serialized_start=2401
-  _globals['_PRUNEMETHOD']._serialized_end=2589
-  _globals['_QUANTSCHEME']._serialized_start=2592
-  _globals['_QUANTSCHEME']._serialized_end=2758
-  _globals['_GRANULARITY']._serialized_start=2760
-  _globals['_GRANULARITY']._serialized_end=2886
-  _globals['_SCALEFORMAT']._serialized_start=2889
-  _globals['_SCALEFORMAT']._serialized_end=3023
-  _globals['_ROUNDING']._serialized_start=3025
-  _globals['_ROUNDING']._serialized_end=3108
-  _globals['_FLOATFORMAT']._serialized_start=3110
-  _globals['_FLOATFORMAT']._serialized_end=3222
+  _globals['_PRUNEMETHOD']._serialized_start=2542
+  _globals['_PRUNEMETHOD']._serialized_end=2730
+  _globals['_QUANTSCHEME']._serialized_start=2733
+  _globals['_QUANTSCHEME']._serialized_end=2899
+  _globals['_GRANULARITY']._serialized_start=2901
+  _globals['_GRANULARITY']._serialized_end=3027
+  _globals['_SCALEFORMAT']._serialized_start=3030
+  _globals['_SCALEFORMAT']._serialized_end=3164
+  _globals['_ROUNDING']._serialized_start=3166
+  _globals['_ROUNDING']._serialized_end=3249
+  _globals['_FLOATFORMAT']._serialized_start=3251
+  _globals['_FLOATFORMAT']._serialized_end=3363
   _globals['_PRUNESPEC']._serialized_start=47
   _globals['_PRUNESPEC']._serialized_end=139
   _globals['_QUANTSPEC']._serialized_start=142
@@ -54,29 +54,31 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SEGMENTDESCRIPTOR']._serialized_start=688
   _globals['_SEGMENTDESCRIPTOR']._serialized_end=819
   _globals['_MANIFEST']._serialized_start=822
-  _globals['_MANIFEST']._serialized_end=1169
-  _globals['_SEGMENT']._serialized_start=1171
-  _globals['_SEGMENT']._serialized_end=1236
-  _globals['_FETCHREQUEST']._serialized_start=1239
-  _globals['_FETCHREQUEST']._serialized_end=1452
-  _globals['_FETCHRESPONSE']._serialized_start=1454
-  _globals['_FETCHRESPONSE']._serialized_end=1565
-  _globals['_GETMANIFESTREQUEST']._serialized_start=1568
-  _globals['_GETMANIFESTREQUEST']._serialized_end=1749
-  _globals['_GETMANIFESTRESPONSE']._serialized_start=1751
-  _globals['_GETMANIFESTRESPONSE']._serialized_end=1815
-  _globals['_STREAMSEGMENTSREQUEST']._serialized_start=1818
-  _globals['_STREAMSEGMENTSREQUEST']._serialized_end=1948
-  _globals['_STREAMSEGMENTSRESPONSE']._serialized_start=1950
-  _globals['_STREAMSEGMENTSRESPONSE']._serialized_end=2015
-  _globals['_UPDATEMETADATA']._serialized_start=2017
-  _globals['_UPDATEMETADATA']._serialized_end=2143
-  _globals['_PUSHUPDATEREQUEST']._serialized_start=2145
-  _globals['_PUSHUPDATEREQUEST']._serialized_end=2240
-  _globals['_UPDATERECEIPT']._serialized_start=2242
-  _globals['_UPDATERECEIPT']._serialized_end=2329
-  _globals['_PUSHUPDATERESPONSE']._serialized_start=2331
-  _globals['_PUSHUPDATERESPONSE']._serialized_end=2398
-  _globals['_MODELTRANSFER']._serialized_start=3225
-  _globals['_MODELTRANSFER']._serialized_end=3578
+  _globals['_MANIFEST']._serialized_end=1213
+  _globals['_PARTREF']._serialized_start=1215
+  _globals['_PARTREF']._serialized_end=1266
+  _globals['_SEGMENT']._serialized_start=1268
+  _globals['_SEGMENT']._serialized_end=1333
+  _globals['_FETCHREQUEST']._serialized_start=1336
+  _globals['_FETCHREQUEST']._serialized_end=1571
+  _globals['_FETCHRESPONSE']._serialized_start=1573
+  _globals['_FETCHRESPONSE']._serialized_end=1684
+  _globals['_GETMANIFESTREQUEST']._serialized_start=1687
+  _globals['_GETMANIFESTREQUEST']._serialized_end=1890
+  _globals['_GETMANIFESTRESPONSE']._serialized_start=1892
+  _globals['_GETMANIFESTRESPONSE']._serialized_end=1956
+  _globals['_STREAMSEGMENTSREQUEST']._serialized_start=1959
+  _globals['_STREAMSEGMENTSREQUEST']._serialized_end=2089
+  _globals['_STREAMSEGMENTSRESPONSE']._serialized_start=2091
+  _globals['_STREAMSEGMENTSRESPONSE']._serialized_end=2156
+  _globals['_UPDATEMETADATA']._serialized_start=2158
+  _globals['_UPDATEMETADATA']._serialized_end=2284
+  _globals['_PUSHUPDATEREQUEST']._serialized_start=2286
+  _globals['_PUSHUPDATEREQUEST']._serialized_end=2381
+  _globals['_UPDATERECEIPT']._serialized_start=2383
+  _globals['_UPDATERECEIPT']._serialized_end=2470
+  _globals['_PUSHUPDATERESPONSE']._serialized_start=2472
+  _globals['_PUSHUPDATERESPONSE']._serialized_end=2539
+  _globals['_MODELTRANSFER']._serialized_start=3366
+  _globals['_MODELTRANSFER']._serialized_end=3719
 # @@protoc_insertion_point(module_scope)

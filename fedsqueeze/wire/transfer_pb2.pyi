@@ -471,6 +471,7 @@ class Manifest(_message.Message):
     SEGMENTS_FIELD_NUMBER: _builtins.int
     PREFIX_SEGMENTS_FIELD_NUMBER: _builtins.int
     SMALLEST_PREFIX_BYTES_FIELD_NUMBER: _builtins.int
+    HELD_PARTS_FIELD_NUMBER: _builtins.int
     manifest_key: _builtins.bytes
     """Opaque key of this encoding, 1 to 32 bytes (16 from fedsqueeze servers);
     names the manifest in StreamSegments and FetchRequest.held_manifest_key.
@@ -516,6 +517,15 @@ class Manifest(_message.Message):
         of their byte_length bytes.
         """
 
+    @_builtins.property
+    def held_parts(self) -> _containers.RepeatedCompositeFieldContainer[Global___PartRef]:
+        """Tensors the payload leaves out because the client holds their exact content
+        (a part of a version it named in held_digests, or of its base, under any
+        name): it takes each from its cache and checks the whole model with
+        decoded_digest. Empty when the request named no held_digests. Each name
+        appears once and in no record of the payload.
+        """
+
     def __init__(
         self,
         *,
@@ -528,14 +538,43 @@ class Manifest(_message.Message):
         segments: _abc.Iterable[Global___SegmentDescriptor] | None = ...,
         prefix_segments: _builtins.int = ...,
         smallest_prefix_bytes: _builtins.int = ...,
+        held_parts: _abc.Iterable[Global___PartRef] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["codec_spec", b"codec_spec"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["codec_spec", b"codec_spec", "decoded_digest", b"decoded_digest", "delta", b"delta", "manifest_key", b"manifest_key", "model_digest", b"model_digest", "prefix_segments", b"prefix_segments", "raw_bytes", b"raw_bytes", "segments", b"segments", "smallest_prefix_bytes", b"smallest_prefix_bytes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["codec_spec", b"codec_spec", "decoded_digest", b"decoded_digest", "delta", b"delta", "held_parts", b"held_parts", "manifest_key", b"manifest_key", "model_digest", b"model_digest", "prefix_segments", b"prefix_segments", "raw_bytes", b"raw_bytes", "segments", b"segments", "smallest_prefix_bytes", b"smallest_prefix_bytes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Manifest: _TypeAlias = Manifest  # noqa: Y015
+
+@_typing.final
+class PartRef(_message.Message):
+    """A tensor of the model identified by its content: one of Manifest.held_parts."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TENSOR_NAME_FIELD_NUMBER: _builtins.int
+    PART_DIGEST_FIELD_NUMBER: _builtins.int
+    tensor_name: _builtins.str
+    """The tensor's name (state-dict key) in the model being fetched."""
+    part_digest: _builtins.bytes
+    """SHA-256 (32 bytes) of the tensor's dtype, shape and little-endian bytes,
+    without its name (fedsqueeze.transport.parts.part_digest).
+    """
+    def __init__(
+        self,
+        *,
+        tensor_name: _builtins.str = ...,
+        part_digest: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["part_digest", b"part_digest", "tensor_name", b"tensor_name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PartRef: _TypeAlias = PartRef  # noqa: Y015
 
 @_typing.final
 class Segment(_message.Message):
@@ -576,6 +615,7 @@ class FetchRequest(_message.Message):
     BYTE_BUDGET_FIELD_NUMBER: _builtins.int
     HELD_MANIFEST_KEY_FIELD_NUMBER: _builtins.int
     HELD_SEGMENT_IDS_FIELD_NUMBER: _builtins.int
+    HELD_DIGESTS_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """The model wanted: a track name such as "global", or a model digest as 64
     lowercase hex characters (model_digest says the same in 32 bytes). Set
@@ -602,6 +642,14 @@ class FetchRequest(_message.Message):
         answers with the same manifest_key, and ignores them otherwise.
         """
 
+    @_builtins.property
+    def held_digests(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
+        """Digests (32 bytes each) of other model versions the client holds besides
+        its base, at most 16 (other tracks, replaced versions): tensors whose exact
+        content is in one of them (or in the base) need not travel and are listed
+        in Manifest.held_parts. Versions the server does not hold are ignored.
+        """
+
     def __init__(
         self,
         *,
@@ -612,10 +660,11 @@ class FetchRequest(_message.Message):
         byte_budget: _builtins.int | None = ...,
         held_manifest_key: _builtins.bytes = ...,
         held_segment_ids: _abc.Iterable[_builtins.int] | None = ...,
+        held_digests: _abc.Iterable[_builtins.bytes] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_byte_budget", b"_byte_budget", "byte_budget", b"byte_budget", "codec_spec", b"codec_spec"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_byte_budget", b"_byte_budget", "base_digest", b"base_digest", "byte_budget", b"byte_budget", "codec_spec", b"codec_spec", "held_manifest_key", b"held_manifest_key", "held_segment_ids", b"held_segment_ids", "model", b"model", "model_digest", b"model_digest"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_byte_budget", b"_byte_budget", "base_digest", b"base_digest", "byte_budget", b"byte_budget", "codec_spec", b"codec_spec", "held_digests", b"held_digests", "held_manifest_key", b"held_manifest_key", "held_segment_ids", b"held_segment_ids", "model", b"model", "model_digest", b"model_digest"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__byte_budget: _TypeAlias = _typing.Literal["byte_budget"]  # noqa: Y015
     _WhichOneofArgType__byte_budget: _TypeAlias = _typing.Literal["_byte_budget", b"_byte_budget"]  # noqa: Y015
@@ -668,6 +717,7 @@ class GetManifestRequest(_message.Message):
     BASE_DIGEST_FIELD_NUMBER: _builtins.int
     CODEC_SPEC_FIELD_NUMBER: _builtins.int
     BYTE_BUDGET_FIELD_NUMBER: _builtins.int
+    HELD_DIGESTS_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """The model wanted: a track name such as "global", or a model digest as 64
     lowercase hex characters. Set this or model_digest, not both.
@@ -682,6 +732,10 @@ class GetManifestRequest(_message.Message):
     def codec_spec(self) -> Global___CodecSpec:
         """How the client wants the model encoded."""
 
+    @_builtins.property
+    def held_digests(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
+        """Other model versions the client holds, as in FetchRequest.held_digests."""
+
     def __init__(
         self,
         *,
@@ -690,10 +744,11 @@ class GetManifestRequest(_message.Message):
         base_digest: _builtins.bytes = ...,
         codec_spec: Global___CodecSpec | None = ...,
         byte_budget: _builtins.int | None = ...,
+        held_digests: _abc.Iterable[_builtins.bytes] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_byte_budget", b"_byte_budget", "byte_budget", b"byte_budget", "codec_spec", b"codec_spec"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_byte_budget", b"_byte_budget", "base_digest", b"base_digest", "byte_budget", b"byte_budget", "codec_spec", b"codec_spec", "model", b"model", "model_digest", b"model_digest"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_byte_budget", b"_byte_budget", "base_digest", b"base_digest", "byte_budget", b"byte_budget", "codec_spec", b"codec_spec", "held_digests", b"held_digests", "model", b"model", "model_digest", b"model_digest"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__byte_budget: _TypeAlias = _typing.Literal["byte_budget"]  # noqa: Y015
     _WhichOneofArgType__byte_budget: _TypeAlias = _typing.Literal["_byte_budget", b"_byte_budget"]  # noqa: Y015

@@ -20,6 +20,8 @@ MAX_ID_CHARS = 128
 MAX_MANIFEST_KEY_BYTES = 32
 #: Most segments one manifest may list.
 MAX_SEGMENTS = 1 << 16
+#: Most other versions a request may say it holds (``held_digests``).
+MAX_HELD_VERSIONS = 16
 
 _ID_RE = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 _HEX_DIGEST_RE = re.compile(r"[0-9a-f]{64}")
@@ -93,6 +95,27 @@ class SegmentInfo:
 
 
 @dataclass(frozen=True)
+class PartRef:
+    """A tensor the client takes from its cache instead of the stream.
+
+    Parameters
+    ----------
+    tensor_name
+        Its name (state-dict key) in the model being fetched.
+    part_digest
+        :func:`~fedsqueeze.transport.parts.part_digest` of its content (32 bytes).
+    """
+
+    tensor_name: str
+    part_digest: bytes
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.tensor_name, str) or not self.tensor_name:
+            raise ValueError("a held part needs a tensor name")
+        check_digest(self.part_digest, "part_digest")
+
+
+@dataclass(frozen=True)
 class Manifest:
     """Everything a client needs to fetch, verify and reassemble one encoded model.
 
@@ -122,6 +145,9 @@ class Manifest:
     smallest_prefix_bytes
         Progressive encodings: payload bytes of the smallest decodable prefix (0: not
         progressive).
+    held_parts
+        Tensors the payload leaves out because the client holds their content (each name
+        once, and in no segment's ``tensor_names``).
     """
 
     manifest_key: bytes
@@ -133,6 +159,7 @@ class Manifest:
     segments: tuple[SegmentInfo, ...]
     prefix_segments: int = 0
     smallest_prefix_bytes: int = 0
+    held_parts: tuple[PartRef, ...] = ()
     _by_id: dict[int, SegmentInfo] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -153,6 +180,13 @@ class Manifest:
             raise ValueError("a truncated manifest sends its segments in id order")
         if self.smallest_prefix_bytes < 0:
             raise ValueError("smallest_prefix_bytes must be >= 0")
+        held_names = [ref.tensor_name for ref in self.held_parts]
+        if len(set(held_names)) != len(held_names):
+            raise ValueError("held_parts names a tensor twice")
+        streamed = {name for info in self.segments for name in info.tensor_names}
+        both = sorted(streamed.intersection(held_names))
+        if both:
+            raise ValueError(f"held_parts names tensors the stream also carries: {both[:3]}")
         object.__setattr__(self, "_by_id", by_id)
 
     @property
@@ -200,18 +234,31 @@ class ManifestRequest:
         How the client wants the model encoded.
     byte_budget
         Most encoded bytes the client accepts, or ``None`` for no limit.
+    held_digests
+        Digests of other versions the client holds besides its base (at most
+        :data:`MAX_HELD_VERSIONS`, sorted, none repeated, not the base): their tensors
+        need not travel (:mod:`fedsqueeze.transport.parts`).
     """
 
     model: str
     base_digest: bytes | None
     spec: CodecSpec
     byte_budget: int | None = None
+    held_digests: tuple[bytes, ...] = ()
 
     def __post_init__(self) -> None:
         check_id(self.model, "model")
         _check_optional_digest(self.base_digest, "base_digest")
         if self.byte_budget is not None and self.byte_budget <= 0:
             raise ValueError("byte_budget must be > 0")
+        if len(self.held_digests) > MAX_HELD_VERSIONS:
+            raise ValueError(f"at most {MAX_HELD_VERSIONS} held_digests")
+        for digest in self.held_digests:
+            check_digest(digest, "held digest")
+        if list(self.held_digests) != sorted(set(self.held_digests)):
+            raise ValueError("held_digests must be sorted, each once")
+        if self.base_digest is not None and self.base_digest in self.held_digests:
+            raise ValueError("held_digests repeats the base")
 
 
 @dataclass(frozen=True)
