@@ -207,7 +207,7 @@ def test_a_held_part_the_edge_lacks_raises_a_clear_error():
     lacking = PartRef("fc.weight", b"\x03" * 32)
     manifest = _manifest(held_parts=(lacking,))
     held = _held({"x": torch.zeros(3)})
-    with pytest.raises(HeldPartError, match="'fc.weight'.*does not hold"):
+    with pytest.raises(HeldPartError, match=r"'fc\.weight'.*does not hold"):
         resolve_held_parts(manifest, held)
     with pytest.raises(HeldPartError, match="holds none"):
         resolve_held_parts(manifest, None)
