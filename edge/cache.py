@@ -1,7 +1,9 @@
 """Where an edge keeps what must survive between rounds.
 
 Two things: the model it holds (the base of the next delta, and what its update is made
-against) and its error-feedback residual. In simulation they live in Flower's
+against) and its error-feedback residual. Besides, in memory, a :class:`PartStore`: the
+last few versions it held, by content, so that tensors they share with a later model
+need not travel again (:mod:`fedsqueeze.transport.parts`). In simulation they live in Flower's
 ``Context.state`` (kept per node across rounds); deployed, in a local directory, written
 atomically so a crash leaves the previous round's state intact.
 """
@@ -10,6 +12,8 @@ from __future__ import annotations
 
 import json
 import logging
+from collections import OrderedDict
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -20,6 +24,7 @@ from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 from fedsqueeze.codec import state_digest
 from fedsqueeze.errors import ConfigError
 from fedsqueeze.statefile import load_state, save_state, write_atomic
+from fedsqueeze.transport.parts import HeldVersions, part_digest
 
 State = dict[str, torch.Tensor]
 log = logging.getLogger(__name__)
@@ -109,3 +114,56 @@ class DirectoryCache:
         if memory.residual is not None:
             save_state(memory.residual, self.root / "residual.pt")
         write_atomic(self.root / "edge.json", json.dumps({"held": memory.held_digest}).encode())
+
+
+class PartStore:
+    """The versions an edge held lately, as content-addressed parts; in memory.
+
+    Each version is indexed once (its tensors by :func:`part_digest`); a tensor shared by
+    several versions is kept once. The least recently added or used version is dropped
+    beyond ``max_versions``, with the parts no other version has.
+
+    Parameters
+    ----------
+    max_versions
+        How many versions to keep (the memory of about that many models, less what they
+        share).
+    """
+
+    def __init__(self, max_versions: int = 3) -> None:
+        if max_versions < 1:
+            raise ValueError("max_versions must be >= 1")
+        self.max_versions = max_versions
+        self._versions: OrderedDict[bytes, tuple[bytes, ...]] = OrderedDict()
+        self._parts: dict[bytes, torch.Tensor] = {}
+        self._users: dict[bytes, int] = {}
+
+    def add(self, digest: bytes, state: Mapping[str, torch.Tensor]) -> None:
+        """Keep ``state`` (whose model digest is ``digest``, not checked) as held."""
+        if digest in self._versions:
+            self._versions.move_to_end(digest)
+            return
+        by_digest: dict[bytes, torch.Tensor] = {}
+        for tensor in state.values():
+            by_digest.setdefault(part_digest(tensor), tensor)
+        for d, tensor in by_digest.items():
+            self._parts.setdefault(d, tensor)
+            self._users[d] = self._users.get(d, 0) + 1
+        self._versions[digest] = tuple(by_digest)
+        while len(self._versions) > self.max_versions:
+            self.drop(next(iter(self._versions)))
+
+    def drop(self, digest: bytes) -> None:
+        """Forget version ``digest`` (and the parts only it had); nothing if not held."""
+        for d in self._versions.pop(digest, ()):
+            self._users[d] -= 1
+            if self._users[d] == 0:
+                del self._users[d], self._parts[d]
+
+    def versions(self) -> tuple[bytes, ...]:
+        """Digests of the versions kept, oldest first."""
+        return tuple(self._versions)
+
+    def held(self) -> HeldVersions:
+        """What a fetch may name as held (a snapshot)."""
+        return HeldVersions(tuple(sorted(self._versions)), dict(self._parts))

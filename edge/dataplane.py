@@ -20,6 +20,7 @@ from typing import Protocol
 
 import torch
 
+from edge.cache import PartStore
 from fedsqueeze.codec import EncodedModel
 from fedsqueeze.codec.spec_text import parse_spec
 from fedsqueeze.control import RoundInstruction
@@ -114,13 +115,27 @@ class GrpcConnector:
     link
         Makes an emulated link for each connection (one per fetch and per push), for
         experiments; ``None``: none.
+    held_versions
+        How many versions each edge keeps in memory as content-addressed parts
+        (:class:`edge.cache.PartStore`), named in its fetches so that tensors they hold
+        exactly do not travel again; 0: none (fetches name only their base).
     """
 
-    def __init__(self, root_ca: Path | None = None, *, link: LinkFactory | None = None) -> None:
+    def __init__(
+        self,
+        root_ca: Path | None = None,
+        *,
+        link: LinkFactory | None = None,
+        held_versions: int = 3,
+    ) -> None:
+        if held_versions < 0:
+            raise ValueError("held_versions must be >= 0")
         env = os.environ.get(CA_ENV)
         self.root_ca = root_ca or (Path(env) if env else None)
         self.link = link
+        self.held_versions = held_versions
         self._streams: dict[str, _Stream] = {}
+        self._parts: dict[str, PartStore] = {}
 
     def _client(
         self, instruction: RoundInstruction, edge_id: str, link: LinkShaper | None
@@ -153,6 +168,9 @@ class GrpcConnector:
             state = last.held
         else:
             state = FetchState()
+        parts = self._part_store(edge_id)
+        if parts is not None and held is not None and held_digest:
+            parts.add(bytes.fromhex(held_digest), held)
         with (
             self._failure_named("fetching the model", instruction),
             self._client(instruction, edge_id, link) as client,
@@ -164,9 +182,12 @@ class GrpcConnector:
                 base_digest=bytes.fromhex(held_digest) if held_digest else None,
                 byte_budget=instruction.down_budget or None,
                 state=state,
+                held=parts.held() if parts is not None else None,
             )
         if result.state is None:
             raise IntegrityError("the fetch returned no model")
+        if parts is not None:
+            parts.add(result.digest, result.state)
         self._streams[edge_id] = _Stream(instruction.target, held_digest, held, state)
         wire = result.stats.wire
         waited = link.waited_s if link is not None else 0.0
@@ -180,6 +201,11 @@ class GrpcConnector:
             prefix.used_bytes if prefix is not None else 0,
             prefix.levels if prefix is not None else (),
         )
+
+    def _part_store(self, edge_id: str) -> PartStore | None:
+        if self.held_versions == 0:
+            return None
+        return self._parts.setdefault(edge_id, PartStore(self.held_versions))
 
     def push(
         self,

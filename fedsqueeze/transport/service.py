@@ -115,26 +115,53 @@ class TransferService:
         if base is not None and self.source.get(base) is None:
             logger.info("edge %s holds unknown or old base %s…: full model", edge, base[:12])
             base = None
+        held_base = base  # its parts are held even where it cannot be the delta's base
+        if base is not None and not self._related(target, base):
+            # Another track's model (a student): no delta from it, but its parts count.
+            logger.info("edge %s holds %s…, unrelated to the target: full model", edge, base[:12])
+            base = None
         # A progressive encoding is truncated per answer, not re-encoded per budget.
         budget = None if req.spec.levels else req.byte_budget
-        key = CacheKey(target, base, req.spec, budget, self._held_parts(edge, target, base, req))
+        refs = self._held_parts(edge, target, base, held_base, req)
+        key = CacheKey(target, base, req.spec, budget, refs)
         return self.cache.get_or_build(
             key, lambda: prepare_model(self.source, key, self.limits.segment_bytes)
         )
 
+    def _related(self, target: str, base: str) -> bool:
+        """Whether ``base`` shares a tensor (name, shape, dtype) with ``target``: whether
+        a delta from it is possible at all."""
+        target_state, base_state = self.source.get(target), self.source.get(base)
+        if target_state is None or base_state is None or not target_state:
+            return True  # let the encoder report it
+        return any(
+            name in base_state
+            and base_state[name].shape == t.shape
+            and base_state[name].dtype == t.dtype
+            for name, t in target_state.items()
+        )
+
     def _held_parts(
-        self, edge: str, target: str, base: str | None, req: ManifestRequest
+        self,
+        edge: str,
+        target: str,
+        base: str | None,
+        held_base: str | None,
+        req: ManifestRequest,
     ) -> tuple[PartRef, ...]:
-        """The target's tensors the edge holds exactly (only for requests naming
-        ``held_digests``; versions this server does not hold count for nothing)."""
+        """The target's tensors the edge holds exactly, in its versions or its base
+        (``held_base``, the delta's ``base`` or unrelated). Only for requests naming
+        ``held_digests``; versions this server does not hold count for nothing."""
         if not req.held_digests or req.spec.levels:
             return ()
         target_state = self.source.get(target)
         if target_state is None:
             return ()  # dropped meanwhile: prepare_model reports it
+        held: set[bytes] = set()
+        if held_base is not None and (held_state := self.source.get(held_base)) is not None:
+            held.update(self.part_digests.of(held_base, held_state).values())
         base_state = self.source.get(base) if base is not None else None
         base_parts = self.part_digests.of(base, base_state) if base and base_state else {}
-        held = set(base_parts.values())
         known = 0
         for digest in req.held_digests:
             version = digest.hex()

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 
 from fedsqueeze.codec import CodecSpec, preset, state_digest
 from fedsqueeze.errors import HeldPartError, InvalidRequestError
-from fedsqueeze.transport import InMemoryModelSource
+from fedsqueeze.transport import FetchResult, InMemoryModelSource
 from fedsqueeze.transport.parts import (
     HeldVersions,
     part_digest,
@@ -39,7 +41,7 @@ def _held(*states: dict[str, torch.Tensor]) -> HeldVersions:
     return HeldVersions.of({state_digest(s): s for s in states})
 
 
-def _exact(result, expected: dict[str, torch.Tensor]) -> None:
+def _exact(result: FetchResult, expected: dict[str, torch.Tensor]) -> None:
     assert result.state is not None
     assert state_digest(result.state) == state_digest(expected)
     for name, tensor in expected.items():
@@ -175,7 +177,7 @@ def test_nothing_changes_without_held_digests(source, store, start_server, conne
 
 
 # ----------------------------------------------------------------- hostile manifests
-def _manifest(**kwargs) -> Manifest:
+def _manifest(**kwargs: Any) -> Manifest:
     info = SegmentInfo(0, kwargs.pop("names", ()), 0, 0, 10, b"\x01" * 32)
     return Manifest(b"k" * 16, b"\x02" * 32, None, CodecSpec(), 10, b"\x02" * 32, (info,), **kwargs)
 
