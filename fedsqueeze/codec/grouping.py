@@ -102,14 +102,14 @@ def _coders() -> tuple[zstandard.ZstdCompressor, zstandard.ZstdCompressor]:
             zstandard.ZstdCompressor(compression_params=_LITERAL_PARAMS),
             zstandard.ZstdCompressor(compression_params=_MANTISSA_PARAMS),
         )
-    return coders  # type: ignore[no-any-return]
+    return coders
 
 
 def _decompressor() -> zstandard.ZstdDecompressor:
     d = getattr(_local, "decompressor", None)
     if d is None:
         d = _local.decompressor = zstandard.ZstdDecompressor(format=_FORMAT)
-    return d  # type: ignore[no-any-return]
+    return d
 
 
 def _chunk_planes(values: np.ndarray, swapped: bool) -> list[np.ndarray]:

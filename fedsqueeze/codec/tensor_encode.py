@@ -298,10 +298,11 @@ class TensorEncoder:
     ) -> TensorRecord | None:
         """The byte-grouped record of a float tensor, if it is smaller than its raw bits
         (``None``: not a grouped dtype, entropy coding off, or no gain)."""
-        if t.dtype not in GROUPED_DTYPES or self._spec.entropy_level <= 0:
+        raw = t.numel() * t.element_size()
+        if t.dtype not in GROUPED_DTYPES or self._spec.entropy_level <= 0 or raw < _MIN_GROUPED:
             return None
         body = encode_grouped(bits, t.dtype)
-        if len(body) >= t.numel() * t.element_size():
+        if len(body) >= raw:
             return None
         kind = ValueKind.GROUPED_XOR if delta else ValueKind.GROUPED
         return self._record(name, t, delta=delta, body=body, value_kind=kind)
@@ -529,6 +530,9 @@ def _residual(
     return residual.reshape(shape)
 
 
+#: Raw size (bytes) below which floats are never grouped: the planes' table costs more
+#: than grouping saves there, and small models keep their version-1 bytes.
+_MIN_GROUPED = 4096
 #: Raw sizes (bytes) up to which the lossless path also builds the plain record and keeps
 #: the smaller one; above it byte grouping is taken whenever it beats the raw bits.
 _COMPARE_BELOW = 1 << 20
@@ -543,8 +547,12 @@ def _all_zero(x: torch.Tensor) -> bool:
 
     ``torch.equal`` against an expanded zero stops at the first difference on the CPU,
     so the usual tensor with something to send costs microseconds, not a pass
-    (``x.any()`` costs about as much as ``clone()``).
+    (``x.any()`` costs about as much as ``clone()``); a nonzero first element settles
+    it before that (``equal`` on bf16 scans everything).
     """
+    flat = x.reshape(-1)
+    if flat.numel() and bool(flat[0] != 0):
+        return False
     return torch.equal(x, torch.zeros((), dtype=x.dtype, device=x.device).expand(x.shape))
 
 
