@@ -20,6 +20,7 @@ from __future__ import annotations
 import importlib.util
 import statistics
 import time
+import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -93,7 +94,9 @@ def _ours(state: State, base: State | None, raw: int, runs: int) -> Json:
 def _zipnn(data: bytes, dtype: torch.dtype, runs: int) -> Json | None:
     if importlib.util.find_spec("zipnn") is None or dtype not in _ZIPNN_DTYPES:
         return None
-    from zipnn import ZipNN
+    with warnings.catch_warnings():  # zipnn 0.5.4 uses torch.jit.script at import
+        warnings.simplefilter("ignore", DeprecationWarning)
+        from zipnn import ZipNN
 
     coder = ZipNN(input_format="byte", bytearray_dtype=_ZIPNN_DTYPES[dtype])
     packed = bytes(coder.compress(bytearray(data)))
