@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from enum import IntEnum
 
@@ -209,19 +210,80 @@ def decode_grouped(body: bytes | memoryview, dtype: torch.dtype, numel: int) -> 
     swapped = dtype in _SWAPPED
 
     def decode_chunk(c: int) -> None:
-        rows = out[c * size : c * size + size]
-        planes = []
-        for chunk_values, coding, data in entries[c * width : (c + 1) * width]:
-            planes.append(_plane(coding, data, chunk_values))
-        if swapped:
-            exponent, sign_mantissa = planes[0], planes[1]
-            planes[0] = (sign_mantissa & 0x80) | (exponent >> 1)
-            planes[1] = (sign_mantissa & 0x7F) | ((exponent & 1) << 7)
-        for k, plane in enumerate(planes):
-            rows[:, width - 1 - k] = plane
+        part = entries[c * width : (c + 1) * width]
+        _assemble(out[c * size : c * size + size], [(k, d) for _, k, d in part], swapped)
 
     list(_workers().map(decode_chunk, range(chunks)))
     return torch.from_numpy(out.reshape(-1)).view(dtype)
+
+
+def _assemble(
+    rows: np.ndarray, planes: Sequence[tuple[PlaneCoding, memoryview | bytes]], swapped: bool
+) -> None:
+    """Decode one chunk's planes into ``rows`` (``[count, width]`` uint8)."""
+    count, width = rows.shape
+    values = [_plane(coding, memoryview(data), count) for coding, data in planes]
+    if swapped:
+        exponent, sign_mantissa = values[0], values[1]
+        values[0] = (sign_mantissa & 0x80) | (exponent >> 1)
+        values[1] = (sign_mantissa & 0x7F) | ((exponent & 1) << 7)
+    for k, plane in enumerate(values):
+        rows[:, width - 1 - k] = plane
+
+
+def stream_grouped(
+    read: Callable[[int], bytes], length: int, dtype: torch.dtype, numel: int
+) -> Iterator[tuple[int, torch.Tensor]]:
+    """Decode a grouped body of ``length`` bytes chunk by chunk, reading it with ``read``
+    (which returns exactly the bytes asked for): yields ``(start, values)``, never
+    holding more than one chunk. Same checks as :func:`decode_grouped`."""
+    if dtype not in GROUPED_DTYPES:
+        raise FormatError(f"byte-grouped values of a {dtype} tensor")
+    width = torch.empty((), dtype=dtype).element_size()
+    used = 0
+
+    def take(count: int) -> bytes:
+        nonlocal used
+        if count > length - used:
+            raise FormatError(f"grouped body: {count} bytes wanted, {length - used} left")
+        used += count
+        return read(count)
+
+    def varint() -> int:
+        value = 0
+        for i in range(10):
+            byte = take(1)[0]
+            value |= (byte & 0x7F) << (7 * i)
+            if not byte & 0x80:
+                return value
+        raise FormatError("grouped body: varint longer than 10 bytes")
+
+    chunk_log2 = take(1)[0]
+    if not MIN_CHUNK_LOG2 <= chunk_log2 <= MAX_CHUNK_LOG2:
+        raise FormatError(f"chunk of 2^{chunk_log2} values")
+    size = 1 << chunk_log2
+    chunks = -(-numel // size)
+    table: list[tuple[PlaneCoding, int]] = []
+    for i in range(chunks * width):
+        code = take(1)[0]
+        try:
+            coding = PlaneCoding(code)
+        except ValueError as exc:
+            raise FormatError(f"unknown plane coding {code}") from exc
+        plane_length = varint()
+        count = min(size, numel - (i // width) * size)
+        if coding is PlaneCoding.RAW and plane_length != count:
+            raise FormatError(f"raw plane of {plane_length} bytes for {count} values")
+        table.append((coding, plane_length))
+    swapped = dtype in _SWAPPED
+    for c in range(chunks):
+        count = min(size, numel - c * size)
+        planes = [(k, take(n)) for k, n in table[c * width : (c + 1) * width]]
+        rows = np.empty((count, width), dtype=np.uint8)
+        _assemble(rows, planes, swapped)
+        yield c * size, torch.from_numpy(rows.reshape(-1)).view(dtype)
+    if used != length:
+        raise FormatError(f"{length - used} bytes after the last plane")
 
 
 def _plane(coding: PlaneCoding, data: memoryview, count: int) -> np.ndarray:
@@ -248,4 +310,5 @@ __all__ = [
     "PlaneCoding",
     "decode_grouped",
     "encode_grouped",
+    "stream_grouped",
 ]
