@@ -9,6 +9,9 @@ Four parts, printed as tables (and written as JSON with --json):
   blockwise MiniLM again: per-tensor relative error and bytes per parameter of per-tensor,
             per-channel, block-wise and NF4 specs, beside bitsandbytes' NF4 when installed
             (--blockwise-only runs just this part)
+  lossless  MiniLM in fp32 and a bf16 copy, full and as deltas: our lossless coding beside
+            ZipNN's (ratio, compress/decompress MB/s; --lossless-only runs just this part;
+            a small synthetic model stands in without MiniLM)
   tensor    one random-normal fp32 tensor of --tensor-mb MB: size, error and encode/decode
             throughput of each spec next to tensor.clone() and plain zstd level 3
 
@@ -81,6 +84,8 @@ class CodecBenchOptions:
         The recipe's schedule; by default the full one (or a tiny one with ``quick``).
     blockwise_only : bool
         Only the block-wise section on MiniLM.
+    lossless_only : bool
+        Only the lossless section.
     """
 
     seeds: int = 3
@@ -90,6 +95,7 @@ class CodecBenchOptions:
     runs: int = 5
     recipe: DeepCompressionConfig | None = None
     blockwise_only: bool = False
+    lossless_only: bool = False
 
     def __post_init__(self) -> None:
         if self.seeds < 1 or self.runs < 1 or not self.tensor_mb > 0:
@@ -106,6 +112,7 @@ def main(args: argparse.Namespace) -> int:
             tensor_mb=args.tensor_mb,
             runs=2 if args.quick else args.runs,
             blockwise_only=args.blockwise_only,
+            lossless_only=args.lossless_only,
         )
     except ValueError as exc:
         raise ConfigError(f"bad flag: {exc}") from exc
@@ -122,8 +129,9 @@ def run_codec_bench(options: CodecBenchOptions, console: Console | None = None) 
     Returns
     -------
     dict
-        JSON-ready: ``{"machine", "digits", "minilm", "blockwise", "tensor"}`` (only
-        ``machine`` and ``blockwise`` with ``blockwise_only``).
+        JSON-ready: ``{"machine", "digits", "minilm", "blockwise", "lossless", "tensor"}``
+        (only ``machine`` and ``blockwise`` with ``blockwise_only``, ``machine`` and
+        ``lossless`` with ``lossless_only``).
     """
     out = console or Console(quiet=True)
     report: Json = {"machine": _machine()}
@@ -132,11 +140,15 @@ def run_codec_bench(options: CodecBenchOptions, console: Console | None = None) 
         f"[bold]fedsqueeze bench codec[/bold]: {machine['cpus']} CPUs, torch {machine['torch']}, "
         f"{machine['threads']} threads, load average {machine['load_average_start']:.2f}"
     )
-    if not options.blockwise_only:
+    everything = not (options.blockwise_only or options.lossless_only)
+    if everything:
         report["digits"] = _digits(options, out)
         report["minilm"] = _minilm(options, out)
-    report["blockwise"] = _blockwise(options, out)
+    if not options.lossless_only:
+        report["blockwise"] = _blockwise(options, out)
     if not options.blockwise_only:
+        report["lossless"] = _lossless(options, out)
+    if everything:
         report["tensor"] = _tensor(options, out)
     # Shared machines: a busy neighbour slows every row, so say how busy it was.
     machine["load_average_end"] = os.getloadavg()[0]
@@ -248,6 +260,24 @@ def _blockwise(options: CodecBenchOptions, out: Console) -> Json:
     from fedsqueeze.bench.blockwise import run_blockwise_section
 
     return run_blockwise_section(load_file(str(path)), out)
+
+
+def _lossless(options: CodecBenchOptions, out: Console) -> Json:
+    from fedsqueeze.bench.lossless import run_lossless_section
+
+    path = minilm_weights_path()
+    if options.skip_minilm or path is None:
+        gen = torch.Generator().manual_seed(0)
+        state: State = {
+            f"layer{i}.weight": torch.randn(256, 256, generator=gen) * 0.05 for i in range(4)
+        }
+        out.print("lossless section: a synthetic 1 MB model (MiniLM skipped or not installed)")
+        model = "synthetic"
+    else:
+        from safetensors.torch import load_file
+
+        state, model = load_file(str(path)), "all-MiniLM-L6-v2"
+    return {"model": model, **run_lossless_section(state, out, options.runs)}
 
 
 # ---------------------------------------------------------------------- model specs

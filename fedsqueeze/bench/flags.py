@@ -41,6 +41,12 @@ def add_codec_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="only the block-wise/NF4 section on MiniLM (per-tensor errors, bytes/param)",
     )
+    parser.add_argument(
+        "--lossless-only",
+        action="store_true",
+        help="only the lossless section: fedsqueeze beside ZipNN on MiniLM in fp32 and bf16, "
+        "full models and deltas (ratio, compress/decompress MB/s)",
+    )
 
 
 def add_progressive_arguments(parser: argparse.ArgumentParser) -> None:

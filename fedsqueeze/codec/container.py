@@ -1,4 +1,4 @@
-"""The encoded-model byte format, versions 1 to 3: one compact header, then tensor records.
+"""The encoded-model byte format, versions 1 to 4: one compact header, then tensor records.
 
 Layout (integers are LEB128 varints unless noted)::
 
@@ -50,6 +50,14 @@ count; the parser bounds it by the element limit before reading the params, whos
 it fixes (:func:`qparams_nbytes`). Per-tensor and per-channel records are the same in
 every version. Version 1 and 2 decoders refuse version 3 streams by their version byte.
 
+Version 4 is version 3 plus byte-grouped lossless values (value kinds ``GROUPED`` and
+``GROUPED_XOR``, :mod:`fedsqueeze.codec.grouping`), written only when some record uses
+them: the encoder picks them for a float tensor only when they are smaller than the
+version-1 record, so every other model keeps its earlier bytes. Such a record is never
+ENTROPY, SPARSE, QUANT or LOWRANK: its body holds its own per-plane coding, and the
+decoder bounds every plane by the element count. Version 1 to 3 decoders refuse version
+4 streams by their version byte (and kinds 5 and 6 are unknown to them anyway).
+
 Everything here is structure only: the numerical stages live in ``fedsqueeze.codec.model``.
 """
 
@@ -84,7 +92,9 @@ FORMAT_VERSION = 1
 PROGRESSIVE_VERSION = 2
 #: The version written when any record is block-wise or NF4.
 BLOCKWISE_VERSION = 3
-SUPPORTED_VERSIONS = (FORMAT_VERSION, PROGRESSIVE_VERSION, BLOCKWISE_VERSION)
+#: The version written when any record's values are byte-grouped.
+GROUPED_VERSION = 4
+SUPPORTED_VERSIONS = (FORMAT_VERSION, PROGRESSIVE_VERSION, BLOCKWISE_VERSION, GROUPED_VERSION)
 _EXTENDED_QUANT = 0x80  # a descriptor with scheme field 0: the extended form follows
 _HAS_BASE = 0x01
 
@@ -125,8 +135,12 @@ class ValueKind(IntEnum):
     FP32 = 2
     FP16 = 3
     BF16 = 4
+    GROUPED = 5  # bit-exact, byte-grouped planes (version 4)
+    GROUPED_XOR = 6  # bit-exact: the XOR with the base's bits, byte-grouped (version 4)
 
 
+#: Value kinds whose body is byte-grouped (:mod:`fedsqueeze.codec.grouping`).
+GROUPED_KINDS = (ValueKind.GROUPED, ValueKind.GROUPED_XOR)
 FLOAT_KINDS = {
     FloatFormat.FP32: ValueKind.FP32,
     FloatFormat.FP16: ValueKind.FP16,
@@ -215,6 +229,11 @@ class TensorRecord:
     def needs_v3(self) -> bool:
         """Whether this record needs format version 3 (block-wise or NF4 quantization)."""
         return self.quant is not None and self.quant.needs_v3
+
+    @property
+    def needs_v4(self) -> bool:
+        """Whether this record needs format version 4 (byte-grouped values)."""
+        return self.quant is None and self.value_kind in GROUPED_KINDS
 
     @property
     def numel(self) -> int:
@@ -418,11 +437,19 @@ def parse_record(
             quant = QuantHeader(bits, scheme, granularity, params)
     else:
         kind = reader.u8("value kind")
-        if kind > int(ValueKind.BF16):
-            raise FormatError(f"unknown value kind {kind}")
+        last = ValueKind.GROUPED_XOR if version >= GROUPED_VERSION else ValueKind.BF16
+        if kind > int(last):
+            raise FormatError(f"unknown value kind {kind} in a version {version} stream")
         value_kind = ValueKind(kind)
-        if rank and value_kind in (ValueKind.RAW, ValueKind.XOR):
+        if rank and value_kind in (ValueKind.RAW, ValueKind.XOR, *GROUPED_KINDS):
             raise FormatError("low-rank factors are floats or quantization codes")
+        others = RecordFlags.SPARSE | RecordFlags.ENTROPY | RecordFlags.LEVEL
+        if value_kind in GROUPED_KINDS and flags & others:
+            raise FormatError("byte-grouped values are dense, their own entropy coding, unleveled")
+        if (value_kind is ValueKind.GROUPED_XOR) != bool(
+            value_kind in GROUPED_KINDS and flags & RecordFlags.DELTA
+        ):
+            raise FormatError("byte-grouped XOR values are exactly the delta grouped records")
     positions: PositionsHeader | None = None
     if flags & RecordFlags.SPARSE:
         packed = reader.u8("position coding")
@@ -613,6 +640,8 @@ __all__ = [
     "DTYPE_CODES",
     "FLOAT_KINDS",
     "FORMAT_VERSION",
+    "GROUPED_KINDS",
+    "GROUPED_VERSION",
     "PROGRESSIVE_VERSION",
     "SUPPORTED_VERSIONS",
     "ContainerHeader",

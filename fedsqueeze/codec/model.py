@@ -23,6 +23,7 @@ from fedsqueeze.codec.bytesio import ByteReader
 from fedsqueeze.codec.container import (
     BLOCKWISE_VERSION,
     FORMAT_VERSION,
+    GROUPED_VERSION,
     PROGRESSIVE_VERSION,
     ContainerHeader,
     DecodeLimits,
@@ -86,11 +87,12 @@ class EncodedModel:
 
     @property
     def header(self) -> ContainerHeader:
-        """The model-level header: version 3 when a record is block-wise or NF4, else 2
-        when a tensor is sent in levels, else 1."""
-        if any(r.needs_v3 for r in self.records):
+        """The model-level header: version 4 when a record is byte-grouped, else 3 when
+        one is block-wise or NF4, else 2 when a tensor is sent in levels, else 1."""
+        newest = (GROUPED_VERSION, BLOCKWISE_VERSION)
+        if any(r.needs_v4 for r in self.records) or any(r.needs_v3 for r in self.records):
             return ContainerHeader(
-                BLOCKWISE_VERSION,
+                newest[0] if any(r.needs_v4 for r in self.records) else newest[1],
                 self.base_digest,
                 self.spec,
                 len(self.records),

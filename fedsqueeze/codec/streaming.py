@@ -38,6 +38,7 @@ import zstandard
 from fedsqueeze.codec.bitpack import packed_size, unpack_bits
 from fedsqueeze.codec.bytesio import ByteReader
 from fedsqueeze.codec.container import (
+    GROUPED_VERSION,
     DecodeLimits,
     QParamsSizer,
     TensorRecord,
@@ -45,6 +46,7 @@ from fedsqueeze.codec.container import (
     parse_header,
     parse_record,
 )
+from fedsqueeze.codec.grouping import stream_grouped
 from fedsqueeze.codec.positions import PositionCoding, decode_positions
 from fedsqueeze.codec.quantization import dequantize, qparams_from_bytes
 from fedsqueeze.codec.spec import Granularity
@@ -206,7 +208,9 @@ def decode_into(
     step = max(8, (chunk_values + 7) // 8 * 8)
     source = _Input(chunks)
     header = _parse(source, ByteReader, lambda r: parse_header(r, limits))
-    if header.version > 1:
+    # Version 4 adds byte-grouped records (held whole below); it may also carry levels,
+    # refused record by record.
+    if header.version not in (1, GROUPED_VERSION):
         raise FormatError(
             "part-by-part decoding reads whole-model streams; decode progressive levels "
             "with decode_prefix"
@@ -236,6 +240,11 @@ def decode_into(
         )
         length = heads[-1].body_length
         heads.clear()
+        if record.progressive:
+            raise FormatError(
+                "part-by-part decoding reads whole-model streams; decode progressive levels "
+                "with decode_prefix"
+            )
         name, dtype, shape = decoder.resolve(record)
         out = target.get(name)
         if out is None or tuple(out.shape) != shape or out.dtype != dtype:
@@ -295,8 +304,26 @@ def _parse(
 
 def _streamable(record: TensorRecord) -> bool:
     """Dense and sparse records decode chunk by chunk (a sparse one holds its positions);
-    low-rank factors are held whole."""
-    return not record.rank and not record.levels
+    so do byte-grouped planes; low-rank factors and block-wise codes are held whole."""
+    return not (record.rank or record.levels or record.needs_v3)
+
+
+def _stream_grouped(
+    source: _Input, record: TensorRecord, length: int, out: torch.Tensor, name: str
+) -> None:
+    """A byte-grouped record, one chunk of planes at a time."""
+    flat = out.view(-1)
+    chunks = stream_grouped(
+        lambda n: source.exact(n, f"the body of {name!r}"), length, out.dtype, out.numel()
+    )
+    for start, values in chunks:
+        part = flat[start : start + values.numel()]
+        if record.value_kind is ValueKind.GROUPED_XOR:
+            view = _INT_VIEWS[out.element_size()]
+            bits = part.view(view)
+            bits ^= values.view(view)
+        else:
+            part.copy_(values)
 
 
 def _stream_record(
@@ -308,6 +335,9 @@ def _stream_record(
     step: int,
 ) -> None:
     numel = out.numel()
+    if record.needs_v4:
+        _stream_grouped(source, record, length, out, name)
+        return
     expected = body_length(record, name, out.dtype, tuple(out.shape), numel)
     if record.raw_length is not None:
         if record.raw_length != expected:

@@ -15,7 +15,14 @@ import torch
 from fedsqueeze.codec import entropy
 from fedsqueeze.codec.bitpack import packed_size, unpack_bits
 from fedsqueeze.codec.blockwise import block_index, num_blocks
-from fedsqueeze.codec.container import CODE_DTYPES, DTYPE_CODES, TensorRecord, ValueKind
+from fedsqueeze.codec.container import (
+    CODE_DTYPES,
+    DTYPE_CODES,
+    GROUPED_KINDS,
+    TensorRecord,
+    ValueKind,
+)
+from fedsqueeze.codec.grouping import decode_grouped
 from fedsqueeze.codec.lowrank import factor_count, matrix_shape, pays_off
 from fedsqueeze.codec.positions import PositionCoding, decode_positions, max_payload_bytes
 from fedsqueeze.codec.progressive import (
@@ -115,6 +122,14 @@ class TensorDecoder:
             if base is not None:
                 return name, base.to(device).clone()
             return name, torch.zeros(shape, dtype=dtype, device=device)
+        if record.quant is None and record.value_kind in GROUPED_KINDS:
+            # Its own table bounds every plane by numel (checked in decode_grouped).
+            values = decode_grouped(record.body, dtype, numel).reshape(shape).to(device)
+            if record.value_kind is ValueKind.GROUPED_XOR:
+                if base is None:
+                    raise FormatError(f"record {name!r}: XOR values without a delta flag")
+                values = _xor(values, base.to(device))
+            return name, values
         # The header fixes the body's exact length: check it before decompressing, so a
         # hostile length never drives an allocation.
         expected = _body_length(record, name, dtype, shape, numel)

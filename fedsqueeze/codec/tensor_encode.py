@@ -5,6 +5,8 @@ Three paths, chosen per tensor:
 * **lossless** (non-floating tensors, and floats outside the lossy targets when the float
   format is the tensor's own): the raw bits, or the bits XOR the base's bits for a delta;
   both round-trip bit-exactly, and XOR leaves mostly-zero high bytes that zstd shrinks.
+  Floats (fp32, fp16, bf16, fp64) are byte-grouped instead (exponent plane apart from
+  the mantissa planes, :mod:`fedsqueeze.codec.grouping`) when that is smaller.
 * **cast** (floats outside the targets with a narrower float format): values, or their
   difference to the base, stored as fp16/bf16.
 * **lossy** (targets): difference to the base (+ residual) → mask → quantize or cast;
@@ -35,6 +37,7 @@ from fedsqueeze.codec.bitpack import pack_bits
 from fedsqueeze.codec.blockwise import block_index, num_blocks
 from fedsqueeze.codec.container import (
     FLOAT_KINDS,
+    GROUPED_KINDS,
     PositionsHeader,
     QuantHeader,
     TensorRecord,
@@ -42,6 +45,7 @@ from fedsqueeze.codec.container import (
 )
 from fedsqueeze.codec.digest import tensor_bytes
 from fedsqueeze.codec.finite import unrepresentable
+from fedsqueeze.codec.grouping import GROUPED_DTYPES, encode_grouped
 from fedsqueeze.codec.lowrank import factorize, matrix_shape, worth_factoring
 from fedsqueeze.codec.positions import encode_positions, mask_to_indices
 from fedsqueeze.codec.progressive import (
@@ -224,7 +228,11 @@ class TensorEncoder:
         index = self._index.get(name) if delta else None
         if quant is not None and quant.granularity is Granularity.PER_CHANNEL:
             index = None  # keep per-channel records parseable without the base
-        compressed = entropy.compress(body, self._spec.entropy_level)
+        compressed = (
+            None
+            if quant is None and value_kind in GROUPED_KINDS
+            else entropy.compress(body, self._spec.entropy_level)
+        )
         return TensorRecord(
             name=name,
             index=index,
@@ -263,15 +271,41 @@ class TensorEncoder:
         b = self._base_of(name, t)
         if b is None:
             # All bits zero (not merely == 0: -0.0 must survive) decodes bit-exactly.
-            if _all_zero(_as_bits(t)):
+            bits = _as_bits(t)
+            if _all_zero(bits):
                 return self._zero(name, t, delta=False)
-            return self._record(name, t, delta=False, body=bytes(tensor_bytes(t)))
-        bits = _as_bits(t) ^ _as_bits(b)
-        if _all_zero(bits):
-            return self._zero(name, t, delta=True)
-        return self._record(
-            name, t, delta=True, body=bytes(tensor_bytes(bits)), value_kind=ValueKind.XOR
+        else:
+            bits = _as_bits(t) ^ _as_bits(b)
+            if _all_zero(bits):
+                return self._zero(name, t, delta=True)
+        delta = b is not None
+        grouped = self._grouped(name, t, bits, delta)
+        if grouped is not None and t.numel() * t.element_size() > _COMPARE_BELOW:
+            return grouped  # large: plain zstd costs more than the grouped coding saves
+        plain = self._record(
+            name,
+            t,
+            delta=delta,
+            body=bytes(tensor_bytes(bits if delta else t)),
+            value_kind=ValueKind.XOR if delta else ValueKind.RAW,
         )
+        if grouped is not None and _record_size(grouped) < _record_size(plain):
+            return grouped
+        return plain
+
+    def _grouped(
+        self, name: str, t: torch.Tensor, bits: torch.Tensor, delta: bool
+    ) -> TensorRecord | None:
+        """The byte-grouped record of a float tensor, if it is smaller than its raw bits
+        (``None``: not a grouped dtype, entropy coding off, or no gain)."""
+        raw = t.numel() * t.element_size()
+        if t.dtype not in GROUPED_DTYPES or self._spec.entropy_level <= 0 or raw < _MIN_GROUPED:
+            return None
+        body = encode_grouped(bits, t.dtype)
+        if len(body) >= raw:
+            return None
+        kind = ValueKind.GROUPED_XOR if delta else ValueKind.GROUPED
+        return self._record(name, t, delta=delta, body=body, value_kind=kind)
 
     def _cast(self, name: str, t: torch.Tensor) -> TensorRecord:
         b = self._base_of(name, t)
@@ -496,13 +530,29 @@ def _residual(
     return residual.reshape(shape)
 
 
+#: Raw size (bytes) below which floats are never grouped: the planes' table costs more
+#: than grouping saves there, and small models keep their version-1 bytes.
+_MIN_GROUPED = 4096
+#: Raw sizes (bytes) up to which the lossless path also builds the plain record and keeps
+#: the smaller one; above it byte grouping is taken whenever it beats the raw bits.
+_COMPARE_BELOW = 1 << 20
+
+
+def _record_size(record: TensorRecord) -> int:
+    return len(record.header_bytes()) + len(record.body)
+
+
 def _all_zero(x: torch.Tensor) -> bool:
     """Whether every element of ``x`` equals 0 (``-0.0`` too; compare bits to tell them apart).
 
     ``torch.equal`` against an expanded zero stops at the first difference on the CPU,
     so the usual tensor with something to send costs microseconds, not a pass
-    (``x.any()`` costs about as much as ``clone()``).
+    (``x.any()`` costs about as much as ``clone()``); a nonzero first element settles
+    it before that (``equal`` on bf16 scans everything).
     """
+    flat = x.reshape(-1)
+    if flat.numel() and bool(flat[0] != 0):
+        return False
     return torch.equal(x, torch.zeros((), dtype=x.dtype, device=x.device).expand(x.shape))
 
 

@@ -22,7 +22,7 @@ def test_quick_bench_writes_the_expected_keys(
     args = parser.parse_args(["--quick", "--skip-minilm", "--tensor-mb", "0.2", "--json", str(out)])
     assert codec_bench.main(args) == 0
     report = json.loads(out.read_text())
-    assert set(report) == {"machine", "digits", "minilm", "blockwise", "tensor"}
+    assert set(report) == {"machine", "digits", "minilm", "blockwise", "lossless", "tensor"}
     assert report["minilm"] == {"skipped": "--skip-minilm"}
     assert "skipped" in report["blockwise"]
     digits = report["digits"]
@@ -99,3 +99,20 @@ def test_blockwise_section_on_a_small_state(capsys: pytest.CaptureFixture[str]) 
     if "nf4_vs_bitsandbytes" in report:
         assert report["nf4_vs_bitsandbytes"]["tensors"] == 2
     assert "block-wise quantization" in capsys.readouterr().out
+
+
+def test_quick_lossless_section_is_bit_exact_and_beside_zipnn(tmp_path: Path) -> None:
+    parser = argparse.ArgumentParser()
+    codec_bench.add_arguments(parser)
+    out = tmp_path / "bench.json"
+    args = parser.parse_args(["--quick", "--skip-minilm", "--lossless-only", "--json", str(out)])
+    assert codec_bench.main(args) == 0
+    report = json.loads(out.read_text())
+    assert set(report) == {"machine", "lossless"}
+    cases = report["lossless"]["cases"]
+    assert [c["case"] for c in cases] == ["fp32", "bf16", "fp32 delta", "bf16 delta"]
+    for case in cases:
+        ours = case["rows"][0]
+        assert ours["coder"] == "fedsqueeze" and ours["bit_exact"]
+        assert ours["ratio"] > 1.0
+        assert all(r["bit_exact"] for r in case["rows"])  # ZipNN's too, when installed

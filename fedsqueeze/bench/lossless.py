@@ -1,0 +1,162 @@
+"""Lossless section of ``fedsqueeze bench codec``: our byte-grouped coding beside ZipNN.
+
+Four cases on one state (all-MiniLM-L6-v2 in the full benchmark): the model in fp32, a
+bf16 copy, and a delta of each (the model against itself plus a small fine-tuning-like
+perturbation: 10% of values moved by ~1% relative). For each: ratio, and
+compression and decompression throughput in MB (10^6 bytes) of raw model per second,
+the median of ``runs`` runs, ours and ZipNN's (PyPI ``zipnn``, when installed) side by
+side in one process.
+
+Ours is ``encode_state(..., PRESETS["lossless"]).to_bytes()`` and back through
+``EncodedModel.from_bytes`` and ``decode_state`` (everything: headers, checksum, the
+delta's base digest given). ZipNN compresses the concatenated tensor bytes (its best
+case: one call); for a delta it gets the bits XOR the base's, as ZipNN's own delta
+compression does. Its ``compress`` reorders its input in place, so every run gets a
+fresh copy, made outside the timed region.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import statistics
+import time
+import warnings
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from fedsqueeze.codec import PRESETS, EncodedModel, decode_state, encode_state, state_digest
+
+__all__ = ["perturbed", "run_lossless_section"]
+
+State = Mapping[str, torch.Tensor]
+Json = dict[str, Any]
+_MB = 1e6
+_ZIPNN_DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+
+
+def perturbed(state: State, fraction: float = 0.1, scale: float = 1e-2, seed: int = 0) -> State:
+    """A fine-tuning-like next version of ``state``: ``fraction`` of each float tensor's
+    values moved by ``scale`` relative (normal noise), the rest bit-identical."""
+    gen = torch.Generator().manual_seed(seed)
+    out = {}
+    for name, t in state.items():
+        if not t.is_floating_point():
+            out[name] = t
+            continue
+        x = t.to(torch.float32)
+        mask = torch.rand(x.shape, generator=gen) < fraction
+        noise = torch.randn(x.shape, generator=gen) * scale * x.abs()
+        out[name] = torch.where(mask, x + noise, x).to(t.dtype)
+    return out
+
+
+def _timed(fn: Callable[[Any], Any], runs: int, prepare: Callable[[], Any] = lambda: None) -> float:
+    """Median seconds of ``runs`` calls of ``fn(prepare())`` (one untimed warm-up);
+    ``prepare`` runs outside the timed region."""
+    times = []
+    for i in range(runs + 1):
+        arg = prepare()
+        started = time.perf_counter()
+        fn(arg)
+        if i:
+            times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def _ours(state: State, base: State | None, raw: int, runs: int) -> Json:
+    spec = PRESETS["lossless"]
+    digest = state_digest(base) if base is not None else None
+    blob = encode_state(state, spec, base, base_digest=digest).to_bytes()
+    decoded = decode_state(EncodedModel.from_bytes(blob), base, base_digest=digest)
+    exact = all(
+        torch.equal(decoded[n].view(torch.uint8), t.contiguous().view(torch.uint8))
+        for n, t in state.items()
+    )
+    enc = _timed(lambda _: encode_state(state, spec, base, base_digest=digest).to_bytes(), runs)
+    dec = _timed(
+        lambda _: decode_state(EncodedModel.from_bytes(blob), base, base_digest=digest), runs
+    )
+    return {
+        "coder": "fedsqueeze",
+        "bytes": len(blob),
+        "ratio": raw / len(blob),
+        "compress_mb_s": raw / _MB / enc,
+        "decompress_mb_s": raw / _MB / dec,
+        "bit_exact": exact,
+        "version": blob[3],
+    }
+
+
+def _zipnn(data: bytes, dtype: torch.dtype, runs: int) -> Json | None:
+    if importlib.util.find_spec("zipnn") is None or dtype not in _ZIPNN_DTYPES:
+        return None
+    with warnings.catch_warnings():  # zipnn 0.5.4 uses torch.jit.script at import
+        warnings.simplefilter("ignore", DeprecationWarning)
+        from zipnn import ZipNN
+
+    coder = ZipNN(input_format="byte", bytearray_dtype=_ZIPNN_DTYPES[dtype])
+    packed = bytes(coder.compress(bytearray(data)))
+    exact = bytes(coder.decompress(packed)) == data
+    enc = _timed(coder.compress, runs, prepare=lambda: bytearray(data))
+    dec = _timed(lambda _: coder.decompress(packed), runs)
+    raw = len(data)
+    return {
+        "coder": "zipnn",
+        "bytes": len(packed),
+        "ratio": raw / len(packed),
+        "compress_mb_s": raw / _MB / enc,
+        "decompress_mb_s": raw / _MB / dec,
+        "bit_exact": exact,
+    }
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    width = {2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()]
+    return t.contiguous().view(width)
+
+
+def _case(name: str, state: State, base: State | None, runs: int) -> Json:
+    dtype = next(iter(state.values())).dtype
+    if base is None:
+        parts = [t.contiguous().view(torch.uint8).reshape(-1) for t in state.values()]
+    else:
+        parts = [
+            (_bits(t) ^ _bits(base[n])).view(torch.uint8).reshape(-1) for n, t in state.items()
+        ]
+    data = torch.cat(parts).numpy().tobytes()
+    rows = [_ours(state, base, len(data), runs)]
+    theirs = _zipnn(data, dtype, runs)
+    if theirs is not None:
+        rows.append(theirs)
+    return {"case": name, "raw_bytes": len(data), "rows": rows}
+
+
+def run_lossless_section(state: State, out: Console, runs: int) -> Json:
+    """Measure the four cases on ``state`` (float tensors only) and print one table."""
+    floats = {n: t for n, t in state.items() if t.is_floating_point()}
+    fp32 = {n: t.to(torch.float32) for n, t in floats.items()}
+    bf16 = {n: t.to(torch.bfloat16) for n, t in floats.items()}
+    cases = []
+    with out.status("lossless: fedsqueeze and ZipNN…"):
+        cases.append(_case("fp32", fp32, None, runs))
+        cases.append(_case("bf16", bf16, None, runs))
+        cases.append(_case("fp32 delta", perturbed(fp32), fp32, runs))
+        cases.append(_case("bf16 delta", perturbed(bf16), bf16, runs))
+    table = Table(title=f"Lossless, {torch.get_num_threads()} threads (MB/s of raw model)")
+    for col in ("case", "coder", "bytes", "ratio", "compress MB/s", "decompress MB/s", "exact"):
+        table.add_column(col, justify="left" if col in ("case", "coder") else "right")
+    for case in cases:
+        for r in case["rows"]:
+            table.add_row(
+                case["case"], r["coder"], f"{r['bytes']:,}", f"{r['ratio']:.4f}×",
+                f"{r['compress_mb_s']:,.0f}", f"{r['decompress_mb_s']:,.0f}",
+                "yes" if r["bit_exact"] else "NO",
+            )  # fmt: skip
+    out.print(table)
+    if not any(len(c["rows"]) > 1 for c in cases):
+        out.print("ZipNN: not installed (pip install -e '.[bench]'), ours alone", markup=False)
+    return {"cases": cases}
