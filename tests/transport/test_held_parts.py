@@ -58,8 +58,10 @@ def test_a_part_of_another_track_is_not_sent(source, store, start_server, connec
     parts = client.fetch("student", spec=CodecSpec(), held=_held(teacher))
     assert [ref.tensor_name for ref in parts.manifest.held_parts] == ["embed.weight"]
     _exact(parts, student)
-    # fc.weight is 1 MiB (raw) of the teacher: the student's stream keeps only the head.
-    assert plain.stats.wire.received > 900_000
+    # The shared embedding is 1 MiB raw (random floats: lossless coding keeps most of it);
+    # with it held, the student's stream keeps only the head.
+    shared = student["embed.weight"].numel() * student["embed.weight"].element_size()
+    assert plain.stats.wire.received > 0.75 * shared
     assert parts.stats.wire.received < 4 << 10
     assert parts.stats.calls == 1
 
