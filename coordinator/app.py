@@ -166,8 +166,9 @@ class Coordinator:
                 plane.instruction, replace(template, init_digest=student_init)
             )
             if budget is not None:
+                # the student has no frozen parts: they are the teacher's (a backbone)
                 student_instruct = functools.partial(
-                    _budgeted, student_instruct, budget, store, student_init or None
+                    _budgeted, student_instruct, budget, store, student_init or None, ()
                 )
         aggregate_global: GlobalAggregator | None = None
         if fusion is not None:
