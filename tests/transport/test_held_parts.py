@@ -80,7 +80,8 @@ def test_an_unchanged_layer_is_not_sent_from_an_older_base(source, store, start_
     assert [ref.tensor_name for ref in parts.manifest.held_parts] == ["fc.weight"]
     _exact(parts, v2)
     saved = plain.stats.wire.received - parts.stats.wire.received
-    assert saved > v2["fc.weight"].numel() * 3  # its float32 delta, zstd barely shrinks it
+    # its float32 XOR delta: lossless coding keeps most of its 4 bytes per value
+    assert saved > v2["fc.weight"].numel() * 2
 
 
 def test_a_replaced_version_comes_back_without_bytes(source, store, start_server, connect):
@@ -126,7 +127,8 @@ def test_a_poisoned_cached_part_is_caught_and_refetched(source, store, start_ser
     _exact(result, student)  # never the wrong model
     assert result.manifest.held_parts == ()
     assert result.stats.calls == 2
-    assert result.stats.wire.received > 900_000
+    shared = student["embed.weight"].numel() * student["embed.weight"].element_size()
+    assert result.stats.wire.received > 0.75 * shared  # the shared tensor came after all
 
 
 def test_an_evicted_part_on_the_edge_means_a_refetch(source, store, start_server, connect):
