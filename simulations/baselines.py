@@ -161,6 +161,9 @@ class ArmConfig:
     task
         The task this arm trains ('': the sweep's ``task``). Every arm uses the same data
         split only if their tasks load the same data.
+    lr
+        This arm's local learning rate (0: the sweep's ``lr``), for arms that train
+        different parameters (full fine-tuning wants a smaller one than adapters).
     first_delivery
         Codec spec of each edge's first download, the whole model, frozen tensors
         included ('': edges rebuild the initial model themselves, no bytes). Fedsqueeze
@@ -184,6 +187,7 @@ class ArmConfig:
     student_refresh_every: int = 5
     aggregation: Aggregation = Aggregation.AVERAGE
     task: str = ""
+    lr: float = 0.0
     first_delivery: str = ""
     description: str = field(default="", compare=False)
 
@@ -198,6 +202,8 @@ class ArmConfig:
                 raise ConfigError(f"arm {self.name}: first-delivery needs a fedsqueeze arm")
         if not self.down_ladder or not self.up_ladder:
             raise ConfigError(f"arm {self.name}: ladders need at least one spec")
+        if self.lr < 0:
+            raise ConfigError(f"arm {self.name}: lr must be > 0 (or 0: the sweep's)")
         if min(self.down_budget, self.up_budget, self.total_budget) < 0:
             raise ConfigError(f"arm {self.name}: budgets must be >= 0")
         if not 0.0 <= self.budget_fraction < 1.0:

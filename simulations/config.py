@@ -206,7 +206,7 @@ class SimulationConfig:
             min_train_nodes=1,
             min_available_nodes=1,
             epochs=self.epochs,
-            lr=self.lr,
+            lr=arm.lr or self.lr,
             batch_size=self.batch_size,
             down_spec=arm.down_spec,
             up_spec=arm.up_spec,

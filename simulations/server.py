@@ -162,7 +162,7 @@ class SweepServer:
             initial,
             num_rounds=cfg.num_rounds,
             timeout=cfg.round_timeout_s,
-            train_config=ConfigRecord({"epochs": cfg.epochs, "lr": cfg.lr}),
+            train_config=ConfigRecord({"epochs": cfg.epochs, "lr": run.arm.lr or cfg.lr}),
             evaluate_fn=lambda r, arrays: self._evaluate(run, r, arrays, frozen),
         )
 

@@ -34,6 +34,9 @@ def test_the_text_config_loads_with_its_four_arms() -> None:
     full_task = parse_text_task(config.arm_task(full))
     assert full_task is not None and full_task.unfreeze_top == 6
     assert config.run_settings(full, "").freeze == "none"
+    # Full fine-tuning has its own, smaller learning rate; the other arms the sweep's.
+    assert config.run_settings(full, "").lr < config.lr
+    assert {config.run_settings(a, "").lr for a in config.arms[1:]} == {config.lr}
     # The adapters baseline and fedsqueeze's arms freeze the task's backbone.
     for arm in (adapters, adaptive, nf4):
         settings = config.run_settings(arm, "")
@@ -66,6 +69,8 @@ def test_a_bad_arm_task_or_first_delivery_is_refused() -> None:
         load_config(TEXT, ["arm.adaptive-nf4.first-delivery=quant=99"])
     with pytest.raises(ConfigError, match="first-delivery needs a fedsqueeze arm"):
         ArmConfig("x", kind=ArmKind.FLOWER, first_delivery="int8")
+    with pytest.raises(ConfigError, match="lr must be"):
+        load_config(TEXT, ["arm.adaptive.lr=-0.1"])
     with pytest.raises(ConfigError, match="prefix-points"):
         load_config(TEXT, ["prefix-points=-1"])
 
