@@ -31,8 +31,15 @@ arm                what travels
                    down, top-k 5% 2-bit updates with error feedback up
 =================  ==========================================================================
 
-Every fedsqueeze arm rebuilds the initial model on the client from the shared seed, and
-asks for deltas against the version it holds.
+Every fedsqueeze arm rebuilds the initial model on the client from the shared seed (and
+installed weights), and asks for deltas against the version it holds, unless the arm sets
+``first-delivery``: then each edge's first download is the whole model under that spec,
+frozen tensors included, outside the arm's budget and counted like every other byte.
+
+An arm may train its own task (``task``, e.g. ``minilm-text@unfreeze-top=6`` for full
+fine-tuning beside adapter arms). A plain Flower arm honours ``freeze`` too: the frozen
+tensors are left out of Flower's messages and each client keeps its own copy (what a
+FlowerTune client does with its base model); the preset ``fedavg-fp32`` freezes nothing.
 """
 
 from __future__ import annotations
@@ -151,6 +158,16 @@ class ArmConfig:
         With ``student_links``: distil the global model into the student every N rounds.
     aggregation
         Averaging, or FedDF fusion on the coordinator's proxy set.
+    task
+        The task this arm trains ('': the sweep's ``task``). Every arm uses the same data
+        split only if their tasks load the same data.
+    lr
+        This arm's local learning rate (0: the sweep's ``lr``), for arms that train
+        different parameters (full fine-tuning wants a smaller one than adapters).
+    first_delivery
+        Codec spec of each edge's first download, the whole model, frozen tensors
+        included ('': edges rebuild the initial model themselves, no bytes). Fedsqueeze
+        arms only; sent whatever the budget, and counted.
     """
 
     name: str
@@ -169,6 +186,9 @@ class ArmConfig:
     student_links: tuple[str, ...] = ()
     student_refresh_every: int = 5
     aggregation: Aggregation = Aggregation.AVERAGE
+    task: str = ""
+    lr: float = 0.0
+    first_delivery: str = ""
     description: str = field(default="", compare=False)
 
     def __post_init__(self) -> None:
@@ -176,8 +196,14 @@ class ArmConfig:
             raise ConfigError(f"arm name {self.name!r}: lower case, no spaces, commas or slashes")
         for text in (self.down_spec, self.up_spec, *self.down_ladder, *self.up_ladder):
             parse_spec(text)
+        if self.first_delivery:
+            parse_spec(self.first_delivery)
+            if self.kind is ArmKind.FLOWER:
+                raise ConfigError(f"arm {self.name}: first-delivery needs a fedsqueeze arm")
         if not self.down_ladder or not self.up_ladder:
             raise ConfigError(f"arm {self.name}: ladders need at least one spec")
+        if self.lr < 0:
+            raise ConfigError(f"arm {self.name}: lr must be > 0 (or 0: the sweep's)")
         if min(self.down_budget, self.up_budget, self.total_budget) < 0:
             raise ConfigError(f"arm {self.name}: budgets must be >= 0")
         if not 0.0 <= self.budget_fraction < 1.0:
@@ -212,6 +238,7 @@ ARM_PRESETS: Mapping[str, ArmConfig] = {
     "fedavg-fp32": ArmConfig(
         "fedavg-fp32",
         kind=ArmKind.FLOWER,
+        freeze="none",
         description="plain Flower FedAvg, fp32 weights in Flower messages",
     ),
     "fp16": ArmConfig("fp16", down_spec="fp16", up_spec="fp16", description="fp16 deltas"),

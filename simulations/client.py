@@ -23,20 +23,23 @@ arms never touch the data plane, so ``realtime`` does not slow them.
 
 from __future__ import annotations
 
+import functools
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from functools import partial
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from coordinator.frozen import FrozenParts
 from edge.app import train_on_partition
 from edge.cache import EdgeMemory
 from edge.dataplane import GrpcConnector
 from edge.mod import make_mod
 from fedsqueeze.control import CONTROL_KEY
 from fedsqueeze.runconfig import RunSettings
+from fedsqueeze.tasks import get_task
 from fedsqueeze.transport.shaping import LinkProfile, LinkShaper, ShapingMode
 from simulations.grid import ARM_KEY, PARTITION_KEY
 
@@ -110,39 +113,81 @@ def sim_connector(
     return GrpcConnector(link=partial(sim_link_shaper, links[partition], realtime))
 
 
+@functools.lru_cache(maxsize=2)
+def _frozen_tensors(
+    task_name: str, seed: int, patterns: tuple[str, ...]
+) -> dict[str, torch.Tensor]:
+    """The frozen tensors of the task's initial model (what the client holds installed)."""
+    parts = FrozenParts(patterns)
+    state = get_task(task_name).build_model(seed).state_dict()
+    return {name: t for name, t in state.items() if parts.is_frozen(name)}
+
+
+def train_plain_frozen(
+    msg: Message, settings: RunSettings, train_fn: Callable[[Message], Message]
+) -> Message:
+    """A plain Flower client whose frozen tensors never travel (FlowerTune's way).
+
+    The message carries only the trainable arrays; the client adds its own frozen
+    tensors (built from the installed weights and the seed), trains, and replies with
+    the trainable arrays alone.
+    """
+    patterns = settings.frozen(get_task(settings.task).frozen)
+    if not patterns:
+        return train_fn(msg)
+    frozen = _frozen_tensors(settings.task, settings.seed, patterns)
+    arrays = msg.content.array_records["arrays"].to_torch_state_dict()
+    msg.content["arrays"] = ArrayRecord({**frozen, **arrays})
+    reply = train_fn(msg)
+    if reply.has_error():
+        return reply
+    trained = reply.content.array_records["arrays"].to_torch_state_dict()
+    reply.content["arrays"] = ArrayRecord(FrozenParts(patterns).trainable(trained))
+    return reply
+
+
 def make_sim_client_app(
     settings: RunSettings,
     threads: int = 1,
     *,
     links: Sequence[LinkProfile] = (),
     realtime: bool = False,
+    arm_settings: Mapping[str, RunSettings] | None = None,
 ) -> ClientApp:
     """The ClientApp of every simulated client.
 
     Parameters
     ----------
     settings
-        Task, partitioning, seed and local training (shared by all arms; the codec specs
-        come from each round's instruction).
+        Task, partitioning, seed and local training (shared by all arms unless
+        ``arm_settings`` names the arm; the codec specs come from each round's
+        instruction).
     threads
         torch threads per client (results depend on it).
     links
         Each partition's link (empty: no link on the data plane).
     realtime
         Whether the links really wait (:func:`sim_link_shaper`).
+    arm_settings
+        Settings per arm name (an arm's own task, its frozen tensors); arms not named
+        use ``settings``.
     """
     app = ClientApp()
     profiles = tuple(links)
-
-    def train_fn(msg: Message, context: Context) -> Message:
-        return train_on_partition(msg, context, settings)
+    per_arm = dict(arm_settings or {})
 
     def run(msg: Message, context: Context) -> Message:
         tag = msg.content.config_records.get(ARM_KEY)
         arm = str(tag["arm"]) if tag is not None and "arm" in tag else "default"
         msg.content = RecordDict({k: v for k, v in msg.content.items() if k != ARM_KEY})
+        arm_run = per_arm.get(arm, settings)
+
+        def train_fn(msg: Message, context: Context) -> Message:
+            return train_on_partition(msg, context, arm_run)
+
         if CONTROL_KEY not in msg.content.config_records:
-            return train_fn(msg, context)  # plain Flower: no fedsqueeze code runs
+            # plain Flower: no fedsqueeze code runs
+            return train_plain_frozen(msg, arm_run, lambda m: train_fn(m, context))
         connector = sim_connector(profiles, realtime, context.node_config.get("partition-id"))
         mod = make_mod(cache=lambda ctx: ArmCache(ctx.state, arm), connector=connector)
         return mod(msg, context, train_fn)

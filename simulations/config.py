@@ -32,6 +32,7 @@ from typing import Any
 from coordinator.budget import PolicyKind
 from fedsqueeze.errors import ConfigError
 from fedsqueeze.runconfig import Aggregation, Partitioning, RunSettings
+from fedsqueeze.tasks import get_task
 from simulations.baselines import ARM_PRESETS, DEFAULT_ARMS, ArmConfig, ArmKind
 from simulations.links import LinkMix, link_profile, parse_mix
 
@@ -98,6 +99,9 @@ class SimulationConfig:
         torch threads in the coordinator (results depend on it; keep it fixed).
     round_timeout_s
         Wall-clock seconds a round may take before the run fails.
+    prefix_points
+        Points of the prefix curve per arm (0: no curve; each point is one evaluation
+        of the final model).
     output_dir
         Where results go ('' : ``simulations/outputs/NAME``).
     """
@@ -126,6 +130,7 @@ class SimulationConfig:
     client_cpus: float = 1.0
     threads: int = 1
     round_timeout_s: float = 300.0
+    prefix_points: int = 12
     output_dir: str = ""
 
     def __post_init__(self) -> None:
@@ -151,13 +156,14 @@ class SimulationConfig:
                 f"client-cpus ({self.client_cpus}) exceeds the {self.total_cpus} CPUs "
                 "available to the simulation: no client could ever run"
             )
-        if self.round_timeout_s <= 0:
-            raise ConfigError("round-timeout-s must be > 0")
+        if self.round_timeout_s <= 0 or self.prefix_points < 0:
+            raise ConfigError("round-timeout-s must be > 0 and prefix-points >= 0")
         self.link_mix()
         for arm in self.arms:
             for name in arm.student_links:
                 link_profile(name)
-        self.run_settings(self.arms[0], "state")
+            get_task(self.arm_task(arm))
+            self.run_settings(arm, "state")
 
     @property
     def total_cpus(self) -> int:
@@ -175,6 +181,10 @@ class SimulationConfig:
                 return a
         raise ConfigError(f"no arm {name!r}; arms: {', '.join(a.name for a in self.arms)}")
 
+    def arm_task(self, arm: ArmConfig) -> str:
+        """The task ``arm`` trains: its own, or the sweep's."""
+        return arm.task or self.task
+
     def out_dir(self) -> Path:
         """The output folder."""
         return Path(self.output_dir or Path("simulations") / "outputs" / self.name)
@@ -183,10 +193,11 @@ class SimulationConfig:
         """The coordinator and edge settings of one arm.
 
         Sampling happens in the simulation's grid, so the wrapped strategy takes every
-        node it is offered (``fraction-train = 1``, minimum 1).
+        node it is offered (``fraction-train = 1``, minimum 1). An arm with a
+        ``first-delivery`` spec does not let edges rebuild the initial model.
         """
         return RunSettings(
-            task=self.task,
+            task=self.arm_task(arm),
             seed=self.seed,
             num_rounds=self.num_rounds,
             partitioning=self.partitioning,
@@ -195,13 +206,13 @@ class SimulationConfig:
             min_train_nodes=1,
             min_available_nodes=1,
             epochs=self.epochs,
-            lr=self.lr,
+            lr=arm.lr or self.lr,
             batch_size=self.batch_size,
             down_spec=arm.down_spec,
             up_spec=arm.up_spec,
             down_budget=0,
             up_budget=0,
-            init_from_seed=True,
+            init_from_seed=not arm.first_delivery,
             state_dir=state_dir,
             keep_versions=max(32, 4 * self.clients_per_round),
             round_timeout=self.round_timeout_s,

@@ -126,6 +126,7 @@ def run_sweep(
         threads=max(1, int(config.client_cpus)),
         links=links,
         realtime=config.realtime,
+        arm_settings={a.name: config.run_settings(a, "") for a in config.arms},
     )
     # Ray's workers read the thread count at start-up; results depend on it.
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, int(config.client_cpus))))
@@ -177,8 +178,14 @@ def run_sweep(
     curve = [
         point
         for run in server.runs
-        if run.final_state is not None
-        for point in prefix_curve(run.arm.name, config.task, config.seed, run.final_state)
+        if run.final_state is not None and config.prefix_points
+        for point in prefix_curve(
+            run.arm.name,
+            config.arm_task(run.arm),
+            config.seed,
+            run.final_state,
+            points=config.prefix_points,
+        )
     ]
     write_prefix_curve(out, curve, f"{config.name}, seed {config.seed}: prefix curve", plots)
     outcome = SweepOutcome(out, tuple(rows), summary, wall, memory.peak_total, memory.peak_process)

@@ -26,13 +26,17 @@ from flwr.serverapp.strategy import FedAvg
 
 from coordinator.app import Coordinator, PolicyFactory
 from coordinator.budget import Budget, BudgetPolicy, LadderPolicy, PolicyKind, RunBudget
+from coordinator.frozen import FrozenParts
 from coordinator.student_track import StudentAssignment
 from coordinator.version_store import VersionStore
+from fedsqueeze.codec import state_digest
+from fedsqueeze.codec.spec_text import with_freeze
 from fedsqueeze.control import RECEIPT_KEY, TrainReceipt
 from fedsqueeze.tasks import get_task
 from fedsqueeze.transport.shaping import LinkProfile
 from simulations.baselines import ArmConfig, ArmKind
 from simulations.config import SimulationConfig
+from simulations.first_delivery import FirstDeliveryPolicy
 from simulations.grid import RoundTraffic, SimGrid
 from simulations.links import link_profile
 
@@ -120,10 +124,13 @@ class SweepServer:
             log.info("%s: %d rounds in %.1f s", arm.name, cfg.num_rounds, run.wall_s)
 
     # ------------------------------------------------------------------ evaluation
-    def _evaluate(self, run: ArmRun, server_round: int, arrays: ArrayRecord) -> MetricRecord:
-        task = get_task(self.config.task)
+    def _evaluate(
+        self, run: ArmRun, server_round: int, arrays: ArrayRecord, frozen: FrozenParts
+    ) -> MetricRecord:
+        task = get_task(self.config.arm_task(run.arm))
         model = task.build_model(self.config.seed)
-        run.final_state = arrays.to_torch_state_dict()
+        state = arrays.to_torch_state_dict()
+        run.final_state = frozen.merge(state, model.state_dict()) if frozen else state
         model.load_state_dict(run.final_state)
         data = task.load_data()
         result = task.evaluate(model, data.x_test, data.y_test)
@@ -143,7 +150,10 @@ class SweepServer:
         sim.begin_arm(run.arm.name, on_round=lambda t: run.traffic.__setitem__(t.server_round, t))
         random.seed(cfg.seed)
         torch.manual_seed(cfg.seed)
-        initial = ArrayRecord(get_task(cfg.task).build_model(cfg.seed).state_dict())
+        task = get_task(cfg.arm_task(run.arm))
+        # Frozen tensors stay out of Flower's messages: each client holds its own copy.
+        frozen = FrozenParts(cfg.run_settings(run.arm, "").frozen(task.frozen))
+        initial = ArrayRecord(frozen.trainable(task.build_model(cfg.seed).state_dict()))
         strategy = FedAvg(
             fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=1, min_available_nodes=1
         )
@@ -152,8 +162,8 @@ class SweepServer:
             initial,
             num_rounds=cfg.num_rounds,
             timeout=cfg.round_timeout_s,
-            train_config=ConfigRecord({"epochs": cfg.epochs, "lr": cfg.lr}),
-            evaluate_fn=lambda r, arrays: self._evaluate(run, r, arrays),
+            train_config=ConfigRecord({"epochs": cfg.epochs, "lr": run.arm.lr or cfg.lr}),
+            evaluate_fn=lambda r, arrays: self._evaluate(run, r, arrays, frozen),
         )
 
     def _run_fedsqueeze(self, sim: SimGrid, run: ArmRun) -> None:
@@ -208,7 +218,7 @@ class SweepServer:
         cfg = self.config
         total = arm.total_budget or int(
             arm.budget_fraction
-            * model_bytes(cfg.task, cfg.seed)
+            * model_bytes(cfg.arm_task(arm), cfg.seed)
             * 2
             * cfg.clients_per_round
             * cfg.num_rounds
@@ -220,6 +230,13 @@ class SweepServer:
         )
         if progressive:
             ladders = ((arm.down_spec,), arm.up_ladder)
+        # The policy sizes its specs by encoding: with the run's frozen patterns in them,
+        # it sizes (and encodes) only what travels, not a 22.7M-parameter backbone.
+        frozen = cfg.run_settings(arm, "").frozen(get_task(cfg.arm_task(arm)).frozen)
+        ladders = (
+            tuple(with_freeze(t, frozen) for t in ladders[0]),
+            tuple(with_freeze(t, frozen) for t in ladders[1]),
+        )
 
         def factory(store: VersionStore) -> BudgetPolicy:
             policy = LadderPolicy(
@@ -236,6 +253,9 @@ class SweepServer:
                 progressive=progressive,
             )
             out.append(policy)
+            if arm.first_delivery:
+                init = state_digest(get_task(cfg.arm_task(arm)).build_model(cfg.seed).state_dict())
+                return FirstDeliveryPolicy(policy, arm.first_delivery, init.hex())
             return policy
 
         return factory
