@@ -147,29 +147,16 @@ class Coordinator:
             up_budget=settings.up_budget,
             round_offset=offset,
         )
-        instruct: InstructionFactory = functools.partial(plane.instruction, template)
         budget = policy(store) if policy is not None else None
-        if budget is not None:
-            instruct = functools.partial(
-                _budgeted,
-                instruct,
-                budget,
-                store,
-                init_digest if settings.init_from_seed else None,
-                frozen,
-            )
+        instruct = _instruction_factory(plane, template, budget, store, frozen)
         students, fusion = _distillation(settings, task, store, assignment)
         student_instruct: InstructionFactory | None = None
         if students is not None:
             student_init = students.init_digest if settings.init_from_seed else ""
-            student_instruct = functools.partial(
-                plane.instruction, replace(template, init_digest=student_init)
+            # the budget adds no frozen parts for the student: they are the teacher's
+            student_instruct = _instruction_factory(
+                plane, replace(template, init_digest=student_init), budget, store, ()
             )
-            if budget is not None:
-                # the student has no frozen parts: they are the teacher's (a backbone)
-                student_instruct = functools.partial(
-                    _budgeted, student_instruct, budget, store, student_init or None, ()
-                )
         aggregate_global: GlobalAggregator | None = None
         if fusion is not None:
             aggregate_global = functools.partial(_fuse_teacher, fusion, task, settings.seed)
@@ -350,6 +337,23 @@ def _flower_round_note(server_round: int, offset: int) -> str:
     if server_round == 0:
         return " (the model resumed from: Flower's initial evaluation of this run)"
     return f" (Flower's round {server_round} of this run)"
+
+
+def _instruction_factory(
+    plane: CoordinatorDataPlane,
+    template: InstructionTemplate,
+    budget: BudgetPolicy | None,
+    store: VersionStore,
+    frozen: tuple[str, ...],
+) -> InstructionFactory:
+    """The instructions from ``template``, with the specs ``budget`` chooses when there is
+    one (an edge never seen holds ``template.init_digest``, if set)."""
+    instruct: InstructionFactory = functools.partial(plane.instruction, template)
+    if budget is None:
+        return instruct
+    return functools.partial(
+        _budgeted, instruct, budget, store, template.init_digest or None, frozen
+    )
 
 
 def _budgeted(

@@ -425,18 +425,8 @@ class LadderPolicy:
                 f"{_fmt(limits.seconds)} s of link time"
             )
         down_text, payload, down_wire, down_s, _ = picked
-        # The most wire bytes the upload may take: the byte limit, and what the link
-        # moves in the time the download leaves.
-        allowed = limits.up
-        if link is not None and not math.isinf(limits.seconds):
-            allowed = min(allowed, (limits.seconds - down_s) * link.bytes_per_s(LinkDirection.UP))
-        for text, sizes in ups:
-            if sizes.expected <= allowed and sizes.floor <= allowed:
-                # A bound that fits needs no shrinking; otherwise the edge lowers the rank
-                # until the update fits what is allowed.
-                up_wire = sizes.bound if sizes.bound <= allowed else math.floor(allowed)
-                return Choice(down_text, text, payload, down_wire, up_wire)
-        return Skip(
+        choice = _pick_upload(limits, ups, down_s, down_text, payload, down_wire)
+        return choice or Skip(
             f"smallest upload bound ({smallest_up} B) does not fit {_fmt(limits.up)} B up "
             f"/ {_fmt(limits.seconds - down_s)} s of link time"
         )
@@ -450,20 +440,45 @@ class LadderPolicy:
         wire = limits.down
         if link is not None and not math.isinf(limits.seconds):
             wire = min(wire, (limits.seconds - up_s) * link.bytes_per_s(LinkDirection.DOWN))
-        payload = 0 if math.isinf(wire) else math.floor(wire) - DOWN_OVERHEAD_BYTES
-        payload -= 0 if math.isinf(wire) else PROGRESSIVE_MANIFEST_BYTES
-        if not math.isinf(wire) and payload <= 0:
-            return Skip(f"no download bytes left ({_fmt(wire)} B of wire and link time)")
-        down_wire = 0 if math.isinf(wire) else math.floor(wire)
+        payload = down_wire = 0  # unlimited: no byte limit for the data plane
+        if not math.isinf(wire):
+            down_wire = math.floor(wire)
+            payload = down_wire - DOWN_OVERHEAD_BYTES - PROGRESSIVE_MANIFEST_BYTES
+            if payload <= 0:
+                return Skip(f"no download bytes left ({_fmt(wire)} B of wire and link time)")
         down_s = link.transfer_s(down_wire, LinkDirection.DOWN) if link and down_wire else 0.0
-        allowed = limits.up
-        if link is not None and not math.isinf(limits.seconds):
-            allowed = min(allowed, (limits.seconds - down_s) * link.bytes_per_s(LinkDirection.UP))
-        for text, sizes in ups:
-            if sizes.expected <= allowed and sizes.floor <= allowed:
-                up_wire = sizes.bound if sizes.bound <= allowed else math.floor(allowed)
-                return Choice(self.down_ladder[0][0], text, payload, down_wire, up_wire)
-        return Skip(f"smallest upload does not fit {_fmt(allowed)} B up")
+        choice = _pick_upload(limits, ups, down_s, self.down_ladder[0][0], payload, down_wire)
+        return choice or Skip(
+            f"smallest upload does not fit {_fmt(_up_allowed(limits, down_s))} B up"
+        )
+
+
+def _up_allowed(limits: _Limits, down_s: float) -> float:
+    """The most wire bytes the upload may take: the byte limit, and what the link moves in
+    the time the download (``down_s``) leaves."""
+    link = limits.link
+    if link is None or math.isinf(limits.seconds):
+        return limits.up
+    return min(limits.up, (limits.seconds - down_s) * link.bytes_per_s(LinkDirection.UP))
+
+
+def _pick_upload(
+    limits: _Limits,
+    ups: list[tuple[str, _UpSizes]],
+    down_s: float,
+    down_text: str,
+    payload: int,
+    down_wire: int,
+) -> Choice | None:
+    """The first upload rung that fits beside the chosen download, or ``None``."""
+    allowed = _up_allowed(limits, down_s)
+    for text, sizes in ups:
+        if sizes.expected <= allowed and sizes.floor <= allowed:
+            # A bound that fits needs no shrinking; otherwise the edge lowers the rank
+            # until the update fits what is allowed.
+            up_wire = sizes.bound if sizes.bound <= allowed else math.floor(allowed)
+            return Choice(down_text, text, payload, down_wire, up_wire)
+    return None
 
 
 def _random_upload(

@@ -25,7 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fedsqueeze.recipes.deep_compression import _states_equal
 from fedsqueeze.tasks import Optimizer
+from fedsqueeze.tasks.training import _apply_masks, _make_optimizer
 
 __all__ = [
     "DistillConfig",
@@ -254,15 +256,9 @@ def distill(
     model = copy.deepcopy(student)
     params = dict(model.named_parameters())
     masked = [(params[name], mask.to(torch.bool)) for name, mask in (masks or {}).items()]
-    with torch.no_grad():
-        for p, m in masked:
-            p.masked_fill_(~m, 0.0)
+    _apply_masks(masked)
     trainable = [p for p in params.values() if p.requires_grad]
-    opt: torch.optim.Optimizer = (
-        torch.optim.Adam(trainable, lr=config.lr)
-        if config.optimizer is Optimizer.ADAM
-        else torch.optim.SGD(trainable, lr=config.lr, momentum=0.9)
-    )
+    opt = _make_optimizer(config.optimizer, trainable, config.lr)
     gen = torch.Generator().manual_seed(config.seed)
     mix = config.mixup and x.is_floating_point()
     labels = y if config.ce_weight > 0 else None
@@ -298,9 +294,7 @@ def distill(
                 if p.grad is not None:
                     p.grad.masked_fill_(~m, 0.0)
             opt.step()
-            with torch.no_grad():
-                for p, m in masked:
-                    p.masked_fill_(~m, 0.0)
+            _apply_masks(masked)
             total += float(loss.detach()) * int(rows.shape[0])
             count += int(rows.shape[0])
         epoch_loss = total / max(1, count)
@@ -349,7 +343,7 @@ def fuse(
     merged: list[float] = []
     for model, weight in zip(models, w, strict=True):
         state = model.state_dict()
-        same = next((i for i, s in enumerate(states) if _equal_states(s, state)), None)
+        same = next((i for i, s in enumerate(states) if _states_equal(s, state)), None)
         if same is None:
             states.append(state)
             members.append(model)
@@ -373,7 +367,3 @@ def fuse(
     start = copy.deepcopy(models[0])
     start.load_state_dict(average)
     return distill(start, teacher, x, config)
-
-
-def _equal_states(a: Mapping[str, Tensor], b: Mapping[str, Tensor]) -> bool:
-    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

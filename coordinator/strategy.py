@@ -238,13 +238,12 @@ class CompressedStrategy(Strategy):
                 if isinstance(record, ArrayRecord):
                     continue  # model bytes go on the data plane, never in Flower
                 content[key] = record
-            student = (
+            if (
                 student_target is not None
                 and self.students is not None
                 and self._student_instruction is not None
                 and self.students.track_of(node) is ModelTrack.STUDENT
-            )
-            if student and self._student_instruction is not None and student_target is not None:
+            ):
                 instruction = self._student_instruction(server_round, node, student_target)
                 if instruction is not None:
                     instruction = replace(instruction, track=ModelTrack.STUDENT)

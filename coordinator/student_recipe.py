@@ -17,13 +17,13 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 
-import torch
 from torch import Tensor, nn
 
 from coordinator.distill import DistillConfig, distill, distillation_loss, logits_of
 from fedsqueeze.codec import EncodedModel, FloatFormat, decode_state, encode_state
 from fedsqueeze.codec.pruning import global_magnitude_masks
 from fedsqueeze.recipes import DeepCompressionConfig, recipe_spec
+from fedsqueeze.recipes.deep_compression import _round_float, _sparsity
 from fedsqueeze.recipes.weight_sharing import finetune_centroids, share_weights, shared_state
 
 __all__ = ["STUDENT_RECIPE", "StudentCompression", "StudentStep", "compress_student"]
@@ -42,8 +42,6 @@ STUDENT_RECIPE = DeepCompressionConfig(
 five steps (a 4,794-parameter student has less to spare than the teacher's 0.95), 50
 distillation epochs after each, 3-bit sharing with centroids tuned at Adam lr 3e-3 (the proxy
 set is small: few steps per epoch), fp16 biases."""
-
-_FP16 = {FloatFormat.FP16: torch.float16, FloatFormat.BF16: torch.bfloat16}
 
 
 @dataclass(frozen=True)
@@ -170,10 +168,9 @@ def compress_student(
         loss_fn=lambda s, t: distillation_loss(s, t, temperature),
     )  # fmt: skip
     compressed = shared_state(model, shared)
-    dtype = _FP16.get(recipe.bias_format)
-    if dtype is not None:  # the codec stores the other tensors this way: round them now
+    if recipe.bias_format is not FloatFormat.FP32:  # the codec stores them so: round now
         compressed = {
-            n: t if n in shared or not t.is_floating_point() else t.to(dtype).to(t.dtype)
+            n: t if n in shared else _round_float(t, recipe.bias_format)
             for n, t in compressed.items()
         }
     encoded = encode_state(compressed, spec)
@@ -198,9 +195,3 @@ def compress_student(
         history=tuple(history),
         seconds=time.perf_counter() - started,
     )
-
-
-def _sparsity(state: Mapping[str, Tensor], names: list[str]) -> float:
-    total = sum(state[n].numel() for n in names)
-    zeros = sum(int((state[n] == 0).sum()) for n in names)
-    return zeros / total if total else 0.0

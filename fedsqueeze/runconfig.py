@@ -22,6 +22,22 @@ from fedsqueeze.tasks.base import Optimizer
 AUTO_FREEZE = "auto"
 
 
+def check_freeze(text: str, where: str) -> None:
+    """Refuse a ``freeze`` value that is neither ``auto`` nor valid patterns.
+
+    Raises
+    ------
+    ConfigError
+        ``{where}freeze=...: why``, in one line.
+    """
+    if text.strip() == AUTO_FREEZE:
+        return
+    try:
+        parse_freeze(text)
+    except ValueError as exc:
+        raise ConfigError(f"{where}freeze={text!r}: {exc}") from None
+
+
 class Partitioning(enum.Enum):
     """How the training set is split among clients."""
 
@@ -145,11 +161,7 @@ class RunSettings:
         # Fail at start-up, not in round 7, on a spec typo.
         self.down_codec()
         self.up_codec()
-        if self.freeze.strip() != AUTO_FREEZE:
-            try:
-                parse_freeze(self.freeze)
-            except ValueError as exc:
-                raise ConfigError(f"run-config freeze={self.freeze!r}: {exc}") from None
+        check_freeze(self.freeze, "run-config ")
 
     def frozen(self, task_frozen: tuple[str, ...]) -> tuple[str, ...]:
         """The run's frozen patterns, sorted: ``freeze`` (``auto``: ``task_frozen``, the

@@ -46,12 +46,12 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from coordinator.budget import PolicyKind
-from fedsqueeze.codec.spec_text import parse_freeze, parse_spec
+from fedsqueeze.codec.spec_text import parse_spec
 from fedsqueeze.errors import ConfigError
-from fedsqueeze.runconfig import AUTO_FREEZE, Aggregation
+from fedsqueeze.runconfig import AUTO_FREEZE, Aggregation, check_freeze
 
 __all__ = [
     "ADAPTIVE_DOWN_LADDER",
@@ -218,11 +218,7 @@ class ArmConfig:
             raise ConfigError(f"arm {self.name}: students and fusion need a fedsqueeze arm")
         if self.total_budget and self.budget_fraction:
             raise ConfigError(f"arm {self.name}: give total-budget or budget-fraction, not both")
-        if self.freeze.strip() != AUTO_FREEZE:
-            try:
-                parse_freeze(self.freeze)
-            except ValueError as exc:
-                raise ConfigError(f"arm {self.name}: freeze={self.freeze!r}: {exc}") from None
+        check_freeze(self.freeze, f"arm {self.name}: ")
 
     @property
     def budgeted(self) -> bool:
@@ -233,6 +229,15 @@ class ArmConfig:
             or self.budget_fraction > 0
         )
 
+
+_ADAPTIVE = ArmConfig(
+    "adaptive",
+    policy=PolicyKind.ADAPTIVE,
+    down_budget=3700,
+    up_budget=2400,
+    description="adaptive specs within 3.7 kB down / 2.4 kB up per client and round",
+)
+"""The ``adaptive`` preset, which ``distill`` and ``adaptive-feddf`` extend."""
 
 ARM_PRESETS: Mapping[str, ArmConfig] = {
     "fedavg-fp32": ArmConfig(
@@ -249,13 +254,7 @@ ARM_PRESETS: Mapping[str, ArmConfig] = {
         up_spec="topk=0.1,targets=*,min-ndim=1",
         description="fp32 deltas down, top-k 10% + error feedback up",
     ),
-    "adaptive": ArmConfig(
-        "adaptive",
-        policy=PolicyKind.ADAPTIVE,
-        down_budget=3700,
-        up_budget=2400,
-        description="adaptive specs within 3.7 kB down / 2.4 kB up per client and round",
-    ),
+    "adaptive": _ADAPTIVE,
     "progressive": ArmConfig(
         "progressive",
         policy=PolicyKind.PROGRESSIVE,
@@ -265,19 +264,15 @@ ARM_PRESETS: Mapping[str, ArmConfig] = {
         description="progressive downloads truncated to 3.7 kB and the deadline, "
         "adaptive uploads within 2.4 kB",
     ),
-    "distill": ArmConfig(
-        "distill",
-        policy=PolicyKind.ADAPTIVE,
-        down_budget=3700,
-        up_budget=2400,
+    "distill": replace(
+        _ADAPTIVE,
+        name="distill",
         student_links=("2g", "iot-lpwan", "satellite"),
         description="adaptive; clients on 2g, iot-lpwan and satellite train the student",
     ),
-    "adaptive-feddf": ArmConfig(
-        "adaptive-feddf",
-        policy=PolicyKind.ADAPTIVE,
-        down_budget=3700,
-        up_budget=2400,
+    "adaptive-feddf": replace(
+        _ADAPTIVE,
+        name="adaptive-feddf",
         aggregation=Aggregation.FEDDF,
         description="adaptive, FedDF fusion instead of averaging",
     ),

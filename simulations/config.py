@@ -185,6 +185,11 @@ class SimulationConfig:
         """The task ``arm`` trains: its own, or the sweep's."""
         return arm.task or self.task
 
+    def arm_frozen(self, arm: ArmConfig) -> tuple[str, ...]:
+        """The frozen patterns of ``arm``'s run: its ``freeze`` (``auto``: its task's own)
+        with those of its codec specs."""
+        return self.run_settings(arm, "").frozen(get_task(self.arm_task(arm)).frozen)
+
     def out_dir(self) -> Path:
         """The output folder."""
         return Path(self.output_dir or Path("simulations") / "outputs" / self.name)

@@ -152,7 +152,7 @@ class SweepServer:
         torch.manual_seed(cfg.seed)
         task = get_task(cfg.arm_task(run.arm))
         # Frozen tensors stay out of Flower's messages: each client holds its own copy.
-        frozen = FrozenParts(cfg.run_settings(run.arm, "").frozen(task.frozen))
+        frozen = FrozenParts(cfg.arm_frozen(run.arm))
         initial = ArrayRecord(frozen.trainable(task.build_model(cfg.seed).state_dict()))
         strategy = FedAvg(
             fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=1, min_available_nodes=1
@@ -232,7 +232,7 @@ class SweepServer:
             ladders = ((arm.down_spec,), arm.up_ladder)
         # The policy sizes its specs by encoding: with the run's frozen patterns in them,
         # it sizes (and encodes) only what travels, not a 22.7M-parameter backbone.
-        frozen = cfg.run_settings(arm, "").frozen(get_task(cfg.arm_task(arm)).frozen)
+        frozen = cfg.arm_frozen(arm)
         ladders = (
             tuple(with_freeze(t, frozen) for t in ladders[0]),
             tuple(with_freeze(t, frozen) for t in ladders[1]),

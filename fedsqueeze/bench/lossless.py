@@ -80,15 +80,7 @@ def _ours(state: State, base: State | None, raw: int, runs: int) -> Json:
     dec = _timed(
         lambda _: decode_state(EncodedModel.from_bytes(blob), base, base_digest=digest), runs
     )
-    return {
-        "coder": "fedsqueeze",
-        "bytes": len(blob),
-        "ratio": raw / len(blob),
-        "compress_mb_s": raw / _MB / enc,
-        "decompress_mb_s": raw / _MB / dec,
-        "bit_exact": exact,
-        "version": blob[3],
-    }
+    return {**_row("fedsqueeze", raw, len(blob), enc, dec, exact), "version": blob[3]}
 
 
 def _zipnn(data: bytes, dtype: torch.dtype, runs: int) -> Json | None:
@@ -103,11 +95,16 @@ def _zipnn(data: bytes, dtype: torch.dtype, runs: int) -> Json | None:
     exact = bytes(coder.decompress(packed)) == data
     enc = _timed(coder.compress, runs, prepare=lambda: bytearray(data))
     dec = _timed(lambda _: coder.decompress(packed), runs)
-    raw = len(data)
+    return _row("zipnn", len(data), len(packed), enc, dec, exact)
+
+
+def _row(coder: str, raw: int, size: int, enc: float, dec: float, exact: bool) -> Json:
+    """One coder's figures: ``raw`` bytes coded into ``size`` in ``enc`` seconds, back in
+    ``dec``."""
     return {
-        "coder": "zipnn",
-        "bytes": len(packed),
-        "ratio": raw / len(packed),
+        "coder": coder,
+        "bytes": size,
+        "ratio": raw / size,
         "compress_mb_s": raw / _MB / enc,
         "decompress_mb_s": raw / _MB / dec,
         "bit_exact": exact,

@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable
 from dataclasses import replace
 from typing import TYPE_CHECKING
+
+from fedsqueeze.cli.argtypes import count
 
 if TYPE_CHECKING:  # the heavy modules load only when the demo runs, not for --help
     import torch
@@ -37,7 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.add_argument(
         "--seed",
-        type=_count(0),
+        type=count(0),
         default=0,
         help="seed of the model and the training (default 0)",
     )
@@ -48,25 +49,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--threads",
-        type=_count(1),
+        type=count(1),
         default=1,
         help="torch threads while training (default 1: results depend on it)",
     )
-
-
-def _count(minimum: int) -> Callable[[str], int]:
-    """An argparse type: an integer ``>= minimum`` (a usage error otherwise, no traceback)."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
-        return value
-
-    return parse
 
 
 def main(args: argparse.Namespace) -> int:

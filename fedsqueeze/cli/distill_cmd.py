@@ -25,6 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from fedsqueeze.cli.argtypes import count
 from fedsqueeze.errors import ConfigError
 
 if TYPE_CHECKING:  # torch loads only when the command runs, not for --help
@@ -46,12 +47,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--temperature", type=_number(0.0, strict=True), default=4.0, help="T (default 4)"
     )
     parser.add_argument(
-        "--epochs", type=_integer(0), default=200, help="distillation epochs (default 200)"
+        "--epochs", type=count(0), default=200, help="distillation epochs (default 200)"
     )
     parser.add_argument("--lr", type=_number(0.0, strict=True), default=1e-2, help="Adam lr")
     parser.add_argument(
         "--proxy-size",
-        type=_integer(1),
+        type=count(1),
         default=360,
         help="training examples held out as the unlabelled proxy set (default 360)",
     )
@@ -70,21 +71,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="also prune, share and encode the student (Deep Compression, distilling)",
     )
-    parser.add_argument("--seed", type=_integer(0), default=0, help="seed (default 0)")
+    parser.add_argument("--seed", type=count(0), default=0, help="seed (default 0)")
     parser.add_argument("--force", action="store_true", help="replace OUTPUT if it exists")
-
-
-def _integer(minimum: int) -> Callable[[str], int]:
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
-        return value
-
-    return parse
 
 
 def _number(minimum: float, *, strict: bool = False) -> Callable[[str], float]:

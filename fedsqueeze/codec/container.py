@@ -321,6 +321,18 @@ class TensorRecord:
         return bytes(out)
 
 
+def _read_body(
+    reader: ByteReader, flags: RecordFlags, limits: DecodeLimits
+) -> tuple[int | None, bytes]:
+    """A record's tail: the raw body length (entropy-coded bodies only) and the body."""
+    raw_length: int | None = None
+    if flags & RecordFlags.ENTROPY:
+        raw_length = reader.varint("raw body length", max_body_bytes(limits.max_elements))
+    # Bounded by what is left: take() refuses more (a prefix ends in TruncatedError).
+    body_len = reader.varint("body length")
+    return raw_length, bytes(reader.body(body_len))
+
+
 def parse_record(
     reader: ByteReader,
     limits: DecodeLimits,
@@ -460,12 +472,7 @@ def parse_record(
         # it against the record's own element count before decompressing.
         pos_bytes = reader.varint("positions length", max_payload_bytes(limits.max_elements))
         positions = PositionsHeader(coding, rice_k, count, pos_bytes)
-    raw_length: int | None = None
-    if flags & RecordFlags.ENTROPY:
-        raw_length = reader.varint("raw body length", max_body_bytes(limits.max_elements))
-    # Bounded by what is left: take() refuses more (a prefix ends in TruncatedError).
-    body_len = reader.varint("body length")
-    body = bytes(reader.body(body_len))
+    raw_length, body = _read_body(reader, flags, limits)
     return TensorRecord(
         name=name,
         index=index,
@@ -521,12 +528,7 @@ def _parse_refinement(
             f"a level-{level} record refers to its base level by index and has no "
             f"flags but ENTROPY (got 0x{int(flags):02x})"
         )
-    raw_length: int | None = None
-    if flags & RecordFlags.ENTROPY:
-        raw_length = reader.varint("raw body length", max_body_bytes(limits.max_elements))
-    # Bounded by what is left: take() refuses more (a prefix ends in TruncatedError).
-    body_len = reader.varint("body length")
-    body = bytes(reader.body(body_len))
+    raw_length, body = _read_body(reader, flags, limits)
     return TensorRecord(
         None, index, None, None, False, level, None, ValueKind.RAW, None, raw_length, body
     )

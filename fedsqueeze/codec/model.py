@@ -89,24 +89,17 @@ class EncodedModel:
     def header(self) -> ContainerHeader:
         """The model-level header: version 4 when a record is byte-grouped, else 3 when
         one is block-wise or NF4, else 2 when a tensor is sent in levels, else 1."""
-        newest = (GROUPED_VERSION, BLOCKWISE_VERSION)
-        if any(r.needs_v4 for r in self.records) or any(r.needs_v3 for r in self.records):
-            return ContainerHeader(
-                newest[0] if any(r.needs_v4 for r in self.records) else newest[1],
-                self.base_digest,
-                self.spec,
-                len(self.records),
-                self.base_records,
-            )
-        if self.progressive:
-            return ContainerHeader(
-                PROGRESSIVE_VERSION,
-                self.base_digest,
-                self.spec,
-                len(self.records),
-                self.base_records,
-            )
-        return ContainerHeader(FORMAT_VERSION, self.base_digest, self.spec, len(self.records))
+        if any(r.needs_v4 for r in self.records):
+            version = GROUPED_VERSION
+        elif any(r.needs_v3 for r in self.records):
+            version = BLOCKWISE_VERSION
+        elif self.progressive:
+            version = PROGRESSIVE_VERSION
+        else:
+            return ContainerHeader(FORMAT_VERSION, self.base_digest, self.spec, len(self.records))
+        return ContainerHeader(
+            version, self.base_digest, self.spec, len(self.records), self.base_records
+        )
 
     def _parts(self) -> list[bytes]:
         parts = [self.header.to_bytes()]
@@ -189,24 +182,8 @@ class EncodedModel:
             Malformed records, or records that are not a prefix of one stream (a
             refinement before its base level, base levels after refinements).
         """
-        limits = limits or DecodeLimits()
-        view = memoryview(stream)
-        reader = ByteReader(view, 0, len(view))
-        header = parse_header(reader, limits)
-        sizer = QParamsSizer()
-        records: list[TensorRecord] = []
-        used = reader.pos
-        for _ in range(header.record_count):
-            try:
-                records.append(parse_record(reader, limits, sizer, header.version))
-            except TruncatedError:
-                break
-            used = reader.pos
-        else:
-            if reader.remaining:
-                raise FormatError(f"{reader.remaining} unexpected bytes after the last record")
-        _check_level_order(records, header.base_records)
-        return cls(header.spec, header.base_digest, tuple(records)), used
+        _header, model, used = _parse_prefix(stream, limits)
+        return model, used
 
 
 def encode_state(
@@ -477,14 +454,13 @@ def decode_prefix(
     fedsqueeze.errors.FormatError, BaseMismatchError
         Bytes that are not a prefix of a valid stream, or the wrong base.
     """
-    encoded, used = EncodedModel.parse_prefix(stream, limits)
-    total = _expected_records(stream, limits)
-    complete = len(encoded.records) == total[0]
+    header, encoded, used = _parse_prefix(stream, limits)
+    complete = len(encoded.records) == header.record_count
     present = encoded.base_records
-    if not complete and encoded.base_digest is None and present < total[1]:
+    if not complete and encoded.base_digest is None and present < header.base_records:
         raise TruncatedError(
             f"a prefix of {len(memoryview(stream))} bytes holds the base level of "
-            f"{present} of {total[1]} tensors; a full model needs all of them"
+            f"{present} of {header.base_records} tensors; a full model needs all of them"
         )
     state = decode_state(encoded, base, base_digest=base_digest, device=device, limits=limits)
     if not complete and base is not None and encoded.base_digest is not None:
@@ -508,9 +484,29 @@ def smallest_prefix(encoded: EncodedModel) -> int:
     return size
 
 
-def _expected_records(stream: bytes | memoryview, limits: DecodeLimits | None) -> tuple[int, int]:
-    header = parse_header(ByteReader(memoryview(stream)), limits or DecodeLimits())
-    return header.record_count, header.base_records
+def _parse_prefix(
+    stream: bytes | memoryview, limits: DecodeLimits | None
+) -> tuple[ContainerHeader, EncodedModel, int]:
+    """:meth:`EncodedModel.parse_prefix`, also returning the header it read (whose counts
+    tell what the whole stream holds)."""
+    limits = limits or DecodeLimits()
+    view = memoryview(stream)
+    reader = ByteReader(view, 0, len(view))
+    header = parse_header(reader, limits)
+    sizer = QParamsSizer()
+    records: list[TensorRecord] = []
+    used = reader.pos
+    for _ in range(header.record_count):
+        try:
+            records.append(parse_record(reader, limits, sizer, header.version))
+        except TruncatedError:
+            break
+        used = reader.pos
+    else:
+        if reader.remaining:
+            raise FormatError(f"{reader.remaining} unexpected bytes after the last record")
+    _check_level_order(records, header.base_records)
+    return header, EncodedModel(header.spec, header.base_digest, tuple(records)), used
 
 
 def _held_levels(encoded: EncodedModel, base: State | None) -> dict[str, int]:
@@ -535,17 +531,15 @@ def _held_levels(encoded: EncodedModel, base: State | None) -> dict[str, int]:
 
 def _check_level_order(records: tuple[TensorRecord, ...] | list[TensorRecord], bases: int) -> None:
     """Base-level records first (``bases`` of them), then refinements in level order."""
-    seen_refinement = False
-    last_level = 0
+    last_level = 0  # > 0 once a refinement has been seen
     for position, record in enumerate(records):
         if record.level == 0:
-            if seen_refinement or position >= bases:
+            if last_level or position >= bases:
                 raise FormatError("a base-level record after a refinement: not one stream")
-            continue
-        seen_refinement = True
-        if record.level < last_level:
+        elif record.level < last_level:
             raise FormatError("refinement levels out of order: not one stream")
-        last_level = record.level
+        else:
+            last_level = record.level
 
 
 def _progressive_order(

@@ -147,15 +147,7 @@ def join_prefix(segments: Sequence[Segment]) -> bytes:
     FormatError
         A gap (a refinement without what precedes it), a duplicate, or no segment 0.
     """
-    if len(segments) > MAX_SEGMENTS:
-        raise FormatError(f"{len(segments)} segments is more than the {MAX_SEGMENTS} allowed")
-    ordered = sorted(segments, key=lambda s: s.index)
-    for expected, seg in enumerate(ordered):
-        if seg.index != expected:
-            raise FormatError(
-                f"not a prefix: segment {expected} is missing or duplicated (got index {seg.index})"
-            )
-    return b"".join(s.payload for s in ordered)
+    return b"".join(s.payload for s in _in_order(segments, "not a prefix: "))
 
 
 def join_segments(segments: Sequence[Segment]) -> EncodedModel:
@@ -168,12 +160,17 @@ def join_segments(segments: Sequence[Segment]) -> EncodedModel:
     """
     if not segments:
         raise FormatError("no segments to join")
+    return EncodedModel.parse_stream(b"".join(s.payload for s in _in_order(segments, "")))
+
+
+def _in_order(segments: Sequence[Segment], context: str) -> list[Segment]:
+    """``segments`` sorted by index, checked to be exactly ``0..len−1``."""
     if len(segments) > MAX_SEGMENTS:
         raise FormatError(f"{len(segments)} segments is more than the {MAX_SEGMENTS} allowed")
     ordered = sorted(segments, key=lambda s: s.index)
     for expected, seg in enumerate(ordered):
         if seg.index != expected:
             raise FormatError(
-                f"segment {expected} is missing or duplicated (got index {seg.index})"
+                f"{context}segment {expected} is missing or duplicated (got index {seg.index})"
             )
-    return EncodedModel.parse_stream(b"".join(s.payload for s in ordered))
+    return ordered

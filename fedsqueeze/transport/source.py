@@ -107,27 +107,22 @@ class InMemoryModelSource:
         """Make ``state`` (copied) the current version of ``track``; returns its hex digest."""
         if is_hex_digest(track):
             raise ValueError("a track name cannot look like a digest")
-        copy = {name: t.detach().to("cpu").clone() for name, t in state.items()}
-        digest = state_digest(copy).hex()
-        with self._lock:
-            self._versions[digest] = copy
-            self._versions.move_to_end(digest)
-            self._tracks[track] = digest
-            heads = set(self._tracks.values())
-            for old in list(self._versions):
-                if len(self._versions) <= self.keep:
-                    break
-                if old not in heads:
-                    del self._versions[old]
-        return digest
+        return self._hold(state, track)
 
     def adopt(self, state: Mapping[str, torch.Tensor]) -> str:
         """See :meth:`ModelSource.adopt` (held like a version, dropped by age like one)."""
+        return self._hold(state, None)
+
+    def _hold(self, state: Mapping[str, torch.Tensor], track: str | None) -> str:
+        """Hold a CPU copy of ``state`` as the newest version (the head of ``track`` when
+        given); drop the oldest beyond ``keep``, never a head nor this one."""
         copy = {name: t.detach().to("cpu").clone() for name, t in state.items()}
         digest = state_digest(copy).hex()
         with self._lock:
             self._versions[digest] = copy
             self._versions.move_to_end(digest)
+            if track is not None:
+                self._tracks[track] = digest
             heads = set(self._tracks.values())
             for old in list(self._versions):
                 if len(self._versions) <= self.keep:

@@ -10,6 +10,7 @@ ZERO records): a v1 decoder must go on reading them, with the same result.
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 import pytest
@@ -27,6 +28,7 @@ from fedsqueeze.codec import (
     decode_state,
     encode_state,
 )
+from fedsqueeze.codec.container import FORMAT_VERSION
 
 GOLDEN = Path(__file__).parent.parent / "golden" / "v1"
 LEGACY = Path(__file__).parent / "legacy_v1"
@@ -76,20 +78,45 @@ CASES: dict[str, tuple[CodecSpec, bool]] = {
 }
 
 
-def _encode(name: str) -> bytes:
-    spec, delta = CASES[name]
+def encode_case(spec: CodecSpec, delta: bool) -> bytes:
+    """The golden encoding of ``_state(0)`` (against ``_state(1)`` for a delta)."""
     return encode_state(_state(0), spec, _state(1) if delta else None, seed=0).to_bytes()
+
+
+def check_golden(
+    directory: Path,
+    name: str,
+    encoded: bytes,
+    version: int,
+    base: Mapping[str, torch.Tensor] | None,
+) -> dict[str, torch.Tensor]:
+    """Assert that ``encoded`` is the stored vector ``name`` of format ``version``, and
+    return what the stored bytes decode to (against ``base``)."""
+    path = directory / f"{name}.fsq"
+    assert path.exists(), f"missing golden vector {path}; see the test module's docstring"
+    expected = path.read_bytes()
+    assert expected[3] == version
+    assert encoded == expected, f"format v{version} bytes changed for {name}"
+    return decode_state(EncodedModel.from_bytes(expected), base)
+
+
+def regenerate(directory: Path, names: Iterable[str], encode: Callable[[str], bytes]) -> None:
+    """Rewrite the golden vectors ``names`` (only together with a format version bump)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        (directory / f"{name}.fsq").write_bytes(encode(name))
+
+
+def _encode(name: str) -> bytes:
+    return encode_case(*CASES[name])
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_golden_bytes_unchanged(name: str) -> None:
-    path = GOLDEN / f"{name}.fsq"
-    assert path.exists(), f"missing golden vector {path}; see this module's docstring"
-    expected = path.read_bytes()
-    assert _encode(name) == expected, f"format v1 bytes changed for {name}"
-    # and the stored bytes still decode
     _spec, delta = CASES[name]
-    decoded = decode_state(EncodedModel.from_bytes(expected), _state(1) if delta else None)
+    decoded = check_golden(
+        GOLDEN, name, _encode(name), FORMAT_VERSION, _state(1) if delta else None
+    )
     assert set(decoded) == set(_state(0))
 
 
@@ -105,12 +132,6 @@ def test_streams_of_an_earlier_v1_encoder_decode_alike(path: Path) -> None:
         assert torch.equal(old[name], new[name]), name
 
 
-def _regenerate() -> None:
-    GOLDEN.mkdir(parents=True, exist_ok=True)
-    for name in CASES:
-        (GOLDEN / f"{name}.fsq").write_bytes(_encode(name))
-
-
 if __name__ == "__main__":
-    _regenerate()
+    regenerate(GOLDEN, CASES, _encode)
     sys.exit(0)

@@ -14,18 +14,15 @@ import pytest
 
 from fedsqueeze.codec import (
     CodecSpec,
-    EncodedModel,
     Granularity,
     PruneMethod,
     PruneSpec,
     QuantScheme,
     QuantSpec,
     decode_prefix,
-    decode_state,
-    encode_state,
 )
 from fedsqueeze.codec.container import PROGRESSIVE_VERSION
-from tests.codec.test_golden import _state
+from tests.codec.test_golden import _state, check_golden, encode_case, regenerate
 
 GOLDEN = Path(__file__).parent.parent / "golden" / "v2"
 
@@ -47,30 +44,19 @@ CASES: dict[str, tuple[CodecSpec, bool]] = {
 
 
 def _encode(name: str) -> bytes:
-    spec, delta = CASES[name]
-    return encode_state(_state(0), spec, _state(1) if delta else None, seed=0).to_bytes()
+    return encode_case(*CASES[name])
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_golden_v2_bytes_unchanged(name: str) -> None:
-    path = GOLDEN / f"{name}.fsq"
-    assert path.exists(), f"missing golden vector {path}; see this module's docstring"
-    expected = path.read_bytes()
-    assert expected[3] == PROGRESSIVE_VERSION
-    assert _encode(name) == expected, f"format v2 bytes changed for {name}"
     _spec, delta = CASES[name]
     base = _state(1) if delta else None
-    decoded = decode_state(EncodedModel.from_bytes(expected), base)
+    encoded = _encode(name)
+    decoded = check_golden(GOLDEN, name, encoded, PROGRESSIVE_VERSION, base)
     assert set(decoded) == set(_state(0))
-    assert decode_prefix(expected[:-4], base).complete
-
-
-def _regenerate() -> None:
-    GOLDEN.mkdir(parents=True, exist_ok=True)
-    for name in CASES:
-        (GOLDEN / f"{name}.fsq").write_bytes(_encode(name))
+    assert decode_prefix(encoded[:-4], base).complete
 
 
 if __name__ == "__main__":
-    _regenerate()
+    regenerate(GOLDEN, CASES, _encode)
     sys.exit(0)

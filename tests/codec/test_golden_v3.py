@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from fedsqueeze.codec import EncodedModel, decode_prefix, decode_state, encode_state
+from fedsqueeze.codec import decode_prefix
 from fedsqueeze.codec.container import BLOCKWISE_VERSION
 from fedsqueeze.codec.spec_text import parse_spec
-from tests.codec.test_golden import _state
+from tests.codec.test_golden import _state, check_golden, encode_case, regenerate
 
 GOLDEN = Path(__file__).parent.parent / "golden" / "v3"
 
@@ -31,31 +31,19 @@ CASES: dict[str, tuple[str, bool]] = {
 
 def _encode(name: str) -> bytes:
     text, delta = CASES[name]
-    return encode_state(
-        _state(0), parse_spec(text), _state(1) if delta else None, seed=0
-    ).to_bytes()
+    return encode_case(parse_spec(text), delta)
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_golden_v3_bytes_unchanged(name: str) -> None:
-    path = GOLDEN / f"{name}.fsq"
-    assert path.exists(), f"missing golden vector {path}; see this module's docstring"
-    expected = path.read_bytes()
-    assert expected[3] == BLOCKWISE_VERSION
-    assert _encode(name) == expected, f"format v3 bytes changed for {name}"
     _text, delta = CASES[name]
     base = _state(1) if delta else None
-    decoded = decode_state(EncodedModel.from_bytes(expected), base)
+    encoded = _encode(name)
+    decoded = check_golden(GOLDEN, name, encoded, BLOCKWISE_VERSION, base)
     assert set(decoded) == set(_state(0))
-    assert decode_prefix(expected[:-4], base).complete
-
-
-def _regenerate() -> None:
-    GOLDEN.mkdir(parents=True, exist_ok=True)
-    for name in CASES:
-        (GOLDEN / f"{name}.fsq").write_bytes(_encode(name))
+    assert decode_prefix(encoded[:-4], base).complete
 
 
 if __name__ == "__main__":
-    _regenerate()
+    regenerate(GOLDEN, CASES, _encode)
     sys.exit(0)

@@ -27,6 +27,7 @@ from fedsqueeze.codec.grouping import (
 )
 from fedsqueeze.codec.spec_text import parse_spec
 from fedsqueeze.errors import FormatError, UnsupportedVersionError
+from tests.codec.test_golden import check_golden, regenerate
 
 GOLDEN = Path(__file__).parent.parent / "golden" / "v4"
 CARRY = NonFinite.CARRY
@@ -236,18 +237,11 @@ def _golden(name: str) -> bytes:
 
 @pytest.mark.parametrize("name", sorted(GOLDEN_CASES))
 def test_golden_v4_bytes_unchanged(name: str) -> None:
-    path = GOLDEN / f"{name}.fsq"
-    assert path.exists(), f"missing golden vector {path}; see this module's docstring"
-    expected = path.read_bytes()
-    assert expected[3] == GROUPED_VERSION
-    assert _golden(name) == expected, f"format v4 bytes changed for {name}"
     base = _golden_state(1) if GOLDEN_CASES[name] else None
-    decoded = decode_state(EncodedModel.from_bytes(expected), base)
+    decoded = check_golden(GOLDEN, name, _golden(name), GROUPED_VERSION, base)
     assert set(decoded) == set(_golden_state(0))
     assert np.isfinite(decoded["fc.weight"].numpy()).all()
 
 
 if __name__ == "__main__":
-    GOLDEN.mkdir(parents=True, exist_ok=True)
-    for case in GOLDEN_CASES:
-        (GOLDEN / f"{case}.fsq").write_bytes(_golden(case))
+    regenerate(GOLDEN, GOLDEN_CASES, _golden)

@@ -37,6 +37,17 @@ def _student(teacher: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     }
 
 
+def _publish_teacher_and_student(
+    source: InMemoryModelSource,
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Publish a teacher (global track) and its :func:`_student` (student track)."""
+    teacher = make_state(0)
+    source.publish(teacher)
+    student = _student(teacher)
+    source.publish(student, track="student")
+    return teacher, student
+
+
 def _held(*states: dict[str, torch.Tensor]) -> HeldVersions:
     return HeldVersions.of({state_digest(s): s for s in states})
 
@@ -49,10 +60,7 @@ def _exact(result: FetchResult, expected: dict[str, torch.Tensor]) -> None:
 
 
 def test_a_part_of_another_track_is_not_sent(source, store, start_server, connect):
-    teacher = make_state(0)
-    source.publish(teacher)
-    student = _student(teacher)
-    source.publish(student, track="student")
+    teacher, student = _publish_teacher_and_student(source)
     client = connect(start_server(source, store))
     plain = client.fetch("student", spec=CodecSpec())
     parts = client.fetch("student", spec=CodecSpec(), held=_held(teacher))
@@ -99,10 +107,7 @@ def test_a_replaced_version_comes_back_without_bytes(source, store, start_server
 
 
 def test_lossy_spec_keeps_held_parts_exact(source, store, start_server, connect):
-    teacher = make_state(0)
-    source.publish(teacher)
-    student = _student(teacher)
-    source.publish(student, track="student")
+    teacher, student = _publish_teacher_and_student(source)
     client = connect(start_server(source, store))
     result = client.fetch("student", spec=preset("int8"), held=_held(teacher))
     assert result.state is not None
@@ -112,10 +117,7 @@ def test_lossy_spec_keeps_held_parts_exact(source, store, start_server, connect)
 
 
 def test_a_poisoned_cached_part_is_caught_and_refetched(source, store, start_server, connect):
-    teacher = make_state(0)
-    source.publish(teacher)
-    student = _student(teacher)
-    source.publish(student, track="student")
+    teacher, student = _publish_teacher_and_student(source)
     client = connect(start_server(source, store))
     honest = _held(teacher)
     wrong = teacher["fc.weight"].clone()
@@ -132,10 +134,7 @@ def test_a_poisoned_cached_part_is_caught_and_refetched(source, store, start_ser
 
 
 def test_an_evicted_part_on_the_edge_means_a_refetch(source, store, start_server, connect):
-    teacher = make_state(0)
-    source.publish(teacher)
-    student = _student(teacher)
-    source.publish(student, track="student")
+    teacher, student = _publish_teacher_and_student(source)
     client = connect(start_server(source, store))
     evicted = HeldVersions((state_digest(teacher),), {})
     result = client.fetch("student", spec=CodecSpec(), held=evicted)
