@@ -153,10 +153,14 @@ class Coordinator:
         student_instruct: InstructionFactory | None = None
         if students is not None:
             student_init = students.init_digest if settings.init_from_seed else ""
-            # the budget adds no frozen parts for the student: they are the teacher's
-            student_instruct = _instruction_factory(
-                plane, replace(template, init_digest=student_init), budget, store, ()
+            # the frozen patterns name the teacher's tensors: none of them reach the student
+            student_template = replace(
+                template,
+                init_digest=student_init,
+                down_spec=settings.down_spec,
+                up_spec=settings.up_spec,
             )
+            student_instruct = _instruction_factory(plane, student_template, budget, store, ())
         aggregate_global: GlobalAggregator | None = None
         if fusion is not None:
             aggregate_global = functools.partial(_fuse_teacher, fusion, task, settings.seed)

@@ -12,6 +12,7 @@ from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedProx, FedTrim
 from coordinator.app import Coordinator, OneLineErrors, build_strategy
 from coordinator.strategy import RoundStats
 from coordinator.version_store import VersionStore
+from fedsqueeze.codec.spec_text import parse_spec
 from fedsqueeze.errors import ConfigError, RunFailedError
 from fedsqueeze.runconfig import RunSettings, StrategyName
 
@@ -169,3 +170,22 @@ def test_an_edge_failure_is_one_line_naming_the_error_and_its_cause() -> None:
     assert edge_failure("An exception was raised when attempting to load `ClientApp`") == (
         "An exception was raised when attempting to load `ClientApp`"
     )
+
+
+def test_student_edges_get_no_frozen_patterns_of_the_teacher(tmp_path: Path) -> None:
+    # freeze= names teacher tensors: a student spec carrying them would leave the
+    # averaged student without the tensors a pattern happened to match.
+    settings = RunSettings(state_dir=str(tmp_path), freeze="conv1.*", student_refresh_every=1)
+    coordinator = Coordinator.open(settings)
+    try:
+        teacher = coordinator.strategy._instruction(1, 7, "t")
+        student_factory = coordinator.strategy._student_instruction
+        assert student_factory is not None
+        student = student_factory(1, 7, "s")
+        assert teacher is not None and student is not None
+        assert parse_spec(teacher.down_spec).freeze == ("conv1.*",)
+        assert parse_spec(teacher.up_spec).freeze == ("conv1.*",)
+        assert parse_spec(student.down_spec).freeze == ()
+        assert parse_spec(student.up_spec).freeze == ()
+    finally:
+        coordinator.close()
