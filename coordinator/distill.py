@@ -25,9 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fedsqueeze.recipes.deep_compression import _states_equal
+from fedsqueeze.recipes.deep_compression import states_equal
 from fedsqueeze.tasks import Optimizer
-from fedsqueeze.tasks.training import _apply_masks, _make_optimizer
+from fedsqueeze.tasks.training import apply_masks, make_optimizer
 
 __all__ = [
     "DistillConfig",
@@ -256,9 +256,9 @@ def distill(
     model = copy.deepcopy(student)
     params = dict(model.named_parameters())
     masked = [(params[name], mask.to(torch.bool)) for name, mask in (masks or {}).items()]
-    _apply_masks(masked)
+    apply_masks(masked)
     trainable = [p for p in params.values() if p.requires_grad]
-    opt = _make_optimizer(config.optimizer, trainable, config.lr)
+    opt = make_optimizer(config.optimizer, trainable, config.lr)
     gen = torch.Generator().manual_seed(config.seed)
     mix = config.mixup and x.is_floating_point()
     labels = y if config.ce_weight > 0 else None
@@ -294,7 +294,7 @@ def distill(
                 if p.grad is not None:
                     p.grad.masked_fill_(~m, 0.0)
             opt.step()
-            _apply_masks(masked)
+            apply_masks(masked)
             total += float(loss.detach()) * int(rows.shape[0])
             count += int(rows.shape[0])
         epoch_loss = total / max(1, count)
@@ -343,7 +343,7 @@ def fuse(
     merged: list[float] = []
     for model, weight in zip(models, w, strict=True):
         state = model.state_dict()
-        same = next((i for i, s in enumerate(states) if _states_equal(s, state)), None)
+        same = next((i for i, s in enumerate(states) if states_equal(s, state)), None)
         if same is None:
             states.append(state)
             members.append(model)

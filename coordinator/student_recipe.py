@@ -23,7 +23,7 @@ from coordinator.distill import DistillConfig, distill, distillation_loss, logit
 from fedsqueeze.codec import EncodedModel, FloatFormat, decode_state, encode_state
 from fedsqueeze.codec.pruning import global_magnitude_masks
 from fedsqueeze.recipes import DeepCompressionConfig, recipe_spec
-from fedsqueeze.recipes.deep_compression import _round_float, _sparsity
+from fedsqueeze.recipes.deep_compression import round_float, state_sparsity
 from fedsqueeze.recipes.weight_sharing import finetune_centroids, share_weights, shared_state
 
 __all__ = ["STUDENT_RECIPE", "StudentCompression", "StudentStep", "compress_student"]
@@ -170,7 +170,7 @@ def compress_student(
     compressed = shared_state(model, shared)
     if recipe.bias_format is not FloatFormat.FP32:  # the codec stores them so: round now
         compressed = {
-            n: t if n in shared else _round_float(t, recipe.bias_format)
+            n: t if n in shared else round_float(t, recipe.bias_format)
             for n, t in compressed.items()
         }
     encoded = encode_state(compressed, spec)
@@ -178,7 +178,7 @@ def compress_student(
     decoded = decode_state(EncodedModel.from_bytes(blob))
     model.load_state_dict(decoded)
     final_accuracy = evaluate(model)
-    history.append(StudentStep("share + encode", _sparsity(decoded, targets), final_accuracy))
+    history.append(StudentStep("share + encode", state_sparsity(decoded, targets), final_accuracy))
     fp32_bytes = sum(4 * t.numel() for t in compressed.values() if t.is_floating_point())
     logger.info(
         "student: %d → %d bytes, accuracy %.4f (dense) → %.4f (decoded)",

@@ -41,7 +41,15 @@ from fedsqueeze.recipes.config import DeepCompressionConfig, ProgressFn, Stage
 from fedsqueeze.recipes.weight_sharing import finetune_centroids, share_weights, shared_state
 from fedsqueeze.tasks import Task
 
-__all__ = ["CompressionResult", "StepRecord", "compress_task", "recipe_spec"]
+__all__ = [
+    "CompressionResult",
+    "StepRecord",
+    "compress_task",
+    "recipe_spec",
+    "round_float",
+    "state_sparsity",
+    "states_equal",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -245,18 +253,18 @@ def _run(
     compressed = shared_state(model, shared)
     if cfg.bias_format is not FloatFormat.FP32:
         compressed = {
-            name: _round_float(t, cfg.bias_format) if name not in shared else t
+            name: round_float(t, cfg.bias_format) if name not in shared else t
             for name, t in compressed.items()
         }
     model.load_state_dict(compressed)
-    share_sparsity = _sparsity(compressed, targets)
+    share_sparsity = state_sparsity(compressed, targets)
     history.append(StepRecord(Stage.SHARE, share_sparsity, accuracy(), time.perf_counter() - t0))
 
     t0 = time.perf_counter()
     encoded = encode_state(compressed, spec)
     blob = encoded.to_bytes()
     decoded = decode_state(EncodedModel.from_bytes(blob))
-    matches = _states_equal(decoded, compressed)
+    matches = states_equal(decoded, compressed)
     if not matches:
         logger.warning(
             "decoded weights differ from the fine-tuned shared weights (max |diff| %.3g)",
@@ -267,7 +275,7 @@ def _run(
     tick(Stage.ENCODE)
     history.append(
         StepRecord(
-            Stage.ENCODE, _sparsity(decoded, targets), final_accuracy, time.perf_counter() - t0
+            Stage.ENCODE, state_sparsity(decoded, targets), final_accuracy, time.perf_counter() - t0
         )
     )
     fp32_bytes = sum(4 * t.numel() for t in compressed.values() if t.is_floating_point())
@@ -317,19 +325,22 @@ _FLOAT_DTYPES = {
 }
 
 
-def _round_float(t: Tensor, fmt: FloatFormat) -> Tensor:
+def round_float(t: Tensor, fmt: FloatFormat) -> Tensor:
+    """``t`` rounded to the float format ``fmt`` and back to its dtype (integers as they are)."""
     if not t.is_floating_point():
         return t
     return t.to(_FLOAT_DTYPES[fmt]).to(t.dtype)
 
 
-def _sparsity(state: Mapping[str, Tensor], names: list[str]) -> float:
+def state_sparsity(state: Mapping[str, Tensor], names: list[str]) -> float:
+    """The fraction of zeros over the tensors ``names`` of ``state`` (0 when they are empty)."""
     total = sum(state[n].numel() for n in names)
     zeros = sum(int((state[n] == 0).sum()) for n in names)
     return zeros / total if total else 0.0
 
 
-def _states_equal(a: Mapping[str, Tensor], b: Mapping[str, Tensor]) -> bool:
+def states_equal(a: Mapping[str, Tensor], b: Mapping[str, Tensor]) -> bool:
+    """Whether two state dicts have the same names and bit-equal tensors."""
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from fedsqueeze.tasks.base import EvalResult, Optimizer, TrainResult
 
-__all__ = ["SGD_MOMENTUM", "evaluate", "train"]
+__all__ = ["SGD_MOMENTUM", "apply_masks", "evaluate", "make_optimizer", "train"]
 
 SGD_MOMENTUM = 0.9
 
@@ -201,10 +201,10 @@ def _run_epochs(
     """Run the optimisation loop; return the mean cross-entropy of the last epoch."""
     params = dict(model.named_parameters())
     masked = [(params[name], mask) for name, mask in keep.items()]
-    _apply_masks(masked)
+    apply_masks(masked)
     anchor = [(p, p.detach().clone()) for p in params.values()] if proximal_mu > 0 else []
     l1_weights = _l1_weights(model) if l1_lambda > 0 else []
-    opt = _make_optimizer(optimizer, [p for p in params.values() if p.requires_grad], lr)
+    opt = make_optimizer(optimizer, [p for p in params.values() if p.requires_grad], lr)
     shuffler = torch.Generator().manual_seed(seed)
     num_examples = int(x.shape[0])
     model.train()
@@ -228,7 +228,7 @@ def _run_epochs(
                 if param.grad is not None:
                     param.grad.masked_fill_(~mask, 0.0)
             opt.step()
-            _apply_masks(masked)
+            apply_masks(masked)
             epoch_loss += float(data_loss.detach()) * int(batch.shape[0])
     return epoch_loss / num_examples
 
@@ -237,7 +237,9 @@ def _total(terms: list[Tensor]) -> Tensor:
     return torch.stack(terms).sum()
 
 
-def _apply_masks(masked: list[tuple[nn.Parameter, Tensor]]) -> None:
+def apply_masks(masked: list[tuple[nn.Parameter, Tensor]]) -> None:
+    """Zero each parameter where its boolean mask is False (in place: the model's own
+    parameters are the point)."""
     with torch.no_grad():
         for param, mask in masked:
             param.masked_fill_(~mask, 0.0)
@@ -251,9 +253,9 @@ def _l1_weights(model: nn.Module) -> list[Tensor]:
     ]
 
 
-def _make_optimizer(
-    kind: Optimizer, params: list[nn.Parameter], lr: float
-) -> torch.optim.Optimizer:
+def make_optimizer(kind: Optimizer, params: list[nn.Parameter], lr: float) -> torch.optim.Optimizer:
+    """The optimizer every training loop here uses for ``kind`` (SGD with momentum
+    :data:`SGD_MOMENTUM`, or Adam) over ``params`` at learning rate ``lr``."""
     if kind is Optimizer.SGD:
         return torch.optim.SGD(params, lr=lr, momentum=SGD_MOMENTUM)
     return torch.optim.Adam(params, lr=lr)
