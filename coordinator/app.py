@@ -49,6 +49,7 @@ from fedsqueeze.control import RoundInstruction
 from fedsqueeze.errors import ConfigError, FedsqueezeError, RunFailedError
 from fedsqueeze.runconfig import Aggregation, RunSettings, StrategyName
 from fedsqueeze.tasks import Task, get_task
+from fedsqueeze.tasks.evaluator import TestEvaluator
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +89,7 @@ class Coordinator:
     policy: BudgetPolicy | None = None
     failed_rounds: list[int] = field(default_factory=list)
     students: StudentTrack | None = None
+    _evaluator: TestEvaluator | None = field(default=None, init=False, repr=False)
 
     @classmethod
     def open(
@@ -190,11 +192,10 @@ class Coordinator:
 
     def evaluate(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
         """Centralized evaluation on the task's test split; records the round."""
-        task = get_task(self.settings.task)
-        model = task.build_model(self.settings.seed)
-        model.load_state_dict(arrays.to_torch_state_dict())
-        data = task.load_data()
-        result = task.evaluate(model, data.x_test, data.y_test)
+        if self._evaluator is None:
+            self._evaluator = TestEvaluator(get_task(self.settings.task), self.settings.seed)
+        task = self._evaluator.task
+        result = self._evaluator(arrays.to_torch_state_dict())
         absolute = server_round + self.offset
         stats = self.strategy.stats.get(server_round)
         metrics: dict[str, float] = {
@@ -205,6 +206,7 @@ class Coordinator:
             **_loss_metrics(stats),
         }
         if self.students is not None:
+            data = task.load_data()
             student = task.evaluate(self.students.model(), data.x_test, data.y_test)
             metrics["student-accuracy"] = student.accuracy
             metrics["student-updates"] = float(stats.student_accepted if stats else 0)

@@ -33,6 +33,7 @@ from fedsqueeze.codec import state_digest
 from fedsqueeze.codec.spec_text import with_freeze
 from fedsqueeze.control import RECEIPT_KEY, TrainReceipt
 from fedsqueeze.tasks import get_task
+from fedsqueeze.tasks.evaluator import TestEvaluator
 from fedsqueeze.transport.shaping import LinkProfile
 from simulations.baselines import ArmConfig, ArmKind
 from simulations.config import SimulationConfig
@@ -95,6 +96,7 @@ class SweepServer:
         self.abort = abort
         self.progress = progress
         self.runs: list[ArmRun] = []
+        self._evaluators: dict[str, TestEvaluator] = {}
 
     def main(self, grid: Grid) -> None:
         """The ServerApp's body."""
@@ -127,13 +129,15 @@ class SweepServer:
     def _evaluate(
         self, run: ArmRun, server_round: int, arrays: ArrayRecord, frozen: FrozenParts
     ) -> MetricRecord:
-        task = get_task(self.config.arm_task(run.arm))
-        model = task.build_model(self.config.seed)
+        # one model per arm: another arm may have trained what this one keeps frozen
+        evaluator = self._evaluators.get(run.arm.name)
+        if evaluator is None:
+            task = get_task(self.config.arm_task(run.arm))
+            evaluator = self._evaluators[run.arm.name] = TestEvaluator(task, self.config.seed)
         state = arrays.to_torch_state_dict()
-        run.final_state = frozen.merge(state, model.state_dict()) if frozen else state
-        model.load_state_dict(run.final_state)
-        data = task.load_data()
-        result = task.evaluate(model, data.x_test, data.y_test)
+        # frozen tensors never change: the arm's model still holds the initial ones
+        run.final_state = frozen.merge(state, evaluator.model.state_dict()) if frozen else state
+        result = evaluator(run.final_state)
         self._record(run, server_round, result.accuracy, result.loss)
         return MetricRecord({"accuracy": result.accuracy, "loss": result.loss})
 
