@@ -34,7 +34,6 @@ from coordinator.dataplane import CoordinatorDataPlane, InstructionTemplate
 from coordinator.distill import DistillConfig
 from coordinator.frozen import FrozenParts
 from coordinator.fusion import FeddfFusion
-from coordinator.proxy import split_proxy
 from coordinator.strategy import (
     CompressedStrategy,
     GlobalAggregator,
@@ -50,6 +49,7 @@ from fedsqueeze.errors import ConfigError, FedsqueezeError, RunFailedError
 from fedsqueeze.runconfig import Aggregation, RunSettings, StrategyName
 from fedsqueeze.tasks import Task, get_task
 from fedsqueeze.tasks.evaluator import TestEvaluator
+from fedsqueeze.tasks.proxy import split_proxy
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """Knowledge distillation on the coordinator's proxy set (Hinton et al., 2015).
 
 A student matches its teacher's softened outputs on the proxy inputs
-(:mod:`coordinator.proxy`): the loss is ``KL(softmax(t/T) ‖ softmax(s/T)) · T²`` (the ``T²``
+(:mod:`fedsqueeze.tasks.proxy`): the loss is ``KL(softmax(t/T) ‖ softmax(s/T)) · T²`` (the ``T²``
 keeps the gradients' scale independent of the temperature), optionally mixed with the
 cross-entropy on the labels where the proxy has them. The teacher is any function from inputs
 to logits: one model (offline distillation, the student track) or the average of several
@@ -74,7 +74,7 @@ class DistillConfig:
         inputs only; ignored for token ids).
     proxy_size : int
         How many training examples the coordinator holds as its proxy set (see
-        :func:`coordinator.proxy.split_proxy`).
+        :func:`fedsqueeze.tasks.proxy.split_proxy`).
     seed : int
         Seeds the shuffling and the mixing.
     """

@@ -176,7 +176,7 @@ class StudentTrack:
     seed
         Seeds the initial student (edges rebuild it from the same seed).
     proxy_x
-        The coordinator's proxy inputs ``[N, ...]`` (:func:`coordinator.proxy.split_proxy`).
+        The coordinator's proxy inputs ``[N, ...]`` (:func:`fedsqueeze.tasks.proxy.split_proxy`).
     distill_config
         How a refresh distils.
     refresh_every

@@ -22,16 +22,26 @@ from fedsqueeze.errors import ConfigError
 from fedsqueeze.runconfig import Partitioning, RunSettings
 from fedsqueeze.tasks import (
     Task,
+    TaskData,
     get_task,
     partition_by_group,
     partition_dirichlet,
     partition_iid,
 )
+from fedsqueeze.tasks.proxy import split_proxy
+
+
+@functools.lru_cache(maxsize=4)
+def _client_data(task_name: str, proxy: int) -> TaskData:
+    """The task's data as the clients hold it: without the coordinator's ``proxy``
+    held-out training examples (:func:`fedsqueeze.tasks.proxy.split_proxy`), if any."""
+    data = get_task(task_name).load_data()
+    return split_proxy(data, proxy)[1] if proxy else data
 
 
 @functools.lru_cache(maxsize=4)
 def _split(
-    task_name: str, partitioning: Partitioning, alpha: float, seed: int, parts: int
+    task_name: str, partitioning: Partitioning, alpha: float, seed: int, parts: int, proxy: int
 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Every partition's train and test indices, computed once per process and split.
 
@@ -41,7 +51,7 @@ def _split(
     clients than training examples, ``parts`` is the number of examples (see
     :func:`_partition`).
     """
-    data = get_task(task_name).load_data()
+    data = _client_data(task_name, proxy)
     if partitioning is Partitioning.IID:
         train_parts = partition_iid(len(data.y_train), parts, seed)
     elif partitioning is Partitioning.NATURAL:
@@ -56,18 +66,26 @@ def _split(
 
 @functools.lru_cache(maxsize=64)
 def _partition(
-    task_name: str, partitioning: Partitioning, alpha: float, seed: int, pid: int, parts: int
+    task_name: str,
+    partitioning: Partitioning,
+    alpha: float,
+    seed: int,
+    pid: int,
+    parts: int,
+    proxy: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """This node's share of the train and test sets (same seed → same split everywhere).
 
     With more clients than training examples (10,000 virtual clients of the digits' 1,437
     images), the IID and Dirichlet splits have one partition per example and client ``p``
-    holds partition ``p mod`` that number, as the test split already did.
+    holds partition ``p mod`` that number, as the test split already did. ``proxy``
+    training examples are the coordinator's (see :attr:`RunSettings.held_out_proxy`):
+    no client holds them.
     """
-    data = get_task(task_name).load_data()
+    data = _client_data(task_name, proxy)
     if partitioning is not Partitioning.NATURAL:
         parts = min(parts, len(data.y_train))
-    train_parts, test_parts = _split(task_name, partitioning, alpha, seed, parts)
+    train_parts, test_parts = _split(task_name, partitioning, alpha, seed, parts, proxy)
     tr, te = train_parts[pid % parts], test_parts[pid % len(test_parts)]
     return data.x_train[tr], data.y_train[tr], data.x_test[te], data.y_test[te]
 
@@ -123,7 +141,13 @@ def _data(
     pid = int(context.node_config.get("partition-id", 0))
     parts = int(context.node_config.get("num-partitions", 1))
     return _partition(
-        settings.task, settings.partitioning, settings.alpha, settings.seed, pid, parts
+        settings.task,
+        settings.partitioning,
+        settings.alpha,
+        settings.seed,
+        pid,
+        parts,
+        settings.held_out_proxy,
     )
 
 

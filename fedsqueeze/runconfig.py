@@ -127,6 +127,7 @@ class RunSettings:
     student_refresh_every: int = 0
     student_budget: int = 0
     proxy_size: int = 360
+    hold_out_proxy: bool = False
     distill_epochs: int = 40
     distill_temperature: float = 4.0
 
@@ -169,6 +170,17 @@ class RunSettings:
         text = self.freeze.strip()
         chosen = task_frozen if text == AUTO_FREEZE else parse_freeze(text)
         return tuple(sorted({*chosen, *self.down_codec().freeze, *self.up_codec().freeze}))
+
+    @property
+    def held_out_proxy(self) -> int:
+        """How many training examples the coordinator holds out as its proxy set: 0
+        unless distillation needs one (a student track or FedDF fusion) or
+        ``hold-out-proxy`` asks (a sweep gives every arm the same client data). The edges
+        partition the rest, so no example is both a client's and the coordinator's."""
+        distils = self.student_refresh_every or self.aggregation is Aggregation.FEDDF
+        if distils or self.hold_out_proxy:
+            return self.proxy_size
+        return 0
 
     def down_codec(self) -> CodecSpec:
         """The download spec."""

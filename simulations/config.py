@@ -227,6 +227,17 @@ class SimulationConfig:
             freeze=arm.freeze,
             student_refresh_every=arm.student_refresh_every if arm.student_links else 0,
             aggregation=arm.aggregation,
+            # every arm's clients hold the same data: none of the proxy rows any
+            # distilling arm's coordinator holds
+            hold_out_proxy=self.distils,
+        )
+
+    @property
+    def distils(self) -> bool:
+        """Whether an arm distils (a student track or FedDF), so holds a proxy set out."""
+        return any(
+            (a.student_links and a.student_refresh_every) or a.aggregation is Aggregation.FEDDF
+            for a in self.arms
         )
 
 

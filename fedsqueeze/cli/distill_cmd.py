@@ -116,10 +116,10 @@ def main(args: argparse.Namespace) -> int:
     import torch
 
     from coordinator.distill import DistillConfig, distill, logits_of
-    from coordinator.proxy import split_proxy
     from coordinator.student_recipe import STUDENT_RECIPE, compress_student
     from fedsqueeze.cli.console import make_console
     from fedsqueeze.tasks import get_task
+    from fedsqueeze.tasks.proxy import split_proxy
 
     task = get_task(args.task)
     if task.build_student is None:

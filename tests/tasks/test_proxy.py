@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from coordinator.proxy import split_proxy
 from fedsqueeze.tasks import get_task
+from fedsqueeze.tasks.proxy import split_proxy
 
 
 def test_the_proxy_set_never_overlaps_the_test_split() -> None:
