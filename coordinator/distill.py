@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from coordinator.averaging import average_states
 from fedsqueeze.recipes.deep_compression import states_equal
 from fedsqueeze.tasks import Optimizer
 from fedsqueeze.tasks.training import apply_masks, make_optimizer
@@ -355,15 +356,6 @@ def fuse(
         # a no-op: the no-grad and autograd forward passes may differ in the last bit.)
         return DistillResult(student=copy.deepcopy(members[0]).eval(), loss=0.0, seconds=0.0)
     teacher = ensemble(members, merged)
-    total = sum(merged)
-    average: dict[str, Tensor] = {}
-    for name, first in states[0].items():
-        if len(states) == 1 or not first.is_floating_point():  # counters: the first model's
-            average[name] = first.clone()
-        else:
-            average[name] = torch.stack(
-                [v / total * s[name] for s, v in zip(states, merged, strict=True)]
-            ).sum(0)
     start = copy.deepcopy(models[0])
-    start.load_state_dict(average)
+    start.load_state_dict(average_states(states, merged))  # counters: the first model's
     return distill(start, teacher, x, config)

@@ -21,9 +21,9 @@ import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
-import torch
 from torch import Tensor, nn
 
+from coordinator.averaging import average_states
 from coordinator.distill import DistillConfig, distill, logits_of
 from coordinator.version_store import VersionStore
 from fedsqueeze.codec import state_digest
@@ -36,7 +36,6 @@ __all__ = [
     "StudentAssignment",
     "StudentTrack",
     "WeakLink",
-    "average_states",
 ]
 
 log = logging.getLogger(__name__)
@@ -131,23 +130,6 @@ class StudentAssignment:
         if self.link_of is not None and link is None:
             return None  # not known yet (a simulation before discovery): decide later
         return ModelTrack.GLOBAL
-
-
-def average_states(states: Sequence[Mapping[str, Tensor]], weights: Sequence[float]) -> State:
-    """The weighted mean of floating tensors (FedAvg); other tensors from the first state."""
-    if not states or len(states) != len(weights) or sum(weights) <= 0 or min(weights) < 0:
-        raise ValueError("need states with one non-negative weight each, not all zero")
-    total = float(sum(weights))
-    out: State = {}
-    for name, first in states[0].items():
-        if not first.is_floating_point():
-            out[name] = first.clone()
-            continue
-        acc = torch.zeros_like(first, dtype=torch.float64)
-        for state, weight in zip(states, weights, strict=True):
-            acc += state[name].to(torch.float64) * (weight / total)
-        out[name] = acc.to(first.dtype)
-    return out
 
 
 #: ``(states, weights, build) -> state``: how a track's client models are aggregated.

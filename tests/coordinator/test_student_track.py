@@ -11,6 +11,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAvg
 
+from coordinator.averaging import average_states
 from coordinator.distill import DistillConfig
 from coordinator.fusion import FeddfFusion
 from coordinator.source import StoreModelSource
@@ -20,7 +21,6 @@ from coordinator.student_track import (
     StudentAssignment,
     StudentTrack,
     WeakLink,
-    average_states,
 )
 from coordinator.version_store import VersionStore
 from fedsqueeze.codec import CodecSpec, decode_state, encode_state
