@@ -42,7 +42,7 @@ def test_quick_bench_reports_every_part(tmp_path: Path, capsys: pytest.CaptureFi
     assert resume["resumed_segments"] == resume["cut_after_segments"]
     fanout = report["fanout"]
     assert fanout["clients"] == 4 and fanout["errors"] == 0 and fanout["encodes"] == 1
-    assert "Fetch, verified and kept" in capsys.readouterr().out
+    assert "Fetch, verified (SHA-256) and kept" in capsys.readouterr().out
 
 
 def test_register_adds_the_subcommand() -> None:
