@@ -1,6 +1,6 @@
 """Transport benchmark: the data plane against a bare gRPC stream, resume, fan-out, framing.
 
-Five parts, measured in one run against one server process (plaintext on 127.0.0.1,
+Six parts, measured in one run against one server process (plaintext on 127.0.0.1,
 like the bare stream it is compared with), printed as a table (and JSON with --json):
 
   throughput  a model of --payload-mb MB streamed in --chunk-kib chunks from a server in
@@ -14,6 +14,8 @@ like the bare stream it is compared with), printed as a table (and JSON with --j
               and what that allows: a
               stream that needs C ms of CPU per MiB in all cannot beat C / cores ms per
               MiB of wall time.
+  digests     SHA-256 and BLAKE3 (where installed) over the same bytes in segments
+              of --chunk-kib, one thread: MB/s and ms per MiB.
   resume      the same fetch with its stream cut after half the segments: the extra
               bytes a resumed fetch costs, against one segment's size.
   fan-out     --clients clients, each on its own connection, fetch the same int8 delta at
@@ -77,7 +79,7 @@ from fedsqueeze.wire.convert import (
     segment_request_to_proto,
     segment_view_from_message,
 )
-from fedsqueeze.wire.digests import SegmentDigest, blake3_available
+from fedsqueeze.wire.digests import SegmentDigest, blake3_available, digest_function
 from fedsqueeze.wire.types import ManifestRequest, SegmentRequest
 
 __all__ = ["TransportBenchOptions", "add_arguments", "main", "register", "run_transport_bench"]
@@ -355,6 +357,30 @@ def _throughput(
     }
 
 
+def _digest_rates(payload_bytes: int, chunk_bytes: int, runs: int) -> Json:
+    """MB/s of each segment digest over the model's bytes in segments, on one thread.
+
+    Random bytes (digests do not care what they are), the median of ``runs`` passes,
+    the algorithms alternating so that both see the same load.
+    """
+    data = os.urandom(payload_bytes)
+    view = memoryview(data)
+    algorithms = [SegmentDigest.SHA256] + ([SegmentDigest.BLAKE3] if blake3_available() else [])
+    seconds: dict[str, list[float]] = {a.value: [] for a in algorithms}
+    for _ in range(runs):
+        for algorithm in algorithms:
+            digest = digest_function(algorithm)
+            started = time.perf_counter()
+            for start in range(0, payload_bytes, chunk_bytes):
+                digest(view[start : start + chunk_bytes])
+            seconds[algorithm.value].append(time.perf_counter() - started)
+    rates = {name: payload_bytes / statistics.median(s) / 1e6 for name, s in seconds.items()}
+    return {
+        "mb_s": rates,
+        "ms_per_mib": {name: _MIB / 1e6 / rate * 1e3 for name, rate in rates.items()},
+    }
+
+
 def _resume(client: TransferClient, command: Callable[[str, Any], Any], segments: int) -> Json:
     full = client.fetch("bench", spec=STREAM_SPEC, decode=False).stats
     cut_after = max(1, segments // 2)
@@ -422,7 +448,8 @@ def run_transport_bench(
     Returns
     -------
     dict
-        JSON-ready: ``{"machine", "throughput", "resume", "fanout", "framing", "flower"}``
+        JSON-ready: ``{"machine", "throughput", "digests", "resume", "fanout", "framing",
+        "flower"}``
         (``flower`` only with sizes in ``flower_mb``; only it with ``flower_only``).
     """
     options = options or TransportBenchOptions()
@@ -489,6 +516,7 @@ def _data_plane_parts(options: TransportBenchOptions, out: Console) -> Json:
             report["throughput"] = _throughput(
                 options, client, tokens["bench"], bare_port, payload_bytes, command
             )
+            report["digests"] = _digest_rates(payload_bytes, options.chunk_bytes, options.runs)
             report["resume"] = _resume(client, command, segments)
             report["resume"]["segment_bytes"] = payload_bytes // segments
         report["fanout"] = _fanout(options, port, fan_tokens, fan_base, command)
@@ -537,6 +565,10 @@ def _table(report: Json) -> Table:
     if "fetch_blake3_gb_s" in t:
         table.add_row("whole fetch (BLAKE3)", f"{t['fetch_blake3_gb_s']:.3f} GB/s",
                       f"+ parsing the payload; {cpu_note('fetch_blake3')}")  # fmt: skip
+    rates = report["digests"]
+    speeds = " / ".join(f"{v:,.0f}" for v in rates["mb_s"].values()) + " MB/s"
+    costs = " / ".join(f"{k} {v:.2f} ms/MiB" for k, v in rates["ms_per_mib"].items())
+    table.add_row("segment digests, one thread", speeds, costs)
     table.add_row("resume overhead", f"{r['overhead_bytes']} B",
                   f"cut after {r['cut_after_segments']} segments; "
                   f"one segment is {r['segment_bytes']} B")  # fmt: skip

@@ -24,7 +24,11 @@ def test_quick_bench_reports_every_part(tmp_path: Path, capsys: pytest.CaptureFi
     )  # fmt: skip
     assert transport_bench.main(args) == 0
     report = json.loads(out.read_text())
-    assert set(report) == {"machine", "throughput", "resume", "fanout", "framing"}
+    assert set(report) == {"machine", "throughput", "digests", "resume", "fanout", "framing"}
+    assert set(report["digests"]["mb_s"]) == (
+        {"sha256", "blake3"} if blake3_available() else {"sha256"}
+    )
+    assert all(rate > 0 for rate in report["digests"]["mb_s"].values())
     throughput = report["throughput"]
     assert throughput["bare_gb_s"] > 0 and throughput["segments_gb_s"] > 0
     assert throughput["chunk_bytes"] == 256 * 1024
