@@ -219,6 +219,7 @@ def _serve(conn: Connection, seed: int) -> None:
     )
     from fedsqueeze.transport.cache import CacheKey
     from fedsqueeze.transport.prepare import prepare_model
+    from fedsqueeze.wire.digests import preferred_digest, supported_digest
 
     tokens = dict(conn.recv())
     source = InMemoryModelSource(keep=2)
@@ -235,7 +236,9 @@ def _serve(conn: Connection, seed: int) -> None:
                 state = random_state(arg, seed)
                 cpu, sent = _cpu_s(), time.time()
                 digest = source.publish(state, track=f"model-{arg}")
-                key = CacheKey(digest, None, PLANE_SPEC, None)
+                # Prepared with the digest the client asks for (the preferred one here).
+                algorithm = supported_digest(preferred_digest())
+                key = CacheKey(digest, None, PLANE_SPEC, None, segment_digest=algorithm)
                 server.cache.get_or_build(
                     key, functools.partial(prepare_model, source, key, config.segment_bytes)
                 )
@@ -251,6 +254,7 @@ def _serve(conn: Connection, seed: int) -> None:
 def _plane_side(options: FlowerPathOptions) -> list[Json]:
     """Publish, prepare and fetch each size through the data plane; one row per size."""
     from fedsqueeze.transport import TokenTable, TransferClient
+    from fedsqueeze.wire.digests import preferred_digest
 
     _, tokens = TokenTable.generate(["bench"])
     ctx = mp.get_context("spawn")
@@ -271,7 +275,11 @@ def _plane_side(options: FlowerPathOptions) -> list[Json]:
             raise RuntimeError("the data plane's server process did not start")
         port = parent.recv()
         with TransferClient(
-            f"127.0.0.1:{port}", edge_id="bench", token=tokens["bench"], plaintext=True
+            f"127.0.0.1:{port}",
+            edge_id="bench",
+            token=tokens["bench"],
+            plaintext=True,
+            segment_digest=preferred_digest(),
         ) as client:
             for megabytes in options.sizes_mb:
                 rows.append(_plane_size(client, command, megabytes, options.runs))
@@ -301,6 +309,7 @@ def _plane_size(client: Any, command: Callable[..., Any], megabytes: float, runs
         "to_tensors_s": prepare_s + median("tensors_s"),
         "wire_bytes": fetches[0]["wire_bytes"],
         "bytes": fetches[0]["raw_bytes"],
+        "segment_digest": fetches[0]["segment_digest"],
         "model_digest": digest,
         "fetched_digest": fetches[0]["model_digest"],
         "cpu_ms_per_mib": {
@@ -331,6 +340,7 @@ def _timed_fetch(client: Any, command: Callable[..., Any], megabytes: float) -> 
         "server_cpu_s": command("cpu") - server_before,
         "wire_bytes": result.stats.wire.total,
         "raw_bytes": result.manifest.raw_bytes,
+        "segment_digest": result.manifest.segment_digest.value,
         "model_digest": result.manifest.model_digest.hex(),
     }
 
@@ -416,7 +426,7 @@ def flower_table(report: Json) -> Any:
         )
         table.add_row(
             "",
-            "data plane (prepare + verified Fetch, raw)",
+            f"data plane (prepare + Fetch, raw, {plane['segment_digest']})",
             f"{plane['to_bytes_s']:.2f} s",
             f"{plane['to_tensors_s']:.2f} s",
             cpu(plane["cpu_ms_per_mib"]),

@@ -80,6 +80,7 @@ def test_a_small_model_goes_through_both_paths_and_nothing_is_left_running(
     assert tiny_cpu["serverapp"] > 0 and tiny_cpu["clientapp"] > 0
     assert tiny_cpu["superlink"] >= 0 and tiny_cpu["supernode"] >= 0
     assert set(row["plane"]["cpu_ms_per_mib"]) == {"server (prepare)", "server (serve)", "client"}
+    assert row["plane"]["segment_digest"] in {"sha256", "blake3"}
     printed = capsys.readouterr().out
     assert "Flower (ArrayRecord" in printed and "data plane (prepare" in printed
 
