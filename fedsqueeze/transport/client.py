@@ -108,7 +108,7 @@ class TransferClient:
     segment_digest
         The segment digest to ask for (the server may answer with SHA-256; the manifest
         says which it used). ``None``: BLAKE3 where the ``blake3`` package is installed
-        (it verifies several times faster), else SHA-256.
+        (3 to 4 times as fast to compute), else SHA-256.
 
     Raises
     ------

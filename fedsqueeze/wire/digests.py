@@ -2,8 +2,9 @@
 
 Every segment of a manifest carries a 32-byte digest of its payload, which the client
 checks before keeping it. SHA-256 is what every peer understands; BLAKE3 (PyPI
-``blake3``, an optional dependency: ``pip install 'fedsqueeze[fast]'``) is several
-times faster, which matters once the data plane streams at GB/s. A client asks for one
+``blake3``, an optional dependency: ``pip install 'fedsqueeze[fast]'``) computes 3 to 4
+times as fast on one thread (BENCHMARKS.md), which matters once the data plane streams
+at GB/s. A client asks for one
 (``FetchRequest.segment_digest``); a server answers with it when it can and with SHA-256
 otherwise; the manifest says which was used.
 """
