@@ -20,6 +20,7 @@ __all__ = [
     "add_simulate_arguments",
     "add_transport_arguments",
     "check_transport_flags",
+    "flower_sizes",
     "module_docstring",
 ]
 
@@ -123,7 +124,40 @@ def add_transport_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--fanout-mb", type=float, default=2.0, help="size of the fan-out model in MB (default 2)"
     )
+    parser.add_argument(
+        "--flower-mb",
+        default="64,512",
+        metavar="MB[,MB...]",
+        help="model sizes in MB sent through Flower's own path (a SuperLink, a SuperNode "
+        "and `flwr run` on loopback) and through the data plane, side by side "
+        "(default 64,512; 'none' leaves the part out)",
+    )
+    parser.add_argument(
+        "--flower-only",
+        action="store_true",
+        help="only the Flower part (--flower-mb): no bare stream, resume, fan-out or framing",
+    )
     parser.add_argument("--json", type=Path, metavar="FILE", help="also write results as JSON")
+
+
+def flower_sizes(args: argparse.Namespace) -> tuple[float, ...]:
+    """``--flower-mb`` as sizes in MB (``none``: no size).
+
+    Raises
+    ------
+    ConfigError
+        Not a comma-separated list of sizes > 0.
+    """
+    text = str(args.flower_mb)
+    if text.strip().lower() == "none":
+        return ()
+    try:
+        sizes = tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise ConfigError(f"--flower-mb must be sizes in MB like 64,512, got {text!r}") from None
+    if not sizes or not all(v > 0 for v in sizes):  # also refuses nan
+        raise ConfigError(f"--flower-mb sizes must be > 0, got {text!r}")
+    return sizes
 
 
 def check_transport_flags(args: argparse.Namespace) -> None:
@@ -144,6 +178,8 @@ def check_transport_flags(args: argparse.Namespace) -> None:
     ):
         if value < least:
             raise ConfigError(f"{flag} must be >= {least}, got {value}")
+    if args.flower_only and not flower_sizes(args):
+        raise ConfigError("--flower-only needs sizes in --flower-mb")
 
 
 def module_docstring(module_name: str) -> str | None:

@@ -1,17 +1,21 @@
 """Transport benchmark: the data plane against a bare gRPC stream, resume, fan-out, framing.
 
-Four parts, measured in one run against one server process (plaintext on 127.0.0.1,
+Six parts, measured in one run against one server process (plaintext on 127.0.0.1,
 like the bare stream it is compared with), printed as a table (and JSON with --json):
 
   throughput  a model of --payload-mb MB streamed in --chunk-kib chunks from a server in
               another process, the median of --runs runs, alternating: a bare gRPC stream
               of the same bytes (received and dropped); the same segments through
               StreamSegments, received and dropped (the protocol's own cost); a fetch,
-              whose every segment is also sha256-verified and kept; and the whole fetch
-              (+ parsing the payload). For each stream, the CPU time per MiB of the client
-              process and of the server process (getrusage), and what that allows: a
+              whose every segment is also SHA-256-verified and kept, and the same fetch
+              with BLAKE3 segment digests (where the blake3 package is installed); and
+              the whole fetch (+ parsing the payload). For each stream, the CPU time
+              per MiB of the client process and of the server process (getrusage),
+              and what that allows: a
               stream that needs C ms of CPU per MiB in all cannot beat C / cores ms per
               MiB of wall time.
+  digests     SHA-256 and BLAKE3 (where installed) over the same bytes in segments
+              of --chunk-kib, one thread: MB/s and ms per MiB.
   resume      the same fetch with its stream cut after half the segments: the extra
               bytes a resumed fetch costs, against one segment's size.
   fan-out     --clients clients, each on its own connection, fetch the same int8 delta at
@@ -19,6 +23,12 @@ like the bare stream it is compared with), printed as a table (and JSON with --j
   framing     the bytes besides the payload of one fetch and one push of the digits CNN
               as a sparse delta, as an edge sends them in a round
               (fedsqueeze.bench.framing).
+  flower      models of --flower-mb MB (default 64 and 512) sent from a ServerApp to a
+              ClientApp through Flower's own path (a SuperLink, a SuperNode and
+              `flwr run` on loopback: arrays as 5 MiB SHA-256-addressed objects over
+              three hops) and through the data plane (raw, every segment verified), side
+              by side: send to receipt, CPU ms per MiB of each process, bytes
+              (fedsqueeze.bench.flowerpath).
 
 GB/s is 10^9 bytes per second. Nothing here asserts a time: machines are shared.
 """
@@ -46,7 +56,7 @@ from rich.console import Console
 from rich.table import Table
 
 from fedsqueeze.bench.flags import add_transport_arguments as add_arguments
-from fedsqueeze.bench.flags import check_transport_flags
+from fedsqueeze.bench.flags import check_transport_flags, flower_sizes
 from fedsqueeze.bench.framing import measure_framing
 from fedsqueeze.codec import CodecSpec, QuantSpec
 from fedsqueeze.transport import (
@@ -69,6 +79,7 @@ from fedsqueeze.wire.convert import (
     segment_request_to_proto,
     segment_view_from_message,
 )
+from fedsqueeze.wire.digests import SegmentDigest, blake3_available, digest_function
 from fedsqueeze.wire.types import ManifestRequest, SegmentRequest
 
 __all__ = ["TransportBenchOptions", "add_arguments", "main", "register", "run_transport_bench"]
@@ -100,6 +111,10 @@ class TransportBenchOptions:
     ----------
     payload_mb, chunk_bytes : float, int
         Size of the streamed model; segment (and bare chunk) size in bytes.
+    flower_mb : tuple of float
+        Sizes sent through Flower's own path and the data plane (empty: no such part).
+    flower_only : bool
+        Only that part.
     runs : int
         Timed runs of each stream (the median is reported), after one warm-up each.
     clients, fanout_mb : int, float
@@ -111,10 +126,16 @@ class TransportBenchOptions:
     runs: int = 5
     clients: int = 100
     fanout_mb: float = 2.0
+    flower_mb: tuple[float, ...] = (64.0, 512.0)
+    flower_only: bool = False
 
     def __post_init__(self) -> None:
         if not (self.payload_mb > 0 and self.fanout_mb > 0):
             raise ValueError("payload_mb and fanout_mb must be > 0")
+        if not all(mb > 0 for mb in self.flower_mb):
+            raise ValueError("flower_mb sizes must be > 0")
+        if self.flower_only and not self.flower_mb:
+            raise ValueError("flower_only needs flower_mb sizes")
         if self.runs < 1 or self.clients < 1 or self.chunk_bytes < 1024:
             raise ValueError("runs and clients must be >= 1, chunk_bytes >= 1024")
 
@@ -200,6 +221,7 @@ def _medians(samples: list[_Sample]) -> Json:
 def _throughput(
     options: TransportBenchOptions,
     client: TransferClient,
+    token: str,
     bare_port: int,
     payload_bytes: int,
     command: Callable[[str, Any], Any],
@@ -241,7 +263,7 @@ def _throughput(
         )
         return sample(seconds, client_s, server_s)
 
-    def run_fetch() -> tuple[_Sample, _Sample, int]:
+    def run_fetch(client: TransferClient) -> tuple[_Sample, _Sample, int]:
         stream_end: list[float] = []
 
         def at_the_end(held: int, total: int) -> None:
@@ -256,17 +278,33 @@ def _throughput(
         verified = sample(result.stats.stream_s, stream_client_s, server_s)
         return verified, sample(seconds, client_s, server_s), result.stats.wire.received
 
-    runs: dict[str, list[_Sample]] = {"bare": [], "unverified": [], "verified": [], "fetch": []}
+    # The same fetch with each segment digest this machine has, alternating in one run.
+    fetchers = {"": client}
+    if blake3_available():
+        fetchers["_blake3"] = TransferClient(
+            client.target,
+            edge_id=client.edge_id,
+            token=token,
+            plaintext=True,
+            segment_digest=SegmentDigest.BLAKE3,
+        )
+    names = ["bare", "unverified"] + [f"{k}{s}" for s in fetchers for k in ("verified", "fetch")]
+    runs: dict[str, list[_Sample]] = {name: [] for name in names}
     wire_down = 0
     try:
         for run in range(options.runs + 1):  # run 0 warms everything up
-            bare, unverified = run_bare(), run_unverified()
-            verified, fetch, wire_down = run_fetch()
+            samples = [run_bare(), run_unverified()]
+            for fetcher in fetchers.values():
+                verified, fetch, wire_down = run_fetch(fetcher)
+                samples += [verified, fetch]
             if run > 0:
-                for name, value in zip(runs, (bare, unverified, verified, fetch), strict=True):
+                for name, value in zip(runs, samples, strict=True):
                     runs[name].append(value)
     finally:
         bare_channel.close()
+        for suffix, fetcher in fetchers.items():
+            if suffix:
+                fetcher.close()
     medians = {name: _medians(samples) for name, samples in runs.items()}
     bare_gb_s, segments_gb_s = medians["bare"]["gb_s"], medians["verified"]["gb_s"]
     cpus = os.cpu_count() or 1
@@ -278,6 +316,23 @@ def _throughput(
 
     # Wall time per MiB cannot be below the CPU time per MiB spread over every core.
     verified_ceiling_gb_s = _MIB / _GB / (cpu_total("verified") / cpus / 1e3)
+
+    def paired_ratio(name: str) -> float:
+        """Median over runs of (this stream / the bare stream of the same run)."""
+        pairs = zip(runs[name], runs["bare"], strict=True)
+        return float(statistics.median(s.gb_s / b.gb_s for s, b in pairs))
+
+    blake3: Json = {}
+    if "verified_blake3" in medians:
+        fast_gb_s = medians["verified_blake3"]["gb_s"]
+        fast_ceiling = _MIB / _GB / (cpu_total("verified_blake3") / cpus / 1e3)
+        blake3 = {
+            "segments_blake3_gb_s": fast_gb_s,
+            "fetch_blake3_gb_s": medians["fetch_blake3"]["gb_s"],
+            "ratio_blake3": fast_gb_s / bare_gb_s,
+            "paired_ratio_blake3": paired_ratio("verified_blake3"),
+            "verified_blake3_ceiling_gb_s": fast_ceiling,
+        }
     return {
         "payload_bytes": payload_bytes,
         "chunk_bytes": options.chunk_bytes,
@@ -288,7 +343,9 @@ def _throughput(
         "segments_gb_s": segments_gb_s,
         "fetch_gb_s": medians["fetch"]["gb_s"],
         "ratio": segments_gb_s / bare_gb_s,
+        "paired_ratio": paired_ratio("verified"),
         "target_ratio": TARGET_RATIO,
+        **blake3,
         "bytes_down": wire_down,
         "cpu_ms_per_mib": {
             name: {k: v for k, v in m.items() if k != "gb_s"} for name, m in medians.items()
@@ -297,6 +354,30 @@ def _throughput(
         "verified_ceiling_gb_s": verified_ceiling_gb_s,
         "ceiling_ratio": min(1.0, verified_ceiling_gb_s / bare_gb_s),
         **{f"{name}_runs_gb_s": [s.gb_s for s in samples] for name, samples in runs.items()},
+    }
+
+
+def _digest_rates(payload_bytes: int, chunk_bytes: int, runs: int) -> Json:
+    """MB/s of each segment digest over the model's bytes in segments, on one thread.
+
+    Random bytes (digests do not care what they are), the median of ``runs`` passes,
+    the algorithms alternating so that both see the same load.
+    """
+    data = os.urandom(payload_bytes)
+    view = memoryview(data)
+    algorithms = [SegmentDigest.SHA256] + ([SegmentDigest.BLAKE3] if blake3_available() else [])
+    seconds: dict[str, list[float]] = {a.value: [] for a in algorithms}
+    for _ in range(runs):
+        for algorithm in algorithms:
+            digest = digest_function(algorithm)
+            started = time.perf_counter()
+            for start in range(0, payload_bytes, chunk_bytes):
+                digest(view[start : start + chunk_bytes])
+            seconds[algorithm.value].append(time.perf_counter() - started)
+    rates = {name: payload_bytes / statistics.median(s) / 1e6 for name, s in seconds.items()}
+    return {
+        "mb_s": rates,
+        "ms_per_mib": {name: _MIB / 1e6 / rate * 1e3 for name, rate in rates.items()},
     }
 
 
@@ -362,16 +443,40 @@ def _fanout(
 def run_transport_bench(
     options: TransportBenchOptions | None = None, console: Console | None = None
 ) -> Json:
-    """Measure everything; print a table to ``console`` when given.
+    """Measure everything; print tables to ``console`` when given.
 
     Returns
     -------
     dict
-        JSON-ready: ``{"machine", "throughput", "resume", "fanout", "framing"}``.
+        JSON-ready: ``{"machine", "throughput", "digests", "resume", "fanout", "framing",
+        "flower"}``
+        (``flower`` only with sizes in ``flower_mb``; only it with ``flower_only``).
     """
     options = options or TransportBenchOptions()
     out = console or Console(quiet=True)
     report: Json = {"machine": {"cpus": os.cpu_count(), "load_average_start": os.getloadavg()[0]}}
+    if not options.flower_only:
+        report.update(_data_plane_parts(options, out))
+        out.print(_table(report))
+    if options.flower_mb:
+        from fedsqueeze.bench.flowerpath import FlowerPathOptions, flower_table, run_flower_path
+
+        sizes = ", ".join(f"{mb:g}" for mb in options.flower_mb)
+        out.print(
+            f"Flower's own path and the data plane: {sizes} MB (a SuperLink, a SuperNode "
+            "and `flwr run` on loopback; a minute or more)"
+        )
+        report["flower"] = run_flower_path(
+            FlowerPathOptions(sizes_mb=options.flower_mb, runs=options.runs)
+        )
+        out.print(flower_table(report["flower"]))
+    report["machine"]["load_average_end"] = os.getloadavg()[0]
+    return report
+
+
+def _data_plane_parts(options: TransportBenchOptions, out: Console) -> Json:
+    """Throughput, resume, fan-out and framing against one server process."""
+    report: Json = {}
     fan_base = random_state(options.fanout_mb, seed=2, tensors=4)
     fan_target = {k: v + 0.01 * torch.randn_like(v) for k, v in fan_base.items()}
     _, tokens = TokenTable.generate(["bench", *(f"bench-{i}" for i in range(options.clients))])
@@ -402,9 +507,16 @@ def run_transport_bench(
             f"{segments} segments of {options.chunk_bytes} B, {os.cpu_count()} CPUs"
         )
         with TransferClient(
-            f"127.0.0.1:{port}", edge_id="bench", token=tokens["bench"], plaintext=True
+            f"127.0.0.1:{port}",
+            edge_id="bench",
+            token=tokens["bench"],
+            plaintext=True,
+            segment_digest=SegmentDigest.SHA256,
         ) as client:
-            report["throughput"] = _throughput(options, client, bare_port, payload_bytes, command)
+            report["throughput"] = _throughput(
+                options, client, tokens["bench"], bare_port, payload_bytes, command
+            )
+            report["digests"] = _digest_rates(payload_bytes, options.chunk_bytes, options.runs)
             report["resume"] = _resume(client, command, segments)
             report["resume"]["segment_bytes"] = payload_bytes // segments
         report["fanout"] = _fanout(options, port, fan_tokens, fan_base, command)
@@ -419,8 +531,6 @@ def run_transport_bench(
         process.join(30)
         if process.is_alive():
             process.terminate()
-    report["machine"]["load_average_end"] = os.getloadavg()[0]
-    out.print(_table(report))
     return report
 
 
@@ -441,13 +551,29 @@ def _table(report: Json) -> Table:
                   f"median; {cpu_note('bare')}; {t['bare_cores_busy']:.1f} cores busy")  # fmt: skip
     table.add_row("StreamSegments, dropped", f"{t['unverified_gb_s']:.3f} GB/s",
                   cpu_note("unverified"))  # fmt: skip
-    goal = f"{t['ratio']:.0%} of bare (goal {TARGET_RATIO:.0%})"
-    table.add_row("Fetch, verified and kept", f"{t['segments_gb_s']:.3f} GB/s",
+    goal = f"{t['ratio']:.0%} of bare, {t['paired_ratio']:.0%} run by run (goal {TARGET_RATIO:.0%})"
+    table.add_row("Fetch, verified (SHA-256) and kept", f"{t['segments_gb_s']:.3f} GB/s",
                   f"{goal}; {cpu_note('verified')}")  # fmt: skip
+    if "segments_blake3_gb_s" in t:
+        fast = f"{t['ratio_blake3']:.0%} of bare, {t['paired_ratio_blake3']:.0%} run by run"
+        table.add_row("Fetch, verified (BLAKE3) and kept", f"{t['segments_blake3_gb_s']:.3f} GB/s",
+                      f"{fast}; {cpu_note('verified_blake3')}")  # fmt: skip
     ceiling = f"{t['ceiling_ratio']:.0%} of bare: its CPU/MiB over {t['cpus']} cores"
-    table.add_row("  CPU-bound ceiling", f"{t['verified_ceiling_gb_s']:.3f} GB/s", ceiling)
-    table.add_row("whole fetch", f"{t['fetch_gb_s']:.3f} GB/s",
+    table.add_row("  SHA-256's CPU-bound ceiling", f"{t['verified_ceiling_gb_s']:.3f} GB/s",
+                  ceiling)  # fmt: skip
+    if "verified_blake3_ceiling_gb_s" in t:
+        fast_ceiling = t["verified_blake3_ceiling_gb_s"]
+        table.add_row("  BLAKE3's CPU-bound ceiling", f"{fast_ceiling:.3f} GB/s",
+                      f"{min(1.0, fast_ceiling / t['bare_gb_s']):.0%} of bare")  # fmt: skip
+    table.add_row("whole fetch (SHA-256)", f"{t['fetch_gb_s']:.3f} GB/s",
                   f"+ parsing the payload; {cpu_note('fetch')}")  # fmt: skip
+    if "fetch_blake3_gb_s" in t:
+        table.add_row("whole fetch (BLAKE3)", f"{t['fetch_blake3_gb_s']:.3f} GB/s",
+                      f"+ parsing the payload; {cpu_note('fetch_blake3')}")  # fmt: skip
+    rates = report["digests"]
+    speeds = " / ".join(f"{v:,.0f}" for v in rates["mb_s"].values()) + " MB/s"
+    costs = " / ".join(f"{k} {v:.2f} ms/MiB" for k, v in rates["ms_per_mib"].items())
+    table.add_row("segment digests, one thread", speeds, costs)
     table.add_row("resume overhead", f"{r['overhead_bytes']} B",
                   f"cut after {r['cut_after_segments']} segments; "
                   f"one segment is {r['segment_bytes']} B")  # fmt: skip
@@ -473,6 +599,8 @@ def main(args: argparse.Namespace) -> int:
         runs=args.runs,
         clients=args.clients,
         fanout_mb=args.fanout_mb,
+        flower_mb=flower_sizes(args),
+        flower_only=args.flower_only,
     )
     report = run_transport_bench(options, Console(width=None if sys.stdout.isatty() else 120))
     if args.json is not None:
@@ -484,7 +612,7 @@ def register(subparsers: Any) -> None:
     """Add ``transport`` to a ``fedsqueeze bench`` sub-command parser set."""
     parser = subparsers.add_parser(
         "transport",
-        help="data-plane throughput, resume and fan-out",
+        help="data-plane throughput, resume, fan-out, and against Flower's own transfer",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

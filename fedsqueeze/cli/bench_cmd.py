@@ -1,7 +1,8 @@
 """Benchmarks that print figures and ratios measured side by side in one run.
 
     fedsqueeze bench codec        compression ratios, errors and throughput vs clone()/zstd
-    fedsqueeze bench transport    segment streaming vs a bare gRPC stream, resume, fan-out
+    fedsqueeze bench transport    segment streaming vs a bare gRPC stream, resume, fan-out,
+                                  and vs Flower's own transfer on the Deployment Engine
     fedsqueeze bench progressive  progressive level designs and prefix curves
     fedsqueeze bench simulate     a plain Flower app beside the sweep's arms, 100 to 10,000 clients
 
@@ -29,7 +30,7 @@ BENCHES: dict[str, tuple[str, str, Callable[[argparse.ArgumentParser], None]]] =
     "codec": ("fedsqueeze.bench.codec", "codec ratios, errors and throughput", add_codec_arguments),
     "transport": (
         "fedsqueeze.bench.transport",
-        "data-plane throughput, resume and fan-out",
+        "data-plane throughput, resume, fan-out, and against Flower's own transfer",
         add_transport_arguments,
     ),
     "progressive": (

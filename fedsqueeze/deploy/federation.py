@@ -76,7 +76,14 @@ def write_flower_config(home: Path, connection: LinkConnection) -> Path:
     return path
 
 
-def write_app(directory: Path, defaults: Mapping[str, RunConfigValue]) -> Path:
+def write_app(
+    directory: Path,
+    defaults: Mapping[str, RunConfigValue],
+    *,
+    name: str = APP_NAME,
+    server_app: str = SERVER_APP,
+    client_app: str = CLIENT_APP,
+) -> Path:
     """Write the Flower app ``flwr run`` ships: one ``pyproject.toml``.
 
     Parameters
@@ -86,6 +93,9 @@ def write_app(directory: Path, defaults: Mapping[str, RunConfigValue]) -> Path:
     defaults
         The app's run config (``[tool.flwr.app.config]``). Flower accepts run-config
         overrides only for keys present here, so give every key.
+    name, server_app, client_app
+        The app's name and its components (``module:attribute``, imported from the
+        installed packages); by default fedsqueeze's coordinator and edge.
 
     Returns
     -------
@@ -100,7 +110,7 @@ def write_app(directory: Path, defaults: Mapping[str, RunConfigValue]) -> Path:
         'build-backend = "setuptools.build_meta"',
         "",
         "[project]",
-        f"name = {toml_value(APP_NAME)}",
+        f"name = {toml_value(name)}",
         f"version = {toml_value(_plain_version(__version__))}",
         'description = "fedsqueeze: compressed federated learning on Flower"',
         'license = "Apache-2.0"',
@@ -110,8 +120,8 @@ def write_app(directory: Path, defaults: Mapping[str, RunConfigValue]) -> Path:
         'publisher = "fedsqueeze"',
         "",
         "[tool.flwr.app.components]",
-        f"serverapp = {toml_value(SERVER_APP)}",
-        f"clientapp = {toml_value(CLIENT_APP)}",
+        f"serverapp = {toml_value(server_app)}",
+        f"clientapp = {toml_value(client_app)}",
         "",
         "[tool.flwr.app.config]",
         *(f"{key} = {toml_value(value)}" for key, value in defaults.items()),

@@ -233,6 +233,9 @@ class Supervisor:
             self._reap()
             tracked = {pid for pid in tracked if is_alive(pid)} | live_tree(self._roots())
             if not tracked:
+                # One that exited since the last poll is a zombie, which live_tree
+                # leaves out: reap it, or its Popen warns that it is still running.
+                self._reap()
                 return
             fresh = tracked - signalled
             if fresh:

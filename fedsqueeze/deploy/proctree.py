@@ -96,3 +96,19 @@ def command_name(pid: int) -> str:
 def descendants(pid: int) -> set[int]:
     """Every live process below ``pid`` (Linux ``/proc``; empty elsewhere)."""
     return live_tree({pid}) - {pid}
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """CPU seconds (user + system) ``pid`` has used, or ``None`` if it is gone.
+
+    Its own time only: children it waited for are not counted (``cutime``).
+    """
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return None
+    # After the command name: state is field 3, utime and stime are fields 14 and 15.
+    rest = raw.rsplit(")", 1)[-1].split()
+    if len(rest) < 13:
+        return None
+    return (int(rest[11]) + int(rest[12])) / os.sysconf("SC_CLK_TCK")

@@ -38,6 +38,7 @@ from fedsqueeze.transport.updates import (
     UpdateSink,
     UpdateStore,
 )
+from fedsqueeze.wire.digests import SegmentDigest
 
 __all__ = [
     "GRPC_PREFIX_BYTES",
@@ -60,6 +61,7 @@ __all__ = [
     "PushResult",
     "ReceivedUpdate",
     "RetryPolicy",
+    "SegmentDigest",
     "ServerConfig",
     "ServerStats",
     "ServerTls",

@@ -16,6 +16,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 
 from fedsqueeze.codec import CodecSpec
+from fedsqueeze.wire.digests import SegmentDigest
 from fedsqueeze.wire.types import Manifest, PartRef
 
 logger = logging.getLogger(__name__)
@@ -24,13 +25,15 @@ logger = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class CacheKey:
     """What identifies one encoding (digests in hex); ``held_parts``: the target's tensors
-    left out because the client holds them (:mod:`fedsqueeze.transport.parts`)."""
+    left out because the client holds them (:mod:`fedsqueeze.transport.parts`);
+    ``segment_digest``: how its segments are digested."""
 
     target: str
     base: str | None
     spec: CodecSpec
     byte_budget: int | None
     held_parts: tuple[PartRef, ...] = ()
+    segment_digest: SegmentDigest = SegmentDigest.SHA256
 
 
 @dataclass(frozen=True)

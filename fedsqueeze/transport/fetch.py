@@ -3,9 +3,10 @@
 A :class:`FetchState` keeps the verified segments of one manifest across calls and
 retries. Pass the same state to :meth:`TransferClient.fetch
 <fedsqueeze.transport.client.TransferClient.fetch>` again after a failure and the fetch
-resumes with only the missing segments. Every segment is checked against the sha256 the
-manifest lists before it is kept; together they cover every byte of the payload, so the
-reassembled payload needs no second hash before it is parsed.
+resumes with only the missing segments. Every segment is checked against the digest the
+manifest lists (SHA-256 or BLAKE3, as the manifest says) before it is kept; together
+they cover every byte of the payload, so the reassembled payload needs no second hash
+before it is parsed.
 
 Verified segments are copied into one buffer laid out in segment-id order (the encoded
 payload itself), allocated when the manifest is adopted, and parsed in place at the end
@@ -17,13 +18,13 @@ asks for transparent huge pages where Linux offers them.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import mmap
 import threading
 
 from fedsqueeze.codec import EncodedModel
 from fedsqueeze.errors import IntegrityError
+from fedsqueeze.wire.digests import segment_digest
 from fedsqueeze.wire.types import Manifest, SegmentData, SegmentRequest
 
 logger = logging.getLogger(__name__)
@@ -95,7 +96,11 @@ class FetchState:
                     if not manifest.has_segment(segment_id):
                         continue
                     now = manifest.segment(segment_id)
-                    if (now.byte_length, now.sha256) == (before.byte_length, before.sha256):
+                    same_digest = manifest.segment_digest is old_manifest.segment_digest
+                    if same_digest and (now.byte_length, now.sha256) == (
+                        before.byte_length,
+                        before.sha256,
+                    ):
                         start, end = offsets[segment_id], offsets[segment_id] + now.byte_length
                         source = self._offsets[segment_id]
                         buffer[start:end] = old[source : source + now.byte_length]
@@ -162,7 +167,9 @@ class FetchState:
             The segment failed verification more than ``max_segment_refetches`` times,
             or the server sent a segment the manifest lacks.
         """
-        digest = hashlib.sha256(data.payload).digest()  # outside the lock: the slow part
+        with self._lock:
+            algorithm = self._current().segment_digest
+        digest = segment_digest(algorithm, data.payload)  # outside the lock: the slow part
         with self._lock:
             manifest = self._current()
             if not manifest.has_segment(data.segment_id):
@@ -173,7 +180,8 @@ class FetchState:
             if data.segment_id in self._held:
                 return False
             info = manifest.segment(data.segment_id)
-            if info.byte_length == len(data.payload) and info.sha256 == digest:
+            fits = manifest.segment_digest is algorithm and info.byte_length == len(data.payload)
+            if fits and info.sha256 == digest:
                 start = self._offsets[data.segment_id]
                 self._buffer[start : start + info.byte_length] = data.payload
                 self._held.add(data.segment_id)
@@ -182,9 +190,10 @@ class FetchState:
             self._failures[data.segment_id] = failures
             self.refetched += 1
         logger.warning(
-            "segment %d of %s… failed its sha256 check (%d time(s))",
+            "segment %d of %s… failed its %s check (%d time(s))",
             data.segment_id,
             manifest.manifest_key.hex()[:12],
+            algorithm.name,
             failures,
         )
         if failures > self.max_segment_refetches:
@@ -224,7 +233,7 @@ class FetchState:
             if len(self._held) != len(manifest.segments):
                 raise IntegrityError("cannot assemble: segments are missing")
             buffer = self._buffer
-        # Every byte was sha256-verified with its segment; parsing copies what it keeps,
+        # Every byte was verified with its segment; parsing copies what it keeps,
         # so the view is released before anything could write to the buffer again.
         with memoryview(buffer) as view:
             return EncodedModel.parse_stream(view)

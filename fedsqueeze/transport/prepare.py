@@ -22,6 +22,7 @@ from fedsqueeze.errors import NotFoundError, ResourceExhaustedError
 from fedsqueeze.transport.cache import CacheKey, PreparedModel
 from fedsqueeze.transport.source import ModelSource
 from fedsqueeze.wire.convert import segment_message
+from fedsqueeze.wire.digests import SegmentDigest, digest_function
 from fedsqueeze.wire.types import Manifest, PartRef, SegmentData, SegmentInfo
 
 logger = logging.getLogger(__name__)
@@ -48,9 +49,10 @@ def manifest_key_for(
     spec_bytes: bytes,
     segments: list[SegmentInfo],
     held_parts: tuple[PartRef, ...] = (),
+    segment_digest: SegmentDigest = SegmentDigest.SHA256,
 ) -> bytes:
     """The manifest key: a digest of what was encoded and of the result (the segments'
-    sizes and sha256 digests, which cover every payload byte).
+    sizes and digests, which cover every payload byte, and the digests' algorithm).
 
     The same request encoded to the same bytes gets the same key, on any server process,
     so a client that held segments before a server restart keeps them.
@@ -61,6 +63,9 @@ def manifest_key_for(
     # Held parts are part of what was encoded (an encoding without them differs anyway:
     # it carries their records); without any, the key is what it always was.
     parts += [ref.tensor_name.encode() + b"\x00" + ref.part_digest for ref in held_parts]
+    # Likewise another segment digest than SHA-256 (keys of SHA-256 encodings unchanged).
+    if segment_digest is not SegmentDigest.SHA256:
+        parts.append(f"segment-digest:{segment_digest.name}".encode())
     for part in parts:
         h.update(len(part).to_bytes(4, "little"))
         h.update(part)
@@ -113,6 +118,7 @@ def prepare_model(source: ModelSource, key: CacheKey, segment_bytes: int) -> Pre
         decoded_digest = state_digest(decoded)
     raw_bytes = sum(t.numel() * t.element_size() for t in target_state.values())
     every_tensor = {record.name for record in encoded.records}
+    digest = digest_function(key.segment_digest)
     infos = [
         SegmentInfo(
             s.index,
@@ -121,12 +127,17 @@ def prepare_model(source: ModelSource, key: CacheKey, segment_bytes: int) -> Pre
             s.priority,
             s.level,
             len(s.payload),
-            s.sha256,
+            digest(s.payload),
         )
         for s in segments
     ]
     manifest_key = manifest_key_for(
-        model_digest, base_digest, encoded.spec.to_bytes(), infos, key.held_parts
+        model_digest,
+        base_digest,
+        encoded.spec.to_bytes(),
+        infos,
+        key.held_parts,
+        key.segment_digest,
     )
     messages = tuple(
         segment_message(SegmentData(s.index, s.payload))
@@ -142,6 +153,7 @@ def prepare_model(source: ModelSource, key: CacheKey, segment_bytes: int) -> Pre
         segments=tuple(infos),
         smallest_prefix_bytes=smallest_prefix(encoded) if progressive else 0,
         held_parts=key.held_parts,
+        segment_digest=key.segment_digest,
     )
     logger.info(
         "encoded %s… (%s): raw %d B, encoded %d B in %d segments, %d held part(s), "

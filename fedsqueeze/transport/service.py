@@ -38,6 +38,7 @@ from fedsqueeze.transport.truncate import PrefixModels, plan_prefix
 from fedsqueeze.transport.updates import AddResult, ReceivedUpdate, UpdateSink, now
 from fedsqueeze.wire import convert
 from fedsqueeze.wire import transfer_pb2 as pb
+from fedsqueeze.wire.digests import supported_digest
 from fedsqueeze.wire.types import (
     Manifest,
     ManifestRequest,
@@ -123,7 +124,8 @@ class TransferService:
         # A progressive encoding is truncated per answer, not re-encoded per budget.
         budget = None if req.spec.levels else req.byte_budget
         refs = self._held_parts(edge, target, base, held_base, req)
-        key = CacheKey(target, base, req.spec, budget, refs)
+        # The digest the client asked for, or SHA-256 when this server cannot make it.
+        key = CacheKey(target, base, req.spec, budget, refs, supported_digest(req.segment_digest))
         return self.cache.get_or_build(
             key, lambda: prepare_model(self.source, key, self.limits.segment_bytes)
         )

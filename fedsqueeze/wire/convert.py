@@ -19,6 +19,7 @@ from google.protobuf.message import DecodeError
 
 from fedsqueeze.errors import InvalidRequestError
 from fedsqueeze.wire import transfer_pb2 as pb
+from fedsqueeze.wire.digests import SegmentDigest
 from fedsqueeze.wire.segment_reader import read_segment_response
 from fedsqueeze.wire.spec_convert import codec_spec_from_proto, codec_spec_to_proto
 from fedsqueeze.wire.types import (
@@ -82,6 +83,18 @@ def _optional_digest(value: bytes) -> bytes | None:
 
 
 # --------------------------------------------------------------------------- manifest
+#: SHA-256 goes as "unset", as older peers send it: their messages keep their bytes.
+_DIGEST_TO_WIRE = {
+    SegmentDigest.SHA256: pb.SEGMENT_DIGEST_UNSPECIFIED,
+    SegmentDigest.BLAKE3: pb.SEGMENT_DIGEST_BLAKE3,
+}
+_DIGEST_FROM_WIRE = {
+    pb.SEGMENT_DIGEST_UNSPECIFIED: SegmentDigest.SHA256,
+    pb.SEGMENT_DIGEST_SHA256: SegmentDigest.SHA256,
+    pb.SEGMENT_DIGEST_BLAKE3: SegmentDigest.BLAKE3,
+}
+
+
 def segment_info_to_proto(info: SegmentInfo) -> pb.SegmentDescriptor:
     """The wire form of one segment descriptor."""
     return pb.SegmentDescriptor(
@@ -142,6 +155,7 @@ def manifest_to_proto(manifest: Manifest, request: ManifestRequest) -> pb.Manife
         prefix_segments=manifest.prefix_segments if manifest.truncated else 0,
         smallest_prefix_bytes=manifest.smallest_prefix_bytes,
         held_parts=[part_ref_to_proto(ref) for ref in manifest.held_parts],
+        segment_digest=_DIGEST_TO_WIRE[manifest.segment_digest],
     )
     if manifest.spec != request.spec:
         msg.codec_spec.CopyFrom(codec_spec_to_proto(manifest.spec))
@@ -165,6 +179,11 @@ def manifest_from_proto(msg: pb.Manifest, request: ManifestRequest) -> Manifest:
             "manifest names held parts, but the request named no held versions"
         )
     held_parts = tuple(part_ref_from_proto(ref) for ref in msg.held_parts)
+    algorithm = _DIGEST_FROM_WIRE.get(msg.segment_digest)
+    if algorithm is None:
+        raise InvalidRequestError(
+            f"manifest with segment digests of an unknown algorithm ({msg.segment_digest})"
+        )
     return _valid(
         "manifest",
         lambda: Manifest(
@@ -178,6 +197,7 @@ def manifest_from_proto(msg: pb.Manifest, request: ManifestRequest) -> Manifest:
             prefix_segments=msg.prefix_segments,
             smallest_prefix_bytes=msg.smallest_prefix_bytes,
             held_parts=held_parts,
+            segment_digest=algorithm,
         ),
     )
 
@@ -216,6 +236,7 @@ def _set_model(msg: pb.FetchRequest | pb.GetManifestRequest, request: ManifestRe
     if request.byte_budget is not None:
         msg.byte_budget = request.byte_budget
     msg.held_digests.extend(request.held_digests)
+    msg.segment_digest = _DIGEST_TO_WIRE[request.segment_digest]
 
 
 def _request_from(msg: pb.FetchRequest | pb.GetManifestRequest, what: str) -> ManifestRequest:
@@ -230,6 +251,9 @@ def _request_from(msg: pb.FetchRequest | pb.GetManifestRequest, what: str) -> Ma
         model = msg.model_digest.hex()
     spec = codec_spec_from_proto(msg.codec_spec)
     budget = msg.byte_budget if msg.HasField("byte_budget") else None
+    # A digest this build does not know (a newer client's): answer with SHA-256, which
+    # the manifest then names.
+    wanted = _DIGEST_FROM_WIRE.get(msg.segment_digest, SegmentDigest.SHA256)
     return _valid(
         what,
         lambda: ManifestRequest(
@@ -238,6 +262,7 @@ def _request_from(msg: pb.FetchRequest | pb.GetManifestRequest, what: str) -> Ma
             spec=spec,
             byte_budget=budget,
             held_digests=tuple(msg.held_digests),
+            segment_digest=wanted,
         ),
     )
 

@@ -209,6 +209,41 @@ ROUNDING_STOCHASTIC: Rounding.ValueType  # 2
 """Unbiased stochastic rounding."""
 Global___Rounding: _TypeAlias = Rounding  # noqa: Y015
 
+class _SegmentDigest:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _SegmentDigestEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_SegmentDigest.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    SEGMENT_DIGEST_UNSPECIFIED: _SegmentDigest.ValueType  # 0
+    """Not set: SHA-256, what every peer understands (older peers leave the field
+    out; fedsqueeze sends SHA-256 this way, so those messages keep their bytes).
+    """
+    SEGMENT_DIGEST_SHA256: _SegmentDigest.ValueType  # 1
+    """SHA-256, said explicitly (the same as unset)."""
+    SEGMENT_DIGEST_BLAKE3: _SegmentDigest.ValueType  # 2
+    """BLAKE3 with its default 32-byte output (SIMD: several times faster than
+    SHA-256 in software, and faster than SHA-256 with SHA extensions).
+    """
+
+class SegmentDigest(_SegmentDigest, metaclass=_SegmentDigestEnumTypeWrapper):
+    """How each segment's payload is digested (SegmentDescriptor.sha256 holds the
+    digest, 32 bytes). A client asks for one in its request; the server answers
+    with that one if it can, else with SHA-256, and the manifest says which.
+    """
+
+SEGMENT_DIGEST_UNSPECIFIED: SegmentDigest.ValueType  # 0
+"""Not set: SHA-256, what every peer understands (older peers leave the field
+out; fedsqueeze sends SHA-256 this way, so those messages keep their bytes).
+"""
+SEGMENT_DIGEST_SHA256: SegmentDigest.ValueType  # 1
+"""SHA-256, said explicitly (the same as unset)."""
+SEGMENT_DIGEST_BLAKE3: SegmentDigest.ValueType  # 2
+"""BLAKE3 with its default 32-byte output (SIMD: several times faster than
+SHA-256 in software, and faster than SHA-256 with SHA extensions).
+"""
+Global___SegmentDigest: _TypeAlias = SegmentDigest  # noqa: Y015
+
 class _FloatFormat:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -427,7 +462,9 @@ class SegmentDescriptor(_message.Message):
     byte_length: _builtins.int
     """Payload size in bytes."""
     sha256: _builtins.bytes
-    """SHA-256 of the payload (32 bytes)."""
+    """Digest of the payload (32 bytes), by the manifest's segment_digest (SHA-256
+    unless it says otherwise; the name is that of the first algorithm).
+    """
     @_builtins.property
     def tensor_names(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Names of the tensors (state-dict keys) whose records the segment carries;
@@ -472,6 +509,7 @@ class Manifest(_message.Message):
     PREFIX_SEGMENTS_FIELD_NUMBER: _builtins.int
     SMALLEST_PREFIX_BYTES_FIELD_NUMBER: _builtins.int
     HELD_PARTS_FIELD_NUMBER: _builtins.int
+    SEGMENT_DIGEST_FIELD_NUMBER: _builtins.int
     manifest_key: _builtins.bytes
     """Opaque key of this encoding, 1 to 32 bytes (16 from fedsqueeze servers);
     names the manifest in StreamSegments and FetchRequest.held_manifest_key.
@@ -504,6 +542,10 @@ class Manifest(_message.Message):
     """Progressive encodings: bytes (from the payload's start) of the smallest
     prefix that decodes, the header and every tensor's base level of a full
     model, the header alone for a delta; 0 for other encodings.
+    """
+    segment_digest: Global___SegmentDigest.ValueType
+    """How the segments' sha256 fields were computed: the request's
+    segment_digest when the server supports it, else SHA-256 (the default).
     """
     @_builtins.property
     def codec_spec(self) -> Global___CodecSpec:
@@ -539,10 +581,11 @@ class Manifest(_message.Message):
         prefix_segments: _builtins.int = ...,
         smallest_prefix_bytes: _builtins.int = ...,
         held_parts: _abc.Iterable[Global___PartRef] | None = ...,
+        segment_digest: Global___SegmentDigest.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["codec_spec", b"codec_spec"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["codec_spec", b"codec_spec", "decoded_digest", b"decoded_digest", "delta", b"delta", "held_parts", b"held_parts", "manifest_key", b"manifest_key", "model_digest", b"model_digest", "prefix_segments", b"prefix_segments", "raw_bytes", b"raw_bytes", "segments", b"segments", "smallest_prefix_bytes", b"smallest_prefix_bytes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["codec_spec", b"codec_spec", "decoded_digest", b"decoded_digest", "delta", b"delta", "held_parts", b"held_parts", "manifest_key", b"manifest_key", "model_digest", b"model_digest", "prefix_segments", b"prefix_segments", "raw_bytes", b"raw_bytes", "segment_digest", b"segment_digest", "segments", b"segments", "smallest_prefix_bytes", b"smallest_prefix_bytes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -616,6 +659,7 @@ class FetchRequest(_message.Message):
     HELD_MANIFEST_KEY_FIELD_NUMBER: _builtins.int
     HELD_SEGMENT_IDS_FIELD_NUMBER: _builtins.int
     HELD_DIGESTS_FIELD_NUMBER: _builtins.int
+    SEGMENT_DIGEST_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """The model wanted: a track name such as "global", or a model digest as 64
     lowercase hex characters (model_digest says the same in 32 bytes). Set
@@ -631,6 +675,10 @@ class FetchRequest(_message.Message):
     """Key of a manifest the client holds verified segments of, from a fetch that
     broke and could not be resumed (the server lost the manifest); empty for
     none.
+    """
+    segment_digest: Global___SegmentDigest.ValueType
+    """The segment digest the client would rather verify with; a server that does
+    not support it (or does not know the field) answers with SHA-256.
     """
     @_builtins.property
     def codec_spec(self) -> Global___CodecSpec:
@@ -661,10 +709,11 @@ class FetchRequest(_message.Message):
         held_manifest_key: _builtins.bytes = ...,
         held_segment_ids: _abc.Iterable[_builtins.int] | None = ...,
         held_digests: _abc.Iterable[_builtins.bytes] | None = ...,
+        segment_digest: Global___SegmentDigest.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_byte_budget", b"_byte_budget", "byte_budget", b"byte_budget", "codec_spec", b"codec_spec"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_byte_budget", b"_byte_budget", "base_digest", b"base_digest", "byte_budget", b"byte_budget", "codec_spec", b"codec_spec", "held_digests", b"held_digests", "held_manifest_key", b"held_manifest_key", "held_segment_ids", b"held_segment_ids", "model", b"model", "model_digest", b"model_digest"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_byte_budget", b"_byte_budget", "base_digest", b"base_digest", "byte_budget", b"byte_budget", "codec_spec", b"codec_spec", "held_digests", b"held_digests", "held_manifest_key", b"held_manifest_key", "held_segment_ids", b"held_segment_ids", "model", b"model", "model_digest", b"model_digest", "segment_digest", b"segment_digest"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__byte_budget: _TypeAlias = _typing.Literal["byte_budget"]  # noqa: Y015
     _WhichOneofArgType__byte_budget: _TypeAlias = _typing.Literal["_byte_budget", b"_byte_budget"]  # noqa: Y015
@@ -718,6 +767,7 @@ class GetManifestRequest(_message.Message):
     CODEC_SPEC_FIELD_NUMBER: _builtins.int
     BYTE_BUDGET_FIELD_NUMBER: _builtins.int
     HELD_DIGESTS_FIELD_NUMBER: _builtins.int
+    SEGMENT_DIGEST_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """The model wanted: a track name such as "global", or a model digest as 64
     lowercase hex characters. Set this or model_digest, not both.
@@ -728,6 +778,8 @@ class GetManifestRequest(_message.Message):
     """Digest (32 bytes) of the model the client already holds; empty for none."""
     byte_budget: _builtins.int
     """Most encoded bytes the client accepts; absent means no limit."""
+    segment_digest: Global___SegmentDigest.ValueType
+    """The segment digest wanted, as in FetchRequest.segment_digest."""
     @_builtins.property
     def codec_spec(self) -> Global___CodecSpec:
         """How the client wants the model encoded."""
@@ -745,10 +797,11 @@ class GetManifestRequest(_message.Message):
         codec_spec: Global___CodecSpec | None = ...,
         byte_budget: _builtins.int | None = ...,
         held_digests: _abc.Iterable[_builtins.bytes] | None = ...,
+        segment_digest: Global___SegmentDigest.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_byte_budget", b"_byte_budget", "byte_budget", b"byte_budget", "codec_spec", b"codec_spec"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_byte_budget", b"_byte_budget", "base_digest", b"base_digest", "byte_budget", b"byte_budget", "codec_spec", b"codec_spec", "held_digests", b"held_digests", "model", b"model", "model_digest", b"model_digest"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_byte_budget", b"_byte_budget", "base_digest", b"base_digest", "byte_budget", b"byte_budget", "codec_spec", b"codec_spec", "held_digests", b"held_digests", "model", b"model", "model_digest", b"model_digest", "segment_digest", b"segment_digest"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__byte_budget: _TypeAlias = _typing.Literal["byte_budget"]  # noqa: Y015
     _WhichOneofArgType__byte_budget: _TypeAlias = _typing.Literal["_byte_budget", b"_byte_budget"]  # noqa: Y015

@@ -11,6 +11,7 @@ import re
 from dataclasses import dataclass, field
 
 from fedsqueeze.codec.spec import CodecSpec
+from fedsqueeze.wire.digests import SegmentDigest
 
 #: Length of every digest on the wire (SHA-256), in bytes.
 DIGEST_BYTES = 32
@@ -76,7 +77,8 @@ class SegmentInfo:
     byte_length
         Payload size, in bytes.
     sha256
-        SHA-256 of the payload (32 bytes).
+        Digest of the payload (32 bytes) by the manifest's ``segment_digest``: SHA-256
+        unless it says BLAKE3 (the name is the wire field's).
     """
 
     segment_id: int
@@ -148,6 +150,8 @@ class Manifest:
     held_parts
         Tensors the payload leaves out because the client holds their content (each name
         once, and in no segment's ``tensor_names``).
+    segment_digest
+        The algorithm of the segments' digests (``SegmentInfo.sha256``).
     """
 
     manifest_key: bytes
@@ -160,6 +164,7 @@ class Manifest:
     prefix_segments: int = 0
     smallest_prefix_bytes: int = 0
     held_parts: tuple[PartRef, ...] = ()
+    segment_digest: SegmentDigest = SegmentDigest.SHA256
     _by_id: dict[int, SegmentInfo] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -238,6 +243,9 @@ class ManifestRequest:
         Digests of other versions the client holds besides its base (at most
         :data:`MAX_HELD_VERSIONS`, sorted, none repeated, not the base): their tensors
         need not travel (:mod:`fedsqueeze.transport.parts`).
+    segment_digest
+        The segment digest the client would rather verify with (the server may answer
+        with SHA-256; the manifest says).
     """
 
     model: str
@@ -245,6 +253,7 @@ class ManifestRequest:
     spec: CodecSpec
     byte_budget: int | None = None
     held_digests: tuple[bytes, ...] = ()
+    segment_digest: SegmentDigest = SegmentDigest.SHA256
 
     def __post_init__(self) -> None:
         check_id(self.model, "model")

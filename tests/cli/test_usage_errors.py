@@ -48,6 +48,19 @@ def test_bench_transport_refuses_sizes_it_cannot_use(tmp_path: Path, flag: str, 
     assert not report.exists()
 
 
+@pytest.mark.parametrize("value", ["0", "64,-1", "x", "nan"])
+def test_bench_transport_refuses_flower_sizes_it_cannot_use(tmp_path: Path, value: str) -> None:
+    report = tmp_path / "bench.json"
+    line = _usage_error("bench", "transport", "--flower-mb", value, "--json", str(report))
+    assert "--flower-mb" in line
+    assert not report.exists()
+
+
+def test_bench_transport_flower_only_needs_sizes(tmp_path: Path) -> None:
+    line = _usage_error("bench", "transport", "--flower-only", "--flower-mb", "none")
+    assert "--flower-only needs sizes in --flower-mb" in line
+
+
 def test_coordinator_needs_at_least_one_node(tmp_path: Path) -> None:
     state = tmp_path / "state"
     line = _usage_error("coordinator", "--min-nodes", "0", "--state-dir", str(state))

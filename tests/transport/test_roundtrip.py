@@ -94,9 +94,10 @@ def test_fetch_by_digest_and_unknown_model(source, store, start_server, connect)
 def test_bytes_are_counted_as_messages_plus_prefix(source, store, start_server, connect):
     source.publish(make_state(0, scale=4))
     server = start_server(source, store, config=ServerConfig(segment_bytes=256 * 1024))
-    result = connect(server).fetch(spec=CodecSpec(), decode=False)
+    client = connect(server)
+    result = client.fetch(spec=CodecSpec(), decode=False)
     manifest = result.manifest
-    request = ManifestRequest("global", None, CodecSpec())
+    request = ManifestRequest("global", None, CodecSpec(), segment_digest=client.segment_digest)
     expected = len(fetch_manifest_message(manifest, request)) + GRPC_PREFIX_BYTES
     for info in manifest.segments:
         message = segment_to_proto(SegmentData(info.segment_id, bytes(info.byte_length)))
@@ -115,7 +116,8 @@ def test_get_manifest_describes_what_fetch_sends(source, store, start_server, co
     source.publish(make_state(0))
     server = start_server(source, store)
     client = connect(server)
-    manifest = client.get_manifest(ManifestRequest("global", None, preset("int8")))
+    asked = ManifestRequest("global", None, preset("int8"), segment_digest=client.segment_digest)
+    manifest = client.get_manifest(asked)
     assert client.fetch(spec=preset("int8"), decode=False).manifest == manifest
     assert server.stats().cache.encodes == 1
 
