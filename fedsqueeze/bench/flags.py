@@ -54,6 +54,11 @@ def add_progressive_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--skip-minilm", action="store_true", help="leave out the all-MiniLM-L6-v2 part"
     )
+    parser.add_argument(
+        "--parts",
+        metavar="PART,...",
+        help="run only these parts: designs, digits, minilm, partwise (default: all)",
+    )
     parser.add_argument("--json", type=Path, help="also write the figures to this file")
 
 
