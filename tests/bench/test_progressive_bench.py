@@ -69,7 +69,7 @@ def test_prefix_curve_takes_the_refinement_order() -> None:
     state = {**_state(), "b.weight": torch.randn(64, 128, generator=torch.Generator())}
     spec = parse_spec("quant=8:channel,levels=1+1+2+4")
     for order in LevelOrder:
-        curve = prefix_curve(state, spec, lambda s: 0.0, order=order, count=4)  # type: ignore[arg-type]
+        curve = prefix_curve(state, spec, lambda s: 0.0, order=order, count=4)
         assert curve["order"] == order.value
         assert len(curve["curve"]) <= 4
 
