@@ -58,6 +58,7 @@ DIGITS_CURVES = (
     # per-tensor scales and fp16 biases: per-channel scales and fp32 biases are ~40% of a
     # 3 kB prefix
     ("prune=global:0.9,quant=4,levels=1+1+2,float=fp16", _BY_LEVEL),
+    ("prune=global:0.9,quant=4,levels=1+1+2,float=fp16", LevelOrder.SQUARED),
     ("prune=global:0.9,quant=4,levels=1+1+2,float=fp16", _GLOBAL),
     ("prune=global:0.94,quant=4,levels=1+1+2,float=fp16", _BY_LEVEL),
     ("prune=global:0.94,quant=4,levels=1+1+2,float=fp16", _GLOBAL),
@@ -67,7 +68,6 @@ MINILM_CURVES = (
     ("quant=8:channel,levels=2+2+4", _BY_LEVEL),
     ("quant=8:channel,levels=2+2+4", _GLOBAL),
     ("quant=8:channel,levels=4+1+1+2", _BY_LEVEL),
-    ("quant=8:channel,levels=4+1+1+2", LevelOrder.SQUARED),
     ("quant=8:channel,levels=4+1+1+2", _GLOBAL),
     ("quant=8:channel,levels=3+1+1+1+2", _GLOBAL),
     ("quant=8:block64,levels=3+1+1+1+2", _GLOBAL),
@@ -324,7 +324,7 @@ def run(
         curves = []
         for text, order in MINILM_CURVES:
             points = (fp32 // 4, fp32 // 6, fp32 // 8, fp32 // 16, fp32 // 32)
-            curve = prefix_curve(state, parse_spec(text), cosine, points, order, count=6)
+            curve = prefix_curve(state, parse_spec(text), cosine, points, order, count=4)
             curve["fp32_bytes"] = fp32
             curves.append(curve)
             _print_curve(out, f"MiniLM embedding cosine ({len(sentences)} sentences)", curve, fp32)
