@@ -4,12 +4,13 @@ Run ``fedsqueeze bench progressive`` (``--parts`` picks some of the parts below,
 ``--skip-minilm`` leaves out the pretrained model; ``--json FILE`` keeps the figures).
 The parts, each measured in the same run:
 
-designs   nested bit planes (what the codec sends: the top bits of the full codes, coarse
-          buckets at their scale-weighted mean) against plain nested planes (bucket
-          midpoints) and residual quantization (each level quantizes what the earlier
-          left, with its own scales), at ``2+2+4`` bits on the trained digits CNN and on
-          all-MiniLM-L6-v2: bits per value (after zstd, with every table and scale) and
-          relative L2 error after each level;
+designs   (:mod:`fedsqueeze.bench.level_designs`) nested bit planes (what the codec
+          sends: the top bits of the full codes, coarse buckets at their scale-weighted
+          mean) against plain nested planes (bucket midpoints) and residual quantization
+          (each level quantizes what the earlier left, with its own scales), at
+          ``2+2+4`` bits on the trained digits CNN and on all-MiniLM-L6-v2: bits per
+          value (after zstd, with every table and scale) and relative L2 error after
+          each level;
           (MiniLM also: the planes' zstd bytes against their empirical entropy,
           :mod:`fedsqueeze.bench.plane_entropy`);
 digits    the trained digits-cnn encoded progressively: test accuracy of the model decoded
@@ -34,7 +35,6 @@ import argparse
 import importlib
 import inspect
 import json
-import math
 import sys
 import warnings
 from collections.abc import Callable, Mapping
@@ -42,6 +42,7 @@ from typing import Any
 
 import torch
 
+from fedsqueeze.bench.level_designs import compare_designs, print_designs
 from fedsqueeze.codec import CodecSpec, decode_prefix, encode_state, smallest_prefix
 from fedsqueeze.codec.level_order import LevelOrder
 from fedsqueeze.codec.spec_text import format_spec, parse_spec
@@ -166,86 +167,6 @@ def _quality_at(curve: Json, size: int) -> float | None:
     return best
 
 
-# ---------------------------------------------------------------------- designs
-def _affine(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    lo = x.amin(1, keepdim=True).clamp_max(0)
-    hi = x.amax(1, keepdim=True).clamp_min(0)
-    scale = (hi - lo).clamp_min(1e-12) / (2**bits - 1)
-    zp = torch.round(-lo / scale)
-    return torch.clamp(torch.round(x / scale) + zp, 0, 2**bits - 1), scale, zp
-
-
-def _zbytes(codes: torch.Tensor, bits: int) -> float:
-    import zstandard
-
-    raw = codes.to(torch.uint8).numpy().tobytes()
-    return min(codes.numel() * bits / 8, len(zstandard.ZstdCompressor(3).compress(raw)))
-
-
-def _design_errors(
-    x: torch.Tensor, levels: tuple[int, ...], design: str
-) -> list[tuple[float, float]]:
-    """(bytes, squared error) after each level, for one ``[channels, n]`` matrix."""
-    total_bits = sum(levels)
-    out: list[tuple[float, float]] = []
-    if design == "residual":
-        approx = torch.zeros_like(x)
-        size = 0.0
-        for bits in levels:
-            q, s, zp = _affine(x - approx, bits)
-            approx = approx + (q - zp) * s
-            size += s.numel() * 5 + _zbytes(q, bits)
-            out.append((size, float((x - approx).square().sum())))
-        return out
-    q, s, zp = _affine(x, total_bits)
-    size = s.numel() * 5.0
-    held = 0
-    for level, bits in enumerate(levels):
-        held += bits
-        shift = total_bits - held
-        top = torch.div(q, 2**shift, rounding_mode="floor")
-        size += _zbytes(top - torch.div(top, 2**bits, rounding_mode="floor") * 2**bits, bits)
-        if shift == 0:
-            rec = top
-        elif design == "nested-midpoint":
-            rec = top * 2**shift + (2**shift - 1) / 2
-        else:  # bucket means, weighted by scale² (one table of 2^held entries per tensor)
-            w = s.expand_as(q).square().reshape(-1).double()
-            t = top.reshape(-1).long()
-            low = (q - top * 2**shift).reshape(-1).double()
-            sums = torch.zeros(2**held, dtype=torch.float64).index_add_(0, t, low * w)
-            counts = torch.zeros(2**held, dtype=torch.float64).index_add_(0, t, w)
-            mid = torch.full_like(sums, (2**shift - 1) / 2)
-            table = torch.where(counts > 0, sums / counts.clamp_min(1e-300), mid).half().float()
-            rec = top * 2**shift + table[t].reshape(q.shape)
-            size += 2 * 2**held
-        del level
-        out.append((size, float(((rec - zp) * s - x).square().sum())))
-    return out
-
-
-def compare_designs(state: State, levels: tuple[int, ...] = (2, 2, 4)) -> Json:
-    """Bits per value and relative L2 error after each level, per design and granularity."""
-    tensors = {k: v.float() for k, v in state.items() if v.ndim >= 2}
-    norm2 = sum(float(t.square().sum()) for t in tensors.values())
-    count = sum(t.numel() for t in tensors.values())
-    result: Json = {}
-    for granularity in ("tensor", "channel"):
-        for design in ("nested-means", "nested-midpoint", "residual"):
-            sizes = [0.0] * len(levels)
-            errors = [0.0] * len(levels)
-            for t in tensors.values():
-                x = t.reshape(t.shape[0], -1) if granularity == "channel" else t.reshape(1, -1)
-                for i, (b, e) in enumerate(_design_errors(x, levels, design)):
-                    sizes[i] += b
-                    errors[i] += e
-            result[f"{design}/{granularity}"] = [
-                {"bits_per_value": 8 * b / count, "rel_l2": math.sqrt(e / norm2)}
-                for b, e in zip(sizes, errors, strict=True)
-            ]
-    return result
-
-
 # ---------------------------------------------------------------------- models
 def trained_digits(seed: int = 0, epochs: int = 30) -> tuple[State, Callable[[State], float]]:
     """A dense digits-cnn trained on its training split, and its test-accuracy function."""
@@ -318,7 +239,7 @@ def run(
     report["minilm_sentences"] = len(sentences)
     if "designs" in parts:
         report["minilm_designs"] = compare_designs(state)
-        _print_designs(out, "all-MiniLM-L6-v2", report["minilm_designs"])
+        print_designs(out, "all-MiniLM-L6-v2", report["minilm_designs"])
         _run_plane_entropy(report, out, state)
     if "minilm" in parts:
         curves = []
@@ -341,7 +262,7 @@ def _run_digits(report: Json, out: Callable[[str], None], parts: tuple[str, ...]
     out(f"digits-cnn trained: fp32 {fp32:,} B, test accuracy {full_acc:.2%}")
     if "designs" in parts:
         report["digits_designs"] = compare_designs(digits_state)
-        _print_designs(out, "digits-cnn", report["digits_designs"])
+        print_designs(out, "digits-cnn", report["digits_designs"])
     if "digits" not in parts:
         return
     curves = []
@@ -391,13 +312,6 @@ def _run_partwise(report: Json, out: Callable[[str], None], state: State) -> Non
             f"+{part / 1e6:6.1f} MB ({part / size:.3f}×)"
         )
     report["partwise"] = rows
-
-
-def _print_designs(out: Callable[[str], None], title: str, designs: Json) -> None:
-    out(f"\n{title}: level designs at 2+2+4 bits (bits/value after zstd · relative L2 error)")
-    for name, levels in designs.items():
-        cells = "  ".join(f"{r['bits_per_value']:.2f}b·{r['rel_l2']:.4f}" for r in levels)
-        out(f"  {name:<24} {cells}")
 
 
 def _print_curve(

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from fedsqueeze.bench.progressive import compare_designs, prefix_curve, stdlib_sentences
+from fedsqueeze.bench.level_designs import compare_designs
+from fedsqueeze.bench.progressive import prefix_curve, stdlib_sentences
 from fedsqueeze.codec.spec_text import parse_spec
 
 
