@@ -45,8 +45,12 @@ How the other stages combine with levels:
 
 Rate-distortion order: :func:`level_gain` is the squared error a level removes
 (``‖x − x̂_{k−1}‖² − ‖x − x̂_k‖²``, with ``x̂_{−1}`` = what the receiver holds without the
-tensor: zeros, or the base for a delta); a level's score is its gain per byte of its
-record, and the encoder orders each level's records by falling score.
+tensor: zeros, or the base for a delta). Every base level comes first; the refinements
+then follow one greedy order over all tensors (:mod:`fedsqueeze.codec.level_order`: the
+concave hull of each tensor's levels, runs sorted by falling gain per byte, the gain
+divided by the tensor's energy ``‖W‖²`` by default), which keeps each tensor's levels
+in order but lets a small sensitive tensor take its last level before a large one
+takes its second (format version 5 when levels interleave).
 """
 
 from __future__ import annotations
