@@ -218,8 +218,11 @@ def run(
     skip_minilm: bool = False,
     out: Callable[[str], None] = print,
     parts: tuple[str, ...] = PARTS,
+    minilm_curves: tuple[tuple[str, LevelOrder], ...] = MINILM_CURVES,
 ) -> Json:
-    """Run the chosen ``parts`` (:data:`PARTS`); prints tables and returns the figures."""
+    """Run the chosen ``parts`` (:data:`PARTS`); prints tables and returns the figures.
+
+    ``minilm_curves``: the (spec, refinement order) of each MiniLM curve."""
     unknown = set(parts) - set(PARTS)
     if unknown:
         raise ValueError(f"unknown parts {sorted(unknown)}; choose from {', '.join(PARTS)}")
@@ -243,7 +246,7 @@ def run(
         _run_plane_entropy(report, out, state)
     if "minilm" in parts:
         curves = []
-        for text, order in MINILM_CURVES:
+        for text, order in minilm_curves:
             points = (fp32 // 4, fp32 // 6, fp32 // 8, fp32 // 16, fp32 // 32)
             curve = prefix_curve(state, parse_spec(text), cosine, points, order, count=4)
             curve["fp32_bytes"] = fp32
@@ -328,11 +331,31 @@ def _print_curve(
         out(f"  {row['bytes']:>12,} B  (1/{fp32 / row['bytes']:6.1f} of fp32)  {q}")
 
 
+def parse_curve(text: str) -> tuple[str, LevelOrder]:
+    """``SPEC@ORDER`` (order ``by-level``, ``squared`` or ``relative``; default relative).
+
+    Raises
+    ------
+    ValueError
+        An unknown order or an invalid spec.
+    """
+    spec, _, order = text.partition("@")
+    parse_spec(spec)  # fail early on a bad spec
+    try:
+        return spec, LevelOrder(order or LevelOrder.RELATIVE.value)
+    except ValueError:
+        names = ", ".join(o.value for o in LevelOrder)
+        raise ValueError(f"unknown refinement order {order!r}; choose from {names}") from None
+
+
 def main(args: argparse.Namespace) -> int:
     """Run from ``fedsqueeze bench progressive`` (flags in :mod:`fedsqueeze.bench.flags`)."""
     torch.set_num_threads(1)
     parts = tuple(args.parts.split(",")) if args.parts else PARTS
-    report = run(skip_minilm=args.skip_minilm, parts=parts)
+    curves: tuple[tuple[str, LevelOrder], ...] = MINILM_CURVES
+    if args.minilm_curves:
+        curves = tuple(parse_curve(item) for item in args.minilm_curves.split(";") if item)
+    report = run(skip_minilm=args.skip_minilm, parts=parts, minilm_curves=curves)
     if args.json:
         args.json.write_text(json.dumps(report, indent=1))
     return 0

@@ -94,3 +94,15 @@ def test_plane_entropy_reports_each_level_and_refuses_what_it_cannot_measure() -
         plane_entropy(_state(), parse_spec("quant=8:block32,levels=4+4"))
     with pytest.raises(ValueError, match="unknown parts"):
         run(parts=("curves",))
+
+
+def test_curve_arguments_parse_spec_and_order() -> None:
+    import pytest
+
+    from fedsqueeze.bench.progressive import parse_curve
+    from fedsqueeze.codec.level_order import LevelOrder
+
+    assert parse_curve("quant=8,levels=4+4@by-level") == ("quant=8,levels=4+4", LevelOrder.BY_LEVEL)
+    assert parse_curve("quant=8,levels=4+4")[1] is LevelOrder.RELATIVE
+    with pytest.raises(ValueError, match="unknown refinement order"):
+        parse_curve("quant=8,levels=4+4@sideways")
