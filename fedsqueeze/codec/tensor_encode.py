@@ -96,7 +96,8 @@ class ScoredLevel:
 
     @property
     def score(self) -> float:
-        """Error removed per byte of the record (the stream's order within a level)."""
+        """Squared error removed per byte of the record (orders the base levels; the
+        refinements' order is :func:`~fedsqueeze.codec.level_order.refinement_order`)."""
         return self.gain / max(1, len(self.record.header_bytes()) + len(self.record.body))
 
 
