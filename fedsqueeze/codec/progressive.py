@@ -57,11 +57,12 @@ What the issue's targets met (BENCHMARKS.md, "Progressive levels"): a whole stre
 digits at 1/32 of fp32 is 1.4 points under the full model and at 1/64 2.2 points under
 it, but with two streams (90% and 94% sparse): positions travel whole with the first
 level and are already at their entropy, so a stream whose first prefix fits 1/64 is too
-sparse to reach −2 points. MiniLM at 1/8 reaches cosine 0.974, not 0.99: a first level
-of every tensor is needed before anything decodes, 4 bits per value on average leaves
-the FFN and value matrices a cosine loss above 0.01 each, and zstd already codes the
-planes at their order-0 entropy (a context coder would save about 1%); 1/16 (2 bits per
-value) holds no first level that works (cosine ≤ 0.03).
+sparse to reach −2 points. MiniLM at 1/8 reaches cosine 0.977, not 0.99 (0.990 at
+1/7.2): a first level of every tensor is needed before anything decodes, 4 bits per
+value on average leaves the FFN and value matrices a cosine loss above 0.01 each (each
+alone at 4 bits per channel), and zstd already codes the planes at their order-0
+entropy (a context coder would save about 1%); 1/16 (2 bits per value) holds no first
+level that works (cosine ≤ 0.03).
 """
 
 from __future__ import annotations
