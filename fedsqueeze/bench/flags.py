@@ -55,6 +55,17 @@ def add_progressive_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--skip-minilm", action="store_true", help="leave out the all-MiniLM-L6-v2 part"
     )
+    parser.add_argument(
+        "--parts",
+        metavar="PART,...",
+        help="run only these parts: designs, digits, minilm, partwise (default: all)",
+    )
+    parser.add_argument(
+        "--minilm-curves",
+        metavar="SPEC@ORDER;...",
+        help="MiniLM curves to draw instead of the built-in list, e.g. "
+        "'quant=8:block64,levels=3+1+1+1+2@relative' (orders: by-level, squared, relative)",
+    )
     parser.add_argument("--json", type=Path, help="also write the figures to this file")
 
 

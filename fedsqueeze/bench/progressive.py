@@ -1,18 +1,23 @@
 """Progressive transmission benchmark: the two level designs, and prefix curves.
 
-Run ``fedsqueeze bench progressive`` (``--skip-minilm`` leaves out the
-pretrained model; ``--json FILE`` keeps the figures). Three parts, each measured in the
-same run:
+Run ``fedsqueeze bench progressive`` (``--parts`` picks some of the parts below,
+``--skip-minilm`` leaves out the pretrained model; ``--json FILE`` keeps the figures).
+The parts, each measured in the same run:
 
-designs   nested bit planes (what the codec sends: the top bits of the full codes, coarse
-          buckets at their scale-weighted mean) against plain nested planes (bucket
-          midpoints) and residual quantization (each level quantizes what the earlier
-          left, with its own scales), at ``2+2+4`` bits on the trained digits CNN and on
-          all-MiniLM-L6-v2: bits per value (after zstd, with every table and scale) and
-          relative L2 error after each level;
+designs   (:mod:`fedsqueeze.bench.level_designs`) nested bit planes (what the codec
+          sends: the top bits of the full codes, coarse buckets at their scale-weighted
+          mean) against plain nested planes (bucket midpoints) and residual quantization
+          (each level quantizes what the earlier left, with its own scales), at
+          ``2+2+4`` bits on the trained digits CNN and on all-MiniLM-L6-v2: bits per
+          value (after zstd, with every table and scale) and relative L2 error after
+          each level;
+          (MiniLM also: the planes' zstd bytes against their empirical entropy,
+          :mod:`fedsqueeze.bench.plane_entropy`);
 digits    the trained digits-cnn encoded progressively: test accuracy of the model decoded
           from the stream's first B bytes, B from the smallest decodable prefix to the
-          whole stream on a log axis, with the points at 1/32 and 1/64 of fp32;
+          whole stream on a log axis, with the points at 1/32 and 1/64 of fp32; specs
+          with their refinement order (:class:`~fedsqueeze.codec.level_order.LevelOrder`),
+          the level-by-level order beside the global one;
 minilm    the same curve for all-MiniLM-L6-v2, as the mean cosine similarity between
           sentence embeddings of the decoded and the fp32 model over the first sentences
           of Python standard-library docstrings (real text written by CPython's authors,
@@ -30,7 +35,6 @@ import argparse
 import importlib
 import inspect
 import json
-import math
 import sys
 import warnings
 from collections.abc import Callable, Mapping
@@ -38,25 +42,39 @@ from typing import Any
 
 import torch
 
+from fedsqueeze.bench.level_designs import compare_designs, print_designs
 from fedsqueeze.codec import CodecSpec, decode_prefix, encode_state, smallest_prefix
+from fedsqueeze.codec.level_order import LevelOrder
 from fedsqueeze.codec.spec_text import format_spec, parse_spec
 
 State = Mapping[str, torch.Tensor]
 Json = dict[str, Any]
 
-DIGITS_SPECS = (
-    "quant=8:channel,levels=2+2+4",
-    "prune=global:0.9,quant=4:channel,levels=2+2",
-    "prune=global:0.95,quant=4:channel,levels=2+2",
+_BY_LEVEL, _GLOBAL = LevelOrder.BY_LEVEL, LevelOrder.RELATIVE
+#: (spec, refinement order) of each digits curve.
+DIGITS_CURVES = (
+    ("quant=8:channel,levels=2+2+4", _BY_LEVEL),
+    ("quant=8:channel,levels=2+2+4", _GLOBAL),
+    ("prune=global:0.95,quant=4:channel,levels=2+2", _BY_LEVEL),
+    # per-tensor scales and fp16 biases: per-channel scales and fp32 biases are ~40% of a
+    # 3 kB prefix
+    ("prune=global:0.9,quant=4,levels=1+1+2,float=fp16", _BY_LEVEL),
+    ("prune=global:0.9,quant=4,levels=1+1+2,float=fp16", LevelOrder.SQUARED),
+    ("prune=global:0.9,quant=4,levels=1+1+2,float=fp16", _GLOBAL),
+    ("prune=global:0.94,quant=4,levels=1+1+2,float=fp16", _BY_LEVEL),
+    ("prune=global:0.94,quant=4,levels=1+1+2,float=fp16", _GLOBAL),
 )
-MINILM_SPECS = (
-    "quant=8:channel,levels=2+2+4",
-    "quant=8:channel,levels=4+4",
-    # block-wise scales (format version 3): the levels nest over blocks as over channels
-    "quant=8:block64,levels=2+2+4",
-    "quant=8:block64,levels=4+4",
-    "quant=4:nf4:block64,levels=2+2",
+#: (spec, refinement order) of each MiniLM curve.
+MINILM_CURVES = (
+    ("quant=8:channel,levels=2+2+4", _BY_LEVEL),
+    ("quant=8:channel,levels=2+2+4", _GLOBAL),
+    ("quant=8:channel,levels=4+1+1+2", _BY_LEVEL),
+    ("quant=8:channel,levels=4+1+1+2", _GLOBAL),
+    ("quant=8:channel,levels=3+1+1+1+2", _GLOBAL),
+    ("quant=8:block64,levels=3+1+1+1+2", _GLOBAL),
+    ("quant=8:channel,levels=1+1+2+4", _GLOBAL),
 )
+PARTS = ("designs", "digits", "minilm", "partwise")
 PARTWISE_SPECS = ("quant=8:channel", "lossless", "prune=l1:0.9,quant=4")
 
 #: Standard-library modules whose docstrings give the MiniLM sentences (sorted, fixed).
@@ -94,6 +112,8 @@ def stdlib_sentences(limit: int = 256) -> list[str]:
 
 
 def _curve_points(low: int, high: int, count: int = 14) -> list[int]:
+    if count < 2:
+        raise ValueError("a curve needs at least 2 points")
     if high <= low:
         return [high]
     ratio = (high / max(1, low)) ** (1 / (count - 1))
@@ -106,13 +126,17 @@ def prefix_curve(
     spec: CodecSpec,
     quality: Callable[[State], float],
     extra_points: tuple[int, ...] = (),
+    order: LevelOrder = LevelOrder.RELATIVE,
+    count: int = 14,
 ) -> Json:
-    """Quality of the model decoded from growing prefixes of ``state``'s progressive stream."""
-    encoded = encode_state(state, spec, seed=0)
+    """Quality of the model decoded from growing prefixes of ``state``'s progressive stream
+    (``count`` points on a log axis, and ``extra_points`` past the smallest prefix)."""
+    encoded = encode_state(state, spec, seed=0, order=order)
     stream = encoded.to_bytes()[:-4]
     start = smallest_prefix(encoded)
     points = sorted(
-        set(_curve_points(start, len(stream))) | {p for p in extra_points if p >= start}
+        set(_curve_points(start, len(stream), count))
+        | {p for p in extra_points if start <= p < len(stream)}
     )
     rows = []
     for size in points:
@@ -121,6 +145,8 @@ def prefix_curve(
     once = encode_state(state, spec.with_changes(levels=None), seed=0).nbytes
     return {
         "spec": format_spec(spec),
+        "order": order.value,
+        "version": encoded.header.version,
         "stream_bytes": len(stream) + 4,
         "one_shot_bytes": once,
         "overhead": (len(stream) + 4) / once,
@@ -139,86 +165,6 @@ def _quality_at(curve: Json, size: int) -> float | None:
         if row["bytes"] <= size:
             best = row["quality"]
     return best
-
-
-# ---------------------------------------------------------------------- designs
-def _affine(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    lo = x.amin(1, keepdim=True).clamp_max(0)
-    hi = x.amax(1, keepdim=True).clamp_min(0)
-    scale = (hi - lo).clamp_min(1e-12) / (2**bits - 1)
-    zp = torch.round(-lo / scale)
-    return torch.clamp(torch.round(x / scale) + zp, 0, 2**bits - 1), scale, zp
-
-
-def _zbytes(codes: torch.Tensor, bits: int) -> float:
-    import zstandard
-
-    raw = codes.to(torch.uint8).numpy().tobytes()
-    return min(codes.numel() * bits / 8, len(zstandard.ZstdCompressor(3).compress(raw)))
-
-
-def _design_errors(
-    x: torch.Tensor, levels: tuple[int, ...], design: str
-) -> list[tuple[float, float]]:
-    """(bytes, squared error) after each level, for one ``[channels, n]`` matrix."""
-    total_bits = sum(levels)
-    out: list[tuple[float, float]] = []
-    if design == "residual":
-        approx = torch.zeros_like(x)
-        size = 0.0
-        for bits in levels:
-            q, s, zp = _affine(x - approx, bits)
-            approx = approx + (q - zp) * s
-            size += s.numel() * 5 + _zbytes(q, bits)
-            out.append((size, float((x - approx).square().sum())))
-        return out
-    q, s, zp = _affine(x, total_bits)
-    size = s.numel() * 5.0
-    held = 0
-    for level, bits in enumerate(levels):
-        held += bits
-        shift = total_bits - held
-        top = torch.div(q, 2**shift, rounding_mode="floor")
-        size += _zbytes(top - torch.div(top, 2**bits, rounding_mode="floor") * 2**bits, bits)
-        if shift == 0:
-            rec = top
-        elif design == "nested-midpoint":
-            rec = top * 2**shift + (2**shift - 1) / 2
-        else:  # bucket means, weighted by scale² (one table of 2^held entries per tensor)
-            w = s.expand_as(q).square().reshape(-1).double()
-            t = top.reshape(-1).long()
-            low = (q - top * 2**shift).reshape(-1).double()
-            sums = torch.zeros(2**held, dtype=torch.float64).index_add_(0, t, low * w)
-            counts = torch.zeros(2**held, dtype=torch.float64).index_add_(0, t, w)
-            mid = torch.full_like(sums, (2**shift - 1) / 2)
-            table = torch.where(counts > 0, sums / counts.clamp_min(1e-300), mid).half().float()
-            rec = top * 2**shift + table[t].reshape(q.shape)
-            size += 2 * 2**held
-        del level
-        out.append((size, float(((rec - zp) * s - x).square().sum())))
-    return out
-
-
-def compare_designs(state: State, levels: tuple[int, ...] = (2, 2, 4)) -> Json:
-    """Bits per value and relative L2 error after each level, per design and granularity."""
-    tensors = {k: v.float() for k, v in state.items() if v.ndim >= 2}
-    norm2 = sum(float(t.square().sum()) for t in tensors.values())
-    count = sum(t.numel() for t in tensors.values())
-    result: Json = {}
-    for granularity in ("tensor", "channel"):
-        for design in ("nested-means", "nested-midpoint", "residual"):
-            sizes = [0.0] * len(levels)
-            errors = [0.0] * len(levels)
-            for t in tensors.values():
-                x = t.reshape(t.shape[0], -1) if granularity == "channel" else t.reshape(1, -1)
-                for i, (b, e) in enumerate(_design_errors(x, levels, design)):
-                    sizes[i] += b
-                    errors[i] += e
-            result[f"{design}/{granularity}"] = [
-                {"bits_per_value": 8 * b / count, "rel_l2": math.sqrt(e / norm2)}
-                for b, e in zip(sizes, errors, strict=True)
-            ]
-    return result
 
 
 # ---------------------------------------------------------------------- models
@@ -268,25 +214,23 @@ def minilm(sentences: list[str]) -> tuple[State, Callable[[State], float]] | Non
     return state, cosine
 
 
-def run(skip_minilm: bool = False, out: Callable[[str], None] = print) -> Json:
-    """Run every part; prints tables and returns the figures."""
+def run(
+    skip_minilm: bool = False,
+    out: Callable[[str], None] = print,
+    parts: tuple[str, ...] = PARTS,
+    minilm_curves: tuple[tuple[str, LevelOrder], ...] = MINILM_CURVES,
+) -> Json:
+    """Run the chosen ``parts`` (:data:`PARTS`); prints tables and returns the figures.
+
+    ``minilm_curves``: the (spec, refinement order) of each MiniLM curve."""
+    unknown = set(parts) - set(PARTS)
+    if unknown:
+        raise ValueError(f"unknown parts {sorted(unknown)}; choose from {', '.join(PARTS)}")
     torch.manual_seed(0)
-    report: Json = {"python": sys.version.split()[0]}
-    digits_state, accuracy = trained_digits()
-    fp32 = _fp32_bytes(digits_state)
-    full_acc = accuracy(digits_state)
-    out(f"digits-cnn trained: fp32 {fp32:,} B, test accuracy {full_acc:.2%}")
-    report["digits_designs"] = compare_designs(digits_state)
-    _print_designs(out, "digits-cnn", report["digits_designs"])
-    curves = []
-    for text in DIGITS_SPECS:
-        curve = prefix_curve(digits_state, parse_spec(text), accuracy, (fp32 // 32, fp32 // 64))
-        curve["fp32_bytes"] = fp32
-        curve["fp32_accuracy"] = full_acc
-        curves.append(curve)
-        _print_curve(out, "digits-cnn accuracy", curve, fp32, percent=True)
-    report["digits"] = curves
-    if skip_minilm:
+    report: Json = {"python": sys.version.split()[0], "parts": list(parts)}
+    if "designs" in parts or "digits" in parts:
+        _run_digits(report, out, parts)
+    if skip_minilm or not {"designs", "minilm", "partwise"} & set(parts):
         return report
     sentences = stdlib_sentences()
     loaded = minilm(sentences)
@@ -296,16 +240,66 @@ def run(skip_minilm: bool = False, out: Callable[[str], None] = print) -> Json:
     state, cosine = loaded
     fp32 = _fp32_bytes(state)
     report["minilm_sentences"] = len(sentences)
-    report["minilm_designs"] = compare_designs(state)
-    _print_designs(out, "all-MiniLM-L6-v2", report["minilm_designs"])
+    if "designs" in parts:
+        report["minilm_designs"] = compare_designs(state)
+        print_designs(out, "all-MiniLM-L6-v2", report["minilm_designs"])
+        _run_plane_entropy(report, out, state)
+    if "minilm" in parts:
+        curves = []
+        for text, order in minilm_curves:
+            points = (fp32 // 4, fp32 // 6, fp32 // 8, fp32 // 16, fp32 // 32)
+            curve = prefix_curve(state, parse_spec(text), cosine, points, order, count=4)
+            curve["fp32_bytes"] = fp32
+            curves.append(curve)
+            _print_curve(out, f"MiniLM embedding cosine ({len(sentences)} sentences)", curve, fp32)
+        report["minilm"] = curves
+    if "partwise" in parts:
+        _run_partwise(report, out, state)
+    return report
+
+
+def _run_digits(report: Json, out: Callable[[str], None], parts: tuple[str, ...]) -> None:
+    digits_state, accuracy = trained_digits()
+    fp32 = _fp32_bytes(digits_state)
+    full_acc = accuracy(digits_state)
+    out(f"digits-cnn trained: fp32 {fp32:,} B, test accuracy {full_acc:.2%}")
+    if "designs" in parts:
+        report["digits_designs"] = compare_designs(digits_state)
+        print_designs(out, "digits-cnn", report["digits_designs"])
+    if "digits" not in parts:
+        return
     curves = []
-    for text in MINILM_SPECS:
-        points = (fp32 // 8, fp32 // 16, fp32 // 32)
-        curve = prefix_curve(state, parse_spec(text), cosine, points)
+    for text, order in DIGITS_CURVES:
+        curve = prefix_curve(
+            digits_state, parse_spec(text), accuracy, (fp32 // 32, fp32 // 64), order
+        )
         curve["fp32_bytes"] = fp32
+        curve["fp32_accuracy"] = full_acc
+        qualities = [row["quality"] for row in curve["curve"]]
+        curve["largest_drop"] = max(
+            (a - b for i, a in enumerate(qualities) for b in qualities[i + 1 :]), default=0.0
+        )
         curves.append(curve)
-        _print_curve(out, f"MiniLM embedding cosine ({len(sentences)} sentences)", curve, fp32)
-    report["minilm"] = curves
+        _print_curve(out, "digits-cnn accuracy", curve, fp32, percent=True)
+        out(f"  largest drop as bytes arrive: {curve['largest_drop']:.2%}")
+    report["digits"] = curves
+
+
+def _run_plane_entropy(report: Json, out: Callable[[str], None], state: State) -> None:
+    from fedsqueeze.bench.plane_entropy import plane_entropy
+
+    text = "quant=8:channel,levels=2+2+4"
+    rows = plane_entropy({k: v for k, v in state.items() if v.ndim >= 2}, parse_spec(text))
+    report["minilm_plane_entropy"] = {"spec": text, "levels": rows}
+    out(f"\nMiniLM planes of {text}: bits per value sent (zstd) · order-0 · given coarser bits")
+    for row in rows:
+        out(
+            f"  level {row['level']} ({row['bits']} bits): {row['sent_bits_per_value']:.3f} · "
+            f"{row['order0_bits_per_value']:.3f} · {row['conditional_bits_per_value']:.3f}"
+        )
+
+
+def _run_partwise(report: Json, out: Callable[[str], None], state: State) -> None:
     from fedsqueeze.bench.partwise import measure
 
     out("\nPart-by-part decoding of MiniLM: peak memory beyond the loaded model")
@@ -321,21 +315,14 @@ def run(skip_minilm: bool = False, out: Callable[[str], None] = print) -> Json:
             f"+{part / 1e6:6.1f} MB ({part / size:.3f}×)"
         )
     report["partwise"] = rows
-    return report
-
-
-def _print_designs(out: Callable[[str], None], title: str, designs: Json) -> None:
-    out(f"\n{title}: level designs at 2+2+4 bits (bits/value after zstd · relative L2 error)")
-    for name, levels in designs.items():
-        cells = "  ".join(f"{r['bits_per_value']:.2f}b·{r['rel_l2']:.4f}" for r in levels)
-        out(f"  {name:<24} {cells}")
 
 
 def _print_curve(
     out: Callable[[str], None], title: str, curve: Json, fp32: int, percent: bool = False
 ) -> None:
     out(
-        f"\n{title}, {curve['spec']}: stream {curve['stream_bytes']:,} B = "
+        f"\n{title}, {curve['spec']} ({curve['order']} order, format v{curve['version']}): "
+        f"stream {curve['stream_bytes']:,} B = "
         f"{curve['overhead']:.3f}× one-shot ({curve['one_shot_bytes']:,} B); smallest "
         f"prefix {curve['smallest_prefix']:,} B"
     )
@@ -344,10 +331,31 @@ def _print_curve(
         out(f"  {row['bytes']:>12,} B  (1/{fp32 / row['bytes']:6.1f} of fp32)  {q}")
 
 
+def parse_curve(text: str) -> tuple[str, LevelOrder]:
+    """``SPEC@ORDER`` (order ``by-level``, ``squared`` or ``relative``; default relative).
+
+    Raises
+    ------
+    ValueError
+        An unknown order or an invalid spec.
+    """
+    spec, _, order = text.partition("@")
+    parse_spec(spec)  # fail early on a bad spec
+    try:
+        return spec, LevelOrder(order or LevelOrder.RELATIVE.value)
+    except ValueError:
+        names = ", ".join(o.value for o in LevelOrder)
+        raise ValueError(f"unknown refinement order {order!r}; choose from {names}") from None
+
+
 def main(args: argparse.Namespace) -> int:
     """Run from ``fedsqueeze bench progressive`` (flags in :mod:`fedsqueeze.bench.flags`)."""
     torch.set_num_threads(1)
-    report = run(skip_minilm=args.skip_minilm)
+    parts = tuple(args.parts.split(",")) if args.parts else PARTS
+    curves: tuple[tuple[str, LevelOrder], ...] = MINILM_CURVES
+    if args.minilm_curves:
+        curves = tuple(parse_curve(item) for item in args.minilm_curves.split(";") if item)
+    report = run(skip_minilm=args.skip_minilm, parts=parts, minilm_curves=curves)
     if args.json:
         args.json.write_text(json.dumps(report, indent=1))
     return 0

@@ -94,7 +94,16 @@ PROGRESSIVE_VERSION = 2
 BLOCKWISE_VERSION = 3
 #: The version written when any record's values are byte-grouped.
 GROUPED_VERSION = 4
-SUPPORTED_VERSIONS = (FORMAT_VERSION, PROGRESSIVE_VERSION, BLOCKWISE_VERSION, GROUPED_VERSION)
+#: The version written when refinements are not in level order (one rate-distortion
+#: order over all tensors' levels, :mod:`fedsqueeze.codec.level_order`).
+GLOBAL_ORDER_VERSION = 5
+SUPPORTED_VERSIONS = (
+    FORMAT_VERSION,
+    PROGRESSIVE_VERSION,
+    BLOCKWISE_VERSION,
+    GROUPED_VERSION,
+    GLOBAL_ORDER_VERSION,
+)
 _EXTENDED_QUANT = 0x80  # a descriptor with scheme field 0: the extended form follows
 _HAS_BASE = 0x01
 
@@ -642,6 +651,7 @@ __all__ = [
     "DTYPE_CODES",
     "FLOAT_KINDS",
     "FORMAT_VERSION",
+    "GLOBAL_ORDER_VERSION",
     "GROUPED_KINDS",
     "GROUPED_VERSION",
     "PROGRESSIVE_VERSION",

@@ -23,6 +23,7 @@ from fedsqueeze.codec.bytesio import ByteReader
 from fedsqueeze.codec.container import (
     BLOCKWISE_VERSION,
     FORMAT_VERSION,
+    GLOBAL_ORDER_VERSION,
     GROUPED_VERSION,
     PROGRESSIVE_VERSION,
     ContainerHeader,
@@ -35,6 +36,7 @@ from fedsqueeze.codec.container import (
 )
 from fedsqueeze.codec.digest import state_digest
 from fedsqueeze.codec.finite import NonFinite
+from fedsqueeze.codec.level_order import LevelOrder, LevelScore, refinement_order
 from fedsqueeze.codec.pruning import global_magnitude_masks
 from fedsqueeze.codec.spec import DEFAULT_TARGETS, CodecSpec, PruneMethod
 from fedsqueeze.codec.tensor_decode import ProgressiveTensor, TensorDecoder
@@ -87,9 +89,12 @@ class EncodedModel:
 
     @property
     def header(self) -> ContainerHeader:
-        """The model-level header: version 4 when a record is byte-grouped, else 3 when
-        one is block-wise or NF4, else 2 when a tensor is sent in levels, else 1."""
-        if any(r.needs_v4 for r in self.records):
+        """The model-level header: version 5 when refinements are not in level order,
+        else 4 when a record is byte-grouped, else 3 when one is block-wise or NF4, else
+        2 when a tensor is sent in levels, else 1."""
+        if not _levels_ascend(self.records):
+            version = GLOBAL_ORDER_VERSION
+        elif any(r.needs_v4 for r in self.records):
             version = GROUPED_VERSION
         elif any(r.needs_v3 for r in self.records):
             version = BLOCKWISE_VERSION
@@ -161,7 +166,7 @@ class EncodedModel:
         if reader.remaining:
             raise FormatError(f"{reader.remaining} unexpected bytes after the last record")
         model = cls(header.spec, header.base_digest, records)
-        _check_level_order(model.records, header.base_records)
+        _check_level_order(model.records, header.base_records, header.version)
         return model
 
     @classmethod
@@ -195,6 +200,7 @@ def encode_state(
     seed: int | None = None,
     base_digest: bytes | None = None,
     nonfinite: NonFinite = NonFinite.REFUSE,
+    order: LevelOrder = LevelOrder.RELATIVE,
 ) -> EncodedModel:
     """Encode a state dict, as a delta against ``base`` when one is given.
 
@@ -220,6 +226,9 @@ def encode_state(
         its difference to the base), values beyond ``±2^126`` when quantized, or beyond
         fp16/bf16's range when cast. :attr:`NonFinite.REFUSE` raises; :attr:`NonFinite.CARRY`
         sends such tensors losslessly (bit-exact), whatever the spec.
+    order
+        How a progressive spec orders its refinements (:mod:`fedsqueeze.codec.level_order`;
+        the decoder reads every order). Ignored without ``levels``.
 
     Returns
     -------
@@ -249,6 +258,8 @@ def encode_state(
         raise TypeError(f"spec must be a CodecSpec, got {type(spec).__name__}")
     if not isinstance(nonfinite, NonFinite):
         raise TypeError(f"nonfinite must be a NonFinite, got {type(nonfinite).__name__}")
+    if not isinstance(order, LevelOrder):
+        raise TypeError(f"order must be a LevelOrder, got {type(order).__name__}")
     _check_state(state, "state")
     if base is not None:
         _check_state(base, "base")
@@ -275,7 +286,7 @@ def encode_state(
         if res is not None:
             new_residual[name] = res
     if encoder.levels:
-        records = _progressive_order(records, encoder.levels)
+        records = _progressive_order(records, encoder.levels, order)
     return EncodedModel(
         spec=spec,
         base_digest=base_digest if base is not None else None,
@@ -505,7 +516,7 @@ def _parse_prefix(
     else:
         if reader.remaining:
             raise FormatError(f"{reader.remaining} unexpected bytes after the last record")
-    _check_level_order(records, header.base_records)
+    _check_level_order(records, header.base_records, header.version)
     return header, EncodedModel(header.spec, header.base_digest, tuple(records)), used
 
 
@@ -529,38 +540,73 @@ def _held_levels(encoded: EncodedModel, base: State | None) -> dict[str, int]:
     return held
 
 
-def _check_level_order(records: tuple[TensorRecord, ...] | list[TensorRecord], bases: int) -> None:
-    """Base-level records first (``bases`` of them), then refinements in level order."""
+def _check_level_order(
+    records: tuple[TensorRecord, ...] | list[TensorRecord], bases: int, version: int
+) -> None:
+    """Base-level records first (``bases`` of them), then refinements: in level order
+    up to version 4; from version 5 in any order that keeps each tensor's levels in
+    order (:meth:`~fedsqueeze.codec.tensor_decode.ProgressiveTensor.refine` checks that
+    each is the next level of a progressive tensor)."""
     last_level = 0  # > 0 once a refinement has been seen
+    held: dict[int | None, int] = {}
     for position, record in enumerate(records):
         if record.level == 0:
             if last_level or position >= bases:
                 raise FormatError("a base-level record after a refinement: not one stream")
-        elif record.level < last_level:
+            continue
+        if version < GLOBAL_ORDER_VERSION and record.level < last_level:
             raise FormatError("refinement levels out of order: not one stream")
-        else:
-            last_level = record.level
+        if record.level != held.get(record.index, 0) + 1:
+            raise FormatError(
+                f"level {record.level} of tensor #{record.index} after level "
+                f"{held.get(record.index, 0)}: not one stream"
+            )
+        held[record.index] = record.level
+        last_level = max(last_level, record.level)
+
+
+def _levels_ascend(records: tuple[TensorRecord, ...]) -> bool:
+    """Whether the refinements are in level order (as versions 2-4 require)."""
+    last = 0
+    for record in records:
+        if record.level < last:
+            return False
+        last = record.level
+    return True
 
 
 def _progressive_order(
-    records: list[TensorRecord], levels: dict[str, list[ScoredLevel]]
+    records: list[TensorRecord], levels: dict[str, list[ScoredLevel]], order: LevelOrder
 ) -> list[TensorRecord]:
-    """Base levels first, then level by level; within a level by falling score.
+    """Base levels first, then the refinements in ``order``.
 
     Plain records (biases, non-targets) lead the base level in state order; they are
-    small and every decodable prefix needs them.
+    small and every decodable prefix needs them. The progressive base levels follow by
+    falling score (what a delta's prefix buys first; ``RELATIVE`` weighs it by the
+    tensor's energy as it does the refinements).
     """
     plain = [r for r in records if not r.levels]
     progressive = [r for r in records if r.levels]
     name_of = {id(r): name for name, lv in levels.items() for r in (lv[0].record,)}
-    progressive.sort(key=lambda r: -levels[name_of[id(r)]][0].score)
+
+    def base_score(r: TensorRecord) -> float:
+        first = levels[name_of[id(r)]][0]
+        weight = 1.0 / first.energy if order is LevelOrder.RELATIVE else 1.0
+        return -weight * first.score
+
+    progressive.sort(key=base_score)
     ordered = plain + progressive
     position = {name_of[id(r)]: i for i, r in enumerate(ordered) if id(r) in name_of}
-    depth = max(len(lv) for lv in levels.values())
-    for level in range(1, depth):
-        batch = [(lv[level], position[name]) for name, lv in levels.items() if level < len(lv)]
-        batch.sort(key=lambda item: -item[0].score)
-        ordered.extend(replace(scored.record, index=index) for scored, index in batch)
+    refinements: list[tuple[ScoredLevel, int]] = []
+    scores: list[LevelScore] = []
+    for name in sorted(levels, key=position.__getitem__):
+        for level, scored in enumerate(levels[name][1:], start=1):
+            nbytes = len(scored.record.header_bytes()) + len(scored.record.body)
+            refinements.append((scored, position[name]))
+            scores.append(LevelScore(position[name], level, scored.gain, nbytes, scored.energy))
+    for i in refinement_order(scores, order):
+        scored, index = refinements[i]
+        ordered.append(replace(scored.record, index=index))
     return ordered
 
 

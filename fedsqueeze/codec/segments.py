@@ -4,8 +4,11 @@ The model's byte stream (header, then records, without the trailing checksum: ea
 segment carries its own sha256 on the wire) is cut into segments that hold whole
 records where they fit, so small tensors travel together and a large tensor spans
 several segments. ``priority`` orders the stream (lower first) and ``level`` is the
-refinement level of the records inside, so progressive transmission can send base
-layers before refinements without changing the wire format.
+highest refinement level of the records inside (0: the base layer), so progressive
+transmission can send base layers before refinements without changing the wire format.
+A segment never mixes base-level records with refinements; refinements of several
+levels share one when the stream interleaves them (format version 5's global
+rate-distortion order, :mod:`fedsqueeze.codec.level_order`).
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ class Segment:
     priority
         Lower is sent first.
     level
-        Refinement level of its records (0: the base layer).
+        The highest refinement level of its records (0: base-level records only).
     payload
         The bytes.
     """
@@ -61,19 +64,20 @@ def split_segments(encoded: EncodedModel, max_bytes: int = DEFAULT_SEGMENT_BYTES
     segments: list[Segment] = []
     buf = bytearray()
     names: list[str] = []
-    level = 0
+    level = 0  # the highest level of what buf holds
+    refining = False  # whether the pieces so far reached the refinements
 
     def flush() -> None:
-        nonlocal buf, names
+        nonlocal buf, names, level
         if buf:
             idx = len(segments)
             segments.append(Segment(idx, tuple(names), idx, level, bytes(buf)))
-            buf, names = bytearray(), []
+            buf, names, level = bytearray(), [], 0
 
     for name, piece_level, data in pieces:
-        if piece_level != level:
+        if (piece_level > 0) != refining:
             flush()
-            level = piece_level
+            refining = piece_level > 0
         if len(buf) + len(data) > max_bytes and names:
             # Start a large record on a fresh segment, unless the buffer holds only the
             # stream header: a header-only segment would cost a descriptor for 9 bytes.
@@ -83,6 +87,7 @@ def split_segments(encoded: EncodedModel, max_bytes: int = DEFAULT_SEGMENT_BYTES
             room = max_bytes - len(buf)
             chunk = data[offset : offset + room]
             buf += chunk
+            level = max(level, piece_level)
             offset += len(chunk)
             if name is not None and (not names or names[-1] != name):
                 names.append(name)
@@ -97,7 +102,7 @@ def split_progressive(
 ) -> list[Segment]:
     """Cut a progressive model into segments of whole records, for truncation by budget.
 
-    A segment ends at each level change and once it holds ``target_bytes`` or more, so a
+    A segment ends where the refinements begin and once it holds ``target_bytes`` or more, so a
     byte budget buys whole records (a record cut by the budget would be bytes paid for and
     thrown away). Only a record longer than ``max_bytes`` spans several segments.
     """
@@ -109,23 +114,25 @@ def split_progressive(
     segments: list[Segment] = []
     buf = bytearray()
     names: list[str] = []
-    level = 0
+    level = 0  # the highest level of what buf holds
+    refining = False  # whether the pieces so far reached the refinements
 
     def flush() -> None:
-        nonlocal buf, names
+        nonlocal buf, names, level
         if buf:
             idx = len(segments)
             segments.append(Segment(idx, tuple(names), idx, level, bytes(buf)))
-            buf, names = bytearray(), []
+            buf, names, level = bytearray(), [], 0
 
     for name, piece_level, data in pieces:
-        if piece_level != level or (len(buf) + len(data) > max_bytes and names):
+        if (piece_level > 0) != refining or (len(buf) + len(data) > max_bytes and names):
             flush()
-            level = piece_level
+            refining = piece_level > 0
         if name is not None and (not names or names[-1] != name):
             names.append(name)
         for offset in range(0, len(data), max_bytes):
             buf += data[offset : offset + max_bytes]
+            level = max(level, piece_level)
             if len(buf) >= max_bytes:
                 flush()
                 if name is not None and offset + max_bytes < len(data):

@@ -10,8 +10,9 @@ straight into the caller's tensors, in place:
   or per channel, zstd-coded or not) is decoded ``chunk_values`` values at a time: its
   body is never held whole, so the extra memory is a few chunks (the default chunk of
   256 Ki values is at most 2 MiB of fp64 input and 1 MiB of float32 output, about two
-  1 MiB segments). A sparse (pruned, top-k) record first decodes its positions, 8 bytes
-  per kept value, then its values chunk by chunk;
+  1 MiB segments). A sparse (pruned, top-k) record holds its positions' payload (at
+  most one bit per element of the tensor) and decodes the positions chunk by chunk
+  beside the values (:mod:`fedsqueeze.codec.position_chunks`);
 * a low-rank record is held whole while it is decoded (its factors are small); a stream
   of progressive levels is refused (decode those with
   :func:`~fedsqueeze.codec.model.decode_prefix`).
@@ -47,7 +48,8 @@ from fedsqueeze.codec.container import (
     parse_record,
 )
 from fedsqueeze.codec.grouping import stream_grouped
-from fedsqueeze.codec.positions import PositionCoding, decode_positions
+from fedsqueeze.codec.position_chunks import iter_positions
+from fedsqueeze.codec.positions import PositionCoding
 from fedsqueeze.codec.quantization import dequantize, qparams_from_bytes
 from fedsqueeze.codec.spec import Granularity
 from fedsqueeze.codec.tensor_decode import TensorDecoder
@@ -383,7 +385,7 @@ def _stream_record(
         stride = max(1, numel // max(1, channels))
         if not out.dtype.is_floating_point:
             raise FormatError(f"record {name!r}: lossy values for a {out.dtype} tensor")
-    indices: torch.Tensor | None = None
+    where_chunks: Iterator[torch.Tensor] | None = None
     kept = numel
     if record.positions is not None:
         p = record.positions
@@ -394,7 +396,7 @@ def _stream_record(
         if q is None and record.value_kind not in _FLOAT_KINDS:
             raise FormatError(f"record {name!r}: raw values cannot be sparse")
         payload = _uint8(take(p.payload_bytes), flat.device)
-        indices = decode_positions(coding, p.count, p.rice_k, payload, numel)
+        where_chunks = iter_positions(coding, p.count, p.rice_k, payload, numel, step)
         kept = p.count
         if not record.delta:
             flat.zero_()
@@ -402,7 +404,7 @@ def _stream_record(
         stop = min(kept, start + step)
         count = stop - start
         part = flat[start:stop]
-        where = indices[start:stop] if indices is not None else None
+        where = None if where_chunks is None else next(where_chunks)
         if q is not None and qp is not None:
             data = take(packed_size(count, q.bits))
             codes = unpack_bits(_uint8(data, part.device), q.bits, count)
@@ -446,6 +448,8 @@ def _stream_record(
             part.copy_(raw.to(torch.bool))
         else:
             part.copy_(raw.view(out.dtype))
+    if where_chunks is not None and next(where_chunks, None) is not None:
+        raise FormatError(f"record {name!r}: more positions than values")
     if body is not None:
         try:
             extra = reader.read(1)

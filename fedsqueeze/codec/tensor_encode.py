@@ -87,14 +87,17 @@ _CAST_DTYPES = {
 
 @dataclass(frozen=True)
 class ScoredLevel:
-    """One level of a progressive tensor and the squared error it removes."""
+    """One level of a progressive tensor, the squared error it removes and the energy
+    ``‖W‖²`` of the tensor it belongs to (1.0 where that is zero)."""
 
     record: TensorRecord
     gain: float
+    energy: float = 1.0
 
     @property
     def score(self) -> float:
-        """Error removed per byte of the record (the stream's order within a level)."""
+        """Squared error removed per byte of the record (orders the base levels; the
+        refinements' order is :func:`~fedsqueeze.codec.level_order.refinement_order`)."""
         return self.gain / max(1, len(self.record.header_bytes()) + len(self.record.body))
 
 
@@ -433,6 +436,7 @@ class TensorEncoder:
         codes = quantize(values, qp, q.rounding, channels_of, self._generator(t.device))
         quant = _quant_header(q, qp, num_channels)
         before = torch.zeros_like(values, dtype=torch.float64)
+        energy = float(t.detach().to(torch.float64).square().sum()) or 1.0
         scored: list[ScoredLevel] = []
         for level, bits in enumerate(levels):
             held = cumulative_bits(levels, level)
@@ -454,7 +458,7 @@ class TensorEncoder:
                     compressed if compressed is not None else body,
                 )  # fmt: skip
             after64 = after.to(torch.float64)
-            scored.append(ScoredLevel(record, level_gain(values, before, after64)))
+            scored.append(ScoredLevel(record, level_gain(values, before, after64), energy))
             before = after64
         self.levels[name] = scored
         return scored[0].record, before.to(torch.float32)

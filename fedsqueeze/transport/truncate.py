@@ -4,8 +4,9 @@ A fetch with a byte budget of an encoding that is **not** progressive is all or 
 RESOURCE_EXHAUSTED when it does not fit. A **progressive** encoding (codec spec
 ``levels``) is cut instead: the answer carries the longest prefix of segments that fits
 (:func:`plan_prefix`), and its manifest says so (``prefix_segments``). The segments go in
-the stream's order (base levels first, then level by level, each level's records by
-falling error removed per byte), so every byte bought is the best next byte, and the
+the stream's order (base levels first, then every tensor's refinements in one order of
+falling distortion removed per byte, :mod:`fedsqueeze.codec.level_order`), so every
+byte bought is the best next byte, and the
 client decodes what it got with :func:`~fedsqueeze.codec.decode_prefix`.
 
 What an edge holding a prefix is served next (the design, and why it is the simplest

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from fedsqueeze.bench.progressive import compare_designs, prefix_curve, stdlib_sentences
+from fedsqueeze.bench.level_designs import compare_designs
+from fedsqueeze.bench.progressive import prefix_curve, stdlib_sentences
 from fedsqueeze.codec.spec_text import parse_spec
 
 
@@ -61,3 +62,47 @@ def test_partwise_memory_runs_both_ways_in_fresh_processes() -> None:
     assert (
         float(row["whole_extra_peak_bytes"]) >= 0 and float(row["partwise_extra_peak_bytes"]) >= 0
     )
+
+
+def test_prefix_curve_takes_the_refinement_order() -> None:
+    from fedsqueeze.codec.level_order import LevelOrder
+
+    state = {**_state(), "b.weight": torch.randn(64, 128, generator=torch.Generator())}
+    spec = parse_spec("quant=8:channel,levels=1+1+2+4")
+    for order in LevelOrder:
+        curve = prefix_curve(state, spec, lambda s: 0.0, order=order, count=4)
+        assert curve["order"] == order.value
+        assert len(curve["curve"]) <= 4
+
+
+def test_plane_entropy_reports_each_level_and_refuses_what_it_cannot_measure() -> None:
+    import pytest
+
+    from fedsqueeze.bench.plane_entropy import plane_entropy
+    from fedsqueeze.bench.progressive import run
+
+    rows = plane_entropy(_state(), parse_spec("quant=8:channel,levels=2+2+4"))
+    assert [r["bits"] for r in rows] == [2, 2, 4]
+    for r in rows:
+        # an entropy never exceeds the plane's width; knowing the coarser bits never hurts
+        assert 0 < r["conditional_bits_per_value"] <= r["order0_bits_per_value"] + 1e-9
+        assert r["order0_bits_per_value"] <= r["bits"] + 1e-9
+        assert r["sent_bits_per_value"] > 0
+    with pytest.raises(ValueError, match="progressive"):
+        plane_entropy(_state(), parse_spec("quant=8"))
+    with pytest.raises(ValueError, match="dense"):
+        plane_entropy(_state(), parse_spec("quant=8:block32,levels=4+4"))
+    with pytest.raises(ValueError, match="unknown parts"):
+        run(parts=("curves",))
+
+
+def test_curve_arguments_parse_spec_and_order() -> None:
+    import pytest
+
+    from fedsqueeze.bench.progressive import parse_curve
+    from fedsqueeze.codec.level_order import LevelOrder
+
+    assert parse_curve("quant=8,levels=4+4@by-level") == ("quant=8,levels=4+4", LevelOrder.BY_LEVEL)
+    assert parse_curve("quant=8,levels=4+4")[1] is LevelOrder.RELATIVE
+    with pytest.raises(ValueError, match="unknown refinement order"):
+        parse_curve("quant=8,levels=4+4@sideways")

@@ -26,9 +26,11 @@ from fedsqueeze.codec import (
     decode_state,
     encode_state,
 )
-from fedsqueeze.codec.container import crc32
+from fedsqueeze.codec.container import GLOBAL_ORDER_VERSION, crc32
 from fedsqueeze.errors import CodecError, LimitExceededError
 from tests.codec.conftest import make_state
+from tests.codec.test_level_order import SPEC as GLOBAL_SPEC
+from tests.codec.test_level_order import mixed_state
 
 BASE = make_state(1)
 SPECS = [
@@ -82,6 +84,10 @@ def _samples() -> list[tuple[bytes, bool]]:
     for spec in SPECS:
         out.append((encode_state(state, spec, seed=0).to_bytes(), False))
         out.append((encode_state(state, spec, BASE, seed=0).to_bytes(), True))
+    # refinements in one order over all tensors (format version 5): hostile orders too
+    v5 = encode_state(mixed_state(), GLOBAL_SPEC, seed=0).to_bytes()
+    assert v5[3] == GLOBAL_ORDER_VERSION
+    out.append((v5, False))
     return out
 
 

@@ -29,6 +29,7 @@ from fedsqueeze.codec import (
     encode_state,
 )
 from fedsqueeze.codec.container import FORMAT_VERSION
+from fedsqueeze.codec.level_order import LevelOrder
 
 GOLDEN = Path(__file__).parent.parent / "golden" / "v1"
 LEGACY = Path(__file__).parent / "legacy_v1"
@@ -78,9 +79,11 @@ CASES: dict[str, tuple[CodecSpec, bool]] = {
 }
 
 
-def encode_case(spec: CodecSpec, delta: bool) -> bytes:
-    """The golden encoding of ``_state(0)`` (against ``_state(1)`` for a delta)."""
-    return encode_state(_state(0), spec, _state(1) if delta else None, seed=0).to_bytes()
+def encode_case(spec: CodecSpec, delta: bool, order: LevelOrder = LevelOrder.BY_LEVEL) -> bytes:
+    """The golden encoding of ``_state(0)`` (against ``_state(1)`` for a delta); levels
+    in the order of versions 2-4 unless ``order`` says otherwise."""
+    base = _state(1) if delta else None
+    return encode_state(_state(0), spec, base, seed=0, order=order).to_bytes()
 
 
 def check_golden(
