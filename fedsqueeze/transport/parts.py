@@ -42,8 +42,10 @@ does the same when it keeps the decoded prefix as a version
 prefix's manifest has no decoded digest to check the reassembly against, so there each
 held part is hashed against its own digest before use. So an edge holding some tensors
 at full precision gets none of their bytes, and one holding a coarse prefix of the same
-stream (its ``FetchState``) gets only the refinements it lacks. The stream's records cover only what travels, so the codec's format is unchanged
-(no new record kind, no version bump, golden vectors untouched). The manifest grows one
+stream (its ``FetchState``) gets only the refinements it lacks.
+
+The stream's records cover only what travels, so the codec's format is unchanged (no new
+record kind, no version bump, golden vectors untouched). The manifest grows one
 field, ``repeated PartRef held_parts = 14`` with ``PartRef {string tensor_name = 1;
 bytes part_digest = 2;}``: the tensors the edge reassembles from its cache, by name and
 digest (shape and dtype come with the cached tensor and are checked by the digest). The

@@ -148,7 +148,7 @@ def test_a_resumed_progressive_fetch_never_resends_a_byte_the_edge_holds(
 
 
 def test_a_poisoned_held_part_is_not_used_in_a_prefix(source, store, start_server, connect):
-    v0, v1, v2 = _versions(source)
+    v0, v1, _ = _versions(source)
     client = connect(start_server(source, store))
     honest = _held(v0, v1)
     wrong = v1[SHARED].clone()
