@@ -93,10 +93,11 @@ _SEGMENT = 1 << 20
 #: or not) when its segments are not counted: about 70 B a descriptor, and streams are
 #: cut into at most about 12.
 PROGRESSIVE_MANIFEST_BYTES = 12 * 70
-#: Manifest bytes per segment of a progressive stream beyond the one segment
-#: ``DOWN_OVERHEAD_BYTES`` covers: measured 45 B (372 B for 5 segments, 461 B for 7, digits
-#: CNN deltas), plus a margin.
-PROGRESSIVE_SEGMENT_BYTES = 55
+#: Wire bytes per segment of a progressive stream beyond the one segment
+#: ``DOWN_OVERHEAD_BYTES`` covers: its descriptor in the manifest and its message framing.
+#: Measured on the deadline sweep's digits CNN deltas (truncated 5-segment answers: up to
+#: 272 B more than a one-segment answer, 68 B a segment), plus a margin.
+PROGRESSIVE_SEGMENT_BYTES = 75
 
 #: What an edge that already holds the target is sent: a delta of zeros (a few bytes per
 #: tensor). Lossless, so no pruning stage runs on an all-zero delta.
