@@ -40,7 +40,7 @@ either not fit the tight ones' base level (a truncated delta leaves whole tensor
 base) or leave the others' budget unspent (the measurement behind this:
 BENCHMARKS.md, "Deadline, progressive arm"). With none fitting, the sparsest is sent,
 truncated. The manifest of a progressive stream lists every segment, sent or not: its
-bytes are counted from the chosen stream's own segment count.
+bytes are counted from the chosen stream's own segments and their tensor names.
 
 ``LadderPolicy.fixed`` is a ladder of one: the run's specs, and a skip when they do not
 fit. An edge that cannot fit even the last rung is skipped for the round and reported,
@@ -94,10 +94,12 @@ _SEGMENT = 1 << 20
 #: cut into at most about 12.
 PROGRESSIVE_MANIFEST_BYTES = 12 * 70
 #: Wire bytes per segment of a progressive stream beyond the one segment
-#: ``DOWN_OVERHEAD_BYTES`` covers: its descriptor in the manifest and its message framing.
-#: Measured on the deadline sweep's digits CNN deltas (truncated 5-segment answers: up to
-#: 272 B more than a one-segment answer, 68 B a segment), plus a margin.
-PROGRESSIVE_SEGMENT_BYTES = 75
+#: ``DOWN_OVERHEAD_BYTES`` covers (its sha256, ids, lengths and level in the manifest, its
+#: message framing), besides the tensor names the manifest lists for every segment (each
+#: name's bytes and 2 more). Measured on the deadline sweep's digits CNN deltas (truncated
+#: 5-segment answers listing 8 names: 272 B more than a one-segment answer, 43 B a segment
+#: besides the names), plus a margin.
+PROGRESSIVE_SEGMENT_BYTES = 50
 
 #: What an edge that already holds the target is sent: a delta of zeros (a few bytes per
 #: tensor). Lossless, so no pruning stage runs on an all-zero delta.
@@ -490,8 +492,8 @@ class LadderPolicy:
         lo, hi = 0, len(downs) - 1
         while lo <= hi:
             mid = probe if probe is not None and lo <= probe <= hi else (lo + hi) // 2
-            base_level, segments = self._progressive_sizes(request, downs[mid][1])
-            payloads[mid] = room - PROGRESSIVE_SEGMENT_BYTES * max(0, segments - 1)
+            base_level, framing = self._progressive_sizes(request, downs[mid][1])
+            payloads[mid] = room - framing
             fits = base_level <= payloads[mid]
             if fits:
                 found, hi = mid, mid - 1
@@ -500,21 +502,22 @@ class LadderPolicy:
             probe = (mid - 1 if fits else mid + 1) if mid == hint else None
         rung = found if found is not None else len(downs) - 1
         if rung not in payloads:  # none fits and the sparsest was not probed
-            segments = self._progressive_sizes(request, downs[rung][1])[1]
-            payloads[rung] = room - PROGRESSIVE_SEGMENT_BYTES * max(0, segments - 1)
+            payloads[rung] = room - self._progressive_sizes(request, downs[rung][1])[1]
         self._last[request.node_id] = rung
         return downs[rung][0], payloads[rung]
 
     def _progressive_sizes(self, request: EdgeRequest, spec: CodecSpec) -> tuple[int, int]:
-        """Bytes of the stream's base level (header and every level-0 record) and how many
-        segments the data plane cuts the whole stream into."""
+        """Bytes of the stream's base level (header and every level-0 record), and the
+        wire bytes its segment list adds beyond a one-segment answer (the data plane cuts
+        the stream the same way and lists every segment, sent or not)."""
         encoded = self._down_encoding(request, spec)
         base_level = len(encoded.header.to_bytes()) + sum(
             len(r.header_bytes()) + len(r.body) for r in encoded.records if r.level == 0
         )
         target = max(MIN_PROGRESSIVE_SEGMENT_BYTES, encoded.nbytes // PROGRESSIVE_SEGMENTS)
         segments = split_progressive(encoded, min(target, _SEGMENT), _SEGMENT)
-        return base_level, len(segments)
+        names = sum(len(n.encode()) + 2 for seg in segments for n in seg.tensor_names)
+        return base_level, names + PROGRESSIVE_SEGMENT_BYTES * max(0, len(segments) - 1)
 
 
 def _up_allowed(limits: _Limits, down_s: float) -> float:

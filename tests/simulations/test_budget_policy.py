@@ -289,7 +289,7 @@ def test_low_rank_uploads_are_picked_by_expected_size_and_fit_on_the_wire(
 def test_progressive_ladder_sizes_the_base_level_and_never_exceeds_the_budget(
     plane: Plane, down: int
 ) -> None:
-    from coordinator.budget import DOWN_OVERHEAD_BYTES, PROGRESSIVE_SEGMENT_BYTES
+    from coordinator.budget import DOWN_OVERHEAD_BYTES
     from simulations.baselines import PROGRESSIVE_DOWN_LADDER
 
     target = plane.store.publish(_perturbed(plane.init, 0.05, seed=1))
@@ -313,5 +313,5 @@ def test_progressive_ladder_sizes_the_base_level_and_never_exceeds_the_budget(
     if base > choice.down_payload:  # none fits: the sparsest, truncated
         assert i == len(PROGRESSIVE_DOWN_LADDER) - 1
     if i > 0:
-        above, segments = sizes(request, parse_spec(PROGRESSIVE_DOWN_LADDER[i - 1]))
-        assert above > down - DOWN_OVERHEAD_BYTES - PROGRESSIVE_SEGMENT_BYTES * (segments - 1)
+        above, framing = sizes(request, parse_spec(PROGRESSIVE_DOWN_LADDER[i - 1]))
+        assert above > down - DOWN_OVERHEAD_BYTES - framing
