@@ -15,10 +15,11 @@ arm                what travels
                    values) that fit 3.7 kB down and 2.4 kB up on the data plane
                    (together 1/50 of an fp32 model down and up) and the client's link
                    within the round deadline, if any
-``progressive``    (not in the default sweep) a progressive download (95%-sparse 4-bit
-                   delta in levels of 2+2 bits against what the client holds) truncated
-                   to the client's budget and deadline instead of a skip or a drop;
-                   uploads as ``adaptive``, within the same 3.7 kB / 2.4 kB
+``progressive``    (not in the default sweep) a progressive download (a sparse 2-bit
+                   k-means delta in levels of 1+1 bits against what the client holds, the
+                   densest of 80-99% sparsity whose base level fits) truncated to the
+                   client's budget and deadline instead of a skip or a drop; uploads as
+                   ``adaptive``, within the same 3.7 kB / 2.4 kB
 ``distill``        (not in the default sweep) ``adaptive``, and a student track: clients
                    on 2g, iot-lpwan and satellite links train the task's compact student
                    (its own versions and aggregation, refreshed by distilling the global
