@@ -174,3 +174,31 @@ def test_verify_flags_a_wrong_part() -> None:
     assert set(resolve_held_parts(manifest, held)) == {"w"}  # not hashed by default
     with pytest.raises(HeldPartError, match="does not match its digest"):
         resolve_held_parts(manifest, held, verify=True)
+
+
+def test_a_cut_progressive_stream_resumes_without_resending_a_held_byte(
+    source, store, start_server, connect
+):
+    """The stream breaks twice mid-way (injected faults); the client resumes with only
+    the missing segments: every payload byte arrives once, the held layer's never."""
+    from fedsqueeze.transport import FaultInjector
+
+    v0, v1, v2 = _versions(source)
+    faults = FaultInjector()
+    faults.cut_streams_after(1, times=2)
+    client = connect(start_server(source, store, faults=faults))
+    result = client.fetch(spec=SPEC, base=v0, held=_held(v0, v1))
+    assert faults.cuts == 2 and result.stats.retries == 2
+    assert [ref.tensor_name for ref in result.manifest.held_parts] == [SHARED]
+    assert result.state is not None and result.digest == result.manifest.decoded_digest
+    assert torch.equal(result.state[SHARED], v2[SHARED])
+    segments = len(result.manifest.segments)
+    # one Fetch (manifest and a segment) and two StreamSegments (a segment, then the rest)
+    assert result.stats.wire.messages_received == 1 + segments
+    payload = result.stats.wire.received - len(
+        fetch_manifest_message(
+            result.manifest,
+            ManifestRequest("global", state_digest(v0), SPEC, None, (state_digest(v1),)),
+        )
+    )
+    assert 0 <= payload - result.manifest.encoded_bytes < 40 * segments
