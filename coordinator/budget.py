@@ -28,11 +28,19 @@ finds it), then does the same for the upload:
   (:func:`edge.mod.fit_update`), so the budget holds on the wire without paying for the
   worst case.
 
-A **progressive** policy (``progressive=True``, one download spec with ``levels``) never
+A **progressive** policy (``progressive=True``, download specs with ``levels``) never
 skips an edge for its download: the instruction's download budget is what the edge's
 byte limit and link time allow, and the data plane truncates the stream to the longest
 prefix that fits (:mod:`fedsqueeze.transport.truncate`); the upload is chosen from the
-ladder as above.
+ladder as above. With a ladder of progressive specs (denser first), the policy takes the
+densest whose **base level** (every tensor's level 0: positions and the coarse codes)
+fits the edge's payload, measured exactly as for a download rung, and the refinement
+levels fill what is left until the data plane cuts them: one spec for every edge would
+either not fit the tight ones' base level (a truncated delta leaves whole tensors at the
+base) or leave the others' budget unspent (the measurement behind this:
+BENCHMARKS.md, "Deadline, progressive arm"). With none fitting, the sparsest is sent,
+truncated. The manifest of a progressive stream lists every segment, sent or not: its
+bytes are counted from the chosen stream's own segments and their tensor names.
 
 ``LadderPolicy.fixed`` is a ladder of one: the run's specs, and a skip when they do not
 fit. An edge that cannot fit even the last rung is skipped for the round and reported,
@@ -52,7 +60,9 @@ import torch
 
 from coordinator.version_store import VersionStore
 from fedsqueeze.codec import CodecSpec, EncodedModel, encode_state
+from fedsqueeze.codec.segments import split_progressive
 from fedsqueeze.codec.spec_text import parse_spec
+from fedsqueeze.transport.prepare import MIN_PROGRESSIVE_SEGMENT_BYTES, PROGRESSIVE_SEGMENTS
 from fedsqueeze.transport.shaping import LinkDirection, LinkProfile
 from fedsqueeze.transport.source import encode_seed
 
@@ -80,8 +90,16 @@ UP_OVERHEAD_BYTES = 220
 PER_SEGMENT_BYTES = 60
 _SEGMENT = 1 << 20
 #: Manifest bytes of a progressive stream's segment list (every segment is listed, sent
-#: or not): about 70 B a descriptor, and streams are cut into at most about 12.
+#: or not) when its segments are not counted: about 70 B a descriptor, and streams are
+#: cut into at most about 12.
 PROGRESSIVE_MANIFEST_BYTES = 12 * 70
+#: Wire bytes per segment of a progressive stream beyond the one segment
+#: ``DOWN_OVERHEAD_BYTES`` covers (its sha256, ids, lengths and level in the manifest, its
+#: message framing), besides the tensor names the manifest lists for every segment (each
+#: name's bytes and 2 more). Measured on the deadline sweep's digits CNN deltas (truncated
+#: 5-segment answers listing 8 names: 272 B more than a one-segment answer, 43 B a segment
+#: besides the names), plus a margin.
+PROGRESSIVE_SEGMENT_BYTES = 50
 
 #: What an edge that already holds the target is sent: a delta of zeros (a few bytes per
 #: tensor). Lossless, so no pruning stage runs on an all-zero delta.
@@ -259,8 +277,8 @@ class LadderPolicy:
     ) -> None:
         if not down_ladder or not up_ladder:
             raise ValueError("ladders need at least one spec each")
-        if progressive and (len(down_ladder) != 1 or not parse_spec(down_ladder[0]).levels):
-            raise ValueError("a progressive policy takes one download spec with levels")
+        if progressive and not all(parse_spec(text).levels for text in down_ladder):
+            raise ValueError("a progressive policy takes download specs with levels")
         if num_rounds < 1 or clients_per_round < 1:
             raise ValueError("num_rounds and clients_per_round must be >= 1")
         if deadline_s is not None and not deadline_s > 0:
@@ -334,19 +352,22 @@ class LadderPolicy:
 
     # ------------------------------------------------------------------ sizes
     def _down_payload(self, request: EdgeRequest, spec: CodecSpec) -> int:
+        return self._down_encoding(request, spec).nbytes
+
+    def _down_encoding(self, request: EdgeRequest, spec: CodecSpec) -> EncodedModel:
+        """The download exactly as the data plane will encode it (same seed)."""
         target = self.store.get(request.target)
         if target is None:
             raise ValueError(f"target {request.target[:12]} is not in the store")
         base = self.store.get(request.held) if request.held is not None else None
         held = request.held if base is not None else None
-        encoded = encode_state(
+        return encode_state(
             target,
             spec,
             base,
             seed=encode_seed(request.target, held, spec),
             base_digest=bytes.fromhex(held) if held is not None else None,
         )
-        return encoded.nbytes
 
     def _up_sizes(self, text: str, spec: CodecSpec, template: dict[str, torch.Tensor]) -> _UpSizes:
         """Wire bytes of an upload with ``spec``: expected, bound, and the shrink floor."""
@@ -391,7 +412,7 @@ class LadderPolicy:
         smallest_up = min(sizes.floor for _, sizes in ups)
         up_s = link.transfer_s(smallest_up, LinkDirection.UP) if link else 0.0
         if self.progressive and not zero:
-            return self._progressive(limits, ups, up_s)
+            return self._progressive(request, limits, ups, up_s)
         downs = self.down_ladder
         if zero:
             downs = ((ZERO_DELTA_SPEC, parse_spec(ZERO_DELTA_SPEC)),)
@@ -432,25 +453,71 @@ class LadderPolicy:
         )
 
     def _progressive(
-        self, limits: _Limits, ups: list[tuple[str, _UpSizes]], up_s: float
+        self, request: EdgeRequest, limits: _Limits, ups: list[tuple[str, _UpSizes]], up_s: float
     ) -> Choice | Skip:
         """The progressive download truncated to what the limits leave after the smallest
-        upload, then the best upload that fits beside it."""
+        upload (the densest rung whose base level fits), then the best upload beside it."""
         link = limits.link
         wire = limits.down
         if link is not None and not math.isinf(limits.seconds):
             wire = min(wire, (limits.seconds - up_s) * link.bytes_per_s(LinkDirection.DOWN))
+        text = self.down_ladder[0][0]
         payload = down_wire = 0  # unlimited: no byte limit for the data plane
         if not math.isinf(wire):
             down_wire = math.floor(wire)
-            payload = down_wire - DOWN_OVERHEAD_BYTES - PROGRESSIVE_MANIFEST_BYTES
+            room = down_wire - DOWN_OVERHEAD_BYTES
+            if len(self.down_ladder) == 1:
+                payload = room - PROGRESSIVE_MANIFEST_BYTES
+            else:
+                text, payload = self._progressive_rung(request, room)
             if payload <= 0:
                 return Skip(f"no download bytes left ({_fmt(wire)} B of wire and link time)")
         down_s = link.transfer_s(down_wire, LinkDirection.DOWN) if link and down_wire else 0.0
-        choice = _pick_upload(limits, ups, down_s, self.down_ladder[0][0], payload, down_wire)
+        choice = _pick_upload(limits, ups, down_s, text, payload, down_wire)
         return choice or Skip(
             f"smallest upload does not fit {_fmt(_up_allowed(limits, down_s))} B up"
         )
+
+    def _progressive_rung(self, request: EdgeRequest, room: int) -> tuple[str, int]:
+        """The densest progressive rung whose base level fits ``room`` payload and
+        manifest bytes (else the sparsest), and the payload budget it leaves.
+
+        Base-level sizes fall along the ladder, so a binary search finds it (from the
+        edge's last rung, as :meth:`choose` does)."""
+        downs = self.down_ladder
+        payloads: dict[int, int] = {}  # rung → payload budget it leaves
+        found: int | None = None
+        hint = min(self._last.get(request.node_id, 0), len(downs) - 1)
+        probe: int | None = hint
+        lo, hi = 0, len(downs) - 1
+        while lo <= hi:
+            mid = probe if probe is not None and lo <= probe <= hi else (lo + hi) // 2
+            base_level, framing = self._progressive_sizes(request, downs[mid][1])
+            payloads[mid] = room - framing
+            fits = base_level <= payloads[mid]
+            if fits:
+                found, hi = mid, mid - 1
+            else:
+                lo = mid + 1
+            probe = (mid - 1 if fits else mid + 1) if mid == hint else None
+        rung = found if found is not None else len(downs) - 1
+        if rung not in payloads:  # none fits and the sparsest was not probed
+            payloads[rung] = room - self._progressive_sizes(request, downs[rung][1])[1]
+        self._last[request.node_id] = rung
+        return downs[rung][0], payloads[rung]
+
+    def _progressive_sizes(self, request: EdgeRequest, spec: CodecSpec) -> tuple[int, int]:
+        """Bytes of the stream's base level (header and every level-0 record), and the
+        wire bytes its segment list adds beyond a one-segment answer (the data plane cuts
+        the stream the same way and lists every segment, sent or not)."""
+        encoded = self._down_encoding(request, spec)
+        base_level = len(encoded.header.to_bytes()) + sum(
+            len(r.header_bytes()) + len(r.body) for r in encoded.records if r.level == 0
+        )
+        target = max(MIN_PROGRESSIVE_SEGMENT_BYTES, encoded.nbytes // PROGRESSIVE_SEGMENTS)
+        segments = split_progressive(encoded, min(target, _SEGMENT), _SEGMENT)
+        names = sum(len(n.encode()) + 2 for seg in segments for n in seg.tensor_names)
+        return base_level, names + PROGRESSIVE_SEGMENT_BYTES * max(0, len(segments) - 1)
 
 
 def _up_allowed(limits: _Limits, down_s: float) -> float:

@@ -8,6 +8,24 @@ Layout of the state directory (default ``./fedsqueeze-state/``)::
 Every write goes to a temporary file in the same directory, is fsynced, then renamed
 over the old file, so a crash leaves either the old or the new state, never a torn one.
 A version file is written before ``state.json`` refers to it.
+
+**What each edge holds.** Besides the version an edge holds now (its next delta's base),
+the store records the last :data:`HELD_PER_EDGE` versions each edge confirmed in a
+receipt (``edge_held``, oldest first), because an edge keeps about as many in its part
+store (:class:`edge.part_store.PartStore`) and names them in its fetches
+(``held_digests``). Those versions stay kept while an edge holds them, up to
+``max_held`` of them beyond ``keep`` (older ones go first, after every unpinned version):
+a version the server no longer has counts for nothing in a fetch, so without this a
+coordinator restart or a few rounds of publishing would make the edge download tensors
+it holds.
+
+Which record is the truth: the **edge's list** says what it holds *now* (it may have
+evicted a version, or lost its cache), so the data plane plans held parts from the
+request's ``held_digests`` only, never from this record alone (a stale record would
+make the edge refetch everything after a ``HeldPartError``). The record's job is to keep
+those versions resolvable across restarts and eviction, so the request can stay short:
+it names whole versions (34 B each on the wire, about 100 B for the default three), not
+parts (a MiniLM has about 100 tensors: 3.2 kB of part digests per request).
 """
 
 from __future__ import annotations
@@ -31,6 +49,8 @@ log = logging.getLogger(__name__)
 
 STATE_FILE = "state.json"
 STATE_VERSION = 1
+#: Versions recorded per edge (the edge's part store keeps 3 by default).
+HELD_PER_EDGE = 3
 _LOSSLESS = CodecSpec(entropy_level=1)
 
 
@@ -41,6 +61,8 @@ class _Persisted:
     edges: dict[str, str] = field(default_factory=dict)  # edge id → digest it holds
     # edge id → what it decoded of a truncated progressive fetch: {"bytes": n, "levels": [...]}
     edge_prefixes: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # edge id → the versions it confirmed lately, oldest first (the last is ``edges[id]``)
+    edge_held: dict[str, list[str]] = field(default_factory=dict)
     completed_round: int = 0
     round_metrics: dict[str, dict[str, float]] = field(default_factory=dict)
     meta: dict[str, Any] = field(default_factory=dict)
@@ -58,13 +80,21 @@ class VersionStore:
         older ones are deleted.
     cache_size
         Decoded versions kept in memory.
+    max_held
+        How many versions edges hold (besides the one each holds now) may stay beyond
+        ``keep`` (see the module's docstring).
     """
 
-    def __init__(self, root: str | Path, keep: int = 4, cache_size: int = 4) -> None:
+    def __init__(
+        self, root: str | Path, keep: int = 4, cache_size: int = 4, *, max_held: int = 64
+    ) -> None:
         if keep < 1:
             raise ValueError(f"keep must be >= 1, got {keep}")
+        if max_held < 0:
+            raise ValueError(f"max_held must be >= 0, got {max_held}")
         self.root = Path(root)
         self.keep = keep
+        self.max_held = max_held
         self._lock = threading.RLock()
         self._cache: OrderedDict[str, dict[str, torch.Tensor]] = OrderedDict()
         self._cache_size = max(1, cache_size)
@@ -85,6 +115,7 @@ class VersionStore:
                 versions=list(raw["versions"]),
                 edges=dict(raw["edges"]),
                 edge_prefixes=dict(raw.get("edge_prefixes", {})),
+                edge_held={k: [str(d) for d in v] for k, v in raw.get("edge_held", {}).items()},
                 completed_round=int(raw["completed_round"]),
                 round_metrics={k: dict(v) for k, v in raw["round_metrics"].items()},
                 meta=dict(raw.get("meta", {})),
@@ -100,6 +131,7 @@ class VersionStore:
             "versions": s.versions,
             "edges": s.edges,
             "edge_prefixes": s.edge_prefixes,
+            "edge_held": s.edge_held,
             "completed_round": s.completed_round,
             "round_metrics": s.round_metrics,
             "meta": s.meta,
@@ -137,14 +169,31 @@ class VersionStore:
     def _evict(self) -> None:
         # Versions an edge holds stay while it holds them: its next delta is made from one.
         pinned = set(self._state.tracks.values()) | set(self._state.edges.values())
-        while len(self._state.versions) > self.keep + len(pinned):
-            victim = next((d for d in self._state.versions if d not in pinned), None)
-            if victim is None:
-                break
+        # Older versions edges hold stay too (their parts need not travel), the most
+        # recent max_held of them.
+        held = [
+            d
+            for d in self._state.versions
+            if d not in pinned and any(d in ds for ds in self._state.edge_held.values())
+        ]
+        victims = held[: max(0, len(held) - self.max_held)]
+        kept_held = set(held[len(victims) :])
+        others = [d for d in self._state.versions if d not in pinned and d not in kept_held]
+        extra = (
+            len(self._state.versions)
+            - len(victims)
+            - (self.keep + len(pinned & set(self._state.versions)) + len(kept_held))
+        )
+        victims += [d for d in others if d not in victims][: max(0, extra)]
+        for victim in victims:
             self._state.versions.remove(victim)
             self._cache.pop(victim, None)
             self._path(victim).unlink(missing_ok=True)
             log.debug("evicted version %s", victim[:12])
+        if victims:
+            gone = set(victims)
+            for edge, ds in self._state.edge_held.items():
+                self._state.edge_held[edge] = [d for d in ds if d not in gone]
 
     def _remember(self, digest: str, state: dict[str, torch.Tensor]) -> None:
         self._cache[digest] = state
@@ -209,6 +258,8 @@ class VersionStore:
             if digest not in self._state.versions:
                 raise ValueError(f"version {digest[:12]} is not in the store")
             self._state.edges[edge_id] = digest
+            history = [d for d in self._state.edge_held.get(edge_id, []) if d != digest]
+            self._state.edge_held[edge_id] = [*history, digest][-HELD_PER_EDGE:]
             if decoded_bytes:
                 self._state.edge_prefixes[edge_id] = {
                     "bytes": decoded_bytes,
@@ -226,6 +277,13 @@ class VersionStore:
             if entry is None:
                 return None
             return int(entry["bytes"]), tuple(int(v) for v in entry["levels"])
+
+    def edge_holdings(self, edge_id: str) -> tuple[str, ...]:
+        """The versions the edge confirmed lately and the store still keeps, oldest first
+        (the last is the one it holds now)."""
+        with self._lock:
+            kept = set(self._state.versions)
+            return tuple(d for d in self._state.edge_held.get(edge_id, []) if d in kept)
 
     def edge_version(self, edge_id: str) -> str | None:
         """The version the edge holds, if still kept."""

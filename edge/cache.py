@@ -1,19 +1,19 @@
 """Where an edge keeps what must survive between rounds.
 
 Two things: the model it holds (the base of the next delta, and what its update is made
-against) and its error-feedback residual. Besides, in memory, a :class:`PartStore`: the
-last few versions it held, by content, so that tensors they share with a later model
-need not travel again (:mod:`fedsqueeze.transport.parts`). In simulation they live in Flower's
-``Context.state`` (kept per node across rounds); deployed, in a local directory, written
-atomically so a crash leaves the previous round's state intact.
+against) and its error-feedback residual. Besides, a :class:`~edge.part_store.PartStore`:
+the last few versions it held, by content, so that tensors they share with a later model
+need not travel again (:mod:`fedsqueeze.transport.parts`). In simulation they live in
+Flower's ``Context.state`` (kept per node across rounds) and the part store in the
+connector's memory; deployed, in a local directory (the part store under ``parts/``,
+bounded and verified on load), written atomically so a crash leaves the previous round's
+state intact.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from collections import OrderedDict
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -21,13 +21,25 @@ from typing import Protocol
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
+from edge.part_store import DEFAULT_PART_CACHE_BYTES, PartStore
 from fedsqueeze.codec import state_digest
 from fedsqueeze.errors import ConfigError
 from fedsqueeze.statefile import load_state, save_state, write_atomic
-from fedsqueeze.transport.parts import HeldVersions, part_digest
 
 State = dict[str, torch.Tensor]
 log = logging.getLogger(__name__)
+
+__all__ = [
+    "ContextCache",
+    "DirectoryCache",
+    "EdgeCache",
+    "EdgeMemory",
+    "PartStore",
+]
+
+#: Part stores opened by this process, by directory: a ClientApp process that serves
+#: several rounds loads and verifies its store once.
+_OPEN_PART_STORES: dict[Path, PartStore] = {}
 
 
 @dataclass(frozen=True)
@@ -79,11 +91,33 @@ class ContextCache:
 
 
 class DirectoryCache:
-    """An :class:`EdgeCache` in a local directory (deployed edges)."""
+    """An :class:`EdgeCache` in a local directory (deployed edges).
 
-    def __init__(self, root: str | Path) -> None:
+    Parameters
+    ----------
+    root
+        The directory (created if missing).
+    part_bytes
+        Bound of its part store (:meth:`part_store`), in bytes.
+    """
+
+    def __init__(self, root: str | Path, *, part_bytes: int = DEFAULT_PART_CACHE_BYTES) -> None:
+        if part_bytes < 1:
+            raise ValueError("part_bytes must be >= 1")
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
+        self.part_bytes = part_bytes
+
+    def part_store(self, max_versions: int = 3) -> PartStore:
+        """The persisted part store under ``ROOT/parts`` (opened once per process and
+        directory; a new bound applies from the next version added)."""
+        directory = (self.root / "parts").resolve()
+        store = _OPEN_PART_STORES.get(directory)
+        if store is None:
+            store = PartStore(max_versions, directory=directory, max_bytes=self.part_bytes)
+            _OPEN_PART_STORES[directory] = store
+        store.max_bytes = self.part_bytes
+        return store
 
     def load(self) -> EdgeMemory:
         meta_path = self.root / "edge.json"
@@ -114,56 +148,3 @@ class DirectoryCache:
         if memory.residual is not None:
             save_state(memory.residual, self.root / "residual.pt")
         write_atomic(self.root / "edge.json", json.dumps({"held": memory.held_digest}).encode())
-
-
-class PartStore:
-    """The versions an edge held lately, as content-addressed parts; in memory.
-
-    Each version is indexed once (its tensors by :func:`part_digest`); a tensor shared by
-    several versions is kept once. The least recently added or used version is dropped
-    beyond ``max_versions``, with the parts no other version has.
-
-    Parameters
-    ----------
-    max_versions
-        How many versions to keep (the memory of about that many models, less what they
-        share).
-    """
-
-    def __init__(self, max_versions: int = 3) -> None:
-        if max_versions < 1:
-            raise ValueError("max_versions must be >= 1")
-        self.max_versions = max_versions
-        self._versions: OrderedDict[bytes, tuple[bytes, ...]] = OrderedDict()
-        self._parts: dict[bytes, torch.Tensor] = {}
-        self._users: dict[bytes, int] = {}
-
-    def add(self, digest: bytes, state: Mapping[str, torch.Tensor]) -> None:
-        """Keep ``state`` (whose model digest is ``digest``, not checked) as held."""
-        if digest in self._versions:
-            self._versions.move_to_end(digest)
-            return
-        by_digest: dict[bytes, torch.Tensor] = {}
-        for tensor in state.values():
-            by_digest.setdefault(part_digest(tensor), tensor)
-        for d, tensor in by_digest.items():
-            self._parts.setdefault(d, tensor)
-            self._users[d] = self._users.get(d, 0) + 1
-        self._versions[digest] = tuple(by_digest)
-        while len(self._versions) > self.max_versions:
-            self.drop(next(iter(self._versions)))
-
-    def drop(self, digest: bytes) -> None:
-        """Forget version ``digest`` (and the parts only it had); nothing if not held."""
-        for d in self._versions.pop(digest, ()):
-            self._users[d] -= 1
-            if self._users[d] == 0:
-                del self._users[d], self._parts[d]
-
-    def versions(self) -> tuple[bytes, ...]:
-        """Digests of the versions kept, oldest first."""
-        return tuple(self._versions)
-
-    def held(self) -> HeldVersions:
-        """What a fetch may name as held (a snapshot)."""
-        return HeldVersions(tuple(sorted(self._versions)), dict(self._parts))

@@ -88,8 +88,14 @@ class DataPlaneConnector(Protocol):
         edge_id: str,
         held_digest: str | None,
         held: State | None,
+        *,
+        parts: PartStore | None = None,
     ) -> Fetched:
-        """The instruction's target model, as a delta from ``held`` when possible."""
+        """The instruction's target model, as a delta from ``held`` when possible.
+
+        ``parts``: the edge's own (persisted) part store, used instead of the
+        connector's in-memory one.
+        """
         ...
 
     def push(
@@ -118,7 +124,8 @@ class GrpcConnector:
     held_versions
         How many versions each edge keeps in memory as content-addressed parts
         (:class:`edge.cache.PartStore`), named in its fetches so that tensors they hold
-        exactly do not travel again; 0: none (fetches name only their base).
+        exactly do not travel again; 0: none (fetches name only their base, and a
+        store passed to :meth:`fetch` is not used either).
     """
 
     def __init__(
@@ -159,6 +166,8 @@ class GrpcConnector:
         edge_id: str,
         held_digest: str | None,
         held: State | None,
+        *,
+        parts: PartStore | None = None,
     ) -> Fetched:
         link = self.link() if self.link is not None else None
         last = self._streams.get(edge_id)
@@ -168,7 +177,10 @@ class GrpcConnector:
             state = last.held
         else:
             state = FetchState()
-        parts = self._part_store(edge_id)
+        if self.held_versions == 0:
+            parts = None
+        elif parts is None:
+            parts = self._part_store(edge_id)
         if parts is not None and held is not None and held_digest:
             parts.add(bytes.fromhex(held_digest), held)
         with (

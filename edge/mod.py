@@ -38,6 +38,7 @@ from flwr.clientapp.typing import ClientAppCallable
 
 from edge.cache import ContextCache, DirectoryCache, EdgeCache, EdgeMemory
 from edge.dataplane import DataPlaneConnector, GrpcConnector
+from edge.part_store import DEFAULT_PART_CACHE_BYTES
 from fedsqueeze.codec import CodecSpec, EncodedModel, NonFinite, encode_state, state_digest
 from fedsqueeze.codec.spec_text import parse_spec
 from fedsqueeze.control import (
@@ -72,13 +73,22 @@ def _task_student(task: str, seed: int) -> State:
 
 #: Node-config key naming a local directory for the edge's held model and residual.
 CACHE_DIR_KEY = "fedsqueeze-cache-dir"
+#: Node-config key bounding the part store under that directory, in bytes.
+PART_CACHE_BYTES_KEY = "fedsqueeze-part-cache-bytes"
 
 
 def default_cache(context: Context) -> EdgeCache:
-    """A directory when the node config names one (deployed edges), else ``Context.state``."""
+    """A directory when the node config names one (deployed edges), else ``Context.state``.
+
+    The directory also holds the edge's part store, bounded by the node config's
+    ``fedsqueeze-part-cache-bytes`` (default :data:`edge.part_store.DEFAULT_PART_CACHE_BYTES`).
+    """
     directory = context.node_config.get(CACHE_DIR_KEY)
     if isinstance(directory, str) and directory:
-        return DirectoryCache(directory)
+        bound = context.node_config.get(PART_CACHE_BYTES_KEY, DEFAULT_PART_CACHE_BYTES)
+        if not isinstance(bound, int) or isinstance(bound, bool) or bound < 1:
+            raise ValueError(f"{PART_CACHE_BYTES_KEY} must be an integer >= 1, got {bound!r}")
+        return DirectoryCache(directory, part_bytes=bound)
     return ContextCache(context.state)
 
 
@@ -126,7 +136,10 @@ def make_mod(
                 log.warning("rebuilt initial model does not match; downloading instead")
         edge_id = str(msg.metadata.dst_node_id)
         fetch_start = time.perf_counter()
-        fetched = plane.fetch(instruction, edge_id, held_digest, held)
+        # A deployed edge's part store persists beside its held model; in simulation the
+        # connector keeps one in memory.
+        parts = store.part_store() if isinstance(store, DirectoryCache) else None
+        fetched = plane.fetch(instruction, edge_id, held_digest, held, parts=parts)
         # An emulated link's real waits are not local work (the simulated clock counts the
         # link from the bytes and round trips).
         fetch_seconds = max(0.0, time.perf_counter() - fetch_start - fetched.link_wait_s)

@@ -30,7 +30,7 @@ from coordinator.frozen import FrozenParts
 from coordinator.student_track import StudentAssignment
 from coordinator.version_store import VersionStore
 from fedsqueeze.codec import state_digest
-from fedsqueeze.codec.spec_text import with_freeze
+from fedsqueeze.codec.spec_text import parse_spec, with_freeze
 from fedsqueeze.control import RECEIPT_KEY, TrainReceipt
 from fedsqueeze.tasks import get_task
 from fedsqueeze.tasks.evaluator import TestEvaluator
@@ -233,7 +233,9 @@ class SweepServer:
             (arm.down_ladder, arm.up_ladder) if adaptive else ((arm.down_spec,), (arm.up_spec,))
         )
         if progressive:
-            ladders = ((arm.down_spec,), arm.up_ladder)
+            # A ladder of progressive specs when the arm has one, else its one spec.
+            graded = all(parse_spec(text).levels for text in arm.down_ladder)
+            ladders = (arm.down_ladder if graded else (arm.down_spec,), arm.up_ladder)
         # The policy sizes its specs by encoding: with the run's frozen patterns in them,
         # it sizes (and encodes) only what travels, not a 22.7M-parameter backbone.
         frozen = cfg.arm_frozen(arm)

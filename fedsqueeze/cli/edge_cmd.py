@@ -102,7 +102,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--cache-dir",
         metavar="DIR",
         help="where the edge keeps the model it holds and its error-feedback residual, "
-        "so that a restarted edge downloads only a delta (default: WORK-DIR/cache)",
+        "so that a restarted edge downloads only a delta (default: WORK-DIR/cache); "
+        "also the versions it held lately, by content (CACHE-DIR/parts), so that "
+        "tensors a later model shares with them are not downloaded again",
+    )
+    parser.add_argument(
+        "--part-cache-mb",
+        type=float,
+        metavar="MB",
+        help="most megabytes (MiB) of held tensors kept in CACHE-DIR/parts; the least "
+        "recently used versions go first (default: 512)",
     )
 
 
@@ -128,6 +137,11 @@ def main(args: argparse.Namespace) -> int:
         if args.threads < 1:
             raise ConfigError(f"--threads must be >= 1, got {args.threads}")
         extra.update(OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
+    part_bytes = None
+    if args.part_cache_mb is not None:
+        if not args.part_cache_mb > 0:
+            raise ConfigError(f"--part-cache-mb must be > 0, got {args.part_cache_mb}")
+        part_bytes = max(1, int(args.part_cache_mb * (1 << 20)))
     flower_ca = _existing(args.flower_ca)
     if flower_ca is not None:
         check_pem_ca(flower_ca, "--flower-ca")
@@ -149,7 +163,7 @@ def main(args: argparse.Namespace) -> int:
         )
         cache = Path(args.cache_dir).expanduser().resolve() if args.cache_dir else work / "cache"
         try:
-            options = replace(options, cache_dir=cache)
+            options = replace(options, cache_dir=cache, part_cache_bytes=part_bytes)
         except ValueError as exc:
             raise ConfigError(str(exc).replace("_", "-")) from exc
         cache.mkdir(parents=True, exist_ok=True)

@@ -27,6 +27,8 @@ from fedsqueeze.deploy.processes import (
 #: Node-config key of the directory where an edge keeps its held model and residual
 #: (``CACHE_DIR_KEY`` in edge/mod.py).
 CACHE_DIR_KEY = "fedsqueeze-cache-dir"
+#: Node-config key bounding the edge's part store, in bytes (``PART_CACHE_BYTES_KEY``).
+PART_CACHE_BYTES_KEY = "fedsqueeze-part-cache-bytes"
 #: Flower 1.42's default Runtime API port of a SuperNode.
 DEFAULT_RUNTIME_PORT = 9094
 RUNTIME_HOST = "127.0.0.1"
@@ -50,6 +52,9 @@ class SuperNodeOptions:
     cache_dir
         Where the edge keeps the model it holds and its error-feedback residual between
         rounds; ``None``: in Flower's per-run context (lost when the SuperNode stops).
+    part_cache_bytes
+        Bound of the part store under ``cache_dir`` (versions held lately, by content);
+        ``None``: the edge's default (512 MiB).
     """
 
     superlink: str
@@ -58,6 +63,7 @@ class SuperNodeOptions:
     runtime_port: int = DEFAULT_RUNTIME_PORT
     root_certificates: Path | None = None
     cache_dir: Path | None = None
+    part_cache_bytes: int | None = None
 
     def __post_init__(self) -> None:
         if self.num_partitions < 1:
@@ -73,6 +79,8 @@ class SuperNodeOptions:
             raise ValueError(f"superlink must be HOST:PORT (port 1..65535), got {self.superlink!r}")
         if self.cache_dir is not None and '"' in str(self.cache_dir):
             raise ValueError(f"cache_dir must not contain '\"': {self.cache_dir}")
+        if self.part_cache_bytes is not None and self.part_cache_bytes < 1:
+            raise ValueError(f"part_cache_bytes must be >= 1, got {self.part_cache_bytes}")
 
     @property
     def node_config(self) -> str:
@@ -80,6 +88,8 @@ class SuperNodeOptions:
         config = f"partition-id={self.partition_id} num-partitions={self.num_partitions}"
         if self.cache_dir is not None:
             config += f' {CACHE_DIR_KEY}="{self.cache_dir}"'
+        if self.part_cache_bytes is not None:
+            config += f" {PART_CACHE_BYTES_KEY}={self.part_cache_bytes}"
         return config
 
 

@@ -388,10 +388,8 @@ class TransferClient:
         manifest = held.manifest
         if manifest is None:
             raise RuntimeError("fetch state lost its manifest")
-        if manifest.held_parts and manifest.truncated:
-            raise IntegrityError("a truncated manifest with held parts (never served)")
         if manifest.truncated:
-            return self._finish_prefix(op, held, manifest, base, decode)
+            return self._finish_prefix(op, held, manifest, base, decode, parts)
         encoded = held.assemble()
         if encoded.base_digest != manifest.base_digest:
             raise IntegrityError("the payload's base digest differs from the manifest's")
@@ -432,6 +430,7 @@ class TransferClient:
         manifest: Manifest,
         base: Mapping[str, torch.Tensor] | None,
         decode: bool,
+        parts: HeldVersions | None,
     ) -> FetchResult:
         stream = held.prefix()
         encoded, _used = EncodedModel.parse_prefix(stream)
@@ -440,7 +439,10 @@ class TransferClient:
         state: dict[str, torch.Tensor] | None = None
         prefix: PrefixUsed | None = None
         if decode:
-            state, prefix = decode_fetched_prefix(stream, manifest, base)
+            # A prefix has no digest to check the reassembly against: each held part is
+            # checked against its own digest instead.
+            held_parts = resolve_held_parts(manifest, parts, verify=True)
+            state, prefix = decode_fetched_prefix(stream, manifest, base, held_parts)
         stats = op.stats(held.refetched)
         logger.info(
             "fetched a prefix of %s… (%s): %d of %d B encoded, levels %s, %d B down",
@@ -519,12 +521,18 @@ class TransferClient:
 
 
 def decode_fetched_prefix(
-    stream: bytes | memoryview, manifest: Manifest, base: Mapping[str, torch.Tensor] | None
+    stream: bytes | memoryview,
+    manifest: Manifest,
+    base: Mapping[str, torch.Tensor] | None,
+    held_parts: Mapping[str, torch.Tensor] | None = None,
 ) -> tuple[dict[str, torch.Tensor], PrefixUsed]:
     """Decode the verified prefix of a truncated fetch: the best model it holds.
 
     Every byte of ``stream`` passed its segment's sha256, but a server can still send a
-    stream that is not a valid prefix; that raises, never crashes.
+    stream that is not a valid prefix; that raises, never crashes. ``held_parts`` (the
+    tensors ``manifest.held_parts`` names, from the edge's cache) are exact: they replace
+    what the prefix decoded for them (a delta's prefix gives every tensor it lacks the
+    base's value, and the stream never carries a held part).
 
     Raises
     ------
@@ -538,8 +546,11 @@ def decode_fetched_prefix(
         dict(base) if base is not None and manifest.base_digest is not None else None,
         base_digest=manifest.base_digest,
     )
+    state = decoded.state
+    if held_parts:
+        state = reassemble({k: v for k, v in state.items() if k not in held_parts}, held_parts)
     levels = tuple(decoded.levels.values())
-    return decoded.state, PrefixUsed(decoded.used_bytes, levels, state_digest(decoded.state))
+    return state, PrefixUsed(decoded.used_bytes, levels, state_digest(state))
 
 
 def _segment_of(part: SegmentData | pb.Manifest) -> SegmentData:

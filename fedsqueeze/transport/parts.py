@@ -30,11 +30,22 @@ again, when the tensor's exact content is a part of a held version or of the bas
 another name, and its raw size is at least :data:`MIN_PART_BYTES` (a reference costs
 about 40 bytes of manifest: a small bias is cheaper to send); else a record as today.
 Held parts are only planned for requests that name ``held_digests`` (other clients see
-nothing new), not for progressive encodings (``levels``: a truncated prefix is decoded
-and adopted by the server as it is) and not when what remains of the model would share
-no tensor with the base (the codec refuses such a delta; the fetch then sends
-everything). The stream's records cover only what travels, so the codec's format is unchanged
-(no new record kind, no version bump, golden vectors untouched). The manifest grows one
+nothing new), and not when what remains of the model would share no tensor with the base
+(the codec refuses such a delta; the fetch then sends everything).
+
+**Progressive encodings** (``levels``) combine with held parts: the stream carries the
+levels of what the edge lacks, and a truncated prefix is budgeted over those alone. The
+edge decodes the prefix (a tensor the prefix has not reached keeps the base's value)
+and puts the held parts in exactly, in place of anything the prefix gave them; the server
+does the same when it keeps the decoded prefix as a version
+(:class:`~fedsqueeze.transport.truncate.PrefixModels`), so both name the same model. A
+prefix's manifest has no decoded digest to check the reassembly against, so there each
+held part is hashed against its own digest before use. So an edge holding some tensors
+at full precision gets none of their bytes, and one holding a coarse prefix of the same
+stream (its ``FetchState``) gets only the refinements it lacks.
+
+The stream's records cover only what travels, so the codec's format is unchanged (no new
+record kind, no version bump, golden vectors untouched). The manifest grows one
 field, ``repeated PartRef held_parts = 14`` with ``PartRef {string tensor_name = 1;
 bytes part_digest = 2;}``: the tensors the edge reassembles from its cache, by name and
 digest (shape and dtype come with the cached tensor and are checked by the digest). The
@@ -233,14 +244,20 @@ class HeldVersions:
         return tuple(d for d in self.digests if d != base_digest)
 
 
-def resolve_held_parts(manifest: Manifest, held: HeldVersions | None) -> dict[str, torch.Tensor]:
+def resolve_held_parts(
+    manifest: Manifest, held: HeldVersions | None, *, verify: bool = False
+) -> dict[str, torch.Tensor]:
     """The tensors ``manifest.held_parts`` names, from ``held``: checked when the manifest
     arrives, before any segment is kept.
+
+    ``verify``: hash each part and compare it with its digest (for a truncated
+    progressive fetch, whose reassembled model has no digest in the manifest to check).
 
     Raises
     ------
     HeldPartError
-        A part ``held`` lacks (evicted, or never held: a hostile manifest).
+        A part ``held`` lacks (evicted, or never held: a hostile manifest), or, with
+        ``verify``, one whose content is not its digest's.
     """
     if not manifest.held_parts:
         return {}
@@ -253,6 +270,10 @@ def resolve_held_parts(manifest: Manifest, held: HeldVersions | None) -> dict[st
             raise HeldPartError(
                 f"the manifest says tensor {ref.tensor_name!r} is held as part "
                 f"{ref.part_digest.hex()[:16]}…, which this edge does not hold"
+            )
+        if verify and part_digest(tensor) != ref.part_digest:
+            raise HeldPartError(
+                f"the held part for tensor {ref.tensor_name!r} does not match its digest"
             )
         out[ref.tensor_name] = tensor
     return out

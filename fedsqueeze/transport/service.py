@@ -153,8 +153,10 @@ class TransferService:
     ) -> tuple[PartRef, ...]:
         """The target's tensors the edge holds exactly, in its versions or its base
         (``held_base``, the delta's ``base`` or unrelated). Only for requests naming
-        ``held_digests``; versions this server does not hold count for nothing."""
-        if not req.held_digests or req.spec.levels:
+        ``held_digests``; versions this server does not hold count for nothing. Progressive
+        encodings too: a truncated prefix then holds the held parts exactly
+        (:class:`~fedsqueeze.transport.truncate.PrefixModels` adds them as the edge does)."""
+        if not req.held_digests:
             return ()
         target_state = self.source.get(target)
         if target_state is None:

@@ -123,7 +123,16 @@ class PrefixModels:
             for i in range(prefix_segments)
         )
         decoded = decode_prefix(stream, base, base_digest=manifest.base_digest)
-        digest = self.source.adopt(decoded.state)  # hashes the state: its digest
+        state = decoded.state
+        if manifest.held_parts:
+            # The edge adds the held parts (exact copies of the target's) to what it decodes.
+            target = self.source.get(manifest.model_digest.hex())
+            if target is None:
+                raise NotFoundError(f"model {manifest.model_digest.hex()[:16]}… is no longer held")
+            names = {ref.tensor_name for ref in manifest.held_parts}
+            state = {k: v for k, v in state.items() if k not in names}
+            state.update({name: target[name] for name in names})
+        digest = self.source.adopt(state)  # hashes the state: its digest
         logger.info(
             "prefix of %s… (%d of %d segments, %d B) decodes to %s…",
             manifest.model_digest.hex()[:12],

@@ -162,6 +162,30 @@ def test_the_node_config_is_what_the_edge_app_reads(tmp_path: Path) -> None:
         SuperNodeOptions("127.0.0.1:8000", 0, 1, cache_dir=Path('a"b'))
 
 
+def test_the_part_cache_bound_reaches_the_edge_app(tmp_path: Path) -> None:
+    from flwr.app import Context, RecordDict
+
+    from edge.cache import DirectoryCache
+    from edge.mod import PART_CACHE_BYTES_KEY, default_cache
+
+    options = SuperNodeOptions("127.0.0.1:8000", 0, 1, cache_dir=tmp_path, part_cache_bytes=5 << 20)
+    parsed = parse_config_args([options.node_config])
+    assert parsed[PART_CACHE_BYTES_KEY] == 5 << 20
+    context = Context(run_id=1, node_id=1, node_config=parsed, state=RecordDict(), run_config={})
+    cache = default_cache(context)
+    assert isinstance(cache, DirectoryCache)
+    assert cache.part_store().max_bytes == 5 << 20
+    with pytest.raises(ValueError, match="part_cache_bytes"):
+        SuperNodeOptions("127.0.0.1:8000", 0, 1, part_cache_bytes=0)
+    with pytest.raises(ConfigError, match="--part-cache-mb"):
+        edge_cmd.main(
+            _edge(
+                *("--superlink", "127.0.0.1:8000", "--partition-id", "0"),
+                *("--num-partitions", "1", "--part-cache-mb", "0"),
+            )
+        )
+
+
 def test_superlink_command(tmp_path: Path) -> None:
     plain = superlink_spec(SuperLinkOptions("0.0.0.0", 9000), {}, tmp_path / "l.log")
     assert plain.output is Output.FILE and plain.log_file == tmp_path / "l.log"

@@ -25,7 +25,7 @@ class FakePlane:
         self.fetches: list[str | None] = []
         self.pushed: list[tuple[str, EncodedModel]] = []
 
-    def fetch(self, instruction, edge_id, held_digest, held):
+    def fetch(self, instruction, edge_id, held_digest, held, *, parts=None):
         self.fetches.append(held_digest)
         return Fetched({k: v.clone() for k, v in GLOBAL.items()}, DIGEST, 1000, 100)
 

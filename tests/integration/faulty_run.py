@@ -22,6 +22,7 @@ from pathlib import Path
 from flwr.app import Context, Message
 from flwr.clientapp.typing import ClientAppCallable
 
+from edge.cache import PartStore
 from edge.dataplane import Fetched, GrpcConnector, Pushed, State
 from edge.mod import make_mod
 from fedsqueeze.codec import EncodedModel
@@ -77,6 +78,8 @@ class UnreachableConnector(GrpcConnector):
         edge_id: str,
         held_digest: str | None,
         held: State | None,
+        *,
+        parts: PartStore | None = None,
     ) -> Fetched:
         raise UnavailableError(f"injected: {instruction.address} unreachable")
 

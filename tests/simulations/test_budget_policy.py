@@ -283,3 +283,35 @@ def test_low_rank_uploads_are_picked_by_expected_size_and_fit_on_the_wire(
     )
     skip = tight.choose(EdgeRequest(1, NODE, target, plane.init_digest))
     assert isinstance(skip, Skip) and "upload" in skip.reason
+
+
+@pytest.mark.parametrize("down", [3_700, 2_500, 1_200])
+def test_progressive_ladder_sizes_the_base_level_and_never_exceeds_the_budget(
+    plane: Plane, down: int
+) -> None:
+    from coordinator.budget import DOWN_OVERHEAD_BYTES
+    from simulations.baselines import PROGRESSIVE_DOWN_LADDER
+
+    target = plane.store.publish(_perturbed(plane.init, 0.05, seed=1))
+    request = EdgeRequest(1, NODE, target, plane.init_digest)
+    policy = LadderPolicy(
+        plane.store,
+        PROGRESSIVE_DOWN_LADDER,
+        ADAPTIVE_UP_LADDER,
+        budget=Budget(down, 2_400),
+        progressive=True,
+    )
+    choice = policy.choose(request)
+    assert isinstance(choice, Choice)  # never a skip for the download
+    i = PROGRESSIVE_DOWN_LADDER.index(choice.down_spec)
+    assert 0 < choice.down_payload <= down - DOWN_OVERHEAD_BYTES
+    wire_down, _ = plane.transfer(choice, target, _perturbed(plane.init, 0.02, seed=2), None)
+    assert wire_down <= down, (choice, wire_down)
+    # the densest rung whose base level fits: the rung before it would not have fitted
+    sizes = policy._progressive_sizes  # (base level, segments) of a rung
+    base, _ = sizes(request, parse_spec(choice.down_spec))
+    if base > choice.down_payload:  # none fits: the sparsest, truncated
+        assert i == len(PROGRESSIVE_DOWN_LADDER) - 1
+    if i > 0:
+        above, framing = sizes(request, parse_spec(PROGRESSIVE_DOWN_LADDER[i - 1]))
+        assert above > down - DOWN_OVERHEAD_BYTES - framing

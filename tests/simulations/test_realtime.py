@@ -212,7 +212,9 @@ def test_data_plane_transfers_wait_only_with_realtime(
 class WaitingPlane:
     """A data plane whose emulated link claims to have waited a long time."""
 
-    def fetch(self, instruction: Any, edge_id: str, held_digest: Any, held: Any) -> Fetched:
+    def fetch(
+        self, instruction: Any, edge_id: str, held_digest: Any, held: Any, *, parts: Any = None
+    ) -> Fetched:
         return Fetched({k: v.clone() for k, v in STATE.items()}, DIGEST, 1000, 100, 1e6)
 
     def push(
