@@ -35,12 +35,14 @@ import threading
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from enum import IntEnum
+from typing import TypeVar, cast
 
 import numpy as np
 import torch
 import zstandard
 
 from fedsqueeze.codec.bytesio import ByteReader, write_varint
+from fedsqueeze.codec.planes import BLOCK, Plane, PlaneLayout, Words, join_planes, split_planes
 from fedsqueeze.errors import FormatError
 
 #: Values per chunk written by default (2^20: a few MB per chunk, enough to spread a
@@ -75,6 +77,12 @@ _MANTISSA_PARAMS = zstandard.ZstdCompressionParameters.from_level(
 _local = threading.local()
 _pool_lock = threading.Lock()
 _pool: ThreadPoolExecutor | None = None
+#: Tensors below this many values are coded on the calling thread alone (a hand-off to
+#: the pool costs more than it saves there).
+_PARALLEL_FROM = 1 << 16
+
+T = TypeVar("T")
+R = TypeVar("R")
 
 
 class PlaneCoding(IntEnum):
@@ -84,15 +92,53 @@ class PlaneCoding(IntEnum):
     ZSTD = 1
 
 
-def _workers() -> ThreadPoolExecutor:
-    """One pool for the process: zstd and numpy's copies release the GIL."""
+def _workers() -> tuple[ThreadPoolExecutor, int]:
+    """One pool for the process (zstd and NumPy release the GIL) and its size."""
     global _pool
+    count = max(1, os.cpu_count() or 1)
     with _pool_lock:
         if _pool is None:
-            _pool = ThreadPoolExecutor(
-                max_workers=max(1, os.cpu_count() or 1), thread_name_prefix="fsq-group"
-            )
-        return _pool
+            _pool = ThreadPoolExecutor(max_workers=count, thread_name_prefix="fsq-group")
+        return _pool, count
+
+
+def _parallel(fn: Callable[[T], R], items: Sequence[T]) -> list[R]:
+    """``[fn(item) for item in items]`` on all cores, the calling thread included.
+
+    Workers take the next item from a shared queue, so uneven items balance out, and
+    the caller drains the queue too: no call can wait on a pool that other calls have
+    filled (encoding from many threads at once is safe).
+    """
+    pool, count = _workers()
+    helpers = min(count, len(items)) - 1
+    if helpers <= 0:
+        return [fn(item) for item in items]
+    results: list[R | None] = [None] * len(items)
+    order = iter(range(len(items)))
+    lock = threading.Lock()
+    failed = threading.Event()
+
+    def drain() -> None:
+        while not failed.is_set():
+            with lock:
+                i = next(order, None)
+            if i is None:
+                return
+            try:
+                results[i] = fn(items[i])
+            except BaseException:
+                failed.set()
+                raise
+
+    futures = [pool.submit(drain) for _ in range(helpers)]
+    try:
+        drain()
+    finally:
+        errors = [f.exception() for f in futures]  # waits: no worker outlives the call
+    for error in errors:
+        if error is not None:
+            raise error
+    return cast("list[R]", results)
 
 
 def _coders() -> tuple[zstandard.ZstdCompressor, zstandard.ZstdCompressor]:
@@ -113,28 +159,43 @@ def _decompressor() -> zstandard.ZstdDecompressor:
     return d
 
 
-def _chunk_planes(values: np.ndarray, swapped: bool) -> list[np.ndarray]:
-    """``values`` (``[n, width]`` uint8, little endian) as planes, most significant first."""
-    planes = np.ascontiguousarray(values.T)[::-1]
-    if swapped:
-        hi, lo = planes[0], planes[1]
-        exponent = (hi << 1) | (lo >> 7)
-        sign_mantissa = (lo & 0x7F) | (hi & 0x80)
-        return [exponent, sign_mantissa, *planes[2:]]
-    return list(planes)
+def _layout(dtype: torch.dtype) -> PlaneLayout:
+    return PlaneLayout(dtype.itemsize, dtype in _SWAPPED)
 
 
-def _code_chunk(values: np.ndarray, swapped: bool) -> list[tuple[PlaneCoding, bytes]]:
+def _words(t: torch.Tensor) -> Words:
+    """A contiguous CPU tensor's bits as a 1-D NumPy array of unsigned words (a view)."""
+    signed = {2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()]
+    return cast(Words, t.view(signed).numpy().view(_UINTS[t.element_size()]))
+
+
+_UINTS = {2: np.uint16, 4: np.uint32, 8: np.uint64}
+
+
+def _code_planes(
+    words: Words, ks: Sequence[int], layout: PlaneLayout
+) -> list[tuple[PlaneCoding, bytes | memoryview]]:
+    """Planes ``ks`` of ``words``, each compressed when that pays (else stored raw)."""
+    planes = {k: np.empty(words.shape[0], dtype=np.uint8) for k in ks}
+    split_planes(words, planes, layout)
     literal, mantissa = _coders()
-    out = []
-    for k, plane in enumerate(_chunk_planes(values, swapped)):
+    out: list[tuple[PlaneCoding, bytes | memoryview]] = []
+    for k, plane in planes.items():
         data = plane.data
         packed = (literal if k == 0 else mantissa).compress(data)
         if len(packed) < (len(data) if k == 0 else _MIN_GAIN * len(data)):
             out.append((PlaneCoding.ZSTD, packed))
         else:
-            out.append((PlaneCoding.RAW, plane.tobytes()))
+            out.append((PlaneCoding.RAW, data))
     return out
+
+
+def _plane_groups(width: int, workers: int) -> list[tuple[int, ...]]:
+    """Planes of one chunk cut into groups for ``workers`` threads: the exponent plane
+    (the costliest to code) alone, the others shared out."""
+    rest = list(range(1, width))
+    groups = max(1, min(workers - 1, len(rest)))
+    return [(0,), *(tuple(rest[g::groups]) for g in range(groups))]
 
 
 def encode_grouped(
@@ -157,19 +218,32 @@ def encode_grouped(
         raise ValueError(f"chunk_log2 must be in {MIN_CHUNK_LOG2}..{MAX_CHUNK_LOG2}")
     if dtype not in GROUPED_DTYPES or bits.element_size() != dtype.itemsize:
         raise ValueError(f"cannot group {bits.dtype} values as {dtype}")
-    width = bits.element_size()
-    host = bits.detach().to("cpu").contiguous().reshape(-1)
-    values = host.view(torch.uint8).numpy().reshape(-1, width)
-    swapped = dtype in _SWAPPED
+    layout = _layout(dtype)
+    words = _words(bits.detach().to("cpu").contiguous().reshape(-1))
     size = 1 << chunk_log2
-    starts = range(0, values.shape[0], size)
-    chunks = list(_workers().map(lambda s: _code_chunk(values[s : s + size], swapped), starts))
+    starts = range(0, words.shape[0], size)
+    workers = _workers()[1] if words.shape[0] >= _PARALLEL_FROM else 1
+    # Whole chunks per thread when there are enough of them; a chunk's planes shared
+    # out otherwise, so that a one-chunk tensor still uses every core.
+    if len(starts) >= workers:
+        groups = [tuple(range(layout.width))]
+    else:
+        groups = _plane_groups(layout.width, workers)
+    units = [(start, ks) for start in starts for ks in groups]
+
+    def code(unit: tuple[int, tuple[int, ...]]) -> list[tuple[PlaneCoding, bytes | memoryview]]:
+        start, ks = unit
+        return _code_planes(words[start : start + size], ks, layout)
+
+    coded: dict[tuple[int, int], tuple[PlaneCoding, bytes | memoryview]] = {}
+    for (start, ks), planes in zip(units, _run(code, units, workers), strict=True):
+        coded.update(((start, k), plane) for k, plane in zip(ks, planes, strict=True))
+    ordered = [coded[start, k] for start in starts for k in range(layout.width)]
     table = bytearray([chunk_log2])
-    for chunk in chunks:
-        for coding, data in chunk:
-            table.append(int(coding))
-            write_varint(table, len(data))
-    return b"".join([bytes(table), *(data for chunk in chunks for _, data in chunk)])
+    for coding, data in ordered:
+        table.append(int(coding))
+        write_varint(table, len(data))
+    return b"".join([table, *(data for _, data in ordered)])
 
 
 def decode_grouped(body: bytes | memoryview, dtype: torch.dtype, numel: int) -> torch.Tensor:
@@ -183,52 +257,68 @@ def decode_grouped(body: bytes | memoryview, dtype: torch.dtype, numel: int) -> 
     """
     if dtype not in GROUPED_DTYPES:
         raise FormatError(f"byte-grouped values of a {dtype} tensor")
-    width = torch.empty((), dtype=dtype).element_size()
+    layout = _layout(dtype)
+    width = layout.width
     reader = ByteReader(body)
     chunk_log2 = reader.u8("chunk size")
     if not MIN_CHUNK_LOG2 <= chunk_log2 <= MAX_CHUNK_LOG2:
         raise FormatError(f"chunk of 2^{chunk_log2} values")
     size = 1 << chunk_log2
     chunks = -(-numel // size)
-    entries: list[tuple[int, PlaneCoding, memoryview]] = []
-    lengths = []
-    for _ in range(chunks * width):
-        code = reader.u8("plane coding")
-        try:
-            coding = PlaneCoding(code)
-        except ValueError as exc:
-            raise FormatError(f"unknown plane coding {code}") from exc
-        lengths.append((coding, reader.varint("plane length", len(body))))
+    lengths = [
+        _table_entry(reader.u8("plane coding"), reader.varint("plane length", len(body)))
+        for _ in range(chunks * width)
+    ]
+    entries: list[tuple[PlaneCoding, memoryview, int]] = []
     for i, (coding, length) in enumerate(lengths):
-        chunk_values = min(size, numel - (i // width) * size)
-        if coding is PlaneCoding.RAW and length != chunk_values:
-            raise FormatError(f"raw plane of {length} bytes for {chunk_values} values")
-        entries.append((chunk_values, coding, reader.take(length, "plane data")))
+        count = min(size, numel - (i // width) * size)
+        if coding is PlaneCoding.RAW and length != count:
+            raise FormatError(f"raw plane of {length} bytes for {count} values")
+        entries.append((coding, reader.take(length, "plane data"), count))
     if reader.remaining:
         raise FormatError(f"{reader.remaining} bytes after the last plane")
-    out = np.empty((numel, width), dtype=np.uint8)
-    swapped = dtype in _SWAPPED
+    out = _empty(numel, dtype)
+    words = _words(out)
+    workers = _workers()[1] if numel >= _PARALLEL_FROM else 1
 
     def decode_chunk(c: int) -> None:
-        part = entries[c * width : (c + 1) * width]
-        _assemble(out[c * size : c * size + size], [(k, d) for _, k, d in part], swapped)
+        planes = [_plane(*entry) for entry in entries[c * width : (c + 1) * width]]
+        join_planes(planes, layout, words[c * size : (c + 1) * size])
 
-    list(_workers().map(decode_chunk, range(chunks)))
-    return torch.from_numpy(out.reshape(-1)).view(dtype)
+    if chunks >= workers:
+        _run(decode_chunk, range(chunks), workers)
+    elif chunks:
+        # One chunk, several threads: its planes decompressed side by side, then
+        # joined in as many row ranges.
+        planes = _run(lambda entry: _plane(*entry), entries, workers)
+        step = -(-numel // workers // BLOCK) * BLOCK
+
+        def join(start: int) -> None:
+            end = start + step
+            join_planes([p[start:end] for p in planes], layout, words[start:end])
+
+        _run(join, range(0, numel, step), workers)
+    return out
 
 
-def _assemble(
-    rows: np.ndarray, planes: Sequence[tuple[PlaneCoding, memoryview | bytes]], swapped: bool
-) -> None:
-    """Decode one chunk's planes into ``rows`` (``[count, width]`` uint8)."""
-    count, width = rows.shape
-    values = [_plane(coding, memoryview(data), count) for coding, data in planes]
-    if swapped:
-        exponent, sign_mantissa = values[0], values[1]
-        values[0] = (sign_mantissa & 0x80) | (exponent >> 1)
-        values[1] = (sign_mantissa & 0x7F) | ((exponent & 1) << 7)
-    for k, plane in enumerate(values):
-        rows[:, width - 1 - k] = plane
+def _empty(numel: int, dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialized CPU tensor whose memory NumPy allocated: NumPy asks the kernel
+    for huge pages on large buffers, and first-touch page faults on fresh memory cost
+    more than the whole decode on some machines (6× a warm fill on these)."""
+    words = np.empty(numel, dtype=_UINTS[dtype.itemsize])
+    signed = {2: torch.int16, 4: torch.int32, 8: torch.int64}[dtype.itemsize]
+    return torch.from_numpy(words).view(signed).view(dtype)
+
+
+def _run(fn: Callable[[T], R], items: Sequence[T], workers: int) -> list[R]:
+    return _parallel(fn, items) if workers > 1 else [fn(item) for item in items]
+
+
+def _table_entry(code: int, length: int) -> tuple[PlaneCoding, int]:
+    try:
+        return PlaneCoding(code), length
+    except ValueError as exc:
+        raise FormatError(f"unknown plane coding {code}") from exc
 
 
 def stream_grouped(
@@ -239,7 +329,8 @@ def stream_grouped(
     holding more than one chunk. Same checks as :func:`decode_grouped`."""
     if dtype not in GROUPED_DTYPES:
         raise FormatError(f"byte-grouped values of a {dtype} tensor")
-    width = torch.empty((), dtype=dtype).element_size()
+    layout = _layout(dtype)
+    width = layout.width
     used = 0
 
     def take(count: int) -> bytes:
@@ -265,28 +356,25 @@ def stream_grouped(
     chunks = -(-numel // size)
     table: list[tuple[PlaneCoding, int]] = []
     for i in range(chunks * width):
-        code = take(1)[0]
-        try:
-            coding = PlaneCoding(code)
-        except ValueError as exc:
-            raise FormatError(f"unknown plane coding {code}") from exc
-        plane_length = varint()
+        coding, plane_length = _table_entry(take(1)[0], varint())
         count = min(size, numel - (i // width) * size)
         if coding is PlaneCoding.RAW and plane_length != count:
             raise FormatError(f"raw plane of {plane_length} bytes for {count} values")
         table.append((coding, plane_length))
-    swapped = dtype in _SWAPPED
     for c in range(chunks):
         count = min(size, numel - c * size)
-        planes = [(k, take(n)) for k, n in table[c * width : (c + 1) * width]]
-        rows = np.empty((count, width), dtype=np.uint8)
-        _assemble(rows, planes, swapped)
-        yield c * size, torch.from_numpy(rows.reshape(-1)).view(dtype)
+        planes = [
+            _plane(coding, memoryview(take(n)), count)
+            for coding, n in table[c * width : (c + 1) * width]
+        ]
+        values = _empty(count, dtype)
+        join_planes(planes, layout, _words(values))
+        yield c * size, values
     if used != length:
         raise FormatError(f"{length - used} bytes after the last plane")
 
 
-def _plane(coding: PlaneCoding, data: memoryview, count: int) -> np.ndarray:
+def _plane(coding: PlaneCoding, data: memoryview, count: int) -> Plane:
     """One plane of ``count`` bytes; a zstd frame may not decode to more (bombs)."""
     if coding is PlaneCoding.RAW:
         return np.frombuffer(data, dtype=np.uint8)
