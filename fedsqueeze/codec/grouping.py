@@ -200,8 +200,10 @@ def _plane_groups(width: int, workers: int) -> list[tuple[int, ...]]:
 
 def encode_grouped(
     bits: torch.Tensor, dtype: torch.dtype, chunk_log2: int = DEFAULT_CHUNK_LOG2
-) -> bytes:
-    """The grouped body of a tensor's bits (or of its bits XOR its base's).
+) -> memoryview:
+    """The grouped body of a tensor's bits (or of its bits XOR its base's): a read-only
+    view of bytes in NumPy (huge-page) memory, which fresh ``bytes`` of this size are
+    not (their first-touch page faults cost more than the coding on some machines).
 
     Parameters
     ----------
@@ -243,7 +245,17 @@ def encode_grouped(
     for coding, data in ordered:
         table.append(int(coding))
         write_varint(table, len(data))
-    return b"".join([table, *(data for _, data in ordered)])
+    return _concat([table, *(data for _, data in ordered)])
+
+
+def _concat(parts: Sequence[bytes | bytearray | memoryview]) -> memoryview:
+    """``b"".join(parts)`` in NumPy memory, read-only."""
+    out = np.empty(sum(len(p) for p in parts), dtype=np.uint8)
+    at = 0
+    for part in parts:
+        out[at : at + len(part)] = np.frombuffer(part, dtype=np.uint8)
+        at += len(part)
+    return out.data.toreadonly()
 
 
 def decode_grouped(body: bytes | memoryview, dtype: torch.dtype, numel: int) -> torch.Tensor:

@@ -14,6 +14,7 @@ import torch
 
 from fedsqueeze.codec import entropy
 from fedsqueeze.codec.bitpack import packed_size, unpack_bits
+from fedsqueeze.codec.bits import xor_into
 from fedsqueeze.codec.blockwise import block_index, num_blocks
 from fedsqueeze.codec.container import (
     CODE_DTYPES,
@@ -128,7 +129,7 @@ class TensorDecoder:
             if record.value_kind is ValueKind.GROUPED_XOR:
                 if base is None:
                     raise FormatError(f"record {name!r}: XOR values without a delta flag")
-                values = _xor(values, base.to(device))
+                xor_into(values, base.to(device))  # values are fresh: no second buffer
             return name, values
         # The header fixes the body's exact length: check it before decompressing, so a
         # hostile length never drives an allocation.

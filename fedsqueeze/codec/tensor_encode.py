@@ -34,6 +34,7 @@ import torch
 
 from fedsqueeze.codec import entropy
 from fedsqueeze.codec.bitpack import pack_bits
+from fedsqueeze.codec.bits import all_zero_bits, as_bits, xor_bits
 from fedsqueeze.codec.blockwise import block_index, num_blocks
 from fedsqueeze.codec.container import (
     FLOAT_KINDS,
@@ -218,7 +219,7 @@ class TensorEncoder:
         t: torch.Tensor,
         *,
         delta: bool,
-        body: bytes,
+        body: bytes | memoryview,
         value_kind: ValueKind = ValueKind.RAW,
         quant: QuantHeader | None = None,
         positions: PositionsHeader | None = None,
@@ -271,12 +272,12 @@ class TensorEncoder:
         b = self._base_of(name, t)
         if b is None:
             # All bits zero (not merely == 0: -0.0 must survive) decodes bit-exactly.
-            bits = _as_bits(t)
-            if _all_zero(bits):
+            bits = as_bits(t)
+            if all_zero_bits(bits):
                 return self._zero(name, t, delta=False)
         else:
-            bits = _as_bits(t) ^ _as_bits(b)
-            if _all_zero(bits):
+            bits = xor_bits(t, b)
+            if all_zero_bits(bits):
                 return self._zero(name, t, delta=True)
         delta = b is not None
         grouped = self._grouped(name, t, bits, delta)
@@ -554,13 +555,3 @@ def _all_zero(x: torch.Tensor) -> bool:
     if flat.numel() and bool(flat[0] != 0):
         return False
     return torch.equal(x, torch.zeros((), dtype=x.dtype, device=x.device).expand(x.shape))
-
-
-def _as_bits(t: torch.Tensor) -> torch.Tensor:
-    """The tensor's bits as an integer tensor of the same width (for XOR deltas)."""
-    if t.dtype == torch.bool:
-        return t.to(torch.uint8)
-    if not t.is_floating_point():
-        return t
-    width = {2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()]
-    return t.contiguous().view(width)
