@@ -42,7 +42,7 @@ import torch
 import zstandard
 
 from fedsqueeze.codec.bytesio import ByteReader, write_varint
-from fedsqueeze.codec.planes import BLOCK, Plane, PlaneLayout, Words, join_planes, split_planes
+from fedsqueeze.codec.planes import Plane, PlaneLayout, Words, join_planes, split_planes
 from fedsqueeze.errors import FormatError
 
 #: Values per chunk written by default (2^20: a few MB per chunk, enough to spread a
@@ -77,9 +77,6 @@ _MANTISSA_PARAMS = zstandard.ZstdCompressionParameters.from_level(
 _local = threading.local()
 _pool_lock = threading.Lock()
 _pool: ThreadPoolExecutor | None = None
-#: Tensors below this many values are coded on the calling thread alone (a hand-off to
-#: the pool costs more than it saves there).
-_PARALLEL_FROM = 1 << 16
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -190,14 +187,6 @@ def _code_planes(
     return out
 
 
-def _plane_groups(width: int, workers: int) -> list[tuple[int, ...]]:
-    """Planes of one chunk cut into groups for ``workers`` threads: the exponent plane
-    (the costliest to code) alone, the others shared out."""
-    rest = list(range(1, width))
-    groups = max(1, min(workers - 1, len(rest)))
-    return [(0,), *(tuple(rest[g::groups]) for g in range(groups))]
-
-
 def encode_grouped(
     bits: torch.Tensor, dtype: torch.dtype, chunk_log2: int = DEFAULT_CHUNK_LOG2
 ) -> memoryview:
@@ -223,24 +212,12 @@ def encode_grouped(
     layout = _layout(dtype)
     words = _words(bits.detach().to("cpu").contiguous().reshape(-1))
     size = 1 << chunk_log2
-    starts = range(0, words.shape[0], size)
-    workers = _workers()[1] if words.shape[0] >= _PARALLEL_FROM else 1
-    # Whole chunks per thread when there are enough of them; a chunk's planes shared
-    # out otherwise, so that a one-chunk tensor still uses every core.
-    if len(starts) >= workers:
-        groups = [tuple(range(layout.width))]
-    else:
-        groups = _plane_groups(layout.width, workers)
-    units = [(start, ks) for start in starts for ks in groups]
-
-    def code(unit: tuple[int, tuple[int, ...]]) -> list[tuple[PlaneCoding, bytes | memoryview]]:
-        start, ks = unit
-        return _code_planes(words[start : start + size], ks, layout)
-
-    coded: dict[tuple[int, int], tuple[PlaneCoding, bytes | memoryview]] = {}
-    for (start, ks), planes in zip(units, _run(code, units, workers), strict=True):
-        coded.update(((start, k), plane) for k, plane in zip(ks, planes, strict=True))
-    ordered = [coded[start, k] for start in starts for k in range(layout.width)]
+    every = tuple(range(layout.width))
+    chunks = _run(
+        lambda start: _code_planes(words[start : start + size], every, layout),
+        range(0, words.shape[0], size),
+    )
+    ordered = [plane for chunk in chunks for plane in chunk]
     table = bytearray([chunk_log2])
     for coding, data in ordered:
         table.append(int(coding))
@@ -291,25 +268,12 @@ def decode_grouped(body: bytes | memoryview, dtype: torch.dtype, numel: int) -> 
         raise FormatError(f"{reader.remaining} bytes after the last plane")
     out = _empty(numel, dtype)
     words = _words(out)
-    workers = _workers()[1] if numel >= _PARALLEL_FROM else 1
 
     def decode_chunk(c: int) -> None:
         planes = [_plane(*entry) for entry in entries[c * width : (c + 1) * width]]
         join_planes(planes, layout, words[c * size : (c + 1) * size])
 
-    if chunks >= workers:
-        _run(decode_chunk, range(chunks), workers)
-    elif chunks:
-        # One chunk, several threads: its planes decompressed side by side, then
-        # joined in as many row ranges.
-        planes = _run(lambda entry: _plane(*entry), entries, workers)
-        step = -(-numel // workers // BLOCK) * BLOCK
-
-        def join(start: int) -> None:
-            end = start + step
-            join_planes([p[start:end] for p in planes], layout, words[start:end])
-
-        _run(join, range(0, numel, step), workers)
+    _run(decode_chunk, range(chunks))
     return out
 
 
@@ -322,8 +286,11 @@ def _empty(numel: int, dtype: torch.dtype) -> torch.Tensor:
     return torch.from_numpy(words).view(signed).view(dtype)
 
 
-def _run(fn: Callable[[T], R], items: Sequence[T], workers: int) -> list[R]:
-    return _parallel(fn, items) if workers > 1 else [fn(item) for item in items]
+def _run(fn: Callable[[T], R], chunks: Sequence[T]) -> list[R]:
+    """``fn`` over a tensor's chunks: on all cores when there are several, else on the
+    calling thread (handing one chunk to a pool thread and waiting costs more than it
+    can save, often milliseconds on a loaded machine)."""
+    return _parallel(fn, chunks) if len(chunks) > 1 else [fn(c) for c in chunks]
 
 
 def _table_entry(code: int, length: int) -> tuple[PlaneCoding, int]:

@@ -20,8 +20,9 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-#: Values per block: a block's words, scratch and planes stay within a core's L2.
-BLOCK = 1 << 16
+#: Values per block: a block's words, scratch and planes stay in cache (L2 or L3),
+#: and each NumPy call covers enough values that threads rarely wait on the GIL.
+BLOCK = 1 << 18
 
 _UINTS: dict[int, type[np.unsignedinteger]] = {
     1: np.uint8,
