@@ -1,10 +1,11 @@
 """Tensors' bits as integers for the lossless paths: XOR against a base, zero tests.
 
 The lossless delta of a tensor is its bits XOR its base's (bit-exact for every value,
-NaN payloads and ``-0.0`` included). On the CPU both steps run in NumPy: the XOR lands
+NaN payloads and ``-0.0`` included). On the CPU every step runs in NumPy: the XOR lands
 in NumPy memory (huge pages for large buffers: torch's fresh allocations page-fault
-4 KiB at a time, which costs more than the XOR itself on these machines), and the zero
-test counts nonzero words with SIMD and stops early on the usual delta, where a
+4 KiB at a time, which costs more than the XOR itself on these machines), torch's
+OpenMP threads are kept out of it (their barriers stall when cores are shared), and the
+zero test counts nonzero words with SIMD and stops early on the usual delta, where a
 changed value turns up within the first few thousand.
 """
 
@@ -45,7 +46,13 @@ def xor_into(values: torch.Tensor, base: torch.Tensor) -> None:
     if not values.is_contiguous():
         raise ValueError("xor_into writes into a contiguous tensor")
     mine = values.view(_SIGNED[values.element_size()])
-    mine ^= as_bits(base).reshape(mine.shape)
+    theirs = as_bits(base).reshape(mine.shape)
+    if mine.device.type != "cpu" or theirs.device.type != "cpu":
+        mine ^= theirs
+        return
+    # NumPy's XOR, not torch's: torch splits it over OpenMP threads, whose barrier
+    # waits cost 30 ms a tensor on a loaded machine (NumPy: one pass, no threads).
+    np.bitwise_xor(mine.numpy(), theirs.contiguous().numpy(), out=mine.numpy())
 
 
 def all_zero_bits(bits: torch.Tensor) -> bool:
