@@ -533,7 +533,7 @@ def _residual(
 
 #: Raw size (bytes) below which floats are never grouped: the planes' table costs more
 #: than grouping saves there, and small models keep their version-1 bytes.
-_MIN_GROUPED = 4096
+_MIN_GROUPED = 512
 #: Raw sizes (bytes) up to which the lossless path also builds the plain record and keeps
 #: the smaller one; above it byte grouping is taken whenever it beats the raw bits.
 _COMPARE_BELOW = 1 << 20
