@@ -8,6 +8,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from fedsqueeze.codec import entropy
 from fedsqueeze.codec.bits import all_zero_bits, as_bits, xor_bits, xor_into
 from fedsqueeze.codec.planes import BLOCK, PlaneLayout, join_planes, split_planes
 
@@ -96,3 +97,15 @@ def test_xor_into_refuses_mismatched_inputs() -> None:
         xor_into(torch.zeros(3), torch.zeros(3, dtype=torch.float16))
     with pytest.raises(ValueError):
         xor_into(torch.zeros(4, 2).t(), torch.zeros(2, 4))
+
+
+def test_entropy_estimate_is_exact_when_small_and_close_when_sampled() -> None:
+    small = (torch.arange(4000, dtype=torch.float32) / 7).numpy().tobytes()
+    packed = entropy.compress(small, 3)
+    assert packed is not None and entropy.estimate(small, 3) == len(packed)
+    g = torch.Generator().manual_seed(0)
+    weights = (torch.randn(1 << 18, generator=g) * 0.05).numpy().tobytes()
+    whole = entropy.compress(weights, 3)
+    size = len(whole) if whole is not None else len(weights)
+    assert abs(entropy.estimate(weights, 3) - size) < 0.05 * size
+    assert entropy.estimate(weights, 0) == len(weights)  # entropy coding off
