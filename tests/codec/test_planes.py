@@ -109,3 +109,13 @@ def test_entropy_estimate_is_exact_when_small_and_close_when_sampled() -> None:
     size = len(whole) if whole is not None else len(weights)
     assert abs(entropy.estimate(weights, 3) - size) < 0.05 * size
     assert entropy.estimate(weights, 0) == len(weights)  # entropy coding off
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_nonfinite_values_past_the_first_block_are_found(dtype: torch.dtype) -> None:
+    from fedsqueeze.codec.finite import count_nonfinite
+
+    x = torch.zeros(300_001, dtype=dtype)
+    assert count_nonfinite(x) is None
+    x[-1] = float("-inf")
+    assert count_nonfinite(x) == "1 Inf value"
