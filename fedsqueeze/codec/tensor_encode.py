@@ -280,14 +280,21 @@ class TensorEncoder:
             if all_zero_bits(bits):
                 return self._zero(name, t, delta=True)
         delta = b is not None
-        grouped = self._grouped(name, t, bits, delta)
-        if grouped is not None and t.numel() * t.element_size() > _COMPARE_BELOW:
-            return grouped  # large: plain zstd costs more than the grouped coding saves
+        size = t.numel() * t.element_size()
         raw = tensor_bytes(bits if delta else t)
+        level = self._spec.entropy_level
+        plain_guess = entropy.estimate(raw, level) if size <= _COMPARE_BELOW else None
+        grouped = None
+        if plain_guess is None or _grouped_guess(bits, t.dtype) < _PLAIN_MARGIN * plain_guess:
+            grouped = self._grouped(name, t, bits, delta)
+        # else: samples say plain zstd is clearly smaller (sparse fp32 XOR deltas): spare
+        # coding the planes.
         if grouped is not None and (
-            entropy.estimate(raw, self._spec.entropy_level) >= _PLAIN_MARGIN * len(grouped.body)
+            plain_guess is None or plain_guess >= _PLAIN_MARGIN * len(grouped.body)
         ):
-            return grouped  # a sample says plain zstd is clearly bigger: spare coding it all
+            # Large (plain zstd costs more than grouping saves), or a sample says plain
+            # zstd is clearly bigger: spare coding it all.
+            return grouped
         plain = self._record(
             name,
             t,
@@ -547,6 +554,22 @@ _COMPARE_BELOW = 1 << 20
 #: of the real size and the two differ by 11% or more either way (plain wins on fp32
 #: XOR deltas), so the choice is the same as coding both, at a fraction of the time.
 _PLAIN_MARGIN = 1.05
+#: Values of the middle sample :func:`_grouped_guess` codes.
+_GROUPED_SAMPLE = 1 << 14
+
+
+def _grouped_guess(bits: torch.Tensor, dtype: torch.dtype) -> float:
+    """About how many bytes the grouped body of ``bits`` takes (``inf``: not groupable),
+    from its middle :data:`_GROUPED_SAMPLE` values; exact for tensors no larger."""
+    flat = bits.reshape(-1)
+    n = flat.numel()
+    if dtype not in GROUPED_DTYPES or flat.element_size() != dtype.itemsize:
+        return float("inf")
+    if n <= _GROUPED_SAMPLE:
+        return float(len(encode_grouped(flat, dtype)))
+    start = (n - _GROUPED_SAMPLE) // 2
+    sample = flat[start : start + _GROUPED_SAMPLE]
+    return len(encode_grouped(sample, dtype)) * n / _GROUPED_SAMPLE
 
 
 def _record_size(record: TensorRecord) -> int:
