@@ -282,18 +282,19 @@ class TensorEncoder:
         delta = b is not None
         size = t.numel() * t.element_size()
         raw = tensor_bytes(bits if delta else t)
-        level = self._spec.entropy_level
-        plain_guess = entropy.estimate(raw, level) if size <= _COMPARE_BELOW else None
+        # Between _SAMPLED_ABOVE and _COMPARE_BELOW samples of both codings pick one
+        # when they differ clearly; smaller tensors are coded both ways.
+        sampled = _SAMPLED_ABOVE < size <= _COMPARE_BELOW
+        guess = entropy.estimate(raw, self._spec.entropy_level) if sampled else 0.0
         grouped = None
-        if plain_guess is None or _grouped_guess(bits, t.dtype) < _PLAIN_MARGIN * plain_guess:
+        if not sampled or _grouped_guess(bits, t.dtype) < _PLAIN_MARGIN * guess:
             grouped = self._grouped(name, t, bits, delta)
-        # else: samples say plain zstd is clearly smaller (sparse fp32 XOR deltas): spare
-        # coding the planes.
+        # else: plain zstd is clearly smaller (sparse fp32 XOR deltas): planes spared.
         if grouped is not None and (
-            plain_guess is None or plain_guess >= _PLAIN_MARGIN * len(grouped.body)
+            size > _COMPARE_BELOW or (sampled and guess >= _PLAIN_MARGIN * len(grouped.body))
         ):
-            # Large (plain zstd costs more than grouping saves), or a sample says plain
-            # zstd is clearly bigger: spare coding it all.
+            # Large (plain zstd costs more than grouping saves), or plain zstd clearly
+            # bigger: spared.
             return grouped
         plain = self._record(
             name,
@@ -556,20 +557,20 @@ _COMPARE_BELOW = 1 << 20
 _PLAIN_MARGIN = 1.05
 #: Values of the middle sample :func:`_grouped_guess` codes.
 _GROUPED_SAMPLE = 1 << 14
+#: Raw size (bytes) above which the two codings are guessed from samples first.
+_SAMPLED_ABOVE = 1 << 17
 
 
 def _grouped_guess(bits: torch.Tensor, dtype: torch.dtype) -> float:
     """About how many bytes the grouped body of ``bits`` takes (``inf``: not groupable),
-    from its middle :data:`_GROUPED_SAMPLE` values; exact for tensors no larger."""
+    from its middle :data:`_GROUPED_SAMPLE` values."""
     flat = bits.reshape(-1)
     n = flat.numel()
     if dtype not in GROUPED_DTYPES or flat.element_size() != dtype.itemsize:
         return float("inf")
-    if n <= _GROUPED_SAMPLE:
-        return float(len(encode_grouped(flat, dtype)))
-    start = (n - _GROUPED_SAMPLE) // 2
+    start = max(0, (n - _GROUPED_SAMPLE) // 2)
     sample = flat[start : start + _GROUPED_SAMPLE]
-    return len(encode_grouped(sample, dtype)) * n / _GROUPED_SAMPLE
+    return len(encode_grouped(sample, dtype)) * n / max(1, sample.numel())
 
 
 def _record_size(record: TensorRecord) -> int:
