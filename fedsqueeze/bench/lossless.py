@@ -3,9 +3,9 @@
 Four cases on one state (all-MiniLM-L6-v2 in the full benchmark): the model in fp32, a
 bf16 copy, and a delta of each (the model against itself plus a small fine-tuning-like
 perturbation: 10% of values moved by ~1% relative). For each: ratio, and
-compression and decompression throughput in MB (10^6 bytes) of raw model per second,
-the median of ``runs`` runs, ours and ZipNN's (PyPI ``zipnn``, when installed) side by
-side in one process.
+compression and decompression throughput in MB (10^6 bytes) of raw model per second
+and CPU milliseconds (all threads), the medians of ``runs`` runs, ours and ZipNN's
+(PyPI ``zipnn``, when installed) side by side in one process.
 
 Ours is ``encode_state(..., PRESETS["lossless"]).to_bytes()`` and back through
 ``EncodedModel.from_bytes`` and ``decode_state`` (everything: headers, checksum, the
@@ -54,17 +54,23 @@ def perturbed(state: State, fraction: float = 0.1, scale: float = 1e-2, seed: in
     return out
 
 
-def _timed(fn: Callable[[Any], Any], runs: int, prepare: Callable[[], Any] = lambda: None) -> float:
-    """Median seconds of ``runs`` calls of ``fn(prepare())`` (one untimed warm-up);
-    ``prepare`` runs outside the timed region."""
-    times = []
+def _timed(
+    fn: Callable[[Any], Any], runs: int, prepare: Callable[[], Any] = lambda: None
+) -> tuple[float, float]:
+    """Median wall seconds and median CPU seconds (all the process's threads) of ``runs``
+    calls of ``fn(prepare())`` (one untimed warm-up); ``prepare`` runs outside the timed
+    region. CPU time is what a call costs whatever else shares the cores; wall time on
+    shared cores also counts the waits for them."""
+    walls, cpus = [], []
     for i in range(runs + 1):
         arg = prepare()
+        cpu = time.process_time()
         started = time.perf_counter()
         fn(arg)
         if i:
-            times.append(time.perf_counter() - started)
-    return statistics.median(times)
+            walls.append(time.perf_counter() - started)
+            cpus.append(time.process_time() - cpu)
+    return statistics.median(walls), statistics.median(cpus)
 
 
 def _ours(state: State, base: State | None, raw: int, runs: int) -> Json:
@@ -98,15 +104,24 @@ def _zipnn(data: bytes, dtype: torch.dtype, runs: int) -> Json | None:
     return _row("zipnn", len(data), len(packed), enc, dec, exact)
 
 
-def _row(coder: str, raw: int, size: int, enc: float, dec: float, exact: bool) -> Json:
-    """One coder's figures: ``raw`` bytes coded into ``size`` in ``enc`` seconds, back in
-    ``dec``."""
+def _row(
+    coder: str,
+    raw: int,
+    size: int,
+    enc: tuple[float, float],
+    dec: tuple[float, float],
+    exact: bool,
+) -> Json:
+    """One coder's figures: ``raw`` bytes coded into ``size`` in ``enc`` (wall, CPU)
+    seconds, back in ``dec``."""
     return {
         "coder": coder,
         "bytes": size,
         "ratio": raw / size,
-        "compress_mb_s": raw / _MB / enc,
-        "decompress_mb_s": raw / _MB / dec,
+        "compress_mb_s": raw / _MB / enc[0],
+        "decompress_mb_s": raw / _MB / dec[0],
+        "compress_cpu_ms": enc[1] * 1e3,
+        "decompress_cpu_ms": dec[1] * 1e3,
         "bit_exact": exact,
     }
 
@@ -144,13 +159,18 @@ def run_lossless_section(state: State, out: Console, runs: int) -> Json:
         cases.append(_case("fp32 delta", perturbed(fp32), fp32, runs))
         cases.append(_case("bf16 delta", perturbed(bf16), bf16, runs))
     table = Table(title=f"Lossless, {torch.get_num_threads()} threads (MB/s of raw model)")
-    for col in ("case", "coder", "bytes", "ratio", "compress MB/s", "decompress MB/s", "exact"):
+    columns = (
+        "case", "coder", "bytes", "ratio", "compress MB/s", "decompress MB/s",
+        "compress CPU ms", "decompress CPU ms", "exact",
+    )  # fmt: skip
+    for col in columns:
         table.add_column(col, justify="left" if col in ("case", "coder") else "right")
     for case in cases:
         for r in case["rows"]:
             table.add_row(
                 case["case"], r["coder"], f"{r['bytes']:,}", f"{r['ratio']:.4f}×",
                 f"{r['compress_mb_s']:,.0f}", f"{r['decompress_mb_s']:,.0f}",
+                f"{r['compress_cpu_ms']:,.0f}", f"{r['decompress_cpu_ms']:,.0f}",
                 "yes" if r["bit_exact"] else "NO",
             )  # fmt: skip
     out.print(table)

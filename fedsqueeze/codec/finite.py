@@ -57,8 +57,20 @@ def _all_finite(x: torch.Tensor) -> bool:
     if found is None or x.device.type != "cpu" or x.numel() == 0:
         return bool(torch.isfinite(x).all())
     view, mask, inf = found
-    ints = x.detach().contiguous().view(view).numpy()
-    return bool(np.max(ints & mask) < inf)
+    ints = x.detach().contiguous().view(view).numpy().reshape(-1)
+    # Block by block through one cache-sized scratch array: a whole-tensor temporary
+    # is fresh memory, and its page faults cost more than the test.
+    scratch = np.empty(min(ints.shape[0], _FINITE_BLOCK), dtype=ints.dtype)
+    for start in range(0, ints.shape[0], _FINITE_BLOCK):
+        block = ints[start : start + _FINITE_BLOCK]
+        part = scratch[: block.shape[0]]
+        np.bitwise_and(block, mask, out=part)
+        if part.max() >= inf:
+            return False
+    return True
+
+
+_FINITE_BLOCK = 1 << 16
 
 
 def count_nonfinite(x: torch.Tensor) -> str | None:

@@ -18,14 +18,19 @@ Body layout (integers are LEB128 varints)::
 
 Chunks are ``2^log2`` consecutive values (the last one shorter), listed chunk by chunk,
 each chunk's planes from the most significant byte (the exponent's) down. Chunks are
-coded and decoded independently, on all cores. The table fixes every plane's decoded
-size from the element count alone, so a hostile body can never make the decoder write
-more than ``numel × width`` bytes (each zstd frame is decoded with that bound).
+coded and decoded independently: a tensor of several chunks on all cores, a one-chunk
+tensor on the calling thread (on shared cores a hand-off to a pool thread costs more
+than the chunk). The table fixes every plane's decoded size from the element count
+alone, so a hostile body can never make the decoder write more than ``numel × width``
+bytes (each zstd frame is decoded with that bound).
 
-The exponent plane is compressed with literal-only zstd parameters (no match search,
-just zstd's Huffman literals): as small as pure Huffman coding on these planes and twice
-as fast as level 1, whose matches cost more than they save here. Mantissa planes get
-level 1 and stay raw unless that saves at least 1%.
+The exponent plane is compressed with literal-only zstd parameters (the shortest match
+search: in effect zstd's Huffman literals, one table per 128 KiB block): as small as pure
+Huffman coding on these planes and twice as fast as level 1, whose matches cost more than
+they save here. Mantissa planes get the same parameters (level 1 up to 64 KiB) and stay
+raw unless that saves at least 1%; a raw plane is decoded without a copy, as a view into
+the body. Planes are split out of the words and joined back block by block
+(:mod:`fedsqueeze.codec.planes`), the decoded values land in NumPy memory.
 """
 
 from __future__ import annotations
@@ -35,12 +40,14 @@ import threading
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from enum import IntEnum
+from typing import TypeVar, cast
 
 import numpy as np
 import torch
 import zstandard
 
 from fedsqueeze.codec.bytesio import ByteReader, write_varint
+from fedsqueeze.codec.planes import Plane, PlaneLayout, Words, join_planes, split_planes
 from fedsqueeze.errors import FormatError
 
 #: Values per chunk written by default (2^20: a few MB per chunk, enough to spread a
@@ -52,6 +59,11 @@ MAX_CHUNK_LOG2 = 26
 GROUPED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _SWAPPED = (torch.float32, torch.bfloat16)  # 8-bit exponents: swap sign and exponent LSB
 _MIN_GAIN = 0.99  # a mantissa plane stays raw unless zstd saves at least 1%
+#: Mantissa planes up to this many bytes get zstd level 1, larger ones the literal
+#: parameters: on MiniLM's large planes those are as small (fp32: 255 bytes smaller in
+#: 68 MB) and on XOR deltas' sparse planes 5% smaller and 2× faster; small planes keep
+#: the bytes they always had (the golden vectors).
+_LEVEL1_UP_TO = 1 << 16
 _FORMAT = zstandard.FORMAT_ZSTD1_MAGICLESS
 
 # Literals only: the shortest hash and search, matches of at least 7 bytes.
@@ -76,6 +88,9 @@ _local = threading.local()
 _pool_lock = threading.Lock()
 _pool: ThreadPoolExecutor | None = None
 
+T = TypeVar("T")
+R = TypeVar("R")
+
 
 class PlaneCoding(IntEnum):
     """How one plane of one chunk is stored."""
@@ -84,15 +99,53 @@ class PlaneCoding(IntEnum):
     ZSTD = 1
 
 
-def _workers() -> ThreadPoolExecutor:
-    """One pool for the process: zstd and numpy's copies release the GIL."""
+def _workers() -> tuple[ThreadPoolExecutor, int]:
+    """One pool for the process (zstd and NumPy release the GIL) and its size."""
     global _pool
+    count = max(1, os.cpu_count() or 1)
     with _pool_lock:
         if _pool is None:
-            _pool = ThreadPoolExecutor(
-                max_workers=max(1, os.cpu_count() or 1), thread_name_prefix="fsq-group"
-            )
-        return _pool
+            _pool = ThreadPoolExecutor(max_workers=count, thread_name_prefix="fsq-group")
+        return _pool, count
+
+
+def _parallel(fn: Callable[[T], R], items: Sequence[T]) -> list[R]:
+    """``[fn(item) for item in items]`` on all cores, the calling thread included.
+
+    Workers take the next item from a shared queue, so uneven items balance out, and
+    the caller drains the queue too: no call can wait on a pool that other calls have
+    filled (encoding from many threads at once is safe).
+    """
+    pool, count = _workers()
+    helpers = min(count, len(items)) - 1
+    if helpers <= 0:
+        return [fn(item) for item in items]
+    results: list[R | None] = [None] * len(items)
+    order = iter(range(len(items)))
+    lock = threading.Lock()
+    failed = threading.Event()
+
+    def drain() -> None:
+        while not failed.is_set():
+            with lock:
+                i = next(order, None)
+            if i is None:
+                return
+            try:
+                results[i] = fn(items[i])
+            except BaseException:
+                failed.set()
+                raise
+
+    futures = [pool.submit(drain) for _ in range(helpers)]
+    try:
+        drain()
+    finally:
+        errors = [f.exception() for f in futures]  # waits: no worker outlives the call
+    for error in errors:
+        if error is not None:
+            raise error
+    return cast("list[R]", results)
 
 
 def _coders() -> tuple[zstandard.ZstdCompressor, zstandard.ZstdCompressor]:
@@ -113,34 +166,44 @@ def _decompressor() -> zstandard.ZstdDecompressor:
     return d
 
 
-def _chunk_planes(values: np.ndarray, swapped: bool) -> list[np.ndarray]:
-    """``values`` (``[n, width]`` uint8, little endian) as planes, most significant first."""
-    planes = np.ascontiguousarray(values.T)[::-1]
-    if swapped:
-        hi, lo = planes[0], planes[1]
-        exponent = (hi << 1) | (lo >> 7)
-        sign_mantissa = (lo & 0x7F) | (hi & 0x80)
-        return [exponent, sign_mantissa, *planes[2:]]
-    return list(planes)
+def _layout(dtype: torch.dtype) -> PlaneLayout:
+    return PlaneLayout(dtype.itemsize, dtype in _SWAPPED)
 
 
-def _code_chunk(values: np.ndarray, swapped: bool) -> list[tuple[PlaneCoding, bytes]]:
-    literal, mantissa = _coders()
-    out = []
-    for k, plane in enumerate(_chunk_planes(values, swapped)):
+def _words(t: torch.Tensor) -> Words:
+    """A contiguous CPU tensor's bits as a 1-D NumPy array of unsigned words (a view)."""
+    signed = {2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()]
+    return cast(Words, t.view(signed).numpy().view(_UINTS[t.element_size()]))
+
+
+_UINTS = {2: np.uint16, 4: np.uint32, 8: np.uint64}
+
+
+def _code_planes(
+    words: Words, ks: Sequence[int], layout: PlaneLayout
+) -> list[tuple[PlaneCoding, bytes | memoryview]]:
+    """Planes ``ks`` of ``words``, each compressed when that pays (else stored raw)."""
+    planes = {k: np.empty(words.shape[0], dtype=np.uint8) for k in ks}
+    split_planes(words, planes, layout)
+    literal, level1 = _coders()
+    out: list[tuple[PlaneCoding, bytes | memoryview]] = []
+    for k, plane in planes.items():
         data = plane.data
-        packed = (literal if k == 0 else mantissa).compress(data)
+        small = len(data) <= _LEVEL1_UP_TO
+        packed = (level1 if k and small else literal).compress(data)
         if len(packed) < (len(data) if k == 0 else _MIN_GAIN * len(data)):
             out.append((PlaneCoding.ZSTD, packed))
         else:
-            out.append((PlaneCoding.RAW, plane.tobytes()))
+            out.append((PlaneCoding.RAW, data))
     return out
 
 
 def encode_grouped(
     bits: torch.Tensor, dtype: torch.dtype, chunk_log2: int = DEFAULT_CHUNK_LOG2
-) -> bytes:
-    """The grouped body of a tensor's bits (or of its bits XOR its base's).
+) -> memoryview:
+    """The grouped body of a tensor's bits (or of its bits XOR its base's): a read-only
+    view of bytes in NumPy (huge-page) memory, which fresh ``bytes`` of this size are
+    not (their first-touch page faults cost more than the coding on some machines).
 
     Parameters
     ----------
@@ -157,19 +220,30 @@ def encode_grouped(
         raise ValueError(f"chunk_log2 must be in {MIN_CHUNK_LOG2}..{MAX_CHUNK_LOG2}")
     if dtype not in GROUPED_DTYPES or bits.element_size() != dtype.itemsize:
         raise ValueError(f"cannot group {bits.dtype} values as {dtype}")
-    width = bits.element_size()
-    host = bits.detach().to("cpu").contiguous().reshape(-1)
-    values = host.view(torch.uint8).numpy().reshape(-1, width)
-    swapped = dtype in _SWAPPED
+    layout = _layout(dtype)
+    words = _words(bits.detach().to("cpu").contiguous().reshape(-1))
     size = 1 << chunk_log2
-    starts = range(0, values.shape[0], size)
-    chunks = list(_workers().map(lambda s: _code_chunk(values[s : s + size], swapped), starts))
+    every = tuple(range(layout.width))
+    chunks = _run(
+        lambda start: _code_planes(words[start : start + size], every, layout),
+        range(0, words.shape[0], size),
+    )
+    ordered = [plane for chunk in chunks for plane in chunk]
     table = bytearray([chunk_log2])
-    for chunk in chunks:
-        for coding, data in chunk:
-            table.append(int(coding))
-            write_varint(table, len(data))
-    return b"".join([bytes(table), *(data for chunk in chunks for _, data in chunk)])
+    for coding, data in ordered:
+        table.append(int(coding))
+        write_varint(table, len(data))
+    return _concat([table, *(data for _, data in ordered)])
+
+
+def _concat(parts: Sequence[bytes | bytearray | memoryview]) -> memoryview:
+    """``b"".join(parts)`` in NumPy memory, read-only."""
+    out = np.empty(sum(len(p) for p in parts), dtype=np.uint8)
+    at = 0
+    for part in parts:
+        out[at : at + len(part)] = np.frombuffer(part, dtype=np.uint8)
+        at += len(part)
+    return out.data.toreadonly()
 
 
 def decode_grouped(body: bytes | memoryview, dtype: torch.dtype, numel: int) -> torch.Tensor:
@@ -183,52 +257,58 @@ def decode_grouped(body: bytes | memoryview, dtype: torch.dtype, numel: int) -> 
     """
     if dtype not in GROUPED_DTYPES:
         raise FormatError(f"byte-grouped values of a {dtype} tensor")
-    width = torch.empty((), dtype=dtype).element_size()
+    layout = _layout(dtype)
+    width = layout.width
     reader = ByteReader(body)
     chunk_log2 = reader.u8("chunk size")
     if not MIN_CHUNK_LOG2 <= chunk_log2 <= MAX_CHUNK_LOG2:
         raise FormatError(f"chunk of 2^{chunk_log2} values")
     size = 1 << chunk_log2
     chunks = -(-numel // size)
-    entries: list[tuple[int, PlaneCoding, memoryview]] = []
-    lengths = []
-    for _ in range(chunks * width):
-        code = reader.u8("plane coding")
-        try:
-            coding = PlaneCoding(code)
-        except ValueError as exc:
-            raise FormatError(f"unknown plane coding {code}") from exc
-        lengths.append((coding, reader.varint("plane length", len(body))))
+    lengths = [
+        _table_entry(reader.u8("plane coding"), reader.varint("plane length", len(body)))
+        for _ in range(chunks * width)
+    ]
+    entries: list[tuple[PlaneCoding, memoryview, int]] = []
     for i, (coding, length) in enumerate(lengths):
-        chunk_values = min(size, numel - (i // width) * size)
-        if coding is PlaneCoding.RAW and length != chunk_values:
-            raise FormatError(f"raw plane of {length} bytes for {chunk_values} values")
-        entries.append((chunk_values, coding, reader.take(length, "plane data")))
+        count = min(size, numel - (i // width) * size)
+        if coding is PlaneCoding.RAW and length != count:
+            raise FormatError(f"raw plane of {length} bytes for {count} values")
+        entries.append((coding, reader.take(length, "plane data"), count))
     if reader.remaining:
         raise FormatError(f"{reader.remaining} bytes after the last plane")
-    out = np.empty((numel, width), dtype=np.uint8)
-    swapped = dtype in _SWAPPED
+    out = _empty(numel, dtype)
+    words = _words(out)
 
     def decode_chunk(c: int) -> None:
-        part = entries[c * width : (c + 1) * width]
-        _assemble(out[c * size : c * size + size], [(k, d) for _, k, d in part], swapped)
+        planes = [_plane(*entry) for entry in entries[c * width : (c + 1) * width]]
+        join_planes(planes, layout, words[c * size : (c + 1) * size])
 
-    list(_workers().map(decode_chunk, range(chunks)))
-    return torch.from_numpy(out.reshape(-1)).view(dtype)
+    _run(decode_chunk, range(chunks))
+    return out
 
 
-def _assemble(
-    rows: np.ndarray, planes: Sequence[tuple[PlaneCoding, memoryview | bytes]], swapped: bool
-) -> None:
-    """Decode one chunk's planes into ``rows`` (``[count, width]`` uint8)."""
-    count, width = rows.shape
-    values = [_plane(coding, memoryview(data), count) for coding, data in planes]
-    if swapped:
-        exponent, sign_mantissa = values[0], values[1]
-        values[0] = (sign_mantissa & 0x80) | (exponent >> 1)
-        values[1] = (sign_mantissa & 0x7F) | ((exponent & 1) << 7)
-    for k, plane in enumerate(values):
-        rows[:, width - 1 - k] = plane
+def _empty(numel: int, dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialized CPU tensor whose memory NumPy allocated: NumPy asks the kernel
+    for huge pages on large buffers, and first-touch page faults on fresh memory cost
+    more than the whole decode on some machines (6× a warm fill on these)."""
+    words = np.empty(numel, dtype=_UINTS[dtype.itemsize])
+    signed = {2: torch.int16, 4: torch.int32, 8: torch.int64}[dtype.itemsize]
+    return torch.from_numpy(words).view(signed).view(dtype)
+
+
+def _run(fn: Callable[[T], R], chunks: Sequence[T]) -> list[R]:
+    """``fn`` over a tensor's chunks: on all cores when there are several, else on the
+    calling thread (handing one chunk to a pool thread and waiting costs more than it
+    can save, often milliseconds on a loaded machine)."""
+    return _parallel(fn, chunks) if len(chunks) > 1 else [fn(c) for c in chunks]
+
+
+def _table_entry(code: int, length: int) -> tuple[PlaneCoding, int]:
+    try:
+        return PlaneCoding(code), length
+    except ValueError as exc:
+        raise FormatError(f"unknown plane coding {code}") from exc
 
 
 def stream_grouped(
@@ -239,7 +319,8 @@ def stream_grouped(
     holding more than one chunk. Same checks as :func:`decode_grouped`."""
     if dtype not in GROUPED_DTYPES:
         raise FormatError(f"byte-grouped values of a {dtype} tensor")
-    width = torch.empty((), dtype=dtype).element_size()
+    layout = _layout(dtype)
+    width = layout.width
     used = 0
 
     def take(count: int) -> bytes:
@@ -265,28 +346,25 @@ def stream_grouped(
     chunks = -(-numel // size)
     table: list[tuple[PlaneCoding, int]] = []
     for i in range(chunks * width):
-        code = take(1)[0]
-        try:
-            coding = PlaneCoding(code)
-        except ValueError as exc:
-            raise FormatError(f"unknown plane coding {code}") from exc
-        plane_length = varint()
+        coding, plane_length = _table_entry(take(1)[0], varint())
         count = min(size, numel - (i // width) * size)
         if coding is PlaneCoding.RAW and plane_length != count:
             raise FormatError(f"raw plane of {plane_length} bytes for {count} values")
         table.append((coding, plane_length))
-    swapped = dtype in _SWAPPED
     for c in range(chunks):
         count = min(size, numel - c * size)
-        planes = [(k, take(n)) for k, n in table[c * width : (c + 1) * width]]
-        rows = np.empty((count, width), dtype=np.uint8)
-        _assemble(rows, planes, swapped)
-        yield c * size, torch.from_numpy(rows.reshape(-1)).view(dtype)
+        planes = [
+            _plane(coding, memoryview(take(n)), count)
+            for coding, n in table[c * width : (c + 1) * width]
+        ]
+        values = _empty(count, dtype)
+        join_planes(planes, layout, _words(values))
+        yield c * size, values
     if used != length:
         raise FormatError(f"{length - used} bytes after the last plane")
 
 
-def _plane(coding: PlaneCoding, data: memoryview, count: int) -> np.ndarray:
+def _plane(coding: PlaneCoding, data: memoryview, count: int) -> Plane:
     """One plane of ``count`` bytes; a zstd frame may not decode to more (bombs)."""
     if coding is PlaneCoding.RAW:
         return np.frombuffer(data, dtype=np.uint8)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import fnmatch
 import warnings
-import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 
@@ -106,8 +105,8 @@ class EncodedModel:
             version, self.base_digest, self.spec, len(self.records), self.base_records
         )
 
-    def _parts(self) -> list[bytes]:
-        parts = [self.header.to_bytes()]
+    def _parts(self) -> list[bytes | memoryview]:
+        parts: list[bytes | memoryview] = [self.header.to_bytes()]
         for record in self.records:
             parts.append(record.header_bytes())
             parts.append(record.body)
@@ -118,8 +117,8 @@ class EncodedModel:
         parts = self._parts()
         crc = 0
         for part in parts:  # incremental: the payloads are copied once, by the join
-            crc = zlib.crc32(part, crc)
-        parts.append((crc & 0xFFFFFFFF).to_bytes(4, "little"))
+            crc = crc32(part, crc)
+        parts.append(crc.to_bytes(4, "little"))
         return b"".join(parts)
 
     @property

@@ -14,6 +14,7 @@ import torch
 
 from fedsqueeze.codec import entropy
 from fedsqueeze.codec.bitpack import packed_size, unpack_bits
+from fedsqueeze.codec.bits import xor_bits, xor_into
 from fedsqueeze.codec.blockwise import block_index, num_blocks
 from fedsqueeze.codec.container import (
     CODE_DTYPES,
@@ -128,7 +129,7 @@ class TensorDecoder:
             if record.value_kind is ValueKind.GROUPED_XOR:
                 if base is None:
                     raise FormatError(f"record {name!r}: XOR values without a delta flag")
-                values = _xor(values, base.to(device))
+                xor_into(values, base.to(device))  # values are fresh: no second buffer
             return name, values
         # The header fixes the body's exact length: check it before decompressing, so a
         # hostile length never drives an allocation.
@@ -417,10 +418,8 @@ def _body_length(
 def _xor(bits: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
     if base.dtype == torch.bool:
         return (bits.to(torch.uint8) ^ base.to(torch.uint8)).to(torch.bool)
-    if not base.is_floating_point():
-        return bits ^ base
-    width = {2: torch.int16, 4: torch.int32, 8: torch.int64}[base.element_size()]
-    return (bits.view(width) ^ base.contiguous().view(width)).view(base.dtype)
+    out = xor_bits(bits, base)  # in NumPy on the CPU (torch's threads stall when shared)
+    return out.view(base.dtype) if base.is_floating_point() else out
 
 
 __all__ = ["CODE_DTYPES", "ProgressiveTensor", "TensorDecoder"]

@@ -99,6 +99,53 @@ def test_lossless_models_round_trip_bit_exactly(
     assert all(_same_bits(decoded[k], t) for k, t in state.items())
 
 
+@pytest.mark.parametrize("dtype", GROUPED_DTYPES)
+def test_many_chunks_and_blocks_round_trip_bit_exactly(dtype: torch.dtype) -> None:
+    # Several chunks (coded on all cores) and a chunk of several blocks.
+    x = _floats(dtype, 600_001, 3, True)
+    for chunk_log2 in (17, 20):
+        body = encode_grouped(x, dtype, chunk_log2)
+        assert _same_bits(decode_grouped(body, dtype, x.numel()), x)
+
+
+def test_grouped_coding_from_many_threads_at_once() -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    tensors = [_floats(torch.bfloat16, 70_000 + i, i, True) for i in range(6)]
+    alone = [bytes(encode_grouped(t, torch.bfloat16, 14)) for t in tensors]
+    with ThreadPoolExecutor(4) as pool:
+        together = list(pool.map(lambda t: bytes(encode_grouped(t, torch.bfloat16, 14)), tensors))
+        decoded = list(
+            pool.map(lambda b: decode_grouped(b[0], torch.bfloat16, b[1]),
+                     [(body, t.numel()) for body, t in zip(alone, tensors, strict=True)])
+        )  # fmt: skip
+    assert together == alone
+    assert all(_same_bits(d, t) for d, t in zip(decoded, tensors, strict=True))
+
+
+def test_a_bad_plane_in_a_later_chunk_is_refused() -> None:
+    # Chunks decode on worker threads: their errors reach the caller.
+    n = 3 << 10
+    planes = [(1, b"\x00\x01\x02") if i == 4 else (0, bytes(1024)) for i in range(6)]
+    with pytest.raises(FormatError):
+        decode_grouped(_body(10, planes), torch.float16, n)
+
+
+def test_bodies_parsed_from_bytes_are_views_and_from_buffers_copies() -> None:
+    blob = encode_state({"w": _floats(torch.float32, 8192, 0, False)}, parse_spec("lossless"))
+    data = blob.to_bytes()
+    parsed = EncodedModel.from_bytes(data)
+    body = parsed.records[0].body
+    assert isinstance(body, memoryview) and body.obj is data
+    mutable = bytearray(data)
+    copied = EncodedModel.from_bytes(mutable)  # type: ignore[arg-type]  # accepted at run time
+    assert isinstance(copied.records[0].body, bytes)
+    expected = decode_state(copied)["w"].clone()
+    mutable[len(mutable) // 2] ^= 0xFF  # the caller's buffer changes after parsing
+    assert _same_bits(decode_state(copied)["w"], expected)
+    assert parsed.to_bytes() == data
+
+
 def test_large_float_tensors_are_grouped_and_smaller() -> None:
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
         state = {"w": _floats(dtype, 1 << 19, 0, True)}
