@@ -545,22 +545,44 @@ def _check_level_order(records: tuple[TensorRecord, ...] | list[TensorRecord], b
 def _progressive_order(
     records: list[TensorRecord], levels: dict[str, list[ScoredLevel]]
 ) -> list[TensorRecord]:
-    """Base levels first, then level by level; within a level by falling score.
+    """Base levels first, then level by level; within a level by falling score."""
+    scored = {name: [(lv.record, lv.score) for lv in lvs] for name, lvs in levels.items()}
+    return progressive_order(records, scored)
 
-    Plain records (biases, non-targets) lead the base level in state order; they are
-    small and every decodable prefix needs them.
+
+def progressive_order(
+    records: list[TensorRecord], levels: Mapping[str, list[tuple[TensorRecord, float]]]
+) -> list[TensorRecord]:
+    """The stream order of a progressive model's records.
+
+    Base levels first, then level by level; within a level by falling score. Plain
+    records (biases, non-targets) lead the base level in state order; they are small and
+    every decodable prefix needs them.
+
+    Parameters
+    ----------
+    records
+        One record per tensor, in state order (a progressive tensor's base level).
+    levels
+        For each progressive tensor, its levels (base level first, the very record object
+        found in ``records``) with their scores (error removed per byte).
     """
     plain = [r for r in records if not r.levels]
     progressive = [r for r in records if r.levels]
-    name_of = {id(r): name for name, lv in levels.items() for r in (lv[0].record,)}
-    progressive.sort(key=lambda r: -levels[name_of[id(r)]][0].score)
+    name_of = {id(lv[0][0]): name for name, lv in levels.items()}
+    score0 = {name: lv[0][1] for name, lv in levels.items()}
+    progressive.sort(key=lambda r: -score0[name_of[id(r)]])
     ordered = plain + progressive
     position = {name_of[id(r)]: i for i, r in enumerate(ordered) if id(r) in name_of}
     depth = max(len(lv) for lv in levels.values())
     for level in range(1, depth):
-        batch = [(lv[level], position[name]) for name, lv in levels.items() if level < len(lv)]
-        batch.sort(key=lambda item: -item[0].score)
-        ordered.extend(replace(scored.record, index=index) for scored, index in batch)
+        batch = [
+            (lv[level][0], lv[level][1], position[name])
+            for name, lv in levels.items()
+            if level < len(lv)
+        ]
+        batch.sort(key=lambda item: -item[1])
+        ordered.extend(replace(record, index=index) for record, _score, index in batch)
     return ordered
 
 
