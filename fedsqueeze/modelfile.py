@@ -9,7 +9,7 @@
 * :func:`decode_file` maps an encoded model, lays out the output as a safetensors file
   of the right size, maps it and decodes into it
   (:func:`~fedsqueeze.codec.stream_decode.decode_stream_into`). A PyTorch output is
-  written from that mapped file.
+  decoded into memory (torch.save needs every tensor at once): the output, held once.
 
 Memory beyond the mapped input and output: the record headers, a few MiB of copy
 buffers and what one tensor (or a few, encoding on all cores) takes to encode or
@@ -101,7 +101,7 @@ def open_model(path: str | Path) -> Iterator[Mapping[str, torch.Tensor]]:
     try:
         handle = safe_open(str(path), framework="pt", device="cpu")
         with handle as f:
-            names = list(f.keys())
+            names = list(f.offset_keys())  # the file order, as load_state gives it
             state = {name: f.get_tensor(name) for name in names}
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         from fedsqueeze.statefile import encoded_model_error
@@ -230,12 +230,14 @@ def decode_file(
             with atomic_path(output, overwrite=overwrite) as tmp:
                 _write_safetensors(tmp, slots, fill)
         else:
-            scratch = output.parent / f".{output.name}.{secrets.token_hex(4)}.safetensors"
-            try:
-                _write_safetensors(scratch, slots, fill)
-                _save_torch(scratch, output, overwrite)
-            finally:
-                scratch.unlink(missing_ok=True)
+            # A PyTorch file is written from tensors in memory (the output, held once):
+            # torch.save cannot write tensors that share one mapped storage.
+            import torch
+
+            target = {s.name: torch.empty(s.shape, dtype=s.dtype) for s in slots}
+            fill(target)
+            with atomic_path(output, overwrite=overwrite) as tmp:
+                torch.save(target, tmp)
     return DecodedFile(len(slots), sum(s.nbytes for s in slots), fmt)
 
 
@@ -354,11 +356,3 @@ def _write_safetensors(
         else:
             fill({slot.name: torch.empty(slot.shape, dtype=slot.dtype) for slot in order})
         os.fsync(fh.fileno())
-
-
-def _save_torch(mapped: Path, output: Path, overwrite: bool) -> None:
-    """A PyTorch file at ``output`` with the tensors of the safetensors file ``mapped``."""
-    import torch
-
-    with open_model(mapped) as state, atomic_path(output, overwrite=overwrite) as tmp:
-        torch.save(dict(state), tmp)

@@ -4,6 +4,7 @@
     fedsqueeze bench transport    segment streaming vs a bare gRPC stream, resume, fan-out
     fedsqueeze bench progressive  progressive level designs and prefix curves
     fedsqueeze bench simulate     a plain Flower app beside the sweep's arms, 100 to 10,000 clients
+    fedsqueeze bench bigmodel     model files of 25M to 1B parameters coded in bounded memory
 
 Results go to stdout as tables (and as JSON with --json). No benchmark asserts a time:
 the machines are shared, so the numbers are for BENCHMARKS.md, not for pass/fail.
@@ -16,6 +17,7 @@ import importlib
 from collections.abc import Callable
 
 from fedsqueeze.bench.flags import (
+    add_bigmodel_arguments,
     add_codec_arguments,
     add_progressive_arguments,
     add_simulate_arguments,
@@ -41,6 +43,11 @@ BENCHES: dict[str, tuple[str, str, Callable[[argparse.ArgumentParser], None]]] =
         "fedsqueeze.bench.simulate",
         "simulation cost: a plain Flower app beside the sweep's arms",
         add_simulate_arguments,
+    ),
+    "bigmodel": (
+        "fedsqueeze.bench.bigmodel",
+        "large model files in bounded memory: peak memory and throughput against clone()",
+        add_bigmodel_arguments,
     ),
 }
 
