@@ -38,7 +38,14 @@ if TYPE_CHECKING:
     from fedsqueeze.codec import CodecSpec, NonFinite
     from fedsqueeze.codec.stream_decode import TensorSlot
 
-__all__ = ["DecodedFile", "EncodedFile", "decode_file", "encode_file", "open_model"]
+__all__ = [
+    "DecodedFile",
+    "EncodedFile",
+    "decode_file",
+    "encode_file",
+    "open_model",
+    "return_freed_memory",
+]
 
 _COPY = 8 << 20  # bytes copied from the spool at a time
 
@@ -145,6 +152,7 @@ def encode_file(
     from fedsqueeze.codec.stream_encode import encode_stream
 
     output = Path(output)
+    return_freed_memory()
     with contextlib.ExitStack() as stack:
         state = stack.enter_context(open_model(source))
         base_state = stack.enter_context(open_model(base)) if base is not None else None
@@ -196,6 +204,7 @@ def decode_file(
     source, output = Path(source), Path(output)
     fmt = state_format(output)
     check_readable(source)
+    return_freed_memory()
     with contextlib.ExitStack() as stack:
         view = stack.enter_context(_mapped_encoded(source))
         base_state = stack.enter_context(open_model(base)) if base is not None else None
@@ -242,6 +251,36 @@ def decode_file(
 
 
 # ----------------------------------------------------------------------- helpers
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+
+
+def return_freed_memory(threshold: int = 1 << 20) -> bool:
+    """Make glibc's malloc give blocks of ``threshold`` bytes and more back to the system
+    when freed (process-wide; a no-op elsewhere). Returns whether it applied.
+
+    glibc raises its mmap threshold to the size of each mapped block freed (up to 32 MiB),
+    after which tensors of a few MiB come from heaps that keep their pages once freed:
+    coding a model tensor by tensor then holds the largest tensors' working memory
+    several times over (measured: 17 MB against 6 MB beyond the input for int8 on a
+    105 MB model, 206 MB against 61 MB for progressive levels). A fixed threshold keeps
+    every large block mapped, so freeing it returns its pages.
+    """
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return False
+    try:
+        libc = ctypes.CDLL(name)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    ok = bool(mallopt(_M_MMAP_THRESHOLD, threshold) == 1)
+    return ok and bool(mallopt(_M_TRIM_THRESHOLD, 2 * threshold) == 1)
+
+
 def _write(fh: object, piece: bytes | memoryview, crc: int) -> int:
     fh.write(piece)  # type: ignore[attr-defined]
     return zlib.crc32(piece, crc)

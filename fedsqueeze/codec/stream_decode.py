@@ -31,7 +31,7 @@ from fedsqueeze.codec.container import (
     parse_record,
 )
 from fedsqueeze.codec.model import _check_level_order
-from fedsqueeze.codec.streaming import decode_into
+from fedsqueeze.codec.streaming import DEFAULT_CHUNK_VALUES, decode_into
 from fedsqueeze.codec.tensor_decode import ProgressiveTensor, TensorDecoder
 from fedsqueeze.errors import BaseMismatchError, FormatError, LimitExceededError
 
@@ -218,7 +218,13 @@ def decode_stream_into(
         if not out.is_contiguous():
             raise ValueError(f"target[{slot.name!r}] is not contiguous")
     if not layout.progressive:
-        decode_into(_chunks(view), target, base_digest=base_digest, limits=limits)
+        # Chunks of about 1/128 of the model (at least decode_into's default): per-chunk
+        # overheads stay small on large models, the working memory a small fraction.
+        total = sum(s.nbytes for s in layout.tensors) // 4
+        step = min(max(total // 128, DEFAULT_CHUNK_VALUES), 1 << 24)
+        decode_into(
+            _chunks(view), target, base_digest=base_digest, limits=limits, chunk_values=step
+        )
         return
     _decode_levels(view, layout, target)
 
