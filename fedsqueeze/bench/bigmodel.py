@@ -17,7 +17,7 @@ Memory is the child's peak anonymous memory beyond its baseline after imports
 the mapped input and output; it is given as a percentage of the model's size. Throughput
 is model bytes (fp32) per second of the child's work, and its ratio to the mean of the
 two clone runs. The lossless rows also check that the decoded file is bit-exact.
-The files are deleted at the end unless ``--keep``.
+The files are deleted at the end.
 """
 
 from __future__ import annotations
