@@ -207,6 +207,12 @@ def run(
                     "exact": exact,
                 }
             )
+            row = rows[-1]
+            console.print(
+                f"  ratio {raw / row['encoded_bytes']:.2f}×, encode {enc['seconds']:.1f} s "
+                f"+{100 * enc['extra'] / raw:.1f}%, decode {dec['seconds']:.1f} s "
+                f"+{100 * dec['extra'] / raw:.1f}% of the model beyond the mapped files"
+            )
             encoded.unlink(missing_ok=True)
             decoded.unlink(missing_ok=True)
         clones.append(_measure(["clone", str(model)]))
