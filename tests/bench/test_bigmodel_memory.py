@@ -10,6 +10,7 @@ The model's largest tensor is 4% of it: one tensor's working memory is most of t
 
 from __future__ import annotations
 
+import json
 import math
 import sys
 from pathlib import Path
@@ -48,3 +49,18 @@ def test_encode_and_decode_stay_within_a_tenth_of_the_model(tmp_path: Path) -> N
         extra = _child("decode", str(encoded), str(decoded))
         assert extra <= bound, f"{spec} decode: {extra / 1e6:.1f} MB beyond input and output"
         assert decoded.stat().st_size > raw
+
+
+@pytest.mark.slow  # 68 s on the shared machine (4 fresh subprocesses), 15 s of CPU
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_bench_runs_in_short_form(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from fedsqueeze.cli import main
+
+    out = tmp_path / "rows.json"
+    args = ["bench", "bigmodel", "--params", "200K", "--specs", "lossless", "--layers", "2"]
+    assert main([*args, "--dir", str(tmp_path), "--json", str(out)]) == 0
+    (row,) = json.loads(out.read_text())
+    assert row["exact"] is True and row["encoded_bytes"] > 0
+    assert row["encode"]["peak_anon"] > 0 and row["decode"]["baseline_anon"] > 0
+    assert "bounded memory" in capsys.readouterr().out
+    assert [p.name for p in tmp_path.iterdir()] == ["rows.json"]  # model files removed
