@@ -42,6 +42,7 @@ from fedsqueeze.codec.model import (
     EncodedModel,
     _check_shares_tensors,
     _check_state,
+    _unencodable,
     _warn_unmatched_targets,
     _without_held_frozen,
     progressive_order,
@@ -180,7 +181,7 @@ def encode_stream(
     cut: GlobalCut | None = None
     carried: frozenset[str] = frozenset()
     if spec.prune.method is PruneMethod.L1_GLOBAL:
-        carried = _carried(state, encoder, nonfinite)
+        carried = _unencodable(state, encoder, nonfinite)
         work = [n for n in names if n not in carried and encoder.is_lossy(n, state[n])]
         if work:
             cut = find_global_cut(
@@ -286,19 +287,6 @@ def _run_pool(
         finally:
             for _name, future in pending:
                 future.cancel()
-
-
-def _carried(state: State, encoder: TensorEncoder, nonfinite: NonFinite) -> frozenset[str]:
-    """The tensors to carry losslessly; raises for the first one under ``REFUSE``."""
-    carried = []
-    for name, t in state.items():
-        problem = encoder.problem(name, t.detach())
-        if problem is None:
-            continue
-        if nonfinite is NonFinite.REFUSE:
-            raise NonFiniteError(name, problem)
-        carried.append(name)
-    return frozenset(carried)
 
 
 def _stochastic(spec: CodecSpec) -> bool:
