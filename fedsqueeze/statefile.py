@@ -12,6 +12,7 @@ atomic (:func:`write_atomic`: temp file, fsync, rename) and creates files the wa
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import io
 import os
@@ -19,7 +20,7 @@ import re
 import secrets
 import stat
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -66,8 +67,11 @@ def state_format(path: str | Path) -> StateFormat:
     return fmt
 
 
-def load_state(path: str | Path) -> dict[str, torch.Tensor]:
+def load_state(path: str | Path, *, mmap: bool = False) -> dict[str, torch.Tensor]:
     """Load a state dict of tensors from ``path``.
+
+    With ``mmap``, a zip-format PyTorch file's tensors are views on the mapped file (read
+    when used); an older-format file is loaded whole. Safetensors files are always read.
 
     Raises
     ------
@@ -80,11 +84,9 @@ def load_state(path: str | Path) -> dict[str, torch.Tensor]:
 
     path = Path(path)
     check_readable(path)
-    if _is_encoded(path):
-        raise ConfigError(
-            f"{path}: this is a fedsqueeze encoded model, not a state_dict; "
-            f"decode it first (fedsqueeze codec decode)"
-        )
+    encoded = encoded_model_error(path)
+    if encoded is not None:
+        raise ConfigError(encoded)
     if path.suffix == ".safetensors":
         from safetensors import SafetensorError
         from safetensors.torch import load_file
@@ -98,7 +100,7 @@ def load_state(path: str | Path) -> dict[str, torch.Tensor]:
             # torch warns about a pickle protocol before refusing what it holds: the
             # refusal below says all there is to say
             warnings.simplefilter("ignore", UserWarning)
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+            obj = _torch_load(path, mmap)
     except Exception as exc:  # torch raises many types for a bad file: report them alike
         raise ConfigError(f"{path}: {_load_failure(exc)}") from exc
     if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
@@ -108,6 +110,28 @@ def load_state(path: str | Path) -> dict[str, torch.Tensor]:
     ):
         raise ConfigError(f"{path}: expected a mapping of names to tensors (a state_dict)")
     return dict(obj)
+
+
+def _torch_load(path: Path, mmap: bool) -> object:
+    import torch
+
+    if mmap:
+        import zipfile
+
+        if zipfile.is_zipfile(path):  # only the zip format maps
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def encoded_model_error(path: Path) -> str | None:
+    """The one-line refusal for an encoded ``.fsq`` model given as a model file, or
+    ``None`` when ``path`` is not one."""
+    if not _is_encoded(path):
+        return None
+    return (
+        f"{path}: this is a fedsqueeze encoded model, not a state_dict; "
+        f"decode it first (fedsqueeze codec decode)"
+    )
 
 
 def check_readable(path: Path) -> None:
@@ -189,6 +213,29 @@ def write_atomic(path: str | Path, data: bytes, *, overwrite: bool = True) -> No
     OSError
         The file could not be written; ``filename`` is ``path``.
     """
+    with atomic_path(path, overwrite=overwrite) as tmp:
+        try:
+            with tmp.open("r+b") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+        except OSError as exc:
+            raise _named(exc, Path(path)) from exc
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path, *, overwrite: bool = True) -> Iterator[Path]:
+    """A hidden temporary file beside ``path`` to write (created empty, with the mode
+    ``path`` will have), moved to ``path`` when the block ends without an error and
+    removed otherwise. The writer fsyncs what it writes.
+
+    Raises
+    ------
+    FileExistsError
+        ``path`` exists and ``overwrite`` is false (checked when the file is placed).
+    OSError
+        The file could not be created or placed; ``filename`` is ``path``.
+    """
     path = Path(path)
     if str(path) in ("", "."):
         raise ValueError("empty output path")
@@ -205,12 +252,12 @@ def write_atomic(path: str | Path, data: bytes, *, overwrite: bool = True) -> No
     except OSError as exc:
         raise _named(exc, path) from exc
     try:
-        with os.fdopen(fd, "wb") as fh:
+        try:
             if existing is not None:
-                os.fchmod(fh.fileno(), existing)
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
+                os.fchmod(fd, existing)
+        finally:
+            os.close(fd)
+        yield tmp
         if overwrite:
             os.replace(tmp, path)
         else:

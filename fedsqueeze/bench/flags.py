@@ -16,6 +16,7 @@ from pathlib import Path
 from fedsqueeze.errors import ConfigError
 
 __all__ = [
+    "add_bigmodel_arguments",
     "add_codec_arguments",
     "add_simulate_arguments",
     "add_transport_arguments",
@@ -67,6 +68,52 @@ def add_progressive_arguments(parser: argparse.ArgumentParser) -> None:
         "'quant=8:block64,levels=3+1+1+1+2@relative' (orders: by-level, squared, relative)",
     )
     parser.add_argument("--json", type=Path, help="also write the figures to this file")
+
+
+def _sizes(text: str) -> list[int]:
+    """``25M,250M,1B`` → parameter counts."""
+    scale = {"K": 10**3, "M": 10**6, "B": 10**9, "G": 10**9}
+    out = []
+    for item in (v.strip().upper() for v in text.split(",") if v.strip()):
+        try:
+            value = float(item[:-1]) * scale[item[-1]] if item[-1] in scale else float(item)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected sizes like 25M,1B, got {text!r}") from None
+        if value < 1000:
+            raise argparse.ArgumentTypeError(f"{item}: at least 1K parameters")
+        out.append(int(value))
+    if not out:
+        raise argparse.ArgumentTypeError("no size given")
+    return out
+
+
+def add_bigmodel_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags of ``fedsqueeze bench bigmodel``."""
+    parser.add_argument(
+        "--params",
+        type=_sizes,
+        default=[25 * 10**6, 250 * 10**6],
+        metavar="N,N,...",
+        help="model sizes in parameters, e.g. 25M,250M,1B (default 25M,250M)",
+    )
+    parser.add_argument(
+        "--specs",
+        type=lambda text: [v.strip() for v in text.split(";") if v.strip()],
+        metavar="SPEC;SPEC",
+        help="specs to measure, ';'-separated: labels of the default list (lossless, fp16, "
+        "int8, block4, nf4, prune90-int4, global90-int8, topk10-int4, prune95-kmeans3, "
+        "levels2+2+4) or spec texts (default: all of those)",
+    )
+    parser.add_argument(
+        "--layers", type=int, default=8, help="transformer blocks of the model (default 8)"
+    )
+    parser.add_argument(
+        "--workers", type=int, default=None, help="encoding threads (default: every core)"
+    )
+    parser.add_argument(
+        "--dir", type=Path, default=None, help="where the model files go (default: the temp dir)"
+    )
+    parser.add_argument("--json", type=Path, metavar="FILE", help="also write the rows as JSON")
 
 
 def _client_counts(text: str) -> list[int]:

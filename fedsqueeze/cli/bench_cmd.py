@@ -5,6 +5,7 @@
                                   and vs Flower's own transfer on the Deployment Engine
     fedsqueeze bench progressive  progressive level designs and prefix curves
     fedsqueeze bench simulate     a plain Flower app beside the sweep's arms, 100 to 10,000 clients
+    fedsqueeze bench bigmodel     model files of 25M to 1B parameters coded in bounded memory
 
 Results go to stdout as tables (and as JSON with --json). No benchmark asserts a time:
 the machines are shared, so the numbers are for BENCHMARKS.md, not for pass/fail.
@@ -17,6 +18,7 @@ import importlib
 from collections.abc import Callable
 
 from fedsqueeze.bench.flags import (
+    add_bigmodel_arguments,
     add_codec_arguments,
     add_progressive_arguments,
     add_simulate_arguments,
@@ -42,6 +44,11 @@ BENCHES: dict[str, tuple[str, str, Callable[[argparse.ArgumentParser], None]]] =
         "fedsqueeze.bench.simulate",
         "simulation cost: a plain Flower app beside the sweep's arms",
         add_simulate_arguments,
+    ),
+    "bigmodel": (
+        "fedsqueeze.bench.bigmodel",
+        "large model files in bounded memory: peak memory and throughput against clone()",
+        add_bigmodel_arguments,
     ),
 }
 

@@ -14,7 +14,12 @@ rank=R (low-rank factors of matrices, for updates), quant=none|BITS[:affine|
 symmetric|pow2|kmeans][:tensor|channel][:nearest|stochastic], float=fp32|fp16|bf16,
 entropy=LEVEL (zstd 0..22, 0 off), targets=PATTERN|PATTERN, min-ndim=N (0..8).
 
-Files: an output that is one of the inputs is refused; an existing output is refused
+Files are read and written one tensor at a time: .safetensors and zip-format .pt inputs
+are memory-mapped, encoded records go to a spool file beside the output, and a decode
+maps its output file, so a model larger than memory encodes and decodes. encode runs on
+every core (--workers); its bytes do not depend on the number of workers.
+
+An output that is one of the inputs is refused; an existing output is refused
 unless --force. Outputs are written atomically, with the usual permissions (a new file
 gets 0666 minus the umask, a replaced one keeps its mode). decode writes by extension:
 .pt, .pth, .bin (PyTorch) or .safetensors; other extensions are refused.
@@ -38,6 +43,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
+from fedsqueeze.cli.argtypes import count
 from fedsqueeze.errors import ConfigError
 
 if TYPE_CHECKING:  # the heavy modules are imported by the actions, so --help stays fast
@@ -70,6 +76,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="send tensors with NaN/Inf (or values the spec cannot hold) losslessly "
         "instead of refusing them",
+    )
+    enc.add_argument(
+        "--workers",
+        type=count(1),
+        default=None,
+        help="threads encoding tensors at once (default: every core); the output is the "
+        "same for any number",
     )
     enc.add_argument(
         "--list-presets",
@@ -115,28 +128,38 @@ def _encode(args: argparse.Namespace) -> int:
         raise ConfigError("encode needs INPUT and OUTPUT (see fedsqueeze codec encode --help)")
     source, base_path = Path(args.input), _optional(args.base)
     output = _check_output(args.output, [source, base_path], args.force)
-    from fedsqueeze.codec import NonFinite, encode_state
+    from fedsqueeze.codec import NonFinite
     from fedsqueeze.codec.spec_text import format_spec, parse_spec
     from fedsqueeze.errors import NonFiniteError
-    from fedsqueeze.statefile import load_state
+    from fedsqueeze.modelfile import encode_file
 
     spec = parse_spec(args.spec)
-    state = load_state(source)
-    base = load_state(base_path) if base_path is not None else None
+    _check_inputs(source, base_path)
     policy = NonFinite.CARRY if args.allow_nonfinite else NonFinite.REFUSE
     try:
-        encoded = _warning_lines(
-            lambda: encode_state(state, spec, base, seed=args.seed, nonfinite=policy)
+        done = _warning_lines(
+            lambda: _write(
+                output,
+                args.force,
+                lambda overwrite: encode_file(
+                    source,
+                    output,
+                    spec,
+                    base=base_path,
+                    seed=args.seed,
+                    nonfinite=policy,
+                    workers=args.workers,
+                    overwrite=overwrite,
+                ),
+            )
         )
     except NonFiniteError as exc:
         advice = "pass --allow-nonfinite to send such tensors losslessly"
         raise NonFiniteError(exc.tensor, exc.reason, advice) from exc
-    data = encoded.to_bytes()
-    _write(output, args.force, lambda overwrite: _write_bytes(output, data, overwrite))
-    raw = sum(t.numel() * t.element_size() for t in state.values())
+    raw, size = done.raw_bytes, done.nbytes
     _console().print(
-        f"{source} → {output}: {raw:,} → {len(data):,} bytes "
-        f"({raw / max(1, len(data)):.1f}× smaller), spec {format_spec(spec)}"
+        f"{source} → {output}: {raw:,} → {size:,} bytes "
+        f"({raw / max(1, size):.1f}× smaller), spec {format_spec(spec)}"
     )
     return 0
 
@@ -147,15 +170,15 @@ def _decode(args: argparse.Namespace) -> int:
     source, base_path = Path(args.input), _optional(args.base)
     output = _check_output(args.output, [source, base_path], args.force)
     fmt = state_format(output)  # an extension we cannot write: before any work
-    from fedsqueeze.codec import decode_state
-    from fedsqueeze.statefile import load_state, save_state
+    from fedsqueeze.modelfile import decode_file
 
-    encoded = _read_encoded(source)
-    _check_base_for(encoded, source, base_path)
-    base = load_state(base_path) if base_path is not None else None
-    state = decode_state(encoded, base)
-    _write(output, args.force, lambda overwrite: save_state(state, output, overwrite=overwrite))
-    _console().print(f"{source} → {output}: {len(state)} tensors ({fmt.value})")
+    _check_inputs(source, base_path)
+    done = _write(
+        output,
+        args.force,
+        lambda overwrite: decode_file(source, output, base=base_path, overwrite=overwrite),
+    )
+    _console().print(f"{source} → {output}: {done.tensors} tensors ({fmt.value})")
     return 0
 
 
@@ -207,6 +230,15 @@ def _same_file(a: Path, b: Path) -> bool:
     return a.resolve() == b.resolve()
 
 
+def _check_inputs(*paths: Path | None) -> None:
+    """Missing or directory inputs, worded alike, before any work."""
+    from fedsqueeze.statefile import check_readable
+
+    for path in paths:
+        if path is not None:
+            check_readable(path)
+
+
 def _read_encoded(path: Path) -> EncodedModel:
     """An encoded model from ``path``; a missing file is worded as for any input."""
     from fedsqueeze.codec import EncodedModel
@@ -227,20 +259,16 @@ def _check_base_for(encoded: EncodedModel, source: Path, base: Path | None) -> N
         )
 
 
-def _write(output: Path, force: bool, write: Callable[[bool], None]) -> None:
+def _write(output: Path, force: bool, write: Callable[[bool], T]) -> T:
     """Run ``write(overwrite)``; errors name ``output`` in one line."""
     try:
-        write(force)
+        return write(force)
     except FileExistsError as exc:  # created while we worked
         raise ConfigError(f"{output} exists; pass --force to replace it") from exc
     except OSError as exc:
+        if exc.filename is not None and Path(exc.filename) != output:
+            raise  # an input's error: reported as such
         raise ConfigError(f"cannot write {output}: {exc.strerror or exc}") from exc
-
-
-def _write_bytes(output: Path, data: bytes, overwrite: bool) -> None:
-    from fedsqueeze.statefile import write_atomic
-
-    write_atomic(output, data, overwrite=overwrite)
 
 
 def _warning_lines(work: Callable[[], T]) -> T:

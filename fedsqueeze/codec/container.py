@@ -265,8 +265,13 @@ class TensorRecord:
         """The record's bytes in the container."""
         return self.header_bytes() + self.body
 
-    def header_bytes(self) -> bytes:
-        """The record's bytes before its body (the body follows unchanged)."""
+    def header_bytes(self, body_length: int | None = None) -> bytes:
+        """The record's bytes before its body (the body follows unchanged).
+
+        ``body_length`` stands for ``len(self.body)`` when the body is kept elsewhere
+        (a streaming encoder spools bodies and keeps records without them).
+        """
+        length = len(self.body) if body_length is None else body_length
         out = bytearray()
         flags = RecordFlags(0)
         if self.index is None:
@@ -308,7 +313,7 @@ class TensorRecord:
         if self.level > 0:  # a refinement: everything else is in its level-0 record
             if self.raw_length is not None:
                 write_varint(out, self.raw_length)
-            write_varint(out, len(self.body))
+            write_varint(out, length)
             return bytes(out)
         if self.rank:
             write_varint(out, self.rank)
@@ -333,7 +338,7 @@ class TensorRecord:
             write_varint(out, p.payload_bytes)
         if self.raw_length is not None:
             write_varint(out, self.raw_length)
-        write_varint(out, len(self.body))
+        write_varint(out, length)
         return bytes(out)
 
 

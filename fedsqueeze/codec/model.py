@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import fnmatch
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -285,7 +285,7 @@ def encode_state(
         if res is not None:
             new_residual[name] = res
     if encoder.levels:
-        records = _progressive_order(records, encoder.levels, order)
+        records = progressive_order(records, encoder.levels, order)
     return EncodedModel(
         spec=spec,
         base_digest=base_digest if base is not None else None,
@@ -574,19 +574,30 @@ def _levels_ascend(records: tuple[TensorRecord, ...]) -> bool:
     return True
 
 
-def _progressive_order(
-    records: list[TensorRecord], levels: dict[str, list[ScoredLevel]], order: LevelOrder
+def progressive_order(
+    records: list[TensorRecord], levels: Mapping[str, Sequence[ScoredLevel]], order: LevelOrder
 ) -> list[TensorRecord]:
-    """Base levels first, then the refinements in ``order``.
+    """The stream order of a progressive model's records: base levels first, then the
+    refinements in ``order``.
 
     Plain records (biases, non-targets) lead the base level in state order; they are
     small and every decodable prefix needs them. The progressive base levels follow by
     falling score (what a delta's prefix buys first; ``RELATIVE`` weighs it by the
     tensor's energy as it does the refinements).
+
+    Parameters
+    ----------
+    records
+        One record per tensor, in state order (a progressive tensor's base level).
+    levels
+        For each progressive tensor its levels, base level first (the very record object
+        found in ``records``), with their gains, energies and sizes.
+    order
+        How the refinements are ordered (:func:`refinement_order`).
     """
     plain = [r for r in records if not r.levels]
     progressive = [r for r in records if r.levels]
-    name_of = {id(r): name for name, lv in levels.items() for r in (lv[0].record,)}
+    name_of = {id(lv[0].record): name for name, lv in levels.items()}
 
     def base_score(r: TensorRecord) -> float:
         first = levels[name_of[id(r)]][0]
@@ -600,9 +611,10 @@ def _progressive_order(
     scores: list[LevelScore] = []
     for name in sorted(levels, key=position.__getitem__):
         for level, scored in enumerate(levels[name][1:], start=1):
-            nbytes = len(scored.record.header_bytes()) + len(scored.record.body)
             refinements.append((scored, position[name]))
-            scores.append(LevelScore(position[name], level, scored.gain, nbytes, scored.energy))
+            scores.append(
+                LevelScore(position[name], level, scored.gain, scored.size, scored.energy)
+            )
     for i in refinement_order(scores, order):
         scored, index = refinements[i]
         ordered.append(replace(scored.record, index=index))

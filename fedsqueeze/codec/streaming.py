@@ -39,6 +39,7 @@ import zstandard
 from fedsqueeze.codec.bitpack import packed_size, unpack_bits
 from fedsqueeze.codec.bytesio import ByteReader
 from fedsqueeze.codec.container import (
+    BLOCKWISE_VERSION,
     GROUPED_VERSION,
     DecodeLimits,
     QParamsSizer,
@@ -210,9 +211,9 @@ def decode_into(
     step = max(8, (chunk_values + 7) // 8 * 8)
     source = _Input(chunks)
     header = _parse(source, ByteReader, lambda r: parse_header(r, limits))
-    # Version 4 adds byte-grouped records (held whole below); it may also carry levels,
-    # refused record by record.
-    if header.version not in (1, GROUPED_VERSION):
+    # Versions 3 and 4 add block-wise and byte-grouped records (held whole or streamed
+    # below); they may also carry levels, refused record by record.
+    if header.version not in (1, BLOCKWISE_VERSION, GROUPED_VERSION):
         raise FormatError(
             "part-by-part decoding reads whole-model streams; decode progressive levels "
             "with decode_prefix"

@@ -94,12 +94,22 @@ class ScoredLevel:
     record: TensorRecord
     gain: float
     energy: float = 1.0
+    nbytes: int | None = None
+    """The record's encoded size when its body is kept elsewhere (a streaming encoder
+    spools bodies); ``None``: header and body as held."""
+
+    @property
+    def size(self) -> int:
+        """The record's encoded size in bytes (header and body)."""
+        if self.nbytes is not None:
+            return self.nbytes
+        return len(self.record.header_bytes()) + len(self.record.body)
 
     @property
     def score(self) -> float:
         """Squared error removed per byte of the record (orders the base levels; the
         refinements' order is :func:`~fedsqueeze.codec.level_order.refinement_order`)."""
-        return self.gain / max(1, len(self.record.header_bytes()) + len(self.record.body))
+        return self.gain / max(1, self.size)
 
 
 class TensorEncoder:
