@@ -9,7 +9,8 @@ import pytest
 from coordinator.budget import PolicyKind
 from fedsqueeze.errors import ConfigError
 from fedsqueeze.runconfig import Partitioning
-from simulations.baselines import DEFAULT_ARMS, DISTILLED_STUDENT_LR, ArmKind
+from simulations import baselines
+from simulations.baselines import ARM_PRESETS, DEFAULT_ARMS, DISTILLED_STUDENT_LR, ArmKind
 from simulations.config import SimulationConfig, load_config
 
 CONFIGS = Path(__file__).resolve().parents[2] / "simulations" / "configs"
@@ -127,3 +128,9 @@ def test_distilling_arms_carry_their_options_to_the_run() -> None:
     assert all(c.run_settings(a, "s").held_out_proxy == 360 for a in c.arms)
     s = load_config(None, ["arms=distill", "arm.distill.student-lr=0.02"])
     assert s.run_settings(s.arm("distill"), "s").student_lr == 0.02
+
+
+def test_every_preset_arm_is_in_the_documented_table() -> None:
+    doc = baselines.__doc__ or ""
+    for name in ARM_PRESETS:
+        assert f"``{name}``" in doc, name
