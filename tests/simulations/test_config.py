@@ -115,7 +115,7 @@ def test_an_arm_sets_the_runs_frozen_parts() -> None:
 def test_distilling_arms_carry_their_options_to_the_run() -> None:
     c = load_config(None, ["arms=fedavg-fp32,distill,student-fedavg,adaptive-feddf"])
     distill = c.run_settings(c.arm("distill"), "s")
-    assert distill.student_refresh_every == 5 and distill.student_from_teacher
+    assert distill.student_refresh_every == 1 and distill.student_from_teacher
     assert distill.student_lr == DISTILLED_STUDENT_LR < c.lr
     baseline = c.run_settings(c.arm("student-fedavg"), "s")
     # the baseline: the same student, clients and budgets, no teacher, the sweep's lr
