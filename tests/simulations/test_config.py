@@ -123,7 +123,7 @@ def test_distilling_arms_carry_their_options_to_the_run() -> None:
     assert c.arm("student-fedavg").student_links == c.arm("distill").student_links
     assert baseline.down_spec == distill.down_spec and c.arm("student-fedavg").budgeted
     feddf = c.run_settings(c.arm("adaptive-feddf"), "s")
-    assert (feddf.fusion_warmup, feddf.distill_epochs) == (10, 10)
+    assert (feddf.fusion_warmup, feddf.distill_epochs) == (10, 40)
     # every arm's clients hold the same data: the proxy rows are out for all of them
     assert all(c.run_settings(a, "s").held_out_proxy == 360 for a in c.arms)
     s = load_config(None, ["arms=distill", "arm.distill.student-lr=0.02"])
