@@ -177,6 +177,7 @@ class Coordinator:
             students=students,
             student_instruction=student_instruct,
             aggregate_global=aggregate_global,
+            fusion_warmup=settings.fusion_warmup,
         )
         return cls(settings, store, plane, strategy, init_digest, offset, budget, students=students)
 
@@ -307,6 +308,7 @@ def _distillation(
             settings.student_refresh_every,
             assign,
             resume=settings.resume,
+            from_teacher=settings.student_from_teacher,
             **({"aggregate": fusion} if fusion is not None else {}),
         )
     return students, fusion

@@ -162,6 +162,10 @@ class CompressedStrategy(Strategy):
         The student track and the instructions of its edges (both or neither).
     aggregate_global
         Replaces the wrapped strategy's average for the teacher (FedDF fusion).
+    fusion_warmup
+        With ``aggregate_global``: the first ``fusion_warmup`` rounds of the run (its own
+        numbering, so a resumed run counts the rounds done) keep the plain average, as
+        FedDF's authors warm up; fusing near-random models distils their noise.
     """
 
     def __init__(
@@ -179,9 +183,15 @@ class CompressedStrategy(Strategy):
         students: StudentTrack | None = None,
         student_instruction: InstructionFactory | None = None,
         aggregate_global: GlobalAggregator | None = None,
+        fusion_warmup: int = 0,
     ) -> None:
         if (students is None) != (student_instruction is None):
             raise ValueError("a student track needs its instruction factory, and vice versa")
+        if isinstance(fusion_warmup, bool) or not isinstance(fusion_warmup, int):
+            raise TypeError(f"fusion_warmup must be an int, got {fusion_warmup!r}")
+        if fusion_warmup < 0:
+            raise ValueError(f"fusion_warmup must be >= 0, got {fusion_warmup}")
+        self.fusion_warmup = fusion_warmup
         self.students = students
         self._student_instruction = student_instruction
         self._aggregate_global = aggregate_global
@@ -365,7 +375,11 @@ class CompressedStrategy(Strategy):
         result: tuple[ArrayRecord | None, MetricRecord | None] = (None, None)
         if stats.accepted > stats.student_accepted:
             result = self.inner.aggregate_train(server_round, rebuilt)
-            if result[0] is not None and self._aggregate_global is not None:
+            if (
+                result[0] is not None
+                and self._aggregate_global is not None
+                and shown > self.fusion_warmup
+            ):
                 result = (self._fused(rebuilt), result[1])
             if result[0] is not None and self.frozen:
                 merged = self.frozen.merge(result[0].to_torch_state_dict(), global_state)

@@ -170,6 +170,9 @@ class StudentTrack:
     aggregate
         How student updates are combined (weighted mean by default; FedDF fusion with
         ``aggregation = feddf``).
+    from_teacher
+        ``False``: never refresh from the teacher; the student is federated alone (the
+        baseline a distilled student must beat).
     """
 
     def __init__(
@@ -184,6 +187,7 @@ class StudentTrack:
         *,
         resume: bool = False,
         aggregate: Aggregator = _mean,
+        from_teacher: bool = True,
     ) -> None:
         if task.build_student is None:
             raise ValueError(f"task {task.name!r} has no student architecture")
@@ -196,6 +200,7 @@ class StudentTrack:
         self.distill_config = distill_config
         self.refresh_every = refresh_every
         self.assignment = assignment
+        self.from_teacher = from_teacher
         self._aggregate = aggregate
         self._build_student = task.build_student
         initial = {k: v.detach().clone() for k, v in self._build_student(seed).state_dict().items()}
@@ -234,7 +239,7 @@ class StudentTrack:
 
     def due(self, server_round: int) -> bool:
         """Whether the student is refreshed after ``server_round`` (the run's numbering)."""
-        return server_round % self.refresh_every == 0
+        return self.from_teacher and server_round % self.refresh_every == 0
 
     def refresh(self, teacher_state: Mapping[str, Tensor]) -> float:
         """Distil the teacher into the current student on the proxy set; the last loss."""

@@ -120,11 +120,15 @@ def make_client_app(
     return app
 
 
-def _setup(msg: Message, settings: RunSettings) -> tuple[Task, torch.nn.Module]:
-    task = get_task(settings.task)
+def _is_student(msg: Message) -> bool:
     config = msg.content.config_records.get("config")
     track = config.get(TRACK_CONFIG_KEY) if config is not None else None
-    if track == ModelTrack.STUDENT.value:
+    return bool(track == ModelTrack.STUDENT.value)
+
+
+def _setup(msg: Message, settings: RunSettings) -> tuple[Task, torch.nn.Module]:
+    task = get_task(settings.task)
+    if _is_student(msg):
         # The fedsqueeze mod says these arrays are the student (the student track).
         if task.build_student is None:
             raise ConfigError(f"task {settings.task!r} has no student architecture")
@@ -165,13 +169,15 @@ def train_on_partition(msg: Message, context: Context, settings: RunSettings) ->
     server_round = msg.content.config_records["config"].get("server-round", 0)
     if not isinstance(server_round, int):
         raise ValueError(f"server-round must be an int, got {server_round!r}")
+    # A compact student may diverge at its teacher's rate: it has its own (student-lr).
+    lr = (settings.student_lr or settings.lr) if _is_student(msg) else settings.lr
     start = time.perf_counter()
     result = task.train(
         model,
         x,
         y,
         epochs=settings.epochs,
-        lr=settings.lr,
+        lr=lr,
         batch_size=settings.batch_size,
         optimizer=settings.optimizer,
         l1_lambda=settings.l1_lambda,

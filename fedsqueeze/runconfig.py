@@ -88,6 +88,12 @@ class RunSettings:
     ``aggregation = "feddf"`` fuses each round's client models by ensemble distillation
     (:mod:`coordinator.fusion`). Both distil on ``proxy-size`` training examples the
     coordinator holds, for ``distill-epochs`` epochs at ``distill-temperature``.
+    ``student-lr`` is the student edges' local learning rate (0: ``lr``): a compact
+    student is not stable at every rate its teacher is. ``student-from-teacher = false``
+    never distils the teacher into the student: the student track is then federated
+    alone (the honest baseline of a distilled student). ``fusion-warmup = N`` averages
+    the first N rounds plainly before FedDF fusion takes over (fusing near-random models
+    only spreads their noise).
     """
 
     task: str = "digits-cnn"
@@ -126,6 +132,9 @@ class RunSettings:
     aggregation: Aggregation = Aggregation.AVERAGE
     student_refresh_every: int = 0
     student_budget: int = 0
+    student_lr: float = 0.0
+    student_from_teacher: bool = True
+    fusion_warmup: int = 0
     proxy_size: int = 360
     hold_out_proxy: bool = False
     distill_epochs: int = 40
@@ -157,6 +166,10 @@ class RunSettings:
             raise ConfigError("aggregation = feddf fuses FedAvg's clients: needs strategy = fedavg")
         if min(self.student_refresh_every, self.student_budget, self.distill_epochs) < 0:
             raise ConfigError("student-refresh-every, student-budget, distill-epochs must be >= 0")
+        if self.student_lr < 0:
+            raise ConfigError(f"student-lr must be >= 0 (0: lr), got {self.student_lr}")
+        if self.fusion_warmup < 0:
+            raise ConfigError(f"fusion-warmup must be >= 0, got {self.fusion_warmup}")
         if self.proxy_size < 1 or not self.distill_temperature > 0:
             raise ConfigError("proxy-size must be >= 1 and distill-temperature > 0")
         # Fail at start-up, not in round 7, on a spec typo.

@@ -226,6 +226,10 @@ class SimulationConfig:
             max_failed_rounds=self.num_rounds,
             freeze=arm.freeze,
             student_refresh_every=arm.student_refresh_every if arm.student_links else 0,
+            student_lr=arm.student_lr,
+            student_from_teacher=arm.student_from_teacher,
+            fusion_warmup=arm.fusion_warmup,
+            distill_epochs=arm.distill_epochs,
             aggregation=arm.aggregation,
             # every arm's clients hold the same data: none of the proxy rows any
             # distilling arm's coordinator holds

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -89,6 +90,40 @@ def test_min_nodes_and_max_failed_rounds_are_checked() -> None:
     for bad in ({"min-train-nodes": 0}, {"min-available-nodes": 0}, {"max-failed-rounds": -1}):
         with pytest.raises(ConfigError, match=">= "):
             RunSettings.from_run_config(bad)
+
+
+def test_student_and_fusion_options_are_checked() -> None:
+    with pytest.raises(ConfigError, match="student-lr must be >= 0"):
+        RunSettings.from_run_config({"student-lr": -0.01})
+    with pytest.raises(ConfigError, match="fusion-warmup must be >= 0"):
+        RunSettings.from_run_config({"fusion-warmup": -1})
+    with pytest.raises(ConfigError):
+        RunSettings.from_run_config({"student-from-teacher": "maybe"})
+    s = RunSettings.from_run_config(
+        {"student-lr": 0.02, "student-from-teacher": "false", "fusion-warmup": 4}
+    )
+    assert (s.student_lr, s.student_from_teacher, s.fusion_warmup) == (0.02, False, 4)
+    assert RunSettings.from_run_config(s.to_run_config()) == s
+
+
+def test_a_student_track_without_its_teacher_is_never_refreshed(tmp_path: Path) -> None:
+    settings = RunSettings(
+        state_dir=str(tmp_path), student_refresh_every=1, student_from_teacher=False
+    )
+    coordinator = Coordinator.open(settings)
+    try:
+        students = coordinator.students
+        assert students is not None and not students.from_teacher
+        assert not any(students.due(r) for r in range(1, 11))
+    finally:
+        coordinator.close()
+    with_teacher = Coordinator.open(
+        replace(settings, state_dir=str(tmp_path / "t"), student_from_teacher=True)
+    )
+    try:
+        assert with_teacher.students is not None and with_teacher.students.due(1)
+    finally:
+        with_teacher.close()
 
 
 def _failed_round(coordinator: Coordinator, server_round: int) -> None:

@@ -195,3 +195,44 @@ def test_feddf_fusion_leaves_the_model_unchanged_when_every_client_holds_it(
     moved = fused([a, b], [1.0, 1.0])
     mean = average_states([a, b], [1.0, 1.0])
     assert any(not torch.allclose(moved[k], mean[k]) for k in mean)
+
+
+@pytest.mark.usefixtures("flower_identity")
+def test_fusion_waits_for_its_warmup_rounds(tmp_path: Path) -> None:
+    store = VersionStore(tmp_path)
+    calls: list[int] = []
+
+    def fused(states: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float]) -> State:
+        calls.append(len(states))
+        return {k: torch.zeros_like(v) for k, v in states[0].items()}
+
+    pushed: dict[str, PulledUpdate] = {}
+    wrapper = CompressedStrategy(
+        FedAvg(), store, _instruction, pushed.get, aggregate_global=fused, fusion_warmup=2
+    )
+    g = _teacher()
+    for rnd in (1, 2, 3):
+        sent = list(wrapper.configure_train(rnd, ArrayRecord(g), ConfigRecord(), FakeGrid([1, 2])))  # type: ignore[arg-type]
+        target = RoundInstruction.from_record(sent[0].content.config_records[CONTROL_KEY]).target
+        replies, models = [], []
+        for msg in sent:
+            node = msg.metadata.dst_node_id
+            model = _noisy(g, 10 * rnd + node)
+            models.append(model)
+            pushed[f"u{rnd}{node}"] = PulledUpdate(
+                encode_state(model, CodecSpec(), g), target, str(node)
+            )
+            receipt = TrainReceipt(f"u{rnd}{node}", target, 10, 0.1, 1, 1, 0, 0, 0)
+            replies.append(_reply(msg, receipt))
+        arrays, _ = wrapper.aggregate_train(rnd, replies)
+        assert arrays is not None
+        out = arrays.to_torch_state_dict()
+        mean = average_states(models, [10.0, 10.0])
+        if rnd <= 2:  # warm-up: the plain average, fusion not called
+            assert calls == []
+            assert all(torch.allclose(out[k], mean[k], atol=1e-6) for k in mean)
+        else:
+            assert calls == [2]
+            assert all(torch.equal(out[k], torch.zeros_like(out[k])) for k in out)
+    with pytest.raises(ValueError, match="fusion_warmup"):
+        CompressedStrategy(FedAvg(), store, _instruction, pushed.get, fusion_warmup=-1)

@@ -9,7 +9,8 @@ import pytest
 from coordinator.budget import PolicyKind
 from fedsqueeze.errors import ConfigError
 from fedsqueeze.runconfig import Partitioning
-from simulations.baselines import DEFAULT_ARMS, ArmKind
+from simulations import baselines
+from simulations.baselines import ARM_PRESETS, DEFAULT_ARMS, DISTILLED_STUDENT_LR, ArmKind
 from simulations.config import SimulationConfig, load_config
 
 CONFIGS = Path(__file__).resolve().parents[2] / "simulations" / "configs"
@@ -74,6 +75,13 @@ def test_new_arms_can_be_defined(tmp_path: Path) -> None:
         (["links=5g"], "unknown link profile"),
         (["set-without-equals"], "key=value"),
         (["arm.adaptive.total-budget=10", "arm.adaptive.budget-fraction=0.1"], "not both"),
+        (["arms=distill", "arm.distill.student-lr=-0.1"], "student-lr must be >= 0"),
+        (["arms=adaptive", "arm.adaptive.student-lr=0.01"], "need student-links"),
+        (["arms=adaptive", "arm.adaptive.student-from-teacher=false"], "need student-links"),
+        (["arms=distill", "arm.distill.student-from-teacher=0"], "expected true or false"),
+        (["arms=adaptive", "arm.adaptive.fusion-warmup=3"], "fusion-warmup needs aggregation"),
+        (["arms=adaptive-feddf", "arm.adaptive-feddf.fusion-warmup=-1"], "must be >= 0"),
+        (["arms=adaptive-feddf", "arm.adaptive-feddf.distill-epochs=-1"], "must be >= 0"),
     ],
 )
 def test_mistakes_are_config_errors(sets: list[str], message: str) -> None:
@@ -102,3 +110,27 @@ def test_an_arm_sets_the_runs_frozen_parts() -> None:
     with pytest.raises(ConfigError, match="freeze") as err:
         load_config(None, ["arms=int8", "arm.int8.freeze=*"])
     assert "\n" not in str(err.value)
+
+
+def test_distilling_arms_carry_their_options_to_the_run() -> None:
+    c = load_config(None, ["arms=fedavg-fp32,distill,student-fedavg,adaptive-feddf"])
+    distill = c.run_settings(c.arm("distill"), "s")
+    assert distill.student_refresh_every == 1 and distill.student_from_teacher
+    assert distill.student_lr == DISTILLED_STUDENT_LR < c.lr
+    baseline = c.run_settings(c.arm("student-fedavg"), "s")
+    # the baseline: the same student, clients and budgets, no teacher, the sweep's lr
+    assert not baseline.student_from_teacher and baseline.student_lr == 0
+    assert c.arm("student-fedavg").student_links == c.arm("distill").student_links
+    assert baseline.down_spec == distill.down_spec and c.arm("student-fedavg").budgeted
+    feddf = c.run_settings(c.arm("adaptive-feddf"), "s")
+    assert (feddf.fusion_warmup, feddf.distill_epochs) == (10, 40)
+    # every arm's clients hold the same data: the proxy rows are out for all of them
+    assert all(c.run_settings(a, "s").held_out_proxy == 360 for a in c.arms)
+    s = load_config(None, ["arms=distill", "arm.distill.student-lr=0.02"])
+    assert s.run_settings(s.arm("distill"), "s").student_lr == 0.02
+
+
+def test_every_preset_arm_is_in_the_documented_table() -> None:
+    doc = baselines.__doc__ or ""
+    for name in ARM_PRESETS:
+        assert f"``{name}``" in doc, name

@@ -1,7 +1,8 @@
 """The ``distill`` sweep arm end to end: 2 rounds, 6 clients, half of them on 2g.
 
 The 2g clients train the student (its own track, refreshed from the teacher after every
-round here), the others the teacher. A subprocess with a hard timeout.
+round here), the others the teacher; beside it the baseline ``student-fedavg``, whose 2g
+clients train the student without ever a refresh. A subprocess with a hard timeout.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from tests.subproc import run_module
 def test_distill_arm_trains_the_student_on_weak_links(tmp_path: Path) -> None:
     args = ["sweep", "-v", "--config", "smoke", "--out", str(tmp_path)]
     sets = (
-        "arms=distill",
+        "arms=distill,student-fedavg",
         "num-rounds=2",
         "links=2g:0.5,4g:0.5",
         "arm.distill.student-refresh-every=1",
@@ -31,11 +32,14 @@ def test_distill_arm_trains_the_student_on_weak_links(tmp_path: Path) -> None:
     assert proc.returncode == 0, output[-3000:]
     with (tmp_path / "results.csv").open() as fh:
         rows = [r for r in csv.DictReader(fh) if r["round"] != "0"]
-    assert len(rows) == 2
+    assert len(rows) == 4  # two rounds of each arm
     for row in rows:
         assert row["clients_failed"] == "0"
     with (tmp_path / "clients.csv").open() as fh:
         clients = list(csv.DictReader(fh))
     assert clients and all(r["bytes_down"] for r in clients)
+    # distill's two refreshes; the baseline never distils
     assert output.count("student refreshed from the teacher") == 2
-    assert re.search(r"updates accepted \([1-9]\d* to the student\)", output), output[-3000:]
+    assert len(re.findall(r"updates accepted \([1-9]\d* to the student\)", output)) == 4, output[
+        -3000:
+    ]
