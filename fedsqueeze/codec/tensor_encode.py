@@ -27,6 +27,7 @@ stage runs; the caller refuses it or sends it with :meth:`TensorEncoder.carry`.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -34,7 +35,7 @@ import torch
 
 from fedsqueeze.codec import entropy
 from fedsqueeze.codec.bitpack import pack_bits
-from fedsqueeze.codec.blockwise import block_index, num_blocks
+from fedsqueeze.codec.blockwise import num_blocks
 from fedsqueeze.codec.container import (
     FLOAT_KINDS,
     GROUPED_KINDS,
@@ -46,6 +47,7 @@ from fedsqueeze.codec.container import (
 from fedsqueeze.codec.digest import tensor_bytes
 from fedsqueeze.codec.finite import unrepresentable
 from fedsqueeze.codec.grouping import GROUPED_DTYPES, encode_grouped
+from fedsqueeze.codec.kernels import value_range
 from fedsqueeze.codec.lowrank import factorize, matrix_shape, worth_factoring
 from fedsqueeze.codec.positions import encode_positions, mask_to_indices
 from fedsqueeze.codec.progressive import (
@@ -59,7 +61,9 @@ from fedsqueeze.codec.progressive import (
 )
 from fedsqueeze.codec.pruning import channel_mask, magnitude_mask, threshold_mask
 from fedsqueeze.codec.quantization import (
+    MAX_MAGNITUDE,
     QuantParams,
+    Runs,
     choose_qparams,
     dequantize,
     qparams_to_bytes,
@@ -168,6 +172,32 @@ class TensorEncoder:
         """Why this tensor's path cannot encode it (NaN, Inf, out of range), else ``None``."""
         if not t.is_floating_point():
             return None
+        if self._fits(name, t):
+            return None
+        return self._why_not(name, t)
+
+    def _fits(self, name: str, t: torch.Tensor) -> bool:
+        """Whether the tensor surely encodes: one chunked min/max pass over what its path
+        sends (and over the tensor, when that differs), instead of the several full
+        passes of :meth:`_why_not`, which only a tensor that fails here goes through
+        (it finds the reason)."""
+        spec = self._spec
+        fmt = _CAST_DTYPES[spec.float_format]
+        if self.is_lossy(name, t):
+            sent = self.lossy_input(name, t)
+            limit = MAX_MAGNITUDE if spec.quant is not None else _finite_limit(fmt)
+            blocked = spec.quant is not None and spec.quant.granularity is Granularity.PER_BLOCK
+            if blocked and spec.quant is not None and spec.quant.scales is ScaleFormat.FP16:
+                limit = min(limit, FP16_SCALE_LIMIT)
+        elif fmt != t.dtype and spec.float_format is not FloatFormat.FP32:
+            b = self._base_of(name, t)
+            sent = t.to(torch.float32) if b is None else t.to(torch.float32) - b.to(torch.float32)
+            limit = _finite_limit(fmt)
+        else:
+            sent, limit = t, math.inf
+        return _within(sent, limit) and (sent is t or _within(t, math.inf))
+
+    def _why_not(self, name: str, t: torch.Tensor) -> str | None:
         spec = self._spec
         fmt = _CAST_DTYPES[spec.float_format]
         if self.is_lossy(name, t):
@@ -370,15 +400,17 @@ class TensorEncoder:
             # Nothing nonzero kept: the receiver keeps its base (or gets zeros), ~2 bytes.
             return self._zero(name, t, delta), (x if spec.feedback else None)
         numel = flat.numel()
-        channels_of: torch.Tensor | None = None
+        channels_of: torch.Tensor | Runs | None = None
         num_channels = t.shape[0] if t.ndim else 1
         if spec.quant is not None and spec.quant.granularity is Granularity.PER_CHANNEL:
             stride = max(1, numel // max(1, num_channels))
-            source = indices if indices is not None else torch.arange(numel, device=t.device)
-            channels_of = torch.div(source, stride, rounding_mode="floor")
+            if indices is None:
+                channels_of = Runs(stride)  # dense: rows of stride values
+            else:
+                channels_of = torch.div(indices, stride, rounding_mode="floor")
         elif spec.quant is not None and spec.quant.block_size is not None:
-            # Blocks of consecutive *kept* values: the same index as channels.
-            channels_of = block_index(values.numel(), spec.quant.block_size, t.device)
+            # Blocks of consecutive *kept* values: runs, like dense channels.
+            channels_of = Runs(spec.quant.block_size)
             num_channels = num_blocks(values.numel(), spec.quant.block_size)
         positions: PositionsHeader | None = None
         pos_payload = b""
@@ -414,7 +446,7 @@ class TensorEncoder:
         name: str,
         t: torch.Tensor,
         values: torch.Tensor,
-        channels_of: torch.Tensor | None,
+        channels_of: torch.Tensor | Runs | None,
         num_channels: int,
         delta: bool,
         q: QuantSpec,
@@ -431,6 +463,8 @@ class TensorEncoder:
             values, q.bits, q.scheme, q.granularity, channels_of, num_channels, q.scales
         )
         codes = quantize(values, qp, q.rounding, channels_of, self._generator(t.device))
+        if isinstance(channels_of, Runs):  # the level tables gather per value
+            channels_of = channels_of.index(values.numel(), t.device)
         quant = _quant_header(q, qp, num_channels)
         before = torch.zeros_like(values, dtype=torch.float64)
         scored: list[ScoredLevel] = []
@@ -462,7 +496,7 @@ class TensorEncoder:
     def _store(
         self,
         values: torch.Tensor,
-        channels_of: torch.Tensor | None,
+        channels_of: torch.Tensor | Runs | None,
         num_channels: int,
         device: torch.device,
         need_decoded: bool,
@@ -554,6 +588,27 @@ def _all_zero(x: torch.Tensor) -> bool:
     if flat.numel() and bool(flat[0] != 0):
         return False
     return torch.equal(x, torch.zeros((), dtype=x.dtype, device=x.device).expand(x.shape))
+
+
+def _finite_limit(dtype: torch.dtype) -> float:
+    """Largest magnitude that stays finite in ``dtype`` (float32 values are sent as is)."""
+    return math.inf if dtype == torch.float32 else float(torch.finfo(dtype).max)
+
+
+def _within(x: torch.Tensor, limit: float) -> bool:
+    """Whether every value of ``x`` is finite with ``|x| <= limit`` (NaN fails).
+
+    Compared in float32: a float64 value beyond float32's range fails (a false alarm
+    the exact check then clears), one that rounds onto ``limit`` only matters for
+    float32 inputs, which are exact.
+    """
+    flat = x.detach().reshape(-1)
+    if flat.numel() == 0:
+        return True
+    if flat.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        flat = flat.to(torch.float32)
+    lo, hi = value_range(flat.contiguous(), None)
+    return bool(torch.isfinite(lo) & torch.isfinite(hi) & (lo >= -limit) & (hi <= limit))
 
 
 def _as_bits(t: torch.Tensor) -> torch.Tensor:
