@@ -59,7 +59,7 @@ from fedsqueeze.codec.progressive import (
     table_to_bytes,
     top_codes,
 )
-from fedsqueeze.codec.pruning import channel_mask, magnitude_mask, threshold_mask
+from fedsqueeze.codec.pruning import channel_mask, magnitude_indices, threshold_mask
 from fedsqueeze.codec.quantization import (
     MAX_MAGNITUDE,
     QuantParams,
@@ -352,22 +352,24 @@ class TensorEncoder:
             value_kind=FLOAT_KINDS[fmt],
         )
 
-    def _mask(
+    def _kept(
         self, name: str, x: torch.Tensor, global_mask: torch.Tensor | None
     ) -> torch.Tensor | None:
+        """Flat indices of the values kept (int64, increasing), ``None`` for all."""
         spec = self._spec
         if spec.topk is not None:
-            return None if spec.topk >= 1.0 else magnitude_mask(x, 1.0 - spec.topk)
+            return None if spec.topk >= 1.0 else magnitude_indices(x, 1.0 - spec.topk)
         method = spec.prune.method
+        mask: torch.Tensor | None = None
         if method is PruneMethod.L1_GLOBAL:
-            return global_mask
-        if method is PruneMethod.L1_UNSTRUCTURED and spec.prune.sparsity > 0:
-            return magnitude_mask(x, spec.prune.sparsity)
-        if method is PruneMethod.LN_STRUCTURED and spec.prune.sparsity > 0:
-            return channel_mask(x, spec.prune.sparsity)
-        if method is PruneMethod.THRESHOLD:
-            return threshold_mask(x, spec.prune.threshold)
-        return None
+            mask = global_mask
+        elif method is PruneMethod.L1_UNSTRUCTURED and spec.prune.sparsity > 0:
+            return magnitude_indices(x, spec.prune.sparsity)
+        elif method is PruneMethod.LN_STRUCTURED and spec.prune.sparsity > 0:
+            mask = channel_mask(x, spec.prune.sparsity)
+        elif method is PruneMethod.THRESHOLD:
+            mask = threshold_mask(x, spec.prune.threshold)
+        return None if mask is None else mask_to_indices(mask.reshape(-1))
 
     def _lossy(
         self, name: str, t: torch.Tensor, global_mask: torch.Tensor | None
@@ -382,8 +384,7 @@ class TensorEncoder:
         ):
             return self._lowrank(name, t, x, delta, spec.rank)
         flat = x.reshape(-1)
-        mask = self._mask(name, x, global_mask)
-        indices = None if mask is None else mask_to_indices(mask.reshape(-1))
+        indices = self._kept(name, x, global_mask)
         values = flat if indices is None else flat[indices]
         # Magnitude selection keeps exact zeros when fewer than k values are nonzero (an
         # unchanged tensor, a sparse update): they decode to 0 without positions. Channel
