@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from fedsqueeze.codec.chunks import chunk_bounds, run_chunks, scratch
+from fedsqueeze.codec.chunks import CPU_CHUNK, chunk_bounds, run_chunks, scratch
 
 __all__ = [
     "channel_mask",
@@ -37,6 +37,7 @@ _SAMPLE_ABOVE = 1 << 20
 _SAMPLE_SIZE = 1 << 16
 _SAMPLE_SEED = 0x5EED
 _NUMPY_SORTABLE = (torch.float16, torch.float32, torch.float64)
+_CHUNK = CPU_CHUNK
 
 
 def count_to_prune(numel: int, sparsity: float) -> int:
@@ -254,7 +255,7 @@ def _indices_sampled(flat: Tensor, prune: int) -> Tensor | None:
     # "below" is |x| < lo, "above" |x| > hi; an absent bound is ±inf (nothing beyond).
     lo = float(sample[lo_rank]) if lo_rank > 0 else -math.inf
     hi = float(sample[hi_rank]) if hi_rank < _SAMPLE_SIZE - 1 else math.inf
-    bounds = chunk_bounds(n)
+    bounds = chunk_bounds(n, _CHUNK)
     kept: list[Tensor] = [flat.new_empty(0, dtype=torch.int64)] * len(bounds)
     band: list[Tensor] = list(kept)
     band_mags: list[Tensor] = [flat.new_empty(0)] * len(bounds)
