@@ -39,6 +39,7 @@ __all__ = [
     "value_range",
 ]
 
+_CHUNK = CPU_CHUNK
 _GPU_CHUNK = 1 << 24
 
 
@@ -284,7 +285,7 @@ def _nf4_tables(codebook: Tensor) -> tuple[Tensor, Tensor]:
 def _bounds(n: int, runs: Runs | None, device: torch.device) -> list[tuple[int, int]]:
     """Chunks of about a million values; with runs, whole runs per chunk and the short
     last run (if any) alone, so every chunk is a ``[rows, width]`` view."""
-    chunk = CPU_CHUNK if device.type == "cpu" else _GPU_CHUNK
+    chunk = _CHUNK if device.type == "cpu" else _GPU_CHUNK
     if runs is None:
         return chunk_bounds(n, chunk)
     length = runs.length

@@ -41,13 +41,13 @@ SCHEMES = [
 @contextlib.contextmanager
 def small_chunks(size: int = 97, threads: int = 2) -> Iterator[None]:
     """Chunks of ``size`` values on ``threads`` workers (restored afterwards)."""
-    saved = kernels.CPU_CHUNK, pruning._CHUNK, torch.get_num_threads()
-    kernels.CPU_CHUNK = pruning._CHUNK = size
+    saved = kernels._CHUNK, pruning._CHUNK, torch.get_num_threads()
+    kernels._CHUNK = pruning._CHUNK = size
     torch.set_num_threads(threads)
     try:
         yield
     finally:
-        kernels.CPU_CHUNK, pruning._CHUNK, threads_before = saved
+        kernels._CHUNK, pruning._CHUNK, threads_before = saved
         torch.set_num_threads(threads_before)
 
 
