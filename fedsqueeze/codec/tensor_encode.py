@@ -248,7 +248,7 @@ class TensorEncoder:
         t: torch.Tensor,
         *,
         delta: bool,
-        body: bytes,
+        body: bytes | memoryview,
         value_kind: ValueKind = ValueKind.RAW,
         quant: QuantHeader | None = None,
         positions: PositionsHeader | None = None,
@@ -274,7 +274,8 @@ class TensorEncoder:
             value_kind=value_kind,
             positions=positions,
             raw_length=len(body) if compressed is not None else None,
-            body=compressed if compressed is not None else body,
+            # zstd reads a view as well as bytes: copy the payload only to store it raw.
+            body=compressed if compressed is not None else bytes(body),
             rank=rank,
             levels=levels,
         )
@@ -435,7 +436,7 @@ class TensorEncoder:
             name,
             t,
             delta=delta,
-            body=pos_payload + payload if pos_payload else payload,
+            body=pos_payload + bytes(payload) if pos_payload else payload,
             value_kind=value_kind,
             quant=quant,
             positions=positions,
@@ -501,11 +502,12 @@ class TensorEncoder:
         num_channels: int,
         device: torch.device,
         need_decoded: bool,
-    ) -> tuple[bytes, QuantHeader | None, ValueKind, torch.Tensor]:
+    ) -> tuple[bytes | memoryview, QuantHeader | None, ValueKind, torch.Tensor]:
         """Quantize ``values`` (or cast them to the spec's float format).
 
-        Returns the payload, its quantization header (``None`` when cast), the value kind
-        and what the receiver decodes (``values`` itself unless ``need_decoded``).
+        Returns the payload (a view of the packed codes, not yet copied), its
+        quantization header (``None`` when cast), the value kind and what the receiver
+        decodes (``values`` itself unless ``need_decoded``).
         """
         spec = self._spec
         if spec.quant is not None:
@@ -515,7 +517,7 @@ class TensorEncoder:
             )
             codes = quantize(values, qp, q.rounding, channels_of, self._generator(device))
             decoded = dequantize(codes, qp, channels_of) if need_decoded else values
-            payload = bytes(tensor_bytes(pack_bits(codes, q.bits)))
+            payload = tensor_bytes(pack_bits(codes, q.bits))
             quant = _quant_header(q, qp, num_channels)
             return payload, quant, ValueKind.RAW, decoded
         stored = values.to(_CAST_DTYPES[spec.float_format])

@@ -18,7 +18,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fedsqueeze.codec import chunks, kernels, pruning
+from fedsqueeze.codec import bitpack, chunks, kernels, pruning
 from fedsqueeze.codec.blockwise import NF4_CODEBOOK
 from fedsqueeze.codec.chunks import chunk_bounds, run_chunks
 from fedsqueeze.codec.kernels import Runs, nearest_nf4
@@ -41,13 +41,13 @@ SCHEMES = [
 @contextlib.contextmanager
 def small_chunks(size: int = 97, threads: int = 2) -> Iterator[None]:
     """Chunks of ``size`` values on ``threads`` workers (restored afterwards)."""
-    saved = kernels._CHUNK, pruning._CHUNK, torch.get_num_threads()
-    kernels._CHUNK = pruning._CHUNK = size
+    saved = kernels._CHUNK, pruning._CHUNK, bitpack._CHUNK, torch.get_num_threads()
+    kernels._CHUNK = pruning._CHUNK = bitpack._CHUNK = size
     torch.set_num_threads(threads)
     try:
         yield
     finally:
-        kernels._CHUNK, pruning._CHUNK, threads_before = saved
+        kernels._CHUNK, pruning._CHUNK, bitpack._CHUNK, threads_before = saved
         torch.set_num_threads(threads_before)
 
 
@@ -221,3 +221,19 @@ def test_runs_validate_their_length_and_count() -> None:
     with pytest.raises(ValueError, match="fill 4 sets"):
         choose_qparams(x, 8, QuantScheme.AFFINE, Granularity.PER_BLOCK, Runs(3), 3)
     assert chunks.chunk_bounds(0) == []
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.sampled_from([2, 4]), st.integers(0, 2000), st.integers(0, 2**31))
+def test_chunked_packing_equals_the_bit_layout(bits: int, n: int, seed: int) -> None:
+    codes = torch.randint(1 << bits, (n,), generator=torch.Generator().manual_seed(seed))
+    codes = codes.to(torch.uint8)
+    with small_chunks(size=37):
+        packed = bitpack.pack_bits(codes, bits)
+        unpacked = bitpack.unpack_bits(packed, bits, n)
+    # Code i at stream bits [i·bits, (i+1)·bits), LSB first.
+    expected = bytearray(bitpack.packed_size(n, bits))
+    for i, c in enumerate(codes.tolist()):
+        expected[i * bits // 8] |= c << (i * bits % 8)
+    assert bytes(packed.numpy()) == bytes(expected)
+    assert torch.equal(unpacked, codes)
