@@ -35,6 +35,7 @@ __all__ = [
     "dequantize_linear",
     "dequantize_table",
     "nearest_nf4",
+    "parallel_copy",
     "quantize_linear",
     "value_range",
 ]
@@ -236,6 +237,19 @@ def dequantize_table(codes: Tensor, table: Tensor, scale: Tensor, runs: Runs | N
             ov.mul_(scale_c[r0 : r0 + ov.shape[0]])
 
     _run(chunk, _bounds(n, runs, device), device)
+    return out
+
+
+# ---------------------------------------------------------------------- copy
+def parallel_copy(x: Tensor) -> Tensor:
+    """A contiguous copy of 1-D ``x``, written in chunks on the worker threads."""
+    src = x.contiguous()
+    out = torch.empty_like(src)
+
+    def chunk(start: int, stop: int) -> None:
+        out[start:stop].copy_(src[start:stop])
+
+    _run(chunk, _bounds(src.numel(), None, src.device), src.device)
     return out
 
 

@@ -131,7 +131,10 @@ def encode_positions(indices: Tensor, numel: int) -> EncodedPositions:
         raise ValueError(f"numel must be >= 0, got {numel}")
     count = indices.numel()
     if count:
-        gaps = torch.diff(indices, prepend=indices.new_full((1,), -1)) - 1
+        # g_0 = i_0, g_j = i_j − i_{j−1} − 1 (torch.diff with a prepend is ~3x slower).
+        gaps = torch.empty_like(indices)
+        gaps[:1] = indices[:1]
+        torch.sub(indices[1:], indices[:-1], out=gaps[1:]).sub_(1)
         # Two scalar syncs validate the whole array: min gap >= 0 means strictly
         # increasing (and first >= 0), and the last index bounds them all.
         if bool(gaps.min() < 0) or int(indices[-1]) >= numel:

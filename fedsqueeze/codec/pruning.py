@@ -257,7 +257,7 @@ def _indices_sampled(flat: Tensor, prune: int) -> Tensor | None:
     hi = float(sample[hi_rank]) if hi_rank < _SAMPLE_SIZE - 1 else math.inf
     bounds = chunk_bounds(n, _CHUNK)
     kept: list[Tensor] = [flat.new_empty(0, dtype=torch.int64)] * len(bounds)
-    band: list[Tensor] = list(kept)
+    band_at: list[Tensor] = list(kept)  # where in the chunk's kept list the band lies
     band_mags: list[Tensor] = [flat.new_empty(0)] * len(bounds)
     slot = {start: i for i, (start, _) in enumerate(bounds)}
 
@@ -269,9 +269,9 @@ def _indices_sampled(flat: Tensor, prune: int) -> Tensor | None:
             mags = piece.abs()
         ge = _nonzero(mags >= lo)
         ge_mags = mags[ge]
-        in_band = ge_mags <= hi
+        in_band = _nonzero(ge_mags <= hi)
         i = slot[start]
-        band[i] = ge[in_band].add_(start)
+        band_at[i] = in_band
         band_mags[i] = ge_mags[in_band]
         kept[i] = ge.add_(start)
 
@@ -281,7 +281,7 @@ def _indices_sampled(flat: Tensor, prune: int) -> Tensor | None:
         for start, stop in bounds:
             chunk(start, stop)
     n_kept_or_band = sum(k.numel() for k in kept)
-    n_band = sum(b.numel() for b in band)
+    n_band = sum(b.numel() for b in band_at)
     n_below = n - n_kept_or_band
     n_above = n_kept_or_band - n_band
     if n_below > prune or n_above > n - prune:
@@ -290,17 +290,20 @@ def _indices_sampled(flat: Tensor, prune: int) -> Tensor | None:
     still = prune - n_below
     if not still:
         return keep
-    band_all, mags_all = torch.cat(band), torch.cat(band_mags)
+    # The band's positions in ``keep``: each chunk's list starts where the earlier end.
+    offsets = [0]
+    for k in kept[:-1]:
+        offsets.append(offsets[-1] + k.numel())
+    band_pos = torch.cat([b.add_(o) for b, o in zip(band_at, offsets, strict=True)])
+    mags_all = torch.cat(band_mags)
     cut = _kth_smallest(mags_all, still)
     at_most = mags_all <= cut
     if int(torch.count_nonzero(at_most)) == still:  # no tie straddles the cut
-        dropped = band_all[at_most]  # increasing, as the band
-    else:
-        picked = torch.topk(mags_all, k=still, largest=False).indices
-        dropped = torch.sort(band_all[picked]).values
-    # Both increasing and ``dropped`` a subset of ``keep``: locate and remove them.
+        dropped = band_pos[at_most]
+    else:  # ties across the cut: the same topk call as _drop_smallest_sampled
+        dropped = band_pos[torch.topk(mags_all, k=still, largest=False).indices]
     survive = torch.ones(keep.numel(), dtype=torch.bool, device=keep.device)
-    survive[torch.searchsorted(keep, dropped)] = False
+    survive[dropped] = False
     return keep[survive]
 
 

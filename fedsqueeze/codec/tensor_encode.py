@@ -47,7 +47,7 @@ from fedsqueeze.codec.container import (
 from fedsqueeze.codec.digest import tensor_bytes
 from fedsqueeze.codec.finite import unrepresentable
 from fedsqueeze.codec.grouping import GROUPED_DTYPES, encode_grouped
-from fedsqueeze.codec.kernels import value_range
+from fedsqueeze.codec.kernels import parallel_copy, value_range
 from fedsqueeze.codec.lowrank import factorize, matrix_shape, worth_factoring
 from fedsqueeze.codec.positions import encode_positions, mask_to_indices
 from fedsqueeze.codec.progressive import (
@@ -427,7 +427,9 @@ class TensorEncoder:
                 name, t, values, channels_of, num_channels, delta, spec.quant, spec.levels,
                 positions, pos_payload,
             )  # fmt: skip
-            return record, _residual(flat, indices, decoded, t.shape) if spec.feedback else None
+            return record, _residual(
+                flat, indices, values, decoded, t.shape
+            ) if spec.feedback else None
         # only error feedback needs what the receiver gets
         payload, quant, value_kind, decoded = self._store(
             values, channels_of, num_channels, t.device, spec.feedback
@@ -441,7 +443,7 @@ class TensorEncoder:
             quant=quant,
             positions=positions,
         )
-        return record, _residual(flat, indices, decoded, t.shape) if spec.feedback else None
+        return record, _residual(flat, indices, values, decoded, t.shape) if spec.feedback else None
 
     def _progressive(
         self,
@@ -556,14 +558,18 @@ def _quant_header(q: QuantSpec, qp: QuantParams, num_sets: int) -> QuantHeader:
 def _residual(
     flat: torch.Tensor,
     indices: torch.Tensor | None,
+    values: torch.Tensor,
     decoded: torch.Tensor,
     shape: torch.Size,
 ) -> torch.Tensor:
-    """Error feedback: what the receiver does not get of ``flat``."""
+    """Error feedback: what the receiver does not get of ``flat`` (``values`` are
+    ``flat[indices]``, the values kept)."""
     if indices is None:
         return (flat - decoded).reshape(shape)
-    residual = flat.clone()
-    residual[indices] -= decoded
+    # A copy in chunks on the worker threads (clone() is one thread), then the kept
+    # positions overwritten: flat[indices] − decoded, as an in-place subtraction gives.
+    residual = parallel_copy(flat)
+    residual[indices] = values - decoded
     return residual.reshape(shape)
 
 
