@@ -237,3 +237,33 @@ def test_chunked_packing_equals_the_bit_layout(bits: int, n: int, seed: int) -> 
         expected[i * bits // 8] |= c << (i * bits % 8)
     assert bytes(packed.numpy()) == bytes(expected)
     assert torch.equal(unpacked, codes)
+
+
+def _bits_to_bytes(bits: list[int]) -> bytes:
+    out = bytearray((len(bits) + 7) // 8)
+    for i, b in enumerate(bits):
+        out[i // 8] |= b << (i % 8)
+    return bytes(out)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 5000), st.floats(0.001, 0.9), st.integers(0, 2**31))
+def test_rice_payload_equals_its_bit_layout(numel: int, density: float, seed: int) -> None:
+    from fedsqueeze.codec.positions import PositionCoding, decode_positions, encode_positions
+
+    g = torch.Generator().manual_seed(seed)
+    indices = torch.nonzero(torch.rand(numel, generator=g) < density).view(-1)
+    enc = encode_positions(indices, numel)
+    assert torch.equal(
+        decode_positions(enc.coding, enc.count, enc.rice_k, enc.payload, numel), indices
+    )
+    if enc.coding is not PositionCoding.RICE:
+        return
+    k = enc.rice_k
+    kept = indices.tolist()
+    gaps = [i - p - 1 for i, p in zip(kept, [-1, *kept[:-1]], strict=True)]
+    remainder_bits = [(gap >> j) & 1 for gap in gaps for j in range(k)]
+    unary_bits = [b for gap in gaps for b in [1] * (gap >> k) + [0]]
+    unary_bits += [1] * (-len(unary_bits) % 8)
+    expected = _bits_to_bytes(remainder_bits) + _bits_to_bytes(unary_bits)
+    assert bytes(enc.payload.numpy()) == expected
