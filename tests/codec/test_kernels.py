@@ -261,7 +261,7 @@ def test_rice_payload_equals_its_bit_layout(numel: int, density: float, seed: in
         return
     k = enc.rice_k
     kept = indices.tolist()
-    gaps = [i - p - 1 for i, p in zip(kept, [-1, *kept[:-1]], strict=True)]
+    gaps = [i - p - 1 for i, p in zip(kept, [-1, *kept][:-1], strict=True)]
     remainder_bits = [(gap >> j) & 1 for gap in gaps for j in range(k)]
     unary_bits = [b for gap in gaps for b in [1] * (gap >> k) + [0]]
     unary_bits += [1] * (-len(unary_bits) % 8)
