@@ -210,7 +210,14 @@ def _decode_bitmap(payload: Tensor, count: int, numel: int) -> Tensor:
 # ------------------------------------------------------------------ Rice
 def _rice_bits(gaps: Tensor, k: int) -> int:
     """Exact bits of both streams for parameter ``k``: ``sum(g >> k) + n·(1 + k)``."""
-    return int((gaps >> k).sum()) + gaps.numel() * (1 + k)
+    return _shifted_sum(gaps, k) + gaps.numel() * (1 + k)
+
+
+def _shifted_sum(gaps: Tensor, k: int) -> int:
+    """``sum(g >> k)``, exact (int64 sums); numpy on the CPU, ~5x faster than torch."""
+    if gaps.device.type == "cpu":
+        return int(np.right_shift(gaps.numpy(), k).sum(dtype=np.int64))
+    return int((gaps >> k).sum())
 
 
 def _rice_bytes(n: int, k: int, total_bits: int) -> int:
@@ -228,7 +235,7 @@ def _best_rice_k(gaps: Tensor) -> tuple[int, int]:
     n = gaps.numel()
     if n == 0:
         return 0, 0
-    mean = int(gaps.sum()) / n
+    mean = _shifted_sum(gaps, 0) / n
     start = min(MAX_RICE_K, max(0, int(mean).bit_length() - 1))
     cache: dict[int, int] = {}
 
