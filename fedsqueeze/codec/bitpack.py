@@ -143,7 +143,7 @@ def _pack_divisor(codes: Tensor, bits: int) -> Tensor:
     def chunk(start: int, stop: int) -> None:
         o = out[start:stop]
         o.copy_(groups[start:stop, 0])
-        shifted = _scratch("pack", stop - start, o.device)
+        shifted = _scratch("a", stop - start, o.device)
         for j in range(1, per_byte):
             torch.bitwise_left_shift(groups[start:stop, j], j * bits, out=shifted)
             o.bitwise_or_(shifted)
@@ -159,7 +159,7 @@ def _unpack_divisor(packed: Tensor, bits: int, count: int) -> Tensor:
     codes = torch.empty((packed.numel(), per_byte), dtype=torch.uint8, device=packed.device)
 
     def chunk(start: int, stop: int) -> None:
-        shifted = _scratch("unpack", stop - start, packed.device)
+        shifted = _scratch("a", stop - start, packed.device)
         for j in range(per_byte):
             torch.bitwise_right_shift(packed[start:stop], j * bits, out=shifted)
             torch.bitwise_and(shifted, mask, out=codes[start:stop, j])

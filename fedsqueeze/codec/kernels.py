@@ -124,7 +124,7 @@ def quantize_linear(
         zp_c = zero_point.to(device).unsqueeze(1)
 
     def chunk(start: int, stop: int) -> None:
-        b = _scratch("quantize", stop - start, device)
+        b = _scratch("a", stop - start, device)
         xs = x[start:stop].to(torch.float32)
         if runs is None:
             torch.mul(xs, inv, out=b)
@@ -161,10 +161,10 @@ def nearest_nf4(x: Tensor, scale: Tensor, codebook: Tensor, runs: Runs | None) -
 
     def chunk(start: int, stop: int) -> None:
         size = stop - start
-        unit = _scratch("nf4-unit", size, device)
-        grid = _scratch("nf4-grid", size, device)
-        cells = _scratch("nf4-cells", size, device, torch.int32)
-        above = _scratch("nf4-above", size, device, torch.bool)
+        unit = _scratch("a", size, device)
+        grid = _scratch("b", size, device)
+        cells = _scratch("a", size, device, torch.int32)
+        above = _scratch("a", size, device, torch.bool)
         xs = x[start:stop].to(torch.float32)
         if runs is None:
             torch.div(xs, scale_f, out=unit)
@@ -226,7 +226,7 @@ def dequantize_table(codes: Tensor, table: Tensor, scale: Tensor, runs: Runs | N
 
     def chunk(start: int, stop: int) -> None:
         o = out[start:stop]
-        idx = _scratch("table-index", stop - start, device, torch.int32)
+        idx = _scratch("a", stop - start, device, torch.int32)
         idx.copy_(codes[start:stop])
         torch.index_select(table, 0, idx, out=o)
         if runs is None:

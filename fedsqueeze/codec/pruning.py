@@ -264,7 +264,7 @@ def _indices_sampled(flat: Tensor, prune: int) -> Tensor | None:
     def chunk(start: int, stop: int) -> None:
         piece = flat[start:stop]
         if piece.device.type == "cpu":
-            mags = torch.abs(piece, out=scratch("prune-mags", stop - start, flat.dtype))
+            mags = torch.abs(piece, out=scratch("a", stop - start, flat.dtype))
         else:
             mags = piece.abs()
         ge = _nonzero(mags >= lo)
