@@ -21,11 +21,14 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import TypeVar
 
 import torch
 
-__all__ = ["CPU_CHUNK", "chunk_bounds", "run_chunks", "scratch"]
+__all__ = ["CPU_CHUNK", "chunk_bounds", "run_chunks", "scratch", "submit"]
+
+T = TypeVar("T")
 
 #: Values per chunk on the CPU: a few MB of float32 scratch stay in cache.
 CPU_CHUNK = 1 << 20
@@ -60,6 +63,25 @@ def run_chunks(fn: Callable[[int, int], None], bounds: Sequence[tuple[int, int]]
     for error in errors:
         if error is not None:
             raise error
+
+
+def submit(fn: Callable[[], T]) -> Future[T]:
+    """Run ``fn`` on a worker thread, beside what the caller does next (inline, already
+    done, with one torch thread or when called from a worker)."""
+    workers = torch.get_num_threads()
+    if workers > 1 and not getattr(_local, "in_worker", False):
+        return _pool(workers).submit(_task, fn)
+    done: Future[T] = Future()
+    try:
+        done.set_result(fn())
+    except Exception as exc:  # re-raised by result(), as a pooled task's would be
+        done.set_exception(exc)
+    return done
+
+
+def _task(fn: Callable[[], T]) -> T:
+    _local.in_worker = True
+    return fn()
 
 
 def scratch(slot: str, numel: int, dtype: torch.dtype) -> torch.Tensor:

@@ -36,6 +36,7 @@ import torch
 from fedsqueeze.codec import entropy
 from fedsqueeze.codec.bitpack import pack_bits
 from fedsqueeze.codec.blockwise import num_blocks
+from fedsqueeze.codec.chunks import submit
 from fedsqueeze.codec.container import (
     FLOAT_KINDS,
     GROUPED_KINDS,
@@ -414,15 +415,23 @@ class TensorEncoder:
             # Blocks of consecutive *kept* values: runs, like dense channels.
             channels_of = Runs(spec.quant.block_size)
             num_channels = num_blocks(values.numel(), spec.quant.block_size)
+        # Position coding runs on a worker beside the quantization (they share nothing).
+        kept = indices
+        coded = None if kept is None else submit(lambda: encode_positions(kept, numel))
         positions: PositionsHeader | None = None
         pos_payload = b""
-        if indices is not None:
-            enc = encode_positions(indices, numel)
-            pos_payload = bytes(tensor_bytes(enc.payload))
-            positions = PositionsHeader(
-                int(enc.coding.value), enc.rice_k, enc.count, len(pos_payload)
-            )
+
+        def coded_positions() -> None:
+            nonlocal positions, pos_payload
+            if coded is not None:
+                enc = coded.result()
+                pos_payload = bytes(tensor_bytes(enc.payload))
+                positions = PositionsHeader(
+                    int(enc.coding.value), enc.rice_k, enc.count, len(pos_payload)
+                )
+
         if spec.levels is not None and spec.quant is not None:
+            coded_positions()
             record, decoded = self._progressive(
                 name, t, values, channels_of, num_channels, delta, spec.quant, spec.levels,
                 positions, pos_payload,
@@ -434,6 +443,7 @@ class TensorEncoder:
         payload, quant, value_kind, decoded = self._store(
             values, channels_of, num_channels, t.device, spec.feedback
         )
+        coded_positions()
         record = self._record(
             name,
             t,

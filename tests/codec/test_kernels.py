@@ -267,3 +267,15 @@ def test_rice_payload_equals_its_bit_layout(numel: int, density: float, seed: in
     unary_bits += [1] * (-len(unary_bits) % 8)
     expected = _bits_to_bytes(remainder_bits) + _bits_to_bytes(unary_bits)
     assert bytes(enc.payload.numpy()) == expected
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_submit_returns_the_result_or_reraises(threads: int) -> None:
+    def fail() -> int:
+        raise ValueError("no positions")
+
+    with small_chunks(threads=threads):
+        assert chunks.submit(lambda: 6 * 7).result() == 42
+        pending = chunks.submit(fail)
+        with pytest.raises(ValueError, match="no positions"):
+            pending.result()
