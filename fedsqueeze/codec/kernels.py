@@ -173,9 +173,10 @@ def nearest_nf4(x: Tensor, scale: Tensor, codebook: Tensor, runs: Runs | None) -
             uv = unit.view(-1, _width(start, stop, runs.length))
             torch.div(xs.view(uv.shape), scale_c[r0 : r0 + uv.shape[0]], out=uv)
         # cell = floor((unit + 1) · 128): one rounding in the addition (≤ 2^-24), which
-        # the tables allow for.
+        # the tables allow for; clamped to [0, 255] first, the integer conversion's
+        # truncation is the floor.
         torch.add(unit, 1.0, out=grid)
-        grid.mul_(_NF4_CELLS / 2).floor_().clamp_(0, _NF4_CELLS - 1)
+        grid.mul_(_NF4_CELLS / 2).clamp_(0, _NF4_CELLS - 1)
         cells.copy_(grid)
         codes = out[start:stop]
         torch.index_select(below, 0, cells, out=codes)
