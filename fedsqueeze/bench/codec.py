@@ -20,7 +20,9 @@ Four parts, printed as tables (and written as JSON with --json):
 Throughput is MB (10^6 bytes) of fp32 input per second, the median of --runs runs. On the
 big tensor, each encode and decode run follows a clone() of the tensor, and "enc/clone" and
 "dec/clone" are medians of those per-run ratios, so a busy neighbour slows both sides of a
-ratio alike. Nothing here asserts a time: the numbers are for BENCHMARKS.md.
+ratio alike; the "CPU/clone" columns are the same ratios in CPU time (all threads), what
+the wall-time ratios tend to when other work keeps every core busy. Nothing here asserts
+a time: the numbers are for BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -374,7 +376,7 @@ def _tensor(options: CodecBenchOptions, out: Console) -> Json:
     ]
     table = Table(title=f"{size_mb:.0f} MB fp32 tensor, {torch.get_num_threads()} threads")
     for col in ("spec", "bytes", "ratio", "max |err|", "rel. RMSE", "enc MB/s", "enc/clone",
-                "dec MB/s", "dec/clone"):  # fmt: skip
+                "dec MB/s", "dec/clone", "enc CPU/clone", "dec CPU/clone"):  # fmt: skip
         table.add_column(col, justify="left" if col == "spec" else "right")
     for ref in refs:
         dec = ref.get("decode_mb_s")
@@ -389,6 +391,7 @@ def _tensor(options: CodecBenchOptions, out: Console) -> Json:
             r["spec"], f"{r['bytes']:,}", f"{r['ratio']:.2f}×", f"{r['max_abs_err']:.3g}",
             f"{r['rel_rmse']:.2e}", f"{r['encode_mb_s']:,.0f}", f"{r['encode_vs_clone']:.2f}",
             f"{r['decode_mb_s']:,.0f}", f"{r['decode_vs_clone']:.2f}",
+            f"{r['encode_cpu_vs_clone']:.2f}", f"{r['decode_cpu_vs_clone']:.2f}",
         )  # fmt: skip
     out.print(table)
     verdicts = []
@@ -416,8 +419,8 @@ def _tensor_spec(name: str, spec: CodecSpec, state: State, runs: int, size_mb: f
     x = state["tensor.weight"]
     # clone() runs right before every encode and decode, so a busy neighbour skews each
     # pair alike: the ratios are medians of per-pair ratios.
-    blob, enc_s, enc_vs = _beside_clone(_encoder(state, spec), x, runs)
-    decoded, dec_s, dec_vs = _beside_clone(_decoder(blob), x, runs)
+    blob, enc_s, enc_vs, enc_cpu_vs = _beside_clone(_encoder(state, spec), x, runs)
+    decoded, dec_s, dec_vs, dec_cpu_vs = _beside_clone(_decoder(blob), x, runs)
     err = (decoded["tensor.weight"] - x).abs().max()
     return {
         "spec": name,
@@ -429,6 +432,9 @@ def _tensor_spec(name: str, spec: CodecSpec, state: State, runs: int, size_mb: f
         "decode_mb_s": size_mb / dec_s,
         "encode_vs_clone": enc_vs,
         "decode_vs_clone": dec_vs,
+        # CPU time: what the ratio tends to when other work keeps both cores busy.
+        "encode_cpu_vs_clone": enc_cpu_vs,
+        "decode_cpu_vs_clone": dec_cpu_vs,
     }
 
 
@@ -443,22 +449,29 @@ def _decoder(blob: bytes) -> Callable[[], dict[str, torch.Tensor]]:
     return lambda: decode_state(EncodedModel.from_bytes(blob))
 
 
-def _beside_clone(fn: Callable[[], T], x: torch.Tensor, runs: int) -> tuple[T, float, float]:
-    """The last result of ``fn``, its median wall time (s) and the median over ``runs``
-    of ``clone() time / fn time``, each clone timed just before its call."""
+def _beside_clone(fn: Callable[[], T], x: torch.Tensor, runs: int) -> tuple[T, float, float, float]:
+    """The last result of ``fn``, its median wall time (s), and the medians over ``runs``
+    of ``clone() time / fn time`` in wall time and in CPU time (all the process's
+    threads), each clone timed just before its call."""
     result = fn()  # warm-up, not timed
-    times, ratios = [], []
+    times, ratios, cpu_ratios = [], [], []
     for _ in range(runs):
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), time.process_time()
         copy = x.clone()
-        clone_s = time.perf_counter() - started
+        clone_s, clone_cpu = time.perf_counter() - started, time.process_time() - cpu
         del copy
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), time.process_time()
         result = fn()
-        elapsed = time.perf_counter() - started
+        elapsed, used = time.perf_counter() - started, time.process_time() - cpu
         times.append(elapsed)
         ratios.append(clone_s / elapsed)
-    return result, statistics.median(times), statistics.median(ratios)
+        cpu_ratios.append(clone_cpu / max(used, 1e-9))
+    return (
+        result,
+        statistics.median(times),
+        statistics.median(ratios),
+        statistics.median(cpu_ratios),
+    )
 
 
 def _timed(fn: Callable[[], T], runs: int) -> tuple[T, float]:
