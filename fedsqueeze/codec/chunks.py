@@ -19,6 +19,7 @@ pool never waits on itself; so does everything off the CPU, and single-chunk wor
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -36,6 +37,17 @@ CPU_CHUNK = 1 << 20
 _pools: dict[int, ThreadPoolExecutor] = {}
 _lock = threading.Lock()
 _local = threading.local()
+
+
+def _forget_pools() -> None:
+    # A forked child inherits the executors but not their threads: work submitted there
+    # would wait forever. It starts its own pools instead.
+    global _lock
+    _pools.clear()
+    _lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_pools)
 
 
 def chunk_bounds(n: int, chunk: int = CPU_CHUNK) -> list[tuple[int, int]]:

@@ -279,3 +279,27 @@ def test_submit_returns_the_result_or_reraises(threads: int) -> None:
         pending = chunks.submit(fail)
         with pytest.raises(ValueError, match="no positions"):
             pending.result()
+
+
+# Python 3.12+ warns that forking a multi-threaded process may deadlock: the point here.
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_a_forked_child_runs_chunks_on_pools_of_its_own() -> None:
+    import multiprocessing
+
+    with small_chunks():
+        run_chunks(lambda a, b: None, chunk_bounds(100, 10))  # the parent's pool exists
+        context = multiprocessing.get_context("fork")
+        with context.Pool(1) as pool:
+            total = pool.apply_async(_sum_in_chunks, (1000,)).get(timeout=60)
+    assert total == sum(range(1000))
+
+
+def _sum_in_chunks(n: int) -> int:
+    torch.set_num_threads(2)
+    parts = torch.zeros(n, dtype=torch.int64)
+
+    def fill(start: int, stop: int) -> None:
+        parts[start:stop] = torch.arange(start, stop)
+
+    run_chunks(fill, chunk_bounds(n, 64))
+    return int(parts.sum())
