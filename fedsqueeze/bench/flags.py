@@ -44,6 +44,12 @@ def add_codec_arguments(parser: argparse.ArgumentParser) -> None:
         help="only the block-wise/NF4 section on MiniLM (per-tensor errors, bytes/param)",
     )
     parser.add_argument(
+        "--tensor-only",
+        action="store_true",
+        help="only the big-tensor section: encode/decode throughput of each spec on one "
+        "random fp32 tensor of --tensor-mb MB, beside clone() and plain zstd",
+    )
+    parser.add_argument(
         "--lossless-only",
         action="store_true",
         help="only the lossless section: fedsqueeze beside ZipNN on MiniLM in fp32 and bf16, "

@@ -13,16 +13,20 @@ identity.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 from torch import Tensor
 
+from fedsqueeze.codec.chunks import CPU_CHUNK, chunk_bounds, run_chunks, scratch
 from fedsqueeze.errors import FormatError
 
 __all__ = ["SUPPORTED_BITS", "pack_bits", "packed_size", "unpack_bits"]
 
 #: Code widths this module packs.
 SUPPORTED_BITS = (1, 2, 3, 4, 8)
+_CHUNK = CPU_CHUNK
 
 
 def packed_size(count: int, bits: int) -> int:
@@ -58,7 +62,8 @@ def pack_bits(codes: Tensor, bits: int) -> Tensor:
         return codes
     n = codes.numel()
     # One scalar sync: a code that does not fit would silently corrupt its neighbours.
-    if n and bool((codes >> bits).any()):
+    # (amax is one fast reduction; a shifted copy and any() are two passes.)
+    if n and int(codes.amax()) >> bits:
         raise ValueError(f"codes do not fit in {bits} bits")
     if bits == 1 and codes.device.type == "cpu":
         return _pack1_numpy(codes.contiguous())
@@ -129,19 +134,51 @@ def _pad_to_multiple(x: Tensor, multiple: int) -> Tensor:
 
 
 def _pack_divisor(codes: Tensor, bits: int) -> Tensor:
-    """Pack widths that divide 8 (1, 2, 4): OR shifted strided views together."""
+    """Pack widths that divide 8 (1, 2, 4): OR shifted strided views together, in chunks
+    of output bytes on the worker threads (:mod:`fedsqueeze.codec.chunks`)."""
     per_byte = 8 // bits
     groups = _pad_to_multiple(codes.contiguous(), per_byte).view(-1, per_byte)
-    out = groups[:, 0].clone()
-    for j in range(1, per_byte):
-        out |= groups[:, j] << (j * bits)
+    out = torch.empty(groups.shape[0], dtype=torch.uint8, device=codes.device)
+
+    def chunk(start: int, stop: int) -> None:
+        o = out[start:stop]
+        o.copy_(groups[start:stop, 0])
+        shifted = _scratch("a", stop - start, o.device)
+        for j in range(1, per_byte):
+            torch.bitwise_left_shift(groups[start:stop, j], j * bits, out=shifted)
+            o.bitwise_or_(shifted)
+
+    _run(chunk, out.numel(), out.device)
     return out
 
 
 def _unpack_divisor(packed: Tensor, bits: int, count: int) -> Tensor:
-    shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=packed.device)
-    codes = (packed.unsqueeze(1) >> shifts) & ((1 << bits) - 1)
+    per_byte = 8 // bits
+    mask = (1 << bits) - 1
+    packed = packed.contiguous()
+    codes = torch.empty((packed.numel(), per_byte), dtype=torch.uint8, device=packed.device)
+
+    def chunk(start: int, stop: int) -> None:
+        shifted = _scratch("a", stop - start, packed.device)
+        for j in range(per_byte):
+            torch.bitwise_right_shift(packed[start:stop], j * bits, out=shifted)
+            torch.bitwise_and(shifted, mask, out=codes[start:stop, j])
+
+    _run(chunk, packed.numel(), packed.device)
     return codes.view(-1)[:count]
+
+
+def _scratch(key: str, numel: int, device: torch.device) -> Tensor:
+    if device.type == "cpu":
+        return scratch(key, numel, torch.uint8)
+    return torch.empty(numel, dtype=torch.uint8, device=device)
+
+
+def _run(fn: Callable[[int, int], None], n: int, device: torch.device) -> None:
+    if device.type == "cpu":
+        run_chunks(fn, chunk_bounds(n, _CHUNK))
+    else:
+        fn(0, n)
 
 
 def _pack3(padded: Tensor) -> Tensor:

@@ -24,6 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import Enum
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -43,6 +44,7 @@ __all__ = [
 
 #: Largest Rice parameter; gaps need at most ~log2(numel) bits.
 MAX_RICE_K = 30
+_INT32_MAX = (1 << 31) - 1
 
 
 class PositionCoding(Enum):
@@ -131,11 +133,16 @@ def encode_positions(indices: Tensor, numel: int) -> EncodedPositions:
         raise ValueError(f"numel must be >= 0, got {numel}")
     count = indices.numel()
     if count:
-        gaps = torch.diff(indices, prepend=indices.new_full((1,), -1)) - 1
+        # g_0 = i_0, g_j = i_j − i_{j−1} − 1 (torch.diff with a prepend is ~3x slower).
+        gaps = torch.empty_like(indices)
+        gaps[:1] = indices[:1]
+        torch.sub(indices[1:], indices[:-1], out=gaps[1:]).sub_(1)
         # Two scalar syncs validate the whole array: min gap >= 0 means strictly
         # increasing (and first >= 0), and the last index bounds them all.
         if bool(gaps.min() < 0) or int(indices[-1]) >= numel:
             raise ValueError(f"indices must be strictly increasing in [0, {numel})")
+        if gaps.device.type == "cpu" and numel <= _INT32_MAX:
+            gaps = gaps.to(torch.int32)  # the same values; half the bytes for every pass
     else:
         gaps = indices
     bitmap_size = packed_size(numel, 1)
@@ -203,7 +210,14 @@ def _decode_bitmap(payload: Tensor, count: int, numel: int) -> Tensor:
 # ------------------------------------------------------------------ Rice
 def _rice_bits(gaps: Tensor, k: int) -> int:
     """Exact bits of both streams for parameter ``k``: ``sum(g >> k) + n·(1 + k)``."""
-    return int((gaps >> k).sum()) + gaps.numel() * (1 + k)
+    return _shifted_sum(gaps, k) + gaps.numel() * (1 + k)
+
+
+def _shifted_sum(gaps: Tensor, k: int) -> int:
+    """``sum(g >> k)``, exact (int64 sums); numpy on the CPU, ~5x faster than torch."""
+    if gaps.device.type == "cpu":
+        return int(np.right_shift(gaps.numpy(), k).sum(dtype=np.int64))
+    return int((gaps >> k).sum())
 
 
 def _rice_bytes(n: int, k: int, total_bits: int) -> int:
@@ -221,7 +235,7 @@ def _best_rice_k(gaps: Tensor) -> tuple[int, int]:
     n = gaps.numel()
     if n == 0:
         return 0, 0
-    mean = int(gaps.sum()) / n
+    mean = _shifted_sum(gaps, 0) / n
     start = min(MAX_RICE_K, max(0, int(mean).bit_length() - 1))
     cache: dict[int, int] = {}
 
@@ -251,6 +265,14 @@ def _encode_rice(gaps: Tensor, k: int) -> Tensor:
         return gaps.new_empty(0, dtype=torch.uint8)
     remainders = _pack_fixed(gaps & ((1 << k) - 1), k)
     quotients = gaps >> k
+    if gaps.device.type == "cpu":
+        # numpy: the same stream, about twice as fast as torch's cumsum and scatter here.
+        zero_np = np.cumsum(quotients.numpy() + 1, dtype=np.int64) - 1
+        unary_bits = int(zero_np[-1]) + 1
+        bits = np.ones(unary_bits + (-unary_bits) % 8, dtype=np.uint8)
+        bits[zero_np] = 0
+        unary = torch.from_numpy(np.packbits(bits, bitorder="little"))
+        return torch.cat([remainders, unary])
     # Zero bit j (the terminator of gap j) sits after all earlier gaps' bits.
     zero_at = torch.cumsum(quotients + 1, 0) - 1
     unary_bits = int(zero_at[-1]) + 1
@@ -301,6 +323,10 @@ def _pack_fixed(values: Tensor, width: int) -> Tensor:
         return pack_bits(values.to(torch.uint8), width)
     # Other widths: spell every value out bit by bit (n·width bytes, O(numel) since
     # the optimal k is about log2(numel/n)), then pack the bit string.
+    if values.device.type == "cpu":
+        shifts = np.arange(width, dtype=np.int64).astype(values.numpy().dtype)
+        spelled = ((values.numpy()[:, None] >> shifts) & 1).astype(np.uint8)
+        return torch.from_numpy(np.packbits(spelled.reshape(-1), bitorder="little"))
     n = values.numel()
     bits = torch.empty((n, width), dtype=torch.uint8, device=values.device)
     for j in range(width):

@@ -18,10 +18,13 @@ value; its scales are stored in the spec's :class:`~fedsqueeze.codec.spec.ScaleF
 Values must be finite with ``|w| <= 2^126``, which keeps every code of every scheme
 finite after dequantization; decoders reject parameters under which some code is not.
 
-Large inputs are processed in chunks of about a million values with in-place operations,
-so temporaries stay in cache: on a 2-core CPU, 8-bit quantization of 25M fp32 values took
-about half the time of ``clone()``, dequantization about 1.15× (stochastic rounding is
-bound by the CPU random number generator, about 6 ms per million values).
+Per-tensor parameters, and per-set parameters whose sets are consecutive runs
+(:class:`~fedsqueeze.codec.kernels.Runs`: dense per-channel and block-wise), go through
+the chunked multi-core kernels of :mod:`fedsqueeze.codec.kernels` with nearest rounding;
+an explicit per-value index of sets (sparse per-channel), stochastic rounding and
+k-means go through the loops here, chunks of about a million values with in-place
+operations (stochastic rounding is bound by the CPU random number generator, about 6 ms
+per million values, and draws in one fixed order).
 """
 
 from __future__ import annotations
@@ -42,12 +45,21 @@ from fedsqueeze.codec.blockwise import (
     scales_to_bytes,
     store_scales,
 )
+from fedsqueeze.codec.kernels import (
+    Runs,
+    dequantize_linear,
+    dequantize_table,
+    nearest_nf4,
+    quantize_linear,
+    value_range,
+)
 from fedsqueeze.codec.kmeans import assign, assign_stochastic, kmeans_codebook
 from fedsqueeze.codec.spec import Granularity, QuantScheme, Rounding, ScaleFormat
 from fedsqueeze.errors import FormatError
 
 __all__ = [
     "QuantParams",
+    "Runs",
     "choose_qparams",
     "dequantize",
     "qparams_from_bytes",
@@ -64,6 +76,8 @@ MAX_MAGNITUDE = 2.0**126
 _FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 _CPU_CHUNK = 1 << 20
 _GPU_CHUNK = 1 << 24
+#: Which parameter set each value uses: an int64 index per value, or consecutive runs.
+Channels = Tensor | Runs | None
 
 
 @dataclass(frozen=True, eq=False)
@@ -133,7 +147,7 @@ def choose_qparams(
     bits: int,
     scheme: QuantScheme,
     granularity: Granularity,
-    channels: Tensor | None = None,
+    channels: Channels = None,
     num_channels: int = 1,
     scale_format: ScaleFormat = ScaleFormat.FP32,
 ) -> QuantParams:
@@ -149,7 +163,8 @@ def choose_qparams(
         See the enums; KMEANS is per tensor only.
     channels
         PER_CHANNEL only: int64 ``[n]``, each value's output channel in
-        ``[0, num_channels)``.
+        ``[0, num_channels)``, or :class:`Runs` when the channels are consecutive runs
+        (``num_channels`` of them, the fast path).
     num_channels
         PER_CHANNEL only: ``C``. Channels without values get scale 1 and the middle
         zero point. PER_BLOCK: the same, with blocks for channels.
@@ -170,23 +185,26 @@ def choose_qparams(
     """
     _check_values(values)
     _check_bits(bits, ValueError)
-    x = values.detach()
-    if x.numel():
-        lo_all, hi_all = torch.aminmax(x.to(torch.float32))
-        # NaN fails both comparisons; the bound keeps every code's value finite.
-        if not bool((lo_all >= -MAX_MAGNITUDE) & (hi_all <= MAX_MAGNITUDE)):
-            raise ValueError(f"values must be finite, with |x| <= 2^126 ({MAX_MAGNITUDE:.3g})")
+    x = values.detach().contiguous()
     if granularity is Granularity.PER_TENSOR:
         if x.numel():
-            lo, hi = lo_all, hi_all
+            lo, hi = value_range(x, None)
+            _check_range(lo, hi)
         else:
             lo = hi = torch.zeros((), dtype=torch.float32, device=x.device)
         empty = torch.tensor(x.numel() == 0, device=x.device)
     elif granularity in (Granularity.PER_CHANNEL, Granularity.PER_BLOCK):
         if scheme is QuantScheme.KMEANS:
             raise ValueError("k-means quantization is per tensor only")
-        ch_all = _checked_channels(channels, x.numel(), num_channels)
-        lo, hi, empty = _channel_range(x, ch_all, num_channels)
+        ch = _checked_channels(channels, x.numel(), num_channels)
+        if isinstance(ch, Runs):
+            lo, hi = value_range(x, ch)  # every run holds values: none empty
+            empty = torch.zeros(num_channels, dtype=torch.bool, device=x.device)
+            _check_range(lo.amin(), hi.amax())
+        else:
+            if x.numel():
+                _check_range(*value_range(x, None))
+            lo, hi, empty = _channel_range(x, ch, num_channels)
     else:
         raise ValueError(f"unknown granularity {granularity!r}")
     if granularity is not Granularity.PER_BLOCK:
@@ -235,7 +253,7 @@ def quantize(
     values: Tensor,
     qp: QuantParams,
     rounding: Rounding,
-    channels: Tensor | None = None,
+    channels: Channels = None,
     generator: torch.Generator | None = None,
 ) -> Tensor:
     """Integer codes of ``values``.
@@ -254,7 +272,8 @@ def quantize(
         picks one of the two centroids around ``x`` with probabilities that make it
         unbiased between the first and last centroid.
     channels
-        int64 ``[n]`` when ``qp`` is per channel; ignored for per-tensor params.
+        int64 ``[n]`` or :class:`Runs` when ``qp`` is per channel; ignored for
+        per-tensor params.
     generator
         See ``rounding``.
 
@@ -267,15 +286,21 @@ def quantize(
     if not isinstance(rounding, Rounding):
         raise ValueError(f"unknown rounding {rounding!r}")
     device = values.device
-    x = values.detach()
+    x = values.detach().contiguous()
     if qp.codebook is not None:  # KMEANS
         codebook = qp.codebook.to(device)
         if rounding is Rounding.NEAREST:
             return assign(x, codebook)
         return assign_stochastic(x, codebook, generator)
+    per_channel = qp.scale.dim() == 1
+    ch_any = _checked_channels(channels, x.numel(), qp.num_params) if per_channel else None
+    runs = ch_any if isinstance(ch_any, Runs) else None
+    fast = rounding is Rounding.NEAREST and (not per_channel or runs is not None)
     if qp.scheme is QuantScheme.NF4:
-        if qp.scale.dim() == 1:
-            ch = _checked_channels(channels, x.numel(), qp.num_params)
+        if fast:
+            return nearest_nf4(x, qp.scale, NF4_CODEBOOK, runs)
+        if per_channel:
+            ch = _index(ch_any, x.numel(), device)
             unit = x.to(torch.float32) / qp.scale.to(device)[ch]
         else:
             unit = x.to(torch.float32) / float(qp.scale)
@@ -285,15 +310,17 @@ def quantize(
         return assign_stochastic(unit, table, generator)
     qmin = 0.0 if qp.scheme is QuantScheme.AFFINE else 1.0
     qmax = float((1 << qp.bits) - 1)
+    if fast:
+        return quantize_linear(x, qp.scale, qp.zero_point, qmin, qmax, runs)
+    # Stochastic rounding, or a per-value index of channels: the reference loop.
     stochastic = rounding is Rounding.STOCHASTIC
     n = x.numel()
     out = torch.empty(n, dtype=torch.uint8, device=device)
     chunk = _chunk_size(device)
     buf = torch.empty(min(n, chunk), dtype=torch.float32, device=device)
     noise = torch.empty_like(buf) if stochastic else None
-    per_channel = qp.scale.dim() == 1
     if per_channel:
-        ch_all = _checked_channels(channels, n, qp.num_params)
+        ch_all = _index(ch_any, n, device)
         inv_c = 1.0 / qp.scale.to(device)
         zp_c = qp.zero_point.to(device)
     else:
@@ -323,7 +350,7 @@ def quantize(
     return out
 
 
-def dequantize(codes: Tensor, qp: QuantParams, channels: Tensor | None = None) -> Tensor:
+def dequantize(codes: Tensor, qp: QuantParams, channels: Channels = None) -> Tensor:
     """Float values of ``codes``.
 
     Parameters
@@ -333,7 +360,8 @@ def dequantize(codes: Tensor, qp: QuantParams, channels: Tensor | None = None) -
     qp
         The params (moved to ``codes``' device if needed).
     channels
-        int64 ``[n]`` when ``qp`` is per channel; ignored for per-tensor params.
+        int64 ``[n]`` or :class:`Runs` when ``qp`` is per channel; ignored for
+        per-tensor params.
 
     Returns
     -------
@@ -342,52 +370,44 @@ def dequantize(codes: Tensor, qp: QuantParams, channels: Tensor | None = None) -
     """
     if codes.dtype != torch.uint8 or codes.dim() != 1:
         raise ValueError(f"codes must be 1-D uint8, got {codes.dtype} {tuple(codes.shape)}")
+    codes = codes.contiguous()
     device = codes.device
     n = codes.numel()
-    out = torch.empty(n, dtype=torch.float32, device=device)
     chunk = _chunk_size(device)
+    tabled = qp.codebook is not None or qp.scheme is QuantScheme.NF4
+    # amax is one fast reduction; a shifted copy and any() cost two passes.
+    if tabled and qp.bits < 8 and n and int(codes.amax()) >> qp.bits:
+        entries = "the 16-entry NF4" if qp.codebook is None else f"a {1 << qp.bits}-entry"
+        raise FormatError(f"code out of range for {entries} codebook")
     if qp.codebook is not None:  # KMEANS
-        if qp.bits < 8 and n and bool((codes >> qp.bits).any()):
-            raise FormatError(f"code out of range for a {1 << qp.bits}-entry codebook")
+        out = torch.empty(n, dtype=torch.float32, device=device)
         codebook = qp.codebook.to(device=device, dtype=torch.float32)
         for start in range(0, n, chunk):
             stop = min(start + chunk, n)
             idx = codes[start:stop].to(torch.int32)
             torch.index_select(codebook, 0, idx, out=out[start:stop])
         return out
-    if qp.scheme is QuantScheme.NF4:
-        if qp.bits < 8 and n and bool((codes >> qp.bits).any()):
-            raise FormatError("code out of range for the 16-entry NF4 codebook")
-        table = NF4_CODEBOOK.to(device)
-        per_set = qp.scale.dim() == 1
-        ch_nf4 = _checked_channels(channels, n, qp.num_params) if per_set else None
-        scale_nf4 = qp.scale.to(device)
-        for start in range(0, n, chunk):
-            stop = min(start + chunk, n)
-            o = out[start:stop]
-            torch.index_select(table, 0, codes[start:stop].to(torch.int32), out=o)
-            o.mul_(scale_nf4[ch_nf4[start:stop]] if ch_nf4 is not None else scale_nf4)
-        return out
-    if qp.scale.dim() == 1:
-        ch_all = _checked_channels(channels, n, qp.num_params)
+    per_set = qp.scale.dim() == 1
+    ch_any = _checked_channels(channels, n, qp.num_params) if per_set else None
+    if isinstance(ch_any, Tensor):  # a per-value index: gather the params chunk by chunk
+        out = torch.empty(n, dtype=torch.float32, device=device)
         scale_c = qp.scale.to(device)
         zp_c = qp.zero_point.to(device)
+        table = NF4_CODEBOOK.to(device)
         for start in range(0, n, chunk):
             stop = min(start + chunk, n)
-            ch = ch_all[start:stop]
+            ch = ch_any[start:stop]
             o = out[start:stop]
-            torch.sub(codes[start:stop], zp_c[ch], out=o)
+            if qp.scheme is QuantScheme.NF4:
+                torch.index_select(table, 0, codes[start:stop].to(torch.int32), out=o)
+            else:
+                # (q − zp) is exact in float32, so one rounding: as a lookup table.
+                torch.sub(codes[start:stop], zp_c[ch], out=o)
             o.mul_(scale_c[ch])
         return out
-    scale = float(qp.scale)
-    zp = float(qp.zero_point)
-    for start in range(0, n, chunk):
-        stop = min(start + chunk, n)
-        o = out[start:stop]
-        # (q − zp) is exact in float32, so one rounding: the same as a lookup table.
-        torch.sub(codes[start:stop], zp, out=o)
-        o.mul_(scale)
-    return out
+    if qp.scheme is QuantScheme.NF4:
+        return dequantize_table(codes, NF4_CODEBOOK, qp.scale, ch_any)
+    return dequantize_linear(codes, qp.scale, qp.zero_point, ch_any)
 
 
 # ---------------------------------------------------------------------- bytes
@@ -532,11 +552,18 @@ def _check_values(values: Tensor) -> None:
         raise ValueError(f"values must be 1-D floating, got {values.dtype} {tuple(values.shape)}")
 
 
-def _checked_channels(channels: Tensor | None, n: int, num_channels: int) -> Tensor:
+def _checked_channels(channels: Channels, n: int, num_channels: int) -> Tensor | Runs:
     if num_channels < 1:
         raise ValueError(f"num_channels must be >= 1, got {num_channels}")
     if channels is None:
         raise ValueError("per-channel quantization needs channels")
+    if isinstance(channels, Runs):
+        if n and channels.count(n) != num_channels:
+            raise ValueError(
+                f"{n} values in runs of {channels.length} fill {channels.count(n)} sets, "
+                f"not {num_channels}"
+            )
+        return channels if n else channels.index(0)
     if channels.dtype != torch.int64 or channels.shape != (n,):
         raise ValueError(f"channels must be int64 [{n}], got {channels.dtype} {channels.shape}")
     if n:
@@ -544,6 +571,19 @@ def _checked_channels(channels: Tensor | None, n: int, num_channels: int) -> Ten
         if not bool((lo >= 0) & (hi < num_channels)):
             raise ValueError(f"channels must be in [0, {num_channels})")
     return channels
+
+
+def _index(channels: Tensor | Runs | None, n: int, device: torch.device) -> Tensor:
+    """A per-value index of channels (built from runs for the reference loops)."""
+    if channels is None:
+        raise ValueError("per-channel quantization needs channels")
+    return channels.index(n, device) if isinstance(channels, Runs) else channels
+
+
+def _check_range(lo: Tensor, hi: Tensor) -> None:
+    # NaN fails both comparisons; the bound keeps every code's value finite.
+    if not bool((lo >= -MAX_MAGNITUDE) & (hi <= MAX_MAGNITUDE)):
+        raise ValueError(f"values must be finite, with |x| <= 2^126 ({MAX_MAGNITUDE:.3g})")
 
 
 def _channel_range(x: Tensor, channels: Tensor, c: int) -> tuple[Tensor, Tensor, Tensor]:

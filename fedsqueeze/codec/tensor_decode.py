@@ -15,7 +15,7 @@ import torch
 from fedsqueeze.codec import entropy
 from fedsqueeze.codec.bitpack import packed_size, unpack_bits
 from fedsqueeze.codec.bits import xor_bits, xor_into
-from fedsqueeze.codec.blockwise import block_index, num_blocks
+from fedsqueeze.codec.blockwise import num_blocks
 from fedsqueeze.codec.container import (
     CODE_DTYPES,
     DTYPE_CODES,
@@ -32,7 +32,7 @@ from fedsqueeze.codec.progressive import (
     table_entries,
     table_from_bytes,
 )
-from fedsqueeze.codec.quantization import QuantParams, dequantize, qparams_from_bytes
+from fedsqueeze.codec.quantization import QuantParams, Runs, dequantize, qparams_from_bytes
 from fedsqueeze.codec.spec import Granularity
 from fedsqueeze.errors import BaseMismatchError, FormatError
 
@@ -181,7 +181,9 @@ class TensorDecoder:
     ) -> ProgressiveTensor:
         if record.quant is None or not dtype.is_floating_point:
             raise FormatError(f"record {name!r}: levels of a tensor that is not quantized")
-        qp, channels_of = _qparams(record, name, shape, kept, indices, device)
+        qp, channels = _qparams(record, name, shape, kept, indices, device)
+        # The level tables gather per value.
+        channels_of = channels.index(kept, device) if isinstance(channels, Runs) else channels
         base = self._base.get(name) if record.delta else None
         state = ProgressiveTensor(
             name, record.levels, qp, shape, dtype, kept, indices, channels_of,
@@ -331,9 +333,9 @@ def _qparams(
     kept: int,
     indices: torch.Tensor | None,
     device: torch.device,
-) -> tuple[QuantParams, torch.Tensor | None]:
+) -> tuple[QuantParams, torch.Tensor | Runs | None]:
     """A quantized record's params and the parameter set of each kept value (``None``
-    per tensor)."""
+    per tensor; :class:`Runs` for blocks and dense channels)."""
     q = record.quant
     if q is None:
         raise FormatError(f"record {name!r} is not quantized")
@@ -353,15 +355,16 @@ def _qparams(
     if end != len(q.params):
         raise FormatError(f"record {name!r}: quantization parameters have trailing bytes")
     if q.granularity is Granularity.PER_BLOCK:
-        return qp, block_index(kept, q.block_size, device)
+        return qp, Runs(q.block_size)
     if q.granularity is not Granularity.PER_CHANNEL:
         return qp, None
     numel = 1
     for d in shape:
         numel *= d
     stride = max(1, numel // max(1, channels))
-    source = indices if indices is not None else torch.arange(numel, device=device)
-    return qp, torch.div(source, stride, rounding_mode="floor")
+    if indices is None:
+        return qp, Runs(stride)  # dense: rows of stride values
+    return qp, torch.div(indices, stride, rounding_mode="floor")
 
 
 def _positions(

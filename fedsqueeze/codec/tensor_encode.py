@@ -27,6 +27,7 @@ stage runs; the caller refuses it or sends it with :meth:`TensorEncoder.carry`.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -35,7 +36,8 @@ import torch
 from fedsqueeze.codec import entropy
 from fedsqueeze.codec.bitpack import pack_bits
 from fedsqueeze.codec.bits import all_zero_bits, as_bits, xor_bits
-from fedsqueeze.codec.blockwise import block_index, num_blocks
+from fedsqueeze.codec.blockwise import num_blocks
+from fedsqueeze.codec.chunks import submit
 from fedsqueeze.codec.container import (
     FLOAT_KINDS,
     GROUPED_KINDS,
@@ -47,6 +49,7 @@ from fedsqueeze.codec.container import (
 from fedsqueeze.codec.digest import tensor_bytes
 from fedsqueeze.codec.finite import unrepresentable
 from fedsqueeze.codec.grouping import GROUPED_DTYPES, encode_grouped
+from fedsqueeze.codec.kernels import parallel_copy, value_range
 from fedsqueeze.codec.lowrank import factorize, matrix_shape, worth_factoring
 from fedsqueeze.codec.positions import encode_positions, mask_to_indices
 from fedsqueeze.codec.progressive import (
@@ -58,9 +61,11 @@ from fedsqueeze.codec.progressive import (
     table_to_bytes,
     top_codes,
 )
-from fedsqueeze.codec.pruning import channel_mask, magnitude_mask, threshold_mask
+from fedsqueeze.codec.pruning import channel_mask, magnitude_indices, threshold_mask
 from fedsqueeze.codec.quantization import (
+    MAX_MAGNITUDE,
     QuantParams,
+    Runs,
     choose_qparams,
     dequantize,
     qparams_to_bytes,
@@ -182,6 +187,32 @@ class TensorEncoder:
         """Why this tensor's path cannot encode it (NaN, Inf, out of range), else ``None``."""
         if not t.is_floating_point():
             return None
+        if self._fits(name, t):
+            return None
+        return self._why_not(name, t)
+
+    def _fits(self, name: str, t: torch.Tensor) -> bool:
+        """Whether the tensor surely encodes: one chunked min/max pass over what its path
+        sends (and over the tensor, when that differs), instead of the several full
+        passes of :meth:`_why_not`, which only a tensor that fails here goes through
+        (it finds the reason)."""
+        spec = self._spec
+        fmt = _CAST_DTYPES[spec.float_format]
+        if self.is_lossy(name, t):
+            sent = self.lossy_input(name, t)
+            limit = MAX_MAGNITUDE if spec.quant is not None else _finite_limit(fmt)
+            blocked = spec.quant is not None and spec.quant.granularity is Granularity.PER_BLOCK
+            if blocked and spec.quant is not None and spec.quant.scales is ScaleFormat.FP16:
+                limit = min(limit, FP16_SCALE_LIMIT)
+        elif fmt != t.dtype and spec.float_format is not FloatFormat.FP32:
+            b = self._base_of(name, t)
+            sent = t.to(torch.float32) if b is None else t.to(torch.float32) - b.to(torch.float32)
+            limit = _finite_limit(fmt)
+        else:
+            sent, limit = t, math.inf
+        return _within(sent, limit) and (sent is t or _within(t, math.inf))
+
+    def _why_not(self, name: str, t: torch.Tensor) -> str | None:
         spec = self._spec
         fmt = _CAST_DTYPES[spec.float_format]
         if self.is_lossy(name, t):
@@ -258,7 +289,8 @@ class TensorEncoder:
             value_kind=value_kind,
             positions=positions,
             raw_length=len(body) if compressed is not None else None,
-            body=compressed if compressed is not None else body,
+            # zstd reads a view as well as bytes: copy the payload only to store it raw.
+            body=compressed if compressed is not None else bytes(body),
             rank=rank,
             levels=levels,
         )
@@ -349,22 +381,24 @@ class TensorEncoder:
             value_kind=FLOAT_KINDS[fmt],
         )
 
-    def _mask(
+    def _kept(
         self, name: str, x: torch.Tensor, global_mask: torch.Tensor | None
     ) -> torch.Tensor | None:
+        """Flat indices of the values kept (int64, increasing), ``None`` for all."""
         spec = self._spec
         if spec.topk is not None:
-            return None if spec.topk >= 1.0 else magnitude_mask(x, 1.0 - spec.topk)
+            return None if spec.topk >= 1.0 else magnitude_indices(x, 1.0 - spec.topk)
         method = spec.prune.method
+        mask: torch.Tensor | None = None
         if method is PruneMethod.L1_GLOBAL:
-            return global_mask
-        if method is PruneMethod.L1_UNSTRUCTURED and spec.prune.sparsity > 0:
-            return magnitude_mask(x, spec.prune.sparsity)
-        if method is PruneMethod.LN_STRUCTURED and spec.prune.sparsity > 0:
-            return channel_mask(x, spec.prune.sparsity)
-        if method is PruneMethod.THRESHOLD:
-            return threshold_mask(x, spec.prune.threshold)
-        return None
+            mask = global_mask
+        elif method is PruneMethod.L1_UNSTRUCTURED and spec.prune.sparsity > 0:
+            return magnitude_indices(x, spec.prune.sparsity)
+        elif method is PruneMethod.LN_STRUCTURED and spec.prune.sparsity > 0:
+            mask = channel_mask(x, spec.prune.sparsity)
+        elif method is PruneMethod.THRESHOLD:
+            mask = threshold_mask(x, spec.prune.threshold)
+        return None if mask is None else mask_to_indices(mask.reshape(-1))
 
     def _lossy(
         self, name: str, t: torch.Tensor, global_mask: torch.Tensor | None
@@ -379,8 +413,7 @@ class TensorEncoder:
         ):
             return self._lowrank(name, t, x, delta, spec.rank)
         flat = x.reshape(-1)
-        mask = self._mask(name, x, global_mask)
-        indices = None if mask is None else mask_to_indices(mask.reshape(-1))
+        indices = self._kept(name, x, global_mask)
         values = flat if indices is None else flat[indices]
         # Magnitude selection keeps exact zeros when fewer than k values are nonzero (an
         # unchanged tensor, a sparse update): they decode to 0 without positions. Channel
@@ -397,51 +430,64 @@ class TensorEncoder:
             # Nothing nonzero kept: the receiver keeps its base (or gets zeros), ~2 bytes.
             return self._zero(name, t, delta), (x if spec.feedback else None)
         numel = flat.numel()
-        channels_of: torch.Tensor | None = None
+        channels_of: torch.Tensor | Runs | None = None
         num_channels = t.shape[0] if t.ndim else 1
         if spec.quant is not None and spec.quant.granularity is Granularity.PER_CHANNEL:
             stride = max(1, numel // max(1, num_channels))
-            source = indices if indices is not None else torch.arange(numel, device=t.device)
-            channels_of = torch.div(source, stride, rounding_mode="floor")
+            if indices is None:
+                channels_of = Runs(stride)  # dense: rows of stride values
+            else:
+                channels_of = torch.div(indices, stride, rounding_mode="floor")
         elif spec.quant is not None and spec.quant.block_size is not None:
-            # Blocks of consecutive *kept* values: the same index as channels.
-            channels_of = block_index(values.numel(), spec.quant.block_size, t.device)
+            # Blocks of consecutive *kept* values: runs, like dense channels.
+            channels_of = Runs(spec.quant.block_size)
             num_channels = num_blocks(values.numel(), spec.quant.block_size)
+        # Position coding runs on a worker beside the quantization (they share nothing).
+        kept = indices
+        coded = None if kept is None else submit(lambda: encode_positions(kept, numel))
         positions: PositionsHeader | None = None
         pos_payload = b""
-        if indices is not None:
-            enc = encode_positions(indices, numel)
-            pos_payload = bytes(tensor_bytes(enc.payload))
-            positions = PositionsHeader(
-                int(enc.coding.value), enc.rice_k, enc.count, len(pos_payload)
-            )
+
+        def coded_positions() -> None:
+            nonlocal positions, pos_payload
+            if coded is not None:
+                enc = coded.result()
+                pos_payload = bytes(tensor_bytes(enc.payload))
+                positions = PositionsHeader(
+                    int(enc.coding.value), enc.rice_k, enc.count, len(pos_payload)
+                )
+
         if spec.levels is not None and spec.quant is not None:
+            coded_positions()
             record, decoded = self._progressive(
                 name, t, values, channels_of, num_channels, delta, spec.quant, spec.levels,
                 positions, pos_payload,
             )  # fmt: skip
-            return record, _residual(flat, indices, decoded, t.shape) if spec.feedback else None
+            return record, _residual(
+                flat, indices, values, decoded, t.shape
+            ) if spec.feedback else None
         # only error feedback needs what the receiver gets
         payload, quant, value_kind, decoded = self._store(
             values, channels_of, num_channels, t.device, spec.feedback
         )
+        coded_positions()
         record = self._record(
             name,
             t,
             delta=delta,
-            body=pos_payload + payload if pos_payload else payload,
+            body=pos_payload + bytes(payload) if pos_payload else payload,
             value_kind=value_kind,
             quant=quant,
             positions=positions,
         )
-        return record, _residual(flat, indices, decoded, t.shape) if spec.feedback else None
+        return record, _residual(flat, indices, values, decoded, t.shape) if spec.feedback else None
 
     def _progressive(
         self,
         name: str,
         t: torch.Tensor,
         values: torch.Tensor,
-        channels_of: torch.Tensor | None,
+        channels_of: torch.Tensor | Runs | None,
         num_channels: int,
         delta: bool,
         q: QuantSpec,
@@ -458,6 +504,8 @@ class TensorEncoder:
             values, q.bits, q.scheme, q.granularity, channels_of, num_channels, q.scales
         )
         codes = quantize(values, qp, q.rounding, channels_of, self._generator(t.device))
+        if isinstance(channels_of, Runs):  # the level tables gather per value
+            channels_of = channels_of.index(values.numel(), t.device)
         quant = _quant_header(q, qp, num_channels)
         before = torch.zeros_like(values, dtype=torch.float64)
         energy = float(t.detach().to(torch.float64).square().sum()) or 1.0
@@ -490,15 +538,16 @@ class TensorEncoder:
     def _store(
         self,
         values: torch.Tensor,
-        channels_of: torch.Tensor | None,
+        channels_of: torch.Tensor | Runs | None,
         num_channels: int,
         device: torch.device,
         need_decoded: bool,
-    ) -> tuple[bytes, QuantHeader | None, ValueKind, torch.Tensor]:
+    ) -> tuple[bytes | memoryview, QuantHeader | None, ValueKind, torch.Tensor]:
         """Quantize ``values`` (or cast them to the spec's float format).
 
-        Returns the payload, its quantization header (``None`` when cast), the value kind
-        and what the receiver decodes (``values`` itself unless ``need_decoded``).
+        Returns the payload (a view of the packed codes, not yet copied), its
+        quantization header (``None`` when cast), the value kind and what the receiver
+        decodes (``values`` itself unless ``need_decoded``).
         """
         spec = self._spec
         if spec.quant is not None:
@@ -508,7 +557,7 @@ class TensorEncoder:
             )
             codes = quantize(values, qp, q.rounding, channels_of, self._generator(device))
             decoded = dequantize(codes, qp, channels_of) if need_decoded else values
-            payload = bytes(tensor_bytes(pack_bits(codes, q.bits)))
+            payload = tensor_bytes(pack_bits(codes, q.bits))
             quant = _quant_header(q, qp, num_channels)
             return payload, quant, ValueKind.RAW, decoded
         stored = values.to(_CAST_DTYPES[spec.float_format])
@@ -547,14 +596,18 @@ def _quant_header(q: QuantSpec, qp: QuantParams, num_sets: int) -> QuantHeader:
 def _residual(
     flat: torch.Tensor,
     indices: torch.Tensor | None,
+    values: torch.Tensor,
     decoded: torch.Tensor,
     shape: torch.Size,
 ) -> torch.Tensor:
-    """Error feedback: what the receiver does not get of ``flat``."""
+    """Error feedback: what the receiver does not get of ``flat`` (``values`` are
+    ``flat[indices]``, the values kept)."""
     if indices is None:
         return (flat - decoded).reshape(shape)
-    residual = flat.clone()
-    residual[indices] -= decoded
+    # A copy in chunks on the worker threads (clone() is one thread), then the kept
+    # positions overwritten: flat[indices] − decoded, as an in-place subtraction gives.
+    residual = parallel_copy(flat)
+    residual[indices] = values - decoded
     return residual.reshape(shape)
 
 
@@ -603,3 +656,24 @@ def _all_zero(x: torch.Tensor) -> bool:
     if flat.numel() and bool(flat[0] != 0):
         return False
     return torch.equal(x, torch.zeros((), dtype=x.dtype, device=x.device).expand(x.shape))
+
+
+def _finite_limit(dtype: torch.dtype) -> float:
+    """Largest magnitude that stays finite in ``dtype`` (float32 values are sent as is)."""
+    return math.inf if dtype == torch.float32 else float(torch.finfo(dtype).max)
+
+
+def _within(x: torch.Tensor, limit: float) -> bool:
+    """Whether every value of ``x`` is finite with ``|x| <= limit`` (NaN fails).
+
+    Compared in float32: a float64 value beyond float32's range fails (a false alarm
+    the exact check then clears), one that rounds onto ``limit`` only matters for
+    float32 inputs, which are exact.
+    """
+    flat = x.detach().reshape(-1)
+    if flat.numel() == 0:
+        return True
+    if flat.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        flat = flat.to(torch.float32)
+    lo, hi = value_range(flat.contiguous(), None)
+    return bool(torch.isfinite(lo) & torch.isfinite(hi) & (lo >= -limit) & (hi <= limit))

@@ -117,3 +117,31 @@ def test_quick_lossless_section_is_bit_exact_and_beside_zipnn(tmp_path: Path) ->
         assert ours["ratio"] > 1.0
         assert {"compress_cpu_ms", "decompress_cpu_ms"} <= set(ours)
         assert all(r["bit_exact"] for r in case["rows"])  # ZipNN's too, when installed
+
+
+def test_tensor_only_times_every_spec_and_reports_each_target(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    parser = argparse.ArgumentParser()
+    codec_bench.add_arguments(parser)
+    out = tmp_path / "bench.json"
+    flags = ["--tensor-only", "--tensor-mb", "0.2", "--runs", "1", "--json", str(out)]
+    args = parser.parse_args(flags)
+    assert codec_bench.main(args) == 0
+    report = json.loads(out.read_text())
+    assert set(report) == {"machine", "tensor"}
+    tensor = report["tensor"]
+    assert [s["spec"] for s in tensor["specs"]] == list(codec_bench.TENSOR_SPECS)
+    expected = [(spec, what) for spec, whats in codec_bench.TARGETS.items() for what in whats]
+    assert [(v["spec"], v["what"]) for v in tensor["targets"]] == expected
+    for verdict in tensor["targets"]:
+        assert verdict["met"] == (verdict["got"] >= verdict["target"])
+    nf4 = next(s for s in tensor["specs"] if s["spec"] == "quant=4:nf4:block64")
+    assert nf4["max_abs_err"] > 0.0 and nf4["ratio"] > 7.0  # 4 bits and fp16 scales per 64
+    printed = capsys.readouterr().out
+    assert "quant=4:nf4:block64 encode:" in printed
+
+
+def test_only_one_section_flag_at_a_time() -> None:
+    with pytest.raises(ValueError, match="at most one"):
+        codec_bench.CodecBenchOptions(tensor_only=True, lossless_only=True)
