@@ -190,6 +190,40 @@ class EncodedModel:
         return model, used
 
 
+def prepare_encode(
+    state: State,
+    spec: CodecSpec,
+    base: State | None,
+    residual: State | None,
+    seed: int | None,
+    base_digest: bytes | None,
+    nonfinite: NonFinite,
+    order: LevelOrder,
+) -> tuple[State, TensorEncoder, bytes | None]:
+    """What every encoder of a whole state does first: check the arguments, name the
+    base by its digest, warn about unmatched targets, leave out the frozen tensors the
+    base already holds, and make the :class:`TensorEncoder`.
+
+    Returns the state to encode, its encoder and the base's digest (``None`` without a
+    base). Raises as :func:`encode_state` does.
+    """
+    if not isinstance(spec, CodecSpec):
+        raise TypeError(f"spec must be a CodecSpec, got {type(spec).__name__}")
+    if not isinstance(nonfinite, NonFinite):
+        raise TypeError(f"nonfinite must be a NonFinite, got {type(nonfinite).__name__}")
+    if not isinstance(order, LevelOrder):
+        raise TypeError(f"order must be a LevelOrder, got {type(order).__name__}")
+    _check_state(state, "state")
+    if base is not None:
+        _check_state(base, "base")
+        _check_shares_tensors(state, base)
+        if base_digest is None:
+            base_digest = state_digest(base)
+    _warn_unmatched_targets(spec, state)
+    state = _without_held_frozen(state, spec, base)
+    return state, TensorEncoder(spec, base, residual, seed), base_digest
+
+
 def encode_state(
     state: State,
     spec: CodecSpec,
@@ -253,21 +287,9 @@ def encode_state(
         A ``targets`` pattern other than the default that matches no tensor name (specs
         are reused across models, so this is not an error).
     """
-    if not isinstance(spec, CodecSpec):
-        raise TypeError(f"spec must be a CodecSpec, got {type(spec).__name__}")
-    if not isinstance(nonfinite, NonFinite):
-        raise TypeError(f"nonfinite must be a NonFinite, got {type(nonfinite).__name__}")
-    if not isinstance(order, LevelOrder):
-        raise TypeError(f"order must be a LevelOrder, got {type(order).__name__}")
-    _check_state(state, "state")
-    if base is not None:
-        _check_state(base, "base")
-        _check_shares_tensors(state, base)
-        if base_digest is None:
-            base_digest = state_digest(base)
-    _warn_unmatched_targets(spec, state)
-    state = _without_held_frozen(state, spec, base)
-    encoder = TensorEncoder(spec, base, residual, seed)
+    state, encoder, base_digest = prepare_encode(
+        state, spec, base, residual, seed, base_digest, nonfinite, order
+    )
     carried = _unencodable(state, encoder, nonfinite)
     masks = (
         _global_masks(state, spec, encoder, carried)

@@ -35,21 +35,17 @@ from typing import Protocol
 import torch
 
 from fedsqueeze.codec.container import ContainerHeader, TensorRecord
-from fedsqueeze.codec.digest import state_digest
 from fedsqueeze.codec.finite import NonFinite
 from fedsqueeze.codec.global_cut import GlobalCut, find_global_cut
 from fedsqueeze.codec.level_order import LevelOrder
 from fedsqueeze.codec.model import (
     EncodedModel,
-    _check_shares_tensors,
-    _check_state,
     _unencodable,
-    _warn_unmatched_targets,
-    _without_held_frozen,
+    prepare_encode,
     progressive_order,
 )
 from fedsqueeze.codec.spec import CodecSpec, PruneMethod, Rounding
-from fedsqueeze.codec.tensor_encode import ScoredLevel, TensorEncoder
+from fedsqueeze.codec.tensor_encode import ScoredLevel
 from fedsqueeze.errors import NonFiniteError
 
 __all__ = ["EncodedPlan", "RecordStore", "StoredRecord", "encode_stream", "plan_parts"]
@@ -160,24 +156,14 @@ def encode_stream(
     The errors of :func:`~fedsqueeze.codec.model.encode_state`; ``ValueError`` for
     ``workers`` or ``inflight_bytes`` below 1.
     """
-    if not isinstance(spec, CodecSpec):
-        raise TypeError(f"spec must be a CodecSpec, got {type(spec).__name__}")
-    if not isinstance(nonfinite, NonFinite):
-        raise TypeError(f"nonfinite must be a NonFinite, got {type(nonfinite).__name__}")
     workers = (os.cpu_count() or 1) if workers is None else workers
     if workers < 1:
         raise ValueError(f"workers must be at least 1, got {workers}")
     if inflight_bytes is not None and inflight_bytes < 1:
         raise ValueError(f"inflight_bytes must be at least 1, got {inflight_bytes}")
-    _check_state(state, "state")
-    if base is not None:
-        _check_state(base, "base")
-        _check_shares_tensors(state, base)
-        if base_digest is None:
-            base_digest = state_digest(base)
-    _warn_unmatched_targets(spec, state)
-    state = _without_held_frozen(state, spec, base)
-    encoder = TensorEncoder(spec, base, residual, seed)
+    state, encoder, base_digest = prepare_encode(
+        state, spec, base, residual, seed, base_digest, nonfinite, order
+    )
     names = list(state)
     sizes = {name: _nbytes(state[name]) for name in names}
     cut: GlobalCut | None = None

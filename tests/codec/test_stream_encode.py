@@ -104,6 +104,8 @@ def test_bad_arguments_are_caller_errors() -> None:
         _streamed(_state(0), "int8", inflight_bytes=0)
     with pytest.raises(TypeError, match="CodecSpec"):
         encode_stream(_state(0), "int8", _Bodies())  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="LevelOrder"):
+        _streamed(_state(0), "quant=8,levels=4+4", order="relative")
 
 
 @settings(max_examples=40, deadline=None)
