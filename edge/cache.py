@@ -34,7 +34,6 @@ __all__ = [
     "DirectoryCache",
     "EdgeCache",
     "EdgeMemory",
-    "PartStore",
 ]
 
 #: Part stores opened by this process, by directory: a ClientApp process that serves

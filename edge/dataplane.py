@@ -20,7 +20,7 @@ from typing import Protocol
 
 import torch
 
-from edge.cache import PartStore
+from edge.part_store import PartStore
 from fedsqueeze.codec import EncodedModel
 from fedsqueeze.codec.spec_text import parse_spec
 from fedsqueeze.control import RoundInstruction

@@ -188,6 +188,25 @@ class DecodeLimits:
     max_ndim: int = 8
     max_rank: int = MAX_RANK
 
+    def count(self, name: str, shape: tuple[int, ...], total: int) -> int:
+        """The model's element count with tensor ``name`` of ``shape`` added to ``total``.
+
+        Raises
+        ------
+        LimitExceededError
+            If the tensor or the model would pass the limits.
+        """
+        numel = 1
+        for d in shape:
+            numel *= d
+        total += numel
+        if numel > self.max_elements or total > self.max_total_elements:
+            raise LimitExceededError(
+                f"tensor {name!r} brings the model to {total} elements (limits: "
+                f"{self.max_elements} per tensor, {self.max_total_elements} in all)"
+            )
+        return total
+
 
 @dataclass(frozen=True)
 class QuantHeader:

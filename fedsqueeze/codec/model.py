@@ -44,7 +44,6 @@ from fedsqueeze.errors import (
     BaseMismatchError,
     CodecWarning,
     FormatError,
-    LimitExceededError,
     NonFiniteError,
     TruncatedError,
     UnsupportedTensorError,
@@ -408,15 +407,7 @@ def decode_state(
             pending[index].refine(record)
             continue
         name, _dtype, shape = decoder.resolve(record)
-        numel = 1
-        for d in shape:
-            numel *= d
-        total += numel
-        if numel > limits.max_elements or total > limits.max_total_elements:
-            raise LimitExceededError(
-                f"tensor {name!r} brings the model to {total} elements (limits: "
-                f"{limits.max_elements} per tensor, {limits.max_total_elements} in all)"
-            )
+        total = limits.count(name, shape, total)
         if name in out:
             raise FormatError(f"tensor {name!r} appears twice")
         decoded = decoder.decode(record)[1]

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from fedsqueeze.codec.bitpack import SUPPORTED_BITS, packed_size, unpack_bits
-from fedsqueeze.codec.positions import MAX_RICE_K, PositionCoding
+from fedsqueeze.codec.positions import MAX_RICE_K, PositionCoding, check_position_header
 from fedsqueeze.errors import FormatError
 
 __all__ = ["iter_positions"]
@@ -54,15 +54,7 @@ def iter_positions(
     """
     if chunk <= 0 or chunk % 8:
         raise ValueError(f"chunk must be a positive multiple of 8, got {chunk}")
-    if payload.dtype != torch.uint8 or payload.dim() != 1:
-        raise ValueError("payload must be 1-D uint8")
-    if not isinstance(coding, PositionCoding):
-        raise FormatError(f"unknown position coding {coding!r}")
-    if not 0 <= count <= numel:
-        raise FormatError(f"position count {count} out of range for {numel} elements")
-    if coding is PositionCoding.BITMAP:
-        if rice_k != 0:
-            raise FormatError("bitmap positions with a non-zero Rice parameter")
+    if check_position_header(payload, coding, count, rice_k, numel) is PositionCoding.BITMAP:
         return _bitmap(payload, count, numel, chunk)
     return _rice(payload, count, rice_k, numel, chunk)
 

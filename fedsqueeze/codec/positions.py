@@ -35,6 +35,7 @@ __all__ = [
     "MAX_RICE_K",
     "EncodedPositions",
     "PositionCoding",
+    "check_position_header",
     "decode_positions",
     "encode_positions",
     "indices_to_mask",
@@ -176,19 +177,36 @@ def decode_positions(
     FormatError
         Any inconsistency. Memory use is O(numel + m) whatever ``count`` claims.
     """
-    if payload.dtype != torch.uint8 or payload.dim() != 1:
-        raise ValueError("payload must be 1-D uint8")
     if numel < 0:
         raise ValueError(f"numel must be >= 0, got {numel}")
+    if check_position_header(payload, coding, count, rice_k, numel) is PositionCoding.BITMAP:
+        return _decode_bitmap(payload, count, numel)
+    return _decode_rice(payload, count, rice_k, numel)
+
+
+def check_position_header(
+    payload: Tensor, coding: PositionCoding, count: int, rice_k: int, numel: int
+) -> PositionCoding:
+    """Check what a position record announces before any of it is decoded (shared by
+    the whole and the chunked decoders); returns ``coding``.
+
+    Raises
+    ------
+    ValueError
+        ``payload`` is not 1-D uint8 (a caller's mistake).
+    FormatError
+        An unknown coding, ``count`` outside ``[0, numel]``, or a bitmap with a Rice
+        parameter.
+    """
+    if payload.dtype != torch.uint8 or payload.dim() != 1:
+        raise ValueError("payload must be 1-D uint8")
     if not isinstance(coding, PositionCoding):
         raise FormatError(f"unknown position coding {coding!r}")
     if not 0 <= count <= numel:
         raise FormatError(f"position count {count} out of range for {numel} elements")
-    if coding is PositionCoding.BITMAP:
-        if rice_k != 0:
-            raise FormatError("bitmap positions with a non-zero Rice parameter")
-        return _decode_bitmap(payload, count, numel)
-    return _decode_rice(payload, count, rice_k, numel)
+    if coding is PositionCoding.BITMAP and rice_k != 0:
+        raise FormatError("bitmap positions with a non-zero Rice parameter")
+    return coding
 
 
 # ------------------------------------------------------------------ bitmap

@@ -33,7 +33,7 @@ from fedsqueeze.codec.container import (
 from fedsqueeze.codec.model import _check_level_order
 from fedsqueeze.codec.streaming import DEFAULT_CHUNK_VALUES, decode_into
 from fedsqueeze.codec.tensor_decode import ProgressiveTensor, TensorDecoder
-from fedsqueeze.errors import BaseMismatchError, FormatError, LimitExceededError
+from fedsqueeze.errors import BaseMismatchError, FormatError
 
 __all__ = ["StreamLayout", "TensorSlot", "decode_stream_into", "scan_stream"]
 
@@ -154,15 +154,7 @@ def scan_stream(
             raise FormatError(f"tensor {name!r} appears twice")
         seen.add(name)
         slot = TensorSlot(name, dtype, shape)
-        numel = 1
-        for d in shape:
-            numel *= d
-        total += numel
-        if numel > limits.max_elements or total > limits.max_total_elements:
-            raise LimitExceededError(
-                f"tensor {name!r} brings the model to {total} elements (limits: "
-                f"{limits.max_elements} per tensor, {limits.max_total_elements} in all)"
-            )
+        total = limits.count(name, shape, total)
         slots.append(slot)
     if reader.remaining:
         raise FormatError(f"{reader.remaining} unexpected bytes after the last record")

@@ -7,27 +7,19 @@ from pathlib import Path
 import pytest
 import torch
 
-from coordinator.dataplane import CoordinatorDataPlane, InstructionTemplate
+from coordinator.dataplane import CoordinatorDataPlane
 from coordinator.version_store import VersionStore
-from edge.cache import PartStore
 from edge.dataplane import Fetched, GrpcConnector
+from edge.part_store import PartStore
 from fedsqueeze.codec import state_digest
 from fedsqueeze.transport.parts import part_digest
+from tests.held_parts import fetch_lossless, small_model
 
 pytestmark = pytest.mark.timeout(120)
 
 
-def _model(seed: int) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    return {
-        "a.weight": torch.randn(128, 64, generator=g),
-        "b.weight": torch.randn(96, 64, generator=g),
-        "b.bias": torch.randn(96, generator=g),
-    }
-
-
 def test_part_store_keeps_shared_parts_once_and_drops_the_oldest() -> None:
-    v1, v2, v3 = _model(1), _model(2), _model(3)
+    v1, v2, v3 = small_model(1), small_model(2), small_model(3)
     v2["a.weight"] = v1["a.weight"]
     store = PartStore(max_versions=2)
     for v in (v1, v2, v3):
@@ -42,28 +34,18 @@ def test_part_store_keeps_shared_parts_once_and_drops_the_oldest() -> None:
     assert part_digest(v1["a.weight"]) not in store.held().parts
 
 
-def _fetch(
-    connector: GrpcConnector, plane: CoordinatorDataPlane, target: str, held: Fetched | None
-) -> Fetched:
-    template = InstructionTemplate(down_spec="lossless", up_spec="lossless")
-    instruction = plane.instruction(template, 1, 7, target)
-    if held is None:
-        return connector.fetch(instruction, "7", None, None)
-    return connector.fetch(instruction, "7", held.digest, held.state)
-
-
 @pytest.mark.parametrize("held_versions", [0, 3])
 def test_a_model_once_held_comes_back_without_its_bytes(tmp_path: Path, held_versions: int) -> None:
     store = VersionStore(tmp_path)
-    v1, v2 = _model(1), _model(2)
+    v1, v2 = small_model(1), small_model(2)
     d1 = store.publish(v1)
     d2 = store.publish(v2)
     plane = CoordinatorDataPlane(store)
     try:
         connector = GrpcConnector(held_versions=held_versions)
-        first = _fetch(connector, plane, d1, None)
-        second = _fetch(connector, plane, d2, first)
-        back = _fetch(connector, plane, d1, second)  # v1 again (a rollback, an A/B arm)
+        first = fetch_lossless(connector, plane, d1, None)
+        second = fetch_lossless(connector, plane, d2, first)
+        back = fetch_lossless(connector, plane, d1, second)  # v1 again (a rollback, an A/B arm)
     finally:
         plane.close()
     assert back.digest == d1
@@ -75,9 +57,9 @@ def test_a_model_once_held_comes_back_without_its_bytes(tmp_path: Path, held_ver
         assert back.bytes_down > 25_000  # the whole (lossless) delta from v2
 
 
-def test_a_student_sharing_a_tensor_with_the_global_model(tmp_path: Path) -> None:
+def test_a_student_sharing_a_tensor_with_the_globalsmall_model(tmp_path: Path) -> None:
     store = VersionStore(tmp_path)
-    earlier, teacher = _model(0), _model(1)
+    earlier, teacher = small_model(0), small_model(1)
     student = {"embed.weight": teacher["a.weight"].clone(), "head.weight": torch.randn(10, 64)}
     d_earlier = store.publish(earlier)
     d_teacher = store.publish(teacher)
@@ -85,8 +67,10 @@ def test_a_student_sharing_a_tensor_with_the_global_model(tmp_path: Path) -> Non
     plane = CoordinatorDataPlane(store)
 
     def rounds(connector: GrpcConnector) -> Fetched:
-        held = _fetch(connector, plane, d_teacher, _fetch(connector, plane, d_earlier, None))
-        return _fetch(connector, plane, d_student, held)  # its base: the teacher, unrelated
+        held = fetch_lossless(
+            connector, plane, d_teacher, fetch_lossless(connector, plane, d_earlier, None)
+        )
+        return fetch_lossless(connector, plane, d_student, held)  # its base: the teacher, unrelated
 
     try:
         plain, shared = rounds(GrpcConnector(held_versions=0)), rounds(GrpcConnector())

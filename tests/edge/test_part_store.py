@@ -9,23 +9,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from coordinator.dataplane import CoordinatorDataPlane, InstructionTemplate
+from coordinator.dataplane import CoordinatorDataPlane
 from coordinator.version_store import VersionStore
-from edge.cache import DirectoryCache, PartStore
-from edge.dataplane import Fetched, GrpcConnector
+from edge.cache import DirectoryCache
+from edge.dataplane import GrpcConnector
+from edge.part_store import PartStore
 from fedsqueeze.codec import state_digest
 from fedsqueeze.transport.parts import part_digest
+from tests.held_parts import fetch_lossless, small_model
 
 pytestmark = pytest.mark.timeout(120)
-
-
-def _model(seed: int) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    return {
-        "a.weight": torch.randn(128, 64, generator=g),
-        "b.weight": torch.randn(96, 64, generator=g),
-        "b.bias": torch.randn(96, generator=g),
-    }
 
 
 def _raw(state: dict[str, torch.Tensor]) -> int:
@@ -37,7 +30,7 @@ def _files(directory: Path) -> set[str]:
 
 
 def test_versions_and_parts_survive_a_reopen(tmp_path: Path) -> None:
-    v1, v2 = _model(1), _model(2)
+    v1, v2 = small_model(1), small_model(2)
     v2["a.weight"] = v1["a.weight"]
     store = PartStore(3, directory=tmp_path)
     store.add(state_digest(v1), v1)
@@ -54,7 +47,7 @@ def test_versions_and_parts_survive_a_reopen(tmp_path: Path) -> None:
 
 
 def test_least_recently_used_versions_go_first_beyond_the_byte_bound(tmp_path: Path) -> None:
-    v1, v2, v3 = _model(1), _model(2), _model(3)
+    v1, v2, v3 = small_model(1), small_model(2), small_model(3)
     store = PartStore(10, directory=tmp_path, max_bytes=2 * _raw(v1))
     store.add(state_digest(v1), v1)
     store.add(state_digest(v2), v2)
@@ -69,7 +62,7 @@ def test_least_recently_used_versions_go_first_beyond_the_byte_bound(tmp_path: P
 def test_a_version_larger_than_the_bound_is_not_kept(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    v1 = _model(1)
+    v1 = small_model(1)
     store = PartStore(3, directory=tmp_path, max_bytes=_raw(v1) - 1)
     with caplog.at_level(logging.WARNING):
         store.add(state_digest(v1), v1)
@@ -81,7 +74,7 @@ def test_a_version_larger_than_the_bound_is_not_kept(
 def test_a_corrupt_part_file_is_dropped_with_its_versions(
     tmp_path: Path, caplog: pytest.LogCaptureFixture, damage: str
 ) -> None:
-    v1, v2 = _model(1), _model(2)
+    v1, v2 = small_model(1), small_model(2)
     v2["b.bias"] = v1["b.bias"]
     store = PartStore(3, directory=tmp_path)
     store.add(state_digest(v1), v1)
@@ -109,7 +102,7 @@ def test_a_corrupt_part_file_is_dropped_with_its_versions(
 def test_an_unreadable_index_starts_empty_and_removes_the_files(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    v1 = _model(1)
+    v1 = small_model(1)
     PartStore(3, directory=tmp_path).add(state_digest(v1), v1)
     (tmp_path / "index.json").write_text("{not json")
     (tmp_path / ".index.json.abcd.tmp").write_bytes(b"torn")
@@ -120,42 +113,32 @@ def test_an_unreadable_index_starts_empty_and_removes_the_files(
     assert _files(tmp_path) == {"index.json"}
 
 
-def _fetch(
-    connector: GrpcConnector,
-    plane: CoordinatorDataPlane,
-    target: str,
-    held: Fetched | None,
-    parts: PartStore,
-) -> Fetched:
-    template = InstructionTemplate(down_spec="lossless", up_spec="lossless")
-    instruction = plane.instruction(template, 1, 7, target)
-    if held is None:
-        return connector.fetch(instruction, "7", None, None, parts=parts)
-    return connector.fetch(instruction, "7", held.digest, held.state, parts=parts)
-
-
 @pytest.mark.parametrize("corrupt", [False, True])
 def test_held_parts_survive_an_edge_restart(tmp_path: Path, corrupt: bool) -> None:
     """The edge process restarts between rounds (a new connector, a new cache object);
     the parts it held are named from disk and not resent, counted on the wire. A corrupt
     cache file is not used: the tensor travels again and the model is still exact."""
     store = VersionStore(tmp_path / "coordinator")
-    v1, v2 = _model(1), _model(2)
-    v3 = {**_model(3), "a.weight": v1["a.weight"].clone()}  # v1's largest layer is back
+    v1, v2 = small_model(1), small_model(2)
+    v3 = {**small_model(3), "a.weight": v1["a.weight"].clone()}  # v1's largest layer is back
     d1, d2, d3 = store.publish(v1), store.publish(v2), store.publish(v3)
     cache_dir = tmp_path / "edge"
     plane = CoordinatorDataPlane(store)
     try:
-        first = _fetch(GrpcConnector(), plane, d1, None, DirectoryCache(cache_dir).part_store())
-        second = _fetch(GrpcConnector(), plane, d2, first, DirectoryCache(cache_dir).part_store())
+        first = fetch_lossless(
+            GrpcConnector(), plane, d1, None, DirectoryCache(cache_dir).part_store()
+        )
+        second = fetch_lossless(
+            GrpcConnector(), plane, d2, first, DirectoryCache(cache_dir).part_store()
+        )
         # an edge restart: nothing in memory is left
         PartStore(3, directory=cache_dir / "parts")  # (what a new process loads)
         if corrupt:
             victim = cache_dir / "parts" / f"{part_digest(v1['a.weight']).hex()}.safetensors"
             victim.write_bytes(victim.read_bytes()[:100])
         reopened = PartStore(3, directory=cache_dir / "parts")
-        third = _fetch(GrpcConnector(), plane, d3, second, reopened)
-        plain = _fetch(GrpcConnector(held_versions=0), plane, d3, second, reopened)
+        third = fetch_lossless(GrpcConnector(), plane, d3, second, reopened)
+        plain = fetch_lossless(GrpcConnector(held_versions=0), plane, d3, second, reopened)
     finally:
         plane.close()
     assert third.digest == plain.digest == d3

@@ -22,9 +22,9 @@ from pathlib import Path
 from flwr.app import Context, Message
 from flwr.clientapp.typing import ClientAppCallable
 
-from edge.cache import PartStore
 from edge.dataplane import Fetched, GrpcConnector, Pushed, State
 from edge.mod import make_mod
+from edge.part_store import PartStore
 from fedsqueeze.codec import EncodedModel
 from fedsqueeze.control import CONTROL_KEY, RoundInstruction
 from fedsqueeze.errors import RunFailedError, UnavailableError
