@@ -231,7 +231,12 @@ class Supervisor:
         deadline = time.monotonic() + self.grace
         while True:
             self._reap()
+            # A started process counts until it is reaped: a multi-threaded one whose main
+            # thread has exited shows as a zombie in /proc while its other threads still
+            # run, and cannot be reaped until they end.
+            unreaped = {p.pid for p in self.processes if p.poll() is None}
             tracked = {pid for pid in tracked if is_alive(pid)} | live_tree(self._roots())
+            tracked |= unreaped
             if not tracked:
                 # One that exited since the last poll is a zombie, which live_tree
                 # leaves out: reap it, or its Popen warns that it is still running.

@@ -84,6 +84,32 @@ def test_what_ignores_sigterm_is_killed_after_the_grace_period() -> None:
     assert time.monotonic() - started < 10
 
 
+@linux_only
+def test_a_process_whose_main_thread_exited_is_waited_for_until_reaped() -> None:
+    # Its main thread gone, the process shows as a zombie in /proc while another thread
+    # still runs (as a gRPC server's threads outlive flower-supernode's main thread).
+    # It is still running: stop_all waits for it, and its Popen is reaped.
+    leader_gone = """
+        import ctypes, os, signal, threading, time
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        def last_thread():
+            time.sleep(1.0)
+            os._exit(3)
+        threading.Thread(target=last_thread).start()
+        print("ready", flush=True)
+        ctypes.CDLL(None).pthread_exit(None)
+    """
+    with Supervisor(grace=10) as supervisor:
+        process = supervisor.start(_python("leader-gone", leader_gone))
+        assert process.stdout.readline().strip() == "ready"
+        deadline = time.monotonic() + 5
+        while _alive(process.pid) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert not _alive(process.pid)  # a zombie in /proc ...
+        assert process.poll() is None  # ... yet not reapable: a thread runs
+    assert process.poll() == 3
+
+
 def test_processes_start_in_their_own_session() -> None:
     with Supervisor(grace=2) as supervisor:
         process = supervisor.start(_python("sleeper", "import time; time.sleep(60)"))
