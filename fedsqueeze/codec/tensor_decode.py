@@ -12,7 +12,7 @@ from collections.abc import Mapping
 
 import torch
 
-from fedsqueeze.codec import entropy
+from fedsqueeze.codec import dense_decode, entropy
 from fedsqueeze.codec.bitpack import packed_size, unpack_bits
 from fedsqueeze.codec.bits import xor_bits, xor_into
 from fedsqueeze.codec.blockwise import num_blocks
@@ -140,6 +140,9 @@ class TensorDecoder:
                 f"record {name!r}: body is {actual} bytes, its header implies {expected}"
             )
         body: bytes | memoryview = record.body
+        dense = self._dense(record, name, shape, numel, device)
+        if dense is not None:
+            return name, _finish(dense, shape, base, dtype, device, name)
         if record.raw_length is not None:
             body = entropy.decompress(body, record.raw_length)
         if record.rank:
@@ -161,12 +164,33 @@ class TensorDecoder:
             dense = torch.zeros(numel, dtype=torch.float32, device=device)
             dense[indices] = values
             values = dense
-        x = values.reshape(shape)
-        if base is not None:
-            x = base.to(device=device, dtype=torch.float32) + x
-        if not dtype.is_floating_point:
-            raise FormatError(f"record {name!r}: lossy values for a {dtype} tensor")
-        return name, x.to(dtype)
+        return name, _finish(values, shape, base, dtype, device, name)
+
+    def _dense(
+        self,
+        record: TensorRecord,
+        name: str,
+        shape: tuple[int, ...],
+        numel: int,
+        device: torch.device,
+    ) -> torch.Tensor | None:
+        """The values of a large dense quantized record, decoded while its body is
+        decompressed (:mod:`fedsqueeze.codec.dense_decode`); ``None`` for any other."""
+        length = len(record.body) if record.raw_length is None else record.raw_length
+        if (
+            record.quant is None
+            or length < dense_decode.PIPELINE_ABOVE
+            or record.rank
+            or record.positions is not None
+            or record.levels
+            or device.type != "cpu"
+        ):
+            return None
+        qp, channels = _qparams(record, name, shape, numel, None, device)
+        if not dense_decode.pipelines(qp, channels, length):
+            return None
+        runs = channels if isinstance(channels, Runs) else None
+        return dense_decode.decode_dense(record.body, record.raw_length, numel, qp, runs)
 
     def _progressive(
         self,
@@ -365,6 +389,23 @@ def _qparams(
     if indices is None:
         return qp, Runs(stride)  # dense: rows of stride values
     return qp, torch.div(indices, stride, rounding_mode="floor")
+
+
+def _finish(
+    values: torch.Tensor,
+    shape: tuple[int, ...],
+    base: torch.Tensor | None,
+    dtype: torch.dtype,
+    device: torch.device,
+    name: str,
+) -> torch.Tensor:
+    """Lossy values (float32 ``[numel]``) as the tensor: plus the base, in its dtype."""
+    x = values.reshape(shape)
+    if base is not None:
+        x = base.to(device=device, dtype=torch.float32) + x
+    if not dtype.is_floating_point:
+        raise FormatError(f"record {name!r}: lossy values for a {dtype} tensor")
+    return x.to(dtype)
 
 
 def _positions(
