@@ -150,6 +150,8 @@ def choose_qparams(
     channels: Channels = None,
     num_channels: int = 1,
     scale_format: ScaleFormat = ScaleFormat.FP32,
+    *,
+    known_range: tuple[Tensor, Tensor] | None = None,
 ) -> QuantParams:
     """Quantization parameters covering ``values``.
 
@@ -171,6 +173,10 @@ def choose_qparams(
     scale_format
         How the scales will be stored; they are rounded up to it (PER_BLOCK only: per
         tensor and per channel, scales are FP32).
+    known_range
+        PER_TENSOR only: the minimum and maximum of ``values`` (float32 ``[]``), when
+        the caller has found them already (a pass over the values fewer); checked as a
+        computed range is.
 
     Returns
     -------
@@ -186,9 +192,11 @@ def choose_qparams(
     _check_values(values)
     _check_bits(bits, ValueError)
     x = values.detach().contiguous()
+    if known_range is not None and granularity is not Granularity.PER_TENSOR:
+        raise ValueError("known_range is for per-tensor quantization")
     if granularity is Granularity.PER_TENSOR:
         if x.numel():
-            lo, hi = value_range(x, None)
+            lo, hi = value_range(x, None) if known_range is None else known_range
             _check_range(lo, hi)
         else:
             lo = hi = torch.zeros((), dtype=torch.float32, device=x.device)

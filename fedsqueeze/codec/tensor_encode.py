@@ -138,6 +138,9 @@ class TensorEncoder:
         self._seed = seed
         self._generators: dict[torch.device, torch.Generator] = {}
         self.levels: dict[str, list[ScoredLevel]] = {}
+        # Per-tensor ranges found by problem(), for encode() to reuse (one pass fewer):
+        # the tensor (held, so its memory is not reused), its version, min and max.
+        self._ranges: dict[str, tuple[torch.Tensor, int, torch.Tensor, torch.Tensor]] = {}
 
     # ------------------------------------------------------------ classification
     def _base_of(self, name: str, t: torch.Tensor) -> torch.Tensor | None:
@@ -204,6 +207,12 @@ class TensorEncoder:
             blocked = spec.quant is not None and spec.quant.granularity is Granularity.PER_BLOCK
             if blocked and spec.quant is not None and spec.quant.scales is ScaleFormat.FP16:
                 limit = min(limit, FP16_SCALE_LIMIT)
+            if self._dense_per_tensor(t) and sent.numel():
+                # The range the quantizer needs is this one: found once, kept for encode().
+                lo, hi = value_range(sent.detach().reshape(-1).contiguous(), None)
+                self._ranges[name] = (t, t._version, lo, hi)
+                fits = _in_range(lo, hi, limit)
+                return fits and (sent is t or _within(t, math.inf))
         elif fmt != t.dtype and spec.float_format is not FloatFormat.FP32:
             b = self._base_of(name, t)
             sent = t.to(torch.float32) if b is None else t.to(torch.float32) - b.to(torch.float32)
@@ -211,6 +220,36 @@ class TensorEncoder:
         else:
             sent, limit = t, math.inf
         return _within(sent, limit) and (sent is t or _within(t, math.inf))
+
+    def _dense_per_tensor(self, t: torch.Tensor) -> bool:
+        """Whether a lossy tensor is quantized whole with one parameter set (its range,
+        from :meth:`_fits`, is then the quantizer's)."""
+        spec = self._spec
+        return (
+            spec.quant is not None
+            and spec.quant.granularity is Granularity.PER_TENSOR
+            and spec.levels is None
+            and spec.topk is None
+            and not spec.prune.active
+            and (spec.rank is None or t.ndim < 2)
+        )
+
+    def _known_range(self, name: str, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The range :meth:`_fits` found for this very tensor, unchanged since (same
+        memory, same version), else ``None``; forgotten either way."""
+        entry = self._ranges.pop(name, None)
+        if entry is None:
+            return None
+        seen, version, lo, hi = entry
+        same = (
+            seen.data_ptr() == t.data_ptr()
+            and seen.shape == t.shape
+            and seen.stride() == t.stride()
+            and seen.dtype == t.dtype
+            and seen.device == t.device
+            and seen._version == version == t._version
+        )
+        return (lo, hi) if same else None
 
     def _why_not(self, name: str, t: torch.Tensor) -> str | None:
         spec = self._spec
@@ -240,6 +279,7 @@ class TensorEncoder:
 
         The residual passed in for it (if any) stays unsent and is returned as is.
         """
+        self._ranges.pop(name, None)
         r = self._residual.get(name) if self._spec.feedback else None
         if r is not None:
             r = r.detach().to(device=t.device, dtype=torch.float32)
@@ -405,6 +445,7 @@ class TensorEncoder:
     ) -> tuple[TensorRecord, torch.Tensor | None]:
         spec = self._spec
         delta = self._base_of(name, t) is not None
+        known = self._known_range(name, t)
         x = self.lossy_input(name, t)
         if (
             spec.rank is not None
@@ -468,8 +509,9 @@ class TensorEncoder:
             ) if spec.feedback else None
         # only error feedback needs what the receiver gets
         payload, quant, value_kind, decoded = self._store(
-            values, channels_of, num_channels, t.device, spec.feedback
-        )
+            values, channels_of, num_channels, t.device, spec.feedback,
+            known if indices is None else None,
+        )  # fmt: skip
         coded_positions()
         record = self._record(
             name,
@@ -542,8 +584,10 @@ class TensorEncoder:
         num_channels: int,
         device: torch.device,
         need_decoded: bool,
+        known_range: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[bytes | memoryview, QuantHeader | None, ValueKind, torch.Tensor]:
-        """Quantize ``values`` (or cast them to the spec's float format).
+        """Quantize ``values`` (or cast them to the spec's float format); per tensor,
+        ``known_range`` is their minimum and maximum when already found.
 
         Returns the payload (a view of the packed codes, not yet copied), its
         quantization header (``None`` when cast), the value kind and what the receiver
@@ -553,8 +597,9 @@ class TensorEncoder:
         if spec.quant is not None:
             q = spec.quant
             qp = choose_qparams(
-                values, q.bits, q.scheme, q.granularity, channels_of, num_channels, q.scales
-            )
+                values, q.bits, q.scheme, q.granularity, channels_of, num_channels, q.scales,
+                known_range=known_range,
+            )  # fmt: skip
             codes = quantize(values, qp, q.rounding, channels_of, self._generator(device))
             decoded = dequantize(codes, qp, channels_of) if need_decoded else values
             payload = tensor_bytes(pack_bits(codes, q.bits))
@@ -663,6 +708,11 @@ def _finite_limit(dtype: torch.dtype) -> float:
     return math.inf if dtype == torch.float32 else float(torch.finfo(dtype).max)
 
 
+def _in_range(lo: torch.Tensor, hi: torch.Tensor, limit: float) -> bool:
+    """Whether a minimum and maximum are finite with ``|x| <= limit`` (NaN fails)."""
+    return bool(torch.isfinite(lo) & torch.isfinite(hi) & (lo >= -limit) & (hi <= limit))
+
+
 def _within(x: torch.Tensor, limit: float) -> bool:
     """Whether every value of ``x`` is finite with ``|x| <= limit`` (NaN fails).
 
@@ -676,4 +726,4 @@ def _within(x: torch.Tensor, limit: float) -> bool:
     if flat.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         flat = flat.to(torch.float32)
     lo, hi = value_range(flat.contiguous(), None)
-    return bool(torch.isfinite(lo) & torch.isfinite(hi) & (lo >= -limit) & (hi <= limit))
+    return _in_range(lo, hi, limit)
