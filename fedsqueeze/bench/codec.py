@@ -46,6 +46,7 @@ import zstandard
 from rich.console import Console
 from rich.table import Table
 
+from fedsqueeze.bench.codec_phases import phase_table
 from fedsqueeze.bench.flags import add_codec_arguments as add_arguments
 from fedsqueeze.codec import PRESETS, CodecSpec, EncodedModel, decode_state, encode_state
 from fedsqueeze.codec.spec_text import parse_spec
@@ -72,7 +73,12 @@ TENSOR_SPECS = (
     "quant=4:nf4:block64",
     "prune90-int4",
     "topk10-int4",
+    # zstd's share: the same dense specs without the entropy stage.
+    "int8,entropy=0",
+    "quant=4:block64,entropy=0",
 )
+#: Dense specs whose stages are timed one by one on the big tensor.
+PHASE_SPECS = ("int8", "quant=4:block64", "quant=4:nf4:block64")
 #: What each timed spec should reach, as a fraction of clone()'s throughput (issue 14:
 #: dense quantization encodes and decodes at >= 0.8, pruning and top-k encode at >= 0.4).
 TARGETS: dict[str, dict[str, float]] = {
@@ -406,12 +412,15 @@ def _tensor(options: CodecBenchOptions, out: Console) -> Json:
                 f"{'met' if met else 'MISSED'}",
                 markup=False,
             )
+    with out.status("timing the stages of the dense specs…"):
+        phases = [phase_table(n, parse_spec(n), x, runs, out) for n in PHASE_SPECS]
     return {
         "size_mb": size_mb,
         "clone_mb_s": clone_mbs,
         "references": refs,
         "specs": results,
         "targets": verdicts,
+        "phases": phases,
     }
 
 

@@ -140,6 +140,22 @@ def test_tensor_only_times_every_spec_and_reports_each_target(
     assert nf4["max_abs_err"] > 0.0 and nf4["ratio"] > 7.0  # 4 bits and fp16 scales per 64
     printed = capsys.readouterr().out
     assert "quant=4:nf4:block64 encode:" in printed
+    phases = tensor["phases"]
+    assert [p["spec"] for p in phases] == list(codec_bench.PHASE_SPECS)
+    for p in phases:
+        assert list(p["encode"]) == [
+            "range",
+            "choose",
+            "quantize",
+            "pack",
+            "zstd",
+            "rest",
+            "encode total",
+        ]
+        assert {"parse", "unpack", "dequantize", "decode total"} <= set(p["decode"])
+        assert all(t["wall_ms"] >= 0 and t["cpu_ms"] >= 0 for t in p["encode"].values())
+    assert "pipelined (replaces the 3 above)" in phases[0]["decode"]  # int8 codes shrink
+    assert "stages on the" in printed
 
 
 def test_only_one_section_flag_at_a_time() -> None:
