@@ -314,6 +314,8 @@ def _distillation(
                 settings.student_to_teacher,
                 # r: a student edge's step stood for a teacher edge's
                 step_ratio=settings.lr / (settings.student_lr or settings.lr),
+                optimizer=settings.optimizer,
+                lr=settings.lr,
             ),
             **({"aggregate": fusion} if fusion is not None else {}),
         )
