@@ -46,6 +46,10 @@ about its learning rate; in the sweep that held the teacher at 0.10 accuracy thr
 
 After the teacher has learned, a due refresh distils the new teacher into the student as
 before, so knowledge goes both ways every round.
+
+Measured in the default sweep (BENCHMARKS.md) it does not help yet: with 2 epochs the
+``update`` target drove the teacher to chance accuracy from round 13 on seeds 0 and 2, so it
+is off by default (``epochs = 0``).
 """
 
 from __future__ import annotations
