@@ -392,8 +392,12 @@ class CompressedStrategy(Strategy):
         stats.aggregated = result[0] is not None
         if self.students is not None:
             stats.aggregated |= self.students.aggregate(student_models)
-            learns = self.students.teacher_learning.on and student_round is not None
-            if learns and result[0] is not None and student_round is not None and student_models:
+            if (
+                self.students.teacher_learning.on
+                and result[0] is not None
+                and student_round is not None
+                and student_models
+            ):
                 learned = sum(max(w, 0.0) for _, w in student_models)
                 taught = self._taught(result[0], student_round[1], teacher_examples, learned)
                 result = (taught, result[1])
