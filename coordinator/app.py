@@ -40,7 +40,7 @@ from coordinator.strategy import (
     InstructionFactory,
     RoundStats,
 )
-from coordinator.student_track import StudentAssignment, StudentTrack
+from coordinator.student_track import StudentAssignment, StudentTrack, TeacherLearning
 from coordinator.version_store import VersionStore
 from fedsqueeze.codec import state_digest
 from fedsqueeze.codec.spec_text import with_freeze
@@ -309,6 +309,14 @@ def _distillation(
             assign,
             resume=settings.resume,
             from_teacher=settings.student_from_teacher,
+            teacher_learning=TeacherLearning(
+                settings.student_to_teacher_epochs,
+                settings.student_to_teacher,
+                # r: a student edge's step stood for a teacher edge's
+                step_ratio=settings.lr / (settings.student_lr or settings.lr),
+                optimizer=settings.optimizer,
+                lr=settings.lr,
+            ),
             **({"aggregate": fusion} if fusion is not None else {}),
         )
     return students, fusion

@@ -40,6 +40,7 @@ __all__ = [
     "ensemble",
     "fuse",
     "logits_of",
+    "shifted",
 ]
 
 logger = logging.getLogger(__name__)
@@ -210,6 +211,29 @@ def ensemble(models: Sequence[nn.Module], weights: Sequence[float] | None = None
 
     def teacher(x: Tensor) -> Tensor:
         return torch.stack([v * fn(x) for fn, v in members]).sum(0)
+
+    return teacher
+
+
+def shifted(base: TeacherFn, after: TeacherFn, before: TeacherFn, gain: float) -> TeacherFn:
+    """A teacher function: ``base(x) + gain · (after(x) − before(x))``.
+
+    ``after − before`` is how a model's outputs moved (e.g. the student's over a round of its
+    clients' training); adding it to ``base`` carries that change over to another model,
+    whatever the two architectures, in function space rather than parameter space.
+
+    Parameters
+    ----------
+    base, after, before : TeacherFn
+        Functions to ``[B, C]`` logits of the same inputs.
+    gain : float
+        ``>= 0``; 0 gives ``base`` back.
+    """
+    if not gain >= 0:
+        raise ValueError(f"gain must be >= 0, got {gain}")
+
+    def teacher(x: Tensor) -> Tensor:
+        return base(x) + gain * (after(x) - before(x))
 
     return teacher
 

@@ -17,7 +17,10 @@ With a student track (:mod:`coordinator.student_track`) the edges it assigns tra
 student instead: their instructions name the student's version, their updates are decoded
 against it and averaged into the student, never handed to the wrapped strategy. With a
 fusion (``aggregation = feddf``, :mod:`coordinator.fusion`) the teacher's new model is the
-fusion of the round's client models instead of the wrapped strategy's average.
+fusion of the round's client models instead of the wrapped strategy's average. With the
+track's teacher learning on (:meth:`coordinator.student_track.StudentTrack.teach`) the
+teacher's aggregate is then distilled towards what the round's students learned, before the
+student is refreshed from it.
 """
 
 from __future__ import annotations
@@ -310,6 +313,7 @@ class CompressedStrategy(Strategy):
         replied = {str(reply.metadata.src_node_id) for reply in replies}
         stats.dropped = [n for n in self._sent.pop(server_round, []) if n not in replied]
         shown = server_round + self.round_offset
+        teacher_examples = 0.0
         rebuilt: list[Message] = []
         for reply in replies:
             edge = str(reply.metadata.src_node_id)
@@ -350,6 +354,7 @@ class CompressedStrategy(Strategy):
                 stats.student_accepted += 1
                 student_models.append((arrays.to_torch_state_dict(), float(receipt.num_examples)))
                 continue
+            teacher_examples += float(max(receipt.num_examples, 0))
             content = RecordDict(
                 {
                     self._arrays_key: arrays,
@@ -387,6 +392,15 @@ class CompressedStrategy(Strategy):
         stats.aggregated = result[0] is not None
         if self.students is not None:
             stats.aggregated |= self.students.aggregate(student_models)
+            if (
+                self.students.teacher_learning.on
+                and result[0] is not None
+                and student_round is not None
+                and student_models
+            ):
+                learned = sum(max(w, 0.0) for _, w in student_models)
+                taught = self._taught(result[0], student_round[1], teacher_examples, learned)
+                result = (taught, result[1])
             if self.students.due(shown):
                 teacher = result[0].to_torch_state_dict() if result[0] is not None else global_state
                 self.students.refresh(teacher)
@@ -398,6 +412,21 @@ class CompressedStrategy(Strategy):
                 stats.losses(),
             )
         return result
+
+    def _taught(
+        self, teacher: ArrayRecord, student_before: State, examples: float, learned: float
+    ) -> ArrayRecord:
+        """``teacher`` (from ``examples``) after learning from the round's students (from
+        ``learned`` examples); the same record when it did not."""
+        if self.students is None:
+            raise RuntimeError("no student track")
+        state = teacher.to_torch_state_dict()
+        taught = self.students.teach(state, student_before, examples, learned)
+        if taught is None:
+            return teacher
+        if self.frozen:  # distillation trains every tensor; the frozen ones stay as they were
+            taught = self.frozen.merge(taught, state)
+        return ArrayRecord(taught)
 
     def _fused(self, rebuilt: list[Message]) -> ArrayRecord:
         """The teacher's aggregate by :attr:`_aggregate_global` over the round's models."""

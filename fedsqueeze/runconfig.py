@@ -68,6 +68,15 @@ class Aggregation(enum.Enum):
     the coordinator's proxy set (needs ``strategy = fedavg``)."""
 
 
+class StudentToTeacher(enum.Enum):
+    """What the teacher is distilled towards when it learns from the students."""
+
+    UPDATE = "update"
+    """The averaged teacher plus the students' change over the round."""
+    ENSEMBLE = "ensemble"
+    """The example-weighted ensemble of the teacher and the student."""
+
+
 @dataclass(frozen=True)
 class RunSettings:
     """Everything both sides of a run agree on.
@@ -93,7 +102,11 @@ class RunSettings:
     never distils the teacher into the student: the student track is then federated
     alone (the honest baseline of a distilled student). ``fusion-warmup = N`` averages
     the first N rounds plainly before FedDF fusion takes over (fusing near-random models
-    only spreads their noise).
+    only spreads their noise). ``student-to-teacher-epochs = N`` (0: off) lets the teacher
+    learn from the students: each round, N epochs of distillation on the proxy set towards
+    the averaged teacher plus the students' change over the round (``student-to-teacher =
+    "update"``) or towards the teacher-student ensemble (``"ensemble"``); see
+    :mod:`coordinator.student_track`.
     """
 
     task: str = "digits-cnn"
@@ -134,6 +147,8 @@ class RunSettings:
     student_budget: int = 0
     student_lr: float = 0.0
     student_from_teacher: bool = True
+    student_to_teacher_epochs: int = 0
+    student_to_teacher: StudentToTeacher = StudentToTeacher.UPDATE
     fusion_warmup: int = 0
     proxy_size: int = 360
     hold_out_proxy: bool = False
@@ -168,6 +183,13 @@ class RunSettings:
             raise ConfigError("student-refresh-every, student-budget, distill-epochs must be >= 0")
         if self.student_lr < 0:
             raise ConfigError(f"student-lr must be >= 0 (0: lr), got {self.student_lr}")
+        if self.student_to_teacher_epochs < 0:
+            raise ConfigError(
+                f"student-to-teacher-epochs must be >= 0 (0: off), got "
+                f"{self.student_to_teacher_epochs}"
+            )
+        if self.student_to_teacher_epochs and not self.student_refresh_every:
+            raise ConfigError("student-to-teacher-epochs needs a student track")
         if self.fusion_warmup < 0:
             raise ConfigError(f"fusion-warmup must be >= 0, got {self.fusion_warmup}")
         if self.proxy_size < 1 or not self.distill_temperature > 0:
@@ -235,6 +257,8 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
             return StrategyName(str(value).lower())
         if kind == "Aggregation":
             return Aggregation(str(value).lower())
+        if kind == "StudentToTeacher":
+            return StudentToTeacher(str(value).lower())
         if kind == "Optimizer":
             return Optimizer(str(value).lower())
         if kind == "bool":

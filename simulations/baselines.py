@@ -56,7 +56,7 @@ from dataclasses import dataclass, field, replace
 from coordinator.budget import PolicyKind
 from fedsqueeze.codec.spec_text import parse_spec
 from fedsqueeze.errors import ConfigError
-from fedsqueeze.runconfig import AUTO_FREEZE, Aggregation, check_freeze
+from fedsqueeze.runconfig import AUTO_FREEZE, Aggregation, StudentToTeacher, check_freeze
 
 __all__ = [
     "ADAPTIVE_DOWN_LADDER",
@@ -197,6 +197,11 @@ class ArmConfig:
     student_from_teacher
         With ``student_links``: ``False`` never distils the global model into the student
         (the student is federated alone: the baseline of ``distill``).
+    student_to_teacher_epochs
+        With ``student_links``: epochs of distillation by which the teacher learns from the
+        students every round (0: off; :mod:`coordinator.student_track`).
+    student_to_teacher
+        What the teacher is distilled towards then: ``update`` or ``ensemble``.
     fusion_warmup
         With FedDF fusion: rounds of plain averaging before fusion takes over.
     distill_epochs
@@ -232,6 +237,8 @@ class ArmConfig:
     student_refresh_every: int = 5
     student_lr: float = 0.0
     student_from_teacher: bool = True
+    student_to_teacher_epochs: int = 0
+    student_to_teacher: StudentToTeacher = StudentToTeacher.UPDATE
     fusion_warmup: int = 0
     distill_epochs: int = 40
     aggregation: Aggregation = Aggregation.AVERAGE
@@ -267,9 +274,14 @@ class ArmConfig:
             raise ConfigError(f"arm {self.name}: fusion-warmup and distill-epochs must be >= 0")
         if self.fusion_warmup and self.aggregation is not Aggregation.FEDDF:
             raise ConfigError(f"arm {self.name}: fusion-warmup needs aggregation = feddf")
-        if (self.student_lr or not self.student_from_teacher) and not self.student_links:
+        if self.student_to_teacher_epochs < 0:
+            raise ConfigError(f"arm {self.name}: student-to-teacher-epochs must be >= 0 (0: off)")
+        if (
+            self.student_lr or not self.student_from_teacher or self.student_to_teacher_epochs
+        ) and not self.student_links:
             raise ConfigError(
-                f"arm {self.name}: student-lr and student-from-teacher need student-links"
+                f"arm {self.name}: student-lr, student-from-teacher and "
+                "student-to-teacher-epochs need student-links"
             )
         if (self.student_links or self.aggregation is not Aggregation.AVERAGE) and (
             self.kind is ArmKind.FLOWER

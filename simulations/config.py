@@ -31,7 +31,7 @@ from typing import Any
 
 from coordinator.budget import PolicyKind
 from fedsqueeze.errors import ConfigError
-from fedsqueeze.runconfig import Aggregation, Partitioning, RunSettings
+from fedsqueeze.runconfig import Aggregation, Partitioning, RunSettings, StudentToTeacher
 from fedsqueeze.tasks import get_task
 from simulations.baselines import ARM_PRESETS, DEFAULT_ARMS, ArmConfig, ArmKind
 from simulations.links import LinkMix, link_profile, parse_mix
@@ -228,6 +228,8 @@ class SimulationConfig:
             student_refresh_every=arm.student_refresh_every if arm.student_links else 0,
             student_lr=arm.student_lr,
             student_from_teacher=arm.student_from_teacher,
+            student_to_teacher_epochs=arm.student_to_teacher_epochs,
+            student_to_teacher=arm.student_to_teacher,
             fusion_warmup=arm.fusion_warmup,
             distill_epochs=arm.distill_epochs,
             aggregation=arm.aggregation,
@@ -328,6 +330,7 @@ _ENUMS: dict[str, type[enum.Enum]] = {
     "PolicyKind": PolicyKind,
     "ArmKind": ArmKind,
     "Aggregation": Aggregation,
+    "StudentToTeacher": StudentToTeacher,
 }
 
 
