@@ -32,6 +32,10 @@ arm                what travels
                    aggregation after 10 rounds of plain averaging (a warm-up): the same
                    bytes, the average distilled for 40 epochs towards the clients'
                    ensemble on the proxy set
+``frontier``       (not in the default sweep) ``adaptive`` with the download as low-rank
+                   factors of the delta an edge lacks (4-bit values, the highest rank of
+                   16 … 1 that fits 2.2 kB: no position bytes) and server momentum 0.5
+                   (FedAvgM) on the coordinator; uploads as ``adaptive`` within 2.4 kB
 ``sparse``         (not in the default sweep) fixed specs: 95%-sparse 2-bit model deltas
                    down, top-k 5% 2-bit updates with error feedback up
 =================  ==========================================================================
@@ -400,6 +404,15 @@ ARM_PRESETS: Mapping[str, ArmConfig] = {
         fusion_warmup=10,
         description="adaptive, FedDF fusion instead of averaging after 10 rounds of plain "
         "averaging",
+    ),
+    "frontier": replace(
+        _ADAPTIVE,
+        name="frontier",
+        down_ladder=FRONTIER_DOWN_LADDER,
+        down_budget=2200,
+        strategy=StrategyName.FEDAVGM,
+        server_momentum=0.5,
+        description="adaptive with low-rank 4-bit downloads within 2.2 kB and server momentum 0.5",
     ),
     "sparse": ArmConfig(
         "sparse",
