@@ -92,7 +92,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for arm, curve in curves.items():
             if arm == args.baseline:
                 continue
-            got = []
+            got: list[tuple[float | None, str]] = []
             for reached, baseline_reached in (
                 (curve.reach(final), base_final),
                 (curve.reach(steady), base_steady),
