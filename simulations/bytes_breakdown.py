@@ -3,18 +3,18 @@
 ``python -m simulations.bytes_breakdown SEED_DIR --arm frontier``: ``SEED_DIR`` is one
 seed's sweep output (``clients.csv`` and ``state/ARM``). Printed, per client and round:
 
-* from ``clients.csv`` (every replying client-round of the arm, as the sweep counted
-  them): all bytes down and up, their data-plane part, and the rest (the Flower
-  messages: instruction and receipt);
-* of the Flower messages, the part that is ours: the serialized instruction and receipt
-  (``fedsqueeze.control``) with the arm's most common specs, a 64-hex target and a real
-  token; the remainder is Flower's own message (metadata, record names, the train
-  config, the receipt's metrics);
+* from ``clients.csv``, when the folder has one (every replying client-round of the
+  arm, as the sweep counted them): all bytes down and up, their data-plane part, and the
+  rest (the Flower messages: instruction and receipt), of which Flower's own message
+  (metadata, record names, the train config, the receipt's metrics) is what is not ours;
+* ours: the serialized instruction and receipt (``fedsqueeze.control``) of the transfer
+  below, with a real target and token;
 * of the data plane, payload against framing, measured on one real transfer: the arm's
-  final global model fetched by an edge holding the version the sweep left it with,
-  under the specs the arm's policy picks for that edge (the preset arm's ladders and
-  budgets), and an update as large as the delta it lacked pushed back, over the real gRPC data plane
-  on loopback; framing is what the transport counted beyond the encoded stream.
+  final global model fetched by an edge holding the version the sweep left it with, under
+  the specs the arm's policy picks for that edge (the preset arm's ladders and budgets),
+  and an update as large as the delta it lacked pushed back, over the real gRPC data
+  plane on loopback; framing is what the transport counted beyond the encoded stream
+  (requests, responses, acknowledgements).
 """
 
 from __future__ import annotations
@@ -26,7 +26,6 @@ import shutil
 import statistics
 import sys
 import tempfile
-from collections import Counter
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -61,15 +60,6 @@ def flower_rows(seed_dir: Path, arm: str) -> dict[str, float]:
     }
 
 
-def common_specs(seed_dir: Path, arm: str) -> tuple[str, str]:
-    """The arm's most common (download, upload) specs in ``clients.csv``."""
-    with (seed_dir / "clients.csv").open() as fh:
-        pairs = Counter(
-            (r["down_spec"], r["up_spec"]) for r in csv.DictReader(fh) if r["arm"] == arm
-        )
-    return pairs.most_common(1)[0][0]
-
-
 def ours(instruction: RoundInstruction) -> tuple[int, int]:
     """Bytes of our serialized instruction and of a receipt of the same round."""
     receipt = TrainReceipt(
@@ -94,8 +84,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     config = load_config(None, [f"arms={args.arm}"])
     arm = config.arm(args.arm)
-    flower = flower_rows(args.seed_dir, args.arm)
-    down_spec, up_spec = common_specs(args.seed_dir, args.arm)
+    has_rows = (args.seed_dir / "clients.csv").exists()
+    flower = flower_rows(args.seed_dir, args.arm) if has_rows else None
     with tempfile.TemporaryDirectory(prefix="fedsqueeze-bytes-") as tmp:
         shutil.copytree(args.seed_dir / "state" / args.arm, tmp, dirs_exist_ok=True)
         store = VersionStore(tmp, keep=1 << 20)
@@ -108,7 +98,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         plane = CoordinatorDataPlane(store)
         try:
             connector = GrpcConnector()
-            template = InstructionTemplate(down_spec, up_spec, config.task, config.seed, init)
+            template = InstructionTemplate("", "", config.task, config.seed, init)
             policy = LadderPolicy(
                 store,
                 arm.down_ladder,
@@ -148,16 +138,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     wire_down = fetched.bytes_down + pushed.bytes_down
     wire_up = fetched.bytes_up + pushed.bytes_up
     ins, rec = ours(instruction)
-    ctl_down = flower["down"] - flower["data_down"]
-    ctl_up = flower["up"] - flower["data_up"]
     w = sys.stdout.write
-    w(f"arm {args.arm}, {int(flower['rows'])} client-rounds; specs {down_spec} / {up_spec}\n\n")
+    w(f"arm {args.arm}; specs {choice.down_spec} / {choice.up_spec}\n\n")
     w("| per client and round | down B | up B |\n|---|---:|---:|\n")
-    w(f"| all (clients.csv) | {flower['down']:,.0f} | {flower['up']:,.0f} |\n")
-    w(f"| data plane (clients.csv) | {flower['data_down']:,.0f} | {flower['data_up']:,.0f} |\n")
-    w(f"| Flower messages (clients.csv) | {ctl_down:,.0f} | {ctl_up:,.0f} |\n")
-    w(f"| of which ours (instruction / receipt) | {ins} | {rec} |\n")
-    w(f"| of which Flower's own | {ctl_down - ins:,.0f} | {ctl_up - rec:,.0f} |\n")
+    if flower is not None:
+        ctl_down = flower["down"] - flower["data_down"]
+        ctl_up = flower["up"] - flower["data_up"]
+        n = int(flower["rows"])
+        w(f"| all ({n} client-rounds of clients.csv) | {flower['down']:,.0f} ")
+        w(f"| {flower['up']:,.0f} |\n")
+        w(f"| data plane | {flower['data_down']:,.0f} | {flower['data_up']:,.0f} |\n")
+        w(f"| Flower messages | {ctl_down:,.0f} | {ctl_up:,.0f} |\n")
+        w(f"| of which Flower's own | {ctl_down - ins:,.0f} | {ctl_up - rec:,.0f} |\n")
+    w(f"| ours in the Flower messages (instruction / receipt) | {ins} | {rec} |\n")
     w(f"| one transfer: payload | {choice.down_payload:,} | {encoded.nbytes:,} |\n")
     w(
         f"| one transfer: data-plane framing and requests | {wire_down - choice.down_payload:,} "
