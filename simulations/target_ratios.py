@@ -28,16 +28,18 @@ from pathlib import Path
 
 @dataclass(frozen=True)
 class Curve:
-    """One arm's accuracy and cumulative bytes per round (round order)."""
+    """One arm's accuracy and cumulative bytes per round (round order; ``rounds``: their
+    numbers, from 0 when the initial model was evaluated)."""
 
     accuracy: tuple[float, ...]
     cumulative: tuple[int, ...]
+    rounds: tuple[int, ...] = ()
 
     def reach(self, target: float) -> tuple[int, int] | None:
-        """The first round (from 1) at or above ``target`` and the bytes up to it."""
+        """The first round at or above ``target`` and the bytes up to it."""
         for i, acc in enumerate(self.accuracy):
             if acc >= target:
-                return i + 1, self.cumulative[i]
+                return (self.rounds[i] if self.rounds else i + 1), self.cumulative[i]
         return None
 
 
@@ -52,7 +54,9 @@ def read_curves(results: Path) -> dict[str, Curve]:
     out = {}
     for arm, got in rows.items():
         got.sort()
-        out[arm] = Curve(tuple(a for _, a, _ in got), tuple(b for _, _, b in got))
+        out[arm] = Curve(
+            tuple(a for _, a, _ in got), tuple(b for _, _, b in got), tuple(r for r, _, _ in got)
+        )
     return out
 
 

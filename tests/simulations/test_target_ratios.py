@@ -29,6 +29,13 @@ def test_targets_and_first_rounds() -> None:
     assert base.reach(0.99) is None
 
 
+def test_rounds_are_read_from_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "seed-0" / "results.csv"
+    path.parent.mkdir(parents=True)
+    path.write_text("arm,round,accuracy,cumulative_bytes\nx,0,0.1,0\nx,1,0.5,10\nx,2,0.9,20\n")
+    assert read_curves(path)["x"].reach(0.8) == (2, 20)
+
+
 def test_table_and_medians(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     base = [(0.5, 100), (0.8, 200), (0.9, 300), (0.95, 400), (0.93, 500), (0.96, 600)]
     for seed, arm in ((0, [(0.9, 1), (0.96, 2)]), (1, [(0.85, 4), (0.9, 8)])):
