@@ -22,6 +22,7 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import (
     FedAdam,
     FedAvg,
+    FedAvgM,
     FedMedian,
     FedProx,
     FedTrimmedAvg,
@@ -61,6 +62,11 @@ def build_strategy(settings: RunSettings) -> Strategy:
     """The Flower strategy named in the settings."""
     factories: dict[StrategyName, Callable[..., Strategy]] = {
         StrategyName.FEDAVG: FedAvg,
+        StrategyName.FEDAVGM: functools.partial(
+            FedAvgM,
+            server_learning_rate=settings.server_lr,
+            server_momentum=settings.server_momentum,
+        ),
         StrategyName.FEDPROX: functools.partial(FedProx, proximal_mu=settings.proximal_mu),
         StrategyName.FEDADAM: FedAdam,
         StrategyName.FEDYOGI: FedYogi,

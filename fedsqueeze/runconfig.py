@@ -51,6 +51,9 @@ class StrategyName(enum.Enum):
     """The Flower strategy the coordinator wraps."""
 
     FEDAVG = "fedavg"
+    FEDAVGM = "fedavgm"
+    """FedAvg with server momentum (``server-lr``, ``server-momentum``): the round's
+    average step is accumulated into a momentum buffer the global model follows."""
     FEDPROX = "fedprox"
     FEDADAM = "fedadam"
     FEDYOGI = "fedyogi"
@@ -125,6 +128,8 @@ class RunSettings:
     batch_size: int = 32
     l1_lambda: float = 0.0
     proximal_mu: float = 0.0
+    server_lr: float = 1.0
+    server_momentum: float = 0.0
     down_spec: str = "int8"
     up_spec: str = "topk10-int4"
     down_budget: int = 0
@@ -173,6 +178,15 @@ class RunSettings:
             raise ConfigError("epochs, lr and batch-size must be positive")
         if not 0 <= self.data_plane_port <= 65535:
             raise ConfigError(f"data-plane-port must be a port number, got {self.data_plane_port}")
+        if not self.server_lr > 0 or not 0.0 <= self.server_momentum < 1.0:
+            raise ConfigError(
+                f"server-lr must be > 0 and server-momentum in [0, 1), got {self.server_lr} "
+                f"and {self.server_momentum}"
+            )
+        if (self.server_lr != 1.0 or self.server_momentum) and (
+            self.strategy is not StrategyName.FEDAVGM
+        ):
+            raise ConfigError("server-lr and server-momentum need strategy = fedavgm")
         if self.round_timeout <= 0:
             raise ConfigError("round-timeout must be > 0")
         if self.max_failed_rounds < 0:

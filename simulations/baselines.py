@@ -32,6 +32,10 @@ arm                what travels
                    aggregation after 10 rounds of plain averaging (a warm-up): the same
                    bytes, the average distilled for 40 epochs towards the clients'
                    ensemble on the proxy set
+``frontier``       (not in the default sweep) ``adaptive`` with the download as low-rank
+                   factors of the delta an edge lacks (4-bit values, the highest rank of
+                   16 … 1 that fits 2.2 kB: no position bytes) and server momentum 0.5
+                   (FedAvgM) on the coordinator; uploads as ``adaptive`` within 2.4 kB
 ``sparse``         (not in the default sweep) fixed specs: 95%-sparse 2-bit model deltas
                    down, top-k 5% 2-bit updates with error feedback up
 =================  ==========================================================================
@@ -56,7 +60,13 @@ from dataclasses import dataclass, field, replace
 from coordinator.budget import PolicyKind
 from fedsqueeze.codec.spec_text import parse_spec
 from fedsqueeze.errors import ConfigError
-from fedsqueeze.runconfig import AUTO_FREEZE, Aggregation, StudentToTeacher, check_freeze
+from fedsqueeze.runconfig import (
+    AUTO_FREEZE,
+    Aggregation,
+    StrategyName,
+    StudentToTeacher,
+    check_freeze,
+)
 
 __all__ = [
     "ADAPTIVE_DOWN_LADDER",
@@ -64,6 +74,7 @@ __all__ = [
     "ARM_PRESETS",
     "DEFAULT_ARMS",
     "DISTILLED_STUDENT_LR",
+    "FRONTIER_DOWN_LADDER",
     "WEAK_LINKS",
     "ArmConfig",
     "ArmKind",
@@ -116,6 +127,19 @@ with 4-bit values (about 1.2 kB) misses 9 % of its squared norm and rank 5 (abou
 (``python -m tests.codec.test_lowrank``).
 4-bit affine codes of the factors are near-Gaussian and zstandard squeezes them below
 3-bit k-means codes at lower error."""
+
+
+FRONTIER_DOWN_LADDER: tuple[str, ...] = tuple(
+    f"rank={rank},quant=4" + _ALL for rank in (16, 12, 10, 8, 6, 5, 4, 3, 2, 1)
+)
+"""Download specs of the ``frontier`` arm: the delta an edge lacks as low-rank factors
+with 4-bit values, highest rank first. The global model moves by averages of low-rank
+updates, so the delta against what an edge holds is nearly low-rank too, and factors
+need no position bytes: on the default sweep's final model against what each edge
+held (seed 0, 8 edges, ``simulations.progressive_rd``-style re-encoding) rank 4 costs
+1,379 B for a relative L2 error of 0.664, rank 6 1,937 B for 0.564 and rank 12 3,041 B
+for 0.496, where the adaptive ladder's ``prune=l1:0.9,quant=2:kmeans`` costs 3,250 B
+for 0.651 (BENCHMARKS.md, "Frontier")."""
 
 
 PROGRESSIVE_DOWN_SPEC = "prune=l1:0.95,quant=4,levels=2+2" + _ALL
@@ -214,6 +238,12 @@ class ArmConfig:
     lr
         This arm's local learning rate (0: the sweep's ``lr``), for arms that train
         different parameters (full fine-tuning wants a smaller one than adapters).
+    strategy
+        The Flower strategy the coordinator wraps (fedsqueeze arms only): ``fedavg``, or
+        ``fedavgm`` (server momentum) with ``server_lr`` and ``server_momentum``.
+    server_lr, server_momentum
+        With ``fedavgm``: the global model moves by ``server_lr`` times a momentum buffer
+        ``m = server_momentum · m + (average − global)``.
     first_delivery
         Codec spec of each edge's first download, the whole model, frozen tensors
         included ('': edges rebuild the initial model themselves, no bytes). Fedsqueeze
@@ -244,6 +274,9 @@ class ArmConfig:
     aggregation: Aggregation = Aggregation.AVERAGE
     task: str = ""
     lr: float = 0.0
+    strategy: StrategyName = StrategyName.FEDAVG
+    server_lr: float = 1.0
+    server_momentum: float = 0.0
     first_delivery: str = ""
     description: str = field(default="", compare=False)
 
@@ -289,6 +322,20 @@ class ArmConfig:
             raise ConfigError(f"arm {self.name}: students and fusion need a fedsqueeze arm")
         if self.total_budget and self.budget_fraction:
             raise ConfigError(f"arm {self.name}: give total-budget or budget-fraction, not both")
+        if self.strategy is not StrategyName.FEDAVG and self.kind is ArmKind.FLOWER:
+            raise ConfigError(
+                f"arm {self.name}: strategy {self.strategy.value} needs a fedsqueeze arm"
+            )
+        if not self.server_lr > 0 or not 0.0 <= self.server_momentum < 1.0:
+            raise ConfigError(
+                f"arm {self.name}: server-lr must be > 0 and server-momentum in [0, 1)"
+            )
+        if (self.server_lr != 1.0 or self.server_momentum) and (
+            self.strategy is not StrategyName.FEDAVGM
+        ):
+            raise ConfigError(
+                f"arm {self.name}: server-lr and server-momentum need strategy = fedavgm"
+            )
         check_freeze(self.freeze, f"arm {self.name}: ")
 
     @property
@@ -375,6 +422,15 @@ ARM_PRESETS: Mapping[str, ArmConfig] = {
         fusion_warmup=10,
         description="adaptive, FedDF fusion instead of averaging after 10 rounds of plain "
         "averaging",
+    ),
+    "frontier": replace(
+        _ADAPTIVE,
+        name="frontier",
+        down_ladder=FRONTIER_DOWN_LADDER,
+        down_budget=2200,
+        strategy=StrategyName.FEDAVGM,
+        server_momentum=0.5,
+        description="adaptive with low-rank 4-bit downloads within 2.2 kB and server momentum 0.5",
     ),
     "sparse": ArmConfig(
         "sparse",

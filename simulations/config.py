@@ -31,7 +31,13 @@ from typing import Any
 
 from coordinator.budget import PolicyKind
 from fedsqueeze.errors import ConfigError
-from fedsqueeze.runconfig import Aggregation, Partitioning, RunSettings, StudentToTeacher
+from fedsqueeze.runconfig import (
+    Aggregation,
+    Partitioning,
+    RunSettings,
+    StrategyName,
+    StudentToTeacher,
+)
 from fedsqueeze.tasks import get_task
 from simulations.baselines import ARM_PRESETS, DEFAULT_ARMS, ArmConfig, ArmKind
 from simulations.links import LinkMix, link_profile, parse_mix
@@ -233,6 +239,9 @@ class SimulationConfig:
             fusion_warmup=arm.fusion_warmup,
             distill_epochs=arm.distill_epochs,
             aggregation=arm.aggregation,
+            strategy=arm.strategy,
+            server_lr=arm.server_lr,
+            server_momentum=arm.server_momentum,
             # every arm's clients hold the same data: none of the proxy rows any
             # distilling arm's coordinator holds
             hold_out_proxy=self.distils,
@@ -331,6 +340,7 @@ _ENUMS: dict[str, type[enum.Enum]] = {
     "ArmKind": ArmKind,
     "Aggregation": Aggregation,
     "StudentToTeacher": StudentToTeacher,
+    "StrategyName": StrategyName,
 }
 
 

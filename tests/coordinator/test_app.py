@@ -8,7 +8,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedProx, FedTrimmedAvg, FedYogi
+from flwr.serverapp.strategy import (
+    FedAdam,
+    FedAvg,
+    FedAvgM,
+    FedMedian,
+    FedProx,
+    FedTrimmedAvg,
+    FedYogi,
+)
 
 from coordinator.app import Coordinator, OneLineErrors, build_strategy
 from coordinator.strategy import RoundStats
@@ -61,6 +69,7 @@ def test_existing_run_needs_resume_and_resume_continues_from_the_last_round(tmp_
     ("name", "cls"),
     [
         (StrategyName.FEDAVG, FedAvg),
+        (StrategyName.FEDAVGM, FedAvgM),
         (StrategyName.FEDPROX, FedProx),
         (StrategyName.FEDADAM, FedAdam),
         (StrategyName.FEDYOGI, FedYogi),
@@ -70,6 +79,22 @@ def test_existing_run_needs_resume_and_resume_continues_from_the_last_round(tmp_
 )
 def test_every_supported_strategy_builds(name: StrategyName, cls: type) -> None:
     assert isinstance(build_strategy(RunSettings(strategy=name)), cls)
+
+
+def test_server_momentum_reaches_fedavgm() -> None:
+    settings = RunSettings.from_run_config(
+        {"strategy": "fedavgm", "server-lr": 0.5, "server-momentum": 0.7}
+    )
+    strategy = build_strategy(settings)
+    assert isinstance(strategy, FedAvgM) and strategy.server_opt
+    assert (strategy.server_learning_rate, strategy.server_momentum) == (0.5, 0.7)
+    assert RunSettings.from_run_config(settings.to_run_config()) == settings
+    for bad in ({"server-momentum": 0.5}, {"server-lr": 2.0}):  # without fedavgm
+        with pytest.raises(ConfigError, match="need strategy = fedavgm"):
+            RunSettings.from_run_config(bad)
+    for bad in ({"server-momentum": 1.0}, {"server-lr": 0.0}, {"server-momentum": -0.1}):
+        with pytest.raises(ConfigError, match="server-momentum in"):
+            RunSettings.from_run_config({"strategy": "fedavgm", **bad})
 
 
 def test_bad_run_config_is_a_config_error() -> None:

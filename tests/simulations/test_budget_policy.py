@@ -30,7 +30,7 @@ from edge.mod import fit_update
 from fedsqueeze.codec.spec_text import parse_spec
 from fedsqueeze.tasks import get_task
 from fedsqueeze.transport.shaping import LinkProfile
-from simulations.baselines import ADAPTIVE_DOWN_LADDER, ADAPTIVE_UP_LADDER
+from simulations.baselines import ADAPTIVE_DOWN_LADDER, ADAPTIVE_UP_LADDER, FRONTIER_DOWN_LADDER
 
 State = dict[str, torch.Tensor]
 NODE = 4242
@@ -105,14 +105,13 @@ BUDGETS = [(0, 0), (40_000, 20_000), (6_000, 3_000), (3_000, 2_000), (2_000, 1_2
 
 @pytest.mark.parametrize(("down", "up"), BUDGETS)
 @pytest.mark.parametrize("drift", [0.003, 0.05])
+@pytest.mark.parametrize("ladder", [ADAPTIVE_DOWN_LADDER, FRONTIER_DOWN_LADDER])
 def test_adaptive_never_exceeds_the_budget_on_the_wire(
-    plane: Plane, down: int, up: int, drift: float
+    plane: Plane, down: int, up: int, drift: float, ladder: tuple[str, ...]
 ) -> None:
     target_state = _perturbed(plane.init, drift, seed=1)
     target = plane.store.publish(target_state)
-    policy = LadderPolicy(
-        plane.store, ADAPTIVE_DOWN_LADDER, ADAPTIVE_UP_LADDER, budget=Budget(down, up)
-    )
+    policy = LadderPolicy(plane.store, ladder, ADAPTIVE_UP_LADDER, budget=Budget(down, up))
     choice = policy.choose(EdgeRequest(1, NODE, target, plane.init_digest))
     if isinstance(choice, Skip):
         assert down and down < 2_000  # only the tightest budgets may skip

@@ -8,7 +8,7 @@ import pytest
 
 from coordinator.budget import PolicyKind
 from fedsqueeze.errors import ConfigError
-from fedsqueeze.runconfig import Partitioning
+from fedsqueeze.runconfig import Partitioning, StrategyName
 from simulations import baselines
 from simulations.baselines import ARM_PRESETS, DEFAULT_ARMS, DISTILLED_STUDENT_LR, ArmKind
 from simulations.config import SimulationConfig, load_config
@@ -82,6 +82,10 @@ def test_new_arms_can_be_defined(tmp_path: Path) -> None:
         (["arms=adaptive", "arm.adaptive.fusion-warmup=3"], "fusion-warmup needs aggregation"),
         (["arms=adaptive-feddf", "arm.adaptive-feddf.fusion-warmup=-1"], "must be >= 0"),
         (["arms=adaptive-feddf", "arm.adaptive-feddf.distill-epochs=-1"], "must be >= 0"),
+        (["arms=adaptive", "arm.adaptive.server-momentum=0.5"], "need strategy = fedavgm"),
+        (["arms=adaptive", "arm.adaptive.strategy=fedavgm", "arm.adaptive.server-lr=0"], "> 0"),
+        (["arms=fedavg-fp32", "arm.fedavg-fp32.strategy=fedavgm"], "needs a fedsqueeze arm"),
+        (["arms=adaptive", "arm.adaptive.strategy=fedsgd"], "expected"),
     ],
 )
 def test_mistakes_are_config_errors(sets: list[str], message: str) -> None:
@@ -128,6 +132,22 @@ def test_distilling_arms_carry_their_options_to_the_run() -> None:
     assert all(c.run_settings(a, "s").held_out_proxy == 360 for a in c.arms)
     s = load_config(None, ["arms=distill", "arm.distill.student-lr=0.02"])
     assert s.run_settings(s.arm("distill"), "s").student_lr == 0.02
+
+
+def test_an_arms_server_optimizer_reaches_its_run() -> None:
+    c = load_config(
+        None,
+        [
+            "arms=adaptive",
+            "arm.adaptive.strategy=fedavgm",
+            "arm.adaptive.server-momentum=0.5",
+            "arm.adaptive.server-lr=0.8",
+        ],
+    )
+    s = c.run_settings(c.arm("adaptive"), "s")
+    assert (s.strategy, s.server_lr, s.server_momentum) == (StrategyName.FEDAVGM, 0.8, 0.5)
+    plain = SimulationConfig().run_settings(SimulationConfig().arm("adaptive"), "s")
+    assert plain.strategy is StrategyName.FEDAVG and plain.server_momentum == 0.0
 
 
 def test_every_preset_arm_is_in_the_documented_table() -> None:
