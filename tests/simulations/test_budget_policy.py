@@ -343,7 +343,7 @@ def test_edges_holding_the_same_version_share_the_trial_encodes(
     shared = policy()
     first = shared.choose(EdgeRequest(1, 1, target, plane.init_digest))
     encodes: list[int] = []
-    real = budget_module.encode_state
+    from fedsqueeze.codec import encode_state as real
 
     def counted(*args: object, **kwargs: object) -> object:
         encodes.append(1)
