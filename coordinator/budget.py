@@ -52,6 +52,7 @@ from __future__ import annotations
 import enum
 import math
 import threading
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -100,6 +101,9 @@ PROGRESSIVE_MANIFEST_BYTES = 12 * 70
 #: 5-segment answers listing 8 names: 272 B more than a one-segment answer, 43 B a segment
 #: besides the names), plus a margin.
 PROGRESSIVE_SEGMENT_BYTES = 50
+#: Download sizes remembered per (target, held version, spec): a few rounds' worth of
+#: every rung for every distinct held version (ints only, whatever the model's size).
+DOWN_SIZES_KEPT = 4096
 
 #: What an edge that already holds the target is sent: a delta of zeros (a few bytes per
 #: tensor). Lossless, so no pruning stage runs on an all-zero delta.
@@ -300,6 +304,9 @@ class LadderPolicy:
         self.compute_s = 0.0
         self._lock = threading.Lock()
         self._up_bounds: dict[str, int] = {}
+        self._down_sizes: OrderedDict[tuple[str, str, str | None, CodecSpec], tuple[int, ...]] = (
+            OrderedDict()
+        )
         self._last: dict[int, int] = {}
         self._round = 0
         self._allowance = (math.inf, math.inf)
@@ -352,20 +359,58 @@ class LadderPolicy:
 
     # ------------------------------------------------------------------ sizes
     def _down_payload(self, request: EdgeRequest, spec: CodecSpec) -> int:
-        return self._down_encoding(request, spec).nbytes
+        return self._sized("payload", request, spec, lambda encoded: (encoded.nbytes,))[0]
 
-    def _down_encoding(self, request: EdgeRequest, spec: CodecSpec) -> EncodedModel:
-        """The download exactly as the data plane will encode it (same seed)."""
+    def _sized(
+        self,
+        kind: str,
+        request: EdgeRequest,
+        spec: CodecSpec,
+        measure: Callable[[EncodedModel], tuple[int, ...]],
+    ) -> tuple[int, ...]:
+        """``measure`` of the download's encoding, computed once per (target, held, spec).
+
+        The encoding is a pure function of those three (its seed is derived from them),
+        so edges that hold the same version (every edge new to the run holds the seeded
+        initial model) share one trial encode per rung and round instead of one each.
+        """
+        target, base, held = self._down_operands(request)
+        key = (kind, request.target, held, spec)
+        with self._lock:
+            sizes = self._down_sizes.get(key)
+            if sizes is not None:
+                self._down_sizes.move_to_end(key)
+                return sizes
+        sizes = measure(self._encode_down(request.target, target, held, base, spec))
+        with self._lock:
+            self._down_sizes[key] = sizes
+            while len(self._down_sizes) > DOWN_SIZES_KEPT:
+                self._down_sizes.popitem(last=False)
+        return sizes
+
+    def _down_operands(
+        self, request: EdgeRequest
+    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None, str | None]:
+        """The target's tensors, the held version's (``None``: not kept) and its digest."""
         target = self.store.get(request.target)
         if target is None:
             raise ValueError(f"target {request.target[:12]} is not in the store")
         base = self.store.get(request.held) if request.held is not None else None
-        held = request.held if base is not None else None
+        return target, base, request.held if base is not None else None
+
+    @staticmethod
+    def _encode_down(
+        target_digest: str,
+        target: dict[str, torch.Tensor],
+        held: str | None,
+        base: dict[str, torch.Tensor] | None,
+        spec: CodecSpec,
+    ) -> EncodedModel:
         return encode_state(
             target,
             spec,
             base,
-            seed=encode_seed(request.target, held, spec),
+            seed=encode_seed(target_digest, held, spec),
             base_digest=bytes.fromhex(held) if held is not None else None,
         )
 
@@ -510,14 +555,19 @@ class LadderPolicy:
         """Bytes of the stream's base level (header and every level-0 record), and the
         wire bytes its segment list adds beyond a one-segment answer (the data plane cuts
         the stream the same way and lists every segment, sent or not)."""
-        encoded = self._down_encoding(request, spec)
-        base_level = len(encoded.header.to_bytes()) + sum(
-            len(r.header_bytes()) + len(r.body) for r in encoded.records if r.level == 0
-        )
-        target = max(MIN_PROGRESSIVE_SEGMENT_BYTES, encoded.nbytes // PROGRESSIVE_SEGMENTS)
-        segments = split_progressive(encoded, min(target, _SEGMENT), _SEGMENT)
-        names = sum(len(n.encode()) + 2 for seg in segments for n in seg.tensor_names)
-        return base_level, names + PROGRESSIVE_SEGMENT_BYTES * max(0, len(segments) - 1)
+        base_level, framing = self._sized("progressive", request, spec, _progressive_sizes)
+        return base_level, framing
+
+
+def _progressive_sizes(encoded: EncodedModel) -> tuple[int, int]:
+    """:meth:`LadderPolicy._progressive_sizes` of a progressive encoding."""
+    base_level = len(encoded.header.to_bytes()) + sum(
+        len(r.header_bytes()) + len(r.body) for r in encoded.records if r.level == 0
+    )
+    target = max(MIN_PROGRESSIVE_SEGMENT_BYTES, encoded.nbytes // PROGRESSIVE_SEGMENTS)
+    segments = split_progressive(encoded, min(target, _SEGMENT), _SEGMENT)
+    names = sum(len(n.encode()) + 2 for seg in segments for n in seg.tensor_names)
+    return base_level, names + PROGRESSIVE_SEGMENT_BYTES * max(0, len(segments) - 1)
 
 
 def _up_allowed(limits: _Limits, down_s: float) -> float:

@@ -314,3 +314,44 @@ def test_progressive_ladder_sizes_the_base_level_and_never_exceeds_the_budget(
     if i > 0:
         above, framing = sizes(request, parse_spec(PROGRESSIVE_DOWN_LADDER[i - 1]))
         assert above > down - DOWN_OVERHEAD_BYTES - framing
+
+
+@pytest.mark.parametrize("progressive", [False, True])
+def test_edges_holding_the_same_version_share_the_trial_encodes(
+    plane: Plane, monkeypatch: pytest.MonkeyPatch, progressive: bool
+) -> None:
+    """Trial encodes are a function of (target, held, spec): edges that hold the same
+    version get the same choice from the first edge's encodes, one that holds another
+    version gets its own (and the same choice a fresh policy would make)."""
+    import coordinator.budget as budget_module
+    from simulations.baselines import PROGRESSIVE_DOWN_LADDER
+
+    target = plane.store.publish(_perturbed(plane.init, 0.05, seed=1))
+    other = plane.store.publish(_perturbed(plane.init, 0.04, seed=5), track=None)
+    ladder = PROGRESSIVE_DOWN_LADDER if progressive else ADAPTIVE_DOWN_LADDER
+
+    def policy() -> LadderPolicy:
+        return LadderPolicy(
+            plane.store,
+            ladder,
+            ADAPTIVE_UP_LADDER,
+            budget=Budget(3_000, 2_400),
+            progressive=progressive,
+        )
+
+    shared = policy()
+    first = shared.choose(EdgeRequest(1, 1, target, plane.init_digest))
+    encodes: list[int] = []
+    from fedsqueeze.codec import encode_state as real
+
+    def counted(*args: object, **kwargs: object) -> object:
+        encodes.append(1)
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(budget_module, "encode_state", counted)
+    for node in (2, 3, 4):
+        assert shared.choose(EdgeRequest(1, node, target, plane.init_digest)) == first
+    assert not encodes  # every size came from the first edge's encodes
+    elsewhere = shared.choose(EdgeRequest(1, 5, target, other))
+    assert encodes  # another held version: its own trial encodes
+    assert elsewhere == policy().choose(EdgeRequest(1, 5, target, other))

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from simulations.config import load_config
+from simulations.grid import sample_partitions
 from simulations.server import model_bytes
 from tests.subproc import run_module
 
@@ -147,3 +148,28 @@ def test_same_config_same_partitions_sampling_and_metrics(sweep: Path, tmp_path:
     a = [(r["arm"], r["round"], r["partition"], r["link"]) for r in _rows(sweep / "clients.csv")]
     b = [(r["arm"], r["round"], r["partition"], r["link"]) for r in _rows(again / "clients.csv")]
     assert a == b
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_a_client_that_is_not_sampled_is_sent_nothing(sweep: Path) -> None:
+    """Per arm and round, exactly the sampled clients were contacted (3 of 6 here): every
+    client that heard from the server replies, and its reply is in clients.csv; the
+    fedsqueeze arm's data plane is pull-only, so only instructed clients fetch."""
+    config = load_config(ROOT / "simulations" / "configs" / "smoke.toml")
+    rows = _rows(sweep / "clients.csv")
+    arms = {r["arm"] for r in rows}
+    assert arms == {"fedavg-fp32", "adaptive"}
+    for arm in arms:
+        for server_round in range(1, config.num_rounds + 1):
+            heard = sorted(
+                int(r["partition"])
+                for r in rows
+                if r["arm"] == arm and int(r["round"]) == server_round
+            )
+            sampled = sample_partitions(
+                config.seed, server_round, config.num_clients, config.clients_per_round
+            )
+            assert heard == list(sampled), (arm, server_round)
+    results = [r for r in _rows(sweep / "results.csv") if int(r["round"]) > 0]
+    assert all(int(r["clients_sampled"]) == config.clients_per_round for r in results)
