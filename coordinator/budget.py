@@ -564,16 +564,19 @@ def _random_upload(
 
 def _upload_bound(spec: CodecSpec, template: dict[str, torch.Tensor]) -> int:
     """Most encoded bytes of any update with ``spec`` (see the module's docstring)."""
+    # Frozen tensors never travel in an update (the receiver keeps its own): no positions
+    # and no record for them, or a 22.7M-value backbone's would swamp a top-k adapter bound.
+    sent = {k: v for k, v in template.items() if not spec.is_frozen(k)}
     kept = 0
     if spec.topk is not None or spec.prune.active:
         # Only masked specs send positions; low-rank and dense records have fixed sizes.
         kept = sum(
             math.ceil((spec.topk or 1.0) * v.numel())
-            for k, v in template.items()
+            for k, v in sent.items()
             if spec.is_target(k, v.dim(), v.is_floating_point())
         )
     encoded = _random_upload(spec, template, entropy=False)
-    return encoded.nbytes + math.ceil(kept / 8) + 8 * len(template) + 16
+    return encoded.nbytes + math.ceil(kept / 8) + 8 * len(sent) + 16
 
 
 def _fmt(value: float) -> str:

@@ -315,3 +315,17 @@ def test_progressive_ladder_sizes_the_base_level_and_never_exceeds_the_budget(
     if i > 0:
         above, framing = sizes(request, parse_spec(PROGRESSIVE_DOWN_LADDER[i - 1]))
         assert above > down - DOWN_OVERHEAD_BYTES - framing
+
+
+def test_an_upload_bound_counts_no_positions_for_frozen_tensors() -> None:
+    from coordinator.budget import _upload_bound
+
+    state = dict(get_task("digits-cnn").build_model(0).state_dict())
+    frozen = max(state, key=lambda k: state[k].numel())
+    spec = parse_spec(f"topk=0.1,quant=2:kmeans,targets=*,min-ndim=1,freeze={frozen}")
+    free = parse_spec("topk=0.1,quant=2:kmeans,targets=*,min-ndim=1")
+    sent = {k: v for k, v in state.items() if k != frozen}
+    # What travels bounds it: the frozen tensor adds neither positions nor a record (the
+    # spec's header names the pattern: a few bytes more).
+    assert _upload_bound(free, sent) <= _upload_bound(spec, state) <= _upload_bound(free, sent) + 64
+    assert _upload_bound(spec, state) + state[frozen].numel() // 80 < _upload_bound(free, state)
