@@ -551,11 +551,16 @@ def _pick_upload(
 def _random_upload(
     spec: CodecSpec, template: dict[str, torch.Tensor], *, entropy: bool = True
 ) -> EncodedModel:
-    """A seeded random update of the model's shapes, encoded with ``spec``."""
+    """A seeded random update of the model's shapes, encoded with ``spec``.
+
+    Frozen tensors are left out: an update never carries them, and drawing random values
+    for a 22.7M-value backbone on every rung cost most of a text sweep's first round.
+    """
     gen = torch.Generator().manual_seed(0)
     update = {
         k: torch.randn(v.shape, generator=gen).to(v.dtype) if v.is_floating_point() else v
         for k, v in template.items()
+        if not spec.is_frozen(k)
     }
     zeros = {k: torch.zeros_like(v) for k, v in update.items()}
     plain = spec if entropy else spec.with_changes(entropy_level=0)
