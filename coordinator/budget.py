@@ -601,11 +601,16 @@ def _pick_upload(
 def _random_upload(
     spec: CodecSpec, template: dict[str, torch.Tensor], *, entropy: bool = True
 ) -> EncodedModel:
-    """A seeded random update of the model's shapes, encoded with ``spec``."""
+    """A seeded random update of the model's shapes, encoded with ``spec``.
+
+    Frozen tensors are left out: an update never carries them, and drawing random values
+    for a 22.7M-value backbone on every rung cost most of a text sweep's first round.
+    """
     gen = torch.Generator().manual_seed(0)
     update = {
         k: torch.randn(v.shape, generator=gen).to(v.dtype) if v.is_floating_point() else v
         for k, v in template.items()
+        if not spec.is_frozen(k)
     }
     zeros = {k: torch.zeros_like(v) for k, v in update.items()}
     plain = spec if entropy else spec.with_changes(entropy_level=0)
@@ -614,16 +619,19 @@ def _random_upload(
 
 def _upload_bound(spec: CodecSpec, template: dict[str, torch.Tensor]) -> int:
     """Most encoded bytes of any update with ``spec`` (see the module's docstring)."""
+    # Frozen tensors never travel in an update (the receiver keeps its own): no positions
+    # and no record for them, or a 22.7M-value backbone's would swamp a top-k adapter bound.
+    sent = {k: v for k, v in template.items() if not spec.is_frozen(k)}
     kept = 0
     if spec.topk is not None or spec.prune.active:
         # Only masked specs send positions; low-rank and dense records have fixed sizes.
         kept = sum(
             math.ceil((spec.topk or 1.0) * v.numel())
-            for k, v in template.items()
+            for k, v in sent.items()
             if spec.is_target(k, v.dim(), v.is_floating_point())
         )
     encoded = _random_upload(spec, template, entropy=False)
-    return encoded.nbytes + math.ceil(kept / 8) + 8 * len(template) + 16
+    return encoded.nbytes + math.ceil(kept / 8) + 8 * len(sent) + 16
 
 
 def _fmt(value: float) -> str:

@@ -268,6 +268,9 @@ def load_config(path: str | Path | None, sets: Sequence[str] = ()) -> Simulation
     arm_tables: dict[str, dict[str, Any]] = {
         name: dict(table) for name, table in dict(raw.get("arm", {})).items()
     }
+    # The file's tables for arms a --set arms=... leaves out are not typos: a run of some
+    # of a config's arms (``--set arms=fedavg-adapters,adaptive-ffa``) ignores them.
+    file_tables = set(arm_tables)
     for item in sets:
         key, sep, text = item.partition("=")
         if not sep:
@@ -290,6 +293,8 @@ def load_config(path: str | Path | None, sets: Sequence[str] = ()) -> Simulation
     _check_arm_names(arm_names, arm_tables)
     arms = tuple(_arm(name, arm_tables.get(name, {})) for name in arm_names)
     unused = set(arm_tables) - set(arm_names)
+    if any(item.strip().startswith("arms=") for item in sets):
+        unused -= file_tables - {i.split(".")[1] for i in sets if i.startswith("arm.")}
     if unused:
         raise ConfigError(f"[arm.{sorted(unused)[0]}] is not in arms = {arm_names}")
     kwargs = _kwargs(SimulationConfig, top, "config")

@@ -25,6 +25,11 @@ State-dict naming (the federation exchanges this dict; the prefix alone says wha
 ``trainable.layers.<j>.<name>``
     With ``unfreeze_top = N``: the library's layer ``6 − N + j`` (its own names inside),
     trained in full and without adapters.
+``seeded.lora.<i>.<proj>.lora_A``
+    With ``freeze_lora_a`` (FFA-LoRA, Sun et al., ICLR 2024): the adapters' ``A``, drawn
+    from the build seed exactly as a trained ``A`` would start and never trained, so only
+    ``B`` (and the head) train and travel, and averaging the clients' ``B`` averages their
+    products ``B A`` exactly. Frozen like ``frozen.*``: each edge rebuilds it from the seed.
 
 Why not ``peft``: it fits, but its state-dict names (``base_model.model.….base_layer.weight``,
 ``lora_A.default.weight``) would mix frozen and trainable tensors under one tree, and it pulls
@@ -116,13 +121,35 @@ def load_tokenizer() -> Any:
 
 
 class LoRAAdapter(nn.Module):
-    """A low-rank update ``(alpha / rank) · B A x`` added to a linear layer's output."""
+    """A low-rank update ``(alpha / rank) · B A x`` added to a linear layer's output.
 
-    def __init__(self, in_features: int, out_features: int, rank: int, alpha: float) -> None:
+    With ``freeze_a``, ``A`` is not this module's parameter: it is kept in
+    :attr:`seeded` (a module the caller registers elsewhere, under a frozen name) with
+    ``requires_grad=False``, and only ``B`` trains (FFA-LoRA).
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        rank: int,
+        alpha: float,
+        *,
+        freeze_a: bool = False,
+    ) -> None:
         super().__init__()
-        self.lora_A = nn.Parameter(torch.empty(rank, in_features))
+        lora_a = nn.Parameter(torch.empty(rank, in_features), requires_grad=not freeze_a)
         self.lora_B = nn.Parameter(torch.zeros(out_features, rank))
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        nn.init.kaiming_uniform_(lora_a, a=math.sqrt(5))
+        self.seeded: nn.Module | None = None
+        if freeze_a:
+            holder = nn.Module()
+            holder.lora_A = lora_a
+            # Not registered here: its one name is the frozen one the caller gives it.
+            object.__setattr__(self, "seeded", holder)
+            object.__setattr__(self, "lora_A", lora_a)
+        else:
+            self.lora_A = lora_a
         self.scale = alpha / rank
 
     def delta(self, x: Tensor) -> Tensor:
@@ -163,6 +190,8 @@ class MiniLMClassifier(nn.Module):
         Number of top layers trained in full, ``0 <= unfreeze_top <= 6``.
     lora_targets : Sequence[str]
         Which of :data:`LORA_PROJECTIONS` get adapters.
+    freeze_lora_a : bool
+        Keep every adapter's ``A`` at its seeded start, under ``seeded.lora`` (FFA-LoRA).
     """
 
     def __init__(
@@ -174,6 +203,7 @@ class MiniLMClassifier(nn.Module):
         lora_alpha: float,
         unfreeze_top: int,
         lora_targets: Sequence[str] = LORA_PROJECTIONS,
+        freeze_lora_a: bool = False,
     ) -> None:
         super().__init__()
         if num_classes < 2 or lora_rank < 0 or not 0 <= unfreeze_top <= NUM_LAYERS:
@@ -200,17 +230,29 @@ class MiniLMClassifier(nn.Module):
             self.trainable.layers = top
         if lora_rank and first_unfrozen:
             lora = nn.ModuleDict()
+            seeded = nn.ModuleDict()
             for index in range(first_unfrozen):
                 per_layer = nn.ModuleDict()
+                seeded_layer = nn.ModuleDict()
                 for proj in lora_targets:
                     linear = _projection(layers[index], proj)
                     adapter = LoRAAdapter(
-                        linear.in_features, linear.out_features, lora_rank, lora_alpha
+                        linear.in_features,
+                        linear.out_features,
+                        lora_rank,
+                        lora_alpha,
+                        freeze_a=freeze_lora_a,
                     )
                     linear.register_forward_hook(adapter.hook)
                     per_layer[proj] = adapter
+                    if adapter.seeded is not None:
+                        seeded_layer[proj] = adapter.seeded
                 lora[str(index)] = per_layer
+                seeded[str(index)] = seeded_layer
             self.trainable.lora = lora
+            if freeze_lora_a:
+                self.seeded = nn.Module()
+                self.seeded.lora = seeded
 
     def forward(self, input_ids: Tensor) -> Tensor:
         """Compute logits.

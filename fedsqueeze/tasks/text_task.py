@@ -15,6 +15,9 @@ key                default   meaning
 ``lora-alpha``     8         LoRA scale numerator (the update is ``alpha/rank · B A x``)
 ``lora-targets``   qkvo      which attention projections get adapters: letters of
                              ``q`` (query), ``k`` (key), ``v`` (value), ``o`` (output)
+``freeze-lora-a``  0         1: every adapter's ``A`` stays at its seeded start and only
+                             ``B`` trains (FFA-LoRA): half the adapter bytes, and
+                             averaging ``B`` averages ``B A`` exactly
 ``unfreeze-top``   0         top layers trained in full instead (no adapters there)
 ``max-length``     64        tokens per example, 8 to 64 (longer texts are truncated)
 ``train-examples`` 0         keep only this many training examples (0: all 2,062)
@@ -26,9 +29,10 @@ same on every machine. Tokenization runs once per process and option set (cached
 round. Training and evaluation are :func:`fedsqueeze.tasks.training.train` / ``evaluate``
 (Adam or SGD on the parameters with ``requires_grad``, i.e. the ``trainable.*`` ones).
 
-The task names ``frozen.*`` as its frozen tensors (:attr:`~fedsqueeze.tasks.base.Task.frozen`):
-a run freezes them by default (run config ``freeze = "auto"``), so the pretrained encoder
-travels at most once and only the adapters and the head go down and up each round.
+The task names ``frozen.*`` (and ``seeded.*``, the fixed ``A`` of ``freeze-lora-a``) as its
+frozen tensors (:attr:`~fedsqueeze.tasks.base.Task.frozen`): a run freezes them by default
+(run config ``freeze = "auto"``), so the pretrained encoder travels at most once and only
+the adapters and the head go down and up each round.
 """
 
 from __future__ import annotations
@@ -60,6 +64,7 @@ class TextTaskOptions:
     lora_rank: int = 4
     lora_alpha: float = 8.0
     lora_targets: str = "qkvo"
+    freeze_lora_a: int = 0
     unfreeze_top: int = 0
     max_length: int = 64
     train_examples: int = 0
@@ -70,6 +75,8 @@ class TextTaskOptions:
             raise ConfigError("lora-rank must be >= 0 and lora-alpha > 0")
         if not self.lora_targets or set(self.lora_targets) - set(_LETTERS):
             raise ConfigError(f"lora-targets must be letters of 'qkvo', got {self.lora_targets!r}")
+        if self.freeze_lora_a not in (0, 1):
+            raise ConfigError(f"freeze-lora-a must be 0 or 1, got {self.freeze_lora_a}")
         if not 0 <= self.unfreeze_top <= 6:
             raise ConfigError(f"unfreeze-top must be in 0..6, got {self.unfreeze_top}")
         if not 8 <= self.max_length <= MAX_LENGTH_LIMIT:
@@ -127,7 +134,7 @@ def make_text_task(options: TextTaskOptions) -> Task:
         load_data=functools.partial(load_text_data, options),
         train=train,
         evaluate=evaluate,
-        frozen=("frozen.*",),
+        frozen=("frozen.*", "seeded.*") if options.freeze_lora_a else ("frozen.*",),
     )
 
 
@@ -144,6 +151,7 @@ def _build_model(options: TextTaskOptions, seed: int) -> nn.Module:
             lora_alpha=options.lora_alpha,
             unfreeze_top=options.unfreeze_top,
             lora_targets=targets,
+            freeze_lora_a=bool(options.freeze_lora_a),
         )
 
     return build_seeded(factory, seed)

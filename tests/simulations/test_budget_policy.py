@@ -355,3 +355,17 @@ def test_edges_holding_the_same_version_share_the_trial_encodes(
     elsewhere = shared.choose(EdgeRequest(1, 5, target, other))
     assert encodes  # another held version: its own trial encodes
     assert elsewhere == policy().choose(EdgeRequest(1, 5, target, other))
+
+
+def test_an_upload_bound_counts_no_positions_for_frozen_tensors() -> None:
+    from coordinator.budget import _upload_bound
+
+    state = dict(get_task("digits-cnn").build_model(0).state_dict())
+    frozen = max(state, key=lambda k: state[k].numel())
+    spec = parse_spec(f"topk=0.1,quant=2:kmeans,targets=*,min-ndim=1,freeze={frozen}")
+    free = parse_spec("topk=0.1,quant=2:kmeans,targets=*,min-ndim=1")
+    sent = {k: v for k, v in state.items() if k != frozen}
+    # What travels bounds it: the frozen tensor adds neither positions nor a record (the
+    # spec's header names the pattern: a few bytes more).
+    assert _upload_bound(free, sent) <= _upload_bound(spec, state) <= _upload_bound(free, sent) + 64
+    assert _upload_bound(spec, state) + state[frozen].numel() // 80 < _upload_bound(free, state)

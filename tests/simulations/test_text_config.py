@@ -17,7 +17,7 @@ from simulations.first_delivery import FirstDeliveryPolicy
 TEXT = Path(__file__).resolve().parents[2] / "simulations" / "configs" / "text.toml"
 
 
-def test_the_text_config_loads_with_its_four_arms() -> None:
+def test_the_text_config_loads_with_its_arms() -> None:
     config = load_config(TEXT)
     assert config.name == "text"
     assert [a.name for a in config.arms] == [
@@ -25,9 +25,11 @@ def test_the_text_config_loads_with_its_four_arms() -> None:
         "fedavg-adapters",
         "adaptive",
         "adaptive-nf4",
+        "adaptive-ffa",
+        "adaptive-head",
     ]
     assert config.baseline == "fedavg-adapters"
-    full, adapters, adaptive, nf4 = config.arms
+    full, adapters, adaptive, nf4, ffa, head = config.arms
     assert full.kind is ArmKind.FLOWER and adapters.kind is ArmKind.FLOWER
     assert adaptive.kind is ArmKind.FEDSQUEEZE and nf4.kind is ArmKind.FEDSQUEEZE
     # Full fine-tuning: every layer trained, nothing left out of Flower's messages.
@@ -37,6 +39,15 @@ def test_the_text_config_loads_with_its_four_arms() -> None:
     # Full fine-tuning has its own, smaller learning rate; the other arms the sweep's.
     assert config.run_settings(full, "").lr < config.lr
     assert {config.run_settings(a, "").lr for a in config.arms[1:]} == {config.lr}
+    # FFA-LoRA: the seeded A is frozen like the backbone, only B and the head travel.
+    ffa_task = parse_text_task(config.arm_task(ffa))
+    assert ffa_task is not None and ffa_task.freeze_lora_a == 1
+    assert config.arm_frozen(ffa) == ("frozen.*", "seeded.*")
+    head_task = parse_text_task(config.arm_task(head))
+    assert head_task is not None and head_task.lora_rank == 0
+    for arm in (ffa, head):
+        assert arm.down_ladder == ffa.down_ladder and arm.up_ladder == ffa.up_ladder
+        assert not any("rank=" in spec for spec in arm.up_ladder)
     # The adapters baseline and fedsqueeze's arms freeze the task's backbone.
     for arm in (adapters, adaptive, nf4):
         settings = config.run_settings(arm, "")
@@ -46,6 +57,17 @@ def test_the_text_config_loads_with_its_four_arms() -> None:
     assert not config.run_settings(nf4, "").init_from_seed
     assert nf4.first_delivery.startswith("quant=4:nf4")
     assert adaptive.down_budget > 0 and adaptive.up_budget > 0
+
+
+def test_a_subset_of_the_arms_runs_without_the_others_tables() -> None:
+    config = load_config(TEXT, ["arms=fedavg-adapters,adaptive-ffa"])
+    assert [a.name for a in config.arms] == ["fedavg-adapters", "adaptive-ffa"]
+    assert (
+        config.arm("adaptive-ffa").down_budget == load_config(TEXT).arm("adaptive-ffa").down_budget
+    )
+    # a --set for an arm left out is still a mistake
+    with pytest.raises(ConfigError, match="not in arms"):
+        load_config(TEXT, ["arms=fedavg-adapters", "arm.adaptive.down-budget=1"])
 
 
 def test_the_text_config_fits_two_cores() -> None:

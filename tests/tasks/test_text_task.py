@@ -96,3 +96,37 @@ def test_training_changes_only_trainable_tensors() -> None:
         same = torch.equal(value, after[name])
         assert same is not is_trainable_name(name), name
     assert 0.0 <= task.evaluate(model, data.x_test, data.y_test).accuracy <= 1.0
+
+
+def test_freeze_lora_a_trains_only_b_and_keeps_a_under_a_frozen_name() -> None:
+    ffa = get_task(TINY + ",freeze-lora-a=1")
+    assert ffa.frozen == ("frozen.*", "seeded.*")
+    assert get_task(TINY).frozen == ("frozen.*",)
+    model, lora = ffa.build_model(0), get_task(TINY).build_model(0)
+    state, plain = model.state_dict(), lora.state_dict()
+    seeded = {k for k in state if k.startswith("seeded.")}
+    assert len(seeded) == 24 and "seeded.lora.3.value.lora_A" in seeded
+    # the same draws as a trainable A: FFA starts from the LoRA model's initial adapters
+    for name in seeded:
+        assert torch.equal(state[name], plain[name.replace("seeded.", "trainable.")])
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trained == {k for k in state if is_trainable_name(k)}
+    assert not any(k.endswith("lora_A") for k in trained)
+    assert sum(state[k].numel() for k in trained) == HEAD + 6 * 4 * LORA_PER_PROJECTION // 2
+    data = ffa.load_data()
+    before = _snapshot(model)
+    ffa.train(model, data.x_train, data.y_train, epochs=1, lr=1e-2, batch_size=8, seed=0)
+    after = model.state_dict()
+    for name, value in before.items():
+        assert torch.equal(value, after[name]) is not (name in trained), name
+    # the hook reads the registered A: a changed seeded A changes the output
+    model.eval()
+    with torch.no_grad():
+        out = model(data.x_test)
+        model.state_dict()["seeded.lora.0.query.lora_A"].mul_(2.0)
+        assert not torch.equal(out, model(data.x_test))
+
+
+def test_freeze_lora_a_is_validated() -> None:
+    with pytest.raises(ConfigError):
+        get_task("minilm-text@freeze-lora-a=2")
