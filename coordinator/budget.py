@@ -53,9 +53,9 @@ import enum
 import math
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import torch
 
@@ -101,9 +101,12 @@ PROGRESSIVE_MANIFEST_BYTES = 12 * 70
 #: 5-segment answers listing 8 names: 272 B more than a one-segment answer, 43 B a segment
 #: besides the names), plus a margin.
 PROGRESSIVE_SEGMENT_BYTES = 50
-#: Download sizes remembered per (target, held version, spec): a few rounds' worth of
-#: every rung for every distinct held version (ints only, whatever the model's size).
-DOWN_SIZES_KEPT = 4096
+#: Sizes the policy remembers (upload bounds per spec and shapes, download sizes per
+#: target, held version and spec): a few rounds' worth of every rung for every distinct
+#: held version, the least recently used dropped first (ints only, whatever the model).
+SIZES_KEPT = 4096
+
+_Size = TypeVar("_Size", int, tuple[int, ...])
 
 #: What an edge that already holds the target is sent: a delta of zeros (a few bytes per
 #: tensor). Lossless, so no pruning stage runs on an all-zero delta.
@@ -303,10 +306,7 @@ class LadderPolicy:
         self.spent_up = 0
         self.compute_s = 0.0
         self._lock = threading.Lock()
-        self._up_bounds: dict[str, int] = {}
-        self._down_sizes: OrderedDict[tuple[str, str, str | None, CodecSpec], tuple[int, ...]] = (
-            OrderedDict()
-        )
+        self._sizes: OrderedDict[Hashable, Any] = OrderedDict()
         self._last: dict[int, int] = {}
         self._round = 0
         self._allowance = (math.inf, math.inf)
@@ -372,31 +372,19 @@ class LadderPolicy:
 
         The encoding is a pure function of those three (its seed is derived from them),
         so edges that hold the same version (every edge new to the run holds the seeded
-        initial model) share one trial encode per rung and round instead of one each.
+        initial model) share one trial encode per rung and round instead of one each; a
+        size already known loads no tensors.
         """
-        target, base, held = self._down_operands(request)
-        key = (kind, request.target, held, spec)
-        with self._lock:
-            sizes = self._down_sizes.get(key)
-            if sizes is not None:
-                self._down_sizes.move_to_end(key)
-                return sizes
-        sizes = measure(self._encode_down(request.target, target, held, base, spec))
-        with self._lock:
-            self._down_sizes[key] = sizes
-            while len(self._down_sizes) > DOWN_SIZES_KEPT:
-                self._down_sizes.popitem(last=False)
-        return sizes
+        held = request.held if request.held is not None and self.store.has(request.held) else None
 
-    def _down_operands(
-        self, request: EdgeRequest
-    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None, str | None]:
-        """The target's tensors, the held version's (``None``: not kept) and its digest."""
-        target = self.store.get(request.target)
-        if target is None:
-            raise ValueError(f"target {request.target[:12]} is not in the store")
-        base = self.store.get(request.held) if request.held is not None else None
-        return target, base, request.held if base is not None else None
+        def encode() -> tuple[int, ...]:
+            target = self.store.get(request.target)
+            if target is None:
+                raise ValueError(f"target {request.target[:12]} is not in the store")
+            base = self.store.get(held) if held is not None else None
+            return measure(self._encode_down(request.target, target, held, base, spec))
+
+        return self._cached((kind, request.target, held, spec), encode)
 
     @staticmethod
     def _encode_down(
@@ -429,14 +417,19 @@ class LadderPolicy:
             min(expected + UP_OVERHEAD_BYTES, bound), bound, min(floor + UP_OVERHEAD_BYTES, bound)
         )
 
-    def _cached(self, key: str, compute: Callable[[], int]) -> int:
+    def _cached(self, key: Hashable, compute: Callable[[], _Size]) -> _Size:
+        """``compute()``, remembered under ``key`` (the :data:`SIZES_KEPT` latest used)."""
         with self._lock:
-            cached = self._up_bounds.get(key)
-        if cached is None:
-            cached = compute()
-            with self._lock:
-                self._up_bounds[key] = cached
-        return cached
+            if key in self._sizes:
+                self._sizes.move_to_end(key)
+                cached: _Size = self._sizes[key]
+                return cached
+        value = compute()
+        with self._lock:
+            self._sizes[key] = value
+            while len(self._sizes) > SIZES_KEPT:
+                self._sizes.popitem(last=False)
+        return value
 
     # ------------------------------------------------------------------ choosing
     def choose(self, request: EdgeRequest) -> Choice | Skip:

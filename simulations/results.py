@@ -167,11 +167,18 @@ def summarize(
     return SweepSummary(config, seed, baseline, target, tuple(arms))
 
 
+def reaches(server_round: int, accuracy: float, target: float) -> bool:
+    """Whether a round's accuracy counts as reaching ``target``.
+
+    Round 0 is the untrained model: reaching the target there would mean nothing.
+    """
+    return server_round > 0 and accuracy >= target - 1e-12
+
+
 def _reach(rows: Sequence[RoundRecord], target: float | None) -> RoundRecord | None:
     if target is None:
         return None
-    # Round 0 is the untrained model: reaching the target there would mean nothing.
-    return next((r for r in rows if r.round > 0 and r.accuracy >= target - 1e-12), None)
+    return next((r for r in rows if reaches(r.round, r.accuracy, target)), None)
 
 
 def _bytes(row: RoundRecord | None) -> float | None:

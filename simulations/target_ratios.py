@@ -25,6 +25,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from simulations.results import reaches
+
 
 @dataclass(frozen=True)
 class Curve:
@@ -36,10 +38,12 @@ class Curve:
     rounds: tuple[int, ...] = ()
 
     def reach(self, target: float) -> tuple[int, int] | None:
-        """The first round at or above ``target`` and the bytes up to it."""
+        """The first round that reaches ``target`` (as the sweep's summary counts it:
+        :func:`simulations.results.reaches`) and the bytes up to it."""
         for i, acc in enumerate(self.accuracy):
-            if acc >= target:
-                return (self.rounds[i] if self.rounds else i + 1), self.cumulative[i]
+            server_round = self.rounds[i] if self.rounds else i + 1
+            if reaches(server_round, acc, target):
+                return server_round, self.cumulative[i]
         return None
 
 
