@@ -417,7 +417,7 @@ class TensorEncoder:
             name,
             t,
             delta=b is not None,
-            body=bytes(tensor_bytes(values)),
+            body=tensor_bytes(values),  # a view: _record copies it only to store it raw
             value_kind=FLOAT_KINDS[fmt],
         )
 
