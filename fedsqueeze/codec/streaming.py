@@ -41,6 +41,7 @@ from fedsqueeze.codec.bytesio import ByteReader
 from fedsqueeze.codec.container import (
     BLOCKWISE_VERSION,
     GROUPED_VERSION,
+    ROTATED_VERSION,
     DecodeLimits,
     QParamsSizer,
     TensorRecord,
@@ -213,6 +214,11 @@ def decode_into(
     header = _parse(source, ByteReader, lambda r: parse_header(r, limits))
     # Versions 3 and 4 add block-wise and byte-grouped records (held whole or streamed
     # below); they may also carry levels, refused record by record.
+    if header.version == ROTATED_VERSION:
+        raise FormatError(
+            "part-by-part decoding does not undo rotations (a rotation mixes a whole row); "
+            "decode rotated models with decode_stream_into or decode_state"
+        )
     if header.version not in (1, BLOCKWISE_VERSION, GROUPED_VERSION):
         raise FormatError(
             "part-by-part decoding reads whole-model streams; decode progressive levels "

@@ -252,3 +252,17 @@ def test_dq_block_scales_and_rotation_together() -> None:
 def test_pruning_spec_keeps_its_meaning_without_rotation() -> None:
     spec = CodecSpec(prune=PruneSpec(PruneMethod.L1_UNSTRUCTURED, 0.5), quant=QuantSpec(4))
     assert spec.quant is not None and spec.quant.rotation is Rotation.NONE
+
+
+def test_part_by_part_decoding_refuses_rotations_and_the_tensor_path_takes_them() -> None:
+    from fedsqueeze.codec.stream_decode import decode_stream_into, scan_stream
+    from fedsqueeze.codec.streaming import decode_into
+
+    data = _rotated_model()
+    target = {k: torch.zeros_like(v) for k, v in _outliers().items()}
+    with pytest.raises(FormatError, match="rotation"):
+        decode_into([data], target)
+    layout = scan_stream(data[:-4])
+    decode_stream_into(data[:-4], layout, target)
+    expected = decode_state(EncodedModel.from_bytes(data))
+    assert all(torch.equal(target[k], expected[k]) for k in target)
