@@ -21,7 +21,9 @@ digits    the trained digits-cnn encoded progressively: test accuracy of the mod
 minilm    the same curve for all-MiniLM-L6-v2, as the mean cosine similarity between
           sentence embeddings of the decoded and the fp32 model over the first sentences
           of Python standard-library docstrings (real text written by CPython's authors,
-          extracted deterministically, at least 200);
+          extracted deterministically, at least 200); curves in the ``weighted`` order
+          take per-tensor Fisher sensitivities measured on calibration sentences from
+          other standard-library modules (:mod:`fedsqueeze.bench.sensitivity`);
 overhead  the whole progressive stream against a one-shot encoding at the same final
           precision;
 partwise  peak memory beyond the loaded MiniLM of decoding a stream whole
@@ -77,6 +79,9 @@ MINILM_CURVES = (
     ("quant=8:block64:dq,levels=3+1+1+1+2", LevelOrder.WEIGHTED),
     ("quant=8:channel:hadamard,levels=2+1+1+1+1+2", _GLOBAL),
     ("quant=8:channel:hadamard,levels=2+1+1+1+1+2", LevelOrder.WEIGHTED),
+    # both, with 8-bit double-quantized scales per 384 values (a row of most matrices)
+    ("quant=8:block384:dq:hadamard,levels=2+1+1+1+1+2", LevelOrder.WEIGHTED),
+    ("quant=8:symmetric:block384:dq:hadamard,levels=2+1+1+1+1+2", LevelOrder.WEIGHTED),
 )
 PARTS = ("designs", "digits", "minilm", "partwise")
 PARTWISE_SPECS = ("quant=8:channel", "lossless", "prune=l1:0.9,quant=4")

@@ -44,10 +44,10 @@ caller gives: a measured sensitivity, e.g. the mean diagonal Fisher information 
 model's output on calibration data (:mod:`fedsqueeze.bench.sensitivity`), which is the
 cost per unit of squared error when the noise is spread evenly over the tensor's
 elements (as the Hadamard rotation of :mod:`fedsqueeze.codec.rotation` spreads it). On
-all-MiniLM-L6-v2 these weights span three orders of magnitude, and the relative order's
-assumption (every tensor's noise-to-signal ratio costs the same) is off by up to 50×
-between tensors: the last layers' value and attention-output matrices cost far more
-than the first layers' queries and keys. Weight 0 (a tensor the output never reads)
+all-MiniLM-L6-v2 the cost per unit of noise-to-signal ratio they give spans 128× across
+the matrices, so the relative order's assumption (every tensor's noise-to-signal ratio
+costs the same) is far off: the later layers' value and FFN matrices cost far more than
+the first layers' queries and keys. Weight 0 (a tensor the output never reads)
 sends a tensor's refinements last.
 
 Measured (``fedsqueeze bench progressive``, BENCHMARKS.md): on the trained digits CNN

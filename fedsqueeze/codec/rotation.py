@@ -19,11 +19,13 @@ with a range near ``√(2 ln b)`` standard deviations instead of the outliers' (
 Tseng et al. 2024; QuaRot, Ashkboos et al. 2024). Data-free: the decoder needs only the
 seed.
 
-Measured on all-MiniLM-L6-v2 (``fedsqueeze bench progressive``, BENCHMARKS.md): with
-per-channel 8-bit codes sent as ``2+1+1+1+1+2`` levels, the prefix at 1/8 of fp32 has an
-embedding cosine of 0.988 rotated against 0.972 for the best unrotated block-wise
-stream (0.990 with the weighted order of :mod:`fedsqueeze.codec.level_order`), and a
-2-bit first level of every tensor becomes a model (0.60 at 1/16, from 0.46 at 1/14).
+Measured on all-MiniLM-L6-v2 (``fedsqueeze bench progressive``, BENCHMARKS.md), 8-bit
+codes sent as ``2+1+1+1+1+2`` levels: the prefix at 1/8 of fp32 has an embedding cosine
+of 0.9866 rotated with per-channel scales in the relative order, against 0.9772 for the
+best unrotated stream (``quant=8:block64:dq,levels=3+1+1+1+2``); with the weighted order
+of :mod:`fedsqueeze.codec.level_order` 0.9898, and 0.9903 with 8-bit double-quantized
+scales per 384 values. A 2-bit first level of every tensor becomes a model (0.71-0.79
+at 1/16, where an unrotated 2-bit first level gives 0.025).
 
 Signs come from SHAKE-128 of a fixed label and the record's 32-bit seed (the encoder
 takes the CRC-32 of the tensor's name), so they are the same on every platform and
