@@ -266,3 +266,19 @@ def test_part_by_part_decoding_refuses_rotations_and_the_tensor_path_takes_them(
     decode_stream_into(data[:-4], layout, target)
     expected = decode_state(EncodedModel.from_bytes(data))
     assert all(torch.equal(target[k], expected[k]) for k in target)
+
+
+def test_rotation_travels_in_the_proto_spec() -> None:
+    from fedsqueeze.errors import InvalidRequestError
+    from fedsqueeze.wire import transfer_pb2 as pb
+    from fedsqueeze.wire.spec_convert import codec_spec_from_proto, codec_spec_to_proto
+
+    spec = parse_spec("quant=8:block384:dq:hadamard,levels=2+1+1+1+1+2")
+    msg = codec_spec_to_proto(spec)
+    assert msg.quant.rotation == pb.ROTATION_HADAMARD
+    assert codec_spec_from_proto(msg) == spec
+    plain = parse_spec("quant=8:block64")
+    assert codec_spec_to_proto(plain).quant.rotation == pb.ROTATION_UNSPECIFIED  # as before
+    msg.quant.rotation = 7  # type: ignore[assignment]
+    with pytest.raises(InvalidRequestError, match="rotation"):
+        codec_spec_from_proto(msg)
