@@ -297,3 +297,11 @@ def test_a_large_rotated_record_decodes_through_the_pipelined_path() -> None:
     plain = decode_state(encode_state({"x.weight": w}, parse_spec("quant=8:channel")))
     err = float((got - w).norm())
     assert err < 0.5 * float((plain["x.weight"] - w).norm())
+
+
+def test_inspect_names_the_rotation() -> None:
+    from fedsqueeze.codec.inspect import stages_of
+
+    encoded = encode_state(_outliers(), parse_spec("quant=4:channel:hadamard"))
+    stages = stages_of(next(r for r in encoded.records if r.name == "lin.weight"))
+    assert f"hadamard-rotated (seed {rotation_seed('lin.weight')})" in stages
