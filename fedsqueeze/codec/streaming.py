@@ -44,6 +44,7 @@ from fedsqueeze.codec.bytesio import ByteReader
 from fedsqueeze.codec.container import (
     BLOCKWISE_VERSION,
     GROUPED_VERSION,
+    ROTATED_VERSION,
     DecodeLimits,
     QParamsSizer,
     TensorRecord,
@@ -217,6 +218,11 @@ def decode_into(
     header = _parse(source, ByteReader, lambda r: parse_header(r, limits))
     # Versions 3 and 4 add block-wise and byte-grouped records (both streamed below);
     # they may also carry levels, refused record by record.
+    if header.version == ROTATED_VERSION:
+        raise FormatError(
+            "part-by-part decoding does not undo rotations (a rotation mixes a whole row); "
+            "decode rotated models with decode_stream_into or decode_state"
+        )
     if header.version not in (1, BLOCKWISE_VERSION, GROUPED_VERSION):
         raise FormatError(
             "part-by-part decoding reads whole-model streams; decode progressive levels "
@@ -312,8 +318,8 @@ def _parse(
 def _streamable(record: TensorRecord) -> bool:
     """Dense and sparse records decode chunk by chunk (a sparse one holds its positions),
     block-wise and NF4 codes too (their scales are in the head); so do byte-grouped
-    planes; low-rank factors are held whole."""
-    return not (record.rank or record.levels)
+    planes; low-rank factors are held whole (and rotated records are refused before)."""
+    return not (record.rank or record.levels or record.rotated)
 
 
 def _stream_grouped(
