@@ -10,7 +10,9 @@ models' logits (:func:`ensemble`, FedDF's fusion).
 With ``mixup`` on (floating inputs only) every batch is also mixed with a shuffled copy of
 itself and the teacher labels the mixed images: the teacher can answer for any input, so a
 few hundred proxy images give many more training points (the augmentation idea of FD+FAug,
-without a generator).
+without a generator). With ``shift`` set (image inputs ``[B, C, H, W]`` only) every batch also
+gets a copy of itself translated by up to ``shift`` pixels, again labelled by the teacher: the
+student then matches the teacher around the proxy images as well, not only on them.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ __all__ = [
     "fuse",
     "logits_of",
     "shifted",
+    "translate",
 ]
 
 logger = logging.getLogger(__name__)
@@ -74,6 +77,11 @@ class DistillConfig:
     mixup : bool
         Also train on mixes of pairs of proxy inputs, labelled by the teacher (floating
         inputs only; ignored for token ids).
+    shift : int
+        ``>= 0``; when positive, also train on copies of every batch translated by a random
+        ``-shift..shift`` pixels in each direction (zero fill), labelled by the teacher
+        (floating inputs of at least 3 dimensions, ``[B, ..., H, W]``; ignored otherwise).
+        0 (the default) adds nothing.
     proxy_size : int
         How many training examples the coordinator holds as its proxy set (see
         :func:`fedsqueeze.tasks.proxy.split_proxy`).
@@ -88,6 +96,7 @@ class DistillConfig:
     optimizer: Optimizer = Optimizer.ADAM
     ce_weight: float = 0.0
     mixup: bool = True
+    shift: int = 0
     proxy_size: int = 360
     seed: int = 0
 
@@ -104,6 +113,10 @@ class DistillConfig:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         if not 0.0 <= self.ce_weight <= 1.0:
             raise ValueError(f"ce_weight must be in [0, 1], got {self.ce_weight}")
+        if isinstance(self.shift, bool) or not isinstance(self.shift, int):
+            raise TypeError(f"shift must be an int, got {type(self.shift).__name__}")
+        if self.shift < 0:
+            raise ValueError(f"shift must be >= 0, got {self.shift}")
         if self.proxy_size < 1:
             raise ValueError(f"proxy_size must be >= 1, got {self.proxy_size}")
 
@@ -238,6 +251,43 @@ def shifted(base: TeacherFn, after: TeacherFn, before: TeacherFn, gain: float) -
     return teacher
 
 
+def translate(x: Tensor, shift: int, generator: torch.Generator) -> Tensor:
+    """Every row of ``x`` translated by a random ``-shift..shift`` pixels in each direction.
+
+    Parameters
+    ----------
+    x : Tensor
+        ``float [B, ..., H, W]`` images; not modified.
+    shift : int
+        The largest translation, ``>= 0``; the uncovered border is zero-filled.
+    generator : torch.Generator
+        Draws the offsets: ``B`` horizontal ones, then ``B`` vertical ones.
+
+    Returns
+    -------
+    Tensor
+        Of ``x``'s shape and dtype.
+    """
+    if x.ndim < 3 or not x.is_floating_point():
+        raise ValueError(
+            f"translate needs floating [B, ..., H, W] images, got {x.dtype} {x.ndim}-d"
+        )
+    if shift < 0:
+        raise ValueError(f"shift must be >= 0, got {shift}")
+    b = int(x.shape[0])
+    h, w = int(x.shape[-2]), int(x.shape[-1])
+    dx = torch.randint(0, 2 * shift + 1, (b,), generator=generator)
+    dy = torch.randint(0, 2 * shift + 1, (b,), generator=generator)
+    padded = F.pad(x, (shift, shift, shift, shift))
+    out = torch.empty_like(x)
+    for oy in range(2 * shift + 1):
+        for ox in range(2 * shift + 1):
+            rows = (dy == oy) & (dx == ox)
+            if bool(rows.any()):
+                out[rows] = padded[rows][..., oy : oy + h, ox : ox + w]
+    return out
+
+
 def distill(
     student: nn.Module,
     teacher: TeacherFn,
@@ -286,6 +336,7 @@ def distill(
     opt = make_optimizer(config.optimizer, trainable, config.lr)
     gen = torch.Generator().manual_seed(config.seed)
     mix = config.mixup and x.is_floating_point()
+    shift = config.shift if x.is_floating_point() and x.ndim >= 3 else 0
     labels = y if config.ce_weight > 0 else None
     n = int(x.shape[0])
     model.train()
@@ -297,11 +348,15 @@ def distill(
             rows = order[start : start + config.batch_size]
             xb = x[rows]
             yb = None if labels is None else labels[rows]
+            parts = [xb]
             if mix:
                 # Mixed inputs carry no label: the teacher alone speaks for them.
                 lam = torch.rand(int(rows.shape[0]), generator=gen).view(-1, *[1] * (x.ndim - 1))
                 partner = xb[torch.randperm(int(rows.shape[0]), generator=gen)]
-                xb = torch.cat([xb, lam * xb + (1 - lam) * partner])
+                parts.append(lam * xb + (1 - lam) * partner)
+            if shift:
+                parts.append(translate(xb, shift, gen))  # labelled by the teacher too
+            xb = torch.cat(parts)
             t = teacher(xb)
             s = model(xb)
             if yb is None:
@@ -311,8 +366,9 @@ def distill(
                 loss = distillation_loss(
                     s[:b], t[:b], config.temperature, labels=yb, ce_weight=config.ce_weight
                 )
-                if mix:
-                    loss = 0.5 * (loss + distillation_loss(s[b:], t[b:], config.temperature))
+                if len(parts) > 1:
+                    rest = distillation_loss(s[b:], t[b:], config.temperature)
+                    loss = 0.5 * (loss + rest)
             opt.zero_grad(set_to_none=True)
             torch.autograd.backward(loss)
             for p, m in masked:

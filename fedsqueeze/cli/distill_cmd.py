@@ -67,6 +67,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--no-mixup", action="store_true", help="train on the proxy images only, not their mixes"
     )
     parser.add_argument(
+        "--shift",
+        type=count(0),
+        default=1,
+        help="also train on copies of the proxy images moved by up to this many pixels, "
+        "labelled by the teacher (default 1; 0: none; image tasks only)",
+    )
+    parser.add_argument(
         "--compress",
         action="store_true",
         help="also prune, share and encode the student (Deep Compression, distilling)",
@@ -135,8 +142,8 @@ def main(args: argparse.Namespace) -> int:
         _load_teacher(teacher, args.teacher)
     config = DistillConfig(
         temperature=args.temperature, epochs=args.epochs, lr=args.lr,
-        ce_weight=args.ce_weight, mixup=not args.no_mixup, proxy_size=args.proxy_size,
-        seed=args.seed,
+        ce_weight=args.ce_weight, mixup=not args.no_mixup, shift=args.shift,
+        proxy_size=args.proxy_size, seed=args.seed,
     )  # fmt: skip
     proxy, rest = split_proxy(data, config.proxy_size, labelled=config.ce_weight > 0)
     console = make_console()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -15,6 +16,7 @@ from coordinator.distill import (
     ensemble,
     fuse,
     logits_of,
+    translate,
 )
 from fedsqueeze.tasks import DigitsCNN, get_task
 
@@ -67,6 +69,75 @@ def test_config_refuses_values_it_cannot_use() -> None:
         DistillConfig(temperature=0.0)
     with pytest.raises(ValueError, match="ce_weight"):
         DistillConfig(ce_weight=1.5)
+    with pytest.raises(ValueError, match="shift"):
+        DistillConfig(shift=-1)
+    with pytest.raises(TypeError, match="shift"):
+        DistillConfig(shift=True)
+
+
+def test_translate_moves_each_image_by_at_most_shift_pixels_with_zero_fill() -> None:
+    x = torch.rand(200, 1, 8, 8) + 1.0  # no zeros inside: a zero is fill
+    out = translate(x, 1, torch.Generator().manual_seed(0))
+    assert out.shape == x.shape and out.dtype == x.dtype
+    moves = set()
+    for i in range(200):
+        hits = [
+            (dy, dx)
+            for dy in (-1, 0, 1)
+            for dx in (-1, 0, 1)
+            if torch.equal(out[i], _moved(x[i], dy, dx))
+        ]
+        assert len(hits) == 1, i
+        moves.add(hits[0])
+    assert len(moves) == 9  # every offset of the 3 × 3 square is drawn
+    assert torch.equal(translate(x, 0, torch.Generator()), x)
+    again = translate(x, 1, torch.Generator().manual_seed(0))
+    assert torch.equal(again, out)  # the generator alone decides
+    with pytest.raises(ValueError, match="images"):
+        translate(torch.rand(4, 64), 1, torch.Generator())
+
+
+def _moved(img: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
+    """``img`` ``[C, H, W]`` moved down by ``dy`` and right by ``dx``, zero fill, by hand."""
+    out = torch.zeros_like(img)
+    h, w = img.shape[-2:]
+    for r in range(h):
+        for c in range(w):
+            if 0 <= r - dy < h and 0 <= c - dx < w:
+                out[:, r, c] = img[:, r - dy, c - dx]
+    return out
+
+
+def test_shift_adds_translated_copies_and_is_ignored_for_flat_inputs() -> None:
+    task = get_task("digits-cnn")
+    assert task.build_student is not None
+    x = task.load_data().x_train[:64]
+    teacher = logits_of(task.build_model(1))
+    base = DistillConfig(epochs=2, batch_size=32)
+    plain = distill(task.build_student(0), teacher, x, base).student
+    moved = distill(
+        task.build_student(0), teacher, x, DistillConfig(epochs=2, batch_size=32, shift=1)
+    )
+    assert not torch.equal(
+        plain.state_dict()["fc1.weight"], moved.student.state_dict()["fc1.weight"]
+    )
+    seen: list[int] = []
+
+    def spy(xb: torch.Tensor) -> torch.Tensor:
+        seen.append(int(xb.shape[0]))
+        return teacher(xb)
+
+    distill(task.build_student(0), spy, x, DistillConfig(epochs=1, batch_size=32, shift=1))
+    assert seen == [96, 96]  # the batch, its mixes, its translated copy
+    # Flat inputs (an MLP's features) cannot be translated: the setting adds nothing there.
+    mlp = get_task("digits-mlp")
+    assert mlp.build_student is not None
+    flat = x.flatten(1)
+    a = distill(mlp.build_student(0), logits_of(mlp.build_model(1)), flat, base).student
+    b = distill(
+        mlp.build_student(0), logits_of(mlp.build_model(1)), flat, replace(base, shift=2)
+    ).student
+    assert all(torch.equal(a.state_dict()[k], v) for k, v in b.state_dict().items())
 
 
 def test_distill_trains_a_copy_towards_the_teacher_and_keeps_masked_weights_zero() -> None:

@@ -37,3 +37,28 @@ def test_the_student_is_pruned_shared_and_decodes_to_what_was_measured() -> None
         "prune 0.9",
         "share + encode",
     ]
+
+
+def test_the_distillation_settings_reach_every_step_translated_copies_included() -> None:
+    task = get_task("digits-cnn")
+    assert task.build_student is not None
+    data = task.load_data()
+    sizes: list[int] = []
+    teacher = task.build_model(0)
+
+    class Spy(torch.nn.Module):  # the teacher, recording the batches it labels
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            sizes.append(int(x.shape[0]))
+            out: torch.Tensor = teacher(x)
+            return out
+
+    compress_student(
+        Spy(),
+        task.build_student(0),
+        data.x_train[:32],
+        lambda m: 0.0,
+        distill_config=DistillConfig(epochs=1, batch_size=32, shift=1),
+        recipe=DeepCompressionConfig(schedule=(0.5,), finetune_epochs=1, centroid_epochs=1),
+    )
+    # distil and prune: the batch, its mixes, its moved copy; then the centroids' targets
+    assert sizes == [96, 96, 32]
