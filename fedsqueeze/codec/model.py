@@ -25,6 +25,7 @@ from fedsqueeze.codec.container import (
     GLOBAL_ORDER_VERSION,
     GROUPED_VERSION,
     PROGRESSIVE_VERSION,
+    SUPPORT_LEVELS_VERSION,
     ContainerHeader,
     DecodeLimits,
     QParamsSizer,
@@ -87,10 +88,13 @@ class EncodedModel:
 
     @property
     def header(self) -> ContainerHeader:
-        """The model-level header: version 5 when refinements are not in level order,
+        """The model-level header: version 6 when a tensor's positions come in groups,
+        else 5 when refinements are not in level order,
         else 4 when a record is byte-grouped, else 3 when one is block-wise or NF4, else
         2 when a tensor is sent in levels, else 1."""
-        if not _levels_ascend(self.records):
+        if any(r.needs_v6 for r in self.records):
+            version = SUPPORT_LEVELS_VERSION
+        elif not _levels_ascend(self.records):
             version = GLOBAL_ORDER_VERSION
         elif any(r.needs_v4 for r in self.records):
             version = GROUPED_VERSION
@@ -295,13 +299,22 @@ def encode_state(
         if spec.prune.method is PruneMethod.L1_GLOBAL
         else {}
     )
+    grow_masks: dict[str, list[torch.Tensor]] = {}
+    if spec.grow and spec.prune.method is PruneMethod.L1_GLOBAL and spec.levels is not None:
+        for sparsity in spec.grow:
+            cut = _global_masks(state, spec.with_changes(grow=(), prune=replace(
+                spec.prune, sparsity=sparsity)), encoder, carried)  # fmt: skip
+            for name, mask in cut.items():
+                grow_masks.setdefault(name, []).append(mask)
     records = []
     new_residual: dict[str, torch.Tensor] = {}
     for name, tensor in state.items():
         if name in carried:
             record, res = encoder.carry(name, tensor.detach())
         else:
-            record, res = encoder.encode(name, tensor.detach(), masks.get(name))
+            record, res = encoder.encode(
+                name, tensor.detach(), masks.get(name), grow_masks.get(name)
+            )
         records.append(record)
         if res is not None:
             new_residual[name] = res
