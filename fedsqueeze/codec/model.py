@@ -457,7 +457,9 @@ class PrefixDecoded:
     used_bytes
         Bytes of the prefix that went into ``state`` (complete records and the header).
     levels
-        For each progressive tensor in ``state``, the highest level it holds (0-based).
+        For each progressive tensor in ``state``, the highest level it holds (0-based;
+        for a tensor with support levels, the number of its records held after the
+        first).
     complete
         Whether every record of the stream was there.
     """

@@ -355,3 +355,16 @@ def test_reorder_by_loss_also_orders_plain_progressive_tensors() -> None:
     ordered = reorder_by_loss(encoded, lambda s: _sq(s, full))
     for name, tensor in decode_state(EncodedModel.from_bytes(ordered.to_bytes())).items():
         assert torch.equal(tensor, full[name]), name
+
+
+def test_reorder_by_loss_of_a_delta_keeps_its_final_decode() -> None:
+    state, base = _state(8), _state(9)
+    encoded = encode_state(state, parse_spec(GLOBAL), base, seed=0)
+    full = decode_state(encoded, base)
+    ordered = reorder_by_loss(encoded, lambda s: _sq(s, full), base, lookahead=2)
+    again = decode_state(EncodedModel.from_bytes(ordered.to_bytes()), base)
+    for name, tensor in full.items():
+        assert torch.equal(again[name], tensor), name
+    stream = ordered.to_bytes()[:-4]
+    for end in _record_ends(ordered):
+        decode_prefix(stream[:end], base)
