@@ -52,7 +52,8 @@ Neither tracks a classifier's accuracy step by step: an encoder that holds data 
 re-sequence the refinements by a loss it measures
 (:func:`fedsqueeze.codec.loss_order.reorder_by_loss`, the same records in another
 order); on the digits CNN with support levels that order lowers the largest fall of
-test accuracy along the stream several times over (BENCHMARKS.md).
+test accuracy along the stream (1.94 to 1.11 and 2.22 to 0.56 points on seeds 0 and 1)
+and is what meets 1/64 of fp32 on every seed (BENCHMARKS.md).
 """
 
 from __future__ import annotations

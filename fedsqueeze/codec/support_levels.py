@@ -40,11 +40,11 @@ which of them are in ``S_1``: at most one bit per weight of ``S_2``. That bit is
 magnitude information: a later group's values lie in a narrow band, so their first
 planes cost little and remove much; but zstd wins back little of it from packed
 planes. Measured on digits-cnn (BENCHMARKS.md, "Progressive levels";
-``prune=global:0.88,quant=4:symmetric,levels=1+1+2,float=fp16,grow=0.96+0.93``): the
-whole stream is 6.1 kB against 5.0 kB without ``grow`` and 4.66 kB one-shot (1.31×,
-about 1.5 bits per kept weight for the three-way split), and in exchange one stream
-starts at 1.67 kB (1/92 of fp32) and is within 5 points of the full model at 1/64 and
-within 2 at 1/32 on seeds 0-2, where positions sent whole took two streams.
+``prune=global:0.88,quant=4:symmetric,levels=1+1+2,float=fp16,grow=0.94``): the whole
+stream is 5.75 kB against 5.0 kB without ``grow`` and 4.66 kB one-shot (1.23×; a
+three-way split, ``grow=0.96+0.93``, 1.31×), and in exchange one stream starts at
+2.15 kB (1/71 of fp32) and is within 5 points of the full model at 1/64 and within 2 at
+1/32 on seeds 0-4, where positions sent whole took two streams.
 """
 
 from __future__ import annotations
