@@ -271,6 +271,7 @@ def load_config(path: str | Path | None, sets: Sequence[str] = ()) -> Simulation
     # The file's tables for arms a --set arms=... leaves out are not typos: a run of some
     # of a config's arms (``--set arms=fedavg-adapters,adaptive-ffa``) ignores them.
     file_tables = set(arm_tables)
+    set_tables: set[str] = set()  # arm tables a --set names
     for item in sets:
         key, sep, text = item.partition("=")
         if not sep:
@@ -281,8 +282,10 @@ def load_config(path: str | Path | None, sets: Sequence[str] = ()) -> Simulation
             if not name or not arm_key:
                 raise ConfigError(f"--set {key}: expected arm.NAME.KEY")
             arm_tables.setdefault(name, {})[arm_key] = value
+            set_tables.add(name)
         else:
             top[key] = value
+    arms_from_set = any(item.partition("=")[0].strip() == "arms" for item in sets)
     arm_names = top.pop("arms", None)
     if isinstance(arm_names, str):
         arm_names = [n.strip() for n in arm_names.split(",") if n.strip()]
@@ -293,8 +296,8 @@ def load_config(path: str | Path | None, sets: Sequence[str] = ()) -> Simulation
     _check_arm_names(arm_names, arm_tables)
     arms = tuple(_arm(name, arm_tables.get(name, {})) for name in arm_names)
     unused = set(arm_tables) - set(arm_names)
-    if any(item.strip().startswith("arms=") for item in sets):
-        unused -= file_tables - {i.split(".")[1] for i in sets if i.startswith("arm.")}
+    if arms_from_set:
+        unused -= file_tables - set_tables
     if unused:
         raise ConfigError(f"[arm.{sorted(unused)[0]}] is not in arms = {arm_names}")
     kwargs = _kwargs(SimulationConfig, top, "config")

@@ -10,12 +10,21 @@ run that hangs until its round timeout, round after round (seen in CI).
 arguments, the driver's ``sys.path`` passed to the workers), retries a start that
 timed out after clearing what it left behind, and only then hands over to Flower,
 which finds Ray running and uses it.
+
+What a failed start leaves: ``ray.init`` spawns the GCS server and the raylet as children
+of this process before it waits for them, and when the wait times out it raises before
+Ray records the node, so ``ray.shutdown`` knows nothing to stop. Left alone they run
+(and load the machine) until this process exits, beside the next attempt's. So every
+child process that appeared during a failed attempt is stopped (SIGTERM, then SIGKILL
+after a grace period) and reaped before the next one.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import signal
 import sys
 import time
 import warnings
@@ -26,10 +35,12 @@ from fedsqueeze.errors import FedsqueezeError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["EngineStartError", "run_simulation", "start_ray"]
+__all__ = ["EngineStartError", "child_pids", "run_simulation", "start_ray", "stop_processes"]
 
 #: Attempts at starting Ray before giving up.
 START_ATTEMPTS = 3
+#: Seconds a left-behind process gets to exit after SIGTERM before SIGKILL.
+STOP_GRACE_S = 5.0
 #: The start of the FutureWarning ``ray.init`` gives about accelerator variables.
 RAY_ACCELERATOR_TIP = r"Tip: In future versions of Ray, Ray will no longer override accelerator"
 
@@ -61,6 +72,7 @@ def start_ray(init_args: Mapping[str, Any], attempts: int = START_ATTEMPTS) -> N
     os.environ["PYTHONPATH"] = pythonpath
     last: Exception | None = None
     for attempt in range(1, attempts + 1):
+        before = child_pids()
         try:
             with warnings.catch_warnings():
                 # Ray 2.5x tells every driver that a future Ray will stop hiding GPUs
@@ -78,8 +90,64 @@ def start_ray(init_args: Mapping[str, Any], attempts: int = START_ATTEMPTS) -> N
                 ray.shutdown()  # stops the processes a half-started node left
             except Exception as cleanup:  # pragma: no cover - best effort
                 log.debug("ray.shutdown after a failed start: %s", cleanup)
+            left = sorted(child_pids() - before)
+            if left:
+                log.warning("stopping %d process(es) the failed start left: %s", len(left), left)
+                stop_processes(left)
             time.sleep(2.0 * attempt)
     raise EngineStartError(f"Ray did not start in {attempts} attempts: {last}")
+
+
+def child_pids() -> set[int]:
+    """Process ids of this process's live children (Linux ``/proc``; empty elsewhere)."""
+    me = os.getpid()
+    found: set[int] = set()
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return found
+    for entry in entries:
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as fh:
+                stat = fh.read()
+        except OSError:
+            continue  # gone meanwhile, or not ours to read
+        # "pid (comm) state ppid ...": comm may hold spaces and parentheses
+        fields = stat[stat.rfind(b")") + 2 :].split()
+        if len(fields) > 1 and int(fields[1]) == me and fields[0] != b"Z":
+            found.add(int(entry))
+    return found
+
+
+def stop_processes(pids: list[int], grace_s: float = STOP_GRACE_S) -> None:
+    """SIGTERM each of ``pids`` (children of this process), SIGKILL what is left after
+    ``grace_s`` seconds, and reap them all."""
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+    waiting = set(pids)
+    deadline = time.monotonic() + grace_s
+    while waiting:
+        for pid in sorted(waiting):
+            try:
+                done, _status = os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:  # reaped elsewhere (a Popen's own wait)
+                done = pid
+            if done:
+                waiting.discard(pid)
+        if not waiting:
+            return
+        if time.monotonic() >= deadline:
+            for pid in waiting:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            for pid in waiting:
+                with contextlib.suppress(ChildProcessError):
+                    os.waitpid(pid, 0)
+            return
+        time.sleep(0.05)
 
 
 def run_simulation(

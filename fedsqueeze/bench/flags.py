@@ -71,7 +71,8 @@ def add_progressive_arguments(parser: argparse.ArgumentParser) -> None:
         "--minilm-curves",
         metavar="SPEC@ORDER;...",
         help="MiniLM curves to draw instead of the built-in list, e.g. "
-        "'quant=8:block64,levels=3+1+1+1+2@relative' (orders: by-level, squared, relative)",
+        "'quant=8:channel:hadamard,levels=2+1+1+1+1+2@weighted' (orders: by-level, squared, "
+        "relative, weighted: Fisher sensitivities on calibration sentences)",
     )
     parser.add_argument("--json", type=Path, help="also write the figures to this file")
 

@@ -24,7 +24,9 @@ digits    the trained digits-cnn encoded progressively: test accuracy of the mod
 minilm    the same curve for all-MiniLM-L6-v2, as the mean cosine similarity between
           sentence embeddings of the decoded and the fp32 model over the first sentences
           of Python standard-library docstrings (real text written by CPython's authors,
-          extracted deterministically, at least 200);
+          extracted deterministically, at least 200); curves in the ``weighted`` order
+          take per-tensor Fisher sensitivities measured on calibration sentences from
+          other standard-library modules (:mod:`fedsqueeze.bench.sensitivity`);
 overhead  the whole progressive stream against a one-shot encoding at the same final
           precision;
 partwise  peak memory beyond the loaded MiniLM of decoding a stream whole
@@ -76,6 +78,13 @@ MINILM_CURVES = (
     ("quant=8:channel,levels=3+1+1+1+2", _GLOBAL),
     ("quant=8:block64,levels=3+1+1+1+2", _GLOBAL),
     ("quant=8:channel,levels=1+1+2+4", _GLOBAL),
+    # the sensitivity-weighted order alone, the Hadamard rotation alone, both
+    ("quant=8:block64:dq,levels=3+1+1+1+2", LevelOrder.WEIGHTED),
+    ("quant=8:channel:hadamard,levels=2+1+1+1+1+2", _GLOBAL),
+    ("quant=8:channel:hadamard,levels=2+1+1+1+1+2", LevelOrder.WEIGHTED),
+    # both, with 8-bit double-quantized scales per 384 values (a row of most matrices)
+    ("quant=8:block384:dq:hadamard,levels=2+1+1+1+1+2", LevelOrder.WEIGHTED),
+    ("quant=8:symmetric:block384:dq:hadamard,levels=2+1+1+1+1+2", LevelOrder.WEIGHTED),
 )
 PARTS = ("designs", "digits", "minilm", "partwise")
 PARTWISE_SPECS = ("quant=8:channel", "lossless", "prune=l1:0.9,quant=4")
@@ -131,10 +140,12 @@ def prefix_curve(
     extra_points: tuple[int, ...] = (),
     order: LevelOrder = LevelOrder.RELATIVE,
     count: int = 14,
+    weights: Mapping[str, float] | None = None,
 ) -> Json:
     """Quality of the model decoded from growing prefixes of ``state``'s progressive stream
-    (``count`` points on a log axis, and ``extra_points`` past the smallest prefix)."""
-    encoded = encode_state(state, spec, seed=0, order=order)
+    (``count`` points on a log axis, and ``extra_points`` past the smallest prefix);
+    ``weights`` for the weighted order."""
+    encoded = encode_state(state, spec, seed=0, order=order, weights=weights)
     stream = encoded.to_bytes()[:-4]
     start = smallest_prefix(encoded)
     points = sorted(
@@ -249,9 +260,15 @@ def run(
         _run_plane_entropy(report, out, state)
     if "minilm" in parts:
         curves = []
+        weights = None
+        if any(order is LevelOrder.WEIGHTED for _, order in minilm_curves):
+            weights = _minilm_weights(report, out, state)
         for text, order in minilm_curves:
-            points = (fp32 // 4, fp32 // 6, fp32 // 8, fp32 // 16, fp32 // 32)
-            curve = prefix_curve(state, parse_spec(text), cosine, points, order, count=4)
+            points = (fp32 // 4, fp32 // 6, fp32 // 7, fp32 // 8, fp32 // 16, fp32 // 32)
+            curve = prefix_curve(
+                state, parse_spec(text), cosine, points, order, count=4,
+                weights=weights if order is LevelOrder.WEIGHTED else None,
+            )  # fmt: skip
             curve["fp32_bytes"] = fp32
             curves.append(curve)
             _print_curve(out, f"MiniLM embedding cosine ({len(sentences)} sentences)", curve, fp32)
@@ -259,6 +276,33 @@ def run(
     if "partwise" in parts:
         _run_partwise(report, out, state)
     return report
+
+
+def _minilm_weights(report: Json, out: Callable[[str], None], state: State) -> dict[str, float]:
+    """Per-tensor Fisher sensitivities on calibration sentences disjoint from the test
+    ones (:mod:`fedsqueeze.bench.sensitivity`), for the weighted order."""
+    from fedsqueeze.bench.sensitivity import (
+        CALIBRATION_MODULES,
+        calibration_sentences,
+        minilm_fisher,
+    )
+
+    calibration = calibration_sentences()
+    fisher = minilm_fisher(calibration)
+    if fisher is None:
+        raise RuntimeError("the weighted order needs the MiniLM weights")
+    weights = {k: fisher.get(k, 0.0) for k in state}
+    report["minilm_weights"] = {
+        "calibration_modules": list(CALIBRATION_MODULES),
+        "calibration_sentences": len(calibration),
+        "fisher_per_element": weights,
+    }
+    ranked = sorted(((w, k) for k, w in weights.items() if state[k].ndim >= 2), reverse=True)
+    out(
+        f"\nFisher sensitivities ({len(calibration)} calibration sentences), per element: "
+        f"highest {ranked[0][1]} {ranked[0][0]:.3g}, lowest {ranked[-1][1]} {ranked[-1][0]:.3g}"
+    )
+    return weights
 
 
 def _run_digits(report: Json, out: Callable[[str], None], parts: tuple[str, ...]) -> None:
@@ -357,7 +401,8 @@ def _print_curve(
 
 
 def parse_curve(text: str) -> tuple[str, LevelOrder]:
-    """``SPEC@ORDER`` (order ``by-level``, ``squared`` or ``relative``; default relative).
+    """``SPEC@ORDER`` (order ``by-level``, ``squared``, ``relative`` or ``weighted``;
+    default relative).
 
     Raises
     ------

@@ -58,7 +58,17 @@ ENTROPY, SPARSE, QUANT or LOWRANK: its body holds its own per-plane coding, and 
 decoder bounds every plane by the element count. Version 1 to 3 decoders refuse version
 4 streams by their version byte (and kinds 5 and 6 are unknown to them anyway).
 
-Version 6 is version 5 plus *support levels* (progressive sparsity,
+Version 6 is version 5 plus rotated records (:mod:`fedsqueeze.codec.rotation`), written
+only when some record is rotated. A rotated record's quantization header starts with a
+*rotation prefix*: a descriptor byte with the bits and a scheme field of 0 without 0x80
+(no scheme has that value, so every earlier parser refuses it), then ``rotation u8``
+(1: Hadamard) · ``seed u32`` (little endian), then the ordinary (or extended)
+descriptor and parameters with the same bits. The quantized values are those of the
+rotated tensor; the decoder rotates them back before adding a delta's base. A rotated
+record is dense: never SPARSE or LOWRANK. Version 1 to 5 decoders refuse version 6
+streams by their version byte.
+
+Version 7 is version 6 plus *support levels* (progressive sparsity,
 :mod:`fedsqueeze.codec.support_levels`), written only when some tensor's positions
 arrive in several groups. Such a tensor's refinements each name what they hold: a
 refinement with the QUANT flag carries ``group varint · plane varint`` after its level
@@ -66,7 +76,7 @@ refinement with the QUANT flag carries ``group varint · plane varint`` after it
 the SPARSE flag as well (exactly when ``plane`` is 0: a new group, ``group`` ≥ 1) the
 positions header of the weights it adds, their indices counted among the positions
 the earlier groups left free. Its body is those positions, then the group's plane and
-table as a level record's. Version 1 to 5 decoders refuse version 6 streams by their
+table as a level record's. Version 1 to 6 decoders refuse version 7 streams by their
 version byte (and such refinements by their flags).
 
 Everything here is structure only: the numerical stages live in ``fedsqueeze.codec.model``.
@@ -76,7 +86,7 @@ from __future__ import annotations
 
 import zlib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import IntEnum, IntFlag
 
 import torch
@@ -115,21 +125,25 @@ GROUPED_VERSION = 4
 #: The version written when refinements are not in level order (one rate-distortion
 #: order over all tensors' levels, :mod:`fedsqueeze.codec.level_order`).
 GLOBAL_ORDER_VERSION = 5
+#: The version written when any record is rotated before quantization.
+ROTATED_VERSION = 6
 #: The version written when a tensor's positions arrive in groups (support levels,
 #: :mod:`fedsqueeze.codec.support_levels`).
-SUPPORT_LEVELS_VERSION = 6
+SUPPORT_LEVELS_VERSION = 7
 SUPPORTED_VERSIONS = (
     FORMAT_VERSION,
     PROGRESSIVE_VERSION,
     BLOCKWISE_VERSION,
     GROUPED_VERSION,
     GLOBAL_ORDER_VERSION,
+    ROTATED_VERSION,
     SUPPORT_LEVELS_VERSION,
 )
 #: Most position groups (support levels) one tensor may have.
 MAX_GROUPS = 16
 _EXTENDED_QUANT = 0x80  # a descriptor with scheme field 0: the extended form follows
 _HAS_BASE = 0x01
+_HADAMARD = 1  # the rotation byte of a rotated record (fedsqueeze.codec.spec.Rotation)
 
 # Stable wire codes of dtypes; never renumber (golden vectors pin them).
 DTYPE_CODES: dict[torch.dtype, int] = {
@@ -236,6 +250,7 @@ class QuantHeader:
     block_size: int = 0  # PER_BLOCK: values per block
     scale_format: ScaleFormat = ScaleFormat.FP32  # PER_BLOCK: how the scales are stored
     blocks: int = 0  # PER_BLOCK: number of blocks (parameter sets)
+    rotation_seed: int | None = None  # rotated values (Hadamard, version 6): their seed
 
     @property
     def needs_v3(self) -> bool:
@@ -280,8 +295,8 @@ class TensorRecord:
         return bool(self.levels) or self.level > 0
 
     @property
-    def needs_v6(self) -> bool:
-        """Whether this record needs format version 6 (a refinement of a grown tensor)."""
+    def needs_v7(self) -> bool:
+        """Whether this record needs format version 7 (a refinement of a grown tensor)."""
         return self.group is not None
 
     @property
@@ -293,6 +308,11 @@ class TensorRecord:
     def needs_v4(self) -> bool:
         """Whether this record needs format version 4 (byte-grouped values)."""
         return self.quant is None and self.value_kind in GROUPED_KINDS
+
+    @property
+    def rotated(self) -> bool:
+        """Whether this record's values are rotated (needs format version 6)."""
+        return self.quant is not None and self.quant.rotation_seed is not None
 
     @property
     def numel(self) -> int:
@@ -370,6 +390,10 @@ class TensorRecord:
             write_varint(out, self.rank)
         if self.quant is not None:
             q = self.quant
+            if q.rotation_seed is not None:
+                out.append(q.bits)  # scheme field 0, no 0x80: the rotation prefix
+                out.append(_HADAMARD)
+                out += q.rotation_seed.to_bytes(4, "little")
             if q.granularity is Granularity.PER_BLOCK:
                 out.append(q.bits | _EXTENDED_QUANT)
                 out.append(q.scheme.value)
@@ -499,6 +523,20 @@ def parse_record(
     value_kind = ValueKind.RAW
     if flags & RecordFlags.QUANT:
         desc = reader.u8("quantization descriptor")
+        seed: int | None = None
+        if desc & 0xF0 == 0:  # the rotation prefix
+            if version < ROTATED_VERSION:
+                raise FormatError(f"a rotated record in a version {version} stream")
+            if flags & (RecordFlags.SPARSE | RecordFlags.LOWRANK):
+                raise FormatError("a rotated record is dense and full rank")
+            kind = reader.u8("rotation")
+            if kind != _HADAMARD:
+                raise FormatError(f"unknown rotation {kind}")
+            seed = int.from_bytes(reader.take(4, "rotation seed"), "little")
+            inner = reader.u8("quantization descriptor")
+            if inner & 0x0F != desc & 0x0F or inner & 0xF0 == 0:
+                raise FormatError("a rotation prefix and its descriptor disagree")
+            desc = inner
         bits = desc & 0x0F
         if bits not in (2, 3, 4, 8):
             raise FormatError(f"unsupported quantization bit width {bits}")
@@ -528,6 +566,8 @@ def parse_record(
                 # Shape unknown until resolved: the sizer cannot know the channel count.
                 raise FormatError("per-channel index-coded record cannot be parsed without base")
             quant = QuantHeader(bits, scheme, granularity, params)
+        if seed is not None:
+            quant = replace(quant, rotation_seed=seed)
     else:
         kind = reader.u8("value kind")
         last = ValueKind.GROUPED_XOR if version >= GROUPED_VERSION else ValueKind.BF16
@@ -759,6 +799,7 @@ __all__ = [
     "GROUPED_VERSION",
     "MAX_GROUPS",
     "PROGRESSIVE_VERSION",
+    "ROTATED_VERSION",
     "SUPPORTED_VERSIONS",
     "SUPPORT_LEVELS_VERSION",
     "ContainerHeader",

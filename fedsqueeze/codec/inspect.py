@@ -45,6 +45,8 @@ def stages_of(record: TensorRecord) -> str:
         if q.granularity is Granularity.PER_BLOCK:
             gran = f"{q.blocks} blocks of {q.block_size}, {q.scale_format.name.lower()} scales"
         parts.append(f"{q.scheme.name.lower()} {q.bits}-bit {gran}")
+        if q.rotation_seed is not None:
+            parts.append(f"hadamard-rotated (seed {q.rotation_seed})")
     elif record.value_kind not in (ValueKind.RAW, ValueKind.XOR):
         parts.append(record.value_kind.name.lower())
     if record.raw_length is not None:

@@ -39,6 +39,17 @@ data-free proxy for the perturbation of the model's output. It needs no calibrat
 data and no gradients (which an encoder of a federated update does not have); it is
 a proxy, and the benchmark measures it beside plain squared error.
 
+:attr:`LevelOrder.WEIGHTED` multiplies the squared error by a per-tensor weight the
+caller gives: a measured sensitivity, e.g. the mean diagonal Fisher information of the
+model's output on calibration data (:mod:`fedsqueeze.bench.sensitivity`), which is the
+cost per unit of squared error when the noise is spread evenly over the tensor's
+elements (as the Hadamard rotation of :mod:`fedsqueeze.codec.rotation` spreads it). On
+all-MiniLM-L6-v2 the cost per unit of noise-to-signal ratio they give spans 128× across
+the matrices, so the relative order's assumption (every tensor's noise-to-signal ratio
+costs the same) is far off: the later layers' value and FFN matrices cost far more than
+the first layers' queries and keys. Weight 0 (a tensor the output never reads)
+sends a tensor's refinements last.
+
 Measured (``fedsqueeze bench progressive``, BENCHMARKS.md): on the trained digits CNN
 (90%- and 94%-sparse, 1+1+2 bits) level order lets accuracy fall by 7.5 and 8.6 points
 while the last level of each tensor arrives; the relative order holds the largest fall
@@ -62,7 +73,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import Enum
 
-__all__ = ["LevelOrder", "LevelScore", "refinement_order"]
+__all__ = ["LevelOrder", "LevelScore", "order_weight", "refinement_order"]
 
 
 class LevelOrder(Enum):
@@ -71,6 +82,9 @@ class LevelOrder(Enum):
     BY_LEVEL = "by-level"
     SQUARED = "squared"
     RELATIVE = "relative"
+    #: squared error times a per-tensor weight the caller gives (a sensitivity, e.g. the
+    #: mean diagonal Fisher information of the tensor on calibration data).
+    WEIGHTED = "weighted"
 
 
 @dataclass(frozen=True)
@@ -89,6 +103,9 @@ class LevelScore:
         Bytes of its record.
     energy
         ``‖W‖²`` of the tensor it refines (1.0 where that is zero).
+    weight
+        The tensor's sensitivity per unit of squared error (:attr:`LevelOrder.WEIGHTED`
+        only), finite and at least 0.
     """
 
     tensor: int
@@ -96,6 +113,7 @@ class LevelScore:
     gain: float
     nbytes: int
     energy: float
+    weight: float = 1.0
 
 
 def refinement_order(scores: Sequence[LevelScore], order: LevelOrder) -> list[int]:
@@ -125,13 +143,23 @@ def refinement_order(scores: Sequence[LevelScore], order: LevelOrder) -> list[in
         return [k[-1] for k in sorted(keyed)]
     slope: dict[int, float] = {}
     for chain in by_tensor.values():
-        weight = 1.0 if order is LevelOrder.SQUARED else 1.0 / scores[chain[0]].energy
+        weight = order_weight(order, scores[chain[0]].energy, scores[chain[0]].weight)
         points = [(scores[i].nbytes, weight * scores[i].gain) for i in chain]
         for run, run_slope in _hull_runs(points):
             for j in run:
                 slope[chain[j]] = run_slope
     keyed2 = [(-slope[i], s.tensor, s.level, i) for i, s in enumerate(scores)]
     return [k[-1] for k in sorted(keyed2)]
+
+
+def order_weight(order: LevelOrder, energy: float, weight: float) -> float:
+    """What ``order`` multiplies a tensor's squared-error gains by: 1 (``SQUARED``,
+    ``BY_LEVEL``), ``1/energy`` (``RELATIVE``) or the given ``weight`` (``WEIGHTED``)."""
+    if order is LevelOrder.RELATIVE:
+        return 1.0 / energy
+    if order is LevelOrder.WEIGHTED:
+        return weight
+    return 1.0
 
 
 def _hull_runs(points: Sequence[tuple[int, float]]) -> list[tuple[list[int], float]]:

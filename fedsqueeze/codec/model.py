@@ -12,6 +12,7 @@ copied to the host as bytes.
 from __future__ import annotations
 
 import fnmatch
+import math
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -25,6 +26,7 @@ from fedsqueeze.codec.container import (
     GLOBAL_ORDER_VERSION,
     GROUPED_VERSION,
     PROGRESSIVE_VERSION,
+    ROTATED_VERSION,
     SUPPORT_LEVELS_VERSION,
     ContainerHeader,
     DecodeLimits,
@@ -36,7 +38,7 @@ from fedsqueeze.codec.container import (
 )
 from fedsqueeze.codec.digest import state_digest
 from fedsqueeze.codec.finite import NonFinite
-from fedsqueeze.codec.level_order import LevelOrder, LevelScore, refinement_order
+from fedsqueeze.codec.level_order import LevelOrder, LevelScore, order_weight, refinement_order
 from fedsqueeze.codec.pruning import global_magnitude_masks
 from fedsqueeze.codec.spec import DEFAULT_TARGETS, CodecSpec, PruneMethod
 from fedsqueeze.codec.tensor_decode import ProgressiveTensor, TensorDecoder
@@ -88,12 +90,14 @@ class EncodedModel:
 
     @property
     def header(self) -> ContainerHeader:
-        """The model-level header: version 6 when a tensor's positions come in groups,
-        else 5 when refinements are not in level order,
+        """The model-level header: version 7 when a tensor's positions come in groups,
+        else 6 when a record is rotated, else 5 when refinements are not in level order,
         else 4 when a record is byte-grouped, else 3 when one is block-wise or NF4, else
         2 when a tensor is sent in levels, else 1."""
-        if any(r.needs_v6 for r in self.records):
+        if any(r.needs_v7 for r in self.records):
             version = SUPPORT_LEVELS_VERSION
+        elif any(r.rotated for r in self.records):
+            version = ROTATED_VERSION
         elif not _levels_ascend(self.records):
             version = GLOBAL_ORDER_VERSION
         elif any(r.needs_v4 for r in self.records):
@@ -202,6 +206,7 @@ def prepare_encode(
     base_digest: bytes | None,
     nonfinite: NonFinite,
     order: LevelOrder,
+    weights: Mapping[str, float] | None = None,
 ) -> tuple[State, TensorEncoder, bytes | None]:
     """What every encoder of a whole state does first: check the arguments, name the
     base by its digest, warn about unmatched targets, leave out the frozen tensors the
@@ -216,6 +221,7 @@ def prepare_encode(
         raise TypeError(f"nonfinite must be a NonFinite, got {type(nonfinite).__name__}")
     if not isinstance(order, LevelOrder):
         raise TypeError(f"order must be a LevelOrder, got {type(order).__name__}")
+    check_weights(order, weights)
     _check_state(state, "state")
     if base is not None:
         _check_state(base, "base")
@@ -237,6 +243,7 @@ def encode_state(
     base_digest: bytes | None = None,
     nonfinite: NonFinite = NonFinite.REFUSE,
     order: LevelOrder = LevelOrder.RELATIVE,
+    weights: Mapping[str, float] | None = None,
 ) -> EncodedModel:
     """Encode a state dict, as a delta against ``base`` when one is given.
 
@@ -265,6 +272,11 @@ def encode_state(
     order
         How a progressive spec orders its refinements (:mod:`fedsqueeze.codec.level_order`;
         the decoder reads every order). Ignored without ``levels``.
+    weights
+        With ``order=LevelOrder.WEIGHTED`` (and only then): each progressive tensor's
+        sensitivity per unit of squared error (finite, at least 0), e.g. from
+        :func:`fedsqueeze.bench.sensitivity.fisher_weights`. The decoder needs nothing
+        of it: only the order of the refinements changes.
 
     Returns
     -------
@@ -291,7 +303,7 @@ def encode_state(
         are reused across models, so this is not an error).
     """
     state, encoder, base_digest = prepare_encode(
-        state, spec, base, residual, seed, base_digest, nonfinite, order
+        state, spec, base, residual, seed, base_digest, nonfinite, order, weights
     )
     carried = _unencodable(state, encoder, nonfinite)
     masks = (
@@ -319,7 +331,7 @@ def encode_state(
         if res is not None:
             new_residual[name] = res
     if encoder.levels:
-        records = progressive_order(records, encoder.levels, order)
+        records = progressive_order(records, encoder.levels, order, weights)
     return EncodedModel(
         spec=spec,
         base_digest=base_digest if base is not None else None,
@@ -602,8 +614,29 @@ def _levels_ascend(records: tuple[TensorRecord, ...]) -> bool:
     return True
 
 
+def check_weights(order: LevelOrder, weights: Mapping[str, float] | None) -> None:
+    """Refuse ``weights`` that ``order`` does not use, or that it needs and lacks, and
+    weights that are not finite numbers of at least 0 (``ValueError``, ``TypeError``)."""
+    if order is not LevelOrder.WEIGHTED:
+        if weights is not None:
+            raise ValueError(f"weights are for the weighted order, not {order.value!r}")
+        return
+    if weights is None:
+        raise ValueError("the weighted order needs weights (a sensitivity per tensor)")
+    if not isinstance(weights, Mapping):
+        raise TypeError(f"weights must be a mapping, got {type(weights).__name__}")
+    for name, w in weights.items():
+        if isinstance(w, bool) or not isinstance(w, (int, float)):
+            raise TypeError(f"weight of {name!r} must be a number, got {type(w).__name__}")
+        if not math.isfinite(w) or w < 0:
+            raise ValueError(f"weight of {name!r} must be finite and at least 0, got {w}")
+
+
 def progressive_order(
-    records: list[TensorRecord], levels: Mapping[str, Sequence[ScoredLevel]], order: LevelOrder
+    records: list[TensorRecord],
+    levels: Mapping[str, Sequence[ScoredLevel]],
+    order: LevelOrder,
+    weights: Mapping[str, float] | None = None,
 ) -> list[TensorRecord]:
     """The stream order of a progressive model's records: base levels first, then the
     refinements in ``order``.
@@ -622,15 +655,30 @@ def progressive_order(
         found in ``records``), with their gains, energies and sizes.
     order
         How the refinements are ordered (:func:`refinement_order`).
+    weights
+        Each progressive tensor's weight, for :attr:`LevelOrder.WEIGHTED`.
+
+    Raises
+    ------
+    ValueError
+        The weighted order and a progressive tensor without a weight.
     """
+    weight_of: dict[str, float] = {}
+    for name in levels:
+        if order is LevelOrder.WEIGHTED:
+            if weights is None or name not in weights:
+                raise ValueError(f"the weighted order has no weight for tensor {name!r}")
+            weight_of[name] = float(weights[name])
+        else:
+            weight_of[name] = 1.0
     plain = [r for r in records if not r.levels]
     progressive = [r for r in records if r.levels]
     name_of = {id(lv[0].record): name for name, lv in levels.items()}
 
     def base_score(r: TensorRecord) -> float:
-        first = levels[name_of[id(r)]][0]
-        weight = 1.0 / first.energy if order is LevelOrder.RELATIVE else 1.0
-        return -weight * first.score
+        name = name_of[id(r)]
+        first = levels[name][0]
+        return -order_weight(order, first.energy, weight_of[name]) * first.score
 
     progressive.sort(key=base_score)
     ordered = plain + progressive
@@ -641,7 +689,14 @@ def progressive_order(
         for level, scored in enumerate(levels[name][1:], start=1):
             refinements.append((scored, position[name]))
             scores.append(
-                LevelScore(position[name], level, scored.gain, scored.size, scored.energy)
+                LevelScore(
+                    position[name],
+                    level,
+                    scored.gain,
+                    scored.size,
+                    scored.energy,
+                    weight_of[name],
+                )
             )
     for i in refinement_order(scores, order):
         scored, index = refinements[i]

@@ -81,6 +81,18 @@ class Rounding(Enum):
     STOCHASTIC = 2
 
 
+class Rotation(Enum):
+    """What is done to a target tensor before it is quantized (format version 6).
+
+    HADAMARD: a randomized Walsh-Hadamard rotation of each row
+    (:mod:`fedsqueeze.codec.rotation`), undone by the decoder: it spreads outliers, so
+    coarse codes lose less. Dense only (not with pruning, top-k or low rank).
+    """
+
+    NONE = 0
+    HADAMARD = 1
+
+
 class FloatFormat(Enum):
     """How values that are not quantized are stored."""
 
@@ -159,6 +171,8 @@ class QuantSpec:
     scale_format
         :attr:`Granularity.PER_BLOCK` only: how the block scales are stored; ``None``
         picks FP16 for blocks and FP32 (the only choice) otherwise.
+    rotation
+        What the values go through before quantization (:class:`Rotation`).
     """
 
     bits: int = 8
@@ -167,8 +181,11 @@ class QuantSpec:
     rounding: Rounding = Rounding.NEAREST
     block_size: int | None = None
     scale_format: ScaleFormat | None = None
+    rotation: Rotation = Rotation.NONE
 
     def __post_init__(self) -> None:
+        if not isinstance(self.rotation, Rotation):
+            raise ValueError(f"unknown rotation {self.rotation!r}")
         if self.bits not in QUANT_BITS:
             raise ValueError(f"bits must be one of {QUANT_BITS}, got {self.bits}")
         if self.scheme is QuantScheme.KMEANS and self.granularity is not Granularity.PER_TENSOR:
@@ -287,6 +304,12 @@ class CodecSpec:
                 )
         if self.levels is not None:
             _check_levels(self.levels, self.quant, self.rank)
+        rotated = self.quant is not None and self.quant.rotation is not Rotation.NONE
+        if rotated and (self.prune.active or self.topk is not None or self.rank is not None):
+            raise ValueError(
+                "a rotation mixes every value of a row: it is for dense tensors, not "
+                "with pruning, top-k or low rank"
+            )
         if self.grow:
             _check_grow(self)
         if not 0 <= self.entropy_level <= 22:
@@ -336,16 +359,16 @@ class CodecSpec:
     def to_bytes(self) -> bytes:
         """Compact, canonical byte form (3 bytes for the default spec).
 
-        Layout: flags u8 (prune method in bits 0-2, top-k bit 3, quant bit 4, custom
-        targets bit 5, rank bit 6, levels bit 7) · [amount f64] · [topk f64] · [rank
-        varint] · [quant: bits | scheme << 4, granularity | rounding << 2 | (scale
-        format − 1) << 4, block size varint for block-wise] · [levels: count u8 · bits
+        Layout: flags u8 (prune method in bits 0-2, top-k bit 3, quant bit 4, custom targets
+        bit 5, rank bit 6, levels bit 7) · [amount f64] · [topk f64] · [rank varint] ·
+        [quant: bits | scheme << 4, granularity | rounding << 2 | (scale format − 1) << 4 |
+        Hadamard rotation << 7, block size varint for block-wise] · [levels: count u8 · bits
         u8 each; with bit 7 of the count set, support levels follow: count u8 · amount
-        each] · float format and min_ndim u8 (bit 7: an extension follows the targets)
-        · entropy level u8 · [targets] · [extension: freeze patterns, count u8 ·
-        length u8 and UTF-8 bytes each]. Amounts are float64 so the spec survives the round
-        trip exactly; an amount with at most six decimals (0.95, 0.025) is a varint of
-        millionths instead, 1 to 3 bytes.
+        each] · float format and min_ndim u8 (bit 7: an extension follows the targets) ·
+        entropy level u8 · [targets] · [extension: freeze patterns, count u8 · length u8 and
+        UTF-8 bytes each]. Amounts are float64 so the spec survives the round trip exactly;
+        an amount with at most six decimals (0.95, 0.025) is a varint of millionths instead,
+        1 to 3 bytes.
 
         The flags byte is full, so frozen patterns set the top bit of the float-format
         byte instead: a spec without them has exactly the bytes it always had, and a
@@ -370,7 +393,12 @@ class CodecSpec:
         if self.quant is not None:
             q = self.quant
             out.append(q.bits | (q.scheme.value << 4))
-            out.append(q.granularity.value | (q.rounding.value << 2) | ((q.scales.value - 1) << 4))
+            out.append(
+                q.granularity.value
+                | (q.rounding.value << 2)
+                | ((q.scales.value - 1) << 4)
+                | (q.rotation.value << 7)
+            )
             if q.block_size is not None:
                 write_varint(out, q.block_size)
         if self.levels is not None:
@@ -526,7 +554,7 @@ def _parse_spec(data: bytes, pos: int) -> tuple[CodecSpec, int]:
     if flags & 0x10:
         desc, opts = data[pos], data[pos + 1]
         pos += 2
-        if opts & 0xC0:
+        if opts & 0x40:
             raise ValueError(f"unknown quantization options 0x{opts:02x}")
         granularity = Granularity(opts & 0x03)
         block_size: int | None = None
@@ -541,6 +569,7 @@ def _parse_spec(data: bytes, pos: int) -> tuple[CodecSpec, int]:
             Rounding((opts >> 2) & 0x03),
             block_size,
             ScaleFormat(((opts >> 4) & 0x03) + 1),
+            Rotation(opts >> 7),
         )
     levels: tuple[int, ...] | None = None
     grow: list[float] = []

@@ -12,7 +12,9 @@ Keys: ``prune`` (``none``, ``l1:S``, ``global:S``, ``channel:S``, ``threshold:T`
 the rank), ``quant`` (``none`` or ``BITS[:SCHEME][:GRANULARITY][:SCALES][:ROUNDING]``
 with schemes ``affine symmetric pow2 kmeans nf4``, granularities ``tensor channel
 blockB`` (``B`` kept values per block, 32..4096), block scales ``fp16`` (the default)
-``bf16 fp32 dq`` (8-bit double-quantized), roundings ``nearest stochastic``; the words
+``bf16 fp32 dq`` (8-bit double-quantized), roundings ``nearest stochastic``, and
+``hadamard`` (a randomized Hadamard rotation before quantization, dense specs only,
+:mod:`fedsqueeze.codec.rotation`: ``quant=8:channel:hadamard``); the words
 after ``BITS`` may come in any order, and ``nf4`` without a granularity means QLoRA's
 ``block64``: ``quant=8:block64``, ``quant=4:nf4:block64:dq``, ``quant=4:symmetric:block32:bf16``),
 ``float`` (``fp32 fp16 bf16``), ``entropy`` (zstd
@@ -42,6 +44,7 @@ from fedsqueeze.codec.spec import (
     PruneSpec,
     QuantScheme,
     QuantSpec,
+    Rotation,
     Rounding,
     ScaleFormat,
     check_freeze_patterns,
@@ -200,8 +203,11 @@ def _quant(value: str) -> QuantSpec | None:
     rounding: Rounding | None = None
     scales: ScaleFormat | None = None
     block: int | None = None
+    rotation: Rotation | None = None
     for word in rest:
-        if word in _SCHEMES and scheme is None:
+        if word == "hadamard" and rotation is None:
+            rotation = Rotation.HADAMARD
+        elif word in _SCHEMES and scheme is None:
             scheme = _SCHEMES[word]
         elif word in _GRANULARITIES and granularity is None:
             granularity = _GRANULARITIES[word]
@@ -211,8 +217,8 @@ def _quant(value: str) -> QuantSpec | None:
             scales = _SCALES[word]
         elif word in _ROUNDINGS and rounding is None:
             rounding = _ROUNDINGS[word]
-        elif word in {*_SCHEMES, *_GRANULARITIES, *_SCALES, *_ROUNDINGS} or word.startswith(
-            "block"
+        elif word in {*_SCHEMES, *_GRANULARITIES, *_SCALES, *_ROUNDINGS, "hadamard"} or (
+            word.startswith("block")
         ):
             raise ValueError(f"quantization option {word!r} conflicts with an earlier one")
         else:
@@ -228,6 +234,7 @@ def _quant(value: str) -> QuantSpec | None:
         rounding or Rounding.NEAREST,
         block,
         scales,
+        rotation or Rotation.NONE,
     )
 
 
@@ -258,7 +265,10 @@ def format_spec(spec: CodecSpec) -> str:
         )
         if q.granularity is Granularity.PER_BLOCK:
             gran += ":" + next(k for k, v in _SCALES.items() if v is q.scales)
-        parts.append(f"quant={q.bits}:{q.scheme.name.lower()}:{gran}:{q.rounding.name.lower()}")
+        rotated = ":hadamard" if q.rotation is Rotation.HADAMARD else ""
+        parts.append(
+            f"quant={q.bits}:{q.scheme.name.lower()}:{gran}:{q.rounding.name.lower()}{rotated}"
+        )
     if spec.levels is not None:
         parts.append(f"levels={'+'.join(map(str, spec.levels))}")
     parts.append(f"float={spec.float_format.name.lower()}")

@@ -8,7 +8,9 @@ file, say) and says which tensors it decodes to, so the caller can lay out an ou
 * a stream without progressive levels goes through
   :func:`~fedsqueeze.codec.streaming.decode_into`, part by part;
 * a progressive stream is decoded tensor by tensor: each base-level record with its
-  refinements (found by the scan), so one tensor's codes are held at a time.
+  refinements (found by the scan), so one tensor's codes are held at a time; so is a
+  stream with rotated records (format version 6: a rotation mixes a whole row, so it is
+  undone on the whole tensor).
 
 For a delta the targets must hold the base when called (copy it in first); frozen
 tensors a delta leaves out (:attr:`StreamLayout.kept_from_base`) are the caller's to copy.
@@ -23,6 +25,7 @@ import torch
 
 from fedsqueeze.codec.bytesio import ByteReader
 from fedsqueeze.codec.container import (
+    ROTATED_VERSION,
     ContainerHeader,
     DecodeLimits,
     QParamsSizer,
@@ -209,7 +212,7 @@ def decode_stream_into(
             raise BaseMismatchError(f"the stream's tensor {slot.name!r} is not in target")
         if not out.is_contiguous():
             raise ValueError(f"target[{slot.name!r}] is not contiguous")
-    if not layout.progressive:
+    if not layout.progressive and header.version != ROTATED_VERSION:
         # Chunks of about 1/128 of the model (at least decode_into's default): per-chunk
         # overheads stay small on large models, the working memory a small fraction.
         total = sum(s.nbytes for s in layout.tensors) // 4

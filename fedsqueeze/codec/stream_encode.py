@@ -132,12 +132,13 @@ def encode_stream(
     inflight_bytes: int | None = None,
     keep_residual: Callable[[str, torch.Tensor], None] | None = None,
     order: LevelOrder = LevelOrder.RELATIVE,
+    weights: Mapping[str, float] | None = None,
 ) -> EncodedPlan:
     """Encode ``state`` tensor by tensor, its bodies into ``store``.
 
     Parameters
     ----------
-    state, spec, base, residual, seed, base_digest, nonfinite, order
+    state, spec, base, residual, seed, base_digest, nonfinite, order, weights
         As for :func:`~fedsqueeze.codec.model.encode_state` (``state`` and ``base`` may
         be lazy mappings of memory-mapped tensors).
     store
@@ -162,7 +163,7 @@ def encode_stream(
     if inflight_bytes is not None and inflight_bytes < 1:
         raise ValueError(f"inflight_bytes must be at least 1, got {inflight_bytes}")
     state, encoder, base_digest = prepare_encode(
-        state, spec, base, residual, seed, base_digest, nonfinite, order
+        state, spec, base, residual, seed, base_digest, nonfinite, order, weights
     )
     names = list(state)
     sizes = {name: _nbytes(state[name]) for name in names}
@@ -229,7 +230,7 @@ def encode_stream(
     records = [s.record for s in stubs]
     result = tuple(stubs)
     if levels:
-        result = tuple(_in_order(progressive_order(records, levels, order), levels, by_id))
+        result = tuple(_in_order(progressive_order(records, levels, order, weights), levels, by_id))
     header = EncodedModel(
         spec, base_digest if base is not None else None, tuple(r.record for r in result)
     ).header

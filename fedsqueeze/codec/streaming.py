@@ -6,9 +6,10 @@ whose spare memory is smaller than one copy uses :func:`decode_into` instead. It
 the stream (the segments' payloads, in order) chunk by chunk and writes every tensor
 straight into the caller's tensors, in place:
 
-* a record of raw or XOR bits, fp32/fp16/bf16 values or quantization codes (per tensor
-  or per channel, zstd-coded or not) is decoded ``chunk_values`` values at a time: its
-  body is never held whole, so the extra memory is a few chunks (the default chunk of
+* a record of raw or XOR bits, fp32/fp16/bf16 values or quantization codes (per tensor,
+  per channel, block-wise or NF4, zstd-coded or not) is decoded ``chunk_values`` values
+  at a time (block-wise: rounded up to whole blocks): its body is never held whole, so
+  the extra memory is a few chunks (the default chunk of
   256 Ki values is at most 2 MiB of fp64 input and 1 MiB of float32 output, about two
   1 MiB segments). A sparse (pruned, top-k) record holds its positions' payload (at
   most one bit per element of the tensor) and decodes the positions chunk by chunk
@@ -28,6 +29,7 @@ it in full.
 from __future__ import annotations
 
 import io
+import math
 import typing
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, replace
@@ -37,10 +39,12 @@ import torch
 import zstandard
 
 from fedsqueeze.codec.bitpack import packed_size, unpack_bits
+from fedsqueeze.codec.blockwise import num_blocks
 from fedsqueeze.codec.bytesio import ByteReader
 from fedsqueeze.codec.container import (
     BLOCKWISE_VERSION,
     GROUPED_VERSION,
+    ROTATED_VERSION,
     DecodeLimits,
     QParamsSizer,
     TensorRecord,
@@ -49,6 +53,7 @@ from fedsqueeze.codec.container import (
     parse_record,
 )
 from fedsqueeze.codec.grouping import stream_grouped
+from fedsqueeze.codec.kernels import Runs
 from fedsqueeze.codec.position_chunks import iter_positions
 from fedsqueeze.codec.positions import PositionCoding
 from fedsqueeze.codec.quantization import dequantize, qparams_from_bytes
@@ -211,8 +216,13 @@ def decode_into(
     step = max(8, (chunk_values + 7) // 8 * 8)
     source = _Input(chunks)
     header = _parse(source, ByteReader, lambda r: parse_header(r, limits))
-    # Versions 3 and 4 add block-wise and byte-grouped records (held whole or streamed
-    # below); they may also carry levels, refused record by record.
+    # Versions 3 and 4 add block-wise and byte-grouped records (both streamed below);
+    # they may also carry levels, refused record by record.
+    if header.version == ROTATED_VERSION:
+        raise FormatError(
+            "part-by-part decoding does not undo rotations (a rotation mixes a whole row); "
+            "decode rotated models with decode_stream_into or decode_state"
+        )
     if header.version not in (1, BLOCKWISE_VERSION, GROUPED_VERSION):
         raise FormatError(
             "part-by-part decoding reads whole-model streams; decode progressive levels "
@@ -306,9 +316,10 @@ def _parse(
 
 
 def _streamable(record: TensorRecord) -> bool:
-    """Dense and sparse records decode chunk by chunk (a sparse one holds its positions);
-    so do byte-grouped planes; low-rank factors and block-wise codes are held whole."""
-    return not (record.rank or record.levels or record.needs_v3)
+    """Dense and sparse records decode chunk by chunk (a sparse one holds its positions),
+    block-wise and NF4 codes too (their scales are in the head); so do byte-grouped
+    planes; low-rank factors are held whole (and rotated records are refused before)."""
+    return not (record.rank or record.levels or record.rotated)
 
 
 def _stream_grouped(
@@ -377,10 +388,23 @@ def _stream_record(
     q = record.quant
     qp = None
     stride = 1
+    block = 0
     if q is not None:
         per_channel = q.granularity is Granularity.PER_CHANNEL
         channels = int(out.shape[0]) if per_channel and out.dim() else 1
-        qp, end = qparams_from_bytes(q.params, 0, q.bits, q.scheme, channels)
+        if q.granularity is Granularity.PER_BLOCK:
+            # Blocks run over the values the record holds (the kept ones when sparse).
+            kept_values = numel if record.positions is None else record.positions.count
+            if q.blocks != num_blocks(kept_values, q.block_size):
+                raise FormatError(
+                    f"record {name!r}: {q.blocks} blocks of {q.block_size} for {kept_values} values"
+                )
+            channels, block = q.blocks, q.block_size
+            # Chunks of whole blocks (and whole bytes of codes): each takes a slice of the
+            # scales and the same kernel as a whole record.
+            unit = math.lcm(block, 8)
+            step = -(-step // unit) * unit
+        qp, end = qparams_from_bytes(q.params, 0, q.bits, q.scheme, channels, q.scale_format)
         if end != len(q.params):
             raise FormatError(f"record {name!r}: quantization parameters have trailing bytes")
         stride = max(1, numel // max(1, channels))
@@ -409,13 +433,24 @@ def _stream_record(
         if q is not None and qp is not None:
             data = take(packed_size(count, q.bits))
             codes = unpack_bits(_uint8(data, part.device), q.bits, count)
-            channels_of = None
-            if qp.scale.dim() == 1:
+            channels_of: torch.Tensor | Runs | None = None
+            params = qp
+            if block and qp.scale.dim() == 1:  # one block parses as per-tensor params
+                sets = slice(start // block, -(-stop // block))
+                params = replace(
+                    qp,
+                    scale=qp.scale[sets],
+                    zero_point=qp.zero_point[sets],
+                    shift=None if qp.shift is None else qp.shift[sets],
+                )
+                channels_of = Runs(block)
+            elif qp.scale.dim() == 1:
                 source_index = (
                     where if where is not None else torch.arange(start, stop, device=part.device)
                 )
                 channels_of = torch.div(source_index, stride, rounding_mode="floor")
-            _write_float(flat, start, stop, where, dequantize(codes, qp, channels_of), record.delta)
+            values = dequantize(codes, params, channels_of)
+            _write_float(flat, start, stop, where, values, record.delta)
             continue
         kind = record.value_kind
         if kind in _FLOAT_KINDS:

@@ -19,7 +19,7 @@ kept values, so no value's code depends on when it arrives):
   of its own (the coarse buckets of small weights have small means: a 1-bit first plane
   of a late group is its sign and the group's mean magnitude).
 
-Every refinement names its group and plane (format version 6,
+Every refinement names its group and plane (format version 7,
 :mod:`fedsqueeze.codec.container`), and its level is its step in the tensor's chain.
 A group's planes come in order and group ``j`` opens after group ``j−1``; otherwise a
 tensor's records may interleave (plane 2 of group 0 after the positions of group 1).

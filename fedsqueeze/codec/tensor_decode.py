@@ -33,6 +33,7 @@ from fedsqueeze.codec.progressive import (
     table_from_bytes,
 )
 from fedsqueeze.codec.quantization import QuantParams, Runs, dequantize, qparams_from_bytes
+from fedsqueeze.codec.rotation import unrotate
 from fedsqueeze.codec.spec import Granularity
 from fedsqueeze.errors import BaseMismatchError, FormatError
 
@@ -140,9 +141,10 @@ class TensorDecoder:
                 f"record {name!r}: body is {actual} bytes, its header implies {expected}"
             )
         body: bytes | memoryview = record.body
+        seed = None if record.quant is None else record.quant.rotation_seed
         dense = self._dense(record, name, shape, numel, device)
         if dense is not None:
-            return name, _finish(dense, shape, base, dtype, device, name)
+            return name, _finish(dense, shape, base, dtype, device, name, seed)
         if record.raw_length is not None:
             body = entropy.decompress(body, record.raw_length)
         if record.rank:
@@ -164,7 +166,7 @@ class TensorDecoder:
             dense = torch.zeros(numel, dtype=torch.float32, device=device)
             dense[indices] = values
             values = dense
-        return name, _finish(values, shape, base, dtype, device, name)
+        return name, _finish(values, shape, base, dtype, device, name, seed)
 
     def _dense(
         self,
@@ -211,7 +213,7 @@ class TensorDecoder:
         base = self._base.get(name) if record.delta else None
         state = ProgressiveTensor(
             name, record.levels, qp, shape, dtype, kept, indices, channels_of,
-            None if base is None else base.to(device), device,
+            None if base is None else base.to(device), device, record.quant.rotation_seed,
             blocks=record.quant.granularity is Granularity.PER_BLOCK,
         )  # fmt: skip
         state.add_plane(0, body)
@@ -288,7 +290,7 @@ class ProgressiveTensor:
 
     Built from the base-level record by :meth:`TensorDecoder.decode`; each refinement
     record adds the next level (:meth:`refine`); :meth:`tensor` decodes what is held.
-    With support levels (format version 6) the values come in position groups, each
+    With support levels (format version 7) the values come in position groups, each
     with its own planes and tables (:mod:`fedsqueeze.codec.support_levels`); a position
     no group holds yet decodes to zero (the base's value in a delta).
     """
@@ -305,10 +307,12 @@ class ProgressiveTensor:
         channels_of: torch.Tensor | None,
         base: torch.Tensor | None,
         device: torch.device,
+        rotation_seed: int | None = None,
         *,
         blocks: bool = False,
     ) -> None:
         self.name = name
+        self._rotation_seed = rotation_seed
         self.levels = levels
         self._blocks = blocks
         self._qp = qp
@@ -438,7 +442,10 @@ class ProgressiveTensor:
             values = torch.zeros(self._numel, dtype=torch.float32, device=self._device)
             for g in self._groups:
                 values[g.indices] = self._values(g)
-        x = values.reshape(self._shape)
+        if self._rotation_seed is not None:
+            x = unrotate(values, self._rotation_seed, self._shape)
+        else:
+            x = values.reshape(self._shape)
         if self._base is not None:
             x = self._base.to(torch.float32) + x
         return x.to(self._dtype)
@@ -508,9 +515,14 @@ def _finish(
     dtype: torch.dtype,
     device: torch.device,
     name: str,
+    rotation_seed: int | None = None,
 ) -> torch.Tensor:
-    """Lossy values (float32 ``[numel]``) as the tensor: plus the base, in its dtype."""
-    x = values.reshape(shape)
+    """Lossy values (float32 ``[numel]``) as the tensor: rotated back (``rotation_seed``
+    given), plus the base, in its dtype."""
+    if rotation_seed is not None:
+        x = unrotate(values, rotation_seed, shape)
+    else:
+        x = values.reshape(shape)
     if base is not None:
         x = base.to(device=device, dtype=torch.float32) + x
     if not dtype.is_floating_point:

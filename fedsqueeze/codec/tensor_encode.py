@@ -71,12 +71,14 @@ from fedsqueeze.codec.quantization import (
     qparams_to_bytes,
     quantize,
 )
+from fedsqueeze.codec.rotation import rotate, rotation_seed
 from fedsqueeze.codec.spec import (
     CodecSpec,
     FloatFormat,
     Granularity,
     PruneMethod,
     QuantSpec,
+    Rotation,
     ScaleFormat,
 )
 from fedsqueeze.codec.support_levels import Node, chain, free_ranks, group_ids
@@ -139,6 +141,7 @@ class TensorEncoder:
         self._seed = seed
         self._generators: dict[torch.device, torch.Generator] = {}
         self.levels: dict[str, list[ScoredLevel]] = {}
+        self._rotated = spec.quant is not None and spec.quant.rotation is not Rotation.NONE
         # Per-tensor ranges found by problem(), for encode() to reuse (one pass fewer):
         # the tensor (held, so its memory is not reused), its version, min and max.
         self._ranges: dict[str, tuple[torch.Tensor, int, torch.Tensor, torch.Tensor]] = {}
@@ -163,7 +166,8 @@ class TensorEncoder:
         )
 
     def lossy_input(self, name: str, t: torch.Tensor) -> torch.Tensor:
-        """What the lossy stages see: ``t − base + residual`` in float32."""
+        """What the lossy stages see: ``t − base + residual`` in float32, rotated when the
+        spec says so (:mod:`fedsqueeze.codec.rotation`)."""
         x = t.to(torch.float32)
         b = self._base_of(name, t)
         if b is not None:
@@ -175,6 +179,8 @@ class TensorEncoder:
                     f"residual[{name!r}] has shape {tuple(r.shape)}, not {tuple(t.shape)}"
                 )
             x = x + r.to(device=t.device, dtype=torch.float32)
+        if self._rotated:
+            x = rotate(x, rotation_seed(name))
         return x
 
     def _generator(self, device: torch.device) -> torch.Generator | None:
@@ -425,7 +431,7 @@ class TensorEncoder:
             name,
             t,
             delta=b is not None,
-            body=bytes(tensor_bytes(values)),
+            body=tensor_bytes(values),  # a view: _record copies it only to store it raw
             value_kind=FLOAT_KINDS[fmt],
         )
 
@@ -535,7 +541,7 @@ class TensorEncoder:
         # only error feedback needs what the receiver gets
         payload, quant, value_kind, decoded = self._store(
             values, channels_of, num_channels, t.device, spec.feedback,
-            known if indices is None else None,
+            known if indices is None else None, name,
         )  # fmt: skip
         coded_positions()
         record = self._record(
@@ -573,7 +579,7 @@ class TensorEncoder:
         codes = quantize(values, qp, q.rounding, channels_of, self._generator(t.device))
         if isinstance(channels_of, Runs):  # the level tables gather per value
             channels_of = channels_of.index(values.numel(), t.device)
-        quant = _quant_header(q, qp, num_channels)
+        quant = _quant_header(q, qp, num_channels, name)
         before = torch.zeros_like(values, dtype=torch.float64)
         energy = float(t.detach().to(torch.float64).square().sum()) or 1.0
         scored: list[ScoredLevel] = []
@@ -688,9 +694,11 @@ class TensorEncoder:
         device: torch.device,
         need_decoded: bool,
         known_range: tuple[torch.Tensor, torch.Tensor] | None = None,
+        name: str | None = None,
     ) -> tuple[bytes | memoryview, QuantHeader | None, ValueKind, torch.Tensor]:
         """Quantize ``values`` (or cast them to the spec's float format); per tensor,
-        ``known_range`` is their minimum and maximum when already found.
+        ``known_range`` is their minimum and maximum when already found; ``name`` is the
+        tensor's (a rotated spec's seed).
 
         Returns the payload (a view of the packed codes, not yet copied), its
         quantization header (``None`` when cast), the value kind and what the receiver
@@ -706,7 +714,7 @@ class TensorEncoder:
             codes = quantize(values, qp, q.rounding, channels_of, self._generator(device))
             decoded = dequantize(codes, qp, channels_of) if need_decoded else values
             payload = tensor_bytes(pack_bits(codes, q.bits))
-            quant = _quant_header(q, qp, num_channels)
+            quant = _quant_header(q, qp, num_channels, name)
             return payload, quant, ValueKind.RAW, decoded
         stored = values.to(_CAST_DTYPES[spec.float_format])
         decoded = stored.to(torch.float32) if need_decoded else values
@@ -731,13 +739,17 @@ class TensorEncoder:
         return record, x - approx.reshape(t.shape)
 
 
-def _quant_header(q: QuantSpec, qp: QuantParams, num_sets: int) -> QuantHeader:
-    """The record's quantization header for params ``qp`` of spec ``q``."""
+def _quant_header(
+    q: QuantSpec, qp: QuantParams, num_sets: int, name: str | None = None
+) -> QuantHeader:
+    """The record's quantization header for params ``qp`` of spec ``q`` (``name``: the
+    tensor's, for a rotated spec's seed; low-rank factors are never rotated)."""
     params = qparams_to_bytes(qp)
+    seed = rotation_seed(name) if q.rotation is not Rotation.NONE and name else None
     if q.block_size is None:
-        return QuantHeader(q.bits, q.scheme, q.granularity, params)
+        return QuantHeader(q.bits, q.scheme, q.granularity, params, rotation_seed=seed)
     return QuantHeader(
-        q.bits, q.scheme, q.granularity, params, q.block_size, qp.scale_format, num_sets
+        q.bits, q.scheme, q.granularity, params, q.block_size, qp.scale_format, num_sets, seed
     )
 
 

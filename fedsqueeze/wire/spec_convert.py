@@ -19,6 +19,7 @@ from fedsqueeze.codec.spec import (
     PruneSpec,
     QuantScheme,
     QuantSpec,
+    Rotation,
     Rounding,
     ScaleFormat,
 )
@@ -58,6 +59,10 @@ _ROUNDINGS: dict[Rounding, pb.Rounding.ValueType] = {
     Rounding.NEAREST: pb.ROUNDING_NEAREST,
     Rounding.STOCHASTIC: pb.ROUNDING_STOCHASTIC,
 }
+_ROTATIONS: dict[Rotation, pb.Rotation.ValueType] = {
+    Rotation.NONE: pb.ROTATION_UNSPECIFIED,
+    Rotation.HADAMARD: pb.ROTATION_HADAMARD,
+}
 _FLOAT_FORMATS: dict[FloatFormat, pb.FloatFormat.ValueType] = {
     FloatFormat.FP32: pb.FLOAT_FORMAT_FP32,
     FloatFormat.FP16: pb.FLOAT_FORMAT_FP16,
@@ -83,6 +88,7 @@ _granularity_from_proto = _inverse(_GRANULARITIES, "granularity")
 _rounding_from_proto = _inverse(_ROUNDINGS, "rounding")
 _float_format_from_proto = _inverse(_FLOAT_FORMATS, "float format")
 _scale_format_from_proto = _inverse(_SCALE_FORMATS, "scale format")
+_rotation_from_proto = _inverse(_ROTATIONS, "rotation")
 
 
 def _valid(what: str, build: Callable[[], _T]) -> _T:
@@ -137,6 +143,8 @@ def codec_spec_to_proto(spec: CodecSpec) -> pb.CodecSpec:
             # Only block-wise specs carry these, so older peers see the same message.
             msg.quant.block_size = q.block_size
             msg.quant.scale_format = _SCALE_FORMATS[q.scales]
+        if q.rotation is not Rotation.NONE:
+            msg.quant.rotation = _ROTATIONS[q.rotation]
     return msg
 
 
@@ -160,9 +168,12 @@ def codec_spec_from_proto(msg: pb.CodecSpec) -> CodecSpec:
             if msg.quant.scale_format != pb.SCALE_FORMAT_UNSPECIFIED
             else None
         )
+        rotation = _rotation_from_proto(msg.quant.rotation)
         quant = _valid(
             "quant spec",
-            lambda: QuantSpec(msg.quant.bits, scheme, granularity, rounding, block, scales),
+            lambda: QuantSpec(
+                msg.quant.bits, scheme, granularity, rounding, block, scales, rotation
+            ),
         )
     float_format = _float_format_from_proto(msg.float_format)
     topk = msg.topk if msg.HasField("topk") else None

@@ -149,6 +149,26 @@ values.
 """
 Global___Granularity: _TypeAlias = Granularity  # noqa: Y015
 
+class _Rotation:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _RotationEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Rotation.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    ROTATION_UNSPECIFIED: _Rotation.ValueType  # 0
+    """Not set: none, the values are quantized as they are."""
+    ROTATION_HADAMARD: _Rotation.ValueType  # 1
+    """A seeded randomized Walsh-Hadamard rotation of each row, undone by the decoder."""
+
+class Rotation(_Rotation, metaclass=_RotationEnumTypeWrapper):
+    """What the values go through before quantization (codec format version 6)."""
+
+ROTATION_UNSPECIFIED: Rotation.ValueType  # 0
+"""Not set: none, the values are quantized as they are."""
+ROTATION_HADAMARD: Rotation.ValueType  # 1
+"""A seeded randomized Walsh-Hadamard rotation of each row, undone by the decoder."""
+Global___Rotation: _TypeAlias = Rotation  # noqa: Y015
+
 class _ScaleFormat:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -316,6 +336,7 @@ class QuantSpec(_message.Message):
     ROUNDING_FIELD_NUMBER: _builtins.int
     BLOCK_SIZE_FIELD_NUMBER: _builtins.int
     SCALE_FORMAT_FIELD_NUMBER: _builtins.int
+    ROTATION_FIELD_NUMBER: _builtins.int
     bits: _builtins.int
     """Bits per value: 2, 3, 4 or 8."""
     scheme: Global___QuantScheme.ValueType
@@ -328,6 +349,8 @@ class QuantSpec(_message.Message):
     """GRANULARITY_PER_BLOCK only (and then required): values per block, 32..4096."""
     scale_format: Global___ScaleFormat.ValueType
     """GRANULARITY_PER_BLOCK only: storage of the block scales."""
+    rotation: Global___Rotation.ValueType
+    """Rotation before quantization; dense specs only (no pruning, top-k or rank)."""
     def __init__(
         self,
         *,
@@ -337,10 +360,11 @@ class QuantSpec(_message.Message):
         rounding: Global___Rounding.ValueType = ...,
         block_size: _builtins.int | None = ...,
         scale_format: Global___ScaleFormat.ValueType = ...,
+        rotation: Global___Rotation.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_block_size", b"_block_size", "block_size", b"block_size"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_block_size", b"_block_size", "bits", b"bits", "block_size", b"block_size", "granularity", b"granularity", "rounding", b"rounding", "scale_format", b"scale_format", "scheme", b"scheme"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_block_size", b"_block_size", "bits", b"bits", "block_size", b"block_size", "granularity", b"granularity", "rotation", b"rotation", "rounding", b"rounding", "scale_format", b"scale_format", "scheme", b"scheme"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__block_size: _TypeAlias = _typing.Literal["block_size"]  # noqa: Y015
     _WhichOneofArgType__block_size: _TypeAlias = _typing.Literal["_block_size", b"_block_size"]  # noqa: Y015

@@ -70,7 +70,8 @@ def test_prefix_curve_takes_the_refinement_order() -> None:
     state = {**_state(), "b.weight": torch.randn(64, 128, generator=torch.Generator())}
     spec = parse_spec("quant=8:channel,levels=1+1+2+4")
     for order in LevelOrder:
-        curve = prefix_curve(state, spec, lambda s: 0.0, order=order, count=4)
+        weights = {k: 1.0 for k in state} if order is LevelOrder.WEIGHTED else None
+        curve = prefix_curve(state, spec, lambda s: 0.0, order=order, count=4, weights=weights)
         assert curve["order"] == order.value
         assert len(curve["curve"]) <= 4
 
@@ -104,6 +105,7 @@ def test_curve_arguments_parse_spec_and_order() -> None:
 
     assert parse_curve("quant=8,levels=4+4@by-level") == ("quant=8,levels=4+4", LevelOrder.BY_LEVEL)
     assert parse_curve("quant=8,levels=4+4")[1] is LevelOrder.RELATIVE
+    assert parse_curve("quant=8:hadamard,levels=4+4@weighted")[1] is LevelOrder.WEIGHTED
     with pytest.raises(ValueError, match="unknown refinement order"):
         parse_curve("quant=8,levels=4+4@sideways")
 

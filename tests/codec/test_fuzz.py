@@ -20,6 +20,7 @@ from fedsqueeze.codec import (
     PruneSpec,
     QuantScheme,
     QuantSpec,
+    Rotation,
     Rounding,
     ScaleFormat,
     decode_prefix,
@@ -73,6 +74,20 @@ SPECS = [
             granularity=__import__(
                 "fedsqueeze.codec", fromlist=["Granularity"]
             ).Granularity.PER_CHANNEL,
+        )
+    ),
+    # rotated before quantization (format version 6): hostile rotation prefixes too
+    CodecSpec(
+        quant=QuantSpec(8, granularity=Granularity.PER_CHANNEL, rotation=Rotation.HADAMARD),
+        levels=(2, 1, 1, 4),
+    ),
+    CodecSpec(
+        quant=QuantSpec(
+            4,
+            granularity=Granularity.PER_BLOCK,
+            block_size=32,
+            scale_format=ScaleFormat.DQ8,
+            rotation=Rotation.HADAMARD,
         )
     ),
 ]

@@ -24,6 +24,7 @@ from fedsqueeze.codec import (
 )
 from fedsqueeze.codec.container import GLOBAL_ORDER_VERSION, GROUPED_VERSION
 from fedsqueeze.codec.level_order import LevelOrder, LevelScore, refinement_order
+from fedsqueeze.codec.spec import Rotation
 from fedsqueeze.errors import FormatError
 
 SPEC = CodecSpec(quant=QuantSpec(8, granularity=Granularity.PER_CHANNEL), levels=(1, 1, 2, 4))
@@ -83,9 +84,16 @@ def test_levels_out_of_order_in_the_scores_are_a_caller_error() -> None:
     quant=st.sampled_from(["channel", "block32", "nf4"]),
     order=st.sampled_from(list(LevelOrder)),
     delta=st.booleans(),
+    rotation=st.sampled_from(list(Rotation)),
 )
 def test_every_order_never_moves_a_prefix_away_from_the_full_decode(
-    seed: int, tensors: int, levels: tuple[int, ...], quant: str, order: LevelOrder, delta: bool
+    seed: int,
+    tensors: int,
+    levels: tuple[int, ...],
+    quant: str,
+    order: LevelOrder,
+    delta: bool,
+    rotation: Rotation,
 ) -> None:
     g = torch.Generator().manual_seed(seed)
     state = {
@@ -102,8 +110,13 @@ def test_every_order_never_moves_a_prefix_away_from_the_full_decode(
         q = QuantSpec(sum(levels), granularity=Granularity.PER_BLOCK, block_size=32)
     else:
         q = QuantSpec(sum(levels), granularity=Granularity.PER_CHANNEL)
-    spec = CodecSpec(quant=q, levels=levels)
-    encoded = encode_state(state, spec, base if delta else None, seed=0, order=order)
+    spec = CodecSpec(quant=replace(q, rotation=rotation), levels=levels)
+    weights = None
+    if order is LevelOrder.WEIGHTED:  # any sensitivities, zero included
+        weights = {k: float(torch.randint(0, 3, (1,), generator=g)) ** 4 for k in state}
+    encoded = encode_state(
+        state, spec, base if delta else None, seed=0, order=order, weights=weights
+    )
     stream = encoded.to_bytes()[:-4]
     full = decode_state(EncodedModel.from_bytes(encoded.to_bytes()), base if delta else None)
     ends, pos = [], len(encoded.header.to_bytes())
@@ -177,3 +190,44 @@ def test_hostile_orders_raise_format_errors() -> None:
         decode_state(
             EncodedModel.from_bytes(EncodedModel(encoded.spec, None, tuple(stray)).to_bytes())
         )
+
+
+def test_weighted_order_with_inverse_energies_is_the_relative_order() -> None:
+    state = mixed_state()
+    relative = encode_state(state, SPEC, seed=0, order=LevelOrder.RELATIVE)
+    weights = {k: 1.0 / float(v.double().square().sum()) for k, v in state.items()}
+    weighted = encode_state(state, SPEC, seed=0, order=LevelOrder.WEIGHTED, weights=weights)
+    assert weighted.to_bytes() == relative.to_bytes()
+
+
+def test_weighted_order_sends_an_insensitive_tensor_last() -> None:
+    state = mixed_state()
+    for quiet in ("small.weight", "large.weight"):
+        weights = {"small.weight": 1.0, "large.weight": 1.0, quiet: 0.0}
+        encoded = encode_state(state, SPEC, seed=0, order=LevelOrder.WEIGHTED, weights=weights)
+        names = [r.name for r in encoded.records if r.level == 0]
+        loud_index = names.index(next(n for n in weights if n != quiet))
+        refinements = [r.index for r in encoded.records if r.level > 0]
+        # all the sensitive tensor's refinements, then the insensitive one's
+        first_quiet = next(i for i, idx in enumerate(refinements) if idx != loud_index)
+        assert all(idx != loud_index for idx in refinements[first_quiet:])
+        assert first_quiet == len(SPEC.levels or ()) - 1
+
+
+@pytest.mark.parametrize(
+    ("order", "weights", "error", "match"),
+    [
+        (LevelOrder.WEIGHTED, None, ValueError, "needs weights"),
+        (LevelOrder.RELATIVE, {"small.weight": 1.0}, ValueError, "weights are for"),
+        (LevelOrder.WEIGHTED, {"small.weight": 1.0}, ValueError, "no weight for tensor"),
+        (LevelOrder.WEIGHTED, {"small.weight": -1.0, "large.weight": 1.0}, ValueError, "finite"),
+        (LevelOrder.WEIGHTED, {"small.weight": float("nan")}, ValueError, "finite"),
+        (LevelOrder.WEIGHTED, {"small.weight": "1"}, TypeError, "number"),
+        (LevelOrder.WEIGHTED, [1.0, 2.0], TypeError, "mapping"),
+    ],
+)
+def test_bad_weights_are_caller_errors(
+    order: LevelOrder, weights: object, error: type[Exception], match: str
+) -> None:
+    with pytest.raises(error, match=match):
+        encode_state(mixed_state(), SPEC, order=order, weights=weights)  # type: ignore[arg-type]

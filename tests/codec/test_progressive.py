@@ -28,10 +28,11 @@ from fedsqueeze.codec.container import (
     BLOCKWISE_VERSION,
     GLOBAL_ORDER_VERSION,
     PROGRESSIVE_VERSION,
+    ROTATED_VERSION,
 )
 from fedsqueeze.codec.progressive import bucket_table, plane, reconstruct, top_codes
 from fedsqueeze.codec.quantization import choose_qparams, dequantize, quantize
-from fedsqueeze.codec.spec import Rounding, ScaleFormat
+from fedsqueeze.codec.spec import Rotation, Rounding, ScaleFormat
 from fedsqueeze.codec.spec_text import format_spec, parse_spec
 from fedsqueeze.errors import ConfigError, FormatError, TruncatedError
 from fedsqueeze.wire.spec_convert import codec_spec_from_proto, codec_spec_to_proto
@@ -94,6 +95,15 @@ SPECS = [
         quant=QuantSpec(4, QuantScheme.NF4, Granularity.PER_BLOCK, block_size=32),
         levels=(2, 2),
     ),
+    # rotated before quantization (format version 6)
+    _spec((2, 1, 1, 2, 2), granularity=Granularity.PER_CHANNEL, rotation=Rotation.HADAMARD),
+    _spec(
+        (1, 1, 2),
+        granularity=Granularity.PER_BLOCK,
+        block_size=32,
+        scale_format=ScaleFormat.DQ8,
+        rotation=Rotation.HADAMARD,
+    ),
 ]
 
 
@@ -105,7 +115,12 @@ def test_every_prefix_decodes_and_approaches_the_full_decode(spec: CodecSpec, de
     full = decode_state(EncodedModel.from_bytes(encoded.to_bytes()), base)
     stream = _stream(encoded)
     assert stream[3] == encoded.header.version
-    assert stream[3] in (PROGRESSIVE_VERSION, BLOCKWISE_VERSION, GLOBAL_ORDER_VERSION)
+    assert stream[3] in (
+        PROGRESSIVE_VERSION,
+        BLOCKWISE_VERSION,
+        GLOBAL_ORDER_VERSION,
+        ROTATED_VERSION,
+    )
     start = smallest_prefix(encoded)
     distances = []
     for end in [e for e in _record_ends(encoded) if e >= start]:
@@ -139,6 +154,7 @@ def test_final_level_equals_a_one_shot_encoding(spec: CodecSpec) -> None:
     levels=st.sampled_from([(2, 2, 4), (4, 4), (1, 1), (2, 1), (1, 1, 1, 1, 4), (3, 1), (1, 3, 4)]),
     granularity=st.sampled_from(list(Granularity)),
     delta=st.booleans(),
+    rotation=st.sampled_from(list(Rotation)),
 )
 def test_distance_to_the_full_decode_never_rises(
     seed: int,
@@ -147,12 +163,13 @@ def test_distance_to_the_full_decode_never_rises(
     levels: tuple[int, ...],
     granularity: Granularity,
     delta: bool,
+    rotation: Rotation,
 ) -> None:
     g = torch.Generator().manual_seed(seed)
     state = {"w.weight": torch.randn(rows, cols, generator=g) * torch.rand(rows, 1, generator=g)}
     base = {"w.weight": state["w.weight"] + torch.randn(rows, cols, generator=g)} if delta else None
     block = 32 if granularity is Granularity.PER_BLOCK else None
-    quant = QuantSpec(sum(levels), granularity=granularity, block_size=block)
+    quant = QuantSpec(sum(levels), granularity=granularity, block_size=block, rotation=rotation)
     spec = CodecSpec(quant=quant, levels=levels)
     encoded = encode_state(state, spec, base)
     stream = _stream(encoded)

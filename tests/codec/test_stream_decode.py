@@ -21,6 +21,8 @@ SPECS = [
     "rank=4,quant=8",
     "quant=8,levels=2+2+4",
     "prune=l1:0.5,quant=4,levels=2+2",
+    "quant=4:channel:hadamard",
+    "quant=8:block64:dq:hadamard,levels=2+2+4",
 ]
 
 

@@ -30,6 +30,8 @@ SPECS = [
     "quant=8,levels=2+2+4",
     "quant=4,levels=2+2",
     "prune=global:0.8,quant=8",
+    "quant=8:channel:hadamard,levels=2+2+4",
+    "quant=4:block64:dq:hadamard",
 ]
 
 

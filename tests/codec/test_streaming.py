@@ -27,6 +27,13 @@ SPECS = [
     "prune=channel:0.5",
     "topk=0.2,quant=4:channel,targets=*,min-ndim=1",
     "rank=4,quant=8",
+    "quant=4:block64",
+    "quant=4:nf4:block64",
+    "quant=8:block64:dq",
+    "quant=3:block48",
+    "quant=4:symmetric:block40:bf16",
+    "prune=l1:0.5,quant=4:block32",
+    "topk=0.2,quant=2:block32:dq,targets=*,min-ndim=1",
 ]
 
 
@@ -69,7 +76,17 @@ def test_writes_exactly_what_decode_state_returns(text: str, delta: bool) -> Non
             assert torch.equal(target[name], tensor), (text, name)
 
 
-@pytest.mark.parametrize("text", ["quant=8:channel", "prune=l1:0.9,quant=4", "lossless"])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "quant=8:channel",
+        "prune=l1:0.9,quant=4",
+        "lossless",
+        "quant=4:block64",
+        "quant=4:nf4:block64:dq",
+        "prune=l1:0.9,quant=4:block48",
+    ],
+)
 def test_large_records_stream_and_are_never_held_whole(text: str) -> None:
     state = {"big.weight": torch.randn(512, 1024)}
     encoded = encode_state(state, parse_spec(text))
@@ -117,7 +134,14 @@ def test_short_long_and_progressive_streams_are_refused() -> None:
 
 def test_mutated_streams_raise_only_codec_errors() -> None:
     rng = random.Random(7)
-    for text in ("int8", "quant=8:channel", "lossless", "prune=l1:0.5,quant=4"):
+    for text in (
+        "int8",
+        "quant=8:channel",
+        "lossless",
+        "prune=l1:0.5,quant=4",
+        "quant=4:block64:dq",
+        "prune=l1:0.5,quant=4:nf4:block32",
+    ):
         stream = encode_state(_state(0), parse_spec(text), seed=0).to_bytes()[:-4]
         for _ in range(150):
             buf = bytearray(stream)

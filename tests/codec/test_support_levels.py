@@ -1,4 +1,4 @@
-"""Support levels (progressive sparsity, format version 6): positions arrive in groups,
+"""Support levels (progressive sparsity, format version 7): positions arrive in groups,
 every prefix decodes, the distance to the full decode never rises, hostile records and
 prefixes raise CodecError, and the loss-driven order keeps the stream valid."""
 
@@ -28,6 +28,7 @@ from fedsqueeze.codec import (
 )
 from fedsqueeze.codec.container import (
     GLOBAL_ORDER_VERSION,
+    ROTATED_VERSION,
     SUPPORT_LEVELS_VERSION,
     PositionsHeader,
     TensorRecord,
@@ -267,9 +268,10 @@ def test_group_refinements_are_refused_in_older_versions() -> None:
     model = _grown()
     stream = bytearray(_stream(model))
     assert stream[3] == SUPPORT_LEVELS_VERSION
-    stream[3] = GLOBAL_ORDER_VERSION
-    with pytest.raises(FormatError):
-        EncodedModel.parse_stream(bytes(stream))
+    for older in (GLOBAL_ORDER_VERSION, ROTATED_VERSION):
+        stream[3] = older
+        with pytest.raises(FormatError):
+            EncodedModel.parse_stream(bytes(stream))
 
 
 def test_a_group_refinement_must_open_with_positions() -> None:

@@ -55,6 +55,21 @@ def test_set_overrides_the_file(tmp_path: Path) -> None:
     assert load_config(f, ["arms=adaptive"]).arms == (load_config(f).arm("adaptive"),)
 
 
+def test_a_subset_of_a_configs_arms_skips_the_others_tables(tmp_path: Path) -> None:
+    f = tmp_path / "x.toml"
+    f.write_text(
+        'name = "x"\narms = ["sparse", "adaptive"]\n'
+        '[arm.adaptive]\ndown-budget = 5000\n[arm.sparse]\ndown-spec = "int4"\n'
+    )
+    # spaces around a --set key are the same key
+    for item in ("arms=adaptive", " arms = adaptive"):
+        assert [a.name for a in load_config(f, [item]).arms] == ["adaptive"]
+    # an arm table a --set names, for an arm left out, is a mistake
+    for item in ("arm.sparse.down-spec=int8", " arm.sparse.down-spec = int8"):
+        with pytest.raises(ConfigError, match=r"\[arm\.sparse\] is not in arms"):
+            load_config(f, ["arms=adaptive", item])
+
+
 def test_new_arms_can_be_defined(tmp_path: Path) -> None:
     c = load_config(None, ["arms=fedavg-fp32,sparse", "arm.sparse.down-spec=int4"])
     assert c.arm("sparse").down_spec == "int4" and c.arm("sparse").kind is ArmKind.FEDSQUEEZE

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 import warnings
 from collections.abc import Callable
@@ -91,3 +93,65 @@ def test_rays_accelerator_tip_is_not_shown(fake_ray: Install) -> None:
         warnings.simplefilter("always")
         engine.start_ray({"num_cpus": 2})
     assert [str(w.message) for w in shown] == []
+
+
+SLEEPER = [sys.executable, "-c", "import time; time.sleep(60)"]
+STUBBORN = [
+    sys.executable,
+    "-c",
+    "import signal, sys, time\n"
+    "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+    "print('ready', flush=True)\n"
+    "time.sleep(60)",
+]
+
+
+def _gone(proc: subprocess.Popen[bytes]) -> bool:
+    """Whether ``proc`` no longer runs (reaped by whoever: /proc has no live entry)."""
+    try:
+        with open(f"/proc/{proc.pid}/stat", "rb") as fh:
+            stat = fh.read()
+    except FileNotFoundError:
+        return True
+    return stat[stat.rfind(b")") + 2 : stat.rfind(b")") + 3] == b"Z"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_processes_a_failed_start_left_are_stopped_and_others_kept(
+    fake_ray: Install, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fake = fake_ray(10)
+    bystander = subprocess.Popen(SLEEPER)  # started before: not the failed start's
+    spawned: list[subprocess.Popen[bytes]] = []
+
+    def init(**kwargs: object) -> None:  # a half-started node: a child, then the timeout
+        spawned.append(subprocess.Popen(SLEEPER))
+        FakeRay.init(fake, **kwargs)
+
+    monkeypatch.setattr("ray.init", init)
+    try:
+        with pytest.raises(engine.EngineStartError):
+            engine.start_ray({"num_cpus": 2}, attempts=2)
+        assert len(spawned) == 2 and all(_gone(p) for p in spawned)
+        assert bystander.pid in engine.child_pids() and bystander.poll() is None
+    finally:
+        bystander.kill()
+        bystander.wait()
+        for proc in spawned:
+            proc.wait(timeout=10)  # already reaped: returns at once
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_a_process_that_ignores_sigterm_is_killed_after_the_grace_period() -> None:
+    proc = subprocess.Popen(STUBBORN, stdout=subprocess.PIPE)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline() == b"ready\n"
+        assert proc.pid in engine.child_pids()
+        engine.stop_processes([proc.pid], grace_s=0.2)
+        assert _gone(proc) and proc.pid not in engine.child_pids()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(timeout=10)
+        if proc.stdout is not None:
+            proc.stdout.close()
