@@ -17,7 +17,10 @@ digits    the trained digits-cnn encoded progressively: test accuracy of the mod
           from the stream's first B bytes, B from the smallest decodable prefix to the
           whole stream on a log axis, with the points at 1/32 and 1/64 of fp32; specs
           with their refinement order (:class:`~fedsqueeze.codec.level_order.LevelOrder`),
-          the level-by-level order beside the global one;
+          the level-by-level order beside the global one; and one stream with
+          support levels (positions in groups) on seeds 0-2, in the data-free order
+          and ordered by a loss on the training split
+          (:mod:`fedsqueeze.bench.support_curve`), accuracy after every record;
 minilm    the same curve for all-MiniLM-L6-v2, as the mean cosine similarity between
           sentence embeddings of the decoded and the fp32 model over the first sentences
           of Python standard-library docstrings (real text written by CPython's authors,
@@ -153,7 +156,7 @@ def prefix_curve(
     for size in points:
         decoded = decode_prefix(stream[:size])
         rows.append({"bytes": size, "used": decoded.used_bytes, "quality": quality(decoded.state)})
-    once = encode_state(state, spec.with_changes(levels=None), seed=0).nbytes
+    once = encode_state(state, spec.with_changes(levels=None, grow=()), seed=0).nbytes
     return {
         "spec": format_spec(spec),
         "order": order.value,
@@ -327,6 +330,28 @@ def _run_digits(report: Json, out: Callable[[str], None], parts: tuple[str, ...]
         _print_curve(out, "digits-cnn accuracy", curve, fp32, percent=True)
         out(f"  largest drop as bytes arrive: {curve['largest_drop']:.2%}")
     report["digits"] = curves
+    _run_support_levels(report, out, digits_state, full_acc, fp32)
+
+
+def _run_support_levels(
+    report: Json, out: Callable[[str], None], seed0: State, acc0: float, fp32: int
+) -> None:
+    """One stream for 1/64 and 1/32: support levels, on seeds 0-2
+    (:mod:`fedsqueeze.bench.support_curve`)."""
+    from fedsqueeze.bench import support_curve
+
+    out(f"\ndigits-cnn, support levels: {support_curve.SPEC}")
+    rows = []
+    for seed in support_curve.SEEDS:
+        if seed == 0:
+            state, full = seed0, acc0
+        else:
+            state, accuracy = trained_digits(seed)
+            full = accuracy(state)
+        row = support_curve.run_seed(seed, state, full, fp32)
+        rows.append(row)
+        support_curve.print_seed(out, row)
+    report["digits_support_levels"] = {"spec": support_curve.SPEC, "seeds": rows}
 
 
 def _run_plane_entropy(report: Json, out: Callable[[str], None], state: State) -> None:

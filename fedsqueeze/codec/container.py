@@ -68,6 +68,17 @@ rotated tensor; the decoder rotates them back before adding a delta's base. A ro
 record is dense: never SPARSE or LOWRANK. Version 1 to 5 decoders refuse version 6
 streams by their version byte.
 
+Version 7 is version 6 plus *support levels* (progressive sparsity,
+:mod:`fedsqueeze.codec.support_levels`), written only when some tensor's positions
+arrive in several groups. Such a tensor's refinements each name what they hold: a
+refinement with the QUANT flag carries ``group varint · plane varint`` after its level
+(its level is then its step in the tensor's chain, 1, 2, …, whatever it holds), and with
+the SPARSE flag as well (exactly when ``plane`` is 0: a new group, ``group`` ≥ 1) the
+positions header of the weights it adds, their indices counted among the positions
+the earlier groups left free. Its body is those positions, then the group's plane and
+table as a level record's. Version 1 to 6 decoders refuse version 7 streams by their
+version byte (and such refinements by their flags).
+
 Everything here is structure only: the numerical stages live in ``fedsqueeze.codec.model``.
 """
 
@@ -116,6 +127,9 @@ GROUPED_VERSION = 4
 GLOBAL_ORDER_VERSION = 5
 #: The version written when any record is rotated before quantization.
 ROTATED_VERSION = 6
+#: The version written when a tensor's positions arrive in groups (support levels,
+#: :mod:`fedsqueeze.codec.support_levels`).
+SUPPORT_LEVELS_VERSION = 7
 SUPPORTED_VERSIONS = (
     FORMAT_VERSION,
     PROGRESSIVE_VERSION,
@@ -123,7 +137,10 @@ SUPPORTED_VERSIONS = (
     GROUPED_VERSION,
     GLOBAL_ORDER_VERSION,
     ROTATED_VERSION,
+    SUPPORT_LEVELS_VERSION,
 )
+#: Most position groups (support levels) one tensor may have.
+MAX_GROUPS = 16
 _EXTENDED_QUANT = 0x80  # a descriptor with scheme field 0: the extended form follows
 _HAS_BASE = 0x01
 _HADAMARD = 1  # the rotation byte of a rotated record (fedsqueeze.codec.spec.Rotation)
@@ -269,11 +286,18 @@ class TensorRecord:
     zero: bool = False  # no values at all: base unchanged (delta) or zeros
     rank: int = 0  # > 0: the values are low-rank factors (LOWRANK)
     levels: tuple[int, ...] = ()  # level 0 of a progressive tensor: bits per level
+    group: int | None = None  # a refinement of a grown tensor: its position group
+    plane: int = 0  # ... and the group's plane it holds (0: the group's positions too)
 
     @property
     def progressive(self) -> bool:
         """Whether this record is a level of a progressive tensor (needs version 2)."""
         return bool(self.levels) or self.level > 0
+
+    @property
+    def needs_v7(self) -> bool:
+        """Whether this record needs format version 7 (a refinement of a grown tensor)."""
+        return self.group is not None
 
     @property
     def needs_v3(self) -> bool:
@@ -317,7 +341,7 @@ class TensorRecord:
             flags |= RecordFlags.NAMED
         if self.positions is not None:
             flags |= RecordFlags.SPARSE
-        if self.quant is not None:
+        if self.quant is not None or (self.level > 0 and self.group is not None):
             flags |= RecordFlags.QUANT
         if self.raw_length is not None:
             flags |= RecordFlags.ENTROPY
@@ -350,6 +374,14 @@ class TensorRecord:
         if self.zero:
             return bytes(out)
         if self.level > 0:  # a refinement: everything else is in its level-0 record
+            if self.group is not None:
+                write_varint(out, self.group)
+                write_varint(out, self.plane)
+                if self.positions is not None:
+                    p = self.positions
+                    out.append((p.coding << 5) | p.rice_k)
+                    write_varint(out, p.count)
+                    write_varint(out, p.payload_bytes)
             if self.raw_length is not None:
                 write_varint(out, self.raw_length)
             write_varint(out, length)
@@ -445,7 +477,9 @@ def parse_record(
     if flags & RecordFlags.LEVEL:
         if version < PROGRESSIVE_VERSION:
             raise FormatError(f"a level record in a version {version} stream")
-        level = reader.varint("level", MAX_LEVELS - 1)
+        # From version 6 a grown tensor's level is its step in a chain of groups' planes.
+        most = MAX_GROUPS * MAX_LEVELS if version >= SUPPORT_LEVELS_VERSION else MAX_LEVELS
+        level = reader.varint("level", most - 1)
         if level == 0:
             count = reader.u8("level count")
             if not 2 <= count <= MAX_LEVELS:
@@ -454,7 +488,7 @@ def parse_record(
             if any(not 1 <= b <= 4 for b in plan) or sum(plan) not in (2, 3, 4, 8):
                 raise FormatError(f"invalid levels {'+'.join(map(str, plan))}")
         else:
-            return _parse_refinement(reader, flags, index, level, limits)
+            return _parse_refinement(reader, flags, index, level, limits, version)
     if flags & RecordFlags.ZERO:
         if flags & (
             RecordFlags.SPARSE | RecordFlags.QUANT | RecordFlags.ENTROPY | RecordFlags.LOWRANK
@@ -606,19 +640,45 @@ def _parse_blocks(reader: ByteReader, bits: int, limits: DecodeLimits) -> QuantH
 
 
 def _parse_refinement(
-    reader: ByteReader, flags: RecordFlags, index: int | None, level: int, limits: DecodeLimits
+    reader: ByteReader,
+    flags: RecordFlags,
+    index: int | None,
+    level: int,
+    limits: DecodeLimits,
+    version: int,
 ) -> TensorRecord:
     """The rest of a refinement record (level ≥ 1), after its level."""
     allowed = RecordFlags.LEVEL | RecordFlags.ENTROPY
+    if version >= SUPPORT_LEVELS_VERSION:
+        allowed |= RecordFlags.QUANT | RecordFlags.SPARSE
     if index is None or flags & ~allowed:
         raise FormatError(
             f"a level-{level} record refers to its base level by index and has no "
             f"flags but ENTROPY (got 0x{int(flags):02x})"
         )
+    group: int | None = None
+    plane = 0
+    positions: PositionsHeader | None = None
+    if flags & RecordFlags.QUANT:
+        group = reader.varint("position group", MAX_GROUPS - 1)
+        plane = reader.varint("plane", MAX_LEVELS - 1)
+        if (plane == 0) != bool(flags & RecordFlags.SPARSE) or (plane == 0 and group == 0):
+            raise FormatError(
+                "a refinement brings positions exactly when it opens a new group (plane 0 "
+                "of a group after the first)"
+            )
+        if flags & RecordFlags.SPARSE:
+            packed = reader.u8("position coding")
+            count = reader.varint("kept count", limits.max_elements)
+            pos_bytes = reader.varint("positions length", max_payload_bytes(limits.max_elements))
+            positions = PositionsHeader(packed >> 5, packed & 0x1F, count, pos_bytes)
+    elif flags & RecordFlags.SPARSE:
+        raise FormatError("a refinement with positions names its group (QUANT flag)")
     raw_length, body = _read_body(reader, flags, limits)
     return TensorRecord(
-        None, index, None, None, False, level, None, ValueKind.RAW, None, raw_length, body
-    )
+        None, index, None, None, False, level, None, ValueKind.RAW, positions, raw_length,
+        body, group=group, plane=plane,
+    )  # fmt: skip
 
 
 class QParamsSizer:
@@ -709,7 +769,8 @@ def parse_header(reader: ByteReader, limits: DecodeLimits) -> ContainerHeader:
     data = bytes(reader.take(min(reader.remaining, 1 << 16), "spec"))
     spec, used = CodecSpec.parse(data, 0)
     reader.pos -= len(data) - used
-    count = reader.varint("record count", limits.max_tensors * (MAX_LEVELS + 1))
+    per_tensor = MAX_LEVELS * (MAX_GROUPS if version >= SUPPORT_LEVELS_VERSION else 1)
+    count = reader.varint("record count", limits.max_tensors * (per_tensor + 1))
     base_records = count
     if version >= PROGRESSIVE_VERSION:
         base_records = reader.varint("base-level record count", min(count, limits.max_tensors))
@@ -736,9 +797,11 @@ __all__ = [
     "GLOBAL_ORDER_VERSION",
     "GROUPED_KINDS",
     "GROUPED_VERSION",
+    "MAX_GROUPS",
     "PROGRESSIVE_VERSION",
     "ROTATED_VERSION",
     "SUPPORTED_VERSIONS",
+    "SUPPORT_LEVELS_VERSION",
     "ContainerHeader",
     "DecodeLimits",
     "PositionsHeader",

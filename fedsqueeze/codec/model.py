@@ -27,6 +27,7 @@ from fedsqueeze.codec.container import (
     GROUPED_VERSION,
     PROGRESSIVE_VERSION,
     ROTATED_VERSION,
+    SUPPORT_LEVELS_VERSION,
     ContainerHeader,
     DecodeLimits,
     QParamsSizer,
@@ -89,10 +90,13 @@ class EncodedModel:
 
     @property
     def header(self) -> ContainerHeader:
-        """The model-level header: version 6 when a record is rotated, else 5 when
-        refinements are not in level order, else 4 when a record is byte-grouped, else
-        3 when one is block-wise or NF4, else 2 when a tensor is sent in levels, else 1."""
-        if any(r.rotated for r in self.records):
+        """The model-level header: version 7 when a tensor's positions come in groups,
+        else 6 when a record is rotated, else 5 when refinements are not in level order,
+        else 4 when a record is byte-grouped, else 3 when one is block-wise or NF4, else
+        2 when a tensor is sent in levels, else 1."""
+        if any(r.needs_v7 for r in self.records):
+            version = SUPPORT_LEVELS_VERSION
+        elif any(r.rotated for r in self.records):
             version = ROTATED_VERSION
         elif not _levels_ascend(self.records):
             version = GLOBAL_ORDER_VERSION
@@ -307,13 +311,22 @@ def encode_state(
         if spec.prune.method is PruneMethod.L1_GLOBAL
         else {}
     )
+    grow_masks: dict[str, list[torch.Tensor]] = {}
+    if spec.grow and spec.prune.method is PruneMethod.L1_GLOBAL and spec.levels is not None:
+        for sparsity in spec.grow:
+            cut = _global_masks(state, spec.with_changes(grow=(), prune=replace(
+                spec.prune, sparsity=sparsity)), encoder, carried)  # fmt: skip
+            for name, mask in cut.items():
+                grow_masks.setdefault(name, []).append(mask)
     records = []
     new_residual: dict[str, torch.Tensor] = {}
     for name, tensor in state.items():
         if name in carried:
             record, res = encoder.carry(name, tensor.detach())
         else:
-            record, res = encoder.encode(name, tensor.detach(), masks.get(name))
+            record, res = encoder.encode(
+                name, tensor.detach(), masks.get(name), grow_masks.get(name)
+            )
         records.append(record)
         if res is not None:
             new_residual[name] = res
@@ -456,7 +469,9 @@ class PrefixDecoded:
     used_bytes
         Bytes of the prefix that went into ``state`` (complete records and the header).
     levels
-        For each progressive tensor in ``state``, the highest level it holds (0-based).
+        For each progressive tensor in ``state``, the highest level it holds (0-based;
+        for a tensor with support levels, the number of its records held after the
+        first).
     complete
         Whether every record of the stream was there.
     """

@@ -53,11 +53,11 @@ in order but lets a small sensitive tensor take its last level before a large on
 takes its second (format version 5 when levels interleave).
 
 What the issue's targets met (BENCHMARKS.md, "Progressive levels"): a whole stream costs
-1.000-1.078× a one-shot encoding (the 1-bit levels' tables weigh on small tensors);
-digits at 1/32 of fp32 is 1.4 points under the full model and at 1/64 2.2 points under
-it, but with two streams (90% and 94% sparse): positions travel whole with the first
-level and are already at their entropy, so a stream whose first prefix fits 1/64 is too
-sparse to reach −2 points. MiniLM at 1/8 reaches cosine 0.977, not 0.99 (0.990 at
+1.000-1.078× a one-shot encoding (the 1-bit levels' tables weigh on small tensors).
+With positions sent once, with the first level, the digits targets at 1/32 and 1/64 of
+fp32 took two streams (90% and 94% sparse); *support levels*
+(:mod:`fedsqueeze.codec.support_levels`, ``grow=``) let one stream start sparse and add
+weights later, and meet both on seeds 0-4. MiniLM at 1/8 reaches cosine 0.977, not 0.99 (0.990 at
 1/7.2): a first level of every tensor is needed before anything decodes, 4 bits per
 value on average leaves the FFN and value matrices a cosine loss above 0.01 each (each
 alone at 4 bits per channel), and zstd already codes the planes at their order-0

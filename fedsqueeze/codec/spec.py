@@ -109,6 +109,8 @@ DEFAULT_TARGETS = ("*weight",)
 MAX_RANK = 1024
 #: Most refinement levels a progressive spec may have (every level adds at least a bit).
 MAX_LEVELS = 8
+#: Most earlier support levels (``grow``) a progressive pruned spec may have.
+MAX_GROW = 6
 
 
 @dataclass(frozen=True)
@@ -255,6 +257,15 @@ class CodecSpec:
         ``quant.bits``. The first level is a usable coarse model, every further level
         refines it (see :mod:`fedsqueeze.codec.progressive`). ``None``: one level.
         Needs ``quant``; not combined with ``rank``.
+    grow
+        Progressive sparsity: the sparsities of the earlier *support levels* of a
+        magnitude-pruned progressive spec, falling towards ``prune.sparsity``, e.g.
+        ``(0.96, 0.93)`` with ``prune=global:0.9``: the stream's first level holds the
+        4% largest weights, later records add the weights kept at 93% and then at 90%
+        sparsity, their positions coded among the ones not yet held
+        (:mod:`fedsqueeze.codec.support_levels`). Empty: the positions travel whole with
+        the first level. Needs ``levels`` and ``l1`` or ``global`` pruning, not
+        block-wise quantization.
     freeze
         Glob patterns of tensor names that are frozen (a pretrained backbone): they
         travel once, in a full model, and never in a delta. :func:`~fedsqueeze.codec.
@@ -273,6 +284,7 @@ class CodecSpec:
     rank: int | None = None
     levels: tuple[int, ...] | None = None
     freeze: tuple[str, ...] = ()
+    grow: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
         if self.topk is not None and not 0.0 < self.topk <= 1.0:
@@ -298,6 +310,8 @@ class CodecSpec:
                 "a rotation mixes every value of a row: it is for dense tensors, not "
                 "with pruning, top-k or low rank"
             )
+        if self.grow:
+            _check_grow(self)
         if not 0 <= self.entropy_level <= 22:
             raise ValueError(f"entropy_level must be in 0..22, got {self.entropy_level}")
         if not 0 <= self.min_ndim <= 8:
@@ -349,7 +363,8 @@ class CodecSpec:
         bit 5, rank bit 6, levels bit 7) · [amount f64] · [topk f64] · [rank varint] ·
         [quant: bits | scheme << 4, granularity | rounding << 2 | (scale format − 1) << 4 |
         Hadamard rotation << 7, block size varint for block-wise] · [levels: count u8 · bits
-        u8 each] · float format and min_ndim u8 (bit 7: an extension follows the targets) ·
+        u8 each; with bit 7 of the count set, support levels follow: count u8 · amount
+        each] · float format and min_ndim u8 (bit 7: an extension follows the targets) ·
         entropy level u8 · [targets] · [extension: freeze patterns, count u8 · length u8 and
         UTF-8 bytes each]. Amounts are float64 so the spec survives the round trip exactly;
         an amount with at most six decimals (0.95, 0.025) is a varint of millionths instead,
@@ -387,8 +402,14 @@ class CodecSpec:
             if q.block_size is not None:
                 write_varint(out, q.block_size)
         if self.levels is not None:
-            out.append(len(self.levels))
+            # Bit 7 of the level count: support levels follow (a count over MAX_LEVELS,
+            # which a reader from before them refuses).
+            out.append(len(self.levels) | (_GROWS if self.grow else 0))
             out += bytes(self.levels)
+            if self.grow:
+                out.append(len(self.grow))
+                for amount in self.grow:
+                    _write_amount(out, amount)
         out.append(
             self.float_format.value | (self.min_ndim << 2) | (_EXTENSION if self.freeze else 0)
         )
@@ -421,6 +442,8 @@ class CodecSpec:
 
 
 _MICRO = 1_000_000
+#: Bit 7 of the level count: support levels (``grow``) follow the levels.
+_GROWS = 0x80
 #: Bit 7 of the float-format byte: frozen patterns follow the targets.
 _EXTENSION = 0x80
 #: Most patterns in ``targets`` or ``freeze``, and most characters in one.
@@ -549,14 +572,25 @@ def _parse_spec(data: bytes, pos: int) -> tuple[CodecSpec, int]:
             Rotation(opts >> 7),
         )
     levels: tuple[int, ...] | None = None
+    grow: list[float] = []
     if flags & 0x80:
         count = data[pos]
+        grows = bool(count & _GROWS)
+        count &= ~_GROWS
         if count > MAX_LEVELS:
             raise ValueError(f"{count} levels (at most {MAX_LEVELS})")
         levels = tuple(data[pos + 1 : pos + 1 + count])
         if len(levels) != count:
             raise IndexError("levels truncated")
         pos += 1 + count
+        if grows:
+            grow_count = data[pos]
+            pos += 1
+            if not 1 <= grow_count <= MAX_GROW:
+                raise ValueError(f"{grow_count} support levels (1..{MAX_GROW})")
+            for _ in range(grow_count):
+                amount, pos = _read_amount(data, pos)
+                grow.append(amount)
     fmt_ndim, level = data[pos], data[pos + 1]
     pos += 2
     targets: tuple[str, ...] = DEFAULT_TARGETS
@@ -578,6 +612,7 @@ def _parse_spec(data: bytes, pos: int) -> tuple[CodecSpec, int]:
         targets=targets,
         min_ndim=(fmt_ndim & ~_EXTENSION) >> 2,
         freeze=freeze,
+        grow=tuple(grow),
     )
     return spec, pos
 
@@ -600,6 +635,30 @@ def _check_levels(levels: tuple[int, ...], quant: QuantSpec | None, rank: int | 
         )
     if rank is not None:
         raise ValueError("progressive levels are for models sent down, not low-rank updates")
+
+
+def _check_grow(spec: CodecSpec) -> None:
+    grow = spec.grow
+    if not isinstance(grow, tuple) or any(
+        isinstance(s, bool) or not isinstance(s, (int, float)) for s in grow
+    ):
+        raise ValueError(f"grow must be a tuple of sparsities, got {grow!r}")
+    if len(grow) > MAX_GROW:
+        raise ValueError(f"at most {MAX_GROW} support levels, got {len(grow)}")
+    if spec.levels is None:
+        raise ValueError("grow (support levels) needs progressive levels")
+    if spec.prune.method not in (PruneMethod.L1_GLOBAL, PruneMethod.L1_UNSTRUCTURED):
+        raise ValueError("grow (support levels) needs magnitude pruning (l1 or global)")
+    if spec.quant is not None and spec.quant.granularity is Granularity.PER_BLOCK:
+        raise ValueError("grow (support levels) does not combine with block-wise scales")
+    previous = 1.0
+    for s in grow:
+        if not spec.prune.sparsity < s < previous or math.isnan(s):
+            raise ValueError(
+                "grow sparsities must fall strictly from below 1 to above the pruning's "
+                f"{spec.prune.sparsity}, got {'+'.join(map(repr, grow))}"
+            )
+        previous = s
 
 
 # ---------------------------------------------------------------------- presets

@@ -21,7 +21,10 @@ after ``BITS`` may come in any order, and ``nf4`` without a granularity means QL
 level, 0 = off), ``targets`` (glob patterns joined by ``|``), ``min-ndim``, ``levels``
 (progressive transmission: bits added per level joined by ``+``, e.g. ``2+2+4`` with
 ``quant=8``, or ``none``), ``freeze`` (frozen tensors, which travel once and never in
-a delta: glob patterns joined by ``|``, e.g. ``freeze=frozen.*``, or ``none``).
+a delta: glob patterns joined by ``|``, e.g. ``freeze=frozen.*``, or ``none``),
+``grow`` (progressive sparsity: the sparsities of the earlier support levels of a
+pruned progressive spec joined by ``+``, e.g. ``prune=global:0.9,levels=1+1+2,
+grow=0.96+0.93``, or ``none``).
 
 Each key may appear once (after a preset, to override it): ``quant=8,quant=4`` is
 refused rather than silently taking the last. Range errors name the key as typed
@@ -119,10 +122,23 @@ def _apply(spec: CodecSpec, key: str, value: str) -> CodecSpec:
         return replace(spec, levels=_levels(value))
     if key == "freeze":
         return replace(spec, freeze=parse_freeze(value))
+    if key == "grow":
+        return replace(spec, grow=_grow(value))
     raise ValueError(
         f"unknown key {key!r}; keys: prune, topk, rank, quant, float, entropy, targets, "
-        "min-ndim, levels, freeze"
+        "min-ndim, levels, freeze, grow"
     )
+
+
+def _grow(value: str) -> tuple[float, ...]:
+    if value == "none":
+        return ()
+    try:
+        return tuple(float(s) for s in value.split("+"))
+    except ValueError:
+        raise ValueError(
+            f"grow must be sparsities joined by '+', e.g. 0.96+0.93, got {value!r}"
+        ) from None
 
 
 def parse_freeze(value: str) -> tuple[str, ...]:
@@ -261,4 +277,6 @@ def format_spec(spec: CodecSpec) -> str:
     parts.append(f"min-ndim={spec.min_ndim}")
     if spec.freeze:
         parts.append(f"freeze={'|'.join(spec.freeze)}")
+    if spec.grow:
+        parts.append(f"grow={'+'.join(map(repr, spec.grow))}")
     return ",".join(parts)

@@ -168,16 +168,19 @@ def encode_stream(
     names = list(state)
     sizes = {name: _nbytes(state[name]) for name in names}
     cut: GlobalCut | None = None
+    grow_cuts: list[GlobalCut] = []
     carried: frozenset[str] = frozenset()
     if spec.prune.method is PruneMethod.L1_GLOBAL:
         carried = _unencodable(state, encoder, nonfinite)
         work = [n for n in names if n not in carried and encoder.is_lossy(n, state[n])]
         if work:
-            cut = find_global_cut(
-                work,
-                lambda n: encoder.lossy_input(n, state[n].detach()),
-                spec.prune.sparsity,
-            )
+
+            def lossy(n: str) -> torch.Tensor:
+                return encoder.lossy_input(n, state[n].detach())
+
+            cut = find_global_cut(work, lossy, spec.prune.sparsity)
+            if spec.levels is not None:
+                grow_cuts = [find_global_cut(work, lossy, s) for s in spec.grow]
 
     def encode_one(name: str) -> _Done:
         t = state[name].detach()
@@ -188,9 +191,12 @@ def encode_stream(
             record, res = encoder.carry(name, t)
             return _Done([ScoredLevel(record, 0.0)], res)
         mask = None
+        grow_masks = None
         if cut is not None and encoder.is_lossy(name, t):
-            mask = cut.mask(name, encoder.lossy_input(name, t))
-        record, res = encoder.encode(name, t, mask)
+            x = encoder.lossy_input(name, t)
+            mask = cut.mask(name, x)
+            grow_masks = [c.mask(name, x) for c in grow_cuts] or None
+        record, res = encoder.encode(name, t, mask, grow_masks)
         levels = encoder.levels.pop(name, None)
         if levels is None:
             return _Done([ScoredLevel(record, 0.0)], res)

@@ -214,6 +214,7 @@ class TensorDecoder:
         state = ProgressiveTensor(
             name, record.levels, qp, shape, dtype, kept, indices, channels_of,
             None if base is None else base.to(device), device, record.quant.rotation_seed,
+            blocks=record.quant.granularity is Granularity.PER_BLOCK,
         )  # fmt: skip
         state.add_plane(0, body)
         return state
@@ -264,11 +265,34 @@ class TensorDecoder:
         return dequantize(codes, qp, channels_of)
 
 
+class _Group:
+    """One position group of a progressive tensor: its values' code bits held so far."""
+
+    __slots__ = ("channels_of", "count", "indices", "plane", "table", "top")
+
+    def __init__(
+        self, indices: torch.Tensor | None, channels_of: torch.Tensor | None, count: int
+    ) -> None:
+        self.indices = indices
+        self.channels_of = channels_of
+        self.count = count
+        self.top = torch.zeros(count, dtype=torch.int64, device=_device_of(indices))
+        self.table: torch.Tensor | None = None
+        self.plane = -1  # the highest plane held
+
+
+def _device_of(t: torch.Tensor | None) -> torch.device:
+    return t.device if t is not None else torch.device("cpu")
+
+
 class ProgressiveTensor:
     """A progressive tensor being received: the code bits held so far and their table.
 
     Built from the base-level record by :meth:`TensorDecoder.decode`; each refinement
     record adds the next level (:meth:`refine`); :meth:`tensor` decodes what is held.
+    With support levels (format version 7) the values come in position groups, each
+    with its own planes and tables (:mod:`fedsqueeze.codec.support_levels`); a position
+    no group holds yet decodes to zero (the base's value in a delta).
     """
 
     def __init__(
@@ -284,70 +308,140 @@ class ProgressiveTensor:
         base: torch.Tensor | None,
         device: torch.device,
         rotation_seed: int | None = None,
+        *,
+        blocks: bool = False,
     ) -> None:
         self.name = name
         self._rotation_seed = rotation_seed
         self.levels = levels
+        self._blocks = blocks
         self._qp = qp
         self._shape = shape
         self._dtype = dtype
-        self._kept = kept
-        self._indices = indices
-        self._channels_of = channels_of
-        self._base = base
         self._device = device
-        self._top = torch.zeros(kept, dtype=torch.int64, device=device)
-        self._table: torch.Tensor | None = None
-        #: The highest level held (−1 before the base level).
+        self._base = base
+        self._numel = 1
+        for d in shape:
+            self._numel *= d
+        self._groups = [_Group(indices, channels_of, kept)]
+        self._groups[0].top = self._groups[0].top.to(device)
+        self._held: torch.Tensor | None = None  # positions some group holds (grown only)
+        #: The highest level held (−1 before the base level): the step in the chain.
         self.level = -1
 
     def refine(self, record: TensorRecord) -> None:
         """Add a refinement record; it must be the next level of this tensor."""
-        if record.level != self.level + 1 or record.level >= len(self.levels):
+        if record.level != self.level + 1:
             raise FormatError(
-                f"tensor {self.name!r}: level {record.level} after level {self.level} of "
-                f"{len(self.levels)}"
+                f"tensor {self.name!r}: level {record.level} after level {self.level}"
             )
-        bits = self.levels[record.level]
-        expected = packed_size(self._kept, bits) + 2 * table_entries(self.levels, record.level)
-        actual = len(record.body) if record.raw_length is None else record.raw_length
-        if actual != expected:
+        group, plane = (0, record.level) if record.group is None else (record.group, record.plane)
+        if plane == 0:
+            self._open_group(record, group)
+            return
+        if group >= len(self._groups) or plane != self._groups[group].plane + 1:
             raise FormatError(
-                f"tensor {self.name!r} level {record.level}: body is {actual} bytes, "
-                f"expected {expected}"
+                f"tensor {self.name!r}: plane {plane} of group {group}, which holds "
+                f"{len(self._groups)} groups"
+                + (
+                    ""
+                    if group >= len(self._groups)
+                    else f", its group at plane {self._groups[group].plane}"
+                )
             )
-        body: bytes | memoryview = record.body
-        if record.raw_length is not None:
-            body = entropy.decompress(body, record.raw_length)
-        self.add_plane(record.level, body)
+        if plane >= len(self.levels):
+            raise FormatError(
+                f"tensor {self.name!r}: level {plane} of a {len(self.levels)}-level plan"
+            )
+        g = self._groups[group]
+        expected = packed_size(g.count, self.levels[plane]) + 2 * table_entries(self.levels, plane)
+        body = _refinement_body(record, expected, self.name)
+        self._add_plane(g, plane, body)
+        self.level = record.level
+
+    def _open_group(self, record: TensorRecord, group: int) -> None:
+        """A refinement that adds positions: the next group with its first plane."""
+        p = record.positions
+        if group != len(self._groups) or p is None:
+            raise FormatError(
+                f"tensor {self.name!r}: group {group} opened after {len(self._groups)} groups"
+            )
+        first = self._groups[0]
+        if first.indices is None or self._blocks:
+            raise FormatError(
+                f"tensor {self.name!r}: a dense or block-wise tensor has no later groups"
+            )
+        held = self._held_mask()
+        free = self._numel - sum(g.count for g in self._groups)
+        if not 1 <= p.count <= free or p.payload_bytes > max_payload_bytes(free):
+            raise FormatError(
+                f"tensor {self.name!r}: group {group} claims {p.count} of {free} free positions"
+            )
+        try:
+            coding = PositionCoding(p.coding)
+        except ValueError as exc:
+            raise FormatError(f"tensor {self.name!r}: unknown position coding {p.coding}") from exc
+        bits = self.levels[0]
+        expected = p.payload_bytes + packed_size(p.count, bits) + 2 * table_entries(self.levels, 0)
+        body = memoryview(_refinement_body(record, expected, self.name))
+        payload = _read_only_uint8(body[: p.payload_bytes]).to(self._device)
+        ranks = decode_positions(coding, p.count, p.rice_k, payload, free)
+        indices = torch.nonzero(~held).reshape(-1)[ranks]
+        channels_of = None
+        if self._qp.scale.dim() == 1:  # per channel (blocks do not combine with groups)
+            stride = max(1, self._numel // max(1, self._shape[0] if self._shape else 1))
+            channels_of = torch.div(indices, stride, rounding_mode="floor")
+        g = _Group(indices, channels_of, p.count)
+        g.top = g.top.to(self._device)
+        self._held = held.index_fill_(0, indices, True)
+        self._groups.append(g)
+        self._add_plane(g, 0, body[p.payload_bytes :])
+        self.level = record.level
+
+    def _held_mask(self) -> torch.Tensor:
+        if self._held is None:
+            held = torch.zeros(self._numel, dtype=torch.bool, device=self._device)
+            first = self._groups[0].indices
+            if first is not None:
+                held[first] = True
+            self._held = held
+        return self._held
 
     def add_plane(self, level: int, body: bytes | memoryview) -> None:
-        """Unpack level ``level``'s plane (and table) from its decompressed body."""
+        """Unpack plane ``level`` of the first group (and its table) from its
+        decompressed body."""
+        self._add_plane(self._groups[0], level, body)
+        self.level = level
+
+    def _add_plane(self, g: _Group, level: int, body: bytes | memoryview) -> None:
         bits = self.levels[level]
         view = memoryview(body)
-        plane_bytes = packed_size(self._kept, bits)
-        plane = unpack_bits(_read_only_uint8(view[:plane_bytes]).to(self._device), bits, self._kept)
-        self._top = (self._top << bits) | plane.to(torch.int64)
+        plane_bytes = packed_size(g.count, bits)
+        plane = unpack_bits(_read_only_uint8(view[:plane_bytes]).to(self._device), bits, g.count)
+        g.top = (g.top << bits) | plane.to(torch.int64)
         entries = table_entries(self.levels, level)
-        self._table = None
+        g.table = None
         if entries:
             shift = self._qp.bits - cumulative_bits(self.levels, level)
-            self._table = table_from_bytes(view[plane_bytes:], entries, self._qp.scheme, shift).to(
+            g.table = table_from_bytes(view[plane_bytes:], entries, self._qp.scheme, shift).to(
                 self._device
             )
-        self.level = level
+        g.plane = level
+
+    @property
+    def groups(self) -> int:
+        """How many position groups are held."""
+        return len(self._groups)
 
     def tensor(self) -> torch.Tensor:
         """The best tensor the levels held so far give."""
-        held = cumulative_bits(self.levels, self.level)
-        values = reconstruct(self._top, self._qp, held, self._table, self._channels_of)
-        numel = 1
-        for d in self._shape:
-            numel *= d
-        if self._indices is not None:
-            dense = torch.zeros(numel, dtype=torch.float32, device=self._device)
-            dense[self._indices] = values
-            values = dense
+        first = self._groups[0]
+        if first.indices is None:
+            values = self._values(first)
+        else:
+            values = torch.zeros(self._numel, dtype=torch.float32, device=self._device)
+            for g in self._groups:
+                values[g.indices] = self._values(g)
         if self._rotation_seed is not None:
             x = unrotate(values, self._rotation_seed, self._shape)
         else:
@@ -355,6 +449,22 @@ class ProgressiveTensor:
         if self._base is not None:
             x = self._base.to(torch.float32) + x
         return x.to(self._dtype)
+
+    def _values(self, g: _Group) -> torch.Tensor:
+        held = cumulative_bits(self.levels, g.plane)
+        return reconstruct(g.top, self._qp, held, g.table, g.channels_of)
+
+
+def _refinement_body(record: TensorRecord, expected: int, name: str) -> bytes | memoryview:
+    """A refinement's decompressed body, checked to be ``expected`` bytes long first."""
+    actual = len(record.body) if record.raw_length is None else record.raw_length
+    if actual != expected:
+        raise FormatError(
+            f"tensor {name!r} level {record.level}: body is {actual} bytes, expected {expected}"
+        )
+    if record.raw_length is not None:
+        return entropy.decompress(record.body, record.raw_length)
+    return record.body
 
 
 def _qparams(

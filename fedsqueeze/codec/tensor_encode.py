@@ -81,6 +81,7 @@ from fedsqueeze.codec.spec import (
     Rotation,
     ScaleFormat,
 )
+from fedsqueeze.codec.support_levels import Node, chain, free_ranks, group_ids
 
 #: Largest magnitude fp16 block scales can cover (beyond it a tensor is refused or
 #: carried, as for an fp16 cast).
@@ -293,11 +294,18 @@ class TensorEncoder:
 
     # ------------------------------------------------------------------ encode
     def encode(
-        self, name: str, t: torch.Tensor, global_mask: torch.Tensor | None
+        self,
+        name: str,
+        t: torch.Tensor,
+        global_mask: torch.Tensor | None,
+        grow_masks: list[torch.Tensor] | None = None,
     ) -> tuple[TensorRecord, torch.Tensor | None]:
-        """Encode one tensor; returns the record and its new residual (top-k only)."""
+        """Encode one tensor; returns the record and its new residual (top-k only).
+
+        ``grow_masks``: with global pruning and ``grow``, the kept masks of the global
+        cut at each support level's sparsity."""
         if self.is_lossy(name, t):
-            return self._lossy(name, t, global_mask)
+            return self._lossy(name, t, global_mask, grow_masks)
         fmt = self._spec.float_format
         if t.is_floating_point() and _CAST_DTYPES[fmt] != t.dtype and fmt is not FloatFormat.FP32:
             return self._cast(name, t), None
@@ -447,7 +455,11 @@ class TensorEncoder:
         return None if mask is None else mask_to_indices(mask.reshape(-1))
 
     def _lossy(
-        self, name: str, t: torch.Tensor, global_mask: torch.Tensor | None
+        self,
+        name: str,
+        t: torch.Tensor,
+        global_mask: torch.Tensor | None,
+        grow_masks: list[torch.Tensor] | None = None,
     ) -> tuple[TensorRecord, torch.Tensor | None]:
         spec = self._spec
         delta = self._base_of(name, t) is not None
@@ -489,6 +501,19 @@ class TensorEncoder:
             # Blocks of consecutive *kept* values: runs, like dense channels.
             channels_of = Runs(spec.quant.block_size)
             num_channels = num_blocks(values.numel(), spec.quant.block_size)
+        if spec.grow and spec.levels is not None and spec.quant is not None:
+            if indices is None:
+                indices = torch.arange(numel, device=flat.device)
+            if global_mask is None:
+                grow_masks = None  # l1: each support level cut from the tensor alone
+            groups = group_ids(x, indices, spec.grow, grow_masks)
+            record, decoded = self._grown(
+                name, t, values, indices, channels_of, num_channels, delta, spec.quant,
+                spec.levels, groups,
+            )  # fmt: skip
+            return record, _residual(
+                flat, indices, values, decoded, t.shape
+            ) if spec.feedback else None
         # Position coding runs on a worker beside the quantization (they share nothing).
         kept = indices
         coded = None if kept is None else submit(lambda: encode_positions(kept, numel))
@@ -582,6 +607,84 @@ class TensorEncoder:
             before = after64
         self.levels[name] = scored
         return scored[0].record, before.to(torch.float32)
+
+    def _grown(
+        self,
+        name: str,
+        t: torch.Tensor,
+        values: torch.Tensor,
+        indices: torch.Tensor,
+        channels_of: torch.Tensor | Runs | None,
+        num_channels: int,
+        delta: bool,
+        q: QuantSpec,
+        levels: tuple[int, ...],
+        groups: torch.Tensor,
+    ) -> tuple[TensorRecord, torch.Tensor]:
+        """A progressive tensor whose positions arrive in groups (support levels,
+        :mod:`fedsqueeze.codec.support_levels`): quantize once at ``q.bits``, then cut
+        each group's codes into planes.
+
+        Returns the base-level record (group 0's first plane) and the values the last
+        level of every group decodes to; the records go to :attr:`levels` in the
+        tensor's chain order.
+        """
+        if isinstance(channels_of, Runs):
+            channels_of = channels_of.index(values.numel(), t.device)
+        qp = choose_qparams(
+            values, q.bits, q.scheme, q.granularity, channels_of, num_channels, q.scales
+        )
+        codes = quantize(values, qp, q.rounding, channels_of, self._generator(t.device))
+        quant = _quant_header(q, qp, num_channels)
+        energy = float(t.detach().to(torch.float64).square().sum()) or 1.0
+        numel = t.numel()
+        final = torch.zeros_like(values, dtype=torch.float64)
+        held = torch.empty(0, dtype=torch.int64, device=indices.device)
+        nodes: list[Node] = []
+        members = [torch.nonzero(groups == j).reshape(-1) for j in range(int(groups.max()) + 1)]
+        for group, sel in enumerate(m for m in members if m.numel()):
+            idx = indices[sel]
+            enc = encode_positions(free_ranks(idx, held), numel - held.numel())
+            pos_payload = bytes(tensor_bytes(enc.payload))
+            positions = PositionsHeader(
+                int(enc.coding.value), enc.rice_k, enc.count, len(pos_payload)
+            )
+            g_codes, g_values = codes[sel], values[sel]
+            g_channels = None if channels_of is None else channels_of[sel]
+            before = torch.zeros_like(g_values, dtype=torch.float64)
+            for level, bits in enumerate(levels):
+                cum = cumulative_bits(levels, level)
+                last = level == len(levels) - 1
+                table = None if last else bucket_table(g_codes, qp, cum, g_channels)
+                body = bytes(tensor_bytes(pack_bits(plane(g_codes, levels, level), bits)))
+                if table is not None:
+                    body += table_to_bytes(table)
+                if level == 0:
+                    body = pos_payload + body
+                if group == 0 and level == 0:
+                    record = self._record(
+                        name, t, delta=delta, body=body, quant=quant, positions=positions,
+                        levels=levels,
+                    )  # fmt: skip
+                else:
+                    compressed = entropy.compress(body, self._spec.entropy_level)
+                    record = TensorRecord(
+                        None, 0, None, None, False, 1, None, ValueKind.RAW,
+                        positions if level == 0 else None,
+                        len(body) if compressed is not None else None,
+                        compressed if compressed is not None else body,
+                        group=group, plane=level,
+                    )  # fmt: skip
+                after = reconstruct(top_codes(g_codes, q.bits, cum), qp, cum, table, g_channels).to(
+                    torch.float64
+                )
+                gain = level_gain(g_values, before, after)
+                nodes.append(Node(group, level, ScoredLevel(record, gain, energy)))
+                before = after
+            final[sel] = before
+            held = torch.sort(torch.cat((held, idx))).values
+        self.levels[name] = chain(nodes)
+        return nodes[0].scored.record, final.to(torch.float32)
 
     def _store(
         self,

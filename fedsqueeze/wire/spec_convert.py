@@ -127,6 +127,8 @@ def codec_spec_to_proto(spec: CodecSpec) -> pb.CodecSpec:
         msg.levels.extend(spec.levels)
     if spec.freeze:
         msg.freeze.extend(spec.freeze)
+    if spec.grow:
+        msg.grow.extend(spec.grow)
     if spec.quant is not None:
         q = spec.quant
         msg.quant.CopyFrom(
@@ -190,5 +192,6 @@ def codec_spec_from_proto(msg: pb.CodecSpec) -> CodecSpec:
             targets=tuple(msg.targets) or DEFAULT_TARGETS,
             min_ndim=msg.min_ndim,
             freeze=tuple(msg.freeze),
+            grow=tuple(msg.grow),
         ),
     )

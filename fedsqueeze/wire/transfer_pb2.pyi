@@ -390,6 +390,7 @@ class CodecSpec(_message.Message):
     RANK_FIELD_NUMBER: _builtins.int
     LEVELS_FIELD_NUMBER: _builtins.int
     FREEZE_FIELD_NUMBER: _builtins.int
+    GROW_FIELD_NUMBER: _builtins.int
     topk: _builtins.float
     """Fraction of values kept by top-k sparsification, in (0, 1]; absent means
     no top-k. Not combined with pruning.
@@ -436,6 +437,14 @@ class CodecSpec(_message.Message):
         nothing is frozen.
         """
 
+    @_builtins.property
+    def grow(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
+        """Progressive sparsity: sparsities of the earlier support levels of a
+        magnitude-pruned progressive spec, falling strictly from below 1 to above
+        prune.sparsity, at most 6; empty means the positions travel whole with
+        the first level. Needs levels.
+        """
+
     def __init__(
         self,
         *,
@@ -449,10 +458,11 @@ class CodecSpec(_message.Message):
         rank: _builtins.int | None = ...,
         levels: _abc.Iterable[_builtins.int] | None = ...,
         freeze: _abc.Iterable[_builtins.str] | None = ...,
+        grow: _abc.Iterable[_builtins.float] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_rank", b"_rank", "_topk", b"_topk", "prune", b"prune", "quant", b"quant", "rank", b"rank", "topk", b"topk"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_rank", b"_rank", "_topk", b"_topk", "entropy_level", b"entropy_level", "float_format", b"float_format", "freeze", b"freeze", "levels", b"levels", "min_ndim", b"min_ndim", "prune", b"prune", "quant", b"quant", "rank", b"rank", "targets", b"targets", "topk", b"topk"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_rank", b"_rank", "_topk", b"_topk", "entropy_level", b"entropy_level", "float_format", b"float_format", "freeze", b"freeze", "grow", b"grow", "levels", b"levels", "min_ndim", b"min_ndim", "prune", b"prune", "quant", b"quant", "rank", b"rank", "targets", b"targets", "topk", b"topk"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__rank: _TypeAlias = _typing.Literal["rank"]  # noqa: Y015
     _WhichOneofArgType__rank: _TypeAlias = _typing.Literal["_rank", b"_rank"]  # noqa: Y015

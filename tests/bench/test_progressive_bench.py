@@ -108,3 +108,19 @@ def test_curve_arguments_parse_spec_and_order() -> None:
     assert parse_curve("quant=8:hadamard,levels=4+4@weighted")[1] is LevelOrder.WEIGHTED
     with pytest.raises(ValueError, match="unknown refinement order"):
         parse_curve("quant=8,levels=4+4@sideways")
+
+
+def test_support_curve_measures_every_record_and_the_drops() -> None:
+    from fedsqueeze.bench.support_curve import at, largest_drop, record_curve
+    from fedsqueeze.codec import encode_state
+
+    state = {**_state(), "b.weight": torch.randn(16, 32, generator=torch.Generator())}
+    spec = parse_spec("prune=global:0.7,quant=4:symmetric,levels=1+1+2,grow=0.95+0.85")
+    encoded = encode_state(state, spec, seed=0)
+    rows = record_curve(encoded, lambda s: float(sum(int(t.count_nonzero()) for t in s.values())))
+    sizes = [r["bytes"] for r in rows]
+    assert sizes == sorted(sizes) and sizes[-1] == encoded.nbytes - 4
+    # nonzero values only grow as groups open: a count never falls
+    assert largest_drop([r["quality"] for r in rows]) == 0.0
+    assert largest_drop([3.0, 1.0, 2.0, 0.5]) == 2.5
+    assert at(rows, sizes[0] - 1) is None and at(rows, sizes[-1]) == rows[-1]["quality"]

@@ -27,7 +27,7 @@ from fedsqueeze.codec import (
     decode_state,
     encode_state,
 )
-from fedsqueeze.codec.container import GLOBAL_ORDER_VERSION, crc32
+from fedsqueeze.codec.container import GLOBAL_ORDER_VERSION, SUPPORT_LEVELS_VERSION, crc32
 from fedsqueeze.errors import CodecError, LimitExceededError
 from tests.codec.conftest import make_state
 from tests.codec.test_level_order import SPEC as GLOBAL_SPEC
@@ -103,6 +103,17 @@ def _samples() -> list[tuple[bytes, bool]]:
     v5 = encode_state(mixed_state(), GLOBAL_SPEC, seed=0).to_bytes()
     assert v5[3] == GLOBAL_ORDER_VERSION
     out.append((v5, False))
+    # positions in groups (support levels, format version 6): hostile group records too
+    grown = CodecSpec(
+        prune=PruneSpec(PruneMethod.L1_GLOBAL, 0.6),
+        quant=QuantSpec(4, QuantScheme.SYMMETRIC),
+        levels=(2, 2),
+        grow=(0.9, 0.8),
+    )
+    for base in (None, BASE):
+        v6 = encode_state(state, grown, base, seed=0).to_bytes()
+        assert v6[3] == SUPPORT_LEVELS_VERSION
+        out.append((v6, base is not None))
     return out
 
 

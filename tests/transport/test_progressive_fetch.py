@@ -6,7 +6,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fedsqueeze.codec import CodecSpec, QuantSpec, encode_state, state_digest
+from fedsqueeze.codec import (
+    CodecSpec,
+    PruneMethod,
+    PruneSpec,
+    QuantSpec,
+    encode_state,
+    state_digest,
+)
 from fedsqueeze.codec.spec import Granularity
 from fedsqueeze.errors import CodecError, ResourceExhaustedError
 from fedsqueeze.transport import GRPC_PREFIX_BYTES
@@ -193,3 +200,39 @@ def test_hostile_prefixes_raise_codec_errors() -> None:
     for data in hostile:
         with pytest.raises(CodecError):
             decode_fetched_prefix(data, manifest, None)
+
+
+#: Positions in groups (support levels, format version 6).
+GROWN = CodecSpec(
+    prune=PruneSpec(PruneMethod.L1_GLOBAL, 0.7),
+    quant=QuantSpec(4),
+    targets=("*weight",),
+    levels=(1, 1, 2),
+    grow=(0.9, 0.8),
+)
+
+
+def test_support_level_streams_truncate_and_resume_without_a_byte_twice(
+    source, store, start_server, connect
+):
+    state = make_state(0)
+    source.publish(state)
+    server = start_server(source, store)
+    client = connect(server)
+    held = FetchState()
+    whole = client.get_manifest(ManifestRequest("global", None, GROWN))
+    assert 0 < whole.smallest_prefix_bytes < whole.encoded_bytes
+    sizes: list[int] = []
+    errors: list[float] = []
+    for fraction in (0.3, 0.3, None):  # a budget counts the bytes a fetch sends
+        budget = None if fraction is None else int(whole.encoded_bytes * fraction)
+        before = held.held_ids()
+        result = client.fetch(spec=GROWN, byte_budget=budget, state=held)
+        new = held.held_ids() - before
+        sizes.append(sum(result.manifest.segment(i).byte_length for i in new))
+        assert budget is None or sizes[-1] <= budget
+        assert result.state is not None
+        errors.append(sum(float((result.state[k] - state[k]).square().sum()) for k in state))
+    assert sum(sizes) == whole.encoded_bytes
+    assert result.digest == whole.decoded_digest
+    assert errors[-1] <= errors[0]
