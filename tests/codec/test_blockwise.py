@@ -84,7 +84,14 @@ def test_nearest_error_at_most_half_a_stored_block_scale(
     scheme: QuantScheme, bits: int, n: int, size: int, fmt: ScaleFormat, seed: int, spread: float
 ) -> None:
     x = _outliers(n, seed, spread)
-    y, scale, _ = _round_trip(x, bits, scheme, size, fmt)
+    try:
+        y, scale, _ = _round_trip(x, bits, scheme, size, fmt)
+    except ValueError as exc:
+        # A block whose scale fp16 cannot hold is refused with a clear error (the codec
+        # then carries the tensor or refuses it): only for values past fp16's largest.
+        assert fmt is ScaleFormat.FP16 and "beyond fp16's range" in str(exc)
+        assert float(x.abs().max()) > 65504.0
+        return
     assert bool(((y - x).abs() <= scale / 2 * (1 + 1e-5) + 1e-37).all())
 
 
