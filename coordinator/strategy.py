@@ -169,6 +169,10 @@ class CompressedStrategy(Strategy):
         With ``aggregate_global``: the first ``fusion_warmup`` rounds of the run (its own
         numbering, so a resumed run counts the rounds done) keep the plain average, as
         FedDF's authors warm up; fusing near-random models distils their noise.
+    inline_limit
+        Most bytes of an update an edge may return inline in its receipt (the run's
+        ``inline-bytes``; 0: none, every update comes over the data plane). A larger
+        one is rejected.
     """
 
     def __init__(
@@ -187,7 +191,13 @@ class CompressedStrategy(Strategy):
         student_instruction: InstructionFactory | None = None,
         aggregate_global: GlobalAggregator | None = None,
         fusion_warmup: int = 0,
+        inline_limit: int = 0,
     ) -> None:
+        if isinstance(inline_limit, bool) or not isinstance(inline_limit, int):
+            raise TypeError(f"inline_limit must be an int, got {inline_limit!r}")
+        if inline_limit < 0:
+            raise ValueError(f"inline_limit must be >= 0, got {inline_limit}")
+        self.inline_limit = inline_limit
         if (students is None) != (student_instruction is None):
             raise ValueError("a student track needs its instruction factory, and vice versa")
         if isinstance(fusion_warmup, bool) or not isinstance(fusion_warmup, int):
@@ -446,7 +456,12 @@ class CompressedStrategy(Strategy):
     def _decode_reply(
         self, edge: str, receipt: TrainReceipt, target: str, global_state: State
     ) -> tuple[ArrayRecord | None, Rejection | None]:
-        pulled = self._pull(receipt.update_id)
+        if receipt.update:
+            pulled, refused = self._inline_update(edge, receipt)
+            if refused is not None:
+                return None, refused
+        else:
+            pulled = self._pull(receipt.update_id)
         if pulled is None:
             return None, Rejection(edge, f"update {receipt.update_id} never arrived")
         base = self.store.get(pulled.base_digest)
@@ -482,6 +497,22 @@ class CompressedStrategy(Strategy):
             else:
                 merged[name] = model[name]
         return ArrayRecord(merged), None
+
+    def _inline_update(
+        self, edge: str, receipt: TrainReceipt
+    ) -> tuple[PulledUpdate | None, Rejection | None]:
+        """The update a receipt carries inline, as if the data plane had accepted it."""
+        size = len(receipt.update)
+        if size > self.inline_limit:
+            return None, Rejection(
+                edge, f"inline update of {size} B over the run's limit of {self.inline_limit} B"
+            )
+        try:
+            encoded = EncodedModel.from_bytes(receipt.update)
+        except (FedsqueezeError, ValueError) as exc:
+            return None, Rejection(edge, f"malformed inline update: {exc}")
+        base = encoded.base_digest.hex() if encoded.base_digest is not None else receipt.held
+        return PulledUpdate(encoded, base, edge), None
 
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]

@@ -62,6 +62,7 @@ from fedsqueeze.codec.spec_text import parse_spec
 from fedsqueeze.errors import ConfigError
 from fedsqueeze.runconfig import (
     AUTO_FREEZE,
+    MAX_INLINE_BYTES,
     Aggregation,
     StrategyName,
     StudentToTeacher,
@@ -75,6 +76,7 @@ __all__ = [
     "DEFAULT_ARMS",
     "DISTILLED_STUDENT_LR",
     "FRONTIER_DOWN_LADDER",
+    "FRONTIER_INLINE_BYTES",
     "WEAK_LINKS",
     "ArmConfig",
     "ArmKind",
@@ -140,6 +142,12 @@ held (seed 0, 8 edges, ``simulations.progressive_rd``-style re-encoding) rank 4 
 1,379 B for a relative L2 error of 0.664, rank 6 1,937 B for 0.564 and rank 12 3,041 B
 for 0.496, where the adaptive ladder's ``prune=l1:0.9,quant=2:kmeans`` costs 3,250 B
 for 0.651 (BENCHMARKS.md, "Frontier")."""
+
+
+FRONTIER_INLINE_BYTES = 4096
+"""The ``frontier`` arm's ``inline-bytes``: its payloads (about 1.9 kB down, 1.7 kB up)
+ride inside the Flower messages, which saves the data plane's requests and
+acknowledgements: about 315 B per client-round of 4.5 kB (BENCHMARKS.md, "Frontier")."""
 
 
 PROGRESSIVE_DOWN_SPEC = "prune=l1:0.95,quant=4,levels=2+2" + _ALL
@@ -248,6 +256,10 @@ class ArmConfig:
         Codec spec of each edge's first download, the whole model, frozen tensors
         included ('': edges rebuild the initial model themselves, no bytes). Fedsqueeze
         arms only; sent whatever the budget, and counted.
+    inline_bytes
+        Payloads of at most this many encoded bytes travel inside the Flower messages
+        instead of the data plane (run setting ``inline-bytes``; 0: never). Fedsqueeze
+        arms only; every byte is still counted, in the control columns.
     """
 
     name: str
@@ -278,6 +290,7 @@ class ArmConfig:
     server_lr: float = 1.0
     server_momentum: float = 0.0
     first_delivery: str = ""
+    inline_bytes: int = 0
     description: str = field(default="", compare=False)
 
     def __post_init__(self) -> None:
@@ -336,6 +349,10 @@ class ArmConfig:
             raise ConfigError(
                 f"arm {self.name}: server-lr and server-momentum need strategy = fedavgm"
             )
+        if not 0 <= self.inline_bytes <= MAX_INLINE_BYTES:
+            raise ConfigError(f"arm {self.name}: inline-bytes must be in [0, {MAX_INLINE_BYTES}]")
+        if self.inline_bytes and self.kind is ArmKind.FLOWER:
+            raise ConfigError(f"arm {self.name}: inline-bytes needs a fedsqueeze arm")
         check_freeze(self.freeze, f"arm {self.name}: ")
 
     @property
@@ -430,7 +447,9 @@ ARM_PRESETS: Mapping[str, ArmConfig] = {
         down_budget=2200,
         strategy=StrategyName.FEDAVGM,
         server_momentum=0.5,
-        description="adaptive with low-rank 4-bit downloads within 2.2 kB and server momentum 0.5",
+        inline_bytes=FRONTIER_INLINE_BYTES,
+        description="adaptive with low-rank 4-bit downloads within 2.2 kB, server momentum 0.5, "
+        "payloads inline in the Flower messages",
     ),
     "sparse": ArmConfig(
         "sparse",
