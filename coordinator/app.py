@@ -273,7 +273,9 @@ class Coordinator:
             self.initial_arrays(),
             num_rounds=remaining,
             timeout=self.settings.round_timeout,
-            train_config=ConfigRecord({"epochs": self.settings.epochs, "lr": self.settings.lr}),
+            # Edges read epochs and lr from the run settings both sides share; naming them
+            # in every train message would cost about 30 B per client and round.
+            train_config=ConfigRecord(),
             evaluate_fn=self.evaluate,
         )
 
