@@ -152,3 +152,14 @@ def test_an_inline_update_over_the_limit_or_malformed_is_rejected(tmp_path: Path
             FedAvg(), VersionStore(tmp_path / "x"), _plain, none.get, inline_limit=-1
         )
     assert state_digest(g).hex() == target
+
+
+def test_inline_bytes_is_a_validated_run_setting() -> None:
+    from fedsqueeze.errors import ConfigError
+    from fedsqueeze.runconfig import MAX_INLINE_BYTES, RunSettings
+
+    assert RunSettings().inline_bytes == 0  # off unless a run asks for it
+    assert RunSettings.from_run_config({"inline-bytes": 4096}).inline_bytes == 4096
+    for bad in (-1, MAX_INLINE_BYTES + 1):
+        with pytest.raises(ConfigError, match="inline-bytes"):
+            RunSettings(inline_bytes=bad)
