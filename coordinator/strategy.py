@@ -10,6 +10,9 @@
   the edge base *is* the global, so this is exactly what the wrapped strategy would see
   without fedsqueeze.
 
+With ``inline_limit`` (run setting ``inline-bytes``) a receipt may carry its update inline
+instead of naming one pushed on the data plane; it is decoded and checked the same way.
+
 With frozen parts (``frozen=...``, see :mod:`coordinator.frozen`) the wrapped strategy
 only ever sees the trainable arrays, in ``configure_*`` and in ``aggregate_train``; the
 new global model takes its frozen tensors unchanged from the current one.
@@ -259,7 +262,7 @@ class CompressedStrategy(Strategy):
             content = RecordDict()
             for key, record in msg.content.items():
                 if isinstance(record, ArrayRecord):
-                    continue  # model bytes go on the data plane, never in Flower
+                    continue  # model bytes go on the data plane (or inline, small and encoded)
                 content[key] = record
             if (
                 student_target is not None
