@@ -81,6 +81,9 @@ class RoundStats:
 
     Attributes
     ----------
+    bytes_down, bytes_up
+        Model bytes moved: the data plane's wire bytes the receipts report, plus the
+        payloads sent inline (downloads in instructions, updates in receipts).
     accepted
         Updates decoded, checked and handed to the wrapped strategy.
     rejected
@@ -225,6 +228,7 @@ class CompressedStrategy(Strategy):
         self._global: dict[int, tuple[str, State]] = {}
         self._skipped: dict[int, list[str]] = {}
         self._sent: dict[int, list[str]] = {}
+        self._inline_sent: dict[int, int] = {}
         self.round_offset = round_offset
         self.stats: dict[int, RoundStats] = {}
 
@@ -255,6 +259,8 @@ class CompressedStrategy(Strategy):
         messages: Iterable[Message],
         target: str,
         student_target: str | None = None,
+        *,
+        training: bool = True,
     ) -> list[Message]:
         out = []
         for msg in messages:
@@ -281,6 +287,9 @@ class CompressedStrategy(Strategy):
                 self._skipped.setdefault(server_round, []).append(str(node))
                 continue
             content[CONTROL_KEY] = instruction.to_record()
+            if training and instruction.payload:
+                self._inline_sent.setdefault(server_round, 0)
+                self._inline_sent[server_round] += len(instruction.payload)
             out.append(
                 Message(content=content, dst_node_id=node, message_type=msg.metadata.message_type)
             )
@@ -308,7 +317,7 @@ class CompressedStrategy(Strategy):
             {k: v.detach().clone() for k, v in arrays.to_torch_state_dict().items()}
         )
         messages = self.inner.configure_evaluate(server_round, self._visible(arrays), config, grid)
-        out = self._strip(server_round, messages, target)
+        out = self._strip(server_round, messages, target, training=False)
         self._skipped.pop(server_round, None)  # skips are reported for training rounds
         return out
 
@@ -323,6 +332,7 @@ class CompressedStrategy(Strategy):
         student_models: list[tuple[State, float]] = []
         replies = list(replies)
         stats = RoundStats(skipped=self._skipped.pop(server_round, []))
+        stats.bytes_down += self._inline_sent.pop(server_round, 0)
         replied = {str(reply.metadata.src_node_id) for reply in replies}
         stats.dropped = [n for n in self._sent.pop(server_round, []) if n not in replied]
         shown = server_round + self.round_offset
@@ -343,7 +353,7 @@ class CompressedStrategy(Strategy):
                 reply.content.metric_records.get("metrics", MetricRecord()),
             )
             stats.bytes_down += receipt.bytes_down
-            stats.bytes_up += receipt.bytes_up
+            stats.bytes_up += receipt.bytes_up + len(receipt.update)
             is_student = edge in student_nodes and student_round is not None
             track_target, track_state = (
                 student_round if is_student and student_round else (target, global_state)

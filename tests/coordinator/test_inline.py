@@ -118,6 +118,19 @@ def test_inline_updates_aggregate_as_pushed_ones(tmp_path: Path) -> None:
         arrays, _ = strategy.aggregate_train(1, replies)
         assert arrays is not None and strategy.stats[1].accepted == 3
         results.append(arrays.to_torch_state_dict())
+        # the round's model bytes include the inline updates (the receipts report 0)
+        inline_bytes = sum(
+            len(
+                encode_state(
+                    {k: v + 0.01 * n for k, v in g.items()},
+                    CodecSpec(),
+                    g,
+                    base_digest=bytes.fromhex(target),
+                ).to_bytes()
+            )
+            for n in nodes
+        )
+        assert strategy.stats[1].bytes_up == (inline_bytes if inline else 0)
     for name in g:
         assert torch.equal(results[0][name], results[1][name])
 
@@ -163,3 +176,23 @@ def test_inline_bytes_is_a_validated_run_setting() -> None:
     for bad in (-1, MAX_INLINE_BYTES + 1):
         with pytest.raises(ConfigError, match="inline-bytes"):
             RunSettings(inline_bytes=bad)
+
+
+@pytest.mark.usefixtures("flower_identity")
+def test_inline_downloads_count_as_the_rounds_model_bytes(tmp_path: Path) -> None:
+    digest = state_digest(_model(5)).hex()
+
+    def instruct(rnd: int, node: int, target: str) -> RoundInstruction:
+        payload = b"\x07" * (100 * node)
+        return replace(_plain(rnd, node, target), payload=payload, payload_digest=digest)
+
+    none: dict[str, PulledUpdate] = {}
+    strategy = CompressedStrategy(FedAvg(), VersionStore(tmp_path), instruct, none.get)
+    g = _model(0)
+    strategy.configure_evaluate(1, ArrayRecord(g), ConfigRecord(), FakeGrid([1, 2]))  # type: ignore[arg-type]
+    sent = list(strategy.configure_train(1, ArrayRecord(g), ConfigRecord(), FakeGrid([1, 2])))  # type: ignore[arg-type]
+    assert all(
+        RoundInstruction.from_record(m.content.config_records[CONTROL_KEY]).payload for m in sent
+    )
+    strategy.aggregate_train(1, [])  # nobody replied: the downloads were still sent
+    assert strategy.stats[1].bytes_down == 100 + 200  # training only, not evaluation
