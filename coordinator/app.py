@@ -154,6 +154,7 @@ class Coordinator:
             down_budget=settings.down_budget,
             up_budget=settings.up_budget,
             round_offset=offset,
+            inline_limit=settings.inline_bytes,
         )
         budget = policy(store) if policy is not None else None
         instruct = _instruction_factory(plane, template, budget, store, frozen)
@@ -184,6 +185,7 @@ class Coordinator:
             student_instruction=student_instruct,
             aggregate_global=aggregate_global,
             fusion_warmup=settings.fusion_warmup,
+            inline_limit=settings.inline_bytes,
         )
         return cls(settings, store, plane, strategy, init_digest, offset, budget, students=students)
 
@@ -271,7 +273,9 @@ class Coordinator:
             self.initial_arrays(),
             num_rounds=remaining,
             timeout=self.settings.round_timeout,
-            train_config=ConfigRecord({"epochs": self.settings.epochs, "lr": self.settings.lr}),
+            # Edges read epochs and lr from the run settings both sides share; naming them
+            # in every train message would cost about 30 B per client and round.
+            train_config=ConfigRecord(),
             evaluate_fn=self.evaluate,
         )
 
@@ -369,13 +373,33 @@ def _instruction_factory(
     frozen: tuple[str, ...],
 ) -> InstructionFactory:
     """The instructions from ``template``, with the specs ``budget`` chooses when there is
-    one (an edge never seen holds ``template.init_digest``, if set)."""
+    one (an edge never seen holds ``template.init_digest``, if set), and the download
+    inline when ``template.inline_limit`` allows it."""
     instruct: InstructionFactory = functools.partial(plane.instruction, template)
-    if budget is None:
-        return instruct
-    return functools.partial(
-        _budgeted, instruct, budget, store, template.init_digest or None, frozen
-    )
+    init_digest = template.init_digest or None
+    if budget is not None:
+        instruct = functools.partial(_budgeted, instruct, budget, store, init_digest, frozen)
+    if template.inline_limit:
+        instruct = functools.partial(_inline, instruct, plane, store, init_digest)
+    return instruct
+
+
+def _inline(
+    instruct: InstructionFactory,
+    plane: CoordinatorDataPlane,
+    store: VersionStore,
+    init_digest: str | None,
+    server_round: int,
+    node_id: int,
+    target: str,
+) -> RoundInstruction | None:
+    """The edge's instruction with its download inline when it fits
+    (:meth:`CoordinatorDataPlane.with_payload`)."""
+    instruction = instruct(server_round, node_id, target)
+    if instruction is None:
+        return None
+    held = store.edge_version(str(node_id)) or (init_digest if instruction.init_digest else None)
+    return plane.with_payload(instruction, held)
 
 
 def _budgeted(

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from coordinator.source import StoreModelSource
 from coordinator.strategy import PulledUpdate
 from coordinator.tokens import DerivedTokens
 from coordinator.version_store import VersionStore
-from fedsqueeze.control import RoundInstruction
+from fedsqueeze.codec.spec_text import parse_spec
+from fedsqueeze.control import ModelTrack, RoundInstruction
+from fedsqueeze.errors import NotFoundError
 from fedsqueeze.transport.server import ServerConfig, TransferServer
 from fedsqueeze.transport.tls import ServerTls
 from fedsqueeze.transport.updates import UpdateStore
@@ -30,6 +32,9 @@ class InstructionTemplate:
     down_budget: int = 0
     up_budget: int = 0
     round_offset: int = 0
+    inline_limit: int = 0
+    """Payloads of at most this many encoded bytes travel inside the Flower messages
+    (the download in the instruction, the update in the receipt); 0: never."""
 
 
 class CoordinatorDataPlane:
@@ -62,10 +67,11 @@ class CoordinatorDataPlane:
         self.store = store
         self.updates = UpdateStore()
         self.tokens = DerivedTokens()
+        self.source = StoreModelSource(store)
         tls = ServerTls.from_files(tls_cert, tls_key) if tls_cert and tls_key else None
         self.tls = tls is not None
         self.server = TransferServer(
-            StoreModelSource(store),
+            self.source,
             self.updates,
             self.tokens,
             config=ServerConfig(host=host, port=port),
@@ -108,7 +114,36 @@ class CoordinatorDataPlane:
             up_budget=template.up_budget,
             token=self.tokens.token_for(str(node_id)),
             tls=self.tls,
+            inline_limit=template.inline_limit,
         )
+
+    def with_payload(self, instruction: RoundInstruction, held: str | None) -> RoundInstruction:
+        """``instruction`` with its download inline, when it fits its ``inline_limit``.
+
+        ``held`` is the version the edge is believed to hold (``None``: unknown, so the
+        payload would be the whole model: it stays on the data plane). The payload is the
+        stream the data plane would serve for the same request (same encoding, same
+        rounding seed), and the model it decodes to is kept as the edge's version, as a
+        fetch keeps it. Progressive specs and the student track stay on the data plane
+        (a truncated prefix is the data plane's job; a student edge's held version is
+        the other track's). An edge that holds another version than ``held`` ignores the
+        payload and fetches.
+        """
+        limit = instruction.inline_limit
+        if not limit or held is None or instruction.track is not ModelTrack.GLOBAL:
+            return instruction
+        spec = parse_spec(instruction.down_spec)
+        if spec.levels is not None:
+            return instruction
+        try:
+            encoded, decoded = self.source.encode_decoded(instruction.target, held, spec)
+        except NotFoundError:
+            return instruction  # the base is no longer kept: the edge fetches the model
+        payload = encoded.to_bytes()
+        budget = instruction.down_budget
+        if len(payload) > limit or (budget and len(payload) > budget):
+            return instruction
+        return replace(instruction, payload=payload, payload_digest=decoded)
 
     def close(self) -> None:
         """Stop the server."""

@@ -52,6 +52,18 @@ class StoreModelSource:
         leave_out: frozenset[str] = frozenset(),
     ) -> EncodedModel:
         """Encode ``target`` from ``base`` and keep the model the edge will decode."""
+        return self.encode_decoded(target, base, spec, leave_out=leave_out)[0]
+
+    def encode_decoded(
+        self,
+        target: str,
+        base: str | None,
+        spec: CodecSpec,
+        *,
+        leave_out: frozenset[str] = frozenset(),
+    ) -> tuple[EncodedModel, str]:
+        """:meth:`encode`, and the hex digest of the model the edge will decode (the
+        target itself when the encoding is exact)."""
         state = self.get(target)
         if state is None:
             raise NotFoundError(f"model {target[:16]}… is no longer kept")
@@ -65,6 +77,7 @@ class StoreModelSource:
             seed=encode_seed(target, base, spec),
             base_digest=bytes.fromhex(base) if base is not None else None,
         )
+        held = target
         frozen_delta = bool(spec.freeze) and base_state is not None
         if not spec.lossless or frozen_delta:
             # A lossless delta with frozen parts decodes to the target only where the
@@ -77,4 +90,4 @@ class StoreModelSource:
             if not spec.lossless or state_digest(decoded).hex() != target:
                 held = self.store.publish(decoded, track=None)
                 log.debug("edge-side version %s adopted for %s…", held[:12], target[:12])
-        return encoded
+        return encoded, held

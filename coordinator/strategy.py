@@ -10,6 +10,9 @@
   the edge base *is* the global, so this is exactly what the wrapped strategy would see
   without fedsqueeze.
 
+With ``inline_limit`` (run setting ``inline-bytes``) a receipt may carry its update inline
+instead of naming one pushed on the data plane; it is decoded and checked the same way.
+
 With frozen parts (``frozen=...``, see :mod:`coordinator.frozen`) the wrapped strategy
 only ever sees the trainable arrays, in ``configure_*`` and in ``aggregate_train``; the
 new global model takes its frozen tensors unchanged from the current one.
@@ -78,6 +81,9 @@ class RoundStats:
 
     Attributes
     ----------
+    bytes_down, bytes_up
+        Model bytes moved: the data plane's wire bytes the receipts report, plus the
+        payloads sent inline (downloads in instructions, updates in receipts).
     accepted
         Updates decoded, checked and handed to the wrapped strategy.
     rejected
@@ -169,6 +175,10 @@ class CompressedStrategy(Strategy):
         With ``aggregate_global``: the first ``fusion_warmup`` rounds of the run (its own
         numbering, so a resumed run counts the rounds done) keep the plain average, as
         FedDF's authors warm up; fusing near-random models distils their noise.
+    inline_limit
+        Most bytes of an update an edge may return inline in its receipt (the run's
+        ``inline-bytes``; 0: none, every update comes over the data plane). A larger
+        one is rejected.
     """
 
     def __init__(
@@ -187,7 +197,13 @@ class CompressedStrategy(Strategy):
         student_instruction: InstructionFactory | None = None,
         aggregate_global: GlobalAggregator | None = None,
         fusion_warmup: int = 0,
+        inline_limit: int = 0,
     ) -> None:
+        if isinstance(inline_limit, bool) or not isinstance(inline_limit, int):
+            raise TypeError(f"inline_limit must be an int, got {inline_limit!r}")
+        if inline_limit < 0:
+            raise ValueError(f"inline_limit must be >= 0, got {inline_limit}")
+        self.inline_limit = inline_limit
         if (students is None) != (student_instruction is None):
             raise ValueError("a student track needs its instruction factory, and vice versa")
         if isinstance(fusion_warmup, bool) or not isinstance(fusion_warmup, int):
@@ -212,6 +228,7 @@ class CompressedStrategy(Strategy):
         self._global: dict[int, tuple[str, State]] = {}
         self._skipped: dict[int, list[str]] = {}
         self._sent: dict[int, list[str]] = {}
+        self._inline_sent: dict[int, int] = {}
         self.round_offset = round_offset
         self.stats: dict[int, RoundStats] = {}
 
@@ -242,6 +259,8 @@ class CompressedStrategy(Strategy):
         messages: Iterable[Message],
         target: str,
         student_target: str | None = None,
+        *,
+        training: bool = True,
     ) -> list[Message]:
         out = []
         for msg in messages:
@@ -249,7 +268,7 @@ class CompressedStrategy(Strategy):
             content = RecordDict()
             for key, record in msg.content.items():
                 if isinstance(record, ArrayRecord):
-                    continue  # model bytes go on the data plane, never in Flower
+                    continue  # model bytes go on the data plane (or inline, small and encoded)
                 content[key] = record
             if (
                 student_target is not None
@@ -268,6 +287,9 @@ class CompressedStrategy(Strategy):
                 self._skipped.setdefault(server_round, []).append(str(node))
                 continue
             content[CONTROL_KEY] = instruction.to_record()
+            if training and instruction.payload:
+                self._inline_sent.setdefault(server_round, 0)
+                self._inline_sent[server_round] += len(instruction.payload)
             out.append(
                 Message(content=content, dst_node_id=node, message_type=msg.metadata.message_type)
             )
@@ -295,7 +317,7 @@ class CompressedStrategy(Strategy):
             {k: v.detach().clone() for k, v in arrays.to_torch_state_dict().items()}
         )
         messages = self.inner.configure_evaluate(server_round, self._visible(arrays), config, grid)
-        out = self._strip(server_round, messages, target)
+        out = self._strip(server_round, messages, target, training=False)
         self._skipped.pop(server_round, None)  # skips are reported for training rounds
         return out
 
@@ -310,6 +332,7 @@ class CompressedStrategy(Strategy):
         student_models: list[tuple[State, float]] = []
         replies = list(replies)
         stats = RoundStats(skipped=self._skipped.pop(server_round, []))
+        stats.bytes_down += self._inline_sent.pop(server_round, 0)
         replied = {str(reply.metadata.src_node_id) for reply in replies}
         stats.dropped = [n for n in self._sent.pop(server_round, []) if n not in replied]
         shown = server_round + self.round_offset
@@ -330,7 +353,7 @@ class CompressedStrategy(Strategy):
                 reply.content.metric_records.get("metrics", MetricRecord()),
             )
             stats.bytes_down += receipt.bytes_down
-            stats.bytes_up += receipt.bytes_up
+            stats.bytes_up += receipt.bytes_up + len(receipt.update)
             is_student = edge in student_nodes and student_round is not None
             track_target, track_state = (
                 student_round if is_student and student_round else (target, global_state)
@@ -446,7 +469,12 @@ class CompressedStrategy(Strategy):
     def _decode_reply(
         self, edge: str, receipt: TrainReceipt, target: str, global_state: State
     ) -> tuple[ArrayRecord | None, Rejection | None]:
-        pulled = self._pull(receipt.update_id)
+        if receipt.update:
+            pulled, refused = self._inline_update(edge, receipt)
+            if refused is not None:
+                return None, refused
+        else:
+            pulled = self._pull(receipt.update_id)
         if pulled is None:
             return None, Rejection(edge, f"update {receipt.update_id} never arrived")
         base = self.store.get(pulled.base_digest)
@@ -482,6 +510,22 @@ class CompressedStrategy(Strategy):
             else:
                 merged[name] = model[name]
         return ArrayRecord(merged), None
+
+    def _inline_update(
+        self, edge: str, receipt: TrainReceipt
+    ) -> tuple[PulledUpdate | None, Rejection | None]:
+        """The update a receipt carries inline, as if the data plane had accepted it."""
+        size = len(receipt.update)
+        if size > self.inline_limit:
+            return None, Rejection(
+                edge, f"inline update of {size} B over the run's limit of {self.inline_limit} B"
+            )
+        try:
+            encoded = EncodedModel.from_bytes(receipt.update)
+        except (FedsqueezeError, ValueError) as exc:
+            return None, Rejection(edge, f"malformed inline update: {exc}")
+        base = encoded.base_digest.hex() if encoded.base_digest is not None else receipt.held
+        return PulledUpdate(encoded, base, edge), None
 
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]

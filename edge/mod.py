@@ -14,6 +14,12 @@ In front of a ClientApp whose ``train`` reads and returns an ``ArrayRecord`` und
    (:func:`fit_update`), and pushes it with PushUpdate;
 5. replies with a :class:`~fedsqueeze.control.TrainReceipt` and the app's metrics.
 
+When the run allows small payloads inline (``inline-bytes``), the download may come in
+the instruction itself (``payload``: used when it is a delta from the version this edge
+holds and decodes to ``payload_digest``; otherwise the edge fetches as usual) and an
+update that fits the instruction's ``inline_limit`` goes back in the receipt instead of
+a push.
+
 Messages without an instruction pass through untouched, so the mod is harmless in a
 plain Flower run.
 
@@ -37,9 +43,16 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp.typing import ClientAppCallable
 
 from edge.cache import ContextCache, DirectoryCache, EdgeCache, EdgeMemory
-from edge.dataplane import DataPlaneConnector, GrpcConnector
+from edge.dataplane import DataPlaneConnector, Fetched, GrpcConnector, Pushed
 from edge.part_store import DEFAULT_PART_CACHE_BYTES
-from fedsqueeze.codec import CodecSpec, EncodedModel, NonFinite, encode_state, state_digest
+from fedsqueeze.codec import (
+    CodecSpec,
+    EncodedModel,
+    NonFinite,
+    decode_state,
+    encode_state,
+    state_digest,
+)
 from fedsqueeze.codec.spec_text import parse_spec
 from fedsqueeze.control import (
     CONTROL_KEY,
@@ -49,6 +62,7 @@ from fedsqueeze.control import (
     RoundInstruction,
     TrainReceipt,
 )
+from fedsqueeze.errors import CodecError
 
 log = logging.getLogger(__name__)
 
@@ -139,7 +153,9 @@ def make_mod(
         # A deployed edge's part store persists beside its held model; in simulation the
         # connector keeps one in memory.
         parts = store.part_store() if isinstance(store, DirectoryCache) else None
-        fetched = plane.fetch(instruction, edge_id, held_digest, held, parts=parts)
+        fetched = _inline_download(instruction, held_digest, held)
+        if fetched is None:
+            fetched = plane.fetch(instruction, edge_id, held_digest, held, parts=parts)
         # An emulated link's real waits are not local work (the simulated clock counts the
         # link from the bytes and round trips).
         fetch_seconds = max(0.0, time.perf_counter() - fetch_start - fetched.link_wait_s)
@@ -169,9 +185,14 @@ def make_mod(
             budget=instruction.up_budget,
             nonfinite=nonfinite,
         )
-        update_id = _update_id(edge_id, instruction.server_round, encoded.to_bytes())
+        payload = encoded.to_bytes()
         push_start = time.perf_counter()
-        pushed = plane.push(instruction, edge_id, update_id, fetched.digest, encoded)
+        if instruction.inline_limit and len(payload) <= instruction.inline_limit:
+            update_id, inline = "", payload  # travels in the receipt
+            pushed = Pushed(0, 0)
+        else:
+            update_id, inline = _update_id(edge_id, instruction.server_round, payload), b""
+            pushed = plane.push(instruction, edge_id, update_id, fetched.digest, encoded)
         push_seconds = max(0.0, time.perf_counter() - push_start - pushed.link_wait_s)
         store.save(EdgeMemory(fetched.digest, fetched.state, encoded.residual))
         app_metrics = reply.content.metric_records.get("metrics", MetricRecord())
@@ -187,6 +208,7 @@ def make_mod(
             push_seconds=push_seconds,
             decoded_bytes=fetched.decoded_bytes,
             decoded_levels=fetched.decoded_levels,
+            update=inline,
         )
         ids, metrics = receipt.to_records(app_metrics)
         reply.content = RecordDict({RECEIPT_KEY: ids, "metrics": metrics})
@@ -196,11 +218,43 @@ def make_mod(
             instruction.server_round,
             receipt.bytes_down,
             receipt.bytes_up,
-            update_id,
+            update_id or f"inline ({len(inline)} B)",
         )
         return reply
 
     return fedsqueeze
+
+
+def _inline_download(
+    instruction: RoundInstruction, held_digest: str | None, held: State | None
+) -> Fetched | None:
+    """The instruction's inline download decoded and verified, or ``None`` (none, or
+    not usable: the caller fetches from the data plane instead).
+
+    It is used only as a delta from exactly the version this edge holds (or as a whole
+    model), and only when what it decodes to has the instruction's ``payload_digest``.
+    """
+    if not instruction.payload:
+        return None
+    try:
+        encoded = EncodedModel.from_bytes(instruction.payload)
+    except CodecError as exc:
+        log.warning("inline download unreadable (%s): fetching it instead", exc)
+        return None
+    base = encoded.base_digest
+    if base is not None and (held is None or held_digest is None or base.hex() != held_digest):
+        log.info("inline download is a delta from another version: fetching instead")
+        return None
+    try:
+        state = decode_state(encoded, held if base is not None else None, base_digest=base)
+    except CodecError as exc:
+        log.warning("inline download undecodable (%s): fetching it instead", exc)
+        return None
+    digest = state_digest(state).hex()
+    if digest != instruction.payload_digest:
+        log.warning("inline download decodes to another model: fetching it instead")
+        return None
+    return Fetched(state, digest, 0, 0)
 
 
 def fit_update(

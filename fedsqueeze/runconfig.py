@@ -80,6 +80,11 @@ class StudentToTeacher(enum.Enum):
     """The example-weighted ensemble of the teacher and the student."""
 
 
+MAX_INLINE_BYTES = 65536
+"""The most ``inline-bytes`` a run may set: model bytes ride in Flower's messages only
+when small; anything larger belongs on the data plane (segments, resumption, limits)."""
+
+
 @dataclass(frozen=True)
 class RunSettings:
     """Everything both sides of a run agree on.
@@ -110,6 +115,12 @@ class RunSettings:
     the averaged teacher plus the students' change over the round (``student-to-teacher =
     "update"``) or towards the teacher-student ensemble (``"ensemble"``); see
     :mod:`coordinator.student_track`.
+
+    ``inline-bytes = N`` (0: off, at most :data:`MAX_INLINE_BYTES`) lets payloads of at
+    most N encoded bytes travel inside the Flower messages instead of the data plane: a
+    download in the edge's instruction, an update in its receipt. At a few kB per
+    client-round this saves the data plane's requests and acknowledgements (about 300 B);
+    larger payloads, progressive downloads and the student track keep the data plane.
     """
 
     task: str = "digits-cnn"
@@ -134,6 +145,7 @@ class RunSettings:
     up_spec: str = "topk10-int4"
     down_budget: int = 0
     up_budget: int = 0
+    inline_bytes: int = 0
     clip_norm: float = 0.0
     init_from_seed: bool = True
     state_dir: str = "fedsqueeze-state"
@@ -161,6 +173,10 @@ class RunSettings:
     distill_temperature: float = 4.0
 
     def __post_init__(self) -> None:
+        if not 0 <= self.inline_bytes <= MAX_INLINE_BYTES:
+            raise ConfigError(
+                f"inline-bytes must be in [0, {MAX_INLINE_BYTES}], got {self.inline_bytes}"
+            )
         if self.num_rounds < 1:
             raise ConfigError(f"num-rounds must be >= 1, got {self.num_rounds}")
         if not 0.0 < self.fraction_train <= 1.0:

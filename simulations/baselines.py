@@ -62,6 +62,7 @@ from fedsqueeze.codec.spec_text import parse_spec
 from fedsqueeze.errors import ConfigError
 from fedsqueeze.runconfig import (
     AUTO_FREEZE,
+    MAX_INLINE_BYTES,
     Aggregation,
     StrategyName,
     StudentToTeacher,
@@ -75,6 +76,9 @@ __all__ = [
     "DEFAULT_ARMS",
     "DISTILLED_STUDENT_LR",
     "FRONTIER_DOWN_LADDER",
+    "FRONTIER_ENTROPY",
+    "FRONTIER_INLINE_BYTES",
+    "FRONTIER_UP_LADDER",
     "WEAK_LINKS",
     "ArmConfig",
     "ArmKind",
@@ -129,8 +133,15 @@ with 4-bit values (about 1.2 kB) misses 9 % of its squared norm and rank 5 (abou
 3-bit k-means codes at lower error."""
 
 
+FRONTIER_ENTROPY = ",entropy=19"
+"""The ``frontier`` arm's zstandard level (the specs' default is 3). On its 2 kB low-rank
+payloads level 19 saves about 3% (seed 0's final model against 8 edges: rank 5 1,819 →
+1,766 B, rank 6 2,047 → 1,986 B; levels 19 and 22 equal, 9 saves 1.2%), in the same
+format: the level is the encoder's choice, decoding is the same. At 2 kB a payload
+the extra encoding time is a millisecond."""
+
 FRONTIER_DOWN_LADDER: tuple[str, ...] = tuple(
-    f"rank={rank},quant=4" + _ALL for rank in (16, 12, 10, 8, 6, 5, 4, 3, 2, 1)
+    f"rank={rank},quant=4" + FRONTIER_ENTROPY + _ALL for rank in (16, 12, 10, 8, 6, 5, 4, 3, 2, 1)
 )
 """Download specs of the ``frontier`` arm: the delta an edge lacks as low-rank factors
 with 4-bit values, highest rank first. The global model moves by averages of low-rank
@@ -140,6 +151,18 @@ held (seed 0, 8 edges, ``simulations.progressive_rd``-style re-encoding) rank 4 
 1,379 B for a relative L2 error of 0.664, rank 6 1,937 B for 0.564 and rank 12 3,041 B
 for 0.496, where the adaptive ladder's ``prune=l1:0.9,quant=2:kmeans`` costs 3,250 B
 for 0.651 (BENCHMARKS.md, "Frontier")."""
+
+
+FRONTIER_INLINE_BYTES = 4096
+"""The ``frontier`` arm's ``inline-bytes``: its payloads (about 1.9 kB down, 1.7 kB up)
+ride inside the Flower messages, which saves the data plane's requests and
+acknowledgements: about 315 B per client-round of 4.5 kB (BENCHMARKS.md, "Frontier")."""
+
+
+FRONTIER_UP_LADDER: tuple[str, ...] = tuple(
+    spec.replace(_ALL, FRONTIER_ENTROPY + _ALL) for spec in ADAPTIVE_UP_LADDER
+)
+"""Upload specs of the ``frontier`` arm: the adaptive ladder at zstandard level 19."""
 
 
 PROGRESSIVE_DOWN_SPEC = "prune=l1:0.95,quant=4,levels=2+2" + _ALL
@@ -248,6 +271,10 @@ class ArmConfig:
         Codec spec of each edge's first download, the whole model, frozen tensors
         included ('': edges rebuild the initial model themselves, no bytes). Fedsqueeze
         arms only; sent whatever the budget, and counted.
+    inline_bytes
+        Payloads of at most this many encoded bytes travel inside the Flower messages
+        instead of the data plane (run setting ``inline-bytes``; 0: never). Fedsqueeze
+        arms only; every byte is still counted, in the control columns.
     """
 
     name: str
@@ -278,6 +305,7 @@ class ArmConfig:
     server_lr: float = 1.0
     server_momentum: float = 0.0
     first_delivery: str = ""
+    inline_bytes: int = 0
     description: str = field(default="", compare=False)
 
     def __post_init__(self) -> None:
@@ -336,6 +364,10 @@ class ArmConfig:
             raise ConfigError(
                 f"arm {self.name}: server-lr and server-momentum need strategy = fedavgm"
             )
+        if not 0 <= self.inline_bytes <= MAX_INLINE_BYTES:
+            raise ConfigError(f"arm {self.name}: inline-bytes must be in [0, {MAX_INLINE_BYTES}]")
+        if self.inline_bytes and self.kind is ArmKind.FLOWER:
+            raise ConfigError(f"arm {self.name}: inline-bytes needs a fedsqueeze arm")
         check_freeze(self.freeze, f"arm {self.name}: ")
 
     @property
@@ -427,10 +459,13 @@ ARM_PRESETS: Mapping[str, ArmConfig] = {
         _ADAPTIVE,
         name="frontier",
         down_ladder=FRONTIER_DOWN_LADDER,
+        up_ladder=FRONTIER_UP_LADDER,
         down_budget=2200,
         strategy=StrategyName.FEDAVGM,
         server_momentum=0.5,
-        description="adaptive with low-rank 4-bit downloads within 2.2 kB and server momentum 0.5",
+        inline_bytes=FRONTIER_INLINE_BYTES,
+        description="adaptive with low-rank 4-bit downloads within 2.2 kB, server momentum 0.5, "
+        "zstd level 19, payloads inline in the Flower messages",
     ),
     "sparse": ArmConfig(
         "sparse",

@@ -8,7 +8,8 @@ seed's sweep output (``clients.csv`` and ``state/ARM``). Printed, per client and
   rest (the Flower messages: instruction and receipt), of which Flower's own message
   (metadata, record names, the train config, the receipt's metrics) is what is not ours;
 * ours: the serialized instruction and receipt (``fedsqueeze.control``) of the transfer
-  below, with a real target and token;
+  below, with a real target and token; for an arm with ``inline-bytes``, also with the
+  payloads inline as the arm sends them (then the data plane is not used at all);
 * of the data plane, payload against framing, measured on one real transfer: the arm's
   final global model fetched by an edge holding the version the sweep left it with, under
   the specs the arm's policy picks for that edge (the preset arm's ladders and budgets),
@@ -60,18 +61,20 @@ def flower_rows(seed_dir: Path, arm: str) -> dict[str, float]:
     }
 
 
-def ours(instruction: RoundInstruction) -> tuple[int, int]:
-    """Bytes of our serialized instruction and of a receipt of the same round."""
+def ours(instruction: RoundInstruction, update: bytes = b"") -> tuple[int, int]:
+    """Bytes of our serialized instruction and of a receipt of the same round (with
+    ``update`` inline, if given: no update id, no data-plane bytes)."""
     receipt = TrainReceipt(
-        update_id=f"{1234}-r{instruction.server_round}-{0:012x}",
+        update_id="" if update else f"{1234}-r{instruction.server_round}-{0:012x}",
         held=instruction.target,
         num_examples=180,
         loss=0.25,
-        bytes_down=2300,
-        bytes_up=1900,
+        bytes_down=0 if update else 2300,
+        bytes_up=0 if update else 1900,
         train_seconds=1.25,
         fetch_seconds=0.01,
-        push_seconds=0.01,
+        push_seconds=0.0 if update else 0.01,
+        update=update,
     )
     return len(instruction_to_bytes(instruction)), len(receipt_to_bytes(receipt))
 
@@ -133,11 +136,20 @@ def main(argv: Sequence[str] | None = None) -> int:
             pushed = connector.push(
                 instruction, str(node), f"{node}-r30-{1:012x}", fetched.digest, encoded
             )
+            inline = plane.with_payload(replace(instruction, inline_limit=arm.inline_bytes), held)
         finally:
             plane.close()
     wire_down = fetched.bytes_down + pushed.bytes_down
     wire_up = fetched.bytes_up + pushed.bytes_up
     ins, rec = ours(instruction)
+    # With payloads inline: our bytes around them (instruction less its payload, receipt
+    # less its update), the part of the Flower messages that is neither payload nor Flower's.
+    inline_ins = inline_rec = 0
+    if inline.payload:
+        inline_ins = ours(inline)[0] - len(inline.payload)
+        pushed_bytes = encoded.to_bytes()
+        if len(pushed_bytes) <= arm.inline_bytes:
+            inline_rec = ours(inline, pushed_bytes)[1] - len(pushed_bytes)
     w = sys.stdout.write
     w(f"arm {args.arm}; specs {choice.down_spec} / {choice.up_spec}\n\n")
     w("| per client and round | down B | up B |\n|---|---:|---:|\n")
@@ -149,8 +161,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         w(f"| {flower['up']:,.0f} |\n")
         w(f"| data plane | {flower['data_down']:,.0f} | {flower['data_up']:,.0f} |\n")
         w(f"| Flower messages | {ctl_down:,.0f} | {ctl_up:,.0f} |\n")
-        w(f"| of which Flower's own | {ctl_down - ins:,.0f} | {ctl_up - rec:,.0f} |\n")
+        if not inline_ins:  # with payloads inline their sizes vary: not separable here
+            w(f"| of which Flower's own | {ctl_down - ins:,.0f} | {ctl_up - rec:,.0f} |\n")
     w(f"| ours in the Flower messages (instruction / receipt) | {ins} | {rec} |\n")
+    if inline_ins:
+        w(
+            f"| ours around the payloads inline (inline-bytes {arm.inline_bytes}) "
+            f"| {inline_ins:,} | {inline_rec or rec:,} |\n"
+        )
     w(f"| one transfer: payload | {choice.down_payload:,} | {encoded.nbytes:,} |\n")
     w(
         f"| one transfer: data-plane framing and requests | {wire_down - choice.down_payload:,} "

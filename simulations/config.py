@@ -223,6 +223,7 @@ class SimulationConfig:
             up_spec=arm.up_spec,
             down_budget=0,
             up_budget=0,
+            inline_bytes=arm.inline_bytes,
             init_from_seed=not arm.first_delivery,
             state_dir=state_dir,
             keep_versions=max(32, 4 * self.clients_per_round),

@@ -354,7 +354,9 @@ class SimGrid(Grid):
                 partition=pid,
                 bytes_down=sent[pid] + down,
                 bytes_up=message_wire_bytes(reply) + up,
-                round_trips=CONTROL_ROUND_TRIPS + (DATA_PLANE_ROUND_TRIPS if fedsqueeze else 0),
+                # payloads inline in the Flower messages: no data-plane round trips
+                round_trips=CONTROL_ROUND_TRIPS
+                + (DATA_PLANE_ROUND_TRIPS if fedsqueeze and (down or up) else 0),
                 compute_s=compute if self.compute_s is None else self.compute_s,
                 data_down=down,
                 data_up=up,

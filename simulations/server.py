@@ -282,5 +282,5 @@ def _adopt_straggler(store: VersionStore, reply: Message, policy: BudgetPolicy |
             decoded_bytes=receipt.decoded_bytes,
             levels=receipt.decoded_levels,
         )
-    if policy is not None:
-        policy.observe(receipt.bytes_down, receipt.bytes_up)
+    if policy is not None:  # its inline download is counted where it was sent
+        policy.observe(receipt.bytes_down, receipt.bytes_up + len(receipt.update))

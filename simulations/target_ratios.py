@@ -1,10 +1,13 @@
 """Bytes to two targets, per seed and arm, from a multi-seed sweep's ``results.csv`` files.
 
-``python -m simulations.target_ratios OUT [--baseline fedavg-fp32]``: ``OUT`` holds one
-``seed-N/results.csv`` per seed (``fedsqueeze sweep --seeds ... --out OUT``, or several
-sweeps of different seeds into the same ``OUT``). For every seed and arm it prints the
-round and the cumulative bytes (both directions, every plane) at which the arm first
-reaches
+``python -m simulations.target_ratios OUT [--baseline fedavg-fp32] [--baseline-from DIR]``:
+``OUT`` holds one ``seed-N/results.csv`` per seed (``fedsqueeze sweep --seeds ... --out
+OUT``, or several sweeps of different seeds into the same ``OUT``). The baseline's curve
+comes from the same file, or with ``--baseline-from DIR`` from ``DIR/seed-N/results.csv``:
+``fedavg-fp32`` is deterministic per seed, so a sweep of new arms need not run it again.
+
+For every seed and arm it prints the round and the cumulative bytes (both directions,
+every plane) at which the arm first reaches
 
 * the sweep's target: the baseline's final accuracy minus ``--drop`` (1 point), and
 * a steadier target: the baseline's mean accuracy over its last ``--last`` (5) rounds
@@ -78,6 +81,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m simulations.target_ratios")
     parser.add_argument("out", type=Path, help="folder with seed-N/results.csv")
     parser.add_argument("--baseline", default="fedavg-fp32")
+    parser.add_argument(
+        "--baseline-from",
+        type=Path,
+        default=None,
+        help="folder with seed-N/results.csv holding the baseline arm (default: OUT)",
+    )
     parser.add_argument("--drop", type=float, default=0.01, help="target drop (accuracy)")
     parser.add_argument("--last", type=int, default=5, help="rounds of the steadier mean")
     args = parser.parse_args(argv)
@@ -92,9 +101,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     ratios: dict[str, tuple[list[float | None], list[float | None]]] = {}
     for path in seeds:
         curves = read_curves(path)
-        base = curves.get(args.baseline)
+        base_path = path
+        if args.baseline_from is not None:
+            base_path = args.baseline_from / path.parent.name / "results.csv"
+            if not base_path.is_file():
+                raise SystemExit(f"{base_path}: no such file")
+            curves.pop(args.baseline, None)
+        base = read_curves(base_path).get(args.baseline)
         if base is None:
-            raise SystemExit(f"{path}: no {args.baseline} arm")
+            raise SystemExit(f"{base_path}: no {args.baseline} arm")
         final, steady = targets(base, args.drop, args.last)
         base_final, base_steady = base.reach(final), base.reach(steady)
         for arm, curve in curves.items():

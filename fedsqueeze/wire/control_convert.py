@@ -73,6 +73,10 @@ def instruction_to_bytes(instruction: RoundInstruction) -> bytes:
         raise ConfigError("server_round and init_seed must not be negative")
     if instruction.down_budget < 0 or instruction.up_budget < 0:
         raise ConfigError("budgets must not be negative")
+    if instruction.inline_limit < 0:
+        raise ConfigError("inline_limit must not be negative")
+    if bool(instruction.payload) != bool(instruction.payload_digest):
+        raise ConfigError("an inline payload needs its digest, and a digest its payload")
     has_init = bool(instruction.init_digest) and instruction.init_seed >= 0
     message = pb.RoundInstruction(
         server_round=instruction.server_round,
@@ -88,6 +92,13 @@ def instruction_to_bytes(instruction: RoundInstruction) -> bytes:
         token=instruction.token,
         tls=instruction.tls,
         track=_TRACK_TO_WIRE[instruction.track],
+        payload=instruction.payload,
+        payload_digest=(
+            _digest_to_wire(instruction.payload_digest, "payload_digest")
+            if instruction.payload
+            else b""
+        ),
+        inline_limit_bytes=instruction.inline_limit,
     )
     return message.SerializeToString()
 
@@ -103,6 +114,8 @@ def instruction_from_bytes(data: bytes) -> RoundInstruction:
     if not message.address:
         raise ConfigError("round instruction without a data-plane address")
     init_digest = _digest_from_wire(message.init_digest, "init_digest", optional=True)
+    if bool(message.payload) != bool(message.payload_digest):
+        raise ConfigError("round instruction with an inline payload but no digest, or the reverse")
     return RoundInstruction(
         server_round=message.server_round,
         address=message.address,
@@ -117,6 +130,9 @@ def instruction_from_bytes(data: bytes) -> RoundInstruction:
         token=message.token,
         tls=message.tls,
         track=_track_from_wire(message.track),
+        payload=message.payload,
+        payload_digest=_digest_from_wire(message.payload_digest, "payload_digest", optional=True),
+        inline_limit=message.inline_limit_bytes,
     )
 
 
@@ -145,6 +161,8 @@ def receipt_to_bytes(receipt: TrainReceipt) -> bytes:
         raise ConfigError("byte counts must not be negative")
     if any(not 0 <= level < 256 for level in receipt.decoded_levels):
         raise ConfigError("decoded levels must be in 0..255")
+    if receipt.update_id and receipt.update:
+        raise ConfigError("a receipt names a pushed update or carries one inline, not both")
     message = pb.TrainReceipt(
         update_id=receipt.update_id,
         held_digest=_digest_to_wire(receipt.held, "held"),
@@ -155,6 +173,7 @@ def receipt_to_bytes(receipt: TrainReceipt) -> bytes:
         push_seconds=_seconds(receipt.push_seconds, "push_seconds"),
         decoded_bytes=receipt.decoded_bytes,
         decoded_levels=receipt.decoded_levels if receipt.decoded_bytes else (),
+        update=receipt.update,
     )
     return message.SerializeToString()
 
@@ -163,8 +182,8 @@ def receipt_from_bytes(data: bytes, num_examples: int, loss: float) -> TrainRece
     """Inverse of :func:`receipt_to_bytes`, with examples and loss from the app's metrics."""
     message = pb.TrainReceipt()
     _parse(message, data, "train receipt")
-    if not message.update_id:
-        raise ConfigError("train receipt without an update id")
+    if bool(message.update_id) == bool(message.update):
+        raise ConfigError("train receipt without an update id or an inline update (or both)")
     return TrainReceipt(
         update_id=message.update_id,
         held=_digest_from_wire(message.held_digest, "held"),
@@ -177,6 +196,7 @@ def receipt_from_bytes(data: bytes, num_examples: int, loss: float) -> TrainRece
         push_seconds=_seconds(message.push_seconds, "push_seconds"),
         decoded_bytes=message.decoded_bytes,
         decoded_levels=_levels(message.decoded_levels),
+        update=message.update,
     )
 
 

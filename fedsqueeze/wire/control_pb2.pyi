@@ -6,7 +6,10 @@
 isort:skip_file
 The control plane's two small messages, carried inside Flower messages.
 
-Model bytes never travel here. The coordinator puts a serialized RoundInstruction
+Model bytes travel here only when they are a few kilobytes at most, and only when the
+run allows it (inline_limit_bytes): then a download rides in the instruction and an
+update in the receipt, saving the data plane's requests and acknowledgements. Larger
+payloads always go over the data plane. The coordinator puts a serialized RoundInstruction
 into the ConfigRecord "fedsqueeze" (key "v1", a bytes value) of each train or
 evaluate message; the edge answers with a serialized TrainReceipt in the
 ConfigRecord "fedsqueeze-receipt" (key "v1") of its reply, next to the app's own
@@ -69,6 +72,9 @@ class RoundInstruction(_message.Message):
     TOKEN_FIELD_NUMBER: _builtins.int
     TLS_FIELD_NUMBER: _builtins.int
     TRACK_FIELD_NUMBER: _builtins.int
+    PAYLOAD_FIELD_NUMBER: _builtins.int
+    PAYLOAD_DIGEST_FIELD_NUMBER: _builtins.int
+    INLINE_LIMIT_BYTES_FIELD_NUMBER: _builtins.int
     server_round: _builtins.int
     """The server round, from 1."""
     address: _builtins.str
@@ -106,6 +112,21 @@ class RoundInstruction(_message.Message):
     (the task's student architecture, built by the edge for training). The target
     and init_digest are that track's.
     """
+    payload: _builtins.bytes
+    """The download itself, inline: the encoded stream the data plane would serve for
+    target under down_spec and down_budget_bytes, as a delta from the version the
+    coordinator believes the edge holds (the stream's header names that base). Empty:
+    fetch from the data plane. An edge holding another base fetches from the data
+    plane too.
+    """
+    payload_digest: _builtins.bytes
+    """With payload: SHA-256 digest (32 bytes) of the model the payload decodes to (the
+    edge checks it before training, and holds that model afterwards).
+    """
+    inline_limit_bytes: _builtins.int
+    """Most encoded bytes of an update the edge may return inline in its receipt
+    (TrainReceipt.update) instead of pushing it on the data plane; 0: always push.
+    """
     def __init__(
         self,
         *,
@@ -122,10 +143,13 @@ class RoundInstruction(_message.Message):
         token: _builtins.str = ...,
         tls: _builtins.bool = ...,
         track: Global___ModelTrack.ValueType = ...,
+        payload: _builtins.bytes = ...,
+        payload_digest: _builtins.bytes = ...,
+        inline_limit_bytes: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "down_budget_bytes", b"down_budget_bytes", "down_spec", b"down_spec", "init_digest", b"init_digest", "init_seed", b"init_seed", "server_round", b"server_round", "target_digest", b"target_digest", "task", b"task", "tls", b"tls", "token", b"token", "track", b"track", "up_budget_bytes", b"up_budget_bytes", "up_spec", b"up_spec"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "down_budget_bytes", b"down_budget_bytes", "down_spec", b"down_spec", "init_digest", b"init_digest", "init_seed", b"init_seed", "inline_limit_bytes", b"inline_limit_bytes", "payload", b"payload", "payload_digest", b"payload_digest", "server_round", b"server_round", "target_digest", b"target_digest", "task", b"task", "tls", b"tls", "token", b"token", "track", b"track", "up_budget_bytes", b"up_budget_bytes", "up_spec", b"up_spec"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -149,8 +173,9 @@ class TrainReceipt(_message.Message):
     PUSH_SECONDS_FIELD_NUMBER: _builtins.int
     DECODED_BYTES_FIELD_NUMBER: _builtins.int
     DECODED_LEVELS_FIELD_NUMBER: _builtins.int
+    UPDATE_FIELD_NUMBER: _builtins.int
     update_id: _builtins.str
-    """The id of the update pushed on the data plane (PushUpdate)."""
+    """The id of the update pushed on the data plane (PushUpdate); empty with update."""
     held_digest: _builtins.bytes
     """SHA-256 digest (32 bytes) of the model the edge holds: what it decoded and
     trained from.
@@ -168,6 +193,10 @@ class TrainReceipt(_message.Message):
     decoded_bytes: _builtins.int
     """Bytes of the model's encoded stream the edge decoded, when it decoded a
     prefix of a progressive stream (a truncated fetch); 0: the whole stream.
+    """
+    update: _builtins.bytes
+    """The encoded update itself, inline (at most the instruction's inline_limit_bytes),
+    instead of a PushUpdate; update_id is then empty.
     """
     @_builtins.property
     def decoded_levels(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
@@ -187,10 +216,11 @@ class TrainReceipt(_message.Message):
         push_seconds: _builtins.float = ...,
         decoded_bytes: _builtins.int = ...,
         decoded_levels: _abc.Iterable[_builtins.int] | None = ...,
+        update: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes_down", b"bytes_down", "bytes_up", b"bytes_up", "decoded_bytes", b"decoded_bytes", "decoded_levels", b"decoded_levels", "fetch_seconds", b"fetch_seconds", "held_digest", b"held_digest", "push_seconds", b"push_seconds", "train_seconds", b"train_seconds", "update_id", b"update_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes_down", b"bytes_down", "bytes_up", b"bytes_up", "decoded_bytes", b"decoded_bytes", "decoded_levels", b"decoded_levels", "fetch_seconds", b"fetch_seconds", "held_digest", b"held_digest", "push_seconds", b"push_seconds", "train_seconds", b"train_seconds", "update", b"update", "update_id", b"update_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -6,7 +6,10 @@
 isort:skip_file
 The control plane's two small messages, carried inside Flower messages.
 
-Model bytes never travel here. The coordinator puts a serialized RoundInstruction
+Model bytes travel here only when they are a few kilobytes at most, and only when the
+run allows it (inline_limit_bytes): then a download rides in the instruction and an
+update in the receipt, saving the data plane's requests and acknowledgements. Larger
+payloads always go over the data plane. The coordinator puts a serialized RoundInstruction
 into the ConfigRecord "fedsqueeze" (key "v1", a bytes value) of each train or
 evaluate message; the edge answers with a serialized TrainReceipt in the
 ConfigRecord "fedsqueeze-receipt" (key "v1") of its reply, next to the app's own

@@ -101,6 +101,9 @@ def test_new_arms_can_be_defined(tmp_path: Path) -> None:
         (["arms=adaptive", "arm.adaptive.strategy=fedavgm", "arm.adaptive.server-lr=0"], "> 0"),
         (["arms=fedavg-fp32", "arm.fedavg-fp32.strategy=fedavgm"], "needs a fedsqueeze arm"),
         (["arms=adaptive", "arm.adaptive.strategy=fedsgd"], "expected"),
+        (["arms=adaptive", "arm.adaptive.inline-bytes=-1"], "inline-bytes must be in"),
+        (["arms=adaptive", "arm.adaptive.inline-bytes=1000000"], "inline-bytes must be in"),
+        (["arms=fedavg-fp32", "arm.fedavg-fp32.inline-bytes=4096"], "needs a fedsqueeze arm"),
     ],
 )
 def test_mistakes_are_config_errors(sets: list[str], message: str) -> None:
@@ -169,3 +172,12 @@ def test_every_preset_arm_is_in_the_documented_table() -> None:
     doc = baselines.__doc__ or ""
     for name in ARM_PRESETS:
         assert f"``{name}``" in doc, name
+
+
+def test_the_frontier_arm_sends_its_payloads_inline() -> None:
+    config = load_config(None, ["arms=frontier"])
+    frontier = config.arm("frontier")
+    assert frontier.inline_bytes == baselines.FRONTIER_INLINE_BYTES
+    assert config.run_settings(frontier, "x").inline_bytes == frontier.inline_bytes
+    assert config.run_settings(config.arm("frontier"), "x").server_momentum == 0.5
+    assert ARM_PRESETS["adaptive"].inline_bytes == 0  # the other arms keep the data plane

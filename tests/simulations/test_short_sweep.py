@@ -173,3 +173,41 @@ def test_a_client_that_is_not_sampled_is_sent_nothing(sweep: Path) -> None:
             assert heard == list(sampled), (arm, server_round)
     results = [r for r in _rows(sweep / "results.csv") if int(r["round"]) > 0]
     assert all(int(r["clients_sampled"]) == config.clients_per_round for r in results)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_payloads_inline_change_where_bytes_travel_not_what_is_learned(
+    sweep: Path, tmp_path: Path
+) -> None:
+    """The same sweep with ``inline-bytes``: the adaptive arm's payloads ride inside the
+    Flower messages. The model learns exactly the same (the payloads are the same bytes),
+    the data plane carries nothing, every byte is still counted (per round, the sum of
+    the clients' rows), and the arm moves fewer bytes in all (no data-plane framing)."""
+    inline = _sweep(tmp_path / "inline", *BUDGET_FLAGS, "arm.adaptive.inline-bytes=4096")
+    plain = {(r["arm"], r["round"]): r for r in _rows(sweep / "results.csv")}
+    clients = [r for r in _rows(inline / "clients.csv") if r["arm"] == "adaptive"]
+    plain_clients = {
+        (r["round"], r["partition"]): r
+        for r in _rows(sweep / "clients.csv")
+        if r["arm"] == "adaptive"
+    }
+    saved = 0
+    for row in _rows(inline / "results.csv"):
+        if row["arm"] != "adaptive" or row["round"] == "0":
+            continue
+        before = plain[("adaptive", row["round"])]
+        assert row["accuracy"] == before["accuracy"] and row["loss"] == before["loss"]
+        assert int(row["data_bytes_down"]) == int(row["data_bytes_up"]) == 0
+        mine = [r for r in clients if r["round"] == row["round"]]
+        assert sum(int(r["bytes_down"]) for r in mine) == int(row["bytes_down"])
+        assert sum(int(r["bytes_up"]) for r in mine) == int(row["bytes_up"])
+        for r in mine:
+            assert int(r["data_bytes_down"]) == int(r["data_bytes_up"]) == 0
+            was = plain_clients[(r["round"], r["partition"])]
+            total = int(r["bytes_down"]) + int(r["bytes_up"])
+            # at most the inline limit's field more (no payload inline) and node-id noise
+            assert total <= int(was["bytes_down"]) + int(was["bytes_up"]) + 64 + 4, (r, was)
+        saved += int(before["bytes_down"]) + int(before["bytes_up"])
+        saved -= int(row["bytes_down"]) + int(row["bytes_up"])
+    assert saved > 0

@@ -48,3 +48,16 @@ def test_table_and_medians(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     # seed 1 never reaches 0.95; reaches the steady target at round 2 (8 B)
     assert "never" in out and "37.5× (round 2 / 3)" in out
     assert "– (1 seeds never)" in out and "**168.8×** (min 37.5×)" in out
+
+
+def test_baseline_from_another_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    base = [(0.5, 100), (0.8, 200), (0.9, 300), (0.95, 400), (0.93, 500), (0.96, 600)]
+    _write(tmp_path / "base" / "seed-0" / "results.csv", {"fedavg-fp32": base})
+    _write(tmp_path / "new" / "seed-0" / "results.csv", {"x": [(0.9, 1), (0.96, 2)]})
+    _write(tmp_path / "new" / "seed-1" / "results.csv", {"x": [(0.9, 1)]})
+    with pytest.raises(SystemExit, match="seed-1"):
+        main([str(tmp_path / "new"), "--baseline-from", str(tmp_path / "base")])
+    (tmp_path / "new" / "seed-1" / "results.csv").unlink()
+    capsys.readouterr()
+    assert main([str(tmp_path / "new"), "--baseline-from", str(tmp_path / "base")]) == 0
+    assert "200.0× (round 2 / 4)" in capsys.readouterr().out

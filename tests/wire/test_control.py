@@ -193,3 +193,26 @@ def test_a_receipt_carries_what_the_edge_decoded_of_a_prefix() -> None:
         _receipt(decoded_bytes=1, decoded_levels=(256,)).to_records()
     with pytest.raises(ConfigError, match="negative"):
         _receipt(decoded_bytes=-1).to_records()
+
+
+def test_inline_payloads_round_trip_and_cost_only_their_bytes() -> None:
+    plain = _instruction()
+    inline = _instruction(payload=b"\x01" * 1900, payload_digest=INIT, inline_limit=4096)
+    assert RoundInstruction.from_record(inline.to_record()) == inline
+    extra = len(inline.to_record()[WIRE_KEY]) - len(plain.to_record()[WIRE_KEY])  # type: ignore[arg-type]
+    # payload, its digest, the limit (field 16: a two-byte tag)
+    assert extra == (1900 + 3) + (32 + 2) + (2 + 2)
+    receipt = _receipt(update_id="", update=b"\x02" * 1700)
+    ids, metrics = receipt.to_records()
+    assert TrainReceipt.from_records(ids, metrics) == receipt
+
+
+def test_inline_payloads_must_be_whole() -> None:
+    with pytest.raises(ConfigError, match="digest"):
+        _instruction(payload=b"\x01").to_record()
+    with pytest.raises(ConfigError, match="digest"):
+        _instruction(payload_digest=INIT).to_record()
+    with pytest.raises(ConfigError, match="negative"):
+        _instruction(inline_limit=-1).to_record()
+    with pytest.raises(ConfigError, match="not both"):
+        _receipt(update=b"\x02").to_records()
