@@ -31,6 +31,7 @@ class FaultInjector:
         self._pause_after: int | None = None
         self.paused = threading.Event()
         self.release = threading.Event()
+        self._stopping = False  # set with release when the server stops: held streams end
         self.cuts = 0
         self.corruptions = 0
 
@@ -87,4 +88,14 @@ class FaultInjector:
         if pause:
             self.paused.set()
             self.release.wait(timeout=60.0)
+            with self._lock:
+                # A stream held while its server stops ends there, however late gRPC's
+                # cancellation reaches it (it could otherwise send the rest first).
+                cut = cut or self._stopping
         return StreamAction.CUT if cut else StreamAction.CONTINUE
+
+    def release_for_stop(self) -> None:
+        """Release held streams because their server stops: each ends at once."""
+        with self._lock:
+            self._stopping = True
+        self.release.set()

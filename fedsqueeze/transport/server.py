@@ -234,7 +234,7 @@ class TransferServer:
             return
         stopped = server.stop(grace)
         if self.faults is not None:
-            self.faults.release.set()  # after stop(): a held stream ends cancelled
+            self.faults.release_for_stop()  # after stop(): a held stream ends cut
         stopped.wait()
         logger.info("ModelTransfer on port %s stopped", self._port)
 

@@ -10,6 +10,7 @@ import pytest
 from fedsqueeze.codec import CodecSpec, state_digest
 from fedsqueeze.errors import IntegrityError, UnavailableError
 from fedsqueeze.transport import FaultInjector, FetchState, RetryPolicy, ServerConfig
+from fedsqueeze.transport.faults import StreamAction
 from tests.transport.conftest import make_state
 
 pytestmark = pytest.mark.timeout(60)
@@ -123,3 +124,17 @@ def test_parallel_verifiers_keep_every_guarantee(source, store, start_server, co
     assert (faults.corruptions, faults.cuts, result.stats.refetched_segments) == (1, 1, 1)
     assert seen == sorted(seen) and seen[-1] == result.manifest.encoded_bytes
     assert result.state is not None and state_digest(result.state).hex() == digest
+
+
+def test_a_stream_held_while_its_server_stops_ends_there() -> None:
+    """However late gRPC's cancellation reaches a held stream, it sends nothing more."""
+    faults = FaultInjector()
+    faults.pause_streams_after(3)
+    actions: list[StreamAction] = []
+    held = threading.Thread(target=lambda: actions.append(faults.before_segment(3)))
+    held.start()
+    assert faults.paused.wait(10)
+    faults.release_for_stop()
+    held.join(10)
+    assert actions == [StreamAction.CUT]
+    assert faults.before_segment(4) is StreamAction.CONTINUE  # only the held one is cut
