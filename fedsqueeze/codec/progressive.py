@@ -122,7 +122,7 @@ def plane(codes: Tensor, levels: tuple[int, ...], level: int) -> Tensor:
 #: temporaries (8 bytes a value, several at once) were the peak memory of a large
 #: tensor's levels; a part's are a few MiB. A tensor of at most this many values takes
 #: the whole-tensor path, as before.
-CHUNK = 1 << 20
+CHUNK = 1 << 18
 
 
 def _parts(n: int) -> range:
