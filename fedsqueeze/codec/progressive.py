@@ -71,6 +71,7 @@ import torch
 from torch import Tensor
 
 from fedsqueeze.codec.blockwise import NF4_CODEBOOK
+from fedsqueeze.codec.kernels import Runs
 from fedsqueeze.codec.quantization import QuantParams
 from fedsqueeze.codec.spec import QuantScheme
 from fedsqueeze.errors import FormatError
@@ -79,6 +80,7 @@ __all__ = [
     "bucket_table",
     "cumulative_bits",
     "level_gain",
+    "level_gains",
     "plane",
     "reconstruct",
     "table_entries",
@@ -108,12 +110,40 @@ def top_codes(codes: Tensor, total_bits: int, held_bits: int) -> Tensor:
 def plane(codes: Tensor, levels: tuple[int, ...], level: int) -> Tensor:
     """The bits ``level`` adds to each code, as uint8 codes of ``levels[level]`` bits."""
     total = sum(levels)
-    top = top_codes(codes, total, cumulative_bits(levels, level))
-    return (top & ((1 << levels[level]) - 1)).to(torch.uint8)
+    held = cumulative_bits(levels, level)
+    mask = (1 << levels[level]) - 1
+    if codes.dtype == torch.uint8 and total <= 8:  # in place of int64: a byte per value
+        return (codes >> (total - held)).bitwise_and_(mask)
+    top = top_codes(codes, total, held)
+    return (top & mask).to(torch.uint8)
+
+
+#: Values per part of the per-value passes below: whole-tensor int64 and float64
+#: temporaries (8 bytes a value, several at once) were the peak memory of a large
+#: tensor's levels; a part's are a few MiB. A tensor of at most this many values takes
+#: the whole-tensor path, as before.
+CHUNK = 1 << 18
+
+
+def _parts(n: int) -> range:
+    return range(0, n, CHUNK)
+
+
+def _channels_part(
+    channels_of: Tensor | Runs | None, start: int, stop: int, device: torch.device
+) -> Tensor | None:
+    """The parameter set of values ``start..stop`` (int64), or ``None`` per tensor."""
+    if channels_of is None:
+        return None
+    if isinstance(channels_of, Runs):
+        return torch.div(
+            torch.arange(start, stop, device=device), channels_of.length, rounding_mode="floor"
+        )
+    return channels_of[start:stop]
 
 
 def bucket_table(
-    codes: Tensor, qp: QuantParams, held_bits: int, channels_of: Tensor | None = None
+    codes: Tensor, qp: QuantParams, held_bits: int, channels_of: Tensor | Runs | None = None
 ) -> Tensor:
     """How the receiver reconstructs each of the ``2^held_bits`` coarse buckets.
 
@@ -128,23 +158,38 @@ def bucket_table(
     shift = qp.bits - held_bits
     n = 1 << held_bits
     device = codes.device
-    codes64 = codes.to(torch.int64)
-    top = codes64 >> shift
-    weight = torch.ones(top.shape, dtype=torch.float64, device=device)
+    scale64 = None
     if qp.scale.dim() == 1 and channels_of is not None:
-        weight = qp.scale.to(device=device, dtype=torch.float64)[channels_of].square()
+        scale64 = qp.scale.to(device=device, dtype=torch.float64)
     if qp.scheme is QuantScheme.NF4:
-        table = NF4_CODEBOOK.to(device=device, dtype=torch.float64)
-        fine = table[codes64]
-        fallback = table.reshape(n, -1).mean(dim=1)
+        values64: Tensor | None = NF4_CODEBOOK.to(device=device, dtype=torch.float64)
     elif qp.codebook is not None:
-        fine = qp.codebook.to(device=device, dtype=torch.float64)[codes64]
-        fallback = qp.codebook.to(device=device, dtype=torch.float64).reshape(n, -1).mean(dim=1)
+        values64 = qp.codebook.to(device=device, dtype=torch.float64)
     else:
-        fine = (codes64 - (top << shift)).to(torch.float64)
+        values64 = None
+    if values64 is not None:
+        fallback = values64.reshape(n, -1).mean(dim=1)
+    else:
         fallback = torch.full((n,), ((1 << shift) - 1) / 2, dtype=torch.float64, device=device)
-    counts = torch.zeros(n, dtype=torch.float64, device=device).index_add_(0, top, weight)
-    sums = torch.zeros(n, dtype=torch.float64, device=device).index_add_(0, top, fine * weight)
+    counts = torch.zeros(n, dtype=torch.float64, device=device)
+    sums = torch.zeros(n, dtype=torch.float64, device=device)
+    flat = codes.reshape(-1)
+    # Part by part, in order: index_add_ adds each value in turn, so the sums are the
+    # whole tensor's, bit for bit.
+    for start in _parts(flat.numel()):
+        stop = min(flat.numel(), start + CHUNK)
+        codes64 = flat[start:stop].to(torch.int64)
+        top = codes64 >> shift
+        if scale64 is not None:
+            weight = scale64[_channels_part(channels_of, start, stop, device)].square()
+        else:
+            weight = torch.ones(top.shape, dtype=torch.float64, device=device)
+        if values64 is not None:
+            fine = values64[codes64]
+        else:
+            fine = (codes64 - (top << shift)).to(torch.float64)
+        counts.index_add_(0, top, weight)
+        sums.index_add_(0, top, fine * weight)
     means = torch.where(counts > 0, sums / counts.clamp_min(1e-300), fallback)
     return means.to(torch.float16).to(torch.float32)
 
@@ -154,12 +199,41 @@ def reconstruct(
     qp: QuantParams,
     held_bits: int,
     table: Tensor | None,
-    channels_of: Tensor | None,
+    channels_of: Tensor | Runs | None,
 ) -> Tensor:
-    """Float32 values from the top ``held_bits`` bits of each code (int64 ``top``).
+    """Float32 values from the top ``held_bits`` bits of each code (``top``: any integer
+    dtype, uint8 being enough for codes of up to 8 bits).
 
     With every bit held, ``table`` is ``None`` and this equals plain dequantization.
+    A large tensor is reconstructed part by part (the same values: every step is per
+    value), so its int64 indices take a part's memory, not the tensor's.
     """
+    flat = top.reshape(-1)
+    n = flat.numel()
+    if n <= CHUNK:
+        whole = None if channels_of is None else _channels_part(channels_of, 0, n, top.device)
+        return _reconstruct(flat.to(torch.int64), qp, held_bits, table, whole).reshape(top.shape)
+    out = torch.empty(0)
+    for start in _parts(n):
+        stop = min(n, start + CHUNK)
+        part = _reconstruct(
+            flat[start:stop].to(torch.int64), qp, held_bits, table,
+            _channels_part(channels_of, start, stop, top.device),
+        )  # fmt: skip
+        if start == 0:
+            out = torch.empty(n, dtype=part.dtype, device=top.device)
+        out[start:stop] = part
+    return out.reshape(top.shape)
+
+
+def _reconstruct(
+    top: Tensor,
+    qp: QuantParams,
+    held_bits: int,
+    table: Tensor | None,
+    channels_of: Tensor | None,
+) -> Tensor:
+    """:func:`reconstruct` of int64 ``top`` in one pass."""
     total = qp.bits
     shift = total - held_bits
     if qp.scheme is QuantScheme.NF4:
@@ -224,3 +298,50 @@ def level_gain(x: Tensor, before: Tensor, after: Tensor) -> float:
     """Squared error removed by a level: ``‖x − before‖² − ‖x − after‖²``."""
     x64 = x.to(torch.float64)
     return float((x64 - before).square().sum() - (x64 - after).square().sum())
+
+
+def level_gains(
+    values: Tensor,
+    codes: Tensor,
+    qp: QuantParams,
+    levels: tuple[int, ...],
+    tables: list[Tensor | None],
+    channels_of: Tensor | Runs | None,
+    decoded: Tensor | None = None,
+) -> list[float]:
+    """:func:`level_gain` of every level of ``codes`` (from nothing held), part by part.
+
+    ``tables[k]`` is level ``k``'s bucket table (``None`` for the last). Equal to the
+    whole-tensor :func:`reconstruct` and :func:`level_gain` of each level: a tensor of at
+    most :data:`CHUNK` values takes one part (the same sums); a larger one sums its parts'
+    squared errors in float64 (a different grouping of the additions, as torch's own
+    threads already make one). ``decoded`` (float32, like ``values``), if given, receives
+    what the last level decodes to.
+    """
+    x_flat = values.reshape(-1)
+    c_flat = codes.reshape(-1)
+    n = x_flat.numel()
+    total = qp.bits
+    removed: list[Tensor | None] = [None] * len(levels)
+    left: list[Tensor | None] = [None] * len(levels)
+    for start in _parts(max(n, 1)):
+        stop = min(n, start + CHUNK)
+        x64 = x_flat[start:stop].to(torch.float64)
+        codes64 = c_flat[start:stop].to(torch.int64)
+        channels = _channels_part(channels_of, start, stop, codes.device)
+        before = torch.zeros_like(x64)
+        for level in range(len(levels)):
+            held = cumulative_bits(levels, level)
+            after32 = _reconstruct(codes64 >> (total - held), qp, held, tables[level], channels)
+            after = after32.to(torch.float64)
+            a = (x64 - before).square().sum()
+            b = (x64 - after).square().sum()
+            prev_a, prev_b = removed[level], left[level]
+            removed[level] = a if prev_a is None else prev_a + a
+            left[level] = b if prev_b is None else prev_b + b
+            before = after
+            if decoded is not None and level == len(levels) - 1:
+                decoded.reshape(-1)[start:stop] = after32
+    return [
+        float(a - b) for a, b in zip(removed, left, strict=True) if a is not None and b is not None
+    ]

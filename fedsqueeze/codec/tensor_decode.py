@@ -276,7 +276,8 @@ class _Group:
         self.indices = indices
         self.channels_of = channels_of
         self.count = count
-        self.top = torch.zeros(count, dtype=torch.int64, device=_device_of(indices))
+        # Codes are at most 8 bits (QuantParams.bits): a byte per value, not int64.
+        self.top = torch.zeros(count, dtype=torch.uint8, device=_device_of(indices))
         self.table: torch.Tensor | None = None
         self.plane = -1  # the highest plane held
 
@@ -418,7 +419,8 @@ class ProgressiveTensor:
         view = memoryview(body)
         plane_bytes = packed_size(g.count, bits)
         plane = unpack_bits(_read_only_uint8(view[:plane_bytes]).to(self._device), bits, g.count)
-        g.top = (g.top << bits) | plane.to(torch.int64)
+        # In place, in uint8: the bits held never exceed the code's 8 (the plan's sum).
+        g.top.bitwise_left_shift_(bits).bitwise_or_(plane.to(torch.uint8))
         entries = table_entries(self.levels, level)
         g.table = None
         if entries:

@@ -53,9 +53,11 @@ from fedsqueeze.codec.kernels import parallel_copy, value_range
 from fedsqueeze.codec.lowrank import factorize, matrix_shape, worth_factoring
 from fedsqueeze.codec.positions import encode_positions, mask_to_indices
 from fedsqueeze.codec.progressive import (
+    CHUNK,
     bucket_table,
     cumulative_bits,
     level_gain,
+    level_gains,
     plane,
     reconstruct,
     table_to_bytes,
@@ -531,13 +533,13 @@ class TensorEncoder:
 
         if spec.levels is not None and spec.quant is not None:
             coded_positions()
-            record, decoded = self._progressive(
+            record, last = self._progressive(
                 name, t, values, channels_of, num_channels, delta, spec.quant, spec.levels,
-                positions, pos_payload,
+                positions, pos_payload, spec.feedback,
             )  # fmt: skip
             return record, _residual(
-                flat, indices, values, decoded, t.shape
-            ) if spec.feedback else None
+                flat, indices, values, last, t.shape
+            ) if last is not None else None
         # only error feedback needs what the receiver gets
         payload, quant, value_kind, decoded = self._store(
             values, channels_of, num_channels, t.device, spec.feedback,
@@ -567,29 +569,35 @@ class TensorEncoder:
         levels: tuple[int, ...],
         positions: PositionsHeader | None,
         pos_payload: bytes,
-    ) -> tuple[TensorRecord, torch.Tensor]:
+        need_decoded: bool,
+    ) -> tuple[TensorRecord, torch.Tensor | None]:
         """Quantize once at ``q.bits`` and cut the codes into levels.
 
-        Returns the base-level record and the values the last level decodes to; all the
-        levels, with their gains, go to :attr:`levels`.
+        Returns the base-level record and, if ``need_decoded``, the values the last
+        level decodes to; all the levels, with their gains, go to :attr:`levels`.
         """
         qp = choose_qparams(
             values, q.bits, q.scheme, q.granularity, channels_of, num_channels, q.scales
         )
         codes = quantize(values, qp, q.rounding, channels_of, self._generator(t.device))
-        if isinstance(channels_of, Runs):  # the level tables gather per value
-            channels_of = channels_of.index(values.numel(), t.device)
         quant = _quant_header(q, qp, num_channels, name)
-        before = torch.zeros_like(values, dtype=torch.float64)
-        energy = float(t.detach().to(torch.float64).square().sum()) or 1.0
+        energy = _energy(t)
+        # The tables, then every level's gain in one pass over parts of the tensor
+        # (progressive.level_gains): no whole-tensor int64 or float64 temporaries.
+        tables = [
+            bucket_table(codes, qp, cumulative_bits(levels, level), channels_of)
+            if level < len(levels) - 1
+            else None
+            for level in range(len(levels))
+        ]
+        decoded = torch.empty_like(values, dtype=torch.float32) if need_decoded else None
+        gains = level_gains(values, codes, qp, levels, tables, channels_of, decoded)
         scored: list[ScoredLevel] = []
         for level, bits in enumerate(levels):
-            held = cumulative_bits(levels, level)
-            table = bucket_table(codes, qp, held, channels_of) if level < len(levels) - 1 else None
+            table = tables[level]
             body = bytes(tensor_bytes(pack_bits(plane(codes, levels, level), bits)))
             if table is not None:
                 body += table_to_bytes(table)
-            after = reconstruct(top_codes(codes, q.bits, held), qp, held, table, channels_of)
             if level == 0:
                 record = self._record(
                     name, t, delta=delta, body=pos_payload + body, quant=quant,
@@ -602,11 +610,9 @@ class TensorEncoder:
                     len(body) if compressed is not None else None,
                     compressed if compressed is not None else body,
                 )  # fmt: skip
-            after64 = after.to(torch.float64)
-            scored.append(ScoredLevel(record, level_gain(values, before, after64), energy))
-            before = after64
+            scored.append(ScoredLevel(record, gains[level], energy))
         self.levels[name] = scored
-        return scored[0].record, before.to(torch.float32)
+        return scored[0].record, decoded
 
     def _grown(
         self,
@@ -636,7 +642,7 @@ class TensorEncoder:
         )
         codes = quantize(values, qp, q.rounding, channels_of, self._generator(t.device))
         quant = _quant_header(q, qp, num_channels)
-        energy = float(t.detach().to(torch.float64).square().sum()) or 1.0
+        energy = _energy(t)
         numel = t.numel()
         final = torch.zeros_like(values, dtype=torch.float64)
         held = torch.empty(0, dtype=torch.int64, device=indices.device)
@@ -751,6 +757,17 @@ def _quant_header(
     return QuantHeader(
         q.bits, q.scheme, q.granularity, params, q.block_size, qp.scale_format, num_sets, seed
     )
+
+
+def _energy(t: torch.Tensor) -> float:
+    """``‖t‖²`` in float64 (1.0 for a zero tensor); a large tensor part by part."""
+    if t.numel() <= CHUNK:
+        return float(t.detach().to(torch.float64).square().sum()) or 1.0
+    flat = t.detach().reshape(-1)
+    total = torch.zeros((), dtype=torch.float64, device=t.device)
+    for start in range(0, flat.numel(), CHUNK):
+        total += flat[start : start + CHUNK].to(torch.float64).square().sum()
+    return float(total) or 1.0
 
 
 def _residual(

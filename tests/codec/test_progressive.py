@@ -21,6 +21,7 @@ from fedsqueeze.codec import (
     decode_state,
     encode_state,
     join_prefix,
+    progressive,
     smallest_prefix,
     split_segments,
 )
@@ -202,6 +203,24 @@ def test_nested_planes_rebuild_the_codes_and_tables_are_bucket_means() -> None:
         inside = codes[top == bucket].to(torch.float64) - bucket * 64
         if inside.numel():
             assert abs(float(table[bucket]) - float(inside.mean())) < 0.05
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=format_spec)
+def test_tensors_cut_into_parts_encode_and_decode_as_whole_ones(
+    spec: CodecSpec, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Large tensors' tables, gains and decodes run over parts of progressive.CHUNK values
+    # (bounded memory); parts of 64 values here must give the same bytes and values.
+    state = _state(3)
+    whole = encode_state(state, spec, seed=1)
+    whole_decoded = decode_state(whole)
+    monkeypatch.setattr(progressive, "CHUNK", 64)
+    parts = encode_state(state, spec, seed=1)
+    assert parts.to_bytes() == whole.to_bytes()
+    decoded = decode_state(whole)
+    assert decoded.keys() == whole_decoded.keys()
+    for name, t in whole_decoded.items():
+        assert torch.equal(decoded[name], t), name
 
 
 def test_delta_prefix_keeps_the_base_for_tensors_not_reached() -> None:
