@@ -214,6 +214,11 @@ def main(args: argparse.Namespace) -> int:
                 write_atomic(output, result.encoded.to_bytes(), overwrite=args.force)
                 encoded: int | None = result.encoded_bytes
                 extra, sparsity = result.extra_steps, result.sparsity
+                rejected = [
+                    s.step.removeprefix("encode ")
+                    for s in result.history
+                    if s.step.startswith("encode ")
+                ]
             else:
                 trained = distill(
                     student, logits_of(teacher), proxy.x, config, y=proxy.y,
@@ -224,7 +229,7 @@ def main(args: argparse.Namespace) -> int:
 
                 save_state(trained.state_dict(), output, overwrite=args.force)
                 encoded = None
-                extra, sparsity = 0, 0.0
+                extra, sparsity, rejected = 0, 0.0, []
         teacher_acc = accuracy(teacher)
     finally:
         torch.set_num_threads(previous)
@@ -244,7 +249,12 @@ def main(args: argparse.Namespace) -> int:
             f"the fp32 teacher), decoded test accuracy {final_acc:.2%} "
             f"({100 * (teacher_acc - final_acc):.2f} points below the teacher); sparsity "
             f"{sparsity:g}"
-            + (f" after {extra} extra pruning step{'s' * (extra != 1)} to fit" if extra else "")
+            + (
+                f" after {extra} extra pruning step{'s' * (extra != 1)} to fit (over the "
+                f"bound: {', '.join(rejected)})"
+                if extra
+                else ""
+            )
         )
     console.print(f"wrote {output}")
     return 0
