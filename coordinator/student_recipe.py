@@ -13,8 +13,8 @@ A :class:`ByteBound` makes the encoded size a guarantee rather than a property o
 when the encoding after the schedule is larger than the bound, the recipe goes back to the
 pruned student before sharing, prunes a little further (``step`` of global sparsity), distils
 as after every scheduled step, shares, tunes the centroids and encodes again, until the
-encoding fits or ``max_steps`` extra steps are spent (then :class:`~fedsqueeze.errors.
-ConfigError` names the smallest size reached). The choice looks at bytes only, never at an
+encoding fits or ``max_steps`` extra steps are spent (then a
+:class:`~fedsqueeze.errors.ConfigError` names the sizes reached). The choice looks at bytes only, never at an
 accuracy; a bound that the schedule already meets changes nothing (the same bytes as without
 it).
 """
