@@ -14,9 +14,9 @@ when the encoding after the schedule is larger than the bound, the recipe goes b
 pruned student before sharing, prunes a little further (``step`` of global sparsity), distils
 as after every scheduled step, shares, tunes the centroids and encodes again, until the
 encoding fits or ``max_steps`` extra steps are spent (then a
-:class:`~fedsqueeze.errors.ConfigError` names the sizes reached). The choice looks at bytes only, never at an
-accuracy; a bound that the schedule already meets changes nothing (the same bytes as without
-it).
+:class:`~fedsqueeze.errors.ConfigError` names the sizes reached). The choice looks at bytes
+only, never at an accuracy; a bound that the schedule already meets changes nothing (the same
+bytes as without it).
 """
 
 from __future__ import annotations
