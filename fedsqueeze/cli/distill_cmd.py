@@ -16,6 +16,11 @@ OUTPUT's extension picks what is written: .pt, .pth, .bin or .safetensors hold t
 student; .fsq needs --compress, which also prunes, shares and encodes the student with the
 Deep Compression recipe, distilling at every step, and reports the decoded student's
 accuracy. Accuracies are on the task's test split.
+
+With --compress the encoding is at most --max-bytes long (default: the teacher's fp32 size
+divided by 200, rounded down; 765 B for digits-cnn): if the schedule's encoding is larger, the
+recipe prunes 0.002 further, distils and shares again, up to --max-extra-steps times, and fails
+naming the size it reached when that is not enough. The steps look at bytes only.
 """
 
 from __future__ import annotations
@@ -78,6 +83,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="also prune, share and encode the student (Deep Compression, distilling)",
     )
+    parser.add_argument(
+        "--max-bytes",
+        type=count(0),
+        default=None,
+        help="with --compress: the largest encoded student accepted; extra pruning steps "
+        "until it fits (default: the fp32 teacher's bytes / 200, 765 for digits-cnn; 0: no "
+        "bound)",
+    )
+    parser.add_argument(
+        "--max-extra-steps",
+        type=count(0),
+        default=10,
+        help="with --compress: extra pruning steps of 0.002 sparsity at most (default 10)",
+    )
     parser.add_argument("--seed", type=count(0), default=0, help="seed (default 0)")
     parser.add_argument("--force", action="store_true", help="replace OUTPUT if it exists")
 
@@ -114,6 +133,8 @@ def _check_output(args: argparse.Namespace) -> Path:
         raise ConfigError(f"cannot write {output}: no such directory {output.parent}")
     if args.ce_weight > 1:
         raise ConfigError(f"--ce-weight must be in [0, 1], got {args.ce_weight}")
+    if not args.compress and args.max_bytes is not None:
+        raise ConfigError("--max-bytes bounds the encoded student; it needs --compress")
     return output
 
 
@@ -123,7 +144,12 @@ def main(args: argparse.Namespace) -> int:
     import torch
 
     from coordinator.distill import DistillConfig, distill, logits_of
-    from coordinator.student_recipe import STUDENT_RECIPE, compress_student
+    from coordinator.student_recipe import (
+        STUDENT_RECIPE,
+        ByteBound,
+        compress_student,
+        fp32_fraction_bound,
+    )
     from fedsqueeze.cli.console import make_console
     from fedsqueeze.tasks import get_task
     from fedsqueeze.tasks.proxy import split_proxy
@@ -166,19 +192,33 @@ def main(args: argparse.Namespace) -> int:
             student = task.build_student(args.seed)
             bar = progress.add_task("distil", total=config.epochs)
             if args.compress:
+                max_bytes = (
+                    fp32_fraction_bound(4 * _params(teacher), 200.0)
+                    if args.max_bytes is None else args.max_bytes
+                )  # fmt: skip
+                bound = (
+                    None if max_bytes == 0
+                    else ByteBound(max_bytes, max_steps=args.max_extra_steps)
+                )  # fmt: skip
 
                 def step(name: str, done: int, total: int) -> None:
                     progress.update(bar, description=name, completed=done, total=total)
 
                 result = compress_student(
                     teacher, student, proxy.x, accuracy, distill_config=config,
-                    recipe=STUDENT_RECIPE, progress=step,
+                    recipe=STUDENT_RECIPE, progress=step, byte_bound=bound,
                 )  # fmt: skip
                 dense_acc, final_acc = result.dense_accuracy, result.final_accuracy
                 from fedsqueeze.statefile import write_atomic
 
                 write_atomic(output, result.encoded.to_bytes(), overwrite=args.force)
                 encoded: int | None = result.encoded_bytes
+                extra, sparsity = result.extra_steps, result.sparsity
+                rejected = [
+                    s.step.removeprefix("encode ")
+                    for s in result.history
+                    if s.step.startswith("encode ")
+                ]
             else:
                 trained = distill(
                     student, logits_of(teacher), proxy.x, config, y=proxy.y,
@@ -189,6 +229,7 @@ def main(args: argparse.Namespace) -> int:
 
                 save_state(trained.state_dict(), output, overwrite=args.force)
                 encoded = None
+                extra, sparsity, rejected = 0, 0.0, []
         teacher_acc = accuracy(teacher)
     finally:
         torch.set_num_threads(previous)
@@ -206,7 +247,14 @@ def main(args: argparse.Namespace) -> int:
         console.print(
             f"compressed student: {encoded:,} B ({4 * t_params / encoded:.1f}× smaller than "
             f"the fp32 teacher), decoded test accuracy {final_acc:.2%} "
-            f"({100 * (teacher_acc - final_acc):.2f} points below the teacher)"
+            f"({100 * (teacher_acc - final_acc):.2f} points below the teacher); sparsity "
+            f"{sparsity:g}"
+            + (
+                f" after {extra} extra pruning step{'s' * (extra != 1)} to fit (over the "
+                f"bound: {', '.join(rejected)})"
+                if extra
+                else ""
+            )
         )
     console.print(f"wrote {output}")
     return 0
