@@ -216,8 +216,11 @@ def run_seeds(
     *,
     out_dir: Path | None = None,
     progress: Callable[[int], ProgressFn | None] | None = None,
+    plots: bool = True,
 ) -> tuple[list[SweepOutcome], dict[str, dict[str, float | None]]]:
-    """Run the config once per seed (``out/seed-N``); returns the runs and per-arm medians."""
+    """Run the config once per seed (``out/seed-N``); returns the runs and per-arm medians.
+
+    ``plots``: each seed's PNG plots (as :func:`run_sweep`'s)."""
     out = out_dir or config.out_dir()
     outcomes = []
     for seed in seeds:
@@ -227,6 +230,7 @@ def run_seeds(
                 seeded,
                 out_dir=out / f"seed-{seed}",
                 progress=progress(seed) if progress else None,
+                plots=plots,
             )
         )
     medians = median_summary([o.summary for o in outcomes])

@@ -86,7 +86,7 @@ def main(args: argparse.Namespace) -> int:
         def tracker_for(seed: int):  # type: ignore[no-untyped-def]
             return SweepProgress(progress, replace(config, seed=seed), f"seed {seed}").update
 
-        outcomes, medians = run_seeds(config, seeds, progress=tracker_for)
+        outcomes, medians = run_seeds(config, seeds, progress=tracker_for, plots=not args.no_plots)
     for outcome in outcomes:
         out.print(summary_table(outcome.summary, outcome.out_dir))
     out.print(medians_table(config.name, seeds, medians))
