@@ -267,6 +267,23 @@ def minilm_weights_path() -> Path | None:
     return found[0] if found else None
 
 
+def minilm_sentence_model() -> tuple[Any, torch.nn.Module] | None:
+    """all-MiniLM-L6-v2 as a ``SentenceTransformer`` on the CPU, offline, with its inner
+    transformer module (whose state dict the codec encodes); ``None`` without the
+    optional package."""
+    path = minilm_weights_path()
+    if path is None:
+        return None
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from sentence_transformers import SentenceTransformer
+
+    model = SentenceTransformer(str(path.parent), device="cpu")
+    inner = model[0].auto_model
+    if not isinstance(inner, torch.nn.Module):
+        raise TypeError(f"unexpected sentence-transformers layout: {type(inner).__name__}")
+    return model, inner
+
+
 def _minilm(options: CodecBenchOptions, out: Console) -> Json:
     if options.skip_minilm:
         out.print("MiniLM: skipped (--skip-minilm)")

@@ -201,20 +201,12 @@ def trained_digits(seed: int = 0, epochs: int = 30) -> tuple[State, Callable[[St
 
 def minilm(sentences: list[str]) -> tuple[State, Callable[[State], float]] | None:
     """all-MiniLM-L6-v2 and the mean embedding cosine to its fp32 self, or ``None``."""
-    from fedsqueeze.bench.codec import minilm_weights_path
+    from fedsqueeze.bench.codec import minilm_sentence_model
 
-    path = minilm_weights_path()
-    if path is None:
+    loaded = minilm_sentence_model()
+    if loaded is None:
         return None
-    import os
-
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from sentence_transformers import SentenceTransformer
-
-    model = SentenceTransformer(str(path.parent), device="cpu")
-    inner = model[0].auto_model
-    if not isinstance(inner, torch.nn.Module):
-        raise TypeError(f"unexpected sentence-transformers layout: {type(inner).__name__}")
+    model, inner = loaded
     state = {k: v.detach().clone() for k, v in inner.state_dict().items()}
     with torch.no_grad():
         reference = model.encode(sentences, convert_to_tensor=True, normalize_embeddings=True)

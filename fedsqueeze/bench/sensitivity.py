@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import importlib
 import inspect
-import os
 import warnings
 from collections.abc import Callable
 
@@ -128,18 +127,12 @@ def fisher_weights(
 def minilm_fisher(sentences: list[str], probes: int = 4) -> dict[str, float] | None:
     """:func:`fisher_weights` of all-MiniLM-L6-v2's normalised sentence embeddings over
     ``sentences`` (keys as in its state dict), or ``None`` without the bench extra."""
-    from fedsqueeze.bench.codec import minilm_weights_path
+    from fedsqueeze.bench.codec import minilm_sentence_model
 
-    path = minilm_weights_path()
-    if path is None:
+    loaded = minilm_sentence_model()
+    if loaded is None:
         return None
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from sentence_transformers import SentenceTransformer
-
-    model = SentenceTransformer(str(path.parent), device="cpu")
-    inner = model[0].auto_model
-    if not isinstance(inner, torch.nn.Module):
-        raise TypeError(f"unexpected sentence-transformers layout: {type(inner).__name__}")
+    model, inner = loaded
     features = model.tokenize(sentences)
 
     def embed() -> torch.Tensor:
