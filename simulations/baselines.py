@@ -68,6 +68,7 @@ from fedsqueeze.runconfig import (
     StudentToTeacher,
     check_freeze,
 )
+from fedsqueeze.tasks.base import Optimizer
 
 __all__ = [
     "ADAPTIVE_DOWN_LADDER",
@@ -261,6 +262,9 @@ class ArmConfig:
     lr
         This arm's local learning rate (0: the sweep's ``lr``), for arms that train
         different parameters (full fine-tuning wants a smaller one than adapters).
+    optimizer
+        This arm's local optimizer: ``sgd`` (momentum 0.9, the default) or ``adam`` (a
+        fresh Adam each round, as a transformer's full fine-tuning is usually run).
     strategy
         The Flower strategy the coordinator wraps (fedsqueeze arms only): ``fedavg``, or
         ``fedavgm`` (server momentum) with ``server_lr`` and ``server_momentum``.
@@ -301,6 +305,7 @@ class ArmConfig:
     aggregation: Aggregation = Aggregation.AVERAGE
     task: str = ""
     lr: float = 0.0
+    optimizer: Optimizer = Optimizer.SGD
     strategy: StrategyName = StrategyName.FEDAVG
     server_lr: float = 1.0
     server_momentum: float = 0.0

@@ -39,6 +39,7 @@ from fedsqueeze.runconfig import (
     StudentToTeacher,
 )
 from fedsqueeze.tasks import get_task
+from fedsqueeze.tasks.base import Optimizer
 from simulations.baselines import ARM_PRESETS, DEFAULT_ARMS, ArmConfig, ArmKind
 from simulations.links import LinkMix, link_profile, parse_mix
 
@@ -218,6 +219,7 @@ class SimulationConfig:
             min_available_nodes=1,
             epochs=self.epochs,
             lr=arm.lr or self.lr,
+            optimizer=arm.optimizer,
             batch_size=self.batch_size,
             down_spec=arm.down_spec,
             up_spec=arm.up_spec,
@@ -294,9 +296,15 @@ def load_config(path: str | Path | None, sets: Sequence[str] = ()) -> Simulation
         arm_names = list(DEFAULT_ARMS)
     if not isinstance(arm_names, list) or not all(isinstance(n, str) for n in arm_names):
         raise ConfigError("arms must be a list of arm names")
-    _check_arm_names(arm_names, arm_tables)
-    arms = tuple(_arm(name, arm_tables.get(name, {})) for name in arm_names)
-    unused = set(arm_tables) - set(arm_names)
+    extra = top.pop("extra-arms", [])
+    if isinstance(extra, str):
+        extra = [n.strip() for n in extra.split(",") if n.strip()]
+    if not isinstance(extra, list) or not all(isinstance(n, str) for n in extra):
+        raise ConfigError("extra-arms must be a list of arm names")
+    _check_arm_names([*arm_names, *extra], arm_tables)
+    used: set[str] = set()
+    arms = tuple(_arm(name, arm_tables, used) for name in arm_names)
+    unused = set(arm_tables) - used - set(extra)
     if arms_from_set:
         unused -= file_tables - set_tables
     if unused:
@@ -316,11 +324,30 @@ def _check_arm_names(names: Sequence[str], tables: Mapping[str, Any]) -> None:
             )
 
 
-def _arm(name: str, table: Mapping[str, Any]) -> ArmConfig:
-    base = ARM_PRESETS.get(name, ArmConfig(name))
+def _arm(
+    name: str, tables: Mapping[str, Mapping[str, Any]], used: set[str], chain: tuple[str, ...] = ()
+) -> ArmConfig:
+    """Arm ``name`` from its table: its preset (or the defaults) with the table's keys, or,
+    when the table names a ``base`` arm, that arm (a table of this file or a preset) with
+    them. Adds every table it reads to ``used``."""
+    if name in chain:
+        raise ConfigError(f"arm.{name}: base arms form a cycle: {' -> '.join((*chain, name))}")
+    used.add(name)
+    table = dict(tables.get(name, {}))
+    base_name = table.pop("base", None)
+    if base_name is None:
+        base = ARM_PRESETS.get(name, ArmConfig(name))
+    else:
+        if not isinstance(base_name, str) or (
+            base_name not in tables and base_name not in ARM_PRESETS
+        ):
+            raise ConfigError(
+                f"arm.{name}.base = {base_name!r}: not an arm of this config or a preset"
+            )
+        base = _arm(base_name, tables, used, (*chain, name))
     kwargs = _kwargs(ArmConfig, table, f"arm.{name}")
     kwargs.pop("name", None)
-    return replace(base, **kwargs)
+    return replace(base, name=name, **kwargs)
 
 
 def _value(text: str) -> Any:
@@ -350,6 +377,7 @@ _ENUMS: dict[str, type[enum.Enum]] = {
     "Aggregation": Aggregation,
     "StudentToTeacher": StudentToTeacher,
     "StrategyName": StrategyName,
+    "Optimizer": Optimizer,
 }
 
 
@@ -376,5 +404,8 @@ def _coerce(key: str, value: Any, kind: str) -> Any:
             raise ValueError(value)
         return str(value)
     except ValueError:
-        expected = "true or false" if kind == "bool" else kind
+        if kind in _ENUMS:
+            expected = "one of " + ", ".join(str(m.value) for m in _ENUMS[kind])
+        else:
+            expected = "true or false" if kind == "bool" else kind
         raise ConfigError(f"{key} = {value!r}: expected {expected}") from None

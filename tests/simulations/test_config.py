@@ -8,7 +8,8 @@ import pytest
 
 from coordinator.budget import PolicyKind
 from fedsqueeze.errors import ConfigError
-from fedsqueeze.runconfig import Partitioning, StrategyName
+from fedsqueeze.runconfig import Partitioning, RunSettings, StrategyName
+from fedsqueeze.tasks.base import Optimizer
 from simulations import baselines
 from simulations.baselines import ARM_PRESETS, DEFAULT_ARMS, DISTILLED_STUDENT_LR, ArmKind
 from simulations.config import SimulationConfig, load_config
@@ -100,7 +101,8 @@ def test_new_arms_can_be_defined(tmp_path: Path) -> None:
         (["arms=adaptive", "arm.adaptive.server-momentum=0.5"], "need strategy = fedavgm"),
         (["arms=adaptive", "arm.adaptive.strategy=fedavgm", "arm.adaptive.server-lr=0"], "> 0"),
         (["arms=fedavg-fp32", "arm.fedavg-fp32.strategy=fedavgm"], "needs a fedsqueeze arm"),
-        (["arms=adaptive", "arm.adaptive.strategy=fedsgd"], "expected"),
+        (["arms=adaptive", "arm.adaptive.strategy=fedsgd"], "expected one of fedavg"),
+        (["arms=fedavg-fp32", "arm.fedavg-fp32.optimizer=lbfgs"], "expected one of sgd, adam"),
         (["arms=adaptive", "arm.adaptive.inline-bytes=-1"], "inline-bytes must be in"),
         (["arms=adaptive", "arm.adaptive.inline-bytes=1000000"], "inline-bytes must be in"),
         (["arms=fedavg-fp32", "arm.fedavg-fp32.inline-bytes=4096"], "needs a fedsqueeze arm"),
@@ -168,6 +170,18 @@ def test_an_arms_server_optimizer_reaches_its_run() -> None:
     assert plain.strategy is StrategyName.FEDAVG and plain.server_momentum == 0.0
 
 
+def test_an_arms_local_optimizer_reaches_its_run_for_either_kind() -> None:
+    c = load_config(
+        None,
+        ["arms=fedavg-fp32,adaptive", "arm.fedavg-fp32.optimizer=Adam", "arm.fedavg-fp32.lr=1e-3"],
+    )
+    flower = c.run_settings(c.arm("fedavg-fp32"), "s")
+    assert (flower.optimizer, flower.lr) == (Optimizer.ADAM, 1e-3)
+    # the other arm keeps the default, and the run settings carry it to the edges
+    assert c.run_settings(c.arm("adaptive"), "s").optimizer is Optimizer.SGD
+    assert RunSettings.from_run_config(flower.to_run_config()).optimizer is Optimizer.ADAM
+
+
 def test_every_preset_arm_is_in_the_documented_table() -> None:
     doc = baselines.__doc__ or ""
     for name in ARM_PRESETS:
@@ -181,3 +195,55 @@ def test_the_frontier_arm_sends_its_payloads_inline() -> None:
     assert config.run_settings(frontier, "x").inline_bytes == frontier.inline_bytes
     assert config.run_settings(config.arm("frontier"), "x").server_momentum == 0.5
     assert ARM_PRESETS["adaptive"].inline_bytes == 0  # the other arms keep the data plane
+
+
+def test_an_arm_can_start_from_another_and_extra_arms_run_when_named(tmp_path: Path) -> None:
+    f = tmp_path / "c.toml"
+    f.write_text(
+        'arms = ["a", "b"]\nextra-arms = ["c"]\n'
+        '[arm.a]\npolicy = "adaptive"\ndown-budget = 5000\nlr = 0.05\n'
+        '[arm.b]\nbase = "a"\nfirst-delivery = "quant=4:nf4:block64"\n'
+        '[arm.c]\nbase = "b"\nlr = 0.01\n'
+    )
+    c = load_config(f)
+    assert [a.name for a in c.arms] == ["a", "b"]
+    b = c.arm("b")
+    # b is a with its own keys on top; a itself is unchanged
+    assert (b.policy, b.down_budget, b.lr, b.first_delivery) == (
+        PolicyKind.ADAPTIVE,
+        5000,
+        0.05,
+        "quant=4:nf4:block64",
+    )
+    assert c.arm("a").first_delivery == ""
+    # an extra arm is defined by the file but runs only when named
+    only_c = load_config(f, ["arms=c"])
+    (arm_c,) = only_c.arms
+    assert (arm_c.name, arm_c.lr, arm_c.first_delivery, arm_c.down_budget) == (
+        "c",
+        0.01,
+        "quant=4:nf4:block64",
+        5000,
+    )
+    # a preset can be a base too
+    p = load_config(None, ["arms=mine", "arm.mine.base=adaptive", "arm.mine.up-budget=99"])
+    assert p.arm("mine").policy is PolicyKind.ADAPTIVE and p.arm("mine").up_budget == 99
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('arms = ["a"]\n[arm.a]\nbase = "nosuch"\n', r"arm\.a\.base = 'nosuch': not an arm"),
+        ('arms = ["a"]\n[arm.a]\nbase = "b"\n[arm.b]\nbase = "a"\n', "cycle: a -> b -> a"),
+        ('arms = ["a"]\n[arm.a]\nlr = 0.1\n[arm.z]\nlr = 0.2\n', r"\[arm\.z\] is not in arms"),
+        ('arms = ["a"]\nextra-arms = ["nosuch"]\n[arm.a]\nlr = 0.1\n', "unknown arm 'nosuch'"),
+        ('arms = ["a"]\nextra-arms = 3\n[arm.a]\nlr = 0.1\n', "extra-arms must be a list"),
+    ],
+)
+def test_base_and_extra_arm_mistakes_are_config_errors(
+    tmp_path: Path, text: str, message: str
+) -> None:
+    f = tmp_path / "c.toml"
+    f.write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        load_config(f)

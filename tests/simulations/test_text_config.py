@@ -3,6 +3,7 @@ pieces it relies on (arms with their own task, ``first-delivery``) check their i
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -20,46 +21,60 @@ TEXT = Path(__file__).resolve().parents[2] / "simulations" / "configs" / "text.t
 def test_the_text_config_loads_with_its_arms() -> None:
     config = load_config(TEXT)
     assert config.name == "text"
+    # the issue's four arms run by default
     assert [a.name for a in config.arms] == [
         "fedavg-full",
         "fedavg-adapters",
-        "adaptive",
-        "adaptive-nf4",
         "adaptive-ffa",
-        "adaptive-head",
+        "adaptive-ffa-nf4",
     ]
     assert config.baseline == "fedavg-adapters"
-    full, adapters, adaptive, nf4, ffa, head = config.arms
+    full, adapters, ffa, ffa_nf4 = config.arms
     assert full.kind is ArmKind.FLOWER and adapters.kind is ArmKind.FLOWER
-    assert adaptive.kind is ArmKind.FEDSQUEEZE and nf4.kind is ArmKind.FEDSQUEEZE
+    assert ffa.kind is ArmKind.FEDSQUEEZE and ffa_nf4.kind is ArmKind.FEDSQUEEZE
     # Full fine-tuning: every layer trained, nothing left out of Flower's messages.
     full_task = parse_text_task(config.arm_task(full))
     assert full_task is not None and full_task.unfreeze_top == 6
     assert config.run_settings(full, "").freeze == "none"
-    # Full fine-tuning has its own, smaller learning rate; the other arms the sweep's.
-    assert config.run_settings(full, "").lr < config.lr
     # FFA (B alone trains) is stable at a larger step, where plain LoRA adapters collapse.
     assert config.run_settings(ffa, "").lr == 0.05 > config.lr
-    others = [a for a in config.arms[1:] if a is not ffa]
-    assert {config.run_settings(a, "").lr for a in others} == {config.lr}
+    assert config.run_settings(adapters, "").lr == config.lr
     # FFA-LoRA: the seeded A is frozen like the backbone, only B and the head travel.
-    ffa_task = parse_text_task(config.arm_task(ffa))
-    assert ffa_task is not None and ffa_task.freeze_lora_a == 1
-    assert config.arm_frozen(ffa) == ("frozen.*", "seeded.*")
+    for arm in (ffa, ffa_nf4):
+        ffa_task = parse_text_task(config.arm_task(arm))
+        assert ffa_task is not None and ffa_task.freeze_lora_a == 1
+        assert config.arm_frozen(arm) == ("frozen.*", "seeded.*")
+        assert not any("rank=" in spec for spec in arm.up_ladder)
+    # The NF4 arm is adaptive-ffa with the backbone sent once, nothing else changed.
+    assert ffa_nf4 == replace(
+        ffa,
+        name="adaptive-ffa-nf4",
+        first_delivery=ffa_nf4.first_delivery,
+        description=ffa_nf4.description,
+    )
+    assert ffa_nf4.first_delivery.startswith("quant=4:nf4")
+    assert config.run_settings(ffa, "").init_from_seed
+    assert not config.run_settings(ffa_nf4, "").init_from_seed
+    assert ffa.down_budget > 0 and ffa.up_budget > 0
+    # The adapters baseline freezes the task's backbone.
+    assert config.run_settings(adapters, "").frozen(("frozen.*",)) == ("frozen.*",)
+    assert config.arm_task(adapters) == config.task
+
+
+def test_the_extra_text_arms_run_when_named() -> None:
+    config = load_config(TEXT, ["arms=adaptive,adaptive-nf4,adaptive-head,fedavg-ffa"])
+    adaptive, nf4, head, fedavg_ffa = config.arms
+    ffa = load_config(TEXT).arm("adaptive-ffa")
+    for arm in (adaptive, nf4):
+        assert config.arm_task(arm) == config.task and arm.down_budget == 6000
+        assert config.run_settings(arm, "").lr == config.lr
+    assert config.run_settings(adaptive, "").init_from_seed
+    assert nf4.first_delivery.startswith("quant=4:nf4")
     head_task = parse_text_task(config.arm_task(head))
     assert head_task is not None and head_task.lora_rank == 0
-    for arm in (ffa, head):
-        assert arm.down_ladder == ffa.down_ladder and arm.up_ladder == ffa.up_ladder
-        assert not any("rank=" in spec for spec in arm.up_ladder)
-    # The adapters baseline and fedsqueeze's arms freeze the task's backbone.
-    for arm in (adapters, adaptive, nf4):
-        settings = config.run_settings(arm, "")
-        assert settings.frozen(("frozen.*",)) == ("frozen.*",)
-        assert config.arm_task(arm) == config.task
-    assert config.run_settings(adaptive, "").init_from_seed
-    assert not config.run_settings(nf4, "").init_from_seed
-    assert nf4.first_delivery.startswith("quant=4:nf4")
-    assert adaptive.down_budget > 0 and adaptive.up_budget > 0
+    assert head.down_ladder == ffa.down_ladder and head.up_ladder == ffa.up_ladder
+    assert fedavg_ffa.kind is ArmKind.FLOWER
+    assert config.arm_frozen(fedavg_ffa) == ("frozen.*", "seeded.*")
 
 
 def test_a_subset_of_the_arms_runs_without_the_others_tables() -> None:
@@ -70,7 +85,7 @@ def test_a_subset_of_the_arms_runs_without_the_others_tables() -> None:
     )
     # a --set for an arm left out is still a mistake
     with pytest.raises(ConfigError, match="not in arms"):
-        load_config(TEXT, ["arms=fedavg-adapters", "arm.adaptive.down-budget=1"])
+        load_config(TEXT, ["arms=fedavg-adapters", "arm.adaptive-ffa.down-budget=1"])
 
 
 def test_the_text_config_fits_two_cores() -> None:
@@ -91,11 +106,11 @@ def test_a_bad_arm_task_or_first_delivery_is_refused() -> None:
     with pytest.raises(ConfigError, match="lora-rank"):
         load_config(TEXT, ["arm.fedavg-full.task=minilm-text@lora-rank=-1"])
     with pytest.raises(ConfigError):
-        load_config(TEXT, ["arm.adaptive-nf4.first-delivery=quant=99"])
+        load_config(TEXT, ["arm.adaptive-ffa-nf4.first-delivery=quant=99"])
     with pytest.raises(ConfigError, match="first-delivery needs a fedsqueeze arm"):
         ArmConfig("x", kind=ArmKind.FLOWER, first_delivery="int8")
     with pytest.raises(ConfigError, match="lr must be"):
-        load_config(TEXT, ["arm.adaptive.lr=-0.1"])
+        load_config(TEXT, ["arm.adaptive-ffa.lr=-0.1"])
     with pytest.raises(ConfigError, match="prefix-points"):
         load_config(TEXT, ["prefix-points=-1"])
 
