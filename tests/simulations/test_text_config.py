@@ -10,6 +10,7 @@ import pytest
 
 from coordinator.budget import Choice, EdgeRequest, Skip
 from fedsqueeze.errors import ConfigError
+from fedsqueeze.tasks.base import Optimizer
 from fedsqueeze.tasks.text_task import parse_text_task
 from simulations.baselines import ARM_PRESETS, ArmConfig, ArmKind
 from simulations.config import load_config
@@ -36,6 +37,10 @@ def test_the_text_config_loads_with_its_arms() -> None:
     full_task = parse_text_task(config.arm_task(full))
     assert full_task is not None and full_task.unfreeze_top == 6
     assert config.run_settings(full, "").freeze == "none"
+    # ... with Adam at a small rate, as transformers are fine-tuned (the others: SGD)
+    assert config.run_settings(full, "").optimizer is Optimizer.ADAM
+    assert config.run_settings(full, "").lr < config.lr
+    assert {config.run_settings(a, "").optimizer for a in config.arms[1:]} == {Optimizer.SGD}
     # FFA (B alone trains) is stable at a larger step, where plain LoRA adapters collapse.
     assert config.run_settings(ffa, "").lr == 0.05 > config.lr
     assert config.run_settings(adapters, "").lr == config.lr
