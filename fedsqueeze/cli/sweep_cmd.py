@@ -23,6 +23,12 @@ examples:
   fedsqueeze sweep --config smoke --set arms=fedavg-fp32,int8
   fedsqueeze sweep --set deadline-s=20 --set links=mobile
   fedsqueeze sweep --config smoke --set links=wifi --set realtime=true
+  fedsqueeze sweep --config text                    # MiniLM on docstrings (the text extra)
+  fedsqueeze sweep --config text --set arms=fedavg-adapters,adaptive-head   # an extra arm
+  fedsqueeze sweep --set arms=mine --set arm.mine.base=adaptive --set arm.mine.optimizer=adam
+
+A config file's [arm.NAME] table may start from another arm (base = "OTHER") and its
+extra-arms = [...] lists arms it defines that run only when --set arms=... names them.
 """
 
 from __future__ import annotations
