@@ -79,6 +79,15 @@ the earlier groups left free. Its body is those positions, then the group's plan
 table as a level record's. Version 1 to 6 decoders refuse version 7 streams by their
 version byte (and such refinements by their flags).
 
+Version 8 is version 7 plus *ANS records* (the spec's ``entropy=ans``,
+:mod:`fedsqueeze.codec.ans`), written only when some record is one. An ANS record is a
+QUANT record, neither SPARSE nor a level, with the ENTROPY flag and a raw length of 0
+(which no zstd record has: :func:`fedsqueeze.codec.entropy.compress` never makes an
+empty body): its body is the adaptive rANS coding of its ``kept`` codes (the tensor's
+element count, or ``r·(m + n)`` for low-rank factors), which the decoder packs as the
+record's plain body would be. Version 1 to 7 decoders refuse version 8 streams by their
+version byte (and would refuse the zero raw length when decompressing).
+
 Everything here is structure only: the numerical stages live in ``fedsqueeze.codec.model``.
 """
 
@@ -130,6 +139,8 @@ ROTATED_VERSION = 6
 #: The version written when a tensor's positions arrive in groups (support levels,
 #: :mod:`fedsqueeze.codec.support_levels`).
 SUPPORT_LEVELS_VERSION = 7
+#: The version written when any record's codes are ANS-coded (``entropy=ans``).
+ANS_VERSION = 8
 SUPPORTED_VERSIONS = (
     FORMAT_VERSION,
     PROGRESSIVE_VERSION,
@@ -138,6 +149,7 @@ SUPPORTED_VERSIONS = (
     GLOBAL_ORDER_VERSION,
     ROTATED_VERSION,
     SUPPORT_LEVELS_VERSION,
+    ANS_VERSION,
 )
 #: Most position groups (support levels) one tensor may have.
 MAX_GROUPS = 16
@@ -288,6 +300,7 @@ class TensorRecord:
     levels: tuple[int, ...] = ()  # level 0 of a progressive tensor: bits per level
     group: int | None = None  # a refinement of a grown tensor: its position group
     plane: int = 0  # ... and the group's plane it holds (0: the group's positions too)
+    ans: bool = False  # the body is the rANS coding of the codes (version 8)
 
     @property
     def progressive(self) -> bool:
@@ -343,7 +356,7 @@ class TensorRecord:
             flags |= RecordFlags.SPARSE
         if self.quant is not None or (self.level > 0 and self.group is not None):
             flags |= RecordFlags.QUANT
-        if self.raw_length is not None:
+        if self.raw_length is not None or self.ans:
             flags |= RecordFlags.ENTROPY
         if self.delta:
             flags |= RecordFlags.DELTA
@@ -411,7 +424,9 @@ class TensorRecord:
             out.append((p.coding << 5) | p.rice_k)
             write_varint(out, p.count)
             write_varint(out, p.payload_bytes)
-        if self.raw_length is not None:
+        if self.ans:
+            out.append(0)  # a raw length of 0: the ANS coder's body
+        elif self.raw_length is not None:
             write_varint(out, self.raw_length)
         write_varint(out, length)
         return bytes(out)
@@ -594,6 +609,11 @@ def parse_record(
         pos_bytes = reader.varint("positions length", max_payload_bytes(limits.max_elements))
         positions = PositionsHeader(coding, rice_k, count, pos_bytes)
     raw_length, body = _read_body(reader, flags, limits)
+    ans = version >= ANS_VERSION and raw_length == 0
+    if ans:
+        if quant is None or flags & (RecordFlags.SPARSE | RecordFlags.LEVEL):
+            raise FormatError("an ANS body holds a dense record's quantization codes only")
+        raw_length = None
     return TensorRecord(
         name=name,
         index=index,
@@ -608,6 +628,7 @@ def parse_record(
         body=body,
         rank=rank,
         levels=plan,
+        ans=ans,
     )
 
 
@@ -789,6 +810,7 @@ def crc32(data: bytes | memoryview, value: int = 0) -> int:
 
 
 __all__ = [
+    "ANS_VERSION",
     "BLOCKWISE_VERSION",
     "CODE_DTYPES",
     "DTYPE_CODES",

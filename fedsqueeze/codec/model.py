@@ -21,6 +21,7 @@ import torch
 
 from fedsqueeze.codec.bytesio import ByteReader
 from fedsqueeze.codec.container import (
+    ANS_VERSION,
     BLOCKWISE_VERSION,
     FORMAT_VERSION,
     GLOBAL_ORDER_VERSION,
@@ -40,7 +41,7 @@ from fedsqueeze.codec.digest import state_digest
 from fedsqueeze.codec.finite import NonFinite
 from fedsqueeze.codec.level_order import LevelOrder, LevelScore, order_weight, refinement_order
 from fedsqueeze.codec.pruning import global_magnitude_masks
-from fedsqueeze.codec.spec import DEFAULT_TARGETS, CodecSpec, PruneMethod
+from fedsqueeze.codec.spec import DEFAULT_TARGETS, CodecSpec, EntropyCoder, PruneMethod
 from fedsqueeze.codec.tensor_decode import ProgressiveTensor, TensorDecoder
 from fedsqueeze.codec.tensor_encode import ScoredLevel, TensorEncoder
 from fedsqueeze.errors import (
@@ -90,11 +91,14 @@ class EncodedModel:
 
     @property
     def header(self) -> ContainerHeader:
-        """The model-level header: version 7 when a tensor's positions come in groups,
+        """The model-level header: version 8 when the spec's coder is ANS, else 7 when a
+        tensor's positions come in groups,
         else 6 when a record is rotated, else 5 when refinements are not in level order,
         else 4 when a record is byte-grouped, else 3 when one is block-wise or NF4, else
         2 when a tensor is sent in levels, else 1."""
-        if any(r.needs_v7 for r in self.records):
+        if self.spec.entropy_coder is EntropyCoder.ANS or any(r.ans for r in self.records):
+            version = ANS_VERSION
+        elif any(r.needs_v7 for r in self.records):
             version = SUPPORT_LEVELS_VERSION
         elif any(r.rotated for r in self.records):
             version = ROTATED_VERSION

@@ -318,8 +318,9 @@ def _parse(
 def _streamable(record: TensorRecord) -> bool:
     """Dense and sparse records decode chunk by chunk (a sparse one holds its positions),
     block-wise and NF4 codes too (their scales are in the head); so do byte-grouped
-    planes; low-rank factors are held whole (and rotated records are refused before)."""
-    return not (record.rank or record.levels or record.rotated)
+    planes; low-rank factors and ANS-coded codes (at most a megabyte) are held whole (and
+    rotated records are refused before)."""
+    return not (record.rank or record.levels or record.rotated or record.ans)
 
 
 def _stream_grouped(
