@@ -381,7 +381,9 @@ class CompressedStrategy(Strategy):
             content = RecordDict(
                 {
                     self._arrays_key: arrays,
-                    "metrics": reply.content.metric_records.get("metrics", MetricRecord()),
+                    "metrics": receipt.strategy_metrics(
+                        reply.content.metric_records.get("metrics", MetricRecord())
+                    ),
                 }
             )
             reply.content = content

@@ -211,7 +211,8 @@ def make_mod(
             update=inline,
         )
         ids, metrics = receipt.to_records(app_metrics)
-        reply.content = RecordDict({RECEIPT_KEY: ids, "metrics": metrics})
+        # The receipt carries examples, loss and seconds: the app's other metrics, if any.
+        reply.content = RecordDict({RECEIPT_KEY: ids, **({"metrics": metrics} if metrics else {})})
         log.info(
             "edge %s round %d: %d bytes down, %d up, update %s",
             edge_id,

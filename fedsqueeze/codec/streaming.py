@@ -42,6 +42,7 @@ from fedsqueeze.codec.bitpack import packed_size, unpack_bits
 from fedsqueeze.codec.blockwise import num_blocks
 from fedsqueeze.codec.bytesio import ByteReader
 from fedsqueeze.codec.container import (
+    ANS_VERSION,
     BLOCKWISE_VERSION,
     GROUPED_VERSION,
     ROTATED_VERSION,
@@ -223,7 +224,8 @@ def decode_into(
             "part-by-part decoding does not undo rotations (a rotation mixes a whole row); "
             "decode rotated models with decode_stream_into or decode_state"
         )
-    if header.version not in (1, BLOCKWISE_VERSION, GROUPED_VERSION):
+    # Version 8 adds ANS-coded records (held whole, like low-rank and rotated ones).
+    if header.version not in (1, BLOCKWISE_VERSION, GROUPED_VERSION, ANS_VERSION):
         raise FormatError(
             "part-by-part decoding reads whole-model streams; decode progressive levels "
             "with decode_prefix"

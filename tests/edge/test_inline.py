@@ -87,9 +87,7 @@ def _run(instruction: RoundInstruction, ctx: Context, plane: FakePlane) -> Train
     content[CONTROL_KEY] = instruction.to_record()
     msg = Message(content, dst_node_id=7, message_type="train")
     reply = make_mod(connector=plane, initial_model=None)(msg, ctx, _train)
-    return TrainReceipt.from_records(
-        reply.content.config_records[RECEIPT_KEY], reply.content.metric_records["metrics"]
-    )
+    return TrainReceipt.from_records(reply.content.config_records[RECEIPT_KEY])
 
 
 def test_an_inline_download_and_update_use_no_data_plane() -> None:
