@@ -88,6 +88,13 @@ element count, or ``r·(m + n)`` for low-rank factors), which the decoder packs 
 record's plain body would be. Version 1 to 7 decoders refuse version 8 streams by their
 version byte (and would refuse the zero raw length when decompressing).
 
+A version 8 delta may also leave its base's digest out: model flag 0x02 (*implied
+base*) instead of 0x01 and the 32 bytes, for payloads whose carrier names the base
+anyway (an inline download's instruction is made for the version the edge holds; an
+inline update's receipt names the version it was trained from). Its reader must be told
+the digest (:meth:`fedsqueeze.codec.EncodedModel.from_bytes`); every other reader
+refuses it.
+
 Everything here is structure only: the numerical stages live in ``fedsqueeze.codec.model``.
 """
 
@@ -155,6 +162,7 @@ SUPPORTED_VERSIONS = (
 MAX_GROUPS = 16
 _EXTENDED_QUANT = 0x80  # a descriptor with scheme field 0: the extended form follows
 _HAS_BASE = 0x01
+_IMPLIED_BASE = 0x02  # version 8: a delta whose base digest its carrier gives
 _HADAMARD = 1  # the rotation byte of a rotated record (fedsqueeze.codec.spec.Rotation)
 
 # Stable wire codes of dtypes; never renumber (golden vectors pin them).
@@ -757,14 +765,24 @@ class ContainerHeader:
     record_count: int
     #: Version 2: how many of the records are base-level (level 0) ones; they come first.
     base_records: int = 0
+    #: Version 8: a delta whose base digest is left out (``base_digest`` is then
+    #: ``None`` when parsed, until the reader supplies it).
+    implied_base: bool = False
 
-    def to_bytes(self) -> bytes:
+    def to_bytes(self, omit_base: bool = False) -> bytes:
         """Header bytes: magic, version, flags, [base digest], spec, record count and, in
-        version 2, the count of base-level records."""
+        version 2, the count of base-level records. ``omit_base``: a version 8 delta
+        leaves its base digest out (the *implied base* flag instead)."""
         out = bytearray(MAGIC)
         out.append(self.version)
-        out.append(_HAS_BASE if self.base_digest is not None else 0)
-        if self.base_digest is not None:
+        implied = self.implied_base or (omit_base and self.base_digest is not None)
+        if implied and self.version < ANS_VERSION:
+            raise ValueError(f"a version {self.version} stream names its base")
+        if implied:
+            out.append(_IMPLIED_BASE)
+        else:
+            out.append(_HAS_BASE if self.base_digest is not None else 0)
+        if self.base_digest is not None and not implied:
             out += self.base_digest
         out += self.spec.to_bytes()
         write_varint(out, self.record_count)
@@ -784,7 +802,8 @@ def parse_header(reader: ByteReader, limits: DecodeLimits) -> ContainerHeader:
             f"{', '.join(map(str, SUPPORTED_VERSIONS))}"
         )
     flags = reader.u8("model flags")
-    if flags & ~_HAS_BASE:
+    known = _HAS_BASE | (_IMPLIED_BASE if version >= ANS_VERSION else 0)
+    if flags & ~known or flags == _HAS_BASE | _IMPLIED_BASE:
         raise FormatError(f"unknown model flags 0x{flags:02x}")
     base = bytes(reader.take(32, "base digest")) if flags & _HAS_BASE else None
     data = bytes(reader.take(min(reader.remaining, 1 << 16), "spec"))
@@ -797,7 +816,9 @@ def parse_header(reader: ByteReader, limits: DecodeLimits) -> ContainerHeader:
         base_records = reader.varint("base-level record count", min(count, limits.max_tensors))
     elif count > limits.max_tensors:
         raise FormatError(f"record count {count} exceeds the limit {limits.max_tensors}")
-    return ContainerHeader(version, base, spec, count, base_records)
+    return ContainerHeader(
+        version, base, spec, count, base_records, implied_base=bool(flags & _IMPLIED_BASE)
+    )
 
 
 def crc32(data: bytes | memoryview, value: int = 0) -> int:

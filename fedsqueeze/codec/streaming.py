@@ -230,6 +230,8 @@ def decode_into(
             "part-by-part decoding reads whole-model streams; decode progressive levels "
             "with decode_prefix"
         )
+    if header.implied_base:
+        raise FormatError("a delta without its base's digest is read whole (from_bytes)")
     if header.base_digest is not None and header.base_digest != base_digest:
         raise BaseMismatchError(
             f"this is a delta against {header.base_digest.hex()[:16]}…; the tensors given "

@@ -24,7 +24,8 @@ from fedsqueeze.codec.container import (
 )
 from fedsqueeze.codec.spec import CodecSpec
 from fedsqueeze.codec.spec_text import format_spec, parse_spec
-from fedsqueeze.errors import ConfigError, FormatError
+from fedsqueeze.codec.streaming import decode_into
+from fedsqueeze.errors import BaseMismatchError, ConfigError, FormatError
 
 
 def _gaussian_codes(n: int, bits: int, seed: int) -> np.ndarray:
@@ -154,3 +155,40 @@ def test_a_corrupt_ans_record_is_refused_by_the_decoder() -> None:
     tampered = EncodedModel(coded.spec, coded.base_digest, tuple(records))
     with pytest.raises(FormatError):
         decode_state(tampered, base)
+
+
+def test_a_v8_delta_may_leave_its_base_digest_to_its_carrier() -> None:
+    state, base = _model_state(0), _model_state(1)
+    coded = encode_state(state, parse_spec("rank=4,quant=4,entropy=ans"), base, seed=0)
+    assert coded.can_omit_base and coded.base_digest is not None
+    whole, compact = coded.to_bytes(), coded.to_bytes(omit_base=True)
+    assert len(compact) == len(whole) - 32 and compact[4] == 0x02
+    with pytest.raises(FormatError, match="base_digest"):
+        EncodedModel.from_bytes(compact)
+    back = EncodedModel.from_bytes(compact, base_digest=coded.base_digest)
+    assert back.to_bytes() == whole  # the same model, naming its base again
+    with pytest.raises(FormatError):  # readers of parts cannot be told the base
+        EncodedModel.parse_prefix(compact[:-4])
+    with pytest.raises(FormatError):
+        decode_into([compact[:-4]], {k: v.clone() for k, v in base.items()})
+    # A wrong digest is a base mismatch when decoding, as for any delta.
+    wrong = EncodedModel.from_bytes(compact, base_digest=bytes(32))
+    with pytest.raises(BaseMismatchError):
+        decode_state(wrong, base)
+
+
+def test_only_v8_deltas_leave_their_base_out() -> None:
+    state, base = _model_state(0), _model_state(1)
+    zstd = encode_state(state, parse_spec("rank=4,quant=4"), base, seed=0)
+    assert not zstd.can_omit_base and zstd.to_bytes(omit_base=True) == zstd.to_bytes()
+    whole = encode_state(state, parse_spec("rank=4,quant=4,entropy=ans"), None, seed=0)
+    assert not whole.can_omit_base and whole.to_bytes(omit_base=True) == whole.to_bytes()
+    # The implied-base flag in an older version, or with a digest too, is refused.
+    data = bytearray(zstd.to_bytes())
+    data[4] = 0x02
+    with pytest.raises(FormatError, match="flags"):
+        EncodedModel.parse_stream(bytes(data[:-4]), base_digest=bytes(32))
+    v8 = bytearray(encode_state(state, parse_spec("quant=4,entropy=ans"), base, seed=0).to_bytes())
+    v8[4] = 0x03
+    with pytest.raises(FormatError, match="flags"):
+        EncodedModel.parse_stream(bytes(v8[:-4]), base_digest=bytes(32))

@@ -123,7 +123,9 @@ def test_receipt_carries_examples_loss_and_seconds_instead_of_the_apps_metrics()
 def test_a_receipt_without_examples_reads_them_from_the_metrics() -> None:
     # An edge from before examples and loss moved into the receipt sent them as metrics.
     ids, _ = _receipt().to_records()
-    message = pb.TrainReceipt.FromString(ids[WIRE_KEY])
+    wire = ids[WIRE_KEY]
+    assert isinstance(wire, bytes)
+    message = pb.TrainReceipt.FromString(wire)
     message.ClearField("num_examples")
     message.ClearField("loss")
     old = ConfigRecord({WIRE_KEY: message.SerializeToString()})
@@ -134,7 +136,9 @@ def test_a_receipt_without_examples_reads_them_from_the_metrics() -> None:
 
 def test_a_receipt_without_a_finite_loss_sends_none() -> None:
     ids, _ = _receipt(loss=math.nan).to_records()
-    assert not pb.TrainReceipt.FromString(ids[WIRE_KEY]).HasField("loss")
+    wire = ids[WIRE_KEY]
+    assert isinstance(wire, bytes)
+    assert not pb.TrainReceipt.FromString(wire).HasField("loss")
     assert math.isnan(TrainReceipt.from_records(ids).loss)
     assert "train-loss" not in _receipt(loss=math.nan).strategy_metrics()
 
