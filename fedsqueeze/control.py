@@ -24,8 +24,10 @@ from flwr.app import ConfigRecord, MetricRecord
 
 from fedsqueeze.errors import ConfigError
 
-CONTROL_KEY = "fedsqueeze"
-RECEIPT_KEY = "fedsqueeze-receipt"
+#: The record names of the instruction and the receipt in Flower's messages: short, since
+#: every client-round pays for them (they were "fedsqueeze" and "fedsqueeze-receipt").
+CONTROL_KEY = "fsq"
+RECEIPT_KEY = "fsq-r"
 #: The key of the serialized message inside the ``ConfigRecord``.
 WIRE_KEY = "v1"
 #: The key in the app's ``"config"`` record that tells the training code which model
