@@ -60,7 +60,7 @@ from typing import Any, Protocol, TypeVar
 import torch
 
 from coordinator.version_store import VersionStore
-from fedsqueeze.codec import CodecSpec, EncodedModel, encode_state
+from fedsqueeze.codec import CodecSpec, EncodedModel, EntropyCoder, encode_state
 from fedsqueeze.codec.segments import split_progressive
 from fedsqueeze.codec.spec_text import parse_spec
 from fedsqueeze.transport.prepare import MIN_PROGRESSIVE_SEGMENT_BYTES, PROGRESSIVE_SEGMENTS
@@ -606,7 +606,9 @@ def _random_upload(
         if not spec.is_frozen(k)
     }
     zeros = {k: torch.zeros_like(v) for k, v in update.items()}
-    plain = spec if entropy else spec.with_changes(entropy_level=0)
+    # Entropy coding off means every coder off: ANS keeps a record only where it is
+    # smaller than the raw codes, so the raw codes bound it.
+    plain = spec if entropy else spec.with_changes(entropy_level=0, entropy_coder=EntropyCoder.ZSTD)
     return encode_state(update, plain, zeros, seed=0)
 
 

@@ -139,7 +139,9 @@ class CoordinatorDataPlane:
             encoded, decoded = self.source.encode_decoded(instruction.target, held, spec)
         except NotFoundError:
             return instruction  # the base is no longer kept: the edge fetches the model
-        payload = encoded.to_bytes()
+        # The instruction is made for the version the edge holds: the payload need not
+        # name it (a version 8 delta leaves its 32-byte base digest out).
+        payload = encoded.to_bytes(omit_base=True)
         budget = instruction.down_budget
         if len(payload) > limit or (budget and len(payload) > budget):
             return instruction

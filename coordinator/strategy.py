@@ -381,7 +381,9 @@ class CompressedStrategy(Strategy):
             content = RecordDict(
                 {
                     self._arrays_key: arrays,
-                    "metrics": reply.content.metric_records.get("metrics", MetricRecord()),
+                    "metrics": receipt.strategy_metrics(
+                        reply.content.metric_records.get("metrics", MetricRecord())
+                    ),
                 }
             )
             reply.content = content
@@ -521,7 +523,10 @@ class CompressedStrategy(Strategy):
                 edge, f"inline update of {size} B over the run's limit of {self.inline_limit} B"
             )
         try:
-            encoded = EncodedModel.from_bytes(receipt.update)
+            # An update may leave its base to the receipt, which names what it trained from.
+            encoded = EncodedModel.from_bytes(
+                receipt.update, base_digest=bytes.fromhex(receipt.held)
+            )
         except (FedsqueezeError, ValueError) as exc:
             return None, Rejection(edge, f"malformed inline update: {exc}")
         base = encoded.base_digest.hex() if encoded.base_digest is not None else receipt.held

@@ -185,12 +185,14 @@ def make_mod(
             budget=instruction.up_budget,
             nonfinite=nonfinite,
         )
-        payload = encoded.to_bytes()
+        # Inline, the receipt names the base (held): a version 8 delta leaves it out.
+        compact = encoded.to_bytes(omit_base=True)
         push_start = time.perf_counter()
-        if instruction.inline_limit and len(payload) <= instruction.inline_limit:
-            update_id, inline = "", payload  # travels in the receipt
+        if instruction.inline_limit and len(compact) <= instruction.inline_limit:
+            update_id, inline = "", compact  # travels in the receipt
             pushed = Pushed(0, 0)
         else:
+            payload = encoded.to_bytes()
             update_id, inline = _update_id(edge_id, instruction.server_round, payload), b""
             pushed = plane.push(instruction, edge_id, update_id, fetched.digest, encoded)
         push_seconds = max(0.0, time.perf_counter() - push_start - pushed.link_wait_s)
@@ -211,7 +213,8 @@ def make_mod(
             update=inline,
         )
         ids, metrics = receipt.to_records(app_metrics)
-        reply.content = RecordDict({RECEIPT_KEY: ids, "metrics": metrics})
+        # The receipt carries examples, loss and seconds: the app's other metrics, if any.
+        reply.content = RecordDict({RECEIPT_KEY: ids, **({"metrics": metrics} if metrics else {})})
         log.info(
             "edge %s round %d: %d bytes down, %d up, update %s",
             edge_id,
@@ -237,7 +240,10 @@ def _inline_download(
     if not instruction.payload:
         return None
     try:
-        encoded = EncodedModel.from_bytes(instruction.payload)
+        # A delta may leave its base to the instruction, which is made for what this
+        # edge holds; if it holds another version, what it decodes fails the digest check.
+        implied = bytes.fromhex(held_digest) if held_digest is not None else None
+        encoded = EncodedModel.from_bytes(instruction.payload, base_digest=implied)
     except CodecError as exc:
         log.warning("inline download unreadable (%s): fetching it instead", exc)
         return None

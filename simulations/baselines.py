@@ -76,9 +76,11 @@ __all__ = [
     "ARM_PRESETS",
     "DEFAULT_ARMS",
     "DISTILLED_STUDENT_LR",
+    "FRONTIER_DOWN_BUDGET",
     "FRONTIER_DOWN_LADDER",
     "FRONTIER_ENTROPY",
     "FRONTIER_INLINE_BYTES",
+    "FRONTIER_UP_BUDGET",
     "FRONTIER_UP_LADDER",
     "WEAK_LINKS",
     "ArmConfig",
@@ -134,7 +136,7 @@ with 4-bit values (about 1.2 kB) misses 9 % of its squared norm and rank 5 (abou
 3-bit k-means codes at lower error."""
 
 
-FRONTIER_ENTROPY = ",entropy=19"
+FRONTIER_ENTROPY = ",entropy=ans:19"
 """The ``frontier`` arm's zstandard level (the specs' default is 3). On its 2 kB low-rank
 payloads level 19 saves about 3% (seed 0's final model against 8 edges: rank 5 1,819 →
 1,766 B, rank 6 2,047 → 1,986 B; levels 19 and 22 equal, 9 saves 1.2%), in the same
@@ -153,6 +155,17 @@ held (seed 0, 8 edges, ``simulations.progressive_rd``-style re-encoding) rank 4 
 for 0.496, where the adaptive ladder's ``prune=l1:0.9,quant=2:kmeans`` costs 3,250 B
 for 0.651 (BENCHMARKS.md, "Frontier")."""
 
+
+FRONTIER_DOWN_BUDGET, FRONTIER_UP_BUDGET = 2060, 2250
+"""The ``frontier`` arm's byte budgets per client-round, so that the ANS coder's saving is
+bytes, not fidelity: the policy picks the ranks it picked with zstd 19 and budgets of
+2,200 B down and 2,400 B up. Each is the policy's fixed allowance for framing (150 B
+down, 220 B up, :mod:`coordinator.budget`) plus 0.93 times the rest: the ANS coder makes
+the policy's own payload sizes 7% smaller (its expected sizes of random rank-3 to
+rank-8 updates: 0.927 to 0.943 of zstd 19's; seed 0's final model against 6 edges'
+versions at rank 6: 2,017 → 1,859 B). Rank 5 uploads (expected 2,010 B + 220) fit and
+rank 6 (2,297 B + 220) do not, as with zstd (2,169 / 2,462 B against 2,400); the
+downloads keep rank 6 where it fitted."""
 
 FRONTIER_INLINE_BYTES = 4096
 """The ``frontier`` arm's ``inline-bytes``: its payloads (about 1.9 kB down, 1.7 kB up)
@@ -465,7 +478,8 @@ ARM_PRESETS: Mapping[str, ArmConfig] = {
         name="frontier",
         down_ladder=FRONTIER_DOWN_LADDER,
         up_ladder=FRONTIER_UP_LADDER,
-        down_budget=2200,
+        down_budget=FRONTIER_DOWN_BUDGET,
+        up_budget=FRONTIER_UP_BUDGET,
         strategy=StrategyName.FEDAVGM,
         server_momentum=0.5,
         inline_bytes=FRONTIER_INLINE_BYTES,

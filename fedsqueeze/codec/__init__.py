@@ -27,6 +27,7 @@ from fedsqueeze.codec.segments import (
 from fedsqueeze.codec.spec import (
     PRESETS,
     CodecSpec,
+    EntropyCoder,
     FloatFormat,
     Granularity,
     PruneMethod,
@@ -44,6 +45,7 @@ __all__ = [
     "CodecSpec",
     "DecodeLimits",
     "EncodedModel",
+    "EntropyCoder",
     "FloatFormat",
     "Granularity",
     "NonFinite",

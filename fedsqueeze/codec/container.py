@@ -79,6 +79,22 @@ the earlier groups left free. Its body is those positions, then the group's plan
 table as a level record's. Version 1 to 6 decoders refuse version 7 streams by their
 version byte (and such refinements by their flags).
 
+Version 8 is version 7 plus *ANS records* (the spec's ``entropy=ans``,
+:mod:`fedsqueeze.codec.ans`), written only when some record is one. An ANS record is a
+QUANT record, neither SPARSE nor a level, with the ENTROPY flag and a raw length of 0
+(which no zstd record has: :func:`fedsqueeze.codec.entropy.compress` never makes an
+empty body): its body is the adaptive rANS coding of its ``kept`` codes (the tensor's
+element count, or ``r·(m + n)`` for low-rank factors), which the decoder packs as the
+record's plain body would be. Version 1 to 7 decoders refuse version 8 streams by their
+version byte (and would refuse the zero raw length when decompressing).
+
+A version 8 delta may also leave its base's digest out: model flag 0x02 (*implied
+base*) instead of 0x01 and the 32 bytes, for payloads whose carrier names the base
+anyway (an inline download's instruction is made for the version the edge holds; an
+inline update's receipt names the version it was trained from). Its reader must be told
+the digest (:meth:`fedsqueeze.codec.EncodedModel.from_bytes`); every other reader
+refuses it.
+
 Everything here is structure only: the numerical stages live in ``fedsqueeze.codec.model``.
 """
 
@@ -130,6 +146,8 @@ ROTATED_VERSION = 6
 #: The version written when a tensor's positions arrive in groups (support levels,
 #: :mod:`fedsqueeze.codec.support_levels`).
 SUPPORT_LEVELS_VERSION = 7
+#: The version written when any record's codes are ANS-coded (``entropy=ans``).
+ANS_VERSION = 8
 SUPPORTED_VERSIONS = (
     FORMAT_VERSION,
     PROGRESSIVE_VERSION,
@@ -138,11 +156,13 @@ SUPPORTED_VERSIONS = (
     GLOBAL_ORDER_VERSION,
     ROTATED_VERSION,
     SUPPORT_LEVELS_VERSION,
+    ANS_VERSION,
 )
 #: Most position groups (support levels) one tensor may have.
 MAX_GROUPS = 16
 _EXTENDED_QUANT = 0x80  # a descriptor with scheme field 0: the extended form follows
 _HAS_BASE = 0x01
+_IMPLIED_BASE = 0x02  # version 8: a delta whose base digest its carrier gives
 _HADAMARD = 1  # the rotation byte of a rotated record (fedsqueeze.codec.spec.Rotation)
 
 # Stable wire codes of dtypes; never renumber (golden vectors pin them).
@@ -288,6 +308,7 @@ class TensorRecord:
     levels: tuple[int, ...] = ()  # level 0 of a progressive tensor: bits per level
     group: int | None = None  # a refinement of a grown tensor: its position group
     plane: int = 0  # ... and the group's plane it holds (0: the group's positions too)
+    ans: bool = False  # the body is the rANS coding of the codes (version 8)
 
     @property
     def progressive(self) -> bool:
@@ -343,7 +364,7 @@ class TensorRecord:
             flags |= RecordFlags.SPARSE
         if self.quant is not None or (self.level > 0 and self.group is not None):
             flags |= RecordFlags.QUANT
-        if self.raw_length is not None:
+        if self.raw_length is not None or self.ans:
             flags |= RecordFlags.ENTROPY
         if self.delta:
             flags |= RecordFlags.DELTA
@@ -411,7 +432,9 @@ class TensorRecord:
             out.append((p.coding << 5) | p.rice_k)
             write_varint(out, p.count)
             write_varint(out, p.payload_bytes)
-        if self.raw_length is not None:
+        if self.ans:
+            out.append(0)  # a raw length of 0: the ANS coder's body
+        elif self.raw_length is not None:
             write_varint(out, self.raw_length)
         write_varint(out, length)
         return bytes(out)
@@ -594,6 +617,11 @@ def parse_record(
         pos_bytes = reader.varint("positions length", max_payload_bytes(limits.max_elements))
         positions = PositionsHeader(coding, rice_k, count, pos_bytes)
     raw_length, body = _read_body(reader, flags, limits)
+    ans = version >= ANS_VERSION and raw_length == 0
+    if ans:
+        if quant is None or flags & (RecordFlags.SPARSE | RecordFlags.LEVEL):
+            raise FormatError("an ANS body holds a dense record's quantization codes only")
+        raw_length = None
     return TensorRecord(
         name=name,
         index=index,
@@ -608,6 +636,7 @@ def parse_record(
         body=body,
         rank=rank,
         levels=plan,
+        ans=ans,
     )
 
 
@@ -736,14 +765,24 @@ class ContainerHeader:
     record_count: int
     #: Version 2: how many of the records are base-level (level 0) ones; they come first.
     base_records: int = 0
+    #: Version 8: a delta whose base digest is left out (``base_digest`` is then
+    #: ``None`` when parsed, until the reader supplies it).
+    implied_base: bool = False
 
-    def to_bytes(self) -> bytes:
+    def to_bytes(self, omit_base: bool = False) -> bytes:
         """Header bytes: magic, version, flags, [base digest], spec, record count and, in
-        version 2, the count of base-level records."""
+        version 2, the count of base-level records. ``omit_base``: a version 8 delta
+        leaves its base digest out (the *implied base* flag instead)."""
         out = bytearray(MAGIC)
         out.append(self.version)
-        out.append(_HAS_BASE if self.base_digest is not None else 0)
-        if self.base_digest is not None:
+        implied = self.implied_base or (omit_base and self.base_digest is not None)
+        if implied and self.version < ANS_VERSION:
+            raise ValueError(f"a version {self.version} stream names its base")
+        if implied:
+            out.append(_IMPLIED_BASE)
+        else:
+            out.append(_HAS_BASE if self.base_digest is not None else 0)
+        if self.base_digest is not None and not implied:
             out += self.base_digest
         out += self.spec.to_bytes()
         write_varint(out, self.record_count)
@@ -763,7 +802,8 @@ def parse_header(reader: ByteReader, limits: DecodeLimits) -> ContainerHeader:
             f"{', '.join(map(str, SUPPORTED_VERSIONS))}"
         )
     flags = reader.u8("model flags")
-    if flags & ~_HAS_BASE:
+    known = _HAS_BASE | (_IMPLIED_BASE if version >= ANS_VERSION else 0)
+    if flags & ~known or flags == _HAS_BASE | _IMPLIED_BASE:
         raise FormatError(f"unknown model flags 0x{flags:02x}")
     base = bytes(reader.take(32, "base digest")) if flags & _HAS_BASE else None
     data = bytes(reader.take(min(reader.remaining, 1 << 16), "spec"))
@@ -776,7 +816,9 @@ def parse_header(reader: ByteReader, limits: DecodeLimits) -> ContainerHeader:
         base_records = reader.varint("base-level record count", min(count, limits.max_tensors))
     elif count > limits.max_tensors:
         raise FormatError(f"record count {count} exceeds the limit {limits.max_tensors}")
-    return ContainerHeader(version, base, spec, count, base_records)
+    return ContainerHeader(
+        version, base, spec, count, base_records, implied_base=bool(flags & _IMPLIED_BASE)
+    )
 
 
 def crc32(data: bytes | memoryview, value: int = 0) -> int:
@@ -789,6 +831,7 @@ def crc32(data: bytes | memoryview, value: int = 0) -> int:
 
 
 __all__ = [
+    "ANS_VERSION",
     "BLOCKWISE_VERSION",
     "CODE_DTYPES",
     "DTYPE_CODES",

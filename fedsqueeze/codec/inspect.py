@@ -51,6 +51,8 @@ def stages_of(record: TensorRecord) -> str:
         parts.append(record.value_kind.name.lower())
     if record.raw_length is not None:
         parts.append("zstd")
+    elif record.ans:
+        parts.append("ans")
     return ", ".join(parts) or "raw"
 
 

@@ -21,6 +21,7 @@ import torch
 
 from fedsqueeze.codec.bytesio import ByteReader
 from fedsqueeze.codec.container import (
+    ANS_VERSION,
     BLOCKWISE_VERSION,
     FORMAT_VERSION,
     GLOBAL_ORDER_VERSION,
@@ -40,7 +41,7 @@ from fedsqueeze.codec.digest import state_digest
 from fedsqueeze.codec.finite import NonFinite
 from fedsqueeze.codec.level_order import LevelOrder, LevelScore, order_weight, refinement_order
 from fedsqueeze.codec.pruning import global_magnitude_masks
-from fedsqueeze.codec.spec import DEFAULT_TARGETS, CodecSpec, PruneMethod
+from fedsqueeze.codec.spec import DEFAULT_TARGETS, CodecSpec, EntropyCoder, PruneMethod
 from fedsqueeze.codec.tensor_decode import ProgressiveTensor, TensorDecoder
 from fedsqueeze.codec.tensor_encode import ScoredLevel, TensorEncoder
 from fedsqueeze.errors import (
@@ -90,11 +91,14 @@ class EncodedModel:
 
     @property
     def header(self) -> ContainerHeader:
-        """The model-level header: version 7 when a tensor's positions come in groups,
+        """The model-level header: version 8 when the spec's coder is ANS, else 7 when a
+        tensor's positions come in groups,
         else 6 when a record is rotated, else 5 when refinements are not in level order,
         else 4 when a record is byte-grouped, else 3 when one is block-wise or NF4, else
         2 when a tensor is sent in levels, else 1."""
-        if any(r.needs_v7 for r in self.records):
+        if self.spec.entropy_coder is EntropyCoder.ANS or any(r.ans for r in self.records):
+            version = ANS_VERSION
+        elif any(r.needs_v7 for r in self.records):
             version = SUPPORT_LEVELS_VERSION
         elif any(r.rotated for r in self.records):
             version = ROTATED_VERSION
@@ -112,16 +116,26 @@ class EncodedModel:
             version, self.base_digest, self.spec, len(self.records), self.base_records
         )
 
-    def _parts(self) -> list[bytes | memoryview]:
-        parts: list[bytes | memoryview] = [self.header.to_bytes()]
+    def _parts(self, omit_base: bool = False) -> list[bytes | memoryview]:
+        parts: list[bytes | memoryview] = [self.header.to_bytes(omit_base)]
         for record in self.records:
             parts.append(record.header_bytes())
             parts.append(record.body)
         return parts
 
-    def to_bytes(self) -> bytes:
-        """The complete encoded model, checksummed."""
-        parts = self._parts()
+    @property
+    def can_omit_base(self) -> bool:
+        """Whether :meth:`to_bytes` may leave the base digest out (a version 8 delta)."""
+        return self.base_digest is not None and self.header.version >= ANS_VERSION
+
+    def to_bytes(self, *, omit_base: bool = False) -> bytes:
+        """The complete encoded model, checksummed.
+
+        ``omit_base``: leave a delta's 32-byte base digest out where the format allows it
+        (:attr:`can_omit_base`; elsewhere it stays), for a carrier that names the base
+        anyway; :meth:`from_bytes` then needs it as ``base_digest``.
+        """
+        parts = self._parts(omit_base and self.can_omit_base)
         crc = 0
         for part in parts:  # incremental: the payloads are copied once, by the join
             crc = crc32(part, crc)
@@ -134,13 +148,19 @@ class EncodedModel:
         return sum(len(p) for p in self._parts()) + 4
 
     @classmethod
-    def from_bytes(cls, data: bytes, limits: DecodeLimits | None = None) -> EncodedModel:
+    def from_bytes(
+        cls, data: bytes, limits: DecodeLimits | None = None, *, base_digest: bytes | None = None
+    ) -> EncodedModel:
         """Parse bytes from :meth:`to_bytes`, treating them as hostile.
+
+        ``base_digest`` is the base of a delta written without it (``omit_base``): the
+        version its carrier names. It is ignored for a stream that names its own.
 
         Raises
         ------
         fedsqueeze.errors.CodecError
-            A subclass for any truncation, corruption or limit violation.
+            A subclass for any truncation, corruption or limit violation, or a stream
+            that leaves its base digest out when ``base_digest`` is not given.
         """
         if not isinstance(data, (bytes, bytearray, memoryview)):
             raise TypeError(f"expected bytes, got {type(data).__name__}")
@@ -153,18 +173,29 @@ class EncodedModel:
             if bytes(view[:3]) != b"FSQ":
                 raise FormatError("not a fedsqueeze encoded model (bad magic)")
             raise FormatError("checksum mismatch: the encoded model is corrupted or truncated")
-        return cls.parse_stream(view[:-4], limits)
+        return cls.parse_stream(view[:-4], limits, base_digest=base_digest)
 
     @classmethod
     def parse_stream(
-        cls, stream: bytes | memoryview, limits: DecodeLimits | None = None
+        cls,
+        stream: bytes | memoryview,
+        limits: DecodeLimits | None = None,
+        *,
+        base_digest: bytes | None = None,
     ) -> EncodedModel:
         """Parse the stream without its checksum (what segments carry: each segment has
-        its own sha256, so joining them needs no second integrity pass)."""
+        its own sha256, so joining them needs no second integrity pass); ``base_digest``
+        as for :meth:`from_bytes`."""
         limits = limits or DecodeLimits()
         view = memoryview(stream)
         reader = ByteReader(view, 0, len(view))
         header = parse_header(reader, limits)
+        if header.implied_base:
+            if base_digest is None or len(base_digest) != 32:
+                raise FormatError(
+                    "this delta leaves its base's digest to its carrier: pass base_digest"
+                )
+            header = replace(header, base_digest=bytes(base_digest))
         sizer = QParamsSizer()
         records = tuple(
             parse_record(reader, limits, sizer, header.version) for _ in range(header.record_count)
@@ -543,6 +574,8 @@ def _parse_prefix(
     view = memoryview(stream)
     reader = ByteReader(view, 0, len(view))
     header = parse_header(reader, limits)
+    if header.implied_base:
+        raise FormatError("a delta without its base's digest is read whole (from_bytes)")
     sizer = QParamsSizer()
     records: list[TensorRecord] = []
     used = reader.pos

@@ -93,6 +93,21 @@ class Rotation(Enum):
     HADAMARD = 1
 
 
+class EntropyCoder(Enum):
+    """The entropy stage's coder.
+
+    ZSTD: zstandard at the spec's level, per record, where it shrinks it.
+    ANS: adaptive rANS of the quantization codes (:mod:`fedsqueeze.codec.ans`, format
+    version 8) where it beats zstandard on the record, which then codes everything else
+    at the spec's level. For kilobyte payloads of 4-bit codes (low-rank factors), whose
+    values have a skewed distribution and no repeats; a record of more than
+    :data:`fedsqueeze.codec.ans.MAX_CODES` codes keeps zstandard.
+    """
+
+    ZSTD = 0
+    ANS = 1
+
+
 class FloatFormat(Enum):
     """How values that are not quantized are stored."""
 
@@ -238,6 +253,10 @@ class CodecSpec:
         Storage of float values that are not quantized (non-targets always use it).
     entropy_level
         zstandard level 1..22 applied to each record where it shrinks it; 0 turns it off.
+    entropy_coder
+        The entropy coder of quantization codes (:class:`EntropyCoder`): with ``ANS``,
+        records whose adaptive rANS coding is smaller than their zstandard frame carry
+        that instead (format version 8).
     targets
         Glob patterns of tensor names that the lossy stages apply to, among floating
         tensors with at least ``min_ndim`` dimensions (by default the weights of conv and
@@ -285,6 +304,7 @@ class CodecSpec:
     levels: tuple[int, ...] | None = None
     freeze: tuple[str, ...] = ()
     grow: tuple[float, ...] = ()
+    entropy_coder: EntropyCoder = EntropyCoder.ZSTD
 
     def __post_init__(self) -> None:
         if self.topk is not None and not 0.0 < self.topk <= 1.0:
@@ -314,6 +334,8 @@ class CodecSpec:
             _check_grow(self)
         if not 0 <= self.entropy_level <= 22:
             raise ValueError(f"entropy_level must be in 0..22, got {self.entropy_level}")
+        if not isinstance(self.entropy_coder, EntropyCoder):
+            raise TypeError(f"entropy_coder must be an EntropyCoder, got {self.entropy_coder!r}")
         if not 0 <= self.min_ndim <= 8:
             raise ValueError(f"min_ndim must be in 0..8, got {self.min_ndim}")
         if not self.targets or any(not p or len(p) > 200 for p in self.targets):
@@ -365,15 +387,17 @@ class CodecSpec:
         Hadamard rotation << 7, block size varint for block-wise] · [levels: count u8 · bits
         u8 each; with bit 7 of the count set, support levels follow: count u8 · amount
         each] · float format and min_ndim u8 (bit 7: an extension follows the targets) ·
-        entropy level u8 · [targets] · [extension: freeze patterns, count u8 · length u8 and
-        UTF-8 bytes each]. Amounts are float64 so the spec survives the round trip exactly;
-        an amount with at most six decimals (0.95, 0.025) is a varint of millionths instead,
-        1 to 3 bytes.
+        entropy level u8 (bit 7: the ANS coder) · [targets] · [extension: freeze
+        patterns, count u8 · length u8 and UTF-8 bytes each]. Amounts are float64 so the
+        spec survives the round trip exactly; an amount with at most six decimals (0.95,
+        0.025) is a varint of millionths instead, 1 to 3 bytes.
 
         The flags byte is full, so frozen patterns set the top bit of the float-format
         byte instead: a spec without them has exactly the bytes it always had, and a
         reader from before frozen parts refuses one with them (a ``min_ndim`` over 8),
-        rather than decoding a delta that leaves tensors out as if it were whole.
+        rather than decoding a delta that leaves tensors out as if it were whole. The
+        ANS coder likewise sets the top bit of the entropy byte (a level over 22 to an
+        older reader, which refuses it).
         """
         flags = self.prune.method.value
         flags |= 0x08 if self.topk is not None else 0
@@ -413,7 +437,7 @@ class CodecSpec:
         out.append(
             self.float_format.value | (self.min_ndim << 2) | (_EXTENSION if self.freeze else 0)
         )
-        out.append(self.entropy_level)
+        out.append(self.entropy_level | (_ANS if self.entropy_coder is EntropyCoder.ANS else 0))
         if self.targets != DEFAULT_TARGETS:
             _write_patterns(out, self.targets)
         if self.freeze:
@@ -446,6 +470,8 @@ _MICRO = 1_000_000
 _GROWS = 0x80
 #: Bit 7 of the float-format byte: frozen patterns follow the targets.
 _EXTENSION = 0x80
+#: Bit 7 of the entropy byte: the ANS coder (:class:`EntropyCoder`).
+_ANS = 0x80
 #: Most patterns in ``targets`` or ``freeze``, and most characters in one.
 MAX_PATTERNS, MAX_PATTERN_CHARS = 32, 200
 
@@ -593,6 +619,8 @@ def _parse_spec(data: bytes, pos: int) -> tuple[CodecSpec, int]:
                 grow.append(amount)
     fmt_ndim, level = data[pos], data[pos + 1]
     pos += 2
+    coder = EntropyCoder.ANS if level & _ANS else EntropyCoder.ZSTD
+    level &= ~_ANS
     targets: tuple[str, ...] = DEFAULT_TARGETS
     if flags & 0x20:
         targets, pos = _read_patterns(data, pos)
@@ -613,6 +641,7 @@ def _parse_spec(data: bytes, pos: int) -> tuple[CodecSpec, int]:
         min_ndim=(fmt_ndim & ~_EXTENSION) >> 2,
         freeze=freeze,
         grow=tuple(grow),
+        entropy_coder=coder,
     )
     return spec, pos
 

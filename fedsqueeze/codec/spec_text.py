@@ -18,7 +18,9 @@ blockB`` (``B`` kept values per block, 32..4096), block scales ``fp16`` (the def
 after ``BITS`` may come in any order, and ``nf4`` without a granularity means QLoRA's
 ``block64``: ``quant=8:block64``, ``quant=4:nf4:block64:dq``, ``quant=4:symmetric:block32:bf16``),
 ``float`` (``fp32 fp16 bf16``), ``entropy`` (zstd
-level, 0 = off), ``targets`` (glob patterns joined by ``|``), ``min-ndim``, ``levels``
+level, 0 = off; ``ans`` or ``ans:LEVEL``: adaptive rANS of the quantization codes where
+it beats zstd, which codes the rest at LEVEL, default 19; format version 8),
+``targets`` (glob patterns joined by ``|``), ``min-ndim``, ``levels``
 (progressive transmission: bits added per level joined by ``+``, e.g. ``2+2+4`` with
 ``quant=8``, or ``none``), ``freeze`` (frozen tensors, which travel once and never in
 a delta: glob patterns joined by ``|``, e.g. ``freeze=frozen.*``, or ``none``),
@@ -38,6 +40,7 @@ from dataclasses import replace
 from fedsqueeze.codec.spec import (
     PRESETS,
     CodecSpec,
+    EntropyCoder,
     FloatFormat,
     Granularity,
     PruneMethod,
@@ -50,6 +53,9 @@ from fedsqueeze.codec.spec import (
     check_freeze_patterns,
 )
 from fedsqueeze.errors import ConfigError
+
+#: zstandard's level beside ``entropy=ans`` when none is given (what ANS does not code).
+_ANS_LEVEL = 19
 
 _PRUNE_NAMES = {
     "l1": PruneMethod.L1_UNSTRUCTURED,
@@ -107,10 +113,14 @@ def _apply(spec: CodecSpec, key: str, value: str) -> CodecSpec:
             raise ValueError(f"float must be one of {', '.join(_FLOATS)}")
         return replace(spec, float_format=_FLOATS[value])
     if key == "entropy":
+        coder = EntropyCoder.ZSTD
+        if value == "ans" or value.startswith("ans:"):
+            coder = EntropyCoder.ANS
+            value = value[4:] or str(_ANS_LEVEL)
         level = int(value)
         if not 0 <= level <= 22:
             raise ValueError(f"entropy must be a zstd level in 0..22 (0 = off), got {level}")
-        return replace(spec, entropy_level=level)
+        return replace(spec, entropy_level=level, entropy_coder=coder)
     if key == "targets":
         return replace(spec, targets=tuple(p for p in value.split("|") if p))
     if key == "min-ndim":
@@ -272,7 +282,8 @@ def format_spec(spec: CodecSpec) -> str:
     if spec.levels is not None:
         parts.append(f"levels={'+'.join(map(str, spec.levels))}")
     parts.append(f"float={spec.float_format.name.lower()}")
-    parts.append(f"entropy={spec.entropy_level}")
+    ans = "ans:" if spec.entropy_coder is EntropyCoder.ANS else ""
+    parts.append(f"entropy={ans}{spec.entropy_level}")
     parts.append(f"targets={'|'.join(spec.targets)}")
     parts.append(f"min-ndim={spec.min_ndim}")
     if spec.freeze:

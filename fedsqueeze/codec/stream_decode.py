@@ -136,6 +136,8 @@ def scan_stream(
     limits = limits or DecodeLimits()
     reader = _SkippingReader(memoryview(stream))
     header = parse_header(reader, limits)
+    if header.implied_base:
+        raise FormatError("a delta without its base's digest is read whole (from_bytes)")
     if header.base_digest is not None and base is None:
         raise BaseMismatchError(
             f"this is a delta against {header.base_digest.hex()[:16]}…; pass its base"
@@ -201,6 +203,8 @@ def decode_stream_into(
     """
     view = memoryview(stream)
     header = layout.header
+    if header.implied_base:
+        raise FormatError("a delta without its base's digest is read whole (from_bytes)")
     if header.base_digest is not None and header.base_digest != base_digest:
         raise BaseMismatchError(
             f"this is a delta against {header.base_digest.hex()[:16]}…; the tensors given "

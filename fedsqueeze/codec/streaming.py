@@ -42,6 +42,7 @@ from fedsqueeze.codec.bitpack import packed_size, unpack_bits
 from fedsqueeze.codec.blockwise import num_blocks
 from fedsqueeze.codec.bytesio import ByteReader
 from fedsqueeze.codec.container import (
+    ANS_VERSION,
     BLOCKWISE_VERSION,
     GROUPED_VERSION,
     ROTATED_VERSION,
@@ -223,11 +224,14 @@ def decode_into(
             "part-by-part decoding does not undo rotations (a rotation mixes a whole row); "
             "decode rotated models with decode_stream_into or decode_state"
         )
-    if header.version not in (1, BLOCKWISE_VERSION, GROUPED_VERSION):
+    # Version 8 adds ANS-coded records (held whole, like low-rank and rotated ones).
+    if header.version not in (1, BLOCKWISE_VERSION, GROUPED_VERSION, ANS_VERSION):
         raise FormatError(
             "part-by-part decoding reads whole-model streams; decode progressive levels "
             "with decode_prefix"
         )
+    if header.implied_base:
+        raise FormatError("a delta without its base's digest is read whole (from_bytes)")
     if header.base_digest is not None and header.base_digest != base_digest:
         raise BaseMismatchError(
             f"this is a delta against {header.base_digest.hex()[:16]}…; the tensors given "
@@ -318,8 +322,9 @@ def _parse(
 def _streamable(record: TensorRecord) -> bool:
     """Dense and sparse records decode chunk by chunk (a sparse one holds its positions),
     block-wise and NF4 codes too (their scales are in the head); so do byte-grouped
-    planes; low-rank factors are held whole (and rotated records are refused before)."""
-    return not (record.rank or record.levels or record.rotated)
+    planes; low-rank factors and ANS-coded codes (at most a megabyte) are held whole (and
+    rotated records are refused before)."""
+    return not (record.rank or record.levels or record.rotated or record.ans)
 
 
 def _stream_grouped(

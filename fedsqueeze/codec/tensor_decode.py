@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Mapping
+from dataclasses import replace
 
 import torch
 
-from fedsqueeze.codec import dense_decode, entropy
-from fedsqueeze.codec.bitpack import packed_size, unpack_bits
+from fedsqueeze.codec import ans, dense_decode, entropy
+from fedsqueeze.codec.bitpack import pack_bits, packed_size, unpack_bits
 from fedsqueeze.codec.bits import xor_bits, xor_into
 from fedsqueeze.codec.blockwise import num_blocks
 from fedsqueeze.codec.container import (
@@ -132,6 +133,8 @@ class TensorDecoder:
                     raise FormatError(f"record {name!r}: XOR values without a delta flag")
                 xor_into(values, base.to(device))  # values are fresh: no second buffer
             return name, values
+        if record.ans:
+            record = _unans(record, name, shape, numel)
         # The header fixes the body's exact length: check it before decompressing, so a
         # hostile length never drives an allocation.
         expected = _body_length(record, name, dtype, shape, numel)
@@ -581,6 +584,31 @@ def _body_length(
     stored = dtype if kind in (ValueKind.RAW, ValueKind.XOR) else _VALUE_DTYPES[kind]
     width = torch.empty((), dtype=stored).element_size()
     return positions_bytes + kept * width
+
+
+def _unans(record: TensorRecord, name: str, shape: tuple[int, ...], numel: int) -> TensorRecord:
+    """``record`` with its ANS-coded codes decoded and packed as a plain body would be.
+
+    The code count comes from the header and the shape (the element count, or the
+    factors' for a low-rank record), bounded by :data:`fedsqueeze.codec.ans.MAX_CODES`
+    before any decoding work.
+    """
+    if record.quant is None or record.positions is not None or record.levels:
+        raise FormatError(f"record {name!r}: an ANS body holds dense quantization codes only")
+    kept = numel
+    if record.rank:
+        if len(shape) < 2:
+            raise FormatError(f"record {name!r}: low-rank record of a {len(shape)}-D tensor")
+        m, n = matrix_shape(shape)
+        if not pays_off(m, n, record.rank):
+            raise FormatError(f"record {name!r}: rank {record.rank} factors do not pay off")
+        kept = factor_count(m, n, record.rank)
+    if not 0 < kept <= ans.MAX_CODES:
+        raise FormatError(f"record {name!r}: {kept} ANS-coded codes (1..{ans.MAX_CODES})")
+    bits = record.quant.bits
+    codes = ans.decode_codes(record.body, kept, bits)
+    packed = pack_bits(torch.from_numpy(codes.copy()), bits)
+    return replace(record, body=bytes(packed.numpy()), raw_length=None, ans=False)
 
 
 def _xor(bits: torch.Tensor, base: torch.Tensor) -> torch.Tensor:

@@ -33,8 +33,8 @@ from dataclasses import dataclass
 
 import torch
 
-from fedsqueeze.codec import entropy
-from fedsqueeze.codec.bitpack import pack_bits
+from fedsqueeze.codec import ans, entropy
+from fedsqueeze.codec.bitpack import pack_bits, unpack_bits
 from fedsqueeze.codec.bits import all_zero_bits, as_bits, xor_bits
 from fedsqueeze.codec.blockwise import num_blocks
 from fedsqueeze.codec.chunks import submit
@@ -50,7 +50,7 @@ from fedsqueeze.codec.digest import tensor_bytes
 from fedsqueeze.codec.finite import unrepresentable
 from fedsqueeze.codec.grouping import GROUPED_DTYPES, encode_grouped
 from fedsqueeze.codec.kernels import parallel_copy, value_range
-from fedsqueeze.codec.lowrank import factorize, matrix_shape, worth_factoring
+from fedsqueeze.codec.lowrank import factor_count, factorize, matrix_shape, worth_factoring
 from fedsqueeze.codec.positions import encode_positions, mask_to_indices
 from fedsqueeze.codec.progressive import (
     CHUNK,
@@ -76,6 +76,7 @@ from fedsqueeze.codec.quantization import (
 from fedsqueeze.codec.rotation import rotate, rotation_seed
 from fedsqueeze.codec.spec import (
     CodecSpec,
+    EntropyCoder,
     FloatFormat,
     Granularity,
     PruneMethod,
@@ -334,6 +335,13 @@ class TensorEncoder:
             if quant is None and value_kind in GROUPED_KINDS
             else entropy.compress(body, self._spec.entropy_level)
         )
+        if quant is not None and positions is None and not levels:
+            coded = self._ans(t, body, quant.bits, rank)
+            if coded is not None and len(coded) < len(body if compressed is None else compressed):
+                return TensorRecord(
+                    name, index, t.dtype, tuple(t.shape), delta, 0, quant, value_kind, None,
+                    None, coded, rank=rank, ans=True,
+                )  # fmt: skip
         return TensorRecord(
             name=name,
             index=index,
@@ -350,6 +358,17 @@ class TensorEncoder:
             rank=rank,
             levels=levels,
         )
+
+    def _ans(self, t: torch.Tensor, body: bytes | memoryview, bits: int, rank: int) -> bytes | None:
+        """The rANS coding of a dense record's packed codes, when the spec asks for it
+        and the record is small enough (:data:`fedsqueeze.codec.ans.MAX_CODES`)."""
+        if self._spec.entropy_coder is not EntropyCoder.ANS:
+            return None
+        count = factor_count(*matrix_shape(tuple(t.shape)), rank) if rank else t.numel()
+        if not 0 < count <= ans.MAX_CODES:
+            return None
+        packed = torch.frombuffer(bytearray(body), dtype=torch.uint8)
+        return ans.encode_codes(unpack_bits(packed, bits, count).numpy(), bits)
 
     def _zero(self, name: str, t: torch.Tensor, delta: bool) -> TensorRecord:
         """Nothing kept: the receiver keeps its base tensor (or gets zeros)."""

@@ -156,7 +156,7 @@ def _seconds(value: float, what: str) -> float:
 
 
 def receipt_to_bytes(receipt: TrainReceipt) -> bytes:
-    """Serialize the receipt's ids, byte counts and timings (not examples or loss)."""
+    """Serialize the receipt: ids, byte counts, timings, examples and (finite) loss."""
     if receipt.bytes_down < 0 or receipt.bytes_up < 0 or receipt.decoded_bytes < 0:
         raise ConfigError("byte counts must not be negative")
     if any(not 0 <= level < 256 for level in receipt.decoded_levels):
@@ -174,12 +174,17 @@ def receipt_to_bytes(receipt: TrainReceipt) -> bytes:
         decoded_bytes=receipt.decoded_bytes,
         decoded_levels=receipt.decoded_levels if receipt.decoded_bytes else (),
         update=receipt.update,
+        num_examples=_examples(receipt.num_examples),
     )
+    if math.isfinite(receipt.loss):
+        message.loss = receipt.loss
     return message.SerializeToString()
 
 
 def receipt_from_bytes(data: bytes, num_examples: int, loss: float) -> TrainReceipt:
-    """Inverse of :func:`receipt_to_bytes`, with examples and loss from the app's metrics."""
+    """Inverse of :func:`receipt_to_bytes`; ``num_examples`` and ``loss`` (the app's
+    metrics) stand in for what the receipt lacks (an edge from before they moved into
+    it)."""
     message = pb.TrainReceipt()
     _parse(message, data, "train receipt")
     if bool(message.update_id) == bool(message.update):
@@ -187,8 +192,8 @@ def receipt_from_bytes(data: bytes, num_examples: int, loss: float) -> TrainRece
     return TrainReceipt(
         update_id=message.update_id,
         held=_digest_from_wire(message.held_digest, "held"),
-        num_examples=num_examples,
-        loss=loss,
+        num_examples=message.num_examples if message.HasField("num_examples") else num_examples,
+        loss=message.loss if message.HasField("loss") else loss,
         bytes_down=message.bytes_down,
         bytes_up=message.bytes_up,
         train_seconds=_seconds(message.train_seconds, "train_seconds"),
@@ -198,6 +203,12 @@ def receipt_from_bytes(data: bytes, num_examples: int, loss: float) -> TrainRece
         decoded_levels=_levels(message.decoded_levels),
         update=message.update,
     )
+
+
+def _examples(count: int) -> int:
+    if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+        raise ConfigError(f"num_examples must be a non-negative int, got {count!r}")
+    return count
 
 
 def _levels(levels: Sequence[int]) -> tuple[int, ...]:

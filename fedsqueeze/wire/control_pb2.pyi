@@ -158,8 +158,9 @@ Global___RoundInstruction: _TypeAlias = RoundInstruction  # noqa: Y015
 @_typing.final
 class TrainReceipt(_message.Message):
     """What an edge reports after training: which update it pushed and what it cost.
-    The number of examples and the loss stay in the app's MetricRecord, where Flower's
-    strategies read them.
+    The number of examples and the loss travel here (fields 11 and 12), and the
+    coordinator rebuilds the MetricRecord Flower's strategies read from them; an edge
+    without those fields leaves them in the app's MetricRecord.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -174,6 +175,8 @@ class TrainReceipt(_message.Message):
     DECODED_BYTES_FIELD_NUMBER: _builtins.int
     DECODED_LEVELS_FIELD_NUMBER: _builtins.int
     UPDATE_FIELD_NUMBER: _builtins.int
+    NUM_EXAMPLES_FIELD_NUMBER: _builtins.int
+    LOSS_FIELD_NUMBER: _builtins.int
     update_id: _builtins.str
     """The id of the update pushed on the data plane (PushUpdate); empty with update."""
     held_digest: _builtins.bytes
@@ -198,6 +201,14 @@ class TrainReceipt(_message.Message):
     """The encoded update itself, inline (at most the instruction's inline_limit_bytes),
     instead of a PushUpdate; update_id is then empty.
     """
+    num_examples: _builtins.int
+    """Local training examples (the app's "num-examples" metric); absent: in the
+    app's MetricRecord.
+    """
+    loss: _builtins.float
+    """Last-epoch training loss (the app's "train-loss" or "loss" metric); absent:
+    in the app's MetricRecord, or none.
+    """
     @_builtins.property
     def decoded_levels(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """With decoded_bytes: the highest level (0 = base level) each progressive
@@ -217,11 +228,20 @@ class TrainReceipt(_message.Message):
         decoded_bytes: _builtins.int = ...,
         decoded_levels: _abc.Iterable[_builtins.int] | None = ...,
         update: _builtins.bytes = ...,
+        num_examples: _builtins.int | None = ...,
+        loss: _builtins.float | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_loss", b"_loss", "_num_examples", b"_num_examples", "loss", b"loss", "num_examples", b"num_examples"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes_down", b"bytes_down", "bytes_up", b"bytes_up", "decoded_bytes", b"decoded_bytes", "decoded_levels", b"decoded_levels", "fetch_seconds", b"fetch_seconds", "held_digest", b"held_digest", "push_seconds", b"push_seconds", "train_seconds", b"train_seconds", "update", b"update", "update_id", b"update_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_loss", b"_loss", "_num_examples", b"_num_examples", "bytes_down", b"bytes_down", "bytes_up", b"bytes_up", "decoded_bytes", b"decoded_bytes", "decoded_levels", b"decoded_levels", "fetch_seconds", b"fetch_seconds", "held_digest", b"held_digest", "loss", b"loss", "num_examples", b"num_examples", "push_seconds", b"push_seconds", "train_seconds", b"train_seconds", "update", b"update", "update_id", b"update_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__loss: _TypeAlias = _typing.Literal["loss"]  # noqa: Y015
+    _WhichOneofArgType__loss: _TypeAlias = _typing.Literal["_loss", b"_loss"]  # noqa: Y015
+    _WhichOneofReturnType__num_examples: _TypeAlias = _typing.Literal["num_examples"]  # noqa: Y015
+    _WhichOneofArgType__num_examples: _TypeAlias = _typing.Literal["_num_examples", b"_num_examples"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__loss) -> _WhichOneofReturnType__loss | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__num_examples) -> _WhichOneofReturnType__num_examples | None: ...
 
 Global___TrainReceipt: _TypeAlias = TrainReceipt  # noqa: Y015

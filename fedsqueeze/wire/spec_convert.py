@@ -13,6 +13,7 @@ from typing import TypeVar
 from fedsqueeze.codec.spec import (
     DEFAULT_TARGETS,
     CodecSpec,
+    EntropyCoder,
     FloatFormat,
     Granularity,
     PruneMethod,
@@ -63,6 +64,10 @@ _ROTATIONS: dict[Rotation, pb.Rotation.ValueType] = {
     Rotation.NONE: pb.ROTATION_UNSPECIFIED,
     Rotation.HADAMARD: pb.ROTATION_HADAMARD,
 }
+_CODERS: dict[EntropyCoder, pb.EntropyCoder.ValueType] = {
+    EntropyCoder.ZSTD: pb.ENTROPY_CODER_UNSPECIFIED,
+    EntropyCoder.ANS: pb.ENTROPY_CODER_ANS,
+}
 _FLOAT_FORMATS: dict[FloatFormat, pb.FloatFormat.ValueType] = {
     FloatFormat.FP32: pb.FLOAT_FORMAT_FP32,
     FloatFormat.FP16: pb.FLOAT_FORMAT_FP16,
@@ -89,6 +94,7 @@ _rounding_from_proto = _inverse(_ROUNDINGS, "rounding")
 _float_format_from_proto = _inverse(_FLOAT_FORMATS, "float format")
 _scale_format_from_proto = _inverse(_SCALE_FORMATS, "scale format")
 _rotation_from_proto = _inverse(_ROTATIONS, "rotation")
+_coder_from_proto = _inverse(_CODERS, "entropy coder")
 
 
 def _valid(what: str, build: Callable[[], _T]) -> _T:
@@ -108,6 +114,7 @@ def codec_spec_to_proto(spec: CodecSpec) -> pb.CodecSpec:
     msg = pb.CodecSpec(
         float_format=_FLOAT_FORMATS[spec.float_format],
         entropy_level=spec.entropy_level,
+        entropy_coder=_CODERS[spec.entropy_coder],
         targets=list(spec.targets) if spec.targets != DEFAULT_TARGETS else [],
         min_ndim=spec.min_ndim,
     )
@@ -179,6 +186,7 @@ def codec_spec_from_proto(msg: pb.CodecSpec) -> CodecSpec:
     topk = msg.topk if msg.HasField("topk") else None
     rank = msg.rank if msg.HasField("rank") else None
     levels = tuple(msg.levels) or None
+    coder = _coder_from_proto(msg.entropy_coder)
     return _valid(
         "codec spec",
         lambda: CodecSpec(
@@ -189,6 +197,7 @@ def codec_spec_from_proto(msg: pb.CodecSpec) -> CodecSpec:
             quant=quant,
             float_format=float_format,
             entropy_level=msg.entropy_level,
+            entropy_coder=coder,
             targets=tuple(msg.targets) or DEFAULT_TARGETS,
             min_ndim=msg.min_ndim,
             freeze=tuple(msg.freeze),

@@ -292,6 +292,30 @@ FLOAT_FORMAT_BF16: FloatFormat.ValueType  # 3
 """bfloat16."""
 Global___FloatFormat: _TypeAlias = FloatFormat  # noqa: Y015
 
+class _EntropyCoder:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _EntropyCoderEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_EntropyCoder.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    ENTROPY_CODER_UNSPECIFIED: _EntropyCoder.ValueType  # 0
+    """zstandard at the spec's entropy_level (every spec before this field)."""
+    ENTROPY_CODER_ANS: _EntropyCoder.ValueType  # 1
+    """Adaptive rANS of the quantization codes where it beats zstandard (format
+    version 8); zstandard codes the rest.
+    """
+
+class EntropyCoder(_EntropyCoder, metaclass=_EntropyCoderEnumTypeWrapper):
+    """The entropy coder of quantization codes (codec spec option entropy=ans)."""
+
+ENTROPY_CODER_UNSPECIFIED: EntropyCoder.ValueType  # 0
+"""zstandard at the spec's entropy_level (every spec before this field)."""
+ENTROPY_CODER_ANS: EntropyCoder.ValueType  # 1
+"""Adaptive rANS of the quantization codes where it beats zstandard (format
+version 8); zstandard codes the rest.
+"""
+Global___EntropyCoder: _TypeAlias = EntropyCoder  # noqa: Y015
+
 @_typing.final
 class PruneSpec(_message.Message):
     """Magnitude pruning of the target tensors."""
@@ -391,6 +415,7 @@ class CodecSpec(_message.Message):
     LEVELS_FIELD_NUMBER: _builtins.int
     FREEZE_FIELD_NUMBER: _builtins.int
     GROW_FIELD_NUMBER: _builtins.int
+    ENTROPY_CODER_FIELD_NUMBER: _builtins.int
     topk: _builtins.float
     """Fraction of values kept by top-k sparsification, in (0, 1]; absent means
     no top-k. Not combined with pruning.
@@ -406,6 +431,10 @@ class CodecSpec(_message.Message):
     rank: _builtins.int
     """Low-rank factorization of target matrices (updates), rank 1..1024; absent
     means none. Not combined with pruning or top-k.
+    """
+    entropy_coder: Global___EntropyCoder.ValueType
+    """The coder of quantization codes; unspecified means zstandard (at
+    entropy_level) for everything.
     """
     @_builtins.property
     def prune(self) -> Global___PruneSpec:
@@ -459,10 +488,11 @@ class CodecSpec(_message.Message):
         levels: _abc.Iterable[_builtins.int] | None = ...,
         freeze: _abc.Iterable[_builtins.str] | None = ...,
         grow: _abc.Iterable[_builtins.float] | None = ...,
+        entropy_coder: Global___EntropyCoder.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_rank", b"_rank", "_topk", b"_topk", "prune", b"prune", "quant", b"quant", "rank", b"rank", "topk", b"topk"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_rank", b"_rank", "_topk", b"_topk", "entropy_level", b"entropy_level", "float_format", b"float_format", "freeze", b"freeze", "grow", b"grow", "levels", b"levels", "min_ndim", b"min_ndim", "prune", b"prune", "quant", b"quant", "rank", b"rank", "targets", b"targets", "topk", b"topk"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_rank", b"_rank", "_topk", b"_topk", "entropy_coder", b"entropy_coder", "entropy_level", b"entropy_level", "float_format", b"float_format", "freeze", b"freeze", "grow", b"grow", "levels", b"levels", "min_ndim", b"min_ndim", "prune", b"prune", "quant", b"quant", "rank", b"rank", "targets", b"targets", "topk", b"topk"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__rank: _TypeAlias = _typing.Literal["rank"]  # noqa: Y015
     _WhichOneofArgType__rank: _TypeAlias = _typing.Literal["_rank", b"_rank"]  # noqa: Y015

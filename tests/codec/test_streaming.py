@@ -27,6 +27,8 @@ SPECS = [
     "prune=channel:0.5",
     "topk=0.2,quant=4:channel,targets=*,min-ndim=1",
     "rank=4,quant=8",
+    "rank=4,quant=4,entropy=ans,targets=*,min-ndim=1",
+    "quant=4,entropy=ans:3",
     "quant=4:block64",
     "quant=4:nf4:block64",
     "quant=8:block64:dq",

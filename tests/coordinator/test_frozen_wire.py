@@ -69,12 +69,7 @@ def test_frozen_tensors_never_travel_after_the_first_fetch(tmp_path: Path) -> No
             sent = strategy.configure_train(rnd, model, ConfigRecord(), FakeGrid(nodes))  # type: ignore[arg-type]
             replies = [mod(m, contexts[m.metadata.dst_node_id], _train) for m in sent]
             receipts.append(
-                [
-                    TrainReceipt.from_records(
-                        r.content.config_records[RECEIPT_KEY], r.content.metric_records["metrics"]
-                    )
-                    for r in replies
-                ]
+                [TrainReceipt.from_records(r.content.config_records[RECEIPT_KEY]) for r in replies]
             )
             aggregated, _ = strategy.aggregate_train(rnd, replies)
             assert aggregated is not None

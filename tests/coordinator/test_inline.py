@@ -18,7 +18,7 @@ from coordinator.dataplane import CoordinatorDataPlane, InstructionTemplate
 from coordinator.strategy import CompressedStrategy, PulledUpdate
 from coordinator.version_store import VersionStore
 from edge.dataplane import GrpcConnector
-from fedsqueeze.codec import CodecSpec, EncodedModel, encode_state, state_digest
+from fedsqueeze.codec import CodecSpec, EncodedModel, EntropyCoder, encode_state, state_digest
 from fedsqueeze.control import CONTROL_KEY, RECEIPT_KEY, ModelTrack, RoundInstruction, TrainReceipt
 
 pytestmark = pytest.mark.timeout(120)
@@ -88,7 +88,10 @@ def _plain(rnd: int, node: int, target: str) -> RoundInstruction:
 
 
 @pytest.mark.usefixtures("flower_identity")
-def test_inline_updates_aggregate_as_pushed_ones(tmp_path: Path) -> None:
+@pytest.mark.parametrize("coder", [EntropyCoder.ZSTD, EntropyCoder.ANS])
+def test_inline_updates_aggregate_as_pushed_ones(tmp_path: Path, coder: EntropyCoder) -> None:
+    # With ANS (format v8) an inline update leaves its base digest to the receipt.
+    spec = CodecSpec(entropy_coder=coder)
     nodes = [1, 2, 3]
     g = _model(0)
     results = []
@@ -103,11 +106,11 @@ def test_inline_updates_aggregate_as_pushed_ones(tmp_path: Path) -> None:
         for msg in sent:
             node = msg.metadata.dst_node_id
             model = {k: v + 0.01 * node for k, v in g.items()}
-            encoded = encode_state(model, CodecSpec(), g, base_digest=bytes.fromhex(target))
+            encoded = encode_state(model, spec, g, base_digest=bytes.fromhex(target))
             if inline:
-                receipt = TrainReceipt(
-                    "", target, 10, 0.1, 0, 0, 0.0, 0.0, 0.0, update=encoded.to_bytes()
-                )
+                update = encoded.to_bytes(omit_base=True)
+                assert len(update) == encoded.nbytes - (32 if coder is EntropyCoder.ANS else 0)
+                receipt = TrainReceipt("", target, 10, 0.1, 0, 0, 0.0, 0.0, 0.0, update=update)
             else:
                 pushed[f"u{node}"] = PulledUpdate(encoded, target, str(node))
                 receipt = TrainReceipt(f"u{node}", target, 10, 0.1, 0, 0, 0.0, 0.0, 0.0)
@@ -123,10 +126,10 @@ def test_inline_updates_aggregate_as_pushed_ones(tmp_path: Path) -> None:
             len(
                 encode_state(
                     {k: v + 0.01 * n for k, v in g.items()},
-                    CodecSpec(),
+                    spec,
                     g,
                     base_digest=bytes.fromhex(target),
-                ).to_bytes()
+                ).to_bytes(omit_base=True)
             )
             for n in nodes
         )

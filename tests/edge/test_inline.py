@@ -17,6 +17,7 @@ from edge.mod import make_mod
 from fedsqueeze.codec import EncodedModel, decode_state, encode_state, state_digest
 from fedsqueeze.codec.spec_text import parse_spec
 from fedsqueeze.control import CONTROL_KEY, RECEIPT_KEY, RoundInstruction, TrainReceipt
+from fedsqueeze.errors import FormatError
 
 pytestmark = pytest.mark.usefixtures("flower_identity")
 
@@ -44,20 +45,26 @@ class FakePlane:
         return Pushed(50, 500)
 
 
-def _payload(base: dict[str, torch.Tensor] | None = HELD) -> tuple[bytes, str]:
+ANS = ",entropy=ans"  # format v8: inline deltas leave their base digest to the carrier
+
+
+def _payload(base: dict[str, torch.Tensor] | None = HELD, coder: str = "") -> tuple[bytes, str]:
     base_digest = state_digest(base) if base is not None else None
-    encoded = encode_state(TARGET, parse_spec(DOWN), base, seed=1, base_digest=base_digest)
-    return encoded.to_bytes(), state_digest(decode_state(encoded, base)).hex()
+    spec = parse_spec(DOWN + coder)
+    encoded = encode_state(TARGET, spec, base, seed=1, base_digest=base_digest)
+    payload = encoded.to_bytes(omit_base=True)
+    assert (len(payload) == encoded.nbytes - 32) == (coder == ANS and base is not None)
+    return payload, state_digest(decode_state(encoded, base)).hex()
 
 
-def _instruction(**changes: object) -> RoundInstruction:
-    payload, digest = _payload()
+def _instruction(coder: str = "", **changes: object) -> RoundInstruction:
+    payload, digest = _payload(coder=coder)
     base = RoundInstruction(
         3,
         "127.0.0.1:1",
         TARGET_DIGEST,
-        DOWN,
-        "rank=2,quant=4,targets=*,min-ndim=1",
+        DOWN + coder,
+        "rank=2,quant=4,targets=*,min-ndim=1" + coder,
         "",
         -1,
         "",
@@ -87,14 +94,13 @@ def _run(instruction: RoundInstruction, ctx: Context, plane: FakePlane) -> Train
     content[CONTROL_KEY] = instruction.to_record()
     msg = Message(content, dst_node_id=7, message_type="train")
     reply = make_mod(connector=plane, initial_model=None)(msg, ctx, _train)
-    return TrainReceipt.from_records(
-        reply.content.config_records[RECEIPT_KEY], reply.content.metric_records["metrics"]
-    )
+    return TrainReceipt.from_records(reply.content.config_records[RECEIPT_KEY])
 
 
-def test_an_inline_download_and_update_use_no_data_plane() -> None:
+@pytest.mark.parametrize("coder", ["", ANS])
+def test_an_inline_download_and_update_use_no_data_plane(coder: str) -> None:
     plane, ctx = FakePlane(), _context()
-    instruction = _instruction()
+    instruction = _instruction(coder)
     receipt = _run(instruction, ctx, plane)
     assert plane.fetches == 0 and plane.pushed == []
     assert receipt.bytes_down == receipt.bytes_up == 0
@@ -102,7 +108,11 @@ def test_an_inline_download_and_update_use_no_data_plane() -> None:
     assert receipt.held == instruction.payload_digest  # what the payload decodes to
     memory = ContextCache(ctx.state).load()
     assert memory.held_digest == instruction.payload_digest and memory.held is not None
-    update = EncodedModel.from_bytes(receipt.update)
+    held = bytes.fromhex(receipt.held)
+    if coder:  # the update leaves its base to the receipt
+        with pytest.raises(FormatError, match="base_digest"):
+            EncodedModel.from_bytes(receipt.update)
+    update = EncodedModel.from_bytes(receipt.update, base_digest=held)
     assert update.base_digest is not None and update.base_digest.hex() == receipt.held
     trained = decode_state(update, memory.held)
     assert set(trained) == set(HELD) and memory.residual is not None
@@ -118,12 +128,13 @@ def test_an_update_over_the_limit_is_pushed() -> None:
     assert len(off.pushed) == 1 and receipt.update == b""
 
 
+@pytest.mark.parametrize("coder", ["", ANS])
 @pytest.mark.parametrize(
     "case", ["another-base", "nothing-held", "wrong-digest", "corrupt", "no-payload"]
 )
-def test_an_unusable_inline_download_is_fetched_instead(case: str) -> None:
+def test_an_unusable_inline_download_is_fetched_instead(case: str, coder: str) -> None:
     plane = FakePlane()
-    instruction, ctx = _instruction(), _context()
+    instruction, ctx = _instruction(coder), _context()
     if case == "another-base":
         ctx = _context({k: v + 1 for k, v in HELD.items()})
     elif case == "nothing-held":

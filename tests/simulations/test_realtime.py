@@ -245,9 +245,7 @@ def test_link_waits_are_not_counted_as_local_compute() -> None:
         run_id=1, node_id=7, node_config={"partition-id": 0}, state=RecordDict(), run_config={}
     )
     reply = make_mod(connector=WaitingPlane(), initial_model=None)(msg, context, _train)
-    receipt = TrainReceipt.from_records(
-        reply.content.config_records[RECEIPT_KEY], reply.content.metric_records["metrics"]
-    )
+    receipt = TrainReceipt.from_records(reply.content.config_records[RECEIPT_KEY])
     # The simulated clock counts the link from the bytes: the real waits are left out.
     assert receipt.fetch_seconds == 0.0 and receipt.push_seconds == 0.0
     assert receipt.train_seconds == pytest.approx(0.25)

@@ -21,6 +21,7 @@ from fedsqueeze.control import (
     TrainReceipt,
 )
 from fedsqueeze.errors import ConfigError
+from fedsqueeze.wire import control_pb2 as pb
 
 DIGEST = hashlib.sha256(b"model").hexdigest()
 INIT = hashlib.sha256(b"init").hexdigest()
@@ -97,15 +98,49 @@ def test_instruction_without_init_digest_drops_task_and_seed() -> None:
     assert (back.task, back.init_seed, back.init_digest) == ("", -1, "")
 
 
-def test_receipt_round_trips_with_examples_and_loss_in_the_apps_metrics() -> None:
+def test_receipt_carries_examples_loss_and_seconds_instead_of_the_apps_metrics() -> None:
     receipt = _receipt()
-    app = MetricRecord({"num-examples": 90, "train-loss": 0.25, "compute-seconds": 0.5})
+    app = MetricRecord(
+        {"num-examples": 90, "train-loss": 0.25, "compute-seconds": 0.5, "accuracy": 0.75}
+    )
     ids, metrics = receipt.to_records(app)
-    assert dict(metrics) == dict(app)  # nothing added to what the app reported
+    assert dict(metrics) == {"accuracy": 0.75}  # what the receipt does not carry
+    assert TrainReceipt.from_records(ids) == receipt
     assert TrainReceipt.from_records(ids, metrics) == receipt
+    # The coordinator gives Flower's strategies everything the app reported.
+    rebuilt = receipt.strategy_metrics(metrics)
+    assert dict(rebuilt) == {
+        "accuracy": 0.75,
+        "num-examples": 90,
+        "train-loss": 0.25,
+        "compute-seconds": receipt.train_seconds,
+    }
     ids, metrics = receipt.to_records()  # an app that reported nothing
-    assert dict(metrics) == {"num-examples": 90, "loss": 0.25}
+    assert dict(metrics) == {}
     assert TrainReceipt.from_records(ids, metrics) == receipt
+
+
+def test_a_receipt_without_examples_reads_them_from_the_metrics() -> None:
+    # An edge from before examples and loss moved into the receipt sent them as metrics.
+    ids, _ = _receipt().to_records()
+    wire = ids[WIRE_KEY]
+    assert isinstance(wire, bytes)
+    message = pb.TrainReceipt.FromString(wire)
+    message.ClearField("num_examples")
+    message.ClearField("loss")
+    old = ConfigRecord({WIRE_KEY: message.SerializeToString()})
+    back = TrainReceipt.from_records(old, MetricRecord({"num-examples": 7, "loss": 1.5}))
+    assert (back.num_examples, back.loss) == (7, 1.5)
+    assert math.isnan(TrainReceipt.from_records(old).loss)
+
+
+def test_a_receipt_without_a_finite_loss_sends_none() -> None:
+    ids, _ = _receipt(loss=math.nan).to_records()
+    wire = ids[WIRE_KEY]
+    assert isinstance(wire, bytes)
+    assert not pb.TrainReceipt.FromString(wire).HasField("loss")
+    assert math.isnan(TrainReceipt.from_records(ids).loss)
+    assert "train-loss" not in _receipt(loss=math.nan).strategy_metrics()
 
 
 def test_control_messages_are_small() -> None:

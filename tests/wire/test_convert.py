@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from fedsqueeze.codec import PRESETS
 from fedsqueeze.codec.spec import (
     CodecSpec,
+    EntropyCoder,
     FloatFormat,
     Granularity,
     PruneMethod,
@@ -339,6 +340,9 @@ def test_enum_tables_cover_both_sides():
         (spec_convert._ROUNDINGS, Rounding, pb.Rounding),
         (spec_convert._FLOAT_FORMATS, FloatFormat, pb.FloatFormat),
     ]
+    # The default coder is the wire's unspecified value (every message before the field).
+    assert set(spec_convert._CODERS) == set(EntropyCoder)
+    assert sorted(spec_convert._CODERS.values()) == sorted(pb.EntropyCoder.values())
     for table, python_enum, wire_enum in tables:
         assert set(table) == set(python_enum)
         assert sorted(table.values()) == sorted(v for v in wire_enum.values() if v != 0)
