@@ -11,8 +11,12 @@ Examples::
 Specs are a preset name (see `fedsqueeze codec presets`) or comma-separated key=value
 pairs, each key at most once: prune=none|l1:S|global:S|channel:S|threshold:T, topk=F,
 rank=R (low-rank factors of matrices, for updates), quant=none|BITS[:affine|
-symmetric|pow2|kmeans][:tensor|channel][:nearest|stochastic], float=fp32|fp16|bf16,
-entropy=LEVEL (zstd 0..22, 0 off), targets=PATTERN|PATTERN, min-ndim=N (0..8).
+symmetric|pow2|kmeans|nf4][:tensor|channel|blockB][:fp16|bf16|fp32|dq][:nearest|
+stochastic][:hadamard], float=fp32|fp16|bf16, entropy=LEVEL (zstd 0..22, 0 off) or
+ans[:LEVEL] (rANS of quantization codes where it beats zstd), targets=PATTERN|PATTERN,
+min-ndim=N (0..8), levels=2+2+4 (progressive), grow=S1+S2 (progressive sparsity),
+freeze=PATTERN|PATTERN (tensors sent once). The full grammar:
+fedsqueeze/codec/spec_text.py; examples: quant=4:nf4:block64, quant=8,levels=2+2+4.
 
 Files are read and written one tensor at a time: .safetensors and zip-format .pt inputs
 are memory-mapped, encoded records go to a spool file beside the output, and a decode

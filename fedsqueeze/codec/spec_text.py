@@ -117,7 +117,12 @@ def _apply(spec: CodecSpec, key: str, value: str) -> CodecSpec:
         if value == "ans" or value.startswith("ans:"):
             coder = EntropyCoder.ANS
             value = value[4:] or str(_ANS_LEVEL)
-        level = int(value)
+        try:
+            level = int(value)
+        except ValueError:
+            raise ValueError(
+                f"entropy must be a zstd level in 0..22 (0 = off), ans or ans:LEVEL, got {value!r}"
+            ) from None
         if not 0 <= level <= 22:
             raise ValueError(f"entropy must be a zstd level in 0..22 (0 = off), got {level}")
         return replace(spec, entropy_level=level, entropy_coder=coder)

@@ -108,6 +108,10 @@ def test_spec_text_and_bytes_carry_the_coder() -> None:
     assert spec.to_bytes()[-4] & 0x80
     with pytest.raises(ConfigError, match="entropy"):
         parse_spec("quant=4,entropy=ans:23")
+    # a misspelt coder is named in one clear line, not a bare int() error
+    for text in ("rans", "ans:x", "zstd"):
+        with pytest.raises(ConfigError, match=rf"ans or ans:LEVEL, got '{text.split(':')[-1]}'"):
+            parse_spec(f"quant=4,entropy={text}")
 
 
 def _model_state(seed: int) -> dict[str, torch.Tensor]:
