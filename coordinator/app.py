@@ -168,8 +168,12 @@ class Coordinator:
                 init_digest=student_init,
                 down_spec=settings.down_spec,
                 up_spec=settings.up_spec,
+                down_budget=settings.student_down_budget or settings.down_budget,
+                up_budget=settings.student_up_budget or settings.up_budget,
             )
-            student_instruct = _instruction_factory(plane, student_template, budget, store, ())
+            student_instruct = _instruction_factory(
+                plane, student_template, budget, store, (), student=True
+            )
         aggregate_global: GlobalAggregator | None = None
         if fusion is not None:
             aggregate_global = functools.partial(_fuse_teacher, fusion, task, settings.seed)
@@ -371,14 +375,19 @@ def _instruction_factory(
     budget: BudgetPolicy | None,
     store: VersionStore,
     frozen: tuple[str, ...],
+    *,
+    student: bool = False,
 ) -> InstructionFactory:
     """The instructions from ``template``, with the specs ``budget`` chooses when there is
-    one (an edge never seen holds ``template.init_digest``, if set), and the download
+    one (an edge never seen holds ``template.init_digest``, if set; ``student``: the
+    edges train the student track, within the policy's student budget), and the download
     inline when ``template.inline_limit`` allows it."""
     instruct: InstructionFactory = functools.partial(plane.instruction, template)
     init_digest = template.init_digest or None
     if budget is not None:
-        instruct = functools.partial(_budgeted, instruct, budget, store, init_digest, frozen)
+        instruct = functools.partial(
+            _budgeted, instruct, budget, store, init_digest, frozen, student
+        )
     if template.inline_limit:
         instruct = functools.partial(_inline, instruct, plane, store, init_digest)
     return instruct
@@ -408,6 +417,7 @@ def _budgeted(
     store: VersionStore,
     init_digest: str | None,
     frozen: tuple[str, ...],
+    student: bool,
     server_round: int,
     node_id: int,
     target: str,
@@ -416,7 +426,7 @@ def _budgeted(
     patterns), or ``None`` (skipped)."""
     # An edge never seen before holds the seeded initial model when it can rebuild it.
     held = store.edge_version(str(node_id)) or init_digest
-    choice = policy.choose(EdgeRequest(server_round, node_id, target, held))
+    choice = policy.choose(EdgeRequest(server_round, node_id, target, held, student))
     if isinstance(choice, Skip):
         log.warning("round %d: edge %s skipped: %s", server_round, node_id, choice.reason)
         return None

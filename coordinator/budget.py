@@ -169,12 +169,15 @@ class EdgeRequest:
         Hex digest of the global model it is to fetch.
     held
         Hex digest of the version it holds (``None``: it holds nothing).
+    student
+        Whether the edge trains the student track (its own budget, if the policy has one).
     """
 
     server_round: int
     node_id: int
     target: str
     held: str | None
+    student: bool = False
 
 
 @dataclass(frozen=True)
@@ -255,6 +258,11 @@ class LadderPolicy:
         Spec texts, least expected error first.
     budget
         Per-edge, per-round budget.
+    student_budget
+        Per-edge, per-round budget of the edges that train the student track
+        (``None``: ``budget``). A student is a fraction of the teacher's size: the
+        teacher's budget would give it the top of the ladder and cost nearly a teacher
+        round.
     run_budget
         Budget for the whole run (needs ``num_rounds`` and ``clients_per_round``).
     link_of
@@ -273,6 +281,7 @@ class LadderPolicy:
         up_ladder: Sequence[str],
         *,
         budget: Budget | None = None,
+        student_budget: Budget | None = None,
         run_budget: RunBudget | None = None,
         num_rounds: int = 1,
         clients_per_round: int = 1,
@@ -294,6 +303,7 @@ class LadderPolicy:
         self.down_ladder = tuple((text, parse_spec(text)) for text in down_ladder)
         self.up_ladder = tuple((text, parse_spec(text)) for text in up_ladder)
         self.budget = budget or Budget()
+        self.student_budget = student_budget
         self.run_budget = run_budget
         self.num_rounds = num_rounds
         self.clients_per_round = clients_per_round
@@ -341,10 +351,13 @@ class LadderPolicy:
 
     def _limits(self, request: EdgeRequest) -> _Limits:
         down, up = self._round_allowance(request.server_round)
-        if self.budget.down_bytes:
-            down = min(down, self.budget.down_bytes)
-        if self.budget.up_bytes:
-            up = min(up, self.budget.up_bytes)
+        budget = self.budget
+        if request.student and self.student_budget is not None:
+            budget = self.student_budget
+        if budget.down_bytes:
+            down = min(down, budget.down_bytes)
+        if budget.up_bytes:
+            up = min(up, budget.up_bytes)
         link = self.link_of(request.node_id) if self.link_of is not None else None
         seconds = math.inf
         if link is not None and self.deadline_s is not None:

@@ -102,6 +102,9 @@ class RunSettings:
     beside the global model (:mod:`coordinator.student_track`), refreshed by distilling
     the global model into it every N rounds; edges with a per-round download budget of
     at most ``student-budget`` bytes (or, in simulations, on weak links) train it.
+    ``student-down-budget`` and ``student-up-budget`` are those edges' own per-round
+    budgets in data-plane bytes (0: ``down-budget`` / ``up-budget``): a student a
+    fraction of the teacher's size need not cost a teacher's round.
     ``aggregation = "feddf"`` fuses each round's client models by ensemble distillation
     (:mod:`coordinator.fusion`). Both distil on ``proxy-size`` training examples the
     coordinator holds, for ``distill-epochs`` epochs at ``distill-temperature``.
@@ -162,6 +165,8 @@ class RunSettings:
     aggregation: Aggregation = Aggregation.AVERAGE
     student_refresh_every: int = 0
     student_budget: int = 0
+    student_down_budget: int = 0
+    student_up_budget: int = 0
     student_lr: float = 0.0
     student_from_teacher: bool = True
     student_to_teacher_epochs: int = 0
@@ -211,6 +216,17 @@ class RunSettings:
             raise ConfigError("aggregation = feddf fuses FedAvg's clients: needs strategy = fedavg")
         if min(self.student_refresh_every, self.student_budget, self.distill_epochs) < 0:
             raise ConfigError("student-refresh-every, student-budget, distill-epochs must be >= 0")
+        if min(self.student_down_budget, self.student_up_budget) < 0:
+            raise ConfigError(
+                "student-down-budget and student-up-budget must be >= 0 bytes (0: "
+                f"down-budget / up-budget), got {self.student_down_budget} and "
+                f"{self.student_up_budget}"
+            )
+        if (self.student_down_budget or self.student_up_budget) and not self.student_refresh_every:
+            raise ConfigError(
+                "student-down-budget and student-up-budget need a student track "
+                "(student-refresh-every >= 1)"
+            )
         if self.student_lr < 0:
             raise ConfigError(f"student-lr must be >= 0 (0: lr), got {self.student_lr}")
         if self.student_to_teacher_epochs < 0:

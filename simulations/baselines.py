@@ -24,10 +24,13 @@ arm                what travels
                    on 2g, iot-lpwan and satellite links train the task's compact student
                    at their own lr 0.01 (its own versions and aggregation, refreshed by
                    distilling the global model on the coordinator's proxy set after
-                   every round), the rest the global model
+                   every round), the rest the global model; the student edges' budgets
+                   are 595 B down / 531 B up (``adaptive``'s scaled by the student's
+                   size, see ``STUDENT_DOWN_BUDGET``)
 ``student-fedavg`` (not in the default sweep) the honest baseline of ``distill``: the
                    same clients train the same student at the sweep's lr, federated
-                   alone, never distilled from the global model
+                   alone, never distilled from the global model, within the same
+                   student budgets
 ``adaptive-feddf`` (not in the default sweep) ``adaptive`` with FedDF fusion as the
                    aggregation after 10 rounds of plain averaging (a warm-up): the same
                    bytes, the average distilled for 40 epochs towards the clients'
@@ -82,6 +85,8 @@ __all__ = [
     "FRONTIER_INLINE_BYTES",
     "FRONTIER_UP_BUDGET",
     "FRONTIER_UP_LADDER",
+    "STUDENT_DOWN_BUDGET",
+    "STUDENT_UP_BUDGET",
     "WEAK_LINKS",
     "ArmConfig",
     "ArmKind",
@@ -263,6 +268,9 @@ class ArmConfig:
         students every round (0: off; :mod:`coordinator.student_track`).
     student_to_teacher
         What the teacher is distilled towards then: ``update`` or ``ensemble``.
+    student_down_budget, student_up_budget
+        With ``student_links``: the student edges' own per-round budgets, data-plane wire
+        bytes (0: ``down_budget`` / ``up_budget``, the arm's).
     fusion_warmup
         With FedDF fusion: rounds of plain averaging before fusion takes over.
     distill_epochs
@@ -313,6 +321,8 @@ class ArmConfig:
     student_from_teacher: bool = True
     student_to_teacher_epochs: int = 0
     student_to_teacher: StudentToTeacher = StudentToTeacher.UPDATE
+    student_down_budget: int = 0
+    student_up_budget: int = 0
     fusion_warmup: int = 0
     distill_epochs: int = 40
     aggregation: Aggregation = Aggregation.AVERAGE
@@ -355,12 +365,21 @@ class ArmConfig:
             raise ConfigError(f"arm {self.name}: fusion-warmup needs aggregation = feddf")
         if self.student_to_teacher_epochs < 0:
             raise ConfigError(f"arm {self.name}: student-to-teacher-epochs must be >= 0 (0: off)")
+        if min(self.student_down_budget, self.student_up_budget) < 0:
+            raise ConfigError(
+                f"arm {self.name}: student-down-budget and student-up-budget must be >= 0 "
+                "(0: the arm's budgets)"
+            )
         if (
-            self.student_lr or not self.student_from_teacher or self.student_to_teacher_epochs
+            self.student_lr
+            or not self.student_from_teacher
+            or self.student_to_teacher_epochs
+            or self.student_down_budget
+            or self.student_up_budget
         ) and not self.student_links:
             raise ConfigError(
-                f"arm {self.name}: student-lr, student-from-teacher and "
-                "student-to-teacher-epochs need student-links"
+                f"arm {self.name}: student-lr, student-from-teacher, student-to-teacher-epochs "
+                "and the student budgets need student-links"
             )
         if (self.student_links or self.aggregation is not Aggregation.AVERAGE) and (
             self.kind is ArmKind.FLOWER
@@ -409,6 +428,23 @@ every seed of the offline replica (BENCHMARKS.md), at 0.01 it keeps what distill
 gave it. A student trained from scratch has small logits and learns best at 0.1:
 ``student-fedavg`` keeps the sweep's lr."""
 
+STUDENT_DOWN_BUDGET = 595
+"""The student edges' download budget in ``distill`` and ``student-fedavg``, wire bytes
+per round: ``adaptive``'s payload allowance scaled by the student/teacher size ratio,
+the message's fixed overhead added back, ``150 + (3700 - 150) * 4794 / 38282`` (digits
+CNN: 4,794 student parameters, 38,282 teacher ones; 150 B is
+:data:`coordinator.budget.DOWN_OVERHEAD_BYTES`). Every parameter gets the payload bytes a
+teacher parameter gets; the manifest and receipt cost the same for either model. With the
+teacher's budget the student fitted 8-bit deltas whole (about 2.6 kB a round)."""
+
+STUDENT_UP_BUDGET = 531
+"""The student edges' upload budget, wire bytes per round: the same scaling,
+``220 + (2400 - 220) * 4794 / 38282 = 493``, raised to the smallest upload rung's bound
+for the student (``rank=1,quant=2:kmeans``: 531 B with
+:data:`coordinator.budget.UP_OVERHEAD_BYTES`), below which every student edge would be
+skipped. Both values are derived, never tuned on sweep results; the test
+``tests/simulations/test_distill_arm.py`` recomputes them from the models and the ladder."""
+
 _ADAPTIVE = ArmConfig(
     "adaptive",
     policy=PolicyKind.ADAPTIVE,
@@ -452,16 +488,22 @@ ARM_PRESETS: Mapping[str, ArmConfig] = {
         # Every round, not every 5: the student's quality comes from the refreshes, and on
         # three seeds it then ends higher and steadier, with fewer bytes (BENCHMARKS.md).
         student_refresh_every=1,
+        student_down_budget=STUDENT_DOWN_BUDGET,
+        student_up_budget=STUDENT_UP_BUDGET,
         description="adaptive; clients on 2g, iot-lpwan and satellite train the student "
-        f"(lr {DISTILLED_STUDENT_LR}), refreshed from the global model every round",
+        f"(lr {DISTILLED_STUDENT_LR}), refreshed from the global model every round, within "
+        f"{STUDENT_DOWN_BUDGET} B down / {STUDENT_UP_BUDGET} B up",
     ),
     "student-fedavg": replace(
         _ADAPTIVE,
         name="student-fedavg",
         student_links=WEAK_LINKS,
         student_from_teacher=False,
+        student_down_budget=STUDENT_DOWN_BUDGET,
+        student_up_budget=STUDENT_UP_BUDGET,
         description="adaptive; clients on 2g, iot-lpwan and satellite train the student "
-        "without a teacher (the baseline of distill)",
+        f"without a teacher (the baseline of distill), within {STUDENT_DOWN_BUDGET} B down / "
+        f"{STUDENT_UP_BUDGET} B up",
     ),
     "adaptive-feddf": replace(
         _ADAPTIVE,

@@ -239,6 +239,8 @@ class SimulationConfig:
             student_from_teacher=arm.student_from_teacher,
             student_to_teacher_epochs=arm.student_to_teacher_epochs,
             student_to_teacher=arm.student_to_teacher,
+            student_down_budget=arm.student_down_budget if arm.student_links else 0,
+            student_up_budget=arm.student_up_budget if arm.student_links else 0,
             fusion_warmup=arm.fusion_warmup,
             distill_epochs=arm.distill_epochs,
             aggregation=arm.aggregation,

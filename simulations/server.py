@@ -249,6 +249,12 @@ class SweepServer:
                 store,
                 *ladders,
                 budget=Budget(arm.down_budget, arm.up_budget),
+                student_budget=Budget(
+                    arm.student_down_budget or arm.down_budget,
+                    arm.student_up_budget or arm.up_budget,
+                )
+                if arm.student_links
+                else None,
                 run_budget=RunBudget(total, arm.down_share) if total else None,
                 num_rounds=cfg.num_rounds,
                 clients_per_round=cfg.clients_per_round,

@@ -19,6 +19,7 @@ from flwr.serverapp.strategy import (
 )
 
 from coordinator.app import Coordinator, OneLineErrors, build_strategy
+from coordinator.budget import Choice, EdgeRequest, Skip
 from coordinator.strategy import RoundStats
 from coordinator.version_store import VersionStore
 from fedsqueeze.codec.spec_text import parse_spec
@@ -149,6 +150,81 @@ def test_a_student_track_without_its_teacher_is_never_refreshed(tmp_path: Path) 
         assert with_teacher.students is not None and with_teacher.students.due(1)
     finally:
         with_teacher.close()
+
+
+def test_student_budgets_are_checked_and_read() -> None:
+    for bad, message in (
+        ({"student-refresh-every": 1, "student-down-budget": -1}, "must be >= 0 bytes"),
+        ({"student-refresh-every": 1, "student-up-budget": -5}, "must be >= 0 bytes"),
+        ({"student-down-budget": 595}, "need a student track"),
+    ):
+        with pytest.raises(ConfigError, match=message) as err:
+            RunSettings.from_run_config(bad)
+        assert "\n" not in str(err.value)
+    s = RunSettings.from_run_config(
+        {"student-refresh-every": 1, "student-down-budget": 595, "student-up-budget": "531"}
+    )
+    assert (s.student_down_budget, s.student_up_budget) == (595, 531)
+    assert RunSettings.from_run_config(s.to_run_config()) == s
+
+
+class _Recording:
+    """A budget policy that records its requests and always says yes."""
+
+    def __init__(self) -> None:
+        self.requests: list[EdgeRequest] = []
+
+    def choose(self, request: EdgeRequest) -> Choice | Skip:
+        self.requests.append(request)
+        return Choice("int8", "int8", 0, 0, 0)
+
+    def observe(self, bytes_down: int, bytes_up: int, *, compute_s: float | None = None) -> None:
+        del bytes_down, bytes_up, compute_s
+
+
+def test_student_instructions_carry_the_student_budgets(tmp_path: Path) -> None:
+    settings = RunSettings(
+        state_dir=str(tmp_path),
+        student_refresh_every=1,
+        down_budget=3_700,
+        up_budget=2_400,
+        student_down_budget=595,
+        student_up_budget=531,
+    )
+    coordinator = Coordinator.open(settings)
+    try:
+        students = coordinator.students
+        student_instruct = coordinator.strategy._student_instruction
+        assert students is not None and student_instruct is not None
+        student = student_instruct(1, 7, students.init_digest)
+        teacher = coordinator.strategy._instruction(1, 8, coordinator.init_digest)
+        assert student is not None and teacher is not None
+        assert (student.down_budget, student.up_budget) == (595, 531)
+        assert (teacher.down_budget, teacher.up_budget) == (3_700, 2_400)
+    finally:
+        coordinator.close()
+    # 0: the run's budgets
+    plain = Coordinator.open(
+        replace(settings, state_dir=str(tmp_path / "p"), student_down_budget=0, student_up_budget=0)
+    )
+    try:
+        assert plain.students is not None and plain.strategy._student_instruction is not None
+        same = plain.strategy._student_instruction(1, 7, plain.students.init_digest)
+        assert same is not None and (same.down_budget, same.up_budget) == (3_700, 2_400)
+    finally:
+        plain.close()
+    # With a budget policy, it is told which requests are a student edge's.
+    recording = _Recording()
+    policed = Coordinator.open(
+        replace(settings, state_dir=str(tmp_path / "q")), policy=lambda store: recording
+    )
+    try:
+        assert policed.students is not None and policed.strategy._student_instruction is not None
+        policed.strategy._student_instruction(1, 7, policed.students.init_digest)
+        policed.strategy._instruction(1, 8, policed.init_digest)
+        assert [(r.node_id, r.student) for r in recording.requests] == [(7, True), (8, False)]
+    finally:
+        policed.close()
 
 
 def _failed_round(coordinator: Coordinator, server_round: int) -> None:

@@ -61,9 +61,15 @@ class Plane:
         self.template = InstructionTemplate("int8", "int8", "digits-cnn", 0, self.init_digest)
 
     def transfer(
-        self, choice: Choice, target: str, update: State, residual: State | None
+        self,
+        choice: Choice,
+        target: str,
+        update: State,
+        residual: State | None,
+        held: tuple[str, State] | None = None,
     ) -> tuple[int, int]:
-        """Fetch ``target`` as the policy said, push ``update``: wire bytes both ways."""
+        """Fetch ``target`` as the policy said (against ``held``, digest and state: the
+        initial model if not given), push ``update``: wire bytes both ways."""
         from dataclasses import replace
 
         instruction = replace(
@@ -72,7 +78,8 @@ class Plane:
             up_spec=choice.up_spec,
             down_budget=choice.down_payload,
         )
-        fetched = self.connector.fetch(instruction, str(NODE), self.init_digest, self.init)
+        held_digest, held_state = held or (self.init_digest, self.init)
+        fetched = self.connector.fetch(instruction, str(NODE), held_digest, held_state)
         # As the edge does: the instruction's payload limit, the rank lowered to fit it.
         encoded = fit_update(
             update,
@@ -251,6 +258,53 @@ def _low_rank_update(state: State, rank: int, seed: int) -> State:
         else:
             out[k] = v.clone()
     return out
+
+
+@pytest.mark.parametrize("drift", [0.003, 0.05])
+def test_student_edges_get_their_own_budget_and_it_holds_on_the_wire(
+    plane: Plane, drift: float
+) -> None:
+    """``distill``'s budgets: the teacher's 3.7 kB / 2.4 kB, the student's 595 B / 531 B.
+    A student edge's choice fits the student budget on the wire; a teacher edge of the
+    same policy keeps the teacher's budget, and without a student budget a student edge
+    gets the teacher's."""
+    build_student = get_task("digits-cnn").build_student
+    assert build_student is not None
+    student_init = dict(build_student(0).state_dict())
+    init_digest = plane.store.publish(student_init, track="student")
+    student_state = _perturbed(student_init, drift, seed=1)
+    target = plane.store.publish(student_state, track="student")
+    teacher_target = plane.store.publish(_perturbed(plane.init, drift, seed=1))
+    policy = LadderPolicy(
+        plane.store,
+        ADAPTIVE_DOWN_LADDER,
+        ADAPTIVE_UP_LADDER,
+        budget=Budget(3_700, 2_400),
+        student_budget=Budget(595, 531),
+    )
+    choice = policy.choose(EdgeRequest(1, NODE, target, init_digest, student=True))
+    assert isinstance(choice, Choice), choice
+    assert choice.down_bytes <= 595 and choice.up_bytes <= 531
+    for update, residual in (
+        (_perturbed(student_state, 0.02, seed=2), None),
+        (
+            _spread(student_state, every=33),
+            _perturbed({k: 0 * v for k, v in student_init.items()}, 0.01, 3),
+        ),
+    ):
+        wire_down, wire_up = plane.transfer(
+            choice, target, update, residual, held=(init_digest, student_init)
+        )
+        assert wire_down <= choice.down_bytes <= 595, (choice, wire_down)
+        assert wire_up <= choice.up_bytes <= 531, (choice, wire_up)
+    teacher = policy.choose(EdgeRequest(1, NODE + 1, teacher_target, plane.init_digest))
+    assert isinstance(teacher, Choice) and 595 < teacher.down_bytes <= 3_700
+    assert 531 < teacher.up_bytes <= 2_400
+    shared = LadderPolicy(
+        plane.store, ADAPTIVE_DOWN_LADDER, ADAPTIVE_UP_LADDER, budget=Budget(3_700, 2_400)
+    )
+    whole = shared.choose(EdgeRequest(1, NODE + 2, target, init_digest, student=True))
+    assert isinstance(whole, Choice) and whole.down_bytes > 595 and whole.up_bytes > 531
 
 
 def test_low_rank_uploads_are_picked_by_expected_size_and_fit_on_the_wire(

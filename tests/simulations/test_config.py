@@ -11,7 +11,14 @@ from fedsqueeze.errors import ConfigError
 from fedsqueeze.runconfig import Partitioning, RunSettings, StrategyName
 from fedsqueeze.tasks.base import Optimizer
 from simulations import baselines
-from simulations.baselines import ARM_PRESETS, DEFAULT_ARMS, DISTILLED_STUDENT_LR, ArmKind
+from simulations.baselines import (
+    ARM_PRESETS,
+    DEFAULT_ARMS,
+    DISTILLED_STUDENT_LR,
+    STUDENT_DOWN_BUDGET,
+    STUDENT_UP_BUDGET,
+    ArmKind,
+)
 from simulations.config import SimulationConfig, load_config
 
 CONFIGS = Path(__file__).resolve().parents[2] / "simulations" / "configs"
@@ -94,6 +101,9 @@ def test_new_arms_can_be_defined(tmp_path: Path) -> None:
         (["arms=distill", "arm.distill.student-lr=-0.1"], "student-lr must be >= 0"),
         (["arms=adaptive", "arm.adaptive.student-lr=0.01"], "need student-links"),
         (["arms=adaptive", "arm.adaptive.student-from-teacher=false"], "need student-links"),
+        (["arms=adaptive", "arm.adaptive.student-down-budget=600"], "need student-links"),
+        (["arms=distill", "arm.distill.student-up-budget=-1"], "student-up-budget must be >= 0"),
+        (["arms=distill", "arm.distill.student-down-budget=0.5"], "expected int"),
         (["arms=distill", "arm.distill.student-from-teacher=0"], "expected true or false"),
         (["arms=adaptive", "arm.adaptive.fusion-warmup=3"], "fusion-warmup needs aggregation"),
         (["arms=adaptive-feddf", "arm.adaptive-feddf.fusion-warmup=-1"], "must be >= 0"),
@@ -152,6 +162,28 @@ def test_distilling_arms_carry_their_options_to_the_run() -> None:
     assert all(c.run_settings(a, "s").held_out_proxy == 360 for a in c.arms)
     s = load_config(None, ["arms=distill", "arm.distill.student-lr=0.02"])
     assert s.run_settings(s.arm("distill"), "s").student_lr == 0.02
+
+
+def test_student_arms_carry_their_own_budgets() -> None:
+    c = load_config(None, ["arms=distill,student-fedavg,adaptive"])
+    for name in ("distill", "student-fedavg"):
+        arm = c.arm(name)
+        # the baseline gets the same student budgets as distill
+        assert (arm.student_down_budget, arm.student_up_budget) == (
+            STUDENT_DOWN_BUDGET,
+            STUDENT_UP_BUDGET,
+        )
+        assert (arm.down_budget, arm.up_budget) == (3_700, 2_400)  # the teacher's: adaptive's
+        run = c.run_settings(arm, "s")
+        assert (run.student_down_budget, run.student_up_budget) == (595, 531)
+    adaptive = c.run_settings(c.arm("adaptive"), "s")
+    assert (adaptive.student_down_budget, adaptive.student_up_budget) == (0, 0)
+    # 0: the arm's budgets, as before this option
+    off = load_config(
+        None,
+        ["arms=distill", "arm.distill.student-down-budget=0", "arm.distill.student-up-budget=0"],
+    )
+    assert off.run_settings(off.arm("distill"), "s").student_down_budget == 0
 
 
 def test_an_arms_server_optimizer_reaches_its_run() -> None:

@@ -13,7 +13,36 @@ from pathlib import Path
 
 import pytest
 
+from coordinator.budget import DOWN_OVERHEAD_BYTES, UP_OVERHEAD_BYTES, LadderPolicy
+from coordinator.version_store import VersionStore
+from fedsqueeze.codec.spec_text import parse_spec
+from fedsqueeze.tasks import get_task
+from simulations.baselines import (
+    ADAPTIVE_UP_LADDER,
+    ARM_PRESETS,
+    STUDENT_DOWN_BUDGET,
+    STUDENT_UP_BUDGET,
+)
 from tests.subproc import run_module
+
+
+def test_the_student_budgets_follow_their_stated_principle(tmp_path: Path) -> None:
+    """``adaptive``'s payload allowance scaled by the student/teacher parameter ratio, the
+    fixed message overheads added back, the upload raised to the smallest rung's bound:
+    recomputed from the models and the ladder, so a change to either shows here."""
+    task = get_task("digits-cnn")
+    assert task.build_student is not None
+    teacher = dict(task.build_model(0).state_dict())
+    student = dict(task.build_student(0).state_dict())
+    ratio = sum(v.numel() for v in student.values()) / sum(v.numel() for v in teacher.values())
+    assert ratio <= 0.25  # the issue's student: at most a quarter of the teacher
+    adaptive = ARM_PRESETS["adaptive"]
+    down = DOWN_OVERHEAD_BYTES + round((adaptive.down_budget - DOWN_OVERHEAD_BYTES) * ratio)
+    up = UP_OVERHEAD_BYTES + round((adaptive.up_budget - UP_OVERHEAD_BYTES) * ratio)
+    policy = LadderPolicy(VersionStore(tmp_path), ("quant=8",), ADAPTIVE_UP_LADDER)
+    smallest = min(policy._up_sizes(t, parse_spec(t), student).floor for t in ADAPTIVE_UP_LADDER)
+    assert up < smallest  # the scaled upload fits no rung: the floor decides
+    assert (down, max(up, smallest)) == (STUDENT_DOWN_BUDGET, STUDENT_UP_BUDGET)
 
 
 @pytest.mark.timeout(400)
