@@ -38,16 +38,23 @@ def _state(seed: int) -> dict[str, torch.Tensor]:
     }
 
 
+def base_of(delta: bool) -> dict[str, torch.Tensor] | None:
+    """The base a case is a delta against (``None``: a whole model)."""
+    return _state(1) if delta else None
+
+
+def encode_text_case(text: str, delta: bool) -> bytes:
+    """``_state(0)`` under the spec ``text``, a delta against :func:`base_of` if ``delta``."""
+    return encode_state(_state(0), parse_spec(text), base_of(delta), seed=0).to_bytes()
+
+
 def _encode(name: str) -> bytes:
-    text, delta = CASES[name]
-    base = _state(1) if delta else None
-    return encode_state(_state(0), parse_spec(text), base, seed=0).to_bytes()
+    return encode_text_case(*CASES[name])
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_golden_v5_bytes_unchanged(name: str) -> None:
-    _text, delta = CASES[name]
-    base = _state(1) if delta else None
+    base = base_of(CASES[name][1])
     encoded = _encode(name)
     decoded = check_golden(GOLDEN, name, encoded, GLOBAL_ORDER_VERSION, base)
     assert set(decoded) == set(_state(0))

@@ -13,11 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from fedsqueeze.codec import EncodedModel, encode_state
+from fedsqueeze.codec import EncodedModel
 from fedsqueeze.codec.container import ANS_VERSION
-from fedsqueeze.codec.spec_text import parse_spec
 from tests.codec.test_golden import check_golden, regenerate
-from tests.codec.test_golden_v5 import _state
+from tests.codec.test_golden_v5 import _state, base_of, encode_text_case
 
 GOLDEN = Path(__file__).parent.parent / "golden" / "v8"
 
@@ -30,15 +29,12 @@ CASES: dict[str, tuple[str, bool]] = {
 
 
 def _encode(name: str) -> bytes:
-    text, delta = CASES[name]
-    base = _state(1) if delta else None
-    return encode_state(_state(0), parse_spec(text), base, seed=0).to_bytes()
+    return encode_text_case(*CASES[name])
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_golden_v8_bytes_unchanged(name: str) -> None:
-    _text, delta = CASES[name]
-    base = _state(1) if delta else None
+    base = base_of(CASES[name][1])
     encoded = _encode(name)
     decoded = check_golden(GOLDEN, name, encoded, ANS_VERSION, base)
     assert set(decoded) == set(_state(0))
