@@ -61,6 +61,17 @@ def kill_marked(marker: str) -> None:
             os.kill(pid, signal.SIGKILL)
 
 
+def _default_signals() -> None:
+    """Give a started command the signal dispositions a terminal would.
+
+    A test run started in the background (``make test &``, ``nohup``, a subshell) ignores
+    SIGINT and SIGQUIT (SIGHUP too under nohup), and a child inherits ignored signals
+    across exec: the commands under test would then ignore the Ctrl-C these tests send.
+    """
+    for s in (signal.SIGINT, signal.SIGQUIT, signal.SIGHUP, signal.SIGTERM):
+        signal.signal(s, signal.SIG_DFL)
+
+
 class Fleet:
     """The processes of one test, all carrying one marker."""
 
@@ -89,6 +100,7 @@ class Fleet:
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
+                preexec_fn=_default_signals,
             )
         self.popens.append(popen)
         return popen
