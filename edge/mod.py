@@ -186,7 +186,8 @@ def make_mod(
             nonfinite=nonfinite,
         )
         # Inline, the receipt names the base (held): a version 8 delta leaves it out.
-        compact = encoded.to_bytes(omit_base=True)
+        # Serialized only when inline payloads are on (a large update is not encoded twice).
+        compact = encoded.to_bytes(omit_base=True) if instruction.inline_limit else b""
         push_start = time.perf_counter()
         if instruction.inline_limit and len(compact) <= instruction.inline_limit:
             update_id, inline = "", compact  # travels in the receipt
