@@ -208,14 +208,18 @@ def encode_context_codes(codes: np.ndarray, contexts: np.ndarray, bits: int) -> 
     ctx = _check_contexts(contexts, len(symbols))
     block = _block(k)
     # The table each symbol was coded with (the decoder rebuilds the same, in order).
-    counts: dict[int, list[int]] = {}
-    seen: dict[int, int] = {}
-    current: dict[int, tuple[list[int], list[int]]] = {}
+    # Per context (lists indexed by it: the contexts are bytes): counts, symbols seen,
+    # and the table in use; a context's counts are made when it first occurs.
+    counts: list[list[int]] = [[] for _ in range(MAX_CONTEXTS)]
+    seen = [0] * MAX_CONTEXTS
+    current: list[tuple[list[int], list[int]]] = [([], [])] * MAX_CONTEXTS
     used: list[tuple[list[int], list[int]]] = []
     for s, c in zip(symbols, ctx, strict=True):
-        n = seen.get(c, 0)
+        n = seen[c]
         if n % block == 0:
-            current[c] = _table(counts.setdefault(c, [1] * k))
+            if not n:
+                counts[c] = [1] * k
+            current[c] = _table(counts[c])
         used.append(current[c])
         counts[c][s] += 2
         seen[c] = n + 1
@@ -259,13 +263,15 @@ def decode_context_codes(data: bytes | memoryview, contexts: np.ndarray, bits: i
     n = len(raw)
     out = bytearray(count)
     block = _block(k)
-    counts: dict[int, list[int]] = {}
-    seen: dict[int, int] = {}
-    current: dict[int, tuple[list[int], list[int]]] = {}
+    counts: list[list[int]] = [[] for _ in range(MAX_CONTEXTS)]
+    seen = [0] * MAX_CONTEXTS
+    current: list[tuple[list[int], list[int]]] = [([], [])] * MAX_CONTEXTS
     for i, c in enumerate(ctx):
-        m = seen.get(c, 0)
+        m = seen[c]
         if m % block == 0:
-            current[c] = _table(counts.setdefault(c, [1] * k))
+            if not m:
+                counts[c] = [1] * k
+            current[c] = _table(counts[c])
         seen[c] = m + 1
         freqs, cum = current[c]
         slot = x & _MASK
