@@ -14,6 +14,9 @@ trained_digits`), encoded once with :data:`SPEC` (positions in two support level
   never rises): each byte should bring the prefix's predictions closer to where the
   stream ends.
 
+Each seed's row also weighs the whole streams against one-shot encodings at the same
+final precision (:func:`stream_costs`: with and without support levels, zstd and ANS).
+
 Test accuracy is measured after **every record** (the strictest reading of "anywhere
 along the curve") and at the log-spaced points of the other digits curves, with the
 points at 1/32 and 1/64 of fp32 (the best complete prefix that fits).
