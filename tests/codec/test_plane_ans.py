@@ -28,6 +28,12 @@ SPECS = [
     "quant=4:symmetric,levels=1+1+2",
     "quant=4:kmeans,levels=2+2",
     "prune=global:0.8,quant=4:symmetric,levels=1+1+2,float=fp16",
+    "topk=0.3,quant=8,levels=4+4",
+    "quant=4:pow2,levels=1+1+2",
+    # block-wise scales, NF4 and rotations
+    "quant=8:block64:dq,levels=2+2+4",
+    "quant=4:nf4:block32,levels=1+1+2",
+    "quant=8:channel:hadamard,levels=2+1+1+2+2",
 ]
 
 
