@@ -111,23 +111,27 @@ def encode_codes(codes: np.ndarray, bits: int) -> bytes:
     symbols = flat.tolist()
     # The model each block was coded with (the decoder sees the same, in order).
     block = _block(k)
-    tables = []
+    # Each symbol's frequency and cumulative start under its block's table.
+    freq_of: list[int] = []
+    start_of: list[int] = []
     counts = [1] * k
     for start in range(0, len(symbols), block):
-        tables.append(_table(counts))
+        freqs, cum = _table(counts)
         for s in symbols[start : start + block]:
+            freq_of.append(freqs[s])
+            start_of.append(cum[s])
             counts[s] += 2
     out = bytearray()
     x = _LOW
+    bound = (_LOW >> _SCALE_BITS) << 8
     for i in range(len(symbols) - 1, -1, -1):
-        freqs, cum = tables[i // block]
-        s = symbols[i]
-        f = freqs[s]
-        x_max = ((_LOW >> _SCALE_BITS) << 8) * f
+        f = freq_of[i]
+        x_max = bound * f
         while x >= x_max:
             out.append(x & 0xFF)
             x >>= 8
-        x = (x // f << _SCALE_BITS) + x % f + cum[s]
+        q, r = divmod(x, f)
+        x = (q << _SCALE_BITS) + r + start_of[i]
     out += x.to_bytes(4, "little")
     out.reverse()  # the decoder reads the final state first, then what came out last
     return bytes(out)
@@ -213,27 +217,31 @@ def encode_context_codes(codes: np.ndarray, contexts: np.ndarray, bits: int) -> 
     counts: list[list[int]] = [[] for _ in range(MAX_CONTEXTS)]
     seen = [0] * MAX_CONTEXTS
     current: list[tuple[list[int], list[int]]] = [([], [])] * MAX_CONTEXTS
-    used: list[tuple[list[int], list[int]]] = []
+    # Each symbol's frequency and cumulative start under the table it was coded with.
+    freq_of: list[int] = []
+    start_of: list[int] = []
     for s, c in zip(symbols, ctx, strict=True):
         n = seen[c]
         if n % block == 0:
             if not n:
                 counts[c] = [1] * k
             current[c] = _table(counts[c])
-        used.append(current[c])
+        freqs, cum = current[c]
+        freq_of.append(freqs[s])
+        start_of.append(cum[s])
         counts[c][s] += 2
         seen[c] = n + 1
     out = bytearray()
     x = _LOW
+    bound = (_LOW >> _SCALE_BITS) << 8
     for i in range(len(symbols) - 1, -1, -1):
-        freqs, cum = used[i]
-        s = symbols[i]
-        f = freqs[s]
-        x_max = ((_LOW >> _SCALE_BITS) << 8) * f
+        f = freq_of[i]
+        x_max = bound * f
         while x >= x_max:
             out.append(x & 0xFF)
             x >>= 8
-        x = (x // f << _SCALE_BITS) + x % f + cum[s]
+        q, r = divmod(x, f)
+        x = (q << _SCALE_BITS) + r + start_of[i]
     out += x.to_bytes(4, "little")
     out.reverse()
     return bytes(out)
