@@ -14,6 +14,9 @@ trained_digits`), encoded once with :data:`SPEC` (positions in two support level
   never rises): each byte should bring the prefix's predictions closer to where the
   stream ends.
 
+Each seed's row also weighs the whole streams against one-shot encodings at the same
+final precision (:func:`stream_costs`: with and without support levels, zstd and ANS).
+
 Test accuracy is measured after **every record** (the strictest reading of "anywhere
 along the curve") and at the log-spaced points of the other digits curves, with the
 points at 1/32 and 1/64 of fp32 (the best complete prefix that fits).
@@ -35,9 +38,34 @@ from fedsqueeze.codec.spec_text import parse_spec
 State = Mapping[str, torch.Tensor]
 Json = dict[str, Any]
 
-#: The stream: 88%-sparse at the end, 6% of the weights in its first support level.
-SPEC = "prune=global:0.88,quant=4:symmetric,levels=1+1+2,float=fp16,grow=0.94"
+#: The stream: 88%-sparse at the end, 6% of the weights in its first support level;
+#: refinement planes ANS-coded given the coarser bits where that is smaller (format v9).
+SPEC = "prune=global:0.88,quant=4:symmetric,levels=1+1+2,float=fp16,grow=0.94,entropy=ans"
 SEEDS = (0, 1, 2)
+#: What a whole stream is weighed against: the same stream without support levels, and
+#: one-shot encodings at the same final precision, each with zstd and with ANS.
+COST_SPECS = {
+    "grow": "prune=global:0.88,quant=4:symmetric,levels=1+1+2,float=fp16,grow=0.94",
+    "levels": "prune=global:0.88,quant=4:symmetric,levels=1+1+2,float=fp16",
+    "one_shot": "prune=global:0.88,quant=4:symmetric,float=fp16",
+}
+
+
+def stream_costs(state: State) -> Json:
+    """Bytes of each of :data:`COST_SPECS` with zstd 19 (``KEY_zstd``) and with
+    ``entropy=ans:19`` (``KEY_ans``), and each stream's ratio to the one-shot encoding
+    with the same coder and to the smaller one-shot encoding."""
+    out: Json = {}
+    for key, text in COST_SPECS.items():
+        for coder in ("zstd", "ans"):
+            suffix = ",entropy=19" if coder == "zstd" else ",entropy=ans:19"
+            out[f"{key}_{coder}"] = encode_state(state, parse_spec(text + suffix), seed=0).nbytes
+    best = min(out["one_shot_zstd"], out["one_shot_ans"])
+    for key in ("grow", "levels"):
+        for coder in ("zstd", "ans"):
+            out[f"{key}_{coder}_vs_one_shot"] = out[f"{key}_{coder}"] / out[f"one_shot_{coder}"]
+            out[f"{key}_{coder}_vs_best_one_shot"] = out[f"{key}_{coder}"] / best
+    return out
 
 
 def digits_kl_to(
@@ -103,6 +131,7 @@ def run_seed(seed: int, state: State, accuracy_fp32: float, fp32: int) -> Json:
     encoded = encode_state(state, spec, seed=0)
     loss, accuracy = digits_kl_to(decode_state(encoded), seed)
     out: Json = {"seed": seed, "fp32_accuracy": accuracy_fp32, "fp32_bytes": fp32}
+    out["costs"] = stream_costs(state)
     for order, model in (("relative", encoded), ("loss", reorder_by_loss(encoded, loss))):
         rows = record_curve(model, accuracy)
         start, total = rows[0]["bytes"], rows[-1]["bytes"]
@@ -137,3 +166,17 @@ def print_seed(out: Callable[[str], None], row: Json) -> None:
             f"over every record, {100 * r['largest_drop_points']:.2f} pt at the log points"
         )
     out("    " + " ".join(f"{x['bytes']}:{100 * x['quality']:.1f}" for x in row["loss"]["records"]))
+    c = row["costs"]
+    out(
+        "    whole streams (zstd · ans): "
+        + "; ".join(
+            f"{key} {c[f'{key}_zstd']:,} · {c[f'{key}_ans']:,} B"
+            + (
+                f" ({c[f'{key}_zstd_vs_one_shot']:.3f}× · {c[f'{key}_ans_vs_one_shot']:.3f}× "
+                "one-shot)"
+                if key != "one_shot"
+                else ""
+            )
+            for key in COST_SPECS
+        )
+    )

@@ -1,4 +1,4 @@
-"""The encoded-model byte format, versions 1 to 4: one compact header, then tensor records.
+"""The encoded-model byte format, versions 1 to 9: one compact header, then tensor records.
 
 Layout (integers are LEB128 varints unless noted)::
 
@@ -88,6 +88,17 @@ element count, or ``r·(m + n)`` for low-rank factors), which the decoder packs 
 record's plain body would be. Version 1 to 7 decoders refuse version 8 streams by their
 version byte (and would refuse the zero raw length when decompressing).
 
+Version 9 is version 8 plus *ANS refinements* (:mod:`fedsqueeze.codec.plane_ans`),
+written only when some refinement is one (which only an ``entropy=ans`` spec makes). An
+ANS refinement is a refinement (level ≥ 1, either kind: a level of a plain progressive
+tensor or a group's plane) with the ENTROPY flag and a raw length of 0: its body is its
+positions payload (a group's first plane only), its bucket table (unless it is the last
+level) and then the context-adaptive rANS coding of the plane's ``count`` codes, each
+coded with the model of the value's coarser code bits (those of its own group) that the
+receiver already holds; a group's first plane with one context. Version 1 to 8 decoders
+refuse version 9 streams by their version byte (and a raw length of 0 when
+decompressing).
+
 A version 8 delta may also leave its base's digest out: model flag 0x02 (*implied
 base*) instead of 0x01 and the 32 bytes, for payloads whose carrier names the base
 anyway (an inline download's instruction is made for the version the edge holds; an
@@ -148,6 +159,9 @@ ROTATED_VERSION = 6
 SUPPORT_LEVELS_VERSION = 7
 #: The version written when any record's codes are ANS-coded (``entropy=ans``).
 ANS_VERSION = 8
+#: The version written when any refinement's plane is ANS-coded with the coarser bits
+#: as context (:mod:`fedsqueeze.codec.plane_ans`).
+PLANE_ANS_VERSION = 9
 SUPPORTED_VERSIONS = (
     FORMAT_VERSION,
     PROGRESSIVE_VERSION,
@@ -157,6 +171,7 @@ SUPPORTED_VERSIONS = (
     ROTATED_VERSION,
     SUPPORT_LEVELS_VERSION,
     ANS_VERSION,
+    PLANE_ANS_VERSION,
 )
 #: Most position groups (support levels) one tensor may have.
 MAX_GROUPS = 16
@@ -308,7 +323,8 @@ class TensorRecord:
     levels: tuple[int, ...] = ()  # level 0 of a progressive tensor: bits per level
     group: int | None = None  # a refinement of a grown tensor: its position group
     plane: int = 0  # ... and the group's plane it holds (0: the group's positions too)
-    ans: bool = False  # the body is the rANS coding of the codes (version 8)
+    ans: bool = False  # the body is the rANS coding of the codes (version 8; of a
+    # refinement's plane, after its positions and table: version 9)
 
     @property
     def progressive(self) -> bool:
@@ -319,6 +335,11 @@ class TensorRecord:
     def needs_v7(self) -> bool:
         """Whether this record needs format version 7 (a refinement of a grown tensor)."""
         return self.group is not None
+
+    @property
+    def needs_v9(self) -> bool:
+        """Whether this record needs format version 9 (an ANS-coded refinement)."""
+        return self.ans and self.level > 0
 
     @property
     def needs_v3(self) -> bool:
@@ -403,7 +424,9 @@ class TensorRecord:
                     out.append((p.coding << 5) | p.rice_k)
                     write_varint(out, p.count)
                     write_varint(out, p.payload_bytes)
-            if self.raw_length is not None:
+            if self.ans:
+                out.append(0)  # a raw length of 0: the ANS coder's body (version 9)
+            elif self.raw_length is not None:
                 write_varint(out, self.raw_length)
             write_varint(out, length)
             return bytes(out)
@@ -704,9 +727,10 @@ def _parse_refinement(
     elif flags & RecordFlags.SPARSE:
         raise FormatError("a refinement with positions names its group (QUANT flag)")
     raw_length, body = _read_body(reader, flags, limits)
+    ans = version >= PLANE_ANS_VERSION and raw_length == 0
     return TensorRecord(
-        None, index, None, None, False, level, None, ValueKind.RAW, positions, raw_length,
-        body, group=group, plane=plane,
+        None, index, None, None, False, level, None, ValueKind.RAW, positions,
+        None if ans else raw_length, body, group=group, plane=plane, ans=ans,
     )  # fmt: skip
 
 
@@ -841,6 +865,7 @@ __all__ = [
     "GROUPED_KINDS",
     "GROUPED_VERSION",
     "MAX_GROUPS",
+    "PLANE_ANS_VERSION",
     "PROGRESSIVE_VERSION",
     "ROTATED_VERSION",
     "SUPPORTED_VERSIONS",

@@ -26,6 +26,7 @@ from fedsqueeze.codec.container import (
     FORMAT_VERSION,
     GLOBAL_ORDER_VERSION,
     GROUPED_VERSION,
+    PLANE_ANS_VERSION,
     PROGRESSIVE_VERSION,
     ROTATED_VERSION,
     SUPPORT_LEVELS_VERSION,
@@ -91,12 +92,14 @@ class EncodedModel:
 
     @property
     def header(self) -> ContainerHeader:
-        """The model-level header: version 8 when the spec's coder is ANS, else 7 when a
-        tensor's positions come in groups,
+        """The model-level header: version 9 when a refinement's plane is ANS-coded,
+        else 8 when the spec's coder is ANS, else 7 when a tensor's positions come in groups,
         else 6 when a record is rotated, else 5 when refinements are not in level order,
         else 4 when a record is byte-grouped, else 3 when one is block-wise or NF4, else
         2 when a tensor is sent in levels, else 1."""
-        if self.spec.entropy_coder is EntropyCoder.ANS or any(r.ans for r in self.records):
+        if any(r.needs_v9 for r in self.records):
+            version = PLANE_ANS_VERSION
+        elif self.spec.entropy_coder is EntropyCoder.ANS or any(r.ans for r in self.records):
             version = ANS_VERSION
         elif any(r.needs_v7 for r in self.records):
             version = SUPPORT_LEVELS_VERSION

@@ -101,7 +101,9 @@ class EntropyCoder(Enum):
     version 8) where it beats zstandard on the record, which then codes everything else
     at the spec's level. For kilobyte payloads of 4-bit codes (low-rank factors), whose
     values have a skewed distribution and no repeats; a record of more than
-    :data:`fedsqueeze.codec.ans.MAX_CODES` codes keeps zstandard.
+    :data:`fedsqueeze.codec.ans.MAX_CODES` codes keeps zstandard. With ``levels``, each
+    refinement plane is also ANS-coded with the value's coarser code bits as context
+    where that is smaller (:mod:`fedsqueeze.codec.plane_ans`, format version 9).
     """
 
     ZSTD = 0
@@ -256,7 +258,8 @@ class CodecSpec:
     entropy_coder
         The entropy coder of quantization codes (:class:`EntropyCoder`): with ``ANS``,
         records whose adaptive rANS coding is smaller than their zstandard frame carry
-        that instead (format version 8).
+        that instead (format version 8), and so do refinement planes, context-coded
+        (format version 9).
     targets
         Glob patterns of tensor names that the lossy stages apply to, among floating
         tensors with at least ``min_ndim`` dimensions (by default the weights of conv and

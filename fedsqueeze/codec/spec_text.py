@@ -19,7 +19,8 @@ after ``BITS`` may come in any order, and ``nf4`` without a granularity means QL
 ``block64``: ``quant=8:block64``, ``quant=4:nf4:block64:dq``, ``quant=4:symmetric:block32:bf16``),
 ``float`` (``fp32 fp16 bf16``), ``entropy`` (zstd
 level, 0 = off; ``ans`` or ``ans:LEVEL``: adaptive rANS of the quantization codes where
-it beats zstd, which codes the rest at LEVEL, default 19; format version 8),
+it beats zstd, which codes the rest at LEVEL, default 19; format version 8; with
+``levels`` also the refinement planes, given the coarser bits: version 9),
 ``targets`` (glob patterns joined by ``|``), ``min-ndim``, ``levels``
 (progressive transmission: bits added per level joined by ``+``, e.g. ``2+2+4`` with
 ``quant=8``, or ``none``), ``freeze`` (frozen tensors, which travel once and never in

@@ -39,12 +39,16 @@ rest takes ``log C(n, |S_2|) + log C(|S_2|, |S_1|)`` bits, the positions of ``S_
 which of them are in ``S_1``: at most one bit per weight of ``S_2``. That bit is also
 magnitude information: a later group's values lie in a narrow band, so their first
 planes cost little and remove much; but zstd wins back little of it from packed
-planes. Measured on digits-cnn (BENCHMARKS.md, "Progressive levels";
-``prune=global:0.88,quant=4:symmetric,levels=1+1+2,float=fp16,grow=0.94``): the whole
-stream is 5.75 kB against 5.0 kB without ``grow`` and 4.66 kB one-shot (1.23×; a
-three-way split, ``grow=0.96+0.93``, 1.31×), and in exchange one stream starts at
-2.15 kB (1/71 of fp32) and is within 5 points of the full model at 1/64 and within 2 at
-1/32 on seeds 0-4, where positions sent whole took two streams.
+planes. The context-coded planes of ``entropy=ans`` (format version 9,
+:mod:`fedsqueeze.codec.plane_ans`: each plane coded given the coarser bits of its own
+group's values) win most of it back. Measured on digits-cnn (BENCHMARKS.md,
+"Progressive levels"; ``prune=global:0.88,quant=4:symmetric,levels=1+1+2,float=fp16,
+grow=0.94``): with zstd the whole stream is 5.75 kB against 5.0 kB without ``grow`` and
+4.66 kB one-shot (1.23×; a three-way split, ``grow=0.96+0.93``, 1.31×); with
+``entropy=ans`` it is 4.80-4.93 kB on seeds 0-4, 1.03-1.06× one-shot (the stream
+without ``grow`` 0.93×). In exchange one stream starts at 2.1 kB (1/71 of fp32) and is
+within 5 points of the full model at 1/64 and within 2 at 1/32 on seeds 0-4, where
+positions sent whole took two streams.
 """
 
 from __future__ import annotations

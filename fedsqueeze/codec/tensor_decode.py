@@ -13,7 +13,7 @@ from dataclasses import replace
 
 import torch
 
-from fedsqueeze.codec import ans, dense_decode, entropy
+from fedsqueeze.codec import ans, dense_decode, entropy, plane_ans
 from fedsqueeze.codec.bitpack import pack_bits, packed_size, unpack_bits
 from fedsqueeze.codec.bits import xor_bits, xor_into
 from fedsqueeze.codec.blockwise import num_blocks
@@ -358,10 +358,30 @@ class ProgressiveTensor:
                 f"tensor {self.name!r}: level {plane} of a {len(self.levels)}-level plan"
             )
         g = self._groups[group]
-        expected = packed_size(g.count, self.levels[plane]) + 2 * table_entries(self.levels, plane)
-        body = _refinement_body(record, expected, self.name)
-        self._add_plane(g, plane, body)
+        bits = self.levels[plane]
+        table_bytes = 2 * table_entries(self.levels, plane)
+        if record.ans:
+            # The plane's contexts: the coarser bits this group's values hold.
+            codes = self._ans_plane(record, table_bytes, bits, g.top, g.count)
+            self._add_codes(g, plane, codes, memoryview(record.body)[:table_bytes])
+        else:
+            expected = packed_size(g.count, bits) + table_bytes
+            body = _refinement_body(record, expected, self.name)
+            self._add_plane(g, plane, body)
         self.level = record.level
+
+    def _ans_plane(
+        self, record: TensorRecord, head: int, bits: int, held: torch.Tensor | None, count: int
+    ) -> torch.Tensor:
+        """The codes of an ANS refinement's plane, whose rANS bytes follow ``head`` bytes
+        of positions and table (:mod:`fedsqueeze.codec.plane_ans`)."""
+        if len(record.body) < head:
+            raise FormatError(
+                f"tensor {self.name!r} level {record.level}: ANS body of "
+                f"{len(record.body)} bytes, its positions and table take {head}"
+            )
+        coded = memoryview(record.body)[head:]
+        return plane_ans.decode_plane(coded, bits, held, count, self._device)
 
     def _open_group(self, record: TensorRecord, group: int) -> None:
         """A refinement that adds positions: the next group with its first plane."""
@@ -386,8 +406,15 @@ class ProgressiveTensor:
         except ValueError as exc:
             raise FormatError(f"tensor {self.name!r}: unknown position coding {p.coding}") from exc
         bits = self.levels[0]
-        expected = p.payload_bytes + packed_size(p.count, bits) + 2 * table_entries(self.levels, 0)
-        body = memoryview(_refinement_body(record, expected, self.name))
+        table_bytes = 2 * table_entries(self.levels, 0)
+        if record.ans:
+            # Checked (and decoded, one context) before the positions: a hostile count
+            # costs nothing past the coder's bound.
+            codes = self._ans_plane(record, p.payload_bytes + table_bytes, bits, None, p.count)
+            body = memoryview(record.body)
+        else:
+            expected = p.payload_bytes + packed_size(p.count, bits) + table_bytes
+            body = memoryview(_refinement_body(record, expected, self.name))
         payload = _read_only_uint8(body[: p.payload_bytes]).to(self._device)
         ranks = decode_positions(coding, p.count, p.rice_k, payload, free)
         indices = torch.nonzero(~held).reshape(-1)[ranks]
@@ -399,7 +426,11 @@ class ProgressiveTensor:
         g.top = g.top.to(self._device)
         self._held = held.index_fill_(0, indices, True)
         self._groups.append(g)
-        self._add_plane(g, 0, body[p.payload_bytes :])
+        rest = body[p.payload_bytes :]
+        if record.ans:
+            self._add_codes(g, 0, codes, rest[:table_bytes])
+        else:
+            self._add_plane(g, 0, rest)
         self.level = record.level
 
     def _held_mask(self) -> torch.Tensor:
@@ -422,15 +453,22 @@ class ProgressiveTensor:
         view = memoryview(body)
         plane_bytes = packed_size(g.count, bits)
         plane = unpack_bits(_read_only_uint8(view[:plane_bytes]).to(self._device), bits, g.count)
-        # In place, in uint8: the bits held never exceed the code's 8 (the plan's sum).
-        g.top.bitwise_left_shift_(bits).bitwise_or_(plane.to(torch.uint8))
+        self._add_codes(g, level, plane, view[plane_bytes:])
+
+    def _add_codes(
+        self, g: _Group, level: int, plane: torch.Tensor, table: bytes | memoryview
+    ) -> None:
+        """Append plane ``level``'s codes (uint8 ``[g.count]``) to the group's bits, with
+        the level's bucket table from ``table`` (its float16 bytes, checked)."""
+        bits = self.levels[level]
         entries = table_entries(self.levels, level)
-        g.table = None
+        new_table = None
         if entries:
             shift = self._qp.bits - cumulative_bits(self.levels, level)
-            g.table = table_from_bytes(view[plane_bytes:], entries, self._qp.scheme, shift).to(
-                self._device
-            )
+            new_table = table_from_bytes(table, entries, self._qp.scheme, shift).to(self._device)
+        # In place, in uint8: the bits held never exceed the code's 8 (the plan's sum).
+        g.top.bitwise_left_shift_(bits).bitwise_or_(plane.to(torch.uint8))
+        g.table = new_table
         g.plane = level
 
     @property

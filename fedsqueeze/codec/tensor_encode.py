@@ -29,11 +29,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
-from fedsqueeze.codec import ans, entropy
+from fedsqueeze.codec import ans, entropy, plane_ans
 from fedsqueeze.codec.bitpack import pack_bits, unpack_bits
 from fedsqueeze.codec.bits import all_zero_bits, as_bits, xor_bits
 from fedsqueeze.codec.blockwise import num_blocks
@@ -614,21 +614,18 @@ class TensorEncoder:
         scored: list[ScoredLevel] = []
         for level, bits in enumerate(levels):
             table = tables[level]
-            body = bytes(tensor_bytes(pack_bits(plane(codes, levels, level), bits)))
-            if table is not None:
-                body += table_to_bytes(table)
+            codes_k = plane(codes, levels, level)
+            body = bytes(tensor_bytes(pack_bits(codes_k, bits)))
+            table_bytes = b"" if table is None else table_to_bytes(table)
+            body += table_bytes
             if level == 0:
                 record = self._record(
                     name, t, delta=delta, body=pos_payload + body, quant=quant,
                     positions=positions, levels=levels,
                 )  # fmt: skip
             else:
-                compressed = entropy.compress(body, self._spec.entropy_level)
-                record = TensorRecord(
-                    None, 0, None, None, False, level, None, ValueKind.RAW, None,
-                    len(body) if compressed is not None else None,
-                    compressed if compressed is not None else body,
-                )  # fmt: skip
+                coarse = top_codes(codes, sum(levels), cumulative_bits(levels, level - 1))
+                record = self._refinement(body, table_bytes, codes_k, bits, coarse, level)
             scored.append(ScoredLevel(record, gains[level], energy))
         self.levels[name] = scored
         return scored[0].record, decoded
@@ -681,24 +678,24 @@ class TensorEncoder:
                 cum = cumulative_bits(levels, level)
                 last = level == len(levels) - 1
                 table = None if last else bucket_table(g_codes, qp, cum, g_channels)
-                body = bytes(tensor_bytes(pack_bits(plane(g_codes, levels, level), bits)))
-                if table is not None:
-                    body += table_to_bytes(table)
+                codes_k = plane(g_codes, levels, level)
+                body = bytes(tensor_bytes(pack_bits(codes_k, bits)))
+                head = b"" if table is None else table_to_bytes(table)
+                body += head
                 if level == 0:
                     body = pos_payload + body
+                    head = pos_payload + head
                 if group == 0 and level == 0:
                     record = self._record(
                         name, t, delta=delta, body=body, quant=quant, positions=positions,
                         levels=levels,
                     )  # fmt: skip
                 else:
-                    compressed = entropy.compress(body, self._spec.entropy_level)
-                    record = TensorRecord(
-                        None, 0, None, None, False, 1, None, ValueKind.RAW,
-                        positions if level == 0 else None,
-                        len(body) if compressed is not None else None,
-                        compressed if compressed is not None else body,
-                        group=group, plane=level,
+                    # A group's later planes have its own values' coarser bits as context.
+                    coarse = top_codes(g_codes, sum(levels), cum - bits) if level else None
+                    record = self._refinement(
+                        body, head, codes_k, bits, coarse, 1,
+                        positions if level == 0 else None, group, level,
                     )  # fmt: skip
                 after = reconstruct(top_codes(g_codes, q.bits, cum), qp, cum, table, g_channels).to(
                     torch.float64
@@ -710,6 +707,38 @@ class TensorEncoder:
             held = torch.sort(torch.cat((held, idx))).values
         self.levels[name] = chain(nodes)
         return nodes[0].scored.record, final.to(torch.float32)
+
+    def _refinement(
+        self,
+        body: bytes,
+        head: bytes,
+        codes: torch.Tensor,
+        bits: int,
+        held: torch.Tensor | None,
+        level: int,
+        positions: PositionsHeader | None = None,
+        group: int | None = None,
+        plane_index: int = 0,
+    ) -> TensorRecord:
+        """A refinement record: its plain ``body`` (positions, packed plane, table)
+        zstd-coded, or with ``entropy=ans`` the plane ``codes`` context-coded after
+        ``head`` (positions and table) when that record is smaller
+        (:mod:`fedsqueeze.codec.plane_ans`; ``held``: each value's coarser code bits,
+        ``None`` for a group's first plane)."""
+        compressed = entropy.compress(body, self._spec.entropy_level)
+        record = TensorRecord(
+            None, 0, None, None, False, level, None, ValueKind.RAW, positions,
+            len(body) if compressed is not None else None,
+            compressed if compressed is not None else body,
+            group=group, plane=plane_index,
+        )  # fmt: skip
+        if self._spec.entropy_coder is not EntropyCoder.ANS:
+            return record
+        coded = plane_ans.encode_plane(codes, bits, held)
+        if coded is None:
+            return record
+        alt = replace(record, raw_length=None, body=head + coded, ans=True)
+        return alt if _record_size(alt) < _record_size(record) else record
 
     def _store(
         self,

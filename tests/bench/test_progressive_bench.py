@@ -124,3 +124,16 @@ def test_support_curve_measures_every_record_and_the_drops() -> None:
     assert largest_drop([r["quality"] for r in rows]) == 0.0
     assert largest_drop([3.0, 1.0, 2.0, 0.5]) == 2.5
     assert at(rows, sizes[0] - 1) is None and at(rows, sizes[-1]) == rows[-1]["quality"]
+
+
+def test_stream_costs_weigh_each_stream_against_one_shot() -> None:
+    from fedsqueeze.bench.support_curve import COST_SPECS, stream_costs
+
+    g = torch.Generator().manual_seed(0)
+    state = {"a.weight": torch.randn(32, 64, generator=g), "a.bias": torch.randn(32, generator=g)}
+    costs = stream_costs(state)
+    for key in COST_SPECS:
+        assert costs[f"{key}_zstd"] > 0 and costs[f"{key}_ans"] > 0
+    assert costs["grow_ans_vs_one_shot"] == costs["grow_ans"] / costs["one_shot_ans"]
+    # the context-coded planes make the progressive streams smaller than with zstd
+    assert costs["grow_ans"] < costs["grow_zstd"] and costs["levels_ans"] < costs["levels_zstd"]

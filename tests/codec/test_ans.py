@@ -12,7 +12,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fedsqueeze.codec import EncodedModel, EntropyCoder, decode_state, encode_state, entropy
-from fedsqueeze.codec.ans import MAX_CODES, decode_codes, encode_codes
+from fedsqueeze.codec.ans import (
+    MAX_CODES,
+    MAX_CONTEXTS,
+    decode_codes,
+    decode_context_codes,
+    encode_codes,
+    encode_context_codes,
+)
 from fedsqueeze.codec.bitpack import pack_bits
 from fedsqueeze.codec.bytesio import ByteReader
 from fedsqueeze.codec.container import (
@@ -196,3 +203,75 @@ def test_only_v8_deltas_leave_their_base_out() -> None:
     v8[4] = 0x03
     with pytest.raises(FormatError, match="flags"):
         EncodedModel.parse_stream(bytes(v8[:-4]), base_digest=bytes(32))
+
+
+# ------------------------------------------------- the context-adaptive variant (v9)
+@settings(max_examples=60, deadline=None)
+@given(bits=st.sampled_from([1, 2, 3, 4, 8]), data=st.data())
+def test_context_round_trip_is_exact(bits: int, data: st.DataObject) -> None:
+    n = data.draw(st.integers(1, 500), label="n")
+    codes = data.draw(st.lists(st.integers(0, (1 << bits) - 1), min_size=n, max_size=n))
+    contexts = data.draw(st.lists(st.integers(0, MAX_CONTEXTS - 1), min_size=n, max_size=n))
+    coded = encode_context_codes(np.array(codes), np.array(contexts), bits)
+    assert decode_context_codes(coded, np.array(contexts), bits).tolist() == codes
+
+
+@pytest.mark.parametrize("bits", [1, 2, 4, 8])
+def test_one_context_is_the_order_0_coder_byte_for_byte(bits: int) -> None:
+    codes = _gaussian_codes(3000, 8, bits) >> (8 - bits)
+    for context in (0, 200):
+        same = np.full(len(codes), context)
+        assert encode_context_codes(codes, same, bits) == encode_codes(codes, bits)
+
+
+def test_contexts_that_predict_the_codes_cost_almost_nothing() -> None:
+    rng = np.random.default_rng(3)
+    contexts = rng.integers(0, 16, 5000)
+    codes = (contexts >> 3).astype(np.uint8)  # determined by the context
+    coded = encode_context_codes(codes, contexts, 1)
+    assert len(coded) < 30 < len(encode_codes(codes, 1)) // 20
+    assert np.array_equal(decode_context_codes(coded, contexts, 1), codes)
+
+
+def test_context_coder_golden_bytes() -> None:
+    # Pinned: these bytes are format version 9 (change them only with a version bump).
+    contexts = np.array([i % 3 for i in range(48)])
+    codes = np.array([(c * 5 + (i * i) % 7) % 4 for i, c in enumerate(contexts)])
+    coded = encode_context_codes(codes, contexts, 2)
+    assert coded.hex() == "0bbd0dd9a6103513f93ce5d43b1a"
+    assert decode_context_codes(coded, contexts, 2).tolist() == codes.tolist()
+
+
+def test_context_coder_bad_arguments_are_value_errors() -> None:
+    one = np.array([1])
+    with pytest.raises(ValueError):
+        encode_context_codes(one, np.array([MAX_CONTEXTS]), 2)
+    with pytest.raises(ValueError):
+        encode_context_codes(one, np.array([-1]), 2)
+    with pytest.raises(ValueError):
+        encode_context_codes(one, np.array([0, 0]), 2)
+    with pytest.raises(ValueError):
+        encode_context_codes(np.array([4]), np.array([0]), 2)
+    with pytest.raises(ValueError):
+        decode_context_codes(b"\0" * 8, np.array([], dtype=np.int64), 2)
+    with pytest.raises(ValueError):
+        decode_context_codes(b"\0" * 8, np.zeros(MAX_CODES + 1, dtype=np.int64), 2)
+
+
+def test_hostile_context_bodies_raise_format_error() -> None:
+    rng = np.random.default_rng(5)
+    contexts = rng.integers(0, 8, 600)
+    codes = (contexts + rng.integers(0, 2, 600)) % 4
+    coded = encode_context_codes(codes, contexts, 2)
+    for bad in (coded[:-1], coded + b"\0", coded[:3], b""):
+        with pytest.raises(FormatError):
+            decode_context_codes(bad, contexts, 2)
+    with pytest.raises(FormatError):
+        decode_context_codes(coded, np.concatenate([contexts, [0]]), 2)
+    for _ in range(50):
+        junk = rng.integers(0, 256, len(coded), dtype=np.uint8).tobytes()
+        with pytest.raises(FormatError):
+            decode_context_codes(junk, contexts, 2)
+    # A long junk body: the work stays linear in the code count (it ends or fails).
+    with pytest.raises(FormatError):
+        decode_context_codes(bytes(1 << 16), contexts, 2)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import random
+from dataclasses import replace
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ from fedsqueeze.codec import (
     CodecSpec,
     DecodeLimits,
     EncodedModel,
+    EntropyCoder,
     FloatFormat,
     Granularity,
     PruneMethod,
@@ -27,7 +29,12 @@ from fedsqueeze.codec import (
     decode_state,
     encode_state,
 )
-from fedsqueeze.codec.container import GLOBAL_ORDER_VERSION, SUPPORT_LEVELS_VERSION, crc32
+from fedsqueeze.codec.container import (
+    GLOBAL_ORDER_VERSION,
+    PLANE_ANS_VERSION,
+    SUPPORT_LEVELS_VERSION,
+    crc32,
+)
 from fedsqueeze.errors import CodecError, LimitExceededError
 from tests.codec.conftest import make_state
 from tests.codec.test_level_order import SPEC as GLOBAL_SPEC
@@ -114,6 +121,20 @@ def _samples() -> list[tuple[bytes, bool]]:
         v6 = encode_state(state, grown, base, seed=0).to_bytes()
         assert v6[3] == SUPPORT_LEVELS_VERSION
         out.append((v6, base is not None))
+        # refinement planes ANS-coded with their coarser bits as context (version 9):
+        # hostile rANS bodies, tables and positions of group and plain refinements too
+        for ans_spec in (
+            replace(grown, entropy_coder=EntropyCoder.ANS),
+            CodecSpec(
+                prune=PruneSpec(PruneMethod.L1_UNSTRUCTURED, 0.5),
+                quant=QuantSpec(4, QuantScheme.SYMMETRIC),
+                levels=(1, 1, 2),
+                entropy_coder=EntropyCoder.ANS,
+            ),
+        ):
+            v9 = encode_state(state, ans_spec, base, seed=0).to_bytes()
+            assert v9[3] == PLANE_ANS_VERSION
+            out.append((v9, base is not None))
     return out
 
 

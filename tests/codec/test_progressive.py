@@ -33,7 +33,7 @@ from fedsqueeze.codec.container import (
 )
 from fedsqueeze.codec.progressive import bucket_table, plane, reconstruct, top_codes
 from fedsqueeze.codec.quantization import choose_qparams, dequantize, quantize
-from fedsqueeze.codec.spec import Rotation, Rounding, ScaleFormat
+from fedsqueeze.codec.spec import EntropyCoder, Rotation, Rounding, ScaleFormat
 from fedsqueeze.codec.spec_text import format_spec, parse_spec
 from fedsqueeze.errors import ConfigError, FormatError, TruncatedError
 from fedsqueeze.wire.spec_convert import codec_spec_from_proto, codec_spec_to_proto
@@ -156,6 +156,7 @@ def test_final_level_equals_a_one_shot_encoding(spec: CodecSpec) -> None:
     granularity=st.sampled_from(list(Granularity)),
     delta=st.booleans(),
     rotation=st.sampled_from(list(Rotation)),
+    coder=st.sampled_from(list(EntropyCoder)),  # ANS: context-coded planes (v9)
 )
 def test_distance_to_the_full_decode_never_rises(
     seed: int,
@@ -165,13 +166,14 @@ def test_distance_to_the_full_decode_never_rises(
     granularity: Granularity,
     delta: bool,
     rotation: Rotation,
+    coder: EntropyCoder,
 ) -> None:
     g = torch.Generator().manual_seed(seed)
     state = {"w.weight": torch.randn(rows, cols, generator=g) * torch.rand(rows, 1, generator=g)}
     base = {"w.weight": state["w.weight"] + torch.randn(rows, cols, generator=g)} if delta else None
     block = 32 if granularity is Granularity.PER_BLOCK else None
     quant = QuantSpec(sum(levels), granularity=granularity, block_size=block, rotation=rotation)
-    spec = CodecSpec(quant=quant, levels=levels)
+    spec = CodecSpec(quant=quant, levels=levels, entropy_coder=coder)
     encoded = encode_state(state, spec, base)
     stream = _stream(encoded)
     full = decode_state(encoded, base)

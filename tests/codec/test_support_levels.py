@@ -16,6 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from fedsqueeze.codec import (
     CodecSpec,
     EncodedModel,
+    EntropyCoder,
     Granularity,
     PruneMethod,
     PruneSpec,
@@ -161,6 +162,7 @@ def test_groups_hold_the_cuts_of_the_grow_sparsities_in_order() -> None:
     grow=st.sampled_from([(0.9,), (0.95, 0.8), (0.99, 0.9, 0.8, 0.7)]),
     per_channel=st.booleans(),
     delta=st.booleans(),
+    coder=st.sampled_from(list(EntropyCoder)),  # ANS: context-coded planes (v9)
 )
 def test_distance_to_the_full_decode_never_rises(
     seed: int,
@@ -170,6 +172,7 @@ def test_distance_to_the_full_decode_never_rises(
     grow: tuple[float, ...],
     per_channel: bool,
     delta: bool,
+    coder: EntropyCoder,
 ) -> None:
     g = torch.Generator().manual_seed(seed)
     state = {"w.weight": torch.randn(rows, cols, generator=g) * torch.rand(rows, 1, generator=g)}
@@ -180,6 +183,7 @@ def test_distance_to_the_full_decode_never_rises(
         quant=QuantSpec(sum(levels), granularity=granularity),
         levels=levels,
         grow=grow,
+        entropy_coder=coder,
     )
     encoded = encode_state(state, spec, base)
     stream = _stream(encoded)

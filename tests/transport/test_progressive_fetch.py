@@ -14,6 +14,7 @@ from fedsqueeze.codec import (
     encode_state,
     state_digest,
 )
+from fedsqueeze.codec.container import SUPPORTED_VERSIONS
 from fedsqueeze.codec.spec import Granularity
 from fedsqueeze.errors import CodecError, ResourceExhaustedError
 from fedsqueeze.transport import GRPC_PREFIX_BYTES
@@ -193,7 +194,7 @@ def test_hostile_prefixes_raise_codec_errors() -> None:
         stream[: header + 3],
         stream[:header] + records[bases] + b"".join(records[:bases]),  # refinement first
         stream[:header] + b"".join(records[:bases]) + records[-1],  # level skipped
-        b"FSQ\x09" + stream[4:],  # unknown version
+        b"FSQ" + bytes([max(SUPPORTED_VERSIONS) + 1]) + stream[4:],  # unknown version
         stream[:header] + bytes(200),
         bytes(64),
     ]
