@@ -505,8 +505,8 @@ class TransferClient:
             Segments held from an earlier, failed call (made with the same ``spool``);
             resumes from them. Its buffer is unmapped when this call succeeds.
         spool
-            When and where to keep the payload on disk (default: ``SpoolPolicy()``, a
-            payload of 256 MiB and more in the system's temporary folder).
+            When and where to keep the payload on disk (default: ``SpoolPolicy()``: the
+            payload of a model of 256 MiB and more, in the system's temporary folder).
         overwrite
             Replace an existing ``output``.
 

@@ -14,8 +14,9 @@ payload itself), allocated when the manifest is adopted, and parsed in place at 
 a page fault per 4 KiB on first touch, as much time as receiving the bytes; the buffer
 asks for transparent huge pages where Linux offers them.
 
-With a :class:`~fedsqueeze.transport.spool.SpoolPolicy`, a payload of at least its
-threshold goes to a file-backed shared mapping instead (an unlinked file in the policy's
+With a :class:`~fedsqueeze.transport.spool.SpoolPolicy`, the payload of a model of at
+least its threshold (raw bytes, ``Manifest.raw_bytes``) goes to a file-backed shared
+mapping instead (an unlinked file in the policy's
 folder): page cache, which the kernel writes back and reclaims, not anonymous memory.
 :meth:`FetchState.stream` then lends the verified stream for a part-by-part decode
 (:mod:`fedsqueeze.transport.fetch_into`); :meth:`FetchState.close` unmaps it.
@@ -41,9 +42,9 @@ _HUGE_PAGE_BYTES = 2 << 20
 
 
 def _allocate(nbytes: int, spool: SpoolPolicy | None = None) -> mmap.mmap | bytearray:
-    """A zeroed writable buffer of ``nbytes``: file-backed when ``spool`` applies, else
+    """A zeroed writable buffer of ``nbytes``: file-backed with ``spool``, else
     anonymous, on huge pages where available."""
-    if spool is not None and nbytes > 0 and spool.applies(nbytes):
+    if spool is not None and nbytes > 0:
         return file_buffer(nbytes, spool)
     advice = getattr(mmap, "MADV_HUGEPAGE", None)
     if nbytes < _HUGE_PAGE_BYTES or advice is None:
@@ -63,8 +64,8 @@ class FetchState:
     max_segment_refetches
         How many times one segment may fail verification before :meth:`accept` raises.
     spool
-        Keep a payload of at least its threshold in a file-backed mapping (``None``:
-        always in memory).
+        Keep the payload of a model of at least its threshold (raw bytes) in a
+        file-backed mapping (``None``: always in memory).
 
     Raises
     ------
@@ -113,8 +114,12 @@ class FetchState:
             for info in sorted(manifest.segments, key=lambda s: s.segment_id):
                 offsets[info.segment_id] = position
                 position += info.byte_length
-            buffer = _allocate(position, self.spool)
-            spooled = self.spool is not None and position > 0 and self.spool.applies(position)
+            # By the model's size, as the server decides: the memory a client may spend
+            # is a share of the model, and an int8 payload of a 1 GB model is 250 MB.
+            spooled = (
+                self.spool is not None and position > 0 and self.spool.applies(manifest.raw_bytes)
+            )
+            buffer = _allocate(position, self.spool if spooled else None)
             kept: set[int] = set()
             if old_manifest is not None:
                 for segment_id in self._held:

@@ -59,8 +59,8 @@ class SpoolPolicy:
     Parameters
     ----------
     threshold_bytes
-        Spool models of at least this many bytes (the server: the model's raw tensor
-        bytes; the client: the encoded payload's bytes).
+        Spool models of at least this many raw tensor bytes (the client reads the
+        model's size from the manifest).
     directory
         Where spool files go (``None``: the system's temporary directory).
     """

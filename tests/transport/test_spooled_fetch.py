@@ -164,7 +164,7 @@ def test_small_models_stay_in_memory(source, store, start_server, connect, tmp_p
         config=ServerConfig(spool=SpoolPolicy(threshold_bytes=64 * MIB, directory=tmp_path)),
     )
     result = connect(server).fetch_into(
-        spec=parse_spec("int8"), into=make_state(5), spool=_policy(tmp_path / "cli", MIB)
+        spec=parse_spec("int8"), into=make_state(5), spool=_policy(tmp_path / "cli", 64 * MIB)
     )
     assert not result.spooled
     assert server.stats().cache.spool_bytes == 0 and server.stats().cache.nbytes > 0
