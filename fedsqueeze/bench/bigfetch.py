@@ -152,9 +152,11 @@ def _child(argv: list[str]) -> int:
 # ------------------------------------------------------------------------- parent
 def measure(model: Path, spec: str, folder: Path) -> dict[str, Any]:
     """Serve ``model`` encoded with ``spec`` from one process and fetch it into a file in
-    another; returns both reports with their extra memory. The output is deleted."""
+    another, the spool files and the output in ``folder``; returns both reports with
+    their extra memory. The output is deleted."""
     from fedsqueeze.bench.memprobe import Measured, run_measured
 
+    folder.mkdir(parents=True, exist_ok=True)
     spool_server, spool_client = folder / "spool-server", folder / "spool-client"
     spool_server.mkdir(exist_ok=True)
     spool_client.mkdir(exist_ok=True)

@@ -174,7 +174,7 @@ def _identical(a: Path, b: Path) -> bool:
 
 
 def run_dataplane(
-    sizes: list[int], specs: dict[str, str], layers: int, folder: Path
+    sizes: list[int], specs: dict[str, str], layers: int, folder: Path, spool: Path | None
 ) -> list[dict[str, Any]]:
     """Serve and fetch every spec at every size (:mod:`fedsqueeze.bench.bigfetch`)."""
     from rich.console import Console
@@ -191,7 +191,7 @@ def run_dataplane(
         raw = 4 * count
         for label, text in specs.items():
             console.print(f"{count:,} parameters · {label} through the data plane…")
-            got = measure(model, text, folder)
+            got = measure(model, text, folder if spool is None else spool)
             rows.append(
                 {
                     "params": count,
@@ -325,10 +325,19 @@ def main(args: argparse.Namespace) -> int:
         parse_spec(text)  # a bad spec fails before any model is written
     folder = Path(tempfile.mkdtemp(prefix="fsq-bigmodel-", dir=args.dir))
     dataplane = getattr(args, "dataplane", False)
+    if not dataplane and getattr(args, "spool_dir", None) is not None:
+        raise SystemExit("--spool-dir goes with --dataplane")
     try:
         load = os.getloadavg()
         if dataplane:
-            rows = run_dataplane(args.params, specs, args.layers, folder)
+            spool = None
+            if args.spool_dir is not None:
+                spool = Path(tempfile.mkdtemp(prefix="fsq-dataplane-", dir=args.spool_dir))
+            try:
+                rows = run_dataplane(args.params, specs, args.layers, folder, spool)
+            finally:
+                if spool is not None:
+                    shutil.rmtree(spool, ignore_errors=True)
         else:
             rows = run(args.params, specs, args.layers, folder, args.workers)
     finally:

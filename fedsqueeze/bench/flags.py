@@ -128,6 +128,13 @@ def add_bigmodel_arguments(parser: argparse.ArgumentParser) -> None:
         "process fetches it into a mapped safetensors file (verified, decoded part by "
         "part); reports each process's peak memory beyond the mapped files",
     )
+    parser.add_argument(
+        "--spool-dir",
+        type=Path,
+        default=None,
+        help="with --dataplane: where the spool files and the fetched model go (default: "
+        "--dir; another disk, or /dev/shm, when one disk cannot hold the model twice)",
+    )
     parser.add_argument("--json", type=Path, metavar="FILE", help="also write the rows as JSON")
 
 
