@@ -11,7 +11,7 @@ import torch
 
 from fedsqueeze.codec import CodecSpec, encode_state, split_segments, state_digest
 from fedsqueeze.codec.spec_text import parse_spec
-from fedsqueeze.errors import BaseMismatchError, ConfigError, IntegrityError
+from fedsqueeze.errors import BaseMismatchError, ConfigError, FedsqueezeError, IntegrityError
 from fedsqueeze.modelfile import map_model
 from fedsqueeze.transport import FaultInjector, FetchState, ServerConfig
 from fedsqueeze.transport.spool import (
@@ -227,3 +227,14 @@ def test_spooled_stream_reads_across_pieces(tmp_path):
         stream.read(0, 12)
     file.release()
     assert not (tmp_path / "f").exists()
+
+
+def test_a_failed_preparation_leaves_no_spool_file(source, store, start_server, connect, tmp_path):
+    state = make_state(0, scale=4)
+    state["fc.weight"][3, 3] = float("nan")  # refused by the encoder, mid-model
+    source.publish(state)
+    server = start_server(source, store, config=_config(tmp_path / "srv"))
+    with pytest.raises(FedsqueezeError, match=r"(?i)non-?finite|nan"):
+        connect(server).fetch_into(spec=parse_spec("int8"), into=make_state(0, scale=4))
+    assert _files(tmp_path / "srv") == []
+    assert server.stats().cache.entries == 0
