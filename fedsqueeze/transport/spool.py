@@ -33,7 +33,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedsqueeze.errors import ConfigError, IntegrityError, NotFoundError
+from fedsqueeze.errors import ConfigError, IntegrityError, NotFoundError, ResourceExhaustedError
 
 __all__ = [
     "DEFAULT_SPOOL_THRESHOLD",
@@ -176,13 +176,22 @@ class SpoolFile:
 
         Raises
         ------
+        ResourceExhaustedError
+            The disk is full.
         OSError
-            The disk is full (``ENOSPC``) or the file cannot be written.
+            The file cannot be written otherwise.
         """
         offset = self._end
         view = memoryview(body).cast("B")
         while view:
-            written = os.pwrite(self._fd, view, self._end)
+            try:
+                written = os.pwrite(self._fd, view, self._end)
+            except OSError as exc:
+                if exc.errno == errno.ENOSPC:
+                    raise ResourceExhaustedError(
+                        f"no room left for spool file {self.path} ({self._end:,} bytes written)"
+                    ) from exc
+                raise
             self._end += written
             view = view[written:]
         return offset

@@ -238,3 +238,20 @@ def test_a_failed_preparation_leaves_no_spool_file(source, store, start_server, 
         connect(server).fetch_into(spec=parse_spec("int8"), into=make_state(0, scale=4))
     assert _files(tmp_path / "srv") == []
     assert server.stats().cache.entries == 0
+
+
+def test_a_full_disk_is_a_typed_error(tmp_path, monkeypatch):
+    import errno
+
+    from fedsqueeze.errors import ResourceExhaustedError
+
+    fd = os.open(tmp_path / "f", os.O_RDWR | os.O_CREAT)
+    file = SpoolFile(tmp_path / "f", fd)
+
+    def full(*args: object) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "pwrite", full)
+    with pytest.raises(ResourceExhaustedError, match="no room"):
+        file.put(b"x" * 10)
+    file.release()
