@@ -156,8 +156,10 @@ class TransferServer:
         self._tls = tls
         self.faults = faults
         self.spool: SpoolDir | None = None
-        if self.config.spool is not None:
-            self.config.spool.check()  # a folder it cannot write to fails here
+        # Only a source that can encode into a store spools (not the coordinator's): a
+        # folder it cannot write to fails here, not on the first large fetch.
+        if self.config.spool is not None and hasattr(source, "encode_to"):
+            self.config.spool.check()
             self.spool = SpoolDir(self.config.spool)
         self.cache = EncodeCache(
             self.config.cache_entries, self.config.cache_bytes, self.config.cache_spool_bytes
