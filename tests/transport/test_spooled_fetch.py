@@ -255,3 +255,31 @@ def test_a_full_disk_is_a_typed_error(tmp_path, monkeypatch):
     with pytest.raises(ResourceExhaustedError, match="no room"):
         file.put(b"x" * 10)
     file.release()
+
+
+def test_an_entry_evicted_mid_stream_finishes_its_stream(
+    source, store, start_server, connect, tmp_path
+):
+    import threading
+
+    first = make_state(0, scale=4)
+    source.publish(first)
+    faults = FaultInjector()
+    faults.pause_streams_after(2)
+    config = _config(tmp_path / "srv", cache_entries=1)
+    server = start_server(source, store, config=config, faults=faults)
+    got: dict[str, object] = {}
+    slow = connect(server)
+    thread = threading.Thread(target=lambda: got.update(r=slow.fetch(spec=CodecSpec())))
+    thread.start()
+    assert faults.paused.wait(30)
+    source.publish(make_state(1, scale=4))
+    connect(server, edge_id="edge-1").fetch(spec=CodecSpec(), decode=False)  # evicts it
+    assert server.stats().cache.evictions == 1
+    assert len(_files(tmp_path / "srv")) == 1  # the first file is deleted, still open
+    faults.release.set()
+    thread.join(30)
+    result = got["r"]
+    assert result.state is not None  # type: ignore[attr-defined]
+    assert state_digest(result.state) == state_digest(first)  # type: ignore[attr-defined]
+    assert result.stats.retries == 0  # type: ignore[attr-defined]
