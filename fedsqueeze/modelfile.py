@@ -36,15 +36,17 @@ if TYPE_CHECKING:
     import torch
 
     from fedsqueeze.codec import CodecSpec, NonFinite
-    from fedsqueeze.codec.stream_decode import TensorSlot
+    from fedsqueeze.codec.stream_decode import StreamLayout, TensorSlot
 
 __all__ = [
     "DecodedFile",
     "EncodedFile",
     "decode_file",
     "encode_file",
+    "map_model",
     "open_model",
     "return_freed_memory",
+    "write_decoded",
 ]
 
 _COPY = 8 << 20  # bytes copied from the spool at a time
@@ -117,6 +119,59 @@ def open_model(path: str | Path) -> Iterator[Mapping[str, torch.Tensor]]:
             encoded_model_error(path) or f"{path}: not a readable safetensors file ({exc})"
         ) from exc
     yield state
+
+
+def map_model(path: str | Path) -> dict[str, torch.Tensor]:
+    """The tensors of a ``.safetensors`` file as read-only views on a private mapping of
+    it, kept as long as the tensors are (unlike :func:`open_model`, no context to stay in).
+
+    Pages are read from the file when used and count as file pages, not anonymous
+    memory; a write to a tensor copies its page (the file never changes).
+
+    Raises
+    ------
+    ConfigError
+        Not a readable safetensors file (bad header, offsets outside the file, a dtype
+        this build does not read).
+    FileNotFoundError, IsADirectoryError
+        No such file.
+    """
+    import torch
+
+    path = Path(path)
+    check_readable(path)
+    if path.suffix != ".safetensors":
+        raise ConfigError(f"{path}: map_model reads .safetensors files")
+    size = path.stat().st_size
+    try:
+        with path.open("rb") as fh:
+            head_len = int.from_bytes(fh.read(8), "little")
+            if size < 8 or head_len > min(size - 8, 100 << 20):
+                raise ValueError(f"a header of {head_len} bytes in a {size}-byte file")
+            meta = json.loads(fh.read(head_len))
+        if not isinstance(meta, dict):
+            raise ValueError("the header is not a JSON object")
+        start = 8 + head_len
+        whole = torch.from_file(str(path), shared=False, size=size, dtype=torch.uint8)
+        state: dict[str, torch.Tensor] = {}
+        for name, entry in sorted(
+            ((n, e) for n, e in meta.items() if n != "__metadata__"),
+            key=lambda item: item[1]["data_offsets"][0],
+        ):
+            dtype = getattr(torch, _ST_DTYPES[entry["dtype"]])
+            shape = tuple(int(d) for d in entry["shape"])
+            begin, end = (int(x) for x in entry["data_offsets"])
+            nbytes = torch.empty((), dtype=dtype).element_size()
+            for d in shape:
+                nbytes *= d
+            if not 0 <= begin <= end <= size - start or end - begin != nbytes:
+                raise ValueError(f"tensor {name!r}: offsets {begin}-{end} do not fit")
+            if begin % torch.empty((), dtype=dtype).element_size():
+                raise ValueError(f"tensor {name!r} is not aligned to its element size")
+            state[name] = whole[start + begin : start + end].view(dtype).reshape(shape)
+    except (ValueError, KeyError, TypeError, AttributeError, RuntimeError) as exc:
+        raise ConfigError(f"{path}: not a readable safetensors file ({exc})") from exc
+    return state
 
 
 def encode_file(
@@ -199,10 +254,10 @@ def decode_file(
         A corrupt or truncated encoded file, or the wrong base.
     """
     from fedsqueeze.codec.digest import state_digest
-    from fedsqueeze.codec.stream_decode import decode_stream_into, scan_stream
+    from fedsqueeze.codec.stream_decode import scan_stream
 
     source, output = Path(source), Path(output)
-    fmt = state_format(output)
+    state_format(output)  # an output that is not a model file fails before any work
     check_readable(source)
     return_freed_memory()
     with contextlib.ExitStack() as stack:
@@ -222,31 +277,66 @@ def decode_file(
                 raise BaseMismatchError(
                     f"delta made against {expected.hex()[:16]}…, base given is {digest.hex()[:16]}…"
                 )
-        slots = layout.tensors + layout.kept_from_base
+        return write_decoded(
+            stream, layout, output, base=base_state, base_digest=digest, overwrite=overwrite
+        )
 
-        def fill(target: dict[str, torch.Tensor]) -> None:
-            if base_state is not None and digest is not None:
-                for slot in slots:
-                    if slot.name in base_state and _fits(base_state[slot.name], slot):
-                        target[slot.name].copy_(base_state[slot.name])
-                # index-coded records name the base's sorted tensors: give them all
-                view_of = {**base_state, **target}
-                decode_stream_into(stream, layout, view_of, base_digest=digest)
-                return
-            decode_stream_into(stream, layout, target)
 
-        if fmt is StateFormat.SAFETENSORS:
-            with atomic_path(output, overwrite=overwrite) as tmp:
-                _write_safetensors(tmp, slots, fill)
+def write_decoded(
+    stream: memoryview,
+    layout: StreamLayout,
+    output: str | Path,
+    *,
+    base: Mapping[str, torch.Tensor] | None = None,
+    base_digest: bytes | None = None,
+    overwrite: bool = False,
+    check: Callable[[Mapping[str, torch.Tensor]], None] | None = None,
+) -> DecodedFile:
+    """Decode ``stream`` (scanned as ``layout``) into the model file ``output``.
+
+    A safetensors output is laid out, mapped and decoded into part by part; a PyTorch
+    one is decoded in memory. ``base`` and its ``base_digest`` (already checked against
+    the stream's) for a delta. ``check`` sees the decoded tensors before the file is
+    moved into place: raising there leaves no output.
+
+    Raises
+    ------
+    ConfigError
+        An output extension that is not a model format.
+    fedsqueeze.errors.CodecError
+        The stream does not decode.
+    """
+    from fedsqueeze.codec.stream_decode import decode_stream_into
+
+    output = Path(output)
+    fmt = state_format(output)
+    slots = layout.tensors + layout.kept_from_base
+
+    def fill(target: dict[str, torch.Tensor]) -> None:
+        if base is not None and base_digest is not None:
+            for slot in slots:
+                if slot.name in base and _fits(base[slot.name], slot):
+                    target[slot.name].copy_(base[slot.name])
+            # index-coded records name the base's sorted tensors: give them all
+            view_of = {**base, **target}
+            decode_stream_into(stream, layout, view_of, base_digest=base_digest)
         else:
-            # A PyTorch file is written from tensors in memory (the output, held once):
-            # torch.save cannot write tensors that share one mapped storage.
-            import torch
+            decode_stream_into(stream, layout, target)
+        if check is not None:
+            check(target)
 
-            target = {s.name: torch.empty(s.shape, dtype=s.dtype) for s in slots}
-            fill(target)
-            with atomic_path(output, overwrite=overwrite) as tmp:
-                torch.save(target, tmp)
+    if fmt is StateFormat.SAFETENSORS:
+        with atomic_path(output, overwrite=overwrite) as tmp:
+            _write_safetensors(tmp, slots, fill)
+    else:
+        # A PyTorch file is written from tensors in memory (the output, held once):
+        # torch.save cannot write tensors that share one mapped storage.
+        import torch
+
+        target = {s.name: torch.empty(s.shape, dtype=s.dtype) for s in slots}
+        fill(target)
+        with atomic_path(output, overwrite=overwrite) as tmp:
+            torch.save(target, tmp)
     return DecodedFile(len(slots), sum(s.nbytes for s in slots), fmt)
 
 

@@ -18,6 +18,10 @@ the mapped input and output; it is given as a percentage of the model's size. Th
 is model bytes (fp32) per second of the child's work, and its ratio to the mean of the
 two clone runs. The lossless rows also check that the decoded file is bit-exact.
 The files are deleted at the end.
+
+With ``--dataplane`` each spec goes through the data plane instead, a server process
+serving the model and a client process fetching it into a file
+(:mod:`fedsqueeze.bench.bigfetch`).
 """
 
 from __future__ import annotations
@@ -169,6 +173,45 @@ def _identical(a: Path, b: Path) -> bool:
         return set(x) == set(y) and all(torch.equal(x[n], y[n]) for n in x)
 
 
+def run_dataplane(
+    sizes: list[int], specs: dict[str, str], layers: int, folder: Path, spool: Path | None
+) -> list[dict[str, Any]]:
+    """Serve and fetch every spec at every size (:mod:`fedsqueeze.bench.bigfetch`)."""
+    from rich.console import Console
+
+    from fedsqueeze.bench.bigfetch import measure
+
+    console = Console(stderr=True)
+    rows: list[dict[str, Any]] = []
+    for params in sizes:
+        model = folder / f"model-{params}.safetensors"
+        shapes = model_shapes(params, layers)
+        console.print(f"writing a {params:,}-parameter model ({len(shapes)} tensors)…")
+        count = write_model(model, shapes)
+        raw = 4 * count
+        for label, text in specs.items():
+            console.print(f"{count:,} parameters · {label} through the data plane…")
+            got = measure(model, text, folder if spool is None else spool)
+            rows.append(
+                {
+                    "params": count,
+                    "tensors": len(shapes),
+                    "spec": label,
+                    "spec_text": text,
+                    "raw_bytes": raw,
+                    **got,
+                }
+            )
+            s, c = got["server"], got["client"]
+            console.print(
+                f"  server: prepare {s['prepare_seconds']:.1f} s +{100 * s['extra'] / raw:.1f}%;"
+                f" client: fetch+decode {c['seconds']:.1f} s +{100 * c['extra'] / raw:.1f}% "
+                "of the model beyond the mapped files"
+            )
+        model.unlink(missing_ok=True)
+    return rows
+
+
 def run(
     sizes: list[int], specs: dict[str, str], layers: int, folder: Path, workers: int | None
 ) -> list[dict[str, Any]]:
@@ -281,12 +324,30 @@ def main(args: argparse.Namespace) -> int:
     for text in specs.values():
         parse_spec(text)  # a bad spec fails before any model is written
     folder = Path(tempfile.mkdtemp(prefix="fsq-bigmodel-", dir=args.dir))
+    dataplane = getattr(args, "dataplane", False)
+    if not dataplane and getattr(args, "spool_dir", None) is not None:
+        raise SystemExit("--spool-dir goes with --dataplane")
     try:
         load = os.getloadavg()
-        rows = run(args.params, specs, args.layers, folder, args.workers)
+        if dataplane:
+            spool = None
+            if args.spool_dir is not None:
+                spool = Path(tempfile.mkdtemp(prefix="fsq-dataplane-", dir=args.spool_dir))
+            try:
+                rows = run_dataplane(args.params, specs, args.layers, folder, spool)
+            finally:
+                if spool is not None:
+                    shutil.rmtree(spool, ignore_errors=True)
+        else:
+            rows = run(args.params, specs, args.layers, folder, args.workers)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
-    _table(rows)
+    if dataplane:
+        from fedsqueeze.bench.bigfetch import table
+
+        table(rows)
+    else:
+        _table(rows)
     after = os.getloadavg()
     print(
         f"load average at start {load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f}, "

@@ -120,6 +120,21 @@ def add_bigmodel_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--dir", type=Path, default=None, help="where the model files go (default: the temp dir)"
     )
+    parser.add_argument(
+        "--dataplane",
+        action="store_true",
+        help="measure the data plane instead of the codec commands: a server process "
+        "serves each model (mapped, encoded into spool files) on 127.0.0.1 and a client "
+        "process fetches it into a mapped safetensors file (verified, decoded part by "
+        "part); reports each process's peak memory beyond the mapped files",
+    )
+    parser.add_argument(
+        "--spool-dir",
+        type=Path,
+        default=None,
+        help="with --dataplane: where the spool files and the fetched model go (default: "
+        "--dir; another disk, or /dev/shm, when one disk cannot hold the model twice)",
+    )
     parser.add_argument("--json", type=Path, metavar="FILE", help="also write the rows as JSON")
 
 

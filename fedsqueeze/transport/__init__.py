@@ -30,6 +30,7 @@ from fedsqueeze.transport.shaping import (
     TokenBucket,
 )
 from fedsqueeze.transport.source import InMemoryModelSource, ModelSource
+from fedsqueeze.transport.spool import SpoolPolicy
 from fedsqueeze.transport.tls import ClientTls, ServerTls
 from fedsqueeze.transport.updates import (
     AddResult,
@@ -66,6 +67,7 @@ __all__ = [
     "ServerStats",
     "ServerTls",
     "ShapingMode",
+    "SpoolPolicy",
     "TokenBucket",
     "TokenTable",
     "TransferClient",

@@ -26,6 +26,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import replace
+from pathlib import Path
 from types import TracebackType
 from typing import Any
 
@@ -37,6 +38,7 @@ from fedsqueeze.errors import HeldPartError, IntegrityError
 from fedsqueeze.transport.auth import call_metadata
 from fedsqueeze.transport.errors_map import error_from_rpc, status_of
 from fedsqueeze.transport.fetch import FetchState
+from fedsqueeze.transport.fetch_into import FetchedInto, decode_fetched
 from fedsqueeze.transport.operation import (
     FetchResult,
     Operation,
@@ -52,6 +54,7 @@ from fedsqueeze.transport.server import (
     message_size_options,
 )
 from fedsqueeze.transport.shaping import LinkShaper
+from fedsqueeze.transport.spool import SpoolPolicy
 from fedsqueeze.transport.tls import ClientTls, check_plaintext_host, split_host_port
 from fedsqueeze.wire import convert
 from fedsqueeze.wire import transfer_pb2 as pb
@@ -68,6 +71,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "FetchResult",
+    "FetchedInto",
     "PrefixUsed",
     "Progress",
     "PushResult",
@@ -259,6 +263,18 @@ class TransferClient:
         parts: HeldVersions | None,
     ) -> FetchResult:
         """The calls of one fetch of ``request`` (see :meth:`fetch`)."""
+        self._transfer(op, request, held, progress, parts)
+        return self._finish(op, held, request, base, decode, parts)
+
+    def _transfer(
+        self,
+        op: Operation,
+        request: ManifestRequest,
+        held: FetchState,
+        progress: Progress | None,
+        parts: HeldVersions | None,
+    ) -> None:
+        """The calls that bring every segment of ``request`` into ``held``, verified."""
         fetch_call = op.callable("unary_stream", "Fetch", convert.fetch_part_from_message)
         resume_call = op.callable(
             "unary_stream", "StreamSegments", convert.segment_view_from_message
@@ -302,7 +318,6 @@ class TransferClient:
                 op.failures_in_a_row += 1
                 if op.failures_in_a_row > self.retry.max_segment_refetches + 1:
                     raise IntegrityError("the server keeps sending segments that do not verify")
-        return self._finish(op, held, request, base, decode, parts)
 
     @staticmethod
     def _start_fetch(
@@ -454,6 +469,91 @@ class TransferClient:
             stats.wire.received,
         )
         return FetchResult(manifest, encoded, state, stats, prefix)
+
+    def fetch_into(
+        self,
+        model: str = "global",
+        *,
+        spec: CodecSpec,
+        output: str | Path | None = None,
+        into: Mapping[str, torch.Tensor] | None = None,
+        base: Mapping[str, torch.Tensor] | None = None,
+        base_digest: bytes | None = None,
+        state: FetchState | None = None,
+        spool: SpoolPolicy | None = None,
+        overwrite: bool = False,
+        progress: Progress | None = None,
+    ) -> FetchedInto:
+        """Fetch ``model`` and decode it part by part into a model file or into tensors,
+        in bounded memory: a large model's verified segments go to a file-backed
+        mapping (``spool``), and are decoded straight into ``output`` (a mapped
+        safetensors file, written atomically) or ``into`` (existing tensors, written in
+        place). The decoded model's digest is checked either way.
+
+        Parameters
+        ----------
+        model, spec, base, base_digest, progress
+            As for :meth:`fetch` (``spec`` without levels: a truncated prefix is
+            decoded by :meth:`fetch`).
+        output
+            The model file to write (``.safetensors``; a PyTorch extension decodes in
+            memory).
+        into
+            Tensors to decode into, one per tensor of the model, with its shape and
+            dtype (for a delta they are first given the base's values).
+        state
+            Segments held from an earlier, failed call (made with the same ``spool``);
+            resumes from them. Its buffer is unmapped when this call succeeds.
+        spool
+            When and where to keep the payload on disk (default: ``SpoolPolicy()``: the
+            payload of a model of 256 MiB and more, in the system's temporary folder).
+        overwrite
+            Replace an existing ``output``.
+
+        Raises
+        ------
+        ValueError
+            Neither or both of ``output`` and ``into``, or a spec with levels.
+        fedsqueeze.errors.ConfigError
+            The spool folder is not writable or has no room.
+        IntegrityError
+            A segment kept failing verification, or the decoded model does not match
+            its digest (``output`` is then not written; ``into`` holds garbage).
+        The transport errors of :meth:`fetch`.
+        """
+        if (output is None) == (into is None):
+            raise ValueError("give exactly one of output and into")
+        if spec.levels is not None:
+            raise ValueError("a spec with levels is fetched with fetch() (prefixes, budgets)")
+        if base is not None and base_digest is None:
+            base_digest = state_digest(base)
+        if base_digest is not None and base is None:
+            raise ValueError("decoding a delta needs the base tensors, not only its digest")
+        op = self._operation()
+        policy = spool if spool is not None else SpoolPolicy()
+        held = (
+            state
+            if state is not None
+            else FetchState(self.retry.max_segment_refetches, spool=policy)
+        )
+        request = ManifestRequest(model, base_digest, spec, None, (), self.segment_digest)
+        self._transfer(op, request, held, progress, None)
+        manifest = held.manifest
+        if manifest is None:
+            raise RuntimeError("fetch state lost its manifest")
+        result = decode_fetched(held, manifest, output, into, base, overwrite)
+        held.close()
+        stats = op.stats(held.refetched)
+        logger.info(
+            "fetched %s… into %s: %d B encoded (%s), %d B down, %.3f s",
+            manifest.model_digest.hex()[:12],
+            output if output is not None else "tensors",
+            manifest.encoded_bytes,
+            "spooled" if result.spooled else "in memory",
+            stats.wire.received,
+            stats.elapsed_s,
+        )
+        return replace(result, stats=stats)
 
     # ------------------------------------------------------------------ push
     def push_update(

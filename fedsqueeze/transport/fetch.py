@@ -13,6 +13,13 @@ payload itself), allocated when the manifest is adopted, and parsed in place at 
 (no copy of the whole payload). Keeping each segment as its own fresh 1 MiB object costs
 a page fault per 4 KiB on first touch, as much time as receiving the bytes; the buffer
 asks for transparent huge pages where Linux offers them.
+
+With a :class:`~fedsqueeze.transport.spool.SpoolPolicy`, the payload of a model of at
+least its threshold (raw bytes, ``Manifest.raw_bytes``) goes to a file-backed shared
+mapping instead (an unlinked file in the policy's
+folder): page cache, which the kernel writes back and reclaims, not anonymous memory.
+:meth:`FetchState.stream` then lends the verified stream for a part-by-part decode
+(:mod:`fedsqueeze.transport.fetch_into`); :meth:`FetchState.close` unmaps it.
 """
 
 from __future__ import annotations
@@ -21,9 +28,11 @@ import contextlib
 import logging
 import mmap
 import threading
+from collections.abc import Iterator
 
 from fedsqueeze.codec import EncodedModel
 from fedsqueeze.errors import IntegrityError
+from fedsqueeze.transport.spool import SpoolPolicy, file_buffer
 from fedsqueeze.wire.digests import segment_digest
 from fedsqueeze.wire.types import Manifest, SegmentData, SegmentRequest
 
@@ -32,8 +41,11 @@ logger = logging.getLogger(__name__)
 _HUGE_PAGE_BYTES = 2 << 20
 
 
-def _allocate(nbytes: int) -> mmap.mmap | bytearray:
-    """A zeroed writable buffer of ``nbytes``, on huge pages where available."""
+def _allocate(nbytes: int, spool: SpoolPolicy | None = None) -> mmap.mmap | bytearray:
+    """A zeroed writable buffer of ``nbytes``: file-backed with ``spool``, else
+    anonymous, on huge pages where available."""
+    if spool is not None and nbytes > 0:
+        return file_buffer(nbytes, spool)
     advice = getattr(mmap, "MADV_HUGEPAGE", None)
     if nbytes < _HUGE_PAGE_BYTES or advice is None:
         return bytearray(nbytes)
@@ -51,10 +63,24 @@ class FetchState:
     ----------
     max_segment_refetches
         How many times one segment may fail verification before :meth:`accept` raises.
+    spool
+        Keep the payload of a model of at least its threshold (raw bytes) in a
+        file-backed mapping (``None``: always in memory).
+
+    Raises
+    ------
+    fedsqueeze.errors.ConfigError
+        The spool folder is not writable (checked here, not mid-fetch).
     """
 
-    def __init__(self, max_segment_refetches: int = 3) -> None:
+    def __init__(self, max_segment_refetches: int = 3, *, spool: SpoolPolicy | None = None) -> None:
+        if spool is not None and not isinstance(spool, SpoolPolicy):
+            raise TypeError(f"spool must be a SpoolPolicy, not {type(spool).__name__}")
+        if spool is not None:
+            spool.check()
         self.max_segment_refetches = max_segment_refetches
+        self.spool = spool
+        self._spooled = False
         self._lock = threading.Lock()
         self._manifest: Manifest | None = None
         self._buffer: mmap.mmap | bytearray = bytearray()
@@ -88,7 +114,12 @@ class FetchState:
             for info in sorted(manifest.segments, key=lambda s: s.segment_id):
                 offsets[info.segment_id] = position
                 position += info.byte_length
-            buffer = _allocate(position)
+            # By the model's size, as the server decides: the memory a client may spend
+            # is a share of the model, and an int8 payload of a 1 GB model is 250 MB.
+            spooled = (
+                self.spool is not None and position > 0 and self.spool.applies(manifest.raw_bytes)
+            )
+            buffer = _allocate(position, self.spool if spooled else None)
             kept: set[int] = set()
             if old_manifest is not None:
                 for segment_id in self._held:
@@ -117,7 +148,41 @@ class FetchState:
                 offsets,
                 kept,
             )
-            return len(kept)
+            self._spooled = spooled
+        _unmap(old)
+        return len(kept)
+
+    @property
+    def spooled(self) -> bool:
+        """Whether the payload is kept in a file-backed mapping."""
+        with self._lock:
+            return self._spooled
+
+    def close(self) -> None:
+        """Unmap the buffer (a spooled one's file goes with it); the state is empty after."""
+        with self._lock:
+            old = self._buffer
+            self._manifest, self._buffer, self._offsets, self._held = None, bytearray(), {}, set()
+            self._spooled = False
+        _unmap(old)
+
+    @contextlib.contextmanager
+    def stream(self) -> Iterator[memoryview]:
+        """The verified stream of a complete fetch, lent for the block (a view on the
+        buffer: nothing is copied).
+
+        Raises
+        ------
+        IntegrityError
+            Segments are missing.
+        """
+        with self._lock:
+            manifest = self._current()
+            if len(self._held) != len(manifest.segments):
+                raise IntegrityError("cannot decode: segments are missing")
+            buffer = self._buffer
+        with memoryview(buffer) as view:
+            yield view
 
     def _current(self) -> Manifest:
         if self._manifest is None:
@@ -237,3 +302,11 @@ class FetchState:
         # so the view is released before anything could write to the buffer again.
         with memoryview(buffer) as view:
             return EncodedModel.parse_stream(view)
+
+
+def _unmap(buffer: mmap.mmap | bytearray) -> None:
+    """Close a replaced mapped buffer now rather than when collected (a spooled one
+    holds disk space); one still lent out is left to the collector."""
+    if isinstance(buffer, mmap.mmap):
+        with contextlib.suppress(BufferError):
+            buffer.close()

@@ -3,6 +3,9 @@ describe.
 
 This is the one expensive step of serving a model; the server runs it through its
 :class:`~fedsqueeze.transport.cache.EncodeCache`, so each distinct request runs it once.
+A model of at least the spool threshold's raw bytes, from a source that can encode into
+a record store, is prepared on disk instead (:mod:`fedsqueeze.transport.prepare_spooled`):
+the same segments and manifest, nothing of the model held in memory.
 """
 
 from __future__ import annotations
@@ -20,7 +23,9 @@ from fedsqueeze.codec import (
 )
 from fedsqueeze.errors import NotFoundError, ResourceExhaustedError
 from fedsqueeze.transport.cache import CacheKey, PreparedModel
+from fedsqueeze.transport.prepare_spooled import decoded_digest, spool_encoding
 from fedsqueeze.transport.source import ModelSource
+from fedsqueeze.transport.spool import SpoolDir
 from fedsqueeze.wire.convert import segment_message
 from fedsqueeze.wire.digests import SegmentDigest, digest_function
 from fedsqueeze.wire.types import Manifest, PartRef, SegmentData, SegmentInfo
@@ -72,12 +77,15 @@ def manifest_key_for(
     return h.digest()[:MANIFEST_KEY_BYTES]
 
 
-def prepare_model(source: ModelSource, key: CacheKey, segment_bytes: int) -> PreparedModel:
+def prepare_model(
+    source: ModelSource, key: CacheKey, segment_bytes: int, spool: SpoolDir | None = None
+) -> PreparedModel:
     """Encode ``key`` with ``source``, cut it into segments and build its manifest.
 
     The decoded model's digest is computed here by decoding once (skipped for a lossless
     full model, whose decoded digest is the model's own), so every client can check the
-    model it rebuilds.
+    model it rebuilds. With ``spool``, a model of at least its threshold (raw bytes) is
+    prepared on disk when the spec has no levels and the source has ``encode_to``.
 
     Raises
     ------
@@ -95,6 +103,14 @@ def prepare_model(source: ModelSource, key: CacheKey, segment_bytes: int) -> Pre
     if key.base is not None and base_state is None:
         raise NotFoundError(f"base {key.base[:16]}… is no longer held")
     leave_out = frozenset(ref.tensor_name for ref in key.held_parts)
+    raw_bytes = sum(t.numel() * t.element_size() for t in target_state.values())
+    if (
+        spool is not None
+        and spool.policy.applies(raw_bytes)
+        and key.spec.levels is None
+        and hasattr(source, "encode_to")
+    ):
+        return _prepare_spooled(source, key, segment_bytes, spool, raw_bytes, started)
     encoded = source.encode(key.target, key.base, key.spec, key.byte_budget, leave_out=leave_out)
     progressive = encoded.progressive
     if progressive:
@@ -116,7 +132,6 @@ def prepare_model(source: ModelSource, key: CacheKey, segment_bytes: int) -> Pre
         decoded = decode_state(encoded, base_state, base_digest=base_digest)
         decoded.update({name: target_state[name] for name in leave_out})
         decoded_digest = state_digest(decoded)
-    raw_bytes = sum(t.numel() * t.element_size() for t in target_state.values())
     every_tensor = {record.name for record in encoded.records}
     digest = digest_function(key.segment_digest)
     infos = [
@@ -168,3 +183,88 @@ def prepare_model(source: ModelSource, key: CacheKey, segment_bytes: int) -> Pre
         time.perf_counter() - started,
     )
     return PreparedModel(manifest, messages)
+
+
+def _prepare_spooled(
+    source: ModelSource,
+    key: CacheKey,
+    segment_bytes: int,
+    spool: SpoolDir,
+    raw_bytes: int,
+    started: float,
+) -> PreparedModel:
+    """:func:`prepare_model` on disk: bodies spooled, segments read back to be digested,
+    the decoded digest taken tensor by tensor. The spool file is deleted on any error."""
+    target_state = source.get(key.target)
+    base_state = source.get(key.base) if key.base is not None else None
+    if target_state is None or (key.base is not None and base_state is None):
+        raise NotFoundError(f"model {key.target[:16]}… or its base is no longer held")
+    leave_out = frozenset(ref.tensor_name for ref in key.held_parts)
+    file = spool.new_file(".stream")
+    try:
+        plan = source.encode_to(  # type: ignore[attr-defined]
+            file, key.target, key.base, key.spec, key.byte_budget, leave_out=leave_out
+        )
+        spooled = spool_encoding(plan, file, segment_bytes)
+        encoded_bytes = spooled.stream.nbytes
+        if key.byte_budget is not None and encoded_bytes > key.byte_budget:
+            raise ResourceExhaustedError(
+                f"the encoded model has {encoded_bytes} bytes, over the budget of "
+                f"{key.byte_budget}; ask for a stronger codec spec"
+            )
+        model_digest = bytes.fromhex(key.target)
+        base_digest = bytes.fromhex(key.base) if key.base is not None else None
+        if plan.header.spec.lossless and base_state is None:
+            decoded = model_digest
+        else:
+            folder = spool.path or spool.policy.folder
+            held = {name: target_state[name] for name in leave_out}
+            decoded = decoded_digest(spooled, base_state, base_digest, held, folder)
+        every_tensor = {stored.record.name for stored in plan.records}
+        digest = digest_function(key.segment_digest)
+        infos = [
+            SegmentInfo(
+                s.index,
+                () if set(s.tensor_names) == every_tensor else s.tensor_names,
+                s.index,
+                0,
+                s.end - s.start,
+                digest(spooled.payload(s.index)),
+            )
+            for s in spooled.segments
+        ]
+        manifest = Manifest(
+            manifest_key=manifest_key_for(
+                model_digest,
+                base_digest,
+                plan.header.spec.to_bytes(),
+                infos,
+                key.held_parts,
+                key.segment_digest,
+            ),
+            model_digest=model_digest,
+            base_digest=base_digest,
+            spec=plan.header.spec,
+            raw_bytes=raw_bytes,
+            decoded_digest=decoded,
+            segments=tuple(infos),
+            smallest_prefix_bytes=0,
+            held_parts=key.held_parts,
+            segment_digest=key.segment_digest,
+        )
+    except BaseException:
+        file.release()
+        raise
+    logger.info(
+        "encoded %s… (%s) to spool file %s: raw %d B, encoded %d B in %d segments, "
+        "ratio %.2f, %.3f s",
+        key.target[:12],
+        "delta from " + key.base[:12] + "…" if key.base else "full",
+        file.path.name,
+        raw_bytes,
+        encoded_bytes,
+        len(infos),
+        raw_bytes / max(encoded_bytes, 1),
+        time.perf_counter() - started,
+    )
+    return PreparedModel(manifest, (), spooled)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
 
@@ -29,6 +29,7 @@ from fedsqueeze.transport.cache import CacheStats, EncodeCache
 from fedsqueeze.transport.faults import FaultInjector
 from fedsqueeze.transport.service import ServiceLimits, TransferService
 from fedsqueeze.transport.source import ModelSource
+from fedsqueeze.transport.spool import SpoolDir, SpoolPolicy
 from fedsqueeze.transport.tls import ServerTls, check_plaintext_host
 from fedsqueeze.transport.updates import UpdateSink
 from fedsqueeze.wire import transfer_pb2 as pb
@@ -73,9 +74,15 @@ class ServerConfig:
     max_update_bytes
         Largest upload accepted, in bytes.
     cache_entries, cache_bytes
-        Bounds of the encoded-model cache.
+        Bounds of the encoded-model cache (``cache_bytes``: in memory).
+    cache_spool_bytes
+        Most bytes of spooled encodings kept on disk.
     verify_updates
         Decode uploads in full before storing them.
+    spool
+        When and where a large model is prepared on disk instead of in memory
+        (:mod:`fedsqueeze.transport.spool`; ``None``: always in memory). The server
+        keeps its spool files in a folder of its own there, deleted when it stops.
     """
 
     host: str = "127.0.0.1"
@@ -86,7 +93,9 @@ class ServerConfig:
     max_update_bytes: int = 512 << 20
     cache_entries: int = 16
     cache_bytes: int = 1 << 30
+    cache_spool_bytes: int = 32 << 30
     verify_updates: bool = True
+    spool: SpoolPolicy | None = field(default_factory=SpoolPolicy)
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -146,14 +155,24 @@ class TransferServer:
             check_plaintext_host(self.config.host)
         self._tls = tls
         self.faults = faults
-        self.cache = EncodeCache(self.config.cache_entries, self.config.cache_bytes)
+        self.spool: SpoolDir | None = None
+        # Only a source that can encode into a store spools (not the coordinator's): a
+        # folder it cannot write to fails here, not on the first large fetch.
+        if self.config.spool is not None and hasattr(source, "encode_to"):
+            self.config.spool.check()
+            self.spool = SpoolDir(self.config.spool)
+        self.cache = EncodeCache(
+            self.config.cache_entries, self.config.cache_bytes, self.config.cache_spool_bytes
+        )
         self.wire = WireCounter()
         limits = ServiceLimits(
             segment_bytes=self.config.segment_bytes,
             max_update_bytes=self.config.max_update_bytes,
             verify_updates=self.config.verify_updates,
         )
-        self.service = TransferService(source, updates, tokens, self.cache, limits, faults)
+        self.service = TransferService(
+            source, updates, tokens, self.cache, limits, faults, self.spool
+        )
         self._server: Any = None
         self._port: int | None = None
 
@@ -236,6 +255,9 @@ class TransferServer:
         if self.faults is not None:
             self.faults.release_for_stop()  # after stop(): a held stream ends cut
         stopped.wait()
+        self.cache.drop_spooled()  # not served any more: their spool files go
+        if self.spool is not None:
+            self.spool.close()
         logger.info("ModelTransfer on port %s stopped", self._port)
 
     def stats(self) -> ServerStats:

@@ -9,6 +9,7 @@ state as it was.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 from collections.abc import Iterator
@@ -34,6 +35,7 @@ from fedsqueeze.transport.faults import FaultInjector, StreamAction
 from fedsqueeze.transport.parts import PartDigests, plan_held_parts
 from fedsqueeze.transport.prepare import prepare_model
 from fedsqueeze.transport.source import ModelSource
+from fedsqueeze.transport.spool import SpoolDir
 from fedsqueeze.transport.truncate import PrefixModels, plan_prefix
 from fedsqueeze.transport.updates import AddResult, ReceivedUpdate, UpdateSink, now
 from fedsqueeze.wire import convert
@@ -80,8 +82,10 @@ class TransferService:
         cache: EncodeCache,
         limits: ServiceLimits,
         faults: FaultInjector | None = None,
+        spool: SpoolDir | None = None,
     ) -> None:
         self.source = source
+        self.spool = spool
         self.updates = updates
         self.tokens = tokens
         self.cache = cache
@@ -127,7 +131,7 @@ class TransferService:
         # The digest the client asked for, or SHA-256 when this server cannot make it.
         key = CacheKey(target, base, req.spec, budget, refs, supported_digest(req.segment_digest))
         return self.cache.get_or_build(
-            key, lambda: prepare_model(self.source, key, self.limits.segment_bytes)
+            key, lambda: prepare_model(self.source, key, self.limits.segment_bytes, self.spool)
         )
 
     def _related(self, target: str, base: str) -> bool:
@@ -265,13 +269,33 @@ class TransferService:
         context: grpc.ServicerContext,
         prefix_segments: int = 0,
     ) -> Iterator[bytes]:
+        with contextlib.ExitStack() as stack:
+            if prepared.spooled is not None:  # its file stays open until this stream ends
+                stack.enter_context(prepared.spooled.stream.file.hold())
+            try:
+                yield from self._segments_of(prepared, held, context, prefix_segments)
+            except IntegrityError:
+                # The spool file was damaged on disk: never serve it again.
+                logger.error(
+                    "spool file of %s… damaged: dropped", prepared.manifest.manifest_key.hex()[:12]
+                )
+                self.cache.discard(prepared)
+                raise
+
+    def _segments_of(
+        self,
+        prepared: PreparedModel,
+        held: frozenset[int],
+        context: grpc.ServicerContext,
+        prefix_segments: int,
+    ) -> Iterator[bytes]:
         sent = 0
         for info in prepared.manifest.segments:
             if info.segment_id in held:
                 continue
             if prefix_segments and info.segment_id >= prefix_segments:
                 break
-            message = prepared.messages[info.segment_id]
+            message = prepared.message(info.segment_id)
             if self.faults is not None:
                 if self.faults.before_segment(sent) is StreamAction.CUT:
                     raise UnavailableError(f"injected fault: stream cut after {sent} segments")

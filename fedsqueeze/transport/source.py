@@ -11,11 +11,13 @@ import hashlib
 import threading
 from collections import OrderedDict
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Protocol
 
 import torch
 
 from fedsqueeze.codec import CodecSpec, EncodedModel, encode_state, state_digest
+from fedsqueeze.codec.stream_encode import EncodedPlan, RecordStore, encode_stream
 from fedsqueeze.errors import NotFoundError
 from fedsqueeze.wire.types import is_hex_digest
 
@@ -86,7 +88,13 @@ class ModelSource(Protocol):
 
 
 class InMemoryModelSource:
-    """Models held in memory: the last ``keep`` published versions; thread-safe.
+    """Models held in memory (or mapped from files): the last ``keep`` published
+    versions; thread-safe.
+
+    :meth:`publish` copies a state; :meth:`publish_file` maps a safetensors file without
+    copying it (a large model then costs page cache, not memory). :meth:`encode_to`
+    lets the server prepare a large model on disk
+    (:mod:`fedsqueeze.transport.prepare_spooled`).
 
     Parameters
     ----------
@@ -109,6 +117,23 @@ class InMemoryModelSource:
             raise ValueError("a track name cannot look like a digest")
         return self._hold(state, track)
 
+    def publish_file(self, path: str | Path, track: str = "global") -> str:
+        """Make the safetensors file ``path`` the current version of ``track``, mapped,
+        not copied (:func:`fedsqueeze.modelfile.map_model`); returns its hex digest.
+
+        The file must not change while it is held.
+
+        Raises
+        ------
+        fedsqueeze.errors.ConfigError
+            Not a readable safetensors file.
+        """
+        from fedsqueeze.modelfile import map_model
+
+        if is_hex_digest(track):
+            raise ValueError("a track name cannot look like a digest")
+        return self._keep(map_model(path), track)
+
     def adopt(self, state: Mapping[str, torch.Tensor]) -> str:
         """See :meth:`ModelSource.adopt` (held like a version, dropped by age like one)."""
         return self._hold(state, None)
@@ -116,7 +141,10 @@ class InMemoryModelSource:
     def _hold(self, state: Mapping[str, torch.Tensor], track: str | None) -> str:
         """Hold a CPU copy of ``state`` as the newest version (the head of ``track`` when
         given); drop the oldest beyond ``keep``, never a head nor this one."""
-        copy = {name: t.detach().to("cpu").clone() for name, t in state.items()}
+        return self._keep({name: t.detach().to("cpu").clone() for name, t in state.items()}, track)
+
+    def _keep(self, copy: dict[str, torch.Tensor], track: str | None) -> str:
+        """Hold ``copy`` (owned from now on) as the newest version."""
         digest = state_digest(copy).hex()
         with self._lock:
             self._versions[digest] = copy
@@ -169,6 +197,33 @@ class InMemoryModelSource:
         return encode_state(
             without(state, leave_out),
             spec,
+            base_state,
+            seed=encode_seed(target, base, spec),
+            base_digest=bytes.fromhex(base) if base is not None else None,
+        )
+
+    def encode_to(
+        self,
+        store: RecordStore,
+        target: str,
+        base: str | None,
+        spec: CodecSpec,
+        byte_budget: int | None,
+        *,
+        leave_out: frozenset[str] = frozenset(),
+    ) -> EncodedPlan:
+        """:meth:`encode`, tensor by tensor, each record body into ``store`` as it is
+        made (:func:`~fedsqueeze.codec.stream_encode.encode_stream`: the same bytes)."""
+        state = self.get(target)
+        if state is None:
+            raise NotFoundError(f"model {target[:16]}… is no longer held")
+        base_state = self.get(base) if base is not None else None
+        if base is not None and base_state is None:
+            raise NotFoundError(f"base {base[:16]}… is no longer held")
+        return encode_stream(
+            without(state, leave_out),
+            spec,
+            store,
             base_state,
             seed=encode_seed(target, base, spec),
             base_digest=bytes.fromhex(base) if base is not None else None,

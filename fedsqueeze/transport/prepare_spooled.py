@@ -1,0 +1,252 @@
+"""Preparing a large model for the data plane without holding it in memory.
+
+The same segments, digests and manifest as :func:`~fedsqueeze.transport.prepare.prepare_model`
+(the same cut points: :func:`~fedsqueeze.transport.spool.plan_segments`), made from a
+:class:`~fedsqueeze.transport.spool.SpooledStream`: the record bodies go to a spool file
+as they are encoded, tensor by tensor (the source's ``encode_to``), and each segment is
+read from it when its digest is taken and when it is sent.
+
+The decoded model's digest (what a client checks after decoding a lossy encoding or a
+delta) is taken tensor by tensor in the digest's own order: each record is decoded,
+part by part, into a scratch file the size of the largest tensor, hashed, and
+overwritten by the next one. Memory: the record heads, a record's decoding chunks and
+the encode's working memory (:mod:`fedsqueeze.codec.stream_encode`).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Protocol
+
+import torch
+
+from fedsqueeze.codec import CodecSpec, state_digest
+from fedsqueeze.codec.container import (
+    ANS_VERSION,
+    BLOCKWISE_VERSION,
+    GROUPED_VERSION,
+    ContainerHeader,
+)
+from fedsqueeze.codec.stream_encode import EncodedPlan, RecordStore, StoredRecord
+from fedsqueeze.codec.streaming import decode_into
+from fedsqueeze.codec.tensor_decode import TensorDecoder
+from fedsqueeze.errors import FormatError
+from fedsqueeze.transport.spool import (
+    PlannedSegment,
+    SpooledStream,
+    SpoolFile,
+    StreamPiece,
+    plan_segments,
+)
+
+__all__ = ["SpooledEncoding", "SpoolingSource", "decoded_digest", "spool_encoding"]
+
+#: Format versions :func:`~fedsqueeze.codec.streaming.decode_into` reads part by part.
+_PART_BY_PART = (1, BLOCKWISE_VERSION, GROUPED_VERSION, ANS_VERSION)
+
+
+class SpoolingSource(Protocol):
+    """A model source that can encode into a record store (bodies spooled as made)."""
+
+    def encode_to(
+        self,
+        store: RecordStore,
+        target: str,
+        base: str | None,
+        spec: CodecSpec,
+        byte_budget: int | None,
+        *,
+        leave_out: frozenset[str] = frozenset(),
+    ) -> EncodedPlan:
+        """Encode as :meth:`ModelSource.encode` does (the same bytes), bodies into ``store``."""
+        ...
+
+
+@dataclass(frozen=True)
+class SpooledEncoding:
+    """An encoded model whose bodies are in a spool file.
+
+    Attributes
+    ----------
+    plan
+        The header and the record heads.
+    stream
+        The stream (header, record heads, bodies) as pieces.
+    segments
+        Where the stream is cut.
+    """
+
+    plan: EncodedPlan
+    stream: SpooledStream
+    segments: tuple[PlannedSegment, ...]
+
+    def payload(self, index: int) -> bytes:
+        """The bytes of segment ``index``."""
+        seg = self.segments[index]
+        return self.stream.read(seg.start, seg.end)
+
+
+def spool_encoding(plan: EncodedPlan, file: SpoolFile, segment_bytes: int) -> SpooledEncoding:
+    """Lay out the stream of ``plan`` (bodies in ``file``) and cut it into segments."""
+    head = plan.header.to_bytes()
+    pieces = [StreamPiece(head, 0, len(head))]
+    lengths: list[tuple[str | None, int]] = [(None, len(head))]
+    for stored in plan.records:
+        # split_segments names a segment's tensors by the records' names (none for an
+        # index-coded record of a delta): the same here, for the same descriptors.
+        name = stored.record.name
+        record_head = stored.header_bytes()
+        pieces.append(StreamPiece(record_head, 0, len(record_head)))
+        pieces.append(StreamPiece(None, stored.token, stored.body_length))
+        lengths.append((name, len(record_head) + stored.body_length))
+    stream = SpooledStream(pieces, file)
+    return SpooledEncoding(plan, stream, tuple(plan_segments(lengths, segment_bytes)))
+
+
+def decoded_digest(
+    spooled: SpooledEncoding,
+    base: Mapping[str, torch.Tensor] | None,
+    base_digest: bytes | None,
+    held: Mapping[str, torch.Tensor],
+    scratch_dir: Path,
+) -> bytes:
+    """``state_digest`` of the model a client decodes from ``spooled`` (with ``base`` for
+    a delta) plus the ``held`` parts, without holding the model: see the module's text.
+
+    Raises
+    ------
+    fedsqueeze.errors.CodecError
+        The stream does not decode.
+    OSError
+        The scratch file cannot be made.
+    """
+    header = spooled.plan.header
+    delta_base = base if header.base_digest is not None else None
+    decoder = TensorDecoder(delta_base, None)
+    slots: dict[str, tuple[int, torch.dtype, tuple[int, ...]]] = {}
+    for i, stored in enumerate(spooled.plan.records):
+        name, dtype, shape = decoder.resolve(stored.record)
+        slots[name] = (i, dtype, shape)
+    kept: dict[str, torch.Tensor] = {}
+    if delta_base is not None and header.spec.freeze:
+        kept = {n: t for n, t in delta_base.items() if n not in slots and header.spec.is_frozen(n)}
+    largest = max((_nbytes(d, s) for _i, d, s in slots.values()), default=0)
+    fd, name = tempfile.mkstemp(prefix="fsq-digest-", suffix=".tmp", dir=scratch_dir)
+    try:
+        try:  # reserved now: a full disk fails here, not as a bus error on a write
+            os.posix_fallocate(fd, 0, max(1, largest))
+        except OSError:
+            os.ftruncate(fd, max(1, largest))
+    finally:
+        os.close(fd)
+    try:
+        scratch = torch.from_file(name, shared=True, size=max(1, largest), dtype=torch.uint8)
+    finally:
+        os.unlink(name)  # the mapping keeps it until freed
+    state = _DecodedLazily(spooled, slots, kept, dict(held), delta_base, base_digest, scratch)
+    try:
+        return state_digest(state)
+    finally:
+        del state, scratch
+
+
+def _nbytes(dtype: torch.dtype, shape: tuple[int, ...]) -> int:
+    n = torch.empty((), dtype=dtype).element_size()
+    for d in shape:
+        n *= d
+    return n
+
+
+class _DecodedLazily(Mapping[str, torch.Tensor]):
+    """The decoded model as a mapping whose tensors are decoded when looked up, each into
+    the same scratch (valid until the next lookup: ``state_digest`` hashes one tensor
+    before it asks for the next)."""
+
+    def __init__(
+        self,
+        spooled: SpooledEncoding,
+        slots: dict[str, tuple[int, torch.dtype, tuple[int, ...]]],
+        kept: dict[str, torch.Tensor],
+        held: dict[str, torch.Tensor],
+        base: Mapping[str, torch.Tensor] | None,
+        base_digest: bytes | None,
+        scratch: torch.Tensor,
+    ) -> None:
+        self._spooled = spooled
+        self._slots = slots
+        self._fixed = {**kept, **held}
+        self._base = base
+        # What decode_into is given beside the record's tensor: the base's names (an
+        # index-coded record is named by its place among them); the values of the others
+        # are never read, and a non-contiguous one would be refused, so it is an empty
+        # stand-in.
+        self._others = (
+            {n: t if t.is_contiguous() else t.new_empty(0) for n, t in base.items()}
+            if base is not None
+            else None
+        )
+        self._base_digest = base_digest
+        self._scratch = scratch
+        self._names = list({**slots, **self._fixed})
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names)
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name in self._fixed:
+            return self._fixed[name]
+        index, dtype, shape = self._slots[name]
+        out = self._scratch[: _nbytes(dtype, shape)].view(dtype).reshape(shape)
+        base = self._base
+        if base is not None and name in base:
+            b = base[name]
+            if b.dtype == dtype and tuple(b.shape) == shape:
+                out.copy_(b)  # a delta's record applies to the base's value
+        self._decode(index, name, out)
+        return out
+
+    def _decode(self, index: int, name: str, out: torch.Tensor) -> None:
+        """Decode record ``index`` into ``out``: as a one-record stream, part by part
+        where the format allows, else the record whole (one tensor)."""
+        header: ContainerHeader = self._spooled.plan.header
+        stored: StoredRecord = self._spooled.plan.records[index]
+        base = self._base
+        if header.version in _PART_BY_PART:
+            one = replace(header, record_count=1, base_records=1).to_bytes()
+            body_start = self._body_start(index)
+            chunks: list[bytes] = [one, stored.header_bytes()]
+            others = self._others
+            target = {**others, name: out} if others is not None else {name: out}
+            decode_into(
+                _then(
+                    chunks, self._spooled.stream.chunks(body_start, body_start + stored.body_length)
+                ),
+                target,
+                base_digest=self._base_digest if header.base_digest is not None else None,
+            )
+            return
+        body_start = self._body_start(index)
+        body = self._spooled.stream.read(body_start, body_start + stored.body_length)
+        decoder = TensorDecoder(base, None)
+        value = decoder.decode(replace(stored.record, body=body))[1]
+        if not isinstance(value, torch.Tensor):
+            raise FormatError("a progressive record in a whole-model stream")
+        out.copy_(value)
+
+    def _body_start(self, index: int) -> int:
+        """Where record ``index``'s body starts in the stream."""
+        # pieces: header, then (record head, body) per record
+        piece = 2 + 2 * index
+        return self._spooled.stream.start_of(piece)
+
+
+def _then(first: list[bytes], rest: Iterator[bytes]) -> Iterator[bytes]:
+    yield from first
+    yield from rest
