@@ -35,6 +35,7 @@ __all__ = [
     "dequantize_linear",
     "dequantize_table",
     "nearest_nf4",
+    "nf4_tables",
     "parallel_copy",
     "quantize_linear",
     "value_range",
@@ -149,11 +150,11 @@ def nearest_nf4(x: Tensor, scale: Tensor, codebook: Tensor, runs: Runs | None) -
     beyond go to the nearer end, as there. Instead of a binary search per value
     (``bucketize``: ~40 ns a value here), a value's cell on a 256-cell grid of
     ``[−1, 1]`` gives its code through a table, plus one comparison with the one
-    midpoint that may lie inside the cell (:func:`_nf4_tables`).
+    midpoint that may lie inside the cell (:func:`nf4_tables`).
     """
     n = x.numel()
     device = x.device
-    below, inside = _nf4_tables(codebook)
+    below, inside = nf4_tables(codebook)
     below, inside = below.to(device), inside.to(device)
     out = torch.empty(n, dtype=torch.uint8, device=device)
     scale_f = float(scale) if runs is None else 0.0
@@ -261,7 +262,7 @@ _CELL_SLACK = 1e-6
 _nf4_cache: dict[bytes, tuple[Tensor, Tensor]] = {}
 
 
-def _nf4_tables(codebook: Tensor) -> tuple[Tensor, Tensor]:
+def nf4_tables(codebook: Tensor) -> tuple[Tensor, Tensor]:
     """Per grid cell: how many midpoints lie below it (uint8), and the midpoint inside
     it (float32; ``+inf`` when none).
 

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fedsqueeze.codec import ans, entropy
+from fedsqueeze.codec import ans, dense_encode, entropy
 from fedsqueeze.codec.bitpack import pack_bits, unpack_bits
 from fedsqueeze.codec.bits import all_zero_bits, as_bits, xor_bits
 from fedsqueeze.codec.blockwise import num_blocks
@@ -326,21 +326,25 @@ class TensorEncoder:
         positions: PositionsHeader | None = None,
         rank: int = 0,
         levels: tuple[int, ...] = (),
+        coded: dense_encode.DenseBody | None = None,
     ) -> TensorRecord:
         index = self._index.get(name) if delta else None
         if quant is not None and quant.granularity is Granularity.PER_CHANNEL:
             index = None  # keep per-channel records parseable without the base
-        compressed = (
-            None
-            if quant is None and value_kind in GROUPED_KINDS
-            else entropy.compress(body, self._spec.entropy_level)
-        )
+        if coded is not None:  # compressed already (dense_encode)
+            compressed = None if coded.raw_length is None else coded.body
+        elif quant is None and value_kind in GROUPED_KINDS:
+            compressed = None
+        else:
+            compressed = entropy.compress(body, self._spec.entropy_level)
         if quant is not None and positions is None and not levels:
-            coded = self._ans(t, body, quant.bits, rank)
-            if coded is not None and len(coded) < len(body if compressed is None else compressed):
+            ans_body = self._ans(t, body, quant.bits, rank)
+            if ans_body is not None and len(ans_body) < len(
+                body if compressed is None else compressed
+            ):
                 return TensorRecord(
                     name, index, t.dtype, tuple(t.shape), delta, 0, quant, value_kind, None,
-                    None, coded, rank=rank, ans=True,
+                    None, ans_body, rank=rank, ans=True,
                 )  # fmt: skip
         return TensorRecord(
             name=name,
@@ -354,7 +358,11 @@ class TensorEncoder:
             positions=positions,
             raw_length=len(body) if compressed is not None else None,
             # zstd reads a view as well as bytes: copy the payload only to store it raw.
-            body=compressed if compressed is not None else bytes(body),
+            body=compressed
+            if compressed is not None
+            else coded.body
+            if coded is not None
+            else bytes(body),
             rank=rank,
             levels=levels,
         )
@@ -559,6 +567,10 @@ class TensorEncoder:
             return record, _residual(
                 flat, indices, values, last, t.shape
             ) if last is not None else None
+        if indices is None and not spec.feedback:
+            piped = self._piped(name, t, values, channels_of, num_channels, known, delta)
+            if piped is not None:
+                return piped, None
         # only error feedback needs what the receiver gets
         payload, quant, value_kind, decoded = self._store(
             values, channels_of, num_channels, t.device, spec.feedback,
@@ -710,6 +722,39 @@ class TensorEncoder:
             held = torch.sort(torch.cat((held, idx))).values
         self.levels[name] = chain(nodes)
         return nodes[0].scored.record, final.to(torch.float32)
+
+    def _piped(
+        self,
+        name: str,
+        t: torch.Tensor,
+        values: torch.Tensor,
+        channels_of: torch.Tensor | Runs | None,
+        num_channels: int,
+        known_range: tuple[torch.Tensor, torch.Tensor] | None,
+        delta: bool,
+    ) -> TensorRecord | None:
+        """The record of a large dense quantized tensor, quantized and zstd-compressed in
+        a pipeline (:mod:`fedsqueeze.codec.dense_encode`); ``None`` when the pipeline does
+        not take it (the stages then run one after the other)."""
+        q = self._spec.quant
+        if q is None or not dense_encode.ENABLED:
+            return None
+        level = self._spec.entropy_level
+        if level <= 0 or -(-values.numel() * q.bits // 8) < dense_encode.PIPELINE_ABOVE:
+            return None  # before choosing params: they would be chosen twice
+        qp = choose_qparams(
+            values, q.bits, q.scheme, q.granularity, channels_of, num_channels, q.scales,
+            known_range=known_range,
+        )  # fmt: skip
+        if not dense_encode.pipelines(values, qp, q.rounding, channels_of, level):
+            return None
+        runs = channels_of if isinstance(channels_of, Runs) else None
+        coded = dense_encode.encode_dense(values, qp, runs, level)
+        quant = _quant_header(q, qp, num_channels, name)
+        return self._record(
+            name, t, delta=delta, body=coded.packed.numpy().data, quant=quant,
+            coded=coded,
+        )  # fmt: skip
 
     def _store(
         self,
