@@ -331,6 +331,7 @@ class TensorEncoder:
         index = self._index.get(name) if delta else None
         if quant is not None and quant.granularity is Granularity.PER_CHANNEL:
             index = None  # keep per-channel records parseable without the base
+        compressed: bytes | memoryview | None
         if coded is not None:  # compressed already (dense_encode)
             compressed = None if coded.raw_length is None else coded.body
         elif quant is None and value_kind in GROUPED_KINDS:
