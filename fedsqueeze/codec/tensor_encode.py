@@ -31,6 +31,7 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from fedsqueeze.codec import ans, dense_encode, entropy
@@ -503,7 +504,7 @@ class TensorEncoder:
             return self._lowrank(name, t, x, delta, spec.rank)
         flat = x.reshape(-1)
         indices = self._kept(name, x, global_mask)
-        values = flat if indices is None else flat[indices]
+        values = flat if indices is None else _gather(flat, indices)
         # Magnitude selection keeps exact zeros when fewer than k values are nonzero (an
         # unchanged tensor, a sparse update): they decode to 0 without positions. Channel
         # pruning keeps its whole channels.
@@ -833,6 +834,14 @@ def _energy(t: torch.Tensor) -> float:
     for start in range(0, flat.numel(), CHUNK):
         total += flat[start : start + CHUNK].to(torch.float64).square().sum()
     return float(total) or 1.0
+
+
+def _gather(flat: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """``flat[indices]``; on the CPU by NumPy into NumPy memory (huge pages for a large
+    result; torch's gather into fresh 4 KiB pages cost about twice the time)."""
+    if flat.device.type == "cpu" and flat.dtype == torch.float32 and indices.device.type == "cpu":
+        return torch.from_numpy(np.take(flat.detach().contiguous().numpy(), indices.numpy()))
+    return flat[indices]
 
 
 def _residual(
