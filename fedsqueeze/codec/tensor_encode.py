@@ -588,7 +588,10 @@ class TensorEncoder:
             quant=quant,
             positions=positions,
         )
-        return record, _residual(flat, indices, values, decoded, t.shape) if spec.feedback else None
+        if not spec.feedback:
+            return record, None
+        owned = x.untyped_storage().data_ptr() != t.untyped_storage().data_ptr()
+        return record, _residual(flat, indices, values, decoded, t.shape, owned)
 
     def _progressive(
         self,
@@ -850,15 +853,23 @@ def _residual(
     values: torch.Tensor,
     decoded: torch.Tensor,
     shape: torch.Size,
+    owned: bool = False,
 ) -> torch.Tensor:
     """Error feedback: what the receiver does not get of ``flat`` (``values`` are
-    ``flat[indices]``, the values kept)."""
+    ``flat[indices]``, the values kept). ``owned``: ``flat`` is the encoder's own
+    temporary (not the caller's tensor), which becomes the residual in place."""
     if indices is None:
         return (flat - decoded).reshape(shape)
-    # A copy in chunks on the worker threads (clone() is one thread), then the kept
-    # positions overwritten: flat[indices] − decoded, as an in-place subtraction gives.
-    residual = parallel_copy(flat)
-    residual[indices] = values - decoded
+    # A copy in chunks on the worker threads (clone() is one thread), unless ``flat`` is
+    # ours, then the kept positions overwritten: flat[indices] − decoded, as an in-place
+    # subtraction gives.
+    residual = flat if owned else parallel_copy(flat)
+    kept = values - decoded
+    if residual.device.type == "cpu" and residual.dtype == kept.dtype and residual.is_contiguous():
+        # NumPy's fancy assignment: torch's index_put of 2.5M positions cost ~5x here.
+        residual.numpy()[indices.cpu().numpy()] = kept.numpy()
+    else:
+        residual[indices] = kept
     return residual.reshape(shape)
 
 
