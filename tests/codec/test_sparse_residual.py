@@ -40,8 +40,10 @@ def test_residual_in_place_or_copied(
 
     residual = tensor_encode._residual
 
-    def copied(*args: Any) -> torch.Tensor:
-        return residual(*args[:5], owned=False)
+    def copied(
+        flat: torch.Tensor, indices: Any, values: Any, decoded: Any, shape: Any, owned: bool = False
+    ) -> torch.Tensor:
+        return residual(flat, indices, values, decoded, shape, False)
 
     monkeypatch.setattr(tensor_encode, "_residual", copied)
     again = encode_state({"w": t}, spec, base=base, residual=r, seed=0)
