@@ -64,7 +64,7 @@ from fedsqueeze.codec.progressive import (
     table_to_bytes,
     top_codes,
 )
-from fedsqueeze.codec.pruning import channel_mask, magnitude_indices, threshold_mask
+from fedsqueeze.codec.pruning import channel_mask, magnitude_selection, threshold_mask
 from fedsqueeze.codec.quantization import (
     MAX_MAGNITUDE,
     QuantParams,
@@ -468,22 +468,23 @@ class TensorEncoder:
 
     def _kept(
         self, name: str, x: torch.Tensor, global_mask: torch.Tensor | None
-    ) -> torch.Tensor | None:
-        """Flat indices of the values kept (int64, increasing), ``None`` for all."""
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Flat indices of the values kept (int64, increasing), ``None`` for all; and the
+        values at them when the selection gathered them (else ``None``)."""
         spec = self._spec
         if spec.topk is not None:
-            return None if spec.topk >= 1.0 else magnitude_indices(x, 1.0 - spec.topk)
+            return (None, None) if spec.topk >= 1.0 else magnitude_selection(x, 1.0 - spec.topk)
         method = spec.prune.method
         mask: torch.Tensor | None = None
         if method is PruneMethod.L1_GLOBAL:
             mask = global_mask
         elif method is PruneMethod.L1_UNSTRUCTURED and spec.prune.sparsity > 0:
-            return magnitude_indices(x, spec.prune.sparsity)
+            return magnitude_selection(x, spec.prune.sparsity)
         elif method is PruneMethod.LN_STRUCTURED and spec.prune.sparsity > 0:
             mask = channel_mask(x, spec.prune.sparsity)
         elif method is PruneMethod.THRESHOLD:
             mask = threshold_mask(x, spec.prune.threshold)
-        return None if mask is None else mask_to_indices(mask.reshape(-1))
+        return (None if mask is None else mask_to_indices(mask.reshape(-1))), None
 
     def _lossy(
         self,
@@ -503,8 +504,11 @@ class TensorEncoder:
         ):
             return self._lowrank(name, t, x, delta, spec.rank)
         flat = x.reshape(-1)
-        indices = self._kept(name, x, global_mask)
-        values = flat if indices is None else _gather(flat, indices)
+        indices, gathered = self._kept(name, x, global_mask)
+        if indices is None:
+            values = flat
+        else:
+            values = _gather(flat, indices) if gathered is None else gathered
         # Magnitude selection keeps exact zeros when fewer than k values are nonzero (an
         # unchanged tensor, a sparse update): they decode to 0 without positions. Channel
         # pruning keeps its whole channels.
