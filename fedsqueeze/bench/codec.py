@@ -13,9 +13,10 @@ Four parts, printed as tables (and written as JSON with --json):
             ZipNN's (ratio, compress/decompress MB/s; --lossless-only runs just this part;
             a small synthetic model stands in without MiniLM)
   tensor    one random-normal fp32 tensor of --tensor-mb MB: size, error and encode/decode
-            throughput of each spec next to tensor.clone() and plain zstd level 3, and
-            which of issue 14's speed targets each spec meets (--tensor-only runs just
-            this part)
+            throughput of each spec next to tensor.clone() and plain zstd level 3,
+            which of issue 14's speed targets each spec meets, and three dense specs
+            timed again with the paths before the pipelines, marked "(before)"
+            (--tensor-only runs just this part)
 
 Throughput is MB (10^6 bytes) of fp32 input per second, the median of --runs runs. On the
 big tensor, each encode and decode run follows a clone() of the tensor, and "enc/clone" and
