@@ -13,9 +13,10 @@ Four parts, printed as tables (and written as JSON with --json):
             ZipNN's (ratio, compress/decompress MB/s; --lossless-only runs just this part;
             a small synthetic model stands in without MiniLM)
   tensor    one random-normal fp32 tensor of --tensor-mb MB: size, error and encode/decode
-            throughput of each spec next to tensor.clone() and plain zstd level 3, and
-            which of issue 14's speed targets each spec meets (--tensor-only runs just
-            this part)
+            throughput of each spec next to tensor.clone() and plain zstd level 3,
+            which of issue 14's speed targets each spec meets, and three dense specs
+            timed again with the paths before the pipelines, marked "(before)"
+            (--tensor-only runs just this part)
 
 Throughput is MB (10^6 bytes) of fp32 input per second, the median of --runs runs. On the
 big tensor, each encode and decode run follows a clone() of the tensor, and "enc/clone" and
@@ -28,6 +29,7 @@ a time: the numbers are for BENCHMARKS.md.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import json
 import math
@@ -36,7 +38,7 @@ import platform
 import statistics
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -48,7 +50,15 @@ from rich.table import Table
 
 from fedsqueeze.bench.codec_phases import phase_table
 from fedsqueeze.bench.flags import add_codec_arguments as add_arguments
-from fedsqueeze.codec import PRESETS, CodecSpec, EncodedModel, decode_state, encode_state
+from fedsqueeze.codec import (
+    PRESETS,
+    CodecSpec,
+    EncodedModel,
+    decode_state,
+    dense_decode,
+    dense_encode,
+    encode_state,
+)
 from fedsqueeze.codec.spec_text import parse_spec
 from fedsqueeze.errors import ConfigError
 from fedsqueeze.recipes import CompressionResult, DeepCompressionConfig, compress_task
@@ -77,6 +87,12 @@ TENSOR_SPECS = (
     "int8,entropy=0",
     "quant=4:block64,entropy=0",
 )
+#: Dense specs timed a second time, in the same run, with the paths before the
+#: pipelined ones (encode: quantize, pack, then zstd in one call; decode: torch chunk
+#: kernels into torch memory): the side-by-side figures for what the pipelines change.
+BEFORE_SPECS = ("int8", "quant=4:block64", "quant=4:nf4:block64")
+#: Suffix of those rows' names.
+BEFORE = " (before)"
 #: Dense specs whose stages are timed one by one on the big tensor.
 PHASE_SPECS = ("int8", "quant=4:block64", "quant=4:nf4:block64")
 #: What each timed spec should reach, as a fraction of clone()'s throughput (issue 14:
@@ -387,6 +403,10 @@ def _tensor(options: CodecBenchOptions, out: Console) -> Json:
         packed, zenc_s = _timed(lambda: cctx.compress(raw), runs)
         _, zdec_s = _timed(lambda: zstandard.ZstdDecompressor().decompress(packed), runs)
         results = [_tensor_spec(n, parse_spec(n), state, runs, size_mb) for n in TENSOR_SPECS]
+        with _paths_before():
+            results += [
+                _tensor_spec(n + BEFORE, parse_spec(n), state, runs, size_mb) for n in BEFORE_SPECS
+            ]
     clone_mbs = size_mb / clone_s
     refs: list[Json] = [
         {"spec": "clone()", "bytes": x.numel() * 4, "encode_mb_s": clone_mbs},
@@ -465,6 +485,17 @@ def _tensor_spec(name: str, spec: CodecSpec, state: State, runs: int, size_mb: f
 
 
 # ---------------------------------------------------------------------- helpers
+@contextlib.contextmanager
+def _paths_before() -> Iterator[None]:
+    """The dense paths as they were before the pipelines (same bytes and values)."""
+    saved = dense_encode.ENABLED, dense_decode.TORCH_KERNELS
+    dense_encode.ENABLED, dense_decode.TORCH_KERNELS = False, True
+    try:
+        yield
+    finally:
+        dense_encode.ENABLED, dense_decode.TORCH_KERNELS = saved
+
+
 def _encoder(state: State, spec: CodecSpec) -> Callable[[], bytes]:
     """What "encode" costs: the state to the bytes that go on the wire."""
     return lambda: encode_state(state, spec).to_bytes()

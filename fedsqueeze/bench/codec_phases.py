@@ -5,8 +5,11 @@ in the order the codec runs it, and timed in wall and CPU time (all threads; med
 the runs):
 
   encode  range (the finiteness check's min/max, reused as the quantizer's range per
-          tensor), choose (parameters; per-block ranges), quantize, pack, zstd, and the
-          rest of ``encode_state(...).to_bytes()`` (headers, copies, CRC)
+          tensor), choose (parameters; per-block ranges), quantize, pack, zstd, the
+          rest of ``encode_state(...).to_bytes()`` (headers, copies, CRC; computed as if
+          the stages ran in turn), and the pipelined path that replaces quantize, pack
+          and zstd for large records (``dense_encode``: zstd fed each chunk of codes as
+          the workers make it)
   decode  parse (CRC and headers), then the sequential stages (zstd, unpack,
           dequantize) and the pipelined path that replaces them for large records
           (``dense_decode``: zstd on the calling thread, the codes dequantized on the
@@ -27,7 +30,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from fedsqueeze.codec import EncodedModel, decode_state, encode_state, entropy
+from fedsqueeze.codec import EncodedModel, decode_state, dense_encode, encode_state, entropy
 from fedsqueeze.codec.bitpack import pack_bits, unpack_bits
 from fedsqueeze.codec.blockwise import num_blocks
 from fedsqueeze.codec.dense_decode import decode_dense
@@ -86,6 +89,10 @@ def phase_table(name: str, spec: CodecSpec, x: torch.Tensor, runs: int, out: Con
     enc = {stage: _time(fn, runs) for stage, fn in encode.items()}
     enc_total = _time(lambda: encode_state(state, spec).to_bytes(), runs)
     enc["rest"] = _rest(enc_total, enc.values())
+    if dense_encode.pipelines(flat, qp, q.rounding, channels, level):
+        enc["pipelined (replaces the 3 above)"] = _time(
+            lambda: dense_encode.encode_dense(flat, qp, channels, level), runs
+        )
     enc["encode total"] = enc_total
 
     dec: dict[str, dict[str, float]] = {"parse": _time(lambda: EncodedModel.from_bytes(blob), runs)}

@@ -18,11 +18,14 @@ operations on the same values, so the results are bit-identical; the tests compa
 from __future__ import annotations
 
 import math
+import threading
 import warnings
 from concurrent.futures import Future
 from functools import partial
-from typing import cast
+from typing import Any, cast
 
+import numpy as np
+import numpy.typing as npt
 import torch
 from torch import Tensor
 
@@ -45,6 +48,9 @@ _STEP = 1 << 20
 #: through the passes over it.
 _CHUNK = 1 << 18
 _WIDTHS = (2, 4, 8)
+#: The chunk kernels in torch operations and the output in torch memory, as before the
+#: NumPy kernels (for the benchmark's side-by-side runs only; same values).
+TORCH_KERNELS = False
 _tables: dict[tuple[int, bool], Tensor] = {}
 
 
@@ -85,7 +91,12 @@ def decode_dense(
     length = len(body) if raw_length is None else raw_length
     if length != -(-count * bits // 8):
         raise FormatError(f"{count} codes of {bits} bits need {-(-count * bits // 8)} bytes")
-    out = torch.empty(count, dtype=torch.float32)
+    if TORCH_KERNELS:
+        out = torch.empty(count, dtype=torch.float32)
+    else:
+        # NumPy memory: huge pages for a large output, whose first touch is then several
+        # times cheaper than torch's 4 KiB pages (it is most of a decode's writing).
+        out = torch.from_numpy(np.empty(count, dtype=np.float32))
     if count == 0:
         return out
     table = _table(bits, qp.scheme is QuantScheme.NF4)
@@ -94,16 +105,20 @@ def decode_dense(
     bounds = _bounds(count, per_byte, runs)
     futures: list[Future[None]] = []
     pending = 0  # bounds[pending:] still wait for their bytes
+    kernel = _dequantize if TORCH_KERNELS else _dequantize_numpy
 
     def chunk(start: int, stop: int) -> None:
-        _dequantize(raw, start, stop, per_byte, table, scale, zp, runs, out)
+        kernel(raw, start, stop, per_byte, table, scale, zp, runs, out)
 
     if raw_length is None:
         raw = _read_only_uint8(body)
         _padding(raw, count, bits)
         run_chunks(chunk, bounds)
         return out
-    raw = torch.empty(raw_length, dtype=torch.uint8)
+    if TORCH_KERNELS:
+        raw = torch.empty(raw_length, dtype=torch.uint8)
+    else:
+        raw = torch.from_numpy(np.empty(raw_length, dtype=np.uint8))
     try:
         for filled in entropy.decompress_into(body, raw.numpy().data, _STEP):
             while pending < len(bounds) and -(-bounds[pending][1] // per_byte) <= filled:
@@ -221,3 +236,89 @@ def _dequantize(
         if zp_t is not None:
             short.sub_(zp_t[r0 + whole : r0 + whole + 1])
         short.mul_(scale_t[r0 + whole : r0 + whole + 1])
+
+
+def _dequantize_numpy(
+    raw: Tensor,
+    start: int,
+    stop: int,
+    per_byte: int,
+    table: Tensor,
+    scale: Tensor | float,
+    zp: Tensor | float | None,
+    runs: Runs | None,
+    out: Tensor,
+) -> None:
+    """:func:`_dequantize` in NumPy operations: single-threaded inside the worker (a
+    torch operation there may fork an OpenMP team of its own) and about a microsecond a
+    call; the same float32 operations in the same order, so the same values."""
+    o: npt.NDArray[np.float32] = out.numpy()[start:stop]
+    src: npt.NDArray[np.uint8] = raw.numpy()
+    size = stop - start
+    first, last = start // per_byte, -(-stop // per_byte)
+    zp_s = None if zp is None or runs is not None else np.float32(cast(float, zp))
+    if zp is None:  # NF4: the entries of both codes of a byte in one gather
+        # intp indices: take() would convert narrower ones into a temporary first.
+        idx = _np_scratch("dense-idx", last - first, np.intp)
+        np.copyto(idx, src[first:last])
+        table_np = table.numpy()
+        if size % per_byte == 0:
+            np.take(table_np, idx, axis=0, out=o.reshape(-1, per_byte), mode="clip")
+        else:  # the last chunk ends inside a byte
+            wide = _np_scratch("dense-wide", (last - first) * per_byte, np.float32)
+            np.take(table_np, idx, axis=0, out=wide.reshape(-1, per_byte), mode="clip")
+            o[:] = wide[:size]
+    elif per_byte == 1:
+        if zp_s is not None:  # float(q) − zp in one pass (float(q) is exact)
+            np.subtract(src[start:stop], zp_s, out=o)
+            zp_s = None
+        else:
+            np.copyto(o, src[start:stop])
+    else:
+        whole = size // per_byte
+        bits = 8 // per_byte
+        lanes = o[: whole * per_byte].reshape(-1, per_byte)
+        lane = _np_scratch("dense-lane", whole, np.uint8)
+        codes = src[first : first + whole]
+        for j in range(per_byte):
+            np.right_shift(codes, j * bits, out=lane)
+            np.bitwise_and(lane, (1 << bits) - 1, out=lane)
+            np.copyto(lanes[:, j], lane)
+        if whole * per_byte < size:  # the last chunk ends inside a byte
+            byte = int(src[last - 1])
+            for j in range(size % per_byte):
+                o[whole * per_byte + j] = (byte >> (j * bits)) & ((1 << bits) - 1)
+    if runs is None:
+        if zp_s is not None:
+            np.subtract(o, zp_s, out=o)
+        np.multiply(o, np.float32(cast(float, scale)), out=o)
+        return
+    whole = size // runs.length  # full runs; the rest is the short last run (if any)
+    r0 = start // runs.length
+    scale_np = cast(Tensor, scale).numpy()
+    zp_np = None if zp is None else cast(Tensor, zp).numpy()
+    if whole:
+        rows = o[: whole * runs.length].reshape(whole, runs.length)
+        if zp_np is not None:
+            np.subtract(rows, zp_np[r0 : r0 + whole, None], out=rows)
+        np.multiply(rows, scale_np[r0 : r0 + whole, None], out=rows)
+    if whole * runs.length < size:
+        short = o[whole * runs.length :]
+        if zp_np is not None:
+            np.subtract(short, zp_np[r0 + whole], out=short)
+        np.multiply(short, scale_np[r0 + whole], out=short)
+
+
+_np_local = threading.local()
+
+
+def _np_scratch(slot: str, numel: int, dtype: type[np.generic]) -> npt.NDArray[Any]:
+    """A per-thread NumPy buffer of ``numel`` elements, reused across calls."""
+    buffers: dict[str, npt.NDArray[Any]] | None = getattr(_np_local, "buffers", None)
+    if buffers is None:
+        buffers = _np_local.buffers = {}
+    buf = buffers.get(slot)
+    if buf is None or buf.size < numel or buf.dtype != dtype:
+        buf = np.empty(max(numel, _CHUNK), dtype=dtype)
+        buffers[slot] = buf
+    return buf[:numel]

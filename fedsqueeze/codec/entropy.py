@@ -18,9 +18,15 @@ from fedsqueeze.errors import FormatError
 _FORMAT = zstandard.FORMAT_ZSTD1_MAGICLESS
 # zstandard's (de)compressor objects are not thread-safe: one per thread.
 _local = threading.local()
-_SAMPLE_ABOVE = 4 << 20  # payloads larger than this are sampled first
-_SAMPLE_BYTES = 256 << 10
+#: Payloads larger than this (bytes) are sampled first (:func:`worth_it`).
+SAMPLE_ABOVE = 4 << 20
+#: The sample :func:`worth_it` compresses, from the middle of the payload.
+SAMPLE_BYTES = 256 << 10
 _MIN_GAIN = 0.03
+#: Payloads shorter than this (bytes) are never compressed.
+MIN_COMPRESSED = 16
+#: Payloads from this size (bytes) are compressed by zstd's worker threads.
+THREADED_FROM = 8 << 20
 
 
 def compress(data: bytes | memoryview, level: int) -> bytes | None:
@@ -33,16 +39,16 @@ def compress(data: bytes | memoryview, level: int) -> bytes | None:
     level
         zstandard level, 1..22 (0 disables compression and returns ``None``).
     """
-    if level <= 0 or len(data) < 16:
+    if level <= 0 or len(data) < MIN_COMPRESSED:
         return None
-    if len(data) > _SAMPLE_ABOVE and not _worth_it(data, level):
+    if len(data) > SAMPLE_ABOVE and not worth_it(data, level):
         return None
     compressor = zstandard.ZstdCompressor(
         level=level,
         write_checksum=False,
         write_content_size=False,
         write_dict_id=False,
-        threads=-1 if len(data) >= (8 << 20) else 0,
+        threads=threads_for(len(data)),
     )
     framed = compressor.compress(data)
     # The frame's 4-byte magic number is implied by the magicless decoder: drop it.
@@ -69,13 +75,22 @@ def estimate(data: bytes | memoryview, level: int) -> float:
     return min(float(len(view)), (packed - 4) * len(view) / len(sample))
 
 
-def _worth_it(data: bytes | memoryview, level: int) -> bool:
+def threads_for(size: int) -> int:
+    """zstandard's ``threads`` for a payload of ``size`` bytes: its worker threads (one
+    per core, ``-1``) from :data:`THREADED_FROM`, else none (``0``: on the caller's).
+
+    The frame depends on it (multi-threaded zstd cuts the input into jobs), so every
+    encoder of a payload uses this rule."""
+    return -1 if size >= THREADED_FROM else 0
+
+
+def worth_it(data: bytes | memoryview, level: int) -> bool:
     """Whether a sample from the middle shrinks by at least :data:`_MIN_GAIN`.
 
     Spares the full compression of large payloads that barely compress (raw fp32).
     """
     mid = len(data) // 2
-    sample = bytes(memoryview(data)[mid : mid + _SAMPLE_BYTES])
+    sample = bytes(memoryview(data)[mid : mid + SAMPLE_BYTES])
     size = len(zstandard.ZstdCompressor(level=level).compress(sample))
     return size < (1.0 - _MIN_GAIN) * len(sample)
 

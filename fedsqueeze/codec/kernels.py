@@ -25,6 +25,7 @@ import bisect
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -35,6 +36,7 @@ __all__ = [
     "dequantize_linear",
     "dequantize_table",
     "nearest_nf4",
+    "nf4_tables",
     "parallel_copy",
     "quantize_linear",
     "value_range",
@@ -42,6 +44,7 @@ __all__ = [
 
 _CHUNK = CPU_CHUNK
 _GPU_CHUNK = 1 << 24
+_NUMPY_DTYPES = {torch.float32: np.float32, torch.float64: np.float64, torch.float16: np.float16}
 
 
 @dataclass(frozen=True)
@@ -149,11 +152,11 @@ def nearest_nf4(x: Tensor, scale: Tensor, codebook: Tensor, runs: Runs | None) -
     beyond go to the nearer end, as there. Instead of a binary search per value
     (``bucketize``: ~40 ns a value here), a value's cell on a 256-cell grid of
     ``[−1, 1]`` gives its code through a table, plus one comparison with the one
-    midpoint that may lie inside the cell (:func:`_nf4_tables`).
+    midpoint that may lie inside the cell (:func:`nf4_tables`).
     """
     n = x.numel()
     device = x.device
-    below, inside = _nf4_tables(codebook)
+    below, inside = nf4_tables(codebook)
     below, inside = below.to(device), inside.to(device)
     out = torch.empty(n, dtype=torch.uint8, device=device)
     scale_f = float(scale) if runs is None else 0.0
@@ -245,7 +248,12 @@ def dequantize_table(codes: Tensor, table: Tensor, scale: Tensor, runs: Runs | N
 def parallel_copy(x: Tensor) -> Tensor:
     """A contiguous copy of 1-D ``x``, written in chunks on the worker threads."""
     src = x.contiguous()
-    out = torch.empty_like(src)
+    if src.device.type == "cpu" and src.dtype in _NUMPY_DTYPES and not src.requires_grad:
+        # NumPy memory: huge pages for a large copy, whose first touch is then several
+        # times cheaper than torch's 4 KiB pages (most of a large copy's cost).
+        out = torch.from_numpy(np.empty(src.shape, dtype=_NUMPY_DTYPES[src.dtype]))
+    else:
+        out = torch.empty_like(src)
 
     def chunk(start: int, stop: int) -> None:
         out[start:stop].copy_(src[start:stop])
@@ -261,7 +269,7 @@ _CELL_SLACK = 1e-6
 _nf4_cache: dict[bytes, tuple[Tensor, Tensor]] = {}
 
 
-def _nf4_tables(codebook: Tensor) -> tuple[Tensor, Tensor]:
+def nf4_tables(codebook: Tensor) -> tuple[Tensor, Tensor]:
     """Per grid cell: how many midpoints lie below it (uint8), and the midpoint inside
     it (float32; ``+inf`` when none).
 

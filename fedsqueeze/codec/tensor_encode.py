@@ -31,9 +31,10 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
+import numpy as np
 import torch
 
-from fedsqueeze.codec import ans, entropy, plane_ans
+from fedsqueeze.codec import ans, dense_encode, entropy, plane_ans
 from fedsqueeze.codec.bitpack import pack_bits, unpack_bits
 from fedsqueeze.codec.bits import all_zero_bits, as_bits, xor_bits
 from fedsqueeze.codec.blockwise import num_blocks
@@ -63,7 +64,7 @@ from fedsqueeze.codec.progressive import (
     table_to_bytes,
     top_codes,
 )
-from fedsqueeze.codec.pruning import channel_mask, magnitude_indices, threshold_mask
+from fedsqueeze.codec.pruning import channel_mask, magnitude_selection, threshold_mask
 from fedsqueeze.codec.quantization import (
     MAX_MAGNITUDE,
     QuantParams,
@@ -326,21 +327,26 @@ class TensorEncoder:
         positions: PositionsHeader | None = None,
         rank: int = 0,
         levels: tuple[int, ...] = (),
+        coded: dense_encode.DenseBody | None = None,
     ) -> TensorRecord:
         index = self._index.get(name) if delta else None
         if quant is not None and quant.granularity is Granularity.PER_CHANNEL:
             index = None  # keep per-channel records parseable without the base
-        compressed = (
-            None
-            if quant is None and value_kind in GROUPED_KINDS
-            else entropy.compress(body, self._spec.entropy_level)
-        )
+        compressed: bytes | memoryview | None
+        if coded is not None:  # compressed already (dense_encode)
+            compressed = None if coded.raw_length is None else coded.body
+        elif quant is None and value_kind in GROUPED_KINDS:
+            compressed = None
+        else:
+            compressed = entropy.compress(body, self._spec.entropy_level)
         if quant is not None and positions is None and not levels:
-            coded = self._ans(t, body, quant.bits, rank)
-            if coded is not None and len(coded) < len(body if compressed is None else compressed):
+            ans_body = self._ans(t, body, quant.bits, rank)
+            if ans_body is not None and len(ans_body) < len(
+                body if compressed is None else compressed
+            ):
                 return TensorRecord(
                     name, index, t.dtype, tuple(t.shape), delta, 0, quant, value_kind, None,
-                    None, coded, rank=rank, ans=True,
+                    None, ans_body, rank=rank, ans=True,
                 )  # fmt: skip
         return TensorRecord(
             name=name,
@@ -354,7 +360,11 @@ class TensorEncoder:
             positions=positions,
             raw_length=len(body) if compressed is not None else None,
             # zstd reads a view as well as bytes: copy the payload only to store it raw.
-            body=compressed if compressed is not None else bytes(body),
+            body=compressed
+            if compressed is not None
+            else coded.body
+            if coded is not None
+            else bytes(body),
             rank=rank,
             levels=levels,
         )
@@ -458,22 +468,23 @@ class TensorEncoder:
 
     def _kept(
         self, name: str, x: torch.Tensor, global_mask: torch.Tensor | None
-    ) -> torch.Tensor | None:
-        """Flat indices of the values kept (int64, increasing), ``None`` for all."""
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Flat indices of the values kept (int64, increasing), ``None`` for all; and the
+        values at them when the selection gathered them (else ``None``)."""
         spec = self._spec
         if spec.topk is not None:
-            return None if spec.topk >= 1.0 else magnitude_indices(x, 1.0 - spec.topk)
+            return (None, None) if spec.topk >= 1.0 else magnitude_selection(x, 1.0 - spec.topk)
         method = spec.prune.method
         mask: torch.Tensor | None = None
         if method is PruneMethod.L1_GLOBAL:
             mask = global_mask
         elif method is PruneMethod.L1_UNSTRUCTURED and spec.prune.sparsity > 0:
-            return magnitude_indices(x, spec.prune.sparsity)
+            return magnitude_selection(x, spec.prune.sparsity)
         elif method is PruneMethod.LN_STRUCTURED and spec.prune.sparsity > 0:
             mask = channel_mask(x, spec.prune.sparsity)
         elif method is PruneMethod.THRESHOLD:
             mask = threshold_mask(x, spec.prune.threshold)
-        return None if mask is None else mask_to_indices(mask.reshape(-1))
+        return (None if mask is None else mask_to_indices(mask.reshape(-1))), None
 
     def _lossy(
         self,
@@ -493,8 +504,11 @@ class TensorEncoder:
         ):
             return self._lowrank(name, t, x, delta, spec.rank)
         flat = x.reshape(-1)
-        indices = self._kept(name, x, global_mask)
-        values = flat if indices is None else flat[indices]
+        indices, gathered = self._kept(name, x, global_mask)
+        if indices is None:
+            values = flat
+        else:
+            values = _gather(flat, indices) if gathered is None else gathered
         # Magnitude selection keeps exact zeros when fewer than k values are nonzero (an
         # unchanged tensor, a sparse update): they decode to 0 without positions. Channel
         # pruning keeps its whole channels.
@@ -559,6 +573,10 @@ class TensorEncoder:
             return record, _residual(
                 flat, indices, values, last, t.shape
             ) if last is not None else None
+        if indices is None and not spec.feedback:
+            piped = self._piped(name, t, values, channels_of, num_channels, known, delta)
+            if piped is not None:
+                return piped, None
         # only error feedback needs what the receiver gets
         payload, quant, value_kind, decoded = self._store(
             values, channels_of, num_channels, t.device, spec.feedback,
@@ -574,7 +592,10 @@ class TensorEncoder:
             quant=quant,
             positions=positions,
         )
-        return record, _residual(flat, indices, values, decoded, t.shape) if spec.feedback else None
+        if not spec.feedback:
+            return record, None
+        owned = x.untyped_storage().data_ptr() != t.untyped_storage().data_ptr()
+        return record, _residual(flat, indices, values, decoded, t.shape, owned)
 
     def _progressive(
         self,
@@ -740,6 +761,39 @@ class TensorEncoder:
         alt = replace(record, raw_length=None, body=head + coded, ans=True)
         return alt if _record_size(alt) < _record_size(record) else record
 
+    def _piped(
+        self,
+        name: str,
+        t: torch.Tensor,
+        values: torch.Tensor,
+        channels_of: torch.Tensor | Runs | None,
+        num_channels: int,
+        known_range: tuple[torch.Tensor, torch.Tensor] | None,
+        delta: bool,
+    ) -> TensorRecord | None:
+        """The record of a large dense quantized tensor, quantized and zstd-compressed in
+        a pipeline (:mod:`fedsqueeze.codec.dense_encode`); ``None`` when the pipeline does
+        not take it (the stages then run one after the other)."""
+        q = self._spec.quant
+        if q is None or not dense_encode.ENABLED:
+            return None
+        level = self._spec.entropy_level
+        if level <= 0 or -(-values.numel() * q.bits // 8) < dense_encode.PIPELINE_ABOVE:
+            return None  # before choosing params: they would be chosen twice
+        qp = choose_qparams(
+            values, q.bits, q.scheme, q.granularity, channels_of, num_channels, q.scales,
+            known_range=known_range,
+        )  # fmt: skip
+        if not dense_encode.pipelines(values, qp, q.rounding, channels_of, level):
+            return None
+        runs = channels_of if isinstance(channels_of, Runs) else None
+        coded = dense_encode.encode_dense(values, qp, runs, level)
+        quant = _quant_header(q, qp, num_channels, name)
+        return self._record(
+            name, t, delta=delta, body=coded.packed.numpy().data, quant=quant,
+            coded=coded,
+        )  # fmt: skip
+
     def _store(
         self,
         values: torch.Tensor,
@@ -818,21 +872,37 @@ def _energy(t: torch.Tensor) -> float:
     return float(total) or 1.0
 
 
+def _gather(flat: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """``flat[indices]``; on the CPU by NumPy into NumPy memory (huge pages for a large
+    result; torch's gather into fresh 4 KiB pages cost about twice the time)."""
+    if flat.device.type == "cpu" and flat.dtype == torch.float32 and indices.device.type == "cpu":
+        return torch.from_numpy(np.take(flat.detach().contiguous().numpy(), indices.numpy()))
+    return flat[indices]
+
+
 def _residual(
     flat: torch.Tensor,
     indices: torch.Tensor | None,
     values: torch.Tensor,
     decoded: torch.Tensor,
     shape: torch.Size,
+    owned: bool = False,
 ) -> torch.Tensor:
     """Error feedback: what the receiver does not get of ``flat`` (``values`` are
-    ``flat[indices]``, the values kept)."""
+    ``flat[indices]``, the values kept). ``owned``: ``flat`` is the encoder's own
+    temporary (not the caller's tensor), which becomes the residual in place."""
     if indices is None:
         return (flat - decoded).reshape(shape)
-    # A copy in chunks on the worker threads (clone() is one thread), then the kept
-    # positions overwritten: flat[indices] − decoded, as an in-place subtraction gives.
-    residual = parallel_copy(flat)
-    residual[indices] = values - decoded
+    # A copy in chunks on the worker threads (clone() is one thread), unless ``flat`` is
+    # ours, then the kept positions overwritten: flat[indices] − decoded, as an in-place
+    # subtraction gives.
+    residual = flat if owned else parallel_copy(flat)
+    kept = values - decoded
+    if residual.device.type == "cpu" and residual.dtype == kept.dtype and residual.is_contiguous():
+        # NumPy's fancy assignment: torch's index_put of 2.5M positions cost ~5x here.
+        residual.numpy()[indices.cpu().numpy()] = kept.numpy()
+    else:
+        residual[indices] = kept
     return residual.reshape(shape)
 
 

@@ -234,3 +234,16 @@ def test_many_small_blocks_and_large_windows_fall_back(monkeypatch: pytest.Monke
         streamed(body + b"\x01", len(data))
     monkeypatch.setattr(entropy, "_SMALL_WINDOW", 1)  # every window is larger than 16 KB
     assert streamed(frame(data, 19), len(data)) == data
+
+
+@pytest.mark.parametrize("spec_text", ["int8", "quant=4:block64", "quant=4:nf4:block64", "quant=2"])
+def test_torch_and_numpy_kernels_agree(spec_text: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The benchmark's "(before)" switch: the torch chunk kernels give the same values."""
+    x = torch.randn(3, 4_097, generator=torch.Generator().manual_seed(9))
+    blob = encode_state({"layer.weight": x}, parse_spec(spec_text)).to_bytes()
+    with tiny():
+        numpy_kernels = decode_state(EncodedModel.from_bytes(blob))["layer.weight"]
+        monkeypatch.setattr(dense_decode, "TORCH_KERNELS", True)
+        torch_kernels = decode_state(EncodedModel.from_bytes(blob))["layer.weight"]
+    assert bits_equal(numpy_kernels, torch_kernels)
+    assert bits_equal(numpy_kernels, sequential(blob)["layer.weight"])

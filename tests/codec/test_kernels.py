@@ -159,10 +159,14 @@ def test_sampled_indices_equal_the_mask_and_keep_the_exact_count(
     try:
         with small_chunks(size=89):
             got = magnitude_indices(x, sparsity)
+            selected, values = pruning.magnitude_selection(x, sparsity)
         reference = torch.nonzero(magnitude_mask(x, sparsity)).view(-1)
     finally:
         pruning._SAMPLE_ABOVE, pruning._SAMPLE_SIZE = saved
     assert torch.equal(got, reference)  # the same values, ties broken alike
+    assert torch.equal(selected, reference)
+    if n > 100 and 0 < count_to_prune(n, sparsity) < n:  # the sampled path gathers values
+        assert values is not None and torch.equal(values, x[reference])
     keep = n - count_to_prune(n, sparsity)
     assert got.numel() == keep
     # Against the exact selection: the kept magnitudes are the `keep` largest.

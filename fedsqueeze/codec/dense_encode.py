@@ -1,0 +1,385 @@
+"""Dense quantized records encoded in a pipeline: zstd compresses the codes already
+quantized while the worker threads quantize the next ones.
+
+A large dense record (int8, per-channel, block-wise, NF4; 2, 4 or 8 bits, nearest
+rounding) used to be encoded in passes one after the other: quantize the whole tensor
+into a fresh code buffer, pack it, then hand all of it to zstd. zstd was half of the
+encode's time, and most of it ran while nothing else did. Here the codes are made in
+chunks of :data:`_CHUNK` values on the worker threads (:mod:`fedsqueeze.codec.chunks`),
+and the calling thread feeds each chunk, in order, to one streaming zstd compressor as
+soon as it is ready, so zstd runs on one core while the quantization runs on the other.
+
+The compressor is zstd's single-threaded one, at the record's level. One call on the
+whole body used zstd's multi-threaded mode from 8 MiB (``threads=-1``: jobs of 8 MiB on
+a thread per core), which cost 1.8x the CPU time of the single-threaded compressor on
+these codes (43 against 24 ms for int8's 25 MB, measured side by side) and competed with
+the quantization for the same two cores. So a pipelined body's frame differs from the
+one-call frame by a few bytes (a stream keeps its window in a ring buffer, one call
+keeps the whole input: on 4 MiB of int8 codes 87 bytes in 2.87 MB; 6 bytes fewer on
+the 25 MB of int8 codes of a 100 MB tensor) and decodes to the same codes. It does not
+depend on the chunking or on the threads' timing (zstd buffers whole blocks; tested).
+The same size sample decides beforehand whether zstd is worth running
+(:func:`~fedsqueeze.codec.entropy.worth_it`), and a frame that is not smaller than the
+codes is dropped, as in :func:`~fedsqueeze.codec.entropy.compress`.
+
+The kernels are NumPy (single-threaded, GIL released, about a microsecond a call): a
+torch operation called from a worker thread may fork its own OpenMP team, and its fixed
+cost made chunks that fit in a core's cache slower than large ones. They compute
+exactly what :func:`~fedsqueeze.codec.quantization.quantize` and
+:func:`~fedsqueeze.codec.bitpack.pack_bits` compute (the same float32 operations in the
+same order; the tests compare the codes bit for bit), then pack the chunk's codes while
+they are still in cache. The code buffer is NumPy memory: NumPy asks the kernel for huge
+pages for large buffers, which makes its first touch several times cheaper than
+torch's 4 KiB pages here.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import torch
+import zstandard
+from torch import Tensor
+
+from fedsqueeze.codec import entropy
+from fedsqueeze.codec.blockwise import NF4_CODEBOOK
+from fedsqueeze.codec.chunks import run_chunks, submit
+from fedsqueeze.codec.kernels import Runs, nf4_tables
+from fedsqueeze.codec.quantization import QuantParams
+from fedsqueeze.codec.spec import QuantScheme, Rounding
+
+__all__ = ["ENABLED", "PIPELINE_ABOVE", "DenseBody", "encode_dense", "pipelines", "quantize_packed"]
+
+#: Packed body size (bytes) from which a dense record is encoded in a pipeline (below
+#: it, one zstd call costs less than the hand-offs, and small records, the golden
+#: vectors among them, keep their one-call frames).
+PIPELINE_ABOVE = 4 << 20
+#: Values per chunk of work: its float32 temporaries (1 MiB) stay in a core's L2 cache.
+_CHUNK = 1 << 18
+_WIDTHS = (2, 4, 8)
+#: Whether :class:`~fedsqueeze.codec.tensor_encode.TensorEncoder` uses the pipeline (off:
+#: the stages one after the other and zstd's threads, as before; for the benchmark's
+#: side-by-side runs).
+ENABLED = True
+
+F32 = npt.NDArray[np.float32]
+U8 = npt.NDArray[np.uint8]
+
+
+@dataclass(frozen=True)
+class DenseBody:
+    """A dense record's body, ready for :class:`~fedsqueeze.codec.container.TensorRecord`.
+
+    Attributes
+    ----------
+    body
+        The magicless zstd frame of the packed codes, or the packed codes themselves
+        (views of NumPy buffers that nothing else holds).
+    raw_length
+        The packed codes' length when ``body`` is a frame, else ``None``.
+    packed
+        uint8 ``[ceil(n · bits / 8)]``: the packed codes (for a decoded copy, or the
+        rANS coder).
+    """
+
+    body: memoryview
+    raw_length: int | None
+    packed: Tensor
+
+
+def pipelines(
+    values: Tensor, qp: QuantParams, rounding: Rounding, channels: object, level: int
+) -> bool:
+    """Whether :func:`encode_dense` takes these values: float32 on the CPU, nearest
+    rounding, linear or NF4 codes of 2, 4 or 8 bits, per tensor or in runs, whose packed
+    codes fill at least :data:`PIPELINE_ABOVE` bytes, with zstd on (``level > 0``)."""
+    per_set = qp.scale.dim() == 1
+    return (
+        level > 0
+        and values.device.type == "cpu"
+        and values.dtype == torch.float32
+        and values.dim() == 1
+        and rounding is Rounding.NEAREST
+        and qp.bits in _WIDTHS
+        and qp.codebook is None
+        and (not per_set or isinstance(channels, Runs))
+        and -(-values.numel() * qp.bits // 8) >= PIPELINE_ABOVE
+    )
+
+
+def encode_dense(values: Tensor, qp: QuantParams, runs: Runs | None, level: int) -> DenseBody:
+    """Quantize ``values`` (float32 ``[n]``) with ``qp``, pack the codes and zstd them at
+    ``level``, overlapped (see the module docstring): the codes of
+    ``pack_bits(quantize(values, qp, NEAREST, runs), bits)``, streamed through zstd's
+    single-threaded compressor (or raw, by :func:`~fedsqueeze.codec.entropy.compress`'s
+    rules)."""
+    count = values.numel()
+    bits = qp.bits
+    packed = np.empty(-(-count * bits // 8), dtype=np.uint8)
+    kernel = _kernel(values, qp, runs, packed)
+    bounds = _bounds(count, 8 // bits, runs)
+    per_byte = 8 // bits
+    byte_bounds = [(start // per_byte, -(-stop // per_byte)) for start, stop in bounds]
+    done = [False] * len(bounds)
+    nbytes = packed.size
+
+    def make(i: int) -> None:
+        kernel(*bounds[i])
+
+    if nbytes < entropy.MIN_COMPRESSED:  # entropy.compress leaves these raw
+        run_chunks(lambda start, stop: make(start), [(i, i + 1) for i in range(len(bounds))])
+        return _raw(packed)
+
+    # The size sample comes first, from the chunks that hold it (entropy.compress's).
+    if nbytes > entropy.SAMPLE_ABOVE:
+        lo, hi = nbytes // 2, nbytes // 2 + entropy.SAMPLE_BYTES
+        first = [i for i, (b0, b1) in enumerate(byte_bounds) if b1 > lo and b0 < hi]
+        run_chunks(lambda start, stop: make(start), [(i, i + 1) for i in first])
+        for i in first:
+            done[i] = True
+        if not entropy.worth_it(packed.data, level):
+            run_chunks(
+                lambda start, stop: make(start),
+                [(i, i + 1) for i in range(len(bounds)) if not done[i]],
+            )
+            return _raw(packed)
+    futures: list[Future[None] | None] = [
+        None if done[i] else submit(partial(make, i)) for i in range(len(bounds))
+    ]
+    compressor = zstandard.ZstdCompressor(
+        level=level,
+        write_checksum=False,
+        write_content_size=False,
+        write_dict_id=False,
+        threads=0,  # one core: the quantization has the other (see the module docstring)
+    )
+    stream = compressor.compressobj(size=nbytes)  # as one call knows it: same parameters
+    frame = _Frame(nbytes)
+    view = packed.data
+    try:
+        for i, future in enumerate(futures):
+            if future is not None:
+                future.result()
+            b0, b1 = byte_bounds[i]
+            frame.add(stream.compress(view[b0:b1]))
+        frame.add(stream.flush())
+    finally:
+        for future in futures:  # on an error, wait for the chunks still running
+            if future is not None:
+                future.exception()
+    body = frame.body()
+    if body is None:
+        return _raw(packed)
+    return DenseBody(body, nbytes, torch.from_numpy(packed))
+
+
+class _Frame:
+    """The compressor's output, less the 4-byte magic number (the magicless format's),
+    copied piece by piece into one NumPy buffer as it comes (a join of the pieces at the
+    end wrote 21 MB of fresh 4 KiB pages: 10 ms of int8's encode); holds at most
+    ``limit − 1`` bytes, the most a kept frame may have."""
+
+    def __init__(self, limit: int) -> None:
+        self._buf = np.empty(max(0, limit - 1), dtype=np.uint8)
+        self._skip = 4
+        self._size = 0
+        self._over = False
+
+    def add(self, part: bytes) -> None:
+        view = memoryview(part)
+        if self._skip:
+            cut = min(self._skip, len(view))
+            view, self._skip = view[cut:], self._skip - cut
+        end = self._size + len(view)
+        if end > self._buf.size:
+            self._over = True
+        elif not self._over:
+            self._buf[self._size : end] = np.frombuffer(view, dtype=np.uint8)
+        self._size = end
+
+    def body(self) -> memoryview | None:
+        """The frame's bytes (a view of the buffer), ``None`` when longer than allowed."""
+        return None if self._over else self._buf[: self._size].data
+
+
+def quantize_packed(values: Tensor, qp: QuantParams, runs: Runs | None) -> Tensor:
+    """uint8 ``[ceil(n · bits / 8)]``: ``pack_bits(quantize(values, qp, NEAREST, runs),
+    bits)`` by the pipeline's kernels, on the worker threads (no zstd). Same conditions
+    as :func:`pipelines` but for the size."""
+    count = values.numel()
+    bits = qp.bits
+    packed = np.empty(-(-count * bits // 8), dtype=np.uint8)
+    kernel = _kernel(values, qp, runs, packed)
+    run_chunks(kernel, _bounds(count, 8 // bits, runs))
+    return torch.from_numpy(packed)
+
+
+def _raw(packed: U8) -> DenseBody:
+    return DenseBody(packed.data, None, torch.from_numpy(packed))
+
+
+# ---------------------------------------------------------------------- chunks
+def _bounds(count: int, per_byte: int, runs: Runs | None) -> list[tuple[int, int]]:
+    """Chunks of about :data:`_CHUNK` values, each starting on a byte and on a run (the
+    last one may end inside a byte, or with a short run)."""
+    length = 1 if runs is None else runs.length
+    unit = length * per_byte // math.gcd(length, per_byte)
+    step = max(1, _CHUNK // unit) * unit
+    return [(start, min(start + step, count)) for start in range(0, count, step)]
+
+
+def _kernel(
+    values: Tensor, qp: QuantParams, runs: Runs | None, packed: U8
+) -> Callable[[int, int], None]:
+    """``fn(start, stop)``: the packed codes of values ``[start, stop)`` into ``packed``."""
+    x: F32 = values.detach().contiguous().numpy()
+    bits = qp.bits
+    per_set = qp.scale.dim() == 1
+    if not per_set:
+        runs = None
+    nf4 = qp.scheme is QuantScheme.NF4
+    params: dict[str, Any]
+    if nf4:
+        below, inside = nf4_tables(NF4_CODEBOOK)
+        params = {"below": below.numpy(), "inside": inside.numpy()}
+        scale = qp.scale.detach().cpu()
+        params["scale"] = scale.numpy() if per_set else np.float32(float(scale))
+    else:
+        # As quantize_linear: the reciprocal in float32, then used as a float32 factor.
+        inv = (1.0 / qp.scale.detach().cpu()).to(torch.float32)
+        zp = qp.zero_point.detach().cpu().to(torch.float32)
+        params = {
+            "inv": inv.numpy() if per_set else np.float32(float(inv)),
+            "zp": zp.numpy() if per_set else np.float32(float(zp)),
+            "qmin": np.float32(0.0 if qp.scheme is QuantScheme.AFFINE else 1.0),
+            "qmax": np.float32((1 << bits) - 1),
+        }
+    codes_fn = _nf4_codes if nf4 else _linear_codes
+    return partial(_chunk, x, packed, bits, runs, codes_fn, params)
+
+
+def _chunk(
+    x: F32,
+    packed: U8,
+    bits: int,
+    runs: Runs | None,
+    codes_fn: Callable[..., None],
+    params: dict[str, Any],
+    start: int,
+    stop: int,
+) -> None:
+    size = stop - start
+    per_byte = 8 // bits
+    b0 = start // per_byte
+    whole = size // per_byte
+    if per_byte == 1:
+        codes = packed[b0 : b0 + size]
+    else:
+        codes = _scratch_u8("codes", -(-size // per_byte) * per_byte)
+    xs = x[start:stop]
+    length = size if runs is None else runs.length
+    full = size // length  # rows of whole runs; the rest is one short run
+    r0 = start // length if runs is not None else 0
+    if full:
+        codes_fn(xs[: full * length], codes[: full * length], length, r0, full, params)
+    if full * length < size:
+        codes_fn(xs[full * length :], codes[full * length : size], size - full * length,
+                 r0 + full, 1, params)  # fmt: skip
+    if per_byte == 1:
+        return
+    tail = size - whole * per_byte
+    if tail:
+        codes[size : size + per_byte - tail] = 0  # the last byte's unused high bits
+    lanes = codes[: -(-size // per_byte) * per_byte].reshape(-1, per_byte)
+    out = packed[b0 : b0 + lanes.shape[0]]
+    np.copyto(out, lanes[:, 0])
+    shifted = _scratch_u8("shifted", lanes.shape[0])
+    for j in range(1, per_byte):
+        np.left_shift(lanes[:, j], j * bits, out=shifted)
+        np.bitwise_or(out, shifted, out=out)
+
+
+def _linear_codes(
+    xs: F32, codes: U8, length: int, r0: int, rows: int, params: dict[str, Any]
+) -> None:
+    """``clamp(round(x · inv) + zp, qmin, qmax)`` of ``rows`` runs of ``length`` values
+    (one run, for per-tensor params), as :func:`~fedsqueeze.codec.kernels.quantize_linear`."""
+    b = _scratch_f32("b", xs.size)
+    inv, zp = params["inv"], params["zp"]
+    if isinstance(inv, np.ndarray):
+        b2 = b.reshape(rows, length)
+        np.multiply(xs.reshape(rows, length), inv[r0 : r0 + rows, None], out=b2)
+        np.rint(b, out=b)
+        np.add(b2, zp[r0 : r0 + rows, None], out=b2)
+    else:
+        np.multiply(xs, inv, out=b)
+        np.rint(b, out=b)
+        np.add(b, zp, out=b)
+    np.clip(b, params["qmin"], params["qmax"], out=b)
+    np.copyto(codes, b, casting="unsafe")
+
+
+def _nf4_codes(xs: F32, codes: U8, length: int, r0: int, rows: int, params: dict[str, Any]) -> None:
+    """The nearest NF4 entry of ``x / scale``, as :func:`~fedsqueeze.codec.kernels.nearest_nf4`."""
+    n = xs.size
+    unit = _scratch_f32("b", n)
+    grid = _scratch_f32("c", n)
+    scale = params["scale"]
+    if isinstance(scale, np.ndarray):
+        np.divide(xs.reshape(rows, length), scale[r0 : r0 + rows, None],
+                  out=unit.reshape(rows, length))  # fmt: skip
+    else:
+        np.divide(xs, scale, out=unit)
+    np.add(unit, np.float32(1.0), out=grid)
+    np.multiply(grid, np.float32(128.0), out=grid)
+    np.clip(grid, np.float32(0.0), np.float32(255.0), out=grid)
+    # intp indices: take() would convert narrower ones into a temporary first.
+    cells = _scratch_intp("cells", n)
+    np.copyto(cells, grid, casting="unsafe")  # truncation: the floor of a value >= 0
+    # mode="clip" (cells are in [0, 255]): with "raise", take() buffers its output.
+    np.take(params["below"], cells, out=codes, mode="clip")
+    np.take(params["inside"], cells, out=grid, mode="clip")
+    above = _scratch_bool("above", n)
+    np.greater(unit, grid, out=above)
+    np.add(codes, above, out=codes, casting="unsafe")
+
+
+# ---------------------------------------------------------------------- scratch
+_local = threading.local()
+
+
+def _scratch(slot: str, numel: int, dtype: type[np.generic]) -> npt.NDArray[Any]:
+    """A per-thread NumPy buffer of ``numel`` elements, reused across calls (a chunk
+    function holds each slot once; no kernel calls another while holding one)."""
+    buffers: dict[str, npt.NDArray[Any]] | None = getattr(_local, "buffers", None)
+    if buffers is None:
+        buffers = _local.buffers = {}
+    buf = buffers.get(slot)
+    if buf is None or buf.size < numel or buf.dtype != dtype:
+        buf = np.empty(max(numel, _CHUNK), dtype=dtype)
+        buffers[slot] = buf
+    return buf[:numel]
+
+
+def _scratch_f32(slot: str, numel: int) -> F32:
+    return _scratch(slot, numel, np.float32)
+
+
+def _scratch_u8(slot: str, numel: int) -> U8:
+    return _scratch(slot, numel, np.uint8)
+
+
+def _scratch_intp(slot: str, numel: int) -> npt.NDArray[np.intp]:
+    return _scratch(slot, numel, np.intp)
+
+
+def _scratch_bool(slot: str, numel: int) -> npt.NDArray[np.bool_]:
+    return _scratch(slot, numel, np.bool_)
