@@ -27,8 +27,8 @@ Magnitude selection (:func:`magnitude_indices`) keeps exactly the set the refere
 a threshold band from a fixed-seed sample, the band's values sorted on the device, the
 cut at the still-missing rank, then ``nonzero_static`` with the kept count (known on the
 host) as its size, so no host round trip sizes a tensor. When the band misses the cut,
-or ties straddle a nonzero cut (the reference breaks those with ``topk``), it returns the
-reference's answer instead.
+or ties straddle it (the reference breaks those with the CPU's ``topk``), the reference
+decides on a host copy.
 
 NF4 codes come from ``bucketize`` over the codebook midpoints (the reference's
 :func:`~fedsqueeze.codec.kmeans.assign`, which its grid-table kernel equals on
@@ -57,6 +57,8 @@ from fedsqueeze.errors import FormatError
 __all__ = [
     "COMPILE_ENV",
     "DEVICE_TYPES",
+    "HOST_BELOW",
+    "SAMPLE_ABOVE",
     "FusedCodes",
     "active",
     "band_ranks",
@@ -79,8 +81,11 @@ COMPILE_ENV = "FEDSQUEEZE_COMPILE"
 #: Row width of a per-tensor quantization's main part (a multiple of 8: every code width
 #: packs whole bytes per row, so rows pack independently).
 _ROW = 1024
-#: Tensors up to this many values select with the reference (one ``topk``: cheap there).
+#: CPU tensors up to this many values select with the reference (one ``topk``: cheap there).
 SAMPLE_ABOVE = 1 << 20
+#: Device tensors up to this many values select on a host copy: the CPU's ``topk`` breaks
+#: ties as the reference does (a GPU's may not), and the copy costs little.
+HOST_BELOW = 1 << 16
 _SAMPLE_SIZE = 1 << 18
 _SAMPLE_SEED = 0x5EED
 #: Slack of the band's capacity over its expected size (the count is nearly exact).
@@ -162,11 +167,11 @@ def _kernel(fn: _F) -> _F:
         global _compile_failed
         if not compile_enabled():
             return fn(*args)
-        compiled = _compiled.get(name)
-        if compiled is None:
-            compiled = torch.compile(fn, dynamic=True)
-            _compiled[name] = compiled
         try:
+            compiled = _compiled.get(name)
+            if compiled is None:
+                compiled = torch.compile(fn, dynamic=True)
+                _compiled[name] = compiled
             return compiled(*args)
         except Exception as exc:  # any compiler failure: eager from now on
             _compile_failed = True
@@ -686,17 +691,27 @@ def magnitude_indices(t: Tensor, sparsity: float) -> Tensor:
         int64 ``[numel − round(sparsity·numel)]``, increasing: exactly the reference's
         indices. Large tensors select through a sampled band on the device and one
         scalar read at the end (whether the band held the cut without a tie across it);
-        small ones, and the rare band that misses, go through the reference.
+        CPU tensors of up to :data:`SAMPLE_ABOVE` values through the reference; device
+        tensors of up to :data:`HOST_BELOW` values, a band that misses and a tie across
+        the cut through the reference on a host copy (the CPU's ``topk`` breaks ties its
+        own way, another device's its own: this keeps the bytes of a CPU encode).
     """
     if not t.is_floating_point():
         raise ValueError(f"pruning needs a floating tensor, got {t.dtype}")
     flat = t.detach().reshape(-1)
     n = flat.numel()
     prune = pruning.count_to_prune(n, sparsity)
-    if n <= SAMPLE_ABOVE or prune <= 0 or prune >= n:
-        return pruning.magnitude_indices(t, sparsity)
+    if prune <= 0 or prune >= n or (t.device.type == "cpu" and n <= SAMPLE_ABOVE):
+        return pruning.magnitude_indices(t, sparsity)  # all, none, or one topk on the CPU
+    if n <= HOST_BELOW:  # a few copies' worth: the CPU's own topk (its tie-breaking)
+        return pruning.magnitude_indices(t.detach().cpu(), sparsity).to(t.device)
     found = _sampled_indices(flat, prune)
-    return found if found is not None else pruning.magnitude_indices(t, sparsity)
+    if found is not None:
+        return found
+    # The band missed, or ties straddle the cut: which of the tied values go is the CPU
+    # reference's topk's choice (another device's topk may choose others), so the CPU
+    # decides, on a host copy: rare, and as slow as the reference.
+    return pruning.magnitude_indices(t.detach().cpu(), sparsity).to(t.device)
 
 
 def band_ranks(n: int, prune: int, sample: int = _SAMPLE_SIZE) -> tuple[int, int]:
@@ -708,30 +723,45 @@ def band_ranks(n: int, prune: int, sample: int = _SAMPLE_SIZE) -> tuple[int, int
     return max(0, math.floor(centre - half)), min(sample - 1, math.ceil(centre + half))
 
 
+@_kernel
+def _band_pass(flat: Tensor, lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """How many ``|x| >= lo``, how many of them ``<= hi`` (the band), and the band's mask:
+    one read of ``flat`` when compiled."""
+    mags = flat.abs()
+    at_least = mags >= lo
+    band = at_least & (mags <= hi)
+    return at_least.sum(), band.sum(), band
+
+
+@_kernel
+def _keep_mask(flat: Tensor, lo: Tensor, cut: Tensor, cut_in_band: Tensor) -> Tensor:
+    """Kept: ``|x| >= lo`` and, when the cut lies in the band, ``|x| > cut``."""
+    mags = flat.abs()
+    at_least = mags >= lo
+    return torch.where(cut_in_band, at_least & (mags > cut), at_least)
+
+
 def _sampled_indices(flat: Tensor, prune: int) -> Tensor | None:
     """The kept indices, or ``None`` when the band misses the cut or a tie straddles it."""
     n = flat.numel()
     keep_count = n - prune
     device = flat.device
-    mags = flat.abs()
     gen = torch.Generator(device=device)
     gen.manual_seed(_SAMPLE_SEED)
     picks = torch.randint(n, (_SAMPLE_SIZE,), generator=gen, device=device)
-    sample = torch.sort(mags[picks]).values
+    sample = torch.sort(flat[picks].abs()).values
     lo_rank, hi_rank = band_ranks(n, prune)
-    inf = torch.full((), math.inf, dtype=mags.dtype, device=device)
+    inf = torch.full((), math.inf, dtype=flat.dtype, device=device)
     lo = sample[lo_rank] if lo_rank > 0 else -inf
     hi = sample[hi_rank] if hi_rank < _SAMPLE_SIZE - 1 else inf
     # As the reference's band path: "below" is everything not >= lo, NaN included (a
     # tensor with NaN never gets this far in the encoder: it is refused first).
-    at_least = mags >= lo
-    n_below = n - torch.count_nonzero(at_least)
-    band = at_least & (mags <= hi)
-    n_band = torch.count_nonzero(band)
+    n_at_least, n_band, band = _band_pass(flat, lo, hi)
+    n_below = n - n_at_least
     expected = (hi_rank - lo_rank + 1) / _SAMPLE_SIZE
     cap = min(n, math.ceil(n * expected * _BAND_SLACK) + 4096)
     at = _nonzero_static(band, cap)
-    band_mags = torch.where(at >= 0, mags[at.clamp(min=0)], inf)
+    band_mags = torch.where(at >= 0, flat[at.clamp(min=0)].abs(), inf)
     ordered = torch.sort(band_mags).values
     still = prune - n_below
     cut = ordered[(still - 1).clamp(0, cap - 1)]
@@ -744,8 +774,7 @@ def _sampled_indices(flat: Tensor, prune: int) -> Tensor | None:
         & (n_band <= cap)
         & ((still == 0) | ((at_most == still) & ~torch.isnan(cut) & ~torch.isinf(cut)))
     )
-    keep = torch.where(still > 0, at_least & (mags > cut), at_least)
-    indices = _nonzero_static(keep, keep_count)
+    indices = _nonzero_static(_keep_mask(flat, lo, cut, still > 0), keep_count)
     if not bool(ok):
         return None
     return indices

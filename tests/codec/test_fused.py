@@ -220,6 +220,20 @@ def test_magnitude_indices_sampled_path_is_exact() -> None:
     assert torch.equal(found, pruning.magnitude_indices(x, 0.9))
 
 
+def test_the_band_also_selects_tensors_smaller_than_its_sample() -> None:
+    # A device tensor above HOST_BELOW values selects through the band even when its
+    # sample (with replacement) is larger than the tensor.
+    exact = 0
+    for n, seed in ((fused.HOST_BELOW + 1, 1), (100_000, 2), (300_000, 3)):
+        x = torch.randn(n, generator=torch.Generator().manual_seed(seed)).double()
+        for sparsity in (0.5, 0.9, 0.99):
+            found = fused._sampled_indices(x, pruning.count_to_prune(n, sparsity))
+            if found is not None:  # None: a tie across the cut (the host decides)
+                assert torch.equal(found, pruning.magnitude_indices(x, sparsity))
+                exact += 1
+    assert exact >= 7
+
+
 def test_magnitude_indices_odd_inputs() -> None:
     for t in (torch.empty(0), torch.tensor([3.0]), torch.randn(5, 4), torch.randn(100).half()):
         for sparsity in (0.0, 0.5, 1.0):
@@ -361,6 +375,8 @@ def test_a_failing_compiler_falls_back_to_eager(monkeypatch: pytest.MonkeyPatch)
 
 
 @pytest.mark.slow
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.compile's own imports
+@pytest.mark.filterwarnings("ignore::UserWarning")
 def test_compiled_equals_eager() -> None:
     fused.set_compile(True)
     try:
@@ -371,6 +387,12 @@ def test_compiled_equals_eager() -> None:
         ):
             for n in (4096, 70_001):
                 _check_equal(_values(n, n % 7), q)
+        x = _big(12)
+        for sparsity in (0.9, 0.99):  # 0.99: a float32 tie at the cut, the fallback
+            expected = pruning.magnitude_indices(x, sparsity)
+            assert torch.equal(fused.magnitude_indices(x, sparsity), expected)
+        found = fused._sampled_indices(x, pruning.count_to_prune(BIG, 0.9))
+        assert found is not None and torch.equal(found, pruning.magnitude_indices(x, 0.9))
         if not fused.compile_enabled():
             pytest.skip("torch.compile is not available here (the eager path was checked)")
     finally:
