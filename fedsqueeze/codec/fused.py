@@ -23,12 +23,11 @@ shortcut), which is not the division the CPU reference does. ``tests/codec/test_
 compares codes, bytes and decoded values on the CPU; ``fedsqueeze.bench.gpucheck``
 compares CUDA against CPU bytes.
 
-Magnitude selection (:func:`magnitude_indices`) keeps exactly the set the reference keeps:
-a threshold band from a fixed-seed sample, the band's values sorted on the device, the
-cut at the still-missing rank, then ``nonzero_static`` with the kept count (known on the
-host) as its size, so no host round trip sizes a tensor. When the band misses the cut,
-or ties straddle it (the reference breaks those with the CPU's ``topk``), the reference
-decides on a host copy.
+Magnitude selection (:func:`magnitude_indices`, from
+:mod:`~fedsqueeze.codec.fused_select`) keeps exactly the set the reference keeps; the
+compile switch is :mod:`~fedsqueeze.codec.fused_compile`'s. This module is the one the
+encoder and decoder call (:func:`encode_values`, :func:`dequantize_packed`,
+:func:`magnitude_indices` for tensors on a device in :data:`DEVICE_TYPES`).
 
 NF4 codes come from ``bucketize`` over the codebook midpoints (the reference's
 :func:`~fedsqueeze.codec.kmeans.assign`, which its grid-table kernel equals on
@@ -37,18 +36,15 @@ NF4 codes come from ``bucketize`` over the codebook midpoints (the reference's
 
 from __future__ import annotations
 
-import logging
-import math
-import os
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar, cast
 
 import torch
 from torch import Tensor
 
-from fedsqueeze.codec import bitpack, pruning
+from fedsqueeze.codec import bitpack
 from fedsqueeze.codec.blockwise import NF4_CODEBOOK, DoubleQuant, store_scales
+from fedsqueeze.codec.fused_compile import COMPILE_ENV, compile_enabled, kernel, set_compile
+from fedsqueeze.codec.fused_select import HOST_BELOW, SAMPLE_ABOVE, band_ranks, magnitude_indices
 from fedsqueeze.codec.kernels import Runs
 from fedsqueeze.codec.quantization import MAX_MAGNITUDE, MIN_SCALE, QuantParams
 from fedsqueeze.codec.spec import Granularity, QuantScheme, QuantSpec, Rounding, ScaleFormat
@@ -74,22 +70,9 @@ __all__ = [
     "unpack_bits",
 ]
 
-log = logging.getLogger(__name__)
-
-#: Environment variable that turns ``torch.compile`` on for the fused kernels ("1").
-COMPILE_ENV = "FEDSQUEEZE_COMPILE"
 #: Row width of a per-tensor quantization's main part (a multiple of 8: every code width
 #: packs whole bytes per row, so rows pack independently).
 _ROW = 1024
-#: CPU tensors up to this many values select with the reference (one ``topk``: cheap there).
-SAMPLE_ABOVE = 1 << 20
-#: Device tensors up to this many values select on a host copy: the CPU's ``topk`` breaks
-#: ties as the reference does (a GPU's may not), and the copy costs little.
-HOST_BELOW = 1 << 16
-_SAMPLE_SIZE = 1 << 18
-_SAMPLE_SEED = 0x5EED
-#: Slack of the band's capacity over its expected size (the count is nearly exact).
-_BAND_SLACK = 1.25
 _FP16_MAX = 65504.0
 _SCHEMES = (QuantScheme.AFFINE, QuantScheme.SYMMETRIC, QuantScheme.NF4)
 _PACKED_BITS = (2, 3, 4, 8)
@@ -97,11 +80,6 @@ _PACKED_BITS = (2, 3, 4, 8)
 #: Devices whose tensors the encoder and decoder send through this module (the CPU keeps
 #: its threaded reference kernels, faster there; tests add "cpu" to check the hooks).
 DEVICE_TYPES: set[str] = {"cuda"}
-
-_F = TypeVar("_F", bound=Callable[..., Any])
-_compile_override: bool | None = None
-_compile_failed = False
-_compiled: dict[str, Callable[..., Any]] = {}
 
 
 def active(device: torch.device) -> bool:
@@ -136,50 +114,6 @@ def encode_values(
     done = quantize_packed(values, q, runs, num_channels, known_range=known_range).checked()
     decoded = dequantize_packed(done.packed, done.qp, done.count, runs) if need_decoded else values
     return done.qp, done.packed, decoded
-
-
-# ---------------------------------------------------------------------- compile switch
-def compile_enabled() -> bool:
-    """Whether the element-wise kernels run under ``torch.compile``: :func:`set_compile`'s
-    choice, else ``FEDSQUEEZE_COMPILE=1``; off for good once a compile failed."""
-    if _compile_failed:
-        return False
-    if _compile_override is not None:
-        return _compile_override
-    return os.environ.get(COMPILE_ENV, "") == "1"
-
-
-def set_compile(enabled: bool | None) -> None:
-    """Turn ``torch.compile`` on or off for this process (``None``: back to the
-    environment variable); also forgets an earlier failure."""
-    global _compile_override, _compile_failed
-    if enabled is not None and not isinstance(enabled, bool):
-        raise TypeError(f"enabled must be a bool or None, got {enabled!r}")
-    _compile_override = enabled
-    _compile_failed = False
-
-
-def _kernel(fn: _F) -> _F:
-    """``fn``, or its compiled form when :func:`compile_enabled` (eager after a failure)."""
-    name = fn.__name__
-
-    def call(*args: Any) -> Any:
-        global _compile_failed
-        if not compile_enabled():
-            return fn(*args)
-        try:
-            compiled = _compiled.get(name)
-            if compiled is None:
-                compiled = torch.compile(fn, dynamic=True)
-                _compiled[name] = compiled
-            return compiled(*args)
-        except Exception as exc:  # any compiler failure: eager from now on
-            _compile_failed = True
-            log.warning("torch.compile failed (%s: %s); the codec runs eager", type(exc).__name__,
-                        str(exc).splitlines()[0] if str(exc) else "")  # fmt: skip
-            return fn(*args)
-
-    return cast(_F, call)
 
 
 # ---------------------------------------------------------------------- element-wise
@@ -230,25 +164,25 @@ def _nf4_codes(x: Tensor, scale: Tensor, mids: Tensor) -> Tensor:
     return torch.bucketize(unit, mids, out_int32=True).to(torch.uint8)
 
 
-@_kernel
+@kernel
 def _qpack_linear(
     x2d: Tensor, inv: Tensor, zp: Tensor, qmin: float, qmax: float, bits: int
 ) -> Tensor:
     return _pack_flat(_linear_codes(x2d, inv, zp, qmin, qmax), bits)
 
 
-@_kernel
+@kernel
 def _qpack_nf4(x2d: Tensor, scale: Tensor, mids: Tensor, bits: int) -> Tensor:
     return _pack_flat(_nf4_codes(x2d, scale, mids), bits)
 
 
-@_kernel
+@kernel
 def _deq_linear(packed: Tensor, scale: Tensor, zp: Tensor, bits: int, width: int) -> Tensor:
     codes = _unpack_flat(packed, bits).view(-1, width)
     return ((codes.to(torch.float32) - zp) * scale).reshape(-1)
 
 
-@_kernel
+@kernel
 def _deq_table(packed: Tensor, scale: Tensor, table: Tensor, bits: int, width: int) -> Tensor:
     codes = _unpack_flat(packed, bits).view(-1, width)
     return (table[codes.to(torch.int64)] * scale).reshape(-1)
@@ -672,121 +606,3 @@ def unpack_bits(packed: Tensor, bits: int, count: int) -> Tensor:
         return packed
     codes = _unpack_tail(packed.contiguous(), bits, count)
     return _padding_checked(codes, packed, bits, count)
-
-
-# ---------------------------------------------------------------------- selection
-def magnitude_indices(t: Tensor, sparsity: float) -> Tensor:
-    """:func:`~fedsqueeze.codec.pruning.magnitude_indices` on ``t``'s device.
-
-    Parameters
-    ----------
-    t
-        Floating tensor of any shape.
-    sparsity
-        Fraction dropped, in ``[0, 1]``.
-
-    Returns
-    -------
-    Tensor
-        int64 ``[numel − round(sparsity·numel)]``, increasing: exactly the reference's
-        indices. Large tensors select through a sampled band on the device and one
-        scalar read at the end (whether the band held the cut without a tie across it);
-        CPU tensors of up to :data:`SAMPLE_ABOVE` values through the reference; device
-        tensors of up to :data:`HOST_BELOW` values, a band that misses and a tie across
-        the cut through the reference on a host copy (the CPU's ``topk`` breaks ties its
-        own way, another device's its own: this keeps the bytes of a CPU encode).
-    """
-    if not t.is_floating_point():
-        raise ValueError(f"pruning needs a floating tensor, got {t.dtype}")
-    flat = t.detach().reshape(-1)
-    n = flat.numel()
-    prune = pruning.count_to_prune(n, sparsity)
-    if prune <= 0 or prune >= n or (t.device.type == "cpu" and n <= SAMPLE_ABOVE):
-        return pruning.magnitude_indices(t, sparsity)  # all, none, or one topk on the CPU
-    if n <= HOST_BELOW:  # a few copies' worth: the CPU's own topk (its tie-breaking)
-        return pruning.magnitude_indices(t.detach().cpu(), sparsity).to(t.device)
-    found = _sampled_indices(flat, prune)
-    if found is not None:
-        return found
-    # The band missed, or ties straddle the cut: which of the tied values go is the CPU
-    # reference's topk's choice (another device's topk may choose others), so the CPU
-    # decides, on a host copy: rare, and as slow as the reference.
-    return pruning.magnitude_indices(t.detach().cpu(), sparsity).to(t.device)
-
-
-def band_ranks(n: int, prune: int, sample: int = _SAMPLE_SIZE) -> tuple[int, int]:
-    """Ranks in the sorted sample of the band's ends (0 and ``sample − 1``: no bound that
-    side), six standard deviations of the cut-off's rank either side, as the reference."""
-    q = prune / n
-    centre = q * sample
-    half = 6.0 * math.sqrt(sample * q * (1.0 - q)) + 8.0
-    return max(0, math.floor(centre - half)), min(sample - 1, math.ceil(centre + half))
-
-
-@_kernel
-def _band_pass(flat: Tensor, lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """How many ``|x| >= lo``, how many of them ``<= hi`` (the band), and the band's mask:
-    one read of ``flat`` when compiled."""
-    mags = flat.abs()
-    at_least = mags >= lo
-    band = at_least & (mags <= hi)
-    return at_least.sum(), band.sum(), band
-
-
-@_kernel
-def _keep_mask(flat: Tensor, lo: Tensor, cut: Tensor, cut_in_band: Tensor) -> Tensor:
-    """Kept: ``|x| >= lo`` and, when the cut lies in the band, ``|x| > cut``."""
-    mags = flat.abs()
-    at_least = mags >= lo
-    return torch.where(cut_in_band, at_least & (mags > cut), at_least)
-
-
-def _sampled_indices(flat: Tensor, prune: int) -> Tensor | None:
-    """The kept indices, or ``None`` when the band misses the cut or a tie straddles it."""
-    n = flat.numel()
-    keep_count = n - prune
-    device = flat.device
-    gen = torch.Generator(device=device)
-    gen.manual_seed(_SAMPLE_SEED)
-    picks = torch.randint(n, (_SAMPLE_SIZE,), generator=gen, device=device)
-    sample = torch.sort(flat[picks].abs()).values
-    lo_rank, hi_rank = band_ranks(n, prune)
-    inf = torch.full((), math.inf, dtype=flat.dtype, device=device)
-    lo = sample[lo_rank] if lo_rank > 0 else -inf
-    hi = sample[hi_rank] if hi_rank < _SAMPLE_SIZE - 1 else inf
-    # As the reference's band path: "below" is everything not >= lo, NaN included (a
-    # tensor with NaN never gets this far in the encoder: it is refused first).
-    n_at_least, n_band, band = _band_pass(flat, lo, hi)
-    n_below = n - n_at_least
-    expected = (hi_rank - lo_rank + 1) / _SAMPLE_SIZE
-    cap = min(n, math.ceil(n * expected * _BAND_SLACK) + 4096)
-    at = _nonzero_static(band, cap)
-    band_mags = torch.where(at >= 0, flat[at.clamp(min=0)].abs(), inf)
-    ordered = torch.sort(band_mags).values
-    still = prune - n_below
-    cut = ordered[(still - 1).clamp(0, cap - 1)]
-    # The values dropped from the band are those <= cut: exactly ``still`` of them unless
-    # ties straddle the cut (then the reference's topk decides which go).
-    at_most = torch.searchsorted(ordered, cut.reshape(1), right=True)[0]
-    ok = (
-        (n_below <= prune)
-        & (still <= n_band)
-        & (n_band <= cap)
-        & ((still == 0) | ((at_most == still) & ~torch.isnan(cut) & ~torch.isinf(cut)))
-    )
-    indices = _nonzero_static(_keep_mask(flat, lo, cut, still > 0), keep_count)
-    if not bool(ok):
-        return None
-    return indices
-
-
-def _nonzero_static(mask: Tensor, size: int) -> Tensor:
-    """int64 ``[size]``: the first ``size`` indices of ``True`` entries (``-1`` beyond
-    them), without a host read where the device supports it."""
-    try:
-        return torch.nonzero_static(mask, size=size, fill_value=-1).reshape(-1)
-    except (NotImplementedError, RuntimeError):  # a device without it: one host read
-        found = torch.nonzero(mask).reshape(-1)[:size]
-        if found.numel() < size:
-            found = torch.cat((found, found.new_full((size - found.numel(),), -1)))
-        return found

@@ -6,7 +6,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fedsqueeze.codec import bitpack, decode_state, encode_state, fused, pruning
+from fedsqueeze.codec import (
+    bitpack,
+    decode_state,
+    encode_state,
+    fused,
+    fused_compile,
+    fused_select,
+    pruning,
+)
 from fedsqueeze.codec.kernels import Runs
 from fedsqueeze.codec.quantization import (
     choose_qparams,
@@ -215,7 +223,7 @@ def test_magnitude_indices_sampled_path_is_exact() -> None:
     # The band path itself (not the fallback) gives the reference's set.
     x = _big(7).reshape(-1, 1)
     prune = pruning.count_to_prune(x.numel(), 0.9)
-    found = fused._sampled_indices(x.reshape(-1), prune)
+    found = fused_select._sampled_indices(x.reshape(-1), prune)
     assert found is not None
     assert torch.equal(found, pruning.magnitude_indices(x, 0.9))
 
@@ -227,7 +235,7 @@ def test_the_band_also_selects_tensors_smaller_than_its_sample() -> None:
     for n, seed in ((fused.HOST_BELOW + 1, 1), (100_000, 2), (300_000, 3)):
         x = torch.randn(n, generator=torch.Generator().manual_seed(seed)).double()
         for sparsity in (0.5, 0.9, 0.99):
-            found = fused._sampled_indices(x, pruning.count_to_prune(n, sparsity))
+            found = fused_select._sampled_indices(x, pruning.count_to_prune(n, sparsity))
             if found is not None:  # None: a tie across the cut (the host decides)
                 assert torch.equal(found, pruning.magnitude_indices(x, sparsity))
                 exact += 1
@@ -255,7 +263,7 @@ def test_ties_across_the_cut_take_the_reference() -> None:
     x = _big(5)
     x[: BIG // 2] = 0.0  # half the values tied at zero, the cut among them
     flat = x.reshape(-1)
-    assert fused._sampled_indices(flat, pruning.count_to_prune(BIG, 0.3)) is None
+    assert fused_select._sampled_indices(flat, pruning.count_to_prune(BIG, 0.3)) is None
     assert torch.equal(fused.magnitude_indices(x, 0.3), pruning.magnitude_indices(x, 0.3))
     ties = torch.round(_big(6) * 4) / 4  # few distinct values: ties at a nonzero cut
     assert torch.equal(fused.magnitude_indices(ties, 0.9), pruning.magnitude_indices(ties, 0.9))
@@ -265,8 +273,8 @@ def test_a_missed_band_takes_the_reference(monkeypatch: pytest.MonkeyPatch) -> N
     x = _big(8)
     prune = pruning.count_to_prune(BIG, 0.9)
     # A band far too narrow: the cut falls outside it.
-    monkeypatch.setattr(fused, "band_ranks", lambda n, p, s=0: (100, 101))
-    assert fused._sampled_indices(x, prune) is None
+    monkeypatch.setattr(fused_select, "band_ranks", lambda n, p, s=0: (100, 101))
+    assert fused_select._sampled_indices(x, prune) is None
     assert torch.equal(fused.magnitude_indices(x, 0.9), pruning.magnitude_indices(x, 0.9))
 
 
@@ -365,7 +373,7 @@ def test_a_failing_compiler_falls_back_to_eager(monkeypatch: pytest.MonkeyPatch)
         return call
 
     monkeypatch.setattr(torch, "compile", broken)
-    monkeypatch.setattr(fused, "_compiled", {})
+    monkeypatch.setattr(fused_compile, "_compiled", {})
     fused.set_compile(True)
     try:
         _check_equal(_values(5000, 1), QuantSpec(8))
@@ -391,7 +399,7 @@ def test_compiled_equals_eager() -> None:
         for sparsity in (0.9, 0.99):  # 0.99: a float32 tie at the cut, the fallback
             expected = pruning.magnitude_indices(x, sparsity)
             assert torch.equal(fused.magnitude_indices(x, sparsity), expected)
-        found = fused._sampled_indices(x, pruning.count_to_prune(BIG, 0.9))
+        found = fused_select._sampled_indices(x, pruning.count_to_prune(BIG, 0.9))
         assert found is not None and torch.equal(found, pruning.magnitude_indices(x, 0.9))
         if not fused.compile_enabled():
             pytest.skip("torch.compile is not available here (the eager path was checked)")
