@@ -6,12 +6,13 @@ not Flower, Ray, zstandard, blake3, isal or fedsqueeze itself. This downloads, f
 CPython 3.12 on manylinux x86-64 and at the versions installed here (the ones the tests
 pass with), every package of fedsqueeze's requirements (and ``blake3``) that the image
 lacks, following their requirements too, plus ``protobuf`` and ``grpcio`` even though the
-image has them (the generated wire code checks their versions at import), and builds
-fedsqueeze's own wheel. Ray's wheel (70 MiB, over what one call of the device tool may
-carry) is repacked without its Java jars and the dashboard's web front end, which a
-local simulation never loads, and with its three large binaries stripped of their symbol
-tables; every wheel over 1 MiB is recompressed with LZMA (pip reads it as it reads
-DEFLATE). Together: 52.5 MiB instead of 90 (ray 2.55.1: 26 MiB instead of 71).
+image has them (the generated wire code checks their versions at import) and ``typer``,
+``click`` and ``rich`` (Flower pins them), and builds fedsqueeze's own wheel. Ray's wheel
+(70 MiB, over what one call of the device tool may carry) is repacked without its Java
+jars and the dashboard's web front end, which a local simulation never loads, and with
+its three large binaries stripped of their symbol tables; every wheel over 1 MiB is
+recompressed with LZMA (pip reads it as it reads DEFLATE). Together: 52.9 MiB instead of
+90 (ray 2.55.1: 26 MiB instead of 71).
 
 ``make gpu-check`` then installs them with ``pip install --no-index --no-deps --target``
 (nothing from the network, the image's torch untouched) and puts that folder first on
@@ -64,8 +65,10 @@ IMAGE_PACKAGES = frozenset(
     triton typer typing-extensions typing-inspect urllib3 uvloop wadler-lindig werkzeug
     wheel wrapt xarray xxhash yarl zipp""".split()  # noqa: SIM905 - the list as KINDS.md gives it
 )
-#: Carried although the image has them: the generated wire code checks their versions.
-FORCED = frozenset({"protobuf", "grpcio"})
+#: Carried although the image has them: the generated wire code checks the versions of
+#: protobuf and grpcio at import; Flower pins typer, click and rich below versions the
+#: image may be past (their APIs change), so the ones the tests pass with come along.
+FORCED = frozenset({"protobuf", "grpcio", "typer", "click", "rich"})
 #: Never carried: the image's CUDA build must stay; ``uv`` is a 17 MiB command-line tool
 #: Flower lists but runs only to build apps (``flwr build``), never in a simulation.
 NEVER = frozenset({"torch", "triton", "uv"})
