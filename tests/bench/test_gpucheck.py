@@ -11,7 +11,7 @@ import torch
 
 from fedsqueeze.bench import gpucheck
 from fedsqueeze.codec import fused
-from tests.subproc import ROOT
+from tests.subproc import ROOT, run_module
 
 DRY = ["--device", "cpu", "--params", "40K,80K", "--reps", "1", "--compile", "off"]
 
@@ -97,3 +97,12 @@ def test_targets_are_judged_against_the_copy() -> None:
         "target prune90+nf4 at 1B (eager): encode 1.00x copy (met, >= 0.5), "
         "decode 0.50x (MISSED, >= 0.6)",
     ]
+
+
+@pytest.mark.slow
+def test_the_whole_dry_run_with_its_simulation() -> None:
+    # In its own process: Ray's workers and their files belong there.
+    proc = run_module("fedsqueeze.bench.gpucheck", *DRY, "--equality-params", "40K", timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "simulate digits, CPU clients (dry run)" in proc.stdout
+    assert "ok: fedavg-fp32" in proc.stdout and "all equal" in proc.stdout
