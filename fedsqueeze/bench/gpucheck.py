@@ -93,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The command's flags."""
     parser = argparse.ArgumentParser(
         prog="python -m fedsqueeze.bench.gpucheck",
-        description=__doc__.split("\n\n", 1)[0] if __doc__ else None,
+        description=(__doc__ or "").replace("``", "`").replace("**", ""),
         epilog=(
             "examples:\n"
             "  make gpu-check                                  # on a CUDA machine\n"
