@@ -8,7 +8,8 @@ What it runs, in one process:
    (:mod:`fedsqueeze.codec.fused`) on the same tensor, timed the same way (median of
    several runs, the device synchronized around each): 8-bit per tensor, block-wise
    4-bit (NF4, blocks of 64), 90% magnitude pruning + block-wise 4-bit, top-k 1% +
-   8-bit, rank 8 (randomized SVD on the device) + 8-bit. Encode is values → packed codes
+   8-bit, rank 8 (randomized SVD on the device) + 8-bit, and the 90% selection alone.
+   Encode is values → packed codes
    (+ kept indices) on the device; decode is packed codes → dense float32 on the device
    (kept indices given: the position coder and zstd run on the host and are not timed
    here). GB/s count fp32 input bytes; "x copy" is the copy's time over the stage's. Eager
@@ -287,6 +288,9 @@ def _throughput(device: torch.device, n: int, reps: int, mode: str) -> list[Row]
     out.append(Row("speed", "copy (clone)", count, mode, copy_s, copy_s, copy_s, count * 4))
     dense(q8, None, "int8")
     dense(nf4, blocks, "nf4-block64")
+    # The selection alone (the indices), to tell its share of the prune row's time.
+    select_s = timed(lambda: fused.magnitude_indices(flat, 0.9))
+    out.append(Row("speed", "select 90% (indices only)", count, mode, select_s, None, copy_s))
     sparse(0.9, nf4, blocks, _TARGET_CASE)
     sparse(0.99, q8, None, "topk1%+int8")
     lowrank()

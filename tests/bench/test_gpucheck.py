@@ -50,7 +50,8 @@ def test_cpu_dry_run_is_equal(capsys: pytest.CaptureFixture[str]) -> None:
     status = gpucheck.main([*DRY, "--equality-params", "1.1M", "--no-sim"])
     out = capsys.readouterr().out
     assert status == 0, out
-    for case in ("copy (clone)", "int8", "nf4-block64", "prune90+nf4", "topk1%+int8", "rank8"):
+    cases = ("copy (clone)", "int8", "nf4-block64", "select 90%", "prune90+nf4", "topk1%+int8")
+    for case in (*cases, "rank8"):
         assert f"speed    {case}" in out
     assert out.count(" equal") >= len(gpucheck.EQUALITY_SPECS)
     assert "all equal" in out
