@@ -6,7 +6,7 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.fedsqueeze-installed
 
-.PHONY: install demo test lint typecheck unit protos clean
+.PHONY: install demo test lint typecheck unit protos clean gpu-wheels gpu-check
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,24 @@ test: lint typecheck unit
 
 protos: install
 	$(BIN)/python -m fedsqueeze.wire.generate
+
+# The GPU check (README, "GPU"): `make gpu-wheels` here, where PyPI is reachable, fills
+# .gpu-wheels/ with what a lent GPU machine lacks (CPython 3.12 wheels); `make gpu-check`
+# there installs them without network into GPU_SITE (the image's torch untouched) and
+# runs fedsqueeze.bench.gpucheck (GPU_CHECK_ARGS: its flags, e.g. --params 25M); this
+# tree comes first on PYTHONPATH, so Ray's workers run it too, not a stale wheel.
+GPU_WHEELS ?= .gpu-wheels
+GPU_PYTHON ?= python3
+GPU_SITE ?= /tmp/fedsqueeze-gpu-site
+GPU_CHECK_ARGS ?=
+
+gpu-wheels: install
+	$(BIN)/python -m fedsqueeze.bench.gpuwheels --out $(GPU_WHEELS)
+
+gpu-check:
+	@test -n "$$(ls $(GPU_WHEELS)/*.whl 2>/dev/null)" || { echo "gpu-check: no wheels in $(GPU_WHEELS)/: run make gpu-wheels where PyPI is reachable, then carry the folder"; exit 1; }
+	$(GPU_PYTHON) -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target $(GPU_SITE) $(GPU_WHEELS)/*.whl
+	PYTHONPATH=$(CURDIR):$(GPU_SITE) PYTHONUNBUFFERED=1 $(GPU_PYTHON) -m fedsqueeze.bench.gpucheck $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache

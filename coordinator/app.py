@@ -51,6 +51,7 @@ from fedsqueeze.runconfig import Aggregation, RunSettings, StrategyName
 from fedsqueeze.tasks import Task, get_task
 from fedsqueeze.tasks.evaluator import TestEvaluator
 from fedsqueeze.tasks.proxy import split_proxy
+from fedsqueeze.tasks.training import check_device
 
 log = logging.getLogger(__name__)
 
@@ -190,6 +191,7 @@ class Coordinator:
             aggregate_global=aggregate_global,
             fusion_warmup=settings.fusion_warmup,
             inline_limit=settings.inline_bytes,
+            device=check_device(settings.coordinator_device, "coordinator-device"),
         )
         return cls(settings, store, plane, strategy, init_digest, offset, budget, students=students)
 

@@ -179,6 +179,10 @@ class CompressedStrategy(Strategy):
         Most bytes of an update an edge may return inline in its receipt (the run's
         ``inline-bytes``; 0: none, every update comes over the data plane). A larger
         one is rejected.
+    device
+        Where updates are decoded and their differences, clipping and merge computed
+        (the run's ``coordinator-device``); the merged models go back to the CPU for the
+        wrapped strategy.
     """
 
     def __init__(
@@ -198,12 +202,14 @@ class CompressedStrategy(Strategy):
         aggregate_global: GlobalAggregator | None = None,
         fusion_warmup: int = 0,
         inline_limit: int = 0,
+        device: torch.device | str = "cpu",
     ) -> None:
         if isinstance(inline_limit, bool) or not isinstance(inline_limit, int):
             raise TypeError(f"inline_limit must be an int, got {inline_limit!r}")
         if inline_limit < 0:
             raise ValueError(f"inline_limit must be >= 0, got {inline_limit}")
         self.inline_limit = inline_limit
+        self.device = torch.device(device)
         if (students is None) != (student_instruction is None):
             raise ValueError("a student track needs its instruction factory, and vice versa")
         if isinstance(fusion_warmup, bool) or not isinstance(fusion_warmup, int):
@@ -482,8 +488,11 @@ class CompressedStrategy(Strategy):
         base = self.store.get(pulled.base_digest)
         if base is None:
             return None, Rejection(edge, f"base {pulled.base_digest[:12]} is no longer kept")
+        on_device = self.device.type != "cpu"
+        if on_device:
+            base = {k: v.to(self.device) for k, v in base.items()}
         try:
-            model = decode_state(pulled.encoded, base)
+            model = decode_state(pulled.encoded, base, device=self.device)
         except FedsqueezeError as exc:
             return None, Rejection(edge, f"undecodable update: {exc}")
         rejection = check_update(edge, model, global_state)
@@ -493,7 +502,7 @@ class CompressedStrategy(Strategy):
             model = self.frozen.trainable(model)
         if pulled.base_digest == target and self.clip_norm is None:
             # Trained from the exact global: the edge's model is what plain Flower sees.
-            return ArrayRecord(model), None
+            return ArrayRecord(_on_cpu(model)), None
         update = {
             k: model[k].float() - base[k].float()
             for k in global_state
@@ -508,10 +517,10 @@ class CompressedStrategy(Strategy):
             if name not in model:
                 continue  # frozen: the wrapped strategy never sees it
             if name in update:
-                merged[name] = (g.float() + update[name]).to(g.dtype)
+                merged[name] = (g.to(self.device).float() + update[name]).to(g.dtype)
             else:
                 merged[name] = model[name]
-        return ArrayRecord(merged), None
+        return ArrayRecord(_on_cpu(merged)), None
 
     def _inline_update(
         self, edge: str, receipt: TrainReceipt
@@ -537,6 +546,11 @@ class CompressedStrategy(Strategy):
     ) -> MetricRecord | None:
         """Metrics only: delegated unchanged."""
         return self.inner.aggregate_evaluate(server_round, replies)
+
+
+def _on_cpu(state: State) -> State:
+    """``state`` with every tensor on the CPU (Flower's arrays are host memory)."""
+    return {k: v if v.device.type == "cpu" else v.cpu() for k, v in state.items()}
 
 
 # Flower's reason for a ClientApp exception: "<class 'module.Error'>:<'message'>".

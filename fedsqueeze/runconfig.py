@@ -9,6 +9,7 @@ the edge of the program; nothing below reads string keys.
 from __future__ import annotations
 
 import enum
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
@@ -124,6 +125,10 @@ class RunSettings:
     download in the edge's instruction, an update in its receipt. At a few kB per
     client-round this saves the data plane's requests and acknowledgements (about 300 B);
     larger payloads, progressive downloads and the student track keep the data plane.
+
+    ``coordinator-device`` (``cpu``, ``cuda``, ``cuda:N``) is where the coordinator
+    decodes updates and computes their differences, clipping and merge; the wrapped Flower
+    strategy then averages the merged models as always.
     """
 
     task: str = "digits-cnn"
@@ -150,6 +155,7 @@ class RunSettings:
     up_budget: int = 0
     inline_bytes: int = 0
     clip_norm: float = 0.0
+    coordinator_device: str = "cpu"
     init_from_seed: bool = True
     state_dir: str = "fedsqueeze-state"
     keep_versions: int = 32
@@ -178,6 +184,10 @@ class RunSettings:
     distill_temperature: float = 4.0
 
     def __post_init__(self) -> None:
+        if not re.fullmatch(r"cpu|cuda(:\d+)?", str(self.coordinator_device)):
+            raise ConfigError(
+                f"coordinator-device must be cpu, cuda or cuda:N, got {self.coordinator_device!r}"
+            )
         if not 0 <= self.inline_bytes <= MAX_INLINE_BYTES:
             raise ConfigError(
                 f"inline-bytes must be in [0, {MAX_INLINE_BYTES}], got {self.inline_bytes}"

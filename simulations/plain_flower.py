@@ -112,11 +112,12 @@ def run_plain(config: SimulationConfig) -> PlainOutcome:
         The simulation failed or ended before its last round.
     """
     from simulations.engine import run_simulation  # deferred: imports Ray
-    from simulations.runner import backend_config
+    from simulations.runner import backend_config, set_train_device
 
     accuracy: list[float] = []
     server_app, client_app = make_plain_apps(config, accuracy)
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, int(config.client_cpus))))
+    set_train_device(config)  # client-gpus: the clients train on their GPU share
     started = time.perf_counter()
     with PeakMemory() as memory:
         try:

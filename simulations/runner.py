@@ -75,16 +75,34 @@ class SweepOutcome:
 
 
 def backend_config(config: SimulationConfig) -> dict[str, object]:
-    """Flower's Ray backend settings for this machine (CPU only)."""
+    """Flower's Ray backend settings for this machine: CPUs, and with ``client-gpus``
+    each actor's share of the GPUs (Ray's ``num_gpus``, all of the machine's offered)."""
+    gpus = 0
+    if config.client_gpus > 0:
+        import torch  # deferred: only a GPU run needs it here
+
+        gpus = torch.cuda.device_count()
     return {
-        "client_resources": {"num_cpus": config.client_cpus, "num_gpus": 0.0},
+        "client_resources": {"num_cpus": config.client_cpus, "num_gpus": config.client_gpus},
         "init_args": {
             "num_cpus": config.total_cpus,
-            "num_gpus": 0,
+            "num_gpus": gpus,
             "logging_level": logging.ERROR,
             "log_to_driver": False,
         },
     }
+
+
+def set_train_device(config: SimulationConfig) -> None:
+    """Name the clients' training device in the environment Ray's workers inherit
+    (:data:`fedsqueeze.tasks.training.DEVICE_ENV`): ``cuda`` with ``client-gpus > 0``,
+    unset otherwise."""
+    from fedsqueeze.tasks.training import DEVICE_ENV
+
+    if config.client_gpus > 0:
+        os.environ[DEVICE_ENV] = "cuda"
+    else:
+        os.environ.pop(DEVICE_ENV, None)
 
 
 def run_sweep(
@@ -130,6 +148,8 @@ def run_sweep(
     )
     # Ray's workers read the thread count at start-up; results depend on it.
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, int(config.client_cpus))))
+    # ...and where to train: the GPU share Ray gives each actor (CUDA_VISIBLE_DEVICES).
+    set_train_device(config)
     log.info(
         "simulating %d clients (%d per round) on %d CPUs: %s",
         config.num_clients,

@@ -17,11 +17,16 @@ fedsqueeze arms' data-plane transfers really wait for each client's link (result
 round_wall_s shows it); Flower's own messages, and so the fedavg-fp32 baseline, are
 never slowed, and the simulated figures stay the same.
 
+On a GPU machine, --set client-gpus=0.25 trains each client on a quarter of a GPU (Ray's
+num_gpus per client actor) and --set coordinator-device=cuda decodes and merges the
+updates there; both need CUDA (refused with a one-line error without it).
+
 examples:
   fedsqueeze sweep                                  # the default sweep (make demo)
   fedsqueeze sweep --seeds 0,1,2                    # medians over three seeds
   fedsqueeze sweep --config smoke --set arms=fedavg-fp32,int8
   fedsqueeze sweep --set deadline-s=20 --set links=mobile
+  fedsqueeze sweep --config smoke --set client-gpus=0.25 --set coordinator-device=cuda
   fedsqueeze sweep --config smoke --set links=wifi --set realtime=true
   fedsqueeze sweep --config text                    # MiniLM on docstrings (the text extra)
   fedsqueeze sweep --config text --set arms=fedavg-adapters,adaptive-head   # an extra arm

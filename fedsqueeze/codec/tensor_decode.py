@@ -13,7 +13,7 @@ from dataclasses import replace
 
 import torch
 
-from fedsqueeze.codec import ans, dense_decode, entropy, plane_ans
+from fedsqueeze.codec import ans, dense_decode, entropy, fused, plane_ans
 from fedsqueeze.codec.bitpack import pack_bits, packed_size, unpack_bits
 from fedsqueeze.codec.bits import xor_bits, xor_into
 from fedsqueeze.codec.blockwise import num_blocks
@@ -264,6 +264,8 @@ class TensorDecoder:
             )
         qp, channels_of = _qparams(record, name, shape, kept, indices, device)
         packed = _read_only_uint8(body)
+        if fused.active(device) and fused.supports_decode(qp, channels_of):
+            return fused.dequantize_packed(packed.to(device), qp, kept, channels_of)
         codes = unpack_bits(packed.to(device), record.quant.bits, kept)
         return dequantize(codes, qp, channels_of)
 

@@ -34,7 +34,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
-from fedsqueeze.codec import ans, dense_encode, entropy, plane_ans
+from fedsqueeze.codec import ans, dense_encode, entropy, fused, plane_ans
 from fedsqueeze.codec.bitpack import pack_bits, unpack_bits
 from fedsqueeze.codec.bits import all_zero_bits, as_bits, xor_bits
 from fedsqueeze.codec.blockwise import num_blocks
@@ -472,14 +472,22 @@ class TensorEncoder:
         """Flat indices of the values kept (int64, increasing), ``None`` for all; and the
         values at them when the selection gathered them (else ``None``)."""
         spec = self._spec
+        on_device = fused.active(x.device)
+
+        def select(t: torch.Tensor, sparsity: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+            # On a CUDA device the fused selection (indices only; values gathered later).
+            if on_device:
+                return fused.magnitude_indices(t, sparsity), None
+            return magnitude_selection(t, sparsity)
+
         if spec.topk is not None:
-            return (None, None) if spec.topk >= 1.0 else magnitude_selection(x, 1.0 - spec.topk)
+            return (None, None) if spec.topk >= 1.0 else select(x, 1.0 - spec.topk)
         method = spec.prune.method
         mask: torch.Tensor | None = None
         if method is PruneMethod.L1_GLOBAL:
             mask = global_mask
         elif method is PruneMethod.L1_UNSTRUCTURED and spec.prune.sparsity > 0:
-            return magnitude_selection(x, spec.prune.sparsity)
+            return select(x, spec.prune.sparsity)
         elif method is PruneMethod.LN_STRUCTURED and spec.prune.sparsity > 0:
             mask = channel_mask(x, spec.prune.sparsity)
         elif method is PruneMethod.THRESHOLD:
@@ -815,6 +823,17 @@ class TensorEncoder:
         spec = self._spec
         if spec.quant is not None:
             q = spec.quant
+            hot = fused.encode_values(
+                values, q, channels_of, num_channels, known_range, need_decoded
+            )
+            if hot is not None:  # a GPU tensor: the fused kernels, the same bytes
+                qp, packed, decoded = hot
+                return (
+                    tensor_bytes(packed),
+                    _quant_header(q, qp, num_channels, name),
+                    ValueKind.RAW,
+                    decoded,
+                )
             qp = choose_qparams(
                 values, q.bits, q.scheme, q.granularity, channels_of, num_channels, q.scales,
                 known_range=known_range,

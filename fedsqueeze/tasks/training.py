@@ -3,12 +3,19 @@
 Training is deterministic for a fixed seed on the CPU: batches are shuffled with a local
 generator and any randomness inside the model (dropout, say) draws from a global RNG that is
 seeded inside :func:`torch.random.fork_rng`, so the caller's RNG state is left as it was.
+
+Where training runs: the ``device`` argument, else the ``FEDSQUEEZE_TRAIN_DEVICE``
+environment variable (``cuda``, ``cuda:1``; what a simulation with ``client-gpus > 0``
+sets for its Ray workers, which Ray gives a GPU share each), else where the model's
+parameters are. On a GPU the results are close to the CPU's, not bit-identical.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+import os
+import re
 import time
 from collections.abc import Iterator, Mapping
 
@@ -16,11 +23,61 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fedsqueeze.errors import ConfigError
 from fedsqueeze.tasks.base import EvalResult, Optimizer, TrainResult
 
-__all__ = ["SGD_MOMENTUM", "apply_masks", "evaluate", "make_optimizer", "train"]
+__all__ = [
+    "DEVICE_ENV",
+    "SGD_MOMENTUM",
+    "apply_masks",
+    "check_device",
+    "default_device",
+    "evaluate",
+    "make_optimizer",
+    "train",
+]
 
 SGD_MOMENTUM = 0.9
+#: Environment variable naming the device :func:`train` uses when it is given none.
+DEVICE_ENV = "FEDSQUEEZE_TRAIN_DEVICE"
+_DEVICE_TEXT = re.compile(r"cpu|cuda(:\d+)?")
+
+
+def check_device(text: str, what: str) -> torch.device:
+    """The device ``text`` names (``cpu``, ``cuda``, ``cuda:N``), one this process can use.
+
+    Raises
+    ------
+    ConfigError
+        Another name, or a CUDA device when torch sees none (or too few); ``what`` names
+        the setting in the message.
+    """
+    if not isinstance(text, str) or not _DEVICE_TEXT.fullmatch(text):
+        raise ConfigError(f"{what} must be cpu, cuda or cuda:N, got {text!r}")
+    device = torch.device(text)
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        index = device.index or 0
+        if index >= count:
+            raise ConfigError(
+                f"{what} = {text!r} needs a CUDA device, and torch sees "
+                f"{count or 'none'} (torch {torch.__version__}, "
+                f"cuda available: {torch.cuda.is_available()})"
+            )
+    return device
+
+
+def default_device() -> torch.device | None:
+    """The device :data:`DEVICE_ENV` names (``None`` when unset or empty).
+
+    Raises
+    ------
+    ConfigError
+        As :func:`check_device`.
+    """
+    text = os.environ.get(DEVICE_ENV, "")
+    return check_device(text, DEVICE_ENV) if text else None
+
 
 # The layers whose ``weight`` the L1 penalty covers (biases and norm layers are left alone).
 _L1_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -78,8 +135,8 @@ def train(
     proximal_mu : float, optional
         FedProx coefficient ``μ >= 0``; 0 disables the proximal term.
     device : torch.device or None, optional
-        Where to train; ``None`` trains where the model's parameters are. The model is moved
-        there for training and back afterwards.
+        Where to train; ``None``: where :data:`DEVICE_ENV` says, else where the model's
+        parameters are. The model is moved there for training and back afterwards.
 
     Returns
     -------
@@ -103,6 +160,8 @@ def train(
     _check_masks(masks, params)
 
     original_device = _model_device(model)
+    if device is None:
+        device = default_device()
     target = original_device if device is None else torch.device(device)
     modes = _modes(model)
     started = time.perf_counter()
