@@ -193,10 +193,13 @@ class SimulationConfig:
         if self.client_gpus > 0:
             try:
                 check_device("cuda", "client-gpus")
-            except ConfigError as exc:
+            except ConfigError:
+                import torch
+
                 raise ConfigError(
                     f"client-gpus = {self.client_gpus} trains the clients on GPUs, and this "
-                    f"machine has no CUDA device torch can use ({exc}); set client-gpus = 0"
+                    f"machine has no CUDA device (torch {torch.__version__}); set "
+                    "client-gpus = 0"
                 ) from None
         check_device(self.coordinator_device, "coordinator-device")
 
