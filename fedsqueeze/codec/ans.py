@@ -121,10 +121,16 @@ def encode_codes(codes: np.ndarray, bits: int) -> bytes:
             freq_of.append(freqs[s])
             start_of.append(cum[s])
             counts[s] += 2
+    return _emit(freq_of, start_of)
+
+
+def _emit(freq_of: list[int], start_of: list[int]) -> bytes:
+    """The rANS bytes of symbols with these frequencies and cumulative starts (coded
+    last to first, so the decoder reads them in order)."""
     out = bytearray()
     x = _LOW
     bound = (_LOW >> _SCALE_BITS) << 8
-    for i in range(len(symbols) - 1, -1, -1):
+    for i in range(len(freq_of) - 1, -1, -1):
         f = freq_of[i]
         x_max = bound * f
         while x >= x_max:
@@ -231,20 +237,7 @@ def encode_context_codes(codes: np.ndarray, contexts: np.ndarray, bits: int) -> 
         start_of.append(cum[s])
         counts[c][s] += 2
         seen[c] = n + 1
-    out = bytearray()
-    x = _LOW
-    bound = (_LOW >> _SCALE_BITS) << 8
-    for i in range(len(symbols) - 1, -1, -1):
-        f = freq_of[i]
-        x_max = bound * f
-        while x >= x_max:
-            out.append(x & 0xFF)
-            x >>= 8
-        q, r = divmod(x, f)
-        x = (q << _SCALE_BITS) + r + start_of[i]
-    out += x.to_bytes(4, "little")
-    out.reverse()
-    return bytes(out)
+    return _emit(freq_of, start_of)
 
 
 def decode_context_codes(data: bytes | memoryview, contexts: np.ndarray, bits: int) -> np.ndarray:

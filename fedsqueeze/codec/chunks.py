@@ -23,11 +23,13 @@ import os
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import TypeVar
+from typing import Any, TypeVar
 
+import numpy as np
+import numpy.typing as npt
 import torch
 
-__all__ = ["CPU_CHUNK", "chunk_bounds", "run_chunks", "scratch", "submit"]
+__all__ = ["CPU_CHUNK", "chunk_bounds", "np_scratch", "run_chunks", "scratch", "submit"]
 
 T = TypeVar("T")
 
@@ -112,6 +114,23 @@ def scratch(slot: str, numel: int, dtype: torch.dtype) -> torch.Tensor:
     if buf is None or buf.numel() < numel:
         buf = torch.empty(max(numel, CPU_CHUNK), dtype=dtype)
         buffers[(slot, dtype)] = buf
+    return buf[:numel]
+
+
+def np_scratch(
+    slot: str, numel: int, dtype: type[np.generic], minimum: int = CPU_CHUNK
+) -> npt.NDArray[Any]:
+    """:func:`scratch` for NumPy kernels: a per-thread buffer of ``numel`` elements of
+    ``dtype`` (at least ``minimum`` allocated), reused across calls on the same thread;
+    the same rules for slots (a slot name and dtype is one buffer)."""
+    buffers: dict[tuple[str, Any], npt.NDArray[Any]] | None = getattr(_local, "np_buffers", None)
+    if buffers is None:
+        buffers = _local.np_buffers = {}
+    key = (slot, np.dtype(dtype))
+    buf = buffers.get(key)
+    if buf is None or buf.size < numel:
+        buf = np.empty(max(numel, minimum), dtype=dtype)
+        buffers[key] = buf
     return buf[:numel]
 
 

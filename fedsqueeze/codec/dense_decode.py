@@ -18,11 +18,10 @@ operations on the same values, so the results are bit-identical; the tests compa
 from __future__ import annotations
 
 import math
-import threading
 import warnings
 from concurrent.futures import Future
 from functools import partial
-from typing import Any, cast
+from typing import cast
 
 import numpy as np
 import numpy.typing as npt
@@ -31,7 +30,7 @@ from torch import Tensor
 
 from fedsqueeze.codec import entropy
 from fedsqueeze.codec.blockwise import NF4_CODEBOOK
-from fedsqueeze.codec.chunks import run_chunks, scratch, submit
+from fedsqueeze.codec.chunks import np_scratch, run_chunks, scratch, submit
 from fedsqueeze.codec.kernels import Runs
 from fedsqueeze.codec.quantization import QuantParams
 from fedsqueeze.codec.spec import QuantScheme
@@ -259,13 +258,13 @@ def _dequantize_numpy(
     zp_s = None if zp is None or runs is not None else np.float32(cast(float, zp))
     if zp is None:  # NF4: the entries of both codes of a byte in one gather
         # intp indices: take() would convert narrower ones into a temporary first.
-        idx = _np_scratch("dense-idx", last - first, np.intp)
+        idx = np_scratch("dense-idx", last - first, np.intp, _CHUNK)
         np.copyto(idx, src[first:last])
         table_np = table.numpy()
         if size % per_byte == 0:
             np.take(table_np, idx, axis=0, out=o.reshape(-1, per_byte), mode="clip")
         else:  # the last chunk ends inside a byte
-            wide = _np_scratch("dense-wide", (last - first) * per_byte, np.float32)
+            wide = np_scratch("dense-wide", (last - first) * per_byte, np.float32, _CHUNK)
             np.take(table_np, idx, axis=0, out=wide.reshape(-1, per_byte), mode="clip")
             o[:] = wide[:size]
     elif per_byte == 1:
@@ -278,7 +277,7 @@ def _dequantize_numpy(
         whole = size // per_byte
         bits = 8 // per_byte
         lanes = o[: whole * per_byte].reshape(-1, per_byte)
-        lane = _np_scratch("dense-lane", whole, np.uint8)
+        lane = np_scratch("dense-lane", whole, np.uint8, _CHUNK)
         codes = src[first : first + whole]
         for j in range(per_byte):
             np.right_shift(codes, j * bits, out=lane)
@@ -307,18 +306,3 @@ def _dequantize_numpy(
         if zp_np is not None:
             np.subtract(short, zp_np[r0 + whole], out=short)
         np.multiply(short, scale_np[r0 + whole], out=short)
-
-
-_np_local = threading.local()
-
-
-def _np_scratch(slot: str, numel: int, dtype: type[np.generic]) -> npt.NDArray[Any]:
-    """A per-thread NumPy buffer of ``numel`` elements, reused across calls."""
-    buffers: dict[str, npt.NDArray[Any]] | None = getattr(_np_local, "buffers", None)
-    if buffers is None:
-        buffers = _np_local.buffers = {}
-    buf = buffers.get(slot)
-    if buf is None or buf.size < numel or buf.dtype != dtype:
-        buf = np.empty(max(numel, _CHUNK), dtype=dtype)
-        buffers[slot] = buf
-    return buf[:numel]

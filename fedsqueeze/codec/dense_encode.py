@@ -36,7 +36,6 @@ torch's 4 KiB pages here.
 from __future__ import annotations
 
 import math
-import threading
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -51,7 +50,7 @@ from torch import Tensor
 
 from fedsqueeze.codec import entropy
 from fedsqueeze.codec.blockwise import NF4_CODEBOOK
-from fedsqueeze.codec.chunks import run_chunks, submit
+from fedsqueeze.codec.chunks import np_scratch, run_chunks, submit
 from fedsqueeze.codec.kernels import Runs, nf4_tables
 from fedsqueeze.codec.quantization import QuantParams
 from fedsqueeze.codec.spec import QuantScheme, Rounding
@@ -353,33 +352,18 @@ def _nf4_codes(xs: F32, codes: U8, length: int, r0: int, rows: int, params: dict
 
 
 # ---------------------------------------------------------------------- scratch
-_local = threading.local()
-
-
-def _scratch(slot: str, numel: int, dtype: type[np.generic]) -> npt.NDArray[Any]:
-    """A per-thread NumPy buffer of ``numel`` elements, reused across calls (a chunk
-    function holds each slot once; no kernel calls another while holding one)."""
-    buffers: dict[str, npt.NDArray[Any]] | None = getattr(_local, "buffers", None)
-    if buffers is None:
-        buffers = _local.buffers = {}
-    buf = buffers.get(slot)
-    if buf is None or buf.size < numel or buf.dtype != dtype:
-        buf = np.empty(max(numel, _CHUNK), dtype=dtype)
-        buffers[slot] = buf
-    return buf[:numel]
-
-
+# Per-thread buffers (fedsqueeze.codec.chunks.np_scratch), typed for the kernels above.
 def _scratch_f32(slot: str, numel: int) -> F32:
-    return _scratch(slot, numel, np.float32)
+    return np_scratch(slot, numel, np.float32, _CHUNK)
 
 
 def _scratch_u8(slot: str, numel: int) -> U8:
-    return _scratch(slot, numel, np.uint8)
+    return np_scratch(slot, numel, np.uint8, _CHUNK)
 
 
 def _scratch_intp(slot: str, numel: int) -> npt.NDArray[np.intp]:
-    return _scratch(slot, numel, np.intp)
+    return np_scratch(slot, numel, np.intp, _CHUNK)
 
 
 def _scratch_bool(slot: str, numel: int) -> npt.NDArray[np.bool_]:
-    return _scratch(slot, numel, np.bool_)
+    return np_scratch(slot, numel, np.bool_, _CHUNK)

@@ -15,16 +15,13 @@ essentially never), we fall back to ``topk`` on everything.
 from __future__ import annotations
 
 import math
-import threading
 from collections.abc import Mapping
-from typing import Any
 
 import numpy as np
-import numpy.typing as npt
 import torch
 from torch import Tensor
 
-from fedsqueeze.codec.chunks import CPU_CHUNK, chunk_bounds, run_chunks, scratch
+from fedsqueeze.codec.chunks import CPU_CHUNK, chunk_bounds, np_scratch, run_chunks, scratch
 
 __all__ = [
     "channel_mask",
@@ -294,8 +291,8 @@ def _indices_sampled(flat: Tensor, prune: int) -> tuple[Tensor, Tensor | None] |
         # abs, comparison and gathers cost 2-3x the CPU time in the workers here).
         piece = values_np[start:stop]
         size = stop - start
-        mags = _np_scratch("mags", size, np.float32)
-        mask = _np_scratch("mask", size, np.bool_)
+        mags = np_scratch("mags", size, np.float32)
+        mask = np_scratch("mask", size, np.bool_)
         np.abs(piece, out=mags)
         np.greater_equal(mags, lo32, out=mask)
         ge = np.flatnonzero(mask)
@@ -355,21 +352,6 @@ def _indices_sampled(flat: Tensor, prune: int) -> tuple[Tensor, Tensor | None] |
     survive = torch.ones(keep.numel(), dtype=torch.bool, device=keep.device)
     survive[dropped] = False
     return keep[survive], None
-
-
-_np_local = threading.local()
-
-
-def _np_scratch(slot: str, numel: int, dtype: type[np.generic]) -> npt.NDArray[Any]:
-    """A per-thread NumPy buffer of ``numel`` elements, reused across calls."""
-    buffers: dict[str, npt.NDArray[Any]] | None = getattr(_np_local, "buffers", None)
-    if buffers is None:
-        buffers = _np_local.buffers = {}
-    buf = buffers.get(slot)
-    if buf is None or buf.size < numel or buf.dtype != dtype:
-        buf = np.empty(max(numel, _CHUNK), dtype=dtype)
-        buffers[slot] = buf
-    return buf[:numel]
 
 
 def _nonzero(mask: Tensor) -> Tensor:

@@ -178,6 +178,24 @@ class InMemoryModelSource:
         with self._lock:
             return self._versions.get(digest)
 
+    def _held(
+        self, target: str, base: str | None
+    ) -> tuple[Mapping[str, torch.Tensor], Mapping[str, torch.Tensor] | None]:
+        """The target's state and the base's (``None`` without a base).
+
+        Raises
+        ------
+        NotFoundError
+            Either is no longer held.
+        """
+        state = self.get(target)
+        if state is None:
+            raise NotFoundError(f"model {target[:16]}… is no longer held")
+        base_state = self.get(base) if base is not None else None
+        if base is not None and base_state is None:
+            raise NotFoundError(f"base {base[:16]}… is no longer held")
+        return state, base_state
+
     def encode(
         self,
         target: str,
@@ -188,12 +206,7 @@ class InMemoryModelSource:
         leave_out: frozenset[str] = frozenset(),
     ) -> EncodedModel:
         """See :meth:`ModelSource.encode`; ``byte_budget`` is not used to pick a spec."""
-        state = self.get(target)
-        if state is None:
-            raise NotFoundError(f"model {target[:16]}… is no longer held")
-        base_state = self.get(base) if base is not None else None
-        if base is not None and base_state is None:
-            raise NotFoundError(f"base {base[:16]}… is no longer held")
+        state, base_state = self._held(target, base)
         return encode_state(
             without(state, leave_out),
             spec,
@@ -214,12 +227,7 @@ class InMemoryModelSource:
     ) -> EncodedPlan:
         """:meth:`encode`, tensor by tensor, each record body into ``store`` as it is
         made (:func:`~fedsqueeze.codec.stream_encode.encode_stream`: the same bytes)."""
-        state = self.get(target)
-        if state is None:
-            raise NotFoundError(f"model {target[:16]}… is no longer held")
-        base_state = self.get(base) if base is not None else None
-        if base is not None and base_state is None:
-            raise NotFoundError(f"base {base[:16]}… is no longer held")
+        state, base_state = self._held(target, base)
         return encode_stream(
             without(state, leave_out),
             spec,
