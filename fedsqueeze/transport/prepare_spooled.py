@@ -43,7 +43,13 @@ from fedsqueeze.transport.spool import (
     plan_segments,
 )
 
-__all__ = ["SpooledEncoding", "SpoolingSource", "decoded_digest", "spool_encoding"]
+__all__ = [
+    "SpooledEncoding",
+    "SpoolingSource",
+    "decode_spooled_to_file",
+    "decoded_digest",
+    "spool_encoding",
+]
 
 #: Format versions :func:`~fedsqueeze.codec.streaming.decode_into` reads part by part.
 _PART_BY_PART = (1, BLOCKWISE_VERSION, GROUPED_VERSION, ANS_VERSION)
@@ -124,6 +130,53 @@ def decoded_digest(
     OSError
         The scratch file cannot be made.
     """
+    state = _lazy(spooled, base, base_digest, held, scratch_dir)
+    try:
+        return state_digest(state)
+    finally:
+        del state
+
+
+def decode_spooled_to_file(
+    spooled: SpooledEncoding,
+    base: Mapping[str, torch.Tensor] | None,
+    base_digest: bytes | None,
+    held: Mapping[str, torch.Tensor],
+    output: Path,
+) -> None:
+    """Write the model a client decodes from ``spooled`` (with ``base`` for a delta)
+    plus the ``held`` parts to the safetensors file ``output``, record by record into
+    the mapped file (nothing of the model held in memory).
+
+    Raises
+    ------
+    fedsqueeze.errors.CodecError
+        The stream does not decode.
+    OSError
+        The file cannot be written.
+    """
+    from fedsqueeze.codec.stream_decode import TensorSlot
+    from fedsqueeze.modelfile import _write_safetensors
+
+    state = _lazy(spooled, base, base_digest, held, None)
+    slots = tuple(TensorSlot(name, *state.slot(name)) for name in state)
+
+    def fill(target: dict[str, torch.Tensor]) -> None:
+        for name, out in target.items():
+            state.decode_to(name, out)
+
+    _write_safetensors(output, slots, fill)
+
+
+def _lazy(
+    spooled: SpooledEncoding,
+    base: Mapping[str, torch.Tensor] | None,
+    base_digest: bytes | None,
+    held: Mapping[str, torch.Tensor],
+    scratch_dir: Path | None,
+) -> _DecodedLazily:
+    """The decoded model as a lazy mapping (with a scratch file in ``scratch_dir`` for
+    its lookups; ``None``: none, only :meth:`_DecodedLazily.decode_to` is used)."""
     header = spooled.plan.header
     delta_base = base if header.base_digest is not None else None
     decoder = TensorDecoder(delta_base, None)
@@ -134,24 +187,22 @@ def decoded_digest(
     kept: dict[str, torch.Tensor] = {}
     if delta_base is not None and header.spec.freeze:
         kept = {n: t for n, t in delta_base.items() if n not in slots and header.spec.is_frozen(n)}
-    largest = max((_nbytes(d, s) for _i, d, s in slots.values()), default=0)
-    fd, name = tempfile.mkstemp(prefix="fsq-digest-", suffix=".tmp", dir=scratch_dir)
-    try:
-        try:  # reserved now: a full disk fails here, not as a bus error on a write
-            os.posix_fallocate(fd, 0, max(1, largest))
-        except OSError:
-            os.ftruncate(fd, max(1, largest))
-    finally:
-        os.close(fd)
-    try:
-        scratch = torch.from_file(name, shared=True, size=max(1, largest), dtype=torch.uint8)
-    finally:
-        os.unlink(name)  # the mapping keeps it until freed
-    state = _DecodedLazily(spooled, slots, kept, dict(held), delta_base, base_digest, scratch)
-    try:
-        return state_digest(state)
-    finally:
-        del state, scratch
+    scratch = torch.empty(0, dtype=torch.uint8)
+    if scratch_dir is not None:
+        largest = max((_nbytes(d, s) for _i, d, s in slots.values()), default=0)
+        fd, name = tempfile.mkstemp(prefix="fsq-digest-", suffix=".tmp", dir=scratch_dir)
+        try:
+            try:  # reserved now: a full disk fails here, not as a bus error on a write
+                os.posix_fallocate(fd, 0, max(1, largest))
+            except OSError:
+                os.ftruncate(fd, max(1, largest))
+        finally:
+            os.close(fd)
+        try:
+            scratch = torch.from_file(name, shared=True, size=max(1, largest), dtype=torch.uint8)
+        finally:
+            os.unlink(name)  # the mapping keeps it until freed
+    return _DecodedLazily(spooled, slots, kept, dict(held), delta_base, base_digest, scratch)
 
 
 def _nbytes(dtype: torch.dtype, shape: tuple[int, ...]) -> int:
@@ -199,18 +250,34 @@ class _DecodedLazily(Mapping[str, torch.Tensor]):
     def __iter__(self) -> Iterator[str]:
         return iter(self._names)
 
+    def slot(self, name: str) -> tuple[torch.dtype, tuple[int, ...]]:
+        """The dtype and shape of tensor ``name``."""
+        if name in self._fixed:
+            t = self._fixed[name]
+            return t.dtype, tuple(t.shape)
+        _index, dtype, shape = self._slots[name]
+        return dtype, shape
+
     def __getitem__(self, name: str) -> torch.Tensor:
         if name in self._fixed:
             return self._fixed[name]
-        index, dtype, shape = self._slots[name]
+        _index, dtype, shape = self._slots[name]
         out = self._scratch[: _nbytes(dtype, shape)].view(dtype).reshape(shape)
+        self.decode_to(name, out)
+        return out
+
+    def decode_to(self, name: str, out: torch.Tensor) -> None:
+        """Write tensor ``name`` into ``out`` (contiguous, of its dtype and shape)."""
+        if name in self._fixed:
+            out.copy_(self._fixed[name])
+            return
+        index, dtype, shape = self._slots[name]
         base = self._base
         if base is not None and name in base:
             b = base[name]
             if b.dtype == dtype and tuple(b.shape) == shape:
                 out.copy_(b)  # a delta's record applies to the base's value
         self._decode(index, name, out)
-        return out
 
     def _decode(self, index: int, name: str, out: torch.Tensor) -> None:
         """Decode record ``index`` into ``out``: as a one-record stream, part by part
