@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from edge.dataplane import GrpcConnector
+from edge.dataplane import Fetched, GrpcConnector
 from fedsqueeze.codec import state_digest
 from fedsqueeze.control import RoundInstruction
 from fedsqueeze.errors import IntegrityError
@@ -114,13 +114,15 @@ def _equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
     return set(a) == set(b) and all(a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in a)
 
 
-@pytest.mark.parametrize("spec", ["int8", "lossless", "quant=4:nf4:block64", "quant=8:channel,levels=2+2+4"])
+@pytest.mark.parametrize(
+    "spec", ["int8", "lossless", "quant=4:nf4:block64", "quant=8:channel,levels=2+2+4"]
+)
 def test_bounded_fetches_equal_the_in_memory_path(serve, tmp_path, spec):
     source, server = serve
     first = source.publish(_model(0))
     second = source.publish(_next(_model(0), 1))
     bounded, memory = _bounded(tmp_path / "edge"), GrpcConnector(spool=NEVER)
-    got: dict[str, list] = {"bounded": [], "memory": []}
+    got: dict[str, list[Fetched]] = {"bounded": [], "memory": []}
     for name, plane in (("bounded", bounded), ("memory", memory)):
         held, digest = None, None
         for target in (first, second):
