@@ -30,16 +30,18 @@ from fedsqueeze.codec.container import (
     BLOCKWISE_VERSION,
     GROUPED_VERSION,
     ContainerHeader,
+    TensorRecord,
 )
 from fedsqueeze.codec.stream_encode import EncodedPlan, RecordStore, StoredRecord
 from fedsqueeze.codec.streaming import decode_into
-from fedsqueeze.codec.tensor_decode import TensorDecoder
+from fedsqueeze.codec.tensor_decode import ProgressiveTensor, TensorDecoder
 from fedsqueeze.errors import FormatError
 from fedsqueeze.transport.spool import (
     PlannedSegment,
     SpooledStream,
     SpoolFile,
     StreamPiece,
+    plan_progressive,
     plan_segments,
 )
 
@@ -89,6 +91,14 @@ class SpooledEncoding:
     plan: EncodedPlan
     stream: SpooledStream
     segments: tuple[PlannedSegment, ...]
+    smallest_prefix: int = 0
+    """For a progressive encoding, the bytes of its smallest decodable prefix (0: not
+    progressive)."""
+
+    @property
+    def progressive(self) -> bool:
+        """Whether any tensor is sent in levels."""
+        return any(stored.record.progressive for stored in self.plan.records)
 
     def payload(self, index: int) -> bytes:
         """The bytes of segment ``index``."""
@@ -96,11 +106,23 @@ class SpooledEncoding:
         return self.stream.read(seg.start, seg.end)
 
 
-def spool_encoding(plan: EncodedPlan, file: SpoolFile, segment_bytes: int) -> SpooledEncoding:
-    """Lay out the stream of ``plan`` (bodies in ``file``) and cut it into segments."""
+def spool_encoding(
+    plan: EncodedPlan,
+    file: SpoolFile,
+    segment_bytes: int,
+    *,
+    progressive_segments: int = 8,
+    min_progressive_bytes: int = 256,
+) -> SpooledEncoding:
+    """Lay out the stream of ``plan`` (bodies in ``file``) and cut it into segments.
+
+    A progressive stream is cut as the in-memory path cuts it
+    (:func:`~fedsqueeze.codec.segments.split_progressive` with a target of a
+    ``progressive_segments``-th of the encoding, at least ``min_progressive_bytes``).
+    """
     head = plan.header.to_bytes()
     pieces = [StreamPiece(head, 0, len(head))]
-    lengths: list[tuple[str | None, int]] = [(None, len(head))]
+    lengths: list[tuple[str | None, int, int]] = [(None, 0, len(head))]
     for stored in plan.records:
         # split_segments names a segment's tensors by the records' names (none for an
         # index-coded record of a delta): the same here, for the same descriptors.
@@ -108,9 +130,21 @@ def spool_encoding(plan: EncodedPlan, file: SpoolFile, segment_bytes: int) -> Sp
         record_head = stored.header_bytes()
         pieces.append(StreamPiece(record_head, 0, len(record_head)))
         pieces.append(StreamPiece(None, stored.token, stored.body_length))
-        lengths.append((name, len(record_head) + stored.body_length))
+        lengths.append((name, stored.record.level, len(record_head) + stored.body_length))
     stream = SpooledStream(pieces, file)
-    return SpooledEncoding(plan, stream, tuple(plan_segments(lengths, segment_bytes)))
+    if not any(stored.record.progressive for stored in plan.records):
+        cuts = plan_segments([(n, length) for n, _level, length in lengths], segment_bytes)
+        return SpooledEncoding(plan, stream, tuple(cuts))
+    # EncodedModel.nbytes, as the in-memory path sizes it: the stream and its checksum
+    target = max(min_progressive_bytes, (stream.nbytes + 4) // progressive_segments)
+    cuts = plan_progressive(lengths, min(target, segment_bytes), segment_bytes)
+    smallest = len(head)
+    if plan.header.base_digest is None:  # a full model: every base level first
+        for _name, level, length in lengths[1:]:
+            if level > 0:
+                break
+            smallest += length
+    return SpooledEncoding(plan, stream, tuple(cuts), smallest)
 
 
 def decoded_digest(
@@ -181,9 +215,20 @@ def _lazy(
     delta_base = base if header.base_digest is not None else None
     decoder = TensorDecoder(delta_base, None)
     slots: dict[str, tuple[int, torch.dtype, tuple[int, ...]]] = {}
+    bases: list[int] = []  # record index of each base-level record
+    refinements: dict[int, list[int]] = {}  # by the position of the base-level record
     for i, stored in enumerate(spooled.plan.records):
+        if stored.record.level > 0:
+            at = stored.record.index if stored.record.index is not None else -1
+            refinements.setdefault(at, []).append(i)
+            continue
         name, dtype, shape = decoder.resolve(stored.record)
         slots[name] = (i, dtype, shape)
+        bases.append(i)
+    for at in refinements:
+        if not 0 <= at < len(bases) or not spooled.plan.records[bases[at]].record.progressive:
+            raise FormatError(f"a refinement of base-level record #{at}, not a progressive one")
+    refined = {bases[at]: records for at, records in refinements.items()}
     kept: dict[str, torch.Tensor] = {}
     if delta_base is not None and header.spec.freeze:
         kept = {n: t for n, t in delta_base.items() if n not in slots and header.spec.is_frozen(n)}
@@ -202,7 +247,9 @@ def _lazy(
             scratch = torch.from_file(name, shared=True, size=max(1, largest), dtype=torch.uint8)
         finally:
             os.unlink(name)  # the mapping keeps it until freed
-    return _DecodedLazily(spooled, slots, kept, dict(held), delta_base, base_digest, scratch)
+    state = _DecodedLazily(spooled, slots, kept, dict(held), delta_base, base_digest, scratch)
+    state.refined = refined
+    return state
 
 
 def _nbytes(dtype: torch.dtype, shape: tuple[int, ...]) -> int:
@@ -243,6 +290,8 @@ class _DecodedLazily(Mapping[str, torch.Tensor]):
         self._base_digest = base_digest
         self._scratch = scratch
         self._names = list({**slots, **self._fixed})
+        #: Record indices of each progressive tensor's refinements, by its base record.
+        self.refined: dict[int, list[int]] = {}
 
     def __len__(self) -> int:
         return len(self._names)
@@ -285,6 +334,16 @@ class _DecodedLazily(Mapping[str, torch.Tensor]):
         header: ContainerHeader = self._spooled.plan.header
         stored: StoredRecord = self._spooled.plan.records[index]
         base = self._base
+        if stored.record.progressive:
+            # One tensor's levels: its base level, refined by each later record of it.
+            decoder = TensorDecoder(base, None)
+            value = decoder.decode(self._with_body(index))[1]
+            if not isinstance(value, ProgressiveTensor):
+                raise FormatError("a progressive record that decodes to a plain tensor")
+            for refinement in self.refined.get(index, []):
+                value.refine(self._with_body(refinement))
+            out.copy_(value.tensor())
+            return
         if header.version in _PART_BY_PART:
             one = replace(header, record_count=1, base_records=1).to_bytes()
             body_start = self._body_start(index)
@@ -306,6 +365,13 @@ class _DecodedLazily(Mapping[str, torch.Tensor]):
         if not isinstance(value, torch.Tensor):
             raise FormatError("a progressive record in a whole-model stream")
         out.copy_(value)
+
+    def _with_body(self, index: int) -> TensorRecord:
+        """Record ``index`` with its body read from the spool file."""
+        stored = self._spooled.plan.records[index]
+        start = self._body_start(index)
+        body = self._spooled.stream.read(start, start + stored.body_length)
+        return replace(stored.record, body=body)
 
     def _body_start(self, index: int) -> int:
         """Where record ``index``'s body starts in the stream."""

@@ -115,7 +115,8 @@ def _equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
 
 
 @pytest.mark.parametrize(
-    "spec", ["int8", "lossless", "quant=4:nf4:block64", "quant=8:channel,levels=2+2+4"]
+    "spec",
+    ["int8", "lossless", "quant=4:nf4:block64", "quant=8:channel,levels=2+2+4", "int8,freeze=b.*"],
 )
 def test_bounded_fetches_equal_the_in_memory_path(serve, tmp_path, spec):
     source, server = serve
