@@ -153,11 +153,15 @@ def measure_edge(
     folder: Path,
     *,
     threshold: int = 256 << 20,
+    edge_threshold: int | None = None,
     timeout: float = 7200,
 ) -> dict[str, Any]:
     """Serve ``model`` from the coordinator's data plane and fetch it (then its next
     version as a delta) with the edge's connector, each in a measured process; spool
     files in ``folder``. Returns both reports with their extra memory.
+
+    ``threshold`` is both sides' spool threshold, unless ``edge_threshold`` gives the
+    edge's (a value above the model's size measures the edge's in-memory path).
 
     Raises
     ------
@@ -201,7 +205,7 @@ def measure_edge(
                 "--spec",
                 spec,
                 "--threshold",
-                str(threshold),
+                str(threshold if edge_threshold is None else edge_threshold),
             ],
             timeout=timeout,
         )

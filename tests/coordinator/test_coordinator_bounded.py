@@ -68,7 +68,7 @@ def _run(root: Path, spool: SpoolPolicy, spec: str) -> tuple[list[str], list[int
     return digests, down, folder
 
 
-@pytest.mark.parametrize("spec", ["int8", "lossless"])
+@pytest.mark.parametrize("spec", ["int8", "lossless", "quant=8:channel,levels=2+2+4"])
 def test_spooled_coordinator_serves_what_the_in_memory_one_does(tmp_path, spec):
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
