@@ -247,9 +247,9 @@ def _lazy(
             scratch = torch.from_file(name, shared=True, size=max(1, largest), dtype=torch.uint8)
         finally:
             os.unlink(name)  # the mapping keeps it until freed
-    state = _DecodedLazily(spooled, slots, kept, dict(held), delta_base, base_digest, scratch)
-    state.refined = refined
-    return state
+    return _DecodedLazily(
+        spooled, slots, refined, kept, dict(held), delta_base, base_digest, scratch
+    )
 
 
 def _nbytes(dtype: torch.dtype, shape: tuple[int, ...]) -> int:
@@ -268,6 +268,7 @@ class _DecodedLazily(Mapping[str, torch.Tensor]):
         self,
         spooled: SpooledEncoding,
         slots: dict[str, tuple[int, torch.dtype, tuple[int, ...]]],
+        refined: dict[int, list[int]],
         kept: dict[str, torch.Tensor],
         held: dict[str, torch.Tensor],
         base: Mapping[str, torch.Tensor] | None,
@@ -290,8 +291,8 @@ class _DecodedLazily(Mapping[str, torch.Tensor]):
         self._base_digest = base_digest
         self._scratch = scratch
         self._names = list({**slots, **self._fixed})
-        #: Record indices of each progressive tensor's refinements, by its base record.
-        self.refined: dict[int, list[int]] = {}
+        # record indices of each progressive tensor's refinements, by its base record's
+        self._refined = refined
 
     def __len__(self) -> int:
         return len(self._names)
@@ -340,7 +341,7 @@ class _DecodedLazily(Mapping[str, torch.Tensor]):
             value = decoder.decode(self._with_body(index))[1]
             if not isinstance(value, ProgressiveTensor):
                 raise FormatError("a progressive record that decodes to a plain tensor")
-            for refinement in self.refined.get(index, []):
+            for refinement in self._refined.get(index, []):
                 value.refine(self._with_body(refinement))
             out.copy_(value.tensor())
             return

@@ -12,6 +12,7 @@ subprocess whose anonymous memory is polled (:mod:`fedsqueeze.bench.memprobe`).
 from __future__ import annotations
 
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,7 +22,7 @@ import torch
 from edge.dataplane import Fetched, GrpcConnector
 from fedsqueeze.codec import state_digest
 from fedsqueeze.control import RoundInstruction
-from fedsqueeze.errors import IntegrityError
+from fedsqueeze.errors import IntegrityError, UnavailableError
 from fedsqueeze.transport import (
     FaultInjector,
     InMemoryModelSource,
@@ -219,6 +220,40 @@ def test_a_dropped_stream_resumes_without_resending_held_segments(serve, faults,
     # Each resume costs a request and framing, never a segment again (256 KiB each).
     assert clean.bytes_down <= cut.bytes_down < clean.bytes_down + 16 * 1024
     assert _equal(cut.state, clean.state)
+
+
+def test_a_fetch_that_fails_keeps_its_segments_for_the_next_one(tmp_path, faults):
+    """The server goes away mid-fetch and stays away past the client's retries: the next
+    fetch of the same target (a restarted server) gets only the segments not held."""
+    source = InMemoryModelSource(keep=4)
+    target = source.publish(_model(0))
+    (tmp_path / "s1").mkdir()
+    (tmp_path / "s2").mkdir()
+    one = _Server(source, tmp_path / "s1", faults)
+    faults.pause_streams_after(4)
+
+    def stop_when_paused() -> None:
+        faults.paused.wait(30)
+        one.server.stop(grace=0)
+
+    stopper = threading.Thread(target=stop_when_paused, daemon=True)
+    stopper.start()
+    plane = _bounded(tmp_path / "edge")
+    with pytest.raises(UnavailableError):
+        plane.fetch(one.instruction(target, "lossless"), EDGE, None, None)
+    stopper.join(timeout=30)
+    two = _Server(source, tmp_path / "s2", None)
+    try:
+        resumed = plane.fetch(two.instruction(target, "lossless"), EDGE, None, None)
+        clean = _bounded(tmp_path / "other").fetch(
+            two.instruction(target, "lossless"), EDGE, None, None
+        )
+    finally:
+        two.server.stop(grace=0)
+    assert resumed.spooled and resumed.digest == clean.digest == target
+    assert _equal(resumed.state, clean.state)
+    # at least three of the four 256 KiB segments held were not sent again
+    assert resumed.bytes_down < clean.bytes_down - 3 * 256 * 1024
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
