@@ -36,6 +36,7 @@ from fedsqueeze.control import RoundInstruction
 from fedsqueeze.errors import FedsqueezeError, TransportError, UnavailableError
 from fedsqueeze.transport.client import TransferClient
 from fedsqueeze.transport.fetch import FetchState
+from fedsqueeze.transport.retry import RetryPolicy
 from fedsqueeze.transport.shaping import LinkShaper
 from fedsqueeze.transport.spool import SpoolPolicy
 from fedsqueeze.transport.tls import ClientTls
@@ -142,6 +143,10 @@ class GrpcConnector:
     spool
         When and where a large model is kept on disk and decoded part by part (``None``:
         ``SpoolPolicy()``, models of 256 MiB and more, in the system's temporary folder).
+    retry
+        Deadlines and retries of each fetch and push (``None``: ``RetryPolicy()``, a
+        minute per operation; a large model's first fetch waits for the server to
+        encode it, minutes for a billion parameters).
     """
 
     def __init__(
@@ -151,6 +156,7 @@ class GrpcConnector:
         link: LinkFactory | None = None,
         held_versions: int = 3,
         spool: SpoolPolicy | None = None,
+        retry: RetryPolicy | None = None,
     ) -> None:
         if held_versions < 0:
             raise ValueError("held_versions must be >= 0")
@@ -159,6 +165,7 @@ class GrpcConnector:
         self.link = link
         self.held_versions = held_versions
         self.spool = spool if spool is not None else SpoolPolicy()
+        self.retry = retry
         self._streams: dict[str, _Stream] = {}
         self._parts: dict[str, PartStore] = {}
 
@@ -168,7 +175,12 @@ class GrpcConnector:
         if instruction.tls:
             tls = ClientTls.from_files(self.root_ca) if self.root_ca else ClientTls()
             return TransferClient(
-                instruction.address, edge_id=edge_id, token=instruction.token, tls=tls, link=link
+                instruction.address,
+                edge_id=edge_id,
+                token=instruction.token,
+                tls=tls,
+                link=link,
+                retry=self.retry,
             )
         return TransferClient(
             instruction.address,
@@ -176,6 +188,7 @@ class GrpcConnector:
             token=instruction.token,
             plaintext=True,
             link=link,
+            retry=self.retry,
         )
 
     def fetch(

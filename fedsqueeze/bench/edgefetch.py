@@ -94,13 +94,16 @@ def _edge(args: argparse.Namespace) -> int:
     from fedsqueeze.bench.memprobe import anon_bytes
     from fedsqueeze.control import RoundInstruction
     from fedsqueeze.modelfile import return_freed_memory
+    from fedsqueeze.transport.retry import RetryPolicy
     from fedsqueeze.transport.spool import SpoolPolicy
 
     torch.empty(1).clone()
     return_freed_memory()
     baseline = anon_bytes()
     info = json.loads(args.ready.read_text())
-    plane = GrpcConnector(spool=SpoolPolicy(threshold_bytes=args.threshold, directory=args.spool))
+    patient = RetryPolicy(deadline_s=7200.0)  # the server encodes 1B parameters for minutes
+    policy = SpoolPolicy(threshold_bytes=args.threshold, directory=args.spool)
+    plane = GrpcConnector(spool=policy, retry=patient)
     held, digest = None, None
     rows = []
     for target in (info["first"], info["second"]):
