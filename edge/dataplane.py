@@ -21,6 +21,7 @@ wire, the same receipts).
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -33,7 +34,7 @@ from edge.part_store import PartStore
 from fedsqueeze.codec import EncodedModel
 from fedsqueeze.codec.spec_text import parse_spec
 from fedsqueeze.control import RoundInstruction
-from fedsqueeze.errors import FedsqueezeError, TransportError, UnavailableError
+from fedsqueeze.errors import ConfigError, FedsqueezeError, TransportError, UnavailableError
 from fedsqueeze.transport.client import TransferClient
 from fedsqueeze.transport.fetch import FetchState
 from fedsqueeze.transport.retry import RetryPolicy
@@ -42,6 +43,8 @@ from fedsqueeze.transport.spool import SpoolPolicy
 from fedsqueeze.transport.tls import ClientTls
 
 State = dict[str, torch.Tensor]
+
+log = logging.getLogger(__name__)
 
 #: Environment variable naming the PEM CA file that signs the data plane's certificate.
 CA_ENV = "FEDSQUEEZE_DATA_PLANE_CA"
@@ -207,7 +210,7 @@ class GrpcConnector:
             held_digest, held = last.base_digest, last.base
             state = last.held
         else:
-            state = FetchState(spool=self.spool)
+            state = self._new_state()
         if self.held_versions == 0:
             parts = None
         elif parts is None:
@@ -251,6 +254,15 @@ class GrpcConnector:
             prefix.levels if prefix is not None else (),
             result.spooled,
         )
+
+    def _new_state(self) -> FetchState:
+        """A fetch state that spools large models; in memory when the spool folder
+        cannot take files (small models then fetch as always, large ones unbounded)."""
+        try:
+            return FetchState(spool=self.spool)
+        except ConfigError as exc:
+            log.warning("%s: large models will be fetched in memory", exc)
+            return FetchState()
 
     def _part_store(self, edge_id: str) -> PartStore | None:
         if self.held_versions == 0:

@@ -222,6 +222,16 @@ def test_a_dropped_stream_resumes_without_resending_held_segments(serve, faults,
     assert _equal(cut.state, clean.state)
 
 
+def test_a_spool_folder_that_cannot_take_files_falls_back_to_memory(serve, tmp_path):
+    source, server = serve
+    target = source.publish(_model(0))
+    missing = SpoolPolicy(threshold_bytes=MIB, directory=tmp_path / "missing")
+    fetched = GrpcConnector(spool=missing).fetch(
+        server.instruction(target, "lossless"), EDGE, None, None
+    )
+    assert not fetched.spooled and fetched.digest == target
+
+
 def test_a_fetch_that_fails_keeps_its_segments_for_the_next_one(tmp_path, faults):
     """The server goes away mid-fetch and stays away past the client's retries: the next
     fetch of the same target (a restarted server) gets only the segments not held."""
