@@ -368,13 +368,13 @@ def main(args: argparse.Namespace) -> int:
         specs = {label: DEFAULT_SPECS.get(label, label) for label in args.specs}
     for text in specs.values():
         parse_spec(text)  # a bad spec fails before any model is written
-    folder = Path(tempfile.mkdtemp(prefix="fsq-bigmodel-", dir=args.dir))
     dataplane = getattr(args, "dataplane", False)
     if not dataplane and getattr(args, "spool_dir", None) is not None:
         raise SystemExit("--spool-dir goes with --dataplane")
     via_edge = getattr(args, "via_edge", False)
     if via_edge and not dataplane:
         raise SystemExit("--via-edge goes with --dataplane")
+    folder = Path(tempfile.mkdtemp(prefix="fsq-bigmodel-", dir=args.dir))
     try:
         load = os.getloadavg()
         if dataplane:
