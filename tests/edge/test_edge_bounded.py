@@ -266,6 +266,7 @@ def test_a_fetch_that_fails_keeps_its_segments_for_the_next_one(tmp_path, faults
     assert resumed.bytes_down < clean.bytes_down - 3 * 256 * 1024
 
 
+@pytest.mark.timeout(300)  # 18 s on the idle machine, 47 s beside a 1B benchmark
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 def test_edge_fetch_of_a_large_model_stays_within_a_tenth_of_it(tmp_path):
     """The edge's own fetch (``GrpcConnector.fetch``) of a 160 MB model from the
@@ -282,7 +283,7 @@ def test_edge_fetch_of_a_large_model_stays_within_a_tenth_of_it(tmp_path):
 
     model = tmp_path / "model.safetensors"
     raw = 4 * write_model(model, model_shapes(40_000_000, 8))
-    got = measure_edge(model, "int8", tmp_path / "run", threshold=64 * MIB, timeout=110)
+    got = measure_edge(model, "int8", tmp_path / "run", threshold=64 * MIB, timeout=280)
     edge, coordinator = got["edge"], got["coordinator"]
     assert edge["spooled"] == [True, True] and coordinator["spooled"]
     bound = 0.10 * raw + 16 * MIB
