@@ -14,6 +14,7 @@ from fedsqueeze.codec.spec_text import parse_spec
 from fedsqueeze.control import ModelTrack, RoundInstruction
 from fedsqueeze.errors import NotFoundError
 from fedsqueeze.transport.server import ServerConfig, TransferServer
+from fedsqueeze.transport.spool import SpoolPolicy
 from fedsqueeze.transport.tls import ServerTls
 from fedsqueeze.transport.updates import UpdateStore
 
@@ -52,6 +53,10 @@ class CoordinatorDataPlane:
     tls_cert, tls_key
         PEM files for TLS; without them the server is plaintext, which is allowed on
         loopback only.
+    spool
+        When and where a large model's encoding is kept on disk instead of in memory
+        (default ``SpoolPolicy()``: models of 256 MiB and more, in the system's temporary
+        folder; the server's spool folder is deleted by :meth:`close`).
     """
 
     def __init__(
@@ -63,6 +68,7 @@ class CoordinatorDataPlane:
         advertise: str = "",
         tls_cert: Path | None = None,
         tls_key: Path | None = None,
+        spool: SpoolPolicy | None = None,
     ) -> None:
         self.store = store
         self.updates = UpdateStore()
@@ -74,7 +80,7 @@ class CoordinatorDataPlane:
             self.source,
             self.updates,
             self.tokens,
-            config=ServerConfig(host=host, port=port),
+            config=ServerConfig(host=host, port=port, spool=spool or SpoolPolicy()),
             tls=tls,
             plaintext=tls is None,
         )
@@ -148,5 +154,5 @@ class CoordinatorDataPlane:
         return replace(instruction, payload=payload, payload_digest=decoded)
 
     def close(self) -> None:
-        """Stop the server."""
+        """Stop the server (its spool files are deleted)."""
         self.server.stop()

@@ -43,7 +43,7 @@ import torch
 
 from fedsqueeze.codec import CodecSpec, EncodedModel, decode_state, encode_state, state_digest
 from fedsqueeze.errors import CodecError, ConfigError, NotFoundError
-from fedsqueeze.statefile import write_atomic
+from fedsqueeze.statefile import atomic_path, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +52,9 @@ STATE_VERSION = 1
 #: Versions recorded per edge (the edge's part store keeps 3 by default).
 HELD_PER_EDGE = 3
 _LOSSLESS = CodecSpec(entropy_level=1)
+#: Versions of this many raw bytes and more are written tensor by tensor (the same
+#: bytes), not encoded whole in memory (the transfer server's spool threshold).
+STREAM_BYTES = 256 << 20
 
 
 @dataclass
@@ -83,10 +86,19 @@ class VersionStore:
     max_held
         How many versions edges hold (besides the one each holds now) may stay beyond
         ``keep`` (see the module's docstring).
+    stream_bytes
+        Versions of at least this many raw bytes are written tensor by tensor (bounded
+        memory, the same file), smaller ones encoded whole.
     """
 
     def __init__(
-        self, root: str | Path, keep: int = 4, cache_size: int = 4, *, max_held: int = 64
+        self,
+        root: str | Path,
+        keep: int = 4,
+        cache_size: int = 4,
+        *,
+        max_held: int = 64,
+        stream_bytes: int = STREAM_BYTES,
     ) -> None:
         if keep < 1:
             raise ValueError(f"keep must be >= 1, got {keep}")
@@ -95,6 +107,7 @@ class VersionStore:
         self.root = Path(root)
         self.keep = keep
         self.max_held = max_held
+        self.stream_bytes = stream_bytes
         self._lock = threading.RLock()
         self._cache: OrderedDict[str, dict[str, torch.Tensor]] = OrderedDict()
         self._cache_size = max(1, cache_size)
@@ -153,8 +166,7 @@ class VersionStore:
         with self._lock:
             path = self._path(digest)
             if not path.exists():
-                data = encode_state(dict(state), _LOSSLESS).to_bytes()
-                write_atomic(path, data)
+                _write_version(path, state, self.stream_bytes)
             if digest in self._state.versions:
                 self._state.versions.remove(digest)
             self._state.versions.append(digest)
@@ -320,3 +332,53 @@ class VersionStore:
         """A value stored with :meth:`set_meta`."""
         with self._lock:
             return self._state.meta.get(key, default)
+
+
+def _write_version(path: Path, state: Mapping[str, torch.Tensor], stream_bytes: int) -> None:
+    """Write ``state`` losslessly to ``path`` (atomically): a large one tensor by tensor,
+    its record bodies through an unlinked file beside it (the bytes of
+    ``encode_state(state, _LOSSLESS).to_bytes()``)."""
+    import os
+    import tempfile
+    import zlib
+
+    from fedsqueeze.codec.stream_encode import encode_stream
+
+    if sum(t.numel() * t.element_size() for t in state.values()) < stream_bytes:
+        write_atomic(path, encode_state(dict(state), _LOSSLESS).to_bytes())
+        return
+    with tempfile.TemporaryFile(dir=path.parent) as bodies:
+        fd = bodies.fileno()
+
+        class _Bodies:
+            end = 0
+
+            def put(self, body: bytes | memoryview) -> int:
+                offset = self.end
+                view = memoryview(body)
+                while view:
+                    written = os.pwrite(fd, view, self.end)
+                    self.end += written
+                    view = view[written:]
+                return offset
+
+        plan = encode_stream(state, _LOSSLESS, _Bodies())
+        with atomic_path(path) as tmp, tmp.open("wb") as fh:
+            head = plan.header.to_bytes()
+            fh.write(head)
+            crc = zlib.crc32(head)
+            for stored in plan.records:
+                head = stored.header_bytes()
+                fh.write(head)
+                crc = zlib.crc32(head, crc)
+                offset, end = stored.token, stored.token + stored.body_length
+                while offset < end:
+                    piece = os.pread(fd, min(8 << 20, end - offset), offset)
+                    if not piece:
+                        raise OSError(5, "a version's spooled bodies are shorter than written")
+                    fh.write(piece)
+                    crc = zlib.crc32(piece, crc)
+                    offset += len(piece)
+            fh.write((crc & 0xFFFFFFFF).to_bytes(4, "little"))
+            fh.flush()
+            os.fsync(fh.fileno())

@@ -7,11 +7,21 @@ upload traffic, responses as download traffic, whichever operation they belong t
 For experiments, a connector can put an emulated link on each of its connections (a
 :class:`~fedsqueeze.transport.shaping.LinkShaper`); the seconds the link really made the
 transfer wait are reported, so that a caller timing its local work can leave them out.
+
+A large model (the manifest's raw size at least the connector's
+:class:`~fedsqueeze.transport.spool.SpoolPolicy` threshold, 256 MiB by default) is
+fetched in bounded memory (:meth:`TransferClient.fetch_bounded
+<fedsqueeze.transport.client.TransferClient.fetch_bounded>`): its verified segments go to
+a file-backed mapping and it is decoded part by part into a file, returned as tensors
+mapped from it; the model the edge held is only read, so a failed fetch leaves it as it
+was. Smaller models are fetched and decoded in memory as before (the same bytes on the
+wire, the same receipts).
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -24,13 +34,17 @@ from edge.part_store import PartStore
 from fedsqueeze.codec import EncodedModel
 from fedsqueeze.codec.spec_text import parse_spec
 from fedsqueeze.control import RoundInstruction
-from fedsqueeze.errors import FedsqueezeError, IntegrityError, TransportError
+from fedsqueeze.errors import ConfigError, FedsqueezeError, TransportError, UnavailableError
 from fedsqueeze.transport.client import TransferClient
 from fedsqueeze.transport.fetch import FetchState
+from fedsqueeze.transport.retry import RetryPolicy
 from fedsqueeze.transport.shaping import LinkShaper
+from fedsqueeze.transport.spool import SpoolPolicy
 from fedsqueeze.transport.tls import ClientTls
 
 State = dict[str, torch.Tensor]
+
+log = logging.getLogger(__name__)
 
 #: Environment variable naming the PEM CA file that signs the data plane's certificate.
 CA_ENV = "FEDSQUEEZE_DATA_PLANE_CA"
@@ -56,6 +70,9 @@ class Fetched:
     link_wait_s: float = 0.0
     decoded_bytes: int = 0
     decoded_levels: tuple[int, ...] = ()
+    spooled: bool = False
+    """Whether the model was kept on disk and decoded part by part (``state`` is then
+    mapped, read-only, from an unlinked file)."""
 
 
 @dataclass
@@ -126,6 +143,13 @@ class GrpcConnector:
         (:class:`edge.cache.PartStore`), named in its fetches so that tensors they hold
         exactly do not travel again; 0: none (fetches name only their base, and a
         store passed to :meth:`fetch` is not used either).
+    spool
+        When and where a large model is kept on disk and decoded part by part (``None``:
+        ``SpoolPolicy()``, models of 256 MiB and more, in the system's temporary folder).
+    retry
+        Deadlines and retries of each fetch and push (``None``: ``RetryPolicy()``, a
+        minute per operation; a large model's first fetch waits for the server to
+        encode it, minutes for a billion parameters).
     """
 
     def __init__(
@@ -134,6 +158,8 @@ class GrpcConnector:
         *,
         link: LinkFactory | None = None,
         held_versions: int = 3,
+        spool: SpoolPolicy | None = None,
+        retry: RetryPolicy | None = None,
     ) -> None:
         if held_versions < 0:
             raise ValueError("held_versions must be >= 0")
@@ -141,6 +167,8 @@ class GrpcConnector:
         self.root_ca = root_ca or (Path(env) if env else None)
         self.link = link
         self.held_versions = held_versions
+        self.spool = spool if spool is not None else SpoolPolicy()
+        self.retry = retry
         self._streams: dict[str, _Stream] = {}
         self._parts: dict[str, PartStore] = {}
 
@@ -150,7 +178,12 @@ class GrpcConnector:
         if instruction.tls:
             tls = ClientTls.from_files(self.root_ca) if self.root_ca else ClientTls()
             return TransferClient(
-                instruction.address, edge_id=edge_id, token=instruction.token, tls=tls, link=link
+                instruction.address,
+                edge_id=edge_id,
+                token=instruction.token,
+                tls=tls,
+                link=link,
+                retry=self.retry,
             )
         return TransferClient(
             instruction.address,
@@ -158,6 +191,7 @@ class GrpcConnector:
             token=instruction.token,
             plaintext=True,
             link=link,
+            retry=self.retry,
         )
 
     def fetch(
@@ -176,31 +210,37 @@ class GrpcConnector:
             held_digest, held = last.base_digest, last.base
             state = last.held
         else:
-            state = FetchState()
+            state = self._new_state()
         if self.held_versions == 0:
             parts = None
         elif parts is None:
             parts = self._part_store(edge_id)
         if parts is not None and held is not None and held_digest:
             parts.add(bytes.fromhex(held_digest), held)
-        with (
-            self._failure_named("fetching the model", instruction),
-            self._client(instruction, edge_id, link) as client,
-        ):
-            result = client.fetch(
-                instruction.target,
-                spec=parse_spec(instruction.down_spec),
-                base=held,
-                base_digest=bytes.fromhex(held_digest) if held_digest else None,
-                byte_budget=instruction.down_budget or None,
-                state=state,
-                held=parts.held() if parts is not None else None,
-            )
-        if result.state is None:
-            raise IntegrityError("the fetch returned no model")
+        # Kept before the call: a disconnect that outlasts the retries leaves the
+        # verified segments for the next fetch of the same target.
+        stream = _Stream(instruction.target, held_digest, held, state)
+        try:
+            with (
+                self._failure_named("fetching the model", instruction),
+                self._client(instruction, edge_id, link) as client,
+            ):
+                result = client.fetch_bounded(
+                    instruction.target,
+                    spec=parse_spec(instruction.down_spec),
+                    base=held,
+                    base_digest=bytes.fromhex(held_digest) if held_digest else None,
+                    byte_budget=instruction.down_budget or None,
+                    state=state,
+                    held=parts.held() if parts is not None else None,
+                    spool=self.spool,
+                )
+        except UnavailableError:
+            self._streams[edge_id] = stream
+            raise
         if parts is not None:
             parts.add(result.digest, result.state)
-        self._streams[edge_id] = _Stream(instruction.target, held_digest, held, state)
+        self._streams[edge_id] = stream
         wire = result.stats.wire
         waited = link.waited_s if link is not None else 0.0
         prefix = result.prefix
@@ -212,7 +252,17 @@ class GrpcConnector:
             waited,
             prefix.used_bytes if prefix is not None else 0,
             prefix.levels if prefix is not None else (),
+            result.spooled,
         )
+
+    def _new_state(self) -> FetchState:
+        """A fetch state that spools large models; in memory when the spool folder
+        cannot take files (small models then fetch as always, large ones unbounded)."""
+        try:
+            return FetchState(spool=self.spool)
+        except ConfigError as exc:
+            log.warning("%s: large models will be fetched in memory", exc)
+            return FetchState()
 
     def _part_store(self, edge_id: str) -> PartStore | None:
         if self.held_versions == 0:

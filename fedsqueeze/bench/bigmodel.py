@@ -212,6 +212,51 @@ def run_dataplane(
     return rows
 
 
+def run_via_edge(
+    sizes: list[int], specs: dict[str, str], layers: int, folder: Path, spool: Path | None
+) -> list[dict[str, Any]]:
+    """Every spec at every size between the coordinator's and the edge's own code
+    (:mod:`fedsqueeze.bench.edgefetch`)."""
+    from rich.console import Console
+
+    from fedsqueeze.bench.edgefetch import measure_edge
+
+    console = Console(stderr=True)
+    rows: list[dict[str, Any]] = []
+    for params in sizes:
+        model = folder / f"model-{params}.safetensors"
+        shapes = model_shapes(params, layers)
+        console.print(f"writing a {params:,}-parameter model ({len(shapes)} tensors)…")
+        raw = 4 * write_model(model, shapes)
+        for label, text in specs.items():
+            console.print(f"{raw // 4:,} parameters · {label}: coordinator → edge…")
+            got = measure_edge(model, text, folder if spool is None else spool)
+            rows.append({"params": raw // 4, "spec": label, "spec_text": text, "raw_bytes": raw})
+            rows[-1].update(got)
+        model.unlink(missing_ok=True)
+    return rows
+
+
+def _edge_table(rows: list[dict[str, Any]]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    out = Table(title="coordinator → edge: peak anonymous memory beyond each baseline")
+    for col in ("params", "spec", "coordinator extra", "edge extra", "full s", "delta s"):
+        out.add_column(col, justify="left" if col == "spec" else "right")
+    for r in rows:
+        raw, c, e = r["raw_bytes"], r["coordinator"], r["edge"]
+        out.add_row(
+            f"{r['params'] / 1e6:,.0f}M",
+            r["spec"],
+            f"{100 * c['extra'] / raw:.1f}% ({c['extra'] / 1e6:,.0f} MB)",
+            f"{100 * e['extra'] / raw:.1f}% ({e['extra'] / 1e6:,.0f} MB)",
+            f"{e['seconds'][0]:.1f}",
+            f"{e['seconds'][1]:.1f}",
+        )
+    Console(width=160).print(out)
+
+
 def run(
     sizes: list[int], specs: dict[str, str], layers: int, folder: Path, workers: int | None
 ) -> list[dict[str, Any]]:
@@ -323,10 +368,13 @@ def main(args: argparse.Namespace) -> int:
         specs = {label: DEFAULT_SPECS.get(label, label) for label in args.specs}
     for text in specs.values():
         parse_spec(text)  # a bad spec fails before any model is written
-    folder = Path(tempfile.mkdtemp(prefix="fsq-bigmodel-", dir=args.dir))
     dataplane = getattr(args, "dataplane", False)
     if not dataplane and getattr(args, "spool_dir", None) is not None:
         raise SystemExit("--spool-dir goes with --dataplane")
+    via_edge = getattr(args, "via_edge", False)
+    if via_edge and not dataplane:
+        raise SystemExit("--via-edge goes with --dataplane")
+    folder = Path(tempfile.mkdtemp(prefix="fsq-bigmodel-", dir=args.dir))
     try:
         load = os.getloadavg()
         if dataplane:
@@ -334,7 +382,8 @@ def main(args: argparse.Namespace) -> int:
             if args.spool_dir is not None:
                 spool = Path(tempfile.mkdtemp(prefix="fsq-dataplane-", dir=args.spool_dir))
             try:
-                rows = run_dataplane(args.params, specs, args.layers, folder, spool)
+                run_rows = run_via_edge if via_edge else run_dataplane
+                rows = run_rows(args.params, specs, args.layers, folder, spool)
             finally:
                 if spool is not None:
                     shutil.rmtree(spool, ignore_errors=True)
@@ -342,7 +391,9 @@ def main(args: argparse.Namespace) -> int:
             rows = run(args.params, specs, args.layers, folder, args.workers)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
-    if dataplane:
+    if via_edge:
+        _edge_table(rows)
+    elif dataplane:
         from fedsqueeze.bench.bigfetch import table
 
         table(rows)

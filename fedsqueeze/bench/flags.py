@@ -129,6 +129,16 @@ def add_bigmodel_arguments(parser: argparse.ArgumentParser) -> None:
         "part); reports each process's peak memory beyond the mapped files",
     )
     parser.add_argument(
+        "--via-edge",
+        action="store_true",
+        help="with --dataplane: go through the coordinator's and the edge's own code "
+        "instead of the bare server and client: the coordinator's data plane over its "
+        "version store serves each model and its next version, the edge's connector "
+        "(what the fedsqueeze mod uses) fetches both (full, then a delta); reports each "
+        "process's peak memory beyond its baseline (the coordinator's after it loaded "
+        "its versions)",
+    )
+    parser.add_argument(
         "--spool-dir",
         type=Path,
         default=None,

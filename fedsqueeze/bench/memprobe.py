@@ -13,6 +13,10 @@ above.
 The child reports its own baseline (``RssAnon`` after its imports, when it starts the
 work) on its last stdout line as JSON: ``{"baseline_anon": bytes, ...}``; the extra
 memory is ``peak − baseline``.
+
+A child with a setup to leave out (a server loading the model it will serve) creates a
+``phase_file`` when the setup is done and takes its baseline then: the parent keeps the
+peak seen until then apart (:attr:`Measured.setup_peak`) and starts the peak again.
 """
 
 from __future__ import annotations
@@ -38,6 +42,9 @@ class Measured:
 
     Attributes
     ----------
+    setup_peak
+        With a ``phase_file``: the largest anonymous memory seen before it appeared
+        (``peak_anon`` is then the largest after).
     returncode
         The child's exit status.
     report
@@ -52,6 +59,7 @@ class Measured:
     report: dict[str, Any]
     peak_anon: int
     stderr: str
+    setup_peak: int = 0
 
     @property
     def extra(self) -> int:
@@ -75,12 +83,19 @@ def status_bytes(field: str) -> int:
     return 0
 
 
-def run_measured(argv: list[str], *, interval: float = 0.002, timeout: float = 3600) -> Measured:
-    """Run ``python argv...`` and poll its anonymous memory until it exits."""
+def run_measured(
+    argv: list[str],
+    *,
+    interval: float = 0.002,
+    timeout: float = 3600,
+    phase_file: str | os.PathLike[str] | None = None,
+) -> Measured:
+    """Run ``python argv...`` and poll its anonymous memory until it exits (the peak
+    restarts when ``phase_file`` appears: see the module's text)."""
     # files, not pipes: a child that writes much never blocks on a full pipe
     with tempfile.TemporaryFile("w+") as out_file, tempfile.TemporaryFile("w+") as err_file:
         proc = subprocess.Popen([sys.executable, *argv], stdout=out_file, stderr=err_file)
-        peak = _poll(proc, interval, timeout)
+        setup, peak = _poll(proc, interval, timeout, phase_file)
         out_file.seek(0)
         err_file.seek(0)
         out, err = out_file.read(), err_file.read()
@@ -88,16 +103,24 @@ def run_measured(argv: list[str], *, interval: float = 0.002, timeout: float = 3
     lines = [line for line in out.splitlines() if line.startswith("{")]
     if lines:
         report = json.loads(lines[-1])
-    return Measured(proc.returncode, report, peak, err)
+    return Measured(proc.returncode, report, peak, err, setup)
 
 
-def _poll(proc: subprocess.Popen[Any], interval: float, timeout: float) -> int:
-    """The largest anonymous memory of ``proc`` seen until it exits (killed after
-    ``timeout`` seconds)."""
-    peak = 0
+def _poll(
+    proc: subprocess.Popen[Any],
+    interval: float,
+    timeout: float,
+    phase_file: str | os.PathLike[str] | None,
+) -> tuple[int, int]:
+    """The largest anonymous memory of ``proc`` seen before ``phase_file`` appeared (0
+    without one) and after, until it exits (killed after ``timeout`` seconds)."""
+    peak = setup = 0
+    waiting = phase_file is not None
     started = time.monotonic()
     try:
         while proc.poll() is None:
+            if waiting and phase_file is not None and os.path.exists(phase_file):
+                waiting, setup, peak = False, peak, 0
             with contextlib.suppress(OSError, ValueError, IndexError):  # exiting
                 peak = max(peak, anon_bytes(proc.pid))
             if time.monotonic() - started > timeout:
@@ -108,4 +131,4 @@ def _poll(proc: subprocess.Popen[Any], interval: float, timeout: float) -> int:
         if proc.poll() is None:
             proc.kill()
         proc.wait()
-    return peak
+    return setup, peak

@@ -38,7 +38,12 @@ from fedsqueeze.errors import HeldPartError, IntegrityError
 from fedsqueeze.transport.auth import call_metadata
 from fedsqueeze.transport.errors_map import error_from_rpc, status_of
 from fedsqueeze.transport.fetch import FetchState
-from fedsqueeze.transport.fetch_into import FetchedInto, decode_fetched
+from fedsqueeze.transport.fetch_into import (
+    FetchedInto,
+    FetchedState,
+    decode_fetched,
+    decode_spooled_state,
+)
 from fedsqueeze.transport.operation import (
     FetchResult,
     Operation,
@@ -72,6 +77,7 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "FetchResult",
     "FetchedInto",
+    "FetchedState",
     "PrefixUsed",
     "Progress",
     "PushResult",
@@ -469,6 +475,104 @@ class TransferClient:
             stats.wire.received,
         )
         return FetchResult(manifest, encoded, state, stats, prefix)
+
+    def fetch_bounded(
+        self,
+        model: str = "global",
+        *,
+        spec: CodecSpec,
+        base: Mapping[str, torch.Tensor] | None = None,
+        base_digest: bytes | None = None,
+        byte_budget: int | None = None,
+        state: FetchState | None = None,
+        progress: Progress | None = None,
+        held: HeldVersions | None = None,
+        spool: SpoolPolicy | None = None,
+    ) -> FetchedState:
+        """:meth:`fetch` (the same request, bytes and checks), decoding a large model in
+        bounded memory: the edge's fetch.
+
+        The manifest says the model's size; one of at least ``spool``'s threshold has its
+        verified segments kept in a file-backed mapping and is decoded part by part into
+        a file in ``spool``'s folder, returned mapped (the file unlinked at once: page
+        cache, not the process's memory). ``base`` is only read, so a fetch that fails
+        leaves it unchanged. Smaller models, and truncated progressive prefixes, are
+        decoded in memory exactly as :meth:`fetch` does.
+
+        Parameters
+        ----------
+        model, spec, base, base_digest, byte_budget, progress, held
+            As for :meth:`fetch`.
+        state
+            As for :meth:`fetch`; made with ``spool`` when ``None`` (one passed in
+            decides by its own policy).
+        spool
+            When and where to keep a large model on disk (default ``SpoolPolicy()``:
+            256 MiB and more, in the system's temporary folder).
+
+        Raises
+        ------
+        The errors of :meth:`fetch`; ``fedsqueeze.errors.ConfigError`` when the spool
+        folder cannot take the payload or the decoded model.
+        """
+        if base is not None and base_digest is None:
+            base_digest = state_digest(base)
+        if base_digest is not None and base is None:
+            raise ValueError("decoding a delta needs the base tensors, not only its digest")
+        policy = spool if spool is not None else SpoolPolicy()
+        op = self._operation()
+        fetched = (
+            state
+            if state is not None
+            else FetchState(self.retry.max_segment_refetches, spool=policy)
+        )
+        digests = held.request_digests(base_digest) if held is not None else ()
+        request = ManifestRequest(
+            model, base_digest, spec, byte_budget, digests, self.segment_digest
+        )
+        if digests:
+            try:
+                return self._fetch_bounded(op, request, fetched, base, progress, held)
+            except HeldPartError as exc:
+                logger.warning("held parts unusable (%s): fetching again without them", exc)
+                request = replace(request, held_digests=())
+        return self._fetch_bounded(op, request, fetched, base, progress, None)
+
+    def _fetch_bounded(
+        self,
+        op: Operation,
+        request: ManifestRequest,
+        held: FetchState,
+        base: Mapping[str, torch.Tensor] | None,
+        progress: Progress | None,
+        parts: HeldVersions | None,
+    ) -> FetchedState:
+        """The calls of one :meth:`fetch_bounded` of ``request``."""
+        self._transfer(op, request, held, progress, parts)
+        manifest = held.manifest
+        if manifest is None:
+            raise RuntimeError("fetch state lost its manifest")
+        if not held.spooled or manifest.truncated or held.spool is None:
+            done = self._finish(op, held, request, base, True, parts)
+            if done.state is None:
+                raise RuntimeError("a decoding fetch returned no model")
+            return FetchedState(done.manifest, done.state, done.stats, done.prefix)
+        held_parts = resolve_held_parts(manifest, parts)
+        decoded = decode_spooled_state(held, manifest, base, held_parts, held.spool.folder)
+        stats = op.stats(held.refetched)
+        logger.info(
+            "fetched %s… (%s) part by part into a mapped file: %d B encoded, %d held "
+            "part(s), %d B down, %d B up, %d call(s), %.3f s",
+            manifest.model_digest.hex()[:12],
+            "delta" if manifest.base_digest is not None else "full",
+            manifest.encoded_bytes,
+            len(manifest.held_parts),
+            stats.wire.received,
+            stats.wire.sent,
+            stats.calls,
+            stats.elapsed_s,
+        )
+        return FetchedState(manifest, decoded, stats, None, True)
 
     def fetch_into(
         self,

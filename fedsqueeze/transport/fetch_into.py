@@ -9,10 +9,19 @@ model), is scanned for its record heads and decoded part by part
 (:func:`~fedsqueeze.codec.stream_decode.decode_stream_into`) into a mapped safetensors
 file (:func:`fedsqueeze.modelfile.write_decoded`) or the caller's tensors; the decoded
 model's digest is then taken from them and checked against the manifest's.
+
+:meth:`~fedsqueeze.transport.client.TransferClient.fetch_bounded` (the edge's fetch)
+ends with :func:`decode_spooled_state` when the payload was spooled: the model is decoded
+part by part into a safetensors file in the spool folder, checked, mapped and the file
+unlinked (:func:`fedsqueeze.modelfile.map_model`: its pages are page cache, not the
+process's memory). The model the edge held (a delta's base) is only read, never written:
+a fetch that fails its check leaves it as it was, and leaves no file behind.
 """
 
 from __future__ import annotations
 
+import logging
+import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,12 +30,14 @@ import torch
 
 from fedsqueeze.codec import state_digest
 from fedsqueeze.codec.stream_decode import decode_stream_into, scan_stream
-from fedsqueeze.errors import BaseMismatchError, IntegrityError
+from fedsqueeze.errors import BaseMismatchError, HeldPartError, IntegrityError
 from fedsqueeze.transport.fetch import FetchState
-from fedsqueeze.transport.operation import TransferStats
+from fedsqueeze.transport.operation import PrefixUsed, TransferStats
 from fedsqueeze.wire.types import Manifest
 
-__all__ = ["FetchedInto", "decode_fetched"]
+__all__ = ["FetchedInto", "FetchedState", "decode_fetched", "decode_spooled_state"]
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -53,6 +64,103 @@ class FetchedInto:
     nbytes: int
     spooled: bool
     stats: TransferStats | None = None
+
+
+@dataclass(frozen=True)
+class FetchedState:
+    """A model fetched, verified and decoded (:meth:`TransferClient.fetch_bounded
+    <fedsqueeze.transport.client.TransferClient.fetch_bounded>`).
+
+    Attributes
+    ----------
+    manifest
+        What was fetched.
+    state
+        The decoded model: tensors in memory, or (``spooled``) read-only tensors mapped
+        from an unlinked file, plus the held parts the edge already had.
+    stats
+        What it cost on the wire.
+    prefix
+        For a truncated progressive fetch, what the prefix gave; else ``None``.
+    spooled
+        Whether the payload was kept on disk and decoded part by part.
+    """
+
+    manifest: Manifest
+    state: dict[str, torch.Tensor]
+    stats: TransferStats
+    prefix: PrefixUsed | None = None
+    spooled: bool = False
+
+    @property
+    def digest(self) -> bytes:
+        """Digest of the decoded model: what the client holds now."""
+        return self.prefix.digest if self.prefix is not None else self.manifest.decoded_digest
+
+
+def decode_spooled_state(
+    held: FetchState,
+    manifest: Manifest,
+    base: Mapping[str, torch.Tensor] | None,
+    held_parts: Mapping[str, torch.Tensor],
+    folder: Path,
+) -> dict[str, torch.Tensor]:
+    """Decode the complete fetch ``held`` part by part into a file in ``folder`` and
+    return its tensors mapped (the file unlinked), with the ``held_parts`` added (shared,
+    not copied: they are exact).
+
+    ``base`` is only read. The decoded model's digest is checked before the file is
+    moved into place: on any error no file is left and nothing the caller holds changed.
+
+    Raises
+    ------
+    HeldPartError
+        The model with the held parts does not match its digest (the stream verified: a
+        held part is wrong; the caller fetches again without them).
+    IntegrityError
+        The stream is not the manifest's model (another base), or the decoded model does
+        not match the manifest's digest.
+    fedsqueeze.errors.CodecError
+        The verified bytes do not decode (the server encoded garbage).
+    fedsqueeze.errors.ConfigError
+        The folder cannot take the file.
+    """
+    from fedsqueeze.modelfile import map_model, write_decoded
+
+    delta_base = base if manifest.base_digest is not None else None
+
+    def check(decoded: Mapping[str, torch.Tensor]) -> None:
+        whole = {**decoded, **held_parts} if held_parts else decoded
+        if state_digest(whole) == manifest.decoded_digest:
+            return
+        if held_parts:
+            raise HeldPartError("the model reassembled with held parts does not match its digest")
+        raise IntegrityError("the decoded model does not match the manifest's digest")
+
+    path = folder / f"fsq-model-{secrets.token_hex(8)}.safetensors"
+    with held.stream() as view:
+        layout = scan_stream(view, delta_base)
+        if layout.header.base_digest != manifest.base_digest:
+            raise IntegrityError("the payload's base digest differs from the manifest's")
+        clash = sorted({s.name for s in layout.tensors}.intersection(held_parts))
+        if clash:
+            raise HeldPartError(f"tensors both in the stream and held: {clash[:3]}")
+        write_decoded(
+            view,
+            layout,
+            path,
+            base=delta_base,
+            base_digest=manifest.base_digest,
+            overwrite=False,
+            check=check,
+        )
+    try:
+        state = map_model(path)
+    finally:
+        path.unlink(missing_ok=True)  # the mapping keeps the pages; nothing is left behind
+    state.update(held_parts)
+    logger.debug("decoded %d tensors part by part into a mapped file", len(state))
+    return state
 
 
 def decode_fetched(

@@ -85,7 +85,7 @@ def prepare_model(
     The decoded model's digest is computed here by decoding once (skipped for a lossless
     full model, whose decoded digest is the model's own), so every client can check the
     model it rebuilds. With ``spool``, a model of at least its threshold (raw bytes) is
-    prepared on disk when the spec has no levels and the source has ``encode_to``.
+    prepared on disk when the source has ``encode_to``.
 
     Raises
     ------
@@ -104,12 +104,7 @@ def prepare_model(
         raise NotFoundError(f"base {key.base[:16]}… is no longer held")
     leave_out = frozenset(ref.tensor_name for ref in key.held_parts)
     raw_bytes = sum(t.numel() * t.element_size() for t in target_state.values())
-    if (
-        spool is not None
-        and spool.policy.applies(raw_bytes)
-        and key.spec.levels is None
-        and hasattr(source, "encode_to")
-    ):
+    if spool is not None and spool.policy.applies(raw_bytes) and hasattr(source, "encode_to"):
         return _prepare_spooled(source, key, segment_bytes, spool, raw_bytes, started)
     encoded = source.encode(key.target, key.base, key.spec, key.byte_budget, leave_out=leave_out)
     progressive = encoded.progressive
@@ -205,9 +200,16 @@ def _prepare_spooled(
         plan = source.encode_to(  # type: ignore[attr-defined]
             file, key.target, key.base, key.spec, key.byte_budget, leave_out=leave_out
         )
-        spooled = spool_encoding(plan, file, segment_bytes)
+        spooled = spool_encoding(
+            plan,
+            file,
+            segment_bytes,
+            progressive_segments=PROGRESSIVE_SEGMENTS,
+            min_progressive_bytes=MIN_PROGRESSIVE_SEGMENT_BYTES,
+        )
         encoded_bytes = spooled.stream.nbytes
-        if key.byte_budget is not None and encoded_bytes > key.byte_budget:
+        progressive = spooled.progressive
+        if not progressive and key.byte_budget is not None and encoded_bytes > key.byte_budget:
             raise ResourceExhaustedError(
                 f"the encoded model has {encoded_bytes} bytes, over the budget of "
                 f"{key.byte_budget}; ask for a stronger codec spec"
@@ -227,7 +229,7 @@ def _prepare_spooled(
                 s.index,
                 () if set(s.tensor_names) == every_tensor else s.tensor_names,
                 s.index,
-                0,
+                s.level,
                 s.end - s.start,
                 digest(spooled.payload(s.index)),
             )
@@ -248,7 +250,7 @@ def _prepare_spooled(
             raw_bytes=raw_bytes,
             decoded_digest=decoded,
             segments=tuple(infos),
-            smallest_prefix_bytes=0,
+            smallest_prefix_bytes=spooled.smallest_prefix,
             held_parts=key.held_parts,
             segment_digest=key.segment_digest,
         )

@@ -156,8 +156,9 @@ class TransferServer:
         self._tls = tls
         self.faults = faults
         self.spool: SpoolDir | None = None
-        # Only a source that can encode into a store spools (not the coordinator's): a
-        # folder it cannot write to fails here, not on the first large fetch.
+        # Only a source that can encode into a store spools (the in-memory one and the
+        # coordinator's): a folder it cannot write to fails here, not on the first large
+        # fetch.
         if self.config.spool is not None and hasattr(source, "encode_to"):
             self.config.spool.check()
             self.spool = SpoolDir(self.config.spool)

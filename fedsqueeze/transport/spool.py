@@ -43,6 +43,7 @@ __all__ = [
     "SpooledStream",
     "StreamPiece",
     "file_buffer",
+    "plan_progressive",
     "plan_segments",
 ]
 
@@ -337,12 +338,14 @@ class SpooledStream:
 
 @dataclass(frozen=True)
 class PlannedSegment:
-    """A segment of a stream: bytes ``[start, end)`` and the tensors they hold."""
+    """A segment of a stream: bytes ``[start, end)``, the tensors they hold and (for a
+    progressive stream) the highest level of its records."""
 
     index: int
     start: int
     end: int
     tensor_names: tuple[str, ...]
+    level: int = 0
 
 
 def plan_segments(pieces: Sequence[tuple[str | None, int]], max_bytes: int) -> list[PlannedSegment]:
@@ -377,6 +380,48 @@ def plan_segments(pieces: Sequence[tuple[str | None, int]], max_bytes: int) -> l
                 names.append(name)
             if fill >= max_bytes:
                 flush()
+    flush()
+    return segments
+
+
+def plan_progressive(
+    pieces: Sequence[tuple[str | None, int, int]], target_bytes: int, max_bytes: int
+) -> list[PlannedSegment]:
+    """Where :func:`~fedsqueeze.codec.segments.split_progressive` cuts a progressive
+    stream, from the lengths alone: ``pieces`` are the model header (``None``, level 0)
+    and each record (its tensor's name, its level, its byte length).
+
+    The same cut points, names and levels as ``split_progressive`` on the same stream.
+    """
+    if not 64 <= target_bytes <= max_bytes:
+        raise ValueError("target_bytes must be in [64, max_bytes]")
+    segments: list[PlannedSegment] = []
+    start = fill = level = 0
+    names: list[str] = []
+    refining = False
+
+    def flush() -> None:
+        nonlocal start, fill, names, level
+        if fill:
+            index = len(segments)
+            segments.append(PlannedSegment(index, start, start + fill, tuple(names), level))
+            start, fill, names, level = start + fill, 0, [], 0
+
+    for name, piece_level, length in pieces:
+        if (piece_level > 0) != refining or (fill + length > max_bytes and names):
+            flush()
+            refining = piece_level > 0
+        if name is not None and (not names or names[-1] != name):
+            names.append(name)
+        for offset in range(0, length, max_bytes):
+            fill += min(max_bytes, length - offset)
+            level = max(level, piece_level)
+            if fill >= max_bytes:
+                flush()
+                if name is not None and offset + max_bytes < length:
+                    names.append(name)
+        if fill >= target_bytes:
+            flush()
     flush()
     return segments
 

@@ -118,8 +118,11 @@ class PrefixModels:
             base = self.source.get(manifest.base_digest.hex())
             if base is None:
                 raise NotFoundError(f"base {manifest.base_digest.hex()[:16]}… is no longer held")
+        spooled = prepared.spooled
         stream = b"".join(
-            bytes(segment_from_message(prepared.messages[i]).payload)
+            spooled.payload(i)
+            if spooled is not None
+            else bytes(segment_from_message(prepared.messages[i]).payload)
             for i in range(prefix_segments)
         )
         decoded = decode_prefix(stream, base, base_digest=manifest.base_digest)
