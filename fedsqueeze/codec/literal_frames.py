@@ -143,9 +143,7 @@ def compress_piece(data: memoryview) -> Piece | None:
     ``None`` when a block holds a sequence (a match), which a splice cannot carry."""
     compressor = getattr(_local, "compressor", None)
     if compressor is None:
-        compressor = _local.compressor = zstandard.ZstdCompressor(
-            compression_params=LITERAL_PARAMS
-        )
+        compressor = _local.compressor = zstandard.ZstdCompressor(compression_params=LITERAL_PARAMS)
     frame = compressor.compress(data)
     header, window = _frame_header(frame)
     pos, last, out = header, header, 0
@@ -231,7 +229,9 @@ def plan(body: bytes | memoryview, size: int, target: int) -> Plan | None:
     return None
 
 
-def decode_piece(body: bytes | memoryview, header: bytes, segment: Segment, out: memoryview) -> None:
+def decode_piece(
+    body: bytes | memoryview, header: bytes, segment: Segment, out: memoryview
+) -> None:
     """Decode ``segment`` of ``body`` into ``out`` (exactly its ``out_stop − out_start``
     bytes), as a frame of its own: ``header``, its blocks, and an empty last block
     unless it has the frame's.
@@ -245,7 +245,7 @@ def decode_piece(body: bytes | memoryview, header: bytes, segment: Segment, out:
     if len(out) != want:
         raise ValueError(f"out holds {len(out)} bytes, the segment {want}")
     view = memoryview(body)
-    parts = [_MAGIC + header, view[segment.start : segment.stop]]
+    parts: list[bytes | memoryview] = [_MAGIC + header, view[segment.start : segment.stop]]
     if not segment.final:
         parts.append(memoryview(_END))
     decompressor = getattr(_local, "decompressor", None)
