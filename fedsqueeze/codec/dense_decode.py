@@ -45,7 +45,7 @@ from fedsqueeze.codec.quantization import QuantParams
 from fedsqueeze.codec.spec import QuantScheme
 from fedsqueeze.errors import FormatError
 
-__all__ = ["PIPELINE_ABOVE", "decode_dense", "pipelines"]
+__all__ = ["PIECES", "PIPELINE_ABOVE", "decode_dense", "pipelines"]
 
 #: Decompressed body size (bytes) from which a dense record is decoded in a pipeline;
 #: below it, one zstd call and the chunked kernels cost less than the hand-offs.
@@ -59,6 +59,9 @@ _WIDTHS = (2, 4, 8)
 #: The chunk kernels in torch operations and the output in torch memory, as before the
 #: NumPy kernels (for the benchmark's side-by-side runs only; same values).
 TORCH_KERNELS = False
+#: Whether literal-only frames are decoded in pieces on every core (off: one stream, as
+#: in the previous version; for the benchmark's side-by-side rows only, same values).
+PIECES = True
 _tables: dict[tuple[int, bool], Tensor] = {}
 
 
@@ -127,7 +130,7 @@ def decode_dense(
         raw = torch.empty(raw_length, dtype=torch.uint8)
     else:
         raw = torch.from_numpy(np.empty(raw_length, dtype=np.uint8))
-        pieces = literal_frames.plan(body, raw_length, -(-_CHUNK * bits // 8))
+        pieces = literal_frames.plan(body, raw_length, -(-_CHUNK * bits // 8)) if PIECES else None
         if pieces is not None and len(pieces.segments) > 1:
             _in_pieces(body, pieces, raw, bounds, per_byte, chunk)
             _padding(raw, count, bits)

@@ -71,6 +71,7 @@ from fedsqueeze.codec.spec import QuantScheme, Rounding
 
 __all__ = [
     "ENABLED",
+    "LITERAL",
     "LITERAL_SLACK",
     "MIN_GAIN",
     "PIPELINE_ABOVE",
@@ -98,6 +99,9 @@ LITERAL_SLACK = 0.005
 #: the stages one after the other and zstd's threads, as before; for the benchmark's
 #: side-by-side runs).
 ENABLED = True
+#: Whether large bodies may be coded as literal-only pieces (off: one stream at the
+#: record's level, as in the previous version; for the benchmark's side-by-side rows).
+LITERAL = True
 
 F32 = npt.NDArray[np.float32]
 U8 = npt.NDArray[np.uint8]
@@ -174,7 +178,9 @@ def encode_dense(values: Tensor, qp: QuantParams, runs: Runs | None, level: int)
     run_chunks(lambda start, stop: make(start), [(i, i + 1) for i in first])
     for i in first:
         done[i] = True
-    coder = choose_coder(packed.data[lo:hi], level)
+    coder = (
+        choose_coder(packed.data[lo:hi], level) if LITERAL else _one_stream(packed, lo, hi, level)
+    )
     if coder is Coder.RAW:
         run_chunks(
             lambda start, stop: make(start),
@@ -218,6 +224,14 @@ def choose_coder(sample: memoryview, level: int) -> Coder:
         return Coder.RAW
     at_level = len(zstandard.ZstdCompressor(level=level, write_content_size=False).compress(sample))
     return Coder.LITERAL if literal <= (1.0 + LITERAL_SLACK) * (at_level - 4) else Coder.STREAM
+
+
+def _one_stream(packed: U8, lo: int, hi: int, level: int) -> Coder:
+    """The coder before literal pieces (:data:`LITERAL` off): one stream unless zstd at
+    ``level`` saves less than 3% of the sample."""
+    sample = packed.data[lo:hi]
+    size = len(zstandard.ZstdCompressor(level=level).compress(sample))
+    return Coder.STREAM if size < 0.97 * len(sample) else Coder.RAW
 
 
 def _spliced(
