@@ -132,9 +132,13 @@ def decode_dense(
         raw = torch.from_numpy(np.empty(raw_length, dtype=np.uint8))
         pieces = literal_frames.plan(body, raw_length, -(-_CHUNK * bits // 8)) if PIECES else None
         if pieces is not None and len(pieces.segments) > 1:
-            _in_pieces(body, pieces, raw, bounds, per_byte, chunk)
-            _padding(raw, count, bits)
-            return out
+            try:
+                _in_pieces(body, pieces, raw, bounds, per_byte, chunk)
+            except FormatError:
+                pass  # a corrupt piece: one stream below gives that path's verdict
+            else:
+                _padding(raw, count, bits)
+                return out
     try:
         for filled in entropy.decompress_into(body, raw.numpy().data, _STEP):
             while pending < len(bounds) and -(-bounds[pending][1] // per_byte) <= filled:

@@ -21,9 +21,12 @@ Now a size sample from the middle of the codes picks the coder (:func:`choose_co
   near uniform): no entropy stage at all;
 * **one stream** at the record's level, as before, when the sample's literal-only frame
   holds a match, or that level makes the sample more than :data:`LITERAL_SLACK`
-  smaller (codes with repeats: a delta's zeros, low-entropy 4-bit codes); and when a
-  piece outside the sample turned out to hold a match (the splice cannot carry one;
-  the codes are made by then, only zstd runs again, on one core).
+  smaller (codes with repeats: a delta's zeros, low-entropy 4-bit codes); and when
+  more than one piece turned out to hold matches (a splice carries one such piece:
+  :mod:`~fedsqueeze.codec.literal_frames`; the codes are made by then, only zstd runs
+  again, on one core). On the real MiniLM weights the one large tensor (the word
+  embeddings, 11.7M values) has one such piece of 45 in int8 (the rows of unused
+  tokens): it stays in the splice, the only piece decoded with its matches.
 
 The single stream uses zstd's single-threaded compressor: zstd's multi-threaded mode
 (``threads=-1``) cost 1.8x its CPU time on these codes (43 against 24 ms for int8's 25
@@ -191,7 +194,7 @@ def encode_dense(values: Tensor, qp: QuantParams, runs: Runs | None, level: int)
         spliced = _spliced(packed, byte_bounds, done, make)
         if spliced is not None:
             return spliced
-        # A piece held a match (rare on quantization codes): one stream after all.
+        # Pieces held matches (rare on quantization codes): one stream after all.
         done = [True] * len(bounds)
     return _streamed(packed, byte_bounds, done, make, level)
 
@@ -217,7 +220,7 @@ def choose_coder(sample: memoryview, level: int) -> Coder:
     about half a millisecond."""
     size = len(sample)
     piece = compress_piece(sample)
-    if piece is None:
+    if piece is None or piece.matches:
         return Coder.STREAM
     literal = len(piece.frame)
     if literal >= (1.0 - MIN_GAIN) * size:
@@ -238,8 +241,8 @@ def _spliced(
     packed: U8, byte_bounds: list[tuple[int, int]], done: list[bool], make: Callable[[int], None]
 ) -> DenseBody | None:
     """Each chunk made (unless ``done``) and compressed as a literal-only piece on a
-    worker, the pieces spliced in order into one frame; ``None`` when a piece held a
-    match (every chunk is made by then)."""
+    worker, the pieces spliced in order into one frame; ``None`` when more than one
+    piece held a match (every chunk is made by then)."""
     nbytes = packed.size
     view = packed.data
 
@@ -252,11 +255,13 @@ def _spliced(
     futures = [submit(partial(piece, i)) for i in range(len(byte_bounds))]
     frame = _Frame(nbytes, skip=0)
     window = 0
+    matched = 0
     spliced = True
     try:
         for i, future in enumerate(futures):
             got = future.result()
-            if got is None or (i and got.window > window):
+            matched += got is not None and got.matches
+            if got is None or (i and got.window > window) or matched > 1:
                 spliced = False
             if not spliced or got is None:
                 continue

@@ -27,9 +27,15 @@ without anything before it. So
   that path's checks and error messages).
 
 zstd has no setting that forbids matches: these parameters (the shortest search,
-matches of at least 7 bytes) only make them rare on quantization codes. A piece that
-has one makes :func:`compress_piece` return ``None``; the encoder then falls back to
-one stream.
+matches of at least 7 bytes) only make them rare on quantization codes. A block with
+sequences depends on the repeat offsets left by earlier sequences, which a piece
+compressed alone does not know; before the first such piece there are none (the offsets
+are still the frame's initial ones), so a splice carries **one** piece with matches, and
+:func:`plan` puts it in a segment of its own whose output is what the literal-only
+segments leave. With two or more the encoder falls back to one stream. A segment that
+fails to decode on its own (a corrupt or hostile body) sends the decoder back to one
+stream too, so the pieces never decode a body to anything the one-stream decoder would
+not.
 """
 
 from __future__ import annotations
@@ -101,12 +107,16 @@ class Piece:
         The window size its header states.
     last
         Offset of its last block's header in ``frame``.
+    matches
+        Whether a block holds sequences (matches): a splice carries one such piece at
+        most (see the module docstring).
     """
 
     frame: bytes
     header: int
     window: int
     last: int
+    matches: bool
 
 
 @dataclass(frozen=True)
@@ -140,33 +150,37 @@ class Plan:
 
 def compress_piece(data: memoryview) -> Piece | None:
     """``data`` (non-empty) compressed with :data:`LITERAL_PARAMS` as a frame of its own;
-    ``None`` when a block holds a sequence (a match), which a splice cannot carry."""
+    ``None`` when zstd's frame is not one this module can walk (never seen)."""
     compressor = getattr(_local, "compressor", None)
     if compressor is None:
         compressor = _local.compressor = zstandard.ZstdCompressor(compression_params=LITERAL_PARAMS)
     frame = compressor.compress(data)
     header, window = _frame_header(frame)
-    pos, last, out = header, header, 0
+    pos, last, out, matches = header, header, 0, False
     while True:
         walked = _block(frame, pos)
         if walked is None:
             return None
         size, regen, _, is_last = walked
-        last, pos, out = pos, pos + 3 + size, out + regen
+        matches = matches or regen is None
+        last, pos, out = pos, pos + 3 + size, out + (regen or 0)
         if is_last:
             break
-    if pos != len(frame) or out != len(data):
+    if pos != len(frame) or (not matches and out != len(data)):
         return None
-    return Piece(frame, header, window, last)
+    return Piece(frame, header, window, last, matches)
 
 
 def write_spliced(pieces: Sequence[Piece], write: Writer) -> bool:
     """Write the frame made of ``pieces``' blocks, in order, through ``write`` (a
     callable taking bytes-like parts): the header of the first piece, every piece's
     blocks with the last-block flag cleared on all but the last piece. ``False``
-    (nothing written) when a piece's window is larger than the first's."""
+    (nothing written) when a piece's window is larger than the first's, or more than
+    one piece holds matches."""
     emit = write
     if not pieces or any(p.window > pieces[0].window for p in pieces):
+        return False
+    if sum(p.matches for p in pieces) > 1:
         return False
     first = pieces[0]
     emit(memoryview(first.frame)[: first.header])
@@ -190,10 +204,15 @@ def emit_piece(piece: Piece, final: bool, write: Writer) -> None:
 
 def plan(body: bytes | memoryview, size: int, target: int) -> Plan | None:
     """How to decode ``body`` (one magicless frame of ``size`` bytes) in pieces of about
-    ``target`` bytes of output: ``None`` unless every block is literal-only and the
-    frame is one that :func:`decode_piece` may decode (no checksum or dictionary, a
-    window no larger than ``max(size, 2 MiB)``, a declared size of ``size`` if any,
-    blocks that decode to exactly ``size`` bytes and end where the body ends)."""
+    ``target`` bytes of output: ``None`` unless the frame is one that
+    :func:`decode_piece` may decode (no checksum or dictionary, a window no larger than
+    ``max(size, 2 MiB)``, a declared size of ``size`` if any, blocks that end where the
+    body ends) and its blocks with sequences all fall in one segment (whose output is
+    then what the others leave of ``size``; the literal-only blocks decode to exactly
+    ``size`` bytes otherwise).
+
+    Segments start only at sequence-free blocks that bring their own table; a segment
+    is cut once it holds ``target`` bytes of output, or right after sequences."""
     view = memoryview(body)
     try:
         params = zstandard.get_frame_parameters(view, format=_FORMAT)
@@ -207,26 +226,44 @@ def plan(body: bytes | memoryview, size: int, target: int) -> Plan | None:
     ):
         return None
     header, _ = _frame_header(view)
-    segments: list[Segment] = []
-    seg_start, seg_out = header, 0
-    pos, out = header, 0
+    cuts: list[tuple[int, int, int | None]] = []  # (start, stop, output or None)
+    seg_start, seg_out, sequenced = header, 0, False
+    pos = header
     for _ in range(_MAX_WALKED_BLOCKS + size // (64 << 10)):
         walked = _block(view, pos)
         if walked is None:
             return None
         length, regen, own_table, last = walked
-        if own_table and out - seg_out >= target:
-            segments.append(Segment(seg_start, pos, seg_out, out, False))
-            seg_start, seg_out = pos, out
-        pos, out = pos + 3 + length, out + regen
-        if out > size:
-            return None
+        if own_table and regen is not None and pos > seg_start and (sequenced or seg_out >= target):
+            cuts.append((seg_start, pos, None if sequenced else seg_out))
+            seg_start, seg_out, sequenced = pos, 0, False
+        pos += 3 + length
+        if regen is None:
+            sequenced = True
+        else:
+            seg_out += regen
         if last:
-            if pos != len(view) or out != size:
+            if pos != len(view):
                 return None
-            segments.append(Segment(seg_start, pos, seg_out, out, True))
-            return Plan(bytes(view[:header]), tuple(segments))
+            cuts.append((seg_start, pos, None if sequenced else seg_out))
+            return _placed(bytes(view[:header]), cuts, size)
     return None
+
+
+def _placed(header: bytes, cuts: list[tuple[int, int, int | None]], size: int) -> Plan | None:
+    """The segments of ``cuts`` placed in the output: at most one of unknown output
+    (with sequences), which gets what the others leave of ``size``."""
+    known = sum(n for _, _, n in cuts if n is not None)
+    unknown = sum(n is None for _, _, n in cuts)
+    if unknown > 1 or known > size or (unknown == 0 and known != size):
+        return None
+    segments = []
+    out = 0
+    for i, (start, stop, n) in enumerate(cuts):
+        grown = size - known if n is None else n
+        segments.append(Segment(start, stop, out, out + grown, i == len(cuts) - 1))
+        out += grown
+    return Plan(header, tuple(segments))
 
 
 def decode_piece(
@@ -298,10 +335,10 @@ def _frame_header(frame: bytes | memoryview) -> tuple[int, int]:
     return length, base + (base >> 3) * mantissa
 
 
-def _block(data: bytes | memoryview, pos: int) -> tuple[int, int, bool, bool] | None:
-    """The block at ``pos``: (its content's length, what it decodes to, whether it brings
-    its own table, whether it is the last); ``None`` when it holds a sequence, is
-    truncated or malformed (left to zstd to report)."""
+def _block(data: bytes | memoryview, pos: int) -> tuple[int, int | None, bool, bool] | None:
+    """The block at ``pos``: (its content's length, what it decodes to or ``None`` when
+    it holds sequences, whether it brings its own table, whether it is the last);
+    ``None`` when it is truncated or malformed (left to zstd to report)."""
     if pos + 3 > len(data):
         return None
     head = data[pos] | data[pos + 1] << 8 | data[pos + 2] << 16
@@ -318,10 +355,12 @@ def _block(data: bytes | memoryview, pos: int) -> tuple[int, int, bool, bool] | 
     if literals is None:
         return None
     used, regen, own_table = literals
-    # nbSeq = 0: a single zero byte ends the block.
-    if used + 1 != size or data[pos + 3 + used] != 0:
+    if used >= size:
         return None
-    return size, regen, own_table, last
+    if data[pos + 3 + used] != 0:
+        return size, None, own_table, last  # sequences: decoded by zstd alone
+    # nbSeq = 0: a single zero byte ends the block.
+    return (size, regen, own_table, last) if used + 1 == size else None
 
 
 def _literals(data: bytes | memoryview, at: int, size: int) -> tuple[int, int, bool] | None:

@@ -8,6 +8,7 @@ coder (raw, literal pieces, one stream) follows the sample.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Iterator
 
 import numpy as np
@@ -89,19 +90,51 @@ def test_plan_cuts_only_where_a_block_brings_its_table() -> None:
     assert whole is not None and len(whole.segments) == 1
 
 
-def test_frames_with_matches_are_not_planned() -> None:
-    data = bytes(range(256)) * 2_000  # repeats: level 3 codes them as matches
-    body = entropy.compress(data, 3)
+def test_frames_with_matches_are_cut_only_around_them() -> None:
+    repeats = bytes(range(256)) * 2_000  # level 3 and the literal parameters find matches
+    body = entropy.compress(repeats, 3)
     assert body is not None
-    assert literal_frames.plan(body, len(data), 1) is None
-    assert literal_frames.compress_piece(memoryview(data)) is None  # a match: no piece
-    assert literal_frames.compress_piece(memoryview(bytes(200_000))) is None  # zeros too
-    checked = zstandard.ZstdCompressor(compression_params=literal_frames.LITERAL_PARAMS).compress(
-        MIXES["normal"]
-    )
-    assert literal_frames.plan(checked, len(MIXES["normal"]), 1) is not None
+    whole = literal_frames.plan(body, len(repeats), 1)
+    assert whole is None or len(whole.segments) == 1
+    piece = literal_frames.compress_piece(memoryview(repeats))
+    assert piece is not None and piece.matches
+    assert not _piece(MIXES["normal"]).matches
     with_sum = zstandard.ZstdCompressor(level=1, write_checksum=True).compress(MIXES["normal"])
     assert literal_frames.plan(with_sum[4:], len(MIXES["normal"]), 1) is None
+
+
+def _piece(data: bytes) -> literal_frames.Piece:
+    piece = literal_frames.compress_piece(memoryview(data))
+    assert piece is not None
+    return piece
+
+
+def _join(pieces: list[literal_frames.Piece]) -> bytes:
+    parts: list[bytes | memoryview] = [pieces[0].frame[: pieces[0].header]]
+    for i, piece in enumerate(pieces):
+        literal_frames.emit_piece(piece, i == len(pieces) - 1, parts.append)
+    return b"".join(bytes(p) for p in parts)
+
+
+def test_one_piece_with_matches_rides_in_the_splice() -> None:
+    """The frame's initial repeat offsets hold until the first sequence: one piece with
+    matches decodes right in a splice, alone in its segment; two are refused."""
+    a, b = MIXES["normal"][:100_000], MIXES["normal"][100_000:220_000]
+    repeats = bytes(range(200)) * 400
+    parts = [_piece(a), _piece(repeats), _piece(b)]
+    frames: list[bytes | memoryview] = []
+    assert literal_frames.write_spliced(parts, frames.append)
+    body = b"".join(bytes(p) for p in frames)
+    data = a + repeats + b
+    assert entropy.decompress(body, len(data)) == data
+    plan = literal_frames.plan(body, len(data), 1)
+    assert plan is not None and len(plan.segments) > 1
+    assert in_pieces(body, len(data), 1) == data
+    # The matches' piece starts with a block of sequences: its segment starts earlier.
+    assert any(s.out_stop == len(a) + len(repeats) for s in plan.segments)
+    two = [_piece(a), _piece(repeats), _piece(b), _piece(repeats[7:] + b"xy")]
+    assert not literal_frames.write_spliced(two, frames.append)
+    assert literal_frames.plan(_join(two), 2 * len(repeats) + len(a) + len(b) - 5, 1) is None
 
 
 def test_plan_refuses_frames_that_do_not_fill_the_size() -> None:
@@ -243,21 +276,46 @@ def test_raw_stream_and_fallback_bodies(monkeypatch: pytest.MonkeyPatch) -> None
     with two_threads():
         coded = dense_encode.encode_dense(pattern, qp_p, None, 3)
     assert coded.raw_length == n
-    assert literal_frames.plan(coded.body, n, 1) is None  # one stream, with matches
+    stream = literal_frames.plan(coded.body, n, 1)  # one stream, with matches
+    assert stream is None or len(stream.segments) == 1
     assert entropy.decompress(coded.body, n) == bytes(coded.packed.numpy())
 
     x, qp = _dense(n, 8, 5)
     real = literal_frames.compress_piece
     calls: list[int] = []
 
-    def one_fails(data: memoryview) -> literal_frames.Piece | None:
+    def two_match(data: memoryview) -> literal_frames.Piece | None:
         calls.append(1)
-        return None if len(calls) == 4 else real(data)
+        piece = real(data)
+        assert piece is not None
+        return dataclasses.replace(piece, matches=len(calls) in (4, 6))
 
-    monkeypatch.setattr(dense_encode, "compress_piece", one_fails)
+    monkeypatch.setattr(dense_encode, "compress_piece", two_match)
     with two_threads():
         coded = dense_encode.encode_dense(x, qp, None, 3)  # type: ignore[arg-type]
-    assert len(calls) > 4
+    assert len(calls) > 6
     assert coded.raw_length == n
-    expected = bytes(quantize(x, qp, Rounding.NEAREST).to(torch.uint8).numpy())  # type: ignore[arg-type]
+    stream = literal_frames.plan(coded.body, n, 1)  # one stream at level 3
+    assert stream is None or len(stream.segments) == 1
+    expected = bytes(quantize(x, qp, Rounding.NEAREST).numpy())  # type: ignore[arg-type]
     assert entropy.decompress(coded.body, n) == expected
+
+
+def test_a_chunk_with_repeats_stays_in_the_splice(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Normal values with one chunk of repeating ones (as MiniLM's unused-token rows):
+    still literal pieces, decoded in pieces to the sequential path's values."""
+    n = 600_000  # the size sample (the middle 256 KiB) holds no repeats
+    x = torch.randn(n, generator=torch.Generator().manual_seed(8))
+    x[40_000:48_192] = (torch.arange(8_192) % 50).to(torch.float32) / 20 - 1
+    qp = choose_qparams(x, 8, QuantScheme.AFFINE, Granularity.PER_TENSOR)
+    monkeypatch.setattr(dense_encode, "_CHUNK", 8_192)
+    monkeypatch.setattr(dense_decode, "_CHUNK", 8_192)
+    with two_threads():
+        coded = dense_encode.encode_dense(x, qp, None, 3)
+        plan = literal_frames.plan(coded.body, n, 8_192)
+        assert plan is not None and len(plan.segments) > 1
+        got = dense_decode.decode_dense(coded.body, n, n, qp, None)
+    chunk5 = literal_frames.compress_piece(memoryview(bytes(coded.packed.numpy()[40_960:49_152])))
+    assert chunk5 is not None and chunk5.matches  # the piece with matches is in the splice
+    expected = dequantize(quantize(x, qp, Rounding.NEAREST), qp)
+    assert torch.equal(got.view(torch.int32), expected.view(torch.int32))
