@@ -93,6 +93,9 @@ PIPELINE_ABOVE = 4 << 20
 #: Values per chunk of work: its float32 temporaries (1 MiB) stay in a core's L2 cache.
 _CHUNK = 1 << 18
 _WIDTHS = (2, 4, 8)
+#: Pieces in flight per worker thread (compressed pieces wait at most this many chunks
+#: for the calling thread: bounded memory on a tensor of any size).
+_AHEAD = 4
 #: A body is stored raw unless literal-only zstd makes its sample this much smaller.
 MIN_GAIN = 0.01
 #: Literal-only pieces are kept unless the record's level makes the sample this much
@@ -245,32 +248,43 @@ def _spliced(
     piece held a match (every chunk is made by then)."""
     nbytes = packed.size
     view = packed.data
+    count = len(byte_bounds)
+    spliced = True  # read by the workers' piece() (a closure cell): off stops compressing
 
     def piece(i: int) -> Piece | None:
         if not done[i]:
             make(i)
+        if not spliced:
+            return None  # the splice is off: only the codes are needed now
         b0, b1 = byte_bounds[i]
         return compress_piece(view[b0:b1])
 
-    futures = [submit(partial(piece, i)) for i in range(len(byte_bounds))]
+    # A window of pieces in flight, so the compressed pieces waiting for the calling
+    # thread stay a few chunks' worth, whatever the tensor's size.
+    ahead = _AHEAD * max(1, torch.get_num_threads())
+    futures: dict[int, Future[Piece | None]] = {}
+    submitted = 0
     frame = _Frame(nbytes, skip=0)
     window = 0
     matched = 0
-    spliced = True
     try:
-        for i, future in enumerate(futures):
-            got = future.result()
+        for i in range(count):
+            while submitted < min(count, i + ahead):
+                futures[submitted] = submit(partial(piece, submitted))
+                submitted += 1
+            got = futures.pop(i).result()
+            if not spliced:
+                continue
             matched += got is not None and got.matches
             if got is None or (i and got.window > window) or matched > 1:
                 spliced = False
-            if not spliced or got is None:
                 continue
             if i == 0:
                 window = got.window
                 frame.add(memoryview(got.frame)[: got.header])
-            emit_piece(got, i == len(futures) - 1, frame.add)
+            emit_piece(got, i == count - 1, frame.add)
     finally:
-        for future in futures:  # on an error, wait for the chunks still running
+        for future in futures.values():  # on an error, wait for the chunks still running
             future.exception()
     if not spliced:
         return None
