@@ -19,7 +19,16 @@ factors the same typical size, so one set of quantization parameters suits both.
 decoder only multiplies ``A @ B``: how the factors were found is the encoder's business.
 Small matrices use LAPACK's SVD; large ones a seeded randomized SVD (Halko et al. 2011,
 two power iterations), so the same input always gives the same factors. Everything runs
-on the tensor's own device.
+on the tensor's own device (MPS, which has no float64, borrows the CPU).
+
+Why float64 and fixed signs: in float32 the factors depended on the machine. MKL and
+ATen pick kernels by the CPU's instruction set, and two Xeons gave factors that differed
+by 1e-7, enough to move quantization codes, so the same model encoded to different bytes
+(and digests) on two coordinators. The factorization now runs in float64 and rounds to
+float32 at the end, and each singular pair's sign is fixed (the largest entry of each
+``U`` column is positive; LAPACK leaves the sign free). Different kernels then agree to
+float32 in practice. The large-matrix path converts the input to float64 a block of rows
+at a time, so its extra memory stays a few MiB plus the ``m × (r + 8)`` sketch.
 """
 
 from __future__ import annotations
@@ -93,7 +102,8 @@ def factorize(
     Returns
     -------
     tuple[torch.Tensor, torch.Tensor]
-        ``A`` (``m × r``) and ``B`` (``r × n``), float32, on ``x``'s device.
+        ``A`` (``m × r``) and ``B`` (``r × n``), float32, on ``x``'s device (computed in
+        float64).
     """
     if x.dim() != 2:
         raise ValueError(f"factorize needs a matrix, got {x.dim()} dimensions")
@@ -102,29 +112,68 @@ def factorize(
         raise ValueError(f"rank {rank} is not in 1..{min(m, n)} for a {m}×{n} matrix")
     if not bool(torch.isfinite(x).all()):
         raise ValueError("cannot factorize a tensor with NaN or infinite values")
+    home = x.device
+    work = x if home.type != "mps" else x.cpu()
     if x.numel() <= exact_max_elements:
-        u, s, vh = torch.linalg.svd(x, full_matrices=False)
+        u, s, vh = torch.linalg.svd(work.to(torch.float64), full_matrices=False)
         u, s, vh = u[:, :rank], s[:rank], vh[:rank]
     else:
-        u, s, vh = _randomized_svd(x, rank)
+        u, s, vh = _randomized_svd(work, rank)
+    u, vh = _fixed_signs(u, vh)
     root = s.clamp_min(0).sqrt()
     balance = (m / n) ** 0.25
-    a = u * (root * balance)
-    b = (root / balance)[:, None] * vh
-    return a.contiguous(), b.contiguous()
+    a = (u * (root * balance)).to(torch.float32)
+    b = ((root / balance)[:, None] * vh).to(torch.float32)
+    return a.contiguous().to(home), b.contiguous().to(home)
+
+
+def _fixed_signs(u: torch.Tensor, vh: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(U, Vᵀ)`` with each pair's sign chosen so that ``U``'s largest entry is positive."""
+    rows = u.abs().argmax(dim=0)
+    signs = torch.sign(u[rows, torch.arange(u.shape[1], device=u.device)])
+    signs = torch.where(signs == 0, torch.ones_like(signs), signs)
+    return u * signs, vh * signs[:, None]
+
+
+#: Rows of the input converted to float64 at a time in the randomized SVD (elements).
+_BLOCK_ELEMENTS = 1 << 20
+
+
+def _row_blocks(x: torch.Tensor) -> list[tuple[int, int]]:
+    step = max(1, _BLOCK_ELEMENTS // max(1, x.shape[1]))
+    return [(i, min(i + step, x.shape[0])) for i in range(0, x.shape[0], step)]
 
 
 def _randomized_svd(x: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Top-``rank`` singular triplets from a seeded sketch with power iterations."""
+    """Top-``rank`` singular triplets (float64) from a seeded sketch with power iterations.
+
+    ``x`` stays in its own dtype; each product reads it a block of rows at a time in
+    float64, in a fixed order.
+    """
     m, n = x.shape
     width = min(rank + _OVERSAMPLE, m, n)
+    f64 = torch.float64
     gen = torch.Generator(device=x.device)
     gen.manual_seed(_SKETCH_SEED)
-    omega = torch.randn(n, width, generator=gen, device=x.device, dtype=x.dtype)
-    q, _ = torch.linalg.qr(x @ omega)
+    omega = torch.randn(n, width, generator=gen, device=x.device, dtype=f64)
+    blocks = _row_blocks(x)
+
+    def times(right: torch.Tensor) -> torch.Tensor:  # x @ right
+        out = torch.empty(m, right.shape[1], dtype=f64, device=x.device)
+        for i, j in blocks:
+            torch.matmul(x[i:j].to(f64), right, out=out[i:j])
+        return out
+
+    def transposed_times(left: torch.Tensor) -> torch.Tensor:  # left.T @ x, as (x.T @ left).T
+        out = torch.zeros(left.shape[1], n, dtype=f64, device=x.device)
+        for i, j in blocks:
+            out += left[i:j].T @ x[i:j].to(f64)
+        return out
+
+    q, _ = torch.linalg.qr(times(omega))
     for _ in range(_POWER_ITERATIONS):
-        z, _ = torch.linalg.qr(x.T @ q)
-        q, _ = torch.linalg.qr(x @ z)
-    ub, s, vh = torch.linalg.svd(q.T @ x, full_matrices=False)
+        z, _ = torch.linalg.qr(transposed_times(q).T)
+        q, _ = torch.linalg.qr(times(z))
+    ub, s, vh = torch.linalg.svd(transposed_times(q), full_matrices=False)
     u = q @ ub
     return u[:, :rank], s[:rank], vh[:rank]

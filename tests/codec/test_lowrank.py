@@ -98,6 +98,27 @@ def test_error_falls_with_rank_and_matches_eckart_young() -> None:
     assert errors == sorted(errors, reverse=True)
 
 
+def test_factors_do_not_depend_on_the_linear_algebra_library() -> None:
+    """NumPy's LAPACK (OpenBLAS) stands in for another machine's kernels: the float64
+    factorization with fixed signs rounds to the same float32 factors as torch's (MKL)."""
+    np = pytest.importorskip("numpy")
+    gen = torch.Generator().manual_seed(3)
+    for shape, rank in (((64, 48), 6), ((30, 200), 4), ((128, 128), 16)):
+        x = torch.randn(shape, generator=gen)
+        a, b = factorize(x, rank)
+        u, s, vh = np.linalg.svd(x.double().numpy(), full_matrices=False)
+        u, s, vh = u[:, :rank], s[:rank], vh[:rank]
+        signs = np.sign(u[np.abs(u).argmax(axis=0), np.arange(rank)])
+        u, vh = u * signs, vh * signs[:, None]
+        c = (shape[0] / shape[1]) ** 0.25
+        ref_a = torch.from_numpy(u * (np.sqrt(s) * c)).float()
+        ref_b = torch.from_numpy(np.sqrt(s)[:, None] / c * vh).float()
+        # Equal to float32 up to the last bit of a few entries (different summation order).
+        assert torch.allclose(a, ref_a, rtol=2e-7, atol=1e-9)
+        assert torch.allclose(b, ref_b, rtol=2e-7, atol=1e-9)
+        assert bool((a[a.abs().argmax(dim=0), torch.arange(rank)] > 0).all())
+
+
 def test_factors_are_balanced() -> None:
     # Both factors' entries have the same typical size, so one quantizer suits both.
     x = 100 * _low_rank(20, 2000, rank=2)
