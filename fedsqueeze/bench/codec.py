@@ -15,7 +15,9 @@ Four parts, printed as tables (and written as JSON with --json):
   tensor    one random-normal fp32 tensor of --tensor-mb MB: size, error and encode/decode
             throughput of each spec next to tensor.clone() and plain zstd level 3,
             which of issue 14's speed targets each spec meets, and three dense specs
-            timed again with the paths before the pipelines, marked "(before)"
+            timed again with one zstd stream per body instead of literal-only pieces on
+            every core, marked "(one stream)", and with the paths before the
+            pipelines, marked "(before)"
             (--tensor-only runs just this part)
 
 Throughput is MB (10^6 bytes) of fp32 input per second, the median of --runs runs. On the
@@ -93,6 +95,9 @@ TENSOR_SPECS = (
 BEFORE_SPECS = ("int8", "quant=4:block64", "quant=4:nf4:block64")
 #: Suffix of those rows' names.
 BEFORE = " (before)"
+#: Suffix of the same specs' rows timed with one zstd stream per dense body (encode and
+#: decode) instead of literal-only pieces on every core: the previous version's path.
+ONE_STREAM = " (one stream)"
 #: Dense specs whose stages are timed one by one on the big tensor.
 PHASE_SPECS = ("int8", "quant=4:block64", "quant=4:nf4:block64")
 #: What each timed spec should reach, as a fraction of clone()'s throughput (issue 14:
@@ -403,6 +408,11 @@ def _tensor(options: CodecBenchOptions, out: Console) -> Json:
         packed, zenc_s = _timed(lambda: cctx.compress(raw), runs)
         _, zdec_s = _timed(lambda: zstandard.ZstdDecompressor().decompress(packed), runs)
         results = [_tensor_spec(n, parse_spec(n), state, runs, size_mb) for n in TENSOR_SPECS]
+        with _one_stream():
+            results += [
+                _tensor_spec(n + ONE_STREAM, parse_spec(n), state, runs, size_mb)
+                for n in BEFORE_SPECS
+            ]
         with _paths_before():
             results += [
                 _tensor_spec(n + BEFORE, parse_spec(n), state, runs, size_mb) for n in BEFORE_SPECS
@@ -485,6 +495,17 @@ def _tensor_spec(name: str, spec: CodecSpec, state: State, runs: int, size_mb: f
 
 
 # ---------------------------------------------------------------------- helpers
+@contextlib.contextmanager
+def _one_stream() -> Iterator[None]:
+    """Dense bodies as one zstd stream each way (same values; the frames differ)."""
+    saved = dense_encode.LITERAL, dense_decode.PIECES
+    dense_encode.LITERAL, dense_decode.PIECES = False, False
+    try:
+        yield
+    finally:
+        dense_encode.LITERAL, dense_decode.PIECES = saved
+
+
 @contextlib.contextmanager
 def _paths_before() -> Iterator[None]:
     """The dense paths as they were before the pipelines (same bytes and values)."""

@@ -8,6 +8,13 @@ thread while the worker threads (:mod:`fedsqueeze.codec.chunks`) dequantize each
 chunk as soon as its bytes have arrived, so zstd's time hides behind the
 dequantization instead of adding to it.
 
+A literal-only frame (what :mod:`fedsqueeze.codec.dense_encode` now writes for large
+bodies; :mod:`fedsqueeze.codec.literal_frames`) is decoded in pieces on every core
+instead: each worker decodes a piece of about one chunk's bytes and dequantizes that
+chunk while it is in cache, so neither zstd nor the dequantization waits on one core.
+Any other frame (level 3 from earlier versions, a frame with matches) is decoded as one
+stream as above, with the same checks.
+
 Codes narrower than a byte are never unpacked: a table of the ``8 / bits`` values of
 each of the 256 byte values (``float(code)``, or the NF4 entry) is gathered straight
 into the output, then the usual ``(q − zp) · scale`` or ``· scale`` is applied in place.
@@ -17,8 +24,10 @@ operations on the same values, so the results are bit-identical; the tests compa
 
 from __future__ import annotations
 
+import bisect
 import math
 import warnings
+from collections.abc import Callable
 from concurrent.futures import Future
 from functools import partial
 from typing import cast
@@ -28,7 +37,7 @@ import numpy.typing as npt
 import torch
 from torch import Tensor
 
-from fedsqueeze.codec import entropy
+from fedsqueeze.codec import entropy, literal_frames
 from fedsqueeze.codec.blockwise import NF4_CODEBOOK
 from fedsqueeze.codec.chunks import np_scratch, run_chunks, scratch, submit
 from fedsqueeze.codec.kernels import Runs
@@ -36,7 +45,7 @@ from fedsqueeze.codec.quantization import QuantParams
 from fedsqueeze.codec.spec import QuantScheme
 from fedsqueeze.errors import FormatError
 
-__all__ = ["PIPELINE_ABOVE", "decode_dense", "pipelines"]
+__all__ = ["PIECES", "PIPELINE_ABOVE", "decode_dense", "pipelines"]
 
 #: Decompressed body size (bytes) from which a dense record is decoded in a pipeline;
 #: below it, one zstd call and the chunked kernels cost less than the hand-offs.
@@ -50,6 +59,9 @@ _WIDTHS = (2, 4, 8)
 #: The chunk kernels in torch operations and the output in torch memory, as before the
 #: NumPy kernels (for the benchmark's side-by-side runs only; same values).
 TORCH_KERNELS = False
+#: Whether literal-only frames are decoded in pieces on every core (off: one stream, as
+#: in the previous version; for the benchmark's side-by-side rows only, same values).
+PIECES = True
 _tables: dict[tuple[int, bool], Tensor] = {}
 
 
@@ -118,6 +130,15 @@ def decode_dense(
         raw = torch.empty(raw_length, dtype=torch.uint8)
     else:
         raw = torch.from_numpy(np.empty(raw_length, dtype=np.uint8))
+        pieces = literal_frames.plan(body, raw_length, -(-_CHUNK * bits // 8)) if PIECES else None
+        if pieces is not None and len(pieces.segments) > 1:
+            try:
+                _in_pieces(body, pieces, raw, bounds, per_byte, chunk)
+            except FormatError:
+                pass  # a corrupt piece: one stream below gives that path's verdict
+            else:
+                _padding(raw, count, bits)
+                return out
     try:
         for filled in entropy.decompress_into(body, raw.numpy().data, _STEP):
             while pending < len(bounds) and -(-bounds[pending][1] // per_byte) <= filled:
@@ -131,6 +152,38 @@ def decode_dense(
             raise error
     _padding(raw, count, bits)
     return out
+
+
+def _in_pieces(
+    body: bytes | memoryview,
+    pieces: literal_frames.Plan,
+    raw: Tensor,
+    bounds: list[tuple[int, int]],
+    per_byte: int,
+    chunk: Callable[[int, int], None],
+) -> None:
+    """A literal-only frame decoded on every core: each worker decodes a segment of it
+    into ``raw`` and dequantizes the chunks whose bytes it holds, while they are in its
+    cache; chunks across two segments (none when the encoder's chunks and the
+    decoder's agree) are dequantized once every segment is in."""
+    segments = pieces.segments
+    starts = [seg.out_start for seg in segments]
+    mine: list[list[tuple[int, int]]] = [[] for _ in segments]
+    across: list[tuple[int, int]] = []
+    for start, stop in bounds:
+        first, last = start // per_byte, -(-stop // per_byte)
+        k = bisect.bisect_right(starts, first) - 1
+        (mine[k] if last <= segments[k].out_stop else across).append((start, stop))
+    view = raw.numpy().data
+
+    def segment(k: int, _: int) -> None:
+        seg = segments[k]
+        literal_frames.decode_piece(body, pieces.header, seg, view[seg.out_start : seg.out_stop])
+        for start, stop in mine[k]:
+            chunk(start, stop)
+
+    run_chunks(segment, [(k, k + 1) for k in range(len(segments))])
+    run_chunks(chunk, across)
 
 
 def _padding(raw: Tensor, count: int, bits: int) -> None:

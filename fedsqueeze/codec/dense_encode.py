@@ -1,26 +1,44 @@
-"""Dense quantized records encoded in a pipeline: zstd compresses the codes already
-quantized while the worker threads quantize the next ones.
+"""Dense quantized records encoded in a pipeline: each worker thread quantizes a chunk
+and entropy-codes it while its codes are still in cache, on every core.
 
 A large dense record (int8, per-channel, block-wise, NF4; 2, 4 or 8 bits, nearest
 rounding) used to be encoded in passes one after the other: quantize the whole tensor
-into a fresh code buffer, pack it, then hand all of it to zstd. zstd was half of the
-encode's time, and most of it ran while nothing else did. Here the codes are made in
-chunks of :data:`_CHUNK` values on the worker threads (:mod:`fedsqueeze.codec.chunks`),
-and the calling thread feeds each chunk, in order, to one streaming zstd compressor as
-soon as it is ready, so zstd runs on one core while the quantization runs on the other.
+into a fresh code buffer, pack it, then hand all of it to zstd. Then (session 22) one
+zstd stream at the record's level ran on the calling thread while the workers made the
+codes: zstd was still ~30 ms of int8's ~45 ms encode of a 100 MB tensor, on one core.
 
-The compressor is zstd's single-threaded one, at the record's level. One call on the
-whole body used zstd's multi-threaded mode from 8 MiB (``threads=-1``: jobs of 8 MiB on
-a thread per core), which cost 1.8x the CPU time of the single-threaded compressor on
-these codes (43 against 24 ms for int8's 25 MB, measured side by side) and competed with
-the quantization for the same two cores. So a pipelined body's frame differs from the
-one-call frame by a few bytes (a stream keeps its window in a ring buffer, one call
-keeps the whole input: on 4 MiB of int8 codes 87 bytes in 2.87 MB; 6 bytes fewer on
-the 25 MB of int8 codes of a 100 MB tensor) and decodes to the same codes. It does not
-depend on the chunking or on the threads' timing (zstd buffers whole blocks; tested).
-The same size sample decides beforehand whether zstd is worth running
-(:func:`~fedsqueeze.codec.entropy.worth_it`), and a frame that is not smaller than the
-codes is dropped, as in :func:`~fedsqueeze.codec.entropy.compress`.
+Now a size sample from the middle of the codes picks the coder (:func:`choose_coder`):
+
+* **literal-only pieces** (the usual case): every chunk of :data:`_CHUNK` values is
+  compressed by zstd's literal-only parameters on the worker that made it, and the
+  pieces are spliced into one ordinary frame (:mod:`fedsqueeze.codec.literal_frames`:
+  older decoders read it as one stream; the new one decodes its pieces on all cores).
+  On quantization codes those parameters are as small as zstd's level 3 (int8 codes
+  of a 100 MB normal tensor: 4 bytes smaller; block-wise 4-bit: 0.03% larger, from a
+  Huffman table per 128 KiB piece instead of per block) and 1.5× cheaper, and they
+  run on both cores instead of one;
+* **raw**, when literal coding saves less than :data:`MIN_GAIN` (3%) of the sample:
+  no entropy stage at all. Not 1%: NF4 codes of a 100 MB normal tensor shrink by 2.3%
+  (13,281,300 → 12,971,683 bytes) and their decode then cost 2.1x the CPU time (113
+  against 53 ms, side by side): the decode target NF4 met raw would be lost for 2.3%.
+  On MiniLM this keeps NF4's large tensor raw, as before;
+* **one stream** at the record's level, as before, when the sample's literal-only frame
+  holds a match, or that level makes the sample more than :data:`LITERAL_SLACK`
+  smaller (codes with repeats: a delta's zeros, low-entropy 4-bit codes); and when
+  more than one piece turned out to hold matches (a splice carries one such piece:
+  :mod:`~fedsqueeze.codec.literal_frames`; the codes are made by then, only zstd runs
+  again, on one core). On the real MiniLM weights the one large tensor (the word
+  embeddings, 11.7M values) has one such piece of 45 in int8 (the rows of unused
+  tokens): it stays in the splice, the only piece decoded with its matches.
+
+The single stream uses zstd's single-threaded compressor: zstd's multi-threaded mode
+(``threads=-1``) cost 1.8x its CPU time on these codes (43 against 24 ms for int8's 25
+MB) and competed with the quantization for the same two cores. Its frame differs from
+one call's by a few bytes (a stream keeps its window in a ring buffer) and decodes to
+the same codes, whatever the chunking or the threads' timing. A frame that is not
+smaller than the codes is dropped, as in :func:`~fedsqueeze.codec.entropy.compress`.
+Bodies under :data:`PIPELINE_ABOVE` (the golden vectors among them) never come here and
+keep their one-call frames.
 
 The kernels are NumPy (single-threaded, GIL released, about a microsecond a call): a
 torch operation called from a worker thread may fork its own OpenMP team, and its fixed
@@ -35,6 +53,7 @@ torch's 4 KiB pages here.
 
 from __future__ import annotations
 
+import enum
 import math
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -52,10 +71,23 @@ from fedsqueeze.codec import entropy
 from fedsqueeze.codec.blockwise import NF4_CODEBOOK
 from fedsqueeze.codec.chunks import np_scratch, run_chunks, submit
 from fedsqueeze.codec.kernels import Runs, nf4_tables
+from fedsqueeze.codec.literal_frames import Piece, compress_piece, emit_piece
 from fedsqueeze.codec.quantization import QuantParams
 from fedsqueeze.codec.spec import QuantScheme, Rounding
 
-__all__ = ["ENABLED", "PIPELINE_ABOVE", "DenseBody", "encode_dense", "pipelines", "quantize_packed"]
+__all__ = [
+    "ENABLED",
+    "LITERAL",
+    "LITERAL_SLACK",
+    "MIN_GAIN",
+    "PIPELINE_ABOVE",
+    "Coder",
+    "DenseBody",
+    "choose_coder",
+    "encode_dense",
+    "pipelines",
+    "quantize_packed",
+]
 
 #: Packed body size (bytes) from which a dense record is encoded in a pipeline (below
 #: it, one zstd call costs less than the hand-offs, and small records, the golden
@@ -64,10 +96,21 @@ PIPELINE_ABOVE = 4 << 20
 #: Values per chunk of work: its float32 temporaries (1 MiB) stay in a core's L2 cache.
 _CHUNK = 1 << 18
 _WIDTHS = (2, 4, 8)
+#: Pieces in flight per worker thread (compressed pieces wait at most this many chunks
+#: for the calling thread: bounded memory on a tensor of any size).
+_AHEAD = 4
+#: A body is stored raw unless literal-only zstd makes its sample this much smaller.
+MIN_GAIN = 0.03
+#: Literal-only pieces are kept unless the record's level makes the sample this much
+#: smaller again.
+LITERAL_SLACK = 0.005
 #: Whether :class:`~fedsqueeze.codec.tensor_encode.TensorEncoder` uses the pipeline (off:
 #: the stages one after the other and zstd's threads, as before; for the benchmark's
 #: side-by-side runs).
 ENABLED = True
+#: Whether large bodies may be coded as literal-only pieces (off: one stream at the
+#: record's level, as in the previous version; for the benchmark's side-by-side rows).
+LITERAL = True
 
 F32 = npt.NDArray[np.float32]
 U8 = npt.NDArray[np.uint8]
@@ -137,21 +180,135 @@ def encode_dense(values: Tensor, qp: QuantParams, runs: Runs | None, level: int)
         run_chunks(lambda start, stop: make(start), [(i, i + 1) for i in range(len(bounds))])
         return _raw(packed)
 
-    # The size sample comes first, from the chunks that hold it (entropy.compress's).
-    if nbytes > entropy.SAMPLE_ABOVE:
-        lo, hi = nbytes // 2, nbytes // 2 + entropy.SAMPLE_BYTES
-        first = [i for i, (b0, b1) in enumerate(byte_bounds) if b1 > lo and b0 < hi]
-        run_chunks(lambda start, stop: make(start), [(i, i + 1) for i in first])
-        for i in first:
-            done[i] = True
-        if not entropy.worth_it(packed.data, level):
-            run_chunks(
-                lambda start, stop: make(start),
-                [(i, i + 1) for i in range(len(bounds)) if not done[i]],
-            )
-            return _raw(packed)
+    # The size sample comes first, from the chunks that hold it; it picks the coder.
+    lo = max(0, nbytes // 2 - entropy.SAMPLE_BYTES // 2)
+    hi = min(nbytes, lo + entropy.SAMPLE_BYTES)
+    first = [i for i, (b0, b1) in enumerate(byte_bounds) if b1 > lo and b0 < hi]
+    run_chunks(lambda start, stop: make(start), [(i, i + 1) for i in first])
+    for i in first:
+        done[i] = True
+    coder = (
+        choose_coder(packed.data[lo:hi], level) if LITERAL else _one_stream(packed, lo, hi, level)
+    )
+    if coder is Coder.RAW:
+        run_chunks(
+            lambda start, stop: make(start),
+            [(i, i + 1) for i in range(len(bounds)) if not done[i]],
+        )
+        return _raw(packed)
+    if coder is Coder.LITERAL:
+        spliced = _spliced(packed, byte_bounds, done, make)
+        if spliced is not None:
+            return spliced
+        # Pieces held matches (rare on quantization codes): one stream after all.
+        done = [True] * len(bounds)
+    return _streamed(packed, byte_bounds, done, make, level)
+
+
+class Coder(enum.Enum):
+    """How a dense body is entropy-coded (:func:`choose_coder`)."""
+
+    #: Stored raw: literal coding shrinks the sample by less than :data:`MIN_GAIN`.
+    RAW = "raw"
+    #: Literal-only pieces on every core, spliced into one frame
+    #: (:mod:`fedsqueeze.codec.literal_frames`).
+    LITERAL = "literal"
+    #: One zstd stream at the record's level (matches pay off).
+    STREAM = "stream"
+
+
+def choose_coder(sample: memoryview, level: int) -> Coder:
+    """The coder for a body whose middle is ``sample``: literal-only zstd unless it
+    saves less than :data:`MIN_GAIN` of the sample (raw), or it finds a match in the
+    sample (the pieces would hold matches: one stream), or the record's level makes
+    the sample more than :data:`LITERAL_SLACK` smaller (one stream at that level:
+    codes with repeats, such as a delta's zeros). Two compressions of at most 256 KiB,
+    about half a millisecond."""
+    size = len(sample)
+    piece = compress_piece(sample)
+    if piece is None or piece.matches:
+        return Coder.STREAM
+    literal = len(piece.frame)
+    if literal >= (1.0 - MIN_GAIN) * size:
+        return Coder.RAW
+    at_level = len(zstandard.ZstdCompressor(level=level, write_content_size=False).compress(sample))
+    return Coder.LITERAL if literal <= (1.0 + LITERAL_SLACK) * (at_level - 4) else Coder.STREAM
+
+
+def _one_stream(packed: U8, lo: int, hi: int, level: int) -> Coder:
+    """The coder before literal pieces (:data:`LITERAL` off): one stream unless zstd at
+    ``level`` saves less than 3% of the sample."""
+    sample = packed.data[lo:hi]
+    size = len(zstandard.ZstdCompressor(level=level).compress(sample))
+    return Coder.STREAM if size < 0.97 * len(sample) else Coder.RAW
+
+
+def _spliced(
+    packed: U8, byte_bounds: list[tuple[int, int]], done: list[bool], make: Callable[[int], None]
+) -> DenseBody | None:
+    """Each chunk made (unless ``done``) and compressed as a literal-only piece on a
+    worker, the pieces spliced in order into one frame; ``None`` when more than one
+    piece held a match (every chunk is made by then)."""
+    nbytes = packed.size
+    view = packed.data
+    count = len(byte_bounds)
+    spliced = True  # read by the workers' piece() (a closure cell): off stops compressing
+
+    def piece(i: int) -> Piece | None:
+        if not done[i]:
+            make(i)
+        if not spliced:
+            return None  # the splice is off: only the codes are needed now
+        b0, b1 = byte_bounds[i]
+        return compress_piece(view[b0:b1])
+
+    # A window of pieces in flight, so the compressed pieces waiting for the calling
+    # thread stay a few chunks' worth, whatever the tensor's size.
+    ahead = _AHEAD * max(1, torch.get_num_threads())
+    futures: dict[int, Future[Piece | None]] = {}
+    submitted = 0
+    frame = _Frame(nbytes, skip=0)
+    window = 0
+    matched = 0
+    try:
+        for i in range(count):
+            while submitted < min(count, i + ahead):
+                futures[submitted] = submit(partial(piece, submitted))
+                submitted += 1
+            got = futures.pop(i).result()
+            if not spliced:
+                continue
+            matched += got is not None and got.matches
+            if got is None or (i and got.window > window) or matched > 1:
+                spliced = False
+                continue
+            if i == 0:
+                window = got.window
+                frame.add(memoryview(got.frame)[: got.header])
+            emit_piece(got, i == count - 1, frame.add)
+    finally:
+        for future in futures.values():  # on an error, wait for the chunks still running
+            future.exception()
+    if not spliced:
+        return None
+    body = frame.body()
+    if body is None:
+        return _raw(packed)
+    return DenseBody(body, nbytes, torch.from_numpy(packed))
+
+
+def _streamed(
+    packed: U8,
+    byte_bounds: list[tuple[int, int]],
+    done: list[bool],
+    make: Callable[[int], None],
+    level: int,
+) -> DenseBody:
+    """The chunks made on the workers (unless ``done``) while one zstd stream at
+    ``level`` compresses them in order on the calling thread."""
+    nbytes = packed.size
     futures: list[Future[None] | None] = [
-        None if done[i] else submit(partial(make, i)) for i in range(len(bounds))
+        None if done[i] else submit(partial(make, i)) for i in range(len(byte_bounds))
     ]
     compressor = zstandard.ZstdCompressor(
         level=level,
@@ -186,13 +343,13 @@ class _Frame:
     end wrote 21 MB of fresh 4 KiB pages: 10 ms of int8's encode); holds at most
     ``limit − 1`` bytes, the most a kept frame may have."""
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, skip: int = 4) -> None:
         self._buf = np.empty(max(0, limit - 1), dtype=np.uint8)
-        self._skip = 4
+        self._skip = skip
         self._size = 0
         self._over = False
 
-    def add(self, part: bytes) -> None:
+    def add(self, part: bytes | memoryview) -> None:
         view = memoryview(part)
         if self._skip:
             cut = min(self._skip, len(view))

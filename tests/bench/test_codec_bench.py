@@ -32,11 +32,13 @@ def test_quick_bench_writes_the_expected_keys(
     assert all(0.0 <= s["accuracy"] <= 1.0 for s in digits["specs"])
     tensor = report["tensor"]
     assert [s["spec"] for s in tensor["specs"]] == list(codec_bench.TENSOR_SPECS) + [
-        name + codec_bench.BEFORE for name in codec_bench.BEFORE_SPECS
-    ]
+        name + codec_bench.ONE_STREAM for name in codec_bench.BEFORE_SPECS
+    ] + [name + codec_bench.BEFORE for name in codec_bench.BEFORE_SPECS]
     by_spec = {s["spec"]: s for s in tensor["specs"]}
     for name in codec_bench.BEFORE_SPECS:  # the paths before: the same values
         assert by_spec[name + codec_bench.BEFORE]["max_abs_err"] == by_spec[name]["max_abs_err"]
+        one_stream = by_spec[name + codec_bench.ONE_STREAM]
+        assert one_stream["max_abs_err"] == by_spec[name]["max_abs_err"]
     for row in tensor["specs"]:
         assert {"bytes", "ratio", "max_abs_err", "rel_rmse", "encode_mb_s", "decode_mb_s",
                 "encode_vs_clone", "decode_vs_clone"} <= set(row)  # fmt: skip
@@ -137,8 +139,8 @@ def test_tensor_only_times_every_spec_and_reports_each_target(
     assert set(report) == {"machine", "tensor"}
     tensor = report["tensor"]
     assert [s["spec"] for s in tensor["specs"]] == list(codec_bench.TENSOR_SPECS) + [
-        name + codec_bench.BEFORE for name in codec_bench.BEFORE_SPECS
-    ]
+        name + codec_bench.ONE_STREAM for name in codec_bench.BEFORE_SPECS
+    ] + [name + codec_bench.BEFORE for name in codec_bench.BEFORE_SPECS]
     expected = [(spec, what) for spec, whats in codec_bench.TARGETS.items() for what in whats]
     assert [(v["spec"], v["what"]) for v in tensor["targets"]] == expected
     for verdict in tensor["targets"]:
