@@ -20,6 +20,7 @@ import torch
 
 from fedsqueeze.cli import main
 from fedsqueeze.codec import CodecSpec, encode_state
+from tests.cli.inproc import run_cli
 from tests.subproc import ROOT, run_module
 
 TIMEOUT = 120.0
@@ -67,14 +68,20 @@ def files(tmp_path: Path) -> Iterator[Files]:
     yield Files(tmp_path)
 
 
-def _codec(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return run_module("fedsqueeze", "codec", *args, timeout=TIMEOUT, env=env)
+def _codec(
+    *args: str, env: dict[str, str] | None = None, real: bool = False
+) -> subprocess.CompletedProcess[str]:
+    if real:
+        return run_module("fedsqueeze", "codec", *args, timeout=TIMEOUT, env=env)
+    return run_cli("codec", *args, env=env)
 
 
-def _refused(files: Files, *args: str, env: dict[str, str] | None = None) -> str:
+def _refused(
+    files: Files, *args: str, env: dict[str, str] | None = None, real: bool = False
+) -> str:
     """Run the command; check the refusal contract; return the one stderr line."""
     before = files.snapshot()
-    proc = _codec(*args, env=env)
+    proc = _codec(*args, env=env, real=real)
     lines = proc.stderr.splitlines()
     assert proc.returncode == 2, (proc.returncode, proc.stderr)
     assert len(lines) == 1, proc.stderr
@@ -86,7 +93,7 @@ def _refused(files: Files, *args: str, env: dict[str, str] | None = None) -> str
 
 # --------------------------------------------------------------- 5: files destroyed
 def test_encode_refuses_its_input_as_output(files: Files) -> None:
-    line = _refused(files, "encode", files.path("model.pt"), files.path("model.pt"))
+    line = _refused(files, "encode", files.path("model.pt"), files.path("model.pt"), real=True)
     assert "also an input" in line
 
 
@@ -135,8 +142,8 @@ def test_force_replaces_and_keeps_the_existing_mode(files: Files, mode: int) -> 
 def test_new_outputs_follow_the_umask(files: Files, umask: int) -> None:
     old = os.umask(umask)
     try:
-        enc = _codec("encode", files.path("model.pt"), files.path("m.fsq"))
-        dec = _codec("decode", files.path("m.fsq"), files.path("m.safetensors"))
+        enc = _codec("encode", files.path("model.pt"), files.path("m.fsq"), real=True)
+        dec = _codec("decode", files.path("m.fsq"), files.path("m.safetensors"), real=True)
     finally:
         os.umask(old)
     assert enc.returncode == 0 and dec.returncode == 0, enc.stderr + dec.stderr
@@ -218,7 +225,12 @@ def test_malicious_pickle_is_refused_without_torch_warnings(files: Files) -> Non
     # protocol 4 makes torch warn before its refusal; unpickled, this would run a command
     evil.write_bytes(pickle.dumps(_RunsACommand(str(files.root / "pwned")), protocol=4))
     line = _refused(
-        files, "encode", str(evil), files.path("x.fsq"), env={"PYTHONWARNINGS": "default"}
+        files,
+        "encode",
+        str(evil),
+        files.path("x.fsq"),
+        env={"PYTHONWARNINGS": "default"},
+        real=True,
     )
     assert "refused" in line and "weights_only" not in line
     assert not (files.root / "pwned").exists()
@@ -278,7 +290,12 @@ def test_duplicate_spec_keys_are_refused(files: Files) -> None:
 
 def test_targets_matching_nothing_warn_in_one_line(files: Files) -> None:
     proc = _codec(
-        "encode", files.path("model.pt"), files.path("x.fsq"), "--spec", "int8,targets=conv*|fc*"
+        "encode",
+        files.path("model.pt"),
+        files.path("x.fsq"),
+        "--spec",
+        "int8,targets=conv*|fc*",
+        real=True,
     )
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr.splitlines() == [

@@ -1,7 +1,9 @@
-"""Usage errors of the run commands, through the real command line in a subprocess.
+"""Usage errors of the run commands.
 
 Each must end with exit status 2 and one line on stderr naming the problem: no
-traceback, and nothing written (no output folder, no JSON, no state directory).
+traceback, and nothing written (no output folder, no JSON, no state directory). The
+first runs as the real command in a subprocess, the rest in this process
+(:func:`tests.cli.inproc.run_cli`: the same ``main``, without importing torch each time).
 """
 
 from __future__ import annotations
@@ -10,11 +12,12 @@ from pathlib import Path
 
 import pytest
 
+from tests.cli.inproc import run_cli
 from tests.subproc import run_module
 
 
-def _usage_error(*argv: str) -> str:
-    proc = run_module("fedsqueeze", *argv, timeout=120)
+def _usage_error(*argv: str, real: bool = False) -> str:
+    proc = run_module("fedsqueeze", *argv, timeout=120) if real else run_cli(*argv)
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert len(lines) == 1, proc.stderr[-2000:]
@@ -24,7 +27,7 @@ def _usage_error(*argv: str) -> str:
 
 def test_sweep_refuses_an_unknown_arm_and_lists_the_known_ones(tmp_path: Path) -> None:
     out = tmp_path / "out"
-    line = _usage_error("sweep", "--set", "arms=fedavg-fp32,nosuch", "--out", str(out))
+    line = _usage_error("sweep", "--set", "arms=fedavg-fp32,nosuch", "--out", str(out), real=True)
     assert "unknown arm 'nosuch'" in line
     assert "fedavg-fp32, fp16, int8, topk-ef, adaptive" in line
     assert not out.exists()
