@@ -48,6 +48,51 @@ log = logging.getLogger(__name__)
 
 #: Environment variable naming the PEM CA file that signs the data plane's certificate.
 CA_ENV = "FEDSQUEEZE_DATA_PLANE_CA"
+#: Environment variables of the default connector's spooling and deadline (set by
+#: ``fedsqueeze edge --spool-dir / --spool-mb / --fetch-timeout-s`` for its ClientApps).
+SPOOL_DIR_ENV = "FEDSQUEEZE_SPOOL_DIR"
+SPOOL_MB_ENV = "FEDSQUEEZE_SPOOL_MB"
+FETCH_TIMEOUT_ENV = "FEDSQUEEZE_FETCH_TIMEOUT_S"
+
+
+def _env_number(name: str) -> float | None:
+    """A positive number from the environment variable ``name``; ``None`` when unset."""
+    text = os.environ.get(name, "").strip()
+    if not text:
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise ConfigError(f"{name} must be a number, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise ConfigError(f"{name} must be a finite number > 0, got {text!r}")
+    return value
+
+
+def spool_from_env() -> SpoolPolicy:
+    """The spooling the environment asks for (:data:`SPOOL_DIR_ENV`, :data:`SPOOL_MB_ENV`),
+    else ``SpoolPolicy()``.
+
+    Raises
+    ------
+    ConfigError
+        A value that is not a positive number, or a folder that does not exist.
+    """
+    megabytes = _env_number(SPOOL_MB_ENV)
+    folder = os.environ.get(SPOOL_DIR_ENV, "").strip()
+    directory = Path(folder).expanduser() if folder else None
+    if directory is not None and not directory.is_dir():
+        raise ConfigError(f"{SPOOL_DIR_ENV} names no folder: {folder}")
+    if megabytes is None:
+        return SpoolPolicy(directory=directory)
+    return SpoolPolicy(threshold_bytes=max(1, int(megabytes * (1 << 20))), directory=directory)
+
+
+def retry_from_env() -> RetryPolicy | None:
+    """A :class:`RetryPolicy` with the deadline :data:`FETCH_TIMEOUT_ENV` asks for, or
+    ``None`` (the client's default) when it is unset."""
+    seconds = _env_number(FETCH_TIMEOUT_ENV)
+    return None if seconds is None else RetryPolicy(deadline_s=seconds)
 
 
 #: Makes the emulated link of one data-plane connection.
@@ -145,11 +190,13 @@ class GrpcConnector:
         store passed to :meth:`fetch` is not used either).
     spool
         When and where a large model is kept on disk and decoded part by part (``None``:
-        ``SpoolPolicy()``, models of 256 MiB and more, in the system's temporary folder).
+        from :data:`SPOOL_DIR_ENV` and :data:`SPOOL_MB_ENV` when set, else
+        ``SpoolPolicy()``: models of 256 MiB and more, in the system's temporary folder).
     retry
-        Deadlines and retries of each fetch and push (``None``: ``RetryPolicy()``, a
-        minute per operation; a large model's first fetch waits for the server to
-        encode it, minutes for a billion parameters).
+        Deadlines and retries of each fetch and push (``None``: a deadline of
+        :data:`FETCH_TIMEOUT_ENV` seconds when set, else ``RetryPolicy()``, a minute per
+        operation; a large model's first fetch waits for the server to encode it,
+        minutes for a billion parameters).
     """
 
     def __init__(
@@ -167,8 +214,8 @@ class GrpcConnector:
         self.root_ca = root_ca or (Path(env) if env else None)
         self.link = link
         self.held_versions = held_versions
-        self.spool = spool if spool is not None else SpoolPolicy()
-        self.retry = retry
+        self.spool = spool if spool is not None else spool_from_env()
+        self.retry = retry if retry is not None else retry_from_env()
         self._streams: dict[str, _Stream] = {}
         self._parts: dict[str, PartStore] = {}
 

@@ -36,6 +36,11 @@ __all__ = ["CA_ENV", "add_arguments", "main"]
 
 #: The variable edge/dataplane.py reads for the data plane's CA (its ``CA_ENV``).
 CA_ENV = "FEDSQUEEZE_DATA_PLANE_CA"
+#: The variables edge/dataplane.py reads for spooling and the fetch deadline (its
+#: ``SPOOL_DIR_ENV``, ``SPOOL_MB_ENV``, ``FETCH_TIMEOUT_ENV``).
+SPOOL_DIR_ENV = "FEDSQUEEZE_SPOOL_DIR"
+SPOOL_MB_ENV = "FEDSQUEEZE_SPOOL_MB"
+FETCH_TIMEOUT_ENV = "FEDSQUEEZE_FETCH_TIMEOUT_S"
 #: The SuperNode's Runtime API host (``supernode.RUNTIME_HOST``; not imported, so that
 #: ``--help`` stays fast).
 RUNTIME_HOST = "127.0.0.1"
@@ -113,6 +118,67 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="most megabytes (MiB) of held tensors kept in CACHE-DIR/parts; the least "
         "recently used versions go first (default: 512)",
     )
+    parser.add_argument(
+        "--spool-mb",
+        type=float,
+        metavar="MB",
+        help="models of at least this many MiB (raw) are fetched in bounded memory: "
+        "verified segments go to a file and the model is decoded part by part into a "
+        "file it is then read from (default: 256)",
+    )
+    parser.add_argument(
+        "--spool-dir",
+        metavar="DIR",
+        help="an existing folder for those files, which are deleted as soon as they are "
+        "open (default: the system's temporary folder)",
+    )
+    parser.add_argument(
+        "--fetch-timeout-s",
+        type=float,
+        metavar="S",
+        help="how long one fetch or upload may take, retries included (default: 60); "
+        "raise it for large models: the coordinator's first encoding of a "
+        "billion-parameter model takes minutes",
+    )
+
+
+def client_app_env(args: argparse.Namespace) -> dict[str, str]:
+    """The environment variables the edge's ClientApps get from its flags (the data
+    plane's CA, threads, spooling and the fetch deadline), checked.
+
+    Raises
+    ------
+    ConfigError
+        A flag's value that cannot be used.
+    FileNotFoundError
+        ``--data-plane-ca`` names no file.
+    """
+    from fedsqueeze.deploy.preflight import check_pem_ca
+    from fedsqueeze.errors import ConfigError
+
+    extra: dict[str, str] = {}
+    data_plane_ca = _existing(args.data_plane_ca)
+    if data_plane_ca is not None:
+        check_pem_ca(data_plane_ca, "--data-plane-ca")
+        extra[CA_ENV] = str(data_plane_ca)
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ConfigError(f"--threads must be >= 1, got {args.threads}")
+        extra.update(OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
+    for flag, value, var in (
+        ("--spool-mb", args.spool_mb, SPOOL_MB_ENV),
+        ("--fetch-timeout-s", args.fetch_timeout_s, FETCH_TIMEOUT_ENV),
+    ):
+        if value is not None:
+            if not 0 < value < float("inf"):
+                raise ConfigError(f"{flag} must be a finite number > 0, got {value}")
+            extra[var] = repr(value)
+    if args.spool_dir is not None:
+        spool_dir = Path(args.spool_dir).expanduser().resolve()
+        if not spool_dir.is_dir():
+            raise ConfigError(f"--spool-dir names no folder: {args.spool_dir}")
+        extra[SPOOL_DIR_ENV] = str(spool_dir)
+    return extra
 
 
 def main(args: argparse.Namespace) -> int:
@@ -128,15 +194,7 @@ def main(args: argparse.Namespace) -> int:
     from fedsqueeze.errors import ConfigError
 
     host, port = parse_address(args.superlink, "--superlink")
-    extra: dict[str, str] = {}
-    data_plane_ca = _existing(args.data_plane_ca)
-    if data_plane_ca is not None:
-        check_pem_ca(data_plane_ca, "--data-plane-ca")
-        extra[CA_ENV] = str(data_plane_ca)
-    if args.threads is not None:
-        if args.threads < 1:
-            raise ConfigError(f"--threads must be >= 1, got {args.threads}")
-        extra.update(OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
+    extra = client_app_env(args)
     part_bytes = None
     if args.part_cache_mb is not None:
         if not args.part_cache_mb > 0:

@@ -236,3 +236,47 @@ def test_help_texts_explain_the_commands() -> None:
 def test_the_advertised_data_plane_address_is_a_flag() -> None:
     args = _coordinator("--data-plane-advertise", "203.0.113.5:7443")
     assert coordinator_cmd.settings_from_args(args).data_plane_advertise == "203.0.113.5:7443"
+
+
+def test_spool_and_deadline_flags_reach_the_client_apps_and_bad_ones_are_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from edge.dataplane import (
+        FETCH_TIMEOUT_ENV,
+        SPOOL_DIR_ENV,
+        SPOOL_MB_ENV,
+        GrpcConnector,
+    )
+
+    base = ("--superlink", "127.0.0.1:8000", "--partition-id", "0", "--num-partitions", "1")
+    env = edge_cmd.client_app_env(
+        _edge(*base, "--spool-mb", "64", "--spool-dir", str(tmp_path), "--fetch-timeout-s", "900")
+    )
+    assert env == {SPOOL_MB_ENV: "64.0", SPOOL_DIR_ENV: str(tmp_path), FETCH_TIMEOUT_ENV: "900.0"}
+    assert edge_cmd.client_app_env(_edge(*base)) == {}
+    # What a ClientApp started with that environment builds by default.
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    connector = GrpcConnector()
+    assert connector.spool.threshold_bytes == 64 << 20 and connector.spool.directory == tmp_path
+    assert connector.retry is not None and connector.retry.deadline_s == 900.0
+    for flag, value, wanted in (
+        ("--spool-mb", "0", "--spool-mb must be"),
+        ("--spool-mb", "inf", "--spool-mb must be"),
+        ("--fetch-timeout-s", "-1", "--fetch-timeout-s must be"),
+        ("--spool-dir", str(tmp_path / "nowhere"), "--spool-dir names no folder"),
+    ):
+        with pytest.raises(ConfigError, match=wanted):
+            edge_cmd.main(_edge(*base, flag, value))
+    # A ClientApp given a bad value by hand says which variable.
+    monkeypatch.setenv(SPOOL_MB_ENV, "lots")
+    with pytest.raises(ConfigError, match=SPOOL_MB_ENV):
+        GrpcConnector()
+    monkeypatch.setenv(SPOOL_MB_ENV, "1")
+    monkeypatch.setenv(SPOOL_DIR_ENV, str(tmp_path / "nowhere"))
+    with pytest.raises(ConfigError, match=SPOOL_DIR_ENV):
+        GrpcConnector()
+    monkeypatch.delenv(SPOOL_DIR_ENV)
+    monkeypatch.setenv(FETCH_TIMEOUT_ENV, "0")
+    with pytest.raises(ConfigError, match=FETCH_TIMEOUT_ENV):
+        GrpcConnector()
