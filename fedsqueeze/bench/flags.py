@@ -65,7 +65,9 @@ def add_progressive_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--parts",
         metavar="PART,...",
-        help="run only these parts: designs, digits, minilm, partwise (default: all)",
+        help="run only these parts: designs, digits, minilm, partwise (default: all); "
+        "gptq (only when named): MiniLM first levels, nearest vs GPTQ rounding at byte "
+        "budgets, fake quantization (5-10 min)",
     )
     parser.add_argument(
         "--minilm-curves",

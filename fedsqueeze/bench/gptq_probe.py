@@ -97,7 +97,12 @@ def _rotation_matrix(n: int, seed: int) -> Tensor:
 
 
 def quantize_tensor(
-    name: str, value: Tensor, bits: int, hessian: Tensor | None, gptq: bool
+    name: str,
+    value: Tensor,
+    bits: int,
+    hessian: Tensor | None,
+    gptq: bool,
+    act_order: bool = False,
 ) -> Choice:
     """``value`` (≥2-D) rotated, rounded to a ``bits``-bit grid and decoded.
 
@@ -123,7 +128,7 @@ def quantize_tensor(
         raise RuntimeError("no clip fraction to try")
     _, grid, codes = best
     if gptq and h is not None:
-        codes = gptq_codes(w, h, grid)
+        codes = gptq_codes(w, h, grid, act_order=act_order)
         fitted = refit_levels(w, codes, grid, h)
     else:
         fitted = refit_levels(w, codes, grid)
@@ -133,9 +138,7 @@ def quantize_tensor(
     else:
         error = float((w - approx).square().sum())
     count = grid.levels.numel()
-    nbytes = (
-        _entropy_bits(codes, count) / 8 * CODER_OVERHEAD + 2 * grid.scale.numel() + 2 * count
-    )
+    nbytes = _entropy_bits(codes, count) / 8 * CODER_OVERHEAD + 2 * grid.scale.numel() + 2 * count
     decoded = unrotate(approx.to(torch.float32), seed, shape)
     return Choice(bits=bits, nbytes=nbytes, error=error, decoded=decoded)
 
@@ -199,53 +202,144 @@ def allocate(
     return pick(hi)
 
 
+def _group(name: str) -> str:
+    """The sequential step of a tensor: its name up to the first numeric component
+    (``encoder.layer.3.``), or the name itself."""
+    parts = name.split(".")
+    for i, part in enumerate(parts):
+        if part.isdigit():
+            return ".".join(parts[: i + 1]) + "."
+    return name
+
+
+def sequential_gptq(
+    state: dict[str, Tensor],
+    bits: dict[str, int],
+    moments_of: Callable[[dict[str, Tensor]], dict[str, Tensor]],
+) -> dict[str, Choice]:
+    """GPTQ layer by layer: the tensors without input moments (embeddings) first, by
+    nearest rounding; then each group (:func:`_group`, in state-dict order) with the
+    moments of its inputs in the model whose earlier groups are already quantized, so
+    each layer compensates what the earlier ones lost on the calibration inputs."""
+    moments = moments_of(state)
+    chosen: dict[str, Choice] = {}
+    for name, k in bits.items():
+        if name not in moments:
+            chosen[name] = quantize_tensor(name, state[name], k, None, False)
+    order: list[str] = []
+    for name in state:
+        if name in bits and name in moments and _group(name) not in order:
+            order.append(_group(name))
+    for group in order:
+        current = dict(state)
+        current.update({k: c.decoded for k, c in chosen.items()})
+        moments = moments_of(current)
+        for name, k in bits.items():
+            if name in moments and _group(name) == group:
+                chosen[name] = quantize_tensor(name, state[name], k, moments[name], True)
+    return chosen
+
+
 def run_probe(
     state: dict[str, Tensor],
     cosine: Callable[[dict[str, Tensor]], float],
-    moments: dict[str, Tensor],
+    moments_of: Callable[[dict[str, Tensor]], dict[str, Tensor]],
     weights: dict[str, float],
     budgets: Iterable[int],
-    bit_options: tuple[int, ...] = (1, 2, 3, 4),
+    bit_options: tuple[int, ...] = (1, 2, 3, 4, 5, 6),
     out: Callable[[str], None] = print,
 ) -> list[dict[str, Any]]:
-    """Measure the plans (``2``, ``1/3``, and allocations at each of ``budgets`` bytes)
-    with each rounding; returns one row per (plan, rounding)."""
+    """Measure the plans with each rounding; returns one row per (plan, rounding).
+
+    Plans: ``2`` (every tensor at 2 bits), ``1/3`` (the largest tensor at 1 bit, the
+    rest at 3), and an allocation at each of ``budgets`` (bytes, everything counted);
+    at the middle budget also GPTQ layer by layer (:func:`sequential_gptq`) and two
+    ablations: the largest tensor kept in fp32, and the largest tensor alone quantized.
+    ``moments_of(state)`` runs the calibration inputs through the model holding
+    ``state`` and returns its Linears' input moments (:func:`input_moments`)."""
+    budgets = sorted(budgets)
     matrices = [k for k, v in state.items() if v.ndim >= 2]
+    largest = max(matrices, key=lambda k: state[k].numel())
     fixed = sum(4.0 * v.numel() for k, v in state.items() if v.ndim < 2)
+    moments = moments_of(state)
     options: dict[str, dict[str, list[Choice]]] = {"rtn": {}, "gptq": {}}
     for name in matrices:
         h = moments.get(name)
-        for method in ("rtn", "gptq"):
-            if method == "gptq" and h is None:
-                options[method][name] = options["rtn"][name]
-                continue
-            options[method][name] = [
-                quantize_tensor(name, state[name], k, h, method == "gptq") for k in bit_options
-            ]
+        options["rtn"][name] = [
+            quantize_tensor(name, state[name], k, h, False) for k in bit_options
+        ]
+        options["gptq"][name] = (
+            [quantize_tensor(name, state[name], k, h, True) for k in bit_options]
+            if h is not None
+            else options["rtn"][name]
+        )
     rows: list[dict[str, Any]] = []
 
-    def measure(plan: str, method: str, chosen: dict[str, Choice]) -> None:
+    def measure(plan: str, method: str, chosen: dict[str, Choice | None]) -> None:
         decoded = dict(state)
-        decoded.update({k: c.decoded for k, c in chosen.items()})
-        total = fixed + sum(c.nbytes for c in chosen.values())
+        total = fixed
+        for k, c in chosen.items():
+            if c is None:
+                total += 4.0 * state[k].numel()
+            else:
+                decoded[k] = c.decoded
+                total += c.nbytes
         cos = cosine(decoded)
-        bits = {k: c.bits for k, c in chosen.items()}
+        bits = {k: (32 if c is None else c.bits) for k, c in chosen.items()}
         rows.append({"plan": plan, "method": method, "bytes": total, "cosine": cos, "bits": bits})
-        spread = sorted(bits.values())
-        out(
-            f"{plan:>12} {method:>5}  {total / 1e6:6.2f} MB  cosine {cos:.4f}  "
-            f"bits min/median/max {spread[0]}/{spread[len(spread) // 2]}/{spread[-1]}"
-        )
+        out(f"{plan:>34} {method:>10}  {total / 1e6:7.2f} MB  cosine {cos:.4f}")
 
+    middle = budgets[len(budgets) // 2] if budgets else None
     for method, opts in options.items():
         by_bits = {k: {c.bits: c for c in cs} for k, cs in opts.items()}
         if 2 in bit_options:
-            measure("2", method, {k: b[2] for k, b in by_bits.items()})
+            measure("2 bits", method, {k: b[2] for k, b in by_bits.items()})
         if 1 in bit_options and 3 in bit_options:
-            plan = {k: b[1 if "word_embeddings" in k else 3] for k, b in by_bits.items()}
-            measure("1/3", method, plan)
+            plan = {k: b[1 if k == largest else 3] for k, b in by_bits.items()}
+            measure(f"{largest} 1, others 3", method, dict(plan))
         for budget in budgets:
             chosen = allocate(opts, weights, budget - fixed)
-            if chosen is not None:
-                measure(f"<= {budget / 1e6:.2f} MB", method, chosen)
+            if chosen is None:
+                continue
+            measure(f"allocated <= {budget / 1e6:.2f} MB", method, dict(chosen))
+            if method != "gptq" or budget != middle:
+                continue
+            alloc = {k: c.bits for k, c in chosen.items()}
+            measure(
+                "  same, layer by layer", "gptq-seq",
+                dict(sequential_gptq(state, alloc, moments_of)),
+            )  # fmt: skip
+            restored: dict[str, Choice | None] = dict(chosen)
+            restored[largest] = None
+            measure(f"  same, {largest} fp32", method, restored)
+            alone: dict[str, Choice | None] = {k: None for k in matrices}
+            alone[largest] = chosen[largest]
+            measure(f"  {largest} alone at {chosen[largest].bits}", method, alone)
     return rows
+
+
+def minilm_probe(out: Callable[[str], None] = print) -> list[dict[str, Any]] | None:
+    """:func:`run_probe` on all-MiniLM-L6-v2: calibration sentences for the moments and
+    the Fisher weights, the bench's test sentences for the cosine; budgets 1/24, 1/20,
+    1/16, 1/12, 1/10 and 1/8 of fp32. ``None`` without the bench extra."""
+    from fedsqueeze.bench.codec import minilm_sentence_model
+    from fedsqueeze.bench.progressive import minilm, stdlib_sentences
+    from fedsqueeze.bench.sensitivity import calibration_sentences, minilm_fisher
+
+    loaded = minilm(stdlib_sentences())
+    probe_model = minilm_sentence_model()
+    calibration = calibration_sentences()
+    fisher = minilm_fisher(calibration)
+    if loaded is None or probe_model is None or fisher is None:
+        return None
+    state, cosine = loaded
+    model, inner = probe_model
+    features = model.tokenize(calibration)
+
+    def moments_of(s: dict[str, Tensor]) -> dict[str, Tensor]:
+        inner.load_state_dict(s)
+        return input_moments(inner, lambda: model(dict(features)), features["attention_mask"])
+
+    fp32 = sum(4 * v.numel() for v in state.values())
+    budgets = [fp32 // d for d in (24, 20, 16, 12, 10, 8)]
+    return run_probe(dict(state), cosine, moments_of, fisher, budgets, out=out)

@@ -29,6 +29,10 @@ minilm    the same curve for all-MiniLM-L6-v2, as the mean cosine similarity bet
           other standard-library modules (:mod:`fedsqueeze.bench.sensitivity`);
 overhead  the whole progressive stream against a one-shot encoding at the same final
           precision;
+gptq      (only when named) a fake-quantization probe of MiniLM first levels at byte
+          budgets: nearest rounding against GPTQ (data-aware rounding with each
+          Linear's input moments on the calibration sentences), per-tensor bits
+          allocated by Fisher weight (:mod:`fedsqueeze.bench.gptq_probe`);
 partwise  peak memory beyond the loaded MiniLM of decoding a stream whole
           (``decode_state``) against part by part into the loaded tensors
           (``decode_into``), each in a fresh process (:mod:`fedsqueeze.bench.partwise`).
@@ -87,6 +91,8 @@ MINILM_CURVES = (
     ("quant=8:symmetric:block384:dq:hadamard,levels=2+1+1+1+1+2", LevelOrder.WEIGHTED),
 )
 PARTS = ("designs", "digits", "minilm", "partwise")
+#: Parts that run only when named (``--parts gptq``: 5-10 min of CPU).
+OPT_IN_PARTS = ("gptq",)
 PARTWISE_SPECS = ("quant=8:channel", "lossless", "prune=l1:0.9,quant=4")
 
 #: Standard-library modules whose docstrings give the MiniLM sentences (sorted, fixed).
@@ -229,13 +235,19 @@ def run(
     """Run the chosen ``parts`` (:data:`PARTS`); prints tables and returns the figures.
 
     ``minilm_curves``: the (spec, refinement order) of each MiniLM curve."""
-    unknown = set(parts) - set(PARTS)
+    unknown = set(parts) - set(PARTS) - set(OPT_IN_PARTS)
     if unknown:
-        raise ValueError(f"unknown parts {sorted(unknown)}; choose from {', '.join(PARTS)}")
+        names = ", ".join(PARTS + OPT_IN_PARTS)
+        raise ValueError(f"unknown parts {sorted(unknown)}; choose from {names}")
     torch.manual_seed(0)
     report: Json = {"python": sys.version.split()[0], "parts": list(parts)}
     if "designs" in parts or "digits" in parts:
         _run_digits(report, out, parts)
+    if "gptq" in parts and not skip_minilm:
+        from fedsqueeze.bench.gptq_probe import minilm_probe
+
+        out("\nMiniLM first levels, fake quantization: nearest vs GPTQ rounding (gptq_probe)")
+        report["minilm_gptq_probe"] = minilm_probe(out)
     if skip_minilm or not {"designs", "minilm", "partwise"} & set(parts):
         return report
     sentences = stdlib_sentences()

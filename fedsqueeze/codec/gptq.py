@@ -136,7 +136,12 @@ def output_error(weight: Tensor, approx: Tensor, hessian: Tensor) -> float:
 
 
 def gptq_codes(
-    weight: Tensor, hessian: Tensor, grid: Grid, damp: float = 0.01, block: int = 128
+    weight: Tensor,
+    hessian: Tensor,
+    grid: Grid,
+    damp: float = 0.01,
+    block: int = 128,
+    act_order: bool = False,
 ) -> Tensor:
     """GPTQ codes of ``weight`` on ``grid`` for the input moments ``hessian``.
 
@@ -153,6 +158,10 @@ def gptq_codes(
         the calibration inputs span fewer than ``cols`` directions).
     block
         Columns per lazy batch.
+    act_order
+        Round the columns in order of falling ``H`` diagonal (the inputs with most
+        energy first, while the most columns are left to compensate), not left to
+        right; the grid's scales stay those of the original columns.
 
     Returns
     -------
@@ -171,6 +180,12 @@ def gptq_codes(
     w[:, dead] = 0.0
     mean_diag = float(torch.diagonal(h).mean())
     h += torch.eye(cols, dtype=torch.float64) * (damp * mean_diag)
+    if act_order:
+        perm = torch.argsort(torch.diagonal(h), descending=True, stable=True)
+    else:
+        perm = torch.arange(cols)
+    w = w[:, perm]
+    h = h[perm][:, perm]
     inverse = torch.cholesky_inverse(torch.linalg.cholesky(h))
     upper = torch.linalg.cholesky(inverse, upper=True)
     codes = torch.empty(rows, cols, dtype=torch.int64)
@@ -181,9 +196,10 @@ def gptq_codes(
         u = upper[start:end, start:end]
         for i in range(end - start):
             col = part[:, i]
-            code = grid.nearest(col, start + i)
-            codes[:, start + i] = code
-            value = grid.levels[code] * grid.column_scale(start + i)
+            original = int(perm[start + i])
+            code = grid.nearest(col, original)
+            codes[:, original] = code
+            value = grid.levels[code] * grid.column_scale(original)
             err = (col - value) / u[i, i]
             part[:, i:] -= err.unsqueeze(1) * u[i, i:].unsqueeze(0)
             errors[:, i] = err
@@ -201,7 +217,7 @@ def refit_levels(weight: Tensor, codes: Tensor, grid: Grid, hessian: Tensor | No
     out of order are sorted back with their codes unchanged only if they stay ascending,
     otherwise the old grid is returned (a decoder needs ascending levels).
     """
-    rows, cols = weight.shape
+    cols = weight.shape[1]
     count = grid.levels.numel()
     scale = grid.scale.repeat_interleave(grid.group, dim=1)[:, :cols]
     w = weight.to(torch.float64)
