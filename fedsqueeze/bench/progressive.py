@@ -54,6 +54,7 @@ import torch
 from fedsqueeze.bench.level_designs import compare_designs, print_designs
 from fedsqueeze.codec import CodecSpec, decode_prefix, encode_state, smallest_prefix
 from fedsqueeze.codec.level_order import LevelOrder
+from fedsqueeze.codec.nested_gptq import Calibration
 from fedsqueeze.codec.spec_text import format_spec, parse_spec
 
 State = Mapping[str, torch.Tensor]
@@ -147,11 +148,14 @@ def prefix_curve(
     order: LevelOrder = LevelOrder.RELATIVE,
     count: int = 14,
     weights: Mapping[str, float] | None = None,
+    calibration: Calibration | None = None,
 ) -> Json:
     """Quality of the model decoded from growing prefixes of ``state``'s progressive stream
     (``count`` points on a log axis, and ``extra_points`` past the smallest prefix);
-    ``weights`` for the weighted order."""
-    encoded = encode_state(state, spec, seed=0, order=order, weights=weights)
+    ``weights`` for the weighted order, ``calibration`` for GPTQ-chosen codes."""
+    encoded = encode_state(
+        state, spec, seed=0, order=order, weights=weights, calibration=calibration
+    )
     stream = encoded.to_bytes()[:-4]
     start = smallest_prefix(encoded)
     points = sorted(
@@ -231,10 +235,14 @@ def run(
     out: Callable[[str], None] = print,
     parts: tuple[str, ...] = PARTS,
     minilm_curves: tuple[tuple[str, LevelOrder], ...] = MINILM_CURVES,
+    minilm_margins: tuple[int | None, ...] = (),
 ) -> Json:
     """Run the chosen ``parts`` (:data:`PARTS`); prints tables and returns the figures.
 
-    ``minilm_curves``: the (spec, refinement order) of each MiniLM curve."""
+    ``minilm_curves``: the (spec, refinement order) of each MiniLM curve;
+    ``minilm_margins``: per curve, ``None`` for nearest codes or the trust-region margin
+    of GPTQ-chosen codes (:mod:`fedsqueeze.codec.nested_gptq`) with input moments on
+    the calibration sentences (missing entries: ``None``)."""
     unknown = set(parts) - set(PARTS) - set(OPT_IN_PARTS)
     if unknown:
         names = ", ".join(PARTS + OPT_IN_PARTS)
@@ -267,19 +275,43 @@ def run(
         weights = None
         if any(order is LevelOrder.WEIGHTED for _, order in minilm_curves):
             weights = _minilm_weights(report, out, state)
-        for text, order in minilm_curves:
+        hessians: dict[str, torch.Tensor] | None = None
+        for i, (text, order) in enumerate(minilm_curves):
+            margin = minilm_margins[i] if i < len(minilm_margins) else None
+            calibration = None
+            if margin is not None:
+                hessians = hessians or _minilm_hessians(out)
+                calibration = Calibration(hessians=hessians, margin=margin)
             points = (fp32 // 4, fp32 // 6, fp32 // 7, fp32 // 8, fp32 // 16, fp32 // 32)
             curve = prefix_curve(
                 state, parse_spec(text), cosine, points, order, count=4,
                 weights=weights if order is LevelOrder.WEIGHTED else None,
+                calibration=calibration,
             )  # fmt: skip
             curve["fp32_bytes"] = fp32
+            curve["gptq_margin"] = margin
             curves.append(curve)
             _print_curve(out, f"MiniLM embedding cosine ({len(sentences)} sentences)", curve, fp32)
         report["minilm"] = curves
     if "partwise" in parts:
         _run_partwise(report, out, state)
     return report
+
+
+def _minilm_hessians(out: Callable[[str], None]) -> dict[str, torch.Tensor]:
+    """Input moments of every Linear of MiniLM on the calibration sentences."""
+    from fedsqueeze.bench.codec import minilm_sentence_model
+    from fedsqueeze.bench.gptq_probe import input_moments
+    from fedsqueeze.bench.sensitivity import calibration_sentences
+
+    loaded = minilm_sentence_model()
+    if loaded is None:
+        raise RuntimeError("GPTQ codes need the MiniLM weights")
+    model, inner = loaded
+    features = model.tokenize(calibration_sentences())
+    moments = input_moments(inner, lambda: model(dict(features)), features["attention_mask"])
+    out(f"\nInput moments of {len(moments)} Linears on the calibration sentences (GPTQ codes)")
+    return moments
 
 
 def _minilm_weights(report: Json, out: Callable[[str], None], state: State) -> dict[str, float]:
@@ -422,14 +454,36 @@ def parse_curve(text: str) -> tuple[str, LevelOrder]:
         raise ValueError(f"unknown refinement order {order!r}; choose from {names}") from None
 
 
+def split_gptq(text: str) -> tuple[str, int | None]:
+    """``SPEC@ORDER+gptq[MARGIN]`` → (``SPEC@ORDER``, margin; 8 when not given), or
+    (``text``, ``None``) without the suffix.
+
+    Raises
+    ------
+    ValueError
+        A margin that is not a whole number.
+    """
+    head, sep, tail = text.rpartition("+gptq")
+    if not sep or "," in tail or "@" in tail:
+        return text, None
+    if tail and not tail.isdigit():
+        raise ValueError(f"the GPTQ margin must be a whole number, got {tail!r}")
+    return head, int(tail) if tail else 8
+
+
 def main(args: argparse.Namespace) -> int:
     """Run from ``fedsqueeze bench progressive`` (flags in :mod:`fedsqueeze.bench.flags`)."""
     torch.set_num_threads(1)
     parts = tuple(args.parts.split(",")) if args.parts else PARTS
     curves: tuple[tuple[str, LevelOrder], ...] = MINILM_CURVES
+    margins: tuple[int | None, ...] = ()
     if args.minilm_curves:
-        curves = tuple(parse_curve(item) for item in args.minilm_curves.split(";") if item)
-    report = run(skip_minilm=args.skip_minilm, parts=parts, minilm_curves=curves)
+        items = [split_gptq(item) for item in args.minilm_curves.split(";") if item]
+        curves = tuple(parse_curve(text) for text, _ in items)
+        margins = tuple(margin for _, margin in items)
+    report = run(
+        skip_minilm=args.skip_minilm, parts=parts, minilm_curves=curves, minilm_margins=margins
+    )
     if args.json:
         args.json.write_text(json.dumps(report, indent=1))
     return 0

@@ -29,6 +29,7 @@ a second.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -36,9 +37,12 @@ from torch import Tensor
 
 __all__ = [
     "Grid",
+    "Pick",
+    "feedback",
     "gptq_codes",
     "nearest_codes",
     "output_error",
+    "prepare",
     "refit_levels",
     "uniform_grid",
 ]
@@ -168,11 +172,29 @@ def gptq_codes(
     Tensor
         ``[rows, cols]`` int64 codes; ``grid.decode`` gives the values.
     """
+    w, upper, perm = prepare(weight, hessian, damp, act_order)
+
+    def pick(col: Tensor, original: int) -> tuple[Tensor, Tensor]:
+        code = grid.nearest(col, original)
+        return code, grid.levels[code] * grid.column_scale(original)
+
+    return feedback(w, upper, perm, pick, block)
+
+
+#: Rounds one column: (values ``[rows]``, original column index) → (codes, decoded values).
+Pick = Callable[[Tensor, int], tuple[Tensor, Tensor]]
+
+
+def prepare(
+    weight: Tensor, hessian: Tensor, damp: float = 0.01, act_order: bool = False
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The permuted float64 weight, the upper Cholesky factor of the damped ``H⁻¹`` in
+    the same order, and the permutation (see :func:`gptq_codes`)."""
     rows, cols = weight.shape
     if hessian.shape != (cols, cols):
         raise ValueError(f"a {rows}x{cols} weight needs a {cols}x{cols} hessian")
-    if damp < 0 or block < 1:
-        raise ValueError("damp must be >= 0 and block >= 1")
+    if damp < 0:
+        raise ValueError("damp must be >= 0")
     w = weight.to(torch.float64).clone()
     h = hessian.to(torch.float64).clone()
     dead = torch.diagonal(h) <= 0
@@ -184,10 +206,19 @@ def gptq_codes(
         perm = torch.argsort(torch.diagonal(h), descending=True, stable=True)
     else:
         perm = torch.arange(cols)
-    w = w[:, perm]
     h = h[perm][:, perm]
     inverse = torch.cholesky_inverse(torch.linalg.cholesky(h))
-    upper = torch.linalg.cholesky(inverse, upper=True)
+    return w[:, perm], torch.linalg.cholesky(inverse, upper=True), perm
+
+
+def feedback(w: Tensor, upper: Tensor, perm: Tensor, pick: Pick, block: int = 128) -> Tensor:
+    """GPTQ's column loop over ``w`` (``[rows, cols]``, permuted, float64; not modified)
+    with ``pick`` rounding each column; returns ``[rows, cols]`` int64 codes in the
+    original column order."""
+    if block < 1:
+        raise ValueError("block must be >= 1")
+    w = w.clone()
+    rows, cols = w.shape
     codes = torch.empty(rows, cols, dtype=torch.int64)
     for start in range(0, cols, block):
         end = min(start + block, cols)
@@ -197,9 +228,8 @@ def gptq_codes(
         for i in range(end - start):
             col = part[:, i]
             original = int(perm[start + i])
-            code = grid.nearest(col, original)
+            code, value = pick(col, original)
             codes[:, original] = code
-            value = grid.levels[code] * grid.column_scale(original)
             err = (col - value) / u[i, i]
             part[:, i:] -= err.unsqueeze(1) * u[i, i:].unsqueeze(0)
             errors[:, i] = err
