@@ -114,9 +114,9 @@ def calibrated_codes(
         scale = qp.scale.expand(n)
         zp = qp.zero_point.expand(n)
     else:
-        index = channels_of
-        if isinstance(channels_of, Runs):
-            index = channels_of.index(n, values.device)
+        index = (
+            channels_of.index(n, values.device) if isinstance(channels_of, Runs) else channels_of
+        )
         if index is None:
             raise ValueError("per-channel parameters need the channel of every value")
         scale, zp = qp.scale[index], qp.zero_point[index]
