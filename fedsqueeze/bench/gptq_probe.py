@@ -248,13 +248,15 @@ def run_probe(
     budgets: Iterable[int],
     bit_options: tuple[int, ...] = (1, 2, 3, 4, 5, 6),
     out: Callable[[str], None] = print,
+    ablate_at: int | None = None,
 ) -> list[dict[str, Any]]:
     """Measure the plans with each rounding; returns one row per (plan, rounding).
 
     Plans: ``2`` (every tensor at 2 bits), ``1/3`` (the largest tensor at 1 bit, the
     rest at 3), and an allocation at each of ``budgets`` (bytes, everything counted);
-    at the middle budget also GPTQ layer by layer (:func:`sequential_gptq`) and two
-    ablations: the largest tensor kept in fp32, and the largest tensor alone quantized.
+    at the budget ``ablate_at`` (default: the middle one) also GPTQ layer by layer
+    (:func:`sequential_gptq`) and two ablations: the largest tensor kept in fp32, and
+    the largest tensor alone quantized.
     ``moments_of(state)`` runs the calibration inputs through the model holding
     ``state`` and returns its Linears' input moments (:func:`input_moments`)."""
     budgets = sorted(budgets)
@@ -289,7 +291,7 @@ def run_probe(
         rows.append({"plan": plan, "method": method, "bytes": total, "cosine": cos, "bits": bits})
         out(f"{plan:>34} {method:>10}  {total / 1e6:7.2f} MB  cosine {cos:.4f}")
 
-    middle = budgets[len(budgets) // 2] if budgets else None
+    middle = ablate_at if ablate_at is not None else budgets[len(budgets) // 2] if budgets else None
     for method, opts in options.items():
         by_bits = {k: {c.bits: c for c in cs} for k, cs in opts.items()}
         if 2 in bit_options:
@@ -342,4 +344,6 @@ def minilm_probe(out: Callable[[str], None] = print) -> list[dict[str, Any]] | N
 
     fp32 = sum(4 * v.numel() for v in state.values())
     budgets = [fp32 // d for d in (24, 20, 16, 12, 10, 8)]
-    return run_probe(dict(state), cosine, moments_of, fisher, budgets, out=out)
+    return run_probe(
+        dict(state), cosine, moments_of, fisher, budgets, out=out, ablate_at=budgets[2]
+    )

@@ -236,8 +236,11 @@ def nested_codes(
                 lo = first.clamp_min(lo_all)
                 hi = (first + (1 << add) - 1).clamp_max(hi_all)
             if near is not None:
-                lo = torch.maximum(lo, (near[:, j] - margin).clamp_min(lo_code) >> shift)
-                hi = torch.minimum(hi, (near[:, j] + margin).clamp_max(hi_code) >> shift)
+                # the window around the nearest code, clamped into the chain's buckets
+                # (the chain wins where they do not meet: the planes must nest)
+                low = (near[:, j] - margin).clamp_min(lo_code) >> shift
+                high = (near[:, j] + margin).clamp_max(hi_code) >> shift
+                lo, hi = torch.clamp(low, lo, hi), torch.clamp(high, lo, hi)
             guess = torch.floor(units / (1 << shift)).to(torch.int64)
             best = torch.zeros_like(guess)
             best_dist = torch.full_like(units, float("inf"))
