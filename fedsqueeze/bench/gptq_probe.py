@@ -25,6 +25,13 @@ cosine loss ``F_t · e_t(k)`` (``F_t``: the tensor's Fisher weight from
 :mod:`fedsqueeze.bench.sensitivity`; ``e_t``: its squared error, in the ``H`` metric
 rescaled to weight units for a Linear). The cosine is the bench's: the mean cosine of
 the normalised sentence embeddings of the test sentences, decoded against fp32.
+
+Measured (BENCHMARKS.md, "Calibrated codes"): at 1/16 of fp32 the best allocation gives
+0.785 with nearest rounding and 0.853 with GPTQ (0.855 layer by layer); every tensor at 2
+bits 0.543 / 0.810. The word embeddings (half the values, no input moments: a lookup)
+cost most: the rest at the GPTQ allocation with them in fp32 gives 0.961 on its own,
+they alone at 1 bit 0.896. The issue's 0.95 at 1/16 is out of reach of scalar codes
+with data-aware rounding and per-tensor bits.
 """
 
 from __future__ import annotations

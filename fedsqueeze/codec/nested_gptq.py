@@ -21,6 +21,17 @@ in a bucket that is not its nearest when that lowers the output error, and then 
 to that bucket at every finer level (the error feedback of the finer levels compensates
 the constraint through the other columns).
 
+The trust region (``margin``) is what the nesting costs: a value GPTQ moves to a
+neighbouring bucket at a coarse level stays in it at every finer level, so the fine
+levels (and the whole stream) are worse than nearest rounding's by up to ``margin``
+codes on the values moved. On all-MiniLM-L6-v2 (``fedsqueeze bench progressive``,
+``quant=8:symmetric:block384:dq:hadamard,levels=2+1+1+1+1+2``, weighted order;
+BENCHMARKS.md, "Calibrated codes"): embedding cosine at 1/16 / 1/8 of fp32 / whole
+stream 0.787 / 0.9885 / ≈1 with nearest codes, 0.825 / 0.9899 / 0.9995 with margin 2,
+0.855 / 0.984 / 0.995 with margin 8. A residual design (refinements quantizing what the
+first level left, so the fine levels do not inherit its choices) would lift the trade-off,
+at the price of a new record kind; not built.
+
 Monotone property: every level's codes are nested in the coarser ones (tested, and the
 decoder's prefix checks are unchanged). What falls level by level is the output error on
 the calibration inputs, not the squared weight error of nearest rounding (tested on
