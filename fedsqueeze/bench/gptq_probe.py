@@ -27,9 +27,9 @@ rescaled to weight units for a Linear). The cosine is the bench's: the mean cosi
 the normalised sentence embeddings of the test sentences, decoded against fp32.
 
 Measured (BENCHMARKS.md, "Calibrated codes"): at 1/16 of fp32 the best allocation gives
-0.785 with nearest rounding and 0.853 with GPTQ (0.855 layer by layer); every tensor at 2
+0.785 with nearest rounding and 0.853 with GPTQ (0.856 layer by layer); every tensor at 2
 bits 0.543 / 0.810. The word embeddings (half the values, no input moments: a lookup)
-cost most: the rest at the GPTQ allocation with them in fp32 gives 0.961 on its own,
+cost most: the rest at the GPTQ allocation with them in fp32 gives 0.963 on its own,
 they alone at 1 bit 0.896. The issue's 0.95 at 1/16 is out of reach of scalar codes
 with data-aware rounding and per-tensor bits.
 """
