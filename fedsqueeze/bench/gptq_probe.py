@@ -59,6 +59,8 @@ __all__ = [
     "Choice",
     "allocate",
     "input_moments",
+    "minilm_moments",
+    "minilm_probe",
     "quantize_tensor",
     "run_probe",
 ]
@@ -354,3 +356,25 @@ def minilm_probe(out: Callable[[str], None] = print) -> list[dict[str, Any]] | N
     return run_probe(
         dict(state), cosine, moments_of, fisher, budgets, out=out, ablate_at=budgets[2]
     )
+
+
+def minilm_moments(out: Callable[[str], None] = print) -> dict[str, Tensor]:
+    """:func:`input_moments` of every Linear of all-MiniLM-L6-v2 on the calibration
+    sentences (:func:`fedsqueeze.bench.sensitivity.calibration_sentences`).
+
+    Raises
+    ------
+    RuntimeError
+        Without the bench extra (the MiniLM weights).
+    """
+    from fedsqueeze.bench.codec import minilm_sentence_model
+    from fedsqueeze.bench.sensitivity import calibration_sentences
+
+    loaded = minilm_sentence_model()
+    if loaded is None:
+        raise RuntimeError("GPTQ codes need the MiniLM weights")
+    model, inner = loaded
+    features = model.tokenize(calibration_sentences())
+    moments = input_moments(inner, lambda: model(dict(features)), features["attention_mask"])
+    out(f"\nInput moments of {len(moments)} Linears on the calibration sentences (GPTQ codes)")
+    return moments

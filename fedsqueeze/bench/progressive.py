@@ -27,6 +27,9 @@ minilm    the same curve for all-MiniLM-L6-v2, as the mean cosine similarity bet
           extracted deterministically, at least 200); curves in the ``weighted`` order
           take per-tensor Fisher sensitivities measured on calibration sentences from
           other standard-library modules (:mod:`fedsqueeze.bench.sensitivity`);
+          a curve ``SPEC@ORDER+gptq[MARGIN]`` has its codes chosen by GPTQ with the
+          Linears' input moments on those sentences
+          (:mod:`fedsqueeze.codec.nested_gptq`);
 overhead  the whole progressive stream against a one-shot encoding at the same final
           precision;
 gptq      (only when named) a fake-quantization probe of MiniLM first levels at byte
@@ -51,6 +54,7 @@ from typing import Any
 
 import torch
 
+from fedsqueeze.bench.gptq_probe import minilm_moments
 from fedsqueeze.bench.level_designs import compare_designs, print_designs
 from fedsqueeze.codec import CodecSpec, decode_prefix, encode_state, smallest_prefix
 from fedsqueeze.codec.level_order import LevelOrder
@@ -280,7 +284,7 @@ def run(
             margin = minilm_margins[i] if i < len(minilm_margins) else None
             calibration = None
             if margin is not None:
-                hessians = hessians or _minilm_hessians(out)
+                hessians = hessians or minilm_moments(out)
                 calibration = Calibration(hessians=hessians, margin=margin)
             points = (fp32 // 4, fp32 // 6, fp32 // 7, fp32 // 8, fp32 // 16, fp32 // 32)
             curve = prefix_curve(
@@ -296,22 +300,6 @@ def run(
     if "partwise" in parts:
         _run_partwise(report, out, state)
     return report
-
-
-def _minilm_hessians(out: Callable[[str], None]) -> dict[str, torch.Tensor]:
-    """Input moments of every Linear of MiniLM on the calibration sentences."""
-    from fedsqueeze.bench.codec import minilm_sentence_model
-    from fedsqueeze.bench.gptq_probe import input_moments
-    from fedsqueeze.bench.sensitivity import calibration_sentences
-
-    loaded = minilm_sentence_model()
-    if loaded is None:
-        raise RuntimeError("GPTQ codes need the MiniLM weights")
-    model, inner = loaded
-    features = model.tokenize(calibration_sentences())
-    moments = input_moments(inner, lambda: model(dict(features)), features["attention_mask"])
-    out(f"\nInput moments of {len(moments)} Linears on the calibration sentences (GPTQ codes)")
-    return moments
 
 
 def _minilm_weights(report: Json, out: Callable[[str], None], state: State) -> dict[str, float]:
