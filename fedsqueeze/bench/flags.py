@@ -65,14 +65,18 @@ def add_progressive_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--parts",
         metavar="PART,...",
-        help="run only these parts: designs, digits, minilm, partwise (default: all)",
+        help="run only these parts: designs, digits, minilm, partwise (default: all); "
+        "gptq (only when named): MiniLM first levels, nearest vs GPTQ rounding at byte "
+        "budgets, fake quantization (5-10 min)",
     )
     parser.add_argument(
         "--minilm-curves",
-        metavar="SPEC@ORDER;...",
+        metavar="SPEC@ORDER[+gptq];...",
         help="MiniLM curves to draw instead of the built-in list, e.g. "
         "'quant=8:channel:hadamard,levels=2+1+1+1+1+2@weighted' (orders: by-level, squared, "
-        "relative, weighted: Fisher sensitivities on calibration sentences)",
+        "relative, weighted: Fisher sensitivities on calibration sentences); a '+gptq' "
+        "suffix ('...@weighted+gptq', or '+gptq4' for a margin of 4 codes) chooses the "
+        "codes by GPTQ at every level with input moments on the calibration sentences",
     )
     parser.add_argument("--json", type=Path, help="also write the figures to this file")
 

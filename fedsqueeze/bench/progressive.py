@@ -27,8 +27,15 @@ minilm    the same curve for all-MiniLM-L6-v2, as the mean cosine similarity bet
           extracted deterministically, at least 200); curves in the ``weighted`` order
           take per-tensor Fisher sensitivities measured on calibration sentences from
           other standard-library modules (:mod:`fedsqueeze.bench.sensitivity`);
+          a curve ``SPEC@ORDER+gptq[MARGIN]`` has its codes chosen by GPTQ with the
+          Linears' input moments on those sentences
+          (:mod:`fedsqueeze.codec.nested_gptq`);
 overhead  the whole progressive stream against a one-shot encoding at the same final
           precision;
+gptq      (only when named) a fake-quantization probe of MiniLM first levels at byte
+          budgets: nearest rounding against GPTQ (data-aware rounding with each
+          Linear's input moments on the calibration sentences), per-tensor bits
+          allocated by Fisher weight (:mod:`fedsqueeze.bench.gptq_probe`);
 partwise  peak memory beyond the loaded MiniLM of decoding a stream whole
           (``decode_state``) against part by part into the loaded tensors
           (``decode_into``), each in a fresh process (:mod:`fedsqueeze.bench.partwise`).
@@ -47,9 +54,11 @@ from typing import Any
 
 import torch
 
+from fedsqueeze.bench.gptq_probe import minilm_moments
 from fedsqueeze.bench.level_designs import compare_designs, print_designs
 from fedsqueeze.codec import CodecSpec, decode_prefix, encode_state, smallest_prefix
 from fedsqueeze.codec.level_order import LevelOrder
+from fedsqueeze.codec.nested_gptq import Calibration
 from fedsqueeze.codec.spec_text import format_spec, parse_spec
 
 State = Mapping[str, torch.Tensor]
@@ -87,6 +96,8 @@ MINILM_CURVES = (
     ("quant=8:symmetric:block384:dq:hadamard,levels=2+1+1+1+1+2", LevelOrder.WEIGHTED),
 )
 PARTS = ("designs", "digits", "minilm", "partwise")
+#: Parts that run only when named (``--parts gptq``: 5-10 min of CPU).
+OPT_IN_PARTS = ("gptq",)
 PARTWISE_SPECS = ("quant=8:channel", "lossless", "prune=l1:0.9,quant=4")
 
 #: Standard-library modules whose docstrings give the MiniLM sentences (sorted, fixed).
@@ -141,11 +152,14 @@ def prefix_curve(
     order: LevelOrder = LevelOrder.RELATIVE,
     count: int = 14,
     weights: Mapping[str, float] | None = None,
+    calibration: Calibration | None = None,
 ) -> Json:
     """Quality of the model decoded from growing prefixes of ``state``'s progressive stream
     (``count`` points on a log axis, and ``extra_points`` past the smallest prefix);
-    ``weights`` for the weighted order."""
-    encoded = encode_state(state, spec, seed=0, order=order, weights=weights)
+    ``weights`` for the weighted order, ``calibration`` for GPTQ-chosen codes."""
+    encoded = encode_state(
+        state, spec, seed=0, order=order, weights=weights, calibration=calibration
+    )
     stream = encoded.to_bytes()[:-4]
     start = smallest_prefix(encoded)
     points = sorted(
@@ -225,17 +239,27 @@ def run(
     out: Callable[[str], None] = print,
     parts: tuple[str, ...] = PARTS,
     minilm_curves: tuple[tuple[str, LevelOrder], ...] = MINILM_CURVES,
+    minilm_margins: tuple[int | None, ...] = (),
 ) -> Json:
     """Run the chosen ``parts`` (:data:`PARTS`); prints tables and returns the figures.
 
-    ``minilm_curves``: the (spec, refinement order) of each MiniLM curve."""
-    unknown = set(parts) - set(PARTS)
+    ``minilm_curves``: the (spec, refinement order) of each MiniLM curve;
+    ``minilm_margins``: per curve, ``None`` for nearest codes or the trust-region margin
+    of GPTQ-chosen codes (:mod:`fedsqueeze.codec.nested_gptq`) with input moments on
+    the calibration sentences (missing entries: ``None``)."""
+    unknown = set(parts) - set(PARTS) - set(OPT_IN_PARTS)
     if unknown:
-        raise ValueError(f"unknown parts {sorted(unknown)}; choose from {', '.join(PARTS)}")
+        names = ", ".join(PARTS + OPT_IN_PARTS)
+        raise ValueError(f"unknown parts {sorted(unknown)}; choose from {names}")
     torch.manual_seed(0)
     report: Json = {"python": sys.version.split()[0], "parts": list(parts)}
     if "designs" in parts or "digits" in parts:
         _run_digits(report, out, parts)
+    if "gptq" in parts and not skip_minilm:
+        from fedsqueeze.bench.gptq_probe import minilm_probe
+
+        out("\nMiniLM first levels, fake quantization: nearest vs GPTQ rounding (gptq_probe)")
+        report["minilm_gptq_probe"] = minilm_probe(out)
     if skip_minilm or not {"designs", "minilm", "partwise"} & set(parts):
         return report
     sentences = stdlib_sentences()
@@ -255,13 +279,21 @@ def run(
         weights = None
         if any(order is LevelOrder.WEIGHTED for _, order in minilm_curves):
             weights = _minilm_weights(report, out, state)
-        for text, order in minilm_curves:
+        hessians: dict[str, torch.Tensor] | None = None
+        for i, (text, order) in enumerate(minilm_curves):
+            margin = minilm_margins[i] if i < len(minilm_margins) else None
+            calibration = None
+            if margin is not None:
+                hessians = hessians or minilm_moments(out)
+                calibration = Calibration(hessians=hessians, margin=margin)
             points = (fp32 // 4, fp32 // 6, fp32 // 7, fp32 // 8, fp32 // 16, fp32 // 32)
             curve = prefix_curve(
                 state, parse_spec(text), cosine, points, order, count=4,
                 weights=weights if order is LevelOrder.WEIGHTED else None,
+                calibration=calibration,
             )  # fmt: skip
             curve["fp32_bytes"] = fp32
+            curve["gptq_margin"] = margin
             curves.append(curve)
             _print_curve(out, f"MiniLM embedding cosine ({len(sentences)} sentences)", curve, fp32)
         report["minilm"] = curves
@@ -410,14 +442,36 @@ def parse_curve(text: str) -> tuple[str, LevelOrder]:
         raise ValueError(f"unknown refinement order {order!r}; choose from {names}") from None
 
 
+def split_gptq(text: str) -> tuple[str, int | None]:
+    """``SPEC@ORDER+gptq[MARGIN]`` → (``SPEC@ORDER``, margin; 8 when not given), or
+    (``text``, ``None``) without the suffix.
+
+    Raises
+    ------
+    ValueError
+        A margin that is not a whole number.
+    """
+    head, sep, tail = text.rpartition("+gptq")
+    if not sep or "," in tail or "@" in tail:
+        return text, None
+    if tail and not tail.isdigit():
+        raise ValueError(f"the GPTQ margin must be a whole number, got {tail!r}")
+    return head, int(tail) if tail else 8
+
+
 def main(args: argparse.Namespace) -> int:
     """Run from ``fedsqueeze bench progressive`` (flags in :mod:`fedsqueeze.bench.flags`)."""
     torch.set_num_threads(1)
     parts = tuple(args.parts.split(",")) if args.parts else PARTS
     curves: tuple[tuple[str, LevelOrder], ...] = MINILM_CURVES
+    margins: tuple[int | None, ...] = ()
     if args.minilm_curves:
-        curves = tuple(parse_curve(item) for item in args.minilm_curves.split(";") if item)
-    report = run(skip_minilm=args.skip_minilm, parts=parts, minilm_curves=curves)
+        items = [split_gptq(item) for item in args.minilm_curves.split(";") if item]
+        curves = tuple(parse_curve(text) for text, _ in items)
+        margins = tuple(margin for _, margin in items)
+    report = run(
+        skip_minilm=args.skip_minilm, parts=parts, minilm_curves=curves, minilm_margins=margins
+    )
     if args.json:
         args.json.write_text(json.dumps(report, indent=1))
     return 0

@@ -41,6 +41,7 @@ from fedsqueeze.codec.container import (
 from fedsqueeze.codec.digest import state_digest
 from fedsqueeze.codec.finite import NonFinite
 from fedsqueeze.codec.level_order import LevelOrder, LevelScore, order_weight, refinement_order
+from fedsqueeze.codec.nested_gptq import Calibration
 from fedsqueeze.codec.pruning import global_magnitude_masks
 from fedsqueeze.codec.spec import DEFAULT_TARGETS, CodecSpec, EntropyCoder, PruneMethod
 from fedsqueeze.codec.tensor_decode import ProgressiveTensor, TensorDecoder
@@ -241,6 +242,7 @@ def prepare_encode(
     nonfinite: NonFinite,
     order: LevelOrder,
     weights: Mapping[str, float] | None = None,
+    calibration: Calibration | None = None,
 ) -> tuple[State, TensorEncoder, bytes | None]:
     """What every encoder of a whole state does first: check the arguments, name the
     base by its digest, warn about unmatched targets, leave out the frozen tensors the
@@ -264,7 +266,9 @@ def prepare_encode(
             base_digest = state_digest(base)
     _warn_unmatched_targets(spec, state)
     state = _without_held_frozen(state, spec, base)
-    return state, TensorEncoder(spec, base, residual, seed), base_digest
+    if calibration is not None and not isinstance(calibration, Calibration):
+        raise TypeError(f"calibration must be a Calibration, got {type(calibration).__name__}")
+    return state, TensorEncoder(spec, base, residual, seed, calibration), base_digest
 
 
 def encode_state(
@@ -278,6 +282,7 @@ def encode_state(
     nonfinite: NonFinite = NonFinite.REFUSE,
     order: LevelOrder = LevelOrder.RELATIVE,
     weights: Mapping[str, float] | None = None,
+    calibration: Calibration | None = None,
 ) -> EncodedModel:
     """Encode a state dict, as a delta against ``base`` when one is given.
 
@@ -311,6 +316,12 @@ def encode_state(
         sensitivity per unit of squared error (finite, at least 0), e.g. from
         :func:`fedsqueeze.bench.sensitivity.fisher_weights`. The decoder needs nothing
         of it: only the order of the refinements changes.
+    calibration
+        With a progressive spec (``levels``): the input moments of Linear weights on
+        calibration data (:class:`~fedsqueeze.codec.nested_gptq.Calibration`); those
+        tensors' codes are chosen by GPTQ at every level (nested, so every prefix still
+        decodes) for a lower output error. The stream's format is unchanged and the
+        decoder needs nothing of it. Ignored without ``levels`` and for pruned tensors.
 
     Returns
     -------
@@ -337,7 +348,7 @@ def encode_state(
         are reused across models, so this is not an error).
     """
     state, encoder, base_digest = prepare_encode(
-        state, spec, base, residual, seed, base_digest, nonfinite, order, weights
+        state, spec, base, residual, seed, base_digest, nonfinite, order, weights, calibration
     )
     carried = _unencodable(state, encoder, nonfinite)
     masks = (

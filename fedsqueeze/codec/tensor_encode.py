@@ -52,6 +52,7 @@ from fedsqueeze.codec.finite import unrepresentable
 from fedsqueeze.codec.grouping import GROUPED_DTYPES, encode_grouped
 from fedsqueeze.codec.kernels import parallel_copy, value_range
 from fedsqueeze.codec.lowrank import factor_count, factorize, matrix_shape, worth_factoring
+from fedsqueeze.codec.nested_gptq import Calibration, calibrated_codes
 from fedsqueeze.codec.positions import encode_positions, mask_to_indices
 from fedsqueeze.codec.progressive import (
     CHUNK,
@@ -137,8 +138,10 @@ class TensorEncoder:
         base: Mapping[str, torch.Tensor] | None,
         residual: Mapping[str, torch.Tensor] | None,
         seed: int | None,
+        calibration: Calibration | None = None,
     ) -> None:
         self._spec = spec
+        self._calibration = calibration
         self._base = base or {}
         self._residual = residual or {}
         self._index = {name: i for i, name in enumerate(sorted(self._base))}
@@ -628,6 +631,13 @@ class TensorEncoder:
             values, q.bits, q.scheme, q.granularity, channels_of, num_channels, q.scales
         )
         codes = quantize(values, qp, q.rounding, channels_of, self._generator(t.device))
+        hessian = None if self._calibration is None else self._calibration.hessians.get(name)
+        if hessian is not None and positions is None and self._calibration is not None:
+            seed = rotation_seed(name) if self._rotated else None
+            codes = calibrated_codes(
+                tuple(t.shape), values, codes, qp, levels, channels_of, hessian, seed,
+                self._calibration,
+            )  # fmt: skip
         quant = _quant_header(q, qp, num_channels, name)
         energy = _energy(t)
         # The tables, then every level's gain in one pass over parts of the tensor

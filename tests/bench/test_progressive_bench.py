@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from fedsqueeze.bench.level_designs import compare_designs
@@ -137,3 +138,15 @@ def test_stream_costs_weigh_each_stream_against_one_shot() -> None:
     assert costs["grow_ans_vs_one_shot"] == costs["grow_ans"] / costs["one_shot_ans"]
     # the context-coded planes make the progressive streams smaller than with zstd
     assert costs["grow_ans"] < costs["grow_zstd"] and costs["levels_ans"] < costs["levels_zstd"]
+
+
+def test_gptq_suffix_asks_for_calibrated_codes() -> None:
+    from fedsqueeze.bench.progressive import split_gptq
+
+    spec = "quant=8:hadamard,levels=2+1+1+4"
+    assert split_gptq(f"{spec}@weighted+gptq") == (f"{spec}@weighted", 8)
+    assert split_gptq(f"{spec}@weighted+gptq3") == (f"{spec}@weighted", 3)
+    assert split_gptq(f"{spec}+gptq0") == (spec, 0)
+    assert split_gptq(f"{spec}@weighted") == (f"{spec}@weighted", None)
+    with pytest.raises(ValueError):
+        split_gptq(f"{spec}@weighted+gptqx")

@@ -1,0 +1,83 @@
+"""Calibrated progressive codes: nested across levels, in range, output error falling."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from fedsqueeze.codec.gptq import output_error
+from fedsqueeze.codec.nested_gptq import nested_codes, rotated_hessian
+from fedsqueeze.codec.rotation import rotate
+
+LEVELS = (2, 1, 1, 1, 1, 2)
+BITS = 8
+
+
+def _problem(seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(20, 64, generator=g, dtype=torch.float64)
+    x = torch.randn(300, 64, generator=g, dtype=torch.float64) @ torch.randn(
+        64, 64, generator=g, dtype=torch.float64
+    )
+    scale = (w.abs().amax(dim=1, keepdim=True) / 127).expand_as(w)
+    return w, x.T @ x, scale, torch.full_like(w, 128.0)
+
+
+def _midpoints() -> list[torch.Tensor | None]:
+    out: list[torch.Tensor | None] = []
+    held = 0
+    for add in LEVELS:
+        held += add
+        shift = BITS - held
+        out.append(None if shift == 0 else torch.full((1 << held,), ((1 << shift) - 1) / 2))
+    return out
+
+
+def _decode(codes: torch.Tensor, level: int, tables: list[torch.Tensor | None],
+            scale: torch.Tensor, zp: torch.Tensor) -> torch.Tensor:  # fmt: skip
+    held = sum(LEVELS[: level + 1])
+    shift = BITS - held
+    top = codes >> shift
+    table = tables[level]
+    off = torch.zeros_like(scale) if table is None else table.to(torch.float64)[top]
+    return ((top << shift).to(torch.float64) + off - zp) * scale
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_levels_nest_stay_in_range_and_output_error_falls(seed: int) -> None:
+    w, h, scale, zp = _problem(seed)
+    tables = _midpoints()
+    codes = nested_codes(w, h, scale, zp, BITS, LEVELS, tables, (1, 255))
+    assert int(codes.min()) >= 1 and int(codes.max()) <= 255
+    errors = [output_error(w, _decode(codes, k, tables, scale, zp), h) for k in range(6)]
+    assert all(b < a for a, b in itertools.pairwise(errors)), errors
+    # against nearest rounding at the first level, on the same grid
+    nearest = torch.clamp(torch.round(w / scale + zp), 1, 255).to(torch.int64)
+    first_rtn = output_error(w, _decode(nearest, 0, tables, scale, zp), h)
+    assert errors[0] < first_rtn
+    # the trust region: every code within the margin of the nearest one
+    bounded = nested_codes(w, h, scale, zp, BITS, LEVELS, tables, (1, 255), nearest, margin=3)
+    assert int((bounded - nearest).abs().max()) <= 3
+    assert not torch.equal(bounded, nearest)
+    zero = nested_codes(w, h, scale, zp, BITS, LEVELS, tables, (1, 255), nearest, margin=0)
+    assert torch.equal(zero, nearest)
+
+
+def test_rotated_hessian_keeps_the_output_error() -> None:
+    w, h, _, _ = _problem(9)
+    delta = torch.randn(w.shape, dtype=torch.float64)
+    seed = 1234
+    rotated = rotate(delta.to(torch.float32), seed).to(torch.float64)
+    before = output_error(w, w - delta, h)
+    after = output_error(w, w - rotated, rotated_hessian(h, seed))
+    assert after == pytest.approx(before, rel=1e-4)
+
+
+def test_bad_arguments_raise() -> None:
+    w, h, scale, zp = _problem(0)
+    with pytest.raises(ValueError):
+        nested_codes(w, h, scale, zp, BITS, (2, 2), _midpoints()[:2], (1, 255))
+    with pytest.raises(ValueError):
+        nested_codes(w, h, scale, zp, BITS, LEVELS, _midpoints(), (0, 256))
