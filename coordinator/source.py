@@ -24,8 +24,7 @@ import torch
 from coordinator.version_store import VersionStore
 from fedsqueeze.codec import CodecSpec, EncodedModel, decode_state, encode_state, state_digest
 from fedsqueeze.codec.stream_encode import EncodedPlan, RecordStore, encode_stream
-from fedsqueeze.errors import NotFoundError
-from fedsqueeze.transport.source import encode_seed, without
+from fedsqueeze.transport.source import encode_seed, held_pair, without
 from fedsqueeze.transport.spool import SpoolFile
 
 log = logging.getLogger(__name__)
@@ -74,7 +73,7 @@ class StoreModelSource:
     ) -> tuple[EncodedModel, str]:
         """:meth:`encode`, and the hex digest of the model the edge will decode (the
         target itself when the encoding is exact)."""
-        state, base_state = self._held(target, base)
+        state, base_state = held_pair(self.get, target, base)
         encoded = encode_state(
             without(state, leave_out),
             spec,
@@ -120,7 +119,7 @@ class StoreModelSource:
             A lossy (or frozen delta) encoding into a store that is not a spool file
             (its bodies must be read back to decode them).
         """
-        state, base_state = self._held(target, base)
+        state, base_state = held_pair(self.get, target, base)
         base_digest = bytes.fromhex(base) if base is not None else None
         plan = encode_stream(
             without(state, leave_out),
@@ -151,21 +150,3 @@ class StoreModelSource:
             self.store.publish(decoded, track=None)
             log.debug("edge-side version %s adopted for %s… (spooled)", digest[:12], target[:12])
         return plan
-
-    def _held(
-        self, target: str, base: str | None
-    ) -> tuple[Mapping[str, torch.Tensor], Mapping[str, torch.Tensor] | None]:
-        """The target's tensors and the base's (``None`` without a base).
-
-        Raises
-        ------
-        NotFoundError
-            Either is no longer kept.
-        """
-        state = self.get(target)
-        if state is None:
-            raise NotFoundError(f"model {target[:16]}… is no longer kept")
-        base_state = self.get(base) if base is not None else None
-        if base is not None and base_state is None:
-            raise NotFoundError(f"base {base[:16]}… is no longer kept")
-        return state, base_state

@@ -430,18 +430,7 @@ class TransferClient:
                     )
                 raise IntegrityError("the decoded model does not match the manifest's digest")
         stats = op.stats(held.refetched)
-        logger.info(
-            "fetched %s… (%s): %d B encoded, %d held part(s), %d B down, %d B up, "
-            "%d call(s), %.3f s",
-            manifest.model_digest.hex()[:12],
-            "delta" if manifest.base_digest is not None else "full",
-            manifest.encoded_bytes,
-            len(manifest.held_parts),
-            stats.wire.received,
-            stats.wire.sent,
-            stats.calls,
-            stats.elapsed_s,
-        )
+        _log_fetched(manifest, stats, "")
         return FetchResult(manifest, encoded, decoded, stats)
 
     @staticmethod
@@ -560,18 +549,7 @@ class TransferClient:
         held_parts = resolve_held_parts(manifest, parts)
         decoded = decode_spooled_state(held, manifest, base, held_parts, held.spool.folder)
         stats = op.stats(held.refetched)
-        logger.info(
-            "fetched %s… (%s) part by part into a mapped file: %d B encoded, %d held "
-            "part(s), %d B down, %d B up, %d call(s), %.3f s",
-            manifest.model_digest.hex()[:12],
-            "delta" if manifest.base_digest is not None else "full",
-            manifest.encoded_bytes,
-            len(manifest.held_parts),
-            stats.wire.received,
-            stats.wire.sent,
-            stats.calls,
-            stats.elapsed_s,
-        )
+        _log_fetched(manifest, stats, " part by part into a mapped file")
         return FetchedState(manifest, decoded, stats, None, True)
 
     def fetch_into(
@@ -761,3 +739,19 @@ def _segment_of(part: SegmentData | pb.Manifest) -> SegmentData:
     if not isinstance(part, SegmentData):
         raise IntegrityError("the Fetch stream sent a second manifest")
     return part
+
+
+def _log_fetched(manifest: Manifest, stats: TransferStats, how: str) -> None:
+    """The INFO line of a finished fetch (``how``: how it was decoded, or empty)."""
+    logger.info(
+        "fetched %s… (%s)%s: %d B encoded, %d held part(s), %d B down, %d B up, %d call(s), %.3f s",
+        manifest.model_digest.hex()[:12],
+        "delta" if manifest.base_digest is not None else "full",
+        how,
+        manifest.encoded_bytes,
+        len(manifest.held_parts),
+        stats.wire.received,
+        stats.wire.sent,
+        stats.calls,
+        stats.elapsed_s,
+    )

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import threading
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Protocol
 
@@ -30,6 +30,25 @@ def encode_seed(target: str, base: str | None, spec: CodecSpec) -> int:
     """
     h = hashlib.sha256(f"{target}:{base or ''}:".encode() + spec.to_bytes())
     return int.from_bytes(h.digest()[:8], "little") & ((1 << 63) - 1)
+
+
+def held_pair(
+    get: Callable[[str], Mapping[str, torch.Tensor] | None], target: str, base: str | None
+) -> tuple[Mapping[str, torch.Tensor], Mapping[str, torch.Tensor] | None]:
+    """The target's tensors and the base's (``None`` without a base), looked up by ``get``.
+
+    Raises
+    ------
+    NotFoundError
+        Either is no longer held.
+    """
+    state = get(target)
+    if state is None:
+        raise NotFoundError(f"model {target[:16]}… is no longer held")
+    base_state = get(base) if base is not None else None
+    if base is not None and base_state is None:
+        raise NotFoundError(f"base {base[:16]}… is no longer held")
+    return state, base_state
 
 
 def without(state: Mapping[str, torch.Tensor], names: frozenset[str]) -> dict[str, torch.Tensor]:
@@ -206,7 +225,7 @@ class InMemoryModelSource:
         leave_out: frozenset[str] = frozenset(),
     ) -> EncodedModel:
         """See :meth:`ModelSource.encode`; ``byte_budget`` is not used to pick a spec."""
-        state, base_state = self._held(target, base)
+        state, base_state = held_pair(self.get, target, base)
         return encode_state(
             without(state, leave_out),
             spec,
@@ -227,7 +246,7 @@ class InMemoryModelSource:
     ) -> EncodedPlan:
         """:meth:`encode`, tensor by tensor, each record body into ``store`` as it is
         made (:func:`~fedsqueeze.codec.stream_encode.encode_stream`: the same bytes)."""
-        state, base_state = self._held(target, base)
+        state, base_state = held_pair(self.get, target, base)
         return encode_stream(
             without(state, leave_out),
             spec,
