@@ -276,8 +276,8 @@ def test_edge_fetch_of_a_large_model_stays_within_a_tenth_of_it(tmp_path):
     loading its versions) stays within 10% plus 48 MiB: in memory it would hold the
     encoding and the decoded model it adopts (above 100%); its fixed working memory
     (20-43 MB here, by the machine's load) is most of what it holds at this size; the
-    benchmark checks the 10% bound at 246M and 1B parameters (BENCHMARKS.md). Its spool folder is gone
-    once it stopped."""
+    benchmark checks the 10% bound at 246M and 1B parameters (BENCHMARKS.md). Its spool
+    folder is gone once it stopped."""
     from fedsqueeze.bench.bigmodel import model_shapes, write_model
     from fedsqueeze.bench.edgefetch import measure_edge
 
