@@ -1,5 +1,10 @@
 """Edges outlive a coordinator's ``kill -9`` and its ``--resume``, TLS on both planes.
 
+It is also the suite's deployed run end to end: the rounds train on both edges and the
+accuracy rises, versions and the edges' held models are on disk, the coordinator's
+Flower processes end with it while the edges' wait, and Ctrl-C or SIGTERM stops an edge
+with everything it started.
+
 Two ``fedsqueeze edge`` processes stay up through: a coordinator run, a ``kill -9`` of
 that coordinator after its first round, and ``fedsqueeze coordinator --resume``, which
 finishes the run. The resumed rounds must train on both edges (2 updates accepted
@@ -116,13 +121,32 @@ def test_edges_stay_up_through_kill_9_and_resume_with_tls(tmp_path: Path) -> Non
         assert f"after round {killed_after} of {ROUNDS}" in out
         assert f"= fedsqueeze round {killed_after + 1} of {ROUNDS}" in out
 
+        assert "Run " in out and "completed." in out
         record = json.loads((state / "state.json").read_text())
         assert record["completed_round"] == ROUNDS
         rounds = {int(k): v for k, v in record["round_metrics"].items()}
         assert sorted(rounds) == list(range(1, ROUNDS + 1))
-        for r in range(killed_after + 1, ROUNDS + 1):
+        for r in range(1, ROUNDS + 1):
             assert rounds[r]["updates-accepted"] == 2, (r, rounds[r], f.tail("coordinator2"))
             assert rounds[r]["bytes-down"] > 0 and rounds[r]["bytes-up"] > 0
+        # The run learns across the kill (0.1: chance on digits).
+        assert rounds[ROUNDS]["accuracy"] > rounds[1]["accuracy"] > 0.1
+        # The initial model and one global version per round, all on disk.
+        assert len({record["tracks"]["init"], *record["versions"]}) >= ROUNDS + 1
+        stored = {p.stem for p in (state / "versions").glob("*.fsq")}
+        assert record["tracks"]["global"] in stored and record["tracks"]["init"] in stored
+        assert len(stored) >= ROUNDS + 1
+        # Each edge kept the model it holds in its cache directory (the node config's
+        # fedsqueeze-cache-dir reached its ClientApp).
+        for i in range(2):
+            held = json.loads((tmp_path / f"edge{i}" / "cache" / "edge.json").read_text())
+            assert held["held"] in stored and held["held"] in record["edges"].values()
+        # The coordinator stopped its SuperLink, SuperExec and ServerApp on its way out;
+        # the edges' SuperNodes and SuperExecs wait for the next run.
+        assert not [c for _, c in marked(f.marker) if any(n in c for n in link_side)]
+        edge_side = " ".join(cmd for _, cmd in marked(f.marker))
+        assert edge_side.count("flower-supernode") == 2
+        assert edge_side.count("flower-superexec") == 2
 
         # The same edge processes, still up, ready for the next run.
         assert [e.pid for e in edges] == pids and all(e.poll() is None for e in edges)
@@ -133,8 +157,8 @@ def test_edges_stay_up_through_kill_9_and_resume_with_tls(tmp_path: Path) -> Non
             flower_log = (tmp_path / f"edge{i}" / "supernode.log").read_text()
             assert "\x1b[" not in flower_log
 
-        for edge in edges:
-            edge.send_signal(signal.SIGTERM)
+        edges[0].send_signal(signal.SIGINT)  # Ctrl-C
+        edges[1].send_signal(signal.SIGTERM)  # a service manager stopping it
         for i, edge in enumerate(edges):
             assert _wait(edge, 60, f, f"edge{i}") == 130, f.tail(f"edge{i}")
         left = wait_until_none(f.marker, 45)  # a loaded machine: SIGTERM, 10 s grace, SIGKILL
