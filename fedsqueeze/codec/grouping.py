@@ -180,11 +180,12 @@ _UINTS = {2: np.uint16, 4: np.uint32, 8: np.uint64}
 
 
 def _code_planes(
-    words: Words, ks: Sequence[int], layout: PlaneLayout
+    words: Words, ks: Sequence[int], layout: PlaneLayout, base: Words | None = None
 ) -> list[tuple[PlaneCoding, bytes | memoryview]]:
-    """Planes ``ks`` of ``words``, each compressed when that pays (else stored raw)."""
+    """Planes ``ks`` of ``words`` (of ``words ^ base`` with a base), each compressed
+    when that pays (else stored raw)."""
     planes = {k: np.empty(words.shape[0], dtype=np.uint8) for k in ks}
-    split_planes(words, planes, layout)
+    split_planes(words, planes, layout, base)
     literal, level1 = _coders()
     out: list[tuple[PlaneCoding, bytes | memoryview]] = []
     for k, plane in planes.items():
@@ -199,11 +200,22 @@ def _code_planes(
 
 
 def encode_grouped(
-    bits: torch.Tensor, dtype: torch.dtype, chunk_log2: int = DEFAULT_CHUNK_LOG2
+    bits: torch.Tensor,
+    dtype: torch.dtype,
+    chunk_log2: int = DEFAULT_CHUNK_LOG2,
+    base: torch.Tensor | None = None,
 ) -> memoryview:
-    """The grouped body of a tensor's bits (or of its bits XOR its base's): a read-only
+    """The grouped body of a tensor's bits (or of its bits XOR ``base``'s): a read-only
     view of bytes in NumPy (huge-page) memory, which fresh ``bytes`` of this size are
     not (their first-touch page faults cost more than the coding on some machines).
+
+    Memory beyond the input and the body is a window of chunks (two per core: their
+    planes and compressed frames). Chunks are coded a window at a time and their
+    planes written in order, after room for the table, into one buffer of the largest
+    size a body can take (every plane raw): its pages past the body are never touched,
+    so never resident, and are handed back once the body is done. The table, whose
+    length is known only then, goes just before the first plane. The bytes are those
+    of coding every chunk at once.
 
     Parameters
     ----------
@@ -215,35 +227,60 @@ def encode_grouped(
         The float dtype the bits belong to, in :data:`GROUPED_DTYPES`.
     chunk_log2
         log2 of the values per chunk.
+    base
+        With a base (as many values, of ``dtype`` or an integer view of its width),
+        the body codes ``bits ^ base``, XORed block by block as the planes are split:
+        the whole XOR is never held.
     """
     if not MIN_CHUNK_LOG2 <= chunk_log2 <= MAX_CHUNK_LOG2:
         raise ValueError(f"chunk_log2 must be in {MIN_CHUNK_LOG2}..{MAX_CHUNK_LOG2}")
     if dtype not in GROUPED_DTYPES or bits.element_size() != dtype.itemsize:
         raise ValueError(f"cannot group {bits.dtype} values as {dtype}")
+    if base is not None and (base.element_size() != dtype.itemsize or base.numel() != bits.numel()):
+        raise ValueError(f"cannot XOR {bits.numel()} values with {base.numel()} {base.dtype}")
     layout = _layout(dtype)
-    words = _words(bits.detach().to("cpu").contiguous().reshape(-1))
+    words = _host_words(bits)
+    base_words = None if base is None else _host_words(base)
+    numel = words.shape[0]
     size = 1 << chunk_log2
     every = tuple(range(layout.width))
-    chunks = _run(
-        lambda start: _code_planes(words[start : start + size], every, layout),
-        range(0, words.shape[0], size),
-    )
-    ordered = [plane for chunk in chunks for plane in chunk]
+    starts = range(0, numel, size)
+    # Every plane takes at most its raw size (a frame is kept only when smaller).
+    room = 1 + len(starts) * layout.width * (1 + _varint_size(min(size, numel)))
+    out = np.empty(room + numel * layout.width, dtype=np.uint8)
     table = bytearray([chunk_log2])
-    for coding, data in ordered:
-        table.append(int(coding))
-        write_varint(table, len(data))
-    return _concat([table, *(data for _, data in ordered)])
+    at = room
+    window = 2 * _workers()[1] if len(starts) > 1 else 1
+
+    def code(start: int) -> list[tuple[PlaneCoding, bytes | memoryview]]:
+        end = start + size
+        part = None if base_words is None else base_words[start:end]
+        return _code_planes(words[start:end], every, layout, part)
+
+    for first in range(0, len(starts), window):
+        coded = _run(code, starts[first : first + window])
+        for chunk in coded:
+            for coding, data in chunk:
+                table.append(int(coding))
+                write_varint(table, len(data))
+                out[at : at + len(data)] = np.frombuffer(data, dtype=np.uint8)
+                at += len(data)
+        del coded  # the window's planes go before the next window's are made
+    head = room - len(table)
+    out[head:room] = np.frombuffer(table, dtype=np.uint8)
+    # realloc to the body's end: shrinks in place, handing the untouched pages back.
+    out.resize(at, refcheck=False)
+    return out[head:].data.toreadonly()
 
 
-def _concat(parts: Sequence[bytes | bytearray | memoryview]) -> memoryview:
-    """``b"".join(parts)`` in NumPy memory, read-only."""
-    out = np.empty(sum(len(p) for p in parts), dtype=np.uint8)
-    at = 0
-    for part in parts:
-        out[at : at + len(part)] = np.frombuffer(part, dtype=np.uint8)
-        at += len(part)
-    return out.data.toreadonly()
+def _host_words(t: torch.Tensor) -> Words:
+    """``t``'s bits as 1-D words on the CPU (a view of a contiguous CPU tensor)."""
+    return _words(t.detach().to("cpu").contiguous().reshape(-1))
+
+
+def _varint_size(value: int) -> int:
+    """Bytes of ``value`` as a LEB128 varint."""
+    return max(1, -(-value.bit_length() // 7))
 
 
 def decode_grouped(body: bytes | memoryview, dtype: torch.dtype, numel: int) -> torch.Tensor:
