@@ -403,7 +403,8 @@ class TensorEncoder:
 
     def _lossless(self, name: str, t: torch.Tensor) -> TensorRecord:
         b = self._base_of(name, t)
-        if b is not None and self._xor_while_grouping(t):
+        chunked = b is not None and self._xor_while_grouping(t)
+        if chunked:
             # A large float delta: compared and XORed block by block (never the whole
             # XOR held), then coded as the path below codes it (grouped: it is large).
             if _same_bits(t, b):
@@ -411,6 +412,7 @@ class TensorEncoder:
             grouped = self._grouped(name, t, t, delta=True, base=b)
             if grouped is not None:
                 return grouped
+            # Grouping gains nothing (close to random bits): the plain record below.
         if b is None:
             # All bits zero (not merely == 0: -0.0 must survive) decodes bit-exactly.
             bits = as_bits(t)
@@ -418,7 +420,7 @@ class TensorEncoder:
                 return self._zero(name, t, delta=False)
         else:
             bits = xor_bits(t, b)
-            if all_zero_bits(bits):
+            if not chunked and all_zero_bits(bits):
                 return self._zero(name, t, delta=True)
         delta = b is not None
         size = t.numel() * t.element_size()
@@ -428,7 +430,9 @@ class TensorEncoder:
         sampled = _SAMPLED_ABOVE < size <= _COMPARE_BELOW
         guess = entropy.estimate(raw, self._spec.entropy_level) if sampled else 0.0
         grouped = None
-        if not sampled or _grouped_guess(bits, t.dtype) < _PLAIN_MARGIN * guess:
+        if chunked:
+            pass  # grouped above: no gain
+        elif not sampled or _grouped_guess(bits, t.dtype) < _PLAIN_MARGIN * guess:
             grouped = self._grouped(name, t, bits, delta)
         # else: plain zstd is clearly smaller (sparse fp32 XOR deltas): planes spared.
         if grouped is not None and (

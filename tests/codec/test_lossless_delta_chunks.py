@@ -9,12 +9,13 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 
 from fedsqueeze.bench.memprobe import run_measured
-from fedsqueeze.codec import EncodedModel, decode_state, encode_state
+from fedsqueeze.codec import EncodedModel, decode_state, encode_state, tensor_encode
 from fedsqueeze.codec.container import ValueKind
 from fedsqueeze.codec.finite import NonFinite
 from fedsqueeze.codec.grouping import GROUPED_DTYPES, decode_grouped, encode_grouped
@@ -95,6 +96,29 @@ def test_a_change_in_the_last_value_only_is_not_a_zero_record() -> None:
     encoded = encode_state({"w": new}, parse_spec("lossless"), {"w": base})
     (record,) = encoded.records
     assert not record.zero
+    decoded = decode_state(EncodedModel.from_bytes(encoded.to_bytes()), {"w": base})
+    assert torch.equal(_bits(decoded["w"]), _bits(new))
+
+
+def test_a_large_delta_grouping_cannot_shrink_is_a_plain_xor_record(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    calls: list[bool] = []
+
+    def spy(*args: Any, **kwargs: Any) -> memoryview:
+        calls.append(kwargs.get("base") is not None)
+        return encode_grouped(*args, **kwargs)
+
+    monkeypatch.setattr(tensor_encode, "encode_grouped", spy)
+    g = torch.Generator().manual_seed(3)
+    base, new = (torch.randint(-(1 << 31), 1 << 31, (1 << 19,), generator=g) for _ in "ab")
+    base, new = base.to(torch.int32).view(torch.float32), new.to(torch.int32).view(torch.float32)
+    encoded = encode_state(
+        {"w": new}, parse_spec("lossless"), {"w": base}, nonfinite=NonFinite.CARRY
+    )
+    (record,) = encoded.records
+    assert record.value_kind is ValueKind.XOR and not record.zero
+    assert calls == [True]  # grouped once, chunk by chunk; not again on the whole XOR
     decoded = decode_state(EncodedModel.from_bytes(encoded.to_bytes()), {"w": base})
     assert torch.equal(_bits(decoded["w"]), _bits(new))
 
