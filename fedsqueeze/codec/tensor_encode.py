@@ -404,7 +404,7 @@ class TensorEncoder:
     def _lossless(self, name: str, t: torch.Tensor) -> TensorRecord:
         b = self._base_of(name, t)
         chunked = b is not None and self._xor_while_grouping(t)
-        if chunked:
+        if chunked and b is not None:
             # A large float delta: compared and XORed block by block (never the whole
             # XOR held), then coded as the path below codes it (grouped: it is large).
             if _same_bits(t, b):
