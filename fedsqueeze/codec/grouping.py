@@ -31,10 +31,15 @@ they save here. Mantissa planes get the same parameters (level 1 up to 64 KiB) a
 raw unless that saves at least 1%; a raw plane is decoded without a copy, as a view into
 the body. Planes are split out of the words and joined back block by block
 (:mod:`fedsqueeze.codec.planes`), the decoded values land in NumPy memory.
+
+Encoding holds, beyond its input and the body it returns, a window of chunks (two per
+core) at a time: a delta's XOR is made block by block as its planes are split (never
+the whole XOR), and each window's planes go straight into the body's buffer.
 """
 
 from __future__ import annotations
 
+import mmap
 import os
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -65,6 +70,9 @@ _MIN_GAIN = 0.99  # a mantissa plane stays raw unless zstd saves at least 1%
 #: the bytes they always had (the golden vectors).
 _LEVEL1_UP_TO = 1 << 16
 _FORMAT = zstandard.FORMAT_ZSTD1_MAGICLESS
+#: Bodies of at least this many bytes (at most: every plane raw) are built in a map of
+#: their own (:func:`_mapped`), smaller ones in NumPy memory.
+_MAPPED_FROM = 1 << 20
 
 # Literals only: the shortest hash and search, matches of at least 7 bytes.
 _LITERAL_PARAMS = zstandard.ZstdCompressionParameters(
@@ -180,11 +188,20 @@ _UINTS = {2: np.uint16, 4: np.uint32, 8: np.uint64}
 
 
 def _code_planes(
-    words: Words, ks: Sequence[int], layout: PlaneLayout, base: Words | None = None
+    words: Words,
+    ks: Sequence[int],
+    layout: PlaneLayout,
+    base: Words | None = None,
+    into: Plane | None = None,
 ) -> list[tuple[PlaneCoding, bytes | memoryview]]:
     """Planes ``ks`` of ``words`` (of ``words ^ base`` with a base), each compressed
-    when that pays (else stored raw)."""
-    planes = {k: np.empty(words.shape[0], dtype=np.uint8) for k in ks}
+    when that pays (else stored raw: a view of the plane, split into ``into`` when given,
+    ``len(ks) × len(words)`` bytes, else into fresh arrays)."""
+    n = words.shape[0]
+    planes = {
+        k: np.empty(n, dtype=np.uint8) if into is None else into[i * n : (i + 1) * n]
+        for i, k in enumerate(ks)
+    }
     split_planes(words, planes, layout, base)
     literal, level1 = _coders()
     out: list[tuple[PlaneCoding, bytes | memoryview]] = []
@@ -247,18 +264,27 @@ def encode_grouped(
     starts = range(0, numel, size)
     # Every plane takes at most its raw size (a frame is kept only when smaller).
     room = 1 + len(starts) * layout.width * (1 + _varint_size(min(size, numel)))
-    out = np.empty(room + numel * layout.width, dtype=np.uint8)
+    bound = room + numel * layout.width
+    mapped = _mapped(bound) if bound >= _MAPPED_FROM else None
+    out = np.empty(bound, dtype=np.uint8) if mapped is None else np.frombuffer(mapped, np.uint8)
     table = bytearray([chunk_log2])
     at = room
     window = 2 * _workers()[1] if len(starts) > 1 else 1
+    # A window's planes are split into one map, a chunk's room each, reused window
+    # after window: only the compressed frames are allocated per chunk.
+    staging = None
+    if len(starts) > 1:
+        staging = np.frombuffer(_mapped(min(window, len(starts)) * size * layout.width), np.uint8)
 
-    def code(start: int) -> list[tuple[PlaneCoding, bytes | memoryview]]:
-        end = start + size
+    def code(i: int) -> list[tuple[PlaneCoding, bytes | memoryview]]:
+        start, end = starts[i], starts[i] + size
         part = None if base_words is None else base_words[start:end]
-        return _code_planes(words[start:end], every, layout, part)
+        span = size * layout.width
+        into = None if staging is None else staging[(i % window) * span :][:span]
+        return _code_planes(words[start:end], every, layout, part, into)
 
     for first in range(0, len(starts), window):
-        coded = _run(code, starts[first : first + window])
+        coded = _run(code, range(first, min(first + window, len(starts))))
         for chunk in coded:
             for coding, data in chunk:
                 table.append(int(coding))
@@ -268,9 +294,24 @@ def encode_grouped(
         del coded  # the window's planes go before the next window's are made
     head = room - len(table)
     out[head:room] = np.frombuffer(table, dtype=np.uint8)
-    # realloc to the body's end: shrinks in place, handing the untouched pages back.
-    out.resize(at, refcheck=False)
-    return out[head:].data.toreadonly()
+    if mapped is None:
+        # realloc to the body's end: shrinks in place, handing the untouched pages back.
+        out.resize(at, refcheck=False)
+        return out[head:].data.toreadonly()
+    del out  # no view of the map left: it can shrink
+    mapped.resize(at)  # mremap: the pages past the body are unmapped
+    return memoryview(mapped)[head:].toreadonly()
+
+
+def _mapped(size: int) -> mmap.mmap:
+    """``size`` bytes of anonymous memory mapped on their own (huge pages asked for):
+    unmapped when the body goes, wherever it was made, not kept by the thread's malloc
+    arena for later (which a body of a few MB would be: glibc serves those from the
+    arena once large tensors have been freed, and arenas of several threads add up)."""
+    mapped = mmap.mmap(-1, size)
+    if hasattr(mmap, "MADV_HUGEPAGE"):
+        mapped.madvise(mmap.MADV_HUGEPAGE)
+    return mapped
 
 
 def _host_words(t: torch.Tensor) -> Words:
