@@ -269,7 +269,7 @@ def encode_grouped(
     out = np.empty(bound, dtype=np.uint8) if mapped is None else np.frombuffer(mapped, np.uint8)
     table = bytearray([chunk_log2])
     at = room
-    window = 2 * _workers()[1] if len(starts) > 1 else 1
+    window = _workers()[1] if len(starts) > 1 else 1
     # A window's planes are split into one map, a chunk's room each, reused window
     # after window: only the compressed frames are allocated per chunk.
     staging = None
@@ -308,7 +308,9 @@ def _mapped(size: int) -> mmap.mmap:
     unmapped when the body goes, wherever it was made, not kept by the thread's malloc
     arena for later (which a body of a few MB would be: glibc serves those from the
     arena once large tensors have been freed, and arenas of several threads add up)."""
-    mapped = mmap.mmap(-1, size)
+    # Private: a shared anonymous map would be shmem, outside the process's anonymous
+    # memory (and huge pages).
+    mapped = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE)
     if hasattr(mmap, "MADV_HUGEPAGE"):
         mapped.madvise(mmap.MADV_HUGEPAGE)
     return mapped
