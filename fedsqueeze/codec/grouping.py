@@ -32,9 +32,12 @@ raw unless that saves at least 1%; a raw plane is decoded without a copy, as a v
 the body. Planes are split out of the words and joined back block by block
 (:mod:`fedsqueeze.codec.planes`), the decoded values land in NumPy memory.
 
-Encoding holds, beyond its input and the body it returns, a window of chunks (two per
+Encoding holds, beyond its input and the body it returns, a window of chunks (one per
 core) at a time: a delta's XOR is made block by block as its planes are split (never
-the whole XOR), and each window's planes go straight into the body's buffer.
+the whole XOR), a window's planes are split into one staging map reused window after
+window, and each window's planes and frames are copied into the body's own map. Large
+buffers are maps of their own, not malloc's: freed, they go back to the system, where a
+thread's malloc arena would keep them for later (several threads' arenas add up).
 """
 
 from __future__ import annotations
@@ -223,16 +226,17 @@ def encode_grouped(
     base: torch.Tensor | None = None,
 ) -> memoryview:
     """The grouped body of a tensor's bits (or of its bits XOR ``base``'s): a read-only
-    view of bytes in NumPy (huge-page) memory, which fresh ``bytes`` of this size are
-    not (their first-touch page faults cost more than the coding on some machines).
+    view of bytes in huge-page memory (NumPy's, or a private map for a body of 1 MiB or
+    more), which fresh ``bytes`` of this size are not (their first-touch page faults
+    cost more than the coding on some machines).
 
-    Memory beyond the input and the body is a window of chunks (two per core: their
-    planes and compressed frames). Chunks are coded a window at a time and their
-    planes written in order, after room for the table, into one buffer of the largest
-    size a body can take (every plane raw): its pages past the body are never touched,
-    so never resident, and are handed back once the body is done. The table, whose
-    length is known only then, goes just before the first plane. The bytes are those
-    of coding every chunk at once.
+    Memory beyond the input and the body is a window of chunks (one per core: their
+    planes, in one staging map, and compressed frames). Chunks are coded a window at a
+    time and their planes written in order, after room for the table, into one buffer
+    of the largest size a body can take (every plane raw): its pages past the body are
+    never touched, so never resident, and are handed back once the body is done. The
+    table, whose length is known only then, goes just before the first plane. The
+    bytes are those of coding every chunk at once.
 
     Parameters
     ----------
