@@ -76,6 +76,8 @@ _FORMAT = zstandard.FORMAT_ZSTD1_MAGICLESS
 #: Bodies of at least this many bytes (at most: every plane raw) are built in a map of
 #: their own (:func:`_mapped`), smaller ones in NumPy memory.
 _MAPPED_FROM = 1 << 20
+#: Private anonymous maps exist here (POSIX; elsewhere NumPy memory throughout).
+_MAPS = hasattr(mmap, "MAP_PRIVATE")
 
 # Literals only: the shortest hash and search, matches of at least 7 bytes.
 _LITERAL_PARAMS = zstandard.ZstdCompressionParameters(
@@ -269,7 +271,7 @@ def encode_grouped(
     # Every plane takes at most its raw size (a frame is kept only when smaller).
     room = 1 + len(starts) * layout.width * (1 + _varint_size(min(size, numel)))
     bound = room + numel * layout.width
-    mapped = _mapped(bound) if bound >= _MAPPED_FROM else None
+    mapped = _mapped(bound) if bound >= _MAPPED_FROM and _MAPS else None
     out = np.empty(bound, dtype=np.uint8) if mapped is None else np.frombuffer(mapped, np.uint8)
     table = bytearray([chunk_log2])
     at = room
@@ -278,7 +280,8 @@ def encode_grouped(
     # after window: only the compressed frames are allocated per chunk.
     staging = None
     if len(starts) > 1:
-        staging = np.frombuffer(_mapped(min(window, len(starts)) * size * layout.width), np.uint8)
+        staged = min(window, len(starts)) * size * layout.width
+        staging = np.frombuffer(_mapped(staged), np.uint8) if _MAPS else np.empty(staged, np.uint8)
 
     def code(i: int) -> list[tuple[PlaneCoding, bytes | memoryview]]:
         start, end = starts[i], starts[i] + size
