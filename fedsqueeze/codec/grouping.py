@@ -31,10 +31,18 @@ they save here. Mantissa planes get the same parameters (level 1 up to 64 KiB) a
 raw unless that saves at least 1%; a raw plane is decoded without a copy, as a view into
 the body. Planes are split out of the words and joined back block by block
 (:mod:`fedsqueeze.codec.planes`), the decoded values land in NumPy memory.
+
+Encoding holds, beyond its input and the body it returns, a window of chunks (one per
+core) at a time: a delta's XOR is made block by block as its planes are split (never
+the whole XOR), a window's planes are split into one staging map reused window after
+window, and each window's planes and frames are copied into the body's own map. Large
+buffers are maps of their own, not malloc's: freed, they go back to the system, where a
+thread's malloc arena would keep them for later (several threads' arenas add up).
 """
 
 from __future__ import annotations
 
+import mmap
 import os
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -65,6 +73,11 @@ _MIN_GAIN = 0.99  # a mantissa plane stays raw unless zstd saves at least 1%
 #: the bytes they always had (the golden vectors).
 _LEVEL1_UP_TO = 1 << 16
 _FORMAT = zstandard.FORMAT_ZSTD1_MAGICLESS
+#: Bodies of at least this many bytes (at most: every plane raw) are built in a map of
+#: their own (:func:`_mapped`), smaller ones in NumPy memory.
+_MAPPED_FROM = 1 << 20
+#: Private anonymous maps exist here (POSIX; elsewhere NumPy memory throughout).
+_MAPS = hasattr(mmap, "MAP_PRIVATE")
 
 # Literals only: the shortest hash and search, matches of at least 7 bytes.
 _LITERAL_PARAMS = zstandard.ZstdCompressionParameters(
@@ -180,11 +193,21 @@ _UINTS = {2: np.uint16, 4: np.uint32, 8: np.uint64}
 
 
 def _code_planes(
-    words: Words, ks: Sequence[int], layout: PlaneLayout
+    words: Words,
+    ks: Sequence[int],
+    layout: PlaneLayout,
+    base: Words | None = None,
+    into: Plane | None = None,
 ) -> list[tuple[PlaneCoding, bytes | memoryview]]:
-    """Planes ``ks`` of ``words``, each compressed when that pays (else stored raw)."""
-    planes = {k: np.empty(words.shape[0], dtype=np.uint8) for k in ks}
-    split_planes(words, planes, layout)
+    """Planes ``ks`` of ``words`` (of ``words ^ base`` with a base), each compressed
+    when that pays (else stored raw: a view of the plane, split into ``into`` when given,
+    ``len(ks) × len(words)`` bytes, else into fresh arrays)."""
+    n = words.shape[0]
+    planes = {
+        k: np.empty(n, dtype=np.uint8) if into is None else into[i * n : (i + 1) * n]
+        for i, k in enumerate(ks)
+    }
+    split_planes(words, planes, layout, base)
     literal, level1 = _coders()
     out: list[tuple[PlaneCoding, bytes | memoryview]] = []
     for k, plane in planes.items():
@@ -199,11 +222,23 @@ def _code_planes(
 
 
 def encode_grouped(
-    bits: torch.Tensor, dtype: torch.dtype, chunk_log2: int = DEFAULT_CHUNK_LOG2
+    bits: torch.Tensor,
+    dtype: torch.dtype,
+    chunk_log2: int = DEFAULT_CHUNK_LOG2,
+    base: torch.Tensor | None = None,
 ) -> memoryview:
-    """The grouped body of a tensor's bits (or of its bits XOR its base's): a read-only
-    view of bytes in NumPy (huge-page) memory, which fresh ``bytes`` of this size are
-    not (their first-touch page faults cost more than the coding on some machines).
+    """The grouped body of a tensor's bits (or of its bits XOR ``base``'s): a read-only
+    view of bytes in huge-page memory (NumPy's, or a private map for a body of 1 MiB or
+    more), which fresh ``bytes`` of this size are not (their first-touch page faults
+    cost more than the coding on some machines).
+
+    Memory beyond the input and the body is a window of chunks (one per core: their
+    planes, in one staging map, and compressed frames). Chunks are coded a window at a
+    time and their planes written in order, after room for the table, into one buffer
+    of the largest size a body can take (every plane raw): its pages past the body are
+    never touched, so never resident, and are handed back once the body is done. The
+    table, whose length is known only then, goes just before the first plane. The
+    bytes are those of coding every chunk at once.
 
     Parameters
     ----------
@@ -215,35 +250,87 @@ def encode_grouped(
         The float dtype the bits belong to, in :data:`GROUPED_DTYPES`.
     chunk_log2
         log2 of the values per chunk.
+    base
+        With a base (as many values, of ``dtype`` or an integer view of its width),
+        the body codes ``bits ^ base``, XORed block by block as the planes are split:
+        the whole XOR is never held.
     """
     if not MIN_CHUNK_LOG2 <= chunk_log2 <= MAX_CHUNK_LOG2:
         raise ValueError(f"chunk_log2 must be in {MIN_CHUNK_LOG2}..{MAX_CHUNK_LOG2}")
     if dtype not in GROUPED_DTYPES or bits.element_size() != dtype.itemsize:
         raise ValueError(f"cannot group {bits.dtype} values as {dtype}")
+    if base is not None and (base.element_size() != dtype.itemsize or base.numel() != bits.numel()):
+        raise ValueError(f"cannot XOR {bits.numel()} values with {base.numel()} {base.dtype}")
     layout = _layout(dtype)
-    words = _words(bits.detach().to("cpu").contiguous().reshape(-1))
+    words = _host_words(bits)
+    base_words = None if base is None else _host_words(base)
+    numel = words.shape[0]
     size = 1 << chunk_log2
     every = tuple(range(layout.width))
-    chunks = _run(
-        lambda start: _code_planes(words[start : start + size], every, layout),
-        range(0, words.shape[0], size),
-    )
-    ordered = [plane for chunk in chunks for plane in chunk]
+    starts = range(0, numel, size)
+    # Every plane takes at most its raw size (a frame is kept only when smaller).
+    room = 1 + len(starts) * layout.width * (1 + _varint_size(min(size, numel)))
+    bound = room + numel * layout.width
+    mapped = _mapped(bound) if bound >= _MAPPED_FROM and _MAPS else None
+    out = np.empty(bound, dtype=np.uint8) if mapped is None else np.frombuffer(mapped, np.uint8)
     table = bytearray([chunk_log2])
-    for coding, data in ordered:
-        table.append(int(coding))
-        write_varint(table, len(data))
-    return _concat([table, *(data for _, data in ordered)])
+    at = room
+    window = _workers()[1] if len(starts) > 1 else 1
+    # A window's planes are split into one map, a chunk's room each, reused window
+    # after window: only the compressed frames are allocated per chunk.
+    staging = None
+    if len(starts) > 1:
+        staged = min(window, len(starts)) * size * layout.width
+        staging = np.frombuffer(_mapped(staged), np.uint8) if _MAPS else np.empty(staged, np.uint8)
+
+    def code(i: int) -> list[tuple[PlaneCoding, bytes | memoryview]]:
+        start, end = starts[i], starts[i] + size
+        part = None if base_words is None else base_words[start:end]
+        span = size * layout.width
+        into = None if staging is None else staging[(i % window) * span :][:span]
+        return _code_planes(words[start:end], every, layout, part, into)
+
+    for first in range(0, len(starts), window):
+        coded = _run(code, range(first, min(first + window, len(starts))))
+        for chunk in coded:
+            for coding, data in chunk:
+                table.append(int(coding))
+                write_varint(table, len(data))
+                out[at : at + len(data)] = np.frombuffer(data, dtype=np.uint8)
+                at += len(data)
+        del coded  # the window's planes go before the next window's are made
+    head = room - len(table)
+    out[head:room] = np.frombuffer(table, dtype=np.uint8)
+    if mapped is None:
+        # realloc to the body's end: shrinks in place, handing the untouched pages back.
+        out.resize(at, refcheck=False)
+        return out[head:].data.toreadonly()
+    del out  # no view of the map left: it can shrink
+    mapped.resize(at)  # mremap: the pages past the body are unmapped
+    return memoryview(mapped)[head:].toreadonly()
 
 
-def _concat(parts: Sequence[bytes | bytearray | memoryview]) -> memoryview:
-    """``b"".join(parts)`` in NumPy memory, read-only."""
-    out = np.empty(sum(len(p) for p in parts), dtype=np.uint8)
-    at = 0
-    for part in parts:
-        out[at : at + len(part)] = np.frombuffer(part, dtype=np.uint8)
-        at += len(part)
-    return out.data.toreadonly()
+def _mapped(size: int) -> mmap.mmap:
+    """``size`` bytes of anonymous memory mapped on their own (huge pages asked for):
+    unmapped when the body goes, wherever it was made, not kept by the thread's malloc
+    arena for later (which a body of a few MB would be: glibc serves those from the
+    arena once large tensors have been freed, and arenas of several threads add up)."""
+    # Private: a shared anonymous map would be shmem, outside the process's anonymous
+    # memory (and huge pages).
+    mapped = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE)
+    if hasattr(mmap, "MADV_HUGEPAGE"):
+        mapped.madvise(mmap.MADV_HUGEPAGE)
+    return mapped
+
+
+def _host_words(t: torch.Tensor) -> Words:
+    """``t``'s bits as 1-D words on the CPU (a view of a contiguous CPU tensor)."""
+    return _words(t.detach().to("cpu").contiguous().reshape(-1))
+
+
+def _varint_size(value: int) -> int:
+    """Bytes of ``value`` as a LEB128 varint."""
+    return max(1, -(-value.bit_length() // 7))
 
 
 def decode_grouped(body: bytes | memoryview, dtype: torch.dtype, numel: int) -> torch.Tensor:

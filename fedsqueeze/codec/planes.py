@@ -66,9 +66,10 @@ class PlaneLayout:
         return 8 * (self.width - 1 - k)
 
 
-def _scratch(dtype: type[np.unsignedinteger], count: int) -> Words:
-    """A per-thread scratch array of ``count`` values (reused: never hand it out)."""
-    key = f"scratch_{np.dtype(dtype).name}"
+def _scratch(dtype: type[np.unsignedinteger], count: int, use: str = "scratch") -> Words:
+    """A per-thread scratch array of ``count`` values (reused: never hand it out); each
+    ``use`` has its own (the XOR of a block is read while the shifts use theirs)."""
+    key = f"{use}_{np.dtype(dtype).name}"
     buf: Words | None = getattr(_local, key, None)
     if buf is None or buf.shape[0] < count:
         buf = np.empty(max(count, BLOCK), dtype=dtype)
@@ -76,11 +77,24 @@ def _scratch(dtype: type[np.unsignedinteger], count: int) -> Words:
     return buf[:count]
 
 
-def split_planes(words: Words, planes: dict[int, Plane], layout: PlaneLayout) -> None:
+def split_planes(
+    words: Words, planes: dict[int, Plane], layout: PlaneLayout, base: Words | None = None
+) -> None:
     """Write planes ``k`` of ``words`` (1-D, ``layout.uint``) into ``planes[k]`` (each as
-    long as ``words``), reading the words once: block by block, every plane."""
+    long as ``words``), reading the words once: block by block, every plane.
+
+    With ``base`` (as long as ``words``, same type) the planes are those of
+    ``words ^ base``, XORed a block at a time in a per-thread scratch array: a lossless
+    delta never holds its whole XOR.
+    """
+    if base is not None and base.shape != words.shape:
+        raise ValueError(f"XOR of {words.shape[0]} words with {base.shape[0]}")
     for start in range(0, words.shape[0], BLOCK):
         block = words[start : start + BLOCK]
+        if base is not None:
+            xored = _scratch(words.dtype.type, block.shape[0], "xor")
+            np.bitwise_xor(block, base[start : start + BLOCK], out=xored)
+            block = xored
         for k, out in planes.items():
             _split_block(block, k, layout, out[start : start + BLOCK])
 

@@ -362,11 +362,14 @@ class TensorEncoder:
             value_kind=value_kind,
             positions=positions,
             raw_length=len(body) if compressed is not None else None,
-            # zstd reads a view as well as bytes: copy the payload only to store it raw.
+            # zstd reads a view as well as bytes: copy the payload only to store it raw
+            # (a grouped body is a read-only view of its own buffer: kept as it is).
             body=compressed
             if compressed is not None
             else coded.body
             if coded is not None
+            else body
+            if value_kind in GROUPED_KINDS and isinstance(body, memoryview) and body.readonly
             else bytes(body),
             rank=rank,
             levels=levels,
@@ -403,6 +406,16 @@ class TensorEncoder:
 
     def _lossless(self, name: str, t: torch.Tensor) -> TensorRecord:
         b = self._base_of(name, t)
+        chunked = b is not None and self._xor_while_grouping(t)
+        if chunked and b is not None:
+            # A large float delta: compared and XORed block by block (never the whole
+            # XOR held), then coded as the path below codes it (grouped: it is large).
+            if _same_bits(t, b):
+                return self._zero(name, t, delta=True)
+            grouped = self._grouped(name, t, t, delta=True, base=b)
+            if grouped is not None:
+                return grouped
+            # Grouping gains nothing (close to random bits): the plain record below.
         if b is None:
             # All bits zero (not merely == 0: -0.0 must survive) decodes bit-exactly.
             bits = as_bits(t)
@@ -410,7 +423,7 @@ class TensorEncoder:
                 return self._zero(name, t, delta=False)
         else:
             bits = xor_bits(t, b)
-            if all_zero_bits(bits):
+            if not chunked and all_zero_bits(bits):
                 return self._zero(name, t, delta=True)
         delta = b is not None
         size = t.numel() * t.element_size()
@@ -420,7 +433,9 @@ class TensorEncoder:
         sampled = _SAMPLED_ABOVE < size <= _COMPARE_BELOW
         guess = entropy.estimate(raw, self._spec.entropy_level) if sampled else 0.0
         grouped = None
-        if not sampled or _grouped_guess(bits, t.dtype) < _PLAIN_MARGIN * guess:
+        if chunked:
+            pass  # grouped above: no gain
+        elif not sampled or _grouped_guess(bits, t.dtype) < _PLAIN_MARGIN * guess:
             grouped = self._grouped(name, t, bits, delta)
         # else: plain zstd is clearly smaller (sparse fp32 XOR deltas): planes spared.
         if grouped is not None and (
@@ -440,15 +455,32 @@ class TensorEncoder:
             return grouped
         return plain
 
+    def _xor_while_grouping(self, t: torch.Tensor) -> bool:
+        """Whether a lossless delta of ``t`` is grouped with its XOR made chunk by chunk:
+        a float tensor on the CPU above :data:`_COMPARE_BELOW` (no plain record to
+        compare, so the whole XOR is never needed), entropy coding on."""
+        return (
+            t.device.type == "cpu"
+            and t.dtype in GROUPED_DTYPES
+            and self._spec.entropy_level > 0
+            and t.numel() * t.element_size() > _COMPARE_BELOW
+        )
+
     def _grouped(
-        self, name: str, t: torch.Tensor, bits: torch.Tensor, delta: bool
+        self,
+        name: str,
+        t: torch.Tensor,
+        bits: torch.Tensor,
+        delta: bool,
+        base: torch.Tensor | None = None,
     ) -> TensorRecord | None:
-        """The byte-grouped record of a float tensor, if it is smaller than its raw bits
-        (``None``: not a grouped dtype, entropy coding off, or no gain)."""
+        """The byte-grouped record of a float tensor (of ``bits ^ base`` with a base,
+        XORed as the planes are split), if it is smaller than its raw bits (``None``:
+        not a grouped dtype, entropy coding off, or no gain)."""
         raw = t.numel() * t.element_size()
         if t.dtype not in GROUPED_DTYPES or self._spec.entropy_level <= 0 or raw < _MIN_GROUPED:
             return None
-        body = encode_grouped(bits, t.dtype)
+        body = encode_grouped(bits, t.dtype, base=base)
         if len(body) >= raw:
             return None
         kind = ValueKind.GROUPED_XOR if delta else ValueKind.GROUPED
@@ -962,6 +994,22 @@ def _grouped_guess(bits: torch.Tensor, dtype: torch.dtype) -> float:
     start = max(0, (n - _GROUPED_SAMPLE) // 2)
     sample = flat[start : start + _GROUPED_SAMPLE]
     return len(encode_grouped(sample, dtype)) * n / max(1, sample.numel())
+
+
+def _same_bits(t: torch.Tensor, base: torch.Tensor) -> bool:
+    """Whether two CPU float tensors of one dtype and shape have the same bits, compared
+    :data:`_SAME_STEP` values at a time (no tensor-sized temporary; the usual delta
+    differs within the first step)."""
+    a = as_bits(t).reshape(-1).numpy()
+    b = as_bits(base).reshape(-1).numpy()
+    return all(
+        np.array_equal(a[s : s + _SAME_STEP], b[s : s + _SAME_STEP])
+        for s in range(0, a.shape[0], _SAME_STEP)
+    )
+
+
+#: Values compared at a time by :func:`_same_bits`.
+_SAME_STEP = 1 << 16
 
 
 def _record_size(record: TensorRecord) -> int:
