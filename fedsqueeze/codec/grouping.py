@@ -55,6 +55,7 @@ import torch
 import zstandard
 
 from fedsqueeze.codec.bytesio import ByteReader, write_varint
+from fedsqueeze.codec.literal_frames import LITERAL_PARAMS
 from fedsqueeze.codec.planes import Plane, PlaneLayout, Words, join_planes, split_planes
 from fedsqueeze.errors import FormatError
 
@@ -79,20 +80,8 @@ _MAPPED_FROM = 1 << 20
 #: Private anonymous maps exist here (POSIX; elsewhere NumPy memory throughout).
 _MAPS = hasattr(mmap, "MAP_PRIVATE")
 
-# Literals only: the shortest hash and search, matches of at least 7 bytes.
-_LITERAL_PARAMS = zstandard.ZstdCompressionParameters(
-    window_log=17,
-    hash_log=6,
-    chain_log=6,
-    search_log=1,
-    min_match=7,
-    target_length=0,
-    strategy=zstandard.STRATEGY_FAST,
-    format=_FORMAT,
-    write_content_size=False,
-    write_checksum=False,
-    write_dict_id=False,
-)
+# Literals only (the same parameters as the dense records' literal pieces).
+_LITERAL_PARAMS = LITERAL_PARAMS
 _MANTISSA_PARAMS = zstandard.ZstdCompressionParameters.from_level(
     1, format=_FORMAT, write_content_size=False, write_checksum=False, write_dict_id=False
 )
