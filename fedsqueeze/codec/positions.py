@@ -22,8 +22,10 @@ Two codings, and :func:`encode_positions` picks whichever is smaller per tensor:
 from __future__ import annotations
 
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass
 from enum import Enum
+from functools import partial
 
 import numpy as np
 import numpy.typing as npt
@@ -31,6 +33,7 @@ import torch
 from torch import Tensor
 
 from fedsqueeze.codec.bitpack import pack_bits, packed_size, unpack_bits
+from fedsqueeze.codec.chunks import submit
 from fedsqueeze.codec.rice_encode import encode_rice, rice_sums
 from fedsqueeze.errors import FormatError
 
@@ -41,6 +44,7 @@ __all__ = [
     "check_position_header",
     "decode_positions",
     "encode_positions",
+    "encode_positions_soon",
     "indices_to_mask",
     "mask_to_indices",
     "max_payload_bytes",
@@ -159,6 +163,20 @@ def encode_positions(indices: Tensor, numel: int) -> EncodedPositions:
     if bitmap_size <= rice_size:
         return EncodedPositions(PositionCoding.BITMAP, count, 0, _encode_bitmap(indices, numel))
     return EncodedPositions(PositionCoding.RICE, count, k, _encode_rice(gaps, k))
+
+
+def encode_positions_soon(indices: Tensor, numel: int) -> Future[EncodedPositions]:
+    """:func:`encode_positions` for a caller with other work to do meanwhile: many
+    indices on the CPU are encoded now, in chunks on every core (on a worker beside the
+    caller they would run on one); fewer, on a worker while the caller goes on."""
+    if indices.numel() >= _CHUNKED_ABOVE and indices.device.type == "cpu":
+        done: Future[EncodedPositions] = Future()
+        try:
+            done.set_result(encode_positions(indices, numel))
+        except Exception as exc:  # re-raised by result(), as the worker's would be
+            done.set_exception(exc)
+        return done
+    return submit(partial(encode_positions, indices, numel))
 
 
 def _encode_chunked(indices: Tensor, numel: int) -> EncodedPositions:

@@ -38,7 +38,6 @@ from fedsqueeze.codec import ans, dense_encode, entropy, fused, plane_ans
 from fedsqueeze.codec.bitpack import pack_bits, unpack_bits
 from fedsqueeze.codec.bits import all_zero_bits, as_bits, xor_bits
 from fedsqueeze.codec.blockwise import num_blocks
-from fedsqueeze.codec.chunks import submit
 from fedsqueeze.codec.container import (
     FLOAT_KINDS,
     GROUPED_KINDS,
@@ -53,7 +52,11 @@ from fedsqueeze.codec.grouping import GROUPED_DTYPES, encode_grouped
 from fedsqueeze.codec.kernels import parallel_copy, value_range
 from fedsqueeze.codec.lowrank import factor_count, factorize, matrix_shape, worth_factoring
 from fedsqueeze.codec.nested_gptq import Calibration, calibrated_codes
-from fedsqueeze.codec.positions import encode_positions, mask_to_indices
+from fedsqueeze.codec.positions import (
+    encode_positions,
+    encode_positions_soon,
+    mask_to_indices,
+)
 from fedsqueeze.codec.progressive import (
     CHUNK,
     bucket_table,
@@ -560,9 +563,9 @@ class TensorEncoder:
             return record, _residual(
                 flat, indices, values, decoded, t.shape
             ) if spec.feedback else None
-        # Position coding runs on a worker beside the quantization (they share nothing).
-        kept = indices
-        coded = None if kept is None else submit(lambda: encode_positions(kept, numel))
+        # Position coding runs beside the quantization (they share nothing), or first on
+        # every core when there are many positions (encode_positions_soon).
+        coded = None if indices is None else encode_positions_soon(indices, numel)
         positions: PositionsHeader | None = None
         pos_payload = b""
 
