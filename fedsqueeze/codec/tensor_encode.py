@@ -801,6 +801,14 @@ class TensorEncoder:
         level = self._spec.entropy_level
         if level <= 0 or -(-values.numel() * q.bits // 8) < dense_encode.PIPELINE_ABOVE:
             return None  # before choosing params: they would be chosen twice
+        if isinstance(channels_of, Runs) and dense_encode.fuses_blocks(
+            values, q, channels_of, level
+        ):  # block-wise params chosen inside the pass: the same bytes
+            qp, coded = dense_encode.encode_dense_blocks(values, q, channels_of, level)
+            return self._record(
+                name, t, delta=delta, body=coded.packed.numpy().data,
+                quant=_quant_header(q, qp, num_channels, name), coded=coded,
+            )  # fmt: skip
         qp = choose_qparams(
             values, q.bits, q.scheme, q.granularity, channels_of, num_channels, q.scales,
             known_range=known_range,
