@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from fedsqueeze.codec import dense_encode
+from fedsqueeze.codec.blockwise import scales_to_bytes, store_scales
 from fedsqueeze.codec.fused_blocks import fusable
 from fedsqueeze.codec.model import encode_state
 from fedsqueeze.codec.quantization import Runs, choose_qparams
@@ -136,3 +137,48 @@ def test_encode_state_bytes_unchanged(text: str, monkeypatch: pytest.MonkeyPatch
         monkeypatch.setattr(dense_encode, "FUSED_SCALES", False)
         separate = encode_state(state, spec).to_bytes()
     assert fused == separate
+
+
+def torch_scale_bytes(flat: torch.Tensor, fmt: ScaleFormat) -> bytes:
+    """scales_to_bytes' previous torch form (the reference)."""
+    if not bool((torch.isfinite(flat) & (flat > 0)).all()):
+        raise ValueError("scale must be finite and positive")
+    if fmt is ScaleFormat.FP32:
+        return flat.numpy().astype("<f4").tobytes()
+    dtype = torch.float16 if fmt is ScaleFormat.FP16 else torch.bfloat16
+    stored = flat.to(dtype)
+    if not torch.equal(stored.to(torch.float32), flat):
+        raise ValueError(f"scales are not exactly representable in {fmt.name.lower()}")
+    return stored.view(torch.int16).numpy().astype("<i2").tobytes()
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_scale_bytes_as_the_torch_form(fmt: ScaleFormat) -> None:
+    g = torch.Generator().manual_seed(1)
+    raw = (
+        torch.exp2(torch.randint(-140, 120, (5000,), generator=g).float())
+        * torch.rand(5000, generator=g)
+        + 2.0**-126
+    )
+    if fmt is ScaleFormat.FP16:
+        raw = raw.clamp(max=60000.0)
+    stored, _ = store_scales(raw, fmt)
+    assert scales_to_bytes(stored, fmt, None) == torch_scale_bytes(stored, fmt)
+    for bad in (float("nan"), float("inf"), 0.0, -1.0):
+        hostile = stored.clone()
+        hostile[17] = bad
+        with pytest.raises(ValueError, match="finite and positive"):
+            scales_to_bytes(hostile, fmt, None)
+    if fmt is not ScaleFormat.FP32:
+        inexact = stored.clone()
+        inexact[3] = 1.0 + 2.0**-20  # between two fp16 and two bf16 values
+        with pytest.raises(ValueError, match="not exactly representable") as got:
+            scales_to_bytes(inexact, fmt, None)
+        with pytest.raises(ValueError, match="not exactly representable") as want:
+            torch_scale_bytes(inexact, fmt)
+        assert str(got.value) == str(want.value)
+    if fmt is ScaleFormat.FP16:
+        over = stored.clone()
+        over[5] = 70000.0  # beyond fp16: inf when converted
+        with pytest.raises(ValueError, match="not exactly representable"):
+            scales_to_bytes(over, fmt, None)
