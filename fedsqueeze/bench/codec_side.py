@@ -28,12 +28,25 @@ from rich.table import Table
 from fedsqueeze.codec import CodecSpec, dense_encode, encode_state, positions, pruning
 from fedsqueeze.codec.spec_text import parse_spec
 
-__all__ = ["SIDE_SPECS", "previous_paths", "side_by_side"]
+__all__ = ["SIDE_SPECS", "fused_scales", "previous_paths", "side_by_side"]
 
-#: Specs whose encode is timed against the previous paths.
-SIDE_SPECS = ("quant=4:block64", "quant=4:nf4:block64", "prune90-int4", "topk10-int4")
+#: Specs whose encode is timed against the previous paths: pruning and top-k with the
+#: defaults against :func:`previous_paths`; block-wise specs with the fused block
+#: parameters switched on (``dense_encode.FUSED_SCALES``, off by default) against off.
+SIDE_SPECS = ("prune90-int4", "topk10-int4", "quant=4:block64", "quant=4:nf4:block64")
 
 Json = dict[str, Any]
+
+
+@contextlib.contextmanager
+def fused_scales() -> Iterator[None]:
+    """Block-wise parameters chosen inside the quantization pass (opt-in)."""
+    saved = dense_encode.FUSED_SCALES
+    dense_encode.FUSED_SCALES = True
+    try:
+        yield
+    finally:
+        dense_encode.FUSED_SCALES = saved
 
 
 @contextlib.contextmanager
@@ -55,15 +68,19 @@ def side_by_side(x: torch.Tensor, runs: int, out: Console) -> list[Json]:
     state = {"tensor.weight": x}
     rows: list[Json] = []
     for name in SIDE_SPECS:
-        encode = partial(_encode, state, parse_spec(name))
-        now_bytes = encode()  # warm-up of both paths, not timed
+        spec = parse_spec(name)
+        encode = partial(_encode, state, spec)
+        # "now": the new path (for block-wise specs the opt-in fused parameters).
+        new_path = fused_scales if spec.quant and spec.quant.block_size else contextlib.nullcontext
+        with new_path():
+            now_bytes = encode()  # warm-up of both paths, not timed
         with previous_paths():
             before_bytes = encode()
         timed: dict[str, list[tuple[float, float, float, float]]] = {"now": [], "previous": []}
         for i in range(runs):
             order = ("now", "previous") if i % 2 == 0 else ("previous", "now")
             for which in order:
-                ctx = previous_paths() if which == "previous" else contextlib.nullcontext()
+                ctx = previous_paths() if which == "previous" else new_path()
                 with ctx:
                     timed[which].append(_beside_clone(encode, x))
         row: Json = {"spec": name, "same_bytes": now_bytes == before_bytes}

@@ -113,9 +113,12 @@ LITERAL_SLACK = 0.005
 #: side-by-side runs).
 ENABLED = True
 #: Whether block-wise parameters are chosen chunk by chunk inside the pass
-#: (:func:`encode_dense_blocks`; off: ``choose_qparams``' pass first, as before; for
-#: the benchmark's side-by-side rows; the same bytes).
-FUSED_SCALES = True
+#: (:func:`encode_dense_blocks`; the same bytes). Off by default: measured side by side
+#: on these 2-core machines it saved no CPU time on one thread (the pass it removes
+#: reads memory once more, but each chunk then runs ~30 small NumPy operations) and
+#: cost ~10% with two worker threads (their Python steps contend for the GIL);
+#: BENCHMARKS.md has the figures. Off: ``choose_qparams``' pass first, as before.
+FUSED_SCALES = False
 #: Whether large bodies may be coded as literal-only pieces (off: one stream at the
 #: record's level, as in the previous version; for the benchmark's side-by-side rows).
 LITERAL = True

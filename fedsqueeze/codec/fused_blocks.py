@@ -15,6 +15,11 @@ to fp16 / bf16 computes the same smallest representable value ``>=`` the raw sca
 so the parameters, codes and bytes are identical; the tests compare them with the
 reference path, hostile ranges included. DQ8 scales (one exponent per 256 blocks) and
 the POW2 and k-means schemes keep the separate pass.
+
+Opt-in (``dense_encode.FUSED_SCALES``): measured side by side on these 2-core machines,
+the read it saves is paid back by ~30 small NumPy operations per chunk (no CPU saved on
+one thread), and with two worker threads their Python steps contend for the GIL (~10%
+more CPU). It is here, exact and tested, for machines where that balance differs.
 """
 
 from __future__ import annotations

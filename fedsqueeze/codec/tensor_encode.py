@@ -803,7 +803,7 @@ class TensorEncoder:
             return None  # before choosing params: they would be chosen twice
         if isinstance(channels_of, Runs) and dense_encode.fuses_blocks(
             values, q, channels_of, level
-        ):  # block-wise params chosen inside the pass: the same bytes
+        ):  # block-wise params chosen inside the pass (opt-in): the same bytes
             qp, coded = dense_encode.encode_dense_blocks(values, q, channels_of, level)
             return self._record(
                 name, t, delta=delta, body=coded.packed.numpy().data,

@@ -133,6 +133,7 @@ def test_encode_state_bytes_unchanged(text: str, monkeypatch: pytest.MonkeyPatch
     state = {"w": torch.randn(300, 170, generator=g) * 0.02, "b": torch.randn(170, generator=g)}
     spec = parse_spec(text)
     with small_chunks(chunk=4096):
+        monkeypatch.setattr(dense_encode, "FUSED_SCALES", True)
         fused = encode_state(state, spec).to_bytes()
         monkeypatch.setattr(dense_encode, "FUSED_SCALES", False)
         separate = encode_state(state, spec).to_bytes()
