@@ -187,7 +187,7 @@ def _encode_chunked(indices: Tensor, numel: int) -> EncodedPositions:
     last = int(idx[-1])
     # sum(gaps) telescopes (checked below: the gaps must be >= 0 for it to mean anything).
     start = _walk_start(count, last - (count - 1))
-    window = range(max(0, start - 3), min(MAX_RICE_K, start + 4) + 1)
+    window = range(max(0, start - 2), min(MAX_RICE_K, start + 2) + 1)
     sums, increasing = rice_sums(idx, window)
     if not increasing or last >= numel:
         raise ValueError(f"indices must be strictly increasing in [0, {numel})")
@@ -200,7 +200,11 @@ def _encode_chunked(indices: Tensor, numel: int) -> EncodedPositions:
 
     k, rice_size = _walk_k(count, start, lambda k: int(chunk_sums(k).sum()) + count * (1 + k))
     if packed_size(numel, 1) <= rice_size:
-        return EncodedPositions(PositionCoding.BITMAP, count, 0, _encode_bitmap(indices, numel))
+        # NumPy's scatter and packbits: _encode_bitmap's bytes (LSB first), ~3x faster.
+        bits = np.zeros(numel, dtype=np.uint8)
+        bits[idx] = 1
+        payload = np.packbits(bits, bitorder="little")
+        return EncodedPositions(PositionCoding.BITMAP, count, 0, torch.from_numpy(payload))
     payload = encode_rice(idx, k, chunk_sums(k))
     return EncodedPositions(PositionCoding.RICE, count, k, torch.from_numpy(payload))
 

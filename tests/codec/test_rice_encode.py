@@ -105,3 +105,12 @@ def test_hostile_indices_rejected(bad: list[int], monkeypatch: pytest.MonkeyPatc
         chunked(idx, 100)
     with pytest.raises(ValueError, match="strictly increasing"):
         reference(idx, 100)
+
+
+def test_bitmap_when_smaller_same_as_reference() -> None:
+    """Dense kept sets take the bitmap (NumPy's packbits in the chunked path)."""
+    for density in (0.4, 0.9, 1.0):
+        idx = random_indices(100_003, density, 5)
+        want, got = reference(idx, 100_003), chunked(idx, 100_003)
+        assert got.coding is PositionCoding.BITMAP is want.coding
+        assert got.count == want.count and torch.equal(got.payload, want.payload)
