@@ -17,7 +17,9 @@ Four parts, printed as tables (and written as JSON with --json):
             which of issue 14's speed targets each spec meets, and three dense specs
             timed again with one zstd stream per body instead of literal-only pieces on
             every core, marked "(one stream)", and with the paths before the
-            pipelines, marked "(before)"
+            pipelines, marked "(before)"; then block-wise, pruning and top-k encodes
+            timed interleaved with the paths before the two-pass selection, the chunked
+            position coder and the fused block parameters ("previous")
             (--tensor-only runs just this part)
 
 Throughput is MB (10^6 bytes) of fp32 input per second, the median of --runs runs. On the
@@ -51,6 +53,7 @@ from rich.console import Console
 from rich.table import Table
 
 from fedsqueeze.bench.codec_phases import phase_table
+from fedsqueeze.bench.codec_side import side_by_side
 from fedsqueeze.bench.flags import add_codec_arguments as add_arguments
 from fedsqueeze.codec import (
     PRESETS,
@@ -459,6 +462,8 @@ def _tensor(options: CodecBenchOptions, out: Console) -> Json:
                 f"{'met' if met else 'MISSED'}",
                 markup=False,
             )
+    with out.status("timing encodes side by side with the previous paths…"):
+        side = side_by_side(x, max(runs, 9), out)
     with out.status("timing the stages of the dense specs…"):
         phases = [phase_table(n, parse_spec(n), x, runs, out) for n in PHASE_SPECS]
     return {
@@ -468,6 +473,7 @@ def _tensor(options: CodecBenchOptions, out: Console) -> Json:
         "specs": results,
         "targets": verdicts,
         "phases": phases,
+        "side_by_side": side,
     }
 
 

@@ -70,13 +70,15 @@ from torch import Tensor
 from fedsqueeze.codec import entropy
 from fedsqueeze.codec.blockwise import NF4_CODEBOOK
 from fedsqueeze.codec.chunks import np_scratch, run_chunks, submit
+from fedsqueeze.codec.fused_blocks import block_params, fusable
 from fedsqueeze.codec.kernels import Runs, nf4_tables
 from fedsqueeze.codec.literal_frames import Piece, compress_piece, emit_piece
 from fedsqueeze.codec.quantization import QuantParams
-from fedsqueeze.codec.spec import QuantScheme, Rounding
+from fedsqueeze.codec.spec import QuantScheme, QuantSpec, Rounding
 
 __all__ = [
     "ENABLED",
+    "FUSED_SCALES",
     "LITERAL",
     "LITERAL_SLACK",
     "MIN_GAIN",
@@ -85,6 +87,8 @@ __all__ = [
     "DenseBody",
     "choose_coder",
     "encode_dense",
+    "encode_dense_blocks",
+    "fuses_blocks",
     "pipelines",
     "quantize_packed",
 ]
@@ -108,6 +112,13 @@ LITERAL_SLACK = 0.005
 #: the stages one after the other and zstd's threads, as before; for the benchmark's
 #: side-by-side runs).
 ENABLED = True
+#: Whether block-wise parameters are chosen chunk by chunk inside the pass
+#: (:func:`encode_dense_blocks`; the same bytes). Off by default: measured side by side
+#: on these 2-core machines it saved no CPU time on one thread (the pass it removes
+#: reads memory once more, but each chunk then runs ~30 small NumPy operations) and
+#: cost ~10% with two worker threads (their Python steps contend for the GIL);
+#: BENCHMARKS.md has the figures. Off: ``choose_qparams``' pass first, as before.
+FUSED_SCALES = False
 #: Whether large bodies may be coded as literal-only pieces (off: one stream at the
 #: record's level, as in the previous version; for the benchmark's side-by-side rows).
 LITERAL = True
@@ -157,16 +168,83 @@ def pipelines(
     )
 
 
+def fuses_blocks(values: Tensor, q: QuantSpec, channels: object, level: int) -> bool:
+    """Whether :func:`encode_dense_blocks` takes these values: :func:`pipelines`'
+    conditions, and a block-wise spec whose parameters are chosen chunk by chunk
+    (:func:`~fedsqueeze.codec.fused_blocks.fusable`)."""
+    return (
+        FUSED_SCALES
+        and level > 0
+        and fusable(q, channels)
+        and values.device.type == "cpu"
+        and values.dtype == torch.float32
+        and values.dim() == 1
+        and -(-values.numel() * q.bits // 8) >= PIPELINE_ABOVE
+    )
+
+
 def encode_dense(values: Tensor, qp: QuantParams, runs: Runs | None, level: int) -> DenseBody:
     """Quantize ``values`` (float32 ``[n]``) with ``qp``, pack the codes and zstd them at
     ``level``, overlapped (see the module docstring): the codes of
     ``pack_bits(quantize(values, qp, NEAREST, runs), bits)``, streamed through zstd's
     single-threaded compressor (or raw, by :func:`~fedsqueeze.codec.entropy.compress`'s
     rules)."""
+    packed = np.empty(-(-values.numel() * qp.bits // 8), dtype=np.uint8)
+    return _encode(_kernel(values, qp, runs, packed), packed, values.numel(), qp.bits, runs, level)
+
+
+def encode_dense_blocks(
+    values: Tensor, q: QuantSpec, runs: Runs, level: int
+) -> tuple[QuantParams, DenseBody]:
+    """:func:`encode_dense` of block-wise spec ``q`` (:func:`fused_blocks.fusable
+    <fedsqueeze.codec.fused_blocks.fusable>`) with its parameters chosen chunk by chunk
+    inside the pass (:mod:`fedsqueeze.codec.fused_blocks`): the parameters
+    :func:`~fedsqueeze.codec.quantization.choose_qparams` chooses, and the same body."""
     count = values.numel()
-    bits = qp.bits
+    bits, length = q.bits, runs.length
+    x: F32 = values.detach().contiguous().numpy()
+    scale = np.empty(runs.count(count), dtype=np.float32)
+    zp = np.empty_like(scale)
+    nf4 = q.scheme is QuantScheme.NF4
+    params: dict[str, Any]
+    if nf4:
+        below, inside = nf4_tables(NF4_CODEBOOK)
+        params = {"below": below.numpy(), "inside": inside.numpy(), "scale": scale}
+    else:
+        params = {
+            "inv": np.empty_like(scale),
+            "zp": zp,
+            "qmin": np.float32(0.0 if q.scheme is QuantScheme.AFFINE else 1.0),
+            "qmax": np.float32((1 << bits) - 1),
+        }
     packed = np.empty(-(-count * bits // 8), dtype=np.uint8)
-    kernel = _kernel(values, qp, runs, packed)
+    codes = _nf4_codes if nf4 else _linear_codes
+    kernel = partial(_chunk, x, packed, bits, runs, codes, params)
+
+    def chunk(start: int, stop: int) -> None:
+        r0, r1 = start // length, -(-stop // length)
+        block_params(x[start:stop], length, bits, q.scheme, q.scales, scale[r0:r1], zp[r0:r1])
+        if not nf4:  # as _kernel: the reciprocal in float32
+            np.divide(np.float32(1.0), scale[r0:r1], out=params["inv"][r0:r1])
+        kernel(start, stop)
+
+    body = _encode(chunk, packed, count, bits, runs, level)
+    qp = QuantParams(
+        bits, q.scheme, torch.from_numpy(scale), torch.from_numpy(zp), scale_format=q.scales
+    )
+    return qp, body
+
+
+def _encode(
+    kernel: Callable[[int, int], None],
+    packed: U8,
+    count: int,
+    bits: int,
+    runs: Runs | None,
+    level: int,
+) -> DenseBody:
+    """The body of ``encode_dense``: ``kernel(start, stop)`` makes the packed codes of
+    values ``[start, stop)`` into ``packed``."""
     bounds = _bounds(count, 8 // bits, runs)
     per_byte = 8 // bits
     byte_bounds = [(start // per_byte, -(-stop // per_byte)) for start, stop in bounds]

@@ -21,14 +21,20 @@ Two codings, and :func:`encode_positions` picks whichever is smaller per tensor:
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass
 from enum import Enum
+from functools import partial
 
 import numpy as np
+import numpy.typing as npt
 import torch
 from torch import Tensor
 
 from fedsqueeze.codec.bitpack import pack_bits, packed_size, unpack_bits
+from fedsqueeze.codec.chunks import submit
+from fedsqueeze.codec.rice_encode import encode_rice, rice_sums
 from fedsqueeze.errors import FormatError
 
 __all__ = [
@@ -38,6 +44,7 @@ __all__ = [
     "check_position_header",
     "decode_positions",
     "encode_positions",
+    "encode_positions_soon",
     "indices_to_mask",
     "mask_to_indices",
     "max_payload_bytes",
@@ -46,6 +53,9 @@ __all__ = [
 #: Largest Rice parameter; gaps need at most ~log2(numel) bits.
 MAX_RICE_K = 30
 _INT32_MAX = (1 << 31) - 1
+#: Kept positions from which the CPU encodes in chunks on every core
+#: (:mod:`fedsqueeze.codec.rice_encode`: the same payload, ~6x less CPU at 2.5M).
+_CHUNKED_ABOVE = 1 << 16
 
 
 class PositionCoding(Enum):
@@ -133,6 +143,8 @@ def encode_positions(indices: Tensor, numel: int) -> EncodedPositions:
     if numel < 0:
         raise ValueError(f"numel must be >= 0, got {numel}")
     count = indices.numel()
+    if count >= _CHUNKED_ABOVE and indices.device.type == "cpu":
+        return _encode_chunked(indices, numel)
     if count:
         # g_0 = i_0, g_j = i_j − i_{j−1} − 1 (torch.diff with a prepend is ~3x slower).
         gaps = torch.empty_like(indices)
@@ -151,6 +163,50 @@ def encode_positions(indices: Tensor, numel: int) -> EncodedPositions:
     if bitmap_size <= rice_size:
         return EncodedPositions(PositionCoding.BITMAP, count, 0, _encode_bitmap(indices, numel))
     return EncodedPositions(PositionCoding.RICE, count, k, _encode_rice(gaps, k))
+
+
+def encode_positions_soon(indices: Tensor, numel: int) -> Future[EncodedPositions]:
+    """:func:`encode_positions` for a caller with other work to do meanwhile: many
+    indices on the CPU are encoded now, in chunks on every core (on a worker beside the
+    caller they would run on one); fewer, on a worker while the caller goes on."""
+    if indices.numel() >= _CHUNKED_ABOVE and indices.device.type == "cpu":
+        done: Future[EncodedPositions] = Future()
+        try:
+            done.set_result(encode_positions(indices, numel))
+        except Exception as exc:  # re-raised by result(), as the worker's would be
+            done.set_exception(exc)
+        return done
+    return submit(partial(encode_positions, indices, numel))
+
+
+def _encode_chunked(indices: Tensor, numel: int) -> EncodedPositions:
+    """:func:`encode_positions` of many indices on the CPU, by the chunked kernels of
+    :mod:`fedsqueeze.codec.rice_encode` (the same payload)."""
+    idx = indices.contiguous().numpy()
+    count = idx.size
+    last = int(idx[-1])
+    # sum(gaps) telescopes (checked below: the gaps must be >= 0 for it to mean anything).
+    start = _walk_start(count, last - (count - 1))
+    window = range(max(0, start - 2), min(MAX_RICE_K, start + 2) + 1)
+    sums, increasing = rice_sums(idx, window)
+    if not increasing or last >= numel:
+        raise ValueError(f"indices must be strictly increasing in [0, {numel})")
+    per_k = {k: sums[:, j] for j, k in enumerate(window)}
+
+    def chunk_sums(k: int) -> npt.NDArray[np.int64]:
+        if k not in per_k:  # outside the first pass's window: one more pass
+            per_k[k] = rice_sums(idx, range(k, k + 1))[0][:, 0]
+        return per_k[k]
+
+    k, rice_size = _walk_k(count, start, lambda k: int(chunk_sums(k).sum()) + count * (1 + k))
+    if packed_size(numel, 1) <= rice_size:
+        # NumPy's scatter and packbits: _encode_bitmap's bytes (LSB first), ~3x faster.
+        bits = np.zeros(numel, dtype=np.uint8)
+        bits[idx] = 1
+        payload = np.packbits(bits, bitorder="little")
+        return EncodedPositions(PositionCoding.BITMAP, count, 0, torch.from_numpy(payload))
+    payload = encode_rice(idx, k, chunk_sums(k))
+    return EncodedPositions(PositionCoding.RICE, count, k, torch.from_numpy(payload))
 
 
 def decode_positions(
@@ -253,13 +309,23 @@ def _best_rice_k(gaps: Tensor) -> tuple[int, int]:
     n = gaps.numel()
     if n == 0:
         return 0, 0
-    mean = _shifted_sum(gaps, 0) / n
-    start = min(MAX_RICE_K, max(0, int(mean).bit_length() - 1))
+    return _walk_k(n, _walk_start(n, _shifted_sum(gaps, 0)), lambda k: _rice_bits(gaps, k))
+
+
+def _walk_start(n: int, total: int) -> int:
+    """Where the walk over ``k`` starts: ``log2`` of the mean of ``n`` gaps summing to
+    ``total``."""
+    return min(MAX_RICE_K, max(0, int(total / n).bit_length() - 1))
+
+
+def _walk_k(n: int, start: int, bits: Callable[[int], int]) -> tuple[int, int]:
+    """:func:`_best_rice_k`'s walk from ``start``, given ``bits(k)``, the exact bit
+    count of both streams for ``k`` (each asked for once)."""
     cache: dict[int, int] = {}
 
     def f(k: int) -> int:
         if k not in cache:
-            cache[k] = _rice_bits(gaps, k)
+            cache[k] = bits(k)
         return cache[k]
 
     k = start

@@ -38,7 +38,6 @@ from fedsqueeze.codec import ans, dense_encode, entropy, fused, plane_ans
 from fedsqueeze.codec.bitpack import pack_bits, unpack_bits
 from fedsqueeze.codec.bits import all_zero_bits, as_bits, xor_bits
 from fedsqueeze.codec.blockwise import num_blocks
-from fedsqueeze.codec.chunks import submit
 from fedsqueeze.codec.container import (
     FLOAT_KINDS,
     GROUPED_KINDS,
@@ -53,7 +52,11 @@ from fedsqueeze.codec.grouping import GROUPED_DTYPES, encode_grouped
 from fedsqueeze.codec.kernels import parallel_copy, value_range
 from fedsqueeze.codec.lowrank import factor_count, factorize, matrix_shape, worth_factoring
 from fedsqueeze.codec.nested_gptq import Calibration, calibrated_codes
-from fedsqueeze.codec.positions import encode_positions, mask_to_indices
+from fedsqueeze.codec.positions import (
+    encode_positions,
+    encode_positions_soon,
+    mask_to_indices,
+)
 from fedsqueeze.codec.progressive import (
     CHUNK,
     bucket_table,
@@ -592,9 +595,9 @@ class TensorEncoder:
             return record, _residual(
                 flat, indices, values, decoded, t.shape
             ) if spec.feedback else None
-        # Position coding runs on a worker beside the quantization (they share nothing).
-        kept = indices
-        coded = None if kept is None else submit(lambda: encode_positions(kept, numel))
+        # Position coding runs beside the quantization (they share nothing), or first on
+        # every core when there are many positions (encode_positions_soon).
+        coded = None if indices is None else encode_positions_soon(indices, numel)
         positions: PositionsHeader | None = None
         pos_payload = b""
 
@@ -830,6 +833,14 @@ class TensorEncoder:
         level = self._spec.entropy_level
         if level <= 0 or -(-values.numel() * q.bits // 8) < dense_encode.PIPELINE_ABOVE:
             return None  # before choosing params: they would be chosen twice
+        if isinstance(channels_of, Runs) and dense_encode.fuses_blocks(
+            values, q, channels_of, level
+        ):  # block-wise params chosen inside the pass (opt-in): the same bytes
+            qp, coded = dense_encode.encode_dense_blocks(values, q, channels_of, level)
+            return self._record(
+                name, t, delta=delta, body=coded.packed.numpy().data,
+                quant=_quant_header(q, qp, num_channels, name), coded=coded,
+            )  # fmt: skip
         qp = choose_qparams(
             values, q.bits, q.scheme, q.granularity, channels_of, num_channels, q.scales,
             known_range=known_range,

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from fedsqueeze.bench import codec as codec_bench
+from fedsqueeze.bench import codec_side
 from fedsqueeze.errors import ConfigError
 
 
@@ -166,6 +167,13 @@ def test_tensor_only_times_every_spec_and_reports_each_target(
         assert all(t["wall_ms"] >= 0 and t["cpu_ms"] >= 0 for t in p["encode"].values())
     assert "pipelined (replaces the 3 above)" in phases[0]["decode"]  # int8 codes shrink
     assert "stages on the" in printed
+    side = tensor["side_by_side"]
+    assert [r["spec"] for r in side] == list(codec_side.SIDE_SPECS)
+    for r in side:
+        assert r["same_bytes"] or r["spec"] == "topk10-int4"  # its rounding is stochastic
+        for which in ("now", "previous"):
+            assert set(r[which]) == {"enc_vs_clone", "cpu_vs_clone", "wall_ms", "cpu_ms"}
+    assert "side by side with the previous paths" in printed
 
 
 def test_only_one_section_flag_at_a_time() -> None:

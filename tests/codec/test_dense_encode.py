@@ -43,25 +43,30 @@ def tiny(chunk: int = 96, above: int = 64) -> Iterator[list[int]]:
     yields a list counting calls of encode_dense."""
     saved = (
         dense_encode._CHUNK, dense_encode.PIPELINE_ABOVE, entropy.THREADED_FROM,
-        dense_encode.encode_dense, torch.get_num_threads(),
+        dense_encode.encode_dense, torch.get_num_threads(), dense_encode.encode_dense_blocks,
     )  # fmt: skip
-    encode = saved[3]
+    encode, encode_blocks = saved[3], saved[5]
     calls: list[int] = []
 
     def counted(*args: Any, **kwargs: Any) -> dense_encode.DenseBody:
         calls.append(1)
         return encode(*args, **kwargs)
 
+    def counted_blocks(*args: Any, **kwargs: Any) -> Any:
+        calls.append(1)  # block-wise params chosen inside the pipeline
+        return encode_blocks(*args, **kwargs)
+
     dense_encode._CHUNK, dense_encode.PIPELINE_ABOVE = chunk, above
     entropy.THREADED_FROM = 1 << 62
     dense_encode.encode_dense = counted
+    dense_encode.encode_dense_blocks = counted_blocks
     torch.set_num_threads(2)
     try:
         yield calls
     finally:
         (
             dense_encode._CHUNK, dense_encode.PIPELINE_ABOVE, entropy.THREADED_FROM,
-            dense_encode.encode_dense, threads,
+            dense_encode.encode_dense, threads, dense_encode.encode_dense_blocks,
         ) = saved  # fmt: skip
         torch.set_num_threads(threads)
 

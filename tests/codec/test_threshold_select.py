@@ -1,0 +1,111 @@
+"""The two-pass magnitude selection (fedsqueeze.codec.threshold_select): the kept set
+is exactly torch.nn.utils.prune's (the reference topk mask), with its values; ties,
+zeros, a missed band and both threads handled."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fedsqueeze.codec import pruning, threshold_select
+from fedsqueeze.codec.pruning import count_to_prune, magnitude_mask
+from fedsqueeze.codec.threshold_select import Outcome, select_above
+
+
+def tensor(n: int, kind: str, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, generator=g)
+    if kind == "ties":  # few distinct magnitudes: ties straddle every cut
+        x = torch.randint(-3, 4, (n,), generator=g).to(torch.float32)
+    elif kind == "zeros":
+        x[: n // 2] = 0.0
+    elif kind == "wide":  # values over many octaves, signed zeros, subnormals
+        x = x * torch.exp2(torch.randint(-140, 120, (n,), generator=g).to(torch.float32))
+        x[::11] = -0.0
+    return x
+
+
+@contextlib.contextmanager
+def sampled_path() -> Iterator[None]:
+    """The sampled path from 101 values, in chunks of 97 on two threads."""
+    saved = pruning._SAMPLE_ABOVE, pruning._SAMPLE_SIZE, threshold_select.CHUNK
+    threads = torch.get_num_threads()
+    pruning._SAMPLE_ABOVE, pruning._SAMPLE_SIZE, threshold_select.CHUNK = 100, 64, 97
+    torch.set_num_threads(2)
+    try:
+        yield
+    finally:
+        pruning._SAMPLE_ABOVE, pruning._SAMPLE_SIZE, threshold_select.CHUNK = saved
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def sampled() -> Iterator[None]:
+    with sampled_path():
+        yield
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.integers(101, 4000),
+    st.sampled_from([0.001, 0.1, 0.5, 0.9, 0.999]),
+    st.sampled_from(["normal", "ties", "zeros", "wide"]),
+    st.integers(0, 2**31),
+)
+def test_kept_set_is_the_reference_mask(n: int, sparsity: float, kind: str, seed: int) -> None:
+    x = tensor(n, kind, seed)
+    with sampled_path():
+        # The mask's own sampled path (ties broken by topk inside the same band).
+        reference = torch.nonzero(magnitude_mask(x, sparsity)).view(-1)
+        indices, values = pruning.magnitude_selection(x, sparsity)
+    if kind == "normal":  # no ties: torch.nn.utils.prune's own set
+        assert torch.equal(reference, torch.nonzero(magnitude_mask(x, sparsity)).view(-1))
+    assert torch.equal(indices, reference)
+    if 0 < count_to_prune(n, sparsity) < n:
+        assert values is not None and torch.equal(values, x[reference])
+    keep = n - count_to_prune(n, sparsity)
+    assert indices.numel() == keep
+    exact = torch.sort(x.abs(), descending=True).values[:keep]
+    assert torch.equal(torch.sort(x.abs()[indices], descending=True).values, exact)
+
+
+@pytest.mark.parametrize("kind", ["normal", "ties", "zeros", "wide"])
+def test_same_as_the_single_pass_path(
+    sampled: None, monkeypatch: pytest.MonkeyPatch, kind: str
+) -> None:
+    for seed in range(5):
+        x = tensor(3000, kind, seed)
+        new = pruning.magnitude_selection(x, 0.9)
+        monkeypatch.setattr(pruning, "TWO_PASS", False)
+        old = pruning.magnitude_selection(x, 0.9)
+        monkeypatch.setattr(pruning, "TWO_PASS", True)
+        assert torch.equal(new[0], old[0])
+        assert new[1] is not None and old[1] is not None and torch.equal(new[1], old[1])
+
+
+def test_outcomes() -> None:
+    x = torch.arange(1, 1001, dtype=torch.float32).numpy()
+    got = select_above(x, 900, 850.0, 950.0)  # exact cut 900: keep 901..1000
+    assert not isinstance(got, Outcome)
+    assert got[0].tolist() == list(range(900, 1000))
+    assert got[1].tolist() == [float(v) for v in range(901, 1001)]
+    assert select_above(x, 900, 950.0, 990.0) is Outcome.MISS  # band above the cut
+    assert select_above(x, 900, 10.0, 850.0) is Outcome.MISS  # band below the cut
+    got = select_above(x, 900, 901.0, 950.0)  # nothing left to correct: |x| >= lo
+    assert not isinstance(got, Outcome) and got[0].tolist() == list(range(900, 1000))
+    ties = torch.tensor([1.0] * 10 + [2.0] * 10).numpy()
+    assert select_above(ties, 5, 0.5, 1.5) is Outcome.TIES
+
+
+def test_large_tensor_on_default_chunks() -> None:
+    x = tensor(1_500_000, "normal", 7)
+    for sparsity in (0.1, 0.9, 0.99):
+        reference = torch.nonzero(magnitude_mask(x, sparsity)).view(-1)
+        indices, values = pruning.magnitude_selection(x, sparsity)
+        assert torch.equal(indices, reference)
+        assert values is not None and torch.equal(values, x[reference])
