@@ -60,6 +60,7 @@ from fedsqueeze.codec import CodecSpec, decode_prefix, encode_state, smallest_pr
 from fedsqueeze.codec.level_order import LevelOrder
 from fedsqueeze.codec.nested_gptq import Calibration
 from fedsqueeze.codec.spec_text import format_spec, parse_spec
+from fedsqueeze.errors import ConfigError
 
 State = Mapping[str, torch.Tensor]
 Json = dict[str, Any]
@@ -250,7 +251,7 @@ def run(
     unknown = set(parts) - set(PARTS) - set(OPT_IN_PARTS)
     if unknown:
         names = ", ".join(PARTS + OPT_IN_PARTS)
-        raise ValueError(f"unknown parts {sorted(unknown)}; choose from {names}")
+        raise ConfigError(f"unknown parts {sorted(unknown)}; choose from {names}")
     torch.manual_seed(0)
     report: Json = {"python": sys.version.split()[0], "parts": list(parts)}
     if "designs" in parts or "digits" in parts:

@@ -8,6 +8,7 @@ import torch
 from fedsqueeze.bench.level_designs import compare_designs
 from fedsqueeze.bench.progressive import prefix_curve, stdlib_sentences
 from fedsqueeze.codec.spec_text import parse_spec
+from fedsqueeze.errors import ConfigError
 
 
 def _state() -> dict[str, torch.Tensor]:
@@ -94,7 +95,7 @@ def test_plane_entropy_reports_each_level_and_refuses_what_it_cannot_measure() -
         plane_entropy(_state(), parse_spec("quant=8"))
     with pytest.raises(ValueError, match="dense"):
         plane_entropy(_state(), parse_spec("quant=8:block32,levels=4+4"))
-    with pytest.raises(ValueError, match="unknown parts"):
+    with pytest.raises(ConfigError, match="unknown parts"):
         run(parts=("curves",))
 
 

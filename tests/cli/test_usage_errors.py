@@ -69,3 +69,10 @@ def test_coordinator_needs_at_least_one_node(tmp_path: Path) -> None:
     line = _usage_error("coordinator", "--min-nodes", "0", "--state-dir", str(state))
     assert line.endswith("--min-nodes must be >= 1, got 0")
     assert not state.exists()
+
+
+def test_bench_progressive_refuses_an_unknown_part(tmp_path: Path) -> None:
+    report = tmp_path / "p.json"
+    line = _usage_error("bench", "progressive", "--parts", "gptq,nosuch", "--json", str(report))
+    assert "unknown parts ['nosuch']" in line and "gptq" in line
+    assert not report.exists()
