@@ -36,6 +36,7 @@ if TYPE_CHECKING:
     import torch
 
     from fedsqueeze.codec import CodecSpec, NonFinite
+    from fedsqueeze.codec.nested_gptq import Calibration
     from fedsqueeze.codec.stream_decode import StreamLayout, TensorSlot
 
 __all__ = [
@@ -184,6 +185,7 @@ def encode_file(
     nonfinite: NonFinite | None = None,
     workers: int | None = None,
     overwrite: bool = False,
+    calibration: Calibration | None = None,
 ) -> EncodedFile:
     """Encode the model file ``source`` into ``output``, one tensor at a time.
 
@@ -197,11 +199,16 @@ def encode_file(
         Threads encoding tensors (default: every core).
     overwrite
         Replace an existing ``output``.
+    calibration
+        Input moments for calibrated codes of a ``levels`` spec (as for
+        :func:`~fedsqueeze.codec.model.encode_state`); each names a matrix of the model
+        whose column count is its size.
 
     Raises
     ------
     The errors of :func:`open_model` and :func:`~fedsqueeze.codec.model.encode_state`;
-    ``FileExistsError`` for an existing ``output`` without ``overwrite``.
+    ``FileExistsError`` for an existing ``output`` without ``overwrite``;
+    ``ConfigError`` for calibration that names no matrix of the model or does not fit it.
     """
     from fedsqueeze.codec import NonFinite
     from fedsqueeze.codec.stream_encode import encode_stream
@@ -211,6 +218,8 @@ def encode_file(
     with contextlib.ExitStack() as stack:
         state = stack.enter_context(open_model(source))
         base_state = stack.enter_context(open_model(base)) if base is not None else None
+        if calibration is not None:
+            _check_calibration(calibration, state)
         spool = stack.enter_context(_Spool(output.parent))
         plan = encode_stream(
             state,
@@ -220,6 +229,7 @@ def encode_file(
             seed=seed,
             nonfinite=nonfinite or NonFinite.REFUSE,
             workers=workers,
+            calibration=calibration,
         )
         with atomic_path(output, overwrite=overwrite) as tmp, tmp.open("wb") as fh:
             crc = _write(fh, plan.header.to_bytes(), 0)
@@ -231,6 +241,20 @@ def encode_file(
             fh.flush()
             os.fsync(fh.fileno())
         return EncodedFile(plan.raw_bytes, plan.nbytes, len(state))
+
+
+def _check_calibration(calibration: Calibration, state: Mapping[str, torch.Tensor]) -> None:
+    """Each input-moment matrix names a matrix of ``state`` with as many columns."""
+    for name, h in calibration.hessians.items():
+        t = state.get(name)
+        if t is None:
+            raise ConfigError(f"the calibration names {name!r}, which the model does not have")
+        if t.dim() != 2 or t.shape[1] != h.shape[0]:
+            raise ConfigError(
+                f"the calibration of {name!r} is {h.shape[0]}×{h.shape[1]}, but "
+                f"{name!r} has shape {tuple(t.shape)} (a matrix's input moments are "
+                "columns × columns)"
+            )
 
 
 def decode_file(

@@ -54,7 +54,8 @@ if TYPE_CHECKING:  # the heavy modules are imported by the actions, so --help st
     import torch
     from rich.console import Console
 
-    from fedsqueeze.codec import EncodedModel
+    from fedsqueeze.codec import CodecSpec, EncodedModel
+    from fedsqueeze.codec.nested_gptq import Calibration
 
 T = TypeVar("T")
 
@@ -87,6 +88,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="threads encoding tensors at once (default: every core); the output is the "
         "same for any number",
+    )
+    enc.add_argument(
+        "--calibration",
+        metavar="FILE",
+        help="with a progressive spec (levels=...): a .safetensors or .pt file of input "
+        "moments, weight name -> [cols, cols] matrix sum(x x^T) of that Linear's inputs on "
+        "calibration data; those matrices' codes are then chosen by GPTQ at every level, "
+        "for a lower output error at every prefix (the decoder needs nothing of it; "
+        "README, 'Calibrated codes')",
+    )
+    enc.add_argument(
+        "--calibration-margin",
+        type=count(0),
+        default=2,
+        metavar="N",
+        help="how many codes (of the full width) a calibrated code may move from nearest "
+        "rounding (default 2; larger helps the coarse prefixes and costs the fine ones; "
+        "0: nearest rounding)",
     )
     enc.add_argument(
         "--list-presets",
@@ -138,7 +157,9 @@ def _encode(args: argparse.Namespace) -> int:
     from fedsqueeze.modelfile import encode_file
 
     spec = parse_spec(args.spec)
-    _check_inputs(source, base_path)
+    calibration_path = _optional(args.calibration)
+    _check_inputs(source, base_path, calibration_path)
+    calibration = _calibration(calibration_path, args.calibration_margin, spec)
     policy = NonFinite.CARRY if args.allow_nonfinite else NonFinite.REFUSE
     try:
         done = _warning_lines(
@@ -154,6 +175,7 @@ def _encode(args: argparse.Namespace) -> int:
                     nonfinite=policy,
                     workers=args.workers,
                     overwrite=overwrite,
+                    calibration=calibration,
                 ),
             )
         )
@@ -166,6 +188,23 @@ def _encode(args: argparse.Namespace) -> int:
         f"({raw / max(1, size):.1f}× smaller), spec {format_spec(spec)}"
     )
     return 0
+
+
+def _calibration(path: Path | None, margin: int, spec: CodecSpec) -> Calibration | None:
+    """The calibration a ``--calibration`` file holds, checked (``None`` without one)."""
+    if path is None:
+        return None
+    if spec.levels is None:
+        raise ConfigError("--calibration needs a progressive spec (levels=...)")
+    from fedsqueeze.codec.nested_gptq import Calibration
+    from fedsqueeze.modelfile import open_model
+
+    with open_model(path) as moments:
+        hessians = {name: t.detach().clone() for name, t in moments.items()}
+    try:
+        return Calibration(hessians, margin=margin)
+    except ValueError as exc:
+        raise ConfigError(f"--calibration {path}: {exc}") from exc
 
 
 def _decode(args: argparse.Namespace) -> int:

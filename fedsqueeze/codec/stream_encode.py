@@ -44,6 +44,7 @@ from fedsqueeze.codec.model import (
     prepare_encode,
     progressive_order,
 )
+from fedsqueeze.codec.nested_gptq import Calibration
 from fedsqueeze.codec.spec import CodecSpec, PruneMethod, Rounding
 from fedsqueeze.codec.tensor_encode import ScoredLevel
 from fedsqueeze.errors import NonFiniteError
@@ -133,12 +134,13 @@ def encode_stream(
     keep_residual: Callable[[str, torch.Tensor], None] | None = None,
     order: LevelOrder = LevelOrder.RELATIVE,
     weights: Mapping[str, float] | None = None,
+    calibration: Calibration | None = None,
 ) -> EncodedPlan:
     """Encode ``state`` tensor by tensor, its bodies into ``store``.
 
     Parameters
     ----------
-    state, spec, base, residual, seed, base_digest, nonfinite, order, weights
+    state, spec, base, residual, seed, base_digest, nonfinite, order, weights, calibration
         As for :func:`~fedsqueeze.codec.model.encode_state` (``state`` and ``base`` may
         be lazy mappings of memory-mapped tensors).
     store
@@ -163,7 +165,7 @@ def encode_stream(
     if inflight_bytes is not None and inflight_bytes < 1:
         raise ValueError(f"inflight_bytes must be at least 1, got {inflight_bytes}")
     state, encoder, base_digest = prepare_encode(
-        state, spec, base, residual, seed, base_digest, nonfinite, order, weights
+        state, spec, base, residual, seed, base_digest, nonfinite, order, weights, calibration
     )
     names = list(state)
     sizes = {name: _nbytes(state[name]) for name in names}

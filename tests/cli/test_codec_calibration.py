@@ -1,0 +1,90 @@
+"""`fedsqueeze codec encode --calibration`: calibrated codes of a progressive spec from the
+command line (the API is tested in tests/codec/test_calibrated_levels.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from fedsqueeze.codec import EncodedModel, decode_prefix, decode_state, smallest_prefix
+from tests.cli.inproc import run_cli
+
+SPEC = "quant=8,levels=2+2+4"
+
+
+def _files(tmp_path: Path) -> tuple[Path, Path, torch.Tensor]:
+    """A model with a 12×32 Linear weight, and its input moments on correlated inputs."""
+    g = torch.Generator().manual_seed(0)
+    weight = torch.randn(12, 32, generator=g)
+    mix = torch.randn(32, 32, generator=g)
+    inputs = torch.randn(400, 32, generator=g) @ mix  # correlated: GPTQ has work to do
+    model = tmp_path / "model.safetensors"
+    save_file({"fc.weight": weight, "fc.bias": torch.zeros(12)}, str(model))
+    moments = tmp_path / "moments.safetensors"
+    save_file({"fc.weight": (inputs.T.double() @ inputs.double()).float()}, str(moments))
+    return model, moments, inputs
+
+
+def _encode(tmp_path: Path, name: str, *flags: str) -> bytes:
+    model = _files(tmp_path)[0]
+    out = tmp_path / name
+    proc = run_cli("codec", "encode", str(model), str(out), "--spec", SPEC, *flags)
+    assert proc.returncode == 0, proc.stderr
+    return out.read_bytes()
+
+
+def test_calibrated_codes_cut_the_first_levels_output_error(tmp_path: Path) -> None:
+    model, moments, inputs = _files(tmp_path)
+    plain = _encode(tmp_path, "plain.fsq")
+    same = _encode(tmp_path, "zero.fsq", "--calibration", str(moments), "--calibration-margin", "0")
+    assert same == plain  # margin 0: nearest rounding
+    calibrated = _encode(tmp_path, "gptq.fsq", "--calibration", str(moments))
+    assert calibrated != plain
+    w = load_file(str(model))["fc.weight"]
+    errors = []
+    for data in (plain, calibrated):
+        encoded = EncodedModel.from_bytes(data)
+        first = decode_prefix(data[:-4][: smallest_prefix(encoded)]).state["fc.weight"]
+        errors.append(float(((first - w) @ inputs.T).norm()))  # the first level's output
+        # the whole stream: 8-bit codes, each within the margin's 2 codes of nearest
+        step = float(w.max() - w.min()) / 255
+        assert float((decode_state(encoded)["fc.weight"] - w).abs().max()) <= 2.5 * step
+    assert errors[1] < errors[0]
+
+
+@pytest.mark.parametrize(
+    ("make", "flags", "wanted"),
+    [
+        (None, ("--spec", "int8"), "needs a progressive spec"),
+        ({"other.weight": torch.eye(32)}, (), "'other.weight', which the model does not have"),
+        ({"fc.weight": torch.eye(12)}, (), "is 12×12, but 'fc.weight' has shape (12, 32)"),
+        ({"fc.weight": torch.ones(32, 3)}, (), "must be a square matrix"),
+        ({"fc.weight": torch.full((32, 32), float("nan"))}, (), "is not finite"),
+    ],
+)
+def test_bad_calibration_is_one_line_and_writes_nothing(
+    tmp_path: Path, make: dict[str, torch.Tensor] | None, flags: tuple[str, ...], wanted: str
+) -> None:
+    model, moments, _ = _files(tmp_path)
+    if make is not None:
+        save_file(make, str(moments))
+    out = tmp_path / "out.fsq"
+    argv = ["codec", "encode", str(model), str(out), "--spec", SPEC, "--calibration"]
+    proc = run_cli(*argv, str(moments), *flags)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and wanted in lines[-1], proc.stderr
+    assert not out.exists()
+
+
+def test_a_missing_calibration_file_is_named(tmp_path: Path) -> None:
+    model, _, _ = _files(tmp_path)
+    out = tmp_path / "out.fsq"
+    missing = tmp_path / "nowhere.safetensors"
+    proc = run_cli(
+        "codec", "encode", str(model), str(out), "--spec", SPEC, "--calibration", str(missing)
+    )
+    assert proc.returncode == 2 and str(missing) in proc.stderr and not out.exists()
