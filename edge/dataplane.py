@@ -222,21 +222,15 @@ class GrpcConnector:
     def _client(
         self, instruction: RoundInstruction, edge_id: str, link: LinkShaper | None
     ) -> TransferClient:
+        tls = None
         if instruction.tls:
             tls = ClientTls.from_files(self.root_ca) if self.root_ca else ClientTls()
-            return TransferClient(
-                instruction.address,
-                edge_id=edge_id,
-                token=instruction.token,
-                tls=tls,
-                link=link,
-                retry=self.retry,
-            )
         return TransferClient(
             instruction.address,
             edge_id=edge_id,
             token=instruction.token,
-            plaintext=True,
+            tls=tls,
+            plaintext=not instruction.tls,
             link=link,
             retry=self.retry,
         )

@@ -36,11 +36,8 @@ _MB = 1e6
 
 # ------------------------------------------------------------------------- children
 def _server(args: argparse.Namespace) -> int:
-    import torch
-
-    from fedsqueeze.bench.memprobe import anon_bytes
+    from fedsqueeze.bench.memprobe import settled_baseline
     from fedsqueeze.codec.spec_text import parse_spec
-    from fedsqueeze.modelfile import return_freed_memory
     from fedsqueeze.transport import (
         InMemoryModelSource,
         RetryPolicy,
@@ -53,9 +50,7 @@ def _server(args: argparse.Namespace) -> int:
     from fedsqueeze.transport.updates import UpdateStore
     from fedsqueeze.wire.types import ManifestRequest
 
-    torch.empty(1).clone()
-    return_freed_memory()
-    baseline = anon_bytes()
+    baseline = settled_baseline()
     started = time.perf_counter()
     source = InMemoryModelSource()
     source.publish_file(args.model)
@@ -94,18 +89,13 @@ def _server(args: argparse.Namespace) -> int:
 
 
 def _client(args: argparse.Namespace) -> int:
-    import torch
-
-    from fedsqueeze.bench.memprobe import anon_bytes
+    from fedsqueeze.bench.memprobe import settled_baseline
     from fedsqueeze.codec.spec_text import parse_spec
-    from fedsqueeze.modelfile import return_freed_memory
     from fedsqueeze.transport import RetryPolicy
     from fedsqueeze.transport.client import TransferClient
     from fedsqueeze.transport.spool import SpoolPolicy
 
-    torch.empty(1).clone()
-    return_freed_memory()
-    baseline = anon_bytes()
+    baseline = settled_baseline()
     spec = parse_spec(args.spec)
     started = time.perf_counter()
     patient = RetryPolicy(deadline_s=7200.0)

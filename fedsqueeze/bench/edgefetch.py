@@ -35,16 +35,13 @@ __all__ = ["measure_edge"]
 def _coordinator(args: argparse.Namespace) -> int:
     import gc
 
-    import torch
-
     from coordinator.dataplane import CoordinatorDataPlane
     from coordinator.version_store import VersionStore
-    from fedsqueeze.bench.memprobe import anon_bytes
-    from fedsqueeze.modelfile import map_model, return_freed_memory
+    from fedsqueeze.bench.memprobe import anon_bytes, settled_baseline
+    from fedsqueeze.modelfile import map_model
     from fedsqueeze.transport.spool import SpoolPolicy
 
-    torch.empty(1).clone()
-    return_freed_memory()
+    settled_baseline()
     started = time.perf_counter()
     store = VersionStore(args.spool / "state", keep=8, cache_size=8, stream_bytes=args.threshold)
     first_state = map_model(args.model)
@@ -88,18 +85,13 @@ def _coordinator(args: argparse.Namespace) -> int:
 
 
 def _edge(args: argparse.Namespace) -> int:
-    import torch
-
     from edge.dataplane import GrpcConnector
-    from fedsqueeze.bench.memprobe import anon_bytes
+    from fedsqueeze.bench.memprobe import settled_baseline
     from fedsqueeze.control import RoundInstruction
-    from fedsqueeze.modelfile import return_freed_memory
     from fedsqueeze.transport.retry import RetryPolicy
     from fedsqueeze.transport.spool import SpoolPolicy
 
-    torch.empty(1).clone()
-    return_freed_memory()
-    baseline = anon_bytes()
+    baseline = settled_baseline()
     info = json.loads(args.ready.read_text())
     patient = RetryPolicy(deadline_s=7200.0)  # the server encodes 1B parameters for minutes
     policy = SpoolPolicy(threshold_bytes=args.threshold, directory=args.spool)

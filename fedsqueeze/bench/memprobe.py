@@ -74,6 +74,18 @@ def anon_bytes(pid: int | str = "self") -> int:
     return (int(fields[1]) - int(fields[2])) * _PAGE
 
 
+def settled_baseline() -> int:
+    """In a measured child: use torch's allocator once and hand freed memory back to the
+    system, so neither counts in what follows; returns :func:`anon_bytes` then."""
+    import torch
+
+    from fedsqueeze.modelfile import return_freed_memory
+
+    torch.empty(1).clone()
+    return_freed_memory()
+    return anon_bytes()
+
+
 def status_bytes(field: str) -> int:
     """A ``kB`` field of ``/proc/self/status`` (``VmHWM``, ``RssFile``...), in bytes."""
     with open("/proc/self/status") as fh:

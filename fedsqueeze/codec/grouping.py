@@ -80,8 +80,6 @@ _MAPPED_FROM = 1 << 20
 #: Private anonymous maps exist here (POSIX; elsewhere NumPy memory throughout).
 _MAPS = hasattr(mmap, "MAP_PRIVATE")
 
-# Literals only (the same parameters as the dense records' literal pieces).
-_LITERAL_PARAMS = LITERAL_PARAMS
 _MANTISSA_PARAMS = zstandard.ZstdCompressionParameters.from_level(
     1, format=_FORMAT, write_content_size=False, write_checksum=False, write_dict_id=False
 )
@@ -155,7 +153,7 @@ def _coders() -> tuple[zstandard.ZstdCompressor, zstandard.ZstdCompressor]:
     coders = getattr(_local, "coders", None)
     if coders is None:
         coders = _local.coders = (
-            zstandard.ZstdCompressor(compression_params=_LITERAL_PARAMS),
+            zstandard.ZstdCompressor(compression_params=LITERAL_PARAMS),
             zstandard.ZstdCompressor(compression_params=_MANTISSA_PARAMS),
         )
     return coders
