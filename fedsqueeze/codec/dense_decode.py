@@ -37,7 +37,7 @@ import numpy.typing as npt
 import torch
 from torch import Tensor
 
-from fedsqueeze.codec import entropy, literal_frames
+from fedsqueeze.codec import entropy, jit, literal_frames
 from fedsqueeze.codec.blockwise import NF4_CODEBOOK
 from fedsqueeze.codec.chunks import np_scratch, run_chunks, scratch, submit
 from fedsqueeze.codec.kernels import Runs
@@ -63,6 +63,8 @@ TORCH_KERNELS = False
 #: in the previous version; for the benchmark's side-by-side rows only, same values).
 PIECES = True
 _tables: dict[tuple[int, bool], Tensor] = {}
+#: float32 ``[16]``: the NF4 entries, as :func:`_table` gathers them.
+_NF4_ENTRIES: npt.NDArray[np.float32] = NF4_CODEBOOK.to(torch.float32).numpy()
 
 
 def pipelines(qp: QuantParams, channels: Tensor | Runs | None, length: int) -> bool:
@@ -116,7 +118,7 @@ def decode_dense(
     bounds = _bounds(count, per_byte, runs)
     futures: list[Future[None]] = []
     pending = 0  # bounds[pending:] still wait for their bytes
-    kernel = _dequantize if TORCH_KERNELS else _dequantize_numpy
+    kernel = _dequantize if TORCH_KERNELS else _dequantize_jit if jit.ENABLED else _dequantize_numpy
 
     def chunk(start: int, stop: int) -> None:
         kernel(raw, start, stop, per_byte, table, scale, zp, runs, out)
@@ -288,6 +290,38 @@ def _dequantize(
         if zp_t is not None:
             short.sub_(zp_t[r0 + whole : r0 + whole + 1])
         short.mul_(scale_t[r0 + whole : r0 + whole + 1])
+
+
+def _dequantize_jit(
+    raw: Tensor,
+    start: int,
+    stop: int,
+    per_byte: int,
+    table: Tensor,
+    scale: Tensor | float,
+    zp: Tensor | float | None,
+    runs: Runs | None,
+    out: Tensor,
+) -> None:
+    """:func:`_dequantize_numpy` by the compiled kernels (:mod:`fedsqueeze.codec.jit`):
+    the same values in one pass."""
+    o: npt.NDArray[np.float32] = out.numpy()
+    src: npt.NDArray[np.uint8] = raw.numpy()
+    length = max(1, o.size) if runs is None else runs.length
+    scales = _params(scale)
+    if zp is None:  # NF4: the table's entries of the 16 codes
+        jit.nf4_decode(src, start, stop, _NF4_ENTRIES, scales, length, o)
+    else:
+        jit.linear_decode(
+            src, start, stop, 8 // per_byte, scales, _params(zp), True, length, o
+        )  # fmt: skip
+
+
+def _params(value: Tensor | float) -> npt.NDArray[np.float32]:
+    """Parameters per run as a float32 array (one per tensor: a one-element array)."""
+    if isinstance(value, Tensor):
+        return cast(npt.NDArray[np.float32], value.detach().cpu().to(torch.float32).numpy())
+    return np.full(1, value, dtype=np.float32)
 
 
 def _dequantize_numpy(

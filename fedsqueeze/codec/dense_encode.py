@@ -67,7 +67,7 @@ import torch
 import zstandard
 from torch import Tensor
 
-from fedsqueeze.codec import entropy
+from fedsqueeze.codec import entropy, jit
 from fedsqueeze.codec.blockwise import NF4_CODEBOOK
 from fedsqueeze.codec.chunks import np_scratch, run_chunks, submit
 from fedsqueeze.codec.fused_blocks import block_params, fusable
@@ -496,8 +496,43 @@ def _kernel(
             "qmin": np.float32(0.0 if qp.scheme is QuantScheme.AFFINE else 1.0),
             "qmax": np.float32((1 << bits) - 1),
         }
+    if jit.ENABLED:
+        return partial(_jit_chunk, x, packed, bits, runs, nf4, params)
     codes_fn = _nf4_codes if nf4 else _linear_codes
     return partial(_chunk, x, packed, bits, runs, codes_fn, params)
+
+
+def _jit_chunk(
+    x: F32,
+    packed: U8,
+    bits: int,
+    runs: Runs | None,
+    nf4: bool,
+    params: dict[str, Any],
+    start: int,
+    stop: int,
+) -> None:
+    """:func:`_chunk` by the compiled kernels (:mod:`fedsqueeze.codec.jit`): the same
+    codes in one pass."""
+    length = max(1, x.size) if runs is None else runs.length
+    scratch = _scratch_u8("codes", stop - start) if bits < 8 or nf4 else packed[:0]
+    if nf4:
+        jit.nf4_encode(
+            x, start, stop, _as_array(params["scale"]), length,
+            params["below"], params["inside"], packed, scratch,
+        )  # fmt: skip
+    else:
+        jit.linear_encode(
+            x, start, stop, _as_array(params["inv"]), _as_array(params["zp"]), length,
+            params["qmin"], params["qmax"], bits, packed, scratch,
+        )  # fmt: skip
+
+
+def _as_array(value: F32 | np.float32) -> F32:
+    """A parameter per run as it is, one per tensor as a one-element array."""
+    if isinstance(value, np.ndarray):
+        return value
+    return np.full(1, value, dtype=np.float32)
 
 
 def _chunk(

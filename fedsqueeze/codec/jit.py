@@ -1,0 +1,251 @@
+"""Compiled chunk kernels (numba) for the dense codec's hot loops.
+
+The dense pipelines (:mod:`~fedsqueeze.codec.dense_encode`,
+:mod:`~fedsqueeze.codec.dense_decode`) cut a large tensor into chunks that fit in a
+core's cache and hand them to worker threads. In NumPy a chunk of int8 codes costs five
+passes over the chunk (multiply, round, add the zero point, clip, convert) and a 4-bit
+chunk two more to pack; NF4 nine. Each pass is cheap, but together they were half of
+int8's encode CPU and most of its decode's outside zstd (BENCHMARKS.md, "A 100 MB fp32
+tensor"). NumPy cannot fuse them; a compiled loop does every step of a value while it
+sits in a register.
+
+These kernels compute exactly what the NumPy kernels compute: the same float32
+operations in the same order (no fast-math, no float64 intermediates: every constant is
+a float32), so the codes and the decoded values are bit-identical, whichever path ran
+(``tests/codec/test_jit.py`` compares them on random tensors and every width). They run
+with the GIL released (``nogil``) on the pipelines' own worker threads, one chunk per
+call; numba's own parallelism is not used.
+
+numba compiles a kernel the first time a process calls it (about a second each) and
+keeps the machine code in ``__pycache__`` for the next process. Only bodies of at least
+the pipelines' threshold (4 MiB of codes) come here, so small models and the golden
+vectors never pay for a compilation. Without numba (or with ``FEDSQUEEZE_JIT=0`` in the
+environment) the NumPy kernels run instead, with the same results.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any, TypeVar, cast
+
+import numpy as np
+import numpy.typing as npt
+
+__all__ = [
+    "ENABLED",
+    "linear_decode",
+    "linear_encode",
+    "nf4_decode",
+    "nf4_encode",
+]
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+try:  # an optional speed-up: every caller has a NumPy path with the same results
+    import numba as _numba
+except ImportError:  # pragma: no cover - numba is a dependency; this is the fallback
+    _numba = None  # type: ignore[assignment]
+
+#: Whether the compiled kernels are used (numba imports, and ``FEDSQUEEZE_JIT`` is not
+#: ``0``). The benchmark turns it off for its side-by-side rows.
+ENABLED: bool = _numba is not None and os.environ.get("FEDSQUEEZE_JIT", "1") != "0"
+
+F32 = npt.NDArray[np.float32]
+U8 = npt.NDArray[np.uint8]
+
+
+def _jit(fn: _F) -> _F:
+    if _numba is None:  # pragma: no cover
+        return fn
+    options = {"nogil": True, "fastmath": False, "boundscheck": False}
+    try:
+        return cast(_F, _numba.njit(cache=True, **options)(fn))
+    except RuntimeError:  # no writable place for the machine code: compile in every process
+        return cast(_F, _numba.njit(cache=False, **options)(fn))
+
+
+# Every loop below runs over a slice from index 0: with a loop from ``start`` numba must
+# allow for negative indices (it wraps them), and LLVM then leaves the loop unvectorized
+# (measured: 4.5x slower on a chunk of int8 codes).
+
+
+@_jit
+def _pack(codes: U8, size: int, bits: int, packed: U8, b0: int) -> None:
+    """``codes[:size]`` (each below ``2**bits``) packed lowest bits first into
+    ``packed[b0:]``; the last byte's unused high bits are zero."""
+    per_byte = 8 // bits
+    whole = size // per_byte
+    out = packed[b0 : b0 + whole]
+    if bits == 4:
+        for b in range(whole):
+            out[b] = codes[2 * b] | (codes[2 * b + 1] << 4)
+    elif bits == 2:
+        for b in range(whole):
+            out[b] = (
+                codes[4 * b]
+                | (codes[4 * b + 1] << 2)
+                | (codes[4 * b + 2] << 4)
+                | (codes[4 * b + 3] << 6)
+            )
+    else:
+        for b in range(whole):
+            acc = 0
+            for j in range(per_byte):
+                acc |= int(codes[b * per_byte + j]) << (j * bits)
+            out[b] = acc
+    tail = size - whole * per_byte
+    if tail:
+        acc = 0
+        for j in range(tail):
+            acc |= int(codes[whole * per_byte + j]) << (j * bits)
+        packed[b0 + whole] = acc
+
+
+@_jit
+def linear_encode(
+    x: F32,
+    start: int,
+    stop: int,
+    inv: F32,
+    zp: F32,
+    length: int,
+    qmin: np.float32,
+    qmax: np.float32,
+    bits: int,
+    packed: U8,
+    scratch: U8,
+) -> None:
+    """The packed codes ``clamp(rint(x · inv) + zp, qmin, qmax)`` of ``x[start:stop]``
+    into ``packed`` (from byte ``start · bits / 8``): ``inv[r]`` and ``zp[r]`` for the
+    values of run ``r`` (runs of ``length`` values; one run of ``len(x)`` values per
+    tensor). ``start`` is on a run and on a byte; ``scratch`` holds ``stop − start``
+    codes when ``bits < 8``."""
+    size = stop - start
+    codes = packed[start:stop] if bits == 8 else scratch[:size]
+    r = start // length
+    i = start
+    while i < stop:
+        end = min(stop, (r + 1) * length)
+        s = inv[r]
+        z = zp[r]
+        xs = x[i:end]
+        cs = codes[i - start : end - start]
+        for k in range(xs.size):
+            v = np.rint(xs[k] * s) + z
+            cs[k] = np.uint8(min(max(v, qmin), qmax))
+        i = end
+        r += 1
+    if bits != 8:
+        _pack(codes, size, bits, packed, start // (8 // bits))
+
+
+@_jit
+def nf4_encode(
+    x: F32,
+    start: int,
+    stop: int,
+    scale: F32,
+    length: int,
+    below: U8,
+    inside: F32,
+    packed: U8,
+    scratch: U8,
+) -> None:
+    """The packed NF4 codes (4 bits) of ``x[start:stop]`` into ``packed``: the nearest
+    entry of ``x / scale[r]`` by the cell tables of
+    :func:`~fedsqueeze.codec.kernels.nf4_tables` (``below[cell]``, plus one where the
+    value lies above ``inside[cell]``), as :func:`~fedsqueeze.codec.kernels.nearest_nf4`."""
+    one = np.float32(1.0)
+    half_cells = np.float32(128.0)
+    lo = np.float32(0.0)
+    hi = np.float32(255.0)
+    size = stop - start
+    codes = scratch[:size]
+    r = start // length
+    i = start
+    while i < stop:
+        end = min(stop, (r + 1) * length)
+        s = scale[r]
+        xs = x[i:end]
+        cs = codes[i - start : end - start]
+        for k in range(xs.size):
+            unit = xs[k] / s
+            cell = int(min(max((unit + one) * half_cells, lo), hi))
+            cs[k] = below[cell] + (unit > inside[cell])
+        i = end
+        r += 1
+    _pack(codes, size, 4, packed, start // 2)
+
+
+@_jit
+def linear_decode(
+    src: U8,
+    start: int,
+    stop: int,
+    bits: int,
+    scale: F32,
+    zp: F32,
+    has_zp: bool,
+    length: int,
+    out: F32,
+) -> None:
+    """``out[start:stop]``: ``(float(q) − zp[r]) · scale[r]`` (without the subtraction
+        when not ``has_zp``) of the packed ``bits``-bit codes ``q`` in ``src``, runs of
+        ``length`` values as :func:`linear_encode`. ``start`` is on a run and on a byte (the
+    runs after it may start inside one)."""
+    per_byte = 8 // bits
+    mask = (1 << bits) - 1
+    r = start // length
+    i = start
+    while i < stop:
+        end = min(stop, (r + 1) * length)
+        s = scale[r]
+        z = zp[r]
+        os = out[i:end]
+        if bits == 8:
+            qs = src[i:end]
+            if has_zp:
+                for k in range(os.size):
+                    os[k] = (np.float32(qs[k]) - z) * s
+            else:
+                for k in range(os.size):
+                    os[k] = np.float32(qs[k]) * s
+        else:  # a run may start and end inside a byte
+            off = i % per_byte
+            qs = src[i // per_byte : -(-end // per_byte)]
+            for k in range(os.size):
+                q = (qs[(k + off) // per_byte] >> (((k + off) % per_byte) * bits)) & mask
+                v = np.float32(q)
+                if has_zp:
+                    v = v - z
+                os[k] = v * s
+        i = end
+        r += 1
+
+
+@_jit
+def nf4_decode(
+    src: U8,
+    start: int,
+    stop: int,
+    codebook: F32,
+    scale: F32,
+    length: int,
+    out: F32,
+) -> None:
+    """``out[start:stop]``: ``codebook[q] · scale[r]`` of the packed 4-bit codes ``q`` in
+    ``src`` (runs as :func:`linear_decode`)."""
+    r = start // length
+    i = start
+    while i < stop:
+        end = min(stop, (r + 1) * length)
+        s = scale[r]
+        os = out[i:end]
+        off = i & 1  # a run may start inside a byte
+        qs = src[i // 2 : -(-end // 2)]
+        for k in range(os.size):
+            q = (qs[(k + off) >> 1] >> (((k + off) & 1) * 4)) & 15
+            os[k] = codebook[q] * s
+        i = end
+        r += 1

@@ -1,0 +1,138 @@
+"""The compiled chunk kernels (fedsqueeze.codec.jit) give the NumPy kernels' codes and
+values bit for bit: every width and scheme, per tensor and in runs whose ends fall
+inside bytes, chunks that end inside a byte, exact ties, values far outside the range,
+subnormals and signed zeros; and the switch that turns them off changes no byte."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+import torch
+
+from fedsqueeze.codec import dense_decode, dense_encode, jit
+from fedsqueeze.codec.model import EncodedModel, decode_state, encode_state
+from fedsqueeze.codec.quantization import Runs, choose_qparams
+from fedsqueeze.codec.spec import Granularity, QuantScheme, ScaleFormat
+from fedsqueeze.codec.spec_text import parse_spec
+
+pytestmark = pytest.mark.skipif(not jit.ENABLED, reason="numba is not importable here")
+
+SCHEMES = [
+    (QuantScheme.AFFINE, 2),
+    (QuantScheme.AFFINE, 4),
+    (QuantScheme.AFFINE, 8),
+    (QuantScheme.SYMMETRIC, 4),
+    (QuantScheme.SYMMETRIC, 8),
+    (QuantScheme.POW2, 8),
+    (QuantScheme.NF4, 4),
+]
+#: (values, run length or None for per tensor): runs that end inside a byte, a short
+#: last run, one run, runs longer than a chunk.
+LAYOUTS = [(5_001, None), (4_099, 64), (3 * 611 * 2 + 5, 611), (777, 777), (6_000, 1_500)]
+
+
+@contextlib.contextmanager
+def jit_off() -> Iterator[None]:
+    saved = jit.ENABLED
+    jit.ENABLED = False
+    try:
+        yield
+    finally:
+        jit.ENABLED = saved
+
+
+@contextlib.contextmanager
+def small_chunks() -> Iterator[None]:
+    """Chunks of about 96 values on two worker threads, so chunks and runs cut bytes."""
+    saved = dense_encode._CHUNK, dense_decode._CHUNK, torch.get_num_threads()
+    dense_encode._CHUNK = dense_decode._CHUNK = 96
+    torch.set_num_threads(2)
+    try:
+        yield
+    finally:
+        dense_encode._CHUNK, dense_decode._CHUNK, threads = saved
+        torch.set_num_threads(threads)
+
+
+def hard_values(n: int, seed: int) -> torch.Tensor:
+    """Normal values with outliers, ties, zeros of both signs and subnormals."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, generator=g) * 3
+    x[::13] = 0.0
+    x[1::17] = -0.0
+    x[2::19] = 1e-40  # subnormal
+    x[3::23] = x[4] * 1000.0  # far outside most runs' ranges
+    x[5::29] = 0.5  # ties once scaled by a power of two
+    return x
+
+
+def params(
+    x: torch.Tensor, scheme: QuantScheme, bits: int, run: int | None
+) -> tuple[object, Runs | None]:
+    if run is None:
+        return choose_qparams(x, bits, scheme, Granularity.PER_TENSOR), None
+    runs = Runs(run)
+    count = runs.count(x.numel())
+    return choose_qparams(
+        x, bits, scheme, Granularity.PER_BLOCK, runs, count, ScaleFormat.FP16
+    ), runs
+
+
+@pytest.mark.parametrize(("scheme", "bits"), SCHEMES)
+@pytest.mark.parametrize(("n", "run"), LAYOUTS)
+def test_codes_and_values_match_the_numpy_kernels(
+    scheme: QuantScheme, bits: int, n: int, run: int | None
+) -> None:
+    x = hard_values(n, seed=n + bits)
+    qp, runs = params(x, scheme, bits, run)
+    with small_chunks():
+        fast = dense_encode.quantize_packed(x, qp, runs)  # type: ignore[arg-type]
+        with jit_off():
+            slow = dense_encode.quantize_packed(x, qp, runs)  # type: ignore[arg-type]
+        assert torch.equal(fast, slow)
+        body = memoryview(fast.numpy().tobytes())
+        got = dense_decode.decode_dense(body, None, n, qp, runs)  # type: ignore[arg-type]
+        with jit_off():
+            want = dense_decode.decode_dense(body, None, n, qp, runs)  # type: ignore[arg-type]
+    assert torch.equal(got.view(torch.int32), want.view(torch.int32))
+
+
+@pytest.mark.parametrize("scale", [1.0, 0.1, 1.0 / 3.0])
+def test_rounding_ties_go_to_even(scale: float) -> None:
+    """Values that land exactly between two codes round as ``np.rint`` does."""
+    x = torch.arange(-300, 301, dtype=torch.float32) * np.float32(0.5) * np.float32(scale)
+    qp = choose_qparams(x, 8, QuantScheme.AFFINE, Granularity.PER_TENSOR)
+    fast = dense_encode.quantize_packed(x, qp, None)
+    with jit_off():
+        slow = dense_encode.quantize_packed(x, qp, None)
+    assert torch.equal(fast, slow)
+
+
+def test_turning_the_kernels_off_changes_no_byte(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A whole model through the real pipelines (small thresholds): same bytes, same values."""
+    monkeypatch.setattr(dense_encode, "PIPELINE_ABOVE", 64)
+    monkeypatch.setattr(dense_decode, "PIPELINE_ABOVE", 64)
+    g = torch.Generator().manual_seed(3)
+    state = {
+        "a.weight": torch.randn(96, 203, generator=g),
+        "b.weight": torch.randn(4_097, generator=g),
+    }
+    with small_chunks():
+        for text in (
+            "int8",
+            "quant=8:channel",
+            "quant=4:block64",
+            "quant=4:nf4:block64",
+            "quant=2:block32",
+        ):
+            spec = parse_spec(text)
+            blob = encode_state(state, spec).to_bytes()
+            got = decode_state(EncodedModel.from_bytes(blob))
+            with jit_off():
+                assert encode_state(state, spec).to_bytes() == blob, text
+                want = decode_state(EncodedModel.from_bytes(blob))
+            for name in state:
+                assert torch.equal(got[name].view(torch.int32), want[name].view(torch.int32)), text
