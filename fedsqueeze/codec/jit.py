@@ -58,11 +58,10 @@ U8 = npt.NDArray[np.uint8]
 def _jit(fn: _F) -> _F:
     if _numba is None:  # pragma: no cover
         return fn
-    options = {"nogil": True, "fastmath": False, "boundscheck": False}
     try:
-        return cast(_F, _numba.njit(cache=True, **options)(fn))
+        return cast(_F, _numba.njit(fn, cache=True, nogil=True, boundscheck=False))
     except RuntimeError:  # no writable place for the machine code: compile in every process
-        return cast(_F, _numba.njit(cache=False, **options)(fn))
+        return cast(_F, _numba.njit(fn, cache=False, nogil=True, boundscheck=False))
 
 
 # Every loop below runs over a slice from index 0: with a loop from ``start`` numba must
