@@ -313,7 +313,7 @@ def _dequantize_jit(
         jit.nf4_decode(src, start, stop, _NF4_ENTRIES, scales, length, o)
     else:
         jit.linear_decode(
-            src, start, stop, 8 // per_byte, scales, _params(zp), True, length, o
+            src, start, stop, 8 // per_byte, scales, _params(zp), length, o
         )  # fmt: skip
 
 

@@ -28,6 +28,7 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
+from fedsqueeze.codec import jit
 from fedsqueeze.codec.kernels import Runs
 from fedsqueeze.codec.quantization import MAX_MAGNITUDE, MIN_SCALE
 from fedsqueeze.codec.spec import Granularity, QuantScheme, QuantSpec, Rounding, ScaleFormat
@@ -76,12 +77,14 @@ def block_params(
     t = torch.from_numpy(xs)
     lo = np.empty(scale.size, dtype=np.float32)
     hi = np.empty(scale.size, dtype=np.float32)
-    if full:
+    if jit.ENABLED:  # every block's minimum and maximum in one compiled pass
+        jit.run_range(xs, 0, size, length, lo, hi)
+    elif full:
         # torch's row reductions: ~10x NumPy's on rows of 64 here (one thread each).
         rows = t[: full * length].view(full, length)
         torch.amin(rows, 1, out=torch.from_numpy(lo[:full]))
         torch.amax(rows, 1, out=torch.from_numpy(hi[:full]))
-    if full < scale.size:  # the short last block, as value_range reduces it
+    if not jit.ENABLED and full < scale.size:  # the short last block, as value_range
         tail = t[full * length :].view(1, -1)
         lo[full], hi[full] = float(tail.amin(1)), float(tail.amax(1))
     # choose_qparams' range check (NaN fails both comparisons).
@@ -109,7 +112,7 @@ def block_params(
         np.rint(lo, out=lo)  # torch.round: half to even, as rint
         np.copyto(lo, np.float32(0.0), where=lo < 0)  # clamp_(0, qmax), as above
         np.copyto(lo, qmax, where=lo > qmax)
-        zp[:] = lo
+        np.add(lo, np.float32(0.0), out=zp)  # −0 → +0, as choose_qparams
     elif scheme is QuantScheme.SYMMETRIC:
         zp.fill(mid)
     else:

@@ -178,6 +178,47 @@ def nf4_encode(
 
 
 @_jit
+def _lane(qs: U8, pos: int, bits: int) -> int:
+    """The code at lane ``pos`` of the packed codes ``qs`` (lowest bits first)."""
+    per_byte = 8 // bits
+    return (int(qs[pos // per_byte]) >> ((pos % per_byte) * bits)) & ((1 << bits) - 1)
+
+
+@_jit
+def _decode_run(qs: U8, off: int, bits: int, table: F32, out: F32, o0: int, n: int) -> None:
+    """``out[o0 + k] = table[q_k]`` for the ``n`` codes packed in ``qs`` from lane ``off``
+    of byte 0: the partial bytes at either end lane by lane, the whole bytes between
+    them with their lanes unrolled. Index loops, not slices: a run of a block-wise
+    tensor is a few dozen values, and three slices per run cost more than its values."""
+    per_byte = 8 // bits
+    head = min(n, (per_byte - off) % per_byte)
+    for k in range(head):
+        out[o0 + k] = table[_lane(qs, off + k, bits)]
+    first = (off + head) // per_byte
+    whole = (n - head) // per_byte
+    o = o0 + head
+    if bits == 4:
+        for b in range(first, first + whole):
+            v = qs[b]
+            out[o] = table[v & 15]
+            out[o + 1] = table[v >> 4]
+            o += 2
+    elif bits == 2:
+        for b in range(first, first + whole):
+            v = qs[b]
+            out[o] = table[v & 3]
+            out[o + 1] = table[(v >> 2) & 3]
+            out[o + 2] = table[(v >> 4) & 3]
+            out[o + 3] = table[v >> 6]
+            o += 4
+    else:
+        for k in range(whole * per_byte):
+            out[o + k] = table[_lane(qs, first * per_byte + k, bits)]
+    for k in range(head + whole * per_byte, n):
+        out[o0 + k] = table[_lane(qs, off + k, bits)]
+
+
+@_jit
 def linear_decode(
     src: U8,
     start: int,
@@ -185,40 +226,36 @@ def linear_decode(
     bits: int,
     scale: F32,
     zp: F32,
-    has_zp: bool,
     length: int,
     out: F32,
 ) -> None:
-    """``out[start:stop]``: ``(float(q) − zp[r]) · scale[r]`` (without the subtraction
-        when not ``has_zp``) of the packed ``bits``-bit codes ``q`` in ``src``, runs of
-        ``length`` values as :func:`linear_encode`. ``start`` is on a run and on a byte (the
-    runs after it may start inside one)."""
+    """``out[start:stop]``: ``(float(q) − zp[r]) · scale[r]`` of the packed ``bits``-bit
+    codes ``q`` in ``src``, runs of ``length`` values as :func:`linear_encode`.
+    ``start`` is on a run and on a byte (the runs after it may start inside one).
+
+    Below 8 bits each run's ``2^bits`` values are computed once into a table, by the
+    same two float32 operations: a code's value is the same number either way."""
     per_byte = 8 // bits
-    mask = (1 << bits) - 1
+    table = np.empty(1 << bits, dtype=np.float32)
     r = start // length
     i = start
     while i < stop:
         end = min(stop, (r + 1) * length)
         s = scale[r]
         z = zp[r]
-        os = out[i:end]
         if bits == 8:
+            os = out[i:end]
             qs = src[i:end]
-            if has_zp:
-                for k in range(os.size):
-                    os[k] = (np.float32(qs[k]) - z) * s
-            else:
-                for k in range(os.size):
-                    os[k] = np.float32(qs[k]) * s
-        else:  # a run may start and end inside a byte
-            off = i % per_byte
-            qs = src[i // per_byte : -(-end // per_byte)]
             for k in range(os.size):
-                q = (qs[(k + off) // per_byte] >> (((k + off) % per_byte) * bits)) & mask
-                v = np.float32(q)
-                if has_zp:
-                    v = v - z
-                os[k] = v * s
+                os[k] = (np.float32(qs[k]) - z) * s
+        else:
+            for q in range(table.size):
+                table[q] = (np.float32(q) - z) * s
+            qs = src[i // per_byte :]
+            if bits == 4:  # literal widths: numba compiles _decode_run for each
+                _decode_run(qs, i % 2, 4, table, out, i, end - i)
+            else:
+                _decode_run(qs, i % 4, 2, table, out, i, end - i)
         i = end
         r += 1
 
@@ -234,17 +271,41 @@ def nf4_decode(
     out: F32,
 ) -> None:
     """``out[start:stop]``: ``codebook[q] · scale[r]`` of the packed 4-bit codes ``q`` in
-    ``src`` (runs as :func:`linear_decode`)."""
+    ``src`` (runs as :func:`linear_decode`; each run's 16 values in a table)."""
+    table = np.empty(16, dtype=np.float32)
     r = start // length
     i = start
     while i < stop:
         end = min(stop, (r + 1) * length)
         s = scale[r]
-        os = out[i:end]
-        off = i & 1  # a run may start inside a byte
-        qs = src[i // 2 : -(-end // 2)]
-        for k in range(os.size):
-            q = (qs[(k + off) >> 1] >> (((k + off) & 1) * 4)) & 15
-            os[k] = codebook[q] * s
+        for q in range(16):
+            table[q] = codebook[q] * s
+        _decode_run(src[i // 2 :], i & 1, 4, table, out, i, end - i)
+        i = end
+        r += 1
+
+
+@_jit
+def run_range(x: F32, start: int, stop: int, length: int, lo: F32, hi: F32) -> None:
+    """``lo[r]``, ``hi[r]``: the minimum and maximum of each run ``r`` of ``length``
+    values in ``x[start:stop]`` (``start`` on a run; the last run may be short); NaN
+    where the run holds one, as ``torch.amin`` / ``torch.amax`` give it."""
+    r = start // length
+    i = start
+    while i < stop:
+        end = min(stop, i + length)
+        xs = x[i:end]
+        a = xs[0]
+        b = xs[0]
+        nan = False
+        for k in range(xs.size):
+            v = xs[k]
+            a = min(a, v)
+            b = max(b, v)
+            nan |= v != v
+        if nan:
+            a = b = np.float32(np.nan)
+        lo[r] = a
+        hi[r] = b
         i = end
         r += 1

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from fedsqueeze.codec import jit
 from fedsqueeze.codec.chunks import CPU_CHUNK, chunk_bounds, run_chunks, scratch
 
 __all__ = [
@@ -94,6 +95,16 @@ def value_range(x: Tensor, runs: Runs | None) -> tuple[Tensor, Tensor]:
     count = runs.count(n)
     lo_c = torch.empty(count, dtype=torch.float32, device=x.device)
     hi_c = torch.empty(count, dtype=torch.float32, device=x.device)
+
+    if jit.ENABLED and x.device.type == "cpu" and x.dtype == torch.float32:
+        xs = x.contiguous().numpy()
+        lo_np, hi_np = lo_c.numpy(), hi_c.numpy()
+
+        def compiled(start: int, stop: int) -> None:
+            jit.run_range(xs, start, stop, runs.length, lo_np, hi_np)
+
+        _run(compiled, bounds, x.device)
+        return lo_c, hi_c
 
     def rows(start: int, stop: int) -> None:
         v = _rows(x, start, stop, runs.length)

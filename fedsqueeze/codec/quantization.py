@@ -232,7 +232,9 @@ def choose_qparams(
         hi = torch.clamp(hi, min=0.0)
         # Divide before subtracting: hi − lo overflows near float32's maximum.
         scale, dq = stored(hi / qmax - lo / qmax)
-        zp = torch.round(-lo / scale).clamp_(0.0, qmax)
+        # + 0.0: a zero point of −0 becomes +0 (a run's minimum of ±0 may come back with
+        # either sign, whichever kernel reduced it; zero points are stored as codes).
+        zp = torch.round(-lo / scale).clamp_(0.0, qmax).add_(0.0)
         zp = torch.where(empty, torch.full_like(zp, mid), zp)
         return QuantParams(bits, scheme, scale, zp, scale_format=scale_format, double_quant=dq)
     if scheme is QuantScheme.NF4:

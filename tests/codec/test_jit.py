@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from fedsqueeze.codec import dense_decode, dense_encode, jit
+from fedsqueeze.codec.kernels import value_range
 from fedsqueeze.codec.model import EncodedModel, decode_state, encode_state
 from fedsqueeze.codec.quantization import Runs, choose_qparams
 from fedsqueeze.codec.spec import Granularity, QuantScheme, ScaleFormat
@@ -116,9 +117,14 @@ def test_turning_the_kernels_off_changes_no_byte(monkeypatch: pytest.MonkeyPatch
     monkeypatch.setattr(dense_encode, "PIPELINE_ABOVE", 64)
     monkeypatch.setattr(dense_decode, "PIPELINE_ABOVE", 64)
     g = torch.Generator().manual_seed(3)
+    sparse = torch.randn(64 * 70, generator=g)
+    sparse[: 64 * 20] = 0.0  # whole blocks of zeros of both signs, and pruned-like runs
+    sparse[64 * 5 : 64 * 9 : 2] = -0.0
+    sparse[64 * 30 : 64 * 50 : 3] = 0.0
     state = {
         "a.weight": torch.randn(96, 203, generator=g),
         "b.weight": torch.randn(4_097, generator=g),
+        "c.weight": sparse,
     }
     with small_chunks():
         for text in (
@@ -136,3 +142,20 @@ def test_turning_the_kernels_off_changes_no_byte(monkeypatch: pytest.MonkeyPatch
                 want = decode_state(EncodedModel.from_bytes(blob))
             for name in state:
                 assert torch.equal(got[name].view(torch.int32), want[name].view(torch.int32)), text
+
+
+@pytest.mark.parametrize("length", [1, 7, 64, 1_000])
+def test_run_ranges_match_torch_and_carry_nan(length: int) -> None:
+    x = hard_values(5_003, seed=length)
+    x[100] = float("nan")
+    x[2_000] = float("inf")
+    runs = Runs(length)
+    with small_chunks():
+        lo, hi = value_range(x, runs)
+        with jit_off():
+            want_lo, want_hi = value_range(x, runs)
+    # Equal as numbers (a zero's sign may differ: it changes no stored byte, see the
+    # whole-model test above), NaN in the same runs.
+    assert torch.equal(lo.isnan(), want_lo.isnan()) and bool(lo[100 // length].isnan())
+    assert torch.equal(lo.nan_to_num(), want_lo.nan_to_num())
+    assert torch.equal(hi.nan_to_num(), want_hi.nan_to_num())
