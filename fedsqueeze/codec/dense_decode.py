@@ -118,7 +118,10 @@ def decode_dense(
     bounds = _bounds(count, per_byte, runs)
     futures: list[Future[None]] = []
     pending = 0  # bounds[pending:] still wait for their bytes
-    kernel = _dequantize if TORCH_KERNELS else _dequantize_jit if jit.ENABLED else _dequantize_numpy
+    if TORCH_KERNELS:
+        kernel = _dequantize
+    else:
+        kernel = _dequantize_jit if jit.use(count) else _dequantize_numpy
 
     def chunk(start: int, stop: int) -> None:
         kernel(raw, start, stop, per_byte, table, scale, zp, runs, out)

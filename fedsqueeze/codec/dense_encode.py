@@ -496,7 +496,7 @@ def _kernel(
             "qmin": np.float32(0.0 if qp.scheme is QuantScheme.AFFINE else 1.0),
             "qmax": np.float32((1 << bits) - 1),
         }
-    if jit.ENABLED:
+    if jit.use(x.size):
         return partial(_jit_chunk, x, packed, bits, runs, nf4, params)
     codes_fn = _nf4_codes if nf4 else _linear_codes
     return partial(_chunk, x, packed, bits, runs, codes_fn, params)

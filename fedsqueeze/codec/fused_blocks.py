@@ -77,14 +77,15 @@ def block_params(
     t = torch.from_numpy(xs)
     lo = np.empty(scale.size, dtype=np.float32)
     hi = np.empty(scale.size, dtype=np.float32)
-    if jit.ENABLED:  # every block's minimum and maximum in one compiled pass
+    compiled = jit.use(size)
+    if compiled:  # every block's minimum and maximum in one compiled pass
         jit.run_range(xs, 0, size, length, lo, hi)
     elif full:
         # torch's row reductions: ~10x NumPy's on rows of 64 here (one thread each).
         rows = t[: full * length].view(full, length)
         torch.amin(rows, 1, out=torch.from_numpy(lo[:full]))
         torch.amax(rows, 1, out=torch.from_numpy(hi[:full]))
-    if not jit.ENABLED and full < scale.size:  # the short last block, as value_range
+    if not compiled and full < scale.size:  # the short last block, as value_range
         tail = t[full * length :].view(1, -1)
         lo[full], hi[full] = float(tail.amin(1)), float(tail.amax(1))
     # choose_qparams' range check (NaN fails both comparisons).

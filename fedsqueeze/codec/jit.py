@@ -1,4 +1,5 @@
-"""Compiled chunk kernels (numba) for the dense codec's hot loops.
+"""Compiled chunk kernels (numba) for the codec's hot loops: dense quantization and its
+decode, per-run ranges, and the byte planes of the lossless coder.
 
 The dense pipelines (:mod:`~fedsqueeze.codec.dense_encode`,
 :mod:`~fedsqueeze.codec.dense_decode`) cut a large tensor into chunks that fit in a
@@ -12,56 +13,93 @@ sits in a register.
 These kernels compute exactly what the NumPy kernels compute: the same float32
 operations in the same order (no fast-math, no float64 intermediates: every constant is
 a float32), so the codes and the decoded values are bit-identical, whichever path ran
-(``tests/codec/test_jit.py`` compares them on random tensors and every width). They run
+(``tests/codec/test_jit.py`` compares them on random tensors and every width; the byte
+planes are shifts and masks of integers, exact by construction, and compared too). They run
 with the GIL released (``nogil``) on the pipelines' own worker threads, one chunk per
 call; numba's own parallelism is not used.
 
 numba compiles a kernel the first time a process calls it (about a second each) and
-keeps the machine code in ``__pycache__`` for the next process. Only bodies of at least
-the pipelines' threshold (4 MiB of codes) come here, so small models and the golden
-vectors never pay for a compilation. Without numba (or with ``FEDSQUEEZE_JIT=0`` in the
+keeps the machine code in ``__pycache__`` for the next process. Only arrays of at least
+:data:`MIN_VALUES` values come here, so small models and the golden vectors never pay for
+a compilation. Without numba (or with ``FEDSQUEEZE_JIT=0`` in the
 environment) the NumPy kernels run instead, with the same results.
+
+The functions here are plain Python until :func:`ready` compiles them: callers ask
+:func:`use` first (a process that never handles a large tensor never imports numba).
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
-from typing import Any, TypeVar, cast
+import threading
 
 import numpy as np
 import numpy.typing as npt
 
 __all__ = [
     "ENABLED",
+    "MIN_VALUES",
+    "join_planes2",
+    "join_planes4",
     "linear_decode",
     "linear_encode",
     "nf4_decode",
     "nf4_encode",
+    "ready",
+    "run_range",
+    "split_plane",
+    "use",
 ]
 
-_F = TypeVar("_F", bound=Callable[..., Any])
-
-try:  # an optional speed-up: every caller has a NumPy path with the same results
-    import numba as _numba
-except ImportError:  # pragma: no cover - numba is a dependency; this is the fallback
-    _numba = None  # type: ignore[assignment]
-
-#: Whether the compiled kernels are used (numba imports, and ``FEDSQUEEZE_JIT`` is not
-#: ``0``). The benchmark turns it off for its side-by-side rows.
-ENABLED: bool = _numba is not None and os.environ.get("FEDSQUEEZE_JIT", "1") != "0"
+#: Whether the compiled kernels may be used (``FEDSQUEEZE_JIT=0`` turns them off; the
+#: benchmark and the tests switch this for their side-by-side runs). :func:`ready` also
+#: needs numba to import.
+ENABLED: bool = os.environ.get("FEDSQUEEZE_JIT", "1") != "0"
+#: Fewest values for which the callers use the kernels (:func:`use`): below it NumPy's
+#: fixed costs are small, and a process that only handles small models never imports
+#: numba (a quarter of a second) nor compiles anything.
+MIN_VALUES = 1 << 16
 
 F32 = npt.NDArray[np.float32]
 U8 = npt.NDArray[np.uint8]
+Words = npt.NDArray[np.unsignedinteger]
+
+_lock = threading.Lock()
+_compiled: bool | None = None  # None: not tried yet
 
 
-def _jit(fn: _F) -> _F:
-    if _numba is None:  # pragma: no cover
-        return fn
+def use(values: int) -> bool:
+    """Whether a caller with ``values`` values should run the compiled kernels."""
+    return values >= MIN_VALUES and ready()
+
+
+def ready() -> bool:
+    """Whether the compiled kernels are usable: :data:`ENABLED` and numba importable. The
+    first call imports numba and hands the kernels to it (each compiles, or loads its
+    cached machine code, on its first call); thread-safe."""
+    global _compiled
+    if not ENABLED:
+        return False
+    if _compiled is None:
+        with _lock:
+            if _compiled is None:
+                _compiled = _compile()
+    return _compiled
+
+
+def _compile() -> bool:
     try:
-        return cast(_F, _numba.njit(fn, cache=True, nogil=True, boundscheck=False))
-    except RuntimeError:  # no writable place for the machine code: compile in every process
-        return cast(_F, _numba.njit(fn, cache=False, nogil=True, boundscheck=False))
+        import numba
+    except ImportError:  # pragma: no cover - numba is a dependency; NumPy runs instead
+        return False
+    space = globals()
+    for name in _KERNELS:  # helpers first: their callers find them compiled
+        fn = space[name]
+        try:
+            space[name] = numba.njit(fn, cache=True, nogil=True, boundscheck=False)
+        except RuntimeError:  # no writable place for the machine code: compile each time
+            space[name] = numba.njit(fn, cache=False, nogil=True, boundscheck=False)
+    return True
 
 
 # Every loop below runs over a slice from index 0: with a loop from ``start`` numba must
@@ -69,7 +107,6 @@ def _jit(fn: _F) -> _F:
 # (measured: 4.5x slower on a chunk of int8 codes).
 
 
-@_jit
 def _pack(codes: U8, size: int, bits: int, packed: U8, b0: int) -> None:
     """``codes[:size]`` (each below ``2**bits``) packed lowest bits first into
     ``packed[b0:]``; the last byte's unused high bits are zero."""
@@ -101,7 +138,6 @@ def _pack(codes: U8, size: int, bits: int, packed: U8, b0: int) -> None:
         packed[b0 + whole] = acc
 
 
-@_jit
 def linear_encode(
     x: F32,
     start: int,
@@ -139,7 +175,6 @@ def linear_encode(
         _pack(codes, size, bits, packed, start // (8 // bits))
 
 
-@_jit
 def nf4_encode(
     x: F32,
     start: int,
@@ -177,14 +212,12 @@ def nf4_encode(
     _pack(codes, size, 4, packed, start // 2)
 
 
-@_jit
 def _lane(qs: U8, pos: int, bits: int) -> int:
     """The code at lane ``pos`` of the packed codes ``qs`` (lowest bits first)."""
     per_byte = 8 // bits
     return (int(qs[pos // per_byte]) >> ((pos % per_byte) * bits)) & ((1 << bits) - 1)
 
 
-@_jit
 def _decode_run(qs: U8, off: int, bits: int, table: F32, out: F32, o0: int, n: int) -> None:
     """``out[o0 + k] = table[q_k]`` for the ``n`` codes packed in ``qs`` from lane ``off``
     of byte 0: the partial bytes at either end lane by lane, the whole bytes between
@@ -218,7 +251,6 @@ def _decode_run(qs: U8, off: int, bits: int, table: F32, out: F32, o0: int, n: i
         out[o0 + k] = table[_lane(qs, off + k, bits)]
 
 
-@_jit
 def linear_decode(
     src: U8,
     start: int,
@@ -260,7 +292,6 @@ def linear_decode(
         r += 1
 
 
-@_jit
 def nf4_decode(
     src: U8,
     start: int,
@@ -285,7 +316,6 @@ def nf4_decode(
         r += 1
 
 
-@_jit
 def run_range(x: F32, start: int, stop: int, length: int, lo: F32, hi: F32) -> None:
     """``lo[r]``, ``hi[r]``: the minimum and maximum of each run ``r`` of ``length``
     values in ``x[start:stop]`` (``start`` on a run; the last run may be short); NaN
@@ -309,3 +339,71 @@ def run_range(x: F32, start: int, stop: int, length: int, lo: F32, hi: F32) -> N
         hi[r] = b
         i = end
         r += 1
+
+
+def split_plane(
+    words: Words, base: Words, xor: bool, s1: int, m1: int, s2: int, m2: int, out: U8
+) -> None:
+    """``out[i] = ((v >> s1) & m1) | ((v >> s2) & m2)`` of ``v = words[i]`` (XOR
+    ``base[i]`` when ``xor``): one byte plane of the words
+    (:mod:`fedsqueeze.codec.planes`; ``m2 = 0`` for a plain byte)."""
+    if xor:
+        for i in range(out.size):
+            v = words[i] ^ base[i]
+            out[i] = ((v >> s1) & m1) | ((v >> s2) & m2)
+    else:
+        for i in range(out.size):
+            v = words[i]
+            out[i] = ((v >> s1) & m1) | ((v >> s2) & m2)
+
+
+def join_planes2(p0: U8, p1: U8, swapped: bool, out: Words) -> None:
+    """16-bit words from their two planes (:func:`fedsqueeze.codec.planes.join_planes`):
+    plane 0 the exponent byte (below the sign when ``swapped``), plane 1 the next."""
+    if swapped:
+        for i in range(out.size):
+            a = np.uint16(p0[i])
+            b = np.uint16(p1[i])
+            out[i] = (a << 7) | ((b & 0x80) << 8) | (b & 0x7F)
+    else:
+        for i in range(out.size):
+            out[i] = (np.uint16(p0[i]) << 8) | np.uint16(p1[i])
+
+
+def join_planes4(p0: U8, p1: U8, p2: U8, p3: U8, swapped: bool, out: Words) -> None:
+    """32-bit words from their four planes (as :func:`join_planes2`)."""
+    if swapped:
+        for i in range(out.size):
+            a = np.uint32(p0[i])
+            b = np.uint32(p1[i])
+            out[i] = (
+                (a << 23)
+                | ((b & 0x80) << 24)
+                | ((b & 0x7F) << 16)
+                | (np.uint32(p2[i]) << 8)
+                | np.uint32(p3[i])
+            )
+    else:
+        for i in range(out.size):
+            out[i] = (
+                (np.uint32(p0[i]) << 24)
+                | (np.uint32(p1[i]) << 16)
+                | (np.uint32(p2[i]) << 8)
+                | np.uint32(p3[i])
+            )
+
+
+#: The kernels, helpers before the kernels that call them.
+_KERNELS = (
+    "_pack",
+    "_lane",
+    "_decode_run",
+    "linear_encode",
+    "nf4_encode",
+    "linear_decode",
+    "nf4_decode",
+    "run_range",
+    "split_plane",
+    "join_planes2",
+    "join_planes4",
+)

@@ -96,7 +96,7 @@ def value_range(x: Tensor, runs: Runs | None) -> tuple[Tensor, Tensor]:
     lo_c = torch.empty(count, dtype=torch.float32, device=x.device)
     hi_c = torch.empty(count, dtype=torch.float32, device=x.device)
 
-    if jit.ENABLED and x.device.type == "cpu" and x.dtype == torch.float32:
+    if x.device.type == "cpu" and x.dtype == torch.float32 and jit.use(n):
         xs = x.contiguous().numpy()
         lo_np, hi_np = lo_c.numpy(), hi_c.numpy()
 

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
+from fedsqueeze.codec import jit
+
 #: Values per block: a block's words, scratch and planes stay in cache (L2 or L3),
 #: and each NumPy call covers enough values that threads rarely wait on the GIL.
 BLOCK = 1 << 18
@@ -89,18 +91,28 @@ def split_planes(
     """
     if base is not None and base.shape != words.shape:
         raise ValueError(f"XOR of {words.shape[0]} words with {base.shape[0]}")
+    compiled = jit.use(words.shape[0])
     for start in range(0, words.shape[0], BLOCK):
         block = words[start : start + BLOCK]
+        if base is not None and compiled:  # the XOR inside the plane's one pass
+            for k, out in planes.items():
+                _split_compiled(
+                    block, base[start : start + BLOCK], k, layout, out[start : start + BLOCK]
+                )
+            continue
         if base is not None:
             xored = _scratch(words.dtype.type, block.shape[0], "xor")
             np.bitwise_xor(block, base[start : start + BLOCK], out=xored)
             block = xored
         for k, out in planes.items():
-            _split_block(block, k, layout, out[start : start + BLOCK])
+            _split_block(block, k, layout, out[start : start + BLOCK], compiled)
 
 
-def _split_block(v: Words, k: int, layout: PlaneLayout, out: Plane) -> None:
+def _split_block(v: Words, k: int, layout: PlaneLayout, out: Plane, compiled: bool) -> None:
     top = 8 * layout.width
+    if compiled:
+        _split_compiled(v, None, k, layout, out)
+        return
     if layout.swapped and k == 0:
         # The exponent sits just below the sign: the cast to a byte drops the sign.
         _narrow(v, top - 9, out)
@@ -116,6 +128,19 @@ def _split_block(v: Words, k: int, layout: PlaneLayout, out: Plane) -> None:
         _narrow(v, layout.shift(k), out)
 
 
+def _split_compiled(v: Words, base: Words | None, k: int, layout: PlaneLayout, out: Plane) -> None:
+    """:func:`_split_block` (of ``v ^ base`` with ``base``) by one compiled pass."""
+    top = 8 * layout.width
+    if layout.swapped and k == 0:
+        s1, m1, s2, m2 = top - 9, 0xFF, 0, 0
+    elif layout.swapped and k == 1:
+        s1, m1, s2, m2 = top - 16, 0x7F, top - 8, 0x80
+    else:
+        s1, m1, s2, m2 = layout.shift(k), 0xFF, 0, 0
+    xor = base is not None
+    jit.split_plane(v, base if base is not None else v, xor, s1, m1, s2, m2, out)
+
+
 def _narrow(v: Words, shift: int, out: Plane) -> None:
     """``out = (v >> shift) & 0xFF`` (the cast to uint8 keeps the low byte)."""
     if shift:
@@ -129,12 +154,19 @@ def _narrow(v: Words, shift: int, out: Plane) -> None:
 def join_planes(planes: list[Plane], layout: PlaneLayout, out: Words) -> None:
     """Inverse of :func:`split_planes` for every plane: ``out`` (1-D, ``layout.uint``)
     from ``planes`` (``layout.width`` planes of ``len(out)`` bytes each)."""
+    compiled = jit.use(out.shape[0])
     for start in range(0, out.shape[0], BLOCK):
         end = start + BLOCK
-        _join_block([p[start:end] for p in planes], layout, out[start:end])
+        _join_block([p[start:end] for p in planes], layout, out[start:end], compiled)
 
 
-def _join_block(planes: list[Plane], layout: PlaneLayout, o: Words) -> None:
+def _join_block(planes: list[Plane], layout: PlaneLayout, o: Words, compiled: bool) -> None:
+    if compiled and layout.width == 2:
+        jit.join_planes2(planes[0], planes[1], layout.swapped, o)
+        return
+    if compiled and layout.width == 4:
+        jit.join_planes4(planes[0], planes[1], planes[2], planes[3], layout.swapped, o)
+        return
     uint = layout.uint
     top = 8 * layout.width
     t = _scratch(uint, o.shape[0])

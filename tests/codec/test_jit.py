@@ -1,7 +1,8 @@
 """The compiled chunk kernels (fedsqueeze.codec.jit) give the NumPy kernels' codes and
 values bit for bit: every width and scheme, per tensor and in runs whose ends fall
 inside bytes, chunks that end inside a byte, exact ties, values far outside the range,
-subnormals and signed zeros; and the switch that turns them off changes no byte."""
+subnormals and signed zeros; byte planes of 2-, 4- and 8-byte words, with and without
+an XOR base; and the switch that turns them off changes no byte."""
 
 from __future__ import annotations
 
@@ -13,13 +14,22 @@ import pytest
 import torch
 
 from fedsqueeze.codec import dense_decode, dense_encode, jit
+from fedsqueeze.codec import planes as planes_module
 from fedsqueeze.codec.kernels import value_range
 from fedsqueeze.codec.model import EncodedModel, decode_state, encode_state
+from fedsqueeze.codec.planes import PlaneLayout, join_planes, split_planes
 from fedsqueeze.codec.quantization import Runs, choose_qparams
 from fedsqueeze.codec.spec import Granularity, QuantScheme, ScaleFormat
 from fedsqueeze.codec.spec_text import parse_spec
 
-pytestmark = pytest.mark.skipif(not jit.ENABLED, reason="numba is not importable here")
+pytestmark = pytest.mark.skipif(not jit.ready(), reason="numba is not importable here")
+
+
+@pytest.fixture(autouse=True)
+def _kernels_at_every_size(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The kernels run on these small inputs (callers skip them below MIN_VALUES)."""
+    monkeypatch.setattr(jit, "MIN_VALUES", 1)
+
 
 SCHEMES = [
     (QuantScheme.AFFINE, 2),
@@ -159,3 +169,44 @@ def test_run_ranges_match_torch_and_carry_nan(length: int) -> None:
     assert torch.equal(lo.isnan(), want_lo.isnan()) and bool(lo[100 // length].isnan())
     assert torch.equal(lo.nan_to_num(), want_lo.nan_to_num())
     assert torch.equal(hi.nan_to_num(), want_hi.nan_to_num())
+
+
+@pytest.mark.parametrize(
+    ("width", "swapped"), [(2, True), (2, False), (4, True), (4, False), (8, False)]
+)
+@pytest.mark.parametrize("xor", [False, True])
+def test_planes_match_the_numpy_kernels(width: int, swapped: bool, xor: bool) -> None:
+    layout = PlaneLayout(width, swapped)
+    rng = np.random.default_rng(width * 2 + xor)
+    n = 70_001  # not a whole number of blocks with the small block below
+    words = rng.integers(0, np.iinfo(layout.uint).max, n, dtype=layout.uint, endpoint=True)
+    base = rng.integers(0, np.iinfo(layout.uint).max, n, dtype=layout.uint, endpoint=True)
+    got = {k: np.empty(n, np.uint8) for k in range(width)}
+    want = {k: np.empty(n, np.uint8) for k in range(width)}
+    saved = planes_module.BLOCK
+    planes_module.BLOCK = 4_096
+    try:
+        split_planes(words, got, layout, base if xor else None)
+        with jit_off():
+            split_planes(words, want, layout, base if xor else None)
+        for k in range(width):
+            assert np.array_equal(got[k], want[k]), k
+        joined = np.empty(n, layout.uint)
+        join_planes([got[k] for k in range(width)], layout, joined)
+        expect = np.empty(n, layout.uint)
+        with jit_off():
+            join_planes([want[k] for k in range(width)], layout, expect)
+    finally:
+        planes_module.BLOCK = saved
+    assert np.array_equal(joined, expect)
+    assert np.array_equal(joined, words ^ base if xor else words)
+
+
+def test_small_inputs_stay_with_numpy() -> None:
+    """Below MIN_VALUES the callers keep to NumPy (a small model never compiles)."""
+    saved = jit.MIN_VALUES
+    jit.MIN_VALUES = 1 << 16
+    try:
+        assert not jit.use(1_000) and jit.use(1 << 16)
+    finally:
+        jit.MIN_VALUES = saved
