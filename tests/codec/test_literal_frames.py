@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import threading
 from collections.abc import Iterator
 
 import numpy as np
@@ -284,11 +285,15 @@ def test_raw_stream_and_fallback_bodies(monkeypatch: pytest.MonkeyPatch) -> None
     real = literal_frames.compress_piece
     calls: list[int] = []
 
+    lock = threading.Lock()
+
     def two_match(data: memoryview) -> literal_frames.Piece | None:
-        calls.append(1)
+        with lock:  # this call's number, taken before another worker's call can add one
+            calls.append(1)
+            number = len(calls)
         piece = real(data)
         assert piece is not None
-        return dataclasses.replace(piece, matches=len(calls) in (4, 6))
+        return dataclasses.replace(piece, matches=number in (4, 6))
 
     monkeypatch.setattr(dense_encode, "compress_piece", two_match)
     with two_threads():
