@@ -39,6 +39,7 @@ import numpy.typing as npt
 __all__ = [
     "ENABLED",
     "MIN_VALUES",
+    "band_pass",
     "join_planes2",
     "join_planes4",
     "linear_decode",
@@ -46,7 +47,9 @@ __all__ = [
     "nf4_decode",
     "nf4_encode",
     "ready",
+    "rice_chunk",
     "run_range",
+    "select_pass",
     "split_plane",
     "use",
     "warm",
@@ -64,6 +67,7 @@ MIN_VALUES = 1 << 16
 F32 = npt.NDArray[np.float32]
 U8 = npt.NDArray[np.uint8]
 Words = npt.NDArray[np.unsignedinteger]
+I64 = npt.NDArray[np.int64]
 
 _lock = threading.Lock()
 _compiled: bool | None = None  # None: not tried yet
@@ -419,6 +423,107 @@ def join_planes4(p0: U8, p1: U8, p2: U8, p3: U8, swapped: bool, out: Words) -> N
             )
 
 
+def band_pass(x: F32, start: int, stop: int, lo: np.float32, hi: np.float32, band: F32) -> int:
+    """The first pass of :func:`~fedsqueeze.codec.threshold_select.select_above` over
+    ``x[start:stop]``: the magnitudes in ``[lo, hi]`` into ``band`` (in order) and the
+    count of magnitudes ``>= lo``, returned as ``count * 2^32 + len(band used)`` (one
+    integer: numba returns it without a tuple)."""
+    xs = x[start:stop]
+    count = 0
+    used = 0
+    for k in range(xs.size):
+        m = abs(xs[k])
+        ge = m >= lo
+        count += ge
+        if ge and m <= hi:
+            band[used] = m
+            used += 1
+    return count * (1 << 32) + used
+
+
+def select_pass(
+    x: F32,
+    start: int,
+    stop: int,
+    cut: np.float32,
+    strict: bool,
+    indices: I64,
+    values: F32,
+    o0: int,
+    o1: int,
+) -> int:
+    """The second pass: the indices and values of ``x[start:stop]`` whose magnitude is
+    above ``cut`` (``>= cut`` unless ``strict``) into ``indices[o0:o1]`` and
+    ``values[o0:o1]``, in order; returns how many there were (the caller checks it is
+    ``o1 − o0``). Each value is written at the next slot and the slot kept only if the
+    value is (no branch on the data), never past ``o1``."""
+    xs = x[start:stop]
+    o = o0
+    for k in range(xs.size):
+        v = xs[k]
+        m = abs(v)
+        keep = (m > cut) if strict else (m >= cut)
+        if o < o1:
+            indices[o] = start + k
+            values[o] = v
+        o += keep
+    return o - o0
+
+
+def rice_chunk(idx: I64, start: int, stop: int, k: int, rem: U8, phase: int, unary: U8) -> int:
+    """The Rice code of the gaps of ``idx[start:stop]`` (``g_j = i_j − i_{j−1} − 1``,
+    ``g_0 = i_0`` when ``start`` is 0), as :mod:`fedsqueeze.codec.rice_encode` writes
+    it: the ``k`` low bits of each gap into ``rem`` (LSB first, from its byte 0: chunks
+    hold a multiple of 8 gaps), and ``g >> k`` one-bits then a zero-bit per gap into
+    ``unary`` from bit ``phase`` of its byte 0 (bits before ``phase`` and after the
+    last are zero). Returns how many bytes of ``unary`` were written."""
+    acc = 0  # bits not yet written, lowest first
+    nbits = 0
+    at = 0
+    mask = (1 << k) - 1
+    prev = idx[start - 1] if start > 0 else -1
+    for j in range(start, stop):
+        g = idx[j] - prev - 1
+        prev = idx[j]
+        acc |= (g & mask) << nbits
+        nbits += k
+        while nbits >= 8:
+            rem[at] = acc & 0xFF
+            acc >>= 8
+            nbits -= 8
+            at += 1
+    if nbits:
+        rem[at] = acc & 0xFF
+    acc = 0
+    nbits = phase
+    at = 0
+    prev = idx[start - 1] if start > 0 else -1
+    for j in range(start, stop):
+        g = idx[j] - prev - 1
+        prev = idx[j]
+        q = g >> k
+        while q >= 32:  # long runs of one-bits, 32 at a time
+            acc |= 0xFFFFFFFF << nbits
+            nbits += 32
+            q -= 32
+            while nbits >= 8:
+                unary[at] = acc & 0xFF
+                acc >>= 8
+                nbits -= 8
+                at += 1
+        acc |= ((1 << q) - 1) << nbits
+        nbits += q + 1  # the zero-bit: nothing to set
+        while nbits >= 8:
+            unary[at] = acc & 0xFF
+            acc >>= 8
+            nbits -= 8
+            at += 1
+    if nbits:
+        unary[at] = acc & 0xFF
+        at += 1
+    return at
+
+
 #: The kernels, helpers before the kernels that call them.
 _KERNELS = (
     "_pack",
@@ -432,4 +537,7 @@ _KERNELS = (
     "split_plane",
     "join_planes2",
     "join_planes4",
+    "band_pass",
+    "select_pass",
+    "rice_chunk",
 )

@@ -27,6 +27,7 @@ from __future__ import annotations
 import numpy as np
 import numpy.typing as npt
 
+from fedsqueeze.codec import jit
 from fedsqueeze.codec.chunks import np_scratch, run_chunks
 
 __all__ = ["CHUNK", "encode_rice", "rice_sums"]
@@ -94,12 +95,24 @@ def encode_rice(idx: I64, k: int, chunk_sums: npt.NDArray[np.int64]) -> npt.NDAr
     unary = out[rem_size:]
     edges: list[list[tuple[int, int]]] = [[] for _ in bounds]
 
+    compiled = k <= 48 and jit.use(count)  # (k low bits and the bits pending fit an int64)
+
     def chunk(start: int, stop: int) -> None:
         i = start // CHUNK
+        bit0 = int(unary_start[i])
+        if compiled:  # both streams of the chunk in one compiled pass each
+            total = bit0 % 8 + int(unary_len[i])
+            packed = np_scratch("rice_packed", -(-total // 8), np.uint8, CHUNK)
+            rem_part = rem[start * k // 8 : -(-stop * k // 8)]
+            written = jit.rice_chunk(idx, start, stop, k, rem_part, bit0 % 8, packed)
+            if written != packed.size:  # cannot happen: the sums gave the length
+                raise RuntimeError("rice coding: a chunk's unary length changed")
+            edges[i] = _place(packed, bit0 // 8, unary)
+            return
         g = _gaps(idx, start, stop)
         if k:
             _remainders(g, k, rem[start * k // 8 : -(-stop * k // 8)])
-        edges[i] = _unary(g, k, int(unary_start[i]), unary)
+        edges[i] = _unary(g, k, bit0, unary)
 
     run_chunks(chunk, bounds)
     for pairs in edges:  # bytes shared by neighbouring chunks: start from 0, then OR
@@ -144,8 +157,15 @@ def _unary(g: I64, k: int, bit0: int, unary: npt.NDArray[np.uint8]) -> list[tupl
     bits[total:] = 0
     np.add(q, phase - 1, out=q)
     bits[q] = 0
-    packed = np.packbits(bits, bitorder="little")
-    first = bit0 // 8
+    return _place(np.packbits(bits, bitorder="little"), bit0 // 8, unary)
+
+
+def _place(
+    packed: npt.NDArray[np.uint8], first: int, unary: npt.NDArray[np.uint8]
+) -> list[tuple[int, int]]:
+    """Copy a chunk's unary bytes (``packed``, from stream byte ``first``) into ``unary``
+    but its first and last, which it may share with its neighbours: returned as
+    ``(index, bits)`` pairs to OR in."""
     last = first + packed.size - 1
     if packed.size > 2:
         unary[first + 1 : last] = packed[1:-1]

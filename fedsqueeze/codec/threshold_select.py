@@ -26,6 +26,7 @@ import enum
 import numpy as np
 import numpy.typing as npt
 
+from fedsqueeze.codec import jit
 from fedsqueeze.codec.chunks import np_scratch, run_chunks
 
 __all__ = ["CHUNK", "Outcome", "select_above"]
@@ -56,8 +57,16 @@ def select_above(x: F32, prune: int, lo: float, hi: float) -> tuple[I64, F32] | 
     at_least = np.zeros(len(bounds), dtype=np.int64)
     band: list[F32] = [np.empty(0, dtype=np.float32)] * len(bounds)
 
+    compiled = jit.use(n)
+
     def first(start: int, stop: int) -> None:
         size = stop - start
+        if compiled:  # the same comparisons in one compiled pass
+            buf = np_scratch("sel_band", size, np.float32, CHUNK)
+            packed = jit.band_pass(x, start, stop, lo32, hi32, buf)
+            at_least[start // CHUNK] = packed >> 32
+            band[start // CHUNK] = buf[: packed & 0xFFFFFFFF].copy()
+            return
         mags = np_scratch("sel_mags", size, np.float32, CHUNK)
         ge = np_scratch("sel_ge", size, np.bool_, CHUNK)
         inside = np_scratch("sel_in", size, np.bool_, CHUNK)
@@ -92,6 +101,12 @@ def select_above(x: F32, prune: int, lo: float, hi: float) -> tuple[I64, F32] | 
 
     def second(start: int, stop: int) -> None:
         size = stop - start
+        if compiled:
+            o0, o1 = int(offsets[start // CHUNK]), int(offsets[start // CHUNK + 1])
+            got = jit.select_pass(x, start, stop, cut, strict, indices, values, o0, o1)
+            if got != o1 - o0:  # cannot happen: the same comparisons as the first pass
+                raise RuntimeError("magnitude selection: a chunk's count changed between passes")
+            return
         mags = np_scratch("sel_mags", size, np.float32, CHUNK)
         keep = np_scratch("sel_ge", size, np.bool_, CHUNK)
         piece = x[start:stop]

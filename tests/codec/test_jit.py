@@ -2,7 +2,8 @@
 values bit for bit: every width and scheme, per tensor and in runs whose ends fall
 inside bytes, chunks that end inside a byte, exact ties, values far outside the range,
 subnormals and signed zeros; byte planes of 2-, 4- and 8-byte words, with and without
-an XOR base; and the switch that turns them off changes no byte."""
+an XOR base; both passes of the magnitude selection; and the switch that turns them off
+changes no byte."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from fedsqueeze.codec import dense_decode, dense_encode, jit
+from fedsqueeze.codec import dense_decode, dense_encode, jit, rice_encode, threshold_select
 from fedsqueeze.codec import planes as planes_module
 from fedsqueeze.codec.kernels import value_range
 from fedsqueeze.codec.model import EncodedModel, decode_state, encode_state
@@ -210,3 +211,49 @@ def test_small_inputs_stay_with_numpy() -> None:
         assert not jit.use(1_000) and jit.use(1 << 16)
     finally:
         jit.MIN_VALUES = saved
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("share", [0.5, 0.9, 0.99])
+def test_magnitude_selection_matches_the_numpy_passes(seed: int, share: float) -> None:
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(300_001, generator=g) * 2).numpy()
+    x[::97] = 0.0
+    prune = int(share * x.size)
+    cut = float(np.sort(np.abs(x))[prune])
+    monkey = threshold_select.CHUNK
+    threshold_select.CHUNK = 4_096  # many chunks, two workers
+    try:
+        with small_chunks():
+            for lo, hi in ((cut * 0.98, cut * 1.02), (cut, cut * 1.5), (-np.inf, np.inf)):
+                got = threshold_select.select_above(x, prune, lo, hi)
+                with jit_off():
+                    want = threshold_select.select_above(x, prune, lo, hi)
+                if isinstance(want, threshold_select.Outcome):
+                    assert got is want
+                    continue
+                assert not isinstance(got, threshold_select.Outcome)
+                assert np.array_equal(got[0], want[0]) and np.array_equal(got[1], want[1])
+                assert got[0].size == x.size - prune
+    finally:
+        threshold_select.CHUNK = monkey
+
+
+@pytest.mark.parametrize("k", [0, 1, 5, 13, 40])
+def test_rice_payload_matches_the_numpy_path(k: int) -> None:
+    rng = np.random.default_rng(k)
+    gaps = rng.geometric(1.0 / (1 + (1 << k)), 20_003) - 1
+    gaps[::501] += 5_000 << k  # unary runs far longer than 32 bits
+    idx = np.cumsum(gaps + 1) - 1
+    saved = rice_encode.CHUNK
+    rice_encode.CHUNK = 1_024  # many chunks sharing bytes at their edges, two workers
+    try:
+        with small_chunks():
+            sums, ok = rice_encode.rice_sums(idx, range(k, k + 1))
+            assert ok
+            got = rice_encode.encode_rice(idx, k, sums[:, 0])
+            with jit_off():
+                want = rice_encode.encode_rice(idx, k, sums[:, 0])
+    finally:
+        rice_encode.CHUNK = saved
+    assert np.array_equal(got, want)
