@@ -113,7 +113,7 @@ from __future__ import annotations
 
 import zlib
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from enum import IntEnum, IntFlag
 
 import torch
@@ -162,6 +162,9 @@ ANS_VERSION = 8
 #: The version written when any refinement's plane is ANS-coded with the coarser bits
 #: as context (:mod:`fedsqueeze.codec.plane_ans`).
 PLANE_ANS_VERSION = 9
+#: The version written when a byte-grouped body codes a plane in buckets by exponent
+#: (:mod:`fedsqueeze.codec.grouping`).
+BUCKETS_VERSION = 10
 SUPPORTED_VERSIONS = (
     FORMAT_VERSION,
     PROGRESSIVE_VERSION,
@@ -172,6 +175,7 @@ SUPPORTED_VERSIONS = (
     SUPPORT_LEVELS_VERSION,
     ANS_VERSION,
     PLANE_ANS_VERSION,
+    BUCKETS_VERSION,
 )
 #: Most position groups (support levels) one tensor may have.
 MAX_GROUPS = 16
@@ -325,6 +329,9 @@ class TensorRecord:
     plane: int = 0  # ... and the group's plane it holds (0: the group's positions too)
     ans: bool = False  # the body is the rANS coding of the codes (version 8; of a
     # refinement's plane, after its positions and table: version 9)
+    # A byte-grouped body that codes a plane in buckets (version 10); when parsed: one
+    # that may (the container is version 10 or later). Not part of equality.
+    buckets: bool = field(default=False, compare=False)
 
     @property
     def progressive(self) -> bool:
@@ -335,6 +342,11 @@ class TensorRecord:
     def needs_v7(self) -> bool:
         """Whether this record needs format version 7 (a refinement of a grown tensor)."""
         return self.group is not None
+
+    @property
+    def needs_v10(self) -> bool:
+        """Whether this record needs format version 10 (a grouped plane in buckets)."""
+        return self.buckets and self.quant is None and self.value_kind in GROUPED_KINDS
 
     @property
     def needs_v9(self) -> bool:
@@ -660,6 +672,7 @@ def parse_record(
         rank=rank,
         levels=plan,
         ans=ans,
+        buckets=version >= BUCKETS_VERSION and quant is None and value_kind in GROUPED_KINDS,
     )
 
 
@@ -857,6 +870,7 @@ def crc32(data: bytes | memoryview, value: int = 0) -> int:
 __all__ = [
     "ANS_VERSION",
     "BLOCKWISE_VERSION",
+    "BUCKETS_VERSION",
     "CODE_DTYPES",
     "DTYPE_CODES",
     "FLOAT_KINDS",

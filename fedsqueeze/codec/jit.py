@@ -40,6 +40,10 @@ __all__ = [
     "ENABLED",
     "MIN_VALUES",
     "band_pass",
+    "bucket_gather",
+    "bucket_histogram",
+    "bucket_scatter",
+    "byte_counts",
     "join_planes2",
     "join_planes4",
     "linear_decode",
@@ -68,6 +72,7 @@ F32 = npt.NDArray[np.float32]
 U8 = npt.NDArray[np.uint8]
 Words = npt.NDArray[np.unsignedinteger]
 I64 = npt.NDArray[np.int64]
+U16 = npt.NDArray[np.uint16]
 
 _lock = threading.Lock()
 _compiled: bool | None = None  # None: not tried yet
@@ -114,6 +119,12 @@ def warm() -> None:
         split_plane(words, words, False, 8, 0xFF, 0, 0, u)
         split_plane(words, words, True, 8, 0xFF, 0, 0, u)
     join_planes2(u, u, True, np.zeros(8, dtype=np.uint16))
+    counts = np.zeros(256, dtype=np.int64)
+    byte_counts(u, counts)
+    ranks = np.zeros(256, dtype=np.uint16)
+    bucket_histogram(u, ranks, u, np.zeros((1, 256), dtype=np.int64))
+    bucket_gather(u, ranks, u, np.zeros(1, dtype=np.int64), u.copy())
+    bucket_scatter(u, ranks, u, np.zeros(1, dtype=np.int64), u.copy())
     join_planes4(u, u, u, u, True, np.zeros(8, dtype=np.uint32))
 
 
@@ -522,6 +533,41 @@ def rice_chunk(idx: I64, start: int, stop: int, k: int, rem: U8, phase: int, una
     return at
 
 
+def byte_counts(data: U8, counts: I64) -> None:
+    """``counts[v]``: how many bytes of ``data`` are ``v`` (``counts`` zeroed first)."""
+    counts[:] = 0
+    for i in range(data.size):
+        counts[data[i]] += 1
+
+
+def bucket_histogram(exponents: U8, ranks: U16, plane: U8, hist: I64) -> None:
+    """``hist[b, v]``: how many bytes ``v`` of ``plane`` fall in bucket ``b`` (the bucket
+    of byte ``i`` is ``ranks[exponents[i]]``); ``hist`` is zeroed first."""
+    hist[:] = 0
+    for i in range(plane.size):
+        hist[ranks[exponents[i]], plane[i]] += 1
+
+
+def bucket_gather(exponents: U8, ranks: U16, plane: U8, starts: I64, out: U8) -> None:
+    """``out``: the bytes of ``plane`` grouped by bucket (the bucket of byte ``i`` is
+    ``ranks[exponents[i]]``; bucket ``b`` from ``starts[b]``), in index order within a
+    bucket: a stable counting sort (:mod:`fedsqueeze.codec.grouping`'s exponent
+    buckets). ``starts`` is consumed."""
+    for i in range(plane.size):
+        b = ranks[exponents[i]]
+        out[starts[b]] = plane[i]
+        starts[b] += 1
+
+
+def bucket_scatter(exponents: U8, ranks: U16, grouped: U8, starts: I64, out: U8) -> None:
+    """Inverse of :func:`bucket_gather`: ``out[i]`` is the next byte of bucket
+    ``ranks[exponents[i]]`` in ``grouped``. ``starts`` is consumed."""
+    for i in range(out.size):
+        b = ranks[exponents[i]]
+        out[i] = grouped[starts[b]]
+        starts[b] += 1
+
+
 #: The kernels, helpers before the kernels that call them.
 _KERNELS = (
     "_pack",
@@ -538,4 +584,8 @@ _KERNELS = (
     "band_pass",
     "select_pass",
     "rice_chunk",
+    "byte_counts",
+    "bucket_histogram",
+    "bucket_gather",
+    "bucket_scatter",
 )

@@ -23,6 +23,7 @@ from fedsqueeze.codec.bytesio import ByteReader
 from fedsqueeze.codec.container import (
     ANS_VERSION,
     BLOCKWISE_VERSION,
+    BUCKETS_VERSION,
     FORMAT_VERSION,
     GLOBAL_ORDER_VERSION,
     GROUPED_VERSION,
@@ -93,12 +94,15 @@ class EncodedModel:
 
     @property
     def header(self) -> ContainerHeader:
-        """The model-level header: version 9 when a refinement's plane is ANS-coded,
+        """The model-level header: version 10 when a byte-grouped plane is coded in
+        buckets, else 9 when a refinement's plane is ANS-coded,
         else 8 when the spec's coder is ANS, else 7 when a tensor's positions come in groups,
         else 6 when a record is rotated, else 5 when refinements are not in level order,
         else 4 when a record is byte-grouped, else 3 when one is block-wise or NF4, else
         2 when a tensor is sent in levels, else 1."""
-        if any(r.needs_v9 for r in self.records):
+        if any(r.needs_v10 for r in self.records):
+            version = BUCKETS_VERSION
+        elif any(r.needs_v9 for r in self.records):
             version = PLANE_ANS_VERSION
         elif self.spec.entropy_coder is EntropyCoder.ANS or any(r.ans for r in self.records):
             version = ANS_VERSION

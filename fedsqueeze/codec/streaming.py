@@ -44,6 +44,7 @@ from fedsqueeze.codec.bytesio import ByteReader
 from fedsqueeze.codec.container import (
     ANS_VERSION,
     BLOCKWISE_VERSION,
+    BUCKETS_VERSION,
     GROUPED_VERSION,
     ROTATED_VERSION,
     DecodeLimits,
@@ -224,8 +225,9 @@ def decode_into(
             "part-by-part decoding does not undo rotations (a rotation mixes a whole row); "
             "decode rotated models with decode_stream_into or decode_state"
         )
-    # Version 8 adds ANS-coded records (held whole, like low-rank and rotated ones).
-    if header.version not in (1, BLOCKWISE_VERSION, GROUPED_VERSION, ANS_VERSION):
+    # Version 8 adds ANS-coded records (held whole, like low-rank and rotated ones);
+    # version 10 grouped planes in buckets (streamed chunk by chunk as the others).
+    if header.version not in (1, BLOCKWISE_VERSION, GROUPED_VERSION, ANS_VERSION, BUCKETS_VERSION):
         raise FormatError(
             "part-by-part decoding reads whole-model streams; decode progressive levels "
             "with decode_prefix"
@@ -333,7 +335,11 @@ def _stream_grouped(
     """A byte-grouped record, one chunk of planes at a time."""
     flat = out.view(-1)
     chunks = stream_grouped(
-        lambda n: source.exact(n, f"the body of {name!r}"), length, out.dtype, out.numel()
+        lambda n: source.exact(n, f"the body of {name!r}"),
+        length,
+        out.dtype,
+        out.numel(),
+        record.buckets,
     )
     for start, values in chunks:
         part = flat[start : start + values.numel()]

@@ -127,7 +127,8 @@ class TensorDecoder:
             return name, torch.zeros(shape, dtype=dtype, device=device)
         if record.quant is None and record.value_kind in GROUPED_KINDS:
             # Its own table bounds every plane by numel (checked in decode_grouped).
-            values = decode_grouped(record.body, dtype, numel).reshape(shape).to(device)
+            values = decode_grouped(record.body, dtype, numel, record.buckets)
+            values = values.reshape(shape).to(device)
             if record.value_kind is ValueKind.GROUPED_XOR:
                 if base is None:
                     raise FormatError(f"record {name!r}: XOR values without a delta flag")

@@ -48,7 +48,7 @@ from fedsqueeze.codec.container import (
 )
 from fedsqueeze.codec.digest import tensor_bytes
 from fedsqueeze.codec.finite import unrepresentable
-from fedsqueeze.codec.grouping import GROUPED_DTYPES, encode_grouped
+from fedsqueeze.codec.grouping import GROUPED_DTYPES, encode_grouped, holds_buckets
 from fedsqueeze.codec.kernels import parallel_copy, value_range
 from fedsqueeze.codec.lowrank import factor_count, factorize, matrix_shape, worth_factoring
 from fedsqueeze.codec.nested_gptq import Calibration, calibrated_codes
@@ -487,7 +487,10 @@ class TensorEncoder:
         if len(body) >= raw:
             return None
         kind = ValueKind.GROUPED_XOR if delta else ValueKind.GROUPED
-        return self._record(name, t, delta=delta, body=body, value_kind=kind)
+        record = self._record(name, t, delta=delta, body=body, value_kind=kind)
+        if holds_buckets(body, t.dtype, t.numel()):  # format version 10
+            record = replace(record, buckets=True)
+        return record
 
     def _cast(self, name: str, t: torch.Tensor) -> TensorRecord:
         b = self._base_of(name, t)

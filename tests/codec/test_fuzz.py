@@ -30,13 +30,16 @@ from fedsqueeze.codec import (
     encode_state,
 )
 from fedsqueeze.codec.container import (
+    BUCKETS_VERSION,
     GLOBAL_ORDER_VERSION,
     PLANE_ANS_VERSION,
     SUPPORT_LEVELS_VERSION,
     crc32,
 )
+from fedsqueeze.codec.spec import PRESETS
 from fedsqueeze.errors import CodecError, LimitExceededError
 from tests.codec.conftest import make_state
+from tests.codec.test_grouping_buckets import weights as bucket_weights
 from tests.codec.test_level_order import SPEC as GLOBAL_SPEC
 from tests.codec.test_level_order import mixed_state
 
@@ -135,6 +138,11 @@ def _samples() -> list[tuple[bytes, bool]]:
             v9 = encode_state(state, ans_spec, base, seed=0).to_bytes()
             assert v9[3] == PLANE_ANS_VERSION
             out.append((v9, base is not None))
+    # a byte-grouped plane in buckets by exponent (format version 10): hostile tables
+    leaning = {"w.weight": bucket_weights(torch.bfloat16, 69_632, seed=11)}
+    v10 = encode_state(leaning, PRESETS["lossless"], seed=0).to_bytes()
+    assert v10[3] == BUCKETS_VERSION
+    out.append((v10, False))
     return out
 
 

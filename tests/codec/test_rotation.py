@@ -137,7 +137,9 @@ def test_error_is_within_half_a_step_in_l2(
     got = decode_state(EncodedModel.from_bytes(encoded.to_bytes()), base)["w.weight"]
     sent = state["w.weight"] - (base["w.weight"] if base else 0)
     y = rotate(sent, rotation_seed("w.weight"))
-    scale = float(y.max() - y.min()) / (2**bits - 1)
+    # The affine range always includes 0 (choose_qparams), so a one-signed tensor's step
+    # spans from 0 (hypothesis found seed 2831, a 2x1 delta of two positive values).
+    scale = float(y.max().clamp(min=0) - y.min().clamp(max=0)) / (2**bits - 1)
     bound = scale / 2 * math.sqrt(sent.numel())
     err = float((got - state["w.weight"]).double().norm())
     assert err <= bound * (1 + 1e-4) + 1e-5
