@@ -26,25 +26,10 @@ than the chunk). The table fixes every plane's decoded size from the element cou
 alone, so a hostile body can never make the decoder write more than ``numel × width``
 bytes (each zstd frame is decoded with that bound).
 
-**Buckets (format version 10).** The byte after the exponent (fp32 and bf16: the sign
-and the 7 highest mantissa bits) is not independent of the exponent: within a binade
-near the largest magnitudes a trained weight's density falls, so the mantissa's leading
-bits lean low, and the lean differs from one exponent to the next. One Huffman table
-for the whole plane cannot see that, and the plane is stored raw (all-MiniLM-L6-v2: not
-1% to gain). Coded in buckets, the plane's bytes are grouped by their value's exponent
-(a stable counting sort): every exponent value with at least ``2^min log2`` values in
-the chunk gets a bucket of its own, in increasing order, and the others share one last
-bucket; each bucket is stored raw or as its own literal-only frame, the same rule as a
-mantissa plane. The decoder has the chunk's exponent plane before this one, so the
-buckets' sizes and membership cost nothing to send. On all-MiniLM-L6-v2 this is 127 kB
-(0.56%) off the bf16 model and 129 kB off the fp32 one, where the plane had no gain at
-all. The encoder considers it for chunks of more than 64K values (whose planes get
-literal-only frames, close to their entropy): it codes the plane in buckets when the
-bytes' empirical entropy given their bucket is at least 0.2% of the plane below the
-plane's own after 64 bytes a bucket (counted on every 4th value), and keeps the buckets when
-they are smaller than the raw plane; otherwise the plane is coded as before. Decoding a
-plane in buckets costs its Huffman decode and a scatter: on MiniLM in bf16 about twice
-the CPU time of the raw plane it replaces (BENCHMARKS.md).
+**Buckets (format version 10).** The plane after the exponent of fp32 and bf16 values
+(the sign and 7 highest mantissa bits) may be coded in buckets by the chunk's exponents
+(:mod:`fedsqueeze.codec.plane_buckets`), on chunks of more than 64K values: 0.56% off
+all-MiniLM-L6-v2, where that plane was stored raw.
 
 The exponent plane is compressed with literal-only zstd parameters (the shortest match
 search: in effect zstd's Huffman literals, one table per 128 KiB block): as small as pure
@@ -73,13 +58,11 @@ from enum import IntEnum
 from typing import TypeVar, cast
 
 import numpy as np
-import numpy.typing as npt
 import torch
 import zstandard
 
-from fedsqueeze.codec import jit
+from fedsqueeze.codec import plane_buckets
 from fedsqueeze.codec.bytesio import ByteReader, write_varint
-from fedsqueeze.codec.chunks import np_scratch
 from fedsqueeze.codec.literal_frames import LITERAL_PARAMS
 from fedsqueeze.codec.planes import Plane, PlaneLayout, Words, join_planes, split_planes
 from fedsqueeze.errors import FormatError
@@ -105,14 +88,6 @@ _MAPPED_FROM = 1 << 20
 #: Private anonymous maps exist here (POSIX; elsewhere NumPy memory throughout).
 _MAPS = hasattr(mmap, "MAP_PRIVATE")
 
-#: Values an exponent needs in a chunk for its own bucket (as log2), as written.
-BUCKET_MIN_LOG2 = 12
-#: A plane is coded in buckets when its conditional entropy saves this share of it...
-_BUCKET_GAIN = 0.002
-#: ... after this many bytes a bucket (a Huffman table and a frame header)...
-_BUCKET_TABLE = 64
-#: ... as estimated from every this-many-th value of the chunk.
-_BUCKET_STRIDE = 4
 
 _MANTISSA_PARAMS = zstandard.ZstdCompressionParameters.from_level(
     1, format=_FORMAT, write_content_size=False, write_checksum=False, write_dict_id=False
@@ -240,9 +215,9 @@ def _code_planes(
         data = plane.data
         small = len(data) <= _LEVEL1_UP_TO
         if buckets and k == 1 and layout.swapped and 0 in planes and n > _LEVEL1_UP_TO:
-            plan = _bucket_plan(planes[0], plane)
+            plan = plane_buckets.plan(planes[0], plane)
             if plan is not None:
-                grouped = _bucketed(planes[0], plane, literal, *plan)
+                grouped = plane_buckets.encode(planes[0], plane, literal.compress, _MIN_GAIN, *plan)
                 if len(grouped) < n:  # (the plan asked for its 0.2% already)
                     out.append((PlaneCoding.BUCKETS, grouped))
                     continue
@@ -251,124 +226,6 @@ def _code_planes(
             out.append((PlaneCoding.ZSTD, packed))
         else:
             out.append((PlaneCoding.RAW, data))
-    return out
-
-
-def _buckets(exponents: Plane, min_log2: int) -> tuple[npt.NDArray[np.uint16], list[int]]:
-    """Each exponent value's bucket and every bucket's size: the exponent values with at
-    least ``2^min_log2`` values, in increasing order, then one bucket for the rest (if
-    any)."""
-    if jit.use(exponents.size):
-        counts = np.empty(256, dtype=np.int64)
-        jit.byte_counts(exponents, counts)
-    else:
-        counts = np.bincount(exponents, minlength=256)
-    big = counts >= (1 << min_log2)
-    ranks = np.full(256, int(big.sum()), dtype=np.uint16)
-    ranks[big] = np.arange(int(big.sum()), dtype=np.uint16)
-    sizes = [int(c) for c in counts[big]]
-    rest = int(counts[~big].sum())
-    if rest:
-        sizes.append(rest)
-    return ranks, sizes
-
-
-def _starts(sizes: list[int]) -> npt.NDArray[np.int64]:
-    return np.concatenate([[0], np.cumsum(sizes[:-1])]).astype(np.int64)
-
-
-def _bucket_plan(exponents: Plane, plane: Plane) -> tuple[npt.NDArray[np.uint16], list[int]] | None:
-    """The buckets of plane 1 when coding it in buckets should pay (else ``None``): the
-    empirical entropy of the plane's bytes given their bucket is below that of the whole
-    plane by at least :data:`_BUCKET_GAIN` of the plane, after :data:`_BUCKET_TABLE`
-    bytes a bucket. A literal-only frame codes close to that entropy (one Huffman table a
-    block), so this decides without coding the plane twice."""
-    ranks, sizes = _buckets(exponents, BUCKET_MIN_LOG2)
-    if len(sizes) < 2:
-        return None
-    # Every 4th value: the entropies of a quarter of a chunk (>= 16K values) are within
-    # a few hundredths of a percent of the whole's, at a quarter of the pass.
-    e_sample = np.ascontiguousarray(exponents[::_BUCKET_STRIDE])
-    p_sample = np.ascontiguousarray(plane[::_BUCKET_STRIDE])
-    hist = np.zeros((len(sizes), 256), dtype=np.int64)
-    if jit.use(plane.size):
-        jit.bucket_histogram(e_sample, ranks, p_sample, hist)
-    else:
-        np.add.at(hist, (ranks[e_sample], p_sample), 1)
-    bits = _entropy_bits(hist.sum(axis=0)) - sum(_entropy_bits(h) for h in hist)
-    saved = bits / 8 * plane.size / p_sample.size
-    if saved - _BUCKET_TABLE * len(sizes) < _BUCKET_GAIN * plane.size:
-        return None
-    return ranks, sizes
-
-
-def _entropy_bits(counts: npt.NDArray[np.int64]) -> float:
-    """Bits of an ideal code of bytes with these counts (their empirical entropy)."""
-    c = counts[counts > 0].astype(np.float64)
-    return float(-(c * np.log2(c / c.sum())).sum())
-
-
-def _bucketed(
-    exponents: Plane,
-    plane: Plane,
-    literal: zstandard.ZstdCompressor,
-    ranks: npt.NDArray[np.uint16],
-    sizes: list[int],
-) -> bytes:
-    """Plane 1 coded in buckets by the exponents (the plan of :func:`_bucket_plan`)."""
-    grouped = np_scratch("bucketed", plane.size, np.uint8, 1 << DEFAULT_CHUNK_LOG2)
-    if jit.use(plane.size):
-        jit.bucket_gather(exponents, ranks, plane, _starts(sizes), grouped)
-    else:
-        grouped[:] = plane[np.argsort(ranks[exponents], kind="stable")]
-    head = bytearray([BUCKET_MIN_LOG2])
-    parts: list[bytes | memoryview] = []
-    at = 0
-    for size in sizes:
-        data = grouped[at : at + size].data
-        at += size
-        packed = literal.compress(data)
-        coding, kept = (
-            (PlaneCoding.ZSTD, packed)
-            if len(packed) < _MIN_GAIN * size
-            else (PlaneCoding.RAW, data)
-        )
-        head.append(int(coding))
-        write_varint(head, len(kept))
-        parts.append(kept)
-    return bytes(head) + b"".join(parts)
-
-
-def _bucket_plane(data: memoryview, count: int, exponents: Plane) -> Plane:
-    """Plane 1 of a chunk of ``count`` values from its buckets, given the chunk's exponent
-    plane; the same bounds as a plane's (every bucket decodes to exactly its size)."""
-    reader = ByteReader(data)
-    min_log2 = reader.u8("bucket size")
-    if min_log2 > MAX_CHUNK_LOG2:
-        raise FormatError(f"buckets of 2^{min_log2} values")
-    ranks, sizes = _buckets(exponents, min_log2)
-    entries = []
-    for size in sizes:
-        coding, length = _table_entry(
-            reader.u8("bucket coding"), reader.varint("bucket length", len(data))
-        )
-        if coding is PlaneCoding.BUCKETS or (coding is PlaneCoding.RAW and length != size):
-            raise FormatError(
-                f"a bucket of {size} values stored as {coding.name} in {length} bytes"
-            )
-        entries.append((coding, length, size))
-    grouped = np.empty(count, dtype=np.uint8)
-    at = 0
-    for coding, length, size in entries:
-        grouped[at : at + size] = _plane(coding, reader.take(length, "bucket data"), size)
-        at += size
-    if reader.remaining:
-        raise FormatError(f"{reader.remaining} bytes after the last bucket")
-    out = np.empty(count, dtype=np.uint8)
-    if jit.use(count):
-        jit.bucket_scatter(exponents, ranks, grouped, _starts(sizes), out)
-    else:
-        out[np.argsort(ranks[exponents], kind="stable")] = grouped
     return out
 
 
@@ -540,10 +397,14 @@ def _chunk_planes(entries: Sequence[tuple[PlaneCoding, memoryview, int]]) -> lis
     planes: list[Plane] = []
     for coding, data, count in entries:
         if coding is PlaneCoding.BUCKETS:
-            planes.append(_bucket_plane(data, count, planes[0]))
+            planes.append(plane_buckets.decode(data, count, planes[0], _bucket_part))
         else:
             planes.append(_plane(coding, data, count))
     return planes
+
+
+def _bucket_part(coding: int, data: memoryview, size: int) -> Plane:
+    return _plane(PlaneCoding(coding), data, size)
 
 
 def _check_buckets(
