@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
 
 from fedsqueeze.codec.container import TensorRecord, ValueKind
+from fedsqueeze.codec.grouping import holds_buckets
 from fedsqueeze.codec.model import EncodedModel
 from fedsqueeze.codec.positions import PositionCoding
 from fedsqueeze.codec.spec import Granularity
@@ -49,11 +51,20 @@ def stages_of(record: TensorRecord) -> str:
             parts.append(f"hadamard-rotated (seed {q.rotation_seed})")
     elif record.value_kind not in (ValueKind.RAW, ValueKind.XOR):
         parts.append(record.value_kind.name.lower())
+        if _in_buckets(record):
+            parts.append("planes in buckets by exponent (v10)")
     if record.raw_length is not None:
         parts.append("zstd")
     elif record.ans:
         parts.append("ans")
     return ", ".join(parts) or "raw"
+
+
+def _in_buckets(record: TensorRecord) -> bool:
+    """Whether a grouped record's body codes a plane in buckets (format version 10)."""
+    if not record.buckets or record.dtype is None or record.shape is None:
+        return False
+    return holds_buckets(record.body, record.dtype, math.prod(record.shape))
 
 
 def describe(

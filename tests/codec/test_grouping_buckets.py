@@ -204,3 +204,12 @@ def test_golden_v10_bytes_unchanged(name: str) -> None:
 if __name__ == "__main__":
     regenerate(GOLDEN, CASES, _encode)
     sys.exit(0)
+
+
+def test_inspect_names_planes_in_buckets() -> None:
+    from fedsqueeze.codec.inspect import stages_of
+
+    encoded = EncodedModel.from_bytes(_encode("lossless-bf16-buckets"))
+    assert "buckets by exponent" in stages_of(encoded.records[0])
+    plain = encode_state({"a.weight": weights(torch.float16)}, parse_spec("lossless"))
+    assert "buckets" not in stages_of(plain.records[0])
