@@ -133,7 +133,9 @@ def encode(
 def decode(data: memoryview, count: int, exponents: Plane, decode_part: PartDecoder) -> Plane:
     """The plane of a chunk of ``count`` values from its buckets, given the chunk's
     exponent plane; every bucket decodes to exactly its size (``decode_part`` checks a
-    frame), and nothing may follow the last.
+    frame), and nothing may follow the last. The plane is a per-thread scratch buffer
+    (fresh pages for two planes a chunk cost more than the scatter): valid until this
+    thread's next call, which is after the caller has joined it into its words.
 
     Raises
     ------
@@ -153,14 +155,14 @@ def decode(data: memoryview, count: int, exponents: Plane, decode_part: PartDeco
         if coding not in (_RAW, _ZSTD) or (coding == _RAW and length != size):
             raise FormatError(f"a bucket of {size} values coded {coding} in {length} bytes")
         entries.append((coding, length, size))
-    grouped = np.empty(count, dtype=np.uint8)
+    grouped = np_scratch("buckets_in", count, np.uint8, 1 << 20)
     at = 0
     for coding, length, size in entries:
         grouped[at : at + size] = decode_part(coding, reader.take(length, "bucket data"), size)
         at += size
     if reader.remaining:
         raise FormatError(f"{reader.remaining} bytes after the last bucket")
-    out = np.empty(count, dtype=np.uint8)
+    out = np_scratch("buckets_out", count, np.uint8, 1 << 20)
     if jit.use(count):
         jit.bucket_scatter(exponents, ranks, grouped, _starts(sizes), out)
     else:
