@@ -22,6 +22,7 @@ from fedsqueeze.codec.planes import PlaneLayout, join_planes, split_planes
 from fedsqueeze.codec.quantization import Runs, choose_qparams
 from fedsqueeze.codec.spec import Granularity, QuantScheme, ScaleFormat
 from fedsqueeze.codec.spec_text import parse_spec
+from tests.codec.test_dense_encode import SCHEMES  # every scheme and width the pipelines take
 
 pytestmark = pytest.mark.skipif(not jit.ready(), reason="numba is not importable here")
 
@@ -32,15 +33,6 @@ def _kernels_at_every_size(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(jit, "MIN_VALUES", 1)
 
 
-SCHEMES = [
-    (QuantScheme.AFFINE, 2),
-    (QuantScheme.AFFINE, 4),
-    (QuantScheme.AFFINE, 8),
-    (QuantScheme.SYMMETRIC, 4),
-    (QuantScheme.SYMMETRIC, 8),
-    (QuantScheme.POW2, 8),
-    (QuantScheme.NF4, 4),
-]
 #: (values, run length or None for per tensor): runs that end inside a byte, a short
 #: last run, one run, runs longer than a chunk.
 LAYOUTS = [(5_001, None), (4_099, 64), (3 * 611 * 2 + 5, 611), (777, 777), (6_000, 1_500)]
