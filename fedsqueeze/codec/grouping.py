@@ -81,6 +81,10 @@ _MIN_GAIN = 0.99  # a mantissa plane stays raw unless zstd saves at least 1%
 #: 68 MB) and on XOR deltas' sparse planes 5% smaller and 2× faster; small planes keep
 #: the bytes they always had (the golden vectors).
 _LEVEL1_UP_TO = 1 << 16
+#: Whether :func:`encode_grouped` may code planes in buckets by default (format version
+#: 10). ``FEDSQUEEZE_BUCKETS=0`` keeps every body readable by builds before version 10
+#: (a fleet whose edges are not all upgraded) and skips the buckets' decode cost.
+BUCKETS = os.environ.get("FEDSQUEEZE_BUCKETS", "1") != "0"
 _FORMAT = zstandard.FORMAT_ZSTD1_MAGICLESS
 #: Bodies of at least this many bytes (at most: every plane raw) are built in a map of
 #: their own (:func:`_mapped`), smaller ones in NumPy memory.
@@ -234,7 +238,7 @@ def encode_grouped(
     dtype: torch.dtype,
     chunk_log2: int = DEFAULT_CHUNK_LOG2,
     base: torch.Tensor | None = None,
-    buckets: bool = True,
+    buckets: bool | None = None,
 ) -> memoryview:
     """The grouped body of a tensor's bits (or of its bits XOR ``base``'s): a read-only
     view of bytes in huge-page memory (NumPy's, or a private map for a body of 1 MiB or
@@ -265,7 +269,8 @@ def encode_grouped(
         the whole XOR is never held.
     buckets
         Whether planes may be coded in buckets (format version 10: see
-        :func:`holds_buckets`); off, the body is one a version-4 decoder reads.
+        :func:`holds_buckets`; default :data:`BUCKETS`); off, the body is one a
+        version-4 decoder reads.
     """
     if not MIN_CHUNK_LOG2 <= chunk_log2 <= MAX_CHUNK_LOG2:
         raise ValueError(f"chunk_log2 must be in {MIN_CHUNK_LOG2}..{MAX_CHUNK_LOG2}")
@@ -273,6 +278,8 @@ def encode_grouped(
         raise ValueError(f"cannot group {bits.dtype} values as {dtype}")
     if base is not None and (base.element_size() != dtype.itemsize or base.numel() != bits.numel()):
         raise ValueError(f"cannot XOR {bits.numel()} values with {base.numel()} {base.dtype}")
+    if buckets is None:
+        buckets = BUCKETS
     layout = _layout(dtype)
     words = _host_words(bits)
     base_words = None if base is None else _host_words(base)

@@ -213,3 +213,16 @@ def test_inspect_names_planes_in_buckets() -> None:
     assert "buckets by exponent" in stages_of(encoded.records[0])
     plain = encode_state({"a.weight": weights(torch.float16)}, parse_spec("lossless"))
     assert "buckets" not in stages_of(plain.records[0])
+
+
+def test_the_switch_keeps_bodies_version_4(monkeypatch: pytest.MonkeyPatch) -> None:
+    """FEDSQUEEZE_BUCKETS=0 (grouping.BUCKETS): no buckets, a model older builds read."""
+    from fedsqueeze.codec import grouping
+
+    state = {"a.weight": weights(torch.bfloat16).reshape(256, -1)}
+    assert encode_state(state, parse_spec("lossless")).header.version == BUCKETS_VERSION
+    monkeypatch.setattr(grouping, "BUCKETS", False)
+    model = encode_state(state, parse_spec("lossless"))
+    assert model.header.version == GROUPED_VERSION
+    decoded = decode_state(EncodedModel.from_bytes(model.to_bytes()))
+    assert same_bits(decoded["a.weight"], state["a.weight"])
