@@ -176,7 +176,7 @@ def test_thousands_of_mutations_raise_only_codec_errors() -> None:
     rng = random.Random(1234)
     count = 0
     for data, with_base in SAMPLES:
-        for _ in range(400):
+        for _ in range(250):  # 8,500 mutations in all: the suite keeps to CI's time
             buf = bytearray(data)
             for _ in range(rng.randint(1, 4)):
                 op = rng.random()
