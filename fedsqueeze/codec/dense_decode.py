@@ -118,10 +118,15 @@ def decode_dense(
     bounds = _bounds(count, per_byte, runs)
     futures: list[Future[None]] = []
     pending = 0  # bounds[pending:] still wait for their bytes
-    if TORCH_KERNELS:
-        kernel = _dequantize
-    else:
-        kernel = _dequantize_jit if jit.use(count) else _dequantize_numpy
+    kernel = _dequantize if TORCH_KERNELS else _dequantize_numpy
+    if not TORCH_KERNELS and jit.use(count):  # parameters and views made once per tensor
+        kernel = partial(
+            _dequantize_jit,
+            length=count if runs is None else runs.length,
+            scales=jit.per_run(scale),
+            zps=None if zp is None else jit.per_run(zp),
+            o=out.numpy(),
+        )
 
     def chunk(start: int, stop: int) -> None:
         kernel(raw, start, stop, per_byte, table, scale, zp, runs, out)
@@ -305,26 +310,20 @@ def _dequantize_jit(
     zp: Tensor | float | None,
     runs: Runs | None,
     out: Tensor,
+    *,
+    length: int,
+    scales: npt.NDArray[np.float32],
+    zps: npt.NDArray[np.float32] | None,
+    o: npt.NDArray[np.float32],
 ) -> None:
     """:func:`_dequantize_numpy` by the compiled kernels (:mod:`fedsqueeze.codec.jit`):
-    the same values in one pass."""
-    o: npt.NDArray[np.float32] = out.numpy()
+    the same values in one pass. The keywords are the tensor's parameters as the kernels
+    take them (:func:`~fedsqueeze.codec.jit.per_run`) and ``out``'s array, made once."""
     src: npt.NDArray[np.uint8] = raw.numpy()
-    length = max(1, o.size) if runs is None else runs.length
-    scales = _params(scale)
-    if zp is None:  # NF4: the table's entries of the 16 codes
+    if zps is None:  # NF4: the table's entries of the 16 codes
         jit.nf4_decode(src, start, stop, _NF4_ENTRIES, scales, length, o)
     else:
-        jit.linear_decode(
-            src, start, stop, 8 // per_byte, scales, _params(zp), length, o
-        )  # fmt: skip
-
-
-def _params(value: Tensor | float) -> npt.NDArray[np.float32]:
-    """Parameters per run as a float32 array (one per tensor: a one-element array)."""
-    if isinstance(value, Tensor):
-        return cast(npt.NDArray[np.float32], value.detach().cpu().to(torch.float32).numpy())
-    return np.full(1, value, dtype=np.float32)
+        jit.linear_decode(src, start, stop, 8 // per_byte, scales, zps, length, o)
 
 
 def _dequantize_numpy(

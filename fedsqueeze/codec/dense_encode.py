@@ -496,8 +496,10 @@ def _kernel(
             "qmin": np.float32(0.0 if qp.scheme is QuantScheme.AFFINE else 1.0),
             "qmax": np.float32((1 << bits) - 1),
         }
-    if jit.use(x.size):
-        return partial(_jit_chunk, x, packed, bits, runs, nf4, params)
+    if jit.use(x.size):  # the parameters as the kernels take them, once per tensor
+        names = ("scale",) if nf4 else ("inv", "zp")
+        arrays = params | {name: jit.per_run(params[name]) for name in names}
+        return partial(_jit_chunk, x, packed, bits, runs, nf4, arrays)
     codes_fn = _nf4_codes if nf4 else _linear_codes
     return partial(_chunk, x, packed, bits, runs, codes_fn, params)
 
@@ -518,21 +520,14 @@ def _jit_chunk(
     scratch = _scratch_u8("codes", stop - start) if bits < 8 or nf4 else packed[:0]
     if nf4:
         jit.nf4_encode(
-            x, start, stop, _as_array(params["scale"]), length,
+            x, start, stop, params["scale"], length,
             params["below"], params["inside"], packed, scratch,
         )  # fmt: skip
     else:
         jit.linear_encode(
-            x, start, stop, _as_array(params["inv"]), _as_array(params["zp"]), length,
+            x, start, stop, params["inv"], params["zp"], length,
             params["qmin"], params["qmax"], bits, packed, scratch,
         )  # fmt: skip
-
-
-def _as_array(value: F32 | np.float32) -> F32:
-    """A parameter per run as it is, one per tensor as a one-element array."""
-    if isinstance(value, np.ndarray):
-        return value
-    return np.full(1, value, dtype=np.float32)
 
 
 def _chunk(

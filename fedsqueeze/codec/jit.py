@@ -50,6 +50,7 @@ __all__ = [
     "linear_encode",
     "nf4_decode",
     "nf4_encode",
+    "per_run",
     "ready",
     "rice_chunk",
     "run_range",
@@ -76,6 +77,15 @@ U16 = npt.NDArray[np.uint16]
 
 _lock = threading.Lock()
 _compiled: bool | None = None  # None: not tried yet
+
+
+def per_run(value: object) -> F32:
+    """A quantization parameter as the kernels take it: float32 ``[runs]`` (a tensor or
+    array per run, as it is when already float32 on the CPU), or a one-element array for
+    a per-tensor scalar."""
+    if hasattr(value, "detach"):  # a torch tensor
+        value = value.detach().cpu().numpy()
+    return np.ascontiguousarray(value, dtype=np.float32).reshape(-1)
 
 
 def use(values: int) -> bool:
