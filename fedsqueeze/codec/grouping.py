@@ -53,7 +53,6 @@ import mmap
 import os
 import threading
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from enum import IntEnum
 from typing import TypeVar, cast
 
@@ -65,6 +64,7 @@ from fedsqueeze.codec import plane_buckets
 from fedsqueeze.codec.bytesio import ByteReader, write_varint
 from fedsqueeze.codec.literal_frames import LITERAL_PARAMS
 from fedsqueeze.codec.planes import Plane, PlaneLayout, Words, join_planes, split_planes
+from fedsqueeze.codec.workers import parallel_map, workers
 from fedsqueeze.errors import FormatError
 
 #: Values per chunk written by default (2^20: a few MB per chunk, enough to spread a
@@ -98,8 +98,6 @@ _MANTISSA_PARAMS = zstandard.ZstdCompressionParameters.from_level(
 )
 
 _local = threading.local()
-_pool_lock = threading.Lock()
-_pool: ThreadPoolExecutor | None = None
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -113,55 +111,6 @@ class PlaneCoding(IntEnum):
     #: In buckets by the chunk's exponent (format version 10; plane 1 of fp32 and bf16
     #: only): see the module's text.
     BUCKETS = 2
-
-
-def _workers() -> tuple[ThreadPoolExecutor, int]:
-    """One pool for the process (zstd and NumPy release the GIL) and its size."""
-    global _pool
-    count = max(1, os.cpu_count() or 1)
-    with _pool_lock:
-        if _pool is None:
-            _pool = ThreadPoolExecutor(max_workers=count, thread_name_prefix="fsq-group")
-        return _pool, count
-
-
-def _parallel(fn: Callable[[T], R], items: Sequence[T]) -> list[R]:
-    """``[fn(item) for item in items]`` on all cores, the calling thread included.
-
-    Workers take the next item from a shared queue, so uneven items balance out, and
-    the caller drains the queue too: no call can wait on a pool that other calls have
-    filled (encoding from many threads at once is safe).
-    """
-    pool, count = _workers()
-    helpers = min(count, len(items)) - 1
-    if helpers <= 0:
-        return [fn(item) for item in items]
-    results: list[R | None] = [None] * len(items)
-    order = iter(range(len(items)))
-    lock = threading.Lock()
-    failed = threading.Event()
-
-    def drain() -> None:
-        while not failed.is_set():
-            with lock:
-                i = next(order, None)
-            if i is None:
-                return
-            try:
-                results[i] = fn(items[i])
-            except BaseException:
-                failed.set()
-                raise
-
-    futures = [pool.submit(drain) for _ in range(helpers)]
-    try:
-        drain()
-    finally:
-        errors = [f.exception() for f in futures]  # waits: no worker outlives the call
-    for error in errors:
-        if error is not None:
-            raise error
-    return cast("list[R]", results)
 
 
 def _coders() -> tuple[zstandard.ZstdCompressor, zstandard.ZstdCompressor]:
@@ -294,7 +243,7 @@ def encode_grouped(
     out = np.empty(bound, dtype=np.uint8) if mapped is None else np.frombuffer(mapped, np.uint8)
     table = bytearray([chunk_log2])
     at = room
-    window = _workers()[1] if len(starts) > 1 else 1
+    window = workers()[1] if len(starts) > 1 else 1
     # A window's planes are split into one map, a chunk's room each, reused window
     # after window: only the compressed frames are allocated per chunk.
     staging = None
@@ -454,7 +403,7 @@ def _run(fn: Callable[[T], R], chunks: Sequence[T]) -> list[R]:
     """``fn`` over a tensor's chunks: on all cores when there are several, else on the
     calling thread (handing one chunk to a pool thread and waiting costs more than it
     can save, often milliseconds on a loaded machine)."""
-    return _parallel(fn, chunks) if len(chunks) > 1 else [fn(c) for c in chunks]
+    return parallel_map(fn, chunks) if len(chunks) > 1 else [fn(c) for c in chunks]
 
 
 def _table_entry(code: int, length: int) -> tuple[PlaneCoding, int]:

@@ -544,10 +544,26 @@ def rice_chunk(idx: I64, start: int, stop: int, k: int, rem: U8, phase: int, una
 
 
 def byte_counts(data: U8, counts: I64) -> None:
-    """``counts[v]``: how many bytes of ``data`` are ``v`` (``counts`` zeroed first)."""
-    counts[:] = 0
-    for i in range(data.size):
-        counts[data[i]] += 1
+    """``counts[v]``: how many bytes of ``data`` are ``v`` (``counts`` zeroed first).
+
+    Four tables, one per byte of every four: an exponent plane repeats a few values, and
+    with one table each increment waits for the previous one to the same count (measured
+    on all-MiniLM-L6-v2's exponent planes: 1.9x slower)."""
+    c0 = np.zeros(256, dtype=np.uint32)
+    c1 = np.zeros(256, dtype=np.uint32)
+    c2 = np.zeros(256, dtype=np.uint32)
+    c3 = np.zeros(256, dtype=np.uint32)
+    n = data.size
+    body = n - n % 4
+    for i in range(0, body, 4):
+        c0[data[i]] += 1
+        c1[data[i + 1]] += 1
+        c2[data[i + 2]] += 1
+        c3[data[i + 3]] += 1
+    for i in range(body, n):
+        c0[data[i]] += 1
+    for v in range(256):
+        counts[v] = np.int64(c0[v]) + np.int64(c1[v]) + np.int64(c2[v]) + np.int64(c3[v])
 
 
 def bucket_histogram(exponents: U8, ranks: U16, plane: U8, hist: I64) -> None:

@@ -47,6 +47,7 @@ from fedsqueeze.codec.pruning import global_magnitude_masks
 from fedsqueeze.codec.spec import DEFAULT_TARGETS, CodecSpec, EntropyCoder, PruneMethod
 from fedsqueeze.codec.tensor_decode import ProgressiveTensor, TensorDecoder
 from fedsqueeze.codec.tensor_encode import ScoredLevel, TensorEncoder
+from fedsqueeze.codec.workers import ALONE_ABOVE, map_alone_or_parallel
 from fedsqueeze.errors import (
     BaseMismatchError,
     CodecWarning,
@@ -367,15 +368,23 @@ def encode_state(
                 spec.prune, sparsity=sparsity)), encoder, carried)  # fmt: skip
             for name, mask in cut.items():
                 grow_masks.setdefault(name, []).append(mask)
+
+    def encode_one(name: str) -> tuple[TensorRecord, torch.Tensor | None]:
+        tensor = state[name].detach()
+        if name in carried:
+            return encoder.carry(name, tensor)
+        return encoder.encode(name, tensor, masks.get(name), grow_masks.get(name))
+
+    names = list(state)
+    if encoder.in_parallel:
+        # Small tensors on every core at once, large ones alone (their chunks use every
+        # core): the same records, in the same order (fedsqueeze.codec.workers).
+        coded = map_alone_or_parallel(encode_one, names, lambda n: _alone(state[n]))
+    else:
+        coded = [encode_one(name) for name in names]
     records = []
     new_residual: dict[str, torch.Tensor] = {}
-    for name, tensor in state.items():
-        if name in carried:
-            record, res = encoder.carry(name, tensor.detach())
-        else:
-            record, res = encoder.encode(
-                name, tensor.detach(), masks.get(name), grow_masks.get(name)
-            )
+    for name, (record, res) in zip(names, coded, strict=True):
         records.append(record)
         if res is not None:
             new_residual[name] = res
@@ -387,6 +396,12 @@ def encode_state(
         records=tuple(records),
         residual=new_residual if spec.feedback else None,
     )
+
+
+def _alone(t: torch.Tensor) -> bool:
+    """Whether a tensor is coded on its own rather than beside others: off the CPU, or
+    large enough for its own chunks to use every core."""
+    return t.device.type != "cpu" or t.numel() > ALONE_ABOVE
 
 
 def _without_held_frozen(state: State, spec: CodecSpec, base: State | None) -> State:
@@ -466,11 +481,69 @@ def decode_state(
     else:
         base = None
     decoder = TensorDecoder(base, torch.device(device) if device is not None else None)
+    if not encoded.progressive:
+        out = _decode_records(encoded.records, decoder, limits, device, base)
+    else:
+        out = _decode_progressive(encoded.records, decoder, limits)
+    if base is not None and encoded.spec.freeze:
+        # A delta carries no frozen tensor the base holds: the receiver keeps its own.
+        for name, tensor in base.items():
+            if name not in out and encoded.spec.is_frozen(name):
+                out[name] = tensor.detach().to(_device_for(device, tensor)).clone()
+    return out
+
+
+def _decode_records(
+    records: Sequence[TensorRecord],
+    decoder: TensorDecoder,
+    limits: DecodeLimits,
+    device: torch.device | str | None,
+    base: State | None,
+) -> dict[str, torch.Tensor]:
+    """The tensors of a model without levels: every record is checked (names, sizes
+    against ``limits``) before any is decoded, then decoded on every core
+    (:mod:`fedsqueeze.codec.workers`; the CPU only: elsewhere one after the other)."""
+    total = 0
+    names: list[str] = []
+    seen: set[str] = set()
+    sizes: list[int] = []
+    for record in records:
+        name, _dtype, shape = decoder.resolve(record)
+        total = limits.count(name, shape, total)
+        if name in seen:
+            raise FormatError(f"tensor {name!r} appears twice")
+        seen.add(name)
+        names.append(name)
+        sizes.append(math.prod(shape))
+    on_cpu = (device is None or torch.device(device).type == "cpu") and (
+        base is None or all(t.device.type == "cpu" for t in base.values())
+    )
+    if not on_cpu:
+        return {name: _plain(decoder.decode(r)[1]) for name, r in zip(names, records, strict=True)}
+    decoded = map_alone_or_parallel(
+        lambda i: _plain(decoder.decode(records[i])[1]),
+        range(len(records)),
+        lambda i: sizes[i] > ALONE_ABOVE,
+    )
+    return dict(zip(names, decoded, strict=True))
+
+
+def _plain(decoded: torch.Tensor | ProgressiveTensor) -> torch.Tensor:
+    if isinstance(decoded, ProgressiveTensor):  # only a record with levels decodes to one
+        raise FormatError("a record in levels in a model without levels")
+    return decoded
+
+
+def _decode_progressive(
+    records: Sequence[TensorRecord], decoder: TensorDecoder, limits: DecodeLimits
+) -> dict[str, torch.Tensor]:
+    """The tensors of a model in levels, record by record (refinements complete their
+    base-level record's tensor)."""
     total = 0
     out: dict[str, torch.Tensor] = {}
     base_level: list[str] = []  # names of the base-level records, in order
     pending: dict[int, ProgressiveTensor] = {}
-    for record in encoded.records:
+    for record in records:
         if record.level > 0:
             index = record.index if record.index is not None else -1
             if index not in pending:
@@ -493,11 +566,6 @@ def decode_state(
         base_level.append(name)
     for index, state in pending.items():
         out[base_level[index]] = state.tensor()
-    if base is not None and encoded.spec.freeze:
-        # A delta carries no frozen tensor the base holds: the receiver keeps its own.
-        for name, tensor in base.items():
-            if name not in out and encoded.spec.is_frozen(name):
-                out[name] = tensor.detach().to(_device_for(device, tensor)).clone()
     return out
 
 

@@ -87,6 +87,7 @@ from fedsqueeze.codec.spec import (
     PruneMethod,
     QuantSpec,
     Rotation,
+    Rounding,
     ScaleFormat,
 )
 from fedsqueeze.codec.support_levels import Node, chain, free_ranks, group_ids
@@ -192,6 +193,22 @@ class TensorEncoder:
         if self._rotated:
             x = rotate(x, rotation_seed(name))
         return x
+
+    @property
+    def in_parallel(self) -> bool:
+        """Whether this model's tensors may be encoded on several threads at once (the
+        same records as one after the other): no stochastic rounding (its draws, from a
+        seeded generator or the global one, follow the tensor order), no progressive
+        levels (GPTQ calibration included), and not the Python-level ANS coder (it holds
+        the GIL: threads would only wait for each other)."""
+        spec = self._spec
+        q = spec.quant
+        return (
+            (q is None or q.rounding is not Rounding.STOCHASTIC)
+            and spec.levels is None
+            and self._calibration is None
+            and spec.entropy_coder is not EntropyCoder.ANS
+        )
 
     def _generator(self, device: torch.device) -> torch.Generator | None:
         if self._seed is None:
