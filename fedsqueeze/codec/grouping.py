@@ -99,6 +99,9 @@ _MANTISSA_PARAMS = zstandard.ZstdCompressionParameters.from_level(
 
 _local = threading.local()
 
+#: A plane's coding: its bytes, or pieces whose bytes follow one another (buckets).
+Coded = bytes | memoryview | list[bytes | memoryview]
+
 T = TypeVar("T")
 R = TypeVar("R")
 
@@ -151,7 +154,7 @@ def _code_planes(
     base: Words | None = None,
     into: Plane | None = None,
     buckets: bool = False,
-) -> list[tuple[PlaneCoding, bytes | memoryview]]:
+) -> list[tuple[PlaneCoding, Coded]]:
     """Planes ``ks`` of ``words`` (of ``words ^ base`` with a base), each compressed
     when that pays (else stored raw: a view of the plane, split into ``into`` when given,
     ``len(ks) × len(words)`` bytes, else into fresh arrays); with ``buckets``, plane 1 of
@@ -163,16 +166,16 @@ def _code_planes(
     }
     split_planes(words, planes, layout, base)
     literal, level1 = _coders()
-    out: list[tuple[PlaneCoding, bytes | memoryview]] = []
+    out: list[tuple[PlaneCoding, Coded]] = []
     for k, plane in planes.items():
         data = plane.data
         small = len(data) <= _LEVEL1_UP_TO
         if buckets and k == 1 and layout.swapped and 0 in planes and n > _LEVEL1_UP_TO:
             plan = plane_buckets.plan(planes[0], plane)
             if plan is not None:
-                grouped = plane_buckets.encode(planes[0], plane, literal.compress, _MIN_GAIN, *plan)
-                if len(grouped) < n:  # (the plan asked for its 0.2% already)
-                    out.append((PlaneCoding.BUCKETS, grouped))
+                pieces = plane_buckets.encode(planes[0], plane, literal.compress, _MIN_GAIN, *plan)
+                if sum(len(p) for p in pieces) < n:  # (the plan asked for its 0.2% already)
+                    out.append((PlaneCoding.BUCKETS, pieces))
                     continue
         packed = (level1 if k and small else literal).compress(data)
         if len(packed) < (len(data) if k == 0 else _MIN_GAIN * len(data)):
@@ -251,7 +254,7 @@ def encode_grouped(
         staged = min(window, len(starts)) * size * layout.width
         staging = np.frombuffer(_mapped(staged), np.uint8) if _MAPS else np.empty(staged, np.uint8)
 
-    def code(i: int) -> list[tuple[PlaneCoding, bytes | memoryview]]:
+    def code(i: int) -> list[tuple[PlaneCoding, Coded]]:
         start, end = starts[i], starts[i] + size
         part = None if base_words is None else base_words[start:end]
         span = size * layout.width
@@ -262,10 +265,12 @@ def encode_grouped(
         coded = _run(code, range(first, min(first + window, len(starts))))
         for chunk in coded:
             for coding, data in chunk:
+                pieces = data if isinstance(data, list) else [data]
                 table.append(int(coding))
-                write_varint(table, len(data))
-                out[at : at + len(data)] = np.frombuffer(data, dtype=np.uint8)
-                at += len(data)
+                write_varint(table, sum(len(p) for p in pieces))
+                for piece in pieces:
+                    out[at : at + len(piece)] = np.frombuffer(piece, dtype=np.uint8)
+                    at += len(piece)
         del coded  # the window's planes go before the next window's are made
     head = room - len(table)
     out[head:room] = np.frombuffer(table, dtype=np.uint8)

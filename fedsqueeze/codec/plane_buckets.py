@@ -108,9 +108,10 @@ def encode(
     min_gain: float,
     ranks: Ranks,
     sizes: list[int],
-) -> bytes:
+) -> list[bytes | memoryview]:
     """``plane`` coded in the buckets of :func:`plan`: each bucket ``compress``-ed when
-    that is below ``min_gain`` of its size, else raw."""
+    that is below ``min_gain`` of its size, else raw. The coding is the pieces' bytes one
+    after the other (left in pieces: the caller copies them once, into its body)."""
     grouped = np_scratch("bucketed", plane.size, np.uint8, 1 << 20)
     if jit.use(plane.size):
         jit.bucket_gather(exponents, ranks, plane, _starts(sizes), grouped)
@@ -123,11 +124,13 @@ def encode(
         data = grouped[at : at + size].data
         at += size
         packed = compress(data)
-        coding, kept = (_ZSTD, packed) if len(packed) < min_gain * size else (_RAW, data)
+        # A raw bucket is copied: ``grouped`` is this thread's scratch, reused by its next
+        # chunk before the caller copies the pieces.
+        coding, kept = (_ZSTD, packed) if len(packed) < min_gain * size else (_RAW, bytes(data))
         head.append(coding)
         write_varint(head, len(kept))
         parts.append(kept)
-    return bytes(head) + b"".join(parts)
+    return [bytes(head), *parts]
 
 
 def decode(data: memoryview, count: int, exponents: Plane, decode_part: PartDecoder) -> Plane:
