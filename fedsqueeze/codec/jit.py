@@ -448,12 +448,34 @@ def band_pass(x: F32, start: int, stop: int, lo: np.float32, hi: np.float32, ban
     """The first pass of :func:`~fedsqueeze.codec.threshold_select.select_above` over
     ``x[start:stop]``: the magnitudes in ``[lo, hi]`` into ``band`` (in order; ``band``
     holds ``stop − start`` values) and the count of magnitudes ``>= lo``, returned as
-    ``count * 2^32 + len(band used)`` (one integer: numba returns it without a tuple)."""
+    ``count * 2^32 + len(band used)`` (one integer: numba returns it without a tuple).
+
+    Blocks of 32 values are counted first (a loop LLVM vectorizes) and only a block with
+    a magnitude in the band is written out: the band holds about 1% of the values, so
+    three blocks in four are skipped (measured on 25M normal values, a 0.8% band: 18 ms
+    against 60 for the write of every value)."""
     xs = x[start:stop]
+    n = xs.size
+    body = n - n % 32
     count = 0
     used = 0
-    for k in range(xs.size):  # each magnitude written at the next slot, kept if in the band
-        m = abs(xs[k])  # (no branch on the data: measured 3x faster than one)
+    for b0 in range(0, body, 32):
+        block = xs[b0 : b0 + 32]
+        above = 0
+        inside = 0
+        for k in range(32):
+            m = abs(block[k])
+            above += m >= lo
+            inside += (m >= lo) & (m <= hi)
+        count += above
+        if inside:
+            for k in range(32):  # each magnitude at the next slot, kept if in the band
+                m = abs(block[k])  # (no branch on the data)
+                band[used] = m
+                used += (m >= lo) & (m <= hi)
+    tail = xs[body:]
+    for k in range(tail.size):
+        m = abs(tail[k])
         count += m >= lo
         band[used] = m
         used += (m >= lo) & (m <= hi)
@@ -474,10 +496,25 @@ def select_pass(
     """The second pass: the indices and values of ``x[start:stop]`` whose magnitude is
     above ``cut`` (``>= cut`` unless ``strict``) into ``indices[o0:o1]`` and
     ``values[o0:o1]``, in order; returns how many there were (the caller checks it is
-    ``o1 − o0``). Each value is written at the next slot and the slot kept only if the
-    value is (no branch on the data), never past ``o1``."""
+    ``o1 − o0``), never writing past ``o1``.
+
+    Where at most one value in 8 is kept (the chunk's count is known from the first
+    pass), a kept value is written under a branch, which the predictor gets right most
+    of the time; denser chunks write each value at the next slot and keep the slot only
+    if the value is kept (no branch on the data). Measured on 25M normal values: 36
+    against 58 ms at 10% kept, 57 against 57 at 20%, 117 against 48 at 50%."""
     xs = x[start:stop]
     o = o0
+    if (o1 - o0) * 8 <= xs.size:
+        for k in range(xs.size):
+            v = xs[k]
+            m = abs(v)
+            if (m > cut) if strict else (m >= cut):
+                if o < o1:
+                    indices[o] = start + k
+                    values[o] = v
+                o += 1
+        return o - o0
     for k in range(xs.size):
         v = xs[k]
         m = abs(v)
