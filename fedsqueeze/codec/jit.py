@@ -532,50 +532,68 @@ def rice_chunk(idx: I64, start: int, stop: int, k: int, rem: U8, phase: int, una
     it: the ``k`` low bits of each gap into ``rem`` (LSB first, from its byte 0: chunks
     hold a multiple of 8 gaps), and ``g >> k`` one-bits then a zero-bit per gap into
     ``unary`` from bit ``phase`` of its byte 0 (bits before ``phase`` and after the
-    last are zero). Returns how many bytes of ``unary`` were written."""
+    last are zero). Returns how many bytes of ``unary`` were written.
+
+    Bits are flushed four bytes at a time, once 32 are pending (one predictable branch
+    per gap or so, where a byte at a time took a branch per byte)."""
+    ids = idx[start:stop]
     acc = 0  # bits not yet written, lowest first
     nbits = 0
     at = 0
     mask = (1 << k) - 1
     prev = idx[start - 1] if start > 0 else -1
-    for j in range(start, stop):
-        g = idx[j] - prev - 1
-        prev = idx[j]
+    for j in range(ids.size):
+        g = ids[j] - prev - 1
+        prev = ids[j]
         acc |= (g & mask) << nbits
         nbits += k
-        while nbits >= 8:
+        if nbits >= 32:
             rem[at] = acc & 0xFF
-            acc >>= 8
-            nbits -= 8
-            at += 1
-    if nbits:
+            rem[at + 1] = (acc >> 8) & 0xFF
+            rem[at + 2] = (acc >> 16) & 0xFF
+            rem[at + 3] = (acc >> 24) & 0xFF
+            acc >>= 32
+            nbits -= 32
+            at += 4
+    while nbits > 0:
         rem[at] = acc & 0xFF
+        acc >>= 8
+        nbits -= 8
+        at += 1
     acc = 0
     nbits = phase
     at = 0
     prev = idx[start - 1] if start > 0 else -1
-    for j in range(start, stop):
-        g = idx[j] - prev - 1
-        prev = idx[j]
+    for j in range(ids.size):
+        g = ids[j] - prev - 1
+        prev = ids[j]
         q = g >> k
-        while q >= 32:  # long runs of one-bits, 32 at a time
-            acc |= 0xFFFFFFFF << nbits
-            nbits += 32
-            q -= 32
-            while nbits >= 8:
+        while q >= 24:  # long runs of one-bits, 24 at a time (nbits stays below 56)
+            acc |= 0xFFFFFF << nbits
+            nbits += 24
+            q -= 24
+            if nbits >= 32:
                 unary[at] = acc & 0xFF
-                acc >>= 8
-                nbits -= 8
-                at += 1
+                unary[at + 1] = (acc >> 8) & 0xFF
+                unary[at + 2] = (acc >> 16) & 0xFF
+                unary[at + 3] = (acc >> 24) & 0xFF
+                acc >>= 32
+                nbits -= 32
+                at += 4
         acc |= ((1 << q) - 1) << nbits
         nbits += q + 1  # the zero-bit: nothing to set
-        while nbits >= 8:
+        if nbits >= 32:
             unary[at] = acc & 0xFF
-            acc >>= 8
-            nbits -= 8
-            at += 1
-    if nbits:
+            unary[at + 1] = (acc >> 8) & 0xFF
+            unary[at + 2] = (acc >> 16) & 0xFF
+            unary[at + 3] = (acc >> 24) & 0xFF
+            acc >>= 32
+            nbits -= 32
+            at += 4
+    while nbits > 0:
         unary[at] = acc & 0xFF
+        acc >>= 8
+        nbits -= 8
         at += 1
     return at
 

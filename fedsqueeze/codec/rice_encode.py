@@ -95,7 +95,8 @@ def encode_rice(idx: I64, k: int, chunk_sums: npt.NDArray[np.int64]) -> npt.NDAr
     unary = out[rem_size:]
     edges: list[list[tuple[int, int]]] = [[] for _ in bounds]
 
-    compiled = k <= 48 and jit.use(count)  # (k low bits and the bits pending fit an int64)
+    # (up to 31 bits pending plus k low bits stay below the int64 sign bit)
+    compiled = k <= 24 and jit.use(count)
 
     def chunk(start: int, stop: int) -> None:
         i = start // CHUNK

@@ -231,7 +231,7 @@ def test_magnitude_selection_matches_the_numpy_passes(seed: int, share: float) -
         threshold_select.CHUNK = monkey
 
 
-@pytest.mark.parametrize("k", [0, 1, 5, 13, 40])
+@pytest.mark.parametrize("k", [0, 1, 5, 13, 24, 40])
 def test_rice_payload_matches_the_numpy_path(k: int) -> None:
     rng = np.random.default_rng(k)
     gaps = rng.geometric(1.0 / (1 + (1 << k)), 20_003) - 1
