@@ -34,7 +34,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
-from fedsqueeze.codec import ans, dense_encode, entropy, fused, plane_ans
+from fedsqueeze.codec import ans, dense_encode, entropy, fused, literal_frames, plane_ans
 from fedsqueeze.codec.bitpack import pack_bits, unpack_bits
 from fedsqueeze.codec.bits import all_zero_bits, as_bits, xor_bits
 from fedsqueeze.codec.blockwise import num_blocks
@@ -360,6 +360,12 @@ class TensorEncoder:
             compressed = None if coded.raw_length is None else coded.body
         elif quant is None and value_kind in GROUPED_KINDS:
             compressed = None
+        elif quant is not None and len(body) >= _SPLICED_FROM and 0 < self._spec.entropy_level <= 3:
+            # Codes and positions: literal-only pieces on every core, smaller and faster
+            # than the default level's matches (literal_frames.compress_spliced).
+            compressed = literal_frames.compress_spliced(body)
+            if compressed is None:
+                compressed = entropy.compress(body, self._spec.entropy_level)
         else:
             compressed = entropy.compress(body, self._spec.entropy_level)
         if quant is not None and positions is None and not levels:
@@ -1013,6 +1019,10 @@ _PLAIN_MARGIN = 1.05
 _GROUPED_SAMPLE = 1 << 14
 #: Raw size (bytes) above which the two codings are guessed from samples first.
 _SAMPLED_ABOVE = 1 << 17
+#: Quantized payloads (codes, positions, factors) from this size (bytes) are coded as
+#: literal-only zstd pieces on every core at the default levels (up to 3); smaller ones
+#: keep the spec's level, so small models keep their bytes.
+_SPLICED_FROM = 1 << 20
 
 
 def _grouped_guess(bits: torch.Tensor, dtype: torch.dtype) -> float:

@@ -347,3 +347,55 @@ def test_entropy_is_skipped_below_the_gain_that_pays(seed: int) -> None:
         assert 0.01 < gain < 0.1
         assert (gain < dense_encode.MIN_GAIN) == (coder is Coder.RAW)
         assert choose_coder(codes, 3) is coder
+
+
+@pytest.mark.parametrize("piece", [1 << 16, 100_003, 1 << 20])
+def test_compress_spliced_is_one_frame_that_decodes_to_the_payload(piece: int) -> None:
+    noise = np.random.default_rng(7).integers(0, 256, 9_999, dtype=np.uint8)
+    data = normal_codes(700_001, 7) + bytes(noise)
+    packed = literal_frames.compress_spliced(data, piece)
+    assert packed is not None and len(packed) < len(data)
+    assert entropy.decompress(packed, len(data)) == data
+    plain = zstandard.ZstdDecompressor().decompress(_MAGIC + packed, max_output_size=len(data))
+    assert plain == data
+
+
+def test_compress_spliced_refuses_what_it_cannot_shrink() -> None:
+    noise = bytes(np.random.default_rng(3).integers(0, 256, 300_000, dtype=np.uint8))
+    assert literal_frames.compress_spliced(noise, 1 << 16) is None
+    assert literal_frames.compress_spliced(b"", 1 << 16) is None
+    with pytest.raises(ValueError, match="piece"):
+        literal_frames.compress_spliced(b"abc", 0)
+
+
+def test_compress_spliced_gives_up_on_two_pieces_with_matches() -> None:
+    repeated = bytes(range(256)) * 4096  # matches in every piece
+    assert literal_frames.compress_spliced(repeated, 1 << 18) is None
+
+
+def test_large_sparse_records_take_literal_pieces_and_round_trip() -> None:
+    from fedsqueeze.codec.model import EncodedModel, decode_state, encode_state
+    from fedsqueeze.codec.spec_text import parse_spec
+
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(3_000, 1_000, generator=g)
+    state = {"fc.weight": x}
+    for text, level in (("prune=l1:0.5,quant=4", 3), ("prune=l1:0.5,quant=4,entropy=9", 9)):
+        encoded = encode_state(state, parse_spec(text))
+        (record,) = encoded.records
+        assert record.raw_length is not None and record.raw_length >= 1 << 20
+        reference = entropy.compress(
+            _raw_body(record.body, record.raw_length), level
+        )  # the spec's level, one stream
+        if level <= 3:
+            assert len(record.body) < len(reference or b"")  # literal pieces: smaller
+        else:
+            assert record.body == reference
+        decoded = decode_state(EncodedModel.from_bytes(encoded.to_bytes()))["fc.weight"]
+        kept = decoded != 0
+        assert int(kept.sum()) == x.numel() // 2
+        assert torch.allclose(decoded[kept], x[kept], atol=float(x.abs().max()) / 7)
+
+
+def _raw_body(body: bytes | memoryview, size: int) -> bytes:
+    return entropy.decompress(body, size)
