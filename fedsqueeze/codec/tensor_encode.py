@@ -34,10 +34,11 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
-from fedsqueeze.codec import ans, dense_encode, entropy, fused, literal_frames, plane_ans
+from fedsqueeze.codec import ans, dense_encode, entropy, fused, jit, literal_frames, plane_ans
 from fedsqueeze.codec.bitpack import pack_bits, unpack_bits
 from fedsqueeze.codec.bits import all_zero_bits, as_bits, xor_bits
 from fedsqueeze.codec.blockwise import num_blocks
+from fedsqueeze.codec.chunks import chunk_bounds, run_chunks
 from fedsqueeze.codec.container import (
     FLOAT_KINDS,
     GROUPED_KINDS,
@@ -997,8 +998,13 @@ def _residual(
     residual = flat if owned else parallel_copy(flat)
     kept = values - decoded
     if residual.device.type == "cpu" and residual.dtype == kept.dtype and residual.is_contiguous():
-        # NumPy's fancy assignment: torch's index_put of 2.5M positions cost ~5x here.
-        residual.numpy()[indices.cpu().numpy()] = kept.numpy()
+        out, at, got = residual.numpy(), indices.cpu().numpy(), np.ascontiguousarray(kept.numpy())
+        if jit.use(at.size) and out.dtype == np.float32 and at.dtype == np.int64:
+            # A compiled scatter in chunks on the workers (2.5M positions: 22 ms in NumPy).
+            run_chunks(lambda a, b: jit.scatter_values(out, at, a, b, got), chunk_bounds(at.size))
+        else:
+            # NumPy's fancy assignment: torch's index_put of 2.5M positions cost ~5x here.
+            out[at] = got
     else:
         residual[indices] = kept
     return residual.reshape(shape)

@@ -249,3 +249,15 @@ def test_rice_payload_matches_the_numpy_path(k: int) -> None:
     finally:
         rice_encode.CHUNK = saved
     assert np.array_equal(got, want)
+
+
+def test_residual_scatter_matches_numpy() -> None:
+    rng = np.random.default_rng(11)
+    out = rng.standard_normal(50_003).astype(np.float32)
+    want = out.copy()
+    idx = np.sort(rng.choice(out.size, 5_001, replace=False)).astype(np.int64)
+    values = rng.standard_normal(idx.size).astype(np.float32)
+    want[idx] = values
+    for start, stop in ((0, 2_000), (2_000, 2_001), (2_001, idx.size)):
+        jit.scatter_values(out, idx, start, stop, values)
+    assert np.array_equal(out, want)
