@@ -261,3 +261,15 @@ def test_residual_scatter_matches_numpy() -> None:
     for start, stop in ((0, 2_000), (2_000, 2_001), (2_001, idx.size)):
         jit.scatter_values(out, idx, start, stop, values)
     assert np.array_equal(out, want)
+
+
+def test_topk_residual_is_the_same_with_and_without_the_kernels() -> None:
+    g = torch.Generator().manual_seed(12)
+    state = {"w.weight": torch.randn(300, 700, generator=g)}
+    spec = parse_spec("topk=0.1,quant=4")
+    got = encode_state(state, spec, seed=0)
+    with jit_off():
+        want = encode_state(state, spec, seed=0)
+    assert got.to_bytes() == want.to_bytes()
+    assert got.residual is not None and want.residual is not None
+    assert torch.equal(got.residual["w.weight"], want.residual["w.weight"])
