@@ -1,5 +1,8 @@
 """Compiled chunk kernels (numba) for the codec's hot loops: dense quantization and its
-decode, per-run ranges, and the byte planes of the lossless coder.
+decode and per-run ranges here; the byte planes of the lossless coder
+(:mod:`fedsqueeze.codec.jit_bytes`) and the sparse specs' selection and positions
+(:mod:`fedsqueeze.codec.jit_select`) in their own modules, compiled and reached through
+this one.
 
 The dense pipelines (:mod:`~fedsqueeze.codec.dense_encode`,
 :mod:`~fedsqueeze.codec.dense_decode`) cut a large tensor into chunks that fit in a
@@ -36,6 +39,8 @@ import threading
 import numpy as np
 import numpy.typing as npt
 
+from fedsqueeze.codec import jit_bytes, jit_select
+
 __all__ = [
     "ENABLED",
     "MIN_VALUES",
@@ -54,6 +59,7 @@ __all__ = [
     "ready",
     "rice_chunk",
     "run_range",
+    "scatter_values",
     "select_pass",
     "split_plane",
     "use",
@@ -136,6 +142,11 @@ def warm() -> None:
     bucket_gather(u, ranks, u, np.zeros(1, dtype=np.int64), u.copy())
     bucket_scatter(u, ranks, u, np.zeros(1, dtype=np.int64), u.copy())
     join_planes4(u, u, u, u, True, np.zeros(8, dtype=np.uint32))
+    idx = np.arange(8, dtype=np.int64)
+    band_pass(f, 0, 8, lo, hi, f.copy())
+    select_pass(f, 0, 8, lo, True, idx.copy(), f.copy(), 0, 8)
+    rice_chunk(idx, 0, 8, 1, u.copy(), 0, np.zeros(64, dtype=np.uint8))
+    scatter_values(f.copy(), idx, 0, 8, f)
 
 
 def _compile() -> bool:
@@ -143,13 +154,16 @@ def _compile() -> bool:
         import numba
     except ImportError:  # pragma: no cover - numba is a dependency; NumPy runs instead
         return False
-    space = globals()
-    for name in _KERNELS:  # helpers first: their callers find them compiled
-        fn = space[name]
-        try:
-            space[name] = numba.njit(fn, cache=True, nogil=True, boundscheck=False)
-        except RuntimeError:  # no writable place for the machine code: compile each time
-            space[name] = numba.njit(fn, cache=False, nogil=True, boundscheck=False)
+    here = globals()
+    modules = ((here, _KERNELS), (vars(jit_bytes), jit_bytes.KERNELS))
+    for space, names in (*modules, (vars(jit_select), jit_select.KERNELS)):
+        for name in names:  # helpers first: their callers find them compiled
+            fn = space[name]
+            try:
+                space[name] = numba.njit(fn, cache=True, nogil=True, boundscheck=False)
+            except RuntimeError:  # no writable place for the machine code: compile each time
+                space[name] = numba.njit(fn, cache=False, nogil=True, boundscheck=False)
+            here[name] = space[name]  # the re-exported name too
     return True
 
 
@@ -392,278 +406,7 @@ def run_range(x: F32, start: int, stop: int, length: int, lo: F32, hi: F32) -> N
         r += 1
 
 
-def split_plane(
-    words: Words, base: Words, xor: bool, s1: int, m1: int, s2: int, m2: int, out: U8
-) -> None:
-    """``out[i] = ((v >> s1) & m1) | ((v >> s2) & m2)`` of ``v = words[i]`` (XOR
-    ``base[i]`` when ``xor``): one byte plane of the words
-    (:mod:`fedsqueeze.codec.planes`; ``m2 = 0`` for a plain byte)."""
-    if xor:
-        for i in range(out.size):
-            v = words[i] ^ base[i]
-            out[i] = ((v >> s1) & m1) | ((v >> s2) & m2)
-    else:
-        for i in range(out.size):
-            v = words[i]
-            out[i] = ((v >> s1) & m1) | ((v >> s2) & m2)
-
-
-def join_planes2(p0: U8, p1: U8, swapped: bool, out: Words) -> None:
-    """16-bit words from their two planes (:func:`fedsqueeze.codec.planes.join_planes`):
-    plane 0 the exponent byte (below the sign when ``swapped``), plane 1 the next."""
-    if swapped:
-        for i in range(out.size):
-            a = np.uint16(p0[i])
-            b = np.uint16(p1[i])
-            out[i] = (a << 7) | ((b & 0x80) << 8) | (b & 0x7F)
-    else:
-        for i in range(out.size):
-            out[i] = (np.uint16(p0[i]) << 8) | np.uint16(p1[i])
-
-
-def join_planes4(p0: U8, p1: U8, p2: U8, p3: U8, swapped: bool, out: Words) -> None:
-    """32-bit words from their four planes (as :func:`join_planes2`)."""
-    if swapped:
-        for i in range(out.size):
-            a = np.uint32(p0[i])
-            b = np.uint32(p1[i])
-            out[i] = (
-                (a << 23)
-                | ((b & 0x80) << 24)
-                | ((b & 0x7F) << 16)
-                | (np.uint32(p2[i]) << 8)
-                | np.uint32(p3[i])
-            )
-    else:
-        for i in range(out.size):
-            out[i] = (
-                (np.uint32(p0[i]) << 24)
-                | (np.uint32(p1[i]) << 16)
-                | (np.uint32(p2[i]) << 8)
-                | np.uint32(p3[i])
-            )
-
-
-def band_pass(x: F32, start: int, stop: int, lo: np.float32, hi: np.float32, band: F32) -> int:
-    """The first pass of :func:`~fedsqueeze.codec.threshold_select.select_above` over
-    ``x[start:stop]``: the magnitudes in ``[lo, hi]`` into ``band`` (in order; ``band``
-    holds ``stop − start`` values) and the count of magnitudes ``>= lo``, returned as
-    ``count * 2^32 + len(band used)`` (one integer: numba returns it without a tuple).
-
-    Blocks of 32 values are counted first (a loop LLVM vectorizes) and only a block with
-    a magnitude in the band is written out: the band holds about 1% of the values, so
-    three blocks in four are skipped (measured on 25M normal values, a 0.8% band: 18 ms
-    against 60 for the write of every value)."""
-    xs = x[start:stop]
-    n = xs.size
-    body = n - n % 32
-    count = 0
-    used = 0
-    for b0 in range(0, body, 32):
-        block = xs[b0 : b0 + 32]
-        above = 0
-        inside = 0
-        for k in range(32):
-            m = abs(block[k])
-            above += m >= lo
-            inside += (m >= lo) & (m <= hi)
-        count += above
-        if inside:
-            for k in range(32):  # each magnitude at the next slot, kept if in the band
-                m = abs(block[k])  # (no branch on the data)
-                band[used] = m
-                used += (m >= lo) & (m <= hi)
-    tail = xs[body:]
-    for k in range(tail.size):
-        m = abs(tail[k])
-        count += m >= lo
-        band[used] = m
-        used += (m >= lo) & (m <= hi)
-    return count * (1 << 32) + used
-
-
-def select_pass(
-    x: F32,
-    start: int,
-    stop: int,
-    cut: np.float32,
-    strict: bool,
-    indices: I64,
-    values: F32,
-    o0: int,
-    o1: int,
-) -> int:
-    """The second pass: the indices and values of ``x[start:stop]`` whose magnitude is
-    above ``cut`` (``>= cut`` unless ``strict``) into ``indices[o0:o1]`` and
-    ``values[o0:o1]``, in order; returns how many there were (the caller checks it is
-    ``o1 − o0``), never writing past ``o1``.
-
-    Where at most one value in 8 is kept (the chunk's count is known from the first
-    pass), a kept value is written under a branch, which the predictor gets right most
-    of the time; denser chunks write each value at the next slot and keep the slot only
-    if the value is kept (no branch on the data). Measured on 25M normal values: 36
-    against 58 ms at 10% kept, 57 against 57 at 20%, 117 against 48 at 50%."""
-    xs = x[start:stop]
-    o = o0
-    if (o1 - o0) * 8 <= xs.size:
-        for k in range(xs.size):
-            v = xs[k]
-            m = abs(v)
-            if (m > cut) if strict else (m >= cut):
-                if o < o1:
-                    indices[o] = start + k
-                    values[o] = v
-                o += 1
-        return o - o0
-    for k in range(xs.size):
-        v = xs[k]
-        m = abs(v)
-        keep = (m > cut) if strict else (m >= cut)
-        if o < o1:
-            indices[o] = start + k
-            values[o] = v
-        o += keep
-    return o - o0
-
-
-def rice_chunk(idx: I64, start: int, stop: int, k: int, rem: U8, phase: int, unary: U8) -> int:
-    """The Rice code of the gaps of ``idx[start:stop]`` (``g_j = i_j − i_{j−1} − 1``,
-    ``g_0 = i_0`` when ``start`` is 0), as :mod:`fedsqueeze.codec.rice_encode` writes
-    it: the ``k`` low bits of each gap into ``rem`` (LSB first, from its byte 0: chunks
-    hold a multiple of 8 gaps), and ``g >> k`` one-bits then a zero-bit per gap into
-    ``unary`` from bit ``phase`` of its byte 0 (bits before ``phase`` and after the
-    last are zero). Returns how many bytes of ``unary`` were written.
-
-    Bits are flushed four bytes at a time, once 32 are pending (one predictable branch
-    per gap or so, where a byte at a time took a branch per byte)."""
-    ids = idx[start:stop]
-    acc = 0  # bits not yet written, lowest first
-    nbits = 0
-    at = 0
-    mask = (1 << k) - 1
-    prev = idx[start - 1] if start > 0 else -1
-    for j in range(ids.size):
-        g = ids[j] - prev - 1
-        prev = ids[j]
-        acc |= (g & mask) << nbits
-        nbits += k
-        if nbits >= 32:
-            rem[at] = acc & 0xFF
-            rem[at + 1] = (acc >> 8) & 0xFF
-            rem[at + 2] = (acc >> 16) & 0xFF
-            rem[at + 3] = (acc >> 24) & 0xFF
-            acc >>= 32
-            nbits -= 32
-            at += 4
-    while nbits > 0:
-        rem[at] = acc & 0xFF
-        acc >>= 8
-        nbits -= 8
-        at += 1
-    acc = 0
-    nbits = phase
-    at = 0
-    prev = idx[start - 1] if start > 0 else -1
-    for j in range(ids.size):
-        g = ids[j] - prev - 1
-        prev = ids[j]
-        q = g >> k
-        while q >= 24:  # long runs of one-bits, 24 at a time (nbits stays below 56)
-            acc |= 0xFFFFFF << nbits
-            nbits += 24
-            q -= 24
-            if nbits >= 32:
-                unary[at] = acc & 0xFF
-                unary[at + 1] = (acc >> 8) & 0xFF
-                unary[at + 2] = (acc >> 16) & 0xFF
-                unary[at + 3] = (acc >> 24) & 0xFF
-                acc >>= 32
-                nbits -= 32
-                at += 4
-        acc |= ((1 << q) - 1) << nbits
-        nbits += q + 1  # the zero-bit: nothing to set
-        if nbits >= 32:
-            unary[at] = acc & 0xFF
-            unary[at + 1] = (acc >> 8) & 0xFF
-            unary[at + 2] = (acc >> 16) & 0xFF
-            unary[at + 3] = (acc >> 24) & 0xFF
-            acc >>= 32
-            nbits -= 32
-            at += 4
-    while nbits > 0:
-        unary[at] = acc & 0xFF
-        acc >>= 8
-        nbits -= 8
-        at += 1
-    return at
-
-
-def byte_counts(data: U8, counts: I64) -> None:
-    """``counts[v]``: how many bytes of ``data`` are ``v`` (``counts`` zeroed first).
-
-    Four tables, one per byte of every four: an exponent plane repeats a few values, and
-    with one table each increment waits for the previous one to the same count (measured
-    on all-MiniLM-L6-v2's exponent planes: 1.9x slower)."""
-    c0 = np.zeros(256, dtype=np.uint32)
-    c1 = np.zeros(256, dtype=np.uint32)
-    c2 = np.zeros(256, dtype=np.uint32)
-    c3 = np.zeros(256, dtype=np.uint32)
-    n = data.size
-    body = n - n % 4
-    for i in range(0, body, 4):
-        c0[data[i]] += 1
-        c1[data[i + 1]] += 1
-        c2[data[i + 2]] += 1
-        c3[data[i + 3]] += 1
-    for i in range(body, n):
-        c0[data[i]] += 1
-    for v in range(256):
-        counts[v] = np.int64(c0[v]) + np.int64(c1[v]) + np.int64(c2[v]) + np.int64(c3[v])
-
-
-def bucket_histogram(exponents: U8, ranks: U16, plane: U8, hist: I64) -> None:
-    """``hist[b, v]``: how many bytes ``v`` of ``plane`` fall in bucket ``b`` (the bucket
-    of byte ``i`` is ``ranks[exponents[i]]``); ``hist`` is zeroed first."""
-    hist[:] = 0
-    for i in range(plane.size):
-        hist[ranks[exponents[i]], plane[i]] += 1
-
-
-def bucket_gather(exponents: U8, ranks: U16, plane: U8, starts: I64, out: U8) -> None:
-    """``out``: the bytes of ``plane`` grouped by bucket (the bucket of byte ``i`` is
-    ``ranks[exponents[i]]``; bucket ``b`` from ``starts[b]``), in index order within a
-    bucket: a stable counting sort (:mod:`fedsqueeze.codec.grouping`'s exponent
-    buckets). A copy of ``starts`` is the write cursor (a fresh array: LLVM then knows
-    ``out`` writes cannot change it, 2.5x faster than updating ``starts`` in place)."""
-    pos = starts.copy()
-    for i in range(plane.size):
-        b = ranks[exponents[i]]
-        j = pos[b]
-        out[j] = plane[i]
-        pos[b] = j + 1
-
-
-def bucket_scatter(exponents: U8, ranks: U16, grouped: U8, starts: I64, out: U8) -> None:
-    """Inverse of :func:`bucket_gather`: ``out[i]`` is the next byte of bucket
-    ``ranks[exponents[i]]`` in ``grouped`` (``starts`` copied, as there)."""
-    pos = starts.copy()
-    for i in range(out.size):
-        b = ranks[exponents[i]]
-        j = pos[b]
-        out[i] = grouped[j]
-        pos[b] = j + 1
-
-
-def scatter_values(out: F32, idx: I64, start: int, stop: int, values: F32) -> None:
-    """``out[idx[j]] = values[j]`` for ``j`` in ``[start, stop)`` (the top-k residual's
-    kept positions; NumPy's fancy assignment costs several times more per value)."""
-    ids = idx[start:stop]
-    vs = values[start:stop]
-    for j in range(ids.size):
-        out[ids[j]] = vs[j]
-
-
-#: The kernels, helpers before the kernels that call them.
+#: The kernels of this module, helpers before the kernels that call them.
 _KERNELS = (
     "_pack",
     "_lane",
@@ -673,15 +416,18 @@ _KERNELS = (
     "linear_decode",
     "nf4_decode",
     "run_range",
-    "split_plane",
-    "join_planes2",
-    "join_planes4",
-    "band_pass",
-    "select_pass",
-    "rice_chunk",
-    "byte_counts",
-    "bucket_histogram",
-    "bucket_gather",
-    "bucket_scatter",
-    "scatter_values",
 )
+
+# The other kernels, re-exported here (compiled by :func:`_compile`, in their modules
+# and here).
+split_plane = jit_bytes.split_plane
+join_planes2 = jit_bytes.join_planes2
+join_planes4 = jit_bytes.join_planes4
+byte_counts = jit_bytes.byte_counts
+bucket_histogram = jit_bytes.bucket_histogram
+bucket_gather = jit_bytes.bucket_gather
+bucket_scatter = jit_bytes.bucket_scatter
+band_pass = jit_select.band_pass
+select_pass = jit_select.select_pass
+rice_chunk = jit_select.rice_chunk
+scatter_values = jit_select.scatter_values

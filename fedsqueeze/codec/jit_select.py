@@ -1,0 +1,188 @@
+"""Compiled kernels (numba) of the sparse specs: the two passes of the exact magnitude
+selection (:mod:`fedsqueeze.codec.threshold_select`), the Rice-coded positions
+(:mod:`fedsqueeze.codec.rice_encode`) and the top-k residual's scatter.
+
+Plain Python until :func:`fedsqueeze.codec.jit.ready` compiles them (the rules and the
+reasons are in :mod:`fedsqueeze.codec.jit`); callers reach them through that module
+(``jit.band_pass``, ...), which holds the compiled versions.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import numpy.typing as npt
+
+__all__ = ["band_pass", "rice_chunk", "scatter_values", "select_pass"]
+
+F32 = npt.NDArray[np.float32]
+U8 = npt.NDArray[np.uint8]
+I64 = npt.NDArray[np.int64]
+
+# Every loop runs over a slice from index 0 (see fedsqueeze.codec.jit).
+
+
+def band_pass(x: F32, start: int, stop: int, lo: np.float32, hi: np.float32, band: F32) -> int:
+    """The first pass of :func:`~fedsqueeze.codec.threshold_select.select_above` over
+    ``x[start:stop]``: the magnitudes in ``[lo, hi]`` into ``band`` (in order; ``band``
+    holds ``stop − start`` values) and the count of magnitudes ``>= lo``, returned as
+    ``count * 2^32 + len(band used)`` (one integer: numba returns it without a tuple).
+
+    Blocks of 32 values are counted first (a loop LLVM vectorizes) and only a block with
+    a magnitude in the band is written out: the band holds about 1% of the values, so
+    three blocks in four are skipped (measured on 25M normal values, a 0.8% band: 18 ms
+    against 60 for the write of every value)."""
+    xs = x[start:stop]
+    n = xs.size
+    body = n - n % 32
+    count = 0
+    used = 0
+    for b0 in range(0, body, 32):
+        block = xs[b0 : b0 + 32]
+        above = 0
+        inside = 0
+        for k in range(32):
+            m = abs(block[k])
+            above += m >= lo
+            inside += (m >= lo) & (m <= hi)
+        count += above
+        if inside:
+            for k in range(32):  # each magnitude at the next slot, kept if in the band
+                m = abs(block[k])  # (no branch on the data)
+                band[used] = m
+                used += (m >= lo) & (m <= hi)
+    tail = xs[body:]
+    for k in range(tail.size):
+        m = abs(tail[k])
+        count += m >= lo
+        band[used] = m
+        used += (m >= lo) & (m <= hi)
+    return count * (1 << 32) + used
+
+
+def select_pass(
+    x: F32,
+    start: int,
+    stop: int,
+    cut: np.float32,
+    strict: bool,
+    indices: I64,
+    values: F32,
+    o0: int,
+    o1: int,
+) -> int:
+    """The second pass: the indices and values of ``x[start:stop]`` whose magnitude is
+    above ``cut`` (``>= cut`` unless ``strict``) into ``indices[o0:o1]`` and
+    ``values[o0:o1]``, in order; returns how many there were (the caller checks it is
+    ``o1 − o0``), never writing past ``o1``.
+
+    Where at most one value in 8 is kept (the chunk's count is known from the first
+    pass), a kept value is written under a branch, which the predictor gets right most
+    of the time; denser chunks write each value at the next slot and keep the slot only
+    if the value is kept (no branch on the data). Measured on 25M normal values: 36
+    against 58 ms at 10% kept, 57 against 57 at 20%, 117 against 48 at 50%."""
+    xs = x[start:stop]
+    o = o0
+    if (o1 - o0) * 8 <= xs.size:
+        for k in range(xs.size):
+            v = xs[k]
+            m = abs(v)
+            if (m > cut) if strict else (m >= cut):
+                if o < o1:
+                    indices[o] = start + k
+                    values[o] = v
+                o += 1
+        return o - o0
+    for k in range(xs.size):
+        v = xs[k]
+        m = abs(v)
+        keep = (m > cut) if strict else (m >= cut)
+        if o < o1:
+            indices[o] = start + k
+            values[o] = v
+        o += keep
+    return o - o0
+
+
+def rice_chunk(idx: I64, start: int, stop: int, k: int, rem: U8, phase: int, unary: U8) -> int:
+    """The Rice code of the gaps of ``idx[start:stop]`` (``g_j = i_j − i_{j−1} − 1``,
+    ``g_0 = i_0`` when ``start`` is 0), as :mod:`fedsqueeze.codec.rice_encode` writes
+    it: the ``k`` low bits of each gap into ``rem`` (LSB first, from its byte 0: chunks
+    hold a multiple of 8 gaps), and ``g >> k`` one-bits then a zero-bit per gap into
+    ``unary`` from bit ``phase`` of its byte 0 (bits before ``phase`` and after the
+    last are zero). Returns how many bytes of ``unary`` were written.
+
+    Bits are flushed four bytes at a time, once 32 are pending (one predictable branch
+    per gap or so, where a byte at a time took a branch per byte)."""
+    ids = idx[start:stop]
+    acc = 0  # bits not yet written, lowest first
+    nbits = 0
+    at = 0
+    mask = (1 << k) - 1
+    prev = idx[start - 1] if start > 0 else -1
+    for j in range(ids.size):
+        g = ids[j] - prev - 1
+        prev = ids[j]
+        acc |= (g & mask) << nbits
+        nbits += k
+        if nbits >= 32:
+            rem[at] = acc & 0xFF
+            rem[at + 1] = (acc >> 8) & 0xFF
+            rem[at + 2] = (acc >> 16) & 0xFF
+            rem[at + 3] = (acc >> 24) & 0xFF
+            acc >>= 32
+            nbits -= 32
+            at += 4
+    while nbits > 0:
+        rem[at] = acc & 0xFF
+        acc >>= 8
+        nbits -= 8
+        at += 1
+    acc = 0
+    nbits = phase
+    at = 0
+    prev = idx[start - 1] if start > 0 else -1
+    for j in range(ids.size):
+        g = ids[j] - prev - 1
+        prev = ids[j]
+        q = g >> k
+        while q >= 24:  # long runs of one-bits, 24 at a time (nbits stays below 56)
+            acc |= 0xFFFFFF << nbits
+            nbits += 24
+            q -= 24
+            if nbits >= 32:
+                unary[at] = acc & 0xFF
+                unary[at + 1] = (acc >> 8) & 0xFF
+                unary[at + 2] = (acc >> 16) & 0xFF
+                unary[at + 3] = (acc >> 24) & 0xFF
+                acc >>= 32
+                nbits -= 32
+                at += 4
+        acc |= ((1 << q) - 1) << nbits
+        nbits += q + 1  # the zero-bit: nothing to set
+        if nbits >= 32:
+            unary[at] = acc & 0xFF
+            unary[at + 1] = (acc >> 8) & 0xFF
+            unary[at + 2] = (acc >> 16) & 0xFF
+            unary[at + 3] = (acc >> 24) & 0xFF
+            acc >>= 32
+            nbits -= 32
+            at += 4
+    while nbits > 0:
+        unary[at] = acc & 0xFF
+        acc >>= 8
+        nbits -= 8
+        at += 1
+    return at
+
+
+def scatter_values(out: F32, idx: I64, start: int, stop: int, values: F32) -> None:
+    """``out[idx[j]] = values[j]`` for ``j`` in ``[start, stop)`` (the top-k residual's
+    kept positions; NumPy's fancy assignment costs several times more per value)."""
+    ids = idx[start:stop]
+    vs = values[start:stop]
+    for j in range(ids.size):
+        out[ids[j]] = vs[j]
+
+
+#: The kernels, helpers before the kernels that call them.
+KERNELS = ("band_pass", "select_pass", "rice_chunk", "scatter_values")
