@@ -103,6 +103,14 @@ def select_pass(
     return o - o0
 
 
+def _put4(out: U8, at: int, acc: int) -> None:
+    """The low 32 bits of ``acc`` into ``out[at : at + 4]``, lowest byte first."""
+    out[at] = acc & 0xFF
+    out[at + 1] = (acc >> 8) & 0xFF
+    out[at + 2] = (acc >> 16) & 0xFF
+    out[at + 3] = (acc >> 24) & 0xFF
+
+
 def rice_chunk(idx: I64, start: int, stop: int, k: int, rem: U8, phase: int, unary: U8) -> int:
     """The Rice code of the gaps of ``idx[start:stop]`` (``g_j = i_j − i_{j−1} − 1``,
     ``g_0 = i_0`` when ``start`` is 0), as :mod:`fedsqueeze.codec.rice_encode` writes
@@ -125,10 +133,7 @@ def rice_chunk(idx: I64, start: int, stop: int, k: int, rem: U8, phase: int, una
         acc |= (g & mask) << nbits
         nbits += k
         if nbits >= 32:
-            rem[at] = acc & 0xFF
-            rem[at + 1] = (acc >> 8) & 0xFF
-            rem[at + 2] = (acc >> 16) & 0xFF
-            rem[at + 3] = (acc >> 24) & 0xFF
+            _put4(rem, at, acc)
             acc >>= 32
             nbits -= 32
             at += 4
@@ -150,20 +155,14 @@ def rice_chunk(idx: I64, start: int, stop: int, k: int, rem: U8, phase: int, una
             nbits += 24
             q -= 24
             if nbits >= 32:
-                unary[at] = acc & 0xFF
-                unary[at + 1] = (acc >> 8) & 0xFF
-                unary[at + 2] = (acc >> 16) & 0xFF
-                unary[at + 3] = (acc >> 24) & 0xFF
+                _put4(unary, at, acc)
                 acc >>= 32
                 nbits -= 32
                 at += 4
         acc |= ((1 << q) - 1) << nbits
         nbits += q + 1  # the zero-bit: nothing to set
         if nbits >= 32:
-            unary[at] = acc & 0xFF
-            unary[at + 1] = (acc >> 8) & 0xFF
-            unary[at + 2] = (acc >> 16) & 0xFF
-            unary[at + 3] = (acc >> 24) & 0xFF
+            _put4(unary, at, acc)
             acc >>= 32
             nbits -= 32
             at += 4
@@ -185,4 +184,4 @@ def scatter_values(out: F32, idx: I64, start: int, stop: int, values: F32) -> No
 
 
 #: The kernels, helpers before the kernels that call them.
-KERNELS = ("band_pass", "select_pass", "rice_chunk", "scatter_values")
+KERNELS = ("band_pass", "select_pass", "_put4", "rice_chunk", "scatter_values")
