@@ -58,6 +58,7 @@ __all__ = [
     "per_run",
     "ready",
     "rice_chunk",
+    "rice_sums",
     "run_range",
     "scatter_values",
     "select_pass",
@@ -146,6 +147,7 @@ def warm() -> None:
     band_pass(f, 0, 8, lo, hi, f.copy())
     select_pass(f, 0, 8, lo, True, idx.copy(), f.copy(), 0, 8)
     rice_chunk(idx, 0, 8, 1, u.copy(), 0, np.zeros(64, dtype=np.uint8))
+    rice_sums(idx, 0, 8, 0, np.zeros(3, dtype=np.int64))
     scatter_values(f.copy(), idx, 0, 8, f)
 
 
@@ -430,4 +432,5 @@ bucket_scatter = jit_bytes.bucket_scatter
 band_pass = jit_select.band_pass
 select_pass = jit_select.select_pass
 rice_chunk = jit_select.rice_chunk
+rice_sums = jit_select.rice_sums
 scatter_values = jit_select.scatter_values

@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["band_pass", "rice_chunk", "scatter_values", "select_pass"]
+__all__ = ["band_pass", "rice_chunk", "rice_sums", "scatter_values", "select_pass"]
 
 F32 = npt.NDArray[np.float32]
 U8 = npt.NDArray[np.uint8]
@@ -103,6 +103,41 @@ def select_pass(
     return o - o0
 
 
+def rice_sums(idx: I64, start: int, stop: int, k0: int, sums: I64) -> bool:
+    """The first pass of :func:`fedsqueeze.codec.rice_encode.rice_sums` over the gaps of
+    ``idx[start:stop]``: ``sums[j] = sum(g >> (k0 + j))`` for every ``j`` of ``sums``
+    (zeroed first); returns whether every gap is ``>= 0`` (``sums`` is then complete).
+    One pass, where NumPy made two per ``k`` over a scratch copy of the gaps."""
+    ids = idx[start:stop]
+    sums[:] = 0
+    prev = idx[start - 1] if start > 0 else -1
+    low = 0
+    # Five sums (the callers' widest window) in registers: sums[w] += … in the loop made
+    # each gap wait for the stores of the one before.
+    s0 = s1 = s2 = s3 = s4 = 0
+    for j in range(ids.size):
+        g = ids[j] - prev - 1
+        prev = ids[j]
+        low = min(low, g)
+        q = g >> k0
+        s0 += q
+        s1 += q >> 1
+        s2 += q >> 2
+        s3 += q >> 3
+        s4 += q >> 4
+    head = (s0, s1, s2, s3, s4)
+    for w in range(min(5, sums.size)):
+        sums[w] = head[w]
+    for w in range(5, sums.size):  # a wider window: one more pass for each further k
+        total = 0
+        prev = idx[start - 1] if start > 0 else -1
+        for j in range(ids.size):
+            total += (ids[j] - prev - 1) >> (k0 + w)
+            prev = ids[j]
+        sums[w] = total
+    return low >= 0
+
+
 def _put4(out: U8, at: int, acc: int) -> None:
     """The low 32 bits of ``acc`` into ``out[at : at + 4]``, lowest byte first."""
     out[at] = acc & 0xFF
@@ -184,4 +219,4 @@ def scatter_values(out: F32, idx: I64, start: int, stop: int, values: F32) -> No
 
 
 #: The kernels, helpers before the kernels that call them.
-KERNELS = ("band_pass", "select_pass", "_put4", "rice_chunk", "scatter_values")
+KERNELS = ("band_pass", "select_pass", "rice_sums", "_put4", "rice_chunk", "scatter_values")

@@ -60,8 +60,13 @@ def rice_sums(idx: I64, ks: range) -> tuple[npt.NDArray[np.int64], bool]:
     sums = np.zeros((len(bounds), len(ks)), dtype=np.int64)
     ok = np.ones(len(bounds), dtype=np.bool_)
 
+    compiled = jit.use(count)
+
     def chunk(start: int, stop: int) -> None:
         i = start // CHUNK
+        if compiled:  # the gaps, their check and every k's sum in one compiled pass
+            ok[i] = jit.rice_sums(idx, start, stop, ks.start, sums[i])
+            return
         g = _gaps(idx, start, stop)
         if g.min() < 0:
             ok[i] = False

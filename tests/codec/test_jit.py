@@ -273,3 +273,29 @@ def test_topk_residual_is_the_same_with_and_without_the_kernels() -> None:
     assert got.to_bytes() == want.to_bytes()
     assert got.residual is not None and want.residual is not None
     assert torch.equal(got.residual["w.weight"], want.residual["w.weight"])
+
+
+@pytest.mark.parametrize(
+    "window", [range(0, 5), range(3, 8), range(2, 3), range(9, 9), range(1, 8)]
+)
+def test_rice_sums_match_the_numpy_path(window: range) -> None:
+    rng = np.random.default_rng(len(window) + window.start)
+    gaps = rng.geometric(1.0 / 9, 30_011) - 1
+    gaps[::777] += 4_000
+    idx = np.cumsum(gaps + 1) - 1
+    saved = rice_encode.CHUNK
+    rice_encode.CHUNK = 1_024
+    try:
+        with small_chunks():
+            got, ok = rice_encode.rice_sums(idx, window)
+            with jit_off():
+                want, ok_want = rice_encode.rice_sums(idx, window)
+            bad = idx.copy()
+            bad[5_000] = bad[4_999]  # a repeated index: not strictly increasing
+            assert rice_encode.rice_sums(bad, window)[1] is False
+            with jit_off():
+                assert rice_encode.rice_sums(bad, window)[1] is False
+    finally:
+        rice_encode.CHUNK = saved
+    assert ok and ok_want
+    assert np.array_equal(got, want)
