@@ -10,8 +10,9 @@ one after the other on the calling thread, so a model was coded on about one cor
 zstd, NumPy and compiled kernels, which release the GIL.
 
 Why a map of our own rather than ``ThreadPoolExecutor.map``: the caller drains the
-queue too (no call can wait on a pool that other calls have filled, so nested and
-concurrent calls are safe), items are taken in order and none is started after one has
+queue too and cancels the helpers that never started (no call waits on a pool that
+other calls have filled, so nested and concurrent calls are safe), items are taken in
+order and none is started after one has
 failed, and the error raised is the first failing item's in order: what a plain loop
 raises, whatever the threads' timing.
 """
@@ -106,8 +107,14 @@ def _ordered(
     try:
         drain()
     finally:
-        for f in futures:  # waits: no worker outlives the call
-            f.exception()
+        # Every item has been taken once the caller's drain returns: a helper that has
+        # not started yet would find none, so it is cancelled rather than waited for (a
+        # call nested in a pool thread, with every pool thread in such a call, would
+        # otherwise wait forever for helpers queued behind them); a started one is
+        # waited for, so no worker outlives the call.
+        for f in futures:
+            if not f.cancel():
+                f.exception()
     if errors:
         first = min(errors)
         return results, (first, errors[first])

@@ -6,6 +6,8 @@ tensors as a loop over the tensors, for every kind of spec, full models and delt
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -104,6 +106,48 @@ def test_nested_maps_finish() -> None:
     thread.join(timeout=60)
     assert not thread.is_alive(), "nested maps deadlocked"
     assert out == [[[i * j for j in range(5)] for i in range(9)]]
+
+
+_CONCURRENT_NESTED = """
+import contextlib, threading, time
+from fedsqueeze.codec import workers
+
+_, size = workers.workers()
+barrier = threading.Barrier(size)
+
+def inner(j):
+    time.sleep(0.001)
+    return j
+
+def outer(i):
+    if threading.current_thread().name.startswith("fsq-group"):
+        with contextlib.suppress(threading.BrokenBarrierError):
+            barrier.wait(timeout=2)  # every pool thread here before any nests
+    return sum(workers.parallel_map(inner, list(range(6)))) + i
+
+results = []
+threads = [
+    threading.Thread(target=lambda: results.append(workers.parallel_map(outer, list(range(8)))))
+    for _ in range(size + 1)
+]
+for thread in threads:
+    thread.start()
+for thread in threads:
+    thread.join()
+assert results == [[15 + i for i in range(8)]] * (size + 1), results
+print("ok")
+"""
+
+
+def test_concurrent_nested_maps_in_every_pool_thread_finish() -> None:
+    """Every pool thread inside a nested map at once (concurrent callers, as the
+    coordinator's server threads encoding for several edges): the nested maps' helpers
+    queue behind them, so the maps must not wait for helpers that never started. In a
+    child process with a timeout: a deadlock would also hang the interpreter's exit."""
+    done = subprocess.run(
+        [sys.executable, "-c", _CONCURRENT_NESTED], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
 
 
 def _loop(fn: Callable[[Any], Any], items: Sequence[Any], alone: Callable[[Any], bool]) -> Any:
