@@ -255,6 +255,10 @@ class CodecSpec:
         Storage of float values that are not quantized (non-targets always use it).
     entropy_level
         zstandard level 1..22 applied to each record where it shrinks it; 0 turns it off.
+        At levels up to 3 (the default), quantized payloads of 1 MiB or more are coded
+        with literal-only parameters instead, in pieces on every core (smaller and faster
+        on codes and positions than the level's match search); dense quantized records
+        likewise (:mod:`fedsqueeze.codec.literal_frames`).
     entropy_coder
         The entropy coder of quantization codes (:class:`EntropyCoder`): with ``ANS``,
         records whose adaptive rANS coding is smaller than their zstandard frame carry

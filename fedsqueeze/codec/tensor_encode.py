@@ -361,7 +361,12 @@ class TensorEncoder:
             compressed = None if coded.raw_length is None else coded.body
         elif quant is None and value_kind in GROUPED_KINDS:
             compressed = None
-        elif quant is not None and len(body) >= _SPLICED_FROM and 0 < self._spec.entropy_level <= 3:
+        elif (
+            quant is not None
+            and len(body) >= _SPLICED_FROM
+            and 0 < self._spec.entropy_level <= 3
+            and _literal_pays(body, self._spec.entropy_level)
+        ):
             # Codes and positions: literal-only pieces on every core, smaller and faster
             # than the default level's matches (literal_frames.compress_spliced).
             compressed = literal_frames.compress_spliced(body)
@@ -979,6 +984,24 @@ def _gather(flat: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     return flat[indices]
 
 
+def _literal_pays(body: bytes | memoryview, level: int) -> bool:
+    """Whether literal-only coding suits a large quantized payload: of a sample of its
+    first half and one of its second (positions, then codes, in a sparse record), one
+    picks it and neither picks one stream at ``level``
+    (:func:`~fedsqueeze.codec.dense_encode.choose_coder`; a sample that nothing shrinks,
+    such as Rice-coded positions, is stored raw inside literal blocks as well). Regular
+    positions (whole channels kept) and codes with repeats keep one stream at
+    ``level``, whose matches win there."""
+    view = memoryview(body).cast("B")
+    n = len(view)
+    size = min(_LITERAL_SAMPLE, n // 4)
+    coders = {
+        dense_encode.choose_coder(view[at - size // 2 : at - size // 2 + size], level)
+        for at in (n // 4, 3 * n // 4)
+    }
+    return dense_encode.Coder.LITERAL in coders and dense_encode.Coder.STREAM not in coders
+
+
 def _residual(
     flat: torch.Tensor,
     indices: torch.Tensor | None,
@@ -1029,6 +1052,8 @@ _SAMPLED_ABOVE = 1 << 17
 #: literal-only zstd pieces on every core at the default levels (up to 3); smaller ones
 #: keep the spec's level, so small models keep their bytes.
 _SPLICED_FROM = 1 << 20
+#: Bytes of each sample :func:`_literal_pays` codes both ways.
+_LITERAL_SAMPLE = 1 << 18
 
 
 def _grouped_guess(bits: torch.Tensor, dtype: torch.dtype) -> float:

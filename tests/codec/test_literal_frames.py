@@ -399,3 +399,19 @@ def test_large_sparse_records_take_literal_pieces_and_round_trip() -> None:
 
 def _raw_body(body: bytes | memoryview, size: int) -> bytes:
     return entropy.decompress(body, size)
+
+
+def test_regular_positions_keep_one_stream_at_the_level() -> None:
+    """Whole channels kept: the positions repeat, and the level's matches win there."""
+    from fedsqueeze.codec.model import EncodedModel, decode_state, encode_state
+    from fedsqueeze.codec.spec_text import parse_spec
+
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(4_000, 1_000, generator=g)
+    encoded = encode_state({"fc.weight": x}, parse_spec("prune=channel:0.5,quant=8"))
+    (record,) = encoded.records
+    assert record.raw_length is not None and record.raw_length >= 1 << 20
+    raw = _raw_body(record.body, record.raw_length)
+    assert record.body == entropy.compress(raw, 3)
+    decoded = decode_state(EncodedModel.from_bytes(encoded.to_bytes()))["fc.weight"]
+    assert int((decoded.abs().sum(dim=1) > 0).sum()) == 2_000
