@@ -58,6 +58,7 @@ __all__ = [
     "per_run",
     "ready",
     "rice_chunk",
+    "rice_decode",
     "rice_sums",
     "run_range",
     "scatter_values",
@@ -148,6 +149,7 @@ def warm() -> None:
     select_pass(f, 0, 8, lo, True, idx.copy(), f.copy(), 0, 8)
     rice_chunk(idx, 0, 8, 1, u.copy(), 0, np.zeros(64, dtype=np.uint8))
     rice_sums(idx, 0, 8, 0, np.zeros(3, dtype=np.int64))
+    rice_decode(u, 1, u, 0, 8, idx.copy())
     scatter_values(f.copy(), idx, 0, 8, f)
 
 
@@ -433,4 +435,5 @@ band_pass = jit_select.band_pass
 select_pass = jit_select.select_pass
 rice_chunk = jit_select.rice_chunk
 rice_sums = jit_select.rice_sums
+rice_decode = jit_select.rice_decode
 scatter_values = jit_select.scatter_values

@@ -12,7 +12,14 @@ from __future__ import annotations
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["band_pass", "rice_chunk", "rice_sums", "scatter_values", "select_pass"]
+__all__ = [
+    "band_pass",
+    "rice_chunk",
+    "rice_decode",
+    "rice_sums",
+    "scatter_values",
+    "select_pass",
+]
 
 F32 = npt.NDArray[np.float32]
 U8 = npt.NDArray[np.uint8]
@@ -138,6 +145,52 @@ def rice_sums(idx: I64, start: int, stop: int, k0: int, sums: I64) -> bool:
     return low >= 0
 
 
+def rice_decode(rem: U8, k: int, unary: U8, count: int, numel: int, out: I64) -> int:
+    """The positions of a Rice payload (remainders ``rem``, ``k`` bits a gap, LSB first;
+    then the ``unary`` stream) into ``out[:count]``, in one pass over the unary bytes.
+    Returns 0, or why the payload is refused (the caller then takes the reference path,
+    which raises with the reason): 1 for a terminator count other than ``count``, 2 for
+    bytes after the last terminator's, 3 for a position at or past ``numel``."""
+    mask = (1 << k) - 1
+    acc = 0  # remainder bits not yet used, lowest first
+    nbits = 0
+    at = 0  # next byte of rem
+    j = 0
+    q = 0
+    pos = -1
+    last_zero = -1
+    for i in range(unary.size):
+        byte = np.int64(unary[i])
+        if byte == 0xFF:  # eight more one-bits of the current quotient
+            q += 8
+            continue
+        for bit in range(8):
+            if (byte >> bit) & 1:
+                q += 1
+                continue
+            if j == count:
+                return 1
+            while nbits < k:
+                acc |= np.int64(rem[at]) << nbits
+                at += 1
+                nbits += 8
+            gap = (q << k) | (acc & mask)
+            acc >>= k
+            nbits -= k
+            pos += gap + 1
+            if pos >= numel:
+                return 3
+            out[j] = pos
+            j += 1
+            q = 0
+            last_zero = i * 8 + bit
+    if j != count:
+        return 1
+    if last_zero < 8 * unary.size - 8:
+        return 2
+    return 0
+
+
 def _put4(out: U8, at: int, acc: int) -> None:
     """The low 32 bits of ``acc`` into ``out[at : at + 4]``, lowest byte first."""
     out[at] = acc & 0xFF
@@ -219,4 +272,12 @@ def scatter_values(out: F32, idx: I64, start: int, stop: int, values: F32) -> No
 
 
 #: The kernels, helpers before the kernels that call them.
-KERNELS = ("band_pass", "select_pass", "rice_sums", "_put4", "rice_chunk", "scatter_values")
+KERNELS = (
+    "band_pass",
+    "select_pass",
+    "rice_sums",
+    "rice_decode",
+    "_put4",
+    "rice_chunk",
+    "scatter_values",
+)

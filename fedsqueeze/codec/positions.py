@@ -32,6 +32,7 @@ import numpy.typing as npt
 import torch
 from torch import Tensor
 
+from fedsqueeze.codec import jit
 from fedsqueeze.codec.bitpack import pack_bits, packed_size, unpack_bits
 from fedsqueeze.codec.chunks import submit
 from fedsqueeze.codec.rice_encode import encode_rice, rice_sums
@@ -378,6 +379,20 @@ def _decode_rice(payload: Tensor, count: int, k: int, numel: int) -> Tensor:
     # count-sized allocation.
     if payload.numel() < rem_size or count > 8 * unary.numel():
         raise FormatError(f"positions payload too short for {count} positions")
+    if payload.device.type == "cpu" and jit.use(count):
+        # One compiled pass over the unary bytes (the path below spells every bit out
+        # as a byte: 117 of 133 ms of a 90%-pruned 100 MB tensor's decode); a payload it
+        # refuses goes on below, which says why.
+        data = payload.contiguous().numpy()
+        used = count * k % 8
+        # unpack_bits (the path below) refuses set padding bits after the remainders
+        padded = used and int(data[rem_size - 1]) >> used
+        out = np.empty(count, dtype=np.int64)
+        if (
+            not padded
+            and jit.rice_decode(data[:rem_size], k, data[rem_size:], count, numel, out) == 0
+        ):
+            return torch.from_numpy(out)
     bits = unpack_bits(unary, 1, 8 * unary.numel())
     zeros = bits == 0
     if int(torch.count_nonzero(zeros)) != count:

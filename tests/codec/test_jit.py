@@ -299,3 +299,51 @@ def test_rice_sums_match_the_numpy_path(window: range) -> None:
         rice_encode.CHUNK = saved
     assert ok and ok_want
     assert np.array_equal(got, want)
+
+
+def _decoded_or_error(coding: object, count: int, k: int, payload: torch.Tensor, n: int) -> object:
+    from fedsqueeze.codec.positions import decode_positions
+    from fedsqueeze.errors import FormatError
+
+    try:
+        return decode_positions(coding, count, k, payload, n).tolist()  # type: ignore[arg-type]
+    except FormatError as exc:
+        return f"FormatError: {exc}"
+
+
+@pytest.mark.parametrize("density", [0.2, 0.05, 0.003])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_rice_decoding_matches_the_reference_on_good_and_bad_payloads(
+    density: float, seed: int
+) -> None:
+    from fedsqueeze.codec.positions import PositionCoding, encode_positions
+
+    rng = np.random.default_rng(seed)
+    n = 40_000
+    idx = np.flatnonzero(rng.random(n) < density)
+    if seed == 2:  # the last element kept
+        idx = np.append(idx[idx < n - 1], n - 1)
+    enc = encode_positions(torch.from_numpy(idx.astype(np.int64)), n)
+    if enc.coding is not PositionCoding.RICE:
+        pytest.skip("a bitmap at this density")
+    cases = [(enc.count, enc.payload, n), (enc.count, enc.payload, int(idx[-1]))]
+    cases += [(enc.count + d, enc.payload, n) for d in (-1, 1)]
+    cases += [
+        (enc.count, torch.cat([enc.payload, enc.payload.new_full((1,), v)]), n) for v in (0, 0xFF)
+    ]
+    rem_size = -(-enc.count * enc.rice_k // 8)
+    if enc.count * enc.rice_k % 8:  # a set padding bit after the last remainder
+        p = enc.payload.clone()
+        p[rem_size - 1] |= 0x80
+        cases.append((enc.count, p, n))
+    for _ in range(20):
+        p = enc.payload.clone()
+        at = int(rng.integers(p.numel()))
+        p[at] ^= 1 << int(rng.integers(8))
+        cases.append((enc.count, p, n))
+    for count, payload, numel in cases:
+        got = _decoded_or_error(enc.coding, count, enc.rice_k, payload, numel)
+        with jit_off():
+            want = _decoded_or_error(enc.coding, count, enc.rice_k, payload, numel)
+        assert got == want
+    assert _decoded_or_error(enc.coding, enc.count, enc.rice_k, enc.payload, n) == idx.tolist()
