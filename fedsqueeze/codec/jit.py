@@ -1,8 +1,8 @@
 """Compiled chunk kernels (numba) for the codec's hot loops: dense quantization and its
 decode and per-run ranges here; the byte planes of the lossless coder
 (:mod:`fedsqueeze.codec.jit_bytes`) and the sparse specs' selection and positions
-(:mod:`fedsqueeze.codec.jit_select`) in their own modules, compiled and reached through
-this one.
+(:mod:`fedsqueeze.codec.jit_select`) in their own modules, compiled by :func:`ready`
+here and called in their modules.
 
 The dense pipelines (:mod:`~fedsqueeze.codec.dense_encode`,
 :mod:`~fedsqueeze.codec.dense_decode`) cut a large tensor into chunks that fit in a
@@ -44,26 +44,13 @@ from fedsqueeze.codec import jit_bytes, jit_select
 __all__ = [
     "ENABLED",
     "MIN_VALUES",
-    "band_pass",
-    "bucket_gather",
-    "bucket_histogram",
-    "bucket_scatter",
-    "byte_counts",
-    "join_planes2",
-    "join_planes4",
     "linear_decode",
     "linear_encode",
     "nf4_decode",
     "nf4_encode",
     "per_run",
     "ready",
-    "rice_chunk",
-    "rice_decode",
-    "rice_sums",
     "run_range",
-    "scatter_values",
-    "select_pass",
-    "split_plane",
     "use",
     "warm",
 ]
@@ -132,25 +119,8 @@ def warm() -> None:
     nf4_encode(f, 0, 8, one, 8, u, np.full(256, np.inf, dtype=np.float32), u, u)
     nf4_decode(u, 0, 8, f, one, 8, f)
     run_range(f, 0, 8, 4, f[:2].copy(), f[:2].copy())
-    for uint in (np.uint16, np.uint32, np.uint64):
-        words = np.zeros(8, dtype=uint)
-        split_plane(words, words, False, 8, 0xFF, 0, 0, u)
-        split_plane(words, words, True, 8, 0xFF, 0, 0, u)
-    join_planes2(u, u, True, np.zeros(8, dtype=np.uint16))
-    counts = np.zeros(256, dtype=np.int64)
-    byte_counts(u, counts)
-    ranks = np.zeros(256, dtype=np.uint16)
-    bucket_histogram(u, ranks, u, np.zeros((1, 256), dtype=np.int64))
-    bucket_gather(u, ranks, u, np.zeros(1, dtype=np.int64), u.copy())
-    bucket_scatter(u, ranks, u, np.zeros(1, dtype=np.int64), u.copy())
-    join_planes4(u, u, u, u, True, np.zeros(8, dtype=np.uint32))
-    idx = np.arange(8, dtype=np.int64)
-    band_pass(f, 0, 8, lo, hi, f.copy())
-    select_pass(f, 0, 8, lo, True, idx.copy(), f.copy(), 0, 8)
-    rice_chunk(idx, 0, 8, 1, u.copy(), 0, np.zeros(64, dtype=np.uint8))
-    rice_sums(idx, 0, 8, 0, np.zeros(3, dtype=np.int64))
-    rice_decode(u, 1, u, 0, 8, idx.copy())
-    scatter_values(f.copy(), idx, 0, 8, f)
+    jit_bytes.warm()
+    jit_select.warm()
 
 
 def _compile() -> bool:
@@ -158,16 +128,14 @@ def _compile() -> bool:
         import numba
     except ImportError:  # pragma: no cover - numba is a dependency; NumPy runs instead
         return False
-    here = globals()
-    modules = ((here, _KERNELS), (vars(jit_bytes), jit_bytes.KERNELS))
-    for space, names in (*modules, (vars(jit_select), jit_select.KERNELS)):
+    spaces = ((globals(), _KERNELS), (vars(jit_bytes), jit_bytes.KERNELS))
+    for space, names in (*spaces, (vars(jit_select), jit_select.KERNELS)):
         for name in names:  # helpers first: their callers find them compiled
             fn = space[name]
             try:
                 space[name] = numba.njit(fn, cache=True, nogil=True, boundscheck=False)
             except RuntimeError:  # no writable place for the machine code: compile each time
                 space[name] = numba.njit(fn, cache=False, nogil=True, boundscheck=False)
-            here[name] = space[name]  # the re-exported name too
     return True
 
 
@@ -421,19 +389,3 @@ _KERNELS = (
     "nf4_decode",
     "run_range",
 )
-
-# The other kernels, re-exported here (compiled by :func:`_compile`, in their modules
-# and here).
-split_plane = jit_bytes.split_plane
-join_planes2 = jit_bytes.join_planes2
-join_planes4 = jit_bytes.join_planes4
-byte_counts = jit_bytes.byte_counts
-bucket_histogram = jit_bytes.bucket_histogram
-bucket_gather = jit_bytes.bucket_gather
-bucket_scatter = jit_bytes.bucket_scatter
-band_pass = jit_select.band_pass
-select_pass = jit_select.select_pass
-rice_chunk = jit_select.rice_chunk
-rice_sums = jit_select.rice_sums
-rice_decode = jit_select.rice_decode
-scatter_values = jit_select.scatter_values

@@ -2,9 +2,9 @@
 planes and joining them back, and the exponent buckets of format version 10
 (:mod:`fedsqueeze.codec.grouping`, :mod:`fedsqueeze.codec.plane_buckets`).
 
-Plain Python until :func:`fedsqueeze.codec.jit.ready` compiles them (the rules and the
-reasons are in :mod:`fedsqueeze.codec.jit`); callers reach them through that module
-(``jit.split_plane``, ...), which holds the compiled versions.
+Plain Python until :func:`fedsqueeze.codec.jit.ready` compiles them in this module (the
+rules and the reasons are in :mod:`fedsqueeze.codec.jit`): callers ask
+:func:`~fedsqueeze.codec.jit.use` first.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import numpy as np
 import numpy.typing as npt
 
 __all__ = [
+    "KERNELS",
     "bucket_gather",
     "bucket_histogram",
     "bucket_scatter",
@@ -20,6 +21,7 @@ __all__ = [
     "join_planes2",
     "join_planes4",
     "split_plane",
+    "warm",
 ]
 
 U8 = npt.NDArray[np.uint8]
@@ -136,6 +138,23 @@ def bucket_scatter(exponents: U8, ranks: U16, grouped: U8, starts: I64, out: U8)
         j = pos[b]
         out[i] = grouped[j]
         pos[b] = j + 1
+
+
+def warm() -> None:
+    """Each kernel called once on tiny inputs of the types its callers pass (compiled by
+    then: :func:`fedsqueeze.codec.jit.warm` calls this)."""
+    u = np.zeros(8, dtype=np.uint8)
+    for uint in (np.uint16, np.uint32, np.uint64):
+        words = np.zeros(8, dtype=uint)
+        split_plane(words, words, False, 8, 0xFF, 0, 0, u)
+        split_plane(words, words, True, 8, 0xFF, 0, 0, u)
+    join_planes2(u, u, True, np.zeros(8, dtype=np.uint16))
+    join_planes4(u, u, u, u, True, np.zeros(8, dtype=np.uint32))
+    byte_counts(u, np.zeros(256, dtype=np.int64))
+    ranks = np.zeros(256, dtype=np.uint16)
+    bucket_histogram(u, ranks, u, np.zeros((1, 256), dtype=np.int64))
+    bucket_gather(u, ranks, u, np.zeros(1, dtype=np.int64), u.copy())
+    bucket_scatter(u, ranks, u, np.zeros(1, dtype=np.int64), u.copy())
 
 
 #: The kernels, helpers before the kernels that call them.

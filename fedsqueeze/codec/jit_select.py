@@ -2,9 +2,9 @@
 selection (:mod:`fedsqueeze.codec.threshold_select`), the Rice-coded positions
 (:mod:`fedsqueeze.codec.rice_encode`) and the top-k residual's scatter.
 
-Plain Python until :func:`fedsqueeze.codec.jit.ready` compiles them (the rules and the
-reasons are in :mod:`fedsqueeze.codec.jit`); callers reach them through that module
-(``jit.band_pass``, ...), which holds the compiled versions.
+Plain Python until :func:`fedsqueeze.codec.jit.ready` compiles them in this module (the
+rules and the reasons are in :mod:`fedsqueeze.codec.jit`): callers ask
+:func:`~fedsqueeze.codec.jit.use` first.
 """
 
 from __future__ import annotations
@@ -13,12 +13,14 @@ import numpy as np
 import numpy.typing as npt
 
 __all__ = [
+    "KERNELS",
     "band_pass",
     "rice_chunk",
     "rice_decode",
     "rice_sums",
     "scatter_values",
     "select_pass",
+    "warm",
 ]
 
 F32 = npt.NDArray[np.float32]
@@ -191,12 +193,27 @@ def rice_decode(rem: U8, k: int, unary: U8, count: int, numel: int, out: I64) ->
     return 0
 
 
-def _put4(out: U8, at: int, acc: int) -> None:
-    """The low 32 bits of ``acc`` into ``out[at : at + 4]``, lowest byte first."""
+def _flush32(out: U8, at: int, acc: int, nbits: int) -> tuple[int, int, int]:
+    """With 32 or more bits pending in ``acc`` (lowest first), the low 32 into
+    ``out[at : at + 4]``, lowest byte first; returns the new ``(at, acc, nbits)``."""
+    if nbits < 32:
+        return at, acc, nbits
     out[at] = acc & 0xFF
     out[at + 1] = (acc >> 8) & 0xFF
     out[at + 2] = (acc >> 16) & 0xFF
     out[at + 3] = (acc >> 24) & 0xFF
+    return at + 4, acc >> 32, nbits - 32
+
+
+def _flush_rest(out: U8, at: int, acc: int, nbits: int) -> int:
+    """The bits still pending, a byte at a time (the last one zero-padded); returns the
+    index after the last byte written."""
+    while nbits > 0:
+        out[at] = acc & 0xFF
+        acc >>= 8
+        nbits -= 8
+        at += 1
+    return at
 
 
 def rice_chunk(idx: I64, start: int, stop: int, k: int, rem: U8, phase: int, unary: U8) -> int:
@@ -219,17 +236,8 @@ def rice_chunk(idx: I64, start: int, stop: int, k: int, rem: U8, phase: int, una
         g = ids[j] - prev - 1
         prev = ids[j]
         acc |= (g & mask) << nbits
-        nbits += k
-        if nbits >= 32:
-            _put4(rem, at, acc)
-            acc >>= 32
-            nbits -= 32
-            at += 4
-    while nbits > 0:
-        rem[at] = acc & 0xFF
-        acc >>= 8
-        nbits -= 8
-        at += 1
+        at, acc, nbits = _flush32(rem, at, acc, nbits + k)
+    _flush_rest(rem, at, acc, nbits)
     acc = 0
     nbits = phase
     at = 0
@@ -240,26 +248,11 @@ def rice_chunk(idx: I64, start: int, stop: int, k: int, rem: U8, phase: int, una
         q = g >> k
         while q >= 24:  # long runs of one-bits, 24 at a time (nbits stays below 56)
             acc |= 0xFFFFFF << nbits
-            nbits += 24
+            at, acc, nbits = _flush32(unary, at, acc, nbits + 24)
             q -= 24
-            if nbits >= 32:
-                _put4(unary, at, acc)
-                acc >>= 32
-                nbits -= 32
-                at += 4
         acc |= ((1 << q) - 1) << nbits
-        nbits += q + 1  # the zero-bit: nothing to set
-        if nbits >= 32:
-            _put4(unary, at, acc)
-            acc >>= 32
-            nbits -= 32
-            at += 4
-    while nbits > 0:
-        unary[at] = acc & 0xFF
-        acc >>= 8
-        nbits -= 8
-        at += 1
-    return at
+        at, acc, nbits = _flush32(unary, at, acc, nbits + q + 1)  # the zero-bit: unset
+    return _flush_rest(unary, at, acc, nbits)
 
 
 def scatter_values(out: F32, idx: I64, start: int, stop: int, values: F32) -> None:
@@ -271,13 +264,29 @@ def scatter_values(out: F32, idx: I64, start: int, stop: int, values: F32) -> No
         out[ids[j]] = vs[j]
 
 
+def warm() -> None:
+    """Each kernel called once on tiny inputs of the types its callers pass (compiled by
+    then: :func:`fedsqueeze.codec.jit.warm` calls this)."""
+    f = np.zeros(8, dtype=np.float32)
+    u = np.zeros(8, dtype=np.uint8)
+    idx = np.arange(8, dtype=np.int64)
+    lo, hi = np.float32(0.0), np.float32(255.0)
+    band_pass(f, 0, 8, lo, hi, f.copy())
+    select_pass(f, 0, 8, lo, True, idx.copy(), f.copy(), 0, 8)
+    rice_chunk(idx, 0, 8, 1, u.copy(), 0, np.zeros(64, dtype=np.uint8))
+    rice_sums(idx, 0, 8, 0, np.zeros(3, dtype=np.int64))
+    rice_decode(u, 1, u, 0, 8, idx.copy())
+    scatter_values(f.copy(), idx, 0, 8, f)
+
+
 #: The kernels, helpers before the kernels that call them.
 KERNELS = (
     "band_pass",
     "select_pass",
     "rice_sums",
     "rice_decode",
-    "_put4",
+    "_flush32",
+    "_flush_rest",
     "rice_chunk",
     "scatter_values",
 )

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from fedsqueeze.codec import jit
+from fedsqueeze.codec import jit, jit_select
 from fedsqueeze.codec.chunks import CPU_CHUNK, chunk_bounds, run_chunks, scratch
 
 __all__ = [
@@ -40,6 +40,7 @@ __all__ = [
     "nf4_tables",
     "parallel_copy",
     "quantize_linear",
+    "scatter",
     "value_range",
 ]
 
@@ -256,6 +257,25 @@ def dequantize_table(codes: Tensor, table: Tensor, scale: Tensor, runs: Runs | N
 
 
 # ---------------------------------------------------------------------- copy
+def scatter(out: Tensor, indices: Tensor, values: Tensor) -> None:
+    """``out[indices] = values`` for 1-D CPU tensors (``indices`` distinct): a large float32
+    scatter by the compiled kernel in chunks on the worker threads, else NumPy's fancy
+    assignment (torch's ``index_put`` of 2.5M positions cost ~5x that here)."""
+    dst, at, got = out.numpy(), indices.contiguous().numpy(), values.contiguous().numpy()
+    if (
+        jit.use(at.size)
+        and dst.dtype == np.float32
+        and at.dtype == np.int64
+        and got.dtype == np.float32
+    ):
+        # 2.5M positions: 15 ms against NumPy's 22 (random writes: the misses dominate).
+        run_chunks(
+            lambda a, b: jit_select.scatter_values(dst, at, a, b, got), chunk_bounds(at.size)
+        )
+    else:
+        dst[at] = got
+
+
 def parallel_copy(x: Tensor) -> Tensor:
     """A contiguous copy of 1-D ``x``, written in chunks on the worker threads."""
     src = x.contiguous()

@@ -375,13 +375,12 @@ def encode_state(
             return encoder.carry(name, tensor)
         return encoder.encode(name, tensor, masks.get(name), grow_masks.get(name))
 
+    # Small tensors on every core at once, large ones alone (their chunks use every
+    # core): the same records, in the same order (fedsqueeze.codec.workers). Every one
+    # alone, in order, where the records depend on it (TensorEncoder.in_parallel).
     names = list(state)
-    if encoder.in_parallel:
-        # Small tensors on every core at once, large ones alone (their chunks use every
-        # core): the same records, in the same order (fedsqueeze.codec.workers).
-        coded = map_alone_or_parallel(encode_one, names, lambda n: _alone(state[n]))
-    else:
-        coded = [encode_one(name) for name in names]
+    parallel = encoder.in_parallel
+    coded = map_alone_or_parallel(encode_one, names, lambda n: not parallel or _alone(state[n]))
     records = []
     new_residual: dict[str, torch.Tensor] = {}
     for name, (record, res) in zip(names, coded, strict=True):
@@ -518,12 +517,10 @@ def _decode_records(
     on_cpu = (device is None or torch.device(device).type == "cpu") and (
         base is None or all(t.device.type == "cpu" for t in base.values())
     )
-    if not on_cpu:
-        return {name: _plain(decoder.decode(r)[1]) for name, r in zip(names, records, strict=True)}
     decoded = map_alone_or_parallel(
         lambda i: _plain(decoder.decode(records[i])[1]),
         range(len(records)),
-        lambda i: sizes[i] > ALONE_ABOVE,
+        lambda i: not on_cpu or sizes[i] > ALONE_ABOVE,
     )
     return dict(zip(names, decoded, strict=True))
 

@@ -35,7 +35,7 @@ from collections.abc import Callable
 import numpy as np
 import numpy.typing as npt
 
-from fedsqueeze.codec import jit
+from fedsqueeze.codec import jit, jit_bytes
 from fedsqueeze.codec.bytesio import ByteReader, write_varint
 from fedsqueeze.codec.chunks import np_scratch
 from fedsqueeze.errors import FormatError
@@ -66,7 +66,7 @@ def buckets(exponents: Plane, min_log2: int) -> tuple[Ranks, list[int]]:
     any)."""
     if jit.use(exponents.size):
         counts = np.empty(256, dtype=np.int64)
-        jit.byte_counts(exponents, counts)
+        jit_bytes.byte_counts(exponents, counts)
     else:
         counts = np.bincount(exponents, minlength=256)
     big = counts >= (1 << min_log2)
@@ -91,7 +91,7 @@ def plan(exponents: Plane, plane: Plane) -> tuple[Ranks, list[int]] | None:
     p_sample = np.ascontiguousarray(plane[::STRIDE])
     hist = np.zeros((len(sizes), 256), dtype=np.int64)
     if jit.use(plane.size):
-        jit.bucket_histogram(e_sample, ranks, p_sample, hist)
+        jit_bytes.bucket_histogram(e_sample, ranks, p_sample, hist)
     else:
         np.add.at(hist, (ranks[e_sample], p_sample), 1)
     bits = _entropy_bits(hist.sum(axis=0)) - sum(_entropy_bits(h) for h in hist)
@@ -114,7 +114,7 @@ def encode(
     after the other (left in pieces: the caller copies them once, into its body)."""
     grouped = np_scratch("bucketed", plane.size, np.uint8, 1 << 20)
     if jit.use(plane.size):
-        jit.bucket_gather(exponents, ranks, plane, _starts(sizes), grouped)
+        jit_bytes.bucket_gather(exponents, ranks, plane, _starts(sizes), grouped)
     else:
         grouped[:] = plane[np.argsort(ranks[exponents], kind="stable")]
     head = bytearray([MIN_LOG2])
@@ -167,7 +167,7 @@ def decode(data: memoryview, count: int, exponents: Plane, decode_part: PartDeco
         raise FormatError(f"{reader.remaining} bytes after the last bucket")
     out = np_scratch("buckets_out", count, np.uint8, 1 << 20)
     if jit.use(count):
-        jit.bucket_scatter(exponents, ranks, grouped, _starts(sizes), out)
+        jit_bytes.bucket_scatter(exponents, ranks, grouped, _starts(sizes), out)
     else:
         out[np.argsort(ranks[exponents], kind="stable")] = grouped
     return out

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from fedsqueeze.codec import jit
+from fedsqueeze.codec import jit, jit_bytes
 
 #: Values per block: a block's words, scratch and planes stay in cache (L2 or L3),
 #: and each NumPy call covers enough values that threads rarely wait on the GIL.
@@ -138,7 +138,7 @@ def _split_compiled(v: Words, base: Words | None, k: int, layout: PlaneLayout, o
     else:
         s1, m1, s2, m2 = layout.shift(k), 0xFF, 0, 0
     xor = base is not None
-    jit.split_plane(v, base if base is not None else v, xor, s1, m1, s2, m2, out)
+    jit_bytes.split_plane(v, base if base is not None else v, xor, s1, m1, s2, m2, out)
 
 
 def _narrow(v: Words, shift: int, out: Plane) -> None:
@@ -162,10 +162,10 @@ def join_planes(planes: list[Plane], layout: PlaneLayout, out: Words) -> None:
 
 def _join_block(planes: list[Plane], layout: PlaneLayout, o: Words, compiled: bool) -> None:
     if compiled and layout.width == 2:
-        jit.join_planes2(planes[0], planes[1], layout.swapped, o)
+        jit_bytes.join_planes2(planes[0], planes[1], layout.swapped, o)
         return
     if compiled and layout.width == 4:
-        jit.join_planes4(planes[0], planes[1], planes[2], planes[3], layout.swapped, o)
+        jit_bytes.join_planes4(planes[0], planes[1], planes[2], planes[3], layout.swapped, o)
         return
     uint = layout.uint
     top = 8 * layout.width

@@ -32,7 +32,7 @@ import numpy.typing as npt
 import torch
 from torch import Tensor
 
-from fedsqueeze.codec import jit
+from fedsqueeze.codec import jit, jit_select
 from fedsqueeze.codec.bitpack import pack_bits, packed_size, unpack_bits
 from fedsqueeze.codec.chunks import submit
 from fedsqueeze.codec.rice_encode import encode_rice, rice_sums
@@ -390,7 +390,7 @@ def _decode_rice(payload: Tensor, count: int, k: int, numel: int) -> Tensor:
         out = np.empty(count, dtype=np.int64)
         if (
             not padded
-            and jit.rice_decode(data[:rem_size], k, data[rem_size:], count, numel, out) == 0
+            and jit_select.rice_decode(data[:rem_size], k, data[rem_size:], count, numel, out) == 0
         ):
             return torch.from_numpy(out)
     bits = unpack_bits(unary, 1, 8 * unary.numel())

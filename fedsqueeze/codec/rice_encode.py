@@ -27,7 +27,7 @@ from __future__ import annotations
 import numpy as np
 import numpy.typing as npt
 
-from fedsqueeze.codec import jit
+from fedsqueeze.codec import jit, jit_select
 from fedsqueeze.codec.chunks import np_scratch, run_chunks
 
 __all__ = ["CHUNK", "encode_rice", "rice_sums"]
@@ -65,7 +65,7 @@ def rice_sums(idx: I64, ks: range) -> tuple[npt.NDArray[np.int64], bool]:
     def chunk(start: int, stop: int) -> None:
         i = start // CHUNK
         if compiled:  # the gaps, their check and every k's sum in one compiled pass
-            ok[i] = jit.rice_sums(idx, start, stop, ks.start, sums[i])
+            ok[i] = jit_select.rice_sums(idx, start, stop, ks.start, sums[i])
             return
         g = _gaps(idx, start, stop)
         if g.min() < 0:
@@ -110,7 +110,7 @@ def encode_rice(idx: I64, k: int, chunk_sums: npt.NDArray[np.int64]) -> npt.NDAr
             total = bit0 % 8 + int(unary_len[i])
             packed = np_scratch("rice_packed", -(-total // 8), np.uint8, CHUNK)
             rem_part = rem[start * k // 8 : -(-stop * k // 8)]
-            written = jit.rice_chunk(idx, start, stop, k, rem_part, bit0 % 8, packed)
+            written = jit_select.rice_chunk(idx, start, stop, k, rem_part, bit0 % 8, packed)
             if written != packed.size:  # cannot happen: the sums gave the length
                 raise RuntimeError("rice coding: a chunk's unary length changed")
             edges[i] = _place(packed, bit0 // 8, unary)

@@ -18,7 +18,6 @@ from fedsqueeze.codec import ans, dense_decode, entropy, fused, jit, plane_ans
 from fedsqueeze.codec.bitpack import pack_bits, packed_size, unpack_bits
 from fedsqueeze.codec.bits import xor_bits, xor_into
 from fedsqueeze.codec.blockwise import num_blocks
-from fedsqueeze.codec.chunks import chunk_bounds, run_chunks
 from fedsqueeze.codec.container import (
     CODE_DTYPES,
     DTYPE_CODES,
@@ -27,6 +26,7 @@ from fedsqueeze.codec.container import (
     ValueKind,
 )
 from fedsqueeze.codec.grouping import decode_grouped
+from fedsqueeze.codec.kernels import scatter
 from fedsqueeze.codec.lowrank import factor_count, matrix_shape, pays_off
 from fedsqueeze.codec.positions import PositionCoding, decode_positions, max_payload_bytes
 from fedsqueeze.codec.progressive import (
@@ -88,20 +88,15 @@ def _spread(
 ) -> torch.Tensor:
     """A dense float32 ``[numel]`` of zeros with ``values`` at ``indices``. On the CPU, large:
     NumPy's zeroed memory (huge pages: torch's 4 KiB pages cost 36 ms of first touches
-    on a 100 MB tensor) and a compiled scatter in chunks on the workers."""
+    on a 100 MB tensor) and the compiled scatter (:func:`~fedsqueeze.codec.kernels.scatter`)."""
     if (
-        device.type == "cpu"
-        and values.device.type == "cpu"
-        and indices.device.type == "cpu"
+        device.type == values.device.type == indices.device.type == "cpu"
         and values.dtype == torch.float32
-        and indices.dtype == torch.int64
         and jit.use(indices.numel())
     ):
-        dense = np.zeros(numel, dtype=np.float32)
-        at = indices.contiguous().numpy()
-        kept = values.contiguous().numpy()
-        run_chunks(lambda a, b: jit.scatter_values(dense, at, a, b, kept), chunk_bounds(at.size))
-        return torch.from_numpy(dense)
+        dense = torch.from_numpy(np.zeros(numel, dtype=np.float32))
+        scatter(dense, indices, values)
+        return dense
     out = torch.zeros(numel, dtype=torch.float32, device=device)
     out[indices] = values
     return out

@@ -26,7 +26,7 @@ import enum
 import numpy as np
 import numpy.typing as npt
 
-from fedsqueeze.codec import jit
+from fedsqueeze.codec import jit, jit_select
 from fedsqueeze.codec.chunks import np_scratch, run_chunks
 
 __all__ = ["CHUNK", "Outcome", "select_above"]
@@ -63,7 +63,7 @@ def select_above(x: F32, prune: int, lo: float, hi: float) -> tuple[I64, F32] | 
         size = stop - start
         if compiled:  # the same comparisons in one compiled pass
             buf = np_scratch("sel_band", size, np.float32, CHUNK)
-            packed = jit.band_pass(x, start, stop, lo32, hi32, buf)
+            packed = jit_select.band_pass(x, start, stop, lo32, hi32, buf)
             at_least[start // CHUNK] = packed >> 32
             band[start // CHUNK] = buf[: packed & 0xFFFFFFFF].copy()
             return
@@ -103,7 +103,7 @@ def select_above(x: F32, prune: int, lo: float, hi: float) -> tuple[I64, F32] | 
         size = stop - start
         if compiled:
             o0, o1 = int(offsets[start // CHUNK]), int(offsets[start // CHUNK + 1])
-            got = jit.select_pass(x, start, stop, cut, strict, indices, values, o0, o1)
+            got = jit_select.select_pass(x, start, stop, cut, strict, indices, values, o0, o1)
             if got != o1 - o0:  # cannot happen: the same comparisons as the first pass
                 raise RuntimeError("magnitude selection: a chunk's count changed between passes")
             return

@@ -14,7 +14,14 @@ import numpy as np
 import pytest
 import torch
 
-from fedsqueeze.codec import dense_decode, dense_encode, jit, rice_encode, threshold_select
+from fedsqueeze.codec import (
+    dense_decode,
+    dense_encode,
+    jit,
+    jit_select,
+    rice_encode,
+    threshold_select,
+)
 from fedsqueeze.codec import planes as planes_module
 from fedsqueeze.codec.kernels import value_range
 from fedsqueeze.codec.model import EncodedModel, decode_state, encode_state
@@ -259,7 +266,7 @@ def test_residual_scatter_matches_numpy() -> None:
     values = rng.standard_normal(idx.size).astype(np.float32)
     want[idx] = values
     for start, stop in ((0, 2_000), (2_000, 2_001), (2_001, idx.size)):
-        jit.scatter_values(out, idx, start, stop, values)
+        jit_select.scatter_values(out, idx, start, stop, values)
     assert np.array_equal(out, want)
 
 
