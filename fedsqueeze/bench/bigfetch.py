@@ -173,13 +173,14 @@ def measure(model: Path, spec: str, folder: Path) -> dict[str, Any]:
             [
                 *me,
                 "client",
-                info["address"],
-                info["token"],
-                str(output),
                 "--spec",
                 spec,
                 "--spool",
                 str(spool_client),
+                "--",  # tokens made elsewhere may start with "-"
+                info["address"],
+                info["token"],
+                str(output),
             ]
         )
     finally:

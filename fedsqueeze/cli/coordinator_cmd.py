@@ -231,6 +231,11 @@ def main(args: argparse.Namespace) -> int:
         _check_resume(settings)
         _check_data_plane_port(settings)
     link = SuperLinkOptions(args.superlink_host, _port(args.superlink_port), tls)
+    if local and settings.data_plane_port == link.port:
+        raise ConfigError(
+            f"--data-plane-port {link.port} is also the SuperLink's port (--superlink-port);"
+            " give each its own"
+        )
     address = args.superlink or link.local_address
     ca = Path(args.flower_ca).expanduser().resolve() if args.flower_ca else None
     if ca is not None and not ca.is_file():

@@ -34,6 +34,7 @@ from fedsqueeze.deploy.processes import (
     ProcessSpec,
     Supervisor,
     free_port,
+    free_ports,
     interrupt_on_signals,
     wait_for_port,
 )
@@ -57,6 +58,7 @@ __all__ = [
     "Supervisor",
     "flower_env",
     "free_port",
+    "free_ports",
     "interrupt_on_signals",
     "read_round_summaries",
     "start_superlink",

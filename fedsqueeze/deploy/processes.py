@@ -321,12 +321,30 @@ def check_port_free(host: str, port: int, what: str) -> None:
 
 
 def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that is free on ``host`` right now (bind to port 0, then release)."""
+    """A TCP port that is free on ``host`` right now (bind to port 0, then release).
+
+    Two calls may return the same port: the first is free again once released. Use
+    :func:`free_ports` for several ports that must differ.
+    """
+    return free_ports(1, host)[0]
+
+
+def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
+    """``count`` different TCP ports, all free on ``host`` right now.
+
+    All are held until the last is found, so none repeats (separate :func:`free_port`
+    calls can hand out one port twice).
+    """
+    if count < 1:
+        raise ValueError(f"count must be at least 1, got {count}")
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        port: int = sock.getsockname()[1]
-        return port
+    with contextlib.ExitStack() as held:
+        ports: list[int] = []
+        for _ in range(count):
+            sock = held.enter_context(socket.socket(family, socket.SOCK_STREAM))
+            sock.bind((host, 0))
+            ports.append(int(sock.getsockname()[1]))
+        return ports
 
 
 @contextlib.contextmanager

@@ -33,8 +33,15 @@ _MAX_TOKEN_CHARS = 512
 
 
 def new_token() -> str:
-    """A fresh random token (32 random bytes, URL-safe base64)."""
-    return secrets.token_urlsafe(32)
+    """A fresh random token (32 random bytes, URL-safe base64).
+
+    Never one that starts with ``-``: pasted into a command line it would read as an
+    option.
+    """
+    while True:
+        token = secrets.token_urlsafe(32)
+        if not token.startswith("-"):
+            return token
 
 
 def call_metadata(edge_id: str, token: str) -> tuple[tuple[str, str], ...]:

@@ -11,7 +11,7 @@ import pytest
 from flwr.common.config import parse_config_args
 
 from fedsqueeze.cli import coordinator_cmd, edge_cmd
-from fedsqueeze.deploy.processes import Output, ProcessError
+from fedsqueeze.deploy.processes import Output, ProcessError, free_ports
 from fedsqueeze.deploy.superlink import FlowerTls, SuperLinkOptions, superlink_spec
 from fedsqueeze.deploy.supernode import SuperNodeOptions, supernode_spec
 from fedsqueeze.errors import ConfigError
@@ -121,6 +121,24 @@ def test_a_taken_superlink_port_is_refused(tmp_path: Path) -> None:
         with pytest.raises(ProcessError, match="another one running"):
             coordinator_cmd.main(args)
     assert not (tmp_path / "flower" / "superlink.log").exists()
+
+
+def test_one_port_for_the_superlink_and_the_data_plane_is_refused(tmp_path: Path) -> None:
+    [port] = free_ports(1)
+    args = _coordinator(
+        *("--state-dir", str(tmp_path / "s"), "--superlink-port", str(port)),
+        *("--data-plane-port", str(port)),
+    )
+    with pytest.raises(ConfigError, match="also the SuperLink's port"):
+        coordinator_cmd.main(args)
+    assert not (tmp_path / "s" / "flower").exists()
+
+
+def test_free_ports_are_all_different() -> None:
+    ports = free_ports(64)
+    assert len(set(ports)) == 64 and all(1 <= p <= 65535 for p in ports)
+    with pytest.raises(ValueError, match="at least 1"):
+        free_ports(0)
 
 
 @pytest.mark.parametrize(

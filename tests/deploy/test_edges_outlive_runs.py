@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from fedsqueeze.deploy import free_port
+from fedsqueeze.deploy import free_ports
 from tests.deploy.procs import Fleet, fleet, marked, wait_until_none
 from tests.transport.certs import make_pki
 
@@ -69,7 +69,7 @@ def test_edges_stay_up_through_kill_9_and_resume_with_tls(tmp_path: Path) -> Non
     cert.write_bytes(pki.server.cert)
     key.write_bytes(pki.server.key)
     state = tmp_path / "state"
-    link, plane = free_port(), free_port()
+    link, plane = free_ports(2)
     coordinator_args = (
         "coordinator",
         *("--superlink-port", str(link), "--rounds", str(ROUNDS), "--min-nodes", "2"),
@@ -174,13 +174,13 @@ def test_an_edge_without_the_data_plane_ca_tells_the_coordinator_why(tmp_path: P
     cert, key = tmp_path / "server.pem", tmp_path / "server.key"
     cert.write_bytes(pki.server.cert)
     key.write_bytes(pki.server.key)
-    link = free_port()
+    link, plane = free_ports(2)
     with fleet(tmp_path / "logs") as f:
         coordinator = f.start(
             "coordinator",
             "coordinator",
             *("--superlink-port", str(link), "--rounds", "1", "--min-nodes", "1"),
-            *("--state-dir", str(tmp_path / "state"), "--data-plane-port", str(free_port())),
+            *("--state-dir", str(tmp_path / "state"), "--data-plane-port", str(plane)),
             *("--tls-cert", str(cert), "--tls-key", str(key), "--set", "epochs=1"),
         )
         f.start(

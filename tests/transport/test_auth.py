@@ -99,3 +99,15 @@ def test_token_table():
         TokenTable({"bad id!": "a" * 20})
     generated, handed_out = TokenTable.generate(["a", "b"])
     assert len(generated) == 2 and "a" in generated and len(set(handed_out.values())) == 2
+
+
+def test_new_tokens_never_start_with_a_dash(monkeypatch):
+    """A token pasted into a command line must not read as an option."""
+    from fedsqueeze.transport import auth
+
+    drawn = iter(["-dash-first-then-fine-0123456789abcdefghijklmnopq", "x" * 43])
+    monkeypatch.setattr(auth.secrets, "token_urlsafe", lambda n: next(drawn))
+    assert auth.new_token() == "x" * 43
+    monkeypatch.undo()
+    tokens = {auth.new_token() for _ in range(2000)}
+    assert len(tokens) == 2000 and not any(t.startswith("-") for t in tokens)
