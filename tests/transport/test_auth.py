@@ -103,10 +103,12 @@ def test_token_table():
 
 def test_new_tokens_never_start_with_a_dash(monkeypatch):
     """A token pasted into a command line must not read as an option."""
+    import secrets
+
     from fedsqueeze.transport import auth
 
     drawn = iter(["-dash-first-then-fine-0123456789abcdefghijklmnopq", "x" * 43])
-    monkeypatch.setattr(auth.secrets, "token_urlsafe", lambda n: next(drawn))
+    monkeypatch.setattr(secrets, "token_urlsafe", lambda n: next(drawn))
     assert auth.new_token() == "x" * 43
     monkeypatch.undo()
     tokens = {auth.new_token() for _ in range(2000)}
