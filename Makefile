@@ -29,8 +29,13 @@ lint: install
 typecheck: install
 	$(BIN)/mypy
 
+# The suite runs on every core (pytest-xdist), at most TEST_MAX_WORKERS processes;
+# `make TEST_WORKERS=0 test` runs it in this one process.
+TEST_WORKERS ?= auto
+TEST_MAX_WORKERS ?= 4
+
 unit: install
-	$(BIN)/python -m pytest -q --durations=25
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --maxprocesses $(TEST_MAX_WORKERS) --dist worksteal --durations=25
 
 test: lint typecheck unit
 

@@ -28,6 +28,7 @@ import ctypes
 import enum
 import logging
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -321,30 +322,52 @@ def check_port_free(host: str, port: int, what: str) -> None:
 
 
 def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that is free on ``host`` right now (bind to port 0, then release).
-
-    Two calls may return the same port: the first is free again once released. Use
-    :func:`free_ports` for several ports that must differ.
-    """
+    """A TCP port that is free on ``host`` right now (see :func:`free_ports`)."""
     return free_ports(1, host)[0]
+
+
+#: Where :func:`free_ports` looks first: below the usual ephemeral range.
+_PICKED_PORTS = (20000, 32768)
+_PICK_TRIES = 64
 
 
 def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
     """``count`` different TCP ports, all free on ``host`` right now.
 
-    All are held until the last is found, so none repeats (separate :func:`free_port`
-    calls can hand out one port twice).
+    A port handed out here is free until the caller's server binds it, so it is drawn
+    at random from below the kernel's ephemeral range (``ip_local_port_range``), where
+    bind-to-port-0 and outgoing connections of other programs never land; if none there
+    binds, the kernel picks one. All are held until the last is found, so none repeats.
     """
     if count < 1:
         raise ValueError(f"count must be at least 1, got {count}")
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    low, high = _PICKED_PORTS
+    high = min(high, _ephemeral_start())
+    draw = random.SystemRandom()
     with contextlib.ExitStack() as held:
         ports: list[int] = []
         for _ in range(count):
             sock = held.enter_context(socket.socket(family, socket.SOCK_STREAM))
-            sock.bind((host, 0))
+            for _ in range(_PICK_TRIES if high > low else 0):
+                try:
+                    sock.bind((host, draw.randrange(low, high)))
+                    break
+                except OSError:
+                    continue
+            else:
+                sock.bind((host, 0))
             ports.append(int(sock.getsockname()[1]))
         return ports
+
+
+def _ephemeral_start() -> int:
+    """The first port of the kernel's ephemeral range (32768, Linux's default, if unknown)."""
+    try:
+        text = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text()
+        return int(text.split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
 
 
 @contextlib.contextmanager

@@ -134,11 +134,25 @@ def test_one_port_for_the_superlink_and_the_data_plane_is_refused(tmp_path: Path
     assert not (tmp_path / "s" / "flower").exists()
 
 
-def test_free_ports_are_all_different() -> None:
+def test_free_ports_are_all_different_and_bindable() -> None:
     ports = free_ports(64)
     assert len(set(ports)) == 64 and all(1 <= p <= 65535 for p in ports)
+    for port in ports:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", port))
     with pytest.raises(ValueError, match="at least 1"):
         free_ports(0)
+
+
+def test_free_ports_come_from_below_the_ephemeral_range_else_from_the_kernel(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from fedsqueeze.deploy import processes
+
+    assert all(p < processes._ephemeral_start() for p in free_ports(8))
+    monkeypatch.setattr(processes, "_ephemeral_start", lambda: 1024)  # no room below
+    ports = free_ports(4)
+    assert len(set(ports)) == 4 and all(p >= 1024 for p in ports)
 
 
 @pytest.mark.parametrize(
