@@ -136,6 +136,11 @@ def _compile() -> bool:
                 space[name] = numba.njit(fn, cache=True, nogil=True, boundscheck=False)
             except RuntimeError:  # no writable place for the machine code: compile each time
                 space[name] = numba.njit(fn, cache=False, nogil=True, boundscheck=False)
+    # Kernels compile on their first call, so the vector helper can still take the
+    # compiled scalar one's place.
+    from fedsqueeze.codec import jit_vector
+
+    jit_vector.install(vars(jit_select))
     return True
 
 

@@ -238,6 +238,31 @@ def test_magnitude_selection_matches_the_numpy_passes(seed: int, share: float) -
         threshold_select.CHUNK = monkey
 
 
+@pytest.mark.parametrize("strict", [False, True])
+@pytest.mark.parametrize("room", [1.0, 0.5])
+def test_select_pass_matches_numpy_with_either_helper(strict: bool, room: float) -> None:
+    """The vector helper (where the CPU has one, else the scalar one): the same indices
+    and values as NumPy, NaN never kept, nothing written past the output's end."""
+    jit.ready()
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal(10_007).astype(np.float32)
+    x[::13] = np.float32(0.5)  # ties on the cut
+    x[5], x[6], x[7] = np.nan, -0.0, -np.inf
+    cut = np.float32(0.5)
+    keep = np.flatnonzero(np.abs(x) > cut if strict else np.abs(x) >= cut)
+    for start, stop in ((0, x.size), (3, 4_099), (17, 40)):
+        want = keep[(keep >= start) & (keep < stop)]
+        o1 = 7 + int(want.size * room)
+        indices = np.full(o1 + 5, -1, dtype=np.int64)
+        values = np.full(o1 + 5, 9.0, dtype=np.float32)
+        got = jit_select.select_pass(x, start, stop, cut, strict, indices, values, 7, o1)
+        assert got == want.size
+        fit = o1 - 7
+        assert np.array_equal(indices[7:o1], want[:fit])
+        assert np.array_equal(values[7:o1], x[want[:fit]])
+        assert (indices[:7] == -1).all() and (indices[o1:] == -1).all()
+
+
 @pytest.mark.parametrize("k", [0, 1, 5, 13, 24, 40])
 def test_rice_payload_matches_the_numpy_path(k: int) -> None:
     rng = np.random.default_rng(k)
