@@ -78,7 +78,9 @@ def _compress16(
     """Of ``xs[k:k+16]``, the values whose magnitude is above ``cut`` (``>= cut`` unless
     ``strict``) into ``values[o:]`` and their indices plus ``base`` into
     ``indices[o:]``, in order; returns ``o`` plus how many. The caller guarantees room
-    for 16. :mod:`fedsqueeze.codec.jit_vector` replaces it with one vector step."""
+    for 16. :mod:`fedsqueeze.codec.jit_vector` replaces it with one vector step; where
+    it cannot (no AVX-512), ``VECTOR`` stays false and :func:`select_pass` never calls
+    this scalar form, which is compiled only so that the call in it types."""
     for j in range(16):
         v = xs[k + j]
         m = abs(v)

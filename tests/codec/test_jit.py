@@ -238,24 +238,33 @@ def test_magnitude_selection_matches_the_numpy_passes(seed: int, share: float) -
         threshold_select.CHUNK = monkey
 
 
+@pytest.mark.parametrize("compiled", [True, False])
+@pytest.mark.parametrize("cut", [0.5, 2.0])  # 62% and 4.6% kept: both scalar loops
 @pytest.mark.parametrize("strict", [False, True])
 @pytest.mark.parametrize("room", [1.0, 0.5])
-def test_select_pass_matches_numpy_with_either_helper(strict: bool, room: float) -> None:
-    """The vector helper (where the CPU has one, else the scalar one): the same indices
-    and values as NumPy, NaN never kept, nothing written past the output's end."""
+def test_select_pass_matches_numpy(
+    compiled: bool, cut: float, strict: bool, room: float, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The compiled pass (with the vector step where the CPU has one) and the scalar
+    loops alone (the plain Python function, ``VECTOR`` off): the same indices and values
+    as NumPy, NaN never kept, nothing written past the output's end."""
     jit.ready()
+    kernel = jit_select.select_pass
+    if not compiled:
+        kernel = getattr(kernel, "py_func", kernel)
+        monkeypatch.setattr(jit_select, "VECTOR", False)
     rng = np.random.default_rng(3)
     x = rng.standard_normal(10_007).astype(np.float32)
-    x[::13] = np.float32(0.5)  # ties on the cut
+    x[::13] = np.float32(cut)  # ties on the cut
     x[5], x[6], x[7] = np.nan, -0.0, -np.inf
-    cut = np.float32(0.5)
-    keep = np.flatnonzero(np.abs(x) > cut if strict else np.abs(x) >= cut)
+    cut32 = np.float32(cut)
+    keep = np.flatnonzero(np.abs(x) > cut32 if strict else np.abs(x) >= cut32)
     for start, stop in ((0, x.size), (3, 4_099), (17, 40)):
         want = keep[(keep >= start) & (keep < stop)]
         o1 = 7 + int(want.size * room)
         indices = np.full(o1 + 5, -1, dtype=np.int64)
         values = np.full(o1 + 5, 9.0, dtype=np.float32)
-        got = jit_select.select_pass(x, start, stop, cut, strict, indices, values, 7, o1)
+        got = kernel(x, start, stop, cut32, strict, indices, values, 7, o1)
         assert got == want.size
         fit = o1 - 7
         assert np.array_equal(indices[7:o1], want[:fit])
