@@ -275,7 +275,9 @@ class _EdgeRun:
             f"(a run ended, the coordinator restarted). Ctrl-C stops it. Flower's log: "
             f"{self.log.path}{where}"
         )
-        keeper = SuperNodeKeeper(self._restart, describe=self._describe, report=self.say)
+        keeper = SuperNodeKeeper(
+            self._restart, describe=self._describe, report=self.say, quitting=self.log.quitting
+        )
         keeper.run(first)
 
     def _start(self) -> ManagedProcess:
@@ -293,10 +295,10 @@ class _EdgeRun:
         self.say(f"SuperNode started again: it registers with {self.options.superlink}")
         return process
 
-    def _describe(self, status: int) -> str:
+    def _describe(self, status: int | None) -> str:
         from fedsqueeze.deploy.keeper import explain_exit
 
-        if self._copier is not None:
+        if self._copier is not None and status is not None:
             self._copier.join(timeout=5)  # its last lines, where Flower says why it quit
         return explain_exit(status, self.log.path)
 

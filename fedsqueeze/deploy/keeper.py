@@ -8,6 +8,13 @@ one exits on its own, after an exponential backoff (capped, with jitter, so a fl
 edges does not stampede a SuperLink that just came back). A SuperNode that ran for a
 while before it exited starts the backoff over.
 
+A SuperNode can also say it quits and then never exit: on a 401 it signals itself, logs
+"SuperNode terminated gracefully." and runs Flower's exit handlers, one of which may
+block on the new SuperLink before Flower's own five-second force-exit timer is armed.
+The keeper is told when the log holds that line (``quitting``); a SuperNode still alive
+``hang_s`` seconds later counts as exited, and the restart stops it (and what it
+started) before starting the next.
+
 Ctrl-C (``KeyboardInterrupt``) ends the loop at once, whether it waits for the SuperNode
 or sleeps before a restart; the caller's supervisor then stops what is left.
 """
@@ -17,6 +24,7 @@ from __future__ import annotations
 import logging
 import random
 import re
+import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,7 +35,7 @@ from fedsqueeze.deploy.processes import ProcessError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Backoff", "SuperNodeKeeper", "explain_exit"]
+__all__ = ["QUIT_LINE", "START_MARK", "Backoff", "SuperNodeKeeper", "explain_exit"]
 
 
 @dataclass(frozen=True)
@@ -72,7 +80,8 @@ class Runner(Protocol):
     """A started process the keeper waits on (``ManagedProcess`` in real use)."""
 
     def wait(self, timeout: float | None = None) -> int:
-        """Block until it exits; its exit status."""
+        """Block until it exits; its exit status. Raises ``subprocess.TimeoutExpired``
+        when it still runs after ``timeout`` seconds."""
         ...
 
 
@@ -84,13 +93,21 @@ class SuperNodeKeeper:
     start
         Stops whatever the previous SuperNode left behind and starts a new one.
     describe
-        ``describe(status)``: why the SuperNode exited, for the one status line.
+        ``describe(status)``: why the SuperNode exited, for the one status line;
+        ``status`` is ``None`` for one that said it quit but hung (see ``quitting``).
     report
         Where the status lines go (the edge's terminal).
     backoff
         Delays between restarts.
     stable_s
         A SuperNode that ran at least this long resets the backoff.
+    quitting
+        ``True`` once the running SuperNode has said it quits (its log says so).
+    hang_s
+        How long a SuperNode that said it quits may take to exit before it counts as
+        exited (Flower force-exits after 5 s when its exit handlers do not block).
+    poll_s
+        How often ``quitting`` is asked while a SuperNode runs.
     sleep, clock, rng
         Injected for tests.
     """
@@ -99,10 +116,13 @@ class SuperNodeKeeper:
         self,
         start: Callable[[], Runner],
         *,
-        describe: Callable[[int], str],
+        describe: Callable[[int | None], str],
         report: Callable[[str], None],
         backoff: Backoff | None = None,
         stable_s: float = 60.0,
+        quitting: Callable[[], bool] = lambda: False,
+        hang_s: float = 20.0,
+        poll_s: float = 1.0,
         sleep: Callable[[float], None] = time.sleep,
         clock: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
@@ -112,6 +132,11 @@ class SuperNodeKeeper:
         self.report = report
         self.backoff = backoff or Backoff()
         self.stable_s = stable_s
+        if not (hang_s >= 0 and poll_s > 0):
+            raise ValueError("need hang_s >= 0 and poll_s > 0")
+        self.quitting = quitting
+        self.hang_s = hang_s
+        self.poll_s = poll_s
         self.sleep = sleep
         self.clock = clock
         self.rng = rng or random.Random()
@@ -124,9 +149,24 @@ class SuperNodeKeeper:
         failures = 0
         while True:
             started = self.clock()
-            why = self.describe(process.wait())
+            why = self.describe(self._wait(process))
             failures = 1 if self.clock() - started >= self.stable_s else failures + 1
             process, failures = self._restart(why, failures)
+
+    def _wait(self, process: Runner) -> int | None:
+        """``process``'s exit status, or ``None`` once it has said it quits and still
+        runs ``hang_s`` seconds later."""
+        said_at: float | None = None
+        while True:
+            try:
+                return process.wait(timeout=self.poll_s)
+            except subprocess.TimeoutExpired:
+                pass
+            if said_at is None:
+                if self.quitting():
+                    said_at = self.clock()
+            elif self.clock() - said_at >= self.hang_s:
+                return None
 
     def _restart(self, why: str, failures: int) -> tuple[Runner, int]:
         """Report ``why``, back off, start a new SuperNode (again, if it fails to start)."""
@@ -159,12 +199,17 @@ _CAUSES: tuple[tuple[re.Pattern[str], str], ...] = (
 )
 
 
-def explain_exit(status: int, log_file: Path | None, *, tail_bytes: int = 16_384) -> str:
+def explain_exit(status: int | None, log_file: Path | None, *, tail_bytes: int = 16_384) -> str:
     """``"SuperNode exited (status 1): the SuperLink no longer knows this node ..."``.
 
-    The cause is read from the end of the SuperNode's log, where Flower wrote it.
+    ``status`` is ``None`` for a SuperNode that said it quit but did not exit (it is
+    stopped before the next starts). The cause is read from the end of the SuperNode's
+    log, where Flower wrote it.
     """
-    head = f"SuperNode exited (status {status})"
+    if status is None:
+        head = "SuperNode said it quit but did not exit, so it is stopped"
+    else:
+        head = f"SuperNode exited (status {status})"
     if log_file is None:
         return head
     try:
@@ -184,3 +229,7 @@ def explain_exit(status: int, log_file: Path | None, *, tail_bytes: int = 16_384
 
 #: Written into the SuperNode log before each start, so causes are read per start.
 START_MARK = "----- fedsqueeze edge: starting a SuperNode -----"
+
+#: The line a SuperNode logs when it begins to quit (Flower 1.42's exit message; its
+#: SuperExec and ClientApps, whose output shares the log, name themselves differently).
+QUIT_LINE = re.compile(r"SuperNode terminated gracefully")

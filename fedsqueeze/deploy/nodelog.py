@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO
 
-from fedsqueeze.deploy.keeper import START_MARK
+from fedsqueeze.deploy.keeper import QUIT_LINE, START_MARK
 
 __all__ = ["ANSI", "NodeLog", "headline"]
 
@@ -49,25 +49,34 @@ class NodeLog:
     def __init__(self, path: Path, echo: Callable[[str], None]) -> None:
         self.path = path
         self.echo = echo
+        self._quit = threading.Event()
         path.parent.mkdir(parents=True, exist_ok=True)
 
     def follow(self, stream: IO[str]) -> threading.Thread:
         """Start copying ``stream`` (until it closes) in a daemon thread."""
         with self.path.open("a", encoding="utf-8") as handle:
             handle.write(f"{START_MARK}\n")
+        # One event per stream: a late line of the last SuperNode cannot mark this one.
+        self._quit = threading.Event()
         thread = threading.Thread(
-            target=self._copy, args=(stream,), name="supernode-log", daemon=True
+            target=self._copy, args=(stream, self._quit), name="supernode-log", daemon=True
         )
         thread.start()
         return thread
 
-    def _copy(self, stream: IO[str]) -> None:
+    def quitting(self) -> bool:
+        """Whether the SuperNode followed last has said it quits (:data:`QUIT_LINE`)."""
+        return self._quit.is_set()
+
+    def _copy(self, stream: IO[str], quit_seen: threading.Event) -> None:
         with self.path.open("a", encoding="utf-8") as handle:
             try:
                 for line in stream:
                     plain = ANSI.sub("", line)
                     handle.write(plain)
                     handle.flush()
+                    if QUIT_LINE.search(plain):
+                        quit_seen.set()
                     picked = headline(plain)
                     if picked is not None:
                         self.echo(picked)

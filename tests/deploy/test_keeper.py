@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import io
 import os
 import random
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -217,3 +219,170 @@ def test_only_data_plane_failures_reach_the_edge_terminal() -> None:
         "a round failed on this edge: fetching the model from the data plane at h:1 (TLS) "
         "failed: Fetch: server unavailable after 6 attempts; cause: refused"
     )
+
+
+def _note(seen: list[int | None], status: int | None, why: str) -> str:
+    seen.append(status)
+    return why
+
+
+class HangingNode:
+    """A SuperNode that never exits by itself: each wait times out (and time passes)."""
+
+    def __init__(self, clock: Clock) -> None:
+        self.clock = clock
+        self.waits = 0
+
+    def wait(self, timeout: float | None = None) -> int:
+        self.waits += 1
+        self.clock.now += timeout or 0.0
+        raise subprocess.TimeoutExpired("supernode", timeout or 0.0)
+
+
+def test_a_supernode_that_said_it_quit_but_hangs_counts_as_exited() -> None:
+    """Flower logs "SuperNode terminated gracefully." on a 401 and may then block in an
+    exit handler: the keeper restarts it ``hang_s`` after the line, not never."""
+    clock = Clock()
+    first = HangingNode(clock)
+    said: list[bool] = []
+    described: list[int | None] = []
+    reports: list[str] = []
+
+    def quitting() -> bool:
+        said.append(first.waits >= 3)  # the line shows up on the third poll
+        return said[-1]
+
+    def sleep(_: float) -> None:
+        raise KeyboardInterrupt  # stop at the first restart
+
+    keeper = SuperNodeKeeper(
+        lambda: FakeNode(0),
+        describe=lambda status: _note(described, status, "hung"),
+        report=reports.append,
+        quitting=quitting,
+        hang_s=10,
+        poll_s=1,
+        sleep=sleep,
+        clock=clock,
+    )
+    with pytest.raises(KeyboardInterrupt):
+        keeper.run(first)
+    assert described == [None]
+    # Said so at the third poll (t=3 s), counted as exited 10 s later, not before.
+    assert first.waits == 13 and clock.now == 13
+    assert reports == ["hung; starting a new SuperNode in 1 s"]
+
+
+def test_a_quiet_long_running_supernode_is_left_alone() -> None:
+    clock = Clock()
+
+    class SlowNode(HangingNode):
+        def wait(self, timeout: float | None = None) -> int:
+            if self.waits == 500:
+                return 0
+            return super().wait(timeout)
+
+    described: list[int | None] = []
+
+    def sleep(_: float) -> None:
+        raise KeyboardInterrupt
+
+    keeper = SuperNodeKeeper(
+        lambda: FakeNode(0),
+        describe=lambda status: _note(described, status, ""),
+        report=lambda _: None,
+        hang_s=10,
+        poll_s=1,
+        sleep=sleep,
+        clock=clock,
+    )
+    with pytest.raises(KeyboardInterrupt):
+        keeper.run(SlowNode(clock))
+    assert described == [0] and clock.now == 500
+    with pytest.raises(ValueError):
+        SuperNodeKeeper(lambda: FakeNode(0), describe=str, report=print, poll_s=0)
+
+
+def test_the_log_marks_only_this_supernodes_quit_line(tmp_path: Path) -> None:
+    from fedsqueeze.deploy.nodelog import NodeLog
+
+    node_log = NodeLog(tmp_path / "supernode.log", lambda _: None)
+    node_log.follow(
+        io.StringIO("INFO : SuperExec terminated gracefully.\nINFO : Received: train\n")
+    ).join(5)
+    assert not node_log.quitting()  # its SuperExec's line is not its own
+    node_log.follow(io.StringIO("\x1b[92mINFO \x1b[0m: SuperNode terminated gracefully.\n")).join(5)
+    assert node_log.quitting()
+    node_log.follow(io.StringIO("")).join(5)
+    assert not node_log.quitting()  # a new SuperNode starts unmarked
+    text = (tmp_path / "supernode.log").read_text()
+    assert "INFO : SuperNode terminated gracefully." in text and "\x1b" not in text
+    assert explain_exit(None, tmp_path / "supernode.log") == (
+        "SuperNode said it quit but did not exit, so it is stopped"
+    )
+    with (tmp_path / "supernode.log").open("a") as handle:
+        handle.write("Client error '401 Unauthorized'\nSuperNode terminated gracefully.\n")
+    assert explain_exit(None, tmp_path / "supernode.log") == (
+        "SuperNode said it quit but did not exit, so it is stopped: the SuperLink no longer "
+        "knows this node (its run ended or the coordinator restarted)"
+    )
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+@pytest.mark.timeout(60)
+def test_a_real_supernode_that_hangs_after_its_quit_line_is_stopped_and_restarted(
+    tmp_path: Path,
+) -> None:
+    """The first child logs Flower's quit line and then blocks (as an exit handler
+    stuck on a SuperLink would); the keeper stops it and starts the second."""
+    from fedsqueeze.deploy.nodelog import NodeLog
+
+    marker = tmp_path / "runs"
+    code = (
+        "import pathlib, time\n"
+        f"p = pathlib.Path({str(marker)!r})\n"
+        "n = len(p.read_text()) if p.exists() else 0\n"
+        "p.write_text('x' * (n + 1))\n"
+        "if n == 0:\n"
+        "    print('Client error 401 Unauthorized', flush=True)\n"
+        "    print('INFO : SuperNode terminated gracefully.', flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    spec = ProcessSpec("fake supernode", (sys.executable, "-c", code), {}, Output.PIPE)
+    node_log = NodeLog(tmp_path / "supernode.log", lambda _: None)
+    started: list[ManagedProcess] = []
+    reports: list[str] = []
+
+    def interrupt_when_second_runs() -> None:
+        deadline = time.monotonic() + 40
+        while time.monotonic() < deadline:
+            if marker.exists() and marker.read_text() == "xx":
+                os.kill(os.getpid(), signal.SIGUSR1)
+                return
+            time.sleep(0.05)
+
+    with interrupt_on_signals((signal.SIGUSR1,)), Supervisor(grace=5) as supervisor:
+
+        def start() -> ManagedProcess:
+            supervisor.stop_all()
+            started.append(supervisor.start(spec))
+            node_log.follow(started[-1].stdout)
+            return started[-1]
+
+        keeper = SuperNodeKeeper(
+            start,
+            describe=lambda status: explain_exit(status, node_log.path),
+            report=reports.append,
+            backoff=Backoff(initial_s=0.01, cap_s=0.01, jitter=0),
+            quitting=node_log.quitting,
+            hang_s=0.5,
+            poll_s=0.05,
+        )
+        threading.Thread(target=interrupt_when_second_runs, daemon=True).start()
+        with pytest.raises(KeyboardInterrupt):
+            keeper.run(start())
+        assert started[0].poll() is not None  # the hung one was stopped
+        assert started[-1].poll() is None
+    assert len(started) == 2
+    assert reports[0].startswith("SuperNode said it quit but did not exit, so it is stopped: ")
+    assert "no longer knows this node" in reports[0]
