@@ -6,9 +6,9 @@ lies below it and marks the band, the band's values sorted on the device, the cu
 still-missing rank, then ``nonzero_static`` of the kept mask with the kept count (known on
 the host) as its size: no host round trip sizes a tensor, and one scalar read at the end
 says whether the band held the cut without a tie across it. When it did not, the
-reference decides on a host copy: which of several tied values go is its CPU ``topk``'s
-choice, which another device's ``topk`` need not make. The two passes over the tensor are
-compilable kernels (:mod:`fedsqueeze.codec.fused_compile`).
+reference decides on a host copy (its tie rule: of the tied values, the lowest indices
+go; rare enough on real weights not to be worth a device pass of its own). The two
+passes over the tensor are compilable kernels (:mod:`fedsqueeze.codec.fused_compile`).
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ __all__ = ["HOST_BELOW", "SAMPLE_ABOVE", "band_ranks", "magnitude_indices"]
 
 #: CPU tensors up to this many values select with the reference (one ``topk``: cheap there).
 SAMPLE_ABOVE = 1 << 20
-#: Device tensors up to this many values select on a host copy: the CPU's ``topk`` breaks
-#: ties as the reference does (a GPU's may not), and the copy costs little.
+#: Device tensors up to this many values select on a host copy (the reference itself),
+#: which costs little at this size.
 HOST_BELOW = 1 << 16
 _SAMPLE_SIZE = 1 << 18
 _SAMPLE_SEED = 0x5EED
@@ -52,8 +52,7 @@ def magnitude_indices(t: Tensor, sparsity: float) -> Tensor:
         scalar read at the end (whether the band held the cut without a tie across it);
         CPU tensors of up to :data:`SAMPLE_ABOVE` values through the reference; device
         tensors of up to :data:`HOST_BELOW` values, a band that misses and a tie across
-        the cut through the reference on a host copy (the CPU's ``topk`` breaks ties its
-        own way, another device's its own: this keeps the bytes of a CPU encode).
+        the cut through the reference on a host copy (the same bytes as a CPU encode).
     """
     if not t.is_floating_point():
         raise ValueError(f"pruning needs a floating tensor, got {t.dtype}")
@@ -62,14 +61,13 @@ def magnitude_indices(t: Tensor, sparsity: float) -> Tensor:
     prune = pruning.count_to_prune(n, sparsity)
     if prune <= 0 or prune >= n or (t.device.type == "cpu" and n <= SAMPLE_ABOVE):
         return pruning.magnitude_indices(t, sparsity)  # all, none, or one topk on the CPU
-    if n <= HOST_BELOW:  # a few copies' worth: the CPU's own topk (its tie-breaking)
+    if n <= HOST_BELOW:  # a few copies' worth: the reference on the host
         return pruning.magnitude_indices(t.detach().cpu(), sparsity).to(t.device)
     found = _sampled_indices(flat, prune)
     if found is not None:
         return found
-    # The band missed, or ties straddle the cut: which of the tied values go is the CPU
-    # reference's topk's choice (another device's topk may choose others), so the CPU
-    # decides, on a host copy: rare, and as slow as the reference.
+    # The band missed, or ties straddle the cut: the reference decides (its tie rule),
+    # on a host copy: rare, and as slow as the reference.
     return pruning.magnitude_indices(t.detach().cpu(), sparsity).to(t.device)
 
 
@@ -125,7 +123,7 @@ def _sampled_indices(flat: Tensor, prune: int) -> Tensor | None:
     still = prune - n_below
     cut = ordered[(still - 1).clamp(0, cap - 1)]
     # The values dropped from the band are those <= cut: exactly ``still`` of them unless
-    # ties straddle the cut (then the reference's topk decides which go).
+    # ties straddle the cut (then the reference's tie rule decides which go).
     at_most = torch.searchsorted(ordered, cut.reshape(1), right=True)[0]
     ok = (
         (n_below <= prune)

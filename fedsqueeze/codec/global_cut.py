@@ -8,10 +8,9 @@ histogram of the high 16 bits over every tensor, then a 65,536-bin histogram of 
 16 bits inside the bin that holds the cut-off. The memory is the histograms and one
 tensor's magnitudes at a time.
 
-The values dropped are exactly ``round(sparsity · N)`` of smallest magnitude, as with
-the in-memory masks. Among values tied at the cut-off, the first ones in state order are
-dropped (the in-memory masks leave that choice to ``torch.topk``), so the two paths can
-differ only in which of several equal magnitudes are kept.
+The values dropped are exactly those of the in-memory masks: the ``round(sparsity · N)``
+of smallest magnitude, and among values tied at the cut-off the first ones in state
+order (:mod:`~fedsqueeze.codec.pruning`'s tie rule).
 """
 
 from __future__ import annotations

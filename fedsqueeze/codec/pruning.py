@@ -3,13 +3,22 @@
 Every function returns a bool mask (``True`` = kept) of the input's shape on the input's
 device and leaves its arguments alone.
 
+**Ties at the cut.** When several values share the magnitude at the cut and only some
+of them are to go, the ones at the **lowest flat indices go first**: the mask is that of
+a stable sort of the magnitudes (NaN largest), the first ``k`` dropped. PyTorch's
+``prune`` leaves that choice to ``torch.topk``, which makes it differently on different
+inputs, devices and versions; one written rule lets every path here (small and large
+tensors, compiled or not, CPU or GPU) keep exactly the same set, and lets the large
+tensors' fast selection handle ties itself instead of falling back to a slow path.
+Where no tie straddles the cut, the masks are PyTorch's.
+
 Exact selection of the ``k`` smallest magnitudes is what PyTorch does with ``torch.topk``,
 but ``topk`` with ``k`` near ``n/2`` costs seconds for 25M values on a CPU. For tensors
 above :data:`_SAMPLE_ABOVE` values we therefore estimate the cut-off from a fixed-seed
 random sample, take a band around it wide enough to contain the exact cut-off with
-overwhelming probability, count what lies below and above the band, and run ``topk``
+overwhelming probability, count what lies below and above the band, and select the cut
 only inside the band. The result is exact: if the band misses the cut-off (it should
-essentially never), we fall back to ``topk`` on everything.
+essentially never), we fall back to a selection over everything.
 """
 
 from __future__ import annotations
@@ -22,7 +31,7 @@ import torch
 from torch import Tensor
 
 from fedsqueeze.codec.chunks import CPU_CHUNK, chunk_bounds, np_scratch, run_chunks, scratch
-from fedsqueeze.codec.threshold_select import Outcome, select_above
+from fedsqueeze.codec.threshold_select import select_above, tie_rule
 
 __all__ = [
     "TWO_PASS",
@@ -72,7 +81,9 @@ def magnitude_mask(t: Tensor, sparsity: float) -> Tensor:
     Returns
     -------
     Tensor
-        bool, ``t.shape``; equal to ``prune.l1_unstructured(amount=sparsity)``'s mask.
+        bool, ``t.shape``; equal to ``prune.l1_unstructured(amount=sparsity)``'s mask
+        where no tie straddles the cut (ties: lowest indices dropped first, see the
+        module's docstring).
     """
     _check_floating(t)
     prune = count_to_prune(t.numel(), sparsity)
@@ -94,8 +105,8 @@ def magnitude_indices(t: Tensor, sparsity: float) -> Tensor:
     Tensor
         int64 ``[numel − round(sparsity·numel)]``, increasing: exactly
         ``nonzero(magnitude_mask(t, sparsity))``, ties included. Large tensors go
-        through the sampled band of :func:`_drop_smallest_sampled` (the same sample, band
-        and ``topk`` call), but in chunks on the worker threads and with the kept
+        through the sampled band of :func:`_drop_smallest_sampled` (the same sample,
+        band and tie rule), but in chunks on the worker threads and with the kept
         indices collected as they are found: no magnitude, mask or band mask as large
         as the tensor.
     """
@@ -115,7 +126,7 @@ def magnitude_selection(t: Tensor, sparsity: float) -> tuple[Tensor, Tensor | No
     found = _indices_sampled(flat.contiguous(), prune)
     if found is not None:
         return found
-    return torch.nonzero(_drop_smallest_topk(flat.abs(), prune)).view(-1), None
+    return torch.nonzero(_drop_smallest_exact(flat.abs(), prune)).view(-1), None
 
 
 def threshold_mask(t: Tensor, threshold: float) -> Tensor:
@@ -130,7 +141,9 @@ def global_magnitude_masks(tensors: Mapping[str, Tensor], sparsity: float) -> di
     """Masks from one magnitude cut-off across all ``tensors``.
 
     Drops ``round(sparsity · N)`` values of smallest ``|w|`` among all ``N`` values, as
-    ``prune.global_unstructured(..., pruning_method=prune.L1Unstructured, amount=sparsity)``.
+    ``prune.global_unstructured(..., pruning_method=prune.L1Unstructured, amount=sparsity)``
+    (ties at the cut: the lowest indices of the tensors flattened and concatenated in
+    order go first).
 
     Parameters
     ----------
@@ -218,14 +231,31 @@ def _drop_smallest(mags: Tensor, prune: int) -> Tensor:
         keep = _drop_smallest_sampled(mags, prune)
         if keep is not None:
             return keep
-    return _drop_smallest_topk(mags, prune)
+    return _drop_smallest_exact(mags, prune)
 
 
-def _drop_smallest_topk(mags: Tensor, prune: int) -> Tensor:
-    # The call prune.l1_unstructured makes, so ties are broken the same way.
+def _drop_smallest_exact(mags: Tensor, prune: int) -> Tensor:
+    """:func:`_drop_smallest` over everything (``0 < prune < n``): the ``prune``-th
+    smallest magnitude is the cut, everything below it goes, and of the values equal
+    to it the lowest indices (:func:`_band_drop` with the whole tensor as the band)."""
     keep = torch.ones(mags.numel(), dtype=torch.bool, device=mags.device)
-    keep[torch.topk(mags, k=prune, largest=False).indices] = False
+    keep[_band_drop(mags, prune)] = False
     return keep
+
+
+def _band_drop(band: Tensor, still: int) -> Tensor:
+    """Positions (into 1-D ``band``, increasing) of its ``still`` smallest values, ties
+    at the cut dropped lowest position first, NaN largest (``0 < still <= len``)."""
+    if band.device.type == "cpu" and band.dtype in _NUMPY_SORTABLE:
+        return torch.from_numpy(tie_rule(band.numpy(), still))
+    cut = torch.kthvalue(band, still).values
+    if bool(torch.isnan(cut)):
+        below, tied = ~torch.isnan(band), torch.isnan(band)
+    else:
+        below, tied = band < cut, band == cut
+    need = still - int(torch.count_nonzero(below))
+    below[torch.nonzero(tied).view(-1)[:need]] = True
+    return torch.nonzero(below).view(-1)
 
 
 def _band_ranks(n: int, prune: int) -> tuple[int, int]:
@@ -265,9 +295,8 @@ def _indices_sampled(flat: Tensor, prune: int) -> tuple[Tensor, Tensor | None] |
 
     One pass over ``flat`` on the worker threads finds, per chunk, the indices with
     ``|x| >= lo`` (kept unless dropped below) and, among them, the band ``|x| <= hi``.
-    The exact correction then drops the ``still`` smallest of the band: everything up
-    to its ``still``-th smallest value when that value is not tied across the cut (the
-    set ``topk`` returns then), else ``topk`` itself, as :func:`_drop_smallest_sampled`.
+    The exact correction then drops the ``still`` smallest of the band, ties at the cut
+    lowest index first (:func:`_band_drop`), as :func:`_drop_smallest_sampled`.
     """
     n = flat.numel()
     sample = _sorted_sample(flat, n, magnitudes=True)
@@ -319,11 +348,9 @@ def _indices_sampled(flat: Tensor, prune: int) -> tuple[Tensor, Tensor | None] |
     gathered = flat.device.type == "cpu" and flat.dtype == torch.float32
     if gathered and TWO_PASS:
         picked = select_above(flat.numpy(), prune, lo, hi)
-        if picked is Outcome.MISS:
-            return None
-        if not isinstance(picked, Outcome):
-            return torch.from_numpy(picked[0]), torch.from_numpy(picked[1])
-        # A tie straddles the cut: the pass below breaks it as topk does.
+        if picked is None:
+            return None  # the band missed the cut
+        return torch.from_numpy(picked[0]), torch.from_numpy(picked[1])
     if gathered:
         values_np = flat.numpy()
         lo32, hi32 = np.float32(lo), np.float32(hi)  # sample values: exact in float32
@@ -354,13 +381,9 @@ def _indices_sampled(flat: Tensor, prune: int) -> tuple[Tensor, Tensor | None] |
     for k in kept[:-1]:
         offsets.append(offsets[-1] + k.numel())
     band_pos = torch.cat([b.add_(o) for b, o in zip(band_at, offsets, strict=True)])
-    mags_all = torch.cat(band_mags)
-    cut = _kth_smallest(mags_all, still)
-    at_most = mags_all <= cut
-    if int(torch.count_nonzero(at_most)) == still:  # no tie straddles the cut
-        dropped = band_pos[at_most]
-    else:  # ties across the cut: the same topk call as _drop_smallest_sampled
-        dropped = band_pos[torch.topk(mags_all, k=still, largest=False).indices]
+    # Band positions increase, so the tie rule's lowest band position first is its
+    # lowest index first.
+    dropped = band_pos[_band_drop(torch.cat(band_mags), still)]
     if keep.device.type == "cpu":
         # NumPy's boolean compress: torch's bool-mask indexing of 2.5M indices cost ~10x.
         survive_np = np.ones(keep.numel(), dtype=np.bool_)
@@ -378,13 +401,6 @@ def _nonzero(mask: Tensor) -> Tensor:
         # numpy's flatnonzero is ~2x faster than torch.nonzero here.
         return torch.from_numpy(np.flatnonzero(mask.numpy()).astype(np.int64, copy=False))
     return torch.nonzero(mask).view(-1)
-
-
-def _kth_smallest(values: Tensor, k: int) -> float:
-    """The ``k``-th smallest of 1-D ``values`` (1-based), by selection, not sorting."""
-    if values.device.type == "cpu" and values.dtype in _NUMPY_SORTABLE:
-        return float(np.partition(values.numpy(), k - 1)[k - 1])
-    return float(torch.kthvalue(values, k).values)
 
 
 def _drop_smallest_sampled(mags: Tensor, prune: int) -> Tensor | None:
@@ -406,5 +422,5 @@ def _drop_smallest_sampled(mags: Tensor, prune: int) -> Tensor | None:
     keep = ~below
     still = prune - n_below
     if still:
-        keep[band[torch.topk(mags[band], k=still, largest=False).indices]] = False
+        keep[band[_band_drop(mags[band], still)]] = False
     return keep

@@ -23,9 +23,11 @@ class PruneMethod(Enum):
     """How magnitude pruning chooses what to drop."""
 
     NONE = 0
-    #: per tensor, smallest ``|w|`` first (``torch.nn.utils.prune.l1_unstructured``).
+    #: per tensor, smallest ``|w|`` first (``torch.nn.utils.prune.l1_unstructured``; of
+    #: values tied at the cut, the lowest indices first).
     L1_UNSTRUCTURED = 1
-    #: across all target tensors together (``global_unstructured`` with ``L1Unstructured``).
+    #: across all target tensors together (``global_unstructured`` with ``L1Unstructured``;
+    #: ties: the first in state order).
     L1_GLOBAL = 2
     #: whole output channels (dim 0) by their L2 norm (``ln_structured(n=2, dim=0)``).
     LN_STRUCTURED = 3

@@ -10,13 +10,13 @@ state may be a lazy mapping (memory-mapped tensors): each tensor is read when en
 Tensors are encoded by a pool of threads (torch and zstd release the GIL), at most
 ``inflight_bytes`` of input at a time, and the records are stored in state order, so the
 bytes are those of the serial path and of ``encode_state(...).to_bytes()``. Two cases
-stay serial or differ:
+stay serial or take another road to the same bytes:
 
 * stochastic rounding with a seed draws from one generator tensor after tensor, so the
   tensors are encoded one at a time (in order), as ``encode_state`` does;
 * global magnitude pruning finds its cut-off by radix selection
-  (:mod:`fedsqueeze.codec.global_cut`); values tied at the cut-off may be kept or
-  dropped differently from ``encode_state`` (same count).
+  (:mod:`fedsqueeze.codec.global_cut`), without the model's magnitudes in one piece;
+  it drops the same values, ties at the cut-off included.
 
 Peak memory beyond the input is the record headers, the in-flight tensors' working
 memory and, for a progressive spec, nothing more: its levels are stored as they come

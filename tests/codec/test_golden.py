@@ -3,8 +3,8 @@
 Regenerate (only together with a FORMAT_VERSION change) with:
     python -m tests.codec.test_golden
 
-``legacy_v1/`` keeps v1 streams of an earlier encoder (before unchanged tensors became
-ZERO records): a v1 decoder must go on reading them, with the same result.
+Streams an earlier encoder wrote (the same format, other choices) are kept under
+``tests/golden/archive/`` with what they decode to (``test_golden_archive.py``).
 """
 
 from __future__ import annotations
@@ -32,7 +32,6 @@ from fedsqueeze.codec.container import FORMAT_VERSION
 from fedsqueeze.codec.level_order import LevelOrder
 
 GOLDEN = Path(__file__).parent.parent / "golden" / "v1"
-LEGACY = Path(__file__).parent / "legacy_v1"
 
 
 def _state(seed: int) -> dict[str, torch.Tensor]:
@@ -121,18 +120,6 @@ def test_golden_bytes_unchanged(name: str) -> None:
         GOLDEN, name, _encode(name), FORMAT_VERSION, _state(1) if delta else None
     )
     assert set(decoded) == set(_state(0))
-
-
-@pytest.mark.parametrize("path", sorted(LEGACY.glob("*.fsq")), ids=lambda p: p.stem)
-def test_streams_of_an_earlier_v1_encoder_decode_alike(path: Path) -> None:
-    _spec, delta = CASES[path.stem]
-    base = _state(1) if delta else None
-    old = decode_state(EncodedModel.from_bytes(path.read_bytes()), base)
-    new = decode_state(EncodedModel.from_bytes(_encode(path.stem)), base)
-    assert list(old) == list(new)
-    for name in old:
-        assert old[name].dtype == new[name].dtype
-        assert torch.equal(old[name], new[name]), name
 
 
 if __name__ == "__main__":

@@ -179,7 +179,7 @@ def test_sampled_indices_fall_back_when_the_band_misses(monkeypatch: pytest.Monk
     monkeypatch.setattr(pruning, "_SAMPLE_ABOVE", 100)
     monkeypatch.setattr(pruning, "_band_ranks", lambda n, prune: (1, 1))  # a band of one value
     got = magnitude_indices(x, 0.7)
-    assert torch.equal(got, torch.nonzero(pruning._drop_smallest_topk(x.abs(), 3500)).view(-1))
+    assert torch.equal(got, torch.nonzero(pruning._drop_smallest_exact(x.abs(), 3500)).view(-1))
 
 
 def test_run_chunks_covers_every_chunk_once_and_reraises() -> None:

@@ -1,12 +1,14 @@
 """The two-pass magnitude selection (fedsqueeze.codec.threshold_select): the kept set
-is exactly torch.nn.utils.prune's (the reference topk mask), with its values; ties,
-zeros, a missed band and both threads handled."""
+is exactly the reference mask's (torch.nn.utils.prune's where no tie straddles the cut;
+ties at the cut: lowest indices dropped first), with its values; ties, zeros, a missed
+band and both threads handled."""
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -14,7 +16,15 @@ from hypothesis import strategies as st
 
 from fedsqueeze.codec import pruning, threshold_select
 from fedsqueeze.codec.pruning import count_to_prune, magnitude_mask
-from fedsqueeze.codec.threshold_select import Outcome, select_above
+from fedsqueeze.codec.threshold_select import select_above, tie_rule
+
+
+def stable_kept(x: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """The tie rule spelled out: a stable ascending sort of the magnitudes, the first
+    ``count_to_prune`` dropped; the kept indices, increasing."""
+    prune = count_to_prune(x.numel(), sparsity)
+    order = torch.sort(x.abs().reshape(-1), stable=True).indices
+    return torch.sort(order[prune:]).values
 
 
 def tensor(n: int, kind: str, seed: int) -> torch.Tensor:
@@ -66,6 +76,9 @@ def test_kept_set_is_the_reference_mask(n: int, sparsity: float, kind: str, seed
     if kind == "normal":  # no ties: torch.nn.utils.prune's own set
         assert torch.equal(reference, torch.nonzero(magnitude_mask(x, sparsity)).view(-1))
     assert torch.equal(indices, reference)
+    # Every path keeps the tie rule's set: the sampled ones and the small one.
+    assert torch.equal(reference, stable_kept(x, sparsity))
+    assert torch.equal(torch.nonzero(magnitude_mask(x, sparsity)).view(-1), reference)
     if 0 < count_to_prune(n, sparsity) < n:
         assert values is not None and torch.equal(values, x[reference])
     keep = n - count_to_prune(n, sparsity)
@@ -91,15 +104,44 @@ def test_same_as_the_single_pass_path(
 def test_outcomes() -> None:
     x = torch.arange(1, 1001, dtype=torch.float32).numpy()
     got = select_above(x, 900, 850.0, 950.0)  # exact cut 900: keep 901..1000
-    assert not isinstance(got, Outcome)
+    assert got is not None
     assert got[0].tolist() == list(range(900, 1000))
     assert got[1].tolist() == [float(v) for v in range(901, 1001)]
-    assert select_above(x, 900, 950.0, 990.0) is Outcome.MISS  # band above the cut
-    assert select_above(x, 900, 10.0, 850.0) is Outcome.MISS  # band below the cut
+    assert select_above(x, 900, 950.0, 990.0) is None  # band above the cut
+    assert select_above(x, 900, 10.0, 850.0) is None  # band below the cut
     got = select_above(x, 900, 901.0, 950.0)  # nothing left to correct: |x| >= lo
-    assert not isinstance(got, Outcome) and got[0].tolist() == list(range(900, 1000))
+    assert got is not None and got[0].tolist() == list(range(900, 1000))
     ties = torch.tensor([1.0] * 10 + [2.0] * 10).numpy()
-    assert select_above(ties, 5, 0.5, 1.5) is Outcome.TIES
+    got = select_above(ties, 5, 0.5, 1.5)  # half the 1.0s go: the first five
+    assert got is not None and got[0].tolist() == list(range(5, 20))
+
+
+def test_tie_rule_drops_the_lowest_positions_and_counts_nan_largest() -> None:
+    band = np.array([3.0, 1.0, 2.0, 1.0, 1.0, 0.5, np.nan, 1.0], dtype=np.float32)
+    assert tie_rule(band, 1).tolist() == [5]
+    assert tie_rule(band, 3).tolist() == [1, 3, 5]  # two of the four 1.0s: the first two
+    assert tie_rule(band, 5).tolist() == [1, 3, 4, 5, 7]
+    assert tie_rule(band, 8).tolist() == list(range(8))
+    nans = np.array([np.nan, 1.0, np.nan, np.nan], dtype=np.float32)
+    assert tie_rule(nans, 2).tolist() == [0, 1]  # NaN largest; of the NaNs, the first
+    for still in (0, 9):
+        with pytest.raises(ValueError, match=r"still must be in 1\.\.8"):
+            tie_rule(band, still)
+    before = band.copy()
+    tie_rule(band, 4)
+    assert np.array_equal(before, band, equal_nan=True)  # the band is left alone
+
+
+@pytest.mark.parametrize("sparsity", [0.3, 0.5, 0.9])
+def test_ties_across_many_chunks_split_in_one_chunk(sparsity: float) -> None:
+    """Few distinct magnitudes: the tied values at the cut fill many chunks, the first
+    ones go whole, one chunk drops some and keeps the rest, the later ones keep all."""
+    x = tensor(5000, "ties", 3)
+    with sampled_path():
+        indices, values = pruning.magnitude_selection(x, sparsity)
+    want = stable_kept(x, sparsity)
+    assert torch.equal(indices, want)
+    assert values is not None and torch.equal(values, x[want])
 
 
 def test_large_tensor_on_default_chunks() -> None:
