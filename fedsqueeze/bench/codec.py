@@ -133,6 +133,8 @@ class CodecBenchOptions:
         Leave out the MiniLM part.
     tensor_mb : float
         Size of the random fp32 tensor, MB (10^6 bytes).
+    tensor_seed : int
+        Seed of its values (``torch.randn``).
     runs : int
         Timing runs per figure (the median is reported).
     recipe : DeepCompressionConfig or None
@@ -149,6 +151,7 @@ class CodecBenchOptions:
     quick: bool = False
     skip_minilm: bool = False
     tensor_mb: float = 100.0
+    tensor_seed: int = 0
     runs: int = 5
     recipe: DeepCompressionConfig | None = None
     blockwise_only: bool = False
@@ -158,6 +161,8 @@ class CodecBenchOptions:
     def __post_init__(self) -> None:
         if self.seeds < 1 or self.runs < 1 or not self.tensor_mb > 0:
             raise ValueError("seeds and runs must be >= 1 and tensor_mb > 0")
+        if self.tensor_seed < 0:
+            raise ValueError(f"tensor_seed must be >= 0, got {self.tensor_seed}")
         if self.blockwise_only + self.lossless_only + self.tensor_only > 1:
             raise ValueError("choose at most one of the --*-only sections")
 
@@ -170,6 +175,7 @@ def main(args: argparse.Namespace) -> int:
             quick=args.quick,
             skip_minilm=args.skip_minilm,
             tensor_mb=args.tensor_mb,
+            tensor_seed=args.tensor_seed,
             runs=2 if args.quick else args.runs,
             blockwise_only=args.blockwise_only,
             lossless_only=args.lossless_only,
@@ -400,7 +406,7 @@ def _print_spec_table(out: Console, title: str, rows: list[Json]) -> None:
 def _tensor(options: CodecBenchOptions, out: Console) -> Json:
     cols = 1000
     rows = max(1, round(options.tensor_mb * _MB / 4 / cols))
-    x = torch.randn(rows, cols, generator=torch.Generator().manual_seed(0))
+    x = torch.randn(rows, cols, generator=torch.Generator().manual_seed(options.tensor_seed))
     size_mb = x.numel() * 4 / _MB
     state = {"tensor.weight": x}
     runs = options.runs

@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from fedsqueeze.codec.chunks import CPU_CHUNK, chunk_bounds, np_scratch, run_chunks, scratch
-from fedsqueeze.codec.threshold_select import select_above, tie_rule
+from fedsqueeze.codec.threshold_select import FirstPass, finish, first_pass, tie_rule
 
 __all__ = [
     "TWO_PASS",
@@ -41,6 +41,7 @@ __all__ = [
     "magnitude_indices",
     "magnitude_mask",
     "magnitude_selection",
+    "prepare_selection",
     "threshold_mask",
 ]
 
@@ -113,20 +114,59 @@ def magnitude_indices(t: Tensor, sparsity: float) -> Tensor:
     return magnitude_selection(t, sparsity)[0]
 
 
-def magnitude_selection(t: Tensor, sparsity: float) -> tuple[Tensor, Tensor | None]:
+def magnitude_selection(
+    t: Tensor, sparsity: float, prepared: FirstPass | None = None
+) -> tuple[Tensor, Tensor | None]:
     """:func:`magnitude_indices`, and the values at them (``t.reshape(-1)[indices]``)
     when the selection gathered them on the way (float32 on the CPU, large tensors: each
-    chunk's kept values are taken while the chunk is in cache), else ``None``."""
+    chunk's kept values are taken while the chunk is in cache), else ``None``.
+    ``prepared``: :func:`prepare_selection`'s first pass over the same values (``t``
+    may be another tensor holding them), which is then not done again."""
     _check_floating(t)
     flat = t.detach().reshape(-1)
     n = flat.numel()
     prune = count_to_prune(n, sparsity)
     if n <= _SAMPLE_ABOVE or prune <= 0 or prune >= n:
         return torch.nonzero(_drop_smallest(flat.abs(), prune)).view(-1), None
-    found = _indices_sampled(flat.contiguous(), prune)
+    found = _indices_sampled(flat.contiguous(), prune, prepared)
     if found is not None:
         return found
     return torch.nonzero(_drop_smallest_exact(flat.abs(), prune)).view(-1), None
+
+
+def prepare_selection(t: Tensor, sparsity: float) -> FirstPass | None:
+    """The sample and the first pass of :func:`magnitude_selection` for a tensor that
+    takes the two-pass path (float32 on the CPU, more than :data:`_SAMPLE_ABOVE` values,
+    something to drop and something to keep), else ``None``. Its ``top`` tells whether
+    every value is finite and how large, so a caller that must check that first (the
+    encoder) reads the tensor once for both; ``magnitude_selection(t, sparsity, it)``
+    then runs the second pass only."""
+    _check_floating(t)
+    flat = t.detach().reshape(-1)
+    n = flat.numel()
+    prune = count_to_prune(n, sparsity)
+    if not (
+        TWO_PASS
+        and n > _SAMPLE_ABOVE
+        and 0 < prune < n
+        and flat.device.type == "cpu"
+        and flat.dtype == torch.float32
+    ):
+        return None
+    flat = flat.contiguous()
+    return first_pass(flat.numpy(), *_band(flat, prune))
+
+
+def _band(flat: Tensor, prune: int) -> tuple[float, float]:
+    """The band ``[lo, hi]`` around the cut-off from the fixed-seed sample of ``|flat|``
+    (``±inf``: no bound that side)."""
+    n = flat.numel()
+    sample = _sorted_sample(flat, n, magnitudes=True)
+    lo_rank, hi_rank = _band_ranks(n, prune)
+    # "below" is |x| < lo, "above" |x| > hi; an absent bound is ±inf (nothing beyond).
+    lo = float(sample[lo_rank]) if lo_rank > 0 else -math.inf
+    hi = float(sample[hi_rank]) if hi_rank < _SAMPLE_SIZE - 1 else math.inf
+    return lo, hi
 
 
 def threshold_mask(t: Tensor, threshold: float) -> Tensor:
@@ -288,7 +328,9 @@ def _sorted_sample(flat: Tensor, n: int, magnitudes: bool) -> Tensor:
     return torch.sort(picked).values
 
 
-def _indices_sampled(flat: Tensor, prune: int) -> tuple[Tensor, Tensor | None] | None:
+def _indices_sampled(
+    flat: Tensor, prune: int, prepared: FirstPass | None = None
+) -> tuple[Tensor, Tensor | None] | None:
     """:func:`_drop_smallest_sampled` as kept indices (and, on the NumPy path, the kept
     values), from chunks of ``flat`` (values, not magnitudes); ``None`` when the band
     misses.
@@ -299,11 +341,14 @@ def _indices_sampled(flat: Tensor, prune: int) -> tuple[Tensor, Tensor | None] |
     lowest index first (:func:`_band_drop`), as :func:`_drop_smallest_sampled`.
     """
     n = flat.numel()
-    sample = _sorted_sample(flat, n, magnitudes=True)
-    lo_rank, hi_rank = _band_ranks(n, prune)
-    # "below" is |x| < lo, "above" |x| > hi; an absent bound is ±inf (nothing beyond).
-    lo = float(sample[lo_rank]) if lo_rank > 0 else -math.inf
-    hi = float(sample[hi_rank]) if hi_rank < _SAMPLE_SIZE - 1 else math.inf
+    gathered = flat.device.type == "cpu" and flat.dtype == torch.float32
+    if gathered and TWO_PASS:
+        first = prepared if prepared is not None else first_pass(flat.numpy(), *_band(flat, prune))
+        picked = finish(flat.numpy(), prune, first)
+        if picked is None:
+            return None  # the band missed the cut
+        return torch.from_numpy(picked[0]), torch.from_numpy(picked[1])
+    lo, hi = _band(flat, prune)
     bounds = chunk_bounds(n, _CHUNK)
     kept: list[Tensor] = [flat.new_empty(0, dtype=torch.int64)] * len(bounds)
     band_at: list[Tensor] = list(kept)  # where in the chunk's kept list the band lies
@@ -345,12 +390,6 @@ def _indices_sampled(flat: Tensor, prune: int) -> tuple[Tensor, Tensor | None] |
         ge += start
         kept[i] = torch.from_numpy(ge)
 
-    gathered = flat.device.type == "cpu" and flat.dtype == torch.float32
-    if gathered and TWO_PASS:
-        picked = select_above(flat.numpy(), prune, lo, hi)
-        if picked is None:
-            return None  # the band missed the cut
-        return torch.from_numpy(picked[0]), torch.from_numpy(picked[1])
     if gathered:
         values_np = flat.numpy()
         lo32, hi32 = np.float32(lo), np.float32(hi)  # sample values: exact in float32

@@ -68,7 +68,12 @@ from fedsqueeze.codec.progressive import (
     table_to_bytes,
     top_codes,
 )
-from fedsqueeze.codec.pruning import channel_mask, magnitude_selection, threshold_mask
+from fedsqueeze.codec.pruning import (
+    channel_mask,
+    magnitude_selection,
+    prepare_selection,
+    threshold_mask,
+)
 from fedsqueeze.codec.quantization import (
     MAX_MAGNITUDE,
     QuantParams,
@@ -91,6 +96,7 @@ from fedsqueeze.codec.spec import (
     ScaleFormat,
 )
 from fedsqueeze.codec.support_levels import Node, chain, free_ranks, group_ids
+from fedsqueeze.codec.threshold_select import FirstPass
 
 #: Largest magnitude fp16 block scales can cover (beyond it a tensor is refused or
 #: carried, as for an fp16 cast).
@@ -156,6 +162,9 @@ class TensorEncoder:
         # Per-tensor ranges found by problem(), for encode() to reuse (one pass fewer):
         # the tensor (held, so its memory is not reused), its version, min and max.
         self._ranges: dict[str, tuple[torch.Tensor, int, torch.Tensor, torch.Tensor]] = {}
+        # The same for a magnitude selection's first pass (its band, counts and largest
+        # magnitude: the check and the selection read the tensor once between them).
+        self._firsts: dict[str, tuple[torch.Tensor, int, FirstPass]] = {}
 
     # ------------------------------------------------------------ classification
     def _base_of(self, name: str, t: torch.Tensor) -> torch.Tensor | None:
@@ -247,6 +256,13 @@ class TensorEncoder:
                 self._ranges[name] = (t, t._version, lo, hi)
                 fits = _in_range(lo, hi, limit)
                 return fits and (sent is t or _within(t, math.inf))
+            sparsity = self._selected(t)
+            first = None if sparsity is None else prepare_selection(sent, sparsity)
+            if first is not None:
+                # The selection's first pass finds the largest magnitude on the way: kept
+                # for encode(), which then runs only the second.
+                self._firsts[name] = (t, t._version, first)
+                return first.within(limit) and (sent is t or _within(t, math.inf))
         elif fmt != t.dtype and spec.float_format is not FloatFormat.FP32:
             b = self._base_of(name, t)
             sent = t.to(torch.float32) if b is None else t.to(torch.float32) - b.to(torch.float32)
@@ -275,15 +291,35 @@ class TensorEncoder:
         if entry is None:
             return None
         seen, version, lo, hi = entry
-        same = (
-            seen.data_ptr() == t.data_ptr()
-            and seen.shape == t.shape
-            and seen.stride() == t.stride()
-            and seen.dtype == t.dtype
-            and seen.device == t.device
-            and seen._version == version == t._version
-        )
-        return (lo, hi) if same else None
+        return (lo, hi) if _unchanged(seen, version, t) else None
+
+    def _known_first(self, name: str, t: torch.Tensor) -> FirstPass | None:
+        """The selection's first pass :meth:`_fits` made for this very tensor, unchanged
+        since, else ``None``; forgotten either way."""
+        entry = self._firsts.pop(name, None)
+        if entry is None:
+            return None
+        seen, version, first = entry
+        return first if _unchanged(seen, version, t) else None
+
+    def _selected(self, t: torch.Tensor) -> float | None:
+        """The sparsity a lossy tensor's magnitude selection will drop (as :meth:`_kept`
+        calls it on the CPU), or ``None`` where it takes another path (low rank, a mask,
+        a device's fused selection, nothing dropped)."""
+        spec = self._spec
+        if fused.active(t.device):
+            return None
+        if (
+            spec.rank is not None
+            and t.ndim >= 2
+            and worth_factoring(*matrix_shape(t.shape), spec.rank)
+        ):
+            return None
+        if spec.topk is not None:
+            return None if spec.topk >= 1.0 else 1.0 - spec.topk
+        if spec.prune.method is PruneMethod.L1_UNSTRUCTURED and spec.prune.sparsity > 0:
+            return spec.prune.sparsity
+        return None
 
     def _why_not(self, name: str, t: torch.Tensor) -> str | None:
         spec = self._spec
@@ -536,10 +572,15 @@ class TensorEncoder:
         )
 
     def _kept(
-        self, name: str, x: torch.Tensor, global_mask: torch.Tensor | None
+        self,
+        name: str,
+        x: torch.Tensor,
+        global_mask: torch.Tensor | None,
+        first: FirstPass | None = None,
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Flat indices of the values kept (int64, increasing), ``None`` for all; and the
-        values at them when the selection gathered them (else ``None``)."""
+        values at them when the selection gathered them (else ``None``). ``first``: the
+        selection's first pass over ``x``'s values, made by :meth:`_fits`."""
         spec = self._spec
         on_device = fused.active(x.device)
 
@@ -547,7 +588,7 @@ class TensorEncoder:
             # On a CUDA device the fused selection (indices only; values gathered later).
             if on_device:
                 return fused.magnitude_indices(t, sparsity), None
-            return magnitude_selection(t, sparsity)
+            return magnitude_selection(t, sparsity, first)
 
         if spec.topk is not None:
             return (None, None) if spec.topk >= 1.0 else select(x, 1.0 - spec.topk)
@@ -581,7 +622,7 @@ class TensorEncoder:
         ):
             return self._lowrank(name, t, x, delta, spec.rank)
         flat = x.reshape(-1)
-        indices, gathered = self._kept(name, x, global_mask)
+        indices, gathered = self._kept(name, x, global_mask, self._known_first(name, t))
         if indices is None:
             values = flat
         else:
@@ -1119,3 +1160,16 @@ def _within(x: torch.Tensor, limit: float) -> bool:
         flat = flat.to(torch.float32)
     lo, hi = value_range(flat.contiguous(), None)
     return _in_range(lo, hi, limit)
+
+
+def _unchanged(seen: torch.Tensor, version: int, t: torch.Tensor) -> bool:
+    """Whether ``t`` is the tensor ``seen`` was (same memory and layout), not written to
+    since its version was ``version``."""
+    return (
+        seen.data_ptr() == t.data_ptr()
+        and seen.shape == t.shape
+        and seen.stride() == t.stride()
+        and seen.dtype == t.dtype
+        and seen.device == t.device
+        and seen._version == version == t._version
+    )

@@ -29,13 +29,15 @@ pruning, at three times the cost.)
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import numpy.typing as npt
 
 from fedsqueeze.codec import jit, jit_select
 from fedsqueeze.codec.chunks import np_scratch, run_chunks
 
-__all__ = ["CHUNK", "select_above", "tie_rule"]
+__all__ = ["CHUNK", "FirstPass", "finish", "first_pass", "select_above", "tie_rule"]
 
 #: Values per chunk: the magnitudes (1 MiB of float32) stay in a core's L2 cache.
 CHUNK = 1 << 18
@@ -63,39 +65,85 @@ def tie_rule(band: npt.NDArray[np.floating], still: int) -> I64:
     return np.flatnonzero(below)
 
 
+@dataclass(frozen=True)
+class FirstPass:
+    """What the first pass over a tensor found (:func:`first_pass`)."""
+
+    #: The tensor's size.
+    n: int
+    #: The band's ends, as compared.
+    lo: np.float32
+    hi: np.float32
+    #: Per chunk: how many magnitudes are ``>= lo``, and the band's (in index order).
+    at_least: I64
+    band: list[F32]
+    #: The largest magnitude's float32 bit pattern (NaN above infinity above the rest).
+    top: int
+
+    def within(self, limit: float) -> bool:
+        """Whether every value is finite with ``|x| <= limit``."""
+        if self.top >= 0x7F800000:  # an infinity or a NaN
+            return False
+        return float(np.array([self.top], dtype=np.int32).view(np.float32)[0]) <= limit
+
+
 def select_above(x: F32, prune: int, lo: float, hi: float) -> tuple[I64, F32] | None:
     """The indices (increasing) and values of ``x`` (float32 ``[n]``, finite) left when
     its ``prune`` smallest magnitudes are dropped (ties at the cut: lowest indices
     first), given a band ``[lo, hi]`` (``±inf``: no bound) that should hold the cut-off;
-    ``None`` when the band misses it."""
+    ``None`` when the band misses it. :func:`first_pass`, then :func:`finish`."""
+    return finish(x, prune, first_pass(x, lo, hi))
+
+
+def first_pass(x: F32, lo: float, hi: float) -> FirstPass:
+    """One pass over ``x`` (float32 ``[n]``, contiguous) on every core: per chunk the
+    count of magnitudes ``>= lo`` and the magnitudes in ``[lo, hi]``, and the largest
+    magnitude (the encoder checks finiteness and range with it)."""
     n = x.size
     bounds = [(a, min(a + CHUNK, n)) for a in range(0, n, CHUNK)]
     lo32, hi32 = np.float32(lo), np.float32(hi)  # sample values: exact in float32
     at_least = np.zeros(len(bounds), dtype=np.int64)
     band: list[F32] = [np.empty(0, dtype=np.float32)] * len(bounds)
+    tops = np.zeros(len(bounds), dtype=np.int32)
+    bits = x.view(np.int32)
 
     compiled = jit.use(n)
 
     def first(start: int, stop: int) -> None:
         size = stop - start
+        i = start // CHUNK
         if compiled:  # the same comparisons in one compiled pass
             buf = np_scratch("sel_band", size, np.float32, CHUNK)
-            packed = jit_select.band_pass(x, start, stop, lo32, hi32, buf)
-            at_least[start // CHUNK] = packed >> 32
-            band[start // CHUNK] = buf[: packed & 0xFFFFFFFF].copy()
+            packed = jit_select.band_pass(x, bits, start, stop, lo32, hi32, buf, tops, i)
+            at_least[i] = packed >> 32
+            band[i] = buf[: packed & 0xFFFFFFFF].copy()
             return
         mags = np_scratch("sel_mags", size, np.float32, CHUNK)
         ge = np_scratch("sel_ge", size, np.bool_, CHUNK)
         inside = np_scratch("sel_in", size, np.bool_, CHUNK)
+        words = np_scratch("sel_bits", size, np.int32, CHUNK)
         np.abs(x[start:stop], out=mags)
         np.greater_equal(mags, lo32, out=ge)
         np.less_equal(mags, hi32, out=inside)
         np.logical_and(inside, ge, out=inside)
-        i = start // CHUNK
+        np.bitwise_and(bits[start:stop], 0x7FFFFFFF, out=words)
         at_least[i] = np.count_nonzero(ge)
         band[i] = mags[np.flatnonzero(inside)]
+        tops[i] = words.max()
 
     run_chunks(first, bounds)
+    return FirstPass(n, lo32, hi32, at_least, band, int(tops.max(initial=0)))
+
+
+def finish(x: F32, prune: int, first: FirstPass) -> tuple[I64, F32] | None:
+    """:func:`select_above`'s result from its first pass over the same values (``x``
+    may be another array holding them); ``None`` when the band misses the cut-off."""
+    n = x.size
+    if first.n != n:
+        raise ValueError(f"the first pass saw {first.n} values, not {n}")
+    bounds = [(a, min(a + CHUNK, n)) for a in range(0, n, CHUNK)]
+    lo32, at_least, band = first.lo, first.at_least, first.band
+    compiled = jit.use(n)
     n_ge = int(at_least.sum())
     n_band = sum(b.size for b in band)
     n_below = n - n_ge

@@ -73,6 +73,8 @@ def test_options_are_validated() -> None:
         codec_bench.CodecBenchOptions(seeds=0)
     with pytest.raises(ValueError):
         codec_bench.CodecBenchOptions(tensor_mb=0)
+    with pytest.raises(ValueError, match="tensor_seed must be >= 0, got -1"):
+        codec_bench.CodecBenchOptions(tensor_seed=-1)
 
 
 def test_bad_flags_are_a_config_error() -> None:

@@ -238,6 +238,31 @@ def test_magnitude_selection_matches_the_numpy_passes(seed: int, share: float) -
         threshold_select.CHUNK = monkey
 
 
+@pytest.mark.parametrize("where", [None, 5, 100_000, 300_000])  # a block, the tail
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf"), -3e38])
+def test_the_band_pass_finds_the_largest_magnitude_as_numpy_does(
+    where: int | None, bad: float
+) -> None:
+    x = hard_values(300_001, 4).numpy()
+    if where is not None:
+        x[where] = bad
+    saved = threshold_select.CHUNK
+    threshold_select.CHUNK = 4_096
+    try:
+        with small_chunks():
+            got = threshold_select.first_pass(x, 0.5, 1.5)
+            with jit_off():
+                want = threshold_select.first_pass(x, 0.5, 1.5)
+    finally:
+        threshold_select.CHUNK = saved
+    assert got.top == want.top == int((x.view(np.int32) & 0x7FFFFFFF).max())
+    top = float(np.abs(x).max())
+    assert got.within(np.inf) == (where is None or abs(bad) < np.inf)
+    assert got.within(top) == (where is None or bad == -3e38)
+    assert np.array_equal(got.at_least, want.at_least)
+    assert all(np.array_equal(a, b) for a, b in zip(got.band, want.band, strict=True))
+
+
 @pytest.mark.parametrize("share", [0.2, 0.5, 0.9])
 def test_ties_at_the_cut_compiled_and_numpy_keep_the_rule(share: float) -> None:
     """Magnitudes from 0 to 3 in steps of 1/4 (float16-like weights): the cut's tied

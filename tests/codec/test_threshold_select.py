@@ -151,3 +151,58 @@ def test_large_tensor_on_default_chunks() -> None:
         indices, values = pruning.magnitude_selection(x, sparsity)
         assert torch.equal(indices, reference)
         assert values is not None and torch.equal(values, x[reference])
+
+
+def test_first_pass_finds_the_largest_magnitude_nan_and_infinity_above_all() -> None:
+    x = tensor(1000, "wide", 5).numpy()
+    first = threshold_select.first_pass(x, 0.5, 2.0)
+    top = float(np.abs(x).max())
+    assert first.within(top) and not first.within(np.nextafter(top, 0.0))
+    for bad in (np.inf, -np.inf, np.nan, -np.nan):
+        y = x.copy()
+        y[777] = bad
+        assert not threshold_select.first_pass(y, 0.5, 2.0).within(np.inf)
+    assert threshold_select.first_pass(np.zeros(10, np.float32), 0.5, 2.0).within(0.0)
+    with pytest.raises(ValueError, match="the first pass saw 1000 values, not 999"):
+        threshold_select.finish(x[:999], 10, first)
+
+
+LARGE = pruning._SAMPLE_ABOVE + 4097  # the two-pass selection's size
+
+
+@pytest.mark.parametrize("spec", ["prune=l1:0.9,quant=4", "topk=0.1,quant=8"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_a_large_pruned_tensor_the_path_cannot_hold_is_refused_or_carried(
+    spec: str, bad: float
+) -> None:
+    """The check reads the selection's first pass (no range pass of its own): a value
+    that is not finite is still refused before any byte, or carried losslessly under
+    ``nonfinite=CARRY``."""
+    from fedsqueeze.codec import NonFinite, decode_state, encode_state
+    from fedsqueeze.codec.spec_text import parse_spec
+    from fedsqueeze.errors import NonFiniteError
+
+    w = tensor(LARGE, "normal", 9)
+    w[LARGE - 3] = bad
+    state = {"big.weight": w}
+    with pytest.raises(NonFiniteError, match=r"big\.weight"):
+        encode_state(state, parse_spec(spec))
+    carried = decode_state(encode_state(state, parse_spec(spec), nonfinite=NonFinite.CARRY))
+    got = carried["big.weight"]
+    assert torch.equal(got.isnan(), w.isnan()) and torch.equal(got.nan_to_num(), w.nan_to_num())
+
+
+@pytest.mark.parametrize("spec", ["prune=l1:0.9,quant=4", "topk=0.1,quant=8", "prune=l1:0.5"])
+@pytest.mark.parametrize("delta", [False, True])
+def test_the_checks_first_pass_gives_the_bytes_of_a_selection_on_its_own(
+    spec: str, delta: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from fedsqueeze.codec import encode_state, tensor_encode
+    from fedsqueeze.codec.spec_text import parse_spec
+
+    state = {"big.weight": tensor(LARGE, "ties", 2) / 3 + tensor(LARGE, "normal", 1)}
+    base = {"big.weight": tensor(LARGE, "normal", 4)} if delta else None
+    reused = encode_state(state, parse_spec(spec), base).to_bytes()
+    monkeypatch.setattr(tensor_encode, "prepare_selection", lambda t, s: None)
+    alone = encode_state(state, parse_spec(spec), base).to_bytes()
+    assert reused == alone
