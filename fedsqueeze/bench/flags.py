@@ -74,7 +74,8 @@ def add_progressive_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="PART,...",
         help="run only these parts: designs, digits, minilm, partwise (default: all); "
         "gptq (only when named): MiniLM first levels, nearest vs GPTQ rounding at byte "
-        "budgets, fake quantization (5-10 min)",
+        "budgets, fake quantization (5-10 min); rows (only when named): the same with "
+        "bits per row of the word embeddings by calibration use (5-10 min)",
     )
     parser.add_argument(
         "--minilm-curves",

@@ -36,6 +36,9 @@ gptq      (only when named) a fake-quantization probe of MiniLM first levels at 
           budgets: nearest rounding against GPTQ (data-aware rounding with each
           Linear's input moments on the calibration sentences), per-tensor bits
           allocated by Fisher weight (:mod:`fedsqueeze.bench.gptq_probe`);
+rows      (only when named) the same probe with bits per row of the word embeddings:
+          the rows the calibration sentences use at more bits than the rest
+          (:mod:`fedsqueeze.bench.row_probe`);
 partwise  peak memory beyond the loaded MiniLM of decoding a stream whole
           (``decode_state``) against part by part into the loaded tensors
           (``decode_into``), each in a fresh process (:mod:`fedsqueeze.bench.partwise`).
@@ -97,8 +100,8 @@ MINILM_CURVES = (
     ("quant=8:symmetric:block384:dq:hadamard,levels=2+1+1+1+1+2", LevelOrder.WEIGHTED),
 )
 PARTS = ("designs", "digits", "minilm", "partwise")
-#: Parts that run only when named (``--parts gptq``: 5-10 min of CPU).
-OPT_IN_PARTS = ("gptq",)
+#: Parts that run only when named (``--parts gptq`` or ``rows``: 5-10 min of CPU each).
+OPT_IN_PARTS = ("gptq", "rows")
 PARTWISE_SPECS = ("quant=8:channel", "lossless", "prune=l1:0.9,quant=4")
 
 #: Standard-library modules whose docstrings give the MiniLM sentences (sorted, fixed).
@@ -261,6 +264,11 @@ def run(
 
         out("\nMiniLM first levels, fake quantization: nearest vs GPTQ rounding (gptq_probe)")
         report["minilm_gptq_probe"] = minilm_probe(out)
+    if "rows" in parts and not skip_minilm:
+        from fedsqueeze.bench.row_probe import minilm_row_probe
+
+        out("\nMiniLM word embeddings, bits per row by calibration use (row_probe)")
+        report["minilm_row_probe"] = minilm_row_probe(out)
     if skip_minilm or not {"designs", "minilm", "partwise"} & set(parts):
         return report
     sentences = stdlib_sentences()

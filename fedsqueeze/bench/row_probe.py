@@ -1,0 +1,171 @@
+"""Probe: bits per row of MiniLM's word embeddings by how often the rows are looked up.
+
+The GPTQ probe (:mod:`fedsqueeze.bench.gptq_probe`) found the word embeddings to be what
+keeps a 1/16 prefix below 0.95: half of the model's values, a lookup (no input moments
+to compensate with), 0.104 of cosine at 1 bit per value and 1.4 MB more for the second
+bit. A lookup table's rows are not equally used: a sentence reads a few of its 30,522
+rows, and the same few thousand again and again. This probe measures, by fake
+quantization as the GPTQ probe does (same rotation, grid, clip search, level re-fit and
+byte count), what giving the rows that text uses more bits than the rest buys:
+
+* **row weights** from the calibration sentences
+  (:func:`fedsqueeze.bench.sensitivity.calibration_sentences`, disjoint from the test
+  sentences): a row's weight is how often the tokenizer produced its token; the rows
+  never seen share the calibration's unseen mass (the Good-Turing estimate: the share of
+  tokens seen once), evenly;
+* **row plans**: the seen rows at ``hi`` bits, the rest at ``lo`` (``hi > lo``), beside
+  every row at one width;
+* the embedding's error in the allocation is the **row-weighted** squared error
+  (scaled so that an error spread evenly counts as the plain squared error does), times
+  its Fisher weight as before, so plans and widths compete in one currency.
+
+Two measurements: the word embeddings alone (everything else fp32) at each plan, and the
+GPTQ probe's Lagrangian allocation at 1/20, 1/16 and 1/12 of fp32 with the row plans
+among the embedding's options (nearest rounding and GPTQ for the Linears). What it does
+not answer: the codec has no per-row widths yet (a progressive stream refines a tensor's
+rows together); this measures whether building them is worth it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from fedsqueeze.bench.gptq_probe import Choice, allocate, input_moments, quantize_tensor
+
+__all__ = ["EMBEDDINGS", "minilm_row_probe", "row_plan_choice", "row_weights"]
+
+#: The lookup table whose rows get their own widths.
+EMBEDDINGS = "embeddings.word_embeddings.weight"
+#: ``(hi, lo)`` widths of the seen and the other rows.
+PLANS = ((2, 1), (3, 1), (4, 1), (5, 1), (3, 2), (4, 2), (5, 2), (6, 2), (5, 3), (6, 3))
+
+
+def row_weights(token_ids: list[int], rows: int) -> Tensor:
+    """Per row: how often ``token_ids`` holds it; the unseen rows share the Good-Turing
+    unseen mass (tokens seen once ÷ all tokens) evenly, in the same units."""
+    if not token_ids:
+        raise ValueError("no calibration tokens")
+    counts = torch.bincount(torch.tensor(token_ids), minlength=rows).to(torch.float64)
+    if counts.numel() != rows:
+        raise ValueError(f"token ids beyond the table's {rows} rows")
+    unseen = counts == 0
+    once = float((counts == 1).sum())
+    if unseen.any():
+        counts[unseen] = max(once, 1.0) / float(unseen.sum())
+    return counts
+
+
+def _weighted_error(value: Tensor, decoded: Tensor, weights: Tensor) -> float:
+    per_row = (decoded.to(torch.float64) - value.to(torch.float64)).square().sum(dim=1)
+    return float((per_row * weights).sum() * (weights.numel() / weights.sum()))
+
+
+def row_plan_choice(
+    value: Tensor, seen: Tensor, hi: int, lo: int, weights: Tensor, name: str = EMBEDDINGS
+) -> Choice:
+    """The rows ``seen`` (bool per row) at ``hi`` bits and the rest at ``lo``, each part
+    quantized as :func:`~fedsqueeze.bench.gptq_probe.quantize_tensor` does (its bytes:
+    codes, scales, levels); the error row-weighted. ``bits`` is ``hi * 100 + lo``."""
+    decoded = torch.empty_like(value, dtype=torch.float32)
+    nbytes = 0.0
+    for rows, bits in ((seen, hi), (~seen, lo)):
+        if not rows.any():
+            continue
+        part = quantize_tensor(name, value[rows], bits, None, False)
+        decoded[rows] = part.decoded
+        nbytes += part.nbytes
+    nbytes += math.ceil(value.shape[0] / 8)  # which rows are which: a bit each
+    return Choice(hi * 100 + lo, nbytes, _weighted_error(value, decoded, weights), decoded)
+
+
+def minilm_row_probe(out: Callable[[str], None] = print) -> dict[str, Any] | None:
+    """Both measurements on all-MiniLM-L6-v2 (``None`` without the bench extra)."""
+    from fedsqueeze.bench.codec import minilm_sentence_model
+    from fedsqueeze.bench.progressive import minilm, stdlib_sentences
+    from fedsqueeze.bench.sensitivity import calibration_sentences, minilm_fisher
+
+    test = stdlib_sentences()
+    loaded = minilm(test)
+    probe_model = minilm_sentence_model()
+    calibration = calibration_sentences(limit=1 << 30)  # every one there is, for the rows
+    if loaded is None or probe_model is None:
+        return None
+    fisher = minilm_fisher(calibration_sentences())  # the GPTQ probe's (128 sentences)
+    if fisher is None:
+        return None
+    state, cosine = loaded
+    model, inner = probe_model
+    value = state[EMBEDDINGS]
+    ids = [i for s in calibration for i in model.tokenizer(s)["input_ids"]]
+    test_ids = [i for s in test for i in model.tokenizer(s)["input_ids"]]
+    weights = row_weights(ids, value.shape[0])
+    seen = torch.bincount(torch.tensor(ids), minlength=value.shape[0]) > 0
+    covered = sum(bool(seen[i]) for i in test_ids) / len(test_ids)
+    report: dict[str, Any] = {
+        "calibration_sentences": len(calibration),
+        "calibration_tokens": len(ids),
+        "rows_seen": int(seen.sum()),
+        "test_tokens_on_seen_rows": covered,
+    }
+    out(
+        f"{len(calibration)} calibration sentences, {len(ids)} tokens on {int(seen.sum())} "
+        f"of {value.shape[0]} rows; {covered:.1%} of the test sentences' tokens fall on them"
+    )
+    options = [
+        Choice(c.bits, c.nbytes, _weighted_error(value, c.decoded, weights), c.decoded)
+        for c in (quantize_tensor(EMBEDDINGS, value, k, None, False) for k in range(1, 7))
+    ]
+    options += [row_plan_choice(value, seen, hi, lo, weights) for hi, lo in PLANS]
+    alone = []
+    for c in options:
+        label = f"{c.bits} bits" if c.bits < 100 else f"seen {c.bits // 100}, rest {c.bits % 100}"
+        cos = cosine({**state, EMBEDDINGS: c.decoded})
+        alone.append({"plan": label, "bytes": c.nbytes, "cosine": cos})
+        out(f"  word embeddings alone, {label:>16}: {c.nbytes / 1e6:5.2f} MB  cosine {cos:.4f}")
+    report["embeddings_alone"] = alone
+
+    features = model.tokenize(calibration_sentences())  # the GPTQ probe's moments
+    inner.load_state_dict(state)
+    moments = input_moments(inner, lambda: model(dict(features)), features["attention_mask"])
+    matrices = [k for k, v in state.items() if v.ndim >= 2]
+    fixed = sum(4.0 * v.numel() for k, v in state.items() if v.ndim < 2)
+    fp32 = sum(4 * v.numel() for v in state.values())
+    rows: list[dict[str, Any]] = []
+    for method in ("rtn", "gptq"):
+        base: dict[str, list[Choice]] = {}
+        for name in matrices:
+            if name == EMBEDDINGS:
+                continue
+            h = moments.get(name)
+            base[name] = [
+                quantize_tensor(name, state[name], k, h, method == "gptq" and h is not None)
+                for k in range(1, 7)
+            ]
+        for with_rows in (False, True):
+            opts = dict(base)
+            opts[EMBEDDINGS] = options if with_rows else options[:6]
+            for d in (20, 16, 12):
+                chosen = allocate(opts, fisher, fp32 / d - fixed)
+                if chosen is None:
+                    continue
+                decoded = {**state, **{k: c.decoded for k, c in chosen.items()}}
+                total = fixed + sum(c.nbytes for c in chosen.values())
+                cos = cosine(decoded)
+                pick = chosen[EMBEDDINGS].bits
+                label = f"{pick} bits" if pick < 100 else f"seen {pick // 100}, rest {pick % 100}"
+                rows.append(
+                    {"method": method, "row_plans": with_rows, "budget": f"1/{d}",
+                     "bytes": total, "cosine": cos, "embeddings": label}
+                )  # fmt: skip
+                out(
+                    f"  allocated <= 1/{d} ({fp32 / d / 1e6:.2f} MB), {method}, "
+                    f"{'with' if with_rows else 'without'} row plans: {total / 1e6:.2f} MB  "
+                    f"cosine {cos:.4f}  (word embeddings: {label})"
+                )
+    report["allocated"] = rows
+    return report

@@ -1,0 +1,44 @@
+"""The row probe's pieces (fedsqueeze.bench.row_probe): row weights and row plans."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fedsqueeze.bench.gptq_probe import quantize_tensor
+from fedsqueeze.bench.row_probe import row_plan_choice, row_weights
+
+
+def test_row_weights_count_and_share_the_unseen_mass() -> None:
+    w = row_weights([3, 3, 3, 1, 5], 8)
+    assert w[3] == 3 and w[1] == 1 and w[5] == 1
+    # Two tokens seen once: the five unseen rows share a mass of 2, evenly.
+    unseen = torch.tensor([0, 2, 4, 6, 7])
+    assert torch.allclose(w[unseen], torch.full((5,), 2 / 5, dtype=torch.float64))
+    assert float(w.sum()) == pytest.approx(5 + 2)
+    with pytest.raises(ValueError, match="no calibration tokens"):
+        row_weights([], 8)
+    with pytest.raises(ValueError, match="beyond the table's 4 rows"):
+        row_weights([9], 4)
+
+
+def test_a_row_plan_spends_its_bits_where_the_weights_are() -> None:
+    g = torch.Generator().manual_seed(0)
+    value = torch.randn(64, 384, generator=g)
+    seen = torch.zeros(64, dtype=torch.bool)
+    seen[:8] = True
+    weights = torch.where(seen, 10.0, 0.1).to(torch.float64)
+    plan = row_plan_choice(value, seen, 4, 1, weights, name="t.weight")
+    low = quantize_tensor("t.weight", value, 1, None, False)
+    high_rows = quantize_tensor("t.weight", value[:8], 4, None, False)
+    assert plan.bits == 401
+    assert plan.nbytes > low.nbytes  # the seen rows cost more
+    assert plan.nbytes < quantize_tensor("t.weight", value, 4, None, False).nbytes
+    # The seen rows are decoded at 4 bits (as alone), the rest at 1.
+    assert torch.equal(plan.decoded[:8], high_rows.decoded)
+    seen_err = (plan.decoded[:8] - value[:8]).square().sum()
+    rest_err = (plan.decoded[8:] - value[8:]).square().sum() / 7  # per 8 rows
+    assert seen_err < rest_err
+    # Weighted: the plan's error is below every-row-at-1-bit's in the same currency.
+    uniform = (low.decoded - value).square().sum(dim=1).to(torch.float64)
+    assert plan.error < float((uniform * weights).sum() * 64 / weights.sum())
