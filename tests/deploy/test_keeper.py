@@ -148,6 +148,17 @@ def test_a_failed_restart_is_reported_and_retried() -> None:
     assert "did not start again (supernode exited with status 1" in reports[1]
 
 
+def _interrupt_at_run(marker: Path, run: int) -> None:
+    """SIGUSR1 to this process (standing in for Ctrl-C) once the fake SuperNodes have
+    marked ``run`` starts in ``marker`` (one ``x`` each); gives up after 40 s."""
+    deadline = time.monotonic() + 40
+    while time.monotonic() < deadline:
+        if marker.exists() and marker.read_text() == "x" * run:
+            os.kill(os.getpid(), signal.SIGUSR1)
+            return
+        time.sleep(0.05)
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 @pytest.mark.timeout(60)
 def test_real_processes_are_restarted_and_a_signal_stops_the_running_one(tmp_path: Path) -> None:
@@ -164,14 +175,6 @@ def test_real_processes_are_restarted_and_a_signal_stops_the_running_one(tmp_pat
     spec = ProcessSpec("fake supernode", (sys.executable, "-c", code), {}, Output.PIPE)
     started: list[ManagedProcess] = []
 
-    def interrupt_when_third_runs() -> None:
-        deadline = time.monotonic() + 40
-        while time.monotonic() < deadline:
-            if marker.exists() and marker.read_text() == "xxx":
-                os.kill(os.getpid(), signal.SIGUSR1)
-                return
-            time.sleep(0.05)
-
     with interrupt_on_signals((signal.SIGUSR1,)), Supervisor(grace=5) as supervisor:
 
         def start() -> ManagedProcess:
@@ -184,7 +187,7 @@ def test_real_processes_are_restarted_and_a_signal_stops_the_running_one(tmp_pat
             report=lambda _: None,
             backoff=Backoff(initial_s=0.01, cap_s=0.01, jitter=0),
         )
-        threading.Thread(target=interrupt_when_third_runs, daemon=True).start()
+        threading.Thread(target=_interrupt_at_run, args=(marker, 3), daemon=True).start()
         with pytest.raises(KeyboardInterrupt):
             keeper.run(start())
         assert started[-1].poll() is None  # interrupted while the third one ran
@@ -353,14 +356,6 @@ def test_a_real_supernode_that_hangs_after_its_quit_line_is_stopped_and_restarte
     started: list[ManagedProcess] = []
     reports: list[str] = []
 
-    def interrupt_when_second_runs() -> None:
-        deadline = time.monotonic() + 40
-        while time.monotonic() < deadline:
-            if marker.exists() and marker.read_text() == "xx":
-                os.kill(os.getpid(), signal.SIGUSR1)
-                return
-            time.sleep(0.05)
-
     with interrupt_on_signals((signal.SIGUSR1,)), Supervisor(grace=5) as supervisor:
 
         def start() -> ManagedProcess:
@@ -378,7 +373,7 @@ def test_a_real_supernode_that_hangs_after_its_quit_line_is_stopped_and_restarte
             hang_s=0.5,
             poll_s=0.05,
         )
-        threading.Thread(target=interrupt_when_second_runs, daemon=True).start()
+        threading.Thread(target=_interrupt_at_run, args=(marker, 2), daemon=True).start()
         with pytest.raises(KeyboardInterrupt):
             keeper.run(start())
         assert started[0].poll() is not None  # the hung one was stopped
