@@ -148,6 +148,17 @@ def test_a_failed_restart_is_reported_and_retried() -> None:
     assert "did not start again (supernode exited with status 1" in reports[1]
 
 
+def _counting_child(marker: Path, then: str) -> str:
+    """Python code for a fake SuperNode: it adds an ``x`` to ``marker`` (``n``: how many
+    were there before), then runs ``then``."""
+    return (
+        "import pathlib, time\n"
+        f"p = pathlib.Path({str(marker)!r})\n"
+        "n = len(p.read_text()) if p.exists() else 0\n"
+        "p.write_text('x' * (n + 1))\n" + then
+    )
+
+
 def _interrupt_at_run(marker: Path, run: int) -> None:
     """SIGUSR1 to this process (standing in for Ctrl-C) once the fake SuperNodes have
     marked ``run`` starts in ``marker`` (one ``x`` each); gives up after 40 s."""
@@ -165,13 +176,7 @@ def test_real_processes_are_restarted_and_a_signal_stops_the_running_one(tmp_pat
     """A real child that exits at once is restarted twice; the third stays up, and a
     signal (SIGUSR1 standing in for SIGTERM/Ctrl-C) ends the keeper while it waits."""
     marker = tmp_path / "runs"
-    code = (
-        "import pathlib, time\n"
-        f"p = pathlib.Path({str(marker)!r})\n"
-        "n = len(p.read_text()) if p.exists() else 0\n"
-        "p.write_text('x' * (n + 1))\n"
-        "time.sleep(60 if n >= 2 else 0)\n"
-    )
+    code = _counting_child(marker, "time.sleep(60 if n >= 2 else 0)\n")
     spec = ProcessSpec("fake supernode", (sys.executable, "-c", code), {}, Output.PIPE)
     started: list[ManagedProcess] = []
 
@@ -341,15 +346,12 @@ def test_a_real_supernode_that_hangs_after_its_quit_line_is_stopped_and_restarte
     from fedsqueeze.deploy.nodelog import NodeLog
 
     marker = tmp_path / "runs"
-    code = (
-        "import pathlib, time\n"
-        f"p = pathlib.Path({str(marker)!r})\n"
-        "n = len(p.read_text()) if p.exists() else 0\n"
-        "p.write_text('x' * (n + 1))\n"
+    code = _counting_child(
+        marker,
         "if n == 0:\n"
         "    print('Client error 401 Unauthorized', flush=True)\n"
         "    print('INFO : SuperNode terminated gracefully.', flush=True)\n"
-        "time.sleep(60)\n"
+        "time.sleep(60)\n",
     )
     spec = ProcessSpec("fake supernode", (sys.executable, "-c", code), {}, Output.PIPE)
     node_log = NodeLog(tmp_path / "supernode.log", lambda _: None)
