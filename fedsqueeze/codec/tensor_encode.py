@@ -897,13 +897,15 @@ class TensorEncoder:
         delta: bool,
     ) -> TensorRecord | None:
         """The record of a large dense quantized tensor, quantized and zstd-compressed in
-        a pipeline (:mod:`fedsqueeze.codec.dense_encode`); ``None`` when the pipeline does
-        not take it (the stages then run one after the other)."""
+        a pipeline (:mod:`fedsqueeze.codec.dense_encode`), or with ``entropy=0``
+        quantized and packed by the pipeline's kernels on the worker threads and stored
+        as they are (no copy); ``None`` when neither takes it (the stages then run one
+        after the other, to the same bytes)."""
         q = self._spec.quant
         if q is None or not dense_encode.ENABLED:
             return None
         level = self._spec.entropy_level
-        if level <= 0 or -(-values.numel() * q.bits // 8) < dense_encode.PIPELINE_ABOVE:
+        if -(-values.numel() * q.bits // 8) < dense_encode.PIPELINE_ABOVE:
             return None  # before choosing params: they would be chosen twice
         if isinstance(channels_of, Runs) and dense_encode.fuses_blocks(
             values, q, channels_of, level
@@ -917,10 +919,15 @@ class TensorEncoder:
             values, q.bits, q.scheme, q.granularity, channels_of, num_channels, q.scales,
             known_range=known_range,
         )  # fmt: skip
-        if not dense_encode.pipelines(values, qp, q.rounding, channels_of, level):
+        # The pipeline's conditions, zstd aside (level 1 stands for "on").
+        if not dense_encode.pipelines(values, qp, q.rounding, channels_of, max(level, 1)):
             return None
         runs = channels_of if isinstance(channels_of, Runs) else None
-        coded = dense_encode.encode_dense(values, qp, runs, level)
+        if level <= 0:
+            packed = dense_encode.quantize_packed(values, qp, runs)
+            coded = dense_encode.DenseBody(packed.numpy().data, None, packed)
+        else:
+            coded = dense_encode.encode_dense(values, qp, runs, level)
         quant = _quant_header(q, qp, num_channels, name)
         return self._record(
             name, t, delta=delta, body=coded.packed.numpy().data, quant=quant,

@@ -179,7 +179,9 @@ SPECS = [
     "quant=4:symmetric:block32:bf16",
     "quant=8:block64:fp32",
     "quant=3",  # not pipelined (3-bit codes)
-    "int8,entropy=0",  # not pipelined (no zstd)
+    "int8,entropy=0",  # no zstd: the pipeline's kernels, stored raw (the same bytes)
+    "quant=4:block64,entropy=0",
+    "quant=4:nf4:block64,entropy=0",
     "quant=8:stochastic",  # not pipelined (stochastic rounding)
 ]
 SHAPES = [(7, 3, 611), (97, 131), (1, 5_001), (3, 4_097)]
@@ -212,6 +214,42 @@ def test_encode_state_values_do_not_depend_on_the_pipeline(
     expected = decode_state(EncodedModel.from_bytes(slow))["layer.weight"]
     assert decoded.shape == x.shape
     assert torch.equal(decoded.view(torch.int32), expected.view(torch.int32))
+
+
+@pytest.mark.parametrize(
+    "spec_text",
+    [
+        "int8,entropy=0",
+        "quant=4:block64,entropy=0",
+        "quant=4:nf4:block32,entropy=0",
+        "quant=2:channel,entropy=0",
+    ],
+)
+def test_raw_codes_come_from_the_pipelines_kernels_with_the_same_bytes(
+    spec_text: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With ``entropy=0`` a large dense tensor is quantized and packed on the worker
+    threads (``quantize_packed``) and stored as it is: the bytes of the stages run one
+    after the other (a dense tensor's channels are runs of rows: pipelined too)."""
+    x = values(97 * 131, 5).reshape(97, 131)
+    spec = parse_spec(spec_text)
+    calls: list[int] = []
+    packed = dense_encode.quantize_packed
+
+    def counted(*args: Any, **kwargs: Any) -> torch.Tensor:
+        calls.append(1)
+        return packed(*args, **kwargs)
+
+    monkeypatch.setattr(dense_encode, "quantize_packed", counted)
+    with tiny():
+        fast = encode_state({"layer.weight": x}, spec).to_bytes()
+        dense_encode.ENABLED = False
+        try:
+            slow = encode_state({"layer.weight": x}, spec).to_bytes()
+        finally:
+            dense_encode.ENABLED = True
+    assert len(calls) == 1
+    assert fast == slow
 
 
 @pytest.mark.parametrize(
