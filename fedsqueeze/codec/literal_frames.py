@@ -45,6 +45,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import IO, cast
 
+import numpy as np
 import zstandard
 
 from fedsqueeze.codec.workers import parallel_map
@@ -52,6 +53,8 @@ from fedsqueeze.errors import FormatError
 
 __all__ = [
     "LITERAL_PARAMS",
+    "MATCHES_PAY",
+    "MIN_SPLIT",
     "Piece",
     "Plan",
     "Segment",
@@ -152,12 +155,70 @@ class Plan:
 
 def compress_piece(data: memoryview) -> Piece | None:
     """``data`` (non-empty) compressed with :data:`LITERAL_PARAMS` as a frame of its own;
-    ``None`` when zstd's frame is not one this module can walk (never seen)."""
-    compressor = getattr(_local, "compressor", None)
-    if compressor is None:
-        compressor = _local.compressor = zstandard.ZstdCompressor(compression_params=LITERAL_PARAMS)
-    frame = compressor.compress(data)
-    header, window = _frame_header(frame)
+    ``None`` when zstd's frame is not one this module can walk (never seen).
+
+    zstd's fastest search steps over most positions of data without repeats, and now
+    and then lands on a short one (two of the 96 pieces of a 100 MB tensor's 4-bit
+    codes): a match, which made such a piece one a splice may carry only once. Where
+    the matches save nothing worth having (the frame is not :data:`MATCHES_PAY` below
+    the data's order-0 entropy), the piece is made again without them: its halves
+    compressed anew (the search then starts elsewhere and mostly finds none), each
+    again where it still holds one, down to :data:`MIN_SPLIT` bytes, and a part that
+    small that still matches stored as a raw block (at most 2 KiB raw: a few hundred
+    bytes more). The blocks go under the whole
+    frame's header (its window is at least theirs), so the piece has no sequences and
+    the splice goes on; data whose matches do pay (repeats, runs of zeros) keeps them."""
+    whole = _compress_whole(data)
+    if whole is None or not whole.matches or len(data) < 2 * MIN_SPLIT:
+        return whole
+    if len(whole.frame) < MATCHES_PAY * _entropy_bytes(data):
+        return whole
+    parts: list[bytes | memoryview] = [memoryview(whole.frame)[: whole.header]]
+    if not _free_blocks(data, True, parts, whole):
+        return whole
+    frame = b"".join(parts)
+    walked = _walk(frame, whole.header)
+    if walked is None or walked[1] or walked[2] != len(data):
+        return whole  # cannot happen: every block above is literal-only
+    return Piece(frame, whole.header, whole.window, walked[0], False)
+
+
+#: The smallest part :func:`compress_piece` compresses again to lose a match.
+MIN_SPLIT = 1 << 10
+#: A frame with matches below this fraction of the data's order-0 entropy keeps them.
+MATCHES_PAY = 0.98
+
+
+def _entropy_bytes(data: memoryview) -> float:
+    """The order-0 entropy of ``data``'s bytes, in bytes."""
+    counts = np.bincount(np.frombuffer(data, dtype=np.uint8), minlength=256)
+    p = counts[counts > 0] / len(data)
+    return float(-(p * np.log2(p)).sum()) * len(data) / 8
+
+
+def _free_blocks(
+    data: memoryview, final: bool, out: list[bytes | memoryview], piece: Piece | None = None
+) -> bool:
+    """Blocks without sequences that decode to ``data`` (the last one flagged when
+    ``final``) appended to ``out``; ``False`` when zstd's frame cannot be walked.
+    ``piece``: ``data`` compressed whole, when the caller has it."""
+    piece = piece or _compress_whole(data)
+    if piece is None:
+        return False
+    if not piece.matches:
+        emit_piece(piece, final, out.append)
+        return True
+    if len(data) >= 2 * MIN_SPLIT:
+        half = (len(data) + 1) // 2
+        return _free_blocks(data[:half], False, out) and _free_blocks(data[half:], final, out)
+    out.append(((len(data) << 3) | (_RAW << 1) | int(final)).to_bytes(3, "little"))
+    out.append(data)
+    return True
+
+
+def _walk(frame: bytes, header: int) -> tuple[int, bool, int] | None:
+    """A frame's blocks from ``header``: the offset of its last block, whether any holds
+    sequences, and what the sequence-free ones decode to; ``None`` when malformed."""
     pos, last, out, matches = header, header, 0, False
     while True:
         walked = _block(frame, pos)
@@ -167,8 +228,21 @@ def compress_piece(data: memoryview) -> Piece | None:
         matches = matches or regen is None
         last, pos, out = pos, pos + 3 + size, out + (regen or 0)
         if is_last:
-            break
-    if pos != len(frame) or (not matches and out != len(data)):
+            return (last, matches, out) if pos == len(frame) else None
+
+
+def _compress_whole(data: memoryview) -> Piece | None:
+    """:func:`compress_piece` in one frame, matches or not."""
+    compressor = getattr(_local, "compressor", None)
+    if compressor is None:
+        compressor = _local.compressor = zstandard.ZstdCompressor(compression_params=LITERAL_PARAMS)
+    frame = compressor.compress(data)
+    header, window = _frame_header(frame)
+    walked = _walk(frame, header)
+    if walked is None:
+        return None
+    last, matches, out = walked
+    if not matches and out != len(data):
         return None
     return Piece(frame, header, window, last, matches)
 

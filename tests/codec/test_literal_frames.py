@@ -138,6 +138,74 @@ def test_one_piece_with_matches_rides_in_the_splice() -> None:
     assert literal_frames.plan(_join(two), 2 * len(repeats) + len(a) + len(b) - 5, 1) is None
 
 
+def _int4_codes(n: int) -> bytes:
+    """Packed 4-bit codes of ``n`` standard normal values (NumPy's generator: the same
+    bytes on every platform), as a per-tensor 4-bit spec makes them."""
+    x = np.random.default_rng(0).standard_normal(n, dtype=np.float32)
+    lo, hi = float(x.min()), float(x.max())
+    codes = np.clip(np.rint((x - lo) / (hi - lo) * 15), 0, 15).astype(np.uint8)
+    return bytes(codes[0::2] | (codes[1::2] << 4))
+
+
+def test_pieces_with_incidental_matches_are_made_again_without_them() -> None:
+    """On real 4-bit codes zstd's fastest search lands on a short repeat in a few
+    pieces. Each such piece is made again without sequences (halves compressed anew,
+    a raw block where a small part still matches), under its own header and window,
+    about as small, and decodes to its data by every path; the whole body splices
+    (five matched pieces here: it went to one zstd stream on one core before)."""
+    data = _int4_codes(50_000_000)
+    size = 1 << 17
+    view = memoryview(data)
+    matched = 0
+    for start in range(0, len(data), size):
+        chunk = view[start : start + size]
+        whole = literal_frames._compress_whole(chunk)
+        assert whole is not None
+        if not whole.matches:
+            continue
+        matched += 1
+        piece = _piece(bytes(chunk))
+        assert not piece.matches
+        assert piece.frame[: piece.header] == whole.frame[: whole.header]
+        assert piece.window == whole.window
+        assert len(piece.frame) < 1.01 * len(whole.frame) + 1_000
+        assert entropy.decompress(piece.frame, len(chunk)) == bytes(chunk)
+        assert in_pieces(piece.frame, len(chunk), 1) == bytes(chunk)
+    assert matched >= 2
+    body = literal_frames.compress_spliced(data, piece=size)
+    assert body is not None
+    assert entropy.decompress(body, len(data)) == data
+    assert in_pieces(body, len(data), size) == data
+
+
+def test_matches_that_pay_are_kept() -> None:
+    repeats = bytes(range(256)) * 400  # real repeats: the matches are the compression
+    piece = _piece(repeats)
+    assert piece.matches and len(piece.frame) < len(repeats) // 50
+    assert entropy.decompress(piece.frame, len(repeats)) == repeats
+
+
+def test_a_small_part_that_keeps_matching_is_stored_raw(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With the entropy guard off, a piece of repeats is made without sequences all the
+    way down: halves to the smallest part, then raw blocks; it still decodes."""
+    monkeypatch.setattr(literal_frames, "MATCHES_PAY", 0.0)
+    repeats = bytes(range(256)) * 10  # 2,560 bytes: halves of 1,280 still repeat
+    calls: list[int] = []
+    whole = literal_frames._compress_whole
+
+    def counted(data: memoryview) -> literal_frames.Piece | None:
+        calls.append(len(data))
+        return whole(data)
+
+    monkeypatch.setattr(literal_frames, "_compress_whole", counted)
+    piece = _piece(repeats)
+    assert not piece.matches
+    assert sorted(calls) == [1_280, 1_280, 2_560]  # no part below MIN_SPLIT compressed
+    assert len(piece.frame) > len(repeats)  # raw: the price of no sequences
+    assert entropy.decompress(piece.frame, len(repeats)) == repeats
+    assert in_pieces(piece.frame, len(repeats), 1) == repeats
+
+
 def test_plan_refuses_frames_that_do_not_fill_the_size() -> None:
     data = MIXES["normal"]
     body = spliced(data, 65_536)
