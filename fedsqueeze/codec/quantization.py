@@ -192,8 +192,10 @@ def choose_qparams(
     _check_values(values)
     _check_bits(bits, ValueError)
     x = values.detach().contiguous()
-    if known_range is not None and granularity is not Granularity.PER_TENSOR:
-        raise ValueError("known_range is for per-tensor quantization")
+    if known_range is not None and not (
+        granularity is Granularity.PER_TENSOR or isinstance(channels, Runs)
+    ):
+        raise ValueError("known_range is for per-tensor quantization or runs")
     if granularity is Granularity.PER_TENSOR:
         if x.numel():
             lo, hi = value_range(x, None) if known_range is None else known_range
@@ -206,7 +208,10 @@ def choose_qparams(
             raise ValueError("k-means quantization is per tensor only")
         ch = _checked_channels(channels, x.numel(), num_channels)
         if isinstance(ch, Runs):
-            lo, hi = value_range(x, ch)  # every run holds values: none empty
+            # every run holds values: none empty
+            lo, hi = value_range(x, ch) if known_range is None else known_range
+            if lo.shape != (num_channels,) or hi.shape != (num_channels,):
+                raise ValueError(f"known_range must hold {num_channels} minima and maxima")
             empty = torch.zeros(num_channels, dtype=torch.bool, device=x.device)
             _check_range(lo.amin(), hi.amax())
         else:
