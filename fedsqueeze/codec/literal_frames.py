@@ -32,7 +32,9 @@ sequences depends on the repeat offsets left by earlier sequences, which a piece
 compressed alone does not know; before the first such piece there are none (the offsets
 are still the frame's initial ones), so a splice carries **one** piece with matches, and
 :func:`plan` puts it in a segment of its own whose output is what the literal-only
-segments leave. With two or more the encoder falls back to one stream. A segment that
+segments leave. With two or more the encoder falls back to one stream; before that,
+:func:`compress_piece` remakes a piece whose matches are incidental (they save nothing
+worth having) without them, so on quantization codes that fallback is rare. A segment that
 fails to decode on its own (a corrupt or hostile body) sends the decoder back to one
 stream too, so the pieces never decode a body to anything the one-stream decoder would
 not.
