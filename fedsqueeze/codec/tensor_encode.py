@@ -98,9 +98,9 @@ from fedsqueeze.codec.spec import (
 from fedsqueeze.codec.support_levels import Node, chain, free_ranks, group_ids
 from fedsqueeze.codec.threshold_select import FirstPass
 
-#: Shortest rows whose per-channel ranges the check keeps for the encode (two floats a
-#: row: at most 1/32 of the tensor's size).
-_ROWS_FROM = 64
+#: Shortest rows or blocks whose ranges the check keeps for the encode (two floats a
+#: run: at most 1/32 of the tensor's size).
+_RUNS_FROM = 64
 
 #: Largest magnitude fp16 block scales can cover (beyond it a tensor is refused or
 #: carried, as for an fp16 cast).
@@ -260,11 +260,11 @@ class TensorEncoder:
                 self._ranges[name] = (t, t._version, lo, hi)
                 fits = _in_range(lo, hi, limit)
                 return fits and (sent is t or _within(t, math.inf))
-            rows = self._dense_rows(t)
-            if rows is not None and sent.numel():
-                # Per channel: the rows' ranges the quantizer needs, whose extremes are
-                # the check's (a pass fewer); kept for encode() as the range above.
-                lo, hi = value_range(sent.detach().reshape(-1).contiguous(), rows)
+            runs = self._dense_runs(t)
+            if runs is not None and sent.numel():
+                # Per channel or block: the runs' ranges the quantizer needs, whose
+                # extremes are the check's (a pass fewer); kept for encode() as above.
+                lo, hi = value_range(sent.detach().reshape(-1).contiguous(), runs)
                 self._ranges[name] = (t, t._version, lo, hi)
                 fits = _in_range(lo.amin(), hi.amax(), limit)
                 return fits and (sent is t or _within(t, math.inf))
@@ -296,24 +296,27 @@ class TensorEncoder:
             and (spec.rank is None or t.ndim < 2)
         )
 
-    def _dense_rows(self, t: torch.Tensor) -> Runs | None:
-        """The runs (rows) a dense per-channel CPU tensor is quantized in, when they are
-        long enough (:data:`_ROWS_FROM` values) for their ranges to be worth keeping
-        from the check to the encode; else ``None``."""
+    def _dense_runs(self, t: torch.Tensor) -> Runs | None:
+        """The runs a dense per-channel (rows) or block-wise (blocks) CPU tensor is
+        quantized in, when they are long enough (:data:`_RUNS_FROM` values) for their
+        ranges to be worth keeping from the check to the encode; else ``None``."""
         spec = self._spec
         if (
             spec.quant is None
-            or spec.quant.granularity is not Granularity.PER_CHANNEL
+            or spec.quant.granularity is Granularity.PER_TENSOR
             or spec.levels is not None
             or spec.topk is not None
             or spec.prune.active
             or (spec.rank is not None and t.ndim >= 2)
             or t.device.type != "cpu"
-            or fused.active(t.device)  # its kernels find the rows' ranges themselves
+            or fused.active(t.device)  # its kernels find the runs' ranges themselves
         ):
             return None
-        stride = max(1, t.numel() // max(1, t.shape[0] if t.ndim else 1))
-        return Runs(stride) if stride >= _ROWS_FROM else None
+        if spec.quant.block_size is not None:
+            length = spec.quant.block_size
+        else:  # rows, as _lossy cuts them
+            length = max(1, t.numel() // max(1, t.shape[0] if t.ndim else 1))
+        return Runs(length) if length >= _RUNS_FROM else None
 
     def _known_range(self, name: str, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The range :meth:`_fits` found for this very tensor, unchanged since (same

@@ -1,5 +1,6 @@
-"""The encoder's check reads the ranges the quantizer needs (per tensor, and per row for
-per-channel specs): one pass for both, the same bytes as two, and the same refusals."""
+"""The encoder's check reads the ranges the quantizer needs (per tensor, per row for
+per-channel specs, per block for block-wise ones): one pass for both, the same bytes as
+two, and the same refusals."""
 
 from __future__ import annotations
 
@@ -13,7 +14,15 @@ from fedsqueeze.codec.spec import Granularity, QuantScheme
 from fedsqueeze.codec.spec_text import parse_spec
 from fedsqueeze.errors import NonFiniteError
 
-SPECS = ["quant=8:channel", "quant=4:channel:symmetric", "quant=8:channel:hadamard"]
+SPECS = [
+    "quant=8:channel",
+    "quant=4:channel:symmetric",
+    "quant=8:channel:hadamard",
+    "quant=4:block64",
+    "quant=4:nf4:block64:dq",
+    "quant=8:block128:symmetric:bf16",
+    "quant=4:block256:hadamard",
+]
 
 
 def _state(seed: int) -> dict[str, torch.Tensor]:
@@ -32,31 +41,31 @@ def test_kept_row_ranges_give_the_bytes_of_a_second_pass(
 ) -> None:
     state, base = _state(0), (_state(1) if delta else None)
     kept: list[str] = []
-    rows = tensor_encode.TensorEncoder._dense_rows
+    runs = tensor_encode.TensorEncoder._dense_runs
 
     def counted(self: tensor_encode.TensorEncoder, t: torch.Tensor) -> Runs | None:
-        got = rows(self, t)
+        got = runs(self, t)
         if got is not None:
             kept.append(str(tuple(t.shape)))
         return got
 
-    monkeypatch.setattr(tensor_encode.TensorEncoder, "_dense_rows", counted)
+    monkeypatch.setattr(tensor_encode.TensorEncoder, "_dense_runs", counted)
     reused = encode_state(state, parse_spec(spec), base).to_bytes()
-    assert kept == ["(300, 256)"]  # only the long rows keep their ranges
-    monkeypatch.setattr(tensor_encode, "_ROWS_FROM", 1 << 30)
+    # Rows of 256 keep their ranges, rows of 16 do not; blocks of 64 and more, in both.
+    assert kept == (["(300, 256)"] if "channel" in spec else ["(300, 256)", "(40, 16)"])
+    monkeypatch.setattr(tensor_encode, "_RUNS_FROM", 1 << 30)
     alone = encode_state(state, parse_spec(spec), base).to_bytes()
     assert reused == alone
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
-def test_a_row_with_a_non_finite_value_is_refused_or_carried(bad: float) -> None:
+@pytest.mark.parametrize("spec", ["quant=8:channel", "quant=4:block64"])
+def test_a_run_with_a_non_finite_value_is_refused_or_carried(bad: float, spec: str) -> None:
     state = _state(2)
     state["big.weight"][123, 45] = bad
     with pytest.raises(NonFiniteError, match=r"big\.weight"):
-        encode_state(state, parse_spec("quant=8:channel"))
-    got = decode_state(
-        encode_state(state, parse_spec("quant=8:channel"), nonfinite=NonFinite.CARRY)
-    )
+        encode_state(state, parse_spec(spec))
+    got = decode_state(encode_state(state, parse_spec(spec), nonfinite=NonFinite.CARRY))
     w = state["big.weight"]
     assert torch.equal(got["big.weight"].isnan(), w.isnan())
     assert torch.equal(got["big.weight"].nan_to_num(), w.nan_to_num())
