@@ -89,7 +89,7 @@ def phase_table(name: str, spec: CodecSpec, x: torch.Tensor, runs: int, out: Con
     enc = {stage: _time(fn, runs) for stage, fn in encode.items()}
     enc_total = _time(lambda: encode_state(state, spec).to_bytes(), runs)
     enc["rest"] = _rest(enc_total, enc.values())
-    if dense_encode.pipelines(flat, qp, q.rounding, channels, level):
+    if level > 0 and dense_encode.pipelines(flat, qp, q.rounding, channels):
         enc["pipelined (replaces the 3 above)"] = _time(
             lambda: dense_encode.encode_dense(flat, qp, channels, level), runs
         )

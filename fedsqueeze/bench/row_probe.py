@@ -83,6 +83,12 @@ def row_plan_choice(
     return Choice(hi * 100 + lo, nbytes, _weighted_error(value, decoded, weights), decoded)
 
 
+def _plan(bits: int) -> str:
+    """A choice's plan in words: ``"3 bits"``, or ``"seen 4, rest 1"`` for a row plan
+    (:func:`row_plan_choice`'s ``hi * 100 + lo``)."""
+    return f"{bits} bits" if bits < 100 else f"seen {bits // 100}, rest {bits % 100}"
+
+
 def minilm_row_probe(out: Callable[[str], None] = print) -> dict[str, Any] | None:
     """Both measurements on all-MiniLM-L6-v2 (``None`` without the bench extra)."""
     from fedsqueeze.bench.codec import minilm_sentence_model
@@ -95,7 +101,8 @@ def minilm_row_probe(out: Callable[[str], None] = print) -> dict[str, Any] | Non
     calibration = calibration_sentences(limit=1 << 30)  # every one there is, for the rows
     if loaded is None or probe_model is None:
         return None
-    fisher = minilm_fisher(calibration_sentences())  # the GPTQ probe's (128 sentences)
+    first = calibration_sentences()  # the GPTQ probe's 128: its Fisher weights and moments
+    fisher = minilm_fisher(first)
     if fisher is None:
         return None
     state, cosine = loaded
@@ -110,9 +117,12 @@ def minilm_row_probe(out: Callable[[str], None] = print) -> dict[str, Any] | Non
         "calibration_sentences": len(calibration),
         "calibration_tokens": len(ids),
         "rows_seen": int(seen.sum()),
+        "test_tokens": len(test_ids),
+        "test_rows": len(set(test_ids)),
         "test_tokens_on_seen_rows": covered,
     }
     out(
+        f"{len(test)} test sentences, {len(test_ids)} tokens on {len(set(test_ids))} rows; "
         f"{len(calibration)} calibration sentences, {len(ids)} tokens on {int(seen.sum())} "
         f"of {value.shape[0]} rows; {covered:.1%} of the test sentences' tokens fall on them"
     )
@@ -123,13 +133,13 @@ def minilm_row_probe(out: Callable[[str], None] = print) -> dict[str, Any] | Non
     options += [row_plan_choice(value, seen, hi, lo, weights) for hi, lo in PLANS]
     alone = []
     for c in options:
-        label = f"{c.bits} bits" if c.bits < 100 else f"seen {c.bits // 100}, rest {c.bits % 100}"
+        label = _plan(c.bits)
         cos = cosine({**state, EMBEDDINGS: c.decoded})
         alone.append({"plan": label, "bytes": c.nbytes, "cosine": cos})
         out(f"  word embeddings alone, {label:>16}: {c.nbytes / 1e6:5.2f} MB  cosine {cos:.4f}")
     report["embeddings_alone"] = alone
 
-    features = model.tokenize(calibration_sentences())  # the GPTQ probe's moments
+    features = model.tokenize(first)
     inner.load_state_dict(state)
     moments = input_moments(inner, lambda: model(dict(features)), features["attention_mask"])
     matrices = [k for k, v in state.items() if v.ndim >= 2]
@@ -156,8 +166,7 @@ def minilm_row_probe(out: Callable[[str], None] = print) -> dict[str, Any] | Non
                 decoded = {**state, **{k: c.decoded for k, c in chosen.items()}}
                 total = fixed + sum(c.nbytes for c in chosen.values())
                 cos = cosine(decoded)
-                pick = chosen[EMBEDDINGS].bits
-                label = f"{pick} bits" if pick < 100 else f"seen {pick // 100}, rest {pick % 100}"
+                label = _plan(chosen[EMBEDDINGS].bits)
                 rows.append(
                     {"method": method, "row_plans": with_rows, "budget": f"1/{d}",
                      "bytes": total, "cosine": cos, "embeddings": label}

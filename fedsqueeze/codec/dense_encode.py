@@ -148,16 +148,14 @@ class DenseBody:
     packed: Tensor
 
 
-def pipelines(
-    values: Tensor, qp: QuantParams, rounding: Rounding, channels: object, level: int
-) -> bool:
-    """Whether :func:`encode_dense` takes these values: float32 on the CPU, nearest
-    rounding, linear or NF4 codes of 2, 4 or 8 bits, per tensor or in runs, whose packed
-    codes fill at least :data:`PIPELINE_ABOVE` bytes, with zstd on (``level > 0``)."""
+def pipelines(values: Tensor, qp: QuantParams, rounding: Rounding, channels: object) -> bool:
+    """Whether the pipeline's kernels take these values (:func:`encode_dense` with zstd
+    on, :func:`quantize_packed` without): float32 on the CPU, nearest rounding, linear or
+    NF4 codes of 2, 4 or 8 bits, per tensor or in runs, whose packed codes fill at least
+    :data:`PIPELINE_ABOVE` bytes."""
     per_set = qp.scale.dim() == 1
     return (
-        level > 0
-        and values.device.type == "cpu"
+        values.device.type == "cpu"
         and values.dtype == torch.float32
         and values.dim() == 1
         and rounding is Rounding.NEAREST
@@ -446,8 +444,8 @@ class _Frame:
 
 def quantize_packed(values: Tensor, qp: QuantParams, runs: Runs | None) -> Tensor:
     """uint8 ``[ceil(n · bits / 8)]``: ``pack_bits(quantize(values, qp, NEAREST, runs),
-    bits)`` by the pipeline's kernels, on the worker threads (no zstd). Same conditions
-    as :func:`pipelines` but for the size."""
+    bits)`` by the pipeline's kernels, on the worker threads (no zstd), for values
+    :func:`pipelines` takes (of any size)."""
     count = values.numel()
     bits = qp.bits
     packed = np.empty(-(-count * bits // 8), dtype=np.uint8)

@@ -50,6 +50,7 @@ from typing import IO, cast
 import numpy as np
 import zstandard
 
+from fedsqueeze.codec.plane_buckets import entropy_bits
 from fedsqueeze.codec.workers import parallel_map
 from fedsqueeze.errors import FormatError
 
@@ -193,9 +194,7 @@ MATCHES_PAY = 0.98
 
 def _entropy_bytes(data: memoryview) -> float:
     """The order-0 entropy of ``data``'s bytes, in bytes."""
-    counts = np.bincount(np.frombuffer(data, dtype=np.uint8), minlength=256)
-    p = counts[counts > 0] / len(data)
-    return float(-(p * np.log2(p)).sum()) * len(data) / 8
+    return entropy_bits(np.bincount(np.frombuffer(data, dtype=np.uint8), minlength=256)) / 8
 
 
 def _free_blocks(

@@ -40,7 +40,7 @@ from fedsqueeze.codec.bytesio import ByteReader, write_varint
 from fedsqueeze.codec.chunks import np_scratch
 from fedsqueeze.errors import FormatError
 
-__all__ = ["GAIN", "MIN_LOG2", "STRIDE", "TABLE", "decode", "encode", "plan"]
+__all__ = ["GAIN", "MIN_LOG2", "STRIDE", "TABLE", "decode", "encode", "entropy_bits", "plan"]
 
 #: Values an exponent needs in a chunk for its own bucket (as log2), as written.
 MIN_LOG2 = 12
@@ -94,7 +94,7 @@ def plan(exponents: Plane, plane: Plane) -> tuple[Ranks, list[int]] | None:
         jit_bytes.bucket_histogram(e_sample, ranks, p_sample, hist)
     else:
         np.add.at(hist, (ranks[e_sample], p_sample), 1)
-    bits = _entropy_bits(hist.sum(axis=0)) - sum(_entropy_bits(h) for h in hist)
+    bits = entropy_bits(hist.sum(axis=0)) - sum(entropy_bits(h) for h in hist)
     saved = bits / 8 * plane.size / p_sample.size
     if saved - TABLE * len(sizes) < GAIN * plane.size:
         return None
@@ -177,7 +177,7 @@ def _starts(sizes: list[int]) -> npt.NDArray[np.int64]:
     return np.concatenate([[0], np.cumsum(sizes[:-1])]).astype(np.int64)
 
 
-def _entropy_bits(counts: npt.NDArray[np.int64]) -> float:
+def entropy_bits(counts: npt.NDArray[np.int64]) -> float:
     """Bits of an ideal code of bytes with these counts (their empirical entropy)."""
     c = counts[counts > 0].astype(np.float64)
     return float(-(c * np.log2(c / c.sum())).sum())

@@ -128,9 +128,19 @@ def magnitude_selection(
     prune = count_to_prune(n, sparsity)
     if n <= _SAMPLE_ABOVE or prune <= 0 or prune >= n:
         return torch.nonzero(_drop_smallest(flat.abs(), prune)).view(-1), None
-    found = _indices_sampled(flat.contiguous(), prune, prepared)
+    flat = flat.contiguous()
+    found: tuple[Tensor, Tensor | None] | None
+    if _two_pass(flat, prune):
+        first = prepared or first_pass(flat.numpy(), *_band(flat, prune))
+        picked = finish(flat.numpy(), prune, first)
+        found = (
+            None if picked is None else (torch.from_numpy(picked[0]), torch.from_numpy(picked[1]))
+        )
+    else:
+        found = _indices_sampled(flat, prune)
     if found is not None:
         return found
+    # The band missed the cut (about one tensor in a billion): a selection over all.
     return torch.nonzero(_drop_smallest_exact(flat.abs(), prune)).view(-1), None
 
 
@@ -143,18 +153,24 @@ def prepare_selection(t: Tensor, sparsity: float) -> FirstPass | None:
     then runs the second pass only."""
     _check_floating(t)
     flat = t.detach().reshape(-1)
+    prune = count_to_prune(flat.numel(), sparsity)
+    if not _two_pass(flat, prune):
+        return None
+    flat = flat.contiguous()
+    return first_pass(flat.numpy(), *_band(flat, prune))
+
+
+def _two_pass(flat: Tensor, prune: int) -> bool:
+    """Whether :func:`magnitude_selection` of 1-D ``flat`` dropping ``prune`` values
+    takes the two-pass selection (:mod:`fedsqueeze.codec.threshold_select`)."""
     n = flat.numel()
-    prune = count_to_prune(n, sparsity)
-    if not (
+    return (
         TWO_PASS
         and n > _SAMPLE_ABOVE
         and 0 < prune < n
         and flat.device.type == "cpu"
         and flat.dtype == torch.float32
-    ):
-        return None
-    flat = flat.contiguous()
-    return first_pass(flat.numpy(), *_band(flat, prune))
+    )
 
 
 def _band(flat: Tensor, prune: int) -> tuple[float, float]:
@@ -328,12 +344,11 @@ def _sorted_sample(flat: Tensor, n: int, magnitudes: bool) -> Tensor:
     return torch.sort(picked).values
 
 
-def _indices_sampled(
-    flat: Tensor, prune: int, prepared: FirstPass | None = None
-) -> tuple[Tensor, Tensor | None] | None:
+def _indices_sampled(flat: Tensor, prune: int) -> tuple[Tensor, Tensor | None] | None:
     """:func:`_drop_smallest_sampled` as kept indices (and, on the NumPy path, the kept
     values), from chunks of ``flat`` (values, not magnitudes); ``None`` when the band
-    misses.
+    misses. (Large float32 CPU tensors take the two passes of
+    :mod:`fedsqueeze.codec.threshold_select` instead, unless :data:`TWO_PASS` is off.)
 
     One pass over ``flat`` on the worker threads finds, per chunk, the indices with
     ``|x| >= lo`` (kept unless dropped below) and, among them, the band ``|x| <= hi``.
@@ -342,12 +357,6 @@ def _indices_sampled(
     """
     n = flat.numel()
     gathered = flat.device.type == "cpu" and flat.dtype == torch.float32
-    if gathered and TWO_PASS:
-        first = prepared if prepared is not None else first_pass(flat.numpy(), *_band(flat, prune))
-        picked = finish(flat.numpy(), prune, first)
-        if picked is None:
-            return None  # the band missed the cut
-        return torch.from_numpy(picked[0]), torch.from_numpy(picked[1])
     lo, hi = _band(flat, prune)
     bounds = chunk_bounds(n, _CHUNK)
     kept: list[Tensor] = [flat.new_empty(0, dtype=torch.int64)] * len(bounds)

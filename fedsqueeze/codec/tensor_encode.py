@@ -30,6 +30,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -98,6 +99,8 @@ from fedsqueeze.codec.spec import (
 from fedsqueeze.codec.support_levels import Node, chain, free_ranks, group_ids
 from fedsqueeze.codec.threshold_select import FirstPass
 
+_Found = TypeVar("_Found")
+
 #: Shortest rows or blocks whose ranges the check keeps for the encode (two floats a
 #: run: at most 1/32 of the tensor's size).
 _RUNS_FROM = 64
@@ -163,11 +166,11 @@ class TensorEncoder:
         self._generators: dict[torch.device, torch.Generator] = {}
         self.levels: dict[str, list[ScoredLevel]] = {}
         self._rotated = spec.quant is not None and spec.quant.rotation is not Rotation.NONE
-        # Per-tensor ranges found by problem(), for encode() to reuse (one pass fewer):
-        # the tensor (held, so its memory is not reused), its version, min and max.
-        self._ranges: dict[str, tuple[torch.Tensor, int, torch.Tensor, torch.Tensor]] = {}
-        # The same for a magnitude selection's first pass (its band, counts and largest
-        # magnitude: the check and the selection read the tensor once between them).
+        # What problem() read that encode() needs again (one pass fewer; _fits_on_the_way):
+        # per name, the tensor (held, so its memory is not reused), its version, and the
+        # quantizer's ranges (minima and maxima: per tensor, row or block) or a magnitude
+        # selection's first pass.
+        self._ranges: dict[str, tuple[torch.Tensor, int, tuple[torch.Tensor, torch.Tensor]]] = {}
         self._firsts: dict[str, tuple[torch.Tensor, int, FirstPass]] = {}
 
     # ------------------------------------------------------------ classification
@@ -254,27 +257,9 @@ class TensorEncoder:
             blocked = spec.quant is not None and spec.quant.granularity is Granularity.PER_BLOCK
             if blocked and spec.quant is not None and spec.quant.scales is ScaleFormat.FP16:
                 limit = min(limit, FP16_SCALE_LIMIT)
-            if self._dense_per_tensor(t) and sent.numel():
-                # The range the quantizer needs is this one: found once, kept for encode().
-                lo, hi = value_range(sent.detach().reshape(-1).contiguous(), None)
-                self._ranges[name] = (t, t._version, lo, hi)
-                fits = _in_range(lo, hi, limit)
+            fits = self._fits_on_the_way(name, t, sent, limit)
+            if fits is not None:
                 return fits and (sent is t or _within(t, math.inf))
-            runs = self._dense_runs(t)
-            if runs is not None and sent.numel():
-                # Per channel or block: the runs' ranges the quantizer needs, whose
-                # extremes are the check's (a pass fewer); kept for encode() as above.
-                lo, hi = value_range(sent.detach().reshape(-1).contiguous(), runs)
-                self._ranges[name] = (t, t._version, lo, hi)
-                fits = _in_range(lo.amin(), hi.amax(), limit)
-                return fits and (sent is t or _within(t, math.inf))
-            sparsity = self._selected(t)
-            first = None if sparsity is None else prepare_selection(sent, sparsity)
-            if first is not None:
-                # The selection's first pass finds the largest magnitude on the way: kept
-                # for encode(), which then runs only the second.
-                self._firsts[name] = (t, t._version, first)
-                return first.within(limit) and (sent is t or _within(t, math.inf))
         elif fmt != t.dtype and spec.float_format is not FloatFormat.FP32:
             b = self._base_of(name, t)
             sent = t.to(torch.float32) if b is None else t.to(torch.float32) - b.to(torch.float32)
@@ -283,13 +268,36 @@ class TensorEncoder:
             sent, limit = t, math.inf
         return _within(sent, limit) and (sent is t or _within(t, math.inf))
 
-    def _dense_per_tensor(self, t: torch.Tensor) -> bool:
-        """Whether a lossy tensor is quantized whole with one parameter set (its range,
-        from :meth:`_fits`, is then the quantizer's)."""
+    def _fits_on_the_way(
+        self, name: str, t: torch.Tensor, sent: torch.Tensor, limit: float
+    ) -> bool | None:
+        """Whether every value of ``sent`` (what a lossy tensor's path sees) is finite
+        with ``|x| <= limit``, read off a pass its encode needs anyway, which is kept for
+        :meth:`encode` (it then skips it): the ranges of a dense quantization (per tensor,
+        per row, per block) or a magnitude selection's first pass. ``None`` where the
+        path has no such pass."""
+        q = self._spec.quant
+        if not sent.numel():
+            return None
+        if self._dense(t) and q is not None and q.granularity is Granularity.PER_TENSOR:
+            lo, hi = value_range(sent.detach().reshape(-1).contiguous(), None)
+        elif (runs := self._dense_runs(t)) is not None:
+            lo, hi = value_range(sent.detach().reshape(-1).contiguous(), runs)
+        else:
+            sparsity = None if fused.active(t.device) else self._selection_sparsity(t)
+            first = None if sparsity is None else prepare_selection(sent, sparsity)
+            if first is None:
+                return None
+            self._firsts[name] = (t, t._version, first)
+            return first.within(limit)
+        self._ranges[name] = (t, t._version, (lo, hi))
+        return _in_range(lo.amin(), hi.amax(), limit)
+
+    def _dense(self, t: torch.Tensor) -> bool:
+        """Whether a lossy tensor is quantized whole: no mask, levels or low rank."""
         spec = self._spec
         return (
             spec.quant is not None
-            and spec.quant.granularity is Granularity.PER_TENSOR
             and spec.levels is None
             and spec.topk is None
             and not spec.prune.active
@@ -300,54 +308,28 @@ class TensorEncoder:
         """The runs a dense per-channel (rows) or block-wise (blocks) CPU tensor is
         quantized in, when they are long enough (:data:`_RUNS_FROM` values) for their
         ranges to be worth keeping from the check to the encode; else ``None``."""
-        spec = self._spec
+        q = self._spec.quant
         if (
-            spec.quant is None
-            or spec.quant.granularity is Granularity.PER_TENSOR
-            or spec.levels is not None
-            or spec.topk is not None
-            or spec.prune.active
-            or (spec.rank is not None and t.ndim >= 2)
+            q is None
+            or q.granularity is Granularity.PER_TENSOR
+            or not self._dense(t)
             or t.device.type != "cpu"
             or fused.active(t.device)  # its kernels find the runs' ranges themselves
         ):
             return None
-        if spec.quant.block_size is not None:
-            length = spec.quant.block_size
-        else:  # rows, as _lossy cuts them
-            length = max(1, t.numel() // max(1, t.shape[0] if t.ndim else 1))
+        length = q.block_size if q.block_size is not None else _row_length(t)
         return Runs(length) if length >= _RUNS_FROM else None
 
-    def _known_range(self, name: str, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """The range :meth:`_fits` found for this very tensor, unchanged since (same
-        memory, same version), else ``None``; forgotten either way."""
-        entry = self._ranges.pop(name, None)
-        if entry is None:
-            return None
-        seen, version, lo, hi = entry
-        return (lo, hi) if _unchanged(seen, version, t) else None
+    def _factored(self, t: torch.Tensor) -> bool:
+        """Whether a lossy tensor goes as low-rank factors."""
+        rank = self._spec.rank
+        return rank is not None and t.ndim >= 2 and worth_factoring(*matrix_shape(t.shape), rank)
 
-    def _known_first(self, name: str, t: torch.Tensor) -> FirstPass | None:
-        """The selection's first pass :meth:`_fits` made for this very tensor, unchanged
-        since, else ``None``; forgotten either way."""
-        entry = self._firsts.pop(name, None)
-        if entry is None:
-            return None
-        seen, version, first = entry
-        return first if _unchanged(seen, version, t) else None
-
-    def _selected(self, t: torch.Tensor) -> float | None:
-        """The sparsity a lossy tensor's magnitude selection will drop (as :meth:`_kept`
-        calls it on the CPU), or ``None`` where it takes another path (low rank, a mask,
-        a device's fused selection, nothing dropped)."""
+    def _selection_sparsity(self, t: torch.Tensor) -> float | None:
+        """The share a lossy tensor's magnitude selection drops (top-k, or ``l1``
+        pruning), or ``None`` where it has none (low rank, a mask, nothing dropped)."""
         spec = self._spec
-        if fused.active(t.device):
-            return None
-        if (
-            spec.rank is not None
-            and t.ndim >= 2
-            and worth_factoring(*matrix_shape(t.shape), spec.rank)
-        ):
+        if self._factored(t):
             return None
         if spec.topk is not None:
             return None if spec.topk >= 1.0 else 1.0 - spec.topk
@@ -624,14 +606,15 @@ class TensorEncoder:
                 return fused.magnitude_indices(t, sparsity), None
             return magnitude_selection(t, sparsity, first)
 
+        sparsity = self._selection_sparsity(x)
+        if sparsity is not None:
+            return select(x, sparsity)
         if spec.topk is not None:
-            return (None, None) if spec.topk >= 1.0 else select(x, 1.0 - spec.topk)
+            return None, None  # top-k of everything
         method = spec.prune.method
         mask: torch.Tensor | None = None
         if method is PruneMethod.L1_GLOBAL:
             mask = global_mask
-        elif method is PruneMethod.L1_UNSTRUCTURED and spec.prune.sparsity > 0:
-            return select(x, spec.prune.sparsity)
         elif method is PruneMethod.LN_STRUCTURED and spec.prune.sparsity > 0:
             mask = channel_mask(x, spec.prune.sparsity)
         elif method is PruneMethod.THRESHOLD:
@@ -647,16 +630,12 @@ class TensorEncoder:
     ) -> tuple[TensorRecord, torch.Tensor | None]:
         spec = self._spec
         delta = self._base_of(name, t) is not None
-        known = self._known_range(name, t)
+        known = _recall(self._ranges, name, t)
         x = self.lossy_input(name, t)
-        if (
-            spec.rank is not None
-            and t.ndim >= 2
-            and worth_factoring(*matrix_shape(t.shape), spec.rank)
-        ):
+        if spec.rank is not None and self._factored(t):
             return self._lowrank(name, t, x, delta, spec.rank)
         flat = x.reshape(-1)
-        indices, gathered = self._kept(name, x, global_mask, self._known_first(name, t))
+        indices, gathered = self._kept(name, x, global_mask, _recall(self._firsts, name, t))
         if indices is None:
             values = flat
         else:
@@ -679,7 +658,7 @@ class TensorEncoder:
         channels_of: torch.Tensor | Runs | None = None
         num_channels = t.shape[0] if t.ndim else 1
         if spec.quant is not None and spec.quant.granularity is Granularity.PER_CHANNEL:
-            stride = max(1, numel // max(1, num_channels))
+            stride = _row_length(t)
             if indices is None:
                 channels_of = Runs(stride)  # dense: rows of stride values
             else:
@@ -953,8 +932,7 @@ class TensorEncoder:
             values, q.bits, q.scheme, q.granularity, channels_of, num_channels, q.scales,
             known_range=known_range,
         )  # fmt: skip
-        # The pipeline's conditions, zstd aside (level 1 stands for "on").
-        if not dense_encode.pipelines(values, qp, q.rounding, channels_of, max(level, 1)):
+        if not dense_encode.pipelines(values, qp, q.rounding, channels_of):
             return None
         runs = channels_of if isinstance(channels_of, Runs) else None
         if level <= 0:
@@ -1203,10 +1181,16 @@ def _within(x: torch.Tensor, limit: float) -> bool:
     return _in_range(lo, hi, limit)
 
 
-def _unchanged(seen: torch.Tensor, version: int, t: torch.Tensor) -> bool:
-    """Whether ``t`` is the tensor ``seen`` was (same memory and layout), not written to
-    since its version was ``version``."""
-    return (
+def _recall(
+    cache: dict[str, tuple[torch.Tensor, int, _Found]], name: str, t: torch.Tensor
+) -> _Found | None:
+    """What ``cache`` holds for ``name`` if it was found for this very tensor, unchanged
+    since (same memory and layout, same version), else ``None``; forgotten either way."""
+    entry = cache.pop(name, None)
+    if entry is None:
+        return None
+    seen, version, found = entry
+    same = (
         seen.data_ptr() == t.data_ptr()
         and seen.shape == t.shape
         and seen.stride() == t.stride()
@@ -1214,3 +1198,9 @@ def _unchanged(seen: torch.Tensor, version: int, t: torch.Tensor) -> bool:
         and seen.device == t.device
         and seen._version == version == t._version
     )
+    return found if same else None
+
+
+def _row_length(t: torch.Tensor) -> int:
+    """Values per output channel (row) of a tensor quantized per channel."""
+    return max(1, t.numel() // max(1, t.shape[0] if t.ndim else 1))
