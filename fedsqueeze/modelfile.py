@@ -244,7 +244,17 @@ def encode_file(
 
 
 def _check_calibration(calibration: Calibration, state: Mapping[str, torch.Tensor]) -> None:
-    """Each input-moment matrix names a matrix of ``state`` with as many columns."""
+    """Each input-moment matrix names a matrix of ``state`` with as many columns, each
+    row-weight vector a table of ``state`` with as many rows."""
+    for name, w in calibration.rows.items():
+        t = state.get(name)
+        if t is None:
+            raise ConfigError(f"the calibration names {name!r}, which the model does not have")
+        if t.dim() < 2 or t.shape[0] != w.numel():
+            raise ConfigError(
+                f"the calibration has {w.numel()} row weights for {name!r}, but {name!r} "
+                f"has shape {tuple(t.shape)} (a table's row weights are one per row)"
+            )
     for name, h in calibration.hessians.items():
         t = state.get(name)
         if t is None:

@@ -79,12 +79,14 @@ def add_progressive_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--minilm-curves",
-        metavar="SPEC@ORDER[+gptq];...",
+        metavar="SPEC@ORDER[+gptq][+rows];...",
         help="MiniLM curves to draw instead of the built-in list, e.g. "
         "'quant=8:channel:hadamard,levels=2+1+1+1+1+2@weighted' (orders: by-level, squared, "
         "relative, weighted: Fisher sensitivities on calibration sentences); a '+gptq' "
         "suffix ('...@weighted+gptq', or '+gptq4' for a margin of 4 codes) chooses the "
-        "codes by GPTQ at every level with input moments on the calibration sentences",
+        "codes by GPTQ at every level with input moments on the calibration sentences; "
+        "a '+rows' suffix sends the word embeddings' rows in tiers by how often the "
+        "calibration sentences read them (format version 11)",
     )
     parser.add_argument("--json", type=Path, help="also write the figures to this file")
 

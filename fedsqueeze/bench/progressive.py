@@ -29,7 +29,9 @@ minilm    the same curve for all-MiniLM-L6-v2, as the mean cosine similarity bet
           other standard-library modules (:mod:`fedsqueeze.bench.sensitivity`);
           a curve ``SPEC@ORDER+gptq[MARGIN]`` has its codes chosen by GPTQ with the
           Linears' input moments on those sentences
-          (:mod:`fedsqueeze.codec.nested_gptq`);
+          (:mod:`fedsqueeze.codec.nested_gptq`); ``+rows`` sends the word embeddings'
+          rows in tiers by how often the calibration sentences read them
+          (:mod:`fedsqueeze.codec.row_tiers`);
 overhead  the whole progressive stream against a one-shot encoding at the same final
           precision;
 gptq      (only when named) a fake-quantization probe of MiniLM first levels at byte
@@ -59,6 +61,7 @@ import torch
 
 from fedsqueeze.bench.gptq_probe import minilm_moments
 from fedsqueeze.bench.level_designs import compare_designs, print_designs
+from fedsqueeze.bench.row_probe import minilm_row_weights
 from fedsqueeze.codec import CodecSpec, decode_prefix, encode_state, smallest_prefix
 from fedsqueeze.codec.level_order import LevelOrder
 from fedsqueeze.codec.nested_gptq import Calibration
@@ -244,13 +247,16 @@ def run(
     parts: tuple[str, ...] = PARTS,
     minilm_curves: tuple[tuple[str, LevelOrder], ...] = MINILM_CURVES,
     minilm_margins: tuple[int | None, ...] = (),
+    minilm_tiers: tuple[bool, ...] = (),
 ) -> Json:
     """Run the chosen ``parts`` (:data:`PARTS`); prints tables and returns the figures.
 
     ``minilm_curves``: the (spec, refinement order) of each MiniLM curve;
     ``minilm_margins``: per curve, ``None`` for nearest codes or the trust-region margin
     of GPTQ-chosen codes (:mod:`fedsqueeze.codec.nested_gptq`) with input moments on
-    the calibration sentences (missing entries: ``None``)."""
+    the calibration sentences (missing entries: ``None``); ``minilm_tiers``: per curve,
+    whether the word embeddings' rows travel in tiers by how often the calibration
+    sentences read them (:mod:`fedsqueeze.codec.row_tiers`; missing entries: no)."""
     unknown = set(parts) - set(PARTS) - set(OPT_IN_PARTS)
     if unknown:
         names = ", ".join(PARTS + OPT_IN_PARTS)
@@ -289,12 +295,21 @@ def run(
         if any(order is LevelOrder.WEIGHTED for _, order in minilm_curves):
             weights = _minilm_weights(report, out, state)
         hessians: dict[str, torch.Tensor] | None = None
+        rows: dict[str, torch.Tensor] | None = None
         for i, (text, order) in enumerate(minilm_curves):
             margin = minilm_margins[i] if i < len(minilm_margins) else None
+            tiers = i < len(minilm_tiers) and minilm_tiers[i]
             calibration = None
-            if margin is not None:
-                hessians = hessians or minilm_moments(out)
-                calibration = Calibration(hessians=hessians, margin=margin)
+            if margin is not None or tiers:
+                if margin is not None:
+                    hessians = hessians or minilm_moments(out)
+                if tiers:
+                    rows = rows or minilm_row_weights(out)
+                calibration = Calibration(
+                    hessians=hessians if hessians is not None and margin is not None else {},
+                    margin=margin or 0,
+                    rows=rows if rows is not None and tiers else {},
+                )
             points = (fp32 // 4, fp32 // 6, fp32 // 7, fp32 // 8, fp32 // 16, fp32 // 32)
             curve = prefix_curve(
                 state, parse_spec(text), cosine, points, order, count=4,
@@ -303,6 +318,7 @@ def run(
             )  # fmt: skip
             curve["fp32_bytes"] = fp32
             curve["gptq_margin"] = margin
+            curve["row_tiers"] = tiers
             curves.append(curve)
             _print_curve(out, f"MiniLM embedding cosine ({len(sentences)} sentences)", curve, fp32)
         report["minilm"] = curves
@@ -451,21 +467,27 @@ def parse_curve(text: str) -> tuple[str, LevelOrder]:
         raise ValueError(f"unknown refinement order {order!r}; choose from {names}") from None
 
 
-def split_gptq(text: str) -> tuple[str, int | None]:
-    """``SPEC@ORDER+gptq[MARGIN]`` → (``SPEC@ORDER``, margin; 8 when not given), or
-    (``text``, ``None``) without the suffix.
+def curve_options(text: str) -> tuple[str, int | None, bool]:
+    """``SPEC@ORDER[+gptq[MARGIN]][+rows]`` (suffixes in either order) → (``SPEC@ORDER``,
+    the GPTQ margin (8 when not given; ``None`` without ``+gptq``), whether ``+rows``
+    asks for row tiers of the word embeddings).
 
     Raises
     ------
     ValueError
         A margin that is not a whole number.
     """
-    head, sep, tail = text.rpartition("+gptq")
-    if not sep or "," in tail or "@" in tail:
-        return text, None
-    if tail and not tail.isdigit():
-        raise ValueError(f"the GPTQ margin must be a whole number, got {tail!r}")
-    return head, int(tail) if tail else 8
+    head, margin, rows = text, None, False
+    while True:
+        if head.endswith("+rows"):
+            head, rows = head[: -len("+rows")], True
+            continue
+        left, sep, tail = head.rpartition("+gptq")
+        if not sep or "," in tail or "@" in tail or "+" in tail:
+            return head, margin, rows
+        if tail and not tail.isdigit():
+            raise ValueError(f"the GPTQ margin must be a whole number, got {tail!r}")
+        head, margin = left, int(tail) if tail else 8
 
 
 def main(args: argparse.Namespace) -> int:
@@ -474,12 +496,18 @@ def main(args: argparse.Namespace) -> int:
     parts = tuple(args.parts.split(",")) if args.parts else PARTS
     curves: tuple[tuple[str, LevelOrder], ...] = MINILM_CURVES
     margins: tuple[int | None, ...] = ()
+    tiers: tuple[bool, ...] = ()
     if args.minilm_curves:
-        items = [split_gptq(item) for item in args.minilm_curves.split(";") if item]
-        curves = tuple(parse_curve(text) for text, _ in items)
-        margins = tuple(margin for _, margin in items)
+        items = [curve_options(item) for item in args.minilm_curves.split(";") if item]
+        curves = tuple(parse_curve(text) for text, _, _ in items)
+        margins = tuple(margin for _, margin, _ in items)
+        tiers = tuple(rows for _, _, rows in items)
     report = run(
-        skip_minilm=args.skip_minilm, parts=parts, minilm_curves=curves, minilm_margins=margins
+        skip_minilm=args.skip_minilm,
+        parts=parts,
+        minilm_curves=curves,
+        minilm_margins=margins,
+        minilm_tiers=tiers,
     )
     if args.json:
         args.json.write_text(json.dumps(report, indent=1))

@@ -37,7 +37,7 @@ from torch import Tensor
 
 from fedsqueeze.bench.gptq_probe import Choice, allocate, input_moments, quantize_tensor
 
-__all__ = ["EMBEDDINGS", "minilm_row_probe", "row_plan_choice", "row_weights"]
+__all__ = ["EMBEDDINGS", "minilm_row_probe", "minilm_row_weights", "row_plan_choice", "row_weights"]
 
 #: The lookup table whose rows get their own widths.
 EMBEDDINGS = "embeddings.word_embeddings.weight"
@@ -178,3 +178,31 @@ def minilm_row_probe(out: Callable[[str], None] = print) -> dict[str, Any] | Non
                 )
     report["allocated"] = rows
     return report
+
+
+def minilm_row_weights(out: Callable[[str], None] = print) -> dict[str, Tensor]:
+    """:func:`row_weights` of all-MiniLM-L6-v2's word embeddings over every calibration
+    sentence (:func:`fedsqueeze.bench.sensitivity.calibration_sentences`), for the row
+    tiers of a stream (:attr:`~fedsqueeze.codec.nested_gptq.Calibration.rows`).
+
+    Raises
+    ------
+    RuntimeError
+        Without the bench extra (the MiniLM weights).
+    """
+    from fedsqueeze.bench.codec import minilm_sentence_model
+    from fedsqueeze.bench.sensitivity import calibration_sentences
+
+    loaded = minilm_sentence_model()
+    if loaded is None:
+        raise RuntimeError("row tiers need the MiniLM weights")
+    model, inner = loaded
+    rows = inner.state_dict()[EMBEDDINGS].shape[0]
+    sentences = calibration_sentences(limit=1 << 30)
+    ids = [i for s in sentences for i in model.tokenizer(s)["input_ids"]]
+    out(
+        f"\nRow weights of the word embeddings: {len(ids)} tokens of {len(sentences)} "
+        f"calibration sentences on {len(set(ids))} of {rows} rows (the rest share the "
+        "Good-Turing unseen mass)"
+    )
+    return {EMBEDDINGS: row_weights(ids, rows)}

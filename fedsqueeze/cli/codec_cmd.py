@@ -96,7 +96,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "moments, weight name -> [cols, cols] matrix sum(x x^T) of that Linear's inputs on "
         "calibration data; those matrices' codes are then chosen by GPTQ at every level, "
         "for a lower output error at every prefix (the decoder needs nothing of it; "
-        "README, 'Calibrated codes')",
+        "README, 'Calibrated codes'). A 1-D entry [rows] names a lookup table (an "
+        "embedding) and weighs its rows, e.g. how often calibration text reads each: the "
+        "rows then travel in tiers, the most-read refined first (format version 11; "
+        "README, 'Row tiers')",
     )
     enc.add_argument(
         "--calibration-margin",
@@ -200,9 +203,11 @@ def _calibration(path: Path | None, margin: int, spec: CodecSpec) -> Calibration
     from fedsqueeze.modelfile import open_model
 
     with open_model(path) as moments:
-        hessians = {name: t.detach().clone() for name, t in moments.items()}
+        entries = {name: t.detach().clone() for name, t in moments.items()}
+    hessians = {name: t for name, t in entries.items() if t.dim() != 1}
+    rows = {name: t for name, t in entries.items() if t.dim() == 1}
     try:
-        return Calibration(hessians, margin=margin)
+        return Calibration(hessians, margin=margin, rows=rows)
     except ValueError as exc:
         raise ConfigError(f"--calibration {path}: {exc}") from exc
 

@@ -1,4 +1,4 @@
-"""The encoded-model byte format, versions 1 to 9: one compact header, then tensor records.
+"""The encoded-model byte format, versions 1 to 11: one compact header, then tensor records.
 
 Layout (integers are LEB128 varints unless noted)::
 
@@ -106,6 +106,22 @@ inline update's receipt names the version it was trained from). Its reader must 
 the digest (:meth:`fedsqueeze.codec.EncodedModel.from_bytes`); every other reader
 refuses it.
 
+Version 10 is version 9 plus byte-grouped planes coded in buckets by exponent
+(:mod:`fedsqueeze.codec.grouping`), written only when some record has them.
+
+Version 11 is version 10 plus *row tiers* (:mod:`fedsqueeze.codec.row_tiers`), written
+only when the encoder split a lookup table's rows into tiers. The header then ends with
+the split list, after the base-level record count::
+
+    splits = count · (name · rows · tiers u8 · length · tier map)
+
+where the tier map is a byte per row (the row's tier, every tier from 0 to ``tiers − 1``
+holding a row), raw when ``length == rows`` and a zstd frame of it when ``length <
+rows``. Each tier's rows are an ordinary tensor of the stream named ``name#tier{k}``;
+the decoder splits a delta's base the same way and joins the decoded parts into
+``name``. Records are those of version 10. Version 1 to 10 decoders refuse version 11
+streams by their version byte.
+
 Everything here is structure only: the numerical stages live in ``fedsqueeze.codec.model``.
 """
 
@@ -121,6 +137,7 @@ import torch
 from fedsqueeze.codec.blockwise import num_blocks, scale_bytes
 from fedsqueeze.codec.bytesio import ByteReader, write_varint
 from fedsqueeze.codec.positions import max_payload_bytes
+from fedsqueeze.codec.row_tiers import RowSplit, parse_splits, write_splits
 from fedsqueeze.codec.spec import (
     MAX_BLOCK,
     MAX_LEVELS,
@@ -165,6 +182,9 @@ PLANE_ANS_VERSION = 9
 #: The version written when a byte-grouped body codes a plane in buckets by exponent
 #: (:mod:`fedsqueeze.codec.grouping`).
 BUCKETS_VERSION = 10
+#: The version written when a lookup table's rows travel in tiers
+#: (:mod:`fedsqueeze.codec.row_tiers`): the header lists the splits.
+ROW_TIERS_VERSION = 11
 SUPPORTED_VERSIONS = (
     FORMAT_VERSION,
     PROGRESSIVE_VERSION,
@@ -176,6 +196,7 @@ SUPPORTED_VERSIONS = (
     ANS_VERSION,
     PLANE_ANS_VERSION,
     BUCKETS_VERSION,
+    ROW_TIERS_VERSION,
 )
 #: Most position groups (support levels) one tensor may have.
 MAX_GROUPS = 16
@@ -805,6 +826,9 @@ class ContainerHeader:
     #: Version 8: a delta whose base digest is left out (``base_digest`` is then
     #: ``None`` when parsed, until the reader supplies it).
     implied_base: bool = False
+    #: Version 11: the lookup tables whose rows travel in tiers, each tier a tensor of
+    #: the stream (:mod:`fedsqueeze.codec.row_tiers`).
+    splits: tuple[RowSplit, ...] = ()
 
     def to_bytes(self, omit_base: bool = False) -> bytes:
         """Header bytes: magic, version, flags, [base digest], spec, record count and, in
@@ -825,6 +849,10 @@ class ContainerHeader:
         write_varint(out, self.record_count)
         if self.version >= PROGRESSIVE_VERSION:
             write_varint(out, self.base_records)
+        if self.version >= ROW_TIERS_VERSION:
+            write_splits(out, self.splits)
+        elif self.splits:
+            raise ValueError(f"a version {self.version} stream has no row tiers")
         return bytes(out)
 
 
@@ -853,8 +881,20 @@ def parse_header(reader: ByteReader, limits: DecodeLimits) -> ContainerHeader:
         base_records = reader.varint("base-level record count", min(count, limits.max_tensors))
     elif count > limits.max_tensors:
         raise FormatError(f"record count {count} exceeds the limit {limits.max_tensors}")
+    splits: tuple[RowSplit, ...] = ()
+    if version >= ROW_TIERS_VERSION:
+        splits = parse_splits(
+            reader, min(base_records, limits.max_tensors), limits.max_elements,
+            limits.max_name_bytes,
+        )  # fmt: skip
     return ContainerHeader(
-        version, base, spec, count, base_records, implied_base=bool(flags & _IMPLIED_BASE)
+        version,
+        base,
+        spec,
+        count,
+        base_records,
+        implied_base=bool(flags & _IMPLIED_BASE),
+        splits=splits,
     )
 
 
@@ -882,6 +922,7 @@ __all__ = [
     "PLANE_ANS_VERSION",
     "PROGRESSIVE_VERSION",
     "ROTATED_VERSION",
+    "ROW_TIERS_VERSION",
     "SUPPORTED_VERSIONS",
     "SUPPORT_LEVELS_VERSION",
     "ContainerHeader",

@@ -30,6 +30,7 @@ from fedsqueeze.codec.container import (
     PLANE_ANS_VERSION,
     PROGRESSIVE_VERSION,
     ROTATED_VERSION,
+    ROW_TIERS_VERSION,
     SUPPORT_LEVELS_VERSION,
     ContainerHeader,
     DecodeLimits,
@@ -44,6 +45,7 @@ from fedsqueeze.codec.finite import NonFinite
 from fedsqueeze.codec.level_order import LevelOrder, LevelScore, order_weight, refinement_order
 from fedsqueeze.codec.nested_gptq import Calibration
 from fedsqueeze.codec.pruning import global_magnitude_masks
+from fedsqueeze.codec.row_tiers import RowSplit, TierPlan, join_state, plan_tiers, split_state
 from fedsqueeze.codec.spec import DEFAULT_TARGETS, CodecSpec, EntropyCoder, PruneMethod
 from fedsqueeze.codec.tensor_decode import ProgressiveTensor, TensorDecoder
 from fedsqueeze.codec.tensor_encode import ScoredLevel, TensorEncoder
@@ -76,12 +78,16 @@ class EncodedModel:
         The new error-feedback residual (top-k and low-rank specs only), on the tensors'
         devices, for the caller to keep and pass to the next :func:`encode_state`. Never
         serialized.
+    splits
+        The lookup tables whose rows travel in tiers (:mod:`fedsqueeze.codec.row_tiers`;
+        their records are the tiers' parts, format version 11).
     """
 
     spec: CodecSpec
     base_digest: bytes | None
     records: tuple[TensorRecord, ...]
     residual: dict[str, torch.Tensor] | None = field(default=None, compare=False, repr=False)
+    splits: tuple[RowSplit, ...] = ()
 
     @property
     def progressive(self) -> bool:
@@ -95,13 +101,16 @@ class EncodedModel:
 
     @property
     def header(self) -> ContainerHeader:
-        """The model-level header: version 10 when a byte-grouped plane is coded in
-        buckets, else 9 when a refinement's plane is ANS-coded,
+        """The model-level header: version 11 when a table's rows travel in tiers, else
+        10 when a byte-grouped plane is coded in buckets, else 9 when a refinement's plane
+        is ANS-coded,
         else 8 when the spec's coder is ANS, else 7 when a tensor's positions come in groups,
         else 6 when a record is rotated, else 5 when refinements are not in level order,
         else 4 when a record is byte-grouped, else 3 when one is block-wise or NF4, else
         2 when a tensor is sent in levels, else 1."""
-        if any(r.needs_v10 for r in self.records):
+        if self.splits:
+            version = ROW_TIERS_VERSION
+        elif any(r.needs_v10 for r in self.records):
             version = BUCKETS_VERSION
         elif any(r.needs_v9 for r in self.records):
             version = PLANE_ANS_VERSION
@@ -122,7 +131,12 @@ class EncodedModel:
         else:
             return ContainerHeader(FORMAT_VERSION, self.base_digest, self.spec, len(self.records))
         return ContainerHeader(
-            version, self.base_digest, self.spec, len(self.records), self.base_records
+            version,
+            self.base_digest,
+            self.spec,
+            len(self.records),
+            self.base_records,
+            splits=self.splits,
         )
 
     def _parts(self, omit_base: bool = False) -> list[bytes | memoryview]:
@@ -211,7 +225,7 @@ class EncodedModel:
         )
         if reader.remaining:
             raise FormatError(f"{reader.remaining} unexpected bytes after the last record")
-        model = cls(header.spec, header.base_digest, records)
+        model = cls(header.spec, header.base_digest, records, splits=header.splits)
         _check_level_order(model.records, header.base_records, header.version)
         return model
 
@@ -248,13 +262,14 @@ def prepare_encode(
     order: LevelOrder,
     weights: Mapping[str, float] | None = None,
     calibration: Calibration | None = None,
-) -> tuple[State, TensorEncoder, bytes | None]:
+) -> tuple[State, TensorEncoder, bytes | None, TierPlan]:
     """What every encoder of a whole state does first: check the arguments, name the
     base by its digest, warn about unmatched targets, leave out the frozen tensors the
-    base already holds, and make the :class:`TensorEncoder`.
+    base already holds, split the tables whose rows travel in tiers (state, base and
+    residual alike) and make the :class:`TensorEncoder`.
 
-    Returns the state to encode, its encoder and the base's digest (``None`` without a
-    base). Raises as :func:`encode_state` does.
+    Returns the state to encode, its encoder, the base's digest (``None`` without a
+    base) and the tier plan. Raises as :func:`encode_state` does.
     """
     if not isinstance(spec, CodecSpec):
         raise TypeError(f"spec must be a CodecSpec, got {type(spec).__name__}")
@@ -273,7 +288,18 @@ def prepare_encode(
     state = _without_held_frozen(state, spec, base)
     if calibration is not None and not isinstance(calibration, Calibration):
         raise TypeError(f"calibration must be a Calibration, got {type(calibration).__name__}")
-    return state, TensorEncoder(spec, base, residual, seed, calibration), base_digest
+    plan = plan_tiers(
+        state,
+        spec.levels is not None,
+        calibration.rows if calibration is not None else {},
+        lambda name, t: spec.is_target(name, t.ndim, t.is_floating_point()),
+    )
+    if plan.splits:
+        state = split_state(state, plan.splits)
+        base = plan.apply(base)
+        residual = plan.apply(residual)
+    encoder = TensorEncoder(spec, base, residual, seed, calibration, plan.origins)
+    return state, encoder, base_digest, plan
 
 
 def encode_state(
@@ -352,7 +378,7 @@ def encode_state(
         A ``targets`` pattern other than the default that matches no tensor name (specs
         are reused across models, so this is not an error).
     """
-    state, encoder, base_digest = prepare_encode(
+    state, encoder, base_digest, plan = prepare_encode(
         state, spec, base, residual, seed, base_digest, nonfinite, order, weights, calibration
     )
     carried = _unencodable(state, encoder, nonfinite)
@@ -388,12 +414,14 @@ def encode_state(
         if res is not None:
             new_residual[name] = res
     if encoder.levels:
-        records = progressive_order(records, encoder.levels, order, weights)
+        levels, order_weights = plan.weigh(encoder.levels, weights)
+        records = progressive_order(records, levels, order, order_weights)
     return EncodedModel(
         spec=spec,
         base_digest=base_digest if base is not None else None,
         records=tuple(records),
         residual=new_residual if spec.feedback else None,
+        splits=plan.splits,
     )
 
 
@@ -479,11 +507,13 @@ def decode_state(
             )
     else:
         base = None
-    decoder = TensorDecoder(base, torch.device(device) if device is not None else None)
+    parts = split_state(base, encoded.splits) if base is not None else None
+    decoder = TensorDecoder(parts, torch.device(device) if device is not None else None)
     if not encoded.progressive:
-        out = _decode_records(encoded.records, decoder, limits, device, base)
+        out = _decode_records(encoded.records, decoder, limits, device, parts)
     else:
         out = _decode_progressive(encoded.records, decoder, limits)
+    out = join_state(out, encoded.splits, parts)
     if base is not None and encoded.spec.freeze:
         # A delta carries no frozen tensor the base holds: the receiver keeps its own.
         for name, tensor in base.items():
@@ -672,12 +702,17 @@ def _parse_prefix(
         if reader.remaining:
             raise FormatError(f"{reader.remaining} unexpected bytes after the last record")
     _check_level_order(records, header.base_records, header.version)
-    return header, EncodedModel(header.spec, header.base_digest, tuple(records)), used
+    model = EncodedModel(header.spec, header.base_digest, tuple(records), splits=header.splits)
+    return header, model, used
 
 
 def _held_levels(encoded: EncodedModel, base: State | None) -> dict[str, int]:
     """The highest level each progressive tensor of ``encoded`` holds."""
-    base_names = sorted(base) if base is not None and encoded.base_digest is not None else []
+    base_names = (
+        sorted(split_state(base, encoded.splits))
+        if base is not None and encoded.base_digest is not None
+        else []
+    )
     names: list[str] = []
     held: dict[str, int] = {}
     for record in encoded.records:

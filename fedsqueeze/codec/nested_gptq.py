@@ -51,6 +51,7 @@ from fedsqueeze.codec.kernels import Runs
 from fedsqueeze.codec.progressive import bucket_table, cumulative_bits
 from fedsqueeze.codec.quantization import QuantParams
 from fedsqueeze.codec.rotation import rotate
+from fedsqueeze.codec.row_tiers import check_row_weights
 from fedsqueeze.codec.spec import QuantScheme
 
 __all__ = ["Calibration", "calibrated_codes", "nested_codes", "rotated_hessian"]
@@ -73,11 +74,18 @@ class Calibration:
         rounding at every level).
     damp
         Diagonal damping of ``H``, as a fraction of its mean.
+    rows
+        Tensor name → per-row weights (``[rows]``, finite, at least 0) of a lookup table
+        (``[rows, dim]``): how often the calibration inputs read each row, the diagonal
+        of a one-hot input's moments. The encoder sends such a table's rows in tiers by
+        weight (:mod:`fedsqueeze.codec.row_tiers`, format version 11), so the rows read
+        most get their refinements first.
     """
 
     hessians: Mapping[str, Tensor] = field(default_factory=dict)
     margin: int = 8
     damp: float = 0.01
+    rows: Mapping[str, Tensor] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.margin < 0 or not self.damp >= 0:
@@ -87,6 +95,11 @@ class Calibration:
                 raise ValueError(f"the hessian of {name!r} must be a square matrix")
             if not bool(torch.isfinite(h).all()):
                 raise ValueError(f"the hessian of {name!r} is not finite")
+        for name, w in self.rows.items():
+            try:
+                check_row_weights(w)
+            except ValueError as exc:
+                raise ValueError(f"the row weights of {name!r}: {exc}") from None
 
 
 def calibrated_codes(

@@ -14,6 +14,8 @@ file, say) and says which tensors it decodes to, so the caller can lay out an ou
 
 For a delta the targets must hold the base when called (copy it in first); frozen
 tensors a delta leaves out (:attr:`StreamLayout.kept_from_base`) are the caller's to copy.
+A table whose rows travel in tiers (format version 11, :mod:`fedsqueeze.codec.row_tiers`)
+is one slot: its parts are decoded apart and joined into it.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from fedsqueeze.codec.container import (
     parse_record,
 )
 from fedsqueeze.codec.model import _check_level_order
+from fedsqueeze.codec.row_tiers import join_state, split_shapes, split_state
 from fedsqueeze.codec.streaming import DEFAULT_CHUNK_VALUES, decode_into
 from fedsqueeze.codec.tensor_decode import ProgressiveTensor, TensorDecoder
 from fedsqueeze.errors import BaseMismatchError, FormatError
@@ -142,7 +145,11 @@ def scan_stream(
         raise BaseMismatchError(
             f"this is a delta against {header.base_digest.hex()[:16]}…; pass its base"
         )
-    decoder = TensorDecoder(base if header.base_digest is not None else None, None)
+    delta_base = base if header.base_digest is not None else None
+    decoder = TensorDecoder(
+        split_shapes(delta_base, header.splits) if delta_base is not None else None, None
+    )
+    owner = {p: (s, k) for s in header.splits for k, p in enumerate(s.parts())}
     sizer = QParamsSizer()
     located: list[_Located] = []
     slots: list[TensorSlot] = []
@@ -158,11 +165,24 @@ def scan_stream(
         if name in seen:
             raise FormatError(f"tensor {name!r} appears twice")
         seen.add(name)
-        slot = TensorSlot(name, dtype, shape)
         total = limits.count(name, shape, total)
-        slots.append(slot)
+        if name in owner:
+            split, tier = owner[name]
+            if tier == 0:  # the table's slot, where its first tier is
+                if not shape:
+                    raise FormatError(f"part {name!r} of a table has no rows")
+                slots.append(TensorSlot(split.name, dtype, (split.rows, *shape[1:])))
+            continue
+        slots.append(TensorSlot(name, dtype, shape))
     if reader.remaining:
         raise FormatError(f"{reader.remaining} unexpected bytes after the last record")
+    for split in header.splits:
+        missing = [p for p in split.parts() if p not in seen]
+        if missing:
+            raise FormatError(f"table {split.name!r} lacks its parts {missing}")
+        if split.name in seen:
+            raise FormatError(f"table {split.name!r} is both split and whole")
+        seen.add(split.name)
     _check_level_order([loc.record for loc in located], header.base_records, header.version)
     kept: list[TensorSlot] = []
     if base is not None and header.base_digest is not None and header.spec.freeze:
@@ -236,7 +256,13 @@ def _chunks(view: memoryview) -> Iterator[memoryview]:
 def _decode_levels(
     view: memoryview, layout: StreamLayout, target: Mapping[str, torch.Tensor]
 ) -> None:
-    """A progressive stream, tensor by tensor: each base level with its refinements."""
+    """A progressive stream, tensor by tensor: each base-level record with its
+    refinements (a split table's parts into copies of its rows, then joined in)."""
+    splits = layout.header.splits
+    tables = {s.name for s in splits}
+    whole = target
+    if splits:
+        target = split_state(target, splits)
     base = target if layout.header.base_digest is not None else None
     decoder = TensorDecoder(base, None)
     bases = [loc for loc in layout._records if loc.record.level == 0]
@@ -256,7 +282,13 @@ def _decode_levels(
             for refinement in refinements.get(position, []):
                 value.refine(_with_body(view, refinement))
             value = value.tensor()
+        if name not in target:  # scan_stream saw it; only a part could be missing
+            raise FormatError(f"the stream's tensor {name!r} is not in target")
         target[name].copy_(value)
+    if splits:
+        joined = join_state({p: t for p, t in target.items() if p not in tables}, splits)
+        for split in splits:
+            whole[split.name].copy_(joined[split.name])
 
 
 def _with_body(view: memoryview, loc: _Located) -> TensorRecord:

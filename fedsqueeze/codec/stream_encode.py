@@ -164,7 +164,7 @@ def encode_stream(
         raise ValueError(f"workers must be at least 1, got {workers}")
     if inflight_bytes is not None and inflight_bytes < 1:
         raise ValueError(f"inflight_bytes must be at least 1, got {inflight_bytes}")
-    state, encoder, base_digest = prepare_encode(
+    state, encoder, base_digest, plan = prepare_encode(
         state, spec, base, residual, seed, base_digest, nonfinite, order, weights, calibration
     )
     names = list(state)
@@ -232,9 +232,14 @@ def encode_stream(
     records = [s.record for s in stubs]
     result = tuple(stubs)
     if levels:
-        result = tuple(_in_order(progressive_order(records, levels, order, weights), levels, by_id))
+        weighed, order_weights = plan.weigh(levels, weights)
+        ordered = progressive_order(records, weighed, order, order_weights)
+        result = tuple(_in_order(ordered, weighed, by_id))
     header = EncodedModel(
-        spec, base_digest if base is not None else None, tuple(r.record for r in result)
+        spec,
+        base_digest if base is not None else None,
+        tuple(r.record for r in result),
+        splits=plan.splits,
     ).header
     return EncodedPlan(header, result, sum(sizes.values()))
 

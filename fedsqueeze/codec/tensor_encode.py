@@ -86,6 +86,7 @@ from fedsqueeze.codec.quantization import (
 )
 from fedsqueeze.codec.rotation import rotate, rotation_seed
 from fedsqueeze.codec.spec import (
+    MAX_LEVELS,
     CodecSpec,
     EntropyCoder,
     FloatFormat,
@@ -156,9 +157,13 @@ class TensorEncoder:
         residual: Mapping[str, torch.Tensor] | None,
         seed: int | None,
         calibration: Calibration | None = None,
+        origins: Mapping[str, str] | None = None,
     ) -> None:
         self._spec = spec
         self._calibration = calibration
+        # a row tier's part -> its table (fedsqueeze.codec.row_tiers): the spec's
+        # patterns and the calibration name tables, not parts
+        self._origins = dict(origins or {})
         self._base = base or {}
         self._residual = residual or {}
         self._index = {name: i for i, name in enumerate(sorted(self._base))}
@@ -173,6 +178,15 @@ class TensorEncoder:
         self._ranges: dict[str, tuple[torch.Tensor, int, tuple[torch.Tensor, torch.Tensor]]] = {}
         self._firsts: dict[str, tuple[torch.Tensor, int, FirstPass]] = {}
 
+    def _plan(self, name: str, levels: tuple[int, ...]) -> tuple[int, ...]:
+        """The level plan of tensor ``name``: the spec's, except that a row tier's part
+        (:mod:`fedsqueeze.codec.row_tiers`) has its first level split into a 1-bit level
+        and the rest (when the plan has room), so that the order can leave the rows read
+        least at one bit while it refines the others."""
+        if name not in self._origins or levels[0] == 1 or len(levels) >= MAX_LEVELS:
+            return levels
+        return (1, levels[0] - 1, *levels[1:])
+
     # ------------------------------------------------------------ classification
     def _base_of(self, name: str, t: torch.Tensor) -> torch.Tensor | None:
         b = self._base.get(name)
@@ -183,7 +197,7 @@ class TensorEncoder:
     def is_lossy(self, name: str, t: torch.Tensor) -> bool:
         """Whether the lossy stages (mask, quantization) apply to this tensor."""
         spec = self._spec
-        if not spec.is_target(name, t.ndim, t.is_floating_point()):
+        if not spec.is_target(self._origins.get(name, name), t.ndim, t.is_floating_point()):
             return False
         return (
             spec.prune.active
@@ -675,7 +689,7 @@ class TensorEncoder:
             groups = group_ids(x, indices, spec.grow, grow_masks)
             record, decoded = self._grown(
                 name, t, values, indices, channels_of, num_channels, delta, spec.quant,
-                spec.levels, groups,
+                self._plan(name, spec.levels), groups,
             )  # fmt: skip
             return record, _residual(
                 flat, indices, values, decoded, t.shape
@@ -698,8 +712,8 @@ class TensorEncoder:
         if spec.levels is not None and spec.quant is not None:
             coded_positions()
             record, last = self._progressive(
-                name, t, values, channels_of, num_channels, delta, spec.quant, spec.levels,
-                positions, pos_payload, spec.feedback,
+                name, t, values, channels_of, num_channels, delta, spec.quant,
+                self._plan(name, spec.levels), positions, pos_payload, spec.feedback,
             )  # fmt: skip
             return record, _residual(
                 flat, indices, values, last, t.shape
@@ -751,7 +765,11 @@ class TensorEncoder:
             values, q.bits, q.scheme, q.granularity, channels_of, num_channels, q.scales
         )
         codes = quantize(values, qp, q.rounding, channels_of, self._generator(t.device))
-        hessian = None if self._calibration is None else self._calibration.hessians.get(name)
+        hessian = (
+            None
+            if self._calibration is None
+            else self._calibration.hessians.get(self._origins.get(name, name))
+        )
         if hessian is not None and positions is None and self._calibration is not None:
             seed = rotation_seed(name) if self._rotated else None
             codes = calibrated_codes(

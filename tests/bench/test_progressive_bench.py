@@ -142,12 +142,15 @@ def test_stream_costs_weigh_each_stream_against_one_shot() -> None:
 
 
 def test_gptq_suffix_asks_for_calibrated_codes() -> None:
-    from fedsqueeze.bench.progressive import split_gptq
+    from fedsqueeze.bench.progressive import curve_options
 
     spec = "quant=8:hadamard,levels=2+1+1+4"
-    assert split_gptq(f"{spec}@weighted+gptq") == (f"{spec}@weighted", 8)
-    assert split_gptq(f"{spec}@weighted+gptq3") == (f"{spec}@weighted", 3)
-    assert split_gptq(f"{spec}+gptq0") == (spec, 0)
-    assert split_gptq(f"{spec}@weighted") == (f"{spec}@weighted", None)
+    assert curve_options(f"{spec}@weighted+gptq") == (f"{spec}@weighted", 8, False)
+    assert curve_options(f"{spec}@weighted+gptq3") == (f"{spec}@weighted", 3, False)
+    assert curve_options(f"{spec}+gptq0") == (spec, 0, False)
+    assert curve_options(f"{spec}@weighted") == (f"{spec}@weighted", None, False)
+    assert curve_options(f"{spec}@weighted+rows") == (f"{spec}@weighted", None, True)
+    assert curve_options(f"{spec}@weighted+gptq2+rows") == (f"{spec}@weighted", 2, True)
+    assert curve_options(f"{spec}@weighted+rows+gptq") == (f"{spec}@weighted", 8, True)
     with pytest.raises(ValueError):
-        split_gptq(f"{spec}@weighted+gptqx")
+        curve_options(f"{spec}@weighted+gptqx")

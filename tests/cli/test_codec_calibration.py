@@ -88,3 +88,64 @@ def test_a_missing_calibration_file_is_named(tmp_path: Path) -> None:
         "codec", "encode", str(model), str(out), "--spec", SPEC, "--calibration", str(missing)
     )
     assert proc.returncode == 2 and str(missing) in proc.stderr and not out.exists()
+
+
+def _table_files(tmp_path: Path) -> tuple[Path, Path]:
+    """A model with a 200-row lookup table, and row weights that read a few rows often."""
+    g = torch.Generator().manual_seed(1)
+    model = tmp_path / "table.safetensors"
+    save_file(
+        {"emb.weight": torch.randn(200, 16, generator=g), "fc.weight": torch.randn(4, 16)},
+        str(model),
+    )
+    counts = torch.zeros(200)
+    counts[:40] = torch.arange(40, 0, -1).float() ** 2
+    rows = tmp_path / "rows.safetensors"
+    save_file({"emb.weight": counts}, str(rows))
+    return model, rows
+
+
+def test_row_weights_send_a_tables_rows_in_tiers(tmp_path: Path) -> None:
+    model, rows = _table_files(tmp_path)
+    out = tmp_path / "tiers.fsq"
+    proc = run_cli(
+        "codec", "encode", str(model), str(out), "--spec", SPEC, "--calibration", str(rows)
+    )
+    assert proc.returncode == 0, proc.stderr
+    data = out.read_bytes()
+    assert data[3] == 11
+    encoded = EncodedModel.from_bytes(data)
+    (split,) = encoded.splits
+    assert split.name == "emb.weight" and split.count >= 3
+    decoded = tmp_path / "decoded.safetensors"
+    proc = run_cli("codec", "decode", str(out), str(decoded))
+    assert proc.returncode == 0, proc.stderr
+    got = load_file(str(decoded))
+    want = decode_state(encoded)
+    assert set(got) == {"emb.weight", "fc.weight"}
+    assert all(torch.equal(got[n], want[n]) for n in got)
+    w = load_file(str(model))["emb.weight"]
+    assert float((got["emb.weight"] - w).norm() / w.norm()) < 0.02
+
+
+@pytest.mark.parametrize(
+    ("entries", "wanted"),
+    [
+        ({"emb.weight": torch.ones(199)}, "199 row weights for 'emb.weight'"),
+        ({"emb.weight": -torch.ones(200)}, "row weights of 'emb.weight': row weights must be"),
+        ({"nowhere.weight": torch.ones(200)}, "'nowhere.weight', which the model does not have"),
+        ({"emb.weight": torch.zeros(200)}, "all 0"),
+    ],
+)
+def test_bad_row_weights_are_one_line_and_write_nothing(
+    tmp_path: Path, entries: dict[str, torch.Tensor], wanted: str
+) -> None:
+    model, rows = _table_files(tmp_path)
+    save_file(entries, str(rows))
+    out = tmp_path / "out.fsq"
+    argv = ["codec", "encode", str(model), str(out), "--spec", SPEC, "--calibration", str(rows)]
+    proc = run_cli(*argv)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and wanted in lines[-1], proc.stderr
+    assert not out.exists()

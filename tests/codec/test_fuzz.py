@@ -33,10 +33,13 @@ from fedsqueeze.codec.container import (
     BUCKETS_VERSION,
     GLOBAL_ORDER_VERSION,
     PLANE_ANS_VERSION,
+    ROW_TIERS_VERSION,
     SUPPORT_LEVELS_VERSION,
     crc32,
 )
+from fedsqueeze.codec.nested_gptq import Calibration
 from fedsqueeze.codec.spec import PRESETS
+from fedsqueeze.codec.spec_text import parse_spec
 from fedsqueeze.errors import CodecError, LimitExceededError
 from tests.codec.conftest import make_state
 from tests.codec.test_grouping_buckets import weights as bucket_weights
@@ -143,6 +146,13 @@ def _samples() -> list[tuple[bytes, bool]]:
     v10 = encode_state(leaning, PRESETS["lossless"], seed=0).to_bytes()
     assert v10[3] == BUCKETS_VERSION
     out.append((v10, False))
+    # a table's rows in tiers (format version 11): hostile tier maps and parts too
+    tiers = Calibration(rows={"fc1.weight": torch.tensor([4.0**-i for i in range(16)])})
+    for base in (None, BASE):
+        v11 = encode_state(state, parse_spec("quant=8:block32:hadamard,levels=1+1+2+4"), base,
+                           seed=0, calibration=tiers).to_bytes()  # fmt: skip
+        assert v11[3] == ROW_TIERS_VERSION
+        out.append((v11, base is not None))
     return out
 
 

@@ -1,0 +1,407 @@
+"""Row tiers: the rows of a lookup table split by how often they are read (format v11).
+
+A progressive stream refines a tensor's values together: every row of a word-embedding
+table gets the same bits at every prefix. But a lookup table's rows are not used alike
+(all-MiniLM-L6-v2's 256 test sentences read 894 of its 30,522 rows; a row read a
+hundred times matters a hundred times more than one read once), and its error on the
+model's output is the *row-weighted* squared error: for one-hot inputs the input
+moments ``Σ x xᵀ`` that GPTQ weighs a Linear's error by are the diagonal of per-row
+counts. With those counts (:attr:`~fedsqueeze.codec.nested_gptq.Calibration.rows`, from
+calibration text, or counts the clients add up) the encoder splits the table into
+**row tiers** and sends each tier as a progressive tensor of its own:
+
+* **tiers** (:func:`tier_rows`): bands of a factor of 4 in weight below the heaviest
+  row (a factor of 4 in error weight is worth one bit of precision, so rows within a
+  band deserve about the same bits), at most :data:`MAX_TIERS`, the last band taking
+  everything lighter (and rows of weight 0); empty bands are dropped;
+* **parts**: tier ``k``'s rows, in row order, form the tensor ``name#tier{k}``
+  (:func:`part_name`) with the table's dtype and trailing shape. Every stage sees the
+  parts as tensors: each has its own scales, bucket tables, rotation seed and levels,
+  and each part's base level is in the smallest prefix, so every row decodes from the
+  first decodable prefix on;
+* **order**: a part's level gains are its squared errors removed times the tier's mean
+  row weight over the table's (so an error spread evenly counts as the table's plain
+  squared error), and the part counts with the whole table's energy and sensitivity:
+  the rate-distortion order of :mod:`fedsqueeze.codec.level_order` then gives the
+  heavy rows their refinements first;
+* **deltas**: the base's table is split with the stream's tiers, so each part is a
+  difference to the base's rows;
+* the **header** of a version-11 stream lists the splits (:func:`write_splits`): name,
+  row count, tier count and each row's tier (a byte per row, zstd-compressed when that
+  is smaller); decoders split a delta's base with them and join the decoded parts
+  (:func:`join_state`) into the table.
+
+What it buys (BENCHMARKS.md, "Row tiers"): measured on all-MiniLM-L6-v2's word
+embeddings by the row probe first (:mod:`fedsqueeze.bench.row_probe`), then in streams.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+from fedsqueeze.codec import entropy
+from fedsqueeze.codec.bytesio import ByteReader, write_varint
+from fedsqueeze.errors import FormatError
+
+if TYPE_CHECKING:
+    from fedsqueeze.codec.tensor_encode import ScoredLevel
+
+__all__ = [
+    "MAX_TIERS",
+    "RowSplit",
+    "TierPlan",
+    "check_row_weights",
+    "join_state",
+    "parse_splits",
+    "part_name",
+    "plan_tiers",
+    "split_shapes",
+    "split_state",
+    "tier_rows",
+    "write_splits",
+]
+
+#: Most tiers one table is split into (the header's bound as well).
+MAX_TIERS = 8
+#: The weight ratio between neighbouring tiers: 4 (one bit of precision).
+_BAND = 4.0
+_ZSTD_LEVEL = 19
+
+
+def part_name(name: str, tier: int) -> str:
+    """The name of tier ``tier``'s part of table ``name`` in the stream."""
+    return f"{name}#tier{tier}"
+
+
+@dataclass(frozen=True)
+class RowSplit:
+    """One table's rows in tiers: byte ``tiers[r]`` is row ``r``'s tier, every tier
+    ``0..count-1`` holding a row; tier 0 holds the most-read rows."""
+
+    name: str
+    tiers: bytes
+    count: int
+
+    def __post_init__(self) -> None:
+        if not 2 <= self.count <= MAX_TIERS:
+            raise ValueError(f"a split has 2 to {MAX_TIERS} tiers, not {self.count}")
+        held = torch.bincount(self.tier_of().to(torch.int64), minlength=self.count)
+        if held.numel() > self.count or bool((held == 0).any()):
+            raise ValueError(f"{self.name!r}: a tier beyond {self.count} or an empty one")
+
+    @property
+    def rows(self) -> int:
+        """Rows of the table."""
+        return len(self.tiers)
+
+    def tier_of(self) -> Tensor:
+        """Each row's tier (uint8)."""
+        return torch.frombuffer(bytearray(self.tiers), dtype=torch.uint8)
+
+    def parts(self) -> list[str]:
+        """The parts' names, tier 0 first."""
+        return [part_name(self.name, k) for k in range(self.count)]
+
+    def indices(self) -> list[Tensor]:
+        """Each tier's row indices (int64, ascending), tier 0 first."""
+        tier_of = self.tier_of()
+        return [torch.nonzero(tier_of == k).flatten() for k in range(self.count)]
+
+    def split(self, table: Tensor) -> dict[str, Tensor]:
+        """The parts of ``table`` (rows gathered, so each part is a new tensor)."""
+        if table.ndim < 1 or table.shape[0] != self.rows:
+            raise ValueError(
+                f"{self.name!r} has {self.rows} rows in its split, the tensor {tuple(table.shape)}"
+            )
+        return {
+            p: table.index_select(0, idx.to(table.device))
+            for p, idx in zip(self.parts(), self.indices(), strict=True)
+        }
+
+    def join(self, parts: Mapping[str, Tensor]) -> Tensor:
+        """The table from its parts (decoded: their shapes are checked here)."""
+        first = parts[part_name(self.name, 0)]
+        out = torch.empty((self.rows, *first.shape[1:]), dtype=first.dtype, device=first.device)
+        for p, idx in zip(self.parts(), self.indices(), strict=True):
+            t = parts[p]
+            if t.dtype != first.dtype or tuple(t.shape) != (idx.numel(), *first.shape[1:]):
+                raise FormatError(
+                    f"part {p!r} is {tuple(t.shape)} {t.dtype}; its tier holds "
+                    f"{idx.numel()} rows of {tuple(first.shape[1:])} {first.dtype}"
+                )
+            out.index_copy_(0, idx.to(out.device), t)
+        return out
+
+    def weight_ratios(self, weights: Tensor) -> list[float]:
+        """Each tier's mean row weight over the table's (what its parts' gains are
+        multiplied by)."""
+        w = weights.to(torch.float64)
+        mean = float(w.mean())
+        return [float(w[idx].mean()) / mean for idx in self.indices()]
+
+
+def tier_rows(weights: Tensor, max_tiers: int = MAX_TIERS) -> Tensor | None:
+    """Each row's tier by its weight: bands of a factor of 4 below the heaviest row, the
+    last band (``max_tiers − 1``) taking everything lighter and rows of weight 0; empty
+    bands dropped and the rest renumbered from 0. ``None`` when every row falls in one
+    band (nothing to split).
+
+    Raises
+    ------
+    ValueError
+        Weights that are not a 1-D tensor of finite values of at least 0 with one above 0,
+        or ``max_tiers`` outside ``2..MAX_TIERS``.
+    """
+    if not 2 <= max_tiers <= MAX_TIERS:
+        raise ValueError(f"max_tiers must be 2 to {MAX_TIERS}, got {max_tiers}")
+    w = check_row_weights(weights)
+    top = float(w.max())
+    last = max_tiers - 1
+    band = torch.full(w.shape, last, dtype=torch.int64)
+    positive = w > 0
+    ratio = w[positive] / top
+    band[positive] = torch.clamp(
+        torch.floor(-torch.log(ratio) / math.log(_BAND) + 1e-9).to(torch.int64), 0, last
+    )
+    present = torch.unique(band)
+    if present.numel() < 2:
+        return None
+    renumber = torch.full((max_tiers,), -1, dtype=torch.int64)
+    renumber[present] = torch.arange(present.numel())
+    return renumber[band].to(torch.uint8)
+
+
+def check_row_weights(weights: Tensor) -> Tensor:
+    """``weights`` as float64 after checking them (``ValueError`` as :func:`tier_rows`)."""
+    if not isinstance(weights, Tensor) or weights.ndim != 1 or weights.numel() == 0:
+        raise ValueError("row weights must be a non-empty 1-D tensor")
+    if not (weights.is_floating_point() or weights.dtype in _INTEGER):
+        raise ValueError(f"row weights must be numbers, not {weights.dtype}")
+    w = weights.detach().to("cpu", torch.float64)
+    if not bool(torch.isfinite(w).all()) or bool((w < 0).any()):
+        raise ValueError("row weights must be finite and at least 0")
+    if not bool((w > 0).any()):
+        raise ValueError("row weights are all 0: no row is read")
+    return w
+
+
+_INTEGER = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
+
+
+def split_state(state: Mapping[str, Tensor], splits: Sequence[RowSplit]) -> dict[str, Tensor]:
+    """``state`` with each split table replaced by its parts, in place of it (a table
+    ``state`` lacks, or holds with another row count, is left as it is: a delta's base
+    may not have it)."""
+    by_name = {s.name: s for s in splits}
+    out: dict[str, Tensor] = {}
+    for name, t in state.items():
+        split = by_name.get(name)
+        if split is None or t.ndim < 1 or t.shape[0] != split.rows:
+            out[name] = t
+            continue
+        out.update(split.split(t))
+    return out
+
+
+def join_state(
+    state: Mapping[str, Tensor],
+    splits: Sequence[RowSplit],
+    fallback: Mapping[str, Tensor] | None = None,
+) -> dict[str, Tensor]:
+    """Decoded parts joined into their tables, each where its first part held was; the
+    other tensors as they are.
+
+    ``fallback`` (a delta's base, split): where a table has some parts and not others
+    (a delta's prefix), the missing ones are the base's rows; a table with no part held
+    is left out (its caller keeps the base's). Without ``fallback`` every part must be
+    there.
+
+    Raises
+    ------
+    FormatError
+        A table without all its parts and no fallback for them, parts that do not fit
+        their tiers, or a table that is there whole as well.
+    """
+    if not splits:
+        return dict(state)
+    owner = {p: s for s in splits for p in s.parts()}
+    tables = {s.name for s in splits}
+    out: dict[str, Tensor] = {}
+    for name, t in state.items():
+        split = owner.get(name)
+        if name in tables:
+            raise FormatError(f"table {name!r} is both split and whole")
+        if split is None:
+            out[name] = t
+        elif split.name not in out:
+            parts = {p: state[p] for p in split.parts() if p in state}
+            for p in split.parts():
+                if p not in parts and fallback is not None and p in fallback:
+                    parts[p] = fallback[p].to(t.device)
+            missing = [p for p in split.parts() if p not in parts]
+            if missing:
+                raise FormatError(f"table {split.name!r} lacks its parts {missing}")
+            out[split.name] = split.join(parts)
+    if fallback is None:
+        absent = sorted(s.name for s in splits if s.name not in out)
+        if absent:
+            raise FormatError(f"the stream splits {absent} but holds none of their parts")
+    return out
+
+
+def write_splits(out: bytearray, splits: Iterable[RowSplit]) -> None:
+    """Append the header's split list: count, then per split ``name · rows · tiers u8 ·
+    length · tier bytes`` (a byte per row; zstd-compressed when ``length < rows``)."""
+    splits = list(splits)
+    write_varint(out, len(splits))
+    for s in splits:
+        name = s.name.encode()
+        write_varint(out, len(name))
+        out += name
+        write_varint(out, s.rows)
+        out.append(s.count)
+        packed = entropy.compress(s.tiers, _ZSTD_LEVEL)
+        body = s.tiers if packed is None else packed
+        write_varint(out, len(body))
+        out += body
+
+
+def parse_splits(
+    reader: ByteReader, max_tables: int, max_rows: int, max_name_bytes: int
+) -> tuple[RowSplit, ...]:
+    """Read :func:`write_splits`' bytes, treating them as hostile (``FormatError``)."""
+    count = reader.varint("split count", max_tables)
+    splits: list[RowSplit] = []
+    names: set[str] = set()
+    for _ in range(count):
+        length = reader.varint("split name length", max_name_bytes)
+        try:
+            name = bytes(reader.take(length, "split name")).decode()
+        except UnicodeDecodeError as exc:
+            raise FormatError("split name is not UTF-8") from exc
+        if name in names:
+            raise FormatError(f"table {name!r} is split twice")
+        names.add(name)
+        rows = reader.varint("split rows", max_rows)
+        tiers = reader.u8("tier count")
+        if not 2 <= tiers <= MAX_TIERS or rows < tiers:
+            raise FormatError(f"{name!r}: {tiers} tiers over {rows} rows")
+        size = reader.varint("tier map length", rows)
+        body = reader.take(size, "tier map")
+        raw = bytes(body) if size == rows else entropy.decompress(body, rows)
+        try:
+            splits.append(RowSplit(name, raw, tiers))
+        except ValueError as exc:
+            raise FormatError(f"a tier map: {exc}") from None
+    return tuple(splits)
+
+
+@dataclass(frozen=True)
+class TierPlan:
+    """The tables an encoder splits, and what their parts weigh in the order."""
+
+    splits: tuple[RowSplit, ...] = ()
+    #: part name -> (table name, the tier's mean row weight over the table's)
+    parts: Mapping[str, tuple[str, float]] = field(default_factory=dict)
+
+    @property
+    def origins(self) -> dict[str, str]:
+        """Part name -> table name."""
+        return {p: table for p, (table, _ratio) in self.parts.items()}
+
+    def apply(self, state: Mapping[str, Tensor] | None) -> Mapping[str, Tensor] | None:
+        """``state`` with the split tables in parts (``None`` stays ``None``)."""
+        if state is None or not self.splits:
+            return state
+        return split_state(state, self.splits)
+
+    def weigh(
+        self, levels: Mapping[str, Sequence[ScoredLevel]], weights: Mapping[str, float] | None
+    ) -> tuple[dict[str, list[ScoredLevel]], Mapping[str, float] | None]:
+        """The encoder's scored levels and the order's weights with each part's gains
+        row-weighted (times its tier's ratio), its energy the whole table's, and its
+        weight the table's."""
+        out = {name: list(lv) for name, lv in levels.items()}
+        if not self.splits:
+            return out, weights
+        energy: dict[str, float] = {}
+        for p, (table, _ratio) in self.parts.items():
+            if p in out:
+                energy[table] = energy.get(table, 0.0) + out[p][0].energy
+        for p, (table, ratio) in self.parts.items():
+            if p in out:
+                out[p] = [replace(s, gain=s.gain * ratio, energy=energy[table]) for s in out[p]]
+        if weights is None:
+            return out, None
+        weighted = dict(weights)
+        for p, (table, _ratio) in self.parts.items():
+            if table in weights:
+                weighted[p] = weights[table]
+        return out, weighted
+
+
+def plan_tiers(
+    state: Mapping[str, Tensor],
+    levels: bool,
+    rows: Mapping[str, Tensor],
+    is_target: Callable[[str, Tensor], bool],
+) -> TierPlan:
+    """Which tables of ``state`` to split, by ``rows`` (name -> per-row weights).
+
+    Only with a progressive spec (``levels``), for the tables ``is_target`` accepts (a
+    spec's targets); names ``state`` lacks are ignored (a frozen table the base holds is
+    not sent at all), and so are tables whose rows all fall in one band.
+
+    Raises
+    ------
+    ValueError
+        Weights for a tensor that is not a table of at least two dimensions, or whose
+        count is not its row count.
+    """
+    if not levels or not rows:
+        return TierPlan()
+    splits: list[RowSplit] = []
+    parts: dict[str, tuple[str, float]] = {}
+    for name, w in rows.items():
+        t = state.get(name)
+        if t is None:
+            continue
+        if t.ndim < 2:
+            raise ValueError(f"row weights for {name!r}, which is not a table ({t.ndim}-D)")
+        if w.numel() != t.shape[0]:
+            raise ValueError(f"{w.numel()} row weights for {name!r}, which has {t.shape[0]} rows")
+        if not is_target(name, t):
+            continue
+        tiers = tier_rows(w)
+        if tiers is None:
+            continue
+        split = RowSplit(name, tiers.numpy().tobytes(), int(tiers.max()) + 1)
+        for p in split.parts():
+            if p in state:
+                raise ValueError(f"the state has a tensor named {p!r}, the name of a row tier")
+        splits.append(split)
+        for p, ratio in zip(split.parts(), split.weight_ratios(check_row_weights(w)), strict=True):
+            parts[p] = (name, ratio)
+    return TierPlan(tuple(splits), parts)
+
+
+def split_shapes(state: Mapping[str, Tensor], splits: Sequence[RowSplit]) -> dict[str, Tensor]:
+    """:func:`split_state` for names, dtypes and shapes only: the parts are tensors on
+    the ``meta`` device (nothing is copied; for resolving a delta's index-coded
+    records)."""
+    by_name = {s.name: s for s in splits}
+    out: dict[str, Tensor] = {}
+    for name, t in state.items():
+        split = by_name.get(name)
+        if split is None or t.ndim < 1 or t.shape[0] != split.rows:
+            out[name] = t
+            continue
+        for p, idx in zip(split.parts(), split.indices(), strict=True):
+            out[p] = torch.empty((idx.numel(), *t.shape[1:]), dtype=t.dtype, device="meta")
+    return out

@@ -1,0 +1,376 @@
+"""Row tiers (format version 11): a lookup table's rows split by how often they are read,
+each tier a progressive tensor of its own, joined again by every decoder."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from fedsqueeze.codec import EncodedModel, decode_prefix, decode_state, encode_state
+from fedsqueeze.codec.bytesio import ByteReader, write_varint
+from fedsqueeze.codec.container import ROW_TIERS_VERSION, DecodeLimits
+from fedsqueeze.codec.digest import state_digest
+from fedsqueeze.codec.level_order import LevelOrder
+from fedsqueeze.codec.model import smallest_prefix
+from fedsqueeze.codec.nested_gptq import Calibration
+from fedsqueeze.codec.row_tiers import (
+    MAX_TIERS,
+    RowSplit,
+    join_state,
+    parse_splits,
+    part_name,
+    split_state,
+    tier_rows,
+    write_splits,
+)
+from fedsqueeze.codec.spec_text import parse_spec
+from fedsqueeze.codec.stream_decode import decode_stream_into, scan_stream
+from fedsqueeze.codec.stream_encode import encode_stream
+from fedsqueeze.errors import FormatError
+
+SPEC = parse_spec("quant=8:block32:hadamard,levels=1+1+2+4")
+
+
+def _state(seed: int, rows: int = 300, dim: int = 32) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "emb.weight": torch.randn(rows, dim, generator=g),
+        "lin.weight": torch.randn(dim, dim, generator=g) * 0.2,
+        "lin.bias": torch.randn(dim, generator=g),
+    }
+
+
+def _weights(rows: int = 300, unseen_from: int = 150) -> torch.Tensor:
+    w = (1.0 / torch.arange(1, rows + 1, dtype=torch.float64)) ** 1.5 * 100
+    w[unseen_from:] = 0.0
+    return w
+
+
+def _weighted_error(decoded: torch.Tensor, value: torch.Tensor, w: torch.Tensor) -> float:
+    per_row = (decoded.double() - value.double()).square().sum(dim=1)
+    return float((per_row * w).sum())
+
+
+# ----------------------------------------------------------------- tiers and the header
+
+
+def test_tiers_are_bands_of_a_factor_of_four_below_the_heaviest_row() -> None:
+    w = torch.tensor([1.0, 0.3, 0.26, 0.2, 0.05, 0.01, 0.0, 1e-9])
+    tiers = tier_rows(w)
+    assert tiers is not None
+    # bands 0, 1, 1, 1, 2, 3, (none: last), 7 -> renumbered without the empty bands
+    assert tiers.tolist() == [0, 0, 0, 1, 2, 3, 4, 4]
+    assert tier_rows(torch.tensor([1.0, 0.5, 0.3])) is None  # one band: nothing to split
+    assert tier_rows(torch.tensor([1.0, 0.0]), max_tiers=2) is not None
+
+
+@pytest.mark.parametrize(
+    ("weights", "match"),
+    [
+        (torch.tensor([1.0, -1.0]), "at least 0"),
+        (torch.tensor([1.0, float("nan")]), "finite"),
+        (torch.zeros(3), "all 0"),
+        (torch.ones(2, 2), "1-D"),
+        (torch.tensor([True, False]), "numbers"),
+    ],
+)
+def test_bad_row_weights_are_refused(weights: torch.Tensor, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        tier_rows(weights)
+    with pytest.raises(ValueError, match=r"emb\.weight"):
+        Calibration(rows={"emb.weight": weights})
+
+
+def _header(splits: list[RowSplit]) -> bytes:
+    out = bytearray()
+    write_splits(out, splits)
+    return bytes(out)
+
+
+def _parse(data: bytes) -> tuple[RowSplit, ...]:
+    return parse_splits(ByteReader(data), 10, 1 << 20, 1024)
+
+
+def test_the_split_list_round_trips_raw_and_compressed() -> None:
+    mostly_last = bytes([0, 1] + [2] * 5000)
+    few = bytes([1, 0, 1])
+    splits = [RowSplit("emb.weight", mostly_last, 3), RowSplit("pos.weight", few, 2)]
+    data = _header(splits)
+    assert len(data) < 200  # the long map is zstd-compressed, the short one raw
+    assert _parse(data) == tuple(splits)
+
+
+def _raw_split(name: bytes, rows: int, tiers: int, body: bytes, length: int | None = None) -> bytes:
+    out = bytearray()
+    write_varint(out, 1)
+    write_varint(out, len(name))
+    out += name
+    write_varint(out, rows)
+    out.append(tiers)
+    write_varint(out, len(body) if length is None else length)
+    out += body
+    return bytes(out)
+
+
+@pytest.mark.parametrize(
+    ("data", "match"),
+    [
+        (_raw_split(b"t", 3, 1, bytes([0, 0, 0])), "tiers"),
+        (_raw_split(b"t", 3, MAX_TIERS + 1, bytes([0, 1, 2])), "tiers"),
+        (_raw_split(b"t", 3, 3, bytes([0, 1, 1])), "empty"),
+        (_raw_split(b"t", 3, 2, bytes([0, 1, 5])), "beyond"),
+        (_raw_split(b"t", 2, 3, bytes([0, 1])), "tiers over"),
+        (_raw_split(b"t", 3, 2, bytes([0, 1, 1]), length=4), "length"),
+        (_raw_split(b"t", 3, 2, bytes([0, 1]), length=3), "truncated"),
+        (_raw_split(b"t", 3, 2, bytes([0, 1])), "zstd"),
+        (_raw_split(b"\xff", 3, 2, bytes([0, 1, 1])), "UTF-8"),
+        (_raw_split(b"t", 1 << 21, 2, b""), "split rows"),
+        (_raw_split(b"t", 3, 2, b"\x28\xb5\x2f\xfd", length=2), "."),
+    ],
+)
+def test_hostile_split_lists_raise_format_errors(data: bytes, match: str) -> None:
+    with pytest.raises(FormatError, match=match):
+        _parse(data)
+
+
+def test_a_table_split_twice_is_refused() -> None:
+    one = _header([RowSplit("t", bytes([0, 1]), 2)])
+    twice = bytearray(_header([RowSplit("t", bytes([0, 1]), 2), RowSplit("t", bytes([1, 0]), 2)]))
+    assert _parse(one)
+    with pytest.raises(FormatError, match="twice"):
+        _parse(bytes(twice))
+
+
+def test_split_and_join_are_inverse_and_keep_positions() -> None:
+    state = _state(0)
+    tiers = tier_rows(_weights())
+    assert tiers is not None
+    split = RowSplit("emb.weight", tiers.numpy().tobytes(), int(tiers.max()) + 1)
+    parts = split_state(state, [split])
+    assert list(parts)[: split.count] == split.parts()
+    assert sum(parts[p].shape[0] for p in split.parts()) == 300
+    joined = join_state(parts, [split])
+    assert list(joined) == list(state)
+    assert torch.equal(joined["emb.weight"], state["emb.weight"])
+    del parts[part_name("emb.weight", 1)]
+    with pytest.raises(FormatError, match="lacks"):
+        join_state(parts, [split])
+    # a delta's prefix: the missing tier is the base's rows
+    base = split_state(_state(1), [split])
+    mixed = join_state(parts, [split], base)["emb.weight"]
+    rows = split.indices()[1]
+    assert torch.equal(mixed[rows], _state(1)["emb.weight"][rows])
+
+
+# ------------------------------------------------------------------ streams with tiers
+
+
+def _calibration(rows: int = 300) -> Calibration:
+    return Calibration(rows={"emb.weight": _weights(rows)})
+
+
+def test_a_tiered_stream_is_version_11_and_decodes_as_its_parts_would() -> None:
+    state = _state(0)
+    encoded = encode_state(state, SPEC, seed=0, calibration=_calibration())
+    data = encoded.to_bytes()
+    assert data[3] == ROW_TIERS_VERSION
+    (split,) = encoded.splits
+    assert split.count >= 3
+    back = EncodedModel.from_bytes(data)
+    assert back.splits == encoded.splits
+    decoded = decode_state(back)
+    assert set(decoded) == set(state)
+    # every tier is an ordinary tensor: the same as encoding the parts themselves
+    parts = split_state(state, [split])
+    alone = decode_state(encode_state(parts, SPEC.with_changes(targets=("*weight*",)), seed=0))
+    assert torch.equal(decoded["emb.weight"], join_state(alone, [split])["emb.weight"])
+    rel = (decoded["emb.weight"] - state["emb.weight"]).norm() / state["emb.weight"].norm()
+    assert rel < 0.02
+
+
+def test_without_levels_or_targets_the_weights_change_nothing() -> None:
+    state = _state(0)
+    for spec in (parse_spec("quant=8:block32"), parse_spec("quant=8,levels=2+2+4,targets=lin.*")):
+        plain = encode_state(state, spec, seed=0)
+        tiered = encode_state(state, spec, seed=0, calibration=_calibration())
+        assert tiered.to_bytes() == plain.to_bytes()
+        assert not tiered.splits
+
+
+def test_the_most_read_rows_are_refined_first() -> None:
+    state = _state(0, rows=2000, dim=64)
+    w = _weights(2000, unseen_from=400)
+    encoded = encode_state(state, SPEC, seed=0, calibration=Calibration(rows={"emb.weight": w}))
+    stream = encoded.to_bytes()[:-4]
+    start = smallest_prefix(encoded)
+    middle = decode_prefix(stream[: start + (len(stream) - start) // 4])
+    (split,) = encoded.splits
+    held = middle.levels
+    assert held[part_name("emb.weight", 0)] > held[part_name("emb.weight", split.count - 1)]
+    # and the row-weighted error at that prefix is below the untiered stream's
+    plain = encode_state(state, SPEC, seed=0)
+    plain_stream = plain.to_bytes()[:-4]
+    same = decode_prefix(plain_stream[: middle.used_bytes])
+    value = state["emb.weight"]
+    assert _weighted_error(middle.state["emb.weight"], value, w) < _weighted_error(
+        same.state["emb.weight"], value, w
+    )
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    seed=st.integers(0, 10_000),
+    delta=st.booleans(),
+    spec=st.sampled_from(
+        [
+            "quant=8:block32:hadamard,levels=1+1+2+4",
+            "quant=8:channel,levels=2+2+4",
+            "quant=4:nf4:block32,levels=1+1+2",
+            "quant=8:symmetric:block32,levels=1+1+2+4,entropy=ans",
+        ]
+    ),
+)
+def test_the_weighted_error_never_rises_over_prefixes(seed: int, delta: bool, spec: str) -> None:
+    g = torch.Generator().manual_seed(seed)
+    rows = int(torch.randint(40, 200, (1,), generator=g))
+    state = _state(seed, rows=rows)
+    base = _state(seed + 1, rows=rows) if delta else None
+    w = torch.rand(rows, generator=g, dtype=torch.float64) ** 6
+    w[torch.rand(rows, generator=g) < 0.3] = 0.0
+    w[0] = 1.0
+    encoded = encode_state(
+        state, parse_spec(spec), base, seed=0, calibration=Calibration(rows={"emb.weight": w})
+    )
+    stream = encoded.to_bytes()[:-4]
+    held = w.clone()
+    held[held == 0] = 1e-12  # zero-weight rows still count, a little
+    last = float("inf")
+    cuts = sorted({smallest_prefix(encoded), *range(smallest_prefix(encoded), len(stream), 97)})
+    for cut in [*cuts, len(stream)]:
+        got = decode_prefix(stream[:cut], base).state["emb.weight"]
+        error = _weighted_error(got, state["emb.weight"], held)
+        assert error <= last * (1 + 1e-3) + 1e-9
+        last = error
+
+
+def test_deltas_streams_and_prefixes_agree() -> None:
+    base, new = _state(1), _state(2)
+    cal = _calibration()
+    encoded = encode_state(new, SPEC, base, seed=0, calibration=cal)
+    data = encoded.to_bytes()
+    assert data[3] == ROW_TIERS_VERSION
+    whole = decode_state(EncodedModel.from_bytes(data), base)
+    # the tiers are differences to the base's rows: index-coded, delta records
+    assert all(r.delta for r in encoded.records if r.level == 0 and r.quant is not None)
+    stream = memoryview(data[:-4])
+    layout = scan_stream(stream, base)
+    assert {s.name: s.shape for s in layout.tensors} == {n: tuple(t.shape) for n, t in new.items()}
+    target = {n: t.clone() for n, t in base.items()}
+    decode_stream_into(stream, layout, target, base_digest=state_digest(base))
+    for name in new:
+        assert torch.equal(target[name], whole[name]), name
+    # a delta's prefix that holds some tiers: the others keep the base's rows
+    (split,) = encoded.splits
+    cut = len(encoded.header.to_bytes())
+    for record in encoded.records:
+        cut += len(record.header_bytes()) + len(record.body)
+        partial = decode_prefix(data[:cut], base)
+        held = [p for p in split.parts() if p in partial.levels]
+        if 0 < len(held) < split.count:
+            break
+    else:
+        raise AssertionError("no prefix holds some tiers and not others")
+    assert set(partial.state) == set(new)
+    assert not partial.complete
+    table = partial.state["emb.weight"]
+    for p, rows in zip(split.parts(), split.indices(), strict=True):
+        if p not in held:  # not reached yet: the base's rows
+            assert torch.equal(table[rows], base["emb.weight"][rows])
+        else:
+            assert not torch.equal(table[rows], base["emb.weight"][rows])
+
+
+def test_the_streaming_encoder_writes_the_same_stream() -> None:
+    class Store:
+        def __init__(self) -> None:
+            self.bodies: list[bytes] = []
+
+        def put(self, body: bytes | memoryview) -> int:
+            self.bodies.append(bytes(body))
+            return len(self.bodies) - 1
+
+    state = _state(0)
+    for base in (None, _state(1)):
+        store = Store()
+        plan = encode_stream(
+            state, SPEC, store, base, seed=0, workers=1, calibration=_calibration()
+        )
+        streamed = plan.header.to_bytes() + b"".join(
+            r.header_bytes() + store.bodies[r.token] for r in plan.records
+        )
+        whole = encode_state(state, SPEC, base, seed=0, calibration=_calibration())
+        assert streamed == whole.to_bytes()[:-4]
+
+
+def test_weighted_order_gives_each_tier_its_tables_weight() -> None:
+    state = _state(0)
+    weights = {"emb.weight": 2.0, "lin.weight": 1.0}
+    encoded = encode_state(
+        state,
+        SPEC,
+        seed=0,
+        order=LevelOrder.WEIGHTED,
+        weights=weights,
+        calibration=_calibration(),
+    )
+    assert decode_state(encoded)["emb.weight"].shape == (300, 32)
+    with pytest.raises(ValueError, match="no weight"):
+        encode_state(
+            state,
+            SPEC,
+            seed=0,
+            order=LevelOrder.WEIGHTED,
+            weights={"lin.weight": 1.0},
+            calibration=_calibration(),
+        )
+
+
+@pytest.mark.parametrize(
+    ("rows", "match"),
+    [
+        ({"lin.bias": torch.ones(32)}, "not a table"),
+        ({"emb.weight": torch.ones(299)}, "299 row weights"),
+    ],
+)
+def test_row_weights_that_do_not_fit_the_model_are_refused(
+    rows: dict[str, torch.Tensor], match: str
+) -> None:
+    state = _state(0)
+    before = {n: t.clone() for n, t in state.items()}
+    with pytest.raises(ValueError, match=match):
+        encode_state(state, SPEC, seed=0, calibration=Calibration(rows=rows))
+    assert all(torch.equal(state[n], before[n]) for n in state)
+
+
+def test_a_tensor_named_like_a_tier_is_refused() -> None:
+    state = {**_state(0), "emb.weight#tier0": torch.zeros(3, 32)}
+    with pytest.raises(ValueError, match="name of a row tier"):
+        encode_state(state, SPEC, seed=0, calibration=_calibration())
+
+
+def test_streams_without_a_tables_parts_are_refused() -> None:
+    state = _state(0)
+    encoded = encode_state(state, SPEC, seed=0, calibration=_calibration())
+    (split,) = encoded.splits
+    other = RowSplit("lin.weight", bytes([0, 1] * 16), 2)
+    hostile = EncodedModel(encoded.spec, None, encoded.records, splits=(split, other))
+    with pytest.raises(FormatError, match=r"lin\.weight.*whole"):
+        decode_state(EncodedModel.from_bytes(hostile.to_bytes()))
+    with pytest.raises(FormatError, match=r"lin\.weight"):
+        scan_stream(memoryview(hostile.to_bytes()[:-4]))
+    # limits bound the split list like the records
+    tight = DecodeLimits(max_elements=100)
+    with pytest.raises(FormatError, match="split rows"):
+        EncodedModel.from_bytes(encoded.to_bytes(), tight)
