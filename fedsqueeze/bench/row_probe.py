@@ -181,9 +181,10 @@ def minilm_row_probe(out: Callable[[str], None] = print) -> dict[str, Any] | Non
 
 
 def minilm_row_weights(out: Callable[[str], None] = print) -> dict[str, Tensor]:
-    """:func:`row_weights` of all-MiniLM-L6-v2's word embeddings over every calibration
-    sentence (:func:`fedsqueeze.bench.sensitivity.calibration_sentences`), for the row
-    tiers of a stream (:attr:`~fedsqueeze.codec.nested_gptq.Calibration.rows`).
+    """:func:`row_weights` of all-MiniLM-L6-v2's word embeddings over the calibration
+    text (:func:`fedsqueeze.bench.sensitivity.calibration_text`: every docstring line of
+    the calibration modules, none a test sentence), for the row tiers of a stream
+    (:attr:`~fedsqueeze.codec.nested_gptq.Calibration.rows`).
 
     Raises
     ------
@@ -191,18 +192,17 @@ def minilm_row_weights(out: Callable[[str], None] = print) -> dict[str, Tensor]:
         Without the bench extra (the MiniLM weights).
     """
     from fedsqueeze.bench.codec import minilm_sentence_model
-    from fedsqueeze.bench.sensitivity import calibration_sentences
+    from fedsqueeze.bench.sensitivity import calibration_text
 
     loaded = minilm_sentence_model()
     if loaded is None:
         raise RuntimeError("row tiers need the MiniLM weights")
     model, inner = loaded
     rows = inner.state_dict()[EMBEDDINGS].shape[0]
-    sentences = calibration_sentences(limit=1 << 30)
-    ids = [i for s in sentences for i in model.tokenizer(s)["input_ids"]]
+    lines = calibration_text()
+    ids = [i for line in lines for i in model.tokenizer(line)["input_ids"]]
     out(
-        f"\nRow weights of the word embeddings: {len(ids)} tokens of {len(sentences)} "
-        f"calibration sentences on {len(set(ids))} of {rows} rows (the rest share the "
-        "Good-Turing unseen mass)"
+        f"\nRow weights of the word embeddings: {len(ids)} tokens of {len(lines)} calibration "
+        f"lines on {len(set(ids))} of {rows} rows (the rest share the Good-Turing unseen mass)"
     )
     return {EMBEDDINGS: row_weights(ids, rows)}
