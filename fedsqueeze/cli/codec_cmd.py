@@ -351,12 +351,17 @@ def _print_inspect(
     from rich.table import Table
 
     from fedsqueeze.codec.inspect import describe
+    from fedsqueeze.codec.row_tiers import split_state
     from fedsqueeze.codec.spec_text import format_spec
 
     rows = describe(encoded, base)
     table = Table(title=f"{len(rows)} tensors · spec {format_spec(encoded.spec)}")
     for col in ("tensor", "shape", "stages", "bytes before", "bytes after", "ratio", "max error"):
         table.add_column(col, justify="right" if col.startswith(("bytes", "ratio")) else "left")
+    if original is not None and decoded is not None and encoded.splits:
+        # a table in row tiers has a row per tier: compare the tiers' rows
+        original = split_state(original, encoded.splits)
+        decoded = split_state(decoded, encoded.splits)
     for row in rows:
         err = "n/a (pass --original)"
         if original is not None and decoded is not None and row.name in original:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -12,6 +12,7 @@ from fedsqueeze.codec.container import TensorRecord, ValueKind
 from fedsqueeze.codec.grouping import holds_buckets
 from fedsqueeze.codec.model import EncodedModel
 from fedsqueeze.codec.positions import PositionCoding
+from fedsqueeze.codec.row_tiers import split_shapes
 from fedsqueeze.codec.spec import Granularity
 from fedsqueeze.codec.tensor_decode import TensorDecoder
 
@@ -70,10 +71,23 @@ def _in_buckets(record: TensorRecord) -> bool:
 def describe(
     encoded: EncodedModel, base: Mapping[str, torch.Tensor] | None = None
 ) -> list[RecordInfo]:
-    """One :class:`RecordInfo` per record (index-coded records need ``base`` for names)."""
-    decoder = TensorDecoder(base, None)
-    rows = []
+    """One :class:`RecordInfo` per tensor of the stream (index-coded records need ``base``
+    for names): a progressive tensor's refinements count in its row's bytes, and a table
+    whose rows travel in tiers has a row per tier (``name#tier{k}``)."""
+    resolving = split_shapes(base, encoded.splits) if base else None
+    decoder = TensorDecoder(resolving, None)
+    rows: list[RecordInfo] = []
+    level_zero: list[int] = []  # the row of each level-0 record, in stream order
     for record in encoded.records:
+        index = record.index if record.index is not None else -1
+        if record.level > 0 and 0 <= index < len(level_zero):
+            row = rows[level_zero[index]]
+            rows[level_zero[index]] = replace(
+                row,
+                encoded_bytes=row.encoded_bytes + len(record.to_bytes()),
+                payload_bytes=row.payload_bytes + len(record.body),
+            )
+            continue
         shape: tuple[int, ...]
         if record.index is not None and not base:
             name, dtype, shape = f"#{record.index} (pass --base)", torch.float32, ()
@@ -84,6 +98,8 @@ def describe(
             for d in shape:
                 numel *= d
         width = torch.empty((), dtype=dtype).element_size()
+        if record.level == 0:
+            level_zero.append(len(rows))
         rows.append(
             RecordInfo(
                 name=name,

@@ -374,3 +374,19 @@ def test_streams_without_a_tables_parts_are_refused() -> None:
     tight = DecodeLimits(max_elements=100)
     with pytest.raises(FormatError, match="split rows"):
         EncodedModel.from_bytes(encoded.to_bytes(), tight)
+
+
+def test_inspect_has_a_row_per_tensor_and_tier_with_every_level_counted() -> None:
+    from fedsqueeze.codec.inspect import describe
+
+    state = _state(0)
+    for calibration in (None, _calibration()):
+        for base in (None, _state(1)):
+            encoded = encode_state(state, SPEC, base, seed=0, calibration=calibration)
+            rows = describe(encoded, base)
+            names = {r.name for r in rows}
+            parts = {p for s in encoded.splits for p in s.parts()}
+            tables = {s.name for s in encoded.splits}
+            assert names == (set(state) - tables) | parts
+            assert sum(r.payload_bytes for r in rows) == sum(len(r.body) for r in encoded.records)
+            assert sum(r.raw_bytes for r in rows) == sum(t.numel() * 4 for t in state.values())
