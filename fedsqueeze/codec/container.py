@@ -119,7 +119,13 @@ where the tier map is a byte per row (the row's tier, every tier from 0 to ``tie
 holding a row), raw when ``length == rows`` and a zstd frame of it when ``length <
 rows``. Each tier's rows are an ordinary tensor of the stream named ``name#tier{k}``;
 the decoder splits a delta's base the same way and joins the decoded parts into
-``name``. Records are those of version 10. Version 1 to 10 decoders refuse version 11
+``name``. A refinement may also carry its plane in *context order* (the LOWRANK bit,
+which no refinement had before): the plane's values sorted, stably, by the coarser code
+bits each already holds, which the decoder holds too, so it undoes the order; a byte
+coder then sees the bits that depend on those coarser bits in runs (a symmetric code's
+second bit is a magnitude bit whose sense flips with the sign: about 1 bit per value in
+value order, about 0.6 in context order). Never with ANS or on a group's first plane.
+Otherwise records are those of version 10. Version 1 to 10 decoders refuse version 11
 streams by their version byte.
 
 Everything here is structure only: the numerical stages live in ``fedsqueeze.codec.model``.
@@ -350,6 +356,11 @@ class TensorRecord:
     plane: int = 0  # ... and the group's plane it holds (0: the group's positions too)
     ans: bool = False  # the body is the rANS coding of the codes (version 8; of a
     # refinement's plane, after its positions and table: version 9)
+    #: A refinement whose plane is in *context order* (version 11): its values sorted,
+    #: stably, by the coarser code bits each already holds, so the plane's bits that
+    #: depend on them come in runs a byte coder sees (written as the LOWRANK bit, which
+    #: a refinement never has otherwise).
+    context_order: bool = False
     # A byte-grouped body that codes a plane in buckets (version 10); when parsed: one
     # that may (the container is version 10 or later). Not part of equality.
     buckets: bool = field(default=False, compare=False)
@@ -426,7 +437,7 @@ class TensorRecord:
             flags |= RecordFlags.LEVEL
         if self.zero:
             flags |= RecordFlags.ZERO
-        if self.rank:
+        if self.rank or (self.level > 0 and self.context_order):
             flags |= RecordFlags.LOWRANK
         out.append(int(flags))
         if self.index is None:
@@ -737,6 +748,8 @@ def _parse_refinement(
     allowed = RecordFlags.LEVEL | RecordFlags.ENTROPY
     if version >= SUPPORT_LEVELS_VERSION:
         allowed |= RecordFlags.QUANT | RecordFlags.SPARSE
+    if version >= ROW_TIERS_VERSION:
+        allowed |= RecordFlags.LOWRANK  # a plane in context order
     if index is None or flags & ~allowed:
         raise FormatError(
             f"a level-{level} record refers to its base level by index and has no "
@@ -762,9 +775,13 @@ def _parse_refinement(
         raise FormatError("a refinement with positions names its group (QUANT flag)")
     raw_length, body = _read_body(reader, flags, limits)
     ans = version >= PLANE_ANS_VERSION and raw_length == 0
+    ordered = bool(flags & RecordFlags.LOWRANK)
+    if ordered and (ans or positions is not None):
+        raise FormatError("a plane in context order is neither ANS-coded nor a group's first plane")
     return TensorRecord(
         None, index, None, None, False, level, None, ValueKind.RAW, positions,
         None if ans else raw_length, body, group=group, plane=plane, ans=ans,
+        context_order=ordered,
     )  # fmt: skip
 
 

@@ -101,14 +101,15 @@ class EncodedModel:
 
     @property
     def header(self) -> ContainerHeader:
-        """The model-level header: version 11 when a table's rows travel in tiers, else
+        """The model-level header: version 11 when a table's rows travel in tiers or a
+        plane in context order, else
         10 when a byte-grouped plane is coded in buckets, else 9 when a refinement's plane
         is ANS-coded,
         else 8 when the spec's coder is ANS, else 7 when a tensor's positions come in groups,
         else 6 when a record is rotated, else 5 when refinements are not in level order,
         else 4 when a record is byte-grouped, else 3 when one is block-wise or NF4, else
         2 when a tensor is sent in levels, else 1."""
-        if self.splits:
+        if self.splits or any(r.context_order for r in self.records):
             version = ROW_TIERS_VERSION
         elif any(r.needs_v10 for r in self.records):
             version = BUCKETS_VERSION

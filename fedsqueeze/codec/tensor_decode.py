@@ -389,7 +389,7 @@ class ProgressiveTensor:
         else:
             expected = packed_size(g.count, bits) + table_bytes
             body = _refinement_body(record, expected, self.name)
-            self._add_plane(g, plane, body)
+            self._add_plane(g, plane, body, record.context_order)
         self.level = record.level
 
     def _ans_plane(
@@ -470,11 +470,19 @@ class ProgressiveTensor:
         self._add_plane(self._groups[0], level, body)
         self.level = level
 
-    def _add_plane(self, g: _Group, level: int, body: bytes | memoryview) -> None:
+    def _add_plane(
+        self, g: _Group, level: int, body: bytes | memoryview, context_order: bool = False
+    ) -> None:
+        """Unpack a plane (and its table) into the group; ``context_order``: its values
+        come sorted, stably, by the coarser code bits the group holds (version 11)."""
         bits = self.levels[level]
         view = memoryview(body)
         plane_bytes = packed_size(g.count, bits)
         plane = unpack_bits(_read_only_uint8(view[:plane_bytes]).to(self._device), bits, g.count)
+        if context_order:
+            in_order = torch.empty_like(plane)
+            in_order[torch.argsort(g.top, stable=True)] = plane
+            plane = in_order
         self._add_codes(g, level, plane, view[plane_bytes:])
 
     def _add_codes(

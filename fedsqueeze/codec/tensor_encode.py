@@ -909,6 +909,9 @@ class TensorEncoder:
             compressed if compressed is not None else body,
             group=group, plane=plane_index,
         )  # fmt: skip
+        if self._origins and held is not None and positions is None:
+            # A stream with row tiers is version 11: planes may travel in context order.
+            record = self._context_ordered(record, codes, bits, held, head)
         if self._spec.entropy_coder is not EntropyCoder.ANS:
             return record
         coded = plane_ans.encode_plane(codes, bits, held)
@@ -916,6 +919,20 @@ class TensorEncoder:
             return record
         alt = replace(record, raw_length=None, body=head + coded, ans=True)
         return alt if _record_size(alt) < _record_size(record) else record
+
+    def _context_ordered(
+        self, record: TensorRecord, codes: torch.Tensor, bits: int, held: torch.Tensor, head: bytes
+    ) -> TensorRecord:
+        """``record`` with its plane ``codes`` in context order (sorted, stably, by the
+        coarser bits ``held``; :class:`~fedsqueeze.codec.container.TensorRecord`'s
+        ``context_order``) when zstd makes that smaller, else ``record`` itself. ``head``:
+        the table that follows the plane."""
+        order = torch.argsort(held.reshape(-1).to(torch.uint8), stable=True)
+        ordered = bytes(tensor_bytes(pack_bits(codes.reshape(-1)[order], bits))) + head
+        packed = entropy.compress(ordered, self._spec.entropy_level)
+        if packed is None or len(packed) >= len(record.body):
+            return record
+        return replace(record, raw_length=len(ordered), body=packed, context_order=True)
 
     def _piped(
         self,

@@ -148,11 +148,20 @@ def _samples() -> list[tuple[bytes, bool]]:
     out.append((v10, False))
     # a table's rows in tiers (format version 11): hostile tier maps and parts too
     tiers = Calibration(rows={"fc1.weight": torch.tensor([4.0**-i for i in range(16)])})
+    tiered = parse_spec("quant=8:symmetric:block32:hadamard,levels=2+1+1+4")
     for base in (None, BASE):
-        v11 = encode_state(state, parse_spec("quant=8:block32:hadamard,levels=1+1+2+4"), base,
-                           seed=0, calibration=tiers).to_bytes()  # fmt: skip
+        v11 = encode_state(state, tiered, base, seed=0, calibration=tiers).to_bytes()
         assert v11[3] == ROW_TIERS_VERSION
         out.append((v11, base is not None))
+    # a larger table, whose second planes travel in context order: hostile orders too
+    g = torch.Generator().manual_seed(0)
+    table = {"emb.weight": torch.randn(256, 64, generator=g)}
+    read = torch.zeros(256)
+    read[:64] = 4.0 ** -torch.arange(64).float().clamp(max=3)
+    ordered = encode_state(table, parse_spec("quant=8:symmetric:block32,levels=2+1+1+4"), seed=0,
+                           calibration=Calibration(rows={"emb.weight": read}))  # fmt: skip
+    assert any(r.context_order for r in ordered.records)
+    out.append((ordered.to_bytes(), False))
     return out
 
 

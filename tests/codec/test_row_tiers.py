@@ -390,3 +390,73 @@ def test_inspect_has_a_row_per_tensor_and_tier_with_every_level_counted() -> Non
             assert names == (set(state) - tables) | parts
             assert sum(r.payload_bytes for r in rows) == sum(len(r.body) for r in encoded.records)
             assert sum(r.raw_bytes for r in rows) == sum(t.numel() * 4 for t in state.values())
+
+
+# --------------------------------------------------------- planes in context order
+
+
+def _each_level(encoded: EncodedModel) -> dict[str, list[torch.Tensor]]:
+    """Every tensor as decoded after each of its levels, in its own level order."""
+    from fedsqueeze.codec.tensor_decode import ProgressiveTensor, TensorDecoder
+
+    decoder = TensorDecoder(None, None)
+    names: list[str] = []
+    held: list[ProgressiveTensor | None] = []
+    out: dict[str, list[torch.Tensor]] = {}
+    for record in encoded.records:
+        if record.level == 0:
+            name, value = decoder.decode(record)
+            names.append(name)
+            progressive = isinstance(value, ProgressiveTensor)
+            held.append(value if progressive else None)
+            out[name] = [value.tensor() if isinstance(value, ProgressiveTensor) else value]
+            continue
+        assert record.index is not None
+        tensor = held[record.index]
+        assert tensor is not None
+        tensor.refine(record)
+        out[names[record.index]].append(tensor.tensor())
+    return out
+
+
+def test_planes_in_context_order_decode_level_by_level_as_in_value_order(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from fedsqueeze.codec.tensor_encode import TensorEncoder
+
+    state = _state(3, rows=400, dim=64)
+    spec = parse_spec("quant=8:symmetric:block64:hadamard,levels=2+1+1+4")
+    ordered = encode_state(state, spec, seed=0, calibration=_calibration(400))
+    assert any(r.context_order for r in ordered.records)  # the sign-flipped second bits
+    monkeypatch.setattr(TensorEncoder, "_context_ordered", lambda self, record, *a: record)
+    plain = encode_state(state, spec, seed=0, calibration=_calibration(400))
+    assert not any(r.context_order for r in plain.records)
+    assert ordered.nbytes < plain.nbytes
+    got, want = _each_level(EncodedModel.from_bytes(ordered.to_bytes())), _each_level(plain)
+    assert got.keys() == want.keys()
+    for name in want:
+        assert len(got[name]) == len(want[name])
+        for a, b in zip(got[name], want[name], strict=True):
+            assert torch.equal(a, b), name
+
+
+def test_context_order_is_refused_before_version_11_with_ans_and_with_positions() -> None:
+    from fedsqueeze.codec.container import QParamsSizer, parse_record
+
+    state = _state(3, rows=400, dim=64)
+    spec = parse_spec("quant=8:symmetric:block64:hadamard,levels=2+1+1+4")
+    encoded = encode_state(state, spec, seed=0, calibration=_calibration(400))
+    record = next(r for r in encoded.records if r.context_order)
+    data = record.header_bytes() + bytes(record.body)
+
+    def parse(raw: bytes, version: int) -> object:
+        return parse_record(ByteReader(raw), DecodeLimits(), QParamsSizer(), version)
+
+    assert parse(data, ROW_TIERS_VERSION).context_order  # type: ignore[attr-defined]
+    with pytest.raises(FormatError, match="flags"):
+        parse(data, ROW_TIERS_VERSION - 1)
+    from dataclasses import replace
+
+    ans = replace(record, ans=True, raw_length=None)
+    with pytest.raises(FormatError, match="context order"):
+        parse(ans.header_bytes() + bytes(ans.body), ROW_TIERS_VERSION)
