@@ -26,6 +26,12 @@ calibration text, or counts the clients add up) the encoder splits the table int
   heavy rows their refinements first;
 * **deltas**: the base's table is split with the stream's tiers, so each part is a
   difference to the base's rows;
+* **planes in context order**: a tier's split first level makes its second plane a
+  magnitude bit whose sense flips with the sign (symmetric codes), about one bit per
+  value to zstd in value order; version 11 lets a refinement carry its plane sorted,
+  stably, by the coarser bits each value holds (the decoder holds them too), and the
+  encoder of a tiered stream does so wherever zstd then makes it smaller (MiniLM's
+  least-read tier: second plane 1.31 → 0.74 MB);
 * the **header** of a version-11 stream lists the splits (:func:`write_splits`): name,
   row count, tier count and each row's tier (a byte per row, zstd-compressed when that
   is smaller); decoders split a delta's base with them and join the decoded parts
