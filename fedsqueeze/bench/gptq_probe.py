@@ -62,6 +62,7 @@ __all__ = [
     "minilm_moments",
     "minilm_probe",
     "quantize_tensor",
+    "row_counts",
     "run_probe",
 ]
 
@@ -180,6 +181,38 @@ def input_moments(
         for handle in handles:
             handle.remove()
     return sums
+
+
+def row_counts(module: torch.nn.Module, run: Callable[[], Any], mask: Tensor) -> dict[str, Tensor]:
+    """How often one forward pass ``run()`` reads each row of every ``nn.Embedding`` of
+    ``module`` (float64 ``[rows]``, over the tokens ``mask`` marks 1), keyed by the
+    embedding's weight name: the row weights of :attr:`Calibration.rows
+    <fedsqueeze.codec.nested_gptq.Calibration.rows>` (give the unread rows a share first,
+    e.g. :func:`fedsqueeze.codec.row_tiers.smoothed_counts`)."""
+    counts: dict[str, Tensor] = {}
+    keep = mask.reshape(-1).bool()
+    handles = []
+    for mod_name, mod in module.named_modules():
+        if isinstance(mod, torch.nn.Embedding):
+            key = f"{mod_name}.weight"
+            rows = mod.num_embeddings
+
+            def hook(_m: torch.nn.Module, args: tuple[Tensor, ...], key: str = key,
+                     rows: int = rows) -> None:  # fmt: skip
+                ids = args[0].detach().reshape(-1)
+                if ids.numel() == keep.numel():
+                    ids = ids[keep]
+                seen = torch.bincount(ids.to(torch.int64), minlength=rows).to(torch.float64)
+                counts[key] = counts.get(key, 0) + seen
+
+            handles.append(mod.register_forward_pre_hook(hook))
+    try:
+        with torch.no_grad():
+            run()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return counts
 
 
 def allocate(

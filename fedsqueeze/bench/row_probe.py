@@ -36,6 +36,7 @@ import torch
 from torch import Tensor
 
 from fedsqueeze.bench.gptq_probe import Choice, allocate, input_moments, quantize_tensor
+from fedsqueeze.codec.row_tiers import smoothed_counts
 
 __all__ = ["EMBEDDINGS", "minilm_row_probe", "minilm_row_weights", "row_plan_choice", "row_weights"]
 
@@ -53,11 +54,7 @@ def row_weights(token_ids: list[int], rows: int) -> Tensor:
     counts = torch.bincount(torch.tensor(token_ids), minlength=rows).to(torch.float64)
     if counts.numel() != rows:
         raise ValueError(f"token ids beyond the table's {rows} rows")
-    unseen = counts == 0
-    once = float((counts == 1).sum())
-    if unseen.any():
-        counts[unseen] = max(once, 1.0) / float(unseen.sum())
-    return counts
+    return smoothed_counts(counts)
 
 
 def _weighted_error(value: Tensor, decoded: Tensor, weights: Tensor) -> float:

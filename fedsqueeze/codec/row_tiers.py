@@ -67,6 +67,7 @@ __all__ = [
     "parse_splits",
     "part_name",
     "plan_tiers",
+    "smoothed_counts",
     "split_shapes",
     "split_state",
     "tier_rows",
@@ -150,6 +151,24 @@ class RowSplit:
         w = weights.to(torch.float64)
         mean = float(w.mean())
         return [float(w[idx].mean()) / mean for idx in self.indices()]
+
+
+def smoothed_counts(counts: Tensor) -> Tensor:
+    """Row weights from read counts: the rows never read share the Good-Turing estimate
+    of the unseen mass (the count of rows read once, at least 1) evenly, so they are
+    refined late but not never; float64, the same units as ``counts``.
+
+    Raises
+    ------
+    ValueError
+        As :func:`check_row_weights`.
+    """
+    w = check_row_weights(counts).clone()
+    unseen = w == 0
+    if bool(unseen.any()):
+        once = float((w == 1).sum())
+        w[unseen] = max(once, 1.0) / float(unseen.sum())
+    return w
 
 
 def tier_rows(weights: Tensor, max_tiers: int = MAX_TIERS) -> Tensor | None:

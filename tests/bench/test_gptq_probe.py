@@ -77,3 +77,26 @@ def test_allocation_spends_more_bits_where_the_weight_is() -> None:
 def test_the_part_is_opt_in_and_named() -> None:
     report = run(skip_minilm=True, parts=("gptq",))
     assert "minilm_gptq_probe" not in report
+
+
+def test_row_counts_count_the_unmasked_ids_of_every_embedding() -> None:
+    from fedsqueeze.bench.gptq_probe import row_counts
+
+    class Net(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.words = torch.nn.Embedding(10, 4)
+            self.out = torch.nn.Linear(4, 2)
+
+        def forward(self, ids: torch.Tensor) -> torch.Tensor:
+            return self.out(self.words(ids))
+
+    net = Net()
+    ids = torch.tensor([[1, 2, 2, 0], [3, 3, 3, 9]])
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])
+    counts = row_counts(net, lambda: net(ids), mask)
+    assert set(counts) == {"words.weight"}
+    want = torch.zeros(10, dtype=torch.float64)
+    for i in (1, 2, 2, 3, 3):
+        want[i] += 1
+    assert torch.equal(counts["words.weight"], want)

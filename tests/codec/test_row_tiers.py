@@ -460,3 +460,16 @@ def test_context_order_is_refused_before_version_11_with_ans_and_with_positions(
     ans = replace(record, ans=True, raw_length=None)
     with pytest.raises(FormatError, match="context order"):
         parse(ans.header_bytes() + bytes(ans.body), ROW_TIERS_VERSION)
+
+
+def test_smoothed_counts_give_the_unread_rows_the_unseen_mass() -> None:
+    from fedsqueeze.codec.row_tiers import smoothed_counts
+
+    counts = torch.tensor([5.0, 1.0, 1.0, 0.0, 0.0, 3.0, 0.0, 0.0])
+    w = smoothed_counts(counts)
+    assert w[:3].tolist() == [5.0, 1.0, 1.0] and float(w[5]) == 3.0
+    # two rows read once: the four unread rows share a mass of 2
+    assert torch.allclose(w[counts == 0], torch.full((4,), 0.5, dtype=torch.float64))
+    assert smoothed_counts(torch.tensor([2.0, 0.0]))[1] == 1.0  # no row read once: 1
+    with pytest.raises(ValueError, match="all 0"):
+        smoothed_counts(torch.zeros(3))
