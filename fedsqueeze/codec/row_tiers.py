@@ -223,6 +223,14 @@ def split_state(state: Mapping[str, Tensor], splits: Sequence[RowSplit]) -> dict
     """``state`` with each split table replaced by its parts, in place of it (a table
     ``state`` lacks, or holds with another row count, is left as it is: a delta's base
     may not have it)."""
+    return _replace_tables(state, splits, lambda split, t: split.split(t))
+
+
+def _replace_tables(
+    state: Mapping[str, Tensor],
+    splits: Sequence[RowSplit],
+    parts_of: Callable[[RowSplit, Tensor], dict[str, Tensor]],
+) -> dict[str, Tensor]:
     by_name = {s.name: s for s in splits}
     out: dict[str, Tensor] = {}
     for name, t in state.items():
@@ -230,7 +238,7 @@ def split_state(state: Mapping[str, Tensor], splits: Sequence[RowSplit]) -> dict
         if split is None or t.ndim < 1 or t.shape[0] != split.rows:
             out[name] = t
             continue
-        out.update(split.split(t))
+        out.update(parts_of(split, t))
     return out
 
 
@@ -420,13 +428,11 @@ def split_shapes(state: Mapping[str, Tensor], splits: Sequence[RowSplit]) -> dic
     """:func:`split_state` for names, dtypes and shapes only: the parts are tensors on
     the ``meta`` device (nothing is copied; for resolving a delta's index-coded
     records)."""
-    by_name = {s.name: s for s in splits}
-    out: dict[str, Tensor] = {}
-    for name, t in state.items():
-        split = by_name.get(name)
-        if split is None or t.ndim < 1 or t.shape[0] != split.rows:
-            out[name] = t
-            continue
-        for p, idx in zip(split.parts(), split.indices(), strict=True):
-            out[p] = torch.empty((idx.numel(), *t.shape[1:]), dtype=t.dtype, device="meta")
-    return out
+
+    def shapes(split: RowSplit, t: Tensor) -> dict[str, Tensor]:
+        return {
+            p: torch.empty((idx.numel(), *t.shape[1:]), dtype=t.dtype, device="meta")
+            for p, idx in zip(split.parts(), split.indices(), strict=True)
+        }
+
+    return _replace_tables(state, splits, shapes)
