@@ -86,7 +86,8 @@ def add_progressive_arguments(parser: argparse.ArgumentParser) -> None:
         "suffix ('...@weighted+gptq', or '+gptq4' for a margin of 4 codes) chooses the "
         "codes by GPTQ at every level with input moments on the calibration sentences; "
         "a '+rows' suffix sends the word embeddings' rows in tiers by how often the "
-        "calibration sentences read them (format version 11)",
+        "calibration text (every docstring line of the calibration modules) reads them "
+        "(format version 11)",
     )
     parser.add_argument("--json", type=Path, help="also write the figures to this file")
 

@@ -30,7 +30,7 @@ minilm    the same curve for all-MiniLM-L6-v2, as the mean cosine similarity bet
           a curve ``SPEC@ORDER+gptq[MARGIN]`` has its codes chosen by GPTQ with the
           Linears' input moments on those sentences
           (:mod:`fedsqueeze.codec.nested_gptq`); ``+rows`` sends the word embeddings'
-          rows in tiers by how often the calibration sentences read them
+          rows in tiers by how often the calibration text reads them
           (:mod:`fedsqueeze.codec.row_tiers`);
 overhead  the whole progressive stream against a one-shot encoding at the same final
           precision;
