@@ -89,7 +89,8 @@ def test_row_counts_count_the_unmasked_ids_of_every_embedding() -> None:
             self.out = torch.nn.Linear(4, 2)
 
         def forward(self, ids: torch.Tensor) -> torch.Tensor:
-            return self.out(self.words(ids))
+            y: torch.Tensor = self.out(self.words(ids))
+            return y
 
     net = Net()
     ids = torch.tensor([[1, 2, 2, 0], [3, 3, 3, 9]])

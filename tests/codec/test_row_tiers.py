@@ -407,9 +407,12 @@ def _each_level(encoded: EncodedModel) -> dict[str, list[torch.Tensor]]:
         if record.level == 0:
             name, value = decoder.decode(record)
             names.append(name)
-            progressive = isinstance(value, ProgressiveTensor)
-            held.append(value if progressive else None)
-            out[name] = [value.tensor() if isinstance(value, ProgressiveTensor) else value]
+            if isinstance(value, ProgressiveTensor):
+                held.append(value)
+                out[name] = [value.tensor()]
+            else:
+                held.append(None)
+                out[name] = [value]
             continue
         assert record.index is not None
         tensor = held[record.index]
