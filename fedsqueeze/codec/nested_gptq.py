@@ -48,13 +48,13 @@ from torch import Tensor
 
 from fedsqueeze.codec.gptq import feedback, prepare
 from fedsqueeze.codec.kernels import Runs
-from fedsqueeze.codec.progressive import bucket_table, cumulative_bits
+from fedsqueeze.codec.progressive import bucket_table, cumulative_bits, reconstruct
 from fedsqueeze.codec.quantization import QuantParams
 from fedsqueeze.codec.rotation import rotate
 from fedsqueeze.codec.row_tiers import check_row_weights
 from fedsqueeze.codec.spec import QuantScheme
 
-__all__ = ["Calibration", "calibrated_codes", "nested_codes", "rotated_hessian"]
+__all__ = ["Calibration", "calibrated_codes", "nested_codes", "output_gains", "rotated_hessian"]
 
 _LINEAR = (QuantScheme.AFFINE, QuantScheme.SYMMETRIC, QuantScheme.POW2)
 
@@ -280,3 +280,45 @@ def nested_codes(
         codes = feedback(w, upper, perm, pick, block)
         parent = codes
     return codes
+
+
+def output_gains(
+    shape: tuple[int, ...],
+    values: Tensor,
+    codes: Tensor,
+    qp: QuantParams,
+    levels: tuple[int, ...],
+    tables: list[Tensor | None],
+    channels_of: Tensor | Runs | None,
+    hessian: Tensor,
+    seed: int | None,
+) -> list[float]:
+    """What each level of a calibrated tensor removes from its *output* error on the
+    calibration inputs, ``tr(E H Eᵀ)`` with ``E`` the weights the receiver lacks, in
+    weight units (times ``cols / tr(H)``, so isotropic inputs give the squared error):
+    the gains the order weighs a calibrated tensor's levels by, as GPTQ chose its codes
+    for that error. ``values`` (flat float32, rotated with ``seed`` when not ``None``)
+    and ``codes`` as :func:`calibrated_codes` takes them."""
+    n = values.numel()
+    rows = shape[0] if len(shape) >= 2 else 1
+    cols = n // rows
+    h = hessian.to(torch.float64)
+    if seed is not None:
+        h = rotated_hessian(h, seed)
+    trace = float(torch.diagonal(h).sum())
+    scale = cols / trace if trace > 0 else 1.0
+    x = values.reshape(rows, cols).to(torch.float64)
+
+    def error(e: Tensor) -> float:
+        return float(((e @ h) * e).sum()) * scale
+
+    before = error(x)
+    gains = []
+    for level in range(len(levels)):
+        held = cumulative_bits(levels, level)
+        top = codes.reshape(-1).to(torch.int64) >> (qp.bits - held)
+        after = reconstruct(top, qp, held, tables[level], channels_of)
+        left = error(x - after.reshape(rows, cols).to(torch.float64))
+        gains.append(before - left)
+        before = left
+    return gains

@@ -52,7 +52,7 @@ from fedsqueeze.codec.finite import unrepresentable
 from fedsqueeze.codec.grouping import GROUPED_DTYPES, encode_grouped, holds_buckets
 from fedsqueeze.codec.kernels import parallel_copy, scatter, value_range
 from fedsqueeze.codec.lowrank import factor_count, factorize, matrix_shape, worth_factoring
-from fedsqueeze.codec.nested_gptq import Calibration, calibrated_codes
+from fedsqueeze.codec.nested_gptq import Calibration, calibrated_codes, output_gains
 from fedsqueeze.codec.positions import (
     encode_positions,
     encode_positions_soon,
@@ -788,6 +788,12 @@ class TensorEncoder:
         ]
         decoded = torch.empty_like(values, dtype=torch.float32) if need_decoded else None
         gains = level_gains(values, codes, qp, levels, tables, channels_of, decoded)
+        if hessian is not None and positions is None:
+            # GPTQ chose the codes for the output error: the order weighs them by it
+            gains = output_gains(
+                tuple(t.shape), values, codes, qp, levels, tables, channels_of, hessian,
+                rotation_seed(name) if self._rotated else None,
+            )  # fmt: skip
         scored: list[ScoredLevel] = []
         for level, bits in enumerate(levels):
             table = tables[level]

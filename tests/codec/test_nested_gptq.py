@@ -81,3 +81,44 @@ def test_bad_arguments_raise() -> None:
         nested_codes(w, h, scale, zp, BITS, (2, 2), _midpoints()[:2], (1, 255))
     with pytest.raises(ValueError):
         nested_codes(w, h, scale, zp, BITS, LEVELS, _midpoints(), (0, 256))
+
+
+@pytest.mark.parametrize("rotated", [False, True])
+def test_output_gains_are_the_output_error_each_level_removes(rotated: bool) -> None:
+    from fedsqueeze.codec.kernels import Runs
+    from fedsqueeze.codec.nested_gptq import output_gains
+    from fedsqueeze.codec.progressive import bucket_table, cumulative_bits, level_gains
+    from fedsqueeze.codec.quantization import choose_qparams, quantize
+    from fedsqueeze.codec.spec import Granularity, QuantScheme, Rounding
+
+    g = torch.Generator().manual_seed(4)
+    rows, cols, levels = 12, 32, (2, 2, 4)
+    weights = torch.randn(rows, cols, generator=g)
+    seed = 7 if rotated else None
+    values = (rotate(weights, seed) if seed is not None else weights).reshape(-1)
+    runs = Runs(cols)
+    qp = choose_qparams(values, 8, QuantScheme.SYMMETRIC, Granularity.PER_CHANNEL, runs, rows)
+    codes = quantize(values, qp, Rounding.NEAREST, runs)
+    tables = [
+        bucket_table(codes, qp, cumulative_bits(levels, k), runs) if k < 2 else None
+        for k in range(3)
+    ]
+    # isotropic inputs: the squared error's gains
+    eye = output_gains((rows, cols), values, codes, qp, levels, tables, runs, torch.eye(cols), seed)
+    plain = level_gains(values, codes, qp, levels, tables, runs)
+    assert eye == pytest.approx(plain, rel=1e-6)
+    # correlated inputs: the gains add up to the output error the whole stream removes
+    mix = torch.randn(cols, cols, generator=g, dtype=torch.float64)
+    h = mix @ mix.T
+    gains = output_gains((rows, cols), values, codes, qp, levels, tables, runs, h, seed)
+    decoded = torch.empty_like(values)
+    level_gains(values, codes, qp, levels, tables, runs, decoded)
+    w = weights.to(torch.float64)
+    back = decoded.reshape(rows, cols)
+    if seed is not None:
+        from fedsqueeze.codec.rotation import unrotate
+
+        back = unrotate(back, seed, (rows, cols))
+    scale = cols / float(torch.diagonal(h).sum())
+    removed = (output_error(w, torch.zeros_like(w), h) - output_error(w, back.double(), h)) * scale
+    assert sum(gains) == pytest.approx(removed, rel=1e-6)
