@@ -923,7 +923,7 @@ class TensorEncoder:
         coded = plane_ans.encode_plane(codes, bits, held)
         if coded is None:
             return record
-        alt = replace(record, raw_length=None, body=head + coded, ans=True)
+        alt = replace(record, raw_length=None, body=head + coded, ans=True, context_order=False)
         return alt if _record_size(alt) < _record_size(record) else record
 
     def _context_ordered(

@@ -476,3 +476,39 @@ def test_smoothed_counts_give_the_unread_rows_the_unseen_mass() -> None:
     assert smoothed_counts(torch.tensor([2.0, 0.0]))[1] == 1.0  # no row read once: 1
     with pytest.raises(ValueError, match="all 0"):
         smoothed_counts(torch.zeros(3))
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        "prune=l1:0.5,quant=8,levels=2+2+4",
+        "prune=global:0.7,quant=4:symmetric,levels=1+1+2,grow=0.9",
+        "quant=8:kmeans,levels=2+2+4",
+        "quant=8:block32,levels=2+2+4,entropy=ans",
+        "topk=0.2,quant=8,levels=2+2+4",
+    ],
+)
+def test_tiers_combine_with_every_stage_in_full_models_and_deltas(spec: str) -> None:
+    w = torch.zeros(300, dtype=torch.float64)
+    w[:60] = torch.arange(60, 0, -1, dtype=torch.float64) ** 2
+    w[60:] = 0.05
+    calibration = Calibration(rows={"emb.weight": w})
+    g = torch.Generator().manual_seed(0)
+
+    def draw() -> dict[str, torch.Tensor]:
+        return {
+            "emb.weight": torch.randn(300, 32, generator=g),
+            "lin.weight": torch.randn(32, 32, generator=g),
+            "lin.bias": torch.randn(32, generator=g),
+        }
+
+    state = draw()
+    for base in (None, draw()):
+        encoded = encode_state(state, parse_spec(spec), base, seed=0, calibration=calibration)
+        assert encoded.splits
+        data = encoded.to_bytes()
+        back = decode_state(EncodedModel.from_bytes(data), base)
+        assert set(back) == set(state)
+        assert torch.equal(back["emb.weight"], decode_state(encoded, base)["emb.weight"])
+        half = decode_prefix(data[:-4][: len(data) // 2], base) if base is not None else None
+        assert half is None or set(half.state) == set(state)
