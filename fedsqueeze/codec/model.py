@@ -45,10 +45,11 @@ from fedsqueeze.codec.finite import NonFinite
 from fedsqueeze.codec.level_order import LevelOrder, LevelScore, order_weight, refinement_order
 from fedsqueeze.codec.nested_gptq import Calibration
 from fedsqueeze.codec.pruning import global_magnitude_masks
-from fedsqueeze.codec.row_tiers import RowSplit, TierPlan, join_state, plan_tiers, split_state
+from fedsqueeze.codec.row_tiers import RowSplit, join_state, split_state
 from fedsqueeze.codec.spec import DEFAULT_TARGETS, CodecSpec, EntropyCoder, PruneMethod
 from fedsqueeze.codec.tensor_decode import ProgressiveTensor, TensorDecoder
 from fedsqueeze.codec.tensor_encode import ScoredLevel, TensorEncoder
+from fedsqueeze.codec.tier_plan import TierPlan, plan_tiers
 from fedsqueeze.codec.workers import ALONE_ABOVE, map_alone_or_parallel
 from fedsqueeze.errors import (
     BaseMismatchError,
