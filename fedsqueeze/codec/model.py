@@ -418,6 +418,8 @@ def encode_state(
     if encoder.levels:
         levels, order_weights = plan.weigh(encoder.levels, weights)
         records = progressive_order(records, levels, order, order_weights)
+    if plan.splits and new_residual:
+        new_residual = _joined_residual(new_residual, plan.splits, state)
     return EncodedModel(
         spec=spec,
         base_digest=base_digest if base is not None else None,
@@ -425,6 +427,21 @@ def encode_state(
         residual=new_residual if spec.feedback else None,
         splits=plan.splits,
     )
+
+
+def _joined_residual(
+    residual: dict[str, torch.Tensor], splits: Sequence[RowSplit], parts: State
+) -> dict[str, torch.Tensor]:
+    """The error-feedback residual keyed by the caller's names: a split table's parts
+    joined into it (a part without a residual left nothing: zeros)."""
+    held = [s for s in splits if any(p in residual for p in s.parts())]
+    zeros = {
+        p: torch.zeros_like(parts[p], dtype=torch.float32)
+        for s in held
+        for p in s.parts()
+        if p not in residual and p in parts
+    }
+    return join_state(residual, held, zeros)
 
 
 def _alone(t: torch.Tensor) -> bool:

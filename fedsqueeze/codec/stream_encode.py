@@ -152,7 +152,9 @@ def encode_stream(
         one tensor), which bounds the working memory.
     keep_residual
         Called with each tensor's new error-feedback residual (top-k and low-rank specs
-        with feedback); without it the residuals are dropped.
+        with feedback); without it the residuals are dropped. A table in row tiers
+        (:mod:`fedsqueeze.codec.row_tiers`) gives one per tier, named as its part
+        (``name#tier{k}``; :func:`~fedsqueeze.codec.model.encode_state` joins them).
 
     Raises
     ------

@@ -512,3 +512,21 @@ def test_tiers_combine_with_every_stage_in_full_models_and_deltas(spec: str) -> 
         assert torch.equal(back["emb.weight"], decode_state(encoded, base)["emb.weight"])
         half = decode_prefix(data[:-4][: len(data) // 2], base) if base is not None else None
         assert half is None or set(half.state) == set(state)
+
+
+def test_the_feedback_residual_comes_back_under_the_tables_name() -> None:
+    spec = parse_spec("topk=0.2,quant=8,levels=2+2+4")
+    base, new, newer = _state(1), _state(2), _state(3)
+    first = encode_state(new, spec, base, seed=0, calibration=_calibration())
+    assert first.residual is not None and first.splits
+    assert set(first.residual) == {"emb.weight", "lin.weight"}
+    assert first.residual["emb.weight"].shape == (300, 32)
+    # what top-k left of the table: the difference less what the receiver decodes
+    got = decode_state(first, base)["emb.weight"]
+    want = new["emb.weight"] - got
+    assert torch.allclose(first.residual["emb.weight"], want, atol=1e-5)
+    # and it feeds the next round as any residual does
+    second = encode_state(
+        newer, spec, new, residual=first.residual, seed=0, calibration=_calibration()
+    )
+    assert set(decode_state(second, new)) == set(newer)
