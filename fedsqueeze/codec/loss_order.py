@@ -41,6 +41,7 @@ import torch
 
 from fedsqueeze.codec.container import TensorRecord
 from fedsqueeze.codec.model import EncodedModel, decode_state
+from fedsqueeze.codec.row_tiers import join_state, split_state
 from fedsqueeze.codec.tensor_decode import ProgressiveTensor, TensorDecoder
 
 __all__ = ["reorder_by_loss"]
@@ -84,11 +85,16 @@ def reorder_by_loss(
     if not pending:
         raise ValueError("the model has no refinements to order")
     held = base if encoded.base_digest is not None else None
-    state = decode_state(replace(encoded, records=tuple(bases)), held)
-    decoder = TensorDecoder(held, None)
+    splits = encoded.splits  # row tiers: the records hold the tiers' parts
+    state = split_state(decode_state(replace(encoded, records=tuple(bases)), held), splits)
+    decoder = TensorDecoder(split_state(held, splits) if held is not None else None, None)
     names = [decoder.resolve(r)[0] for r in bases]
     sent: dict[int, list[TensorRecord]] = {i: [] for i in pending}
-    current = loss(state)
+
+    def judged(parts: dict[str, torch.Tensor]) -> float:
+        return loss(join_state(parts, splits) if splits else parts)
+
+    current = judged(state)
     ordered: list[TensorRecord] = []
     while any(pending.values()):
         best: tuple[float, float, list[TensorRecord], int, dict[str, torch.Tensor]] | None = None
@@ -97,7 +103,7 @@ def reorder_by_loss(
                 tensor = _decode(decoder, bases[index], sent[index] + run)
                 trial = dict(state)
                 trial[names[index]] = tensor
-                value = loss(trial)
+                value = judged(trial)
                 size = sum(len(r.header_bytes()) + len(r.body) for r in run)
                 gain = current - value
                 # improving runs by gain per byte; otherwise the least harm first
@@ -115,7 +121,7 @@ def reorder_by_loss(
             ordered.append(step)
             pending[index].remove(record)
         state = trial
-        current = loss(state)
+        current = judged(state)
     return replace(encoded, records=tuple(bases) + tuple(ordered))
 
 

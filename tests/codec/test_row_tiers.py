@@ -530,3 +530,28 @@ def test_the_feedback_residual_comes_back_under_the_tables_name() -> None:
         newer, spec, new, residual=first.residual, seed=0, calibration=_calibration()
     )
     assert set(decode_state(second, new)) == set(newer)
+
+
+def test_refinements_of_tiers_can_be_ordered_by_a_loss() -> None:
+    from fedsqueeze.codec.loss_order import reorder_by_loss
+
+    state, base = _state(0, rows=120, dim=16), _state(1, rows=120, dim=16)
+    w = _weights(120, unseen_from=60)
+    spec = parse_spec("quant=8:channel,levels=2+2+4")
+    seen: list[set[str]] = []
+
+    def loss(model: dict[str, torch.Tensor]) -> float:
+        seen.append(set(model))
+        weighted = (model["emb.weight"] - state["emb.weight"]).square().sum(dim=1) * w
+        return float(weighted.sum() + (model["lin.weight"] - state["lin.weight"]).square().sum())
+
+    for held in (None, base):
+        encoded = encode_state(
+            state, spec, held, seed=0, calibration=Calibration(rows={"emb.weight": w})
+        )
+        ordered = reorder_by_loss(encoded, loss, held)
+        assert ordered.splits == encoded.splits
+        assert all(names == set(state) for names in seen)  # the loss sees whole tables
+        again = EncodedModel.from_bytes(ordered.to_bytes())
+        for name, tensor in decode_state(encoded, held).items():
+            assert torch.equal(decode_state(again, held)[name], tensor), name
