@@ -314,6 +314,15 @@ def minilm_sentence_model() -> tuple[Any, torch.nn.Module] | None:
     return model, inner
 
 
+def require_minilm(purpose: str) -> tuple[Any, torch.nn.Module]:
+    """:func:`minilm_sentence_model`, or ``RuntimeError("{purpose} need the MiniLM
+    weights")`` without the bench extra."""
+    loaded = minilm_sentence_model()
+    if loaded is None:
+        raise RuntimeError(f"{purpose} need the MiniLM weights")
+    return loaded
+
+
 def _minilm(options: CodecBenchOptions, out: Console) -> Json:
     if options.skip_minilm:
         out.print("MiniLM: skipped (--skip-minilm)")

@@ -400,13 +400,10 @@ def minilm_moments(out: Callable[[str], None] = print) -> dict[str, Tensor]:
     RuntimeError
         Without the bench extra (the MiniLM weights).
     """
-    from fedsqueeze.bench.codec import minilm_sentence_model
+    from fedsqueeze.bench.codec import require_minilm
     from fedsqueeze.bench.sensitivity import calibration_sentences
 
-    loaded = minilm_sentence_model()
-    if loaded is None:
-        raise RuntimeError("GPTQ codes need the MiniLM weights")
-    model, inner = loaded
+    model, inner = require_minilm("GPTQ codes")
     features = model.tokenize(calibration_sentences())
     moments = input_moments(inner, lambda: model(dict(features)), features["attention_mask"])
     out(f"\nInput moments of {len(moments)} Linears on the calibration sentences (GPTQ codes)")

@@ -45,7 +45,7 @@ from fedsqueeze.codec.finite import NonFinite
 from fedsqueeze.codec.level_order import LevelOrder, LevelScore, order_weight, refinement_order
 from fedsqueeze.codec.nested_gptq import Calibration
 from fedsqueeze.codec.pruning import global_magnitude_masks
-from fedsqueeze.codec.row_tiers import RowSplit, join_state, split_state
+from fedsqueeze.codec.row_tiers import RowSplit, join_state, split_shapes, split_state
 from fedsqueeze.codec.spec import DEFAULT_TARGETS, CodecSpec, EntropyCoder, PruneMethod
 from fedsqueeze.codec.tensor_decode import ProgressiveTensor, TensorDecoder
 from fedsqueeze.codec.tensor_encode import ScoredLevel, TensorEncoder
@@ -728,7 +728,7 @@ def _parse_prefix(
 def _held_levels(encoded: EncodedModel, base: State | None) -> dict[str, int]:
     """The highest level each progressive tensor of ``encoded`` holds."""
     base_names = (
-        sorted(split_state(base, encoded.splits))
+        sorted(split_shapes(base, encoded.splits))
         if base is not None and encoded.base_digest is not None
         else []
     )

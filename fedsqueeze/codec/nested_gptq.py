@@ -125,15 +125,10 @@ def calibrated_codes(
         ``hessian`` does not match the tensor's columns (``shape[1:]``'s product).
     """
     n = values.numel()
-    rows = shape[0] if len(shape) >= 2 else 1
-    cols = n // rows
-    if hessian.shape != (cols, cols):
-        raise ValueError(f"a hessian of shape {tuple(hessian.shape)} for {rows}x{cols} weights")
+    rows, cols = _weight_matrix(shape, n, hessian)
     if qp.scheme not in _LINEAR or n == 0:
         return codes
-    h = hessian.to(torch.float64)
-    if seed is not None:
-        h = rotated_hessian(h, seed)
+    h = _in_basis(hessian, seed)
     if qp.scale.dim() == 0:
         scale = qp.scale.expand(n)
         zp = qp.zero_point.expand(n)
@@ -158,6 +153,23 @@ def calibrated_codes(
         margin=calibration.margin, damp=calibration.damp,
     )  # fmt: skip
     return chosen.reshape(codes.shape).to(device=codes.device, dtype=codes.dtype)
+
+
+def _weight_matrix(shape: tuple[int, ...], n: int, hessian: Tensor) -> tuple[int, int]:
+    """The ``rows × cols`` matrix ``n`` values of ``shape`` are seen as, checked against
+    the ``[cols, cols]`` input moments (``ValueError``)."""
+    rows = shape[0] if len(shape) >= 2 else 1
+    cols = n // rows
+    if hessian.shape != (cols, cols):
+        raise ValueError(f"a hessian of shape {tuple(hessian.shape)} for {rows}x{cols} weights")
+    return rows, cols
+
+
+def _in_basis(hessian: Tensor, seed: int | None) -> Tensor:
+    """The input moments (float64) in the basis the encoder's values are in: rotated with
+    ``seed`` when not ``None``."""
+    h = hessian.to(torch.float64)
+    return rotated_hessian(h, seed) if seed is not None else h
 
 
 def rotated_hessian(hessian: Tensor, seed: int) -> Tensor:
@@ -292,22 +304,28 @@ def output_gains(
     channels_of: Tensor | Runs | None,
     hessian: Tensor,
     seed: int | None,
+    decoded: Tensor | None = None,
 ) -> list[float]:
     """What each level of a calibrated tensor removes from its *output* error on the
     calibration inputs, ``tr(E H Eᵀ)`` with ``E`` the weights the receiver lacks, in
     weight units (times ``cols / tr(H)``, so isotropic inputs give the squared error):
     the gains the order weighs a calibrated tensor's levels by, as GPTQ chose its codes
     for that error. ``values`` (flat float32, rotated with ``seed`` when not ``None``)
-    and ``codes`` as :func:`calibrated_codes` takes them."""
-    n = values.numel()
-    rows = shape[0] if len(shape) >= 2 else 1
-    cols = n // rows
-    h = hessian.to(torch.float64)
-    if seed is not None:
-        h = rotated_hessian(h, seed)
+    and ``codes`` as :func:`calibrated_codes` takes them; ``decoded`` (float32, like
+    ``values``), if given, receives what the last level decodes to, as
+    :func:`~fedsqueeze.codec.progressive.level_gains` gives it.
+
+    Raises
+    ------
+    ValueError
+        ``hessian`` does not match the tensor's columns.
+    """
+    rows, cols = _weight_matrix(shape, values.numel(), hessian)
+    h = _in_basis(hessian, seed)
     trace = float(torch.diagonal(h).sum())
     scale = cols / trace if trace > 0 else 1.0
     x = values.reshape(rows, cols).to(torch.float64)
+    full = codes.reshape(-1).to(torch.int64)
 
     def error(e: Tensor) -> float:
         return float(((e @ h) * e).sum()) * scale
@@ -316,9 +334,10 @@ def output_gains(
     gains = []
     for level in range(len(levels)):
         held = cumulative_bits(levels, level)
-        top = codes.reshape(-1).to(torch.int64) >> (qp.bits - held)
-        after = reconstruct(top, qp, held, tables[level], channels_of)
+        after = reconstruct(full >> (qp.bits - held), qp, held, tables[level], channels_of)
         left = error(x - after.reshape(rows, cols).to(torch.float64))
         gains.append(before - left)
         before = left
+        if decoded is not None and level == len(levels) - 1:
+            decoded.reshape(-1).copy_(after.reshape(-1))
     return gains

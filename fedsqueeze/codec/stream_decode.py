@@ -36,7 +36,7 @@ from fedsqueeze.codec.container import (
     parse_record,
 )
 from fedsqueeze.codec.model import _check_level_order
-from fedsqueeze.codec.row_tiers import join_state, split_shapes, split_state
+from fedsqueeze.codec.row_tiers import split_shapes, split_state
 from fedsqueeze.codec.streaming import DEFAULT_CHUNK_VALUES, decode_into
 from fedsqueeze.codec.tensor_decode import ProgressiveTensor, TensorDecoder
 from fedsqueeze.errors import BaseMismatchError, FormatError
@@ -259,7 +259,6 @@ def _decode_levels(
     """A progressive stream, tensor by tensor: each base-level record with its
     refinements (a split table's parts into copies of its rows, then joined in)."""
     splits = layout.header.splits
-    tables = {s.name for s in splits}
     whole = target
     if splits:
         target = split_state(target, splits)
@@ -282,13 +281,9 @@ def _decode_levels(
             for refinement in refinements.get(position, []):
                 value.refine(_with_body(view, refinement))
             value = value.tensor()
-        if name not in target:  # scan_stream saw it; only a part could be missing
-            raise FormatError(f"the stream's tensor {name!r} is not in target")
         target[name].copy_(value)
-    if splits:
-        joined = join_state({p: t for p, t in target.items() if p not in tables}, splits)
-        for split in splits:
-            whole[split.name].copy_(joined[split.name])
+    for split in splits:
+        split.join(target, out=whole[split.name])
 
 
 def _with_body(view: memoryview, loc: _Located) -> TensorRecord:

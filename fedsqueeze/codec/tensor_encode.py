@@ -164,6 +164,10 @@ class TensorEncoder:
         # a row tier's part -> its table (fedsqueeze.codec.row_tiers): the spec's
         # patterns and the calibration name tables, not parts
         self._origins = dict(origins or {})
+        # Refinement planes may travel in context order (format version 11) in a stream
+        # that is version 11 anyway: one with row tiers. Elsewhere it would move every
+        # progressive stream to version 11 for about 1% (BENCHMARKS.md, "Row tiers").
+        self._context_order = bool(self._origins)
         self._base = base or {}
         self._residual = residual or {}
         self._index = {name: i for i, name in enumerate(sorted(self._base))}
@@ -765,13 +769,12 @@ class TensorEncoder:
             values, q.bits, q.scheme, q.granularity, channels_of, num_channels, q.scales
         )
         codes = quantize(values, qp, q.rounding, channels_of, self._generator(t.device))
-        hessian = (
-            None
-            if self._calibration is None
-            else self._calibration.hessians.get(self._origins.get(name, name))
-        )
-        if hessian is not None and positions is None and self._calibration is not None:
-            seed = rotation_seed(name) if self._rotated else None
+        # the input moments of a dense Linear with calibration: GPTQ chooses its codes
+        hessian = None
+        if self._calibration is not None and positions is None:
+            hessian = self._calibration.hessians.get(self._origins.get(name, name))
+        seed = rotation_seed(name) if self._rotated else None
+        if hessian is not None and self._calibration is not None:
             codes = calibrated_codes(
                 tuple(t.shape), values, codes, qp, levels, channels_of, hessian, seed,
                 self._calibration,
@@ -787,13 +790,14 @@ class TensorEncoder:
             for level in range(len(levels))
         ]
         decoded = torch.empty_like(values, dtype=torch.float32) if need_decoded else None
-        gains = level_gains(values, codes, qp, levels, tables, channels_of, decoded)
-        if hessian is not None and positions is None:
+        if hessian is not None:
             # GPTQ chose the codes for the output error: the order weighs them by it
             gains = output_gains(
-                tuple(t.shape), values, codes, qp, levels, tables, channels_of, hessian,
-                rotation_seed(name) if self._rotated else None,
+                tuple(t.shape), values, codes, qp, levels, tables, channels_of, hessian, seed,
+                decoded,
             )  # fmt: skip
+        else:
+            gains = level_gains(values, codes, qp, levels, tables, channels_of, decoded)
         scored: list[ScoredLevel] = []
         for level, bits in enumerate(levels):
             table = tables[level]
@@ -915,8 +919,7 @@ class TensorEncoder:
             compressed if compressed is not None else body,
             group=group, plane=plane_index,
         )  # fmt: skip
-        if self._origins and held is not None and positions is None:
-            # A stream with row tiers is version 11: planes may travel in context order.
+        if self._context_order and held is not None and positions is None:
             record = self._context_ordered(record, codes, bits, held, head)
         if self._spec.entropy_coder is not EntropyCoder.ANS:
             return record

@@ -93,7 +93,8 @@ def plan_tiers(
             raise ValueError(f"{w.numel()} row weights for {name!r}, which has {t.shape[0]} rows")
         if not is_target(name, t):
             continue
-        tiers = tier_rows(w)
+        checked = check_row_weights(w)
+        tiers = tier_rows(checked)
         if tiers is None:
             continue
         split = RowSplit(name, tiers.numpy().tobytes(), int(tiers.max()) + 1)
@@ -101,6 +102,6 @@ def plan_tiers(
             if p in state:
                 raise ValueError(f"the state has a tensor named {p!r}, the name of a row tier")
         splits.append(split)
-        for p, ratio in zip(split.parts(), split.weight_ratios(check_row_weights(w)), strict=True):
+        for p, ratio in zip(split.parts(), split.weight_ratios(checked), strict=True):
             parts[p] = (name, ratio)
     return TierPlan(tuple(splits), parts)

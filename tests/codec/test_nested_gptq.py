@@ -113,6 +113,10 @@ def test_output_gains_are_the_output_error_each_level_removes(rotated: bool) -> 
     gains = output_gains((rows, cols), values, codes, qp, levels, tables, runs, h, seed)
     decoded = torch.empty_like(values)
     level_gains(values, codes, qp, levels, tables, runs, decoded)
+    # the last level's values, as level_gains gives them (the encoder's residual)
+    same = torch.empty_like(values)
+    output_gains((rows, cols), values, codes, qp, levels, tables, runs, h, seed, same)
+    assert torch.equal(same, decoded)
     w = weights.to(torch.float64)
     back = decoded.reshape(rows, cols)
     if seed is not None:
@@ -122,3 +126,5 @@ def test_output_gains_are_the_output_error_each_level_removes(rotated: bool) -> 
     scale = cols / float(torch.diagonal(h).sum())
     removed = (output_error(w, torch.zeros_like(w), h) - output_error(w, back.double(), h)) * scale
     assert sum(gains) == pytest.approx(removed, rel=1e-6)
+    with pytest.raises(ValueError, match="hessian of shape"):
+        output_gains((rows, cols), values, codes, qp, levels, tables, runs, torch.eye(3), seed)
