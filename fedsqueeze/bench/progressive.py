@@ -61,7 +61,7 @@ import torch
 
 from fedsqueeze.bench.gptq_probe import minilm_moments
 from fedsqueeze.bench.level_designs import compare_designs, print_designs
-from fedsqueeze.bench.row_probe import minilm_row_weights
+from fedsqueeze.bench.row_probe import ROW_SOURCES, minilm_row_weights
 from fedsqueeze.codec import CodecSpec, decode_prefix, encode_state, smallest_prefix
 from fedsqueeze.codec.level_order import LevelOrder
 from fedsqueeze.codec.nested_gptq import Calibration
@@ -160,10 +160,12 @@ def prefix_curve(
     count: int = 14,
     weights: Mapping[str, float] | None = None,
     calibration: Calibration | None = None,
+    split: tuple[set[str], tuple[int, ...]] | None = None,
 ) -> Json:
     """Quality of the model decoded from growing prefixes of ``state``'s progressive stream
     (``count`` points on a log axis, and ``extra_points`` past the smallest prefix);
-    ``weights`` for the weighted order, ``calibration`` for GPTQ-chosen codes."""
+    ``weights`` for the weighted order, ``calibration`` for GPTQ-chosen codes; ``split``
+    (tensor names, prefix sizes) adds :func:`loss_split` at those sizes."""
     encoded = encode_state(
         state, spec, seed=0, order=order, weights=weights, calibration=calibration
     )
@@ -187,7 +189,28 @@ def prefix_curve(
         "overhead": (len(stream) + 4) / once,
         "smallest_prefix": start,
         "curve": rows,
+        "loss_split": loss_split(state, stream, quality, split[1], split[0]) if split else [],
     }
+
+
+def loss_split(
+    state: State,
+    stream: bytes,
+    quality: Callable[[State], float],
+    sizes: tuple[int, ...],
+    tables: set[str],
+) -> list[Json]:
+    """For each prefix size: ``quality`` with only the ``tables`` taken from the prefix
+    (every other tensor ``state``'s) and with only the other tensors taken from it."""
+    out = []
+    for size in sizes:
+        decoded = decode_prefix(stream[:size]).state
+        tables_only = {k: decoded[k] if k in tables else v for k, v in state.items()}
+        rest_only = {k: v if k in tables else decoded[k] for k, v in state.items()}
+        out.append(
+            {"bytes": size, "tables_only": quality(tables_only), "rest_only": quality(rest_only)}
+        )
+    return out
 
 
 def _fp32_bytes(state: State) -> int:
@@ -247,7 +270,7 @@ def run(
     parts: tuple[str, ...] = PARTS,
     minilm_curves: tuple[tuple[str, LevelOrder], ...] = MINILM_CURVES,
     minilm_margins: tuple[int | None, ...] = (),
-    minilm_tiers: tuple[bool, ...] = (),
+    minilm_tiers: tuple[str | None, ...] = (),
 ) -> Json:
     """Run the chosen ``parts`` (:data:`PARTS`); prints tables and returns the figures.
 
@@ -255,8 +278,11 @@ def run(
     ``minilm_margins``: per curve, ``None`` for nearest codes or the trust-region margin
     of GPTQ-chosen codes (:mod:`fedsqueeze.codec.nested_gptq`) with input moments on
     the calibration sentences (missing entries: ``None``); ``minilm_tiers``: per curve,
-    whether the word embeddings' rows travel in tiers by how often the calibration
-    sentences read them (:mod:`fedsqueeze.codec.row_tiers`; missing entries: no)."""
+    ``None`` or the text (:data:`~fedsqueeze.bench.row_probe.ROW_SOURCES`) by whose
+    reads of the word embeddings' rows they travel in tiers
+    (:mod:`fedsqueeze.codec.row_tiers`; missing entries: ``None``). A tiered curve also
+    shows, at 1/8 and 1/16 of fp32, the cosine with only the word embeddings taken from
+    the prefix (the rest fp32) and with only the rest: where the loss comes from."""
     unknown = set(parts) - set(PARTS) - set(OPT_IN_PARTS)
     if unknown:
         names = ", ".join(PARTS + OPT_IN_PARTS)
@@ -295,32 +321,38 @@ def run(
         if any(order is LevelOrder.WEIGHTED for _, order in minilm_curves):
             weights = _minilm_weights(report, out, state)
         hessians: dict[str, torch.Tensor] | None = None
-        rows: dict[str, torch.Tensor] | None = None
+        rows: dict[str, dict[str, torch.Tensor]] = {}
         for i, (text, order) in enumerate(minilm_curves):
             margin = minilm_margins[i] if i < len(minilm_margins) else None
-            tiers = i < len(minilm_tiers) and minilm_tiers[i]
+            tiers = minilm_tiers[i] if i < len(minilm_tiers) else None
             calibration = None
-            if margin is not None or tiers:
+            if margin is not None or tiers is not None:
                 if margin is not None:
                     hessians = hessians or minilm_moments(out)
-                if tiers:
-                    rows = rows or minilm_row_weights(out)
+                if tiers is not None and tiers not in rows:
+                    rows[tiers] = minilm_row_weights(out, tiers)
                 calibration = Calibration(
                     hessians=hessians if hessians is not None and margin is not None else {},
                     margin=margin or 0,
-                    rows=rows if rows is not None and tiers else {},
+                    rows=rows[tiers] if tiers is not None else {},
                 )
             points = (fp32 // 4, fp32 // 6, fp32 // 7, fp32 // 8, fp32 // 16, fp32 // 32)
             curve = prefix_curve(
                 state, parse_spec(text), cosine, points, order, count=4,
                 weights=weights if order is LevelOrder.WEIGHTED else None,
                 calibration=calibration,
+                split=(set(rows[tiers]), (fp32 // 8, fp32 // 16)) if tiers else None,
             )  # fmt: skip
             curve["fp32_bytes"] = fp32
             curve["gptq_margin"] = margin
             curve["row_tiers"] = tiers
             curves.append(curve)
             _print_curve(out, f"MiniLM embedding cosine ({len(sentences)} sentences)", curve, fp32)
+            for row in curve["loss_split"]:
+                out(
+                    f"  at 1/{fp32 / row['bytes']:.0f}: only the word embeddings from the "
+                    f"prefix {row['tables_only']:.4f}, only the rest {row['rest_only']:.4f}"
+                )
         report["minilm"] = curves
     if "partwise" in parts:
         _run_partwise(report, out, state)
@@ -467,20 +499,27 @@ def parse_curve(text: str) -> tuple[str, LevelOrder]:
         raise ValueError(f"unknown refinement order {order!r}; choose from {names}") from None
 
 
-def curve_options(text: str) -> tuple[str, int | None, bool]:
-    """``SPEC@ORDER[+gptq[MARGIN]][+rows]`` (suffixes in either order) → (``SPEC@ORDER``,
-    the GPTQ margin (8 when not given; ``None`` without ``+gptq``), whether ``+rows``
-    asks for row tiers of the word embeddings).
+def curve_options(text: str) -> tuple[str, int | None, str | None]:
+    """``SPEC@ORDER[+gptq[MARGIN]][+rows[=SOURCE]]`` (suffixes in either order) →
+    (``SPEC@ORDER``, the GPTQ margin (8 when not given; ``None`` without ``+gptq``), the
+    source of the word embeddings' row weights for row tiers (``+rows`` is
+    ``calibration``; one of :data:`~fedsqueeze.bench.row_probe.ROW_SOURCES`; ``None``
+    without ``+rows``)).
 
     Raises
     ------
     ValueError
-        A margin that is not a whole number.
+        A margin that is not a whole number, or an unknown row-weight source.
     """
-    head, margin, rows = text, None, False
+    head, margin, rows = text, None, None
     while True:
-        if head.endswith("+rows"):
-            head, rows = head[: -len("+rows")], True
+        left, sep, tail = head.rpartition("+rows")
+        if sep and "+" not in tail and "@" not in tail and "," not in tail:
+            source = tail.removeprefix("=") if tail else ROW_SOURCES[0]
+            if (tail and not tail.startswith("=")) or source not in ROW_SOURCES:
+                names = ", ".join(ROW_SOURCES)
+                raise ValueError(f"unknown row-weight source in {text!r}; choose from {names}")
+            head, rows = left, source
             continue
         left, sep, tail = head.rpartition("+gptq")
         if not sep or "," in tail or "@" in tail or "+" in tail:
@@ -496,7 +535,7 @@ def main(args: argparse.Namespace) -> int:
     parts = tuple(args.parts.split(",")) if args.parts else PARTS
     curves: tuple[tuple[str, LevelOrder], ...] = MINILM_CURVES
     margins: tuple[int | None, ...] = ()
-    tiers: tuple[bool, ...] = ()
+    tiers: tuple[str | None, ...] = ()
     if args.minilm_curves:
         items = [curve_options(item) for item in args.minilm_curves.split(";") if item]
         curves = tuple(parse_curve(text) for text, _, _ in items)

@@ -40,7 +40,14 @@ from torch import Tensor
 from fedsqueeze.bench.gptq_probe import Choice, allocate, input_moments, quantize_tensor
 from fedsqueeze.codec.row_tiers import smoothed_counts
 
-__all__ = ["EMBEDDINGS", "minilm_row_probe", "minilm_row_weights", "row_plan_choice", "row_weights"]
+__all__ = [
+    "EMBEDDINGS",
+    "ROW_SOURCES",
+    "minilm_row_probe",
+    "minilm_row_weights",
+    "row_plan_choice",
+    "row_weights",
+]
 
 #: The lookup table whose rows get their own widths.
 EMBEDDINGS = "embeddings.word_embeddings.weight"
@@ -200,26 +207,43 @@ def minilm_row_probe(out: Callable[[str], None] = print) -> dict[str, Any] | Non
     return report
 
 
-def minilm_row_weights(out: Callable[[str], None] = print) -> dict[str, Tensor]:
-    """:func:`row_weights` of all-MiniLM-L6-v2's word embeddings over the calibration
-    text (:func:`fedsqueeze.bench.sensitivity.calibration_text`: every docstring line of
-    the calibration modules, none a test sentence), for the row tiers of a stream
+#: Where the bench's row weights come from: text of the same kind from other modules
+#: (``calibration``), or other lines of the test sentences' own documents (``domain``:
+#: what a federation's clients would count on their own text).
+ROW_SOURCES = ("calibration", "domain")
+
+
+def minilm_row_weights(
+    out: Callable[[str], None] = print, source: str = "calibration"
+) -> dict[str, Tensor]:
+    """:func:`row_weights` of all-MiniLM-L6-v2's word embeddings over ``source``'s text
+    (:data:`ROW_SOURCES`: :func:`~fedsqueeze.bench.sensitivity.calibration_text`, every
+    docstring line of the calibration modules, or
+    :func:`~fedsqueeze.bench.sensitivity.domain_text`, the test modules' other lines;
+    never a test sentence), for the row tiers of a stream
     (:attr:`~fedsqueeze.codec.nested_gptq.Calibration.rows`).
 
     Raises
     ------
+    ValueError
+        An unknown ``source``.
     RuntimeError
         Without the bench extra (the MiniLM weights).
     """
     from fedsqueeze.bench.codec import require_minilm
-    from fedsqueeze.bench.sensitivity import calibration_text
+    from fedsqueeze.bench.sensitivity import calibration_text, domain_text
 
+    if source not in ROW_SOURCES:
+        raise ValueError(
+            f"unknown row-weight source {source!r}; choose from {', '.join(ROW_SOURCES)}"
+        )
     model, inner = require_minilm("row tiers")
     rows = inner.state_dict()[EMBEDDINGS].shape[0]
-    lines = calibration_text()
+    lines = calibration_text() if source == "calibration" else domain_text()
     ids = [i for line in lines for i in model.tokenizer(line)["input_ids"]]
     out(
-        f"\nRow weights of the word embeddings: {len(ids)} tokens of {len(lines)} calibration "
-        f"lines on {len(set(ids))} of {rows} rows (the rest share the Good-Turing unseen mass)"
+        f"\nRow weights of the word embeddings ({source} text): {len(ids)} tokens of "
+        f"{len(lines)} lines on {len(set(ids))} of {rows} rows (the rest share the "
+        "Good-Turing unseen mass)"
     )
     return {EMBEDDINGS: row_weights(ids, rows)}

@@ -46,6 +46,7 @@ __all__ = [
     "CALIBRATION_MODULES",
     "calibration_sentences",
     "calibration_text",
+    "domain_text",
     "fisher_weights",
     "minilm_fisher",
 ]
@@ -93,15 +94,33 @@ def calibration_text() -> list[str]:
     every benchmark test sentence; in module order. More text than
     :func:`calibration_sentences` (about 79,000 tokens against 4,700), for what needs
     counts over many tokens: how often each word-embedding row is read (row tiers)."""
-    from fedsqueeze.bench.progressive import SENTENCE_MODULES, stdlib_sentences
+    from fedsqueeze.bench.progressive import SENTENCE_MODULES
 
     if set(CALIBRATION_MODULES) & set(SENTENCE_MODULES):
         raise RuntimeError("calibration and test modules overlap")
+    return _docstring_lines(CALIBRATION_MODULES)
+
+
+def domain_text() -> list[str]:
+    """Every non-blank docstring line of the benchmark's *test* modules
+    (:data:`~fedsqueeze.bench.progressive.SENTENCE_MODULES`), less every line that is or
+    could be a test sentence: text from the same documents as the test sentences, never
+    a test sentence itself. It stands for what a federation's clients hold of the text
+    the model will embed (their own documents), where :func:`calibration_text` stands
+    for generic text of the same kind; about 8,000 lines."""
+    from fedsqueeze.bench.progressive import SENTENCE_MODULES
+
+    return _docstring_lines(SENTENCE_MODULES)
+
+
+def _docstring_lines(modules: tuple[str, ...]) -> list[str]:
+    from fedsqueeze.bench.progressive import stdlib_sentences
+
     test = set(stdlib_sentences(limit=1 << 30))
     docs: list[str] = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        for name in CALIBRATION_MODULES:
+        for name in modules:
             module = importlib.import_module(name)
             docs.append(inspect.cleandoc(module.__doc__ or ""))
             for attr, obj in sorted(vars(module).items()):

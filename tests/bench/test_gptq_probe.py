@@ -101,3 +101,17 @@ def test_row_counts_count_the_unmasked_ids_of_every_embedding() -> None:
     for i in (1, 2, 2, 3, 3):
         want[i] += 1
     assert torch.equal(counts["words.weight"], want)
+
+
+def test_moments_summed_over_passes_are_those_of_one_pass() -> None:
+    from fedsqueeze.bench.gptq_probe import summed_moments
+
+    net, x = _net()
+    whole = input_moments(net, lambda: net(x), torch.ones(x.shape[0]))
+    parts = summed_moments(
+        net,
+        ((lambda c=chunk: net(c), torch.ones(chunk.shape[0])) for chunk in x.split(100)),
+    )
+    assert set(parts) == set(whole) == {"0.weight", "2.weight"}
+    for name, h in whole.items():
+        torch.testing.assert_close(parts[name], h)

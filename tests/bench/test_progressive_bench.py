@@ -145,12 +145,49 @@ def test_gptq_suffix_asks_for_calibrated_codes() -> None:
     from fedsqueeze.bench.progressive import curve_options
 
     spec = "quant=8:hadamard,levels=2+1+1+4"
-    assert curve_options(f"{spec}@weighted+gptq") == (f"{spec}@weighted", 8, False)
-    assert curve_options(f"{spec}@weighted+gptq3") == (f"{spec}@weighted", 3, False)
-    assert curve_options(f"{spec}+gptq0") == (spec, 0, False)
-    assert curve_options(f"{spec}@weighted") == (f"{spec}@weighted", None, False)
-    assert curve_options(f"{spec}@weighted+rows") == (f"{spec}@weighted", None, True)
-    assert curve_options(f"{spec}@weighted+gptq2+rows") == (f"{spec}@weighted", 2, True)
-    assert curve_options(f"{spec}@weighted+rows+gptq") == (f"{spec}@weighted", 8, True)
+    assert curve_options(f"{spec}@weighted+gptq") == (f"{spec}@weighted", 8, None)
+    assert curve_options(f"{spec}@weighted+gptq3") == (f"{spec}@weighted", 3, None)
+    assert curve_options(f"{spec}+gptq0") == (spec, 0, None)
+    assert curve_options(f"{spec}@weighted") == (f"{spec}@weighted", None, None)
+    assert curve_options(f"{spec}@weighted+rows") == (f"{spec}@weighted", None, "calibration")
+    assert curve_options(f"{spec}@weighted+gptq2+rows") == (f"{spec}@weighted", 2, "calibration")
+    assert curve_options(f"{spec}@weighted+rows+gptq") == (f"{spec}@weighted", 8, "calibration")
+    assert curve_options(f"{spec}@weighted+rows=domain+gptq") == (
+        f"{spec}@weighted",
+        8,
+        "domain",
+    )
+    assert curve_options(f"{spec}+gptq2+rows=calibration") == (spec, 2, "calibration")
     with pytest.raises(ValueError):
         curve_options(f"{spec}@weighted+gptqx")
+    for bad in ("+rows=test", "+rows=", "+rowsdomain"):
+        with pytest.raises(ValueError, match="row-weight source"):
+            curve_options(f"{spec}@weighted{bad}")
+
+
+def test_loss_split_takes_each_side_from_the_prefix_alone() -> None:
+    from fedsqueeze.bench.progressive import loss_split
+    from fedsqueeze.codec import decode_prefix, encode_state, smallest_prefix
+
+    g = torch.Generator().manual_seed(1)
+    state = {
+        "a.weight": torch.randn(32, 48, generator=g),
+        "b.weight": torch.randn(24, 40, generator=g),
+    }
+
+    def error(s: dict[str, torch.Tensor]) -> float:
+        return sum(float((s[k] - state[k]).square().sum()) for k in state)
+
+    encoded = encode_state(state, parse_spec("quant=8,levels=2+2+4"), seed=0)
+    stream = encoded.to_bytes()[:-4]
+    size = smallest_prefix(encoded)
+    (row,) = loss_split(state, stream, error, (size,), {"a.weight"})
+    decoded = decode_prefix(stream[:size]).state
+    table = float((decoded["a.weight"] - state["a.weight"]).square().sum())
+    rest = float((decoded["b.weight"] - state["b.weight"]).square().sum())
+    assert table > 0 and rest > 0
+    assert row == {
+        "bytes": size,
+        "tables_only": pytest.approx(table),
+        "rest_only": pytest.approx(rest),
+    }

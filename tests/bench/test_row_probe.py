@@ -42,3 +42,22 @@ def test_a_row_plan_spends_its_bits_where_the_weights_are() -> None:
     # Weighted: the plan's error is below every-row-at-1-bit's in the same currency.
     uniform = (low.decoded - value).square().sum(dim=1).to(torch.float64)
     assert plan.error < float((uniform * weights).sum() * 64 / weights.sum())
+
+
+def test_row_weight_texts_never_hold_a_test_sentence() -> None:
+    from fedsqueeze.bench.progressive import stdlib_sentences
+    from fedsqueeze.bench.sensitivity import calibration_text, domain_text
+
+    test = set(stdlib_sentences(limit=1 << 30))
+    domain, calibration = domain_text(), calibration_text()
+    assert len(domain) > 1000 and len(calibration) > 1000
+    assert not test & set(domain) and not test & set(calibration)
+    # the domain text is the test modules' other lines, not the calibration modules'
+    assert len(set(domain) & set(calibration)) < len(domain) // 10
+
+
+def test_an_unknown_row_weight_source_is_refused() -> None:
+    from fedsqueeze.bench.row_probe import minilm_row_weights
+
+    with pytest.raises(ValueError, match="unknown row-weight source 'test'"):
+        minilm_row_weights(source="test")
