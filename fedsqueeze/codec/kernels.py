@@ -34,8 +34,10 @@ from fedsqueeze.codec.chunks import CPU_CHUNK, chunk_bounds, run_chunks, scratch
 
 __all__ = [
     "Runs",
+    "copy_scatter",
     "dequantize_linear",
     "dequantize_table",
+    "empty_numpy_backed",
     "nearest_nf4",
     "nf4_tables",
     "parallel_copy",
@@ -276,13 +278,56 @@ def scatter(out: Tensor, indices: Tensor, values: Tensor) -> None:
         dst[at] = got
 
 
+def copy_scatter(src: Tensor, indices: Tensor, values: Tensor) -> Tensor:
+    """A copy of 1-D ``src`` with ``values`` at ``indices`` (increasing, distinct), in one
+    pass: each chunk of the copy takes its own positions' values while it is in cache,
+    on the worker threads (float32 on the CPU with the compiled kernel; else a copy and
+    :func:`scatter`). A copy and then a scatter of a tenth of the values cost two passes
+    over the memory: at one kept value in ten every cache line takes a write.
+
+    Raises
+    ------
+    ValueError
+        ``indices`` and ``values`` of different lengths.
+    """
+    if indices.numel() != values.numel():
+        raise ValueError(f"{indices.numel()} indices for {values.numel()} values")
+    n = src.numel()
+    if not (
+        jit.use(n)
+        and src.device.type == "cpu"
+        and src.dtype == torch.float32
+        and values.dtype == torch.float32
+        and indices.dtype == torch.int64
+    ):
+        out = parallel_copy(src)
+        scatter(out, indices, values)
+        return out
+    out = empty_numpy_backed(n, torch.float32)
+    dst, source = out.numpy(), src.contiguous().numpy()
+    at, got = indices.contiguous().numpy(), values.contiguous().numpy()
+
+    def chunk(start: int, stop: int) -> None:
+        np.copyto(dst[start:stop], source[start:stop])
+        lo, hi = np.searchsorted(at, (start, stop))
+        jit_select.scatter_values(dst, at, int(lo), int(hi), got)
+
+    run_chunks(chunk, chunk_bounds(n))
+    return out
+
+
+def empty_numpy_backed(numel: int, dtype: torch.dtype) -> Tensor:
+    """An uninitialised 1-D CPU tensor in NumPy memory (float16/32/64): huge pages for a
+    large one, whose first touch is then several times cheaper than torch's 4 KiB pages
+    (most of a large copy's cost)."""
+    return torch.from_numpy(np.empty(numel, dtype=_NUMPY_DTYPES[dtype]))
+
+
 def parallel_copy(x: Tensor) -> Tensor:
     """A contiguous copy of 1-D ``x``, written in chunks on the worker threads."""
     src = x.contiguous()
     if src.device.type == "cpu" and src.dtype in _NUMPY_DTYPES and not src.requires_grad:
-        # NumPy memory: huge pages for a large copy, whose first touch is then several
-        # times cheaper than torch's 4 KiB pages (most of a large copy's cost).
-        out = torch.from_numpy(np.empty(src.shape, dtype=_NUMPY_DTYPES[src.dtype]))
+        out = empty_numpy_backed(src.numel(), src.dtype)
     else:
         out = torch.empty_like(src)
 

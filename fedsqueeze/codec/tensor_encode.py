@@ -50,7 +50,7 @@ from fedsqueeze.codec.container import (
 from fedsqueeze.codec.digest import tensor_bytes
 from fedsqueeze.codec.finite import unrepresentable
 from fedsqueeze.codec.grouping import GROUPED_DTYPES, encode_grouped, holds_buckets
-from fedsqueeze.codec.kernels import parallel_copy, scatter, value_range
+from fedsqueeze.codec.kernels import copy_scatter, parallel_copy, scatter, value_range
 from fedsqueeze.codec.lowrank import factor_count, factorize, matrix_shape, worth_factoring
 from fedsqueeze.codec.nested_gptq import Calibration, calibrated_codes, output_gains
 from fedsqueeze.codec.positions import (
@@ -1118,12 +1118,14 @@ def _residual(
     temporary (not the caller's tensor), which becomes the residual in place."""
     if indices is None:
         return (flat - decoded).reshape(shape)
-    # A copy in chunks on the worker threads (clone() is one thread), unless ``flat`` is
-    # ours, then the kept positions overwritten: flat[indices] − decoded, as an in-place
-    # subtraction gives.
-    residual = flat if owned else parallel_copy(flat)
     kept = values - decoded
-    if residual.device.type == "cpu" and residual.dtype == kept.dtype and residual.is_contiguous():
+    cpu = flat.device.type == "cpu" and flat.dtype == kept.dtype and flat.is_contiguous()
+    if not owned and cpu:
+        # One pass: a copy in chunks on the worker threads, each taking its kept
+        # positions' flat[indices] − decoded (as an in-place subtraction gives) in cache.
+        return copy_scatter(flat, indices, kept).reshape(shape)
+    residual = flat if owned else parallel_copy(flat)
+    if cpu:
         scatter(residual, indices.cpu(), kept)
     else:
         residual[indices] = kept
