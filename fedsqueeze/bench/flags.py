@@ -84,7 +84,7 @@ def add_progressive_arguments(parser: argparse.ArgumentParser) -> None:
         "'quant=8:channel:hadamard,levels=2+1+1+1+1+2@weighted' (orders: by-level, squared, "
         "relative, weighted: Fisher sensitivities on calibration sentences); a '+gptq' "
         "suffix ('...@weighted+gptq', or '+gptq4' for a margin of 4 codes) chooses the "
-        "codes by GPTQ at every level with input moments on the calibration sentences; "
+        "codes by GPTQ at every level with input moments on the calibration text; "
         "a '+rows' suffix sends the word embeddings' rows in tiers by how often the "
         "calibration text (every docstring line of the calibration modules) reads them "
         "(format version 11); '+rows=domain' counts the reads on the test modules' other "

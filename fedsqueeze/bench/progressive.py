@@ -28,10 +28,12 @@ minilm    the same curve for all-MiniLM-L6-v2, as the mean cosine similarity bet
           take per-tensor Fisher sensitivities measured on calibration sentences from
           other standard-library modules (:mod:`fedsqueeze.bench.sensitivity`);
           a curve ``SPEC@ORDER+gptq[MARGIN]`` has its codes chosen by GPTQ with the
-          Linears' input moments on those sentences
+          Linears' input moments on every docstring line of those modules
           (:mod:`fedsqueeze.codec.nested_gptq`); ``+rows`` sends the word embeddings'
-          rows in tiers by how often the calibration text reads them
-          (:mod:`fedsqueeze.codec.row_tiers`);
+          rows in tiers by how often that text reads them, ``+rows=domain`` by how
+          often the test modules' other lines read them (the clients' own text)
+          (:mod:`fedsqueeze.codec.row_tiers`), and prints where the loss sits at 1/8
+          and 1/16;
 overhead  the whole progressive stream against a one-shot encoding at the same final
           precision;
 gptq      (only when named) a fake-quantization probe of MiniLM first levels at byte
@@ -277,7 +279,7 @@ def run(
     ``minilm_curves``: the (spec, refinement order) of each MiniLM curve;
     ``minilm_margins``: per curve, ``None`` for nearest codes or the trust-region margin
     of GPTQ-chosen codes (:mod:`fedsqueeze.codec.nested_gptq`) with input moments on
-    the calibration sentences (missing entries: ``None``); ``minilm_tiers``: per curve,
+    the calibration text (missing entries: ``None``); ``minilm_tiers``: per curve,
     ``None`` or the text (:data:`~fedsqueeze.bench.row_probe.ROW_SOURCES`) by whose
     reads of the word embeddings' rows they travel in tiers
     (:mod:`fedsqueeze.codec.row_tiers`; missing entries: ``None``). A tiered curve also

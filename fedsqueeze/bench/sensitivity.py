@@ -107,7 +107,7 @@ def domain_text() -> list[str]:
     could be a test sentence: text from the same documents as the test sentences, never
     a test sentence itself. It stands for what a federation's clients hold of the text
     the model will embed (their own documents), where :func:`calibration_text` stands
-    for generic text of the same kind; about 8,000 lines."""
+    for generic text of the same kind; about 7,400 lines."""
     from fedsqueeze.bench.progressive import SENTENCE_MODULES
 
     return _docstring_lines(SENTENCE_MODULES)
