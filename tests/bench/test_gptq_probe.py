@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 
 from fedsqueeze.bench.gptq_probe import allocate, input_moments, quantize_tensor, run_probe
@@ -108,10 +110,8 @@ def test_moments_summed_over_passes_are_those_of_one_pass() -> None:
 
     net, x = _net()
     whole = input_moments(net, lambda: net(x), torch.ones(x.shape[0]))
-    parts = summed_moments(
-        net,
-        ((lambda c=chunk: net(c), torch.ones(chunk.shape[0])) for chunk in x.split(100)),
-    )
+    chunks: list[torch.Tensor] = list(torch.split(x, 100))
+    parts = summed_moments(net, ((partial(net, c), torch.ones(c.shape[0])) for c in chunks))
     assert set(parts) == set(whole) == {"0.weight", "2.weight"}
     for name, h in whole.items():
         torch.testing.assert_close(parts[name], h)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import pytest
 import torch
 
@@ -175,7 +177,7 @@ def test_loss_split_takes_each_side_from_the_prefix_alone() -> None:
         "b.weight": torch.randn(24, 40, generator=g),
     }
 
-    def error(s: dict[str, torch.Tensor]) -> float:
+    def error(s: Mapping[str, torch.Tensor]) -> float:
         return sum(float((s[k] - state[k]).square().sum()) for k in state)
 
     encoded = encode_state(state, parse_spec("quant=8,levels=2+2+4"), seed=0)
