@@ -45,6 +45,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from fedsqueeze.calibrate import input_moments, row_counts, summed_moments
 from fedsqueeze.codec.gptq import (
     Grid,
     gptq_codes,
@@ -153,80 +154,6 @@ def quantize_tensor(
     nbytes = _entropy_bits(codes, count) / 8 * CODER_OVERHEAD + 2 * grid.scale.numel() + 2 * count
     decoded = unrotate(approx.to(torch.float32), seed, shape)
     return Choice(bits=bits, nbytes=nbytes, error=error, decoded=decoded)
-
-
-def _sum_inputs(
-    module: torch.nn.Module,
-    kind: type[torch.nn.Module],
-    run: Callable[[], Any],
-    mask: Tensor,
-    statistic: Callable[[torch.nn.Module, Tensor], Tensor],
-) -> dict[str, Tensor]:
-    """``statistic(layer, inputs)`` summed over one forward pass ``run()`` for every
-    ``kind`` layer of ``module``, keyed by its weight name; the inputs are the first
-    argument, flattened to one row per token and cut to the tokens ``mask`` marks 1."""
-    sums: dict[str, Tensor] = {}
-    keep = mask.reshape(-1).bool()
-    handles = []
-    for mod_name, mod in module.named_modules():
-        if isinstance(mod, kind):
-            key = f"{mod_name}.weight"
-
-            def hook(layer: torch.nn.Module, args: tuple[Tensor, ...], key: str = key) -> None:
-                x = args[0].detach()
-                x = x.reshape(-1, x.shape[-1]) if x.is_floating_point() else x.reshape(-1)
-                if x.shape[0] == keep.numel():
-                    x = x[keep]
-                sums[key] = sums.get(key, 0) + statistic(layer, x)
-
-            handles.append(mod.register_forward_pre_hook(hook))
-    try:
-        with torch.no_grad():
-            run()
-    finally:
-        for handle in handles:
-            handle.remove()
-    return sums
-
-
-def input_moments(
-    module: torch.nn.Module, run: Callable[[], Any], mask: Tensor
-) -> dict[str, Tensor]:
-    """``Σ x xᵀ`` (float64) of every Linear's input over the unpadded tokens of one
-    forward pass ``run()``; keyed by the Linear's weight name. ``mask``: ``[batch, seq]``
-    1 for a real token."""
-
-    def moments(_layer: torch.nn.Module, x: Tensor) -> Tensor:
-        x = x.to(torch.float64)
-        return x.T @ x
-
-    return _sum_inputs(module, torch.nn.Linear, run, mask, moments)
-
-
-def summed_moments(
-    module: torch.nn.Module, passes: Iterable[tuple[Callable[[], Any], Tensor]]
-) -> dict[str, Tensor]:
-    """:func:`input_moments` summed over forward passes ``(run, mask)``: the moments of
-    text too long for one batch."""
-    total: dict[str, Tensor] = {}
-    for run, mask in passes:
-        for name, h in input_moments(module, run, mask).items():
-            total[name] = total[name] + h if name in total else h
-    return total
-
-
-def row_counts(module: torch.nn.Module, run: Callable[[], Any], mask: Tensor) -> dict[str, Tensor]:
-    """How often one forward pass ``run()`` reads each row of every ``nn.Embedding`` of
-    ``module`` (float64 ``[rows]``, over the tokens ``mask`` marks 1), keyed by the
-    embedding's weight name: the row weights of :attr:`Calibration.rows
-    <fedsqueeze.codec.nested_gptq.Calibration.rows>` (give the unread rows a share first,
-    e.g. :func:`fedsqueeze.codec.row_tiers.smoothed_counts`)."""
-
-    def counts(layer: torch.nn.Module, ids: Tensor) -> Tensor:
-        rows = layer.num_embeddings if isinstance(layer, torch.nn.Embedding) else 0
-        return torch.bincount(ids.to(torch.int64), minlength=rows).to(torch.float64)
-
-    return _sum_inputs(module, torch.nn.Embedding, run, mask, counts)
 
 
 def allocate(

@@ -7,6 +7,9 @@ Examples::
     fedsqueeze codec decode model.fsq restored.pt
     fedsqueeze codec inspect model.fsq --original model.pt
     fedsqueeze codec presets
+    fedsqueeze codec calibrate MODEL_DIR corpus.txt calib.safetensors
+    fedsqueeze codec encode model.safetensors model.fsq --spec quant=8,levels=2+2+4 \
+        --calibration calib.safetensors
 
 Specs are a preset name (see `fedsqueeze codec presets`) or comma-separated key=value
 pairs, each key at most once: prune=none|l1:S|global:S|channel:S|threshold:T, topk=F,
@@ -125,6 +128,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     ins.add_argument("--original", help="the uncompressed model, for max error")
     ins.add_argument("--base", help="the base model, for a delta")
     sub.add_parser("presets", help="list the spec presets and what they stand for")
+    cal = sub.add_parser(
+        "calibrate",
+        help="input moments and row weights from a model and text, for encode --calibration",
+        description="Run a Hugging Face model folder over lines of text (offline) and write "
+        "what a calibrated progressive encode uses: every Linear's input moments "
+        "(weight name -> [cols, cols]) and how often the text reads each row of the input "
+        "embeddings (name -> [rows]; rows never read share a small Good-Turing weight). "
+        "Give it the text the model will serve: row weights counted on the users' own "
+        "text pay far more than generic text (README, 'Row tiers').",
+    )
+    cal.add_argument("model", help="Hugging Face model folder: config, weights and tokenizer")
+    cal.add_argument("text", help="UTF-8 text file, one example per non-blank line")
+    cal.add_argument("output", help="file to write: .safetensors, or .pt / .pth / .bin")
+    cal.add_argument(
+        "--batch", type=count(1), default=32, help="lines per forward pass (default 32)"
+    )
+    cal.add_argument(
+        "--max-length",
+        type=count(1),
+        default=128,
+        help="tokens kept of each line (default 128)",
+    )
+    cal.add_argument("--force", action="store_true", help="replace OUTPUT if it exists")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -135,7 +161,43 @@ def main(args: argparse.Namespace) -> int:
         return _encode(args)
     if args.codec_command == "decode":
         return _decode(args)
+    if args.codec_command == "calibrate":
+        return _calibrate(args)
     return _inspect(args)
+
+
+def _calibrate(args: argparse.Namespace) -> int:
+    from fedsqueeze.statefile import check_readable, state_format
+
+    model_dir, text = Path(args.model), Path(args.text)
+    output = _check_output(args.output, [text], args.force)
+    state_format(output)  # an extension we cannot write: before any work
+    if not model_dir.is_dir():
+        raise ConfigError(f"{model_dir} is not a directory (give a Hugging Face model folder)")
+    check_readable(text)
+    from fedsqueeze.calibrate import read_lines, text_calibration
+    from fedsqueeze.statefile import save_state
+
+    lines = read_lines(text)
+    console = _console()
+    shown = [0]
+
+    def progress(done: int, total: int) -> None:
+        if done * 10 // total > shown[0] or done == total:
+            shown[0] = done * 10 // total
+            console.print(f"calibrating: {done:,} of {total:,} lines", highlight=False)
+
+    result = text_calibration(
+        model_dir, lines, batch=args.batch, max_length=args.max_length, progress=progress
+    )
+    _write(output, args.force, lambda overwrite: save_state(result, output, overwrite=overwrite))
+    tables = sum(1 for t in result.values() if t.ndim == 1)
+    console.print(
+        f"{text} ({len(lines):,} lines) → {output}: input moments of {len(result) - tables} "
+        f"Linears, row weights of {tables} table(s)",
+        highlight=False,
+    )
+    return 0
 
 
 def _presets() -> int:

