@@ -174,6 +174,14 @@ def text_calibration(
     if not lines:
         raise ConfigError("no text to calibrate on")
     model, tokenizer = _load(model_dir)
+    if getattr(tokenizer, "pad_token", None) is None:
+        # Padded tokens are masked out of every statistic, so any token pads; a
+        # tokenizer with none at all gets one line a pass.
+        eos = getattr(tokenizer, "eos_token", None)
+        if eos is not None:
+            tokenizer.pad_token = eos
+        else:
+            batch = 1
     embeddings = model.get_input_embeddings()
     statistics: dict[type[torch.nn.Module], Statistic] = {
         torch.nn.Linear: _moments,
@@ -184,12 +192,20 @@ def text_calibration(
     for start in range(0, len(lines), batch):
         chunk = list(lines[start : start + batch])
         features = tokenizer(
-            chunk, padding=True, truncation=True, max_length=max_length, return_tensors="pt"
+            chunk, padding=batch > 1, truncation=True, max_length=max_length, return_tensors="pt"
         )
         run = partial(model, **dict(features))
-        for name, value in _sum_inputs(
-            model, run, features["attention_mask"], statistics, only
-        ).items():
+        mask = features.get("attention_mask")
+        if mask is None:
+            mask = torch.ones_like(features["input_ids"])
+        try:
+            found = _sum_inputs(model, run, mask, statistics, only)
+        except (TypeError, ValueError, RuntimeError, IndexError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ConfigError(
+                f"running the model in {model_dir} on the text failed: {first}"
+            ) from None
+        for name, value in found.items():
             total[name] = total[name] + value if name in total else value
         if progress is not None:
             progress(min(start + batch, len(lines)), len(lines))

@@ -158,6 +158,60 @@ def test_bad_inputs_are_one_line_and_write_nothing(
         assert not out.exists()
 
 
+def test_a_tokenizer_without_padding_gives_the_same_result(
+    model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Padding is masked out of every statistic, so a tokenizer that has no pad token
+    (one line a pass) gives what padded batches give."""
+    from fedsqueeze import calibrate
+
+    lines = [line for line in LINES if line]
+    padded = calibrate.text_calibration(model_dir, lines, batch=4)
+    load = calibrate._load
+
+    class NoPad:
+        pad_token = None
+        eos_token = None
+
+        def __init__(self, inner: object) -> None:
+            self.inner = inner
+            self.calls = 0
+
+        def __call__(self, texts: list[str], *, padding: bool, **kwargs: object) -> object:
+            if padding or len(texts) != 1:
+                raise AssertionError("a tokenizer without a pad token cannot pad")
+            self.calls += 1
+            return self.inner(texts, padding=False, **kwargs)  # type: ignore[operator]
+
+    made: list[NoPad] = []
+
+    def without_pad(folder: Path) -> tuple[object, object]:
+        model, tokenizer = load(folder)
+        made.append(NoPad(tokenizer))
+        return model, made[-1]
+
+    monkeypatch.setattr(calibrate, "_load", without_pad)
+    single = calibrate.text_calibration(model_dir, lines, batch=4)
+    assert made and made[0].calls == len(lines)
+    assert set(single) == set(padded)
+    for name, value in padded.items():
+        torch.testing.assert_close(single[name], value, rtol=1e-4, atol=1e-3)
+
+
+def test_a_model_that_fails_on_the_text_is_one_line(model_dir: Path, tmp_path: Path) -> None:
+    # 64 position embeddings: lines cut to 200 tokens index past them
+    long_text = tmp_path / "long.txt"
+    long_text.write_text(" ".join(["word"] * 150), encoding="utf-8")
+    out = tmp_path / "calib.safetensors"
+    proc = run_cli(
+        "codec", "calibrate", str(model_dir), str(long_text), str(out), "--max-length", "200"
+    )
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "on the text failed" in lines[0], proc.stderr
+    assert not out.exists()
+
+
 def test_help_explains_the_command() -> None:
     proc = run_cli("codec", "calibrate", "--help")
     assert proc.returncode == 0
