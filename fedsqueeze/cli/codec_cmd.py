@@ -1,4 +1,5 @@
-"""Encode, decode and inspect model files with the fedsqueeze codec.
+"""Encode, decode and inspect model files with the fedsqueeze codec (and make the
+calibration file of a calibrated encode from a model and text).
 
 Examples::
 
@@ -64,7 +65,7 @@ T = TypeVar("T")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Register ``encode``, ``decode``, ``inspect`` and ``presets``."""
+    """Register ``encode``, ``decode``, ``inspect``, ``presets`` and ``calibrate``."""
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     sub = parser.add_subparsers(dest="codec_command", metavar="ACTION", required=True)
     enc = sub.add_parser("encode", help="compress a state_dict (.pt) or .safetensors file")
