@@ -16,7 +16,7 @@ running the model on text, which is what this module does:
 
 The text should be what the model will serve: row weights counted on the users' own
 text pay far more than weights counted on generic text (all-MiniLM-L6-v2 at 1/8 of its
-fp32 size: embedding cosine 0.993 against 0.984; BENCHMARKS.md, "Row weights from the
+fp32 size: embedding cosine 0.993 against 0.985; BENCHMARKS.md, "Row weights from the
 clients' own text").
 """
 
