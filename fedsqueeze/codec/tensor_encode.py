@@ -52,7 +52,12 @@ from fedsqueeze.codec.finite import unrepresentable
 from fedsqueeze.codec.grouping import GROUPED_DTYPES, encode_grouped, holds_buckets
 from fedsqueeze.codec.kernels import copy_scatter, parallel_copy, scatter, value_range
 from fedsqueeze.codec.lowrank import factor_count, factorize, matrix_shape, worth_factoring
-from fedsqueeze.codec.nested_gptq import Calibration, calibrated_codes, output_gains
+from fedsqueeze.codec.nested_gptq import (
+    Calibration,
+    calibrated_codes,
+    output_gains,
+    output_tables,
+)
 from fedsqueeze.codec.positions import (
     encode_positions,
     encode_positions_soon,
@@ -791,7 +796,13 @@ class TensorEncoder:
         ]
         decoded = torch.empty_like(values, dtype=torch.float32) if need_decoded else None
         if hessian is not None:
-            # GPTQ chose the codes for the output error: the order weighs them by it
+            # GPTQ chose the codes for the output error: the coarse tables are refitted
+            # for it (not at margin 0, which keeps nearest rounding's stream), and the
+            # order weighs the levels by it
+            if self._calibration is not None and self._calibration.margin:
+                tables = output_tables(
+                    tuple(t.shape), values, codes, qp, levels, tables, channels_of, hessian, seed
+                )
             gains = output_gains(
                 tuple(t.shape), values, codes, qp, levels, tables, channels_of, hessian, seed,
                 decoded,

@@ -128,3 +128,55 @@ def test_output_gains_are_the_output_error_each_level_removes(rotated: bool) -> 
     assert sum(gains) == pytest.approx(removed, rel=1e-6)
     with pytest.raises(ValueError, match="hessian of shape"):
         output_gains((rows, cols), values, codes, qp, levels, tables, runs, torch.eye(3), seed)
+
+
+@pytest.mark.parametrize("rotated", [False, True])
+def test_output_tables_lower_the_coarse_levels_output_error(rotated: bool) -> None:
+    from fedsqueeze.codec.kernels import Runs
+    from fedsqueeze.codec.nested_gptq import output_tables
+    from fedsqueeze.codec.progressive import (
+        bucket_table,
+        cumulative_bits,
+        reconstruct,
+        table_from_bytes,
+        table_to_bytes,
+    )
+    from fedsqueeze.codec.quantization import choose_qparams, quantize
+    from fedsqueeze.codec.spec import Granularity, QuantScheme, Rounding
+
+    g = torch.Generator().manual_seed(5)
+    rows, cols, levels = 16, 48, (2, 1, 1, 4)
+    weights = torch.randn(rows, cols, generator=g)
+    seed = 3 if rotated else None
+    values = (rotate(weights, seed) if seed is not None else weights).reshape(-1)
+    runs = Runs(cols)
+    qp = choose_qparams(values, 8, QuantScheme.SYMMETRIC, Granularity.PER_CHANNEL, runs, rows)
+    codes = quantize(values, qp, Rounding.NEAREST, runs)
+    tables = [
+        bucket_table(codes, qp, cumulative_bits(levels, k), runs) if k < 3 else None
+        for k in range(4)
+    ]
+    mix = torch.randn(cols, cols, generator=g, dtype=torch.float64)
+    h = mix @ mix.T  # correlated inputs
+    hb = rotated_hessian(h, seed) if seed is not None else h
+    refit = output_tables((rows, cols), values, codes, qp, levels, tables, runs, h, seed)
+    assert refit[-1] is None and len(refit) == len(tables)
+    x = values.reshape(rows, cols).to(torch.float64)
+    changed = 0
+    for k in range(3):
+        held = cumulative_bits(levels, k)
+        top = codes.to(torch.int64) >> (8 - held)
+        new, old = refit[k], tables[k]
+        assert new is not None and old is not None
+        # stored as the stream stores them, and inside their buckets (the decoder checks)
+        assert torch.equal(
+            table_from_bytes(table_to_bytes(new), 1 << held, qp.scheme, 8 - held), new
+        )
+
+        def err(table: torch.Tensor, top: torch.Tensor = top, held: int = held) -> float:
+            e = x - reconstruct(top, qp, held, table, runs).reshape(rows, cols).to(torch.float64)
+            return float(((e @ hb) * e).sum())
+
+        assert err(new) <= err(old)
+        changed += not torch.equal(new, old)
+    assert changed >= 2  # correlated inputs: the bucket means are not the best offsets
