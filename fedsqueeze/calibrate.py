@@ -22,9 +22,7 @@ clients' own text").
 
 from __future__ import annotations
 
-import importlib
-import os
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -33,9 +31,10 @@ import torch
 from torch import Tensor
 
 from fedsqueeze.codec.row_tiers import smoothed_counts
-from fedsqueeze.errors import ConfigError
+from fedsqueeze.errors import ConfigError, first_line
 
 __all__ = [
+    "check_model_dir",
     "input_moments",
     "read_lines",
     "row_counts",
@@ -113,10 +112,20 @@ def summed_moments(
 ) -> dict[str, Tensor]:
     """:func:`input_moments` summed over forward passes ``(run, mask)``: the moments of
     text too long for one batch."""
+    return _summed(module, passes, {torch.nn.Linear: _moments})
+
+
+def _summed(
+    module: torch.nn.Module,
+    passes: Iterable[tuple[Callable[[], Any], Tensor]],
+    statistics: Mapping[type[torch.nn.Module], Statistic],
+    only: Iterable[torch.nn.Module] | None = None,
+) -> dict[str, Tensor]:
+    """:func:`_sum_inputs` summed over forward passes ``(run, mask)``."""
     total: dict[str, Tensor] = {}
     for run, mask in passes:
-        for name, h in input_moments(module, run, mask).items():
-            total[name] = total[name] + h if name in total else h
+        for name, value in _sum_inputs(module, run, mask, statistics, only).items():
+            total[name] = total[name] + value if name in total else value
     return total
 
 
@@ -188,48 +197,53 @@ def text_calibration(
         torch.nn.Embedding: _counts,
     }
     only = [m for m in model.modules() if isinstance(m, torch.nn.Linear) or m is embeddings]
-    total: dict[str, Tensor] = {}
-    for start in range(0, len(lines), batch):
-        chunk = list(lines[start : start + batch])
-        features = tokenizer(
-            chunk, padding=batch > 1, truncation=True, max_length=max_length, return_tensors="pt"
-        )
-        run = partial(model, **dict(features))
-        mask = features.get("attention_mask")
-        if mask is None:
-            mask = torch.ones_like(features["input_ids"])
-        try:
-            found = _sum_inputs(model, run, mask, statistics, only)
-        except (TypeError, ValueError, RuntimeError, IndexError) as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise ConfigError(
-                f"running the model in {model_dir} on the text failed: {first}"
-            ) from None
-        for name, value in found.items():
-            total[name] = total[name] + value if name in total else value
-        if progress is not None:
-            progress(min(start + batch, len(lines)), len(lines))
+
+    def passes() -> Iterator[tuple[Callable[[], Any], Tensor]]:
+        for start in range(0, len(lines), batch):
+            features = tokenizer(
+                list(lines[start : start + batch]),
+                padding=batch > 1,
+                truncation=True,
+                max_length=max_length,
+                return_tensors="pt",
+            )
+            mask = features.get("attention_mask")
+            if mask is None:
+                mask = torch.ones_like(features["input_ids"])
+            yield partial(model, **dict(features)), mask
+            if progress is not None:  # the batch's statistics are in
+                progress(min(start + batch, len(lines)), len(lines))
+
+    try:
+        total = _summed(model, passes(), statistics, only)
+    except (TypeError, ValueError, RuntimeError, IndexError) as exc:
+        raise ConfigError(
+            f"running the model in {model_dir} on the text failed: {first_line(exc)}"
+        ) from None
     return {
         name: smoothed_counts(value) if value.ndim == 1 else value.to(torch.float32)
         for name, value in total.items()
     }
 
 
+def check_model_dir(model_dir: Path) -> None:
+    """Refuse (``ConfigError``) a model path that is not a folder, before any work."""
+    if not model_dir.is_dir():
+        raise ConfigError(f"{model_dir} is not a directory (give a Hugging Face model folder)")
+
+
 def _load(model_dir: Path) -> tuple[Any, Any]:
     """``transformers``' model (eager attention, eval mode) and tokenizer in
     ``model_dir``, offline."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    from fedsqueeze.tasks.text_model import offline_transformers
+
     try:
-        transformers: Any = importlib.import_module("transformers")
+        transformers = offline_transformers()
     except ImportError:
         raise ConfigError(
             "calibrating from text needs transformers: pip install 'fedsqueeze[text]'"
         ) from None
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    if not model_dir.is_dir():
-        raise ConfigError(f"{model_dir} is not a directory (give a Hugging Face model folder)")
+    check_model_dir(model_dir)
     try:
         model = transformers.AutoModel.from_pretrained(
             str(model_dir), local_files_only=True, attn_implementation="eager"
@@ -238,7 +252,8 @@ def _load(model_dir: Path) -> tuple[Any, Any]:
             str(model_dir), local_files_only=True
         )
     except (OSError, ValueError, KeyError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ConfigError(f"cannot load a model and tokenizer from {model_dir}: {first}") from None
+        raise ConfigError(
+            f"cannot load a model and tokenizer from {model_dir}: {first_line(exc)}"
+        ) from None
     model.eval()
     return model, tokenizer

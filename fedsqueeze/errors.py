@@ -154,3 +154,10 @@ class UnavailableError(TransportError):
 
 class DeadlineExceededError(UnavailableError):
     """The operation ran past its deadline."""
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of what ``exc`` says, or its type's name when it says nothing: a
+    lower library's error quoted inside a one-line message of ours."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

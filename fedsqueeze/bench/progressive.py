@@ -31,7 +31,8 @@ minilm    the same curve for all-MiniLM-L6-v2, as the mean cosine similarity bet
           Linears' input moments on every docstring line of those modules
           (:mod:`fedsqueeze.codec.nested_gptq`); ``+rows`` sends the word embeddings'
           rows in tiers by how often that text reads them, ``+rows=domain`` by how
-          often the test modules' other lines read them (the clients' own text)
+          often the test modules' other lines read them (the clients' own text),
+          ``+rows=test`` by the test sentences' own reads (a bound, not a method)
           (:mod:`fedsqueeze.codec.row_tiers`), and prints where the loss sits at 1/8
           and 1/16;
 overhead  the whole progressive stream against a one-shot encoding at the same final
@@ -167,7 +168,8 @@ def prefix_curve(
     """Quality of the model decoded from growing prefixes of ``state``'s progressive stream
     (``count`` points on a log axis, and ``extra_points`` past the smallest prefix);
     ``weights`` for the weighted order, ``calibration`` for GPTQ-chosen codes; ``split``
-    (tensor names, prefix sizes) adds :func:`loss_split` at those sizes."""
+    (tensor names, prefix sizes) adds :func:`loss_split` at those of the sizes the curve
+    decodes (give them in ``extra_points`` too)."""
     encoded = encode_state(
         state, spec, seed=0, order=order, weights=weights, calibration=calibration
     )
@@ -177,10 +179,12 @@ def prefix_curve(
         set(_curve_points(start, len(stream), count))
         | {p for p in extra_points if start <= p < len(stream)}
     )
-    rows = []
+    rows, splits = [], []
     for size in points:
         decoded = decode_prefix(stream[:size])
         rows.append({"bytes": size, "used": decoded.used_bytes, "quality": quality(decoded.state)})
+        if split is not None and size in split[1]:
+            splits.append({"bytes": size, **loss_split(state, decoded.state, quality, split[0])})
     once = encode_state(state, spec.with_changes(levels=None, grow=()), seed=0).nbytes
     return {
         "spec": format_spec(spec),
@@ -191,28 +195,18 @@ def prefix_curve(
         "overhead": (len(stream) + 4) / once,
         "smallest_prefix": start,
         "curve": rows,
-        "loss_split": loss_split(state, stream, quality, split[1], split[0]) if split else [],
+        "loss_split": splits,
     }
 
 
 def loss_split(
-    state: State,
-    stream: bytes,
-    quality: Callable[[State], float],
-    sizes: tuple[int, ...],
-    tables: set[str],
-) -> list[Json]:
-    """For each prefix size: ``quality`` with only the ``tables`` taken from the prefix
-    (every other tensor ``state``'s) and with only the other tensors taken from it."""
-    out = []
-    for size in sizes:
-        decoded = decode_prefix(stream[:size]).state
-        tables_only = {k: decoded[k] if k in tables else v for k, v in state.items()}
-        rest_only = {k: v if k in tables else decoded[k] for k, v in state.items()}
-        out.append(
-            {"bytes": size, "tables_only": quality(tables_only), "rest_only": quality(rest_only)}
-        )
-    return out
+    state: State, decoded: State, quality: Callable[[State], float], tables: set[str]
+) -> dict[str, float]:
+    """``quality`` with only the ``tables`` taken from ``decoded`` (every other tensor
+    ``state``'s), and with only the other tensors taken from it."""
+    tables_only = {k: decoded[k] if k in tables else v for k, v in state.items()}
+    rest_only = {k: v if k in tables else decoded[k] for k, v in state.items()}
+    return {"tables_only": quality(tables_only), "rest_only": quality(rest_only)}
 
 
 def _fp32_bytes(state: State) -> int:

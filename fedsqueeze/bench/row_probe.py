@@ -209,8 +209,9 @@ def minilm_row_probe(out: Callable[[str], None] = print) -> dict[str, Any] | Non
 
 #: Where the bench's row weights come from: text of the same kind from other modules
 #: (``calibration``), or other lines of the test sentences' own documents (``domain``:
-#: what a federation's clients would count on their own text).
-ROW_SOURCES = ("calibration", "domain")
+#: what a federation's clients would count on their own text), or the test sentences
+#: themselves (``test``: an upper bound on what row weights can buy, never a method).
+ROW_SOURCES = ("calibration", "domain", "test")
 
 
 def minilm_row_weights(
@@ -219,8 +220,9 @@ def minilm_row_weights(
     """:func:`row_weights` of all-MiniLM-L6-v2's word embeddings over ``source``'s text
     (:data:`ROW_SOURCES`: :func:`~fedsqueeze.bench.sensitivity.calibration_text`, every
     docstring line of the calibration modules, or
-    :func:`~fedsqueeze.bench.sensitivity.domain_text`, the test modules' other lines;
-    never a test sentence), for the row tiers of a stream
+    :func:`~fedsqueeze.bench.sensitivity.domain_text`, the test modules' other lines,
+    both never a test sentence; or ``test``, the test sentences, for the bound), for the
+    row tiers of a stream
     (:attr:`~fedsqueeze.codec.nested_gptq.Calibration.rows`).
 
     Raises
@@ -231,6 +233,7 @@ def minilm_row_weights(
         Without the bench extra (the MiniLM weights).
     """
     from fedsqueeze.bench.codec import require_minilm
+    from fedsqueeze.bench.progressive import stdlib_sentences
     from fedsqueeze.bench.sensitivity import calibration_text, domain_text
 
     if source not in ROW_SOURCES:
@@ -239,7 +242,8 @@ def minilm_row_weights(
         )
     model, inner = require_minilm("row tiers")
     rows = inner.state_dict()[EMBEDDINGS].shape[0]
-    lines = calibration_text() if source == "calibration" else domain_text()
+    texts = {"calibration": calibration_text, "domain": domain_text, "test": stdlib_sentences}
+    lines = texts[source]()
     ids = [i for line in lines for i in model.tokenizer(line)["input_ids"]]
     out(
         f"\nRow weights of the word embeddings ({source} text): {len(ids)} tokens of "

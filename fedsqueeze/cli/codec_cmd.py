@@ -168,16 +168,14 @@ def main(args: argparse.Namespace) -> int:
 
 
 def _calibrate(args: argparse.Namespace) -> int:
-    from fedsqueeze.statefile import check_readable, state_format
+    from fedsqueeze.calibrate import check_model_dir, read_lines, text_calibration
+    from fedsqueeze.statefile import check_readable, save_state, state_format
 
     model_dir, text = Path(args.model), Path(args.text)
     output = _check_output(args.output, [text], args.force)
     state_format(output)  # an extension we cannot write: before any work
-    if not model_dir.is_dir():
-        raise ConfigError(f"{model_dir} is not a directory (give a Hugging Face model folder)")
+    check_model_dir(model_dir)
     check_readable(text)
-    from fedsqueeze.calibrate import read_lines, text_calibration
-    from fedsqueeze.statefile import save_state
 
     lines = read_lines(text)
     console = _console()

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from fedsqueeze.cli.argtypes import count
-from fedsqueeze.errors import ConfigError
+from fedsqueeze.errors import ConfigError, first_line
 
 if TYPE_CHECKING:  # torch loads only when the command runs, not for --help
     from rich.console import Console
@@ -267,8 +267,7 @@ def _load_teacher(model: nn.Module, path: str) -> None:
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:
-        first = str(exc).strip().splitlines()[0]
-        raise ConfigError(f"{path} does not fit the task's model: {first}") from exc
+        raise ConfigError(f"{path} does not fit the task's model: {first_line(exc)}") from exc
 
 
 def _params(model: nn.Module) -> int:

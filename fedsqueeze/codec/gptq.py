@@ -41,6 +41,7 @@ __all__ = [
     "feedback",
     "gptq_codes",
     "nearest_codes",
+    "normal_equations",
     "output_error",
     "prepare",
     "refit_levels",
@@ -237,6 +238,21 @@ def feedback(w: Tensor, upper: Tensor, perm: Tensor, pick: Pick, block: int = 12
     return codes
 
 
+def normal_equations(basis: list[Tensor], target: Tensor, h: Tensor) -> tuple[Tensor, Tensor]:
+    """``(A, b)`` of the least squares ``min_t tr(E H Eᵀ)``, ``E = target − Σ_c t_c B_c``
+    (float64 ``[rows, cols]`` matrices ``B_c`` in ``basis``, ``H`` ``[cols, cols]``):
+    ``A_cd = tr(B_c H B_dᵀ)``, ``b_c = tr(B_c H targetᵀ)``; solve ``A t = b``."""
+    count = len(basis)
+    a = torch.empty(count, count, dtype=torch.float64)
+    b = torch.empty(count, dtype=torch.float64)
+    for c in range(count):
+        mc_h = basis[c] @ h
+        b[c] = (mc_h * target).sum()
+        for d in range(count):
+            a[c, d] = (mc_h * basis[d]).sum()
+    return a, b
+
+
 def refit_levels(weight: Tensor, codes: Tensor, grid: Grid, hessian: Tensor | None = None) -> Grid:
     """``grid`` with its levels re-fitted to ``codes`` by least squares (scales kept).
 
@@ -258,15 +274,8 @@ def refit_levels(weight: Tensor, codes: Tensor, grid: Grid, hessian: Tensor | No
         den = torch.bincount(flat, weights=scale.square().reshape(-1), minlength=count)
         levels = torch.where(used, num / den.clamp_min(1e-300), grid.levels)
     else:
-        h = hessian.to(torch.float64)
         basis = [(scale * (codes == c)).to(torch.float64) for c in range(count)]
-        a = torch.empty(count, count, dtype=torch.float64)
-        b = torch.empty(count, dtype=torch.float64)
-        for c in range(count):
-            mc_h = basis[c] @ h
-            b[c] = (mc_h * w).sum()
-            for d in range(count):
-                a[c, d] = (mc_h * basis[d]).sum()
+        a, b = normal_equations(basis, w, hessian.to(torch.float64))
         a += torch.diag((~used).to(torch.float64))
         b = torch.where(used, b, grid.levels)
         levels = torch.linalg.solve(a, b)

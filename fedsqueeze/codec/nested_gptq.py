@@ -59,7 +59,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from fedsqueeze.codec.gptq import feedback, prepare
+from fedsqueeze.codec.gptq import feedback, normal_equations, prepare
 from fedsqueeze.codec.kernels import Runs
 from fedsqueeze.codec.progressive import bucket_table, cumulative_bits, reconstruct
 from fedsqueeze.codec.quantization import QuantParams
@@ -186,6 +186,37 @@ def _weight_matrix(shape: tuple[int, ...], n: int, hessian: Tensor) -> tuple[int
     if hessian.shape != (cols, cols):
         raise ValueError(f"a hessian of shape {tuple(hessian.shape)} for {rows}x{cols} weights")
     return rows, cols
+
+
+@dataclass(frozen=True)
+class _OutputMetric:
+    """A calibrated tensor as :func:`output_tables` and :func:`output_gains` see it: the
+    ``rows × cols`` float64 values ``x`` (in the encoder's basis), the flat int64
+    ``codes`` and the input moments ``h`` in the same basis."""
+
+    rows: int
+    cols: int
+    h: Tensor
+    x: Tensor
+    codes: Tensor
+
+    @classmethod
+    def of(
+        cls,
+        shape: tuple[int, ...],
+        values: Tensor,
+        codes: Tensor,
+        hessian: Tensor,
+        seed: int | None,
+    ) -> _OutputMetric:
+        """Raises ``ValueError`` when ``hessian`` does not match the tensor's columns."""
+        rows, cols = _weight_matrix(shape, values.numel(), hessian)
+        x = values.reshape(rows, cols).to(torch.float64)
+        return cls(rows, cols, _in_basis(hessian, seed), x, codes.reshape(-1).to(torch.int64))
+
+    def error(self, e: Tensor) -> float:
+        """``tr(E H Eᵀ)`` of an error ``e`` (``rows × cols``, float64)."""
+        return float(((e @ self.h) * e).sum())
 
 
 def _in_basis(hessian: Tensor, seed: int | None) -> Tensor:
@@ -356,14 +387,8 @@ def output_tables(
     out = list(tables)
     if qp.codebook is not None or qp.scheme not in _LINEAR:
         return out
-    rows, cols = _weight_matrix(shape, values.numel(), hessian)
-    h = _in_basis(hessian, seed)
-    x = values.reshape(rows, cols).to(torch.float64)
-    full = codes.reshape(-1).to(torch.int64)
-
-    def error(e: Tensor) -> float:
-        return float(((e @ h) * e).sum())
-
+    metric = _OutputMetric.of(shape, values, codes, hessian, seed)
+    rows, cols, h, x, full = metric.rows, metric.cols, metric.h, metric.x, metric.codes
     for level, table in enumerate(tables):
         held = cumulative_bits(levels, level)
         n = 1 << held
@@ -377,15 +402,8 @@ def output_tables(
         unit -= base  # each value's scale: what one code unit of offset moves it
         buckets = top.reshape(rows, cols)
         masks = [unit * (buckets == b) for b in range(n)]
-        residual = x - base
-        gram = torch.zeros(n, n, dtype=torch.float64)
-        rhs = torch.zeros(n, dtype=torch.float64)
-        for b in range(n):
-            mh = masks[b] @ h
-            rhs[b] = (mh * residual).sum()
-            for c in range(n):
-                gram[b, c] = (mh * masks[c]).sum()
-        unused = torch.diagonal(gram) <= 0
+        gram, rhs = normal_equations(masks, x - base, h)
+        unused = torch.diagonal(gram) <= 0  # no value there (or only zero scales)
         gram[unused, :] = 0.0
         gram[:, unused] = 0.0
         gram[unused, unused] = 1.0
@@ -400,7 +418,7 @@ def output_tables(
             continue
         now = reconstruct(top, qp, held, table, channels_of).reshape(rows, cols)
         then = reconstruct(top, qp, held, refit, channels_of).reshape(rows, cols)
-        if error(x - then.to(torch.float64)) < error(x - now.to(torch.float64)):
+        if metric.error(x - then.to(torch.float64)) < metric.error(x - now.to(torch.float64)):
             out[level] = refit
     return out
 
@@ -431,15 +449,13 @@ def output_gains(
     ValueError
         ``hessian`` does not match the tensor's columns.
     """
-    rows, cols = _weight_matrix(shape, values.numel(), hessian)
-    h = _in_basis(hessian, seed)
-    trace = float(torch.diagonal(h).sum())
+    metric = _OutputMetric.of(shape, values, codes, hessian, seed)
+    rows, cols, x, full = metric.rows, metric.cols, metric.x, metric.codes
+    trace = float(torch.diagonal(metric.h).sum())
     scale = cols / trace if trace > 0 else 1.0
-    x = values.reshape(rows, cols).to(torch.float64)
-    full = codes.reshape(-1).to(torch.int64)
 
     def error(e: Tensor) -> float:
-        return float(((e @ h) * e).sum()) * scale
+        return metric.error(e) * scale
 
     before = error(x)
     gains = []

@@ -775,14 +775,15 @@ class TensorEncoder:
         )
         codes = quantize(values, qp, q.rounding, channels_of, self._generator(t.device))
         # the input moments of a dense Linear with calibration: GPTQ chooses its codes
+        calibration = self._calibration if positions is None else None
         hessian = None
-        if self._calibration is not None and positions is None:
-            hessian = self._calibration.hessians.get(self._origins.get(name, name))
+        if calibration is not None:
+            hessian = calibration.hessians.get(self._origins.get(name, name))
         seed = rotation_seed(name) if self._rotated else None
-        if hessian is not None and self._calibration is not None:
+        if calibration is not None and hessian is not None:
             codes = calibrated_codes(
                 tuple(t.shape), values, codes, qp, levels, channels_of, hessian, seed,
-                self._calibration,
+                calibration,
             )  # fmt: skip
         quant = _quant_header(q, qp, num_channels, name)
         energy = _energy(t)
@@ -795,11 +796,11 @@ class TensorEncoder:
             for level in range(len(levels))
         ]
         decoded = torch.empty_like(values, dtype=torch.float32) if need_decoded else None
-        if hessian is not None:
+        if calibration is not None and hessian is not None:
             # GPTQ chose the codes for the output error: the coarse tables are refitted
             # for it (not at margin 0, which keeps nearest rounding's stream), and the
             # order weighs the levels by it
-            if self._calibration is not None and self._calibration.margin:
+            if calibration.margin:
                 tables = output_tables(
                     tuple(t.shape), values, codes, qp, levels, tables, channels_of, hessian, seed
                 )

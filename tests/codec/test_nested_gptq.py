@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import itertools
+from typing import NamedTuple
 
 import pytest
 import torch
 
 from fedsqueeze.codec.gptq import output_error
+from fedsqueeze.codec.kernels import Runs
 from fedsqueeze.codec.nested_gptq import nested_codes, rotated_hessian
+from fedsqueeze.codec.quantization import QuantParams
 from fedsqueeze.codec.rotation import rotate
 
 LEVELS = (2, 1, 1, 1, 1, 2)
@@ -83,26 +86,50 @@ def test_bad_arguments_raise() -> None:
         nested_codes(w, h, scale, zp, BITS, LEVELS, _midpoints(), (0, 256))
 
 
-@pytest.mark.parametrize("rotated", [False, True])
-def test_output_gains_are_the_output_error_each_level_removes(rotated: bool) -> None:
-    from fedsqueeze.codec.kernels import Runs
-    from fedsqueeze.codec.nested_gptq import output_gains
-    from fedsqueeze.codec.progressive import bucket_table, cumulative_bits, level_gains
+class _Quantized(NamedTuple):
+    """A per-row symmetric 8-bit matrix cut into ``levels``, as the progressive encoder
+    makes it (nearest codes, bucket-mean tables), and the generator that drew it."""
+
+    g: torch.Generator
+    weights: torch.Tensor
+    values: torch.Tensor
+    seed: int | None
+    runs: Runs
+    qp: QuantParams
+    codes: torch.Tensor
+    tables: list[torch.Tensor | None]
+
+
+def _quantized(
+    draw: int, rows: int, cols: int, levels: tuple[int, ...], seed: int | None
+) -> _Quantized:
+    from fedsqueeze.codec.progressive import bucket_table, cumulative_bits
     from fedsqueeze.codec.quantization import choose_qparams, quantize
     from fedsqueeze.codec.spec import Granularity, QuantScheme, Rounding
 
-    g = torch.Generator().manual_seed(4)
-    rows, cols, levels = 12, 32, (2, 2, 4)
+    g = torch.Generator().manual_seed(draw)
     weights = torch.randn(rows, cols, generator=g)
-    seed = 7 if rotated else None
     values = (rotate(weights, seed) if seed is not None else weights).reshape(-1)
     runs = Runs(cols)
     qp = choose_qparams(values, 8, QuantScheme.SYMMETRIC, Granularity.PER_CHANNEL, runs, rows)
     codes = quantize(values, qp, Rounding.NEAREST, runs)
+    last = len(levels) - 1
     tables = [
-        bucket_table(codes, qp, cumulative_bits(levels, k), runs) if k < 2 else None
-        for k in range(3)
+        bucket_table(codes, qp, cumulative_bits(levels, k), runs) if k < last else None
+        for k in range(len(levels))
     ]
+    return _Quantized(g, weights, values, seed, runs, qp, codes, tables)
+
+
+@pytest.mark.parametrize("rotated", [False, True])
+def test_output_gains_are_the_output_error_each_level_removes(rotated: bool) -> None:
+    from fedsqueeze.codec.nested_gptq import output_gains
+    from fedsqueeze.codec.progressive import level_gains
+
+    rows, cols, levels = 12, 32, (2, 2, 4)
+    g, weights, values, seed, runs, qp, codes, tables = _quantized(
+        4, rows, cols, levels, 7 if rotated else None
+    )
     # isotropic inputs: the squared error's gains
     eye = output_gains((rows, cols), values, codes, qp, levels, tables, runs, torch.eye(cols), seed)
     plain = level_gains(values, codes, qp, levels, tables, runs)
@@ -132,30 +159,18 @@ def test_output_gains_are_the_output_error_each_level_removes(rotated: bool) -> 
 
 @pytest.mark.parametrize("rotated", [False, True])
 def test_output_tables_lower_the_coarse_levels_output_error(rotated: bool) -> None:
-    from fedsqueeze.codec.kernels import Runs
     from fedsqueeze.codec.nested_gptq import output_tables
     from fedsqueeze.codec.progressive import (
-        bucket_table,
         cumulative_bits,
         reconstruct,
         table_from_bytes,
         table_to_bytes,
     )
-    from fedsqueeze.codec.quantization import choose_qparams, quantize
-    from fedsqueeze.codec.spec import Granularity, QuantScheme, Rounding
 
-    g = torch.Generator().manual_seed(5)
     rows, cols, levels = 16, 48, (2, 1, 1, 4)
-    weights = torch.randn(rows, cols, generator=g)
-    seed = 3 if rotated else None
-    values = (rotate(weights, seed) if seed is not None else weights).reshape(-1)
-    runs = Runs(cols)
-    qp = choose_qparams(values, 8, QuantScheme.SYMMETRIC, Granularity.PER_CHANNEL, runs, rows)
-    codes = quantize(values, qp, Rounding.NEAREST, runs)
-    tables = [
-        bucket_table(codes, qp, cumulative_bits(levels, k), runs) if k < 3 else None
-        for k in range(4)
-    ]
+    g, _, values, seed, runs, qp, codes, tables = _quantized(
+        5, rows, cols, levels, 3 if rotated else None
+    )
     mix = torch.randn(cols, cols, generator=g, dtype=torch.float64)
     h = mix @ mix.T  # correlated inputs
     hb = rotated_hessian(h, seed) if seed is not None else h
