@@ -1,5 +1,7 @@
 """Compiled kernels (numba) of the sparse specs: the two passes of the exact magnitude
-selection (:mod:`fedsqueeze.codec.threshold_select`), the Rice-coded positions
+selection (:mod:`fedsqueeze.codec.threshold_select`), the quantizer fused into the
+second (:mod:`fedsqueeze.codec.select_quantize`) with stochastic rounding's keyed draws
+(:mod:`fedsqueeze.codec.draws`), the Rice-coded positions
 (:mod:`fedsqueeze.codec.rice_encode`) and the top-k residual's scatter.
 
 Plain Python until :func:`fedsqueeze.codec.jit.ready` compiles them in this module (the
@@ -15,11 +17,14 @@ import numpy.typing as npt
 __all__ = [
     "KERNELS",
     "band_pass",
+    "quantize_kept",
     "rice_chunk",
     "rice_decode",
     "rice_sums",
     "scatter_values",
     "select_pass",
+    "unit_draw",
+    "unit_draws",
     "warm",
 ]
 
@@ -50,23 +55,44 @@ def band_pass(
     ``x[start:stop]``: the magnitudes in ``[lo, hi]`` into ``band`` (in order; ``band``
     holds ``stop − start`` values) and the count of magnitudes ``>= lo``, returned as
     ``count * 2^32 + len(band used)`` (one integer: numba returns it without a tuple).
-    Also ``tops[slot]``: the largest magnitude's bit pattern, from ``bits`` (``x``'s
-    memory as int32): magnitudes order like their bits, NaN above infinity above every
-    finite value, so the encoder's finiteness and range check needs no pass of its own
-    (an integer maximum: a float one would not vectorize).
+    Also ``tops[2·slot]`` and ``tops[2·slot + 1]``: the largest magnitude's bit pattern
+    among the values with the sign bit clear, and among those with it set (0 where
+    none), from ``bits`` (``x``'s memory as int32): magnitudes order like their bits,
+    NaN above infinity above every finite value, so the encoder's finiteness and range
+    check needs no pass of its own (integer maxima: a float one would not vectorize),
+    and a quantizer fused into the second pass knows the kept values' range from them
+    (:mod:`fedsqueeze.codec.select_quantize`).
 
-    Blocks of 32 values are counted first (a loop LLVM vectorizes) and only a block with
-    a magnitude in the band is written out: the band holds about 1% of the values, so
-    three blocks in four are skipped (measured on 25M normal values, a 0.8% band: 18 ms
-    against 60 for the write of every value)."""
+    Without AVX-512, blocks of 32 values are counted first (a loop LLVM vectorizes) and
+    only a block with a magnitude in the band is written out: the band holds about 1% of
+    the values, so three blocks in four are skipped (measured on 25M normal values, a
+    0.8% band: 18 ms against 60 for the write of every value). With it, the count and
+    the maxima are one vectorized loop over the chunk and the band a compressed store
+    of 16 values a step (:func:`_band16`): 17.7 against 20.1 ms with the maxima of
+    both signs (18.4 for the blocks of 32 with one maximum)."""
     xs = x[start:stop]
     bs = bits[start:stop]
     n = xs.size
-    body = n - n % 32
     count = 0
     used = 0
-    top = 0
-    for b0 in range(0, body, 32):
+    top_pos = 0
+    top_neg = 0
+    # With the vector kernel (VECTOR): one loop LLVM vectorizes for the count and the
+    # largest magnitudes, then the band's magnitudes stored side by side, 16 values a
+    # step (_band16).
+    body = n - n % 16 if VECTOR else 0
+    if VECTOR:
+        head = xs[:body]
+        head_bits = bs[:body]
+        for k in range(head.size):
+            count += abs(head[k]) >= lo
+            w = head_bits[k]
+            neg = w >> 31
+            top_pos = max(top_pos, w & ~neg)
+            top_neg = max(top_neg, w & 0x7FFFFFFF & neg)
+        for b0 in range(0, body, 16):
+            used = _band16(xs, b0, lo, hi, band, used)
+    for b0 in range(body, n - (n - body) % 32, 32):
         block = xs[b0 : b0 + 32]
         words = bs[b0 : b0 + 32]
         above = 0
@@ -75,13 +101,17 @@ def band_pass(
             m = abs(block[k])
             above += m >= lo
             inside += (m >= lo) & (m <= hi)
-            top = max(top, words[k] & 0x7FFFFFFF)
+            w = words[k]
+            neg = w >> 31  # 0, or -1 (every bit set) where the sign bit is
+            top_pos = max(top_pos, w & ~neg)
+            top_neg = max(top_neg, w & 0x7FFFFFFF & neg)
         count += above
         if inside:
             for k in range(32):  # each magnitude at the next slot, kept if in the band
                 m = abs(block[k])  # (no branch on the data)
                 band[used] = m
                 used += (m >= lo) & (m <= hi)
+    body = n - (n - body) % 32
     tail = xs[body:]
     tail_bits = bs[body:]
     for k in range(tail.size):
@@ -89,9 +119,26 @@ def band_pass(
         count += m >= lo
         band[used] = m
         used += (m >= lo) & (m <= hi)
-        top = max(top, tail_bits[k] & 0x7FFFFFFF)
-    tops[slot] = top
+        w = tail_bits[k]
+        neg = w >> 31
+        top_pos = max(top_pos, w & ~neg)
+        top_neg = max(top_neg, w & 0x7FFFFFFF & neg)
+    tops[2 * slot] = top_pos
+    tops[2 * slot + 1] = top_neg
     return count * (1 << 32) + used
+
+
+def _band16(xs: F32, k: int, lo: np.float32, hi: np.float32, band: F32, used: int) -> int:
+    """Of ``xs[k:k+16]``, the magnitudes in ``[lo, hi]`` into ``band[used:]``, in order;
+    returns ``used`` plus how many. :mod:`fedsqueeze.codec.jit_vector` replaces it with
+    one vector step; without AVX-512 :func:`band_pass` never calls this scalar form
+    (compiled only so that the call types), as with :func:`_compress16`."""
+    for j in range(16):
+        m = abs(xs[k + j])
+        if m >= lo and m <= hi:
+            band[used] = m
+            used += 1
+    return used
 
 
 def _compress16(
@@ -123,11 +170,14 @@ def select_pass(
     values: F32,
     o0: int,
     o1: int,
+    copy: F32,
 ) -> int:
     """The second pass: the indices and values of ``x[start:stop]`` whose magnitude is
     above ``cut`` (``>= cut`` unless ``strict``) into ``indices[o0:o1]`` and
     ``values[o0:o1]``, in order; returns how many there were (the caller checks it is
-    ``o1 − o0``), never writing past ``o1``.
+    ``o1 − o0``), never writing past ``o1``. Unless ``copy`` is empty, also
+    ``copy[start:stop] = x[start:stop]``, in the same loop (top-k's residual starts as
+    that copy: :mod:`fedsqueeze.codec.select_quantize`).
 
     Where at most one value in 8 is kept (the chunk's count is known from the first
     pass), a kept value is written under a branch, which the predictor gets right most
@@ -137,13 +187,22 @@ def select_pass(
     with AVX-512 both give way to :func:`_compress16`'s vector form (21 against 9 ms
     of wall time at 10% kept, two threads)."""
     xs = x[start:stop]
+    copying = copy.size > 0
+    dst = copy[start:stop] if copying else copy
     o = o0
     k = 0
     # With the vector kernel (VECTOR), sixteen values a step while a whole step's output
     # fits; the rest, or everything without it, one by one below.
     while VECTOR and k + 16 <= xs.size and o + 16 <= o1:
         o = _compress16(xs, k, cut, strict, values, indices, o, start)
+        if copying:
+            for j in range(16):
+                dst[k + j] = xs[k + j]
         k += 16
+    if copying:
+        rest = dst[k:]
+        for j in range(rest.size):
+            rest[j] = xs[k + j]
     xs = xs[k:]
     start += k
     if (o1 - o) * 8 <= xs.size:
@@ -319,6 +378,59 @@ def scatter_values(out: F32, idx: I64, start: int, stop: int, values: F32) -> No
         out[ids[j]] = vs[j]
 
 
+def unit_draw(key: np.uint64, i: int) -> np.float32:
+    """Stochastic rounding's draw at position ``i`` under ``key``: the function of
+    :func:`fedsqueeze.codec.draws.uniform_np`, one value (the constants are
+    :mod:`fedsqueeze.codec.draws`')."""
+    z = np.uint64(i + 1) * np.uint64(0x9E3779B97F4A7C15) + key
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    z = z ^ (z >> np.uint64(31))
+    unit: np.float32 = np.float32(z >> np.uint64(40)) * np.float32(2.0**-24)
+    return unit
+
+
+def quantize_kept(
+    values: F32,
+    indices: I64,
+    o0: int,
+    o1: int,
+    inv: np.float32,
+    zp: np.float32,
+    qmin: np.float32,
+    qmax: np.float32,
+    scale: np.float32,
+    stochastic: bool,
+    key: np.uint64,
+    codes: U8,
+    residual: F32,
+) -> None:
+    """The codes of the kept ``values[o0:o1]`` into ``codes[o0:o1]``, per tensor:
+    ``clamp(rint(v · inv) + zp, qmin, qmax)``, or when ``stochastic``
+    ``clamp(floor(v · inv + u) + zp, …)`` with ``u`` the draw at the value's ordinal
+    under ``key`` (:func:`unit_draw`); the same float32 operations in the same order as
+    :func:`fedsqueeze.codec.quantization.quantize`. Where ``residual`` is not empty,
+    ``residual[indices[j]] = v − (q − zp) · scale``: what the receiver misses of each
+    kept value (the dequantization of :func:`fedsqueeze.codec.jit.linear_decode`)."""
+    vs = values[o0:o1]
+    ids = indices[o0:o1]
+    cs = codes[o0:o1]
+    feedback = residual.size > 0
+    for j in range(vs.size):
+        v = vs[j]
+        b = np.floor(v * inv + unit_draw(key, o0 + j)) + zp if stochastic else np.rint(v * inv) + zp
+        q = min(max(b, qmin), qmax)
+        cs[j] = np.uint8(q)
+        if feedback:
+            residual[ids[j]] = v - (q - zp) * scale
+
+
+def unit_draws(key: np.uint64, start: int, out: F32) -> None:
+    """``out[j]``: the draw at position ``start + j`` (for the tests, beside NumPy's)."""
+    for j in range(out.size):
+        out[j] = unit_draw(key, start + j)
+
+
 def warm() -> None:
     """Each kernel called once on tiny inputs of the types its callers pass (compiled by
     then: :func:`fedsqueeze.codec.jit.warm` calls this)."""
@@ -326,16 +438,26 @@ def warm() -> None:
     u = np.zeros(8, dtype=np.uint8)
     idx = np.arange(8, dtype=np.int64)
     lo, hi = np.float32(0.0), np.float32(255.0)
-    band_pass(f, f.view(np.int32), 0, 8, lo, hi, f.copy(), np.zeros(1, dtype=np.int32), 0)
-    select_pass(f, 0, 8, lo, True, idx.copy(), f.copy(), 0, 8)
+    band_pass(f, f.view(np.int32), 0, 8, lo, hi, f.copy(), np.zeros(2, dtype=np.int32), 0)
+    for copy in (f.copy(), f[:0]):
+        select_pass(f, 0, 8, lo, True, idx.copy(), f.copy(), 0, 8, copy)
     rice_chunk(idx, 0, 8, 1, u.copy(), 0, np.zeros(64, dtype=np.uint8))
     rice_sums(idx, 0, 8, 0, np.zeros(3, dtype=np.int64))
     rice_decode(u, 1, u, 0, 8, idx.copy())
     scatter_values(f.copy(), idx, 0, 8, f)
+    one = np.float32(1.0)
+    for stochastic in (True, False):
+        for residual in (f.copy(), f[:0]):
+            quantize_kept(
+                f, idx, 0, 8, one, lo, lo, hi, one, stochastic, np.uint64(1), u.copy(), residual
+            )
+    draws = np.zeros(8, dtype=np.float32)
+    unit_draws(np.uint64(1), 0, draws)
 
 
 #: The kernels, helpers before the kernels that call them.
 KERNELS = (
+    "_band16",
     "band_pass",
     "_compress16",
     "select_pass",
@@ -345,4 +467,7 @@ KERNELS = (
     "_flush_rest",
     "rice_chunk",
     "scatter_values",
+    "unit_draw",
+    "unit_draws",
+    "quantize_kept",
 )

@@ -1,17 +1,18 @@
-"""A vector kernel for the selection's second pass: sixteen values compared at once and
-the kept ones stored side by side (LLVM's ``masked.compressstore``), where numba's
-scalar loop takes a branch per value.
+"""Vector kernels for the selection's two passes: sixteen values compared at once and
+the kept ones (:data:`compress16`, the second pass) or the band's magnitudes
+(:data:`band16`, the first) stored side by side (LLVM's ``masked.compressstore``),
+where numba's scalar loop takes a branch per value.
 
 Only :func:`fedsqueeze.codec.jit._compile` imports this module (numba and llvmlite are
-imported then). :func:`install` swaps the scalar helper
-:func:`fedsqueeze.codec.jit_select._compress16` for :data:`compress16` before any
-kernel calling it is compiled, and only on a CPU with AVX-512 (``vcompressps`` and
+imported then). :func:`install` swaps the scalar helpers
+:func:`fedsqueeze.codec.jit_select._compress16` and ``_band16`` for these before any
+kernel calling them is compiled, and only on a CPU with AVX-512 (``vcompressps`` and
 ``vpcompressq``). Elsewhere LLVM would expand the store lane by lane, which is no
 faster than the scalar helper, so that stays. Both give the same indices and values
 (``tests/codec/test_jit.py`` compares them with the NumPy path).
 
 numba's cache of ``select_pass`` does not notice an edit of this module (checked: it
-kept the old machine code): after changing :data:`compress16`, delete
+kept the old machine code): after changing :data:`compress16` or :data:`band16`, delete
 ``fedsqueeze/codec/__pycache__/jit_select*.nb*``.
 
 Measured on 25M standard normal float32 values, 10% kept, two threads, on these
@@ -27,7 +28,7 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-__all__ = ["available", "compress16", "install"]
+__all__ = ["available", "band16", "compress16", "install"]
 
 _LANES = 16
 
@@ -46,6 +47,7 @@ def install(space: dict[str, Any]) -> bool:
     if not available():
         return False
     space["_compress16"] = compress16
+    space["_band16"] = band16
     space["VECTOR"] = True
     return True
 
@@ -132,3 +134,52 @@ def compress16(
         return builder.add(oa, builder.zext(count, it))
 
     return types.int64(xs, k, cut, strict, values, indices, o, base), codegen
+
+
+@intrinsic
+def band16(typingctx: Any, xs: Any, k: Any, lo: Any, hi: Any, band: Any, used: Any) -> Any:
+    """``_band16`` (:mod:`fedsqueeze.codec.jit_select`) in one vector step: the
+    magnitudes of ``xs[k:k+16]`` (float32, C order) in ``[lo, hi]`` (NaN never) go to
+    ``band[used:]``, in order; returns ``used`` plus how many. The caller guarantees
+    ``k + 16 <= len(xs)`` and ``used + 16 <= len(band)``."""
+    f32 = types.float32
+    if not all(
+        isinstance(a, types.Array) and a.ndim == 1 and a.layout == "C" and a.dtype == f32
+        for a in (xs, band)
+    ):
+        return None  # a typing failure: numba reports it, nothing is computed wrongly
+    if not all(isinstance(a, types.Integer) for a in (k, used)):
+        return None
+    if not all(isinstance(a, types.Float) for a in (lo, hi)):
+        return None
+
+    def codegen(context: Any, builder: ir.IRBuilder, signature: Any, args: Any) -> Any:
+        x_t, k_t, lo_t, hi_t, b_t, u_t = signature.args
+        xa, ka, loa, hia, ba, ua = args
+        i64 = types.int64
+        ka = context.cast(builder, ka, k_t, i64)
+        ua = context.cast(builder, ua, u_t, i64)
+        loa = context.cast(builder, loa, lo_t, f32)
+        hia = context.cast(builder, hia, hi_t, f32)
+        fl, it = ir.FloatType(), ir.IntType(64)
+        vf = ir.VectorType(fl, _LANES)
+        vmask = ir.VectorType(ir.IntType(1), _LANES)
+        data = cgutils.create_struct_proxy(x_t)(context, builder, value=xa).data  # type: ignore[no-untyped-call]
+        out = cgutils.create_struct_proxy(b_t)(context, builder, value=ba).data  # type: ignore[no-untyped-call]
+        src = builder.bitcast(builder.gep(data, [ka]), vf.as_pointer())
+        lanes = builder.load(src, align=4)
+        mags = builder.call(_declare(builder, "llvm.fabs.v16f32", vf, [vf]), [lanes])
+        at_least = builder.fcmp_ordered(">=", mags, _splat(builder, loa, vf))
+        at_most = builder.fcmp_ordered("<=", mags, _splat(builder, hia, vf))
+        mask = builder.and_(at_least, at_most)
+        store = _declare(
+            builder, "llvm.masked.compressstore.v16f32", ir.VoidType(), [vf, fl.as_pointer(), vmask]
+        )
+        builder.call(store, [mags, builder.gep(out, [ua]), mask])
+        bits = builder.bitcast(mask, ir.IntType(_LANES))
+        count = builder.call(
+            _declare(builder, "llvm.ctpop.i16", ir.IntType(16), [ir.IntType(16)]), [bits]
+        )
+        return builder.add(ua, builder.zext(count, it))
+
+    return types.int64(xs, k, lo, hi, band, used), codegen

@@ -23,8 +23,9 @@ Per-tensor parameters, and per-set parameters whose sets are consecutive runs
 the chunked multi-core kernels of :mod:`fedsqueeze.codec.kernels` with nearest rounding;
 an explicit per-value index of sets (sparse per-channel), stochastic rounding and
 k-means go through the loops here, chunks of about a million values with in-place
-operations (stochastic rounding is bound by the CPU random number generator, about 6 ms
-per million values, and draws in one fixed order).
+operations. Linear stochastic rounding takes one key from the generator per call and
+hashes each value's position with it (:mod:`fedsqueeze.codec.draws`), so a compiled
+kernel can make the same draws anywhere (:mod:`fedsqueeze.codec.select_quantize`).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ import numpy.typing as npt
 import torch
 from torch import Tensor
 
+from fedsqueeze.codec import draws
 from fedsqueeze.codec.blockwise import (
     NF4_CODEBOOK,
     DoubleQuant,
@@ -62,6 +64,7 @@ __all__ = [
     "Runs",
     "choose_qparams",
     "dequantize",
+    "linear_bounds",
     "qparams_from_bytes",
     "qparams_to_bytes",
     "quantize",
@@ -281,11 +284,13 @@ def quantize(
         From :func:`choose_qparams` (moved to ``values``' device if needed).
     rounding
         NEAREST: ``|dequantize(q) − x| ≤ scale/2`` (plus float rounding) inside the
-        range. STOCHASTIC: ``floor(x/scale + zp + u)``, ``u ~ U[0, 1)`` from
-        ``generator`` (on ``values``' device; the global RNG when ``None``), so
-        ``E[dequantize(q)] = x`` inside the range. For KMEANS, stochastic rounding
-        picks one of the two centroids around ``x`` with probabilities that make it
-        unbiased between the first and last centroid.
+        range. STOCHASTIC: ``floor(x/scale + zp + u)``, ``u ~ U[0, 1)``, so
+        ``E[dequantize(q)] = x`` inside the range: for linear codes the draws of
+        :func:`fedsqueeze.codec.draws.uniform` at the values' positions under one key
+        from ``generator`` (on ``values``' device; the global RNG when ``None``). For
+        KMEANS and NF4, stochastic rounding picks one of the two codebook entries
+        around ``x`` with probabilities that make it unbiased between the first and
+        last entry (draws from ``generator`` itself).
     channels
         int64 ``[n]`` or :class:`Runs` when ``qp`` is per channel; ignored for
         per-tensor params.
@@ -333,7 +338,7 @@ def quantize(
     out = torch.empty(n, dtype=torch.uint8, device=device)
     chunk = _chunk_size(device)
     buf = torch.empty(min(n, chunk), dtype=torch.float32, device=device)
-    noise = torch.empty_like(buf) if stochastic else None
+    k = draws.key(generator) if stochastic and n else None
     if per_channel:
         ch_all = _index(ch_any, n, device)
         inv_c = 1.0 / qp.scale.to(device)
@@ -353,8 +358,8 @@ def quantize(
             torch.mul(xs, inv_c[ch], out=b)
         else:
             torch.mul(xs, inv, out=b)
-        if noise is not None:
-            b.add_(noise[: stop - start].uniform_(0.0, 1.0, generator=generator)).floor_()
+        if k is not None:
+            b.add_(draws.uniform(k, start, stop - start, device)).floor_()
         else:
             b.round_()
         if per_channel:
@@ -363,6 +368,24 @@ def quantize(
             b.add_(zp)
         out[start:stop] = b.clamp_(qmin, qmax)
     return out
+
+
+def linear_bounds(
+    qp: QuantParams,
+) -> tuple[np.float32, np.float32, np.float32, np.float32, np.float32]:
+    """Per-tensor linear params (AFFINE, SYMMETRIC, POW2) as a compiled kernel takes
+    them, the float32 numbers :func:`quantize` and :func:`dequantize` compute with:
+    ``(1/scale, zero_point, qmin, qmax, scale)``."""
+    if qp.scale.dim() != 0 or qp.codebook is not None or qp.scheme is QuantScheme.NF4:
+        raise ValueError("linear_bounds takes per-tensor linear params")
+    qmin = 0.0 if qp.scheme is QuantScheme.AFFINE else 1.0
+    return (
+        np.float32(float(1.0 / qp.scale)),
+        np.float32(float(qp.zero_point)),
+        np.float32(qmin),
+        np.float32((1 << qp.bits) - 1),
+        np.float32(float(qp.scale)),
+    )
 
 
 def dequantize(codes: Tensor, qp: QuantParams, channels: Channels = None) -> Tensor:

@@ -35,7 +35,15 @@ from typing import TypeVar
 import numpy as np
 import torch
 
-from fedsqueeze.codec import ans, dense_encode, entropy, fused, literal_frames, plane_ans
+from fedsqueeze.codec import (
+    ans,
+    dense_encode,
+    entropy,
+    fused,
+    literal_frames,
+    plane_ans,
+    select_quantize,
+)
 from fedsqueeze.codec.bitpack import pack_bits, unpack_bits
 from fedsqueeze.codec.bits import all_zero_bits, as_bits, xor_bits
 from fedsqueeze.codec.blockwise import num_blocks
@@ -76,6 +84,7 @@ from fedsqueeze.codec.progressive import (
 )
 from fedsqueeze.codec.pruning import (
     channel_mask,
+    count_to_prune,
     magnitude_selection,
     prepare_selection,
     threshold_mask,
@@ -658,7 +667,11 @@ class TensorEncoder:
         if spec.rank is not None and self._factored(t):
             return self._lowrank(name, t, x, delta, spec.rank)
         flat = x.reshape(-1)
-        indices, gathered = self._kept(name, x, global_mask, _recall(self._firsts, name, t))
+        first = _recall(self._firsts, name, t)
+        selected = self._select_quantized(name, t, flat, first)
+        if selected is not None:
+            return selected
+        indices, gathered = self._kept(name, x, global_mask, first)
         if indices is None:
             values = flat
         else:
@@ -750,6 +763,46 @@ class TensorEncoder:
             return record, None
         owned = x.untyped_storage().data_ptr() != t.untyped_storage().data_ptr()
         return record, _residual(flat, indices, values, decoded, t.shape, owned)
+
+    def _select_quantized(
+        self, name: str, t: torch.Tensor, flat: torch.Tensor, first: FirstPass | None
+    ) -> tuple[TensorRecord, torch.Tensor | None] | None:
+        """A magnitude selection's record with the quantizer (and error feedback's
+        residual) in the selection's second pass (:mod:`fedsqueeze.codec.select_quantize`:
+        the same bytes as the separate passes); ``None`` where it does not apply."""
+        spec = self._spec
+        sparsity = self._selection_sparsity(flat)
+        if (
+            first is None
+            or sparsity is None
+            or spec.levels is not None
+            or spec.quant is None
+            or not select_quantize.applies(spec.quant)
+        ):
+            return None
+        owned = flat.untyped_storage().data_ptr() != t.untyped_storage().data_ptr()
+        got = select_quantize.select_quantized(
+            flat, count_to_prune(flat.numel(), sparsity), first, spec.quant,
+            self._generator(flat.device), spec.feedback, in_place=owned,
+        )  # fmt: skip
+        if got is None:
+            return None
+        coded = encode_positions_soon(got.indices, flat.numel())
+        payload = tensor_bytes(pack_bits(got.codes, spec.quant.bits))
+        enc = coded.result()
+        pos_payload = bytes(tensor_bytes(enc.payload))
+        positions = PositionsHeader(int(enc.coding.value), enc.rice_k, enc.count, len(pos_payload))
+        record = self._record(
+            name,
+            t,
+            delta=self._base_of(name, t) is not None,
+            body=pos_payload + bytes(payload),
+            value_kind=ValueKind.RAW,
+            quant=_quant_header(spec.quant, got.qp, 1, name),
+            positions=positions,
+        )
+        residual = None if got.residual is None else got.residual.reshape(t.shape)
+        return record, residual
 
     def _progressive(
         self,

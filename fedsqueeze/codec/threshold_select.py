@@ -29,6 +29,7 @@ pruning, at three times the cost.)
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -37,7 +38,15 @@ import numpy.typing as npt
 from fedsqueeze.codec import jit, jit_select
 from fedsqueeze.codec.chunks import np_scratch, run_chunks
 
-__all__ = ["CHUNK", "FirstPass", "finish", "first_pass", "select_above", "tie_rule"]
+__all__ = [
+    "CHUNK",
+    "ChunkDone",
+    "FirstPass",
+    "finish",
+    "first_pass",
+    "select_above",
+    "tie_rule",
+]
 
 #: Values per chunk: the magnitudes (1 MiB of float32) stay in a core's L2 cache.
 CHUNK = 1 << 18
@@ -77,8 +86,23 @@ class FirstPass:
     #: Per chunk: how many magnitudes are ``>= lo``, and the band's (in index order).
     at_least: I64
     band: list[F32]
-    #: The largest magnitude's float32 bit pattern (NaN above infinity above the rest).
-    top: int
+    #: The largest magnitude's float32 bit pattern (NaN above infinity above the rest)
+    #: among the values with the sign bit clear, and among those with it set (0: none).
+    top_pos: int
+    top_neg: int
+
+    @property
+    def top(self) -> int:
+        """The largest magnitude's float32 bit pattern."""
+        return max(self.top_pos, self.top_neg)
+
+    def extremes(self) -> tuple[float, float] | None:
+        """The smallest and the largest value, when every value is finite (else
+        ``None``); ``-0.0`` and ``0.0`` stand for "no negative" and "no positive"."""
+        if self.top >= 0x7F800000:
+            return None
+        words = np.array([self.top_neg, self.top_pos], dtype=np.int32).view(np.float32)
+        return -float(words[0]), float(words[1])
 
     def within(self, limit: float) -> bool:
         """Whether every value is finite with ``|x| <= limit``."""
@@ -104,7 +128,7 @@ def first_pass(x: F32, lo: float, hi: float) -> FirstPass:
     lo32, hi32 = np.float32(lo), np.float32(hi)  # sample values: exact in float32
     at_least = np.zeros(len(bounds), dtype=np.int64)
     band: list[F32] = [np.empty(0, dtype=np.float32)] * len(bounds)
-    tops = np.zeros(len(bounds), dtype=np.int32)
+    tops = np.zeros(2 * len(bounds), dtype=np.int32)
     bits = x.view(np.int32)
 
     compiled = jit.use(n)
@@ -129,15 +153,33 @@ def first_pass(x: F32, lo: float, hi: float) -> FirstPass:
         np.bitwise_and(bits[start:stop], 0x7FFFFFFF, out=words)
         at_least[i] = np.count_nonzero(ge)
         band[i] = mags[np.flatnonzero(inside)]
-        tops[i] = words.max()
+        negative = np.signbit(x[start:stop])
+        tops[2 * i] = words.max(where=~negative, initial=0)
+        tops[2 * i + 1] = words.max(where=negative, initial=0)
 
     run_chunks(first, bounds)
-    return FirstPass(n, lo32, hi32, at_least, band, int(tops.max(initial=0)))
+    pairs = tops.reshape(-1, 2).max(axis=0, initial=0)
+    return FirstPass(n, lo32, hi32, at_least, band, int(pairs[0]), int(pairs[1]))
 
 
-def finish(x: F32, prune: int, first: FirstPass) -> tuple[I64, F32] | None:
+#: What :func:`finish` calls after each chunk's selection, on the chunk's worker thread:
+#: ``(start, stop, o0, o1, indices, values)``, the chunk ``x[start:stop]`` having put its
+#: kept indices and values at ``[o0, o1)`` of the two outputs.
+ChunkDone = Callable[[int, int, int, int, I64, F32], None]
+
+
+def finish(
+    x: F32,
+    prune: int,
+    first: FirstPass,
+    then: ChunkDone | None = None,
+    copy: F32 | None = None,
+) -> tuple[I64, F32] | None:
     """:func:`select_above`'s result from its first pass over the same values (``x``
-    may be another array holding them); ``None`` when the band misses the cut-off."""
+    may be another array holding them); ``None`` when the band misses the cut-off.
+    ``then``: called after each chunk, while the chunk is still in cache (a quantizer
+    fused into this pass, :mod:`fedsqueeze.codec.select_quantize`); ``copy``: an array
+    of ``x``'s size that each chunk copies itself into on the way."""
     n = x.size
     if first.n != n:
         raise ValueError(f"the first pass saw {first.n} values, not {n}")
@@ -174,21 +216,30 @@ def finish(x: F32, prune: int, first: FirstPass) -> tuple[I64, F32] | None:
     total = int(offsets[-1])
     indices = np.empty(total, dtype=np.int64)
     values = np.empty(total, dtype=np.float32)
+    no_copy = np.empty(0, dtype=np.float32)
 
     def second(start: int, stop: int) -> None:
-        size = stop - start
         i = start // CHUNK
         o0, o1 = int(offsets[i]), int(offsets[i + 1])
+        chunk(start, stop, i, o0, o1)
+        if then is not None:
+            then(start, stop, o0, o1, indices, values)
+
+    def chunk(start: int, stop: int, i: int, o0: int, o1: int) -> None:
+        size = stop - start
         if compiled and i not in split:
             got = jit_select.select_pass(
-                x, start, stop, cut, bool(strict[i]), indices, values, o0, o1
-            )
+                x, start, stop, cut, bool(strict[i]), indices, values, o0, o1,
+                no_copy if copy is None else copy,
+            )  # fmt: skip
             if got != o1 - o0:  # cannot happen: the same comparisons as the first pass
                 raise RuntimeError("magnitude selection: a chunk's count changed between passes")
             return
         mags = np_scratch("sel_mags", size, np.float32, CHUNK)
         keep = np_scratch("sel_ge", size, np.bool_, CHUNK)
         piece = x[start:stop]
+        if copy is not None:
+            copy[start:stop] = piece
         np.abs(piece, out=mags)
         if strict[i] or i in split:
             np.greater(mags, cut, out=keep)

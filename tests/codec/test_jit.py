@@ -256,6 +256,10 @@ def test_the_band_pass_finds_the_largest_magnitude_as_numpy_does(
     finally:
         threshold_select.CHUNK = saved
     assert got.top == want.top == int((x.view(np.int32) & 0x7FFFFFFF).max())
+    words = x.view(np.int32) & 0x7FFFFFFF
+    negative = np.signbit(x)
+    assert got.top_pos == want.top_pos == int(words[~negative].max(initial=0))
+    assert got.top_neg == want.top_neg == int(words[negative].max(initial=0))
     top = float(np.abs(x).max())
     assert got.within(np.inf) == (where is None or abs(bad) < np.inf)
     assert got.within(top) == (where is None or bad == -3e38)
@@ -296,7 +300,8 @@ def test_select_pass_matches_numpy(
 ) -> None:
     """The compiled pass (with the vector step where the CPU has one) and the scalar
     loops alone (the plain Python function, ``VECTOR`` off): the same indices and values
-    as NumPy, NaN never kept, nothing written past the output's end."""
+    as NumPy, NaN never kept, nothing written past the output's end; with a copy, the
+    copy too (and nothing of it outside the chunk)."""
     jit.ready()
     kernel = jit_select.select_pass
     if not compiled:
@@ -313,8 +318,14 @@ def test_select_pass_matches_numpy(
         o1 = 7 + int(want.size * room)
         indices = np.full(o1 + 5, -1, dtype=np.int64)
         values = np.full(o1 + 5, 9.0, dtype=np.float32)
-        got = kernel(x, start, stop, cut32, strict, indices, values, 7, o1)
+        copy = np.full(x.size, 7.0, dtype=np.float32)
+        got = kernel(x, start, stop, cut32, strict, indices, values, 7, o1, copy)
         assert got == want.size
+        assert np.array_equal(copy[start:stop], x[start:stop], equal_nan=True)
+        assert (copy[:start] == 7.0).all() and (copy[stop:] == 7.0).all()
+        again = np.full(o1 + 5, -1, dtype=np.int64)
+        got = kernel(x, start, stop, cut32, strict, again, values, 7, o1, copy[:0])
+        assert np.array_equal(again, indices)
         fit = o1 - 7
         assert np.array_equal(indices[7:o1], want[:fit])
         assert np.array_equal(values[7:o1], x[want[:fit]])
@@ -437,3 +448,32 @@ def test_rice_decoding_matches_the_reference_on_good_and_bad_payloads(
             want = _decoded_or_error(enc.coding, count, enc.rice_k, payload, numel)
         assert got == want
     assert _decoded_or_error(enc.coding, enc.count, enc.rice_k, enc.payload, n) == idx.tolist()
+
+
+@pytest.mark.parametrize("lo, hi", [(0.5, 1.5), (2.0, 2.1), (-np.inf, np.inf)])
+def test_band_pass_vector_and_scalar_loops_agree(
+    lo: float, hi: float, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The compiled band pass (its vector step where the CPU has one) and the scalar
+    blocks of 32 alone (the plain Python function, ``VECTOR`` off): the same count,
+    band and largest magnitudes of each sign, on every start and tail length."""
+    jit.ready()
+    x = hard_values(5_003, 6).numpy()
+    x[100] = np.nan
+    bits = x.view(np.int32)
+    lo32, hi32 = np.float32(lo), np.float32(hi)
+    plain = getattr(jit_select.band_pass, "py_func", jit_select.band_pass)
+    for start, stop in ((0, 5_003), (3, 4_099), (17, 40), (1, 16)):
+        results = []
+        for kernel, vector in ((jit_select.band_pass, jit_select.VECTOR), (plain, False)):
+            monkeypatch.setattr(jit_select, "VECTOR", vector)
+            band = np.zeros(stop - start, dtype=np.float32)
+            tops = np.zeros(4, dtype=np.int32)
+            packed = kernel(x, bits, start, stop, lo32, hi32, band, tops, 1)
+            results.append((packed, band[: packed & 0xFFFFFFFF].copy(), tops[2:].copy()))
+        (p1, b1, t1), (p2, b2, t2) = results
+        assert p1 == p2 and np.array_equal(b1, b2) and np.array_equal(t1, t2)
+        mags = np.abs(x[start:stop])
+        assert p1 >> 32 == int(np.count_nonzero(mags >= lo32))
+        inside = mags[(mags >= lo32) & (mags <= hi32)]
+        assert np.array_equal(b1, inside)
