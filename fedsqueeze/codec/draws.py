@@ -30,6 +30,8 @@ import numpy.typing as npt
 import torch
 from torch import Tensor
 
+from fedsqueeze.codec import jit, jit_select
+
 __all__ = ["GAMMA", "MIX1", "MIX2", "key", "uniform", "uniform_np", "uniform_torch"]
 
 #: SplitMix64's increment (2^64 / φ, odd) and its two multipliers.
@@ -67,11 +69,15 @@ def uniform_np(k: int, start: int, n: int) -> npt.NDArray[np.float32]:
 
 
 def uniform(k: int, start: int, n: int, device: torch.device) -> Tensor:
-    """:func:`uniform_np` as a float32 tensor on ``device`` (off the CPU,
-    :func:`uniform_torch`)."""
-    if device.type == "cpu":
-        return torch.from_numpy(uniform_np(k, start, n))
-    return uniform_torch(k, start, n, device)
+    """:func:`uniform_np` as a float32 tensor on ``device``: on the CPU by the compiled
+    kernel for many values, off it by :func:`uniform_torch`."""
+    if device.type != "cpu":
+        return uniform_torch(k, start, n, device)
+    if jit.use(n):
+        out = np.empty(n, dtype=np.float32)
+        jit_select.unit_draws(np.uint64(k), start, out)
+        return torch.from_numpy(out)
+    return torch.from_numpy(uniform_np(k, start, n))
 
 
 def uniform_torch(k: int, start: int, n: int, device: torch.device) -> Tensor:

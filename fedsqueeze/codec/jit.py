@@ -48,6 +48,7 @@ __all__ = [
     "linear_encode",
     "nf4_decode",
     "nf4_encode",
+    "pack",
     "per_run",
     "ready",
     "run_range",
@@ -116,6 +117,7 @@ def warm() -> None:
     for bits in (2, 4, 8):
         linear_encode(f, 0, 8, one, one, 8, lo, hi, bits, u, u)
         linear_decode(u, 0, 8, bits, one, one, 8, f)
+        pack(u, 8, bits, u.copy(), 0)
     nf4_encode(f, 0, 8, one, 8, u, np.full(256, np.inf, dtype=np.float32), u, u)
     nf4_decode(u, 0, 8, f, one, 8, f)
     run_range(f, 0, 8, 4, f[:2].copy(), f[:2].copy())
@@ -147,6 +149,11 @@ def _compile() -> bool:
 # Every loop below runs over a slice from index 0: with a loop from ``start`` numba must
 # allow for negative indices (it wraps them), and LLVM then leaves the loop unvectorized
 # (measured: 4.5x slower on a chunk of int8 codes).
+
+
+def pack(codes: U8, size: int, bits: int, packed: U8, b0: int) -> None:
+    """:func:`_pack`, called from Python (:func:`fedsqueeze.codec.bitpack.pack_bits`)."""
+    _pack(codes, size, bits, packed, b0)
 
 
 def _pack(codes: U8, size: int, bits: int, packed: U8, b0: int) -> None:
@@ -386,6 +393,7 @@ def run_range(x: F32, start: int, stop: int, length: int, lo: F32, hi: F32) -> N
 #: The kernels of this module, helpers before the kernels that call them.
 _KERNELS = (
     "_pack",
+    "pack",
     "_lane",
     "_decode_run",
     "linear_encode",

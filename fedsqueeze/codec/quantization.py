@@ -47,6 +47,7 @@ from fedsqueeze.codec.blockwise import (
     scales_to_bytes,
     store_scales,
 )
+from fedsqueeze.codec.chunks import chunk_bounds, run_chunks, scratch
 from fedsqueeze.codec.kernels import (
     Runs,
     dequantize_linear,
@@ -332,12 +333,11 @@ def quantize(
     qmax = float((1 << qp.bits) - 1)
     if fast:
         return quantize_linear(x, qp.scale, qp.zero_point, qmin, qmax, runs)
-    # Stochastic rounding, or a per-value index of channels: the reference loop.
+    # Stochastic rounding, or a per-value index of channels: the reference loop, in
+    # chunks on the worker threads (each value's draw depends on its position alone).
     stochastic = rounding is Rounding.STOCHASTIC
     n = x.numel()
     out = torch.empty(n, dtype=torch.uint8, device=device)
-    chunk = _chunk_size(device)
-    buf = torch.empty(min(n, chunk), dtype=torch.float32, device=device)
     k = draws.key(generator) if stochastic and n else None
     if per_channel:
         ch_all = _index(ch_any, n, device)
@@ -346,9 +346,12 @@ def quantize(
     else:
         inv = float(1.0 / qp.scale)
         zp = float(qp.zero_point)
-    for start in range(0, n, chunk):
-        stop = min(start + chunk, n)
-        b = buf[: stop - start]
+
+    def chunk(start: int, stop: int) -> None:
+        if device.type == "cpu":
+            b = scratch("a", stop - start, torch.float32)
+        else:
+            b = torch.empty(stop - start, dtype=torch.float32, device=device)
         # Round x/scale first and add the integer zero point after: adding it before
         # would round once more at the code's magnitude (up to 1e-5 of a step).
         # float32 before scaling: a half-precision product would round to 11 bits.
@@ -367,6 +370,13 @@ def quantize(
         else:
             b.add_(zp)
         out[start:stop] = b.clamp_(qmin, qmax)
+
+    bounds = chunk_bounds(n, _chunk_size(device))
+    if device.type == "cpu":
+        run_chunks(chunk, bounds)
+    else:
+        for start, stop in bounds:
+            chunk(start, stop)
     return out
 
 

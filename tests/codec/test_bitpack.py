@@ -125,3 +125,18 @@ def test_cuda_round_trip(bits: int) -> None:
     assert packed.device.type == "cuda"
     assert torch.equal(packed.cpu(), pack_bits(codes.cpu(), bits))
     assert torch.equal(unpack_bits(packed, bits, codes.numel()), codes)
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+@pytest.mark.parametrize("n", [1 << 16, (1 << 16) + 3, 2_500_001])  # the compiled path
+def test_many_codes_pack_as_the_torch_path_does(bits: int, n: int) -> None:
+    """Many codes on the CPU go through the compiled kernel in chunks on the worker
+    threads: the same bytes as the shifted views (and the reference on a slice)."""
+    g = torch.Generator().manual_seed(n + bits)
+    codes = torch.randint(0, 1 << bits, (n,), generator=g, dtype=torch.uint8)
+    got = pack_bits(codes, bits)
+    want = bitpack._pack_divisor(codes, bits)
+    assert torch.equal(got, want)
+    head = codes[:40].tolist()
+    assert bytes(got[: packed_size(40, bits)].tolist()) == reference_pack(head, bits)
+    assert torch.equal(unpack_bits(got, bits, n), codes)

@@ -326,3 +326,17 @@ def test_a_key_is_one_draw_of_the_generator() -> None:
     assert draws.key(g1) == draws.key(g2)
     assert draws.key(g1) != draws.key(torch.Generator().manual_seed(9))
     assert 0 <= draws.key(None) < 2**63
+
+
+@pytest.mark.parametrize("n", [1000, 3 * (1 << 20) + 5])  # NumPy draws; compiled, on threads
+def test_stochastic_quantize_rounds_with_the_keyed_draws(n: int) -> None:
+    """quantize's stochastic codes are floor(x / scale + u) + zp with u the draws at the
+    values' positions under one key from the generator, whichever path made them."""
+    x = torch.randn(n, generator=torch.Generator().manual_seed(n))
+    qp = choose_qparams(x, 4, QuantScheme.AFFINE, Granularity.PER_TENSOR)
+    codes = quantize(x, qp, Rounding.STOCHASTIC, generator=torch.Generator().manual_seed(3))
+    key = draws.key(torch.Generator().manual_seed(3))
+    inv, zp, qmin, qmax, _ = linear_bounds(qp)
+    u = draws.uniform_np(key, 0, n)
+    want = np.clip(np.floor(x.numpy() * inv + u) + zp, qmin, qmax).astype(np.uint8)
+    assert np.array_equal(codes.numpy(), want)
