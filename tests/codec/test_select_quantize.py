@@ -24,6 +24,7 @@ from fedsqueeze.codec.spec import Granularity, QuantScheme, QuantSpec, Rounding
 from fedsqueeze.codec.spec_text import parse_spec
 
 LARGE = pruning._SAMPLE_ABOVE + 4097  # the two-pass selection's size
+MANY = 3 * threshold_select.CHUNK + 4097  # the two-pass selection over several chunks
 NAME = "layer.weight"  # a name every spec here targets
 
 SPECS = [
@@ -101,7 +102,7 @@ def test_the_fused_pass_gives_the_separate_passes_bytes_and_residual(
 ) -> None:
     spy = Spy(monkeypatch)
     g = torch.Generator().manual_seed(len(text))
-    t = torch.randn(1024, LARGE // 1024 + 1, generator=g)
+    t = torch.randn(1024, MANY // 1024 + 1, generator=g)
     base = torch.randn(t.shape, generator=g) * 0.5 if with_base else None
     residual = torch.randn(t.shape, generator=g) * 0.1 if with_residual else None
     held = [x.clone() for x in (t, base, residual) if x is not None]
@@ -119,8 +120,8 @@ def test_ties_split_inside_a_chunk_keep_the_rule(monkeypatch: pytest.MonkeyPatch
     some and keeps the rest; the extremes (±40) lie far above the band."""
     spy = Spy(monkeypatch)
     g = torch.Generator().manual_seed(7)
-    t = torch.randint(-12, 13, (LARGE,), generator=g).to(torch.float32) / 4
-    t[100], t[200_000] = 40.0, -40.0
+    t = torch.randint(-12, 13, (MANY,), generator=g).to(torch.float32) / 4
+    t[100], t[MANY - 100] = 40.0, -40.0
     a, b = both_ways(t.reshape(1, -1), "topk=0.3,quant=4", None, None)
     same_outputs(a, b)
     assert spy.taken == 1
