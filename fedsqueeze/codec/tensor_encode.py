@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from concurrent.futures import Future
 from dataclasses import dataclass, replace
 from typing import TypeVar
 
@@ -67,6 +68,7 @@ from fedsqueeze.codec.nested_gptq import (
     output_tables,
 )
 from fedsqueeze.codec.positions import (
+    EncodedPositions,
     encode_positions,
     encode_positions_soon,
     mask_to_indices,
@@ -725,11 +727,7 @@ class TensorEncoder:
         def coded_positions() -> None:
             nonlocal positions, pos_payload
             if coded is not None:
-                enc = coded.result()
-                pos_payload = bytes(tensor_bytes(enc.payload))
-                positions = PositionsHeader(
-                    int(enc.coding.value), enc.rice_k, enc.count, len(pos_payload)
-                )
+                positions, pos_payload = _positions(coded)
 
         if spec.levels is not None and spec.quant is not None:
             coded_positions()
@@ -789,9 +787,7 @@ class TensorEncoder:
             return None
         coded = encode_positions_soon(got.indices, flat.numel())
         payload = tensor_bytes(pack_bits(got.codes, spec.quant.bits))
-        enc = coded.result()
-        pos_payload = bytes(tensor_bytes(enc.payload))
-        positions = PositionsHeader(int(enc.coding.value), enc.rice_k, enc.count, len(pos_payload))
+        positions, pos_payload = _positions(coded)
         record = self._record(
             name,
             t,
@@ -1117,6 +1113,13 @@ class TensorEncoder:
             name, t, delta=delta, body=payload, value_kind=value_kind, quant=quant, rank=rank
         )
         return record, x - approx.reshape(t.shape)
+
+
+def _positions(coded: Future[EncodedPositions]) -> tuple[PositionsHeader, bytes]:
+    """The record's positions header and payload, once ``coded`` is done."""
+    enc = coded.result()
+    payload = bytes(tensor_bytes(enc.payload))
+    return PositionsHeader(int(enc.coding.value), enc.rice_k, enc.count, len(payload)), payload
 
 
 def _quant_header(
