@@ -9,14 +9,12 @@ state may be a lazy mapping (memory-mapped tensors): each tensor is read when en
 
 Tensors are encoded by a pool of threads (torch and zstd release the GIL), at most
 ``inflight_bytes`` of input at a time, and the records are stored in state order, so the
-bytes are those of the serial path and of ``encode_state(...).to_bytes()``. Two cases
-stay serial or take another road to the same bytes:
-
-* stochastic rounding with a seed draws from one generator tensor after tensor, so the
-  tensors are encoded one at a time (in order), as ``encode_state`` does;
-* global magnitude pruning finds its cut-off by radix selection
-  (:mod:`fedsqueeze.codec.global_cut`), without the model's magnitudes in one piece;
-  it drops the same values, ties at the cut-off included.
+bytes are those of the serial path and of ``encode_state(...).to_bytes()`` (stochastic
+rounding with a seed included: each tensor draws from a generator of its own, seeded by
+the seed and its name). Global magnitude pruning takes another road to the same bytes:
+it finds its cut-off by radix selection (:mod:`fedsqueeze.codec.global_cut`), without
+the model's magnitudes in one piece, and drops the same values, ties at the cut-off
+included.
 
 Peak memory beyond the input is the record headers, the in-flight tensors' working
 memory and, for a progressive spec, nothing more: its levels are stored as they come
@@ -45,7 +43,7 @@ from fedsqueeze.codec.model import (
     progressive_order,
 )
 from fedsqueeze.codec.nested_gptq import Calibration
-from fedsqueeze.codec.spec import CodecSpec, PruneMethod, Rounding
+from fedsqueeze.codec.spec import CodecSpec, PruneMethod
 from fedsqueeze.codec.tensor_encode import ScoredLevel
 from fedsqueeze.errors import NonFiniteError
 
@@ -206,7 +204,7 @@ def encode_stream(
             return _Done([ScoredLevel(record, 0.0)], res)
         return _Done(levels, res)
 
-    serial = workers == 1 or (seed is not None and _stochastic(spec))
+    serial = workers == 1
     budget = inflight_bytes or max(1, sum(sizes.values()) // 25)
     stubs: list[StoredRecord] = []
     levels: dict[str, list[ScoredLevel]] = {}
@@ -292,10 +290,6 @@ def _run_pool(
         finally:
             for _name, future in pending:
                 future.cancel()
-
-
-def _stochastic(spec: CodecSpec) -> bool:
-    return spec.quant is not None and spec.quant.rounding is Rounding.STOCHASTIC
 
 
 def _nbytes(t: torch.Tensor) -> int:

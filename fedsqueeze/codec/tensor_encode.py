@@ -27,6 +27,7 @@ stage runs; the caller refuses it or sends it with :meth:`TensorEncoder.carry`.
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Mapping
 from concurrent.futures import Future
@@ -110,7 +111,6 @@ from fedsqueeze.codec.spec import (
     PruneMethod,
     QuantSpec,
     Rotation,
-    Rounding,
     ScaleFormat,
 )
 from fedsqueeze.codec.support_levels import Node, chain, free_ranks, group_ids
@@ -188,7 +188,7 @@ class TensorEncoder:
         self._residual = residual or {}
         self._index = {name: i for i, name in enumerate(sorted(self._base))}
         self._seed = seed
-        self._generators: dict[torch.device, torch.Generator] = {}
+        self._generators: dict[tuple[str, torch.device], torch.Generator] = {}
         self.levels: dict[str, list[ScoredLevel]] = {}
         self._rotated = spec.quant is not None and spec.quant.rotation is not Rotation.NONE
         # What problem() read that encode() needs again (one pass fewer; _fits_on_the_way):
@@ -247,27 +247,30 @@ class TensorEncoder:
     @property
     def in_parallel(self) -> bool:
         """Whether this model's tensors may be encoded on several threads at once (the
-        same records as one after the other): no stochastic rounding (its draws, from a
-        seeded generator or the global one, follow the tensor order), no progressive
-        levels (GPTQ calibration included), and not the Python-level ANS coder (it holds
-        the GIL: threads would only wait for each other)."""
+        same records as one after the other): no progressive levels (GPTQ calibration
+        included), and not the Python-level ANS coder (it holds the GIL: threads would
+        only wait for each other). Stochastic rounding may: with a seed each tensor has a
+        generator of its own (:meth:`_generator`); without one the draws are not
+        reproducible anyway."""
         spec = self._spec
-        q = spec.quant
         return (
-            (q is None or q.rounding is not Rounding.STOCHASTIC)
-            and spec.levels is None
+            spec.levels is None
             and self._calibration is None
             and spec.entropy_coder is not EntropyCoder.ANS
         )
 
-    def _generator(self, device: torch.device) -> torch.Generator | None:
+    def _generator(self, name: str, device: torch.device) -> torch.Generator | None:
+        """Tensor ``name``'s stochastic-rounding generator: seeded from the encoder's seed
+        and the name (:func:`tensor_seed`), so a tensor's draws do not depend on the
+        tensors before it, nor on the thread that encodes it; ``None`` (the global
+        generator) without a seed."""
         if self._seed is None:
             return None
-        gen = self._generators.get(device)
+        gen = self._generators.get((name, device))
         if gen is None:
             gen = torch.Generator(device=device)
-            gen.manual_seed(self._seed)
-            self._generators[device] = gen
+            gen.manual_seed(tensor_seed(self._seed, name))
+            gen = self._generators.setdefault((name, device), gen)
         return gen
 
     def problem(self, name: str, t: torch.Tensor) -> str | None:
@@ -745,7 +748,7 @@ class TensorEncoder:
         # only error feedback needs what the receiver gets
         payload, quant, value_kind, decoded = self._store(
             values, channels_of, num_channels, t.device, spec.feedback,
-            known if indices is None else None, name,
+            known if indices is None else None, name=name,
         )  # fmt: skip
         coded_positions()
         record = self._record(
@@ -781,7 +784,7 @@ class TensorEncoder:
         owned = flat.untyped_storage().data_ptr() != t.untyped_storage().data_ptr()
         got = select_quantize.select_quantized(
             flat, count_to_prune(flat.numel(), sparsity), first, spec.quant,
-            self._generator(flat.device), spec.feedback, in_place=owned,
+            self._generator(name, flat.device), spec.feedback, in_place=owned,
         )  # fmt: skip
         if got is None:
             return None
@@ -822,7 +825,7 @@ class TensorEncoder:
         qp = choose_qparams(
             values, q.bits, q.scheme, q.granularity, channels_of, num_channels, q.scales
         )
-        codes = quantize(values, qp, q.rounding, channels_of, self._generator(t.device))
+        codes = quantize(values, qp, q.rounding, channels_of, self._generator(name, t.device))
         # the input moments of a dense Linear with calibration: GPTQ chooses its codes
         calibration = self._calibration if positions is None else None
         hessian = None
@@ -904,7 +907,7 @@ class TensorEncoder:
         qp = choose_qparams(
             values, q.bits, q.scheme, q.granularity, channels_of, num_channels, q.scales
         )
-        codes = quantize(values, qp, q.rounding, channels_of, self._generator(t.device))
+        codes = quantize(values, qp, q.rounding, channels_of, self._generator(name, t.device))
         quant = _quant_header(q, qp, num_channels)
         energy = _energy(t)
         numel = t.numel()
@@ -1059,11 +1062,14 @@ class TensorEncoder:
         device: torch.device,
         need_decoded: bool,
         known_range: tuple[torch.Tensor, torch.Tensor] | None = None,
-        name: str | None = None,
+        *,
+        name: str,
+        factors: bool = False,
     ) -> tuple[bytes | memoryview, QuantHeader | None, ValueKind, torch.Tensor]:
         """Quantize ``values`` (or cast them to the spec's float format); per tensor,
         ``known_range`` is their minimum and maximum when already found; ``name`` is the
-        tensor's (a rotated spec's seed).
+        tensor's (its stochastic draws' generator, and a rotated spec's seed unless the
+        values are its low-rank ``factors``, which are never rotated).
 
         Returns the payload (a view of the packed codes, not yet copied), its
         quantization header (``None`` when cast), the value kind and what the receiver
@@ -1079,7 +1085,7 @@ class TensorEncoder:
                 qp, packed, decoded = hot
                 return (
                     tensor_bytes(packed),
-                    _quant_header(q, qp, num_channels, name),
+                    _quant_header(q, qp, num_channels, None if factors else name),
                     ValueKind.RAW,
                     decoded,
                 )
@@ -1087,10 +1093,10 @@ class TensorEncoder:
                 values, q.bits, q.scheme, q.granularity, channels_of, num_channels, q.scales,
                 known_range=known_range,
             )  # fmt: skip
-            codes = quantize(values, qp, q.rounding, channels_of, self._generator(device))
+            codes = quantize(values, qp, q.rounding, channels_of, self._generator(name, device))
             decoded = dequantize(codes, qp, channels_of) if need_decoded else values
             payload = tensor_bytes(pack_bits(codes, q.bits))
-            quant = _quant_header(q, qp, num_channels, name)
+            quant = _quant_header(q, qp, num_channels, None if factors else name)
             return payload, quant, ValueKind.RAW, decoded
         stored = values.to(_CAST_DTYPES[spec.float_format])
         decoded = stored.to(torch.float32) if need_decoded else values
@@ -1106,13 +1112,22 @@ class TensorEncoder:
         a, b = factorize(x.reshape(m, n), rank)
         values = torch.cat((a.reshape(-1), b.reshape(-1)))
         # Per-tensor quantization only (the spec forbids per-channel with a rank).
-        payload, quant, value_kind, decoded = self._store(values, None, 1, t.device, True)
+        payload, quant, value_kind, decoded = self._store(
+            values, None, 1, t.device, True, name=name, factors=True
+        )
         split = m * rank
         approx = decoded[:split].reshape(m, rank) @ decoded[split:].reshape(rank, n)
         record = self._record(
             name, t, delta=delta, body=payload, value_kind=value_kind, quant=quant, rank=rank
         )
         return record, x - approx.reshape(t.shape)
+
+
+def tensor_seed(seed: int, name: str) -> int:
+    """The seed of tensor ``name``'s generator under the encoder's ``seed``: 63 bits of
+    BLAKE2b over both (stable across processes and platforms, unlike ``hash``)."""
+    digest = hashlib.blake2b(f"{seed}\x00{name}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
 
 
 def _positions(coded: Future[EncodedPositions]) -> tuple[PositionsHeader, bytes]:

@@ -175,6 +175,9 @@ SPECS = [
     "prune=global:0.8,quant=8",
     "quant=2:kmeans",
     "topk=0.1,quant=4",
+    "topk10-int4",  # stochastic rounding, seeded: a generator per tensor
+    "quant=8:channel:stochastic",
+    "quant=3:kmeans:stochastic",
     "rank=4",
     "float=fp16",
 ]
@@ -234,3 +237,20 @@ def test_the_same_name_twice_is_refused_before_any_decoding() -> None:
     twice = EncodedModel(encoded.spec, None, (*encoded.records, encoded.records[0]))
     with pytest.raises(FormatError, match="appears twice"):
         decode_state(twice)
+
+
+@pytest.mark.parametrize("text", ["topk10-int4", "quant=4:stochastic", "quant=3:kmeans:stochastic"])
+def test_a_tensors_stochastic_codes_depend_on_the_seed_and_its_name_alone(text: str) -> None:
+    """With a seed, a tensor's stochastic draws come from a generator of its own: the
+    same record whichever tensors come before it, another one under another seed."""
+    spec = parse_spec(text)
+    state = _model(4)
+    names = list(state)
+    whole = {r.name: r for r in encode_state(state, spec, seed=7).records}
+    reordered = dict(reversed(list(state.items())))
+    again = {r.name: r for r in encode_state(reordered, spec, seed=7).records}
+    alone = encode_state({names[5]: state[names[5]]}, spec, seed=7).records[0]
+    assert all(again[n] == whole[n] for n in names)
+    assert alone == whole[names[5]]
+    other = {r.name: r for r in encode_state(state, spec, seed=8).records}
+    assert any(other[n] != whole[n] for n in names if state[n].is_floating_point())
