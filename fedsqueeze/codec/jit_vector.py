@@ -1,18 +1,19 @@
 """Vector kernels for the selection's two passes: sixteen values compared at once and
 the kept ones (:data:`compress16`, the second pass) or the band's magnitudes
-(:data:`band16`, the first) stored side by side (LLVM's ``masked.compressstore``),
-where numba's scalar loop takes a branch per value.
+(:data:`scan16`, the first, which also counts them and keeps the maxima) stored side by
+side (LLVM's ``masked.compressstore``), where numba's scalar loop takes a branch per
+value.
 
 Only :func:`fedsqueeze.codec.jit._compile` imports this module (numba and llvmlite are
 imported then). :func:`install` swaps the scalar helpers
-:func:`fedsqueeze.codec.jit_select._compress16` and ``_band16`` for these before any
+``_compress16`` and ``_scan16`` of :mod:`fedsqueeze.codec.jit_select` for these before any
 kernel calling them is compiled, and only on a CPU with AVX-512 (``vcompressps`` and
 ``vpcompressq``). Elsewhere LLVM would expand the store lane by lane, which is no
 faster than the scalar helper, so that stays. Both give the same indices and values
 (``tests/codec/test_jit.py`` compares them with the NumPy path).
 
 numba's cache of ``select_pass`` does not notice an edit of this module (checked: it
-kept the old machine code): after changing :data:`compress16` or :data:`band16`, delete
+kept the old machine code): after changing :data:`compress16` or :data:`scan16`, delete
 ``fedsqueeze/codec/__pycache__/jit_select*.nb*``.
 
 Measured on 25M standard normal float32 values, 10% kept, two threads, on these
@@ -28,7 +29,7 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-__all__ = ["available", "band16", "compress16", "install"]
+__all__ = ["available", "compress16", "install", "scan16"]
 
 _LANES = 16
 
@@ -47,7 +48,7 @@ def install(space: dict[str, Any]) -> bool:
     if not available():
         return False
     space["_compress16"] = compress16
-    space["_band16"] = band16
+    space["_scan16"] = scan16
     space["VECTOR"] = True
     return True
 
@@ -137,15 +138,32 @@ def compress16(
 
 
 @intrinsic
-def band16(typingctx: Any, xs: Any, k: Any, lo: Any, hi: Any, band: Any, used: Any) -> Any:
-    """``_band16`` (:mod:`fedsqueeze.codec.jit_select`) in one vector step: the
-    magnitudes of ``xs[k:k+16]`` (float32, C order) in ``[lo, hi]`` (NaN never) go to
-    ``band[used:]``, in order; returns ``used`` plus how many. The caller guarantees
-    ``k + 16 <= len(xs)`` and ``used + 16 <= len(band)``."""
-    f32 = types.float32
+def scan16(
+    typingctx: Any,
+    xs: Any,
+    bs: Any,
+    k: Any,
+    lo: Any,
+    hi: Any,
+    band: Any,
+    used: Any,
+    tops: Any,
+) -> Any:
+    """``_scan16`` (:mod:`fedsqueeze.codec.jit_select`) in one vector step over
+    ``xs[k:k+16]`` (float32, C order; ``bs``, their memory as int32, is not read): the
+    magnitudes in ``[lo, hi]`` (NaN never) go to ``band[used:]``, in order; ``tops``
+    (int32, 32 lanes) takes the lane-wise maxima of the values' bit patterns less the
+    sign bit, those with the sign bit clear in its first 16 lanes and those with it set
+    in the last 16 (0 for the other sign); returns ``used`` plus how many went to the
+    band, plus 2^32 times how many magnitudes are ``>= lo``. The caller guarantees
+    ``k + 16 <= len(xs)`` and ``used + 16 <= len(band)``. The maxima stay in ``tops``
+    from one step to the next (its 128 bytes in the core's first-level cache), where a
+    vectorized loop beside the compressed store ran at half the speed."""
+    f32, i32 = types.float32, types.int32
+    arrays = ((xs, f32), (band, f32), (tops, i32))
     if not all(
-        isinstance(a, types.Array) and a.ndim == 1 and a.layout == "C" and a.dtype == f32
-        for a in (xs, band)
+        isinstance(a, types.Array) and a.ndim == 1 and a.layout == "C" and a.dtype == d
+        for a, d in arrays
     ):
         return None  # a typing failure: numba reports it, nothing is computed wrongly
     if not all(isinstance(a, types.Integer) for a in (k, used)):
@@ -154,32 +172,49 @@ def band16(typingctx: Any, xs: Any, k: Any, lo: Any, hi: Any, band: Any, used: A
         return None
 
     def codegen(context: Any, builder: ir.IRBuilder, signature: Any, args: Any) -> Any:
-        x_t, k_t, lo_t, hi_t, b_t, u_t = signature.args
-        xa, ka, loa, hia, ba, ua = args
+        x_t, _, k_t, lo_t, hi_t, b_t, u_t, t_t = signature.args
+        xa, _, ka, loa, hia, ba, ua, ta = args
         i64 = types.int64
         ka = context.cast(builder, ka, k_t, i64)
         ua = context.cast(builder, ua, u_t, i64)
         loa = context.cast(builder, loa, lo_t, f32)
         hia = context.cast(builder, hia, hi_t, f32)
-        fl, it = ir.FloatType(), ir.IntType(64)
+        fl, it, word = ir.FloatType(), ir.IntType(64), ir.IntType(32)
         vf = ir.VectorType(fl, _LANES)
+        vw = ir.VectorType(word, _LANES)
         vmask = ir.VectorType(ir.IntType(1), _LANES)
         data = cgutils.create_struct_proxy(x_t)(context, builder, value=xa).data  # type: ignore[no-untyped-call]
         out = cgutils.create_struct_proxy(b_t)(context, builder, value=ba).data  # type: ignore[no-untyped-call]
+        acc = cgutils.create_struct_proxy(t_t)(context, builder, value=ta).data  # type: ignore[no-untyped-call]
         src = builder.bitcast(builder.gep(data, [ka]), vf.as_pointer())
         lanes = builder.load(src, align=4)
         mags = builder.call(_declare(builder, "llvm.fabs.v16f32", vf, [vf]), [lanes])
         at_least = builder.fcmp_ordered(">=", mags, _splat(builder, loa, vf))
         at_most = builder.fcmp_ordered("<=", mags, _splat(builder, hia, vf))
-        mask = builder.and_(at_least, at_most)
+        inside = builder.and_(at_least, at_most)
         store = _declare(
             builder, "llvm.masked.compressstore.v16f32", ir.VoidType(), [vf, fl.as_pointer(), vmask]
         )
-        builder.call(store, [mags, builder.gep(out, [ua]), mask])
-        bits = builder.bitcast(mask, ir.IntType(_LANES))
-        count = builder.call(
-            _declare(builder, "llvm.ctpop.i16", ir.IntType(16), [ir.IntType(16)]), [bits]
+        builder.call(store, [mags, builder.gep(out, [ua]), inside])
+        # the maxima: sign-split magnitudes' bit patterns, lane by lane
+        words = builder.bitcast(lanes, vw)
+        negative = builder.ashr(words, ir.Constant(vw, [31] * _LANES))
+        magnitude = builder.and_(words, ir.Constant(vw, [0x7FFFFFFF] * _LANES))
+        parts = (
+            builder.and_(magnitude, builder.not_(negative)),
+            builder.and_(magnitude, negative),
         )
-        return builder.add(ua, builder.zext(count, it))
+        for half, part in enumerate(parts):
+            slot = builder.bitcast(
+                builder.gep(acc, [ir.Constant(it, half * _LANES)]), vw.as_pointer()
+            )
+            held = builder.load(slot, align=4)
+            larger = builder.icmp_signed(">", part, held)
+            builder.store(builder.select(larger, part, held), slot, align=4)
+        pop = _declare(builder, "llvm.ctpop.i16", ir.IntType(16), [ir.IntType(16)])
+        in_band = builder.call(pop, [builder.bitcast(inside, ir.IntType(_LANES))])
+        counted = builder.call(pop, [builder.bitcast(at_least, ir.IntType(_LANES))])
+        packed = builder.shl(builder.zext(counted, it), ir.Constant(it, 32))
+        return builder.add(builder.add(ua, builder.zext(in_band, it)), packed)
 
-    return types.int64(xs, k, lo, hi, band, used), codegen
+    return types.int64(xs, bs, k, lo, hi, band, used, tops), codegen
