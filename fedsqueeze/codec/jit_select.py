@@ -425,14 +425,19 @@ def quantize_kept(
     vs = values[o0:o1]
     ids = indices[o0:o1]
     cs = codes[o0:o1]
-    feedback = residual.size > 0
-    for j in range(vs.size):
-        v = vs[j]
-        b = np.floor(v * inv + unit_draw(key, o0 + j)) + zp if stochastic else np.rint(v * inv) + zp
-        q = min(max(b, qmin), qmax)
-        cs[j] = np.uint8(q)
-        if feedback:
-            residual[ids[j]] = v - (q - zp) * scale
+    # The codes in loops of their own (LLVM vectorizes them), the residual's scattered
+    # writes after.
+    if stochastic:
+        for j in range(vs.size):
+            b = np.floor(vs[j] * inv + unit_draw(key, o0 + j)) + zp
+            cs[j] = np.uint8(min(max(b, qmin), qmax))
+    else:
+        for j in range(vs.size):
+            b = np.rint(vs[j] * inv) + zp
+            cs[j] = np.uint8(min(max(b, qmin), qmax))
+    if residual.size > 0:
+        for j in range(vs.size):
+            residual[ids[j]] = vs[j] - (np.float32(cs[j]) - zp) * scale
 
 
 def unit_draws(key: np.uint64, start: int, out: F32) -> None:
