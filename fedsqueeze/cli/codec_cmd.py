@@ -78,7 +78,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--spec", default="lossless", help="preset name or key=value list (default: lossless)"
     )
     enc.add_argument("--base", help="encode as a delta against this model file")
-    enc.add_argument("--seed", type=int, default=0, help="seed for stochastic rounding")
+    enc.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seed for stochastic rounding (default 0): each tensor draws from a generator "
+        "seeded by it and the tensor's name, so the same seed gives the same output",
+    )
     enc.add_argument("--force", action="store_true", help="replace OUTPUT if it exists")
     enc.add_argument(
         "--allow-nonfinite",
