@@ -23,6 +23,7 @@ __all__ = [
     "rice_sums",
     "scatter_values",
     "select_pass",
+    "sum_top",
     "unit_draw",
     "unit_draws",
     "warm",
@@ -440,6 +441,32 @@ def quantize_kept(
             residual[ids[j]] = vs[j] - (np.float32(cs[j]) - zp) * scale
 
 
+def sum_top(t: F32, b: F32, r: F32, start: int, stop: int) -> int:
+    """The largest magnitude's float32 bit pattern (NaN above infinity above the rest,
+    as :func:`band_pass`'s) of ``(t − b) + r`` over ``[start, stop)``, in float32 (``b``
+    or ``r`` empty: left out); the sum is never stored but in a block of 256 values.
+    A value of ``t`` that is not finite leaves a sum that is not finite either."""
+    ts = t[start:stop]
+    bs = b[start:stop] if b.size else b
+    rs = r[start:stop] if r.size else r
+    block = np.empty(256, dtype=np.float32)
+    words = block.view(np.int32)
+    top = 0
+    n = ts.size
+    for b0 in range(0, n, 256):
+        m = min(256, n - b0)
+        for j in range(m):
+            x = ts[b0 + j]
+            if bs.size:
+                x = x - bs[b0 + j]
+            if rs.size:
+                x = x + rs[b0 + j]
+            block[j] = x
+        for j in range(m):
+            top = max(top, words[j] & 0x7FFFFFFF)
+    return top
+
+
 def unit_draws(key: np.uint64, start: int, out: F32) -> None:
     """``out[j]``: the draw at position ``start + j`` (for the tests, beside NumPy's)."""
     for j in range(out.size):
@@ -466,6 +493,8 @@ def warm() -> None:
             quantize_kept(
                 f, idx, 0, 8, one, lo, lo, hi, one, stochastic, np.uint64(1), u.copy(), residual
             )
+    for b in (f, f[:0]):
+        sum_top(f, b, f, 0, 8)
     draws = np.zeros(8, dtype=np.float32)
     unit_draws(np.uint64(1), 0, draws)
 
@@ -482,6 +511,7 @@ KERNELS = (
     "_flush_rest",
     "rice_chunk",
     "scatter_values",
+    "sum_top",
     "unit_draw",
     "unit_draws",
     "quantize_kept",

@@ -42,6 +42,8 @@ from fedsqueeze.codec import (
     dense_encode,
     entropy,
     fused,
+    jit,
+    jit_select,
     literal_frames,
     plane_ans,
     select_quantize,
@@ -49,6 +51,7 @@ from fedsqueeze.codec import (
 from fedsqueeze.codec.bitpack import pack_bits, unpack_bits
 from fedsqueeze.codec.bits import all_zero_bits, as_bits, xor_bits
 from fedsqueeze.codec.blockwise import num_blocks
+from fedsqueeze.codec.chunks import CPU_CHUNK, chunk_bounds, run_chunks, scratch
 from fedsqueeze.codec.container import (
     FLOAT_KINDS,
     GROUPED_KINDS,
@@ -289,11 +292,14 @@ class TensorEncoder:
         spec = self._spec
         fmt = _CAST_DTYPES[spec.float_format]
         if self.is_lossy(name, t):
-            sent = self.lossy_input(name, t)
             limit = MAX_MAGNITUDE if spec.quant is not None else _finite_limit(fmt)
             blocked = spec.quant is not None and spec.quant.granularity is Granularity.PER_BLOCK
             if blocked and spec.quant is not None and spec.quant.scales is ScaleFormat.FP16:
                 limit = min(limit, FP16_SCALE_LIMIT)
+            terms = self._selection_terms(name, t)
+            if terms is not None:
+                return _sum_within(t, *terms, limit)
+            sent = self.lossy_input(name, t)
             fits = self._fits_on_the_way(name, t, sent, limit)
             if fits is not None:
                 return fits and (sent is t or _within(t, math.inf))
@@ -304,6 +310,26 @@ class TensorEncoder:
         else:
             sent, limit = t, math.inf
         return _within(sent, limit) and (sent is t or _within(t, math.inf))
+
+    def _selection_terms(
+        self, name: str, t: torch.Tensor
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None] | None:
+        """For a magnitude selection on the CPU whose input is ``t`` less a base plus a
+        carried residual (not rotated): the base and the residual (either may be
+        ``None``, not both), which :func:`_sum_within` checks chunk by chunk. Its first
+        pass is then made by :meth:`encode` on its own sum: held from here, every such
+        tensor's sum would be alive at once (a model's worth of memory), and made twice
+        it cost a full allocation and pass more (top-k with error feedback, every round
+        after the first)."""
+        if self._rotated or t.device.type != "cpu" or self._selection_sparsity(t) is None:
+            return None
+        b = self._base_of(name, t)
+        r = self._residual.get(name) if self._spec.feedback else None
+        if r is not None and (r.shape != t.shape or r.device.type != "cpu"):
+            return None  # lossy_input reports the shape; another device: the usual path
+        if b is None and r is None:
+            return None
+        return b, r
 
     def _fits_on_the_way(
         self, name: str, t: torch.Tensor, sent: torch.Tensor, limit: float
@@ -774,13 +800,16 @@ class TensorEncoder:
         spec = self._spec
         sparsity = self._selection_sparsity(flat)
         if (
-            first is None
-            or sparsity is None
+            sparsity is None
             or spec.levels is not None
             or spec.quant is None
             or not select_quantize.applies(spec.quant)
         ):
             return None
+        if first is None:  # not made by the check (a sum: _selection_terms)
+            first = prepare_selection(flat, sparsity)
+            if first is None or not first.within(MAX_MAGNITUDE):
+                return None
         owned = flat.untyped_storage().data_ptr() != t.untyped_storage().data_ptr()
         got = select_quantize.select_quantized(
             flat, count_to_prune(flat.numel(), sparsity), first, spec.quant,
@@ -1308,6 +1337,49 @@ def _within(x: torch.Tensor, limit: float) -> bool:
         flat = flat.to(torch.float32)
     lo, hi = value_range(flat.contiguous(), None)
     return _in_range(lo, hi, limit)
+
+
+def _sum_within(
+    t: torch.Tensor, base: torch.Tensor | None, residual: torch.Tensor | None, limit: float
+) -> bool:
+    """Whether ``t`` is finite and ``t − base + residual`` (as
+    :meth:`TensorEncoder.lossy_input` computes it, in float32) is finite with every
+    ``|x| <= limit``: chunk by chunk on the worker threads, the sum never whole."""
+    flat = t.detach().reshape(-1)
+    b = None if base is None else base.detach().reshape(-1)
+    r = None if residual is None else residual.detach().reshape(-1)
+    bounds = chunk_bounds(flat.numel(), CPU_CHUNK)
+    ok = [True] * len(bounds)
+    parts = [p for p in (flat, b, r) if p is not None]
+    if all(p.dtype == torch.float32 for p in parts) and jit.use(flat.numel()):
+        none = np.empty(0, dtype=np.float32)
+        tn = flat.contiguous().numpy()
+        bn = none if b is None else b.contiguous().numpy()
+        rn = none if r is None else r.contiguous().numpy()
+        tops = np.zeros(len(bounds), dtype=np.int64)
+
+        def compiled(start: int, stop: int) -> None:
+            tops[start // CPU_CHUNK] = jit_select.sum_top(tn, bn, rn, start, stop)
+
+        run_chunks(compiled, bounds)
+        top = int(tops.max(initial=0))
+        if top >= 0x7F800000:  # an infinity or a NaN
+            return False
+        return float(np.array([top], dtype=np.int32).view(np.float32)[0]) <= limit
+
+    def chunk(start: int, stop: int) -> None:
+        x = scratch("a", stop - start, torch.float32)
+        x.copy_(flat[start:stop])
+        fine = bool(torch.isfinite(x).all())
+        if b is not None:
+            x.sub_(b[start:stop].to(torch.float32))
+        if r is not None:
+            x.add_(r[start:stop].to(torch.float32))
+        lo, hi = torch.aminmax(x)
+        ok[start // CPU_CHUNK] = fine and _in_range(lo, hi, limit)
+
+    run_chunks(chunk, bounds)
+    return all(ok)
 
 
 def _recall(

@@ -7,6 +7,7 @@ compiled kernel and torch."""
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator
 from typing import Any
 
@@ -341,3 +342,61 @@ def test_stochastic_quantize_rounds_with_the_keyed_draws(n: int) -> None:
     u = draws.uniform_np(key, 0, n)
     want = np.clip(np.floor(x.numpy() * inv + u) + zp, qmin, qmax).astype(np.uint8)
     assert np.array_equal(codes.numpy(), want)
+
+
+# ------------------------------------------------------------ the check of a sum
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])  # compiled; torch's
+@pytest.mark.parametrize("terms", ["base", "residual", "both"])
+@pytest.mark.parametrize("where", [None, 0, 70_000, MANY - 1])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), 3e38])
+def test_the_sums_check_is_the_check_of_the_sum(
+    dtype: torch.dtype, terms: str, where: int | None, bad: float
+) -> None:
+    """``t − base + residual`` checked chunk by chunk without being made whole: the
+    answer of the check of the sum itself, with a bad value in the tensor, the base
+    or the residual (3e38 − (−3e38) overflows to infinity in float32)."""
+    from fedsqueeze.codec import tensor_encode
+
+    g = torch.Generator().manual_seed(MANY)
+    t = torch.randn(MANY, generator=g).to(dtype)
+    base = torch.randn(MANY, generator=g).to(dtype) if terms != "residual" else None
+    residual = torch.randn(MANY, generator=g) * 0.1 if terms != "base" else None
+    for victim in [x for x in (t, base, residual) if x is not None]:
+        x = victim.clone()
+        if where is not None:
+            x[where] = bad if victim is not base else -bad
+        parts = [x if v is victim else v for v in (t, base, residual)]
+        tt, bb, rr = parts
+        assert tt is not None
+        total = tt.to(torch.float32)
+        if bb is not None:
+            total = total - bb.to(torch.float32)
+        if rr is not None:
+            total = total + rr.to(torch.float32)
+        for limit in (2.0**126, 1.0):
+            want = tensor_encode._within(total, limit) and tensor_encode._within(tt, math.inf)
+            assert tensor_encode._sum_within(tt, bb, rr, limit) == want
+
+
+def test_a_carried_residual_is_added_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Top-k with a residual carried in: the check reads the sum chunk by chunk, and
+    the encoder makes the sum once (it was made for the check and again for the
+    encode); the bytes and the residual are what the separate passes give."""
+    from fedsqueeze.codec import tensor_encode
+
+    made = []
+    real = tensor_encode.TensorEncoder.lossy_input
+
+    def counted(self: Any, name: str, t: torch.Tensor) -> torch.Tensor:
+        made.append(name)
+        return real(self, name, t)
+
+    monkeypatch.setattr(tensor_encode.TensorEncoder, "lossy_input", counted)
+    g = torch.Generator().manual_seed(1)
+    t = torch.randn(1, MANY, generator=g)
+    r = torch.randn(1, MANY, generator=g) * 0.1
+    encode_state({NAME: t}, parse_spec("topk10-int4"), residual={NAME: r}, seed=2)
+    assert made == [NAME]
+    made.clear()
+    a, b = both_ways(t, "topk10-int4", None, r)
+    same_outputs(a, b)
