@@ -23,6 +23,7 @@ __all__ = [
     "rice_sums",
     "scatter_values",
     "select_pass",
+    "sum_into",
     "sum_top",
     "unit_draw",
     "unit_draws",
@@ -467,6 +468,27 @@ def sum_top(t: F32, b: F32, r: F32, start: int, stop: int) -> int:
     return top
 
 
+def sum_into(t: F32, b: F32, r: F32, start: int, stop: int, out: F32) -> None:
+    """``out[start:stop] = (t − b) + r`` over ``[start, stop)``, in float32 (``b`` or
+    ``r`` empty: left out), the order of
+    :meth:`fedsqueeze.codec.tensor_encode.TensorEncoder.lossy_input`'s operations."""
+    ts = t[start:stop]
+    os = out[start:stop]
+    if b.size and r.size:
+        bs = b[start:stop]
+        rs = r[start:stop]
+        for j in range(ts.size):
+            os[j] = (ts[j] - bs[j]) + rs[j]
+    elif b.size:
+        bs = b[start:stop]
+        for j in range(ts.size):
+            os[j] = ts[j] - bs[j]
+    else:
+        rs = r[start:stop]
+        for j in range(ts.size):
+            os[j] = ts[j] + rs[j]
+
+
 def unit_draws(key: np.uint64, start: int, out: F32) -> None:
     """``out[j]``: the draw at position ``start + j`` (for the tests, beside NumPy's)."""
     for j in range(out.size):
@@ -493,8 +515,9 @@ def warm() -> None:
             quantize_kept(
                 f, idx, 0, 8, one, lo, lo, hi, one, stochastic, np.uint64(1), u.copy(), residual
             )
-    for b in (f, f[:0]):
-        sum_top(f, b, f, 0, 8)
+    for b, r in ((f, f), (f, f[:0]), (f[:0], f)):
+        sum_top(f, b, r, 0, 8)
+        sum_into(f, b, r, 0, 8, f.copy())
     draws = np.zeros(8, dtype=np.float32)
     unit_draws(np.uint64(1), 0, draws)
 
@@ -511,6 +534,7 @@ KERNELS = (
     "_flush_rest",
     "rice_chunk",
     "scatter_values",
+    "sum_into",
     "sum_top",
     "unit_draw",
     "unit_draws",
