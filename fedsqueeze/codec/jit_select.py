@@ -468,12 +468,12 @@ def sum_top(t: F32, b: F32, r: F32, start: int, stop: int) -> int:
     return top
 
 
-def sum_into(t: F32, b: F32, r: F32, start: int, stop: int, out: F32) -> None:
-    """``out[start:stop] = (t − b) + r`` over ``[start, stop)``, in float32 (``b`` or
-    ``r`` empty: left out), the order of
+def sum_into(t: F32, b: F32, r: F32, start: int, stop: int, out: F32, at: int) -> None:
+    """``out[at : at + stop − start] = (t − b) + r`` over ``[start, stop)``, in float32
+    (``b`` or ``r`` empty: left out), the order of
     :meth:`fedsqueeze.codec.tensor_encode.TensorEncoder.lossy_input`'s operations."""
     ts = t[start:stop]
-    os = out[start:stop]
+    os = out[at : at + stop - start]
     if b.size and r.size:
         bs = b[start:stop]
         rs = r[start:stop]
@@ -517,7 +517,7 @@ def warm() -> None:
             )
     for b, r in ((f, f), (f, f[:0]), (f[:0], f)):
         sum_top(f, b, r, 0, 8)
-        sum_into(f, b, r, 0, 8, f.copy())
+        sum_into(f, b, r, 0, 8, f.copy(), 0)
     draws = np.zeros(8, dtype=np.float32)
     unit_draws(np.uint64(1), 0, draws)
 

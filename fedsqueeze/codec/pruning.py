@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from fedsqueeze.codec import jit
 from fedsqueeze.codec.chunks import CPU_CHUNK, chunk_bounds, np_scratch, run_chunks, scratch
 from fedsqueeze.codec.threshold_select import FirstPass, finish, first_pass, tie_rule
 
@@ -42,6 +43,7 @@ __all__ = [
     "magnitude_mask",
     "magnitude_selection",
     "prepare_selection",
+    "prepare_selection_of_sum",
     "threshold_mask",
 ]
 
@@ -167,6 +169,37 @@ def prepare_selection(t: Tensor, sparsity: float) -> FirstPass | None:
     return first_pass(flat.numpy(), *_band(flat, prune))
 
 
+def prepare_selection_of_sum(
+    t: Tensor, base: Tensor | None, residual: Tensor | None, sparsity: float
+) -> FirstPass | None:
+    """:func:`prepare_selection` of ``t − base + residual`` (float32 on the CPU, as the
+    encoder sums them), without the sum ever made whole: its sample from the same
+    positions of the three, its first pass over each chunk's sum in cache. ``None``
+    where it does not apply (as :func:`prepare_selection`, and without the compiled
+    kernels)."""
+    _check_floating(t)
+    flat = t.detach().reshape(-1)
+    n = flat.numel()
+    prune = count_to_prune(n, sparsity)
+    parts = [p for p in (t, base, residual) if p is not None]
+    if not _two_pass(flat, prune) or not jit.use(n):
+        return None
+    if any(p.dtype != torch.float32 or p.device.type != "cpu" for p in parts):
+        return None
+    none = np.empty(0, dtype=np.float32)
+    tn = flat.contiguous().numpy()
+    bn = none if base is None else base.detach().contiguous().reshape(-1).numpy()
+    rn = none if residual is None else residual.detach().contiguous().reshape(-1).numpy()
+    picks = _picks(n, flat.device).numpy()
+    values = tn[picks]
+    if bn.size:
+        values = values - bn[picks]
+    if rn.size:
+        values = values + rn[picks]
+    sample = torch.from_numpy(np.sort(np.abs(values)))
+    return first_pass(tn, *_band_of(sample, n, prune), terms=(bn, rn))
+
+
 def _two_pass(flat: Tensor, prune: int) -> bool:
     """Whether :func:`magnitude_selection` of 1-D ``flat`` dropping ``prune`` values
     takes the two-pass selection (:mod:`fedsqueeze.codec.threshold_select`)."""
@@ -183,8 +216,11 @@ def _two_pass(flat: Tensor, prune: int) -> bool:
 def _band(flat: Tensor, prune: int) -> tuple[float, float]:
     """The band ``[lo, hi]`` around the cut-off from the fixed-seed sample of ``|flat|``
     (``±inf``: no bound that side)."""
-    n = flat.numel()
-    sample = _sorted_sample(flat, n, magnitudes=True)
+    return _band_of(_sorted_sample(flat, flat.numel(), magnitudes=True), flat.numel(), prune)
+
+
+def _band_of(sample: Tensor, n: int, prune: int) -> tuple[float, float]:
+    """The band ``[lo, hi]`` from the sorted sample of a tensor of ``n`` magnitudes."""
     lo_rank, hi_rank = _band_ranks(n, prune)
     # "below" is |x| < lo, "above" |x| > hi; an absent bound is ±inf (nothing beyond).
     lo = float(sample[lo_rank]) if lo_rank > 0 else -math.inf
@@ -340,10 +376,15 @@ def _sample_size(n: int) -> int:
     return min(_SAMPLE_SIZE, max(_MIN_SAMPLE, n >> 4))
 
 
+def _picks(n: int, device: torch.device) -> Tensor:
+    """The sample's positions in a tensor of ``n`` values: fixed-seed, with repeats."""
+    gen = torch.Generator(device=device).manual_seed(_SAMPLE_SEED)
+    return torch.randint(n, (_sample_size(n),), generator=gen, device=device)
+
+
 def _sorted_sample(flat: Tensor, n: int, magnitudes: bool) -> Tensor:
     """The fixed-seed sample of ``|flat|`` (or of ``flat``, already magnitudes), sorted."""
-    gen = torch.Generator(device=flat.device).manual_seed(_SAMPLE_SEED)
-    picks = torch.randint(n, (_sample_size(n),), generator=gen, device=flat.device)
+    picks = _picks(n, flat.device)
     if flat.device.type == "cpu" and flat.dtype in _NUMPY_SORTABLE and TWO_PASS:
         # NumPy's gather, abs and sort on one thread: torch's two threads cost ~2x the
         # CPU time here for 65,536 random reads (the same values).

@@ -99,6 +99,7 @@ from fedsqueeze.codec.pruning import (
     count_to_prune,
     magnitude_selection,
     prepare_selection,
+    prepare_selection_of_sum,
     threshold_mask,
 )
 from fedsqueeze.codec.quantization import (
@@ -309,7 +310,12 @@ class TensorEncoder:
                 limit = min(limit, FP16_SCALE_LIMIT)
             terms = self._selection_terms(name, t)
             if terms is not None:
-                return _sum_within(t, *terms, limit)
+                sparsity, b, r = terms
+                first = prepare_selection_of_sum(t, b, r, sparsity)
+                if first is None:
+                    return _sum_within(t, b, r, limit)
+                self._firsts[name] = (t, t._version, first)  # its sum's: encode's input
+                return first.within(limit)
             sent = self.lossy_input(name, t)
             fits = self._fits_on_the_way(name, t, sent, limit)
             if fits is not None:
@@ -324,15 +330,17 @@ class TensorEncoder:
 
     def _selection_terms(
         self, name: str, t: torch.Tensor
-    ) -> tuple[torch.Tensor | None, torch.Tensor | None] | None:
+    ) -> tuple[float, torch.Tensor | None, torch.Tensor | None] | None:
         """For a magnitude selection on the CPU whose input is ``t`` less a base plus a
-        carried residual (not rotated): the base and the residual (either may be
-        ``None``, not both), which :func:`_sum_within` checks chunk by chunk. Its first
-        pass is then made by :meth:`encode` on its own sum: held from here, every such
-        tensor's sum would be alive at once (a model's worth of memory), and made twice
-        it cost a full allocation and pass more (top-k with error feedback, every round
-        after the first)."""
-        if self._rotated or t.device.type != "cpu" or self._selection_sparsity(t) is None:
+        carried residual (not rotated): the share it drops, the base and the residual
+        (either may be ``None``, not both). The check then makes the selection's first pass over the
+        sum chunk by chunk, never whole (:func:`prepare_selection_of_sum`; or, where
+        that does not apply, :func:`_sum_within` checks it so): held from here, every
+        such tensor's sum would be alive at once (a model's worth of memory), and made
+        twice it cost a full allocation and pass more (top-k with error feedback, every
+        round after the first)."""
+        sparsity = self._selection_sparsity(t)
+        if self._rotated or t.device.type != "cpu" or sparsity is None:
             return None
         b = self._base_of(name, t)
         r = self._residual.get(name) if self._spec.feedback else None
@@ -340,7 +348,7 @@ class TensorEncoder:
             return None  # lossy_input reports the shape; another device: the usual path
         if b is None and r is None:
             return None
-        return b, r
+        return sparsity, b, r
 
     def _fits_on_the_way(
         self, name: str, t: torch.Tensor, sent: torch.Tensor, limit: float
@@ -1369,7 +1377,8 @@ def _summed(
     out = empty_numpy_backed(tn.size, torch.float32)
     on = out.numpy()
     run_chunks(
-        lambda a, z: jit_select.sum_into(tn, bn, rn, a, z, on), chunk_bounds(tn.size, CPU_CHUNK)
+        lambda a, z: jit_select.sum_into(tn, bn, rn, a, z, on, a),
+        chunk_bounds(tn.size, CPU_CHUNK),
     )
     return out.reshape(t.shape)
 

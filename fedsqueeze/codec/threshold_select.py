@@ -119,10 +119,12 @@ def select_above(x: F32, prune: int, lo: float, hi: float) -> tuple[I64, F32] | 
     return finish(x, prune, first_pass(x, lo, hi))
 
 
-def first_pass(x: F32, lo: float, hi: float) -> FirstPass:
+def first_pass(x: F32, lo: float, hi: float, terms: tuple[F32, F32] | None = None) -> FirstPass:
     """One pass over ``x`` (float32 ``[n]``, contiguous) on every core: per chunk the
     count of magnitudes ``>= lo`` and the magnitudes in ``[lo, hi]``, and the largest
-    magnitude (the encoder checks finiteness and range with it)."""
+    magnitude (the encoder checks finiteness and range with it). With ``terms`` ``(b,
+    r)`` (float32 ``[n]`` or empty), the pass is over ``(x − b) + r`` in float32, made
+    chunk by chunk in cache and never whole (compiled kernels only)."""
     n = x.size
     bounds = [(a, min(a + CHUNK, n)) for a in range(0, n, CHUNK)]
     lo32, hi32 = np.float32(lo), np.float32(hi)  # sample values: exact in float32
@@ -132,10 +134,21 @@ def first_pass(x: F32, lo: float, hi: float) -> FirstPass:
     bits = x.view(np.int32)
 
     compiled = jit.use(n)
+    if terms is not None and not compiled:
+        raise ValueError("the first pass over a sum needs the compiled kernels")
 
     def first(start: int, stop: int) -> None:
         size = stop - start
         i = start // CHUNK
+        if terms is not None:  # the chunk's sum, then the pass over it
+            summed = np_scratch("sel_sum", size, np.float32, CHUNK)
+            jit_select.sum_into(x, terms[0], terms[1], start, stop, summed, 0)
+            buf = np_scratch("sel_band", size, np.float32, CHUNK)
+            words = summed.view(np.int32)
+            packed = jit_select.band_pass(summed, words, 0, size, lo32, hi32, buf, tops, i)
+            at_least[i] = packed >> 32
+            band[i] = buf[: packed & 0xFFFFFFFF].copy()
+            return
         if compiled:  # the same comparisons in one compiled pass
             buf = np_scratch("sel_band", size, np.float32, CHUNK)
             packed = jit_select.band_pass(x, bits, start, stop, lo32, hi32, buf, tops, i)

@@ -400,3 +400,30 @@ def test_a_carried_residual_is_added_once(monkeypatch: pytest.MonkeyPatch) -> No
     made.clear()
     a, b = both_ways(t, "topk10-int4", None, r)
     same_outputs(a, b)
+
+
+@pytest.mark.parametrize("terms", ["base", "residual", "both"])
+def test_the_first_pass_of_a_sum_is_the_first_pass_of_the_sum(terms: str) -> None:
+    """The check's first pass over ``t − base + residual``, made chunk by chunk: the
+    same band, counts, band values and maxima as the first pass over the sum made
+    whole; and nothing where it does not apply."""
+    g = torch.Generator().manual_seed(5)
+    t = torch.randn(MANY, generator=g)
+    base = torch.randn(MANY, generator=g) * 0.5 if terms != "residual" else None
+    residual = torch.randn(MANY, generator=g) * 0.1 if terms != "base" else None
+    total = t.clone()
+    if base is not None:
+        total = total - base
+    if residual is not None:
+        total = total + residual
+    got = pruning.prepare_selection_of_sum(t, base, residual, 0.9)
+    want = prepare_selection(total, 0.9)
+    assert got is not None and want is not None
+    assert (got.n, got.lo, got.hi, got.top_pos, got.top_neg) == (
+        want.n, want.lo, want.hi, want.top_pos, want.top_neg,
+    )  # fmt: skip
+    assert np.array_equal(got.at_least, want.at_least)
+    assert all(np.array_equal(a, b) for a, b in zip(got.band, want.band, strict=True))
+    small = torch.randn(1000, generator=g)
+    assert pruning.prepare_selection_of_sum(small, small, None, 0.9) is None
+    assert pruning.prepare_selection_of_sum(t.double(), base, residual, 0.9) is None
