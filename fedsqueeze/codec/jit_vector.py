@@ -57,6 +57,21 @@ def _declare(builder: ir.IRBuilder, name: str, ret: ir.Type, args: list[ir.Type]
     return cgutils.get_or_insert_function(builder.module, ir.FunctionType(ret, args), name)  # type: ignore[no-untyped-call]
 
 
+def _c_arrays(*typed: tuple[Any, Any]) -> bool:
+    """Whether each ``(array type, dtype)`` is a 1-D C-order array of that dtype."""
+    return all(
+        isinstance(a, types.Array) and a.ndim == 1 and a.layout == "C" and a.dtype == d
+        for a, d in typed
+    )
+
+
+def _load16(builder: ir.IRBuilder, data: Any, k: Any, vf: ir.VectorType) -> tuple[Any, Any]:
+    """Sixteen floats from ``data[k:]`` and their magnitudes."""
+    src = builder.bitcast(builder.gep(data, [k]), vf.as_pointer())
+    lanes = builder.load(src, align=4)
+    return lanes, builder.call(_declare(builder, "llvm.fabs.v16f32", vf, [vf]), [lanes])
+
+
 def _splat(builder: ir.IRBuilder, value: Any, vector: ir.VectorType) -> Any:
     first = builder.insert_element(ir.Constant(vector, ir.Undefined), value, ir.IntType(32)(0))
     zeros = ir.Constant(ir.VectorType(ir.IntType(32), _LANES), [0] * _LANES)
@@ -81,11 +96,7 @@ def compress16(
     ``base`` to ``indices[o:]``, in order; returns ``o`` plus how many. The caller
     guarantees ``k + 16 <= len(xs)`` and ``o + 16 <= len(values), len(indices)``."""
     f32, i64 = types.float32, types.int64
-    arrays = ((xs, f32), (values, f32), (indices, i64))
-    if not all(
-        isinstance(a, types.Array) and a.ndim == 1 and a.layout == "C" and a.dtype == d
-        for a, d in arrays
-    ):
+    if not _c_arrays((xs, f32), (values, f32), (indices, i64)):
         return None  # a typing failure: numba reports it, nothing is computed wrongly
     scalars = (k, o, base)
     if not all(isinstance(a, types.Integer) for a in scalars) or not isinstance(cut, types.Float):
@@ -109,9 +120,7 @@ def compress16(
         data = cgutils.create_struct_proxy(x_t)(context, builder, value=xa).data  # type: ignore[no-untyped-call]
         out_v = cgutils.create_struct_proxy(v_t)(context, builder, value=va).data  # type: ignore[no-untyped-call]
         out_i = cgutils.create_struct_proxy(i_t)(context, builder, value=ia).data  # type: ignore[no-untyped-call]
-        src = builder.bitcast(builder.gep(data, [ka]), vf.as_pointer())
-        lanes = builder.load(src, align=4)
-        mags = builder.call(_declare(builder, "llvm.fabs.v16f32", vf, [vf]), [lanes])
+        lanes, mags = _load16(builder, data, ka, vf)
         cuts = _splat(builder, cuta, vf)
         above = builder.fcmp_ordered(">", mags, cuts)
         at_least = builder.fcmp_ordered(">=", mags, cuts)
@@ -160,11 +169,7 @@ def scan16(
     from one step to the next (its 128 bytes in the core's first-level cache), where a
     vectorized loop beside the compressed store ran at half the speed."""
     f32, i32 = types.float32, types.int32
-    arrays = ((xs, f32), (band, f32), (tops, i32))
-    if not all(
-        isinstance(a, types.Array) and a.ndim == 1 and a.layout == "C" and a.dtype == d
-        for a, d in arrays
-    ):
+    if not _c_arrays((xs, f32), (band, f32), (tops, i32)):
         return None  # a typing failure: numba reports it, nothing is computed wrongly
     if not all(isinstance(a, types.Integer) for a in (k, used)):
         return None
@@ -186,9 +191,7 @@ def scan16(
         data = cgutils.create_struct_proxy(x_t)(context, builder, value=xa).data  # type: ignore[no-untyped-call]
         out = cgutils.create_struct_proxy(b_t)(context, builder, value=ba).data  # type: ignore[no-untyped-call]
         acc = cgutils.create_struct_proxy(t_t)(context, builder, value=ta).data  # type: ignore[no-untyped-call]
-        src = builder.bitcast(builder.gep(data, [ka]), vf.as_pointer())
-        lanes = builder.load(src, align=4)
-        mags = builder.call(_declare(builder, "llvm.fabs.v16f32", vf, [vf]), [lanes])
+        lanes, mags = _load16(builder, data, ka, vf)
         at_least = builder.fcmp_ordered(">=", mags, _splat(builder, loa, vf))
         at_most = builder.fcmp_ordered("<=", mags, _splat(builder, hia, vf))
         inside = builder.and_(at_least, at_most)
