@@ -76,7 +76,15 @@ Json = dict[str, Any]
 T = TypeVar("T")
 
 #: The plain specs compared on the dense CNN and on MiniLM.
-MODEL_SPECS = ("lossless", "fp16", "int8", "int4", "prune90-int4", "prune95-kmeans3")
+MODEL_SPECS = (
+    "lossless",
+    "fp16",
+    "int8",
+    "int4",
+    "prune90-int4",
+    "prune95-kmeans3",
+    "topk10-int4",
+)
 #: The specs timed on the big tensor (presets or spec text).
 TENSOR_SPECS = (
     "lossless",

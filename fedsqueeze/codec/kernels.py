@@ -26,6 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
+import numpy.typing as npt
 import torch
 from torch import Tensor
 
@@ -38,6 +39,7 @@ __all__ = [
     "dequantize_linear",
     "dequantize_table",
     "empty_numpy_backed",
+    "float32_arrays",
     "nearest_nf4",
     "nf4_tables",
     "parallel_copy",
@@ -314,6 +316,17 @@ def copy_scatter(src: Tensor, indices: Tensor, values: Tensor) -> Tensor:
 
     run_chunks(chunk, chunk_bounds(n))
     return out
+
+
+def float32_arrays(*tensors: Tensor | None) -> list[npt.NDArray[np.float32]] | None:
+    """Flat NumPy views (copies where not contiguous) of float32 CPU tensors, an empty
+    array for each ``None``; ``None`` unless every tensor given is float32 on the CPU
+    (what the compiled kernels over a sum of tensors take)."""
+    given = [t for t in tensors if t is not None]
+    if any(t.dtype != torch.float32 or t.device.type != "cpu" for t in given):
+        return None
+    none = np.empty(0, dtype=np.float32)
+    return [none if t is None else t.detach().contiguous().reshape(-1).numpy() for t in tensors]
 
 
 def empty_numpy_backed(numel: int, dtype: torch.dtype) -> Tensor:

@@ -32,6 +32,7 @@ from torch import Tensor
 
 from fedsqueeze.codec import jit
 from fedsqueeze.codec.chunks import CPU_CHUNK, chunk_bounds, np_scratch, run_chunks, scratch
+from fedsqueeze.codec.kernels import float32_arrays
 from fedsqueeze.codec.threshold_select import FirstPass, finish, first_pass, tie_rule
 
 __all__ = [
@@ -181,15 +182,10 @@ def prepare_selection_of_sum(
     flat = t.detach().reshape(-1)
     n = flat.numel()
     prune = count_to_prune(n, sparsity)
-    parts = [p for p in (t, base, residual) if p is not None]
-    if not _two_pass(flat, prune) or not jit.use(n):
+    arrays = float32_arrays(t, base, residual)
+    if not _two_pass(flat, prune) or not jit.use(n) or arrays is None:
         return None
-    if any(p.dtype != torch.float32 or p.device.type != "cpu" for p in parts):
-        return None
-    none = np.empty(0, dtype=np.float32)
-    tn = flat.contiguous().numpy()
-    bn = none if base is None else base.detach().contiguous().reshape(-1).numpy()
-    rn = none if residual is None else residual.detach().contiguous().reshape(-1).numpy()
+    tn, bn, rn = arrays
     picks = _picks(n, flat.device).numpy()
     values = tn[picks]
     if bn.size:

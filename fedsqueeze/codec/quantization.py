@@ -329,8 +329,7 @@ def quantize(
         if rounding is Rounding.NEAREST:
             return assign(unit, table)
         return assign_stochastic(unit, table, generator)
-    qmin = 0.0 if qp.scheme is QuantScheme.AFFINE else 1.0
-    qmax = float((1 << qp.bits) - 1)
+    qmin, qmax = _code_range(qp)
     if fast:
         return quantize_linear(x, qp.scale, qp.zero_point, qmin, qmax, runs)
     # Stochastic rounding, or a per-value index of channels: the reference loop, in
@@ -388,14 +387,20 @@ def linear_bounds(
     ``(1/scale, zero_point, qmin, qmax, scale)``."""
     if qp.scale.dim() != 0 or qp.codebook is not None or qp.scheme is QuantScheme.NF4:
         raise ValueError("linear_bounds takes per-tensor linear params")
-    qmin = 0.0 if qp.scheme is QuantScheme.AFFINE else 1.0
+    qmin, qmax = _code_range(qp)
     return (
         np.float32(float(1.0 / qp.scale)),
         np.float32(float(qp.zero_point)),
         np.float32(qmin),
-        np.float32((1 << qp.bits) - 1),
+        np.float32(qmax),
         np.float32(float(qp.scale)),
     )
+
+
+def _code_range(qp: QuantParams) -> tuple[float, float]:
+    """The smallest and largest linear code: ``[0, 2^bits − 1]`` (AFFINE), ``[1, …]``
+    (SYMMETRIC, POW2: the codes around the middle zero point)."""
+    return (0.0 if qp.scheme is QuantScheme.AFFINE else 1.0), float((1 << qp.bits) - 1)
 
 
 def dequantize(codes: Tensor, qp: QuantParams, channels: Channels = None) -> Tensor:

@@ -45,7 +45,7 @@ from fedsqueeze.codec.threshold_select import F32, I64, FirstPass, finish
 
 __all__ = ["ENABLED", "Selected", "applies", "select_quantized"]
 
-#: Whether the fused pass may run (the tests and the benchmark switch it off to compare).
+#: Whether the fused pass may run (the tests switch it off to compare the two paths).
 ENABLED = True
 
 #: Schemes whose codes are ``clamp(round(x / scale) + zp)`` with one scale per tensor.

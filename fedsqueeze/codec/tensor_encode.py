@@ -66,6 +66,7 @@ from fedsqueeze.codec.grouping import GROUPED_DTYPES, encode_grouped, holds_buck
 from fedsqueeze.codec.kernels import (
     copy_scatter,
     empty_numpy_backed,
+    float32_arrays,
     parallel_copy,
     scatter,
     value_range,
@@ -124,7 +125,7 @@ from fedsqueeze.codec.spec import (
     ScaleFormat,
 )
 from fedsqueeze.codec.support_levels import Node, chain, free_ranks, group_ids
-from fedsqueeze.codec.threshold_select import FirstPass
+from fedsqueeze.codec.threshold_select import FirstPass, top_within
 
 _Found = TypeVar("_Found")
 
@@ -718,7 +719,7 @@ class TensorEncoder:
             return self._lowrank(name, t, x, delta, spec.rank)
         flat = x.reshape(-1)
         first = _recall(self._firsts, name, t)
-        selected = self._select_quantized(name, t, flat, first)
+        selected = self._select_quantized(name, t, flat, first, delta)
         if selected is not None:
             return selected
         indices, gathered = self._kept(name, x, global_mask, first)
@@ -811,13 +812,18 @@ class TensorEncoder:
         return record, _residual(flat, indices, values, decoded, t.shape, owned)
 
     def _select_quantized(
-        self, name: str, t: torch.Tensor, flat: torch.Tensor, first: FirstPass | None
+        self,
+        name: str,
+        t: torch.Tensor,
+        flat: torch.Tensor,
+        first: FirstPass | None,
+        delta: bool,
     ) -> tuple[TensorRecord, torch.Tensor | None] | None:
         """A magnitude selection's record with the quantizer (and error feedback's
         residual) in the selection's second pass (:mod:`fedsqueeze.codec.select_quantize`:
         the same bytes as the separate passes); ``None`` where it does not apply."""
         spec = self._spec
-        sparsity = self._selection_sparsity(flat)
+        sparsity = self._selection_sparsity(t)
         if (
             sparsity is None
             or spec.levels is not None
@@ -842,7 +848,7 @@ class TensorEncoder:
         record = self._record(
             name,
             t,
-            delta=self._base_of(name, t) is not None,
+            delta=delta,
             body=pos_payload + bytes(payload),
             value_kind=ValueKind.RAW,
             quant=_quant_header(spec.quant, got.qp, 1, name),
@@ -1365,15 +1371,12 @@ def _summed(
     chunks on the worker threads, into NumPy memory (huge pages: torch's two passes
     into 4 KiB pages cost 34 ms on 25M values); ``None`` where it does not apply
     (nothing to add, other dtypes or devices, small tensors)."""
-    parts = [p for p in (t, base, residual) if p is not None]
-    if len(parts) < 2 or not jit.use(t.numel()):
+    if (base is None and residual is None) or not jit.use(t.numel()):
         return None
-    if any(p.dtype != torch.float32 or p.device.type != "cpu" for p in parts):
+    arrays = float32_arrays(t, base, residual)
+    if arrays is None:
         return None
-    none = np.empty(0, dtype=np.float32)
-    tn = t.detach().contiguous().reshape(-1).numpy()
-    bn = none if base is None else base.detach().contiguous().reshape(-1).numpy()
-    rn = none if residual is None else residual.detach().contiguous().reshape(-1).numpy()
+    tn, bn, rn = arrays
     out = empty_numpy_backed(tn.size, torch.float32)
     on = out.numpy()
     run_chunks(
@@ -1394,22 +1397,16 @@ def _sum_within(
     r = None if residual is None else residual.detach().reshape(-1)
     bounds = chunk_bounds(flat.numel(), CPU_CHUNK)
     ok = [True] * len(bounds)
-    parts = [p for p in (flat, b, r) if p is not None]
-    if all(p.dtype == torch.float32 for p in parts) and jit.use(flat.numel()):
-        none = np.empty(0, dtype=np.float32)
-        tn = flat.contiguous().numpy()
-        bn = none if b is None else b.contiguous().numpy()
-        rn = none if r is None else r.contiguous().numpy()
+    arrays = float32_arrays(flat, b, r) if jit.use(flat.numel()) else None
+    if arrays is not None:
+        tn, bn, rn = arrays
         tops = np.zeros(len(bounds), dtype=np.int64)
 
         def compiled(start: int, stop: int) -> None:
             tops[start // CPU_CHUNK] = jit_select.sum_top(tn, bn, rn, start, stop)
 
         run_chunks(compiled, bounds)
-        top = int(tops.max(initial=0))
-        if top >= 0x7F800000:  # an infinity or a NaN
-            return False
-        return float(np.array([top], dtype=np.int32).view(np.float32)[0]) <= limit
+        return top_within(int(tops.max(initial=0)), limit)
 
     def chunk(start: int, stop: int) -> None:
         x = scratch("a", stop - start, torch.float32)

@@ -44,8 +44,10 @@ __all__ = [
     "FirstPass",
     "finish",
     "first_pass",
+    "magnitude",
     "select_above",
     "tie_rule",
+    "top_within",
 ]
 
 #: Values per chunk: the magnitudes (1 MiB of float32) stay in a core's L2 cache.
@@ -99,16 +101,28 @@ class FirstPass:
     def extremes(self) -> tuple[float, float] | None:
         """The smallest and the largest value, when every value is finite (else
         ``None``); ``-0.0`` and ``0.0`` stand for "no negative" and "no positive"."""
-        if self.top >= 0x7F800000:
+        low, high = magnitude(self.top_neg), magnitude(self.top_pos)
+        if low is None or high is None:
             return None
-        words = np.array([self.top_neg, self.top_pos], dtype=np.int32).view(np.float32)
-        return -float(words[0]), float(words[1])
+        return -low, high
 
     def within(self, limit: float) -> bool:
         """Whether every value is finite with ``|x| <= limit``."""
-        if self.top >= 0x7F800000:  # an infinity or a NaN
-            return False
-        return float(np.array([self.top], dtype=np.int32).view(np.float32)[0]) <= limit
+        return top_within(self.top, limit)
+
+
+def magnitude(bits: int) -> float | None:
+    """The magnitude whose float32 bit pattern (sign bit clear) is ``bits``; ``None`` for
+    an infinity or a NaN."""
+    if bits >= 0x7F800000:
+        return None
+    return float(np.array([bits], dtype=np.int32).view(np.float32)[0])
+
+
+def top_within(top: int, limit: float) -> bool:
+    """Whether the largest magnitude's bit pattern ``top`` is finite with ``<= limit``."""
+    value = magnitude(top)
+    return value is not None and value <= limit
 
 
 def select_above(x: F32, prune: int, lo: float, hi: float) -> tuple[I64, F32] | None:
