@@ -128,6 +128,11 @@ value order, about 0.6 in context order). Never with ANS or on a group's first p
 Otherwise records are those of version 10. Version 1 to 10 decoders refuse version 11
 streams by their version byte.
 
+Version 12 is version 11 plus byte-grouped bodies whose fp32 or bf16 chunks code the
+exponent plane jointly with the top mantissa bits (:mod:`fedsqueeze.codec.plane_joint`,
+plane coding 3), written only when some record has them; earlier decoders refuse it by
+its version byte.
+
 Everything here is structure only: the numerical stages live in ``fedsqueeze.codec.model``.
 """
 
@@ -191,6 +196,9 @@ BUCKETS_VERSION = 10
 #: The version written when a lookup table's rows travel in tiers
 #: (:mod:`fedsqueeze.codec.row_tiers`): the header lists the splits.
 ROW_TIERS_VERSION = 11
+#: The version written when a byte-grouped body codes an exponent plane jointly with
+#: the top mantissa bits (:mod:`fedsqueeze.codec.plane_joint`).
+JOINT_VERSION = 12
 SUPPORTED_VERSIONS = (
     FORMAT_VERSION,
     PROGRESSIVE_VERSION,
@@ -203,6 +211,7 @@ SUPPORTED_VERSIONS = (
     PLANE_ANS_VERSION,
     BUCKETS_VERSION,
     ROW_TIERS_VERSION,
+    JOINT_VERSION,
 )
 #: Most position groups (support levels) one tensor may have.
 MAX_GROUPS = 16
@@ -364,6 +373,9 @@ class TensorRecord:
     # A byte-grouped body that codes a plane in buckets (version 10); when parsed: one
     # that may (the container is version 10 or later). Not part of equality.
     buckets: bool = field(default=False, compare=False)
+    # A byte-grouped body that codes planes jointly (version 12); when parsed: one that
+    # may. Not part of equality.
+    joint: bool = field(default=False, compare=False)
 
     @property
     def progressive(self) -> bool:
@@ -379,6 +391,11 @@ class TensorRecord:
     def needs_v10(self) -> bool:
         """Whether this record needs format version 10 (a grouped plane in buckets)."""
         return self.buckets and self.quant is None and self.value_kind in GROUPED_KINDS
+
+    @property
+    def needs_v12(self) -> bool:
+        """Whether this record needs format version 12 (grouped planes coded jointly)."""
+        return self.joint and self.quant is None and self.value_kind in GROUPED_KINDS
 
     @property
     def needs_v9(self) -> bool:
@@ -705,6 +722,7 @@ def parse_record(
         levels=plan,
         ans=ans,
         buckets=version >= BUCKETS_VERSION and quant is None and value_kind in GROUPED_KINDS,
+        joint=version >= JOINT_VERSION and quant is None and value_kind in GROUPED_KINDS,
     )
 
 
@@ -935,6 +953,7 @@ __all__ = [
     "GLOBAL_ORDER_VERSION",
     "GROUPED_KINDS",
     "GROUPED_VERSION",
+    "JOINT_VERSION",
     "MAX_GROUPS",
     "PLANE_ANS_VERSION",
     "PROGRESSIVE_VERSION",

@@ -9,7 +9,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from fedsqueeze.codec.container import TensorRecord, ValueKind
-from fedsqueeze.codec.grouping import holds_buckets
+from fedsqueeze.codec.grouping import holds_buckets, holds_joint
 from fedsqueeze.codec.model import EncodedModel
 from fedsqueeze.codec.positions import PositionCoding
 from fedsqueeze.codec.row_tiers import split_shapes
@@ -54,6 +54,8 @@ def stages_of(record: TensorRecord) -> str:
         parts.append(record.value_kind.name.lower())
         if _in_buckets(record):
             parts.append("planes in buckets by exponent (v10)")
+        if _joint(record):
+            parts.append("exponent coded with the top mantissa bits (v12)")
     if record.raw_length is not None:
         parts.append("zstd")
     elif record.ans:
@@ -66,6 +68,13 @@ def _in_buckets(record: TensorRecord) -> bool:
     if not record.buckets or record.dtype is None or record.shape is None:
         return False
     return holds_buckets(record.body, record.dtype, math.prod(record.shape))
+
+
+def _joint(record: TensorRecord) -> bool:
+    """Whether a grouped record's body codes planes jointly (format version 12)."""
+    if not record.joint or record.dtype is None or record.shape is None:
+        return False
+    return holds_joint(record.body, record.dtype, math.prod(record.shape))
 
 
 def describe(

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
+from fedsqueeze.codec import joined
 from fedsqueeze.codec.bytesio import ByteReader
 from fedsqueeze.codec.container import (
     ANS_VERSION,
@@ -27,6 +28,7 @@ from fedsqueeze.codec.container import (
     FORMAT_VERSION,
     GLOBAL_ORDER_VERSION,
     GROUPED_VERSION,
+    JOINT_VERSION,
     PLANE_ANS_VERSION,
     PROGRESSIVE_VERSION,
     ROTATED_VERSION,
@@ -102,7 +104,8 @@ class EncodedModel:
 
     @property
     def header(self) -> ContainerHeader:
-        """The model-level header: version 11 when a table's rows travel in tiers or a
+        """The model-level header: version 12 when a byte-grouped body codes planes
+        jointly, else 11 when a table's rows travel in tiers or a
         plane in context order, else
         10 when a byte-grouped plane is coded in buckets, else 9 when a refinement's plane
         is ANS-coded,
@@ -110,7 +113,9 @@ class EncodedModel:
         else 6 when a record is rotated, else 5 when refinements are not in level order,
         else 4 when a record is byte-grouped, else 3 when one is block-wise or NF4, else
         2 when a tensor is sent in levels, else 1."""
-        if self.splits or any(r.context_order for r in self.records):
+        if any(r.needs_v12 for r in self.records):
+            version = JOINT_VERSION
+        elif self.splits or any(r.context_order for r in self.records):
             version = ROW_TIERS_VERSION
         elif any(r.needs_v10 for r in self.records):
             version = BUCKETS_VERSION
@@ -165,7 +170,7 @@ class EncodedModel:
         for part in parts:  # incremental: the payloads are copied once, by the join
             crc = crc32(part, crc)
         parts.append(crc.to_bytes(4, "little"))
-        return b"".join(parts)
+        return joined.join(parts)
 
     @property
     def nbytes(self) -> int:

@@ -31,6 +31,7 @@ MiniLM in bf16 about twice the CPU time (BENCHMARKS.md).
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import NamedTuple
 
 import numpy as np
 import numpy.typing as npt
@@ -56,33 +57,58 @@ _RAW, _ZSTD = 0, 1
 
 Plane = npt.NDArray[np.uint8]
 Ranks = npt.NDArray[np.uint16]
+
+
+class Buckets(NamedTuple):
+    """A chunk's buckets (:func:`buckets`)."""
+
+    #: Each exponent value's bucket.
+    ranks: Ranks
+    #: Every bucket's size.
+    sizes: list[int]
+    #: ``[4, buckets]``: where each quarter of the chunk starts in every bucket.
+    cursors: npt.NDArray[np.int64]
+
+
 #: ``decode_part(coding, data, size)``: a raw or zstd bucket of ``size`` bytes.
 PartDecoder = Callable[[int, memoryview, int], Plane]
 
 
-def buckets(exponents: Plane, min_log2: int) -> tuple[Ranks, list[int]]:
+def buckets(exponents: Plane, min_log2: int) -> Buckets:
     """Each exponent value's bucket and every bucket's size: the exponent values with at
     least ``2^min_log2`` values, in increasing order, then one bucket for the rest (if
-    any)."""
-    if jit.use(exponents.size):
-        counts = np.empty(256, dtype=np.int64)
-        jit_bytes.byte_counts(exponents, counts)
+    any); and each quarter's first place in every bucket (the compiled kernels' cursors:
+    :func:`fedsqueeze.codec.jit_bytes.bucket_gather`)."""
+    n = exponents.size
+    quarter = n // 4
+    counts4 = np.empty((4, 256), dtype=np.int64)
+    if jit.use(n):
+        jit_bytes.byte_counts(exponents, counts4)
     else:
-        counts = np.bincount(exponents, minlength=256)
+        edges = (0, quarter, 2 * quarter, 3 * quarter, n)
+        for q in range(4):
+            counts4[q] = np.bincount(exponents[edges[q] : edges[q + 1]], minlength=256)
+    counts = counts4.sum(axis=0)
     big = counts >= (1 << min_log2)
-    ranks = np.full(256, int(big.sum()), dtype=np.uint16)
-    ranks[big] = np.arange(int(big.sum()), dtype=np.uint16)
+    count = int(big.sum())
+    ranks = np.full(256, count, dtype=np.uint16)
+    ranks[big] = np.arange(count, dtype=np.uint16)
     sizes = [int(c) for c in counts[big]]
     rest = int(counts[~big].sum())
     if rest:
         sizes.append(rest)
-    return ranks, sizes
+    # per[q, b]: quarter q's bytes in bucket b; each quarter's run follows the earlier ones'.
+    per = counts4 @ (ranks[:, None] == np.arange(len(sizes))).astype(np.int64)
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
+    cursors = starts + np.cumsum(per, axis=0) - per
+    return Buckets(ranks, sizes, np.ascontiguousarray(cursors))
 
 
-def plan(exponents: Plane, plane: Plane) -> tuple[Ranks, list[int]] | None:
+def plan(exponents: Plane, plane: Plane) -> Buckets | None:
     """The buckets of ``plane`` when coding it in buckets should pay, else ``None`` (see
     the module's text)."""
-    ranks, sizes = buckets(exponents, MIN_LOG2)
+    found = buckets(exponents, MIN_LOG2)
+    ranks, sizes = found.ranks, found.sizes
     if len(sizes) < 2:
         return None
     # Every 4th value: the entropies of a quarter of a chunk (>= 16K values) are within
@@ -98,7 +124,7 @@ def plan(exponents: Plane, plane: Plane) -> tuple[Ranks, list[int]] | None:
     saved = bits / 8 * plane.size / p_sample.size
     if saved - TABLE * len(sizes) < GAIN * plane.size:
         return None
-    return ranks, sizes
+    return found
 
 
 def encode(
@@ -106,15 +132,15 @@ def encode(
     plane: Plane,
     compress: Callable[[memoryview], bytes],
     min_gain: float,
-    ranks: Ranks,
-    sizes: list[int],
+    found: Buckets,
 ) -> list[bytes | memoryview]:
     """``plane`` coded in the buckets of :func:`plan`: each bucket ``compress``-ed when
     that is below ``min_gain`` of its size, else raw. The coding is the pieces' bytes one
     after the other (left in pieces: the caller copies them once, into its body)."""
+    ranks, sizes = found.ranks, found.sizes
     grouped = np_scratch("bucketed", plane.size, np.uint8, 1 << 20)
     if jit.use(plane.size):
-        jit_bytes.bucket_gather(exponents, ranks, plane, _starts(sizes), grouped)
+        jit_bytes.bucket_gather(exponents, ranks, plane, found.cursors, grouped)
     else:
         grouped[:] = plane[np.argsort(ranks[exponents], kind="stable")]
     head = bytearray([MIN_LOG2])
@@ -150,7 +176,7 @@ def decode(data: memoryview, count: int, exponents: Plane, decode_part: PartDeco
     min_log2 = reader.u8("bucket size")
     if min_log2 > MAX_LOG2:
         raise FormatError(f"buckets of 2^{min_log2} values")
-    ranks, sizes = buckets(exponents, min_log2)
+    ranks, sizes, cursors = buckets(exponents, min_log2)
     entries = []
     for size in sizes:
         coding = reader.u8("bucket coding")
@@ -167,14 +193,10 @@ def decode(data: memoryview, count: int, exponents: Plane, decode_part: PartDeco
         raise FormatError(f"{reader.remaining} bytes after the last bucket")
     out = np_scratch("buckets_out", count, np.uint8, 1 << 20)
     if jit.use(count):
-        jit_bytes.bucket_scatter(exponents, ranks, grouped, _starts(sizes), out)
+        jit_bytes.bucket_scatter(exponents, ranks, grouped, cursors, out)
     else:
         out[np.argsort(ranks[exponents], kind="stable")] = grouped
     return out
-
-
-def _starts(sizes: list[int]) -> npt.NDArray[np.int64]:
-    return np.concatenate([[0], np.cumsum(sizes[:-1])]).astype(np.int64)
 
 
 def entropy_bits(counts: npt.NDArray[np.int64]) -> float:

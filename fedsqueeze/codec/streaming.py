@@ -46,6 +46,7 @@ from fedsqueeze.codec.container import (
     BLOCKWISE_VERSION,
     BUCKETS_VERSION,
     GROUPED_VERSION,
+    JOINT_VERSION,
     ROTATED_VERSION,
     DecodeLimits,
     QParamsSizer,
@@ -227,7 +228,17 @@ def decode_into(
         )
     # Version 8 adds ANS-coded records (held whole, like low-rank and rotated ones);
     # version 10 grouped planes in buckets (streamed chunk by chunk as the others).
-    if header.version not in (1, BLOCKWISE_VERSION, GROUPED_VERSION, ANS_VERSION, BUCKETS_VERSION):
+    # Version 12 adds grouped planes coded jointly (streamed too); its header may list
+    # row tiers (version 11), which are joined whole.
+    streamable = (
+        1,
+        BLOCKWISE_VERSION,
+        GROUPED_VERSION,
+        ANS_VERSION,
+        BUCKETS_VERSION,
+        JOINT_VERSION,
+    )
+    if header.version not in streamable or header.splits:
         raise FormatError(
             "part-by-part decoding reads whole-model streams; decode progressive levels "
             "with decode_prefix"
@@ -340,6 +351,7 @@ def _stream_grouped(
         out.dtype,
         out.numel(),
         record.buckets,
+        record.joint,
     )
     for start, values in chunks:
         part = flat[start : start + values.numel()]

@@ -148,7 +148,7 @@ class TensorDecoder:
             return name, torch.zeros(shape, dtype=dtype, device=device)
         if record.quant is None and record.value_kind in GROUPED_KINDS:
             # Its own table bounds every plane by numel (checked in decode_grouped).
-            values = decode_grouped(record.body, dtype, numel, record.buckets)
+            values = decode_grouped(record.body, dtype, numel, record.buckets, record.joint)
             values = values.reshape(shape).to(device)
             if record.value_kind is ValueKind.GROUPED_XOR:
                 if base is None:

@@ -62,7 +62,7 @@ from fedsqueeze.codec.container import (
 )
 from fedsqueeze.codec.digest import tensor_bytes
 from fedsqueeze.codec.finite import unrepresentable
-from fedsqueeze.codec.grouping import GROUPED_DTYPES, encode_grouped, holds_buckets
+from fedsqueeze.codec.grouping import GROUPED_DTYPES, encode_grouped, holds_buckets, holds_joint
 from fedsqueeze.codec.kernels import (
     copy_scatter,
     empty_numpy_backed,
@@ -653,6 +653,8 @@ class TensorEncoder:
         record = self._record(name, t, delta=delta, body=body, value_kind=kind)
         if holds_buckets(body, t.dtype, t.numel()):  # format version 10
             record = replace(record, buckets=True)
+        if holds_joint(body, t.dtype, t.numel()):  # format version 12
+            record = replace(record, joint=True)
         return record
 
     def _cast(self, name: str, t: torch.Tensor) -> TensorRecord:

@@ -28,10 +28,12 @@ from fedsqueeze.codec import (
     decode_prefix,
     decode_state,
     encode_state,
+    grouping,
 )
 from fedsqueeze.codec.container import (
     BUCKETS_VERSION,
     GLOBAL_ORDER_VERSION,
+    JOINT_VERSION,
     PLANE_ANS_VERSION,
     ROW_TIERS_VERSION,
     SUPPORT_LEVELS_VERSION,
@@ -143,9 +145,17 @@ def _samples() -> list[tuple[bytes, bool]]:
             out.append((v9, base is not None))
     # a byte-grouped plane in buckets by exponent (format version 10): hostile tables
     leaning = {"w.weight": bucket_weights(torch.bfloat16, 69_632, seed=11)}
-    v10 = encode_state(leaning, PRESETS["lossless"], seed=0).to_bytes()
+    joint, grouping.JOINT = grouping.JOINT, False  # buckets are what version 12 prefers to
+    try:
+        v10 = encode_state(leaning, PRESETS["lossless"], seed=0).to_bytes()
+    finally:
+        grouping.JOINT = joint
     assert v10[3] == BUCKETS_VERSION
     out.append((v10, False))
+    # planes coded jointly (format version 12): hostile joint headers and rests too
+    v12 = encode_state(leaning, PRESETS["lossless"], seed=0).to_bytes()
+    assert v12[3] == JOINT_VERSION
+    out.append((v12, False))
     # a table's rows in tiers (format version 11): hostile tier maps and parts too
     tiers = Calibration(rows={"fc1.weight": torch.tensor([4.0**-i for i in range(16)])})
     tiered = parse_spec("quant=8:symmetric:block32:hadamard,levels=2+1+1+4")

@@ -35,6 +35,15 @@ GOLDEN = Path(__file__).parent.parent / "golden" / "v10"
 N = 1 << 17
 
 
+@pytest.fixture(autouse=True)
+def _buckets_not_joint(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Version 12 codes these planes jointly where it can (test_grouping_joint.py):
+    the buckets of version 10 are what these tests check."""
+    from fedsqueeze.codec import grouping
+
+    monkeypatch.setattr(grouping, "JOINT", False)
+
+
 def weights(dtype: torch.dtype, n: int = N, seed: int = 0) -> torch.Tensor:
     """Values whose mantissa leans with the exponent: low in even binades, high in odd
     ones (one table for the whole plane sees a mix; a table per exponent sees the lean).
