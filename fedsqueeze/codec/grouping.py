@@ -92,8 +92,12 @@ BUCKETS = os.environ.get("FEDSQUEEZE_BUCKETS", "1") != "0"
 JOINT = BUCKETS and os.environ.get("FEDSQUEEZE_JOINT", "1") != "0"
 _FORMAT = zstandard.FORMAT_ZSTD1_MAGICLESS
 #: Bodies of at least this many bytes (at most: every plane raw) are built in a map of
-#: their own (:func:`_mapped`), smaller ones in NumPy memory.
-_MAPPED_FROM = 1 << 20
+#: their own (:func:`_mapped`), smaller ones in NumPy memory. A map's pages are fresh
+#: (a fault each); malloc's reuse what the last tensors freed. Was 1 MiB: on
+#: all-MiniLM-L6-v2 in bf16 (one-chunk tensors of 1-5 MB) 8 MiB took the lossless
+#: encode from 256 to 207 ms of CPU (a side script); past a few MB the faults are a small
+#: part of the coding, and a thread's malloc arena keeps no more than a few such bodies.
+_MAPPED_FROM = 8 << 20
 #: Private anonymous maps exist here (POSIX; elsewhere NumPy memory throughout).
 _MAPS = hasattr(mmap, "MAP_PRIVATE")
 
@@ -179,7 +183,17 @@ def _code_planes(
     literal, level1 = _coders()
     out: list[tuple[PlaneCoding, Coded]] = []
     joint = None
-    if joint_planes and layout.swapped and 0 in planes and 1 in planes and n > _LEVEL1_UP_TO:
+    # Joint planes are for the values' own exponents and mantissas, not an XOR delta's
+    # (mostly zero bytes, which zstd codes better apart).
+    values = base is None
+    if (
+        joint_planes
+        and values
+        and layout.swapped
+        and 0 in planes
+        and 1 in planes
+        and n > _LEVEL1_UP_TO
+    ):
         joint = plane_joint.plan(planes[0], planes[1])
     if joint is not None:
         head, rest = plane_joint.encode(planes[0], planes[1], joint, literal.compress)

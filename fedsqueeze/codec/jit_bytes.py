@@ -197,13 +197,16 @@ def bucket_scatter(exponents: U8, ranks: U16, grouped: U8, cursors: I64, out: U8
         k3[b] = j + 1
 
 
-def joint_histogram(exponents: U8, plane: U8, step: int, hist: I64) -> None:
+def joint_histogram(exponents: U8, plane: U8, step: int, hist: I64, counts: I64) -> None:
     """``hist[e, t]``: how many of every ``step``-th value have exponent byte ``e`` and
-    top three mantissa bits ``t`` (plane 1's bits 6..4); ``hist`` (``[256, 8]``) is
-    zeroed first (:mod:`fedsqueeze.codec.plane_joint`)."""
+    top three mantissa bits ``t`` (plane 1's bits 6..4), and ``counts[v]`` how many have
+    plane-1 byte ``v``; both zeroed first (:mod:`fedsqueeze.codec.plane_joint`)."""
     hist[:] = 0
+    counts[:] = 0
     for i in range(0, plane.size, step):
-        hist[exponents[i], (plane[i] >> 4) & 7] += 1
+        p = plane[i]
+        hist[exponents[i], (p >> 4) & 7] += 1
+        counts[p] += 1
 
 
 # The joint kernels (fedsqueeze.codec.plane_joint) run one helper per k, called with a
@@ -366,7 +369,7 @@ def warm() -> None:
     cursors = np.array([[0], [2], [4], [6]], dtype=np.int64)
     bucket_gather(u, ranks, u, cursors, u.copy())
     bucket_scatter(u, ranks, u, cursors, u.copy())
-    joint_histogram(u, u, 1, np.zeros((256, 8), dtype=np.int64))
+    joint_histogram(u, u, 1, np.zeros((256, 8), dtype=np.int64), np.zeros(256, np.int64))
     prm = np.zeros(1, dtype=np.uint16)
     rest = np.zeros(7, dtype=np.uint8)
     joint_split(u, u, prm, 1, u.copy(), rest)

@@ -646,7 +646,8 @@ class TensorEncoder:
         raw = t.numel() * t.element_size()
         if t.dtype not in GROUPED_DTYPES or self._spec.entropy_level <= 0 or raw < _MIN_GROUPED:
             return None
-        body = encode_grouped(bits, t.dtype, base=base)
+        # An XOR delta's planes are mostly zero bytes, not exponents: never joint.
+        body = encode_grouped(bits, t.dtype, base=base, joint=False if delta else None)
         if len(body) >= raw:
             return None
         kind = ValueKind.GROUPED_XOR if delta else ValueKind.GROUPED

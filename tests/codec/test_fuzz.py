@@ -45,6 +45,7 @@ from fedsqueeze.codec.spec_text import parse_spec
 from fedsqueeze.errors import CodecError, LimitExceededError
 from tests.codec.conftest import make_state
 from tests.codec.test_grouping_buckets import weights as bucket_weights
+from tests.codec.test_grouping_joint import trained
 from tests.codec.test_level_order import SPEC as GLOBAL_SPEC
 from tests.codec.test_level_order import mixed_state
 
@@ -153,7 +154,8 @@ def _samples() -> list[tuple[bytes, bool]]:
     assert v10[3] == BUCKETS_VERSION
     out.append((v10, False))
     # planes coded jointly (format version 12): hostile joint headers and rests too
-    v12 = encode_state(leaning, PRESETS["lossless"], seed=0).to_bytes()
+    gaussian = {"w.weight": trained(torch.bfloat16, 69_632, seed=11)}
+    v12 = encode_state(gaussian, PRESETS["lossless"], seed=0).to_bytes()
     assert v12[3] == JOINT_VERSION
     out.append((v12, False))
     # a table's rows in tiers (format version 11): hostile tier maps and parts too

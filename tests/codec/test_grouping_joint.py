@@ -56,18 +56,16 @@ def test_joint_round_trip_is_bit_exact_and_smaller(
 ) -> None:
     x = trained(dtype, n, seed=n) if gaussian else weights(dtype, n, seed=n)
     body = bytes(encode_grouped(x, dtype, 17))
-    assert holds_joint(body, dtype, n) and not holds_buckets(body, dtype, n)
-    assert same_bits(decode_grouped(body, dtype, n, joint=True), x)
+    assert same_bits(decode_grouped(body, dtype, n, buckets=True, joint=True), x)
     plain = bytes(encode_grouped(x, dtype, 17, buckets=False, joint=False))
     assert len(body) < len(plain)
     if gaussian:
-        # A trained layer's top mantissa bits are what depends on the exponent: smaller
-        # than buckets too. (weights() leans with every mantissa bit, as no trained
-        # model measured does: there buckets may be smaller, and joint is still chosen,
-        # for its decode speed: see plane_joint's text.)
+        # A trained layer's top mantissa bits are what depends on the exponent: coded
+        # jointly, and smaller than in buckets.
+        assert holds_joint(body, dtype, n) and not holds_buckets(body, dtype, n)
         assert len(body) <= len(bytes(encode_grouped(x, dtype, 17, joint=False)))
-    streamed = torch.cat([v for _, v in stream_grouped(_reader(body), len(body), dtype, n,
-                                                       joint=True)])  # fmt: skip
+    chunks = stream_grouped(_reader(body), len(body), dtype, n, buckets=True, joint=True)
+    streamed = torch.cat([v for _, v in chunks])
     assert same_bits(streamed, x)
 
 
@@ -143,7 +141,7 @@ def test_models_are_version_12_stream_part_by_part_and_switch_off(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     state = {
-        "a.weight": weights(torch.bfloat16).reshape(256, -1),
+        "a.weight": trained(torch.bfloat16).reshape(256, -1),
         "b.weight": trained(torch.float32),
     }
     model = encode_state(state, parse_spec("lossless"))
@@ -178,7 +176,7 @@ def _rebuilt(body: bytes, entries: list[tuple[int, int, int]], pieces: dict[int,
 @pytest.mark.parametrize("dtype", SWAPPED)
 def test_hostile_joint_planes_are_refused(dtype: torch.dtype) -> None:
     width = dtype.itemsize
-    x = weights(dtype)
+    x = trained(dtype)
     body = bytes(encode_grouped(x, dtype, 17))
     _, entries = table(body, width, 1)
     assert entries[0][0] == entries[1][0] == PlaneCoding.JOINT
@@ -242,7 +240,7 @@ CASES = {"lossless-bf16-joint": torch.bfloat16, "lossless-fp32-joint": torch.flo
 
 
 def _golden_state(dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    return {"layer.weight": weights(dtype, 69_632, seed=11).reshape(128, -1)}
+    return {"layer.weight": trained(dtype, 69_632, seed=11).reshape(128, -1)}
 
 
 def _encode(name: str) -> bytes:

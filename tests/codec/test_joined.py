@@ -18,7 +18,7 @@ def _pieces(seed: int, total: int) -> list[bytes | bytearray | memoryview]:
     out: list[bytes | bytearray | memoryview] = [b"", b"head"]
     left = total
     while left > 0:
-        n = int(min(left, rng.integers(1, 9 << 20)))
+        n = min(left, int(rng.integers(1, 9 << 20)))
         data = rng.integers(0, 256, n, dtype=np.uint8)
         kind = len(out) % 3
         if kind == 0:
@@ -27,7 +27,7 @@ def _pieces(seed: int, total: int) -> list[bytes | bytearray | memoryview]:
             out.append(bytearray(data.tobytes()))
         else:  # a view of 4-byte items: its length is not its bytes
             words = data[: n - n % 4].view(np.uint32)
-            out.append(memoryview(words))
+            out.append(memoryview(words.data))
         left -= n
     return out
 
