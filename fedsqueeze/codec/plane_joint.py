@@ -58,7 +58,6 @@ import numpy.typing as npt
 from fedsqueeze.codec import jit, jit_bytes
 from fedsqueeze.codec.bytesio import ByteReader
 from fedsqueeze.codec.chunks import np_scratch
-from fedsqueeze.codec.plane_buckets import entropy_bits
 from fedsqueeze.codec.planes import PlaneLayout, Words, join_planes
 from fedsqueeze.errors import FormatError
 
@@ -116,23 +115,28 @@ def plan(exponents: Plane, plane: Plane) -> Joint | None:
     else:
         np.add.at(hist, (exponents[::step], (plane[::step] >> 4) & 7), 1)
         seconds[:] = np.bincount(plane[::step], minlength=256)
-    sampled = int(hist.sum())
+    sampled = int(seconds.sum())
     if sampled == 0:
         return None
+    # Every count the estimates need, in one array: the rows that hold values (a zero
+    # exponent, and lo..hi) grouped by exponent alone and with k = 1, 2, 3 top bits,
+    # then the next plane's bytes. An ideal code of counts c takes N·log2 N − Σ c·log2 c.
+    rows = np.concatenate([hist[:1], hist[lo : hi + 1]])
+    r = rows.shape[0]
+    parts = [rows.sum(axis=1)] + [rows.reshape(r, 1 << k, 8 >> k).sum(axis=2).ravel() for k in ks]
+    counts = np.concatenate([*parts, seconds]).astype(np.float64)
+    terms = counts * np.log2(np.maximum(counts, 1.0))
+    starts = np.cumsum([0] + [len(p) for p in parts])
+    bits = sampled * np.log2(sampled) - np.add.reduceat(terms, starts)
     scale = n / sampled
     # The planes coded apart: the exponents' entropy, and the next plane's where that is
     # below 8 bits a value (many zeros: a pruned model), as a Huffman code would get it.
-    second = min(8.0 * sampled, entropy_bits(seconds))
-    plain = (entropy_bits(hist.sum(axis=1)) + second) * scale
-    best: tuple[float, int] | None = None
-    for k in ks:
-        joint = hist.reshape(256, 1 << k, 8 >> k).sum(axis=2).reshape(-1)
-        bits = entropy_bits(joint) * scale + (8 - k) * n
-        if best is None or bits < best[0]:
-            best = (bits, k)
-    if best is None or plain - best[0] < GAIN * 16 * n:
+    plain = (bits[0] + min(8.0 * sampled, bits[-1])) * scale
+    joint = [bits[1 + i] * scale + (8 - k) * n for i, k in enumerate(ks)]
+    best = int(np.argmin(joint))
+    if plain - joint[best] < GAIN * 16 * n:
         return None
-    return Joint(best[1], lo)
+    return Joint(ks[best], lo)
 
 
 def encode(
