@@ -375,6 +375,19 @@ def warm() -> None:
     joint_split(u, u, prm, 1, u.copy(), rest)
     joint_words(u, rest, u, u, prm, 1, np.zeros(8, dtype=np.uint16))
     joint_words(u, rest, u, u, prm, 1, np.zeros(8, dtype=np.uint32))
+    # Decoding passes read-only planes (views of the received bytes, or of what zstd
+    # returned): numba compiles those as other types, so they are warmed too (else the
+    # first large decode compiles them, inside a bounded-memory measurement).
+    ro = np.frombuffer(bytes(8), dtype=np.uint8)
+    ro_rest = np.frombuffer(bytes(7), dtype=np.uint8)
+    join_planes2(ro, ro, True, np.zeros(8, dtype=np.uint16))
+    join_planes2(ro, u, True, np.zeros(8, dtype=np.uint16))
+    join_planes4(ro, ro, ro, ro, True, np.zeros(8, dtype=np.uint32))
+    join_planes4(ro, u, ro, ro, True, np.zeros(8, dtype=np.uint32))
+    byte_counts(ro, np.zeros((4, 256), dtype=np.int64))
+    bucket_scatter(ro, ranks, u, cursors, u.copy())
+    joint_words(ro, ro_rest, ro, ro, prm, 1, np.zeros(8, dtype=np.uint16))
+    joint_words(ro, ro_rest, ro, ro, prm, 1, np.zeros(8, dtype=np.uint32))
 
 
 #: The kernels, helpers before the kernels that call them.
