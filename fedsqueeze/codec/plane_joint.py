@@ -18,7 +18,11 @@ Here the two planes become two others, with no sort:
   literal-only zstd frame), as the exponent plane was. Its code lengths now follow the
   exponent and the top bits together: the dependence the buckets caught.
 - the *rest*: the sign and the ``7 − k`` mantissa bits below ``top``, ``8 − k`` bits a
-  value, stored as they are, eight values packed into ``8 − k`` bytes.
+  value, stored as they are. The first ``8·m`` values (``m = ⌊count/8⌋``) form eight
+  segments of ``m``: segment ``j < 8 − k`` keeps its fields in the low bits of its own
+  ``m`` bytes, and bit ``j`` of segment ``8 − k + s``'s fields goes to bit ``8 − k + s``
+  of segment ``j``'s bytes; the last ``count mod 8`` fields take a byte each. Packing
+  and unpacking are then byte loops over contiguous segments, which vectorize.
 
 It applies when every nonzero exponent of the chunk lies in ``lo .. lo + 2^(8−k) − 2``
 (a trained model's span is a few dozen binades). The encoder counts a sample of the
@@ -33,15 +37,16 @@ take it: their planes are mostly zero bytes, which zstd codes better apart.
 On all-MiniLM-L6-v2 in bf16 (a side script, zstd's Huffman on every chunk): joint with
 ``k = 2`` 10.575 bits a value, ``k = 1`` 10.591, the exponent plane coded alone and the
 next raw 10.642, in buckets 10.60; ZipNN 0.5.4 codes the same weights at 10.641. Decoding
-costs the joint plane's Huffman decode (as the exponent plane's) and one pass that
-unpacks the rest, where buckets cost a second Huffman plane, a count of the exponents and
-a scatter (BENCHMARKS.md, "Lossless float coding").
+costs the joint plane's Huffman decode (as the exponent plane's) and one compiled pass
+that writes the words (:func:`fedsqueeze.codec.jit_bytes.joint_words`), where buckets
+cost a second Huffman plane, a count of the exponents and a scatter (BENCHMARKS.md,
+"Lossless float coding").
 
 Layout (the chunk's two table entries of :mod:`fedsqueeze.codec.grouping`, both with
 coding 3)::
 
     plane 0 = k u8 · lo u8 · coding u8 · joint plane (raw: count bytes; 1: a zstd frame)
-    plane 1 = the rest, ceil(count / 8) · (8 − k) bytes
+    plane 1 = the rest, ⌊count / 8⌋ · (8 − k) + count mod 8 bytes
 
 A decoder accepts ``1 <= k <= 3`` and ``1 <= lo <= 257 − 2^(8−k)``, so every joint byte
 decodes to an exponent byte; every other check is a length.
