@@ -123,6 +123,48 @@ def bucket_histogram(exponents: U8, ranks: U16, plane: U8, hist: I64) -> None:
         hist[ranks[exponents[i]], plane[i]] += 1
 
 
+def _bucket_move(exponents: U8, ranks: U16, src: U8, cursors: I64, out: U8, gather: bool) -> None:
+    """:func:`bucket_gather` (``gather``) or :func:`bucket_scatter`: the same cursors,
+    the byte moved one way or the other."""
+    k0 = cursors[0].copy()
+    k1 = cursors[1].copy()
+    k2 = cursors[2].copy()
+    k3 = cursors[3].copy()
+    n = exponents.size
+    q = n // 4
+    for i in range(q):
+        b0 = ranks[exponents[i]]
+        b1 = ranks[exponents[q + i]]
+        b2 = ranks[exponents[2 * q + i]]
+        b3 = ranks[exponents[3 * q + i]]
+        j0 = k0[b0]
+        j1 = k1[b1]
+        j2 = k2[b2]
+        j3 = k3[b3]
+        if gather:
+            out[j0] = src[i]
+            out[j1] = src[q + i]
+            out[j2] = src[2 * q + i]
+            out[j3] = src[3 * q + i]
+        else:
+            out[i] = src[j0]
+            out[q + i] = src[j1]
+            out[2 * q + i] = src[j2]
+            out[3 * q + i] = src[j3]
+        k0[b0] = j0 + 1
+        k1[b1] = j1 + 1
+        k2[b2] = j2 + 1
+        k3[b3] = j3 + 1
+    for i in range(4 * q, n):
+        b = ranks[exponents[i]]
+        j = k3[b]
+        if gather:
+            out[j] = src[i]
+        else:
+            out[i] = src[j]
+        k3[b] = j + 1
+
+
 def bucket_gather(exponents: U8, ranks: U16, plane: U8, cursors: I64, out: U8) -> None:
     """``out``: the bytes of ``plane`` grouped by bucket (the bucket of byte ``i`` is
     ``ranks[exponents[i]]``), in index order within a bucket: a stable counting sort
@@ -133,68 +175,14 @@ def bucket_gather(exponents: U8, ranks: U16, plane: U8, cursors: I64, out: U8) -
     ``out`` writes cannot change them, 2.5x faster than updating the argument in
     place): each cursor's increment waits on its previous one, four chains at once
     instead of one (measured on 1M exponent-like values: 3.5 -> 2.8 ms)."""
-    k0 = cursors[0].copy()
-    k1 = cursors[1].copy()
-    k2 = cursors[2].copy()
-    k3 = cursors[3].copy()
-    n = plane.size
-    q = n // 4
-    for i in range(q):
-        b0 = ranks[exponents[i]]
-        b1 = ranks[exponents[q + i]]
-        b2 = ranks[exponents[2 * q + i]]
-        b3 = ranks[exponents[3 * q + i]]
-        j0 = k0[b0]
-        j1 = k1[b1]
-        j2 = k2[b2]
-        j3 = k3[b3]
-        out[j0] = plane[i]
-        out[j1] = plane[q + i]
-        out[j2] = plane[2 * q + i]
-        out[j3] = plane[3 * q + i]
-        k0[b0] = j0 + 1
-        k1[b1] = j1 + 1
-        k2[b2] = j2 + 1
-        k3[b3] = j3 + 1
-    for i in range(4 * q, n):
-        b = ranks[exponents[i]]
-        j = k3[b]
-        out[j] = plane[i]
-        k3[b] = j + 1
+    _bucket_move(exponents, ranks, plane, cursors, out, True)
 
 
 def bucket_scatter(exponents: U8, ranks: U16, grouped: U8, cursors: I64, out: U8) -> None:
     """Inverse of :func:`bucket_gather`: ``out[i]`` is the next byte of bucket
     ``ranks[exponents[i]]`` in ``grouped`` (the quarters side by side, as there;
     2.0 -> 1.6 ms on 1M values)."""
-    k0 = cursors[0].copy()
-    k1 = cursors[1].copy()
-    k2 = cursors[2].copy()
-    k3 = cursors[3].copy()
-    n = out.size
-    q = n // 4
-    for i in range(q):
-        b0 = ranks[exponents[i]]
-        b1 = ranks[exponents[q + i]]
-        b2 = ranks[exponents[2 * q + i]]
-        b3 = ranks[exponents[3 * q + i]]
-        j0 = k0[b0]
-        j1 = k1[b1]
-        j2 = k2[b2]
-        j3 = k3[b3]
-        out[i] = grouped[j0]
-        out[q + i] = grouped[j1]
-        out[2 * q + i] = grouped[j2]
-        out[3 * q + i] = grouped[j3]
-        k0[b0] = j0 + 1
-        k1[b1] = j1 + 1
-        k2[b2] = j2 + 1
-        k3[b3] = j3 + 1
-    for i in range(4 * q, n):
-        b = ranks[exponents[i]]
-        j = k3[b]
-        out[i] = grouped[j]
-        k3[b] = j + 1
+    _bucket_move(exponents, ranks, grouped, cursors, out, False)
 
 
 def joint_histogram(exponents: U8, plane: U8, step: int, hist: I64, counts: I64) -> None:
@@ -397,6 +385,7 @@ KERNELS = (
     "join_planes4",
     "byte_counts",
     "bucket_histogram",
+    "_bucket_move",
     "bucket_gather",
     "bucket_scatter",
     "joint_histogram",
