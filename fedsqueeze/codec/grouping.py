@@ -192,17 +192,7 @@ def _code_planes(
     literal, level1 = _coders()
     out: list[tuple[PlaneCoding, Coded]] = []
     joint = None
-    # Joint planes are for the values' own exponents and mantissas, not an XOR delta's
-    # (mostly zero bytes, which zstd codes better apart).
-    values = base is None
-    if (
-        joint_planes
-        and values
-        and layout.swapped
-        and 0 in planes
-        and 1 in planes
-        and n > _LEVEL1_UP_TO
-    ):
+    if joint_planes and layout.swapped and 0 in planes and 1 in planes and n > _LEVEL1_UP_TO:
         joint = plane_joint.plan(planes[0], planes[1])
     if joint is not None:
         head, rest = plane_joint.encode(planes[0], planes[1], joint, literal.compress)
@@ -268,7 +258,8 @@ def encode_grouped(
         version-4 decoder reads.
     joint
         Whether planes 0 and 1 may be coded jointly (format version 12: see
-        :func:`holds_joint`; default :data:`JOINT` and :data:`BUCKETS`).
+        :func:`holds_joint`; default :data:`JOINT` and :data:`BUCKETS`, without a
+        ``base``).
     """
     if not MIN_CHUNK_LOG2 <= chunk_log2 <= MAX_CHUNK_LOG2:
         raise ValueError(f"chunk_log2 must be in {MIN_CHUNK_LOG2}..{MAX_CHUNK_LOG2}")
@@ -279,7 +270,10 @@ def encode_grouped(
     if buckets is None:
         buckets = BUCKETS
     if joint is None:
-        joint = JOINT and BUCKETS
+        # Joint planes are for values' own exponents and mantissas, not an XOR delta's
+        # (mostly zero bytes, which zstd codes better apart); a caller passing bits
+        # already XORed says so itself.
+        joint = JOINT and BUCKETS and base is None
     layout = _layout(dtype)
     words = _host_words(bits)
     base_words = None if base is None else _host_words(base)

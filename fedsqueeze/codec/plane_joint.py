@@ -63,6 +63,7 @@ import numpy.typing as npt
 from fedsqueeze.codec import jit, jit_bytes
 from fedsqueeze.codec.bytesio import ByteReader
 from fedsqueeze.codec.chunks import np_scratch
+from fedsqueeze.codec.plane_buckets import PartDecoder
 from fedsqueeze.codec.planes import PlaneLayout, Words, join_planes
 from fedsqueeze.errors import FormatError
 
@@ -78,8 +79,6 @@ SAMPLE = 1 << 16
 _RAW, _ZSTD = 0, 1
 
 Plane = npt.NDArray[np.uint8]
-#: ``decode_part(coding, data, size)``: a raw or zstd plane of ``size`` bytes.
-PartDecoder = Callable[[int, memoryview, int], Plane]
 
 
 class Joint(NamedTuple):
