@@ -34,10 +34,21 @@ typecheck: install
 TEST_WORKERS ?= auto
 TEST_MAX_WORKERS ?= 4
 
-unit: install
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --maxprocesses $(TEST_MAX_WORKERS) --dist worksteal --durations=25
+PYTEST = $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --maxprocesses $(TEST_MAX_WORKERS) --dist worksteal --durations=25
 
-test: lint typecheck unit
+# The codec's compiled kernels go into numba's cache first (`fedsqueeze codec warm`:
+# about a minute of one core on a fresh clone, 2 s once cached); else every test
+# process that meets a large tensor before the cache is written compiles its own copy.
+# `make test` compiles them beside the linters and mypy.
+unit: install
+	$(BIN)/fedsqueeze codec warm
+	$(PYTEST)
+
+test: install
+	@$(BIN)/fedsqueeze codec warm & warm=$$!; \
+	$(MAKE) --no-print-directory lint typecheck || { kill $$warm 2>/dev/null; exit 1; }; \
+	wait $$warm || exit 1
+	$(PYTEST)
 
 protos: install
 	$(BIN)/python -m fedsqueeze.wire.generate

@@ -8,6 +8,7 @@ Examples::
     fedsqueeze codec decode model.fsq restored.pt
     fedsqueeze codec inspect model.fsq --original model.pt
     fedsqueeze codec presets
+    fedsqueeze codec warm
     fedsqueeze codec calibrate MODEL_DIR corpus.txt calib.safetensors
     fedsqueeze codec encode model.safetensors model.fsq --spec quant=8,levels=2+2+4 \
         --calibration calib.safetensors
@@ -65,7 +66,8 @@ T = TypeVar("T")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Register ``encode``, ``decode``, ``inspect``, ``presets`` and ``calibrate``."""
+    """Register ``encode``, ``decode``, ``inspect``, ``presets``, ``warm`` and
+    ``calibrate``."""
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     sub = parser.add_subparsers(dest="codec_command", metavar="ACTION", required=True)
     enc = sub.add_parser("encode", help="compress a state_dict (.pt) or .safetensors file")
@@ -135,6 +137,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     ins.add_argument("--original", help="the uncompressed model, for max error")
     ins.add_argument("--base", help="the base model, for a delta")
     sub.add_parser("presets", help="list the spec presets and what they stand for")
+    sub.add_parser(
+        "warm",
+        help="compile the codec's kernels into numba's cache now",
+        description="Compile every compiled kernel of the codec (numba) now and keep its "
+        "machine code in the package's __pycache__, where later processes load it. "
+        "Without this, the first encode or decode of a large tensor (64K values or more) "
+        "compiles the kernels it uses, up to about a minute on a fresh install; run it "
+        "once after installing (an image build, before timing anything). Nothing is "
+        "compiled with FEDSQUEEZE_JIT=0 or without numba.",
+    )
     cal = sub.add_parser(
         "calibrate",
         help="input moments and row weights from a model and text, for encode --calibration",
@@ -170,7 +182,24 @@ def main(args: argparse.Namespace) -> int:
         return _decode(args)
     if args.codec_command == "calibrate":
         return _calibrate(args)
+    if args.codec_command == "warm":
+        return _warm()
     return _inspect(args)
+
+
+def _warm() -> int:
+    import time
+
+    from fedsqueeze.codec import jit
+
+    start = time.perf_counter()
+    if not jit.ready():
+        print("compiled kernels are off (FEDSQUEEZE_JIT=0, or numba is not installed)")
+        return 0
+    jit.warm()
+    took = time.perf_counter() - start
+    print(f"every codec kernel compiled or loaded from the cache in {took:.1f} s")
+    return 0
 
 
 def _calibrate(args: argparse.Namespace) -> int:

@@ -321,24 +321,51 @@ def _joint_words_k(
         ws[t] = _joint_word(cs[t], np.uint16(last[t]), x2, x3, lo_1, K, WIDE)
 
 
+def _joint_words16(joint: U8, rest: U8, prm: U16, k: int, out: Words) -> None:
+    if k == 1:
+        _joint_words_k(joint, rest, joint[:0], joint[:0], prm, out, 1, False)
+    elif k == 2:
+        _joint_words_k(joint, rest, joint[:0], joint[:0], prm, out, 2, False)
+    else:
+        _joint_words_k(joint, rest, joint[:0], joint[:0], prm, out, 3, False)
+
+
+def _joint_words32(joint: U8, rest: U8, p2: U8, p3: U8, prm: U16, k: int, out: Words) -> None:
+    if k == 1:
+        _joint_words_k(joint, rest, p2, p3, prm, out, 1, True)
+    elif k == 2:
+        _joint_words_k(joint, rest, p2, p3, prm, out, 2, True)
+    else:
+        _joint_words_k(joint, rest, p2, p3, prm, out, 3, True)
+
+
+def _frozen(a: U8) -> U8:
+    """A read-only view of ``a`` (itself when it is read-only already)."""
+    if not a.flags.writeable:
+        return a
+    view: U8 = a.view()
+    view.flags.writeable = False
+    return view
+
+
 def joint_words(joint: U8, rest: U8, p2: U8, p3: U8, prm: U16, k: int, out: Words) -> None:
     """Words from the joint plane and the rest (:func:`joint_split`): 32-bit words
     (fp32: the two lower planes ``p2`` and ``p3`` below) or 16-bit ones (bf16: ``p2`` and
     ``p3`` unused). Any joint byte gives an exponent byte (the caller has checked
-    ``prm[0]``, the lowest nonzero exponent minus one)."""
+    ``prm[0]``, the lowest nonzero exponent minus one).
+
+    Plain Python over two compiled kernels, one per word width, whose inputs are always
+    read-only (numba types a read-only array apart from a writable one): each kernel
+    is compiled for one set of types, with its three ``k`` inlined, in about 11 s. A
+    single kernel for both widths, called with writable and read-only planes, took
+    four sets of types with six ``k``-and-width variants each: 91 s of the 130 s that
+    a cold cache took to compile every kernel, paid by each fresh process that warmed
+    the kernels before another had cached them (the memory tests' children in CI)."""
+    joint, rest = _frozen(joint), _frozen(rest)
     if out.itemsize == 4:
-        if k == 1:
-            _joint_words_k(joint, rest, p2, p3, prm, out, 1, True)
-        elif k == 2:
-            _joint_words_k(joint, rest, p2, p3, prm, out, 2, True)
-        else:
-            _joint_words_k(joint, rest, p2, p3, prm, out, 3, True)
-    elif k == 1:
-        _joint_words_k(joint, rest, p2, p3, prm, out, 1, False)
-    elif k == 2:
-        _joint_words_k(joint, rest, p2, p3, prm, out, 2, False)
+        _joint_words32(joint, rest, _frozen(p2), _frozen(p3), prm, k, out)
     else:
-        _joint_words_k(joint, rest, p2, p3, prm, out, 3, False)
+        _joint_words16(joint, rest, prm, k, out)
 
 
 def warm() -> None:
@@ -361,21 +388,18 @@ def warm() -> None:
     prm = np.zeros(1, dtype=np.uint16)
     rest = np.zeros(7, dtype=np.uint8)
     joint_split(u, u, prm, 1, u.copy(), rest)
-    joint_words(u, rest, u, u, prm, 1, np.zeros(8, dtype=np.uint16))
+    joint_words(u, rest, u, u, prm, 1, np.zeros(8, dtype=np.uint16))  # (read-only views)
     joint_words(u, rest, u, u, prm, 1, np.zeros(8, dtype=np.uint32))
     # Decoding passes read-only planes (views of the received bytes, or of what zstd
     # returned): numba compiles those as other types, so they are warmed too (else the
     # first large decode compiles them, inside a bounded-memory measurement).
     ro = np.frombuffer(bytes(8), dtype=np.uint8)
-    ro_rest = np.frombuffer(bytes(7), dtype=np.uint8)
     join_planes2(ro, ro, True, np.zeros(8, dtype=np.uint16))
     join_planes2(ro, u, True, np.zeros(8, dtype=np.uint16))
     join_planes4(ro, ro, ro, ro, True, np.zeros(8, dtype=np.uint32))
     join_planes4(ro, u, ro, ro, True, np.zeros(8, dtype=np.uint32))
     byte_counts(ro, np.zeros((4, 256), dtype=np.int64))
     bucket_scatter(ro, ranks, u, cursors, u.copy())
-    joint_words(ro, ro_rest, ro, ro, prm, 1, np.zeros(8, dtype=np.uint16))
-    joint_words(ro, ro_rest, ro, ro, prm, 1, np.zeros(8, dtype=np.uint32))
 
 
 #: The kernels, helpers before the kernels that call them.
@@ -394,5 +418,6 @@ KERNELS = (
     "_joint_word",
     "_joint_spill",
     "_joint_words_k",
-    "joint_words",
+    "_joint_words16",
+    "_joint_words32",
 )

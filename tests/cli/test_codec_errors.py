@@ -251,6 +251,24 @@ def test_presets_need_no_arguments() -> None:
         assert "prune95-kmeans3" in proc.stdout
 
 
+def test_warm_compiles_the_kernels_and_says_so_or_why_not(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from fedsqueeze.codec import jit
+
+    assert main(["codec", "warm"]) == 0
+    out = capsys.readouterr().out
+    if jit.ready():
+        assert "every codec kernel compiled or loaded from the cache" in out
+        assert type(jit.linear_encode).__module__.startswith("numba")  # compiled: a dispatcher
+    else:  # pragma: no cover - numba is a dependency
+        assert "compiled kernels are off" in out
+    monkeypatch.setattr(jit, "ENABLED", False)
+    monkeypatch.setattr(jit, "_compiled", None)
+    assert main(["codec", "warm"]) == 0
+    assert "compiled kernels are off (FEDSQUEEZE_JIT=0" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("name", ["x.txt", "x.safetensor"])
 def test_decode_refuses_unknown_extensions(files: Files, name: str) -> None:
     line = _refused(files, "decode", files.path("full.fsq"), files.path(name))
