@@ -16,6 +16,7 @@ import pytest
 from simulations.config import load_config
 from simulations.grid import sample_partitions
 from simulations.server import model_bytes
+from tests.shared_once import made_once
 from tests.subproc import run_module
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -47,8 +48,8 @@ def _rows(path: Path) -> list[dict[str, str]]:
 
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("sweep")
-    return _sweep(out, *BUDGET_FLAGS)
+    # once per session, whichever workers run this module's tests (tests/shared_once.py)
+    return made_once(tmp_path_factory, "short-sweep", lambda out: _sweep(out, *BUDGET_FLAGS))
 
 
 @pytest.mark.slow
