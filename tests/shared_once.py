@@ -21,7 +21,7 @@ import pytest
 
 
 def made_once(
-    tmp_path_factory: pytest.TempPathFactory, name: str, make: Callable[[Path], None]
+    tmp_path_factory: pytest.TempPathFactory, name: str, make: Callable[[Path], object]
 ) -> Path:
     """A folder that ``make`` filled (once per session); the tests must only read it."""
     if not os.environ.get("PYTEST_XDIST_WORKER"):  # one process: its own temporary folder
