@@ -25,6 +25,8 @@ from enum import Enum
 import numpy as np
 import torch
 
+from fedsqueeze.codec import jit, jit_bytes
+from fedsqueeze.codec.chunks import CPU_CHUNK, chunk_bounds, run_chunks
 from fedsqueeze.codec.quantization import MAX_MAGNITUDE
 
 
@@ -50,14 +52,27 @@ _INF_BITS = {
 }
 
 
-def _all_finite(x: torch.Tensor) -> bool:
-    """Whether ``x`` has no NaN or Inf: on the CPU, one pass over its bits with numpy
-    (``torch.isfinite(x).all()`` costs ~30× more on these machines)."""
+def all_finite(x: torch.Tensor) -> bool:
+    """Whether ``x`` has no NaN or Inf: on the CPU, one pass over its bits
+    (``torch.isfinite(x).all()`` costs ~30× more on these machines, ``torch.aminmax``
+    of bf16 values 5×): a compiled kernel on the worker threads for a large tensor, else
+    NumPy."""
     found = _INF_BITS.get(x.dtype)
     if found is None or x.device.type != "cpu" or x.numel() == 0:
         return bool(torch.isfinite(x).all())
     view, mask, inf = found
     ints = x.detach().contiguous().view(view).numpy().reshape(-1)
+    if jit.use(ints.shape[0]):
+        words = ints.view(_UNSIGNED[ints.itemsize])
+        masks = np.array([mask], dtype=words.dtype)
+        bounds = chunk_bounds(words.shape[0])
+        tops = np.zeros(len(bounds), dtype=words.dtype)
+
+        def chunk(start: int, stop: int) -> None:
+            tops[start // CPU_CHUNK] = jit_bytes.top_bits(words[start:stop], masks)
+
+        run_chunks(chunk, bounds)
+        return int(tops.max()) < inf
     # Block by block through one cache-sized scratch array: a whole-tensor temporary
     # is fresh memory, and its page faults cost more than the test.
     scratch = np.empty(min(ints.shape[0], _FINITE_BLOCK), dtype=ints.dtype)
@@ -70,6 +85,7 @@ def _all_finite(x: torch.Tensor) -> bool:
     return True
 
 
+_UNSIGNED = {2: np.uint16, 4: np.uint32, 8: np.uint64}
 _FINITE_BLOCK = 1 << 16
 
 
@@ -78,7 +94,7 @@ def count_nonfinite(x: torch.Tensor) -> str | None:
     has some, else ``None``."""
     if not x.is_floating_point():
         return None
-    if _all_finite(x):
+    if all_finite(x):
         return None
     nan = int(torch.isnan(x).sum())
     inf = int(torch.isinf(x).sum())

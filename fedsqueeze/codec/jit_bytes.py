@@ -24,6 +24,7 @@ __all__ = [
     "joint_split",
     "joint_words",
     "split_plane",
+    "top_bits",
     "warm",
 ]
 
@@ -49,6 +50,17 @@ def split_plane(
         for i in range(out.size):
             v = words[i]
             out[i] = ((v >> s1) & m1) | ((v >> s2) & m2)
+
+
+def top_bits(words: Words, mask: Words) -> int:
+    """The largest ``words[i] & mask[0]`` (0 for no words): one pass that vectorizes
+    (:func:`fedsqueeze.codec.finite.all_finite` on a chunk: with the sign masked off, a
+    float is finite when its bits are below the exponent's all-ones pattern)."""
+    m = mask[0]
+    top = m ^ m
+    for i in range(words.size):
+        top = max(top, words[i] & m)
+    return top  # type: ignore[no-any-return]
 
 
 def join_planes2(p0: U8, p1: U8, swapped: bool, out: Words) -> None:
@@ -374,6 +386,7 @@ def warm() -> None:
     u = np.zeros(8, dtype=np.uint8)
     for uint in (np.uint16, np.uint32, np.uint64):
         words = np.zeros(8, dtype=uint)
+        top_bits(words, words[:1].copy())
         split_plane(words, words, False, 8, 0xFF, 0, 0, u)
         split_plane(words, words, True, 8, 0xFF, 0, 0, u)
     join_planes2(u, u, True, np.zeros(8, dtype=np.uint16))
@@ -405,6 +418,7 @@ def warm() -> None:
 #: The kernels, helpers before the kernels that call them.
 KERNELS = (
     "split_plane",
+    "top_bits",
     "join_planes2",
     "join_planes4",
     "byte_counts",

@@ -61,7 +61,7 @@ from fedsqueeze.codec.container import (
     ValueKind,
 )
 from fedsqueeze.codec.digest import tensor_bytes
-from fedsqueeze.codec.finite import unrepresentable
+from fedsqueeze.codec.finite import all_finite, unrepresentable
 from fedsqueeze.codec.grouping import GROUPED_DTYPES, encode_grouped, holds_buckets, holds_joint
 from fedsqueeze.codec.kernels import (
     copy_scatter,
@@ -1361,6 +1361,8 @@ def _within(x: torch.Tensor, limit: float) -> bool:
     flat = x.detach().reshape(-1)
     if flat.numel() == 0:
         return True
+    if limit == math.inf:  # finiteness alone: a pass over the bits, exact for float64 too
+        return all_finite(flat)
     if flat.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         flat = flat.to(torch.float32)
     lo, hi = value_range(flat.contiguous(), None)

@@ -260,3 +260,34 @@ def test_spec_range_errors_name_the_key_not_the_field(text: str, wanted: str) ->
     with pytest.raises(ConfigError, match=wanted) as exc:
         parse_spec(text)
     assert "entropy_level" not in str(exc.value) and "min_ndim" not in str(exc.value)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+@pytest.mark.parametrize("jit_on", [True, False])
+def test_the_bit_test_of_finiteness_agrees_with_torch_on_large_tensors(
+    dtype: torch.dtype, jit_on: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from fedsqueeze.codec import jit
+    from fedsqueeze.codec.finite import all_finite
+
+    if not jit_on:
+        monkeypatch.setattr(jit, "ENABLED", False)
+        monkeypatch.setattr(jit, "_compiled", None)
+    n = (1 << 20) + 3 * (1 << 16) + 11  # two chunks of the compiled path, the second short
+    x = torch.randn(n, generator=torch.Generator().manual_seed(0)).to(dtype)
+    x[7] = torch.finfo(dtype).max  # the largest finite magnitudes are finite
+    x[8] = -torch.finfo(dtype).max
+    x[9] = -0.0
+    x[10] = torch.finfo(dtype).tiny / 4  # a subnormal
+    assert all_finite(x) and all_finite(x.reshape(-1, 5)[:, 1:].t())  # strided too
+    for at in (0, n // 2, (1 << 20) + 17, n - 1):
+        for bad in (float("nan"), float("inf"), float("-inf")):
+            y = x.clone()
+            y[at] = bad
+            assert not all_finite(y), (at, bad)
+            assert bool(torch.isfinite(y).all()) is False
+    # and the encoder's own check, on the lossless path
+    y = x.clone()
+    y[n - 1] = float("nan")
+    with pytest.raises(NonFiniteError, match="w"):
+        encode_state({"w": y}, parse_spec("lossless"))
