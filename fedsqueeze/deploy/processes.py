@@ -48,6 +48,7 @@ log = logging.getLogger(__name__)
 
 _PR_SET_PDEATHSIG = 1
 _PR_SET_CHILD_SUBREAPER = 36
+_PR_GET_CHILD_SUBREAPER = 37
 _POLL_SECONDS = 0.1
 
 
@@ -145,7 +146,8 @@ class Supervisor:
     ----------
     adopt_orphans
         Make this process a child subreaper (Linux), so descendants whose parent dies
-        stay below it. Meant for a command-line process that does nothing else.
+        stay below it, until :meth:`stop_all` has stopped them (then the flag is as it
+        was). Meant for a command-line process that does nothing else.
     grace
         Seconds between ``SIGTERM`` and ``SIGKILL`` in :meth:`stop_all`.
     """
@@ -156,6 +158,7 @@ class Supervisor:
         self.grace = grace
         self.processes: list[ManagedProcess] = []
         self._lock = threading.Lock()
+        self._was_subreaper = is_subreaper()
         self._adopts = adopt_orphans and _prctl(_PR_SET_CHILD_SUBREAPER, 1)
         if adopt_orphans and not self._adopts:
             log.debug("not a child subreaper here: orphans go to init")
@@ -213,6 +216,13 @@ class Supervisor:
                 for process in self.processes:
                     if process.popen.stdout is not None and process.poll() is not None:
                         process.popen.stdout.close()
+                if self._adopts and not self._was_subreaper:
+                    # Hand the flag back: a process that stays a subreaper after its
+                    # supervisor is done adopts later orphans it will never reap, and a
+                    # zombie parent looks alive to children that poll for it (Flower's
+                    # ServerApp then never exits; a test process ran coordinator_cmd.main).
+                    _prctl(_PR_SET_CHILD_SUBREAPER, 0)
+                    self._adopts = False
 
     def _roots(self) -> set[int]:
         # A process not yet reaped cannot have given its pid to another one.
@@ -428,6 +438,14 @@ def _prctl(option: int, value: int) -> bool:
     if _PRCTL is None:
         return False
     return _PRCTL(option, value, 0, 0, 0) == 0
+
+
+def is_subreaper() -> bool:
+    """Whether this process is a child subreaper now (Linux; ``False`` elsewhere)."""
+    if _PRCTL is None:
+        return False
+    flag = ctypes.c_int(0)
+    return _PRCTL(_PR_GET_CHILD_SUBREAPER, ctypes.byref(flag), 0, 0, 0) == 0 and flag.value != 0
 
 
 def _die_with_parent() -> None:

@@ -69,7 +69,7 @@ def _completed(state: Path) -> int:
         return 0
 
 
-@pytest.mark.timeout(900)
+@pytest.mark.timeout(600)
 def test_edges_stay_up_through_kill_9_and_resume_with_tls(tmp_path: Path) -> None:
     pki = make_pki()
     ca, cert, key = tmp_path / "ca.pem", tmp_path / "server.pem", tmp_path / "server.key"
@@ -121,12 +121,15 @@ def test_edges_stay_up_through_kill_9_and_resume_with_tls(tmp_path: Path) -> Non
             flower[:] = [c for _, c in marked(f.marker) if any(n in c for n in link_side)]
             return not flower
 
-        # They see their parent's death by signal or polling, then run Flower's exit
-        # handlers: slow on a loaded machine (over 180 s once, in a full suite on 2 busy
-        # cores; about 10 s alone). The message names what is left.
+        # They see their parent's death by signal or polling (slow on a loaded machine).
+        # The message names what is left: a ServerApp stayed up here when this test
+        # process had been made a child subreaper by an earlier test (coordinator_cmd.main
+        # in-process): the killed coordinator's SuperLink was adopted and never reaped,
+        # and its zombie looked alive to the ServerApp (the Supervisor hands the flag back
+        # now; tests/deploy/test_supervisor.py).
         _wait_for(
             flower_left,
-            300,
+            180,
             "end of the killed coordinator's Flower processes",
             f,
             "coordinator1",

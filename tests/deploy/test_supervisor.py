@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import subprocess
 import sys
 import textwrap
 import time
@@ -20,6 +21,7 @@ from fedsqueeze.deploy.processes import (
     check_port_free,
     free_port,
     interrupt_on_signals,
+    is_subreaper,
     wait_for_port,
 )
 from fedsqueeze.deploy.proctree import descendants
@@ -190,3 +192,27 @@ def test_sigterm_becomes_keyboard_interrupt_inside_the_block() -> None:
         os.kill(os.getpid(), signal.SIGTERM)
         time.sleep(5)  # the handler raises before this ends
     assert signal.getsignal(signal.SIGTERM) == before
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="prctl is Linux's")
+def test_a_finished_supervisor_hands_the_subreaper_flag_back() -> None:
+    # coordinator_cmd.main run in a test process made it a subreaper for good: a killed
+    # coordinator's SuperLink was then adopted by the test process and never reaped, and
+    # Flower's ServerApp, polling for its parent, took the zombie for alive
+    assert not is_subreaper()
+    with Supervisor(adopt_orphans=True):
+        assert is_subreaper()
+    assert not is_subreaper()
+    code = (
+        "import subprocess, sys; "
+        "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'], "
+        "stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL); "
+        "print(p.pid)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    orphan = int(out.stdout)
+    try:
+        stat = Path(f"/proc/{orphan}/stat").read_text().rsplit(")", 1)[1].split()
+        assert int(stat[1]) != os.getpid()  # not adopted by this process
+    finally:
+        os.kill(orphan, signal.SIGKILL)
