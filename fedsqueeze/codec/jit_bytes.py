@@ -368,7 +368,7 @@ def joint_words(joint: U8, rest: U8, p2: U8, p3: U8, prm: U16, k: int, out: Word
 
     Plain Python over two compiled kernels, one per word width, whose inputs are always
     read-only (numba types a read-only array apart from a writable one): each kernel
-    is compiled for one set of types, with its three ``k`` inlined, in about 11 s. A
+    is compiled for one set of types, with its three ``k`` inlined, in 14-15 s. A
     single kernel for both widths, called with writable and read-only planes, took
     four sets of types with six ``k``-and-width variants each: 91 s of the 130 s that
     a cold cache took to compile every kernel, paid by each fresh process that warmed
@@ -401,7 +401,7 @@ def warm() -> None:
     prm = np.zeros(1, dtype=np.uint16)
     rest = np.zeros(7, dtype=np.uint8)
     joint_split(u, u, prm, 1, u.copy(), rest)
-    joint_words(u, rest, u, u, prm, 1, np.zeros(8, dtype=np.uint16))  # (read-only views)
+    joint_words(u, rest, u, u, prm, 1, np.zeros(8, dtype=np.uint16))  # (freezes its inputs)
     joint_words(u, rest, u, u, prm, 1, np.zeros(8, dtype=np.uint32))
     # Decoding passes read-only planes (views of the received bytes, or of what zstd
     # returned): numba compiles those as other types, so they are warmed too (else the

@@ -285,7 +285,6 @@ def test_the_bit_test_of_finiteness_agrees_with_torch_on_large_tensors(
             y = x.clone()
             y[at] = bad
             assert not all_finite(y), (at, bad)
-            assert bool(torch.isfinite(y).all()) is False
     # and the encoder's own check, on the lossless path
     y = x.clone()
     y[n - 1] = float("nan")
