@@ -46,6 +46,7 @@ from coordinator.version_store import VersionStore
 from fedsqueeze.codec import state_digest
 from fedsqueeze.codec.spec_text import with_freeze
 from fedsqueeze.control import RoundInstruction
+from fedsqueeze.deploy.parentwatch import watch_flower_parent
 from fedsqueeze.errors import ConfigError, FedsqueezeError, RunFailedError
 from fedsqueeze.runconfig import Aggregation, RunSettings, StrategyName
 from fedsqueeze.tasks import Task, get_task
@@ -499,6 +500,7 @@ def make_server_app(settings: RunSettings | None = None) -> ServerApp:
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
+        watch_flower_parent()  # deployed: end with the SuperExec even if it is not reaped
         _show_our_logs()
         _one_line_errors()
         run(grid, settings or RunSettings.from_run_config(context.run_config))

@@ -18,6 +18,7 @@ from flwr.clientapp import ClientApp
 
 from edge.mod import fedsqueeze_mod
 from fedsqueeze.control import TRACK_CONFIG_KEY, ModelTrack
+from fedsqueeze.deploy.parentwatch import watch_flower_parent
 from fedsqueeze.errors import ConfigError
 from fedsqueeze.runconfig import Partitioning, RunSettings
 from fedsqueeze.tasks import (
@@ -111,10 +112,12 @@ def make_client_app(
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
+        watch_flower_parent()  # deployed: end with the SuperExec even if it is not reaped
         return train_on_partition(msg, context, settings_of(context))
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
+        watch_flower_parent()
         return evaluate_on_partition(msg, context, settings_of(context))
 
     return app

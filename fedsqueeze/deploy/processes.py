@@ -159,7 +159,7 @@ class Supervisor:
         self.processes: list[ManagedProcess] = []
         self._lock = threading.Lock()
         self._was_subreaper = is_subreaper()
-        self._adopts = adopt_orphans and _prctl(_PR_SET_CHILD_SUBREAPER, 1)
+        self._adopts = adopt_orphans and set_subreaper(True)
         if adopt_orphans and not self._adopts:
             log.debug("not a child subreaper here: orphans go to init")
 
@@ -221,7 +221,7 @@ class Supervisor:
                     # supervisor is done adopts later orphans it will never reap, and a
                     # zombie parent looks alive to children that poll for it (Flower's
                     # ServerApp then never exits; a test process ran coordinator_cmd.main).
-                    _prctl(_PR_SET_CHILD_SUBREAPER, 0)
+                    set_subreaper(False)
                     self._adopts = False
 
     def _roots(self) -> set[int]:
@@ -438,6 +438,11 @@ def _prctl(option: int, value: int) -> bool:
     if _PRCTL is None:
         return False
     return _PRCTL(option, value, 0, 0, 0) == 0
+
+
+def set_subreaper(on: bool) -> bool:
+    """Make this process a child subreaper, or no longer one (Linux); whether it worked."""
+    return _prctl(_PR_SET_CHILD_SUBREAPER, 1 if on else 0)
 
 
 def is_subreaper() -> bool:

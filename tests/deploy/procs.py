@@ -17,6 +17,9 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+from fedsqueeze.deploy.processes import is_subreaper, set_subreaper
+from fedsqueeze.deploy.proctree import all_stats
+
 MARKER_KEY = "FEDSQUEEZE_DEPLOY_TEST"
 
 
@@ -73,11 +76,19 @@ def _default_signals() -> None:
 
 
 class Fleet:
-    """The processes of one test, all carrying one marker."""
+    """The processes of one test, all carrying one marker.
 
-    def __init__(self, logs: Path) -> None:
+    ``lazy_init=True`` makes this process adopt the orphans below it and reap none of
+    them until :meth:`close`, like a container's init that does not reap (the CI
+    machine's): a process whose parent was killed then sees that parent as a zombie.
+    """
+
+    def __init__(self, logs: Path, *, lazy_init: bool = False) -> None:
         self.marker = uuid.uuid4().hex
         self.logs = logs
+        self._children_before = {s.pid for s in all_stats() if s.ppid == os.getpid()}
+        self._was_subreaper = is_subreaper()
+        self._adopts = lazy_init and not self._was_subreaper and set_subreaper(True)
         # One thread per process: on a small machine the ServerApp and the ClientApps
         # would otherwise fight over every core.
         self.env = {
@@ -122,12 +133,29 @@ class Fleet:
                 popen.kill()
             with contextlib.suppress(subprocess.TimeoutExpired):
                 popen.wait(timeout=10)
+        if self._adopts:
+            set_subreaper(False)
+            self._adopts = False
+            self._reap_adopted()
+
+    def _reap_adopted(self) -> None:
+        """Reap the orphans this process adopted (all killed by now; a few may be dying)."""
+        me, own = os.getpid(), self._children_before | {p.pid for p in self.popens}
+        deadline = time.monotonic() + 10
+        while True:
+            adopted = [s for s in all_stats() if s.ppid == me and s.pid not in own]
+            for stat in adopted:
+                with contextlib.suppress(ChildProcessError):
+                    os.waitpid(stat.pid, os.WNOHANG)
+            if not adopted or time.monotonic() > deadline:
+                return
+            time.sleep(0.1)
 
 
 @contextlib.contextmanager
-def fleet(logs: Path) -> Iterator[Fleet]:
+def fleet(logs: Path, *, lazy_init: bool = False) -> Iterator[Fleet]:
     """A :class:`Fleet` whose leftovers are killed however the test ends."""
-    f = Fleet(logs)
+    f = Fleet(logs, lazy_init=lazy_init)
     try:
         yield f
     finally:

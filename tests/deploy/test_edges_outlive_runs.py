@@ -16,6 +16,7 @@ Certificates are made here; the SuperLink and the data plane both run TLS.
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -87,7 +88,7 @@ def test_edges_stay_up_through_kill_9_and_resume_with_tls(tmp_path: Path) -> Non
         *("--task", "digits-cnn", "--set", "epochs=1"),
     )
     started = time.monotonic()
-    with fleet(tmp_path / "logs") as f:
+    with fleet(tmp_path / "logs", lazy_init=True) as f:
         first = f.start("coordinator1", *coordinator_args)
         _wait_for(
             lambda: "SuperLink ready" in f.log("coordinator1"), 120, "SuperLink", f, "coordinator1"
@@ -108,13 +109,33 @@ def test_edges_stay_up_through_kill_9_and_resume_with_tls(tmp_path: Path) -> Non
         ]
         pids = [e.pid for e in edges]
 
-        # The first coordinator trains a round, then dies without a word.
+        # The first coordinator trains a round, then dies without a word. Its
+        # SuperExec is stopped first, so the SuperLink's one-second wait for it runs
+        # out and it is orphaned: to this test process, which reaps nothing (a
+        # container's lazy init, as on the CI machine). Killed there, the SuperExec is
+        # a zombie, which Flower's own parent check (kill(pid, 0)) takes for alive:
+        # the ServerApp must end anyway (fedsqueeze.deploy.parentwatch).
         _wait_for(lambda: _completed(state) >= 1, 240, "completed round 1", f, "coordinator1")
+        link_side = ("flower-superlink", "flwr-serverapp", f"runtime-api-address 127.0.0.1:{link}")
+        superexec = [
+            pid
+            for pid, c in marked(f.marker)
+            if "flower-superexec" in c and f"runtime-api-address 127.0.0.1:{link}" in c
+        ]
+        assert len(superexec) == 1, marked(f.marker)
+        os.kill(superexec[0], signal.SIGSTOP)
         first.kill()
         first.wait(timeout=10)
         killed_after = _completed(state)
         assert killed_after < ROUNDS, "the run finished before it could be killed"
-        link_side = ("flower-superlink", "flwr-serverapp", f"runtime-api-address 127.0.0.1:{link}")
+        _wait_for(
+            lambda: not any("flower-superlink" in c for _, c in marked(f.marker)),
+            60,
+            "end of the killed coordinator's SuperLink",
+            f,
+            "coordinator1",
+        )
+        os.kill(superexec[0], signal.SIGKILL)
         flower: list[str] = []
 
         def flower_left() -> bool:
@@ -122,11 +143,6 @@ def test_edges_stay_up_through_kill_9_and_resume_with_tls(tmp_path: Path) -> Non
             return not flower
 
         # They see their parent's death by signal or polling (slow on a loaded machine).
-        # The message names what is left: a ServerApp stayed up here when this test
-        # process had been made a child subreaper by an earlier test (coordinator_cmd.main
-        # in-process): the killed coordinator's SuperLink was adopted and never reaped,
-        # and its zombie looked alive to the ServerApp (the Supervisor hands the flag back
-        # now; tests/deploy/test_supervisor.py).
         _wait_for(
             flower_left,
             180,
