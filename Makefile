@@ -12,9 +12,17 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --upgrade pip
 
+# pip compiles every installed module to bytecode one file at a time (90 of the 145 s
+# a fresh install takes on 2 cores); compileall does the same on every core afterwards.
+# A file that does not compile (a template, Python 2 code) is left to import time, as pip
+# leaves it. Bytecode matters here: where PYTHONDONTWRITEBYTECODE is set, nothing
+# compiled at import time is kept, and every process would compile torch again.
+SITE = $$($(BIN)/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+
 $(STAMP): $(BIN)/python pyproject.toml
-	$(BIN)/python -m pip install "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install -e '.[dev,text]'
+	$(BIN)/python -m pip install --no-compile "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install --no-compile -e '.[dev,text]'
+	$(BIN)/python -m compileall -q -j 0 "$(SITE)" > /dev/null || true
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -40,11 +48,17 @@ PYTEST = $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --maxprocesses $(TEST_MAX
 # about a minute of one core on a fresh clone, 2 s once cached); else every test
 # process that meets a large tensor before the cache is written compiles its own copy.
 # `make test` compiles them beside the linters and mypy.
+# This tree's own bytecode too (the editable install leaves it to import time): a test
+# process, a Ray worker or a CLI run then loads it (0.3-0.4 s less per process).
+OWN_CODE = fedsqueeze coordinator edge simulations tests
+
 unit: install
+	$(BIN)/python -m compileall -q -j 0 $(OWN_CODE) > /dev/null
 	$(BIN)/fedsqueeze codec warm
 	$(PYTEST)
 
 test: install
+	@$(BIN)/python -m compileall -q -j 0 $(OWN_CODE) > /dev/null
 	@$(BIN)/fedsqueeze codec warm & warm=$$!; \
 	$(MAKE) --no-print-directory lint typecheck || { kill $$warm 2>/dev/null; exit 1; }; \
 	wait $$warm || exit 1
