@@ -17,6 +17,13 @@ Ray records the node, so ``ray.shutdown`` knows nothing to stop. Left alone they
 (and load the machine) until this process exits, beside the next attempt's. So every
 child process that appeared during a failed attempt is stopped (SIGTERM, then SIGKILL
 after a grace period) and reaped before the next one.
+
+With ``RAY_ADDRESS`` set (Ray's own variable: ``host:port`` of a running cluster's GCS),
+:func:`start_ray` joins that cluster instead of starting a node: the cluster's CPUs and
+GPUs decide how many clients train at once, and the settings that only a new node takes
+(``num_cpus``, ``num_gpus``, the dashboard) are left out. Joining takes well under a
+second where starting a node takes 5-6 s, so a sweep of many arms, or a test suite, can
+keep one cluster up for all of its runs.
 """
 
 from __future__ import annotations
@@ -41,6 +48,12 @@ __all__ = ["EngineStartError", "child_pids", "run_simulation", "start_ray", "sto
 START_ATTEMPTS = 3
 #: Seconds a left-behind process gets to exit after SIGTERM before SIGKILL.
 STOP_GRACE_S = 5.0
+#: Ray's variable naming a running cluster to join.
+RAY_ADDRESS_ENV = "RAY_ADDRESS"
+#: ``ray.init`` arguments that only a new node takes (refused when joining a cluster).
+NEW_NODE_ONLY = frozenset(
+    {"num_cpus", "num_gpus", "resources", "object_store_memory", "include_dashboard"}
+)
 #: The start of the FutureWarning ``ray.init`` gives about accelerator variables.
 RAY_ACCELERATOR_TIP = r"Tip: In future versions of Ray, Ray will no longer override accelerator"
 
@@ -52,10 +65,14 @@ class EngineStartError(FedsqueezeError):
 def start_ray(init_args: Mapping[str, Any], attempts: int = START_ATTEMPTS) -> None:
     """Start Ray with Flower's ``init_args`` unless it runs already; retry failed starts.
 
+    With ``RAY_ADDRESS`` set, join that cluster instead (``init_args`` less what only a
+    new node takes).
+
     Raises
     ------
     EngineStartError
-        Ray did not start in ``attempts`` tries; the message holds the last error.
+        Ray did not start (or the cluster could not be joined) in ``attempts`` tries; the
+        message holds the last error.
     """
     import ray  # deferred: heavy
 
@@ -64,7 +81,20 @@ def start_ray(init_args: Mapping[str, Any], attempts: int = START_ATTEMPTS) -> N
     if ray.is_initialized():
         return
     args = dict(init_args)
-    args.setdefault("include_dashboard", False)
+    address = os.environ.get(RAY_ADDRESS_ENV, "").strip()
+    if address:
+        left_out = sorted(k for k in args if k in NEW_NODE_ONLY)
+        args = {k: v for k, v in args.items() if k not in NEW_NODE_ONLY}
+        args["address"] = address
+        _check_reachable(address)
+        log.info(
+            "joining the Ray cluster at %s (%s)%s",
+            address,
+            RAY_ADDRESS_ENV,
+            f"; its own resources apply, not {', '.join(left_out)}" if left_out else "",
+        )
+    else:
+        args.setdefault("include_dashboard", False)
     # As Flower's backend does: workers import the app from the driver's sys.path.
     pythonpath = os.pathsep.join(sys.path)
     if os.environ.get("PYTHONPATH"):
@@ -95,7 +125,31 @@ def start_ray(init_args: Mapping[str, Any], attempts: int = START_ATTEMPTS) -> N
                 log.warning("stopping %d process(es) the failed start left: %s", len(left), left)
                 stop_processes(left)
             time.sleep(2.0 * attempt)
+    if address:
+        raise EngineStartError(
+            f"could not join the Ray cluster at {address} ({RAY_ADDRESS_ENV}) in {attempts} "
+            f"attempts: {last}"
+        )
     raise EngineStartError(f"Ray did not start in {attempts} attempts: {last}")
+
+
+def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
+    """Fail at once where nothing listens at ``host:port`` (Ray itself would retry for
+    minutes); names Ray understands otherwise (``auto``, ``ray://...``) are left to it."""
+    import socket
+
+    if address in ("auto", "local") or "://" in address:
+        return
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise EngineStartError(f"{RAY_ADDRESS_ENV} must be host:port, got {address!r}")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+    except OSError as exc:
+        raise EngineStartError(
+            f"nothing answers at {address} ({RAY_ADDRESS_ENV}): {exc}; start the cluster "
+            f"(ray start --head) or unset {RAY_ADDRESS_ENV}"
+        ) from None
 
 
 def child_pids() -> set[int]:

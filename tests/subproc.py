@@ -32,9 +32,17 @@ def arm_watchdog() -> None:
 
 
 def run_module(
-    module: str, *args: str, timeout: float, env: dict[str, str] | None = None
+    module: str,
+    *args: str,
+    timeout: float,
+    env: dict[str, str] | None = None,
+    ray: bool = False,
 ) -> subprocess.CompletedProcess[str]:
     """``python -m module args...`` from the repository root, killed as a group on timeout.
+
+    ``ray=True``: the run's Flower simulations join this test process's shared Ray node
+    (:mod:`tests.ray_head`) instead of each starting its own (unless the environment
+    says ``FEDSQUEEZE_TEST_SHARED_RAY=0``).
 
     Raises
     ------
@@ -43,6 +51,10 @@ def run_module(
     """
     full_env = {**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})}
     full_env[WATCHDOG_ENV] = str(max(timeout - 20.0, timeout * 0.8))
+    if ray and os.environ.get("FEDSQUEEZE_TEST_SHARED_RAY", "1") != "0":
+        from tests.ray_head import ray_address
+
+        full_env["RAY_ADDRESS"] = ray_address()
     proc = subprocess.Popen(
         [sys.executable, "-m", module, *args],
         cwd=ROOT,

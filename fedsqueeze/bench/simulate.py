@@ -9,7 +9,8 @@ side and in turn, the same experiment (``--config``, default ``scale``: digits-c
 * ``fedavg-fp32`` and ``adaptive``: the sweep's arms (``fedsqueeze sweep`` with that
   one arm).
 
-Each run is its own process (its own Ray), so its wall time (Flower's ``run_simulation``,
+Each run is its own process (its own Ray node, even where ``RAY_ADDRESS`` names a
+running cluster), so its wall time (Flower's ``run_simulation``,
 Ray's start-up included) and peak resident memory (the whole process tree: driver and
 Ray, :mod:`simulations.memory`) are its own. Runs are interleaved (all arms at one scale,
 then the next scale, then the next repeat) so that a change in the machine's load falls
@@ -97,8 +98,12 @@ def _child(argv: Sequence[str]) -> int:
 def _spawn(arm: str, config_path: str, sets: Sequence[str], timeout_s: float) -> SimRun:
     """Run one arm in a child process; on timeout its whole process group (Ray) is killed."""
     cmd = [sys.executable, "-m", "fedsqueeze.bench.simulate", arm, config_path, *sets]
+    # Each run starts its own Ray node, even where RAY_ADDRESS names a running cluster:
+    # the node's start-up and its processes' memory are part of what is measured.
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     proc = subprocess.Popen(
         cmd,
+        env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

@@ -103,7 +103,9 @@ def test_targets_are_judged_against_the_copy() -> None:
 @pytest.mark.slow
 def test_the_whole_dry_run_with_its_simulation() -> None:
     # In its own process: Ray's workers and their files belong there.
-    proc = run_module("fedsqueeze.bench.gpucheck", *DRY, "--equality-params", "40K", timeout=600)
+    proc = run_module(
+        "fedsqueeze.bench.gpucheck", *DRY, "--equality-params", "40K", timeout=600, ray=True
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "simulate digits, CPU clients (dry run)" in proc.stdout
     assert "ok: fedavg-fp32" in proc.stdout and "all equal" in proc.stdout

@@ -18,7 +18,12 @@ from tests.subproc import run_module
 def _run(tmp_path: Path, *flags: str) -> dict:  # type: ignore[type-arg]
     out = tmp_path / "state-out.json"
     proc = run_module(
-        "tests.integration.faulty_run", str(tmp_path / "state"), str(out), *flags, timeout=420
+        "tests.integration.faulty_run",
+        str(tmp_path / "state"),
+        str(out),
+        *flags,
+        timeout=420,
+        ray=True,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(out.read_text())  # type: ignore[no-any-return]
@@ -62,7 +67,7 @@ def test_dead_edge_and_lost_upload_are_dropped_and_they_rejoin(tmp_path: Path) -
 @pytest.mark.slow
 @pytest.mark.timeout(480)
 def test_an_existing_flower_app_gains_compression_with_the_mod_and_wrapper() -> None:
-    proc = run_module("tests.integration.dropin_app", timeout=420)
+    proc = run_module("tests.integration.dropin_app", timeout=420, ray=True)
     assert proc.returncode == 0, proc.stderr[-4000:]
     # "round R: mse M[, D B down, U B up, A updates]", one line per round (README's example)
     pattern = r"^round (\d+): mse ([0-9.]+)(?:, (\d+) B down, (\d+) B up, (\d+) updates)?$"
@@ -93,6 +98,7 @@ def test_a_run_where_every_fetch_fails_is_logged_counted_and_fails(tmp_path: Pat
         "--rounds",
         "3",
         timeout=420,
+        ray=True,
     )
     assert proc.returncode == 3, proc.stderr[-4000:]
     state = json.loads(out.read_text())

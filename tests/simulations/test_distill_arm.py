@@ -56,7 +56,7 @@ def test_distill_arm_trains_the_student_on_weak_links(tmp_path: Path) -> None:
     )
     for s in sets:
         args += ["--set", s]
-    proc = run_module("tests.simulations.cli_run", *args, timeout=380)
+    proc = run_module("tests.simulations.cli_run", *args, timeout=380, ray=True)
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output[-3000:]
     with (tmp_path / "results.csv").open() as fh:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import socket
 import subprocess
 import sys
 import time
@@ -53,6 +55,7 @@ def fake_ray(monkeypatch: pytest.MonkeyPatch) -> Install:
         for name in ("is_initialized", "init", "shutdown"):
             monkeypatch.setattr(ray, name, getattr(fake, name))
         monkeypatch.setattr(time, "sleep", lambda s: None)
+        monkeypatch.delenv(engine.RAY_ADDRESS_ENV, raising=False)
         return fake
 
     return install
@@ -65,6 +68,67 @@ def test_a_start_that_times_out_is_retried(fake_ray: Install) -> None:
     assert fake.inits[-1]["num_cpus"] == 2 and fake.inits[-1]["include_dashboard"] is False
     runtime_env = fake.inits[-1]["runtime_env"]
     assert isinstance(runtime_env, dict) and "PYTHONPATH" in runtime_env["env_vars"]
+
+
+def test_ray_address_joins_that_cluster_without_new_node_settings(
+    fake_ray: Install, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    fake = fake_ray(0)
+    probed: list[str] = []
+    monkeypatch.setattr(engine, "_check_reachable", probed.append)
+    monkeypatch.setenv(engine.RAY_ADDRESS_ENV, " 10.0.0.7:6379 ")
+    with caplog.at_level(logging.INFO, logger="simulations.engine"):
+        engine.start_ray({"num_cpus": 2, "num_gpus": 0, "log_to_driver": False})
+    (args,) = fake.inits
+    assert args["address"] == "10.0.0.7:6379" and args["log_to_driver"] is False
+    assert not {"num_cpus", "num_gpus", "include_dashboard"} & set(args)
+    assert "PYTHONPATH" in args["runtime_env"]["env_vars"]  # type: ignore[index]
+    assert "joining the Ray cluster at 10.0.0.7:6379" in caplog.text
+    assert "not num_cpus, num_gpus" in caplog.text
+    assert probed == ["10.0.0.7:6379"]
+
+
+def test_a_cluster_that_cannot_be_joined_is_named(
+    fake_ray: Install, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fake = fake_ray(10)
+    monkeypatch.setattr(engine, "_check_reachable", lambda address: None)
+    monkeypatch.setenv(engine.RAY_ADDRESS_ENV, "127.0.0.1:6379")
+    with pytest.raises(engine.EngineStartError, match=r"join the Ray cluster at 127\.0\.0\.1"):
+        engine.start_ray({"num_cpus": 2})
+    assert len(fake.inits) == 3 and not fake.running
+
+
+@pytest.mark.parametrize(
+    ("address", "match"),
+    [
+        ("nonsense", "must be host:port"),
+        ("host:99999", "must be host:port"),
+        (":6379", "must be host:port"),
+        ("127.0.0.1:{closed}", "nothing answers at 127.0.0.1"),
+    ],
+)
+def test_an_address_nobody_answers_on_fails_at_once(
+    fake_ray: Install, monkeypatch: pytest.MonkeyPatch, address: str, match: str
+) -> None:
+    # Ray itself would retry for minutes; the probe says so in one line, Ray untouched.
+    fake = fake_ray(0)
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        closed = s.getsockname()[1]
+    monkeypatch.setenv(engine.RAY_ADDRESS_ENV, address.format(closed=closed))
+    with pytest.raises(engine.EngineStartError, match=match):
+        engine.start_ray({"num_cpus": 2})
+    assert fake.inits == []
+
+
+def test_a_listening_address_passes_the_probe() -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        engine._check_reachable(f"127.0.0.1:{s.getsockname()[1]}")
+    engine._check_reachable("auto")  # Ray's own names are left to Ray
+    engine._check_reachable("ray://head:10001")
 
 
 def test_a_start_that_keeps_failing_is_a_clear_error(fake_ray: Install) -> None:

@@ -19,7 +19,7 @@ def test_progressive_arm_skips_and_drops_nobody(tmp_path: Path) -> None:
     args = ["sweep", "--config", "smoke", "--out", str(tmp_path)]
     for s in ("arms=progressive", "num-rounds=2", "deadline-s=10", "compute-s=0.5"):
         args += ["--set", s]
-    proc = run_module("tests.simulations.cli_run", *args, timeout=380)
+    proc = run_module("tests.simulations.cli_run", *args, timeout=380, ray=True)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     with (tmp_path / "results.csv").open() as fh:
         rows = [r for r in csv.DictReader(fh) if r["round"] != "0"]

@@ -35,7 +35,7 @@ def _sweep(out: Path, *sets: str) -> Path:
     args = ["sweep", "--config", "smoke", "--out", str(out)]
     for s in sets:
         args += ["--set", s]
-    proc = run_module("tests.simulations.cli_run", *args, timeout=400)
+    proc = run_module("tests.simulations.cli_run", *args, timeout=400, ray=True)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "target accuracy" in proc.stdout  # the summary table was printed
     return out

@@ -49,7 +49,7 @@ def test_a_tiny_text_sweep_runs_every_arm(tmp_path: Path) -> None:
     args = ["sweep", "--config", "text", "--no-plots"]
     for s in sets:
         args += ["--set", s]
-    proc = run_module("tests.simulations.cli_run", *args, timeout=540, env=OFFLINE)
+    proc = run_module("tests.simulations.cli_run", *args, timeout=540, env=OFFLINE, ray=True)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     with (tmp_path / "results.csv").open() as fh:
         rows = {r["arm"]: r for r in csv.DictReader(fh) if r["round"] == "1"}
