@@ -55,6 +55,12 @@ _MIN_WIDTH = 150  # tables stay readable in logs and pipes
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     """--config, --set, --out and --no-plots (shared with `fedsqueeze sweep`)."""
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = (
+        "environment:\n"
+        "  RAY_ADDRESS=host:port  run the clients on that running Ray cluster (say, one\n"
+        "                         started by `ray start --head`) instead of starting a\n"
+        "                         Ray node for each run; the cluster's CPUs and GPUs apply"
+    )
     parser.add_argument(
         "--config",
         default="default",

@@ -50,3 +50,10 @@ def test_simulate_needs_a_known_arm() -> None:
 def test_help_texts_explain_the_commands() -> None:
     for module in (simulate_cmd, sweep_cmd):
         assert module.__doc__ and "examples:" in module.__doc__
+
+
+@pytest.mark.parametrize("module", [simulate_cmd, sweep_cmd])
+def test_help_names_ray_address(module: object) -> None:
+    parser = argparse.ArgumentParser()
+    module.add_arguments(parser)  # type: ignore[attr-defined]
+    assert "RAY_ADDRESS=host:port" in parser.format_help()
