@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
+
 import pytest
 
 from fedsqueeze.bench.simulate import SimRun, format_table, table
@@ -39,3 +42,31 @@ def test_the_quick_benchmark_runs() -> None:
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "| 20 | flower |" in proc.stdout and "| 20 | adaptive |" in proc.stdout
+
+
+def test_each_run_starts_its_own_ray_even_with_ray_address(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Starting Ray is part of what the benchmark measures: a shared cluster would hide it.
+    import subprocess
+
+    from fedsqueeze.bench import simulate
+
+    seen: dict[str, str] = {}
+
+    class Child:
+        pid = 0
+        returncode = 0
+
+        def __init__(self, cmd: list[str], env: dict[str, str], **kwargs: object) -> None:
+            seen.update(env)
+
+        def communicate(self, timeout: float | None = None) -> tuple[str, str]:
+            run = SimRun("flower", 20, 0, 1.0, 1, 1)
+            return "SIMBENCH-RESULT " + json.dumps(dataclasses.asdict(run)) + "\n", ""
+
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")
+    monkeypatch.setattr(subprocess, "Popen", Child)
+    monkeypatch.setattr("os.killpg", lambda pid, sig: None)
+    assert simulate._spawn("flower", "scale", ["num-clients=20"], 60).wall_s == 1.0
+    assert "RAY_ADDRESS" not in seen and "PATH" in seen
