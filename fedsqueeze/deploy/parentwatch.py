@@ -22,7 +22,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from fedsqueeze.deploy.proctree import read_stat
+from fedsqueeze.deploy.proctree import is_alive
 
 log = logging.getLogger(__name__)
 
@@ -52,20 +52,7 @@ def flower_parent_pid(argv: Sequence[str]) -> int | None:
 
 def parent_has_exited(pid: int, *, was_parent: bool) -> bool:
     """Whether ``pid`` has exited: gone, a zombie, or (if it was) no longer our parent."""
-    if was_parent and os.getppid() != pid:
-        return True
-    stat = read_stat(pid)
-    if stat is not None:
-        return stat.state in ("Z", "X")
-    if Path("/proc").is_dir():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        return False
-    return False
+    return (was_parent and os.getppid() != pid) or not is_alive(pid)
 
 
 def watch_flower_parent(
