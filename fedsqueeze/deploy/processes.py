@@ -160,6 +160,12 @@ class Supervisor:
         self._lock = threading.Lock()
         self._was_subreaper = is_subreaper()
         self._adopts = adopt_orphans and set_subreaper(True)
+        # Children this process had already are its own business, not orphans to stop
+        # (a program that runs a command in-process: a test process's shared Ray node).
+        me = os.getpid()
+        self._children_before = (
+            {s.pid for s in all_stats() if s.ppid == me} if self._adopts else set()
+        )
         if adopt_orphans and not self._adopts:
             log.debug("not a child subreaper here: orphans go to init")
 
@@ -233,7 +239,7 @@ class Supervisor:
         """Children of this process it did not start itself (adopted as a subreaper)."""
         if not self._adopts:
             return set()
-        me, own = os.getpid(), {p.pid for p in self.processes}
+        me, own = os.getpid(), {p.pid for p in self.processes} | self._children_before
         return {s.pid for s in all_stats() if s.ppid == me and s.pid not in own}
 
     def _stop_locked(self) -> None:

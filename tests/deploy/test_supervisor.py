@@ -216,3 +216,17 @@ def test_a_finished_supervisor_hands_the_subreaper_flag_back() -> None:
         assert int(stat[1]) != os.getpid()  # not adopted by this process
     finally:
         os.kill(orphan, signal.SIGKILL)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="prctl is Linux's")
+def test_children_the_process_had_before_are_not_taken_for_orphans() -> None:
+    # A program that runs the coordinator in-process (the suite runs coordinator_cmd.main)
+    # keeps its own children: the test processes' shared Ray node was stopped here.
+    own = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        supervisor = Supervisor(adopt_orphans=True, grace=1.0)
+        supervisor.stop_all()
+        assert own.poll() is None
+    finally:
+        own.kill()
+        own.wait()
