@@ -1,8 +1,8 @@
 """One Ray node per test process, shared by the Flower simulations that process starts.
 
 Every simulation used to start and stop its own Ray node: 5-6 s of an idle 2-core
-machine (twice that under the suite's load) before Flower's first round, for each of
-the suite's twenty-odd simulations. :func:`ray_address` starts one node the first time
+machine before Flower's first round and after its last, for each of the suite's
+simulations. :func:`ray_address` starts one node the first time
 a test asks (``python -m tests.ray_head``, which holds it until its stdin closes) and
 hands its address to the simulations through ``RAY_ADDRESS``, which
 :func:`simulations.engine.start_ray` connects to. Each simulation still starts its own

@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 
 _FLOWER_APPS = ("flwr-serverapp", "flwr-clientapp")
 _lock = threading.Lock()
-_watching: int | None = None
+_watching = False
 
 
 def flower_parent_pid(argv: Sequence[str]) -> int | None:
@@ -69,9 +69,9 @@ def watch_flower_parent(
     if pid is None:
         return None
     with _lock:
-        if _watching is not None:
+        if _watching:
             return None
-        _watching = pid
+        _watching = True
     was_parent = os.getppid() == pid
 
     def watch() -> None:

@@ -41,7 +41,7 @@ from pathlib import Path
 from types import FrameType
 from typing import IO
 
-from fedsqueeze.deploy.proctree import all_stats, command_name, is_alive, live_tree
+from fedsqueeze.deploy.proctree import children, command_name, is_alive, live_tree
 from fedsqueeze.errors import FedsqueezeError
 
 log = logging.getLogger(__name__)
@@ -162,10 +162,7 @@ class Supervisor:
         self._adopts = adopt_orphans and set_subreaper(True)
         # Children this process had already are its own business, not orphans to stop
         # (a program that runs a command in-process: a test process's shared Ray node).
-        me = os.getpid()
-        self._children_before = (
-            {s.pid for s in all_stats() if s.ppid == me} if self._adopts else set()
-        )
+        self._children_before = children(os.getpid()) if self._adopts else set()
         if adopt_orphans and not self._adopts:
             log.debug("not a child subreaper here: orphans go to init")
 
@@ -239,8 +236,7 @@ class Supervisor:
         """Children of this process it did not start itself (adopted as a subreaper)."""
         if not self._adopts:
             return set()
-        me, own = os.getpid(), {p.pid for p in self.processes} | self._children_before
-        return {s.pid for s in all_stats() if s.ppid == me and s.pid not in own}
+        return children(os.getpid()) - {p.pid for p in self.processes} - self._children_before
 
     def _stop_locked(self) -> None:
         tracked: set[int] = set()

@@ -93,6 +93,11 @@ def command_name(pid: int) -> str:
     return f"{pid} ({' '.join(words)})" if words else str(pid)
 
 
+def children(pid: int) -> set[int]:
+    """The ids of ``pid``'s children, zombies included (Linux ``/proc``; empty elsewhere)."""
+    return {s.pid for s in all_stats() if s.ppid == pid}
+
+
 def descendants(pid: int) -> set[int]:
     """Every live process below ``pid`` (Linux ``/proc``; empty elsewhere)."""
     return live_tree({pid}) - {pid}

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from fedsqueeze.deploy.processes import is_subreaper, set_subreaper
-from fedsqueeze.deploy.proctree import all_stats
+from fedsqueeze.deploy.proctree import children
 
 MARKER_KEY = "FEDSQUEEZE_DEPLOY_TEST"
 
@@ -86,7 +86,7 @@ class Fleet:
     def __init__(self, logs: Path, *, lazy_init: bool = False) -> None:
         self.marker = uuid.uuid4().hex
         self.logs = logs
-        self._children_before = {s.pid for s in all_stats() if s.ppid == os.getpid()}
+        self._children_before = children(os.getpid())
         self._was_subreaper = is_subreaper()
         self._adopts = lazy_init and not self._was_subreaper and set_subreaper(True)
         # One thread per process: on a small machine the ServerApp and the ClientApps
@@ -140,13 +140,13 @@ class Fleet:
 
     def _reap_adopted(self) -> None:
         """Reap the orphans this process adopted (all killed by now; a few may be dying)."""
-        me, own = os.getpid(), self._children_before | {p.pid for p in self.popens}
+        own = self._children_before | {p.pid for p in self.popens}
         deadline = time.monotonic() + 10
         while True:
-            adopted = [s for s in all_stats() if s.ppid == me and s.pid not in own]
-            for stat in adopted:
+            adopted = children(os.getpid()) - own
+            for pid in adopted:
                 with contextlib.suppress(ChildProcessError):
-                    os.waitpid(stat.pid, os.WNOHANG)
+                    os.waitpid(pid, os.WNOHANG)
             if not adopted or time.monotonic() > deadline:
                 return
             time.sleep(0.1)
