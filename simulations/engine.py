@@ -38,6 +38,7 @@ import warnings
 from collections.abc import Mapping
 from typing import Any
 
+from fedsqueeze.deploy import proctree
 from fedsqueeze.errors import FedsqueezeError
 
 log = logging.getLogger(__name__)
@@ -155,24 +156,7 @@ def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
 def child_pids() -> set[int]:
     """Process ids of this process's live children (Linux ``/proc``; empty elsewhere)."""
     me = os.getpid()
-    found: set[int] = set()
-    try:
-        entries = os.listdir("/proc")
-    except OSError:
-        return found
-    for entry in entries:
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", "rb") as fh:
-                stat = fh.read()
-        except OSError:
-            continue  # gone meanwhile, or not ours to read
-        # "pid (comm) state ppid ...": comm may hold spaces and parentheses
-        fields = stat[stat.rfind(b")") + 2 :].split()
-        if len(fields) > 1 and int(fields[1]) == me and fields[0] != b"Z":
-            found.add(int(entry))
-    return found
+    return {s.pid for s in proctree.all_stats() if s.ppid == me and s.state not in ("Z", "X")}
 
 
 def stop_processes(pids: list[int], grace_s: float = STOP_GRACE_S) -> None:
