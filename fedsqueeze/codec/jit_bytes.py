@@ -24,6 +24,8 @@ __all__ = [
     "joint_split",
     "joint_words",
     "split_plane",
+    "split_words2",
+    "split_words4",
     "top_bits",
     "warm",
 ]
@@ -50,6 +52,68 @@ def split_plane(
         for i in range(out.size):
             v = words[i]
             out[i] = ((v >> s1) & m1) | ((v >> s2) & m2)
+
+
+# The whole-word splits below run one helper per layout, called with literal flags so
+# that numba compiles each with every shift a constant: the loop then vectorizes. With
+# the shifts as arguments (:func:`split_plane`, a pass per plane) a bf16 chunk of 1M
+# values took 0.61 ms for its two planes; this takes 0.10 ms for both.
+
+
+def _split2_k(words: Words, base: Words, p0: U8, p1: U8, XOR: int, SWAPPED: int) -> None:
+    for i in range(p0.size):
+        v = words[i] ^ base[i] if XOR else words[i]
+        if SWAPPED:
+            p0[i] = (v >> 7) & 0xFF
+            p1[i] = (v & 0x7F) | ((v >> 8) & 0x80)
+        else:
+            p0[i] = (v >> 8) & 0xFF
+            p1[i] = v & 0xFF
+
+
+def _split4_k(
+    words: Words, base: Words, p0: U8, p1: U8, p2: U8, p3: U8, XOR: int, SWAPPED: int
+) -> None:
+    for i in range(p0.size):
+        v = words[i] ^ base[i] if XOR else words[i]
+        if SWAPPED:
+            p0[i] = (v >> 23) & 0xFF
+            p1[i] = ((v >> 16) & 0x7F) | ((v >> 24) & 0x80)
+        else:
+            p0[i] = (v >> 24) & 0xFF
+            p1[i] = (v >> 16) & 0xFF
+        p2[i] = (v >> 8) & 0xFF
+        p3[i] = v & 0xFF
+
+
+def split_words2(words: Words, base: Words, xor: bool, swapped: bool, p0: U8, p1: U8) -> None:
+    """Both planes of 16-bit ``words`` (XOR ``base`` when ``xor``) in one pass: what
+    :func:`split_plane` writes for planes 0 and 1 of the layout (``swapped``: the sign
+    and the exponent's lowest bit trade places)."""
+    if xor:
+        if swapped:
+            _split2_k(words, base, p0, p1, 1, 1)
+        else:
+            _split2_k(words, base, p0, p1, 1, 0)
+    elif swapped:
+        _split2_k(words, base, p0, p1, 0, 1)
+    else:
+        _split2_k(words, base, p0, p1, 0, 0)
+
+
+def split_words4(
+    words: Words, base: Words, xor: bool, swapped: bool, p0: U8, p1: U8, p2: U8, p3: U8
+) -> None:
+    """The four planes of 32-bit ``words`` in one pass (see :func:`split_words2`)."""
+    if xor:
+        if swapped:
+            _split4_k(words, base, p0, p1, p2, p3, 1, 1)
+        else:
+            _split4_k(words, base, p0, p1, p2, p3, 1, 0)
+    elif swapped:
+        _split4_k(words, base, p0, p1, p2, p3, 0, 1)
+    else:
+        _split4_k(words, base, p0, p1, p2, p3, 0, 0)
 
 
 def top_bits(words: Words, mask: Words) -> int:
@@ -389,6 +453,11 @@ def warm() -> None:
         top_bits(words, words[:1].copy())
         split_plane(words, words, False, 8, 0xFF, 0, 0, u)
         split_plane(words, words, True, 8, 0xFF, 0, 0, u)
+    for xor in (False, True):
+        for swapped in (False, True):
+            w16, w32 = np.zeros(8, dtype=np.uint16), np.zeros(8, dtype=np.uint32)
+            split_words2(w16, w16, xor, swapped, u, u.copy())
+            split_words4(w32, w32, xor, swapped, u, u.copy(), u.copy(), u.copy())
     join_planes2(u, u, True, np.zeros(8, dtype=np.uint16))
     join_planes4(u, u, u, u, True, np.zeros(8, dtype=np.uint32))
     byte_counts(u, np.zeros((4, 256), dtype=np.int64))
@@ -418,6 +487,10 @@ def warm() -> None:
 #: The kernels, helpers before the kernels that call them.
 KERNELS = (
     "split_plane",
+    "_split2_k",
+    "_split4_k",
+    "split_words2",
+    "split_words4",
     "top_bits",
     "join_planes2",
     "join_planes4",

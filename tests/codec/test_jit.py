@@ -191,6 +191,11 @@ def test_planes_match_the_numpy_kernels(width: int, swapped: bool, xor: bool) ->
             split_planes(words, want, layout, base if xor else None)
         for k in range(width):
             assert np.array_equal(got[k], want[k]), k
+        # A subset of the planes takes the plane-by-plane kernel, every plane the
+        # whole-word one (16- and 32-bit words): both give NumPy's bytes.
+        some = {width - 1: np.empty(n, np.uint8)}
+        split_planes(words, some, layout, base if xor else None)
+        assert np.array_equal(some[width - 1], want[width - 1])
         joined = np.empty(n, layout.uint)
         join_planes([got[k] for k in range(width)], layout, joined)
         expect = np.empty(n, layout.uint)
