@@ -18,6 +18,7 @@ __all__ = [
     "bucket_histogram",
     "bucket_scatter",
     "byte_counts",
+    "exponent_span",
     "join_planes2",
     "join_planes4",
     "joint_histogram",
@@ -261,6 +262,21 @@ def bucket_scatter(exponents: U8, ranks: U16, grouped: U8, cursors: I64, out: U8
     _bucket_move(exponents, ranks, grouped, cursors, out, False)
 
 
+def exponent_span(exponents: U8, span: U8) -> None:
+    """``span[0]``: the largest byte of ``exponents``; ``span[1]``: the smallest less one,
+    modulo 256 (so a zero byte counts as 255: one plus it is the smallest nonzero
+    byte, or 0 when every byte is zero). One pass with no temporary array, where NumPy
+    took two and a subtraction's copy (:func:`fedsqueeze.codec.plane_joint.plan`)."""
+    hi = np.uint8(0)
+    lo = np.uint8(255)
+    for i in range(exponents.size):
+        e = exponents[i]
+        hi = max(hi, e)
+        lo = min(lo, np.uint8(e - np.uint8(1)))
+    span[0] = hi
+    span[1] = lo
+
+
 def joint_histogram(exponents: U8, plane: U8, step: int, hist: I64, counts: I64) -> None:
     """``hist[e, t]``: how many of every ``step``-th value have exponent byte ``e`` and
     top three mantissa bits ``t`` (plane 1's bits 6..4), and ``counts[v]`` how many have
@@ -467,6 +483,7 @@ def warm() -> None:
     bucket_gather(u, ranks, u, cursors, u.copy())
     bucket_scatter(u, ranks, u, cursors, u.copy())
     joint_histogram(u, u, 1, np.zeros((256, 8), dtype=np.int64), np.zeros(256, np.int64))
+    exponent_span(u, u.copy())
     prm = np.zeros(1, dtype=np.uint16)
     rest = np.zeros(7, dtype=np.uint8)
     joint_split(u, u, prm, 1, u.copy(), rest)
@@ -499,6 +516,7 @@ KERNELS = (
     "_bucket_move",
     "bucket_gather",
     "bucket_scatter",
+    "exponent_span",
     "joint_histogram",
     "_joint_split_k",
     "joint_split",

@@ -104,8 +104,13 @@ def plan(exponents: Plane, plane: Plane) -> Joint | None:
     """The joint coding of a chunk's exponent plane and the next one when it should pay
     (see the module's text), else ``None``."""
     n = plane.size
-    hi = int(exponents.max())
-    lo = int(np.subtract(exponents, 1, dtype=np.uint8).min()) + 1  # a zero wraps to 255
+    if jit.use(n):
+        span = np.empty(2, dtype=np.uint8)
+        jit_bytes.exponent_span(exponents, span)
+        hi, lo = int(span[0]), int(span[1]) + 1
+    else:
+        hi = int(exponents.max())
+        lo = int(np.subtract(exponents, 1, dtype=np.uint8).min()) + 1  # a zero wraps to 255
     if hi == 0:
         lo = hi = 1  # every exponent zero: any k fits
     ks = [k for k in range(1, MAX_K + 1) if _fits(lo, hi, k)]

@@ -18,6 +18,7 @@ from fedsqueeze.codec import (
     dense_decode,
     dense_encode,
     jit,
+    jit_bytes,
     jit_select,
     rice_encode,
     threshold_select,
@@ -482,3 +483,18 @@ def test_band_pass_vector_and_scalar_loops_agree(
         assert p1 >> 32 == int(np.count_nonzero(mags >= lo32))
         inside = mags[(mags >= lo32) & (mags <= hi32)]
         assert np.array_equal(b1, inside)
+
+
+@pytest.mark.parametrize("zeros", [0.0, 0.3, 1.0])
+def test_exponent_span_matches_numpy(zeros: float) -> None:
+    """The joint plan's span of a chunk's exponent bytes: the largest, and the smallest
+    nonzero (through the wrap of a zero to 255), as NumPy computes them."""
+    if not jit.ready():
+        pytest.skip("numba is not importable")
+    rng = np.random.default_rng(int(zeros * 10))
+    exponents = rng.integers(90, 140, 100_003, dtype=np.uint8)
+    exponents[rng.random(exponents.size) < zeros] = 0
+    span = np.empty(2, dtype=np.uint8)
+    jit_bytes.exponent_span(exponents, span)
+    assert int(span[0]) == int(exponents.max())
+    assert int(span[1]) == int(np.subtract(exponents, 1, dtype=np.uint8).min())
