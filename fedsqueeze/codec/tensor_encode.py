@@ -594,8 +594,9 @@ class TensorEncoder:
         delta = b is not None
         size = t.numel() * t.element_size()
         raw = tensor_bytes(bits if delta else t)
-        # Between _SAMPLED_ABOVE and _COMPARE_BELOW samples of both codings pick one
-        # when they differ clearly; smaller tensors are coded both ways.
+        # Between _SAMPLED_ABOVE and _COMPARE_BELOW samples pick a coding when they
+        # differ clearly (a delta's grouping is sampled too); smaller tensors are coded
+        # both ways.
         sampled = _SAMPLED_ABOVE < size <= _COMPARE_BELOW
         guess = entropy.estimate(raw, self._spec.entropy_level) if sampled else 0.0
         grouped = None
@@ -1287,9 +1288,11 @@ _COMPARE_BELOW = 1 << 20
 #: of the real size and the two differ by 11% or more either way (plain wins on fp32
 #: XOR deltas), so the choice is the same as coding both, at a fraction of the time.
 _PLAIN_MARGIN = 1.05
-#: Values of the middle sample :func:`_grouped_guess` codes.
+#: Values of the middle sample :func:`_grouped_guess` codes (for deltas: a model's own
+#: weights are grouped without a guess).
 _GROUPED_SAMPLE = 1 << 14
-#: Raw size (bytes) above which the two codings are guessed from samples first.
+#: Raw size (bytes) above which the two codings are guessed from samples first (plain
+#: zstd always; grouping only for a delta).
 _SAMPLED_ABOVE = 1 << 17
 #: Quantized payloads (codes, positions, factors) from this size (bytes) are coded as
 #: literal-only zstd pieces on every core at the default levels (up to 3); smaller ones
