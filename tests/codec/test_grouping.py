@@ -164,6 +164,25 @@ def test_large_float_tensors_are_grouped_and_smaller() -> None:
         assert delta.records[0].value_kind is ValueKind.GROUPED_XOR
 
 
+def test_mid_sized_weights_that_plain_zstd_codes_smaller_stay_plain() -> None:
+    """A model's own weights of 128 KiB to 1 MiB are grouped without a sampled guess
+    first; where plain zstd is smaller (a pruned tensor: 97% zeros, whose runs zstd's
+    matches code and the planes split apart), the recorded sizes still keep the plain
+    record."""
+    gen = torch.Generator().manual_seed(3)
+    n = 96 * 1024  # fp32: 384 KiB, in the sampled band
+    kept = torch.rand(n, generator=gen) >= 0.97
+    state = {"w": torch.where(kept, torch.randn(n, generator=gen), 0.0)}
+    model = encode_state(state, parse_spec("lossless"))
+    record = model.records[0]
+    assert record.value_kind is ValueKind.RAW and record.raw_length is not None
+    assert len(record.body) < len(encode_grouped(state["w"], torch.float32))
+    assert _same_bits(decode_state(model)["w"], state["w"])
+    # Weights with no zeros are grouped, as before.
+    dense = {"w": torch.randn(n, generator=gen)}
+    assert encode_state(dense, parse_spec("lossless")).records[0].value_kind is ValueKind.GROUPED
+
+
 def test_models_it_does_not_help_keep_their_version_1_bytes() -> None:
     # Tiny tensors and integers: the plain record is smaller, so nothing changes.
     state = {"w": torch.arange(12, dtype=torch.float32), "n": torch.arange(5)}
