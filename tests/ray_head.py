@@ -65,6 +65,8 @@ def _stop(proc: subprocess.Popen[str]) -> None:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+    if proc.stdout is not None:
+        proc.stdout.close()  # else the interpreter warns of an unclosed pipe at exit
 
 
 def _hold() -> None:
