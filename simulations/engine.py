@@ -156,7 +156,7 @@ def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
 def child_pids() -> set[int]:
     """Process ids of this process's live children (Linux ``/proc``; empty elsewhere)."""
     me = os.getpid()
-    return {s.pid for s in proctree.all_stats() if s.ppid == me and s.state not in ("Z", "X")}
+    return {s.pid for s in proctree.all_stats() if s.ppid == me and s.live}
 
 
 def stop_processes(pids: list[int], grace_s: float = STOP_GRACE_S) -> None:

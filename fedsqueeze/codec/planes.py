@@ -25,10 +25,6 @@ from fedsqueeze.codec import jit, jit_bytes
 #: Values per block: a block's words, scratch and planes stay in cache (L2 or L3),
 #: and each NumPy call covers enough values that threads rarely wait on the GIL.
 BLOCK = 1 << 18
-#: Whether every plane of 16- and 32-bit words is split in one compiled pass
-#: (:func:`fedsqueeze.codec.jit_bytes.split_words2`) rather than one pass per plane
-#: (for side-by-side timings; the same bytes either way).
-WHOLE_WORDS = True
 
 _UINTS: dict[int, type[np.unsignedinteger]] = {
     1: np.uint8,
@@ -97,7 +93,7 @@ def split_planes(
         raise ValueError(f"XOR of {words.shape[0]} words with {base.shape[0]}")
     compiled = jit.use(words.shape[0])
     every = sorted(planes) == list(range(layout.width))
-    if compiled and WHOLE_WORDS and layout.width in (2, 4) and every:
+    if compiled and layout.width in (2, 4) and every:
         _split_whole(words, planes, layout, base)
         return
     for start in range(0, words.shape[0], BLOCK):

@@ -19,6 +19,11 @@ class ProcStat:
     ppid: int
     state: str
 
+    @property
+    def live(self) -> bool:
+        """Whether it runs: not a zombie (``Z``) nor dead (``X``)."""
+        return self.state not in ("Z", "X")
+
 
 def read_stat(pid: int) -> ProcStat | None:
     """``pid``'s entry, or ``None`` if it is gone (or there is no ``/proc``)."""
@@ -58,7 +63,7 @@ def is_alive(pid: int) -> bool:
         except OSError:
             return False
         return True
-    return stat.state not in ("Z", "X")
+    return stat.live
 
 
 def live_tree(roots: set[int]) -> set[int]:
@@ -70,7 +75,7 @@ def live_tree(roots: set[int]) -> set[int]:
     live = set()
     for stat in stats:
         children.setdefault(stat.ppid, []).append(stat.pid)
-        if stat.state not in ("Z", "X"):
+        if stat.live:
             live.add(stat.pid)
     found: set[int] = set()
     stack = list(roots)
