@@ -61,7 +61,11 @@ class ByteReader:
 
     def u8(self, what: str = "byte") -> int:
         """One unsigned byte."""
-        return int(self.take(1, what)[0])
+        pos = self.pos
+        if pos >= self._end:
+            raise TruncatedError(f"truncated input: {what} needs 1 bytes, 0 left")
+        self.pos = pos + 1
+        return int(self._data[pos])
 
     def unpack(self, fmt: str, what: str = "field") -> tuple[float | int, ...]:
         """``struct.unpack`` of the next ``struct.calcsize(fmt)`` bytes."""
@@ -69,12 +73,19 @@ class ByteReader:
 
     def varint(self, what: str = "varint", limit: int = 1 << 62) -> int:
         """An unsigned LEB128 varint no larger than ``limit``."""
+        data, pos, end = self._data, self.pos, self._end
         value = 0
         for i in range(_MAX_VARINT_BYTES):
-            byte = self.u8(what)
+            if pos >= end:
+                self.pos = pos
+                raise TruncatedError(f"truncated input: {what} needs 1 bytes, 0 left")
+            byte = int(data[pos])
+            pos += 1
             value |= (byte & 0x7F) << (7 * i)
             if not byte & 0x80:
+                self.pos = pos
                 if value > limit:
                     raise FormatError(f"{what} = {value} exceeds the limit {limit}")
                 return value
+        self.pos = pos
         raise FormatError(f"{what}: varint longer than {_MAX_VARINT_BYTES} bytes")

@@ -138,8 +138,6 @@ Everything here is structure only: the numerical stages live in ``fedsqueeze.cod
 
 from __future__ import annotations
 
-import zlib
-from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from enum import IntEnum, IntFlag
 
@@ -147,6 +145,7 @@ import torch
 
 from fedsqueeze.codec.blockwise import num_blocks, scale_bytes
 from fedsqueeze.codec.bytesio import ByteReader, write_varint
+from fedsqueeze.codec.checksum import crc32
 from fedsqueeze.codec.positions import max_payload_bytes
 from fedsqueeze.codec.row_tiers import RowSplit, parse_splits, write_splits
 from fedsqueeze.codec.spec import (
@@ -161,12 +160,6 @@ from fedsqueeze.codec.spec import (
     ScaleFormat,
 )
 from fedsqueeze.errors import FormatError, LimitExceededError, UnsupportedVersionError
-
-_crc32: Callable[[bytes | memoryview, int], int]
-try:
-    from isal.isal_zlib import crc32 as _crc32
-except ImportError:  # optional: zlib's gives the same values
-    _crc32 = zlib.crc32
 
 MAGIC = b"FSQ"
 #: The version written for a model without progressive levels.
@@ -247,6 +240,12 @@ class RecordFlags(IntFlag):
     LEVEL = 0x20  # a refinement level follows (progressive transmission)
     ZERO = 0x40  # no values: the tensor equals its base (delta) or is all zeros
     LOWRANK = 0x80  # a rank follows; the values are two factors whose product is the tensor
+
+
+# The flags as plain ints, for parsing: IntFlag's operators make enum members, which cost
+# more than the rest of parsing a record (a tenth of a model's parse; session 35).
+_NAMED, _SPARSE, _QUANT, _ENTROPY = 0x01, 0x02, 0x04, 0x08
+_DELTA, _LEVEL, _ZERO, _LOWRANK = 0x10, 0x20, 0x40, 0x80
 
 
 class ValueKind(IntEnum):
@@ -525,7 +524,7 @@ class TensorRecord:
 
 
 def _read_body(
-    reader: ByteReader, flags: RecordFlags, limits: DecodeLimits
+    reader: ByteReader, flags: int, limits: DecodeLimits
 ) -> tuple[int | None, bytes | memoryview]:
     """A record's tail: the raw body length (entropy-coded bodies only) and the body.
 
@@ -535,7 +534,7 @@ def _read_body(
     to the caller's buffer cannot change a parsed record.
     """
     raw_length: int | None = None
-    if flags & RecordFlags.ENTROPY:
+    if flags & _ENTROPY:
         raw_length = reader.varint("raw body length", max_body_bytes(limits.max_elements))
     # Bounded by what is left: take() refuses more (a prefix ends in TruncatedError).
     body_len = reader.varint("body length")
@@ -550,12 +549,12 @@ def parse_record(
     version: int = FORMAT_VERSION,
 ) -> TensorRecord:
     """Read one record at the reader's position (``version`` from the model's header)."""
-    flags = RecordFlags(reader.u8("record flags"))
+    flags = reader.u8("record flags")
     name: str | None = None
     index: int | None = None
     dtype: torch.dtype | None = None
     shape: tuple[int, ...] | None = None
-    if flags & RecordFlags.NAMED:
+    if flags & _NAMED:
         name_len = reader.varint("name length", limits.max_name_bytes)
         try:
             name = bytes(reader.take(name_len, "tensor name")).decode()
@@ -581,7 +580,7 @@ def parse_record(
         index = reader.varint("tensor index", limits.max_tensors)
     level = 0
     plan: tuple[int, ...] = ()
-    if flags & RecordFlags.LEVEL:
+    if flags & _LEVEL:
         if version < PROGRESSIVE_VERSION:
             raise FormatError(f"a level record in a version {version} stream")
         # From version 6 a grown tensor's level is its step in a chain of groups' planes.
@@ -596,17 +595,15 @@ def parse_record(
                 raise FormatError(f"invalid levels {'+'.join(map(str, plan))}")
         else:
             return _parse_refinement(reader, flags, index, level, limits, version)
-    if flags & RecordFlags.ZERO:
-        if flags & (
-            RecordFlags.SPARSE | RecordFlags.QUANT | RecordFlags.ENTROPY | RecordFlags.LOWRANK
-        ):
+    if flags & _ZERO:
+        if flags & (_SPARSE | _QUANT | _ENTROPY | _LOWRANK):
             raise FormatError("a zero record carries no values")
         return TensorRecord(
             name,
             index,
             dtype,
             shape,
-            bool(flags & RecordFlags.DELTA),
+            bool(flags & _DELTA),
             level,
             None,
             ValueKind.RAW,
@@ -615,26 +612,26 @@ def parse_record(
             b"",
             zero=True,
         )
-    if plan and flags & (RecordFlags.ZERO | RecordFlags.LOWRANK):
+    if plan and flags & (_ZERO | _LOWRANK):
         raise FormatError("a progressive tensor's base level is neither zero nor low-rank")
-    if plan and not flags & RecordFlags.QUANT:
+    if plan and not flags & _QUANT:
         raise FormatError("levels refine quantization codes: the base level must be QUANT")
     rank = 0
-    if flags & RecordFlags.LOWRANK:
-        if flags & RecordFlags.SPARSE:
+    if flags & _LOWRANK:
+        if flags & _SPARSE:
             raise FormatError("a low-rank record has no positions")
         rank = reader.varint("rank", limits.max_rank)
         if rank < 1:
             raise FormatError("a low-rank record of rank 0")
     quant: QuantHeader | None = None
     value_kind = ValueKind.RAW
-    if flags & RecordFlags.QUANT:
+    if flags & _QUANT:
         desc = reader.u8("quantization descriptor")
         seed: int | None = None
         if desc & 0xF0 == 0:  # the rotation prefix
             if version < ROTATED_VERSION:
                 raise FormatError(f"a rotated record in a version {version} stream")
-            if flags & (RecordFlags.SPARSE | RecordFlags.LOWRANK):
+            if flags & (_SPARSE | _LOWRANK):
                 raise FormatError("a rotated record is dense and full rank")
             kind = reader.u8("rotation")
             if kind != _HADAMARD:
@@ -683,15 +680,15 @@ def parse_record(
         value_kind = ValueKind(kind)
         if rank and value_kind in (ValueKind.RAW, ValueKind.XOR, *GROUPED_KINDS):
             raise FormatError("low-rank factors are floats or quantization codes")
-        others = RecordFlags.SPARSE | RecordFlags.ENTROPY | RecordFlags.LEVEL
+        others = _SPARSE | _ENTROPY | _LEVEL
         if value_kind in GROUPED_KINDS and flags & others:
             raise FormatError("byte-grouped values are dense, their own entropy coding, unleveled")
         if (value_kind is ValueKind.GROUPED_XOR) != bool(
-            value_kind in GROUPED_KINDS and flags & RecordFlags.DELTA
+            value_kind in GROUPED_KINDS and flags & _DELTA
         ):
             raise FormatError("byte-grouped XOR values are exactly the delta grouped records")
     positions: PositionsHeader | None = None
-    if flags & RecordFlags.SPARSE:
+    if flags & _SPARSE:
         packed = reader.u8("position coding")
         coding, rice_k = packed >> 5, packed & 0x1F
         count = reader.varint("kept count", limits.max_elements)
@@ -703,7 +700,7 @@ def parse_record(
     raw_length, body = _read_body(reader, flags, limits)
     ans = version >= ANS_VERSION and raw_length == 0
     if ans:
-        if quant is None or flags & (RecordFlags.SPARSE | RecordFlags.LEVEL):
+        if quant is None or flags & (_SPARSE | _LEVEL):
             raise FormatError("an ANS body holds a dense record's quantization codes only")
         raw_length = None
     return TensorRecord(
@@ -711,7 +708,7 @@ def parse_record(
         index=index,
         dtype=dtype,
         shape=shape,
-        delta=bool(flags & RecordFlags.DELTA),
+        delta=bool(flags & _DELTA),
         level=level,
         quant=quant,
         value_kind=value_kind,
@@ -756,18 +753,18 @@ def _parse_blocks(reader: ByteReader, bits: int, limits: DecodeLimits) -> QuantH
 
 def _parse_refinement(
     reader: ByteReader,
-    flags: RecordFlags,
+    flags: int,
     index: int | None,
     level: int,
     limits: DecodeLimits,
     version: int,
 ) -> TensorRecord:
     """The rest of a refinement record (level ≥ 1), after its level."""
-    allowed = RecordFlags.LEVEL | RecordFlags.ENTROPY
+    allowed = _LEVEL | _ENTROPY
     if version >= SUPPORT_LEVELS_VERSION:
-        allowed |= RecordFlags.QUANT | RecordFlags.SPARSE
+        allowed |= _QUANT | _SPARSE
     if version >= ROW_TIERS_VERSION:
-        allowed |= RecordFlags.LOWRANK  # a plane in context order
+        allowed |= _LOWRANK  # a plane in context order
     if index is None or flags & ~allowed:
         raise FormatError(
             f"a level-{level} record refers to its base level by index and has no "
@@ -776,24 +773,24 @@ def _parse_refinement(
     group: int | None = None
     plane = 0
     positions: PositionsHeader | None = None
-    if flags & RecordFlags.QUANT:
+    if flags & _QUANT:
         group = reader.varint("position group", MAX_GROUPS - 1)
         plane = reader.varint("plane", MAX_LEVELS - 1)
-        if (plane == 0) != bool(flags & RecordFlags.SPARSE) or (plane == 0 and group == 0):
+        if (plane == 0) != bool(flags & _SPARSE) or (plane == 0 and group == 0):
             raise FormatError(
                 "a refinement brings positions exactly when it opens a new group (plane 0 "
                 "of a group after the first)"
             )
-        if flags & RecordFlags.SPARSE:
+        if flags & _SPARSE:
             packed = reader.u8("position coding")
             count = reader.varint("kept count", limits.max_elements)
             pos_bytes = reader.varint("positions length", max_payload_bytes(limits.max_elements))
             positions = PositionsHeader(packed >> 5, packed & 0x1F, count, pos_bytes)
-    elif flags & RecordFlags.SPARSE:
+    elif flags & _SPARSE:
         raise FormatError("a refinement with positions names its group (QUANT flag)")
     raw_length, body = _read_body(reader, flags, limits)
     ans = version >= PLANE_ANS_VERSION and raw_length == 0
-    ordered = bool(flags & RecordFlags.LOWRANK)
+    ordered = bool(flags & _LOWRANK)
     if ordered and (ans or positions is not None):
         raise FormatError("a plane in context order is neither ANS-coded nor a group's first plane")
     return TensorRecord(
@@ -931,15 +928,6 @@ def parse_header(reader: ByteReader, limits: DecodeLimits) -> ContainerHeader:
         implied_base=bool(flags & _IMPLIED_BASE),
         splits=splits,
     )
-
-
-def crc32(data: bytes | memoryview, value: int = 0) -> int:
-    """The trailer checksum (CRC-32 as zlib computes it), continuing from ``value``.
-
-    ISA-L's CRC-32 when the ``isal`` package is installed (the same values, about 5×
-    faster: it is a whole pass over a model on both sides of every transfer).
-    """
-    return _crc32(data, value) & 0xFFFFFFFF
 
 
 __all__ = [
