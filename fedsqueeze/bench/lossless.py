@@ -4,8 +4,10 @@ Four cases on one state (all-MiniLM-L6-v2 in the full benchmark): the model in f
 bf16 copy, and a delta of each (the model against itself plus a small fine-tuning-like
 perturbation: 10% of values moved by ~1% relative). For each: ratio, and
 compression and decompression throughput in MB (10^6 bytes) of raw model per second
-and CPU milliseconds (all threads), the medians of ``runs`` runs, ours and ZipNN's
-(PyPI ``zipnn``, when installed) side by side in one process.
+and CPU milliseconds (all threads), ours and ZipNN's (PyPI ``zipnn``, when installed)
+side by side in one process: medians of ``runs`` rounds in which the two coders take
+turns, and our throughput ÷ ZipNN's as the median of the rounds' ratios (each pair
+timed back to back).
 
 Ours is ``encode_state(..., PRESETS["lossless"]).to_bytes()`` and back through
 ``EncodedModel.from_bytes`` and ``decode_state`` (everything: headers, checksum, the
@@ -54,26 +56,45 @@ def perturbed(state: State, fraction: float = 0.1, scale: float = 1e-2, seed: in
     return out
 
 
-def _timed(
-    fn: Callable[[Any], Any], runs: int, prepare: Callable[[], Any] = lambda: None
-) -> tuple[float, float]:
-    """Median wall seconds and median CPU seconds (all the process's threads) of ``runs``
-    calls of ``fn(prepare())`` (one untimed warm-up); ``prepare`` runs outside the timed
-    region. CPU time is what a call costs whatever else shares the cores; wall time on
-    shared cores also counts the waits for them."""
-    walls, cpus = [], []
-    for i in range(runs + 1):
-        arg = prepare()
-        cpu = time.process_time()
-        started = time.perf_counter()
-        fn(arg)
-        if i:
-            walls.append(time.perf_counter() - started)
-            cpus.append(time.process_time() - cpu)
-    return statistics.median(walls), statistics.median(cpus)
+Call = tuple[Callable[[Any], Any], Callable[[], Any]]  # fn, and what makes its argument
 
 
-def _ours(state: State, base: State | None, raw: int, runs: int) -> Json:
+def _alternated(calls: list[Call], runs: int) -> list[list[tuple[float, float]]]:
+    """Wall and CPU seconds (all the process's threads) of ``runs`` calls of each
+    ``fn(prepare())``, the coders taking turns: round by round, in reversed order every
+    other round, after one untimed warm-up round; ``prepare`` runs outside the timed
+    region. A slow phase of a shared machine then falls on every coder alike, where
+    timing one coder's runs and then the other's put it on one side (session 34's runs:
+    the same code's fp32 decompression at 0.55 and 1.2 of ZipNN's). CPU time is what a
+    call costs whatever else shares the cores; wall time also counts the waits."""
+    times: list[list[tuple[float, float]]] = [[] for _ in calls]
+    for round_ in range(runs + 1):
+        order = list(range(len(calls)))
+        if round_ % 2:
+            order.reverse()
+        for i in order:
+            fn, prepare = calls[i]
+            arg = prepare()
+            cpu = time.process_time()
+            started = time.perf_counter()
+            fn(arg)
+            if round_:
+                times[i].append((time.perf_counter() - started, time.process_time() - cpu))
+    return times
+
+
+def _median(times: list[tuple[float, float]]) -> tuple[float, float]:
+    return statistics.median(t[0] for t in times), statistics.median(t[1] for t in times)
+
+
+def _per_round(ours: list[tuple[float, float]], theirs: list[tuple[float, float]]) -> float:
+    """The median over rounds of our throughput ÷ ZipNN's (its wall time ÷ ours, each
+    pair timed back to back)."""
+    return statistics.median(t[0] / o[0] for o, t in zip(ours, theirs, strict=True))
+
+
+def _ours(state: State, base: State | None) -> tuple[bytes, bool, Call, Call]:
+    """Our blob, whether it decodes bit-exact, and our compress and decompress calls."""
     spec = PRESETS["lossless"]
     digest = state_digest(base) if base is not None else None
     blob = encode_state(state, spec, base, base_digest=digest).to_bytes()
@@ -82,14 +103,20 @@ def _ours(state: State, base: State | None, raw: int, runs: int) -> Json:
         torch.equal(decoded[n].view(torch.uint8), t.contiguous().view(torch.uint8))
         for n, t in state.items()
     )
-    enc = _timed(lambda _: encode_state(state, spec, base, base_digest=digest).to_bytes(), runs)
-    dec = _timed(
-        lambda _: decode_state(EncodedModel.from_bytes(blob), base, base_digest=digest), runs
+    enc: Call = (
+        lambda _: encode_state(state, spec, base, base_digest=digest).to_bytes(),
+        lambda: None,
     )
-    return {**_row("fedsqueeze", raw, len(blob), enc, dec, exact), "version": blob[3]}
+    dec: Call = (
+        lambda _: decode_state(EncodedModel.from_bytes(blob), base, base_digest=digest),
+        lambda: None,
+    )
+    return blob, exact, enc, dec
 
 
-def _zipnn(data: bytes, dtype: torch.dtype, runs: int) -> Json | None:
+def _zipnn(data: bytes, dtype: torch.dtype) -> tuple[bytes, bool, Call, Call] | None:
+    """ZipNN's blob, whether it decodes exactly, and its calls (``None``: not installed,
+    or a dtype it does not take)."""
     if importlib.util.find_spec("zipnn") is None or dtype not in _ZIPNN_DTYPES:
         return None
     with warnings.catch_warnings():  # zipnn 0.5.4 uses torch.jit.script at import
@@ -99,9 +126,10 @@ def _zipnn(data: bytes, dtype: torch.dtype, runs: int) -> Json | None:
     coder = ZipNN(input_format="byte", bytearray_dtype=_ZIPNN_DTYPES[dtype])
     packed = bytes(coder.compress(bytearray(data)))
     exact = bytes(coder.decompress(packed)) == data
-    enc = _timed(coder.compress, runs, prepare=lambda: bytearray(data))
-    dec = _timed(lambda _: coder.decompress(packed), runs)
-    return _row("zipnn", len(data), len(packed), enc, dec, exact)
+    # compress reorders its input in place: a fresh copy each call, made untimed.
+    enc: Call = (coder.compress, lambda: bytearray(data))
+    dec: Call = (lambda _: coder.decompress(packed), lambda: None)
+    return packed, exact, enc, dec
 
 
 def _row(
@@ -140,11 +168,22 @@ def _case(name: str, state: State, base: State | None, runs: int) -> Json:
             (_bits(t) ^ _bits(base[n])).view(torch.uint8).reshape(-1) for n, t in state.items()
         ]
     data = torch.cat(parts).numpy().tobytes()
-    rows = [_ours(state, base, len(data), runs)]
-    theirs = _zipnn(data, dtype, runs)
+    raw = len(data)
+    coders = [("fedsqueeze", _ours(state, base))]
+    theirs = _zipnn(data, dtype)
     if theirs is not None:
-        rows.append(theirs)
-    return {"case": name, "raw_bytes": len(data), "rows": rows}
+        coders.append(("zipnn", theirs))
+    enc = _alternated([c[2] for _, c in coders], runs)
+    dec = _alternated([c[3] for _, c in coders], runs)
+    rows = [
+        _row(label, raw, len(c[0]), _median(enc[i]), _median(dec[i]), c[1])
+        for i, (label, c) in enumerate(coders)
+    ]
+    rows[0]["version"] = coders[0][1][0][3]
+    if theirs is not None:
+        rows[0]["compress_vs_zipnn"] = _per_round(enc[0], enc[1])
+        rows[0]["decompress_vs_zipnn"] = _per_round(dec[0], dec[1])
+    return {"case": name, "raw_bytes": raw, "rows": rows}
 
 
 def run_lossless_section(state: State, out: Console, runs: int) -> Json:
@@ -161,7 +200,7 @@ def run_lossless_section(state: State, out: Console, runs: int) -> Json:
     table = Table(title=f"Lossless, {torch.get_num_threads()} threads (MB/s of raw model)")
     columns = (
         "case", "coder", "bytes", "ratio", "compress MB/s", "decompress MB/s",
-        "compress CPU ms", "decompress CPU ms", "exact",
+        "compress CPU ms", "decompress CPU ms", "exact", "÷ ZipNN (comp / decomp)",
     )  # fmt: skip
     for col in columns:
         table.add_column(col, justify="left" if col in ("case", "coder") else "right")
@@ -171,9 +210,17 @@ def run_lossless_section(state: State, out: Console, runs: int) -> Json:
                 case["case"], r["coder"], f"{r['bytes']:,}", f"{r['ratio']:.4f}×",
                 f"{r['compress_mb_s']:,.0f}", f"{r['decompress_mb_s']:,.0f}",
                 f"{r['compress_cpu_ms']:,.0f}", f"{r['decompress_cpu_ms']:,.0f}",
-                "yes" if r["bit_exact"] else "NO",
+                "yes" if r["bit_exact"] else "NO", _versus(r),
             )  # fmt: skip
     out.print(table)
     if not any(len(c["rows"]) > 1 for c in cases):
         out.print("ZipNN: not installed (pip install -e '.[bench]'), ours alone", markup=False)
     return {"cases": cases}
+
+
+def _versus(row: Json) -> str:
+    """Our throughput ÷ ZipNN's, compressing and decompressing (medians of the rounds'
+    ratios); blank on ZipNN's own row."""
+    if "compress_vs_zipnn" not in row:
+        return ""
+    return f"{row['compress_vs_zipnn']:.2f} / {row['decompress_vs_zipnn']:.2f}"

@@ -127,6 +127,28 @@ def test_quick_lossless_section_is_bit_exact_and_beside_zipnn(tmp_path: Path) ->
         assert ours["ratio"] > 1.0
         assert {"compress_cpu_ms", "decompress_cpu_ms"} <= set(ours)
         assert all(r["bit_exact"] for r in case["rows"])  # ZipNN's too, when installed
+        if len(case["rows"]) == 2:  # ZipNN installed: the per-round ratios beside it
+            assert ours["compress_vs_zipnn"] > 0 and ours["decompress_vs_zipnn"] > 0
+            assert "compress_vs_zipnn" not in case["rows"][1]
+
+
+def test_lossless_coders_take_turns_round_by_round() -> None:
+    """One untimed warm-up round, then the coders alternate with the order reversed every
+    other round; each call gets its own ``prepare()``; ratios are per round."""
+    from fedsqueeze.bench import lossless
+
+    calls: list[tuple[str, object]] = []
+
+    def call(label: str) -> lossless.Call:
+        return (lambda arg: calls.append((label, arg)), lambda: f"{label}-arg")
+
+    times = lossless._alternated([call("a"), call("b")], 3)
+    assert [c[0] for c in calls] == ["a", "b", "b", "a", "a", "b", "b", "a"]
+    assert all(arg == f"{label}-arg" for label, arg in calls)
+    assert [len(t) for t in times] == [3, 3]
+    ours = [(1.0, 0.0), (2.0, 0.0), (4.0, 0.0)]
+    theirs = [(2.0, 0.0), (2.0, 0.0), (2.0, 0.0)]
+    assert lossless._per_round(ours, theirs) == 1.0  # ratios 2, 1 and 0.5
 
 
 def test_tensor_only_times_every_spec_and_reports_each_target(
