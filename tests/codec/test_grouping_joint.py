@@ -133,6 +133,24 @@ def test_compiled_kernels_equal_numpy(k: int, n: int) -> None:
         assert np.array_equal(words, top)
 
 
+@pytest.mark.parametrize("n", [0, 1, 3, 4, 5, 17, 1000, 65_537])
+@pytest.mark.parametrize("step", [1, 2, 3, 7, 16])
+def test_compiled_joint_histogram_counts_what_numpy_counts(n: int, step: int) -> None:
+    """Every ``step``-th value, whatever is left over after the four lanes."""
+    if not jit.ready():
+        pytest.skip("numba is not installed")
+    rng = np.random.default_rng(n * 31 + step)
+    e = rng.choice(np.array([0, 120, 121, 122], np.uint8), n)  # crowded bins, as models
+    p = rng.integers(0, 256, n, dtype=np.uint8)
+    hist = np.full((256, 8), 5, dtype=np.int64)  # stale counts: zeroed by the kernel
+    counts = np.full(256, 5, dtype=np.int64)
+    jit_bytes.joint_histogram(e, p, step, hist, counts)
+    want = np.zeros((256, 8), dtype=np.int64)
+    np.add.at(want, (e[::step], (p[::step] >> 4) & 7), 1)
+    assert np.array_equal(hist, want)
+    assert np.array_equal(counts, np.bincount(p[::step], minlength=256))
+
+
 def test_chunks_that_do_not_fit_or_gain_keep_the_older_codings() -> None:
     dtype = torch.float32
     g = torch.Generator().manual_seed(0)
