@@ -23,7 +23,6 @@ import json
 import mmap
 import os
 import secrets
-import zlib
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -406,8 +405,10 @@ def return_freed_memory(threshold: int = 1 << 20) -> bool:
 
 
 def _write(fh: object, piece: bytes | memoryview, crc: int) -> int:
+    from fedsqueeze.codec.checksum import crc32  # (the codec is imported where used)
+
     fh.write(piece)  # type: ignore[attr-defined]
-    return zlib.crc32(piece, crc)
+    return crc32(piece, crc)
 
 
 def _fits(t: torch.Tensor, slot: TensorSlot) -> bool:
@@ -456,6 +457,7 @@ class _Spool:
 @contextlib.contextmanager
 def _mapped_encoded(path: Path) -> Iterator[memoryview]:
     """The encoded file mapped read-only, its checksum verified."""
+    from fedsqueeze.codec.checksum import crc32
     from fedsqueeze.statefile import ENCODED_MAGIC
 
     with path.open("rb") as fh:
@@ -468,7 +470,7 @@ def _mapped_encoded(path: Path) -> Iterator[memoryview]:
         if bytes(view[:3]) != ENCODED_MAGIC:
             raise FormatError(f"{path}: not a fedsqueeze encoded model (bad magic)")
         stored = int.from_bytes(view[-4:], "little")
-        if zlib.crc32(view[:-4]) & 0xFFFFFFFF != stored:
+        if crc32(view[:-4]) != stored:
             raise FormatError(f"{path}: checksum mismatch: the file is corrupted or truncated")
         yield view
     finally:
