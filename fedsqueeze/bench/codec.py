@@ -10,8 +10,10 @@ Four parts, printed as tables (and written as JSON with --json):
             per-channel, block-wise and NF4 specs, beside bitsandbytes' NF4 when installed
             (--blockwise-only runs just this part)
   lossless  MiniLM in fp32 and a bf16 copy, full and as deltas: our lossless coding beside
-            ZipNN's (ratio, compress/decompress MB/s; --lossless-only runs just this part;
-            a small synthetic model stands in without MiniLM)
+            ZipNN's (ratio, compress/decompress MB/s, the two coders timed turn by turn,
+            and our throughput ÷ ZipNN's as the median of the rounds' ratios;
+            --lossless-only runs just this part; a small synthetic model stands in
+            without MiniLM)
   tensor    one random-normal fp32 tensor of --tensor-mb MB: size, error and encode/decode
             throughput of each spec next to tensor.clone() and plain zstd level 3,
             which of issue 14's speed targets each spec meets, and three dense specs
