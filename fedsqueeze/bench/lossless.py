@@ -24,7 +24,7 @@ import statistics
 import time
 import warnings
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from rich.console import Console
@@ -57,6 +57,15 @@ def perturbed(state: State, fraction: float = 0.1, scale: float = 1e-2, seed: in
 
 
 Call = tuple[Callable[[Any], Any], Callable[[], Any]]  # fn, and what makes its argument
+
+
+class _Coder(NamedTuple):
+    """One coder on one case: its output, whether it decodes exactly, its two calls."""
+
+    blob: bytes
+    exact: bool
+    compress: Call
+    decompress: Call
 
 
 def _alternated(calls: list[Call], runs: int) -> list[list[tuple[float, float]]]:
@@ -93,7 +102,7 @@ def _per_round(ours: list[tuple[float, float]], theirs: list[tuple[float, float]
     return statistics.median(t[0] / o[0] for o, t in zip(ours, theirs, strict=True))
 
 
-def _ours(state: State, base: State | None) -> tuple[bytes, bool, Call, Call]:
+def _ours(state: State, base: State | None) -> _Coder:
     """Our blob, whether it decodes bit-exact, and our compress and decompress calls."""
     spec = PRESETS["lossless"]
     digest = state_digest(base) if base is not None else None
@@ -111,10 +120,10 @@ def _ours(state: State, base: State | None) -> tuple[bytes, bool, Call, Call]:
         lambda _: decode_state(EncodedModel.from_bytes(blob), base, base_digest=digest),
         lambda: None,
     )
-    return blob, exact, enc, dec
+    return _Coder(blob, exact, enc, dec)
 
 
-def _zipnn(data: bytes, dtype: torch.dtype) -> tuple[bytes, bool, Call, Call] | None:
+def _zipnn(data: bytes, dtype: torch.dtype) -> _Coder | None:
     """ZipNN's blob, whether it decodes exactly, and its calls (``None``: not installed,
     or a dtype it does not take)."""
     if importlib.util.find_spec("zipnn") is None or dtype not in _ZIPNN_DTYPES:
@@ -129,7 +138,7 @@ def _zipnn(data: bytes, dtype: torch.dtype) -> tuple[bytes, bool, Call, Call] | 
     # compress reorders its input in place: a fresh copy each call, made untimed.
     enc: Call = (coder.compress, lambda: bytearray(data))
     dec: Call = (lambda _: coder.decompress(packed), lambda: None)
-    return packed, exact, enc, dec
+    return _Coder(packed, exact, enc, dec)
 
 
 def _row(
@@ -173,13 +182,13 @@ def _case(name: str, state: State, base: State | None, runs: int) -> Json:
     theirs = _zipnn(data, dtype)
     if theirs is not None:
         coders.append(("zipnn", theirs))
-    enc = _alternated([c[2] for _, c in coders], runs)
-    dec = _alternated([c[3] for _, c in coders], runs)
+    enc = _alternated([c.compress for _, c in coders], runs)
+    dec = _alternated([c.decompress for _, c in coders], runs)
     rows = [
-        _row(label, raw, len(c[0]), _median(enc[i]), _median(dec[i]), c[1])
+        _row(label, raw, len(c.blob), _median(enc[i]), _median(dec[i]), c.exact)
         for i, (label, c) in enumerate(coders)
     ]
-    rows[0]["version"] = coders[0][1][0][3]
+    rows[0]["version"] = coders[0][1].blob[3]
     if theirs is not None:
         rows[0]["compress_vs_zipnn"] = _per_round(enc[0], enc[1])
         rows[0]["decompress_vs_zipnn"] = _per_round(dec[0], dec[1])

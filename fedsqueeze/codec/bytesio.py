@@ -48,9 +48,7 @@ class ByteReader:
         if count < 0 or count > self.remaining:
             if count < 0:
                 raise FormatError(f"negative length for {what}")
-            raise TruncatedError(
-                f"truncated input: {what} needs {count} bytes, {self.remaining} left"
-            )
+            raise _truncated(what, count, self.remaining)
         view = self._data[self.pos : self.pos + count]
         self.pos += count
         return view
@@ -63,7 +61,7 @@ class ByteReader:
         """One unsigned byte."""
         pos = self.pos
         if pos >= self._end:
-            raise TruncatedError(f"truncated input: {what} needs 1 bytes, 0 left")
+            raise _truncated(what, 1, 0)
         self.pos = pos + 1
         return int(self._data[pos])
 
@@ -78,7 +76,7 @@ class ByteReader:
         for i in range(_MAX_VARINT_BYTES):
             if pos >= end:
                 self.pos = pos
-                raise TruncatedError(f"truncated input: {what} needs 1 bytes, 0 left")
+                raise _truncated(what, 1, 0)
             byte = int(data[pos])
             pos += 1
             value |= (byte & 0x7F) << (7 * i)
@@ -89,3 +87,8 @@ class ByteReader:
                 return value
         self.pos = pos
         raise FormatError(f"{what}: varint longer than {_MAX_VARINT_BYTES} bytes")
+
+
+def _truncated(what: str, count: int, left: int) -> TruncatedError:
+    """The error for ``what`` needing ``count`` bytes where ``left`` remain."""
+    return TruncatedError(f"truncated input: {what} needs {count} bytes, {left} left")

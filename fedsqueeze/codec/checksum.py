@@ -86,8 +86,9 @@ def crc32(data: bytes | memoryview, value: int = 0) -> int:
     if view.format != "B" or view.ndim != 1:
         view = view.cast("B")
     size = view.nbytes
-    _, count = workers()
-    pieces = min(count, size // PIECE_BYTES)
+    # The pool's size only for an input that could be cut (workers() takes a lock; the
+    # container calls this for every record's header too).
+    pieces = 1 if size < 2 * PIECE_BYTES else min(workers()[1], size // PIECE_BYTES)
     if pieces < 2:
         return _crc32(view, value) & 0xFFFFFFFF
     step = -(-size // pieces)
