@@ -46,7 +46,15 @@ Huffman coding on these planes and twice as fast as level 1, whose matches cost 
 they save here. Mantissa planes get the same parameters (level 1 up to 64 KiB) and stay
 raw unless that saves at least 1%; a raw plane is decoded without a copy, as a view into
 the body. Planes are split out of the words and joined back block by block
-(:mod:`fedsqueeze.codec.planes`), the decoded values land in NumPy memory.
+(:mod:`fedsqueeze.codec.planes`), the decoded values land in NumPy memory; a chunk
+coded jointly is coded from its words directly (two compiled passes, no planes split
+first: :func:`fedsqueeze.codec.plane_joint.encode_words`).
+
+**Finiteness on the way.** Asked to (``finite=True``, fp32 and bf16 values without a
+base), the encoder raises :class:`NonFiniteFound` for a NaN or an Inf, read from the
+largest exponent of each chunk, which the joint plan's statistics or the split
+exponent plane give anyway; the model encoder then needs no pass of its own over
+such tensors (:meth:`fedsqueeze.codec.tensor_encode.TensorEncoder.encode_checked`).
 
 Encoding holds, beyond its input and the body it returns, a window of chunks (one per
 core) at a time: a delta's XOR is made block by block as its planes are split (never
@@ -69,7 +77,7 @@ import numpy as np
 import torch
 import zstandard
 
-from fedsqueeze.codec import plane_buckets, plane_joint
+from fedsqueeze.codec import jit, plane_buckets, plane_joint
 from fedsqueeze.codec.bytesio import ByteReader, write_varint
 from fedsqueeze.codec.literal_frames import LITERAL_PARAMS
 from fedsqueeze.codec.planes import Plane, PlaneLayout, Words, join_planes, split_planes
@@ -124,6 +132,11 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 
+class NonFiniteFound(Exception):
+    """A NaN or Inf among the values :func:`encode_grouped` was asked to check
+    (``finite=True``): the caller decides what to do with the tensor."""
+
+
 class PlaneCoding(IntEnum):
     """How one plane of one chunk is stored."""
 
@@ -176,23 +189,45 @@ def _code_planes(
     into: Plane | None = None,
     buckets: bool = False,
     joint_planes: bool = False,
+    finite: bool = False,
 ) -> list[tuple[PlaneCoding, Coded]]:
     """Planes ``ks`` of ``words`` (of ``words ^ base`` with a base), each compressed
     when that pays (else stored raw: a view of the plane, split into ``into`` when given,
     ``len(ks) × len(words)`` bytes, else into fresh arrays); with ``joint_planes``,
     planes 0 and 1 of an 8-bit-exponent layout coded jointly where that pays
-    (:mod:`fedsqueeze.codec.plane_joint`), else with ``buckets`` plane 1 in buckets by
-    plane 0 where that is smaller."""
+    (:mod:`fedsqueeze.codec.plane_joint`, from the words with the compiled kernels),
+    else with ``buckets`` plane 1 in buckets by plane 0 where that is smaller. With
+    ``finite`` (an 8-bit-exponent layout, no base), raises :class:`NonFiniteFound` for
+    a NaN or Inf among the values, found in a pass the coding makes anyway."""
     n = words.shape[0]
-    planes = {
+    room = {
         k: np.empty(n, dtype=np.uint8) if into is None else into[i * n : (i + 1) * n]
         for i, k in enumerate(ks)
     }
-    split_planes(words, planes, layout, base)
     literal, level1 = _coders()
+    joint_here = joint_planes and layout.swapped and 0 in room and 1 in room and n > _LEVEL1_UP_TO
+    from_words = joint_here and base is None and layout.width in (2, 4) and jit.use(n)
+    if from_words:
+        joint, top = plane_joint.plan_words(words)
+        if finite and top == 0xFF:
+            raise NonFiniteFound
+        if joint is not None:
+            lower = {k: room[k] for k in ks if k >= 2}
+            p2, p3 = (lower[2], lower[3]) if layout.width == 4 else (room[0][:0], room[0][:0])
+            head, rest = plane_joint.encode_words(words, joint, literal.compress, p2, p3)
+            coded: list[tuple[PlaneCoding, Coded]] = [
+                (PlaneCoding.JOINT, head),
+                (PlaneCoding.JOINT, rest),
+            ]
+            return coded + [_coded_plane(k, plane, literal, level1) for k, plane in lower.items()]
+        finite = False  # checked
+    planes = room
+    split_planes(words, planes, layout, base)
+    if finite and int(planes[0].max()) == 0xFF:
+        raise NonFiniteFound
     out: list[tuple[PlaneCoding, Coded]] = []
     joint = None
-    if joint_planes and layout.swapped and 0 in planes and 1 in planes and n > _LEVEL1_UP_TO:
+    if joint_here and not from_words:
         joint = plane_joint.plan(planes[0], planes[1])
     if joint is not None:
         head, rest = plane_joint.encode(planes[0], planes[1], joint, literal.compress)
@@ -200,8 +235,6 @@ def _code_planes(
     for k, plane in planes.items():
         if joint is not None and k < 2:
             continue
-        data = plane.data
-        small = len(data) <= _LEVEL1_UP_TO
         if buckets and k == 1 and layout.swapped and 0 in planes and n > _LEVEL1_UP_TO:
             plan = plane_buckets.plan(planes[0], plane)
             if plan is not None:
@@ -209,12 +242,24 @@ def _code_planes(
                 if sum(len(p) for p in pieces) < n:  # (the plan asked for its 0.2% already)
                     out.append((PlaneCoding.BUCKETS, pieces))
                     continue
-        packed = (level1 if k and small else literal).compress(data)
-        if len(packed) < (len(data) if k == 0 else _MIN_GAIN * len(data)):
-            out.append((PlaneCoding.ZSTD, packed))
-        else:
-            out.append((PlaneCoding.RAW, data))
+        out.append(_coded_plane(k, plane, literal, level1))
     return out
+
+
+def _coded_plane(
+    k: int,
+    plane: Plane,
+    literal: zstandard.ZstdCompressor,
+    level1: zstandard.ZstdCompressor,
+) -> tuple[PlaneCoding, Coded]:
+    """Plane ``k`` compressed where that pays (the exponent plane: any saving; the
+    others: :data:`_MIN_GAIN`), else raw (a view of it)."""
+    data = plane.data
+    small = len(data) <= _LEVEL1_UP_TO
+    packed = (level1 if k and small else literal).compress(data)
+    if len(packed) < (len(data) if k == 0 else _MIN_GAIN * len(data)):
+        return PlaneCoding.ZSTD, packed
+    return PlaneCoding.RAW, data
 
 
 def encode_grouped(
@@ -224,6 +269,7 @@ def encode_grouped(
     base: torch.Tensor | None = None,
     buckets: bool | None = None,
     joint: bool | None = None,
+    finite: bool = False,
 ) -> memoryview:
     """The grouped body of a tensor's bits (or of its bits XOR ``base``'s): a read-only
     view of bytes in huge-page memory (NumPy's, or a private map for a body of 1 MiB or
@@ -260,6 +306,16 @@ def encode_grouped(
         Whether planes 0 and 1 may be coded jointly (format version 12: see
         :func:`holds_joint`; default :data:`JOINT` and :data:`BUCKETS`, without a
         ``base``).
+    finite
+        Whether to check that every value is finite on the way (fp32 and bf16 values,
+        no ``base``): the largest exponent comes out of a pass the coding makes
+        anyway (the joint coder's statistics, or the split exponent plane), where a
+        check of its own reads the whole tensor once more.
+
+    Raises
+    ------
+    NonFiniteFound
+        With ``finite``: a NaN or an Inf among the values.
     """
     if not MIN_CHUNK_LOG2 <= chunk_log2 <= MAX_CHUNK_LOG2:
         raise ValueError(f"chunk_log2 must be in {MIN_CHUNK_LOG2}..{MAX_CHUNK_LOG2}")
@@ -267,6 +323,8 @@ def encode_grouped(
         raise ValueError(f"cannot group {bits.dtype} values as {dtype}")
     if base is not None and (base.element_size() != dtype.itemsize or base.numel() != bits.numel()):
         raise ValueError(f"cannot XOR {bits.numel()} values with {base.numel()} {base.dtype}")
+    if finite and (dtype not in _SWAPPED or base is not None):
+        raise ValueError("finiteness is checked on the way only for fp32 and bf16 values, no base")
     if buckets is None:
         buckets = BUCKETS
     if joint is None:
@@ -301,7 +359,7 @@ def encode_grouped(
         part = None if base_words is None else base_words[start:end]
         span = size * layout.width
         into = None if staging is None else staging[(i % window) * span :][:span]
-        return _code_planes(words[start:end], every, layout, part, into, buckets, joint)
+        return _code_planes(words[start:end], every, layout, part, into, buckets, joint, finite)
 
     for first in range(0, len(starts), window):
         coded = _run(code, range(first, min(first + window, len(starts))))

@@ -388,12 +388,13 @@ def encode_state(
     state, encoder, base_digest, plan = prepare_encode(
         state, spec, base, residual, seed, base_digest, nonfinite, order, weights, calibration
     )
-    carried = _unencodable(state, encoder, nonfinite)
-    masks = (
-        _global_masks(state, spec, encoder, carried)
-        if spec.prune.method is PruneMethod.L1_GLOBAL
-        else {}
-    )
+    # Global pruning cuts over every tensor it may prune, so it needs the carried set
+    # first; otherwise each tensor is checked as it is encoded, on the worker that
+    # encodes it (TensorEncoder.encode_checked: a lossless fp32 or bf16 tensor by the
+    # coder's own pass over it).
+    upfront = spec.prune.method is PruneMethod.L1_GLOBAL
+    carried = _unencodable(state, encoder, nonfinite) if upfront else frozenset()
+    masks = _global_masks(state, spec, encoder, carried) if upfront else {}
     grow_masks: dict[str, list[torch.Tensor]] = {}
     if spec.grow and spec.prune.method is PruneMethod.L1_GLOBAL and spec.levels is not None:
         for sparsity in spec.grow:
@@ -406,7 +407,14 @@ def encode_state(
         tensor = state[name].detach()
         if name in carried:
             return encoder.carry(name, tensor)
-        return encoder.encode(name, tensor, masks.get(name), grow_masks.get(name))
+        if upfront:
+            return encoder.encode(name, tensor, masks.get(name), grow_masks.get(name))
+        done = encoder.encode_checked(name, tensor)
+        if not isinstance(done, str):
+            return done
+        if nonfinite is NonFinite.REFUSE:
+            raise NonFiniteError(name, done)  # the first in order is raised
+        return encoder.carry(name, tensor)
 
     # Small tensors on every core at once, large ones alone (their chunks use every
     # core): the same records, in the same order (fedsqueeze.codec.workers). Every one

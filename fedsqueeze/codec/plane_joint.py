@@ -25,9 +25,9 @@ Here the two planes become two others, with no sort:
   and unpacking are then byte loops over contiguous segments, which vectorize.
 
 It applies when every nonzero exponent of the chunk lies in ``lo .. lo + 2^(8−k) − 2``
-(a trained model's span is a few dozen binades). The encoder counts a sample of the
-chunk once (about 64K values: exponent and top three mantissa bits, and the next
-plane's bytes), estimates each ``k`` that fits (1 to 3) by the entropy of its joint
+(a trained model's span is a few dozen binades). The encoder finds the span and
+counts a sample of the chunk in one pass over its words (about 64K values: exponent and
+top three mantissa bits, and the next plane's bytes; :func:`plan_words`), estimates each ``k`` that fits (1 to 3) by the entropy of its joint
 plane plus the rest's raw bits, and codes jointly with the best one when that saves
 :data:`GAIN` of the two planes against the two coded apart (each at its own entropy:
 a pruned model's many zeros make the next plane compressible, and the rest is stored
@@ -67,7 +67,18 @@ from fedsqueeze.codec.plane_buckets import PartDecoder
 from fedsqueeze.codec.planes import PlaneLayout, Words, join_planes
 from fedsqueeze.errors import FormatError
 
-__all__ = ["GAIN", "MAX_K", "Joint", "decode", "encode", "into_words", "plan", "rest_length"]
+__all__ = [
+    "GAIN",
+    "MAX_K",
+    "Joint",
+    "decode",
+    "encode",
+    "encode_words",
+    "into_words",
+    "plan",
+    "plan_words",
+    "rest_length",
+]
 
 #: The most mantissa bits coded with the exponent.
 MAX_K = 3
@@ -79,6 +90,7 @@ SAMPLE = 1 << 16
 _RAW, _ZSTD = 0, 1
 
 Plane = npt.NDArray[np.uint8]
+Counts = npt.NDArray[np.int64]
 
 
 class Joint(NamedTuple):
@@ -102,46 +114,65 @@ def _fits(lo: int, hi: int, k: int) -> bool:
 
 def plan(exponents: Plane, plane: Plane) -> Joint | None:
     """The joint coding of a chunk's exponent plane and the next one when it should pay
-    (see the module's text), else ``None``."""
+    (see the module's text), else ``None`` (NumPy; :func:`plan_words` plans from the
+    words with the compiled kernels)."""
     n = plane.size
-    if jit.use(n):
-        span = np.empty(2, dtype=np.uint8)
-        jit_bytes.exponent_span(exponents, span)
-        hi, lo = int(span[0]), int(span[1]) + 1
-    else:
-        hi = int(exponents.max())
-        lo = int(np.subtract(exponents, 1, dtype=np.uint8).min()) + 1  # a zero wraps to 255
+    hi = int(exponents.max())
+    lo = int(np.subtract(exponents, 1, dtype=np.uint8).min()) + 1  # a zero wraps to 255
+    hist = np.zeros((256, 8), dtype=np.int64)
+    step = max(1, n // SAMPLE)
+    np.add.at(hist, (exponents[::step], (plane[::step] >> 4) & 7), 1)
+    seconds = np.bincount(plane[::step], minlength=256).astype(np.int64)
+    return _choose(n, hi, lo, hist, seconds)
+
+
+def plan_words(words: Words) -> tuple[Joint | None, int]:
+    """:func:`plan` from a chunk's fp32 (32-bit) or bf16 (16-bit) words, in one compiled
+    pass over them (:func:`fedsqueeze.codec.jit_bytes.joint_stats`: callers ask
+    :func:`fedsqueeze.codec.jit.use` first), and the chunk's largest exponent byte
+    (255: a NaN or an Inf among the values)."""
+    n = words.shape[0]
+    span = np.empty(2, dtype=np.int64)
+    hist = np.empty((256, 8), dtype=np.int64)
+    seconds = np.empty(256, dtype=np.int64)
+    jit_bytes.joint_stats(words, max(1, n // SAMPLE), span, hist, seconds)
+    hi = int(span[0])
+    return _choose(n, hi, int(span[1]) + 1, hist, seconds), hi
+
+
+def _choose(n: int, hi: int, lo: int, hist: Counts, seconds: Counts) -> Joint | None:
+    """The plan of a chunk of ``n`` values from its exponents' span (``lo``: the smallest
+    nonzero one, 256 for none) and the sampled counts (``hist``: by exponent and top
+    three mantissa bits; ``seconds``: the next plane's bytes)."""
     if hi == 0:
         lo = hi = 1  # every exponent zero: any k fits
     ks = [k for k in range(1, MAX_K + 1) if _fits(lo, hi, k)]
-    if not ks:
-        return None
-    hist = np.zeros((256, 8), dtype=np.int64)
-    seconds = np.zeros(256, dtype=np.int64)
-    step = max(1, n // SAMPLE)
-    if jit.use(n):
-        jit_bytes.joint_histogram(exponents, plane, step, hist, seconds)
-    else:
-        np.add.at(hist, (exponents[::step], (plane[::step] >> 4) & 7), 1)
-        seconds[:] = np.bincount(plane[::step], minlength=256)
     sampled = int(seconds.sum())
-    if sampled == 0:
+    if not ks or sampled == 0:
         return None
-    # Every count the estimates need, in one array: the rows that hold values (a zero
-    # exponent, and lo..hi) grouped by exponent alone and with k = 1, 2, 3 top bits,
-    # then the next plane's bytes. An ideal code of counts c takes N·log2 N − Σ c·log2 c.
-    rows = np.concatenate([hist[:1], hist[lo : hi + 1]])
-    r = rows.shape[0]
-    parts = [rows.sum(axis=1)] + [rows.reshape(r, 1 << k, 8 >> k).sum(axis=2).ravel() for k in ks]
-    counts = np.concatenate([*parts, seconds]).astype(np.float64)
-    terms = counts * np.log2(np.maximum(counts, 1.0))
-    starts = np.cumsum([0] + [len(p) for p in parts])
-    bits = sampled * np.log2(sampled) - np.add.reduceat(terms, starts)
+    # An ideal code of counts c takes N·log2 N − Σ c·log2 c bits: of the rows that hold
+    # values (a zero exponent, and lo..hi) grouped by exponent alone and with k = 1, 2,
+    # 3 top bits, and of the next plane's bytes.
+    bits = np.zeros(MAX_K + 2, dtype=np.float64)
+    if jit.use(n):
+        jit_bytes.joint_bits(hist, seconds, lo, hi, ks[-1], bits)
+    else:
+        rows = np.concatenate([hist[:1], hist[lo : hi + 1]])
+        r = rows.shape[0]
+        parts = [rows.sum(axis=1)] + [
+            rows.reshape(r, 1 << k, 8 >> k).sum(axis=2).ravel() for k in ks
+        ]
+        counts = np.concatenate([*parts, seconds]).astype(np.float64)
+        terms = counts * np.log2(np.maximum(counts, 1.0))
+        starts = np.cumsum([0] + [len(p) for p in parts])
+        found = sampled * np.log2(sampled) - np.add.reduceat(terms, starts)
+        bits[: len(ks) + 1] = found[:-1]
+        bits[-1] = found[-1]
     scale = n / sampled
     # The planes coded apart: the exponents' entropy, and the next plane's where that is
     # below 8 bits a value (many zeros: a pruned model), as a Huffman code would get it.
     plain = (bits[0] + min(8.0 * sampled, bits[-1])) * scale
-    joint = [bits[1 + i] * scale + (8 - k) * n for i, k in enumerate(ks)]
+    joint = [bits[k] * scale + (8 - k) * n for k in ks]
     best = int(np.argmin(joint))
     if plain - joint[best] < GAIN * 16 * n:
         return None
@@ -153,19 +184,35 @@ def encode(
 ) -> tuple[list[bytes | memoryview], memoryview]:
     """The chunk's two planes coded jointly: plane 0's pieces (its header, then the joint
     plane, ``compress``-ed when smaller) and plane 1's bytes (the rest, in an array of
-    its own)."""
+    its own). NumPy; :func:`encode_words` codes from the words with a compiled kernel."""
     n = plane.size
-    k, lo = joint
     coded = np_scratch("joint_out", n, np.uint8, 1 << 20)
-    rest = np.empty(rest_length(n, k), dtype=np.uint8)
-    if jit.use(n):
-        jit_bytes.joint_split(exponents, plane, _prm(lo), k, coded, rest)
-    else:
-        _split(exponents, plane, lo, k, coded, rest)
+    rest = np.empty(rest_length(n, joint.k), dtype=np.uint8)
+    _split(exponents, plane, joint.lo, joint.k, coded, rest)
+    return _coded(coded, joint, compress), rest.data
+
+
+def encode_words(
+    words: Words, joint: Joint, compress: Callable[[memoryview], bytes], p2: Plane, p3: Plane
+) -> tuple[list[bytes | memoryview], memoryview]:
+    """:func:`encode` from a chunk's words in one compiled pass (after
+    :func:`plan_words`), which also writes planes 2 and 3 of fp32 words into ``p2`` and
+    ``p3`` (unused for bf16)."""
+    n = words.shape[0]
+    coded = np_scratch("joint_out", n, np.uint8, 1 << 20)
+    rest = np.empty(rest_length(n, joint.k), dtype=np.uint8)
+    jit_bytes.joint_split(words, _prm(joint.lo), joint.k, coded, rest, p2, p3)
+    return _coded(coded, joint, compress), rest.data
+
+
+def _coded(
+    coded: Plane, joint: Joint, compress: Callable[[memoryview], bytes]
+) -> list[bytes | memoryview]:
+    """Plane 0's pieces: the header, and the joint plane compressed when smaller (else a
+    copy: ``coded`` is this thread's scratch)."""
     packed = compress(coded.data)
-    # A raw joint plane is copied: ``coded`` is this thread's scratch.
-    coding, kept = (_ZSTD, packed) if len(packed) < n else (_RAW, bytes(coded.data))
-    return [bytes([k, lo, coding]), kept], rest.data
+    coding, kept = (_ZSTD, packed) if len(packed) < coded.size else (_RAW, bytes(coded.data))
+    return [bytes([joint.k, joint.lo, coding]), kept]
 
 
 def _prm(lo: int) -> npt.NDArray[np.uint16]:
@@ -226,7 +273,7 @@ def _fields(plane: Plane, k: int) -> Plane:
 
 
 def _split(exponents: Plane, plane: Plane, lo: int, k: int, coded: Plane, rest: Plane) -> None:
-    """:func:`fedsqueeze.codec.jit_bytes.joint_split` in NumPy."""
+    """:func:`fedsqueeze.codec.jit_bytes.joint_split` in NumPy, from planes 0 and 1."""
     e = exponents.astype(np.int64)
     slot = np.where(e == 0, 0, e - lo + 1)
     coded[:] = (slot << k) | ((plane.astype(np.int64) & 0x7F) >> (7 - k))

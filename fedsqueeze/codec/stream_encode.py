@@ -186,19 +186,22 @@ def encode_stream(
 
     def encode_one(name: str) -> _Done:
         t = state[name].detach()
-        problem = None if cut is not None else encoder.problem(name, t)
-        if name in carried or problem is not None:
-            if problem is not None and nonfinite is NonFinite.REFUSE:
-                raise NonFiniteError(name, problem)
+        done = encoder.encode_checked(name, t) if cut is None else None
+        if name in carried or isinstance(done, str):
+            if isinstance(done, str) and nonfinite is NonFinite.REFUSE:
+                raise NonFiniteError(name, done)
             record, res = encoder.carry(name, t)
             return _Done([ScoredLevel(record, 0.0)], res)
-        mask = None
-        grow_masks = None
-        if cut is not None and encoder.is_lossy(name, t):
-            x = encoder.lossy_input(name, t)
-            mask = cut.mask(name, x)
-            grow_masks = [c.mask(name, x) for c in grow_cuts] or None
-        record, res = encoder.encode(name, t, mask, grow_masks)
+        if done is not None:
+            record, res = done
+        else:
+            mask = None
+            grow_masks = None
+            if cut is not None and encoder.is_lossy(name, t):
+                x = encoder.lossy_input(name, t)
+                mask = cut.mask(name, x)
+                grow_masks = [c.mask(name, x) for c in grow_cuts] or None
+            record, res = encoder.encode(name, t, mask, grow_masks)
         levels = encoder.levels.pop(name, None)
         if levels is None:
             return _Done([ScoredLevel(record, 0.0)], res)

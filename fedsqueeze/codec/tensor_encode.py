@@ -62,7 +62,13 @@ from fedsqueeze.codec.container import (
 )
 from fedsqueeze.codec.digest import tensor_bytes
 from fedsqueeze.codec.finite import all_finite, unrepresentable
-from fedsqueeze.codec.grouping import GROUPED_DTYPES, encode_grouped, holds_buckets, holds_joint
+from fedsqueeze.codec.grouping import (
+    GROUPED_DTYPES,
+    NonFiniteFound,
+    encode_grouped,
+    holds_buckets,
+    holds_joint,
+)
 from fedsqueeze.codec.kernels import (
     copy_scatter,
     empty_numpy_backed,
@@ -288,6 +294,34 @@ class TensorEncoder:
             gen.manual_seed(tensor_seed(self._seed, name))
             gen = self._generators.setdefault((name, device), gen)
         return gen
+
+    def encode_checked(
+        self, name: str, t: torch.Tensor
+    ) -> tuple[TensorRecord, torch.Tensor | None] | str:
+        """:meth:`encode` (without a global mask) when :meth:`problem` finds nothing, else
+        the problem. A tensor sent whole and bit-exactly as fp32 or bf16 values is checked
+        by the byte-grouped coder on the way (:func:`~fedsqueeze.codec.grouping.encode_grouped`
+        with ``finite``): a check of its own read all-MiniLM-L6-v2's weights once more,
+        12.6 of 98.4 ms of its bf16 lossless encode (BENCHMARKS.md, "Lossless float
+        coding")."""
+        if not self._checked_on_the_way(name, t):
+            problem = self.problem(name, t)
+            return problem if problem is not None else self.encode(name, t, None)
+        try:
+            return self._lossless(name, t, finite=True), None
+        except NonFiniteFound:
+            return self._why_not(name, t) or f"tensor {name!r} has NaN or Inf values"
+
+    def _checked_on_the_way(self, name: str, t: torch.Tensor) -> bool:
+        """Whether :meth:`encode` sends ``t`` through :meth:`_lossless` as it is (no
+        cast, no base), as fp32 or bf16 values: its finiteness is then checked there."""
+        fmt = self._spec.float_format
+        return (
+            t.dtype in (torch.float32, torch.bfloat16)
+            and not self.is_lossy(name, t)
+            and (_CAST_DTYPES[fmt] == t.dtype or fmt is FloatFormat.FP32)
+            and self._base_of(name, t) is None
+        )
 
     def problem(self, name: str, t: torch.Tensor) -> str | None:
         """Why this tensor's path cannot encode it (NaN, Inf, out of range), else ``None``."""
@@ -570,7 +604,10 @@ class TensorEncoder:
             zero=True,
         )
 
-    def _lossless(self, name: str, t: torch.Tensor) -> TensorRecord:
+    def _lossless(self, name: str, t: torch.Tensor, finite: bool = False) -> TensorRecord:
+        """The bit-exact record of ``t``. ``finite`` (fp32 or bf16 values, no base):
+        raise :class:`~fedsqueeze.codec.grouping.NonFiniteFound` for a NaN or an Inf in
+        ``t``, found by the grouped coder on the way where it runs."""
         b = self._base_of(name, t)
         chunked = b is not None and self._xor_while_grouping(t)
         if chunked and b is not None:
@@ -607,7 +644,7 @@ class TensorEncoder:
             # them, and guessing from a sample first cost a third of a mid-sized
             # tensor's encode (MiniLM's 147K-590K-value matrices). The sizes below
             # still pick plain zstd where it is smaller.
-            grouped = self._grouped(name, t, bits, delta)
+            grouped = self._grouped(name, t, bits, delta, finite=finite)
         # else: plain zstd is clearly smaller (sparse fp32 XOR deltas): planes spared.
         if grouped is not None and (
             size > _COMPARE_BELOW or (sampled and guess >= _PLAIN_MARGIN * len(grouped.body))
@@ -644,15 +681,21 @@ class TensorEncoder:
         bits: torch.Tensor,
         delta: bool,
         base: torch.Tensor | None = None,
+        finite: bool = False,
     ) -> TensorRecord | None:
         """The byte-grouped record of a float tensor (of ``bits ^ base`` with a base,
         XORed as the planes are split), if it is smaller than its raw bits (``None``:
-        not a grouped dtype, entropy coding off, or no gain)."""
+        not a grouped dtype, entropy coding off, or no gain). ``finite``: see
+        :meth:`_lossless` (checked here either way)."""
         raw = t.numel() * t.element_size()
         if t.dtype not in GROUPED_DTYPES or self._spec.entropy_level <= 0 or raw < _MIN_GROUPED:
+            if finite and not all_finite(t):
+                raise NonFiniteFound
             return None
         # An XOR delta's planes are mostly zero bytes, not exponents: never joint.
-        body = encode_grouped(bits, t.dtype, base=base, joint=False if delta else None)
+        body = encode_grouped(
+            bits, t.dtype, base=base, joint=False if delta else None, finite=finite
+        )
         if len(body) >= raw:
             return None
         kind = ValueKind.GROUPED_XOR if delta else ValueKind.GROUPED

@@ -30,6 +30,7 @@ from fedsqueeze.codec.grouping import (
     holds_joint,
     stream_grouped,
 )
+from fedsqueeze.codec.planes import split_planes
 from fedsqueeze.codec.spec_text import parse_spec
 from fedsqueeze.codec.streaming import decode_into
 from fedsqueeze.errors import FormatError
@@ -104,6 +105,17 @@ def test_joint_xor_delta_round_trip(dtype: torch.dtype) -> None:
     assert torch.equal(out.view(signed) ^ base.view(signed), x.view(signed))
 
 
+def _words(e: np.ndarray, p: np.ndarray, lower: list[np.ndarray], width: int) -> np.ndarray:
+    """fp32 (``width`` 4) or bf16 (2) words of exponent bytes ``e``, next-plane bytes
+    ``p`` (sign above 7 mantissa bits) and, for fp32, planes 2 and 3."""
+    dtype = np.uint16 if width == 2 else np.uint32
+    top = (e.astype(dtype) << (8 * width - 9)) | ((p.astype(dtype) & 0x80) << (8 * width - 8))
+    top |= (p.astype(dtype) & 0x7F) << (8 * width - 16)
+    if width == 4:
+        top |= (lower[0].astype(dtype) << 8) | lower[1]
+    return top
+
+
 @pytest.mark.parametrize("k", [1, 2, 3])
 @pytest.mark.parametrize("n", [1, 7, 8, 9, 1000, 65_541])
 def test_compiled_kernels_equal_numpy(k: int, n: int) -> None:
@@ -117,38 +129,73 @@ def test_compiled_kernels_equal_numpy(k: int, n: int) -> None:
     pj._split(e, p, lo, k, coded, rest)
     if not jit.ready():
         pytest.skip("numba is not installed")
-    c2, r2 = np.empty_like(coded), np.empty_like(rest)
-    jit_bytes.joint_split(e, p, pj._prm(lo), k, c2, r2)
-    assert np.array_equal(coded, c2) and np.array_equal(rest, r2)
-    for width, dtype in ((2, np.uint16), (4, np.uint32)):
-        words = np.empty(n, dtype)
-        jit_bytes.joint_words(coded, rest, lower[0], lower[1], pj._prm(lo), k, words)
-        e2, p2 = np.empty(n, np.uint8), np.empty(n, np.uint8)
-        pj._merge(coded, rest, lo, k, e2, p2)
-        assert np.array_equal(e2, e) and np.array_equal(p2, p)
-        top = (e.astype(dtype) << (8 * width - 9)) | ((p.astype(dtype) & 0x80) << (8 * width - 8))
-        top |= (p.astype(dtype) & 0x7F) << (8 * width - 16)
-        if width == 4:
-            top |= (lower[0].astype(dtype) << 8) | lower[1]
-        assert np.array_equal(words, top)
+    for width in (2, 4):
+        words = _words(e, p, lower, width)
+        c2, r2 = np.empty_like(coded), np.empty_like(rest)
+        p2, p3 = np.zeros(n, np.uint8), np.zeros(n, np.uint8)
+        jit_bytes.joint_split(words, pj._prm(lo), k, c2, r2, p2, p3)
+        assert np.array_equal(coded, c2) and np.array_equal(rest, r2)
+        if width == 4:  # fp32: planes 2 and 3 in the same pass
+            assert np.array_equal(p2, lower[0]) and np.array_equal(p3, lower[1])
+        back = np.empty(n, words.dtype)
+        jit_bytes.joint_words(coded, rest, lower[0], lower[1], pj._prm(lo), k, back)
+        e2, q2 = np.empty(n, np.uint8), np.empty(n, np.uint8)
+        pj._merge(coded, rest, lo, k, e2, q2)
+        assert np.array_equal(e2, e) and np.array_equal(q2, p)
+        assert np.array_equal(back, words)
 
 
 @pytest.mark.parametrize("n", [0, 1, 3, 4, 5, 17, 1000, 65_537])
 @pytest.mark.parametrize("step", [1, 2, 3, 7, 16])
-def test_compiled_joint_histogram_counts_what_numpy_counts(n: int, step: int) -> None:
-    """Every ``step``-th value, whatever is left over after the four lanes."""
+@pytest.mark.parametrize("width", [2, 4])
+def test_compiled_joint_stats_count_what_numpy_counts(n: int, step: int, width: int) -> None:
+    """Every ``step``-th value's exponent, top three mantissa bits and next-plane byte,
+    read from fp32 or bf16 words."""
     if not jit.ready():
         pytest.skip("numba is not installed")
     rng = np.random.default_rng(n * 31 + step)
     e = rng.choice(np.array([0, 120, 121, 122], np.uint8), n)  # crowded bins, as models
     p = rng.integers(0, 256, n, dtype=np.uint8)
+    lower = [rng.integers(0, 256, n, dtype=np.uint8) for _ in range(2)]
     hist = np.full((256, 8), 5, dtype=np.int64)  # stale counts: zeroed by the kernel
     counts = np.full(256, 5, dtype=np.int64)
-    jit_bytes.joint_histogram(e, p, step, hist, counts)
+    jit_bytes.joint_stats(_words(e, p, lower, width), step, np.zeros(2, np.int64), hist, counts)
     want = np.zeros((256, 8), dtype=np.int64)
     np.add.at(want, (e[::step], (p[::step] >> 4) & 7), 1)
     assert np.array_equal(hist, want)
     assert np.array_equal(counts, np.bincount(p[::step], minlength=256))
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_compiled_plan_equals_numpy_plan(seed: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The plan from the words (compiled statistics and code lengths) is the plan NumPy
+    makes from the planes, on chunks that code jointly with each k and on some that do
+    not (too wide a span, nothing in the top bits, every value zero)."""
+    if not jit.ready():
+        pytest.skip("numba is not installed")
+    g = torch.Generator().manual_seed(seed)
+    n = 70_001 + seed
+    cases = [
+        trained(torch.float32, n, seed),
+        torch.randn(n, generator=g) * 10.0 ** (seed - 3),
+        torch.ldexp(torch.ones(n), torch.randint(-100, 100, (n,), generator=g)),
+        torch.ldexp(1 + torch.rand(n, generator=g), torch.randint(-6, -2, (n,), generator=g)),
+        torch.zeros(n),
+        torch.distributions.Laplace(0.0, 0.02).sample((n,)),
+    ]
+    kinds = set()
+    for x in cases:
+        for dtype in SWAPPED:
+            words = grouping._words(x.to(dtype))
+            planned, top = pj.plan_words(words)
+            e, p = np.empty(n, np.uint8), np.empty(n, np.uint8)
+            split_planes(words, {0: e, 1: p}, grouping._layout(dtype))
+            assert top == int(e.max())
+            monkeypatch.setattr(jit, "ENABLED", False)
+            assert pj.plan(e, p) == planned
+            monkeypatch.setattr(jit, "ENABLED", True)
+            kinds.add(None if planned is None else planned.k)
+    assert None in kinds and len(kinds) >= 2
 
 
 def test_chunks_that_do_not_fit_or_gain_keep_the_older_codings() -> None:

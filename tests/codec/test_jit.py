@@ -486,15 +486,27 @@ def test_band_pass_vector_and_scalar_loops_agree(
 
 
 @pytest.mark.parametrize("zeros", [0.0, 0.3, 1.0])
-def test_exponent_span_matches_numpy(zeros: float) -> None:
-    """The joint plan's span of a chunk's exponent bytes: the largest, and the smallest
-    nonzero (through the wrap of a zero to 255), as NumPy computes them."""
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("top", [140, 255])
+def test_joint_stats_span_matches_numpy(zeros: float, dtype: torch.dtype, top: int) -> None:
+    """The joint plan's span of a chunk's exponents, read from the words: the largest
+    (255 where a NaN or Inf is among them), and the smallest nonzero (through the wrap
+    of a zero to 255), as NumPy computes them from the exponent plane; signs and
+    mantissas do not leak into it."""
     if not jit.ready():
         pytest.skip("numba is not importable")
-    rng = np.random.default_rng(int(zeros * 10))
-    exponents = rng.integers(90, 140, 100_003, dtype=np.uint8)
-    exponents[rng.random(exponents.size) < zeros] = 0
-    span = np.empty(2, dtype=np.uint8)
-    jit_bytes.exponent_span(exponents, span)
+    rng = np.random.default_rng(int(zeros * 10) + top)
+    n = 100_003
+    exponents = rng.integers(90, 140, n).astype(np.uint8)
+    exponents[rng.random(n) < zeros] = 0
+    exponents[rng.integers(0, n)] = top if zeros < 1 else 0
+    width = dtype.itemsize * 8
+    uint = np.uint16 if width == 16 else np.uint32
+    noise = rng.integers(0, 1 << (width - 9), n).astype(uint)  # the mantissa bits
+    sign = (rng.random(n) < 0.5).astype(uint) << (width - 1)
+    words = ((exponents.astype(uint) << (width - 9)) | noise | sign).astype(uint)
+    span = np.full(2, -1, dtype=np.int64)
+    hist, counts = np.empty((256, 8), np.int64), np.empty(256, np.int64)
+    jit_bytes.joint_stats(words, 7, span, hist, counts)
     assert int(span[0]) == int(exponents.max())
     assert int(span[1]) == int(np.subtract(exponents, 1, dtype=np.uint8).min())
