@@ -21,6 +21,7 @@ import torch
 
 from fedsqueeze.codec import joined
 from fedsqueeze.codec.bytesio import ByteReader
+from fedsqueeze.codec.checksum import crc32_of
 from fedsqueeze.codec.container import (
     ANS_VERSION,
     BLOCKWISE_VERSION,
@@ -166,10 +167,8 @@ class EncodedModel:
         anyway; :meth:`from_bytes` then needs it as ``base_digest``.
         """
         parts = self._parts(omit_base and self.can_omit_base)
-        crc = 0
-        for part in parts:  # incremental: the payloads are copied once, by the join
-            crc = crc32(part, crc)
-        parts.append(crc.to_bytes(4, "little"))
+        # Over the parts (the payloads are copied once, by the join), on every core.
+        parts.append(crc32_of(parts).to_bytes(4, "little"))
         return joined.join(parts)
 
     @property

@@ -26,13 +26,14 @@ Here the two planes become two others, with no sort:
 
 It applies when every nonzero exponent of the chunk lies in ``lo .. lo + 2^(8−k) − 2``
 (a trained model's span is a few dozen binades). The encoder finds the span and
-counts a sample of the chunk in one pass over its words (about 64K values: exponent and
-top three mantissa bits, and the next plane's bytes; :func:`plan_words`), estimates each ``k`` that fits (1 to 3) by the entropy of its joint
-plane plus the rest's raw bits, and codes jointly with the best one when that saves
-:data:`GAIN` of the two planes against the two coded apart (each at its own entropy:
-a pruned model's many zeros make the next plane compressible, and the rest is stored
-raw); elsewhere the chunk is coded as before (buckets where they pay). XOR deltas never
-take it: their planes are mostly zero bytes, which zstd codes better apart.
+counts a sample of the chunk in one pass over its words (about 64K values: exponent
+and top three mantissa bits, and the next plane's bytes; :func:`plan_words`),
+estimates each ``k`` that fits (1 to 3) by the entropy of its joint plane plus the
+rest's raw bits, and codes jointly with the best one when that saves :data:`GAIN` of
+the two planes against the two coded apart (each at its own entropy: a pruned model's
+many zeros make the next plane compressible, and the rest is stored raw); elsewhere
+the chunk is coded as before (buckets where they pay). XOR deltas never take it: their
+planes are mostly zero bytes, which zstd codes better apart.
 
 On all-MiniLM-L6-v2 in bf16 (a side script, zstd's Huffman on every chunk): joint with
 ``k = 2`` 10.575 bits a value, ``k = 1`` 10.591, the exponent plane coded alone and the

@@ -3,6 +3,7 @@ byte reader's inlined reads."""
 
 from __future__ import annotations
 
+import itertools
 import random
 import zlib
 
@@ -52,6 +53,26 @@ def test_pieces_on_threads_give_zlibs_value(
     data = _data(200_003, piece)
     assert checksum.crc32(data, value) == zlib.crc32(data, value)
     assert checksum.crc32(memoryview(data)[5:-3], value) == zlib.crc32(data[5:-3], value)
+
+
+@pytest.mark.parametrize("seed", range(5))
+@pytest.mark.parametrize("spans", [1, 2, 3, 5])
+def test_crc_of_pieces_is_the_crc_of_their_join(
+    monkeypatch: pytest.MonkeyPatch, seed: int, spans: int
+) -> None:
+    """Spans cut across the pieces' edges wherever they fall: empty pieces, pieces
+    shorter than a span, longer than one, typed buffers, and an input too small to cut."""
+    monkeypatch.setattr(checksum, "PIECE_BYTES", 997)
+    monkeypatch.setattr(checksum, "workers", lambda: (None, spans))
+    rng = random.Random(seed)
+    data = _data(60_000, seed)
+    cuts = sorted([*rng.sample(range(1, len(data)), 12), 0, 0, len(data), len(data)])
+    pieces: list[bytes | memoryview] = [data[a:b] for a, b in itertools.pairwise(cuts)]
+    pieces.append(np.arange(50, dtype=np.uint32).data)  # a typed buffer
+    want = zlib.crc32(b"".join(bytes(memoryview(p).cast("B")) for p in pieces))
+    assert checksum.crc32_of(pieces) == want
+    assert checksum.crc32_of([data[:100], data[100:900]]) == zlib.crc32(data[:900])
+    assert checksum.crc32_of([]) == 0
 
 
 def test_default_pieces_on_a_large_buffer() -> None:
