@@ -56,10 +56,12 @@ largest exponent of each chunk, which the joint plan's statistics or the split
 exponent plane give anyway; the model encoder then needs no pass of its own over
 such tensors (:meth:`fedsqueeze.codec.tensor_encode.TensorEncoder.encode_checked`).
 
-Encoding holds, beyond its input and the body it returns, a window of chunks (one per
-core) at a time: a delta's XOR is made block by block as its planes are split (never
-the whole XOR), a window's planes are split into one staging map reused window after
-window, and each window's planes and frames are copied into the body's own map. Large
+Encoding holds, beyond its input and the body it returns, a few chunks (one per core,
+and one more) at a time: a delta's XOR is made block by block as its planes are split
+(never the whole XOR), the chunks' planes are split into one staging map whose slots
+are reused chunk after chunk, and each chunk's planes and frames are copied into the
+body's own map, in order, while the other cores code the next chunks
+(:func:`fedsqueeze.codec.workers.ordered_pipeline`). Large
 buffers are maps of their own, not malloc's: freed, they go back to the system, where a
 thread's malloc arena would keep them for later (several threads' arenas add up).
 """
@@ -81,7 +83,7 @@ from fedsqueeze.codec import jit, plane_buckets, plane_joint
 from fedsqueeze.codec.bytesio import ByteReader, write_varint
 from fedsqueeze.codec.literal_frames import LITERAL_PARAMS
 from fedsqueeze.codec.planes import Plane, PlaneLayout, Words, join_planes, split_planes
-from fedsqueeze.codec.workers import parallel_map, workers
+from fedsqueeze.codec.workers import ordered_pipeline, parallel_map, workers
 from fedsqueeze.errors import FormatError
 
 #: Values per chunk written by default (2^20: a few MB per chunk, enough to spread a
@@ -276,9 +278,9 @@ def encode_grouped(
     more), which fresh ``bytes`` of this size are not (their first-touch page faults
     cost more than the coding on some machines).
 
-    Memory beyond the input and the body is a window of chunks (one per core: their
-    planes, in one staging map, and compressed frames). Chunks are coded a window at a
-    time and their planes written in order, after room for the table, into one buffer
+    Memory beyond the input and the body is a few chunks (one per core and one more:
+    their planes, in one staging map, and compressed frames). Chunks are coded on every
+    core and their planes written in order, after room for the table, into one buffer
     of the largest size a body can take (every plane raw): its pages past the body are
     never touched, so never resident, and are handed back once the body is done. The
     table, whose length is known only then, goes just before the first plane. The
@@ -346,32 +348,35 @@ def encode_grouped(
     out = np.empty(bound, dtype=np.uint8) if mapped is None else np.frombuffer(mapped, np.uint8)
     table = bytearray([chunk_log2])
     at = room
-    window = workers()[1] if len(starts) > 1 else 1
-    # A window's planes are split into one map, a chunk's room each, reused window
-    # after window: only the compressed frames are allocated per chunk.
+    # Chunks are coded on every core and copied into the body in order on this thread
+    # while the other cores code the next ones: at most a core's worth plus one ahead
+    # of the copy. Their planes are split into one map, a chunk's room each, reused
+    # slot after slot: only the compressed frames are allocated per chunk.
+    ahead = workers()[1] + 1 if len(starts) > 1 else 1
     staging = None
     if len(starts) > 1:
-        staged = min(window, len(starts)) * size * layout.width
+        staged = min(ahead, len(starts)) * size * layout.width
         staging = np.frombuffer(_mapped(staged), np.uint8) if _MAPS else np.empty(staged, np.uint8)
 
     def code(i: int) -> list[tuple[PlaneCoding, Coded]]:
         start, end = starts[i], starts[i] + size
         part = None if base_words is None else base_words[start:end]
         span = size * layout.width
-        into = None if staging is None else staging[(i % window) * span :][:span]
+        into = None if staging is None else staging[(i % ahead) * span :][:span]
         return _code_planes(words[start:end], every, layout, part, into, buckets, joint, finite)
 
-    for first in range(0, len(starts), window):
-        coded = _run(code, range(first, min(first + window, len(starts))))
-        for chunk in coded:
-            for coding, data in chunk:
-                pieces = data if isinstance(data, list) else [data]
-                table.append(int(coding))
-                write_varint(table, sum(len(p) for p in pieces))
-                for piece in pieces:
-                    out[at : at + len(piece)] = np.frombuffer(piece, dtype=np.uint8)
-                    at += len(piece)
-        del coded  # the window's planes go before the next window's are made
+    def emit(_: int, chunk: list[tuple[PlaneCoding, Coded]], out: Plane = out) -> None:
+        nonlocal at
+        for coding, data in chunk:
+            pieces = data if isinstance(data, list) else [data]
+            table.append(int(coding))
+            write_varint(table, sum(len(p) for p in pieces))
+            for piece in pieces:
+                out[at : at + len(piece)] = np.frombuffer(piece, dtype=np.uint8)
+                at += len(piece)
+
+    ordered_pipeline(code, len(starts), emit, ahead)
+    del emit  # (its default holds the body's array)
     head = room - len(table)
     out[head:room] = np.frombuffer(table, dtype=np.uint8)
     if mapped is None:

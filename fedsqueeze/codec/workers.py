@@ -25,7 +25,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar, cast
 
-__all__ = ["ALONE_ABOVE", "map_alone_or_parallel", "parallel_map", "workers"]
+__all__ = ["ALONE_ABOVE", "map_alone_or_parallel", "ordered_pipeline", "parallel_map", "workers"]
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -143,3 +143,100 @@ def map_alone_or_parallel(
     if failed is not None:
         raise failed[1]
     return cast("list[R]", results)
+
+
+def ordered_pipeline(
+    fn: Callable[[int], R], count: int, emit: Callable[[int, R], None], ahead: int
+) -> None:
+    """``emit(i, fn(i))`` for ``i`` in ``0 .. count − 1``: ``fn`` on all cores (the
+    calling thread included), ``emit`` on the calling thread in order, as soon as each
+    result's turn comes, while the other cores go on with the next items; at most
+    ``ahead`` items (at least 1) are started and not yet emitted, which bounds the
+    results held at once (and lets a caller reuse item ``i``'s scratch for item
+    ``i + ahead``). Where :func:`parallel_map` over windows of items waits for the
+    window's slowest item and then emits on one core while the others idle, this keeps
+    every core busy (the lossless coder's chunks: :func:`fedsqueeze.codec.grouping.encode_grouped`).
+
+    Once an item has failed no later one is started, and the exception raised is the
+    first failing item's in order, after every item before it has been emitted: what a
+    loop would do. The calling thread works too, so the pipeline finishes whatever the
+    pool's threads are doing (a call nested in a pool thread included).
+    """
+    if ahead < 1:
+        raise ValueError(f"ahead must be at least 1, got {ahead}")
+    pool, cores = workers()
+    helpers = min(cores, count, ahead) - 1
+    if helpers <= 0:
+        for i in range(count):
+            emit(i, fn(i))
+        return
+    cond = threading.Condition()
+    results: dict[int, R] = {}
+    errors: dict[int, BaseException] = {}
+    started = 0  # items taken so far (in order)
+    emitted = 0
+    stop = False
+
+    def take() -> int | None:
+        """The next item to start, if one may start now (call with ``cond`` held)."""
+        nonlocal started
+        limit = min(count, emitted + ahead, min(errors) if errors else count)
+        if stop or started >= limit:
+            return None
+        started += 1
+        return started - 1
+
+    def finished() -> bool:
+        return stop or started >= (min(errors) if errors else count)
+
+    def run(i: int) -> None:
+        try:
+            value = fn(i)
+        except BaseException as error:
+            with cond:
+                errors[i] = error
+                cond.notify_all()
+            return
+        with cond:
+            results[i] = value
+            cond.notify_all()
+
+    def helper() -> None:
+        while True:
+            with cond:
+                i = take()
+                while i is None and not finished():
+                    cond.wait()
+                    i = take()
+            if i is None:
+                return
+            run(i)
+
+    futures = [pool.submit(helper) for _ in range(helpers)]
+    try:
+        while emitted < count:
+            with cond:
+                mine = None  # an item to run here, or None: emitted's turn has come
+                while emitted not in results and emitted not in errors:
+                    mine = take()
+                    if mine is not None:
+                        break
+                    cond.wait()
+                failure = errors.get(emitted)
+                value = results.pop(emitted, None) if mine is None else None
+            if mine is not None:
+                run(mine)
+                continue
+            if failure is not None:
+                raise failure
+            emit(emitted, cast(R, value))
+            with cond:
+                emitted += 1
+                cond.notify_all()
+    finally:
+        with cond:
+            stop = True
+            cond.notify_all()
+        for f in futures:  # see _ordered: a helper not started is cancelled, not waited for
+            if not f.cancel():
+                f.exception()

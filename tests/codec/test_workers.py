@@ -9,6 +9,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -148,6 +149,89 @@ def test_concurrent_nested_maps_in_every_pool_thread_finish() -> None:
         [sys.executable, "-c", _CONCURRENT_NESTED], capture_output=True, text=True, timeout=120
     )
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
+
+
+@pytest.mark.parametrize("ahead", [1, 2, 3, 7])
+@pytest.mark.parametrize("count", [0, 1, 2, 5, 40])
+def test_ordered_pipeline_emits_in_order_with_at_most_ahead_in_flight(
+    ahead: int, count: int
+) -> None:
+    """Every item once, emitted on the calling thread in order; never more than
+    ``ahead`` items started and not yet emitted (what lets the lossless coder reuse item
+    ``i``'s scratch for item ``i + ahead``); uneven items balance out."""
+    lock = threading.Lock()
+    started: list[int] = []
+    emitted: list[tuple[int, int]] = []
+    caller = threading.get_ident()
+
+    def fn(i: int) -> int:
+        with lock:
+            started.append(i)
+            assert len(started) - len(emitted) <= ahead, (started, emitted)
+        time.sleep(0.002 if i % 3 == 0 else 0.0)
+        return i * i
+
+    def emit(i: int, value: int) -> None:
+        assert threading.get_ident() == caller
+        with lock:
+            emitted.append((i, value))
+
+    workers.ordered_pipeline(fn, count, emit, ahead)
+    assert emitted == [(i, i * i) for i in range(count)]
+    assert sorted(started) == list(range(count))
+
+
+@pytest.mark.parametrize("repeat", range(5))
+def test_ordered_pipeline_raises_the_first_failure_after_the_items_before_it(
+    repeat: int,
+) -> None:
+    """Items 7 and 4 fail (7 first in time): item 4's error is raised, once items 0-3
+    are emitted; nothing past the failures' reach is started. An emit that fails stops
+    the pipeline too."""
+    lock = threading.Lock()
+    started: list[int] = []
+    emitted: list[int] = []
+
+    def fn(i: int) -> int:
+        with lock:
+            started.append(i)
+        if i == 4:
+            time.sleep(0.01)
+            raise Boom(f"item {i}")
+        if i == 7:
+            raise Boom(f"item {i}")
+        return i
+
+    with pytest.raises(Boom, match="item 4"):
+        workers.ordered_pipeline(fn, 100, lambda i, v: emitted.append(i), 4)
+    assert emitted == [0, 1, 2, 3]
+    assert max(started) < 4 + 4  # within ``ahead`` (4) of the 4 items emitted
+
+    def bad_emit(i: int, value: int) -> None:
+        if i == 2:
+            raise Boom("emit 2")
+
+    with pytest.raises(Boom, match="emit 2"):
+        workers.ordered_pipeline(lambda i: i, 50, bad_emit, 3)
+    with pytest.raises(ValueError, match="at least 1"):
+        workers.ordered_pipeline(lambda i: i, 5, lambda i, v: None, 0)
+
+
+def test_ordered_pipelines_nested_in_pool_threads_finish() -> None:
+    """A pipeline inside parallel_map's items (pool threads busy with the outer map):
+    the calling thread does the work its helpers cannot, so nothing waits forever."""
+
+    def inner(i: int) -> list[int]:
+        got: list[int] = []
+        workers.ordered_pipeline(lambda j: i * j, 6, lambda j, v: got.append(v), 2)
+        return got
+
+    out: list[Any] = []
+    thread = threading.Thread(target=lambda: out.append(workers.parallel_map(inner, range(9))))
+    thread.start()
+    thread.join(timeout=60)
+    assert not thread.is_alive(), "nested pipelines deadlocked"
+    assert out == [[[i * j for j in range(6)] for i in range(9)]]
 
 
 def _loop(fn: Callable[[Any], Any], items: Sequence[Any], alone: Callable[[Any], bool]) -> Any:
