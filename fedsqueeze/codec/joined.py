@@ -10,7 +10,8 @@ copy itself (a side script: 13-15 ms into huge pages, the same bytes).
 (``PyBytes_FromStringAndSize(NULL, n)``, the C API's way to build one in place), asks
 the kernel for huge pages on the 2 MiB-aligned part of its memory (``madvise``, as
 NumPy does for its own large arrays), and copies the pieces in, in blocks on every
-core. Nothing else can see the object before it is filled and returned. Where that
+core (a large piece cut into blocks, runs of small ones taken together). Nothing else
+can see the object before it is filled and returned. Where that
 does not apply (small results, no ``madvise``, not CPython) it is ``b"".join``.
 """
 
@@ -76,18 +77,25 @@ def join(pieces: Sequence[Piece]) -> bytes:
         # Advice only: without it (refused, THP off) the copy below is merely slower.
         madvise(start + first, (total - first) // _HUGE_PAGE * _HUGE_PAGE, _MADV_HUGEPAGE)
     into = np.ctypeslib.as_array((ctypes.c_uint8 * total).from_address(start))
-    blocks: list[tuple[int, Piece, int, int]] = []  # (at, piece, from, to): on every core
+    # Tasks of about a block each, on every core: a large piece cut into blocks, runs of
+    # small ones (headers, and the bodies of a model's many small tensors) taken
+    # together. (at, piece, from, to) each.
+    tasks: list[list[tuple[int, Piece, int, int]]] = [[]]
+    filled = 0
     at = 0
     for piece, n in zip(pieces, sizes, strict=True):
-        if n < _BLOCK:  # headers and small bodies: here, as they come
-            into[at : at + n] = np.frombuffer(piece, np.uint8, n)
-        else:
-            blocks.extend((at + lo, piece, lo, min(n, lo + _BLOCK)) for lo in range(0, n, _BLOCK))
+        for lo in range(0, n, _BLOCK):
+            hi = min(n, lo + _BLOCK)
+            if filled + hi - lo > _BLOCK and tasks[-1]:
+                tasks.append([])
+                filled = 0
+            tasks[-1].append((at + lo, piece, lo, hi))
+            filled += hi - lo
         at += n
 
-    def move(block: tuple[int, Piece, int, int]) -> None:
-        where, piece, lo, hi = block
-        into[where : where + hi - lo] = np.frombuffer(piece, np.uint8, hi - lo, lo)
+    def move(task: list[tuple[int, Piece, int, int]]) -> None:
+        for where, piece, lo, hi in task:
+            into[where : where + hi - lo] = np.frombuffer(piece, np.uint8, hi - lo, lo)
 
-    parallel_map(move, blocks)
+    parallel_map(move, tasks)
     return out

@@ -49,3 +49,17 @@ def test_the_result_owns_its_memory() -> None:
     assert out == expected
     assert sys.getrefcount(out) == 2  # the name and the call's argument: nothing leaked
     assert hash(out) == hash(expected)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_many_small_pieces_copied_in_runs(seed: int) -> None:
+    """A model's stream: hundreds of record headers and bodies of a few KB to a few MB
+    (copied in runs of about a block on every core), and one larger than a block."""
+    rng = np.random.default_rng(seed)
+    pieces: list[bytes | bytearray | memoryview] = []
+    for i in range(400):
+        pieces.append(rng.integers(0, 256, int(rng.integers(5, 40)), dtype=np.uint8).tobytes())
+        size = int(rng.integers(1, 3 << 20)) if i % 50 == 0 else int(rng.integers(0, 60_000))
+        pieces.append(bytearray(rng.integers(0, 256, size, dtype=np.uint8).tobytes()))
+    pieces.insert(123, rng.integers(0, 256, 9 << 20, dtype=np.uint8).tobytes())
+    assert joined.join(pieces) == b"".join(pieces)
