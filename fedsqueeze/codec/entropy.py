@@ -56,15 +56,17 @@ def compress(data: bytes | memoryview, level: int) -> bytes | None:
     return packed if len(packed) < len(data) else None
 
 
-#: Sample that :func:`estimate` compresses (its window: a size estimate within a few
-#: percent on model tensors).
-_ESTIMATE_SAMPLE = 64 << 10
+#: Sample that :func:`estimate` compresses (its window). On all-MiniLM-L6-v2's 26 tensors
+#: of 128 KiB to 1 MiB the estimate of their level-3 size is within 0.7% (bf16) and 7.1%
+#: (fp32), as 64 KiB gave (0.2% and 9.0%), at a quarter of the cost: 147 µs a tensor
+#: with 64 KiB, a side script's measure.
+_ESTIMATE_SAMPLE = 16 << 10
 
 
 def estimate(data: bytes | memoryview, level: int) -> float:
     """About how many bytes :func:`compress` would make of ``data`` (``len(data)`` when
-    it would not compress): a 64 KiB sample from the middle, compressed and scaled up;
-    exact for data no longer than the sample."""
+    it would not compress): a sample from the middle (:data:`_ESTIMATE_SAMPLE`),
+    compressed and scaled up; exact for data no longer than the sample."""
     view = memoryview(data)
     if level <= 0 or len(view) < 16:
         return float(len(view))
