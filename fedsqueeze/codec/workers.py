@@ -25,7 +25,14 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar, cast
 
-__all__ = ["ALONE_ABOVE", "map_alone_or_parallel", "ordered_pipeline", "parallel_map", "workers"]
+__all__ = [
+    "ALONE_ABOVE",
+    "in_steps",
+    "map_alone_or_parallel",
+    "ordered_pipeline",
+    "parallel_map",
+    "workers",
+]
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -240,3 +247,16 @@ def ordered_pipeline(
         for f in futures:  # see _ordered: a helper not started is cancelled, not waited for
             if not f.cancel():
                 f.exception()
+
+
+def in_steps(fn: Callable[[int, int], R], count: int, step: int) -> list[R]:
+    """``fn(lo, hi)`` over ``[0, count)`` in steps of ``step`` (the last one shorter), on
+    every core when there are at least two steps; the results in order, and the first
+    failing step's exception in order (:func:`parallel_map`). For NumPy passes over
+    arrays of a few hundred thousand elements (the block scales of a large tensor):
+    NumPy runs each call on one thread, with the GIL released."""
+    if step < 1:
+        raise ValueError(f"step must be at least 1, got {step}")
+    if count <= step:
+        return [fn(0, count)]
+    return parallel_map(lambda lo: fn(lo, min(count, lo + step)), range(0, count, step))

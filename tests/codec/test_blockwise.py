@@ -8,6 +8,7 @@ from dataclasses import replace
 from statistics import NormalDist
 
 import hypothesis.strategies as st
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -20,6 +21,7 @@ from fedsqueeze.codec import (
     QuantSpec,
     Rounding,
     ScaleFormat,
+    blockwise,
     decode_state,
     encode_state,
 )
@@ -359,3 +361,18 @@ def test_proto_block_specs_out_of_range_are_refused(fields: dict[str, object]) -
         setattr(msg.quant, key, value)
     with pytest.raises(InvalidRequestError):
         codec_spec_from_proto(msg)
+
+
+@pytest.mark.parametrize("n", [1, 255, 256, 257, 5 * 256 + 3, 40_000])
+def test_double_quantized_scales_in_steps_equal_one_call(
+    n: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Steps of whole groups on every core give the codes and exponents of one call,
+    whatever the last group's length (its padding) and the spread of magnitudes."""
+    rng = np.random.default_rng(n)
+    r = (rng.random(n) * 10.0 ** rng.integers(-30, 30, n)).astype(np.float32) + 1e-30
+    one = blockwise._double_quantize(r)  # n <= STEP: one call
+    monkeypatch.setattr(blockwise, "STEP", 512)
+    stepped = blockwise._double_quantize(r)
+    assert torch.equal(one.codes, stepped.codes)
+    assert torch.equal(one.exponents, stepped.exponents)
