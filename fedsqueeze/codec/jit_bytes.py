@@ -194,11 +194,12 @@ def byte_counts(data: U8, counts: I64) -> None:
         counts[3, v] = c3[v]
 
 
-def bucket_histogram(exponents: U8, ranks: U16, plane: U8, hist: I64) -> None:
-    """``hist[b, v]``: how many bytes ``v`` of ``plane`` fall in bucket ``b`` (the bucket
-    of byte ``i`` is ``ranks[exponents[i]]``); ``hist`` is zeroed first."""
+def bucket_histogram(exponents: U8, ranks: U16, plane: U8, step: int, hist: I64) -> None:
+    """``hist[b, v]``: how many of every ``step``-th byte of ``plane`` are ``v`` and fall
+    in bucket ``b`` (the bucket of byte ``i`` is ``ranks[exponents[i]]``); ``hist`` is
+    zeroed first. The step is taken here: the sample is never copied out."""
     hist[:] = 0
-    for i in range(plane.size):
+    for i in range(0, plane.size, step):
         hist[ranks[exponents[i]], plane[i]] += 1
 
 
@@ -572,7 +573,7 @@ def warm() -> None:
     join_planes4(u, u, u, u, True, np.zeros(8, dtype=np.uint32))
     byte_counts(u, np.zeros((4, 256), dtype=np.int64))
     ranks = np.zeros(256, dtype=np.uint16)
-    bucket_histogram(u, ranks, u, np.zeros((1, 256), dtype=np.int64))
+    bucket_histogram(u, ranks, u, 1, np.zeros((1, 256), dtype=np.int64))
     cursors = np.array([[0], [2], [4], [6]], dtype=np.int64)
     bucket_gather(u, ranks, u, cursors, u.copy())
     bucket_scatter(u, ranks, u, cursors, u.copy())

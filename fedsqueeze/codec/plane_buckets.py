@@ -113,15 +113,14 @@ def plan(exponents: Plane, plane: Plane) -> Buckets | None:
         return None
     # Every 4th value: the entropies of a quarter of a chunk (>= 16K values) are within
     # a few hundredths of a percent of the whole's, at a quarter of the pass.
-    e_sample = np.ascontiguousarray(exponents[::STRIDE])
-    p_sample = np.ascontiguousarray(plane[::STRIDE])
     hist = np.zeros((len(sizes), 256), dtype=np.int64)
     if jit.use(plane.size):
-        jit_bytes.bucket_histogram(e_sample, ranks, p_sample, hist)
+        jit_bytes.bucket_histogram(exponents, ranks, plane, STRIDE, hist)
     else:
-        np.add.at(hist, (ranks[e_sample], p_sample), 1)
+        np.add.at(hist, (ranks[exponents[::STRIDE]], plane[::STRIDE]), 1)
+    sampled = -(-plane.size // STRIDE)
     bits = entropy_bits(hist.sum(axis=0)) - sum(entropy_bits(h) for h in hist)
-    saved = bits / 8 * plane.size / p_sample.size
+    saved = bits / 8 * plane.size / sampled
     if saved - TABLE * len(sizes) < GAIN * plane.size:
         return None
     return found

@@ -99,6 +99,25 @@ def test_compiled_and_numpy_buckets_agree(monkeypatch: pytest.MonkeyPatch) -> No
     assert same_bits(decode_grouped(fast, torch.bfloat16, N, buckets=True), x)
 
 
+@pytest.mark.parametrize("n", [0, 1, 5, 4096, 100_003])
+@pytest.mark.parametrize("step", [1, 3, 4, 7])
+def test_compiled_bucket_histogram_counts_every_stepth_byte(n: int, step: int) -> None:
+    if not jit.ready():
+        pytest.skip("numba is not installed")
+    from fedsqueeze.codec import jit_bytes
+
+    rng = np.random.default_rng(n + step)
+    e = rng.choice(np.array([0, 120, 121, 122, 130], np.uint8), n)
+    p = rng.integers(0, 256, n, dtype=np.uint8)
+    ranks = np.full(256, 3, dtype=np.uint16)
+    ranks[[120, 121, 122]] = [0, 1, 2]
+    hist = np.full((4, 256), 9, dtype=np.int64)  # stale: zeroed by the kernel
+    jit_bytes.bucket_histogram(e, ranks, p, step, hist)
+    want = np.zeros((4, 256), dtype=np.int64)
+    np.add.at(want, (ranks[e[::step]], p[::step]), 1)
+    assert np.array_equal(hist, want)
+
+
 def test_models_with_buckets_are_version_10_and_stream_part_by_part() -> None:
     state = {"a.weight": weights(torch.bfloat16).reshape(256, -1), "b.bias": torch.zeros(7)}
     model = encode_state(state, parse_spec("lossless"))
