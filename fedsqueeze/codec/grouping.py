@@ -417,10 +417,15 @@ def decode_grouped(
     numel: int,
     buckets: bool = False,
     joint: bool = False,
+    base: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Inverse of :func:`encode_grouped`: ``numel`` values of ``dtype`` (1-D, on the CPU).
     ``buckets``: whether planes in buckets may appear (a format version 10 container);
-    ``joint``: whether planes coded jointly may (version 12).
+    ``joint``: whether planes coded jointly may (version 12). With ``base`` (``numel``
+    values of ``dtype``'s width, any shape and device), the values decoded are XORed with
+    its bits: a lossless delta's, each chunk in the task that decodes it, while its words
+    are in that core's cache (a pass of its own over the whole tensor, on one thread,
+    took 11.8 of the 145 ms of MiniLM's fp32 delta decode).
 
     Raises
     ------
@@ -452,11 +457,17 @@ def decode_grouped(
         entries.append((coding, reader.take(length, "plane data"), count))
     if reader.remaining:
         raise FormatError(f"{reader.remaining} bytes after the last plane")
+    if base is not None and (base.numel() != numel or base.element_size() != width):
+        raise ValueError(f"cannot XOR {numel} {dtype} values with {base.numel()} {base.dtype}")
+    base_words = None if base is None else _host_words(base)
     out = _empty(numel, dtype)
     words = _words(out)
 
     def decode_chunk(c: int) -> None:
-        _decode_chunk(entries[c * width : (c + 1) * width], layout, words[c * size :][:size])
+        chunk = words[c * size :][:size]
+        _decode_chunk(entries[c * width : (c + 1) * width], layout, chunk)
+        if base_words is not None:
+            np.bitwise_xor(chunk, base_words[c * size :][:size], out=chunk)
 
     _run(decode_chunk, range(chunks))
     return out

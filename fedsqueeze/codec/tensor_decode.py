@@ -148,11 +148,15 @@ class TensorDecoder:
             return name, torch.zeros(shape, dtype=dtype, device=device)
         if record.quant is None and record.value_kind in GROUPED_KINDS:
             # Its own table bounds every plane by numel (checked in decode_grouped).
-            values = decode_grouped(record.body, dtype, numel, record.buckets, record.joint)
+            xor = record.value_kind is ValueKind.GROUPED_XOR
+            if xor and base is None:
+                raise FormatError(f"record {name!r}: XOR values without a delta flag")
+            # A delta's XOR with a base in host memory: chunk by chunk, inside the decode;
+            # with one on a device, there, after the copy (never the base copied back).
+            inside = base if xor and base is not None and base.device.type == "cpu" else None
+            values = decode_grouped(record.body, dtype, numel, record.buckets, record.joint, inside)
             values = values.reshape(shape).to(device)
-            if record.value_kind is ValueKind.GROUPED_XOR:
-                if base is None:
-                    raise FormatError(f"record {name!r}: XOR values without a delta flag")
+            if xor and inside is None and base is not None:
                 xor_into(values, base.to(device))  # values are fresh: no second buffer
             return name, values
         if record.ans:

@@ -173,3 +173,22 @@ def test_a_large_lossless_delta_holds_no_copy_of_the_tensor(tmp_path: Path) -> N
     assert working <= bound, json.dumps(
         {"working_mb": working / 1e6, "bound_mb": bound / 1e6, "body_mb": report["body"] / 1e6}
     )
+
+
+@pytest.mark.parametrize("dtype", GROUPED_DTYPES)
+def test_the_base_is_xored_inside_the_decode(dtype: torch.dtype) -> None:
+    """``decode_grouped(base=...)`` XORs each chunk with the base's bits as it decodes
+    it: the same bits as decoding the XOR and XORing afterwards, over chunks that end
+    short; a base of another size or width is refused."""
+    n = 3 * (1 << 17) + 11
+    base, new = _pair(dtype, n, seed=5)
+    body = bytes(encode_grouped(new, dtype, 17, base=base))
+    plain = decode_grouped(body, dtype, n, buckets=True)
+    inside = decode_grouped(body, dtype, n, buckets=True, base=base)
+    assert torch.equal(_bits(inside), _bits(plain) ^ _bits(base))
+    assert torch.equal(_bits(inside), _bits(new))
+    with pytest.raises(ValueError, match="cannot XOR"):
+        decode_grouped(body, dtype, n, buckets=True, base=base[:-1])
+    other = torch.float64 if dtype.itemsize != 8 else torch.float32
+    with pytest.raises(ValueError, match="cannot XOR"):
+        decode_grouped(body, dtype, n, buckets=True, base=base.to(other))
