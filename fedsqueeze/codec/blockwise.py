@@ -35,8 +35,9 @@ import numpy.typing as npt
 import torch
 from torch import Tensor
 
+from fedsqueeze.codec.chunks import chunk_bounds
 from fedsqueeze.codec.spec import ScaleFormat
-from fedsqueeze.codec.workers import in_steps
+from fedsqueeze.codec.workers import parallel_map
 from fedsqueeze.errors import FormatError
 
 __all__ = [
@@ -151,9 +152,10 @@ def _round_up(r: Tensor, dtype: torch.dtype) -> Tensor:
 def _double_quantize(r: npt.NDArray[np.float32]) -> DoubleQuant:
     """:func:`_double_quantize_part` in steps of whole groups on every core (each group's
     codes depend on that group alone: the same codes as one call)."""
-    parts = in_steps(lambda lo, hi: _double_quantize_part(r[lo:hi]), r.size, STEP)
-    if len(parts) == 1:
-        return parts[0]
+    bounds = chunk_bounds(r.size, STEP)
+    if len(bounds) < 2:
+        return _double_quantize_part(r)
+    parts = parallel_map(lambda b: _double_quantize_part(r[b[0] : b[1]]), bounds)
     return DoubleQuant(torch.cat([p.codes for p in parts]), torch.cat([p.exponents for p in parts]))
 
 

@@ -86,12 +86,16 @@ def crc32_of(pieces: Sequence[bytes | memoryview]) -> int:
     records of a few MB or less, each of which :func:`crc32` checks on one core."""
     views = [_bytes_view(p) for p in pieces]
     size = sum(v.nbytes for v in views)
+
+    def check(slices: list[memoryview]) -> int:
+        crc = 0
+        for piece in slices:
+            crc = _crc32(piece, crc)
+        return crc & 0xFFFFFFFF
+
     spans = 1 if size < 2 * PIECE_BYTES else min(workers()[1], size // PIECE_BYTES)
     if spans < 2:
-        crc = 0
-        for v in views:
-            crc = _crc32(v, crc)
-        return crc & 0xFFFFFFFF
+        return check(views)
     step = -(-size // spans)
     cuts: list[list[memoryview]] = [[] for _ in range(spans)]
     at = 0
@@ -103,13 +107,6 @@ def crc32_of(pieces: Sequence[bytes | memoryview]) -> int:
             cuts[span].append(v[lo:hi])
             lo = hi
         at += v.nbytes
-
-    def check(slices: list[memoryview]) -> int:
-        crc = 0
-        for piece in slices:
-            crc = _crc32(piece, crc)
-        return crc & 0xFFFFFFFF
-
     crc = 0
     for slices, part in zip(cuts, parallel_map(check, cuts), strict=True):
         crc = crc32_combine(crc, part, sum(s.nbytes for s in slices))

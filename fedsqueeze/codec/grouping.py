@@ -202,20 +202,22 @@ def _code_planes(
     ``finite`` (an 8-bit-exponent layout, no base), raises :class:`NonFiniteFound` for
     a NaN or Inf among the values, found in a pass the coding makes anyway."""
     n = words.shape[0]
-    room = {
+    planes = {
         k: np.empty(n, dtype=np.uint8) if into is None else into[i * n : (i + 1) * n]
         for i, k in enumerate(ks)
     }
     literal, level1 = _coders()
-    joint_here = joint_planes and layout.swapped and 0 in room and 1 in room and n > _LEVEL1_UP_TO
+    joint_here = (
+        joint_planes and layout.swapped and 0 in planes and 1 in planes and n > _LEVEL1_UP_TO
+    )
     from_words = joint_here and base is None and layout.width in (2, 4) and jit.use(n)
     if from_words:
         joint, top = plane_joint.plan_words(words)
         if finite and top == 0xFF:
             raise NonFiniteFound
         if joint is not None:
-            lower = {k: room[k] for k in ks if k >= 2}
-            p2, p3 = (lower[2], lower[3]) if layout.width == 4 else (room[0][:0], room[0][:0])
+            lower = {k: planes[k] for k in ks if k >= 2}
+            p2, p3 = (lower[2], lower[3]) if layout.width == 4 else (planes[0][:0], planes[0][:0])
             head, rest = plane_joint.encode_words(words, joint, literal.compress, p2, p3)
             coded: list[tuple[PlaneCoding, Coded]] = [
                 (PlaneCoding.JOINT, head),
@@ -223,7 +225,6 @@ def _code_planes(
             ]
             return coded + [_coded_plane(k, plane, literal, level1) for k, plane in lower.items()]
         finite = False  # checked
-    planes = room
     split_planes(words, planes, layout, base)
     if finite and int(planes[0].max()) == 0xFF:
         raise NonFiniteFound

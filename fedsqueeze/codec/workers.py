@@ -27,7 +27,6 @@ from typing import TypeVar, cast
 
 __all__ = [
     "ALONE_ABOVE",
-    "in_steps",
     "map_alone_or_parallel",
     "ordered_pipeline",
     "parallel_map",
@@ -184,17 +183,20 @@ def ordered_pipeline(
     emitted = 0
     stop = False
 
+    def last() -> int:
+        """One past the last item that may ever start: the first failed one, or none."""
+        return min(errors) if errors else count
+
     def take() -> int | None:
         """The next item to start, if one may start now (call with ``cond`` held)."""
         nonlocal started
-        limit = min(count, emitted + ahead, min(errors) if errors else count)
-        if stop or started >= limit:
+        if stop or started >= min(last(), emitted + ahead):
             return None
         started += 1
         return started - 1
 
     def finished() -> bool:
-        return stop or started >= (min(errors) if errors else count)
+        return stop or started >= last()
 
     def run(i: int) -> None:
         try:
@@ -247,16 +249,3 @@ def ordered_pipeline(
         for f in futures:  # see _ordered: a helper not started is cancelled, not waited for
             if not f.cancel():
                 f.exception()
-
-
-def in_steps(fn: Callable[[int, int], R], count: int, step: int) -> list[R]:
-    """``fn(lo, hi)`` over ``[0, count)`` in steps of ``step`` (the last one shorter), on
-    every core when there are at least two steps; the results in order, and the first
-    failing step's exception in order (:func:`parallel_map`). For NumPy passes over
-    arrays of a few hundred thousand elements (the block scales of a large tensor):
-    NumPy runs each call on one thread, with the GIL released."""
-    if step < 1:
-        raise ValueError(f"step must be at least 1, got {step}")
-    if count <= step:
-        return [fn(0, count)]
-    return parallel_map(lambda lo: fn(lo, min(count, lo + step)), range(0, count, step))

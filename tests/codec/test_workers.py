@@ -234,24 +234,6 @@ def test_ordered_pipelines_nested_in_pool_threads_finish() -> None:
     assert out == [[[i * j for j in range(6)] for i in range(9)]]
 
 
-@pytest.mark.parametrize(("count", "step"), [(0, 4), (3, 4), (4, 4), (5, 4), (97, 10), (100, 1)])
-def test_in_steps_covers_the_range_in_order(count: int, step: int) -> None:
-    got = workers.in_steps(lambda lo, hi: (lo, hi), count, step)
-    assert got == [(lo, min(count, lo + step)) for lo in range(0, count, step)] or (
-        count == 0 and got == [(0, 0)]
-    )
-    with pytest.raises(ValueError, match="at least 1"):
-        workers.in_steps(lambda lo, hi: None, 5, 0)
-
-    def boom(lo: int, hi: int) -> int:
-        if lo >= 30:
-            raise Boom(f"step {lo}")
-        return lo
-
-    with pytest.raises(Boom, match="step 30"):
-        workers.in_steps(boom, 100, 10)
-
-
 def _loop(fn: Callable[[Any], Any], items: Sequence[Any], alone: Callable[[Any], bool]) -> Any:
     return [fn(item) for item in items]
 
