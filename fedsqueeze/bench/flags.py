@@ -80,7 +80,7 @@ def add_progressive_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--minilm-curves",
-        metavar="SPEC@ORDER[+gptq][+rows[=domain|test]];...",
+        metavar="SPEC@ORDER[+gptq][+rows[=domain|test]][+defer];...",
         help="MiniLM curves to draw instead of the built-in list, e.g. "
         "'quant=8:channel:hadamard,levels=2+1+1+1+1+2@weighted' (orders: by-level, squared, "
         "relative, weighted: Fisher sensitivities on calibration sentences); a '+gptq' "
@@ -91,7 +91,9 @@ def add_progressive_arguments(parser: argparse.ArgumentParser) -> None:
         "(format version 11); '+rows=domain' counts the reads on the test modules' other "
         "docstring lines instead (never a test sentence: what a federation's clients would "
         "count on their own text); '+rows=test' counts them on the test sentences themselves "
-        "(an upper bound on what row weights buy, not a method). A tiered curve also "
+        "(an upper bound on what row weights buy, not a method); '+defer' (with '+rows') "
+        "defers every tier but the most-read one: until the order sends its base level its "
+        "rows decode to their mean row (format version 13). A tiered curve also "
         "prints, at 1/8 and 1/16, the cosine "
         "with only the word embeddings from the prefix and with only the rest",
     )

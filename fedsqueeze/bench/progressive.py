@@ -267,6 +267,7 @@ def run(
     minilm_curves: tuple[tuple[str, LevelOrder], ...] = MINILM_CURVES,
     minilm_margins: tuple[int | None, ...] = (),
     minilm_tiers: tuple[str | None, ...] = (),
+    minilm_defer: tuple[bool, ...] = (),
 ) -> Json:
     """Run the chosen ``parts`` (:data:`PARTS`); prints tables and returns the figures.
 
@@ -276,7 +277,8 @@ def run(
     the calibration text (missing entries: ``None``); ``minilm_tiers``: per curve,
     ``None`` or the text (:data:`~fedsqueeze.bench.row_probe.ROW_SOURCES`) by whose
     reads of the word embeddings' rows they travel in tiers
-    (:mod:`fedsqueeze.codec.row_tiers`; missing entries: ``None``). A tiered curve also
+    (:mod:`fedsqueeze.codec.row_tiers`; missing entries: ``None``); ``minilm_defer``: per
+    curve, whether its tiers are deferred (missing entries: ``False``). A tiered curve also
     shows, at 1/8 and 1/16 of fp32, the cosine with only the word embeddings taken from
     the prefix (the rest fp32) and with only the rest: where the loss comes from."""
     unknown = set(parts) - set(PARTS) - set(OPT_IN_PARTS)
@@ -331,6 +333,7 @@ def run(
                     hessians=hessians if hessians is not None and margin is not None else {},
                     margin=margin or 0,
                     rows=rows[tiers] if tiers is not None else {},
+                    defer=i < len(minilm_defer) and minilm_defer[i],
                 )
             points = (fp32 // 4, fp32 // 6, fp32 // 7, fp32 // 8, fp32 // 16, fp32 // 32)
             curve = prefix_curve(
@@ -342,6 +345,7 @@ def run(
             curve["fp32_bytes"] = fp32
             curve["gptq_margin"] = margin
             curve["row_tiers"] = tiers
+            curve["deferred_tiers"] = calibration is not None and calibration.defer
             curves.append(curve)
             _print_curve(out, f"MiniLM embedding cosine ({len(sentences)} sentences)", curve, fp32)
             for row in curve["loss_split"]:
@@ -495,6 +499,18 @@ def parse_curve(text: str) -> tuple[str, LevelOrder]:
         raise ValueError(f"unknown refinement order {order!r}; choose from {names}") from None
 
 
+def defer_option(text: str) -> tuple[str, bool]:
+    """``text`` less a ``+defer`` suffix (anywhere among the suffixes), and whether it had
+    one: the curve's row tiers are then deferred
+    (:attr:`~fedsqueeze.codec.nested_gptq.Calibration.defer`)."""
+    spec, sep, order = text.partition("@")
+    if not sep:
+        return text, False
+    parts = order.split("+")
+    kept = [p for p in parts if p != "defer"]
+    return f"{spec}@{'+'.join(kept)}", len(kept) < len(parts)
+
+
 def curve_options(text: str) -> tuple[str, int | None, str | None]:
     """``SPEC@ORDER[+gptq[MARGIN]][+rows[=SOURCE]]`` (suffixes in either order) →
     (``SPEC@ORDER``, the GPTQ margin (8 when not given; ``None`` without ``+gptq``), the
@@ -532,17 +548,24 @@ def main(args: argparse.Namespace) -> int:
     curves: tuple[tuple[str, LevelOrder], ...] = MINILM_CURVES
     margins: tuple[int | None, ...] = ()
     tiers: tuple[str | None, ...] = ()
+    defers: tuple[bool, ...] = ()
     if args.minilm_curves:
-        items = [curve_options(item) for item in args.minilm_curves.split(";") if item]
+        deferred = [defer_option(item) for item in args.minilm_curves.split(";") if item]
+        items = [curve_options(text) for text, _ in deferred]
+        for (text, defer), (_, _, rows) in zip(deferred, items, strict=True):
+            if defer and rows is None:
+                raise ConfigError(f"'+defer' needs '+rows' (row tiers) in {text!r}")
         curves = tuple(parse_curve(text) for text, _, _ in items)
         margins = tuple(margin for _, margin, _ in items)
         tiers = tuple(rows for _, _, rows in items)
+        defers = tuple(defer for _, defer in deferred)
     report = run(
         skip_minilm=args.skip_minilm,
         parts=parts,
         minilm_curves=curves,
         minilm_margins=margins,
         minilm_tiers=tiers,
+        minilm_defer=defers,
     )
     if args.json:
         args.json.write_text(json.dumps(report, indent=1))

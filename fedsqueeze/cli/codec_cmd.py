@@ -114,6 +114,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "README, 'Row tiers')",
     )
     enc.add_argument(
+        "--defer-tiers",
+        action="store_true",
+        help="with row weights in --calibration, a full model of a dense spec: defer the "
+        "base level of every tier but the most-read one to where the rate-distortion "
+        "order puts it; until then those rows decode to their tier's mean row, so much "
+        "smaller prefixes decode (format version 13; README, 'Row tiers')",
+    )
+    enc.add_argument(
         "--calibration-margin",
         type=count(0),
         default=2,
@@ -258,7 +266,9 @@ def _encode(args: argparse.Namespace) -> int:
     spec = parse_spec(args.spec)
     calibration_path = _optional(args.calibration)
     _check_inputs(source, base_path, calibration_path)
-    calibration = _calibration(calibration_path, args.calibration_margin, spec)
+    calibration = _calibration(
+        calibration_path, args.calibration_margin, spec, defer=args.defer_tiers
+    )
     policy = NonFinite.CARRY if args.allow_nonfinite else NonFinite.REFUSE
     try:
         done = _warning_lines(
@@ -289,9 +299,14 @@ def _encode(args: argparse.Namespace) -> int:
     return 0
 
 
-def _calibration(path: Path | None, margin: int, spec: CodecSpec) -> Calibration | None:
-    """The calibration a ``--calibration`` file holds, checked (``None`` without one)."""
+def _calibration(
+    path: Path | None, margin: int, spec: CodecSpec, defer: bool = False
+) -> Calibration | None:
+    """The calibration a ``--calibration`` file holds, checked (``None`` without one;
+    ``defer``: :attr:`~fedsqueeze.codec.nested_gptq.Calibration.defer`)."""
     if path is None:
+        if defer:
+            raise ConfigError("--defer-tiers needs row weights in --calibration")
         return None
     if spec.levels is None:
         raise ConfigError("--calibration needs a progressive spec (levels=...)")
@@ -303,7 +318,7 @@ def _calibration(path: Path | None, margin: int, spec: CodecSpec) -> Calibration
     hessians = {name: t for name, t in entries.items() if t.dim() != 1}
     rows = {name: t for name, t in entries.items() if t.dim() == 1}
     try:
-        return Calibration(hessians, margin=margin, rows=rows)
+        return Calibration(hessians, margin=margin, rows=rows, defer=defer)
     except ValueError as exc:
         raise ConfigError(f"--calibration {path}: {exc}") from exc
 

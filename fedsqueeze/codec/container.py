@@ -133,6 +133,19 @@ exponent plane jointly with the top mantissa bits (:mod:`fedsqueeze.codec.plane_
 plane coding 3), written only when some record has them; earlier decoders refuse it by
 its version byte.
 
+Version 13 is version 12 plus *deferred tiers* (:mod:`fedsqueeze.codec.row_tiers`): in
+a full model's stream the lightest tiers of a split table may send their base-level
+record after refinements of other tensors, where the rate-distortion order puts it, and
+decode to a fill row (the tier's mean row) until it arrives. Each split of the list
+then ends with::
+
+    deferred u8 · [values · fill row (float32 × values) × deferred]
+
+(``values`` present only when ``deferred > 0``; tier 0 is never deferred). The header's
+base-level record count counts the other base-level records, which still come first; a
+deferred tier's base-level record comes after them, before its own refinements. A delta
+has no deferred tier. Earlier decoders refuse version 13 by its version byte.
+
 Everything here is structure only: the numerical stages live in ``fedsqueeze.codec.model``.
 """
 
@@ -192,6 +205,9 @@ ROW_TIERS_VERSION = 11
 #: The version written when a byte-grouped body codes an exponent plane jointly with
 #: the top mantissa bits (:mod:`fedsqueeze.codec.plane_joint`).
 JOINT_VERSION = 12
+#: The version written when a full model's stream defers the base level of a table's
+#: lightest row tiers (:mod:`fedsqueeze.codec.row_tiers`).
+DEFERRED_VERSION = 13
 SUPPORTED_VERSIONS = (
     FORMAT_VERSION,
     PROGRESSIVE_VERSION,
@@ -205,6 +221,7 @@ SUPPORTED_VERSIONS = (
     BUCKETS_VERSION,
     ROW_TIERS_VERSION,
     JOINT_VERSION,
+    DEFERRED_VERSION,
 )
 #: Most position groups (support levels) one tensor may have.
 MAX_GROUPS = 16
@@ -888,7 +905,9 @@ class ContainerHeader:
         if self.version >= PROGRESSIVE_VERSION:
             write_varint(out, self.base_records)
         if self.version >= ROW_TIERS_VERSION:
-            write_splits(out, self.splits)
+            if self.base_digest is not None and any(s.deferred for s in self.splits):
+                raise ValueError("a delta has no deferred tiers")
+            write_splits(out, self.splits, deferring=self.version >= DEFERRED_VERSION)
         elif self.splits:
             raise ValueError(f"a version {self.version} stream has no row tiers")
         return bytes(out)
@@ -923,8 +942,10 @@ def parse_header(reader: ByteReader, limits: DecodeLimits) -> ContainerHeader:
     if version >= ROW_TIERS_VERSION:
         splits = parse_splits(
             reader, min(base_records, limits.max_tensors), limits.max_elements,
-            limits.max_name_bytes,
+            limits.max_name_bytes, deferring=version >= DEFERRED_VERSION,
         )  # fmt: skip
+        if flags & (_HAS_BASE | _IMPLIED_BASE) and any(s.deferred for s in splits):
+            raise FormatError("a delta with deferred tiers")
     return ContainerHeader(
         version,
         base,
@@ -941,6 +962,7 @@ __all__ = [
     "BLOCKWISE_VERSION",
     "BUCKETS_VERSION",
     "CODE_DTYPES",
+    "DEFERRED_VERSION",
     "DTYPE_CODES",
     "FLOAT_KINDS",
     "FORMAT_VERSION",

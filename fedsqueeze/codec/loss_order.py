@@ -23,7 +23,9 @@ What a candidate may be: a tensor's records form a chain (levels of a plain prog
 tensor in plane order) or, for a tensor with support levels
 (:mod:`fedsqueeze.codec.support_levels`), a partial order (a group's planes in order,
 group ``j`` after group ``j−1`` opened). Base-level records are untouched (every
-decodable full-model prefix needs them all).
+decodable full-model prefix needs them all); a deferred row tier's base level
+(:mod:`fedsqueeze.codec.row_tiers`, version 13) is kept with them, right after the
+others: this order re-sequences refinements only.
 
 Cost: one tensor decoded and one loss evaluation per candidate, about
 ``steps × tensors`` (times the planes a record may be followed by, with lookahead); for
@@ -87,6 +89,9 @@ def reorder_by_loss(
     held = base if encoded.base_digest is not None else None
     splits = encoded.splits  # row tiers: the records hold the tiers' parts
     state = split_state(decode_state(replace(encoded, records=tuple(bases)), held), splits)
+    for split in splits:  # a deferred tier's part is coded less its fill row
+        if split.deferred:
+            state.update(split.center({p: state[p] for p in split.parts()}))
     decoder = TensorDecoder(split_state(held, splits) if held is not None else None, None)
     names = [decoder.resolve(r)[0] for r in bases]
     sent: dict[int, list[TensorRecord]] = {i: [] for i in pending}

@@ -26,6 +26,7 @@ from fedsqueeze.codec.container import (
     ANS_VERSION,
     BLOCKWISE_VERSION,
     BUCKETS_VERSION,
+    DEFERRED_VERSION,
     FORMAT_VERSION,
     GLOBAL_ORDER_VERSION,
     GROUPED_VERSION,
@@ -48,7 +49,13 @@ from fedsqueeze.codec.finite import NonFinite
 from fedsqueeze.codec.level_order import LevelOrder, LevelScore, order_weight, refinement_order
 from fedsqueeze.codec.nested_gptq import Calibration
 from fedsqueeze.codec.pruning import global_magnitude_masks
-from fedsqueeze.codec.row_tiers import RowSplit, join_state, split_shapes, split_state
+from fedsqueeze.codec.row_tiers import (
+    RowSplit,
+    deferred_parts,
+    join_state,
+    split_shapes,
+    split_state,
+)
 from fedsqueeze.codec.spec import DEFAULT_TARGETS, CodecSpec, EntropyCoder, PruneMethod
 from fedsqueeze.codec.tensor_decode import ProgressiveTensor, TensorDecoder
 from fedsqueeze.codec.tensor_encode import ScoredLevel, TensorEncoder
@@ -100,8 +107,10 @@ class EncodedModel:
 
     @property
     def base_records(self) -> int:
-        """How many records are base-level ones (they come first)."""
-        return sum(1 for r in self.records if r.level == 0)
+        """How many records are base-level ones a full model needs (they come first): all
+        but a deferred tier's (:mod:`fedsqueeze.codec.row_tiers`)."""
+        late = deferred_parts(self.splits)
+        return sum(1 for r in self.records if r.level == 0 and r.name not in late)
 
     @property
     def header(self) -> ContainerHeader:
@@ -114,7 +123,9 @@ class EncodedModel:
         else 6 when a record is rotated, else 5 when refinements are not in level order,
         else 4 when a record is byte-grouped, else 3 when one is block-wise or NF4, else
         2 when a tensor is sent in levels, else 1."""
-        if any(r.needs_v12 for r in self.records):
+        if any(s.deferred for s in self.splits):
+            version = DEFERRED_VERSION
+        elif any(r.needs_v12 for r in self.records):
             version = JOINT_VERSION
         elif self.splits or any(r.context_order for r in self.records):
             version = ROW_TIERS_VERSION
@@ -232,7 +243,9 @@ class EncodedModel:
         if reader.remaining:
             raise FormatError(f"{reader.remaining} unexpected bytes after the last record")
         model = cls(header.spec, header.base_digest, records, splits=header.splits)
-        _check_level_order(model.records, header.base_records, header.version)
+        _check_level_order(
+            model.records, header.base_records, header.version, deferred_parts(header.splits)
+        )
         return model
 
     @classmethod
@@ -299,9 +312,10 @@ def prepare_encode(
         spec.levels is not None,
         calibration.rows if calibration is not None else {},
         lambda name, t: spec.is_target(name, t.ndim, t.is_floating_point()),
+        defer=base is None and (calibration is None or calibration.defer) and _dense(spec),
     )
     if plan.splits:
-        state = split_state(state, plan.splits)
+        state = plan.apply_parts(state)
         base = plan.apply(base)
         residual = plan.apply(residual)
     encoder = TensorEncoder(spec, base, residual, seed, calibration, plan.origins)
@@ -429,7 +443,7 @@ def encode_state(
             new_residual[name] = res
     if encoder.levels:
         levels, order_weights = plan.weigh(encoder.levels, weights)
-        records = progressive_order(records, levels, order, order_weights)
+        records = progressive_order(records, levels, order, order_weights, plan.deferred)
     if plan.splits and new_residual:
         new_residual = _joined_residual(new_residual, plan.splits, state)
     return EncodedModel(
@@ -439,6 +453,13 @@ def encode_state(
         residual=new_residual if spec.feedback else None,
         splits=plan.splits,
     )
+
+
+def _dense(spec: CodecSpec) -> bool:
+    """Whether ``spec`` keeps every value (no pruning, top-k or low rank): only then are
+    row tiers deferred, since a deferred tier codes its rows less their mean row and a
+    sparse spec's zeros would decode to that mean."""
+    return spec.prune.method is PruneMethod.NONE and spec.topk is None and spec.rank is None
 
 
 def _joined_residual(
@@ -453,7 +474,9 @@ def _joined_residual(
         for p in s.parts()
         if p not in residual and p in parts
     }
-    return join_state(residual, held, zeros)
+    # a residual is a difference: no fill row is added back to a deferred tier's
+    plain = [replace(s, deferred=0, fills=()) for s in held]
+    return join_state(residual, plain, zeros)
 
 
 def _alone(t: torch.Tensor) -> bool:
@@ -698,13 +721,12 @@ def decode_prefix(
 
 def smallest_prefix(encoded: EncodedModel) -> int:
     """Bytes (from the stream's start, without checksum) of the smallest decodable prefix:
-    the header and, for a full model, every base-level record."""
+    the header and, for a full model, every base-level record but a deferred tier's
+    (they come first)."""
     size = len(encoded.header.to_bytes())
     if encoded.base_digest is not None:
         return size
-    for record in encoded.records:
-        if record.level > 0:
-            break
+    for record in encoded.records[: encoded.base_records]:
         size += len(record.header_bytes()) + len(record.body)
     return size
 
@@ -732,7 +754,7 @@ def _parse_prefix(
     else:
         if reader.remaining:
             raise FormatError(f"{reader.remaining} unexpected bytes after the last record")
-    _check_level_order(records, header.base_records, header.version)
+    _check_level_order(records, header.base_records, header.version, deferred_parts(header.splits))
     model = EncodedModel(header.spec, header.base_digest, tuple(records), splits=header.splits)
     return header, model, used
 
@@ -762,17 +784,23 @@ def _held_levels(encoded: EncodedModel, base: State | None) -> dict[str, int]:
 
 
 def _check_level_order(
-    records: tuple[TensorRecord, ...] | list[TensorRecord], bases: int, version: int
+    records: tuple[TensorRecord, ...] | list[TensorRecord],
+    bases: int,
+    version: int,
+    deferred: frozenset[str] = frozenset(),
 ) -> None:
     """Base-level records first (``bases`` of them), then refinements: in level order
     up to version 4; from version 5 in any order that keeps each tensor's levels in
     order (:meth:`~fedsqueeze.codec.tensor_decode.ProgressiveTensor.refine` checks that
-    each is the next level of a progressive tensor)."""
+    each is the next level of a progressive tensor). From version 13 the base-level
+    records of ``deferred`` parts (and only theirs) come after the first ``bases``
+    records, each before its refinements."""
     last_level = 0  # > 0 once a refinement has been seen
     held: dict[int | None, int] = {}
     for position, record in enumerate(records):
         if record.level == 0:
-            if last_level or position >= bases:
+            late = record.name in deferred
+            if late != (position >= bases) or (last_level and not late):
                 raise FormatError("a base-level record after a refinement: not one stream")
             continue
         if version < GLOBAL_ORDER_VERSION and record.level < last_level:
@@ -819,6 +847,7 @@ def progressive_order(
     levels: Mapping[str, Sequence[ScoredLevel]],
     order: LevelOrder,
     weights: Mapping[str, float] | None = None,
+    deferred: frozenset[str] = frozenset(),
 ) -> list[TensorRecord]:
     """The stream order of a progressive model's records: base levels first, then the
     refinements in ``order``.
@@ -826,7 +855,11 @@ def progressive_order(
     Plain records (biases, non-targets) lead the base level in state order; they are
     small and every decodable prefix needs them. The progressive base levels follow by
     falling score (what a delta's prefix buys first; ``RELATIVE`` weighs it by the
-    tensor's energy as it does the refinements).
+    tensor's energy as it does the refinements). The base level of a ``deferred`` part
+    (a full model's light row tier, :mod:`fedsqueeze.codec.row_tiers`) is ordered with
+    the refinements instead, as its tensor's first level (its gain: what it removes
+    from the fill rows' error), and numbered after the other base levels in the order
+    it comes.
 
     Parameters
     ----------
@@ -839,6 +872,8 @@ def progressive_order(
         How the refinements are ordered (:func:`refinement_order`).
     weights
         Each progressive tensor's weight, for :attr:`LevelOrder.WEIGHTED`.
+    deferred
+        Names of progressive tensors whose base level may come late.
 
     Raises
     ------
@@ -853,9 +888,13 @@ def progressive_order(
             weight_of[name] = float(weights[name])
         else:
             weight_of[name] = 1.0
-    plain = [r for r in records if not r.levels]
-    progressive = [r for r in records if r.levels]
     name_of = {id(lv[0].record): name for name, lv in levels.items()}
+    late = [r for r in records if id(r) in name_of and name_of[id(r)] in deferred]
+    late_ids = {id(r) for r in late}
+    # a deferred part carried whole (not progressive) follows the other base levels
+    late_plain = [r for r in records if not r.levels and r.name in deferred]
+    plain = [r for r in records if not r.levels and r.name not in deferred]
+    progressive = [r for r in records if r.levels and id(r) not in late_ids]
 
     def base_score(r: TensorRecord) -> float:
         name = name_of[id(r)]
@@ -863,13 +902,16 @@ def progressive_order(
         return -order_weight(order, first.energy, weight_of[name]) * first.score
 
     progressive.sort(key=base_score)
-    ordered = plain + progressive
+    ordered = plain + progressive + late_plain
     position = {name_of[id(r)]: i for i, r in enumerate(ordered) if id(r) in name_of}
-    refinements: list[tuple[ScoredLevel, int]] = []
+    for j, r in enumerate(late):  # tensor keys for the order only; renumbered below
+        position[name_of[id(r)]] = len(ordered) + j
+    chained: list[tuple[str, ScoredLevel]] = []
     scores: list[LevelScore] = []
     for name in sorted(levels, key=position.__getitem__):
-        for level, scored in enumerate(levels[name][1:], start=1):
-            refinements.append((scored, position[name]))
+        first = 0 if name in deferred else 1
+        for level, scored in enumerate(levels[name][first:], start=1):
+            chained.append((name, scored))
             scores.append(
                 LevelScore(
                     position[name],
@@ -880,9 +922,15 @@ def progressive_order(
                     weight_of[name],
                 )
             )
+    bases = len(ordered)
     for i in refinement_order(scores, order):
-        scored, index = refinements[i]
-        ordered.append(replace(scored.record, index=index))
+        name, scored = chained[i]
+        if scored.record.level == 0:  # a deferred base level: the next base number
+            position[name] = bases
+            bases += 1
+            ordered.append(scored.record)
+        else:
+            ordered.append(replace(scored.record, index=position[name]))
     return ordered
 
 

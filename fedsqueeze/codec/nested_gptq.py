@@ -103,12 +103,21 @@ class Calibration:
         of a one-hot input's moments. The encoder sends such a table's rows in tiers by
         weight (:mod:`fedsqueeze.codec.row_tiers`, format version 11), so the rows read
         most get their refinements first.
+    defer
+        With ``rows``, in a full model of a dense spec (not a delta): every tier but the
+        most-read one is *deferred* (format version 13): its base level travels where
+        the rate-distortion order puts it, and until then its rows decode to the tier's
+        mean row, so rows hardly read need not cost a bit each before the rest of the
+        model is refined, and much smaller prefixes decode. Off by default: the order
+        is only as good as the row weights, and with counts of generic text it sends
+        the rarely read rows too late (BENCHMARKS.md, "Deferred tiers").
     """
 
     hessians: Mapping[str, Tensor] = field(default_factory=dict)
     margin: int = 8
     damp: float = 0.01
     rows: Mapping[str, Tensor] = field(default_factory=dict)
+    defer: bool = False
 
     def __post_init__(self) -> None:
         if self.margin < 0 or not self.damp >= 0:

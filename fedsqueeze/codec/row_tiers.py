@@ -37,7 +37,21 @@ calibration text, or counts the clients add up) the encoder splits the table int
 * the **header** of a version-11 stream lists the splits (:func:`write_splits`): name,
   row count, tier count and each row's tier (a byte per row, zstd-compressed when that
   is smaller); decoders split a delta's base with them and join the decoded parts
-  (:func:`join_state`) into the table.
+  (:func:`join_state`) into the table;
+* **deferred tiers** (format v13, a full model of a dense spec, unless
+  ``Calibration(defer=False)``): a base level in every tier makes each prefix pay for
+  every row at least once, a bit per value for rows the text hardly reads (the
+  lightest tier of all-MiniLM-L6-v2's word embeddings is about 27,000 rows, 1.3 MB at
+  one bit, a quarter of 1/16 of the model). So every tier but tier 0 is *deferred*: it
+  codes its rows less its *fill row* (the tier's mean row, float32, in the header), its
+  base level is ordered with the refinements as its first level (its gain: the squared
+  error it removes beyond the fill, so the rate-distortion order decides when those
+  rows are worth their bytes), and until it arrives a decoder gives each of the tier's
+  rows the fill row. The smallest prefix holds tier 0's base level only, and every
+  prefix still decodes to a whole model. Deltas keep every tier (their missing parts
+  are the base's rows already), and so do sparse specs (a pruned value must decode to
+  zero, not to the mean). The header count of base-level records counts the others;
+  a deferred base-level record comes after them and before its own refinements.
 
 What it buys (BENCHMARKS.md, "Row tiers: bits per row in the stream"; all-MiniLM-L6-v2,
 ``quant=8:symmetric:block384:dq:hadamard,levels=2+1+1+1+1+2``, weighted order, GPTQ
@@ -66,6 +80,7 @@ __all__ = [
     "MAX_TIERS",
     "RowSplit",
     "check_row_weights",
+    "deferred_parts",
     "join_state",
     "parse_splits",
     "part_name",
@@ -91,11 +106,18 @@ def part_name(name: str, tier: int) -> str:
 @dataclass(frozen=True)
 class RowSplit:
     """One table's rows in tiers: byte ``tiers[r]`` is row ``r``'s tier, every tier
-    ``0..count-1`` holding a row; tier 0 holds the most-read rows."""
+    ``0..count-1`` holding a row; tier 0 holds the most-read rows.
+
+    ``deferred`` (format v13): the last ``deferred`` tiers may send their base level
+    after refinements of other tensors; until it arrives each of their rows decodes to
+    its tier's fill row, ``fills[j]`` for tier ``count − deferred + j`` (float32
+    little-endian bytes: the tier's mean row)."""
 
     name: str
     tiers: bytes
     count: int
+    deferred: int = 0
+    fills: tuple[bytes, ...] = ()
 
     def __post_init__(self) -> None:
         if not 2 <= self.count <= MAX_TIERS:
@@ -103,6 +125,58 @@ class RowSplit:
         held = torch.bincount(self.tier_of().to(torch.int64), minlength=self.count)
         if held.numel() > self.count or bool((held == 0).any()):
             raise ValueError(f"{self.name!r}: a tier beyond {self.count} or an empty one")
+        if not 0 <= self.deferred < self.count:
+            raise ValueError(
+                f"{self.name!r}: {self.deferred} deferred tiers of {self.count} (tier 0 "
+                "is never deferred)"
+            )
+        if len(self.fills) != self.deferred:
+            raise ValueError(f"{self.name!r}: {len(self.fills)} fill rows, {self.deferred} tiers")
+        sizes = {len(f) for f in self.fills}
+        if len(sizes) > 1 or 0 in sizes or any(n % 4 for n in sizes):
+            raise ValueError(f"{self.name!r}: fill rows of float32 values, all one length")
+        for f in self.fills:
+            if not bool(torch.isfinite(torch.frombuffer(bytearray(f), dtype=torch.float32)).all()):
+                raise ValueError(f"{self.name!r}: a fill row that is not finite")
+
+    @property
+    def first_deferred(self) -> int:
+        """The first deferred tier (``count`` when none is)."""
+        return self.count - self.deferred
+
+    def deferred_parts(self) -> list[str]:
+        """The names of the parts whose base level may come late."""
+        return self.parts()[self.first_deferred :]
+
+    def fill_row(self, tier: int, trailing: tuple[int, ...]) -> Tensor:
+        """Deferred tier ``tier``'s fill row (float32, shape ``trailing``: a row's).
+
+        Raises
+        ------
+        FormatError
+            ``tier`` is not deferred, or its fill row does not fit rows of ``trailing``.
+        """
+        if not self.first_deferred <= tier < self.count:
+            raise FormatError(f"table {self.name!r} lacks its part {part_name(self.name, tier)!r}")
+        row = torch.frombuffer(
+            bytearray(self.fills[tier - self.first_deferred]), dtype=torch.float32
+        )
+        if row.numel() != math.prod(trailing):
+            raise FormatError(
+                f"table {self.name!r}: a fill row of {row.numel()} values for rows of {trailing}"
+            )
+        return row.reshape(trailing)
+
+    def center(self, parts: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """``parts`` (this table's, as :meth:`split` gives them) with each deferred
+        tier's fill row taken off its rows: what the encoder codes for them."""
+        out = dict(parts)
+        for k in range(self.first_deferred, self.count):
+            p = part_name(self.name, k)
+            t = out[p]
+            fill = self.fill_row(k, tuple(t.shape[1:])).to(t.device)
+            out[p] = (t.to(torch.float32) - fill).to(t.dtype)
+        return out
 
     @property
     def rows(self) -> int:
@@ -136,18 +210,33 @@ class RowSplit:
 
     def join(self, parts: Mapping[str, Tensor], out: Tensor | None = None) -> Tensor:
         """The table from its parts (decoded: their shapes are checked here), written
-        into ``out`` when given (the table's shape and dtype)."""
+        into ``out`` when given (the table's shape and dtype). A deferred tier's rows
+        are its part plus its fill row, or the fill row alone where ``parts`` lacks it
+        (its base level not held yet).
+
+        Raises
+        ------
+        FormatError
+            A part that does not fit its tier, or a missing part that is not deferred.
+        """
         first = parts[part_name(self.name, 0)]
+        trailing = tuple(first.shape[1:])
         if out is None:
-            out = torch.empty((self.rows, *first.shape[1:]), dtype=first.dtype, device=first.device)
-        for p, idx in zip(self.parts(), self.indices, strict=True):
-            t = parts[p]
-            if t.dtype != first.dtype or tuple(t.shape) != (idx.numel(), *first.shape[1:]):
+            out = torch.empty((self.rows, *trailing), dtype=first.dtype, device=first.device)
+        for k, (p, idx) in enumerate(zip(self.parts(), self.indices, strict=True)):
+            t = parts.get(p)
+            if t is None:
+                fill = self.fill_row(k, trailing)
+                t = fill.to(out.device, out.dtype).expand(idx.numel(), *trailing)
+            elif t.dtype != first.dtype or tuple(t.shape) != (idx.numel(), *trailing):
                 raise FormatError(
                     f"part {p!r} is {tuple(t.shape)} {t.dtype}; its tier holds "
-                    f"{idx.numel()} rows of {tuple(first.shape[1:])} {first.dtype}"
+                    f"{idx.numel()} rows of {trailing} {first.dtype}"
                 )
-            out.index_copy_(0, idx.to(out.device), t)
+            elif k >= self.first_deferred:
+                fill = self.fill_row(k, trailing).to(t.device)
+                t = (t.to(torch.float32) + fill).to(t.dtype)
+            out.index_copy_(0, idx.to(out.device), t.contiguous())
         return out
 
     def weight_ratios(self, weights: Tensor) -> list[float]:
@@ -156,6 +245,11 @@ class RowSplit:
         w = weights.to(torch.float64)
         mean = float(w.mean())
         return [float(w[idx].mean()) / mean for idx in self.indices]
+
+
+def deferred_parts(splits: Iterable[RowSplit]) -> frozenset[str]:
+    """The parts of ``splits`` whose base level may come late (deferred tiers)."""
+    return frozenset(p for s in splits for p in s.deferred_parts())
 
 
 def smoothed_counts(counts: Tensor) -> Tensor:
@@ -258,7 +352,7 @@ def join_state(
     ``fallback`` (a delta's base, split): where a table has some parts and not others
     (a delta's prefix), the missing ones are the base's rows; a table with no part held
     is left out (its caller keeps the base's). Without ``fallback`` every part must be
-    there.
+    there but a deferred tier's, whose rows are then its fill row (:meth:`RowSplit.join`).
 
     Raises
     ------
@@ -282,7 +376,8 @@ def join_state(
             for p in split.parts():
                 if p not in parts and fallback is not None and p in fallback:
                     parts[p] = fallback[p].to(t.device)
-            missing = [p for p in split.parts() if p not in parts]
+            late = split.deferred_parts() if fallback is None else []
+            missing = [p for p in split.parts() if p not in parts and p not in late]
             if missing:
                 raise FormatError(f"table {split.name!r} lacks its parts {missing}")
             out[split.name] = split.join(parts)
@@ -293,9 +388,17 @@ def join_state(
     return out
 
 
-def write_splits(out: bytearray, splits: Iterable[RowSplit]) -> None:
+def write_splits(out: bytearray, splits: Iterable[RowSplit], deferring: bool = False) -> None:
     """Append the header's split list: count, then per split ``name · rows · tiers u8 ·
-    length · tier bytes`` (a byte per row; zstd-compressed when ``length < rows``)."""
+    length · tier bytes`` (a byte per row; zstd-compressed when ``length < rows``) and,
+    ``deferring`` (version 13), ``deferred u8 · [values · float32 × values]`` (one fill
+    row per deferred tier, ``values`` written once when ``deferred > 0``).
+
+    Raises
+    ------
+    ValueError
+        A deferred tier without ``deferring``.
+    """
     splits = list(splits)
     write_varint(out, len(splits))
     for s in splits:
@@ -308,12 +411,26 @@ def write_splits(out: bytearray, splits: Iterable[RowSplit]) -> None:
         body = s.tiers if packed is None else packed
         write_varint(out, len(body))
         out += body
+        if not deferring:
+            if s.deferred:
+                raise ValueError("deferred tiers need format version 13")
+            continue
+        out.append(s.deferred)
+        if s.deferred:
+            write_varint(out, len(s.fills[0]) // 4)
+            for f in s.fills:
+                out += f
 
 
 def parse_splits(
-    reader: ByteReader, max_tables: int, max_rows: int, max_name_bytes: int
+    reader: ByteReader,
+    max_tables: int,
+    max_rows: int,
+    max_name_bytes: int,
+    deferring: bool = False,
 ) -> tuple[RowSplit, ...]:
-    """Read :func:`write_splits`' bytes, treating them as hostile (``FormatError``)."""
+    """Read :func:`write_splits`' bytes (``deferring``: version 13's), treating them as
+    hostile (``FormatError``)."""
     count = reader.varint("split count", max_tables)
     splits: list[RowSplit] = []
     names: set[str] = set()
@@ -333,8 +450,19 @@ def parse_splits(
         size = reader.varint("tier map length", rows)
         body = reader.take(size, "tier map")
         raw = bytes(body) if size == rows else entropy.decompress(body, rows)
+        deferred = 0
+        fills: tuple[bytes, ...] = ()
+        if deferring:
+            deferred = reader.u8("deferred tier count")
+            if deferred >= tiers:
+                raise FormatError(f"{name!r}: {deferred} deferred tiers of {tiers}")
+            if deferred:
+                values = reader.varint("fill row length", max_rows)
+                if values == 0:
+                    raise FormatError(f"{name!r}: an empty fill row")
+                fills = tuple(bytes(reader.take(4 * values, "fill row")) for _ in range(deferred))
         try:
-            splits.append(RowSplit(name, raw, tiers))
+            splits.append(RowSplit(name, raw, tiers, deferred, fills))
         except ValueError as exc:
             raise FormatError(f"a tier map: {exc}") from None
     return tuple(splits)

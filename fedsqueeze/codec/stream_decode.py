@@ -36,7 +36,7 @@ from fedsqueeze.codec.container import (
     parse_record,
 )
 from fedsqueeze.codec.model import _check_level_order
-from fedsqueeze.codec.row_tiers import split_shapes, split_state
+from fedsqueeze.codec.row_tiers import deferred_parts, split_shapes, split_state
 from fedsqueeze.codec.streaming import DEFAULT_CHUNK_VALUES, decode_into
 from fedsqueeze.codec.tensor_decode import ProgressiveTensor, TensorDecoder
 from fedsqueeze.errors import BaseMismatchError, FormatError
@@ -183,7 +183,12 @@ def scan_stream(
         if split.name in seen:
             raise FormatError(f"table {split.name!r} is both split and whole")
         seen.add(split.name)
-    _check_level_order([loc.record for loc in located], header.base_records, header.version)
+    _check_level_order(
+        [loc.record for loc in located],
+        header.base_records,
+        header.version,
+        deferred_parts(header.splits),
+    )
     kept: list[TensorSlot] = []
     if base is not None and header.base_digest is not None and header.spec.freeze:
         for name, t in base.items():

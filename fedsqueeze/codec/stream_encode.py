@@ -236,7 +236,7 @@ def encode_stream(
     result = tuple(stubs)
     if levels:
         weighed, order_weights = plan.weigh(levels, weights)
-        ordered = progressive_order(records, weighed, order, order_weights)
+        ordered = progressive_order(records, weighed, order, order_weights, plan.deferred)
         result = tuple(_in_order(ordered, weighed, by_id))
     header = EncodedModel(
         spec,
@@ -252,12 +252,17 @@ def _in_order(
     levels: Mapping[str, list[ScoredLevel]],
     by_id: Mapping[int, StoredRecord],
 ) -> list[StoredRecord]:
-    """The stored records for ``ordered`` (whose refinements are re-indexed copies)."""
+    """The stored records for ``ordered`` (whose refinements are re-indexed copies;
+    an index numbers the base-level records in stream order)."""
     name_of = {id(lvs[0].record): name for name, lvs in levels.items()}
-    at = {i: name_of[id(r)] for i, r in enumerate(ordered) if id(r) in name_of}
+    at: dict[int, str] = {}
+    bases = 0
     out = []
     for record in ordered:
         if record.level == 0:
+            if id(record) in name_of:
+                at[bases] = name_of[id(record)]
+            bases += 1
             out.append(by_id[id(record)])
             continue
         lvs = levels[at[record.index if record.index is not None else -1]]

@@ -7,9 +7,16 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
+import torch
 from torch import Tensor
 
-from fedsqueeze.codec.row_tiers import RowSplit, check_row_weights, split_state, tier_rows
+from fedsqueeze.codec.row_tiers import (
+    RowSplit,
+    check_row_weights,
+    deferred_parts,
+    split_state,
+    tier_rows,
+)
 
 if TYPE_CHECKING:
     from fedsqueeze.codec.tensor_encode import ScoredLevel
@@ -26,6 +33,11 @@ class TierPlan:
     parts: Mapping[str, tuple[str, float]] = field(default_factory=dict)
 
     @property
+    def deferred(self) -> frozenset[str]:
+        """The parts whose base level the order places (deferred tiers)."""
+        return deferred_parts(self.splits)
+
+    @property
     def origins(self) -> dict[str, str]:
         """Part name -> table name."""
         return {p: table for p, (table, _ratio) in self.parts.items()}
@@ -36,12 +48,22 @@ class TierPlan:
             return state
         return split_state(state, self.splits)
 
+    def apply_parts(self, state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """``state`` with the split tables in parts, each deferred tier's fill row taken
+        off its rows (:meth:`RowSplit.center`: what a full model's encoder codes)."""
+        out = split_state(state, self.splits)
+        for split in self.splits:
+            if split.deferred and split.parts()[0] in out:
+                out.update(split.center({p: out[p] for p in split.parts()}))
+        return out
+
     def weigh(
         self, levels: Mapping[str, Sequence[ScoredLevel]], weights: Mapping[str, float] | None
     ) -> tuple[dict[str, list[ScoredLevel]], Mapping[str, float] | None]:
         """The encoder's scored levels and the order's weights with each part's gains
         row-weighted (times its tier's ratio), its energy the whole table's, and its
-        weight the table's."""
+        weight the table's. (A deferred part codes its rows less their fill row, so
+        its base level's gain is already what it removes beyond the fill.)"""
         out = {name: list(lv) for name, lv in levels.items()}
         if not self.splits:
             return out, weights
@@ -66,12 +88,15 @@ def plan_tiers(
     levels: bool,
     rows: Mapping[str, Tensor],
     is_target: Callable[[str, Tensor], bool],
+    defer: bool = False,
 ) -> TierPlan:
     """Which tables of ``state`` to split, by ``rows`` (name -> per-row weights).
 
     Only with a progressive spec (``levels``), for the tables ``is_target`` accepts (a
     spec's targets); names ``state`` lacks are ignored (a frozen table the base holds is
-    not sent at all), and so are tables whose rows all fall in one band.
+    not sent at all), and so are tables whose rows all fall in one band. ``defer`` (a
+    full model, not a delta): every tier but the heaviest is deferred, its fill row its
+    rows' mean, so the rate-distortion order decides when its base level travels.
 
     Raises
     ------
@@ -97,7 +122,10 @@ def plan_tiers(
         tiers = tier_rows(checked)
         if tiers is None:
             continue
-        split = RowSplit(name, tiers.numpy().tobytes(), int(tiers.max()) + 1)
+        count = int(tiers.max()) + 1
+        split = RowSplit(name, tiers.numpy().tobytes(), count)
+        if defer:
+            split = _deferred(split, t)
         for p in split.parts():
             if p in state:
                 raise ValueError(f"the state has a tensor named {p!r}, the name of a row tier")
@@ -105,3 +133,13 @@ def plan_tiers(
         for p, ratio in zip(split.parts(), split.weight_ratios(checked), strict=True):
             parts[p] = (name, ratio)
     return TierPlan(tuple(splits), parts)
+
+
+def _deferred(split: RowSplit, table: Tensor) -> RowSplit:
+    """``split`` with every tier but tier 0 deferred, each filled with its rows' mean."""
+    fills = []
+    for k in range(1, split.count):
+        rows = table.index_select(0, split.indices[k].to(table.device)).detach()
+        mean = rows.to(torch.float64).mean(dim=0).flatten()
+        fills.append(mean.to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return replace(split, deferred=split.count - 1, fills=tuple(fills))

@@ -168,6 +168,31 @@ def test_gptq_suffix_asks_for_calibrated_codes() -> None:
             curve_options(f"{spec}@weighted{bad}")
 
 
+def test_defer_option_is_taken_off_before_the_other_suffixes() -> None:
+    from fedsqueeze.bench.progressive import defer_option
+
+    spec = "quant=8:hadamard,levels=2+1+1+4"
+    assert defer_option(f"{spec}@weighted+gptq+rows+defer") == (f"{spec}@weighted+gptq+rows", True)
+    assert defer_option(f"{spec}@weighted+defer+rows=domain") == (
+        f"{spec}@weighted+rows=domain",
+        True,
+    )
+    assert defer_option(f"{spec}@weighted+rows") == (f"{spec}@weighted+rows", False)
+    assert defer_option(spec) == (spec, False)
+
+
+def test_defer_without_rows_is_a_one_line_error() -> None:
+    from tests.cli.inproc import run_cli
+
+    proc = run_cli(
+        "bench", "progressive", "--parts", "minilm", "--minilm-curves",
+        "quant=8,levels=2+2+4@weighted+defer",
+    )  # fmt: skip
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert "'+defer' needs '+rows'" in lines[0]
+
+
 def test_loss_split_takes_each_side_from_the_prefix_alone() -> None:
     from fedsqueeze.codec import decode_prefix, encode_state, smallest_prefix
     from fedsqueeze.codec.level_order import LevelOrder

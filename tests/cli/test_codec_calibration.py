@@ -105,18 +105,24 @@ def _table_files(tmp_path: Path) -> tuple[Path, Path]:
     return model, rows
 
 
-def test_row_weights_send_a_tables_rows_in_tiers(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("flags", "version"), [((), 11), (("--defer-tiers",), 13)])
+def test_row_weights_send_a_tables_rows_in_tiers(
+    tmp_path: Path, flags: tuple[str, ...], version: int
+) -> None:
     model, rows = _table_files(tmp_path)
     out = tmp_path / "tiers.fsq"
     proc = run_cli(
-        "codec", "encode", str(model), str(out), "--spec", SPEC, "--calibration", str(rows)
-    )
+        "codec", "encode", str(model), str(out), "--spec", SPEC, "--calibration", str(rows),
+        *flags,
+    )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     data = out.read_bytes()
-    assert data[3] == 11
+    assert data[3] == version
     encoded = EncodedModel.from_bytes(data)
     (split,) = encoded.splits
     assert split.name == "emb.weight" and split.count >= 3
+    # deferred: every tier but the most-read one, after the other bases
+    assert split.deferred == (split.count - 1 if version == 13 else 0)
     decoded = tmp_path / "decoded.safetensors"
     proc = run_cli("codec", "decode", str(out), str(decoded))
     assert proc.returncode == 0, proc.stderr
@@ -148,4 +154,14 @@ def test_bad_row_weights_are_one_line_and_write_nothing(
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and wanted in lines[-1], proc.stderr
+    assert not out.exists()
+
+
+def test_defer_tiers_without_row_weights_is_one_line(tmp_path: Path) -> None:
+    model, _, _ = _files(tmp_path)
+    out = tmp_path / "out.fsq"
+    proc = run_cli("codec", "encode", str(model), str(out), "--spec", SPEC, "--defer-tiers")
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "--defer-tiers needs row weights" in lines[0], proc.stderr
     assert not out.exists()

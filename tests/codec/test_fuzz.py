@@ -32,6 +32,7 @@ from fedsqueeze.codec import (
 )
 from fedsqueeze.codec.container import (
     BUCKETS_VERSION,
+    DEFERRED_VERSION,
     GLOBAL_ORDER_VERSION,
     JOINT_VERSION,
     PLANE_ANS_VERSION,
@@ -159,19 +160,28 @@ def _samples() -> list[tuple[bytes, bool]]:
     assert v12[3] == JOINT_VERSION
     out.append((v12, False))
     # a table's rows in tiers (format version 11): hostile tier maps and parts too
-    tiers = Calibration(rows={"fc1.weight": torch.tensor([4.0**-i for i in range(16)])})
+    read = torch.tensor([4.0**-i for i in range(16)])
+    tiers = Calibration(rows={"fc1.weight": read}, defer=False)
     tiered = parse_spec("quant=8:symmetric:block32:hadamard,levels=2+1+1+4")
     for base in (None, BASE):
         v11 = encode_state(state, tiered, base, seed=0, calibration=tiers).to_bytes()
         assert v11[3] == ROW_TIERS_VERSION
         out.append((v11, base is not None))
+    # deferred tiers with fill rows (format version 13): hostile counts and fills too
+    v13 = encode_state(
+        state, tiered, seed=0, calibration=Calibration(rows={"fc1.weight": read}, defer=True)
+    ).to_bytes()
+    assert v13[3] == DEFERRED_VERSION
+    out.append((v13, False))
     # a larger table, whose second planes travel in context order: hostile orders too
     g = torch.Generator().manual_seed(0)
     table = {"emb.weight": torch.randn(256, 64, generator=g)}
     read = torch.zeros(256)
     read[:64] = 4.0 ** -torch.arange(64).float().clamp(max=3)
-    ordered = encode_state(table, parse_spec("quant=8:symmetric:block32,levels=2+1+1+4"), seed=0,
-                           calibration=Calibration(rows={"emb.weight": read}))  # fmt: skip
+    in_order = Calibration(rows={"emb.weight": read}, defer=False)
+    ordered = encode_state(
+        table, parse_spec("quant=8:symmetric:block32,levels=2+1+1+4"), seed=0, calibration=in_order
+    )
     assert any(r.context_order for r in ordered.records)
     out.append((ordered.to_bytes(), False))
     return out

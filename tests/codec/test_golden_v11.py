@@ -39,7 +39,7 @@ def row_weights() -> torch.Tensor:
 
 def _encode(name: str) -> bytes:
     text, delta = CASES[name]
-    calibration = Calibration(rows={"large.weight": row_weights()})
+    calibration = Calibration(rows={"large.weight": row_weights()}, defer=False)
     return encode_state(
         _state(0), parse_spec(text), base_of(delta), seed=0, calibration=calibration
     ).to_bytes()

@@ -3,6 +3,8 @@ each tier a progressive tensor of its own, joined again by every decoder."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -10,7 +12,7 @@ from hypothesis import strategies as st
 
 from fedsqueeze.codec import EncodedModel, decode_prefix, decode_state, encode_state
 from fedsqueeze.codec.bytesio import ByteReader, write_varint
-from fedsqueeze.codec.container import ROW_TIERS_VERSION, DecodeLimits
+from fedsqueeze.codec.container import DEFERRED_VERSION, ROW_TIERS_VERSION, DecodeLimits
 from fedsqueeze.codec.digest import state_digest
 from fedsqueeze.codec.level_order import LevelOrder
 from fedsqueeze.codec.model import smallest_prefix
@@ -28,7 +30,7 @@ from fedsqueeze.codec.row_tiers import (
 from fedsqueeze.codec.spec_text import parse_spec
 from fedsqueeze.codec.stream_decode import decode_stream_into, scan_stream
 from fedsqueeze.codec.stream_encode import encode_stream
-from fedsqueeze.errors import FormatError
+from fedsqueeze.errors import FormatError, TruncatedError
 
 SPEC = parse_spec("quant=8:block32:hadamard,levels=1+1+2+4")
 
@@ -167,8 +169,8 @@ def test_split_and_join_are_inverse_and_keep_positions() -> None:
 # ------------------------------------------------------------------ streams with tiers
 
 
-def _calibration(rows: int = 300) -> Calibration:
-    return Calibration(rows={"emb.weight": _weights(rows)})
+def _calibration(rows: int = 300, defer: bool = False) -> Calibration:
+    return Calibration(rows={"emb.weight": _weights(rows)}, defer=defer)
 
 
 def test_a_tiered_stream_is_version_11_and_decodes_as_its_parts_would() -> None:
@@ -208,7 +210,9 @@ def test_the_most_read_rows_are_refined_first() -> None:
     middle = decode_prefix(stream[: start + (len(stream) - start) // 4])
     (split,) = encoded.splits
     held = middle.levels
-    assert held[part_name("emb.weight", 0)] > held[part_name("emb.weight", split.count - 1)]
+    # (a deferred tier not held yet counts as level -1)
+    lightest = held.get(part_name("emb.weight", split.count - 1), -1)
+    assert held[part_name("emb.weight", 0)] > lightest
     # and the row-weighted error at that prefix is below the untiered stream's
     plain = encode_state(state, SPEC, seed=0)
     plain_stream = plain.to_bytes()[:-4]
@@ -302,16 +306,17 @@ def test_the_streaming_encoder_writes_the_same_stream() -> None:
             return len(self.bodies) - 1
 
     state = _state(0)
-    for base in (None, _state(1)):
+    for base, defer in ((None, False), (_state(1), False), (None, True)):
         store = Store()
         plan = encode_stream(
-            state, SPEC, store, base, seed=0, workers=1, calibration=_calibration()
+            state, SPEC, store, base, seed=0, workers=1, calibration=_calibration(defer=defer)
         )
         streamed = plan.header.to_bytes() + b"".join(
             r.header_bytes() + store.bodies[r.token] for r in plan.records
         )
-        whole = encode_state(state, SPEC, base, seed=0, calibration=_calibration())
+        whole = encode_state(state, SPEC, base, seed=0, calibration=_calibration(defer=defer))
         assert streamed == whole.to_bytes()[:-4]
+        assert streamed[3] == (DEFERRED_VERSION if defer else ROW_TIERS_VERSION)
 
 
 def test_weighted_order_gives_each_tier_its_tables_weight() -> None:
@@ -562,3 +567,204 @@ def test_refinements_of_tiers_can_be_ordered_by_a_loss() -> None:
         again = EncodedModel.from_bytes(ordered.to_bytes())
         for name, tensor in decode_state(encoded, held).items():
             assert torch.equal(decode_state(again, held)[name], tensor), name
+
+
+# ------------------------------------------------------------ deferred tiers (version 13)
+
+
+def test_a_full_model_defers_its_light_tiers_and_fills_them_with_their_mean_row() -> None:
+    state = _state(0, rows=600, dim=32)
+    state["emb.weight"] += 0.5  # a common offset the fill rows hold
+    w = _weights(600, unseen_from=200)
+    encoded = encode_state(
+        state, SPEC, seed=0, calibration=Calibration(rows={"emb.weight": w}, defer=True)
+    )
+    data = encoded.to_bytes()
+    assert data[3] == DEFERRED_VERSION
+    (split,) = encoded.splits
+    assert split.deferred == split.count - 1 and split.first_deferred == 1
+    assert EncodedModel.from_bytes(data).splits == encoded.splits
+    late = set(split.deferred_parts())
+    # the other base levels first (the header counts them), each deferred base level
+    # later but before its own refinements
+    names = [r.name for r in encoded.records if r.level == 0]
+    assert encoded.base_records == len(names) - len(late)
+    assert not late & set(names[: encoded.base_records])
+    first_refinement = next(i for i, r in enumerate(encoded.records) if r.level > 0)
+    assert any(r.level == 0 and r.name in late for r in encoded.records[first_refinement:]), (
+        "the order put no deferred base level after a refinement"
+    )
+    # the smallest prefix holds only tier 0 of the table: the other rows are their means
+    stream = data[:-4]
+    start = smallest_prefix(encoded)
+    eager = encode_state(state, SPEC, seed=0, calibration=_calibration(600))
+    assert start < smallest_prefix(eager)
+    first = decode_prefix(stream[:start]).state["emb.weight"]
+    table = state["emb.weight"]
+    for k in range(1, split.count):
+        rows = split.indices[k]
+        mean = table[rows].to(torch.float64).mean(dim=0).to(torch.float32)
+        assert torch.equal(first[rows], mean.expand(rows.numel(), -1))
+    # the whole stream: every tier its part plus its fill row, as close as without deferral
+    whole = decode_state(EncodedModel.from_bytes(data))["emb.weight"]
+    assert (whole - table).norm() / table.norm() < 0.02
+    # scanned and decoded into place the same way
+    layout = scan_stream(memoryview(stream))
+    target = {n: torch.empty_like(t) for n, t in state.items()}
+    decode_stream_into(memoryview(stream), layout, target)
+    assert torch.equal(target["emb.weight"], whole)
+
+
+def test_every_prefix_of_a_deferred_stream_decodes_and_the_error_falls() -> None:
+    state = _state(3, rows=400, dim=32)
+    state["emb.weight"] -= 0.3
+    w = _weights(400, unseen_from=120)
+    encoded = encode_state(
+        state, SPEC, seed=0, calibration=Calibration(rows={"emb.weight": w}, defer=True)
+    )
+    stream = encoded.to_bytes()[:-4]
+    start = smallest_prefix(encoded)
+    with pytest.raises(TruncatedError):
+        decode_prefix(stream[: start - 1])
+    held = w.clone()
+    held[held == 0] = 1e-12
+    last = float("inf")
+    for cut in [*range(start, len(stream), 61), len(stream)]:
+        got = decode_prefix(stream[:cut])
+        error = _weighted_error(got.state["emb.weight"], state["emb.weight"], held)
+        assert error <= last * (1 + 1e-3) + 1e-9
+        last = error
+    assert got.complete
+
+
+def test_deltas_sparse_specs_and_the_default_send_every_tier_first() -> None:
+    state, base = _state(0), _state(1)
+    w = _weights(300)
+    for spec, held in ((SPEC, base), (parse_spec("prune=l1:0.5,quant=8,levels=2+2+4"), None)):
+        encoded = encode_state(
+            state, spec, held, seed=0, calibration=Calibration(rows={"emb.weight": w}, defer=True)
+        )
+        (split,) = encoded.splits
+        assert split.deferred == 0 and encoded.to_bytes()[3] == ROW_TIERS_VERSION
+    eager = encode_state(state, SPEC, seed=0, calibration=_calibration())
+    assert eager.splits[0].deferred == 0  # off by default
+    assert eager.base_records == sum(1 for r in eager.records if r.level == 0)
+
+
+def test_center_and_join_are_inverse_and_a_missing_deferred_part_is_its_fill() -> None:
+    table = torch.randn(40, 4, 3) + 2.0
+    tiers = torch.tensor([0, 1, 2, 2] * 10, dtype=torch.uint8)
+    plain = RowSplit("t", tiers.numpy().tobytes(), 3)
+    means = [table[plain.indices[k]].mean(dim=0).flatten() for k in (1, 2)]
+    split = replace(plain, deferred=2, fills=tuple(m.numpy().tobytes() for m in means))
+    parts = split.center(split.split(table))
+    assert torch.equal(parts["t#tier0"], table[split.indices[0]])
+    assert torch.allclose(parts["t#tier2"].mean(dim=0), torch.zeros(4, 3), atol=1e-6)
+    assert torch.allclose(split.join(parts), table, atol=1e-6)
+    del parts["t#tier2"]
+    joined = split.join(parts)
+    assert torch.equal(joined[split.indices[2]][5], means[1].reshape(4, 3))
+    with pytest.raises(FormatError, match="lacks"):
+        plain.join(parts)
+    with pytest.raises(FormatError, match="fill row of 12 values"):
+        split.join({p: t[:, :2] for p, t in split.split(table).items()})
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"deferred": 2}, "deferred tiers"),
+        ({"deferred": 1}, "fill rows"),
+        ({"deferred": 1, "fills": (b"\x00\x00",)}, "float32"),
+        ({"deferred": 1, "fills": (torch.tensor([float("nan")]).numpy().tobytes(),)}, "finite"),
+    ],
+)
+def test_bad_deferred_splits_are_refused(kwargs: dict[str, object], match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        RowSplit("t", bytes([0, 1, 1]), 2, **kwargs)  # type: ignore[arg-type]
+
+
+def _deferring(body: bytes) -> bytes:
+    return _raw_split(b"t", 3, 2, bytes([0, 1, 1])) + body
+
+
+@pytest.mark.parametrize(
+    ("data", "match"),
+    [
+        (_deferring(bytes([2])), "deferred tiers of"),
+        (_deferring(bytes([1, 0])), "empty fill row"),
+        (_deferring(bytes([1, 4]) + b"\x00" * 8), "truncated"),
+        (_deferring(bytes([1, 1]) + torch.tensor([float("inf")]).numpy().tobytes()), "finite"),
+        (_deferring(b""), "truncated"),
+    ],
+)
+def test_hostile_deferred_tiers_raise_format_errors(data: bytes, match: str) -> None:
+    with pytest.raises(FormatError, match=match):
+        parse_splits(ByteReader(data), 10, 1 << 20, 1024, deferring=True)
+
+
+def test_the_split_list_with_deferred_tiers_round_trips() -> None:
+    fill = torch.arange(6, dtype=torch.float32).numpy().tobytes()
+    splits = [
+        RowSplit("t", bytes([0, 1, 2, 2]), 3, 2, (fill, fill)),
+        RowSplit("u", bytes([1, 0]), 2),
+    ]
+    out = bytearray()
+    write_splits(out, splits, deferring=True)
+    assert parse_splits(ByteReader(bytes(out)), 10, 1 << 20, 1024, deferring=True) == tuple(splits)
+    with pytest.raises(ValueError, match="version 13"):
+        write_splits(bytearray(), splits)
+
+
+def test_deferred_streams_out_of_order_are_refused() -> None:
+    state = _state(0, rows=600)
+    w = _weights(600, unseen_from=200)
+    encoded = encode_state(
+        state, SPEC, seed=0, calibration=Calibration(rows={"emb.weight": w}, defer=True)
+    )
+    records = list(encoded.records)
+    late = set(encoded.splits[0].deferred_parts())
+    at = next(i for i, r in enumerate(records) if r.level == 0 and r.name in late)
+    # a deferred base level among the others (the header's count then names it early)
+    early = [records[at], *records[:at], *records[at + 1 :]]
+    # a refinement of a deferred tier before its base level
+    index = sum(1 for r in records[:at] if r.level == 0)
+    refinement = next(r for r in records[at:] if r.level == 1 and r.index == index)
+    moved = [r for r in records if r is not refinement]
+    moved.insert(at, refinement)
+    for hostile in (early, moved):
+        data = EncodedModel(encoded.spec, None, tuple(hostile), splits=encoded.splits).to_bytes()
+        with pytest.raises(FormatError, match=r"not one stream|refines"):
+            decode_state(EncodedModel.from_bytes(data))
+        with pytest.raises(FormatError, match=r"not one stream|refines"):
+            decode_prefix(data[:-4])
+    # a delta's header never defers
+    delta = encode_state(state, SPEC, _state(1, rows=600), seed=0)
+    header = replace(delta.header, version=DEFERRED_VERSION, splits=encoded.splits)
+    with pytest.raises(ValueError, match="delta"):
+        header.to_bytes()
+
+
+def test_a_deferred_streams_segments_decode_from_the_smallest_prefix_on() -> None:
+    from fedsqueeze.codec.segments import split_progressive
+
+    state = _state(2, rows=500)
+    w = _weights(500, unseen_from=100)
+    encoded = encode_state(
+        state, SPEC, seed=0, calibration=Calibration(rows={"emb.weight": w}, defer=True)
+    )
+    segments = split_progressive(encoded, 512, 4096)
+    start = smallest_prefix(encoded)
+    joined = b""
+    decoded = 0
+    for segment in segments:
+        joined += segment.payload
+        if len(joined) >= start and len(joined) < len(encoded.to_bytes()) - 4:
+            got = decode_prefix(joined)
+            assert set(got.state) == set(state) and not got.complete
+            decoded += 1
+    assert decoded >= 3 and joined == encoded.to_bytes()[:-4]
+    # a deferred base level travels in a segment of level 0 among the refinements'
+    late = set(encoded.splits[0].deferred_parts())
+    first_refinement = next(i for i, s in enumerate(segments) if s.level > 0)
+    assert any(late & set(s.tensor_names) and s.level == 0 for s in segments[first_refinement:])
