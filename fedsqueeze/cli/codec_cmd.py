@@ -117,9 +117,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--defer-tiers",
         action="store_true",
         help="with row weights in --calibration, a full model of a dense spec: defer the "
-        "base level of every tier but the most-read one to where the rate-distortion "
-        "order puts it; until then those rows decode to their tier's mean row, so much "
-        "smaller prefixes decode (format version 13; README, 'Row tiers')",
+        "base level of the least-read tier to where the rate-distortion order puts it; "
+        "until then those rows decode to their mean row, so much smaller prefixes decode "
+        "(format version 13; README, 'Row tiers')",
     )
     enc.add_argument(
         "--calibration-margin",

@@ -104,13 +104,13 @@ class Calibration:
         weight (:mod:`fedsqueeze.codec.row_tiers`, format version 11), so the rows read
         most get their refinements first.
     defer
-        With ``rows``, in a full model of a dense spec (not a delta): every tier but the
-        most-read one is *deferred* (format version 13): its base level travels where
-        the rate-distortion order puts it, and until then its rows decode to the tier's
+        With ``rows``, in a full model of a dense spec (not a delta): the lightest tier
+        is *deferred* (format version 13): its base level travels where the
+        rate-distortion order puts it, and until then its rows decode to the tier's
         mean row, so rows hardly read need not cost a bit each before the rest of the
         model is refined, and much smaller prefixes decode. Off by default: the order
-        is only as good as the row weights, and with counts of generic text it sends
-        the rarely read rows too late (BENCHMARKS.md, "Deferred tiers").
+        is only as good as the row weights, and with counts of text the model does not
+        serve it sends those rows too late (BENCHMARKS.md, "Deferred tiers").
     """
 
     hessians: Mapping[str, Tensor] = field(default_factory=dict)

@@ -38,20 +38,26 @@ calibration text, or counts the clients add up) the encoder splits the table int
   row count, tier count and each row's tier (a byte per row, zstd-compressed when that
   is smaller); decoders split a delta's base with them and join the decoded parts
   (:func:`join_state`) into the table;
-* **deferred tiers** (format v13, a full model of a dense spec, unless
-  ``Calibration(defer=False)``): a base level in every tier makes each prefix pay for
-  every row at least once, a bit per value for rows the text hardly reads (the
-  lightest tier of all-MiniLM-L6-v2's word embeddings is about 27,000 rows, 1.3 MB at
-  one bit, a quarter of 1/16 of the model). So every tier but tier 0 is *deferred*: it
-  codes its rows less its *fill row* (the tier's mean row, float32, in the header), its
-  base level is ordered with the refinements as its first level (its gain: the squared
-  error it removes beyond the fill, so the rate-distortion order decides when those
-  rows are worth their bytes), and until it arrives a decoder gives each of the tier's
-  rows the fill row. The smallest prefix holds tier 0's base level only, and every
-  prefix still decodes to a whole model. Deltas keep every tier (their missing parts
-  are the base's rows already), and so do sparse specs (a pruned value must decode to
-  zero, not to the mean). The header count of base-level records counts the others;
-  a deferred base-level record comes after them and before its own refinements.
+* **deferred tiers** (format v13; opt-in, ``Calibration(defer=True)``, for a full
+  model of a dense spec): a base level in every tier makes each prefix pay for every
+  row at least once, a bit per value for rows the text hardly reads (the lightest tier
+  of all-MiniLM-L6-v2's word embeddings is about 27,000 rows, 1.3 MB at one bit, a
+  quarter of 1/16 of the model). So the lightest tier is *deferred*: it codes its rows
+  less its *fill row* (the tier's mean row, float32, in the header), its base level is
+  ordered with the refinements as its first level (its gain: the squared error it
+  removes beyond the fill, so the rate-distortion order decides when those rows are
+  worth their bytes), and until it arrives a decoder gives each of its rows the fill
+  row. The smallest prefix then lacks that tier, and every prefix still decodes to a
+  whole model. (The format lets any trailing tiers but tier 0 be deferred; the encoder
+  defers one, see :func:`~fedsqueeze.codec.tier_plan.plan_tiers`.) Deltas keep every
+  tier (their missing parts are the base's rows already), and so do sparse specs (a
+  pruned value must decode to zero, not to the mean). The header's count of
+  base-level records counts the others; a deferred base-level record comes after them
+  and before its own refinements. What it buys depends on the row weights: the order
+  values rows by their reads, and rows the weights call unread but the served text
+  reads cost much more than their weight when left at the fill row (BENCHMARKS.md,
+  "Deferred tiers": 1/32 of fp32 decodes, 1/16 gains a little, 1/8 loses), so it is
+  off by default.
 
 What it buys (BENCHMARKS.md, "Row tiers: bits per row in the stream"; all-MiniLM-L6-v2,
 ``quant=8:symmetric:block384:dq:hadamard,levels=2+1+1+1+1+2``, weighted order, GPTQ

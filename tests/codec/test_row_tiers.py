@@ -582,7 +582,7 @@ def test_a_full_model_defers_its_light_tiers_and_fills_them_with_their_mean_row(
     data = encoded.to_bytes()
     assert data[3] == DEFERRED_VERSION
     (split,) = encoded.splits
-    assert split.deferred == split.count - 1 and split.first_deferred == 1
+    assert split.deferred == 1 and split.first_deferred == split.count - 1
     assert EncodedModel.from_bytes(data).splits == encoded.splits
     late = set(split.deferred_parts())
     # the other base levels first (the header counts them), each deferred base level
@@ -594,14 +594,14 @@ def test_a_full_model_defers_its_light_tiers_and_fills_them_with_their_mean_row(
     assert any(r.level == 0 and r.name in late for r in encoded.records[first_refinement:]), (
         "the order put no deferred base level after a refinement"
     )
-    # the smallest prefix holds only tier 0 of the table: the other rows are their means
+    # the smallest prefix lacks the lightest tier: its rows are their mean row
     stream = data[:-4]
     start = smallest_prefix(encoded)
     eager = encode_state(state, SPEC, seed=0, calibration=_calibration(600))
     assert start < smallest_prefix(eager)
     first = decode_prefix(stream[:start]).state["emb.weight"]
     table = state["emb.weight"]
-    for k in range(1, split.count):
+    for k in range(split.first_deferred, split.count):
         rows = split.indices[k]
         mean = table[rows].to(torch.float64).mean(dim=0).to(torch.float32)
         assert torch.equal(first[rows], mean.expand(rows.numel(), -1))
