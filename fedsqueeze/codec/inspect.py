@@ -12,7 +12,7 @@ from fedsqueeze.codec.container import TensorRecord, ValueKind
 from fedsqueeze.codec.grouping import holds_buckets, holds_joint
 from fedsqueeze.codec.model import EncodedModel
 from fedsqueeze.codec.positions import PositionCoding
-from fedsqueeze.codec.row_tiers import split_shapes
+from fedsqueeze.codec.row_tiers import deferred_parts, split_shapes
 from fedsqueeze.codec.spec import Granularity
 from fedsqueeze.codec.tensor_decode import TensorDecoder
 
@@ -86,6 +86,7 @@ def describe(
     resolving = split_shapes(base, encoded.splits) if base else None
     decoder = TensorDecoder(resolving, None)
     rows: list[RecordInfo] = []
+    late = deferred_parts(encoded.splits)
     level_zero: list[int] = []  # the row of each level-0 record, in stream order
     for record in encoded.records:
         index = record.index if record.index is not None else -1
@@ -114,7 +115,8 @@ def describe(
                 name=name,
                 shape=shape,
                 dtype=dtype,
-                stages=stages_of(record),
+                stages=stages_of(record)
+                + (", deferred (its mean row until its base level)" if name in late else ""),
                 raw_bytes=numel * width,
                 encoded_bytes=len(record.to_bytes()),
                 payload_bytes=len(record.body),

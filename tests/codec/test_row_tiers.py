@@ -392,7 +392,7 @@ def test_inspect_has_a_row_per_tensor_and_tier_with_every_level_counted() -> Non
     from fedsqueeze.codec.inspect import describe
 
     state = _state(0)
-    for calibration in (None, _calibration()):
+    for calibration in (None, _calibration(), _calibration(defer=True)):
         for base in (None, _state(1)):
             encoded = encode_state(state, SPEC, base, seed=0, calibration=calibration)
             rows = describe(encoded, base)
@@ -402,6 +402,9 @@ def test_inspect_has_a_row_per_tensor_and_tier_with_every_level_counted() -> Non
             assert names == (set(state) - tables) | parts
             assert sum(r.payload_bytes for r in rows) == sum(len(r.body) for r in encoded.records)
             assert sum(r.raw_bytes for r in rows) == sum(t.numel() * 4 for t in state.values())
+            late = {p for s in encoded.splits for p in s.deferred_parts()}
+            assert {r.name for r in rows if "deferred" in r.stages} == late
+            assert bool(late) == (calibration is not None and calibration.defer and base is None)
 
 
 # --------------------------------------------------------- planes in context order
