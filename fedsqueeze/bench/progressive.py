@@ -64,7 +64,12 @@ import torch
 
 from fedsqueeze.bench.gptq_probe import minilm_moments
 from fedsqueeze.bench.level_designs import compare_designs, print_designs
-from fedsqueeze.bench.row_probe import ROW_SOURCES, minilm_row_weights
+from fedsqueeze.bench.row_probe import (
+    EMBEDDINGS,
+    ROW_SOURCES,
+    minilm_row_weights,
+    minilm_tier_costs,
+)
 from fedsqueeze.codec import CodecSpec, decode_prefix, encode_state, smallest_prefix
 from fedsqueeze.codec.level_order import LevelOrder
 from fedsqueeze.codec.nested_gptq import Calibration
@@ -320,6 +325,7 @@ def run(
             weights = _minilm_weights(report, out, state)
         hessians: dict[str, torch.Tensor] | None = None
         rows: dict[str, dict[str, torch.Tensor]] = {}
+        costs: dict[str, tuple[float, float]] = {}
         for i, (text, order) in enumerate(minilm_curves):
             margin = minilm_margins[i] if i < len(minilm_margins) else None
             tiers = minilm_tiers[i] if i < len(minilm_tiers) else None
@@ -329,11 +335,15 @@ def run(
                     hessians = hessians or minilm_moments(out)
                 if tiers is not None and tiers not in rows:
                     rows[tiers] = minilm_row_weights(out, tiers)
+                defer = i < len(minilm_defer) and minilm_defer[i]
+                if defer and tiers is not None and tiers not in costs:
+                    costs[tiers] = minilm_tier_costs(out, tiers)
                 calibration = Calibration(
                     hessians=hessians if hessians is not None and margin is not None else {},
                     margin=margin or 0,
                     rows=rows[tiers] if tiers is not None else {},
-                    defer=i < len(minilm_defer) and minilm_defer[i],
+                    defer=defer,
+                    tier_costs={EMBEDDINGS: costs[tiers]} if defer and tiers is not None else {},
                 )
             points = (fp32 // 4, fp32 // 6, fp32 // 7, fp32 // 8, fp32 // 16, fp32 // 32)
             curve = prefix_curve(
@@ -346,6 +356,7 @@ def run(
             curve["gptq_margin"] = margin
             curve["row_tiers"] = tiers
             curve["deferred_tiers"] = calibration is not None and calibration.defer
+            curve["tier_costs"] = costs.get(tiers) if curve["deferred_tiers"] and tiers else None
             curves.append(curve)
             _print_curve(out, f"MiniLM embedding cosine ({len(sentences)} sentences)", curve, fp32)
             for row in curve["loss_split"]:

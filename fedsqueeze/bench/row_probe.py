@@ -45,6 +45,7 @@ __all__ = [
     "ROW_SOURCES",
     "minilm_row_probe",
     "minilm_row_weights",
+    "minilm_tier_costs",
     "row_plan_choice",
     "row_weights",
 ]
@@ -251,3 +252,85 @@ def minilm_row_weights(
         "Good-Turing unseen mass)"
     )
     return {EMBEDDINGS: row_weights(ids, rows)}
+
+
+def minilm_tier_costs(
+    out: Callable[[str], None] = print, source: str = "calibration", sentences: int = 512
+) -> tuple[float, float]:
+    """The ``(unread, fill)`` costs of all-MiniLM-L6-v2's word embeddings for a deferred
+    tier (:attr:`~fedsqueeze.codec.nested_gptq.Calibration.tier_costs`), measured on
+    ``source``'s text held out from itself: row weights (:func:`row_weights`) from its
+    even lines, the embedding cosine on up to ``sentences`` of its odd lines (30 to 200
+    characters), and three perturbations of the table, each against the cost per unit
+    of weighted squared error it predicts:
+
+    * noise of 0.3 times each row's norm in the rows the even lines read (the reference);
+    * noise of 0.6 times each row's distance to their mean in the rows they do not read:
+      ``unread`` is its cost per unit over the reference's;
+    * those rows at their mean row: ``fill`` is its cost per unit over that noise's.
+
+    Raises
+    ------
+    ValueError
+        An unknown ``source``.
+    RuntimeError
+        Without the bench extra (the MiniLM weights).
+    """
+    from fedsqueeze.bench.codec import require_minilm
+    from fedsqueeze.bench.progressive import stdlib_sentences
+    from fedsqueeze.bench.sensitivity import calibration_text, domain_text
+
+    if source not in ROW_SOURCES:
+        raise ValueError(
+            f"unknown row-weight source {source!r}; choose from {', '.join(ROW_SOURCES)}"
+        )
+    model, inner = require_minilm("tier costs")
+    texts = {"calibration": calibration_text, "domain": domain_text, "test": stdlib_sentences}
+    lines = texts[source]()
+    held = [line for line in lines[1::2] if 30 <= len(line) <= 200]
+    held = held[:: max(1, len(held) // sentences)][:sentences]
+    ids = [i for line in lines[0::2] for i in model.tokenizer(line)["input_ids"]]
+    weight = inner.state_dict()[EMBEDDINGS]  # shares the parameter's storage
+    table = weight.clone()
+    w = row_weights(ids, table.shape[0])
+    read = torch.bincount(torch.tensor(ids), minlength=table.shape[0]) > 0
+    with torch.no_grad():
+        reference = model.encode(held, convert_to_tensor=True, normalize_embeddings=True)
+
+    def cost(rows: Tensor, changed: Tensor) -> float:
+        """Cosine lost per unit of weighted squared error with ``rows`` replaced."""
+        perturbed = table.clone()
+        perturbed[rows] = changed
+        with torch.no_grad():
+            weight.copy_(perturbed)
+            got = model.encode(held, convert_to_tensor=True, normalize_embeddings=True)
+            weight.copy_(table)
+        lost = 1.0 - float((got * reference).sum(dim=1).mean())
+        error = (changed - table[rows]).to(torch.float64).square().sum(dim=1)
+        return lost / float((w[rows] * error).sum())
+
+    g = torch.Generator().manual_seed(0)
+
+    def noise(rows: Tensor, size: Tensor) -> Tensor:
+        n = torch.randn(table[rows].shape, generator=g)
+        moved: Tensor = table[rows] + n / n.norm(dim=1, keepdim=True) * size
+        return moved
+
+    unread = ~read
+    mean = table[unread].mean(dim=0)
+    spread = (table[unread] - mean).norm(dim=1, keepdim=True)
+    base = cost(read, noise(read, 0.3 * table[read].norm(dim=1, keepdim=True)))
+    noisy = cost(unread, noise(unread, 0.6 * spread))
+    filled = cost(unread, mean.expand(int(unread.sum()), -1))
+    if base <= 0 or noisy <= 0:
+        raise ValueError(
+            f"too little {source} text: the held-out lines' embeddings do not move when "
+            "the rows the other lines read, or the others, change"
+        )
+    costs = (noisy / base, filled / noisy)
+    out(
+        f"\nDeferred-tier costs ({source} text, even lines' reads, {len(held)} odd lines): "
+        f"unread rows {costs[0]:.2f}x a read row's cost per unit, at their mean row "
+        f"{costs[1]:.2f}x their noise's"
+    )
+    return costs

@@ -119,7 +119,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="with row weights in --calibration, a full model of a dense spec: defer the "
         "base level of the least-read tier to where the rate-distortion order puts it; "
         "until then those rows decode to their mean row, so much smaller prefixes decode "
-        "(format version 13; README, 'Row tiers')",
+        "(format version 13; README, 'Row tiers'). An entry NAME#tier_costs = [unread, "
+        "fill] in the calibration file corrects the order for table NAME with costs "
+        "measured on held-out text (default 1, 1)",
     )
     enc.add_argument(
         "--calibration-margin",
@@ -299,6 +301,10 @@ def _encode(args: argparse.Namespace) -> int:
     return 0
 
 
+#: The suffix of a ``--calibration`` entry holding a table's deferred-tier costs.
+TIER_COSTS = "#tier_costs"
+
+
 def _calibration(
     path: Path | None, margin: int, spec: CodecSpec, defer: bool = False
 ) -> Calibration | None:
@@ -315,10 +321,25 @@ def _calibration(
 
     with open_model(path) as moments:
         entries = {name: t.detach().clone() for name, t in moments.items()}
+    costs = {
+        name.removesuffix(TIER_COSTS): t for name, t in entries.items() if name.endswith(TIER_COSTS)
+    }
+    entries = {name: t for name, t in entries.items() if not name.endswith(TIER_COSTS)}
     hessians = {name: t for name, t in entries.items() if t.dim() != 1}
     rows = {name: t for name, t in entries.items() if t.dim() == 1}
+    for name, t in costs.items():
+        if t.shape != (2,):
+            raise ConfigError(
+                f"--calibration {path}: {name}{TIER_COSTS} must hold 2 values (unread, fill)"
+            )
     try:
-        return Calibration(hessians, margin=margin, rows=rows, defer=defer)
+        return Calibration(
+            hessians,
+            margin=margin,
+            rows=rows,
+            defer=defer,
+            tier_costs={name: (float(t[0]), float(t[1])) for name, t in costs.items()},
+        )
     except ValueError as exc:
         raise ConfigError(f"--calibration {path}: {exc}") from exc
 

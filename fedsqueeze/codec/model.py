@@ -313,6 +313,7 @@ def prepare_encode(
         calibration.rows if calibration is not None else {},
         lambda name, t: spec.is_target(name, t.ndim, t.is_floating_point()),
         defer=base is None and (calibration is None or calibration.defer) and _dense(spec),
+        tier_costs=calibration.tier_costs if calibration is not None else None,
     )
     if plan.splits:
         state = plan.apply_parts(state)

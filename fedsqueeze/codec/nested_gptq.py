@@ -53,6 +53,7 @@ random problems; not a theorem: each level is GPTQ, a greedy rounding).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -111,6 +112,16 @@ class Calibration:
         model is refined, and much smaller prefixes decode. Off by default: the order
         is only as good as the row weights, and with counts of text the model does not
         serve it sends those rows too late (BENCHMARKS.md, "Deferred tiers").
+    tier_costs
+        With ``defer``: table name → ``(unread, fill)``, what the order's row weights
+        miss about the deferred tier, measured on held-out text (e.g.
+        :func:`fedsqueeze.bench.row_probe.minilm_tier_costs`): ``unread``, the output
+        cost per unit of weighted squared error of noise in the rows the weights call
+        unread, over that of noise in the rows they call read (the weights underrate
+        such rows); ``fill``, the cost per unit of those rows at their mean row over that
+        of noise in them (a row at the mean loses what sets it apart). The deferred
+        tier's gains are multiplied by ``unread``, and its base level's gain counts the
+        fill's squared error ``fill`` times. Missing tables: ``(1.0, 1.0)``.
     """
 
     hessians: Mapping[str, Tensor] = field(default_factory=dict)
@@ -118,10 +129,14 @@ class Calibration:
     damp: float = 0.01
     rows: Mapping[str, Tensor] = field(default_factory=dict)
     defer: bool = False
+    tier_costs: Mapping[str, tuple[float, float]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.margin < 0 or not self.damp >= 0:
             raise ValueError("margin and damp must be at least 0")
+        for name, costs in self.tier_costs.items():
+            if len(costs) != 2 or not all(math.isfinite(c) and c > 0 for c in costs):
+                raise ValueError(f"the tier costs of {name!r} must be two finite numbers > 0")
         for name, h in self.hessians.items():
             if not isinstance(h, Tensor) or h.ndim != 2 or h.shape[0] != h.shape[1]:
                 raise ValueError(f"the hessian of {name!r} must be a square matrix")

@@ -53,11 +53,15 @@ calibration text, or counts the clients add up) the encoder splits the table int
   tier (their missing parts are the base's rows already), and so do sparse specs (a
   pruned value must decode to zero, not to the mean). The header's count of
   base-level records counts the others; a deferred base-level record comes after them
-  and before its own refinements. What it buys depends on the row weights: the order
-  values rows by their reads, and rows the weights call unread but the served text
-  reads cost much more than their weight when left at the fill row (BENCHMARKS.md,
-  "Deferred tiers": 1/32 of fp32 decodes, 1/16 gains a little, 1/8 loses), so it is
-  off by default.
+  and before its own refinements. What it buys depends on the order's estimate of
+  those rows: it values rows by their reads, and rows the weights call unread cost
+  more than their weight says (the served text reads some of them), at their mean row
+  far more than their squared error says (a row at the mean loses what sets it
+  apart). Two factors measured on held-out text correct the estimate
+  (``Calibration.tier_costs``; on MiniLM the unread rows cost about 3× per unit of
+  weighted squared error what read rows do, and at their mean row about 8× what
+  noise in them does); without them deferral costs 1/8 of fp32 dearly, so it is off
+  by default (BENCHMARKS.md, "Deferred tiers").
 
 What it buys (BENCHMARKS.md, "Row tiers: bits per row in the stream"; all-MiniLM-L6-v2,
 ``quant=8:symmetric:block384:dq:hadamard,levels=2+1+1+1+1+2``, weighted order, GPTQ

@@ -31,6 +31,8 @@ class TierPlan:
     splits: tuple[RowSplit, ...] = ()
     #: part name -> (table name, the tier's mean row weight over the table's)
     parts: Mapping[str, tuple[str, float]] = field(default_factory=dict)
+    #: deferred part name -> (unread, fill) costs (``Calibration.tier_costs``)
+    costs: Mapping[str, tuple[float, float]] = field(default_factory=dict)
 
     @property
     def deferred(self) -> frozenset[str]:
@@ -62,11 +64,19 @@ class TierPlan:
     ) -> tuple[dict[str, list[ScoredLevel]], Mapping[str, float] | None]:
         """The encoder's scored levels and the order's weights with each part's gains
         row-weighted (times its tier's ratio), its energy the whole table's, and its
-        weight the table's. (A deferred part codes its rows less their fill row, so
-        its base level's gain is already what it removes beyond the fill.)"""
+        weight the table's. A deferred part codes its rows less their fill row, so its
+        base level's gain is what it removes beyond the fill; with measured
+        :attr:`costs` ``(unread, fill)`` every gain of it is multiplied by ``unread``
+        and its base level's gain counts the fill's squared error (the part's own
+        energy) ``fill`` times."""
         out = {name: list(lv) for name, lv in levels.items()}
         if not self.splits:
             return out, weights
+        for p, (unread, fill) in self.costs.items():
+            if p in out:
+                first, *rest = out[p]
+                first = replace(first, gain=first.gain + (fill - 1.0) * first.energy)
+                out[p] = [replace(s, gain=s.gain * unread) for s in (first, *rest)]
         energy: dict[str, float] = {}
         for p, (table, _ratio) in self.parts.items():
             if p in out:
@@ -89,6 +99,7 @@ def plan_tiers(
     rows: Mapping[str, Tensor],
     is_target: Callable[[str, Tensor], bool],
     defer: bool = False,
+    tier_costs: Mapping[str, tuple[float, float]] | None = None,
 ) -> TierPlan:
     """Which tables of ``state`` to split, by ``rows`` (name -> per-row weights).
 
@@ -96,7 +107,8 @@ def plan_tiers(
     spec's targets); names ``state`` lacks are ignored (a frozen table the base holds is
     not sent at all), and so are tables whose rows all fall in one band. ``defer`` (a
     full model of a dense spec): the lightest tier is deferred, its fill row its rows'
-    mean, so the rate-distortion order decides when its base level travels.
+    mean, so the rate-distortion order decides when its base level travels, its gains
+    corrected by the table's ``tier_costs`` (:attr:`TierPlan.costs`).
 
     Raises
     ------
@@ -108,6 +120,7 @@ def plan_tiers(
         return TierPlan()
     splits: list[RowSplit] = []
     parts: dict[str, tuple[str, float]] = {}
+    costs: dict[str, tuple[float, float]] = {}
     for name, w in rows.items():
         t = state.get(name)
         if t is None:
@@ -126,13 +139,16 @@ def plan_tiers(
         split = RowSplit(name, tiers.numpy().tobytes(), count)
         if defer:
             split = _deferred(split, t)
+            if tier_costs and name in tier_costs:
+                for p in split.deferred_parts():
+                    costs[p] = tier_costs[name]
         for p in split.parts():
             if p in state:
                 raise ValueError(f"the state has a tensor named {p!r}, the name of a row tier")
         splits.append(split)
         for p, ratio in zip(split.parts(), split.weight_ratios(checked), strict=True):
             parts[p] = (name, ratio)
-    return TierPlan(tuple(splits), parts)
+    return TierPlan(tuple(splits), parts, costs)
 
 
 def _deferred(split: RowSplit, table: Tensor) -> RowSplit:

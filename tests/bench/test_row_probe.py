@@ -61,3 +61,18 @@ def test_an_unknown_row_weight_source_is_refused() -> None:
 
     with pytest.raises(ValueError, match="unknown row-weight source 'tests'"):
         minilm_row_weights(source="tests")
+
+
+def test_tier_costs_are_measured_on_held_out_lines() -> None:
+    from fedsqueeze.bench.codec import minilm_sentence_model
+    from fedsqueeze.bench.row_probe import minilm_tier_costs
+
+    with pytest.raises(ValueError, match="unknown row-weight source 'tests'"):
+        minilm_tier_costs(source="tests")
+    if minilm_sentence_model() is None:
+        pytest.skip("needs the bench extra (the MiniLM weights)")
+    said: list[str] = []
+    unread, fill = minilm_tier_costs(said.append, "calibration", sentences=128)
+    # a row at the mean row costs more per unit than noise in it (8.2x on 512 lines)
+    assert 0 < unread < 100 and fill > 1.0
+    assert "128 odd lines" in said[0]

@@ -165,3 +165,38 @@ def test_defer_tiers_without_row_weights_is_one_line(tmp_path: Path) -> None:
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "--defer-tiers needs row weights" in lines[0], proc.stderr
     assert not out.exists()
+
+
+def test_tier_costs_in_the_calibration_file_reorder_the_deferred_tier(tmp_path: Path) -> None:
+    model, rows = _table_files(tmp_path)
+    counts = load_file(str(rows))["emb.weight"]
+    smoothed = counts.clone()
+    smoothed[counts == 0] = 0.01  # the unread rows weigh a little, as smoothed counts do
+    positions: list[int] = []
+    for costs in (None, [1e-4, 1.0]):
+        entries = {"emb.weight": smoothed}
+        if costs is not None:
+            entries["emb.weight#tier_costs"] = torch.tensor(costs)
+        calib = tmp_path / "calib.safetensors"
+        save_file(entries, str(calib))
+        out = tmp_path / f"{len(positions)}.fsq"
+        proc = run_cli(
+            "codec", "encode", str(model), str(out), "--spec", SPEC, "--calibration",
+            str(calib), "--defer-tiers",
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stderr
+        encoded = EncodedModel.from_bytes(out.read_bytes())
+        late = set(encoded.splits[0].deferred_parts())
+        positions.append(
+            next(i for i, r in enumerate(encoded.records) if r.level == 0 and r.name in late)
+        )
+    assert positions[1] > positions[0]  # a low unread cost sends those rows later
+    save_file({"emb.weight": smoothed, "emb.weight#tier_costs": torch.ones(3)}, str(calib))
+    bad = tmp_path / "bad.fsq"
+    proc = run_cli(
+        "codec", "encode", str(model), str(bad), "--spec", SPEC, "--calibration", str(calib),
+        "--defer-tiers",
+    )  # fmt: skip
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and "must hold 2 values" in lines[0]
+    assert not bad.exists()

@@ -771,3 +771,35 @@ def test_a_deferred_streams_segments_decode_from_the_smallest_prefix_on() -> Non
     late = set(encoded.splits[0].deferred_parts())
     first_refinement = next(i for i, s in enumerate(segments) if s.level > 0)
     assert any(late & set(s.tensor_names) and s.level == 0 for s in segments[first_refinement:])
+
+
+def test_tier_costs_move_the_deferred_base_level_earlier_and_change_only_the_order() -> None:
+    state = _state(4, rows=600)
+    from fedsqueeze.codec.row_tiers import smoothed_counts
+
+    w = smoothed_counts(_weights(600, unseen_from=150))  # the unread rows' weight above 0
+
+    def where(costs: dict[str, tuple[float, float]]) -> tuple[int, EncodedModel]:
+        cal = Calibration(rows={"emb.weight": w}, defer=True, tier_costs=costs)
+        encoded = encode_state(state, SPEC, seed=0, calibration=cal)
+        late = set(encoded.splits[0].deferred_parts())
+        at = next(i for i, r in enumerate(encoded.records) if r.level == 0 and r.name in late)
+        return at, encoded
+
+    plain, encoded = where({})
+    same, again = where({"emb.weight": (1.0, 1.0)})
+    assert again.to_bytes() == encoded.to_bytes() and same == plain
+    sooner, costly = where({"emb.weight": (3.0, 8.0)})
+    later, _cheap = where({"emb.weight": (1e-4, 1.0)})
+    assert sooner < plain < later
+    # the same records, reordered: the same model in the end
+    sizes = sorted(len(r.body) for r in encoded.records)
+    assert sorted(len(r.body) for r in costly.records) == sizes
+    for name, t in decode_state(encoded).items():
+        assert torch.equal(decode_state(costly)[name], t), name
+
+
+@pytest.mark.parametrize("costs", [(0.0, 1.0), (1.0, float("inf")), (1.0,), (-1.0, 2.0)])
+def test_bad_tier_costs_are_refused(costs: tuple[float, ...]) -> None:
+    with pytest.raises(ValueError, match="tier costs"):
+        Calibration(tier_costs={"emb.weight": costs})  # type: ignore[dict-item]
