@@ -233,18 +233,8 @@ def minilm_row_weights(
     RuntimeError
         Without the bench extra (the MiniLM weights).
     """
-    from fedsqueeze.bench.codec import require_minilm
-    from fedsqueeze.bench.progressive import stdlib_sentences
-    from fedsqueeze.bench.sensitivity import calibration_text, domain_text
-
-    if source not in ROW_SOURCES:
-        raise ValueError(
-            f"unknown row-weight source {source!r}; choose from {', '.join(ROW_SOURCES)}"
-        )
-    model, inner = require_minilm("row tiers")
+    model, inner, lines = _minilm_and_text(source, "row tiers")
     rows = inner.state_dict()[EMBEDDINGS].shape[0]
-    texts = {"calibration": calibration_text, "domain": domain_text, "test": stdlib_sentences}
-    lines = texts[source]()
     ids = [i for line in lines for i in model.tokenizer(line)["input_ids"]]
     out(
         f"\nRow weights of the word embeddings ({source} text): {len(ids)} tokens of "
@@ -272,21 +262,11 @@ def minilm_tier_costs(
     Raises
     ------
     ValueError
-        An unknown ``source``.
+        An unknown ``source``, or held-out lines no perturbation moves.
     RuntimeError
         Without the bench extra (the MiniLM weights).
     """
-    from fedsqueeze.bench.codec import require_minilm
-    from fedsqueeze.bench.progressive import stdlib_sentences
-    from fedsqueeze.bench.sensitivity import calibration_text, domain_text
-
-    if source not in ROW_SOURCES:
-        raise ValueError(
-            f"unknown row-weight source {source!r}; choose from {', '.join(ROW_SOURCES)}"
-        )
-    model, inner = require_minilm("tier costs")
-    texts = {"calibration": calibration_text, "domain": domain_text, "test": stdlib_sentences}
-    lines = texts[source]()
+    model, inner, lines = _minilm_and_text(source, "tier costs")
     held = [line for line in lines[1::2] if 30 <= len(line) <= 200]
     held = held[:: max(1, len(held) // sentences)][:sentences]
     ids = [i for line in lines[0::2] for i in model.tokenizer(line)["input_ids"]]
@@ -334,3 +314,26 @@ def minilm_tier_costs(
         f"{costs[1]:.2f}x their noise's"
     )
     return costs
+
+
+def _minilm_and_text(source: str, why: str) -> tuple[Any, torch.nn.Module, list[str]]:
+    """all-MiniLM-L6-v2 (``why``: what needs it) and the lines of ``source``'s text
+    (:data:`ROW_SOURCES`).
+
+    Raises
+    ------
+    ValueError
+        An unknown ``source``.
+    RuntimeError
+        Without the bench extra.
+    """
+    from fedsqueeze.bench.codec import require_minilm
+    from fedsqueeze.bench.progressive import stdlib_sentences
+    from fedsqueeze.bench.sensitivity import calibration_text, domain_text
+
+    if source not in ROW_SOURCES:
+        names = ", ".join(ROW_SOURCES)
+        raise ValueError(f"unknown row-weight source {source!r}; choose from {names}")
+    model, inner = require_minilm(why)
+    texts = {"calibration": calibration_text, "domain": domain_text, "test": stdlib_sentences}
+    return model, inner, texts[source]()
