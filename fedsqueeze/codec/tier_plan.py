@@ -161,6 +161,7 @@ def _deferred(split: RowSplit, table: Tensor) -> RowSplit:
     """
     last = split.count - 1
     rows = table.index_select(0, split.indices[last].to(table.device)).detach()
-    mean = rows.to(torch.float64).mean(dim=0).flatten()
-    fill = mean.to("cpu", torch.float32).contiguous().numpy().tobytes()
-    return replace(split, deferred=1, fills=(fill,))
+    mean = rows.to(torch.float64).mean(dim=0).flatten().to("cpu", torch.float32)
+    if not bool(torch.isfinite(mean).all()):
+        return split  # non-finite rows: the encoder's non-finite policy decides, undeferred
+    return replace(split, deferred=1, fills=(mean.contiguous().numpy().tobytes(),))

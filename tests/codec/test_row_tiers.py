@@ -803,3 +803,18 @@ def test_tier_costs_move_the_deferred_base_level_earlier_and_change_only_the_ord
 def test_bad_tier_costs_are_refused(costs: tuple[float, ...]) -> None:
     with pytest.raises(ValueError, match="tier costs"):
         Calibration(tier_costs={"emb.weight": costs})  # type: ignore[dict-item]
+
+
+def test_a_table_with_non_finite_rows_is_not_deferred_and_its_policy_holds() -> None:
+    from fedsqueeze.codec import NonFinite
+    from fedsqueeze.errors import NonFiniteError
+
+    state = _state(0)
+    state["emb.weight"][299, 3] = float("nan")  # a row of the lightest tier
+    cal = _calibration(defer=True)
+    with pytest.raises(NonFiniteError, match=r"emb\.weight"):
+        encode_state(state, SPEC, seed=0, calibration=cal)
+    carried = encode_state(state, SPEC, seed=0, calibration=cal, nonfinite=NonFinite.CARRY)
+    assert carried.splits[0].deferred == 0
+    back = decode_state(EncodedModel.from_bytes(carried.to_bytes()))["emb.weight"]
+    assert bool(back[299, 3].isnan())
