@@ -246,6 +246,12 @@ class EncodedModel:
         _check_level_order(
             model.records, header.base_records, header.version, deferred_parts(header.splits)
         )
+        if header.base_digest is None:  # a whole full model holds every part, deferred too
+            held = {r.name for r in records if r.level == 0}
+            for split in header.splits:
+                missing = [p for p in split.parts() if p not in held]
+                if missing:
+                    raise FormatError(f"table {split.name!r} lacks its parts {missing}")
         return model
 
     @classmethod

@@ -378,7 +378,7 @@ def test_streams_without_a_tables_parts_are_refused() -> None:
     (split,) = encoded.splits
     other = RowSplit("lin.weight", bytes([0, 1] * 16), 2)
     hostile = EncodedModel(encoded.spec, None, encoded.records, splits=(split, other))
-    with pytest.raises(FormatError, match=r"lin\.weight.*whole"):
+    with pytest.raises(FormatError, match=r"lin\.weight.*(whole|lacks its parts)"):
         decode_state(EncodedModel.from_bytes(hostile.to_bytes()))
     with pytest.raises(FormatError, match=r"lin\.weight"):
         scan_stream(memoryview(hostile.to_bytes()[:-4]))
@@ -818,3 +818,20 @@ def test_a_table_with_non_finite_rows_is_not_deferred_and_its_policy_holds() -> 
     assert carried.splits[0].deferred == 0
     back = decode_state(EncodedModel.from_bytes(carried.to_bytes()))["emb.weight"]
     assert bool(back[299, 3].isnan())
+
+
+def test_a_whole_stream_without_its_deferred_tier_is_refused() -> None:
+    state = _state(0, rows=600)
+    cal = Calibration(rows={"emb.weight": _weights(600, unseen_from=200)}, defer=True)
+    encoded = encode_state(state, SPEC, seed=0, calibration=cal)
+    late = set(encoded.splits[0].deferred_parts())
+    at = next(i for i, r in enumerate(encoded.records) if r.level == 0 and r.name in late)
+    rank = sum(1 for r in encoded.records[:at] if r.level == 0)
+    kept = tuple(
+        r for i, r in enumerate(encoded.records) if i != at and not (r.level and r.index == rank)
+    )
+    data = EncodedModel(encoded.spec, None, kept, splits=encoded.splits).to_bytes()
+    with pytest.raises(FormatError, match="lacks its parts"):
+        EncodedModel.from_bytes(data)
+    with pytest.raises(FormatError, match="lacks its parts"):
+        scan_stream(memoryview(data[:-4]))
