@@ -481,9 +481,7 @@ def _joined_residual(
         for p in s.parts()
         if p not in residual and p in parts
     }
-    # a residual is a difference: no fill row is added back to a deferred tier's
-    plain = [replace(s, deferred=0, fills=()) for s in held]
-    return join_state(residual, plain, zeros)
+    return join_state(residual, held, zeros)  # (residuals come of sparse specs: never deferred)
 
 
 def _alone(t: torch.Tensor) -> bool:
@@ -896,12 +894,11 @@ def progressive_order(
         else:
             weight_of[name] = 1.0
     name_of = {id(lv[0].record): name for name, lv in levels.items()}
-    late = [r for r in records if id(r) in name_of and name_of[id(r)] in deferred]
-    late_ids = {id(r) for r in late}
     # a deferred part carried whole (not progressive) follows the other base levels
+    late = [r for r in records if r.levels and r.name in deferred]
     late_plain = [r for r in records if not r.levels and r.name in deferred]
     plain = [r for r in records if not r.levels and r.name not in deferred]
-    progressive = [r for r in records if r.levels and id(r) not in late_ids]
+    progressive = [r for r in records if r.levels and r.name not in deferred]
 
     def base_score(r: TensorRecord) -> float:
         name = name_of[id(r)]
