@@ -34,7 +34,10 @@ from fedsqueeze.codec.row_tiers import smoothed_counts
 from fedsqueeze.errors import ConfigError, first_line
 
 __all__ = [
+    "HELD_OUT_LINES",
+    "TIER_COSTS",
     "check_model_dir",
+    "held_out_tier_costs",
     "input_moments",
     "read_lines",
     "row_counts",
@@ -163,25 +166,36 @@ def text_calibration(
     batch: int = 32,
     max_length: int = 128,
     progress: Callable[[int, int], None] | None = None,
+    prior: Sequence[str] = (),
+    tier_costs: bool = False,
 ) -> dict[str, Tensor]:
     """Input moments of every Linear and row weights of the input embeddings of the
     Hugging Face model in ``model_dir`` (config, weights and tokenizer files; loaded
     offline by ``transformers``, the ``text`` extra), over ``lines`` in batches of
     ``batch``, each line cut to ``max_length`` tokens. Moments are float32 ``[cols,
     cols]``; row weights float64 ``[rows]``, the rows never read sharing the Good-Turing
-    unseen mass (:func:`~fedsqueeze.codec.row_tiers.smoothed_counts`). ``progress(done,
-    total)`` is called after each batch.
+    unseen mass (:func:`~fedsqueeze.codec.row_tiers.smoothed_counts`), evenly or, with
+    ``prior`` lines (generic text of the model's kind), in proportion to how often the
+    tokenizer reads each row in them (a back-off; no forward pass). ``progress(done,
+    total)`` is called after each batch. ``tier_costs``: the input embeddings' deferred-
+    tier costs too, measured on the lines held out from themselves
+    (:func:`held_out_tier_costs`: the weights from the even lines, the output on up to
+    :data:`HELD_OUT_LINES` odd ones; four more passes over those), as the entry
+    ``NAME#tier_costs`` (float64 ``[unread, fill]``).
 
     Raises
     ------
     ConfigError
         Without ``transformers``, a directory ``transformers`` cannot load a model and
-        tokenizer from, no lines, or a batch or length below 1.
+        tokenizer from, no lines, or a batch or length below 1; with ``tier_costs``,
+        fewer than 4 lines or held-out lines the changes do not move.
     """
     if batch < 1 or max_length < 1:
         raise ConfigError(f"batch and max_length must be at least 1, got {batch} and {max_length}")
     if not lines:
         raise ConfigError("no text to calibrate on")
+    if tier_costs and len(lines) < 4:
+        raise ConfigError(f"tier costs need at least 4 lines of text, got {len(lines)}")
     model, tokenizer = _load(model_dir)
     if getattr(tokenizer, "pad_token", None) is None:
         # Padded tokens are masked out of every statistic, so any token pads; a
@@ -220,10 +234,158 @@ def text_calibration(
         raise ConfigError(
             f"running the model in {model_dir} on the text failed: {first_line(exc)}"
         ) from None
-    return {
-        name: smoothed_counts(value) if value.ndim == 1 else value.to(torch.float32)
+    backoff = _token_counts(tokenizer, prior, max_length, embeddings) if prior else None
+    result = {
+        name: smoothed_counts(value, backoff) if value.ndim == 1 else value.to(torch.float32)
         for name, value in total.items()
     }
+    if tier_costs:
+        (table,) = (name for name, value in result.items() if value.ndim == 1)
+        fit = _token_counts(tokenizer, lines[0::2], max_length, embeddings)
+        held = lines[1::2][:: max(1, len(lines[1::2]) // HELD_OUT_LINES)][:HELD_OUT_LINES]
+
+        def embed(texts: Sequence[str]) -> Tensor:
+            return _pooled(model, tokenizer, texts, batch, max_length)
+
+        try:
+            costs = held_out_tier_costs(
+                embed, embeddings.weight, smoothed_counts(fit, backoff), fit > 0, held
+            )
+        except ValueError as exc:
+            raise ConfigError(f"tier costs: {exc}") from None
+        result[table + TIER_COSTS] = torch.tensor(costs, dtype=torch.float64)
+    return result
+
+
+#: The suffix of a calibration entry holding a table's deferred-tier costs.
+TIER_COSTS = "#tier_costs"
+#: Most held-out lines the tier costs are measured on.
+HELD_OUT_LINES = 512
+#: A mean cosine lost below this is float rounding (float32 outputs): the output did not move.
+_UNMOVED = 1e-6
+
+
+def held_out_tier_costs(
+    embed: Callable[[Sequence[str]], Tensor],
+    table: Tensor,
+    weights: Tensor,
+    read: Tensor,
+    held: Sequence[str],
+    seed: int = 0,
+) -> tuple[float, float]:
+    """The ``(unread, fill)`` costs of a lookup table's deferred tier
+    (:attr:`~fedsqueeze.codec.nested_gptq.Calibration.tier_costs`): how much the model's
+    output on ``held`` lines moves, per unit of the row-weighted squared error the
+    encoder's order predicts, under three changes of ``table`` (changed in place, and
+    restored before this returns):
+
+    * noise of 0.3 times each row's norm in the rows ``read`` marks (the reference);
+    * noise of 0.6 times each row's distance to their mean in the rows it does not mark:
+      ``unread`` is its cost per unit over the reference's;
+    * those rows at their mean row: ``fill`` is its cost per unit over that noise's.
+
+    ``embed(lines)`` gives one unit-norm output row per line (e.g. mean-pooled last
+    hidden states); ``weights`` are the row weights of the text that ``read`` counts
+    (held out from ``held``), the cost is 1 − the mean cosine to the unchanged output.
+
+    Raises
+    ------
+    ValueError
+        No held-out line, no row read or none unread, or held-out outputs that the
+        reference or the noise does not move.
+    """
+    if not held:
+        raise ValueError("no held-out lines")
+    if not bool(read.any()) or bool(read.all()):
+        raise ValueError("the fitting lines read no row, or every row: nothing to compare")
+    original = table.detach().clone()
+    w = weights.to(torch.float64)
+    with torch.no_grad():
+        reference = embed(held)
+
+    def cost(rows: Tensor, changed: Tensor) -> float:
+        perturbed = original.clone()
+        perturbed[rows] = changed.to(original.dtype)
+        with torch.no_grad():
+            try:
+                table.copy_(perturbed)
+                got = embed(held)
+            finally:
+                table.copy_(original)
+        lost = 1.0 - float((got * reference).sum(dim=1).mean())
+        if lost < _UNMOVED:
+            lost = 0.0  # rounding, not a change of the output
+        error = (changed.to(torch.float64) - original[rows].to(torch.float64)).square().sum(1)
+        return lost / float((w[rows] * error).sum())
+
+    g = torch.Generator().manual_seed(seed)
+
+    def noise(rows: Tensor, size: Tensor) -> Tensor:
+        n = torch.randn(original[rows].shape, generator=g)
+        moved: Tensor = original[rows].to(torch.float32) + n / n.norm(dim=1, keepdim=True) * size
+        return moved
+
+    rows = original.to(torch.float32)
+    unread = ~read
+    mean = rows[unread].mean(dim=0)
+    spread = (rows[unread] - mean).norm(dim=1, keepdim=True)
+    base = cost(read, noise(read, 0.3 * rows[read].norm(dim=1, keepdim=True)))
+    noisy = cost(unread, noise(unread, 0.6 * spread))
+    filled = cost(unread, mean.expand(int(unread.sum()), -1))
+    if base <= 0 or noisy <= 0:
+        raise ValueError(
+            "too little text: the held-out lines' outputs do not move when the rows the "
+            "other lines read, or the others, change"
+        )
+    return noisy / base, filled / noisy
+
+
+def _pooled(
+    model: Any, tokenizer: Any, lines: Sequence[str], batch: int, max_length: int
+) -> Tensor:
+    """Each line's last hidden state, mean-pooled over its tokens and of unit norm."""
+    out: list[Tensor] = []
+    for start in range(0, len(lines), batch):
+        features = tokenizer(
+            list(lines[start : start + batch]),
+            padding=batch > 1,
+            truncation=True,
+            max_length=max_length,
+            return_tensors="pt",
+        )
+        mask = features.get("attention_mask")
+        if mask is None:
+            mask = torch.ones_like(features["input_ids"])
+        hidden = model(**dict(features))[0].to(torch.float32)
+        m = mask.unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden * m).sum(dim=1) / m.sum(dim=1).clamp(min=1.0)
+        out.append(torch.nn.functional.normalize(pooled, dim=1))
+    return torch.cat(out)
+
+
+def _token_counts(
+    tokenizer: Any, lines: Sequence[str], max_length: int, embeddings: torch.nn.Module
+) -> Tensor:
+    """How often the tokenizer's ids of ``lines`` (each cut to ``max_length`` tokens) read
+    each row of ``embeddings`` (float64 ``[rows]``).
+
+    Raises
+    ------
+    ConfigError
+        An id beyond the table (a tokenizer that does not match the model).
+    """
+    rows = int(getattr(embeddings, "num_embeddings", 0))
+    counts = torch.zeros(rows, dtype=torch.float64)
+    for start in range(0, len(lines), 256):
+        ids = tokenizer(list(lines[start : start + 256]), truncation=True, max_length=max_length)
+        flat = torch.tensor([i for line in ids["input_ids"] for i in line], dtype=torch.int64)
+        if flat.numel() and int(flat.max()) >= rows:
+            raise ConfigError(
+                f"the tokenizer gives id {int(flat.max())} in the prior text, beyond the "
+                f"{rows} rows of the input embeddings"
+            )
+        counts += torch.bincount(flat, minlength=rows).to(torch.float64)
+    return counts
 
 
 def check_model_dir(model_dir: Path) -> None:

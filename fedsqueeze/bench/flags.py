@@ -80,7 +80,7 @@ def add_progressive_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--minilm-curves",
-        metavar="SPEC@ORDER[+gptq][+rows[=domain|test]][+defer];...",
+        metavar="SPEC@ORDER[+gptq][+rows[=domain|backoff|test]][+defer];...",
         help="MiniLM curves to draw instead of the built-in list, e.g. "
         "'quant=8:channel:hadamard,levels=2+1+1+1+1+2@weighted' (orders: by-level, squared, "
         "relative, weighted: Fisher sensitivities on calibration sentences); a '+gptq' "
@@ -90,7 +90,9 @@ def add_progressive_arguments(parser: argparse.ArgumentParser) -> None:
         "calibration text (every docstring line of the calibration modules) reads them "
         "(format version 11); '+rows=domain' counts the reads on the test modules' other "
         "docstring lines instead (never a test sentence: what a federation's clients would "
-        "count on their own text); '+rows=test' counts them on the test sentences themselves "
+        "count on their own text); '+rows=backoff' counts them there too and shares the "
+        "unread rows' weight by the calibration text's counts (generic text the server "
+        "holds); '+rows=test' counts them on the test sentences themselves "
         "(an upper bound on what row weights buy, not a method); '+defer' (with '+rows') "
         "defers the least-read tier: until the order sends its base level its rows decode "
         "to their mean row (format version 13), the order corrected by tier costs measured "

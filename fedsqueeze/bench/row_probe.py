@@ -30,7 +30,7 @@ allocation per tensor reaches, beside the stream.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -56,15 +56,22 @@ EMBEDDINGS = "embeddings.word_embeddings.weight"
 PLANS = ((2, 1), (3, 1), (4, 1), (5, 1), (3, 2), (4, 2), (5, 2), (6, 2), (5, 3), (6, 3))
 
 
-def row_weights(token_ids: list[int], rows: int) -> Tensor:
+def row_weights(token_ids: list[int], rows: int, prior_ids: list[int] | None = None) -> Tensor:
     """Per row: how often ``token_ids`` holds it; the unseen rows share the Good-Turing
-    unseen mass (tokens seen once ÷ all tokens) evenly, in the same units."""
+    unseen mass (tokens seen once ÷ all tokens) evenly, in the same units, or with
+    ``prior_ids`` in proportion to how often those hold them (a back-off:
+    :func:`~fedsqueeze.codec.row_tiers.smoothed_counts`)."""
     if not token_ids:
         raise ValueError("no calibration tokens")
+    counts = _counts(token_ids, rows)
+    return smoothed_counts(counts, _counts(prior_ids, rows) if prior_ids else None)
+
+
+def _counts(token_ids: list[int], rows: int) -> Tensor:
     counts = torch.bincount(torch.tensor(token_ids), minlength=rows).to(torch.float64)
     if counts.numel() != rows:
         raise ValueError(f"token ids beyond the table's {rows} rows")
-    return smoothed_counts(counts)
+    return counts
 
 
 def _squared_error(decoded: Tensor, value: Tensor) -> float:
@@ -210,9 +217,12 @@ def minilm_row_probe(out: Callable[[str], None] = print) -> dict[str, Any] | Non
 
 #: Where the bench's row weights come from: text of the same kind from other modules
 #: (``calibration``), or other lines of the test sentences' own documents (``domain``:
-#: what a federation's clients would count on their own text), or the test sentences
-#: themselves (``test``: an upper bound on what row weights can buy, never a method).
-ROW_SOURCES = ("calibration", "domain", "test")
+#: what a federation's clients would count on their own text), the same with the rows
+#: it never reads sharing their weight by the calibration text's counts (``backoff``:
+#: the clients' counts backed off to generic text the server holds), or the test
+#: sentences themselves (``test``: an upper bound on what row weights can buy, never a
+#: method).
+ROW_SOURCES = ("calibration", "domain", "backoff", "test")
 
 
 def minilm_row_weights(
@@ -236,12 +246,24 @@ def minilm_row_weights(
     model, inner, lines = _minilm_and_text(source, "row tiers")
     rows = inner.state_dict()[EMBEDDINGS].shape[0]
     ids = [i for line in lines for i in model.tokenizer(line)["input_ids"]]
+    prior = _prior_ids(model, source)
+    shared = "by the calibration text's counts" if prior else "evenly"
     out(
         f"\nRow weights of the word embeddings ({source} text): {len(ids)} tokens of "
         f"{len(lines)} lines on {len(set(ids))} of {rows} rows (the rest share the "
-        "Good-Turing unseen mass)"
+        f"Good-Turing unseen mass {shared})"
     )
-    return {EMBEDDINGS: row_weights(ids, rows)}
+    return {EMBEDDINGS: row_weights(ids, rows, prior)}
+
+
+def _prior_ids(model: Any, source: str) -> list[int] | None:
+    """The token ids a ``source``'s unseen rows back off to: the calibration text's for
+    ``backoff``, none for the others."""
+    if source != "backoff":
+        return None
+    from fedsqueeze.bench.sensitivity import calibration_text
+
+    return [i for line in calibration_text() for i in model.tokenizer(line)["input_ids"]]
 
 
 def minilm_tier_costs(
@@ -251,13 +273,9 @@ def minilm_tier_costs(
     tier (:attr:`~fedsqueeze.codec.nested_gptq.Calibration.tier_costs`), measured on
     ``source``'s text held out from itself: row weights (:func:`row_weights`) from its
     even lines, the embedding cosine on up to ``sentences`` of its odd lines (30 to 200
-    characters), and three perturbations of the table, each against the cost per unit
-    of weighted squared error it predicts:
-
-    * noise of 0.3 times each row's norm in the rows the even lines read (the reference);
-    * noise of 0.6 times each row's distance to their mean in the rows they do not read:
-      ``unread`` is its cost per unit over the reference's;
-    * those rows at their mean row: ``fill`` is its cost per unit over that noise's.
+    characters), under :func:`~fedsqueeze.calibrate.held_out_tier_costs`' three changes
+    of the table (``fedsqueeze codec calibrate --tier-costs`` does the same for any
+    Hugging Face model).
 
     Raises
     ------
@@ -266,48 +284,24 @@ def minilm_tier_costs(
     RuntimeError
         Without the bench extra (the MiniLM weights).
     """
+    from fedsqueeze.calibrate import held_out_tier_costs
+
     model, inner, lines = _minilm_and_text(source, "tier costs")
     held = [line for line in lines[1::2] if 30 <= len(line) <= 200]
     held = held[:: max(1, len(held) // sentences)][:sentences]
     ids = [i for line in lines[0::2] for i in model.tokenizer(line)["input_ids"]]
     weight = inner.state_dict()[EMBEDDINGS]  # shares the parameter's storage
-    table = weight.clone()
-    w = row_weights(ids, table.shape[0])
-    read = torch.bincount(torch.tensor(ids), minlength=table.shape[0]) > 0
-    with torch.no_grad():
-        reference = model.encode(held, convert_to_tensor=True, normalize_embeddings=True)
+    w = row_weights(ids, weight.shape[0], _prior_ids(model, source))
+    read = torch.bincount(torch.tensor(ids), minlength=weight.shape[0]) > 0
 
-    def cost(rows: Tensor, changed: Tensor) -> float:
-        """Cosine lost per unit of weighted squared error with ``rows`` replaced."""
-        perturbed = table.clone()
-        perturbed[rows] = changed
-        with torch.no_grad():
-            weight.copy_(perturbed)
-            got = model.encode(held, convert_to_tensor=True, normalize_embeddings=True)
-            weight.copy_(table)
-        lost = 1.0 - float((got * reference).sum(dim=1).mean())
-        error = (changed - table[rows]).to(torch.float64).square().sum(dim=1)
-        return lost / float((w[rows] * error).sum())
+    def embed(texts: Sequence[str]) -> Tensor:
+        got: Tensor = model.encode(list(texts), convert_to_tensor=True, normalize_embeddings=True)
+        return got
 
-    g = torch.Generator().manual_seed(0)
-
-    def noise(rows: Tensor, size: Tensor) -> Tensor:
-        n = torch.randn(table[rows].shape, generator=g)
-        moved: Tensor = table[rows] + n / n.norm(dim=1, keepdim=True) * size
-        return moved
-
-    unread = ~read
-    mean = table[unread].mean(dim=0)
-    spread = (table[unread] - mean).norm(dim=1, keepdim=True)
-    base = cost(read, noise(read, 0.3 * table[read].norm(dim=1, keepdim=True)))
-    noisy = cost(unread, noise(unread, 0.6 * spread))
-    filled = cost(unread, mean.expand(int(unread.sum()), -1))
-    if base <= 0 or noisy <= 0:
-        raise ValueError(
-            f"too little {source} text: the held-out lines' embeddings do not move when "
-            "the rows the other lines read, or the others, change"
-        )
-    costs = (noisy / base, filled / noisy)
+    try:
+        costs = held_out_tier_costs(embed, weight, w, read, held)
+    except ValueError as exc:
+        raise ValueError(f"{source} text: {exc}") from None
     out(
         f"\nDeferred-tier costs ({source} text, even lines' reads, {len(held)} odd lines): "
         f"unread rows {costs[0]:.2f}x a read row's cost per unit, at their mean row "
@@ -335,5 +329,10 @@ def _minilm_and_text(source: str, why: str) -> tuple[Any, torch.nn.Module, list[
         names = ", ".join(ROW_SOURCES)
         raise ValueError(f"unknown row-weight source {source!r}; choose from {names}")
     model, inner = require_minilm(why)
-    texts = {"calibration": calibration_text, "domain": domain_text, "test": stdlib_sentences}
+    texts = {
+        "calibration": calibration_text,
+        "domain": domain_text,
+        "backoff": domain_text,
+        "test": stdlib_sentences,
+    }
     return model, inner, texts[source]()

@@ -179,6 +179,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=128,
         help="tokens kept of each line (default 128)",
     )
+    cal.add_argument(
+        "--prior-text",
+        metavar="FILE",
+        help="generic text of the model's kind (UTF-8, a line per example): the rows TEXT "
+        "never reads share their small weight in proportion to how often this text reads "
+        "them (a back-off), so a row common elsewhere is refined before one nothing reads",
+    )
+    cal.add_argument(
+        "--tier-costs",
+        action="store_true",
+        help="also measure the input embeddings' deferred-tier costs for encode "
+        "--defer-tiers (the entry NAME#tier_costs): row weights from the even lines, the "
+        "model's mean-pooled output on up to 512 odd lines under three changes of the "
+        "table (four more passes over those lines; needs 4 lines or more)",
+    )
     cal.add_argument("--force", action="store_true", help="replace OUTPUT if it exists")
 
 
@@ -213,16 +228,20 @@ def _warm() -> int:
 
 
 def _calibrate(args: argparse.Namespace) -> int:
-    from fedsqueeze.calibrate import check_model_dir, read_lines, text_calibration
+    from fedsqueeze.calibrate import TIER_COSTS, check_model_dir, read_lines, text_calibration
     from fedsqueeze.statefile import check_readable, save_state, state_format
 
     model_dir, text = Path(args.model), Path(args.text)
-    output = _check_output(args.output, [text], args.force)
+    prior_text = Path(args.prior_text) if args.prior_text is not None else None
+    output = _check_output(args.output, [text, prior_text], args.force)
     state_format(output)  # an extension we cannot write: before any work
     check_model_dir(model_dir)
     check_readable(text)
+    if prior_text is not None:
+        check_readable(prior_text)
 
     lines = read_lines(text)
+    prior = read_lines(prior_text) if prior_text is not None else []
     console = _console()
     shown = [0]
 
@@ -230,17 +249,34 @@ def _calibrate(args: argparse.Namespace) -> int:
         if done * 10 // total > shown[0] or done == total:
             shown[0] = done * 10 // total
             console.print(f"calibrating: {done:,} of {total:,} lines", highlight=False)
+            if done == total and args.tier_costs:
+                console.print("measuring tier costs on the held-out lines", highlight=False)
 
     result = text_calibration(
-        model_dir, lines, batch=args.batch, max_length=args.max_length, progress=progress
+        model_dir,
+        lines,
+        batch=args.batch,
+        max_length=args.max_length,
+        progress=progress,
+        prior=prior,
+        tier_costs=args.tier_costs,
     )
     _write(output, args.force, lambda overwrite: save_state(result, output, overwrite=overwrite))
-    tables = sum(1 for t in result.values() if t.ndim == 1)
+    costs = {k: v for k, v in result.items() if k.endswith(TIER_COSTS)}
+    tables = sum(1 for k, t in result.items() if t.ndim == 1 and k not in costs)
+    linears = len(result) - tables - len(costs)
     console.print(
-        f"{text} ({len(lines):,} lines) → {output}: input moments of {len(result) - tables} "
+        f"{text} ({len(lines):,} lines) → {output}: input moments of {linears} "
         f"Linears, row weights of {tables} table(s)",
         highlight=False,
     )
+    for name, (unread, fill) in ((k, v.tolist()) for k, v in costs.items()):
+        console.print(
+            f"tier costs of {name.removesuffix(TIER_COSTS)}: unread rows {unread:.2f}× a read "
+            f"row's cost per unit of squared error, at their mean row {fill:.2f}× their "
+            "noise's",
+            highlight=False,
+        )
     return 0
 
 
@@ -301,10 +337,6 @@ def _encode(args: argparse.Namespace) -> int:
     return 0
 
 
-#: The suffix of a ``--calibration`` entry holding a table's deferred-tier costs.
-TIER_COSTS = "#tier_costs"
-
-
 def _calibration(
     path: Path | None, margin: int, spec: CodecSpec, defer: bool = False
 ) -> Calibration | None:
@@ -316,6 +348,7 @@ def _calibration(
         return None
     if spec.levels is None:
         raise ConfigError("--calibration needs a progressive spec (levels=...)")
+    from fedsqueeze.calibrate import TIER_COSTS
     from fedsqueeze.codec.nested_gptq import Calibration
     from fedsqueeze.modelfile import open_model
 

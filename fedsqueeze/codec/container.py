@@ -208,6 +208,9 @@ JOINT_VERSION = 12
 #: The version written when a full model's stream defers the base level of a table's
 #: lightest row tiers (:mod:`fedsqueeze.codec.row_tiers`).
 DEFERRED_VERSION = 13
+#: The version written when a table is split into more than 8 tiers (up to 16: its
+#: lightest band cut into several deferred tiers, :mod:`fedsqueeze.codec.tier_plan`).
+WIDE_TIERS_VERSION = 14
 SUPPORTED_VERSIONS = (
     FORMAT_VERSION,
     PROGRESSIVE_VERSION,
@@ -222,6 +225,7 @@ SUPPORTED_VERSIONS = (
     ROW_TIERS_VERSION,
     JOINT_VERSION,
     DEFERRED_VERSION,
+    WIDE_TIERS_VERSION,
 )
 #: Most position groups (support levels) one tensor may have.
 MAX_GROUPS = 16
@@ -907,7 +911,12 @@ class ContainerHeader:
         if self.version >= ROW_TIERS_VERSION:
             if self.base_digest is not None and any(s.deferred for s in self.splits):
                 raise ValueError("a delta has no deferred tiers")
-            write_splits(out, self.splits, deferring=self.version >= DEFERRED_VERSION)
+            write_splits(
+                out,
+                self.splits,
+                deferring=self.version >= DEFERRED_VERSION,
+                wide=self.version >= WIDE_TIERS_VERSION,
+            )
         elif self.splits:
             raise ValueError(f"a version {self.version} stream has no row tiers")
         return bytes(out)
@@ -943,6 +952,7 @@ def parse_header(reader: ByteReader, limits: DecodeLimits) -> ContainerHeader:
         splits = parse_splits(
             reader, min(base_records, limits.max_tensors), limits.max_elements,
             limits.max_name_bytes, deferring=version >= DEFERRED_VERSION,
+            wide=version >= WIDE_TIERS_VERSION,
         )  # fmt: skip
         if flags & (_HAS_BASE | _IMPLIED_BASE) and any(s.deferred for s in splits):
             raise FormatError("a delta with deferred tiers")
@@ -977,6 +987,7 @@ __all__ = [
     "ROW_TIERS_VERSION",
     "SUPPORTED_VERSIONS",
     "SUPPORT_LEVELS_VERSION",
+    "WIDE_TIERS_VERSION",
     "ContainerHeader",
     "DecodeLimits",
     "PositionsHeader",

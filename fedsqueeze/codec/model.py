@@ -36,6 +36,7 @@ from fedsqueeze.codec.container import (
     ROTATED_VERSION,
     ROW_TIERS_VERSION,
     SUPPORT_LEVELS_VERSION,
+    WIDE_TIERS_VERSION,
     ContainerHeader,
     DecodeLimits,
     QParamsSizer,
@@ -50,6 +51,7 @@ from fedsqueeze.codec.level_order import LevelOrder, LevelScore, order_weight, r
 from fedsqueeze.codec.nested_gptq import Calibration
 from fedsqueeze.codec.pruning import global_magnitude_masks
 from fedsqueeze.codec.row_tiers import (
+    BANDS,
     RowSplit,
     deferred_parts,
     join_state,
@@ -114,7 +116,8 @@ class EncodedModel:
 
     @property
     def header(self) -> ContainerHeader:
-        """The model-level header: version 12 when a byte-grouped body codes planes
+        """The model-level header: version 14 when a table is split into more than 8
+        tiers, else 13 when a tier is deferred, else 12 when a byte-grouped body codes planes
         jointly, else 11 when a table's rows travel in tiers or a
         plane in context order, else
         10 when a byte-grouped plane is coded in buckets, else 9 when a refinement's plane
@@ -123,7 +126,9 @@ class EncodedModel:
         else 6 when a record is rotated, else 5 when refinements are not in level order,
         else 4 when a record is byte-grouped, else 3 when one is block-wise or NF4, else
         2 when a tensor is sent in levels, else 1."""
-        if any(s.deferred for s in self.splits):
+        if any(s.count > BANDS for s in self.splits):
+            version = WIDE_TIERS_VERSION
+        elif any(s.deferred for s in self.splits):
             version = DEFERRED_VERSION
         elif any(r.needs_v12 for r in self.records):
             version = JOINT_VERSION

@@ -21,7 +21,11 @@ from fedsqueeze.codec.row_tiers import (
 if TYPE_CHECKING:
     from fedsqueeze.codec.tensor_encode import ScoredLevel
 
-__all__ = ["TierPlan", "plan_tiers"]
+__all__ = ["DEFERRED_TIERS", "TierPlan", "plan_tiers"]
+
+#: Into how many deferred tiers (base-level records) a table's lightest band is cut
+#: (with :data:`~fedsqueeze.codec.row_tiers.BANDS` bands, at most 15 tiers in all).
+DEFERRED_TIERS = 8
 
 
 @dataclass(frozen=True)
@@ -106,9 +110,10 @@ def plan_tiers(
     Only with a progressive spec (``levels``), for the tables ``is_target`` accepts (a
     spec's targets); names ``state`` lacks are ignored (a frozen table the base holds is
     not sent at all), and so are tables whose rows all fall in one band. ``defer`` (a
-    full model of a dense spec): the lightest tier is deferred, its fill row its rows'
-    mean, so the rate-distortion order decides when its base level travels, its gains
-    corrected by the table's ``tier_costs`` (:attr:`TierPlan.costs`).
+    full model of a dense spec): the lightest band is deferred, in up to
+    :data:`DEFERRED_TIERS` tiers, each with its rows' mean as its fill row, so the
+    rate-distortion order decides when each base level travels, its gains corrected by
+    the table's ``tier_costs`` (:attr:`TierPlan.costs`).
 
     Raises
     ------
@@ -138,7 +143,7 @@ def plan_tiers(
         count = int(tiers.max()) + 1
         split = RowSplit(name, tiers.numpy().tobytes(), count)
         if defer:
-            split = _deferred(split, t)
+            split = _deferred(split, t, checked)
             if tier_costs and name in tier_costs:
                 for p in split.deferred_parts():
                     costs[p] = tier_costs[name]
@@ -151,17 +156,35 @@ def plan_tiers(
     return TierPlan(tuple(splits), parts, costs)
 
 
-def _deferred(split: RowSplit, table: Tensor) -> RowSplit:
-    """``split`` with its lightest tier deferred, filled with its rows' mean row.
+def _deferred(split: RowSplit, table: Tensor, weights: Tensor) -> RowSplit:
+    """``split`` with its lightest band deferred: cut into up to :data:`DEFERRED_TIERS`
+    tiers of as many rows each, its heaviest rows first (ties in row order), each
+    filled with its rows' mean row (a table of more than
+    :data:`~fedsqueeze.codec.row_tiers.BANDS` tiers is format version 14).
 
-    Why the lightest only: on all-MiniLM-L6-v2 (BENCHMARKS.md, "Deferred tiers")
+    Why the lightest band only: on all-MiniLM-L6-v2 (BENCHMARKS.md, "Deferred tiers")
     deferring every tier but tier 0 gave the same cosines at 1/16 and 1/8 of fp32 and
     lower ones at 1/32 (0.68 against 0.75 with the clients' text as row weights): the
     middle tiers' rows are read, and their base levels belong in the first prefix.
+    Why in several tiers: one deferred part is one base-level record (1.3 MB on
+    MiniLM), and a prefix that ends inside it gets nothing of it (1/16 of MiniLM fell
+    inside it: 0.926 with the clients' text). Cut in eight, the order can stop between
+    records of 160 kB, and takes the rows other text reads first when the weights back
+    off to it (:func:`~fedsqueeze.codec.row_tiers.smoothed_counts`): 0.952 at 1/16.
     """
-    last = split.count - 1
-    rows = table.index_select(0, split.indices[last].to(table.device)).detach()
-    mean = rows.to(torch.float64).mean(dim=0).flatten().to("cpu", torch.float32)
-    if not bool(torch.isfinite(mean).all()):
-        return split  # non-finite rows: the encoder's non-finite policy decides, undeferred
-    return replace(split, deferred=1, fills=(mean.contiguous().numpy().tobytes(),))
+    tiers = split.tier_of().to(torch.int64)
+    first = split.count - 1
+    light = torch.nonzero(tiers == first).flatten()
+    cut = min(DEFERRED_TIERS, light.numel())
+    light = light[torch.sort(weights[light], descending=True, stable=True).indices]
+    for j, chunk in enumerate(torch.tensor_split(light, cut)):
+        tiers[chunk] = first + j
+    cut_split = RowSplit(split.name, tiers.to(torch.uint8).numpy().tobytes(), first + cut)
+    fills: list[bytes] = []
+    for k in range(first, first + cut):
+        rows = table.index_select(0, cut_split.indices[k].to(table.device)).detach()
+        mean = rows.to(torch.float64).mean(dim=0).flatten().to("cpu", torch.float32)
+        if not bool(torch.isfinite(mean).all()):
+            return split  # non-finite rows: the encoder's non-finite policy decides, undeferred
+        fills.append(mean.contiguous().numpy().tobytes())
+    return replace(cut_split, deferred=cut, fills=tuple(fills))

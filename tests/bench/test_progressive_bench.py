@@ -163,6 +163,7 @@ def test_gptq_suffix_asks_for_calibrated_codes() -> None:
     with pytest.raises(ValueError):
         curve_options(f"{spec}@weighted+gptqx")
     assert curve_options(f"{spec}+rows=test") == (spec, None, "test")
+    assert curve_options(f"{spec}+rows=backoff") == (spec, None, "backoff")
     for bad in ("+rows=tests", "+rows=", "+rowsdomain"):
         with pytest.raises(ValueError, match="row-weight source"):
             curve_options(f"{spec}@weighted{bad}")

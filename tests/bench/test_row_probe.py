@@ -20,6 +20,13 @@ def test_row_weights_count_and_share_the_unseen_mass() -> None:
         row_weights([], 8)
     with pytest.raises(ValueError, match="beyond the table's 4 rows"):
         row_weights([9], 4)
+    # backed off: the same mass, shared by the prior's smoothed counts
+    backed = row_weights([3, 3, 3, 1, 5], 8, prior_ids=[0, 0, 0, 2, 7])
+    assert torch.equal(backed[[1, 3, 5]], w[[1, 3, 5]])
+    assert float(backed[unseen].sum()) == pytest.approx(2.0)
+    assert float(backed[0]) > float(backed[2]) == float(backed[7]) > float(backed[4])
+    with pytest.raises(ValueError, match="beyond the table's 8 rows"):
+        row_weights([3], 8, prior_ids=[8])
 
 
 def test_a_row_plan_spends_its_bits_where_the_weights_are() -> None:

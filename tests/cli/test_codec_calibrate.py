@@ -8,6 +8,7 @@ file is measured in BENCHMARKS.md."""
 from __future__ import annotations
 
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -158,6 +159,109 @@ def test_bad_inputs_are_one_line_and_write_nothing(
         assert not out.exists()
 
 
+def test_prior_text_shares_the_unread_rows_weight_by_its_counts(
+    model_dir: Path, tmp_path: Path
+) -> None:
+    import transformers
+
+    prior = tmp_path / "generic.txt"
+    prior.write_text("Walks and fills.\nCoordinating walks.\n", encoding="utf-8")
+    plain, backed = tmp_path / "plain.safetensors", tmp_path / "backed.safetensors"
+    for out, extra in ((plain, []), (backed, ["--prior-text", str(prior)])):
+        proc = run_cli("codec", "calibrate", str(model_dir), str(_text(tmp_path)), str(out), *extra)
+        assert proc.returncode == 0, proc.stderr
+    word = "embeddings.word_embeddings.weight"
+    a, b = load_file(str(plain))[word], load_file(str(backed))[word]
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(model_dir))
+    ids = [i for line in LINES if line for i in tokenizer(line)["input_ids"]]
+    read = torch.bincount(torch.tensor(ids), minlength=30522) > 0
+    # the rows the text reads keep their counts; the others share the same mass ...
+    assert torch.equal(a[read], b[read])
+    assert float(b[~read].sum()) == pytest.approx(float(a[~read].sum()))
+    # ... the rows only the prior reads the more, the more often it reads them
+    walks = tokenizer("walks")["input_ids"][1]
+    fills = tokenizer("fills")["input_ids"][1]
+    nothing = tokenizer("monitoring")["input_ids"][1]
+    assert not read[walks] and not read[fills] and not read[nothing]
+    assert float(b[walks]) > float(b[fills]) > float(a[fills]) > float(b[nothing])
+    # a missing prior file is one line, nothing written
+    out = tmp_path / "none.safetensors"
+    proc = run_cli(
+        "codec", "calibrate", str(model_dir), str(_text(tmp_path)), str(out),
+        "--prior-text", str(tmp_path / "nope.txt"),
+    )  # fmt: skip
+    assert proc.returncode == 2 and "no such file" in proc.stderr and not out.exists()
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_tier_costs_are_measured_and_encode_defers_with_them(
+    model_dir: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "calib.safetensors"
+    proc = run_cli(
+        "codec", "calibrate", str(model_dir), str(_text(tmp_path)), str(out), "--tier-costs"
+    )
+    assert proc.returncode == 0, proc.stderr
+    said = " ".join(proc.stdout.split())
+    assert "measuring tier costs on the held-out lines" in said
+    assert "row weights of 1 table(s)" in said and "tier costs of embeddings." in said
+    got = load_file(str(out))
+    costs = got["embeddings.word_embeddings.weight#tier_costs"]
+    assert costs.shape == (2,) and bool((costs > 0).all()) and bool(torch.isfinite(costs).all())
+    # the same file without the flag, less the costs entry
+    plain = tmp_path / "plain.safetensors"
+    assert (
+        run_cli("codec", "calibrate", str(model_dir), str(_text(tmp_path)), str(plain)).returncode
+        == 0
+    )
+    assert set(load_file(str(plain))) == set(got) - {"embeddings.word_embeddings.weight#tier_costs"}
+    # encode --defer-tiers reads them: a deferred stream (version 13)
+    encoded = tmp_path / "model.fsq"
+    proc = run_cli(
+        "codec", "encode", str(model_dir / "model.safetensors"), str(encoded),
+        "--spec", "quant=8,levels=2+2+4", "--calibration", str(out), "--defer-tiers",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    stream = EncodedModel.from_bytes(encoded.read_bytes())
+    assert stream.header.version == 13 and stream.splits[0].deferred > 0
+    # too little text: one line, nothing written
+    short = tmp_path / "short.txt"
+    short.write_text("one line\ntwo lines\nthree\n", encoding="utf-8")
+    none = tmp_path / "none.safetensors"
+    proc = run_cli("codec", "calibrate", str(model_dir), str(short), str(none), "--tier-costs")
+    assert proc.returncode == 2 and not none.exists()
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "tier costs need at least 4 lines of text, got 3" in lines[0]
+
+
+def test_held_out_tier_costs_restore_the_table_and_refuse_what_they_cannot_measure() -> None:
+    from fedsqueeze.calibrate import held_out_tier_costs
+
+    g = torch.Generator().manual_seed(0)
+    table = torch.randn(20, 6, generator=g)
+    kept = table.clone()
+    project = torch.randn(6, 3, generator=g)
+    texts = {"a b": [0, 1], "b c d": [1, 2, 3], "e": [4], "a e f": [0, 4, 5]}
+
+    def embed(lines: Sequence[str]) -> torch.Tensor:
+        rows = [table[texts[line]].mean(dim=0) @ project for line in lines]
+        return torch.nn.functional.normalize(torch.stack(rows), dim=1)
+
+    read = torch.zeros(20, dtype=torch.bool)
+    read[:3] = True
+    weights = torch.where(read, 5.0, 0.1).to(torch.float64)
+    unread, fill = held_out_tier_costs(embed, table, weights, read, list(texts))
+    assert torch.equal(table, kept)  # changed in place, restored
+    assert unread > 0 and fill > 0
+    with pytest.raises(ValueError, match="no held-out lines"):
+        held_out_tier_costs(embed, table, weights, read, [])
+    with pytest.raises(ValueError, match="nothing to compare"):
+        held_out_tier_costs(embed, table, weights, torch.ones(20, dtype=torch.bool), list(texts))
+    with pytest.raises(ValueError, match="do not move"):
+        held_out_tier_costs(embed, table, weights, read, ["e"])  # reads row 4 only
+    assert torch.equal(table, kept)
+
+
 def test_a_tokenizer_without_padding_gives_the_same_result(
     model_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -215,5 +319,11 @@ def test_a_model_that_fails_on_the_text_is_one_line(model_dir: Path, tmp_path: P
 def test_help_explains_the_command() -> None:
     proc = run_cli("codec", "calibrate", "--help")
     assert proc.returncode == 0
-    for phrase in ("Hugging Face model folder", "--max-length", "--batch", "Good-Turing"):
+    for phrase in (
+        "Hugging Face model folder",
+        "--max-length",
+        "--batch",
+        "Good-Turing",
+        "--prior-text",
+    ):
         assert phrase in proc.stdout

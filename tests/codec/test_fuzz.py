@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import random
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -38,6 +39,7 @@ from fedsqueeze.codec.container import (
     PLANE_ANS_VERSION,
     ROW_TIERS_VERSION,
     SUPPORT_LEVELS_VERSION,
+    WIDE_TIERS_VERSION,
     crc32,
 )
 from fedsqueeze.codec.nested_gptq import Calibration
@@ -167,12 +169,17 @@ def _samples() -> list[tuple[bytes, bool]]:
         v11 = encode_state(state, tiered, base, seed=0, calibration=tiers).to_bytes()
         assert v11[3] == ROW_TIERS_VERSION
         out.append((v11, base is not None))
-    # deferred tiers with fill rows (format version 13): hostile counts and fills too
-    v13 = encode_state(
+    # deferred tiers with fill rows (format version 13, which today's encoder no longer
+    # writes: its golden vector) and the lightest band cut in several (version 14):
+    # hostile counts and fills too
+    v13 = (Path(__file__).parent.parent / "golden" / "v13").glob("*.fsq")
+    out.append((min(v13).read_bytes(), False))
+    assert out[-1][0][3] == DEFERRED_VERSION
+    v14 = encode_state(
         state, tiered, seed=0, calibration=Calibration(rows={"fc1.weight": read}, defer=True)
     ).to_bytes()
-    assert v13[3] == DEFERRED_VERSION
-    out.append((v13, False))
+    assert v14[3] == WIDE_TIERS_VERSION
+    out.append((v14, False))
     # a larger table, whose second planes travel in context order: hostile orders too
     g = torch.Generator().manual_seed(0)
     table = {"emb.weight": torch.randn(256, 64, generator=g)}

@@ -3,6 +3,7 @@ each tier a progressive tensor of its own, joined again by every decoder."""
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import replace
 
 import pytest
@@ -12,12 +13,18 @@ from hypothesis import strategies as st
 
 from fedsqueeze.codec import EncodedModel, decode_prefix, decode_state, encode_state
 from fedsqueeze.codec.bytesio import ByteReader, write_varint
-from fedsqueeze.codec.container import DEFERRED_VERSION, ROW_TIERS_VERSION, DecodeLimits
+from fedsqueeze.codec.container import (
+    DEFERRED_VERSION,
+    ROW_TIERS_VERSION,
+    WIDE_TIERS_VERSION,
+    DecodeLimits,
+)
 from fedsqueeze.codec.digest import state_digest
 from fedsqueeze.codec.level_order import LevelOrder
 from fedsqueeze.codec.model import smallest_prefix
 from fedsqueeze.codec.nested_gptq import Calibration
 from fedsqueeze.codec.row_tiers import (
+    BANDS,
     MAX_TIERS,
     RowSplit,
     join_state,
@@ -30,6 +37,7 @@ from fedsqueeze.codec.row_tiers import (
 from fedsqueeze.codec.spec_text import parse_spec
 from fedsqueeze.codec.stream_decode import decode_stream_into, scan_stream
 from fedsqueeze.codec.stream_encode import encode_stream
+from fedsqueeze.codec.tier_plan import DEFERRED_TIERS, plan_tiers
 from fedsqueeze.errors import FormatError, TruncatedError
 
 SPEC = parse_spec("quant=8:block32:hadamard,levels=1+1+2+4")
@@ -135,6 +143,25 @@ def _raw_split(name: bytes, rows: int, tiers: int, body: bytes, length: int | No
 def test_hostile_split_lists_raise_format_errors(data: bytes, match: str) -> None:
     with pytest.raises(FormatError, match=match):
         _parse(data)
+
+
+def test_more_than_eight_tiers_are_version_14_alone() -> None:
+    rows = bytes(range(12)) * 2
+    wide = RowSplit("t", rows, 12)
+    data = _raw_split(b"t", 24, 12, rows) + b"\x00"  # no deferred tier
+    with pytest.raises(FormatError, match="12 tiers over 24 rows"):
+        parse_splits(ByteReader(data), 10, 1 << 20, 1024, deferring=True)  # versions 11 to 13
+    assert parse_splits(ByteReader(data), 10, 1 << 20, 1024, deferring=True, wide=True) == (wide,)
+    too_many = _raw_split(b"t", 24, MAX_TIERS + 1, rows) + b"\x00"
+    with pytest.raises(FormatError, match="17 tiers"):
+        parse_splits(ByteReader(too_many), 10, 1 << 20, 1024, deferring=True, wide=True)
+    with pytest.raises(ValueError, match="12 tiers needs format version 14"):
+        write_splits(bytearray(), [wide], deferring=True)
+    out = bytearray()
+    write_splits(out, [wide], deferring=True, wide=True)
+    assert bytes(out) == data
+    with pytest.raises(ValueError, match=f"2 to {MAX_TIERS} tiers"):
+        RowSplit("t", bytes(range(17)), 17)
 
 
 def test_a_table_split_twice_is_refused() -> None:
@@ -316,7 +343,7 @@ def test_the_streaming_encoder_writes_the_same_stream() -> None:
         )
         whole = encode_state(state, SPEC, base, seed=0, calibration=_calibration(defer=defer))
         assert streamed == whole.to_bytes()[:-4]
-        assert streamed[3] == (DEFERRED_VERSION if defer else ROW_TIERS_VERSION)
+        assert streamed[3] == (WIDE_TIERS_VERSION if defer else ROW_TIERS_VERSION)
 
 
 def test_weighted_order_gives_each_tier_its_tables_weight() -> None:
@@ -493,6 +520,23 @@ def test_smoothed_counts_give_the_unread_rows_the_unseen_mass() -> None:
         smoothed_counts(torch.zeros(3))
 
 
+def test_a_prior_shares_the_unseen_mass_by_its_own_counts() -> None:
+    from fedsqueeze.codec.row_tiers import smoothed_counts
+
+    counts = torch.tensor([5.0, 1.0, 1.0, 0.0, 0.0, 3.0, 0.0, 0.0])
+    prior = torch.tensor([9.0, 0.0, 0.0, 6.0, 2.0, 0.0, 0.0, 0.0])
+    w = smoothed_counts(counts, prior)
+    assert torch.equal(w[counts > 0], smoothed_counts(counts)[counts > 0])
+    # the same mass (2) as without a prior, shared 6 : 2 : 0.2 : 0.2 (the prior's five
+    # unread rows share its own unseen mass of 1)
+    assert float(w[counts == 0].sum()) == pytest.approx(2.0)
+    shares = [6.0, 2.0, 0.2, 0.2]
+    assert w[counts == 0].tolist() == pytest.approx([2 * x / 8.4 for x in shares])
+    for bad, match in ((torch.ones(7), "prior counts for 7 rows"), (torch.zeros(8), "all 0")):
+        with pytest.raises(ValueError, match=match):
+            smoothed_counts(counts, bad)
+
+
 @pytest.mark.parametrize(
     "spec",
     [
@@ -583,9 +627,20 @@ def test_a_full_model_defers_its_light_tiers_and_fills_them_with_their_mean_row(
         state, SPEC, seed=0, calibration=Calibration(rows={"emb.weight": w}, defer=True)
     )
     data = encoded.to_bytes()
-    assert data[3] == DEFERRED_VERSION
+    # the lightest band in DEFERRED_TIERS tiers of as many rows, the heaviest rows first,
+    # the other bands as they were: more than 8 tiers, so format version 14
     (split,) = encoded.splits
-    assert split.deferred == 1 and split.first_deferred == split.count - 1
+    eager_split = plan_tiers(state, True, {"emb.weight": w}, lambda n, t: True).splits[0]
+    assert split.deferred == DEFERRED_TIERS
+    assert split.count == eager_split.count - 1 + DEFERRED_TIERS > BANDS
+    assert data[3] == WIDE_TIERS_VERSION
+    kept = zip(split.indices[: split.first_deferred], eager_split.indices[:-1], strict=True)
+    assert all(torch.equal(a, b) for a, b in kept)
+    late_rows = split.indices[split.first_deferred :]
+    assert torch.equal(torch.cat(late_rows).sort().values, eager_split.indices[-1])
+    assert max(r.numel() for r in late_rows) - min(r.numel() for r in late_rows) <= 1
+    for heavier, lighter in itertools.pairwise(late_rows):
+        assert float(w[heavier].min()) >= float(w[lighter].max())
     assert EncodedModel.from_bytes(data).splits == encoded.splits
     late = set(split.deferred_parts())
     # the other base levels first (the header counts them), each deferred base level
@@ -616,6 +671,26 @@ def test_a_full_model_defers_its_light_tiers_and_fills_them_with_their_mean_row(
     target = {n: torch.empty_like(t) for n, t in state.items()}
     decode_stream_into(memoryview(stream), layout, target)
     assert torch.equal(target["emb.weight"], whole)
+
+
+@pytest.mark.parametrize("light", [2, 3, 97])
+def test_the_lightest_band_is_cut_by_weight_into_at_most_deferred_tiers_tiers(light: int) -> None:
+    g = torch.Generator().manual_seed(light)
+    table = torch.randn(20 + light, 8, generator=g)
+    w = torch.cat([torch.full((10,), 1000.0), torch.full((10,), 100.0)])
+    w = torch.cat([w, torch.rand(light, generator=g, dtype=torch.float64) * 1e-3])
+    (split,) = plan_tiers({"t": table}, True, {"t": w}, lambda n, t: True, defer=True).splits
+    assert split.deferred == min(DEFERRED_TIERS, light) and split.count == 2 + split.deferred
+    late = split.indices[split.first_deferred :]
+    assert torch.equal(torch.cat(late).sort().values, torch.arange(20, 20 + light))
+    for heavier, lighter in itertools.pairwise(late):
+        assert float(w[heavier].min()) > float(w[lighter].max())
+    for k, rows in enumerate(late, start=split.first_deferred):
+        fill = split.fill_row(k, (8,))
+        assert torch.equal(fill, table[rows].double().mean(dim=0).float())
+    # without defer: the same bands, the lightest one tier
+    (eager,) = plan_tiers({"t": table}, True, {"t": w}, lambda n, t: True).splits
+    assert eager.count == 3 and eager.deferred == 0
 
 
 def test_every_prefix_of_a_deferred_stream_decodes_and_the_error_falls() -> None:
