@@ -116,11 +116,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     enc.add_argument(
         "--defer-tiers",
         action="store_true",
-        help="with row weights in --calibration, a full model of a dense spec: defer the "
-        "base level of the least-read tier to where the rate-distortion order puts it; "
-        "until then those rows decode to their mean row, so much smaller prefixes decode "
-        "(format version 13; README, 'Row tiers'). An entry NAME#tier_costs = [unread, "
-        "fill] in the calibration file corrects the order for table NAME with costs "
+        help="with row weights in --calibration, a full model of a dense spec: cut the "
+        "least-read band of rows into up to eight tiers and defer each one's base level to "
+        "where the rate-distortion order puts it; until then its rows decode to their mean "
+        "row, so much smaller prefixes decode (format version 14; README, 'Deferred "
+        "tiers'). An entry NAME#tier_costs = [unread, fill] in the calibration file (codec "
+        "calibrate --tier-costs writes it) corrects the order for table NAME with costs "
         "measured on held-out text (default 1, 1)",
     )
     enc.add_argument(

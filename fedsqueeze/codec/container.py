@@ -146,6 +146,11 @@ base-level record count counts the other base-level records, which still come fi
 deferred tier's base-level record comes after them, before its own refinements. A delta
 has no deferred tier. Earlier decoders refuse version 13 by its version byte.
 
+Version 14 is version 13 with a split of up to 16 tiers instead of 8 (the encoder cuts a
+table's lightest band into several deferred tiers, so a prefix can end between their
+base levels); the bytes are those of version 13, and the encoder writes 14 only when a
+split has more than 8 tiers. Earlier decoders refuse version 14 by its version byte.
+
 Everything here is structure only: the numerical stages live in ``fedsqueeze.codec.model``.
 """
 

@@ -215,7 +215,7 @@ def test_tier_costs_are_measured_and_encode_defers_with_them(
         == 0
     )
     assert set(load_file(str(plain))) == set(got) - {"embeddings.word_embeddings.weight#tier_costs"}
-    # encode --defer-tiers reads them: a deferred stream (version 13)
+    # encode --defer-tiers reads them: a deferred stream (version 14, the band cut in eight)
     encoded = tmp_path / "model.fsq"
     proc = run_cli(
         "codec", "encode", str(model_dir / "model.safetensors"), str(encoded),
@@ -223,7 +223,7 @@ def test_tier_costs_are_measured_and_encode_defers_with_them(
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     stream = EncodedModel.from_bytes(encoded.read_bytes())
-    assert stream.header.version == 13 and stream.splits[0].deferred > 0
+    assert stream.header.version == 14 and stream.splits[0].deferred == 8
     # too little text: one line, nothing written
     short = tmp_path / "short.txt"
     short.write_text("one line\ntwo lines\nthree\n", encoding="utf-8")

@@ -680,7 +680,8 @@ def test_the_lightest_band_is_cut_by_weight_into_at_most_deferred_tiers_tiers(li
     w = torch.cat([torch.full((10,), 1000.0), torch.full((10,), 100.0)])
     w = torch.cat([w, torch.rand(light, generator=g, dtype=torch.float64) * 1e-3])
     (split,) = plan_tiers({"t": table}, True, {"t": w}, lambda n, t: True, defer=True).splits
-    assert split.deferred == min(DEFERRED_TIERS, light) and split.count == 2 + split.deferred
+    assert 2 <= split.deferred <= min(DEFERRED_TIERS, light)
+    assert split.count == 2 + split.deferred
     late = split.indices[split.first_deferred :]
     assert torch.equal(torch.cat(late).sort().values, torch.arange(20, 20 + light))
     for heavier, lighter in itertools.pairwise(late):
@@ -691,6 +692,18 @@ def test_the_lightest_band_is_cut_by_weight_into_at_most_deferred_tiers_tiers(li
     # without defer: the same bands, the lightest one tier
     (eager,) = plan_tiers({"t": table}, True, {"t": w}, lambda n, t: True).splits
     assert eager.count == 3 and eager.deferred == 0
+
+
+def test_deferred_cuts_hold_equal_shares_of_weight() -> None:
+    from fedsqueeze.codec.tier_plan import _cuts
+
+    f64 = torch.float64
+    assert _cuts(torch.ones(16, dtype=f64), 4) == [4, 8, 12]  # even weights: equal counts
+    assert _cuts(torch.zeros(10, dtype=f64), 4) == [2, 5, 7]
+    # a row holding half the weight is a record of its own, the rest share the others
+    assert _cuts(torch.tensor([8.0] + [1.0] * 8, dtype=f64), 4) == [1, 5]
+    assert _cuts(torch.tensor([3.0, 2.0, 1.0], dtype=f64), 8) == [1, 2]
+    assert _cuts(torch.ones(1, dtype=f64), 8) == []
 
 
 def test_every_prefix_of_a_deferred_stream_decodes_and_the_error_falls() -> None:
