@@ -95,8 +95,9 @@ def add_progressive_arguments(parser: argparse.ArgumentParser) -> None:
         "holds); '+rows=test' counts them on the test sentences themselves "
         "(an upper bound on what row weights buy, not a method); '+defer' (with '+rows') "
         "defers the least-read band, cut into up to eight tiers: until the order sends a "
-        "tier's base level its rows decode to their mean row (format version 14), the order corrected by tier costs measured "
-        "on the row-weight text held out from itself (about a minute). A tiered curve also "
+        "tier's base level its rows decode to their mean row (format version 14), the "
+        "order corrected by tier costs measured on the row-weight text held out from "
+        "itself (about a minute). A tiered curve also "
         "prints, at 1/8 and 1/16, the cosine "
         "with only the word embeddings from the prefix and with only the rest",
     )
