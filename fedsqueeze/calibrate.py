@@ -213,20 +213,10 @@ def text_calibration(
     only = [m for m in model.modules() if isinstance(m, torch.nn.Linear) or m is embeddings]
 
     def passes() -> Iterator[tuple[Callable[[], Any], Tensor]]:
-        for start in range(0, len(lines), batch):
-            features = tokenizer(
-                list(lines[start : start + batch]),
-                padding=batch > 1,
-                truncation=True,
-                max_length=max_length,
-                return_tensors="pt",
-            )
-            mask = features.get("attention_mask")
-            if mask is None:
-                mask = torch.ones_like(features["input_ids"])
-            yield partial(model, **dict(features)), mask
+        for done, features, mask in _batches(tokenizer, lines, batch, max_length):
+            yield partial(model, **features), mask
             if progress is not None:  # the batch's statistics are in
-                progress(min(start + batch, len(lines)), len(lines))
+                progress(done, len(lines))
 
     try:
         total = _summed(model, passes(), statistics, only)
@@ -345,6 +335,19 @@ def _pooled(
 ) -> Tensor:
     """Each line's last hidden state, mean-pooled over its tokens and of unit norm."""
     out: list[Tensor] = []
+    for _done, features, mask in _batches(tokenizer, lines, batch, max_length):
+        hidden = model(**features)[0].to(torch.float32)
+        m = mask.unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden * m).sum(dim=1) / m.sum(dim=1).clamp(min=1.0)
+        out.append(torch.nn.functional.normalize(pooled, dim=1))
+    return torch.cat(out)
+
+
+def _batches(
+    tokenizer: Any, lines: Sequence[str], batch: int, max_length: int
+) -> Iterator[tuple[int, dict[str, Any], Tensor]]:
+    """``(lines done, the model's keyword arguments, [batch, seq] mask of real tokens)``
+    per ``batch`` lines, each cut to ``max_length`` tokens (padded when ``batch > 1``)."""
     for start in range(0, len(lines), batch):
         features = tokenizer(
             list(lines[start : start + batch]),
@@ -356,11 +359,7 @@ def _pooled(
         mask = features.get("attention_mask")
         if mask is None:
             mask = torch.ones_like(features["input_ids"])
-        hidden = model(**dict(features))[0].to(torch.float32)
-        m = mask.unsqueeze(-1).to(hidden.dtype)
-        pooled = (hidden * m).sum(dim=1) / m.sum(dim=1).clamp(min=1.0)
-        out.append(torch.nn.functional.normalize(pooled, dim=1))
-    return torch.cat(out)
+        yield min(start + batch, len(lines)), dict(features), mask
 
 
 def _token_counts(
