@@ -158,10 +158,9 @@ def plan_tiers(
 
 def _deferred(split: RowSplit, table: Tensor, weights: Tensor) -> RowSplit:
     """``split`` with its lightest band deferred: its rows, heaviest first (ties in row
-    order), cut into up to :data:`DEFERRED_TIERS` tiers of an equal share of the band's
-    weight each (so of as many rows where the weights are even), each filled with its
-    rows' mean row (a table of more than :data:`~fedsqueeze.codec.row_tiers.BANDS`
-    tiers is format version 14).
+    order), cut into up to :data:`DEFERRED_TIERS` tiers by :func:`_cuts` (of as many
+    rows where the weights are even), each filled with its rows' mean row (a table of
+    more than :data:`~fedsqueeze.codec.row_tiers.BANDS` tiers is format version 14).
 
     Why the lightest band only: on all-MiniLM-L6-v2 (BENCHMARKS.md, "Deferred tiers")
     deferring every tier but tier 0 gave the same cosines at 1/16 and 1/8 of fp32 and
@@ -170,10 +169,9 @@ def _deferred(split: RowSplit, table: Tensor, weights: Tensor) -> RowSplit:
     Why in several tiers: one deferred part is one base-level record (1.3 MB on
     MiniLM), and a prefix that ends inside it gets nothing of it (1/16 of MiniLM fell
     inside it: 0.926 with the clients' text). Cut in eight, the order can stop between
-    records of 160 kB (0.949). Equal shares of weight rather than of rows put the rows
-    that other text reads, when the weights back off to it
-    (:func:`~fedsqueeze.codec.row_tiers.smoothed_counts`), in small records of their own,
-    sent first: 0.951 against 0.949 (equal rows) and 0.950 (half of the cuts each way).
+    records of 160 kB (0.949). Where the weights back off to other text
+    (:func:`~fedsqueeze.codec.row_tiers.smoothed_counts`) the rows it reads weigh more,
+    and :func:`_cuts` puts them in smaller records of their own, sent first.
     """
     tiers = split.tier_of().to(torch.int64)
     first = split.count - 1
@@ -197,13 +195,14 @@ def _deferred(split: RowSplit, table: Tensor, weights: Tensor) -> RowSplit:
 
 def _cuts(w: Tensor, parts: int) -> list[int]:
     """Where to cut rows of weights ``w`` (heaviest first) into up to ``parts`` runs, each
-    of about an equal share of their total weight (equal counts where the weights are
-    even or all 0); every run holds a row."""
+    of an equal share of the mean of each row's share of the weight and of the rows
+    (equal counts where the weights are even or all 0): heavy rows go in small runs, and
+    no run holds more than ``2 / parts`` of the rows, however the weight is spread;
+    every run holds a row."""
     n = w.numel()
     total = float(w.sum())
-    if total <= 0:
-        return [n * j // parts for j in range(1, parts) if 0 < n * j // parts < n]
-    share = torch.cumsum(w, 0) / total
-    marks = torch.arange(1, parts, dtype=share.dtype) / parts
-    found = torch.searchsorted(share, marks, right=True).tolist()
+    rows = torch.full_like(w, 1.0 / n)
+    share = torch.cumsum((w / total + rows) / 2 if total > 0 else rows, 0)
+    marks = (torch.arange(1, parts, dtype=share.dtype) / parts + 1e-9) * float(share[-1])
+    found = torch.searchsorted(share, marks, right=True).tolist()  # 1e-9: rounding
     return sorted({b for b in found if 0 < b < n})

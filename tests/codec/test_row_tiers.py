@@ -694,14 +694,20 @@ def test_the_lightest_band_is_cut_by_weight_into_at_most_deferred_tiers_tiers(li
     assert eager.count == 3 and eager.deferred == 0
 
 
-def test_deferred_cuts_hold_equal_shares_of_weight() -> None:
+def test_deferred_cuts_share_weight_and_rows_alike() -> None:
     from fedsqueeze.codec.tier_plan import _cuts
 
     f64 = torch.float64
     assert _cuts(torch.ones(16, dtype=f64), 4) == [4, 8, 12]  # even weights: equal counts
-    assert _cuts(torch.zeros(10, dtype=f64), 4) == [2, 5, 7]
-    # a row holding half the weight is a record of its own, the rest share the others
-    assert _cuts(torch.tensor([8.0] + [1.0] * 8, dtype=f64), 4) == [1, 5]
+    assert _cuts(torch.zeros(12, dtype=f64), 4) == [3, 6, 9]
+    # heavy rows in smaller runs: 4 rows hold 80% of the weight of 40 rows
+    w = torch.tensor([20.0] * 4 + [0.5] * 36, dtype=f64)
+    cuts = _cuts(w, 4)
+    assert cuts[0] <= 4 and len(cuts) == 3
+    # however the weight is spread, no run holds more than 2/parts of the rows
+    for spread in (w, torch.tensor([1e9] + [1.0] * 99, dtype=f64)):
+        bounds = [0, *_cuts(spread, 4), spread.numel()]
+        assert max(b - a for a, b in itertools.pairwise(bounds)) <= spread.numel() // 2
     assert _cuts(torch.tensor([3.0, 2.0, 1.0], dtype=f64), 8) == [1, 2]
     assert _cuts(torch.ones(1, dtype=f64), 8) == []
 
