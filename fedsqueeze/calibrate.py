@@ -230,7 +230,12 @@ def text_calibration(
         for name, value in total.items()
     }
     if tier_costs:
-        (table,) = (name for name, value in result.items() if value.ndim == 1)
+        tables = [name for name, value in result.items() if value.ndim == 1]
+        if len(tables) != 1 or not isinstance(embeddings, torch.nn.Embedding):
+            raise ConfigError(
+                "tier costs need the model's input embeddings to be one torch.nn.Embedding"
+            )
+        (table,) = tables
         fit = _token_counts(tokenizer, lines[0::2], max_length, embeddings)
         held = lines[1::2][:: max(1, len(lines[1::2]) // HELD_OUT_LINES)][:HELD_OUT_LINES]
 

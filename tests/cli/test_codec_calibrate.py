@@ -234,6 +234,25 @@ def test_tier_costs_are_measured_and_encode_defers_with_them(
     assert len(lines) == 1 and "tier costs need at least 4 lines of text, got 3" in lines[0]
 
 
+def test_tier_costs_of_a_model_without_an_embedding_table_are_refused(
+    model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from fedsqueeze import calibrate
+    from fedsqueeze.errors import ConfigError
+
+    load = calibrate._load
+
+    def without_table(folder: Path) -> tuple[object, object]:
+        model, tokenizer = load(folder)
+        model.get_input_embeddings = torch.nn.Identity
+        return model, tokenizer
+
+    monkeypatch.setattr(calibrate, "_load", without_table)
+    lines = [line for line in LINES if line]
+    with pytest.raises(ConfigError, match=r"one torch\.nn\.Embedding"):
+        calibrate.text_calibration(model_dir, lines, tier_costs=True)
+
+
 def test_held_out_tier_costs_restore_the_table_and_refuse_what_they_cannot_measure() -> None:
     from fedsqueeze.calibrate import held_out_tier_costs
 
