@@ -37,6 +37,7 @@ __all__ = [
     "HELD_OUT_LINES",
     "TIER_COSTS",
     "check_model_dir",
+    "evenly",
     "held_out_tier_costs",
     "input_moments",
     "read_lines",
@@ -237,7 +238,7 @@ def text_calibration(
             )
         (table,) = tables
         fit = _token_counts(tokenizer, lines[0::2], max_length, embeddings)
-        held = lines[1::2][:: max(1, len(lines[1::2]) // HELD_OUT_LINES)][:HELD_OUT_LINES]
+        held = evenly(lines[1::2], HELD_OUT_LINES)
 
         def embed(texts: Sequence[str]) -> Tensor:
             return _pooled(model, tokenizer, texts, batch, max_length)
@@ -258,6 +259,12 @@ TIER_COSTS = "#tier_costs"
 HELD_OUT_LINES = 512
 #: A mean cosine lost below this is float rounding (float32 outputs): the output did not move.
 _UNMOVED = 1e-6
+
+
+def evenly(items: Sequence[str], most: int) -> list[str]:
+    """Up to ``most`` of ``items``, evenly spaced from the first (the held-out lines of
+    :func:`held_out_tier_costs`)."""
+    return list(items[:: max(1, len(items) // most)][:most])
 
 
 def held_out_tier_costs(
@@ -315,16 +322,17 @@ def held_out_tier_costs(
 
     g = torch.Generator().manual_seed(seed)
 
+    values = original.to(torch.float32)
+
     def noise(rows: Tensor, size: Tensor) -> Tensor:
-        n = torch.randn(original[rows].shape, generator=g)
-        moved: Tensor = original[rows].to(torch.float32) + n / n.norm(dim=1, keepdim=True) * size
+        n = torch.randn(values[rows].shape, generator=g)
+        moved: Tensor = values[rows] + n / n.norm(dim=1, keepdim=True) * size
         return moved
 
-    rows = original.to(torch.float32)
     unread = ~read
-    mean = rows[unread].mean(dim=0)
-    spread = (rows[unread] - mean).norm(dim=1, keepdim=True)
-    base = cost(read, noise(read, 0.3 * rows[read].norm(dim=1, keepdim=True)))
+    mean = values[unread].mean(dim=0)
+    spread = (values[unread] - mean).norm(dim=1, keepdim=True)
+    base = cost(read, noise(read, 0.3 * values[read].norm(dim=1, keepdim=True)))
     noisy = cost(unread, noise(unread, 0.6 * spread))
     filled = cost(unread, mean.expand(int(unread.sum()), -1))
     if base <= 0 or noisy <= 0:
@@ -385,8 +393,8 @@ def _token_counts(
         flat = torch.tensor([i for line in ids["input_ids"] for i in line], dtype=torch.int64)
         if flat.numel() and int(flat.max()) >= rows:
             raise ConfigError(
-                f"the tokenizer gives id {int(flat.max())} in the prior text, beyond the "
-                f"{rows} rows of the input embeddings"
+                f"the tokenizer gives id {int(flat.max())}, beyond the {rows} rows of the "
+                "input embeddings"
             )
         counts += torch.bincount(flat, minlength=rows).to(torch.float64)
     return counts

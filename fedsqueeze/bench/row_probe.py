@@ -253,6 +253,16 @@ def minilm_row_weights(
         f"{len(lines)} lines on {len(set(ids))} of {rows} rows (the rest share the "
         f"Good-Turing unseen mass {shared})"
     )
+    if prior:
+        from fedsqueeze.bench.progressive import stdlib_sentences
+
+        text, generic = set(ids), set(prior) - set(ids)
+        test = {i for line in stdlib_sentences() for i in model.tokenizer(line)["input_ids"]}
+        out(
+            f"  the calibration text reads {len(generic)} of the {rows - len(text)} rows this "
+            f"text never reads; the test sentences read {len(test - text)} of those, "
+            f"{len(test & generic)} of them rows the calibration text reads"
+        )
     return {EMBEDDINGS: row_weights(ids, rows, prior)}
 
 
@@ -284,15 +294,14 @@ def minilm_tier_costs(
     RuntimeError
         Without the bench extra (the MiniLM weights).
     """
-    from fedsqueeze.calibrate import held_out_tier_costs
+    from fedsqueeze.calibrate import evenly, held_out_tier_costs
 
     model, inner, lines = _minilm_and_text(source, "tier costs")
-    held = [line for line in lines[1::2] if 30 <= len(line) <= 200]
-    held = held[:: max(1, len(held) // sentences)][:sentences]
+    held = evenly([line for line in lines[1::2] if 30 <= len(line) <= 200], sentences)
     ids = [i for line in lines[0::2] for i in model.tokenizer(line)["input_ids"]]
     weight = inner.state_dict()[EMBEDDINGS]  # shares the parameter's storage
     w = row_weights(ids, weight.shape[0], _prior_ids(model, source))
-    read = torch.bincount(torch.tensor(ids), minlength=weight.shape[0]) > 0
+    read = _counts(ids, weight.shape[0]) > 0
 
     def embed(texts: Sequence[str]) -> Tensor:
         got: Tensor = model.encode(list(texts), convert_to_tensor=True, normalize_embeddings=True)

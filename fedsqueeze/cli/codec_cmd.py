@@ -271,7 +271,8 @@ def _calibrate(args: argparse.Namespace) -> int:
         f"Linears, row weights of {tables} table(s)",
         highlight=False,
     )
-    for name, (unread, fill) in ((k, v.tolist()) for k, v in costs.items()):
+    for name, value in costs.items():
+        unread, fill = value.tolist()
         console.print(
             f"tier costs of {name.removesuffix(TIER_COSTS)}: unread rows {unread:.2f}× a read "
             f"row's cost per unit of squared error, at their mean row {fill:.2f}× their "

@@ -179,18 +179,16 @@ def _deferred(split: RowSplit, table: Tensor, weights: Tensor) -> RowSplit:
     w, order = torch.sort(weights[light], descending=True, stable=True)
     light = light[order]
     chunks = torch.tensor_split(light, _cuts(w, DEFERRED_TIERS))
+    fills: list[bytes] = []
     for j, chunk in enumerate(chunks):
         tiers[chunk] = first + j
-    cut = len(chunks)
-    cut_split = RowSplit(split.name, tiers.to(torch.uint8).numpy().tobytes(), first + cut)
-    fills: list[bytes] = []
-    for k in range(first, first + cut):
-        rows = table.index_select(0, cut_split.indices[k].to(table.device)).detach()
+        rows = table.index_select(0, chunk.sort().values.to(table.device)).detach()
         mean = rows.to(torch.float64).mean(dim=0).flatten().to("cpu", torch.float32)
         if not bool(torch.isfinite(mean).all()):
             return split  # non-finite rows: the encoder's non-finite policy decides, undeferred
         fills.append(mean.contiguous().numpy().tobytes())
-    return replace(cut_split, deferred=cut, fills=tuple(fills))
+    raw = tiers.to(torch.uint8).numpy().tobytes()
+    return RowSplit(split.name, raw, first + len(chunks), len(chunks), tuple(fills))
 
 
 def _cuts(w: Tensor, parts: int) -> list[int]:
