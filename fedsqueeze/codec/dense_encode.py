@@ -73,8 +73,8 @@ from fedsqueeze.codec.chunks import np_scratch, run_chunks, submit
 from fedsqueeze.codec.fused_blocks import block_params, fusable
 from fedsqueeze.codec.kernels import Runs, nf4_tables
 from fedsqueeze.codec.literal_frames import Piece, compress_piece, emit_piece
-from fedsqueeze.codec.quantization import QuantParams
-from fedsqueeze.codec.spec import QuantScheme, QuantSpec, Rounding
+from fedsqueeze.codec.quantization import MAX_MAGNITUDE, QuantParams
+from fedsqueeze.codec.spec import QuantScheme, QuantSpec, Rounding, ScaleFormat
 
 __all__ = [
     "ENABLED",
@@ -85,6 +85,7 @@ __all__ = [
     "PIPELINE_ABOVE",
     "Coder",
     "DenseBody",
+    "OutOfRange",
     "choose_coder",
     "encode_dense",
     "encode_dense_blocks",
@@ -112,12 +113,14 @@ LITERAL_SLACK = 0.005
 #: the stages one after the other and zstd's threads, as before; for the benchmark's
 #: side-by-side runs).
 ENABLED = True
-#: Whether block-wise parameters are chosen chunk by chunk inside the pass
-#: (:func:`encode_dense_blocks`; the same bytes). Off by default: measured side by side
-#: on these 2-core machines it saved no CPU time on one thread (the pass it removes
-#: reads memory once more, but each chunk then runs ~30 small NumPy operations) and
-#: cost ~10% with two worker threads (their Python steps contend for the GIL);
-#: BENCHMARKS.md has the figures. Off: ``choose_qparams``' pass first, as before.
+#: Whether block-wise parameters are chosen chunk by chunk inside the pass by the
+#: NumPy kernels too (:func:`encode_dense_blocks`; the same bytes). The compiled kernel
+#: (:func:`fedsqueeze.codec.jit.block_params`) always is, where numba runs: one compiled
+#: loop per chunk, and one read of the tensor fewer. The NumPy version is off by
+#: default: measured side by side on these 2-core machines it saved no CPU time on one
+#: thread (the pass it removes reads memory once more, but each chunk then runs ~30
+#: small NumPy operations) and cost ~10% with two worker threads (their Python steps
+#: contend for the GIL); BENCHMARKS.md has the figures.
 FUSED_SCALES = False
 #: Whether large bodies may be coded as literal-only pieces (off: one stream at the
 #: record's level, as in the previous version; for the benchmark's side-by-side rows).
@@ -125,6 +128,9 @@ LITERAL = True
 
 F32 = npt.NDArray[np.float32]
 U8 = npt.NDArray[np.uint8]
+#: :func:`fedsqueeze.codec.jit.block_params`' codes for the schemes and scale formats.
+_SCHEME_CODES = {QuantScheme.AFFINE: 0, QuantScheme.SYMMETRIC: 1, QuantScheme.NF4: 2}
+_FORMAT_CODES = {ScaleFormat.FP32: 0, ScaleFormat.FP16: 1, ScaleFormat.BF16: 2}
 
 
 @dataclass(frozen=True)
@@ -169,10 +175,10 @@ def pipelines(values: Tensor, qp: QuantParams, rounding: Rounding, channels: obj
 def fuses_blocks(values: Tensor, q: QuantSpec, channels: object, level: int) -> bool:
     """Whether :func:`encode_dense_blocks` takes these values: :func:`pipelines`'
     conditions, and a block-wise spec whose parameters are chosen chunk by chunk
-    (:func:`~fedsqueeze.codec.fused_blocks.fusable`)."""
+    (:func:`~fedsqueeze.codec.fused_blocks.fusable`) by the compiled kernel, or by the
+    NumPy one with :data:`FUSED_SCALES` and zstd on."""
     return (
-        FUSED_SCALES
-        and level > 0
+        (jit.use(values.numel()) or (FUSED_SCALES and level > 0))
         and fusable(q, channels)
         and values.device.type == "cpu"
         and values.dtype == torch.float32
@@ -191,13 +197,34 @@ def encode_dense(values: Tensor, qp: QuantParams, runs: Runs | None, level: int)
     return _encode(_kernel(values, qp, runs, packed), packed, values.numel(), qp.bits, runs, level)
 
 
+class OutOfRange(ValueError):
+    """A block of the values :func:`encode_dense_blocks` was given holds a NaN, an Inf
+    or a value beyond its ``limit``: nothing was encoded (the caller finds out which, and
+    says so)."""
+
+
 def encode_dense_blocks(
-    values: Tensor, q: QuantSpec, runs: Runs, level: int
+    values: Tensor, q: QuantSpec, runs: Runs, level: int, limit: float = MAX_MAGNITUDE
 ) -> tuple[QuantParams, DenseBody]:
     """:func:`encode_dense` of block-wise spec ``q`` (:func:`fused_blocks.fusable
     <fedsqueeze.codec.fused_blocks.fusable>`) with its parameters chosen chunk by chunk
-    inside the pass (:mod:`fedsqueeze.codec.fused_blocks`): the parameters
-    :func:`~fedsqueeze.codec.quantization.choose_qparams` chooses, and the same body."""
+    inside the pass (:func:`fedsqueeze.codec.jit.block_params`, or
+    :mod:`fedsqueeze.codec.fused_blocks` without numba): the parameters
+    :func:`~fedsqueeze.codec.quantization.choose_qparams` chooses, and the same body
+    (stored raw when ``level <= 0``, as ``entropy=0`` stores it).
+
+    The compiled kernel checks every block on the way: a NaN, an Inf or a value beyond
+    ``±limit`` (at most :data:`~fedsqueeze.codec.quantization.MAX_MAGNITUDE`) raises
+    :class:`OutOfRange`, so a caller need not read the values once more to check them
+    first.
+
+    Raises
+    ------
+    OutOfRange
+        A value that is not finite or is beyond ``±limit``.
+    ValueError
+        The same, from the NumPy kernels (an fp16 scale beyond 65504 too).
+    """
     count = values.numel()
     bits, length = q.bits, runs.length
     x: F32 = values.detach().contiguous().numpy()
@@ -226,11 +253,50 @@ def encode_dense_blocks(
             np.divide(np.float32(1.0), scale[r0:r1], out=params["inv"][r0:r1])
         kernel(start, stop)
 
-    body = _encode(chunk, packed, count, bits, runs, level)
+    make: Callable[[int, int], None] = chunk
+    if jit.use(count):
+        make = _compiled_blocks(x, packed, q, runs, params, scale, zp, limit)
+    body = _encode(make, packed, count, bits, runs, level)
     qp = QuantParams(
         bits, q.scheme, torch.from_numpy(scale), torch.from_numpy(zp), scale_format=q.scales
     )
     return qp, body
+
+
+def _compiled_blocks(
+    x: F32,
+    packed: U8,
+    q: QuantSpec,
+    runs: Runs,
+    params: dict[str, Any],
+    scale: F32,
+    zp: F32,
+    limit: float,
+) -> Callable[[int, int], None]:
+    """``chunk(start, stop)`` of :func:`encode_dense_blocks` by the compiled kernels:
+    the blocks' parameters (:func:`fedsqueeze.codec.jit.block_params`, which checks the
+    values as it goes), then their codes while the chunk is in cache."""
+    nf4 = q.scheme is QuantScheme.NF4
+    scheme, fmt = _SCHEME_CODES[q.scheme], _FORMAT_CODES[q.scales]
+    bound = np.float32(min(limit, MAX_MAGNITUDE))
+    inv = scale if nf4 else params["inv"]  # NF4 has no reciprocals (the kernel skips them)
+    make = partial(_jit_chunk, x, packed, q.bits, runs, nf4, params)
+
+    def chunk(start: int, stop: int) -> None:
+        status = jit.block_params(
+            x, start, stop, runs.length, q.bits, scheme, fmt, bound, scale, zp, inv
+        )  # fmt: skip
+        if status == 1:  # choose_qparams' words where the bound is its own
+            raise OutOfRange(
+                f"values must be finite, with |x| <= 2^126 ({MAX_MAGNITUDE:.3g})"
+                if bound == np.float32(MAX_MAGNITUDE)
+                else f"values must be finite, with |x| <= {float(bound):g}"
+            )
+        if status:
+            raise OutOfRange("a block scale beyond fp16's range: values beyond ±65504")
+        make(start, stop)
+
+    return chunk
 
 
 def _encode(
@@ -252,7 +318,7 @@ def _encode(
     def make(i: int) -> None:
         kernel(*bounds[i])
 
-    if nbytes < entropy.MIN_COMPRESSED:  # entropy.compress leaves these raw
+    if nbytes < entropy.MIN_COMPRESSED or level <= 0:  # entropy.compress leaves these raw
         run_chunks(lambda start, stop: make(start), [(i, i + 1) for i in range(len(bounds))])
         return _raw(packed)
 

@@ -16,10 +16,14 @@ so the parameters, codes and bytes are identical; the tests compare them with th
 reference path, hostile ranges included. DQ8 scales (one exponent per 256 blocks) and
 the POW2 and k-means schemes keep the separate pass.
 
-Opt-in (``dense_encode.FUSED_SCALES``): measured side by side on these 2-core machines,
-the read it saves is paid back by ~30 small NumPy operations per chunk (no CPU saved on
-one thread), and with two worker threads their Python steps contend for the GIL (~10%
-more CPU). It is here, exact and tested, for machines where that balance differs.
+This NumPy version is opt-in (``dense_encode.FUSED_SCALES``): measured side by side on
+these 2-core machines, the read it saves is paid back by ~30 small NumPy operations per
+chunk (no CPU saved on one thread), and with two worker threads their Python steps
+contend for the GIL (~10% more CPU). Where numba runs, the compiled
+:func:`fedsqueeze.codec.jit.block_params` does the same arithmetic in one loop per chunk
+and is always used; it also checks the values as it goes, so the encoder's separate
+range pass over a block-wise tensor is skipped (``TensorEncoder.encode_checked``). This
+module stays the reference it is tested against, and the path without numba.
 """
 
 from __future__ import annotations
@@ -131,7 +135,8 @@ def _stored(raw: F32, fmt: ScaleFormat, out: F32) -> None:
         if bool((r > _FP16_MAX).any()):
             raise ValueError("a block scale beyond fp16's range: values beyond ±65504")
         low = r.astype(np.float16)  # round to nearest even, as torch's .to(float16)
-        up = np.nextafter(low, np.float16(np.inf))
+        with np.errstate(over="ignore"):  # 65504's next is inf: never chosen (low >= r)
+            up = np.nextafter(low, np.float16(np.inf))
         stored = np.where(low.astype(np.float32) >= r, low, up).astype(np.float32)
         np.maximum(stored, _FP16_TINY, out=out)
     elif fmt is ScaleFormat.BF16:

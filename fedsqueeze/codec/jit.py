@@ -44,6 +44,7 @@ from fedsqueeze.codec import jit_bytes, jit_select
 __all__ = [
     "ENABLED",
     "MIN_VALUES",
+    "block_params",
     "linear_decode",
     "linear_encode",
     "nf4_decode",
@@ -52,6 +53,7 @@ __all__ = [
     "per_run",
     "ready",
     "run_range",
+    "span_range",
     "use",
     "warm",
 ]
@@ -68,6 +70,7 @@ MIN_VALUES = 1 << 16
 F32 = npt.NDArray[np.float32]
 U8 = npt.NDArray[np.uint8]
 Words = npt.NDArray[np.unsignedinteger]
+I32 = npt.NDArray[np.int32]
 I64 = npt.NDArray[np.int64]
 U16 = npt.NDArray[np.uint16]
 
@@ -121,6 +124,11 @@ def warm() -> None:
     nf4_encode(f, 0, 8, one, 8, u, np.full(256, np.inf, dtype=np.float32), u, u)
     nf4_decode(u, 0, 8, f, one, 8, f)
     run_range(f, 0, 8, 4, f[:2].copy(), f[:2].copy())
+    span_range(f, 0, 8, f[:2].copy(), 0)
+    for scheme in (0, 1, 2):
+        for fmt in (0, 1, 2):
+            p = [f[:2].copy() for _ in range(3)]
+            block_params(f, 0, 8, 4, 4, scheme, fmt, np.float32(1.0), *p)
     jit_bytes.warm()
     jit_select.warm()
 
@@ -300,6 +308,62 @@ def _decode_run(qs: U8, off: int, bits: int, table: F32, out: F32, o0: int, n: i
         out[o0 + k] = table[_lane(qs, off + k, bits)]
 
 
+def _linear_run(qs: U8, off: int, bits: int, z: F32, s: F32, out: F32, o0: int, n: int) -> None:
+    """``out[o0 + k] = (float(q_k) − z) · s`` for the ``n`` codes (2 or 4 bits) packed in
+    ``qs`` from lane ``off`` of byte 0: :func:`_decode_run` with the table's two float32
+    operations done in place, so the whole bytes' loop vectorizes (0.12 against 0.60 ns
+    a value through a 16-entry table, blocks of 64; the same numbers)."""
+    per_byte = 8 // bits
+    mask = (1 << bits) - 1
+    head = min(n, (per_byte - off) % per_byte)
+    for k in range(head):
+        out[o0 + k] = (np.float32(_lane(qs, off + k, bits)) - z) * s
+    first = (off + head) // per_byte
+    whole = (n - head) // per_byte
+    o = o0 + head
+    vs = qs[first : first + whole]
+    os = out[o : o + whole * per_byte]
+    if bits == 4:
+        for b in range(vs.size):
+            v = vs[b]
+            os[2 * b] = (np.float32(v & 15) - z) * s
+            os[2 * b + 1] = (np.float32(v >> 4) - z) * s
+    else:
+        for b in range(vs.size):
+            v = vs[b]
+            os[4 * b] = (np.float32(v & mask) - z) * s
+            os[4 * b + 1] = (np.float32((v >> 2) & mask) - z) * s
+            os[4 * b + 2] = (np.float32((v >> 4) & mask) - z) * s
+            os[4 * b + 3] = (np.float32(v >> 6) - z) * s
+    for k in range(head + whole * per_byte, n):
+        out[o0 + k] = (np.float32(_lane(qs, off + k, bits)) - z) * s
+
+
+def _nibble_runs(
+    src: U8, start: int, stop: int, scale: F32, zp: F32, length: int, out: F32
+) -> None:
+    """:func:`linear_decode` of 4-bit codes in runs of an even ``length`` (``start`` on a
+    run, so every run starts on a byte; the last may end inside one): the loop on its
+    own, which LLVM vectorizes at 0.12 ns a value on blocks of 64 (0.29 inside the
+    general loop, 0.60 through a table)."""
+    r = start // length
+    i = start
+    while i < stop:
+        end = min(stop, i + length)
+        s = scale[r]
+        z = zp[r]
+        qs = src[i // 2 : end // 2]
+        os = out[i:end]
+        for b in range(qs.size):
+            v = qs[b]
+            os[2 * b] = (np.float32(v & 15) - z) * s
+            os[2 * b + 1] = (np.float32(v >> 4) - z) * s
+        if (end - i) % 2:  # the tensor's last value, alone in its byte's low lane
+            out[end - 1] = (np.float32(src[(end - 1) // 2] & 15) - z) * s
+        i = end
+        r += 1
+
+
 def linear_decode(
     src: U8,
     start: int,
@@ -312,12 +376,11 @@ def linear_decode(
 ) -> None:
     """``out[start:stop]``: ``(float(q) − zp[r]) · scale[r]`` of the packed ``bits``-bit
     codes ``q`` in ``src``, runs of ``length`` values as :func:`linear_encode`.
-    ``start`` is on a run and on a byte (the runs after it may start inside one).
-
-    Below 8 bits each run's ``2^bits`` values are computed once into a table, by the
-    same two float32 operations: a code's value is the same number either way."""
+    ``start`` is on a run and on a byte (the runs after it may start inside one)."""
     per_byte = 8 // bits
-    table = np.empty(1 << bits, dtype=np.float32)
+    if bits == 4 and length % 2 == 0:  # every run on a byte: no lanes to split
+        _nibble_runs(src, start, stop, scale, zp, length, out)
+        return
     r = start // length
     i = start
     while i < stop:
@@ -330,13 +393,11 @@ def linear_decode(
             for k in range(os.size):
                 os[k] = (np.float32(qs[k]) - z) * s
         else:
-            for q in range(table.size):
-                table[q] = (np.float32(q) - z) * s
             qs = src[i // per_byte :]
-            if bits == 4:  # literal widths: numba compiles _decode_run for each
-                _decode_run(qs, i % 2, 4, table, out, i, end - i)
+            if bits == 4:  # literal widths: numba compiles _linear_run for each
+                _linear_run(qs, i % 2, 4, z, s, out, i, end - i)
             else:
-                _decode_run(qs, i % 4, 2, table, out, i, end - i)
+                _linear_run(qs, i % 4, 2, z, s, out, i, end - i)
         i = end
         r += 1
 
@@ -351,7 +412,26 @@ def nf4_decode(
     out: F32,
 ) -> None:
     """``out[start:stop]``: ``codebook[q] · scale[r]`` of the packed 4-bit codes ``q`` in
-    ``src`` (runs as :func:`linear_decode`; each run's 16 values in a table)."""
+    ``src`` (runs as :func:`linear_decode`). Runs of an even length (every one on a
+    byte) multiply each value in place, 0.28 against 0.59 ns a value on blocks of 64;
+    the others put each run's 16 values in a table. The same products either way."""
+    if length % 2 == 0:
+        r = start // length
+        i = start
+        while i < stop:
+            end = min(stop, i + length)
+            s = scale[r]
+            qs = src[i // 2 : end // 2]
+            os = out[i:end]
+            for b in range(qs.size):
+                v = qs[b]
+                os[2 * b] = codebook[v & 15] * s
+                os[2 * b + 1] = codebook[v >> 4] * s
+            if (end - i) % 2:  # the tensor's last value, alone in its byte's low lane
+                out[end - 1] = codebook[src[(end - 1) // 2] & 15] * s
+            i = end
+            r += 1
+        return
     table = np.empty(16, dtype=np.float32)
     r = start // length
     i = start
@@ -365,29 +445,156 @@ def nf4_decode(
         r += 1
 
 
+def _ordered(v: int) -> int:
+    """The int32 bits of a float32 mapped so that integer order is float order
+    (negatives reflected below the positives; ``-0 < +0``; a NaN with its sign bit set
+    below every number, one without above). The map is its own inverse."""
+    return np.int32(v ^ ((v >> 31) & 0x7FFFFFFF))  # type: ignore[no-any-return]
+
+
+def _span(w: I32) -> tuple[int, int]:
+    """The :func:`_ordered` minimum and maximum of the float32 bits ``w`` (non-empty).
+    Integer reductions: LLVM vectorizes them, where a float ``min`` (which must keep
+    NaN's order) stays scalar: 0.11 against 0.50 ns a value on blocks of 64."""
+    a = np.int32(2147483647)
+    b = np.int32(-2147483648)
+    for k in range(w.size):
+        m = _ordered(w[k])
+        a = min(a, m)
+        b = max(b, m)
+    return a, b
+
+
 def run_range(x: F32, start: int, stop: int, length: int, lo: F32, hi: F32) -> None:
     """``lo[r]``, ``hi[r]``: the minimum and maximum of each run ``r`` of ``length``
-    values in ``x[start:stop]`` (``start`` on a run; the last run may be short); NaN
-    where the run holds one, as ``torch.amin`` / ``torch.amax`` give it."""
+    values in ``x[start:stop]`` (``start`` on a run; the last run may be short); NaN in
+    both where the run holds one, as ``torch.amin`` / ``torch.amax`` give it (a zero's
+    sign may differ from theirs: no stored byte depends on it)."""
+    w = x.view(np.int32)
+    lo_w = lo.view(np.int32)
+    hi_w = hi.view(np.int32)
+    nan = np.float32(np.nan)
     r = start // length
     i = start
     while i < stop:
         end = min(stop, i + length)
-        xs = x[i:end]
-        a = xs[0]
-        b = xs[0]
-        nan = False
-        for k in range(xs.size):
-            v = xs[k]
-            a = min(a, v)
-            b = max(b, v)
-            nan |= v != v
-        if nan:
-            a = b = np.float32(np.nan)
-        lo[r] = a
-        hi[r] = b
+        a, b = _span(w[i:end])
+        lo_w[r] = _ordered(a)
+        hi_w[r] = _ordered(b)
+        if lo[r] != lo[r] or hi[r] != hi[r]:
+            lo[r] = nan
+            hi[r] = nan
         i = end
         r += 1
+
+
+def _scale_up(raw: np.float32, fmt: int, bits32: I32) -> np.float32:
+    """A block's stored scale from its raw scale ``raw``, as
+    :func:`~fedsqueeze.codec.fused_blocks.block_params` stores it: zero (or negative) to
+    1, at least 2^−126, then the smallest value of the format (0 fp32, 1 fp16, 2 bf16)
+    that is ``>= raw`` (at least fp16's 2^−24, bf16's 2^−126); −1 for an fp16 scale
+    beyond 65504. ``bits32`` is one int32 of scratch (its float32 view reads the bits)."""
+    one = np.float32(1.0)
+    r = raw if raw > np.float32(0.0) else one
+    r = max(r, np.float32(2.0**-126))
+    if fmt == 0:
+        return r  # type: ignore[no-any-return]
+    f = bits32.view(np.float32)
+    if fmt == 1:
+        if r > np.float32(65504.0):
+            return np.float32(-1.0)  # type: ignore[no-any-return]
+        tiny = np.float32(2.0**-24)
+        if r <= tiny:
+            return tiny  # type: ignore[no-any-return]
+        if r < np.float32(2.0**-14):  # fp16's subnormals: multiples of 2^-24
+            q = r * np.float32(2.0**24)  # exact: a power of two
+            k = int(q)
+            if np.float32(k) < q:
+                k += 1
+            return np.float32(k) * tiny  # type: ignore[no-any-return]
+        f[0] = r  # normal fp16: float32 bits with the low 13 mantissa bits rounded up
+        bits32[0] = (bits32[0] + 0x1FFF) & ~0x1FFF
+        return f[0]  # type: ignore[no-any-return]
+    f[0] = r  # bf16: the low 16 bits rounded up
+    bits32[0] = (bits32[0] + 0xFFFF) & ~0xFFFF
+    return max(f[0], np.float32(2.0**-126))
+
+
+def block_params(
+    x: F32,
+    start: int,
+    stop: int,
+    length: int,
+    bits: int,
+    scheme: int,
+    fmt: int,
+    limit: np.float32,
+    scale: F32,
+    zp: F32,
+    inv: F32,
+) -> int:
+    """The parameters of the blocks (runs of ``length`` values, the last may be short)
+    of ``x[start:stop]`` (``start`` on a block) into ``scale[r]``, ``zp[r]`` and, for the
+    linear schemes, ``inv[r] = 1 / scale[r]``: :func:`fedsqueeze.codec.fused_blocks.block_params`'
+    float32 arithmetic, value for value (scheme 0 affine, 1 symmetric, 2 NF4; ``fmt`` as
+    :func:`_scale_up`). Returns 0, or 1 where a block holds a NaN, an Inf or a value
+    beyond ``±limit`` (nothing is then trusted), 2 for an fp16 scale beyond 65504."""
+    w = x.view(np.int32)
+    pair = np.empty(2, dtype=np.int32)
+    ends = pair.view(np.float32)
+    scratch = np.empty(1, dtype=np.int32)
+    zero = np.float32(0.0)
+    one = np.float32(1.0)
+    qmax = np.float32((1 << bits) - 1)
+    mid = np.float32(1 << (bits - 1))
+    r = start // length
+    i = start
+    while i < stop:
+        end = min(stop, i + length)
+        a, b = _span(w[i:end])
+        pair[0] = _ordered(a)
+        pair[1] = _ordered(b)
+        lo = ends[0]
+        hi = ends[1]
+        if not (lo >= -limit and hi <= limit):  # NaN fails both
+            return 1
+        if scheme == 0:
+            if lo > zero:
+                lo = zero
+            if hi < zero:
+                hi = zero
+            raw = hi / qmax - lo / qmax  # divided first: hi − lo may overflow
+        else:
+            raw = -lo if -lo >= hi else hi
+            if scheme == 1:
+                raw = raw / (mid - one)
+        s = _scale_up(raw, fmt, scratch)
+        if s < zero:
+            return 2
+        scale[r] = s
+        if scheme == 0:
+            z = np.rint(-lo / s)
+            if z < zero:
+                z = zero
+            if z > qmax:
+                z = qmax
+            zp[r] = z + zero  # −0 → +0
+            inv[r] = one / s
+        elif scheme == 1:
+            zp[r] = mid
+            inv[r] = one / s
+        else:
+            zp[r] = zero
+        i = end
+        r += 1
+    return 0
+
+
+def span_range(x: F32, start: int, stop: int, out: F32, slot: int) -> None:
+    """``out[slot]``, ``out[slot + 1]``: the minimum and maximum of ``x[start:stop]``
+    (non-empty), :func:`run_range`'s for one run."""
+    n = stop - start
+    run_range(x[start:stop], 0, n, n, out[slot : slot + 1], out[slot + 1 : slot + 2])
 
 
 #: The kernels of this module, helpers before the kernels that call them.
@@ -396,9 +603,16 @@ _KERNELS = (
     "pack",
     "_lane",
     "_decode_run",
+    "_linear_run",
+    "_nibble_runs",
     "linear_encode",
     "nf4_encode",
     "linear_decode",
     "nf4_decode",
+    "_ordered",
+    "_span",
     "run_range",
+    "span_range",
+    "_scale_up",
+    "block_params",
 )

@@ -86,9 +86,18 @@ def value_range(x: Tensor, runs: Runs | None) -> tuple[Tensor, Tensor]:
     """
     n = x.numel()
     bounds = _bounds(n, runs, x.device)
+    jitted = x.device.type == "cpu" and x.dtype == torch.float32 and jit.use(n)
     if runs is None:
         parts = torch.empty((len(bounds), 2), dtype=torch.float32, device=x.device)
         slot = {start: i for i, (start, _) in enumerate(bounds)}
+        if jitted:  # one vectorized integer pass per part (torch.aminmax: ~1.6x the CPU)
+            xs, flat = x.contiguous().numpy(), parts.view(-1).numpy()
+
+            def span(start: int, stop: int) -> None:
+                jit.span_range(xs, start, stop, flat, 2 * slot[start])
+
+            _run(span, bounds, x.device)
+            return parts[:, 0].amin(), parts[:, 1].amax()
 
         def part(start: int, stop: int) -> None:
             lo, hi = torch.aminmax(x[start:stop])
@@ -101,7 +110,7 @@ def value_range(x: Tensor, runs: Runs | None) -> tuple[Tensor, Tensor]:
     lo_c = torch.empty(count, dtype=torch.float32, device=x.device)
     hi_c = torch.empty(count, dtype=torch.float32, device=x.device)
 
-    if x.device.type == "cpu" and x.dtype == torch.float32 and jit.use(n):
+    if jitted:
         xs = x.contiguous().numpy()
         lo_np, hi_np = lo_c.numpy(), hi_c.numpy()
 
