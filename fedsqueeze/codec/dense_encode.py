@@ -71,7 +71,7 @@ from fedsqueeze.codec import entropy, jit
 from fedsqueeze.codec.blockwise import NF4_CODEBOOK
 from fedsqueeze.codec.chunks import np_scratch, run_chunks, submit
 from fedsqueeze.codec.fused_blocks import block_params, fusable
-from fedsqueeze.codec.kernels import Runs, nf4_tables
+from fedsqueeze.codec.kernels import Runs, nf4_midpoints, nf4_tables
 from fedsqueeze.codec.literal_frames import Piece, compress_piece, emit_piece
 from fedsqueeze.codec.quantization import MAX_MAGNITUDE, QuantParams
 from fedsqueeze.codec.spec import QuantScheme, QuantSpec, Rounding, ScaleFormat
@@ -273,18 +273,20 @@ def _compiled_blocks(
     zp: F32,
     limit: float,
 ) -> Callable[[int, int], None]:
-    """``chunk(start, stop)`` of :func:`encode_dense_blocks` by the compiled kernels:
-    the blocks' parameters (:func:`fedsqueeze.codec.jit.block_params`, which checks the
-    values as it goes), then their codes while the chunk is in cache."""
+    """``chunk(start, stop)`` of :func:`encode_dense_blocks` by the compiled kernel
+    (:func:`fedsqueeze.codec.jit.block_encode`): in steps that stay in cache, the
+    blocks' parameters (checking the values as it goes), then their codes."""
     nf4 = q.scheme is QuantScheme.NF4
     scheme, fmt = _SCHEME_CODES[q.scheme], _FORMAT_CODES[q.scales]
     bound = np.float32(min(limit, MAX_MAGNITUDE))
     inv = scale if nf4 else params["inv"]  # NF4 has no reciprocals (the kernel skips them)
-    make = partial(_jit_chunk, x, packed, q.bits, runs, nf4, params)
+    mids = nf4_midpoints(NF4_CODEBOOK) if nf4 else np.zeros(15, dtype=np.float32)
 
     def chunk(start: int, stop: int) -> None:
-        status = jit.block_params(
-            x, start, stop, runs.length, q.bits, scheme, fmt, bound, scale, zp, inv
+        scratch = _scratch_u8("codes", stop - start) if q.bits < 8 or nf4 else packed[:0]
+        status = jit.block_encode(
+            x, start, stop, runs.length, q.bits, scheme, fmt, bound, scale, zp, inv, mids,
+            packed, scratch,
         )  # fmt: skip
         if status == 1:  # choose_qparams' words where the bound is its own
             raise OutOfRange(
@@ -294,7 +296,6 @@ def _compiled_blocks(
             )
         if status:
             raise OutOfRange("a block scale beyond fp16's range: values beyond ±65504")
-        make(start, stop)
 
     return chunk
 
@@ -548,6 +549,7 @@ def _kernel(
     if nf4:
         below, inside = nf4_tables(NF4_CODEBOOK)
         params = {"below": below.numpy(), "inside": inside.numpy()}
+        params["mids"] = nf4_midpoints(NF4_CODEBOOK)  # the compiled kernel's form
         scale = qp.scale.detach().cpu()
         params["scale"] = scale.numpy() if per_set else np.float32(float(scale))
     else:
@@ -584,8 +586,7 @@ def _jit_chunk(
     scratch = _scratch_u8("codes", stop - start) if bits < 8 or nf4 else packed[:0]
     if nf4:
         jit.nf4_encode(
-            x, start, stop, params["scale"], length,
-            params["below"], params["inside"], packed, scratch,
+            x, start, stop, params["scale"], length, params["mids"], packed, scratch
         )  # fmt: skip
     else:
         jit.linear_encode(

@@ -44,6 +44,7 @@ from fedsqueeze.codec import jit_bytes, jit_select
 __all__ = [
     "ENABLED",
     "MIN_VALUES",
+    "block_encode",
     "block_params",
     "linear_decode",
     "linear_encode",
@@ -121,7 +122,7 @@ def warm() -> None:
         linear_encode(f, 0, 8, one, one, 8, lo, hi, bits, u, u)
         linear_decode(u, 0, 8, bits, one, one, 8, f)
         pack(u, 8, bits, u.copy(), 0)
-    nf4_encode(f, 0, 8, one, 8, u, np.full(256, np.inf, dtype=np.float32), u, u)
+    nf4_encode(f, 0, 8, one, 8, np.zeros(15, dtype=np.float32), u, u)
     nf4_decode(u, 0, 8, f, one, 8, f)
     run_range(f, 0, 8, 4, f[:2].copy(), f[:2].copy())
     span_range(f, 0, 8, f[:2].copy(), 0)
@@ -129,6 +130,9 @@ def warm() -> None:
         for fmt in (0, 1, 2):
             p = [f[:2].copy() for _ in range(3)]
             block_params(f, 0, 8, 4, 4, scheme, fmt, np.float32(1.0), *p)
+            mids = np.zeros(15, dtype=np.float32)
+            block_encode(f, 0, 8, 4, 4, scheme, fmt, np.float32(1.0), p[0], p[1], p[2], mids,
+                         u.copy(), u.copy())  # fmt: skip
     jit_bytes.warm()
     jit_select.warm()
 
@@ -238,19 +242,19 @@ def nf4_encode(
     stop: int,
     scale: F32,
     length: int,
-    below: U8,
-    inside: F32,
+    mids: F32,
     packed: U8,
     scratch: U8,
 ) -> None:
     """The packed NF4 codes (4 bits) of ``x[start:stop]`` into ``packed``: the nearest
-    entry of ``x / scale[r]`` by the cell tables of
-    :func:`~fedsqueeze.codec.kernels.nf4_tables` (``below[cell]``, plus one where the
-    value lies above ``inside[cell]``), as :func:`~fedsqueeze.codec.kernels.nearest_nf4`."""
-    one = np.float32(1.0)
-    half_cells = np.float32(128.0)
-    lo = np.float32(0.0)
-    hi = np.float32(255.0)
+    entry of ``x / scale[r]``, i.e. how many of the codebook's 15 float32 midpoints
+    ``mids`` (:func:`~fedsqueeze.codec.kernels.nf4_midpoints`) lie strictly below it, as
+    ``bucketize`` and :func:`~fedsqueeze.codec.kernels.nearest_nf4`'s cell tables count
+    them (ties to the lower entry). Fifteen comparisons a value, which vectorize: 0.73
+    against 1.74 ns a value through the 256-cell tables' lookups."""
+    m0, m1, m2, m3, m4 = mids[0], mids[1], mids[2], mids[3], mids[4]
+    m5, m6, m7, m8, m9 = mids[5], mids[6], mids[7], mids[8], mids[9]
+    m10, m11, m12, m13, m14 = mids[10], mids[11], mids[12], mids[13], mids[14]
     size = stop - start
     codes = scratch[:size]
     r = start // length
@@ -261,9 +265,12 @@ def nf4_encode(
         xs = x[i:end]
         cs = codes[i - start : end - start]
         for k in range(xs.size):
-            unit = xs[k] / s
-            cell = int(min(max((unit + one) * half_cells, lo), hi))
-            cs[k] = below[cell] + (unit > inside[cell])
+            u = xs[k] / s
+            cs[k] = np.uint8(
+                (u > m0) + (u > m1) + (u > m2) + (u > m3) + (u > m4)
+                + (u > m5) + (u > m6) + (u > m7) + (u > m8) + (u > m9)
+                + (u > m10) + (u > m11) + (u > m12) + (u > m13) + (u > m14)
+            )  # fmt: skip
         i = end
         r += 1
     _pack(codes, size, 4, packed, start // 2)
@@ -488,38 +495,6 @@ def run_range(x: F32, start: int, stop: int, length: int, lo: F32, hi: F32) -> N
         r += 1
 
 
-def _scale_up(raw: np.float32, fmt: int, bits32: I32) -> np.float32:
-    """A block's stored scale from its raw scale ``raw``, as
-    :func:`~fedsqueeze.codec.fused_blocks.block_params` stores it: zero (or negative) to
-    1, at least 2^−126, then the smallest value of the format (0 fp32, 1 fp16, 2 bf16)
-    that is ``>= raw`` (at least fp16's 2^−24, bf16's 2^−126); −1 for an fp16 scale
-    beyond 65504. ``bits32`` is one int32 of scratch (its float32 view reads the bits)."""
-    one = np.float32(1.0)
-    r = raw if raw > np.float32(0.0) else one
-    r = max(r, np.float32(2.0**-126))
-    if fmt == 0:
-        return r  # type: ignore[no-any-return]
-    f = bits32.view(np.float32)
-    if fmt == 1:
-        if r > np.float32(65504.0):
-            return np.float32(-1.0)  # type: ignore[no-any-return]
-        tiny = np.float32(2.0**-24)
-        if r <= tiny:
-            return tiny  # type: ignore[no-any-return]
-        if r < np.float32(2.0**-14):  # fp16's subnormals: multiples of 2^-24
-            q = r * np.float32(2.0**24)  # exact: a power of two
-            k = int(q)
-            if np.float32(k) < q:
-                k += 1
-            return np.float32(k) * tiny  # type: ignore[no-any-return]
-        f[0] = r  # normal fp16: float32 bits with the low 13 mantissa bits rounded up
-        bits32[0] = (bits32[0] + 0x1FFF) & ~0x1FFF
-        return f[0]  # type: ignore[no-any-return]
-    f[0] = r  # bf16: the low 16 bits rounded up
-    bits32[0] = (bits32[0] + 0xFFFF) & ~0xFFFF
-    return max(f[0], np.float32(2.0**-126))
-
-
 def block_params(
     x: F32,
     start: int,
@@ -536,57 +511,126 @@ def block_params(
     """The parameters of the blocks (runs of ``length`` values, the last may be short)
     of ``x[start:stop]`` (``start`` on a block) into ``scale[r]``, ``zp[r]`` and, for the
     linear schemes, ``inv[r] = 1 / scale[r]``: :func:`fedsqueeze.codec.fused_blocks.block_params`'
-    float32 arithmetic, value for value (scheme 0 affine, 1 symmetric, 2 NF4; ``fmt`` as
-    :func:`_scale_up`). Returns 0, or 1 where a block holds a NaN, an Inf or a value
-    beyond ``±limit`` (nothing is then trusted), 2 for an fp16 scale beyond 65504."""
+    float32 arithmetic, value for value (scheme 0 affine, 1 symmetric, 2 NF4; ``fmt`` 0
+    fp32, 1 fp16, 2 bf16 scales). Returns 0, or 1 where a block holds a NaN, an Inf or a
+    value beyond ``±limit`` (nothing is then trusted), 2 for an fp16 scale beyond 65504.
+
+    Each block's minimum and maximum first (:func:`_span`), then the parameters of all
+    the blocks in loops over the blocks without branches, which vectorize: 0.39 → 0.05 ns
+    a value on blocks of 64 (a block's scalar arithmetic, rounding to the scale's format
+    included, cost ~25 ns)."""
+    r0 = start // length
+    count = -(-(stop - start) // length)
     w = x.view(np.int32)
-    pair = np.empty(2, dtype=np.int32)
-    ends = pair.view(np.float32)
-    scratch = np.empty(1, dtype=np.int32)
+    s_i = scale[r0 : r0 + count].view(np.int32)
+    z_i = zp[r0 : r0 + count].view(np.int32)
+    i = start
+    for j in range(count):  # the ends, as int32 bits, into the outputs for now
+        end = min(stop, i + length)
+        a, b = _span(w[i:end])
+        s_i[j] = _ordered(a)
+        z_i[j] = _ordered(b)
+        i = end
+    los = scale[r0 : r0 + count]
+    his = zp[r0 : r0 + count]
+    good = 0
+    for j in range(count):  # NaN fails both comparisons
+        good += (los[j] >= -limit) & (his[j] <= limit)
+    if good != count:
+        return 1
     zero = np.float32(0.0)
     one = np.float32(1.0)
     qmax = np.float32((1 << bits) - 1)
     mid = np.float32(1 << (bits - 1))
-    r = start // length
-    i = start
-    while i < stop:
-        end = min(stop, i + length)
-        a, b = _span(w[i:end])
-        pair[0] = _ordered(a)
-        pair[1] = _ordered(b)
-        lo = ends[0]
-        hi = ends[1]
-        if not (lo >= -limit and hi <= limit):  # NaN fails both
-            return 1
+    lows = inv[r0 : r0 + count] if scheme == 0 else scale[:0]
+    for j in range(count):  # the raw scale, then zero → 1 and at least 2^-126
+        lo = los[j]
+        hi = his[j]
         if scheme == 0:
-            if lo > zero:
-                lo = zero
-            if hi < zero:
-                hi = zero
+            lo = zero if lo > zero else lo
+            hi = zero if hi < zero else hi
+            lows[j] = lo  # kept for the zero point (inv is written after it)
             raw = hi / qmax - lo / qmax  # divided first: hi − lo may overflow
+        elif scheme == 1:
+            raw = (-lo if -lo >= hi else hi) / (mid - one)
         else:
             raw = -lo if -lo >= hi else hi
-            if scheme == 1:
-                raw = raw / (mid - one)
-        s = _scale_up(raw, fmt, scratch)
-        if s < zero:
+        raw = raw if raw > zero else one
+        los[j] = max(raw, np.float32(2.0**-126))
+    if fmt == 1:
+        over = 0
+        for j in range(count):
+            over += los[j] > np.float32(65504.0)
+        if over:
             return 2
-        scale[r] = s
-        if scheme == 0:
-            z = np.rint(-lo / s)
-            if z < zero:
-                z = zero
-            if z > qmax:
-                z = qmax
-            zp[r] = z + zero  # −0 → +0
-            inv[r] = one / s
-        elif scheme == 1:
-            zp[r] = mid
-            inv[r] = one / s
+        tiny = np.float32(2.0**-24)
+        ups = his  # the zero points are written last: room for the rounded-up bits
+        up_i = z_i
+        for j in range(count):  # normal fp16: the low 13 mantissa bits rounded up
+            up_i[j] = (s_i[j] + 0x1FFF) & ~0x1FFF
+        for j in range(count):
+            r = los[j]
+            sub = np.ceil(r * np.float32(2.0**24)) * tiny  # fp16's subnormals, exactly
+            near = sub if r < np.float32(2.0**-14) else ups[j]
+            los[j] = tiny if r <= tiny else near
+    elif fmt == 2:
+        for j in range(count):  # bf16: the low 16 bits rounded up
+            s_i[j] = (s_i[j] + 0xFFFF) & ~0xFFFF
+    if scheme == 0:
+        for j in range(count):
+            s = los[j]
+            z = np.rint(-lows[j] / s)
+            z = zero if z < zero else z
+            z = qmax if z > qmax else z
+            his[j] = z + zero  # −0 → +0
+            inv[r0 + j] = one / s
+    elif scheme == 1:
+        for j in range(count):
+            his[j] = mid
+            inv[r0 + j] = one / los[j]
+    else:
+        for j in range(count):
+            his[j] = zero
+    return 0
+
+
+def block_encode(
+    x: F32,
+    start: int,
+    stop: int,
+    length: int,
+    bits: int,
+    scheme: int,
+    fmt: int,
+    limit: np.float32,
+    scale: F32,
+    zp: F32,
+    inv: F32,
+    mids: F32,
+    packed: U8,
+    scratch: U8,
+) -> int:
+    """:func:`block_params` and then the codes (:func:`linear_encode`, or
+    :func:`nf4_encode` with midpoints ``mids`` for scheme 2) of ``x[start:stop]``, in
+    steps of whole blocks and bytes of about 16K values, so each step's values are
+    still in cache when they are quantized (one read of the tensor from memory).
+    Returns :func:`block_params`' status; on a non-zero one nothing is trusted."""
+    per_byte = 8 // bits
+    unit = length * per_byte  # a step starts on a block and on a byte
+    step = max(1, 16384 // unit) * unit
+    qmin = np.float32(0.0 if scheme == 0 else 1.0)
+    qmax = np.float32((1 << bits) - 1)
+    i = start
+    while i < stop:
+        end = min(stop, i + step)
+        status = block_params(x, i, end, length, bits, scheme, fmt, limit, scale, zp, inv)
+        if status:
+            return status
+        if scheme == 2:
+            nf4_encode(x, i, end, scale, length, mids, packed, scratch)
         else:
-            zp[r] = zero
+            linear_encode(x, i, end, inv, zp, length, qmin, qmax, bits, packed, scratch)
         i = end
-        r += 1
     return 0
 
 
@@ -613,6 +657,6 @@ _KERNELS = (
     "_span",
     "run_range",
     "span_range",
-    "_scale_up",
     "block_params",
+    "block_encode",
 )

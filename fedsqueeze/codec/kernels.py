@@ -41,6 +41,7 @@ __all__ = [
     "empty_numpy_backed",
     "float32_arrays",
     "nearest_nf4",
+    "nf4_midpoints",
     "nf4_tables",
     "parallel_copy",
     "quantize_linear",
@@ -365,6 +366,15 @@ _NF4_CELLS = 256
 #: Slack around each cell for the rounding of ``unit + 1`` (≤ 2^-24 · 2): far larger.
 _CELL_SLACK = 1e-6
 _nf4_cache: dict[bytes, tuple[Tensor, Tensor]] = {}
+
+
+def nf4_midpoints(codebook: Tensor) -> npt.NDArray[np.float32]:
+    """float32 ``[len(codebook) − 1]``: the midpoints between neighbouring entries, as
+    :func:`~fedsqueeze.codec.kmeans.assign` and :func:`nf4_tables` compute them (in
+    float32). A value's nearest entry (ties to the lower) is how many lie strictly below
+    it: what the compiled kernel (:func:`fedsqueeze.codec.jit.nf4_encode`) counts."""
+    cb = codebook.detach().to(device="cpu", dtype=torch.float32)
+    return ((cb[:-1] + cb[1:]) / 2).numpy()
 
 
 def nf4_tables(codebook: Tensor) -> tuple[Tensor, Tensor]:

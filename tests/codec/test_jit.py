@@ -510,3 +510,26 @@ def test_joint_stats_span_matches_numpy(zeros: float, dtype: torch.dtype, top: i
     jit_bytes.joint_stats(words, 7, span, hist, counts)
     assert int(span[0]) == int(exponents.max())
     assert int(span[1]) == int(np.subtract(exponents, 1, dtype=np.uint8).min())
+
+
+def test_nf4_codes_count_the_midpoints_as_the_cell_tables_do() -> None:
+    """The compiled NF4 kernel counts the codebook's float32 midpoints below each value;
+    the cell tables (kernels.nearest_nf4) give the same code for values on, next to and
+    between every midpoint, at and beyond ±1, zeros of both signs and subnormals."""
+    from fedsqueeze.codec.blockwise import NF4_CODEBOOK
+    from fedsqueeze.codec.kernels import nearest_nf4, nf4_midpoints
+
+    mids = nf4_midpoints(NF4_CODEBOOK)
+    near = [np.int32(m.view(np.int32) + d).view(np.float32) for m in mids for d in range(-4, 5)]
+    special = [-1.0, 1.0, -1.5, 1.5, -3e38, 3e38, 0.0, -0.0, 1e-40, -1e-40]
+    g = np.random.default_rng(7)
+    u = np.concatenate([np.array(near + special, np.float32), g.uniform(-1.2, 1.2, 9_001)])
+    u = u.astype(np.float32)
+    n = u.size
+    packed = np.zeros(-(-n // 2), np.uint8)
+    one = np.ones(1, np.float32)
+    jit.nf4_encode(u, 0, n, one, n, mids, packed, np.empty(n, np.uint8))
+    want = nearest_nf4(torch.from_numpy(u), torch.tensor(1.0), NF4_CODEBOOK, None).numpy()
+    got = np.empty(2 * packed.size, np.uint8)
+    got[0::2], got[1::2] = packed & 15, packed >> 4
+    assert np.array_equal(got[:n], want)
