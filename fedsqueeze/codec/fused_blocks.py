@@ -32,7 +32,6 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
-from fedsqueeze.codec import jit
 from fedsqueeze.codec.kernels import Runs
 from fedsqueeze.codec.quantization import MAX_MAGNITUDE, MIN_SCALE
 from fedsqueeze.codec.spec import Granularity, QuantScheme, QuantSpec, Rounding, ScaleFormat
@@ -81,15 +80,12 @@ def block_params(
     t = torch.from_numpy(xs)
     lo = np.empty(scale.size, dtype=np.float32)
     hi = np.empty(scale.size, dtype=np.float32)
-    compiled = jit.use(size)
-    if compiled:  # every block's minimum and maximum in one compiled pass
-        jit.run_range(xs, 0, size, length, lo, hi)
-    elif full:
+    if full:  # (the compiled path is jit.block_params, which this module is tested against)
         # torch's row reductions: ~10x NumPy's on rows of 64 here (one thread each).
         rows = t[: full * length].view(full, length)
         torch.amin(rows, 1, out=torch.from_numpy(lo[:full]))
         torch.amax(rows, 1, out=torch.from_numpy(hi[:full]))
-    if not compiled and full < scale.size:  # the short last block, as value_range
+    if full < scale.size:  # the short last block, as value_range
         tail = t[full * length :].view(1, -1)
         lo[full], hi[full] = float(tail.amin(1)), float(tail.amax(1))
     # choose_qparams' range check (NaN fails both comparisons).
