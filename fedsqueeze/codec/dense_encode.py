@@ -70,7 +70,7 @@ from torch import Tensor
 from fedsqueeze.codec import entropy, jit
 from fedsqueeze.codec.blockwise import NF4_CODEBOOK
 from fedsqueeze.codec.chunks import np_scratch, run_chunks, submit
-from fedsqueeze.codec.fused_blocks import block_params, fusable
+from fedsqueeze.codec.fused_blocks import block_params, fusable, stored_format
 from fedsqueeze.codec.kernels import Runs, nf4_midpoints, nf4_tables
 from fedsqueeze.codec.literal_frames import Piece, compress_piece, emit_piece
 from fedsqueeze.codec.quantization import MAX_MAGNITUDE, QuantParams
@@ -174,7 +174,7 @@ def pipelines(values: Tensor, qp: QuantParams, rounding: Rounding, channels: obj
 
 def fuses_blocks(values: Tensor, q: QuantSpec, channels: object, level: int) -> bool:
     """Whether :func:`encode_dense_blocks` takes these values: :func:`pipelines`'
-    conditions, and a block-wise spec whose parameters are chosen chunk by chunk
+    conditions, and a block-wise or per-channel spec whose parameters are chosen chunk by chunk
     (:func:`~fedsqueeze.codec.fused_blocks.fusable`) by the compiled kernel, or by the
     NumPy one with :data:`FUSED_SCALES` and zstd on."""
     return (
@@ -206,8 +206,9 @@ class OutOfRange(ValueError):
 def encode_dense_blocks(
     values: Tensor, q: QuantSpec, runs: Runs, level: int, limit: float = MAX_MAGNITUDE
 ) -> tuple[QuantParams, DenseBody]:
-    """:func:`encode_dense` of block-wise spec ``q`` (:func:`fused_blocks.fusable
-    <fedsqueeze.codec.fused_blocks.fusable>`) with its parameters chosen chunk by chunk
+    """:func:`encode_dense` of block-wise or per-channel spec ``q`` (blocks or rows in
+    ``runs``; :func:`fused_blocks.fusable <fedsqueeze.codec.fused_blocks.fusable>`) with
+    its parameters chosen chunk by chunk
     inside the pass (:func:`fedsqueeze.codec.jit.block_params`, or
     :mod:`fedsqueeze.codec.fused_blocks` without numba): the parameters
     :func:`~fedsqueeze.codec.quantization.choose_qparams` chooses, and the same body
@@ -226,7 +227,7 @@ def encode_dense_blocks(
         The same, from the NumPy kernels (an fp16 scale beyond 65504 too).
     """
     count = values.numel()
-    bits, length = q.bits, runs.length
+    bits, length, fmt = q.bits, runs.length, stored_format(q)
     x: F32 = values.detach().contiguous().numpy()
     scale = np.empty(runs.count(count), dtype=np.float32)
     zp = np.empty_like(scale)
@@ -248,7 +249,7 @@ def encode_dense_blocks(
 
     def chunk(start: int, stop: int) -> None:
         r0, r1 = start // length, -(-stop // length)
-        block_params(x[start:stop], length, bits, q.scheme, q.scales, scale[r0:r1], zp[r0:r1])
+        block_params(x[start:stop], length, bits, q.scheme, fmt, scale[r0:r1], zp[r0:r1])
         if not nf4:  # as _kernel: the reciprocal in float32
             np.divide(np.float32(1.0), scale[r0:r1], out=params["inv"][r0:r1])
         kernel(start, stop)
@@ -258,7 +259,7 @@ def encode_dense_blocks(
         make = _compiled_blocks(x, packed, q, runs, params, scale, zp, limit)
     body = _encode(make, packed, count, bits, runs, level)
     qp = QuantParams(
-        bits, q.scheme, torch.from_numpy(scale), torch.from_numpy(zp), scale_format=q.scales
+        bits, q.scheme, torch.from_numpy(scale), torch.from_numpy(zp), scale_format=fmt
     )
     return qp, body
 
@@ -277,7 +278,7 @@ def _compiled_blocks(
     (:func:`fedsqueeze.codec.jit.block_encode`): in steps that stay in cache, the
     blocks' parameters (checking the values as it goes), then their codes."""
     nf4 = q.scheme is QuantScheme.NF4
-    scheme, fmt = _SCHEME_CODES[q.scheme], _FORMAT_CODES[q.scales]
+    scheme, fmt = _SCHEME_CODES[q.scheme], _FORMAT_CODES[stored_format(q)]
     bound = np.float32(min(limit, MAX_MAGNITUDE))
     inv = scale if nf4 else params["inv"]  # NF4 has no reciprocals (the kernel skips them)
     mids = nf4_midpoints(NF4_CODEBOOK) if nf4 else np.zeros(15, dtype=np.float32)

@@ -36,7 +36,7 @@ from fedsqueeze.codec.kernels import Runs
 from fedsqueeze.codec.quantization import MAX_MAGNITUDE, MIN_SCALE
 from fedsqueeze.codec.spec import Granularity, QuantScheme, QuantSpec, Rounding, ScaleFormat
 
-__all__ = ["FORMATS", "SCHEMES", "block_params", "fusable"]
+__all__ = ["FORMATS", "SCHEMES", "block_params", "fusable", "stored_format"]
 
 #: Scale formats whose blocks are independent (DQ8 groups 256 blocks).
 FORMATS = (ScaleFormat.FP32, ScaleFormat.FP16, ScaleFormat.BF16)
@@ -49,13 +49,22 @@ _FP16_TINY = np.float32(2.0**-24)  # blockwise._round_up's floor for fp16
 _BF16_TINY = np.float32(2.0**-126)
 
 
+def stored_format(q: QuantSpec) -> ScaleFormat:
+    """The format a spec's scales are chosen in: its own for blocks; per channel (and
+    per tensor) always fp32, as :func:`~fedsqueeze.codec.quantization.choose_qparams`
+    chooses them."""
+    return q.scales if q.granularity is Granularity.PER_BLOCK else ScaleFormat.FP32
+
+
 def fusable(q: QuantSpec, channels: object) -> bool:
-    """Whether a block-wise spec's parameters can be chosen chunk by chunk (the rest of
-    the pipeline's conditions are :func:`~fedsqueeze.codec.dense_encode.pipelines`')."""
+    """Whether a block-wise or per-channel spec's parameters can be chosen chunk by
+    chunk, its blocks or rows being runs of consecutive values (the rest of the
+    pipeline's conditions are :func:`~fedsqueeze.codec.dense_encode.pipelines`'). A
+    row's parameters are a block's with fp32 scales."""
     return (
-        q.granularity is Granularity.PER_BLOCK
+        q.granularity in (Granularity.PER_BLOCK, Granularity.PER_CHANNEL)
         and isinstance(channels, Runs)
-        and q.scales in FORMATS
+        and stored_format(q) in FORMATS
         and q.scheme in SCHEMES
         and q.rounding is Rounding.NEAREST
         and q.bits in (2, 4, 8)

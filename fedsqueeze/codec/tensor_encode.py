@@ -330,14 +330,15 @@ class TensorEncoder:
 
     def _blocks_on_the_way(self, name: str, t: torch.Tensor) -> bool:
         """Whether :meth:`encode` sends ``t`` itself (float32, no base, no residual, no
-        rotation) to the compiled block-wise pass (:func:`dense_encode.encode_dense_blocks
+        rotation) to the compiled pass of blocks (or of rows, per channel)
+        (:func:`dense_encode.encode_dense_blocks
         <fedsqueeze.codec.dense_encode.encode_dense_blocks>`), which checks every block's
         range as it chooses its parameters: the separate check's read of the tensor
         (7 of ~42 ms of a 100 MB ``quant=4:block64`` encode here) is then not needed."""
         spec, q = self._spec, self._spec.quant
         if (
             q is None
-            or q.block_size is None
+            or q.granularity is Granularity.PER_TENSOR
             or spec.feedback
             or self._rotated
             or not dense_encode.ENABLED
@@ -349,7 +350,7 @@ class TensorEncoder:
             or self._base_of(name, t) is not None
         ):
             return False
-        runs = Runs(q.block_size)
+        runs = Runs(q.block_size if q.block_size is not None else _row_length(t))
         return dense_encode.fuses_blocks(t.detach().view(-1), q, runs, spec.entropy_level)
 
     def problem(self, name: str, t: torch.Tensor) -> str | None:
@@ -1165,7 +1166,8 @@ class TensorEncoder:
         if isinstance(channels_of, Runs) and dense_encode.fuses_blocks(
             values, q, channels_of, level
         ):  # block-wise params chosen inside the pass (opt-in): the same bytes
-            limit = FP16_SCALE_LIMIT if q.scales is ScaleFormat.FP16 else MAX_MAGNITUDE
+            fp16 = q.granularity is Granularity.PER_BLOCK and q.scales is ScaleFormat.FP16
+            limit = FP16_SCALE_LIMIT if fp16 else MAX_MAGNITUDE  # as _fits checks it
             qp, coded = dense_encode.encode_dense_blocks(values, q, channels_of, level, limit)
             return self._record(
                 name, t, delta=delta, body=coded.packed.numpy().data,

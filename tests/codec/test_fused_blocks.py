@@ -142,12 +142,16 @@ def test_not_fusable() -> None:
     pow2 = QuantSpec(8, QuantScheme.POW2, Granularity.PER_BLOCK, block_size=64)
     assert not fusable(pow2, Runs(64))
     channel = QuantSpec(8, QuantScheme.AFFINE, Granularity.PER_CHANNEL)
-    assert not fusable(channel, Runs(64))
+    assert fusable(channel, Runs(64))  # rows as blocks, fp32 scales
+    assert not fusable(channel, torch.zeros(64, dtype=torch.int64))  # channel indices
+    per_tensor = QuantSpec(8, QuantScheme.AFFINE, Granularity.PER_TENSOR)
+    assert not fusable(per_tensor, Runs(64))
 
 
 @pytest.mark.parametrize(
     "text", ["quant=4:block64", "quant=8:block64", "quant=4:nf4:block64",
-             "quant=4:symmetric:block32:bf16", "quant=2:block128:fp32", "quant=4:nf4:block64:dq"],
+             "quant=4:symmetric:block32:bf16", "quant=2:block128:fp32", "quant=4:nf4:block64:dq",
+             "quant=8:channel", "quant=4:symmetric:channel", "quant=4:nf4:channel"],
 )  # fmt: skip
 @pytest.mark.parametrize("compiled", PATHS, indirect=True)
 @pytest.mark.parametrize("entropy", ["", ",entropy=0"])
@@ -226,7 +230,9 @@ def _big_blocks(monkeypatch: pytest.MonkeyPatch) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.skipif(not jit.ready(), reason="numba is not importable here")
-@pytest.mark.parametrize("text", ["quant=4:block64", "quant=8:symmetric:block32:bf16"])
+@pytest.mark.parametrize(
+    "text", ["quant=4:block64", "quant=8:symmetric:block32:bf16", "quant=8:channel"]
+)
 @pytest.mark.parametrize("bad", [float("nan"), -float("inf"), 3e38])
 def test_a_bad_block_is_refused_or_carried_as_by_the_separate_check(
     text: str, bad: float, monkeypatch: pytest.MonkeyPatch
@@ -264,14 +270,19 @@ def test_fp16_scales_refuse_values_beyond_65504_as_before(monkeypatch: pytest.Mo
     with pytest.raises(NonFiniteError) as before:
         encode_state(state, spec)
     assert str(exc.value) == str(before.value)
+    channel = parse_spec("quant=8:channel")  # fp32 row scales: 70,000 is fine there
+    want = encode_state(state, channel).to_bytes()
+    monkeypatch.setattr(jit, "ENABLED", True)
+    assert encode_state(state, channel).to_bytes() == want
 
 
 @pytest.mark.skipif(not jit.ready(), reason="numba is not importable here")
-def test_the_separate_check_is_not_made(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("text", ["quant=4:nf4:block64", "quant=4:channel"])
+def test_the_separate_check_is_not_made(text: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """A good tensor on the compiled path is read once: the encoder's own range pass
     (kernels.value_range) is never called, and the bytes are those of the path with it."""
     state = _big_blocks(monkeypatch)
-    spec = parse_spec("quant=4:nf4:block64")
+    spec = parse_spec(text)
     calls: list[int] = []
     real = kernels.value_range
 
