@@ -99,6 +99,26 @@ def test_nonfinite_refused_or_carried_like_encode_state() -> None:
         assert got == carried.to_bytes()
 
 
+@pytest.mark.parametrize("text", ["quant=4:block64", "quant=8:channel"])
+def test_a_bad_block_is_refused_or_carried_by_the_compiled_pass(
+    text: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Blocks and rows checked inside the compiled quantization pass (small thresholds
+    put these tensors there): refused or carried as encode_state does."""
+    from fedsqueeze.codec import dense_encode, jit
+
+    if not jit.ready():
+        pytest.skip("numba is not importable here")
+    monkeypatch.setattr(jit, "MIN_VALUES", 1)
+    monkeypatch.setattr(dense_encode, "PIPELINE_ABOVE", 64)
+    state = _state(3)
+    state["l2.weight"][3, 4] = float("nan")
+    with pytest.raises(NonFiniteError, match=r"l2\.weight"):
+        _streamed(state, text, workers=2)
+    carried = encode_state(state, parse_spec(text), nonfinite=NonFinite.CARRY)
+    assert _streamed(state, text, workers=2, nonfinite=NonFinite.CARRY) == carried.to_bytes()
+
+
 def test_bad_arguments_are_caller_errors() -> None:
     with pytest.raises(ValueError, match="workers"):
         _streamed(_state(0), "int8", workers=0)
