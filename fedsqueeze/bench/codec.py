@@ -561,10 +561,16 @@ def _decoder(blob: bytes) -> Callable[[], dict[str, torch.Tensor]]:
 def _beside_clone(fn: Callable[[], T], x: torch.Tensor, runs: int) -> tuple[T, float, float, float]:
     """The last result of ``fn``, its median wall time (s), and the medians over ``runs``
     of ``clone() time / fn time`` in wall time and in CPU time (all the process's
-    threads), each clone timed just before its call."""
+    threads), each clone timed just before its call.
+
+    Each call's result is freed before the next clone, as each clone's copy is freed
+    before the call: both then start from the same memory. (Kept alive, a decode's 100
+    MB output made the next decode find another 100 MB of fresh huge pages; session 39
+    measured the difference, BENCHMARKS.md "A 100 MB fp32 tensor".)"""
     result = fn()  # warm-up, not timed
     times, ratios, cpu_ratios = [], [], []
     for _ in range(runs):
+        del result  # the previous call's output (the last call's is returned)
         started, cpu = time.perf_counter(), time.process_time()
         copy = x.clone()
         clone_s, clone_cpu = time.perf_counter() - started, time.process_time() - cpu
