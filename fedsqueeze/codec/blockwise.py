@@ -42,6 +42,7 @@ from fedsqueeze.errors import FormatError
 
 __all__ = [
     "DQ_GROUP",
+    "DQ_TABLE",
     "NF4_CODEBOOK",
     "DoubleQuant",
     "block_index",
@@ -79,6 +80,8 @@ DQ_GROUP = 256
 _DQ_STEPS = 16  # codes per octave
 #: ``2^(c/16)`` for ``c = 0..255`` as float32: the same table on every machine.
 _DQ_TABLE = np.exp2(np.arange(256, dtype=np.float64) / _DQ_STEPS).astype(np.float32)
+#: The same table, for the compiled block pass (:func:`fedsqueeze.codec.jit.block_params`).
+DQ_TABLE = _DQ_TABLE
 _MIN_EXP, _MAX_EXP = -126, 127 - 16  # every code of every group a finite normal float32
 _FP16_MAX = 65504.0
 _MIN_SCALE = 2.0**-126

@@ -38,11 +38,11 @@ import torch
 from torch import Tensor
 
 from fedsqueeze.codec import entropy, jit, literal_frames
-from fedsqueeze.codec.blockwise import NF4_CODEBOOK
+from fedsqueeze.codec.blockwise import DQ_GROUP, NF4_CODEBOOK
 from fedsqueeze.codec.chunks import np_scratch, run_chunks, scratch, submit
 from fedsqueeze.codec.kernels import Runs
 from fedsqueeze.codec.quantization import QuantParams
-from fedsqueeze.codec.spec import QuantScheme
+from fedsqueeze.codec.spec import QuantScheme, ScaleFormat
 from fedsqueeze.errors import FormatError
 
 __all__ = ["PIECES", "PIPELINE_ABOVE", "decode_dense", "pipelines"]
@@ -115,7 +115,10 @@ def decode_dense(
     table = _table(bits, qp.scheme is QuantScheme.NF4)
     scale = qp.scale if runs is not None else float(qp.scale)
     zp = None if qp.scheme is QuantScheme.NF4 else _zero_point(qp, runs)
-    bounds = _bounds(count, per_byte, runs)
+    # Chunks cut as the encoder cuts them (a piece each): on groups of double-quantized
+    # scales too (dense_encode._group).
+    group = DQ_GROUP if qp.scale_format is ScaleFormat.DQ8 and runs is not None else 1
+    bounds = _bounds(count, per_byte, runs, group)
     futures: list[Future[None]] = []
     pending = 0  # bounds[pending:] still wait for their bytes
     kernel = _dequantize if TORCH_KERNELS else _dequantize_numpy
@@ -213,10 +216,10 @@ def _zero_point(qp: QuantParams, runs: Runs | None) -> Tensor | float:
     return qp.zero_point if runs is not None else float(qp.zero_point)
 
 
-def _bounds(count: int, per_byte: int, runs: Runs | None) -> list[tuple[int, int]]:
-    """Chunks of about :data:`_CHUNK` values, each starting on a byte and on a run (the
-    last one may end inside a byte, or with a short run)."""
-    length = 1 if runs is None else runs.length
+def _bounds(count: int, per_byte: int, runs: Runs | None, group: int = 1) -> list[tuple[int, int]]:
+    """Chunks of about :data:`_CHUNK` values, each starting on a byte and on ``group``
+    runs (the last one may end inside a byte, or with a short run)."""
+    length = 1 if runs is None else runs.length * group
     unit = length * per_byte // math.gcd(length, per_byte)  # values that fill whole bytes and runs
     step = max(1, _CHUNK // unit) * unit
     return [(start, min(start + step, count)) for start in range(0, count, step)]

@@ -68,7 +68,7 @@ import zstandard
 from torch import Tensor
 
 from fedsqueeze.codec import entropy, jit
-from fedsqueeze.codec.blockwise import NF4_CODEBOOK
+from fedsqueeze.codec.blockwise import DQ_GROUP, DQ_TABLE, NF4_CODEBOOK, DoubleQuant
 from fedsqueeze.codec.chunks import np_scratch, run_chunks, submit
 from fedsqueeze.codec.fused_blocks import block_params, fusable, stored_format
 from fedsqueeze.codec.kernels import Runs, nf4_midpoints, nf4_tables
@@ -130,7 +130,7 @@ F32 = npt.NDArray[np.float32]
 U8 = npt.NDArray[np.uint8]
 #: :func:`fedsqueeze.codec.jit.block_params`' codes for the schemes and scale formats.
 _SCHEME_CODES = {QuantScheme.AFFINE: 0, QuantScheme.SYMMETRIC: 1, QuantScheme.NF4: 2}
-_FORMAT_CODES = {ScaleFormat.FP32: 0, ScaleFormat.FP16: 1, ScaleFormat.BF16: 2}
+_FORMAT_CODES = {ScaleFormat.FP32: 0, ScaleFormat.FP16: 1, ScaleFormat.BF16: 2, ScaleFormat.DQ8: 3}
 
 
 @dataclass(frozen=True)
@@ -177,9 +177,10 @@ def fuses_blocks(values: Tensor, q: QuantSpec, channels: object, level: int) -> 
     conditions, and a block-wise or per-channel spec whose parameters are chosen chunk by chunk
     (:func:`~fedsqueeze.codec.fused_blocks.fusable`) by the compiled kernel, or by the
     NumPy one with :data:`FUSED_SCALES` and zstd on."""
+    compiled = jit.use(values.numel())
     return (
-        (jit.use(values.numel()) or (FUSED_SCALES and level > 0))
-        and fusable(q, channels)
+        (compiled or (FUSED_SCALES and level > 0))
+        and fusable(q, channels, compiled)
         and values.device.type == "cpu"
         and values.dtype == torch.float32
         and values.dim() == 1
@@ -194,7 +195,8 @@ def encode_dense(values: Tensor, qp: QuantParams, runs: Runs | None, level: int)
     single-threaded compressor (or raw, by :func:`~fedsqueeze.codec.entropy.compress`'s
     rules)."""
     packed = np.empty(-(-values.numel() * qp.bits // 8), dtype=np.uint8)
-    return _encode(_kernel(values, qp, runs, packed), packed, values.numel(), qp.bits, runs, level)
+    kernel = _kernel(values, qp, runs, packed)
+    return _encode(kernel, packed, values.numel(), qp.bits, runs, level, _group(qp.scale_format))
 
 
 class OutOfRange(ValueError):
@@ -255,12 +257,21 @@ def encode_dense_blocks(
         kernel(start, stop)
 
     make: Callable[[int, int], None] = chunk
+    dq: DoubleQuant | None = None
     if jit.use(count):
-        make = _compiled_blocks(x, packed, q, runs, params, scale, zp, limit)
-    body = _encode(make, packed, count, bits, runs, level)
+        if fmt is ScaleFormat.DQ8:
+            codes_dq = np.empty(scale.size, dtype=np.uint8)
+            exps = np.empty(-(-scale.size // DQ_GROUP), dtype=np.int16)
+            dq = DoubleQuant(torch.from_numpy(codes_dq), torch.from_numpy(exps))
+            parts = (DQ_TABLE, codes_dq, exps)
+        else:
+            parts = (DQ_TABLE, np.empty(0, np.uint8), np.empty(0, np.int16))
+        make = _compiled_blocks(x, packed, q, runs, params, scale, zp, limit, parts)
+    body = _encode(make, packed, count, bits, runs, level, _group(fmt))
     qp = QuantParams(
-        bits, q.scheme, torch.from_numpy(scale), torch.from_numpy(zp), scale_format=fmt
-    )
+        bits, q.scheme, torch.from_numpy(scale), torch.from_numpy(zp), scale_format=fmt,
+        double_quant=dq,
+    )  # fmt: skip
     return qp, body
 
 
@@ -273,6 +284,7 @@ def _compiled_blocks(
     scale: F32,
     zp: F32,
     limit: float,
+    dq: jit.DQ,
 ) -> Callable[[int, int], None]:
     """``chunk(start, stop)`` of :func:`encode_dense_blocks` by the compiled kernel
     (:func:`fedsqueeze.codec.jit.block_encode`): in steps that stay in cache, the
@@ -286,7 +298,7 @@ def _compiled_blocks(
     def chunk(start: int, stop: int) -> None:
         scratch = _scratch_u8("codes", stop - start) if q.bits < 8 or nf4 else packed[:0]
         status = jit.block_encode(
-            x, start, stop, runs.length, q.bits, scheme, fmt, bound, scale, zp, inv, mids,
+            x, start, stop, runs.length, q.bits, scheme, fmt, bound, scale, zp, inv, dq, mids,
             packed, scratch,
         )  # fmt: skip
         if status == 1:  # choose_qparams' words where the bound is its own
@@ -295,8 +307,10 @@ def _compiled_blocks(
                 if bound == np.float32(MAX_MAGNITUDE)
                 else f"values must be finite, with |x| <= {float(bound):g}"
             )
-        if status:
+        if status == 2:
             raise OutOfRange("a block scale beyond fp16's range: values beyond ±65504")
+        if status:  # cannot happen: chunks start on a group (_bounds)
+            raise RuntimeError("a chunk of double-quantized blocks starts inside a group")
 
     return chunk
 
@@ -308,10 +322,11 @@ def _encode(
     bits: int,
     runs: Runs | None,
     level: int,
+    group: int = 1,
 ) -> DenseBody:
     """The body of ``encode_dense``: ``kernel(start, stop)`` makes the packed codes of
-    values ``[start, stop)`` into ``packed``."""
-    bounds = _bounds(count, 8 // bits, runs)
+    values ``[start, stop)`` into ``packed``; chunks start on ``group`` runs."""
+    bounds = _bounds(count, 8 // bits, runs, group)
     per_byte = 8 // bits
     byte_bounds = [(start // per_byte, -(-stop // per_byte)) for start, stop in bounds]
     done = [False] * len(bounds)
@@ -527,10 +542,17 @@ def _raw(packed: U8) -> DenseBody:
 
 
 # ---------------------------------------------------------------------- chunks
-def _bounds(count: int, per_byte: int, runs: Runs | None) -> list[tuple[int, int]]:
-    """Chunks of about :data:`_CHUNK` values, each starting on a byte and on a run (the
-    last one may end inside a byte, or with a short run)."""
-    length = 1 if runs is None else runs.length
+def _group(fmt: ScaleFormat) -> int:
+    """Runs a chunk starts on: a group of double-quantized scales (whose exponent the
+    compiled pass finds from the group's blocks), else one; the decoder's chunks are
+    cut alike (:func:`fedsqueeze.codec.dense_decode.decode_dense`)."""
+    return DQ_GROUP if fmt is ScaleFormat.DQ8 else 1
+
+
+def _bounds(count: int, per_byte: int, runs: Runs | None, group: int = 1) -> list[tuple[int, int]]:
+    """Chunks of about :data:`_CHUNK` values, each starting on a byte and on ``group``
+    runs (the last one may end inside a byte, or with a short run)."""
+    length = 1 if runs is None else runs.length * group
     unit = length * per_byte // math.gcd(length, per_byte)
     step = max(1, _CHUNK // unit) * unit
     return [(start, min(start + step, count)) for start in range(0, count, step)]

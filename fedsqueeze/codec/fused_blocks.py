@@ -56,15 +56,17 @@ def stored_format(q: QuantSpec) -> ScaleFormat:
     return q.scales if q.granularity is Granularity.PER_BLOCK else ScaleFormat.FP32
 
 
-def fusable(q: QuantSpec, channels: object) -> bool:
+def fusable(q: QuantSpec, channels: object, compiled: bool = False) -> bool:
     """Whether a block-wise or per-channel spec's parameters can be chosen chunk by
     chunk, its blocks or rows being runs of consecutive values (the rest of the
     pipeline's conditions are :func:`~fedsqueeze.codec.dense_encode.pipelines`'). A
-    row's parameters are a block's with fp32 scales."""
+    row's parameters are a block's with fp32 scales. Double-quantized scales only by
+    the ``compiled`` kernel (:func:`fedsqueeze.codec.jit.block_params`), not here."""
+    formats = (*FORMATS, ScaleFormat.DQ8) if compiled else FORMATS
     return (
         q.granularity in (Granularity.PER_BLOCK, Granularity.PER_CHANNEL)
         and isinstance(channels, Runs)
-        and stored_format(q) in FORMATS
+        and stored_format(q) in formats
         and q.scheme in SCHEMES
         and q.rounding is Rounding.NEAREST
         and q.bits in (2, 4, 8)

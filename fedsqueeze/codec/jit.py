@@ -72,6 +72,9 @@ F32 = npt.NDArray[np.float32]
 U8 = npt.NDArray[np.uint8]
 Words = npt.NDArray[np.unsignedinteger]
 I32 = npt.NDArray[np.int32]
+#: Double-quantized scales' parts: the 1/16-octave table (float32 ``[256]``), the codes
+#: (uint8, per block) and the exponents (int16, per group).
+DQ = tuple[npt.NDArray[np.float32], npt.NDArray[np.uint8], npt.NDArray[np.int16]]
 I64 = npt.NDArray[np.int64]
 U16 = npt.NDArray[np.uint16]
 
@@ -127,12 +130,13 @@ def warm() -> None:
     run_range(f, 0, 8, 4, f[:2].copy(), f[:2].copy())
     span_range(f, 0, 8, f[:2].copy(), 0)
     for scheme in (0, 1, 2):
-        for fmt in (0, 1, 2):
+        for fmt in (0, 1, 2, 3):
             p = [f[:2].copy() for _ in range(3)]
-            block_params(f, 0, 8, 4, 4, scheme, fmt, np.float32(1.0), *p)
+            dq = (np.ones(256, np.float32), np.zeros(2, np.uint8), np.zeros(1, np.int16))
+            block_params(f, 0, 8, 4, 4, scheme, fmt, np.float32(1.0), p[0], p[1], p[2], dq)
             mids = np.zeros(15, dtype=np.float32)
-            block_encode(f, 0, 8, 4, 4, scheme, fmt, np.float32(1.0), p[0], p[1], p[2], mids,
-                         u.copy(), u.copy())  # fmt: skip
+            block_encode(f, 0, 8, 4, 4, scheme, fmt, np.float32(1.0), p[0], p[1], p[2], dq,
+                         mids, u.copy(), u.copy())  # fmt: skip
     jit_bytes.warm()
     jit_select.warm()
 
@@ -495,6 +499,48 @@ def run_range(x: F32, start: int, stop: int, length: int, lo: F32, hi: F32) -> N
         r += 1
 
 
+def _pow2(e: int) -> np.float32:
+    """``2^e`` as a float32, exactly (``-149 <= e <= 127``)."""
+    bits = np.empty(1, dtype=np.int32)
+    bits[0] = (e + 127) << 23 if e >= -126 else 1 << (e + 149)
+    return bits.view(np.float32)[0]  # type: ignore[no-any-return]
+
+
+def _double_quantize(los: F32, s_i: I32, r0: int, dq: DQ) -> None:
+    """Double-quantized scales (``blockwise._double_quantize_part``, value for value) of
+    the raw scales ``los`` (blocks ``r0..``, ``r0`` on a group; ``s_i`` their bits),
+    replaced by the stored ones: per group of 256 blocks the smallest exponent ``e`` with
+    ``top <= 2^e · table[255]`` (clipped to [−126, 111]), then each block's smallest
+    code with ``table[code] >= raw · 2^−e``. ``dq``: the table (float32 ``[256]``), and
+    the codes (uint8, per block) and exponents (int16, per group) it fills."""
+    table, codes, exps = dq
+    count = los.size
+    top_code = table[255]
+    for g in range(-(-count // 256)):
+        a = g * 256
+        b = min(count, a + 256)
+        top_bits = np.int32(0)  # the largest raw scale's bits (positive floats order
+        top = los[a]  # as their bits do), and the scale
+        for j in range(a, b):
+            top_bits = max(top_bits, s_i[j])
+            top = max(top, los[j])
+        e = ((top_bits >> 23) & 0xFF) - 126 - 17  # frexp's exponent (normal: >= 2^-126), less 17
+        for _ in range(3):
+            if top_code * _pow2(e) < top:
+                e += 1
+        e = min(max(e, -126), 111)
+        unit = _pow2(-e)
+        step = _pow2(e)
+        for j in range(a, b):
+            v = los[j] * unit
+            c = 0  # how many entries lie below v (searchsorted, side "left"), at most 255:
+            for half in (128, 64, 32, 16, 8, 4, 2, 1):  # halvings without branches
+                c += half * (table[c + half - 1] < v)
+            codes[r0 + j] = c
+            los[j] = table[c] * step
+        exps[r0 // 256 + g] = e
+
+
 def block_params(
     x: F32,
     start: int,
@@ -507,13 +553,18 @@ def block_params(
     scale: F32,
     zp: F32,
     inv: F32,
+    dq: DQ,
 ) -> int:
     """The parameters of the blocks (runs of ``length`` values, the last may be short)
     of ``x[start:stop]`` (``start`` on a block) into ``scale[r]``, ``zp[r]`` and, for the
     linear schemes, ``inv[r] = 1 / scale[r]``: :func:`fedsqueeze.codec.fused_blocks.block_params`'
     float32 arithmetic, value for value (scheme 0 affine, 1 symmetric, 2 NF4; ``fmt`` 0
-    fp32, 1 fp16, 2 bf16 scales). Returns 0, or 1 where a block holds a NaN, an Inf or a
-    value beyond ``±limit`` (nothing is then trusted), 2 for an fp16 scale beyond 65504.
+    fp32, 1 fp16, 2 bf16 scales, 3 double-quantized: ``dq`` then holds the 1/16-octave
+    table, and takes each block's code and each group's exponent as
+    :func:`fedsqueeze.codec.blockwise.store_scales` chooses them; ``start`` must then be
+    on a group of :data:`~fedsqueeze.codec.blockwise.DQ_GROUP` blocks). Returns 0, or 1
+    where a block holds a NaN, an Inf or a value beyond ``±limit`` (nothing is then
+    trusted), 2 for an fp16 scale beyond 65504, 3 for a start inside a DQ group.
 
     Each block's minimum and maximum first (:func:`_span`), then the parameters of all
     the blocks in loops over the blocks without branches, which vectorize: 0.39 → 0.05 ns
@@ -576,6 +627,10 @@ def block_params(
     elif fmt == 2:
         for j in range(count):  # bf16: the low 16 bits rounded up
             s_i[j] = (s_i[j] + 0xFFFF) & ~0xFFFF
+    elif fmt == 3:
+        if r0 % 256:
+            return 3
+        _double_quantize(los, s_i, r0, dq)
     if scheme == 0:
         for j in range(count):
             s = los[j]
@@ -606,6 +661,7 @@ def block_encode(
     scale: F32,
     zp: F32,
     inv: F32,
+    dq: DQ,
     mids: F32,
     packed: U8,
     scratch: U8,
@@ -617,13 +673,15 @@ def block_encode(
     Returns :func:`block_params`' status; on a non-zero one nothing is trusted."""
     per_byte = 8 // bits
     unit = length * per_byte  # a step starts on a block and on a byte
+    if fmt == 3:
+        unit = length * 256  # ... and on a group of double-quantized scales (even)
     step = max(1, 16384 // unit) * unit
     qmin = np.float32(0.0 if scheme == 0 else 1.0)
     qmax = np.float32((1 << bits) - 1)
     i = start
     while i < stop:
         end = min(stop, i + step)
-        status = block_params(x, i, end, length, bits, scheme, fmt, limit, scale, zp, inv)
+        status = block_params(x, i, end, length, bits, scheme, fmt, limit, scale, zp, inv, dq)
         if status:
             return status
         if scheme == 2:
@@ -657,6 +715,8 @@ _KERNELS = (
     "_span",
     "run_range",
     "span_range",
+    "_pow2",
+    "_double_quantize",
     "block_params",
     "block_encode",
 )

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from fedsqueeze.codec import NonFinite, dense_encode, jit, kernels, tensor_encode
-from fedsqueeze.codec.blockwise import scales_to_bytes, store_scales
+from fedsqueeze.codec.blockwise import DQ_GROUP, DQ_TABLE, scales_to_bytes, store_scales
 from fedsqueeze.codec.fused_blocks import _stored, block_params, fusable
 from fedsqueeze.codec.model import EncodedModel, decode_state, encode_state
 from fedsqueeze.codec.quantization import Runs, choose_qparams
@@ -32,6 +32,8 @@ SPECS = [
     (QuantScheme.NF4, 4),
 ]
 FORMATS = [ScaleFormat.FP16, ScaleFormat.BF16, ScaleFormat.FP32]
+#: jit.block_params' double-quantization parts where the format has none.
+NO_DQ = (DQ_TABLE, np.empty(0, np.uint8), np.empty(0, np.int16))
 #: The NumPy kernels, and the compiled ones (at every size; skipped without numba).
 PATHS = [
     False,
@@ -151,7 +153,8 @@ def test_not_fusable() -> None:
 @pytest.mark.parametrize(
     "text", ["quant=4:block64", "quant=8:block64", "quant=4:nf4:block64",
              "quant=4:symmetric:block32:bf16", "quant=2:block128:fp32", "quant=4:nf4:block64:dq",
-             "quant=8:channel", "quant=4:symmetric:channel", "quant=4:nf4:channel"],
+             "quant=8:block384:dq", "quant=8:channel", "quant=4:symmetric:channel",
+             "quant=4:nf4:channel"],
 )  # fmt: skip
 @pytest.mark.parametrize("compiled", PATHS, indirect=True)
 @pytest.mark.parametrize("entropy", ["", ",entropy=0"])
@@ -188,7 +191,7 @@ def test_compiled_scales_are_the_numpy_rounding() -> None:
             got, unused = np.empty(r.size, np.float32), np.empty(r.size, np.float32)
             status = jit.block_params(
                 np.float32(sign) * r, 0, r.size, 1, 4, 2, dense_encode._FORMAT_CODES[fmt],
-                np.float32(2.0**126), got, unused, unused,
+                np.float32(2.0**126), got, unused, unused, NO_DQ,
             )  # fmt: skip
             assert status == 0
             assert np.array_equal(got.view(np.int32), want.view(np.int32)), (fmt, sign)
@@ -211,13 +214,55 @@ def test_compiled_params_are_the_numpy_params(
             got_s, got_z, inv = (np.empty(count, np.float32) for _ in range(3))
             status = jit.block_params(
                 x, 0, x.size, length, bits, dense_encode._SCHEME_CODES[scheme],
-                dense_encode._FORMAT_CODES[fmt], np.float32(2.0**126), got_s, got_z, inv,
+                dense_encode._FORMAT_CODES[fmt], np.float32(2.0**126), got_s, got_z, inv, NO_DQ,
             )  # fmt: skip
             assert status == 0
             assert np.array_equal(got_s.view(np.int32), want_s.view(np.int32))
             assert np.array_equal(got_z.view(np.int32), want_z.view(np.int32))
             if scheme is not QuantScheme.NF4:
                 assert np.array_equal(inv, np.float32(1.0) / want_s)
+
+
+@pytest.mark.skipif(not jit.ready(), reason="numba is not importable here")
+@pytest.mark.parametrize(("scheme", "bits"), SPECS)
+@pytest.mark.parametrize("length", [1, 3, 64, 100])
+def test_compiled_double_quantized_scales_are_choose_qparams(
+    scheme: QuantScheme, bits: int, length: int
+) -> None:
+    """DQ8 in the compiled pass: each block's code, each group's exponent, the stored
+    scales and zero points as choose_qparams (blockwise.store_scales) makes them, on
+    blocks over every octave (groups whose largest scale is huge or tiny, short last
+    groups), the pass cut in steps of whole groups."""
+    for seed in range(3):
+        x = hostile(40_001, seed + length, ScaleFormat.DQ8)
+        if seed == 2:
+            x[: 256 * length] *= 2.0**-100  # a group of tiny scales (its exponent clips)
+            x[-length:] = x[-length:].clamp(-1.0, 1.0) * 2.0**100  # a huge last block
+        runs = Runs(length)
+        count = runs.count(x.numel())
+        ref = choose_qparams(x, bits, scheme, Granularity.PER_BLOCK, runs, count, ScaleFormat.DQ8)
+        assert ref.double_quant is not None
+        xs = x.numpy()
+        got_s, got_z, inv = (np.empty(count, np.float32) for _ in range(3))
+        codes = np.empty(count, np.uint8)
+        exps = np.empty(-(-count // DQ_GROUP), np.int16)
+        step = DQ_GROUP * length * 3  # three groups a call, as the pass steps
+        for start in range(0, xs.size, step):
+            status = jit.block_params(
+                xs, start, min(xs.size, start + step), length, bits,
+                dense_encode._SCHEME_CODES[scheme], 3, np.float32(2.0**126),
+                got_s, got_z, inv, (DQ_TABLE, codes, exps),
+            )  # fmt: skip
+            assert status == 0
+        assert np.array_equal(codes, ref.double_quant.codes.numpy())
+        assert np.array_equal(exps, ref.double_quant.exponents.numpy())
+        assert np.array_equal(got_s.view(np.int32), bits_of(ref.scale))
+        assert np.array_equal(got_z.view(np.int32), bits_of(ref.zero_point))
+    inside = jit.block_params(
+        xs, length, xs.size, length, bits, 0, 3, np.float32(2.0**126),
+        got_s, got_z, inv, (DQ_TABLE, codes, exps),
+    )  # fmt: skip
+    assert inside == 3  # a start inside a group is refused
 
 
 def _big_blocks(monkeypatch: pytest.MonkeyPatch) -> dict[str, torch.Tensor]:

@@ -144,6 +144,8 @@ def test_turning_the_kernels_off_changes_no_byte(monkeypatch: pytest.MonkeyPatch
             "quant=4:block64",
             "quant=4:nf4:block64",
             "quant=2:block32",
+            "quant=4:nf4:block64:dq",
+            "quant=8:block48:dq",
         ):
             spec = parse_spec(text)
             blob = encode_state(state, spec).to_bytes()
