@@ -325,3 +325,27 @@ def test_cuda_round_trip(scheme: QuantScheme) -> None:
     gen = torch.Generator(device="cuda").manual_seed(0)
     stochastic = quantize(xc, qp, Rounding.STOCHASTIC, generator=gen)
     assert stochastic.device.type == "cuda"
+
+
+def test_codes_beyond_float32_are_refused_pair_by_pair() -> None:
+    """Parameters read from a stream: refused exactly when some code of some block
+    dequantizes beyond float32's range (its scale times its zero point's farther
+    reach), whether the quick bound (largest scale times farthest reach) settles it or
+    each pair must be looked at."""
+    import numpy as np
+
+    from fedsqueeze.codec.quantization import _check_codes_finite
+
+    top = float(np.finfo(np.float32).max)
+    ok_scale = np.array([1.0, 2.0, 3.0], np.float32)
+    _check_codes_finite(ok_scale, np.array([0.0, 128.0, 255.0], np.float32), 8)  # the bound
+    # Largest scale and farthest reach in different blocks: the bound fails, no pair does.
+    big = np.float32(top / 128)
+    _check_codes_finite(np.array([big, 1.0], np.float32), np.array([128.0, 0.0], np.float32), 8)
+    with pytest.raises(FormatError, match="beyond the float32 range"):  # one pair does
+        _check_codes_finite(np.array([big, 1.0], np.float32), np.array([0.0, 0.0], np.float32), 8)
+    with pytest.raises(FormatError, match="beyond the float32 range"):  # a NaN scale: exact path
+        _check_codes_finite(
+            np.array([np.nan, big], np.float32), np.array([0.0, 0.0], np.float32), 8
+        )
+    _check_codes_finite(np.array([big], np.float32), 128.0, 8)  # a scalar zero point
