@@ -35,6 +35,7 @@ import numpy.typing as npt
 import torch
 from torch import Tensor
 
+from fedsqueeze.codec import jit
 from fedsqueeze.codec.chunks import chunk_bounds
 from fedsqueeze.codec.spec import ScaleFormat
 from fedsqueeze.codec.workers import parallel_map
@@ -207,6 +208,14 @@ def scales_to_bytes(scale: Tensor, fmt: ScaleFormat, dq: DoubleQuant | None) -> 
     # NumPy on one thread: torch's element-wise checks on ~400K scales fork an OpenMP
     # team each (~6 ms of a 100 MB block-wise encode on a loaded machine); same checks.
     values = flat.numpy()
+    if fmt is ScaleFormat.FP16 and jit.use(values.size):  # the checks and bits in one pass
+        bits16 = np.empty(values.size, dtype="<i2")
+        status = jit.fp16_bits(np.ascontiguousarray(values), bits16)
+        if status == 1:
+            raise ValueError("scale must be finite and positive")
+        if status:
+            raise ValueError("scales are not exactly representable in fp16")
+        return bits16.tobytes()
     if not bool((np.isfinite(values) & (values > 0)).all()):
         raise ValueError("scale must be finite and positive")
     if fmt is ScaleFormat.FP32:

@@ -46,6 +46,7 @@ __all__ = [
     "MIN_VALUES",
     "block_encode",
     "block_params",
+    "fp16_bits",
     "linear_decode",
     "linear_encode",
     "nf4_decode",
@@ -57,6 +58,7 @@ __all__ = [
     "span_range",
     "use",
     "warm",
+    "zero_point_bytes",
 ]
 
 #: Whether the compiled kernels may be used (``FEDSQUEEZE_JIT=0`` turns them off; the
@@ -129,6 +131,8 @@ def warm() -> None:
     nf4_decode(u, 0, 8, f, one, 8, f)
     run_range(f, 0, 8, 4, f[:2].copy(), f[:2].copy())
     span_range(f, 0, 8, f[:2].copy(), 0)
+    fp16_bits(one, np.zeros(1, dtype=np.int16))
+    zero_point_bytes(one, np.float32(255.0), u)
     for scheme in (0, 1, 2):
         for fmt in (0, 1, 2, 3):
             p = [f[:2].copy() for _ in range(3)]
@@ -692,6 +696,45 @@ def block_encode(
     return 0
 
 
+def fp16_bits(values: F32, out: npt.NDArray[np.int16]) -> int:
+    """``out[k]``: the fp16 bits of ``values[k]`` (float32), each exactly an fp16 value,
+    in one pass: 0, or 1 where one is not finite and positive, else 2 where one is not
+    exactly an fp16 value (the checks of
+    :func:`~fedsqueeze.codec.blockwise.scales_to_bytes`, in its order). Normal fp16
+    values are float32s with their low 13 mantissa bits zero and exponents 2^−14..2^15;
+    subnormal ones are whole multiples of 2^−24."""
+    w = values.view(np.int32)
+    bad = 0
+    inexact = 0
+    for k in range(w.size):  # both forms computed, one kept: no branch, so it vectorizes
+        b = w[k]
+        bad += (b <= 0) | (b >= 0x7F800000)  # ±0, negatives, Inf and NaN
+        e = (b >> 23) & 0xFF
+        m = b & 0x7FFFFF
+        normal = e >= 113  # 2^-14 and above: an fp16 normal when below 2^16, on its grid
+        cut = min(max(126 - e, 0), 31)  # fp16 subnormals: (1.m)·2^(e−127) = k·2^−24
+        whole = (m | 0x800000) >> cut
+        off_grid = (e > 142) | ((m & 0x1FFF) != 0)
+        off_sub = (e < 103) | ((whole << cut) != (m | 0x800000))
+        inexact += (normal & off_grid) | ((normal ^ True) & off_sub)  # (no branch)
+        out[k] = (((e - 112) << 10) | (m >> 13)) if normal else whole
+    if bad:
+        return 1
+    return 2 if inexact else 0
+
+
+def zero_point_bytes(zp: F32, top: np.float32, out: U8) -> bool:
+    """``out[k] = zp[k]`` as uint8 where every zero point is a whole number in
+    ``[0, top]`` (the check of :func:`~fedsqueeze.codec.quantization.qparams_to_bytes`,
+    in one pass); ``False`` otherwise."""
+    ok = 0
+    for k in range(zp.size):
+        z = zp[k]
+        ok += (z == np.rint(z)) & (z >= np.float32(0.0)) & (z <= top)
+        out[k] = np.uint8(min(max(z, np.float32(0.0)), np.float32(255.0)))
+    return ok == zp.size
+
+
 def span_range(x: F32, start: int, stop: int, out: F32, slot: int) -> None:
     """``out[slot]``, ``out[slot + 1]``: the minimum and maximum of ``x[start:stop]``
     (non-empty), :func:`run_range`'s for one run."""
@@ -719,4 +762,6 @@ _KERNELS = (
     "_double_quantize",
     "block_params",
     "block_encode",
+    "fp16_bits",
+    "zero_point_bytes",
 )

@@ -38,7 +38,7 @@ import numpy.typing as npt
 import torch
 from torch import Tensor
 
-from fedsqueeze.codec import draws
+from fedsqueeze.codec import draws, jit
 from fedsqueeze.codec.blockwise import (
     NF4_CODEBOOK,
     DoubleQuant,
@@ -493,8 +493,14 @@ def qparams_to_bytes(qp: QuantParams) -> bytes:
     if qp.scheme in (QuantScheme.SYMMETRIC, QuantScheme.NF4):
         return scale_part
     zp = _np(qp.zero_point)
-    if ((zp != np.round(zp)) | (zp < 0) | (zp > (1 << qp.bits) - 1)).any():
-        raise ValueError(f"zero point must be an integer in [0, {(1 << qp.bits) - 1}]")
+    top = (1 << qp.bits) - 1
+    if zp.dtype == np.float32 and jit.use(zp.size):  # the check and the bytes in one pass
+        out = np.empty(zp.size, dtype=np.uint8)
+        if not jit.zero_point_bytes(np.ascontiguousarray(zp), np.float32(top), out):
+            raise ValueError(f"zero point must be an integer in [0, {top}]")
+        return scale_part + out.tobytes()
+    if ((zp != np.round(zp)) | (zp < 0) | (zp > top)).any():
+        raise ValueError(f"zero point must be an integer in [0, {top}]")
     return scale_part + zp.astype(np.uint8).tobytes()
 
 

@@ -535,3 +535,50 @@ def test_nf4_codes_count_the_midpoints_as_the_cell_tables_do() -> None:
     got = np.empty(2 * packed.size, np.uint8)
     got[0::2], got[1::2] = packed & 15, packed >> 4
     assert np.array_equal(got[:n], want)
+
+
+def test_fp16_scale_bytes_and_checks_match_numpy() -> None:
+    """Every positive finite fp16 value serializes to its own bits in one compiled pass,
+    and the refusals (not finite and positive; not exactly an fp16 value) come as the
+    NumPy path gives them, in its order."""
+    from fedsqueeze.codec.blockwise import scales_to_bytes
+    from fedsqueeze.codec.spec import ScaleFormat as Fmt
+
+    every = np.arange(1, 0x7C00, dtype=np.uint16).view(np.float16).astype(np.float32)
+    got = scales_to_bytes(torch.from_numpy(every), Fmt.FP16, None)
+    with jit_off():
+        assert got == scales_to_bytes(torch.from_numpy(every), Fmt.FP16, None)
+    assert got == np.arange(1, 0x7C00, dtype="<u2").tobytes()
+    for bad in (0.0, -0.0, -1.0, float("inf"), float("nan"), 1.0 + 2.0**-20, 65505.0,
+                2.0**-25, 3 * 2.0**-26, 1e-40, 70000.0):  # fmt: skip
+        hostile = every.copy()
+        hostile[123] = bad
+        if bad > 0 and np.isfinite(bad):
+            hostile[77] = -1.0 if bad == 70000.0 else hostile[77]  # both kinds: finite first
+        with pytest.raises(ValueError) as fast:
+            scales_to_bytes(torch.from_numpy(hostile), Fmt.FP16, None)
+        with jit_off(), pytest.raises(ValueError) as slow:
+            scales_to_bytes(torch.from_numpy(hostile), Fmt.FP16, None)
+        assert str(fast.value) == str(slow.value), bad
+
+
+def test_zero_point_bytes_and_checks_match_numpy() -> None:
+    from fedsqueeze.codec.quantization import QuantParams, qparams_to_bytes
+
+    g = torch.Generator().manual_seed(4)
+    scale = torch.rand(5_000, generator=g) + 0.5
+    for bits in (2, 4, 8):
+        zp = torch.randint(0, 1 << bits, (5_000,), generator=g).to(torch.float32)
+        qp = QuantParams(bits, QuantScheme.AFFINE, scale, zp)
+        got = qparams_to_bytes(qp)
+        with jit_off():
+            assert got == qparams_to_bytes(qp)
+        for bad in (0.5, -1.0, float(1 << bits), float("nan")):
+            hostile = zp.clone()
+            hostile[4_321] = bad
+            qp = QuantParams(bits, QuantScheme.AFFINE, scale, hostile)
+            with pytest.raises(ValueError, match="zero point") as fast:
+                qparams_to_bytes(qp)
+            with jit_off(), pytest.raises(ValueError, match="zero point") as slow:
+                qparams_to_bytes(qp)
+            assert str(fast.value) == str(slow.value)
