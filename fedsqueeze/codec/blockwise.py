@@ -44,9 +44,11 @@ from fedsqueeze.errors import FormatError
 __all__ = [
     "DQ_GROUP",
     "DQ_TABLE",
+    "FP16_SCALE_ERROR",
     "NF4_CODEBOOK",
     "DoubleQuant",
     "block_index",
+    "group_of",
     "num_blocks",
     "scale_bytes",
     "scales_from_bytes",
@@ -79,12 +81,13 @@ NF4_CODEBOOK = torch.tensor(
 #: Blocks per double-quantization group (one int16 exponent each).
 DQ_GROUP = 256
 _DQ_STEPS = 16  # codes per octave
-#: ``2^(c/16)`` for ``c = 0..255`` as float32: the same table on every machine.
-_DQ_TABLE = np.exp2(np.arange(256, dtype=np.float64) / _DQ_STEPS).astype(np.float32)
-#: The same table, for the compiled block pass (:func:`fedsqueeze.codec.jit.block_params`).
-DQ_TABLE = _DQ_TABLE
+#: ``2^(c/16)`` for ``c = 0..255`` as float32: the same table on every machine (the
+#: compiled block pass, :func:`fedsqueeze.codec.jit.block_params`, reads it too).
+DQ_TABLE = np.exp2(np.arange(256, dtype=np.float64) / _DQ_STEPS).astype(np.float32)
 _MIN_EXP, _MAX_EXP = -126, 127 - 16  # every code of every group a finite normal float32
 _FP16_MAX = 65504.0
+#: The refusal of an fp16 block scale beyond fp16's range (every path says it so).
+FP16_SCALE_ERROR = "a block scale beyond fp16's range: values beyond ±65504"
 _MIN_SCALE = 2.0**-126
 
 
@@ -107,7 +110,14 @@ class DoubleQuant:
         """float32 ``[C]``: ``2^e · 2^(code/16)``, exact (a table times a power of two)."""
         codes = self.codes.cpu().numpy().astype(np.int64)
         exps = np.repeat(self.exponents.cpu().numpy().astype(np.int32), DQ_GROUP)[: codes.size]
-        return torch.from_numpy(np.ldexp(_DQ_TABLE[codes], exps).astype(np.float32))
+        return torch.from_numpy(np.ldexp(DQ_TABLE[codes], exps).astype(np.float32))
+
+
+def group_of(fmt: ScaleFormat) -> int:
+    """Blocks whose stored scales are chosen together: a group of double-quantized scales
+    (its exponent comes from all its blocks), else one. A dense body's chunks start on
+    such a group, in the encoder and in the decoder alike."""
+    return DQ_GROUP if fmt is ScaleFormat.DQ8 else 1
 
 
 def block_index(count: int, block_size: int, device: torch.device | None = None) -> Tensor:
@@ -134,7 +144,7 @@ def store_scales(raw: Tensor, fmt: ScaleFormat) -> tuple[Tensor, DoubleQuant | N
         return r, None
     if fmt is ScaleFormat.FP16:
         if bool((r > _FP16_MAX).any()):
-            raise ValueError("a block scale beyond fp16's range: values beyond ±65504")
+            raise ValueError(FP16_SCALE_ERROR)
         return _round_up(r, torch.float16), None
     if fmt is ScaleFormat.BF16:
         return _round_up(r, torch.bfloat16), None
@@ -181,11 +191,11 @@ def _double_quantize_part(r: npt.NDArray[np.float32]) -> DoubleQuant:
     # The smallest e with top <= 2^e · table[255], found exactly by trying e2 − 17 upward.
     exps = (e2 - 17).astype(np.int64)
     for _ in range(3):
-        short = np.ldexp(_DQ_TABLE[-1], exps) < top
+        short = np.ldexp(DQ_TABLE[-1], exps) < top
         exps = exps + short
     exps = np.clip(exps, _MIN_EXP, _MAX_EXP)
     unit = np.ldexp(np.float32(1.0), -exps)[:, None]  # exact: a power of two
-    codes = np.searchsorted(_DQ_TABLE, (grid * unit).astype(np.float32), side="left")
+    codes = np.searchsorted(DQ_TABLE, (grid * unit).astype(np.float32), side="left")
     codes = np.minimum(codes, 255).reshape(-1)[:n].astype(np.uint8)
     return DoubleQuant(torch.from_numpy(codes), torch.from_numpy(exps.astype(np.int16)))
 

@@ -19,6 +19,7 @@ pool never waits on itself; so does everything off the CPU, and single-chunk wor
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 from collections.abc import Callable, Sequence
@@ -29,7 +30,15 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
-__all__ = ["CPU_CHUNK", "chunk_bounds", "np_scratch", "run_chunks", "scratch", "submit"]
+__all__ = [
+    "CPU_CHUNK",
+    "aligned_bounds",
+    "chunk_bounds",
+    "np_scratch",
+    "run_chunks",
+    "scratch",
+    "submit",
+]
 
 T = TypeVar("T")
 
@@ -57,6 +66,16 @@ def chunk_bounds(n: int, chunk: int = CPU_CHUNK) -> list[tuple[int, int]]:
     if chunk < 1:
         raise ValueError(f"chunk must be >= 1, got {chunk}")
     return [(start, min(start + chunk, n)) for start in range(0, n, chunk)]
+
+
+def aligned_bounds(n: int, per_byte: int, run: int, chunk: int) -> list[tuple[int, int]]:
+    """Chunks of about ``chunk`` of ``n`` values packed ``per_byte`` to a byte, each
+    starting on a byte and on a run of ``run`` values (the last one may end inside a
+    byte, or with a short run). The dense encoder and decoder cut a body alike with it,
+    so each decoded chunk is one of the encoder's pieces."""
+    unit = run * per_byte // math.gcd(run, per_byte)  # values that fill whole bytes and runs
+    step = max(1, chunk // unit) * unit
+    return [(start, min(start + step, n)) for start in range(0, n, step)]
 
 
 def run_chunks(fn: Callable[[int, int], None], bounds: Sequence[tuple[int, int]]) -> None:

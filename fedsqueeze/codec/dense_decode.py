@@ -25,7 +25,6 @@ operations on the same values, so the results are bit-identical; the tests compa
 from __future__ import annotations
 
 import bisect
-import math
 import warnings
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -38,11 +37,11 @@ import torch
 from torch import Tensor
 
 from fedsqueeze.codec import entropy, jit, literal_frames
-from fedsqueeze.codec.blockwise import DQ_GROUP, NF4_CODEBOOK
-from fedsqueeze.codec.chunks import np_scratch, run_chunks, scratch, submit
+from fedsqueeze.codec.blockwise import NF4_CODEBOOK, group_of
+from fedsqueeze.codec.chunks import aligned_bounds, np_scratch, run_chunks, scratch, submit
 from fedsqueeze.codec.kernels import Runs
 from fedsqueeze.codec.quantization import QuantParams
-from fedsqueeze.codec.spec import QuantScheme, ScaleFormat
+from fedsqueeze.codec.spec import QuantScheme
 from fedsqueeze.errors import FormatError
 
 __all__ = ["PIECES", "PIPELINE_ABOVE", "decode_dense", "pipelines"]
@@ -115,10 +114,9 @@ def decode_dense(
     table = _table(bits, qp.scheme is QuantScheme.NF4)
     scale = qp.scale if runs is not None else float(qp.scale)
     zp = None if qp.scheme is QuantScheme.NF4 else _zero_point(qp, runs)
-    # Chunks cut as the encoder cuts them (a piece each): on groups of double-quantized
-    # scales too (dense_encode._group).
-    group = DQ_GROUP if qp.scale_format is ScaleFormat.DQ8 and runs is not None else 1
-    bounds = _bounds(count, per_byte, runs, group)
+    # Chunks cut as the encoder cuts them (a piece each), on groups of scales too.
+    run = 1 if runs is None else runs.length * group_of(qp.scale_format)
+    bounds = aligned_bounds(count, per_byte, run, _CHUNK)
     futures: list[Future[None]] = []
     pending = 0  # bounds[pending:] still wait for their bytes
     kernel = _dequantize if TORCH_KERNELS else _dequantize_numpy
@@ -214,15 +212,6 @@ def _read_only_uint8(data: bytes | memoryview) -> Tensor:
 
 def _zero_point(qp: QuantParams, runs: Runs | None) -> Tensor | float:
     return qp.zero_point if runs is not None else float(qp.zero_point)
-
-
-def _bounds(count: int, per_byte: int, runs: Runs | None, group: int = 1) -> list[tuple[int, int]]:
-    """Chunks of about :data:`_CHUNK` values, each starting on a byte and on ``group``
-    runs (the last one may end inside a byte, or with a short run)."""
-    length = 1 if runs is None else runs.length * group
-    unit = length * per_byte // math.gcd(length, per_byte)  # values that fill whole bytes and runs
-    step = max(1, _CHUNK // unit) * unit
-    return [(start, min(start + step, count)) for start in range(0, count, step)]
 
 
 def _table(bits: int, nf4: bool) -> Tensor:

@@ -54,7 +54,6 @@ torch's 4 KiB pages here.
 from __future__ import annotations
 
 import enum
-import math
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -68,12 +67,19 @@ import zstandard
 from torch import Tensor
 
 from fedsqueeze.codec import entropy, jit
-from fedsqueeze.codec.blockwise import DQ_GROUP, DQ_TABLE, NF4_CODEBOOK, DoubleQuant
-from fedsqueeze.codec.chunks import np_scratch, run_chunks, submit
+from fedsqueeze.codec.blockwise import (
+    DQ_GROUP,
+    DQ_TABLE,
+    FP16_SCALE_ERROR,
+    NF4_CODEBOOK,
+    DoubleQuant,
+    group_of,
+)
+from fedsqueeze.codec.chunks import aligned_bounds, np_scratch, run_chunks, submit
 from fedsqueeze.codec.fused_blocks import block_params, fusable, stored_format
 from fedsqueeze.codec.kernels import Runs, nf4_midpoints, nf4_tables
 from fedsqueeze.codec.literal_frames import Piece, compress_piece, emit_piece
-from fedsqueeze.codec.quantization import MAX_MAGNITUDE, QuantParams
+from fedsqueeze.codec.quantization import MAX_MAGNITUDE, RANGE_ERROR, QuantParams
 from fedsqueeze.codec.spec import QuantScheme, QuantSpec, Rounding, ScaleFormat
 
 __all__ = [
@@ -196,7 +202,7 @@ def encode_dense(values: Tensor, qp: QuantParams, runs: Runs | None, level: int)
     rules)."""
     packed = np.empty(-(-values.numel() * qp.bits // 8), dtype=np.uint8)
     kernel = _kernel(values, qp, runs, packed)
-    return _encode(kernel, packed, values.numel(), qp.bits, runs, level, _group(qp.scale_format))
+    return _encode(kernel, packed, values.numel(), qp.bits, runs, level, group_of(qp.scale_format))
 
 
 class OutOfRange(ValueError):
@@ -229,10 +235,30 @@ def encode_dense_blocks(
         The same, from the NumPy kernels (an fp16 scale beyond 65504 too).
     """
     count = values.numel()
-    bits, length, fmt = q.bits, runs.length, stored_format(q)
+    fmt = stored_format(q)
     x: F32 = values.detach().contiguous().numpy()
     scale = np.empty(runs.count(count), dtype=np.float32)
     zp = np.empty_like(scale)
+    packed = np.empty(-(-count * q.bits // 8), dtype=np.uint8)
+    dq: DoubleQuant | None = None
+    if jit.use(count):
+        make, dq = _compiled_blocks(x, packed, q, runs, scale, zp, limit)
+    else:
+        make = _numpy_blocks(x, packed, q, runs, scale, zp)
+    body = _encode(make, packed, count, q.bits, runs, level, group_of(fmt))
+    qp = QuantParams(
+        q.bits, q.scheme, torch.from_numpy(scale), torch.from_numpy(zp), scale_format=fmt,
+        double_quant=dq,
+    )  # fmt: skip
+    return qp, body
+
+
+def _numpy_blocks(
+    x: F32, packed: U8, q: QuantSpec, runs: Runs, scale: F32, zp: F32
+) -> Callable[[int, int], None]:
+    """``chunk(start, stop)`` of :func:`encode_dense_blocks` by the NumPy kernels
+    (:func:`fedsqueeze.codec.fused_blocks.block_params`, then :func:`_chunk`)."""
+    length, bits, fmt = runs.length, q.bits, stored_format(q)
     nf4 = q.scheme is QuantScheme.NF4
     params: dict[str, Any]
     if nf4:
@@ -245,9 +271,7 @@ def encode_dense_blocks(
             "qmin": np.float32(0.0 if q.scheme is QuantScheme.AFFINE else 1.0),
             "qmax": np.float32((1 << bits) - 1),
         }
-    packed = np.empty(-(-count * bits // 8), dtype=np.uint8)
-    codes = _nf4_codes if nf4 else _linear_codes
-    kernel = partial(_chunk, x, packed, bits, runs, codes, params)
+    kernel = partial(_chunk, x, packed, bits, runs, _nf4_codes if nf4 else _linear_codes, params)
 
     def chunk(start: int, stop: int) -> None:
         r0, r1 = start // length, -(-stop // length)
@@ -256,63 +280,47 @@ def encode_dense_blocks(
             np.divide(np.float32(1.0), scale[r0:r1], out=params["inv"][r0:r1])
         kernel(start, stop)
 
-    make: Callable[[int, int], None] = chunk
-    dq: DoubleQuant | None = None
-    if jit.use(count):
-        if fmt is ScaleFormat.DQ8:
-            codes_dq = np.empty(scale.size, dtype=np.uint8)
-            exps = np.empty(-(-scale.size // DQ_GROUP), dtype=np.int16)
-            dq = DoubleQuant(torch.from_numpy(codes_dq), torch.from_numpy(exps))
-            parts = (DQ_TABLE, codes_dq, exps)
-        else:
-            parts = (DQ_TABLE, np.empty(0, np.uint8), np.empty(0, np.int16))
-        make = _compiled_blocks(x, packed, q, runs, params, scale, zp, limit, parts)
-    body = _encode(make, packed, count, bits, runs, level, _group(fmt))
-    qp = QuantParams(
-        bits, q.scheme, torch.from_numpy(scale), torch.from_numpy(zp), scale_format=fmt,
-        double_quant=dq,
-    )  # fmt: skip
-    return qp, body
+    return chunk
 
 
 def _compiled_blocks(
-    x: F32,
-    packed: U8,
-    q: QuantSpec,
-    runs: Runs,
-    params: dict[str, Any],
-    scale: F32,
-    zp: F32,
-    limit: float,
-    dq: jit.DQ,
-) -> Callable[[int, int], None]:
+    x: F32, packed: U8, q: QuantSpec, runs: Runs, scale: F32, zp: F32, limit: float
+) -> tuple[Callable[[int, int], None], DoubleQuant | None]:
     """``chunk(start, stop)`` of :func:`encode_dense_blocks` by the compiled kernel
     (:func:`fedsqueeze.codec.jit.block_encode`): in steps that stay in cache, the
-    blocks' parameters (checking the values as it goes), then their codes."""
+    blocks' parameters (checking the values as it goes), then their codes; and, with
+    double-quantized scales, the codes and exponents it fills."""
     nf4 = q.scheme is QuantScheme.NF4
-    scheme, fmt = _SCHEME_CODES[q.scheme], _FORMAT_CODES[stored_format(q)]
+    fmt = stored_format(q)
+    scheme, fmt_code = _SCHEME_CODES[q.scheme], _FORMAT_CODES[fmt]
     bound = np.float32(min(limit, MAX_MAGNITUDE))
-    inv = scale if nf4 else params["inv"]  # NF4 has no reciprocals (the kernel skips them)
+    inv = scale if nf4 else np.empty_like(scale)  # NF4 has no reciprocals (not written)
     mids = nf4_midpoints(NF4_CODEBOOK) if nf4 else np.zeros(15, dtype=np.float32)
+    dq_codes = np.empty(scale.size if fmt is ScaleFormat.DQ8 else 0, dtype=np.uint8)
+    exps = np.empty(-(-dq_codes.size // DQ_GROUP), dtype=np.int16)
+    parts = (DQ_TABLE, dq_codes, exps)
 
     def chunk(start: int, stop: int) -> None:
         scratch = _scratch_u8("codes", stop - start) if q.bits < 8 or nf4 else packed[:0]
         status = jit.block_encode(
-            x, start, stop, runs.length, q.bits, scheme, fmt, bound, scale, zp, inv, dq, mids,
-            packed, scratch,
+            x, start, stop, runs.length, q.bits, scheme, fmt_code, bound, scale, zp, inv,
+            parts, mids, packed, scratch,
         )  # fmt: skip
         if status == 1:  # choose_qparams' words where the bound is its own
             raise OutOfRange(
-                f"values must be finite, with |x| <= 2^126 ({MAX_MAGNITUDE:.3g})"
+                RANGE_ERROR
                 if bound == np.float32(MAX_MAGNITUDE)
                 else f"values must be finite, with |x| <= {float(bound):g}"
             )
         if status == 2:
-            raise OutOfRange("a block scale beyond fp16's range: values beyond ±65504")
+            raise OutOfRange(FP16_SCALE_ERROR)
         if status:  # cannot happen: chunks start on a group (_bounds)
             raise RuntimeError("a chunk of double-quantized blocks starts inside a group")
 
-    return chunk
+    dq = None
+    if fmt is ScaleFormat.DQ8:
+        dq = DoubleQuant(torch.from_numpy(dq_codes), torch.from_numpy(exps))
+    return chunk, dq
 
 
 def _encode(
@@ -542,20 +550,10 @@ def _raw(packed: U8) -> DenseBody:
 
 
 # ---------------------------------------------------------------------- chunks
-def _group(fmt: ScaleFormat) -> int:
-    """Runs a chunk starts on: a group of double-quantized scales (whose exponent the
-    compiled pass finds from the group's blocks), else one; the decoder's chunks are
-    cut alike (:func:`fedsqueeze.codec.dense_decode.decode_dense`)."""
-    return DQ_GROUP if fmt is ScaleFormat.DQ8 else 1
-
-
 def _bounds(count: int, per_byte: int, runs: Runs | None, group: int = 1) -> list[tuple[int, int]]:
-    """Chunks of about :data:`_CHUNK` values, each starting on a byte and on ``group``
-    runs (the last one may end inside a byte, or with a short run)."""
-    length = 1 if runs is None else runs.length * group
-    unit = length * per_byte // math.gcd(length, per_byte)
-    step = max(1, _CHUNK // unit) * unit
-    return [(start, min(start + step, count)) for start in range(0, count, step)]
+    """Chunks of about :data:`_CHUNK` values on bytes and on ``group`` runs
+    (:func:`~fedsqueeze.codec.chunks.aligned_bounds`, as the decoder cuts them)."""
+    return aligned_bounds(count, per_byte, 1 if runs is None else runs.length * group, _CHUNK)
 
 
 def _kernel(
@@ -569,10 +567,13 @@ def _kernel(
         runs = None
     nf4 = qp.scheme is QuantScheme.NF4
     params: dict[str, Any]
+    compiled = jit.use(x.size)
     if nf4:
-        below, inside = nf4_tables(NF4_CODEBOOK)
-        params = {"below": below.numpy(), "inside": inside.numpy()}
-        params["mids"] = nf4_midpoints(NF4_CODEBOOK)  # the compiled kernel's form
+        if compiled:  # the compiled kernel counts the midpoints below each value
+            params = {"mids": nf4_midpoints(NF4_CODEBOOK)}
+        else:
+            below, inside = nf4_tables(NF4_CODEBOOK)
+            params = {"below": below.numpy(), "inside": inside.numpy()}
         scale = qp.scale.detach().cpu()
         params["scale"] = scale.numpy() if per_set else np.float32(float(scale))
     else:
@@ -585,7 +586,7 @@ def _kernel(
             "qmin": np.float32(0.0 if qp.scheme is QuantScheme.AFFINE else 1.0),
             "qmax": np.float32((1 << bits) - 1),
         }
-    if jit.use(x.size):  # the parameters as the kernels take them, once per tensor
+    if compiled:  # the parameters as the kernels take them, once per tensor
         names = ("scale",) if nf4 else ("inv", "zp")
         arrays = params | {name: jit.per_run(params[name]) for name in names}
         return partial(_jit_chunk, x, packed, bits, runs, nf4, arrays)

@@ -42,11 +42,12 @@ import torch
 from torch import Tensor
 
 from fedsqueeze.codec import bitpack
-from fedsqueeze.codec.blockwise import NF4_CODEBOOK, DoubleQuant, store_scales
+from fedsqueeze.codec.blockwise import FP16_SCALE_ERROR, NF4_CODEBOOK, DoubleQuant, store_scales
+from fedsqueeze.codec.fused_blocks import stored_format
 from fedsqueeze.codec.fused_compile import COMPILE_ENV, compile_enabled, kernel, set_compile
 from fedsqueeze.codec.fused_select import HOST_BELOW, SAMPLE_ABOVE, band_ranks, magnitude_indices
 from fedsqueeze.codec.kernels import Runs
-from fedsqueeze.codec.quantization import MAX_MAGNITUDE, MIN_SCALE, QuantParams
+from fedsqueeze.codec.quantization import MAX_MAGNITUDE, MIN_SCALE, RANGE_ERROR, QuantParams
 from fedsqueeze.codec.spec import Granularity, QuantScheme, QuantSpec, Rounding, ScaleFormat
 from fedsqueeze.errors import FormatError
 
@@ -222,9 +223,9 @@ class FusedCodes:
         """
         in_range, scales_fit = (bool(f) for f in self.flags.tolist())
         if not in_range:
-            raise ValueError(f"values must be finite, with |x| <= 2^126 ({MAX_MAGNITUDE:.3g})")
+            raise ValueError(RANGE_ERROR)
         if not scales_fit:
-            raise ValueError("a block scale beyond fp16's range: values beyond ±65504")
+            raise ValueError(FP16_SCALE_ERROR)
         return self
 
 
@@ -302,7 +303,7 @@ def quantize_packed(
             raise ValueError("known_range is for per-tensor quantization")
         lo, hi = _run_range(x, runs.length)
         ok = (lo.amin() >= -MAX_MAGNITUDE) & (hi.amax() <= MAX_MAGNITUDE)
-    fmt = q.scales if q.granularity is Granularity.PER_BLOCK else ScaleFormat.FP32
+    fmt = stored_format(q)
     qp, scale_ok = _params(lo, hi, q.scheme, q.bits, fmt)
     packed = _quantize_pack(x, qp, runs)
     return FusedCodes(qp, packed, x.numel(), torch.stack((ok, scale_ok)))

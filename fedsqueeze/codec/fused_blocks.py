@@ -13,8 +13,9 @@ The arithmetic is :func:`~fedsqueeze.codec.quantization.choose_qparams`' own, el
 by element in float32 (the same operations in the same order; the scales' rounding up
 to fp16 / bf16 computes the same smallest representable value ``>=`` the raw scale),
 so the parameters, codes and bytes are identical; the tests compare them with the
-reference path, hostile ranges included. DQ8 scales (one exponent per 256 blocks) and
-the POW2 and k-means schemes keep the separate pass.
+reference path, hostile ranges included. Here DQ8 scales (one exponent per 256 blocks)
+and the POW2 and k-means schemes keep the separate pass; the compiled pass takes DQ8
+too, a group of blocks at a time.
 
 This NumPy version is opt-in (``dense_encode.FUSED_SCALES``): measured side by side on
 these 2-core machines, the read it saves is paid back by ~30 small NumPy operations per
@@ -22,7 +23,8 @@ chunk (no CPU saved on one thread), and with two worker threads their Python ste
 contend for the GIL (~10% more CPU). Where numba runs, the compiled
 :func:`fedsqueeze.codec.jit.block_params` does the same arithmetic in one loop per chunk
 and is always used; it also checks the values as it goes, so the encoder's separate
-range pass over a block-wise tensor is skipped (``TensorEncoder.encode_checked``). This
+range pass over a block-wise or per-channel tensor is skipped
+(``TensorEncoder.encode_checked``). This
 module stays the reference it is tested against, and the path without numba.
 """
 
@@ -32,8 +34,9 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
+from fedsqueeze.codec.blockwise import FP16_SCALE_ERROR
 from fedsqueeze.codec.kernels import Runs
-from fedsqueeze.codec.quantization import MAX_MAGNITUDE, MIN_SCALE
+from fedsqueeze.codec.quantization import MAX_MAGNITUDE, MIN_SCALE, RANGE_ERROR
 from fedsqueeze.codec.spec import Granularity, QuantScheme, QuantSpec, Rounding, ScaleFormat
 
 __all__ = ["FORMATS", "SCHEMES", "block_params", "fusable", "stored_format"]
@@ -101,7 +104,7 @@ def block_params(
         lo[full], hi[full] = float(tail.amin(1)), float(tail.amax(1))
     # choose_qparams' range check (NaN fails both comparisons).
     if not (bool((lo >= -MAX_MAGNITUDE).all()) and bool((hi <= MAX_MAGNITUDE).all())):
-        raise ValueError(f"values must be finite, with |x| <= 2^126 ({MAX_MAGNITUDE:.3g})")
+        raise ValueError(RANGE_ERROR)
     qmax = np.float32((1 << bits) - 1)
     mid = np.float32(1 << (bits - 1))
     if scheme is QuantScheme.AFFINE:
@@ -140,7 +143,7 @@ def _stored(raw: F32, fmt: ScaleFormat, out: F32) -> None:
         out[:] = r
     elif fmt is ScaleFormat.FP16:
         if bool((r > _FP16_MAX).any()):
-            raise ValueError("a block scale beyond fp16's range: values beyond ±65504")
+            raise ValueError(FP16_SCALE_ERROR)
         low = r.astype(np.float16)  # round to nearest even, as torch's .to(float16)
         with np.errstate(over="ignore"):  # 65504's next is inf: never chosen (low >= r)
             up = np.nextafter(low, np.float16(np.inf))

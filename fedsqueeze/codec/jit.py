@@ -33,6 +33,7 @@ The functions here are plain Python until :func:`ready` compiles them: callers a
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 
@@ -504,31 +505,28 @@ def run_range(x: F32, start: int, stop: int, length: int, lo: F32, hi: F32) -> N
 
 
 def _pow2(e: int) -> np.float32:
-    """``2^e`` as a float32, exactly (``-149 <= e <= 127``)."""
-    bits = np.empty(1, dtype=np.int32)
-    bits[0] = (e + 127) << 23 if e >= -126 else 1 << (e + 149)
-    return bits.view(np.float32)[0]  # type: ignore[no-any-return]
+    """``2^e`` as a float32, exactly (``-149 <= e <= 127``: a power of two float64
+    holds, which float32 holds too)."""
+    return np.float32(math.ldexp(1.0, e))  # type: ignore[no-any-return]
 
 
-def _double_quantize(los: F32, s_i: I32, r0: int, dq: DQ) -> None:
+def _double_quantize(los: F32, r0: int, dq: DQ) -> None:
     """Double-quantized scales (``blockwise._double_quantize_part``, value for value) of
-    the raw scales ``los`` (blocks ``r0..``, ``r0`` on a group; ``s_i`` their bits),
-    replaced by the stored ones: per group of 256 blocks the smallest exponent ``e`` with
-    ``top <= 2^e · table[255]`` (clipped to [−126, 111]), then each block's smallest
-    code with ``table[code] >= raw · 2^−e``. ``dq``: the table (float32 ``[256]``), and
-    the codes (uint8, per block) and exponents (int16, per group) it fills."""
+    the raw scales ``los`` (blocks ``r0..``, ``r0`` on a group), replaced by the stored
+    ones: per group of 256 blocks the smallest exponent ``e`` with ``top <= 2^e ·
+    table[255]`` (clipped to [−126, 111]), then each block's smallest code with
+    ``table[code] >= raw · 2^−e``. ``dq``: the table (float32 ``[256]``), and the codes
+    (uint8, per block) and exponents (int16, per group) it fills."""
     table, codes, exps = dq
     count = los.size
     top_code = table[255]
     for g in range(-(-count // 256)):
         a = g * 256
         b = min(count, a + 256)
-        top_bits = np.int32(0)  # the largest raw scale's bits (positive floats order
-        top = los[a]  # as their bits do), and the scale
+        top = los[a]
         for j in range(a, b):
-            top_bits = max(top_bits, s_i[j])
             top = max(top, los[j])
-        e = ((top_bits >> 23) & 0xFF) - 126 - 17  # frexp's exponent (normal: >= 2^-126), less 17
+        e = math.frexp(top)[1] - 17  # top = m · 2^e2, m in [0.5, 1); less 17
         for _ in range(3):
             if top_code * _pow2(e) < top:
                 e += 1
@@ -634,7 +632,7 @@ def block_params(
     elif fmt == 3:
         if r0 % 256:
             return 3
-        _double_quantize(los, s_i, r0, dq)
+        _double_quantize(los, r0, dq)
     if scheme == 0:
         for j in range(count):
             s = los[j]

@@ -61,6 +61,7 @@ from fedsqueeze.codec.spec import Granularity, QuantScheme, Rounding, ScaleForma
 from fedsqueeze.errors import FormatError
 
 __all__ = [
+    "RANGE_ERROR",
     "QuantParams",
     "Runs",
     "choose_qparams",
@@ -77,6 +78,8 @@ MIN_SCALE = 2.0**-126
 MAX_SHIFT = 126
 #: Largest supported magnitude: with it, ``scale · max(zp, qmax − zp) <= 2^127``.
 MAX_MAGNITUDE = 2.0**126
+#: The refusal of values beyond it, or not finite (every path says it so).
+RANGE_ERROR = f"values must be finite, with |x| <= 2^126 ({MAX_MAGNITUDE:.3g})"
 _FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 _CPU_CHUNK = 1 << 20
 _GPU_CHUNK = 1 << 24
@@ -652,7 +655,7 @@ def _index(channels: Tensor | Runs | None, n: int, device: torch.device) -> Tens
 def _check_range(lo: Tensor, hi: Tensor) -> None:
     # NaN fails both comparisons; the bound keeps every code's value finite.
     if not bool((lo >= -MAX_MAGNITUDE) & (hi <= MAX_MAGNITUDE)):
-        raise ValueError(f"values must be finite, with |x| <= 2^126 ({MAX_MAGNITUDE:.3g})")
+        raise ValueError(RANGE_ERROR)
 
 
 def _channel_range(x: Tensor, channels: Tensor, c: int) -> tuple[Tensor, Tensor, Tensor]:
