@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import sys
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -30,6 +31,7 @@ from fedsqueeze.transport import (
     TokenTable,
     TransferServer,
 )
+from fedsqueeze.transport.fetch import FetchState
 from fedsqueeze.transport.spool import SpoolPolicy
 from fedsqueeze.transport.updates import UpdateStore
 
@@ -105,6 +107,14 @@ def serve(tmp_path: Path, faults: FaultInjector) -> Iterator[tuple[InMemoryModel
 def _bounded(folder: Path) -> GrpcConnector:
     folder.mkdir(exist_ok=True)
     return GrpcConnector(spool=SpoolPolicy(threshold_bytes=MIB, directory=folder))
+
+
+def _until(condition: Callable[[], bool], within: float = 30.0) -> None:
+    """Wait for ``condition`` (polled), failing the test if it does not hold in time."""
+    deadline = time.monotonic() + within
+    while not condition():
+        assert time.monotonic() < deadline, "the condition did not hold in time"
+        time.sleep(0.01)
 
 
 def _files(folder: Path) -> list[Path]:
@@ -232,7 +242,7 @@ def test_a_spool_folder_that_cannot_take_files_falls_back_to_memory(serve, tmp_p
     assert not fetched.spooled and fetched.digest == target
 
 
-def test_a_fetch_that_fails_keeps_its_segments_for_the_next_one(tmp_path, faults):
+def test_a_fetch_that_fails_keeps_its_segments_for_the_next_one(tmp_path, faults, monkeypatch):
     """The server goes away mid-fetch and stays away past the client's retries: the next
     fetch of the same target (a restarted server) gets only the segments not held."""
     source = InMemoryModelSource(keep=4)
@@ -241,14 +251,25 @@ def test_a_fetch_that_fails_keeps_its_segments_for_the_next_one(tmp_path, faults
     (tmp_path / "s2").mkdir()
     one = _Server(source, tmp_path / "s1", faults)
     faults.pause_streams_after(4)
+    plane = _bounded(tmp_path / "edge")
+    states: list[FetchState] = []
+    made = plane._new_state
+
+    def recorded() -> FetchState:
+        states.append(made())
+        return states[-1]
+
+    monkeypatch.setattr(plane, "_new_state", recorded)
 
     def stop_when_paused() -> None:
+        # The server has sent four segments; stop it once the edge holds them (on a busy
+        # machine gRPC may not have delivered them when the stream pauses).
         faults.paused.wait(30)
+        _until(lambda: bool(states) and len(states[0].held_ids()) >= 4)
         one.server.stop(grace=0)
 
     stopper = threading.Thread(target=stop_when_paused, daemon=True)
     stopper.start()
-    plane = _bounded(tmp_path / "edge")
     with pytest.raises(UnavailableError):
         plane.fetch(one.instruction(target, "lossless"), EDGE, None, None)
     stopper.join(timeout=30)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from typing import Any
 
 import pytest
@@ -89,16 +90,23 @@ def test_server_restart_in_the_middle_of_a_fetch(source, store, start_server, co
     port = first.port
     client = connect(first)
     outcome: dict[str, Any] = {}
+    state = FetchState()
 
     def fetch() -> None:
         try:
-            outcome["result"] = client.fetch(spec=CodecSpec())
+            outcome["result"] = client.fetch(spec=CodecSpec(), state=state)
         except Exception as exc:  # reported below
             outcome["error"] = exc
 
     thread = threading.Thread(target=fetch)
     thread.start()
     assert faults.paused.wait(10)
+    # Stop once the client holds the three segments sent (on a busy machine gRPC may not
+    # have delivered them when the stream pauses).
+    deadline = time.monotonic() + 30
+    while len(state.held_ids()) < 3:
+        assert time.monotonic() < deadline, "the client never held the segments sent"
+        time.sleep(0.01)
     first.stop(grace=0)  # the stream is cut; the cache goes with the process
     second = start_server(source, store, config=ServerConfig(port=port, segment_bytes=128 * 1024))
     thread.join(30)
