@@ -179,8 +179,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             rows += _throughput(device, n, args.reps, "compiled" if compiled else "eager")
             if device.type == "cuda":
                 torch.cuda.empty_cache()  # the size's tensors are gone: give their memory back
-        if compiled and not fused.compile_enabled():
-            print("gpucheck: torch.compile failed here; the 'compiled' rows ran eager")
+        if compiled and fused.failed_kernels():
+            names = ", ".join(sorted(fused.failed_kernels()))
+            print(f"gpucheck: torch.compile failed here on {names}: those ran eager")
     fused.set_compile(None)
     for compiled in modes:
         fused.set_compile(compiled)

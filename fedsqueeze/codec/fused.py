@@ -44,7 +44,14 @@ from torch import Tensor
 from fedsqueeze.codec import bitpack
 from fedsqueeze.codec.blockwise import FP16_SCALE_ERROR, NF4_CODEBOOK, DoubleQuant, store_scales
 from fedsqueeze.codec.fused_blocks import stored_format
-from fedsqueeze.codec.fused_compile import COMPILE_ENV, compile_enabled, kernel, set_compile
+from fedsqueeze.codec.fused_compile import (
+    COMPILE_ENV,
+    compile_enabled,
+    dividing_kernel,
+    failed_kernels,
+    kernel,
+    set_compile,
+)
 from fedsqueeze.codec.fused_select import HOST_BELOW, SAMPLE_ABOVE, band_ranks, magnitude_indices
 from fedsqueeze.codec.kernels import Runs
 from fedsqueeze.codec.quantization import MAX_MAGNITUDE, MIN_SCALE, RANGE_ERROR, QuantParams
@@ -62,6 +69,7 @@ __all__ = [
     "compile_enabled",
     "dequantize_packed",
     "encode_values",
+    "failed_kernels",
     "magnitude_indices",
     "pack_bits",
     "quantize_packed",
@@ -172,7 +180,7 @@ def _qpack_linear(
     return _pack_flat(_linear_codes(x2d, inv, zp, qmin, qmax), bits)
 
 
-@kernel
+@dividing_kernel
 def _qpack_nf4(x2d: Tensor, scale: Tensor, mids: Tensor, bits: int) -> Tensor:
     return _pack_flat(_nf4_codes(x2d, scale, mids), bits)
 
@@ -309,15 +317,22 @@ def quantize_packed(
     return FusedCodes(qp, packed, x.numel(), torch.stack((ok, scale_ok)))
 
 
+@kernel
+def _rows_range(v: Tensor) -> tuple[Tensor, Tensor]:
+    """Each row's minimum and maximum: one read of ``v`` (two with ``amin`` and ``amax``)."""
+    lo, hi = torch.aminmax(v, dim=1)
+    return lo, hi
+
+
 def _run_range(x: Tensor, length: int) -> tuple[Tensor, Tensor]:
     """Per-run minimum and maximum, float32 ``[ceil(n / length)]``."""
     n = x.numel()
     rows = n // length
     lo_parts, hi_parts = [], []
     if rows:
-        v = x[: rows * length].view(rows, length)
-        lo_parts.append(v.amin(1))
-        hi_parts.append(v.amax(1))
+        lo, hi = _rows_range(x[: rows * length].view(rows, length))
+        lo_parts.append(lo)
+        hi_parts.append(hi)
     if rows * length < n:
         tail = x[rows * length :]
         lo_parts.append(tail.amin().reshape(1))

@@ -1,14 +1,16 @@
 """Magnitude selection on the tensor's device: exactly the kept set of
 :func:`fedsqueeze.codec.pruning.magnitude_indices`.
 
-A threshold band from a fixed-seed sample of the magnitudes, one pass that counts what
-lies below it and marks the band, the band's values sorted on the device, the cut at the
-still-missing rank, then ``nonzero_static`` of the kept mask with the kept count (known on
-the host) as its size: no host round trip sizes a tensor, and one scalar read at the end
-says whether the band held the cut without a tie across it. When it did not, the
-reference decides on a host copy (its tie rule: of the tied values, the lowest indices
-go; rare enough on real weights not to be worth a device pass of its own). The two
-passes over the tensor are compilable kernels (:mod:`fedsqueeze.codec.fused_compile`).
+A threshold band from a fixed-seed sample of the magnitudes; one pass over the tensor
+that counts and marks what lies above the band (kept whatever the cut) and in it; the
+band's values sorted on the device, the cut at the still-missing rank and the
+reference's tie rule (of the values equal to the cut, the lowest indices go) settled on
+the band alone; the band's kept positions scattered into the kept mask; then one
+``nonzero_static`` of that mask with the kept count (known on the host) as its size. No
+host round trip sizes a tensor, and one scalar read at the end says whether the band
+held the cut. When it did not (about one tensor in a billion), the reference decides on
+a host copy. The pass over the tensor is a compilable kernel
+(:mod:`fedsqueeze.codec.fused_compile`).
 """
 
 from __future__ import annotations
@@ -49,10 +51,10 @@ def magnitude_indices(t: Tensor, sparsity: float) -> Tensor:
     Tensor
         int64 ``[numel − round(sparsity·numel)]``, increasing: exactly the reference's
         indices. Large tensors select through a sampled band on the device and one
-        scalar read at the end (whether the band held the cut without a tie across it);
-        CPU tensors of up to :data:`SAMPLE_ABOVE` values through the reference; device
-        tensors of up to :data:`HOST_BELOW` values, a band that misses and a tie across
-        the cut through the reference on a host copy (the same bytes as a CPU encode).
+        scalar read at the end (whether the band held the cut); CPU tensors of up to
+        :data:`SAMPLE_ABOVE` values through the reference; device tensors of up to
+        :data:`HOST_BELOW` values and a band that misses through the reference on a
+        host copy (the same bytes as a CPU encode).
     """
     if not t.is_floating_point():
         raise ValueError(f"pruning needs a floating tensor, got {t.dtype}")
@@ -66,8 +68,8 @@ def magnitude_indices(t: Tensor, sparsity: float) -> Tensor:
     found = _sampled_indices(flat, prune)
     if found is not None:
         return found
-    # The band missed, or ties straddle the cut: the reference decides (its tie rule),
-    # on a host copy: rare, and as slow as the reference.
+    # The band missed the cut: the reference decides, on a host copy (rare, and as slow
+    # as the reference).
     return pruning.magnitude_indices(t.detach().cpu(), sparsity).to(t.device)
 
 
@@ -81,25 +83,17 @@ def band_ranks(n: int, prune: int, sample: int = _SAMPLE_SIZE) -> tuple[int, int
 
 
 @kernel
-def _band_pass(flat: Tensor, lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """How many ``|x| >= lo``, how many of them ``<= hi`` (the band), and the band's mask:
-    one read of ``flat`` when compiled."""
+def _band_pass(flat: Tensor, lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """How many ``|x| > hi`` (kept whatever the cut), how many ``lo <= |x| <= hi`` (the
+    band), and both masks: one read of ``flat`` when compiled."""
     mags = flat.abs()
-    at_least = mags >= lo
-    band = at_least & (mags <= hi)
-    return at_least.sum(), band.sum(), band
-
-
-@kernel
-def _keep_mask(flat: Tensor, lo: Tensor, cut: Tensor, cut_in_band: Tensor) -> Tensor:
-    """Kept: ``|x| >= lo`` and, when the cut lies in the band, ``|x| > cut``."""
-    mags = flat.abs()
-    at_least = mags >= lo
-    return torch.where(cut_in_band, at_least & (mags > cut), at_least)
+    above = mags > hi
+    band = (mags >= lo) & ~above
+    return above.sum(), band.sum(), above, band
 
 
 def _sampled_indices(flat: Tensor, prune: int) -> Tensor | None:
-    """The kept indices, or ``None`` when the band misses the cut or a tie straddles it."""
+    """The kept indices, or ``None`` when the band misses the cut."""
     n = flat.numel()
     keep_count = n - prune
     device = flat.device
@@ -113,25 +107,37 @@ def _sampled_indices(flat: Tensor, prune: int) -> Tensor | None:
     hi = sample[hi_rank] if hi_rank < _SAMPLE_SIZE - 1 else inf
     # As the reference's band path: "below" is everything not >= lo, NaN included (a
     # tensor with NaN never gets this far in the encoder: it is refused first).
-    n_at_least, n_band, band = _band_pass(flat, lo, hi)
-    n_below = n - n_at_least
+    n_above, n_band, kept, band = _band_pass(flat, lo, hi)
+    n_below = n - n_above - n_band
     expected = (hi_rank - lo_rank + 1) / _SAMPLE_SIZE
     cap = min(n, math.ceil(n * expected * _BAND_SLACK) + 4096)
-    at = _nonzero_static(band, cap)
-    band_mags = torch.where(at >= 0, flat[at.clamp(min=0)].abs(), inf)
+    at = _nonzero_static(band, cap)  # increasing band positions, -1 after the last
+    valid = at >= 0
+    at_safe = at.clamp(min=0)
+    band_mags = torch.where(valid, flat[at_safe].abs(), inf)
     ordered = torch.sort(band_mags).values
-    still = prune - n_below
+    still = prune - n_below  # how many of the band go
     cut = ordered[(still - 1).clamp(0, cap - 1)]
-    # The values dropped from the band are those <= cut: exactly ``still`` of them unless
-    # ties straddle the cut (then the reference's tie rule decides which go).
-    at_most = torch.searchsorted(ordered, cut.reshape(1), right=True)[0]
+    # Of the values equal to the cut, the lowest positions go first (the reference's tie
+    # rule): ``drop_tied`` of them, the last one dropped at ``last_dropped``. Ties are
+    # common at this size (a float32 octave has 2^23 values: a 250M-value tensor puts
+    # several on most of them near the cut), so they are settled here, on the device.
+    n_less = torch.searchsorted(ordered, cut.reshape(1))[0]
+    drop_tied = still - n_less
+    tied = valid & (band_mags == cut)
+    tied_rank = torch.cumsum(tied, 0)
+    last = torch.searchsorted(tied_rank, drop_tied.reshape(1))[0].clamp(max=cap - 1)
+    last_dropped = at[last]
+    keep_band = valid & ((still <= 0) | (band_mags > cut) | (tied & (at_safe > last_dropped)))
+    # The band's kept positions join the values above it, then one compaction.
+    kept.view(torch.uint8).scatter_reduce_(0, at_safe, keep_band.to(torch.uint8), "amax")
+    indices = _nonzero_static(kept, keep_count)
     ok = (
         (n_below <= prune)
         & (still <= n_band)
         & (n_band <= cap)
-        & ((still == 0) | ((at_most == still) & ~torch.isnan(cut) & ~torch.isinf(cut)))
+        & ((still == 0) | (~torch.isnan(cut) & ~torch.isinf(cut)))
     )
-    indices = _nonzero_static(_keep_mask(flat, lo, cut, still > 0), keep_count)
     if not bool(ok):
         return None
     return indices
