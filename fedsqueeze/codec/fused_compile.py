@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import os
+import types
 from collections.abc import Callable
 from typing import Any, TypeVar, cast
 
@@ -108,14 +109,24 @@ def division_setting() -> str | None:
 
 
 def _bound(fn: Callable[..., Any], constants: dict[int, Any], arity: int) -> Callable[..., Any]:
-    """``fn`` of its tensor arguments alone, the others fixed (compiled as constants)."""
+    """``fn`` of its tensor arguments alone, the others fixed (compiled as constants).
+
+    Each form gets a code object of its own, named after the kernel and its constants:
+    dynamo keeps its compiled entries, its recompile limit (8) and its "automatic
+    dynamic" memory per code object, so forms sharing one would count against one limit
+    (the ninth ran eager on the first H200 run) and a constant that differs from the
+    last form's would turn symbolic (``1 << bits`` then fails to trace).
+    """
 
     def bound(*tensors: Any) -> Any:
         it = iter(tensors)
         return fn(*[constants[i] if i in constants else next(it) for i in range(arity)])
 
-    bound.__name__ = fn.__name__
-    return bound
+    label = "_".join([fn.__name__, *(f"{v}" for v in constants.values())])
+    label = "".join(c if c.isalnum() else "_" for c in label)
+    code = bound.__code__.replace(co_name=label)  # (co_qualname, 3.11+, is not dynamo's key)
+    own = types.FunctionType(code, bound.__globals__, label, None, bound.__closure__)
+    return own
 
 
 def _wrap(fn: _F, *, divides: bool) -> _F:

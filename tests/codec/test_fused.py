@@ -410,9 +410,11 @@ def test_compiled_kernels_get_tensors_and_fix_the_rest(monkeypatch: pytest.Monke
     # ``1 << bits`` under torch 2.11 on CUDA); the NF4 kernel, which divides, is compiled
     # with eager's rounding of the division where this torch has that setting.
     compiled: list[dict[str, object]] = []
+    codes: list[object] = []
 
     def recording(fn: Callable[..., object], **kwargs: object) -> Callable[..., object]:
         compiled.append(kwargs)
+        codes.append(fn.__code__)
 
         def run(*args: object) -> object:
             assert all(isinstance(a, torch.Tensor) for a in args)
@@ -436,6 +438,9 @@ def test_compiled_kernels_get_tensors_and_fix_the_rest(monkeypatch: pytest.Monke
     setting = fused_compile.division_setting()
     assert setting is not None  # this torch has it
     assert {"dynamic": True, "options": {setting: True}} in compiled
+    # One code object per form: dynamo's recompile limit and its memory of which
+    # constants changed are per code object (a shared one made ``bits`` symbolic).
+    assert len(set(codes)) == len(codes) == len(forms)
 
 
 @pytest.mark.slow
