@@ -147,20 +147,27 @@ def _pack_flat(codes: Tensor, bits: int) -> Tensor:
 
 
 def _unpack_flat(packed: Tensor, bits: int) -> Tensor:
-    """All codes of whole bytes (whole 3-byte groups for 3 bits), uint8 ``[m·8/bits]``."""
+    """All codes of whole bytes (whole 3-byte groups for 3 bits), uint8 ``[m·8/bits]``.
+
+    Written with floor division and remainder by powers of two, not ``>>`` and ``&``
+    (the same values on uint8): torch 2.11's tracer failed on the right shift ("failed to
+    eval lshift(1, s63)"), leaving the decode kernels eager on the H200.
+    """
     if bits == 8:
         return packed
     if bits == 3:
         g = packed.view(-1, 3)
         b0, b1, b2 = g[:, 0], g[:, 1], g[:, 2]
         parts = (
-            b0 & 7, (b0 >> 3) & 7, (b0 >> 6) | ((b1 & 1) << 2), (b1 >> 1) & 7,
-            (b1 >> 4) & 7, (b1 >> 7) | ((b2 & 3) << 1), (b2 >> 2) & 7, b2 >> 5,
+            b0 % 8, (b0 // 8) % 8, b0 // 64 + (b1 % 2) * 4, (b1 // 2) % 8,
+            (b1 // 16) % 8, b1 // 128 + (b2 % 4) * 2, (b2 // 4) % 8, b2 // 32,
         )  # fmt: skip
         return torch.stack(parts, dim=1).reshape(-1)
     per = 8 // bits
-    mask = (1 << bits) - 1
-    return torch.stack([(packed >> (j * bits)) & mask for j in range(per)], dim=1).reshape(-1)
+    size = 1 << bits
+    return torch.stack([(packed // (1 << (j * bits))) % size for j in range(per)], dim=1).reshape(
+        -1
+    )
 
 
 def _linear_codes(x: Tensor, inv: Tensor, zp: Tensor, qmin: float, qmax: float) -> Tensor:
