@@ -22,8 +22,8 @@ setting: its bytes must equal the CPU reference's.
 from __future__ import annotations
 
 import logging
+import math
 import os
-import types
 from collections.abc import Callable
 from typing import Any, TypeVar, cast
 
@@ -92,6 +92,7 @@ _DIVISION_SETTINGS = (
     "emulate_divison_rounding",  # sic, torch 2.9-2.10
 )
 _division_setting: str | bool | None = False  # False: not looked up yet
+_forms = 0  # compiled forms made in this process (each name and file name is unique)
 
 
 def division_setting() -> str | None:
@@ -108,25 +109,44 @@ def division_setting() -> str | None:
     return cast("str | None", _division_setting)
 
 
+def _literal(value: object) -> str:
+    """``value`` as Python source that evaluates to exactly it (ints, bools, finite
+    floats: ``repr`` round-trips a float); anything else is refused."""
+    if isinstance(value, bool | int):
+        return repr(value)
+    if isinstance(value, float) and math.isfinite(value):
+        return repr(value)
+    raise TypeError(f"a compiled kernel's constant must be an int or a finite float: {value!r}")
+
+
 def _bound(fn: Callable[..., Any], constants: dict[int, Any], arity: int) -> Callable[..., Any]:
-    """``fn`` of its tensor arguments alone, the others fixed (compiled as constants).
+    """``fn`` of its tensor arguments alone, the others written into its code as literals.
 
-    Each form gets a code object of its own, named after the kernel and its constants:
-    dynamo keeps its compiled entries, its recompile limit (8) and its "automatic
-    dynamic" memory per code object, so forms sharing one would count against one limit
-    (the ninth ran eager on the first H200 run) and a constant that differs from the
-    last form's would turn symbolic (``1 << bits`` then fails to trace).
+    The form is generated source (``def form(t0, t2): return fn(t0, 4, t2)``), so each
+    constant is a literal of the form's own code object. Two things the first H200 runs
+    showed make that necessary under torch 2.11 with ``dynamic=True``: a plain ``int``
+    argument, and even an ``int`` read from a closure, is traced as a symbolic size, on
+    which ``1 << bits`` fails ("failed to eval lshift(1, s63)": the decode kernels ran
+    eager); and forms sharing one code object share dynamo's recompile limit (8: the
+    ninth ran eager) and its memory of which values changed. A literal is a constant to
+    every version, and each form has its own code object (and name, and file name).
     """
-
-    def bound(*tensors: Any) -> Any:
-        it = iter(tensors)
-        return fn(*[constants[i] if i in constants else next(it) for i in range(arity)])
-
-    label = "_".join([fn.__name__, *(f"{v}" for v in constants.values())])
+    params: list[str] = []
+    call_args: list[str] = []
+    for i in range(arity):
+        if i in constants:
+            call_args.append(_literal(constants[i]))
+        else:
+            params.append(f"t{i}")
+            call_args.append(f"t{i}")
+    global _forms
+    _forms += 1
+    label = "_".join([fn.__name__, *(f"{v}" for v in constants.values()), str(_forms)])
     label = "".join(c if c.isalnum() else "_" for c in label)
-    code = bound.__code__.replace(co_name=label)  # (co_qualname, 3.11+, is not dynamo's key)
-    own = types.FunctionType(code, bound.__globals__, label, None, bound.__closure__)
-    return own
+    source = f"def {label}({', '.join(params)}):\n    return fn({', '.join(call_args)})\n"
+    namespace: dict[str, Any] = {"fn": fn}
+    exec(compile(source, f"<fedsqueeze kernel {label}>", "exec"), namespace)
+    return cast(Callable[..., Any], namespace[label])
 
 
 def _wrap(fn: _F, *, divides: bool) -> _F:

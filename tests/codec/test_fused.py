@@ -418,6 +418,7 @@ def test_compiled_kernels_get_tensors_and_fix_the_rest(monkeypatch: pytest.Monke
 
         def run(*args: object) -> object:
             assert all(isinstance(a, torch.Tensor) for a in args)
+            assert fn.__code__.co_argcount == len(args)  # the constants are literals
             return fn(*args)
 
         return run
@@ -441,6 +442,10 @@ def test_compiled_kernels_get_tensors_and_fix_the_rest(monkeypatch: pytest.Monke
     # One code object per form: dynamo's recompile limit and its memory of which
     # constants changed are per code object (a shared one made ``bits`` symbolic).
     assert len(set(codes)) == len(codes) == len(forms)
+    # The widths are literals of each form's code (a closure's int was traced as a
+    # symbolic size under torch 2.11), e.g. 4 bits and rows of 1024 for the 4-bit decode.
+    deq4 = [c for c in codes if c.co_name.startswith("_deq_linear_4_1024_")]  # type: ignore[attr-defined]
+    assert len(deq4) == 1 and {4, 1024} <= set(deq4[0].co_consts)  # type: ignore[attr-defined]
 
 
 @pytest.mark.slow
