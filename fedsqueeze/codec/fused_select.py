@@ -23,7 +23,7 @@ from torch import Tensor
 from fedsqueeze.codec import pruning
 from fedsqueeze.codec.fused_compile import kernel
 
-__all__ = ["HOST_BELOW", "SAMPLE_ABOVE", "band_ranks", "magnitude_indices"]
+__all__ = ["HOST_BELOW", "SAMPLE_ABOVE", "band_ranks", "magnitude_indices", "row_width"]
 
 #: CPU tensors up to this many values select with the reference (one ``topk``: cheap there).
 SAMPLE_ABOVE = 1 << 20
@@ -82,14 +82,36 @@ def band_ranks(n: int, prune: int, sample: int = _SAMPLE_SIZE) -> tuple[int, int
     return max(0, math.floor(centre - half)), min(sample - 1, math.ceil(centre + half))
 
 
-@kernel
+#: Row widths the band pass tries, in order: the first that divides the tensor's size.
+_ROW_WIDTHS = (4096, 2048, 8192, 1024, 16384, 512)
+
+
+def row_width(n: int) -> int:
+    """The band pass's row width for ``n`` values: one of :data:`_ROW_WIDTHS` that
+    divides ``n``, else ``n`` (one row)."""
+    return next((w for w in _ROW_WIDTHS if n % w == 0), max(n, 1))
+
+
 def _band_pass(flat: Tensor, lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """How many ``|x| > hi`` (kept whatever the cut), how many ``lo <= |x| <= hi`` (the
-    band), and both masks: one read of ``flat`` when compiled."""
-    mags = flat.abs()
+    band), and both masks (``[n]``).
+
+    The tensor is read as rows (:func:`row_width`) whose counts the compiled kernel sums
+    while it writes the masks: one read of it. Whole-tensor sums made inductor read it a
+    second time (on the H200 at 1.024B values: 4.1 ms against 2.2 ms with row sums).
+    """
+    n = flat.numel()
+    above_rows, band_rows, above, band = _band_rows(flat.view(-1, row_width(n)), lo, hi)
+    return above_rows.sum(), band_rows.sum(), above.view(-1), band.view(-1)
+
+
+@kernel
+def _band_rows(rows: Tensor, lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Per row: how many ``|x| > hi`` and how many ``lo <= |x| <= hi``; and both masks."""
+    mags = rows.abs()
     above = mags > hi
     band = (mags >= lo) & ~above
-    return above.sum(), band.sum(), above, band
+    return above.sum(1), band.sum(1), above, band
 
 
 def _sampled_indices(flat: Tensor, prune: int) -> Tensor | None:

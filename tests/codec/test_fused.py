@@ -280,6 +280,18 @@ def test_ties_across_the_cut_are_settled_on_the_device(sparsity: float, rounding
     assert torch.equal(fused.magnitude_indices(x, sparsity), expected)
 
 
+@pytest.mark.parametrize("n", [1_060_921, 4096 * 257, 2048 * 513, 512 * 2047, 16384 * 65])
+def test_the_band_pass_counts_by_rows_as_over_the_whole(n: int) -> None:
+    width = fused_select.row_width(n)
+    assert n % width == 0 and (width == n or width in (4096, 2048, 8192, 1024, 16384, 512))
+    x = torch.randn(n, generator=torch.Generator().manual_seed(n % 97))
+    lo, hi = torch.tensor(0.5), torch.tensor(1.5)
+    n_above, n_band, above, band = fused_select._band_pass(x, lo, hi)
+    mags = x.abs()
+    assert torch.equal(above, mags > hi) and torch.equal(band, (mags >= lo) & (mags <= hi))
+    assert int(n_above) == int((mags > hi).sum()) and int(n_band) == int(band.sum())
+
+
 def test_ties_wider_than_the_band_take_the_reference() -> None:
     x = _big(5)
     x[: BIG // 2] = 0.0  # half the values tied at zero, the cut among them
