@@ -48,6 +48,7 @@ from fedsqueeze.codec.fused_compile import (
     COMPILE_ENV,
     compile_enabled,
     dividing_kernel,
+    exact_kernel,
     failed_kernels,
     kernel,
     set_compile,
@@ -316,12 +317,51 @@ def quantize_packed(
     else:
         if known_range is not None:
             raise ValueError("known_range is for per-tensor quantization")
+        fmt = stored_format(q)
+        width = runs.length
+        if fmt is not ScaleFormat.DQ8 and x.numel() % width == 0 and (width * q.bits) % 8 == 0:
+            # Whole runs that end on a byte: range, parameters, codes and packing of
+            # each run in one kernel (one read of the values when compiled).
+            mids = _nf4_midpoints(device)
+            scale, zp, checks, packed = _qpack_runs(
+                x.view(-1, width), mids, q.scheme.value, q.bits, fmt.value
+            )
+            qp = QuantParams(q.bits, q.scheme, scale, zp, scale_format=fmt)
+            return FusedCodes(qp, packed, x.numel(), checks)
         lo, hi = _run_range(x, runs.length)
         ok = (lo.amin() >= -MAX_MAGNITUDE) & (hi.amax() <= MAX_MAGNITUDE)
     fmt = stored_format(q)
     qp, scale_ok = _params(lo, hi, q.scheme, q.bits, fmt)
     packed = _quantize_pack(x, qp, runs)
     return FusedCodes(qp, packed, x.numel(), torch.stack((ok, scale_ok)))
+
+
+def _nf4_midpoints(device: torch.device) -> Tensor:
+    """float32 ``[15]``: the NF4 codebook's midpoints, as :func:`_quantize_pack` takes them."""
+    return ((NF4_CODEBOOK[:-1] + NF4_CODEBOOK[1:]) / 2).to(device)
+
+
+@exact_kernel
+def _qpack_runs(
+    rows: Tensor, mids: Tensor, scheme_code: int, bits: int, fmt_code: int
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Each row (a run: a block or a channel, ``width · bits`` a multiple of 8) of
+    ``rows`` quantized and packed with its own fp32, fp16 or bf16 parameters: scales,
+    zero points, ``[range ok, scales fit]`` and the packed codes, as :func:`_run_range`,
+    :func:`_params` and :func:`_quantize_pack` make them one after the other. Compiled,
+    the row's range, parameters and codes are one kernel (the rows are short: a
+    block's values stay in registers between the reduction and the codes)."""
+    lo, hi = torch.aminmax(rows, dim=1)
+    lo, hi = lo.to(torch.float32), hi.to(torch.float32)
+    ok = (lo.amin() >= -MAX_MAGNITUDE) & (hi.amax() <= MAX_MAGNITUDE)
+    scale, zp, fits = _param_values(lo, hi, scheme_code, bits, fmt_code)
+    if scheme_code == QuantScheme.NF4.value:
+        codes = _nf4_codes(rows, scale.unsqueeze(1), mids)
+    else:
+        qmin = 0.0 if scheme_code == QuantScheme.AFFINE.value else 1.0
+        inv = torch.ones_like(scale) / scale  # a division (rounded as eager: divides)
+        codes = _linear_codes(rows, inv.unsqueeze(1), zp.unsqueeze(1), qmin, float((1 << bits) - 1))
+    return scale, zp, torch.stack((ok, fits)), _pack_flat(codes, bits)
 
 
 @kernel
@@ -359,6 +399,20 @@ def _params(
     lo: Tensor, hi: Tensor, scheme: QuantScheme, bits: int, fmt: ScaleFormat
 ) -> tuple[QuantParams, Tensor]:
     """``choose_qparams``' arithmetic on device ranges; and whether the scales fit."""
+    if fmt is ScaleFormat.DQ8:
+        raw, zp = _raw_params(lo, hi, scheme, bits)
+        scale, dq, fits = _stored(raw, fmt)
+        if scheme is QuantScheme.AFFINE:  # the zero point from the stored scale
+            qmax = float((1 << bits) - 1)
+            zp = torch.round(-torch.clamp(lo, max=0.0) / scale).clamp_(0.0, qmax)
+        return QuantParams(bits, scheme, scale, zp, scale_format=fmt, double_quant=dq), fits
+    scale, zp, fits = _param_values(lo, hi, scheme.value, bits, fmt.value)
+    return QuantParams(bits, scheme, scale, zp, scale_format=fmt), fits
+
+
+def _raw_params(lo: Tensor, hi: Tensor, scheme: QuantScheme, bits: int) -> tuple[Tensor, Tensor]:
+    """The raw (unstored) scales, and the zero points where they do not depend on the
+    stored scale (NF4's zeros, symmetric's midpoint; affine's placeholder)."""
     mid = float(1 << (bits - 1))
     qmax = float((1 << bits) - 1)
     if scheme is QuantScheme.AFFINE:
@@ -366,20 +420,29 @@ def _params(
         hi = torch.clamp(hi, min=0.0)
         q = _const(qmax, lo)
         # Divide before subtracting: hi − lo overflows near float32's maximum.
-        scale, dq, fits = _stored(hi / q - lo / q, fmt)
-        zp = torch.round(-lo / scale).clamp_(0.0, qmax)
-        qp = QuantParams(bits, scheme, scale, zp, scale_format=fmt, double_quant=dq)
-        return qp, fits
+        raw = hi / q - lo / q
+        return raw, torch.zeros_like(raw)
     if scheme is QuantScheme.NF4:
-        scale, dq, fits = _stored(torch.maximum(-lo, hi), fmt)
-        qp = QuantParams(
-            bits, scheme, scale, torch.zeros_like(scale), scale_format=fmt, double_quant=dq
-        )
-        return qp, fits
+        raw = torch.maximum(-lo, hi)
+        return raw, torch.zeros_like(raw)
     amax = torch.maximum(-lo, hi)
-    scale, dq, fits = _stored(amax / _const(mid - 1.0, amax), fmt)
-    zp = torch.full_like(scale, mid)
-    return QuantParams(bits, scheme, scale, zp, scale_format=fmt, double_quant=dq), fits
+    raw = amax / _const(mid - 1.0, amax)
+    return raw, torch.full_like(raw, mid)
+
+
+def _param_values(
+    lo: Tensor, hi: Tensor, scheme_code: int, bits: int, fmt_code: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`_params` for fp32, fp16 and bf16 scales, as tensors alone (so it can run
+    inside a compiled kernel: the scheme and format as their int codes): scales, zero
+    points, and whether the scales fit."""
+    scheme, fmt = QuantScheme(scheme_code), ScaleFormat(fmt_code)
+    raw, zp = _raw_params(lo, hi, scheme, bits)
+    scale, _, fits = _stored(raw, fmt)
+    if scheme is QuantScheme.AFFINE:
+        qmax = float((1 << bits) - 1)
+        zp = torch.round(-torch.clamp(lo, max=0.0) / scale).clamp_(0.0, qmax)
+    return scale, zp, fits
 
 
 def _stored(raw: Tensor, fmt: ScaleFormat) -> tuple[Tensor, DoubleQuant | None, Tensor]:

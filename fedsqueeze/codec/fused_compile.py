@@ -34,6 +34,7 @@ __all__ = [
     "compile_enabled",
     "dividing_kernel",
     "division_setting",
+    "exact_kernel",
     "failed_kernels",
     "kernel",
     "set_compile",
@@ -83,6 +84,14 @@ def dividing_kernel(fn: _F) -> _F:
     """:func:`kernel` for a function that divides floats: compiled with eager's rounding
     of the division, or eager on CUDA where this torch cannot be asked for it."""
     return _wrap(fn, divides=True)
+
+
+def exact_kernel(fn: _F) -> _F:
+    """:func:`dividing_kernel` for a function that also rounds through a narrower float
+    (fp16 or bf16 scales): compiled with inductor's emulation of those casts too
+    (without it, inductor keeps the wider value: other scales, on the CPU as well), or
+    eager where this torch lacks either setting."""
+    return _wrap(fn, divides=True, casts=True)
 
 
 #: inductor's setting that rounds float32 division as eager does, by torch version.
@@ -149,7 +158,20 @@ def _bound(fn: Callable[..., Any], constants: dict[int, Any], arity: int) -> Cal
     return cast(Callable[..., Any], namespace[label])
 
 
-def _wrap(fn: _F, *, divides: bool) -> _F:
+#: inductor's setting that keeps a downcast's rounding inside a compiled kernel.
+_CASTS_SETTING = "emulate_precision_casts"
+
+
+def _has_setting(name: str) -> bool:
+    try:
+        from torch._inductor import config
+
+        return name in config.get_config_copy()
+    except Exception:  # no inductor here: nothing compiles anyway
+        return False
+
+
+def _wrap(fn: _F, *, divides: bool, casts: bool = False) -> _F:
     name = fn.__name__
 
     def call(*args: Any) -> Any:
@@ -163,6 +185,10 @@ def _wrap(fn: _F, *, divides: bool) -> _F:
                 options[setting] = True
             elif any(t.device.type == "cuda" for t in tensors):
                 return fn(*args)  # Triton's approximate division: other bytes
+        if casts:
+            if not _has_setting(_CASTS_SETTING) or division_setting() is None:
+                return fn(*args)  # casts or divisions rounded otherwise: other bytes
+            options[_CASTS_SETTING] = True
         constants = {i: a for i, a in enumerate(args) if not isinstance(a, torch.Tensor)}
         key = (name, tuple(sorted(constants.items())))
         try:

@@ -470,7 +470,13 @@ def test_compiled_equals_eager() -> None:
             QuantSpec(8),
             QuantSpec(4, QuantScheme.NF4, Granularity.PER_BLOCK, block_size=64),
             QuantSpec(3, QuantScheme.SYMMETRIC, Granularity.PER_BLOCK, block_size=32),
-        ):
+            # The one-kernel runs (range, parameters, codes) in each scale format.
+            QuantSpec(4, QuantScheme.AFFINE, Granularity.PER_BLOCK, block_size=64,
+                      scale_format=ScaleFormat.BF16),
+            QuantSpec(8, QuantScheme.SYMMETRIC, Granularity.PER_BLOCK, block_size=128,
+                      scale_format=ScaleFormat.FP32),
+            QuantSpec(2, QuantScheme.AFFINE, Granularity.PER_BLOCK, block_size=32),
+        ):  # fmt: skip
             for n in (4096, 70_001):
                 _check_equal(_values(n, n % 7), q)
         x = _big(12)
