@@ -8,7 +8,9 @@ What it runs, in one process:
    (:mod:`fedsqueeze.codec.fused`) on the same tensor, timed the same way (median of
    several runs, the device synchronized around each): 8-bit per tensor, block-wise
    4-bit (NF4, blocks of 64), 90% magnitude pruning + block-wise 4-bit, top-k 1% +
-   8-bit, rank 8 (randomized SVD on the device) + 8-bit, and the 90% selection alone.
+   8-bit, rank 8 (randomized SVD on the device) + 8-bit, and the 90% selection alone,
+   then its stages ("stage" rows: the band pass, the compaction of the kept mask, the
+   gather of the kept values) and the sparse decode's floor (zero-fill + scatter).
    Encode is values → packed codes
    (+ kept indices) on the device; decode is packed codes → dense float32 on the device
    (kept indices given: the position coder and zstd run on the host and are not timed
@@ -292,10 +294,52 @@ def _throughput(device: torch.device, n: int, reps: int, mode: str) -> list[Row]
     # The selection alone (the indices), to tell its share of the prune row's time.
     select_s = timed(lambda: fused.magnitude_indices(flat, 0.9))
     out.append(Row("speed", "select 90% (indices only)", count, mode, select_s, None, copy_s))
+    _stages(flat, timed, copy_s, mode, out)
     sparse(0.9, nf4, blocks, _TARGET_CASE)
     sparse(0.99, q8, None, "topk1%+int8")
     lowrank()
     return out
+
+
+def _stages(
+    flat: torch.Tensor,
+    timed: Callable[[Callable[[], Any]], float],
+    copy_s: float,
+    mode: str,
+    out: list[Row],
+) -> None:
+    """Rows for the 90% selection's stages and the sparse decode's floor, so that a run
+    tells where the prune path's time goes: the band pass (one read of the values, both
+    masks), the compaction of the kept mask (``nonzero_static``), the gather of the kept
+    values, and zero-fill + scatter of 10% of the values into a dense tensor."""
+    import torch
+
+    from fedsqueeze.codec import fused_select, pruning
+
+    count = flat.numel()
+    prune = pruning.count_to_prune(count, 0.9)
+    lo_rank, hi_rank = fused_select.band_ranks(count, prune)
+    gen = torch.Generator(device=flat.device).manual_seed(0)
+    picks = torch.randint(count, (1 << 18,), generator=gen, device=flat.device)
+    sample = torch.sort(flat[picks].abs()).values
+    lo, hi = sample[lo_rank], sample[hi_rank]
+    band_s = timed(lambda: fused_select._band_pass(flat, lo, hi))
+    out.append(Row("stage", "select: band pass", count, mode, band_s, None, copy_s))
+    kept = fused_select._band_pass(flat, lo, hi)[2]
+    keep = int(kept.sum())
+    compact_s = timed(lambda: fused_select._nonzero_static(kept, keep))
+    out.append(Row("stage", "select: compact kept mask", count, mode, compact_s, None, copy_s))
+    idx = fused_select._nonzero_static(kept, keep)
+    gather_s = timed(lambda: flat[idx])
+    out.append(Row("stage", "select: gather kept", count, mode, gather_s, None, copy_s))
+    values = flat[idx]
+
+    def scatter() -> torch.Tensor:
+        dense = torch.zeros(count, dtype=torch.float32, device=flat.device)
+        dense[idx] = values
+        return dense
+
+    out.append(Row("stage", "decode: zeros + scatter", count, mode, None, timed(scatter), copy_s))
 
 
 # ---------------------------------------------------------------------- equality
@@ -428,7 +472,7 @@ def _print_table(rows: Sequence[Row]) -> None:
             if t is None:
                 cells.append(f"{'':>10}{'':>10}{'':>8}")
                 continue
-            speed = r.params * 4 / t / 1e9 if r.params and r.step == "speed" else None
+            speed = r.params * 4 / t / 1e9 if r.params and r.step in ("speed", "stage") else None
             ratio = r.copy_s / t if r.copy_s else None
             cells.append(
                 f"{t * 1e3:>10.2f}"
