@@ -19,6 +19,9 @@ What it runs, in one process:
 2. **Equality**: ``encode_state`` of a smaller model on the device against the CPU
    reference, byte for byte, for every deterministic spec (rank is not: an SVD differs
    between devices), and ``decode_state`` on the device against the CPU's values.
+   Where Triton imports (CUDA only), the selecting cases and specs again with the
+   selection by Triton kernels (:mod:`fedsqueeze.codec.triton_select`, off by default):
+   "triton" rows, beside the torch ones.
 3. **Simulation**: a short digits sweep (4 IID clients, 2 a round, 3 rounds of 2 epochs,
    fedavg-fp32 and int8) with ``client-gpus = 0.25`` and ``coordinator-device = cuda``
    (needs flwr and Ray); it passes when every arm ends at least 0.2 above its start.
@@ -62,6 +65,8 @@ EQUALITY_SPECS = (
     "topk=0.01,quant=8",
     "topk=0.01,quant=4:block64",
 )
+#: The specs whose bytes the Triton selection could change.
+_SELECTING_SPECS = tuple(s for s in EQUALITY_SPECS if s.startswith(("prune", "topk")))
 _SUFFIX = {"K": 1_000, "M": 1_000_000, "B": 1_000_000_000, "G": 1_000_000_000}
 
 
@@ -191,6 +196,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         failed |= any(r.verdict != "equal" for r in eq_rows)
         rows += eq_rows
     fused.set_compile(None)
+    if device.type == "cuda" and _has_triton():
+        # The selection by the two Triton kernels (fedsqueeze.codec.triton_select, off by
+        # default until timed here), beside the torch rows above: speed and bytes.
+        from fedsqueeze.codec import triton_select
+
+        triton_select.set_enabled(True)
+        fused.set_compile(modes[-1])
+        try:
+            for n in sizes:
+                rows += _throughput(device, n, args.reps, "triton", selection_only=True)
+                torch.cuda.empty_cache()
+            eq_rows = _equality(device, eq_size, "triton", _SELECTING_SPECS)
+            failed |= any(r.verdict != "equal" for r in eq_rows)
+            rows += eq_rows
+            if not triton_select.enabled():
+                print("gpucheck: the Triton selection failed here; its rows ran the torch form")
+        finally:
+            triton_select.set_enabled(None)
+            fused.set_compile(None)
     if not args.no_sim:
         sim = _simulation(device)
         failed |= not sim.verdict.startswith("ok")
@@ -225,8 +249,11 @@ def _timer(device: torch.device, reps: int) -> Callable[[Callable[[], Any]], flo
     return run
 
 
-def _throughput(device: torch.device, n: int, reps: int, mode: str) -> list[Row]:
-    """The copy and every case at ``n`` parameters."""
+def _throughput(
+    device: torch.device, n: int, reps: int, mode: str, selection_only: bool = False
+) -> list[Row]:
+    """The copy and every case at ``n`` parameters (``selection_only``: the copy and the
+    cases that select, as the Triton rows time them)."""
     import torch
 
     from fedsqueeze.codec import fused
@@ -289,15 +316,18 @@ def _throughput(device: torch.device, n: int, reps: int, mode: str) -> list[Row]
         out.append(Row("speed", "rank8+int8", count, mode, enc, dec, copy_s, done.packed.numel()))
 
     out.append(Row("speed", "copy (clone)", count, mode, copy_s, copy_s, copy_s, count * 4))
-    dense(q8, None, "int8")
-    dense(nf4, blocks, "nf4-block64")
+    if not selection_only:
+        dense(q8, None, "int8")
+        dense(nf4, blocks, "nf4-block64")
     # The selection alone (the indices), to tell its share of the prune row's time.
     select_s = timed(lambda: fused.magnitude_indices(flat, 0.9))
     out.append(Row("speed", "select 90% (indices only)", count, mode, select_s, None, copy_s))
-    _stages(flat, timed, copy_s, mode, out)
+    if not selection_only:
+        _stages(flat, timed, copy_s, mode, out)
     sparse(0.9, nf4, blocks, _TARGET_CASE)
     sparse(0.99, q8, None, "topk1%+int8")
-    lowrank()
+    if not selection_only:
+        lowrank()
     return out
 
 
@@ -343,8 +373,17 @@ def _stages(
 
 
 # ---------------------------------------------------------------------- equality
-def _equality(device: torch.device, size: int, mode: str) -> list[Row]:
-    """``encode_state`` on ``device`` against the CPU reference, per spec."""
+def _has_triton() -> bool:
+    try:
+        import triton  # type: ignore[import-not-found,import-untyped,unused-ignore]  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _equality(device: torch.device, size: int, mode: str, specs: Sequence[str] = ()) -> list[Row]:
+    """``encode_state`` on ``device`` against the CPU reference, per spec (``specs``, or
+    :data:`EQUALITY_SPECS`)."""
     import torch
 
     from fedsqueeze.codec import decode_state, encode_state, fused
@@ -364,7 +403,7 @@ def _equality(device: torch.device, size: int, mode: str) -> list[Row]:
     base_device = {k: v.to(device) for k, v in base.items()}
     numel = sum(t.numel() for t in state.values())
     out = []
-    for text in EQUALITY_SPECS:
+    for text in specs or EQUALITY_SPECS:
         spec = parse_spec(text)
         started = time.perf_counter()
         try:

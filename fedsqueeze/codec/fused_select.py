@@ -20,7 +20,7 @@ import math
 import torch
 from torch import Tensor
 
-from fedsqueeze.codec import pruning
+from fedsqueeze.codec import pruning, triton_select
 from fedsqueeze.codec.fused_compile import kernel
 
 __all__ = ["HOST_BELOW", "SAMPLE_ABOVE", "band_ranks", "magnitude_indices", "row_width"]
@@ -129,10 +129,14 @@ def _sampled_indices(flat: Tensor, prune: int) -> Tensor | None:
     hi = sample[hi_rank] if hi_rank < _SAMPLE_SIZE - 1 else inf
     # As the reference's band path: "below" is everything not >= lo, NaN included (a
     # tensor with NaN never gets this far in the encoder: it is refused first).
-    n_above, n_band, kept, band = _band_pass(flat, lo, hi)
-    n_below = n - n_above - n_band
     expected = (hi_rank - lo_rank + 1) / _SAMPLE_SIZE
     cap = min(n, math.ceil(n * expected * _BAND_SLACK) + 4096)
+    if triton_select.usable(flat):  # two Triton kernels, the same indices
+        found = triton_select.indices(flat, prune, lo, hi, cap)
+        if found is not None or triton_select.usable(flat):
+            return found  # (a kernel that failed turned it off: the torch form answers)
+    n_above, n_band, kept, band = _band_pass(flat, lo, hi)
+    n_below = n - n_above - n_band
     at = _nonzero_static(band, cap)  # increasing band positions, -1 after the last
     valid = at >= 0
     at_safe = at.clamp(min=0)

@@ -3,6 +3,9 @@ codes, bytes, decoded values and kept indices, on the CPU here and on CUDA when 
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from collections.abc import Callable
 
 import pytest
@@ -16,6 +19,7 @@ from fedsqueeze.codec import (
     fused_compile,
     fused_select,
     pruning,
+    triton_select,
 )
 from fedsqueeze.codec.kernels import Runs
 from fedsqueeze.codec.quantization import (
@@ -290,6 +294,70 @@ def test_the_band_pass_counts_by_rows_as_over_the_whole(n: int) -> None:
     mags = x.abs()
     assert torch.equal(above, mags > hi) and torch.equal(band, (mags >= lo) & (mags <= hi))
     assert int(n_above) == int((mags > hi).sum()) and int(n_band) == int(band.sum())
+
+
+_TRITON_CHECK = """
+import torch
+from fedsqueeze.codec import fused_select, pruning, triton_select
+triton_select.set_enabled(True)
+n = fused_select.SAMPLE_ABOVE + 12_345
+for seed, rounding in enumerate(("none", "bf16", "grid", "fp16")):
+    x = torch.randn(n, generator=torch.Generator().manual_seed(40 + seed))
+    if rounding == "grid":
+        x = torch.round(x * 512) / 512
+    elif rounding == "bf16":
+        x = x.to(torch.bfloat16).float()
+    elif rounding == "fp16":
+        x = x.half()
+    for sparsity in (0.5, 0.9, 0.99):
+        assert triton_select.usable(x)
+        prune = pruning.count_to_prune(n, sparsity)
+        found = fused_select._sampled_indices(x, prune)
+        assert found is not None, (rounding, sparsity)
+        assert torch.equal(found, pruning.magnitude_indices(x, sparsity)), (rounding, sparsity)
+print("triton selection: equal")
+"""
+
+
+@pytest.mark.timeout(300)
+def test_the_triton_selection_equals_the_reference() -> None:
+    # The two Triton kernels through Triton's interpreter on CPU tensors, in a process
+    # of their own (Triton reads TRITON_INTERPRET when first imported); ties at the cut
+    # (bf16-, grid- and fp16-rounded values) included. On a GPU, make gpu-check compares
+    # them. Skipped where Triton is not installed.
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    done = subprocess.run(
+        [sys.executable, "-c", _TRITON_CHECK], env=env, capture_output=True, text=True,
+        timeout=280,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "triton selection: equal" in done.stdout
+
+
+def test_a_failing_triton_selection_leaves_it_to_torch(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(triton_select, "_load", lambda: {})  # "Triton is there"
+
+    def broken(*args: object) -> None:
+        raise RuntimeError("no kernel here")
+
+    monkeypatch.setattr(triton_select, "_indices", broken)
+    triton_select.set_enabled(True)
+    try:
+        x = _big(44)
+        assert triton_select.usable(x)
+        found = fused.magnitude_indices(x, 0.9)
+        assert torch.equal(found, pruning.magnitude_indices(x, 0.9))
+        assert not triton_select.enabled() and not triton_select.usable(x)  # off for good
+    finally:
+        triton_select.set_enabled(None)
+    with pytest.raises(TypeError):
+        triton_select.set_enabled("yes")  # type: ignore[arg-type]
+    monkeypatch.setenv(triton_select.ENV, "1")
+    assert triton_select.enabled()
+    monkeypatch.delenv(triton_select.ENV)
+    assert not triton_select.enabled() and not triton_select.usable(x)
 
 
 def test_ties_wider_than_the_band_take_the_reference() -> None:
