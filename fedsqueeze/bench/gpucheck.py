@@ -196,11 +196,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         failed |= any(r.verdict != "equal" for r in eq_rows)
         rows += eq_rows
     fused.set_compile(None)
-    if device.type == "cuda" and _has_triton():
-        # The selection by the two Triton kernels (fedsqueeze.codec.triton_select, off by
-        # default until timed here), beside the torch rows above: speed and bytes.
-        from fedsqueeze.codec import triton_select
+    from fedsqueeze.codec import triton_select
 
+    if device.type == "cuda" and triton_select.available():
+        # The selection by the two Triton kernels (off by default until timed here),
+        # beside the torch rows above: speed and bytes.
         triton_select.set_enabled(True)
         fused.set_compile(modes[-1])
         try:
@@ -347,12 +347,7 @@ def _stages(
     from fedsqueeze.codec import fused_select, pruning
 
     count = flat.numel()
-    prune = pruning.count_to_prune(count, 0.9)
-    lo_rank, hi_rank = fused_select.band_ranks(count, prune)
-    gen = torch.Generator(device=flat.device).manual_seed(0)
-    picks = torch.randint(count, (1 << 18,), generator=gen, device=flat.device)
-    sample = torch.sort(flat[picks].abs()).values
-    lo, hi = sample[lo_rank], sample[hi_rank]
+    lo, hi, _ = fused_select.band_bounds(flat, pruning.count_to_prune(count, 0.9))
     band_s = timed(lambda: fused_select._band_pass(flat, lo, hi))
     out.append(Row("stage", "select: band pass", count, mode, band_s, None, copy_s))
     kept = fused_select._band_pass(flat, lo, hi)[2]
@@ -373,14 +368,6 @@ def _stages(
 
 
 # ---------------------------------------------------------------------- equality
-def _has_triton() -> bool:
-    try:
-        import triton  # type: ignore[import-not-found,import-untyped,unused-ignore]  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def _equality(device: torch.device, size: int, mode: str, specs: Sequence[str] = ()) -> list[Row]:
     """``encode_state`` on ``device`` against the CPU reference, per spec (``specs``, or
     :data:`EQUALITY_SPECS`)."""

@@ -54,7 +54,7 @@ from fedsqueeze.codec.fused_compile import (
     set_compile,
 )
 from fedsqueeze.codec.fused_select import HOST_BELOW, SAMPLE_ABOVE, band_ranks, magnitude_indices
-from fedsqueeze.codec.kernels import Runs
+from fedsqueeze.codec.kernels import Runs, nf4_midpoints
 from fedsqueeze.codec.quantization import MAX_MAGNITUDE, MIN_SCALE, RANGE_ERROR, QuantParams
 from fedsqueeze.codec.spec import Granularity, QuantScheme, QuantSpec, Rounding, ScaleFormat
 from fedsqueeze.errors import FormatError
@@ -148,27 +148,20 @@ def _pack_flat(codes: Tensor, bits: int) -> Tensor:
 
 
 def _unpack_flat(packed: Tensor, bits: int) -> Tensor:
-    """All codes of whole bytes (whole 3-byte groups for 3 bits), uint8 ``[m·8/bits]``.
-
-    Written with floor division and remainder by powers of two, not ``>>`` and ``&``
-    (the same values on uint8): torch 2.11's tracer failed on the right shift ("failed to
-    eval lshift(1, s63)"), leaving the decode kernels eager on the H200.
-    """
+    """All codes of whole bytes (whole 3-byte groups for 3 bits), uint8 ``[m·8/bits]``."""
     if bits == 8:
         return packed
     if bits == 3:
         g = packed.view(-1, 3)
         b0, b1, b2 = g[:, 0], g[:, 1], g[:, 2]
         parts = (
-            b0 % 8, (b0 // 8) % 8, b0 // 64 + (b1 % 2) * 4, (b1 // 2) % 8,
-            (b1 // 16) % 8, b1 // 128 + (b2 % 4) * 2, (b2 // 4) % 8, b2 // 32,
+            b0 & 7, (b0 >> 3) & 7, (b0 >> 6) | ((b1 & 1) << 2), (b1 >> 1) & 7,
+            (b1 >> 4) & 7, (b1 >> 7) | ((b2 & 3) << 1), (b2 >> 2) & 7, b2 >> 5,
         )  # fmt: skip
         return torch.stack(parts, dim=1).reshape(-1)
     per = 8 // bits
-    size = 1 << bits
-    return torch.stack([(packed // (1 << (j * bits))) % size for j in range(per)], dim=1).reshape(
-        -1
-    )
+    mask = (1 << bits) - 1
+    return torch.stack([(packed >> (j * bits)) & mask for j in range(per)], dim=1).reshape(-1)
 
 
 def _linear_codes(x: Tensor, inv: Tensor, zp: Tensor, qmin: float, qmax: float) -> Tensor:
@@ -336,9 +329,16 @@ def quantize_packed(
     return FusedCodes(qp, packed, x.numel(), torch.stack((ok, scale_ok)))
 
 
+_midpoints: dict[torch.device, Tensor] = {}
+
+
 def _nf4_midpoints(device: torch.device) -> Tensor:
-    """float32 ``[15]``: the NF4 codebook's midpoints, as :func:`_quantize_pack` takes them."""
-    return ((NF4_CODEBOOK[:-1] + NF4_CODEBOOK[1:]) / 2).to(device)
+    """float32 ``[15]``: the NF4 codebook's midpoints on ``device`` (copied there once;
+    :func:`~fedsqueeze.codec.kernels.nf4_midpoints`, the compiled CPU kernel's too)."""
+    mids = _midpoints.get(device)
+    if mids is None:
+        mids = _midpoints[device] = torch.from_numpy(nf4_midpoints(NF4_CODEBOOK)).to(device)
+    return mids
 
 
 @exact_kernel
@@ -354,7 +354,7 @@ def _qpack_runs(
     lo, hi = torch.aminmax(rows, dim=1)
     lo, hi = lo.to(torch.float32), hi.to(torch.float32)
     ok = (lo.amin() >= -MAX_MAGNITUDE) & (hi.amax() <= MAX_MAGNITUDE)
-    scale, zp, fits = _param_values(lo, hi, scheme_code, bits, fmt_code)
+    scale, zp, fits, _ = _param_values(lo, hi, scheme_code, bits, fmt_code)
     if scheme_code == QuantScheme.NF4.value:
         codes = _nf4_codes(rows, scale.unsqueeze(1), mids)
     else:
@@ -399,20 +399,17 @@ def _params(
     lo: Tensor, hi: Tensor, scheme: QuantScheme, bits: int, fmt: ScaleFormat
 ) -> tuple[QuantParams, Tensor]:
     """``choose_qparams``' arithmetic on device ranges; and whether the scales fit."""
-    if fmt is ScaleFormat.DQ8:
-        raw, zp = _raw_params(lo, hi, scheme, bits)
-        scale, dq, fits = _stored(raw, fmt)
-        if scheme is QuantScheme.AFFINE:  # the zero point from the stored scale
-            qmax = float((1 << bits) - 1)
-            zp = torch.round(-torch.clamp(lo, max=0.0) / scale).clamp_(0.0, qmax)
-        return QuantParams(bits, scheme, scale, zp, scale_format=fmt, double_quant=dq), fits
-    scale, zp, fits = _param_values(lo, hi, scheme.value, bits, fmt.value)
-    return QuantParams(bits, scheme, scale, zp, scale_format=fmt), fits
+    scale, zp, fits, dq = _param_values(lo, hi, scheme.value, bits, fmt.value)
+    return QuantParams(bits, scheme, scale, zp, scale_format=fmt, double_quant=dq), fits
 
 
-def _raw_params(lo: Tensor, hi: Tensor, scheme: QuantScheme, bits: int) -> tuple[Tensor, Tensor]:
-    """The raw (unstored) scales, and the zero points where they do not depend on the
-    stored scale (NF4's zeros, symmetric's midpoint; affine's placeholder)."""
+def _param_values(
+    lo: Tensor, hi: Tensor, scheme_code: int, bits: int, fmt_code: int
+) -> tuple[Tensor, Tensor, Tensor, DoubleQuant | None]:
+    """:func:`_params` as tensors (the scheme and format as their int codes, so that it
+    runs inside a compiled kernel for fp32, fp16 and bf16 scales): scales, zero points,
+    whether the scales fit, and the double quantization (DQ8 scales: a host search)."""
+    scheme, fmt = QuantScheme(scheme_code), ScaleFormat(fmt_code)
     mid = float(1 << (bits - 1))
     qmax = float((1 << bits) - 1)
     if scheme is QuantScheme.AFFINE:
@@ -420,29 +417,14 @@ def _raw_params(lo: Tensor, hi: Tensor, scheme: QuantScheme, bits: int) -> tuple
         hi = torch.clamp(hi, min=0.0)
         q = _const(qmax, lo)
         # Divide before subtracting: hi − lo overflows near float32's maximum.
-        raw = hi / q - lo / q
-        return raw, torch.zeros_like(raw)
+        scale, dq, fits = _stored(hi / q - lo / q, fmt)
+        return scale, torch.round(-lo / scale).clamp_(0.0, qmax), fits, dq
     if scheme is QuantScheme.NF4:
-        raw = torch.maximum(-lo, hi)
-        return raw, torch.zeros_like(raw)
+        scale, dq, fits = _stored(torch.maximum(-lo, hi), fmt)
+        return scale, torch.zeros_like(scale), fits, dq
     amax = torch.maximum(-lo, hi)
-    raw = amax / _const(mid - 1.0, amax)
-    return raw, torch.full_like(raw, mid)
-
-
-def _param_values(
-    lo: Tensor, hi: Tensor, scheme_code: int, bits: int, fmt_code: int
-) -> tuple[Tensor, Tensor, Tensor]:
-    """:func:`_params` for fp32, fp16 and bf16 scales, as tensors alone (so it can run
-    inside a compiled kernel: the scheme and format as their int codes): scales, zero
-    points, and whether the scales fit."""
-    scheme, fmt = QuantScheme(scheme_code), ScaleFormat(fmt_code)
-    raw, zp = _raw_params(lo, hi, scheme, bits)
-    scale, _, fits = _stored(raw, fmt)
-    if scheme is QuantScheme.AFFINE:
-        qmax = float((1 << bits) - 1)
-        zp = torch.round(-torch.clamp(lo, max=0.0) / scale).clamp_(0.0, qmax)
-    return scale, zp, fits
+    scale, dq, fits = _stored(amax / _const(mid - 1.0, amax), fmt)
+    return scale, torch.full_like(scale, mid), fits, dq
 
 
 def _stored(raw: Tensor, fmt: ScaleFormat) -> tuple[Tensor, DoubleQuant | None, Tensor]:
@@ -481,9 +463,7 @@ def _quantize_pack(x: Tensor, qp: QuantParams, runs: Runs | None) -> Tensor:
     width = _ROW if runs is None else runs.length
     rows = n // width
     nf4 = qp.scheme is QuantScheme.NF4
-    mids = (NF4_CODEBOOK[:-1] + NF4_CODEBOOK[1:]) / 2 if nf4 else None
-    if mids is not None:
-        mids = mids.to(x.device)
+    mids = _nf4_midpoints(x.device) if nf4 else None
     qmin = 0.0 if qp.scheme is QuantScheme.AFFINE else 1.0
     qmax = float((1 << bits) - 1)
     inv = 1.0 / qp.scale

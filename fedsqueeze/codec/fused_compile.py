@@ -100,22 +100,28 @@ _DIVISION_SETTINGS = (
     "emulate_division_rounding",
     "emulate_divison_rounding",  # sic, torch 2.9-2.10
 )
-_division_setting: str | bool | None = False  # False: not looked up yet
+#: inductor's setting that keeps a downcast's rounding inside a compiled kernel.
+_CASTS_SETTING = "emulate_precision_casts"
+_settings: frozenset[str] | None = None  # inductor's setting names, read once
 _forms = 0  # compiled forms made in this process (each name and file name is unique)
+
+
+def _setting_names() -> frozenset[str]:
+    """The names of inductor's settings in this torch (empty without inductor), read once."""
+    global _settings
+    if _settings is None:
+        try:
+            from torch._inductor import config
+
+            _settings = frozenset(config.get_config_copy())
+        except Exception:  # no inductor here: nothing compiles anyway
+            _settings = frozenset()
+    return _settings
 
 
 def division_setting() -> str | None:
     """The name of inductor's exact-division setting in this torch, ``None`` if none."""
-    global _division_setting
-    if _division_setting is False:
-        try:
-            from torch._inductor import config
-
-            names = set(config.get_config_copy())
-        except Exception:  # no inductor here: nothing compiles anyway
-            names = set()
-        _division_setting = next((n for n in _DIVISION_SETTINGS if n in names), None)
-    return cast("str | None", _division_setting)
+    return next((n for n in _DIVISION_SETTINGS if n in _setting_names()), None)
 
 
 def _literal(value: object) -> str:
@@ -158,19 +164,6 @@ def _bound(fn: Callable[..., Any], constants: dict[int, Any], arity: int) -> Cal
     return cast(Callable[..., Any], namespace[label])
 
 
-#: inductor's setting that keeps a downcast's rounding inside a compiled kernel.
-_CASTS_SETTING = "emulate_precision_casts"
-
-
-def _has_setting(name: str) -> bool:
-    try:
-        from torch._inductor import config
-
-        return name in config.get_config_copy()
-    except Exception:  # no inductor here: nothing compiles anyway
-        return False
-
-
 def _wrap(fn: _F, *, divides: bool, casts: bool = False) -> _F:
     name = fn.__name__
 
@@ -186,7 +179,7 @@ def _wrap(fn: _F, *, divides: bool, casts: bool = False) -> _F:
             elif any(t.device.type == "cuda" for t in tensors):
                 return fn(*args)  # Triton's approximate division: other bytes
         if casts:
-            if not _has_setting(_CASTS_SETTING) or division_setting() is None:
+            if _CASTS_SETTING not in _setting_names() or division_setting() is None:
                 return fn(*args)  # casts or divisions rounded otherwise: other bytes
             options[_CASTS_SETTING] = True
         constants = {i: a for i, a in enumerate(args) if not isinstance(a, torch.Tensor)}

@@ -23,7 +23,16 @@ from torch import Tensor
 from fedsqueeze.codec import pruning, triton_select
 from fedsqueeze.codec.fused_compile import kernel
 
-__all__ = ["HOST_BELOW", "SAMPLE_ABOVE", "band_ranks", "magnitude_indices", "row_width"]
+__all__ = [
+    "HOST_BELOW",
+    "SAMPLE_ABOVE",
+    "band_bounds",
+    "band_cut",
+    "band_ranks",
+    "magnitude_indices",
+    "past_cut",
+    "row_width",
+]
 
 #: CPU tensors up to this many values select with the reference (one ``topk``: cheap there).
 SAMPLE_ABOVE = 1 << 20
@@ -114,10 +123,12 @@ def _band_rows(rows: Tensor, lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor, Te
     return above.sum(1), band.sum(1), above, band
 
 
-def _sampled_indices(flat: Tensor, prune: int) -> Tensor | None:
-    """The kept indices, or ``None`` when the band misses the cut."""
+def band_bounds(flat: Tensor, prune: int) -> tuple[Tensor, Tensor, int]:
+    """The band's ends for dropping ``prune`` of ``flat``'s magnitudes (scalars of its
+    dtype on its device: ranks :func:`band_ranks` of a fixed-seed sample, ``∓inf`` where
+    a side has no bound) and the room its entries get (:data:`_BAND_SLACK` over their
+    expected count)."""
     n = flat.numel()
-    keep_count = n - prune
     device = flat.device
     gen = torch.Generator(device=device)
     gen.manual_seed(_SAMPLE_SEED)
@@ -127,10 +138,34 @@ def _sampled_indices(flat: Tensor, prune: int) -> Tensor | None:
     inf = torch.full((), math.inf, dtype=flat.dtype, device=device)
     lo = sample[lo_rank] if lo_rank > 0 else -inf
     hi = sample[hi_rank] if hi_rank < _SAMPLE_SIZE - 1 else inf
+    expected = (hi_rank - lo_rank + 1) / _SAMPLE_SIZE
+    return lo, hi, min(n, math.ceil(n * expected * _BAND_SLACK) + 4096)
+
+
+def band_cut(mags: Tensor, positions: Tensor, still: Tensor, cap: int) -> tuple[Tensor, Tensor]:
+    """The cut and the position of the last band value dropped, when the ``still``
+    smallest of the band go: ``mags`` and ``positions`` are the band's entries in
+    increasing position (padding last, with an infinite magnitude). Sorted stably by
+    magnitude, ties stay in position order, so the first ``still`` are the reference's
+    (the smallest; of the values equal to the cut, the lowest indices). What stays is
+    :func:`past_cut`."""
+    ordered, order = torch.sort(mags, stable=True)
+    at = (still - 1).clamp(0, cap - 1)
+    return ordered[at], positions[order[at]]
+
+
+def past_cut(mags: Tensor, positions: Tensor, cut: Tensor, last: Tensor) -> Tensor:
+    """Which band entries stay, given :func:`band_cut`'s cut and last dropped position."""
+    return (mags > cut) | ((mags == cut) & (positions > last))
+
+
+def _sampled_indices(flat: Tensor, prune: int) -> Tensor | None:
+    """The kept indices, or ``None`` when the band misses the cut."""
+    n = flat.numel()
+    keep_count = n - prune
     # As the reference's band path: "below" is everything not >= lo, NaN included (a
     # tensor with NaN never gets this far in the encoder: it is refused first).
-    expected = (hi_rank - lo_rank + 1) / _SAMPLE_SIZE
-    cap = min(n, math.ceil(n * expected * _BAND_SLACK) + 4096)
+    lo, hi, cap = band_bounds(flat, prune)
     if triton_select.usable(flat):  # two Triton kernels, the same indices
         found = triton_select.indices(flat, prune, lo, hi, cap)
         if found is not None or triton_select.usable(flat):
@@ -140,21 +175,12 @@ def _sampled_indices(flat: Tensor, prune: int) -> Tensor | None:
     at = _nonzero_static(band, cap)  # increasing band positions, -1 after the last
     valid = at >= 0
     at_safe = at.clamp(min=0)
-    band_mags = torch.where(valid, flat[at_safe].abs(), inf)
-    ordered = torch.sort(band_mags).values
+    band_mags = torch.where(valid, flat[at_safe].abs(), math.inf)
     still = prune - n_below  # how many of the band go
-    cut = ordered[(still - 1).clamp(0, cap - 1)]
-    # Of the values equal to the cut, the lowest positions go first (the reference's tie
-    # rule): ``drop_tied`` of them, the last one dropped at ``last_dropped``. Ties are
-    # common at this size (a float32 octave has 2^23 values: a 250M-value tensor puts
-    # several on most of them near the cut), so they are settled here, on the device.
-    n_less = torch.searchsorted(ordered, cut.reshape(1))[0]
-    drop_tied = still - n_less
-    tied = valid & (band_mags == cut)
-    tied_rank = torch.cumsum(tied, 0)
-    last = torch.searchsorted(tied_rank, drop_tied.reshape(1))[0].clamp(max=cap - 1)
-    last_dropped = at[last]
-    keep_band = valid & ((still <= 0) | (band_mags > cut) | (tied & (at_safe > last_dropped)))
+    # Ties at the cut are common at this size (a float32 octave has 2^23 values: a
+    # 250M-value tensor puts several on most of them near the cut): settled here.
+    cut, last_dropped = band_cut(band_mags, at, still, cap)
+    keep_band = valid & ((still <= 0) | past_cut(band_mags, at_safe, cut, last_dropped))
     # The band's kept positions join the values above it, then one compaction.
     kept.view(torch.uint8).scatter_reduce_(0, at_safe, keep_band.to(torch.uint8), "amax")
     indices = _nonzero_static(kept, keep_count)

@@ -9,10 +9,10 @@ The torch form reads the values once (both masks), then compacts a 1-byte mask t
    above the band (kept whatever the cut) and in it; each block reserves room for its
    band entries with one atomic add and writes their positions and magnitudes there (in
    no particular order across blocks).
-2. On the band alone (about 0.7% of the values): sorted by position, then stably by
-   magnitude, so that dropping the first ``still`` entries is the reference's rule (the
-   smallest go; of the values equal to the cut, the lowest indices first). That gives
-   the cut, the position of the last tied value dropped, and each block's kept count.
+2. On the band alone (about 0.7% of the values): put in position order, then the
+   torch form's own :func:`~fedsqueeze.codec.fused_select.band_cut` and
+   :func:`~fedsqueeze.codec.fused_select.past_cut` (the reference's tie rule) give the
+   cut, the position of the last value dropped, and each block's kept count.
 3. **write** (one read of the values): each block writes its kept indices, in order, at
    its offset (an exclusive prefix sum of the kept counts).
 
@@ -34,12 +34,12 @@ from __future__ import annotations
 import logging
 import math
 import os
-from typing import Any
+from types import ModuleType
 
 import torch
 from torch import Tensor
 
-__all__ = ["BLOCK", "ENV", "enabled", "indices", "set_enabled", "usable"]
+__all__ = ["BLOCK", "ENV", "available", "enabled", "indices", "set_enabled", "usable"]
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ log = logging.getLogger(__name__)
 ENV = "FEDSQUEEZE_TRITON_SELECT"
 #: Values per program of both kernels.
 BLOCK = 4096
-_kernels: dict[str, Any] | None = None
+_kernels: ModuleType | None = None
 _missing = False
 _override: bool | None = None
 _broken = False  # a kernel failed to build or run: off for the process
@@ -78,62 +78,25 @@ def usable(flat: Tensor) -> bool:
     interpreted = os.environ.get("TRITON_INTERPRET") == "1"
     if flat.device.type != "cuda" and not (interpreted and flat.device.type == "cpu"):
         return False
+    return available()
+
+
+def available() -> bool:
+    """Whether Triton is installed (its kernels then load on first use)."""
     return _load() is not None
 
 
-def _load() -> dict[str, Any] | None:
-    """The compiled-on-first-use kernels, ``None`` without Triton."""
+def _load() -> ModuleType | None:
+    """:mod:`fedsqueeze.codec.triton_kernels`, imported on first use; ``None`` without
+    Triton."""
     global _kernels, _missing
-    if _kernels is not None or _missing:
-        return _kernels
-    try:
-        import triton  # type: ignore[import-not-found,import-untyped,unused-ignore]
-        import triton.language as tl  # type: ignore[import-not-found,import-untyped,unused-ignore]
-    except ImportError:
-        _missing = True
-        return None
-    jit: Any = triton.jit
-
-    def count(  # type: ignore[no-untyped-def]
-        x_ptr, bounds_ptr, counts_ptr, pos_ptr, mag_ptr, fill_ptr, cap, n,
-        BLOCK: tl.constexpr,
-    ):  # fmt: skip
-        pid = tl.program_id(0)
-        offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        inside = offs < n
-        v = tl.abs(tl.load(x_ptr + offs, mask=inside, other=0.0).to(tl.float32))
-        lo = tl.load(bounds_ptr)
-        hi = tl.load(bounds_ptr + 1)
-        above = (v > hi) & inside
-        band = (v >= lo) & (v <= hi) & inside
-        in_band = tl.sum(band.to(tl.int32), 0)
-        tl.store(counts_ptr + pid * 2, tl.sum(above.to(tl.int32), 0))
-        tl.store(counts_ptr + pid * 2 + 1, in_band)
-        base = tl.atomic_add(fill_ptr, in_band.to(tl.int64))
-        dest = base + tl.cumsum(band.to(tl.int64), 0) - 1
-        room = band & (dest < cap)
-        tl.store(pos_ptr + dest, offs, mask=room)
-        tl.store(mag_ptr + dest, v, mask=room)
-
-    def write(  # type: ignore[no-untyped-def]
-        x_ptr, cut_ptr, last_ptr, offsets_ptr, out_ptr, total, n,
-        BLOCK: tl.constexpr,
-    ):  # fmt: skip
-        pid = tl.program_id(0)
-        offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        inside = offs < n
-        v = tl.abs(tl.load(x_ptr + offs, mask=inside, other=0.0).to(tl.float32))
-        lo = tl.load(cut_ptr)
-        cut = tl.load(cut_ptr + 1)
-        in_band = tl.load(cut_ptr + 2)  # 1.0: the cut lies in the band
-        last = tl.load(last_ptr)
-        keep = (v >= lo) & inside
-        past_cut = (v > cut) | ((v == cut) & (offs > last))
-        keep = tl.where(in_band != 0.0, keep & past_cut, keep)
-        dest = tl.load(offsets_ptr + pid) + tl.cumsum(keep.to(tl.int64), 0) - 1
-        tl.store(out_ptr + dest, offs, mask=keep & (dest < total))
-
-    _kernels = {"count": jit(count), "write": jit(write)}
+    if _kernels is None and not _missing:
+        try:
+            from fedsqueeze.codec import triton_kernels
+        except ImportError:
+            _missing = True
+        else:
+            _kernels = triton_kernels
     return _kernels
 
 
@@ -156,6 +119,8 @@ def _indices(flat: Tensor, prune: int, lo: Tensor, hi: Tensor, cap: int) -> Tens
     contiguous 1-D ``flat`` (``prune`` of its values dropped) with the band
     ``[lo, hi]`` and room for ``cap`` band entries; ``None`` when the band misses the
     cut or overflows its room (one scalar read, at the end)."""
+    from fedsqueeze.codec.fused_select import band_cut, past_cut  # (imports this module)
+
     kernels = _load()
     if kernels is None:
         raise RuntimeError("Triton is not installed")
@@ -168,28 +133,23 @@ def _indices(flat: Tensor, prune: int, lo: Tensor, hi: Tensor, cap: int) -> Tens
     pos = torch.full((cap,), n, dtype=torch.int64, device=device)  # n: no entry
     mag = torch.full((cap,), math.inf, dtype=torch.float32, device=device)
     fill = torch.zeros(1, dtype=torch.int64, device=device)
-    kernels["count"][(blocks,)](flat, bounds, counts, pos, mag, fill, cap, n, BLOCK=BLOCK)
+    kernels.count[(blocks,)](flat, bounds, counts, pos, mag, fill, cap, n, BLOCK=BLOCK)
     n_above, n_band = counts[:, 0].sum(), fill[0]
     n_below = n - n_above - n_band
     still = prune - n_below  # how many of the band go
-    # The band in the reference's order: by magnitude, ties by position.
-    by_pos = torch.sort(pos).indices
-    mags, order = torch.sort(mag[by_pos], stable=True)
-    ranked = pos[by_pos][order]
-    at = (still - 1).clamp(0, cap - 1)
-    cut, last = mags[at], ranked[at]  # the last value dropped, and where it is
+    by_pos = torch.sort(pos).indices  # the band's entries in position order (padding last)
+    pos, mag = pos[by_pos], mag[by_pos]
+    cut, last = band_cut(mag, pos, still, cap)
     in_band = still > 0
-    valid = ranked < n
-    kept_band = valid & (torch.arange(cap, device=device) >= still)
+    valid = pos < n
+    kept_band = valid & past_cut(mag, pos, cut, last)
     per_block = torch.zeros(blocks, dtype=torch.int64, device=device)
-    per_block.scatter_add_(0, torch.where(valid, ranked, 0) // BLOCK, kept_band.to(torch.int64))
+    per_block.scatter_add_(0, torch.where(valid, pos, 0) // BLOCK, kept_band.to(torch.int64))
     kept = counts[:, 0].to(torch.int64) + torch.where(in_band, per_block, counts[:, 1])
     offsets = torch.cumsum(kept, 0) - kept
     cuts = torch.stack((bounds[0], cut, in_band.to(torch.float32)))
     out = torch.empty(keep_count, dtype=torch.int64, device=device)
-    kernels["write"][(blocks,)](
-        flat, cuts, last.reshape(1), offsets, out, keep_count, n, BLOCK=BLOCK
-    )
+    kernels.write[(blocks,)](flat, cuts, last.reshape(1), offsets, out, keep_count, n, BLOCK=BLOCK)
     ok = (
         (n_band <= cap)
         & (n_below <= prune)
