@@ -60,6 +60,8 @@ EQUALITY_SPECS = (
     "quant=4:nf4",
     "quant=4:nf4:block64:bf16",
     "quant=4:symmetric:block32",
+    "quant=4:block64",
+    "quant=8:block64",
     "quant=8:block64:dq",
     "prune=l1:0.9,quant=4:nf4",
     "topk=0.01,quant=8",

@@ -316,8 +316,9 @@ def quantize_packed(
             # Whole runs that end on a byte: range, parameters, codes and packing of
             # each run in one kernel (one read of the values when compiled).
             mids = _nf4_midpoints(device)
+            divisor = _divisor(q.scheme, q.bits, device)
             scale, zp, checks, packed = _qpack_runs(
-                x.view(-1, width), mids, q.scheme.value, q.bits, fmt.value
+                x.view(-1, width), mids, divisor, q.scheme.value, q.bits, fmt.value
             )
             qp = QuantParams(q.bits, q.scheme, scale, zp, scale_format=fmt)
             return FusedCodes(qp, packed, x.numel(), checks)
@@ -330,6 +331,7 @@ def quantize_packed(
 
 
 _midpoints: dict[torch.device, Tensor] = {}
+_divisors: dict[tuple[torch.device, float], Tensor] = {}
 
 
 def _nf4_midpoints(device: torch.device) -> Tensor:
@@ -341,9 +343,33 @@ def _nf4_midpoints(device: torch.device) -> Tensor:
     return mids
 
 
+def _divisor(scheme: QuantScheme, bits: int, device: torch.device) -> Tensor:
+    """The float32 scalar on ``device`` that the scheme's range is divided by
+    (:func:`_scale_divisor`), made once per device and value: a compiled kernel takes
+    it as an input, not a constant, since inductor turns a division by a constant into
+    a multiplication by its reciprocal, whose rounding differs from eager's in the last
+    bit (the fifth H200 run: 2,266 of 4,008 per-channel int8 scales)."""
+    value = _scale_divisor(scheme.value, bits)
+    key = (device, value)
+    got = _divisors.get(key)
+    if got is None:
+        got = _divisors[key] = torch.full((), value, dtype=torch.float32, device=device)
+    return got
+
+
+def _scale_divisor(scheme_code: int, bits: int) -> float:
+    """What the range is divided by for the scale: ``2^bits − 1`` affine, ``2^(bits−1) − 1``
+    symmetric, 1 (unused) for NF4."""
+    if scheme_code == QuantScheme.AFFINE.value:
+        return float((1 << bits) - 1)
+    if scheme_code == QuantScheme.NF4.value:
+        return 1.0
+    return float(1 << (bits - 1)) - 1.0
+
+
 @exact_kernel
 def _qpack_runs(
-    rows: Tensor, mids: Tensor, scheme_code: int, bits: int, fmt_code: int
+    rows: Tensor, mids: Tensor, divisor: Tensor, scheme_code: int, bits: int, fmt_code: int
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Each row (a run: a block or a channel, ``width · bits`` a multiple of 8) of
     ``rows`` quantized and packed with its own fp32, fp16 or bf16 parameters: scales,
@@ -354,7 +380,7 @@ def _qpack_runs(
     lo, hi = torch.aminmax(rows, dim=1)
     lo, hi = lo.to(torch.float32), hi.to(torch.float32)
     ok = (lo.amin() >= -MAX_MAGNITUDE) & (hi.amax() <= MAX_MAGNITUDE)
-    scale, zp, fits, _ = _param_values(lo, hi, scheme_code, bits, fmt_code)
+    scale, zp, fits, _ = _param_values(lo, hi, scheme_code, bits, fmt_code, divisor)
     if scheme_code == QuantScheme.NF4.value:
         codes = _nf4_codes(rows, scale.unsqueeze(1), mids)
     else:
@@ -389,42 +415,37 @@ def _run_range(x: Tensor, length: int) -> tuple[Tensor, Tensor]:
     return lo.to(torch.float32), hi.to(torch.float32)
 
 
-def _const(value: float, like: Tensor) -> Tensor:
-    """A float32 scalar *on the device*: arithmetic with it is the reference's (a host
-    scalar divides as a multiplication by its reciprocal on CUDA)."""
-    return torch.full((), value, dtype=torch.float32, device=like.device)
-
-
 def _params(
     lo: Tensor, hi: Tensor, scheme: QuantScheme, bits: int, fmt: ScaleFormat
 ) -> tuple[QuantParams, Tensor]:
     """``choose_qparams``' arithmetic on device ranges; and whether the scales fit."""
-    scale, zp, fits, dq = _param_values(lo, hi, scheme.value, bits, fmt.value)
+    divisor = _divisor(scheme, bits, lo.device)
+    scale, zp, fits, dq = _param_values(lo, hi, scheme.value, bits, fmt.value, divisor)
     return QuantParams(bits, scheme, scale, zp, scale_format=fmt, double_quant=dq), fits
 
 
 def _param_values(
-    lo: Tensor, hi: Tensor, scheme_code: int, bits: int, fmt_code: int
+    lo: Tensor, hi: Tensor, scheme_code: int, bits: int, fmt_code: int, divisor: Tensor
 ) -> tuple[Tensor, Tensor, Tensor, DoubleQuant | None]:
     """:func:`_params` as tensors (the scheme and format as their int codes, so that it
     runs inside a compiled kernel for fp32, fp16 and bf16 scales): scales, zero points,
-    whether the scales fit, and the double quantization (DQ8 scales: a host search)."""
+    whether the scales fit, and the double quantization (DQ8 scales: a host search).
+    ``divisor`` is :func:`_divisor`'s scalar on the values' device: a tensor, so that
+    the division rounds as the reference's does, eager (a host scalar divides as a
+    multiplication by its reciprocal on CUDA) and compiled (so does a constant)."""
     scheme, fmt = QuantScheme(scheme_code), ScaleFormat(fmt_code)
-    mid = float(1 << (bits - 1))
-    qmax = float((1 << bits) - 1)
     if scheme is QuantScheme.AFFINE:
         lo = torch.clamp(lo, max=0.0)
         hi = torch.clamp(hi, min=0.0)
-        q = _const(qmax, lo)
         # Divide before subtracting: hi − lo overflows near float32's maximum.
-        scale, dq, fits = _stored(hi / q - lo / q, fmt)
-        return scale, torch.round(-lo / scale).clamp_(0.0, qmax), fits, dq
+        scale, dq, fits = _stored(hi / divisor - lo / divisor, fmt)
+        return scale, torch.round(-lo / scale).clamp_(0.0, float((1 << bits) - 1)), fits, dq
     if scheme is QuantScheme.NF4:
         scale, dq, fits = _stored(torch.maximum(-lo, hi), fmt)
         return scale, torch.zeros_like(scale), fits, dq
     amax = torch.maximum(-lo, hi)
-    scale, dq, fits = _stored(amax / _const(mid - 1.0, amax), fmt)
-    return scale, torch.full_like(scale, mid), fits, dq
+    scale, dq, fits = _stored(amax / divisor, fmt)
+    return scale, torch.full_like(scale, float(1 << (bits - 1))), fits, dq
 
 
 def _stored(raw: Tensor, fmt: ScaleFormat) -> tuple[Tensor, DoubleQuant | None, Tensor]:

@@ -21,6 +21,7 @@ setting: its bytes must equal the CPU reference's.
 
 from __future__ import annotations
 
+import linecache
 import logging
 import math
 import os
@@ -145,6 +146,12 @@ def _bound(fn: Callable[..., Any], constants: dict[int, Any], arity: int) -> Cal
     eager); and forms sharing one code object share dynamo's recompile limit (8: the
     ninth ran eager) and its memory of which values changed. A literal is a constant to
     every version, and each form has its own code object (and name, and file name).
+
+    The source is also put in :mod:`linecache` under the form's file name: a function
+    without a source file is one dynamo 2.11 wraps in its shared ``inner`` frame before
+    compiling, which put every form back under one code object (the third H200 run hit
+    the recompile limit again, on the ninth form). With its source known it is compiled
+    as itself, and tracebacks through it show its line.
     """
     params: list[str] = []
     call_args: list[str] = []
@@ -160,7 +167,9 @@ def _bound(fn: Callable[..., Any], constants: dict[int, Any], arity: int) -> Cal
     label = "".join(c if c.isalnum() else "_" for c in label)
     source = f"def {label}({', '.join(params)}):\n    return fn({', '.join(call_args)})\n"
     namespace: dict[str, Any] = {"fn": fn}
-    exec(compile(source, f"<fedsqueeze kernel {label}>", "exec"), namespace)
+    filename = f"<fedsqueeze kernel {label}>"
+    linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
+    exec(compile(source, filename, "exec"), namespace)
     return cast(Callable[..., Any], namespace[label])
 
 
