@@ -25,8 +25,9 @@ operations on the same values, so the results are bit-identical; the tests compa
 from __future__ import annotations
 
 import bisect
+import threading
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from functools import partial
 from typing import cast
@@ -61,6 +62,10 @@ TORCH_KERNELS = False
 #: Whether literal-only frames are decoded in pieces on every core (off: one stream, as
 #: in the previous version; for the benchmark's side-by-side rows only, same values).
 PIECES = True
+#: Whether every thread writes a share of a pieced decode's output from the start, as
+#: before (off: one writer, helpers decode; :func:`_in_pieces`; for the benchmark's
+#: side-by-side rows only, same values).
+ALL_WRITE = False
 _tables: dict[tuple[int, bool], Tensor] = {}
 #: float32 ``[16]``: the NF4 entries, as :func:`_table` gathers them.
 _NF4_ENTRIES: npt.NDArray[np.float32] = NF4_CODEBOOK.to(torch.float32).numpy()
@@ -173,11 +178,106 @@ def _in_pieces(
     per_byte: int,
     chunk: Callable[[int, int], None],
 ) -> None:
-    """A literal-only frame decoded on every core: each worker decodes a segment of it
-    into ``raw`` and dequantizes the chunks whose bytes it holds, while they are in its
-    cache; chunks across two segments (none when the encoder's chunks and the
-    decoder's agree) are dequantized once every segment is in."""
+    """A literal-only frame decoded in pieces, by one writer and helpers.
+
+    The *writer* (the calling thread) takes the segments in order and dequantizes the
+    chunks whose bytes each holds, while they are in cache. The *helpers* (the other
+    workers) decode segments (zstd's Huffman stage) into ``raw``, each taking the first
+    one nobody has taken. The writer decodes a segment itself when nobody has taken it
+    yet, and one further on while a helper holds the one it needs. A helper that finds
+    nothing left to decode writes too, from the last segment backwards, until it meets
+    the writer. So the work balances on its own: while there is Huffman work, one
+    thread writes fresh output pages; when there is little (4-bit codes), every thread
+    writes most of the time.
+
+    That is the point: on these 2-core VMs two threads writing a fresh 100 MB output
+    took 35-44 ms of CPU where one took 17 (the first touch of each page is most of the
+    cost, and two threads faulting pages at once slow each other), so the other core is
+    better spent on Huffman (BENCHMARKS.md, "One writer"). With :data:`ALL_WRITE` every
+    thread writes a contiguous share from the start, as before (the benchmark's rows).
+
+    Chunks across two segments (none when the encoder's chunks and the decoder's agree)
+    are dequantized once every segment is in.
+    """
     segments = pieces.segments
+    mine, across = _by_segment(segments, bounds, per_byte)
+    view = raw.numpy().data
+    workers = torch.get_num_threads()
+    claims = _Claims(_groups(len(segments), workers if ALL_WRITE else 1))
+    errors: list[BaseException | None] = [None] * len(segments)
+
+    def decode(k: int) -> None:
+        seg = segments[k]
+        into = view[seg.out_start : seg.out_stop]
+        try:
+            literal_frames.decode_piece(body, pieces.header, seg, into)
+        except BaseException as exc:  # whoever writes segment k raises it
+            errors[k] = exc
+        finally:
+            claims.finish(k)
+
+    def write(k: int, group: int) -> None:
+        if claims.take(k):
+            decode(k)
+        while not claims.done(k):  # someone decodes it: decode one further on meanwhile
+            ahead = claims.next(group)
+            if ahead is None:
+                claims.wait(k)
+                break
+            decode(ahead)
+        error = errors[k] or claims.cancelled
+        if error is not None:
+            raise error
+        for start, stop in mine[k]:
+            chunk(start, stop)
+
+    def writer(group: int) -> None:
+        while (k := claims.front(group)) is not None:
+            write(k, group)
+
+    def helper() -> None:
+        while (k := claims.next()) is not None:
+            decode(k)
+        while (got := claims.back()) is not None:
+            write(*got)
+
+    def guarded(run: Callable[[], None]) -> None:
+        try:
+            run()
+        except BaseException:
+            claims.cancel()  # nobody starts a segment more, and nobody waits
+            raise
+
+    groups = claims.groups
+    others = [submit(partial(guarded, partial(writer, g))) for g in range(1, groups)]
+    others += [submit(partial(guarded, helper)) for _ in range(max(0, workers - groups))]
+    stopped: _Cancelled | None = None
+    try:
+        guarded(partial(writer, 0))
+    except _Cancelled as exc:  # another thread failed: its error is raised below
+        stopped = exc
+    finally:
+        failures = [f.exception() for f in others]  # waits for every one
+    for failure in failures:
+        if failure is not None and not isinstance(failure, _Cancelled):
+            raise failure
+    if stopped is not None:
+        raise stopped
+    run_chunks(chunk, across)
+
+
+def _groups(count: int, parts: int) -> list[tuple[int, int]]:
+    """``range(count)`` cut into ``parts`` contiguous groups as even as may be (fewer
+    when there are fewer items; one, empty, when there are none)."""
+    parts = max(1, min(parts, count))
+    cuts = [count * i // parts for i in range(parts + 1)]
+    return [(cuts[i], cuts[i + 1]) for i in range(parts)]
+
+
+def _by_segment(
+    segments: Sequence[literal_frames.Segment], bounds: list[tuple[int, int]], per_byte: int
+) -> tuple[list[list[tuple[int, int]]], list[tuple[int, int]]]:
+    """The chunks of ``bounds`` within each segment's bytes, and those across two."""
     starts = [seg.out_start for seg in segments]
     mine: list[list[tuple[int, int]]] = [[] for _ in segments]
     across: list[tuple[int, int]] = []
@@ -185,16 +285,109 @@ def _in_pieces(
         first, last = start // per_byte, -(-stop // per_byte)
         k = bisect.bisect_right(starts, first) - 1
         (mine[k] if last <= segments[k].out_stop else across).append((start, stop))
-    view = raw.numpy().data
+    return mine, across
 
-    def segment(k: int, _: int) -> None:
-        seg = segments[k]
-        literal_frames.decode_piece(body, pieces.header, seg, view[seg.out_start : seg.out_stop])
-        for start, stop in mine[k]:
-            chunk(start, stop)
 
-    run_chunks(segment, [(k, k + 1) for k in range(len(segments))])
-    run_chunks(chunk, across)
+class _Claims:
+    """Who decodes and who writes which segment, each once.
+
+    The segments are in contiguous groups, each with a writer that writes them from
+    the front (:meth:`front`) while helpers write from the back (:meth:`back`) once
+    nothing is left to decode. Decoding: a helper takes the first segment not taken of
+    the next group in turn (:meth:`next`), a writer the one it needs (:meth:`take`) or,
+    while it waits for it (:meth:`wait`), the first not taken of its group
+    (``next(group)``).
+    """
+
+    def __init__(self, groups: list[tuple[int, int]]) -> None:
+        self._lock = threading.Lock()
+        self._groups = groups
+        count = groups[-1][1]
+        self._taken = [False] * count
+        self._done = [threading.Event() for _ in range(count)]
+        self._first = [lo for lo, _ in groups]  # per group: none before it is free
+        self._front = [lo for lo, _ in groups]  # per group: [front, back) not written
+        self._back = [hi for _, hi in groups]
+        self._turn = 0
+        self._cancelled: _Cancelled | None = None
+
+    @property
+    def groups(self) -> int:
+        return len(self._groups)
+
+    def next(self, group: int | None = None) -> int | None:
+        with self._lock:
+            n = len(self._groups)
+            order = [group] if group is not None else [(self._turn + i) % n for i in range(n)]
+            for g in order:
+                stop = self._groups[g][1]
+                k = self._first[g]
+                while k < stop and self._taken[k]:
+                    k += 1
+                self._first[g] = k
+                if k < stop:
+                    self._taken[k] = True
+                    if group is None:
+                        self._turn = (g + 1) % n
+                    return k
+            return None
+
+    def take(self, k: int) -> bool:
+        with self._lock:
+            if self._taken[k]:
+                return False
+            self._taken[k] = True
+            return True
+
+    def front(self, group: int) -> int | None:
+        """The next segment ``group``'s writer writes, if any is left."""
+        with self._lock:
+            k = self._front[group]
+            if self._cancelled is not None or k >= self._back[group]:
+                return None
+            self._front[group] = k + 1
+            return k
+
+    def back(self) -> tuple[int, int] | None:
+        """The last segment left to write of the group with most left, and its group."""
+        with self._lock:
+            if self._cancelled is not None:
+                return None
+            left = [hi - lo for lo, hi in zip(self._front, self._back, strict=True)]
+            g = max(range(len(left)), key=left.__getitem__)
+            if left[g] <= 0:
+                return None
+            self._back[g] -= 1
+            return self._back[g], g
+
+    def finish(self, k: int) -> None:
+        self._done[k].set()
+
+    def done(self, k: int) -> bool:
+        return self._done[k].is_set()
+
+    def wait(self, k: int) -> None:
+        self._done[k].wait()
+
+    @property
+    def cancelled(self) -> _Cancelled | None:
+        """Set once a thread of the decode failed: what the others raise to stop."""
+        return self._cancelled
+
+    def cancel(self) -> None:
+        """After a failure: nothing is taken or written any more, and a thread waiting
+        for a segment nobody decodes wakes (and stops: :attr:`cancelled`)."""
+        with self._lock:
+            self._cancelled = _Cancelled("another thread of the decode failed")
+            for k, taken in enumerate(self._taken):
+                if not taken:
+                    self._taken[k] = True
+                    self._done[k].set()
+
+
+class _Cancelled(Exception):
+    """A thread stopped because another thread of the decode failed (that one's error
+    is the one raised)."""
 
 
 def _padding(raw: Tensor, count: int, bits: int) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import threading
+import time
 from collections.abc import Iterator
 
 import numpy as np
@@ -241,9 +242,9 @@ def test_block_sizes_beyond_the_limit_are_not_planned() -> None:
 
 
 @contextlib.contextmanager
-def two_threads() -> Iterator[None]:
+def two_threads(count: int = 2) -> Iterator[None]:
     threads = torch.get_num_threads()
-    torch.set_num_threads(2)
+    torch.set_num_threads(count)
     try:
         yield
     finally:
@@ -282,6 +283,90 @@ def test_dense_round_trip_through_pieces(
         with two_threads():
             got = dense_decode.decode_dense(coded.body, coded.raw_length, n, qp, runs)  # type: ignore[arg-type]
         assert torch.equal(got.view(torch.int32), expected.view(torch.int32))
+    # One writer and helpers on 1, 3 and 5 threads; every thread a writer, as before.
+    monkeypatch.setattr(dense_decode, "_CHUNK", 16_384)
+    for threads, all_write in ((1, False), (3, False), (5, False), (2, True), (5, True)):
+        monkeypatch.setattr(dense_decode, "ALL_WRITE", all_write)
+        with two_threads(threads):
+            got = dense_decode.decode_dense(coded.body, coded.raw_length, n, qp, runs)  # type: ignore[arg-type]
+        assert torch.equal(got.view(torch.int32), expected.view(torch.int32))
+
+
+def _pieced_int8(monkeypatch: pytest.MonkeyPatch) -> tuple[bytes, int, literal_frames.Plan]:
+    """An int8 body of 200,003 codes in literal pieces of 16,384 (13 segments)."""
+    x, qp = _dense(200_003, 8, 3)
+    monkeypatch.setattr(dense_encode, "_CHUNK", 16_384)
+    with two_threads():
+        coded = dense_encode.encode_dense(x, qp, None, 3)  # type: ignore[arg-type]
+    assert coded.raw_length is not None
+    plan = literal_frames.plan(coded.body, coded.raw_length, 1)
+    assert plan is not None and len(plan.segments) == 13
+    return bytes(coded.body), coded.raw_length, plan
+
+
+_WRITERS = [(1, False), (2, False), (3, False), (5, False), (2, True), (5, True)]
+
+
+@pytest.mark.parametrize(("threads", "all_write"), _WRITERS)
+def test_each_piece_is_decoded_once_and_each_chunk_written_once(
+    threads: int, all_write: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Whatever order the threads run in (random delays in each decode), each segment
+    is decoded by one thread and each chunk written by one; with one writer (the
+    default) the calling thread writes the first chunk and helpers only the last ones."""
+    body, size, plan = _pieced_int8(monkeypatch)
+    rng = np.random.default_rng(threads)
+    delays = rng.random(len(plan.segments)) * 0.003
+    decoded: dict[int, int] = {}
+    real = literal_frames.decode_piece
+
+    def slow(body: bytes, header: bytes, seg: literal_frames.Segment, out: memoryview) -> None:
+        k = plan.segments.index(seg)
+        decoded[k] = decoded.get(k, 0) + 1
+        time.sleep(float(delays[k]))
+        real(body, header, seg, out)
+
+    monkeypatch.setattr(literal_frames, "decode_piece", slow)
+    monkeypatch.setattr(dense_decode, "ALL_WRITE", all_write)
+    written: dict[tuple[int, int], list[int]] = {}
+
+    def chunk(start: int, stop: int) -> None:
+        written.setdefault((start, stop), []).append(threading.get_ident())
+
+    bounds = [(s.out_start, s.out_stop) for s in plan.segments]  # the encoder's chunks
+    raw = torch.empty(size, dtype=torch.uint8)
+    with two_threads(threads):
+        dense_decode._in_pieces(body, plan, raw, bounds, 1, chunk)
+    assert decoded == dict.fromkeys(range(len(plan.segments)), 1)
+    assert sorted(written) == bounds and all(len(w) == 1 for w in written.values())
+    assert bytes(raw.numpy()) == entropy.decompress(body, size)
+    if not all_write:
+        assert written[bounds[0]] == [threading.get_ident()]
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(("threads", "all_write"), [(1, False), (2, False), (4, False), (4, True)])
+@pytest.mark.parametrize("bad", [0, 6, 12])
+def test_a_failing_piece_stops_every_thread_with_its_error(
+    threads: int, all_write: bool, bad: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One segment's decode raises: the decode raises that FormatError (not another
+    thread's stop), promptly, whichever thread held it; nothing hangs."""
+    body, size, plan = _pieced_int8(monkeypatch)
+    real = literal_frames.decode_piece
+
+    def failing(body: bytes, header: bytes, seg: literal_frames.Segment, out: memoryview) -> None:
+        if plan.segments.index(seg) == bad:
+            raise FormatError(f"segment {bad} is corrupt")
+        time.sleep(0.001)
+        real(body, header, seg, out)
+
+    monkeypatch.setattr(literal_frames, "decode_piece", failing)
+    monkeypatch.setattr(dense_decode, "ALL_WRITE", all_write)
+    bounds = [(s.out_start, s.out_stop) for s in plan.segments]
+    raw = torch.empty(size, dtype=torch.uint8)
+    with two_threads(threads), pytest.raises(FormatError, match=f"segment {bad} is corrupt"):
+        dense_decode._in_pieces(body, plan, raw, bounds, 1, lambda start, stop: None)
 
 
 def test_hostile_bytes_in_pieces_decode_as_one_stream_would(
