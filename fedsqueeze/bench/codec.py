@@ -21,7 +21,9 @@ Four parts, printed as tables (and written as JSON with --json):
             every core, marked "(one stream)", and with the paths before the
             pipelines, marked "(before)"; then block-wise, pruning and top-k encodes
             timed interleaved with the paths before the two-pass selection, the chunked
-            position coder and the fused block parameters ("previous")
+            position coder and the fused block parameters ("previous"), and the decodes
+            of int8, per-channel int8 and block-wise 4-bit timed interleaved with one
+            writer of the output ("now") and every thread writing ("previous")
             (--tensor-only runs just this part)
 
 Throughput is MB (10^6 bytes) of fp32 input per second, the median of --runs runs. On the
@@ -55,7 +57,7 @@ from rich.console import Console
 from rich.table import Table
 
 from fedsqueeze.bench.codec_phases import phase_table
-from fedsqueeze.bench.codec_side import side_by_side
+from fedsqueeze.bench.codec_side import decode_writers, side_by_side
 from fedsqueeze.bench.flags import add_codec_arguments as add_arguments
 from fedsqueeze.codec import (
     PRESETS,
@@ -489,6 +491,8 @@ def _tensor(options: CodecBenchOptions, out: Console) -> Json:
             )
     with out.status("timing encodes side by side with the previous paths…"):
         side = side_by_side(x, max(runs, 9), out)
+    with out.status("timing decodes side by side with the previous schedule…"):
+        writers = decode_writers(x, max(runs, 9), out)
     with out.status("timing the stages of the dense specs…"):
         phases = [phase_table(n, parse_spec(n), x, runs, out) for n in PHASE_SPECS]
     return {
@@ -499,6 +503,7 @@ def _tensor(options: CodecBenchOptions, out: Console) -> Json:
         "targets": verdicts,
         "phases": phases,
         "side_by_side": side,
+        "decode_writers": writers,
     }
 
 

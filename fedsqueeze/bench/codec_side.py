@@ -1,4 +1,5 @@
-"""The big tensor's encode timed side by side with the previous paths, interleaved.
+"""The big tensor's encode (and decode) timed side by side with the previous paths,
+interleaved.
 
 Issue 14's "faster codec" work changes how some specs encode without changing their
 bytes: magnitude selection in two passes that write only the kept values
@@ -10,6 +11,11 @@ two alternating (which goes first alternates too), each call right after a
 ``clone()`` of the tensor: on a machine shared with other work, both sides then see
 the same load. Reported: medians of the per-call ``clone() time / encode time`` in wall
 and CPU time (all threads), and the median wall and CPU milliseconds.
+
+The decode of the dense specs whose bodies are literal pieces is timed the same way
+against the previous schedule (:func:`decode_writers`): one writer with helpers that
+decode pieces, against every thread decoding and writing a share
+(``dense_decode.ALL_WRITE``).
 """
 
 from __future__ import annotations
@@ -25,15 +31,36 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from fedsqueeze.codec import CodecSpec, dense_encode, encode_state, positions, pruning
+from fedsqueeze.codec import (
+    CodecSpec,
+    EncodedModel,
+    decode_state,
+    dense_decode,
+    dense_encode,
+    encode_state,
+    positions,
+    pruning,
+)
 from fedsqueeze.codec.spec_text import parse_spec
 
-__all__ = ["SIDE_SPECS", "fused_scales", "previous_paths", "side_by_side"]
+__all__ = [
+    "DECODE_SPECS",
+    "SIDE_SPECS",
+    "all_write",
+    "decode_writers",
+    "fused_scales",
+    "previous_paths",
+    "side_by_side",
+]
 
 #: Specs whose encode is timed against the previous paths: pruning and top-k with the
 #: defaults against :func:`previous_paths`; block-wise specs with the fused block
 #: parameters switched on (``dense_encode.FUSED_SCALES``, off by default) against off.
 SIDE_SPECS = ("prune90-int4", "topk10-int4", "quant=4:block64", "quant=4:nf4:block64")
+#: Specs whose decode (literal pieces) is timed with one writer against every thread
+#: writing (:func:`decode_writers`).
+DECODE_SPECS = ("int8", "quant=8:channel", "quant=4:block64")
+_KEYS = ("vs_clone", "cpu_vs_clone", "wall_ms", "cpu_ms")
 
 Json = dict[str, Any]
 
@@ -64,7 +91,7 @@ def previous_paths() -> Iterator[None]:
 def side_by_side(x: torch.Tensor, runs: int, out: Console) -> list[Json]:
     """Time every spec of :data:`SIDE_SPECS` on ``{"tensor.weight": x}``; print a table
     and return its rows (``spec``, then ``now`` and ``previous``, each with
-    ``enc_vs_clone``, ``cpu_vs_clone``, ``wall_ms``, ``cpu_ms``, and ``same_bytes``)."""
+    ``vs_clone``, ``cpu_vs_clone``, ``wall_ms``, ``cpu_ms``, and ``same_bytes``)."""
     state = {"tensor.weight": x}
     rows: list[Json] = []
     for name in SIDE_SPECS:
@@ -76,40 +103,92 @@ def side_by_side(x: torch.Tensor, runs: int, out: Console) -> list[Json]:
             now_bytes = encode()  # warm-up of both paths, not timed
         with previous_paths():
             before_bytes = encode()
-        timed: dict[str, list[tuple[float, float, float, float]]] = {"now": [], "previous": []}
-        for i in range(runs):
-            order = ("now", "previous") if i % 2 == 0 else ("previous", "now")
-            for which in order:
-                ctx = previous_paths() if which == "previous" else new_path()
-                with ctx:
-                    timed[which].append(_beside_clone(encode, x))
         row: Json = {"spec": name, "same_bytes": now_bytes == before_bytes}
-        for which, samples in timed.items():
-            row[which] = {
-                key: statistics.median(s[j] for s in samples)
-                for j, key in enumerate(("enc_vs_clone", "cpu_vs_clone", "wall_ms", "cpu_ms"))
-            }
+        row |= _interleaved(encode, x, runs, new_path, previous_paths)
         rows.append(row)
-    table = Table(title=f"encode side by side with the previous paths, interleaved ({runs} each)")
-    for col in ("spec", "enc/clone now", "previous", "CPU/clone now", "previous",
-                "wall ms now", "previous", "CPU ms now", "previous", "same bytes"):  # fmt: skip
+    _print(rows, f"encode side by side with the previous paths, interleaved ({runs} each)",
+           "enc/clone now", out)  # fmt: skip
+    return rows
+
+
+@contextlib.contextmanager
+def all_write() -> Iterator[None]:
+    """Every thread decodes pieces and writes a share of the output, as before."""
+    saved = dense_decode.ALL_WRITE
+    dense_decode.ALL_WRITE = True
+    try:
+        yield
+    finally:
+        dense_decode.ALL_WRITE = saved
+
+
+def decode_writers(x: torch.Tensor, runs: int, out: Console) -> list[Json]:
+    """Time the decode of every spec of :data:`DECODE_SPECS` with one writer ("now")
+    and with every thread writing (:func:`all_write`, "previous"), interleaved as
+    :func:`side_by_side` does; print a table and return its rows (``same_values``:
+    both decodes equal, bit for bit)."""
+    rows: list[Json] = []
+    for name in DECODE_SPECS:
+        blob = encode_state({"tensor.weight": x}, parse_spec(name)).to_bytes()
+        decode = partial(_decode, blob)
+        now = decode()["tensor.weight"]  # warm-up of both schedules, not timed
+        with all_write():
+            before = decode()["tensor.weight"]
+        same = torch.equal(now.view(torch.int32), before.view(torch.int32))
+        del now, before
+        row: Json = {"spec": name, "same_values": same}
+        row |= _interleaved(decode, x, runs, contextlib.nullcontext, all_write)
+        rows.append(row)
+    _print(rows, f"decode: one writer against every thread writing, interleaved ({runs} each)",
+           "dec/clone now", out)  # fmt: skip
+    return rows
+
+
+def _interleaved(
+    fn: Callable[[], object],
+    x: torch.Tensor,
+    runs: int,
+    now: Callable[[], contextlib.AbstractContextManager[None]],
+    previous: Callable[[], contextlib.AbstractContextManager[None]],
+) -> Json:
+    """``fn`` timed ``runs`` times under ``now()`` and under ``previous()``, alternating
+    (which goes first alternates too): the medians of :func:`_beside_clone`'s figures."""
+    timed: dict[str, list[tuple[float, float, float, float]]] = {"now": [], "previous": []}
+    for i in range(runs):
+        for which in ("now", "previous") if i % 2 == 0 else ("previous", "now"):
+            with (now if which == "now" else previous)():
+                timed[which].append(_beside_clone(fn, x))
+    return {
+        which: {key: statistics.median(s[j] for s in samples) for j, key in enumerate(_KEYS)}
+        for which, samples in timed.items()
+    }
+
+
+def _print(rows: list[Json], title: str, first: str, out: Console) -> None:
+    same = "same bytes" if "same_bytes" in rows[0] else "same values"
+    table = Table(title=title)
+    for col in ("spec", first, "previous", "CPU/clone now", "previous",
+                "wall ms now", "previous", "CPU ms now", "previous", same):  # fmt: skip
         table.add_column(col, justify="left" if col == "spec" else "right")
     for row in rows:
         now, prev = row["now"], row["previous"]
         table.add_row(
             str(row["spec"]),
-            *(f"{d['enc_vs_clone']:.2f}" for d in (now, prev)),
+            *(f"{d['vs_clone']:.2f}" for d in (now, prev)),
             *(f"{d['cpu_vs_clone']:.2f}" for d in (now, prev)),
             *(f"{d['wall_ms']:.0f}" for d in (now, prev)),
             *(f"{d['cpu_ms']:.0f}" for d in (now, prev)),
-            "yes" if row["same_bytes"] else "no",
+            "yes" if row.get("same_bytes", row.get("same_values")) else "no",
         )
     out.print(table)
-    return rows
 
 
 def _encode(state: Mapping[str, torch.Tensor], spec: CodecSpec) -> bytes:
     return encode_state(state, spec).to_bytes()
+
+
+def _decode(blob: bytes) -> dict[str, torch.Tensor]:
+    return decode_state(EncodedModel.from_bytes(blob))
 
 
 def _beside_clone(fn: Callable[[], object], x: torch.Tensor) -> tuple[float, float, float, float]:

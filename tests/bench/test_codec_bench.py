@@ -196,8 +196,16 @@ def test_tensor_only_times_every_spec_and_reports_each_target(
     for r in side:
         assert r["same_bytes"] or r["spec"] == "topk10-int4"  # its rounding is stochastic
         for which in ("now", "previous"):
-            assert set(r[which]) == {"enc_vs_clone", "cpu_vs_clone", "wall_ms", "cpu_ms"}
+            assert set(r[which]) == {"vs_clone", "cpu_vs_clone", "wall_ms", "cpu_ms"}
     assert "side by side with the previous paths" in printed
+    writers = tensor["decode_writers"]
+    assert [r["spec"] for r in writers] == list(codec_side.DECODE_SPECS)
+    for r in writers:
+        assert r["same_values"]
+        for which in ("now", "previous"):
+            assert set(r[which]) == {"vs_clone", "cpu_vs_clone", "wall_ms", "cpu_ms"}
+            assert r[which]["wall_ms"] > 0
+    assert "one writer against every thread writing" in printed
 
 
 def test_only_one_section_flag_at_a_time() -> None:
