@@ -249,15 +249,22 @@ def _in_pieces(
             raise
 
     groups = claims.groups
-    others = [submit(partial(guarded, partial(writer, g))) for g in range(1, groups)]
-    others += [submit(partial(guarded, helper)) for _ in range(max(0, workers - groups))]
+    writers = [submit(partial(guarded, partial(writer, g))) for g in range(1, groups)]
+    helpers = [submit(partial(guarded, helper)) for _ in range(max(0, workers - groups))]
     stopped: _Cancelled | None = None
     try:
         guarded(partial(writer, 0))
+        # A task the pool has not started yet (its threads busy elsewhere) is not waited
+        # for: a helper's work is done by now, a writer's group is written here.
+        for g, task in enumerate(writers, start=1):
+            if task.cancel():
+                guarded(partial(writer, g))
     except _Cancelled as exc:  # another thread failed: its error is raised below
         stopped = exc
     finally:
-        failures = [f.exception() for f in others]  # waits for every one
+        for task in writers + helpers:
+            task.cancel()  # after a failure: what has not started never will
+        failures = [f.exception() for f in writers + helpers if not f.cancelled()]
     for failure in failures:
         if failure is not None and not isinstance(failure, _Cancelled):
             raise failure

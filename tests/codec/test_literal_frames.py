@@ -18,7 +18,7 @@ import pytest
 import torch
 import zstandard
 
-from fedsqueeze.codec import dense_decode, dense_encode, entropy, literal_frames
+from fedsqueeze.codec import chunks, dense_decode, dense_encode, entropy, literal_frames
 from fedsqueeze.codec.dense_encode import Coder, choose_coder
 from fedsqueeze.codec.quantization import Runs, choose_qparams, dequantize, quantize
 from fedsqueeze.codec.spec import Granularity, QuantScheme, Rounding
@@ -342,6 +342,29 @@ def test_each_piece_is_decoded_once_and_each_chunk_written_once(
     assert bytes(raw.numpy()) == entropy.decompress(body, size)
     if not all_write:
         assert written[bounds[0]] == [threading.get_ident()]
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("all_write", [False, True])
+def test_a_busy_pool_does_not_hold_the_decode_up(
+    all_write: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every worker thread busy elsewhere: the calling thread decodes and writes every
+    segment itself (a helper or writer task the pool never started is not waited for)."""
+    body, size, plan = _pieced_int8(monkeypatch)
+    monkeypatch.setattr(dense_decode, "ALL_WRITE", all_write)
+    release = threading.Event()
+    with two_threads(2):
+        pool = chunks._pool(2)
+        blockers = [pool.submit(release.wait, 30) for _ in range(2)]
+        try:
+            raw = torch.empty(size, dtype=torch.uint8)
+            bounds = [(s.out_start, s.out_stop) for s in plan.segments]
+            dense_decode._in_pieces(body, plan, raw, bounds, 1, lambda start, stop: None)
+            assert not any(b.done() for b in blockers)  # it finished while they held the pool
+        finally:
+            release.set()
+    assert bytes(raw.numpy()) == entropy.decompress(body, size)
 
 
 @pytest.mark.timeout(60)
