@@ -66,14 +66,19 @@ Json = dict[str, Any]
 
 
 @contextlib.contextmanager
-def fused_scales() -> Iterator[None]:
-    """Block-wise parameters chosen inside the quantization pass (opt-in)."""
-    saved = dense_encode.FUSED_SCALES
-    dense_encode.FUSED_SCALES = True
+def _switched(module: object, name: str, value: object) -> Iterator[None]:
+    """``module.name`` set to ``value`` for the block, then restored."""
+    saved = getattr(module, name)
+    setattr(module, name, value)
     try:
         yield
     finally:
-        dense_encode.FUSED_SCALES = saved
+        setattr(module, name, saved)
+
+
+def fused_scales() -> contextlib.AbstractContextManager[None]:
+    """Block-wise parameters chosen inside the quantization pass (opt-in)."""
+    return _switched(dense_encode, "FUSED_SCALES", True)
 
 
 @contextlib.contextmanager
@@ -111,15 +116,9 @@ def side_by_side(x: torch.Tensor, runs: int, out: Console) -> list[Json]:
     return rows
 
 
-@contextlib.contextmanager
-def all_write() -> Iterator[None]:
+def all_write() -> contextlib.AbstractContextManager[None]:
     """Every thread decodes pieces and writes a share of the output, as before."""
-    saved = dense_decode.ALL_WRITE
-    dense_decode.ALL_WRITE = True
-    try:
-        yield
-    finally:
-        dense_decode.ALL_WRITE = saved
+    return _switched(dense_decode, "ALL_WRITE", True)
 
 
 def decode_writers(x: torch.Tensor, runs: int, out: Console) -> list[Json]:
