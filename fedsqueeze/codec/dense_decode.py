@@ -10,8 +10,11 @@ dequantization instead of adding to it.
 
 A literal-only frame (what :mod:`fedsqueeze.codec.dense_encode` now writes for large
 bodies; :mod:`fedsqueeze.codec.literal_frames`) is decoded in pieces on every core
-instead: each worker decodes a piece of about one chunk's bytes and dequantizes that
-chunk while it is in cache, so neither zstd nor the dequantization waits on one core.
+instead, with one writer: the calling thread dequantizes the pieces in order, each
+while it is in cache, and the other workers decode pieces (zstd's Huffman stage) for
+it, then write from the last piece backwards once nothing is left to decode
+(:func:`_in_pieces`: two threads first-touching one fresh output cost twice the CPU of
+one).
 Any other frame (level 3 from earlier versions, a frame with matches) is decoded as one
 stream as above, with the same checks.
 
