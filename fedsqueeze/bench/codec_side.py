@@ -14,7 +14,7 @@ and CPU time (all threads), and the median wall and CPU milliseconds.
 
 The decode of the dense specs whose bodies are literal pieces is timed the same way
 against the previous schedule (:func:`decode_writers`): one writer with helpers that
-decode pieces, against every thread decoding and writing a share
+decode pieces, against every worker decoding pieces and writing their values
 (``dense_decode.ALL_WRITE``).
 """
 
@@ -117,7 +117,7 @@ def side_by_side(x: torch.Tensor, runs: int, out: Console) -> list[Json]:
 
 
 def all_write() -> contextlib.AbstractContextManager[None]:
-    """Every thread decodes pieces and writes a share of the output, as before."""
+    """The previous schedule: every worker decodes pieces and writes their values."""
     return _switched(dense_decode, "ALL_WRITE", True)
 
 

@@ -65,9 +65,9 @@ TORCH_KERNELS = False
 #: Whether literal-only frames are decoded in pieces on every core (off: one stream, as
 #: in the previous version; for the benchmark's side-by-side rows only, same values).
 PIECES = True
-#: Whether every thread writes a share of a pieced decode's output from the start, as
-#: before (off: one writer, helpers decode; :func:`_in_pieces`; for the benchmark's
-#: side-by-side rows only, same values).
+#: Whether every worker decodes pieces and writes their values, as before (off: one
+#: writer, helpers decode; :func:`_in_pieces`; for the benchmark's side-by-side rows
+#: only, same values).
 ALL_WRITE = False
 _tables: dict[tuple[int, bool], Tensor] = {}
 #: float32 ``[16]``: the NF4 entries, as :func:`_table` gathers them.
@@ -196,17 +196,19 @@ def _in_pieces(
     That is the point: on these 2-core VMs two threads writing a fresh 100 MB output
     took 35-44 ms of CPU where one took 17 (the first touch of each page is most of the
     cost, and two threads faulting pages at once slow each other), so the other core is
-    better spent on Huffman (BENCHMARKS.md, "One writer"). With :data:`ALL_WRITE` every
-    thread writes a contiguous share from the start, as before (the benchmark's rows).
+    better spent on Huffman (BENCHMARKS.md, "One writer"). With :data:`ALL_WRITE` the
+    previous schedule runs instead (:func:`_in_pieces_shared`: the benchmark's rows).
 
     Chunks across two segments (none when the encoder's chunks and the decoder's agree)
     are dequantized once every segment is in.
     """
+    if ALL_WRITE:
+        _in_pieces_shared(body, pieces, raw, bounds, per_byte, chunk)
+        return
     segments = pieces.segments
     mine, across = _by_segment(segments, bounds, per_byte)
     view = raw.numpy().data
-    workers = torch.get_num_threads()
-    claims = _Claims(_groups(len(segments), workers if ALL_WRITE else 1))
+    claims = _Claims(len(segments))
     errors: list[BaseException | None] = [None] * len(segments)
 
     def decode(k: int) -> None:
@@ -219,11 +221,11 @@ def _in_pieces(
         finally:
             claims.finish(k)
 
-    def write(k: int, group: int) -> None:
+    def write(k: int) -> None:
         if claims.take(k):
             decode(k)
         while not claims.done(k):  # someone decodes it: decode one further on meanwhile
-            ahead = claims.next(group)
+            ahead = claims.next()
             if ahead is None:
                 claims.wait(k)
                 break
@@ -234,40 +236,32 @@ def _in_pieces(
         for start, stop in mine[k]:
             chunk(start, stop)
 
-    def writer(group: int) -> None:
-        while (k := claims.front(group)) is not None:
-            write(k, group)
-
     def helper() -> None:
-        while (k := claims.next()) is not None:
-            decode(k)
-        while (got := claims.back()) is not None:
-            write(*got)
-
-    def guarded(run: Callable[[], None]) -> None:
         try:
-            run()
+            while (k := claims.next()) is not None:
+                decode(k)
+            while (k := claims.back()) is not None:
+                write(k)
         except BaseException:
             claims.cancel()  # nobody starts a segment more, and nobody waits
             raise
 
-    groups = claims.groups
-    writers = [submit(partial(guarded, partial(writer, g))) for g in range(1, groups)]
-    helpers = [submit(partial(guarded, helper)) for _ in range(max(0, workers - groups))]
+    helpers = [submit(helper) for _ in range(torch.get_num_threads() - 1)]
     stopped: _Cancelled | None = None
     try:
-        guarded(partial(writer, 0))
-        # A task the pool has not started yet (its threads busy elsewhere) is not waited
-        # for: a helper's work is done by now, a writer's group is written here.
-        for g, task in enumerate(writers, start=1):
-            if task.cancel():
-                guarded(partial(writer, g))
-    except _Cancelled as exc:  # another thread failed: its error is raised below
+        while (k := claims.front()) is not None:
+            write(k)
+    except _Cancelled as exc:  # a helper failed: its error is raised below
         stopped = exc
+    except BaseException:
+        claims.cancel()
+        raise
     finally:
-        for task in writers + helpers:
-            task.cancel()  # after a failure: what has not started never will
-        failures = [f.exception() for f in writers + helpers if not f.cancelled()]
+        # A helper the pool has not started yet (its threads busy elsewhere) is not
+        # waited for: its work is done by now, or nobody's after a failure.
+        for task in helpers:
+            task.cancel()
+        failures = [f.exception() for f in helpers if not f.cancelled()]
     for failure in failures:
         if failure is not None and not isinstance(failure, _Cancelled):
             raise failure
@@ -276,12 +270,28 @@ def _in_pieces(
     run_chunks(chunk, across)
 
 
-def _groups(count: int, parts: int) -> list[tuple[int, int]]:
-    """``range(count)`` cut into ``parts`` contiguous groups as even as may be (fewer
-    when there are fewer items; one, empty, when there are none)."""
-    parts = max(1, min(parts, count))
-    cuts = [count * i // parts for i in range(parts + 1)]
-    return [(cuts[i], cuts[i + 1]) for i in range(parts)]
+def _in_pieces_shared(
+    body: bytes | memoryview,
+    pieces: literal_frames.Plan,
+    raw: Tensor,
+    bounds: list[tuple[int, int]],
+    per_byte: int,
+    chunk: Callable[[int, int], None],
+) -> None:
+    """:func:`_in_pieces` as before (:data:`ALL_WRITE`): each worker decodes a segment
+    into ``raw`` and dequantizes the chunks whose bytes it holds, every worker alike."""
+    segments = pieces.segments
+    mine, across = _by_segment(segments, bounds, per_byte)
+    view = raw.numpy().data
+
+    def segment(k: int, _: int) -> None:
+        seg = segments[k]
+        literal_frames.decode_piece(body, pieces.header, seg, view[seg.out_start : seg.out_stop])
+        for start, stop in mine[k]:
+            chunk(start, stop)
+
+    run_chunks(segment, [(k, k + 1) for k in range(len(segments))])
+    run_chunks(chunk, across)
 
 
 def _by_segment(
@@ -299,48 +309,32 @@ def _by_segment(
 
 
 class _Claims:
-    """Who decodes and who writes which segment, each once.
+    """Who decodes and who writes which of ``count`` segments, each once.
 
-    The segments are in contiguous groups, each with a writer that writes them from
-    the front (:meth:`front`) while helpers write from the back (:meth:`back`) once
-    nothing is left to decode. Decoding: a helper takes the first segment not taken of
-    the next group in turn (:meth:`next`), a writer the one it needs (:meth:`take`) or,
-    while it waits for it (:meth:`wait`), the first not taken of its group
-    (``next(group)``).
+    Writing: the writer from the front (:meth:`front`), helpers from the back
+    (:meth:`back`) once nothing is left to decode. Decoding: the first segment nobody
+    has taken (:meth:`next`), or the one the writer needs (:meth:`take`); a writer
+    waits for one another thread holds (:meth:`wait`).
     """
 
-    def __init__(self, groups: list[tuple[int, int]]) -> None:
+    def __init__(self, count: int) -> None:
         self._lock = threading.Lock()
-        self._groups = groups
-        count = groups[-1][1]
         self._taken = [False] * count
         self._done = [threading.Event() for _ in range(count)]
-        self._first = [lo for lo, _ in groups]  # per group: none before it is free
-        self._front = [lo for lo, _ in groups]  # per group: [front, back) not written
-        self._back = [hi for _, hi in groups]
-        self._turn = 0
+        self._first = 0  # no segment before it is free to decode
+        self._front, self._back = 0, count  # [front, back): not yet written
         self._cancelled: _Cancelled | None = None
 
-    @property
-    def groups(self) -> int:
-        return len(self._groups)
-
-    def next(self, group: int | None = None) -> int | None:
+    def next(self) -> int | None:
         with self._lock:
-            n = len(self._groups)
-            order = [group] if group is not None else [(self._turn + i) % n for i in range(n)]
-            for g in order:
-                stop = self._groups[g][1]
-                k = self._first[g]
-                while k < stop and self._taken[k]:
-                    k += 1
-                self._first[g] = k
-                if k < stop:
-                    self._taken[k] = True
-                    if group is None:
-                        self._turn = (g + 1) % n
-                    return k
-            return None
+            k = self._first
+            while k < len(self._taken) and self._taken[k]:
+                k += 1
+            self._first = k
+            if k == len(self._taken):
+                return None
+            self._taken[k] = True
+            return k
 
     def take(self, k: int) -> bool:
         with self._lock:
@@ -349,26 +343,21 @@ class _Claims:
             self._taken[k] = True
             return True
 
-    def front(self, group: int) -> int | None:
-        """The next segment ``group``'s writer writes, if any is left."""
+    def front(self) -> int | None:
+        """The next segment the writer writes, if any is left."""
         with self._lock:
-            k = self._front[group]
-            if self._cancelled is not None or k >= self._back[group]:
+            if self._cancelled is not None or self._front >= self._back:
                 return None
-            self._front[group] = k + 1
-            return k
+            self._front += 1
+            return self._front - 1
 
-    def back(self) -> tuple[int, int] | None:
-        """The last segment left to write of the group with most left, and its group."""
+    def back(self) -> int | None:
+        """The last segment left to write, if any."""
         with self._lock:
-            if self._cancelled is not None:
+            if self._cancelled is not None or self._front >= self._back:
                 return None
-            left = [hi - lo for lo, hi in zip(self._front, self._back, strict=True)]
-            g = max(range(len(left)), key=left.__getitem__)
-            if left[g] <= 0:
-                return None
-            self._back[g] -= 1
-            return self._back[g], g
+            self._back -= 1
+            return self._back
 
     def finish(self, k: int) -> None:
         self._done[k].set()

@@ -36,6 +36,7 @@ NF4 codes come from ``bucketize`` over the codebook midpoints (the reference's
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -330,41 +331,37 @@ def quantize_packed(
     return FusedCodes(qp, packed, x.numel(), torch.stack((ok, scale_ok)))
 
 
-_midpoints: dict[torch.device, Tensor] = {}
-_divisors: dict[tuple[torch.device, float], Tensor] = {}
+_constants: dict[tuple[torch.device, object], Tensor] = {}
 
 
-def _nf4_midpoints(device: torch.device) -> Tensor:
-    """float32 ``[15]``: the NF4 codebook's midpoints on ``device`` (copied there once;
-    :func:`~fedsqueeze.codec.kernels.nf4_midpoints`, the compiled CPU kernel's too)."""
-    mids = _midpoints.get(device)
-    if mids is None:
-        mids = _midpoints[device] = torch.from_numpy(nf4_midpoints(NF4_CODEBOOK)).to(device)
-    return mids
-
-
-def _divisor(scheme: QuantScheme, bits: int, device: torch.device) -> Tensor:
-    """The float32 scalar on ``device`` that the scheme's range is divided by
-    (:func:`_scale_divisor`), made once per device and value: a compiled kernel takes
-    it as an input, not a constant, since inductor turns a division by a constant into
-    a multiplication by its reciprocal, whose rounding differs from eager's in the last
-    bit (the fifth H200 run: 2,266 of 4,008 per-channel int8 scales)."""
-    value = _scale_divisor(scheme.value, bits)
-    key = (device, value)
-    got = _divisors.get(key)
+def _constant(device: torch.device, key: object, make: Callable[[], Tensor]) -> Tensor:
+    """``make()`` copied to ``device`` once (``key`` names it), then reused."""
+    got = _constants.get((device, key))
     if got is None:
-        got = _divisors[key] = torch.full((), value, dtype=torch.float32, device=device)
+        got = _constants[(device, key)] = make().to(device)
     return got
 
 
-def _scale_divisor(scheme_code: int, bits: int) -> float:
-    """What the range is divided by for the scale: ``2^bits − 1`` affine, ``2^(bits−1) − 1``
-    symmetric, 1 (unused) for NF4."""
-    if scheme_code == QuantScheme.AFFINE.value:
-        return float((1 << bits) - 1)
-    if scheme_code == QuantScheme.NF4.value:
-        return 1.0
-    return float(1 << (bits - 1)) - 1.0
+def _nf4_midpoints(device: torch.device) -> Tensor:
+    """float32 ``[15]``: the NF4 codebook's midpoints on ``device``
+    (:func:`~fedsqueeze.codec.kernels.nf4_midpoints`, the compiled CPU kernel's too)."""
+    return _constant(device, "nf4", lambda: torch.from_numpy(nf4_midpoints(NF4_CODEBOOK)))
+
+
+def _divisor(scheme: QuantScheme, bits: int, device: torch.device) -> Tensor:
+    """The float32 scalar on ``device`` that the scheme's range is divided by for the
+    scale: ``2^bits − 1`` affine, ``2^(bits−1) − 1`` symmetric, 1 (unused) for NF4. A
+    tensor, not a number: inductor turns a division by a constant into a multiplication
+    by its reciprocal, whose rounding differs from eager's in the last bit (the fifth
+    H200 run: 2,266 of 4,008 per-channel int8 scales), and eager CUDA does the same
+    with a host scalar."""
+    if scheme is QuantScheme.AFFINE:
+        value = float((1 << bits) - 1)
+    elif scheme is QuantScheme.NF4:
+        value = 1.0
+    else:
+        value = float(1 << (bits - 1)) - 1.0
+    return _constant(device, value, lambda: torch.tensor(value, dtype=torch.float32))
 
 
 @exact_kernel
@@ -430,9 +427,7 @@ def _param_values(
     """:func:`_params` as tensors (the scheme and format as their int codes, so that it
     runs inside a compiled kernel for fp32, fp16 and bf16 scales): scales, zero points,
     whether the scales fit, and the double quantization (DQ8 scales: a host search).
-    ``divisor`` is :func:`_divisor`'s scalar on the values' device: a tensor, so that
-    the division rounds as the reference's does, eager (a host scalar divides as a
-    multiplication by its reciprocal on CUDA) and compiled (so does a constant)."""
+    ``divisor`` is :func:`_divisor`'s scalar on the values' device."""
     scheme, fmt = QuantScheme(scheme_code), ScaleFormat(fmt_code)
     if scheme is QuantScheme.AFFINE:
         lo = torch.clamp(lo, max=0.0)

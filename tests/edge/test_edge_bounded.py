@@ -13,8 +13,7 @@ from __future__ import annotations
 
 import sys
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -34,6 +33,7 @@ from fedsqueeze.transport import (
 from fedsqueeze.transport.fetch import FetchState
 from fedsqueeze.transport.spool import SpoolPolicy
 from fedsqueeze.transport.updates import UpdateStore
+from tests.polling import until
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -107,14 +107,6 @@ def serve(tmp_path: Path, faults: FaultInjector) -> Iterator[tuple[InMemoryModel
 def _bounded(folder: Path) -> GrpcConnector:
     folder.mkdir(exist_ok=True)
     return GrpcConnector(spool=SpoolPolicy(threshold_bytes=MIB, directory=folder))
-
-
-def _until(condition: Callable[[], bool], within: float = 30.0) -> None:
-    """Wait for ``condition`` (polled), failing the test if it does not hold in time."""
-    deadline = time.monotonic() + within
-    while not condition():
-        assert time.monotonic() < deadline, "the condition did not hold in time"
-        time.sleep(0.01)
 
 
 def _files(folder: Path) -> list[Path]:
@@ -265,7 +257,7 @@ def test_a_fetch_that_fails_keeps_its_segments_for_the_next_one(tmp_path, faults
         # The server has sent four segments; stop it once the edge holds them (on a busy
         # machine gRPC may not have delivered them when the stream pauses).
         faults.paused.wait(30)
-        _until(lambda: bool(states) and len(states[0].held_ids()) >= 4)
+        until(lambda: bool(states) and len(states[0].held_ids()) >= 4, what="4 segments held")
         one.server.stop(grace=0)
 
     stopper = threading.Thread(target=stop_when_paused, daemon=True)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-import time
 from typing import Any
 
 import pytest
@@ -12,6 +11,7 @@ from fedsqueeze.codec import CodecSpec, state_digest
 from fedsqueeze.errors import IntegrityError, UnavailableError
 from fedsqueeze.transport import FaultInjector, FetchState, RetryPolicy, ServerConfig
 from fedsqueeze.transport.faults import StreamAction
+from tests.polling import until
 from tests.transport.conftest import make_state
 
 pytestmark = pytest.mark.timeout(60)
@@ -103,10 +103,7 @@ def test_server_restart_in_the_middle_of_a_fetch(source, store, start_server, co
     assert faults.paused.wait(10)
     # Stop once the client holds the three segments sent (on a busy machine gRPC may not
     # have delivered them when the stream pauses).
-    deadline = time.monotonic() + 30
-    while len(state.held_ids()) < 3:
-        assert time.monotonic() < deadline, "the client never held the segments sent"
-        time.sleep(0.01)
+    until(lambda: len(state.held_ids()) >= 3, what="the client holding the segments sent")
     first.stop(grace=0)  # the stream is cut; the cache goes with the process
     second = start_server(source, store, config=ServerConfig(port=port, segment_bytes=128 * 1024))
     thread.join(30)
