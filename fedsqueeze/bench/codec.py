@@ -23,8 +23,10 @@ Four parts, printed as tables (and written as JSON with --json):
             timed interleaved with the paths before the two-pass selection, the chunked
             position coder and the fused block parameters ("previous"), and the decodes
             of int8, per-channel int8 and block-wise 4-bit timed interleaved with one
-            writer of the output ("now") and every thread writing ("previous")
-            (--tensor-only runs just this part)
+            writer of the output ("now") and every thread writing ("previous");
+            last, the stages of int8, block-wise 4-bit and NF4 one by one, and those
+            of prune90-int4 and topk10-int4 beside clone() and a fresh write of the
+            tensor's size on one thread (--tensor-only runs just this part)
 
 Throughput is MB (10^6 bytes) of fp32 input per second, the median of --runs runs. On the
 big tensor, each encode and decode run follows a clone() of the tensor, and "enc/clone" and
@@ -56,7 +58,7 @@ import zstandard
 from rich.console import Console
 from rich.table import Table
 
-from fedsqueeze.bench.codec_phases import phase_table
+from fedsqueeze.bench.codec_phases import phase_table, sparse_phase_table
 from fedsqueeze.bench.codec_side import decode_writers, side_by_side
 from fedsqueeze.bench.flags import add_codec_arguments as add_arguments
 from fedsqueeze.codec import (
@@ -115,6 +117,8 @@ BEFORE = " (before)"
 ONE_STREAM = " (one stream)"
 #: Dense specs whose stages are timed one by one on the big tensor.
 PHASE_SPECS = ("int8", "quant=4:block64", "quant=4:nf4:block64")
+#: Sparse specs whose stages are timed one by one on the big tensor, beside references.
+SPARSE_PHASE_SPECS = ("prune90-int4", "topk10-int4")
 #: What each timed spec should reach, as a fraction of clone()'s throughput (issue 14:
 #: dense quantization encodes and decodes at >= 0.8, pruning and top-k encode at >= 0.4).
 TARGETS: dict[str, dict[str, float]] = {
@@ -495,6 +499,8 @@ def _tensor(options: CodecBenchOptions, out: Console) -> Json:
         writers = decode_writers(x, max(runs, 9), out)
     with out.status("timing the stages of the dense specs…"):
         phases = [phase_table(n, parse_spec(n), x, runs, out) for n in PHASE_SPECS]
+    with out.status("timing the stages of the sparse specs…"):
+        sparse = [sparse_phase_table(n, parse_spec(n), x, runs, out) for n in SPARSE_PHASE_SPECS]
     return {
         "size_mb": size_mb,
         "clone_mb_s": clone_mbs,
@@ -502,6 +508,7 @@ def _tensor(options: CodecBenchOptions, out: Console) -> Json:
         "specs": results,
         "targets": verdicts,
         "phases": phases,
+        "sparse_phases": sparse,
         "side_by_side": side,
         "decode_writers": writers,
     }

@@ -15,6 +15,17 @@ the runs):
           (``dense_decode``: zstd on the calling thread, the codes dequantized on the
           workers as they arrive)
 
+and the stages of a sparse spec (:func:`sparse_phase_table`: top-k, unstructured
+pruning), beside two references timed in the same table:
+
+  encode  clone() (the ratios' reference), a fresh write of the tensor's size on one
+          thread (what a residual or an output costs before any work), the first pass
+          (the finiteness check, the sample, the band and the counts), the second pass
+          (the kept values selected and quantized), the same with error feedback's
+          residual (``x`` less what the receiver decodes: a fresh tensor of ``x``'s
+          size), the kept positions' coding, the rest of
+          ``encode_state(...).to_bytes()``, and that call whole
+
 The stage sums differ from the whole call's time by what the stages share (threads
 warming up, caches); nothing here asserts a time.
 """
@@ -26,6 +37,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import torch
 from rich.console import Console
 from rich.table import Table
@@ -36,10 +48,13 @@ from fedsqueeze.codec.blockwise import num_blocks
 from fedsqueeze.codec.dense_decode import decode_dense
 from fedsqueeze.codec.digest import tensor_bytes
 from fedsqueeze.codec.kernels import value_range
+from fedsqueeze.codec.positions import encode_positions
+from fedsqueeze.codec.pruning import count_to_prune, prepare_selection
 from fedsqueeze.codec.quantization import Runs, choose_qparams, dequantize, quantize
-from fedsqueeze.codec.spec import CodecSpec, Granularity
+from fedsqueeze.codec.select_quantize import select_quantized
+from fedsqueeze.codec.spec import CodecSpec, Granularity, PruneMethod
 
-__all__ = ["phase_table"]
+__all__ = ["phase_table", "sparse_phase_table"]
 
 Json = dict[str, Any]
 
@@ -123,6 +138,78 @@ def phase_table(name: str, spec: CodecSpec, x: torch.Tensor, runs: int, out: Con
         table.add_row(*cells)
     out.print(table)
     return {"spec": name, "encode": enc, "decode": dec}
+
+
+def sparse_phase_table(
+    name: str, spec: CodecSpec, x: torch.Tensor, runs: int, out: Console
+) -> Json:
+    """Time the stages of sparse spec ``spec`` (top-k or unstructured magnitude pruning,
+    per-tensor linear codes) on float32 tensor ``x``; print and return them
+    (``{"spec", "encode": {stage: {"wall_ms", "cpu_ms"}}}``), or print why not and
+    return ``{"spec", "skipped": why}`` where the encode takes other paths (a tensor of
+    at most 131,072 values: one selection pass over a sample's band; codes per block)."""
+    q = spec.quant
+    if spec.topk is not None and spec.topk < 1.0:
+        sparsity = 1.0 - spec.topk
+    elif spec.prune.method is PruneMethod.L1_UNSTRUCTURED and spec.prune.sparsity > 0:
+        sparsity = spec.prune.sparsity
+    else:
+        raise ValueError(f"{name}: sparse phases are timed for top-k or l1 pruning only")
+    flat = x.detach().reshape(-1).contiguous()
+    n = flat.numel()
+    prune = count_to_prune(n, sparsity)
+    if q is None:
+        raise ValueError(f"{name}: sparse phases are timed for quantized codes only")
+    first = prepare_selection(flat, sparsity)
+    picked = None
+    if first is not None:
+        picked = select_quantized(flat, prune, first, q, torch.Generator().manual_seed(0), False)
+    if first is None or picked is None:
+        why = "its encode does not take the two selection passes with the quantizer in the second"
+        out.print(f"{name}: stages not timed on this tensor ({why})", markup=False)
+        return {"spec": name, "skipped": why}
+    state = {"tensor.weight": x}
+
+    def second(residual: bool) -> object:
+        gen = torch.Generator().manual_seed(0)
+        return select_quantized(flat, prune, first, q, gen, residual)
+
+    def fresh_write() -> object:
+        copy = np.empty(n, dtype=np.float32)
+        np.copyto(copy, flat.numpy())
+        return copy
+
+    enc: dict[str, dict[str, float]] = {
+        "clone() (reference)": _time(flat.clone, runs),
+        "fresh write, one thread (reference)": _time(fresh_write, runs),
+    }
+    stages: dict[str, Callable[[], object]] = {
+        "first pass (check, sample, band)": lambda: prepare_selection(flat, sparsity),
+        "second pass (select, quantize)": lambda: second(False),
+    }
+    if spec.feedback:
+        stages["second pass with the residual"] = lambda: second(True)
+    stages["positions"] = lambda: encode_positions(picked.indices, n)
+    timed = {stage: _time(fn, runs) for stage, fn in stages.items()}
+    total = _time(lambda: encode_state(state, spec).to_bytes(), runs)
+    # The rest: what the whole call adds to the stages it runs (one second pass).
+    ran = [t for stage, t in timed.items() if stage != "second pass (select, quantize)"]
+    if not spec.feedback:
+        ran.append(timed["second pass (select, quantize)"])
+    enc |= timed
+    enc["rest"] = _rest(total, ran)
+    enc["encode total"] = total
+    clone_ms = enc["clone() (reference)"]["wall_ms"]
+
+    table = Table(title=f"{name}: stages on the {n * 4 / 1e6:.0f} MB tensor (ms, medians)")
+    for col in ("stage", "wall", "CPU", "wall ÷ clone()"):
+        table.add_column(col, justify="left" if col == "stage" else "right")
+    for stage, t in enc.items():
+        table.add_row(
+            stage, f"{t['wall_ms']:.1f}", f"{t['cpu_ms']:.1f}", f"{t['wall_ms'] / clone_ms:.2f}"
+        )
+    out.print(table)
+    return {"spec": name, "encode": enc}
 
 
 def _time(fn: Callable[[], object], runs: int) -> dict[str, float]:

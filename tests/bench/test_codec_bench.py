@@ -7,9 +7,12 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
+from rich.console import Console
 
 from fedsqueeze.bench import codec as codec_bench
-from fedsqueeze.bench import codec_side
+from fedsqueeze.bench import codec_phases, codec_side
+from fedsqueeze.codec import PRESETS
 from fedsqueeze.errors import ConfigError
 
 
@@ -190,6 +193,11 @@ def test_tensor_only_times_every_spec_and_reports_each_target(
         assert {"parse", "unpack", "dequantize", "decode total"} <= set(p["decode"])
         assert all(t["wall_ms"] >= 0 and t["cpu_ms"] >= 0 for t in p["encode"].values())
     assert "pipelined (replaces the 3 above)" in phases[0]["decode"]  # int8 codes shrink
+    # 50,000 values: the sparse encodes take other paths, and the bench says so
+    sparse = tensor["sparse_phases"]
+    assert [(p["spec"], set(p)) for p in sparse] == [
+        (name, {"spec", "skipped"}) for name in codec_bench.SPARSE_PHASE_SPECS
+    ]
     assert "stages on the" in printed
     side = tensor["side_by_side"]
     assert [r["spec"] for r in side] == list(codec_side.SIDE_SPECS)
@@ -211,3 +219,33 @@ def test_tensor_only_times_every_spec_and_reports_each_target(
 def test_only_one_section_flag_at_a_time() -> None:
     with pytest.raises(ValueError, match="at most one"):
         codec_bench.CodecBenchOptions(tensor_only=True, lossless_only=True)
+
+
+def test_sparse_stages_are_timed_beside_the_references(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    x = torch.randn(300, 600, generator=torch.Generator().manual_seed(3))  # 180,000 values
+    console = Console(width=160)
+    topk = codec_phases.sparse_phase_table("topk10-int4", PRESETS["topk10-int4"], x, 1, console)
+    prune = codec_phases.sparse_phase_table("prune90-int4", PRESETS["prune90-int4"], x, 1, console)
+    common = ["clone() (reference)", "fresh write, one thread (reference)"]
+    common += ["first pass (check, sample, band)", "second pass (select, quantize)"]
+    ends = ["positions", "rest", "encode total"]
+    assert list(topk["encode"]) == [*common, "second pass with the residual", *ends]
+    assert list(prune["encode"]) == [*common, *ends]  # no error feedback: no residual
+    for t in [*topk["encode"].values(), *prune["encode"].values()]:
+        assert t["wall_ms"] >= 0 and t["cpu_ms"] >= 0
+    assert "topk10-int4: stages on the 1 MB tensor" in capsys.readouterr().out
+
+
+def test_sparse_stages_say_why_a_small_tensor_is_not_timed(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    x = torch.randn(100, 100, generator=torch.Generator().manual_seed(3))
+    got = codec_phases.sparse_phase_table(
+        "topk10-int4", PRESETS["topk10-int4"], x, 1, Console(width=160)
+    )
+    assert set(got) == {"spec", "skipped"}
+    assert "topk10-int4: stages not timed on this tensor" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="top-k or l1 pruning"):
+        codec_phases.sparse_phase_table("int8", PRESETS["int8"], x, 1, Console())
