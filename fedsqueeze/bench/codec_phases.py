@@ -147,7 +147,8 @@ def sparse_phase_table(
     per-tensor linear codes) on float32 tensor ``x``; print and return them
     (``{"spec", "encode": {stage: {"wall_ms", "cpu_ms"}}}``), or print why not and
     return ``{"spec", "skipped": why}`` where the encode takes other paths (a tensor of
-    at most 131,072 values: one selection pass over a sample's band; codes per block)."""
+    at most 131,072 values, or one whose kept values' range is not known from the first
+    pass)."""
     q = spec.quant
     if spec.topk is not None and spec.topk < 1.0:
         sparsity = 1.0 - spec.topk
@@ -165,7 +166,11 @@ def sparse_phase_table(
     if first is not None:
         picked = select_quantized(flat, prune, first, q, torch.Generator().manual_seed(0), False)
     if first is None or picked is None:
-        why = "its encode does not take the two selection passes with the quantizer in the second"
+        why = (
+            f"{n:,} values: the selection takes two passes above 131,072 (--tensor-mb 0.6)"
+            if first is None
+            else "the quantizer does not run in the selection's second pass for these values"
+        )
         out.print(f"{name}: stages not timed on this tensor ({why})", markup=False)
         return {"spec": name, "skipped": why}
     state = {"tensor.weight": x}
