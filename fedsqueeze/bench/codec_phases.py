@@ -42,7 +42,15 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from fedsqueeze.codec import EncodedModel, decode_state, dense_encode, encode_state, entropy
+from fedsqueeze.codec import (
+    EncodedModel,
+    decode_state,
+    dense_encode,
+    encode_state,
+    entropy,
+    literal_frames,
+    pruning,
+)
 from fedsqueeze.codec.bitpack import pack_bits, unpack_bits
 from fedsqueeze.codec.blockwise import num_blocks
 from fedsqueeze.codec.dense_decode import decode_dense
@@ -52,7 +60,8 @@ from fedsqueeze.codec.positions import encode_positions
 from fedsqueeze.codec.pruning import count_to_prune, prepare_selection
 from fedsqueeze.codec.quantization import Runs, choose_qparams, dequantize, quantize
 from fedsqueeze.codec.select_quantize import select_quantized
-from fedsqueeze.codec.spec import CodecSpec, Granularity, PruneMethod
+from fedsqueeze.codec.spec import CodecSpec, Granularity
+from fedsqueeze.codec.tensor_encode import selection_sparsity
 
 __all__ = ["phase_table", "sparse_phase_table"]
 
@@ -144,30 +153,28 @@ def sparse_phase_table(
     name: str, spec: CodecSpec, x: torch.Tensor, runs: int, out: Console
 ) -> Json:
     """Time the stages of sparse spec ``spec`` (top-k or unstructured magnitude pruning,
-    per-tensor linear codes) on float32 tensor ``x``; print and return them
-    (``{"spec", "encode": {stage: {"wall_ms", "cpu_ms"}}}``), or print why not and
-    return ``{"spec", "skipped": why}`` where the encode takes other paths (a tensor of
-    at most 131,072 values, or one whose kept values' range is not known from the first
-    pass)."""
+    per-tensor linear codes) on float32 tensor ``x``; print and return them (``{"spec",
+    "encode": {stage: {"wall_ms", "cpu_ms"}}, "body": {part: {"raw", "coded"}}}``: the
+    record's positions and codes, bytes before and after zstd's literal-only coding,
+    ``coded`` ``None`` where it is not smaller), or print why not and return ``{"spec",
+    "skipped": why}`` where the encode takes other paths (a tensor too small for the
+    two-pass selection, or one whose kept values' range the first pass does not give)."""
+    sparsity = selection_sparsity(spec)
     q = spec.quant
-    if spec.topk is not None and spec.topk < 1.0:
-        sparsity = 1.0 - spec.topk
-    elif spec.prune.method is PruneMethod.L1_UNSTRUCTURED and spec.prune.sparsity > 0:
-        sparsity = spec.prune.sparsity
-    else:
-        raise ValueError(f"{name}: sparse phases are timed for top-k or l1 pruning only")
+    if sparsity is None or q is None:
+        raise ValueError(f"{name}: sparse phases are timed for top-k or l1 pruning with codes")
     flat = x.detach().reshape(-1).contiguous()
     n = flat.numel()
     prune = count_to_prune(n, sparsity)
-    if q is None:
-        raise ValueError(f"{name}: sparse phases are timed for quantized codes only")
     first = prepare_selection(flat, sparsity)
     picked = None
     if first is not None:
         picked = select_quantized(flat, prune, first, q, torch.Generator().manual_seed(0), False)
     if first is None or picked is None:
+        least = pruning._SAMPLE_ABOVE  # the two-pass selection's threshold
         why = (
-            f"{n:,} values: the selection takes two passes above 131,072 (--tensor-mb 0.6)"
+            f"{n:,} values: the selection takes two passes above {least:,} "
+            f"({least * 4 / 1e6:.2f} MB)"
             if first is None
             else "the quantizer does not run in the selection's second pass for these values"
         )
@@ -187,22 +194,18 @@ def sparse_phase_table(
     enc: dict[str, dict[str, float]] = {
         "clone() (reference)": _time(flat.clone, runs),
         "fresh write, one thread (reference)": _time(fresh_write, runs),
+        "first pass (check, sample, band)": _time(lambda: prepare_selection(flat, sparsity), runs),
+        "second pass (select, quantize)": _time(lambda: second(False), runs),
     }
-    stages: dict[str, Callable[[], object]] = {
-        "first pass (check, sample, band)": lambda: prepare_selection(flat, sparsity),
-        "second pass (select, quantize)": lambda: second(False),
-    }
+    # The second pass the encode runs: with error feedback's residual, where it has one.
+    ran = "second pass (select, quantize)"
     if spec.feedback:
-        stages["second pass with the residual"] = lambda: second(True)
-    stages["positions"] = lambda: encode_positions(picked.indices, n)
-    timed = {stage: _time(fn, runs) for stage, fn in stages.items()}
+        ran = "second pass with the residual"
+        enc[ran] = _time(lambda: second(True), runs)
+    enc["positions"] = _time(lambda: encode_positions(picked.indices, n), runs)
     total = _time(lambda: encode_state(state, spec).to_bytes(), runs)
-    # The rest: what the whole call adds to the stages it runs (one second pass).
-    ran = [t for stage, t in timed.items() if stage != "second pass (select, quantize)"]
-    if not spec.feedback:
-        ran.append(timed["second pass (select, quantize)"])
-    enc |= timed
-    enc["rest"] = _rest(total, ran)
+    done = ("first pass (check, sample, band)", ran, "positions")
+    enc["rest"] = _rest(total, [enc[stage] for stage in done])
     enc["encode total"] = total
     clone_ms = enc["clone() (reference)"]["wall_ms"]
 
@@ -214,7 +217,18 @@ def sparse_phase_table(
             stage, f"{t['wall_ms']:.1f}", f"{t['cpu_ms']:.1f}", f"{t['wall_ms'] / clone_ms:.2f}"
         )
     out.print(table)
-    return {"spec": name, "encode": enc}
+    payloads = {
+        "positions": bytes(encode_positions(picked.indices, n).payload.numpy()),
+        "codes": bytes(pack_bits(picked.codes, q.bits).numpy()),
+    }
+    body: Json = {}
+    for part, raw in payloads.items():
+        coded = literal_frames.compress_spliced(raw)
+        body[part] = {"raw": len(raw), "coded": None if coded is None else len(coded)}
+        after = "not smaller" if coded is None else f"{len(coded):,} B"
+        out.print(f"{name}: the record's {part}: {len(raw):,} B, after zstd's literal coding "
+                  f"{after}", markup=False)  # fmt: skip
+    return {"spec": name, "encode": enc, "body": body}
 
 
 def _time(fn: Callable[[], object], runs: int) -> dict[str, float]:

@@ -112,7 +112,7 @@ def side_by_side(x: torch.Tensor, runs: int, out: Console) -> list[Json]:
         row |= _interleaved(encode, x, runs, new_path, previous_paths)
         rows.append(row)
     _print(rows, f"encode side by side with the previous paths, interleaved ({runs} each)",
-           "enc/clone now", out)  # fmt: skip
+           "enc/clone now", "same_bytes", out)  # fmt: skip
     return rows
 
 
@@ -139,7 +139,7 @@ def decode_writers(x: torch.Tensor, runs: int, out: Console) -> list[Json]:
         row |= _interleaved(decode, x, runs, contextlib.nullcontext, all_write)
         rows.append(row)
     _print(rows, f"decode: one writer against every thread writing, interleaved ({runs} each)",
-           "dec/clone now", out)  # fmt: skip
+           "dec/clone now", "same_values", out)  # fmt: skip
     return rows
 
 
@@ -163,11 +163,13 @@ def _interleaved(
     }
 
 
-def _print(rows: list[Json], title: str, first: str, out: Console) -> None:
-    same = "same bytes" if "same_bytes" in rows[0] else "same values"
+def _print(rows: list[Json], title: str, first: str, same: str, out: Console) -> None:
+    """The rows as a table: ``first`` heads the ratio's column, ``same`` is the rows'
+    key saying whether both sides gave the same output."""
     table = Table(title=title)
     for col in ("spec", first, "previous", "CPU/clone now", "previous",
-                "wall ms now", "previous", "CPU ms now", "previous", same):  # fmt: skip
+                "wall ms now", "previous", "CPU ms now", "previous",
+                same.replace("_", " ")):  # fmt: skip
         table.add_column(col, justify="left" if col == "spec" else "right")
     for row in rows:
         now, prev = row["now"], row["previous"]
@@ -177,7 +179,7 @@ def _print(rows: list[Json], title: str, first: str, out: Console) -> None:
             *(f"{d['cpu_vs_clone']:.2f}" for d in (now, prev)),
             *(f"{d['wall_ms']:.0f}" for d in (now, prev)),
             *(f"{d['cpu_ms']:.0f}" for d in (now, prev)),
-            "yes" if row.get("same_bytes", row.get("same_values")) else "no",
+            "yes" if row[same] else "no",
         )
     out.print(table)
 

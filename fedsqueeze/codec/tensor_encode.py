@@ -475,14 +475,7 @@ class TensorEncoder:
     def _selection_sparsity(self, t: torch.Tensor) -> float | None:
         """The share a lossy tensor's magnitude selection drops (top-k, or ``l1``
         pruning), or ``None`` where it has none (low rank, a mask, nothing dropped)."""
-        spec = self._spec
-        if self._factored(t):
-            return None
-        if spec.topk is not None:
-            return None if spec.topk >= 1.0 else 1.0 - spec.topk
-        if spec.prune.method is PruneMethod.L1_UNSTRUCTURED and spec.prune.sparsity > 0:
-            return spec.prune.sparsity
-        return None
+        return None if self._factored(t) else selection_sparsity(self._spec)
 
     def _why_not(self, name: str, t: torch.Tensor) -> str | None:
         spec = self._spec
@@ -1286,6 +1279,16 @@ def _quant_header(
     return QuantHeader(
         q.bits, q.scheme, q.granularity, params, q.block_size, qp.scale_format, num_sets, seed
     )
+
+
+def selection_sparsity(spec: CodecSpec) -> float | None:
+    """The share of a tensor's values that ``spec``'s magnitude selection drops (top-k,
+    or ``l1`` pruning), or ``None`` where it has none (a mask, nothing dropped)."""
+    if spec.topk is not None:
+        return None if spec.topk >= 1.0 else 1.0 - spec.topk
+    if spec.prune.method is PruneMethod.L1_UNSTRUCTURED and spec.prune.sparsity > 0:
+        return spec.prune.sparsity
+    return None
 
 
 def _energy(t: torch.Tensor) -> float:

@@ -235,6 +235,12 @@ def test_sparse_stages_are_timed_beside_the_references(
     assert list(prune["encode"]) == [*common, *ends]  # no error feedback: no residual
     for t in [*topk["encode"].values(), *prune["encode"].values()]:
         assert t["wall_ms"] >= 0 and t["cpu_ms"] >= 0
+    for got in (topk, prune):
+        body = got["body"]
+        assert list(body) == ["positions", "codes"] and all(p["raw"] > 0 for p in body.values())
+        assert all(p["coded"] is None or p["coded"] < p["raw"] for p in body.values())
+        # int4 codes of the kept values (none near zero) shrink; the Rice positions do not
+        assert body["codes"]["coded"] is not None and body["positions"]["coded"] is None
     assert "topk10-int4: stages on the 1 MB tensor" in capsys.readouterr().out
 
 
@@ -247,5 +253,6 @@ def test_sparse_stages_say_why_a_small_tensor_is_not_timed(
     )
     assert set(got) == {"spec", "skipped"}
     assert "topk10-int4: stages not timed on this tensor" in capsys.readouterr().out
+    assert got["skipped"].startswith("10,000 values: the selection takes two passes above")
     with pytest.raises(ValueError, match="top-k or l1 pruning"):
         codec_phases.sparse_phase_table("int8", PRESETS["int8"], x, 1, Console())
